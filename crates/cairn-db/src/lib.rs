@@ -1,1 +1,273 @@
+//! cairn's reference graph in SQLite.
+//!
+//! The database says which store paths are *valid* (complete, registered, safe to use) and
+//! records for each its NAR hash and size, registration time, deriver, signatures, content
+//! address and references, plus the outputs of registered derivations. A path's contents on disk
+//! mean nothing until its row is committed here.
+//!
+//! Tables follow Nix's `ValidPaths`/`Refs`/`DerivationOutputs` so that the concepts map one to
+//! one, but paths are stored as base names (`<hash>-<name>`): the store directory is fixed for a
+//! database's life and need not be repeated a hundred thousand times.
+//!
+//! Closure queries do not walk the database: [`Graph`] loads the `Refs` table once into integer
+//! adjacency lists keyed by row id, and answers closures with a bitset walk.
+//!
+//! **Architecture invariant:** this crate never touches the store directory. It knows rows, not
+//! files; the store crate keeps the two in step.
 
+mod graph;
+mod schema;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use cairn_nix::{ContentAddress, Hash, StorePath};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use thiserror::Error;
+
+pub use graph::{Direction, Graph};
+
+/// Everything the database knows about a valid path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub path: StorePath,
+    /// SHA-256 of the path's NAR.
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    pub references: BTreeSet<StorePath>,
+    pub deriver: Option<StorePath>,
+    /// Seconds since the epoch.
+    pub registration_time: i64,
+    /// Whether this store built the path itself (rather than trusting a signature).
+    pub ultimate: bool,
+    /// Signatures in Nix's `keyname:base64` form.
+    pub signatures: BTreeSet<String>,
+    pub ca: Option<ContentAddress>,
+}
+
+/// Why a database operation failed.
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database schema version {found} is newer than this cairn understands ({supported})")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("database row for '{path}' is corrupt: {detail}")]
+    Corrupt { path: String, detail: String },
+    #[error("cannot register '{path}': its reference '{reference}' is not valid")]
+    MissingReference { path: String, reference: String },
+    #[error("path '{0}' is not valid")]
+    NotValid(String),
+}
+
+pub type Result<T> = std::result::Result<T, DbError>;
+
+/// A connection to the reference graph.
+pub struct Db {
+    conn: Connection,
+}
+
+fn corrupt(path: &str, detail: impl ToString) -> DbError {
+    DbError::Corrupt { path: path.to_owned(), detail: detail.to_string() }
+}
+
+fn parse_path(s: &str) -> Result<StorePath> {
+    StorePath::from_base_name(s).map_err(|e| corrupt(s, e))
+}
+
+impl Db {
+    /// Opens (creating and migrating as needed) the database at `path`, in WAL mode with
+    /// synchronous commits: a registration that returned is on disk.
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Db::setup(conn)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn open_in_memory() -> Result<Db> {
+        Db::setup(Connection::open_in_memory()?)
+    }
+
+    fn setup(mut conn: Connection) -> Result<Db> {
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))?;
+        schema::migrate(&mut conn)?;
+        Ok(Db { conn })
+    }
+
+    /// The schema version this database is at.
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn id_of(tx: &Connection, path: &StorePath) -> Result<Option<i64>> {
+        Ok(tx
+            .prepare_cached("SELECT id FROM ValidPaths WHERE path = ?1")?
+            .query_row([path.to_string()], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool> {
+        Ok(Db::id_of(&self.conn, path)?.is_some())
+    }
+
+    /// The metadata of a valid path, or `None`.
+    pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths WHERE path = ?1",
+            )?
+            .query_row([path.to_string()], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, bool>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                ))
+            })
+            .optional()?;
+        let Some((id, hash, time, deriver, size, ultimate, sigs, ca)) = row else { return Ok(None) };
+        let p = path.to_string();
+        let references = self
+            .conn
+            .prepare_cached("SELECT v.path FROM Refs r JOIN ValidPaths v ON r.reference = v.id WHERE r.referrer = ?1")?
+            .query_map([id], |r| r.get::<_, String>(0))?
+            .map(|s| parse_path(&s?))
+            .collect::<Result<_>>()?;
+        Ok(Some(PathInfo {
+            path: path.clone(),
+            nar_hash: hash.parse().map_err(|e| corrupt(&p, e))?,
+            nar_size: u64::try_from(size).map_err(|e| corrupt(&p, e))?,
+            references,
+            deriver: deriver.filter(|d| !d.is_empty()).map(|d| parse_path(&d)).transpose()?,
+            registration_time: time,
+            ultimate,
+            signatures: sigs.unwrap_or_default().split_whitespace().map(str::to_owned).collect(),
+            ca: ca.filter(|c| !c.is_empty()).map(|c| c.parse().map_err(|e| corrupt(&p, e))).transpose()?,
+        }))
+    }
+
+    /// Registers paths in one transaction: all become valid together or none does. Every
+    /// reference must be valid already or be among `infos`. Already-valid paths are left as
+    /// they are. Returns the row ids of the paths, in order.
+    pub fn register(&mut self, infos: &[PathInfo]) -> Result<Vec<i64>> {
+        let tx = self.conn.transaction()?;
+        let ids = Db::register_in(&tx, infos)?;
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn register_in(tx: &Transaction<'_>, infos: &[PathInfo]) -> Result<Vec<i64>> {
+        let mut ids = Vec::with_capacity(infos.len());
+        let mut fresh = Vec::new();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for info in infos {
+                if let Some(id) = Db::id_of(tx, &info.path)? {
+                    ids.push(id);
+                    continue;
+                }
+                let sigs = info.signatures.iter().cloned().collect::<Vec<_>>().join(" ");
+                insert.execute(params![
+                    info.path.to_string(),
+                    info.nar_hash.to_string(),
+                    info.registration_time,
+                    info.deriver.as_ref().map(StorePath::to_string),
+                    info.nar_size as i64,
+                    info.ultimate,
+                    (!sigs.is_empty()).then_some(sigs),
+                    info.ca.as_ref().map(ContentAddress::to_string),
+                ])?;
+                let id = tx.last_insert_rowid();
+                ids.push(id);
+                fresh.push((id, info));
+            }
+        }
+        let mut add_ref = tx.prepare_cached("INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?1, ?2)")?;
+        for (id, info) in fresh {
+            for r in &info.references {
+                let rid = Db::id_of(tx, r)?.ok_or_else(|| DbError::MissingReference {
+                    path: info.path.to_string(),
+                    reference: r.to_string(),
+                })?;
+                add_ref.execute([id, rid])?;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Records the outputs of a registered derivation.
+    pub fn register_derivation_outputs(&mut self, drv: &StorePath, outputs: &BTreeMap<String, StorePath>) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let id = Db::id_of(&tx, drv)?.ok_or_else(|| DbError::NotValid(drv.to_string()))?;
+        {
+            let mut st = tx.prepare_cached("INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES (?1, ?2, ?3)")?;
+            for (name, path) in outputs {
+                st.execute(params![id, name, path.to_string()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The recorded outputs of a derivation.
+    pub fn derivation_outputs(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>> {
+        self.conn
+            .prepare_cached(
+                "SELECT o.id, o.path FROM DerivationOutputs o JOIN ValidPaths v ON o.drv = v.id WHERE v.path = ?1",
+            )?
+            .query_map([drv.to_string()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .map(|row| {
+                let (name, path) = row?;
+                Ok((name, parse_path(&path)?))
+            })
+            .collect()
+    }
+
+    /// Valid paths that reference `path`.
+    pub fn referrers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>> {
+        self.conn
+            .prepare_cached(
+                "SELECT v.path FROM Refs r JOIN ValidPaths v ON r.referrer = v.id
+                 WHERE r.reference = (SELECT id FROM ValidPaths WHERE path = ?1)",
+            )?
+            .query_map([path.to_string()], |r| r.get::<_, String>(0))?
+            .map(|s| parse_path(&s?))
+            .collect()
+    }
+
+    /// Number of valid paths.
+    pub fn count(&self) -> Result<u64> {
+        Ok(self.conn.query_row("SELECT count(*) FROM ValidPaths", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Reads every valid path and reference into a [`Graph`].
+    pub fn load_graph(&self) -> Result<Graph> {
+        let mut g = Graph::default();
+        let mut st = self.conn.prepare("SELECT id, path FROM ValidPaths")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let path: String = r.get(1)?;
+            g.insert_node(r.get::<_, i64>(0)? as u32, parse_path(&path)?);
+        }
+        let mut st = self.conn.prepare("SELECT referrer, reference FROM Refs")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            g.insert_edge(r.get::<_, i64>(0)? as u32, r.get::<_, i64>(1)? as u32);
+        }
+        Ok(g)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,84 @@
+use super::*;
+use cairn_nix::{HashAlgo, StoreDir};
+use graph::Direction;
+
+fn path(name: &str) -> StorePath {
+    let h = Hash::digest(HashAlgo::Sha256, name.as_bytes());
+    StoreDir::default().make_store_path("test", &h, name).unwrap()
+}
+
+fn info(name: &str, refs: &[&str]) -> PathInfo {
+    PathInfo {
+        path: path(name),
+        nar_hash: Hash::digest(HashAlgo::Sha256, name.as_bytes()),
+        nar_size: 8 * name.len() as u64,
+        references: refs.iter().map(|r| path(r)).collect(),
+        deriver: None,
+        registration_time: 1_700_000_000,
+        ultimate: true,
+        signatures: BTreeSet::from(["cache-1:c2ln".to_owned()]),
+        ca: None,
+    }
+}
+
+#[test]
+fn register_and_query() {
+    let mut db = Db::open_in_memory().unwrap();
+    assert_eq!(db.schema_version().unwrap(), schema::VERSION);
+    db.register(&[info("a", &[]), info("b", &["a", "b"])]).unwrap();
+    let b = db.path_info(&path("b")).unwrap().unwrap();
+    assert_eq!(b, info("b", &["a", "b"]));
+    assert_eq!(db.referrers(&path("a")).unwrap(), BTreeSet::from([path("b")]));
+    assert!(db.path_info(&path("c")).unwrap().is_none());
+    assert_eq!(db.count().unwrap(), 2);
+}
+
+#[test]
+fn registration_is_all_or_nothing() {
+    let mut db = Db::open_in_memory().unwrap();
+    let err = db.register(&[info("a", &[]), info("b", &["missing"])]).unwrap_err();
+    assert!(matches!(err, DbError::MissingReference { .. }), "{err}");
+    assert!(!db.is_valid(&path("a")).unwrap());
+}
+
+#[test]
+fn derivation_outputs() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[info("x.drv", &[])]).unwrap();
+    let outs = BTreeMap::from([("out".to_owned(), path("x")), ("dev".to_owned(), path("x-dev"))]);
+    db.register_derivation_outputs(&path("x.drv"), &outs).unwrap();
+    assert_eq!(db.derivation_outputs(&path("x.drv")).unwrap(), outs);
+    assert!(db.register_derivation_outputs(&path("y.drv"), &outs).is_err());
+}
+
+#[test]
+fn reopen_keeps_data_and_refuses_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.sqlite");
+    Db::open(&file).unwrap().register(&[info("a", &[])]).unwrap();
+    let db = Db::open(&file).unwrap();
+    assert!(db.is_valid(&path("a")).unwrap());
+    db.conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(db);
+    assert!(matches!(Db::open(&file), Err(DbError::SchemaTooNew { found: 99, .. })));
+}
+
+#[test]
+fn graph_closure_is_topological() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[
+        info("libc", &[]),
+        info("lib", &["libc"]),
+        info("app", &["lib", "libc", "app"]),
+        info("other", &["libc"]),
+    ])
+    .unwrap();
+    let g = db.load_graph().unwrap();
+    let app = g.id(&path("app")).unwrap();
+    let closure: Vec<_> = g.walk(&[app], Direction::References).into_iter().map(|i| g.path(i).unwrap().clone()).collect();
+    assert_eq!(closure, vec![path("libc"), path("lib"), path("app")]);
+    let libc = g.id(&path("libc")).unwrap();
+    let mut up: Vec<_> = g.walk(&[libc], Direction::Referrers).into_iter().map(|i| g.path(i).unwrap().name().to_owned()).collect();
+    up.sort();
+    assert_eq!(up, ["app", "lib", "libc", "other"]);
+}
