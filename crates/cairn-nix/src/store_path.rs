@@ -68,10 +68,13 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A store path without its store directory: a 20-byte digest and a validated name.
+/// A store path without its store directory: a hash part and a validated name.
+///
+/// The hash part is kept as its 32 nixbase32 characters, so that the derived ordering is the
+/// ordering of base names — the order Nix sorts paths in (in export streams, listings, sets).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorePath {
-    digest: [u8; DIGEST_LEN],
+    hash: [u8; HASH_PART_LEN],
     name: String,
 }
 
@@ -79,7 +82,8 @@ impl StorePath {
     /// Builds a store path from its parts, validating the name.
     pub fn new(digest: [u8; DIGEST_LEN], name: &str) -> Result<StorePath> {
         validate_name(name)?;
-        Ok(StorePath { digest, name: name.to_owned() })
+        let hash = nixbase32::encode(&digest).into_bytes().try_into().expect("20 bytes encode to 32 characters");
+        Ok(StorePath { hash, name: name.to_owned() })
     }
 
     /// Parses a base name `<hash>-<name>`.
@@ -87,19 +91,23 @@ impl StorePath {
         if base.len() < HASH_PART_LEN + 2 || base.as_bytes()[HASH_PART_LEN] != b'-' {
             return Err(StorePathError::Malformed(base.to_owned()));
         }
-        let digest = nixbase32::decode(&base.as_bytes()[..HASH_PART_LEN])
-            .map_err(|_| StorePathError::BadHash { path: base.to_owned() })?;
-        let digest: [u8; DIGEST_LEN] = digest.try_into().map_err(|_| StorePathError::BadHash { path: base.to_owned() })?;
-        StorePath::new(digest, &base[HASH_PART_LEN + 1..])
+        let hash: [u8; HASH_PART_LEN] = base.as_bytes()[..HASH_PART_LEN].try_into().expect("length checked");
+        if nixbase32::decode(&hash).is_err() {
+            return Err(StorePathError::BadHash { path: base.to_owned() });
+        }
+        let name = &base[HASH_PART_LEN + 1..];
+        validate_name(name)?;
+        Ok(StorePath { hash, name: name.to_owned() })
     }
 
-    pub fn digest(&self) -> &[u8; DIGEST_LEN] {
-        &self.digest
+    /// The 20-byte digest.
+    pub fn digest(&self) -> [u8; DIGEST_LEN] {
+        nixbase32::decode(&self.hash).expect("validated on construction").try_into().expect("32 characters decode to 20 bytes")
     }
 
     /// The 32-character nixbase32 hash part.
-    pub fn hash_part(&self) -> String {
-        nixbase32::encode(&self.digest)
+    pub fn hash_part(&self) -> &str {
+        std::str::from_utf8(&self.hash).expect("nixbase32 is ASCII")
     }
 
     pub fn name(&self) -> &str {

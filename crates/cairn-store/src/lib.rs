@@ -1,1 +1,477 @@
+//! cairn's on-disk store.
+//!
+//! A [`LocalStore`] owns a physical store directory (the logical store directory placed under a
+//! root, as Nix's chroot stores do) and the SQLite reference graph beside it. It adds objects
+//! from streams, dumps them as NARs, and exchanges them with Nix as export streams.
+//!
+//! Every addition follows one protocol, which is what makes a crash at any moment harmless:
+//!
+//! 1. stream the contents into a private temporary directory inside the store directory
+//!    (`.cairn-tmp`, same file system), canonical as they are written, hashing as they pass;
+//! 2. compute the store path from the hash, and lock it;
+//! 3. if the path is already valid, throw the copy away (concurrent adds of the same contents do
+//!    the registration once);
+//! 4. otherwise `syncfs` the copy, rename it into place, fsync the store directory, and commit
+//!    its row in one SQLite transaction.
+//!
+//! A path is valid only once its row is committed, and its row is committed only after its
+//! contents are durable. What a crash leaves — temporary directories, or a renamed but
+//! unregistered path — is removed at the next open or overwritten by the next add of that path.
+//!
+//! **Architecture invariant:** only this crate writes to the store directory and the database,
+//! and only while holding the store lock (`<state>/daemon.lock`), so one process owns a store.
 
+mod fsops;
+mod locks;
+mod transfer;
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use cairn_db::{Db, DbError, Direction, Graph};
+use cairn_nix::content_address::FileIngestionMethod;
+use cairn_nix::export::ExportError;
+use cairn_nix::hash::HashingReader;
+use cairn_nix::nar::{Limits, NarError, NarReader, NarWriteError, NarWriter};
+use cairn_nix::store_path::{validate_name, StorePathError};
+use cairn_nix::{ContentAddress, Hash, HashAlgo, Hasher, StoreDir, StorePath};
+use nix::fcntl::{Flock, FlockArg};
+use thiserror::Error;
+
+pub use cairn_db::PathInfo;
+pub use fsops::{dump, remove_tree, restore};
+pub use locks::PathLocks;
+
+/// Why a store operation failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot {op} '{}': {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Nar(#[from] NarError),
+    #[error("writing the NAR of '{}': {source}", path.display())]
+    NarWrite {
+        path: PathBuf,
+        #[source]
+        source: NarWriteError,
+    },
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    StorePath(#[from] StorePathError),
+    #[error("path '{0}' is not valid in this store")]
+    NotValid(String),
+    #[error("'{}' is not a regular file, directory or symlink", .0.display())]
+    UnsupportedFileType(PathBuf),
+    #[error("expected {expected} bytes of input, got {actual}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("input continues after the end of the NAR")]
+    TrailingData,
+    #[error("NAR hash mismatch for '{path}': recorded {expected}, got {actual}")]
+    HashMismatch { path: String, expected: String, actual: String },
+    #[error("'{path}' references '{reference}', which is neither valid nor earlier in the stream")]
+    MissingReference { path: String, reference: String },
+    #[error("another process holds the store lock '{}' (is another cairnd running on this store?)", .0.display())]
+    Locked(PathBuf),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where a store lives on disk.
+#[derive(Debug, Clone)]
+pub struct StoreLayout {
+    /// The logical store directory, part of every path's hash.
+    pub store_dir: StoreDir,
+    /// Where the store directory really is (`<root><store_dir>`).
+    pub real_store_dir: PathBuf,
+    /// Database, locks and other state (`<root>/var/lib/cairn` by default).
+    pub state_dir: PathBuf,
+}
+
+impl StoreLayout {
+    /// The layout of a store under physical root `root`.
+    pub fn under_root(root: &Path, store_dir: StoreDir) -> StoreLayout {
+        let rel = |p: &str| root.join(p.trim_start_matches('/'));
+        StoreLayout { real_store_dir: rel(store_dir.as_str()), state_dir: rel("var/lib/cairn"), store_dir }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("db/db.sqlite")
+    }
+
+    fn tmp_root(&self) -> PathBuf {
+        self.real_store_dir.join(".cairn-tmp")
+    }
+}
+
+/// A private directory for work in progress, removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = remove_tree(&self.0) {
+            tracing::warn!("cannot remove temporary directory: {e}");
+        }
+    }
+}
+
+/// The store: contents on disk, metadata in SQLite, an in-memory graph for closure queries.
+pub struct LocalStore {
+    layout: StoreLayout,
+    db: Mutex<Db>,
+    /// Loaded on the first graph query, then kept in step with every registration.
+    graph: RwLock<Option<Graph>>,
+    locks: PathLocks,
+    tmp_counter: AtomicU64,
+    _lock: Flock<File>,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl LocalStore {
+    /// Opens a store, creating its directories and database as needed, taking the store lock,
+    /// and removing what an earlier crash left in the temporary area.
+    pub fn open(layout: StoreLayout) -> Result<LocalStore> {
+        let mkdir = |p: &Path| fs::create_dir_all(p).map_err(|source| StoreError::Io { op: "create", path: p.to_owned(), source });
+        mkdir(&layout.real_store_dir)?;
+        mkdir(&layout.state_dir.join("db"))?;
+        let lock_path = layout.state_dir.join("daemon.lock");
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Io { op: "open", path: lock_path.clone(), source })?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| StoreError::Locked(lock_path))?;
+        let tmp = layout.tmp_root();
+        remove_tree(&tmp)?;
+        mkdir(&tmp)?;
+        let db = Db::open(&layout.db_path())?;
+        Ok(LocalStore {
+            layout,
+            db: Mutex::new(db),
+            graph: RwLock::new(None),
+            locks: PathLocks::default(),
+            tmp_counter: AtomicU64::new(0),
+            _lock: lock,
+        })
+    }
+
+    pub fn layout(&self) -> &StoreLayout {
+        &self.layout
+    }
+
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.layout.store_dir
+    }
+
+    /// Where a store path's contents are on disk.
+    pub fn real_path(&self, path: &StorePath) -> PathBuf {
+        self.layout.real_store_dir.join(path.base_name())
+    }
+
+    fn db(&self) -> MutexGuard<'_, Db> {
+        self.db.lock().expect("database mutex poisoned")
+    }
+
+    fn temp_dir(&self) -> Result<TempDir> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let p = self.layout.tmp_root().join(format!("{}-{n}", std::process::id()));
+        fs::create_dir(&p).map_err(|source| StoreError::Io { op: "create", path: p.clone(), source })?;
+        Ok(TempDir(p))
+    }
+
+    /// The metadata of a valid path.
+    pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>> {
+        Ok(self.db().path_info(path)?)
+    }
+
+    /// The metadata of a valid path, or [`StoreError::NotValid`].
+    pub fn valid_path_info(&self, path: &StorePath) -> Result<PathInfo> {
+        self.path_info(path)?.ok_or_else(|| StoreError::NotValid(self.store_dir().display(path)))
+    }
+
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool> {
+        Ok(self.db().is_valid(path)?)
+    }
+
+    /// Valid paths that reference `path`.
+    pub fn referrers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>> {
+        self.valid_path_info(path)?;
+        Ok(self.db().referrers(path)?)
+    }
+
+    /// Recorded outputs of a derivation.
+    pub fn derivation_outputs(&self, drv: &StorePath) -> Result<std::collections::BTreeMap<String, StorePath>> {
+        Ok(self.db().derivation_outputs(drv)?)
+    }
+
+    /// Number of valid paths.
+    pub fn count(&self) -> Result<u64> {
+        Ok(self.db().count()?)
+    }
+
+    fn with_graph<T>(&self, f: impl FnOnce(&Graph) -> T) -> Result<T> {
+        {
+            let g = self.graph.read().expect("graph lock poisoned");
+            if let Some(g) = g.as_ref() {
+                return Ok(f(g));
+            }
+        }
+        let mut g = self.graph.write().expect("graph lock poisoned");
+        if g.is_none() {
+            let started = std::time::Instant::now();
+            let loaded = self.db().load_graph()?;
+            tracing::info!(paths = loaded.len(), elapsed = ?started.elapsed(), "reference graph loaded");
+            *g = Some(loaded);
+        }
+        Ok(f(g.as_ref().expect("just loaded")))
+    }
+
+    /// Everything reachable from `paths` along references (the closure, dependencies first) or
+    /// against them (every path that needs one of `paths`, referrers last).
+    pub fn walk(&self, paths: &[StorePath], dir: Direction) -> Result<Vec<StorePath>> {
+        self.with_graph(|g| {
+            let start = paths
+                .iter()
+                .map(|p| g.id(p).ok_or_else(|| StoreError::NotValid(self.store_dir().display(p))))
+                .collect::<Result<Vec<u32>>>()?;
+            Ok(g.walk(&start, dir).into_iter().map(|i| g.path(i).expect("walk yields nodes").clone()).collect())
+        })?
+    }
+
+    /// Commits paths whose contents are in place, and updates the graph if it is loaded.
+    fn register(&self, infos: &[PathInfo]) -> Result<()> {
+        let ids = self.db().register(infos)?;
+        let mut g = self.graph.write().expect("graph lock poisoned");
+        if let Some(g) = g.as_mut() {
+            for (info, id) in infos.iter().zip(ids) {
+                let refs: Vec<u32> = info
+                    .references
+                    .iter()
+                    .map(|r| if *r == info.path { id as u32 } else { g.id(r).expect("references are valid") })
+                    .collect();
+                g.insert_path(id as u32, &info.path, refs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a finished copy to its store path, replacing any unregistered leftover there.
+    fn install(&self, from: &Path, path: &StorePath) -> Result<()> {
+        let dest = self.real_path(path);
+        if fs::symlink_metadata(&dest).is_ok() {
+            tracing::warn!(path = %path, "replacing an unregistered leftover");
+            remove_tree(&dest)?;
+        }
+        fs::rename(from, &dest).map_err(|source| StoreError::Io { op: "move into place", path: dest, source })
+    }
+
+    /// Steps 2–4 of the add protocol for one finished copy at `copy`.
+    fn finish_add(&self, copy: &Path, info: PathInfo) -> Result<PathInfo> {
+        let _lock = self.locks.lock([info.path.clone()]);
+        if let Some(existing) = self.path_info(&info.path)? {
+            return Ok(existing);
+        }
+        fsops::sync_filesystem(copy)?;
+        self.install(copy, &info.path)?;
+        fsops::sync_dir(&self.layout.real_store_dir)?;
+        self.register(std::slice::from_ref(&info))?;
+        Ok(info)
+    }
+
+    /// Adds the tree serialised by a NAR as a `source` path, as `nix-store --add` does.
+    pub fn add_nar(&self, name: &str, input: impl Read) -> Result<PathInfo> {
+        validate_name(name)?;
+        let tmp = self.temp_dir()?;
+        let copy = tmp.0.join("x");
+        let mut hashing = HashingReader::new(input, HashAlgo::Sha256);
+        let mut nar = NarReader::new(&mut hashing, Limits::default())?;
+        restore(&mut nar, &copy)?;
+        drop(nar);
+        let (nar_hash, nar_size, mut rest) = hashing.finish();
+        if rest.read(&mut [0u8; 1]).map_err(|source| StoreError::Io { op: "read", path: copy.clone(), source })? != 0 {
+            return Err(StoreError::TrailingData);
+        }
+        let path = self.store_dir().make_fixed_output_path(
+            name,
+            FileIngestionMethod::Recursive,
+            &nar_hash,
+            &BTreeSet::new(),
+            false,
+        )?;
+        let info = PathInfo {
+            path,
+            nar_hash: nar_hash.clone(),
+            nar_size,
+            references: BTreeSet::new(),
+            deriver: None,
+            registration_time: now(),
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash }),
+        };
+        self.finish_add(&copy, info)
+    }
+
+    /// Adds a regular file of `size` bytes as a flat SHA-256 fixed-output path, as
+    /// `nix-store --add-fixed sha256` does.
+    pub fn add_flat(&self, name: &str, mut input: impl Read, size: u64) -> Result<PathInfo> {
+        validate_name(name)?;
+        let tmp = self.temp_dir()?;
+        let copy = tmp.0.join("x");
+        let mut flat = Hasher::new(HashAlgo::Sha256);
+        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256))
+            .map_err(|source| StoreError::Io { op: "hash", path: copy.clone(), source })?;
+        // The NAR of a lone file is a fixed header, the bytes, and a fixed footer: hash it as the
+        // bytes pass instead of reading the file twice.
+        let mut tee = TeeReader { inner: &mut input, seen: &mut flat, total: 0 };
+        let mut file_copy = CopyToFile::new(&copy)?;
+        let mut both = TeeReader { inner: &mut tee, seen: &mut file_copy, total: 0 };
+        nar.regular(None, false, size, &mut both).map_err(|e| match e {
+            NarWriteError::SizeMismatch { expected, actual, .. } => StoreError::SizeMismatch { expected, actual },
+            other => StoreError::NarWrite { path: copy.clone(), source: other },
+        })?;
+        if both.read(&mut [0u8; 1]).map_err(|source| StoreError::Io { op: "read", path: copy.clone(), source })? != 0 {
+            return Err(StoreError::SizeMismatch { expected: size, actual: size + 1 });
+        }
+        file_copy.finish()?;
+        let nar_hash = nar
+            .finish()
+            .map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?
+            .finish();
+        let hash = flat.finish();
+        let path =
+            self.store_dir().make_fixed_output_path(name, FileIngestionMethod::Flat, &hash, &BTreeSet::new(), false)?;
+        let nar_size = nar_size_of_file(size);
+        let info = PathInfo {
+            path,
+            nar_hash,
+            nar_size,
+            references: BTreeSet::new(),
+            deriver: None,
+            registration_time: now(),
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash }),
+        };
+        self.finish_add(&copy, info)
+    }
+
+    /// Adds a text file with references, as `builtins.toFile` does. Every reference must be
+    /// valid; a text path cannot refer to itself.
+    pub fn add_text(&self, name: &str, contents: &[u8], references: &BTreeSet<StorePath>) -> Result<PathInfo> {
+        validate_name(name)?;
+        for r in references {
+            if !self.is_valid(r)? {
+                return Err(StoreError::NotValid(self.store_dir().display(r)));
+            }
+        }
+        let hash = Hash::digest(HashAlgo::Sha256, contents);
+        let path = self.store_dir().make_text_path(name, &hash, references)?;
+        if let Some(info) = self.path_info(&path)? {
+            return Ok(info);
+        }
+        let tmp = self.temp_dir()?;
+        let copy = tmp.0.join("x");
+        fsops::write_canonical_file(&copy, contents, false)?;
+        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256))
+            .map_err(|source| StoreError::Io { op: "hash", path: copy.clone(), source })?;
+        nar.regular(None, false, contents.len() as u64, &mut &contents[..])
+            .map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?;
+        let nar_hash = nar.finish().map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?.finish();
+        let info = PathInfo {
+            path,
+            nar_hash,
+            nar_size: nar_size_of_file(contents.len() as u64),
+            references: references.clone(),
+            deriver: None,
+            registration_time: now(),
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: Some(ContentAddress::Text(hash)),
+        };
+        self.finish_add(&copy, info)
+    }
+
+    /// Writes the NAR of a valid path.
+    pub fn dump_path(&self, path: &StorePath, out: impl io::Write) -> Result<()> {
+        self.valid_path_info(path)?;
+        dump(&self.real_path(path), out)
+    }
+}
+
+/// Size of the NAR of a lone regular file of `size` bytes (not executable).
+fn nar_size_of_file(size: u64) -> u64 {
+    // magic(8+16) "("(8+8) "type"(8+8) "regular"(8+8) "contents"(8+8) size(8) data+pad ")"(8+8)
+    24 + 16 + 16 + 16 + 16 + 8 + size.div_ceil(8) * 8 + 16
+}
+
+/// Passes everything read through to `seen`.
+struct TeeReader<'a, R, W> {
+    inner: &'a mut R,
+    seen: &'a mut W,
+    total: u64,
+}
+
+impl<R: Read, W: io::Write> Read for TeeReader<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.seen.write_all(&buf[..n])?;
+        self.total += n as u64;
+        Ok(n)
+    }
+}
+
+/// A new canonical file being written.
+struct CopyToFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl CopyToFile {
+    fn new(path: &Path) -> Result<CopyToFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(path)
+            .map_err(|source| StoreError::Io { op: "create", path: path.to_owned(), source })?;
+        Ok(CopyToFile { path: path.to_owned(), file })
+    }
+
+    fn finish(self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let t = std::time::SystemTime::UNIX_EPOCH + fsops::CANONICAL_MTIME;
+        self.file
+            .set_permissions(fs::Permissions::from_mode(0o444))
+            .and_then(|_| self.file.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)))
+            .map_err(|source| StoreError::Io { op: "finish", path: self.path, source })
+    }
+}
+
+impl io::Write for CopyToFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
