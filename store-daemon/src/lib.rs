@@ -1,1 +1,30 @@
+//! cairnd: the process that owns a store and serves cairn's API on a Unix socket.
+//!
+//! [`args`] turns flags, environment and the config file into settings; [`serve`] opens the
+//! store, binds the socket and runs the accept loop until SIGTERM or SIGINT; `handlers` maps API
+//! routes onto `cairn_store::LocalStore` calls, which are blocking and run on tokio's blocking
+//! pool; `auth` decides what each connection may do from its peer credentials (SO_PEERCRED).
+//!
+//! **Architecture invariant:** only this crate (with `cairn-client`) knows the wire format, and
+//! only through `cairn-api`'s types; the store below it knows nothing of HTTP or JSON.
 
+pub mod args;
+mod auth;
+mod convert;
+mod error;
+mod handlers;
+mod server;
+
+pub use server::serve;
+
+/// Resolves settings, sets up logging, and runs the daemon on a fresh runtime until it is told
+/// to stop. Shared by `cairnd` and `cairn daemon`.
+pub fn run(args: &args::StoreArgs) -> anyhow::Result<()> {
+    let settings = args.settings(true)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(settings))
+}

@@ -1,1 +1,224 @@
+//! cairnd's socket API, version 1, and the configuration shared by `cairnd` and `cairn`.
+//!
+//! The transport is HTTP/1.1 over a Unix socket. Small operations are one `POST /v1/query` with
+//! a JSON [`Request`] answered by a JSON [`Response`]; operations that move contents use their own
+//! routes with streamed bodies (NARs, export streams, files), so that neither side ever holds a
+//! whole path in memory. HTTP was chosen over a bespoke framing because the same handlers can
+//! later serve a TCP listener (a binary cache, an OCI registry) and because every error has a
+//! status code and a JSON body a script can read.
+//!
+//! | route | body in | body out |
+//! |---|---|---|
+//! | `GET /v1/version` | — | [`VersionInfo`] |
+//! | `POST /v1/query` | [`Request`] | [`Response`] |
+//! | `POST /v1/add?name=N&method=nar` | NAR | [`PathInfo`] |
+//! | `POST /v1/add?name=N&method=flat&size=S` | file bytes | [`PathInfo`] |
+//! | `GET /v1/nar?path=P` | — | NAR |
+//! | `GET /v1/cat?path=P` | — | file bytes (P may point inside a store path) |
+//! | `POST /v1/export` | [`ExportRequest`] | export stream |
+//! | `POST /v1/import` | export stream | `Vec<PathInfo>` |
+//!
+//! Failures answer a 4xx/5xx status with an [`ErrorBody`].
+//!
+//! **Architecture invariant:** these types are the wire; the daemon converts them to and from the
+//! store's domain types by hand, so the store's types are not shaped by serde and the wire can
+//! stay stable while the store changes.
 
+pub mod config;
+
+use serde::{Deserialize, Serialize};
+
+/// The API version this crate speaks; part of every route.
+pub const API_VERSION: u32 = 1;
+
+/// Routes, relative to the socket.
+pub mod routes {
+    pub const VERSION: &str = "/v1/version";
+    pub const QUERY: &str = "/v1/query";
+    pub const ADD: &str = "/v1/add";
+    pub const NAR: &str = "/v1/nar";
+    pub const CAT: &str = "/v1/cat";
+    pub const EXPORT: &str = "/v1/export";
+    pub const IMPORT: &str = "/v1/import";
+}
+
+/// Answer of `GET /v1/version`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionInfo {
+    pub api_version: u32,
+    pub daemon_version: String,
+    pub store_dir: String,
+    /// Whether the caller is a trusted user.
+    pub trusted: bool,
+}
+
+/// A valid path's metadata, named as `nix path-info --json` names it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PathInfo {
+    /// Absolute store path.
+    pub path: String,
+    /// SRI form (`sha256-…`), as Nix prints it.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// Absolute store paths, sorted.
+    pub references: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub deriver: Option<String>,
+    pub registration_time: i64,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub ultimate: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub signatures: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ca: Option<String>,
+}
+
+/// A directory entry, for `ls`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DirEntry {
+    pub name: String,
+    /// `regular`, `executable`, `symlink` or `directory`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub target: Option<String>,
+}
+
+/// The small operations of `POST /v1/query`. Paths are absolute store paths.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Metadata of `paths`, or of their closure. Answered by [`Response::PathInfos`].
+    PathInfo { paths: Vec<String>, closure: bool },
+    /// Direct references of one path. Answered by [`Response::Paths`].
+    References { path: String },
+    /// Valid paths that directly reference one path. Answered by [`Response::Paths`].
+    Referrers { path: String },
+    /// The closure (requisites) of `paths`, dependencies first. Answered by [`Response::Paths`].
+    Closure { paths: Vec<String> },
+    /// Every path that needs one of `paths`, those paths first. Answered by [`Response::Paths`].
+    ReferrersClosure { paths: Vec<String> },
+    /// The reference graph of the closure of `paths`. Answered by [`Response::Graph`].
+    Graph { paths: Vec<String> },
+    /// A directory listing inside a store path. Answered by [`Response::Listing`].
+    Ls { path: String },
+    /// Adds a text file with references (`builtins.toFile`). Answered by [`Response::PathInfos`]
+    /// with one entry. `contents` is base64.
+    AddText { name: String, contents: String, references: Vec<String> },
+    /// Whether each path is valid. Answered by [`Response::Valid`].
+    IsValid { paths: Vec<String> },
+}
+
+/// Answers of `POST /v1/query`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", content = "value", rename_all = "kebab-case")]
+pub enum Response {
+    PathInfos(Vec<PathInfo>),
+    Paths(Vec<String>),
+    /// Nodes and `(referrer, reference)` edges.
+    Graph { nodes: Vec<String>, edges: Vec<(String, String)> },
+    Listing(Vec<DirEntry>),
+    Valid(Vec<bool>),
+}
+
+/// Body of `POST /v1/export`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportRequest {
+    pub paths: Vec<String>,
+}
+
+/// How `POST /v1/add` interprets its body.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AddMethod {
+    /// A NAR, stored as a recursive (`source`) path.
+    Nar,
+    /// A file's bytes, stored as a flat SHA-256 fixed-output path.
+    Flat,
+}
+
+/// Query string of `POST /v1/add`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddQuery {
+    pub name: String,
+    pub method: AddMethod,
+    /// Byte count, required for `flat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// Query string of `GET /v1/nar` and `GET /v1/cat`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PathQuery {
+    pub path: String,
+}
+
+/// What kind of failure an [`ErrorBody`] reports; one HTTP status each.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request or its body is malformed (400).
+    BadRequest,
+    /// The caller may not do this (403).
+    Forbidden,
+    /// A path is not valid (404).
+    NotFound,
+    /// The store could not do it (500).
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::BadRequest => 400,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Internal => 500,
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub kind: ErrorKind,
+    /// One line, lower case, naming the problem.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_json_shape() {
+        let r = Request::Closure { paths: vec!["/store/x".into()] };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"closure","paths":["/store/x"]}"#);
+        let back: Request = serde_json::from_str(r#"{"op":"path-info","paths":[],"closure":true}"#).unwrap();
+        assert_eq!(back, Request::PathInfo { paths: vec![], closure: true });
+        assert!(serde_json::from_str::<Request>(r#"{"op":"drop-tables"}"#).is_err());
+    }
+
+    #[test]
+    fn path_info_matches_nix_field_names() {
+        let p = PathInfo {
+            path: "/nix/store/x".into(),
+            nar_hash: "sha256-AAAA".into(),
+            nar_size: 120,
+            references: vec![],
+            deriver: None,
+            registration_time: 1,
+            ultimate: false,
+            signatures: vec![],
+            ca: Some("fixed:sha256:00".into()),
+        };
+        let v: serde_json::Value = serde_json::to_value(&p).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["ca", "narHash", "narSize", "path", "references", "registrationTime"]);
+    }
+}

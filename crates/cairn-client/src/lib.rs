@@ -1,1 +1,171 @@
+//! A client for cairnd's socket API (see `cairn-api` for the routes).
+//!
+//! One HTTP/1.1 connection per call: over a Unix socket a connection costs a few microseconds,
+//! and it keeps calls independent (a streamed download and a query never share a connection).
+//! Streamed bodies are exposed as `AsyncRead`, so callers copy them with bounded buffers.
 
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use cairn_api::{
+    routes, AddQuery, ErrorBody, ErrorKind, ExportRequest, PathInfo, PathQuery, Request, Response, VersionInfo,
+};
+use futures_util::TryStreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{header, Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use thiserror::Error;
+use tokio::io::AsyncRead;
+use tokio::net::UnixStream;
+use tokio_util::io::{ReaderStream, StreamReader};
+
+/// A request or response body.
+pub type Body = BoxBody<Bytes, io::Error>;
+
+/// Why a call failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot connect to cairnd at '{}': {source}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to cairnd: {0}")]
+    Http(#[from] hyper::Error),
+    /// The daemon answered with an error; its message is meant for the user as is.
+    #[error("{}", body.message)]
+    Api { status: u16, body: ErrorBody },
+    #[error("cairnd sent an answer this client does not understand: {0}")]
+    Decode(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl ClientError {
+    /// Whether the failure means that no daemon is listening (so one could be started).
+    pub fn is_no_daemon(&self) -> bool {
+        matches!(self, ClientError::Connect { source, .. }
+            if matches!(source.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused))
+    }
+
+    /// The error kind reported by the daemon, if it answered.
+    pub fn api_kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Api { body, .. } => Some(body.kind),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A body with fixed contents.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A body streamed from an `AsyncRead`.
+pub fn body_from_reader(r: impl AsyncRead + Send + Sync + 'static) -> Body {
+    let stream = ReaderStream::with_capacity(r, 256 * 1024).map_ok(Frame::data);
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+/// A response body as an `AsyncRead`.
+pub fn reader_of(body: Incoming) -> impl AsyncRead + Send + Unpin {
+    StreamReader::new(body.into_data_stream().map_err(io::Error::other))
+}
+
+/// A handle on the daemon's socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+fn query_string(q: &impl serde::Serialize) -> Result<String> {
+    serde_urlencoded::to_string(q).map_err(|e| ClientError::Decode(e.to_string()))
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Client {
+        Client { socket: socket.to_owned() }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn call(&self, method: Method, uri: &str, body: Body) -> Result<hyper::Response<Incoming>> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "cairnd")
+            .body(body)
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        let resp = sender.send_request(req).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+            kind: if status == StatusCode::NOT_FOUND { ErrorKind::NotFound } else { ErrorKind::Internal },
+            message: format!("cairnd answered {status}: {}", String::from_utf8_lossy(&bytes).trim()),
+        });
+        Err(ClientError::Api { status: status.as_u16(), body })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(resp: hyper::Response<Incoming>) -> Result<T> {
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// The daemon's version, store directory and whether we are trusted.
+    pub async fn version(&self) -> Result<VersionInfo> {
+        Client::json(self.call(Method::GET, routes::VERSION, full(Bytes::new())).await?).await
+    }
+
+    /// One small operation.
+    pub async fn query(&self, req: &Request) -> Result<Response> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Client::json(self.call(Method::POST, routes::QUERY, full(body)).await?).await
+    }
+
+    /// Adds a path from a streamed body (a NAR or a flat file, as `q` says).
+    pub async fn add(&self, q: &AddQuery, body: Body) -> Result<PathInfo> {
+        let uri = format!("{}?{}", routes::ADD, query_string(q)?);
+        Client::json(self.call(Method::POST, &uri, body).await?).await
+    }
+
+    /// The NAR of a valid path.
+    pub async fn nar(&self, path: &str) -> Result<impl AsyncRead + Send + Unpin> {
+        let uri = format!("{}?{}", routes::NAR, query_string(&PathQuery { path: path.to_owned() })?);
+        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+    }
+
+    /// A regular file inside a store path.
+    pub async fn cat(&self, path: &str) -> Result<impl AsyncRead + Send + Unpin> {
+        let uri = format!("{}?{}", routes::CAT, query_string(&PathQuery { path: path.to_owned() })?);
+        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+    }
+
+    /// An export stream of `paths`.
+    pub async fn export(&self, paths: Vec<String>) -> Result<impl AsyncRead + Send + Unpin> {
+        let body = serde_json::to_vec(&ExportRequest { paths }).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok(reader_of(self.call(Method::POST, routes::EXPORT, full(body)).await?.into_body()))
+    }
+
+    /// Imports an export stream.
+    pub async fn import(&self, body: Body) -> Result<Vec<PathInfo>> {
+        Client::json(self.call(Method::POST, routes::IMPORT, body).await?).await
+    }
+}

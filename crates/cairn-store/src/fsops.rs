@@ -43,9 +43,19 @@ fn set_symlink_times(path: &Path) -> Result<()> {
         .map_err(|e| StoreError::Io { op: "set times of", path: path.to_owned(), source: e.into() })
 }
 
-/// Restores the NAR read by `nar` at `target` (which must not exist), in canonical form.
-/// Consumes the NAR to its end.
-pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path) -> Result<()> {
+/// How restored files are left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Store form: read-only, mtime 1.
+    Canonical,
+    /// As `nix-store --restore` leaves them outside a store: writable by the user (modes 0666,
+    /// 0777 for executables and directories, less the umask), times left alone.
+    Plain,
+}
+
+/// Restores the NAR read by `nar` at `target` (which must not exist). Consumes the NAR to its end.
+pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path, mode: RestoreMode) -> Result<()> {
+    let canonical = mode == RestoreMode::Canonical;
     let mut dirs: Vec<PathBuf> = Vec::new();
     let mut buf = vec![0u8; COPY_BUF];
     while let Some(ev) = nar.next_event()? {
@@ -56,7 +66,12 @@ pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path) -> Result<()> {
         match ev {
             NarEvent::Regular { name, executable, size } => {
                 let p = place(&name, &dirs);
-                let mode = if executable { 0o555 } else { 0o444 };
+                let mode = match (canonical, executable) {
+                    (true, true) => 0o555,
+                    (true, false) => 0o444,
+                    (false, true) => 0o777,
+                    (false, false) => 0o666,
+                };
                 let mut f = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -68,13 +83,17 @@ pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path) -> Result<()> {
                 }
                 let written = nar.copy_contents(&mut f, &mut buf)?;
                 debug_assert_eq!(written, size);
-                f.set_permissions(Permissions::from_mode(mode)).map_err(io_err("chmod", &p))?;
-                f.set_times(canonical_times()).map_err(io_err("set times of", &p))?;
+                if canonical {
+                    f.set_permissions(Permissions::from_mode(mode)).map_err(io_err("chmod", &p))?;
+                    f.set_times(canonical_times()).map_err(io_err("set times of", &p))?;
+                }
             }
             NarEvent::Symlink { name, target: t } => {
                 let p = place(&name, &dirs);
                 std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&t), &p).map_err(io_err("create symlink", &p))?;
-                set_symlink_times(&p)?;
+                if canonical {
+                    set_symlink_times(&p)?;
+                }
             }
             NarEvent::Directory { name } => {
                 let p = place(&name, &dirs);
@@ -83,7 +102,9 @@ pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path) -> Result<()> {
             }
             NarEvent::EndDirectory => {
                 let d = dirs.pop().expect("NarReader balances directories");
-                set_canonical_dir(&d)?;
+                if canonical {
+                    set_canonical_dir(&d)?;
+                }
             }
         }
     }

@@ -21,6 +21,7 @@
 //! **Architecture invariant:** only this crate writes to the store directory and the database,
 //! and only while holding the store lock (`<state>/daemon.lock`), so one process owns a store.
 
+mod access;
 mod fsops;
 mod locks;
 mod transfer;
@@ -32,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
-use cairn_db::{Db, DbError, Direction, Graph};
+use cairn_db::{Db, DbError, Graph};
 use cairn_nix::content_address::FileIngestionMethod;
 use cairn_nix::export::ExportError;
 use cairn_nix::hash::HashingReader;
@@ -42,8 +43,9 @@ use cairn_nix::{ContentAddress, Hash, HashAlgo, Hasher, StoreDir, StorePath};
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
-pub use cairn_db::PathInfo;
-pub use fsops::{dump, remove_tree, restore};
+pub use access::{Entry, EntryKind};
+pub use cairn_db::{Direction, PathInfo};
+pub use fsops::{dump, remove_tree, restore, RestoreMode};
 pub use locks::PathLocks;
 
 /// Why a store operation failed.
@@ -82,6 +84,10 @@ pub enum StoreError {
     HashMismatch { path: String, expected: String, actual: String },
     #[error("'{path}' references '{reference}', which is neither valid nor earlier in the stream")]
     MissingReference { path: String, reference: String },
+    #[error("'{0}' is not a path inside a store path (no '.', '..' or symlinks on the way)")]
+    BadInnerPath(String),
+    #[error("'{0}' is not a regular file")]
+    NotAFile(String),
     #[error("another process holds the store lock '{}' (is another cairnd running on this store?)", .0.display())]
     Locked(PathBuf),
 }
@@ -286,7 +292,8 @@ impl LocalStore {
         if let Some(existing) = self.path_info(&info.path)? {
             return Ok(existing);
         }
-        fsops::sync_filesystem(copy)?;
+        // Sync through the containing directory: the copy itself may be a dangling symlink.
+        fsops::sync_filesystem(copy.parent().unwrap_or(copy))?;
         self.install(copy, &info.path)?;
         fsops::sync_dir(&self.layout.real_store_dir)?;
         self.register(std::slice::from_ref(&info))?;
@@ -300,7 +307,7 @@ impl LocalStore {
         let copy = tmp.0.join("x");
         let mut hashing = HashingReader::new(input, HashAlgo::Sha256);
         let mut nar = NarReader::new(&mut hashing, Limits::default())?;
-        restore(&mut nar, &copy)?;
+        restore(&mut nar, &copy, RestoreMode::Canonical)?;
         drop(nar);
         let (nar_hash, nar_size, mut rest) = hashing.finish();
         if rest.read(&mut [0u8; 1]).map_err(|source| StoreError::Io { op: "read", path: copy.clone(), source })? != 0 {

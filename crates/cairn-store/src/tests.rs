@@ -106,6 +106,15 @@ fn malformed_nars_leave_nothing_behind() {
 }
 
 #[test]
+fn a_lone_dangling_symlink_can_be_added() {
+    let root = tempfile::tempdir().unwrap();
+    let store = store_at(root.path(), "/store");
+    let nar = Tree::Symlink { target: b"/does/not/exist".to_vec() }.to_nar();
+    let info = store.add_nar("link", &nar[..]).unwrap();
+    assert_eq!(fs::read_link(store.real_path(&info.path)).unwrap(), Path::new("/does/not/exist"));
+}
+
+#[test]
 fn concurrent_adds_of_the_same_contents_register_once() {
     let root = tempfile::tempdir().unwrap();
     let store = Arc::new(store_at(root.path(), "/store"));
@@ -197,7 +206,7 @@ proptest! {
         prop_assert_eq!(&dumped, &nar);
         let out = root.path().join("restored");
         let mut r = NarReader::new(&dumped[..], Limits::default()).unwrap();
-        restore(&mut r, &out).unwrap();
+        restore(&mut r, &out, RestoreMode::Plain).unwrap();
         let mut again = Vec::new();
         dump(&out, &mut again).unwrap();
         prop_assert_eq!(again, nar);

@@ -15,7 +15,7 @@ use cairn_nix::hash::{HashingReader, HashingWriter};
 use cairn_nix::nar::{Limits, NarReader};
 use cairn_nix::{HashAlgo, StorePath};
 
-use crate::{fsops, now, restore, LocalStore, PathInfo, Result, StoreError};
+use crate::{fsops, now, restore, LocalStore, PathInfo, Result, RestoreMode, StoreError};
 
 impl LocalStore {
     /// Sorts `paths` so that every path comes after the paths it references (within the set).
@@ -89,7 +89,7 @@ impl LocalStore {
             let copy = tmp.0.join(staged.len().to_string());
             let mut hashing = HashingReader::new(&mut input, HashAlgo::Sha256);
             let mut nar = NarReader::new(&mut hashing, Limits::default())?;
-            restore(&mut nar, &copy)?;
+            restore(&mut nar, &copy, RestoreMode::Canonical)?;
             drop(nar);
             let (nar_hash, nar_size, _) = hashing.finish();
             let trailer = read_trailer(&mut input)?;

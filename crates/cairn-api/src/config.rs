@@ -1,0 +1,160 @@
+//! Configuration of cairnd and cairn.
+//!
+//! Settings come, lowest priority first, from built-in defaults, a TOML file, environment
+//! variables and command-line flags. The file is `--config`/`CAIRN_CONFIG` if given, else
+//! `/etc/cairn/cairn.toml` if it exists. Unknown keys are errors, so a typo cannot silently leave a
+//! setting at its default. `cairnd --print-config-template` prints a commented file with every
+//! key, its default and its meaning ([`TEMPLATE`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A commented configuration file listing every key with its default.
+pub const TEMPLATE: &str = include_str!("../cairn.toml");
+
+/// The file's contents. Every field is optional: absent means "use the default".
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    pub store_dir: Option<String>,
+    pub root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub allowed_users: Option<Vec<String>>,
+    pub trusted_users: Option<Vec<String>>,
+    pub auto_start_daemon: Option<bool>,
+    pub log_level: Option<String>,
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file '{}': {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file '{}': {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl ConfigFile {
+    /// Parses a configuration file's text.
+    pub fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Loads the file named, or the system file if it exists, or nothing.
+    pub fn load(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
+        let system = Path::new("/etc/cairn/cairn.toml");
+        let path = match explicit {
+            Some(p) => p,
+            None if system.exists() => system,
+            None => return Ok(ConfigFile::default()),
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        ConfigFile::parse(&text, path)
+    }
+}
+
+/// Overrides from the environment and the command line (`None`: not given).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub store_dir: Option<String>,
+    pub root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub no_auto_start: bool,
+}
+
+/// Fully resolved settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Logical store directory (default `/store`).
+    pub store_dir: String,
+    /// Physical root the store directory and state live under.
+    pub root: PathBuf,
+    /// The daemon's socket.
+    pub socket: PathBuf,
+    /// Who may connect: user names, `@group`, or `*`.
+    pub allowed_users: Vec<String>,
+    /// Who may do what needs trust (import unsigned paths): names, `@group`, or `*`.
+    pub trusted_users: Vec<String>,
+    /// Whether `cairn` starts a daemon when none is listening.
+    pub auto_start_daemon: bool,
+    /// tracing filter for the daemon's log (`RUST_LOG` wins).
+    pub log_level: String,
+}
+
+/// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
+/// back to `~/.local/share/nix/root`), so that a non-root user gets a working store with no setup.
+pub fn default_root(is_root: bool) -> PathBuf {
+    if is_root {
+        return PathBuf::from("/");
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    data.join("cairn/root")
+}
+
+/// The state directory under a root.
+pub fn state_dir(root: &Path) -> PathBuf {
+    root.join("var/lib/cairn")
+}
+
+impl Settings {
+    /// Resolves defaults, file and overrides.
+    pub fn resolve(file: ConfigFile, over: Overrides, is_root: bool) -> Settings {
+        let root = over.root.or(file.root).unwrap_or_else(|| default_root(is_root));
+        let socket = over.socket.or(file.socket).unwrap_or_else(|| state_dir(&root).join("daemon-socket/socket"));
+        Settings {
+            store_dir: over.store_dir.or(file.store_dir).unwrap_or_else(|| "/store".to_owned()),
+            socket,
+            root,
+            allowed_users: file.allowed_users.unwrap_or_else(|| vec!["*".to_owned()]),
+            trusted_users: file.trusted_users.unwrap_or_else(|| vec!["root".to_owned()]),
+            auto_start_daemon: file.auto_start_daemon.unwrap_or(true) && !over.no_auto_start,
+            log_level: file.log_level.unwrap_or_else(|| "info".to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_and_names_every_key() {
+        let f = ConfigFile::parse(TEMPLATE, Path::new("template")).unwrap();
+        assert_eq!(f, ConfigFile::default(), "the template only has comments");
+        for key in ["store-dir", "root", "socket", "allowed-users", "trusted-users", "auto-start-daemon", "log-level"] {
+            assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = ConfigFile::parse("stor-dir = \"/x\"", Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn precedence() {
+        let file = ConfigFile::parse("store-dir = \"/nix/store\"\nroot = \"/srv\"\nauto-start-daemon = true", Path::new("c")).unwrap();
+        let s = Settings::resolve(file.clone(), Overrides::default(), false);
+        assert_eq!((s.store_dir.as_str(), s.root.as_path()), ("/nix/store", Path::new("/srv")));
+        assert_eq!(s.socket, Path::new("/srv/var/lib/cairn/daemon-socket/socket"));
+        let over = Overrides { root: Some("/r".into()), no_auto_start: true, ..Default::default() };
+        let s = Settings::resolve(file, over, false);
+        assert_eq!(s.root, Path::new("/r"));
+        assert!(!s.auto_start_daemon);
+        assert_eq!(Settings::resolve(ConfigFile::default(), Overrides::default(), true).root, Path::new("/"));
+    }
+}

@@ -1,0 +1,30 @@
+//! Domain types to wire types and back.
+
+use cairn_nix::hash::Encoding;
+use cairn_nix::{StoreDir, StorePath};
+use cairn_store::PathInfo;
+
+use crate::error::ApiError;
+
+pub fn path_info(dir: &StoreDir, i: &PathInfo) -> cairn_api::PathInfo {
+    cairn_api::PathInfo {
+        path: dir.display(&i.path),
+        nar_hash: i.nar_hash.to_prefixed(Encoding::Sri),
+        nar_size: i.nar_size,
+        references: i.references.iter().map(|r| dir.display(r)).collect(),
+        deriver: i.deriver.as_ref().map(|d| dir.display(d)),
+        registration_time: i.registration_time,
+        ultimate: i.ultimate,
+        signatures: i.signatures.iter().cloned().collect(),
+        ca: i.ca.as_ref().map(ToString::to_string),
+    }
+}
+
+/// Parses a client's store path, turning garbage into a 400 before anything touches the store.
+pub fn store_path(dir: &StoreDir, s: &str) -> Result<StorePath, ApiError> {
+    dir.parse(s.trim_end_matches('/')).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+pub fn store_paths(dir: &StoreDir, v: &[String]) -> Result<Vec<StorePath>, ApiError> {
+    v.iter().map(|s| store_path(dir, s)).collect()
+}

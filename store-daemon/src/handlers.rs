@@ -1,0 +1,305 @@
+//! The API's routes on top of `LocalStore`.
+//!
+//! Store calls block (file system, SQLite), so each runs on tokio's blocking pool. Request
+//! bodies reach them as `std::io::Read` through `SyncIoBridge`; streamed answers leave through a
+//! bounded channel, so a slow client applies back-pressure instead of the daemon buffering a NAR.
+//! A failure half-way through a streamed answer aborts the HTTP response, so the client sees an
+//! error and never a silently truncated NAR.
+
+use std::io::{self, BufReader, Write};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, Request as HttpRequest, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use cairn_api::{routes, AddMethod, AddQuery, DirEntry, ExportRequest, PathQuery, Request, Response, VersionInfo};
+use cairn_nix::StoreDir;
+use cairn_store::{Direction, EntryKind, LocalStore};
+use futures_util::TryStreamExt;
+use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::auth::Peer;
+use crate::convert::{self, store_path, store_paths};
+use crate::error::{ApiError, ApiResult};
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<LocalStore>,
+    pub store_dir: StoreDir,
+}
+
+type St = State<Arc<AppState>>;
+
+/// The router, without per-connection state (the server adds the [`Peer`]).
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(routes::VERSION, get(version))
+        .route(routes::QUERY, post(query))
+        .route(routes::ADD, post(add))
+        .route(routes::NAR, get(nar))
+        .route(routes::CAT, get(cat))
+        .route(routes::EXPORT, post(export))
+        .route(routes::IMPORT, post(import))
+        .layer(middleware::from_fn(require_allowed))
+        .with_state(state)
+}
+
+async fn require_allowed(Extension(peer): Extension<Peer>, req: HttpRequest, next: Next) -> HttpResponse {
+    if !peer.allowed {
+        return ApiError::forbidden(format!(
+            "user '{}' may not use this cairnd (add it to allowed-users in the daemon's config)",
+            peer.user
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Runs a blocking store call on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+async fn version(State(s): St, Extension(peer): Extension<Peer>) -> Json<VersionInfo> {
+    Json(VersionInfo {
+        api_version: cairn_api::API_VERSION,
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        store_dir: s.store_dir.as_str().to_owned(),
+        trusted: peer.trusted,
+    })
+}
+
+fn paths_out(dir: &StoreDir, v: impl IntoIterator<Item = cairn_nix::StorePath>) -> Response {
+    Response::Paths(v.into_iter().map(|p| dir.display(&p)).collect())
+}
+
+async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<Json<Response>> {
+    let st = s.clone();
+    let resp = blocking(move || {
+        let (store, dir) = (&st.store, &st.store_dir);
+        Ok(match req {
+            Request::PathInfo { paths, closure } => {
+                let mut paths = store_paths(dir, &paths)?;
+                if closure {
+                    paths = store.walk(&paths, Direction::References)?;
+                }
+                let infos = paths
+                    .iter()
+                    .map(|p| Ok(convert::path_info(dir, &store.valid_path_info(p)?)))
+                    .collect::<ApiResult<Vec<_>>>()?;
+                Response::PathInfos(infos)
+            }
+            Request::References { path } => {
+                paths_out(dir, store.valid_path_info(&store_path(dir, &path)?)?.references)
+            }
+            Request::Referrers { path } => paths_out(dir, store.referrers(&store_path(dir, &path)?)?),
+            Request::Closure { paths } => paths_out(dir, store.walk(&store_paths(dir, &paths)?, Direction::References)?),
+            Request::ReferrersClosure { paths } => {
+                let mut v = store.walk(&store_paths(dir, &paths)?, Direction::Referrers)?;
+                v.reverse();
+                paths_out(dir, v)
+            }
+            Request::Graph { paths } => {
+                let g = store.closure_graph(&store_paths(dir, &paths)?)?;
+                let mut edges = Vec::new();
+                let nodes = g
+                    .into_iter()
+                    .map(|(p, refs)| {
+                        let from = dir.display(&p);
+                        edges.extend(refs.iter().map(|r| (from.clone(), dir.display(r))));
+                        from
+                    })
+                    .collect();
+                Response::Graph { nodes, edges }
+            }
+            Request::Ls { path } => {
+                let (p, inner) = dir.parse_inner(&path).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                let (kind, entries) = store.list(&p, inner)?;
+                let listing = if kind == EntryKind::Directory {
+                    entries.into_iter().map(|e| dir_entry(&e.name, e.kind)).collect()
+                } else {
+                    vec![dir_entry(inner.rsplit('/').next().unwrap_or(inner).as_bytes(), kind)]
+                };
+                Response::Listing(listing)
+            }
+            Request::AddText { name, contents, references } => {
+                let contents = base64::engine::general_purpose::STANDARD
+                    .decode(contents)
+                    .map_err(|e| ApiError::bad_request(format!("text contents are not base64: {e}")))?;
+                let refs = store_paths(dir, &references)?.into_iter().collect();
+                let info = store.add_text(&name, &contents, &refs)?;
+                Response::PathInfos(vec![convert::path_info(dir, &info)])
+            }
+            Request::IsValid { paths } => {
+                Response::Valid(store_paths(dir, &paths)?.iter().map(|p| store.is_valid(p)).collect::<Result<_, _>>()?)
+            }
+        })
+    })
+    .await?;
+    Ok(Json(resp))
+}
+
+fn dir_entry(name: &[u8], kind: EntryKind) -> DirEntry {
+    let name = String::from_utf8_lossy(name).into_owned();
+    match kind {
+        EntryKind::Regular { executable, size } => DirEntry {
+            name,
+            kind: if executable { "executable" } else { "regular" }.into(),
+            size: Some(size),
+            target: None,
+        },
+        EntryKind::Symlink { target } => DirEntry {
+            name,
+            kind: "symlink".into(),
+            size: None,
+            target: Some(String::from_utf8_lossy(&target).into_owned()),
+        },
+        EntryKind::Directory => DirEntry { name, kind: "directory".into(), size: None, target: None },
+    }
+}
+
+/// A request body as a blocking reader.
+fn body_reader(body: Body) -> impl io::Read + Send + 'static {
+    let stream = body.into_data_stream().map_err(io::Error::other);
+    BufReader::with_capacity(1 << 20, SyncIoBridge::new(StreamReader::new(stream)))
+}
+
+async fn add(State(s): St, Query(q): Query<AddQuery>, body: Body) -> ApiResult<Json<cairn_api::PathInfo>> {
+    let input = body_reader(body);
+    let info = blocking(move || {
+        let info = match q.method {
+            AddMethod::Nar => s.store.add_nar(&q.name, input)?,
+            AddMethod::Flat => {
+                let size = q.size.ok_or_else(|| ApiError::bad_request("a flat add needs size=BYTES"))?;
+                s.store.add_flat(&q.name, input, size)?
+            }
+        };
+        tracing::info!(path = %s.store_dir.display(&info.path), "added");
+        Ok(convert::path_info(&s.store_dir, &info))
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+/// A `Write` whose bytes become a streamed response body. Dropping it without
+/// [`finish`](Self::finish) after an error ends the body with that error.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+impl ChannelWriter {
+    fn new() -> (ChannelWriter, Body) {
+        let (tx, rx) = mpsc::channel(8);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        (ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK) }, Body::from_stream(stream))
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = self.buf.split().freeze();
+            self.tx.blocking_send(Ok(chunk)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))?;
+            self.buf.reserve(CHUNK);
+        }
+        Ok(())
+    }
+
+    fn fail(self, message: String) {
+        let _ = self.tx.blocking_send(Err(io::Error::other(message)));
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Streams what `produce` writes; checks done before it are reported with a status code.
+fn stream_response(
+    produce: impl FnOnce(&mut ChannelWriter) -> Result<(), cairn_store::StoreError> + Send + 'static,
+) -> HttpResponse {
+    let (mut w, body) = ChannelWriter::new();
+    tokio::task::spawn_blocking(move || match produce(&mut w).and_then(|_| w.flush().map_err(|e| e.into_store())) {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!("streamed answer failed: {e}");
+            w.fail(e.to_string());
+        }
+    });
+    HttpResponse::new(body)
+}
+
+trait IntoStoreError {
+    fn into_store(self) -> cairn_store::StoreError;
+}
+
+impl IntoStoreError for io::Error {
+    fn into_store(self) -> cairn_store::StoreError {
+        cairn_store::StoreError::Io { op: "send", path: "response".into(), source: self }
+    }
+}
+
+async fn nar(State(s): St, Query(q): Query<PathQuery>) -> ApiResult<HttpResponse> {
+    let p = store_path(&s.store_dir, &q.path)?;
+    let st = s.clone();
+    let p2 = p.clone();
+    blocking(move || Ok(st.store.valid_path_info(&p2)?)).await?;
+    Ok(stream_response(move |w| s.store.dump_path(&p, w)))
+}
+
+async fn cat(State(s): St, Query(q): Query<PathQuery>) -> ApiResult<HttpResponse> {
+    let (p, inner) = s.store_dir.parse_inner(&q.path).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let inner = inner.to_owned();
+    let st = s.clone();
+    let mut file = blocking(move || Ok(st.store.open_file(&p, &inner)?)).await?;
+    Ok(stream_response(move |w| {
+        io::copy(&mut file, w).map(|_| ()).map_err(|e| e.into_store())
+    }))
+}
+
+async fn export(State(s): St, Json(req): Json<ExportRequest>) -> ApiResult<HttpResponse> {
+    let paths = store_paths(&s.store_dir, &req.paths)?;
+    let st = s.clone();
+    let check = paths.clone();
+    blocking(move || {
+        for p in &check {
+            st.store.valid_path_info(p)?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(stream_response(move |w| s.store.export(&paths, w)))
+}
+
+async fn import(State(s): St, Extension(peer): Extension<Peer>, body: Body) -> ApiResult<Json<Vec<cairn_api::PathInfo>>> {
+    if !peer.trusted {
+        return Err(ApiError::forbidden(format!(
+            "user '{}' is not trusted to import paths without signatures (add it to trusted-users)",
+            peer.user
+        )));
+    }
+    let input = body_reader(body);
+    let infos = blocking(move || {
+        let infos = s.store.import(input)?;
+        tracing::info!(paths = infos.len(), "imported");
+        Ok(infos.iter().map(|i| convert::path_info(&s.store_dir, i)).collect())
+    })
+    .await?;
+    Ok(Json(infos))
+}

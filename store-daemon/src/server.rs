@@ -1,0 +1,91 @@
+//! Opening the store, binding the socket, accepting connections, shutting down gracefully.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Extension;
+use cairn_api::config::{state_dir, Settings};
+use cairn_nix::StoreDir;
+use cairn_store::{LocalStore, StoreLayout};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::auth::Policy;
+use crate::handlers::{router, AppState};
+
+/// How long in-flight requests get to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let store_dir = StoreDir::new(&settings.store_dir).context("invalid store directory")?;
+    let layout = StoreLayout {
+        real_store_dir: settings.root.join(store_dir.as_str().trim_start_matches('/')),
+        state_dir: state_dir(&settings.root),
+        store_dir: store_dir.clone(),
+    };
+    let store = tokio::task::spawn_blocking(move || LocalStore::open(layout)).await??;
+    let store = Arc::new(store);
+
+    let socket = &settings.socket;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create '{}'", parent.display()))?;
+    }
+    // We hold the store lock, so a socket file left here is a dead daemon's.
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).with_context(|| format!("cannot listen on '{}'", socket.display()))?;
+    // Everyone may connect; SO_PEERCRED and the user lists decide what they may do.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
+
+    let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
+    let app = router(Arc::new(AppState { store: store.clone(), store_dir }));
+    tracing::info!(
+        socket = %socket.display(),
+        store = settings.store_dir,
+        root = %settings.root.display(),
+        "cairnd {} listening",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let graceful = GracefulShutdown::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => { tracing::warn!("accept failed: {e}"); continue; }
+                };
+                let peer = match stream.peer_cred() {
+                    Ok(c) => policy.identify(c.uid(), c.gid()),
+                    Err(e) => { tracing::warn!("no peer credentials: {e}"); continue; }
+                };
+                tracing::debug!(user = peer.user, uid = peer.uid, "connection");
+                let svc = TowerToHyperService::new(app.clone().layer(Extension(peer)));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(socket);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
