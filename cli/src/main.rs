@@ -1,1 +1,175 @@
-fn main() {}
+//! `cairn`: the command-line client of cairnd.
+//!
+//! Each verb is a few calls to the daemon through `cairn-client`; the CLI itself reads only
+//! what the user names (files to add, streams on stdin) and never opens the store or its
+//! database. Exit codes: 0 success, 1 failure, 2 usage error (clap's).
+
+mod commands;
+mod connect;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cairn_daemon::args::StoreArgs;
+use clap::{Parser, Subcommand};
+
+/// cairn: a content-addressed store for Nix closures and OCI images.
+///
+/// Talks to cairnd over a Unix socket and starts one with the same settings when none is
+/// listening.
+#[derive(Parser)]
+#[command(name = "cairn", version, propagate_version = true, arg_required_else_help = true)]
+pub struct Cli {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Do not start a daemon when none is listening (also: `auto-start-daemon = false`).
+    #[arg(long, global = true)]
+    no_auto_start: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Add files or directories to the store, as `nix-store --add` (or `--add-fixed sha256`
+    /// with --flat), and print their store paths.
+    Add {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Add a regular file by the hash of its bytes (a flat fixed-output path).
+        #[arg(long)]
+        flat: bool,
+        /// Store path name (default: the file's name). Only with one path.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print each path's metadata as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a text file whose store path depends on its references, as `builtins.toFile`.
+    AddText {
+        name: String,
+        /// The file with the contents ("-" for stdin).
+        file: PathBuf,
+        /// A store path the text refers to (repeatable).
+        #[arg(long = "ref", value_name = "PATH")]
+        references: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show paths' metadata (NAR hash and size, references, content address …).
+    PathInfo {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// For the whole closure of the paths.
+        #[arg(long, short = 'r')]
+        closure: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a path's direct references.
+    References {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the valid paths that directly reference a path.
+    Referrers {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the closure of paths (everything they need), dependencies first, as `nix-store -qR`.
+    #[command(visible_alias = "requisites")]
+    Closure {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every path that needs one of the paths, as `nix-store -q --referrers-closure`.
+    ReferrersClosure {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the reference graph of a closure.
+    Graph {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Graphviz DOT (the default).
+        #[arg(long, conflicts_with = "json")]
+        dot: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory inside a store path.
+    Ls {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file inside a store path.
+    Cat { path: String },
+    /// NAR archives: dump and restore.
+    #[command(subcommand)]
+    Nar(NarCommand),
+    /// Write paths (not their closure: use `$(cairn closure …)`) to stdout as a
+    /// `nix-store --export` stream.
+    Export {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Read a `nix-store --export` stream from stdin and add its paths.
+    Import {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the daemon in the foreground (what `cairnd` does).
+    Daemon,
+    /// Print the client's and the daemon's versions.
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NarCommand {
+    /// Write the NAR of a store path or any local path to stdout, as `nix-store --dump`.
+    Dump { path: PathBuf },
+    /// Read a NAR from stdin and unpack it at DIR, as `nix-store --restore`.
+    Restore { dir: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Daemon = cli.command {
+        return match cairn_daemon::run(&cli.store) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cairn daemon: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cairn: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if !msg.contains("Broken pipe") {
+                eprintln!("cairn: {msg}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

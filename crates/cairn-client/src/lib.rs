@@ -98,6 +98,21 @@ impl Client {
     }
 
     async fn call(&self, method: Method, uri: &str, body: Body) -> Result<hyper::Response<Incoming>> {
+        self.call_typed(method, uri, "application/octet-stream", body).await
+    }
+
+    async fn call_json(&self, uri: &str, value: &impl serde::Serialize) -> Result<hyper::Response<Incoming>> {
+        let body = serde_json::to_vec(value).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call_typed(Method::POST, uri, "application/json", full(body)).await
+    }
+
+    async fn call_typed(
+        &self,
+        method: Method,
+        uri: &str,
+        content_type: &str,
+        body: Body,
+    ) -> Result<hyper::Response<Incoming>> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
@@ -109,6 +124,7 @@ impl Client {
             .method(method)
             .uri(uri)
             .header(header::HOST, "cairnd")
+            .header(header::CONTENT_TYPE, content_type)
             .body(body)
             .map_err(|e| ClientError::Decode(e.to_string()))?;
         let resp = sender.send_request(req).await?;
@@ -136,8 +152,7 @@ impl Client {
 
     /// One small operation.
     pub async fn query(&self, req: &Request) -> Result<Response> {
-        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode(e.to_string()))?;
-        Client::json(self.call(Method::POST, routes::QUERY, full(body)).await?).await
+        Client::json(self.call_json(routes::QUERY, req).await?).await
     }
 
     /// Adds a path from a streamed body (a NAR or a flat file, as `q` says).
@@ -160,8 +175,7 @@ impl Client {
 
     /// An export stream of `paths`.
     pub async fn export(&self, paths: Vec<String>) -> Result<impl AsyncRead + Send + Unpin> {
-        let body = serde_json::to_vec(&ExportRequest { paths }).map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok(reader_of(self.call(Method::POST, routes::EXPORT, full(body)).await?.into_body()))
+        Ok(reader_of(self.call_json(routes::EXPORT, &ExportRequest { paths }).await?.into_body()))
     }
 
     /// Imports an export stream.

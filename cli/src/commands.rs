@@ -1,0 +1,338 @@
+//! The verbs.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use cairn_api::config::Settings;
+use cairn_api::{AddMethod, AddQuery, PathInfo, Request, Response};
+use cairn_client::{body_from_reader, Client};
+use cairn_nix::nar::{Limits, NarReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::io::SyncIoBridge;
+
+use crate::connect::connect;
+use crate::progress::{self, Counting};
+use crate::{Cli, Command, NarCommand};
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = cli.store.settings(cli.no_auto_start)?;
+    let ctx = Ctx { settings, cli_store: cli.store };
+    match cli.command {
+        Command::Add { paths, flat, name, json } => {
+            if name.is_some() && paths.len() > 1 {
+                bail!("--name names one path, but {} were given", paths.len());
+            }
+            let client = ctx.client().await?;
+            let mut infos = Vec::new();
+            for p in &paths {
+                let info = add(&client, p, flat, name.as_deref()).await?;
+                if !json {
+                    println!("{}", info.path);
+                }
+                infos.push(info);
+            }
+            if json {
+                print_json(&infos)?;
+            }
+        }
+        Command::AddText { name, file, references, json } => {
+            let contents = if file == Path::new("-") {
+                let mut v = Vec::new();
+                std::io::stdin().read_to_end(&mut v).context("cannot read stdin")?;
+                v
+            } else {
+                std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?
+            };
+            let references = references.iter().map(|r| ctx.store_path(r)).collect::<anyhow::Result<_>>()?;
+            let req = Request::AddText {
+                name,
+                contents: base64::engine::general_purpose::STANDARD.encode(contents),
+                references,
+            };
+            let infos = path_infos(ctx.client().await?.query(&req).await?)?;
+            if json {
+                print_json(&infos)?;
+            } else {
+                infos.iter().for_each(|i| println!("{}", i.path));
+            }
+        }
+        Command::PathInfo { paths, closure, json } => {
+            let paths = ctx.store_paths(&paths)?;
+            let infos = path_infos(ctx.client().await?.query(&Request::PathInfo { paths, closure }).await?)?;
+            if json {
+                print_json(&infos)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                for i in &infos {
+                    writeln!(out, "{}\t{}\t{}", i.path, i.nar_size, i.nar_hash)?;
+                }
+            }
+        }
+        Command::References { path, json } => {
+            ctx.print_paths(Request::References { path: ctx.store_path(&path)? }, json).await?
+        }
+        Command::Referrers { path, json } => {
+            ctx.print_paths(Request::Referrers { path: ctx.store_path(&path)? }, json).await?
+        }
+        Command::Closure { paths, json } => {
+            ctx.print_paths(Request::Closure { paths: ctx.store_paths(&paths)? }, json).await?
+        }
+        Command::ReferrersClosure { paths, json } => {
+            ctx.print_paths(Request::ReferrersClosure { paths: ctx.store_paths(&paths)? }, json).await?
+        }
+        Command::Graph { paths, dot: _, json } => {
+            let resp = ctx.client().await?.query(&Request::Graph { paths: ctx.store_paths(&paths)? }).await?;
+            let Response::Graph { nodes, edges } = resp else { bail!("cairnd answered a graph query with {resp:?}") };
+            if json {
+                print_json(&serde_json::json!({ "nodes": nodes, "edges": edges }))?;
+            } else {
+                print_dot(&nodes, &edges)?;
+            }
+        }
+        Command::Ls { path, json } => {
+            let resp = ctx.client().await?.query(&Request::Ls { path: ctx.inner_path(&path)? }).await?;
+            let Response::Listing(entries) = resp else { bail!("cairnd answered ls with {resp:?}") };
+            if json {
+                print_json(&entries)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                for e in entries {
+                    let mode = match e.kind.as_str() {
+                        "directory" => "dr-xr-xr-x",
+                        "executable" => "-r-xr-xr-x",
+                        "symlink" => "lrwxrwxrwx",
+                        _ => "-r--r--r--",
+                    };
+                    let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
+                    writeln!(out, "{mode} {:>12} {}{target}", e.size.unwrap_or(0), e.name)?;
+                }
+            }
+        }
+        Command::Cat { path } => {
+            let r = ctx.client().await?.cat(&ctx.inner_path(&path)?).await?;
+            to_stdout(r, None).await?;
+        }
+        Command::Nar(NarCommand::Dump { path }) => {
+            refuse_terminal("a NAR")?;
+            match ctx.try_store_path(&path.to_string_lossy()) {
+                Some(p) => {
+                    let r = ctx.client().await?.nar(&p).await?;
+                    to_stdout(r, Some("dumping")).await?;
+                }
+                None => {
+                    tokio::task::spawn_blocking(move || cairn_store::dump(&path, std::io::stdout().lock())).await??;
+                }
+            }
+        }
+        Command::Nar(NarCommand::Restore { dir }) => {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let stdin = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
+                let mut nar = NarReader::new(stdin, Limits::default())?;
+                cairn_store::restore(&mut nar, &dir, cairn_store::RestoreMode::Plain)?;
+                Ok(())
+            })
+            .await??;
+        }
+        Command::Export { paths } => {
+            refuse_terminal("an export stream")?;
+            let r = ctx.client().await?.export(ctx.store_paths(&paths)?).await?;
+            to_stdout(r, Some("exporting")).await?;
+        }
+        Command::Import { json } => {
+            let client = ctx.client().await?;
+            let (w, r) = tokio::io::duplex(1 << 20);
+            let bar = progress::bytes("importing");
+            let mut sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
+            let reader = tokio::task::spawn_blocking(move || std::io::copy(&mut std::io::stdin().lock(), &mut sink));
+            let res = client.import(body_from_reader(r)).await;
+            bar.finish_and_clear();
+            reader.await?.context("cannot read stdin")?;
+            let infos = res?;
+            if json {
+                print_json(&infos)?;
+            } else {
+                infos.iter().for_each(|i| println!("{}", i.path));
+            }
+        }
+        Command::Version { json } => {
+            let v = ctx.client().await?.version().await?;
+            if json {
+                print_json(&serde_json::json!({ "client": env!("CARGO_PKG_VERSION"), "daemon": v }))?;
+            } else {
+                println!("cairn {}", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "cairnd {} (API {}), store {}, {}",
+                    v.daemon_version,
+                    v.api_version,
+                    v.store_dir,
+                    if v.trusted { "trusted" } else { "not trusted" }
+                );
+            }
+        }
+        Command::Daemon => unreachable!("handled in main"),
+    }
+    Ok(())
+}
+
+struct Ctx {
+    settings: Settings,
+    cli_store: cairn_daemon::args::StoreArgs,
+}
+
+impl Ctx {
+    async fn client(&self) -> anyhow::Result<Client> {
+        connect(&self.settings, &self.cli_store).await
+    }
+
+    fn real_store_dir(&self) -> PathBuf {
+        self.settings.root.join(self.settings.store_dir.trim_start_matches('/'))
+    }
+
+    /// Turns an argument into a logical path inside the store: a store path (with or without
+    /// an inner part), the same under the physical root, or a symlink (like `./result`) leading
+    /// there.
+    fn try_inner_path(&self, arg: &str) -> Option<String> {
+        let dir = &self.settings.store_dir;
+        let mut p = PathBuf::from(arg);
+        for _ in 0..40 {
+            let s = p.to_string_lossy();
+            if s.starts_with(&format!("{dir}/")) {
+                return Some(s.trim_end_matches('/').to_owned());
+            }
+            if let Ok(rest) = p.strip_prefix(self.real_store_dir()) {
+                return Some(format!("{dir}/{}", rest.display()).trim_end_matches('/').to_owned());
+            }
+            let target = std::fs::read_link(&p).ok()?;
+            p = p.parent().map(|d| d.join(&target)).unwrap_or(target);
+        }
+        None
+    }
+
+    fn inner_path(&self, arg: &str) -> anyhow::Result<String> {
+        self.try_inner_path(arg)
+            .with_context(|| format!("'{arg}' is not in the store directory '{}'", self.settings.store_dir))
+    }
+
+    /// The store path an argument names (dropping any inner part).
+    fn try_store_path(&self, arg: &str) -> Option<String> {
+        let p = self.try_inner_path(arg)?;
+        let rest = &p[self.settings.store_dir.len() + 1..];
+        Some(format!("{}/{}", self.settings.store_dir, rest.split('/').next().unwrap_or(rest)))
+    }
+
+    fn store_path(&self, arg: &str) -> anyhow::Result<String> {
+        self.try_store_path(arg)
+            .with_context(|| format!("'{arg}' is not in the store directory '{}'", self.settings.store_dir))
+    }
+
+    fn store_paths(&self, args: &[String]) -> anyhow::Result<Vec<String>> {
+        args.iter().map(|a| self.store_path(a)).collect()
+    }
+
+    async fn print_paths(&self, req: Request, json: bool) -> anyhow::Result<()> {
+        let resp = self.client().await?.query(&req).await?;
+        let Response::Paths(paths) = resp else { bail!("cairnd answered with {resp:?}") };
+        if json {
+            print_json(&paths)
+        } else {
+            let mut out = std::io::stdout().lock();
+            for p in paths {
+                writeln!(out, "{p}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn path_infos(resp: Response) -> anyhow::Result<Vec<PathInfo>> {
+    match resp {
+        Response::PathInfos(v) => Ok(v),
+        other => bail!("cairnd answered with {other:?}"),
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn refuse_terminal(what: &str) -> anyhow::Result<()> {
+    if std::io::stdout().is_terminal() {
+        bail!("refusing to write {what} to a terminal; redirect stdout to a file or a pipe");
+    }
+    Ok(())
+}
+
+async fn to_stdout(mut r: impl AsyncRead + Unpin, progress_label: Option<&str>) -> anyhow::Result<()> {
+    let bar = progress_label.map(progress::bytes);
+    let mut out = tokio::io::stdout();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).await?;
+        if let Some(b) = &bar {
+            b.inc(n as u64);
+        }
+    }
+    out.flush().await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// Adds one file or tree: streams its NAR (or, flat, its bytes) to the daemon.
+async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> anyhow::Result<PathInfo> {
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    let name = match name {
+        Some(n) => n.to_owned(),
+        None => std::path::absolute(path)?
+            .file_name()
+            .with_context(|| format!("'{}' has no file name; give one with --name", path.display()))?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    cairn_nix::store_path::validate_name(&name).with_context(|| format!("cannot add '{}'", path.display()))?;
+    if flat {
+        if !meta.is_file() {
+            bail!("--flat adds regular files, and '{}' is not one", path.display());
+        }
+        let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot read '{}'", path.display()))?;
+        let q = AddQuery { name, method: AddMethod::Flat, size: Some(meta.len()) };
+        return Ok(client.add(&q, body_from_reader(file)).await?);
+    }
+    let (w, r) = tokio::io::duplex(1 << 20);
+    let bar = progress::bytes(&format!("adding {name}"));
+    let sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
+    let src = path.to_owned();
+    let dumper = tokio::task::spawn_blocking(move || cairn_store::dump(&src, sink));
+    let q = AddQuery { name, method: AddMethod::Nar, size: None };
+    let added = client.add(&q, body_from_reader(r)).await;
+    bar.finish_and_clear();
+    // A failure to read the source explains a refused upload better than the daemon can.
+    dumper.await?.with_context(|| format!("cannot add '{}'", path.display()))?;
+    Ok(added?)
+}
+
+fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let label = |p: &str| p.rsplit('/').next().unwrap_or(p).get(33..).unwrap_or(p).to_owned();
+    writeln!(out, "digraph G {{")?;
+    for n in nodes {
+        writeln!(out, "\"{n}\" [label = \"{}\", shape = box, style = filled, fillcolor = \"#ffffff\"];", label(n))?;
+    }
+    for (from, to) in edges {
+        if from != to {
+            writeln!(out, "\"{to}\" -> \"{from}\" [color = \"black\"];")?;
+        }
+    }
+    writeln!(out, "}}")?;
+    Ok(())
+}

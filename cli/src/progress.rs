@@ -1,0 +1,36 @@
+//! Progress display for long transfers: a byte counter with a rate on stderr, drawn only when
+//! stderr is a terminal (indicatif hides itself otherwise), so scripts and logs stay clean.
+
+use std::io::{self, Write};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A spinner counting bytes for `what`.
+pub fn bytes(what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {bytes} ({binary_bytes_per_sec}, {elapsed})")
+            .expect("valid template"),
+    );
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// A writer that advances a progress bar.
+pub struct Counting<W> {
+    pub inner: W,
+    pub bar: ProgressBar,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
