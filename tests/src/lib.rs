@@ -1,1 +1,322 @@
+//! The end-to-end harness: starts the real `cairnd` on a temporary root, runs the real `cairn`
+//! against it, and drives real Nix 2.8 on a private store for comparisons.
+//!
+//! Binaries are taken from the cargo target directory this test binary lives in
+//! (`target/<profile>/cairn` and `cairnd`; `cargo test --workspace` builds them because the
+//! `cairn` and `cairn-daemon` packages have integration tests) or from `CAIRN_BIN_DIR`.
+//!
+//! Peer tests call [`require_peer`]: where the peer is missing they skip with a message, unless
+//! `CAIRN_REQUIRE_PEERS=1` (set by `.ci/run`), where a missing peer fails the test.
 
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Where `cairn` and `cairnd` are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CAIRN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>
+    let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_owned();
+    for b in ["cairn", "cairnd"] {
+        assert!(dir.join(b).exists(), "{} not found: run the tests with `cargo test --workspace`", dir.join(b).display());
+    }
+    dir
+}
+
+/// Whether a peer tool is installed; fails instead of skipping when `CAIRN_REQUIRE_PEERS=1`.
+pub fn require_peer(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CAIRN_REQUIRE_PEERS").as_deref() == Ok("1") {
+            panic!("peer '{tool}' is required (CAIRN_REQUIRE_PEERS=1) but not installed; see .ci/run");
+        }
+        eprintln!("skipping: peer '{tool}' is not installed (set CAIRN_REQUIRE_PEERS=1 to make this a failure)");
+    }
+    found
+}
+
+/// A running `cairnd` on a private root. Killed when dropped.
+pub struct TestStore {
+    pub root: tempfile::TempDir,
+    pub store_dir: String,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+/// Options for [`TestStore`].
+pub struct TestStoreBuilder {
+    store_dir: String,
+    config: String,
+}
+
+impl TestStoreBuilder {
+    pub fn store_dir(mut self, dir: &str) -> Self {
+        self.store_dir = dir.to_owned();
+        self
+    }
+    /// Contents of the daemon's config file.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = toml.to_owned();
+        self
+    }
+    pub fn start(self) -> TestStore {
+        let root = tempfile::Builder::new().prefix("cairn-e2e-").tempdir().expect("temp root");
+        // World-traversable, so that tests that switch users can reach the socket.
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = root.path().join("cairn.toml");
+        std::fs::write(&config, &self.config).unwrap();
+        let mut s = TestStore {
+            socket: root.path().join("cairnd.sock"),
+            root,
+            store_dir: self.store_dir,
+            config,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+}
+
+impl TestStore {
+    pub fn builder() -> TestStoreBuilder {
+        TestStoreBuilder { store_dir: "/store".into(), config: String::new() }
+    }
+
+    /// A daemon with default settings and store directory `/store`.
+    pub fn start() -> TestStore {
+        TestStore::builder().start()
+    }
+
+    /// Flags that point a `cairn` or `cairnd` at this store.
+    pub fn store_args(&self) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.root.path().display().to_string(),
+            "--store-dir".into(),
+            self.store_dir.clone(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ]
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new(bin_dir().join("cairnd"))
+            .args(self.store_args())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start cairnd");
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("cairnd exited at start ({status}):\n{}", self.log());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "cairnd did not listen:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.root.path().join("cairnd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// Sends SIGTERM and waits; panics unless the daemon exits cleanly.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "cairnd exited with {status} after SIGTERM:\n{}", self.log());
+    }
+
+    /// Kills the daemon with SIGKILL (a crash) and waits for it.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts the daemon again on the same root.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or crash the daemon first");
+        self.spawn();
+    }
+
+    /// A `cairn` command aimed at this daemon, never starting another.
+    pub fn cairn(&self) -> Command {
+        let mut c = Command::new(bin_dir().join("cairn"));
+        c.args(self.store_args()).arg("--no-auto-start");
+        c
+    }
+
+    /// Runs `cairn ARGS` with `stdin`, returning its output.
+    pub fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self
+            .cairn()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cairn");
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    }
+
+    /// Runs `cairn ARGS`, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        String::from_utf8(self.ok_bytes(args, b"")).expect("utf-8 output")
+    }
+
+    /// Runs `cairn ARGS` with `stdin`, asserts success, returns stdout.
+    pub fn ok_bytes(&self, args: &[&str], stdin: &[u8]) -> Vec<u8> {
+        let out = self.run(args, stdin);
+        assert!(
+            out.status.success(),
+            "cairn {args:?} failed ({}):\n{}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        out.stdout
+    }
+
+    /// Runs `cairn ARGS` with `stdin`, asserts exit code 1 and a one-line error; returns it.
+    pub fn fail(&self, args: &[&str], stdin: &[u8]) -> String {
+        let out = self.run(args, stdin);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "cairn {args:?} should fail with 1, stderr:\n{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "errors are one line:\n{err}");
+        assert!(err.starts_with("cairn: "), "{err}");
+        err
+    }
+
+    /// Where the store directory is on disk.
+    pub fn real_store_dir(&self) -> PathBuf {
+        self.root.path().join(self.store_dir.trim_start_matches('/'))
+    }
+
+    /// The entries of the store directory, asserting that no temporary work is left behind.
+    pub fn store_entries(&self) -> Vec<String> {
+        let tmp = self.real_store_dir().join(".cairn-tmp");
+        let left: Vec<_> = std::fs::read_dir(&tmp).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "temporary files left in the store: {left:?}");
+        let mut v: Vec<String> = std::fs::read_dir(self.real_store_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".cairn-tmp")
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Store paths are read-only: make the tree writable so the temporary root can go.
+        let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.root.path()).status();
+    }
+}
+
+/// Real Nix 2.8 on a private store (`local?root=DIR`, logical store `/nix/store`).
+pub struct NixStore {
+    pub root: tempfile::TempDir,
+}
+
+impl Default for NixStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NixStore {
+    pub fn new() -> NixStore {
+        NixStore { root: tempfile::Builder::new().prefix("nix-peer-").tempdir().unwrap() }
+    }
+
+    pub fn store_url(&self) -> String {
+        format!("local?root={}", self.root.path().display())
+    }
+
+    /// A Nix command (`nix-store`, `nix`, `nix-instantiate`) on this store, offline.
+    pub fn cmd(&self, tool: &str) -> Command {
+        let mut c = Command::new(tool);
+        c.arg("--store").arg(self.store_url());
+        c.env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command\nsandbox = false\nbuild-users-group =\n");
+        c.env("NIX_REMOTE", "");
+        c
+    }
+
+    /// Runs a Nix command, asserting success; returns stdout.
+    pub fn ok(&self, tool: &str, args: &[&str]) -> Vec<u8> {
+        let out = self.cmd(tool).args(args).output().unwrap();
+        assert!(out.status.success(), "{tool} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// Runs a Nix command with stdin, asserting success; returns stdout.
+    pub fn ok_stdin(&self, tool: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
+        let mut child = self
+            .cmd(tool)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let w = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        w.join().unwrap();
+        assert!(out.status.success(), "{tool} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+}
+
+impl Drop for NixStore {
+    fn drop(&mut self) {
+        let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.root.path()).status();
+    }
+}
+
+/// Trims a command's output to one line.
+pub fn line(s: &str) -> String {
+    s.trim_end().to_owned()
+}
