@@ -64,10 +64,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json(&infos)?;
             } else {
-                let mut out = std::io::stdout().lock();
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                 for i in &infos {
                     writeln!(out, "{}\t{}\t{}", i.path, i.nar_size, i.nar_hash)?;
                 }
+                out.flush()?;
             }
         }
         Command::References { path, json } => {
@@ -97,7 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json(&entries)?;
             } else {
-                let mut out = std::io::stdout().lock();
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                 for e in entries {
                     let mode = match e.kind.as_str() {
                         "directory" => "dr-xr-xr-x",
@@ -108,6 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
                     writeln!(out, "{mode} {:>12} {}{target}", e.size.unwrap_or(0), e.name)?;
                 }
+                out.flush()?;
             }
         }
         Command::Cat { path } => {
@@ -237,11 +239,11 @@ impl Ctx {
         if json {
             print_json(&paths)
         } else {
-            let mut out = std::io::stdout().lock();
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
             for p in paths {
                 writeln!(out, "{p}")?;
             }
-            Ok(())
+            Ok(out.flush()?)
         }
     }
 }
@@ -254,10 +256,10 @@ fn path_infos(resp: Response) -> anyhow::Result<Vec<PathInfo>> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     serde_json::to_writer(&mut out, v)?;
     writeln!(out)?;
-    Ok(())
+    Ok(out.flush()?)
 }
 
 fn refuse_terminal(what: &str) -> anyhow::Result<()> {
@@ -305,7 +307,8 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
             bail!("--flat adds regular files, and '{}' is not one", path.display());
         }
         let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot read '{}'", path.display()))?;
-        let q = AddQuery { name, method: AddMethod::Flat, size: Some(meta.len()) };
+        let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o100 != 0;
+        let q = AddQuery { name, method: AddMethod::Flat, size: Some(meta.len()), executable };
         return Ok(client.add(&q, body_from_reader(file)).await?);
     }
     let (w, r) = tokio::io::duplex(1 << 20);
@@ -313,7 +316,7 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
     let sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
     let src = path.to_owned();
     let dumper = tokio::task::spawn_blocking(move || cairn_store::dump(&src, sink));
-    let q = AddQuery { name, method: AddMethod::Nar, size: None };
+    let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false };
     let added = client.add(&q, body_from_reader(r)).await;
     bar.finish_and_clear();
     // A failure to read the source explains a refused upload better than the daemon can.
@@ -322,7 +325,7 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
 }
 
 fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let label = |p: &str| p.rsplit('/').next().unwrap_or(p).get(33..).unwrap_or(p).to_owned();
     writeln!(out, "digraph G {{")?;
     for n in nodes {
@@ -334,5 +337,5 @@ fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()>
         }
     }
     writeln!(out, "}}")?;
-    Ok(())
+    Ok(out.flush()?)
 }

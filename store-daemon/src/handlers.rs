@@ -177,7 +177,7 @@ async fn add(State(s): St, Query(q): Query<AddQuery>, body: Body) -> ApiResult<J
             AddMethod::Nar => s.store.add_nar(&q.name, input)?,
             AddMethod::Flat => {
                 let size = q.size.ok_or_else(|| ApiError::bad_request("a flat add needs size=BYTES"))?;
-                s.store.add_flat(&q.name, input, size)?
+                s.store.add_flat(&q.name, input, size, q.executable)?
             }
         };
         tracing::info!(path = %s.store_dir.display(&info.path), "added");

@@ -12,7 +12,7 @@
 //! | `GET /v1/version` | — | [`VersionInfo`] |
 //! | `POST /v1/query` | [`Request`] | [`Response`] |
 //! | `POST /v1/add?name=N&method=nar` | NAR | [`PathInfo`] |
-//! | `POST /v1/add?name=N&method=flat&size=S` | file bytes | [`PathInfo`] |
+//! | `POST /v1/add?name=N&method=flat&size=S[&executable=true]` | file bytes | [`PathInfo`] |
 //! | `GET /v1/nar?path=P` | — | NAR |
 //! | `GET /v1/cat?path=P` | — | file bytes (P may point inside a store path) |
 //! | `POST /v1/export` | [`ExportRequest`] | export stream |
@@ -150,6 +150,11 @@ pub struct AddQuery {
     /// Byte count, required for `flat`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// For `flat`: store the file executable, as `nix-store --add-fixed` does for a file whose
+    /// owner-execute bit is set. Does not change the path (only the contents' hash does), but it
+    /// is part of the NAR and so of the NAR hash.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub executable: bool,
 }
 
 /// Query string of `GET /v1/nar` and `GET /v1/cat`.

@@ -292,11 +292,14 @@ impl LocalStore {
         if let Some(existing) = self.path_info(&info.path)? {
             return Ok(existing);
         }
+        let started = std::time::Instant::now();
         // Sync through the containing directory: the copy itself may be a dangling symlink.
         fsops::sync_filesystem(copy.parent().unwrap_or(copy))?;
+        let synced = started.elapsed();
         self.install(copy, &info.path)?;
         fsops::sync_dir(&self.layout.real_store_dir)?;
         self.register(std::slice::from_ref(&info))?;
+        tracing::debug!(path = %info.path, ?synced, total = ?started.elapsed(), "registered");
         Ok(info)
     }
 
@@ -335,8 +338,8 @@ impl LocalStore {
     }
 
     /// Adds a regular file of `size` bytes as a flat SHA-256 fixed-output path, as
-    /// `nix-store --add-fixed sha256` does.
-    pub fn add_flat(&self, name: &str, mut input: impl Read, size: u64) -> Result<PathInfo> {
+    /// `nix-store --add-fixed sha256` does (which keeps the file's executable bit).
+    pub fn add_flat(&self, name: &str, mut input: impl Read, size: u64, executable: bool) -> Result<PathInfo> {
         validate_name(name)?;
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
@@ -346,9 +349,9 @@ impl LocalStore {
         // The NAR of a lone file is a fixed header, the bytes, and a fixed footer: hash it as the
         // bytes pass instead of reading the file twice.
         let mut tee = TeeReader { inner: &mut input, seen: &mut flat, total: 0 };
-        let mut file_copy = CopyToFile::new(&copy)?;
+        let mut file_copy = CopyToFile::new(&copy, executable)?;
         let mut both = TeeReader { inner: &mut tee, seen: &mut file_copy, total: 0 };
-        nar.regular(None, false, size, &mut both).map_err(|e| match e {
+        nar.regular(None, executable, size, &mut both).map_err(|e| match e {
             NarWriteError::SizeMismatch { expected, actual, .. } => StoreError::SizeMismatch { expected, actual },
             other => StoreError::NarWrite { path: copy.clone(), source: other },
         })?;
@@ -363,7 +366,7 @@ impl LocalStore {
         let hash = flat.finish();
         let path =
             self.store_dir().make_fixed_output_path(name, FileIngestionMethod::Flat, &hash, &BTreeSet::new(), false)?;
-        let nar_size = nar_size_of_file(size);
+        let nar_size = nar_size_of_file(size, executable);
         let info = PathInfo {
             path,
             nar_hash,
@@ -403,7 +406,7 @@ impl LocalStore {
         let info = PathInfo {
             path,
             nar_hash,
-            nar_size: nar_size_of_file(contents.len() as u64),
+            nar_size: nar_size_of_file(contents.len() as u64, false),
             references: references.clone(),
             deriver: None,
             registration_time: now(),
@@ -421,10 +424,11 @@ impl LocalStore {
     }
 }
 
-/// Size of the NAR of a lone regular file of `size` bytes (not executable).
-fn nar_size_of_file(size: u64) -> u64 {
-    // magic(8+16) "("(8+8) "type"(8+8) "regular"(8+8) "contents"(8+8) size(8) data+pad ")"(8+8)
-    24 + 16 + 16 + 16 + 16 + 8 + size.div_ceil(8) * 8 + 16
+/// Size of the NAR of a lone regular file of `size` bytes.
+fn nar_size_of_file(size: u64, executable: bool) -> u64 {
+    // magic(8+16) "("(8+8) "type"(8+8) "regular"(8+8) ["executable"(8+16) ""(8)] "contents"(8+8)
+    // size(8) data+pad ")"(8+8)
+    24 + 16 + 16 + 16 + if executable { 32 } else { 0 } + 16 + 8 + size.div_ceil(8) * 8 + 16
 }
 
 /// Passes everything read through to `seen`.
@@ -447,25 +451,27 @@ impl<R: Read, W: io::Write> Read for TeeReader<'_, R, W> {
 struct CopyToFile {
     path: PathBuf,
     file: File,
+    mode: u32,
 }
 
 impl CopyToFile {
-    fn new(path: &Path) -> Result<CopyToFile> {
+    fn new(path: &Path, executable: bool) -> Result<CopyToFile> {
+        let mode = if executable { 0o555 } else { 0o444 };
         use std::os::unix::fs::OpenOptionsExt;
         let file = File::options()
             .write(true)
             .create_new(true)
-            .mode(0o444)
+            .mode(mode)
             .open(path)
             .map_err(|source| StoreError::Io { op: "create", path: path.to_owned(), source })?;
-        Ok(CopyToFile { path: path.to_owned(), file })
+        Ok(CopyToFile { path: path.to_owned(), file, mode })
     }
 
     fn finish(self) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         let t = std::time::SystemTime::UNIX_EPOCH + fsops::CANONICAL_MTIME;
         self.file
-            .set_permissions(fs::Permissions::from_mode(0o444))
+            .set_permissions(fs::Permissions::from_mode(self.mode))
             .and_then(|_| self.file.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)))
             .map_err(|source| StoreError::Io { op: "finish", path: self.path, source })
     }

@@ -60,12 +60,22 @@ fn add_nar_is_canonical_and_dumps_back_identically() {
 fn flat_and_text_paths_match_nix() {
     let root = tempfile::tempdir().unwrap();
     let store = store_at(root.path(), "/nix/store");
-    let flat = store.add_flat("hello", &b"hello\n"[..], 6).unwrap();
+    let flat = store.add_flat("hello", &b"hello\n"[..], 6, false).unwrap();
     assert_eq!(flat.path.base_name(), "8zv8i345w2xn27jrxj4cyjc6x3b4am1q-hello");
     let mut nar = Vec::new();
     store.dump_path(&flat.path, &mut nar).unwrap();
     assert_eq!(flat.nar_hash, Hash::digest(HashAlgo::Sha256, &nar));
     assert_eq!(flat.nar_size, nar.len() as u64);
+    // An executable file gets the same path (the path hashes the bytes only) but another NAR.
+    let exec = store.add_flat("hello", &b"hello\n"[..], 6, true).unwrap();
+    assert_eq!(exec.path, flat.path, "same path: the valid one is returned");
+    let root2 = tempfile::tempdir().unwrap();
+    let store2 = store_at(root2.path(), "/nix/store");
+    let exec = store2.add_flat("hello", &b"hello\n"[..], 6, true).unwrap();
+    let mut nar = Vec::new();
+    store2.dump_path(&exec.path, &mut nar).unwrap();
+    assert_eq!((exec.nar_hash, exec.nar_size), (Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64));
+    assert_eq!(fs::metadata(store2.real_path(&exec.path)).unwrap().permissions().mode() & 0o777, 0o555);
     let foo = store.add_text("foo", b"bar", &BTreeSet::new()).unwrap();
     assert_eq!(foo.path.base_name(), "vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo");
     let baz = store
@@ -81,8 +91,8 @@ fn flat_and_text_paths_match_nix() {
 fn size_mismatches_and_bad_references_register_nothing() {
     let root = tempfile::tempdir().unwrap();
     let store = store_at(root.path(), "/store");
-    assert!(matches!(store.add_flat("x", &b"short"[..], 10), Err(StoreError::SizeMismatch { .. })));
-    assert!(matches!(store.add_flat("x", &b"too long"[..], 3), Err(StoreError::SizeMismatch { .. })));
+    assert!(matches!(store.add_flat("x", &b"short"[..], 10, false), Err(StoreError::SizeMismatch { .. })));
+    assert!(matches!(store.add_flat("x", &b"too long"[..], 3, false), Err(StoreError::SizeMismatch { .. })));
     let ghost = StorePath::from_base_name("vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-ghost").unwrap();
     assert!(matches!(store.add_text("t", b"x", &BTreeSet::from([ghost])), Err(StoreError::NotValid(_))));
     assert!(matches!(store.add_nar("bad name", &sample_tree().to_nar()[..]), Err(StoreError::StorePath(_))));
