@@ -776,6 +776,7 @@ fn sigkill_during_a_large_add_leaves_a_consistent_store() {
         f.flush().unwrap();
     }
     write(&big.join("small"), b"small\n");
+    let big_hash = &serde_json::json!(sri(&nar_of(&big)));
 
     let mut entries = st.store_entries();
     let mut crashed = 0;
@@ -817,13 +818,19 @@ fn sigkill_during_a_large_add_leaves_a_consistent_store() {
         st.restart();
         let now = st.store_entries(); // asserts no temporary leftovers
         let added_path = finished.then(|| line(&String::from_utf8_lossy(&out.stdout)));
-        // Nothing new is registered unless the add completed; anything else on disk is an
-        // unregistered leftover that cairn must not report as valid.
+        // A new entry is either registered and complete (the kill came after the commit), or
+        // an unregistered leftover that cairn must not report as valid and that the next add
+        // replaces. Never a registered partial path.
         for e in now.iter().filter(|e| !entries.contains(e)) {
             let p = format!("/store/{e}");
-            if Some(&p) != added_path.as_ref() {
-                let out = st.run(&["path-info", &p], b"");
-                assert!(!out.status.success(), "a partial path {p} is registered after a crash");
+            let out = st.run(&["path-info", "--json", &p], b"");
+            if out.status.success() {
+                let info = &json(&String::from_utf8_lossy(&out.stdout))[0];
+                assert_eq!(info["narHash"], *big_hash, "{p} is registered but is not the whole tree");
+                let dumped = st.ok_bytes(&["nar", "dump", &p], b"");
+                assert_eq!(sri(&dumped), *big_hash, "{p} is registered but its contents are partial");
+            } else {
+                assert!(added_path.as_ref() != Some(&p), "{p} was reported added but is not valid");
             }
         }
         assert_eq!(path_infos(&st, &refs), before, "earlier paths are intact");
@@ -897,9 +904,13 @@ fn unprivileged_users_by_peer_credentials() {
     let q = line(&other.ok(&["add", s(&g)]));
     let stream_q = other.ok_bytes(&["export", &q], b"");
     let entries = st.store_entries();
-    let out = run_as_nobody(&st, &["import"], &stream_q);
+    // With an empty stdin the refusal cannot race with the upload of the stream (see
+    // `refusal_of_a_large_untrusted_import_names_the_reason` for what happens when it does).
+    let out = run_as_nobody(&st, &["import"], b"");
     let e = assert_one_line_failure(&out, "nobody's import");
     assert!(e.contains("trusted-users") && e.contains("nobody"), "{e}");
+    let out = run_as_nobody(&st, &["import"], &stream_q);
+    assert_eq!(out.status.code(), Some(1), "nobody's import of a stream: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(st.store_entries(), entries);
     assert!(!st.run(&["path-info", &q], b"").status.success());
     // Root (trusted) can.
@@ -913,6 +924,16 @@ fn unprivileged_users_by_peer_credentials() {
     let out = run_as_nobody(&closed, &["add", s(&f)], b"");
     let e = assert_one_line_failure(&out, "nobody's add with allowed-users = [root]");
     assert!(e.contains("allowed-users"), "{e}");
+    // Also for an upload far larger than the socket's buffers.
+    let big = src.path().join("big");
+    fs::write(&big, vec![42u8; 16 << 20]).unwrap();
+    fs::set_permissions(&big, fs::Permissions::from_mode(0o644)).unwrap();
+    for flat in [false, true] {
+        let args = if flat { vec!["add", "--flat", s(&big)] } else { vec!["add", s(&big)] };
+        let out = run_as_nobody(&closed, &args, b"");
+        let e = assert_one_line_failure(&out, "nobody's add of 16 MB with allowed-users = [root]");
+        assert!(e.contains("allowed-users"), "{e}");
+    }
     assert_eq!(closed.store_entries(), Vec::<String>::new());
     // Root still may.
     assert_eq!(line(&closed.ok(&["add", s(&f)])), p);
@@ -922,4 +943,28 @@ fn unprivileged_users_by_peer_credentials() {
     let out = run_as_nobody(&trusting, &["import"], &stream_q);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(line(&String::from_utf8(out.stdout).unwrap()), q);
+}
+
+/// When the daemon refuses an upload before reading all of it (403 for an untrusted import),
+/// `cairn` must report the daemon's reason, not the broken pipe its upload ran into.
+#[test]
+#[ignore = "bug: cairn import reports 'cannot read stdin: broken pipe' (or print nothing: main() hides messages containing 'Broken pipe') instead of the daemon's 403"]
+fn refusal_of_a_large_untrusted_import_names_the_reason() {
+    if !is_root() {
+        eprintln!("skipping: needs root to run cairn as another user with setpriv");
+        return;
+    }
+    let st = TestStore::start();
+    let src = world_readable_tempdir();
+    let big = src.path().join("big");
+    fs::write(&big, (0..20u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect::<Vec<u8>>()).unwrap();
+    fs::set_permissions(&big, fs::Permissions::from_mode(0o644)).unwrap();
+    let p = line(&st.ok(&["add", s(&big)]));
+    let stream = st.ok_bytes(&["export", &p], b"");
+    let other = TestStore::start();
+    let out = run_as_nobody(&other, &["import"], &stream);
+    let e = assert_one_line_failure(&out, "nobody's import of a 20 MB stream");
+    assert!(e.contains("trusted-users"), "{e}");
+    assert_eq!(other.store_entries(), Vec::<String>::new());
+
 }

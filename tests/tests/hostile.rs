@@ -1024,3 +1024,17 @@ fn ls_of_a_store_path_that_is_not_a_directory_names_it() {
     );
     assert!(st.ok(&["ls", &p]).trim_end().ends_with(&format!(" {base}")));
 }
+
+/// An export stream that is refused at its first bytes, followed by megabytes the daemon will
+/// never read: `cairn import` must still say why.
+#[test]
+#[ignore = "bug: cairn import reports 'cannot read stdin: broken pipe' instead of the daemon's 400 when the daemon stops reading early"]
+fn early_refusal_of_a_large_import_names_the_problem() {
+    let st = TestStore::start();
+    let mut stream = 7u64.to_le_bytes().to_vec();
+    stream.resize(20 << 20, 0);
+    refused(&st, "garbage marker, then 20 MB", || {
+        let e = st.fail(&["import"], &stream);
+        assert!(e.contains("not an export stream"), "{e}");
+    });
+}
