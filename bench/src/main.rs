@@ -30,10 +30,12 @@ struct Opts {
     paths: u64,
     reps: usize,
     with_nix: bool,
+    /// Only write the export stream of `paths` paths to this file (for profiling), then exit.
+    write_stream: Option<PathBuf>,
 }
 
 fn parse_opts() -> Result<Opts> {
-    let mut o = Opts { tree_mib: 1024, files: 8192, paths: 100_000, reps: 3, with_nix: true };
+    let mut o = Opts { tree_mib: 1024, files: 8192, paths: 100_000, reps: 3, with_nix: true, write_stream: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || -> Result<u64> { args.next().context("missing number")?.parse().context("not a number") };
@@ -44,8 +46,9 @@ fn parse_opts() -> Result<Opts> {
             "--paths" => o.paths = num()?,
             "--reps" => o.reps = num()? as usize,
             "--no-nix" => o.with_nix = false,
+            "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--tree-mib N] [--files N] [--paths N] [--reps N] [--no-nix]");
+                println!("usage: cairn-bench [--quick] [--tree-mib N] [--files N] [--paths N] [--reps N] [--no-nix] [--write-stream FILE]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -93,7 +96,7 @@ impl Cairn {
             .arg(&root)
             .arg("--socket")
             .arg(&socket)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("CAIRN_BENCH_LOG").unwrap_or("warn".into()))
             .stderr(std::fs::File::create(root.join("cairnd.log"))?)
             .spawn()
             .context("start cairnd (build with bench/run)")?;
@@ -133,6 +136,9 @@ impl Drop for Cairn {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGTERM);
         let _ = self.child.wait();
+        if std::env::var_os("CAIRN_BENCH_LOG").is_some() {
+            eprint!("{}", std::fs::read_to_string(self.root.join("cairnd.log")).unwrap_or_default());
+        }
         rm_rf(&self.root);
     }
 }
@@ -280,6 +286,10 @@ fn fmt_secs(s: f64) -> String {
 
 fn main() -> Result<()> {
     let o = parse_opts()?;
+    if let Some(file) = &o.write_stream {
+        println!("{}", make_export_stream(file, o.paths)?);
+        return Ok(());
+    }
     let with_nix = o.with_nix && have("nix-store");
     let work = tempfile::Builder::new()
         .prefix("cairn-bench-")

@@ -150,8 +150,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let reader = tokio::task::spawn_blocking(move || std::io::copy(&mut std::io::stdin().lock(), &mut sink));
             let res = client.import(body_from_reader(r)).await;
             bar.finish_and_clear();
-            reader.await?.context("cannot read stdin")?;
-            let infos = res?;
+            let read = reader.await?;
+            let infos = upload_outcome(res, read.map(|_| ()), "cannot read stdin")?;
             if json {
                 print_json(&infos)?;
             } else {
@@ -193,21 +193,38 @@ impl Ctx {
     }
 
     /// Turns an argument into a logical path inside the store: a store path (with or without
-    /// an inner part), the same under the physical root, or a symlink (like `./result`) leading
-    /// there.
+    /// an inner part), the same under the physical root (absolute or relative), or a path that
+    /// leads there through symlinks anywhere along it (like `./result/bin/x`).
     fn try_inner_path(&self, arg: &str) -> Option<String> {
-        let dir = &self.settings.store_dir;
-        let mut p = PathBuf::from(arg);
+        let dir = Path::new(&self.settings.store_dir);
+        let real = self.real_store_dir();
+        let logical = |rest: &Path| {
+            let s = format!("{}/{}", self.settings.store_dir, rest.display());
+            Some(s.trim_end_matches('/').to_owned())
+        };
+        let mut p = std::path::absolute(arg).ok()?;
         for _ in 0..40 {
-            let s = p.to_string_lossy();
-            if s.starts_with(&format!("{dir}/")) {
-                return Some(s.trim_end_matches('/').to_owned());
+            if let Ok(rest) = p.strip_prefix(dir) {
+                return logical(rest);
             }
-            if let Ok(rest) = p.strip_prefix(self.real_store_dir()) {
-                return Some(format!("{dir}/{}", rest.display()).trim_end_matches('/').to_owned());
+            if let Ok(rest) = p.strip_prefix(&real) {
+                return logical(rest);
             }
-            let target = std::fs::read_link(&p).ok()?;
-            p = p.parent().map(|d| d.join(&target)).unwrap_or(target);
+            // Follow the first symlink on the way and look again.
+            let comps: Vec<_> = p.components().collect();
+            let mut prefix = PathBuf::new();
+            let mut next = None;
+            for (i, c) in comps.iter().enumerate() {
+                prefix.push(c);
+                if std::fs::symlink_metadata(&prefix).is_ok_and(|m| m.file_type().is_symlink()) {
+                    let target = std::fs::read_link(&prefix).ok()?;
+                    let mut n = prefix.parent().map(|d| d.join(&target)).unwrap_or(target);
+                    n.extend(&comps[i + 1..]);
+                    next = Some(n);
+                    break;
+                }
+            }
+            p = next?;
         }
         None
     }
@@ -319,9 +336,30 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
     let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false };
     let added = client.add(&q, body_from_reader(r)).await;
     bar.finish_and_clear();
-    // A failure to read the source explains a refused upload better than the daemon can.
-    dumper.await?.with_context(|| format!("cannot add '{}'", path.display()))?;
-    Ok(added?)
+    let dumped = dumper.await?.map_err(|e| match e {
+        cairn_store::StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => source,
+        other => std::io::Error::other(other),
+    });
+    upload_outcome(added, dumped, &format!("cannot add '{}'", path.display()))
+}
+
+/// Combines the daemon's answer to an upload with the local side that produced the body.
+/// A local read error explains a failed upload best; but when the daemon refused the upload
+/// and stopped reading, the producer only sees a broken pipe, and the daemon's answer is the
+/// one that names the problem.
+fn upload_outcome<T>(
+    answer: Result<T, cairn_client::ClientError>,
+    produced: std::io::Result<()>,
+    what: &str,
+) -> anyhow::Result<T> {
+    match (answer, produced) {
+        (Ok(v), Ok(())) => Ok(v),
+        (_, Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context(what.to_owned()))
+        }
+        (Err(e), _) => Err(e.into()),
+        (Ok(_), Err(e)) => Err(anyhow::Error::new(e).context(what.to_owned())),
+    }
 }
 
 fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()> {

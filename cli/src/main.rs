@@ -164,12 +164,23 @@ fn main() -> ExitCode {
     };
     match rt.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our stdout went away (`cairn closure … | head`): nothing to say.
+        Err(e) if stdout_closed(&e) => ExitCode::FAILURE,
         Err(e) => {
-            let msg = format!("{e:#}");
-            if !msg.contains("Broken pipe") {
-                eprintln!("cairn: {msg}");
-            }
+            eprintln!("cairn: {}", one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether an error is a write to a closed stdout: a bare `BrokenPipe` with no context (every
+/// other failure on the way to the daemon carries a context or another type).
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().count() == 1
+        && e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Escapes control characters so that an error quoting user input stays on one line.
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }

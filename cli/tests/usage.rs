@@ -9,8 +9,21 @@ fn cairn() -> Command {
 #[test]
 fn every_verb_has_help() {
     for verb in [
-        "add", "add-text", "path-info", "references", "referrers", "closure", "referrers-closure", "graph", "ls",
-        "cat", "nar", "export", "import", "daemon", "version",
+        "add",
+        "add-text",
+        "path-info",
+        "references",
+        "referrers",
+        "closure",
+        "referrers-closure",
+        "graph",
+        "ls",
+        "cat",
+        "nar",
+        "export",
+        "import",
+        "daemon",
+        "version",
     ] {
         let out = cairn().args([verb, "--help"]).output().unwrap();
         assert!(out.status.success(), "{verb} --help");

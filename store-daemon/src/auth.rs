@@ -58,7 +58,10 @@ mod tests {
 
     #[test]
     fn lists() {
-        let p = Policy { allowed: vec!["alice".into(), "@nogroup-that-does-not-exist".into()], trusted: vec!["4242".into()] };
+        let p = Policy {
+            allowed: vec!["alice".into(), "@nogroup-that-does-not-exist".into()],
+            trusted: vec!["4242".into()],
+        };
         let own = nix::unistd::geteuid().as_raw();
         assert!(p.identify(own, 0).trusted, "the daemon's own user is trusted");
         let stranger = p.identify(4243, 4243);

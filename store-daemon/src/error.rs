@@ -20,6 +20,9 @@ impl ApiError {
     pub fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError { kind: ErrorKind::Forbidden, message: message.into() }
     }
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError { kind: ErrorKind::NotFound, message: message.into() }
+    }
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError { kind: ErrorKind::Internal, message: message.into() }
     }
@@ -30,8 +33,16 @@ impl From<StoreError> for ApiError {
         use StoreError::*;
         let kind = match &e {
             NotValid(_) => ErrorKind::NotFound,
-            Nar(_) | Export(_) | StorePath(_) | SizeMismatch { .. } | TrailingData | HashMismatch { .. }
-            | MissingReference { .. } | UnsupportedFileType(_) | BadInnerPath(_) | NotAFile(_) => ErrorKind::BadRequest,
+            Nar(_)
+            | Export(_)
+            | StorePath(_)
+            | SizeMismatch { .. }
+            | TrailingData
+            | HashMismatch { .. }
+            | MissingReference { .. }
+            | UnsupportedFileType(_)
+            | BadInnerPath(_)
+            | NotAFile(_) => ErrorKind::BadRequest,
             Db(cairn_db::DbError::MissingReference { .. }) => ErrorKind::BadRequest,
             Io { .. } | NarWrite { .. } | Db(_) | Locked(_) => ErrorKind::Internal,
         };
@@ -45,16 +56,51 @@ impl From<tokio::task::JoinError> for ApiError {
     }
 }
 
+/// Escapes control characters, so that a message quoting user input (a name with a newline)
+/// stays one line.
+pub fn one_line(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let message = one_line(&self.message);
         if self.kind == ErrorKind::Internal {
-            tracing::error!("{}", self.message);
+            tracing::error!("{message}");
         } else {
-            tracing::debug!(kind = ?self.kind, "{}", self.message);
+            tracing::debug!(kind = ?self.kind, "{message}");
         }
         let status = axum::http::StatusCode::from_u16(self.kind.status()).expect("valid status");
-        (status, Json(ErrorBody { kind: self.kind, message: self.message })).into_response()
+        (status, Json(ErrorBody { kind: self.kind, message })).into_response()
     }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Gives every error answer the API's JSON body, including those produced outside the handlers
+/// (axum's extractor rejections for a malformed query string or JSON body, which are plain text
+/// with statuses 400, 415 or 422).
+pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.is_success() || is_json {
+        return resp;
+    }
+    let kind = match status.as_u16() {
+        403 => ErrorKind::Forbidden,
+        404 => ErrorKind::NotFound,
+        400..=499 => ErrorKind::BadRequest,
+        _ => ErrorKind::Internal,
+    };
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let message = if text.trim().is_empty() { status.to_string() } else { text.trim().to_owned() };
+    ApiError { kind, message: format!("bad request: {message}") }.into_response()
+}

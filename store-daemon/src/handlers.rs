@@ -46,7 +46,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::CAT, get(cat))
         .route(routes::EXPORT, post(export))
         .route(routes::IMPORT, post(import))
+        .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
+        .layer(middleware::from_fn(crate::error::json_errors))
         .with_state(state)
 }
 
@@ -95,11 +97,11 @@ async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<Json<Respons
                     .collect::<ApiResult<Vec<_>>>()?;
                 Response::PathInfos(infos)
             }
-            Request::References { path } => {
-                paths_out(dir, store.valid_path_info(&store_path(dir, &path)?)?.references)
-            }
+            Request::References { path } => paths_out(dir, store.valid_path_info(&store_path(dir, &path)?)?.references),
             Request::Referrers { path } => paths_out(dir, store.referrers(&store_path(dir, &path)?)?),
-            Request::Closure { paths } => paths_out(dir, store.walk(&store_paths(dir, &paths)?, Direction::References)?),
+            Request::Closure { paths } => {
+                paths_out(dir, store.walk(&store_paths(dir, &paths)?, Direction::References)?)
+            }
             Request::ReferrersClosure { paths } => {
                 let mut v = store.walk(&store_paths(dir, &paths)?, Direction::Referrers)?;
                 v.reverse();
@@ -124,7 +126,12 @@ async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<Json<Respons
                 let listing = if kind == EntryKind::Directory {
                     entries.into_iter().map(|e| dir_entry(&e.name, e.kind)).collect()
                 } else {
-                    vec![dir_entry(inner.rsplit('/').next().unwrap_or(inner).as_bytes(), kind)]
+                    let name = if inner.is_empty() {
+                        p.base_name()
+                    } else {
+                        inner.rsplit('/').next().unwrap_or(inner).to_owned()
+                    };
+                    vec![dir_entry(name.as_bytes(), kind)]
                 };
                 Response::Listing(listing)
             }
@@ -206,7 +213,9 @@ impl ChannelWriter {
     fn send(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             let chunk = self.buf.split().freeze();
-            self.tx.blocking_send(Ok(chunk)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))?;
+            self.tx
+                .blocking_send(Ok(chunk))
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))?;
             self.buf.reserve(CHUNK);
         }
         Ok(())
@@ -268,9 +277,7 @@ async fn cat(State(s): St, Query(q): Query<PathQuery>) -> ApiResult<HttpResponse
     let inner = inner.to_owned();
     let st = s.clone();
     let mut file = blocking(move || Ok(st.store.open_file(&p, &inner)?)).await?;
-    Ok(stream_response(move |w| {
-        io::copy(&mut file, w).map(|_| ()).map_err(|e| e.into_store())
-    }))
+    Ok(stream_response(move |w| io::copy(&mut file, w).map(|_| ()).map_err(|e| e.into_store())))
 }
 
 async fn export(State(s): St, Json(req): Json<ExportRequest>) -> ApiResult<HttpResponse> {
@@ -287,7 +294,11 @@ async fn export(State(s): St, Json(req): Json<ExportRequest>) -> ApiResult<HttpR
     Ok(stream_response(move |w| s.store.export(&paths, w)))
 }
 
-async fn import(State(s): St, Extension(peer): Extension<Peer>, body: Body) -> ApiResult<Json<Vec<cairn_api::PathInfo>>> {
+async fn import(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    body: Body,
+) -> ApiResult<Json<Vec<cairn_api::PathInfo>>> {
     if !peer.trusted {
         return Err(ApiError::forbidden(format!(
             "user '{}' is not trusted to import paths without signatures (add it to trusted-users)",

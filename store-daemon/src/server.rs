@@ -68,7 +68,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 };
                 tracing::debug!(user = peer.user, uid = peer.uid, "connection");
                 let svc = TowerToHyperService::new(app.clone().layer(Extension(peer)));
+                // half_close: a client that shuts down its sending side after the request still
+                // gets its answer.
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .half_close(true)
                     .serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

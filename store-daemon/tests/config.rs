@@ -20,10 +20,8 @@ fn unknown_keys_stop_the_daemon_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cairn.toml");
     std::fs::write(&cfg, "trusted-user = [\"root\"]\n").unwrap();
-    let out = cairnd()
-        .args(["--root", dir.path().to_str().unwrap(), "--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out =
+        cairnd().args(["--root", dir.path().to_str().unwrap(), "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown field `trusted-user`"), "{err}");

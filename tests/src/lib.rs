@@ -26,16 +26,19 @@ pub fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>
     let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_owned();
     for b in ["cairn", "cairnd"] {
-        assert!(dir.join(b).exists(), "{} not found: run the tests with `cargo test --workspace`", dir.join(b).display());
+        assert!(
+            dir.join(b).exists(),
+            "{} not found: run the tests with `cargo test --workspace`",
+            dir.join(b).display()
+        );
     }
     dir
 }
 
 /// Whether a peer tool is installed; fails instead of skipping when `CAIRN_REQUIRE_PEERS=1`.
 pub fn require_peer(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
     if !found {
         if std::env::var("CAIRN_REQUIRE_PEERS").as_deref() == Ok("1") {
             panic!("peer '{tool}' is required (CAIRN_REQUIRE_PEERS=1) but not installed; see .ci/run");
@@ -76,13 +79,8 @@ impl TestStoreBuilder {
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = root.path().join("cairn.toml");
         std::fs::write(&config, &self.config).unwrap();
-        let mut s = TestStore {
-            socket: root.path().join("cairnd.sock"),
-            root,
-            store_dir: self.store_dir,
-            config,
-            child: None,
-        };
+        let mut s =
+            TestStore { socket: root.path().join("cairnd.sock"), root, store_dir: self.store_dir, config, child: None };
         s.spawn();
         s
     }
@@ -228,7 +226,8 @@ impl TestStore {
     /// The entries of the store directory, asserting that no temporary work is left behind.
     pub fn store_entries(&self) -> Vec<String> {
         let tmp = self.real_store_dir().join(".cairn-tmp");
-        let left: Vec<_> = std::fs::read_dir(&tmp).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        let left: Vec<_> =
+            std::fs::read_dir(&tmp).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
         assert!(left.is_empty(), "temporary files left in the store: {left:?}");
         let mut v: Vec<String> = std::fs::read_dir(self.real_store_dir())
             .unwrap()
@@ -276,7 +275,10 @@ impl NixStore {
     pub fn cmd(&self, tool: &str) -> Command {
         let mut c = Command::new(tool);
         c.arg("--store").arg(self.store_url());
-        c.env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command\nsandbox = false\nbuild-users-group =\n");
+        c.env(
+            "NIX_CONFIG",
+            "substituters =\nexperimental-features = nix-command\nsandbox = false\nbuild-users-group =\n",
+        );
         c.env("NIX_REMOTE", "");
         c
     }

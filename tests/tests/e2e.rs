@@ -247,7 +247,10 @@ fn cli_tour() {
     let t1 = line(&st.ok(&["add-text", "greeting", s(&t1_src), "--ref", &tree_p]));
     assert_store_path(&t1, "/store", "greeting");
     let text2 = format!("{t1} and {flat_p}\n");
-    let t2 = line(&String::from_utf8(st.ok_bytes(&["add-text", "top", "-", "--ref", &t1, "--ref", &flat_p], text2.as_bytes())).unwrap());
+    let t2 = line(
+        &String::from_utf8(st.ok_bytes(&["add-text", "top", "-", "--ref", &t1, "--ref", &flat_p], text2.as_bytes()))
+            .unwrap(),
+    );
     assert_store_path(&t2, "/store", "top");
     assert_eq!(st.ok(&["cat", &t2]), text2);
     let ti = path_infos(&st, &[&t1, &t2]);
@@ -279,7 +282,10 @@ fn cli_tour() {
     // closure: dependencies first.
     let all_infos = path_infos(&st, &[&tree_p, &flat_p, &t1, &t2]);
     let closure = lines(&st.ok(&["closure", &t2]));
-    assert_eq!(closure.iter().cloned().collect::<BTreeSet<_>>(), [&tree_p, &flat_p, &t1, &t2].into_iter().cloned().collect());
+    assert_eq!(
+        closure.iter().cloned().collect::<BTreeSet<_>>(),
+        [&tree_p, &flat_p, &t1, &t2].into_iter().cloned().collect()
+    );
     assert_eq!(closure.len(), 4, "{closure:?}");
     assert_dependencies_first(&closure, &all_infos);
     assert_eq!(closure.last().unwrap(), &t2);
@@ -311,13 +317,8 @@ fn cli_tour() {
         .iter()
         .map(|e| (e[0].as_str().unwrap().to_owned(), e[1].as_str().unwrap().to_owned()))
         .collect();
-    let want_edges: BTreeSet<(String, String)> = [
-        (t1.clone(), tree_p.clone()),
-        (t2.clone(), t1.clone()),
-        (t2.clone(), flat_p.clone()),
-    ]
-    .into_iter()
-    .collect();
+    let want_edges: BTreeSet<(String, String)> =
+        [(t1.clone(), tree_p.clone()), (t2.clone(), t1.clone()), (t2.clone(), flat_p.clone())].into_iter().collect();
     assert_eq!(edges, want_edges);
 
     // graph --dot (and the default): a digraph whose edges go from reference to referrer.
@@ -424,7 +425,10 @@ fn cli_tour() {
     }
     assert_eq!(other.ok(&["cat", &format!("{tree_p}/share/doc/README")]), "read me\n");
     assert_eq!(other.ok_bytes(&["nar", "dump", &tree_p], b""), nar);
-    assert_eq!(other.store_entries(), exported_paths.iter().map(|p| base(p).to_owned()).collect::<BTreeSet<_>>().into_iter().collect::<Vec<_>>());
+    assert_eq!(
+        other.store_entries(),
+        exported_paths.iter().map(|p| base(p).to_owned()).collect::<BTreeSet<_>>().into_iter().collect::<Vec<_>>()
+    );
     // Importing the same stream again is a no-op that still answers every path.
     let again = lines(&String::from_utf8(other.ok_bytes(&["import"], &stream)).unwrap());
     assert_eq!(again.len(), exported_paths.len());
@@ -452,7 +456,7 @@ fn cli_tour() {
 /// `cairn cat result/share/doc/README` with `result` a symlink to a store path, as a user types
 /// it after a build: the symlink is the first component of the argument, not all of it.
 #[test]
-#[ignore = "bug: cairn follows a symlink only when it is the whole argument (try_inner_path calls read_link on the full path)"]
+
 fn inner_paths_through_a_result_symlink() {
     let st = TestStore::start();
     let src = tempfile::tempdir().unwrap();
@@ -474,7 +478,7 @@ fn inner_paths_through_a_result_symlink() {
 /// A physical store path relative to the current directory (`cd $root; cairn path-info
 /// store/…-x`), as a shell user types it.
 #[test]
-#[ignore = "bug: cairn compares a relative argument with the absolute physical store directory without making it absolute first"]
+
 fn relative_physical_paths() {
     let st = TestStore::start();
     let src = tempfile::tempdir().unwrap();
@@ -483,7 +487,12 @@ fn relative_physical_paths() {
     let rel = format!("store/{}", base(&tree_p));
     let run = |args: &[&str]| {
         let out = st.cairn().current_dir(st.root.path()).args(args).output().unwrap();
-        assert!(out.status.success(), "cairn {args:?} in {}: {}", st.root.path().display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cairn {args:?} in {}: {}",
+            st.root.path().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     assert_eq!(line(&run(&["path-info", &rel])).split('\t').next().unwrap(), tree_p);
@@ -560,7 +569,12 @@ fn auto_start_starts_one_daemon_and_reuses_it() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{err}");
     let msg = err.lines().find(|l| l.contains("started cairnd")).unwrap_or_else(|| panic!("no start message: {err}"));
-    let pid: i32 = msg.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{msg}"));
+    let pid: i32 = msg
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{msg}"));
     let mut guard = DaemonGuard(Some(pid));
     assert!(msg.contains(s(&socket)), "{msg}");
     assert!(running(pid), "daemon {pid} runs");
@@ -632,7 +646,11 @@ fn concurrent_adds_of_overlapping_content() {
                     let mut got = Vec::new();
                     for i in 0..ITERATIONS {
                         let dir = src.join(format!("t{t}"));
-                        let names = [format!("shared-{}", (t + i) % SHARED), format!("distinct-{t}-{i}"), format!("shared-{}", (t + i + 1) % SHARED)];
+                        let names = [
+                            format!("shared-{}", (t + i) % SHARED),
+                            format!("distinct-{t}-{i}"),
+                            format!("shared-{}", (t + i + 1) % SHARED),
+                        ];
                         let args: Vec<String> = std::iter::once("add".to_owned())
                             .chain(names.iter().map(|n| dir.join(n).display().to_string()))
                             .collect();
@@ -948,7 +966,7 @@ fn unprivileged_users_by_peer_credentials() {
 /// When the daemon refuses an upload before reading all of it (403 for an untrusted import),
 /// `cairn` must report the daemon's reason, not the broken pipe its upload ran into.
 #[test]
-#[ignore = "bug: cairn import reports 'cannot read stdin: broken pipe' (or print nothing: main() hides messages containing 'Broken pipe') instead of the daemon's 403"]
+
 fn refusal_of_a_large_untrusted_import_names_the_reason() {
     if !is_root() {
         eprintln!("skipping: needs root to run cairn as another user with setpriv");
@@ -966,5 +984,4 @@ fn refusal_of_a_large_untrusted_import_names_the_reason() {
     let e = assert_one_line_failure(&out, "nobody's import of a 20 MB stream");
     assert!(e.contains("trusted-users"), "{e}");
     assert_eq!(other.store_entries(), Vec::<String>::new());
-
 }

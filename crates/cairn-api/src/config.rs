@@ -58,7 +58,8 @@ impl ConfigFile {
             None if system.exists() => system,
             None => return Ok(ConfigFile::default()),
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         ConfigFile::parse(&text, path)
     }
 }
@@ -147,7 +148,9 @@ mod tests {
 
     #[test]
     fn precedence() {
-        let file = ConfigFile::parse("store-dir = \"/nix/store\"\nroot = \"/srv\"\nauto-start-daemon = true", Path::new("c")).unwrap();
+        let file =
+            ConfigFile::parse("store-dir = \"/nix/store\"\nroot = \"/srv\"\nauto-start-daemon = true", Path::new("c"))
+                .unwrap();
         let s = Settings::resolve(file.clone(), Overrides::default(), false);
         assert_eq!((s.store_dir.as_str(), s.root.as_path()), ("/nix/store", Path::new("/srv")));
         assert_eq!(s.socket, Path::new("/srv/var/lib/cairn/daemon-socket/socket"));

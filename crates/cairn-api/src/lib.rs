@@ -121,7 +121,10 @@ pub enum Response {
     PathInfos(Vec<PathInfo>),
     Paths(Vec<String>),
     /// Nodes and `(referrer, reference)` edges.
-    Graph { nodes: Vec<String>, edges: Vec<(String, String)> },
+    Graph {
+        nodes: Vec<String>,
+        edges: Vec<(String, String)>,
+    },
     Listing(Vec<DirEntry>),
     Valid(Vec<bool>),
 }

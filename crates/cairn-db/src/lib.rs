@@ -78,10 +78,16 @@ fn parse_path(s: &str) -> Result<StorePath> {
 impl Db {
     /// Opens (creating and migrating as needed) the database at `path`, in WAL mode with
     /// synchronous commits: a registration that returned is on disk.
+    ///
+    /// The database belongs to one process (the store lock guarantees it), so it is opened in
+    /// exclusive locking mode: SQLite then takes its file locks once instead of around every
+    /// query, which is most of the cost of a point query.
     pub fn open(path: &Path) -> Result<Db> {
         let conn = Connection::open(path)?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "cache_size", -65536)?; // KiB: 64 MiB of page cache
         Db::setup(conn)
     }
 
@@ -207,11 +213,16 @@ impl Db {
     }
 
     /// Records the outputs of a registered derivation.
-    pub fn register_derivation_outputs(&mut self, drv: &StorePath, outputs: &BTreeMap<String, StorePath>) -> Result<()> {
+    pub fn register_derivation_outputs(
+        &mut self,
+        drv: &StorePath,
+        outputs: &BTreeMap<String, StorePath>,
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
         let id = Db::id_of(&tx, drv)?.ok_or_else(|| DbError::NotValid(drv.to_string()))?;
         {
-            let mut st = tx.prepare_cached("INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES (?1, ?2, ?3)")?;
+            let mut st =
+                tx.prepare_cached("INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES (?1, ?2, ?3)")?;
             for (name, path) in outputs {
                 st.execute(params![id, name, path.to_string()])?;
             }

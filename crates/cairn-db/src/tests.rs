@@ -75,10 +75,12 @@ fn graph_closure_is_topological() {
     .unwrap();
     let g = db.load_graph().unwrap();
     let app = g.id(&path("app")).unwrap();
-    let closure: Vec<_> = g.walk(&[app], Direction::References).into_iter().map(|i| g.path(i).unwrap().clone()).collect();
+    let closure: Vec<_> =
+        g.walk(&[app], Direction::References).into_iter().map(|i| g.path(i).unwrap().clone()).collect();
     assert_eq!(closure, vec![path("libc"), path("lib"), path("app")]);
     let libc = g.id(&path("libc")).unwrap();
-    let mut up: Vec<_> = g.walk(&[libc], Direction::Referrers).into_iter().map(|i| g.path(i).unwrap().name().to_owned()).collect();
+    let mut up: Vec<_> =
+        g.walk(&[libc], Direction::Referrers).into_iter().map(|i| g.path(i).unwrap().name().to_owned()).collect();
     up.sort();
     assert_eq!(up, ["app", "lib", "libc", "other"]);
 }

@@ -165,11 +165,8 @@ impl Hash {
 
     /// Parses a hash that may or may not carry its algorithm; without one it must be `algo`.
     pub fn parse_with_algo(s: &str, algo: HashAlgo) -> Result<Hash, HashError> {
-        let h = if s.contains(':') || s.contains('-') {
-            Hash::parse_prefixed(s)?
-        } else {
-            Hash::parse_digest(algo, s, s)?
-        };
+        let h =
+            if s.contains(':') || s.contains('-') { Hash::parse_prefixed(s)? } else { Hash::parse_digest(algo, s, s)? };
         if h.algo != algo {
             return Err(HashError::WrongAlgo { expected: algo, got: h.algo });
         }

@@ -103,11 +103,13 @@ mod tests {
         // Vectors from Nix: `nix-hash --type sha256 --to-base32` of well-known digests.
         assert_eq!(encode(&[]), "");
         assert_eq!(encode(&[0x1f]), "0z");
-        let sha256_empty =
-            data_encoding::HEXLOWER.decode(b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855").unwrap();
+        let sha256_empty = data_encoding::HEXLOWER
+            .decode(b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+            .unwrap();
         assert_eq!(encode(&sha256_empty), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
-        let sha256_abc =
-            data_encoding::HEXLOWER.decode(b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad").unwrap();
+        let sha256_abc = data_encoding::HEXLOWER
+            .decode(b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+            .unwrap();
         assert_eq!(encode(&sha256_abc), "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s");
         assert_eq!(decode(b"1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s").unwrap(), sha256_abc);
     }

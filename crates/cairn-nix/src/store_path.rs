@@ -102,7 +102,10 @@ impl StorePath {
 
     /// The 20-byte digest.
     pub fn digest(&self) -> [u8; DIGEST_LEN] {
-        nixbase32::decode(&self.hash).expect("validated on construction").try_into().expect("32 characters decode to 20 bytes")
+        nixbase32::decode(&self.hash)
+            .expect("validated on construction")
+            .try_into()
+            .expect("32 characters decode to 20 bytes")
     }
 
     /// The 32-character nixbase32 hash part.
@@ -304,11 +307,9 @@ mod tests {
     fn source_path_vector() {
         // `mkdir -p srcx/d; echo a > srcx/d/f; nix-store --add srcx` with Nix 2.8; the NAR hash
         // is that of `nix-store --dump srcx`.
-        let nar_hash = Hash::parse_with_algo(
-            "ee7dcabe457938218e46c7d01319f952cc52776a3c224c8061527745db0e1d43",
-            HashAlgo::Sha256,
-        )
-        .unwrap();
+        let nar_hash =
+            Hash::parse_with_algo("ee7dcabe457938218e46c7d01319f952cc52776a3c224c8061527745db0e1d43", HashAlgo::Sha256)
+                .unwrap();
         let p = nix_store()
             .make_fixed_output_path("srcx", FileIngestionMethod::Recursive, &nar_hash, &BTreeSet::new(), false)
             .unwrap();

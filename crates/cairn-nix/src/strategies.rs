@@ -20,7 +20,8 @@ pub enum Tree {
 pub fn entry_name() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         "[a-zA-Z0-9._-]{1,12}".prop_map(String::into_bytes),
-        prop::collection::vec(1u8..=255, 1..16).prop_map(|v| v.into_iter().map(|b| if b == b'/' { b'x' } else { b }).collect()),
+        prop::collection::vec(1u8..=255, 1..16)
+            .prop_map(|v| v.into_iter().map(|b| if b == b'/' { b'x' } else { b }).collect()),
         Just("Z".into()),
         Just("a".into()),
         Just("é".into()),
@@ -70,14 +71,15 @@ impl Tree {
         let mut r = NarReader::new(nar, Limits::default())?;
         let mut stack: Vec<(Option<Vec<u8>>, BTreeMap<Vec<u8>, Tree>)> = Vec::new();
         let mut root = None;
-        let mut place = |stack: &mut Vec<(Option<Vec<u8>>, BTreeMap<Vec<u8>, Tree>)>, name: Option<Vec<u8>>, t: Tree| {
-            match stack.last_mut() {
+        let mut place =
+            |stack: &mut Vec<(Option<Vec<u8>>, BTreeMap<Vec<u8>, Tree>)>, name: Option<Vec<u8>>, t: Tree| match stack
+                .last_mut()
+            {
                 Some((_, entries)) => {
                     entries.insert(name.expect("entries have names"), t);
                 }
                 None => root = Some(t),
-            }
-        };
+            };
         while let Some(ev) = r.next_event()? {
             match ev {
                 NarEvent::Regular { name, executable, size } => {

@@ -54,10 +54,16 @@ impl LocalStore {
             if part.is_empty() || *part == "." || *part == ".." {
                 return Err(StoreError::BadInnerPath(inner.to_owned()));
             }
-            let meta = fs::symlink_metadata(&real)
-                .map_err(|source| StoreError::Io { op: "stat", path: real.clone(), source })?;
+            let meta = fs::symlink_metadata(&real).map_err(|source| StoreError::Io {
+                op: "stat",
+                path: real.clone(),
+                source,
+            })?;
             if !meta.is_dir() {
-                return Err(StoreError::BadInnerPath(format!("{inner}: '{}' is not a directory", parts[..i].join("/"))));
+                return Err(StoreError::BadInnerPath(format!(
+                    "{inner}: '{}' is not a directory",
+                    parts[..i].join("/")
+                )));
             }
             real.push(part);
         }
@@ -67,14 +73,19 @@ impl LocalStore {
     /// What `inner` inside a store path is, and if it is a directory, its entries (sorted).
     pub fn list(&self, path: &StorePath, inner: &str) -> Result<(EntryKind, Vec<Entry>)> {
         let real = self.resolve_inner(path, inner)?;
-        let meta = fs::symlink_metadata(&real).map_err(|source| StoreError::Io { op: "stat", path: real.clone(), source })?;
+        let meta =
+            fs::symlink_metadata(&real).map_err(|source| StoreError::Io { op: "stat", path: real.clone(), source })?;
         let kind = kind_of(&meta, &real)?;
         let mut entries = Vec::new();
         if kind == EntryKind::Directory {
             for e in fs::read_dir(&real).map_err(|source| StoreError::Io { op: "list", path: real.clone(), source })? {
                 let e = e.map_err(|source| StoreError::Io { op: "list", path: real.clone(), source })?;
                 let p = e.path();
-                let m = fs::symlink_metadata(&p).map_err(|source| StoreError::Io { op: "stat", path: p.clone(), source })?;
+                let m = fs::symlink_metadata(&p).map_err(|source| StoreError::Io {
+                    op: "stat",
+                    path: p.clone(),
+                    source,
+                })?;
                 entries.push(Entry { name: e.file_name().as_bytes().to_vec(), kind: kind_of(&m, &p)? });
             }
             entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -85,7 +96,8 @@ impl LocalStore {
     /// Opens a regular file inside a store path.
     pub fn open_file(&self, path: &StorePath, inner: &str) -> Result<File> {
         let real = self.resolve_inner(path, inner)?;
-        let meta = fs::symlink_metadata(&real).map_err(|source| StoreError::Io { op: "stat", path: real.clone(), source })?;
+        let meta =
+            fs::symlink_metadata(&real).map_err(|source| StoreError::Io { op: "stat", path: real.clone(), source })?;
         if !meta.is_file() {
             return Err(StoreError::NotAFile(format!("{}/{inner}", self.store_dir().display(path))));
         }

@@ -21,7 +21,8 @@ use crate::{Result, StoreError};
 
 /// The modification time of every store object.
 pub const CANONICAL_MTIME: Duration = Duration::from_secs(1);
-const COPY_BUF: usize = 1 << 20;
+/// Copy buffer size for file contents.
+pub const COPY_BUF: usize = 1 << 20;
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { op, path: path.to_owned(), source }
@@ -39,8 +40,11 @@ fn set_canonical_dir(path: &Path) -> Result<()> {
 
 fn set_symlink_times(path: &Path) -> Result<()> {
     let t = TimeSpec::from_duration(CANONICAL_MTIME);
-    utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, UtimensatFlags::NoFollowSymlink)
-        .map_err(|e| StoreError::Io { op: "set times of", path: path.to_owned(), source: e.into() })
+    utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(|e| StoreError::Io {
+        op: "set times of",
+        path: path.to_owned(),
+        source: e.into(),
+    })
 }
 
 /// How restored files are left.
@@ -55,9 +59,19 @@ pub enum RestoreMode {
 
 /// Restores the NAR read by `nar` at `target` (which must not exist). Consumes the NAR to its end.
 pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path, mode: RestoreMode) -> Result<()> {
+    restore_with_buffer(nar, target, mode, &mut vec![0u8; COPY_BUF])
+}
+
+/// [`restore`] with a caller's copy buffer, so that restoring many small NARs (an import)
+/// does not allocate and clear a buffer per path.
+pub fn restore_with_buffer<R: Read>(
+    nar: &mut NarReader<R>,
+    target: &Path,
+    mode: RestoreMode,
+    buf: &mut [u8],
+) -> Result<()> {
     let canonical = mode == RestoreMode::Canonical;
     let mut dirs: Vec<PathBuf> = Vec::new();
-    let mut buf = vec![0u8; COPY_BUF];
     while let Some(ev) = nar.next_event()? {
         let place = |name: &Option<Vec<u8>>, dirs: &[PathBuf]| match (name, dirs.last()) {
             (Some(n), Some(d)) => d.join(std::ffi::OsStr::from_bytes(n)),
@@ -78,10 +92,8 @@ pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path, mode: RestoreMode
                     .mode(mode)
                     .open(&p)
                     .map_err(io_err("create", &p))?;
-                if size > 0 {
-                    f.set_len(size).map_err(io_err("allocate", &p))?;
-                }
-                let written = nar.copy_contents(&mut f, &mut buf)?;
+                // No pre-allocation: `size` comes from untrusted input, and the contents arrive anyway.
+                let written = nar.copy_contents(&mut f, buf)?;
                 debug_assert_eq!(written, size);
                 if canonical {
                     f.set_permissions(Permissions::from_mode(mode)).map_err(io_err("chmod", &p))?;
@@ -90,7 +102,8 @@ pub fn restore<R: Read>(nar: &mut NarReader<R>, target: &Path, mode: RestoreMode
             }
             NarEvent::Symlink { name, target: t } => {
                 let p = place(&name, &dirs);
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&t), &p).map_err(io_err("create symlink", &p))?;
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&t), &p)
+                    .map_err(io_err("create symlink", &p))?;
                 if canonical {
                     set_symlink_times(&p)?;
                 }
@@ -185,7 +198,8 @@ pub fn sync_dir(path: &Path) -> Result<()> {
 /// Writes a single canonical regular file and fsyncs it.
 pub fn write_canonical_file(path: &Path, contents: &[u8], executable: bool) -> Result<()> {
     let mode = if executable { 0o555 } else { 0o444 };
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_err("create", path))?;
+    let mut f =
+        OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_err("create", path))?;
     f.write_all(contents).map_err(io_err("write", path))?;
     f.set_permissions(Permissions::from_mode(mode)).map_err(io_err("chmod", path))?;
     f.set_times(canonical_times()).map_err(io_err("set times of", path))?;

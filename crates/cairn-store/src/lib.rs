@@ -45,7 +45,7 @@ use thiserror::Error;
 
 pub use access::{Entry, EntryKind};
 pub use cairn_db::{Direction, PathInfo};
-pub use fsops::{dump, remove_tree, restore, RestoreMode};
+pub use fsops::{dump, remove_tree, restore, restore_with_buffer, RestoreMode};
 pub use locks::PathLocks;
 
 /// Why a store operation failed.
@@ -151,7 +151,9 @@ impl LocalStore {
     /// Opens a store, creating its directories and database as needed, taking the store lock,
     /// and removing what an earlier crash left in the temporary area.
     pub fn open(layout: StoreLayout) -> Result<LocalStore> {
-        let mkdir = |p: &Path| fs::create_dir_all(p).map_err(|source| StoreError::Io { op: "create", path: p.to_owned(), source });
+        let mkdir = |p: &Path| {
+            fs::create_dir_all(p).map_err(|source| StoreError::Io { op: "create", path: p.to_owned(), source })
+        };
         mkdir(&layout.real_store_dir)?;
         mkdir(&layout.state_dir.join("db"))?;
         let lock_path = layout.state_dir.join("daemon.lock");
@@ -161,7 +163,8 @@ impl LocalStore {
             .write(true)
             .open(&lock_path)
             .map_err(|source| StoreError::Io { op: "open", path: lock_path.clone(), source })?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| StoreError::Locked(lock_path))?;
+        let lock =
+            Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| StoreError::Locked(lock_path))?;
         let tmp = layout.tmp_root();
         remove_tree(&tmp)?;
         mkdir(&tmp)?;
@@ -277,8 +280,15 @@ impl LocalStore {
     }
 
     /// Moves a finished copy to its store path, replacing any unregistered leftover there.
+    /// Callers hold the path's lock and have checked that it is not valid.
     fn install(&self, from: &Path, path: &StorePath) -> Result<()> {
         let dest = self.real_path(path);
+        // Try the rename first: a leftover is rare, and checking for one costs a stat per path.
+        // rename(2) replaces a leftover file or empty directory itself, and fails on a
+        // non-empty directory or a type mismatch, after which the leftover is removed.
+        if fs::rename(from, &dest).is_ok() {
+            return Ok(());
+        }
         if fs::symlink_metadata(&dest).is_ok() {
             tracing::warn!(path = %path, "replacing an unregistered leftover");
             remove_tree(&dest)?;
@@ -344,8 +354,11 @@ impl LocalStore {
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
         let mut flat = Hasher::new(HashAlgo::Sha256);
-        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256))
-            .map_err(|source| StoreError::Io { op: "hash", path: copy.clone(), source })?;
+        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256)).map_err(|source| StoreError::Io {
+            op: "hash",
+            path: copy.clone(),
+            source,
+        })?;
         // The NAR of a lone file is a fixed header, the bytes, and a fixed footer: hash it as the
         // bytes pass instead of reading the file twice.
         let mut tee = TeeReader { inner: &mut input, seen: &mut flat, total: 0 };
@@ -359,10 +372,7 @@ impl LocalStore {
             return Err(StoreError::SizeMismatch { expected: size, actual: size + 1 });
         }
         file_copy.finish()?;
-        let nar_hash = nar
-            .finish()
-            .map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?
-            .finish();
+        let nar_hash = nar.finish().map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?.finish();
         let hash = flat.finish();
         let path =
             self.store_dir().make_fixed_output_path(name, FileIngestionMethod::Flat, &hash, &BTreeSet::new(), false)?;
@@ -398,8 +408,11 @@ impl LocalStore {
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
         fsops::write_canonical_file(&copy, contents, false)?;
-        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256))
-            .map_err(|source| StoreError::Io { op: "hash", path: copy.clone(), source })?;
+        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256)).map_err(|source| StoreError::Io {
+            op: "hash",
+            path: copy.clone(),
+            source,
+        })?;
         nar.regular(None, false, contents.len() as u64, &mut &contents[..])
             .map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?;
         let nar_hash = nar.finish().map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?.finish();

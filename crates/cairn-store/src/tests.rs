@@ -26,7 +26,12 @@ fn store_entries(store: &LocalStore) -> Vec<String> {
 fn sample_tree() -> Tree {
     Tree::Directory(
         [
-            (b"bin".to_vec(), Tree::Directory([(b"run".to_vec(), Tree::File { executable: true, contents: b"#!/bin/sh\n".to_vec() })].into())),
+            (
+                b"bin".to_vec(),
+                Tree::Directory(
+                    [(b"run".to_vec(), Tree::File { executable: true, contents: b"#!/bin/sh\n".to_vec() })].into(),
+                ),
+            ),
             (b"empty".to_vec(), Tree::Directory(Default::default())),
             (b"link".to_vec(), Tree::Symlink { target: b"/nonexistent/dangling".to_vec() }),
             (b"readme".to_vec(), Tree::File { executable: false, contents: b"hello\n".to_vec() }),

@@ -15,7 +15,7 @@ use cairn_nix::hash::{HashingReader, HashingWriter};
 use cairn_nix::nar::{Limits, NarReader};
 use cairn_nix::{HashAlgo, StorePath};
 
-use crate::{fsops, now, restore, LocalStore, PathInfo, Result, RestoreMode, StoreError};
+use crate::{fsops, now, restore_with_buffer, LocalStore, PathInfo, RestoreMode, Result, StoreError};
 
 impl LocalStore {
     /// Sorts `paths` so that every path comes after the paths it references (within the set).
@@ -80,22 +80,32 @@ impl LocalStore {
     /// Imports an export stream. Returns the paths of the stream in stream order (including
     /// those that were valid already).
     pub fn import(&self, input: impl Read) -> Result<Vec<PathInfo>> {
+        let started = std::time::Instant::now();
         let mut input = io::BufReader::with_capacity(256 * 1024, input);
         let tmp = self.temp_dir()?;
         let mut staged: Vec<(PathInfo, Option<std::path::PathBuf>)> = Vec::new();
         let mut seen: HashSet<StorePath> = HashSet::new();
         let store_dir = self.store_dir().clone();
-        while read_marker(&mut input)? {
-            let copy = tmp.0.join(staged.len().to_string());
+        let mut buf = vec![0u8; fsops::COPY_BUF];
+        // Copies are numbered by their position in the stream, duplicates included, so a
+        // skipped duplicate never leaves a name that the next path would collide with.
+        for n in 0u64.. {
+            if !read_marker(&mut input)? {
+                break;
+            }
+            let copy = tmp.0.join(n.to_string());
             let mut hashing = HashingReader::new(&mut input, HashAlgo::Sha256);
             let mut nar = NarReader::new(&mut hashing, Limits::default())?;
-            restore(&mut nar, &copy, RestoreMode::Canonical)?;
+            restore_with_buffer(&mut nar, &copy, RestoreMode::Canonical, &mut buf)?;
             drop(nar);
             let (nar_hash, nar_size, _) = hashing.finish();
             let trailer = read_trailer(&mut input)?;
             let path = store_dir.parse(&trailer.path)?;
-            let references =
-                trailer.references.iter().map(|r| store_dir.parse(r)).collect::<std::result::Result<BTreeSet<_>, _>>()?;
+            let references = trailer
+                .references
+                .iter()
+                .map(|r| store_dir.parse(r))
+                .collect::<std::result::Result<BTreeSet<_>, _>>()?;
             let deriver = trailer.deriver.as_deref().map(|d| store_dir.parse(d)).transpose()?;
             if seen.contains(&path) {
                 continue; // the same path twice in one stream: the first copy wins
@@ -129,6 +139,7 @@ impl LocalStore {
             };
             staged.push((existing.unwrap_or(info), Some(copy)));
         }
+        let read = started.elapsed();
         let _locks = self.locks.lock(staged.iter().map(|(i, _)| i.path.clone()));
         // Paths someone else registered while we were reading are not installed again.
         let mut to_register = Vec::new();
@@ -141,13 +152,16 @@ impl LocalStore {
         }
         if !to_register.is_empty() {
             fsops::sync_filesystem(&tmp.0)?;
+            let synced = started.elapsed();
             for (info, copy) in &staged {
                 if let Some(copy) = copy {
                     self.install(copy, &info.path)?;
                 }
             }
             fsops::sync_dir(&self.layout.real_store_dir)?;
+            let installed = started.elapsed();
             self.register(&to_register)?;
+            tracing::debug!(paths = staged.len(), ?read, ?synced, ?installed, total = ?started.elapsed(), "import committed");
         }
         Ok(staged.into_iter().map(|(i, _)| i).collect())
     }

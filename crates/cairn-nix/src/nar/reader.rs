@@ -78,10 +78,19 @@ impl From<io::Error> for NarError {
 pub enum NarEvent {
     /// A regular file; its `size` bytes are read next with [`NarReader::read_contents`] (or are
     /// skipped by the following [`NarReader::next_event`]).
-    Regular { name: Option<Vec<u8>>, executable: bool, size: u64 },
-    Symlink { name: Option<Vec<u8>>, target: Vec<u8> },
+    Regular {
+        name: Option<Vec<u8>>,
+        executable: bool,
+        size: u64,
+    },
+    Symlink {
+        name: Option<Vec<u8>>,
+        target: Vec<u8>,
+    },
     /// A directory opens; its entries follow, then [`NarEvent::EndDirectory`].
-    Directory { name: Option<Vec<u8>> },
+    Directory {
+        name: Option<Vec<u8>>,
+    },
     EndDirectory,
 }
 
@@ -163,8 +172,8 @@ impl<R: Read> NarReader<R> {
             }
             b"symlink" => {
                 self.expect("target")?;
-                let target =
-                    read_bytes(&mut self.r, self.limits.max_target_len).map_err(|e| NarError::from_wire(e, "target"))?;
+                let target = read_bytes(&mut self.r, self.limits.max_target_len)
+                    .map_err(|e| NarError::from_wire(e, "target"))?;
                 if target.is_empty() || target.contains(&0) {
                     return Err(NarError::BadTarget(lossy(&target)));
                 }

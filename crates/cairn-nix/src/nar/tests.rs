@@ -39,17 +39,7 @@ fn matches_nix_store_dump() {
 #[test]
 fn regular_file_layout() {
     let t = Tree::File { executable: true, contents: b"hi".to_vec() };
-    let expected = strs(&[
-        b"nix-archive-1",
-        b"(",
-        b"type",
-        b"regular",
-        b"executable",
-        b"",
-        b"contents",
-        b"hi",
-        b")",
-    ]);
+    let expected = strs(&[b"nix-archive-1", b"(", b"type", b"regular", b"executable", b"", b"contents", b"hi", b")"]);
     assert_eq!(t.to_nar(), expected);
 }
 
@@ -67,7 +57,9 @@ fn writer_refuses_unsorted_and_bad_names() {
 fn dir_with(entries: &[&[u8]]) -> Vec<u8> {
     let mut out = strs(&[b"nix-archive-1", b"(", b"type", b"directory"]);
     for name in entries {
-        out.extend(strs(&[b"entry", b"(", b"name", name, b"node", b"(", b"type", b"symlink", b"target", b"t", b")", b")"]));
+        out.extend(strs(&[
+            b"entry", b"(", b"name", name, b"node", b"(", b"type", b"symlink", b"target", b"t", b")", b")",
+        ]));
     }
     out.extend(strs(&[b")"]));
     out
@@ -94,10 +86,7 @@ fn hostile_inputs_are_refused_with_their_reason() {
     bad_pad[pos] = 1;
     assert!(matches!(parse(&bad_pad), Err(NarError::BadPadding)));
     // Unknown type, unknown tag, oversize names, empty symlink targets.
-    assert!(matches!(
-        parse(&strs(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"])),
-        Err(NarError::UnknownType(_))
-    ));
+    assert!(matches!(parse(&strs(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"])), Err(NarError::UnknownType(_))));
     assert!(matches!(
         parse(&strs(&[b"nix-archive-1", b"(", b"type", b"regular", b"mode", b"", b")"])),
         Err(NarError::UnexpectedTag { .. })
