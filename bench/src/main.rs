@@ -78,7 +78,8 @@ fn rm_rf(p: &Path) {
     let _ = std::fs::remove_dir_all(p);
 }
 
-/// A cairnd on a fresh root, stopped (SIGTERM) and its root removed on drop.
+/// A cairnd on a fresh root, stopped (SIGTERM) on drop; the root is removed with the work
+/// directory at the end.
 struct Cairn {
     root: PathBuf,
     socket: PathBuf,
@@ -139,11 +140,12 @@ impl Drop for Cairn {
         if std::env::var_os("CAIRN_BENCH_LOG").is_some() {
             eprint!("{}", std::fs::read_to_string(self.root.join("cairnd.log")).unwrap_or_default());
         }
-        rm_rf(&self.root);
+        // The root stays until the end: mass deletions slow down the next run's file creation
+        // (ext4 skips recently freed inodes), which would bias whichever tool runs next.
     }
 }
 
-/// A private Nix store (`local?root=DIR`), removed on drop.
+/// A private Nix store (`local?root=DIR`), removed with the work directory at the end.
 struct NixStore {
     root: PathBuf,
 }
@@ -163,17 +165,13 @@ impl NixStore {
     }
 }
 
-impl Drop for NixStore {
-    fn drop(&mut self) {
-        rm_rf(&self.root);
-    }
-}
-
-/// Runs a command with optional stdin from a file; returns (stdout, seconds).
+/// Runs a command with optional stdin from a file; returns (stdout, seconds). Dirty data of
+/// earlier runs is flushed first, so that no run pays for another's writeback.
 fn timed(mut c: Command, stdin: Option<&Path>) -> Result<(String, f64)> {
     if let Some(f) = stdin {
         c.stdin(std::fs::File::open(f)?);
     }
+    nix::unistd::sync();
     let t = Instant::now();
     let out = c.output()?;
     let secs = t.elapsed().as_secs_f64();
@@ -307,7 +305,7 @@ fn main() -> Result<()> {
     read_all(&tree)?;
     let (mut c_times, mut n_times, mut rss) = (Vec::new(), Vec::new(), 0f64);
     for rep in 0..o.reps {
-        let c = Cairn::start(w, "add")?;
+        let c = Cairn::start(w, &format!("add{rep}"))?;
         let (cp, t) = timed(
             {
                 let mut cmd = c.cmd();
@@ -320,7 +318,7 @@ fn main() -> Result<()> {
         c_times.push(t);
         drop(c);
         if with_nix {
-            let n = NixStore::new(w, "add");
+            let n = NixStore::new(w, &format!("add{rep}"));
             let (np, t) = timed(
                 {
                     let mut cmd = n.cmd("nix-store");
@@ -341,7 +339,6 @@ fn main() -> Result<()> {
     }
     let c_add = median(&mut c_times);
     let n_add = (!n_times.is_empty()).then(|| median(&mut n_times));
-    rm_rf(&tree);
 
     // 2. import, 3. closure
     let stream = w.join("stream.export");
@@ -397,6 +394,8 @@ fn main() -> Result<()> {
         n_closure = Some(median(&mut qr));
     }
     drop(c);
+    // Removing the inputs and stores (several GiB) is not measured.
+    rm_rf(w);
 
     println!();
     println!("{:<48} {:>12} {:>12} {:>10}", "workload", "cairn", "nix", "nix/cairn");

@@ -144,6 +144,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import { json } => {
             let client = ctx.client().await?;
+            // Say so before sending a stream the daemon would refuse unread (it checks again).
+            let me = client.version().await?;
+            if !me.trusted {
+                bail!("{}", cairn_api::untrusted_import_message(&me.user));
+            }
             let (w, r) = tokio::io::duplex(1 << 20);
             let bar = progress::bytes("importing");
             let mut sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
@@ -250,18 +255,31 @@ impl Ctx {
         args.iter().map(|a| self.store_path(a)).collect()
     }
 
+    /// Prints a `Response::Paths` answer. Parsed with borrowed strings: a closure can hold 100k
+    /// paths, and they go straight from the answer's bytes to stdout.
     async fn print_paths(&self, req: Request, json: bool) -> anyhow::Result<()> {
-        let resp = self.client().await?.query(&req).await?;
-        let Response::Paths(paths) = resp else { bail!("cairnd answered with {resp:?}") };
+        #[derive(serde::Deserialize)]
+        struct Paths<'a> {
+            kind: &'a str,
+            #[serde(borrow)]
+            value: Vec<std::borrow::Cow<'a, str>>,
+        }
+        let bytes = self.client().await?.query_bytes(&req).await?;
+        let answer: Paths<'_> = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("cairnd sent an answer this cairn does not understand: {e}"))?;
+        if answer.kind != "paths" {
+            bail!("cairnd answered with {:?} instead of paths", answer.kind);
+        }
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         if json {
-            print_json(&paths)
+            serde_json::to_writer(&mut out, &answer.value)?;
+            writeln!(out)?;
         } else {
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-            for p in paths {
+            for p in &answer.value {
                 writeln!(out, "{p}")?;
             }
-            Ok(out.flush()?)
         }
+        Ok(out.flush()?)
     }
 }
 

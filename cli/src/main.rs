@@ -173,11 +173,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether an error is a write to a closed stdout: a bare `BrokenPipe` with no context (every
-/// other failure on the way to the daemon carries a context or another type).
+/// Whether an error is a write to a closed stdout (`cairn closure … | head`): a broken pipe that
+/// did not happen on the way to the daemon (those are `ClientError`s).
 fn stdout_closed(e: &anyhow::Error) -> bool {
-    e.chain().count() == 1
-        && e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    let broken =
+        e.root_cause().downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+    broken && !e.chain().any(|c| c.is::<cairn_client::ClientError>())
 }
 
 /// Escapes control characters so that an error quoting user input stays on one line.

@@ -74,6 +74,7 @@ async fn version(State(s): St, Extension(peer): Extension<Peer>) -> Json<Version
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
         store_dir: s.store_dir.as_str().to_owned(),
         trusted: peer.trusted,
+        user: peer.user,
     })
 }
 
@@ -81,9 +82,66 @@ fn paths_out(dir: &StoreDir, v: impl IntoIterator<Item = cairn_nix::StorePath>) 
     Response::Paths(v.into_iter().map(|p| dir.display(&p)).collect())
 }
 
-async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<Json<Response>> {
+/// A JSON answer serialised in one pass into a buffer sized for it. Large answers (a 100k-path
+/// closure is 5 MB) would otherwise be copied again at every growth of a small buffer.
+fn json_answer(v: &impl serde::Serialize, size_hint: usize) -> ApiResult<HttpResponse> {
+    let mut buf = Vec::with_capacity(size_hint.max(256));
+    serde_json::to_writer(&mut buf, v).map_err(|e| ApiError::internal(format!("cannot encode answer: {e}")))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], buf).into_response())
+}
+
+/// A generous estimate of a response's JSON size.
+fn size_hint(r: &Response) -> usize {
+    match r {
+        Response::Paths(v) => v.iter().map(|p| p.len() + 3).sum::<usize>() + 64,
+        Response::Graph { nodes, edges } => {
+            nodes.iter().map(|p| p.len() + 3).sum::<usize>()
+                + edges.iter().map(|(a, b)| a.len() + b.len() + 8).sum::<usize>()
+                + 64
+        }
+        Response::PathInfos(v) => v.len() * 512,
+        _ => 4096,
+    }
+}
+
+async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<HttpResponse> {
     let st = s.clone();
-    let resp = blocking(move || {
+    blocking(move || {
+        if let Request::Closure { paths } = &req {
+            return closure_json(&st, paths);
+        }
+        let resp = answer(&st, req)?;
+        json_answer(&resp, size_hint(&resp))
+    })
+    .await
+}
+
+/// `Response::Paths` of a closure, written straight from the graph into one buffer: no string
+/// per path. Store path names are validated to `[A-Za-z0-9+._?=-]`, which JSON needs no escape
+/// for; the store directory is escaped once.
+fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
+    let dir = &st.store_dir;
+    let prefix = serde_json::to_string(&format!("{}/", dir.as_str())).expect("a string serialises");
+    let prefix = &prefix[..prefix.len() - 1]; // the opening quote and the escaped directory
+    let mut buf = Vec::with_capacity(1 << 16);
+    buf.extend_from_slice(br#"{"kind":"paths","value":["#);
+    let mut first = true;
+    st.store.walk_map(&store_paths(dir, paths)?, Direction::References, |p| {
+        if !std::mem::take(&mut first) {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(prefix.as_bytes());
+        buf.extend_from_slice(p.hash_part().as_bytes());
+        buf.push(b'-');
+        buf.extend_from_slice(p.name().as_bytes());
+        buf.push(b'"');
+    })?;
+    buf.extend_from_slice(b"]}");
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], buf).into_response())
+}
+
+fn answer(st: &AppState, req: Request) -> ApiResult<Response> {
+    {
         let (store, dir) = (&st.store, &st.store_dir);
         Ok(match req {
             Request::PathInfo { paths, closure } => {
@@ -100,12 +158,12 @@ async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<Json<Respons
             Request::References { path } => paths_out(dir, store.valid_path_info(&store_path(dir, &path)?)?.references),
             Request::Referrers { path } => paths_out(dir, store.referrers(&store_path(dir, &path)?)?),
             Request::Closure { paths } => {
-                paths_out(dir, store.walk(&store_paths(dir, &paths)?, Direction::References)?)
+                Response::Paths(store.walk_map(&store_paths(dir, &paths)?, Direction::References, |p| dir.display(p))?)
             }
             Request::ReferrersClosure { paths } => {
-                let mut v = store.walk(&store_paths(dir, &paths)?, Direction::Referrers)?;
+                let mut v = store.walk_map(&store_paths(dir, &paths)?, Direction::Referrers, |p| dir.display(p))?;
                 v.reverse();
-                paths_out(dir, v)
+                Response::Paths(v)
             }
             Request::Graph { paths } => {
                 let g = store.closure_graph(&store_paths(dir, &paths)?)?;
@@ -147,9 +205,7 @@ async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<Json<Respons
                 Response::Valid(store_paths(dir, &paths)?.iter().map(|p| store.is_valid(p)).collect::<Result<_, _>>()?)
             }
         })
-    })
-    .await?;
-    Ok(Json(resp))
+    }
 }
 
 fn dir_entry(name: &[u8], kind: EntryKind) -> DirEntry {
@@ -177,9 +233,41 @@ fn body_reader(body: Body) -> impl io::Read + Send + 'static {
     BufReader::with_capacity(1 << 20, SyncIoBridge::new(StreamReader::new(stream)))
 }
 
+/// How much of a refused upload is read and discarded before answering. An HTTP/1.1 client
+/// that is still sending when the answer comes may see its write fail before it reads the
+/// answer; draining lets it read why it was refused. Past this bound the connection is closed.
+const DRAIN_LIMIT: u64 = 1 << 30;
+
+/// Runs `consume` over an upload on the blocking pool; if it fails, drains the rest of the
+/// upload (up to [`DRAIN_LIMIT`]) so that the client receives the error.
+async fn upload<T: Send + 'static>(
+    body: Body,
+    consume: impl FnOnce(&mut dyn io::Read) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let mut input = body_reader(body);
+    blocking(move || {
+        let result = consume(&mut input);
+        if result.is_err() {
+            let _ = io::copy(&mut io::Read::take(&mut input, DRAIN_LIMIT), &mut io::sink());
+        }
+        result
+    })
+    .await
+}
+
+/// Refuses an upload without looking at it, but drains it first (see [`DRAIN_LIMIT`]).
+async fn refuse_upload<T>(body: Body, e: ApiError) -> ApiResult<T> {
+    let mut input = body_reader(body);
+    blocking(move || {
+        let _ = io::copy(&mut io::Read::take(&mut input, DRAIN_LIMIT), &mut io::sink());
+        Ok(())
+    })
+    .await?;
+    Err(e)
+}
+
 async fn add(State(s): St, Query(q): Query<AddQuery>, body: Body) -> ApiResult<Json<cairn_api::PathInfo>> {
-    let input = body_reader(body);
-    let info = blocking(move || {
+    let info = upload(body, move |input| {
         let info = match q.method {
             AddMethod::Nar => s.store.add_nar(&q.name, input)?,
             AddMethod::Flat => {
@@ -300,13 +388,10 @@ async fn import(
     body: Body,
 ) -> ApiResult<Json<Vec<cairn_api::PathInfo>>> {
     if !peer.trusted {
-        return Err(ApiError::forbidden(format!(
-            "user '{}' is not trusted to import paths without signatures (add it to trusted-users)",
-            peer.user
-        )));
+        let e = ApiError::forbidden(cairn_api::untrusted_import_message(&peer.user));
+        return refuse_upload(body, e).await;
     }
-    let input = body_reader(body);
-    let infos = blocking(move || {
+    let infos = upload(body, move |input| {
         let infos = s.store.import(input)?;
         tracing::info!(paths = infos.len(), "imported");
         Ok(infos.iter().map(|i| convert::path_info(&s.store_dir, i)).collect())

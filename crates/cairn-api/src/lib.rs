@@ -51,6 +51,9 @@ pub struct VersionInfo {
     pub store_dir: String,
     /// Whether the caller is a trusted user.
     pub trusted: bool,
+    /// The caller's user name as the daemon sees it (from the socket's peer credentials).
+    #[serde(default)]
+    pub user: String,
 }
 
 /// A valid path's metadata, named as `nix path-info --json` names it.
@@ -127,6 +130,12 @@ pub enum Response {
     },
     Listing(Vec<DirEntry>),
     Valid(Vec<bool>),
+}
+
+/// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon
+/// when it refuses.
+pub fn untrusted_import_message(user: &str) -> String {
+    format!("user '{user}' is not trusted to import paths without signatures (add it to trusted-users in the daemon's config)")
 }
 
 /// Body of `POST /v1/export`.

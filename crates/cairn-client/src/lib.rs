@@ -150,6 +150,12 @@ impl Client {
         Client::json(self.call(Method::GET, routes::VERSION, full(Bytes::new())).await?).await
     }
 
+    /// One operation's answer as raw JSON bytes, for callers that parse large answers without
+    /// owning every string (a 100k-path closure).
+    pub async fn query_bytes(&self, req: &Request) -> Result<Bytes> {
+        Ok(self.call_json(routes::QUERY, req).await?.into_body().collect().await?.to_bytes())
+    }
+
     /// One small operation.
     pub async fn query(&self, req: &Request) -> Result<Response> {
         Client::json(self.call_json(routes::QUERY, req).await?).await

@@ -160,7 +160,14 @@ impl StoreDir {
 
     /// The absolute path of `path`.
     pub fn display(&self, path: &StorePath) -> String {
-        format!("{}/{}", self.0, path)
+        // Built by hand, sized once: closures print 100k of these per query.
+        let mut s = String::with_capacity(self.0.len() + 2 + HASH_PART_LEN + path.name.len());
+        s.push_str(&self.0);
+        s.push('/');
+        s.push_str(path.hash_part());
+        s.push('-');
+        s.push_str(&path.name);
+        s
     }
 
     /// Parses an absolute store path, which must lie directly in this store directory.

@@ -71,15 +71,14 @@ impl Tree {
         let mut r = NarReader::new(nar, Limits::default())?;
         let mut stack: Vec<(Option<Vec<u8>>, BTreeMap<Vec<u8>, Tree>)> = Vec::new();
         let mut root = None;
-        let mut place =
-            |stack: &mut Vec<(Option<Vec<u8>>, BTreeMap<Vec<u8>, Tree>)>, name: Option<Vec<u8>>, t: Tree| match stack
-                .last_mut()
-            {
-                Some((_, entries)) => {
-                    entries.insert(name.expect("entries have names"), t);
-                }
-                None => root = Some(t),
-            };
+        let mut place = |stack: &mut Vec<(Option<Vec<u8>>, BTreeMap<Vec<u8>, Tree>)>,
+                         name: Option<Vec<u8>>,
+                         t: Tree| match stack.last_mut() {
+            Some((_, entries)) => {
+                entries.insert(name.expect("entries have names"), t);
+            }
+            None => root = Some(t),
+        };
         while let Some(ev) = r.next_event()? {
             match ev {
                 NarEvent::Regular { name, executable, size } => {

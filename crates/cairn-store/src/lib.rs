@@ -253,12 +253,23 @@ impl LocalStore {
     /// Everything reachable from `paths` along references (the closure, dependencies first) or
     /// against them (every path that needs one of `paths`, referrers last).
     pub fn walk(&self, paths: &[StorePath], dir: Direction) -> Result<Vec<StorePath>> {
+        self.walk_map(paths, dir, StorePath::clone)
+    }
+
+    /// [`walk`](Self::walk), handing each path to `f` in place instead of cloning it (printing a
+    /// 100k-path closure straight from the graph saves 100k allocations).
+    pub fn walk_map<T>(
+        &self,
+        paths: &[StorePath],
+        dir: Direction,
+        mut f: impl FnMut(&StorePath) -> T,
+    ) -> Result<Vec<T>> {
         self.with_graph(|g| {
             let start = paths
                 .iter()
                 .map(|p| g.id(p).ok_or_else(|| StoreError::NotValid(self.store_dir().display(p))))
                 .collect::<Result<Vec<u32>>>()?;
-            Ok(g.walk(&start, dir).into_iter().map(|i| g.path(i).expect("walk yields nodes").clone()).collect())
+            Ok(g.walk(&start, dir).into_iter().map(|i| f(g.path(i).expect("walk yields nodes"))).collect())
         })?
     }
 
