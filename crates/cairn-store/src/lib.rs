@@ -23,6 +23,7 @@
 
 mod access;
 mod fsops;
+mod import;
 mod locks;
 mod transfer;
 
@@ -139,6 +140,8 @@ pub struct LocalStore {
     /// Loaded on the first graph query, then kept in step with every registration.
     graph: RwLock<Option<Graph>>,
     locks: PathLocks,
+    /// Imports run one at a time (see `import.rs`).
+    import_lock: Mutex<()>,
     tmp_counter: AtomicU64,
     _lock: Flock<File>,
 }
@@ -174,6 +177,7 @@ impl LocalStore {
             db: Mutex::new(db),
             graph: RwLock::new(None),
             locks: PathLocks::default(),
+            import_lock: Mutex::new(()),
             tmp_counter: AtomicU64::new(0),
             _lock: lock,
         })

@@ -227,3 +227,40 @@ proptest! {
         prop_assert_eq!(again, nar);
     }
 }
+
+#[test]
+fn import_spills_large_nars_and_replaces_leftovers() {
+    let (r1, r2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (store_at(r1.path(), "/store"), store_at(r2.path(), "/store"));
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i ^ (i >> 9)) as u8).collect();
+    let tree = Tree::Directory([(b"big".to_vec(), Tree::File { executable: false, contents: big })].into());
+    let large = a.add_nar("large", &tree.to_nar()[..]).unwrap();
+    let small = a.add_text("small", b"x", &BTreeSet::from([large.path.clone()])).unwrap();
+    let mut stream = Vec::new();
+    a.export(&[large.path.clone(), small.path.clone()], &mut stream).unwrap();
+    // A crash left an unregistered tree where the large path goes.
+    fs::create_dir_all(b.real_path(&large.path).join("junk")).unwrap();
+    b.import(&stream[..]).unwrap();
+    for p in [&large, &small] {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        a.dump_path(&p.path, &mut x).unwrap();
+        b.dump_path(&p.path, &mut y).unwrap();
+        assert_eq!(x, y);
+    }
+    assert_eq!(store_entries(&b).len(), 2);
+}
+
+#[test]
+fn a_failed_import_removes_the_paths_it_placed() {
+    let (r1, r2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (store_at(r1.path(), "/store"), store_at(r2.path(), "/store"));
+    let first = a.add_nar("first", &sample_tree().to_nar()[..]).unwrap();
+    let dep = a.add_text("dep", b"d", &BTreeSet::new()).unwrap();
+    let needs_dep = a.add_text("needs-dep", b"n", &BTreeSet::from([dep.path.clone()])).unwrap();
+    let mut stream = Vec::new();
+    // `first` is placed before `needs-dep` turns out to lack its reference.
+    a.export(&[first.path.clone(), needs_dep.path.clone()], &mut stream).unwrap();
+    assert!(matches!(b.import(&stream[..]), Err(StoreError::MissingReference { .. })));
+    assert_eq!(b.count().unwrap(), 0);
+    assert!(store_entries(&b).is_empty(), "placed paths are removed: {:?}", store_entries(&b));
+}

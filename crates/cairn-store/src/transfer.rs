@@ -1,21 +1,13 @@
-//! Export and import in the `nix-store --export` / `--import` stream format.
-//!
-//! An import is all or nothing: every path of the stream is restored into one temporary
-//! directory and checked (its NAR parsed and hashed, its references valid or earlier in the
-//! stream, its hash equal to the recorded one if the path is valid already) before any of them
-//! is moved into place, and then all are made durable with one `syncfs` and registered in one
-//! transaction. That is also what makes a 100k-path import fast: one sync and one commit instead
-//! of one per path.
+//! Export in the `nix-store --export` stream format (import is in `import.rs`).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::io::{self, Read, Write};
+use std::collections::{BTreeMap, HashSet};
+use std::io::{self, Write};
 
-use cairn_nix::export::{read_marker, read_trailer, write_end_marker, write_next_marker, write_trailer, ExportTrailer};
-use cairn_nix::hash::{HashingReader, HashingWriter};
-use cairn_nix::nar::{Limits, NarReader};
+use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer};
+use cairn_nix::hash::HashingWriter;
 use cairn_nix::{HashAlgo, StorePath};
 
-use crate::{fsops, now, restore_with_buffer, LocalStore, PathInfo, RestoreMode, Result, StoreError};
+use crate::{fsops, LocalStore, PathInfo, Result, StoreError};
 
 impl LocalStore {
     /// Sorts `paths` so that every path comes after the paths it references (within the set).
@@ -75,94 +67,5 @@ impl LocalStore {
         }
         write_end_marker(&mut out).map_err(wr)?;
         out.flush().map_err(wr)
-    }
-
-    /// Imports an export stream. Returns the paths of the stream in stream order (including
-    /// those that were valid already).
-    pub fn import(&self, input: impl Read) -> Result<Vec<PathInfo>> {
-        let started = std::time::Instant::now();
-        let mut input = io::BufReader::with_capacity(256 * 1024, input);
-        let tmp = self.temp_dir()?;
-        let mut staged: Vec<(PathInfo, Option<std::path::PathBuf>)> = Vec::new();
-        let mut seen: HashSet<StorePath> = HashSet::new();
-        let store_dir = self.store_dir().clone();
-        let mut buf = vec![0u8; fsops::COPY_BUF];
-        // Copies are numbered by their position in the stream, duplicates included, so a
-        // skipped duplicate never leaves a name that the next path would collide with.
-        for n in 0u64.. {
-            if !read_marker(&mut input)? {
-                break;
-            }
-            let copy = tmp.0.join(n.to_string());
-            let mut hashing = HashingReader::new(&mut input, HashAlgo::Sha256);
-            let mut nar = NarReader::new(&mut hashing, Limits::default())?;
-            restore_with_buffer(&mut nar, &copy, RestoreMode::Canonical, &mut buf)?;
-            drop(nar);
-            let (nar_hash, nar_size, _) = hashing.finish();
-            let trailer = read_trailer(&mut input)?;
-            let path = store_dir.parse(&trailer.path)?;
-            let references = trailer
-                .references
-                .iter()
-                .map(|r| store_dir.parse(r))
-                .collect::<std::result::Result<BTreeSet<_>, _>>()?;
-            let deriver = trailer.deriver.as_deref().map(|d| store_dir.parse(d)).transpose()?;
-            if seen.contains(&path) {
-                continue; // the same path twice in one stream: the first copy wins
-            }
-            for r in &references {
-                if r != &path && !seen.contains(r) && !self.is_valid(r)? {
-                    return Err(StoreError::MissingReference { path: trailer.path, reference: store_dir.display(r) });
-                }
-            }
-            let existing = self.path_info(&path)?;
-            if let Some(e) = &existing {
-                if e.nar_hash != nar_hash {
-                    return Err(StoreError::HashMismatch {
-                        path: trailer.path,
-                        expected: e.nar_hash.to_string(),
-                        actual: nar_hash.to_string(),
-                    });
-                }
-            }
-            seen.insert(path.clone());
-            let info = PathInfo {
-                path,
-                nar_hash,
-                nar_size,
-                references,
-                deriver,
-                registration_time: now(),
-                ultimate: false,
-                signatures: BTreeSet::new(),
-                ca: None,
-            };
-            staged.push((existing.unwrap_or(info), Some(copy)));
-        }
-        let read = started.elapsed();
-        let _locks = self.locks.lock(staged.iter().map(|(i, _)| i.path.clone()));
-        // Paths someone else registered while we were reading are not installed again.
-        let mut to_register = Vec::new();
-        for (info, copy) in &mut staged {
-            if self.is_valid(&info.path)? {
-                *copy = None;
-            } else {
-                to_register.push(info.clone());
-            }
-        }
-        if !to_register.is_empty() {
-            fsops::sync_filesystem(&tmp.0)?;
-            let synced = started.elapsed();
-            for (info, copy) in &staged {
-                if let Some(copy) = copy {
-                    self.install(copy, &info.path)?;
-                }
-            }
-            fsops::sync_dir(&self.layout.real_store_dir)?;
-            let installed = started.elapsed();
-            self.register(&to_register)?;
-            tracing::debug!(paths = staged.len(), ?read, ?synced, ?installed, total = ?started.elapsed(), "import committed");
-        }
-        Ok(staged.into_iter().map(|(i, _)| i).collect())
     }
 }
