@@ -23,6 +23,17 @@ use crate::{Result, StoreError};
 pub const CANONICAL_MTIME: Duration = Duration::from_secs(1);
 /// Copy buffer size for file contents.
 pub const COPY_BUF: usize = 1 << 20;
+/// Files at least this large have their writeback started as soon as they are written.
+const WRITEBACK_KICK: u64 = 64 * 1024;
+
+/// Starts writing a file's dirty pages to disk without waiting. A store path must be durable
+/// before it is registered; starting early lets the disk work while the rest of the path still
+/// arrives, so the final `syncfs` mostly finds the work done. (On Linux, `POSIX_FADV_DONTNEED`
+/// starts asynchronous writeback of dirty pages and drops only pages that are already clean.)
+fn start_writeback(f: &File) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    let _ = posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+}
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { op, path: path.to_owned(), source }
@@ -98,6 +109,9 @@ pub fn restore_with_buffer<R: Read>(
                 if canonical {
                     f.set_permissions(Permissions::from_mode(mode)).map_err(io_err("chmod", &p))?;
                     f.set_times(canonical_times()).map_err(io_err("set times of", &p))?;
+                    if size >= WRITEBACK_KICK {
+                        start_writeback(&f);
+                    }
                 }
             }
             NarEvent::Symlink { name, target: t } => {

@@ -37,7 +37,6 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 use cairn_db::{Db, DbError, Graph};
 use cairn_nix::content_address::FileIngestionMethod;
 use cairn_nix::export::ExportError;
-use cairn_nix::hash::HashingReader;
 use cairn_nix::nar::{Limits, NarError, NarReader, NarWriteError, NarWriter};
 use cairn_nix::store_path::{validate_name, StorePathError};
 use cairn_nix::{ContentAddress, Hash, HashAlgo, Hasher, StoreDir, StorePath};
@@ -329,18 +328,37 @@ impl LocalStore {
     }
 
     /// Adds the tree serialised by a NAR as a `source` path, as `nix-store --add` does.
+    ///
+    /// The NAR is hashed on a second thread while this one parses and writes it: on a large
+    /// tree, hashing is a third of the work, and the two run in parallel.
     pub fn add_nar(&self, name: &str, input: impl Read) -> Result<PathInfo> {
         validate_name(name)?;
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
-        let mut hashing = HashingReader::new(input, HashAlgo::Sha256);
-        let mut nar = NarReader::new(&mut hashing, Limits::default())?;
-        restore(&mut nar, &copy, RestoreMode::Canonical)?;
-        drop(nar);
-        let (nar_hash, nar_size, mut rest) = hashing.finish();
-        if rest.read(&mut [0u8; 1]).map_err(|source| StoreError::Io { op: "read", path: copy.clone(), source })? != 0 {
-            return Err(StoreError::TrailingData);
-        }
+        let (nar_hash, nar_size) = std::thread::scope(|scope| -> Result<_> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+            let hasher = scope.spawn(move || {
+                let mut h = Hasher::new(HashAlgo::Sha256);
+                let mut size = 0u64;
+                for chunk in rx {
+                    h.update(&chunk);
+                    size += chunk.len() as u64;
+                }
+                (h.finish(), size)
+            });
+            let mut input = HashOnTheSide { inner: input, tx, pending: Vec::new() };
+            let mut nar = NarReader::new(&mut input, Limits::default())?;
+            restore(&mut nar, &copy, RestoreMode::Canonical)?;
+            drop(nar);
+            if input.read(&mut [0u8; 1]).map_err(|source| StoreError::Io { op: "read", path: copy.clone(), source })?
+                != 0
+            {
+                return Err(StoreError::TrailingData);
+            }
+            input.flush_pending();
+            drop(input);
+            Ok(hasher.join().expect("hasher thread panicked"))
+        })?;
         let path = self.store_dir().make_fixed_output_path(
             name,
             FileIngestionMethod::Recursive,
@@ -457,6 +475,39 @@ fn nar_size_of_file(size: u64, executable: bool) -> u64 {
     // magic(8+16) "("(8+8) "type"(8+8) "regular"(8+8) ["executable"(8+16) ""(8)] "contents"(8+8)
     // size(8) data+pad ")"(8+8)
     24 + 16 + 16 + 16 + if executable { 32 } else { 0 } + 16 + 8 + size.div_ceil(8) * 8 + 16
+}
+
+/// A reader that sends copies of what passes through it to a hashing thread, in chunks of at
+/// least [`HASH_CHUNK`] bytes (NAR tags are read eight bytes at a time).
+struct HashOnTheSide<R> {
+    inner: R,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    pending: Vec<u8>,
+}
+
+const HASH_CHUNK: usize = 256 * 1024;
+
+impl<R> HashOnTheSide<R> {
+    fn flush_pending(&mut self) {
+        if !self.pending.is_empty() {
+            // The receiver lives until this reader is dropped; a send cannot fail before.
+            let _ = self.tx.send(std::mem::replace(&mut self.pending, Vec::with_capacity(HASH_CHUNK)));
+        }
+    }
+}
+
+impl<R: Read> Read for HashOnTheSide<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if self.pending.capacity() == 0 {
+            self.pending.reserve(HASH_CHUNK);
+        }
+        self.pending.extend_from_slice(&buf[..n]);
+        if self.pending.len() >= HASH_CHUNK {
+            self.flush_pending();
+        }
+        Ok(n)
+    }
 }
 
 /// Passes everything read through to `seen`.
