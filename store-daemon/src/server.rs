@@ -52,6 +52,15 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
+    // Load the reference graph in the background: start-up does not wait for it, and the first
+    // closure query finds it ready (or waits for the load already under way).
+    let preload = store.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = preload.preload_graph() {
+            tracing::warn!("cannot load the reference graph: {e}");
+        }
+    });
+
     let graceful = GracefulShutdown::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -236,6 +236,12 @@ impl LocalStore {
         Ok(self.db().count()?)
     }
 
+    /// Loads the in-memory reference graph now rather than at the first query that needs it.
+    /// The daemon calls this in the background right after it starts listening.
+    pub fn preload_graph(&self) -> Result<()> {
+        self.with_graph(|_| ())
+    }
+
     fn with_graph<T>(&self, f: impl FnOnce(&Graph) -> T) -> Result<T> {
         {
             let g = self.graph.read().expect("graph lock poisoned");
