@@ -172,22 +172,7 @@ impl TestStore {
 
     /// Runs `cairn ARGS` with `stdin`, returning its output.
     pub fn run(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = self
-            .cairn()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run cairn");
-        let mut input = child.stdin.take().unwrap();
-        let data = stdin.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = input.write_all(&data);
-        });
-        let out = child.wait_with_output().unwrap();
-        writer.join().unwrap();
-        out
+        output_with_stdin(self.cairn().args(args), stdin)
     }
 
     /// Runs `cairn ARGS`, asserts success, returns stdout.
@@ -292,21 +277,7 @@ impl NixStore {
 
     /// Runs a Nix command with stdin, asserting success; returns stdout.
     pub fn ok_stdin(&self, tool: &str, args: &[&str], stdin: &[u8]) -> Vec<u8> {
-        let mut child = self
-            .cmd(tool)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        let data = stdin.to_vec();
-        let w = std::thread::spawn(move || {
-            let _ = input.write_all(&data);
-        });
-        let out = child.wait_with_output().unwrap();
-        w.join().unwrap();
+        let out = output_with_stdin(self.cmd(tool).args(args), stdin);
         assert!(out.status.success(), "{tool} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         out.stdout
     }
@@ -316,6 +287,21 @@ impl Drop for NixStore {
     fn drop(&mut self) {
         let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.root.path()).status();
     }
+}
+
+/// Runs a command with `stdin` fed from a thread (so a child that writes much before reading all
+/// its input cannot deadlock), capturing stdout and stderr.
+pub fn output_with_stdin(cmd: &mut Command, stdin: &[u8]) -> Output {
+    let mut child =
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start command");
+    let mut input = child.stdin.take().expect("piped stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait for command");
+    writer.join().expect("stdin writer");
+    out
 }
 
 /// Trims a command's output to one line.

@@ -122,19 +122,8 @@ fn run_as_nobody(st: &TestStore, args: &[&str], stdin: &[u8]) -> Output {
         .args(st.store_args())
         .arg("--no-auto-start")
         .args(args)
-        .env("HOME", "/nonexistent")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("run setpriv");
-    let mut input = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
-    out
+        .env("HOME", "/nonexistent");
+    cairn_e2e::output_with_stdin(&mut c, stdin)
 }
 
 fn assert_one_line_failure(out: &Output, what: &str) -> String {

@@ -372,17 +372,8 @@ impl LocalStore {
             &BTreeSet::new(),
             false,
         )?;
-        let info = PathInfo {
-            path,
-            nar_hash: nar_hash.clone(),
-            nar_size,
-            references: BTreeSet::new(),
-            deriver: None,
-            registration_time: now(),
-            ultimate: true,
-            signatures: BTreeSet::new(),
-            ca: Some(ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash }),
-        };
+        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
+        let info = content_addressed(path, nar_hash, nar_size, BTreeSet::new(), ca);
         self.finish_add(&copy, info)
     }
 
@@ -400,9 +391,9 @@ impl LocalStore {
         })?;
         // The NAR of a lone file is a fixed header, the bytes, and a fixed footer: hash it as the
         // bytes pass instead of reading the file twice.
-        let mut tee = TeeReader { inner: &mut input, seen: &mut flat, total: 0 };
+        let mut tee = TeeReader { inner: &mut input, seen: &mut flat };
         let mut file_copy = CopyToFile::new(&copy, executable)?;
-        let mut both = TeeReader { inner: &mut tee, seen: &mut file_copy, total: 0 };
+        let mut both = TeeReader { inner: &mut tee, seen: &mut file_copy };
         nar.regular(None, executable, size, &mut both).map_err(|e| match e {
             NarWriteError::SizeMismatch { expected, actual, .. } => StoreError::SizeMismatch { expected, actual },
             other => StoreError::NarWrite { path: copy.clone(), source: other },
@@ -415,18 +406,8 @@ impl LocalStore {
         let hash = flat.finish();
         let path =
             self.store_dir().make_fixed_output_path(name, FileIngestionMethod::Flat, &hash, &BTreeSet::new(), false)?;
-        let nar_size = nar_size_of_file(size, executable);
-        let info = PathInfo {
-            path,
-            nar_hash,
-            nar_size,
-            references: BTreeSet::new(),
-            deriver: None,
-            registration_time: now(),
-            ultimate: true,
-            signatures: BTreeSet::new(),
-            ca: Some(ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash }),
-        };
+        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash };
+        let info = content_addressed(path, nar_hash, nar_size_of_file(size, executable), BTreeSet::new(), ca);
         self.finish_add(&copy, info)
     }
 
@@ -455,17 +436,8 @@ impl LocalStore {
         nar.regular(None, false, contents.len() as u64, &mut &contents[..])
             .map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?;
         let nar_hash = nar.finish().map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?.finish();
-        let info = PathInfo {
-            path,
-            nar_hash,
-            nar_size: nar_size_of_file(contents.len() as u64, false),
-            references: references.clone(),
-            deriver: None,
-            registration_time: now(),
-            ultimate: true,
-            signatures: BTreeSet::new(),
-            ca: Some(ContentAddress::Text(hash)),
-        };
+        let nar_size = nar_size_of_file(contents.len() as u64, false);
+        let info = content_addressed(path, nar_hash, nar_size, references.clone(), ContentAddress::Text(hash));
         self.finish_add(&copy, info)
     }
 
@@ -473,6 +445,27 @@ impl LocalStore {
     pub fn dump_path(&self, path: &StorePath, out: impl io::Write) -> Result<()> {
         self.valid_path_info(path)?;
         dump(&self.real_path(path), out)
+    }
+}
+
+/// The metadata of a path this store computed from its contents.
+fn content_addressed(
+    path: StorePath,
+    nar_hash: Hash,
+    nar_size: u64,
+    references: BTreeSet<StorePath>,
+    ca: ContentAddress,
+) -> PathInfo {
+    PathInfo {
+        path,
+        nar_hash,
+        nar_size,
+        references,
+        deriver: None,
+        registration_time: now(),
+        ultimate: true,
+        signatures: BTreeSet::new(),
+        ca: Some(ca),
     }
 }
 
@@ -520,14 +513,12 @@ impl<R: Read> Read for HashOnTheSide<R> {
 struct TeeReader<'a, R, W> {
     inner: &'a mut R,
     seen: &'a mut W,
-    total: u64,
 }
 
 impl<R: Read, W: io::Write> Read for TeeReader<'_, R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.seen.write_all(&buf[..n])?;
-        self.total += n as u64;
         Ok(n)
     }
 }
