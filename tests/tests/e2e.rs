@@ -115,7 +115,6 @@ fn assert_store_path(p: &str, store_dir: &str, name: &str) {
 
 /// Runs `cairn` as user nobody (uid/gid 65534) with `setpriv`, against `st`.
 fn run_as_nobody(st: &TestStore, args: &[&str], stdin: &[u8]) -> Output {
-    use std::io::Write;
     let mut c = Command::new("setpriv");
     c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(bin_dir().join("cairn"))
@@ -244,7 +243,7 @@ fn cli_tour() {
     assert_eq!(st.ok(&["cat", &t2]), text2);
     let ti = path_infos(&st, &[&t1, &t2]);
     assert_eq!(ti[&t1]["ca"], format!("text:{}", sha256(text1.as_bytes()).to_prefixed(Encoding::Nix32)));
-    assert_eq!(str_list(&ti[&t1]["references"]), [tree_p.clone()]);
+    assert_eq!(str_list(&ti[&t1]["references"]), std::slice::from_ref(&tree_p));
     let mut t2_refs = vec![t1.clone(), flat_p.clone()];
     t2_refs.sort();
     assert_eq!(str_list(&ti[&t2]["references"]), t2_refs);
@@ -264,8 +263,8 @@ fn cli_tour() {
     assert_eq!(lines(&st.ok(&["references", &t2])), t2_refs);
     assert_eq!(str_list(&json(&st.ok(&["references", "--json", &t2]))), t2_refs);
     assert_eq!(st.ok(&["references", &tree_p]), "");
-    assert_eq!(lines(&st.ok(&["referrers", &tree_p])), [t1.clone()]);
-    assert_eq!(lines(&st.ok(&["referrers", &flat_p])), [t2.clone()]);
+    assert_eq!(lines(&st.ok(&["referrers", &tree_p])), std::slice::from_ref(&t1));
+    assert_eq!(lines(&st.ok(&["referrers", &flat_p])), std::slice::from_ref(&t2));
     assert_eq!(st.ok(&["referrers", &t2]), "");
 
     // closure: dependencies first.
@@ -279,7 +278,7 @@ fn cli_tour() {
     assert_dependencies_first(&closure, &all_infos);
     assert_eq!(closure.last().unwrap(), &t2);
     assert_eq!(lines(&st.ok(&["requisites", &t1])), [tree_p.clone(), t1.clone()]);
-    assert_eq!(lines(&st.ok(&["closure", &bin_p])), [bin_p.clone()]);
+    assert_eq!(lines(&st.ok(&["closure", &bin_p])), std::slice::from_ref(&bin_p));
     assert_eq!(str_list(&json(&st.ok(&["closure", "--json", &t2]))), closure);
 
     // path-info --closure.
@@ -294,7 +293,7 @@ fn cli_tour() {
     assert_eq!(rc.len(), 3);
     assert_eq!(rc[0], tree_p);
     assert_dependencies_first(&rc, &all_infos);
-    assert_eq!(lines(&st.ok(&["referrers-closure", &t2])), [t2.clone()]);
+    assert_eq!(lines(&st.ok(&["referrers-closure", &t2])), std::slice::from_ref(&t2));
 
     // graph --json: the closure's nodes and (referrer, reference) edges.
     let g = json(&st.ok(&["graph", "--json", &t2]));
@@ -428,10 +427,10 @@ fn cli_tour() {
     assert_eq!(st.ok(&["cat", &format!("{}/share/doc/README", phys.display())]), "read me\n");
     let result = src.path().join("result");
     std::os::unix::fs::symlink(&phys, &result).unwrap();
-    assert_eq!(lines(&st.ok(&["closure", s(&result)])), [tree_p.clone()]);
+    assert_eq!(lines(&st.ok(&["closure", s(&result)])), std::slice::from_ref(&tree_p));
     let result2 = src.path().join("result-logical");
     std::os::unix::fs::symlink(&t1, &result2).unwrap(); // dangling on the host: /store is not real
-    assert_eq!(lines(&st.ok(&["references", s(&result2)])), [tree_p.clone()]);
+    assert_eq!(lines(&st.ok(&["references", s(&result2)])), std::slice::from_ref(&tree_p));
     let chain = src.path().join("result-chain");
     std::os::unix::fs::symlink("result", &chain).unwrap();
     assert_eq!(st.ok_bytes(&["nar", "dump", s(&chain)], b""), nar);
@@ -725,7 +724,7 @@ fn sigterm_while_idle_exits_cleanly_and_restart_keeps_paths() {
     for p in &paths {
         assert_eq!(sri(&st.ok_bytes(&["nar", "dump", p], b"")), before[p]["narHash"], "{p}");
     }
-    assert_eq!(lines(&st.ok(&["referrers", &added[0]])), [text.clone()], "the reference graph survives");
+    assert_eq!(lines(&st.ok(&["referrers", &added[0]])), std::slice::from_ref(&text), "the reference graph survives");
     assert_eq!(lines(&st.ok(&["closure", &text])), [added[0].clone(), text.clone()]);
     // Stop and start once more, with the graph loaded this time.
     st.stop();
@@ -921,7 +920,7 @@ fn unprivileged_users_by_peer_credentials() {
     assert_eq!(st.store_entries(), entries);
     assert!(!st.run(&["path-info", &q], b"").status.success());
     // Root (trusted) can.
-    assert_eq!(lines(&String::from_utf8(st.ok_bytes(&["import"], &stream_q)).unwrap()), [q.clone()]);
+    assert_eq!(lines(&String::from_utf8(st.ok_bytes(&["import"], &stream_q)).unwrap()), std::slice::from_ref(&q));
 
     // allowed-users = ["root"]: nobody may not even ask for the version.
     let closed = TestStore::builder().config("allowed-users = [\"root\"]\n").start();

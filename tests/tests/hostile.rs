@@ -56,8 +56,7 @@ fn parse_reply(raw: &[u8]) -> Reply {
     if chunked {
         let mut out = Vec::new();
         let mut rest = &body[..];
-        loop {
-            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
             let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
             rest = &rest[eol + 2..];
             if size == 0 || rest.len() < size {

@@ -25,7 +25,7 @@ pub enum HashAlgo {
 
 impl HashAlgo {
     /// Digest length in bytes.
-    pub const fn len(self) -> usize {
+    pub const fn digest_len(self) -> usize {
         match self {
             HashAlgo::Md5 => 16,
             HashAlgo::Sha1 => 20,
@@ -96,9 +96,9 @@ pub struct Hash {
 }
 
 impl Hash {
-    /// Wraps a digest; `digest` must be `algo.len()` bytes.
+    /// Wraps a digest; `digest` must be `algo.digest_len()` bytes.
     pub fn new(algo: HashAlgo, digest: &[u8]) -> Result<Hash, HashError> {
-        if digest.len() != algo.len() {
+        if digest.len() != algo.digest_len() {
             return Err(HashError::BadLength { hash: BASE64.encode(digest), algo });
         }
         let mut d = [0u8; 64];
@@ -125,7 +125,7 @@ impl Hash {
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.digest[..self.algo.len()]
+        &self.digest[..self.algo.digest_len()]
     }
 
     /// Prints the digest alone in `enc` (SRI carries its algorithm anyway).
@@ -175,7 +175,7 @@ impl Hash {
 
     fn parse_base64(algo: HashAlgo, digest: &str, whole: &str) -> Result<Hash, HashError> {
         let bytes = BASE64.decode(digest.as_bytes()).map_err(|_| HashError::BadEncoding(whole.to_owned()))?;
-        if bytes.len() != algo.len() {
+        if bytes.len() != algo.digest_len() {
             return Err(HashError::BadLength { hash: whole.to_owned(), algo });
         }
         Hash::new(algo, &bytes)
@@ -183,7 +183,7 @@ impl Hash {
 
     /// Parses a bare digest, telling base16, nixbase32 and base64 apart by length.
     fn parse_digest(algo: HashAlgo, digest: &str, whole: &str) -> Result<Hash, HashError> {
-        let n = algo.len();
+        let n = algo.digest_len();
         let bytes = if digest.len() == 2 * n {
             HEXLOWER_PERMISSIVE.decode(digest.as_bytes()).map_err(|_| HashError::BadEncoding(whole.to_owned()))?
         } else if digest.len() == nixbase32::encoded_len(n) {

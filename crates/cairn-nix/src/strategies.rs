@@ -67,6 +67,7 @@ impl Tree {
     }
 
     /// Parses a NAR into a tree.
+    #[allow(clippy::type_complexity)]
     pub fn from_nar(nar: &[u8]) -> Result<Tree, NarError> {
         let mut r = NarReader::new(nar, Limits::default())?;
         let mut stack: Vec<(Option<Vec<u8>>, BTreeMap<Vec<u8>, Tree>)> = Vec::new();
@@ -94,7 +95,6 @@ impl Tree {
                 }
             }
         }
-        drop(place);
         Ok(root.expect("a complete NAR has a root"))
     }
 }

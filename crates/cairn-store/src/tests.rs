@@ -88,7 +88,7 @@ fn flat_and_text_paths_match_nix() {
         .unwrap();
     assert_eq!(baz.path.base_name(), "5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz");
     assert_eq!(store.referrers(&foo.path).unwrap(), BTreeSet::from([baz.path.clone()]));
-    let closure = store.walk(&[baz.path.clone()], Direction::References).unwrap();
+    let closure = store.walk(std::slice::from_ref(&baz.path), Direction::References).unwrap();
     assert_eq!(closure, vec![foo.path, baz.path]);
 }
 
@@ -191,7 +191,7 @@ fn export_import_round_trip_and_reference_checks() {
 
     // Only the referrer: its reference is neither valid nor in the stream.
     let mut partial = Vec::new();
-    a.export(&[top.path.clone()], &mut partial).unwrap();
+    a.export(std::slice::from_ref(&top.path), &mut partial).unwrap();
     assert!(matches!(b.import(&partial[..]), Err(StoreError::MissingReference { .. })));
     assert_eq!(b.count().unwrap(), 0);
 
