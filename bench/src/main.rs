@@ -316,7 +316,7 @@ fn main() -> Result<()> {
     let tree = w.join("tree");
     make_tree(&tree, o.tree_mib, o.files)?;
     read_all(&tree)?;
-    let (mut c_times, mut n_times, mut rss) = (Vec::new(), Vec::new(), 0f64);
+    let (mut c_times, mut n_times, mut cp_times, mut rss) = (Vec::new(), Vec::new(), Vec::new(), 0f64);
     for rep in 0..o.reps {
         let c = Cairn::start(w, &format!("add{rep}"))?;
         let (cp, t) = timed(
@@ -343,14 +343,21 @@ fn main() -> Result<()> {
             ensure!(np.trim() == cp.trim(), "cairn and nix disagree: {cp} vs {np}");
             n_times.push(t);
         }
+        // The floor of any durable copy of the tree on this file system: `cp -r` then `sync`.
+        let dest = w.join(format!("cp{rep}"));
+        let mut cp = Command::new("sh");
+        cp.arg("-c").arg(format!("cp -r '{}' '{}' && sync", tree.display(), dest.display()));
+        cp_times.push(timed(cp, None)?.1);
         println!(
-            "  add rep {}: cairn {} nix {}",
+            "  add rep {}: cairn {} nix {} cp -r + sync {}",
             rep + 1,
             fmt_secs(*c_times.last().unwrap()),
-            n_times.last().map(|t| fmt_secs(*t)).unwrap_or("-".into())
+            n_times.last().map(|t| fmt_secs(*t)).unwrap_or("-".into()),
+            fmt_secs(*cp_times.last().unwrap())
         );
     }
     let c_add = median(&mut c_times);
+    let cp_floor = median(&mut cp_times);
     let n_add = (!n_times.is_empty()).then(|| median(&mut n_times));
 
     // 2. import, 3. closure
@@ -420,6 +427,7 @@ fn main() -> Result<()> {
         println!("{:<48} {:>12} {:>12} {:>10}", name, fmt_secs(c), n.map(fmt_secs).unwrap_or("-".into()), ratio(n, c));
     };
     row(format!("add {} MiB tree of {} files (median of {})", o.tree_mib, o.files, o.reps), c_add, n_add);
+    println!("{:<48} {:>12}", "  cp -r + sync of the same tree (copy floor)", fmt_secs(cp_floor));
     println!("{:<48} {:>12}", "  cairnd peak RSS during add", format!("{rss:.1} MiB"));
     row(format!("import {} paths in one stream", o.paths), c_import, n_import);
     row(format!("closure in a {}-path graph, warm (median of 7)", o.paths), c_warm, n_closure);
