@@ -259,14 +259,21 @@ impl Ctx {
     /// paths, and they go straight from the answer's bytes to stdout.
     async fn print_paths(&self, req: Request, json: bool) -> anyhow::Result<()> {
         #[derive(serde::Deserialize)]
-        struct Paths<'a> {
-            kind: &'a str,
-            #[serde(borrow)]
-            value: Vec<std::borrow::Cow<'a, str>>,
+        struct Paths<S> {
+            kind: String,
+            value: Vec<S>,
         }
         let bytes = self.client().await?.query_bytes(&req).await?;
-        let answer: Paths<'_> = serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("cairnd sent an answer this cairn does not understand: {e}"))?;
+        let bad = |e: serde_json::Error| anyhow::anyhow!("cairnd sent an answer this cairn does not understand: {e}");
+        // Store paths need no JSON escapes, so they borrow from the answer; a store directory
+        // with characters JSON escapes would need owned strings.
+        let answer: Paths<std::borrow::Cow<'_, str>> = match serde_json::from_slice::<Paths<&str>>(&bytes) {
+            Ok(p) => Paths { kind: p.kind, value: p.value.into_iter().map(std::borrow::Cow::Borrowed).collect() },
+            Err(_) => {
+                let p = serde_json::from_slice::<Paths<String>>(&bytes).map_err(bad)?;
+                Paths { kind: p.kind, value: p.value.into_iter().map(std::borrow::Cow::Owned).collect() }
+            }
+        };
         if answer.kind != "paths" {
             bail!("cairnd answered with {:?} instead of paths", answer.kind);
         }
@@ -276,7 +283,8 @@ impl Ctx {
             writeln!(out)?;
         } else {
             for p in &answer.value {
-                writeln!(out, "{p}")?;
+                out.write_all(p.as_bytes())?;
+                out.write_all(b"\n")?;
             }
         }
         Ok(out.flush()?)
