@@ -13,6 +13,7 @@
 //! The formats follow Nix 2.8 byte for byte; the tests carry vectors produced by real Nix.
 
 pub mod content_address;
+pub mod derivation;
 pub mod export;
 pub mod hash;
 pub mod nar;
