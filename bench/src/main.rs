@@ -13,7 +13,7 @@
 //! tools see a warm page cache. Run it with `bench/run` (release build); `bench/run --quick`
 //! uses smaller inputs. Nothing here is a pass/fail test: it prints what it measured.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -363,9 +363,8 @@ fn main() -> Result<()> {
     // 2. import, 3. closure
     let stream = w.join("stream.export");
     let last = make_export_stream(&stream, o.paths)?;
-    let mut stream_bytes = Vec::new();
-    std::fs::File::open(&stream)?.read_to_end(&mut stream_bytes)?;
-    drop(stream_bytes);
+    // Read once, so that both tools find the stream in the page cache.
+    std::io::copy(&mut std::fs::File::open(&stream)?, &mut std::io::sink())?;
     let c = Cairn::start(w, "import")?;
     let (out, c_import) = timed(
         {

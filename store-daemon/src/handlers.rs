@@ -106,14 +106,7 @@ fn size_hint(r: &Response) -> usize {
 
 async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<HttpResponse> {
     let st = s.clone();
-    blocking(move || {
-        if let Request::Closure { paths } = &req {
-            return closure_json(&st, paths);
-        }
-        let resp = answer(&st, req)?;
-        json_answer(&resp, size_hint(&resp))
-    })
-    .await
+    blocking(move || answer(&st, req)).await
 }
 
 /// `Response::Paths` of a closure, written straight from the graph into one buffer: no string
@@ -140,72 +133,68 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], buf).into_response())
 }
 
-fn answer(st: &AppState, req: Request) -> ApiResult<Response> {
-    {
-        let (store, dir) = (&st.store, &st.store_dir);
-        Ok(match req {
-            Request::PathInfo { paths, closure } => {
-                let mut paths = store_paths(dir, &paths)?;
-                if closure {
-                    paths = store.walk(&paths, Direction::References)?;
-                }
-                let infos = paths
-                    .iter()
-                    .map(|p| Ok(convert::path_info(dir, &store.valid_path_info(p)?)))
-                    .collect::<ApiResult<Vec<_>>>()?;
-                Response::PathInfos(infos)
+/// Answers one query. A closure, the one answer that can hold 100k paths, is written by
+/// [`closure_json`]; everything else is a [`Response`] serialised by [`json_answer`].
+fn answer(st: &AppState, req: Request) -> ApiResult<HttpResponse> {
+    let (store, dir) = (&st.store, &st.store_dir);
+    let resp = match req {
+        Request::PathInfo { paths, closure } => {
+            let mut paths = store_paths(dir, &paths)?;
+            if closure {
+                paths = store.walk(&paths, Direction::References)?;
             }
-            Request::References { path } => paths_out(dir, store.valid_path_info(&store_path(dir, &path)?)?.references),
-            Request::Referrers { path } => paths_out(dir, store.referrers(&store_path(dir, &path)?)?),
-            Request::Closure { paths } => {
-                Response::Paths(store.walk_map(&store_paths(dir, &paths)?, Direction::References, |p| dir.display(p))?)
-            }
-            Request::ReferrersClosure { paths } => {
-                let mut v = store.walk_map(&store_paths(dir, &paths)?, Direction::Referrers, |p| dir.display(p))?;
-                v.reverse();
-                Response::Paths(v)
-            }
-            Request::Graph { paths } => {
-                let g = store.closure_graph(&store_paths(dir, &paths)?)?;
-                let mut edges = Vec::new();
-                let nodes = g
-                    .into_iter()
-                    .map(|(p, refs)| {
-                        let from = dir.display(&p);
-                        edges.extend(refs.iter().map(|r| (from.clone(), dir.display(r))));
-                        from
-                    })
-                    .collect();
-                Response::Graph { nodes, edges }
-            }
-            Request::Ls { path } => {
-                let (p, inner) = dir.parse_inner(&path).map_err(|e| ApiError::bad_request(e.to_string()))?;
-                let (kind, entries) = store.list(&p, inner)?;
-                let listing = if kind == EntryKind::Directory {
-                    entries.into_iter().map(|e| dir_entry(&e.name, e.kind)).collect()
-                } else {
-                    let name = if inner.is_empty() {
-                        p.base_name()
-                    } else {
-                        inner.rsplit('/').next().unwrap_or(inner).to_owned()
-                    };
-                    vec![dir_entry(name.as_bytes(), kind)]
-                };
-                Response::Listing(listing)
-            }
-            Request::AddText { name, contents, references } => {
-                let contents = base64::engine::general_purpose::STANDARD
-                    .decode(contents)
-                    .map_err(|e| ApiError::bad_request(format!("text contents are not base64: {e}")))?;
-                let refs = store_paths(dir, &references)?.into_iter().collect();
-                let info = store.add_text(&name, &contents, &refs)?;
-                Response::PathInfos(vec![convert::path_info(dir, &info)])
-            }
-            Request::IsValid { paths } => {
-                Response::Valid(store_paths(dir, &paths)?.iter().map(|p| store.is_valid(p)).collect::<Result<_, _>>()?)
-            }
-        })
-    }
+            let infos = paths
+                .iter()
+                .map(|p| Ok(convert::path_info(dir, &store.valid_path_info(p)?)))
+                .collect::<ApiResult<Vec<_>>>()?;
+            Response::PathInfos(infos)
+        }
+        Request::References { path } => paths_out(dir, store.valid_path_info(&store_path(dir, &path)?)?.references),
+        Request::Referrers { path } => paths_out(dir, store.referrers(&store_path(dir, &path)?)?),
+        Request::Closure { paths } => return closure_json(st, &paths),
+        Request::ReferrersClosure { paths } => {
+            let mut v = store.walk_map(&store_paths(dir, &paths)?, Direction::Referrers, |p| dir.display(p))?;
+            v.reverse();
+            Response::Paths(v)
+        }
+        Request::Graph { paths } => {
+            let g = store.closure_graph(&store_paths(dir, &paths)?)?;
+            let mut edges = Vec::new();
+            let nodes = g
+                .into_iter()
+                .map(|(p, refs)| {
+                    let from = dir.display(&p);
+                    edges.extend(refs.iter().map(|r| (from.clone(), dir.display(r))));
+                    from
+                })
+                .collect();
+            Response::Graph { nodes, edges }
+        }
+        Request::Ls { path } => {
+            let (p, inner) = dir.parse_inner(&path).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let (kind, entries) = store.list(&p, inner)?;
+            let listing = if kind == EntryKind::Directory {
+                entries.into_iter().map(|e| dir_entry(&e.name, e.kind)).collect()
+            } else {
+                let name =
+                    if inner.is_empty() { p.base_name() } else { inner.rsplit('/').next().unwrap_or(inner).to_owned() };
+                vec![dir_entry(name.as_bytes(), kind)]
+            };
+            Response::Listing(listing)
+        }
+        Request::AddText { name, contents, references } => {
+            let contents = base64::engine::general_purpose::STANDARD
+                .decode(contents)
+                .map_err(|e| ApiError::bad_request(format!("text contents are not base64: {e}")))?;
+            let refs = store_paths(dir, &references)?.into_iter().collect();
+            let info = store.add_text(&name, &contents, &refs)?;
+            Response::PathInfos(vec![convert::path_info(dir, &info)])
+        }
+        Request::IsValid { paths } => {
+            Response::Valid(store_paths(dir, &paths)?.iter().map(|p| store.is_valid(p)).collect::<Result<_, _>>()?)
+        }
+    };
+    json_answer(&resp, size_hint(&resp))
 }
 
 fn dir_entry(name: &[u8], kind: EntryKind) -> DirEntry {

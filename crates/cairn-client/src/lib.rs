@@ -50,14 +50,6 @@ impl ClientError {
         matches!(self, ClientError::Connect { source, .. }
             if matches!(source.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused))
     }
-
-    /// The error kind reported by the daemon, if it answered.
-    pub fn api_kind(&self) -> Option<ErrorKind> {
-        match self {
-            ClientError::Api { body, .. } => Some(body.kind),
-            _ => None,
-        }
-    }
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;

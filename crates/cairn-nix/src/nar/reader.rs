@@ -284,17 +284,4 @@ impl<R: Read> NarReader<R> {
         while self.next_event()?.is_some() {}
         Ok(())
     }
-
-    /// Whether the whole NAR has been read.
-    pub fn is_done(&self) -> bool {
-        matches!(self.state, State::Done)
-    }
-
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.r
-    }
-
-    pub fn into_inner(self) -> R {
-        self.r
-    }
 }
