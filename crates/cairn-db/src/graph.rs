@@ -64,6 +64,32 @@ impl Graph {
         }
     }
 
+    /// Removes a node and its outgoing edges. Callers remove referrers first: a node that is
+    /// still referenced keeps its incoming edges, which would then dangle.
+    pub fn remove_node(&mut self, id: u32) {
+        let Some(path) = self.paths.get_mut(id as usize).and_then(Option::take) else { return };
+        self.ids.remove(&path);
+        for r in std::mem::take(&mut self.refs[id as usize]) {
+            self.referrers[r as usize].retain(|&x| x != id);
+        }
+        self.referrers[id as usize].retain(|&x| x != id);
+    }
+
+    /// Whether a node has a referrer other than itself.
+    pub fn is_referenced(&self, id: u32) -> bool {
+        self.neighbours(id, Direction::Referrers).iter().any(|&r| r != id)
+    }
+
+    /// The ids of every node, in id order.
+    pub fn node_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.paths.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| i as u32)
+    }
+
+    /// One past the largest id: the size of a bitset over nodes.
+    pub fn id_bound(&self) -> usize {
+        self.paths.len()
+    }
+
     pub fn id(&self, path: &StorePath) -> Option<u32> {
         self.ids.get(path).copied()
     }

@@ -58,6 +58,17 @@ pub enum DbError {
     MissingReference { path: String, reference: String },
     #[error("path '{0}' is not valid")]
     NotValid(String),
+    #[error("cannot invalidate '{0}': a valid path still references it")]
+    StillReferenced(String),
+}
+
+/// Per-path facts the garbage collector reads once, keyed by graph id.
+#[derive(Debug, Default)]
+pub struct GcMetadata {
+    pub nar_size: std::collections::HashMap<u32, u64>,
+    pub deriver: std::collections::HashMap<u32, StorePath>,
+    /// Outputs recorded for a derivation (`DerivationOutputs`), valid or not.
+    pub outputs: std::collections::HashMap<u32, Vec<StorePath>>,
 }
 
 pub type Result<T> = std::result::Result<T, DbError>;
@@ -164,10 +175,33 @@ impl Db {
     /// reference must be valid already or be among `infos`. Already-valid paths are left as
     /// they are. Returns the row ids of the paths, in order.
     pub fn register(&mut self, infos: &[PathInfo]) -> Result<Vec<i64>> {
+        self.register_with_outputs(infos, &[])
+    }
+
+    /// [`register`](Self::register), recording in the same transaction the outputs of the
+    /// derivations among `infos` (as Nix does when a `.drv` becomes valid).
+    pub fn register_with_outputs(
+        &mut self,
+        infos: &[PathInfo],
+        drv_outputs: &[(StorePath, BTreeMap<String, StorePath>)],
+    ) -> Result<Vec<i64>> {
         let tx = self.conn.transaction()?;
         let ids = Db::register_in(&tx, infos)?;
+        for (drv, outputs) in drv_outputs {
+            Db::record_outputs(&tx, drv, outputs)?;
+        }
         tx.commit()?;
         Ok(ids)
+    }
+
+    fn record_outputs(tx: &Connection, drv: &StorePath, outputs: &BTreeMap<String, StorePath>) -> Result<()> {
+        let id = Db::id_of(tx, drv)?.ok_or_else(|| DbError::NotValid(drv.to_string()))?;
+        let mut st =
+            tx.prepare_cached("INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES (?1, ?2, ?3)")?;
+        for (name, path) in outputs {
+            st.execute(params![id, name, path.to_string()])?;
+        }
+        Ok(())
     }
 
     fn register_in(tx: &Transaction<'_>, infos: &[PathInfo]) -> Result<Vec<i64>> {
@@ -226,14 +260,7 @@ impl Db {
         outputs: &BTreeMap<String, StorePath>,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
-        let id = Db::id_of(&tx, drv)?.ok_or_else(|| DbError::NotValid(drv.to_string()))?;
-        {
-            let mut st =
-                tx.prepare_cached("INSERT OR REPLACE INTO DerivationOutputs (drv, id, path) VALUES (?1, ?2, ?3)")?;
-            for (name, path) in outputs {
-                st.execute(params![id, name, path.to_string()])?;
-            }
-        }
+        Db::record_outputs(&tx, drv, outputs)?;
         tx.commit()?;
         Ok(())
     }
@@ -267,6 +294,92 @@ impl Db {
     /// Number of valid paths.
     pub fn count(&self) -> Result<u64> {
         Ok(self.conn.query_row("SELECT count(*) FROM ValidPaths", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Invalidates paths in one transaction: their rows, references and derivation outputs go
+    /// together, or (on any error) none do. Callers invalidate referrers before what they
+    /// reference; a path still referenced by a valid path outside `paths` is refused
+    /// (`Refs.reference` is `ON DELETE RESTRICT`), so the graph can never lose a reference.
+    pub fn invalidate(&mut self, paths: &[StorePath]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut id_of = tx.prepare_cached("SELECT id FROM ValidPaths WHERE path = ?1")?;
+            // A path's own outgoing references go first: a self-reference would otherwise
+            // restrict its own deletion.
+            let mut refs = tx.prepare_cached("DELETE FROM Refs WHERE referrer = ?1")?;
+            let mut outs = tx.prepare_cached("DELETE FROM DerivationOutputs WHERE drv = ?1")?;
+            let mut row = tx.prepare_cached("DELETE FROM ValidPaths WHERE id = ?1")?;
+            for p in paths {
+                let Some(id) = id_of.query_row([p.to_string()], |r| r.get::<_, i64>(0)).optional()? else {
+                    continue;
+                };
+                refs.execute([id])?;
+                outs.execute([id])?;
+                row.execute([id]).map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                        DbError::StillReferenced(p.to_string())
+                    }
+                    other => other.into(),
+                })?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What the garbage collector needs beyond the graph, by row id: each path's NAR size and
+    /// deriver, and the outputs recorded for each derivation.
+    pub fn gc_metadata(&self) -> Result<GcMetadata> {
+        let mut meta = GcMetadata::default();
+        let mut st = self.conn.prepare("SELECT id, narSize, deriver FROM ValidPaths")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let id = r.get::<_, i64>(0)? as u32;
+            meta.nar_size.insert(id, r.get::<_, i64>(1)? as u64);
+            if let Some(d) = r.get::<_, Option<String>>(2)?.filter(|d| !d.is_empty()) {
+                meta.deriver.insert(id, parse_path(&d)?);
+            }
+        }
+        let mut st = self.conn.prepare("SELECT drv, path FROM DerivationOutputs")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let path: String = r.get(1)?;
+            meta.outputs.entry(r.get::<_, i64>(0)? as u32).or_default().push(parse_path(&path)?);
+        }
+        Ok(meta)
+    }
+
+    /// Problems SQLite finds in the file and in the references (`quick_check`,
+    /// `foreign_key_check`), one line each; empty when all is well.
+    pub fn check_integrity(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut st = self.conn.prepare("PRAGMA quick_check")?;
+        for row in st.query_map([], |r| r.get::<_, String>(0))? {
+            let row = row?;
+            if row != "ok" {
+                out.push(format!("database: {row}"));
+            }
+        }
+        let mut st = self.conn.prepare("PRAGMA foreign_key_check")?;
+        let rows =
+            st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, String>(2)?)))?;
+        for row in rows {
+            let (table, rowid, parent) = row?;
+            out.push(format!("database: row {} of {table} refers to a missing row of {parent}", rowid.unwrap_or(-1)));
+        }
+        Ok(out)
+    }
+
+    /// Every valid path with its NAR hash and size, for `verify`.
+    pub fn all_hashes(&self) -> Result<Vec<(StorePath, Hash, u64)>> {
+        let mut st = self.conn.prepare("SELECT path, hash, narSize FROM ValidPaths ORDER BY path")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+        rows.map(|row| {
+            let (path, hash, size) = row?;
+            let hash = hash.parse().map_err(|e| corrupt(&path, e))?;
+            Ok((parse_path(&path)?, hash, size as u64))
+        })
+        .collect()
     }
 
     /// Reads every valid path and reference into a [`Graph`].

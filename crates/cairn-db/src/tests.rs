@@ -84,3 +84,35 @@ fn graph_closure_is_topological() {
     up.sort();
     assert_eq!(up, ["app", "lib", "libc", "other"]);
 }
+
+#[test]
+fn invalidation_keeps_the_graph_closed() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[info("libc", &[]), info("app", &["libc", "app"]), info("x.drv", &[])]).unwrap();
+    db.register_derivation_outputs(&path("x.drv"), &BTreeMap::from([("out".to_owned(), path("x"))])).unwrap();
+    // A referenced path cannot go while its referrer stays, and a refused batch changes nothing.
+    let err = db.invalidate(&[path("x.drv"), path("libc")]).unwrap_err();
+    assert!(matches!(err, DbError::StillReferenced(ref p) if p.ends_with("-libc")), "{err}");
+    assert!(db.is_valid(&path("x.drv")).unwrap() && db.is_valid(&path("libc")).unwrap());
+    // Referrers first, in one batch; a self-reference does not block its own path.
+    db.invalidate(&[path("app"), path("libc"), path("x.drv"), path("never-valid")]).unwrap();
+    assert_eq!(db.count().unwrap(), 0);
+    assert!(db.derivation_outputs(&path("x.drv")).unwrap().is_empty());
+    let refs: i64 = db.conn.query_row("SELECT count(*) FROM Refs", [], |r| r.get(0)).unwrap();
+    assert_eq!(refs, 0);
+}
+
+#[test]
+fn graph_node_removal() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[info("libc", &[]), info("app", &["libc", "app"])]).unwrap();
+    let mut g = db.load_graph().unwrap();
+    let (libc, app) = (g.id(&path("libc")).unwrap(), g.id(&path("app")).unwrap());
+    assert!(g.is_referenced(libc) && !g.is_referenced(app), "a self-reference does not count");
+    g.remove_node(app);
+    assert!(!g.is_referenced(libc));
+    assert_eq!(g.id(&path("app")), None);
+    assert_eq!(g.node_ids().collect::<Vec<_>>(), vec![libc]);
+    let meta = db.gc_metadata().unwrap();
+    assert_eq!(meta.nar_size[&libc], 8 * 4);
+}

@@ -72,6 +72,7 @@ impl LocalStore {
 
     /// What `inner` inside a store path is, and if it is a directory, its entries (sorted).
     pub fn list(&self, path: &StorePath, inner: &str) -> Result<(EntryKind, Vec<Entry>)> {
+        let _root = self.temp_root([path.clone()]);
         let real = self.resolve_inner(path, inner)?;
         let meta =
             fs::symlink_metadata(&real).map_err(|source| StoreError::Io { op: "stat", path: real.clone(), source })?;
@@ -94,7 +95,9 @@ impl LocalStore {
     }
 
     /// Opens a regular file inside a store path.
+    /// The file stays readable to its end even if the path is collected meanwhile.
     pub fn open_file(&self, path: &StorePath, inner: &str) -> Result<File> {
+        let _root = self.temp_root([path.clone()]);
         let real = self.resolve_inner(path, inner)?;
         let meta =
             fs::symlink_metadata(&real).map_err(|source| StoreError::Io { op: "stat", path: real.clone(), source })?;

@@ -35,7 +35,7 @@ fn start_writeback(f: &File) {
     let _ = posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { op, path: path.to_owned(), source }
 }
 
@@ -44,7 +44,7 @@ fn canonical_times() -> FileTimes {
     FileTimes::new().set_accessed(t).set_modified(t)
 }
 
-fn set_canonical_dir(path: &Path) -> Result<()> {
+pub(crate) fn set_canonical_dir(path: &Path) -> Result<()> {
     fs::set_permissions(path, Permissions::from_mode(0o555)).map_err(io_err("chmod", path))?;
     File::open(path).and_then(|f| f.set_times(canonical_times())).map_err(io_err("set times of", path))
 }
@@ -179,21 +179,30 @@ fn dump_node<W: Write>(path: &Path, name: Option<&[u8]>, w: &mut NarWriter<W>) -
 
 /// Removes a tree even where it is read-only (store paths are), tolerating its absence.
 pub fn remove_tree(path: &Path) -> Result<()> {
+    remove_tree_counting(path).map(drop)
+}
+
+/// [`remove_tree`], returning the bytes freed: the sizes of the files removed that had no other
+/// hard link (as Nix counts them).
+pub fn remove_tree_counting(path: &Path) -> Result<u64> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(io_err("stat", path)(e)),
     };
     if meta.is_dir() {
         if meta.mode() & 0o700 != 0o700 {
             fs::set_permissions(path, Permissions::from_mode(0o755)).map_err(io_err("chmod", path))?;
         }
+        let mut bytes = 0;
         for entry in fs::read_dir(path).map_err(io_err("list", path))? {
-            remove_tree(&entry.map_err(io_err("list", path))?.path())?;
+            bytes += remove_tree_counting(&entry.map_err(io_err("list", path))?.path())?;
         }
-        fs::remove_dir(path).map_err(io_err("remove", path))
+        fs::remove_dir(path).map_err(io_err("remove", path))?;
+        Ok(bytes)
     } else {
-        fs::remove_file(path).map_err(io_err("remove", path))
+        fs::remove_file(path).map_err(io_err("remove", path))?;
+        Ok(if meta.nlink() == 1 { meta.size() } else { 0 })
     }
 }
 

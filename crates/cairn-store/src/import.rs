@@ -101,6 +101,9 @@ struct Staged<'a> {
     new: Vec<PathInfo>,
     /// Locks on the new paths, held until they are registered or removed.
     _locks: Vec<PathLockGuard<'a>>,
+    /// Temporary roots on every path of the stream and every reference, so that a collection
+    /// cannot take a reference between its check and the registration.
+    roots: crate::TempRootGuard,
 }
 
 impl LocalStore {
@@ -159,7 +162,7 @@ impl LocalStore {
     ) -> Result<Staged<'a>> {
         let store_dir = self.store_dir().clone();
         let mut seen: HashSet<StorePath> = HashSet::new();
-        let mut staged = Staged { all: Vec::new(), new: Vec::new(), _locks: Vec::new() };
+        let mut staged = Staged { all: Vec::new(), new: Vec::new(), _locks: Vec::new(), roots: self.temp.add([]) };
         for n in 0u64.. {
             if !read_marker(input)? {
                 break;
@@ -178,6 +181,7 @@ impl LocalStore {
             if !seen.insert(path.clone()) {
                 continue; // the same path twice in one stream: the first copy wins
             }
+            staged.roots.extend(references.iter().cloned().chain([path.clone()]));
             for r in &references {
                 if r != &path && !seen.contains(r) && !self.is_valid(r)? {
                     return Err(StoreError::MissingReference { path: trailer.path, reference: store_dir.display(r) });

@@ -23,9 +23,13 @@
 
 mod access;
 mod fsops;
+mod gc;
 mod import;
 mod locks;
+mod optimise;
+pub mod roots;
 mod transfer;
+mod verify;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -46,7 +50,11 @@ use thiserror::Error;
 pub use access::{Entry, EntryKind};
 pub use cairn_db::{Direction, PathInfo};
 pub use fsops::{dump, remove_tree, restore, restore_with_buffer, RestoreMode};
+pub use gc::{GcOptions, GcReport, GcSettings};
 pub use locks::PathLocks;
+pub use optimise::OptimiseReport;
+pub use roots::{ClientId, ClientScope, Root, RootSource, TempRootGuard};
+pub use verify::{Problem, VerifyOptions, VerifyReport};
 
 /// Why a store operation failed.
 #[derive(Debug, Error)]
@@ -88,6 +96,8 @@ pub enum StoreError {
     BadInnerPath(String),
     #[error("'{0}' is not a regular file")]
     NotAFile(String),
+    #[error("cannot delete '{path}': {why}")]
+    Alive { path: String, why: String },
     #[error("another process holds the store lock '{}' (is another cairnd running on this store?)", .0.display())]
     Locked(PathBuf),
 }
@@ -119,6 +129,16 @@ impl StoreLayout {
     fn tmp_root(&self) -> PathBuf {
         self.real_store_dir.join(".cairn-tmp")
     }
+
+    /// Where the collector moves directories before removing them.
+    fn trash_dir(&self) -> PathBuf {
+        self.real_store_dir.join(".cairn-trash")
+    }
+
+    /// `optimise`'s content-keyed hard links.
+    fn links_dir(&self) -> PathBuf {
+        self.real_store_dir.join(".links")
+    }
 }
 
 /// A private directory for work in progress, removed when dropped.
@@ -141,6 +161,12 @@ pub struct LocalStore {
     locks: PathLocks,
     /// Imports run one at a time (see `import.rs`).
     import_lock: Mutex<()>,
+    /// Paths operations are working on; its mutex is the collector's deletion lock.
+    temp: roots::TempRoots,
+    /// Collections run one at a time.
+    gc_lock: Mutex<()>,
+    root_sources: RwLock<Vec<std::sync::Arc<dyn RootSource>>>,
+    gc_settings: GcSettings,
     tmp_counter: AtomicU64,
     _lock: Flock<File>,
 }
@@ -167,9 +193,10 @@ impl LocalStore {
             .map_err(|source| StoreError::Io { op: "open", path: lock_path.clone(), source })?;
         let lock =
             Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| StoreError::Locked(lock_path))?;
-        let tmp = layout.tmp_root();
-        remove_tree(&tmp)?;
-        mkdir(&tmp)?;
+        for tmp in [layout.tmp_root(), layout.trash_dir()] {
+            remove_tree(&tmp)?;
+            mkdir(&tmp)?;
+        }
         let db = Db::open(&layout.db_path())?;
         Ok(LocalStore {
             layout,
@@ -177,9 +204,25 @@ impl LocalStore {
             graph: RwLock::new(None),
             locks: PathLocks::default(),
             import_lock: Mutex::new(()),
+            temp: Default::default(),
+            gc_lock: Mutex::new(()),
+            root_sources: RwLock::new(Vec::new()),
+            gc_settings: GcSettings::default(),
             tmp_counter: AtomicU64::new(0),
             _lock: lock,
         })
+    }
+
+    /// Sets how the collector decides what is live.
+    pub fn with_gc_settings(mut self, settings: GcSettings) -> LocalStore {
+        self.gc_settings = settings;
+        self
+    }
+
+    /// Roots `paths` for as long as the guard lives (see `roots.rs`). Root a path before
+    /// checking that it is valid, and keep the guard while using it.
+    pub fn temp_root(&self, paths: impl IntoIterator<Item = StorePath>) -> TempRootGuard {
+        self.temp.add(paths)
     }
 
     pub fn layout(&self) -> &StoreLayout {
@@ -284,7 +327,8 @@ impl LocalStore {
 
     /// Commits paths whose contents are in place, and updates the graph if it is loaded.
     fn register(&self, infos: &[PathInfo]) -> Result<()> {
-        let ids = self.db().register(infos)?;
+        let outputs: Vec<_> = infos.iter().filter_map(|i| self.read_drv_outputs(&i.path)).collect();
+        let ids = self.db().register_with_outputs(infos, &outputs)?;
         let mut g = self.graph.write().expect("graph lock poisoned");
         if let Some(g) = g.as_mut() {
             for (info, id) in infos.iter().zip(ids) {
@@ -297,6 +341,22 @@ impl LocalStore {
             }
         }
         Ok(())
+    }
+
+    /// The output paths a `.drv` path names, read from its contents (in place, not yet
+    /// registered). Anything that does not parse as a derivation records nothing.
+    fn read_drv_outputs(&self, path: &StorePath) -> Option<(StorePath, std::collections::BTreeMap<String, StorePath>)> {
+        if !path.name().ends_with(".drv") {
+            return None;
+        }
+        let bytes = fs::read(self.real_path(path)).ok()?;
+        let drv = cairn_nix::derivation::Derivation::parse(&bytes).ok()?;
+        let outputs = drv
+            .outputs
+            .iter()
+            .filter_map(|(name, o)| Some((name.clone(), self.store_dir().parse(&o.path).ok()?)))
+            .collect();
+        Some((path.clone(), outputs))
     }
 
     /// Moves a finished copy to its store path, replacing any unregistered leftover there.
@@ -318,6 +378,7 @@ impl LocalStore {
 
     /// Steps 2–4 of the add protocol for one finished copy at `copy`.
     fn finish_add(&self, copy: &Path, info: PathInfo) -> Result<PathInfo> {
+        let _root = self.temp.add([info.path.clone()]);
         let _lock = self.locks.lock([info.path.clone()]);
         if let Some(existing) = self.path_info(&info.path)? {
             return Ok(existing);
@@ -415,6 +476,7 @@ impl LocalStore {
     /// valid; a text path cannot refer to itself.
     pub fn add_text(&self, name: &str, contents: &[u8], references: &BTreeSet<StorePath>) -> Result<PathInfo> {
         validate_name(name)?;
+        let mut _roots = self.temp.add(references.iter().cloned());
         for r in references {
             if !self.is_valid(r)? {
                 return Err(StoreError::NotValid(self.store_dir().display(r)));
@@ -422,6 +484,7 @@ impl LocalStore {
         }
         let hash = Hash::digest(HashAlgo::Sha256, contents);
         let path = self.store_dir().make_text_path(name, &hash, references)?;
+        _roots.extend([path.clone()]);
         if let Some(info) = self.path_info(&path)? {
             return Ok(info);
         }
@@ -443,6 +506,7 @@ impl LocalStore {
 
     /// Writes the NAR of a valid path.
     pub fn dump_path(&self, path: &StorePath, out: impl io::Write) -> Result<()> {
+        let _root = self.temp.add([path.clone()]);
         self.valid_path_info(path)?;
         dump(&self.real_path(path), out)
     }
@@ -563,4 +627,21 @@ impl io::Write for CopyToFile {
 }
 
 #[cfg(test)]
+mod gc_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_support {
+    /// The NAR of a small tree: an executable script and a text file.
+    pub fn sample_nar() -> Vec<u8> {
+        use cairn_nix::strategies::Tree;
+        Tree::Directory(
+            [
+                (b"run".to_vec(), Tree::File { executable: true, contents: b"#!/bin/sh\n".to_vec() }),
+                (b"readme".to_vec(), Tree::File { executable: false, contents: b"hello\n".to_vec() }),
+            ]
+            .into(),
+        )
+        .to_nar()
+    }
+}

@@ -34,6 +34,15 @@ impl PathLocks {
         held.extend(paths.iter().cloned());
         PathLockGuard { locks: self, paths: paths.into_iter().collect() }
     }
+
+    /// Holds `path` if nobody else does.
+    pub fn try_lock(&self, path: &StorePath) -> Option<PathLockGuard<'_>> {
+        let mut held = self.held.lock().expect("path lock table poisoned");
+        if !held.insert(path.clone()) {
+            return None;
+        }
+        Some(PathLockGuard { locks: self, paths: vec![path.clone()] })
+    }
 }
 
 impl Drop for PathLockGuard<'_> {

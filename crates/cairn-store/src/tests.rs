@@ -15,7 +15,7 @@ fn store_entries(store: &LocalStore) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(&store.layout.real_store_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != ".cairn-tmp")
+        .filter(|n| !n.starts_with(".cairn-"))
         .collect();
     v.sort();
     let tmp_left = fs::read_dir(store.layout.tmp_root()).unwrap().count();

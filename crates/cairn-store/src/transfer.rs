@@ -43,6 +43,7 @@ impl LocalStore {
     /// contents are hashed as they are dumped, and a path whose contents no longer match its
     /// recorded NAR hash is refused rather than exported.
     pub fn export(&self, paths: &[StorePath], out: impl Write) -> Result<()> {
+        let _roots = self.temp.add(paths.iter().cloned());
         let infos = paths.iter().map(|p| self.valid_path_info(p)).collect::<Result<Vec<_>>>()?;
         let mut out = io::BufWriter::with_capacity(256 * 1024, out);
         let wr = |e: io::Error| StoreError::Io { op: "write", path: "export stream".into(), source: e };

@@ -1,0 +1,126 @@
+//! `optimise`: hard-link identical files across the store.
+//!
+//! As in Nix, every regular file is keyed by the SHA-256 of its NAR serialisation (contents and
+//! executable bit) under `<store>/.links/<nix32>`. The first file with a key becomes the link's
+//! inode; later ones are replaced by a hard link to it. Replacement is a `link` into the
+//! temporary area and a `rename` over the file: atomic, so a reader sees the old inode or the
+//! new one, both with the same bytes, and a crash leaves at worst a stray link in the temporary
+//! area (emptied at start-up).
+//!
+//! Each path is temporarily rooted while it is processed, so a concurrent collection leaves it
+//! alone; the collector removes `.links` entries no path shares any more, and a link that
+//! disappears between our `link` calls is simply recreated.
+
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use cairn_nix::nar::NarWriter;
+use cairn_nix::{HashAlgo, Hasher};
+
+use crate::fsops::{self, io_err};
+use crate::{LocalStore, Result, StoreError};
+
+/// What `optimise` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OptimiseReport {
+    /// Store paths looked at.
+    pub paths: u64,
+    /// Files replaced by a hard link to an identical file.
+    pub files_linked: u64,
+    /// Bytes those files took.
+    pub bytes_saved: u64,
+}
+
+impl LocalStore {
+    /// Hard-links identical files of every valid path.
+    pub fn optimise(&self) -> Result<OptimiseReport> {
+        let links = self.layout.links_dir();
+        fs::create_dir_all(&links).map_err(io_err("create", &links))?;
+        let paths = self.with_graph(|g| g.node_ids().filter_map(|i| g.path(i).cloned()).collect::<Vec<_>>())?;
+        let mut report = OptimiseReport::default();
+        for p in paths {
+            let _root = self.temp_root([p.clone()]);
+            if !self.is_valid(&p)? {
+                continue;
+            }
+            report.paths += 1;
+            self.optimise_tree(&self.real_path(&p), &mut report)?;
+        }
+        tracing::info!(files = report.files_linked, bytes = report.bytes_saved, "optimised");
+        Ok(report)
+    }
+
+    fn optimise_tree(&self, path: &Path, report: &mut OptimiseReport) -> Result<()> {
+        let meta = fs::symlink_metadata(path).map_err(io_err("stat", path))?;
+        if meta.is_dir() {
+            for entry in fs::read_dir(path).map_err(io_err("list", path))? {
+                self.optimise_tree(&entry.map_err(io_err("list", path))?.path(), report)?;
+            }
+        } else if meta.is_file() && meta.size() > 0 {
+            // A link that vanishes between our two `link` calls (the collector removed it as
+            // unused) is recreated on the next attempt.
+            for _ in 0..3 {
+                if self.optimise_file(path, &meta, report)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Links one file; `false` if its link vanished and it should be tried again.
+    fn optimise_file(&self, file: &Path, meta: &Metadata, report: &mut OptimiseReport) -> Result<bool> {
+        let executable = meta.mode() & 0o100 != 0;
+        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256)).map_err(io_err("hash", file))?;
+        let mut f = File::open(file).map_err(io_err("open", file))?;
+        nar.regular(None, executable, meta.size(), &mut f)
+            .map_err(|source| StoreError::NarWrite { path: file.to_owned(), source })?;
+        let hash = nar.finish().map_err(|source| StoreError::NarWrite { path: file.to_owned(), source })?.finish();
+        let link = self.layout.links_dir().join(cairn_nix::nixbase32::encode(hash.as_bytes()));
+        match fs::hard_link(file, &link) {
+            Ok(()) => return Ok(true), // the first of its kind
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            // Too many links to this inode already, or the file system refuses: leave it.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMLINK) => return Ok(true),
+            Err(e) => return Err(io_err("link", &link)(e)),
+        }
+        let link_meta = match fs::symlink_metadata(&link) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("stat", &link)(e)),
+        };
+        if link_meta.ino() == meta.ino() && link_meta.dev() == meta.dev() {
+            return Ok(true); // already linked
+        }
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.layout.tmp_root().join(format!("link-{}-{n}", std::process::id()));
+        match fs::hard_link(&link, &tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMLINK) => return Ok(true),
+            Err(e) => return Err(io_err("link", &tmp)(e)),
+        }
+        // The file's directory is read-only and its mtime canonical: open it up for the
+        // rename, then restore both. (A file that is itself a store path sits in the store
+        // directory, which is writable and has no canonical form.)
+        let parent = file.parent().expect("store files have a parent");
+        let in_path = parent != self.layout.real_store_dir;
+        if in_path {
+            fs::set_permissions(parent, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", parent))?;
+        }
+        let renamed = fs::rename(&tmp, file).map_err(io_err("replace", file));
+        if in_path {
+            fsops::set_canonical_dir(parent)?;
+        }
+        if renamed.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        renamed?;
+        report.files_linked += 1;
+        report.bytes_saved += meta.size();
+        Ok(true)
+    }
+}

@@ -1,0 +1,111 @@
+//! `verify`: is what the database says true of the disk?
+//!
+//! Checks that the database is intact and its references closed (SQLite's `quick_check` and
+//! `foreign_key_check`), that every valid path has contents on disk, and — with
+//! `check_contents` — that those contents still serialise to the recorded NAR hash and size.
+//! Contents are hashed on two threads; each path is temporarily rooted while it is checked, and
+//! a path a concurrent collection took in the meantime is not reported.
+//!
+//! Repair needs somewhere to fetch good copies from (a substituter); with none configured,
+//! `verify` says what is broken and that it cannot repair it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use cairn_nix::hash::HashingWriter;
+use cairn_nix::{Hash, HashAlgo, StorePath};
+
+use crate::{fsops, LocalStore, Result};
+
+/// What to check.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions {
+    pub check_contents: bool,
+    pub repair: bool,
+}
+
+/// One thing found wrong.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// The path concerned, if the problem is a path's.
+    pub path: Option<StorePath>,
+    /// `missing`, `modified`, `database`.
+    pub kind: &'static str,
+    /// One line, as Nix words it where Nix has the same check.
+    pub message: String,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub checked: u64,
+    pub problems: Vec<Problem>,
+    /// Paths repaired (none while no substituter can be configured).
+    pub repaired: u64,
+}
+
+impl LocalStore {
+    pub fn verify(&self, opts: VerifyOptions) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        for message in self.db().check_integrity()? {
+            report.problems.push(Problem { path: None, kind: "database", message });
+        }
+        let all = self.db().all_hashes()?;
+        report.checked = all.len() as u64;
+        let problems = Mutex::new(Vec::new());
+        let next = AtomicUsize::new(0);
+        let workers = if opts.check_contents { 2 } else { 1 };
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((path, hash, size)) = all.get(i) else { break };
+                    if let Some(p) = self.verify_path(path, hash, *size, opts.check_contents) {
+                        problems.lock().expect("problems poisoned").push(p);
+                    }
+                });
+            }
+        });
+        let mut problems = problems.into_inner().expect("problems poisoned");
+        problems.sort();
+        report.problems.extend(problems);
+        if opts.repair {
+            for p in &mut report.problems {
+                p.message.push_str(" (cannot repair: no substituter is configured)");
+            }
+        }
+        Ok(report)
+    }
+
+    fn verify_path(&self, path: &StorePath, hash: &Hash, size: u64, contents: bool) -> Option<Problem> {
+        let _root = self.temp_root([path.clone()]);
+        let shown = self.store_dir().display(path);
+        let problem = |kind, message| Some(Problem { path: Some(path.clone()), kind, message });
+        let real = self.real_path(path);
+        let found = if std::fs::symlink_metadata(&real).is_err() {
+            problem("missing", format!("path '{shown}' disappeared, but it is still valid"))
+        } else if contents {
+            let mut w = HashingWriter::new(std::io::sink(), HashAlgo::Sha256);
+            match fsops::dump(&real, &mut w) {
+                Err(e) => problem("modified", format!("path '{shown}' cannot be read: {e}")),
+                Ok(()) => {
+                    let (actual, actual_size, _) = w.finish();
+                    if &actual != hash {
+                        problem(
+                            "modified",
+                            format!("path '{shown}' was modified! expected hash '{hash}', got '{actual}'"),
+                        )
+                    } else if actual_size != size {
+                        problem("modified", format!("path '{shown}' has NAR size {actual_size}, recorded {size}"))
+                    } else {
+                        None
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        // A path collected while we looked is not a problem.
+        found.filter(|_| self.is_valid(path).unwrap_or(true))
+    }
+}
