@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use base64::Engine;
 use cairn_api::config::Settings;
-use cairn_api::{AddMethod, AddQuery, PathInfo, Request, Response};
+use cairn_api::{AddMethod, AddQuery, GcAction, GcResult, PathInfo, Request, Response};
 use cairn_client::{body_from_reader, Client};
 use cairn_nix::nar::{Limits, NarReader};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -20,14 +20,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.store.settings(cli.no_auto_start)?;
     let ctx = Ctx { settings, cli_store: cli.store };
     match cli.command {
-        Command::Add { paths, flat, name, json } => {
+        Command::Add { paths, flat, name, json, out_link } => {
             if name.is_some() && paths.len() > 1 {
                 bail!("--name names one path, but {} were given", paths.len());
             }
             let client = ctx.client().await?;
             let mut infos = Vec::new();
-            for p in &paths {
+            for (i, p) in paths.iter().enumerate() {
                 let info = add(&client, p, flat, name.as_deref()).await?;
+                if let Some(link) = &out_link {
+                    ctx.add_root(&client, &numbered(link, i), &info.path).await?;
+                }
                 if !json {
                     println!("{}", info.path);
                 }
@@ -37,7 +40,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&infos)?;
             }
         }
-        Command::AddText { name, file, references, json } => {
+        Command::AddText { name, file, references, json, out_link } => {
             let contents = if file == Path::new("-") {
                 let mut v = Vec::new();
                 std::io::stdin().read_to_end(&mut v).context("cannot read stdin")?;
@@ -51,11 +54,89 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 contents: base64::engine::general_purpose::STANDARD.encode(contents),
                 references,
             };
-            let infos = path_infos(ctx.client().await?.query(&req).await?)?;
+            let client = ctx.client().await?;
+            let infos = path_infos(client.query(&req).await?)?;
+            if let (Some(link), Some(info)) = (&out_link, infos.first()) {
+                ctx.add_root(&client, link, &info.path).await?;
+            }
             if json {
                 print_json(&infos)?;
             } else {
                 infos.iter().for_each(|i| println!("{}", i.path));
+            }
+        }
+        Command::AddRoot { link, path } => {
+            let path = ctx.store_path(&path)?;
+            ctx.add_root(&ctx.client().await?, &link, &path).await?;
+            println!("{}", std::path::absolute(&link)?.display());
+        }
+        Command::Gc { print_roots, print_live, print_dead, dry_run, max_freed, json } => {
+            let action = match (print_roots, print_live, print_dead, dry_run) {
+                (true, ..) => GcAction::PrintRoots,
+                (_, true, ..) => GcAction::PrintLive,
+                (_, _, true, _) => GcAction::PrintDead,
+                (.., true) => GcAction::DryRun,
+                _ => GcAction::Collect,
+            };
+            let req = Request::Gc { action, max_freed };
+            match action {
+                GcAction::PrintLive | GcAction::PrintDead => ctx.print_paths(req, json).await?,
+                GcAction::PrintRoots => {
+                    let resp = ctx.client().await?.query(&req).await?;
+                    let Response::Roots(roots) = resp else { bail!("cairnd answered --print-roots with {resp:?}") };
+                    if json {
+                        print_json(&roots)?;
+                    } else {
+                        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                        for r in roots {
+                            writeln!(out, "{} -> {}", r.origin, r.path)?;
+                        }
+                        out.flush()?;
+                    }
+                }
+                GcAction::Collect | GcAction::DryRun => {
+                    let client = ctx.client().await?;
+                    let spinner = progress::spinner("collecting garbage");
+                    let resp = client.query(&req).await;
+                    spinner.finish_and_clear();
+                    let r = gc_result(resp?)?;
+                    print_gc(&r, json, action == GcAction::DryRun)?;
+                }
+            }
+        }
+        Command::Delete { paths, json } => {
+            let req = Request::Delete { paths: ctx.store_paths(&paths)? };
+            let r = gc_result(ctx.client().await?.query(&req).await?)?;
+            print_gc(&r, json, false)?;
+        }
+        Command::Optimise { json } => {
+            let spinner = progress::spinner("optimising");
+            let resp = ctx.client().await?.query(&Request::Optimise).await;
+            spinner.finish_and_clear();
+            let Response::Optimise(r) = resp? else { bail!("cairnd answered optimise with something else") };
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("{} freed by hard-linking {} files", mib(r.bytes_saved), r.files_linked);
+            }
+        }
+        Command::Verify { check_contents, repair, json } => {
+            let spinner = progress::spinner(if check_contents { "checking contents" } else { "checking paths" });
+            let resp = ctx.client().await?.query(&Request::Verify { check_contents, repair }).await;
+            spinner.finish_and_clear();
+            let Response::Verify(r) = resp? else { bail!("cairnd answered verify with something else") };
+            if json {
+                print_json(&r)?;
+            } else {
+                for p in &r.problems {
+                    println!("{}", p.message);
+                }
+            }
+            if !r.problems.is_empty() {
+                bail!("{} of {} paths checked have problems", r.problems.len(), r.checked);
+            }
+            if !json {
+                eprintln!("{} paths checked, no problems", r.checked);
             }
         }
         Command::PathInfo { paths, closure, json } => {
@@ -193,6 +274,29 @@ impl Ctx {
         connect(&self.settings, &self.cli_store).await
     }
 
+    /// Registers `link` as an indirect root of `path` and makes it a symlink to the path's
+    /// contents. The daemon keeps the path rooted for this process's life, so the path cannot
+    /// be collected between the two steps.
+    async fn add_root(&self, client: &Client, link: &Path, path: &str) -> anyhow::Result<()> {
+        let link = std::path::absolute(link).with_context(|| format!("bad link '{}'", link.display()))?;
+        if let Ok(m) = std::fs::symlink_metadata(&link) {
+            if !m.file_type().is_symlink() {
+                bail!("'{}' exists and is not a symlink; not replacing it", link.display());
+            }
+        }
+        client.query(&Request::AddRoot { link: link.display().to_string(), path: path.to_owned() }).await?;
+        let target = self.settings.root.join(path.trim_start_matches('/'));
+        let tmp = link.with_file_name(format!(
+            ".{}.cairn-{}",
+            link.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&target, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &link))
+            .with_context(|| format!("cannot create the symlink '{}'", link.display()))
+    }
+
     fn real_store_dir(&self) -> PathBuf {
         self.settings.root.join(self.settings.store_dir.trim_start_matches('/'))
     }
@@ -289,6 +393,47 @@ impl Ctx {
         }
         Ok(out.flush()?)
     }
+}
+
+/// `LINK` for the first path, `LINK-2`, `LINK-3` … for the others (as `nix-build` names
+/// further outputs' links).
+fn numbered(link: &Path, i: usize) -> PathBuf {
+    if i == 0 {
+        return link.to_owned();
+    }
+    let mut s = link.as_os_str().to_owned();
+    s.push(format!("-{}", i + 1));
+    PathBuf::from(s)
+}
+
+/// Bytes as Nix shows them (`showBytes`).
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn gc_result(resp: Response) -> anyhow::Result<GcResult> {
+    match resp {
+        Response::Gc(r) => Ok(r),
+        other => bail!("cairnd answered with {other:?}"),
+    }
+}
+
+/// A collection's or delete's outcome, worded as `nix-store --gc` words it.
+fn print_gc(r: &GcResult, json: bool, dry_run: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(r);
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if dry_run {
+        for p in &r.deleted {
+            writeln!(out, "{p}")?;
+        }
+        out.flush()?;
+        eprintln!("would delete {} store paths, freeing {}", r.deleted.len(), mib(r.bytes_freed));
+        return Ok(());
+    }
+    writeln!(out, "{} store paths deleted, {} freed", r.deleted.len(), mib(r.bytes_freed))?;
+    Ok(out.flush()?)
 }
 
 fn path_infos(resp: Response) -> anyhow::Result<Vec<PathInfo>> {

@@ -46,6 +46,10 @@ pub enum Command {
         /// Print each path's metadata as JSON.
         #[arg(long)]
         json: bool,
+        /// Make LINK a symlink to the path that keeps it from garbage collection (LINK-2,
+        /// LINK-3 … for further paths).
+        #[arg(long, short = 'o', value_name = "LINK")]
+        out_link: Option<PathBuf>,
     },
     /// Add a text file whose store path depends on its references, as `builtins.toFile`.
     AddText {
@@ -55,6 +59,58 @@ pub enum Command {
         /// A store path the text refers to (repeatable).
         #[arg(long = "ref", value_name = "PATH")]
         references: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        /// Make LINK a symlink to the path that keeps it from garbage collection.
+        #[arg(long, short = 'o', value_name = "LINK")]
+        out_link: Option<PathBuf>,
+    },
+    /// Make LINK a symlink to PATH that keeps PATH from garbage collection while LINK exists
+    /// (an indirect root, as `nix-store --add-root --indirect`).
+    AddRoot { link: PathBuf, path: String },
+    /// Delete every path no root reaches, as `nix-store --gc`; or show roots, live or dead
+    /// paths.
+    #[command(visible_alias = "collect-garbage")]
+    Gc {
+        /// Print the roots (`LINK -> PATH`) instead.
+        #[arg(long, group = "report")]
+        print_roots: bool,
+        /// Print the paths that would be kept instead.
+        #[arg(long, group = "report")]
+        print_live: bool,
+        /// Print the paths that would be deleted instead.
+        #[arg(long, group = "report")]
+        print_dead: bool,
+        /// Say what would be deleted and how much it would free, deleting nothing.
+        #[arg(long, conflicts_with = "report")]
+        dry_run: bool,
+        /// Stop after freeing about this much (bytes, or with a K, M, G or T suffix).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "report")]
+        max_freed: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete paths, refusing any that is still rooted or referenced (and saying by what).
+    Delete {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hard-link identical files across the store, as `nix-store --optimise`.
+    #[command(visible_alias = "optimize")]
+    Optimise {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that every valid path is present (and, with --check-contents, intact).
+    Verify {
+        /// Hash every path's contents and compare with the recorded NAR hash.
+        #[arg(long)]
+        check_contents: bool,
+        /// Repair broken paths from a substituter (needs a trusted user).
+        #[arg(long)]
+        repair: bool,
         #[arg(long)]
         json: bool,
     },
@@ -142,6 +198,28 @@ pub enum NarCommand {
     Dump { path: PathBuf },
     /// Read a NAR from stdin and unpack it at DIR, as `nix-store --restore`.
     Restore { dir: PathBuf },
+}
+
+/// A byte count with an optional binary suffix (`512`, `64K`, `1.5G`), as Nix's `--max-freed`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        'T' => 40,
+        other => return Err(format!("unknown size suffix '{other}' (use K, M, G or T)")),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("'{s}' is not a size"));
+    }
+    Ok((n * (1u64 << shift) as f64) as u64)
 }
 
 fn main() -> ExitCode {

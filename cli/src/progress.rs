@@ -18,6 +18,15 @@ pub fn bytes(what: &str) -> ProgressBar {
     bar
 }
 
+/// A spinner with elapsed time, for work the daemon does without reporting progress.
+pub fn spinner(what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"));
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
 /// A writer that advances a progress bar.
 pub struct Counting<W> {
     pub inner: W,

@@ -11,6 +11,8 @@ use nix::unistd::{Gid, Group, Uid, User};
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub uid: u32,
+    /// The client's process, whose new paths stay temporarily rooted until it exits.
+    pub client: Option<cairn_store::ClientId>,
     pub user: String,
     pub allowed: bool,
     pub trusted: bool,
@@ -45,6 +47,7 @@ impl Policy {
         let own = uid_ == nix::unistd::geteuid();
         Peer {
             uid,
+            client: None,
             allowed: own || matches(&self.allowed, uid_, gid_, &user),
             trusted: own || matches(&self.trusted, uid_, gid_, &user),
             user,

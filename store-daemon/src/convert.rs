@@ -28,3 +28,27 @@ pub fn store_path(dir: &StoreDir, s: &str) -> Result<StorePath, ApiError> {
 pub fn store_paths(dir: &StoreDir, v: &[String]) -> Result<Vec<StorePath>, ApiError> {
     v.iter().map(|s| store_path(dir, s)).collect()
 }
+
+pub fn gc_result(dir: &StoreDir, r: cairn_store::GcReport) -> cairn_api::GcResult {
+    cairn_api::GcResult {
+        deleted: r.deleted.iter().map(|p| dir.display(p)).collect(),
+        bytes_freed: r.bytes_freed,
+        unregistered: r.unregistered as u64,
+    }
+}
+
+pub fn verify_result(dir: &StoreDir, r: cairn_store::VerifyReport) -> cairn_api::VerifyResult {
+    cairn_api::VerifyResult {
+        checked: r.checked,
+        problems: r
+            .problems
+            .into_iter()
+            .map(|p| cairn_api::VerifyProblem {
+                path: p.path.as_ref().map(|x| dir.display(x)),
+                kind: p.kind.to_owned(),
+                message: p.message,
+            })
+            .collect(),
+        repaired: r.repaired,
+    }
+}

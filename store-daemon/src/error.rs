@@ -33,6 +33,7 @@ impl From<StoreError> for ApiError {
         use StoreError::*;
         let kind = match &e {
             NotValid(_) => ErrorKind::NotFound,
+            Alive { .. } => ErrorKind::Conflict,
             Nar(_)
             | Export(_)
             | StorePath(_)
@@ -96,6 +97,7 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
     let kind = match status.as_u16() {
         403 => ErrorKind::Forbidden,
         404 => ErrorKind::NotFound,
+        409 => ErrorKind::Conflict,
         400..=499 => ErrorKind::BadRequest,
         _ => ErrorKind::Internal,
     };

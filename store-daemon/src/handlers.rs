@@ -17,9 +17,11 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
-use cairn_api::{routes, AddMethod, AddQuery, DirEntry, ExportRequest, PathQuery, Request, Response, VersionInfo};
+use cairn_api::{
+    routes, AddMethod, AddQuery, DirEntry, ExportRequest, GcAction, PathQuery, Request, Response, VersionInfo,
+};
 use cairn_nix::StoreDir;
-use cairn_store::{Direction, EntryKind, LocalStore};
+use cairn_store::{ClientScope, Direction, EntryKind, GcOptions, LocalStore, VerifyOptions};
 use futures_util::TryStreamExt;
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -104,9 +106,9 @@ fn size_hint(r: &Response) -> usize {
     }
 }
 
-async fn query(State(s): St, Json(req): Json<Request>) -> ApiResult<HttpResponse> {
+async fn query(State(s): St, Extension(peer): Extension<Peer>, Json(req): Json<Request>) -> ApiResult<HttpResponse> {
     let st = s.clone();
-    blocking(move || answer(&st, req)).await
+    blocking(move || answer(&st, &peer, req)).await
 }
 
 /// `Response::Paths` of a closure, written straight from the graph into one buffer: no string
@@ -135,7 +137,7 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
 
 /// Answers one query. A closure, the one answer that can hold 100k paths, is written by
 /// [`closure_json`]; everything else is a [`Response`] serialised by [`json_answer`].
-fn answer(st: &AppState, req: Request) -> ApiResult<HttpResponse> {
+fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
     let (store, dir) = (&st.store, &st.store_dir);
     let resp = match req {
         Request::PathInfo { paths, closure } => {
@@ -187,11 +189,59 @@ fn answer(st: &AppState, req: Request) -> ApiResult<HttpResponse> {
                 .decode(contents)
                 .map_err(|e| ApiError::bad_request(format!("text contents are not base64: {e}")))?;
             let refs = store_paths(dir, &references)?.into_iter().collect();
+            let _client = ClientScope::enter(peer.client);
             let info = store.add_text(&name, &contents, &refs)?;
             Response::PathInfos(vec![convert::path_info(dir, &info)])
         }
         Request::IsValid { paths } => {
             Response::Valid(store_paths(dir, &paths)?.iter().map(|p| store.is_valid(p)).collect::<Result<_, _>>()?)
+        }
+        Request::Gc { action, max_freed } => match action {
+            GcAction::PrintRoots => Response::Roots(
+                store
+                    .roots()?
+                    .into_iter()
+                    .map(|r| cairn_api::RootInfo { origin: r.origin, path: dir.display(&r.path) })
+                    .collect(),
+            ),
+            GcAction::PrintLive => paths_out(dir, store.live_paths()?),
+            GcAction::PrintDead => paths_out(dir, store.dead_paths()?),
+            GcAction::Collect | GcAction::DryRun => {
+                let opts = GcOptions { dry_run: action == GcAction::DryRun, max_freed };
+                Response::Gc(convert::gc_result(dir, store.collect_garbage(&opts)?))
+            }
+        },
+        Request::Delete { paths } => {
+            Response::Gc(convert::gc_result(dir, store.delete_paths(&store_paths(dir, &paths)?)?))
+        }
+        Request::AddRoot { link, path } => {
+            let link = std::path::PathBuf::from(link);
+            if !link.is_absolute() {
+                return Err(ApiError::bad_request(format!("root link '{}' is not an absolute path", link.display())));
+            }
+            let p = store_path(dir, &path)?;
+            // Kept for the client's life: it creates the link after this answer.
+            let _client = ClientScope::enter(peer.client);
+            store.add_indirect_root(&link, &p)?;
+            tracing::info!(link = %link.display(), path, "root added");
+            Response::Paths(vec![dir.display(&p)])
+        }
+        Request::Optimise => {
+            let r = store.optimise()?;
+            Response::Optimise(cairn_api::OptimiseResult {
+                paths: r.paths,
+                files_linked: r.files_linked,
+                bytes_saved: r.bytes_saved,
+            })
+        }
+        Request::Verify { check_contents, repair } => {
+            if repair && !peer.trusted {
+                return Err(ApiError::forbidden(format!(
+                    "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
+                    peer.user
+                )));
+            }
+            Response::Verify(convert::verify_result(dir, store.verify(VerifyOptions { check_contents, repair })?))
         }
     };
     json_answer(&resp, size_hint(&resp))
@@ -255,8 +305,14 @@ async fn refuse_upload<T>(body: Body, e: ApiError) -> ApiResult<T> {
     Err(e)
 }
 
-async fn add(State(s): St, Query(q): Query<AddQuery>, body: Body) -> ApiResult<Json<cairn_api::PathInfo>> {
+async fn add(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<AddQuery>,
+    body: Body,
+) -> ApiResult<Json<cairn_api::PathInfo>> {
     let info = upload(body, move |input| {
+        let _client = ClientScope::enter(peer.client);
         let info = match q.method {
             AddMethod::Nar => s.store.add_nar(&q.name, input)?,
             AddMethod::Flat => {
@@ -381,6 +437,7 @@ async fn import(
         return refuse_upload(body, e).await;
     }
     let infos = upload(body, move |input| {
+        let _client = ClientScope::enter(peer.client);
         let infos = s.store.import(input)?;
         tracing::info!(paths = infos.len(), "imported");
         Ok(infos.iter().map(|i| convert::path_info(&s.store_dir, i)).collect())

@@ -8,7 +8,7 @@ use anyhow::Context;
 use axum::Extension;
 use cairn_api::config::{state_dir, Settings};
 use cairn_nix::StoreDir;
-use cairn_store::{LocalStore, StoreLayout};
+use cairn_store::{GcSettings, LocalStore, StoreLayout};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -29,7 +29,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         state_dir: state_dir(&settings.root),
         store_dir: store_dir.clone(),
     };
-    let store = tokio::task::spawn_blocking(move || LocalStore::open(layout)).await??;
+    let gc = GcSettings {
+        keep_derivations: settings.keep_derivations,
+        keep_outputs: settings.keep_outputs,
+        runtime_roots: settings.runtime_roots,
+    };
+    let store = tokio::task::spawn_blocking(move || LocalStore::open(layout).map(|s| s.with_gc_settings(gc))).await??;
     let store = Arc::new(store);
 
     let socket = &settings.socket;
@@ -61,6 +66,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     });
 
+    if settings.min_free > 0 {
+        tokio::spawn(auto_gc(store.clone(), settings.clone()));
+    }
+
     let graceful = GracefulShutdown::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -72,7 +81,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                     Err(e) => { tracing::warn!("accept failed: {e}"); continue; }
                 };
                 let peer = match stream.peer_cred() {
-                    Ok(c) => policy.identify(c.uid(), c.gid()),
+                    Ok(c) => crate::auth::Peer {
+                        client: c.pid().and_then(cairn_store::ClientId::of_pid),
+                        ..policy.identify(c.uid(), c.gid())
+                    },
                     Err(e) => { tracing::warn!("no peer credentials: {e}"); continue; }
                 };
                 tracing::debug!(user = peer.user, uid = peer.uid, "connection");
@@ -100,4 +112,23 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Collects garbage whenever free space drops below `min-free`, checking every
+/// `min-free-check-interval` seconds.
+async fn auto_gc(store: Arc<LocalStore>, settings: Settings) {
+    let mut every = tokio::time::interval(Duration::from_secs(settings.min_free_check_interval));
+    loop {
+        every.tick().await;
+        let s = store.clone();
+        let (min, max) = (settings.min_free, settings.max_free);
+        match tokio::task::spawn_blocking(move || s.auto_gc(min, max)).await {
+            Ok(Ok(Some(r))) => {
+                tracing::info!(deleted = r.deleted.len(), bytes = r.bytes_freed, "automatic garbage collection")
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!("automatic garbage collection failed: {e}"),
+            Err(e) => tracing::warn!("automatic garbage collection panicked: {e}"),
+        }
+    }
 }

@@ -25,6 +25,12 @@ pub struct ConfigFile {
     pub trusted_users: Option<Vec<String>>,
     pub auto_start_daemon: Option<bool>,
     pub log_level: Option<String>,
+    pub keep_derivations: Option<bool>,
+    pub keep_outputs: Option<bool>,
+    pub runtime_roots: Option<bool>,
+    pub min_free: Option<u64>,
+    pub max_free: Option<u64>,
+    pub min_free_check_interval: Option<u64>,
 }
 
 /// Why configuration could not be loaded.
@@ -90,6 +96,18 @@ pub struct Settings {
     pub auto_start_daemon: bool,
     /// tracing filter for the daemon's log (`RUST_LOG` wins).
     pub log_level: String,
+    /// Keep the derivation that built a live path.
+    pub keep_derivations: bool,
+    /// Keep the outputs of a live derivation.
+    pub keep_outputs: bool,
+    /// Store paths running processes use are roots.
+    pub runtime_roots: bool,
+    /// Collect garbage when fewer bytes than this are free (0: never).
+    pub min_free: u64,
+    /// … until this many are.
+    pub max_free: u64,
+    /// Seconds between checks of free space.
+    pub min_free_check_interval: u64,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -123,6 +141,12 @@ impl Settings {
             trusted_users: file.trusted_users.unwrap_or_else(|| vec!["root".to_owned()]),
             auto_start_daemon: file.auto_start_daemon.unwrap_or(true) && !over.no_auto_start,
             log_level: file.log_level.unwrap_or_else(|| "info".to_owned()),
+            keep_derivations: file.keep_derivations.unwrap_or(true),
+            keep_outputs: file.keep_outputs.unwrap_or(false),
+            runtime_roots: file.runtime_roots.unwrap_or(true),
+            min_free: file.min_free.unwrap_or(0),
+            max_free: file.max_free.unwrap_or(i64::MAX as u64),
+            min_free_check_interval: file.min_free_check_interval.unwrap_or(5).max(1),
         }
     }
 }
@@ -135,7 +159,21 @@ mod tests {
     fn template_parses_and_names_every_key() {
         let f = ConfigFile::parse(TEMPLATE, Path::new("template")).unwrap();
         assert_eq!(f, ConfigFile::default(), "the template only has comments");
-        for key in ["store-dir", "root", "socket", "allowed-users", "trusted-users", "auto-start-daemon", "log-level"] {
+        for key in [
+            "store-dir",
+            "root",
+            "socket",
+            "allowed-users",
+            "trusted-users",
+            "auto-start-daemon",
+            "log-level",
+            "keep-derivations",
+            "keep-outputs",
+            "runtime-roots",
+            "min-free",
+            "max-free",
+            "min-free-check-interval",
+        ] {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
         }
     }

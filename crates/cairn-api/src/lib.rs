@@ -115,6 +115,89 @@ pub enum Request {
     AddText { name: String, contents: String, references: Vec<String> },
     /// Whether each path is valid. Answered by [`Response::Valid`].
     IsValid { paths: Vec<String> },
+    /// Garbage collection, or one of its reports. Answered by [`Response::Gc`] (collect,
+    /// dry-run), [`Response::Roots`] (print-roots) or [`Response::Paths`] (print-live,
+    /// print-dead).
+    Gc {
+        action: GcAction,
+        /// Stop once about this many bytes are freed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_freed: Option<u64>,
+    },
+    /// Deletes exactly these paths, refusing live or still referenced ones. Answered by
+    /// [`Response::Gc`].
+    Delete { paths: Vec<String> },
+    /// Makes `link` (absolute; the client creates the symlink) an indirect root of `path`.
+    /// Answered by [`Response::Paths`] with the path.
+    AddRoot { link: String, path: String },
+    /// Hard-links identical files. Answered by [`Response::Optimise`].
+    Optimise,
+    /// Checks the store. Answered by [`Response::Verify`]. Repair needs a trusted user.
+    Verify {
+        #[serde(default)]
+        check_contents: bool,
+        #[serde(default)]
+        repair: bool,
+    },
+}
+
+/// What [`Request::Gc`] does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GcAction {
+    Collect,
+    DryRun,
+    PrintRoots,
+    PrintLive,
+    PrintDead,
+}
+
+/// What a collection or a delete did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GcResult {
+    /// Deleted paths (or, in a dry run, those that would be), referrers first.
+    pub deleted: Vec<String>,
+    /// Bytes of files freed (in a dry run: NAR sizes).
+    pub bytes_freed: u64,
+    /// Unregistered leftovers removed from the store directory.
+    #[serde(default)]
+    pub unregistered: u64,
+}
+
+/// A garbage-collector root.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootInfo {
+    /// A symlink, `{temp:PID}`, `/proc/PID/…`, or a named source's description.
+    pub origin: String,
+    pub path: String,
+}
+
+/// What `optimise` did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OptimiseResult {
+    pub paths: u64,
+    pub files_linked: u64,
+    pub bytes_saved: u64,
+}
+
+/// One problem `verify` found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyProblem {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `missing`, `modified` or `database`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyResult {
+    pub checked: u64,
+    pub problems: Vec<VerifyProblem>,
+    pub repaired: u64,
 }
 
 /// Answers of `POST /v1/query`.
@@ -130,6 +213,10 @@ pub enum Response {
     },
     Listing(Vec<DirEntry>),
     Valid(Vec<bool>),
+    Gc(GcResult),
+    Roots(Vec<RootInfo>),
+    Optimise(OptimiseResult),
+    Verify(VerifyResult),
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon
@@ -185,6 +272,8 @@ pub enum ErrorKind {
     Forbidden,
     /// A path is not valid (404).
     NotFound,
+    /// The store's state forbids it: a path to delete is still live or referenced (409).
+    Conflict,
     /// The store could not do it (500).
     Internal,
 }
@@ -195,6 +284,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => 400,
             ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
             ErrorKind::Internal => 500,
         }
     }
