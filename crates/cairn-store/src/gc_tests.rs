@@ -392,3 +392,15 @@ fn adds_racing_with_collections_never_lose_what_they_root() {
     s.collect_garbage(&GcOptions::default()).unwrap();
     assert_eq!(s.count().unwrap() as usize, live.len());
 }
+
+#[test]
+fn automatic_collection_runs_only_below_min_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(store_at(dir.path()));
+    let junk = text(&s, "junk", &[]);
+    assert_eq!(s.auto_gc(0, u64::MAX).unwrap(), None, "min-free 0: never");
+    assert_eq!(s.auto_gc(1, u64::MAX).unwrap(), None, "more than one byte is free");
+    // Less free than asked for: collect until max-free would be reached (here: everything).
+    let report = s.auto_gc(u64::MAX, u64::MAX).unwrap().expect("collected");
+    assert_eq!(report.deleted, vec![junk]);
+}
