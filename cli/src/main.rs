@@ -263,3 +263,19 @@ fn stdout_closed(e: &anyhow::Error) -> bool {
 fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        for bad in ["", "K", "-1M", "1X", "nanM", "one"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+}
