@@ -1,18 +1,30 @@
-//! cairn's benchmark: the foundation's three workloads, run through cairn and real Nix in the
-//! same run on the same machine, printing both figures and their ratio.
+//! cairn's benchmark: the foundation's three workloads and garbage collection, run through cairn
+//! and real Nix in the same run on the same machine, printing both figures and their ratio.
 //!
 //! 1. `add` of a tree of 1 GiB in ~8k files (`cairn add` vs `nix-store --add`), with cairnd's
 //!    peak resident memory (VmHWM) during the add;
 //! 2. `import` of one export stream of 100k small paths with references
 //!    (`cairn import` vs `nix-store --import`);
 //! 3. the closure of a path that reaches all 100k paths (`cairn closure` vs `nix-store -qR`),
-//!    cold (first query after start, which loads the graph) and warm.
+//!    cold (first query after start, which loads the graph) and warm;
+//! 4. garbage collection in a random DAG of 100k paths (each referencing up to 8 random earlier
+//!    ones), imported into both stores: with 1% of the paths rooted by symlinks in the gcroots
+//!    directories, printing the dead set (`cairn gc --print-dead` vs `nix-store --gc
+//!    --print-dead`, both checked against the dead set computed here); then, the roots removed,
+//!    deleting all of it (`cairn gc` vs `nix-store --gc`, both stores checked empty after), with
+//!    the peak resident memory of cairnd (VmHWM: since a restart for the dead set, reset for the
+//!    deletion) and of `nix-store` (`ru_maxrss`), and `rm -rf` of a copy of the store directory
+//!    as the file system's floor.
+//!    Runtime roots stay on in both (their defaults), so both scan `/proc`.
 //!
 //! Each tool starts from a fresh store for every repetition; timings are wall-clock for the
 //! whole command, client start-up included. Inputs are generated, then read once so that both
 //! tools see a warm page cache. Run it with `bench/run` (release build); `bench/run --quick`
-//! uses smaller inputs. Nothing here is a pass/fail test: it prints what it measured.
+//! uses smaller inputs; `--only gc` (or `add`, `import`, comma-separated) runs some workloads.
+//! Nothing here is a pass/fail test: it prints what it measured (and stops if the two tools
+//! disagree; in the gc workload, it says so under the table and goes on).
 
+use std::collections::BTreeSet;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,12 +42,31 @@ struct Opts {
     paths: u64,
     reps: usize,
     with_nix: bool,
-    /// Only write the export stream of `paths` paths to this file (for profiling), then exit.
+    /// Workloads to run (`add`, `import`, `gc`); all of them by default.
+    only: Vec<String>,
+    /// Only write the export stream of `paths` paths to this file (for profiling), then exit;
+    /// with `--only gc`, the gc workload's stream, printing the paths it roots.
     write_stream: Option<PathBuf>,
 }
 
+impl Opts {
+    fn runs(&self, workload: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|w| w == workload)
+    }
+}
+
+const WORKLOADS: [&str; 3] = ["add", "import", "gc"];
+
 fn parse_opts() -> Result<Opts> {
-    let mut o = Opts { tree_mib: 1024, files: 8192, paths: 100_000, reps: 3, with_nix: true, write_stream: None };
+    let mut o = Opts {
+        tree_mib: 1024,
+        files: 8192,
+        paths: 100_000,
+        reps: 3,
+        with_nix: true,
+        only: Vec::new(),
+        write_stream: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || -> Result<u64> { args.next().context("missing number")?.parse().context("not a number") };
@@ -46,14 +77,23 @@ fn parse_opts() -> Result<Opts> {
             "--paths" => o.paths = num()?,
             "--reps" => o.reps = num()? as usize,
             "--no-nix" => o.with_nix = false,
+            "--only" => {
+                for w in args.next().context("missing workload")?.split(',') {
+                    ensure!(WORKLOADS.contains(&w), "unknown workload {w:?} (one of {})", WORKLOADS.join(", "));
+                    o.only.push(w.to_owned());
+                }
+            }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--tree-mib N] [--files N] [--paths N] [--reps N] [--no-nix] [--write-stream FILE]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc] [--tree-mib N] [--files N] [--paths N]");
+                println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
+                println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
         }
     }
+    ensure!(o.paths > 0 && o.reps > 0, "--paths and --reps must be positive");
     Ok(o)
 }
 
@@ -84,33 +124,41 @@ struct Cairn {
     root: PathBuf,
     socket: PathBuf,
     child: Child,
+    /// cairnd's log filter (`CAIRN_BENCH_LOG` overrides it).
+    log: String,
 }
 
 impl Cairn {
     fn start(work: &Path, tag: &str) -> Result<Cairn> {
+        Cairn::start_logging(work, tag, "warn")
+    }
+
+    /// A cairnd whose log (`<root>/cairnd.log`) has the given filter.
+    fn start_logging(work: &Path, tag: &str, log: &str) -> Result<Cairn> {
         let root = work.join(format!("cairn-{tag}"));
         rm_rf(&root);
         std::fs::create_dir_all(&root)?;
         let socket = root.join("sock");
-        let child = Cairn::spawn(&root, &socket)?;
-        Ok(Cairn { root, socket, child })
+        let log = std::env::var("CAIRN_BENCH_LOG").unwrap_or(log.into());
+        let child = Cairn::spawn(&root, &socket, &log)?;
+        Ok(Cairn { root, socket, child, log })
     }
 
     /// Stops this daemon and starts a new one on the same store.
     fn restart(&mut self) -> Result<()> {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGTERM);
         self.child.wait()?;
-        self.child = Cairn::spawn(&self.root, &self.socket)?;
+        self.child = Cairn::spawn(&self.root, &self.socket, &self.log)?;
         Ok(())
     }
 
-    fn spawn(root: &Path, socket: &Path) -> Result<Child> {
+    fn spawn(root: &Path, socket: &Path, log: &str) -> Result<Child> {
         let child = Command::new(bin("cairnd"))
             .args(["--store-dir", "/nix/store", "--config", "/dev/null", "--root"])
             .arg(root)
             .arg("--socket")
             .arg(socket)
-            .env("RUST_LOG", std::env::var("CAIRN_BENCH_LOG").unwrap_or("warn".into()))
+            .env("RUST_LOG", log)
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(root.join("cairnd.log"))?)
             .spawn()
             .context("start cairnd (build with bench/run)")?;
@@ -144,6 +192,22 @@ impl Cairn {
             .parse()?;
         Ok(kb / 1024.0)
     }
+
+    /// Resets the daemon's peak resident set (VmHWM) to its current one, so that the next
+    /// [`Cairn::peak_rss_mib`] covers only what runs in between.
+    fn reset_peak_rss(&self) -> Result<()> {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").context("reset VmHWM")
+    }
+
+    /// Where cairnd keeps its state (`gcroots/` among it).
+    fn state_dir(&self) -> PathBuf {
+        self.root.join("var/lib/cairn")
+    }
+
+    /// The real directory behind `/nix/store`.
+    fn real_store_dir(&self) -> PathBuf {
+        self.root.join("nix/store")
+    }
 }
 
 impl Drop for Cairn {
@@ -176,6 +240,12 @@ impl NixStore {
         c.env_remove("NIX_REMOTE");
         c
     }
+    fn gc_roots_dir(&self) -> PathBuf {
+        self.root.join("nix/var/nix/gcroots")
+    }
+    fn real_store_dir(&self) -> PathBuf {
+        self.root.join("nix/store")
+    }
 }
 
 /// Runs a command with optional stdin from a file; returns (stdout, seconds). Dirty data of
@@ -190,6 +260,38 @@ fn timed(mut c: Command, stdin: Option<&Path>) -> Result<(String, f64)> {
     let secs = t.elapsed().as_secs_f64();
     ensure!(out.status.success(), "{:?} failed: {}", c, String::from_utf8_lossy(&out.stderr));
     Ok((String::from_utf8_lossy(&out.stdout).into_owned(), secs))
+}
+
+/// As [`timed`], and also the command's peak resident set in MiB (its `ru_maxrss`): the
+/// command runs under this binary's `--rusage-to` wrapper, whose only child it is.
+fn timed_rss(c: Command, stdin: Option<&Path>, work: &Path) -> Result<(String, f64, f64)> {
+    let report = work.join("rusage");
+    let _ = std::fs::remove_file(&report);
+    let mut w = Command::new(std::env::current_exe()?);
+    w.arg("--rusage-to").arg(&report).arg("--").arg(c.get_program()).args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => w.env(k, v),
+            None => w.env_remove(k),
+        };
+    }
+    if let Some(d) = c.get_current_dir() {
+        w.current_dir(d);
+    }
+    let (out, secs) = timed(w, stdin)?;
+    let kib: f64 = std::fs::read_to_string(&report)?.trim().parse()?;
+    Ok((out, secs, kib / 1024.0))
+}
+
+/// `cairn-bench --rusage-to FILE -- PROGRAM ARGS…`: runs PROGRAM with this process's standard
+/// streams and environment, writes its peak resident set (KiB) to FILE, exits with its status.
+fn rusage_wrapper(args: &[String]) -> Result<()> {
+    let [file, sep, program, rest @ ..] = args else { bail!("usage: --rusage-to FILE -- PROGRAM ARGS…") };
+    ensure!(sep == "--", "usage: --rusage-to FILE -- PROGRAM ARGS…");
+    let status = Command::new(program).args(rest).status().with_context(|| format!("run {program}"))?;
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
+    std::fs::write(file, usage.max_rss().to_string())?;
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 struct XorShift(u64);
@@ -238,27 +340,21 @@ fn read_all(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// An export stream of `n` text paths; path i references up to three earlier ones (i-1, i/2,
-/// 7i/10), so that the last path's closure is all of them. Returns the last path.
-fn make_export_stream(file: &Path, n: u64) -> Result<String> {
+/// An export stream of text paths `{prefix}{i}`, path i referencing the earlier paths
+/// `refs[i]` and naming them in its contents (so that it is a valid text path), references
+/// first. Returns the paths.
+fn write_export_stream(file: &Path, prefix: &str, refs: &[Vec<u32>]) -> Result<Vec<String>> {
     let dir = StoreDir::new("/nix/store")?;
     let mut out = BufWriter::new(std::fs::File::create(file)?);
-    let mut paths: Vec<StorePath> = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let mut refs = std::collections::BTreeSet::new();
-        if i > 0 {
-            for j in [i - 1, i / 2, i * 7 / 10] {
-                if j < i {
-                    refs.insert(paths[j as usize].clone());
-                }
-            }
-        }
+    let mut paths: Vec<StorePath> = Vec::with_capacity(refs.len());
+    for (i, r) in refs.iter().enumerate() {
+        let refs: BTreeSet<StorePath> = r.iter().map(|&j| paths[j as usize].clone()).collect();
         let mut contents = format!("path {i}\n").into_bytes();
         for r in &refs {
             contents.extend_from_slice(dir.display(r).as_bytes());
             contents.push(b'\n');
         }
-        let p = dir.make_text_path(&format!("p{i}"), &Hash::digest(HashAlgo::Sha256, &contents), &refs)?;
+        let p = dir.make_text_path(&format!("{prefix}{i}"), &Hash::digest(HashAlgo::Sha256, &contents), &refs)?;
         write_next_marker(&mut out)?;
         let mut nar = NarWriter::new(&mut out)?;
         nar.regular(None, false, contents.len() as u64, &mut &contents[..])?;
@@ -275,7 +371,74 @@ fn make_export_stream(file: &Path, n: u64) -> Result<String> {
     }
     write_end_marker(&mut out)?;
     out.flush()?;
-    Ok(dir.display(paths.last().context("no paths")?))
+    Ok(paths.iter().map(|p| dir.display(p)).collect())
+}
+
+/// An export stream of `n` text paths; path i references up to three earlier ones (i-1, i/2,
+/// 7i/10), so that the last path's closure is all of them. Returns the last path.
+fn make_export_stream(file: &Path, n: u64) -> Result<String> {
+    let refs: Vec<Vec<u32>> = (0..n)
+        .map(|i| [i.wrapping_sub(1), i / 2, i * 7 / 10].into_iter().filter(|&j| j < i).map(|j| j as u32).collect())
+        .collect();
+    write_export_stream(file, "p", &refs)?.pop().context("no paths")
+}
+
+/// The garbage collector's graph: `n` paths, each referencing 0–8 (fewer if the same one is
+/// drawn twice) uniformly drawn earlier ones.
+fn random_dag(n: u64) -> Vec<Vec<u32>> {
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    (0..n)
+        .map(|i| {
+            let k = rng.next() % 9;
+            let r: BTreeSet<u32> = (0..if i == 0 { 0 } else { k }).map(|_| (rng.next() % i) as u32).collect();
+            r.into_iter().collect()
+        })
+        .collect()
+}
+
+/// The indices of the paths of [`random_dag`] that the gc workload roots: 1% of them, drawn
+/// uniformly.
+fn gc_roots(n: u64) -> Vec<u32> {
+    let mut rng = XorShift(0x4f1b_bcdc_bfa5_3e0b);
+    let mut roots = BTreeSet::new();
+    while (roots.len() as u64) < (n / 100).max(1) {
+        roots.insert((rng.next() % n) as u32);
+    }
+    roots.into_iter().collect()
+}
+
+/// Which paths of `refs` the `roots` reach.
+fn reachable(refs: &[Vec<u32>], roots: &[u32]) -> Vec<bool> {
+    let mut live = vec![false; refs.len()];
+    let mut stack = roots.to_vec();
+    while let Some(i) = stack.pop() {
+        if !std::mem::replace(&mut live[i as usize], true) {
+            stack.extend(refs[i as usize].iter().filter(|&&j| !live[j as usize]));
+        }
+    }
+    live
+}
+
+/// Sorted lines of a command's output.
+fn sorted_lines(out: &str) -> Vec<&str> {
+    let mut v: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    v.sort_unstable();
+    v
+}
+
+/// `N` of `N store paths deleted, …` (as both `cairn gc` and `nix-store --gc` print it).
+fn deleted_count(out: &str) -> Result<u64> {
+    let line =
+        out.lines().find(|l| l.contains("store paths deleted")).with_context(|| format!("no summary in {out:?}"))?;
+    Ok(line.split_whitespace().next().context("empty summary")?.parse()?)
+}
+
+/// Entries of a real store directory, leaving out the tools' own (`.links`, `.cairn-tmp` …).
+fn store_entries(dir: &Path) -> Result<usize> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+        .count())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -295,10 +458,51 @@ fn fmt_secs(s: f64) -> String {
     }
 }
 
+/// The printed results: workload, cairn, nix, nix/cairn.
+#[derive(Default)]
+struct Table {
+    rows: Vec<String>,
+    /// Printed under the table.
+    footer: Vec<String>,
+}
+
+impl Table {
+    fn time(&mut self, name: String, c: f64, n: Option<f64>) {
+        let nix = n.map(fmt_secs).unwrap_or("-".into());
+        self.rows.push(format!("{:<48} {:>12} {:>12} {:>10}", name, fmt_secs(c), nix, ratio(n, c)));
+    }
+    fn mib(&mut self, name: String, c: f64, n: Option<f64>) {
+        let nix = n.map(|n| format!("{n:.1} MiB")).unwrap_or("-".into());
+        self.rows.push(format!("{:<48} {:>12} {:>12} {:>10}", name, format!("{c:.1} MiB"), nix, ratio(n, c)));
+    }
+    /// A row with a figure of cairn's (or of the machine's) only.
+    fn note(&mut self, name: &str, value: String) {
+        self.rows.push(format!("{name:<48} {value:>12}"));
+    }
+    fn print(&self) {
+        println!();
+        println!("{:<48} {:>12} {:>12} {:>10}", "workload", "cairn", "nix", "nix/cairn");
+        self.rows.iter().for_each(|r| println!("{r}"));
+        if !self.footer.is_empty() {
+            println!();
+            self.footer.iter().for_each(|r| println!("{r}"));
+        }
+    }
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "--rusage-to") {
+        return rusage_wrapper(&args[2..]);
+    }
     let o = parse_opts()?;
     if let Some(file) = &o.write_stream {
-        println!("{}", make_export_stream(file, o.paths)?);
+        if o.only == ["gc"] {
+            let paths = write_export_stream(file, "g", &random_dag(o.paths))?;
+            gc_roots(o.paths).iter().for_each(|&r| println!("{}", paths[r as usize]));
+        } else {
+            println!("{}", make_export_stream(file, o.paths)?);
+        }
         return Ok(());
     }
     let with_nix = o.with_nix && have("nix-store");
@@ -311,8 +515,24 @@ fn main() -> Result<()> {
         std::thread::available_parallelism()?.get(),
         if with_nix { "present" } else { "absent" }
     );
+    let mut table = Table::default();
+    if o.runs("add") {
+        bench_add(&o, w, with_nix, &mut table)?;
+    }
+    if o.runs("import") {
+        bench_import(&o, w, with_nix, &mut table)?;
+    }
+    if o.runs("gc") {
+        bench_gc(&o, w, with_nix, &mut table)?;
+    }
+    // Removing the inputs and stores (several GiB) is not measured.
+    rm_rf(w);
+    table.print();
+    Ok(())
+}
 
-    // 1. add
+/// 1. `add` of a tree.
+fn bench_add(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()> {
     let tree = w.join("tree");
     make_tree(&tree, o.tree_mib, o.files)?;
     read_all(&tree)?;
@@ -360,7 +580,14 @@ fn main() -> Result<()> {
     let cp_floor = median(&mut cp_times);
     let n_add = (!n_times.is_empty()).then(|| median(&mut n_times));
 
-    // 2. import, 3. closure
+    table.time(format!("add {} MiB tree of {} files (median of {})", o.tree_mib, o.files, o.reps), c_add, n_add);
+    table.note("  cp -r + sync of the same tree (copy floor)", fmt_secs(cp_floor));
+    table.note("  cairnd peak RSS during add", format!("{rss:.1} MiB"));
+    Ok(())
+}
+
+/// 2. `import` of a stream, 3. closure of its last path.
+fn bench_import(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()> {
     let stream = w.join("stream.export");
     let last = make_export_stream(&stream, o.paths)?;
     // Read once, so that both tools find the stream in the page cache.
@@ -416,20 +643,197 @@ fn main() -> Result<()> {
         }
         n_closure = Some(median(&mut qr));
     }
-    drop(c);
-    // Removing the inputs and stores (several GiB) is not measured.
-    rm_rf(w);
+    table.time(format!("import {} paths in one stream", o.paths), c_import, n_import);
+    table.time(format!("closure in a {}-path graph, warm (median of 7)", o.paths), c_warm, n_closure);
+    table.time(format!("closure in a {}-path graph, 1st after restart", o.paths), c_cold, n_closure);
+    Ok(())
+}
 
-    println!();
-    println!("{:<48} {:>12} {:>12} {:>10}", "workload", "cairn", "nix", "nix/cairn");
-    let row = |name: String, c: f64, n: Option<f64>| {
-        println!("{:<48} {:>12} {:>12} {:>10}", name, fmt_secs(c), n.map(fmt_secs).unwrap_or("-".into()), ratio(n, c));
+/// A log line without its terminal colours.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            // CSI: ESC [ parameters… final byte (@ to ~).
+            chars.by_ref().skip(1).find(|c| ('@'..='~').contains(c));
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// `c` with `args` appended.
+fn with_args(mut c: Command, args: &[&str]) -> Command {
+    c.args(args);
+    c
+}
+
+/// Whether a tool printed the expected set of paths; if not, a line saying how they differ.
+fn compare_paths(what: &str, got: &[&str], want: &[&str]) -> Option<String> {
+    if got == want {
+        return None;
+    }
+    let (g, w): (BTreeSet<&str>, BTreeSet<&str>) = (got.iter().copied().collect(), want.iter().copied().collect());
+    let extra: Vec<&&str> = g.difference(&w).collect();
+    let missing: Vec<&&str> = w.difference(&g).collect();
+    Some(format!(
+        "MISMATCH: {what} printed {} paths, {} expected: {} not expected (first {:?}), {} missing (first {:?})",
+        got.len(),
+        want.len(),
+        extra.len(),
+        extra.first(),
+        missing.len(),
+        missing.first()
+    ))
+}
+
+/// Garbage collection in a random DAG (workload 4): the dead set with 1% of the paths rooted,
+/// then the deletion of all of it.
+fn bench_gc(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()> {
+    let n = o.paths;
+    let refs = random_dag(n);
+    let stream = w.join("gc.export");
+    let paths = write_export_stream(&stream, "g", &refs)?;
+    std::io::copy(&mut std::fs::File::open(&stream)?, &mut std::io::sink())?;
+    // 1% of the paths, the same in both stores, are permanent roots.
+    let roots = gc_roots(n);
+    let live = reachable(&refs, &roots);
+    let mut dead: Vec<&str> = paths.iter().zip(&live).filter(|(_, &l)| !l).map(|(p, _)| p.as_str()).collect();
+    dead.sort_unstable();
+    println!(
+        "  gc graph: {n} paths, {} references; {} roots reach {} paths, {} dead",
+        refs.iter().map(Vec::len).sum::<usize>(),
+        roots.len(),
+        n as usize - dead.len(),
+        dead.len()
+    );
+    let mut problems = Vec::new();
+
+    // The same stream into both (setup, not the point, but printed).
+    let mut c = Cairn::start_logging(w, "gc", "info")?;
+    let (out, c_import) = timed(with_args(c.cmd(), &["import"]), Some(&stream))?;
+    ensure!(out.lines().count() as u64 == n, "cairn imported {} paths", out.lines().count());
+    let nix_store = with_nix.then(|| NixStore::new(w, "gc"));
+    let n_import = match &nix_store {
+        Some(s) => Some(timed(with_args(s.cmd("nix-store"), &["--import"]), Some(&stream))?.1),
+        None => None,
     };
-    row(format!("add {} MiB tree of {} files (median of {})", o.tree_mib, o.files, o.reps), c_add, n_add);
-    println!("{:<48} {:>12}", "  cp -r + sync of the same tree (copy floor)", fmt_secs(cp_floor));
-    println!("{:<48} {:>12}", "  cairnd peak RSS during add", format!("{rss:.1} MiB"));
-    row(format!("import {} paths in one stream", o.paths), c_import, n_import);
-    row(format!("closure in a {}-path graph, warm (median of 7)", o.paths), c_warm, n_closure);
-    row(format!("closure in a {}-path graph, 1st after restart", o.paths), c_cold, n_closure);
+    table.time(format!("gc setup: import the {n}-path random DAG"), c_import, n_import);
+
+    // Roots: symlinks in the gcroots directories, to the logical path.
+    let link_roots = |dir: &Path| -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir)?;
+        roots
+            .iter()
+            .map(|&r| {
+                let link = dir.join(format!("bench-{r}"));
+                std::os::unix::fs::symlink(&paths[r as usize], &link)?;
+                Ok(link)
+            })
+            .collect()
+    };
+    let mut links = link_roots(&c.state_dir().join("gcroots"))?;
+    if let Some(s) = &nix_store {
+        links.extend(link_roots(&s.gc_roots_dir())?);
+    }
+
+    // The floor of any deletion of these paths on this file system (as `cp -r` + `sync` is that
+    // of an add): `rm -rf` of a copy of cairn's store directory, timed after both collections.
+    let floor = w.join("gc-delete-floor");
+    let mut cp = Command::new("cp");
+    cp.arg("-r").arg(c.real_store_dir()).arg(&floor);
+    timed(cp, None)?;
+
+    // a. The dead set. cairnd restarts first, so that its memory is that of a daemon that has
+    //    been up (graph loaded), not what the import left; the first query also waits for the
+    //    graph to load, as any first query after a start does.
+    c.restart()?;
+    let print_dead = |c: &Cairn| with_args(c.cmd(), &["gc", "--print-dead"]);
+    let (out, c_first) = timed(print_dead(&c), None)?;
+    problems.extend(compare_paths("cairn gc --print-dead", &sorted_lines(&out), &dead));
+    let mut times = Vec::new();
+    for _ in 0..o.reps {
+        let (out, secs) = timed(print_dead(&c), None)?;
+        problems.extend(compare_paths("cairn gc --print-dead", &sorted_lines(&out), &dead));
+        times.push(secs);
+    }
+    let c_print = median(&mut times);
+    let c_print_rss = c.peak_rss_mib()?;
+    let (mut n_print, mut n_print_rss) = (None, None);
+    if let Some(s) = &nix_store {
+        let mut times = Vec::new();
+        let mut rss = 0f64;
+        for _ in 0..o.reps {
+            let (out, secs, r) = timed_rss(with_args(s.cmd("nix-store"), &["--gc", "--print-dead"]), None, w)?;
+            problems.extend(compare_paths("nix-store --gc --print-dead", &sorted_lines(&out), &dead));
+            times.push(secs);
+            rss = rss.max(r);
+        }
+        (n_print, n_print_rss) = (Some(median(&mut times)), Some(rss));
+    }
+    let name = format!("gc --print-dead: {} of {n} dead (median of {})", dead.len(), o.reps);
+    table.time(name, c_print, n_print);
+    table.time("  1st after a cairnd restart (graph loading)".into(), c_first, n_print);
+    table.mib("  peak RSS (cairnd VmHWM; nix-store maxrss)".into(), c_print_rss, n_print_rss);
+
+    // b. Everything dead: the roots go, then each tool deletes all paths.
+    for l in &links {
+        std::fs::remove_file(l)?;
+    }
+    c.reset_peak_rss()?;
+    let (out, c_gc) = timed(with_args(c.cmd(), &["gc"]), None)?;
+    let c_gc_rss = c.peak_rss_mib()?;
+    let c_summary = out.trim().to_owned();
+    if deleted_count(&out)? != n {
+        problems.push(format!("MISMATCH: cairn gc printed {c_summary:?}, {n} paths expected"));
+    }
+    let (left, _) = timed(with_args(c.cmd(), &["gc", "--print-live"]), None)?;
+    let entries = store_entries(&c.real_store_dir())?;
+    if !left.trim().is_empty() || entries != 0 {
+        problems.push(format!(
+            "MISMATCH: after cairn gc, {} paths live and {entries} entries in the store directory",
+            left.lines().count()
+        ));
+    }
+    let (mut n_gc, mut n_gc_rss, mut n_summary) = (None, None, None);
+    if let Some(s) = &nix_store {
+        let (out, secs, rss) = timed_rss(with_args(s.cmd("nix-store"), &["--gc"]), None, w)?;
+        (n_gc, n_gc_rss, n_summary) = (Some(secs), Some(rss), Some(out.trim().to_owned()));
+        if deleted_count(&out)? != n {
+            problems.push(format!("MISMATCH: nix-store --gc printed {:?}, {n} paths expected", out.trim()));
+        }
+        let (valid, _) = timed(with_args(s.cmd("nix"), &["path-info", "--all"]), None)?;
+        let entries = store_entries(&s.real_store_dir())?;
+        if !valid.trim().is_empty() || entries != 0 {
+            problems.push(format!(
+                "MISMATCH: after nix-store --gc, {} paths valid and {entries} entries in the store directory",
+                valid.lines().count()
+            ));
+        }
+    }
+    let (_, rm_floor) = timed(with_args(Command::new("rm"), &["-rf", &floor.to_string_lossy()]), None)?;
+    table.time(format!("gc deleting all {n} paths"), c_gc, n_gc);
+    table.note("  rm -rf of a copy of the store (delete floor)", fmt_secs(rm_floor));
+    table.mib("  peak RSS (cairnd VmHWM; nix-store maxrss)".into(), c_gc_rss, n_gc_rss);
+
+    table.footer.push(format!("gc: cairn gc printed {c_summary:?}"));
+    if let Some(s) = n_summary {
+        table.footer.push(format!("gc: nix-store --gc printed {s:?}"));
+    }
+    drop(c);
+    let log = std::fs::read_to_string(w.join("cairn-gc/cairnd.log")).unwrap_or_default();
+    for l in log
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| ["graph loaded", "marked", "garbage collected"].iter().any(|m| l.contains(m)))
+    {
+        table.footer.push(format!("gc: cairnd: {}", l.trim()));
+    }
+    for p in problems {
+        eprintln!("cairn-bench: {p}");
+        table.footer.push(p);
+    }
     Ok(())
 }
