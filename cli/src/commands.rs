@@ -274,9 +274,10 @@ impl Ctx {
         connect(&self.settings, &self.cli_store).await
     }
 
-    /// Registers `link` as an indirect root of `path` and makes it a symlink to the path's
-    /// contents. The daemon keeps the path rooted for this process's life, so the path cannot
-    /// be collected between the two steps.
+    /// Makes `link` a symlink to the path's contents and registers it as an indirect root, in
+    /// that order (as Nix's `addPermRoot`): a registered root whose link does not exist yet
+    /// would be dropped as stale by a concurrent collection. Between the two steps the path is
+    /// rooted by this process (the daemon keeps a client's added paths rooted while it lives).
     async fn add_root(&self, client: &Client, link: &Path, path: &str) -> anyhow::Result<()> {
         let link = std::path::absolute(link).with_context(|| format!("bad link '{}'", link.display()))?;
         if let Ok(m) = std::fs::symlink_metadata(&link) {
@@ -284,7 +285,6 @@ impl Ctx {
                 bail!("'{}' exists and is not a symlink; not replacing it", link.display());
             }
         }
-        client.query(&Request::AddRoot { link: link.display().to_string(), path: path.to_owned() }).await?;
         let target = self.settings.root.join(path.trim_start_matches('/'));
         let tmp = link.with_file_name(format!(
             ".{}.cairn-{}",
@@ -294,7 +294,13 @@ impl Ctx {
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&target, &tmp)
             .and_then(|_| std::fs::rename(&tmp, &link))
-            .with_context(|| format!("cannot create the symlink '{}'", link.display()))
+            .with_context(|| format!("cannot create the symlink '{}'", link.display()))?;
+        let req = Request::AddRoot { link: link.display().to_string(), path: path.to_owned() };
+        if let Err(e) = client.query(&req).await {
+            let _ = std::fs::remove_file(&link);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     fn real_store_dir(&self) -> PathBuf {

@@ -208,17 +208,20 @@ impl TestStore {
         self.root.path().join(self.store_dir.trim_start_matches('/'))
     }
 
-    /// The entries of the store directory, asserting that no temporary work is left behind.
+    /// The entries of the store directory, asserting that no temporary work (in `.cairn-tmp`)
+    /// or garbage on its way out (in `.cairn-trash`) is left behind.
     pub fn store_entries(&self) -> Vec<String> {
-        let tmp = self.real_store_dir().join(".cairn-tmp");
-        let left: Vec<_> =
-            std::fs::read_dir(&tmp).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-        assert!(left.is_empty(), "temporary files left in the store: {left:?}");
+        for area in [".cairn-tmp", ".cairn-trash"] {
+            let dir = self.real_store_dir().join(area);
+            let left: Vec<_> =
+                std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+            assert!(left.is_empty(), "files left in {area}: {left:?}");
+        }
         let mut v: Vec<String> = std::fs::read_dir(self.real_store_dir())
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != ".cairn-tmp")
+            .filter(|n| !n.starts_with(".cairn-"))
             .collect();
         v.sort();
         v

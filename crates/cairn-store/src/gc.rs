@@ -101,8 +101,19 @@ impl LocalStore {
     }
 
     /// Roots from every source, valid or not. Prunes temporary roots of exited clients.
+    ///
+    /// Temporary roots are read first: a client roots a path temporarily, then links it, then
+    /// exits; read in this order, every moment of that sequence shows the path in one of the
+    /// two reads.
     fn read_roots(&self) -> Result<Vec<Root>> {
-        let mut roots = LinkRoots { dir: self.gc_roots_dir() }.roots(&self.layout)?;
+        let mut roots = {
+            let mut temp = self.temp.lock();
+            temp.prune();
+            temp.roots()
+        };
+        let (links, stale) = LinkRoots { dir: self.gc_roots_dir() }.roots_and_stale(&self.layout)?;
+        roots.extend(links);
+        self.remove_stale_roots(stale);
         if self.gc_settings.runtime_roots {
             roots.extend(RuntimeRoots.roots(&self.layout)?);
         }
@@ -112,21 +123,38 @@ impl LocalStore {
             tracing::debug!(source = s.name(), roots = found.len(), "roots");
             roots.extend(found);
         }
-        let mut temp = self.temp.lock();
-        temp.prune();
-        roots.extend(temp.roots());
         Ok(roots)
     }
 
-    /// Registers `link` (an absolute path, which the caller creates or has created as a symlink
-    /// to `path`) as an indirect root: `path` stays live while the link exists. The path is
-    /// rooted before its validity is checked, so a collection cannot take it in between.
+    /// Removes indirect roots whose link is gone. Under the lock `add_indirect_root` writes
+    /// under, and only if the link is still gone: a client re-creating the link and registering
+    /// it again meanwhile must not lose its fresh registration.
+    fn remove_stale_roots(&self, stale: Vec<PathBuf>) {
+        if stale.is_empty() {
+            return;
+        }
+        let _auto = self.auto_roots_lock.lock().expect("auto roots lock poisoned");
+        for entry in stale {
+            let Ok(link) = fs::read_link(&entry) else { continue };
+            if fs::symlink_metadata(entry.parent().unwrap_or(Path::new("/")).join(&link)).is_err() {
+                tracing::info!(root = %entry.display(), link = %link.display(), "removing stale indirect root");
+                let _ = fs::remove_file(&entry);
+            }
+        }
+    }
+
+    /// Registers `link` (an absolute path, which the caller has already made a symlink to
+    /// `path`, as Nix's `addPermRoot` does) as an indirect root: `path` stays live while the link
+    /// exists. A registration whose link does not exist yet would be removed as stale by a
+    /// concurrent collection. The path is rooted before its validity is checked, so a
+    /// collection cannot take it in between.
     pub fn add_indirect_root(&self, link: &Path, path: &StorePath) -> Result<()> {
         let _root = self.temp.add([path.clone()]);
         self.valid_path_info(path)?;
         let auto = self.gc_roots_dir().join("auto");
         fs::create_dir_all(&auto).map_err(|source| StoreError::Io { op: "create", path: auto.clone(), source })?;
         let name = auto.join(auto_root_name(link));
+        let _auto = self.auto_roots_lock.lock().expect("auto roots lock poisoned");
         let n = self.tmp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = auto.join(format!(".tmp-{}-{n}", std::process::id()));
         let _ = fs::remove_file(&tmp);
@@ -308,6 +336,13 @@ impl LocalStore {
                 let mut bytes = 0;
                 for batch in rx {
                     for p in batch {
+                        // An add or import of the same path may have come since it was
+                        // invalidated: under the path's lock, contents of a path valid again are
+                        // the new copy, and the add never finds half of the old one.
+                        let _lock = self.locks.lock([p.clone()]);
+                        if self.is_registered(&p) {
+                            continue;
+                        }
                         match self.remove_contents(&p) {
                             Ok(n) => bytes += n,
                             // Already invalid: what is left is removed by the next collection.
@@ -372,7 +407,16 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Removes an invalid path's contents; returns the bytes freed.
+    /// Whether a path is valid, from the graph when it is loaded (under the path's lock, the
+    /// graph and the database agree: registration updates both before the lock is released).
+    fn is_registered(&self, p: &StorePath) -> bool {
+        if let Some(g) = self.graph.read().expect("graph lock poisoned").as_ref() {
+            return g.id(p).is_some();
+        }
+        self.is_valid(p).unwrap_or(true)
+    }
+
+    /// Removes an invalid path's contents; returns the bytes freed. Callers hold its lock.
     fn remove_contents(&self, p: &StorePath) -> Result<u64> {
         let real = self.real_path(p);
         let meta = match fs::symlink_metadata(&real) {

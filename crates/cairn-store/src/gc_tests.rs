@@ -84,8 +84,8 @@ fn indirect_roots_count_while_their_link_exists() {
     let s = quiet(store_at(dir.path()));
     let p = text(&s, "kept", &[]);
     let link = dir.path().join("result");
-    s.add_indirect_root(&link, &p).unwrap();
     std::os::unix::fs::symlink(s.real_path(&p), &link).unwrap();
+    s.add_indirect_root(&link, &p).unwrap();
     assert_eq!(s.live_paths().unwrap(), vec![p.clone()]);
     assert_eq!(s.roots().unwrap()[0].origin, link.display().to_string());
     fs::remove_file(&link).unwrap();

@@ -94,13 +94,11 @@ impl<R: Read> Read for Recorder<'_, R> {
 }
 
 /// What the reading thread found.
-struct Staged<'a> {
+struct Staged {
     /// Every path of the stream, in stream order (valid ones with their recorded metadata).
     all: Vec<PathInfo>,
     /// The paths to register.
     new: Vec<PathInfo>,
-    /// Locks on the new paths, held until they are registered or removed.
-    _locks: Vec<PathLockGuard<'a>>,
     /// Temporary roots on every path of the stream and every reference, so that a collection
     /// cannot take a reference between its check and the registration.
     roots: crate::TempRootGuard,
@@ -119,9 +117,12 @@ impl LocalStore {
         let mut input = BufReader::with_capacity(256 * 1024, input);
         let (tx, rx) = mpsc::sync_channel::<Job>(IN_FLIGHT);
         let mut sent: Vec<PathBuf> = Vec::new();
+        // Locks on the new paths, held until they are registered or, on failure, removed (an
+        // add of the same path must not register it while our copy is being removed).
+        let mut locks: Vec<PathLockGuard<'_>> = Vec::new();
         let (read, placed) = std::thread::scope(|scope| {
             let writer = scope.spawn(|| self.place_all(rx));
-            let read = self.read_stream(&mut input, &tmp.0, tx, &mut sent);
+            let read = self.read_stream(&mut input, &tmp.0, tx, &mut sent, &mut locks);
             (read, writer.join().expect("import writer thread panicked"))
         });
         let outcome = match (read, placed) {
@@ -137,10 +138,11 @@ impl LocalStore {
                 }
             }
         }
+        drop(locks);
         outcome
     }
 
-    fn commit_import(&self, staged: Staged<'_>, started: std::time::Instant) -> Result<Vec<PathInfo>> {
+    fn commit_import(&self, staged: Staged, started: std::time::Instant) -> Result<Vec<PathInfo>> {
         if !staged.new.is_empty() {
             let read = started.elapsed();
             // One syncfs makes every placed file and directory entry durable.
@@ -159,10 +161,11 @@ impl LocalStore {
         tmp: &Path,
         tx: mpsc::SyncSender<Job>,
         sent: &mut Vec<PathBuf>,
-    ) -> Result<Staged<'a>> {
+        locks: &mut Vec<PathLockGuard<'a>>,
+    ) -> Result<Staged> {
         let store_dir = self.store_dir().clone();
         let mut seen: HashSet<StorePath> = HashSet::new();
-        let mut staged = Staged { all: Vec::new(), new: Vec::new(), _locks: Vec::new(), roots: self.temp.add([]) };
+        let mut staged = Staged { all: Vec::new(), new: Vec::new(), roots: self.temp.add([]) };
         for n in 0u64.. {
             if !read_marker(input)? {
                 break;
@@ -207,7 +210,7 @@ impl LocalStore {
                 staged.all.push(check_existing(existing)?);
                 continue;
             }
-            staged._locks.push(lock);
+            locks.push(lock);
             let dest = self.real_path(&path);
             sent.push(dest.clone());
             if tx.send(Job { dest, nar: recording }).is_err() {

@@ -165,6 +165,8 @@ pub struct LocalStore {
     temp: roots::TempRoots,
     /// Collections run one at a time.
     gc_lock: Mutex<()>,
+    /// Serialises writing indirect roots with removing stale ones.
+    auto_roots_lock: Mutex<()>,
     root_sources: RwLock<Vec<std::sync::Arc<dyn RootSource>>>,
     gc_settings: GcSettings,
     tmp_counter: AtomicU64,
@@ -206,6 +208,7 @@ impl LocalStore {
             import_lock: Mutex::new(()),
             temp: Default::default(),
             gc_lock: Mutex::new(()),
+            auto_roots_lock: Mutex::new(()),
             root_sources: RwLock::new(Vec::new()),
             gc_settings: GcSettings::default(),
             tmp_counter: AtomicU64::new(0),

@@ -113,7 +113,9 @@ impl TempState {
         self.released.clear();
     }
 
-    /// Forgets clients whose process has exited.
+    /// Forgets clients whose process has exited. (A client links what it wants kept before it
+    /// exits, and the collector reads temporary roots before links, so a pruned client's paths
+    /// need no grace.)
     pub(crate) fn prune(&mut self) {
         self.clients.retain(|c, _| c.alive());
         self.since_prune = 0;
@@ -223,14 +225,21 @@ pub(crate) fn store_path_of(layout: &StoreLayout, target: &Path) -> Option<Store
 ///
 /// As in Nix: a symlink anywhere under it that points into the store is a root; a symlink that
 /// points elsewhere is an indirect root, which counts if its target is itself a symlink into the
-/// store, and is removed (from `auto/`) once its target is gone; a regular file named like a
-/// store path roots that path.
+/// store, and is stale (to be removed from `auto/`) once its target is gone; a regular file named
+/// like a store path roots that path.
 pub struct LinkRoots {
     pub dir: PathBuf,
 }
 
 impl LinkRoots {
-    fn scan(&self, layout: &StoreLayout, dir: &Path, out: &mut Vec<Root>) -> Result<()> {
+    /// The roots, and the stale entries of `auto/` (which the store removes under its lock).
+    pub(crate) fn roots_and_stale(&self, layout: &StoreLayout) -> Result<(Vec<Root>, Vec<PathBuf>)> {
+        let (mut out, mut stale) = (Vec::new(), Vec::new());
+        self.scan(layout, &self.dir, &mut out, &mut stale)?;
+        Ok((out, stale))
+    }
+
+    fn scan(&self, layout: &StoreLayout, dir: &Path, out: &mut Vec<Root>, stale: &mut Vec<PathBuf>) -> Result<()> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -241,8 +250,11 @@ impl LinkRoots {
             let entry = entry.map_err(|source| StoreError::Io { op: "list", path: dir.to_owned(), source })?;
             let path = entry.path();
             let Ok(ft) = entry.file_type() else { continue };
+            if dir == auto && entry.file_name().as_encoded_bytes().starts_with(b".") {
+                continue; // a root being written (`add_indirect_root`)
+            }
             if ft.is_dir() {
-                self.scan(layout, &path, out)?;
+                self.scan(layout, &path, out, stale)?;
             } else if ft.is_symlink() {
                 let Ok(target) = fs::read_link(&path) else { continue };
                 if let Some(p) = store_path_of(layout, &target) {
@@ -251,10 +263,7 @@ impl LinkRoots {
                 }
                 let target = dir.join(target);
                 match fs::symlink_metadata(&target) {
-                    Err(_) if dir == auto => {
-                        tracing::info!(link = %path.display(), target = %target.display(), "removing stale indirect root");
-                        let _ = fs::remove_file(&path);
-                    }
+                    Err(_) if dir == auto => stale.push(path),
                     Ok(m) if m.file_type().is_symlink() => {
                         if let Some(p) = fs::read_link(&target).ok().and_then(|t| store_path_of(layout, &t)) {
                             out.push(Root { origin: target.display().to_string(), path: p });
@@ -279,9 +288,7 @@ impl RootSource for LinkRoots {
         "links"
     }
     fn roots(&self, layout: &StoreLayout) -> Result<Vec<Root>> {
-        let mut out = Vec::new();
-        self.scan(layout, &self.dir, &mut out)?;
-        Ok(out)
+        Ok(self.roots_and_stale(layout)?.0)
     }
 }
 
