@@ -208,9 +208,26 @@ impl TestStore {
         self.root.path().join(self.store_dir.trim_start_matches('/'))
     }
 
+    /// Waits (up to a minute) until the daemon has emptied `.cairn-trash`, where collected
+    /// paths wait for their space to be freed in the background.
+    pub fn wait_trash_empty(&self) {
+        let trash = self.real_store_dir().join(".cairn-trash");
+        let started = Instant::now();
+        loop {
+            let left: Vec<_> =
+                std::fs::read_dir(&trash).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+            if left.is_empty() {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the trash was not emptied: {left:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The entries of the store directory, asserting that no temporary work (in `.cairn-tmp`)
-    /// or garbage on its way out (in `.cairn-trash`) is left behind.
+    /// is left behind and that garbage on its way out (in `.cairn-trash`) goes.
     pub fn store_entries(&self) -> Vec<String> {
+        self.wait_trash_empty();
         for area in [".cairn-tmp", ".cairn-trash"] {
             let dir = self.real_store_dir().join(area);
             let left: Vec<_> =

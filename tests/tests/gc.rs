@@ -143,6 +143,7 @@ fn assert_verify_clean(st: &TestStore, what: &str) -> u64 {
 
 /// The store paths on disk (base names), asserting that the temporary and trash areas are empty.
 fn on_disk(st: &TestStore) -> BTreeSet<String> {
+    st.wait_trash_empty();
     let trash = st.real_store_dir().join(".cairn-trash");
     let left: Vec<_> = fs::read_dir(&trash).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "trash left in the store: {left:?}");
@@ -1039,7 +1040,8 @@ fn crashes_during_gc_import_and_add_leave_a_consistent_store() {
             st.restart();
         }
 
-        // Start-up emptied the temporary areas; what is valid is whole.
+        // Start-up emptied the temporary area and the reclaimer the trash; what is valid is whole.
+        st.wait_trash_empty();
         for area in [".cairn-tmp", ".cairn-trash"] {
             let left: Vec<_> =
                 fs::read_dir(st.real_store_dir().join(area)).unwrap().flatten().map(|e| e.path()).collect();

@@ -25,7 +25,7 @@ use cairn_db::{Direction, GcMetadata, Graph};
 use cairn_nix::StorePath;
 
 use crate::roots::{auto_root_name, LinkRoots, Root, RootSource, RuntimeRoots};
-use crate::{fsops, LocalStore, Result, StoreError};
+use crate::{LocalStore, Result, StoreError};
 
 /// Paths invalidated per transaction.
 const BATCH: usize = 4096;
@@ -240,6 +240,11 @@ impl LocalStore {
         self.collect_locked(opts)
     }
 
+    /// Blocks until the space of collected paths is freed (the trash is empty).
+    pub fn wait_reclaimed(&self) {
+        self.reclaimer.wait_idle();
+    }
+
     /// Marks the start of a collection (see `TempState::released`); the end when dropped.
     fn collecting(&self) -> Collecting<'_> {
         self.temp.lock().set_collecting(true);
@@ -264,11 +269,11 @@ impl LocalStore {
             }
             return Ok(report);
         }
-        let mut report = self.sweep(order, &sizes, opts.max_freed)?;
+        let (mut report, mut moved) = self.sweep(order, &sizes, opts.max_freed)?;
         if opts.max_freed.is_none_or(|m| report.bytes_freed < m) {
-            let (n, bytes) = self.remove_unregistered()?;
-            report.unregistered = n;
-            report.bytes_freed += bytes + self.remove_unused_links()?;
+            report.unregistered = self.remove_unregistered(&mut moved)?;
+            report.bytes_freed = moved.bytes;
+            report.bytes_freed += self.remove_unused_links(&moved)?;
         }
         tracing::info!(deleted = report.deleted.len(), bytes = report.bytes_freed, elapsed = ?started.elapsed(), "garbage collected");
         Ok(report)
@@ -317,7 +322,7 @@ impl LocalStore {
             let sizes = order.iter().map(|i| m.meta.nar_size.get(i).copied().unwrap_or(0)).collect::<Vec<_>>();
             Ok((order.into_iter().filter_map(|i| g.path(i).cloned()).collect::<Vec<_>>(), sizes))
         })??;
-        let report = self.sweep(order, &sizes, None)?;
+        let (report, _) = self.sweep(order, &sizes, None)?;
         if let Some(p) = paths.iter().find(|p| !report.deleted.contains(p)) {
             return Err(alive(&dir, p, "a running operation is using it or a new path references it".into()));
         }
@@ -327,14 +332,18 @@ impl LocalStore {
     /// Invalidates and removes `order` (referrers first) in batches, skipping paths that became
     /// rooted or referenced since they were found dead. Removal from disk runs on a second
     /// thread while the next batch is invalidated.
-    fn sweep(&self, order: Vec<StorePath>, sizes: &[u64], max_freed: Option<u64>) -> Result<GcReport> {
+    fn sweep(&self, order: Vec<StorePath>, sizes: &[u64], max_freed: Option<u64>) -> Result<(GcReport, Moved)> {
         let mut report = GcReport::default();
         let mut estimate = 0u64;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<StorePath>>(4);
-        let freed = std::thread::scope(|scope| -> Result<u64> {
+        let moved = std::thread::scope(|scope| -> Result<Moved> {
             let remover = scope.spawn(move || {
-                let mut bytes = 0;
+                let mut moved = Moved::default();
+                let started = std::time::Instant::now();
+                let mut busy = std::time::Duration::ZERO;
                 for batch in rx {
+                    let t = std::time::Instant::now();
+                    let before = moved.bytes;
                     for p in batch {
                         // An add or import of the same path may have come since it was
                         // invalidated: under the path's lock, contents of a path valid again are
@@ -343,14 +352,16 @@ impl LocalStore {
                         if self.is_registered(&p) {
                             continue;
                         }
-                        match self.remove_contents(&p) {
-                            Ok(n) => bytes += n,
+                        if let Err(e) = self.remove_contents(&p, &mut moved) {
                             // Already invalid: what is left is removed by the next collection.
-                            Err(e) => tracing::warn!("cannot remove '{}': {e}", p),
+                            tracing::warn!("cannot remove '{}': {e}", p);
                         }
                     }
+                    self.reclaimer.added(moved.bytes - before);
+                    busy += t.elapsed();
                 }
-                bytes
+                tracing::debug!(?busy, total = ?started.elapsed(), "contents moved to the trash");
+                moved
             });
             let mut i = 0;
             let result = (|| -> Result<()> {
@@ -374,11 +385,11 @@ impl LocalStore {
                 Ok(())
             })();
             drop(tx);
-            let bytes = remover.join().expect("remover thread panicked");
-            result.map(|_| bytes)
+            let moved = remover.join().expect("remover thread panicked");
+            result.map(|_| moved)
         })?;
-        report.bytes_freed = freed;
-        Ok(report)
+        report.bytes_freed = moved.bytes;
+        Ok((report, moved))
     }
 
     /// One batch of the sweep, under the deletion lock: `take(index, path)` decides, for each
@@ -397,7 +408,10 @@ impl LocalStore {
             g.remove_node(id);
             gone.push(p.clone());
         }
-        if let Err(e) = self.db().invalidate(&gone) {
+        let t = std::time::Instant::now();
+        let invalidated = self.db().invalidate(&gone);
+        tracing::debug!(paths = gone.len(), elapsed = ?t.elapsed(), "batch invalidated");
+        if let Err(e) = invalidated {
             // The graph is ahead of the database: reload it at the next use.
             *graph = None;
             return Err(e.into());
@@ -416,38 +430,44 @@ impl LocalStore {
         self.is_valid(p).unwrap_or(true)
     }
 
-    /// Removes an invalid path's contents; returns the bytes freed. Callers hold its lock.
-    fn remove_contents(&self, p: &StorePath) -> Result<u64> {
-        let real = self.real_path(p);
-        let meta = match fs::symlink_metadata(&real) {
+    /// Moves an invalid path's contents out of the store directory into the trash, which the
+    /// reclaimer empties (see `reclaim.rs`); returns the bytes that will free (the sizes of files
+    /// with no other hard link, as Nix counts them). Callers hold the path's lock.
+    fn remove_contents(&self, p: &StorePath, moved: &mut Moved) -> Result<()> {
+        self.move_to_trash(&self.real_path(p), &p.base_name(), moved)
+    }
+
+    fn move_to_trash(&self, real: &Path, name: &str, moved: &mut Moved) -> Result<()> {
+        let meta = match fs::symlink_metadata(real) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => return Err(StoreError::Io { op: "stat", path: real, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StoreError::Io { op: "stat", path: real.to_owned(), source }),
         };
-        if !meta.is_dir() {
-            fs::remove_file(&real).map_err(|source| StoreError::Io { op: "remove", path: real.clone(), source })?;
-            return Ok(if meta.nlink() == 1 { meta.size() } else { 0 });
-        }
         // Renaming a directory to another parent rewrites its `..`, which needs write access.
-        if meta.mode() & 0o200 == 0 {
-            fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).map_err(|source| StoreError::Io {
+        if meta.is_dir() && meta.mode() & 0o200 == 0 {
+            fs::set_permissions(real, fs::Permissions::from_mode(0o755)).map_err(|source| StoreError::Io {
                 op: "chmod",
-                path: real.clone(),
+                path: real.to_owned(),
                 source,
             })?;
         }
-        let trash = self.layout.trash_dir().join(p.base_name());
-        fsops::remove_tree(&trash)?;
-        fs::rename(&real, &trash).map_err(|source| StoreError::Io { op: "move to trash", path: real, source })?;
-        fsops::remove_tree_counting(&trash)
+        // Unique in the trash: the same path may be collected again before the last copy is gone.
+        let n = self.tmp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let trash = self.layout.trash_dir().join(format!("{name}.{n}"));
+        fs::rename(real, &trash).map_err(|source| StoreError::Io {
+            op: "move to trash",
+            path: real.to_owned(),
+            source,
+        })?;
+        moved.count(&trash)
     }
 
     /// Removes entries of the store directory that are not valid paths and that no operation
     /// holds (what a crash between placing and registering leaves).
-    fn remove_unregistered(&self) -> Result<(usize, u64)> {
+    fn remove_unregistered(&self, moved: &mut Moved) -> Result<usize> {
         let dir = &self.layout.real_store_dir;
         let entries = fs::read_dir(dir).map_err(|source| StoreError::Io { op: "list", path: dir.clone(), source })?;
-        let (mut n, mut bytes) = (0, 0);
+        let (mut n, before) = (0, moved.bytes);
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -464,23 +484,32 @@ impl LocalStore {
                 continue;
             }
             tracing::info!(path = %p, "removing unregistered contents");
-            bytes += self.remove_contents(&p)?;
+            self.remove_contents(&p, moved)?;
             n += 1;
         }
-        Ok((n, bytes))
+        self.reclaimer.added(moved.bytes - before);
+        Ok(n)
     }
 
     /// Removes files of `optimise`'s links directory that no store path shares any more.
-    fn remove_unused_links(&self) -> Result<u64> {
+    /// A link is unused when its only other names were just moved to the trash.
+    fn remove_unused_links(&self, moved: &Moved) -> Result<u64> {
         let dir = self.layout.links_dir();
         let Ok(entries) = fs::read_dir(&dir) else { return Ok(0) };
         let mut bytes = 0;
         for entry in entries.flatten() {
             let Ok(meta) = entry.metadata() else { continue };
-            if meta.nlink() == 1 && fs::remove_file(entry.path()).is_ok() {
+            // Names in the trash may be gone already (the reclaimer is running).
+            let in_trash = moved.shared.get(&(meta.dev(), meta.ino())).copied().unwrap_or(0);
+            // optimise may link to it again between the check and the move: it then finds the
+            // link gone and makes a new one.
+            if meta.nlink() <= 1 + in_trash {
+                let name = format!("link-{}", entry.file_name().to_string_lossy());
+                self.move_to_trash(&entry.path(), &name, &mut Moved::default())?;
                 bytes += meta.size();
             }
         }
+        self.reclaimer.added(bytes);
         Ok(bytes)
     }
 
@@ -493,13 +522,48 @@ impl LocalStore {
             path: dir.clone(),
             source: e.into(),
         })?;
-        let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+        // Space the reclaimer is still freeing counts as free: it will be, shortly.
+        let avail = st.blocks_available() as u64 * st.fragment_size() as u64 + self.reclaimer.pending_bytes();
         if avail >= min_free || max_free <= avail {
             return Ok(None);
         }
         let Ok(_one) = self.gc_lock.try_lock() else { return Ok(None) };
         tracing::info!(avail, min_free, max_free, "free space below min-free: collecting garbage");
         self.collect_locked(&GcOptions { dry_run: false, max_freed: Some(max_free - avail) }).map(Some)
+    }
+}
+
+/// What a collection moved to the trash.
+#[derive(Default)]
+struct Moved {
+    /// Sizes of the files moved that had no other name (freed once the trash is emptied).
+    bytes: u64,
+    /// Files moved that have other names (hard links of `optimise`): how many names of each
+    /// inode went to the trash.
+    shared: HashMap<(u64, u64), u64>,
+}
+
+impl Moved {
+    /// Counts a tree just moved into the trash.
+    fn count(&mut self, path: &Path) -> Result<()> {
+        let meta = fs::symlink_metadata(path).map_err(|source| StoreError::Io {
+            op: "stat",
+            path: path.to_owned(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let list =
+                fs::read_dir(path).map_err(|source| StoreError::Io { op: "list", path: path.to_owned(), source })?;
+            for entry in list {
+                let entry = entry.map_err(|source| StoreError::Io { op: "list", path: path.to_owned(), source })?;
+                self.count(&entry.path())?;
+            }
+        } else if meta.nlink() == 1 {
+            self.bytes += meta.size();
+        } else {
+            *self.shared.entry((meta.dev(), meta.ino())).or_default() += 1;
+        }
+        Ok(())
     }
 }
 

@@ -66,6 +66,7 @@ fn collection_keeps_closures_of_roots_and_deletes_the_rest_referrers_first() {
     for p in [&a, &b, &c] {
         assert!(s.is_valid(p).unwrap() && s.real_path(p).exists());
     }
+    s.wait_reclaimed();
     assert_eq!(fs::read_dir(s.layout.trash_dir()).unwrap().count(), 0);
     assert!(s.verify(VerifyOptions { check_contents: true, repair: false }).unwrap().problems.is_empty());
     // The graph followed: closure queries no longer see the dead paths.

@@ -27,6 +27,7 @@ mod gc;
 mod import;
 mod locks;
 mod optimise;
+mod reclaim;
 pub mod roots;
 mod transfer;
 mod verify;
@@ -169,6 +170,8 @@ pub struct LocalStore {
     auto_roots_lock: Mutex<()>,
     root_sources: RwLock<Vec<std::sync::Arc<dyn RootSource>>>,
     gc_settings: GcSettings,
+    /// Empties `.cairn-trash`; declared before the store lock so it stops before the lock goes.
+    reclaimer: reclaim::Reclaimer,
     tmp_counter: AtomicU64,
     _lock: Flock<File>,
 }
@@ -195,10 +198,12 @@ impl LocalStore {
             .map_err(|source| StoreError::Io { op: "open", path: lock_path.clone(), source })?;
         let lock =
             Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| StoreError::Locked(lock_path))?;
-        for tmp in [layout.tmp_root(), layout.trash_dir()] {
-            remove_tree(&tmp)?;
-            mkdir(&tmp)?;
-        }
+        let tmp = layout.tmp_root();
+        remove_tree(&tmp)?;
+        mkdir(&tmp)?;
+        // What an earlier run left in the trash is emptied by the reclaimer, in the background.
+        mkdir(&layout.trash_dir())?;
+        let reclaimer = reclaim::Reclaimer::start(layout.trash_dir());
         let db = Db::open(&layout.db_path())?;
         Ok(LocalStore {
             layout,
@@ -211,6 +216,7 @@ impl LocalStore {
             auto_roots_lock: Mutex::new(()),
             root_sources: RwLock::new(Vec::new()),
             gc_settings: GcSettings::default(),
+            reclaimer,
             tmp_counter: AtomicU64::new(0),
             _lock: lock,
         })
