@@ -296,35 +296,42 @@ impl Db {
         Ok(self.conn.query_row("SELECT count(*) FROM ValidPaths", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
-    /// Invalidates paths in one transaction: their rows, references and derivation outputs go
-    /// together, or (on any error) none do. Callers invalidate referrers before what they
-    /// reference; a path still referenced by a valid path outside `paths` is refused
-    /// (`Refs.reference` is `ON DELETE RESTRICT`), so the graph can never lose a reference.
-    pub fn invalidate(&mut self, paths: &[StorePath]) -> Result<()> {
+    /// Invalidates paths, given by row id (the graph's ids), in one transaction: their rows,
+    /// references and derivation outputs go together, or (on any error) none do. Callers
+    /// invalidate referrers before what they reference; a path still referenced by a valid path
+    /// outside the batch is refused (`Refs.reference` is `ON DELETE RESTRICT`), so the graph can
+    /// never lose a reference. Ids that are not valid are skipped.
+    pub fn invalidate(&mut self, ids: &[i64]) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
-            let mut id_of = tx.prepare_cached("SELECT id FROM ValidPaths WHERE path = ?1")?;
             // A path's own outgoing references go first: a self-reference would otherwise
             // restrict its own deletion.
             let mut refs = tx.prepare_cached("DELETE FROM Refs WHERE referrer = ?1")?;
             let mut outs = tx.prepare_cached("DELETE FROM DerivationOutputs WHERE drv = ?1")?;
             let mut row = tx.prepare_cached("DELETE FROM ValidPaths WHERE id = ?1")?;
-            for p in paths {
-                let Some(id) = id_of.query_row([p.to_string()], |r| r.get::<_, i64>(0)).optional()? else {
-                    continue;
-                };
+            for &id in ids {
                 refs.execute([id])?;
                 outs.execute([id])?;
-                row.execute([id]).map_err(|e| match e {
-                    rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                        DbError::StillReferenced(p.to_string())
-                    }
-                    other => other.into(),
-                })?;
+                if let Err(e) = row.execute([id]) {
+                    return Err(match e {
+                        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                            let path: String = tx
+                                .query_row("SELECT path FROM ValidPaths WHERE id = ?1", [id], |r| r.get(0))
+                                .unwrap_or_else(|_| format!("row {id}"));
+                            DbError::StillReferenced(path)
+                        }
+                        other => other.into(),
+                    });
+                }
             }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The row id of a valid path.
+    pub fn id(&self, path: &StorePath) -> Result<Option<i64>> {
+        Db::id_of(&self.conn, path)
     }
 
     /// What the garbage collector needs beyond the graph, by row id: each path's NAR size and

@@ -90,12 +90,14 @@ fn invalidation_keeps_the_graph_closed() {
     let mut db = Db::open_in_memory().unwrap();
     db.register(&[info("libc", &[]), info("app", &["libc", "app"]), info("x.drv", &[])]).unwrap();
     db.register_derivation_outputs(&path("x.drv"), &BTreeMap::from([("out".to_owned(), path("x"))])).unwrap();
+    let id = |db: &Db, name: &str| db.id(&path(name)).unwrap().unwrap_or(-1);
+    let ids = |db: &Db, names: &[&str]| names.iter().map(|n| id(db, n)).collect::<Vec<_>>();
     // A referenced path cannot go while its referrer stays, and a refused batch changes nothing.
-    let err = db.invalidate(&[path("x.drv"), path("libc")]).unwrap_err();
+    let err = db.invalidate(&ids(&db, &["x.drv", "libc"])).unwrap_err();
     assert!(matches!(err, DbError::StillReferenced(ref p) if p.ends_with("-libc")), "{err}");
     assert!(db.is_valid(&path("x.drv")).unwrap() && db.is_valid(&path("libc")).unwrap());
     // Referrers first, in one batch; a self-reference does not block its own path.
-    db.invalidate(&[path("app"), path("libc"), path("x.drv"), path("never-valid")]).unwrap();
+    db.invalidate(&ids(&db, &["app", "libc", "x.drv", "never-valid"])).unwrap();
     assert_eq!(db.count().unwrap(), 0);
     assert!(db.derivation_outputs(&path("x.drv")).unwrap().is_empty());
     let refs: i64 = db.conn.query_row("SELECT count(*) FROM Refs", [], |r| r.get(0)).unwrap();

@@ -248,6 +248,7 @@ impl LocalStore {
     /// Marks the start of a collection (see `TempState::released`); the end when dropped.
     fn collecting(&self) -> Collecting<'_> {
         self.temp.lock().set_collecting(true);
+        self.reclaimer.set_paused(true);
         Collecting(self)
     }
 
@@ -406,17 +407,21 @@ impl LocalStore {
                 continue;
             }
             g.remove_node(id);
-            gone.push(p.clone());
+            gone.push(id as i64);
         }
+        // Take the database before letting the graph go, so that no registration comes in
+        // between, then let graph readers (the remover among them) go on during the commit.
+        let mut db = self.db();
+        drop(graph);
         let t = std::time::Instant::now();
-        let invalidated = self.db().invalidate(&gone);
+        let invalidated = db.invalidate(&gone);
+        drop(db);
         tracing::debug!(paths = gone.len(), elapsed = ?t.elapsed(), "batch invalidated");
         if let Err(e) = invalidated {
             // The graph is ahead of the database: reload it at the next use.
-            *graph = None;
+            *self.graph.write().expect("graph lock poisoned") = None;
             return Err(e.into());
         }
-        drop(graph);
         drop(temp);
         Ok(())
     }
@@ -572,6 +577,7 @@ struct Collecting<'a>(&'a LocalStore);
 impl Drop for Collecting<'_> {
     fn drop(&mut self) {
         self.0.temp.lock().set_collecting(false);
+        self.0.reclaimer.set_paused(false);
     }
 }
 

@@ -26,6 +26,9 @@ struct State {
     wake: bool,
     /// The trash was found empty and nothing was added since.
     idle: bool,
+    /// A collection is running: wait, and leave it the disk (freeing blocks competes with the
+    /// renames and commits the collection is waiting on).
+    paused: bool,
     stop: bool,
 }
 
@@ -66,6 +69,12 @@ impl Reclaimer {
         self.shared.changed.notify_all();
     }
 
+    /// Holds reclaiming back (or lets it go on).
+    pub(crate) fn set_paused(&self, paused: bool) {
+        self.lock().paused = paused;
+        self.shared.changed.notify_all();
+    }
+
     pub(crate) fn pending_bytes(&self) -> u64 {
         self.lock().pending_bytes
     }
@@ -83,7 +92,7 @@ fn run(shared: &Shared, trash: &std::path::Path) {
     loop {
         {
             let mut st = shared.state.lock().expect("reclaimer poisoned");
-            while !st.wake && !st.stop {
+            while (!st.wake || st.paused) && !st.stop {
                 st = shared.changed.wait(st).expect("reclaimer poisoned");
             }
             if st.stop {
@@ -105,6 +114,9 @@ fn run(shared: &Shared, trash: &std::path::Path) {
             });
             let mut st = shared.state.lock().expect("reclaimer poisoned");
             st.pending_bytes = st.pending_bytes.saturating_sub(freed);
+            while st.paused && !st.stop {
+                st = shared.changed.wait(st).expect("reclaimer poisoned");
+            }
             if st.stop {
                 return;
             }
