@@ -405,3 +405,28 @@ fn automatic_collection_runs_only_below_min_free() {
     let report = s.auto_gc(u64::MAX, u64::MAX).unwrap().expect("collected");
     assert_eq!(report.deleted, vec![junk]);
 }
+
+/// A root source of another part of cairn (an image tag, a running automaton).
+struct Tags(Vec<StorePath>);
+
+impl crate::RootSource for Tags {
+    fn name(&self) -> &'static str {
+        "tags"
+    }
+    fn roots(&self, _: &StoreLayout) -> crate::Result<Vec<crate::Root>> {
+        Ok(self.0.iter().map(|p| crate::Root { origin: format!("{{tag:{}}}", p.name()), path: p.clone() }).collect())
+    }
+}
+
+#[test]
+fn registered_root_sources_keep_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quiet(store_at(dir.path()));
+    let layer = text(&s, "layer", &[]);
+    let image = text(&s, "image", &[&layer]);
+    let junk = text(&s, "junk", &[]);
+    s.add_root_source(std::sync::Arc::new(Tags(vec![image.clone()])));
+    assert!(s.roots().unwrap().iter().any(|r| r.origin == "{tag:image}" && r.path == image));
+    assert_eq!(s.collect_garbage(&GcOptions::default()).unwrap().deleted, vec![junk]);
+    assert!(s.is_valid(&layer).unwrap(), "the closure of a source's root is kept");
+}
