@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, line, TestStore};
+use cairn_e2e::{bin_dir, line, write, write_exec, TestStore};
 use cairn_nix::hash::Encoding;
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo};
@@ -19,16 +19,6 @@ use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-fn write(p: &Path, contents: &[u8]) {
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, contents).unwrap();
-}
-
-fn write_exec(p: &Path, contents: &[u8]) {
-    write(p, contents);
-    fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -14,39 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, line, TestStore};
+use cairn_e2e::{bin_dir, line, write, write_exec, Rng, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A small deterministic generator (xorshift64), so that failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        for chunk in v.chunks_mut(8) {
-            let x = self.next().to_le_bytes();
-            chunk.copy_from_slice(&x[..chunk.len()]);
-        }
-        v
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -74,16 +46,6 @@ fn json(out: &str) -> Value {
 
 fn str_list(v: &Value) -> Vec<String> {
     v.as_array().unwrap_or_else(|| panic!("not an array: {v}")).iter().map(|x| x.as_str().unwrap().to_owned()).collect()
-}
-
-fn write(p: &Path, contents: &[u8]) {
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, contents).unwrap();
-}
-
-fn write_exec(p: &Path, contents: &[u8]) {
-    write(p, contents);
-    fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 fn stderr(out: &Output) -> String {

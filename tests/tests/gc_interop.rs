@@ -12,31 +12,11 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use cairn_e2e::{line, require_peer, NixStore, TestStore};
+use cairn_e2e::{line, require_peer, NixStore, Rng, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// A small deterministic generator (xorshift64), so that failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).expect("utf-8 output")

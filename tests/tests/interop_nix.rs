@@ -15,7 +15,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cairn_e2e::{line, require_peer, NixStore, TestStore};
+use cairn_e2e::{line, require_peer, NixStore, Rng, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
@@ -35,40 +35,6 @@ fn text(bytes: Vec<u8>) -> String {
 
 fn lines(s: &str) -> Vec<String> {
     s.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
-}
-
-/// A small deterministic generator (xorshift64), so that no crate is needed and failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0; n];
-        self.fill(&mut v);
-        v
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) {
