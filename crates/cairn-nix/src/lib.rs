@@ -17,8 +17,10 @@ pub mod derivation;
 pub mod export;
 pub mod hash;
 pub mod nar;
+pub mod narinfo;
 pub mod nixbase32;
 pub mod references;
+pub mod signing;
 pub mod store_path;
 pub mod wire;
 
