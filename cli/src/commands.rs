@@ -9,12 +9,13 @@ use cairn_api::config::Settings;
 use cairn_api::{AddMethod, AddQuery, GcAction, GcResult, PathInfo, Request, Response};
 use cairn_client::{body_from_reader, Client};
 use cairn_nix::nar::{Limits, NarReader};
+use cairn_nix::signing::SecretKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::io::SyncIoBridge;
 
 use crate::connect::connect;
 use crate::progress::{self, Counting};
-use crate::{Cli, Command, NarCommand};
+use crate::{Cli, Command, KeyCommand, NarCommand};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.store.settings(cli.no_auto_start)?;
@@ -244,6 +245,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 infos.iter().for_each(|i| println!("{}", i.path));
             }
         }
+        Command::Key(KeyCommand::Generate { name, secret_key_file, public_key_file }) => {
+            key_generate(&name, &secret_key_file, &public_key_file)?;
+        }
+        Command::Key(KeyCommand::Public { secret_key_file }) => {
+            let text = std::fs::read_to_string(&secret_key_file)
+                .with_context(|| format!("cannot read '{}'", secret_key_file.display()))?;
+            let sk = SecretKey::parse(&text).with_context(|| format!("'{}'", secret_key_file.display()))?;
+            println!("{}", sk.public());
+        }
         Command::Version { json } => {
             let v = ctx.client().await?.version().await?;
             if json {
@@ -399,6 +409,30 @@ impl Ctx {
         }
         Ok(out.flush()?)
     }
+}
+
+/// Writes a new key pair. The seed comes from the kernel's random source; the secret key file is
+/// created 0600 and never overwritten (a lost signing key cannot be recovered).
+fn key_generate(name: &str, secret: &Path, public: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
+        bail!("key name '{name}' must be non-empty, without ':' or spaces");
+    }
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .context("cannot read /dev/urandom")?;
+    let sk = SecretKey::from_seed(name, seed);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(secret)
+        .with_context(|| format!("cannot create '{}' (it must not exist yet)", secret.display()))?;
+    f.write_all(sk.to_nix_string().as_bytes())?;
+    f.sync_all()?;
+    std::fs::write(public, sk.public().to_string()).with_context(|| format!("cannot write '{}'", public.display()))?;
+    Ok(())
 }
 
 /// `LINK` for the first path, `LINK-2`, `LINK-3` … for the others (as `nix-build` names

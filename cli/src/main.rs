@@ -183,6 +183,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Signing keys for binary caches.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Run the daemon in the foreground (what `cairnd` does).
     Daemon,
     /// Print the client's and the daemon's versions.
@@ -190,6 +193,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Write a new ed25519 key pair in Nix's format (as `nix-store --generate-binary-cache-key
+    /// NAME SECRET PUBLIC`): SECRET (mode 0600) signs, PUBLIC goes in trusted-public-keys.
+    Generate {
+        /// The key's name, conventionally the cache's host name and a number (`cache.example.org-1`).
+        name: String,
+        secret_key_file: PathBuf,
+        public_key_file: PathBuf,
+    },
+    /// Print the public key of a secret key file.
+    Public { secret_key_file: PathBuf },
 }
 
 #[derive(Subcommand)]
