@@ -1177,3 +1177,37 @@ fn early_refusal_of_a_large_import_names_the_problem() {
         assert!(e.contains("not an export stream"), "{e}");
     });
 }
+
+#[test]
+fn bad_gc_requests_are_refused() {
+    let st = TestStore::start();
+    let kept = normal_add_works(&st);
+    // Which paths are live is not the client's to decide: nothing here deletes anything.
+    refused(&st, "relative root link", || {
+        let r = query(&st, &format!(r#"{{"op":"add-root","link":"result","path":"{kept}"}}"#));
+        assert_error(&r, 400, "not an absolute path");
+    });
+    refused(&st, "root of an invalid path", || {
+        let r = query(&st, &format!(r#"{{"op":"add-root","link":"/tmp/x","path":"{}"}}"#, fake_path(3, "gone")));
+        assert_error(&r, 404, "not valid");
+    });
+    refused(&st, "root of a path outside the store", || {
+        let r = query(&st, r#"{"op":"add-root","link":"/tmp/x","path":"/etc/passwd"}"#);
+        assert_error(&r, 400, "/etc/passwd");
+    });
+    for body in [
+        r#"{"op":"gc","action":"delete-everything"}"#,
+        r#"{"op":"gc","action":"collect","max_freed":-1}"#,
+        r#"{"op":"gc","action":"collect","max_freed":"lots"}"#,
+        r#"{"op":"delete","paths":"/store/x"}"#,
+        r#"{"op":"verify","check_contents":"yes"}"#,
+    ] {
+        refused(&st, body, || {
+            assert_error(&query(&st, body), 400, "bad request");
+        });
+    }
+    refused(&st, "delete of a path outside the store", || {
+        assert_error(&query(&st, r#"{"op":"delete","paths":["/store/../etc"]}"#), 400, "/store/../etc");
+    });
+    assert!(st.ok(&["path-info", &kept]).contains(&kept));
+}
