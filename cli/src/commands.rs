@@ -245,6 +245,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 infos.iter().for_each(|i| println!("{}", i.path));
             }
         }
+        Command::Copy { to, secret_key_file, paths } => {
+            let dir = crate::cache::file_url_dir(&to)?;
+            let key = match &secret_key_file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+                    Some(SecretKey::parse(&text).with_context(|| format!("'{}'", f.display()))?)
+                }
+                None => None,
+            };
+            let client = ctx.client().await?;
+            let infos =
+                path_infos(client.query(&Request::PathInfo { paths: ctx.store_paths(&paths)?, closure: true }).await?)?;
+            let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
+            let bar = progress::bytes("copying");
+            let done = crate::cache::copy_to_file_cache(&client, &store_dir, &infos, &dir, key.as_ref(), &bar).await;
+            bar.finish_and_clear();
+            let done = done?;
+            eprintln!(
+                "copied {} paths ({:.2} MiB) to {to}, {} already there",
+                done.written,
+                done.bytes as f64 / (1024.0 * 1024.0),
+                done.skipped
+            );
+        }
         Command::Key(KeyCommand::Generate { name, secret_key_file, public_key_file }) => {
             key_generate(&name, &secret_key_file, &public_key_file)?;
         }

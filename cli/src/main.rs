@@ -4,6 +4,7 @@
 //! what the user names (files to add, streams on stdin) and never opens the store or its
 //! database. Exit codes: 0 success, 1 failure, 2 usage error (clap's).
 
+mod cache;
 mod commands;
 mod connect;
 mod progress;
@@ -182,6 +183,17 @@ pub enum Command {
     Import {
         #[arg(long)]
         json: bool,
+    },
+    /// Copy paths with their closures to a binary cache (`file:///DIR`), as `nix copy --to`.
+    Copy {
+        /// Where to: `file:///absolute/dir`.
+        #[arg(long)]
+        to: String,
+        /// Sign each path with this secret key (see `cairn key generate`).
+        #[arg(long, value_name = "FILE")]
+        secret_key_file: Option<PathBuf>,
+        #[arg(required = true)]
+        paths: Vec<String>,
     },
     /// Signing keys for binary caches.
     #[command(subcommand)]

@@ -1,0 +1,104 @@
+//! `cairn copy --to file://DIR` writes binary caches that real Nix 2.8 substitutes from,
+//! with signatures Nix checks against the key's public half.
+
+use std::path::Path;
+
+use cairn_e2e::{line, require_peer, write, NixStore, TestStore};
+use serde_json::Value;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn infos(json: &[u8]) -> Vec<(String, String, u64, Value)> {
+    let v: Value = serde_json::from_slice(json).unwrap();
+    let mut out: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let p = i["path"].as_str().unwrap().to_owned();
+            (p, i["narHash"].as_str().unwrap().to_owned(), i["narSize"].as_u64().unwrap(), i["references"].clone())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn nix_substitutes_signed_closures_from_a_cache_cairn_wrote() {
+    if !require_peer("nix-store") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Paths without a content address (imported), for which Nix insists on a signature.
+    let seed = TestStore::builder().store_dir("/nix/store").start();
+    write(&dir.path().join("tree/bin/tool"), b"#!/bin/sh\necho tool\n");
+    write(&dir.path().join("tree/share/data"), &vec![42u8; 100_000]);
+    let tree = line(&seed.ok(&["add", s(&dir.path().join("tree"))]));
+    write(&dir.path().join("note"), format!("uses {tree}\n").as_bytes());
+    let top = line(&seed.ok(&["add-text", "note", s(&dir.path().join("note")), "--ref", &tree]));
+    let st = TestStore::builder().store_dir("/nix/store").start();
+    st.ok_bytes(&["import"], &seed.ok_bytes(&["export", &tree, &top], b""));
+
+    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+    st.ok(&["key", "generate", "cairn-cache-1", s(&sk), s(&pk)]);
+    let public = std::fs::read_to_string(&pk).unwrap();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    st.ok(&["copy", "--to", &url, "--secret-key-file", s(&sk), &top]);
+    assert_eq!(std::fs::read_to_string(cache.join("nix-cache-info")).unwrap(), "StoreDir: /nix/store\n");
+    assert_eq!(
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "narinfo"))
+            .count(),
+        2
+    );
+    // Again: nothing to write.
+    let again = st.run(&["copy", "--to", &url, &top], b"");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("copied 0 paths"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // Nix trusts the key: the closure arrives with the same NAR hashes, sizes and references.
+    let nix = NixStore::new();
+    nix.ok("nix", &["copy", "--from", &url, "--option", "trusted-public-keys", public.trim(), &top]);
+    let ours = infos(&st.ok_bytes(&["path-info", "--json", "--closure", &top], b""));
+    let theirs = infos(&nix.ok("nix", &["path-info", "--json", "--recursive", &top]));
+    assert_eq!(ours, theirs);
+    assert_eq!(ours.len(), 2);
+
+    // Nix trusting another key, or a cache written without a key: refused.
+    let other = NixStore::new();
+    let refuse = |url: &str, key: &str| {
+        let out = other
+            .cmd("nix")
+            .args(["copy", "--from", url, "--option", "trusted-public-keys", key, &top])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("lacks a valid signature"), "{err}");
+    };
+    refuse(&url, "someone-else-1:up1w+p9hbiFiyds3XlVGeZ3VPMC2rkO4TNTtYkEN+Qo=");
+    let unsigned = format!("file://{}", dir.path().join("unsigned").display());
+    st.ok(&["copy", "--to", &unsigned, &top]);
+    refuse(&unsigned, public.trim());
+
+    // Contents that no longer match their NAR hash are not published.
+    let real = st.real_store_dir().join(tree.trim_start_matches("/nix/store/")).join("share/data");
+    std::fs::set_permissions(real.parent().unwrap(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&real, b"tampered").unwrap();
+    let bad = format!("file://{}", dir.path().join("bad").display());
+    let err = st.fail(&["copy", "--to", &bad, &top], b"");
+    assert!(err.contains(&tree) || err.contains("hash"), "{err}");
+    let published: Vec<_> =
+        std::fs::read_dir(dir.path().join("bad")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!published.iter().any(|n| n.to_string_lossy().starts_with(&tree[11..43])), "{published:?}");
+    // Only file:// so far, and said so.
+    assert!(st.fail(&["copy", "--to", "s3://bucket", &top], b"").contains("only file://"));
+}
