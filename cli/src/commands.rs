@@ -245,7 +245,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 infos.iter().for_each(|i| println!("{}", i.path));
             }
         }
-        Command::Copy { to, secret_key_file, paths } => {
+        Command::Copy { to: None, from: Some(from), secret_key_file: _, paths } => {
+            let client = ctx.client().await?;
+            let spinner = progress::spinner("substituting");
+            let resp = client.query(&Request::Substitute { from, paths: ctx.store_paths(&paths)? }).await;
+            spinner.finish_and_clear();
+            for i in path_infos(resp?)? {
+                println!("{}", i.path);
+            }
+        }
+        Command::Copy { to, secret_key_file, paths, .. } => {
+            let to = to.context("copy needs --to or --from")?;
             let dir = crate::cache::file_url_dir(&to)?;
             let key = match &secret_key_file {
                 Some(f) => {

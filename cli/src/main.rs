@@ -184,11 +184,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Copy paths with their closures to a binary cache (`file:///DIR`), as `nix copy --to`.
+    /// Copy paths with their closures to or from a binary cache (`file:///DIR`), as `nix copy`.
+    /// From a cache, the daemon checks every path against its trusted-public-keys.
     Copy {
-        /// Where to: `file:///absolute/dir`.
+        /// Write to this cache: `file:///absolute/dir`.
+        #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+        to: Option<String>,
+        /// Substitute from this cache: `file:///absolute/dir`.
         #[arg(long)]
-        to: String,
+        from: Option<String>,
         /// Sign each path with this secret key (see `cairn key generate`).
         #[arg(long, value_name = "FILE")]
         secret_key_file: Option<PathBuf>,

@@ -34,6 +34,10 @@ use crate::error::{ApiError, ApiResult};
 pub struct AppState {
     pub store: Arc<LocalStore>,
     pub store_dir: StoreDir,
+    /// Keys whose signatures make substituted paths trusted.
+    pub trusted_keys: Vec<cairn_nix::signing::PublicKey>,
+    /// Whether substituted paths need such a signature (or a content address that proves them).
+    pub require_sigs: bool,
 }
 
 type St = State<Arc<AppState>>;
@@ -225,6 +229,28 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
             store.add_indirect_root(&link, &p)?;
             tracing::info!(link = %link.display(), path, "root added");
             Response::Paths(vec![dir.display(&p)])
+        }
+        Request::Substitute { from, paths } => {
+            let cache = match from.strip_prefix("file://") {
+                Some(p) if p.starts_with('/') => std::path::PathBuf::from(p.split('?').next().unwrap_or(p)),
+                _ => {
+                    return Err(ApiError::bad_request(format!("'{from}': only file:///DIR caches can be read so far")))
+                }
+            };
+            if !st.require_sigs && !peer.trusted {
+                return Err(ApiError::forbidden(format!(
+                    "user '{}' may not substitute while require-sigs is off (add it to trusted-users)",
+                    peer.user
+                )));
+            }
+            let paths = store_paths(dir, &paths)?;
+            let _client = ClientScope::enter(peer.client);
+            crate::substitute::from_file_cache(store, dir, &cache, &paths, &st.trusted_keys, st.require_sigs)?;
+            let infos = paths
+                .iter()
+                .map(|p| Ok(convert::path_info(dir, &store.valid_path_info(p)?)))
+                .collect::<ApiResult<Vec<_>>>()?;
+            Response::PathInfos(infos)
         }
         Request::Optimise => {
             let r = store.optimise()?;

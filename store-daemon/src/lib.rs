@@ -14,6 +14,7 @@ mod convert;
 mod error;
 mod handlers;
 mod server;
+mod substitute;
 
 pub use server::serve;
 

@@ -48,7 +48,17 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
 
     let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
-    let app = router(Arc::new(AppState { store: store.clone(), store_dir }));
+    let trusted_keys = settings
+        .trusted_public_keys
+        .iter()
+        .map(|k| cairn_nix::signing::PublicKey::parse(k).with_context(|| "trusted-public-keys in the config"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let app = router(Arc::new(AppState {
+        store: store.clone(),
+        store_dir,
+        trusted_keys,
+        require_sigs: settings.require_sigs,
+    }));
     tracing::info!(
         socket = %socket.display(),
         store = settings.store_dir,

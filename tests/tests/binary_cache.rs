@@ -102,3 +102,75 @@ fn nix_substitutes_signed_closures_from_a_cache_cairn_wrote() {
     // Only file:// so far, and said so.
     assert!(st.fail(&["copy", "--to", "s3://bucket", &top], b"").contains("only file://"));
 }
+
+#[test]
+fn cairn_substitutes_from_a_cache_nix_wrote_checking_every_path() {
+    if !require_peer("nix-store") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Input-addressed paths in Nix (imported from a cairn export), signed by a Nix key.
+    let seed = TestStore::builder().store_dir("/nix/store").start();
+    write(&dir.path().join("tree/lib/data"), &vec![7u8; 70_000]);
+    let tree = line(&seed.ok(&["add", s(&dir.path().join("tree"))]));
+    write(&dir.path().join("note"), format!("needs {tree}\n").as_bytes());
+    let top = line(&seed.ok(&["add-text", "note", s(&dir.path().join("note")), "--ref", &tree]));
+    let nix = NixStore::new();
+    nix.ok_stdin("nix-store", &["--import"], &seed.ok_bytes(&["export", &tree, &top], b""));
+    let (sk, pk) = (dir.path().join("nix.sec"), dir.path().join("nix.pub"));
+    nix.ok("nix-store", &["--generate-binary-cache-key", "nix-cache-1", s(&sk), s(&pk)]);
+    nix.ok("nix", &["store", "sign", "--recursive", "--key-file", s(&sk), &top]);
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    nix.ok("nix", &["copy", "--to", &format!("{url}?compression=none"), &top]);
+    let public = std::fs::read_to_string(&pk).unwrap();
+
+    // Trusting Nix's key: the closure arrives, references first, identical to Nix's.
+    let st = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("trusted-public-keys = [\"{}\"]", public.trim()))
+        .start();
+    assert_eq!(st.ok(&["copy", "--from", &url, &top]), format!("{top}\n"));
+    let ours = infos(&st.ok_bytes(&["path-info", "--json", "--closure", &top], b""));
+    let theirs = infos(&nix.ok("nix", &["path-info", "--json", "--recursive", &top]));
+    assert_eq!(ours, theirs);
+    let sigs: Value = serde_json::from_slice(&st.ok_bytes(&["path-info", "--json", &top], b"")).unwrap();
+    assert!(sigs[0]["signatures"][0].as_str().unwrap().starts_with("nix-cache-1:"), "{sigs}");
+    assert_eq!(
+        st.ok_bytes(&["nar", "dump", &tree], b""),
+        nix.ok("nix-store", &["--dump", s(&nix.root.path().join(tree.trim_start_matches('/')))])
+    );
+
+    // Not trusting it: refused, nothing registered.
+    let untrusting = TestStore::builder().store_dir("/nix/store").start();
+    let err = untrusting.fail(&["copy", "--from", &url, &top], b"");
+    assert!(err.contains("not signed by a trusted key"), "{err}");
+    assert!(untrusting.store_entries().is_empty());
+
+    // A NAR that does not match its narinfo: refused, nothing of it registered.
+    let narinfo = std::fs::read_to_string(cache.join(format!("{}.narinfo", &tree[11..43]))).unwrap();
+    let nar_url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    let nar_file = cache.join(nar_url);
+    let mut bytes = std::fs::read(&nar_file).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    std::fs::write(&nar_file, &bytes).unwrap();
+    let fresh = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("trusted-public-keys = [\"{}\"]", public.trim()))
+        .start();
+    let err = fresh.fail(&["copy", "--from", &url, &top], b"");
+    assert!(err.contains("hash mismatch"), "{err}");
+    assert!(fresh.store_entries().is_empty());
+    // A narinfo for another path under this path's name: refused.
+    std::fs::write(cache.join(format!("{}.narinfo", &top[11..43])), &narinfo).unwrap();
+    let err = fresh.fail(&["copy", "--from", &url, &top], b"");
+    assert!(err.contains("the narinfo is for"), "{err}");
+    assert!(fresh.store_entries().is_empty());
+    // Compressed caches (Nix's default is xz) are not read yet, and say so.
+    let xz = format!("file://{}", dir.path().join("xz").display());
+    nix.ok("nix", &["copy", "--to", &xz, &top]);
+    let err = fresh.fail(&["copy", "--from", &xz, &top], b"");
+    assert!(err.contains("compressed with xz"), "{err}");
+    assert!(fresh.store_entries().is_empty());
+}

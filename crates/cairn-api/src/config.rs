@@ -31,6 +31,8 @@ pub struct ConfigFile {
     pub min_free: Option<u64>,
     pub max_free: Option<u64>,
     pub min_free_check_interval: Option<u64>,
+    pub trusted_public_keys: Option<Vec<String>>,
+    pub require_sigs: Option<bool>,
 }
 
 /// Why configuration could not be loaded.
@@ -108,6 +110,10 @@ pub struct Settings {
     pub max_free: u64,
     /// Seconds between checks of free space.
     pub min_free_check_interval: u64,
+    /// Keys (`name:base64`) whose signatures make substituted paths trusted.
+    pub trusted_public_keys: Vec<String>,
+    /// Whether substituted paths need a trusted signature (or a content address).
+    pub require_sigs: bool,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -147,6 +153,8 @@ impl Settings {
             min_free: file.min_free.unwrap_or(0),
             max_free: file.max_free.unwrap_or(i64::MAX as u64),
             min_free_check_interval: file.min_free_check_interval.unwrap_or(5).max(1),
+            trusted_public_keys: file.trusted_public_keys.unwrap_or_default(),
+            require_sigs: file.require_sigs.unwrap_or(true),
         }
     }
 }
@@ -173,6 +181,8 @@ mod tests {
             "min-free",
             "max-free",
             "min-free-check-interval",
+            "trusted-public-keys",
+            "require-sigs",
         ] {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
         }

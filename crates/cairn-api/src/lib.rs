@@ -130,6 +130,9 @@ pub enum Request {
     /// Makes `link` (absolute; the client creates the symlink) an indirect root of `path`.
     /// Answered by [`Response::Paths`] with the path.
     AddRoot { link: String, path: String },
+    /// Fetches the closures of `paths` from a binary cache (`file:///DIR`), checking signatures
+    /// against the daemon's trusted keys. Answered by [`Response::PathInfos`] for `paths`.
+    Substitute { from: String, paths: Vec<String> },
     /// Hard-links identical files. Answered by [`Response::Optimise`].
     Optimise,
     /// Checks the store. Answered by [`Response::Verify`]. Repair needs a trusted user.

@@ -411,7 +411,56 @@ impl LocalStore {
         validate_name(name)?;
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
-        let (nar_hash, nar_size) = std::thread::scope(|scope| -> Result<_> {
+        let (nar_hash, nar_size) = Self::receive_nar(input, &copy)?;
+        let path = self.store_dir().make_fixed_output_path(
+            name,
+            FileIngestionMethod::Recursive,
+            &nar_hash,
+            &BTreeSet::new(),
+            false,
+        )?;
+        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
+        let info = content_addressed(path, nar_hash, nar_size, BTreeSet::new(), ca);
+        self.finish_add(&copy, info)
+    }
+
+    /// Adds a path whose metadata someone vouches for (a substituter's narinfo, checked by the
+    /// caller): the NAR must hash to `info.nar_hash` and be `info.nar_size` bytes, and every
+    /// reference must be valid, or nothing is registered.
+    pub fn add_nar_with_info(&self, info: PathInfo, input: impl Read) -> Result<PathInfo> {
+        let mut roots = self.temp.add(info.references.iter().cloned());
+        roots.extend([info.path.clone()]);
+        if let Some(existing) = self.path_info(&info.path)? {
+            return Ok(existing);
+        }
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            if !self.is_valid(r)? {
+                return Err(StoreError::MissingReference {
+                    path: self.store_dir().display(&info.path),
+                    reference: self.store_dir().display(r),
+                });
+            }
+        }
+        let tmp = self.temp_dir()?;
+        let copy = tmp.0.join("x");
+        let (nar_hash, nar_size) = Self::receive_nar(input, &copy)?;
+        if nar_hash != info.nar_hash {
+            return Err(StoreError::HashMismatch {
+                path: self.store_dir().display(&info.path),
+                expected: info.nar_hash.to_string(),
+                actual: nar_hash.to_string(),
+            });
+        }
+        if nar_size != info.nar_size {
+            return Err(StoreError::SizeMismatch { expected: info.nar_size, actual: nar_size });
+        }
+        self.finish_add(&copy, PathInfo { registration_time: now(), ultimate: false, ..info })
+    }
+
+    /// Restores a NAR at `copy` (canonical), hashing it on a second thread; returns its SHA-256
+    /// and size. Refuses anything after the NAR's end.
+    fn receive_nar(input: impl Read, copy: &Path) -> Result<(Hash, u64)> {
+        std::thread::scope(|scope| -> Result<_> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
             let hasher = scope.spawn(move || {
                 let mut h = Hasher::new(HashAlgo::Sha256);
@@ -424,27 +473,20 @@ impl LocalStore {
             });
             let mut input = HashOnTheSide { inner: input, tx, pending: Vec::new() };
             let mut nar = NarReader::new(&mut input, Limits::default())?;
-            restore(&mut nar, &copy, RestoreMode::Canonical)?;
+            restore(&mut nar, copy, RestoreMode::Canonical)?;
             drop(nar);
-            if input.read(&mut [0u8; 1]).map_err(|source| StoreError::Io { op: "read", path: copy.clone(), source })?
-                != 0
+            if input.read(&mut [0u8; 1]).map_err(|source| StoreError::Io {
+                op: "read",
+                path: copy.to_owned(),
+                source,
+            })? != 0
             {
                 return Err(StoreError::TrailingData);
             }
             input.flush_pending();
             drop(input);
             Ok(hasher.join().expect("hasher thread panicked"))
-        })?;
-        let path = self.store_dir().make_fixed_output_path(
-            name,
-            FileIngestionMethod::Recursive,
-            &nar_hash,
-            &BTreeSet::new(),
-            false,
-        )?;
-        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
-        let info = content_addressed(path, nar_hash, nar_size, BTreeSet::new(), ca);
-        self.finish_add(&copy, info)
+        })
     }
 
     /// Adds a regular file of `size` bytes as a flat SHA-256 fixed-output path, as
