@@ -1,7 +1,8 @@
 # Renders cairnd's TOML configuration from the `services.cairnd` options (see module.nix).
 # cairnd rejects unknown keys. The options cover store-dir, root, socket, allowed-users,
 # trusted-users, auto-start-daemon and log-level; the garbage-collection keys (keep-derivations,
-# keep-outputs, runtime-roots, min-free, max-free, min-free-check-interval) go in `extraConfig`.
+# keep-outputs, runtime-roots, min-free, max-free, min-free-check-interval) and the binary-cache
+# keys (trusted-public-keys, require-sigs) go in `extraConfig`.
 # Strings and lists of strings are written as JSON, which is valid TOML for them. `extraConfig`
 # is appended verbatim and must not repeat a key.
 {
