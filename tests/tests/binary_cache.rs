@@ -25,6 +25,20 @@ fn infos(json: &[u8]) -> Vec<(String, String, u64, Value)> {
     out
 }
 
+/// A tree (an executable and 100 kB of data) and a note that references it, made in a scratch
+/// store; returns both paths and their export stream (imported paths carry no content address,
+/// so Nix insists on signatures for them).
+fn tree_and_note(dir: &Path) -> (String, String, Vec<u8>) {
+    let seed = TestStore::builder().store_dir("/nix/store").start();
+    write(&dir.join("tree/bin/tool"), b"#!/bin/sh\necho tool\n");
+    write(&dir.join("tree/share/data"), &vec![42u8; 100_000]);
+    let tree = line(&seed.ok(&["add", s(&dir.join("tree"))]));
+    write(&dir.join("note"), format!("uses {tree}\n").as_bytes());
+    let top = line(&seed.ok(&["add-text", "note", s(&dir.join("note")), "--ref", &tree]));
+    let stream = seed.ok_bytes(&["export", &tree, &top], b"");
+    (tree, top, stream)
+}
+
 #[test]
 fn nix_substitutes_signed_closures_from_a_cache_cairn_wrote() {
     if !require_peer("nix-store") {
@@ -32,14 +46,9 @@ fn nix_substitutes_signed_closures_from_a_cache_cairn_wrote() {
     }
     let dir = tempfile::tempdir().unwrap();
     // Paths without a content address (imported), for which Nix insists on a signature.
-    let seed = TestStore::builder().store_dir("/nix/store").start();
-    write(&dir.path().join("tree/bin/tool"), b"#!/bin/sh\necho tool\n");
-    write(&dir.path().join("tree/share/data"), &vec![42u8; 100_000]);
-    let tree = line(&seed.ok(&["add", s(&dir.path().join("tree"))]));
-    write(&dir.path().join("note"), format!("uses {tree}\n").as_bytes());
-    let top = line(&seed.ok(&["add-text", "note", s(&dir.path().join("note")), "--ref", &tree]));
+    let (tree, top, stream) = tree_and_note(dir.path());
     let st = TestStore::builder().store_dir("/nix/store").start();
-    st.ok_bytes(&["import"], &seed.ok_bytes(&["export", &tree, &top], b""));
+    st.ok_bytes(&["import"], &stream);
 
     let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
     st.ok(&["key", "generate", "cairn-cache-1", s(&sk), s(&pk)]);
@@ -110,13 +119,9 @@ fn cairn_substitutes_from_a_cache_nix_wrote_checking_every_path() {
     }
     let dir = tempfile::tempdir().unwrap();
     // Input-addressed paths in Nix (imported from a cairn export), signed by a Nix key.
-    let seed = TestStore::builder().store_dir("/nix/store").start();
-    write(&dir.path().join("tree/lib/data"), &vec![7u8; 70_000]);
-    let tree = line(&seed.ok(&["add", s(&dir.path().join("tree"))]));
-    write(&dir.path().join("note"), format!("needs {tree}\n").as_bytes());
-    let top = line(&seed.ok(&["add-text", "note", s(&dir.path().join("note")), "--ref", &tree]));
+    let (tree, top, stream) = tree_and_note(dir.path());
     let nix = NixStore::new();
-    nix.ok_stdin("nix-store", &["--import"], &seed.ok_bytes(&["export", &tree, &top], b""));
+    nix.ok_stdin("nix-store", &["--import"], &stream);
     let (sk, pk) = (dir.path().join("nix.sec"), dir.path().join("nix.pub"));
     nix.ok("nix-store", &["--generate-binary-cache-key", "nix-cache-1", s(&sk), s(&pk)]);
     nix.ok("nix", &["store", "sign", "--recursive", "--key-file", s(&sk), &top]);
