@@ -4,14 +4,16 @@
 //! Checks, in order, each failing with a message that names it: the cache serves our store
 //! directory; the narinfo names the path asked for; the path is signed by a trusted key
 //! (`trusted-public-keys`), or is content-addressed and its content address really gives this
-//! path; the NAR is stored uncompressed (other compressions are not read yet); the file has the
-//! size the narinfo says; and, as it is restored, the NAR has the narinfo's hash and size.
+//! path; the NAR is stored uncompressed or with zstd (xz and bzip2 are not read yet); the file
+//! has the size and hash the narinfo says; and, as it is restored, the NAR has the narinfo's
+//! hash and size.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::PublicKey;
+use cairn_nix::Hasher;
 use cairn_nix::{ContentAddress, StoreDir, StorePath};
 use cairn_store::{LocalStore, PathInfo};
 
@@ -64,9 +66,9 @@ pub fn from_file_cache(
                 dir.display(&p)
             )));
         }
-        if info.compression != "none" {
+        if !matches!(info.compression.as_str(), "none" | "zstd") {
             return Err(ApiError::bad_request(format!(
-                "'{}' is compressed with {}; only uncompressed caches can be read so far",
+                "'{}' is compressed with {}; only uncompressed and zstd caches can be read so far",
                 dir.display(&p),
                 info.compression
             )));
@@ -125,9 +127,40 @@ pub fn from_file_cache(
             signatures: info.signatures.iter().cloned().collect(),
             ca: info.ca.as_deref().and_then(|c| c.parse().ok()),
         };
+        // The file's hash first (a local file: one more read), so that a mismatch refuses the
+        // path before anything of it is placed; then the NAR's, as it is restored.
+        if let Some(expected) = &info.file_hash {
+            let mut h = Hasher::new(expected.algo());
+            let mut f = std::io::BufReader::with_capacity(1 << 20, &file);
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)
+                    .map_err(|e| ApiError::internal(format!("cannot read '{}': {e}", nar.display())))?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            let actual = h.finish();
+            if &actual != expected {
+                return Err(ApiError::bad_request(format!(
+                    "'{}': the NAR file hashes to {actual}, the narinfo says {expected}",
+                    dir.display(&p)
+                )));
+            }
+        }
+        let file = std::fs::File::open(&nar)
+            .map_err(|e| ApiError::not_found(format!("cannot read '{}': {e}", nar.display())))?;
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
         // Bounded: a NAR longer than its narinfo says is cut there and fails the size check.
-        let input = std::io::Read::take(std::io::BufReader::with_capacity(1 << 20, file), info.nar_size + 1);
-        added.push(store.add_nar_with_info(path_info, input)?);
+        let added_path = if info.compression == "zstd" {
+            let decoder = zstd::stream::read::Decoder::with_buffer(reader)
+                .map_err(|e| ApiError::internal(format!("cannot start zstd: {e}")))?;
+            store.add_nar_with_info(path_info, std::io::Read::take(decoder, info.nar_size + 1))?
+        } else {
+            store.add_nar_with_info(path_info, std::io::Read::take(reader, info.nar_size + 1))?
+        };
+        added.push(added_path);
         tracing::info!(path = %dir.display(&p), "substituted");
     }
     Ok(added)
