@@ -1,32 +1,26 @@
-//! `cairn copy --to file://DIR`: writes paths' closures as a Nix binary cache.
+//! `cairn copy --to URL`: paths' closures written as a Nix binary cache (`file://`, `s3://`), or
+//! copied into another daemon (`unix://SOCKET`).
 //!
-//! The layout is Nix's (`nix-cache-info`, `<hash>.narinfo`, `nar/<file hash>.nar`), so that
-//! `nix copy --from file://DIR` and any Nix substituter read it. NARs come from the daemon and
-//! are re-hashed on the way: a path whose contents no longer match its recorded NAR hash is not
-//! published. Each NAR is written before its narinfo, both through a temporary name and a
-//! rename, so a reader never finds a narinfo whose NAR is missing or half written. Paths whose
-//! narinfo is already there are skipped. NARs are stored uncompressed for now.
+//! The cache layout is Nix's (`nix-cache-info`, `<hash>.narinfo`, `nar/<file hash>.nar.zst`), so
+//! that `nix copy --from` and any Nix substituter read it. NARs come from the daemon and are
+//! compressed (zstd unless `?compression=` says otherwise) and hashed in one pass into a
+//! temporary file; a path whose contents no longer match its recorded NAR hash is not published.
+//! Each NAR is uploaded before its narinfo, both atomically, so a reader never finds a narinfo
+//! whose NAR is missing or half written. Paths whose narinfo is already there are skipped.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
-use cairn_api::PathInfo;
-use cairn_client::Client;
-use cairn_nix::hash::{Encoding, Hash, HashAlgo, Hasher};
-use cairn_nix::narinfo::NarInfo;
+use cairn_api::{PathInfo, Request, Response};
+use cairn_cache::backend::split_params;
+use cairn_cache::upload::compress_nar;
+use cairn_cache::{Backend, Compression, NetOptions};
+use cairn_client::{body_from_reader, Client};
+use cairn_nix::hash::{Encoding, Hash};
+use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::SecretKey;
 use cairn_nix::StoreDir;
-use tokio::io::AsyncReadExt;
-
-/// The directory of a `file://` URL.
-pub fn file_url_dir(url: &str) -> anyhow::Result<PathBuf> {
-    match url.strip_prefix("file://") {
-        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p.split('?').next().unwrap_or(p))),
-        Some(_) => bail!("'{url}': a file:// URL needs an absolute path (file:///srv/cache)"),
-        None => bail!("'{url}': only file:// binary caches can be written so far"),
-    }
-}
+use tokio_util::io::SyncIoBridge;
 
 /// What a copy did.
 pub struct Copied {
@@ -35,69 +29,56 @@ pub struct Copied {
     pub bytes: u64,
 }
 
-fn write_atomically(dest: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let tmp = dest.with_file_name(format!(".tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create '{}'", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dest).with_context(|| format!("cannot write '{}'", dest.display()))
-}
-
-/// Writes `infos` (a closure) into the cache at `dir`, signing with `key` if given.
-pub async fn copy_to_file_cache(
+/// Writes `infos` (a closure) into the cache at `url`, signing with `key` if given.
+pub async fn copy_to_cache(
     client: &Client,
     store_dir: &StoreDir,
     infos: &[PathInfo],
-    dir: &Path,
+    url: &str,
     key: Option<&SecretKey>,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
-    let nar_dir = dir.join("nar");
-    std::fs::create_dir_all(&nar_dir).with_context(|| format!("cannot create '{}'", nar_dir.display()))?;
-    let cache_info = dir.join("nix-cache-info");
-    if !cache_info.exists() {
-        write_atomically(&cache_info, format!("StoreDir: {}\n", store_dir.as_str()).as_bytes())?;
+    let backend = Backend::open(url, &NetOptions::default())?;
+    let (_, params) = split_params(url);
+    let compression = match params.iter().find(|(k, _)| k == "compression") {
+        Some((_, c)) => c.parse::<Compression>()?,
+        None => Compression::Zstd,
+    };
+    if !backend.exists("nix-cache-info").await? {
+        let info = CacheInfo { store_dir: store_dir.as_str().to_owned(), want_mass_query: true, priority: 50 };
+        backend.put("nix-cache-info", info.render().into()).await?;
     }
+    let tmp_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mut done = Copied { written: 0, skipped: 0, bytes: 0 };
     for info in infos {
         let path = store_dir.parse(&info.path)?;
-        let narinfo_file = dir.join(format!("{}.narinfo", path.hash_part()));
-        if narinfo_file.exists() {
+        let narinfo_key = format!("{}.narinfo", path.hash_part());
+        if backend.exists(&narinfo_key).await? {
             done.skipped += 1;
             continue;
         }
         let nar_hash = Hash::parse_prefixed(&info.nar_hash)?;
-        // Stream the NAR into a temporary file, hashing it.
-        let tmp = nar_dir.join(format!(".tmp-{}-{}", std::process::id(), path.hash_part()));
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-        let mut hasher = Hasher::new(HashAlgo::Sha256);
-        let mut size = 0u64;
-        let mut r = client.nar(&info.path).await?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = r.read(&mut buf).await.with_context(|| format!("reading the NAR of {}", info.path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
-            size += n as u64;
-            progress.inc(n as u64);
+        let tmp = tmp_dir.path().join(path.hash_part());
+        let reader = SyncIoBridge::new(client.nar(&info.path).await?);
+        let bar = progress.clone();
+        let out = tmp.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            compress_nar(crate::progress::CountingRead { inner: reader, bar }, compression, &out)
+        })
+        .await?
+        .with_context(|| format!("reading the NAR of {}", info.path))?;
+        if written.nar_hash != nar_hash || written.nar_size != info.nar_size {
+            bail!("{}: contents hash to {}, recorded {nar_hash}; not published", info.path, written.nar_hash);
         }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        let file_hash = hasher.finish();
-        if file_hash != nar_hash || size != info.nar_size {
-            let _ = std::fs::remove_file(&tmp);
-            bail!("{}: contents hash to {file_hash}, recorded {nar_hash}; not published", info.path);
-        }
-        let url = format!("nar/{}.nar", file_hash.encode(Encoding::Nix32));
-        std::fs::rename(&tmp, dir.join(&url))?;
+        let url = format!("nar/{}.nar{}", written.file_hash.encode(Encoding::Nix32), compression.extension());
+        backend.put_file(&url, &tmp).await?;
+        let _ = std::fs::remove_file(&tmp);
         let mut narinfo = NarInfo {
             store_path: path,
             url,
-            compression: "none".into(),
-            file_hash: Some(file_hash),
-            file_size: Some(size),
+            compression: compression.name().into(),
+            file_hash: Some(written.file_hash),
+            file_size: Some(written.file_size),
             nar_hash,
             nar_size: info.nar_size,
             references: info.references.iter().map(|r| store_dir.parse(r)).collect::<Result<_, _>>()?,
@@ -110,9 +91,39 @@ pub async fn copy_to_file_cache(
         if let Some(k) = key {
             narinfo.sign(store_dir, k)?;
         }
-        write_atomically(&narinfo_file, narinfo.render(store_dir).as_bytes())?;
+        backend.put(&narinfo_key, narinfo.render(store_dir).into()).await?;
         done.written += 1;
-        done.bytes += size;
+        done.bytes += written.file_size;
     }
     Ok(done)
+}
+
+/// Copies the closure of `paths` from the daemon behind `from` into the daemon at `socket`,
+/// sending only the paths it lacks, as one export stream.
+pub async fn copy_to_daemon(from: &Client, socket: &Path, paths: Vec<String>, store_dir: &StoreDir) -> anyhow::Result<Copied> {
+    let to = Client::new(socket);
+    let theirs = to.version().await.with_context(|| format!("cannot reach the daemon at '{}'", socket.display()))?;
+    if theirs.store_dir != store_dir.as_str() {
+        bail!(
+            "the daemon at '{}' has store directory {}, ours is {}: paths cannot move between them",
+            socket.display(),
+            theirs.store_dir,
+            store_dir.as_str()
+        );
+    }
+    let Response::Paths(closure) = from.query(&Request::Closure { paths }).await? else {
+        bail!("cairnd answered a closure query with something else")
+    };
+    let Response::Valid(valid) = to.query(&Request::IsValid { paths: closure.clone() }).await? else {
+        bail!("the target daemon answered a validity query with something else")
+    };
+    let missing: Vec<String> = closure.iter().zip(&valid).filter(|(_, v)| !**v).map(|(p, _)| p.clone()).collect();
+    let skipped = closure.len() - missing.len();
+    if missing.is_empty() {
+        return Ok(Copied { written: 0, skipped, bytes: 0 });
+    }
+    let stream = from.export(missing.clone()).await?;
+    let imported = to.import(body_from_reader(stream)).await?;
+    let bytes = imported.iter().map(|i| i.nar_size).sum();
+    Ok(Copied { written: missing.len(), skipped, bytes })
 }

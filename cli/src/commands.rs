@@ -245,39 +245,47 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 infos.iter().for_each(|i| println!("{}", i.path));
             }
         }
-        Command::Copy { to: None, from: Some(from), secret_key_file: _, paths } => {
-            let client = ctx.client().await?;
-            let spinner = progress::spinner("substituting");
-            let resp = client.query(&Request::Substitute { from, paths: ctx.store_paths(&paths)? }).await;
-            spinner.finish_and_clear();
-            for i in path_infos(resp?)? {
-                println!("{}", i.path);
-            }
+        Command::Substitute { from, json, paths } => {
+            substitute(&ctx, from, &paths, json).await?;
         }
-        Command::Copy { to, secret_key_file, paths, .. } => {
+        Command::Copy { to: None, from: Some(from), secret_key_file: _, json, paths } => {
+            substitute(&ctx, vec![from], &paths, json).await?;
+        }
+        Command::Copy { to, secret_key_file, json, paths, .. } => {
             let to = to.context("copy needs --to or --from")?;
-            let dir = crate::cache::file_url_dir(&to)?;
-            let key = match &secret_key_file {
-                Some(f) => {
-                    let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
-                    Some(SecretKey::parse(&text).with_context(|| format!("'{}'", f.display()))?)
-                }
-                None => None,
-            };
             let client = ctx.client().await?;
-            let infos =
-                path_infos(client.query(&Request::PathInfo { paths: ctx.store_paths(&paths)?, closure: true }).await?)?;
             let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
-            let bar = progress::bytes("copying");
-            let done = crate::cache::copy_to_file_cache(&client, &store_dir, &infos, &dir, key.as_ref(), &bar).await;
-            bar.finish_and_clear();
-            let done = done?;
-            eprintln!(
-                "copied {} paths ({:.2} MiB) to {to}, {} already there",
-                done.written,
-                done.bytes as f64 / (1024.0 * 1024.0),
-                done.skipped
-            );
+            let paths = ctx.store_paths(&paths)?;
+            let done = if let Some(socket) = to.strip_prefix("unix://") {
+                let spinner = progress::spinner("copying");
+                let done = crate::cache::copy_to_daemon(&client, Path::new(socket), paths, &store_dir).await;
+                spinner.finish_and_clear();
+                done?
+            } else {
+                let key = match &secret_key_file {
+                    Some(f) => {
+                        let text =
+                            std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+                        Some(SecretKey::parse(&text).with_context(|| format!("'{}'", f.display()))?)
+                    }
+                    None => None,
+                };
+                let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
+                let bar = progress::bytes("copying");
+                let done = crate::cache::copy_to_cache(&client, &store_dir, &infos, &to, key.as_ref(), &bar).await;
+                bar.finish_and_clear();
+                done?
+            };
+            if json {
+                print_json(&serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }))?;
+            } else {
+                eprintln!(
+                    "copied {} paths ({:.2} MiB) to {to}, {} already there",
+                    done.written,
+                    done.bytes as f64 / (1024.0 * 1024.0),
+                    done.skipped
+                );
+            }
         }
         Command::Key(KeyCommand::Generate { name, secret_key_file, public_key_file }) => {
             key_generate(&name, &secret_key_file, &public_key_file)?;
@@ -621,4 +629,50 @@ fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()>
     }
     writeln!(out, "}}")?;
     Ok(out.flush()?)
+}
+
+/// Runs a substitution in the daemon, drawing its progress, and prints the asked-for paths.
+async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], json: bool) -> anyhow::Result<()> {
+    use cairn_api::{SubstituteEvent, SubstituteRequest};
+    use tokio::io::AsyncBufReadExt;
+    let client = ctx.client().await?;
+    let req = SubstituteRequest { from, paths: ctx.store_paths(paths)? };
+    let mut lines = tokio::io::BufReader::new(client.substitute(&req).await?).lines();
+    let bar = progress::transfer("substituting");
+    let mut end = None;
+    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
+        match serde_json::from_str::<SubstituteEvent>(&line).context("cairnd sent an unreadable event")? {
+            SubstituteEvent::Progress { paths_expected, paths_done, bytes_expected, bytes_done } => {
+                bar.set_length(bytes_expected);
+                bar.set_position(bytes_done);
+                bar.set_message(format!("substituting {paths_done}/{paths_expected} paths"));
+            }
+            SubstituteEvent::Error(e) => {
+                bar.finish_and_clear();
+                bail!("{}", e.message)
+            }
+            done @ SubstituteEvent::Done { .. } => end = Some(done),
+        }
+    }
+    bar.finish_and_clear();
+    let Some(SubstituteEvent::Done { paths, added, failed }) = end else {
+        bail!("cairnd ended the substitution without saying how it went (see its log)")
+    };
+    if json {
+        print_json(&serde_json::json!({ "paths": paths, "added": added, "failed": failed }))?;
+    } else {
+        for p in &paths {
+            println!("{}", p.path);
+        }
+        if !added.is_empty() {
+            eprintln!("substituted {} paths", added.len());
+        }
+    }
+    for f in &failed {
+        eprintln!("cairn: cannot substitute '{}': {}", f.path, f.reason);
+    }
+    if !failed.is_empty() {
+        bail!("{} of the paths could not be substituted; nothing of them was registered", failed.len());
+    }
+    Ok(())
 }

@@ -184,18 +184,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Copy paths with their closures to or from a binary cache (`file:///DIR`), as `nix copy`.
-    /// From a cache, the daemon checks every path against its trusted-public-keys.
+    /// Fetch paths with their closures from binary caches (the daemon's substituters, or
+    /// --from URL), each path checked against the daemon's trusted-public-keys.
+    Substitute {
+        /// Use this cache instead of the configured ones (repeatable; file://, http(s)://, s3://).
+        #[arg(long, value_name = "URL")]
+        from: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Copy paths with their closures to or from a binary cache, or into another daemon, as
+    /// `nix copy`. From a cache, the daemon checks every path against its trusted-public-keys.
     Copy {
-        /// Write to this cache: `file:///absolute/dir`.
+        /// Write to this cache (`file:///dir`, `s3://bucket?endpoint=…`; `?compression=zstd|xz|
+        /// bzip2|none`, zstd by default) or daemon (`unix:///path/to/socket`).
         #[arg(long, required_unless_present = "from", conflicts_with = "from")]
         to: Option<String>,
-        /// Substitute from this cache: `file:///absolute/dir`.
+        /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`.
         #[arg(long)]
         from: Option<String>,
         /// Sign each path with this secret key (see `cairn key generate`).
         #[arg(long, value_name = "FILE")]
         secret_key_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
         #[arg(required = true)]
         paths: Vec<String>,
     },

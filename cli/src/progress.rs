@@ -18,6 +18,20 @@ pub fn bytes(what: &str) -> ProgressBar {
     bar
 }
 
+/// A bar for a transfer whose total becomes known as it goes (set its length and position).
+pub fn transfer(what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {elapsed})",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
 /// A spinner with elapsed time, for work the daemon does without reporting progress.
 pub fn spinner(what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
@@ -41,5 +55,19 @@ impl<W: Write> Write for Counting<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A reader that advances a progress bar.
+pub struct CountingRead<R> {
+    pub inner: R,
+    pub bar: ProgressBar,
+}
+
+impl<R: io::Read> io::Read for CountingRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
     }
 }

@@ -34,10 +34,8 @@ use crate::error::{ApiError, ApiResult};
 pub struct AppState {
     pub store: Arc<LocalStore>,
     pub store_dir: StoreDir,
-    /// Keys whose signatures make substituted paths trusted.
-    pub trusted_keys: Vec<cairn_nix::signing::PublicKey>,
-    /// Whether substituted paths need such a signature (or a content address that proves them).
-    pub require_sigs: bool,
+    /// Substituters, narinfo lookups and the trust policy for substituted paths.
+    pub substitution: crate::substitute::Substitution,
 }
 
 type St = State<Arc<AppState>>;
@@ -52,6 +50,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::CAT, get(cat))
         .route(routes::EXPORT, post(export))
         .route(routes::IMPORT, post(import))
+        .route(routes::SUBSTITUTE, post(crate::substitute::handler))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))
@@ -230,28 +229,6 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
             tracing::info!(link = %link.display(), path, "root added");
             Response::Paths(vec![dir.display(&p)])
         }
-        Request::Substitute { from, paths } => {
-            let cache = match from.strip_prefix("file://") {
-                Some(p) if p.starts_with('/') => std::path::PathBuf::from(p.split('?').next().unwrap_or(p)),
-                _ => {
-                    return Err(ApiError::bad_request(format!("'{from}': only file:///DIR caches can be read so far")))
-                }
-            };
-            if !st.require_sigs && !peer.trusted {
-                return Err(ApiError::forbidden(format!(
-                    "user '{}' may not substitute while require-sigs is off (add it to trusted-users)",
-                    peer.user
-                )));
-            }
-            let paths = store_paths(dir, &paths)?;
-            let _client = ClientScope::enter(peer.client);
-            crate::substitute::from_file_cache(store, dir, &cache, &paths, &st.trusted_keys, st.require_sigs)?;
-            let infos = paths
-                .iter()
-                .map(|p| Ok(convert::path_info(dir, &store.valid_path_info(p)?)))
-                .collect::<ApiResult<Vec<_>>>()?;
-            Response::PathInfos(infos)
-        }
         Request::Optimise => {
             let r = store.optimise()?;
             Response::Optimise(cairn_api::OptimiseResult {
@@ -355,7 +332,7 @@ async fn add(
 
 /// A `Write` whose bytes become a streamed response body. Dropping it without
 /// [`finish`](Self::finish) after an error ends the body with that error.
-struct ChannelWriter {
+pub(crate) struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
 }
@@ -399,7 +376,7 @@ impl Write for ChannelWriter {
 }
 
 /// Streams what `produce` writes; checks done before it are reported with a status code.
-fn stream_response(
+pub(crate) fn stream_response(
     produce: impl FnOnce(&mut ChannelWriter) -> Result<(), cairn_store::StoreError> + Send + 'static,
 ) -> HttpResponse {
     let (mut w, body) = ChannelWriter::new();

@@ -13,6 +13,7 @@ mod auth;
 mod convert;
 mod error;
 mod handlers;
+mod serve_cache;
 mod server;
 mod substitute;
 

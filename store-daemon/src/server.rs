@@ -48,17 +48,33 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
 
     let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
-    let trusted_keys = settings
-        .trusted_public_keys
-        .iter()
-        .map(|k| cairn_nix::signing::PublicKey::parse(k).with_context(|| "trusted-public-keys in the config"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let app = router(Arc::new(AppState {
-        store: store.clone(),
-        store_dir,
-        trusted_keys,
-        require_sigs: settings.require_sigs,
-    }));
+    let substitution = crate::substitute::Substitution::from_settings(&settings)?;
+    let app = router(Arc::new(AppState { store: store.clone(), store_dir: store_dir.clone(), substitution }));
+    if let Some(addr) = &settings.listen {
+        let keys = settings
+            .secret_key_files
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+                cairn_nix::signing::SecretKey::parse(&text)
+                    .with_context(|| format!("'{}' (secret-key-files in the config)", f.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on '{addr}' (listen in the config)"))?;
+        tracing::info!(address = %tcp.local_addr()?, keys = keys.len(), "serving the store as a binary cache");
+        let cache = crate::serve_cache::router(Arc::new(crate::serve_cache::CacheServer {
+            store: store.clone(),
+            store_dir: store_dir.clone(),
+            keys,
+        }));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(tcp, cache).await {
+                tracing::error!("binary cache server stopped: {e}");
+            }
+        });
+    }
     tracing::info!(
         socket = %socket.display(),
         store = settings.store_dir,

@@ -1,167 +1,192 @@
-//! Substitution from `file://` binary caches: the closure of the asked paths, fetched
-//! references first, each path checked before anything of it is registered.
+//! `POST /v1/substitute`: closures fetched from binary caches (see `cairn_cache::substitute`),
+//! with progress streamed to the client as JSON lines.
 //!
-//! Checks, in order, each failing with a message that names it: the cache serves our store
-//! directory; the narinfo names the path asked for; the path is signed by a trusted key
-//! (`trusted-public-keys`), or is content-addressed and its content address really gives this
-//! path; the NAR is stored uncompressed or with zstd (xz and bzip2 are not read yet); the file
-//! has the size and hash the narinfo says; and, as it is restored, the NAR has the narinfo's
-//! hash and size.
+//! The daemon keeps its configured substituters open (their `nix-cache-info` read once, their
+//! HTTP connections pooled) and one narinfo lookup cache for all requests. A request may name
+//! other caches; as in Nix, only trusted users may make the daemon read a URL nobody configured.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
-use cairn_nix::narinfo::{CacheInfo, NarInfo};
-use cairn_nix::signing::PublicKey;
-use cairn_nix::Hasher;
-use cairn_nix::{ContentAddress, StoreDir, StorePath};
-use cairn_store::{LocalStore, PathInfo};
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use cairn_api::config::Settings;
+use cairn_api::{ErrorBody, SubstituteEvent, SubstituteFailure, SubstituteRequest};
+use cairn_cache::{Limits, NarInfoCache, NetOptions, Policy, Progress, Substituter};
+use tokio::sync::mpsc;
 
-use crate::error::ApiError;
+use crate::auth::Peer;
+use crate::convert::{self, store_paths};
+use crate::error::{ApiError, ApiResult};
+use crate::handlers::AppState;
 
-fn read(path: &Path) -> Result<String, ApiError> {
-    std::fs::read_to_string(path).map_err(|e| ApiError::not_found(format!("cannot read '{}': {e}", path.display())))
+/// What every substitution shares.
+pub struct Substitution {
+    configured: Vec<Arc<Substituter>>,
+    lookups: Arc<NarInfoCache>,
+    net: NetOptions,
+    limits: Limits,
+    pub policy: Policy,
 }
 
-/// Whether a content-addressed narinfo's path follows from its content address.
-fn ca_matches(dir: &StoreDir, info: &NarInfo) -> bool {
-    let Some(ca) = info.ca.as_deref().and_then(|c| c.parse::<ContentAddress>().ok()) else { return false };
-    let refs: BTreeSet<StorePath> = info.references.iter().filter(|r| **r != info.store_path).cloned().collect();
-    let self_ref = info.references.contains(&info.store_path);
-    dir.make_content_addressed_path(info.store_path.name(), &ca, &refs, self_ref).is_ok_and(|p| p == info.store_path)
-}
-
-/// Substitutes the closures of `paths` from the cache at `cache`; returns what was added.
-pub fn from_file_cache(
-    store: &LocalStore,
-    dir: &StoreDir,
-    cache: &Path,
-    paths: &[StorePath],
-    keys: &[PublicKey],
-    require_sigs: bool,
-) -> Result<Vec<PathInfo>, ApiError> {
-    CacheInfo::parse(dir, &read(&cache.join("nix-cache-info"))?).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // The missing part of the closure, by narinfo.
-    let mut wanted: BTreeMap<StorePath, NarInfo> = BTreeMap::new();
-    let mut todo: Vec<StorePath> = paths.to_vec();
-    while let Some(p) = todo.pop() {
-        if wanted.contains_key(&p) || store.is_valid(&p)? {
-            continue;
-        }
-        let file = cache.join(format!("{}.narinfo", p.hash_part()));
-        let text = read(&file)?;
-        let info = NarInfo::parse(dir, &text).map_err(|e| ApiError::bad_request(format!("{}: {e}", file.display())))?;
-        if info.store_path != p {
-            return Err(ApiError::bad_request(format!(
-                "{}: the narinfo is for '{}', not '{}'",
-                file.display(),
-                dir.display(&info.store_path),
-                dir.display(&p)
-            )));
-        }
-        let signed = info.is_signed_by(dir, keys);
-        if require_sigs && !signed && !ca_matches(dir, &info) {
-            return Err(ApiError::forbidden(format!(
-                "'{}' is not signed by a trusted key (trusted-public-keys) and is not content-addressed",
-                dir.display(&p)
-            )));
-        }
-        if !matches!(info.compression.as_str(), "none" | "zstd") {
-            return Err(ApiError::bad_request(format!(
-                "'{}' is compressed with {}; only uncompressed and zstd caches can be read so far",
-                dir.display(&p),
-                info.compression
-            )));
-        }
-        todo.extend(info.references.iter().filter(|r| **r != p).cloned());
-        wanted.insert(p, info);
-    }
-    // References first.
-    let mut order: Vec<StorePath> = Vec::new();
-    let mut placed: BTreeSet<StorePath> = BTreeSet::new();
-    fn visit(
-        p: &StorePath,
-        wanted: &BTreeMap<StorePath, NarInfo>,
-        placed: &mut BTreeSet<StorePath>,
-        order: &mut Vec<StorePath>,
-    ) {
-        if !wanted.contains_key(p) || !placed.insert(p.clone()) {
-            return;
-        }
-        for r in wanted[p].references.iter().filter(|r| *r != p) {
-            visit(r, wanted, placed, order);
-        }
-        order.push(p.clone());
-    }
-    for p in wanted.keys() {
-        visit(p, &wanted, &mut placed, &mut order);
-    }
-    let mut added = Vec::new();
-    for p in order {
-        let info = &wanted[&p];
-        let nar = cache.join(&info.url);
-        if info.url.contains("..") || info.url.starts_with('/') {
-            return Err(ApiError::bad_request(format!(
-                "'{}': NAR URL '{}' leaves the cache",
-                dir.display(&p),
-                info.url
-            )));
-        }
-        let file = std::fs::File::open(&nar)
-            .map_err(|e| ApiError::not_found(format!("cannot read '{}': {e}", nar.display())))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if let Some(size) = info.file_size.filter(|s| *s != len) {
-            return Err(ApiError::bad_request(format!(
-                "'{}': the NAR file has {len} bytes, the narinfo says {size}",
-                dir.display(&p)
-            )));
-        }
-        let path_info = PathInfo {
-            path: p.clone(),
-            nar_hash: info.nar_hash.clone(),
-            nar_size: info.nar_size,
-            references: info.references.clone(),
-            deriver: info.deriver.clone(),
-            registration_time: 0,
-            ultimate: false,
-            signatures: info.signatures.iter().cloned().collect(),
-            ca: info.ca.as_deref().and_then(|c| c.parse().ok()),
+impl Substitution {
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Substitution> {
+        let net = NetOptions {
+            connect_timeout: Duration::from_secs(settings.connect_timeout),
+            stall_timeout: Duration::from_secs(settings.stalled_download_timeout),
         };
-        // The file's hash first (a local file: one more read), so that a mismatch refuses the
-        // path before anything of it is placed; then the NAR's, as it is restored.
-        if let Some(expected) = &info.file_hash {
-            let mut h = Hasher::new(expected.algo());
-            let mut f = std::io::BufReader::with_capacity(1 << 20, &file);
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = std::io::Read::read(&mut f, &mut buf)
-                    .map_err(|e| ApiError::internal(format!("cannot read '{}': {e}", nar.display())))?;
-                if n == 0 {
-                    break;
+        let configured = settings
+            .substituters
+            .iter()
+            .map(|u| Substituter::open(u, &net).map(Arc::new).with_context(|| "substituters in the config"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let trusted_keys = settings
+            .trusted_public_keys
+            .iter()
+            .map(|k| cairn_nix::signing::PublicKey::parse(k).with_context(|| "trusted-public-keys in the config"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Substitution {
+            configured,
+            lookups: Arc::new(NarInfoCache::new(
+                Duration::from_secs(settings.narinfo_cache_positive_ttl),
+                Duration::from_secs(settings.narinfo_cache_negative_ttl),
+            )),
+            net,
+            limits: Limits { connections: settings.substituter_connections, jobs: settings.max_substitution_jobs },
+            policy: Policy { trusted_keys, require_sigs: settings.require_sigs },
+        })
+    }
+
+    /// The caches a request uses: those it names (opened for it, or the configured ones of the
+    /// same URL), else the configured ones.
+    fn caches(&self, from: &[String], peer: &Peer) -> ApiResult<Vec<Arc<Substituter>>> {
+        if from.is_empty() {
+            return Ok(self.configured.clone());
+        }
+        from.iter()
+            .map(|url| {
+                if let Some(s) = self.configured.iter().find(|s| s.url() == url) {
+                    return Ok(s.clone());
                 }
-                h.update(&buf[..n]);
-            }
-            let actual = h.finish();
-            if &actual != expected {
-                return Err(ApiError::bad_request(format!(
-                    "'{}': the NAR file hashes to {actual}, the narinfo says {expected}",
-                    dir.display(&p)
-                )));
-            }
-        }
-        let file = std::fs::File::open(&nar)
-            .map_err(|e| ApiError::not_found(format!("cannot read '{}': {e}", nar.display())))?;
-        let reader = std::io::BufReader::with_capacity(1 << 20, file);
-        // Bounded: a NAR longer than its narinfo says is cut there and fails the size check.
-        let added_path = if info.compression == "zstd" {
-            let decoder = zstd::stream::read::Decoder::with_buffer(reader)
-                .map_err(|e| ApiError::internal(format!("cannot start zstd: {e}")))?;
-            store.add_nar_with_info(path_info, std::io::Read::take(decoder, info.nar_size + 1))?
-        } else {
-            store.add_nar_with_info(path_info, std::io::Read::take(reader, info.nar_size + 1))?
-        };
-        added.push(added_path);
-        tracing::info!(path = %dir.display(&p), "substituted");
+                if !peer.trusted {
+                    return Err(ApiError::forbidden(format!(
+                        "user '{}' may only substitute from the configured substituters; '{url}' is not one \
+                         (add the user to trusted-users, or the URL to substituters)",
+                        peer.user
+                    )));
+                }
+                Substituter::open(url, &self.net).map(Arc::new).map_err(|e| ApiError::bad_request(e.to_string()))
+            })
+            .collect()
     }
-    Ok(added)
+}
+
+fn line(event: &SubstituteEvent) -> Bytes {
+    let mut v = serde_json::to_vec(event).expect("events serialise");
+    v.push(b'\n');
+    v.into()
+}
+
+fn progress_event(p: &Progress) -> SubstituteEvent {
+    SubstituteEvent::Progress {
+        paths_expected: p.paths_expected.load(Ordering::Relaxed),
+        paths_done: p.paths_done.load(Ordering::Relaxed),
+        bytes_expected: p.bytes_expected.load(Ordering::Relaxed),
+        bytes_done: p.bytes_done.load(Ordering::Relaxed),
+    }
+}
+
+pub async fn handler(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    Json(req): Json<SubstituteRequest>,
+) -> ApiResult<HttpResponse> {
+    let sub = &st.substitution;
+    if !sub.policy.require_sigs && !peer.trusted {
+        return Err(ApiError::forbidden(format!(
+            "user '{}' may not substitute while require-sigs is off (add it to trusted-users)",
+            peer.user
+        )));
+    }
+    let caches = sub.caches(&req.from, &peer)?;
+    if caches.is_empty() {
+        return Err(ApiError::bad_request(
+            "no binary cache to substitute from: set substituters in the daemon's config, or name one (--from URL)",
+        ));
+    }
+    let dir = st.store_dir.clone();
+    let paths = store_paths(&dir, &req.paths)?;
+    let progress = Arc::new(Progress::default());
+    let job = cairn_cache::substitute::Job {
+        store: st.store.clone(),
+        substituters: caches,
+        lookups: sub.lookups.clone(),
+        policy: sub.policy.clone(),
+        limits: sub.limits,
+        client: peer.client,
+        progress: progress.clone(),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let store = st.store.clone();
+    let user = peer.user.clone();
+    tokio::spawn(async move {
+        let work = cairn_cache::substitute(job, &paths);
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let outcome = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tick.tick() => { let _ = tx.send(line(&progress_event(&progress))).await; }
+            }
+        };
+        let _ = tx.send(line(&progress_event(&progress))).await;
+        let event = match outcome {
+            Err(e) => {
+                tracing::warn!(user, "substitution failed: {e}");
+                let e = ApiError::from(e);
+                SubstituteEvent::Error(ErrorBody { kind: e.kind, message: e.message })
+            }
+            Ok(report) => {
+                for i in &report.added {
+                    tracing::info!(path = %dir.display(&i.path), "substituted");
+                }
+                let valid: Vec<_> = paths
+                    .iter()
+                    .filter_map(|p| store.path_info(p).ok().flatten())
+                    .map(|i| convert::path_info(&dir, &i))
+                    .collect();
+                SubstituteEvent::Done {
+                    paths: valid,
+                    added: report.added.iter().map(|i| dir.display(&i.path)).collect(),
+                    failed: report
+                        .failed
+                        .iter()
+                        .map(|(p, reason)| SubstituteFailure { path: dir.display(p), reason: reason.clone() })
+                        .collect(),
+                }
+            }
+        };
+        let _ = tx.send(line(&event)).await;
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+}
+
+impl From<cairn_cache::CacheError> for ApiError {
+    fn from(e: cairn_cache::CacheError) -> ApiError {
+        use cairn_cache::CacheError::*;
+        match e {
+            Store(e) => ApiError::from(e),
+            Url { .. } | Compression(_) | BadFile { .. } | Refused { .. } => ApiError::bad_request(e.to_string()),
+            Missing { .. } | NotFound { .. } => ApiError::not_found(e.to_string()),
+            Io { .. } | Http { .. } | Timeout { .. } => ApiError::internal(e.to_string()),
+        }
+    }
 }

@@ -33,6 +33,15 @@ pub struct ConfigFile {
     pub min_free_check_interval: Option<u64>,
     pub trusted_public_keys: Option<Vec<String>>,
     pub require_sigs: Option<bool>,
+    pub substituters: Option<Vec<String>>,
+    pub substituter_connections: Option<usize>,
+    pub max_substitution_jobs: Option<usize>,
+    pub connect_timeout: Option<u64>,
+    pub stalled_download_timeout: Option<u64>,
+    pub narinfo_cache_positive_ttl: Option<u64>,
+    pub narinfo_cache_negative_ttl: Option<u64>,
+    pub listen: Option<String>,
+    pub secret_key_files: Option<Vec<PathBuf>>,
 }
 
 /// Why configuration could not be loaded.
@@ -114,6 +123,24 @@ pub struct Settings {
     pub trusted_public_keys: Vec<String>,
     /// Whether substituted paths need a trusted signature (or a content address).
     pub require_sigs: bool,
+    /// Binary caches to substitute from, tried by priority.
+    pub substituters: Vec<String>,
+    /// Narinfo lookups in flight at once.
+    pub substituter_connections: usize,
+    /// NAR downloads in flight at once.
+    pub max_substitution_jobs: usize,
+    /// Seconds to connect to a cache and get its answer's headers.
+    pub connect_timeout: u64,
+    /// Seconds a download may stay silent before it fails.
+    pub stalled_download_timeout: u64,
+    /// Seconds a found narinfo is remembered.
+    pub narinfo_cache_positive_ttl: u64,
+    /// Seconds a "no such narinfo" answer is remembered.
+    pub narinfo_cache_negative_ttl: u64,
+    /// Address (`HOST:PORT`) on which cairnd serves its store as a binary cache; none: off.
+    pub listen: Option<String>,
+    /// Secret keys with which served narinfos are signed.
+    pub secret_key_files: Vec<PathBuf>,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -155,6 +182,15 @@ impl Settings {
             min_free_check_interval: file.min_free_check_interval.unwrap_or(5).max(1),
             trusted_public_keys: file.trusted_public_keys.unwrap_or_default(),
             require_sigs: file.require_sigs.unwrap_or(true),
+            substituters: file.substituters.unwrap_or_default(),
+            substituter_connections: file.substituter_connections.unwrap_or(25).max(1),
+            max_substitution_jobs: file.max_substitution_jobs.unwrap_or(16).max(1),
+            connect_timeout: file.connect_timeout.unwrap_or(10).max(1),
+            stalled_download_timeout: file.stalled_download_timeout.unwrap_or(300).max(1),
+            narinfo_cache_positive_ttl: file.narinfo_cache_positive_ttl.unwrap_or(30 * 24 * 3600),
+            narinfo_cache_negative_ttl: file.narinfo_cache_negative_ttl.unwrap_or(60),
+            listen: file.listen.filter(|l| !l.is_empty()),
+            secret_key_files: file.secret_key_files.unwrap_or_default(),
         }
     }
 }
@@ -183,6 +219,15 @@ mod tests {
             "min-free-check-interval",
             "trusted-public-keys",
             "require-sigs",
+            "substituters",
+            "substituter-connections",
+            "max-substitution-jobs",
+            "connect-timeout",
+            "stalled-download-timeout",
+            "narinfo-cache-positive-ttl",
+            "narinfo-cache-negative-ttl",
+            "listen",
+            "secret-key-files",
         ] {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
         }

@@ -40,6 +40,7 @@ pub mod routes {
     pub const CAT: &str = "/v1/cat";
     pub const EXPORT: &str = "/v1/export";
     pub const IMPORT: &str = "/v1/import";
+    pub const SUBSTITUTE: &str = "/v1/substitute";
 }
 
 /// Answer of `GET /v1/version`.
@@ -130,9 +131,6 @@ pub enum Request {
     /// Makes `link` (absolute; the client creates the symlink) an indirect root of `path`.
     /// Answered by [`Response::Paths`] with the path.
     AddRoot { link: String, path: String },
-    /// Fetches the closures of `paths` from a binary cache (`file:///DIR`), checking signatures
-    /// against the daemon's trusted keys. Answered by [`Response::PathInfos`] for `paths`.
-    Substitute { from: String, paths: Vec<String> },
     /// Hard-links identical files. Answered by [`Response::Optimise`].
     Optimise,
     /// Checks the store. Answered by [`Response::Verify`]. Repair needs a trusted user.
@@ -142,6 +140,37 @@ pub enum Request {
         #[serde(default)]
         repair: bool,
     },
+}
+
+/// Body of `POST /v1/substitute`: fetch the closures of `paths` from binary caches. The answer
+/// is a stream of [`SubstituteEvent`]s, one JSON object per line, ending with `done`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubstituteRequest {
+    /// Caches to use instead of the daemon's `substituters` (URLs other than those need a
+    /// trusted user).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    pub paths: Vec<String>,
+}
+
+/// One line of a substitution's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum SubstituteEvent {
+    /// Counters so far (sent a few times a second while work goes on).
+    #[serde(rename_all = "camelCase")]
+    Progress { paths_expected: u64, paths_done: u64, bytes_expected: u64, bytes_done: u64 },
+    /// The end: the asked-for paths that are now valid, what was added, and what failed.
+    Done { paths: Vec<PathInfo>, added: Vec<String>, failed: Vec<SubstituteFailure> },
+    /// The substitution could not run at all.
+    Error(ErrorBody),
+}
+
+/// A path that could not be substituted, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubstituteFailure {
+    pub path: String,
+    pub reason: String,
 }
 
 /// What [`Request::Gc`] does.

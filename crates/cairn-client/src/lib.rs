@@ -176,6 +176,11 @@ impl Client {
         Ok(reader_of(self.call_json(routes::EXPORT, &ExportRequest { paths }).await?.into_body()))
     }
 
+    /// Starts a substitution; its answer is a stream of JSON lines (`SubstituteEvent`).
+    pub async fn substitute(&self, req: &cairn_api::SubstituteRequest) -> Result<impl AsyncRead + Send + Unpin> {
+        Ok(reader_of(self.call_json(routes::SUBSTITUTE, req).await?.into_body()))
+    }
+
     /// Imports an export stream.
     pub async fn import(&self, body: Body) -> Result<Vec<PathInfo>> {
         Client::json(self.call(Method::POST, routes::IMPORT, body).await?).await

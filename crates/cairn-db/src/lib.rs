@@ -130,6 +130,18 @@ impl Db {
         Ok(Db::id_of(&self.conn, path)?.is_some())
     }
 
+    /// The valid path whose hash part is `hash_part` (32 nixbase32 characters), if any: how a
+    /// binary cache finds the path a `<hash>.narinfo` request names.
+    pub fn path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>> {
+        // Paths are stored by base name, `<hash>-<name>`; '.' is the character after '-'.
+        let path: Option<String> = self
+            .conn
+            .prepare_cached("SELECT path FROM ValidPaths WHERE path > ?1 AND path < ?2 LIMIT 1")?
+            .query_row([format!("{hash_part}-"), format!("{hash_part}.")], |r| r.get(0))
+            .optional()?;
+        path.map(|p| parse_path(&p)).transpose()
+    }
+
     /// The metadata of a valid path, or `None`.
     pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>> {
         let row = self

@@ -118,3 +118,14 @@ fn graph_node_removal() {
     let meta = db.gc_metadata().unwrap();
     assert_eq!(meta.nar_size[&libc], 8 * 4);
 }
+
+#[test]
+fn path_from_hash_part_finds_only_that_hash() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[info("a", &[]), info("b", &[])]).unwrap();
+    let a = path("a");
+    assert_eq!(db.path_from_hash_part(a.hash_part()).unwrap(), Some(a.clone()));
+    // A prefix of a hash part, or a hash nobody has, finds nothing.
+    assert_eq!(db.path_from_hash_part(&a.hash_part()[..31]).unwrap(), None);
+    assert_eq!(db.path_from_hash_part(&"0".repeat(32)).unwrap(), None);
+}

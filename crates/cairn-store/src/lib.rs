@@ -22,6 +22,7 @@
 //! and only while holding the store lock (`<state>/daemon.lock`), so one process owns a store.
 
 mod access;
+mod batch;
 mod fsops;
 mod gc;
 mod import;
@@ -49,6 +50,7 @@ use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
 pub use access::{Entry, EntryKind};
+pub use batch::{Batch, Committed};
 pub use cairn_db::{Direction, PathInfo};
 pub use fsops::{dump, remove_tree, restore, restore_with_buffer, RestoreMode};
 pub use gc::{GcOptions, GcReport, GcSettings};
@@ -261,6 +263,11 @@ impl LocalStore {
     /// The metadata of a valid path.
     pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>> {
         Ok(self.db().path_info(path)?)
+    }
+
+    /// The valid path with this hash part, if any.
+    pub fn path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>> {
+        Ok(self.db().path_from_hash_part(hash_part)?)
     }
 
     /// The metadata of a valid path, or [`StoreError::NotValid`].

@@ -1,0 +1,430 @@
+//! Substitution: the closures of some store paths fetched from binary caches.
+//!
+//! Every missing path is looked up in the caches in priority order; the first narinfo that passes
+//! the checks is used, its references are looked up at once (lookups run in parallel, up to
+//! [`Limits::connections`]), and its NAR is downloaded (up to [`Limits::jobs`] at once). A NAR
+//! is read, decompressed, hashed and restored in one streaming pass on a blocking thread; its
+//! compressed bytes are counted and hashed as they pass, so the file size and hash are checked
+//! without a second read. Whatever check fails — narinfo for another path, no trusted signature,
+//! file size or hash, NAR size or hash — the path is refused with a message naming the check,
+//! nothing of it is placed, and the next cache is tried. Accepted paths go into one store
+//! [`Batch`], committed at the end: one `syncfs`, one transaction, and only paths whose whole
+//! closure arrived.
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{self, BufReader, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cairn_nix::hash::{HashAlgo, Hasher};
+use cairn_nix::narinfo::{CacheInfo, NarInfo};
+use cairn_nix::signing::PublicKey;
+use cairn_nix::{ContentAddress, StoreDir, StorePath};
+use cairn_store::{Batch, ClientId, ClientScope, LocalStore, PathInfo, TempRootGuard};
+use tokio::sync::{mpsc, OnceCell, Semaphore};
+
+use crate::backend::{split_params, Backend, FileReader, NetOptions};
+use crate::{CacheError, Compression, NarInfoCache};
+
+/// One binary cache to substitute from.
+pub struct Substituter {
+    url: String,
+    backend: Backend,
+    /// `?priority=N` in the URL, which overrides the cache's own.
+    priority: Option<u32>,
+    /// Fetched on first use; only a good answer is kept, so a cache that was down is asked again.
+    info: OnceCell<CacheInfo>,
+}
+
+impl std::fmt::Debug for Substituter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Substituter({})", self.url)
+    }
+}
+
+impl Substituter {
+    pub fn open(url: &str, net: &NetOptions) -> Result<Substituter, CacheError> {
+        let (_, params) = split_params(url);
+        let priority = match params.iter().find(|(k, _)| k == "priority") {
+            None => None,
+            Some((_, v)) => Some(v.parse().map_err(|_| CacheError::Url {
+                url: url.to_owned(),
+                reason: format!("priority '{v}' is not a number"),
+            })?),
+        };
+        Ok(Substituter { url: url.to_owned(), backend: Backend::open(url, net)?, priority, info: OnceCell::new() })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The cache's `nix-cache-info`, checked to serve `dir`.
+    pub async fn cache_info(&self, dir: &StoreDir) -> Result<&CacheInfo, CacheError> {
+        self.info
+            .get_or_try_init(|| async {
+                let key = "nix-cache-info";
+                let text = self.backend.get(key).await?.ok_or_else(|| CacheError::Missing {
+                    url: self.backend.describe(key),
+                })?;
+                CacheInfo::parse(dir, &String::from_utf8_lossy(&text))
+                    .map_err(|e| CacheError::BadFile { url: self.backend.describe(key), reason: e.to_string() })
+            })
+            .await
+    }
+
+    /// Lower is tried first.
+    pub async fn priority(&self, dir: &StoreDir) -> Result<u32, CacheError> {
+        let info = self.cache_info(dir).await?;
+        Ok(self.priority.unwrap_or(info.priority))
+    }
+
+    /// The narinfo of `path`, parsed, or `None` if the cache has none.
+    async fn narinfo(&self, dir: &StoreDir, path: &StorePath, lookups: &NarInfoCache) -> Result<Option<NarInfo>, CacheError> {
+        if let Some(answer) = lookups.get(&self.url, path.hash_part()) {
+            return Ok(answer);
+        }
+        let key = format!("{}.narinfo", path.hash_part());
+        let Some(text) = self.backend.get(&key).await? else {
+            lookups.put(&self.url, path.hash_part(), None);
+            return Ok(None);
+        };
+        let info = NarInfo::parse(dir, &String::from_utf8_lossy(&text))
+            .map_err(|e| CacheError::BadFile { url: self.backend.describe(&key), reason: e.to_string() })?;
+        Ok(Some(info))
+    }
+}
+
+/// Which paths are trusted.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Keys whose signatures make a path trusted (`trusted-public-keys`).
+    pub trusted_keys: Vec<PublicKey>,
+    /// Whether a path needs such a signature or a content address that proves it.
+    pub require_sigs: bool,
+}
+
+/// How much runs at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Narinfo lookups in flight.
+    pub connections: usize,
+    /// NAR downloads in flight.
+    pub jobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { connections: 25, jobs: 16 }
+    }
+}
+
+/// Counters a progress display reads while a substitution runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Paths found in a cache, to download.
+    pub paths_expected: AtomicU64,
+    pub paths_done: AtomicU64,
+    /// Their files' sizes (as the narinfos say; NAR sizes where a narinfo has no file size).
+    pub bytes_expected: AtomicU64,
+    /// Bytes downloaded so far.
+    pub bytes_done: AtomicU64,
+}
+
+/// What a substitution did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Newly registered paths, references first.
+    pub added: Vec<PathInfo>,
+    /// Paths that could not be substituted, and why.
+    pub failed: Vec<(StorePath, String)>,
+}
+
+/// What a substitution needs.
+pub struct Job {
+    pub store: Arc<LocalStore>,
+    pub substituters: Vec<Arc<Substituter>>,
+    pub lookups: Arc<NarInfoCache>,
+    pub policy: Policy,
+    pub limits: Limits,
+    /// The client whose request this is: what it adds stays rooted while it lives.
+    pub client: Option<ClientId>,
+    pub progress: Arc<Progress>,
+}
+
+struct Ctx {
+    dir: StoreDir,
+    subs: Vec<Arc<Substituter>>,
+    lookups: Arc<NarInfoCache>,
+    policy: Policy,
+    client: Option<ClientId>,
+    progress: Arc<Progress>,
+    batch: Batch,
+    net: Semaphore,
+    jobs: Semaphore,
+}
+
+enum Event {
+    /// A usable narinfo for a path: its references are wanted too.
+    Found { path: StorePath, references: Vec<StorePath>, size: u64 },
+    /// A path's download ended.
+    Done { path: StorePath, result: Result<(), String> },
+}
+
+/// Substitutes whatever is missing of the closures of `paths`.
+pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheError> {
+    let store = job.store;
+    let dir = store.store_dir().clone();
+    // Caches by priority; one that cannot be used is skipped, and named if nothing is found.
+    let mut usable: Vec<(u32, Arc<Substituter>)> = Vec::new();
+    let mut unusable: Vec<String> = Vec::new();
+    let prios = futures_util::future::join_all(job.substituters.iter().map(|s| s.priority(&dir))).await;
+    for (s, p) in job.substituters.iter().zip(prios) {
+        match p {
+            Ok(p) => usable.push((p, s.clone())),
+            Err(e) => {
+                tracing::warn!(cache = s.url(), "cannot use substituter: {e}");
+                unusable.push(e.to_string());
+            }
+        }
+    }
+    usable.sort_by_key(|(p, _)| *p);
+    let ctx = Arc::new(Ctx {
+        dir: dir.clone(),
+        subs: usable.into_iter().map(|(_, s)| s).collect(),
+        lookups: job.lookups,
+        policy: job.policy,
+        client: job.client,
+        progress: job.progress,
+        batch: store.batch()?,
+        net: Semaphore::new(job.limits.connections.max(1)),
+        jobs: Semaphore::new(job.limits.jobs.max(1)),
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut seen: HashSet<StorePath> = HashSet::new();
+    // Every path looked at is rooted before its validity is checked, so that a collection cannot
+    // take a valid reference before the batch registers what needs it.
+    let mut roots: Vec<TempRootGuard> = Vec::new();
+    let mut outstanding = 0usize;
+    let mut report = Report::default();
+    let mut want = |p: &StorePath, tasks: &mut tokio::task::JoinSet<()>, outstanding: &mut usize| -> Result<(), CacheError> {
+        if !seen.insert(p.clone()) {
+            return Ok(());
+        }
+        roots.push(store.temp_root([p.clone()]));
+        if store.is_valid(p)? {
+            return Ok(());
+        }
+        *outstanding += 1;
+        tasks.spawn(fetch_path(ctx.clone(), p.clone(), tx.clone()));
+        Ok(())
+    };
+    for p in paths {
+        want(p, &mut tasks, &mut outstanding)?;
+    }
+    let mut announced: HashSet<StorePath> = HashSet::new();
+    while outstanding > 0 {
+        let Some(event) = rx.recv().await else { break };
+        match event {
+            Event::Found { path, references, size } => {
+                if announced.insert(path) {
+                    ctx.progress.paths_expected.fetch_add(1, Ordering::Relaxed);
+                    ctx.progress.bytes_expected.fetch_add(size, Ordering::Relaxed);
+                }
+                for r in &references {
+                    want(r, &mut tasks, &mut outstanding)?;
+                }
+            }
+            Event::Done { path, result } => {
+                outstanding -= 1;
+                if let Err(e) = result {
+                    report.failed.push((path, e));
+                }
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    drop(tasks);
+    let ctx = Arc::into_inner(ctx).expect("every download task has ended");
+    let client = ctx.client;
+    let batch = ctx.batch;
+    let committed = tokio::task::spawn_blocking(move || {
+        let _client = ClientScope::enter(client);
+        batch.commit()
+    })
+    .await
+    .map_err(|e| CacheError::Io { url: "substitution".into(), source: io::Error::other(e) })??;
+    report.added = committed.added;
+    for (p, r) in committed.incomplete {
+        let why = format!("needs '{}', which could not be substituted", dir.display(&r));
+        report.failed.push((p, why));
+    }
+    if report.failed.is_empty() && !unusable.is_empty() {
+        tracing::debug!(unusable = ?unusable, "substitution succeeded without some caches");
+    }
+    for p in paths {
+        if !store.is_valid(p)? && !report.failed.iter().any(|(f, _)| f == p) {
+            let mut tried = unusable.clone();
+            tried.push("its closure is incomplete".into());
+            report.failed.push((p.clone(), tried.join("; ")));
+        }
+    }
+    drop(roots);
+    Ok(report)
+}
+
+/// Finds a usable narinfo for `path` and downloads its NAR, falling back to the next cache on
+/// any failure.
+async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Event>) {
+    let mut tried: Vec<String> = Vec::new();
+    for sub in &ctx.subs {
+        let found = {
+            let _permit = ctx.net.acquire().await.expect("semaphore open");
+            sub.narinfo(&ctx.dir, &path, &ctx.lookups).await
+        };
+        let info = match found {
+            Ok(Some(info)) => info,
+            Ok(None) => continue,
+            Err(e) => {
+                tried.push(e.to_string());
+                continue;
+            }
+        };
+        if let Err(check) = check_narinfo(&ctx.dir, &path, &info, &ctx.policy) {
+            ctx.lookups.forget(sub.url(), path.hash_part());
+            tried.push(CacheError::Refused { path: ctx.dir.display(&path), cache: sub.url().to_owned(), check }.to_string());
+            continue;
+        }
+        ctx.lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
+        let references = info.references.iter().filter(|r| **r != path).cloned().collect();
+        let size = info.file_size.unwrap_or(info.nar_size);
+        let _ = tx.send(Event::Found { path: path.clone(), references, size });
+        let _job = ctx.jobs.acquire().await.expect("semaphore open");
+        match download(&ctx, sub, info).await {
+            Ok(()) => {
+                ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(Event::Done { path, result: Ok(()) });
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(path = %ctx.dir.display(&path), "substitution failed: {e}");
+                ctx.lookups.forget(sub.url(), path.hash_part());
+                tried.push(e.to_string());
+            }
+        }
+    }
+    let err = CacheError::NotFound { path: ctx.dir.display(&path), tried };
+    let _ = tx.send(Event::Done { path, result: Err(err.to_string()) });
+}
+
+/// The checks a narinfo must pass before its NAR is fetched; the error names the failed one.
+pub fn check_narinfo(dir: &StoreDir, wanted: &StorePath, info: &NarInfo, policy: &Policy) -> Result<(), String> {
+    if info.store_path != *wanted {
+        return Err(format!("the narinfo is for '{}'", dir.display(&info.store_path)));
+    }
+    if policy.require_sigs && !info.is_signed_by(dir, &policy.trusted_keys) && !ca_proves_path(dir, info) {
+        return Err(if info.signatures.is_empty() {
+            "it is not signed, and no content address proves it (trusted-public-keys, require-sigs)".into()
+        } else {
+            "no signature is by a trusted key (trusted-public-keys), and no content address proves it".into()
+        });
+    }
+    Compression::parse(&info.compression).map_err(|e| e.to_string())?;
+    if info.url.is_empty() || info.url.starts_with('/') || info.url.contains("://") || info.url.split('/').any(|c| c == "..") {
+        return Err(format!("the NAR URL '{}' leaves the cache", info.url));
+    }
+    Ok(())
+}
+
+/// Whether a narinfo's path follows from its content address (then it needs no signature).
+fn ca_proves_path(dir: &StoreDir, info: &NarInfo) -> bool {
+    let Some(ca) = info.ca.as_deref().and_then(|c| c.parse::<ContentAddress>().ok()) else { return false };
+    let refs: BTreeSet<StorePath> = info.references.iter().filter(|r| **r != info.store_path).cloned().collect();
+    let self_ref = info.references.contains(&info.store_path);
+    dir.make_content_addressed_path(info.store_path.name(), &ca, &refs, self_ref).is_ok_and(|p| p == info.store_path)
+}
+
+async fn download(ctx: &Arc<Ctx>, sub: &Substituter, info: NarInfo) -> Result<(), CacheError> {
+    let reader = sub.backend.open_read(&info.url).await?;
+    let url = sub.backend.describe(&info.url);
+    let ctx = ctx.clone();
+    tokio::task::spawn_blocking(move || {
+        let _client = ClientScope::enter(ctx.client);
+        place(&ctx, info, reader, &url)
+    })
+    .await
+    .map_err(|e| CacheError::Io { url: "download".into(), source: io::Error::other(e) })?
+}
+
+/// Counts (for progress) and hashes (for the narinfo's FileHash) the file's bytes, and refuses
+/// more of them than FileSize says.
+struct FileCheck {
+    inner: FileReader,
+    hasher: Hasher,
+    size: u64,
+    limit: Option<u64>,
+    progress: Arc<Progress>,
+}
+
+impl Read for FileCheck {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.size += n as u64;
+        self.progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(limit) = self.limit.filter(|l| self.size > *l) {
+            return Err(io::Error::other(format!("the file is longer than the narinfo's FileSize ({limit} bytes)")));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Restores one NAR into the batch, checking everything the narinfo says.
+fn place(ctx: &Ctx, info: NarInfo, reader: FileReader, url: &str) -> Result<(), CacheError> {
+    let path = ctx.dir.display(&info.store_path);
+    let refuse = |check: String| CacheError::Refused { path: path.clone(), cache: url.to_owned(), check };
+    let compression = Compression::parse(&info.compression)?;
+    let file = FileCheck {
+        inner: reader,
+        hasher: Hasher::new(info.file_hash.as_ref().map(|h| h.algo()).unwrap_or(HashAlgo::Sha256)),
+        size: 0,
+        limit: info.file_size,
+        progress: ctx.progress.clone(),
+    };
+    let decoder = compression
+        .decoder(BufReader::with_capacity(256 * 1024, file))
+        .map_err(|e| refuse(format!("cannot start {} decompression: {e}", compression.name())))?;
+    let path_info = PathInfo {
+        path: info.store_path.clone(),
+        nar_hash: info.nar_hash.clone(),
+        nar_size: info.nar_size,
+        references: info.references.clone(),
+        deriver: info.deriver.clone(),
+        registration_time: 0,
+        ultimate: false,
+        signatures: info.signatures.iter().cloned().collect(),
+        ca: info.ca.as_deref().and_then(|c| c.parse().ok()),
+    };
+    // At most one byte more than NarSize is decompressed: a longer NAR fails the size check
+    // instead of filling the disk.
+    let limited = decoder.take(info.nar_size + 1);
+    let result = ctx.batch.add_nar_with_info(path_info, limited, |limited| -> Result<(), CacheError> {
+        let mut rest = limited.into_inner().into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(|e| refuse(format!("reading the file: {e}")))?;
+        let file = rest.into_inner();
+        if let Some(expected) = info.file_size.filter(|s| *s != file.size) {
+            return Err(refuse(format!("the file has {} bytes, the narinfo says {expected} (FileSize)", file.size)));
+        }
+        let actual = file.hasher.finish();
+        if let Some(expected) = info.file_hash.as_ref().filter(|h| **h != actual) {
+            return Err(refuse(format!("the file hashes to {actual}, the narinfo says {expected} (FileHash)")));
+        }
+        Ok(())
+    });
+    match result {
+        Ok(_) => Ok(()),
+        Err(CacheError::Store(e)) => Err(refuse(e.to_string())),
+        Err(e) => Err(e),
+    }
+}

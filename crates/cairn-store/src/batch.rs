@@ -1,0 +1,193 @@
+//! Batches: many paths placed in parallel, made durable by one `syncfs` and registered by one
+//! transaction.
+//!
+//! Substitution fetches a closure of often thousands of small paths. Adding them one by one would
+//! cost a `syncfs`, a directory fsync and a SQLite commit per path — more than the transfer
+//! itself. A [`Batch`] restores each NAR (from any number of threads at once) into its own
+//! temporary directory, checking its NAR hash and size and whatever else the caller checks (a
+//! binary cache's file hash) before accepting it. [`Batch::commit`] then locks every accepted
+//! path in one call (sorted, so two batches cannot deadlock), renames them into place, syncs
+//! the file system once and registers them in one transaction.
+//!
+//! A batch registers only paths whose closure is complete: a path whose reference neither is
+//! valid nor is in the batch (its download failed, say) is left out, and so is everything that
+//! needs it. Nothing of a path that failed a check is ever renamed into place. Dropping a batch
+//! without committing removes everything it restored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use cairn_nix::StorePath;
+
+use crate::{fsops, now, remove_tree, LocalStore, PathInfo, Result, StoreError, TempDir, TempRootGuard};
+
+/// Paths being added together; see the module documentation.
+pub struct Batch {
+    store: Arc<LocalStore>,
+    dir: TempDir,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Temporary roots on every path and reference of the batch, so that a collection cannot
+    /// take a reference between the closure check and the registration.
+    roots: TempRootGuard,
+    accepted: BTreeMap<StorePath, (PathInfo, PathBuf)>,
+}
+
+/// What [`Batch::commit`] did.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Newly registered paths, references first.
+    pub added: Vec<PathInfo>,
+    /// Paths left out because something of their closure is missing: (path, missing reference).
+    pub incomplete: Vec<(StorePath, StorePath)>,
+}
+
+impl LocalStore {
+    /// Starts a batch of adds (see `batch.rs`).
+    pub fn batch(self: &Arc<Self>) -> Result<Batch> {
+        Ok(Batch {
+            store: self.clone(),
+            dir: self.temp_dir()?,
+            state: Mutex::new(State { roots: self.temp.add([]), accepted: BTreeMap::new() }),
+        })
+    }
+}
+
+impl Batch {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("batch state poisoned")
+    }
+
+    /// Restores a NAR whose metadata someone vouches for (a substituter's narinfo, checked by
+    /// the caller). The NAR must hash to `info.nar_hash` and be `info.nar_size` bytes; `check`
+    /// then gets the input back (to finish reading it and check what the caller hashes on the
+    /// way, such as a compressed file's hash). Returns false if the path is valid already, in
+    /// which case the input is not read. Safe to call from many threads at once.
+    pub fn add_nar_with_info<R: Read, E: From<StoreError>>(
+        &self,
+        info: PathInfo,
+        mut input: R,
+        check: impl FnOnce(R) -> std::result::Result<(), E>,
+    ) -> std::result::Result<bool, E> {
+        self.state().roots.extend(info.references.iter().cloned().chain([info.path.clone()]));
+        if self.store.is_valid(&info.path)? {
+            return Ok(false);
+        }
+        let n = self.store.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let copy = self.dir.0.join(n.to_string());
+        let received = LocalStore::receive_nar(&mut input, &copy).and_then(|(nar_hash, nar_size)| {
+            if nar_hash != info.nar_hash {
+                return Err(StoreError::HashMismatch {
+                    path: self.store.store_dir().display(&info.path),
+                    expected: info.nar_hash.to_string(),
+                    actual: nar_hash.to_string(),
+                });
+            }
+            if nar_size != info.nar_size {
+                return Err(StoreError::SizeMismatch { expected: info.nar_size, actual: nar_size });
+            }
+            Ok(())
+        });
+        let outcome = received.map_err(E::from).and_then(|()| check(input));
+        if let Err(e) = outcome {
+            let _ = remove_tree(&copy);
+            return Err(e);
+        }
+        let info = PathInfo { registration_time: now(), ultimate: false, ..info };
+        if let Some((_, old)) = self.state().accepted.insert(info.path.clone(), (info, copy)) {
+            let _ = remove_tree(&old); // the same path twice: the later copy wins
+        }
+        Ok(true)
+    }
+
+    /// Places and registers every accepted path whose closure is complete (see the module
+    /// documentation).
+    pub fn commit(self) -> Result<Committed> {
+        let mut state = self.state.into_inner().expect("batch state poisoned");
+        let store = &*self.store;
+        let mut out = Committed::default();
+        if state.accepted.is_empty() {
+            return Ok(out);
+        }
+        let _locks = store.locks.lock(state.accepted.keys().cloned());
+        // Someone may have registered some of them meanwhile.
+        let mut pending: BTreeMap<StorePath, (PathInfo, PathBuf)> = BTreeMap::new();
+        for (p, v) in std::mem::take(&mut state.accepted) {
+            if !store.is_valid(&p)? {
+                pending.insert(p, v);
+            }
+        }
+        // Leave out what misses a reference, until nothing changes.
+        loop {
+            let mut missing: Vec<(StorePath, StorePath)> = Vec::new();
+            for (p, (info, _)) in &pending {
+                for r in info.references.iter().filter(|r| *r != p) {
+                    if !pending.contains_key(r) && !store.is_valid(r)? {
+                        missing.push((p.clone(), r.clone()));
+                        break;
+                    }
+                }
+            }
+            if missing.is_empty() {
+                break;
+            }
+            for (p, r) in missing {
+                pending.remove(&p);
+                out.incomplete.push((p, r));
+            }
+        }
+        let order = references_first(&pending);
+        let mut placed: Vec<PathBuf> = Vec::new();
+        let result = (|| -> Result<()> {
+            for p in &order {
+                let (_, copy) = &pending[p];
+                store.install(copy, p)?;
+                placed.push(store.real_path(p));
+            }
+            fsops::sync_filesystem(&store.layout.real_store_dir)?;
+            let infos: Vec<PathInfo> = order.iter().map(|p| pending[p].0.clone()).collect();
+            store.register(&infos)?;
+            out.added = infos;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for dest in &placed {
+                if let Err(e) = remove_tree(dest) {
+                    tracing::warn!("cannot remove an unregistered substitute: {e}");
+                }
+            }
+            return Err(e);
+        }
+        drop(state.roots);
+        Ok(out)
+    }
+}
+
+/// The keys of `pending` ordered so that each comes after its references.
+fn references_first(pending: &BTreeMap<StorePath, (PathInfo, PathBuf)>) -> Vec<StorePath> {
+    fn visit(
+        p: &StorePath,
+        pending: &BTreeMap<StorePath, (PathInfo, PathBuf)>,
+        seen: &mut BTreeSet<StorePath>,
+        order: &mut Vec<StorePath>,
+    ) {
+        if !seen.insert(p.clone()) {
+            return;
+        }
+        for r in pending[p].0.references.iter().filter(|r| *r != p && pending.contains_key(*r)) {
+            visit(r, pending, seen, order);
+        }
+        order.push(p.clone());
+    }
+    let mut seen = BTreeSet::new();
+    let mut order = Vec::with_capacity(pending.len());
+    for p in pending.keys() {
+        visit(p, pending, &mut seen, &mut order);
+    }
+    order
+}

@@ -1,0 +1,245 @@
+//! The store served as a Nix binary cache over HTTP, on the optional `listen` address.
+//!
+//! Read-only and built from the database alone: `/nix-cache-info`, `/<hash>.narinfo` for every
+//! valid path (signed at serve time with the keys of `secret-key-files`), and
+//! `/nar/<hash>-<NAR hash>.nar[.zst]`, dumped from the store as it is sent (zstd-compressed on
+//! the fly for `.zst`). Requests name paths only by hash part and NAR hash, both checked
+//! character by character before the database is asked, so nothing but valid store paths can be
+//! reached. Uncompressed NARs honour single `Range: bytes=…` requests (resumed downloads).
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use cairn_nix::hash::Encoding;
+use cairn_nix::narinfo::{CacheInfo, NarInfo};
+use cairn_nix::signing::SecretKey;
+use cairn_nix::{StoreDir, StorePath};
+use cairn_store::LocalStore;
+
+use crate::handlers::{stream_response, ChannelWriter};
+
+/// What the cache server needs.
+pub struct CacheServer {
+    pub store: Arc<LocalStore>,
+    pub store_dir: StoreDir,
+    pub keys: Vec<SecretKey>,
+}
+
+/// The cache's priority in `nix-cache-info` (as nix-serve: before cache.nixos.org's 40).
+const PRIORITY: u32 = 30;
+
+pub fn router(server: Arc<CacheServer>) -> Router {
+    Router::new()
+        .route("/nix-cache-info", get(cache_info))
+        .route("/{file}", get(narinfo))
+        .route("/nar/{file}", get(nar))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(server)
+}
+
+type St = State<Arc<CacheServer>>;
+
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "no such path in this cache\n").into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::warn!("binary cache: {e}");
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+}
+
+/// Whether `s` is a store path hash part: 32 characters of Nix's base-32 alphabet.
+fn is_hash_part(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| cairn_nix::nixbase32::ALPHABET.contains(&b))
+}
+
+async fn cache_info(State(s): St) -> Response {
+    let info = CacheInfo { store_dir: s.store_dir.as_str().to_owned(), want_mass_query: true, priority: PRIORITY };
+    ([(header::CONTENT_TYPE, "text/x-nix-cache-info")], info.render()).into_response()
+}
+
+/// The valid path with this hash part, and its metadata.
+async fn lookup(s: &Arc<CacheServer>, hash_part: &str) -> Result<Option<(StorePath, cairn_store::PathInfo)>, Response> {
+    let st = s.clone();
+    let hash_part = hash_part.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<_, cairn_store::StoreError> {
+        let Some(p) = st.store.path_from_hash_part(&hash_part)? else { return Ok(None) };
+        Ok(st.store.path_info(&p)?.map(|i| (p, i)))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)
+}
+
+async fn narinfo(State(s): St, UrlPath(file): UrlPath<String>) -> Response {
+    let Some(hash_part) = file.strip_suffix(".narinfo").filter(|h| is_hash_part(h)) else { return not_found() };
+    let (path, info) = match lookup(&s, hash_part).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return not_found(),
+        Err(r) => return r,
+    };
+    let mut narinfo = NarInfo {
+        url: format!("nar/{}-{}.nar.zst", path.hash_part(), info.nar_hash.encode(Encoding::Nix32)),
+        store_path: path,
+        compression: "zstd".into(),
+        file_hash: None,
+        file_size: None,
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info.references,
+        deriver: info.deriver,
+        system: None,
+        signatures: info.signatures.into_iter().collect(),
+        ca: info.ca.map(|c| c.to_string()),
+        extra: Vec::new(),
+    };
+    for key in &s.keys {
+        if let Err(e) = narinfo.sign(&s.store_dir, key) {
+            return internal(e);
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], narinfo.render(&s.store_dir)).into_response()
+}
+
+/// A single byte range of a body of `len` bytes: `(start, end exclusive)`; `Err` when it cannot
+/// be satisfied.
+pub fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // several ranges: answer the whole body, as the RFC allows
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return Some(Err(()));
+        }
+        (len.saturating_sub(n), len)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() { len } else { b.parse::<u64>().ok()?.saturating_add(1).min(len) };
+        if start >= len || end <= start {
+            return Some(Err(()));
+        }
+        (start, end)
+    };
+    Some(Ok(range))
+}
+
+/// Skips the first `skip` bytes written to it and stops (with an error that ends the dump)
+/// after `take` more.
+struct Window<'a> {
+    inner: &'a mut ChannelWriter,
+    skip: u64,
+    take: u64,
+}
+
+impl Write for Window<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut data = buf;
+        let dropped = self.skip.min(data.len() as u64) as usize;
+        self.skip -= dropped as u64;
+        data = &data[dropped..];
+        if self.take == 0 && !data.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "range sent"));
+        }
+        let n = (self.take.min(data.len() as u64)) as usize;
+        self.inner.write_all(&data[..n])?;
+        self.take -= n as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -> Response {
+    let (name, compressed) = match file.strip_suffix(".nar.zst") {
+        Some(n) => (n, true),
+        None => match file.strip_suffix(".nar") {
+            Some(n) => (n, false),
+            None => return not_found(),
+        },
+    };
+    let Some((hash_part, nar_hash)) = name.split_once('-').filter(|(h, _)| is_hash_part(h)) else {
+        return not_found();
+    };
+    let (path, info) = match lookup(&s, hash_part).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return not_found(),
+        Err(r) => return r,
+    };
+    // A URL from an old narinfo must not serve other contents.
+    if info.nar_hash.encode(Encoding::Nix32) != nar_hash {
+        return not_found();
+    }
+    let store = s.store.clone();
+    if compressed {
+        let mut resp = stream_response(move |w| {
+            let mut enc = zstd::stream::write::Encoder::new(w, 3).map_err(io_err)?;
+            store.dump_path(&path, &mut enc)?;
+            enc.finish().map_err(io_err)?;
+            Ok(())
+        });
+        resp.headers_mut().insert(header::CONTENT_TYPE, "application/x-nix-nar".parse().expect("valid header"));
+        return resp;
+    }
+    let len = info.nar_size;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| parse_range(v, len));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, len),
+        Some(Ok((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Some(Err(())) => {
+            return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))], "")
+                .into_response()
+        }
+    };
+    let resp = stream_response(move |w| {
+        let mut window = Window { inner: w, skip: start, take: end - start };
+        match store.dump_path(&path, &mut window) {
+            Ok(()) => Ok(()),
+            // The range ended before the NAR did.
+            Err(_) if window.take == 0 => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    let (mut parts, body): (_, Body) = resp.into_parts();
+    parts.status = status;
+    let h = &mut parts.headers;
+    h.insert(header::CONTENT_TYPE, "application/x-nix-nar".parse().expect("valid header"));
+    h.insert(header::ACCEPT_RANGES, "bytes".parse().expect("valid header"));
+    h.insert(header::CONTENT_LENGTH, (end - start).into());
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1).parse().expect("valid header"));
+    }
+    Response::from_parts(parts, body)
+}
+
+fn io_err(e: io::Error) -> cairn_store::StoreError {
+    cairn_store::StoreError::Io { op: "send", path: "response".into(), source: e }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 10))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 100))));
+        assert_eq!(parse_range("bytes=-5", 100), Some(Ok((95, 100))));
+        assert_eq!(parse_range("bytes=50-1000", 100), Some(Ok((50, 100))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=9-3", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=x-1", 100), None);
+    }
+}
