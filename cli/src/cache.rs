@@ -39,6 +39,9 @@ pub async fn copy_to_cache(
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     let backend = Backend::open(url, &NetOptions::default())?;
+    if matches!(backend, Backend::Http { .. }) {
+        bail!("'{url}': cairn writes binary caches to file:// and s3:// URLs (or copies to a daemon: unix://SOCKET)");
+    }
     let (_, params) = split_params(url);
     let compression = match params.iter().find(|(k, _)| k == "compression") {
         Some((_, c)) => c.parse::<Compression>()?,

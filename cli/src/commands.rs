@@ -668,11 +668,15 @@ async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], json: bool) 
             eprintln!("substituted {} paths", added.len());
         }
     }
-    for f in &failed {
-        eprintln!("cairn: cannot substitute '{}': {}", f.path, f.reason);
-    }
-    if !failed.is_empty() {
-        bail!("{} of the paths could not be substituted; nothing of them was registered", failed.len());
+    // One line: the first path that failed on its own (the others need it, or failed alike).
+    let mut failed = failed;
+    failed.sort_by_key(|f| f.reason.starts_with("needs '"));
+    if let Some(first) = failed.first() {
+        let more = match failed.len() - 1 {
+            0 => String::new(),
+            n => format!(" ({n} more paths could not be substituted; --json lists them)"),
+        };
+        bail!("cannot substitute '{}': {}{more}", first.path, first.reason);
     }
     Ok(())
 }

@@ -185,7 +185,7 @@ impl From<cairn_cache::CacheError> for ApiError {
         match e {
             Store(e) => ApiError::from(e),
             Url { .. } | Compression(_) | BadFile { .. } | Refused { .. } => ApiError::bad_request(e.to_string()),
-            Missing { .. } | NotFound { .. } => ApiError::not_found(e.to_string()),
+            Missing { .. } => ApiError::not_found(e.to_string()),
             Io { .. } | Http { .. } | Timeout { .. } => ApiError::internal(e.to_string()),
         }
     }

@@ -49,8 +49,6 @@ pub enum CacheError {
     BadFile { url: String, reason: String },
     #[error("'{path}' from {cache}: {check}")]
     Refused { path: String, cache: String, check: String },
-    #[error("no substituter has '{path}'{}", if .tried.is_empty() { String::new() } else { format!(" ({})", .tried.join("; ")) })]
-    NotFound { path: String, tried: Vec<String> },
     #[error(transparent)]
     Store(#[from] cairn_store::StoreError),
 }

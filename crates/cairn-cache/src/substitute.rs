@@ -293,7 +293,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
         };
         if let Err(check) = check_narinfo(&ctx.dir, &path, &info, &ctx.policy) {
             ctx.lookups.forget(sub.url(), path.hash_part());
-            tried.push(CacheError::Refused { path: ctx.dir.display(&path), cache: sub.url().to_owned(), check }.to_string());
+            tried.push(format!("{}: {check}", sub.url()));
             continue;
         }
         ctx.lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
@@ -310,12 +310,15 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
             Err(e) => {
                 tracing::warn!(path = %ctx.dir.display(&path), "substitution failed: {e}");
                 ctx.lookups.forget(sub.url(), path.hash_part());
-                tried.push(e.to_string());
+                tried.push(match e {
+                    CacheError::Refused { cache, check, .. } => format!("{cache}: {check}"),
+                    e => e.to_string(),
+                });
             }
         }
     }
-    let err = CacheError::NotFound { path: ctx.dir.display(&path), tried };
-    let _ = tx.send(Event::Done { path, result: Err(err.to_string()) });
+    let reason = if tried.is_empty() { "no substituter has it".to_owned() } else { tried.join("; ") };
+    let _ = tx.send(Event::Done { path, result: Err(reason) });
 }
 
 /// The checks a narinfo must pass before its NAR is fetched; the error names the failed one.
