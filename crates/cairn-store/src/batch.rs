@@ -191,3 +191,114 @@ fn references_first(pending: &BTreeMap<StorePath, (PathInfo, PathBuf)>) -> Vec<S
     }
     order
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use cairn_nix::strategies::Tree;
+    use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
+
+    use crate::{LocalStore, PathInfo, StoreError, StoreLayout};
+
+    fn store(root: &std::path::Path) -> Arc<LocalStore> {
+        Arc::new(LocalStore::open(StoreLayout::under_root(root, StoreDir::new("/nix/store").unwrap())).unwrap())
+    }
+
+    /// A NAR of a file, and metadata for an input-addressed path named `name` holding it.
+    fn item(name: &str, refs: &[&StorePath]) -> (PathInfo, Vec<u8>) {
+        let nar = Tree::File { executable: false, contents: format!("contents of {name}").into_bytes() }.to_nar();
+        let path = StoreDir::new("/nix/store")
+            .unwrap()
+            .make_store_path("output:out", &Hash::digest(HashAlgo::Sha256, name.as_bytes()), name)
+            .unwrap();
+        let info = PathInfo {
+            path,
+            nar_hash: Hash::digest(HashAlgo::Sha256, &nar),
+            nar_size: nar.len() as u64,
+            references: refs.iter().map(|r| (*r).clone()).collect::<BTreeSet<_>>(),
+            deriver: None,
+            registration_time: 0,
+            ultimate: false,
+            signatures: BTreeSet::new(),
+            ca: None,
+        };
+        (info, nar)
+    }
+
+    fn ok(_: &[u8]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn entries(store: &LocalStore) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&store.layout.real_store_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".cairn-"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn commits_what_is_complete_in_any_order_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let st = store(root.path());
+        let (a, nar_a) = item("a", &[]);
+        let (b, nar_b) = item("b", &[&a.path]);
+        let (c, _) = item("c", &[]);
+        let (d, nar_d) = item("d", &[&c.path]);
+        let batch = st.batch().unwrap();
+        // Referrer before reference, from two threads; c never arrives, so d cannot be added.
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(batch.add_nar_with_info(b.clone(), &nar_b[..], ok).unwrap()));
+            s.spawn(|| assert!(batch.add_nar_with_info(a.clone(), &nar_a[..], ok).unwrap()));
+        });
+        assert!(batch.add_nar_with_info(d.clone(), &nar_d[..], ok).unwrap());
+        assert!(entries(&st).is_empty(), "nothing is in place before the commit");
+        let done = batch.commit().unwrap();
+        assert_eq!(done.added.iter().map(|i| &i.path).collect::<Vec<_>>(), vec![&a.path, &b.path]);
+        assert_eq!(done.incomplete, vec![(d.path.clone(), c.path.clone())]);
+        assert!(st.is_valid(&a.path).unwrap() && st.is_valid(&b.path).unwrap());
+        assert!(!st.is_valid(&d.path).unwrap());
+        assert_eq!(entries(&st).len(), 2, "only the committed paths are in the store");
+        assert_eq!(std::fs::read_dir(st.layout.tmp_root()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_failed_check_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let st = store(root.path());
+        let (a, nar_a) = item("a", &[]);
+        let batch = st.batch().unwrap();
+        let mut wrong = a.clone();
+        wrong.nar_hash = Hash::digest(HashAlgo::Sha256, b"other");
+        let e = batch.add_nar_with_info(wrong, &nar_a[..], ok).unwrap_err();
+        assert!(matches!(e, StoreError::HashMismatch { .. }), "{e}");
+        let e = batch
+            .add_nar_with_info(a.clone(), &nar_a[..], |_| Err(StoreError::NotAFile("the caller's check".into())))
+            .unwrap_err();
+        assert!(e.to_string().contains("the caller's check"), "{e}");
+        let mut short = a.clone();
+        short.nar_size -= 1;
+        assert!(batch.add_nar_with_info(short, &nar_a[..], ok).is_err());
+        let done = batch.commit().unwrap();
+        assert!(done.added.is_empty());
+        assert!(entries(&st).is_empty());
+        assert_eq!(std::fs::read_dir(st.layout.tmp_root()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn dropping_a_batch_removes_what_it_restored() {
+        let root = tempfile::tempdir().unwrap();
+        let st = store(root.path());
+        let (a, nar_a) = item("a", &[]);
+        let batch = st.batch().unwrap();
+        batch.add_nar_with_info(a.clone(), &nar_a[..], ok).unwrap();
+        drop(batch);
+        assert!(!st.is_valid(&a.path).unwrap());
+        assert!(entries(&st).is_empty());
+        assert_eq!(std::fs::read_dir(st.layout.tmp_root()).unwrap().count(), 0);
+    }
+}

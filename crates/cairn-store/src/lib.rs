@@ -431,39 +431,6 @@ impl LocalStore {
         self.finish_add(&copy, info)
     }
 
-    /// Adds a path whose metadata someone vouches for (a substituter's narinfo, checked by the
-    /// caller): the NAR must hash to `info.nar_hash` and be `info.nar_size` bytes, and every
-    /// reference must be valid, or nothing is registered.
-    pub fn add_nar_with_info(&self, info: PathInfo, input: impl Read) -> Result<PathInfo> {
-        let mut roots = self.temp.add(info.references.iter().cloned());
-        roots.extend([info.path.clone()]);
-        if let Some(existing) = self.path_info(&info.path)? {
-            return Ok(existing);
-        }
-        for r in info.references.iter().filter(|r| **r != info.path) {
-            if !self.is_valid(r)? {
-                return Err(StoreError::MissingReference {
-                    path: self.store_dir().display(&info.path),
-                    reference: self.store_dir().display(r),
-                });
-            }
-        }
-        let tmp = self.temp_dir()?;
-        let copy = tmp.0.join("x");
-        let (nar_hash, nar_size) = Self::receive_nar(input, &copy)?;
-        if nar_hash != info.nar_hash {
-            return Err(StoreError::HashMismatch {
-                path: self.store_dir().display(&info.path),
-                expected: info.nar_hash.to_string(),
-                actual: nar_hash.to_string(),
-            });
-        }
-        if nar_size != info.nar_size {
-            return Err(StoreError::SizeMismatch { expected: info.nar_size, actual: nar_size });
-        }
-        self.finish_add(&copy, PathInfo { registration_time: now(), ultimate: false, ..info })
-    }
-
     /// Restores a NAR at `copy` (canonical), hashing it on a second thread; returns its SHA-256
     /// and size. Refuses anything after the NAR's end.
     fn receive_nar(input: impl Read, copy: &Path) -> Result<(Hash, u64)> {
