@@ -103,7 +103,12 @@ pub async fn copy_to_cache(
 
 /// Copies the closure of `paths` from the daemon behind `from` into the daemon at `socket`,
 /// sending only the paths it lacks, as one export stream.
-pub async fn copy_to_daemon(from: &Client, socket: &Path, paths: Vec<String>, store_dir: &StoreDir) -> anyhow::Result<Copied> {
+pub async fn copy_to_daemon(
+    from: &Client,
+    socket: &Path,
+    paths: Vec<String>,
+    store_dir: &StoreDir,
+) -> anyhow::Result<Copied> {
     let to = Client::new(socket);
     let theirs = to.version().await.with_context(|| format!("cannot reach the daemon at '{}'", socket.display()))?;
     if theirs.store_dir != store_dir.as_str() {

@@ -133,8 +133,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", p.message);
                 }
             }
-            if !r.problems.is_empty() {
-                bail!("{} of {} paths checked have problems", r.problems.len(), r.checked);
+            let left = r.problems.len() as u64 - r.repaired;
+            if left > 0 {
+                bail!("{left} of {} paths checked have problems", r.checked);
+            }
+            if r.repaired > 0 && !json {
+                eprintln!("{} paths repaired", r.repaired);
             }
             if !json {
                 eprintln!("{} paths checked, no problems", r.checked);
@@ -277,7 +281,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 done?
             };
             if json {
-                print_json(&serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }))?;
+                print_json(
+                    &serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }),
+                )?;
             } else {
                 eprintln!(
                     "copied {} paths ({:.2} MiB) to {to}, {} already there",

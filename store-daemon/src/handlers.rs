@@ -110,6 +110,10 @@ fn size_hint(r: &Response) -> usize {
 }
 
 async fn query(State(s): St, Extension(peer): Extension<Peer>, Json(req): Json<Request>) -> ApiResult<HttpResponse> {
+    if let Request::Verify { check_contents, repair: true } = req {
+        let report = crate::substitute::verify_and_repair(s, peer, check_contents).await?;
+        return json_answer(&report, 4096);
+    }
     let st = s.clone();
     blocking(move || answer(&st, &peer, req)).await
 }
@@ -237,14 +241,8 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
                 bytes_saved: r.bytes_saved,
             })
         }
-        Request::Verify { check_contents, repair } => {
-            if repair && !peer.trusted {
-                return Err(ApiError::forbidden(format!(
-                    "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
-                    peer.user
-                )));
-            }
-            Response::Verify(convert::verify_result(dir, store.verify(VerifyOptions { check_contents, repair })?))
+        Request::Verify { check_contents, repair: _ } => {
+            Response::Verify(convert::verify_result(dir, store.verify(VerifyOptions { check_contents })?))
         }
     };
     json_answer(&resp, size_hint(&resp))

@@ -130,6 +130,7 @@ pub async fn handler(
         limits: sub.limits,
         client: peer.client,
         progress: progress.clone(),
+        repair: false,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let store = st.store.clone();
@@ -173,10 +174,68 @@ pub async fn handler(
         };
         let _ = tx.send(line(&event)).await;
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
-    });
+    let body =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+        );
     Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+}
+
+/// `verify --repair`: checks the store, then substitutes every missing or modified path again
+/// from the configured substituters and swaps the good copy in. Each problem's message says
+/// whether it was repaired, or why not.
+pub async fn verify_and_repair(st: Arc<AppState>, peer: Peer, check_contents: bool) -> ApiResult<cairn_api::Response> {
+    if !peer.trusted {
+        return Err(ApiError::forbidden(format!(
+            "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
+            peer.user
+        )));
+    }
+    let store = st.store.clone();
+    let mut report =
+        tokio::task::spawn_blocking(move || store.verify(cairn_store::VerifyOptions { check_contents })).await??;
+    let broken: Vec<cairn_nix::StorePath> = report
+        .problems
+        .iter()
+        .filter(|p| matches!(p.kind, "missing" | "modified"))
+        .filter_map(|p| p.path.clone())
+        .collect();
+    let mut why: std::collections::BTreeMap<cairn_nix::StorePath, String> = std::collections::BTreeMap::new();
+    let mut repaired: std::collections::BTreeSet<cairn_nix::StorePath> = Default::default();
+    let sub = &st.substitution;
+    if !broken.is_empty() && sub.configured.is_empty() {
+        why.extend(broken.iter().map(|p| (p.clone(), "no substituter is configured".to_owned())));
+    } else if !broken.is_empty() {
+        let job = cairn_cache::substitute::Job {
+            store: st.store.clone(),
+            substituters: sub.configured.clone(),
+            lookups: sub.lookups.clone(),
+            policy: sub.policy.clone(),
+            limits: sub.limits,
+            client: peer.client,
+            progress: Arc::new(Progress::default()),
+            repair: true,
+        };
+        match cairn_cache::substitute(job, &broken).await {
+            Ok(r) => {
+                repaired.extend(r.added.into_iter().map(|i| i.path));
+                why.extend(r.failed);
+            }
+            Err(e) => why.extend(broken.iter().map(|p| (p.clone(), e.to_string()))),
+        }
+    }
+    for p in &mut report.problems {
+        let Some(path) = &p.path else { continue };
+        if repaired.contains(path) {
+            p.message.push_str(" (repaired)");
+        } else if let Some(reason) = why.get(path) {
+            p.message.push_str(&format!(" (cannot repair: {reason})"));
+        }
+    }
+    report.repaired = repaired.len() as u64;
+    tracing::info!(repaired = report.repaired, problems = report.problems.len(), "verify --repair");
+    Ok(cairn_api::Response::Verify(convert::verify_result(&st.store_dir, report)))
 }
 
 impl From<cairn_cache::CacheError> for ApiError {

@@ -211,3 +211,51 @@ fn cairn_substitutes_from_a_cache_nix_wrote_checking_every_path() {
         assert_eq!(infos(&z.ok_bytes(&["path-info", "--json", "--closure", &top], b"")), theirs);
     }
 }
+
+#[test]
+fn verify_repair_fetches_broken_paths_again_from_the_substituters() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = TestStore::start();
+    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+    seed.ok(&["key", "generate", "repair-cache-1", s(&sk), s(&pk)]);
+    write(&dir.path().join("tree/data"), b"the good contents\n");
+    write(&dir.path().join("tree/more"), &vec![7u8; 50_000]);
+    let tree = line(&seed.ok(&["add", s(&dir.path().join("tree"))]));
+    let url = format!("file://{}", dir.path().join("cache").display());
+    seed.ok(&["copy", "--to", &url, "--secret-key-file", s(&sk), &tree]);
+
+    let public = std::fs::read_to_string(&pk).unwrap();
+    let st = TestStore::builder()
+        .config(&format!("substituters = [\"{url}\"]\ntrusted-public-keys = [\"{}\"]", public.trim()))
+        .start();
+    assert_eq!(st.ok(&["substitute", &tree]), format!("{tree}\n"));
+    // Break the copy: one file modified.
+    let real = st.real_store_dir().join(&tree[7..]);
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(real.join("data"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(real.join("data"), b"bit rot\n").unwrap();
+    assert!(st.fail(&["verify", "--check-contents"], b"").contains("1 of 1 paths checked have problems"));
+
+    let out = st.run(&["verify", "--check-contents", "--repair"], b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("was modified") && stdout.trim_end().ends_with("(repaired)"), "{stdout}");
+    assert_eq!(st.ok(&["cat", &format!("{tree}/data")]), "the good contents\n");
+    st.ok(&["verify", "--check-contents"]);
+    // A missing path too.
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::remove_dir_all(&real).unwrap();
+    st.ok(&["verify", "--repair"]);
+    assert_eq!(st.ok(&["cat", &format!("{tree}/data")]), "the good contents\n");
+
+    // Without a substituter it says so, and fails.
+    let alone = TestStore::start();
+    let stream = seed.ok_bytes(&["export", &tree], b"");
+    alone.ok_bytes(&["import"], &stream);
+    let real = alone.real_store_dir().join(&tree[7..]);
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::remove_dir_all(&real).unwrap();
+    let out = alone.run(&["verify", "--repair"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(cannot repair: no substituter is configured)"));
+}

@@ -113,14 +113,10 @@ impl Backend {
                 };
                 b = b.with_endpoint(&endpoint).with_allow_http(endpoint.starts_with("http://"));
             }
-            let client = object_store::ClientOptions::new()
-                .with_connect_timeout(opts.connect_timeout)
-                .with_timeout_disabled();
-            let retry = object_store::RetryConfig {
-                max_retries: 2,
-                retry_timeout: opts.stall_timeout,
-                ..Default::default()
-            };
+            let client =
+                object_store::ClientOptions::new().with_connect_timeout(opts.connect_timeout).with_timeout_disabled();
+            let retry =
+                object_store::RetryConfig { max_retries: 2, retry_timeout: opts.stall_timeout, ..Default::default() };
             let store = b
                 .with_client_options(client)
                 .with_retry(retry)

@@ -64,9 +64,11 @@ impl Substituter {
         self.info
             .get_or_try_init(|| async {
                 let key = "nix-cache-info";
-                let text = self.backend.get(key).await?.ok_or_else(|| CacheError::Missing {
-                    url: self.backend.describe(key),
-                })?;
+                let text = self
+                    .backend
+                    .get(key)
+                    .await?
+                    .ok_or_else(|| CacheError::Missing { url: self.backend.describe(key) })?;
                 CacheInfo::parse(dir, &String::from_utf8_lossy(&text))
                     .map_err(|e| CacheError::BadFile { url: self.backend.describe(key), reason: e.to_string() })
             })
@@ -80,7 +82,12 @@ impl Substituter {
     }
 
     /// The narinfo of `path`, parsed, or `None` if the cache has none.
-    async fn narinfo(&self, dir: &StoreDir, path: &StorePath, lookups: &NarInfoCache) -> Result<Option<NarInfo>, CacheError> {
+    async fn narinfo(
+        &self,
+        dir: &StoreDir,
+        path: &StorePath,
+        lookups: &NarInfoCache,
+    ) -> Result<Option<NarInfo>, CacheError> {
         if let Some(answer) = lookups.get(&self.url, path.hash_part()) {
             return Ok(answer);
         }
@@ -150,6 +157,9 @@ pub struct Job {
     /// The client whose request this is: what it adds stays rooted while it lives.
     pub client: Option<ClientId>,
     pub progress: Arc<Progress>,
+    /// Fetch these valid paths again and swap the copies in for their broken contents
+    /// (`verify --repair`); references are not looked at.
+    pub repair: bool,
 }
 
 struct Ctx {
@@ -196,7 +206,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
         policy: job.policy,
         client: job.client,
         progress: job.progress,
-        batch: store.batch()?,
+        batch: if job.repair { store.repair_batch()? } else { store.batch()? },
         net: Semaphore::new(job.limits.connections.max(1)),
         jobs: Semaphore::new(job.limits.jobs.max(1)),
     });
@@ -208,12 +218,17 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     let mut roots: Vec<TempRootGuard> = Vec::new();
     let mut outstanding = 0usize;
     let mut report = Report::default();
-    let mut want = |p: &StorePath, tasks: &mut tokio::task::JoinSet<()>, outstanding: &mut usize| -> Result<(), CacheError> {
+    // `force`: fetch even a valid path (repair).
+    let mut want = |p: &StorePath,
+                    force: bool,
+                    tasks: &mut tokio::task::JoinSet<()>,
+                    outstanding: &mut usize|
+     -> Result<(), CacheError> {
         if !seen.insert(p.clone()) {
             return Ok(());
         }
         roots.push(store.temp_root([p.clone()]));
-        if store.is_valid(p)? {
+        if !force && store.is_valid(p)? {
             return Ok(());
         }
         *outstanding += 1;
@@ -221,7 +236,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
         Ok(())
     };
     for p in paths {
-        want(p, &mut tasks, &mut outstanding)?;
+        want(p, job.repair, &mut tasks, &mut outstanding)?;
     }
     let mut announced: HashSet<StorePath> = HashSet::new();
     while outstanding > 0 {
@@ -232,8 +247,8 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
                     ctx.progress.paths_expected.fetch_add(1, Ordering::Relaxed);
                     ctx.progress.bytes_expected.fetch_add(size, Ordering::Relaxed);
                 }
-                for r in &references {
-                    want(r, &mut tasks, &mut outstanding)?;
+                for r in references.iter().filter(|_| !job.repair) {
+                    want(r, false, &mut tasks, &mut outstanding)?;
                 }
             }
             Event::Done { path, result } => {
@@ -334,7 +349,11 @@ pub fn check_narinfo(dir: &StoreDir, wanted: &StorePath, info: &NarInfo, policy:
         });
     }
     Compression::parse(&info.compression).map_err(|e| e.to_string())?;
-    if info.url.is_empty() || info.url.starts_with('/') || info.url.contains("://") || info.url.split('/').any(|c| c == "..") {
+    if info.url.is_empty()
+        || info.url.starts_with('/')
+        || info.url.contains("://")
+        || info.url.split('/').any(|c| c == "..")
+    {
         return Err(format!("the NAR URL '{}' leaves the cache", info.url));
     }
     Ok(())

@@ -39,7 +39,11 @@ impl<W: Write> Write for HashWrite<W> {
 /// the SHA-256 and size of the NAR and of the file.
 pub fn compress_nar(mut nar: impl Read, compression: Compression, out: &Path) -> io::Result<CompressedNar> {
     let file = std::fs::File::create(out)?;
-    let counted = HashWrite { inner: io::BufWriter::with_capacity(1 << 20, file), hasher: Hasher::new(HashAlgo::Sha256), size: 0 };
+    let counted = HashWrite {
+        inner: io::BufWriter::with_capacity(1 << 20, file),
+        hasher: Hasher::new(HashAlgo::Sha256),
+        size: 0,
+    };
     let mut enc = compression.encoder(counted)?;
     let mut nar_hasher = Hasher::new(HashAlgo::Sha256);
     let mut nar_size = 0u64;

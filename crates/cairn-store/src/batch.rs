@@ -29,6 +29,8 @@ pub struct Batch {
     store: Arc<LocalStore>,
     dir: TempDir,
     state: Mutex<State>,
+    /// Replace the contents of valid paths instead of adding new ones (`verify --repair`).
+    repair: bool,
 }
 
 struct State {
@@ -54,7 +56,15 @@ impl LocalStore {
             store: self.clone(),
             dir: self.temp_dir()?,
             state: Mutex::new(State { roots: self.temp.add([]), accepted: BTreeMap::new() }),
+            repair: false,
         })
+    }
+
+    /// Starts a batch that repairs valid paths: each NAR must have the NAR hash registered for
+    /// its path, and the commit swaps it in for the broken contents (moved to the trash) without
+    /// touching the database.
+    pub fn repair_batch(self: &Arc<Self>) -> Result<Batch> {
+        Ok(Batch { repair: true, ..self.batch()? })
     }
 }
 
@@ -75,7 +85,17 @@ impl Batch {
         check: impl FnOnce(R) -> std::result::Result<(), E>,
     ) -> std::result::Result<bool, E> {
         self.state().roots.extend(info.references.iter().cloned().chain([info.path.clone()]));
-        if self.store.is_valid(&info.path)? {
+        if self.repair {
+            let registered = self.store.valid_path_info(&info.path)?;
+            if registered.nar_hash != info.nar_hash {
+                return Err(StoreError::HashMismatch {
+                    path: self.store.store_dir().display(&info.path),
+                    expected: registered.nar_hash.to_string(),
+                    actual: info.nar_hash.to_string(),
+                }
+                .into());
+            }
+        } else if self.store.is_valid(&info.path)? {
             return Ok(false);
         }
         let n = self.store.tmp_counter.fetch_add(1, Ordering::Relaxed);
@@ -115,6 +135,10 @@ impl Batch {
             return Ok(out);
         }
         let _locks = store.locks.lock(state.accepted.keys().cloned());
+        if self.repair {
+            let added = swap_in(store, std::mem::take(&mut state.accepted))?;
+            return Ok(Committed { added, incomplete: Vec::new() });
+        }
         // Someone may have registered some of them meanwhile.
         let mut pending: BTreeMap<StorePath, (PathInfo, PathBuf)> = BTreeMap::new();
         for (p, v) in std::mem::take(&mut state.accepted) {
@@ -165,6 +189,39 @@ impl Batch {
         }
         drop(state.roots);
         Ok(out)
+    }
+}
+
+/// Repair: replaces the contents of still-valid paths (locked by the caller) with the checked
+/// copies; the broken contents go to the trash, which the reclaimer empties.
+fn swap_in(store: &LocalStore, accepted: BTreeMap<StorePath, (PathInfo, PathBuf)>) -> Result<Vec<PathInfo>> {
+    {
+        let trash = store.layout.trash_dir();
+        let mut repaired = Vec::new();
+        for (p, (info, copy)) in accepted {
+            if !store.is_valid(&p)? {
+                continue; // collected meanwhile: nothing to repair
+            }
+            let real = store.real_path(&p);
+            if std::fs::symlink_metadata(&real).is_ok() {
+                let n = store.tmp_counter.fetch_add(1, Ordering::Relaxed);
+                let aside = trash.join(format!("repair-{}-{n}", std::process::id()));
+                std::fs::rename(&real, &aside).map_err(|source| StoreError::Io {
+                    op: "move aside",
+                    path: real.clone(),
+                    source,
+                })?;
+            }
+            std::fs::rename(&copy, &real).map_err(|source| StoreError::Io {
+                op: "move into place",
+                path: real,
+                source,
+            })?;
+            store.reclaimer.added(info.nar_size);
+            repaired.push(info);
+        }
+        fsops::sync_filesystem(&store.layout.real_store_dir)?;
+        Ok(repaired)
     }
 }
 

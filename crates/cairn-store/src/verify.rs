@@ -6,8 +6,8 @@
 //! Contents are hashed on two threads; each path is temporarily rooted while it is checked, and
 //! a path a concurrent collection took in the meantime is not reported.
 //!
-//! Repair needs somewhere to fetch good copies from (a substituter); with none configured,
-//! `verify` says what is broken and that it cannot repair it.
+//! Repair needs good copies from somewhere: the daemon substitutes the broken paths again
+//! ([`crate::Batch`] in repair mode) and reports what it could not repair.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -21,7 +21,6 @@ use crate::{fsops, LocalStore, Result};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VerifyOptions {
     pub check_contents: bool,
-    pub repair: bool,
 }
 
 /// One thing found wrong.
@@ -40,7 +39,7 @@ pub struct Problem {
 pub struct VerifyReport {
     pub checked: u64,
     pub problems: Vec<Problem>,
-    /// Paths repaired (none while no substituter can be configured).
+    /// Paths repaired (filled in by whoever repairs).
     pub repaired: u64,
 }
 
@@ -69,11 +68,6 @@ impl LocalStore {
         let mut problems = problems.into_inner().expect("problems poisoned");
         problems.sort();
         report.problems.extend(problems);
-        if opts.repair {
-            for p in &mut report.problems {
-                p.message.push_str(" (cannot repair: no substituter is configured)");
-            }
-        }
         Ok(report)
     }
 
