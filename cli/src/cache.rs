@@ -76,29 +76,106 @@ pub async fn copy_to_cache(
         let url = format!("nar/{}.nar{}", written.file_hash.encode(Encoding::Nix32), compression.extension());
         backend.put_file(&url, &tmp).await?;
         let _ = std::fs::remove_file(&tmp);
-        let mut narinfo = NarInfo {
-            store_path: path,
-            url,
-            compression: compression.name().into(),
-            file_hash: Some(written.file_hash),
-            file_size: Some(written.file_size),
-            nar_hash,
-            nar_size: info.nar_size,
-            references: info.references.iter().map(|r| store_dir.parse(r)).collect::<Result<_, _>>()?,
-            deriver: info.deriver.as_deref().map(|d| store_dir.parse(d)).transpose()?,
-            system: None,
-            signatures: info.signatures.clone(),
-            ca: info.ca.clone(),
-            extra: Vec::new(),
-        };
-        if let Some(k) = key {
-            narinfo.sign(store_dir, k)?;
-        }
+        let mut narinfo = narinfo_of(store_dir, info, key)?;
+        narinfo.url = url;
+        narinfo.compression = compression.name().into();
+        narinfo.file_hash = Some(written.file_hash);
+        narinfo.file_size = Some(written.file_size);
         backend.put(&narinfo_key, narinfo.render(store_dir).into()).await?;
         done.written += 1;
         done.bytes += written.file_size;
     }
     Ok(done)
+}
+
+/// A path's narinfo (without file fields), signed with `key` if given.
+fn narinfo_of(store_dir: &StoreDir, info: &PathInfo, key: Option<&SecretKey>) -> anyhow::Result<NarInfo> {
+    let mut narinfo = NarInfo {
+        store_path: store_dir.parse(&info.path)?,
+        url: String::new(),
+        compression: "none".into(),
+        file_hash: None,
+        file_size: None,
+        nar_hash: Hash::parse_prefixed(&info.nar_hash)?,
+        nar_size: info.nar_size,
+        references: info.references.iter().map(|r| store_dir.parse(r)).collect::<Result<_, _>>()?,
+        deriver: info.deriver.as_deref().map(|d| store_dir.parse(d)).transpose()?,
+        system: None,
+        signatures: info.signatures.clone(),
+        ca: info.ca.clone(),
+        extra: Vec::new(),
+    };
+    if let Some(k) = key {
+        narinfo.sign(store_dir, k)?;
+    }
+    Ok(narinfo)
+}
+
+/// Pushes the closure of `paths` into the cairnd at `url` (`tcp://HOST:PORT`, which must accept
+/// pushes), sending only what it lacks, each path signed with `key` if given (the receiver
+/// accepts only paths one of its trusted keys signed).
+pub async fn copy_to_tcp(
+    client: &Client,
+    store_dir: &StoreDir,
+    paths: Vec<String>,
+    url: &str,
+    key: Option<&SecretKey>,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Copied> {
+    use cairn_cache::push::{narinfo_for_push, wire_string, Pusher, MAGIC};
+    let pusher = Pusher::new(url, &NetOptions::default())?;
+    let Response::Paths(closure) = client.query(&Request::Closure { paths }).await? else {
+        bail!("cairnd answered a closure query with something else")
+    };
+    let missing = pusher.missing(&closure).await?;
+    let skipped = closure.len() - missing.len();
+    if missing.is_empty() {
+        return Ok(Copied { written: 0, skipped, bytes: 0 });
+    }
+    let infos =
+        crate::commands::path_infos(client.query(&Request::PathInfo { paths: missing, closure: false }).await?)?;
+    let mut entries = Vec::with_capacity(infos.len());
+    for info in &infos {
+        let narinfo = narinfo_for_push(narinfo_of(store_dir, info, key)?);
+        entries.push((info.path.clone(), narinfo.render(store_dir)));
+    }
+    let bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
+    let sender = client.clone();
+    let bar = progress.clone();
+    let feed = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let send = |b: bytes::Bytes| tx.send(Ok(b));
+        if send(wire_string(MAGIC)).await.is_err() {
+            return Ok(());
+        }
+        for (path, narinfo) in entries {
+            if send(wire_string(narinfo.as_bytes())).await.is_err() {
+                return Ok(());
+            }
+            let mut nar = sender.nar(&path).await?;
+            loop {
+                let mut buf = vec![0u8; 256 * 1024];
+                let n = nar.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                bar.inc(n as u64);
+                if send(buf.into()).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let _ = send(wire_string(b"")).await;
+        anyhow::Ok(())
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    let answer = pusher.push(stream).await;
+    feed.await??;
+    let answer: serde_json::Value = serde_json::from_str(&answer?).context("the receiver's answer")?;
+    let added = answer["added"].as_array().map(|a| a.len()).unwrap_or(0);
+    Ok(Copied { written: added, skipped, bytes })
 }
 
 /// Copies the closure of `paths` from the daemon behind `from` into the daemon at `socket`,

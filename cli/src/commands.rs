@@ -260,20 +260,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ctx.client().await?;
             let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
             let paths = ctx.store_paths(&paths)?;
-            let done = if let Some(socket) = to.strip_prefix("unix://") {
+            let key = match &secret_key_file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+                    Some(SecretKey::parse(&text).with_context(|| format!("'{}'", f.display()))?)
+                }
+                None => None,
+            };
+            let done = if to.starts_with("tcp://") {
+                let bar = progress::bytes("pushing");
+                let done = crate::cache::copy_to_tcp(&client, &store_dir, paths, &to, key.as_ref(), &bar).await;
+                bar.finish_and_clear();
+                done?
+            } else if let Some(socket) = to.strip_prefix("unix://") {
                 let spinner = progress::spinner("copying");
                 let done = crate::cache::copy_to_daemon(&client, Path::new(socket), paths, &store_dir).await;
                 spinner.finish_and_clear();
                 done?
             } else {
-                let key = match &secret_key_file {
-                    Some(f) => {
-                        let text =
-                            std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
-                        Some(SecretKey::parse(&text).with_context(|| format!("'{}'", f.display()))?)
-                    }
-                    None => None,
-                };
                 let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
                 let bar = progress::bytes("copying");
                 let done = crate::cache::copy_to_cache(&client, &store_dir, &infos, &to, key.as_ref(), &bar).await;
@@ -524,7 +528,7 @@ fn print_gc(r: &GcResult, json: bool, dry_run: bool) -> anyhow::Result<()> {
     Ok(out.flush()?)
 }
 
-fn path_infos(resp: Response) -> anyhow::Result<Vec<PathInfo>> {
+pub(crate) fn path_infos(resp: Response) -> anyhow::Result<Vec<PathInfo>> {
     match resp {
         Response::PathInfos(v) => Ok(v),
         other => bail!("cairnd answered with {other:?}"),

@@ -199,7 +199,8 @@ pub enum Command {
     /// `nix copy`. From a cache, the daemon checks every path against its trusted-public-keys.
     Copy {
         /// Write to this cache (`file:///dir`, `s3://bucket?endpoint=…`; `?compression=zstd|xz|
-        /// bzip2|none`, zstd by default) or daemon (`unix:///path/to/socket`).
+        /// bzip2|none`, zstd by default) or daemon (`unix:///path/to/socket`, or
+        /// `tcp://HOST:PORT` of one with accept-pushes, which takes only signed paths).
         #[arg(long, required_unless_present = "from", conflicts_with = "from")]
         to: Option<String>,
         /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`.

@@ -268,7 +268,7 @@ fn dir_entry(name: &[u8], kind: EntryKind) -> DirEntry {
 }
 
 /// A request body as a blocking reader.
-fn body_reader(body: Body) -> impl io::Read + Send + 'static {
+pub(crate) fn body_reader(body: Body) -> impl io::Read + Send + 'static {
     let stream = body.into_data_stream().map_err(io::Error::other);
     BufReader::with_capacity(1 << 20, SyncIoBridge::new(StreamReader::new(stream)))
 }

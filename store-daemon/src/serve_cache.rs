@@ -29,18 +29,79 @@ pub struct CacheServer {
     pub store: Arc<LocalStore>,
     pub store_dir: StoreDir,
     pub keys: Vec<SecretKey>,
+    /// `Some` (the receiver's trust policy) when pushes are accepted.
+    pub pushes: Option<cairn_cache::Policy>,
 }
 
 /// The cache's priority in `nix-cache-info` (as nix-serve: before cache.nixos.org's 40).
 const PRIORITY: u32 = 30;
 
 pub fn router(server: Arc<CacheServer>) -> Router {
-    Router::new()
+    let mut r = Router::new()
         .route("/nix-cache-info", get(cache_info))
         .route("/{file}", get(narinfo))
-        .route("/nar/{file}", get(nar))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(server)
+        .route("/nar/{file}", get(nar));
+    if server.pushes.is_some() {
+        r = r
+            .route(cairn_cache::push::MISSING_ROUTE, axum::routing::post(missing))
+            .route(cairn_cache::push::PUSH_ROUTE, axum::routing::post(push));
+    }
+    r.fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") }).with_state(server)
+}
+
+/// Which of the store paths in the body (one per line) are not valid here.
+async fn missing(State(s): St, body: String) -> Response {
+    let st = s.clone();
+    let answer = tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let mut out = String::new();
+        for line in body.lines().filter(|l| !l.is_empty()) {
+            let p = st.store_dir.parse(line).map_err(|e| e.to_string())?;
+            if !st.store.is_valid(&p).map_err(|e| e.to_string())? {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        Ok(out)
+    })
+    .await;
+    match answer {
+        Ok(Ok(text)) => text.into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// A push stream (see `cairn_cache::push`), received into one batch.
+async fn push(State(s): St, body: Body) -> Response {
+    let Some(policy) = s.pushes.clone() else { return not_found() };
+    let mut input = crate::handlers::body_reader(body);
+    let store = s.store.clone();
+    let dir = s.store_dir.clone();
+    let received = tokio::task::spawn_blocking(move || {
+        let r = cairn_cache::push::receive(&store, &policy, &mut input);
+        if r.is_err() {
+            // Read what is still coming (bounded), so that the sender gets the answer instead
+            // of a broken connection.
+            let _ = io::copy(&mut io::Read::take(&mut input, 1 << 30), &mut io::sink());
+        }
+        r
+    });
+    match received.await {
+        Ok(Ok(done)) => {
+            let added: Vec<String> = done.added.iter().map(|i| dir.display(&i.path)).collect();
+            for p in &added {
+                tracing::info!(path = p, "received by push");
+            }
+            let incomplete: Vec<String> = done.incomplete.iter().map(|(p, _)| dir.display(p)).collect();
+            let answer = serde_json::json!({ "added": added, "incomplete": incomplete });
+            ([(header::CONTENT_TYPE, "application/json")], answer.to_string()).into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("push refused: {e}");
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+        Err(e) => internal(e),
+    }
 }
 
 type St = State<Arc<CacheServer>>;

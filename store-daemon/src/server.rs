@@ -49,6 +49,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
     let substitution = crate::substitute::Substitution::from_settings(&settings)?;
+    let substitution_policy = substitution.policy.clone();
     let app = router(Arc::new(AppState { store: store.clone(), store_dir: store_dir.clone(), substitution }));
     if let Some(addr) = &settings.listen {
         let keys = settings
@@ -68,6 +69,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             store: store.clone(),
             store_dir: store_dir.clone(),
             keys,
+            pushes: settings.accept_pushes.then(|| substitution_policy.clone()),
         }));
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, cache).await {

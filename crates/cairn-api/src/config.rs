@@ -42,6 +42,7 @@ pub struct ConfigFile {
     pub narinfo_cache_negative_ttl: Option<u64>,
     pub listen: Option<String>,
     pub secret_key_files: Option<Vec<PathBuf>>,
+    pub accept_pushes: Option<bool>,
 }
 
 /// Why configuration could not be loaded.
@@ -141,6 +142,8 @@ pub struct Settings {
     pub listen: Option<String>,
     /// Secret keys with which served narinfos are signed.
     pub secret_key_files: Vec<PathBuf>,
+    /// Whether the `listen` address accepts closures pushed by other daemons (signed paths only).
+    pub accept_pushes: bool,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -191,6 +194,7 @@ impl Settings {
             narinfo_cache_negative_ttl: file.narinfo_cache_negative_ttl.unwrap_or(60),
             listen: file.listen.filter(|l| !l.is_empty()),
             secret_key_files: file.secret_key_files.unwrap_or_default(),
+            accept_pushes: file.accept_pushes.unwrap_or(false),
         }
     }
 }
@@ -228,6 +232,7 @@ mod tests {
             "narinfo-cache-negative-ttl",
             "listen",
             "secret-key-files",
+            "accept-pushes",
         ] {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
         }

@@ -12,10 +12,12 @@
 //!   checked (narinfo for the right path, trusted signature or proving content address, file
 //!   size and hash, NAR size and hash) before anything of it is registered.
 //! - [`upload`]: NARs compressed and hashed in one pass for writing a cache.
+//! - [`push`]: closures pushed into another cairnd over TCP, checked like substituted ones.
 
 pub mod backend;
 pub mod compression;
 pub mod lookup;
+pub mod push;
 pub mod substitute;
 pub mod upload;
 

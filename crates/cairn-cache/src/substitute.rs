@@ -359,6 +359,21 @@ pub fn check_narinfo(dir: &StoreDir, wanted: &StorePath, info: &NarInfo, policy:
     Ok(())
 }
 
+/// The store metadata a narinfo vouches for.
+pub fn path_info_of(info: &NarInfo) -> PathInfo {
+    PathInfo {
+        path: info.store_path.clone(),
+        nar_hash: info.nar_hash.clone(),
+        nar_size: info.nar_size,
+        references: info.references.clone(),
+        deriver: info.deriver.clone(),
+        registration_time: 0,
+        ultimate: false,
+        signatures: info.signatures.iter().cloned().collect(),
+        ca: info.ca.as_deref().and_then(|c| c.parse().ok()),
+    }
+}
+
 /// Whether a narinfo's path follows from its content address (then it needs no signature).
 fn ca_proves_path(dir: &StoreDir, info: &NarInfo) -> bool {
     let Some(ca) = info.ca.as_deref().and_then(|c| c.parse::<ContentAddress>().ok()) else { return false };
@@ -417,17 +432,7 @@ fn place(ctx: &Ctx, info: NarInfo, reader: FileReader, url: &str) -> Result<(), 
     let decoder = compression
         .decoder(BufReader::with_capacity(256 * 1024, file))
         .map_err(|e| refuse(format!("cannot start {} decompression: {e}", compression.name())))?;
-    let path_info = PathInfo {
-        path: info.store_path.clone(),
-        nar_hash: info.nar_hash.clone(),
-        nar_size: info.nar_size,
-        references: info.references.clone(),
-        deriver: info.deriver.clone(),
-        registration_time: 0,
-        ultimate: false,
-        signatures: info.signatures.iter().cloned().collect(),
-        ca: info.ca.as_deref().and_then(|c| c.parse().ok()),
-    };
+    let path_info = path_info_of(&info);
     // At most one byte more than NarSize is decompressed: a longer NAR fails the size check
     // instead of filling the disk.
     let limited = decoder.take(info.nar_size + 1);
