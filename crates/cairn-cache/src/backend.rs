@@ -40,6 +40,10 @@ pub enum Backend {
     S3 { store: Arc<dyn ObjectStore>, prefix: String, opts: NetOptions },
 }
 
+/// The largest narinfo or `nix-cache-info` read (a narinfo with thousands of references is
+/// well under this).
+pub const MAX_SMALL_FILE: usize = 4 << 20;
+
 /// A blocking reader of a file in a cache.
 pub type FileReader = Box<dyn Read + Send>;
 
@@ -156,23 +160,39 @@ impl Backend {
     }
 
     /// A small file (`nix-cache-info`, a narinfo), or `None` if the cache has no such file.
+    /// Files over [`MAX_SMALL_FILE`] are refused rather than buffered.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
         let what = || self.describe(key);
+        let too_big = || CacheError::BadFile { url: what(), reason: format!("longer than {MAX_SMALL_FILE} bytes") };
         match self {
             Backend::File(dir) => {
                 let p = Self::file(dir, key)?;
-                match tokio::fs::read(&p).await {
-                    Ok(b) => Ok(Some(b.into())),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                    Err(source) => Err(CacheError::Io { url: what(), source }),
+                let file = match tokio::fs::File::open(&p).await {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(source) => return Err(CacheError::Io { url: what(), source }),
+                };
+                let mut buf = Vec::new();
+                let mut limited = tokio::io::AsyncReadExt::take(file, MAX_SMALL_FILE as u64 + 1);
+                tokio::io::AsyncReadExt::read_to_end(&mut limited, &mut buf)
+                    .await
+                    .map_err(|source| CacheError::Io { url: what(), source })?;
+                if buf.len() > MAX_SMALL_FILE {
+                    return Err(too_big());
                 }
+                Ok(Some(buf.into()))
             }
             Backend::Http { .. } | Backend::S3 { .. } => match self.stream(key).await? {
                 None => Ok(None),
-                Some(s) => {
-                    let chunks: Vec<Bytes> =
-                        s.try_collect().await.map_err(|source| CacheError::Io { url: what(), source })?;
-                    Ok(Some(chunks.concat().into()))
+                Some(mut s) => {
+                    let mut buf = Vec::new();
+                    while let Some(chunk) = s.next().await {
+                        buf.extend_from_slice(&chunk.map_err(|source| CacheError::Io { url: what(), source })?);
+                        if buf.len() > MAX_SMALL_FILE {
+                            return Err(too_big());
+                        }
+                    }
+                    Ok(Some(buf.into()))
                 }
             },
         }
