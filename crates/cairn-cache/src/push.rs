@@ -220,4 +220,31 @@ mod tests {
         assert!(receive(&st, &policy, &good[..]).unwrap().added.is_empty());
         assert!(receive(&st, &policy, &b"garbage"[..]).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Hostile push streams: a valid one cut or with a byte changed anywhere is refused or
+        /// registers exactly the signed path, and never panics.
+        #[test]
+        fn mutated_push_streams_are_refused_or_exact(at in 0usize..400, byte in 0u8..=255, cut in proptest::bool::ANY) {
+            let root = tempfile::tempdir().unwrap();
+            let st = store(root.path());
+            let key = SecretKey::from_seed("push-1", [7; 32]);
+            let policy = Policy { trusted_keys: vec![key.public()], require_sigs: true };
+            let (mut bytes, path) = stream(Some(&key), false);
+            let at = at % bytes.len();
+            if cut { bytes.truncate(at) } else { bytes[at] = byte }
+            match receive(&st, &policy, &bytes[..]) {
+                Ok(done) => {
+                    for i in &done.added {
+                        proptest::prop_assert_eq!(&i.path, &path);
+                        let mut nar = Vec::new();
+                        st.dump_path(&i.path, &mut nar).unwrap();
+                        proptest::prop_assert_eq!(cairn_nix::Hash::digest(HashAlgo::Sha256, &nar), i.nar_hash.clone());
+                    }
+                }
+                Err(_) => proptest::prop_assert!(!st.is_valid(&path).unwrap()),
+            }
+        }
+    }
 }
