@@ -183,6 +183,7 @@ enum Event {
 
 /// Substitutes whatever is missing of the closures of `paths`.
 pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheError> {
+    let started = std::time::Instant::now();
     let store = job.store;
     let dir = store.store_dir().clone();
     // Caches by priority; one that cannot be used is skipped, and named if nothing is found.
@@ -261,6 +262,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     }
     while tasks.join_next().await.is_some() {}
     drop(tasks);
+    let fetched = started.elapsed();
     let ctx = Arc::into_inner(ctx).expect("every download task has ended");
     let client = ctx.client;
     let batch = ctx.batch;
@@ -270,6 +272,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     })
     .await
     .map_err(|e| CacheError::Io { url: "substitution".into(), source: io::Error::other(e) })??;
+    tracing::debug!(?fetched, total = ?started.elapsed(), paths = committed.added.len(), "substitution committed");
     report.added = committed.added;
     for (p, r) in committed.incomplete {
         let why = format!("needs '{}', which could not be substituted", dir.display(&r));

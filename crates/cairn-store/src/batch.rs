@@ -100,7 +100,12 @@ impl Batch {
         }
         let n = self.store.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let copy = self.dir.0.join(n.to_string());
-        let received = LocalStore::receive_nar(&mut input, &copy).and_then(|(nar_hash, nar_size)| {
+        let received = if info.nar_size <= SMALL_NAR {
+            receive_small(&mut input, info.nar_size, &copy)
+        } else {
+            LocalStore::receive_nar(&mut input, &copy)
+        };
+        let received = received.and_then(|(nar_hash, nar_size)| {
             if nar_hash != info.nar_hash {
                 return Err(StoreError::HashMismatch {
                     path: self.store.store_dir().display(&info.path),
@@ -223,6 +228,29 @@ fn swap_in(store: &LocalStore, accepted: BTreeMap<StorePath, (PathInfo, PathBuf)
         fsops::sync_filesystem(&store.layout.real_store_dir)?;
         Ok(repaired)
     }
+}
+
+/// NARs up to this size are read into memory, hashed and restored on the calling thread: for
+/// the many small paths of a closure, a hashing thread per path costs more than it saves.
+const SMALL_NAR: u64 = 256 * 1024;
+
+/// [`LocalStore::receive_nar`] for a NAR said to be `expected` bytes (at most [`SMALL_NAR`]):
+/// reads at most one byte more, so a longer input fails the size check.
+fn receive_small(input: &mut impl Read, expected: u64, copy: &std::path::Path) -> Result<(cairn_nix::Hash, u64)> {
+    let mut bytes = Vec::with_capacity(expected as usize + 1);
+    input
+        .take(expected + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| StoreError::Io { op: "read", path: copy.to_owned(), source })?;
+    let hash = cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, &bytes);
+    let mut cursor = std::io::Cursor::new(&bytes[..]);
+    let mut nar = cairn_nix::nar::NarReader::new(&mut cursor, cairn_nix::nar::Limits::default())?;
+    crate::restore_with_buffer(&mut nar, copy, crate::RestoreMode::Canonical, &mut [0u8; 64 * 1024])?;
+    drop(nar);
+    if cursor.position() != bytes.len() as u64 {
+        return Err(StoreError::TrailingData);
+    }
+    Ok((hash, bytes.len() as u64))
 }
 
 /// The keys of `pending` ordered so that each comes after its references.
