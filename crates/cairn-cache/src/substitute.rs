@@ -12,10 +12,11 @@
 //! closure arrived.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use cairn_nix::hash::{HashAlgo, Hasher};
 use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::PublicKey;
@@ -397,25 +398,151 @@ async fn download(ctx: &Arc<Ctx>, sub: &Substituter, info: NarInfo) -> Result<()
     .map_err(|e| CacheError::Io { url: "download".into(), source: io::Error::other(e) })?
 }
 
-/// Counts (for progress) and hashes (for the narinfo's FileHash) the file's bytes, and refuses
-/// more of them than FileSize says.
+/// The compressed file as a buffered reader that counts its bytes (for progress), hashes them
+/// (for the narinfo's FileHash) and refuses more than FileSize says. Large files are hashed on a
+/// thread of their own, which gets each chunk without a copy.
 struct FileCheck {
     inner: FileReader,
-    hasher: Hasher,
+    chunk: Bytes,
+    at: usize,
     size: u64,
     limit: Option<u64>,
     progress: Arc<Progress>,
+    hash: FileHash,
+}
+
+enum FileHash {
+    Inline(Hasher),
+    Thread { tx: std::sync::mpsc::SyncSender<Bytes>, done: std::thread::JoinHandle<cairn_nix::Hash> },
+}
+
+/// Chunks the file is read in.
+const FILE_CHUNK: usize = 1 << 20;
+
+impl FileCheck {
+    fn new(inner: FileReader, info: &NarInfo, progress: Arc<Progress>, threaded: bool) -> FileCheck {
+        let hasher = Hasher::new(info.file_hash.as_ref().map(|h| h.algo()).unwrap_or(HashAlgo::Sha256));
+        let hash = if threaded {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(8);
+            let done = std::thread::spawn(move || {
+                let mut h = hasher;
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                h.finish()
+            });
+            FileHash::Thread { tx, done }
+        } else {
+            FileHash::Inline(hasher)
+        };
+        FileCheck { inner, chunk: Bytes::new(), at: 0, size: 0, limit: info.file_size, progress, hash }
+    }
+
+    /// The file's hash (all of it must have been read).
+    fn finish(self) -> cairn_nix::Hash {
+        match self.hash {
+            FileHash::Inline(h) => h.finish(),
+            FileHash::Thread { tx, done } => {
+                drop(tx);
+                done.join().expect("file hashing thread panicked")
+            }
+        }
+    }
+}
+
+impl io::BufRead for FileCheck {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.at == self.chunk.len() {
+            let mut buf = bytes::BytesMut::zeroed(FILE_CHUNK);
+            let n = loop {
+                match self.inner.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
+            buf.truncate(n);
+            self.size += n as u64;
+            self.progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(limit) = self.limit.filter(|l| self.size > *l) {
+                return Err(io::Error::other(format!(
+                    "the file is longer than the narinfo's FileSize ({limit} bytes)"
+                )));
+            }
+            let chunk = buf.freeze();
+            match &mut self.hash {
+                FileHash::Inline(h) => h.update(&chunk),
+                FileHash::Thread { tx, .. } => {
+                    tx.send(chunk.clone()).map_err(|_| io::Error::other("the file hashing thread stopped"))?
+                }
+            }
+            (self.chunk, self.at) = (chunk, 0);
+        }
+        Ok(&self.chunk[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.chunk.len());
+    }
 }
 
 impl Read for FileCheck {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.size += n as u64;
-        self.progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
-        if let Some(limit) = self.limit.filter(|l| self.size > *l) {
-            return Err(io::Error::other(format!("the file is longer than the narinfo's FileSize ({limit} bytes)")));
+        let avail = io::BufRead::fill_buf(self)?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+/// Compressed bytes a file may have after its NAR ends (zstd's checksum, xz's index and footer
+/// are a few bytes; more is refused, so an endless body cannot keep a download going).
+const MAX_EPILOGUE: u64 = 1 << 20;
+
+/// NARs larger than this are decompressed on a thread of their own, feeding the thread that
+/// parses and writes them (which has the NAR-hashing thread beside it): the three overlap.
+const PIPELINE_AT: u64 = 1 << 20;
+
+/// Reads what is left of a compressed file after its NAR, up to [`MAX_EPILOGUE`] bytes.
+fn drain_epilogue<R: Read>(rest: R) -> Result<R, String> {
+    let mut limited = rest.take(MAX_EPILOGUE + 1);
+    let n = io::copy(&mut limited, &mut io::sink()).map_err(|e| format!("reading the file: {e}"))?;
+    if n > MAX_EPILOGUE {
+        return Err(format!("the file continues for more than {MAX_EPILOGUE} bytes after the NAR"));
+    }
+    Ok(limited.into_inner())
+}
+
+/// The narinfo's FileSize and FileHash against the file as read.
+fn check_file(info: &NarInfo, file: FileCheck) -> Result<(), String> {
+    if let Some(expected) = info.file_size.filter(|s| *s != file.size) {
+        return Err(format!("the file has {} bytes, the narinfo says {expected} (FileSize)", file.size));
+    }
+    let actual = file.finish();
+    if let Some(expected) = info.file_hash.as_ref().filter(|h| **h != actual) {
+        return Err(format!("the file hashes to {actual}, the narinfo says {expected} (FileHash)"));
+    }
+    Ok(())
+}
+
+/// Decompressed chunks from the decompressing thread, as a reader.
+struct ChunkReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(c) => (self.chunk, self.at) = (c, 0),
+                Err(_) => return Ok(0), // the sender is done (or failed: it says why)
+            }
         }
-        self.hasher.update(&buf[..n]);
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
         Ok(n)
     }
 }
@@ -425,33 +552,60 @@ fn place(ctx: &Ctx, info: NarInfo, reader: FileReader, url: &str) -> Result<(), 
     let path = ctx.dir.display(&info.store_path);
     let refuse = |check: String| CacheError::Refused { path: path.clone(), cache: url.to_owned(), check };
     let compression = Compression::parse(&info.compression)?;
-    let file = FileCheck {
-        inner: reader,
-        hasher: Hasher::new(info.file_hash.as_ref().map(|h| h.algo()).unwrap_or(HashAlgo::Sha256)),
-        size: 0,
-        limit: info.file_size,
-        progress: ctx.progress.clone(),
-    };
+    let file = FileCheck::new(reader, &info, ctx.progress.clone(), info.nar_size > PIPELINE_AT);
     let decoder = compression
-        .decoder(BufReader::with_capacity(256 * 1024, file))
+        .decoder(file)
         .map_err(|e| refuse(format!("cannot start {} decompression: {e}", compression.name())))?;
     let path_info = path_info_of(&info);
     // At most one byte more than NarSize is decompressed: a longer NAR fails the size check
     // instead of filling the disk.
     let limited = decoder.take(info.nar_size + 1);
-    let result = ctx.batch.add_nar_with_info(path_info, limited, |limited| -> Result<(), CacheError> {
-        let mut rest = limited.into_inner().into_inner();
-        io::copy(&mut rest, &mut io::sink()).map_err(|e| refuse(format!("reading the file: {e}")))?;
-        let file = rest.into_inner();
-        if let Some(expected) = info.file_size.filter(|s| *s != file.size) {
-            return Err(refuse(format!("the file has {} bytes, the narinfo says {expected} (FileSize)", file.size)));
-        }
-        let actual = file.hasher.finish();
-        if let Some(expected) = info.file_hash.as_ref().filter(|h| **h != actual) {
-            return Err(refuse(format!("the file hashes to {actual}, the narinfo says {expected} (FileHash)")));
-        }
-        Ok(())
-    });
+    let result = if info.nar_size <= PIPELINE_AT {
+        ctx.batch.add_nar_with_info(path_info, limited, |limited| -> Result<(), CacheError> {
+            let rest = drain_epilogue(limited.into_inner().into_inner()).map_err(&refuse)?;
+            check_file(&info, rest).map_err(&refuse)
+        })
+    } else {
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+            let producer = scope.spawn(move || -> Result<FileCheck, String> {
+                let mut limited = limited;
+                loop {
+                    let mut chunk = vec![0u8; 1 << 20];
+                    let mut filled = 0;
+                    while filled < chunk.len() {
+                        match limited.read(&mut chunk[filled..]) {
+                            Ok(0) => break,
+                            Ok(n) => filled += n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(format!("reading the {} file: {e}", compression.name())),
+                        }
+                    }
+                    if filled == 0 {
+                        break;
+                    }
+                    chunk.truncate(filled);
+                    if tx.send(chunk).is_err() {
+                        return Err("the NAR was refused before its end".into());
+                    }
+                }
+                drop(tx);
+                drain_epilogue(limited.into_inner().into_inner())
+            });
+            let mut producer = Some(producer);
+            let reader = ChunkReader { rx, chunk: Vec::new(), at: 0 };
+            let added = ctx.batch.add_nar_with_info(path_info, reader, |reader| -> Result<(), CacheError> {
+                drop(reader);
+                let file = producer.take().expect("joined once").join().expect("decompressing thread panicked");
+                check_file(&info, file.map_err(&refuse)?).map_err(&refuse)
+            });
+            // A failed decompression ends the NAR early; its own error says more.
+            match (added, producer.map(|p| p.join().expect("decompressing thread panicked"))) {
+                (Err(_), Some(Err(why))) if why != "the NAR was refused before its end" => Err(refuse(why)),
+                (added, _) => added,
+            }
+        })
+    };
     match result {
         Ok(_) => Ok(()),
         Err(CacheError::Store(e)) => Err(refuse(e.to_string())),
