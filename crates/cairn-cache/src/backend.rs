@@ -210,7 +210,10 @@ impl Backend {
                 let send = client.get(&url).send();
                 let resp = match tokio::time::timeout(opts.connect_timeout + opts.stall_timeout, send).await {
                     Err(_) => return Err(CacheError::Timeout { url, secs: opts.stall_timeout.as_secs() }),
-                    Ok(Err(e)) => return Err(CacheError::Http { url, reason: e.to_string() }),
+                    Ok(Err(e)) if e.is_timeout() => {
+                        return Err(CacheError::Timeout { url, secs: opts.stall_timeout.as_secs() })
+                    }
+                    Ok(Err(e)) => return Err(CacheError::Http { url, reason: with_causes(&e) }),
                     Ok(Ok(r)) => r,
                 };
                 match resp.status() {
@@ -219,7 +222,18 @@ impl Backend {
                     reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::FORBIDDEN => return Ok(None),
                     s => return Err(CacheError::Http { url, reason: format!("the server answered {s}") }),
                 }
-                (resp.bytes_stream().map_err(io::Error::other).boxed(), opts.stall_timeout)
+                let secs = opts.stall_timeout.as_secs();
+                let body = resp.bytes_stream().map_err(move |e| {
+                    if e.is_timeout() {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no data for {secs} s (stalled-download-timeout)"),
+                        )
+                    } else {
+                        io::Error::other(e)
+                    }
+                });
+                (body.boxed(), opts.stall_timeout)
             }
             Backend::S3 { store, prefix, opts } => {
                 let location = Self::s3_key(prefix, key);
@@ -328,6 +342,22 @@ impl Backend {
             }
         }
     }
+}
+
+/// An error with its causes ("error sending request: … : connection refused"): reqwest's own
+/// message leaves out what went wrong.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 fn unique() -> u64 {

@@ -122,7 +122,7 @@ impl Pusher {
             .body(body)
             .send()
             .await
-            .map_err(|e| CacheError::Http { url: url.clone(), reason: e.to_string() })?;
+            .map_err(|e| CacheError::Http { url: url.clone(), reason: crate::backend::with_causes(&e) })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| CacheError::Http { url: url.clone(), reason: e.to_string() })?;
         if status == reqwest::StatusCode::NOT_FOUND && route == MISSING_ROUTE {

@@ -238,10 +238,7 @@ const SMALL_NAR: u64 = 256 * 1024;
 /// reads at most one byte more, so a longer input fails the size check.
 fn receive_small(input: &mut impl Read, expected: u64, copy: &std::path::Path) -> Result<(cairn_nix::Hash, u64)> {
     let mut bytes = Vec::with_capacity(expected as usize + 1);
-    input
-        .take(expected + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|source| StoreError::Io { op: "read", path: copy.to_owned(), source })?;
+    input.take(expected + 1).read_to_end(&mut bytes).map_err(|e| StoreError::Nar(cairn_nix::nar::NarError::Io(e)))?;
     let hash = cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, &bytes);
     let mut cursor = std::io::Cursor::new(&bytes[..]);
     let mut nar = cairn_nix::nar::NarReader::new(&mut cursor, cairn_nix::nar::Limits::default())?;

@@ -449,12 +449,7 @@ impl LocalStore {
             let mut nar = NarReader::new(&mut input, Limits::default())?;
             restore(&mut nar, copy, RestoreMode::Canonical)?;
             drop(nar);
-            if input.read(&mut [0u8; 1]).map_err(|source| StoreError::Io {
-                op: "read",
-                path: copy.to_owned(),
-                source,
-            })? != 0
-            {
+            if input.read(&mut [0u8; 1]).map_err(|e| StoreError::Nar(cairn_nix::nar::NarError::Io(e)))? != 0 {
                 return Err(StoreError::TrailingData);
             }
             input.flush_pending();
