@@ -54,6 +54,7 @@ pub struct TestStore {
     pub store_dir: String,
     pub socket: PathBuf,
     pub config: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -61,11 +62,17 @@ pub struct TestStore {
 pub struct TestStoreBuilder {
     store_dir: String,
     config: String,
+    env: Vec<(String, String)>,
 }
 
 impl TestStoreBuilder {
     pub fn store_dir(mut self, dir: &str) -> Self {
         self.store_dir = dir.to_owned();
+        self
+    }
+    /// An environment variable for the daemon (and the CLI commands run through this store).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
     /// Contents of the daemon's config file.
@@ -79,8 +86,14 @@ impl TestStoreBuilder {
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = root.path().join("cairn.toml");
         std::fs::write(&config, &self.config).unwrap();
-        let mut s =
-            TestStore { socket: root.path().join("cairnd.sock"), root, store_dir: self.store_dir, config, child: None };
+        let mut s = TestStore {
+            socket: root.path().join("cairnd.sock"),
+            root,
+            store_dir: self.store_dir,
+            config,
+            env: self.env,
+            child: None,
+        };
         s.spawn();
         s
     }
@@ -88,7 +101,7 @@ impl TestStoreBuilder {
 
 impl TestStore {
     pub fn builder() -> TestStoreBuilder {
-        TestStoreBuilder { store_dir: "/store".into(), config: String::new() }
+        TestStoreBuilder { store_dir: "/store".into(), config: String::new(), env: Vec::new() }
     }
 
     /// A daemon with default settings and store directory `/store`.
@@ -114,6 +127,7 @@ impl TestStore {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(bin_dir().join("cairnd"))
             .args(self.store_args())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -166,7 +180,7 @@ impl TestStore {
     /// A `cairn` command aimed at this daemon, never starting another.
     pub fn cairn(&self) -> Command {
         let mut c = Command::new(bin_dir().join("cairn"));
-        c.args(self.store_args()).arg("--no-auto-start");
+        c.args(self.store_args()).arg("--no-auto-start").envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

@@ -106,6 +106,7 @@ impl Backend {
                 return Err(bad("an s3:// URL names a bucket (s3://BUCKET?endpoint=…&region=…)"));
             }
             let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let mut allow_http = false;
             if let Some(region) = param(&params, "region") {
                 b = b.with_region(region);
             }
@@ -115,10 +116,14 @@ impl Backend {
                 } else {
                     format!("{}://{endpoint}", param(&params, "scheme").unwrap_or("https"))
                 };
-                b = b.with_endpoint(&endpoint).with_allow_http(endpoint.starts_with("http://"));
+                allow_http = endpoint.starts_with("http://");
+                b = b.with_endpoint(&endpoint);
             }
-            let client =
-                object_store::ClientOptions::new().with_connect_timeout(opts.connect_timeout).with_timeout_disabled();
+            // These options replace the builder's own, so plain HTTP is allowed here.
+            let client = object_store::ClientOptions::new()
+                .with_allow_http(allow_http)
+                .with_connect_timeout(opts.connect_timeout)
+                .with_timeout_disabled();
             let retry =
                 object_store::RetryConfig { max_retries: 2, retry_timeout: opts.stall_timeout, ..Default::default() };
             let store = b
@@ -241,7 +246,7 @@ impl Backend {
                 let r = match tokio::time::timeout(opts.connect_timeout + opts.stall_timeout, get).await {
                     Err(_) => return Err(CacheError::Timeout { url, secs: opts.stall_timeout.as_secs() }),
                     Ok(Err(object_store::Error::NotFound { .. })) => return Ok(None),
-                    Ok(Err(e)) => return Err(CacheError::Http { url, reason: e.to_string() }),
+                    Ok(Err(e)) => return Err(CacheError::Http { url, reason: with_causes(&e) }),
                     Ok(Ok(r)) => r,
                 };
                 (r.into_stream().map_err(io::Error::other).boxed(), opts.stall_timeout)
@@ -278,7 +283,7 @@ impl Backend {
             Backend::S3 { store, prefix, .. } => match store.head(&Self::s3_key(prefix, key)).await {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(CacheError::Http { url: self.describe(key), reason: e.to_string() }),
+                Err(e) => Err(CacheError::Http { url: self.describe(key), reason: with_causes(&e) }),
             },
             Backend::Http { .. } => Ok(self.get(key).await?.is_some()),
         }
@@ -330,7 +335,7 @@ impl Backend {
                 store
                     .put(&Self::s3_key(prefix, key), data.into())
                     .await
-                    .map_err(|e| CacheError::Http { url, reason: e.to_string() })?;
+                    .map_err(|e| CacheError::Http { url, reason: with_causes(&e) })?;
                 Ok(())
             }
             _ => {

@@ -165,6 +165,8 @@ pub struct Job {
 
 struct Ctx {
     dir: StoreDir,
+    /// Why configured caches could not be used (named when nothing else has a path).
+    unusable: Vec<String>,
     subs: Vec<Arc<Substituter>>,
     lookups: Arc<NarInfoCache>,
     policy: Policy,
@@ -203,6 +205,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     usable.sort_by_key(|(p, _)| *p);
     let ctx = Arc::new(Ctx {
         dir: dir.clone(),
+        unusable: unusable.clone(),
         subs: usable.into_iter().map(|(_, s)| s).collect(),
         lookups: job.lookups,
         policy: job.policy,
@@ -336,6 +339,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
             }
         }
     }
+    tried.extend(ctx.unusable.iter().cloned());
     let reason = if tried.is_empty() { "no substituter has it".to_owned() } else { tried.join("; ") };
     let _ = tx.send(Event::Done { path, result: Err(reason) });
 }
