@@ -122,7 +122,7 @@ pub async fn copy_to_tcp(
     key: Option<&SecretKey>,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
-    use cairn_cache::push::{narinfo_for_push, wire_string, Pusher, MAGIC};
+    use cairn_cache::push::Pusher;
     let pusher = Pusher::new(url, &NetOptions::default())?;
     let Response::Paths(closure) = client.query(&Request::Closure { paths }).await? else {
         bail!("cairnd answered a closure query with something else")
@@ -132,8 +132,30 @@ pub async fn copy_to_tcp(
     if missing.is_empty() {
         return Ok(Copied { written: 0, skipped, bytes: 0 });
     }
-    let infos =
-        crate::commands::path_infos(client.query(&Request::PathInfo { paths: missing, closure: false }).await?)?;
+    let (stream, bytes, feed) = push_stream(client, store_dir, missing, key, progress).await?;
+    let answer = pusher.push(stream).await;
+    feed.await??;
+    let answer: serde_json::Value = serde_json::from_str(&answer?).context("the receiver's answer")?;
+    let added = answer["added"].as_array().map(|a| a.len()).unwrap_or(0);
+    Ok(Copied { written: added, skipped, bytes })
+}
+
+/// A push stream (`cairn_cache::push`) of `paths` (references first), NARs read from the
+/// daemon as the stream is sent; also the NAR bytes it carries, and the task feeding it (whose
+/// error, if any, says why the stream ended early).
+async fn push_stream(
+    client: &Client,
+    store_dir: &StoreDir,
+    paths: Vec<String>,
+    key: Option<&SecretKey>,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<(
+    impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+    u64,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    use cairn_cache::push::{narinfo_for_push, wire_string, MAGIC};
+    let infos = crate::commands::path_infos(client.query(&Request::PathInfo { paths, closure: false }).await?)?;
     let mut entries = Vec::with_capacity(infos.len());
     for info in &infos {
         let narinfo = narinfo_for_push(narinfo_of(store_dir, info, key)?);
@@ -171,20 +193,17 @@ pub async fn copy_to_tcp(
         anyhow::Ok(())
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    let answer = pusher.push(stream).await;
-    feed.await??;
-    let answer: serde_json::Value = serde_json::from_str(&answer?).context("the receiver's answer")?;
-    let added = answer["added"].as_array().map(|a| a.len()).unwrap_or(0);
-    Ok(Copied { written: added, skipped, bytes })
+    Ok((stream, bytes, feed))
 }
 
 /// Copies the closure of `paths` from the daemon behind `from` into the daemon at `socket`,
-/// sending only the paths it lacks, as one export stream.
+/// sending only the paths it lacks, with all their metadata.
 pub async fn copy_to_daemon(
     from: &Client,
     socket: &Path,
     paths: Vec<String>,
     store_dir: &StoreDir,
+    progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     let to = Client::new(socket);
     let theirs = to.version().await.with_context(|| format!("cannot reach the daemon at '{}'", socket.display()))?;
@@ -207,8 +226,10 @@ pub async fn copy_to_daemon(
     if missing.is_empty() {
         return Ok(Copied { written: 0, skipped, bytes: 0 });
     }
-    let stream = from.export(missing.clone()).await?;
-    let imported = to.import(body_from_reader(stream)).await?;
-    let bytes = imported.iter().map(|i| i.nar_size).sum();
-    Ok(Copied { written: missing.len(), skipped, bytes })
+    // Narinfos and NARs rather than an export stream, so that content addresses, signatures
+    // and derivers arrive too.
+    let (stream, bytes, feed) = push_stream(from, store_dir, missing, None, progress).await?;
+    let answer = to.receive(body_from_reader(tokio_util::io::StreamReader::new(stream))).await;
+    feed.await??;
+    Ok(Copied { written: answer?.len(), skipped, bytes })
 }

@@ -273,9 +273,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 bar.finish_and_clear();
                 done?
             } else if let Some(socket) = to.strip_prefix("unix://") {
-                let spinner = progress::spinner("copying");
-                let done = crate::cache::copy_to_daemon(&client, Path::new(socket), paths, &store_dir).await;
-                spinner.finish_and_clear();
+                let bar = progress::bytes("copying");
+                let done = crate::cache::copy_to_daemon(&client, Path::new(socket), paths, &store_dir, &bar).await;
+                bar.finish_and_clear();
                 done?
             } else {
                 let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;

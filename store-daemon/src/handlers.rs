@@ -51,6 +51,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::EXPORT, post(export))
         .route(routes::IMPORT, post(import))
         .route(routes::SUBSTITUTE, post(crate::substitute::handler))
+        .route(routes::RECEIVE, post(receive))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))
@@ -426,6 +427,26 @@ async fn export(State(s): St, Json(req): Json<ExportRequest>) -> ApiResult<HttpR
     })
     .await?;
     Ok(stream_response(move |w| s.store.export(&paths, w)))
+}
+
+/// A closure copied from another daemon, with its metadata (content addresses, signatures,
+/// derivers) — what an export stream cannot carry.
+async fn receive(State(s): St, Extension(peer): Extension<Peer>, body: Body) -> ApiResult<Json<Vec<String>>> {
+    let added = upload(body, move |input| {
+        let _client = ClientScope::enter(peer.client);
+        let done = cairn_cache::push::receive(&s.store, &s.substitution.policy, !peer.trusted, input)?;
+        tracing::info!(paths = done.added.len(), "received");
+        if let Some((p, r)) = done.incomplete.first() {
+            return Err(ApiError::bad_request(format!(
+                "'{}' references '{}', which is neither valid nor in the stream",
+                s.store_dir.display(p),
+                s.store_dir.display(r)
+            )));
+        }
+        Ok(done.added.iter().map(|i| s.store_dir.display(&i.path)).collect())
+    })
+    .await?;
+    Ok(Json(added))
 }
 
 async fn import(

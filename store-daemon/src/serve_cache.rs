@@ -78,7 +78,7 @@ async fn push(State(s): St, body: Body) -> Response {
     let store = s.store.clone();
     let dir = s.store_dir.clone();
     let received = tokio::task::spawn_blocking(move || {
-        let r = cairn_cache::push::receive(&store, &policy, &mut input);
+        let r = cairn_cache::push::receive(&store, &policy, true, &mut input);
         if r.is_err() {
             // Read what is still coming (bounded), so that the sender gets the answer instead
             // of a broken connection.

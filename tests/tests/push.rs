@@ -94,3 +94,36 @@ fn push_sends_only_missing_signed_paths() {
     assert!(err.contains("accept-pushes"), "{err}");
     assert!(closed.store_entries().is_empty());
 }
+
+#[test]
+fn copy_to_another_daemons_socket_sends_only_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestStore::start();
+    write(&dir.path().join("lib/data"), &vec![1u8; 100_000]);
+    let lib = line(&a.ok(&["add", s(&dir.path().join("lib"))]));
+    write(&dir.path().join("app"), format!("uses {lib}\n").as_bytes());
+    let app = line(&a.ok(&["add-text", "app", s(&dir.path().join("app")), "--ref", &lib]));
+    let b = TestStore::start();
+    let to = format!("unix://{}", b.socket.display());
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&["copy", "--json", "--to", &to, &lib])).unwrap();
+    assert_eq!((v["copied"].as_u64(), v["skipped"].as_u64()), (Some(1), Some(0)), "{v}");
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&["copy", "--json", "--to", &to, &app])).unwrap();
+    assert_eq!((v["copied"].as_u64(), v["skipped"].as_u64()), (Some(1), Some(1)), "{v}");
+    // Everything an export stream would lose arrives too (content addresses here).
+    let ours: serde_json::Value = serde_json::from_str(&a.ok(&["path-info", "--json", "--closure", &app])).unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&b.ok(&["path-info", "--json", "--closure", &app])).unwrap();
+    for (x, y) in ours.as_array().unwrap().iter().zip(theirs.as_array().unwrap()) {
+        for k in ["path", "narHash", "narSize", "references", "ca", "signatures", "deriver"] {
+            assert_eq!(x[k], y[k], "{k}");
+        }
+        assert!(x["ca"].is_string(), "{x}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&a.ok(&["copy", "--json", "--to", &to, &app])).unwrap();
+    assert_eq!(v["copied"].as_u64(), Some(0), "{v}");
+    b.ok(&["verify", "--check-contents"]);
+    // Another store directory: refused, in one line.
+    let nix = TestStore::builder().store_dir("/nix/store").start();
+    let err = a.fail(&["copy", "--to", &format!("unix://{}", nix.socket.display()), &app], b"");
+    assert!(err.contains("store directory"), "{err}");
+    assert!(nix.store_entries().is_empty());
+}

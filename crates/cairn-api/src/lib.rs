@@ -41,6 +41,9 @@ pub mod routes {
     pub const EXPORT: &str = "/v1/export";
     pub const IMPORT: &str = "/v1/import";
     pub const SUBSTITUTE: &str = "/v1/substitute";
+    /// A push stream (`cairn_cache::push`) from another daemon's closure; answers the added
+    /// paths. Untrusted users' paths need trusted signatures.
+    pub const RECEIVE: &str = "/v1/receive";
 }
 
 /// Answer of `GET /v1/version`.

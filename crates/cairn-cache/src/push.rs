@@ -52,10 +52,16 @@ fn bad(reason: impl Into<String>) -> CacheError {
     CacheError::BadFile { url: "push".into(), reason: reason.into() }
 }
 
-/// Receives a push stream into `store` (blocking). Signatures are required whatever
-/// `policy.require_sigs` says (see the module documentation).
-pub fn receive(store: &Arc<LocalStore>, policy: &Policy, input: impl Read) -> Result<Committed, CacheError> {
-    let policy = Policy { require_sigs: true, ..policy.clone() };
+/// Receives a push stream into `store` (blocking). With `require_sigs` (always, over TCP; see
+/// the module documentation) every path needs a trusted signature or a proving content address;
+/// a trusted local user's stream (`copy --to unix://`) needs neither, as an import does not.
+pub fn receive(
+    store: &Arc<LocalStore>,
+    policy: &Policy,
+    require_sigs: bool,
+    input: impl Read,
+) -> Result<Committed, CacheError> {
+    let policy = Policy { require_sigs, ..policy.clone() };
     let dir = store.store_dir().clone();
     let mut input = BufReader::with_capacity(1 << 20, input);
     let wire_err = |e: cairn_nix::wire::WireError| bad(format!("not a push stream: {e}"));
@@ -207,18 +213,18 @@ mod tests {
         let key = SecretKey::from_seed("push-1", [7; 32]);
         let policy = Policy { trusted_keys: vec![key.public()], require_sigs: false };
         let (unsigned, path) = stream(None, false);
-        let e = receive(&st, &policy, &unsigned[..]).unwrap_err();
+        let e = receive(&st, &policy, true, &unsigned[..]).unwrap_err();
         assert!(e.to_string().contains("not signed"), "{e}");
         let (tampered, _) = stream(Some(&key), true);
-        assert!(receive(&st, &policy, &tampered[..]).is_err());
+        assert!(receive(&st, &policy, true, &tampered[..]).is_err());
         assert!(!st.is_valid(&path).unwrap());
         let (good, _) = stream(Some(&key), false);
-        let done = receive(&st, &policy, &good[..]).unwrap();
+        let done = receive(&st, &policy, true, &good[..]).unwrap();
         assert_eq!(done.added.len(), 1);
         assert!(st.is_valid(&path).unwrap());
         // Again: nothing new, and the bytes are skipped.
-        assert!(receive(&st, &policy, &good[..]).unwrap().added.is_empty());
-        assert!(receive(&st, &policy, &b"garbage"[..]).is_err());
+        assert!(receive(&st, &policy, true, &good[..]).unwrap().added.is_empty());
+        assert!(receive(&st, &policy, true, &b"garbage"[..]).is_err());
     }
 
     proptest::proptest! {
@@ -234,7 +240,7 @@ mod tests {
             let (mut bytes, path) = stream(Some(&key), false);
             let at = at % bytes.len();
             if cut { bytes.truncate(at) } else { bytes[at] = byte }
-            match receive(&st, &policy, &bytes[..]) {
+            match receive(&st, &policy, true, &bytes[..]) {
                 Ok(done) => {
                     for i in &done.added {
                         proptest::prop_assert_eq!(&i.path, &path);

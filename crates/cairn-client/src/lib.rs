@@ -181,6 +181,11 @@ impl Client {
         Ok(reader_of(self.call_json(routes::SUBSTITUTE, req).await?.into_body()))
     }
 
+    /// Sends a push stream (narinfos and NARs); returns the paths added.
+    pub async fn receive(&self, body: Body) -> Result<Vec<String>> {
+        Client::json(self.call(Method::POST, routes::RECEIVE, body).await?).await
+    }
+
     /// Imports an export stream.
     pub async fn import(&self, body: Body) -> Result<Vec<PathInfo>> {
         Client::json(self.call(Method::POST, routes::IMPORT, body).await?).await
