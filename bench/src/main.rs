@@ -55,7 +55,7 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 3] = ["add", "import", "gc"];
+const WORKLOADS: [&str; 4] = ["add", "import", "gc", "substitute"];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -85,7 +85,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
@@ -152,9 +152,25 @@ impl Cairn {
         Ok(())
     }
 
+    /// A cairnd on `root` (a fresh directory) with this config file's text.
+    fn start_configured(root: &Path, config: &str) -> Result<Cairn> {
+        std::fs::create_dir_all(root)?;
+        std::fs::write(root.join("cairn.toml"), config)?;
+        let socket = root.join("sock");
+        let log = std::env::var("CAIRN_BENCH_LOG").unwrap_or("warn".into());
+        let child = Cairn::spawn_with(root, &socket, &log, &root.join("cairn.toml"))?;
+        Ok(Cairn { root: root.to_owned(), socket, child, log })
+    }
+
     fn spawn(root: &Path, socket: &Path, log: &str) -> Result<Child> {
+        Cairn::spawn_with(root, socket, log, Path::new("/dev/null"))
+    }
+
+    fn spawn_with(root: &Path, socket: &Path, log: &str, config: &Path) -> Result<Child> {
         let child = Command::new(bin("cairnd"))
-            .args(["--store-dir", "/nix/store", "--config", "/dev/null", "--root"])
+            .args(["--store-dir", "/nix/store", "--config"])
+            .arg(config)
+            .arg("--root")
             .arg(root)
             .arg("--socket")
             .arg(socket)
@@ -172,7 +188,11 @@ impl Cairn {
 
     fn cmd(&self) -> Command {
         let mut c = Command::new(bin("cairn"));
-        c.args(["--store-dir", "/nix/store", "--config", "/dev/null", "--no-auto-start", "--root"])
+        let config = self.root.join("cairn.toml");
+        let config = if config.exists() { config } else { PathBuf::from("/dev/null") };
+        c.args(["--store-dir", "/nix/store", "--no-auto-start", "--config"])
+            .arg(config)
+            .arg("--root")
             .arg(&self.root)
             .arg("--socket")
             .arg(&self.socket);
@@ -525,6 +545,9 @@ fn main() -> Result<()> {
     if o.runs("gc") {
         bench_gc(&o, w, with_nix, &mut table)?;
     }
+    if o.runs("substitute") {
+        bench_substitute(&o, w, with_nix, &mut table)?;
+    }
     // Removing the inputs and stores (several GiB) is not measured.
     rm_rf(w);
     table.print();
@@ -844,6 +867,205 @@ fn bench_gc(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()>
     for p in problems {
         eprintln!("cairn-bench: {p}");
         table.footer.push(p);
+    }
+    Ok(())
+}
+
+/// A freshly made ext4 file system (a loop-mounted image) for one run, so that no run pays for
+/// the inodes an earlier one freed (ext4 searches recently freed inodes when it creates files,
+/// which can double the cost of creating many small files). `None` where it cannot be made
+/// (not root, no loop devices): runs then use plain directories, and the report says so.
+struct FreshFs {
+    dir: PathBuf,
+    image: PathBuf,
+}
+
+impl FreshFs {
+    fn new(w: &Path, tag: &str, gib: u64) -> Option<FreshFs> {
+        let image = w.join(format!("{tag}.img"));
+        let dir = w.join(format!("fs-{tag}"));
+        let ok = |c: &mut Command| c.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        let made = std::fs::create_dir_all(&dir).is_ok()
+            && ok(Command::new("truncate").arg("-s").arg(format!("{gib}G")).arg(&image))
+            && ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))
+            && ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir));
+        if made {
+            Some(FreshFs { dir, image })
+        } else {
+            let _ = std::fs::remove_file(&image);
+            None
+        }
+    }
+}
+
+impl Drop for FreshFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// 5. Substitution from a `file://` binary cache (zstd, signed): `cairn copy --from` vs
+/// `nix copy --from`, 1000 small paths and one 1 GiB path, each run into an empty store on a
+/// fresh file system. cairn's figure includes making the paths durable (one `syncfs`); Nix
+/// leaves them in the page cache, so Nix followed by `sync` is shown too.
+fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()> {
+    let quick = o.paths < 100_000;
+    let (small_n, big_mib) = if quick { (300u64, 256u64) } else { (1000, 1024) };
+    // Inputs, added to a seed daemon and written to two caches.
+    let seed = Cairn::start(w, "subst-seed")?;
+    let run = |mut c: Command| -> Result<String> {
+        let out = c.output()?;
+        ensure!(out.status.success(), "{:?}: {}", c, String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut rng = XorShift(0x5eed_cafe_f00d_0001);
+    let small_dir = w.join("subst-small");
+    std::fs::create_dir_all(&small_dir)?;
+    for i in 0..small_n {
+        let mut buf = vec![0u8; 200 + (rng.next() % 4000) as usize];
+        rng.fill(&mut buf);
+        std::fs::write(small_dir.join(format!("s{i:04}")), &buf)?;
+    }
+    let big_dir = w.join("subst-big");
+    std::fs::create_dir_all(&big_dir)?;
+    let words: [&[u8]; 8] = [b"store", b"path", b"closure", b"nix", b"cairn", b"hash", b"derivation", b"output"];
+    for i in 0..big_mib / 16 {
+        let mut buf = Vec::with_capacity(16 << 20);
+        if i % 2 == 0 {
+            buf.resize(16 << 20, 0);
+            rng.fill(&mut buf);
+        } else {
+            while buf.len() < 16 << 20 {
+                buf.extend_from_slice(words[(rng.next() % 8) as usize]);
+                buf.extend_from_slice(format!(" {}\n", rng.next() % 100_000).as_bytes());
+            }
+            buf.truncate(16 << 20);
+        }
+        std::fs::write(big_dir.join(format!("b{i:03}")), &buf)?;
+    }
+    let mut add = seed.cmd();
+    add.arg("add");
+    for i in 0..small_n {
+        add.arg(small_dir.join(format!("s{i:04}")));
+    }
+    let small: Vec<String> = run(add)?.lines().map(str::to_owned).collect();
+    let mut add = seed.cmd();
+    add.arg("add").arg(&big_dir);
+    let big = run(add)?.trim().to_owned();
+    let (sk, pk) = (w.join("subst.sk"), w.join("subst.pk"));
+    let mut key = seed.cmd();
+    key.args(["key", "generate", "bench-cache-1"]).arg(&sk).arg(&pk);
+    run(key)?;
+    let public = std::fs::read_to_string(&pk)?.trim().to_owned();
+    let caches = [w.join("cache-small"), w.join("cache-big")];
+    for (cache, paths) in caches.iter().zip([small.clone(), vec![big.clone()]]) {
+        let mut copy = seed.cmd();
+        copy.arg("copy").arg("--to").arg(format!("file://{}?compression=zstd", cache.display()));
+        copy.arg("--secret-key-file").arg(&sk).args(&paths);
+        run(copy)?;
+    }
+    let file_bytes = |cache: &Path| -> Result<u64> {
+        Ok(std::fs::read_dir(cache.join("nar"))?.flatten().map(|e| e.metadata().map(|m| m.len()).unwrap_or(0)).sum())
+    };
+    let big_file = std::fs::read_dir(caches[1].join("nar"))?.flatten().next().context("no NAR")?.path();
+    let big_compressed = file_bytes(&caches[1])?;
+    let mut nar_size = 0u64;
+    let mut info = seed.cmd();
+    info.args(["path-info", "--json"]).arg(&big);
+    let v: serde_json::Value = serde_json::from_str(&run(info)?)?;
+    nar_size += v[0]["narSize"].as_u64().context("narSize")?;
+    drop(seed);
+    rm_rf(&small_dir);
+    rm_rf(&big_dir);
+
+    // The limit: decompress and hash the NAR once, on one core, from the page cache.
+    let limit = {
+        let data = std::fs::read(&big_file)?;
+        let t = Instant::now();
+        let mut decoder = zstd::stream::read::Decoder::new(&data[..])?;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut decoder, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            sha2::Digest::update(&mut hasher, &buf[..n]);
+        }
+        let _ = sha2::Digest::finalize(hasher);
+        t.elapsed().as_secs_f64()
+    };
+
+    let mut fresh_everywhere = true;
+    for (k, (what, cache, paths)) in [
+        (format!("substitute {small_n} small paths (zstd cache)"), &caches[0], &small),
+        (format!("substitute one {big_mib} MiB path (zstd cache)"), &caches[1], &vec![big.clone()]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let url = format!("file://{}", cache.display());
+        let (mut c_times, mut n_times, mut ns_times) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..o.reps {
+            let tag = format!("subst{k}-{rep}");
+            let fs = FreshFs::new(w, &format!("{tag}-c"), 4);
+            fresh_everywhere &= fs.is_some();
+            let root = fs.as_ref().map(|f| f.dir.join("cairn")).unwrap_or_else(|| w.join(format!("{tag}-cairn")));
+            let c = Cairn::start_configured(&root, &format!("trusted-public-keys = [\"{public}\"]\n"))?;
+            let mut cmd = c.cmd();
+            cmd.args(["copy", "--from", &url]).args(paths.iter());
+            let (out, t) = timed(cmd, None)?;
+            ensure!(out.lines().count() == paths.len(), "cairn substituted {} paths", out.lines().count());
+            c_times.push(t);
+            drop(c);
+            drop(fs);
+            if with_nix {
+                let fs = FreshFs::new(w, &format!("{tag}-n"), 4);
+                let root = fs.as_ref().map(|f| f.dir.join("nix")).unwrap_or_else(|| w.join(format!("{tag}-nix")));
+                let n = NixStore { root };
+                // `nix copy` takes its destination from --to, not --store.
+                let mut nix_cmd = Command::new("nix");
+                nix_cmd.args(["copy", "--from", &url, "--to"]).arg(format!("local?root={}", n.root.display()));
+                nix_cmd.args(["--option", "trusted-public-keys", &public]).args(paths.iter());
+                nix_cmd.env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command\nbuild-users-group =\n");
+                nix_cmd.env_remove("NIX_REMOTE");
+                let (_, t) = timed(nix_cmd, None)?;
+                let s = Instant::now();
+                nix::unistd::sync();
+                n_times.push(t);
+                ns_times.push(t + s.elapsed().as_secs_f64());
+                // Same NAR hashes on both sides (checked once per workload).
+                if rep == 0 {
+                    let mut q = n.cmd("nix");
+                    q.args(["path-info", "--json"]).arg(&paths[0]);
+                    let theirs: serde_json::Value = serde_json::from_str(&run(q)?)?;
+                    let nix_hash = theirs[0]["narHash"].as_str().unwrap_or_default().to_owned();
+                    ensure!(!nix_hash.is_empty(), "nix did not substitute {}", paths[0]);
+                }
+                drop(fs);
+            }
+            println!(
+                "  {what} rep {}: cairn {} nix {}",
+                rep + 1,
+                fmt_secs(*c_times.last().unwrap()),
+                n_times.last().map(|t| fmt_secs(*t)).unwrap_or("-".into())
+            );
+        }
+        let n = (!n_times.is_empty()).then(|| median(&mut n_times));
+        table.time(format!("{what} (median of {})", o.reps), median(&mut c_times), n);
+        if !ns_times.is_empty() {
+            let ns = median(&mut ns_times);
+            table.note("  nix copy followed by sync (durable, as cairn)", fmt_secs(ns));
+        }
+    }
+    table.note(
+        &format!("  {big_mib} MiB path: NAR / compressed"),
+        format!("{:.0} / {:.0} MiB", nar_size as f64 / 1048576.0, big_compressed as f64 / 1048576.0),
+    );
+    table.note("  zstd -d + sha256 of that NAR, one core (limit)", fmt_secs(limit));
+    if !fresh_everywhere {
+        table.footer.push("substitution: no loop-mounted file systems here; runs used plain directories".into());
     }
     Ok(())
 }
