@@ -411,6 +411,8 @@ struct FileCheck {
     at: usize,
     size: u64,
     limit: Option<u64>,
+    /// The file's expected size (FileSize, else NarSize), for sizing reads.
+    expected: u64,
     progress: Arc<Progress>,
     hash: FileHash,
 }
@@ -439,7 +441,8 @@ impl FileCheck {
         } else {
             FileHash::Inline(hasher)
         };
-        FileCheck { inner, chunk: Bytes::new(), at: 0, size: 0, limit: info.file_size, progress, hash }
+        let expected = info.file_size.unwrap_or(info.nar_size);
+        FileCheck { inner, chunk: Bytes::new(), at: 0, size: 0, limit: info.file_size, expected, progress, hash }
     }
 
     /// The file's hash (all of it must have been read).
@@ -457,7 +460,10 @@ impl FileCheck {
 impl io::BufRead for FileCheck {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.at == self.chunk.len() {
-            let mut buf = bytes::BytesMut::zeroed(FILE_CHUNK);
+            // No bigger than what is expected to be left (a small path's file is a few
+            // kilobytes; zeroing a full chunk for it would cost more than reading it).
+            let left = self.expected.saturating_sub(self.size) + 1;
+            let mut buf = bytes::BytesMut::zeroed(left.clamp(4096, FILE_CHUNK as u64) as usize);
             let n = loop {
                 match self.inner.read(&mut buf) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
