@@ -905,10 +905,11 @@ impl Drop for FreshFs {
     }
 }
 
-/// 5. Substitution from a `file://` binary cache (zstd, signed): `cairn copy --from` vs
-/// `nix copy --from`, 1000 small paths and one 1 GiB path, each run into an empty store (the
-/// small paths on a fresh file system each time). cairn's figure includes making the paths durable (one `syncfs`); Nix
-/// leaves them in the page cache, so Nix followed by `sync` is shown too.
+/// Workload 5, substitution from a `file://` binary cache (zstd, signed), `cairn copy --from` against
+/// `nix copy --from`: 1000 small paths and one 1 GiB path, each run into an empty store (the
+/// small paths on a fresh file system each time). cairn's figure includes making the paths
+/// durable (one `syncfs`); Nix leaves them in the page cache, so Nix followed by `sync` is shown
+/// too.
 fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()> {
     let quick = o.paths < 100_000;
     let (small_n, big_mib) = if quick { (300u64, 256u64) } else { (1000, 1024) };

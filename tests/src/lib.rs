@@ -390,3 +390,33 @@ pub fn write_exec(p: &Path, contents: &[u8]) {
     write(p, contents);
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// A loopback port nothing listens on (bound and released; good enough for a test's daemon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something accepts connections on a loopback port.
+pub fn wait_listening(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `path-info --json` output (cairn's or Nix's) as sorted (path, narHash, narSize, references).
+pub fn path_info_summary(json: &[u8]) -> Vec<(String, String, u64, serde_json::Value)> {
+    let v: serde_json::Value = serde_json::from_slice(json).unwrap();
+    let mut out: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let p = i["path"].as_str().unwrap().to_owned();
+            (p, i["narHash"].as_str().unwrap().to_owned(), i["narSize"].as_u64().unwrap(), i["references"].clone())
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

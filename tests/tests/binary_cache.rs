@@ -3,26 +3,11 @@
 
 use std::path::Path;
 
-use cairn_e2e::{line, require_peer, write, NixStore, TestStore};
+use cairn_e2e::{line, path_info_summary as infos, require_peer, write, NixStore, TestStore};
 use serde_json::Value;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn infos(json: &[u8]) -> Vec<(String, String, u64, Value)> {
-    let v: Value = serde_json::from_slice(json).unwrap();
-    let mut out: Vec<_> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            let p = i["path"].as_str().unwrap().to_owned();
-            (p, i["narHash"].as_str().unwrap().to_owned(), i["narSize"].as_u64().unwrap(), i["references"].clone())
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 /// A tree (an executable and 100 kB of data) and a note that references it, made in a scratch

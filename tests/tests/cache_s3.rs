@@ -5,14 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{line, require_peer, write, TestStore};
+use cairn_e2e::{free_port, line, require_peer, write, TestStore};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A one-node Garage with a bucket and a key; killed when dropped.

@@ -6,23 +6,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 
-use cairn_e2e::{line, require_peer, write, NixStore, TestStore};
-use serde_json::Value;
+use cairn_e2e::{
+    free_port, line, path_info_summary as infos, require_peer, wait_listening, write, NixStore, TestStore,
+};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16) {
-    let start = std::time::Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "nothing listens on {port}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 /// One HTTP/1.1 GET; returns (status, headers, body).
@@ -52,21 +41,6 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&b[nl + 2..nl + 2 + n]);
         b = &b[nl + 2 + n + 2..];
     }
-}
-
-fn infos(json: &[u8]) -> Vec<(String, String, u64, Value)> {
-    let v: Value = serde_json::from_slice(json).unwrap();
-    let mut out: Vec<_> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            let p = i["path"].as_str().unwrap().to_owned();
-            (p, i["narHash"].as_str().unwrap().to_owned(), i["narSize"].as_u64().unwrap(), i["references"].clone())
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 #[test]

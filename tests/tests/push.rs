@@ -3,22 +3,10 @@
 
 use std::path::Path;
 
-use cairn_e2e::{line, write, TestStore};
+use cairn_e2e::{free_port, line, wait_listening, write, TestStore};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16) {
-    let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "nothing listens on {port}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 #[test]

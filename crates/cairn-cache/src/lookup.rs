@@ -18,8 +18,11 @@ use cairn_nix::narinfo::NarInfo;
 pub struct NarInfoCache {
     positive_ttl: Duration,
     negative_ttl: Duration,
-    entries: Mutex<HashMap<(String, String), (Instant, Option<NarInfo>)>>,
+    entries: Mutex<HashMap<Key, (Instant, Option<NarInfo>)>>,
 }
+
+/// (cache URL, hash part).
+type Key = (String, String);
 
 /// Nix's `narinfo-cache-positive-ttl`: 30 days.
 pub const DEFAULT_POSITIVE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
