@@ -963,3 +963,41 @@ fn refusal_of_a_large_untrusted_import_names_the_reason() {
     assert!(e.contains("trusted-users"), "{e}");
     assert_eq!(other.store_entries(), Vec::<String>::new());
 }
+
+/// Untrusted users substitute only from the configured caches (a named URL could make the
+/// daemon read any directory), and may send paths to another daemon only signed.
+#[test]
+fn untrusted_users_substitute_only_from_configured_caches() {
+    if !is_root() {
+        eprintln!("skipping: needs root to run cairn as another user with setpriv");
+        return;
+    }
+    let cache = world_readable_tempdir();
+    let url = format!("file://{}", cache.path().display());
+    let st = TestStore::builder().config(&format!("substituters = [\"{url}\"]")).start();
+    let some = "/store/00000000000000000000000000000000-x";
+    let e = assert_one_line_failure(
+        &run_as_nobody(&st, &["substitute", "--from", "file:///root", some], b""),
+        "nobody's --from",
+    );
+    assert!(e.contains("configured substituters") && e.contains("trusted-users"), "{e}");
+    // The configured one is allowed (and has nothing).
+    let e = assert_one_line_failure(&run_as_nobody(&st, &["substitute", some], b""), "nobody's substitute");
+    assert!(e.contains(&url) || e.contains("no substituter has it"), "{e}");
+    // A push stream without signatures from an untrusted user is refused.
+    let src = world_readable_tempdir();
+    let f = src.path().join("f");
+    fs::write(&f, b"x\n").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    let other = TestStore::start();
+    let p = line(&other.ok(&["add", s(&f)]));
+    let stream = other.ok_bytes(&["export", &p], b"");
+    let imported = TestStore::start();
+    imported.ok_bytes(&["import"], &stream);
+    let e = assert_one_line_failure(
+        &run_as_nobody(&imported, &["copy", "--to", &format!("unix://{}", st.socket.display()), &p], b""),
+        "nobody's unsigned copy",
+    );
+    assert!(e.contains("not signed"), "{e}");
+    assert_eq!(st.store_entries(), Vec::<String>::new());
+}
