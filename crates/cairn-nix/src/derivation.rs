@@ -367,6 +367,84 @@ impl Derivation {
     }
 }
 
+/// One output in Nix's JSON form (`nix show-derivation`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonOutput {
+    path: String,
+    #[serde(rename = "hashAlgo", default, skip_serializing_if = "String::is_empty")]
+    hash_algo: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    hash: String,
+}
+
+/// A derivation in Nix's JSON form, fields in the order Nix 2.8 prints them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JsonDerivation {
+    outputs: BTreeMap<String, JsonOutput>,
+    input_srcs: BTreeSet<String>,
+    input_drvs: BTreeMap<String, BTreeSet<String>>,
+    system: String,
+    builder: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+impl Derivation {
+    /// `nix show-derivation`'s output for this derivation at `drv_path`: an object with one key,
+    /// printed as Nix 2.8 prints it (two-space indentation, maps sorted).
+    pub fn to_json(&self, drv_path: &str) -> String {
+        let j = JsonDerivation {
+            outputs: self
+                .outputs
+                .iter()
+                .map(|(k, o)| {
+                    (k.clone(), JsonOutput { path: o.path.clone(), hash_algo: o.hash_algo.clone(), hash: o.hash.clone() })
+                })
+                .collect(),
+            input_srcs: self.input_srcs.clone(),
+            input_drvs: self.input_drvs.clone(),
+            system: self.platform.clone(),
+            builder: self.builder.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+        };
+        let mut out = serde_json::to_string_pretty(&BTreeMap::from([(drv_path, j)])).expect("derivations serialise");
+        out.push('\n');
+        out
+    }
+
+    /// Parses the JSON form: either one derivation object, or `nix show-derivation`'s output
+    /// (an object keyed by `.drv` path) holding exactly one; returns the key too, if there was
+    /// one. Output paths may be empty strings (to be computed).
+    pub fn from_json(text: &str) -> std::result::Result<(Option<String>, Derivation), String> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let (key, body) = match value.as_object() {
+            Some(m) if m.len() == 1 && m.keys().next().is_some_and(|k| k.ends_with(".drv")) => {
+                let (k, v) = m.iter().next().expect("one entry");
+                (Some(k.clone()), v.clone())
+            }
+            _ => (None, value),
+        };
+        let j: JsonDerivation = serde_json::from_value(body).map_err(|e| e.to_string())?;
+        let d = Derivation {
+            outputs: j
+                .outputs
+                .into_iter()
+                .map(|(k, o)| (k, DerivationOutput { path: o.path, hash_algo: o.hash_algo, hash: o.hash }))
+                .collect(),
+            input_drvs: j.input_drvs,
+            input_srcs: j.input_srcs,
+            platform: j.system,
+            builder: j.builder,
+            args: j.args,
+            env: j.env,
+        };
+        Ok((key, d))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,6 +481,18 @@ mod tests {
         fn print_parse_round_trip(d in derivation()) {
             let aterm = d.to_aterm();
             prop_assert_eq!(Derivation::parse(aterm.as_bytes()).unwrap(), d);
+        }
+
+        #[test]
+        fn json_round_trip(d in derivation()) {
+            let (key, back) = Derivation::from_json(&d.to_json("/nix/store/x.drv")).unwrap();
+            prop_assert_eq!(key.as_deref(), Some("/nix/store/x.drv"));
+            prop_assert_eq!(back, d);
+        }
+
+        #[test]
+        fn json_parse_never_panics(text in ".{0,300}") {
+            let _ = Derivation::from_json(&text);
         }
 
         #[test]

@@ -61,3 +61,19 @@ fn malformed_derivations_are_refused() {
     let dup_env = br#"Derive([],[],[],"x","b",[],[("a","1"),("a","2")])"#;
     assert!(matches!(Derivation::parse(dup_env), Err(DerivationError::Unsorted { .. })));
 }
+
+#[test]
+fn json_is_what_nix_show_derivation_prints() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/derivations");
+    for (name, bytes) in fixtures() {
+        let drv = Derivation::parse(&bytes).unwrap();
+        let path = name.clone();
+        let base = name.trim_start_matches("/nix/store/").replace(".drv", ".json");
+        let json = std::fs::read_to_string(dir.join(base)).unwrap();
+        assert_eq!(drv.to_json(&path), json, "{name}");
+        let (key, back) = Derivation::from_json(&json).unwrap();
+        assert_eq!((key.as_deref(), back), (Some(path.as_str()), drv), "{name}");
+    }
+    assert!(Derivation::from_json("{\"outputs\": {}}").unwrap_err().contains("missing field"));
+    assert!(Derivation::from_json("[1]").is_err());
+}
