@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{free_port, line, require_peer, write, TestStore};
+use cairn_e2e::{free_port, line, require_peer, wait_listening, write, TestStore};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -57,7 +57,14 @@ impl Garage {
             assert!(started.elapsed() < Duration::from_secs(30), "garage did not start");
             std::thread::sleep(Duration::from_millis(200));
         };
-        g.ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        // `node id` reads the key on disk; the RPC and S3 ports open a little later.
+        wait_listening(rpc);
+        wait_listening(s3);
+        let started = Instant::now();
+        while !g.cmd(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]).status.success() {
+            assert!(started.elapsed() < Duration::from_secs(30), "garage layout assign kept failing");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         g.ok(&["layout", "apply", "--version", "1"]);
         g.ok(&["bucket", "create", bucket]);
         let key = g.ok(&["key", "create", "cairn-test"]);
