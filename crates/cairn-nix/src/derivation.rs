@@ -400,7 +400,10 @@ impl Derivation {
                 .outputs
                 .iter()
                 .map(|(k, o)| {
-                    (k.clone(), JsonOutput { path: o.path.clone(), hash_algo: o.hash_algo.clone(), hash: o.hash.clone() })
+                    (
+                        k.clone(),
+                        JsonOutput { path: o.path.clone(), hash_algo: o.hash_algo.clone(), hash: o.hash.clone() },
+                    )
                 })
                 .collect(),
             input_srcs: self.input_srcs.clone(),
