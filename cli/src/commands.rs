@@ -15,7 +15,7 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::connect::connect;
 use crate::progress::{self, Counting};
-use crate::{Cli, Command, KeyCommand, NarCommand};
+use crate::{Cli, Command, DerivationCommand, KeyCommand, NarCommand};
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.store.settings(cli.no_auto_start)?;
@@ -197,6 +197,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 out.flush()?;
             }
+        }
+        Command::Derivation(DerivationCommand::Show { paths }) => {
+            let client = ctx.client().await?;
+            let mut all = std::collections::BTreeMap::new();
+            for p in ctx.store_paths(&paths)? {
+                if !p.ends_with(".drv") {
+                    bail!("'{p}' is not a derivation (a .drv store path)");
+                }
+                let mut r = client.cat(&p).await?;
+                let mut bytes = Vec::new();
+                r.read_to_end(&mut bytes).await?;
+                let drv = cairn_nix::derivation::Derivation::parse(&bytes).with_context(|| format!("'{p}'"))?;
+                all.insert(p, drv);
+            }
+            print!("{}", cairn_nix::derivation::show_json(&all));
         }
         Command::Cat { path } => {
             let r = ctx.client().await?.cat(&ctx.inner_path(&path)?).await?;

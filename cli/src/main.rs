@@ -217,6 +217,9 @@ pub enum Command {
     /// Signing keys for binary caches.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Derivations (`.drv` store paths).
+    #[command(subcommand)]
+    Derivation(DerivationCommand),
     /// Run the daemon in the foreground (what `cairnd` does).
     Daemon,
     /// Print the client's and the daemon's versions.
@@ -238,6 +241,15 @@ pub enum KeyCommand {
     },
     /// Print the public key of a secret key file.
     Public { secret_key_file: PathBuf },
+}
+
+#[derive(Subcommand)]
+pub enum DerivationCommand {
+    /// Print derivations as JSON, as `nix show-derivation` (Nix 2.8) prints them.
+    Show {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]

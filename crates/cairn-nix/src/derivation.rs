@@ -391,11 +391,23 @@ struct JsonDerivation {
     env: BTreeMap<String, String>,
 }
 
+/// `nix show-derivation`'s output for derivations keyed by `.drv` path: one object, printed as
+/// Nix 2.8 prints it (two-space indentation, paths and maps sorted, fields in Nix's order).
+pub fn show_json(drvs: &BTreeMap<String, Derivation>) -> String {
+    let forms: BTreeMap<&str, JsonDerivation> = drvs.iter().map(|(p, d)| (p.as_str(), d.json_form())).collect();
+    let mut out = serde_json::to_string_pretty(&forms).expect("derivations serialise");
+    out.push('\n');
+    out
+}
+
 impl Derivation {
-    /// `nix show-derivation`'s output for this derivation at `drv_path`: an object with one key,
-    /// printed as Nix 2.8 prints it (two-space indentation, maps sorted).
+    /// `nix show-derivation`'s output for this derivation at `drv_path` (see [`show_json`]).
     pub fn to_json(&self, drv_path: &str) -> String {
-        let j = JsonDerivation {
+        show_json(&BTreeMap::from([(drv_path.to_owned(), self.clone())]))
+    }
+
+    fn json_form(&self) -> JsonDerivation {
+        JsonDerivation {
             outputs: self
                 .outputs
                 .iter()
@@ -412,10 +424,7 @@ impl Derivation {
             builder: self.builder.clone(),
             args: self.args.clone(),
             env: self.env.clone(),
-        };
-        let mut out = serde_json::to_string_pretty(&BTreeMap::from([(drv_path, j)])).expect("derivations serialise");
-        out.push('\n');
-        out
+        }
     }
 
     /// Parses the JSON form: either one derivation object, or `nix show-derivation`'s output
