@@ -235,7 +235,7 @@ impl Backend {
                             format!("no data for {secs} s (stalled-download-timeout)"),
                         )
                     } else {
-                        io::Error::other(e)
+                        io::Error::other(with_causes(&e))
                     }
                 });
                 (body.boxed(), opts.stall_timeout)
