@@ -203,6 +203,7 @@ pub async fn copy_to_daemon(
     socket: &Path,
     paths: Vec<String>,
     store_dir: &StoreDir,
+    key: Option<&SecretKey>,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     let to = Client::new(socket);
@@ -228,7 +229,7 @@ pub async fn copy_to_daemon(
     }
     // Narinfos and NARs rather than an export stream, so that content addresses, signatures
     // and derivers arrive too.
-    let (stream, bytes, feed) = push_stream(from, store_dir, missing, None, progress).await?;
+    let (stream, bytes, feed) = push_stream(from, store_dir, missing, key, progress).await?;
     let answer = to.receive(body_from_reader(tokio_util::io::StreamReader::new(stream))).await;
     feed.await??;
     Ok(Copied { written: answer?.len(), skipped, bytes })

@@ -289,7 +289,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 done?
             } else if let Some(socket) = to.strip_prefix("unix://") {
                 let bar = progress::bytes("copying");
-                let done = crate::cache::copy_to_daemon(&client, Path::new(socket), paths, &store_dir, &bar).await;
+                let done =
+                    crate::cache::copy_to_daemon(&client, Path::new(socket), paths, &store_dir, key.as_ref(), &bar)
+                        .await;
                 bar.finish_and_clear();
                 done?
             } else {

@@ -752,7 +752,6 @@ fn copy_between_daemons_sends_only_what_the_other_lacks() {
 /// `copy --to unix:// --secret-key-file SK` signs what it sends, as `copy --to file://` and
 /// `tcp://` do: an untrusted user's paths then pass the target's signature check.
 #[test]
-#[ignore = "product bug: copy --to unix:// ignores --secret-key-file (cli/src/commands.rs passes no key to copy_to_daemon)"]
 fn copy_to_a_daemon_signs_with_the_given_key() {
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
