@@ -337,7 +337,8 @@ fn closures_travel_through_garage_to_cairn_and_nix() {
     // metadata service pointed at a closed port, so that no real one is asked).
     let closed = format!("http://127.0.0.1:{}", free_port());
     let zeros = "0".repeat(64);
-    let cases: Vec<(&str, Vec<(&str, &str)>, String)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String);
+    let cases: Vec<Case> = vec![
         ("wrong secret", vec![creds[0], ("AWS_SECRET_ACCESS_KEY", zeros.as_str())], url.clone()),
         ("unknown key", vec![("AWS_ACCESS_KEY_ID", "GK000000000000000000000000"), creds[1]], url.clone()),
         ("no such bucket", creds.to_vec(), url.replace(BUCKET, "no-such-bucket")),
@@ -361,4 +362,21 @@ fn closures_travel_through_garage_to_cairn_and_nix() {
     }
     garage.wait_objects(18);
     assert!(started.elapsed() < Duration::from_secs(30), "refusals took {:?}", started.elapsed());
+}
+
+/// A daemon without S3 credentials says that credentials are missing and where they come from,
+/// instead of reporting the instance metadata service it fell back to (here a closed port, as
+/// on any machine that is not a cloud instance).
+#[test]
+#[ignore = "product issue: with no AWS_ACCESS_KEY_ID the error names only 'PUT http://…/latest/api/token' (the EC2 metadata fallback)"]
+fn missing_s3_credentials_are_named() {
+    if !require_peer("garage") {
+        return;
+    }
+    let garage = Garage::start();
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let st = TestStore::builder().env("AWS_METADATA_ENDPOINT", &closed).start();
+    let some = format!("/store/{}-x", "1".repeat(32));
+    let err = one_line_failure(&st.run(&["substitute", "--from", &garage.url("", ""), &some], b""), "no credentials");
+    assert!(err.contains("AWS_ACCESS_KEY_ID") || err.contains("credentials"), "{err}");
 }
