@@ -8,6 +8,8 @@
 //! Peer tests call [`require_peer`]: where the peer is missing they skip with a message, unless
 //! `CAIRN_REQUIRE_PEERS=1` (set by `.ci/run`), where a missing peer fails the test.
 
+pub mod garage;
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -419,4 +421,22 @@ pub fn path_info_summary(json: &[u8]) -> Vec<(String, String, u64, serde_json::V
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// `path-info --json` as a map from path to the given fields (absent ones as null): what must
+/// survive a copy or a round trip through a cache.
+pub fn path_info_fields(
+    json: &[u8],
+    fields: &[&str],
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_slice(json).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let kept =
+                fields.iter().map(|f| (f.to_string(), i.get(*f).cloned().unwrap_or(serde_json::Value::Null))).collect();
+            (i["path"].as_str().unwrap().to_owned(), kept)
+        })
+        .collect()
 }

@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use cairn_e2e::{
-    bin_dir, free_port, line, path_info_summary as infos, require_peer, wait_listening, write, NixStore, Rng, TestStore,
+    bin_dir, free_port, line, path_info_fields as metadata, path_info_summary as infos, require_peer, wait_listening,
+    write, NixStore, Rng, TestStore,
 };
 use cairn_nix::hash::{Encoding, Hash, HashAlgo};
 use cairn_nix::signing::PublicKey;
@@ -139,19 +140,6 @@ fn import_input_addressed(st: &TestStore, dir: &Path, seed: u64) -> (String, Str
     let imported = st.ok_bytes(&["import"], &scratch.ok_bytes(&["export", &t, &n], b""));
     assert_eq!(String::from_utf8(imported).unwrap(), format!("{t}\n{n}\n"));
     (t, n)
-}
-
-/// `path-info --json` as a map from path to the fields that must survive a copy.
-fn metadata(json: &[u8], fields: &[&str]) -> BTreeMap<String, BTreeMap<String, Value>> {
-    let v: Value = serde_json::from_slice(json).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            let kept = fields.iter().map(|f| (f.to_string(), i.get(*f).cloned().unwrap_or(Value::Null))).collect();
-            (i["path"].as_str().unwrap().to_owned(), kept)
-        })
-        .collect()
 }
 
 const COPIED_FIELDS: &[&str] = &["narHash", "narSize", "references", "ca", "deriver"];
