@@ -213,6 +213,47 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print!("{}", cairn_nix::derivation::show_json(&all));
         }
+        Command::Derivation(DerivationCommand::Add { file }) => {
+            let text = if file.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t).context("cannot read stdin")?;
+                t
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read '{}'", file.display()))?
+            };
+            let (_, drv) = cairn_nix::derivation::Derivation::from_json(&text)
+                .map_err(|e| anyhow::anyhow!("'{}' is not a derivation in JSON: {e}", file.display()))?;
+            let infos =
+                path_infos(ctx.client().await?.query(&Request::AddDerivation { aterm: drv.to_aterm() }).await?)?;
+            for i in infos {
+                println!("{}", i.path);
+            }
+        }
+        Command::Derivation(DerivationCommand::OutputPaths { paths, json }) => {
+            let paths = ctx.store_paths(&paths)?;
+            let Response::Outputs(map) =
+                ctx.client().await?.query(&Request::DerivationOutputs { paths: paths.clone() }).await?
+            else {
+                bail!("cairnd answered derivation-outputs with something else");
+            };
+            if json {
+                print_json(&map)?;
+            } else {
+                for p in &paths {
+                    for out in map.get(p).into_iter().flat_map(|m| m.values()) {
+                        println!("{out}");
+                    }
+                }
+            }
+        }
+        Command::Realise { paths, keep_going, keep_failed, out_link, quiet, json } => {
+            crate::build::realise(&ctx, &paths, keep_going, keep_failed, out_link.as_deref(), quiet, json).await?;
+        }
+        Command::Log { path } => {
+            let p = ctx.store_path(&path)?;
+            let r = ctx.client().await?.log(&p).await?;
+            to_stdout(r, None).await?;
+        }
         Command::Cat { path } => {
             let r = ctx.client().await?.cat(&ctx.inner_path(&path)?).await?;
             to_stdout(r, None).await?;
@@ -343,13 +384,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct Ctx {
+pub(crate) struct Ctx {
     settings: Settings,
     cli_store: cairn_daemon::args::StoreArgs,
 }
 
 impl Ctx {
-    async fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn client(&self) -> anyhow::Result<Client> {
         connect(&self.settings, &self.cli_store).await
     }
 
@@ -357,7 +398,7 @@ impl Ctx {
     /// that order (as Nix's `addPermRoot`): a registered root whose link does not exist yet
     /// would be dropped as stale by a concurrent collection. Between the two steps the path is
     /// rooted by this process (the daemon keeps a client's added paths rooted while it lives).
-    async fn add_root(&self, client: &Client, link: &Path, path: &str) -> anyhow::Result<()> {
+    pub(crate) async fn add_root(&self, client: &Client, link: &Path, path: &str) -> anyhow::Result<()> {
         let link = std::path::absolute(link).with_context(|| format!("bad link '{}'", link.display()))?;
         if let Ok(m) = std::fs::symlink_metadata(&link) {
             if !m.file_type().is_symlink() {
@@ -435,7 +476,7 @@ impl Ctx {
         Some(format!("{}/{}", self.settings.store_dir, rest.split('/').next().unwrap_or(rest)))
     }
 
-    fn store_path(&self, arg: &str) -> anyhow::Result<String> {
+    pub(crate) fn store_path(&self, arg: &str) -> anyhow::Result<String> {
         self.try_store_path(arg)
             .with_context(|| format!("'{arg}' is not in the store directory '{}'", self.settings.store_dir))
     }
@@ -506,7 +547,7 @@ fn key_generate(name: &str, secret: &Path, public: &Path) -> anyhow::Result<()> 
 
 /// `LINK` for the first path, `LINK-2`, `LINK-3` … for the others (as `nix-build` names
 /// further outputs' links).
-fn numbered(link: &Path, i: usize) -> PathBuf {
+pub(crate) fn numbered(link: &Path, i: usize) -> PathBuf {
     if i == 0 {
         return link.to_owned();
     }
@@ -552,7 +593,7 @@ pub(crate) fn path_infos(resp: Response) -> anyhow::Result<Vec<PathInfo>> {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     serde_json::to_writer(&mut out, v)?;
     writeln!(out)?;

@@ -4,6 +4,7 @@
 //! what the user names (files to add, streams on stdin) and never opens the store or its
 //! database. Exit codes: 0 success, 1 failure, 2 usage error (clap's).
 
+mod build;
 mod cache;
 mod commands;
 mod connect;
@@ -214,6 +215,30 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Build derivations in the daemon's sandbox, as `nix-store --realise`: their input
+    /// derivations first, outputs already valid skipped. Prints the output paths.
+    #[command(alias = "build")]
+    Realise {
+        /// `DRV` or `DRV!out1,out2` (a `.drv` store path, or a symlink to one).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Go on building what does not need a failed build (`-k`, as Nix).
+        #[arg(short = 'k', long)]
+        keep_going: bool,
+        /// Keep the build directory of a failed build (`-K`, as Nix).
+        #[arg(short = 'K', long)]
+        keep_failed: bool,
+        /// Make this symlink to the (first) output a garbage-collector root.
+        #[arg(short = 'o', long, value_name = "LINK")]
+        out_link: Option<PathBuf>,
+        /// Do not print build logs (they are still stored: see `cairn log`).
+        #[arg(short = 'Q', long)]
+        quiet: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the log of a past build of a derivation, or of the derivation that built a path.
+    Log { path: String },
     /// Signing keys for binary caches.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -250,6 +275,20 @@ pub enum DerivationCommand {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Write a derivation given as JSON (as `derivation show` prints it, or its inner object)
+    /// into the store, as `nix derivation add`; empty output paths are computed. Prints the .drv.
+    Add {
+        /// The JSON file; `-` reads stdin.
+        file: PathBuf,
+    },
+    /// Print the output paths of derivations, computed from their inputs (as `nix-store -q
+    /// --outputs` prints them); a derivation declaring other paths than its hash gives is refused.
+    OutputPaths {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -283,6 +322,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: this process may be a build's sandbox helper.
+    cairn_build::helper::run_if_asked();
     let cli = Cli::parse();
     if let Command::Daemon = cli.command {
         return match cairn_daemon::run(&cli.store) {

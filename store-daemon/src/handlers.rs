@@ -36,6 +36,7 @@ pub struct AppState {
     pub store_dir: StoreDir,
     /// Substituters, narinfo lookups and the trust policy for substituted paths.
     pub substitution: crate::substitute::Substitution,
+    pub builder: Arc<cairn_build::Builder>,
 }
 
 type St = State<Arc<AppState>>;
@@ -52,6 +53,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::IMPORT, post(import))
         .route(routes::SUBSTITUTE, post(crate::substitute::handler))
         .route(routes::RECEIVE, post(receive))
+        .route(routes::REALISE, post(crate::build::realise))
+        .route(routes::LOG, get(crate::build::log))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))
@@ -245,6 +248,8 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         Request::Verify { check_contents, repair: _ } => {
             Response::Verify(convert::verify_result(dir, store.verify(VerifyOptions { check_contents })?))
         }
+        Request::AddDerivation { aterm } => crate::build::add_derivation(st, &aterm)?,
+        Request::DerivationOutputs { paths } => crate::build::derivation_outputs(st, &paths)?,
     };
     json_answer(&resp, size_hint(&resp))
 }

@@ -10,6 +10,7 @@
 
 pub mod args;
 mod auth;
+mod build;
 mod convert;
 mod error;
 mod handlers;

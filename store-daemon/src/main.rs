@@ -17,6 +17,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: this process may be a build's sandbox helper.
+    cairn_build::helper::run_if_asked();
     let cli = Cli::parse();
     if cli.print_config_template {
         print!("{}", cairn_api::config::TEMPLATE);

@@ -50,7 +50,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
     let substitution = crate::substitute::Substitution::from_settings(&settings)?;
     let substitution_policy = substitution.policy.clone();
-    let app = router(Arc::new(AppState { store: store.clone(), store_dir: store_dir.clone(), substitution }));
+    let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::build::build_settings(&settings)?));
+    let app = router(Arc::new(AppState { store: store.clone(), store_dir: store_dir.clone(), substitution, builder }));
     if let Some(addr) = &settings.listen {
         let keys = settings
             .secret_key_files

@@ -43,6 +43,13 @@ pub struct ConfigFile {
     pub listen: Option<String>,
     pub secret_key_files: Option<Vec<PathBuf>>,
     pub accept_pushes: Option<bool>,
+    pub max_jobs: Option<usize>,
+    pub cores: Option<usize>,
+    pub timeout: Option<u64>,
+    pub max_silent_time: Option<u64>,
+    pub sandbox_paths: Option<Vec<String>>,
+    pub build_dir: Option<PathBuf>,
+    pub build_uid_base: Option<u32>,
 }
 
 /// Why configuration could not be loaded.
@@ -144,6 +151,20 @@ pub struct Settings {
     pub secret_key_files: Vec<PathBuf>,
     /// Whether the `listen` address accepts closures pushed by other daemons (signed paths only).
     pub accept_pushes: bool,
+    /// Builds running at once.
+    pub max_jobs: usize,
+    /// `NIX_BUILD_CORES` given to builders.
+    pub cores: usize,
+    /// Seconds a build may run (0: no limit).
+    pub timeout: u64,
+    /// Seconds a build may go without output (0: no limit).
+    pub max_silent_time: u64,
+    /// Host paths visible in every sandbox: `PATH` or `INSIDE=HOST`.
+    pub sandbox_paths: Vec<String>,
+    /// Where build directories are created.
+    pub build_dir: PathBuf,
+    /// First host uid (and gid) builds run as when the daemon is root.
+    pub build_uid_base: u32,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -157,6 +178,10 @@ pub fn default_root(is_root: bool) -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     data.join("cairn/root")
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// The state directory under a root.
@@ -195,6 +220,13 @@ impl Settings {
             listen: file.listen.filter(|l| !l.is_empty()),
             secret_key_files: file.secret_key_files.unwrap_or_default(),
             accept_pushes: file.accept_pushes.unwrap_or(false),
+            max_jobs: file.max_jobs.unwrap_or_else(cpus).max(1),
+            cores: file.cores.filter(|&c| c > 0).unwrap_or_else(cpus),
+            timeout: file.timeout.unwrap_or(0),
+            max_silent_time: file.max_silent_time.unwrap_or(0),
+            sandbox_paths: file.sandbox_paths.unwrap_or_default(),
+            build_dir: file.build_dir.unwrap_or_else(std::env::temp_dir),
+            build_uid_base: file.build_uid_base.unwrap_or(30000),
         }
     }
 }
@@ -233,6 +265,13 @@ mod tests {
             "listen",
             "secret-key-files",
             "accept-pushes",
+            "max-jobs",
+            "cores",
+            "timeout",
+            "max-silent-time",
+            "sandbox-paths",
+            "build-dir",
+            "build-uid-base",
         ] {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
         }

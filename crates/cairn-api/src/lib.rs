@@ -26,6 +26,8 @@
 
 pub mod config;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// The API version this crate speaks; part of every route.
@@ -44,6 +46,11 @@ pub mod routes {
     /// A push stream (`cairn_cache::push`) from another daemon's closure; answers the added
     /// paths. Untrusted users' paths need trusted signatures.
     pub const RECEIVE: &str = "/v1/receive";
+    /// Builds derivations ([`super::RealiseRequest`]); the answer streams
+    /// [`super::RealiseEvent`]s.
+    pub const REALISE: &str = "/v1/realise";
+    /// The log of a past build of a derivation (or of the deriver of an output), as text.
+    pub const LOG: &str = "/v1/log";
 }
 
 /// Answer of `GET /v1/version`.
@@ -143,6 +150,67 @@ pub enum Request {
         #[serde(default)]
         repair: bool,
     },
+    /// Writes a derivation (its ATerm text) into the store as `nix derivation add` does: output
+    /// paths left empty are computed, given ones must match. Answered by [`Response::PathInfos`]
+    /// with the `.drv`.
+    AddDerivation { aterm: String },
+    /// The output paths of derivations, recomputed from their inputs and checked against what
+    /// they declare. Answered by [`Response::Outputs`].
+    DerivationOutputs { paths: Vec<String> },
+}
+
+/// Body of `POST /v1/realise`: derivations to build, each `DRV` or `DRV!out1,out2`. The answer
+/// is a stream of [`RealiseEvent`]s, one JSON object per line, ending with `done`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct RealiseRequest {
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub keep_going: bool,
+    #[serde(default)]
+    pub keep_failed: bool,
+}
+
+/// One line of a realisation's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum RealiseEvent {
+    /// The derivations that will be built, inputs first.
+    Plan {
+        drvs: Vec<String>,
+    },
+    Started {
+        drv: String,
+    },
+    /// One line of a build's log.
+    Log {
+        drv: String,
+        line: String,
+    },
+    Built {
+        drv: String,
+        outputs: BTreeMap<String, String>,
+    },
+    Failed {
+        drv: String,
+        message: String,
+    },
+    /// The end: each requested derivation's outputs, or why it was not realised.
+    Done {
+        results: Vec<RealiseResult>,
+    },
+    /// The realisation could not start.
+    Error(ErrorBody),
+}
+
+/// The result for one requested derivation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RealiseResult {
+    pub drv: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Body of `POST /v1/substitute`: fetch the closures of `paths` from binary caches. The answer
@@ -252,6 +320,8 @@ pub enum Response {
     Roots(Vec<RootInfo>),
     Optimise(OptimiseResult),
     Verify(VerifyResult),
+    /// Output name → path, per derivation.
+    Outputs(BTreeMap<String, BTreeMap<String, String>>),
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon

@@ -181,6 +181,17 @@ impl Client {
         Ok(reader_of(self.call_json(routes::SUBSTITUTE, req).await?.into_body()))
     }
 
+    /// Starts a realisation; its answer is a stream of JSON lines (`RealiseEvent`).
+    pub async fn realise(&self, req: &cairn_api::RealiseRequest) -> Result<impl AsyncRead + Send + Unpin> {
+        Ok(reader_of(self.call_json(routes::REALISE, req).await?.into_body()))
+    }
+
+    /// The log of a past build (of a derivation, or of the deriver of an output).
+    pub async fn log(&self, path: &str) -> Result<impl AsyncRead + Send + Unpin> {
+        let uri = format!("{}?{}", routes::LOG, query_string(&PathQuery { path: path.to_owned() })?);
+        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+    }
+
     /// Sends a push stream (narinfos and NARs); returns the paths added.
     pub async fn receive(&self, body: Body) -> Result<Vec<String>> {
         Client::json(self.call(Method::POST, routes::RECEIVE, body).await?).await

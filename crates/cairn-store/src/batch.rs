@@ -31,6 +31,8 @@ pub struct Batch {
     state: Mutex<State>,
     /// Replace the contents of valid paths instead of adding new ones (`verify --repair`).
     repair: bool,
+    /// The paths were built here: registered as `ultimate`, as Nix marks what it built.
+    built: bool,
 }
 
 struct State {
@@ -57,7 +59,13 @@ impl LocalStore {
             dir: self.temp_dir()?,
             state: Mutex::new(State { roots: self.temp.add([]), accepted: BTreeMap::new() }),
             repair: false,
+            built: false,
         })
+    }
+
+    /// Starts a batch of a build's outputs, registered as built by this store (`ultimate`).
+    pub fn build_batch(self: &Arc<Self>) -> Result<Batch> {
+        Ok(Batch { built: true, ..self.batch()? })
     }
 
     /// Starts a batch that repairs valid paths: each NAR must have the NAR hash registered for
@@ -123,7 +131,7 @@ impl Batch {
             let _ = remove_tree(&copy);
             return Err(e);
         }
-        let info = PathInfo { registration_time: now(), ultimate: false, ..info };
+        let info = PathInfo { registration_time: now(), ultimate: self.built, ..info };
         if let Some((_, old)) = self.state().accepted.insert(info.path.clone(), (info, copy)) {
             let _ = remove_tree(&old); // the same path twice: the later copy wins
         }

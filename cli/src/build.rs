@@ -1,0 +1,121 @@
+//! `cairn realise` (alias `build`): the daemon builds, this side shows its log lines as
+//! `name> line` (as Nix's new CLI does), a spinner with the count of builds, and prints the
+//! output paths.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use cairn_api::{RealiseEvent, RealiseRequest, RealiseResult};
+use tokio::io::AsyncBufReadExt;
+
+use crate::commands::{numbered, print_json, Ctx};
+use crate::progress;
+
+/// The name shown before a build's log lines: the derivation's name without hash and `.drv`.
+fn short_name(drv: &str) -> &str {
+    let base = drv.rsplit('/').next().unwrap_or(drv);
+    let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
+    name.strip_suffix(".drv").unwrap_or(name)
+}
+
+pub async fn realise(
+    ctx: &Ctx,
+    args: &[String],
+    keep_going: bool,
+    keep_failed: bool,
+    out_link: Option<&Path>,
+    quiet: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut paths = Vec::new();
+    for a in args {
+        let (p, outs) = match a.split_once('!') {
+            Some((p, o)) => (p, Some(o)),
+            None => (a.as_str(), None),
+        };
+        let p = ctx.store_path(p)?;
+        paths.push(match outs {
+            Some(o) => format!("{p}!{o}"),
+            None => p,
+        });
+    }
+    let client = ctx.client().await?;
+    let req = RealiseRequest { paths, keep_going, keep_failed };
+    let mut lines = tokio::io::BufReader::new(client.realise(&req).await?).lines();
+    let bar = progress::spinner("building");
+    let (mut total, mut done, mut running) = (0usize, 0usize, 0usize);
+    let mut end = None;
+    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
+        match serde_json::from_str::<RealiseEvent>(&line).context("cairnd sent an unreadable event")? {
+            RealiseEvent::Plan { drvs } => total = drvs.len(),
+            RealiseEvent::Started { .. } => running += 1,
+            RealiseEvent::Log { drv, line } => {
+                if !quiet {
+                    bar.suspend(|| eprintln!("{}> {line}", short_name(&drv)));
+                }
+            }
+            RealiseEvent::Built { .. } => {
+                running = running.saturating_sub(1);
+                done += 1;
+            }
+            RealiseEvent::Failed { drv, .. } => {
+                running = running.saturating_sub(1);
+                bar.suspend(|| eprintln!("cairn: build of '{drv}' failed"));
+            }
+            RealiseEvent::Error(e) => {
+                bar.finish_and_clear();
+                bail!("{}", e.message)
+            }
+            d @ RealiseEvent::Done { .. } => end = Some(d),
+        }
+        bar.set_message(format!("building {done}/{total} ({running} running)"));
+    }
+    bar.finish_and_clear();
+    let Some(RealiseEvent::Done { results }) = end else {
+        bail!("cairnd ended the build without saying how it went (see its log)")
+    };
+    if let Some(link) = out_link {
+        for (i, r) in results.iter().enumerate() {
+            for (name, path) in &r.outputs {
+                let mut l = numbered(link, i).into_os_string();
+                if name != "out" {
+                    l.push(format!("-{name}"));
+                }
+                ctx.add_root(&client, Path::new(&l), path).await?;
+            }
+        }
+    }
+    if json {
+        let v: Vec<_> = results
+            .iter()
+            .map(|r| serde_json::json!({ "drvPath": r.drv, "outputs": r.outputs, "error": r.error }))
+            .collect();
+        print_json(&v)?;
+    } else {
+        for r in &results {
+            for p in r.outputs.values() {
+                println!("{p}");
+            }
+        }
+    }
+    let failed: Vec<&RealiseResult> = results.iter().filter(|r| r.error.is_some()).collect();
+    if let Some(first) =
+        failed.iter().find(|r| !r.error.as_deref().unwrap_or("").starts_with("dependency ")).or(failed.first())
+    {
+        let more = match failed.len() - 1 {
+            0 => String::new(),
+            n => format!("\n({n} more requested derivations were not realised; --json lists them)"),
+        };
+        bail!("{}{more}", first.error.as_deref().unwrap_or_default());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_names() {
+        assert_eq!(super::short_name("/nix/store/00000000000000000000000000000000-hello-2.1.drv"), "hello-2.1");
+        assert_eq!(super::short_name("weird"), "weird");
+    }
+}

@@ -1,0 +1,184 @@
+//! Derivations read from the store, with their output paths checked.
+//!
+//! A `.drv` names its own output paths, and nothing but their computation stops a derivation
+//! from claiming someone else's path. So before a derivation is built (or its outputs reported)
+//! its output paths are recomputed — `hashDerivationModulo` over its input derivations, or the
+//! fixed hash — and a mismatch refuses it, as Nix refuses such a `.drv` when it is registered.
+//! Hashes of input derivations are memoised: a closure of many derivations sharing inputs costs
+//! one parse and one hash per derivation, computed inputs first without recursion.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use cairn_nix::derivation::{Derivation, DerivationError, OutputHashes};
+use cairn_nix::StorePath;
+use cairn_store::LocalStore;
+
+use crate::BuildError;
+
+/// Parsed derivations and their `hashDerivationModulo`, loaded on demand.
+pub struct Derivations<'s> {
+    store: &'s LocalStore,
+    parsed: HashMap<StorePath, Arc<Derivation>>,
+    modulo: HashMap<StorePath, OutputHashes>,
+    checked: HashMap<StorePath, BTreeMap<String, StorePath>>,
+}
+
+impl<'s> Derivations<'s> {
+    pub fn new(store: &'s LocalStore) -> Self {
+        Derivations { store, parsed: HashMap::new(), modulo: HashMap::new(), checked: HashMap::new() }
+    }
+
+    fn display(&self, p: &StorePath) -> String {
+        self.store.store_dir().display(p)
+    }
+
+    /// A derivation of the store (it must be valid).
+    pub fn load(&mut self, path: &StorePath) -> Result<Arc<Derivation>, BuildError> {
+        if let Some(d) = self.parsed.get(path) {
+            return Ok(d.clone());
+        }
+        if !path.name().ends_with(".drv") {
+            return Err(BuildError::NotDerivation(self.display(path)));
+        }
+        let _root = self.store.temp_root([path.clone()]);
+        if !self.store.is_valid(path)? {
+            return Err(BuildError::NotValid(self.display(path)));
+        }
+        let real = self.store.real_path(path);
+        let bytes = std::fs::read(&real).map_err(|source| BuildError::Io {
+            op: "read derivation",
+            path: self.display(path),
+            source,
+        })?;
+        let drv = Derivation::parse(&bytes)
+            .map_err(|source| BuildError::BadDerivation { path: self.display(path), source })?;
+        let drv = Arc::new(drv);
+        self.parsed.insert(path.clone(), drv.clone());
+        Ok(drv)
+    }
+
+    fn parse_input(&self, s: &str) -> Result<StorePath, BuildError> {
+        self.store
+            .store_dir()
+            .parse(s)
+            .map_err(|e| BuildError::BadDerivation { path: s.to_owned(), source: DerivationError::from(e) })
+    }
+
+    /// `hashDerivationModulo(drv, maskOutputs = false)`, the hash inputs contribute to their
+    /// dependents.
+    fn modulo(&mut self, path: &StorePath) -> Result<OutputHashes, BuildError> {
+        // Post-order without recursion: a chain of thousands of derivations is fine.
+        let mut stack: Vec<(StorePath, bool)> = vec![(path.clone(), false)];
+        while let Some((p, inputs_done)) = stack.pop() {
+            if self.modulo.contains_key(&p) {
+                continue;
+            }
+            let drv = self.load(&p)?;
+            if !inputs_done {
+                stack.push((p.clone(), true));
+                for input in drv.input_drvs.keys() {
+                    let ip = self.parse_input(input)?;
+                    if !self.modulo.contains_key(&ip) {
+                        stack.push((ip, false));
+                    }
+                }
+                continue;
+            }
+            let h = self.hash_with_memo(&drv, false)?;
+            self.modulo.insert(p, h);
+        }
+        Ok(self.modulo[path].clone())
+    }
+
+    fn hash_with_memo(&mut self, drv: &Derivation, mask: bool) -> Result<OutputHashes, BuildError> {
+        let dir = self.store.store_dir().clone();
+        let memo = &self.modulo;
+        drv.hash_modulo::<BuildError>(mask, &mut |p: &str| {
+            let sp = dir.parse(p).map_err(DerivationError::from)?;
+            memo.get(&sp)
+                .cloned()
+                .ok_or_else(|| DerivationError::MissingInputOutput(p.to_owned(), String::new()).into())
+        })
+    }
+
+    /// The derivation's output paths, recomputed and compared with what it declares.
+    pub fn outputs(&mut self, path: &StorePath) -> Result<BTreeMap<String, StorePath>, BuildError> {
+        if let Some(o) = self.checked.get(path) {
+            return Ok(o.clone());
+        }
+        let drv = self.load(path)?;
+        for input in drv.input_drvs.keys() {
+            let ip = self.parse_input(input)?;
+            self.modulo(&ip)?;
+        }
+        let dir = self.store.store_dir().clone();
+        let memo = &self.modulo;
+        let computed = drv.output_paths::<BuildError>(&dir, &mut |p: &str| {
+            let sp = dir.parse(p).map_err(DerivationError::from)?;
+            memo.get(&sp)
+                .cloned()
+                .ok_or_else(|| DerivationError::MissingInputOutput(p.to_owned(), String::new()).into())
+        })?;
+        for (name, out) in &drv.outputs {
+            let want = computed.get(name).map(|p| dir.display(p)).unwrap_or_default();
+            if out.path != want {
+                return Err(BuildError::WrongOutputPath {
+                    drv: self.display(path),
+                    output: name.clone(),
+                    declared: out.path.clone(),
+                    computed: want,
+                });
+            }
+        }
+        self.checked.insert(path.clone(), computed.clone());
+        Ok(computed)
+    }
+
+    /// Fills in the output paths a new derivation leaves empty (and the environment variables
+    /// named after its outputs, when empty), as Nix does when it writes a derivation, and checks
+    /// the ones it gives. Its input derivations must be valid.
+    pub fn complete(&mut self, drv: &mut Derivation) -> Result<(), BuildError> {
+        let name = drv.name()?.to_owned();
+        // Every output is named in the environment (as `derivation` does), before hashing: the
+        // hash covers the (masked) variables.
+        for out in drv.outputs.keys() {
+            drv.env.entry(out.clone()).or_default();
+        }
+        for input in drv.input_drvs.keys() {
+            let ip = self.parse_input(input)?;
+            self.modulo(&ip)?;
+        }
+        let dir = self.store.store_dir().clone();
+        let memo = &self.modulo;
+        let computed = drv.output_paths::<BuildError>(&dir, &mut |p: &str| {
+            let sp = dir.parse(p).map_err(DerivationError::from)?;
+            memo.get(&sp)
+                .cloned()
+                .ok_or_else(|| DerivationError::MissingInputOutput(p.to_owned(), String::new()).into())
+        })?;
+        for (out, o) in drv.outputs.iter_mut() {
+            let want = computed.get(out).map(|p| dir.display(p)).unwrap_or_default();
+            if o.path.is_empty() {
+                o.path = want.clone();
+            } else if o.path != want {
+                return Err(BuildError::WrongOutputPath {
+                    drv: format!("{name}.drv"),
+                    output: out.clone(),
+                    declared: o.path.clone(),
+                    computed: want,
+                });
+            }
+            let v = drv.env.get_mut(out).expect("inserted above");
+            if v.is_empty() {
+                *v = want;
+            }
+        }
+        Ok(())
+    }
+
+    /// The input derivations of `drv` with the outputs it needs of each.
+    pub fn inputs(&mut self, drv: &Derivation) -> Result<Vec<(StorePath, Vec<String>)>, BuildError> {
+        drv.input_drvs.iter().map(|(p, outs)| Ok((self.parse_input(p)?, outs.iter().cloned().collect()))).collect()
+    }
+}

@@ -1,0 +1,137 @@
+//! The sandbox helper: a fresh, single-threaded process that becomes the build's sandbox.
+//!
+//! The daemon is multi-threaded, and a multi-threaded process can neither `unshare` a user
+//! namespace nor safely do much after `fork`. So the daemon starts its own executable again with
+//! [`HELPER_ARG`] ([`run_if_asked`] is the first thing both `cairnd` and `cairn` do), and the
+//! helper, alone in its process, does the work:
+//!
+//! 1. reads the [`SandboxSpec`] (one JSON line on stdin);
+//! 2. unshares a user namespace and says `userns` on stdout; the daemon, outside, writes its
+//!    `uid_map`/`gid_map` (the sandbox's uid 1000 and gid 100 map to the build user) and answers
+//!    `go` — only a process in the parent namespace may map ids other than its own;
+//! 3. unshares the mount, PID, IPC, UTS and (unless fixed-output) network namespaces and makes
+//!    the mounts ([`crate::sys::isolate`]);
+//! 4. forks the sandbox's PID 1, says `pid N`, waits for it and exits with its status (128 +
+//!    signal if killed). PID 1 mounts `/proc`, enters the root, drops to the build user, sets
+//!    `no_new_privs` and a parent-death signal, and executes the builder with stdout and stderr
+//!    on the helper's stderr, which is the build log. When PID 1 ends, the kernel kills whatever
+//!    else runs in the namespace: a builder cannot leave processes behind.
+//!
+//! Any failure is reported as `error MESSAGE` on stdout before exiting.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, Write};
+use std::os::unix::process::CommandExt;
+
+use crate::sandbox::SandboxSpec;
+use crate::sys::{self, Linux};
+
+/// The first argument that makes `cairnd` or `cairn` the sandbox helper.
+pub const HELPER_ARG: &str = "__cairn-sandbox";
+
+/// Exit status of a helper that failed before the builder ran.
+pub const SETUP_FAILED: i32 = 126;
+
+/// Runs the helper and exits if this process was started as one; returns otherwise. Call it
+/// first in `main`, before any thread exists.
+pub fn run_if_asked() {
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(HELPER_ARG)) {
+        std::process::exit(main());
+    }
+}
+
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn fail(message: impl std::fmt::Display) -> i32 {
+    say(&format!("error {}", message.to_string().replace('\n', " ")));
+    SETUP_FAILED
+}
+
+fn main() -> i32 {
+    let mut stdin = io::stdin().lock();
+    let mut line = String::new();
+    if let Err(e) = stdin.read_line(&mut line) {
+        return fail(format_args!("read the sandbox spec: {e}"));
+    }
+    let spec: SandboxSpec = match serde_json::from_str(&line) {
+        Ok(s) => s,
+        Err(e) => return fail(format_args!("bad sandbox spec: {e}")),
+    };
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER) {
+        return fail(format_args!("unshare a user namespace: {e} (are unprivileged user namespaces disabled?)"));
+    }
+    say("userns");
+    line.clear();
+    match stdin.read_line(&mut line) {
+        Ok(_) if line.trim() == "go" => {}
+        _ => return fail("the daemon did not map the user namespace"),
+    }
+    if let Err(e) = sys::isolate(&spec, &mut Linux) {
+        return fail(e);
+    }
+    // SAFETY: this process has a single thread (it is the helper, started for this and running
+    // nothing else), so the child cannot inherit a lock held by another thread.
+    #[allow(unsafe_code)]
+    let forked = unsafe { nix::unistd::fork() };
+    match forked {
+        Err(e) => fail(format_args!("fork the sandbox's init: {e}")),
+        Ok(nix::unistd::ForkResult::Child) => {
+            let e = become_builder(&spec);
+            std::process::exit(fail(e));
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            say(&format!("pid {child}"));
+            wait(child)
+        }
+    }
+}
+
+fn wait(child: nix::unistd::Pid) -> i32 {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return fail(format_args!("wait for the builder: {e}")),
+        }
+    }
+}
+
+/// PID 1 of the sandbox: only returns on failure.
+fn become_builder(spec: &SandboxSpec) -> String {
+    if let Err(e) = sys::enter(spec, &mut Linux) {
+        return e.to_string();
+    }
+    let null = match std::fs::File::open("/dev/null") {
+        Ok(f) => f,
+        Err(e) => return format!("open /dev/null in the sandbox: {e}"),
+    };
+    if let Err(e) = nix::unistd::dup2_stdin(&null) {
+        return format!("redirect stdin: {e}");
+    }
+    // The builder writes its log to stderr; stdout (the control channel so far) joins it.
+    if let Err(e) = nix::unistd::dup2_stdout(io::stderr()) {
+        return format!("redirect stdout: {e}");
+    }
+    // Set last: changing ids clears it.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        return format!("set the parent-death signal: {e}");
+    }
+    let argv0: OsString = std::path::Path::new(&spec.builder)
+        .file_name()
+        .map(|n| n.to_owned())
+        .unwrap_or_else(|| spec.builder.clone().into());
+    let e = std::process::Command::new(&spec.builder)
+        .arg0(argv0)
+        .args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .exec();
+    format!("executing builder '{}': {e}", spec.builder)
+}

@@ -1,0 +1,72 @@
+//! cairn's builder: derivations realised in Linux namespaces, output-identical to Nix.
+//!
+//! Layers, from pure to effectful: [`sandbox`] describes a build's sandbox as a value (what is
+//! mounted where, the builder's environment, the files of its root); [`sys`] applies that value
+//! through a trait of system calls (tested without root by a recorder); [`helper`] is the
+//! single-threaded process that enters the namespaces; [`runner`] is the daemon's side of one
+//! run (id maps, log lines, timeouts); [`outputs`] hashes, scans and checks what a build
+//! produced; [`derivations`] reads `.drv`s from the store and checks their output paths;
+//! [`realise`] schedules builds and registers their outputs; [`logs`] keeps build logs.
+//!
+//! **Architecture Invariant:** builders never see the store or the database: only their input
+//! closure, bind-mounted read-only, and an empty directory for their outputs. Outputs enter the
+//! store only through `cairn-store`'s batch, as NARs whose hash was computed here.
+
+pub mod derivations;
+pub mod helper;
+pub mod logs;
+pub mod outputs;
+pub mod realise;
+pub mod root;
+pub mod runner;
+pub mod sandbox;
+pub mod sys;
+
+pub use logs::LogStore;
+pub use realise::{BuildSettings, Builder, Event, Goal, Options, Outcome};
+
+use cairn_nix::derivation::DerivationError;
+use cairn_store::StoreError;
+
+/// Why a realisation could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("'{0}' is not a derivation (a .drv store path)")]
+    NotDerivation(String),
+    #[error("derivation '{0}' is not valid in this store (add it with `cairn derivation add` or `cairn import`)")]
+    NotValid(String),
+    #[error("derivation '{path}': {source}")]
+    BadDerivation {
+        path: String,
+        #[source]
+        source: DerivationError,
+    },
+    #[error("derivation '{drv}' has no output '{output}'")]
+    UnknownOutput { drv: String, output: String },
+    #[error(
+        "derivation '{drv}' declares output '{output}' at '{declared}', but its hash puts it at '{computed}'; \
+         refusing a derivation that claims another path"
+    )]
+    WrongOutputPath { drv: String, output: String, declared: String, computed: String },
+    #[error("input '{path}' of derivation '{drv}' is not valid (substitute or add it first)")]
+    InputNotValid { drv: String, path: String },
+    #[error(transparent)]
+    Plan(#[from] sandbox::PlanError),
+    #[error("{op} '{path}': {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<DerivationError> for BuildError {
+    fn from(source: DerivationError) -> Self {
+        BuildError::BadDerivation { path: String::new(), source }
+    }
+}

@@ -1,0 +1,569 @@
+//! Realising derivations: which ones need building, in what order, and one build from start to
+//! registration.
+//!
+//! [`Builder::realise`] walks the requested derivations and their input derivations, keeps those
+//! with an output that is not valid, and runs them as their inputs finish — as many at once as
+//! `max-jobs` allows, across all requests (a semaphore the whole daemon shares). A build whose
+//! inputs failed is not started. Without `keep_going`, the first failure stops new builds from
+//! starting; builds already running finish.
+//!
+//! One build ([`Builder::build`]): temporary roots on its input closure and outputs; a build
+//! directory `<build-dir>/cairn-build-<name>-<n>/` holding the sandbox root; the log kept
+//! compressed and streamed as events; then each output is serialised, hashed, scanned and checked
+//! ([`crate::outputs`]) and the outputs are registered together in one batch, with the
+//! derivation as deriver. Nothing of a failed build is registered. Two requests for the same
+//! derivation build it once: the second waits for the first, then finds its outputs valid.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_nix::derivation::Derivation;
+use cairn_nix::StorePath;
+use cairn_store::{Direction, LocalStore, PathInfo, StoreError};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::derivations::Derivations;
+use crate::logs::LogStore;
+use crate::outputs::{collect, Expect};
+use crate::runner::{run, RunEnd, RunLimits};
+use crate::sandbox::{plan, under, BuildInput};
+use crate::BuildError;
+
+/// How many log lines a failure message quotes, as Nix does.
+const TAIL_LINES: usize = 10;
+
+/// The builder's configuration.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// Builds running at once, across all requests.
+    pub max_jobs: usize,
+    /// `NIX_BUILD_CORES`.
+    pub cores: usize,
+    pub timeout: Option<Duration>,
+    pub max_silent: Option<Duration>,
+    /// (path inside the sandbox, host path).
+    pub sandbox_paths: Vec<(String, PathBuf)>,
+    /// Where build directories are created.
+    pub build_dir: PathBuf,
+    /// When the daemon runs as root, builds run as host uids (and gids) `base`, `base + 1`, …
+    /// (one per concurrent build). Otherwise as the daemon's own user, mapped.
+    pub build_uid_base: u32,
+    /// The executable started as the sandbox helper (cairnd or cairn itself).
+    pub helper: PathBuf,
+    pub logs: LogStore,
+}
+
+/// One derivation to realise, with the outputs wanted (all if `None`).
+#[derive(Debug, Clone)]
+pub struct Goal {
+    pub drv: StorePath,
+    pub outputs: Option<BTreeSet<String>>,
+}
+
+/// Per-request options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Go on with other builds after one fails.
+    pub keep_going: bool,
+    /// Keep the build directory of a failed build.
+    pub keep_failed: bool,
+}
+
+/// What a realisation reports while it runs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The derivations to build, before any starts.
+    Plan {
+        drvs: Vec<StorePath>,
+    },
+    Started {
+        drv: StorePath,
+    },
+    /// One line of a build's log (without its newline).
+    Log {
+        drv: StorePath,
+        line: Vec<u8>,
+    },
+    Built {
+        drv: StorePath,
+        outputs: BTreeMap<String, StorePath>,
+    },
+    Failed {
+        drv: StorePath,
+        message: String,
+    },
+}
+
+/// A goal's wanted outputs, or why it could not be realised.
+pub type GoalResult = Result<BTreeMap<String, StorePath>, String>;
+
+/// The result of each goal.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub results: Vec<(StorePath, GoalResult)>,
+    /// Derivations built by this request.
+    pub built: Vec<StorePath>,
+}
+
+/// Builds derivations into a store. One per daemon.
+pub struct Builder {
+    store: Arc<LocalStore>,
+    settings: BuildSettings,
+    jobs: Semaphore,
+    /// Host uids free for builds (root daemons only).
+    uids: Mutex<Vec<u32>>,
+    /// Derivations being built, so that concurrent requests build each once.
+    building: Mutex<HashMap<StorePath, Arc<tokio::sync::Mutex<()>>>>,
+    counter: AtomicU64,
+}
+
+/// A derivation scheduled in one request.
+struct Node {
+    drv: Arc<Derivation>,
+    outputs: BTreeMap<String, StorePath>,
+    /// Input paths of the sandbox: input sources and the needed outputs of input derivations.
+    inputs: Vec<StorePath>,
+    /// Input derivations that must be built first.
+    deps: Vec<StorePath>,
+}
+
+impl Builder {
+    pub fn new(store: Arc<LocalStore>, settings: BuildSettings) -> Builder {
+        let jobs = settings.max_jobs.max(1);
+        let uids = (0..jobs as u32).rev().map(|i| settings.build_uid_base + i).collect();
+        Builder {
+            store,
+            settings,
+            jobs: Semaphore::new(jobs),
+            uids: Mutex::new(uids),
+            building: Mutex::new(HashMap::new()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    pub fn logs(&self) -> &LogStore {
+        &self.settings.logs
+    }
+
+    /// Realises `goals`; `events` gets progress and log lines. Errors are for requests that
+    /// cannot start (a goal that is not a valid derivation, a wrong output path); a failed build
+    /// is reported in the outcome.
+    pub async fn realise(
+        self: &Arc<Self>,
+        goals: Vec<Goal>,
+        options: Options,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Outcome, BuildError> {
+        let this = self.clone();
+        let goals2 = goals.clone();
+        let (nodes, order) = tokio::task::spawn_blocking(move || this.plan(&goals2))
+            .await
+            .map_err(|e| BuildError::Internal(e.to_string()))??;
+        let _ = events.send(Event::Plan { drvs: order.clone() });
+
+        let mut remaining: HashMap<StorePath, usize> = HashMap::new();
+        let mut dependents: HashMap<StorePath, Vec<StorePath>> = HashMap::new();
+        for p in &order {
+            let n = &nodes[p];
+            remaining.insert(p.clone(), n.deps.len());
+            for d in &n.deps {
+                dependents.entry(d.clone()).or_default().push(p.clone());
+            }
+        }
+        let nodes = Arc::new(nodes);
+        let mut failed: HashMap<StorePath, String> = HashMap::new();
+        let mut built = Vec::new();
+        let mut stopped = false;
+        let mut set = tokio::task::JoinSet::new();
+        let spawn = |set: &mut tokio::task::JoinSet<_>, p: StorePath| {
+            let this = self.clone();
+            let nodes = nodes.clone();
+            let events = events.clone();
+            set.spawn(async move {
+                let r = this.build(&p, &nodes[&p], options, &events).await;
+                (p, r)
+            });
+        };
+        let mut ready: VecDeque<StorePath> = order.iter().filter(|p| remaining[*p] == 0).cloned().collect();
+        while let Some(p) = ready.pop_front() {
+            spawn(&mut set, p);
+        }
+        while let Some(joined) = set.join_next().await {
+            let (p, r) = joined.map_err(|e| BuildError::Internal(e.to_string()))?;
+            match r {
+                Ok(outputs) => {
+                    built.push(p.clone());
+                    let _ = events.send(Event::Built { drv: p.clone(), outputs });
+                    for d in dependents.get(&p).into_iter().flatten() {
+                        let left = remaining.get_mut(d).expect("scheduled");
+                        *left -= 1;
+                        if *left == 0 && !stopped && !failed.contains_key(d) {
+                            spawn(&mut set, d.clone());
+                        }
+                    }
+                }
+                Err(message) => {
+                    let _ = events.send(Event::Failed { drv: p.clone(), message: message.clone() });
+                    failed.insert(p.clone(), message);
+                    stopped |= !options.keep_going;
+                    // Everything that needs it fails too.
+                    let mut queue: Vec<StorePath> = dependents.get(&p).cloned().unwrap_or_default();
+                    while let Some(d) = queue.pop() {
+                        if failed.contains_key(&d) {
+                            continue;
+                        }
+                        let dep = self.store.store_dir().display(&p);
+                        failed.insert(d.clone(), format!("dependency '{dep}' failed"));
+                        queue.extend(dependents.get(&d).cloned().unwrap_or_default());
+                    }
+                }
+            }
+        }
+
+        let mut results = Vec::new();
+        for g in &goals {
+            let r = match failed.get(&g.drv) {
+                Some(m) => Err(m.clone()),
+                None if stopped && nodes.contains_key(&g.drv) && !built.contains(&g.drv) => {
+                    Err("not built: another build failed (use --keep-going to build everything possible)".to_owned())
+                }
+                None => self.wanted_outputs(g, &nodes).await,
+            };
+            results.push((g.drv.clone(), r));
+        }
+        Ok(Outcome { results, built })
+    }
+
+    /// The wanted outputs of a goal, which must be valid now.
+    async fn wanted_outputs(
+        self: &Arc<Self>,
+        g: &Goal,
+        nodes: &HashMap<StorePath, Node>,
+    ) -> Result<BTreeMap<String, StorePath>, String> {
+        let all = match nodes.get(&g.drv) {
+            Some(n) => n.outputs.clone(),
+            None => {
+                let this = self.clone();
+                let drv = g.drv.clone();
+                tokio::task::spawn_blocking(move || Derivations::new(&this.store).outputs(&drv))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        let dir = self.store.store_dir();
+        let mut out = BTreeMap::new();
+        for (name, p) in all {
+            if g.outputs.as_ref().is_some_and(|w| !w.contains(&name)) {
+                continue;
+            }
+            if !self.store.is_valid(&p).map_err(|e| e.to_string())? {
+                return Err(format!("output '{name}' ({}) is not valid", dir.display(&p)));
+            }
+            out.insert(name, p);
+        }
+        Ok(out)
+    }
+
+    /// The derivations to build for `goals`, each with its inputs, in an order where inputs
+    /// come first.
+    fn plan(&self, goals: &[Goal]) -> Result<(HashMap<StorePath, Node>, Vec<StorePath>), BuildError> {
+        let mut drvs = Derivations::new(&self.store);
+        for g in goals {
+            let d = drvs.load(&g.drv)?;
+            for o in g.outputs.iter().flatten() {
+                if !d.outputs.contains_key(o) {
+                    return Err(BuildError::UnknownOutput {
+                        drv: self.store.store_dir().display(&g.drv),
+                        output: o.clone(),
+                    });
+                }
+            }
+        }
+        let mut nodes: HashMap<StorePath, Node> = HashMap::new();
+        let mut needed: HashMap<StorePath, bool> = HashMap::new();
+        let mut order = Vec::new();
+        // Post-order walk; a derivation needs building if one of its outputs is not valid.
+        let mut stack: Vec<(StorePath, bool)> = goals.iter().rev().map(|g| (g.drv.clone(), false)).collect();
+        while let Some((p, inputs_done)) = stack.pop() {
+            if needed.contains_key(&p) {
+                continue;
+            }
+            let drv = drvs.load(&p)?;
+            let outputs = drvs.outputs(&p)?;
+            let mut missing = false;
+            for o in outputs.values() {
+                if !self.store.is_valid(o)? {
+                    missing = true;
+                    break;
+                }
+            }
+            if !missing {
+                needed.insert(p, false);
+                continue;
+            }
+            let inputs = drvs.inputs(&drv)?;
+            if !inputs_done {
+                stack.push((p.clone(), true));
+                for (ip, _) in &inputs {
+                    if !needed.contains_key(ip) {
+                        stack.push((ip.clone(), false));
+                    }
+                }
+                continue;
+            }
+            let mut input_paths = Vec::new();
+            let mut deps = Vec::new();
+            for (ip, outs) in &inputs {
+                let ip_outputs = drvs.outputs(ip)?;
+                for o in outs {
+                    let path = ip_outputs.get(o).ok_or_else(|| BuildError::UnknownOutput {
+                        drv: self.store.store_dir().display(ip),
+                        output: o.clone(),
+                    })?;
+                    input_paths.push(path.clone());
+                }
+                if needed[ip] {
+                    deps.push(ip.clone());
+                }
+            }
+            for src in &drv.input_srcs {
+                let sp = self.store.store_dir().parse(src).map_err(|e| BuildError::BadDerivation {
+                    path: self.store.store_dir().display(&p),
+                    source: e.into(),
+                })?;
+                if !self.store.is_valid(&sp)? {
+                    return Err(BuildError::InputNotValid {
+                        drv: self.store.store_dir().display(&p),
+                        path: src.clone(),
+                    });
+                }
+                input_paths.push(sp);
+            }
+            needed.insert(p.clone(), true);
+            order.push(p.clone());
+            nodes.insert(p, Node { drv, outputs, inputs: input_paths, deps });
+        }
+        Ok((nodes, order))
+    }
+
+    /// Builds one derivation whose inputs are valid; the error is the message to report.
+    async fn build(
+        self: &Arc<Self>,
+        drv_path: &StorePath,
+        node: &Node,
+        options: Options,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> Result<BTreeMap<String, StorePath>, String> {
+        let store = &self.store;
+        let dir = store.store_dir().clone();
+        let shown = dir.display(drv_path);
+        let once = {
+            let mut b = self.building.lock().expect("building map poisoned");
+            b.entry(drv_path.clone()).or_default().clone()
+        };
+        let _once = once.lock().await;
+        let all_valid = node.outputs.values().try_fold(true, |acc, p| store.is_valid(p).map(|v| acc && v));
+        if all_valid.map_err(|e| e.to_string())? {
+            return Ok(node.outputs.clone());
+        }
+        let _job = self.jobs.acquire().await.map_err(|e| e.to_string())?;
+        let uid_slot = UidSlot::take(self);
+        if nix::unistd::geteuid().is_root() && uid_slot.uid.is_none() {
+            return Err("no build uid is free (more builds than max-jobs?)".to_owned());
+        }
+
+        let this = self.clone();
+        let inputs = node.inputs.clone();
+        let outputs = node.outputs.clone();
+        let drv = node.drv.clone();
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = drv_path.name().trim_end_matches(".drv").to_owned();
+        let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
+        let host_ids = uid_slot.ids();
+        let prepared = {
+            let top = top.clone();
+            tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids))
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        let (spec, closure, _roots) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = crate::root::remove(&top);
+                return Err(format!("cannot build '{shown}': {e}"));
+            }
+        };
+
+        let _ = events.send(Event::Started { drv: drv_path.clone() });
+        let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
+        let mut tail: VecDeque<String> = VecDeque::new();
+        let limits = RunLimits { timeout: self.settings.timeout, max_silent: self.settings.max_silent };
+        let (uid, gid) = host_ids.unwrap_or_else(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()));
+        let ended = run(&self.settings.helper, &spec, uid, gid, limits, |line| {
+            let _ = log.line(line);
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(String::from_utf8_lossy(line).into_owned());
+            let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.to_vec() });
+        })
+        .await;
+        if let Err(e) = log.finish() {
+            tracing::warn!("cannot keep the log of {shown}: {e}");
+        }
+        drop(uid_slot);
+        let failure = match ended {
+            Err(e) => Some(format!("cannot run the builder of '{shown}': {e}")),
+            Ok(RunEnd::Exited(0)) => None,
+            Ok(RunEnd::Exited(code)) => {
+                Some(with_tail(format!("builder for '{shown}' failed with exit code {code}"), &tail))
+            }
+            Ok(RunEnd::SetupFailed(e)) => Some(format!("cannot set up the sandbox for '{shown}': {e}")),
+            Ok(RunEnd::TimedOut(t)) => Some(format!("building '{shown}' timed out after {} seconds", t.as_secs())),
+            Ok(RunEnd::Silent(t)) => Some(format!("'{shown}' timed out after {} seconds of silence", t.as_secs())),
+        };
+        let result = match failure {
+            Some(m) => Err(m),
+            None => {
+                let this = self.clone();
+                let drv_path = drv_path.clone();
+                let node_drv = node.drv.clone();
+                let outputs = node.outputs.clone();
+                let top2 = top.clone();
+                tokio::task::spawn_blocking(move || this.register(&drv_path, &node_drv, &outputs, &closure, &top2))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+            }
+        };
+        let keep = result.is_err() && options.keep_failed;
+        let top2 = top.clone();
+        let removed = tokio::task::spawn_blocking(move || if keep { Ok(()) } else { crate::root::remove(&top2) }).await;
+        if let Ok(Err(e)) = removed {
+            tracing::warn!("cannot remove build directory '{}': {e}", top.display());
+        }
+        match result {
+            Err(m) if keep => Err(format!("{m}\nnote: keeping build directory '{}'", top.join("root/build").display())),
+            other => other,
+        }
+    }
+
+    /// Creates the build directory and the sandbox root; returns the spec, the input closure,
+    /// and the temporary roots that keep the closure and the outputs alive.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        drv: &Derivation,
+        inputs: &[StorePath],
+        outputs: &BTreeMap<String, StorePath>,
+        top: &Path,
+        host_ids: Option<(u32, u32)>,
+    ) -> Result<(crate::sandbox::SandboxSpec, Vec<StorePath>, cairn_store::TempRootGuard), BuildError> {
+        let roots = self.store.temp_root(inputs.iter().chain(outputs.values()).cloned());
+        let closure = self.store.walk(inputs, Direction::References)?;
+        let root = top.join("root");
+        let (skeleton, spec) = plan(&BuildInput {
+            store_dir: self.store.store_dir(),
+            real_store_dir: &self.store.layout().real_store_dir,
+            drv,
+            outputs,
+            inputs: &closure,
+            sandbox_paths: &self.settings.sandbox_paths,
+            cores: self.settings.cores,
+            root: &root,
+        })?;
+        let io = |source| BuildError::Io { op: "create build directory", path: top.display().to_string(), source };
+        std::fs::create_dir(top).map_err(io)?;
+        std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
+        crate::root::create(&root, &skeleton, host_ids).map_err(io)?;
+        Ok((spec, closure, roots))
+    }
+
+    /// Collects, checks and registers the outputs of a successful build.
+    fn register(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        outputs: &BTreeMap<String, StorePath>,
+        closure: &[StorePath],
+        top: &Path,
+    ) -> Result<BTreeMap<String, StorePath>, String> {
+        let dir = self.store.store_dir();
+        let shown = dir.display(drv_path);
+        let candidates: BTreeMap<String, StorePath> =
+            closure.iter().chain(outputs.values()).map(|p| (p.hash_part().to_owned(), p.clone())).collect();
+        let fixed = drv.fixed_output().map_err(|e| e.to_string())?;
+        let batch = self.store.build_batch().map_err(|e| e.to_string())?;
+        for (name, path) in outputs {
+            let display = dir.display(path);
+            let host = under(&top.join("root"), &display);
+            let expect = Expect { drv: &shown, output: name, path, display: &display, fixed: fixed.clone() };
+            let c = collect(&host, &expect, &candidates, top).map_err(|e| e.to_string())?;
+            let info = PathInfo {
+                path: c.path.clone(),
+                nar_hash: c.nar_hash,
+                nar_size: c.nar_size,
+                references: c.references,
+                deriver: Some(drv_path.clone()),
+                registration_time: 0,
+                ultimate: true,
+                signatures: BTreeSet::new(),
+                ca: c.ca,
+            };
+            let reader = c.nar.into_reader().map_err(|e| format!("reading output '{display}': {e}"))?;
+            batch
+                .add_nar_with_info::<_, StoreError>(info, reader, |_| Ok(()))
+                .map_err(|e| format!("cannot register output '{display}': {e}"))?;
+        }
+        let committed = batch.commit().map_err(|e| format!("cannot register the outputs of '{shown}': {e}"))?;
+        if let Some((p, missing)) = committed.incomplete.first() {
+            return Err(format!(
+                "cannot register '{}': its reference '{}' is not valid",
+                dir.display(p),
+                dir.display(missing)
+            ));
+        }
+        Ok(outputs.clone())
+    }
+}
+
+fn with_tail(mut message: String, tail: &VecDeque<String>) -> String {
+    if !tail.is_empty() {
+        message.push_str(&format!(";\nlast {} log lines:", tail.len()));
+        for l in tail {
+            message.push_str("\n> ");
+            message.push_str(l);
+        }
+    }
+    message
+}
+
+/// A host uid (and gid of the same number) lent to one build, when the daemon is root.
+struct UidSlot<'a> {
+    builder: &'a Builder,
+    uid: Option<u32>,
+}
+
+impl<'a> UidSlot<'a> {
+    fn take(builder: &'a Builder) -> UidSlot<'a> {
+        let uid =
+            if nix::unistd::geteuid().is_root() { builder.uids.lock().expect("uid pool poisoned").pop() } else { None };
+        UidSlot { builder, uid }
+    }
+
+    fn ids(&self) -> Option<(u32, u32)> {
+        self.uid.map(|u| (u, u))
+    }
+}
+
+impl Drop for UidSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(u) = self.uid.take() {
+            self.builder.uids.lock().expect("uid pool poisoned").push(u);
+        }
+    }
+}

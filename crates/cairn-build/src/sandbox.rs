@@ -1,0 +1,434 @@
+//! What a build's sandbox holds, as a pure value.
+//!
+//! A build sees a private root: the input closure bind-mounted read-only at its store paths,
+//! an empty writable store directory where the outputs appear, `/build` (its working and
+//! temporary directory), a minimal `/dev`, a fresh `/proc`, `/etc/passwd`, `/etc/group` and
+//! `/etc/hosts` as Nix 2.8 writes them, and the configured `sandbox-paths`. [`plan`] computes all
+//! of that — files to create, mounts to make, the builder's environment — without touching the
+//! system, so that it can be tested and read apart from the code that applies it
+//! ([`crate::sys`]). The daemon creates the [`Skeleton`] on disk (as itself, outside any
+//! namespace); the sandbox helper applies the [`SandboxSpec`] inside the namespaces.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cairn_nix::derivation::Derivation;
+use cairn_nix::hash::{Encoding, Hash, HashAlgo};
+use cairn_nix::{StoreDir, StorePath};
+use serde::{Deserialize, Serialize};
+
+/// The build's working directory inside the sandbox (`NIX_BUILD_TOP`), as in Nix.
+pub const BUILD_TOP: &str = "/build";
+/// `HOME` in the sandbox: a path that does not exist, so that nothing finds a home there.
+pub const HOME: &str = "/homeless-shelter";
+/// The builder's uid and gid inside the sandbox (Nix's `sandboxUid`/`sandboxGid`).
+pub const SANDBOX_UID: u32 = 1000;
+pub const SANDBOX_GID: u32 = 100;
+
+/// Host files a fixed-output build (which keeps the network) sees, as Nix gives them.
+pub const NETWORK_FILES: &[&str] = &["/etc/resolv.conf", "/etc/services", "/etc/hosts"];
+
+/// Device nodes bound from the host's `/dev`.
+const DEVICES: &[&str] = &["/dev/full", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom", "/dev/zero"];
+
+/// Who owns a created entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Owner {
+    /// The daemon's user.
+    Daemon,
+    /// The build user (the host uid the sandbox's uid 1000 maps to).
+    Builder,
+}
+
+/// An entry created under the sandbox root before the build starts. Paths are as seen inside
+/// the sandbox (absolute).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Node {
+    Dir {
+        path: String,
+        mode: u32,
+        owner: Owner,
+    },
+    File {
+        path: String,
+        contents: Vec<u8>,
+        mode: u32,
+        owner: Owner,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    /// An empty file or directory for a bind mount to cover.
+    MountPoint {
+        path: String,
+        dir: bool,
+    },
+}
+
+/// The entries to create, in order (parents first).
+pub type Skeleton = Vec<Node>;
+
+/// One mount made inside the sandbox's mount namespace. Targets are inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mount {
+    /// A host path bound at `target`; read-only ones are remounted read-only.
+    Bind { source: PathBuf, target: String, read_only: bool },
+    /// A fresh `proc` for the sandbox's PID namespace.
+    Proc { target: String },
+    /// An empty tmpfs (`/dev/shm`).
+    Tmpfs { target: String },
+}
+
+/// Everything the sandbox helper needs: where the root is, what to mount, what to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// The host directory that becomes `/`.
+    pub root: PathBuf,
+    pub mounts: Vec<Mount>,
+    /// Keep the host's network namespace (fixed-output derivations only).
+    pub network: bool,
+    pub hostname: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub workdir: String,
+    pub builder: String,
+    pub args: Vec<String>,
+    /// The builder's whole environment, sorted by name.
+    pub env: Vec<(String, String)>,
+}
+
+impl SandboxSpec {
+    /// `target` resolved under the root on the host.
+    pub fn host_path(&self, target: &str) -> PathBuf {
+        under(&self.root, target)
+    }
+}
+
+/// `inner` (absolute, inside the sandbox) under `root` on the host.
+pub fn under(root: &Path, inner: &str) -> PathBuf {
+    root.join(inner.trim_start_matches('/'))
+}
+
+/// What [`plan`] needs to know about one build.
+#[derive(Debug, Clone)]
+pub struct BuildInput<'a> {
+    pub store_dir: &'a StoreDir,
+    /// Where the store directory really is on the host (differs from the logical store
+    /// directory when the store lives under a root directory).
+    pub real_store_dir: &'a Path,
+    pub drv: &'a Derivation,
+    /// The outputs to produce, by name.
+    pub outputs: &'a BTreeMap<String, StorePath>,
+    /// The closure of the input sources and input derivations' outputs.
+    pub inputs: &'a [StorePath],
+    /// `sandbox-paths`: (path inside, host path).
+    pub sandbox_paths: &'a [(String, PathBuf)],
+    /// `NIX_BUILD_CORES`.
+    pub cores: usize,
+    /// The host directory that becomes `/`.
+    pub root: &'a Path,
+}
+
+/// Why a derivation cannot be built as asked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("derivations with __structuredAttrs are not supported yet")]
+    StructuredAttrs,
+    #[error("sandbox-paths entry '{0}' must be an absolute path outside the store directory")]
+    BadSandboxPath(String),
+    #[error("the builder '{0}' is neither in the input closure nor in sandbox-paths")]
+    BuilderNotAvailable(String),
+}
+
+/// The skeleton to create and the spec to apply for one build.
+pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
+    let drv = b.drv;
+    if drv.env.contains_key("__json") {
+        return Err(PlanError::StructuredAttrs);
+    }
+    let fixed = drv.outputs.len() == 1 && drv.outputs.values().all(|o| !o.hash.is_empty());
+    let store = b.store_dir.as_str();
+    let mut sk: Skeleton = Vec::new();
+    let dir = |path: &str, mode, owner| Node::Dir { path: path.to_owned(), mode, owner };
+
+    // Parents of the store directory, then the store directory itself: writable by the builder
+    // (the outputs are created there), sticky so that it cannot remove what it did not create.
+    let mut prefix = String::new();
+    for part in store.trim_start_matches('/').split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p).unwrap_or(&[])
+    {
+        prefix = format!("{prefix}/{part}");
+        sk.push(dir(&prefix, 0o755, Owner::Daemon));
+    }
+    sk.push(dir(store, 0o1775, Owner::Builder));
+    sk.push(dir(BUILD_TOP, 0o700, Owner::Builder));
+    sk.push(dir("/etc", 0o755, Owner::Daemon));
+    sk.push(dir("/tmp", 0o1777, Owner::Daemon));
+    sk.push(dir("/proc", 0o555, Owner::Daemon));
+    sk.push(dir("/dev", 0o755, Owner::Daemon));
+    sk.push(dir("/dev/shm", 0o755, Owner::Daemon));
+    sk.push(dir("/dev/pts", 0o755, Owner::Daemon));
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        sk.push(Node::Symlink { path: format!("/dev/{name}"), target: target.to_owned() });
+    }
+    sk.push(Node::File {
+        path: "/etc/passwd".into(),
+        contents: passwd().into_bytes(),
+        mode: 0o444,
+        owner: Owner::Daemon,
+    });
+    sk.push(Node::File {
+        path: "/etc/group".into(),
+        contents: group().into_bytes(),
+        mode: 0o444,
+        owner: Owner::Daemon,
+    });
+
+    let mut mounts = Vec::new();
+    let mut bind = |sk: &mut Skeleton, source: PathBuf, target: String, dir: bool, read_only: bool| {
+        sk.push(Node::MountPoint { path: target.clone(), dir });
+        mounts.push(Mount::Bind { source, target, read_only });
+    };
+    for d in DEVICES {
+        bind(&mut sk, PathBuf::from(d), (*d).to_owned(), false, false);
+    }
+    if fixed {
+        for f in NETWORK_FILES {
+            if Path::new(f).exists() {
+                bind(&mut sk, PathBuf::from(f), (*f).to_owned(), false, true);
+            }
+        }
+    } else {
+        sk.push(Node::File {
+            path: "/etc/hosts".into(),
+            contents: b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
+            mode: 0o444,
+            owner: Owner::Daemon,
+        });
+    }
+    for p in b.inputs {
+        let real = b.real_store_dir.join(p.base_name());
+        let is_dir = std::fs::symlink_metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
+        bind(&mut sk, real, b.store_dir.display(p), is_dir, true);
+    }
+    for (inside, host) in b.sandbox_paths {
+        if !inside.starts_with('/') || inside.starts_with(&format!("{store}/")) || inside == store {
+            return Err(PlanError::BadSandboxPath(inside.clone()));
+        }
+        // Parents of the mount point, created if the skeleton lacks them.
+        let mut prefix = String::new();
+        let parts: Vec<&str> = inside.trim_start_matches('/').split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            prefix = format!("{prefix}/{part}");
+            if !sk.iter().any(|n| matches!(n, Node::Dir { path, .. } if *path == prefix)) {
+                sk.push(dir(&prefix, 0o755, Owner::Daemon));
+            }
+        }
+        let is_dir = std::fs::metadata(host).map(|m| m.is_dir()).unwrap_or(false);
+        bind(&mut sk, host.clone(), inside.clone(), is_dir, true);
+    }
+    mounts.push(Mount::Tmpfs { target: "/dev/shm".into() });
+    mounts.push(Mount::Proc { target: "/proc".into() });
+
+    if !builder_available(b) {
+        return Err(PlanError::BuilderNotAvailable(drv.builder.clone()));
+    }
+
+    let mut env = BTreeMap::new();
+    // Set first, so that the derivation may override them.
+    env.insert("PATH".to_owned(), "/path-not-set".to_owned());
+    env.insert("HOME".to_owned(), HOME.to_owned());
+    env.insert("NIX_STORE".to_owned(), store.to_owned());
+    env.insert("NIX_BUILD_CORES".to_owned(), b.cores.to_string());
+    let pass_as_file: Vec<&str> = drv.env.get("passAsFile").map(|v| v.split_whitespace().collect()).unwrap_or_default();
+    for (k, v) in &drv.env {
+        if pass_as_file.contains(&k.as_str()) {
+            let name = format!(".attr-{}", Hash::digest(HashAlgo::Sha256, k.as_bytes()).encode(Encoding::Nix32));
+            let path = format!("{BUILD_TOP}/{name}");
+            sk.push(Node::File {
+                path: path.clone(),
+                contents: v.as_bytes().to_vec(),
+                mode: 0o444,
+                owner: Owner::Builder,
+            });
+            env.insert(format!("{k}Path"), path);
+        } else {
+            env.insert(k.clone(), v.clone());
+        }
+    }
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        env.insert(k.to_owned(), BUILD_TOP.to_owned());
+    }
+    if fixed {
+        env.insert("NIX_OUTPUT_CHECKED".to_owned(), "1".to_owned());
+    }
+    env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
+    env.insert("TERM".to_owned(), "xterm-256color".to_owned());
+
+    let spec = SandboxSpec {
+        root: b.root.to_owned(),
+        mounts,
+        network: fixed,
+        hostname: "localhost".to_owned(),
+        uid: SANDBOX_UID,
+        gid: SANDBOX_GID,
+        workdir: BUILD_TOP.to_owned(),
+        builder: drv.builder.clone(),
+        args: drv.args.clone(),
+        env: env.into_iter().collect(),
+    };
+    Ok((sk, spec))
+}
+
+/// Whether the builder is reachable in the sandbox: inside an input path, or a sandbox path.
+fn builder_available(b: &BuildInput<'_>) -> bool {
+    let builder = b.drv.builder.as_str();
+    if let Ok((p, _)) = b.store_dir.parse_inner(builder) {
+        return b.inputs.contains(&p);
+    }
+    b.sandbox_paths.iter().any(|(inside, _)| builder == inside || builder.starts_with(&format!("{inside}/")))
+}
+
+/// `/etc/passwd` as Nix 2.8 writes it.
+pub fn passwd() -> String {
+    format!(
+        "root:x:0:0:Nix build user:{BUILD_TOP}:/noshell\n\
+         nixbld:x:{SANDBOX_UID}:{SANDBOX_GID}:Nix build user:{BUILD_TOP}:/noshell\n\
+         nobody:x:65534:65534:Nobody:/:/noshell\n"
+    )
+}
+
+/// `/etc/group` as Nix 2.8 writes it.
+pub fn group() -> String {
+    format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n")
+}
+
+/// Parses one `sandbox-paths` entry: `PATH` or `INSIDE=HOST`.
+pub fn parse_sandbox_path(entry: &str) -> (String, PathBuf) {
+    match entry.split_once('=') {
+        Some((inside, host)) => (inside.to_owned(), PathBuf::from(host)),
+        None => (entry.to_owned(), PathBuf::from(entry)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_nix::derivation::DerivationOutput;
+
+    fn drv(fixed: bool) -> Derivation {
+        let mut d = Derivation {
+            platform: "x86_64-linux".into(),
+            builder: "/bin/sh".into(),
+            args: vec!["-c".into(), "echo hi > $out".into()],
+            ..Default::default()
+        };
+        let (algo, hash) = if fixed { ("sha256".to_owned(), "ab".repeat(32)) } else { (String::new(), String::new()) };
+        d.outputs.insert(
+            "out".into(),
+            DerivationOutput { path: "/nix/store/00000000000000000000000000000000-x".into(), hash_algo: algo, hash },
+        );
+        d.env.insert("name".into(), "x".into());
+        d.env.insert("PATH".into(), "/mine".into());
+        d.env.insert("TMPDIR".into(), "/elsewhere".into());
+        d.env.insert("big".into(), "contents".into());
+        d.env.insert("passAsFile".into(), "big".into());
+        d
+    }
+
+    fn plan_of(d: &Derivation, sandbox_paths: &[(String, PathBuf)]) -> Result<(Skeleton, SandboxSpec), PlanError> {
+        let dir = StoreDir::new("/nix/store").unwrap();
+        let outputs = BTreeMap::new();
+        let input = StorePath::from_base_name("11111111111111111111111111111111-dep").unwrap();
+        plan(&BuildInput {
+            store_dir: &dir,
+            real_store_dir: Path::new("/srv/cairn/nix/store"),
+            drv: d,
+            outputs: &outputs,
+            inputs: &[input],
+            sandbox_paths,
+            cores: 3,
+            root: Path::new("/tmp/b/root"),
+        })
+    }
+
+    fn sh() -> Vec<(String, PathBuf)> {
+        vec![("/bin/sh".into(), PathBuf::from("/bin/busybox"))]
+    }
+
+    #[test]
+    fn environment_follows_nix() {
+        let (sk, spec) = plan_of(&drv(false), &sh()).unwrap();
+        let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
+        assert_eq!(env["PATH"], "/mine", "the derivation overrides PATH");
+        assert_eq!(env["TMPDIR"], "/build", "but not the temporary directories");
+        assert_eq!(env["HOME"], "/homeless-shelter");
+        assert_eq!(env["NIX_STORE"], "/nix/store");
+        assert_eq!(env["NIX_BUILD_CORES"], "3");
+        assert_eq!(env["NIX_LOG_FD"], "2");
+        assert_eq!(env["TERM"], "xterm-256color");
+        assert!(!env.contains_key("big") && !env.contains_key("NIX_OUTPUT_CHECKED"));
+        let file = &env["bigPath"];
+        assert!(file.starts_with("/build/.attr-"), "{file}");
+        assert!(sk
+            .iter()
+            .any(|n| matches!(n, Node::File { path, contents, .. } if path == file && contents == b"contents")));
+        assert!(!spec.network);
+        assert_eq!((spec.uid, spec.gid, spec.workdir.as_str()), (1000, 100, "/build"));
+    }
+
+    #[test]
+    fn inputs_are_bound_read_only_and_proc_comes_last() {
+        let (sk, spec) = plan_of(&drv(false), &sh()).unwrap();
+        assert!(spec.mounts.contains(&Mount::Bind {
+            source: "/srv/cairn/nix/store/11111111111111111111111111111111-dep".into(),
+            target: "/nix/store/11111111111111111111111111111111-dep".into(),
+            read_only: true,
+        }));
+        assert_eq!(spec.mounts.last(), Some(&Mount::Proc { target: "/proc".into() }));
+        for m in &spec.mounts {
+            if let Mount::Bind { target, .. } = m {
+                assert!(sk.iter().any(|n| matches!(n, Node::MountPoint { path, .. } if path == target)), "{target}");
+            }
+        }
+        assert!(sk.contains(&Node::Dir { path: "/nix/store".into(), mode: 0o1775, owner: Owner::Builder }));
+        let hosts = sk.iter().find_map(|n| match n {
+            Node::File { path, contents, .. } if path == "/etc/hosts" => Some(contents.clone()),
+            _ => None,
+        });
+        assert_eq!(hosts.as_deref(), Some(&b"127.0.0.1 localhost\n::1 localhost\n"[..]));
+    }
+
+    #[test]
+    fn fixed_output_keeps_the_network() {
+        let (_, spec) = plan_of(&drv(true), &sh()).unwrap();
+        assert!(spec.network);
+        assert!(spec.env.contains(&("NIX_OUTPUT_CHECKED".into(), "1".into())));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(plan_of(&drv(false), &[]).unwrap_err(), PlanError::BuilderNotAvailable("/bin/sh".into()));
+        let bad = vec![("/nix/store/x".to_owned(), PathBuf::from("/x"))];
+        assert!(matches!(plan_of(&drv(false), &bad).unwrap_err(), PlanError::BadSandboxPath(_)));
+        let mut d = drv(false);
+        d.env.insert("__json".into(), "{}".into());
+        assert_eq!(plan_of(&d, &sh()).unwrap_err(), PlanError::StructuredAttrs);
+    }
+
+    #[test]
+    fn etc_files() {
+        assert_eq!(
+            passwd(),
+            "root:x:0:0:Nix build user:/build:/noshell\nnixbld:x:1000:100:Nix build user:/build:/noshell\n\
+             nobody:x:65534:65534:Nobody:/:/noshell\n"
+        );
+        assert_eq!(group(), "root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n");
+        assert_eq!(parse_sandbox_path("/bin/sh=/bin/busybox"), ("/bin/sh".into(), "/bin/busybox".into()));
+    }
+}

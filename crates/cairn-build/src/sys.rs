@@ -1,0 +1,327 @@
+//! The system calls that build a sandbox, behind a trait.
+//!
+//! [`isolate`] (run by the sandbox helper once its user namespace is mapped) and [`enter`] (run
+//! by the sandbox's PID 1 just before it becomes the builder) apply a [`SandboxSpec`] through
+//! [`Sys`]. [`Linux`] makes the calls; tests give a recorder instead and check the order and the
+//! arguments without root: nothing is mounted before the mount namespace is private, inputs
+//! are bound read-only, `/proc` is mounted from inside the new PID namespace, ids are dropped
+//! last.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+use nix::sched::CloneFlags;
+
+use crate::sandbox::{Mount, SandboxSpec};
+
+/// One `mount(2)` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountCall {
+    pub source: Option<PathBuf>,
+    pub target: PathBuf,
+    pub fstype: Option<String>,
+    pub flags: MsFlags,
+    pub data: Option<String>,
+}
+
+/// The calls a sandbox needs.
+pub trait Sys {
+    fn unshare(&mut self, flags: CloneFlags) -> io::Result<()>;
+    fn mount(&mut self, call: &MountCall) -> io::Result<()>;
+    /// The flags of the mount holding `path` that an unprivileged remount must keep (`nosuid`,
+    /// `nodev`, `noexec`): the kernel refuses to clear them from inside a user namespace.
+    fn locked_flags(&mut self, path: &Path) -> io::Result<MsFlags>;
+    fn sethostname(&mut self, name: &str) -> io::Result<()>;
+    fn chroot(&mut self, dir: &Path) -> io::Result<()>;
+    fn chdir(&mut self, dir: &Path) -> io::Result<()>;
+    /// Becomes `uid`/`gid` (inside the user namespace), losing every capability.
+    fn set_ids(&mut self, uid: u32, gid: u32) -> io::Result<()>;
+    fn no_new_privs(&mut self) -> io::Result<()>;
+}
+
+/// A failed step, named.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {source}")]
+pub struct SysError {
+    pub step: String,
+    #[source]
+    pub source: io::Error,
+}
+
+fn step<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> Result<T, SysError> {
+    r.map_err(|source| SysError { step: what(), source })
+}
+
+/// The namespaces a build gets besides its user namespace.
+pub fn namespaces(spec: &SandboxSpec) -> CloneFlags {
+    let mut f =
+        CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    if !spec.network {
+        f |= CloneFlags::CLONE_NEWNET;
+    }
+    f
+}
+
+/// Unshares the build's namespaces and makes every mount but `/proc` (which must be mounted
+/// from inside the new PID namespace: see [`enter`]).
+pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
+    step(sys.unshare(namespaces(spec)), || "unshare the build's namespaces".into())?;
+    // Nothing done here may reach the host's mounts.
+    step(
+        sys.mount(&MountCall {
+            source: None,
+            target: "/".into(),
+            fstype: None,
+            flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            data: None,
+        }),
+        || "make the mount namespace private".into(),
+    )?;
+    for m in &spec.mounts {
+        match m {
+            Mount::Bind { source, target, read_only } => {
+                let host = spec.host_path(target);
+                step(
+                    sys.mount(&MountCall {
+                        source: Some(source.clone()),
+                        target: host.clone(),
+                        fstype: None,
+                        flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+                        data: None,
+                    }),
+                    || format!("bind '{}' at '{target}'", source.display()),
+                )?;
+                if *read_only {
+                    let locked = step(sys.locked_flags(source), || format!("statvfs '{}'", source.display()))?;
+                    step(
+                        sys.mount(&MountCall {
+                            source: None,
+                            target: host,
+                            fstype: None,
+                            flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | locked,
+                            data: None,
+                        }),
+                        || format!("make '{target}' read-only"),
+                    )?;
+                }
+            }
+            Mount::Tmpfs { target } => step(
+                sys.mount(&MountCall {
+                    source: Some("none".into()),
+                    target: spec.host_path(target),
+                    fstype: Some("tmpfs".into()),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    data: Some("mode=1777".into()),
+                }),
+                || format!("mount a tmpfs at '{target}'"),
+            )?,
+            Mount::Proc { .. } => {}
+        }
+    }
+    step(sys.sethostname(&spec.hostname), || "set the host name".into())?;
+    Ok(())
+}
+
+/// In the sandbox's PID 1: mounts `/proc`, enters the root, and drops to the build user.
+pub fn enter(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
+    for m in &spec.mounts {
+        if let Mount::Proc { target } = m {
+            step(
+                sys.mount(&MountCall {
+                    source: Some("none".into()),
+                    target: spec.host_path(target),
+                    fstype: Some("proc".into()),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    data: None,
+                }),
+                || format!("mount proc at '{target}'"),
+            )?;
+        }
+    }
+    step(sys.chroot(&spec.root), || format!("enter the sandbox root '{}'", spec.root.display()))?;
+    step(sys.chdir(Path::new(&spec.workdir)), || format!("enter '{}'", spec.workdir))?;
+    step(sys.set_ids(spec.uid, spec.gid), || format!("become uid {} gid {}", spec.uid, spec.gid))?;
+    step(sys.no_new_privs(), || "set no_new_privs".into())?;
+    Ok(())
+}
+
+/// The real calls.
+#[derive(Debug, Default)]
+pub struct Linux;
+
+impl Sys for Linux {
+    fn unshare(&mut self, flags: CloneFlags) -> io::Result<()> {
+        Ok(nix::sched::unshare(flags)?)
+    }
+
+    fn mount(&mut self, c: &MountCall) -> io::Result<()> {
+        Ok(nix::mount::mount(c.source.as_deref(), &c.target, c.fstype.as_deref(), c.flags, c.data.as_deref())?)
+    }
+
+    fn locked_flags(&mut self, path: &Path) -> io::Result<MsFlags> {
+        use nix::sys::statvfs::FsFlags;
+        let f = nix::sys::statvfs::statvfs(path)?.flags();
+        let mut out = MsFlags::empty();
+        for (fs, ms) in [
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+            (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+            (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        ] {
+            if f.contains(fs) {
+                out |= ms;
+            }
+        }
+        Ok(out)
+    }
+
+    fn sethostname(&mut self, name: &str) -> io::Result<()> {
+        Ok(nix::unistd::sethostname(name)?)
+    }
+
+    fn chroot(&mut self, dir: &Path) -> io::Result<()> {
+        Ok(nix::unistd::chroot(dir)?)
+    }
+
+    fn chdir(&mut self, dir: &Path) -> io::Result<()> {
+        Ok(nix::unistd::chdir(dir)?)
+    }
+
+    fn set_ids(&mut self, uid: u32, gid: u32) -> io::Result<()> {
+        use nix::unistd::{setresgid, setresuid, Gid, Uid};
+        let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+        setresgid(g, g, g)?;
+        setresuid(u, u, u)?;
+        Ok(())
+    }
+
+    fn no_new_privs(&mut self) -> io::Result<()> {
+        Ok(nix::sys::prctl::set_no_new_privs()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    use cairn_nix::derivation::{Derivation, DerivationOutput};
+    use cairn_nix::{StoreDir, StorePath};
+
+    use crate::sandbox::{plan, BuildInput};
+
+    /// Records every call; fails the one whose description contains `fail_at`.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<String>,
+        fail_at: Option<&'static str>,
+    }
+
+    impl Recorder {
+        fn record(&mut self, s: String) -> io::Result<()> {
+            let fail = self.fail_at.is_some_and(|f| s.contains(f));
+            self.calls.push(s);
+            if fail {
+                return Err(io::Error::from_raw_os_error(1));
+            }
+            Ok(())
+        }
+    }
+
+    impl Sys for Recorder {
+        fn unshare(&mut self, flags: CloneFlags) -> io::Result<()> {
+            self.record(format!("unshare {flags:?}"))
+        }
+        fn mount(&mut self, c: &MountCall) -> io::Result<()> {
+            self.record(format!(
+                "mount {:?} {} {:?} {:?}",
+                c.source.as_deref().map(Path::display).map(|d| d.to_string()),
+                c.target.display(),
+                c.fstype,
+                c.flags
+            ))
+        }
+        fn locked_flags(&mut self, _: &Path) -> io::Result<MsFlags> {
+            Ok(MsFlags::MS_NOSUID)
+        }
+        fn sethostname(&mut self, name: &str) -> io::Result<()> {
+            self.record(format!("hostname {name}"))
+        }
+        fn chroot(&mut self, dir: &Path) -> io::Result<()> {
+            self.record(format!("chroot {}", dir.display()))
+        }
+        fn chdir(&mut self, dir: &Path) -> io::Result<()> {
+            self.record(format!("chdir {}", dir.display()))
+        }
+        fn set_ids(&mut self, uid: u32, gid: u32) -> io::Result<()> {
+            self.record(format!("ids {uid} {gid}"))
+        }
+        fn no_new_privs(&mut self) -> io::Result<()> {
+            self.record("nnp".into())
+        }
+    }
+
+    fn spec(fixed: bool) -> SandboxSpec {
+        let mut d = Derivation { builder: "/bin/sh".into(), ..Default::default() };
+        d.env.insert("name".into(), "x".into());
+        let (algo, hash) = if fixed { ("sha256".to_owned(), "ab".repeat(32)) } else { (String::new(), String::new()) };
+        d.outputs.insert("out".into(), DerivationOutput { path: String::new(), hash_algo: algo, hash });
+        let dir = StoreDir::new("/nix/store").unwrap();
+        let input = StorePath::from_base_name("11111111111111111111111111111111-dep").unwrap();
+        plan(&BuildInput {
+            store_dir: &dir,
+            real_store_dir: Path::new("/srv/nix/store"),
+            drv: &d,
+            outputs: &BTreeMap::new(),
+            inputs: &[input],
+            sandbox_paths: &[("/bin/sh".into(), "/bin/busybox".into())],
+            cores: 1,
+            root: Path::new("/tmp/r"),
+        })
+        .unwrap()
+        .1
+    }
+
+    #[test]
+    fn isolate_privatises_before_mounting_and_binds_inputs_read_only() {
+        let mut r = Recorder::default();
+        isolate(&spec(false), &mut r).unwrap();
+        assert!(r.calls[0].starts_with("unshare") && r.calls[0].contains("CLONE_NEWNET"), "{}", r.calls[0]);
+        assert!(r.calls[1].contains("MS_PRIVATE") && r.calls[1].contains(" / "), "{}", r.calls[1]);
+        let bind =
+            r.calls.iter().position(|c| c.contains("/tmp/r/nix/store/11111111111111111111111111111111-dep")).unwrap();
+        assert!(r.calls[bind].contains("MS_BIND") && !r.calls[bind].contains("MS_RDONLY"));
+        assert!(r.calls[bind + 1].contains("MS_REMOUNT") && r.calls[bind + 1].contains("MS_RDONLY"));
+        assert!(r.calls[bind + 1].contains("MS_NOSUID"), "locked flags kept: {}", r.calls[bind + 1]);
+        assert!(!r.calls.iter().any(|c| c.contains("\"proc\"")), "proc is PID 1's job");
+        assert_eq!(r.calls.last().unwrap(), "hostname localhost");
+    }
+
+    #[test]
+    fn fixed_output_builds_keep_the_network_namespace() {
+        let mut r = Recorder::default();
+        isolate(&spec(true), &mut r).unwrap();
+        assert!(!r.calls[0].contains("CLONE_NEWNET") && r.calls[0].contains("CLONE_NEWPID"), "{}", r.calls[0]);
+    }
+
+    #[test]
+    fn enter_mounts_proc_then_chroots_then_drops_ids() {
+        let mut r = Recorder::default();
+        enter(&spec(false), &mut r).unwrap();
+        let kinds: Vec<&str> = r.calls.iter().map(|c| c.split(' ').next().unwrap()).collect();
+        assert_eq!(kinds, ["mount", "chroot", "chdir", "ids", "nnp"]);
+        assert!(r.calls[0].contains("/tmp/r/proc") && r.calls[0].contains("\"proc\""));
+        assert_eq!(r.calls[3], "ids 1000 100");
+    }
+
+    #[test]
+    fn a_failed_step_is_named_and_stops() {
+        let mut r = Recorder { fail_at: Some("chroot"), ..Default::default() };
+        let e = enter(&spec(false), &mut r).unwrap_err();
+        assert_eq!(e.to_string(), "enter the sandbox root '/tmp/r': Operation not permitted (os error 1)");
+        assert!(!r.calls.iter().any(|c| c.starts_with("ids")), "nothing after the failure");
+    }
+}

@@ -1,0 +1,205 @@
+//! Builds: `POST /v1/realise` (events streamed as JSON lines), `GET /v1/log`, and the
+//! derivation queries (`add-derivation`, `derivation-outputs`).
+//!
+//! Any allowed user may build, as with Nix's daemon: a derivation's outputs are determined by the
+//! derivation (its output paths are checked against its hash before it builds), and builds run
+//! sandboxed as build users, never as the daemon's user.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::Json;
+use bytes::Bytes;
+use cairn_api::config::{state_dir, Settings};
+use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResult};
+use cairn_build::{BuildError, BuildSettings, Event, Goal, LogStore, Options};
+use cairn_nix::{StoreDir, StorePath};
+use tokio::sync::mpsc;
+
+use crate::convert::{self, store_path};
+use crate::error::{ApiError, ApiResult};
+use crate::handlers::AppState;
+
+/// The builder's settings from the daemon's.
+pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    Ok(BuildSettings {
+        max_jobs: settings.max_jobs,
+        cores: settings.cores,
+        timeout: secs(settings.timeout),
+        max_silent: secs(settings.max_silent_time),
+        sandbox_paths: settings.sandbox_paths.iter().map(|e| cairn_build::sandbox::parse_sandbox_path(e)).collect(),
+        build_dir: settings.build_dir.clone(),
+        build_uid_base: settings.build_uid_base,
+        helper: std::env::current_exe()?,
+        logs: LogStore::new(state_dir(&settings.root).join("log/drvs")),
+    })
+}
+
+impl From<BuildError> for ApiError {
+    fn from(e: BuildError) -> ApiError {
+        match e {
+            BuildError::Store(e) => ApiError::from(e),
+            BuildError::NotValid(_) => ApiError::not_found(e.to_string()),
+            BuildError::Io { .. } | BuildError::Internal(_) => ApiError::internal(e.to_string()),
+            _ => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+/// `DRV` or `DRV!out1,out2`.
+fn goal(dir: &StoreDir, s: &str) -> ApiResult<Goal> {
+    let (p, outs) = match s.split_once('!') {
+        Some((p, o)) => (p, Some(o)),
+        None => (s, None),
+    };
+    let drv = store_path(dir, p)?;
+    let outputs = match outs {
+        None | Some("*") => None,
+        Some(o) => {
+            let set: BTreeSet<String> = o.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect();
+            if set.is_empty() {
+                return Err(ApiError::bad_request(format!("'{s}' names no output after '!'")));
+            }
+            Some(set)
+        }
+    };
+    Ok(Goal { drv, outputs })
+}
+
+fn line(event: &RealiseEvent) -> Bytes {
+    let mut v = serde_json::to_vec(event).expect("events serialise");
+    v.push(b'\n');
+    v.into()
+}
+
+fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<String, String> {
+    o.iter().map(|(k, v)| (k.clone(), dir.display(v))).collect()
+}
+
+pub async fn realise(State(st): State<Arc<AppState>>, Json(req): Json<RealiseRequest>) -> ApiResult<HttpResponse> {
+    let dir = st.store_dir.clone();
+    if req.paths.is_empty() {
+        return Err(ApiError::bad_request("nothing to realise: name at least one derivation"));
+    }
+    let goals = req.paths.iter().map(|p| goal(&dir, p)).collect::<ApiResult<Vec<_>>>()?;
+    let options = Options { keep_going: req.keep_going, keep_failed: req.keep_failed };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let builder = st.builder.clone();
+    tokio::spawn(async move {
+        let (etx, mut erx) = mpsc::unbounded_channel::<Event>();
+        let work = builder.realise(goals, options, etx);
+        tokio::pin!(work);
+        let mut work_done = None;
+        loop {
+            tokio::select! {
+                r = &mut work, if work_done.is_none() => work_done = Some(r),
+                e = erx.recv() => match e {
+                    Some(e) => {
+                        let ev = match e {
+                            Event::Plan { drvs } => RealiseEvent::Plan { drvs: drvs.iter().map(|d| dir.display(d)).collect() },
+                            Event::Started { drv } => {
+                                tracing::info!(drv = %dir.display(&drv), "building");
+                                RealiseEvent::Started { drv: dir.display(&drv) }
+                            }
+                            Event::Log { drv, line } => RealiseEvent::Log {
+                                drv: dir.display(&drv),
+                                line: String::from_utf8_lossy(&line).into_owned(),
+                            },
+                            Event::Built { drv, outputs } => {
+                                tracing::info!(drv = %dir.display(&drv), "built");
+                                RealiseEvent::Built { drv: dir.display(&drv), outputs: outputs_wire(&dir, &outputs) }
+                            }
+                            Event::Failed { drv, message } => {
+                                tracing::warn!(drv = %dir.display(&drv), "build failed: {message}");
+                                RealiseEvent::Failed { drv: dir.display(&drv), message }
+                            }
+                        };
+                        // A client that went away stops nothing: the builds finish and register.
+                        let _ = tx.send(line(&ev)).await;
+                    }
+                    None => break,
+                },
+            }
+        }
+        let event = match work_done.expect("the event channel closes after the work ends") {
+            Err(e) => {
+                let e = ApiError::from(e);
+                RealiseEvent::Error(ErrorBody { kind: e.kind, message: e.message })
+            }
+            Ok(outcome) => RealiseEvent::Done {
+                results: outcome
+                    .results
+                    .into_iter()
+                    .map(|(drv, r)| match r {
+                        Ok(o) => RealiseResult { drv: dir.display(&drv), outputs: outputs_wire(&dir, &o), error: None },
+                        Err(m) => RealiseResult { drv: dir.display(&drv), outputs: BTreeMap::new(), error: Some(m) },
+                    })
+                    .collect(),
+            },
+        };
+        let _ = tx.send(line(&event)).await;
+    });
+    let body =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+        );
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+}
+
+/// `GET /v1/log?path=`: a derivation's last build log, or its deriver's for an output.
+pub async fn log(State(st): State<Arc<AppState>>, Query(q): Query<PathQuery>) -> ApiResult<HttpResponse> {
+    let dir = st.store_dir.clone();
+    let path = store_path(&dir, &q.path)?;
+    let st2 = st.clone();
+    let text = tokio::task::spawn_blocking(move || -> ApiResult<Vec<u8>> {
+        let drv = if path.name().ends_with(".drv") {
+            path.clone()
+        } else {
+            let info = st2.store.valid_path_info(&path)?;
+            info.deriver.ok_or_else(|| {
+                ApiError::not_found(format!("'{}' has no known deriver, so no build log", dir.display(&path)))
+            })?
+        };
+        st2.builder
+            .logs()
+            .read(&drv)
+            .map_err(|e| ApiError::internal(format!("cannot read the build log: {e}")))?
+            .ok_or_else(|| ApiError::not_found(format!("build log of '{}' is not available", dir.display(&drv))))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+/// `add-derivation`: the ATerm parsed, completed and written as a text path.
+pub fn add_derivation(st: &AppState, aterm: &str) -> ApiResult<cairn_api::Response> {
+    let mut drv = cairn_nix::derivation::Derivation::parse(aterm.as_bytes())
+        .map_err(|e| ApiError::bad_request(format!("derivation: {e}")))?;
+    let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
+    drvs.complete(&mut drv)?;
+    let name = format!("{}.drv", drv.name().map_err(|e| ApiError::bad_request(e.to_string()))?);
+    let mut refs = BTreeSet::new();
+    for p in drv.input_srcs.iter().chain(drv.input_drvs.keys()) {
+        refs.insert(store_path(&st.store_dir, p)?);
+    }
+    let info = st.store.add_text(&name, drv.to_aterm().as_bytes(), &refs)?;
+    Ok(cairn_api::Response::PathInfos(vec![convert::path_info(&st.store_dir, &info)]))
+}
+
+/// `derivation-outputs`: output paths recomputed and checked.
+pub fn derivation_outputs(st: &AppState, paths: &[String]) -> ApiResult<cairn_api::Response> {
+    let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
+    let mut out = BTreeMap::new();
+    for p in paths {
+        let sp = store_path(&st.store_dir, p)?;
+        let o = drvs.outputs(&sp)?;
+        out.insert(st.store_dir.display(&sp), outputs_wire(&st.store_dir, &o));
+    }
+    Ok(cairn_api::Response::Outputs(out))
+}
