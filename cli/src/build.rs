@@ -58,9 +58,10 @@ pub async fn realise(
                 running = running.saturating_sub(1);
                 done += 1;
             }
-            RealiseEvent::Failed { drv, .. } => {
+            RealiseEvent::Failed { message, .. } => {
                 running = running.saturating_sub(1);
-                bar.suspend(|| eprintln!("cairn: build of '{drv}' failed"));
+                // Several lines (the log's tail), indented under the first as Nix prints them.
+                bar.suspend(|| eprintln!("cairn: {}", message.replace('\n', "\n       ")));
             }
             RealiseEvent::Error(e) => {
                 bar.finish_and_clear();
@@ -99,16 +100,25 @@ pub async fn realise(
         }
     }
     let failed: Vec<&RealiseResult> = results.iter().filter(|r| r.error.is_some()).collect();
-    if let Some(first) =
-        failed.iter().find(|r| !r.error.as_deref().unwrap_or("").starts_with("dependency ")).or(failed.first())
-    {
-        let more = match failed.len() - 1 {
-            0 => String::new(),
-            n => format!("\n({n} more requested derivations were not realised; --json lists them)"),
-        };
-        bail!("{}{more}", first.error.as_deref().unwrap_or_default());
+    match failed.as_slice() {
+        [] => Ok(()),
+        [one] => {
+            let why = one.error.as_deref().unwrap_or_default();
+            // A build's own failure was shown as it happened; say only which one.
+            match why.lines().next() {
+                Some(first) if first.starts_with("builder for ") || first.contains("timed out") => {
+                    bail!("build of '{}' failed", one.drv)
+                }
+                _ => bail!("build of '{}' failed: {}", one.drv, why.replace('\n', " ")),
+            }
+        }
+        many => bail!(
+            "{} of the {} derivations asked for were not realised, the first '{}' (--json lists them)",
+            many.len(),
+            results.len(),
+            many[0].drv
+        ),
     }
-    Ok(())
 }
 
 #[cfg(test)]

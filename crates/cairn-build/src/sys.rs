@@ -38,6 +38,9 @@ pub trait Sys {
     /// Becomes `uid`/`gid` (inside the user namespace), losing every capability.
     fn set_ids(&mut self, uid: u32, gid: u32) -> io::Result<()>;
     fn no_new_privs(&mut self) -> io::Result<()>;
+    /// Brings up `lo` in a new network namespace (it starts down), so that a build can still
+    /// talk to itself over 127.0.0.1.
+    fn loopback_up(&mut self) -> io::Result<()>;
 }
 
 /// A failed step, named.
@@ -120,6 +123,9 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
         }
     }
     step(sys.sethostname(&spec.hostname), || "set the host name".into())?;
+    if !spec.network {
+        step(sys.loopback_up(), || "bring up the loopback interface".into())?;
+    }
     Ok(())
 }
 
@@ -201,6 +207,30 @@ impl Sys for Linux {
     fn no_new_privs(&mut self) -> io::Result<()> {
         Ok(nix::sys::prctl::set_no_new_privs()?)
     }
+
+    fn loopback_up(&mut self) -> io::Result<()> {
+        use nix::libc;
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        use std::os::fd::AsRawFd;
+        let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+        // SAFETY: `ifreq` is plain data, zero is a valid value for it, and the two ioctls read
+        // and write only that struct, whose name is NUL-terminated.
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+                *d = *s as libc::c_char;
+            }
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -262,6 +292,9 @@ mod tests {
         fn no_new_privs(&mut self) -> io::Result<()> {
             self.record("nnp".into())
         }
+        fn loopback_up(&mut self) -> io::Result<()> {
+            self.record("lo up".into())
+        }
     }
 
     fn spec(fixed: bool) -> SandboxSpec {
@@ -297,7 +330,8 @@ mod tests {
         assert!(r.calls[bind + 1].contains("MS_REMOUNT") && r.calls[bind + 1].contains("MS_RDONLY"));
         assert!(r.calls[bind + 1].contains("MS_NOSUID"), "locked flags kept: {}", r.calls[bind + 1]);
         assert!(!r.calls.iter().any(|c| c.contains("\"proc\"")), "proc is PID 1's job");
-        assert_eq!(r.calls.last().unwrap(), "hostname localhost");
+        assert_eq!(r.calls[r.calls.len() - 2], "hostname localhost");
+        assert_eq!(r.calls.last().unwrap(), "lo up", "a private network still has a loopback");
     }
 
     #[test]
@@ -305,6 +339,7 @@ mod tests {
         let mut r = Recorder::default();
         isolate(&spec(true), &mut r).unwrap();
         assert!(!r.calls[0].contains("CLONE_NEWNET") && r.calls[0].contains("CLONE_NEWPID"), "{}", r.calls[0]);
+        assert!(!r.calls.contains(&"lo up".to_owned()), "the host's network is left alone");
     }
 
     #[test]
