@@ -1,0 +1,329 @@
+//! Builds in the real cairnd's sandbox: what a builder can and cannot do, how failures,
+//! timeouts and stray processes end, and what gets registered. Builders are shell scripts run by
+//! a static busybox bound at `/bin/sh` (`sandbox-paths`), as Nix users do on Debian.
+//!
+//! Needs `/bin/busybox` (Debian `busybox-static`); `.ci/run` installs it.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_e2e::{require_peer, TestStore};
+use cairn_nix::hash::Encoding;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn store(extra: &str) -> Option<TestStore> {
+    if !require_peer(BUSYBOX) {
+        return None;
+    }
+    Some(
+        TestStore::builder()
+            .store_dir("/nix/store")
+            .config(&format!("sandbox-paths = [\"/bin/sh={BUSYBOX}\"]\nmax-jobs = 4\n{extra}"))
+            .start(),
+    )
+}
+
+/// A derivation's JSON: `script` run by `/bin/sh -c`, inputs given as (drv, output path).
+fn drv_json(name: &str, script: &str, inputs: &[(&str, &str)], fixed: Option<(&str, &str, &str)>) -> String {
+    let mut env = BTreeMap::from([
+        ("name".to_owned(), name.to_owned()),
+        ("builder".to_owned(), "/bin/sh".to_owned()),
+        ("system".to_owned(), "x86_64-linux".to_owned()),
+        ("out".to_owned(), String::new()),
+    ]);
+    for (i, (_, out)) in inputs.iter().enumerate() {
+        env.insert(format!("in{i}"), (*out).to_owned());
+    }
+    let out = match fixed {
+        Some((mode, algo, hash)) => {
+            let algo = if mode == "recursive" { format!("r:{algo}") } else { algo.to_owned() };
+            serde_json::json!({ "path": "", "hashAlgo": algo, "hash": hash })
+        }
+        None => serde_json::json!({ "path": "" }),
+    };
+    let input_drvs: BTreeMap<&str, Vec<&str>> = inputs.iter().map(|(d, _)| (*d, vec!["out"])).collect();
+    serde_json::json!({
+        "outputs": { "out": out },
+        "inputSrcs": [],
+        "inputDrvs": input_drvs,
+        "system": "x86_64-linux",
+        "builder": "/bin/sh",
+        "args": ["-c", script],
+        "env": env,
+    })
+    .to_string()
+}
+
+/// Adds a derivation; returns (drv path, output path).
+fn add(s: &TestStore, json: &str) -> (String, String) {
+    let f = s.root.path().join(format!("drv-{}.json", COUNTER.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&f, json).unwrap();
+    let drv = s.ok(&["derivation", "add", f.to_str().unwrap()]).trim().to_owned();
+    let out = s.ok(&["derivation", "output-paths", &drv]).trim().to_owned();
+    (drv, out)
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn is_valid(s: &TestStore, p: &str) -> bool {
+    s.run(&["path-info", p], b"").status.success()
+}
+
+/// Host processes whose command line is exactly `argv`.
+fn processes(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+/// Build directories this daemon left behind.
+fn build_dirs(s: &TestStore) -> Vec<String> {
+    let pid = s.pid();
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("cairn-build-") && n.contains(&format!("-{pid}-")))
+        .collect()
+}
+
+#[test]
+fn a_chain_builds_inputs_first_and_registers_outputs_with_their_deriver() {
+    let Some(s) = store("") else { return };
+    let (a, a_out) = add(&s, &drv_json("a", "echo a > $out", &[], None));
+    let (b, b_out) =
+        add(&s, &drv_json("b", "mkdir $out; cat $in0 > $out/a; echo $in0 > $out/ref", &[(&a, &a_out)], None));
+    let (c, c_out) = add(&s, &drv_json("c", "cat $in0/a > $out; echo $in0 >> $out", &[(&b, &b_out)], None));
+    let printed = s.ok(&["realise", &c]);
+    assert_eq!(printed.trim(), c_out);
+    for (drv, out) in [(&a, &a_out), (&b, &b_out), (&c, &c_out)] {
+        let info: serde_json::Value = serde_json::from_str(&s.ok(&["path-info", "--json", out])).unwrap();
+        assert_eq!(info[0]["deriver"], drv.as_str(), "{out}");
+        assert_eq!(info[0]["ultimate"], true);
+    }
+    // b refers to a (its output names it), c to b; a to nothing.
+    assert_eq!(s.ok(&["references", &b_out]).trim(), a_out);
+    assert_eq!(s.ok(&["references", &c_out]).trim(), b_out);
+    assert_eq!(s.ok(&["cat", &c_out]), format!("a\n{b_out}\n"));
+    // Built once: a second realise starts nothing and prints the same.
+    let before = s.log().matches("building").count();
+    assert_eq!(s.ok(&["realise", &c]).trim(), c_out);
+    assert_eq!(s.log().matches("building").count(), before);
+    assert!(build_dirs(&s).is_empty(), "build directories removed: {:?}", build_dirs(&s));
+    // The log of each build is kept.
+    assert!(s.ok(&["log", &b_out]).is_empty(), "b printed nothing");
+    let (d, _) = add(&s, &drv_json("d", "echo hello from d; echo > $out", &[], None));
+    s.ok(&["realise", &d]);
+    assert_eq!(s.ok(&["log", &d]), "hello from d\n");
+}
+
+#[test]
+fn a_failing_builder_reports_its_log_tail_and_registers_nothing() {
+    let Some(s) = store("") else { return };
+    let script = "mkdir $out; echo partial > $out/x; for i in $(seq 1 20); do echo line $i; done; exit 3";
+    let (drv, out) = add(&s, &drv_json("fails", script, &[], None));
+    let err = String::from_utf8(s.run(&["realise", &drv], b"").stderr).unwrap();
+    assert!(err.contains(&format!("builder for '{drv}' failed with exit code 3;")), "{err}");
+    assert!(
+        err.contains("last 10 log lines:") && err.contains("       > line 20") && !err.contains("       > line 10\n"),
+        "{err}"
+    );
+    assert!(err.contains("fails> line 1\n"), "the log streamed as it was written: {err}");
+    assert!(err.trim_end().ends_with(&format!("cairn: build of '{drv}' failed")), "{err}");
+    assert!(!is_valid(&s, &out));
+    assert!(!s.real_store_dir().join(out.rsplit('/').next().unwrap()).exists(), "nothing placed in the store");
+    assert!(build_dirs(&s).is_empty());
+    assert_eq!(s.ok(&["log", &drv]).lines().count(), 20, "the whole log is kept");
+    // The daemon goes on serving.
+    let (ok, ok_out) = add(&s, &drv_json("fine", "echo > $out", &[], None));
+    assert_eq!(s.ok(&["realise", &ok]).trim(), ok_out);
+}
+
+#[test]
+fn keep_going_builds_what_does_not_need_the_failure_and_keep_failed_keeps_its_directory() {
+    let Some(s) = store("") else { return };
+    let (bad, bad_out) = add(&s, &drv_json("bad", "echo kept > /build/evidence; exit 1", &[], None));
+    let (good, good_out) = add(&s, &drv_json("good", "sleep 1; echo > $out", &[], None));
+    let (top, top_out) = add(&s, &drv_json("top", "echo > $out", &[(&bad, &bad_out), (&good, &good_out)], None));
+    let r = s.run(&["realise", "-k", "-K", "--json", &top, &good], b"");
+    assert!(!r.status.success());
+    let results: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(results[1]["outputs"]["out"], good_out.as_str(), "the good one is built: {results}");
+    let why = results[0]["error"].as_str().unwrap();
+    assert_eq!(why, format!("dependency '{bad}' failed"));
+    assert!(!is_valid(&s, &top_out) && is_valid(&s, &good_out));
+    let err = String::from_utf8(r.stderr).unwrap();
+    let kept = err.split("keeping build directory '").nth(1).and_then(|r| r.split('\'').next()).expect(&err);
+    assert_eq!(std::fs::read_to_string(Path::new(kept).join("evidence")).unwrap(), "kept\n");
+    std::fs::remove_dir_all(Path::new(kept).parent().unwrap().parent().unwrap()).unwrap();
+}
+
+#[test]
+fn a_timeout_kills_every_process_of_the_build() {
+    let Some(s) = store("timeout = 2") else { return };
+    let (drv, out) = add(&s, &drv_json("slow", "sleep 4242 & sleep 4243", &[], None));
+    let started = Instant::now();
+    let child = std::thread::spawn({
+        let args = s.store_args();
+        move || {
+            std::process::Command::new(cairn_e2e::bin_dir().join("cairn"))
+                .args(&args)
+                .args(["realise", &drv])
+                .output()
+                .unwrap()
+        }
+    });
+    // While it runs, the builder's processes belong to a build uid, not to the daemon's user.
+    let mut seen = Vec::new();
+    while seen.is_empty() && started.elapsed() < Duration::from_secs(10) {
+        seen = processes(&["sleep", "4242"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!seen.is_empty(), "the build's processes are visible from the host");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", seen[0])).unwrap_or_default();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    if nix_is_root() {
+        assert!(uid >= 30000, "builds run as a build uid, not root: {uid}");
+    }
+    let r = child.join().unwrap();
+    let err = String::from_utf8(r.stderr).unwrap();
+    assert!(err.contains("timed out after 2 seconds"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(processes(&["sleep", "4242"]).is_empty() && processes(&["sleep", "4243"]).is_empty(), "no process left");
+    assert!(!is_valid(&s, &out));
+    assert!(build_dirs(&s).is_empty());
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .is_some_and(|u| u.split_whitespace().next() == Some("0"))
+}
+
+#[test]
+fn max_silent_time_and_background_children() {
+    let Some(s) = store("max-silent-time = 1") else { return };
+    let (drv, _) = add(&s, &drv_json("quiet", "echo one; sleep 30", &[], None));
+    let started = Instant::now();
+    let err = String::from_utf8(s.run(&["realise", &drv], b"").stderr).unwrap();
+    assert!(err.contains("timed out after 1 seconds of silence"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A builder that succeeds while a child still runs: the child dies with the build.
+    let (bg, bg_out) = add(&s, &drv_json("bg", "sleep 4343 & echo done > $out", &[], None));
+    assert_eq!(s.ok(&["realise", &bg]).trim(), bg_out);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(processes(&["sleep", "4343"]).is_empty(), "the background child was killed");
+}
+
+#[test]
+fn only_fixed_output_builds_reach_the_network() {
+    let Some(s) = store("") else { return };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn({
+        let accepted = accepted.clone();
+        move || {
+            for c in listener.incoming() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let mut c = c.unwrap();
+                let _ = std::io::Write::write_all(&mut c, b"fetched\n");
+                let mut sink = Vec::new();
+                let _ = c.read_to_end(&mut sink);
+            }
+        }
+    });
+    let script = format!("nc 127.0.0.1 {port} </dev/null > $out; test -s $out");
+    let (drv, _) = add(&s, &drv_json("no-net", &script, &[], None));
+    let err = String::from_utf8(s.run(&["realise", &drv], b"").stderr).unwrap();
+    assert!(err.contains("failed with exit code"), "{err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "an ordinary build cannot reach the host");
+    // A fixed-output derivation keeps the host's network and must produce the declared bytes.
+    let sha = sha256(b"fetched\n").encode(Encoding::Base16);
+    let (fod, fod_out) = add(&s, &drv_json("fetched", &script, &[], Some(("flat", "sha256", &sha))));
+    assert_eq!(s.ok(&["realise", &fod]).trim(), fod_out);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(s.ok(&["cat", &fod_out]), "fetched\n");
+    let info: serde_json::Value = serde_json::from_str(&s.ok(&["path-info", "--json", &fod_out])).unwrap();
+    assert_eq!(info[0]["ca"], format!("fixed:sha256:{}", sha256(b"fetched\n").encode(Encoding::Nix32)));
+}
+
+#[test]
+fn the_host_and_the_inputs_are_out_of_reach() {
+    let Some(s) = store("") else { return };
+    let (a, a_out) = add(&s, &drv_json("input", "mkdir $out; echo original > $out/f", &[], None));
+    s.ok(&["realise", &a]);
+    let db = s.root.path().join("var/lib/cairn/db");
+    assert!(db.exists());
+    let script = format!(
+        "cat {db} && exit 10; ls {real} && exit 11; echo x > $in0/f && exit 12; touch $in0/new && exit 13; \
+         cat /etc/shadow && exit 14; echo > $out",
+        db = db.display(),
+        real = s.real_store_dir().display()
+    );
+    let (b, b_out) = add(&s, &drv_json("prober", &script, &[(&a, &a_out)], None));
+    assert_eq!(s.ok(&["realise", &b]).trim(), b_out, "every attempt failed inside the sandbox");
+    let log = s.ok(&["log", &b]);
+    assert!(log.contains("Read-only file system"), "{log}");
+    assert_eq!(s.ok(&["cat", &format!("{a_out}/f")]), "original\n");
+    assert!(
+        s.ok(&["verify", "--check-contents"]).is_empty() || !s.ok(&["verify", "--check-contents"]).contains("modified")
+    );
+}
+
+#[test]
+fn outputs_are_canonical_and_lose_setuid_bits() {
+    let Some(s) = store("") else { return };
+    let script = "mkdir $out; echo x > $out/suid; chmod 4755 $out/suid; echo y > $out/sgid; chmod 2775 $out/sgid; \
+                  mkdir -m 777 $out/d; ln -s suid $out/link; id -u; id -g";
+    let (drv, out) = add(&s, &drv_json("modes", script, &[], None));
+    s.ok(&["realise", &drv]);
+    use std::os::unix::fs::MetadataExt;
+    let real = s.real_store_dir().join(out.rsplit('/').next().unwrap());
+    for (f, mode) in [("suid", 0o100555), ("sgid", 0o100555), ("d", 0o40555)] {
+        let m = std::fs::symlink_metadata(real.join(f)).unwrap();
+        assert_eq!(m.mode(), mode, "{f}: {:o}", m.mode());
+        assert_eq!(m.mtime(), 1);
+    }
+    assert_eq!(s.ok(&["log", &drv]), "1000\n100\n", "the builder sees itself as uid 1000, gid 100");
+}
+
+#[test]
+fn wrong_output_paths_and_unknown_derivations_are_refused() {
+    let Some(s) = store("") else { return };
+    let mut v: serde_json::Value = serde_json::from_str(&drv_json("liar", "echo > $out", &[], None)).unwrap();
+    let claimed = "/nix/store/00000000000000000000000000000000-liar";
+    v["outputs"]["out"]["path"] = claimed.into();
+    let f = s.root.path().join("liar.json");
+    std::fs::write(&f, v.to_string()).unwrap();
+    let err = s.fail(&["derivation", "add", f.to_str().unwrap()], b"");
+    assert!(err.contains(&format!("declares output 'out' at '{claimed}'")), "{err}");
+    let err = s.fail(&["realise", "/nix/store/00000000000000000000000000000000-nothing.drv"], b"");
+    assert!(err.contains("is not valid"), "{err}");
+    let (a, _) = add(&s, &drv_json("a", "echo > $out", &[], None));
+    let err = s.fail(&["realise", &format!("{a}!dev")], b"");
+    assert!(err.contains("has no output 'dev'"), "{err}");
+}
+
+fn sha256(b: &[u8]) -> cairn_nix::Hash {
+    cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, b)
+}
