@@ -22,11 +22,13 @@
 //!    small paths, and one 1 GiB path (half random, half repetitive text: zstd takes it to about
 //!    two thirds), with the one-core zstd + sha256 limit and a write floor for the large one.
 //!    Both destinations are checked once against the seed's NAR hashes, sizes and references.
+//! 6. realising 200 trivial derivations, a chain and a fan-out (`cairn realise` vs `nix-store
+//!    --realise`, both sandboxed): see `build.rs`.
 //!
 //! Each tool starts from a fresh store for every repetition; timings are wall-clock for the
 //! whole command, client start-up included. Inputs are generated, then read once so that both
 //! tools see a warm page cache. Run it with `bench/run` (release build); `bench/run --quick`
-//! uses smaller inputs; `--only gc` (or `add`, `import`, `substitute`, comma-separated) runs some
+//! uses smaller inputs; `--only gc` (or `add`, `import`, `substitute`, `build`, comma-separated) runs some
 //! workloads.
 //! Nothing here is a pass/fail test: it prints what it measured (and stops if the two tools
 //! disagree; in the gc workload, it says so under the table and goes on).
@@ -42,6 +44,8 @@ use anyhow::{bail, ensure, Context, Result};
 use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
+
+mod build;
 
 struct Opts {
     tree_mib: u64,
@@ -62,7 +66,7 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 4] = ["add", "import", "gc", "substitute"];
+const WORKLOADS: [&str; 5] = ["add", "import", "gc", "substitute", "build"];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -92,7 +96,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
@@ -554,6 +558,9 @@ fn main() -> Result<()> {
     }
     if o.runs("substitute") {
         bench_substitute(&o, w, with_nix, &mut table)?;
+    }
+    if o.runs("build") {
+        build::bench_build(&o, w, with_nix, &mut table)?;
     }
     // Removing the inputs and stores (several GiB) is not measured.
     rm_rf(w);

@@ -85,14 +85,21 @@ fn processes(argv: &[&str]) -> Vec<u32> {
         .collect()
 }
 
-/// Build directories this daemon left behind.
+/// Build directories this daemon left behind, once its background removals had 10 s.
 fn build_dirs(s: &TestStore) -> Vec<String> {
     let pid = s.pid();
-    std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("cairn-build-") && n.contains(&format!("-{pid}-")))
-        .collect()
+    let started = Instant::now();
+    loop {
+        let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("cairn-build-") && n.contains(&format!("-{pid}-")))
+            .collect();
+        if left.is_empty() || started.elapsed() > Duration::from_secs(10) {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

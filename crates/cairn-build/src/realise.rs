@@ -384,6 +384,7 @@ impl Builder {
         let name = drv_path.name().trim_end_matches(".drv").to_owned();
         let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
         let host_ids = uid_slot.ids();
+        let t0 = std::time::Instant::now();
         let prepared = {
             let top = top.clone();
             tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids))
@@ -403,6 +404,7 @@ impl Builder {
         let mut tail: VecDeque<String> = VecDeque::new();
         let limits = RunLimits { timeout: self.settings.timeout, max_silent: self.settings.max_silent };
         let (uid, gid) = host_ids.unwrap_or_else(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()));
+        let t1 = t0.elapsed();
         let ended = run(&self.settings.helper, &spec, uid, gid, limits, |line| {
             let _ = log.line(line);
             if tail.len() == TAIL_LINES {
@@ -426,6 +428,7 @@ impl Builder {
             Ok(RunEnd::TimedOut(t)) => Some(format!("building '{shown}' timed out after {} seconds", t.as_secs())),
             Ok(RunEnd::Silent(t)) => Some(format!("'{shown}' timed out after {} seconds of silence", t.as_secs())),
         };
+        let t2 = t0.elapsed();
         let result = match failure {
             Some(m) => Err(m),
             None => {
@@ -440,11 +443,17 @@ impl Builder {
                     .and_then(|r| r)
             }
         };
+        tracing::debug!(drv = %shown, prepare = ?t1, run = ?(t2 - t1), register = ?(t0.elapsed() - t2), "build phases");
+        // The build directory goes in the background: nothing waits for it (on a slow file
+        // system, removing a sandbox root costs as much as the build).
         let keep = result.is_err() && options.keep_failed;
-        let top2 = top.clone();
-        let removed = tokio::task::spawn_blocking(move || if keep { Ok(()) } else { crate::root::remove(&top2) }).await;
-        if let Ok(Err(e)) = removed {
-            tracing::warn!("cannot remove build directory '{}': {e}", top.display());
+        if !keep {
+            let top2 = top.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::root::remove(&top2) {
+                    tracing::warn!("cannot remove build directory '{}': {e}", top2.display());
+                }
+            });
         }
         match result {
             Err(m) if keep => Err(format!("{m}\nnote: keeping build directory '{}'", top.join("root/build").display())),
