@@ -2,7 +2,7 @@
 //! independent leaves and one root that needs them all): `cairn realise` vs `nix-store
 //! --realise`, both sandboxed, both with `max-jobs = 2` and one core per build, `/bin/sh` a static
 //! busybox in both sandboxes. The derivations are instantiated by real `nix-instantiate` from
-//! the expressions under `tests/nix/` and exported into cairn, so both build the same `.drv`s;
+//! the expressions under `nix/tests/` and exported into cairn, so both build the same `.drv`s;
 //! every output path and NAR hash is compared once. Builds do almost nothing, so the times are
 //! the scheduling and sandbox set-up overhead of each tool.
 
@@ -19,7 +19,7 @@ const BUSYBOX: &str = "/bin/busybox";
 fn expressions() -> std::path::PathBuf {
     std::env::var_os("CAIRN_BENCH_NIX")
         .map(Into::into)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/nix"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests"))
 }
 
 fn nix_config() -> String {

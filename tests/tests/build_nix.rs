@@ -1,4 +1,4 @@
-//! Builds compared with real Nix 2.8: the derivations of `tests/nix/interop.nix` are written by
+//! Builds compared with real Nix 2.8: the derivations of `nix/tests/builds.nix` are written by
 //! real `nix-instantiate`, exported into cairn, and realised by both (each sandboxed, with a
 //! static busybox as `/bin/sh`). cairn must compute the same output paths as `nix-store -q
 //! --outputs`, and every output must have the same NAR hash, references and content address as
@@ -53,7 +53,7 @@ fn cairn_builds_what_nix_builds_byte_for_byte() {
         return;
     }
     let n = NixStore::new();
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/interop.nix");
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests/builds.nix");
     let drvs: Vec<String> =
         nix(&n, "nix-instantiate", &[expr.to_str().unwrap(), "--argstr", "narHash", &hello_nar_hash()])
             .lines()
