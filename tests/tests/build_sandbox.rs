@@ -334,3 +334,54 @@ fn wrong_output_paths_and_unknown_derivations_are_refused() {
 fn sha256(b: &[u8]) -> cairn_nix::Hash {
     cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, b)
 }
+
+/// One raw API call over the socket; returns the status line and body.
+fn raw_query(s: &TestStore, body: &str) -> (String, String) {
+    use std::io::Write;
+    let mut c = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    write!(
+        c,
+        "POST /v1/query HTTP/1.1\r\nHost: cairnd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    let status = answer.lines().next().unwrap_or_default().to_owned();
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+#[test]
+fn hostile_derivations_are_refused_in_one_line_and_nothing_is_added() {
+    let Some(s) = store("") else { return };
+    let before = s.store_entries();
+    let garbage = [
+        "Derive([(\"out\",\"\",\"\",\"\")],[],[],\"x\",\"/bin/sh\",[],[(\"name\",\"x\"",
+        "Derive(",
+        "not a derivation at all",
+        // An input derivation that is not in the store.
+        "Derive([(\"out\",\"\",\"\",\"\")],[(\"/nix/store/00000000000000000000000000000000-gone.drv\",[\"out\"])],[],\
+         \"x86_64-linux\",\"/bin/sh\",[],[(\"name\",\"x\"),(\"out\",\"\")])",
+        // A name that is no store path name.
+        "Derive([(\"out\",\"\",\"\",\"\")],[],[],\"x86_64-linux\",\"/bin/sh\",[],[(\"name\",\"../x\"),(\"out\",\"\")])",
+        // A fixed output with a hash that is not one.
+        "Derive([(\"out\",\"\",\"sha256\",\"zz\")],[],[],\"x86_64-linux\",\"/bin/sh\",[],[(\"name\",\"x\"),(\"out\",\"\")])",
+    ];
+    for aterm in garbage {
+        let body = serde_json::json!({ "op": "add-derivation", "aterm": aterm }).to_string();
+        let (status, answer) = raw_query(&s, &body);
+        assert!(status.contains(" 400 ") || status.contains(" 404 "), "{aterm}: {status} {answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_else(|_| panic!("{answer}"));
+        let msg = v["message"].as_str().unwrap();
+        assert!(!msg.contains('\n') && !msg.is_empty(), "{msg}");
+    }
+    let f = s.root.path().join("bad.json");
+    std::fs::write(&f, "{\"outputs\": 3}").unwrap();
+    let err = s.fail(&["derivation", "add", f.to_str().unwrap()], b"");
+    assert!(err.contains("is not a derivation in JSON"), "{err}");
+    assert_eq!(s.store_entries(), before, "nothing was added");
+    let (ok, ok_out) = add(&s, &drv_json("after", "echo > $out", &[], None));
+    assert_eq!(s.ok(&["realise", &ok]).trim(), ok_out, "the daemon still builds");
+}
