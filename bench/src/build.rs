@@ -1,4 +1,4 @@
-//! 6. Realising 200 trivial derivations, a chain (each needs the one before) and a fan-out (200
+//! Workload 6: realising 200 trivial derivations, a chain (each needs the one before) and a fan-out (200
 //! independent leaves and one root that needs them all): `cairn realise` vs `nix-store
 //! --realise`, both sandboxed, both with `max-jobs = 2` and one core per build, `/bin/sh` a static
 //! busybox in both sandboxes. The derivations are instantiated by real `nix-instantiate` from

@@ -1,7 +1,8 @@
 //! Builds: `POST /v1/realise` (events streamed as JSON lines), `GET /v1/log`, and the
 //! derivation queries (`add-derivation`, `derivation-outputs`).
 //!
-//! Any allowed user may build, as with Nix's daemon: a derivation's outputs are determined by the
+//! Outputs that the configured substituters have are substituted rather than built, as Nix
+//! does. Any allowed user may build, as with Nix's daemon: a derivation's outputs are determined by the
 //! derivation (its output paths are checked against its hash before it builds), and builds run
 //! sandboxed as build users, never as the daemon's user.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use cairn_api::config::{state_dir, Settings};
 use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResult};
@@ -20,6 +21,7 @@ use cairn_build::{BuildError, BuildSettings, Event, Goal, LogStore, Options};
 use cairn_nix::{StoreDir, StorePath};
 use tokio::sync::mpsc;
 
+use crate::auth::Peer;
 use crate::convert::{self, store_path};
 use crate::error::{ApiError, ApiResult};
 use crate::handlers::AppState;
@@ -81,13 +83,66 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
     o.iter().map(|(k, v)| (k.clone(), dir.display(v))).collect()
 }
 
-pub async fn realise(State(st): State<Arc<AppState>>, Json(req): Json<RealiseRequest>) -> ApiResult<HttpResponse> {
+/// Substitutes the missing outputs of the goals from the configured substituters, as Nix tries
+/// before it builds; what cannot be substituted is built. Failures here only mean building.
+async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[Goal]) {
+    let sub = &st.substitution;
+    if sub.configured.is_empty() {
+        return;
+    }
+    let st2 = st.clone();
+    let goals2 = goals.to_vec();
+    let missing = tokio::task::spawn_blocking(move || {
+        let mut drvs = cairn_build::derivations::Derivations::new(&st2.store);
+        let mut missing = Vec::new();
+        for g in &goals2 {
+            let Ok(outputs) = drvs.outputs(&g.drv) else { continue };
+            for (name, p) in outputs {
+                let wanted = g.outputs.as_ref().is_none_or(|w| w.contains(&name));
+                if wanted && !st2.store.is_valid(&p).unwrap_or(true) {
+                    missing.push(p);
+                }
+            }
+        }
+        missing
+    })
+    .await
+    .unwrap_or_default();
+    if missing.is_empty() {
+        return;
+    }
+    let job = cairn_cache::substitute::Job {
+        store: st.store.clone(),
+        substituters: sub.configured.clone(),
+        lookups: sub.lookups.clone(),
+        policy: sub.policy.clone(),
+        limits: sub.limits,
+        client: peer.client,
+        progress: Arc::new(cairn_cache::Progress::default()),
+        repair: false,
+    };
+    match cairn_cache::substitute(job, &missing).await {
+        Ok(r) => {
+            for i in &r.added {
+                tracing::info!(path = %st.store_dir.display(&i.path), "substituted instead of building");
+            }
+        }
+        Err(e) => tracing::warn!("substitution before building failed: {e}"),
+    }
+}
+
+pub async fn realise(
+    State(st): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    Json(req): Json<RealiseRequest>,
+) -> ApiResult<HttpResponse> {
     let dir = st.store_dir.clone();
     if req.paths.is_empty() {
         return Err(ApiError::bad_request("nothing to realise: name at least one derivation"));
     }
     let goals = req.paths.iter().map(|p| goal(&dir, p)).collect::<ApiResult<Vec<_>>>()?;
     let options = Options { keep_going: req.keep_going, keep_failed: req.keep_failed };
+    substitute_first(&st, &peer, &goals).await;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();
     tokio::spawn(async move {

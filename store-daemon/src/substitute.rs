@@ -27,10 +27,10 @@ use crate::handlers::AppState;
 
 /// What every substitution shares.
 pub struct Substitution {
-    configured: Vec<Arc<Substituter>>,
-    lookups: Arc<NarInfoCache>,
+    pub(crate) configured: Vec<Arc<Substituter>>,
+    pub(crate) lookups: Arc<NarInfoCache>,
     net: NetOptions,
-    limits: Limits,
+    pub(crate) limits: Limits,
     pub policy: Policy,
 }
 

@@ -385,3 +385,28 @@ fn hostile_derivations_are_refused_in_one_line_and_nothing_is_added() {
     let (ok, ok_out) = add(&s, &drv_json("after", "echo > $out", &[], None));
     assert_eq!(s.ok(&["realise", &ok]).trim(), ok_out, "the daemon still builds");
 }
+
+#[test]
+fn outputs_a_substituter_has_are_substituted_not_built() {
+    let Some(a) = store("") else { return };
+    let json = drv_json("cached", "echo built once > $out", &[], None);
+    let (drv, out) = add(&a, &json);
+    a.ok(&["realise", &drv]);
+    let (sk, pk) = (a.root.path().join("sk"), a.root.path().join("pk"));
+    a.ok(&["key", "generate", "builds-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let cache = a.root.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    a.ok(&["copy", "--to", &url, "--secret-key-file", sk.to_str().unwrap(), &out]);
+    let key = std::fs::read_to_string(&pk).unwrap();
+    let Some(b) = store(&format!("substituters = [\"{url}\"]\ntrusted-public-keys = [\"{}\"]", key.trim())) else {
+        return;
+    };
+    let (drv_b, out_b) = add(&b, &json);
+    assert_eq!((drv_b.as_str(), out_b.as_str()), (drv.as_str(), out.as_str()));
+    assert_eq!(b.ok(&["realise", &drv_b]).trim(), out);
+    let log = b.log();
+    assert!(log.contains("substituted instead of building"), "{log}");
+    assert!(!log.contains("building drv="), "nothing was built: {log}");
+    let info: serde_json::Value = serde_json::from_str(&b.ok(&["path-info", "--json", &out])).unwrap();
+    assert!(info[0]["signatures"][0].as_str().unwrap().starts_with("builds-1:"), "{info}");
+}
