@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::{Extension, Json};
@@ -199,12 +198,7 @@ pub async fn realise(
         };
         let _ = tx.send(line(&event)).await;
     });
-    let body =
-        futures_util::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
-        );
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+    Ok(crate::handlers::json_lines(rx))
 }
 
 /// `GET /v1/log?path=`: a derivation's last build log, or its deriver's for an output.

@@ -41,6 +41,17 @@ pub struct AppState {
 
 type St = State<Arc<AppState>>;
 
+/// A streamed answer of JSON lines, one per message received on `rx`, ending when its senders
+/// are gone.
+pub(crate) fn json_lines(rx: mpsc::Receiver<Bytes>) -> HttpResponse {
+    let body =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+        );
+    ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response()
+}
+
 /// The router, without per-connection state (the server adds the [`Peer`]).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()

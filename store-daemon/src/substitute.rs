@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
 use bytes::Bytes;
 use cairn_api::config::Settings;
@@ -174,12 +173,7 @@ pub async fn handler(
         };
         let _ = tx.send(line(&event)).await;
     });
-    let body =
-        futures_util::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
-        );
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+    Ok(crate::handlers::json_lines(rx))
 }
 
 /// `verify --repair`: checks the store, then substitutes every missing or modified path again

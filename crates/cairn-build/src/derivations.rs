@@ -102,24 +102,30 @@ impl<'s> Derivations<'s> {
         })
     }
 
-    /// The derivation's output paths, recomputed and compared with what it declares.
-    pub fn outputs(&mut self, path: &StorePath) -> Result<BTreeMap<String, StorePath>, BuildError> {
-        if let Some(o) = self.checked.get(path) {
-            return Ok(o.clone());
-        }
-        let drv = self.load(path)?;
+    /// The output paths `drv`'s hash gives (its input derivations' hashes computed first).
+    fn computed_outputs(&mut self, drv: &Derivation) -> Result<BTreeMap<String, StorePath>, BuildError> {
         for input in drv.input_drvs.keys() {
             let ip = self.parse_input(input)?;
             self.modulo(&ip)?;
         }
         let dir = self.store.store_dir().clone();
         let memo = &self.modulo;
-        let computed = drv.output_paths::<BuildError>(&dir, &mut |p: &str| {
+        drv.output_paths::<BuildError>(&dir, &mut |p: &str| {
             let sp = dir.parse(p).map_err(DerivationError::from)?;
             memo.get(&sp)
                 .cloned()
                 .ok_or_else(|| DerivationError::MissingInputOutput(p.to_owned(), String::new()).into())
-        })?;
+        })
+    }
+
+    /// The derivation's output paths, recomputed and compared with what it declares.
+    pub fn outputs(&mut self, path: &StorePath) -> Result<BTreeMap<String, StorePath>, BuildError> {
+        if let Some(o) = self.checked.get(path) {
+            return Ok(o.clone());
+        }
+        let drv = self.load(path)?;
+        let computed = self.computed_outputs(&drv)?;
+        let dir = self.store.store_dir().clone();
         for (name, out) in &drv.outputs {
             let want = computed.get(name).map(|p| dir.display(p)).unwrap_or_default();
             if out.path != want {
@@ -145,18 +151,8 @@ impl<'s> Derivations<'s> {
         for out in drv.outputs.keys() {
             drv.env.entry(out.clone()).or_default();
         }
-        for input in drv.input_drvs.keys() {
-            let ip = self.parse_input(input)?;
-            self.modulo(&ip)?;
-        }
+        let computed = self.computed_outputs(drv)?;
         let dir = self.store.store_dir().clone();
-        let memo = &self.modulo;
-        let computed = drv.output_paths::<BuildError>(&dir, &mut |p: &str| {
-            let sp = dir.parse(p).map_err(DerivationError::from)?;
-            memo.get(&sp)
-                .cloned()
-                .ok_or_else(|| DerivationError::MissingInputOutput(p.to_owned(), String::new()).into())
-        })?;
         for (out, o) in drv.outputs.iter_mut() {
             let want = computed.get(out).map(|p| dir.display(p)).unwrap_or_default();
             if o.path.is_empty() {
