@@ -25,6 +25,7 @@
 //! stay stable while the store changes.
 
 pub mod config;
+pub mod image;
 
 use std::collections::BTreeMap;
 
@@ -51,6 +52,14 @@ pub mod routes {
     pub const REALISE: &str = "/v1/realise";
     /// The log of a past build of a derivation (or of the deriver of an output), as text.
     pub const LOG: &str = "/v1/log";
+    /// An OCI blob's bytes ([`super::image`]).
+    pub const OCI_BLOB: &str = "/v1/oci/blob";
+    /// An image layout from stored manifests ([`super::image::CommitRequest`]).
+    pub const OCI_COMMIT: &str = "/v1/oci/commit";
+    /// A pull from a registry ([`super::image::PullRequest`]).
+    pub const OCI_PULL: &str = "/v1/oci/pull";
+    /// A push to a registry ([`super::image::PushRequest`]).
+    pub const OCI_PUSH: &str = "/v1/oci/push";
 }
 
 /// Answer of `GET /v1/version`.
@@ -157,6 +166,16 @@ pub enum Request {
     /// The output paths of derivations, recomputed from their inputs and checked against what
     /// they declare. Answered by [`Response::Outputs`].
     DerivationOutputs { paths: Vec<String> },
+    /// Every tagged image. Answered by [`Response::Images`].
+    ImageList,
+    /// Details of one image (a tag `NAME[:TAG]`, an image digest or a layout path). Answered
+    /// by [`Response::Image`].
+    ImageInspect { image: String },
+    /// Points `tag` at `image`. Answered by [`Response::Images`] with the image.
+    ImageTag { image: String, tag: String },
+    /// Removes tags (the images stay until collected). Answered by [`Response::Paths`] with
+    /// the layouts they pointed at.
+    ImageUntag { tags: Vec<String> },
 }
 
 /// Body of `POST /v1/realise`: derivations to build, each `DRV` or `DRV!out1,out2`. The answer
@@ -322,6 +341,8 @@ pub enum Response {
     Verify(VerifyResult),
     /// Output name → path, per derivation.
     Outputs(BTreeMap<String, BTreeMap<String, String>>),
+    Images(Vec<image::ImageInfo>),
+    Image(Box<image::ImageDetail>),
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon
@@ -359,6 +380,13 @@ pub struct AddQuery {
     /// is part of the NAR and so of the NAR hash.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub executable: bool,
+}
+
+/// Query string of `POST /v1/oci/blob`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobQuery {
+    pub digest: String,
+    pub size: u64,
 }
 
 /// Query string of `GET /v1/nar` and `GET /v1/cat`.

@@ -30,7 +30,7 @@ const WRITEBACK_KICK: u64 = 64 * 1024;
 /// before it is registered; starting early lets the disk work while the rest of the path still
 /// arrives, so the final `syncfs` mostly finds the work done. (On Linux, `POSIX_FADV_DONTNEED`
 /// starts asynchronous writeback of dirty pages and drops only pages that are already clean.)
-fn start_writeback(f: &File) {
+pub(crate) fn start_writeback(f: &File) {
     use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
     let _ = posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
 }

@@ -23,12 +23,14 @@
 
 mod access;
 mod batch;
+mod blobs;
 mod fsops;
 mod gc;
 mod import;
 mod locks;
 mod optimise;
 mod reclaim;
+pub mod tags;
 pub mod roots;
 mod transfer;
 mod verify;
@@ -93,6 +95,10 @@ pub enum StoreError {
     TrailingData,
     #[error("NAR hash mismatch for '{path}': recorded {expected}, got {actual}")]
     HashMismatch { path: String, expected: String, actual: String },
+    #[error("'{name}' does not have the digest that names it: expected {expected}, got {actual}")]
+    ContentMismatch { name: String, expected: String, actual: String },
+    #[error("invalid tag root name '{0}' (no '/', not starting with '.')")]
+    BadTagName(String),
     #[error("'{path}' references '{reference}', which is neither valid nor earlier in the stream")]
     MissingReference { path: String, reference: String },
     #[error("'{0}' is not a path inside a store path (no '.', '..' or symlinks on the way)")]

@@ -1,0 +1,157 @@
+//! The socket API's image types: OCI blobs, layouts and tags in the store, and pulls and pushes
+//! that cairnd runs against registries.
+//!
+//! | route | body in | body out |
+//! |---|---|---|
+//! | `POST /v1/oci/blob?digest=D&size=N` | the blob's bytes | [`crate::PathInfo`] of its store path |
+//! | `POST /v1/oci/commit` | [`CommitRequest`] | [`ImageInfo`] |
+//! | `POST /v1/oci/pull` | [`PullRequest`] | [`ImageEvent`]s, one JSON object per line |
+//! | `POST /v1/oci/push` | [`PushRequest`] | [`ImageEvent`]s, one JSON object per line |
+//!
+//! Listing, tagging and inspecting are [`crate::Request`]s of `POST /v1/query`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorBody;
+
+/// A content descriptor as the image spec spells it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DescriptorWire {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    /// `os/arch[/variant]`, for index entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+}
+
+/// Body of `POST /v1/oci/commit`: make an image layout of the manifests named (each a valid
+/// blob, as is every blob they reach) and optionally tag it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommitRequest {
+    pub manifests: Vec<DescriptorWire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// An image in the store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageInfo {
+    /// The tags pointing at it (`NAME:TAG`), sorted.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The digest of its top manifest (or index): the image's digest, as registries report it.
+    pub digest: String,
+    pub media_type: String,
+    /// The store path of its layout.
+    pub layout: String,
+    /// Sum of its blobs' sizes.
+    pub size: u64,
+    /// Number of blobs (manifests, configs, layers).
+    pub blobs: u64,
+}
+
+/// One layer of an inspected image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerInfo {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    /// The store path holding it.
+    pub path: String,
+}
+
+/// What `image inspect` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageDetail {
+    #[serde(flatten)]
+    pub info: ImageInfo,
+    /// The platforms of an index's manifests; for an image, its config's `os/arch`.
+    pub platforms: Vec<String>,
+    /// The (first) image manifest's config, parsed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    pub layers: Vec<LayerInfo>,
+    /// Every blob of the image, manifests first: what an export copies.
+    pub contents: Vec<DescriptorWire>,
+}
+
+/// Registry credentials, read by the CLI from the caller's auth files or flags.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub struct RegistryOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+    /// `false`: plain HTTP (or HTTPS without certificate checks), as skopeo's `--tls-verify=false`.
+    #[serde(default = "yes")]
+    pub tls_verify: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Body of `POST /v1/oci/pull`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct PullRequest {
+    /// `HOST/NAME[:TAG|@DIGEST]` (what follows `docker://`).
+    pub source: String,
+    /// The tag to give the image (default: the source's `HOST/NAME:TAG`; none for a digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// `os/arch[/variant]` to select from an index (default: this machine's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Keep the whole index and every platform's image.
+    #[serde(default)]
+    pub all_platforms: bool,
+    #[serde(default)]
+    pub registry: RegistryOptions,
+}
+
+/// Body of `POST /v1/oci/push`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct PushRequest {
+    /// A tag in the store (`NAME[:TAG]`) or an image digest.
+    pub image: String,
+    /// `HOST/NAME[:TAG|@DIGEST]`.
+    pub destination: String,
+    #[serde(default)]
+    pub registry: RegistryOptions,
+}
+
+/// One line of a pull's or push's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum ImageEvent {
+    /// Counters so far (sent a few times a second while blobs move).
+    #[serde(rename_all = "camelCase")]
+    Progress { blobs_total: u64, blobs_done: u64, bytes_total: u64, bytes_done: u64 },
+    /// The end of a pull: the image, and what was fetched or already there.
+    #[serde(rename_all = "camelCase")]
+    Pulled { image: ImageInfo, blobs_fetched: u64, bytes_fetched: u64, blobs_skipped: u64, bytes_skipped: u64 },
+    /// The end of a push: the pushed manifest's digest, and what was uploaded, already there or
+    /// mounted from another repository.
+    #[serde(rename_all = "camelCase")]
+    Pushed { digest: String, blobs_uploaded: u64, bytes_uploaded: u64, blobs_skipped: u64, blobs_mounted: u64 },
+    Error(ErrorBody),
+}

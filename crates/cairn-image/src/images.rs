@@ -1,0 +1,255 @@
+//! Images in the store: layouts made from stored blobs, tags, and what a user names.
+//!
+//! All calls block (file system, SQLite): the daemon runs them on its blocking pool.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Read;
+use std::sync::Arc;
+
+use cairn_nix::StorePath;
+use cairn_oci::layout::{self, blob_name, blob_path, digest_of_blob_name};
+use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest, ManifestKind};
+use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
+use cairn_store::{LocalStore, TempRootGuard};
+
+use crate::{ImageError, Result};
+
+/// A stored image: its layout path and the manifests its `index.json` lists.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub layout: StorePath,
+    pub manifests: Vec<Descriptor>,
+    /// Every blob the layout links to.
+    pub blobs: BTreeSet<Digest>,
+}
+
+impl Image {
+    /// The image's digest: its (first) top manifest's.
+    pub fn digest(&self) -> &Digest {
+        &self.manifests[0].digest
+    }
+}
+
+/// Image operations over one store.
+#[derive(Clone)]
+pub struct Images {
+    pub store: Arc<LocalStore>,
+}
+
+impl Images {
+    pub fn new(store: Arc<LocalStore>) -> Images {
+        Images { store }
+    }
+
+    /// The store path of a blob.
+    pub fn blob_path(&self, d: &Digest) -> StorePath {
+        blob_path(self.store.store_dir(), d)
+    }
+
+    /// Roots the blob paths of `digests` for the life of the guard (before any validity check).
+    pub fn root_blobs<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> TempRootGuard {
+        self.store.temp_root(digests.into_iter().map(|d| self.blob_path(d)).collect::<Vec<_>>())
+    }
+
+    /// Whether a blob is in the store.
+    pub fn has_blob(&self, d: &Digest) -> Result<bool> {
+        Ok(self.store.is_valid(&self.blob_path(d))?)
+    }
+
+    /// Adds a blob's bytes, refused unless they have `digest` and `size`.
+    pub fn add_blob(&self, digest: &Digest, size: u64, input: impl Read) -> Result<cairn_store::PathInfo> {
+        Ok(self.store.add_flat_expecting(&blob_name(digest), input, size, &digest.to_hash())?)
+    }
+
+    /// A stored manifest's bytes (callers hold a root on it). Refuses a blob larger than any
+    /// manifest may be, or one whose size is not what its descriptor says.
+    pub fn read_manifest(&self, d: &Descriptor, referrer: &str) -> Result<Vec<u8>> {
+        let path = self.blob_path(&d.digest);
+        if !self.store.is_valid(&path)? {
+            return Err(ImageError::MissingBlob { digest: d.digest.to_string(), referrer: referrer.to_owned() });
+        }
+        if d.size > MAX_MANIFEST_SIZE {
+            return Err(cairn_oci::OciError::ManifestTooLarge { size: d.size }.into());
+        }
+        let real = self.store.real_path(&path);
+        let bytes = fs::read(&real).map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+        if bytes.len() as u64 != d.size {
+            return Err(ImageError::BlobSize {
+                digest: d.digest.to_string(),
+                referrer: referrer.to_owned(),
+                expected: d.size,
+                actual: bytes.len() as u64,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Every blob `top` reaches (itself included), each checked to be in the store with the
+    /// size its descriptor gives; manifests are parsed as they are met.
+    pub fn closure(&self, top: &[Descriptor], roots: &mut TempRootGuardSet) -> Result<BTreeSet<Digest>> {
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<(Descriptor, String)> = top.iter().map(|d| (d.clone(), "the image".to_owned())).collect();
+        while let Some((d, referrer)) = todo.pop() {
+            if !seen.insert(d.digest.clone()) {
+                continue;
+            }
+            roots.hold(self.root_blobs([&d.digest]));
+            if is_manifest_type(&d.media_type) {
+                let bytes = self.read_manifest(&d, &referrer)?;
+                let m = Manifest::parse(&bytes, Some(&d.media_type))?;
+                let name = format!("manifest {}", d.digest);
+                for c in m.children {
+                    todo.push((c, name.clone()));
+                }
+            } else {
+                let Some(size) = self.blob_size(&d.digest)? else {
+                    return Err(ImageError::MissingBlob { digest: d.digest.to_string(), referrer });
+                };
+                if size != d.size {
+                    return Err(ImageError::BlobSize {
+                        digest: d.digest.to_string(),
+                        referrer,
+                        expected: d.size,
+                        actual: size,
+                    });
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Makes the layout of `manifests` (each stored, as is everything they reach) and points
+    /// `tag` at it.
+    pub fn commit(&self, manifests: Vec<Descriptor>, tag: Option<&TagName>) -> Result<Image> {
+        if manifests.is_empty() {
+            return Err(cairn_oci::OciError::BadLayout("an image needs at least one manifest".into()).into());
+        }
+        let mut roots = TempRootGuardSet::default();
+        let blobs = self.closure(&manifests, &mut roots)?;
+        let l = layout::Layout { manifests, blobs };
+        let dir = self.store.store_dir();
+        let info = self.store.add_nar_with_references(&l.name(), &l.nar(dir)[..], &l.references(dir))?;
+        if let Some(t) = tag {
+            self.store.set_tag(&t.file_name(), &info.path)?;
+        }
+        Ok(Image { layout: info.path, manifests: l.manifests, blobs: l.blobs })
+    }
+
+    /// Reads a stored layout back.
+    pub fn load(&self, layout: &StorePath) -> Result<Image> {
+        let shown = self.store.store_dir().display(layout);
+        let Some(info) = self.store.path_info(layout)? else { return Err(ImageError::NotAnImage(shown)) };
+        let real = self.store.real_path(layout).join("index.json");
+        let bytes = match fs::read(&real) {
+            Ok(b) => b,
+            Err(_) => return Err(ImageError::NotAnImage(shown)),
+        };
+        let manifests = layout::parse_index(&bytes).map_err(|_| ImageError::NotAnImage(shown.clone()))?;
+        if manifests.is_empty() {
+            return Err(ImageError::NotAnImage(shown));
+        }
+        let blobs = info.references.iter().filter_map(|r| digest_of_blob_name(r.name())).collect();
+        Ok(Image { layout: layout.clone(), manifests, blobs })
+    }
+
+    /// What a user names: a layout's store path, an image digest (of a tagged image), or a tag.
+    pub fn resolve(&self, what: &str) -> Result<Image> {
+        let dir = self.store.store_dir();
+        if what.starts_with('/') {
+            let (p, _) = dir.parse_inner(what).map_err(|_| ImageError::NotAnImage(what.to_owned()))?;
+            return self.load(&p);
+        }
+        if let Ok(d) = Digest::parse(what) {
+            for (_, p) in self.store.tags()? {
+                if let Ok(img) = self.load(&p) {
+                    if img.manifests.iter().any(|m| m.digest == d) {
+                        return Ok(img);
+                    }
+                }
+            }
+            return Err(ImageError::NoSuchDigest(what.to_owned()));
+        }
+        let t = TagName::parse(what)?;
+        match self.store.tag(&t.file_name())? {
+            Some(p) => self.load(&p),
+            None => Err(ImageError::NoSuchTag(t.to_string())),
+        }
+    }
+
+    /// Every tag and the image it names, by layout.
+    pub fn list(&self) -> Result<Vec<(Image, Vec<TagName>)>> {
+        let mut by_layout: BTreeMap<StorePath, Vec<TagName>> = BTreeMap::new();
+        for (file, p) in self.store.tags()? {
+            if let Ok(t) = TagName::from_file_name(&file) {
+                by_layout.entry(p).or_default().push(t);
+            }
+        }
+        let mut out = Vec::new();
+        for (p, tags) in by_layout {
+            if let Ok(img) = self.load(&p) {
+                out.push((img, tags));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tags naming a layout.
+    pub fn tags_of(&self, layout: &StorePath) -> Result<Vec<TagName>> {
+        Ok(self
+            .store
+            .tags()?
+            .into_iter()
+            .filter(|(_, p)| p == layout)
+            .filter_map(|(f, _)| TagName::from_file_name(&f).ok())
+            .collect())
+    }
+
+    /// The sum of a set of blobs' sizes.
+    pub fn size_of(&self, blobs: &BTreeSet<Digest>) -> Result<u64> {
+        let mut total = 0;
+        for d in blobs {
+            total += self.blob_size(d)?.unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    /// The size of a stored blob, or `None` if it is not valid.
+    pub fn blob_size(&self, d: &Digest) -> Result<Option<u64>> {
+        let path = self.blob_path(d);
+        if !self.store.is_valid(&path)? {
+            return Ok(None);
+        }
+        let real = self.store.real_path(&path);
+        let m = fs::symlink_metadata(&real).map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+        Ok(Some(m.len()))
+    }
+
+    /// Every image manifest an image holds (an index's entries that are stored, recursively),
+    /// with their parsed contents.
+    pub fn image_manifests(&self, img: &Image) -> Result<Vec<(Descriptor, Manifest)>> {
+        let mut out = Vec::new();
+        let mut todo: Vec<Descriptor> = img.manifests.iter().rev().cloned().collect();
+        while let Some(d) = todo.pop() {
+            if !img.blobs.contains(&d.digest) {
+                continue;
+            }
+            let m = Manifest::parse(&self.read_manifest(&d, "the image")?, Some(&d.media_type))?;
+            match m.kind {
+                ManifestKind::Image => out.push((d, m)),
+                ManifestKind::Index => todo.extend(m.children.iter().rev().filter(|c| is_manifest_type(&c.media_type)).cloned()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Temporary roots gathered while walking an image.
+#[derive(Default)]
+pub struct TempRootGuardSet(Vec<TempRootGuard>);
+
+impl TempRootGuardSet {
+    pub fn hold(&mut self, g: TempRootGuard) {
+        self.0.push(g);
+    }
+}

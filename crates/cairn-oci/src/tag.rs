@@ -1,0 +1,227 @@
+//! Local image names: `NAME[:TAG]`, the names `cairn image tag` gives and the garbage
+//! collector's roots for images.
+//!
+//! A name is a repository as distribution spells it (lower-case path components, optionally
+//! led by a registry host with a port, as `127.0.0.1:5000/team/app`), so a pulled image can keep
+//! the name it was pulled by, and the same name can be served back by cairnd's registry. A tag
+//! is kept as a symlink in the gcroots directory; [`TagName::file_name`] is that symlink's name,
+//! reversible and free of `/`.
+
+use std::fmt;
+
+use crate::{OciError, Result};
+
+/// A repository name and a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TagName {
+    name: String,
+    tag: String,
+}
+
+/// The tag of a name given without one.
+pub const DEFAULT_TAG: &str = "latest";
+
+impl TagName {
+    /// Parses `NAME[:TAG]`; the tag defaults to `latest`.
+    pub fn parse(s: &str) -> Result<TagName> {
+        let (name, tag) = split_tag(s);
+        TagName::new(name, tag.unwrap_or(DEFAULT_TAG))
+    }
+
+    pub fn new(name: &str, tag: &str) -> Result<TagName> {
+        validate_repository(name)?;
+        validate_tag(tag)?;
+        Ok(TagName { name: name.to_owned(), tag: tag.to_owned() })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The name of the root symlink: the name with `%`, `/` and `:` percent-encoded, `:`, the tag.
+    pub fn file_name(&self) -> String {
+        let mut s = String::with_capacity(self.name.len() + self.tag.len() + 8);
+        for c in self.name.chars() {
+            match c {
+                '%' => s.push_str("%25"),
+                '/' => s.push_str("%2F"),
+                ':' => s.push_str("%3A"),
+                c => s.push(c),
+            }
+        }
+        s.push(':');
+        s.push_str(&self.tag);
+        s
+    }
+
+    /// The inverse of [`file_name`](Self::file_name).
+    pub fn from_file_name(f: &str) -> Result<TagName> {
+        let (enc, tag) = f.rsplit_once(':').ok_or_else(|| OciError::BadName(f.to_owned()))?;
+        let name = enc.replace("%2F", "/").replace("%3A", ":").replace("%25", "%");
+        TagName::new(&name, tag)
+    }
+}
+
+impl fmt::Display for TagName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.name, self.tag)
+    }
+}
+
+/// Splits `NAME[:TAG]` at the last `:` that is not part of a host's port (a `:` followed later by
+/// a `/` belongs to the host).
+pub(crate) fn split_tag(s: &str) -> (&str, Option<&str>) {
+    match s.rfind(':') {
+        Some(i) if !s[i + 1..].contains('/') => (&s[..i], Some(&s[i + 1..])),
+        _ => (s, None),
+    }
+}
+
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`, as distribution's tag grammar.
+pub fn validate_tag(tag: &str) -> Result<()> {
+    let b = tag.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(OciError::BadTag(tag.chars().take(200).collect()))
+    }
+}
+
+/// A repository name: an optional registry host (`host[:port]`, told apart by a `.` or `:` or by
+/// being `localhost`) and path components of `[a-z0-9]` joined by `.`, `_`, `__` or `-`s.
+pub fn validate_repository(name: &str) -> Result<()> {
+    let bad = || OciError::BadName(name.chars().take(200).collect());
+    if name.is_empty() || name.len() > 255 {
+        return Err(bad());
+    }
+    let mut parts = name.split('/').peekable();
+    let first = *parts.peek().ok_or_else(bad)?;
+    if name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost") {
+        validate_host(first).map_err(|_| bad())?;
+        parts.next();
+    }
+    let mut any = false;
+    for p in parts {
+        any = true;
+        if !valid_component(p) {
+            return Err(bad());
+        }
+    }
+    if any {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// `[A-Za-z0-9.-]+` (no leading or trailing `.`/`-`) with an optional `:port`, or `[v6]:port`.
+pub fn validate_host(host: &str) -> Result<(), ()> {
+    let (h, port) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
+        _ => (host, None),
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+    }
+    if let Some(v6) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return if !v6.is_empty() && v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') { Ok(()) } else { Err(()) };
+    }
+    let b = h.as_bytes();
+    let edge = |c: u8| c == b'.' || c == b'-';
+    if b.is_empty() || edge(b[0]) || edge(b[b.len() - 1]) || !b.iter().all(|c| c.is_ascii_alphanumeric() || edge(*c)) {
+        return Err(());
+    }
+    Ok(())
+}
+
+fn valid_component(p: &str) -> bool {
+    let b = p.as_bytes();
+    if b.is_empty() || !b[0].is_ascii_lowercase() && !b[0].is_ascii_digit() {
+        return false;
+    }
+    let last = b[b.len() - 1];
+    if !(last.is_ascii_lowercase() || last.is_ascii_digit()) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        // A separator: ".", "_", "__" or a run of "-", then an alphanumeric.
+        let start = i;
+        match c {
+            b'.' => i += 1,
+            b'_' => i += if b.get(i + 1) == Some(&b'_') { 2 } else { 1 },
+            b'-' => {
+                while b.get(i) == Some(&b'-') {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+        if i == start || !b.get(i).is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn names_and_tags() {
+        let t = TagName::parse("127.0.0.1:5000/team/app:v1.2").unwrap();
+        assert_eq!((t.name(), t.tag()), ("127.0.0.1:5000/team/app", "v1.2"));
+        assert_eq!(TagName::parse("alpine").unwrap().to_string(), "alpine:latest");
+        assert_eq!(TagName::parse("localhost:5000/x").unwrap().tag(), "latest");
+        for bad in ["", "Alpine", "a//b", "a/", "/a", "a:", "a:-x", "a:.x", "a b", "a..b", "../x", "a/.."] {
+            assert!(TagName::parse(bad).is_err(), "{bad}");
+        }
+        assert!(TagName::parse("a__b/c-d--e.f:_x").is_ok());
+    }
+
+    #[test]
+    fn file_names_reverse() {
+        let t = TagName::parse("localhost:5000/a/b:t").unwrap();
+        assert_eq!(t.file_name(), "localhost%3A5000%2Fa%2Fb:t");
+        assert_eq!(TagName::from_file_name(&t.file_name()).unwrap(), t);
+        assert!(!t.file_name().contains('/'));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(s in "\\PC{0,80}") {
+            if let Ok(t) = TagName::parse(&s) {
+                prop_assert_eq!(TagName::from_file_name(&t.file_name()).unwrap(), t);
+            }
+        }
+
+        #[test]
+        fn valid_names_round_trip(
+            host in proptest::option::of("[a-z0-9]{1,8}\\.[a-z]{2,4}(:[0-9]{1,5})?"),
+            comps in proptest::collection::vec("[a-z0-9]{1,6}([._-][a-z0-9]{1,6})?", 1..4),
+            tag in "[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}",
+        ) {
+            let name = host.into_iter().chain(comps).collect::<Vec<_>>().join("/");
+            let t = TagName::new(&name, &tag).unwrap();
+            prop_assert_eq!(TagName::parse(&t.to_string()).unwrap(), t.clone());
+            prop_assert_eq!(TagName::from_file_name(&t.file_name()).unwrap(), t);
+        }
+    }
+}
