@@ -249,6 +249,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Realise { paths, keep_going, keep_failed, out_link, quiet, json } => {
             crate::build::realise(&ctx, &paths, keep_going, keep_failed, out_link.as_deref(), quiet, json).await?;
         }
+        Command::Image(cmd) => crate::image::run(&ctx, cmd).await?,
         Command::Log { path } => {
             let p = ctx.store_path(&path)?;
             let r = ctx.client().await?.log(&p).await?;
@@ -385,7 +386,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 pub(crate) struct Ctx {
-    settings: Settings,
+    pub(crate) settings: Settings,
     cli_store: cairn_daemon::args::StoreArgs,
 }
 

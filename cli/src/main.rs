@@ -8,6 +8,7 @@ mod build;
 mod cache;
 mod commands;
 mod connect;
+mod image;
 mod progress;
 
 use std::path::PathBuf;
@@ -245,6 +246,9 @@ pub enum Command {
     /// Derivations (`.drv` store paths).
     #[command(subcommand)]
     Derivation(DerivationCommand),
+    /// OCI images: pull, push, list, tag, inspect.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Run the daemon in the foreground (what `cairnd` does).
     Daemon,
     /// Print the client's and the daemon's versions.

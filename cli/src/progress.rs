@@ -71,3 +71,23 @@ impl<R: io::Read> io::Read for CountingRead<R> {
         Ok(n)
     }
 }
+
+/// An async reader that advances a progress bar.
+pub struct CountingAsync<R> {
+    pub inner: R,
+    pub bar: ProgressBar,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingAsync<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.bar.inc(n as u64);
+        r
+    }
+}

@@ -43,7 +43,9 @@ impl From<StoreError> for ApiError {
             | MissingReference { .. }
             | UnsupportedFileType(_)
             | BadInnerPath(_)
-            | NotAFile(_) => ErrorKind::BadRequest,
+            | NotAFile(_)
+            | ContentMismatch { .. }
+            | BadTagName(_) => ErrorKind::BadRequest,
             Db(cairn_db::DbError::MissingReference { .. }) => ErrorKind::BadRequest,
             Io { .. } | NarWrite { .. } | Db(_) | Locked(_) => ErrorKind::Internal,
         };

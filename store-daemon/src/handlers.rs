@@ -37,6 +37,8 @@ pub struct AppState {
     /// Substituters, narinfo lookups and the trust policy for substituted paths.
     pub substitution: crate::substitute::Substitution,
     pub builder: Arc<cairn_build::Builder>,
+    /// OCI images over the same store.
+    pub images: cairn_image::Images,
 }
 
 type St = State<Arc<AppState>>;
@@ -66,6 +68,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::RECEIVE, post(receive))
         .route(routes::REALISE, post(crate::build::realise))
         .route(routes::LOG, get(crate::build::log))
+        .route(routes::OCI_BLOB, post(crate::images::blob))
+        .route(routes::OCI_COMMIT, post(crate::images::commit))
+        .route(routes::OCI_PULL, post(crate::images::pull))
+        .route(routes::OCI_PUSH, post(crate::images::push))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))
@@ -84,7 +90,7 @@ async fn require_allowed(Extension(peer): Extension<Peer>, req: HttpRequest, nex
 }
 
 /// Runs a blocking store call on the blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
     tokio::task::spawn_blocking(f).await?
 }
 
@@ -162,6 +168,9 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
 fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
     let (store, dir) = (&st.store, &st.store_dir);
     let resp = match req {
+        Request::ImageList | Request::ImageInspect { .. } | Request::ImageTag { .. } | Request::ImageUntag { .. } => {
+            crate::images::answer(st, peer, req)?
+        }
         Request::PathInfo { paths, closure } => {
             let mut paths = store_paths(dir, &paths)?;
             if closure {
@@ -297,7 +306,7 @@ const DRAIN_LIMIT: u64 = 1 << 30;
 
 /// Runs `consume` over an upload on the blocking pool; if it fails, drains the rest of the
 /// upload (up to [`DRAIN_LIMIT`]) so that the client receives the error.
-async fn upload<T: Send + 'static>(
+pub(crate) async fn upload<T: Send + 'static>(
     body: Body,
     consume: impl FnOnce(&mut dyn io::Read) -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {

@@ -14,6 +14,7 @@ mod build;
 mod convert;
 mod error;
 mod handlers;
+mod images;
 mod serve_cache;
 mod server;
 mod substitute;

@@ -51,7 +51,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let substitution = crate::substitute::Substitution::from_settings(&settings)?;
     let substitution_policy = substitution.policy.clone();
     let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::build::build_settings(&settings)?));
-    let app = router(Arc::new(AppState { store: store.clone(), store_dir: store_dir.clone(), substitution, builder }));
+    let images = cairn_image::Images::new(store.clone());
+    let app = router(Arc::new(AppState {
+        store: store.clone(),
+        store_dir: store_dir.clone(),
+        substitution,
+        builder,
+        images: images.clone(),
+    }));
     if let Some(addr) = &settings.listen {
         let keys = settings
             .secret_key_files

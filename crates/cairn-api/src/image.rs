@@ -145,13 +145,30 @@ pub struct PushRequest {
 pub enum ImageEvent {
     /// Counters so far (sent a few times a second while blobs move).
     #[serde(rename_all = "camelCase")]
-    Progress { blobs_total: u64, blobs_done: u64, bytes_total: u64, bytes_done: u64 },
+    Progress {
+        blobs_total: u64,
+        blobs_done: u64,
+        bytes_total: u64,
+        bytes_done: u64,
+    },
     /// The end of a pull: the image, and what was fetched or already there.
     #[serde(rename_all = "camelCase")]
-    Pulled { image: ImageInfo, blobs_fetched: u64, bytes_fetched: u64, blobs_skipped: u64, bytes_skipped: u64 },
+    Pulled {
+        image: ImageInfo,
+        blobs_fetched: u64,
+        bytes_fetched: u64,
+        blobs_skipped: u64,
+        bytes_skipped: u64,
+    },
     /// The end of a push: the pushed manifest's digest, and what was uploaded, already there or
     /// mounted from another repository.
     #[serde(rename_all = "camelCase")]
-    Pushed { digest: String, blobs_uploaded: u64, bytes_uploaded: u64, blobs_skipped: u64, blobs_mounted: u64 },
+    Pushed {
+        digest: String,
+        blobs_uploaded: u64,
+        bytes_uploaded: u64,
+        blobs_skipped: u64,
+        blobs_mounted: u64,
+    },
     Error(ErrorBody),
 }

@@ -201,4 +201,25 @@ impl Client {
     pub async fn import(&self, body: Body) -> Result<Vec<PathInfo>> {
         Client::json(self.call(Method::POST, routes::IMPORT, body).await?).await
     }
+
+    /// Adds an OCI blob from a streamed body, checked against its digest and size.
+    pub async fn add_blob(&self, q: &cairn_api::BlobQuery, body: Body) -> Result<PathInfo> {
+        let uri = format!("{}?{}", routes::OCI_BLOB, query_string(q)?);
+        Client::json(self.call(Method::POST, &uri, body).await?).await
+    }
+
+    /// Makes an image layout of stored manifests.
+    pub async fn commit_image(&self, req: &cairn_api::image::CommitRequest) -> Result<cairn_api::image::ImageInfo> {
+        Client::json(self.call_json(routes::OCI_COMMIT, req).await?).await
+    }
+
+    /// Starts a pull; its answer is a stream of JSON lines (`ImageEvent`).
+    pub async fn pull(&self, req: &cairn_api::image::PullRequest) -> Result<impl AsyncRead + Send + Unpin> {
+        Ok(reader_of(self.call_json(routes::OCI_PULL, req).await?.into_body()))
+    }
+
+    /// Starts a push; its answer is a stream of JSON lines (`ImageEvent`).
+    pub async fn push(&self, req: &cairn_api::image::PushRequest) -> Result<impl AsyncRead + Send + Unpin> {
+        Ok(reader_of(self.call_json(routes::OCI_PUSH, req).await?.into_body()))
+    }
 }

@@ -221,7 +221,8 @@ impl Images {
             return Ok(None);
         }
         let real = self.store.real_path(&path);
-        let m = fs::symlink_metadata(&real).map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+        let m = fs::symlink_metadata(&real)
+            .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
         Ok(Some(m.len()))
     }
 
@@ -237,7 +238,9 @@ impl Images {
             let m = Manifest::parse(&self.read_manifest(&d, "the image")?, Some(&d.media_type))?;
             match m.kind {
                 ManifestKind::Image => out.push((d, m)),
-                ManifestKind::Index => todo.extend(m.children.iter().rev().filter(|c| is_manifest_type(&c.media_type)).cloned()),
+                ManifestKind::Index => {
+                    todo.extend(m.children.iter().rev().filter(|c| is_manifest_type(&c.media_type)).cloned())
+                }
             }
         }
         Ok(out)

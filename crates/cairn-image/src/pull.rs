@@ -68,7 +68,9 @@ impl<R: Read> Read for Counting<R> {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() })?
 }
 
 /// Fetches a manifest, stores its bytes as a blob and parses it.
@@ -95,7 +97,13 @@ async fn fetch_manifest(
 }
 
 /// Pulls `reference` of the registry's repository into the store.
-pub async fn pull(images: Images, reg: Arc<Registry>, reference: &Reference, opts: PullOptions, progress: Arc<Progress>) -> Result<Pulled> {
+pub async fn pull(
+    images: Images,
+    reg: Arc<Registry>,
+    reference: &Reference,
+    opts: PullOptions,
+    progress: Arc<Progress>,
+) -> Result<Pulled> {
     let mut roots = TempRootGuardSet::default();
     let (top_desc, top) = fetch_manifest(&images, &reg, reference, None, &mut roots).await?;
     // The manifests the layout will list, and the image manifests whose blobs are needed.
@@ -105,11 +113,19 @@ pub async fn pull(images: Images, reg: Arc<Registry>, reference: &Reference, opt
         ManifestKind::Image => image_manifests.push(top),
         ManifestKind::Index if !opts.all_platforms => {
             let child = top.select(&opts.platform)?.clone();
-            let (mut d, m) =
-                fetch_manifest(&images, &reg, &Reference::Digest(child.digest.clone()), Some(&child.media_type), &mut roots)
-                    .await?;
+            let (mut d, m) = fetch_manifest(
+                &images,
+                &reg,
+                &Reference::Digest(child.digest.clone()),
+                Some(&child.media_type),
+                &mut roots,
+            )
+            .await?;
             if m.kind != ManifestKind::Image {
-                return Err(cairn_oci::OciError::UnsupportedManifest("an index entry for a platform is itself an index".into()).into());
+                return Err(cairn_oci::OciError::UnsupportedManifest(
+                    "an index entry for a platform is itself an index".into(),
+                )
+                .into());
             }
             d.media_type = child.media_type.clone();
             d.platform = child.platform.clone();
@@ -117,17 +133,26 @@ pub async fn pull(images: Images, reg: Arc<Registry>, reference: &Reference, opt
             image_manifests.push(m);
         }
         ManifestKind::Index => {
-            let mut todo: Vec<Descriptor> = top.children.iter().filter(|c| is_manifest_type(&c.media_type)).cloned().collect();
+            let mut todo: Vec<Descriptor> =
+                top.children.iter().filter(|c| is_manifest_type(&c.media_type)).cloned().collect();
             let mut seen = BTreeSet::new();
             while let Some(c) = todo.pop() {
                 if !seen.insert(c.digest.clone()) {
                     continue;
                 }
-                let (_, m) =
-                    fetch_manifest(&images, &reg, &Reference::Digest(c.digest.clone()), Some(&c.media_type), &mut roots).await?;
+                let (_, m) = fetch_manifest(
+                    &images,
+                    &reg,
+                    &Reference::Digest(c.digest.clone()),
+                    Some(&c.media_type),
+                    &mut roots,
+                )
+                .await?;
                 match m.kind {
                     ManifestKind::Image => image_manifests.push(m),
-                    ManifestKind::Index => todo.extend(m.children.iter().filter(|c| is_manifest_type(&c.media_type)).cloned()),
+                    ManifestKind::Index => {
+                        todo.extend(m.children.iter().filter(|c| is_manifest_type(&c.media_type)).cloned())
+                    }
                 }
             }
         }
@@ -169,13 +194,15 @@ pub async fn pull(images: Images, reg: Arc<Registry>, reference: &Reference, opt
             let p = progress.clone();
             blocking(move || {
                 let counted = Counting { inner: reader, progress: p };
-                images.add_blob(&d.digest, d.size, io::BufReader::with_capacity(1 << 20, counted)).map_err(|e| match e {
-                    ImageError::Store(s) => ImageError::Registry {
-                        registry: reg.name.clone(),
-                        message: format!("blob {}: {s}", d.digest),
+                images.add_blob(&d.digest, d.size, io::BufReader::with_capacity(1 << 20, counted)).map_err(
+                    |e| match e {
+                        ImageError::Store(s) => ImageError::Registry {
+                            registry: reg.name.clone(),
+                            message: format!("blob {}: {s}", d.digest),
+                        },
+                        other => other,
                     },
-                    other => other,
-                })
+                )
             })
             .await?;
             progress.blobs_done.fetch_add(1, Ordering::Relaxed);

@@ -190,7 +190,8 @@ impl Registry {
         } else {
             let param = |k: &str| challenge.params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             let realm = param("realm").ok_or_else(|| err(&self.name, "a bearer challenge without a realm"))?;
-            let mut url = reqwest::Url::parse(&realm).map_err(|e| err(&self.name, format!("token realm '{realm}': {e}")))?;
+            let mut url =
+                reqwest::Url::parse(&realm).map_err(|e| err(&self.name, format!("token realm '{realm}': {e}")))?;
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(err(&self.name, format!("token realm '{realm}' is not an HTTP URL")));
             }
@@ -291,8 +292,10 @@ impl Registry {
         if let Reference::Digest(want) = reference {
             let actual = match want.algo() {
                 cairn_oci::DigestAlgo::Sha256 => digest.clone(),
-                cairn_oci::DigestAlgo::Sha512 => Digest::from_hash(&cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha512, &bytes))
-                    .expect("sha512 digests"),
+                cairn_oci::DigestAlgo::Sha512 => {
+                    Digest::from_hash(&cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha512, &bytes))
+                        .expect("sha512 digests")
+                }
             };
             if &actual != want {
                 return Err(ImageError::ManifestDigest {
@@ -416,8 +419,10 @@ mod tests {
 
     #[test]
     fn challenges() {
-        let c = parse_challenge(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#)
-            .unwrap();
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        )
+        .unwrap();
         assert_eq!(c.scheme, "bearer");
         assert_eq!(c.params[0], ("realm".into(), "https://auth.example/token".into()));
         assert_eq!(c.params[2].1, "repository:a/b:pull");

@@ -112,7 +112,8 @@ pub fn index_json(manifests: &[Descriptor]) -> Vec<u8> {
 
 /// The manifests an `index.json` lists (of a stored layout or of an `oci:` directory).
 pub fn parse_index(bytes: &[u8]) -> Result<Vec<Descriptor>> {
-    let m = crate::Manifest::parse(bytes, Some(OCI_INDEX)).map_err(|e| OciError::BadLayout(format!("index.json: {e}")))?;
+    let m =
+        crate::Manifest::parse(bytes, Some(OCI_INDEX)).map_err(|e| OciError::BadLayout(format!("index.json: {e}")))?;
     if m.kind != crate::ManifestKind::Index {
         return Err(OciError::BadLayout("index.json is not an image index".into()));
     }
@@ -128,10 +129,9 @@ pub fn pick<'a>(manifests: &'a [Descriptor], reference: Option<&str>) -> Result<
             .find(|d| d.annotations.get(REF_NAME).map(String::as_str) == Some(r))
             .ok_or_else(|| OciError::BadLayout(format!("no manifest in index.json is named '{r}'"))),
         None if manifests.len() == 1 => Ok(&manifests[0]),
-        None => Err(OciError::BadLayout(format!(
-            "index.json lists {} manifests: name one (oci:DIR:REF)",
-            manifests.len()
-        ))),
+        None => {
+            Err(OciError::BadLayout(format!("index.json lists {} manifests: name one (oci:DIR:REF)", manifests.len())))
+        }
     }
 }
 

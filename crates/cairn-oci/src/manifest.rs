@@ -274,7 +274,10 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_walk() {
-        assert!(matches!(Manifest::parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None), Err(OciError::UnsupportedManifest(_))));
+        assert!(matches!(
+            Manifest::parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None),
+            Err(OciError::UnsupportedManifest(_))
+        ));
         assert!(Manifest::parse(b"[]", None).is_err());
         let bad_digest = br#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:zz","size":1},"layers":[]}"#;
         assert!(Manifest::parse(bad_digest, None).is_err());

@@ -106,11 +106,20 @@ impl fmt::Display for ImageRef {
 pub enum Transport {
     Docker(ImageRef),
     /// An OCI image layout directory and the `org.opencontainers.image.ref.name` to pick or write.
-    Oci { dir: String, reference: Option<String> },
+    Oci {
+        dir: String,
+        reference: Option<String>,
+    },
     /// A tar of an OCI image layout.
-    OciArchive { file: String, reference: Option<String> },
+    OciArchive {
+        file: String,
+        reference: Option<String>,
+    },
     /// A `docker save` tar and the `NAME:TAG` to pick or write.
-    DockerArchive { file: String, reference: Option<String> },
+    DockerArchive {
+        file: String,
+        reference: Option<String>,
+    },
     /// An image in this store, by tag.
     Store(TagName),
 }
@@ -146,7 +155,9 @@ impl Transport {
         }
         if let Some(t) = s.split_once(':').map(|(t, _)| t) {
             if ["docker", "docker-daemon", "containers-storage", "dir", "sif", "tarball"].contains(&t) {
-                return Err(bad("transport not supported (use docker://, oci:, oci-archive:, docker-archive: or a cairn tag)"));
+                return Err(bad(
+                    "transport not supported (use docker://, oci:, oci-archive:, docker-archive: or a cairn tag)",
+                ));
             }
         }
         Ok(Transport::Store(TagName::parse(s)?))

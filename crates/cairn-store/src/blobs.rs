@@ -163,8 +163,13 @@ impl LocalStore {
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
         let (nar_hash, nar_size) = Self::receive_nar(input, &copy)?;
-        let path =
-            self.store_dir().make_fixed_output_path(name, FileIngestionMethod::Recursive, &nar_hash, references, false)?;
+        let path = self.store_dir().make_fixed_output_path(
+            name,
+            FileIngestionMethod::Recursive,
+            &nar_hash,
+            references,
+            false,
+        )?;
         let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
         let info = content_addressed(path, nar_hash, nar_size, references.clone(), ca);
         self.finish_add(&copy, info)
@@ -220,7 +225,8 @@ mod tests {
         let info = store.add_nar_with_references("tree", &nar[..], &refs).unwrap();
         assert_eq!(info.references, refs);
         assert_ne!(info.path, store.add_nar("tree", &nar[..]).unwrap().path, "references are part of the path");
-        let missing: BTreeSet<_> = [store.flat_path("nope", &Hash::digest(cairn_nix::HashAlgo::Sha256, b"")).unwrap()].into();
+        let missing: BTreeSet<_> =
+            [store.flat_path("nope", &Hash::digest(cairn_nix::HashAlgo::Sha256, b"")).unwrap()].into();
         assert!(matches!(store.add_nar_with_references("t2", &nar[..], &missing), Err(StoreError::NotValid(_))));
     }
 }

@@ -30,8 +30,8 @@ mod import;
 mod locks;
 mod optimise;
 mod reclaim;
-pub mod tags;
 pub mod roots;
+pub mod tags;
 mod transfer;
 mod verify;
 

@@ -41,8 +41,11 @@ impl LocalStore {
         let tmp = dir.join(format!(".new-{}-{n}", std::process::id()));
         let target = self.layout.real_store_dir.join(path.base_name());
         let _ = fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&target, &tmp)
-            .map_err(|source| StoreError::Io { op: "create symlink", path: tmp.clone(), source })?;
+        std::os::unix::fs::symlink(&target, &tmp).map_err(|source| StoreError::Io {
+            op: "create symlink",
+            path: tmp.clone(),
+            source,
+        })?;
         fs::rename(&tmp, &link).map_err(|source| StoreError::Io { op: "rename", path: link.clone(), source })?;
         crate::fsops::sync_dir(&dir)
     }

@@ -1,0 +1,454 @@
+//! `cairn image`: OCI images in the store.
+//!
+//! Registry transfers (`docker://`) run in cairnd; this side only reads the caller's credentials
+//! and draws progress. `oci:DIR` layouts are the caller's files, so the CLI reads them itself
+//! (with the caller's permissions) and streams each blob the store lacks to cairnd, which checks
+//! it against its digest; exporting reads blobs back through the daemon and writes the layout
+//! where the caller asked.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use cairn_api::image::{
+    CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent, PullRequest, PushRequest, RegistryOptions,
+};
+use cairn_api::{BlobQuery, Request, Response};
+use cairn_client::Client;
+use cairn_oci::layout::{self, blob_path, REF_NAME};
+use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest};
+use cairn_oci::reference::Transport;
+use cairn_oci::{Digest, TagName};
+use clap::{Args, Subcommand};
+
+use crate::commands::{print_json, Ctx};
+use crate::progress;
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Fetch an image into the store: `docker://HOST/NAME[:TAG|@DIGEST]` or `oci:DIR[:REF]`.
+    Pull {
+        source: String,
+        /// The local NAME[:TAG] to give it (default: HOST/NAME:TAG of a registry source; the
+        /// directory's name and REF of an oci: source).
+        #[arg(long)]
+        tag: Option<String>,
+        /// OS/ARCH[/VARIANT] to pick from a multi-platform index (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Keep the whole index and every platform's image.
+        #[arg(long)]
+        all_platforms: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a stored image (NAME[:TAG], digest or layout path) to `docker://HOST/NAME[:TAG]` or
+    /// `oci:DIR[:REF]`.
+    Push {
+        image: String,
+        destination: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tagged images.
+    #[command(visible_alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give an image another tag (a garbage-collector root).
+    Tag { image: String, tag: String },
+    /// Remove tags; the images go at the next collection unless something else keeps them.
+    Untag {
+        #[arg(required = true)]
+        tags: Vec<String>,
+    },
+    /// Show an image's digest, platforms, config and layers.
+    Inspect {
+        image: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How to reach a registry, as skopeo's flags.
+#[derive(Args, Clone)]
+pub struct RegistryArgs {
+    /// USER:PASSWORD for the registry (default: from auth.json or ~/.docker/config.json).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    creds: Option<String>,
+    /// Credentials file (default: $REGISTRY_AUTH_FILE, then containers' auth.json, then
+    /// ~/.docker/config.json).
+    #[arg(long, value_name = "FILE")]
+    authfile: Option<PathBuf>,
+    /// Use plain HTTP or accept any certificate (`--tls-verify=false`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    tls_verify: bool,
+}
+
+impl RegistryArgs {
+    fn options(&self, host: &str) -> anyhow::Result<RegistryOptions> {
+        let credentials = match &self.creds {
+            Some(c) => {
+                let (u, p) = c.split_once(':').context("--creds takes USER:PASSWORD")?;
+                Some(Credentials { username: u.to_owned(), password: p.to_owned() })
+            }
+            None => credentials_from_files(self.authfile.as_deref(), host)?,
+        };
+        Ok(RegistryOptions { credentials, tls_verify: self.tls_verify })
+    }
+}
+
+/// The credentials for `host` in the first auth file that has them (`auths.HOST.auth`, the
+/// base64 of `user:password`, in containers' and Docker's format alike).
+fn credentials_from_files(explicit: Option<&Path>, host: &str) -> anyhow::Result<Option<Credentials>> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    if let Some(f) = explicit {
+        files.push(f.to_owned());
+    } else {
+        if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
+            files.push(f.into());
+        }
+        if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+            files.push(Path::new(&d).join("containers/auth.json"));
+        }
+        if let Some(h) = std::env::var_os("HOME") {
+            files.push(Path::new(&h).join(".config/containers/auth.json"));
+            files.push(Path::new(&h).join(".docker/config.json"));
+        }
+    }
+    for f in files {
+        let text = match std::fs::read(&f) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => continue,
+            Err(e) => bail!("cannot read '{}': {e}", f.display()),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&text).with_context(|| format!("'{}' is not valid JSON", f.display()))?;
+        let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else { continue };
+        let entry = auths.iter().find(|(k, _)| {
+            let k = k.trim_start_matches("https://").trim_start_matches("http://");
+            k == host || k.split('/').next() == Some(host)
+        });
+        if let Some(auth) = entry.and_then(|(_, e)| e.get("auth")).and_then(|a| a.as_str()) {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth)
+                .with_context(|| format!("'{}': the auth of {host} is not base64", f.display()))?;
+            let raw =
+                String::from_utf8(raw).with_context(|| format!("'{}': the auth of {host} is not text", f.display()))?;
+            let (u, p) = raw
+                .split_once(':')
+                .with_context(|| format!("'{}': the auth of {host} is not USER:PASSWORD", f.display()))?;
+            return Ok(Some(Credentials { username: u.to_owned(), password: p.to_owned() }));
+        }
+    }
+    Ok(None)
+}
+
+pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
+    let client = ctx.client().await?;
+    match cmd {
+        ImageCommand::Pull { source, tag, platform, all_platforms, registry, json } => match Transport::parse(&source)?
+        {
+            Transport::Docker(r) => {
+                let req = PullRequest {
+                    source: r.to_string(),
+                    tag,
+                    platform,
+                    all_platforms,
+                    registry: registry.options(&r.registry)?,
+                };
+                let lines = client.pull(&req).await?;
+                let end = follow(lines, "pulling").await?;
+                let ImageEvent::Pulled { image, blobs_fetched, bytes_fetched, blobs_skipped, bytes_skipped } = &end
+                else {
+                    bail!("cairnd ended the pull with an unexpected event")
+                };
+                if json {
+                    print_json(&end_json(&end))?;
+                } else {
+                    println!("{}", image.digest);
+                    eprintln!(
+                        "pulled {} ({blobs_fetched} blobs, {} fetched; {blobs_skipped} blobs, {} already in the store)",
+                        image.tags.first().map(String::as_str).unwrap_or(&image.layout),
+                        human(*bytes_fetched),
+                        human(*bytes_skipped)
+                    );
+                }
+            }
+            Transport::Oci { dir, reference } => {
+                let tag = match tag {
+                    Some(t) => TagName::parse(&t)?,
+                    None => default_oci_tag(&dir, reference.as_deref())?,
+                };
+                let info = import_oci(ctx, &client, Path::new(&dir), reference.as_deref(), &tag).await?;
+                if json {
+                    print_json(&info)?;
+                } else {
+                    println!("{}", info.digest);
+                    eprintln!("imported {tag}");
+                }
+            }
+            Transport::Store(_) => bail!("'{source}' is already a local name: pull takes docker://… or oci:DIR[:REF]"),
+            Transport::OciArchive { .. } | Transport::DockerArchive { .. } => {
+                bail!("'{source}': oci-archive: and docker-archive: are not supported yet (unpack the archive and use oci:DIR)")
+            }
+        },
+        ImageCommand::Push { image, destination, registry, json } => match Transport::parse(&destination)? {
+            Transport::Docker(r) => {
+                let req = PushRequest { image, destination: r.to_string(), registry: registry.options(&r.registry)? };
+                let lines = client.push(&req).await?;
+                let end = follow(lines, "pushing").await?;
+                let ImageEvent::Pushed { digest, blobs_uploaded, bytes_uploaded, blobs_skipped, blobs_mounted } = &end
+                else {
+                    bail!("cairnd ended the push with an unexpected event")
+                };
+                if json {
+                    print_json(&end_json(&end))?;
+                } else {
+                    println!("{digest}");
+                    eprintln!(
+                        "pushed {r} ({blobs_uploaded} blobs, {} uploaded; {blobs_skipped} already there; {blobs_mounted} mounted)",
+                        human(*bytes_uploaded)
+                    );
+                }
+            }
+            Transport::Oci { dir, reference } => {
+                let n = export_oci(&client, &image, Path::new(&dir), reference.as_deref()).await?;
+                if json {
+                    print_json(&serde_json::json!({ "written": n }))?;
+                } else {
+                    eprintln!("wrote {n} blobs to {dir}");
+                }
+            }
+            Transport::Store(t) => {
+                bail!("'{destination}' is a local name: use cairn image tag {image} {t}")
+            }
+            Transport::OciArchive { .. } | Transport::DockerArchive { .. } => {
+                bail!("'{destination}': oci-archive: and docker-archive: are not supported yet (use oci:DIR)")
+            }
+        },
+        ImageCommand::Ls { json } => {
+            let Response::Images(list) = client.query(&Request::ImageList).await? else { bail!("unexpected answer") };
+            if json {
+                print_json(&list)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{:<50} {:<19} {:>10}", "NAME:TAG", "DIGEST", "SIZE")?;
+                for i in &list {
+                    for t in &i.tags {
+                        writeln!(out, "{t:<50} {:<19} {:>10}", &i.digest[..19.min(i.digest.len())], human(i.size))?;
+                    }
+                }
+            }
+        }
+        ImageCommand::Tag { image, tag } => {
+            client.query(&Request::ImageTag { image, tag }).await?;
+        }
+        ImageCommand::Untag { tags } => {
+            client.query(&Request::ImageUntag { tags }).await?;
+        }
+        ImageCommand::Inspect { image, json } => {
+            let d = inspect(&client, &image).await?;
+            if json {
+                print_json(&d)?;
+            } else {
+                println!("Digest:    {}", d.info.digest);
+                println!("MediaType: {}", d.info.media_type);
+                println!("Layout:    {}", d.info.layout);
+                println!("Tags:      {}", d.info.tags.join(", "));
+                println!("Platforms: {}", d.platforms.join(", "));
+                println!("Size:      {} in {} blobs", human(d.info.size), d.info.blobs);
+                println!("Layers:");
+                for l in &d.layers {
+                    println!("  {} {:>10}  {}", l.digest, human(l.size), l.media_type);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn inspect(client: &Client, image: &str) -> anyhow::Result<ImageDetail> {
+    match client.query(&Request::ImageInspect { image: image.to_owned() }).await? {
+        Response::Image(d) => Ok(*d),
+        _ => bail!("cairnd gave an unexpected answer to inspect"),
+    }
+}
+
+fn end_json(e: &ImageEvent) -> serde_json::Value {
+    let mut v = serde_json::to_value(e).expect("events serialise");
+    if let Some(o) = v.as_object_mut() {
+        o.remove("event");
+    }
+    v
+}
+
+/// Draws a transfer's progress lines and returns its last event.
+async fn follow(lines: impl tokio::io::AsyncRead + Unpin, what: &str) -> anyhow::Result<ImageEvent> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(lines).lines();
+    let bar = progress::transfer(what);
+    let mut end = None;
+    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
+        match serde_json::from_str::<ImageEvent>(&line).context("cairnd sent an unreadable event")? {
+            ImageEvent::Progress { blobs_total, blobs_done, bytes_total, bytes_done } => {
+                bar.set_length(bytes_total);
+                bar.set_position(bytes_done);
+                bar.set_message(format!("{what} {blobs_done}/{blobs_total} blobs"));
+            }
+            ImageEvent::Error(e) => {
+                bar.finish_and_clear();
+                bail!("{}", e.message)
+            }
+            done => end = Some(done),
+        }
+    }
+    bar.finish_and_clear();
+    end.context("cairnd ended the transfer without saying how it went (see its log)")
+}
+
+fn human(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// `localhost/<directory name>:<REF or latest>` (what an oci: import is tagged without --tag).
+fn default_oci_tag(dir: &str, reference: Option<&str>) -> anyhow::Result<TagName> {
+    let base = Path::new(dir)
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_lowercase()))
+        .unwrap_or_default();
+    let name: String = base.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let name = name.trim_matches('-');
+    TagName::new(&format!("localhost/{name}"), reference.unwrap_or("latest"))
+        .with_context(|| format!("cannot name the image from '{dir}': pass --tag NAME:TAG"))
+}
+
+/// A blob file of an `oci:` layout (its name comes from a validated digest, never from input
+/// text, so it cannot leave the directory).
+fn blob_file(dir: &Path, d: &Digest) -> PathBuf {
+    dir.join("blobs").join(d.algo().as_str()).join(d.hex())
+}
+
+/// Imports `oci:DIR[:REF]`: every blob the store lacks is streamed to cairnd, then the layout is
+/// committed and tagged.
+async fn import_oci(
+    ctx: &Ctx,
+    client: &Client,
+    dir: &Path,
+    reference: Option<&str>,
+    tag: &TagName,
+) -> anyhow::Result<cairn_api::image::ImageInfo> {
+    let index_path = dir.join("index.json");
+    let index = std::fs::read(&index_path).with_context(|| format!("cannot read '{}'", index_path.display()))?;
+    let manifests = layout::parse_index(&index).with_context(|| format!("'{}'", dir.display()))?;
+    let top = layout::pick(&manifests, reference)?.clone();
+    let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![top.clone()];
+    let bar = progress::bytes("importing");
+    while let Some(d) = todo.pop() {
+        if !seen.insert(d.digest.clone()) {
+            continue;
+        }
+        let file = blob_file(dir, &d.digest);
+        if is_manifest_type(&d.media_type) {
+            let meta = std::fs::metadata(&file)
+                .with_context(|| format!("{} names blob {}, which '{}' lacks", "the index", d.digest, dir.display()))?;
+            if meta.len() > cairn_oci::MAX_MANIFEST_SIZE {
+                bail!(
+                    "manifest {} is {} bytes, more than the {} allowed",
+                    d.digest,
+                    meta.len(),
+                    cairn_oci::MAX_MANIFEST_SIZE
+                );
+            }
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?;
+            let m = Manifest::parse(&bytes, Some(&d.media_type)).with_context(|| format!("manifest {}", d.digest))?;
+            todo.extend(m.children.iter().filter(|c| c.media_type != "").cloned());
+        }
+        let path = store_dir.display(&blob_path(&store_dir, &d.digest));
+        let valid =
+            matches!(client.query(&Request::IsValid { paths: vec![path] }).await?, Response::Valid(v) if v == [true]);
+        if valid {
+            continue;
+        }
+        let f = tokio::fs::File::open(&file)
+            .await
+            .with_context(|| format!("blob {} is missing from '{}'", d.digest, dir.display()))?;
+        let size = f.metadata().await?.len();
+        if size != d.size {
+            bail!("blob {} in '{}' is {size} bytes, but its descriptor says {}", d.digest, dir.display(), d.size);
+        }
+        let body = cairn_client::body_from_reader(crate::progress::CountingAsync { inner: f, bar: bar.clone() });
+        client
+            .add_blob(&BlobQuery { digest: d.digest.to_string(), size }, body)
+            .await
+            .with_context(|| format!("blob {}", d.digest))?;
+    }
+    bar.finish_and_clear();
+    let top =
+        DescriptorWire { media_type: top.media_type, digest: top.digest.to_string(), size: top.size, platform: None };
+    Ok(client.commit_image(&CommitRequest { manifests: vec![top], tag: Some(tag.to_string()) }).await?)
+}
+
+/// Writes a stored image into `oci:DIR[:REF]` (creating the layout, or adding to one): blobs
+/// the directory lacks are copied from the store, and `index.json` gets the image's manifest,
+/// named REF (replacing an entry of that name).
+async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<&str>) -> anyhow::Result<u64> {
+    let d = inspect(client, image).await?;
+    let mut written = 0;
+    for c in &d.contents {
+        let digest = Digest::parse(&c.digest)?;
+        let file = blob_file(dir, &digest);
+        if std::fs::metadata(&file).is_ok_and(|m| m.len() == c.size) {
+            continue;
+        }
+        let parent = file.parent().expect("blob files have a parent");
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create '{}'", parent.display()))?;
+        let store_dir = cairn_nix::StoreDir::new(&d.info.layout[..d.info.layout.rfind('/').unwrap_or(0)])?;
+        let src = store_dir.display(&blob_path(&store_dir, &digest));
+        let mut reader = client.cat(&src).await.with_context(|| format!("blob {digest}"))?;
+        let tmp = parent.join(format!(".{}.tmp", digest.hex()));
+        let mut out =
+            tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot create '{}'", tmp.display()))?;
+        tokio::io::copy(&mut reader, &mut out).await.with_context(|| format!("copying blob {digest}"))?;
+        out.sync_all().await?;
+        drop(out);
+        std::fs::rename(&tmp, &file).with_context(|| format!("cannot write '{}'", file.display()))?;
+        written += 1;
+    }
+    std::fs::write(dir.join("oci-layout"), layout::OCI_LAYOUT)
+        .with_context(|| format!("cannot write into '{}'", dir.display()))?;
+    let index_path = dir.join("index.json");
+    let mut manifests: Vec<Descriptor> = match std::fs::read(&index_path) {
+        Ok(b) => layout::parse_index(&b).with_context(|| format!("'{}'", index_path.display()))?,
+        Err(_) => Vec::new(),
+    };
+    let top = &d.contents[0];
+    let mut desc = Descriptor {
+        media_type: top.media_type.clone(),
+        digest: Digest::parse(&top.digest)?,
+        size: top.size,
+        platform: None,
+        annotations: Default::default(),
+    };
+    if let Some(r) = reference {
+        manifests.retain(|m| m.annotations.get(REF_NAME).map(String::as_str) != Some(r));
+        desc.annotations.insert(REF_NAME.to_owned(), r.to_owned());
+    } else {
+        manifests.retain(|m| m.digest != desc.digest || m.annotations.contains_key(REF_NAME));
+    }
+    manifests.push(desc);
+    let tmp = dir.join(".index.json.tmp");
+    std::fs::write(&tmp, layout::index_json(&manifests))?;
+    std::fs::rename(&tmp, &index_path).with_context(|| format!("cannot write '{}'", index_path.display()))?;
+    Ok(written)
+}

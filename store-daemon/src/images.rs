@@ -1,0 +1,348 @@
+//! The image routes of the socket API (`/v1/oci/…`) and the image queries of `/v1/query`.
+//!
+//! Blobs and commits are content-addressed and verified, so any allowed user may add them, as
+//! any allowed user may `cairn add`. Pulls and pushes run in the daemon — its connections, its
+//! store writes, no copy through the socket — with the credentials the client read from the
+//! caller's own auth files; they stream progress as JSON lines like substitutions do.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::response::Response as HttpResponse;
+use axum::{Extension, Json};
+use bytes::Bytes;
+use cairn_api::image::{
+    CommitRequest, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, LayerInfo, PullRequest, PushRequest,
+    RegistryOptions,
+};
+use cairn_api::{BlobQuery, ErrorBody, ErrorKind, Response};
+use cairn_image::images::Image;
+use cairn_image::pull::{Progress, PullOptions};
+use cairn_image::registry::{ClientOptions, Credentials, Registry};
+use cairn_image::{ImageError, Images};
+use cairn_oci::manifest::{Descriptor, Platform};
+use cairn_oci::reference::{ImageRef, Reference};
+use cairn_oci::{Digest, TagName};
+use cairn_store::ClientScope;
+use tokio::sync::mpsc;
+
+use crate::auth::Peer;
+use crate::convert;
+use crate::error::{ApiError, ApiResult};
+use crate::handlers::{blocking, upload, AppState};
+
+/// Blobs moved at once by a pull or a push.
+const JOBS: usize = 8;
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> ApiError {
+        if let ImageError::Store(s) = e {
+            return ApiError::from(s);
+        }
+        let kind = if e.is_not_found() {
+            ErrorKind::NotFound
+        } else if e.is_bad_input() {
+            ErrorKind::BadRequest
+        } else if matches!(e, ImageError::Unauthorized { .. }) {
+            ErrorKind::Forbidden
+        } else {
+            ErrorKind::Internal
+        };
+        ApiError { kind, message: e.to_string() }
+    }
+}
+
+impl From<cairn_oci::OciError> for ApiError {
+    fn from(e: cairn_oci::OciError) -> ApiError {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+fn descriptor_wire(d: &Descriptor) -> DescriptorWire {
+    DescriptorWire {
+        media_type: d.media_type.clone(),
+        digest: d.digest.to_string(),
+        size: d.size,
+        platform: d.platform.as_ref().map(|p| p.to_string()),
+    }
+}
+
+fn descriptor(w: &DescriptorWire) -> ApiResult<Descriptor> {
+    Ok(Descriptor {
+        media_type: w.media_type.clone(),
+        digest: Digest::parse(&w.digest)?,
+        size: w.size,
+        platform: w.platform.as_deref().map(Platform::parse).transpose()?,
+        annotations: Default::default(),
+    })
+}
+
+/// The summary of a stored image.
+pub(crate) fn image_info(images: &Images, img: &Image) -> ApiResult<ImageInfo> {
+    let tags = images.tags_of(&img.layout)?.iter().map(ToString::to_string).collect();
+    Ok(ImageInfo {
+        tags,
+        digest: img.digest().to_string(),
+        media_type: img.manifests[0].media_type.clone(),
+        layout: images.store.store_dir().display(&img.layout),
+        size: images.size_of(&img.blobs)?,
+        blobs: img.blobs.len() as u64,
+    })
+}
+
+fn detail(images: &Images, img: &Image) -> ApiResult<ImageDetail> {
+    let info = image_info(images, img)?;
+    let manifests = images.image_manifests(img)?;
+    let dir = images.store.store_dir();
+    let mut platforms = Vec::new();
+    let mut config = None;
+    let mut layers = Vec::new();
+    let mut contents: Vec<DescriptorWire> = img.manifests.iter().map(descriptor_wire).collect();
+    for (i, (d, m)) in manifests.iter().enumerate() {
+        if !contents.iter().any(|c| c.digest == d.digest.to_string()) {
+            contents.push(descriptor_wire(d));
+        }
+        for c in &m.children {
+            if !contents.iter().any(|x| x.digest == c.digest.to_string()) {
+                contents.push(descriptor_wire(c));
+            }
+        }
+        let cfg_desc = &m.children[0];
+        let cfg: Option<serde_json::Value> =
+            images.read_manifest(cfg_desc, "the image").ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let platform = d.platform.as_ref().map(|p| p.to_string()).or_else(|| {
+            let c = cfg.as_ref()?;
+            Some(format!("{}/{}", c.get("os")?.as_str()?, c.get("architecture")?.as_str()?))
+        });
+        platforms.extend(platform);
+        if i == 0 {
+            config = cfg;
+            layers = m
+                .layers()
+                .iter()
+                .map(|l| LayerInfo {
+                    media_type: l.media_type.clone(),
+                    digest: l.digest.to_string(),
+                    size: l.size,
+                    path: dir.display(&images.blob_path(&l.digest)),
+                })
+                .collect();
+        }
+    }
+    // Index manifests the layout holds (all-platform pulls): listed too, so exports are whole.
+    for d in &img.blobs {
+        let s = d.to_string();
+        if !contents.iter().any(|c| c.digest == s) {
+            contents.push(DescriptorWire {
+                media_type: "application/octet-stream".into(),
+                digest: s,
+                size: images.blob_size(d)?.unwrap_or(0),
+                platform: None,
+            });
+        }
+    }
+    Ok(ImageDetail { info, platforms, config, layers, contents })
+}
+
+/// The image queries of `POST /v1/query`.
+pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> ApiResult<Response> {
+    use cairn_api::Request;
+    let images = &st.images;
+    Ok(match req {
+        Request::ImageList => {
+            let mut out = Vec::new();
+            for (img, _) in images.list()? {
+                out.push(image_info(images, &img)?);
+            }
+            Response::Images(out)
+        }
+        Request::ImageInspect { image } => Response::Image(Box::new(detail(images, &images.resolve(&image)?)?)),
+        Request::ImageTag { image, tag } => {
+            let t = TagName::parse(&tag)?;
+            let _client = ClientScope::enter(peer.client);
+            let img = images.resolve(&image)?;
+            st.store.set_tag(&t.file_name(), &img.layout)?;
+            tracing::info!(tag = %t, layout = %st.store_dir.display(&img.layout), "tagged");
+            Response::Images(vec![image_info(images, &img)?])
+        }
+        Request::ImageUntag { tags } => {
+            let mut out = Vec::new();
+            for tag in tags {
+                let t = TagName::parse(&tag)?;
+                let Some(p) = st.store.tag(&t.file_name())? else {
+                    return Err(ImageError::NoSuchTag(t.to_string()).into());
+                };
+                st.store.remove_tag(&t.file_name())?;
+                tracing::info!(tag = %t, "untagged");
+                out.push(st.store_dir.display(&p));
+            }
+            Response::Paths(out)
+        }
+        _ => unreachable!("only image requests are routed here"),
+    })
+}
+
+/// `POST /v1/oci/blob`: a blob's bytes, checked against the digest and size that name it.
+pub async fn blob(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<BlobQuery>,
+    body: Body,
+) -> ApiResult<Json<cairn_api::PathInfo>> {
+    let digest = Digest::parse(&q.digest)?;
+    let info = upload(body, move |input| {
+        let _client = ClientScope::enter(peer.client);
+        let info = s.images.add_blob(&digest, q.size, input)?;
+        Ok(convert::path_info(&s.store_dir, &info))
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+/// `POST /v1/oci/commit`: a layout of stored manifests, tagged if asked.
+pub async fn commit(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    Json(req): Json<CommitRequest>,
+) -> ApiResult<Json<ImageInfo>> {
+    let manifests = req.manifests.iter().map(descriptor).collect::<ApiResult<Vec<_>>>()?;
+    let tag = req.tag.as_deref().map(TagName::parse).transpose()?;
+    let info = blocking(move || {
+        let _client = ClientScope::enter(peer.client);
+        let img = s.images.commit(manifests, tag.as_ref())?;
+        tracing::info!(layout = %s.store_dir.display(&img.layout), digest = %img.digest(), "image committed");
+        image_info(&s.images, &img)
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+fn client_options(o: &RegistryOptions) -> ClientOptions {
+    ClientOptions {
+        credentials: o
+            .credentials
+            .as_ref()
+            .map(|c| Credentials { username: c.username.clone(), password: c.password.clone() }),
+        insecure: !o.tls_verify,
+    }
+}
+
+fn line(event: &ImageEvent) -> Bytes {
+    let mut v = serde_json::to_vec(event).expect("events serialise");
+    v.push(b'\n');
+    v.into()
+}
+
+fn progress_event(p: &Progress) -> ImageEvent {
+    ImageEvent::Progress {
+        blobs_total: p.blobs_total.load(Ordering::Relaxed),
+        blobs_done: p.blobs_done.load(Ordering::Relaxed),
+        bytes_total: p.bytes_total.load(Ordering::Relaxed),
+        bytes_done: p.bytes_done.load(Ordering::Relaxed),
+    }
+}
+
+/// Runs `work`, sending progress lines while it runs and its outcome last.
+fn stream_job(
+    progress: Arc<Progress>,
+    client: Option<cairn_store::ClientId>,
+    work: impl std::future::Future<Output = ApiResult<ImageEvent>> + Send + 'static,
+) -> HttpResponse {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let _ = client;
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let outcome = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tick.tick() => { let _ = tx.send(line(&progress_event(&progress))).await; }
+            }
+        };
+        let _ = tx.send(line(&progress_event(&progress))).await;
+        let event = outcome.unwrap_or_else(|e| {
+            tracing::warn!("image transfer failed: {}", e.message);
+            ImageEvent::Error(ErrorBody { kind: e.kind, message: e.message })
+        });
+        let _ = tx.send(line(&event)).await;
+    });
+    crate::handlers::json_lines(rx)
+}
+
+/// `POST /v1/oci/pull`.
+pub async fn pull(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    Json(req): Json<PullRequest>,
+) -> ApiResult<HttpResponse> {
+    let image = ImageRef::parse(req.source.trim_start_matches("docker://"))?;
+    let tag = match &req.tag {
+        Some(t) => Some(TagName::parse(t)?),
+        None => image.default_tag(),
+    };
+    let platform = match &req.platform {
+        Some(p) => Platform::parse(p)?,
+        None => Platform::host(),
+    };
+    let opts = PullOptions { platform, all_platforms: req.all_platforms, tag, jobs: JOBS };
+    let progress = Arc::new(Progress::default());
+    let p = progress.clone();
+    let copts = client_options(&req.registry);
+    Ok(stream_job(progress, peer.client, async move {
+        let reg = Arc::new(Registry::connect(&image, &copts, false).await?);
+        let pulled = cairn_image::pull::pull(s.images.clone(), reg, &image.reference, opts, p).await?;
+        tracing::info!(
+            image = %image, digest = %pulled.image.digest(), fetched = pulled.bytes_fetched,
+            skipped = pulled.bytes_skipped, "pulled"
+        );
+        let st = s.clone();
+        let info = blocking(move || image_info(&st.images, &pulled.image)).await?;
+        Ok(ImageEvent::Pulled {
+            image: info,
+            blobs_fetched: pulled.blobs_fetched,
+            bytes_fetched: pulled.bytes_fetched,
+            blobs_skipped: pulled.blobs_skipped,
+            bytes_skipped: pulled.bytes_skipped,
+        })
+    }))
+}
+
+/// `POST /v1/oci/push`.
+pub async fn push(
+    State(s): State<Arc<AppState>>,
+    Extension(peer): Extension<Peer>,
+    Json(req): Json<PushRequest>,
+) -> ApiResult<HttpResponse> {
+    let dest = ImageRef::parse(req.destination.trim_start_matches("docker://"))?;
+    let st = s.clone();
+    let what = req.image.clone();
+    let img = blocking(move || Ok(st.images.resolve(&what)?)).await?;
+    // Another repository of the destination registry that holds this image (by its tags), for
+    // cross-repository mounts.
+    let st = s.clone();
+    let layout = img.layout.clone();
+    let tags = blocking(move || Ok(st.images.tags_of(&layout)?)).await?;
+    let mount_from = tags.iter().find_map(|t| {
+        let (host, repo) = t.name().split_once('/')?;
+        (host == dest.registry && repo != dest.repository).then(|| repo.to_owned())
+    });
+    let progress = Arc::new(Progress::default());
+    let p = progress.clone();
+    let copts = client_options(&req.registry);
+    let reference: Reference = dest.reference.clone();
+    Ok(stream_job(progress, peer.client, async move {
+        let reg = Arc::new(Registry::connect(&dest, &copts, true).await?);
+        let pushed = cairn_image::push::push(s.images.clone(), reg, img, &reference, mount_from, JOBS, p).await?;
+        tracing::info!(destination = %dest, digest = %pushed.digest, uploaded = pushed.bytes_uploaded, "pushed");
+        Ok(ImageEvent::Pushed {
+            digest: pushed.digest.to_string(),
+            blobs_uploaded: pushed.blobs_uploaded,
+            bytes_uploaded: pushed.bytes_uploaded,
+            blobs_skipped: pushed.blobs_skipped,
+            blobs_mounted: pushed.blobs_mounted,
+        })
+    }))
+}
