@@ -16,6 +16,7 @@ mod error;
 mod handlers;
 mod images;
 mod serve_cache;
+mod serve_registry;
 mod server;
 mod substitute;
 

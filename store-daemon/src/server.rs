@@ -72,13 +72,20 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on '{addr}' (listen in the config)"))?;
-        tracing::info!(address = %tcp.local_addr()?, keys = keys.len(), "serving the store as a binary cache");
+        tracing::info!(address = %tcp.local_addr()?, keys = keys.len(), "serving the store as a binary cache and an OCI registry");
+        let registry = crate::serve_registry::RegistryServer::new(
+            images.clone(),
+            settings.accept_pushes,
+            &state_dir(&settings.root),
+        )
+        .context("cannot prepare the registry's upload area")?;
         let cache = crate::serve_cache::router(Arc::new(crate::serve_cache::CacheServer {
             store: store.clone(),
             store_dir: store_dir.clone(),
             keys,
             pushes: settings.accept_pushes.then(|| substitution_policy.clone()),
-        }));
+        }))
+        .merge(crate::serve_registry::router(Arc::new(registry)));
         tokio::spawn(async move {
             if let Err(e) = axum::serve(tcp, cache).await {
                 tracing::error!("binary cache server stopped: {e}");

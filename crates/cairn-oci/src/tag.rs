@@ -44,25 +44,13 @@ impl TagName {
 
     /// The name of the root symlink: the name with `%`, `/` and `:` percent-encoded, `:`, the tag.
     pub fn file_name(&self) -> String {
-        let mut s = String::with_capacity(self.name.len() + self.tag.len() + 8);
-        for c in self.name.chars() {
-            match c {
-                '%' => s.push_str("%25"),
-                '/' => s.push_str("%2F"),
-                ':' => s.push_str("%3A"),
-                c => s.push(c),
-            }
-        }
-        s.push(':');
-        s.push_str(&self.tag);
-        s
+        format!("{}:{}", encode_name(&self.name), self.tag)
     }
 
     /// The inverse of [`file_name`](Self::file_name).
     pub fn from_file_name(f: &str) -> Result<TagName> {
         let (enc, tag) = f.rsplit_once(':').ok_or_else(|| OciError::BadName(f.to_owned()))?;
-        let name = enc.replace("%2F", "/").replace("%3A", ":").replace("%25", "%");
-        TagName::new(&name, tag)
+        TagName::new(&decode_name(enc), tag)
     }
 }
 
@@ -70,6 +58,40 @@ impl fmt::Display for TagName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.name, self.tag)
     }
+}
+
+/// A repository name with `%`, `/` and `:` percent-encoded: one file name.
+pub fn encode_name(name: &str) -> String {
+    let mut s = String::with_capacity(name.len() + 8);
+    for c in name.chars() {
+        match c {
+            '%' => s.push_str("%25"),
+            '/' => s.push_str("%2F"),
+            ':' => s.push_str("%3A"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn decode_name(enc: &str) -> String {
+    enc.replace("%2F", "/").replace("%3A", ":").replace("%25", "%")
+}
+
+/// The root keeping a manifest pushed to repository `name` by digest (no tag):
+/// `<encoded name>@<alg>-<hex>` (no `:`, so it is never read as a tag).
+pub fn digest_root_file_name(name: &str, digest: &crate::Digest) -> String {
+    format!("{}@{}-{}", encode_name(name), digest.algo().as_str(), digest.hex())
+}
+
+/// The repository and digest of a [`digest_root_file_name`].
+pub fn parse_digest_root_file_name(f: &str) -> Option<(String, crate::Digest)> {
+    let (enc, rest) = f.rsplit_once('@')?;
+    let (alg, hex) = rest.split_once('-')?;
+    let d = crate::Digest::parse(&format!("{alg}:{hex}")).ok()?;
+    let name = decode_name(enc);
+    validate_repository(&name).ok()?;
+    Some((name, d))
 }
 
 /// Splits `NAME[:TAG]` at the last `:` that is not part of a host's port (a `:` followed later by
@@ -202,6 +224,11 @@ mod tests {
         assert_eq!(t.file_name(), "localhost%3A5000%2Fa%2Fb:t");
         assert_eq!(TagName::from_file_name(&t.file_name()).unwrap(), t);
         assert!(!t.file_name().contains('/'));
+        let d = crate::Digest::sha256_of(b"m");
+        let f = digest_root_file_name("localhost:5000/a", &d);
+        assert!(!f.contains(':') && !f.contains('/'));
+        assert_eq!(parse_digest_root_file_name(&f), Some(("localhost:5000/a".to_owned(), d)));
+        assert!(TagName::from_file_name(&f).is_err());
     }
 
     proptest! {

@@ -1,0 +1,860 @@
+//! The store served as an OCI registry (the Distribution Spec's `/v2/` API) on the optional
+//! `listen` address, beside the binary cache.
+//!
+//! A repository is the set of images whose tags carry its name (`NAME:TAG` roots) plus the
+//! manifests pushed to it by digest (`NAME@alg-hex` roots, see `cairn_oci::tag`). Pulls read
+//! everything from the store: manifests are served as their exact stored bytes (so digests are
+//! the ones cairn holds), blobs as files streamed from their store paths with single-range
+//! support. A blob or manifest is reachable through a repository only if one of that
+//! repository's images holds it.
+//!
+//! With `accept-pushes = true` the same address takes pushes: upload sessions (POST, PATCH with
+//! resumable ranges, PUT with the digest; monolithic POST; cross-repository mounts) write into
+//! scratch files under `<state>/oci-uploads`, and the final PUT hands the file to the store,
+//! which registers it only if it hashes to the digest. A manifest PUT stores the exact bytes,
+//! checks that every blob and child manifest it names is stored, commits an image layout, and
+//! roots it under the tag (or the digest) it was pushed as. Errors are the spec's JSON codes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use cairn_image::images::Image;
+use cairn_image::{ImageError, Images};
+use cairn_oci::manifest::Manifest;
+use cairn_oci::tag::{digest_root_file_name, encode_name, parse_digest_root_file_name, validate_repository};
+use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::Mutex;
+
+/// Upload sessions untouched for this long are dropped.
+const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
+
+/// What the registry server needs.
+pub struct RegistryServer {
+    pub images: Images,
+    /// Whether pushes are accepted (`accept-pushes`).
+    pub pushes: bool,
+    /// Scratch files of upload sessions.
+    pub upload_dir: PathBuf,
+    pub uploads: Mutex<HashMap<String, Upload>>,
+}
+
+/// An upload session: bytes received so far, in a scratch file.
+pub struct Upload {
+    repo: String,
+    file: PathBuf,
+    size: u64,
+    touched: Instant,
+}
+
+type St = State<Arc<RegistryServer>>;
+
+impl RegistryServer {
+    /// A server whose upload area is `<state>/oci-uploads`, emptied now (sessions do not survive
+    /// a restart).
+    pub fn new(images: Images, pushes: bool, state_dir: &std::path::Path) -> std::io::Result<RegistryServer> {
+        let upload_dir = state_dir.join("oci-uploads");
+        let _ = std::fs::remove_dir_all(&upload_dir);
+        std::fs::create_dir_all(&upload_dir)?;
+        Ok(RegistryServer { images, pushes, upload_dir, uploads: Mutex::new(HashMap::new()) })
+    }
+}
+
+pub fn router(server: Arc<RegistryServer>) -> Router {
+    Router::new().route("/v2/", get(base)).route("/v2/{*rest}", any(dispatch)).with_state(server)
+}
+
+/// A spec error: status, code, message.
+pub struct RegError(StatusCode, &'static str, String);
+
+impl IntoResponse for RegError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "errors": [{ "code": self.1, "message": self.2, "detail": null }] });
+        (self.0, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    }
+}
+
+fn reg_err(status: StatusCode, code: &'static str, msg: impl Into<String>) -> RegError {
+    RegError(status, code, msg.into())
+}
+
+impl From<ImageError> for RegError {
+    fn from(e: ImageError) -> RegError {
+        match &e {
+            ImageError::MissingBlob { .. } => reg_err(StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN", e.to_string()),
+            ImageError::Oci(_) | ImageError::BlobSize { .. } => {
+                reg_err(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string())
+            }
+            ImageError::Store(cairn_store::StoreError::ContentMismatch { .. })
+            | ImageError::Store(cairn_store::StoreError::SizeMismatch { .. }) => {
+                reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string())
+            }
+            _ => {
+                tracing::error!("registry: {e}");
+                reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", "internal error (see cairnd's log)")
+            }
+        }
+    }
+}
+
+impl From<cairn_store::StoreError> for RegError {
+    fn from(e: cairn_store::StoreError) -> RegError {
+        ImageError::Store(e).into()
+    }
+}
+
+type RResult<T> = Result<T, RegError>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> RResult<T> + Send + 'static) -> RResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("worker failed: {e}")))?
+}
+
+fn api_version_header() -> (header::HeaderName, HeaderValue) {
+    (header::HeaderName::from_static("docker-distribution-api-version"), HeaderValue::from_static("registry/2.0"))
+}
+
+async fn base() -> Response {
+    ([api_version_header(), (header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], "{}").into_response()
+}
+
+/// What a `/v2/<name>/…` path asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Manifest(&'a str, &'a str),
+    Blob(&'a str, &'a str),
+    UploadStart(&'a str),
+    Upload(&'a str, &'a str),
+    Tags(&'a str),
+    Referrers(&'a str, &'a str),
+    Catalog,
+}
+
+/// Splits a path after `/v2/` at the last `/manifests/`, `/blobs/` … (names contain `/`).
+fn route(rest: &str) -> Option<Route<'_>> {
+    if rest == "_catalog" {
+        return Some(Route::Catalog);
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Some(Route::Tags(name));
+    }
+    if let Some(name) = rest.strip_suffix("/blobs/uploads/").or_else(|| rest.strip_suffix("/blobs/uploads")) {
+        return Some(Route::UploadStart(name));
+    }
+    if let Some((name, id)) = rest.rsplit_once("/blobs/uploads/") {
+        return Some(Route::Upload(name, id));
+    }
+    if let Some((name, r)) = rest.rsplit_once("/manifests/") {
+        return Some(Route::Manifest(name, r));
+    }
+    if let Some((name, d)) = rest.rsplit_once("/referrers/") {
+        return Some(Route::Referrers(name, d));
+    }
+    if let Some((name, d)) = rest.rsplit_once("/blobs/") {
+        return Some(Route::Blob(name, d));
+    }
+    None
+}
+
+async fn dispatch(
+    State(s): St,
+    method: Method,
+    UrlPath(rest): UrlPath<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = match route(&rest) {
+        None => Err(reg_err(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such route")),
+        Some(r) => handle(&s, &method, r, &q, &headers, body).await,
+    };
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    let (k, v) = api_version_header();
+    resp.headers_mut().insert(k, v);
+    resp
+}
+
+fn name_ok(name: &str) -> RResult<()> {
+    validate_repository(name).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string()))
+}
+
+fn digest_ok(d: &str) -> RResult<Digest> {
+    Digest::parse(d).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()))
+}
+
+fn need_pushes(s: &RegistryServer) -> RResult<()> {
+    if s.pushes {
+        Ok(())
+    } else {
+        Err(reg_err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this registry is read-only (accept-pushes = false)",
+        ))
+    }
+}
+
+async fn handle(
+    s: &Arc<RegistryServer>,
+    method: &Method,
+    r: Route<'_>,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> RResult<Response> {
+    let head = method == Method::HEAD;
+    match (method.as_str(), r) {
+        ("GET", Route::Catalog) => catalog(s, q).await,
+        ("GET", Route::Tags(name)) => {
+            name_ok(name)?;
+            tags_list(s, name, q).await
+        }
+        ("GET" | "HEAD", Route::Manifest(name, reference)) => {
+            name_ok(name)?;
+            get_manifest(s, name, reference, head).await
+        }
+        ("GET" | "HEAD", Route::Blob(name, d)) => {
+            name_ok(name)?;
+            get_blob(s, name, &digest_ok(d)?, head, headers).await
+        }
+        ("GET", Route::Referrers(name, d)) => {
+            name_ok(name)?;
+            referrers(s, name, &digest_ok(d)?, q).await
+        }
+        ("PUT", Route::Manifest(name, reference)) => {
+            need_pushes(s)?;
+            name_ok(name)?;
+            put_manifest(s, name, reference, headers, body).await
+        }
+        ("DELETE", Route::Manifest(name, reference)) => {
+            need_pushes(s)?;
+            name_ok(name)?;
+            delete_manifest(s, name, reference).await
+        }
+        ("POST", Route::UploadStart(name)) => {
+            need_pushes(s)?;
+            name_ok(name)?;
+            start_upload(s, name, q, body).await
+        }
+        ("PATCH", Route::Upload(name, id)) => {
+            need_pushes(s)?;
+            name_ok(name)?;
+            patch_upload(s, name, id, headers, body).await
+        }
+        ("PUT", Route::Upload(name, id)) => {
+            need_pushes(s)?;
+            name_ok(name)?;
+            finish_upload(s, name, id, q, body).await
+        }
+        ("GET", Route::Upload(name, id)) => {
+            need_pushes(s)?;
+            upload_status(s, name, id).await
+        }
+        ("DELETE", Route::Upload(name, id)) => {
+            need_pushes(s)?;
+            let mut ups = s.uploads.lock().await;
+            match ups.get(id) {
+                Some(u) if u.repo == name => {
+                    let u = ups.remove(id).expect("present");
+                    let _ = std::fs::remove_file(&u.file);
+                    Ok(StatusCode::NO_CONTENT.into_response())
+                }
+                _ => Err(reg_err(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "no such upload")),
+            }
+        }
+        ("DELETE", Route::Blob(..)) => Err(reg_err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "blobs are deleted by the garbage collector once no image holds them",
+        )),
+        _ => Err(reg_err(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", format!("{method} is not supported here"))),
+    }
+}
+
+/// The images of repository `name`, each with the tag or digest root naming it.
+fn repo_images(images: &Images, name: &str) -> RResult<Vec<(Option<String>, Image)>> {
+    let enc = encode_name(name);
+    let mut out = Vec::new();
+    for (file, path) in images.store.tags()? {
+        let tag = match TagName::from_file_name(&file) {
+            Ok(t) if t.name() == name => Some(t.tag().to_owned()),
+            Ok(_) => continue,
+            Err(_) => match parse_digest_root_file_name(&file) {
+                Some((n, _)) if n == name && file.starts_with(&enc) => None,
+                _ => continue,
+            },
+        };
+        if let Ok(img) = images.load(&path) {
+            out.push((tag, img));
+        }
+    }
+    Ok(out)
+}
+
+fn name_unknown(name: &str) -> RegError {
+    reg_err(StatusCode::NOT_FOUND, "NAME_UNKNOWN", format!("repository '{name}' is not known"))
+}
+
+async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>) -> RResult<Response> {
+    let images = s.images.clone();
+    let names: BTreeSet<String> = blocking(move || {
+        Ok(images
+            .store
+            .tags()?
+            .into_iter()
+            .filter_map(|(f, _)| {
+                TagName::from_file_name(&f)
+                    .map(|t| t.name().to_owned())
+                    .ok()
+                    .or_else(|| parse_digest_root_file_name(&f).map(|(n, _)| n))
+            })
+            .collect())
+    })
+    .await?;
+    let (page, link) = paginate(names.into_iter().collect(), q, "/v2/_catalog")?;
+    let mut resp =
+        ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "repositories": page }).to_string())
+            .into_response();
+    if let Some(l) = link {
+        resp.headers_mut().insert(header::LINK, l);
+    }
+    Ok(resp)
+}
+
+/// `n`/`last` pagination of sorted names, with the `Link` of the next page.
+fn paginate(all: Vec<String>, q: &HashMap<String, String>, path: &str) -> RResult<(Vec<String>, Option<HeaderValue>)> {
+    let after: Vec<String> = match q.get("last") {
+        Some(last) => all.into_iter().filter(|t| t.as_str() > last.as_str()).collect(),
+        None => all,
+    };
+    let n = match q.get("n") {
+        Some(n) => Some(
+            n.parse::<usize>()
+                .map_err(|_| reg_err(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "n is not a number"))?,
+        ),
+        None => None,
+    };
+    match n {
+        Some(n) if after.len() > n => {
+            let page: Vec<String> = after.into_iter().take(n).collect();
+            let last = page.last().cloned().unwrap_or_default();
+            let link = HeaderValue::from_str(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")).ok();
+            Ok((page, link))
+        }
+        _ => Ok((after, None)),
+    }
+}
+
+async fn tags_list(s: &Arc<RegistryServer>, name: &str, q: &HashMap<String, String>) -> RResult<Response> {
+    let (images, n) = (s.images.clone(), name.to_owned());
+    let imgs = blocking(move || repo_images(&images, &n)).await?;
+    if imgs.is_empty() {
+        return Err(name_unknown(name));
+    }
+    let mut tags: Vec<String> = imgs.into_iter().filter_map(|(t, _)| t).collect();
+    tags.sort();
+    let (page, link) = paginate(tags, q, &format!("/v2/{name}/tags/list"))?;
+    let mut resp =
+        ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "name": name, "tags": page }).to_string())
+            .into_response();
+    if let Some(l) = link {
+        resp.headers_mut().insert(header::LINK, l);
+    }
+    Ok(resp)
+}
+
+/// A manifest of the repository by tag or digest: its bytes and media type.
+fn find_manifest(images: &Images, name: &str, reference: &str) -> RResult<(Digest, Vec<u8>, String)> {
+    let imgs = repo_images(images, name)?;
+    if imgs.is_empty() {
+        return Err(name_unknown(name));
+    }
+    let unknown =
+        || reg_err(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", format!("manifest '{reference}' is not in '{name}'"));
+    let desc = if let Ok(d) = Digest::parse(reference) {
+        if !imgs.iter().any(|(_, i)| i.blobs.contains(&d)) {
+            return Err(unknown());
+        }
+        let size = images.blob_size(&d)?.ok_or_else(unknown)?;
+        if size > MAX_MANIFEST_SIZE {
+            return Err(unknown());
+        }
+        cairn_oci::Descriptor {
+            media_type: String::new(),
+            digest: d,
+            size,
+            platform: None,
+            annotations: Default::default(),
+        }
+    } else {
+        cairn_oci::tag::validate_tag(reference)
+            .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string()))?;
+        let (_, img) = imgs.iter().find(|(t, _)| t.as_deref() == Some(reference)).ok_or_else(unknown)?;
+        img.manifests[0].clone()
+    };
+    let bytes = images.read_manifest(&desc, "the repository").map_err(|_| unknown())?;
+    let media_type = if desc.media_type.is_empty() {
+        Manifest::parse(&bytes, None).map(|m| m.media_type).map_err(|_| unknown())?
+    } else {
+        desc.media_type.clone()
+    };
+    Ok((desc.digest, bytes, media_type))
+}
+
+async fn get_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str, head: bool) -> RResult<Response> {
+    let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
+    let (digest, bytes, media_type) = blocking(move || find_manifest(&images, &n, &r)).await?;
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&media_type).unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    h.insert("docker-content-digest", HeaderValue::from_str(&digest.to_string()).expect("digests are ASCII"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len() as u64));
+    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ASCII"));
+    if head {
+        return Ok((StatusCode::OK, h).into_response());
+    }
+    Ok((StatusCode::OK, h, bytes).into_response())
+}
+
+async fn get_blob(
+    s: &Arc<RegistryServer>,
+    name: &str,
+    digest: &Digest,
+    head: bool,
+    headers: &HeaderMap,
+) -> RResult<Response> {
+    let (images, n, d) = (s.images.clone(), name.to_owned(), digest.clone());
+    let (real, len, _root) = blocking(move || {
+        let imgs = repo_images(&images, &n)?;
+        if imgs.is_empty() {
+            return Err(name_unknown(&n));
+        }
+        let unknown = || reg_err(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {d} is not in '{n}'"));
+        if !imgs.iter().any(|(_, i)| i.blobs.contains(&d)) {
+            return Err(unknown());
+        }
+        let root = images.root_blobs([&d]);
+        let len = images.blob_size(&d)?.ok_or_else(unknown)?;
+        Ok((images.store.real_path(&images.blob_path(&d)), len, root))
+    })
+    .await?;
+    let mut h = HeaderMap::new();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert("docker-content-digest", HeaderValue::from_str(&digest.to_string()).expect("ASCII"));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ASCII"));
+    let range =
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| crate::serve_cache::parse_range(v, len));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, len),
+        Some(Ok((a, b))) => {
+            h.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {a}-{}/{len}", b - 1)).expect("ASCII"),
+            );
+            (StatusCode::PARTIAL_CONTENT, a, b)
+        }
+        Some(Err(())) => {
+            h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("ASCII"));
+            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, h).into_response());
+        }
+    };
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    if head {
+        return Ok((status, h).into_response());
+    }
+    let mut file = tokio::fs::File::open(&real)
+        .await
+        .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot open blob: {e}")))?;
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot seek blob: {e}")))?;
+    }
+    // The blob stays rooted while it is sent: the guard moves into the stream.
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), 1 << 20);
+    let guarded = futures_util::stream::unfold((stream, Some(_root)), |(mut st, g)| async move {
+        st.next().await.map(|item| (item, (st, g)))
+    });
+    Ok((status, h, Body::from_stream(guarded)).into_response())
+}
+
+async fn referrers(
+    s: &Arc<RegistryServer>,
+    name: &str,
+    digest: &Digest,
+    q: &HashMap<String, String>,
+) -> RResult<Response> {
+    let (images, n, d) = (s.images.clone(), name.to_owned(), digest.clone());
+    let filter = q.get("artifactType").cloned();
+    let found = blocking(move || {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (_, img) in repo_images(&images, &n)? {
+            for (desc, m) in images.image_manifests(&img)? {
+                if m.subject.as_ref().is_some_and(|s| s.digest == d) && seen.insert(desc.digest.clone()) {
+                    let artifact = m.artifact_type.clone().or_else(|| m.children.first().map(|c| c.media_type.clone()));
+                    if filter.as_ref().is_some_and(|f| Some(f) != artifact.as_ref()) {
+                        continue;
+                    }
+                    let mut v = desc.to_json();
+                    if let Some(a) = artifact {
+                        v["artifactType"] = a.into();
+                    }
+                    out.push(v);
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": cairn_oci::manifest::OCI_INDEX,
+        "manifests": found,
+    });
+    let mut resp = ([(header::CONTENT_TYPE, cairn_oci::manifest::OCI_INDEX)], body.to_string()).into_response();
+    if q.contains_key("artifactType") {
+        resp.headers_mut().insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
+    }
+    Ok(resp)
+}
+
+/// A request body read whole, refused past `limit` bytes.
+async fn read_body(body: Body, limit: u64) -> RResult<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut s = body.into_data_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(|e| reg_err(StatusCode::BAD_REQUEST, "UNKNOWN", format!("reading the body: {e}")))?;
+        if out.len() as u64 + chunk.len() as u64 > limit {
+            return Err(reg_err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "SIZE_INVALID",
+                format!("a manifest may have at most {limit} bytes"),
+            ));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+async fn put_manifest(
+    s: &Arc<RegistryServer>,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> RResult<Response> {
+    let by_digest = Digest::parse(reference).ok();
+    if by_digest.is_none() {
+        cairn_oci::tag::validate_tag(reference)
+            .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?;
+    }
+    let bytes = read_body(body, MAX_MANIFEST_SIZE).await?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let m = Manifest::parse(&bytes, content_type.as_deref())
+        .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string()))?;
+    let digest = match &by_digest {
+        Some(want) if want.algo() == cairn_oci::DigestAlgo::Sha512 => {
+            Digest::from_hash(&cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha512, &bytes)).expect("sha512")
+        }
+        _ => Digest::sha256_of(&bytes),
+    };
+    if let Some(want) = &by_digest {
+        if *want != digest {
+            return Err(reg_err(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                format!("the manifest's digest is {digest}, not {want}"),
+            ));
+        }
+    }
+    let desc = cairn_oci::Descriptor {
+        media_type: m.media_type.clone(),
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+    };
+    let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
+    let subject = m.subject.clone();
+    let img = blocking(move || {
+        let _root = images.root_blobs([&desc.digest]);
+        images.add_blob(&desc.digest, bytes.len() as u64, &bytes[..])?;
+        let tag = match Digest::parse(&r) {
+            Ok(_) => None,
+            Err(_) => {
+                Some(TagName::new(&n, &r).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?)
+            }
+        };
+        let img = images.commit(vec![desc.clone()], tag.as_ref())?;
+        if tag.is_none() {
+            images.store.set_tag(&digest_root_file_name(&n, &desc.digest), &img.layout)?;
+        }
+        Ok(img)
+    })
+    .await?;
+    tracing::info!(repository = name, reference, digest = %img.digest(), "manifest pushed");
+    let mut h = HeaderMap::new();
+    h.insert(header::LOCATION, HeaderValue::from_str(&format!("/v2/{name}/manifests/{digest}")).expect("ASCII"));
+    h.insert("docker-content-digest", HeaderValue::from_str(&digest.to_string()).expect("ASCII"));
+    if let Some(sub) = subject {
+        h.insert("oci-subject", HeaderValue::from_str(&sub.digest.to_string()).expect("ASCII"));
+    }
+    Ok((StatusCode::CREATED, h).into_response())
+}
+
+async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -> RResult<Response> {
+    let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
+    let removed = blocking(move || {
+        let mut removed = 0;
+        match Digest::parse(&r) {
+            Ok(d) => {
+                for (tag, img) in repo_images(&images, &n)? {
+                    if img.digest() == &d {
+                        let file = match tag {
+                            Some(t) => TagName::new(&n, &t).map(|t| t.file_name()).unwrap_or_default(),
+                            None => digest_root_file_name(&n, &d),
+                        };
+                        if images.store.remove_tag(&file)? {
+                            removed += 1;
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                let t =
+                    TagName::new(&n, &r).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?;
+                if images.store.remove_tag(&t.file_name())? {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    })
+    .await?;
+    if removed == 0 {
+        return Err(reg_err(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!("manifest '{reference}' is not in '{name}'"),
+        ));
+    }
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// An unguessable upload id (32 hex digits from the kernel's random source).
+fn new_upload_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn upload_headers(name: &str, id: &str, size: u64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(header::LOCATION, HeaderValue::from_str(&format!("/v2/{name}/blobs/uploads/{id}")).expect("ASCII"));
+    h.insert("docker-upload-uuid", HeaderValue::from_str(id).expect("hex"));
+    h.insert(header::RANGE, HeaderValue::from_str(&format!("0-{}", size.saturating_sub(1))).expect("ASCII"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+    h
+}
+
+fn blob_created(name: &str, digest: &Digest) -> Response {
+    let mut h = HeaderMap::new();
+    h.insert(header::LOCATION, HeaderValue::from_str(&format!("/v2/{name}/blobs/{digest}")).expect("ASCII"));
+    h.insert("docker-content-digest", HeaderValue::from_str(&digest.to_string()).expect("ASCII"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+    (StatusCode::CREATED, h).into_response()
+}
+
+/// Appends a body to a scratch file; returns the new size.
+async fn append(file: &std::path::Path, body: Body) -> RResult<u64> {
+    let mut f =
+        tokio::fs::OpenOptions::new().append(true).create(true).open(file).await.map_err(|e| {
+            reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot write the upload: {e}"))
+        })?;
+    let mut s = body.into_data_stream();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk
+            .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID", format!("reading the body: {e}")))?;
+        tokio::io::AsyncWriteExt::write_all(&mut f, &chunk).await.map_err(|e| {
+            reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot write the upload: {e}"))
+        })?;
+    }
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    Ok(len)
+}
+
+/// Hands an upload's scratch file to the store under `digest`; the file is removed either way.
+async fn commit_upload(s: &Arc<RegistryServer>, file: PathBuf, digest: Digest) -> RResult<()> {
+    let images = s.images.clone();
+    blocking(move || {
+        let result = (|| {
+            let f = std::fs::File::open(&file).map_err(|e| {
+                reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot read the upload: {e}"))
+            })?;
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            images.add_blob(&digest, size, std::io::BufReader::with_capacity(1 << 20, f))?;
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&file);
+        result.map_err(|e: RegError| {
+            if e.1 == "MANIFEST_INVALID" {
+                reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.2)
+            } else {
+                e
+            }
+        })
+    })
+    .await
+}
+
+async fn start_upload(
+    s: &Arc<RegistryServer>,
+    name: &str,
+    q: &HashMap<String, String>,
+    body: Body,
+) -> RResult<Response> {
+    if let (Some(d), Some(_from)) = (q.get("mount"), q.get("from")) {
+        // Any stored blob can be mounted: the store is one content-addressed pool.
+        let d = digest_ok(d)?;
+        let (images, dd) = (s.images.clone(), d.clone());
+        if blocking(move || Ok(images.has_blob(&dd)?)).await? {
+            return Ok(blob_created(name, &d));
+        }
+    }
+    let id = new_upload_id();
+    let file = s.upload_dir.join(&id);
+    if let Some(d) = q.get("digest") {
+        // A monolithic upload: the body is the blob.
+        let d = digest_ok(d)?;
+        append(&file, body).await?;
+        commit_upload(s, file, d.clone()).await?;
+        return Ok(blob_created(name, &d));
+    }
+    let mut ups = s.uploads.lock().await;
+    ups.retain(|_, u| {
+        let keep = u.touched.elapsed() < UPLOAD_IDLE;
+        if !keep {
+            let _ = std::fs::remove_file(&u.file);
+        }
+        keep
+    });
+    std::fs::File::create(&file)
+        .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot start the upload: {e}")))?;
+    ups.insert(id.clone(), Upload { repo: name.to_owned(), file, size: 0, touched: Instant::now() });
+    Ok((StatusCode::ACCEPTED, upload_headers(name, &id, 0)).into_response())
+}
+
+/// The session `id` of repository `name`, taken out of the table while a request works on it
+/// (a second concurrent request on the same session is refused).
+async fn take_upload(s: &Arc<RegistryServer>, name: &str, id: &str) -> RResult<Upload> {
+    let mut ups = s.uploads.lock().await;
+    match ups.get(id) {
+        Some(u) if u.repo == name => Ok(ups.remove(id).expect("present")),
+        _ => Err(reg_err(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "no such upload (or one in use)")),
+    }
+}
+
+async fn patch_upload(
+    s: &Arc<RegistryServer>,
+    name: &str,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> RResult<Response> {
+    let mut up = take_upload(s, name, id).await?;
+    if let Some(r) = headers.get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
+        let start = r.trim_start_matches("bytes ").split('-').next().and_then(|a| a.trim().parse::<u64>().ok());
+        if start != Some(up.size) {
+            let size = up.size;
+            s.uploads.lock().await.insert(id.to_owned(), up);
+            let mut resp = reg_err(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "BLOB_UPLOAD_INVALID",
+                format!("the chunk must start at byte {size}"),
+            )
+            .into_response();
+            resp.headers_mut().extend(upload_headers(name, id, size));
+            return Ok(resp);
+        }
+    }
+    let result = append(&up.file, body).await;
+    if let Ok(n) = &result {
+        up.size = *n;
+    }
+    up.touched = Instant::now();
+    let size = up.size;
+    s.uploads.lock().await.insert(id.to_owned(), up);
+    result?;
+    Ok((StatusCode::ACCEPTED, upload_headers(name, id, size)).into_response())
+}
+
+async fn finish_upload(
+    s: &Arc<RegistryServer>,
+    name: &str,
+    id: &str,
+    q: &HashMap<String, String>,
+    body: Body,
+) -> RResult<Response> {
+    let Some(d) = q.get("digest") else {
+        return Err(reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "the final PUT needs ?digest="));
+    };
+    let d = digest_ok(d)?;
+    let up = take_upload(s, name, id).await?;
+    append(&up.file, body).await?;
+    commit_upload(s, up.file, d.clone()).await?;
+    Ok(blob_created(name, &d))
+}
+
+async fn upload_status(s: &Arc<RegistryServer>, name: &str, id: &str) -> RResult<Response> {
+    let ups = s.uploads.lock().await;
+    match ups.get(id) {
+        Some(u) if u.repo == name => Ok((StatusCode::NO_CONTENT, upload_headers(name, id, u.size)).into_response()),
+        _ => Err(reg_err(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "no such upload")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_split_at_the_last_keyword() {
+        assert_eq!(route("a/b/manifests/v1"), Some(Route::Manifest("a/b", "v1")));
+        assert_eq!(route("a/blobs/x/blobs/sha256:00"), Some(Route::Blob("a/blobs/x", "sha256:00")));
+        assert_eq!(route("team/app/blobs/uploads/"), Some(Route::UploadStart("team/app")));
+        assert_eq!(route("team/app/blobs/uploads/abc"), Some(Route::Upload("team/app", "abc")));
+        assert_eq!(route("x/tags/list"), Some(Route::Tags("x")));
+        assert_eq!(route("x/referrers/sha256:00"), Some(Route::Referrers("x", "sha256:00")));
+        assert_eq!(route("_catalog"), Some(Route::Catalog));
+        assert_eq!(route("nothing"), None);
+    }
+
+    #[test]
+    fn pagination() {
+        let all: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let q: HashMap<String, String> = [("n".to_owned(), "2".to_owned())].into();
+        let (page, link) = paginate(all.clone(), &q, "/v2/x/tags/list").unwrap();
+        assert_eq!(page, ["a", "b"]);
+        assert_eq!(link.unwrap().to_str().unwrap(), "</v2/x/tags/list?n=2&last=b>; rel=\"next\"");
+        let q: HashMap<String, String> = [("n".to_owned(), "2".to_owned()), ("last".to_owned(), "b".to_owned())].into();
+        assert_eq!(paginate(all.clone(), &q, "/").unwrap(), (vec!["c".to_owned()], None));
+        let q: HashMap<String, String> = [("n".to_owned(), "x".to_owned())].into();
+        assert!(paginate(all, &q, "/").is_err());
+    }
+}
