@@ -9,6 +9,7 @@
 //! `CAIRN_REQUIRE_PEERS=1` (set by `.ci/run`), where a missing peer fails the test.
 
 pub mod garage;
+pub mod oci;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,242 @@
+//! OCI images against the real peers: distribution 2.8 (`docker-registry`) as the upstream,
+//! images built by `umoci`, moved and read by `skopeo`, validated by `oci-image-tool`.
+//!
+//! What is checked: digests survive every trip (pull, push, export, serving) byte for byte;
+//! blobs already stored are neither fetched nor uploaded again; tags keep images (and their
+//! blobs) from the collector and untagging releases them; credentials work with real basic auth.
+
+use std::path::Path;
+use std::process::Command;
+
+use cairn_e2e::oci::{
+    digest_of, layout_blob, layout_blobs, run_tool, skopeo_copy, skopeo_raw, umoci_image, DockerRegistry,
+};
+use cairn_e2e::{free_port, require_peer, wait_listening, TestStore};
+
+fn peers() -> bool {
+    ["docker-registry", "skopeo", "umoci", "oci-image-tool"].iter().all(|p| require_peer(p))
+}
+
+/// Three layers: two shared with [`second_image`], one of its own.
+fn first_image(dir: &Path) {
+    umoci_image(
+        dir,
+        "v1",
+        &[
+            vec![("etc/base".into(), b"base layer\n".to_vec())],
+            vec![("usr/lib/shared.txt".into(), vec![b's'; 200_000])],
+            vec![("app/one".into(), b"first app\n".to_vec())],
+        ],
+    );
+}
+
+fn second_image(dir: &Path) {
+    umoci_image(
+        dir,
+        "v2",
+        &[
+            vec![("etc/base".into(), b"base layer\n".to_vec())],
+            vec![("usr/lib/shared.txt".into(), vec![b's'; 200_000])],
+            vec![("app/two".into(), vec![b'2'; 300_000])],
+        ],
+    );
+}
+
+fn count_entries(store: &TestStore, infix: &str) -> usize {
+    store.store_entries().iter().filter(|e| e.contains(infix)).count()
+}
+
+fn json(bytes: &str) -> serde_json::Value {
+    serde_json::from_str(bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {bytes}"))
+}
+
+#[test]
+fn pulls_pushes_and_exports_keep_digests_with_real_peers() {
+    if !peers() {
+        return;
+    }
+    let reg = DockerRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    first_image(&src);
+    second_image(&src);
+    let upstream = format!("docker://{}/team/app", reg.host());
+    skopeo_copy(&format!("oci:{}:v1", src.display()), &format!("{upstream}:v1"));
+    skopeo_copy(&format!("oci:{}:v2", src.display()), &format!("{upstream}:v2"));
+    let v1_digest = digest_of(&skopeo_raw(&format!("{upstream}:v1")));
+
+    let store = TestStore::start();
+    // Pull: the digest is the registry's; three layers, a config and the manifest are fetched.
+    let out = json(&store.ok(&["image", "pull", "--tls-verify=false", "--json", &format!("{upstream}:v1")]));
+    assert_eq!(out["image"]["digest"], v1_digest);
+    assert_eq!(out["blobsFetched"], 4, "{out}");
+    assert_eq!(out["blobsSkipped"], 0);
+    assert_eq!(out["image"]["tags"][0], format!("{}/team/app:v1", reg.host()));
+    // A second image sharing two layers fetches only its own layer and config.
+    let out2 = json(&store.ok(&["image", "pull", "--tls-verify=false", "--json", "--tag", "app:v2", &format!("{upstream}:v2")]));
+    assert_eq!(out2["blobsFetched"], 2, "{out2}");
+    assert_eq!(out2["blobsSkipped"], 2);
+    let inspect = json(&store.ok(&["image", "inspect", "--json", "app:v2"]));
+    let shared: u64 = inspect["layers"].as_array().unwrap()[..2].iter().map(|l| l["size"].as_u64().unwrap()).sum();
+    assert_eq!(out2["bytesSkipped"].as_u64().unwrap(), shared);
+    assert_eq!(out2["bytesFetched"].as_u64().unwrap() + shared, inspect["size"].as_u64().unwrap() - inspect["contents"][0]["size"].as_u64().unwrap());
+    // The same layer is one store path: both images' layouts reference it.
+    let layer0 = inspect["layers"][0]["path"].as_str().unwrap().to_owned();
+    let referrers = store.ok(&["referrers", &layer0]);
+    assert_eq!(referrers.lines().count(), 2, "{referrers}");
+
+    // Export to an oci: layout: oci-image-tool validates it, umoci unpacks it, and every blob
+    // is byte-identical to what skopeo copies from the registry.
+    let exported = tmp.path().join("exported");
+    store.ok(&["image", "push", &format!("{}/team/app:v1", reg.host()), &format!("oci:{}:v1", exported.display())]);
+    run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=v1"]).arg(&exported));
+    let via_skopeo = tmp.path().join("via-skopeo");
+    skopeo_copy(&format!("{upstream}:v1"), &format!("oci:{}:v1", via_skopeo.display()));
+    assert_eq!(layout_blobs(&exported), layout_blobs(&via_skopeo));
+    for d in layout_blobs(&exported) {
+        assert_eq!(layout_blob(&exported, &d), layout_blob(&via_skopeo, &d), "{d}");
+    }
+    let bundle = tmp.path().join("bundle");
+    run_tool(Command::new("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v1", exported.display())).arg(&bundle));
+    assert_eq!(std::fs::read(bundle.join("rootfs/app/one")).unwrap(), b"first app\n");
+    // The stored layout itself is usable by skopeo as an oci: directory.
+    let layout = inspect["layout"].as_str().unwrap();
+    let real = store.real_store_dir().join(Path::new(layout).file_name().unwrap());
+    skopeo_copy(&format!("oci:{}", real.display()), &format!("oci:{}:x", tmp.path().join("from-store").display()));
+
+    // Push to another repository: skopeo reads back the same manifest bytes; the blobs were
+    // mounted from the repository the image came from.
+    let dest = format!("docker://{}/other/copy:v1", reg.host());
+    let pushed = json(&store.ok(&["image", "push", "--tls-verify=false", "--json", &format!("{}/team/app:v1", reg.host()), &dest]));
+    assert_eq!(pushed["digest"], v1_digest);
+    assert_eq!(pushed["blobsMounted"], 4, "{pushed}");
+    assert_eq!(digest_of(&skopeo_raw(&dest)), v1_digest);
+    // app:v2 came from team/app too but is tagged only locally: uploaded, except blobs already there.
+    let dest2 = format!("docker://{}/fresh/app:v2", reg.host());
+    let pushed2 = json(&store.ok(&["image", "push", "--tls-verify=false", "--json", "app:v2", &dest2]));
+    assert_eq!(pushed2["blobsUploaded"], 4, "{pushed2}");
+    assert_eq!(digest_of(&skopeo_raw(&dest2)), inspect["digest"].as_str().unwrap());
+    let again = json(&store.ok(&["image", "push", "--tls-verify=false", "--json", "app:v2", &dest2]));
+    assert_eq!((again["blobsUploaded"].as_u64(), again["blobsSkipped"].as_u64()), (Some(0), Some(4)), "{again}");
+    let pulled_back = tmp.path().join("pulled-back");
+    skopeo_copy(&dest2, &format!("oci:{}:v2", pulled_back.display()));
+    let src_v2 = tmp.path().join("src-v2");
+    skopeo_copy(&format!("{upstream}:v2"), &format!("oci:{}:v2", src_v2.display()));
+    assert_eq!(layout_blobs(&pulled_back), layout_blobs(&src_v2));
+
+    // Import from an oci: layout written by umoci: same digest as the registry's copy.
+    let imported = json(&store.ok(&["image", "pull", "--json", "--tag", "local/src:v1", &format!("oci:{}:v1", src.display())]));
+    assert_eq!(imported["digest"], v1_digest);
+}
+
+#[test]
+fn tags_are_roots_and_untagged_images_are_collected() {
+    if !peers() {
+        return;
+    }
+    let reg = DockerRegistry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    first_image(&src);
+    skopeo_copy(&format!("oci:{}:v1", src.display()), &format!("docker://{}/a/b:v1", reg.host()));
+    let store = TestStore::start();
+    store.ok(&["image", "pull", "--tls-verify=false", "--tag", "keep:me", &format!("docker://{}/a/b:v1", reg.host())]);
+    store.ok(&["image", "tag", "keep:me", "second:name"]);
+    assert_eq!(count_entries(&store, "-oci-blob-"), 5);
+    store.ok(&["gc"]);
+    assert_eq!(count_entries(&store, "-oci-blob-"), 5, "tagged images survive a collection");
+    assert_eq!(count_entries(&store, "-oci-image-"), 1);
+    let roots = store.ok(&["gc", "--print-roots"]);
+    assert!(roots.contains("oci-tags/keep:me"), "{roots}");
+    store.ok(&["image", "untag", "keep:me"]);
+    store.ok(&["gc"]);
+    assert_eq!(count_entries(&store, "-oci-blob-"), 5, "one tag is left");
+    store.ok(&["image", "untag", "second:name"]);
+    let e = store.fail(&["image", "untag", "second:name"], b"");
+    assert!(e.contains("no image is tagged 'second:name'"), "{e}");
+    store.ok(&["gc"]);
+    assert_eq!(count_entries(&store, "-oci-blob-"), 0, "untagged: layout and blobs collected");
+    assert_eq!(count_entries(&store, "-oci-image-"), 0);
+    assert!(store.ok(&["image", "ls", "--json"]).trim() == "[]");
+}
+
+#[test]
+fn cairnd_serves_a_registry_that_skopeo_pulls_from_and_pushes_to() {
+    if !peers() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    first_image(&src);
+    second_image(&src);
+    let port = free_port();
+    let store = TestStore::builder().config(&format!("listen = \"127.0.0.1:{port}\"\naccept-pushes = true\n")).start();
+    wait_listening(port);
+    // skopeo pushes into cairnd (chunked uploads and manifest PUTs) …
+    let v1 = format!("docker://127.0.0.1:{port}/served/app:v1");
+    skopeo_copy(&format!("oci:{}:v1", src.display()), &v1);
+    skopeo_copy(&format!("oci:{}:v2", src.display()), &format!("docker://127.0.0.1:{port}/served/app:v2"));
+    let ls = store.ok(&["image", "ls"]);
+    assert!(ls.contains("served/app:v1") && ls.contains("served/app:v2"), "{ls}");
+    let src_digest = digest_of(&skopeo_raw(&format!("oci:{}:v1", src.display())));
+    assert_eq!(json(&store.ok(&["image", "inspect", "--json", "served/app:v1"]))["digest"], src_digest);
+    // … and pulls back the same bytes, into a layout oci-image-tool accepts and umoci unpacks.
+    assert_eq!(digest_of(&skopeo_raw(&v1)), src_digest);
+    let out = tmp.path().join("out");
+    skopeo_copy(&v1, &format!("oci:{}:v1", out.display()));
+    run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=v1"]).arg(&out));
+    let bundle = tmp.path().join("bundle");
+    run_tool(Command::new("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v1", out.display())).arg(&bundle));
+    assert_eq!(std::fs::read(bundle.join("rootfs/app/one")).unwrap(), b"first app\n");
+    let tags = run_tool(Command::new("skopeo").args(["list-tags", "--tls-verify=false", &format!("docker://127.0.0.1:{port}/served/app")]));
+    let tags: serde_json::Value = serde_json::from_slice(&tags).unwrap();
+    assert_eq!(tags["Tags"], serde_json::json!(["v1", "v2"]));
+    // Another cairnd pulls from this one, with the digest unchanged.
+    let other = TestStore::start();
+    let pulled = json(&other.ok(&["image", "pull", "--tls-verify=false", "--json", &format!("docker://127.0.0.1:{port}/served/app:v2")]));
+    assert_eq!(pulled["image"]["digest"], digest_of(&skopeo_raw(&format!("oci:{}:v2", src.display()))));
+}
+
+#[test]
+fn basic_auth_with_a_real_registry() {
+    if !peers() {
+        return;
+    }
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let reg = DockerRegistry::start_with_auth(Some(&format!("alice:{hash}\n")));
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    first_image(&src);
+    run_tool(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "alice:s3cret",
+        &format!("oci:{}:v1", src.display()),
+        &format!("docker://{}/private/app:v1", reg.host()),
+    ]));
+    let store = TestStore::start();
+    let image = format!("docker://{}/private/app:v1", reg.host());
+    let e = store.fail(&["image", "pull", "--tls-verify=false", &image], b"");
+    assert!(e.contains("needs credentials") && e.lines().count() == 1, "{e}");
+    let e = store.fail(&["image", "pull", "--tls-verify=false", "--creds", "alice:wrong", &image], b"");
+    assert!(e.contains("401") || e.contains("credentials"), "{e}");
+    assert_eq!(count_entries(&store, "-oci-"), 0, "nothing stored by refused pulls");
+    store.ok(&["image", "pull", "--tls-verify=false", "--creds", "alice:s3cret", &image]);
+    // Credentials from an auth.json, as podman and skopeo keep them.
+    let auth = tmp.path().join("auth.json");
+    std::fs::write(
+        &auth,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#, reg.host(), base64_of("alice:s3cret")),
+    )
+    .unwrap();
+    let dest = format!("docker://{}/private/copy:v1", reg.host());
+    store.ok(&["image", "push", "--tls-verify=false", "--authfile", auth.to_str().unwrap(), &format!("{}/private/app:v1", reg.host()), &dest]);
+    let raw = run_tool(Command::new("skopeo").args(["inspect", "--tls-verify=false", "--creds", "alice:s3cret", "--raw", &dest]));
+    assert_eq!(digest_of(&raw), json(&store.ok(&["image", "inspect", "--json", &format!("{}/private/app:v1", reg.host())]))["digest"]);
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
