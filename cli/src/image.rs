@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use cairn_api::image::{
-    CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent, PullRequest, PushRequest, RegistryOptions,
+    CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent, ImportItem, PullRequest, PushRequest,
+    RegistryOptions, UnpackedInfo,
 };
-use cairn_api::{BlobQuery, Request, Response};
+use cairn_api::{Request, Response};
 use cairn_client::Client;
 use cairn_oci::layout::{self, blob_path, REF_NAME};
 use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest};
@@ -71,6 +72,16 @@ pub enum ImageCommand {
     /// Show an image's digest, platforms, config and layers.
     Inspect {
         image: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an image's root filesystem (its layers applied in order) a store path and print it;
+    /// a second unpack of the same image finds it again.
+    Unpack {
+        image: String,
+        /// Also make LINK a symlink to it, registered as a garbage-collector root.
+        #[arg(long, short = 'o', value_name = "LINK")]
+        out_link: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -271,8 +282,42 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        ImageCommand::Unpack { image, out_link, json } => {
+            let Response::Unpacked(u) = client.query(&Request::ImageUnpack { image }).await? else {
+                bail!("cairnd gave an unexpected answer to unpack")
+            };
+            if let Some(link) = &out_link {
+                ctx.add_root(&client, link, &u.path).await?;
+            }
+            if json {
+                print_json(&u)?;
+            } else {
+                println!("{}", u.path);
+                eprintln!("{}", unpack_summary(&u));
+            }
+        }
     }
     Ok(())
+}
+
+/// The one line `image unpack` says on stderr.
+fn unpack_summary(u: &UnpackedInfo) -> String {
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let layers = plural(u.layers, "layer", "layers");
+    if u.cached {
+        return format!("cached: {layers} unpacked before");
+    }
+    let mut dropped = Vec::new();
+    if u.dropped_devices > 0 {
+        dropped.push(plural(u.dropped_devices, "device node", "device nodes"));
+    }
+    if u.dropped_special_bits > 0 {
+        dropped.push(plural(u.dropped_special_bits, "setuid/setgid/sticky bit", "setuid/setgid/sticky bits"));
+    }
+    match dropped.is_empty() {
+        true => format!("unpacked {layers}"),
+        false => format!("unpacked {layers}; dropped {}", dropped.join(", ")),
+    }
 }
 
 async fn inspect(client: &Client, image: &str) -> anyhow::Result<ImageDetail> {
@@ -351,53 +396,82 @@ async fn import_oci(
     let manifests = layout::parse_index(&index).with_context(|| format!("'{}'", dir.display()))?;
     let top = layout::pick(&manifests, reference)?.clone();
     let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
+    // First walk the layout and check what can be checked here (presence, sizes, manifests
+    // parse), so that a broken layout is refused before anything is sent.
     let mut seen = BTreeSet::new();
     let mut todo = vec![top.clone()];
-    let bar = progress::bytes("importing");
+    let mut blobs: Vec<(Descriptor, PathBuf)> = Vec::new();
     while let Some(d) = todo.pop() {
         if !seen.insert(d.digest.clone()) {
             continue;
         }
         let file = blob_file(dir, &d.digest);
-        if is_manifest_type(&d.media_type) {
-            let meta = std::fs::metadata(&file)
-                .with_context(|| format!("{} names blob {}, which '{}' lacks", "the index", d.digest, dir.display()))?;
-            if meta.len() > cairn_oci::MAX_MANIFEST_SIZE {
-                bail!(
-                    "manifest {} is {} bytes, more than the {} allowed",
-                    d.digest,
-                    meta.len(),
-                    cairn_oci::MAX_MANIFEST_SIZE
-                );
-            }
-            let bytes = std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?;
-            let m = Manifest::parse(&bytes, Some(&d.media_type)).with_context(|| format!("manifest {}", d.digest))?;
-            todo.extend(m.children.iter().filter(|c| c.media_type != "").cloned());
-        }
-        let path = store_dir.display(&blob_path(&store_dir, &d.digest));
-        let valid =
-            matches!(client.query(&Request::IsValid { paths: vec![path] }).await?, Response::Valid(v) if v == [true]);
-        if valid {
-            continue;
-        }
-        let f = tokio::fs::File::open(&file)
-            .await
-            .with_context(|| format!("blob {} is missing from '{}'", d.digest, dir.display()))?;
-        let size = f.metadata().await?.len();
+        let size = std::fs::symlink_metadata(&file)
+            .map(|m| m.len())
+            .map_err(|_| anyhow::anyhow!("blob {} is missing from '{}'", d.digest, dir.display()))?;
         if size != d.size {
             bail!("blob {} in '{}' is {size} bytes, but its descriptor says {}", d.digest, dir.display(), d.size);
         }
-        let body = cairn_client::body_from_reader(crate::progress::CountingAsync { inner: f, bar: bar.clone() });
-        client
-            .add_blob(&BlobQuery { digest: d.digest.to_string(), size }, body)
-            .await
-            .with_context(|| format!("blob {}", d.digest))?;
+        if is_manifest_type(&d.media_type) {
+            if size > cairn_oci::MAX_MANIFEST_SIZE {
+                bail!("manifest {} is {size} bytes, more than the {} allowed", d.digest, cairn_oci::MAX_MANIFEST_SIZE);
+            }
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?;
+            let m = Manifest::parse(&bytes, Some(&d.media_type)).with_context(|| format!("manifest {}", d.digest))?;
+            todo.extend(m.children.iter().cloned());
+        }
+        blobs.push((d, file));
     }
+    // Then send what the store lacks, in one all-or-nothing stream: the daemon checks each blob
+    // against its digest, and deletes what the stream added if one is refused.
+    let paths: Vec<String> = blobs.iter().map(|(d, _)| store_dir.display(&blob_path(&store_dir, &d.digest))).collect();
+    let Response::Valid(valid) = client.query(&Request::IsValid { paths }).await? else {
+        bail!("cairnd gave an unexpected answer to is-valid")
+    };
+    let bar = progress::bytes("importing");
+    let mut parts: Vec<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> = Vec::new();
+    let item = |i: &ImportItem| {
+        let mut v = serde_json::to_vec(i).expect("items serialise");
+        v.push(b'\n');
+        std::io::Cursor::new(v)
+    };
+    for ((d, file), valid) in blobs.iter().zip(valid) {
+        if valid {
+            continue;
+        }
+        let f = tokio::fs::File::open(file).await.with_context(|| format!("cannot read '{}'", file.display()))?;
+        parts.push(Box::new(item(&ImportItem::Blob { digest: d.digest.to_string(), size: d.size })));
+        parts.push(Box::new(crate::progress::CountingAsync { inner: f, bar: bar.clone() }));
+    }
+    let top = DescriptorWire { media_type: top.media_type, digest: top.digest.to_string(), size: top.size, platform: None };
+    parts.push(Box::new(item(&ImportItem::Commit(CommitRequest { manifests: vec![top], tag: Some(tag.to_string()) }))));
+    let info = client.import_image(cairn_client::body_from_reader(Chain(parts.into()))).await;
     bar.finish_and_clear();
-    let top =
-        DescriptorWire { media_type: top.media_type, digest: top.digest.to_string(), size: top.size, platform: None };
-    Ok(client.commit_image(&CommitRequest { manifests: vec![top], tag: Some(tag.to_string()) }).await?)
+    Ok(info?)
 }
+
+/// Readers read one after the other.
+struct Chain(std::collections::VecDeque<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>>);
+
+impl tokio::io::AsyncRead for Chain {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while let Some(front) = self.0.front_mut() {
+            let before = buf.filled().len();
+            match std::pin::Pin::new(front).poll_read(cx, buf) {
+                std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    self.0.pop_front();
+                }
+                other => return other,
+            }
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 
 /// Writes a stored image into `oci:DIR[:REF]` (creating the layout, or adding to one): blobs
 /// the directory lacks are copied from the store, and `index.json` gets the image's manifest,
@@ -451,4 +525,27 @@ async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<
     std::fs::write(&tmp, layout::index_json(&manifests))?;
     std::fs::rename(&tmp, &index_path).with_context(|| format!("cannot write '{}'", index_path.display()))?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_api::image::UnpackedInfo;
+
+    #[test]
+    fn unpack_summaries() {
+        let u = |layers, dropped_devices, dropped_special_bits, cached| UnpackedInfo {
+            path: "/store/x".into(),
+            layers,
+            dropped_devices,
+            dropped_special_bits,
+            cached,
+        };
+        assert_eq!(super::unpack_summary(&u(1, 0, 0, false)), "unpacked 1 layer");
+        assert_eq!(
+            super::unpack_summary(&u(3, 1, 2, false)),
+            "unpacked 3 layers; dropped 1 device node, 2 setuid/setgid/sticky bits"
+        );
+        assert_eq!(super::unpack_summary(&u(2, 0, 1, false)), "unpacked 2 layers; dropped 1 setuid/setgid/sticky bit");
+        assert_eq!(super::unpack_summary(&u(3, 0, 0, true)), "cached: 3 layers unpacked before");
+    }
 }

@@ -68,8 +68,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::RECEIVE, post(receive))
         .route(routes::REALISE, post(crate::build::realise))
         .route(routes::LOG, get(crate::build::log))
-        .route(routes::OCI_BLOB, post(crate::images::blob))
         .route(routes::OCI_COMMIT, post(crate::images::commit))
+        .route(routes::OCI_IMPORT, post(crate::images::import))
         .route(routes::OCI_PULL, post(crate::images::pull))
         .route(routes::OCI_PUSH, post(crate::images::push))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
@@ -168,7 +168,11 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
 fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
     let (store, dir) = (&st.store, &st.store_dir);
     let resp = match req {
-        Request::ImageList | Request::ImageInspect { .. } | Request::ImageTag { .. } | Request::ImageUntag { .. } => {
+        Request::ImageList
+        | Request::ImageInspect { .. }
+        | Request::ImageTag { .. }
+        | Request::ImageUntag { .. }
+        | Request::ImageUnpack { .. } => {
             crate::images::answer(st, peer, req)?
         }
         Request::PathInfo { paths, closure } => {

@@ -5,20 +5,21 @@
 //! store writes, no copy through the socket — with the credentials the client read from the
 //! caller's own auth files; they stream progress as JSON lines like substitutions do.
 
+use std::io::BufRead;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
 use bytes::Bytes;
 use cairn_api::image::{
-    CommitRequest, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, LayerInfo, PullRequest, PushRequest,
-    RegistryOptions,
+    CommitRequest, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest,
+    PushRequest, RegistryOptions,
 };
-use cairn_api::{BlobQuery, ErrorBody, ErrorKind, Response};
+use cairn_api::{ErrorBody, ErrorKind, Response};
 use cairn_image::images::Image;
 use cairn_image::pull::{Progress, PullOptions};
 use cairn_image::registry::{ClientOptions, Credentials, Registry};
@@ -30,7 +31,6 @@ use cairn_store::ClientScope;
 use tokio::sync::mpsc;
 
 use crate::auth::Peer;
-use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::handlers::{blocking, upload, AppState};
 
@@ -181,25 +181,19 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
             }
             Response::Paths(out)
         }
+        Request::ImageUnpack { image } => {
+            let _client = ClientScope::enter(peer.client);
+            let r = cairn_image::unpack::unpack(images, &image)?;
+            Response::Unpacked(cairn_api::image::UnpackedInfo {
+                path: st.store_dir.display(&r.path),
+                layers: r.layers as u64,
+                dropped_devices: r.dropped_devices,
+                dropped_special_bits: r.dropped_special_bits,
+                cached: r.cached,
+            })
+        }
         _ => unreachable!("only image requests are routed here"),
     })
-}
-
-/// `POST /v1/oci/blob`: a blob's bytes, checked against the digest and size that name it.
-pub async fn blob(
-    State(s): State<Arc<AppState>>,
-    Extension(peer): Extension<Peer>,
-    Query(q): Query<BlobQuery>,
-    body: Body,
-) -> ApiResult<Json<cairn_api::PathInfo>> {
-    let digest = Digest::parse(&q.digest)?;
-    let info = upload(body, move |input| {
-        let _client = ClientScope::enter(peer.client);
-        let info = s.images.add_blob(&digest, q.size, input)?;
-        Ok(convert::path_info(&s.store_dir, &info))
-    })
-    .await?;
-    Ok(Json(info))
 }
 
 /// `POST /v1/oci/commit`: a layout of stored manifests, tagged if asked.
@@ -215,6 +209,59 @@ pub async fn commit(
         let img = s.images.commit(manifests, tag.as_ref())?;
         tracing::info!(layout = %s.store_dir.display(&img.layout), digest = %img.digest(), "image committed");
         image_info(&s.images, &img)
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+/// The longest item line of an import stream.
+const MAX_ITEM_LINE: u64 = 64 * 1024;
+
+/// `POST /v1/oci/import`: blobs and a commit in one stream, all or nothing.
+pub async fn import(State(s): State<Arc<AppState>>, body: Body) -> ApiResult<Json<ImageInfo>> {
+    let info = upload(body, move |input| {
+        let mut r = std::io::BufReader::with_capacity(1 << 20, input);
+        let mut roots = cairn_image::images::TempRootGuardSet::default();
+        let mut added: Vec<Digest> = Vec::new();
+        let result = (|| -> ApiResult<ImageInfo> {
+            loop {
+                let mut line = Vec::new();
+                std::io::Read::take(&mut r, MAX_ITEM_LINE)
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| ApiError::bad_request(format!("reading the import stream: {e}")))?;
+                if line.is_empty() {
+                    return Err(ApiError::bad_request("the import stream ended without a commit"));
+                }
+                let item: ImportItem = serde_json::from_slice(&line)
+                    .map_err(|e| ApiError::bad_request(format!("the import stream has a bad item: {e}")))?;
+                match item {
+                    ImportItem::Blob { digest, size } => {
+                        let d = Digest::parse(&digest)?;
+                        roots.hold(s.images.root_blobs([&d]));
+                        let new = !s.images.has_blob(&d)?;
+                        s.images.add_blob(&d, size, std::io::Read::take(&mut r, size))?;
+                        if new {
+                            added.push(d);
+                        }
+                    }
+                    ImportItem::Commit(c) => {
+                        if std::io::Read::read(&mut r, &mut [0u8; 1]).map_err(|e| ApiError::bad_request(e.to_string()))? != 0 {
+                            return Err(ApiError::bad_request("the import stream continues after its commit"));
+                        }
+                        let manifests = c.manifests.iter().map(descriptor).collect::<ApiResult<Vec<_>>>()?;
+                        let tag = c.tag.as_deref().map(TagName::parse).transpose()?;
+                        let img = s.images.commit(manifests, tag.as_ref())?;
+                        tracing::info!(layout = %s.store_dir.display(&img.layout), digest = %img.digest(), "image imported");
+                        return image_info(&s.images, &img);
+                    }
+                }
+            }
+        })();
+        if result.is_err() {
+            drop(roots);
+            s.images.forget(&added);
+        }
+        result
     })
     .await?;
     Ok(Json(info))

@@ -3,8 +3,8 @@
 //!
 //! | route | body in | body out |
 //! |---|---|---|
-//! | `POST /v1/oci/blob?digest=D&size=N` | the blob's bytes | [`crate::PathInfo`] of its store path |
 //! | `POST /v1/oci/commit` | [`CommitRequest`] | [`ImageInfo`] |
+//! | `POST /v1/oci/import` | [`ImportItem`] lines, each blob's bytes after its line | [`ImageInfo`] |
 //! | `POST /v1/oci/pull` | [`PullRequest`] | [`ImageEvent`]s, one JSON object per line |
 //! | `POST /v1/oci/push` | [`PushRequest`] | [`ImageEvent`]s, one JSON object per line |
 //!
@@ -35,6 +35,16 @@ pub struct CommitRequest {
     pub tag: Option<String>,
 }
 
+/// One item of an import stream (`POST /v1/oci/import`): a JSON line, followed for a blob by
+/// exactly `size` bytes. The stream ends with one `commit`. The import is all or nothing: if a
+/// blob is refused, the blobs the stream added are deleted again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "item", rename_all = "kebab-case")]
+pub enum ImportItem {
+    Blob { digest: String, size: u64 },
+    Commit(CommitRequest),
+}
+
 /// An image in the store.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -62,6 +72,22 @@ pub struct LayerInfo {
     pub size: u64,
     /// The store path holding it.
     pub path: String,
+}
+
+/// The answer to [`crate::Request::ImageUnpack`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UnpackedInfo {
+    /// The store path of the root filesystem.
+    pub path: String,
+    /// How many layers the image has.
+    pub layers: u64,
+    /// Device nodes and fifos left out (store paths hold none); 0 when `cached`.
+    pub dropped_devices: u64,
+    /// Files and directories whose setuid, setgid or sticky bits were dropped; 0 when `cached`.
+    pub dropped_special_bits: u64,
+    /// The image had been unpacked before and its rootfs was still in the store.
+    pub cached: bool,
 }
 
 /// What `image inspect` shows.

@@ -52,10 +52,10 @@ pub mod routes {
     pub const REALISE: &str = "/v1/realise";
     /// The log of a past build of a derivation (or of the deriver of an output), as text.
     pub const LOG: &str = "/v1/log";
-    /// An OCI blob's bytes ([`super::image`]).
-    pub const OCI_BLOB: &str = "/v1/oci/blob";
     /// An image layout from stored manifests ([`super::image::CommitRequest`]).
     pub const OCI_COMMIT: &str = "/v1/oci/commit";
+    /// Blobs and a commit in one all-or-nothing stream ([`super::image::ImportItem`]).
+    pub const OCI_IMPORT: &str = "/v1/oci/import";
     /// A pull from a registry ([`super::image::PullRequest`]).
     pub const OCI_PULL: &str = "/v1/oci/pull";
     /// A push to a registry ([`super::image::PushRequest`]).
@@ -176,6 +176,9 @@ pub enum Request {
     /// Removes tags (the images stay until collected). Answered by [`Response::Paths`] with
     /// the layouts they pointed at.
     ImageUntag { tags: Vec<String> },
+    /// The root filesystem of an image (a tag, an image digest or a layout path) as a store
+    /// path, its layers applied in order; cached per image. Answered by [`Response::Unpacked`].
+    ImageUnpack { image: String },
 }
 
 /// Body of `POST /v1/realise`: derivations to build, each `DRV` or `DRV!out1,out2`. The answer
@@ -343,6 +346,7 @@ pub enum Response {
     Outputs(BTreeMap<String, BTreeMap<String, String>>),
     Images(Vec<image::ImageInfo>),
     Image(Box<image::ImageDetail>),
+    Unpacked(image::UnpackedInfo),
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon
@@ -380,13 +384,6 @@ pub struct AddQuery {
     /// is part of the NAR and so of the NAR hash.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub executable: bool,
-}
-
-/// Query string of `POST /v1/oci/blob`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BlobQuery {
-    pub digest: String,
-    pub size: u64,
 }
 
 /// Query string of `GET /v1/nar` and `GET /v1/cat`.

@@ -202,15 +202,14 @@ impl Client {
         Client::json(self.call(Method::POST, routes::IMPORT, body).await?).await
     }
 
-    /// Adds an OCI blob from a streamed body, checked against its digest and size.
-    pub async fn add_blob(&self, q: &cairn_api::BlobQuery, body: Body) -> Result<PathInfo> {
-        let uri = format!("{}?{}", routes::OCI_BLOB, query_string(q)?);
-        Client::json(self.call(Method::POST, &uri, body).await?).await
-    }
-
     /// Makes an image layout of stored manifests.
     pub async fn commit_image(&self, req: &cairn_api::image::CommitRequest) -> Result<cairn_api::image::ImageInfo> {
         Client::json(self.call_json(routes::OCI_COMMIT, req).await?).await
+    }
+
+    /// Sends an import stream (blobs, then a commit).
+    pub async fn import_image(&self, body: Body) -> Result<cairn_api::image::ImageInfo> {
+        Client::json(self.call(Method::POST, routes::OCI_IMPORT, body).await?).await
     }
 
     /// Starts a pull; its answer is a stream of JSON lines (`ImageEvent`).

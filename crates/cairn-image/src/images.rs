@@ -136,6 +136,15 @@ impl Images {
         Ok(Image { layout: info.path, manifests: l.manifests, blobs: l.blobs })
     }
 
+    /// Deletes blobs an operation added before it failed (those nothing else uses by now).
+    pub fn forget(&self, digests: &[Digest]) {
+        for d in digests {
+            if let Err(e) = self.store.delete_paths(&[self.blob_path(d)]) {
+                tracing::debug!(digest = %d, "blob of a failed operation kept: {e}");
+            }
+        }
+    }
+
     /// Reads a stored layout back.
     pub fn load(&self, layout: &StorePath) -> Result<Image> {
         let shown = self.store.store_dir().display(layout);

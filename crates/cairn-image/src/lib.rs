@@ -15,6 +15,7 @@ pub mod images;
 pub mod pull;
 pub mod push;
 pub mod registry;
+pub mod unpack;
 
 pub use images::Images;
 
@@ -27,6 +28,8 @@ pub enum ImageError {
     Oci(#[from] cairn_oci::OciError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Unpack(#[from] unpack::UnpackError),
     #[error("no image is tagged '{0}' (see cairn image ls)")]
     NoSuchTag(String),
     #[error("no image with digest {0} is in the store")]
@@ -69,7 +72,7 @@ impl ImageError {
                 | ImageError::BlobSize { .. }
                 | ImageError::ManifestDigest { .. }
                 | ImageError::Store(StoreError::ContentMismatch { .. } | StoreError::SizeMismatch { .. })
-        )
+        ) || matches!(self, ImageError::Unpack(u) if u.is_bad_input())
     }
 }
 

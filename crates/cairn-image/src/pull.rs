@@ -53,14 +53,19 @@ pub struct Pulled {
     pub bytes_skipped: u64,
 }
 
-/// Counts bytes into the progress as they pass.
+/// Counts bytes into the progress as they pass, and stops the download once another blob of
+/// the pull has failed.
 struct Counting<R> {
     inner: R,
     progress: Arc<Progress>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(io::Error::other("the pull failed"));
+        }
         let n = self.inner.read(buf)?;
         self.progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -73,6 +78,26 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() })?
 }
 
+/// Blobs a pull added, removed again if the pull fails: a refused image leaves nothing behind.
+#[derive(Default, Clone)]
+struct Added(Arc<std::sync::Mutex<Vec<Digest>>>);
+
+impl Added {
+    fn push(&self, d: &Digest) {
+        self.0.lock().expect("added list poisoned").push(d.clone());
+    }
+
+    /// Deletes the blobs added so far (those that nothing else has come to use meanwhile).
+    async fn undo(self, images: &Images) {
+        let digests = std::mem::take(&mut *self.0.lock().expect("added list poisoned"));
+        if digests.is_empty() {
+            return;
+        }
+        let im = images.clone();
+        let _ = tokio::task::spawn_blocking(move || im.forget(&digests)).await;
+    }
+}
+
 /// Fetches a manifest, stores its bytes as a blob and parses it.
 async fn fetch_manifest(
     images: &Images,
@@ -80,6 +105,7 @@ async fn fetch_manifest(
     reference: &Reference,
     declared: Option<&str>,
     roots: &mut TempRootGuardSet,
+    added: &Added,
 ) -> Result<(Descriptor, Manifest)> {
     let f = reg.manifest(reference).await?;
     let m = Manifest::parse(&f.bytes, f.media_type.as_deref().or(declared))?;
@@ -92,11 +118,20 @@ async fn fetch_manifest(
     };
     roots.hold(images.root_blobs([&d.digest]));
     let (im, dg, bytes) = (images.clone(), d.digest.clone(), f.bytes);
-    blocking(move || im.add_blob(&dg, bytes.len() as u64, &bytes[..]).map(|_| ())).await?;
+    let new = blocking(move || {
+        let new = !im.has_blob(&dg)?;
+        im.add_blob(&dg, bytes.len() as u64, &bytes[..])?;
+        Ok(new)
+    })
+    .await?;
+    if new {
+        added.push(&d.digest);
+    }
     Ok((d, m))
 }
 
-/// Pulls `reference` of the registry's repository into the store.
+/// Pulls `reference` of the registry's repository into the store. On failure the blobs it added
+/// are deleted again.
 pub async fn pull(
     images: Images,
     reg: Arc<Registry>,
@@ -104,8 +139,26 @@ pub async fn pull(
     opts: PullOptions,
     progress: Arc<Progress>,
 ) -> Result<Pulled> {
+    let added = Added::default();
+    match pull_inner(images.clone(), reg, reference, opts, progress, added.clone()).await {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            added.undo(&images).await;
+            Err(e)
+        }
+    }
+}
+
+async fn pull_inner(
+    images: Images,
+    reg: Arc<Registry>,
+    reference: &Reference,
+    opts: PullOptions,
+    progress: Arc<Progress>,
+    added: Added,
+) -> Result<Pulled> {
     let mut roots = TempRootGuardSet::default();
-    let (top_desc, top) = fetch_manifest(&images, &reg, reference, None, &mut roots).await?;
+    let (top_desc, top) = fetch_manifest(&images, &reg, reference, None, &mut roots, &added).await?;
     // The manifests the layout will list, and the image manifests whose blobs are needed.
     let mut tops = vec![top_desc.clone()];
     let mut image_manifests = Vec::new();
@@ -119,6 +172,7 @@ pub async fn pull(
                 &Reference::Digest(child.digest.clone()),
                 Some(&child.media_type),
                 &mut roots,
+                &added,
             )
             .await?;
             if m.kind != ManifestKind::Image {
@@ -146,6 +200,7 @@ pub async fn pull(
                     &Reference::Digest(c.digest.clone()),
                     Some(&c.media_type),
                     &mut roots,
+                    &added,
                 )
                 .await?;
                 match m.kind {
@@ -183,17 +238,23 @@ pub async fn pull(
     progress.bytes_total.store(missing.iter().map(|d| d.size).sum(), Ordering::Relaxed);
 
     let sem = Arc::new(tokio::sync::Semaphore::new(opts.jobs.max(1)));
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for d in missing.clone() {
         let (images, reg, sem, progress) = (images.clone(), reg.clone(), sem.clone(), progress.clone());
+        let (added, cancel) = (added.clone(), cancel.clone());
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             let r = reg.blob(&d.digest).await?;
             let stream = r.bytes_stream().map_err(|e| io::Error::other(cairn_cache::backend::with_causes(&e)));
             let reader = SyncIoBridge::new(StreamReader::new(stream));
             let p = progress.clone();
+            let digest = d.digest.clone();
             blocking(move || {
-                let counted = Counting { inner: reader, progress: p };
+                let counted = Counting { inner: reader, progress: p, cancel };
                 images.add_blob(&d.digest, d.size, io::BufReader::with_capacity(1 << 20, counted)).map_err(
                     |e| match e {
                         ImageError::Store(s) => ImageError::Registry {
@@ -205,15 +266,23 @@ pub async fn pull(
                 )
             })
             .await?;
+            added.push(&digest);
             progress.blobs_done.fetch_add(1, Ordering::Relaxed);
             Ok::<_, ImageError>(())
         });
     }
+    // On the first failure the others are told to stop, and all are waited for: a download
+    // still writing when the pull is undone would leave its blob behind.
+    let mut first_error = None;
     while let Some(res) = tasks.join_next().await {
-        if let Err(e) = res.map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() })? {
-            tasks.abort_all();
-            return Err(e);
+        let res = res.map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() }).and_then(|r| r);
+        if let Err(e) = res {
+            cancel.store(true, Ordering::Relaxed);
+            first_error.get_or_insert(e);
         }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
 
     let tag = opts.tag.clone();

@@ -30,6 +30,7 @@ mod import;
 mod locks;
 mod optimise;
 mod reclaim;
+mod rootfs_cache;
 pub mod roots;
 pub mod tags;
 mod transfer;
