@@ -46,6 +46,7 @@ use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
 
 mod build;
+mod image;
 
 struct Opts {
     tree_mib: u64,
@@ -66,7 +67,7 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 5] = ["add", "import", "gc", "substitute", "build"];
+const WORKLOADS: [&str; 6] = ["add", "import", "gc", "substitute", "build", "image"];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -96,7 +97,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
@@ -506,13 +507,21 @@ impl Table {
         let nix = n.map(|n| format!("{n:.1} MiB")).unwrap_or("-".into());
         self.rows.push(format!("{:<48} {:>12} {:>12} {:>10}", name, format!("{c:.1} MiB"), nix, ratio(n, c)));
     }
+    /// A header for the rows that follow, naming the peer they compare with.
+    fn section(&mut self, peer: &str) {
+        self.rows.push(String::new());
+        self.rows.push(format!("{:<48} {:>12} {:>12} {:>10}", "workload", "cairn", peer, format!("{peer}/cairn")));
+    }
     /// A row with a figure of cairn's (or of the machine's) only.
     fn note(&mut self, name: &str, value: String) {
         self.rows.push(format!("{name:<48} {value:>12}"));
     }
     fn print(&self) {
-        println!();
-        println!("{:<48} {:>12} {:>12} {:>10}", "workload", "cairn", "nix", "nix/cairn");
+        // The Nix header, unless the rows open with a section of their own.
+        if !self.rows.first().is_some_and(String::is_empty) {
+            println!();
+            println!("{:<48} {:>12} {:>12} {:>10}", "workload", "cairn", "nix", "nix/cairn");
+        }
         self.rows.iter().for_each(|r| println!("{r}"));
         if !self.footer.is_empty() {
             println!();
@@ -561,6 +570,9 @@ fn main() -> Result<()> {
     }
     if o.runs("build") {
         build::bench_build(&o, w, with_nix, &mut table)?;
+    }
+    if o.runs("image") {
+        image::bench_image(&o, w, &mut table)?;
     }
     // Removing the inputs and stores (several GiB) is not measured.
     rm_rf(w);

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use cairn_api::image::{
     CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent, ImportItem, PullRequest, PushRequest,
     RegistryOptions, UnpackedInfo,
@@ -165,52 +165,82 @@ fn credentials_from_files(explicit: Option<&Path>, host: &str) -> anyhow::Result
 pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
     let client = ctx.client().await?;
     match cmd {
-        ImageCommand::Pull { source, tag, platform, all_platforms, registry, json } => match Transport::parse(&source)?
-        {
-            Transport::Docker(r) => {
-                let req = PullRequest {
-                    source: r.to_string(),
-                    tag,
-                    platform,
-                    all_platforms,
-                    registry: registry.options(&r.registry)?,
-                };
-                let lines = client.pull(&req).await?;
-                let end = follow(lines, "pulling").await?;
-                let ImageEvent::Pulled { image, blobs_fetched, bytes_fetched, blobs_skipped, bytes_skipped } = &end
-                else {
-                    bail!("cairnd ended the pull with an unexpected event")
-                };
-                if json {
-                    print_json(&end_json(&end))?;
-                } else {
-                    println!("{}", image.digest);
-                    eprintln!(
+        ImageCommand::Pull { source, tag, platform, all_platforms, registry, json } => {
+            match Transport::parse(&source)? {
+                Transport::Docker(r) => {
+                    let req = PullRequest {
+                        source: r.to_string(),
+                        tag,
+                        platform,
+                        all_platforms,
+                        registry: registry.options(&r.registry)?,
+                    };
+                    let lines = client.pull(&req).await?;
+                    let end = follow(lines, "pulling").await?;
+                    let ImageEvent::Pulled { image, blobs_fetched, bytes_fetched, blobs_skipped, bytes_skipped } = &end
+                    else {
+                        bail!("cairnd ended the pull with an unexpected event")
+                    };
+                    if json {
+                        print_json(&end_json(&end))?;
+                    } else {
+                        println!("{}", image.digest);
+                        eprintln!(
                         "pulled {} ({blobs_fetched} blobs, {} fetched; {blobs_skipped} blobs, {} already in the store)",
                         image.tags.first().map(String::as_str).unwrap_or(&image.layout),
                         human(*bytes_fetched),
                         human(*bytes_skipped)
                     );
+                    }
+                }
+                Transport::Oci { dir, reference } => {
+                    let tag = match tag {
+                        Some(t) => TagName::parse(&t)?,
+                        None => default_oci_tag(&dir, reference.as_deref())?,
+                    };
+                    let (source, top) = oci_dir_source(Path::new(&dir), reference.as_deref())?;
+                    let info = import_source(ctx, &client, &source, top, &tag).await?;
+                    if json {
+                        print_json(&info)?;
+                    } else {
+                        println!("{}", info.digest);
+                        eprintln!("imported {tag}");
+                    }
+                }
+                Transport::Store(_) => {
+                    bail!("'{source}' is already a local name: pull takes docker://…, oci:, oci-archive: or docker-archive:")
+                }
+                Transport::OciArchive { file, reference } => {
+                    let tag = match tag {
+                        Some(t) => TagName::parse(&t)?,
+                        None => default_oci_tag(file.trim_end_matches(".tar"), reference.as_deref())?,
+                    };
+                    let (src, top) = oci_archive_source(Path::new(&file), reference.as_deref())?;
+                    let info = import_source(ctx, &client, &src, top, &tag).await?;
+                    if json {
+                        print_json(&info)?;
+                    } else {
+                        println!("{}", info.digest);
+                        eprintln!("imported {tag}");
+                    }
+                }
+                Transport::DockerArchive { file, reference } => {
+                    let tag = match (tag, &reference) {
+                        (Some(t), _) => TagName::parse(&t)?,
+                        (None, Some(r)) => TagName::parse(r)?,
+                        (None, None) => default_oci_tag(file.trim_end_matches(".tar"), None)?,
+                    };
+                    let (src, top) = crate::archive::docker_archive(Path::new(&file), reference.as_deref())?;
+                    let info = import_source(ctx, &client, &src, top, &tag).await?;
+                    if json {
+                        print_json(&info)?;
+                    } else {
+                        println!("{}", info.digest);
+                        eprintln!("imported {tag}");
+                    }
                 }
             }
-            Transport::Oci { dir, reference } => {
-                let tag = match tag {
-                    Some(t) => TagName::parse(&t)?,
-                    None => default_oci_tag(&dir, reference.as_deref())?,
-                };
-                let info = import_oci(ctx, &client, Path::new(&dir), reference.as_deref(), &tag).await?;
-                if json {
-                    print_json(&info)?;
-                } else {
-                    println!("{}", info.digest);
-                    eprintln!("imported {tag}");
-                }
-            }
-            Transport::Store(_) => bail!("'{source}' is already a local name: pull takes docker://… or oci:DIR[:REF]"),
-            Transport::OciArchive { .. } | Transport::DockerArchive { .. } => {
-                bail!("'{source}': oci-archive: and docker-archive: are not supported yet (unpack the archive and use oci:DIR)")
-            }
-        },
+        }
         ImageCommand::Push { image, destination, registry, json } => match Transport::parse(&destination)? {
             Transport::Docker(r) => {
                 let req = PushRequest { image, destination: r.to_string(), registry: registry.options(&r.registry)? };
@@ -241,8 +271,25 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
             Transport::Store(t) => {
                 bail!("'{destination}' is a local name: use cairn image tag {image} {t}")
             }
-            Transport::OciArchive { .. } | Transport::DockerArchive { .. } => {
-                bail!("'{destination}': oci-archive: and docker-archive: are not supported yet (use oci:DIR)")
+            Transport::OciArchive { file, reference } => {
+                let file = Path::new(&file);
+                let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let tmp = tempfile::Builder::new().prefix(".cairn-oci-").tempdir_in(parent)?;
+                let n = export_oci(&client, &image, tmp.path(), reference.as_deref()).await?;
+                crate::archive::tar_dir(tmp.path(), file)?;
+                if json {
+                    print_json(&serde_json::json!({ "written": n }))?;
+                } else {
+                    eprintln!("wrote {n} blobs to {}", file.display());
+                }
+            }
+            Transport::DockerArchive { file, reference } => {
+                let n = export_docker_archive(&client, &image, Path::new(&file), reference.as_deref()).await?;
+                if json {
+                    print_json(&serde_json::json!({ "written": n }))?;
+                } else {
+                    eprintln!("wrote {n} layers to {file}");
+                }
             }
         },
         ImageCommand::Ls { json } => {
@@ -376,51 +423,121 @@ fn default_oci_tag(dir: &str, reference: Option<&str>) -> anyhow::Result<TagName
         .with_context(|| format!("cannot name the image from '{dir}': pass --tag NAME:TAG"))
 }
 
+/// Lower-case hex of bytes.
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes a stored image as a docker archive: its (first) image manifest's config and layers,
+/// each layer uncompressed as `docker load` wants it.
+async fn export_docker_archive(
+    client: &Client,
+    image: &str,
+    file: &Path,
+    reference: Option<&str>,
+) -> anyhow::Result<u64> {
+    let d = inspect(client, image).await?;
+    let store_dir = cairn_nix::StoreDir::new(&d.info.layout[..d.info.layout.rfind('/').unwrap_or(0)])?;
+    // The config is the first child of the (first) image manifest: in `contents`, the entry just
+    // before the first layer (or the last one of an image without layers).
+    let layer_digests: Vec<&str> = d.layers.iter().map(|l| l.digest.as_str()).collect();
+    let at = match layer_digests.first() {
+        Some(first) => {
+            d.contents.iter().position(|c| c.digest == *first).context("layers missing from the contents")?
+        }
+        None => d.contents.len(),
+    };
+    ensure!(at >= 1, "the image has no config blob");
+    let config_desc = &d.contents[at - 1];
+    let fetch = |digest: &str| {
+        let digest = Digest::parse(digest);
+        let store_dir = store_dir.clone();
+        async move {
+            let digest = digest?;
+            let src = store_dir.display(&blob_path(&store_dir, &digest));
+            let mut reader = client.cat(&src).await.with_context(|| format!("blob {digest}"))?;
+            let tmp = tempfile::NamedTempFile::new()?;
+            let mut out = tokio::fs::File::create(tmp.path()).await?;
+            tokio::io::copy(&mut reader, &mut out).await.with_context(|| format!("copying blob {digest}"))?;
+            anyhow::Ok(tmp)
+        }
+    };
+    let config_bytes = std::fs::read(fetch(&config_desc.digest).await?.path())?;
+    let mut temps = Vec::new();
+    let mut layers = Vec::new();
+    for (l, digest) in d.layers.iter().zip(layer_digests) {
+        let t = fetch(digest).await?;
+        layers.push((l.media_type.clone(), t.path().to_owned()));
+        temps.push(t);
+    }
+    let file = file.to_owned();
+    let reference = reference.map(str::to_owned);
+    let n = layers.len() as u64;
+    tokio::task::spawn_blocking(move || {
+        crate::archive::write_docker_archive(&file, reference.as_deref(), &config_bytes, layers)
+    })
+    .await??;
+    drop(temps);
+    Ok(n)
+}
+
 /// A blob file of an `oci:` layout (its name comes from a validated digest, never from input
 /// text, so it cannot leave the directory).
 fn blob_file(dir: &Path, d: &Digest) -> PathBuf {
     dir.join("blobs").join(d.algo().as_str()).join(d.hex())
 }
 
-/// Imports `oci:DIR[:REF]`: every blob the store lacks is streamed to cairnd, then the layout is
-/// committed and tagged.
-async fn import_oci(
-    ctx: &Ctx,
-    client: &Client,
-    dir: &Path,
-    reference: Option<&str>,
-    tag: &TagName,
-) -> anyhow::Result<cairn_api::image::ImageInfo> {
+/// The image `oci:DIR[:REF]` names: the layout's blobs and the picked manifest.
+fn oci_dir_source(dir: &Path, reference: Option<&str>) -> anyhow::Result<(crate::archive::Source, Descriptor)> {
     let index_path = dir.join("index.json");
     let index = std::fs::read(&index_path).with_context(|| format!("cannot read '{}'", index_path.display()))?;
     let manifests = layout::parse_index(&index).with_context(|| format!("'{}'", dir.display()))?;
     let top = layout::pick(&manifests, reference)?.clone();
+    Ok((crate::archive::Source::dir(dir), top))
+}
+
+/// The image `oci-archive:FILE[:REF]` names.
+fn oci_archive_source(file: &Path, reference: Option<&str>) -> anyhow::Result<(crate::archive::Source, Descriptor)> {
+    let (source, index) = crate::archive::oci_archive(file)?;
+    let manifests = layout::parse_index(&index).with_context(|| format!("'{}'", file.display()))?;
+    let top = layout::pick(&manifests, reference)?.clone();
+    Ok((source, top))
+}
+
+/// Imports the image `top` of `source`: every blob the store lacks goes to cairnd in one
+/// stream, then the layout is committed and tagged.
+async fn import_source(
+    ctx: &Ctx,
+    client: &Client,
+    source: &crate::archive::Source,
+    top: Descriptor,
+    tag: &TagName,
+) -> anyhow::Result<cairn_api::image::ImageInfo> {
     let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
     // First walk the layout and check what can be checked here (presence, sizes, manifests
     // parse), so that a broken layout is refused before anything is sent.
     let mut seen = BTreeSet::new();
     let mut todo = vec![top.clone()];
-    let mut blobs: Vec<(Descriptor, PathBuf)> = Vec::new();
+    let mut blobs: Vec<(Descriptor, crate::archive::Origin)> = Vec::new();
+    let from = &source.name;
     while let Some(d) = todo.pop() {
         if !seen.insert(d.digest.clone()) {
             continue;
         }
-        let file = blob_file(dir, &d.digest);
-        let size = std::fs::symlink_metadata(&file)
-            .map(|m| m.len())
-            .map_err(|_| anyhow::anyhow!("blob {} is missing from '{}'", d.digest, dir.display()))?;
+        let origin = source.origin(&d.digest).with_context(|| format!("blob {} is missing from {from}", d.digest))?;
+        let size = source.size(&origin)?;
         if size != d.size {
-            bail!("blob {} in '{}' is {size} bytes, but its descriptor says {}", d.digest, dir.display(), d.size);
+            bail!("blob {} in {from} is {size} bytes, but its descriptor says {}", d.digest, d.size);
         }
         if is_manifest_type(&d.media_type) {
             if size > cairn_oci::MAX_MANIFEST_SIZE {
                 bail!("manifest {} is {size} bytes, more than the {} allowed", d.digest, cairn_oci::MAX_MANIFEST_SIZE);
             }
-            let bytes = std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?;
+            let bytes = source.read(&origin)?;
             let m = Manifest::parse(&bytes, Some(&d.media_type)).with_context(|| format!("manifest {}", d.digest))?;
             todo.extend(m.children.iter().cloned());
         }
-        blobs.push((d, file));
+        blobs.push((d, origin));
     }
     // Then send what the store lacks, in one all-or-nothing stream: the daemon checks each blob
     // against its digest, and deletes what the stream added if one is refused.
@@ -435,15 +552,16 @@ async fn import_oci(
         v.push(b'\n');
         std::io::Cursor::new(v)
     };
-    for ((d, file), valid) in blobs.iter().zip(valid) {
+    for ((d, origin), valid) in blobs.iter().zip(valid) {
         if valid {
             continue;
         }
-        let f = tokio::fs::File::open(file).await.with_context(|| format!("cannot read '{}'", file.display()))?;
+        let f = source.open(origin).await?;
         parts.push(Box::new(item(&ImportItem::Blob { digest: d.digest.to_string(), size: d.size })));
         parts.push(Box::new(crate::progress::CountingAsync { inner: f, bar: bar.clone() }));
     }
-    let top = DescriptorWire { media_type: top.media_type, digest: top.digest.to_string(), size: top.size, platform: None };
+    let top =
+        DescriptorWire { media_type: top.media_type, digest: top.digest.to_string(), size: top.size, platform: None };
     parts.push(Box::new(item(&ImportItem::Commit(CommitRequest { manifests: vec![top], tag: Some(tag.to_string()) }))));
     let info = client.import_image(cairn_client::body_from_reader(Chain(parts.into()))).await;
     bar.finish_and_clear();
@@ -471,7 +589,6 @@ impl tokio::io::AsyncRead for Chain {
         std::task::Poll::Ready(Ok(()))
     }
 }
-
 
 /// Writes a stored image into `oci:DIR[:REF]` (creating the layout, or adding to one): blobs
 /// the directory lacks are copied from the store, and `index.json` gets the image's manifest,

@@ -4,6 +4,7 @@
 //! what the user names (files to add, streams on stdin) and never opens the store or its
 //! database. Exit codes: 0 success, 1 failure, 2 usage error (clap's).
 
+mod archive;
 mod build;
 mod cache;
 mod commands;

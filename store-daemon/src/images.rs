@@ -16,8 +16,8 @@ use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
 use bytes::Bytes;
 use cairn_api::image::{
-    CommitRequest, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest,
-    PushRequest, RegistryOptions,
+    CommitRequest, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
+    RegistryOptions,
 };
 use cairn_api::{ErrorBody, ErrorKind, Response};
 use cairn_image::images::Image;

@@ -74,6 +74,7 @@ pub fn router(server: Arc<RegistryServer>) -> Router {
 }
 
 /// A spec error: status, code, message.
+#[derive(Debug)]
 pub struct RegError(StatusCode, &'static str, String);
 
 impl IntoResponse for RegError {
@@ -213,6 +214,14 @@ async fn handle(
     body: Body,
 ) -> RResult<Response> {
     let head = method == Method::HEAD;
+    if !s.pushes && matches!(method.as_str(), "PUT" | "POST" | "PATCH" | "DELETE") {
+        drain(body, DRAIN_LIMIT).await;
+        return Err(reg_err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this registry is read-only (accept-pushes = false)",
+        ));
+    }
     match (method.as_str(), r) {
         ("GET", Route::Catalog) => catalog(s, q).await,
         ("GET", Route::Tags(name)) => {
@@ -532,6 +541,22 @@ async fn referrers(
     Ok(resp)
 }
 
+/// How much of a refused request body is read before answering (past it, the connection is
+/// closed).
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Reads and discards up to `limit` bytes of a body.
+async fn drain(body: Body, limit: u64) {
+    let mut s = body.into_data_stream();
+    let mut n = 0u64;
+    while let Some(Ok(chunk)) = s.next().await {
+        n += chunk.len() as u64;
+        if n > limit {
+            break;
+        }
+    }
+}
+
 /// A request body read whole, refused past `limit` bytes.
 async fn read_body(body: Body, limit: u64) -> RResult<Vec<u8>> {
     let mut out = Vec::new();
@@ -591,19 +616,27 @@ async fn put_manifest(
     let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
     let subject = m.subject.clone();
     let img = blocking(move || {
-        let _root = images.root_blobs([&desc.digest]);
-        images.add_blob(&desc.digest, bytes.len() as u64, &bytes[..])?;
         let tag = match Digest::parse(&r) {
             Ok(_) => None,
             Err(_) => {
                 Some(TagName::new(&n, &r).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?)
             }
         };
-        let img = images.commit(vec![desc.clone()], tag.as_ref())?;
-        if tag.is_none() {
-            images.store.set_tag(&digest_root_file_name(&n, &desc.digest), &img.layout)?;
+        let root = images.root_blobs([&desc.digest]);
+        let new = !images.has_blob(&desc.digest)?;
+        images.add_blob(&desc.digest, bytes.len() as u64, &bytes[..])?;
+        let committed = images.commit(vec![desc.clone()], tag.as_ref()).map_err(RegError::from).and_then(|img| {
+            if tag.is_none() {
+                images.store.set_tag(&digest_root_file_name(&n, &desc.digest), &img.layout)?;
+            }
+            Ok(img)
+        });
+        if committed.is_err() && new {
+            // A refused manifest leaves nothing: its blob goes again.
+            drop(root);
+            images.forget(std::slice::from_ref(&desc.digest));
         }
-        Ok(img)
+        committed
     })
     .await?;
     tracing::info!(repository = name, reference, digest = %img.digest(), "manifest pushed");
@@ -781,6 +814,9 @@ async fn patch_upload(
     if let Some(r) = headers.get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
         let start = r.trim_start_matches("bytes ").split('-').next().and_then(|a| a.trim().parse::<u64>().ok());
         if start != Some(up.size) {
+            // Read the refused chunk first: a client still sending would otherwise see the
+            // connection reset instead of the answer.
+            drain(body, DRAIN_LIMIT).await;
             let size = up.size;
             s.uploads.lock().await.insert(id.to_owned(), up);
             let mut resp = reg_err(
@@ -789,7 +825,9 @@ async fn patch_upload(
                 format!("the chunk must start at byte {size}"),
             )
             .into_response();
-            resp.headers_mut().extend(upload_headers(name, id, size));
+            let mut h = upload_headers(name, id, size);
+            h.remove(header::CONTENT_LENGTH);
+            resp.headers_mut().extend(h);
             return Ok(resp);
         }
     }

@@ -87,6 +87,17 @@ pub fn umoci_image(dir: &Path, tag: &str, layers: &[Vec<(String, Vec<u8>)>]) {
     }
     let image = format!("{}:{tag}", dir.display());
     run_tool(Command::new("umoci").args(["new", "--image", &image]));
+    umoci_add_layers(dir, tag, layers);
+}
+
+/// Gives the image `DIR:FROM` the tag `TO` too.
+pub fn umoci_tag(dir: &Path, from: &str, to: &str) {
+    run_tool(Command::new("umoci").args(["tag", "--image", &format!("{}:{from}", dir.display()), to]));
+}
+
+/// Adds layers on top of the image `DIR:TAG` (its tag moves to the result).
+pub fn umoci_add_layers(dir: &Path, tag: &str, layers: &[Vec<(String, Vec<u8>)>]) {
+    let image = format!("{}:{tag}", dir.display());
     for files in layers {
         let bundle = tempfile::Builder::new().prefix("bundle-").tempdir().unwrap();
         let b = bundle.path().join("b");
@@ -139,7 +150,8 @@ impl Answer {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     /// The first error code of a spec error body.
@@ -169,7 +181,11 @@ pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    let status: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
     let mut headers = Vec::new();
     loop {
         line.clear();

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use cairn_e2e::oci::{
-    digest_of, layout_blob, layout_blobs, run_tool, skopeo_copy, skopeo_raw, umoci_image, DockerRegistry,
+    digest_of, layout_blob, layout_blobs, run_tool, skopeo_copy, skopeo_raw, umoci_add_layers, umoci_image, umoci_tag,
+    DockerRegistry,
 };
 use cairn_e2e::{free_port, require_peer, wait_listening, TestStore};
 
@@ -17,29 +18,25 @@ fn peers() -> bool {
     ["docker-registry", "skopeo", "umoci", "oci-image-tool"].iter().all(|p| require_peer(p))
 }
 
-/// Three layers: two shared with [`second_image`], one of its own.
+/// Three layers: two shared with [`second_image`] (the same layer blobs: both images are built
+/// on one `base`), one of its own.
 fn first_image(dir: &Path) {
     umoci_image(
         dir,
-        "v1",
+        "base",
         &[
             vec![("etc/base".into(), b"base layer\n".to_vec())],
             vec![("usr/lib/shared.txt".into(), vec![b's'; 200_000])],
-            vec![("app/one".into(), b"first app\n".to_vec())],
         ],
     );
+    umoci_tag(dir, "base", "v1");
+    umoci_add_layers(dir, "v1", &[vec![("app/one".into(), b"first app\n".to_vec())]]);
 }
 
+/// After [`first_image`]: the same base and a layer of its own.
 fn second_image(dir: &Path) {
-    umoci_image(
-        dir,
-        "v2",
-        &[
-            vec![("etc/base".into(), b"base layer\n".to_vec())],
-            vec![("usr/lib/shared.txt".into(), vec![b's'; 200_000])],
-            vec![("app/two".into(), vec![b'2'; 300_000])],
-        ],
-    );
+    umoci_tag(dir, "base", "v2");
+    umoci_add_layers(dir, "v2", &[vec![("app/two".into(), vec![b'2'; 300_000])]]);
 }
 
 fn count_entries(store: &TestStore, infix: &str) -> usize {
@@ -73,13 +70,24 @@ fn pulls_pushes_and_exports_keep_digests_with_real_peers() {
     assert_eq!(out["blobsSkipped"], 0);
     assert_eq!(out["image"]["tags"][0], format!("{}/team/app:v1", reg.host()));
     // A second image sharing two layers fetches only its own layer and config.
-    let out2 = json(&store.ok(&["image", "pull", "--tls-verify=false", "--json", "--tag", "app:v2", &format!("{upstream}:v2")]));
+    let out2 = json(&store.ok(&[
+        "image",
+        "pull",
+        "--tls-verify=false",
+        "--json",
+        "--tag",
+        "app:v2",
+        &format!("{upstream}:v2"),
+    ]));
     assert_eq!(out2["blobsFetched"], 2, "{out2}");
     assert_eq!(out2["blobsSkipped"], 2);
     let inspect = json(&store.ok(&["image", "inspect", "--json", "app:v2"]));
     let shared: u64 = inspect["layers"].as_array().unwrap()[..2].iter().map(|l| l["size"].as_u64().unwrap()).sum();
     assert_eq!(out2["bytesSkipped"].as_u64().unwrap(), shared);
-    assert_eq!(out2["bytesFetched"].as_u64().unwrap() + shared, inspect["size"].as_u64().unwrap() - inspect["contents"][0]["size"].as_u64().unwrap());
+    assert_eq!(
+        out2["bytesFetched"].as_u64().unwrap() + shared,
+        inspect["size"].as_u64().unwrap() - inspect["contents"][0]["size"].as_u64().unwrap()
+    );
     // The same layer is one store path: both images' layouts reference it.
     let layer0 = inspect["layers"][0]["path"].as_str().unwrap().to_owned();
     let referrers = store.ok(&["referrers", &layer0]);
@@ -97,7 +105,12 @@ fn pulls_pushes_and_exports_keep_digests_with_real_peers() {
         assert_eq!(layout_blob(&exported, &d), layout_blob(&via_skopeo, &d), "{d}");
     }
     let bundle = tmp.path().join("bundle");
-    run_tool(Command::new("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v1", exported.display())).arg(&bundle));
+    run_tool(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:v1", exported.display()))
+            .arg(&bundle),
+    );
     assert_eq!(std::fs::read(bundle.join("rootfs/app/one")).unwrap(), b"first app\n");
     // The stored layout itself is usable by skopeo as an oci: directory.
     let layout = inspect["layout"].as_str().unwrap();
@@ -107,7 +120,14 @@ fn pulls_pushes_and_exports_keep_digests_with_real_peers() {
     // Push to another repository: skopeo reads back the same manifest bytes; the blobs were
     // mounted from the repository the image came from.
     let dest = format!("docker://{}/other/copy:v1", reg.host());
-    let pushed = json(&store.ok(&["image", "push", "--tls-verify=false", "--json", &format!("{}/team/app:v1", reg.host()), &dest]));
+    let pushed = json(&store.ok(&[
+        "image",
+        "push",
+        "--tls-verify=false",
+        "--json",
+        &format!("{}/team/app:v1", reg.host()),
+        &dest,
+    ]));
     assert_eq!(pushed["digest"], v1_digest);
     assert_eq!(pushed["blobsMounted"], 4, "{pushed}");
     assert_eq!(digest_of(&skopeo_raw(&dest)), v1_digest);
@@ -125,7 +145,8 @@ fn pulls_pushes_and_exports_keep_digests_with_real_peers() {
     assert_eq!(layout_blobs(&pulled_back), layout_blobs(&src_v2));
 
     // Import from an oci: layout written by umoci: same digest as the registry's copy.
-    let imported = json(&store.ok(&["image", "pull", "--json", "--tag", "local/src:v1", &format!("oci:{}:v1", src.display())]));
+    let imported =
+        json(&store.ok(&["image", "pull", "--json", "--tag", "local/src:v1", &format!("oci:{}:v1", src.display())]));
     assert_eq!(imported["digest"], v1_digest);
 }
 
@@ -186,14 +207,29 @@ fn cairnd_serves_a_registry_that_skopeo_pulls_from_and_pushes_to() {
     skopeo_copy(&v1, &format!("oci:{}:v1", out.display()));
     run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=v1"]).arg(&out));
     let bundle = tmp.path().join("bundle");
-    run_tool(Command::new("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:v1", out.display())).arg(&bundle));
+    run_tool(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:v1", out.display()))
+            .arg(&bundle),
+    );
     assert_eq!(std::fs::read(bundle.join("rootfs/app/one")).unwrap(), b"first app\n");
-    let tags = run_tool(Command::new("skopeo").args(["list-tags", "--tls-verify=false", &format!("docker://127.0.0.1:{port}/served/app")]));
+    let tags = run_tool(Command::new("skopeo").args([
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://127.0.0.1:{port}/served/app"),
+    ]));
     let tags: serde_json::Value = serde_json::from_slice(&tags).unwrap();
     assert_eq!(tags["Tags"], serde_json::json!(["v1", "v2"]));
     // Another cairnd pulls from this one, with the digest unchanged.
     let other = TestStore::start();
-    let pulled = json(&other.ok(&["image", "pull", "--tls-verify=false", "--json", &format!("docker://127.0.0.1:{port}/served/app:v2")]));
+    let pulled = json(&other.ok(&[
+        "image",
+        "pull",
+        "--tls-verify=false",
+        "--json",
+        &format!("docker://127.0.0.1:{port}/served/app:v2"),
+    ]));
     assert_eq!(pulled["image"]["digest"], digest_of(&skopeo_raw(&format!("oci:{}:v2", src.display()))));
 }
 
@@ -225,18 +261,104 @@ fn basic_auth_with_a_real_registry() {
     store.ok(&["image", "pull", "--tls-verify=false", "--creds", "alice:s3cret", &image]);
     // Credentials from an auth.json, as podman and skopeo keep them.
     let auth = tmp.path().join("auth.json");
-    std::fs::write(
-        &auth,
-        format!(r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#, reg.host(), base64_of("alice:s3cret")),
-    )
-    .unwrap();
+    std::fs::write(&auth, format!(r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#, reg.host(), base64_of("alice:s3cret")))
+        .unwrap();
     let dest = format!("docker://{}/private/copy:v1", reg.host());
-    store.ok(&["image", "push", "--tls-verify=false", "--authfile", auth.to_str().unwrap(), &format!("{}/private/app:v1", reg.host()), &dest]);
-    let raw = run_tool(Command::new("skopeo").args(["inspect", "--tls-verify=false", "--creds", "alice:s3cret", "--raw", &dest]));
-    assert_eq!(digest_of(&raw), json(&store.ok(&["image", "inspect", "--json", &format!("{}/private/app:v1", reg.host())]))["digest"]);
+    store.ok(&[
+        "image",
+        "push",
+        "--tls-verify=false",
+        "--authfile",
+        auth.to_str().unwrap(),
+        &format!("{}/private/app:v1", reg.host()),
+        &dest,
+    ]);
+    let raw = run_tool(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        "alice:s3cret",
+        "--raw",
+        &dest,
+    ]));
+    assert_eq!(
+        digest_of(&raw),
+        json(&store.ok(&["image", "inspect", "--json", &format!("{}/private/app:v1", reg.host())]))["digest"]
+    );
 }
 
 fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[test]
+fn oci_and_docker_archives_both_ways() {
+    if !peers() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    first_image(&src);
+    let store = TestStore::start();
+    let oci_digest = digest_of(&skopeo_raw(&format!("oci:{}:v1", src.display())));
+
+    // oci-archive: written by skopeo, read by cairn, with the digest unchanged.
+    let oa = tmp.path().join("image-oci.tar");
+    skopeo_copy(&format!("oci:{}:v1", src.display()), &format!("oci-archive:{}:v1", oa.display()));
+    let out = json(&store.ok(&[
+        "image",
+        "pull",
+        "--json",
+        "--tag",
+        "arch/oci:v1",
+        &format!("oci-archive:{}:v1", oa.display()),
+    ]));
+    assert_eq!(out["digest"], oci_digest);
+    // … and written by cairn, read by skopeo.
+    let oa2 = tmp.path().join("out-oci.tar");
+    store.ok(&["image", "push", "arch/oci:v1", &format!("oci-archive:{}:v1", oa2.display())]);
+    assert_eq!(digest_of(&skopeo_raw(&format!("oci-archive:{}:v1", oa2.display()))), oci_digest);
+
+    // docker-archive: skopeo writes one from the OCI image (layers uncompressed, a Docker
+    // config); cairn derives the manifest skopeo derives, so the digests agree.
+    let da = tmp.path().join("image-docker.tar");
+    skopeo_copy(&format!("oci:{}:v1", src.display()), &format!("docker-archive:{}:arch/docker:v1", da.display()));
+    let skopeo_digest = digest_of(&skopeo_raw(&format!("docker-archive:{}", da.display())));
+    let out = json(&store.ok(&["image", "pull", "--json", &format!("docker-archive:{}:arch/docker:v1", da.display())]));
+    assert_eq!(out["digest"], skopeo_digest, "the schema 2 manifest of a docker archive is skopeo's, byte for byte");
+    assert_eq!(out["tags"][0], "arch/docker:v1");
+    // cairn writes a docker archive from the (gzip-layered) OCI image; skopeo reads it back and
+    // umoci unpacks what skopeo made of it.
+    let da2 = tmp.path().join("out-docker.tar");
+    store.ok(&["image", "push", "arch/oci:v1", &format!("docker-archive:{}:arch/again:v1", da2.display())]);
+    let listing = run_tool(Command::new("tar").arg("-xOf").arg(&da2).arg("manifest.json"));
+    let listing: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+    assert_eq!(listing[0]["RepoTags"], serde_json::json!(["arch/again:v1"]), "{listing}");
+    run_tool(Command::new("skopeo").args(["inspect", &format!("docker-archive:{}:arch/again:v1", da2.display())]));
+    let back = tmp.path().join("back");
+    skopeo_copy(&format!("docker-archive:{}", da2.display()), &format!("oci:{}:v1", back.display()));
+    let bundle = tmp.path().join("bundle");
+    run_tool(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:v1", back.display()))
+            .arg(&bundle),
+    );
+    assert_eq!(std::fs::read(bundle.join("rootfs/app/one")).unwrap(), b"first app\n");
+    assert_eq!(std::fs::read(bundle.join("rootfs/usr/lib/shared.txt")).unwrap(), vec![b's'; 200_000]);
+    // The layers cairn wrote are the uncompressed layers of the original (their diff ids).
+    let cfg: serde_json::Value = serde_json::from_slice(&run_tool(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        &format!("docker-archive:{}", da2.display()),
+    ])))
+    .unwrap();
+    let orig: serde_json::Value = serde_json::from_slice(&run_tool(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        &format!("oci:{}:v1", src.display()),
+    ])))
+    .unwrap();
+    assert_eq!(cfg["rootfs"]["diff_ids"], orig["rootfs"]["diff_ids"]);
 }

@@ -93,7 +93,12 @@ fn serve(mut c: TcpStream, port: u16, st: &Mutex<FakeState>) {
         let ok = st.anonymous
             || st.creds.as_ref().is_some_and(|(u, p)| auth == format!("Basic {}", b64(&format!("{u}:{p}"))));
         if ok {
-            respond(&mut c, "200 OK", &[("Content-Type", "application/json".into())], format!(r#"{{"token":"{TOKEN}"}}"#).as_bytes());
+            respond(
+                &mut c,
+                "200 OK",
+                &[("Content-Type", "application/json".into())],
+                format!(r#"{{"token":"{TOKEN}"}}"#).as_bytes(),
+            );
         } else {
             respond(&mut c, "401 Unauthorized", &[], b"{}");
         }
@@ -103,7 +108,12 @@ fn serve(mut c: TcpStream, port: u16, st: &Mutex<FakeState>) {
         let challenge = format!(
             r#"Bearer realm="http://127.0.0.1:{port}/token",service="fake.test",scope="repository:hostile/app:pull""#
         );
-        respond(&mut c, "401 Unauthorized", &[("WWW-Authenticate", challenge)], br#"{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}"#);
+        respond(
+            &mut c,
+            "401 Unauthorized",
+            &[("WWW-Authenticate", challenge)],
+            br#"{"errors":[{"code":"UNAUTHORIZED","message":"token"}]}"#,
+        );
         return;
     }
     let head = method == "HEAD";
@@ -116,7 +126,9 @@ fn serve(mut c: TcpStream, port: u16, st: &Mutex<FakeState>) {
                 let body: &[u8] = if head { b"" } else { bytes };
                 respond(&mut c, "200 OK", &[("Content-Type", ct.clone())], body)
             }
-            None => respond(&mut c, "404 Not Found", &[], br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}"#),
+            None => {
+                respond(&mut c, "404 Not Found", &[], br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}"#)
+            }
         }
     } else if let Some((_, d)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/blobs/")) {
         match st.blobs.get(d) {
@@ -133,7 +145,10 @@ const MT: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A config, two layers and a manifest naming them, as (manifest, [(digest, bytes)]).
 fn image(seed: &str) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
-    let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"seed":"{seed}"}}"#).into_bytes();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"seed":"{seed}"}}"#
+    )
+    .into_bytes();
     let l1 = format!("layer one {seed}").into_bytes();
     let l2 = vec![seed.as_bytes()[0]; 3 << 20];
     let desc = |mt: &str, b: &[u8]| format!(r#"{{"mediaType":"{mt}","digest":"{}","size":{}}}"#, digest_of(b), b.len());
@@ -175,12 +190,21 @@ fn bearer_tokens_with_and_without_credentials() {
     let fake = Fake::start(st);
     let store = TestStore::start();
     let src = format!("{}:v1", fake.image());
-    refused(&store, &["image", "pull", "--tls-verify=false", &src], "needs credentials for repository:hostile/app:pull");
+    refused(
+        &store,
+        &["image", "pull", "--tls-verify=false", &src],
+        "needs credentials for repository:hostile/app:pull",
+    );
     refused(&store, &["image", "pull", "--tls-verify=false", "--creds", "bob:nope", &src], "needs credentials");
     let out = store.ok(&["image", "pull", "--tls-verify=false", "--creds", "bob:pw", &src]);
     assert_eq!(out.trim(), digest_of(&manifest));
     let queries = fake.state.lock().unwrap().token_queries.clone();
-    assert!(queries.iter().any(|q| q.contains("scope=repository%3Ahostile%2Fapp%3Apull") && q.contains("service=fake.test")), "{queries:?}");
+    assert!(
+        queries
+            .iter()
+            .any(|q| q.contains("scope=repository%3Ahostile%2Fapp%3Apull") && q.contains("service=fake.test")),
+        "{queries:?}"
+    );
 
     // A registry that hands out anonymous tokens (as Docker Hub does) needs no credentials.
     let (manifest, blobs) = image("b");
@@ -202,7 +226,11 @@ fn a_lying_registry_leaves_nothing_in_the_store() {
     lying[2].1[1_000_000] ^= 1;
     serve_image(&mut st, "bad-layer", &manifest, &lying);
     let fake = Fake::start(st);
-    refused(&store, &["image", "pull", "--tls-verify=false", &format!("{}:bad-layer", fake.image())], "does not have the digest that names it");
+    refused(
+        &store,
+        &["image", "pull", "--tls-verify=false", &format!("{}:bad-layer", fake.image())],
+        "does not have the digest that names it",
+    );
 
     // A manifest naming a blob the registry does not have.
     let mut st = FakeState::default();
@@ -235,7 +263,11 @@ fn a_lying_registry_leaves_nothing_in_the_store() {
     let (other, _) = image("d");
     st.manifests.insert(format!("hostile/app/{}", digest_of(&manifest)), (MT.into(), other));
     let fake = Fake::start(st);
-    refused(&store, &["image", "pull", "--tls-verify=false", &format!("{}:huge", fake.image())], "larger than 4194304 bytes");
+    refused(
+        &store,
+        &["image", "pull", "--tls-verify=false", &format!("{}:huge", fake.image())],
+        "larger than 4194304 bytes",
+    );
     refused(&store, &["image", "pull", "--tls-verify=false", &format!("{}:garbage", fake.image())], "not valid JSON");
     refused(&store, &["image", "pull", "--tls-verify=false", &format!("{}:v1", fake.image())], "schemaVersion 2");
     refused(
@@ -300,11 +332,19 @@ fn hostile_oci_layouts_are_refused() {
         format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{MT}","digest":"sha256:../../../../etc/passwd","size":1}}]}}"#),
     )
     .unwrap();
-    refused(&store, &["image", "pull", "--tag", "x:1", &format!("oci:{}", escape.display())], "Invalid encoded value ../../../../etc/passwd");
+    refused(
+        &store,
+        &["image", "pull", "--tag", "x:1", &format!("oci:{}", escape.display())],
+        "Invalid encoded value ../../../../etc/passwd",
+    );
 
     let ok = tmp.path().join("ok");
     write_layout(&ok, &manifest, &blobs);
-    refused(&store, &["image", "pull", "--tag", "x:1", &format!("oci:{}:other", ok.display())], "no manifest in index.json is named 'other'");
+    refused(
+        &store,
+        &["image", "pull", "--tag", "x:1", &format!("oci:{}:other", ok.display())],
+        "no manifest in index.json is named 'other'",
+    );
     let out = store.ok(&["image", "pull", "--tag", "x:1", &src("ok")]);
     assert_eq!(out.trim(), digest_of(&manifest));
 }

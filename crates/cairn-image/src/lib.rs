@@ -5,7 +5,9 @@
 //! [`registry`] client speaks the distribution protocol (anonymous, basic and bearer-token
 //! auth); [`pull`] fetches an image's missing blobs in parallel, each verified against its digest
 //! as it streams into the store, and [`push`] uploads what a registry lacks, sending manifests as
-//! their exact stored bytes so that digests survive the trip.
+//! their exact stored bytes so that digests survive the trip. [`unpack`] applies an image's
+//! layers into a root filesystem that is itself a store path, refusing entries that would leave
+//! it, and remembers it per image.
 //!
 //! Everything a network or an archive gives is untrusted until hashed: a blob is registered
 //! only under the digest its bytes have, a manifest fetched by tag is stored under the digest of

@@ -275,7 +275,8 @@ async fn pull_inner(
     // still writing when the pull is undone would leave its blob behind.
     let mut first_error = None;
     while let Some(res) = tasks.join_next().await {
-        let res = res.map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() }).and_then(|r| r);
+        let res =
+            res.map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() }).and_then(|r| r);
         if let Err(e) = res {
             cancel.store(true, Ordering::Relaxed);
             first_error.get_or_insert(e);

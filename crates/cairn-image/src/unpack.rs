@@ -112,8 +112,8 @@ enum Compression {
 
 fn compression(layer: &Descriptor) -> Result<Compression, UnpackError> {
     let t = layer.media_type.as_str();
-    let layer_type = t.starts_with("application/vnd.oci.image.layer.")
-        || t.starts_with("application/vnd.docker.image.rootfs.");
+    let layer_type =
+        t.starts_with("application/vnd.oci.image.layer.") || t.starts_with("application/vnd.docker.image.rootfs.");
     Ok(match t {
         _ if layer_type && (t.ends_with(".tar") || t.ends_with("+tar")) => Compression::None,
         _ if layer_type && (t.ends_with(".tar+gzip") || t.ends_with(".tar.gzip")) => Compression::Gzip,
@@ -134,7 +134,13 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
     let key = desc.digest.to_hash();
     if let Some((path, _root)) = store.cached_rootfs(&key)? {
         tracing::debug!(image = %desc.digest, path = %store.store_dir().display(&path), "rootfs cached");
-        return Ok(UnpackReport { path, layers: layers.len(), dropped_devices: 0, dropped_special_bits: 0, cached: true });
+        return Ok(UnpackReport {
+            path,
+            layers: layers.len(),
+            dropped_devices: 0,
+            dropped_special_bits: 0,
+            cached: true,
+        });
     }
     for l in layers {
         match images.blob_size(&l.digest)? {
@@ -209,19 +215,37 @@ fn apply_blob(tree: &mut layer::Tree, l: &Descriptor, input: impl Read) -> Resul
     let label = l.digest.to_string();
     let kind = compression(l)?;
     let mut raw = Hashing { inner: input, hasher: Some(Hasher::new(l.digest.algo().hash_algo())), size: 0 };
+    // Docker's `rootfs.diff.tar.gzip` also labels uncompressed layers: the manifests the
+    // containers tools derive for `docker save` archives do, so those layers are told apart by
+    // their first bytes, as those tools do.
+    let mut buffered = BufReader::with_capacity(1 << 20, &mut raw);
+    let kind = if kind == Compression::Gzip && l.media_type.starts_with("application/vnd.docker.") {
+        use std::io::BufRead;
+        let head = buffered.fill_buf().map_err(|source| UnpackError::BadTar { layer: label.clone(), source })?;
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else {
+            Compression::None
+        }
+    } else {
+        kind
+    };
     let applied = {
         let stream: Box<dyn Read + '_> = match kind {
-            Compression::None => Box::new(&mut raw),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(&mut raw))),
+            Compression::None => Box::new(&mut buffered),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut buffered)),
             Compression::Zstd => Box::new(
-                zstd::Decoder::new(&mut raw).map_err(|source| UnpackError::BadTar { layer: label.clone(), source })?,
+                zstd::Decoder::new(&mut buffered)
+                    .map_err(|source| UnpackError::BadTar { layer: label.clone(), source })?,
             ),
         };
         tree.apply(&label, stream)
     };
+    let drained_buffer = io::copy(&mut buffered, &mut io::sink());
+    drop(buffered);
     // Read what follows the compressed stream too, so the whole blob is hashed; a blob that
     // does not hash to its digest is the cause of whatever else went wrong with it.
-    let drained = io::copy(&mut raw, &mut io::sink());
+    let drained = drained_buffer.and_then(|_| io::copy(&mut raw, &mut io::sink()));
     let actual = raw.finish();
     if actual != l.digest.to_hash() {
         let shown = Digest::from_hash(&actual).map(|d| d.to_string()).unwrap_or_default();

@@ -149,7 +149,7 @@ impl Layer<'_> {
                 Err(UnpackError::ReplacesRoot { layer: self.label.to_owned(), entry: shown(&raw) })
             };
         };
-        if comps.iter().any(|c| c.starts_with(AUFS_META)) && *name != OPAQUE {
+        if parents.iter().any(|c| c.starts_with(AUFS_META)) || (name.starts_with(AUFS_META) && *name != OPAQUE) {
             return Ok(());
         }
         if parents.iter().any(|c| c.starts_with(WHITEOUT)) {
@@ -266,7 +266,8 @@ impl Layer<'_> {
     fn write_file<R: Read>(&self, e: &mut tar::Entry<'_, R>, dest: &Path, executable: bool) -> Result<(), UnpackError> {
         remove_any(dest).map_err(self.io("replace", dest))?;
         let mode = if executable { 0o755 } else { 0o644 };
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(dest).map_err(self.io("create", dest))?;
+        let mut f =
+            OpenOptions::new().write(true).create_new(true).mode(mode).open(dest).map_err(self.io("create", dest))?;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match e.read(&mut buf) {
@@ -458,8 +459,13 @@ pub(super) mod tests {
     fn later_layers_replace_entries_of_another_type() {
         let mut f = fixture();
         f.apply(&[E::Dir("a/"), E::File("a/x", b"1", 0o644), E::File("b", b"2", 0o644), E::Sym("c", "/etc")]).unwrap();
-        f.apply(&[E::File("a", b"now a file", 0o644), E::Dir("b/"), E::File("b/y", b"3", 0o644), E::File("c", b"4", 0o644)])
-            .unwrap();
+        f.apply(&[
+            E::File("a", b"now a file", 0o644),
+            E::Dir("b/"),
+            E::File("b/y", b"3", 0o644),
+            E::File("c", b"4", 0o644),
+        ])
+        .unwrap();
         assert_eq!(f.listing(), ["a", "b", "b/y", "c"]);
         assert_eq!(f.read("a"), "now a file");
         assert!(fs::symlink_metadata(f.root.join("c")).unwrap().is_file());
@@ -476,8 +482,12 @@ pub(super) mod tests {
             E::Sym("etc/link", "/nowhere"),
         ])
         .unwrap();
-        f.apply(&[E::File("etc/.wh.gone", b"", 0o644), E::File("var/.wh.cache", b"", 0o644), E::File("etc/.wh.link", b"", 0)])
-            .unwrap();
+        f.apply(&[
+            E::File("etc/.wh.gone", b"", 0o644),
+            E::File("var/.wh.cache", b"", 0o644),
+            E::File("etc/.wh.link", b"", 0),
+        ])
+        .unwrap();
         assert_eq!(f.listing(), ["etc", "etc/kept", "var"]);
         // A whiteout of something that is not there, or below a missing directory, does nothing.
         f.apply(&[E::File("etc/.wh.never", b"", 0o644), E::File("nodir/.wh.x", b"", 0o644)]).unwrap();
@@ -489,8 +499,13 @@ pub(super) mod tests {
         let mut f = fixture();
         f.apply(&[E::Dir("d/"), E::File("d/old", b"1", 0o644), E::File("f", b"old", 0o644)]).unwrap();
         // Whiteout after the new entries of the same layer: only the lower contents go.
-        f.apply(&[E::File("d/new", b"2", 0o644), E::File("f", b"new", 0o644), E::File(".wh.d", b"", 0), E::File(".wh.f", b"", 0)])
-            .unwrap();
+        f.apply(&[
+            E::File("d/new", b"2", 0o644),
+            E::File("f", b"new", 0o644),
+            E::File(".wh.d", b"", 0),
+            E::File(".wh.f", b"", 0),
+        ])
+        .unwrap();
         assert_eq!(f.listing(), ["d", "d/new", "f"]);
         assert_eq!(f.read("f"), "new");
     }
@@ -498,7 +513,8 @@ pub(super) mod tests {
     #[test]
     fn opaque_directories_lose_their_lower_contents() {
         let mut f = fixture();
-        f.apply(&[E::Dir("o/"), E::File("o/a", b"1", 0o644), E::Dir("o/sub/"), E::File("o/sub/b", b"2", 0o644)]).unwrap();
+        f.apply(&[E::Dir("o/"), E::File("o/a", b"1", 0o644), E::Dir("o/sub/"), E::File("o/sub/b", b"2", 0o644)])
+            .unwrap();
         f.apply(&[E::Dir("o/"), E::File("o/.wh..wh..opq", b"", 0), E::File("o/c", b"3", 0o644)]).unwrap();
         assert_eq!(f.listing(), ["o", "o/c"]);
         // The marker after the layer's own entries: those stay.
@@ -507,6 +523,20 @@ pub(super) mod tests {
         // Opaque root.
         f.apply(&[E::File("top", b"5", 0o644), E::File(".wh..wh..opq", b"", 0)]).unwrap();
         assert_eq!(f.listing(), ["top"]);
+    }
+
+    #[test]
+    fn aufs_metadata_is_skipped() {
+        let mut f = fixture();
+        f.apply(&[
+            E::Dir(".wh..wh.plnk/"),
+            E::File(".wh..wh.plnk/1.2", b"x", 0o644),
+            E::File("a/.wh..wh.aufs", b"", 0),
+        ])
+        .unwrap();
+        assert!(f.listing().is_empty());
+        f.apply(&[E::File("a/kept", b"", 0o644), E::File("a/.wh..wh.aufs", b"", 0)]).unwrap();
+        assert_eq!(f.listing(), ["a", "a/kept"]);
     }
 
     #[test]
@@ -540,8 +570,12 @@ pub(super) mod tests {
     fn hard_links_resolve_to_earlier_files_of_the_tree() {
         let mut f = fixture();
         f.apply(&[E::File("usr/bin/a", b"same", 0o755)]).unwrap();
-        f.apply(&[E::File("usr/bin/b", b"other", 0o644), E::Link("usr/bin/c", "./usr/bin/a"), E::Link("d", "usr/bin/b")])
-            .unwrap();
+        f.apply(&[
+            E::File("usr/bin/b", b"other", 0o644),
+            E::Link("usr/bin/c", "./usr/bin/a"),
+            E::Link("d", "usr/bin/b"),
+        ])
+        .unwrap();
         assert_eq!(f.read("usr/bin/c"), "same");
         assert_eq!(f.read("d"), "other");
         let (a, c) = (fs::metadata(f.root.join("usr/bin/a")).unwrap(), fs::metadata(f.root.join("usr/bin/c")).unwrap());
@@ -560,8 +594,13 @@ pub(super) mod tests {
         fs::write(outside.path().join("secret"), b"s").unwrap();
         let abs = outside.path().join("secret").display().to_string();
         let mut f = fixture();
-        f.apply(&[E::File("f", b"1", 0o644), E::Dir("dir/"), E::Sym("s", "f"), E::Sym("out", outside.path().to_str().unwrap())])
-            .unwrap();
+        f.apply(&[
+            E::File("f", b"1", 0o644),
+            E::Dir("dir/"),
+            E::Sym("s", "f"),
+            E::Sym("out", outside.path().to_str().unwrap()),
+        ])
+        .unwrap();
         for (target, outside_kind) in [
             ("../../etc/passwd", true),
             ("a/../../x", true),

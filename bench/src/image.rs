@@ -1,0 +1,292 @@
+//! Workload 7: OCI images against a local distribution registry (`docker-registry` on
+//! loopback), cairn and skopeo side by side.
+//!
+//! - **pull**: a 3-layer image of about 1 GiB (`--tree-mib`; layers of 1/2, 3/8 and 1/8 of it,
+//!   random bytes in gzip-compressed tar layers, as registries hold them; neither tool
+//!   decompresses a layer to pull it) pulled by `cairn image pull` into an empty store and by `skopeo copy docker://…
+//!   oci:DIR` into an empty directory. cairn makes every blob durable before it registers it;
+//!   skopeo does not sync, so `skopeo copy` followed by `sync` is printed too.
+//! - **shared layers**: a second image sharing the first two layers, pulled after the first
+//!   (into the same store, and by skopeo into the same `oci:` directory): both times, and the
+//!   bytes cairn reports it fetched beside the size of the one new layer.
+//! - **serving**: `skopeo copy` from cairnd's registry endpoint and from distribution serving
+//!   the same image, into empty `oci:` directories.
+//!
+//! Every pull is checked: the manifest digest cairn reports and the one skopeo wrote are the
+//! registry's.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use sha2::Digest as _;
+
+use crate::{median, rm_rf, timed, Cairn, Opts, Table};
+
+fn sha256_hex(b: &[u8]) -> String {
+    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+struct Registry {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        ensure!(t.elapsed() < Duration::from_secs(20), "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn start_registry(w: &Path) -> Result<Registry> {
+    let dir = w.join("registry");
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog: {{ level: error }}\nstorage: {{ filesystem: {{ rootdirectory: {}/data }} }}\nhttp: {{ addr: 127.0.0.1:{port} }}\n",
+            dir.display()
+        ),
+    )?;
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start docker-registry (Debian docker-registry)")?;
+    wait_port(port)?;
+    Ok(Registry { child, port })
+}
+
+fn run(c: &mut Command) -> Result<String> {
+    let out = c.output().with_context(|| format!("{c:?}"))?;
+    ensure!(out.status.success(), "{:?}: {}", c, String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A gzip-compressed tar holding one file of `mib` MiB of pseudo-random bytes (seeded, so
+/// layers are stable).
+fn layer(mib: u64, seed: u64) -> Result<Vec<u8>> {
+    let mut data = vec![0u8; (mib << 20) as usize];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let mut b = tar::Builder::new(Vec::with_capacity(data.len() + 2048));
+    let mut h = tar::Header::new_ustar();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1);
+    h.set_cksum();
+    b.append_data(&mut h, format!("data/layer-{seed}.bin"), &data[..])?;
+    let tar = b.into_inner()?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::with_capacity(tar.len() + (1 << 20)), flate2::Compression::fast());
+    gz.write_all(&tar)?;
+    Ok(gz.finish()?)
+}
+
+/// Writes an `oci:` layout `dir` with an image `tag` of these layers; returns its manifest
+/// digest.
+fn write_image(dir: &Path, tag: &str, layers: &[&[u8]]) -> Result<String> {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let put = |b: &[u8]| -> Result<String> {
+        let h = sha256_hex(b);
+        let p = blobs.join(&h);
+        if !p.exists() {
+            std::fs::write(p, b)?;
+        }
+        Ok(format!("sha256:{h}"))
+    };
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| -> Result<String> {
+            let mut plain = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(*l), &mut plain)?;
+            Ok(format!("\"sha256:{}\"", sha256_hex(&plain)))
+        })
+        .collect::<Result<_>>()?;
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
+    );
+    let cd = put(config.as_bytes())?;
+    let mut ls = Vec::new();
+    for l in layers {
+        ls.push(format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":{}}}"#,
+            put(l)?,
+            l.len()
+        ));
+    }
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{}]}}"#,
+        config.len(),
+        ls.join(",")
+    );
+    let md = put(manifest.as_bytes())?;
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let index_path = dir.join("index.json");
+    let mut entries: Vec<String> = match std::fs::read_to_string(&index_path) {
+        Ok(s) => {
+            let v: serde_json::Value = serde_json::from_str(&s)?;
+            v["manifests"].as_array().cloned().unwrap_or_default().iter().map(|m| m.to_string()).collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    entries.push(format!(
+        r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}"#,
+        manifest.len()
+    ));
+    std::fs::write(index_path, format!(r#"{{"schemaVersion":2,"manifests":[{}]}}"#, entries.join(",")))?;
+    Ok(md)
+}
+
+fn skopeo(src: &str, dst: &str) -> Command {
+    let mut c = Command::new("skopeo");
+    c.args(["copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", src, dst]);
+    c
+}
+
+/// The digest of the manifest an `oci:` directory's index names.
+fn oci_digest(dir: &Path) -> Result<String> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("index.json"))?)?;
+    Ok(v["manifests"][0]["digest"].as_str().context("index without a manifest")?.to_owned())
+}
+
+pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
+    for tool in ["docker-registry", "skopeo"] {
+        ensure!(crate::have(tool), "the image workload needs {tool} (Debian packages docker-registry, skopeo)");
+    }
+    let total = o.tree_mib.max(16);
+    let sizes = [total / 2, total * 3 / 8, total / 8];
+    eprintln!("image: writing a {total} MiB, 3-layer image and a second one sharing two layers …");
+    let l1 = layer(sizes[0], 1)?;
+    let l2 = layer(sizes[1], 2)?;
+    let l3 = layer(sizes[2], 3)?;
+    let l3b = layer(sizes[2], 4)?;
+    let src = w.join("image-src");
+    let local1 = write_image(&src, "v1", &[&l1, &l2, &l3])?;
+    let local2 = write_image(&src, "v2", &[&l1, &l2, &l3b])?;
+    drop((l1, l2, l3, l3b));
+    let reg = start_registry(w)?;
+    let up = format!("docker://127.0.0.1:{}/bench/img", reg.port);
+    run(&mut skopeo(&format!("oci:{}:v1", src.display()), &format!("{up}:v1")))?;
+    run(&mut skopeo(&format!("oci:{}:v2", src.display()), &format!("{up}:v2")))?;
+    rm_rf(&src);
+    // The registry's digests are the reference (skopeo keeps compressed layers as they are, so
+    // they are the local ones).
+    let raw =
+        |r: &str| run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &format!("{up}:{r}")]));
+    let d1 = format!("sha256:{}", sha256_hex(raw("v1")?.as_bytes()));
+    let d2 = format!("sha256:{}", sha256_hex(raw("v2")?.as_bytes()));
+    ensure!(d1 == local1 && d2 == local2, "the registry changed the manifests: {d1} {d2}");
+
+    let (mut c_times, mut s_times, mut s_sync, mut c2_times, mut s2_times) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut second_fetched = 0u64;
+    for rep in 0..o.reps {
+        // skopeo into an empty oci: directory, then the second image into the same one.
+        let dir = w.join(format!("skopeo-{rep}"));
+        rm_rf(&dir);
+        let (_, secs) = timed(skopeo(&format!("{up}:v1"), &format!("oci:{}:v1", dir.display())), None)?;
+        s_times.push(secs);
+        ensure!(oci_digest(&dir)? == d1, "skopeo wrote another digest");
+        let t = Instant::now();
+        nix::unistd::sync();
+        s_sync.push(secs + t.elapsed().as_secs_f64());
+        let (_, secs) = timed(skopeo(&format!("{up}:v2"), &format!("oci:{}:v2", dir.display())), None)?;
+        s2_times.push(secs);
+        rm_rf(&dir);
+
+        // cairn into an empty store, then the second image.
+        let root = w.join(format!("cairn-image-{rep}"));
+        rm_rf(&root);
+        let c = Cairn::start_configured(&root, "")?;
+        let mut pull = c.cmd();
+        pull.args(["image", "pull", "--json", "--tls-verify=false", &format!("{up}:v1")]);
+        let (out, secs) = timed(pull, None)?;
+        c_times.push(secs);
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        ensure!(v["image"]["digest"] == d1.as_str(), "cairn reported another digest: {out}");
+        let mut pull2 = c.cmd();
+        pull2.args(["image", "pull", "--json", "--tls-verify=false", &format!("{up}:v2")]);
+        let (out, secs) = timed(pull2, None)?;
+        c2_times.push(secs);
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        ensure!(v["image"]["digest"] == d2.as_str(), "cairn reported another digest: {out}");
+        second_fetched = v["bytesFetched"].as_u64().unwrap_or(0);
+        drop(c);
+        rm_rf(&root);
+    }
+    table.section("skopeo");
+    table.time(
+        format!("pull a {total} MiB 3-layer image (median of {})", o.reps),
+        median(&mut c_times),
+        Some(median(&mut s_times)),
+    );
+    table.note("  skopeo copy followed by sync (durable, as cairn)", crate::fmt_secs(median(&mut s_sync)));
+    table.time("pull a 2nd image sharing 2 of its 3 layers".into(), median(&mut c2_times), Some(median(&mut s2_times)));
+    table.note(
+        "  2nd image: bytes cairn fetched / its new layer",
+        format!("{:.1} / {} MiB", second_fetched as f64 / (1 << 20) as f64, sizes[2]),
+    );
+
+    // Serving: cairnd's registry endpoint against distribution, the same image.
+    let root = w.join("cairn-serve");
+    rm_rf(&root);
+    let port = free_port()?;
+    let c = Cairn::start_configured(&root, &format!("listen = \"127.0.0.1:{port}\"\n"))?;
+    wait_port(port)?;
+    let mut pull = c.cmd();
+    pull.args(["image", "pull", "--tls-verify=false", "--tag", "bench/img:v1", &format!("{up}:v1")]);
+    run(&mut pull)?;
+    let (mut from_cairn, mut from_dist) = (vec![], vec![]);
+    for rep in 0..o.reps {
+        for (times, source) in
+            [(&mut from_cairn, format!("docker://127.0.0.1:{port}/bench/img:v1")), (&mut from_dist, format!("{up}:v1"))]
+        {
+            let dir = w.join(format!("serve-{rep}"));
+            rm_rf(&dir);
+            let (_, secs) = timed(skopeo(&source, &format!("oci:{}:v1", dir.display())), None)?;
+            ensure!(oci_digest(&dir)? == d1, "{source} served another digest");
+            times.push(secs);
+            rm_rf(&dir);
+        }
+    }
+    table.time(
+        "skopeo pulling it from cairnd vs from distribution".to_owned(),
+        median(&mut from_cairn),
+        Some(median(&mut from_dist)),
+    );
+    drop(c);
+    rm_rf(&root);
+    let _ = std::io::stdout().flush();
+    table.footer.push(format!(
+        "image: layers of {}/{}/{} MiB (random bytes, tar+gzip), registry distribution 2.8 on loopback; \
+         every digest checked against the registry's",
+        sizes[0], sizes[1], sizes[2]
+    ));
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! Where the blobs of an image being imported come from, and the archives images are written to:
+//! `oci:DIR` (a layout directory), `oci-archive:FILE` (a tar of one) and `docker-archive:FILE`
+//! (what `docker save` writes and `docker load` reads).
+//!
+//! Archives are never extracted: one pass over the tar's headers records where each regular
+//! file's data starts, and blobs are then read in place. Entry names are only ever looked up
+//! (by names built from validated digests or read from `manifest.json` and compared), never used
+//! as paths to write, so an archive cannot make the CLI write anywhere.
+//!
+//! A docker archive has no manifest: the CLI writes the Docker schema 2 manifest that the
+//! containers tools (skopeo, podman) generate for it — the same fields in the same order,
+//! compact JSON — so the image gets the digest those tools give it.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context};
+use cairn_oci::manifest::{Descriptor, DOCKER_MANIFEST};
+use cairn_oci::Digest;
+use sha2::Digest as _;
+
+/// Where one blob's bytes are.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    File(PathBuf),
+    /// `size` bytes at `offset` of the archive.
+    Entry {
+        offset: u64,
+        size: u64,
+    },
+    Memory(Vec<u8>),
+}
+
+/// The blobs of an image to import.
+pub struct Source {
+    /// What to call it in messages.
+    pub name: String,
+    /// The archive holding `Entry` origins.
+    archive: Option<PathBuf>,
+    dir: Option<PathBuf>,
+    blobs: HashMap<Digest, Origin>,
+}
+
+impl Source {
+    /// An `oci:` directory.
+    pub fn dir(dir: &Path) -> Source {
+        Source { name: format!("'{}'", dir.display()), archive: None, dir: Some(dir.to_owned()), blobs: HashMap::new() }
+    }
+
+    pub fn origin(&self, d: &Digest) -> Option<Origin> {
+        if let Some(o) = self.blobs.get(d) {
+            return Some(o.clone());
+        }
+        let dir = self.dir.as_ref()?;
+        let p = dir.join("blobs").join(d.algo().as_str()).join(d.hex());
+        std::fs::symlink_metadata(&p).ok().map(|_| Origin::File(p))
+    }
+
+    pub fn size(&self, o: &Origin) -> anyhow::Result<u64> {
+        Ok(match o {
+            Origin::File(p) => std::fs::metadata(p).with_context(|| format!("cannot read '{}'", p.display()))?.len(),
+            Origin::Entry { size, .. } => *size,
+            Origin::Memory(b) => b.len() as u64,
+        })
+    }
+
+    /// A small blob's bytes (callers check the size first).
+    pub fn read(&self, o: &Origin) -> anyhow::Result<Vec<u8>> {
+        Ok(match o {
+            Origin::File(p) => std::fs::read(p).with_context(|| format!("cannot read '{}'", p.display()))?,
+            Origin::Entry { offset, size } => {
+                let mut f = self.open_archive()?;
+                f.seek(SeekFrom::Start(*offset))?;
+                let mut v = Vec::with_capacity(*size as usize);
+                f.take(*size).read_to_end(&mut v)?;
+                v
+            }
+            Origin::Memory(b) => b.clone(),
+        })
+    }
+
+    /// A blob's bytes as a stream.
+    pub async fn open(&self, o: &Origin) -> anyhow::Result<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        Ok(match o {
+            Origin::File(p) => {
+                Box::new(tokio::fs::File::open(p).await.with_context(|| format!("cannot read '{}'", p.display()))?)
+            }
+            Origin::Entry { offset, size } => {
+                let a = self.archive.as_ref().expect("entries come from an archive");
+                let mut f = tokio::fs::File::open(a).await.with_context(|| format!("cannot read '{}'", a.display()))?;
+                f.seek(SeekFrom::Start(*offset)).await?;
+                Box::new(f.take(*size))
+            }
+            Origin::Memory(b) => Box::new(std::io::Cursor::new(b.clone())),
+        })
+    }
+
+    fn open_archive(&self) -> anyhow::Result<std::fs::File> {
+        let a = self.archive.as_ref().expect("entries come from an archive");
+        std::fs::File::open(a).with_context(|| format!("cannot read '{}'", a.display()))
+    }
+}
+
+/// The regular files of a tar: name (without a leading `./`) → (data offset, size).
+fn index_tar(file: &Path) -> anyhow::Result<HashMap<String, (u64, u64)>> {
+    let f = std::fs::File::open(file).with_context(|| format!("cannot read '{}'", file.display()))?;
+    let mut a = tar::Archive::new(f);
+    let mut out = HashMap::new();
+    for e in a.entries_with_seek().with_context(|| format!("'{}' is not a tar archive", file.display()))? {
+        let e = e.with_context(|| format!("'{}' is not a valid tar archive", file.display()))?;
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        let name = e.path()?.to_string_lossy().trim_start_matches("./").to_owned();
+        out.insert(name, (e.raw_file_position(), e.size()));
+    }
+    Ok(out)
+}
+
+/// An `oci-archive:` file: its `index.json` and blobs, read in place.
+pub fn oci_archive(file: &Path) -> anyhow::Result<(Source, Vec<u8>)> {
+    let entries = index_tar(file)?;
+    let mut blobs = HashMap::new();
+    for (name, (offset, size)) in &entries {
+        let Some(rest) = name.strip_prefix("blobs/") else { continue };
+        let Some((alg, hex)) = rest.split_once('/') else { continue };
+        if let Ok(d) = Digest::parse(&format!("{alg}:{hex}")) {
+            blobs.insert(d, Origin::Entry { offset: *offset, size: *size });
+        }
+    }
+    let source = Source { name: format!("'{}'", file.display()), archive: Some(file.to_owned()), dir: None, blobs };
+    let (offset, size) =
+        *entries.get("index.json").with_context(|| format!("'{}' has no index.json", file.display()))?;
+    ensure!(size <= cairn_oci::MAX_MANIFEST_SIZE, "the index.json of '{}' is too large", file.display());
+    let index = source.read(&Origin::Entry { offset, size })?;
+    Ok((source, index))
+}
+
+/// Whether two image names are the same once Docker Hub's implicit prefixes are added
+/// (`docker.io/`, `docker.io/library/` for one-component names).
+fn same_name(a: &str, b: &str) -> bool {
+    fn full(n: &str) -> String {
+        match cairn_oci::reference::ImageRef::parse(n) {
+            Ok(r) => r.to_string(),
+            Err(_) => n.to_owned(),
+        }
+    }
+    a == b || full(a) == full(b)
+}
+
+fn sha256_of_reader(mut r: impl Read) -> anyhow::Result<Digest> {
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::parse(&format!("sha256:{}", crate::image::hex(&h.finalize())))?)
+}
+
+/// One image of a `docker-archive:` file (the one whose `RepoTags` has `reference`, or the only
+/// one): its blobs and the schema 2 manifest describing them, whose descriptor is returned.
+pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(Source, Descriptor)> {
+    let entries = index_tar(file)?;
+    let (mo, ms) = *entries
+        .get("manifest.json")
+        .with_context(|| format!("'{}' has no manifest.json (not a docker archive)", file.display()))?;
+    ensure!(ms <= cairn_oci::MAX_MANIFEST_SIZE, "the manifest.json of '{}' is too large", file.display());
+    let mut source = Source {
+        name: format!("'{}'", file.display()),
+        archive: Some(file.to_owned()),
+        dir: None,
+        blobs: HashMap::new(),
+    };
+    let raw = source.read(&Origin::Entry { offset: mo, size: ms })?;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Item {
+        config: String,
+        #[serde(default)]
+        repo_tags: Option<Vec<String>>,
+        layers: Vec<String>,
+    }
+    let items: Vec<Item> =
+        serde_json::from_slice(&raw).with_context(|| format!("the manifest.json of '{}'", file.display()))?;
+    let item = match reference {
+        Some(r) => items
+            .iter()
+            .find(|i| i.repo_tags.iter().flatten().any(|t| same_name(t, r)))
+            .with_context(|| format!("no image in '{}' is tagged '{r}'", file.display()))?,
+        None if items.len() == 1 => &items[0],
+        None => bail!("'{}' holds {} images: name one (docker-archive:FILE:NAME:TAG)", file.display(), items.len()),
+    };
+    let entry = |name: &str| -> anyhow::Result<(u64, u64)> {
+        entries
+            .get(name.trim_start_matches("./"))
+            .copied()
+            .with_context(|| format!("'{}' names '{name}', which it does not hold", file.display()))
+    };
+    let mut hash_entry = |name: &str| -> anyhow::Result<(Digest, u64)> {
+        let (offset, size) = entry(name)?;
+        let mut f = source.open_archive()?;
+        f.seek(SeekFrom::Start(offset))?;
+        let d = sha256_of_reader(f.take(size))?;
+        source.blobs.insert(d.clone(), Origin::Entry { offset, size });
+        Ok((d, size))
+    };
+    let (cd, cs) = hash_entry(&item.config)?;
+    let mut layers = Vec::new();
+    for l in &item.layers {
+        let (d, s) = hash_entry(l)?;
+        // The containers tools label every layer of an archive `tar.gzip`, compressed or not
+        // (readers tell them apart by their first bytes); the same label gives the same digest.
+        layers.push(format!(
+            r#"{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":{s},"digest":"{d}"}}"#
+        ));
+    }
+    // As containers/image's manifest.Schema2 marshals: schemaVersion, mediaType, config, layers.
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","size":{cs},"digest":"{cd}"}},"layers":[{}]}}"#,
+        layers.join(",")
+    )
+    .into_bytes();
+    let d = Digest::sha256_of(&manifest);
+    let desc = Descriptor {
+        media_type: DOCKER_MANIFEST.into(),
+        digest: d.clone(),
+        size: manifest.len() as u64,
+        platform: None,
+        annotations: Default::default(),
+    };
+    source.blobs.insert(d, Origin::Memory(manifest));
+    Ok((source, desc))
+}
+
+/// Writes the tree under `dir` as an uncompressed tar at `file` (atomically: a temporary file
+/// renamed over it), entries sorted, owner root, mtime 0.
+pub fn tar_dir(dir: &Path, file: &Path) -> anyhow::Result<()> {
+    let tmp = file.with_extension("cairn-tmp");
+    let out = std::fs::File::create(&tmp).with_context(|| format!("cannot create '{}'", tmp.display()))?;
+    let mut b = tar::Builder::new(std::io::BufWriter::new(out));
+    b.mode(tar::HeaderMode::Deterministic);
+    let mut files = Vec::new();
+    collect(dir, Path::new(""), &mut files)?;
+    files.sort();
+    for rel in files {
+        b.append_path_with_name(dir.join(&rel), &rel)?;
+    }
+    b.into_inner()?.flush()?;
+    std::fs::rename(&tmp, file).with_context(|| format!("cannot write '{}'", file.display()))?;
+    Ok(())
+}
+
+fn collect(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(root.join(rel))? {
+        let e = e?;
+        let r = rel.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            collect(root, &r, out)?;
+        } else {
+            out.push(r);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a docker archive: `manifest.json`, `repositories` (with a tag), the config as
+/// `<hex>.json` and each layer, uncompressed, as `<diff id hex>.tar` — the layout `docker save`
+/// and skopeo write. `layers` are (media type, bytes reader factory).
+pub fn write_docker_archive(
+    file: &Path,
+    reference: Option<&str>,
+    config: &[u8],
+    layers: Vec<(String, PathBuf)>,
+) -> anyhow::Result<()> {
+    let tmp = file.with_extension("cairn-tmp");
+    let out = std::fs::File::create(&tmp).with_context(|| format!("cannot create '{}'", tmp.display()))?;
+    let mut b = tar::Builder::new(std::io::BufWriter::new(out));
+    let cd = Digest::sha256_of(config);
+    let mut names = Vec::new();
+    let header = |size: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h
+    };
+    for (media_type, path) in &layers {
+        // Uncompressed into a temporary file first: a tar entry needs its size up front.
+        let mut raw = std::fs::File::open(path)?;
+        let plain = tempfile::NamedTempFile::new_in(file.parent().unwrap_or(Path::new(".")))?;
+        let mut w = std::io::BufWriter::new(plain.reopen()?);
+        let mut hasher = sha2::Sha256::new();
+        let mut decoder: Box<dyn Read> = if media_type.ends_with("gzip") || media_type.ends_with("+gzip") {
+            Box::new(flate2::read::GzDecoder::new(&mut raw))
+        } else if media_type.ends_with("zstd") {
+            Box::new(zstd::stream::read::Decoder::new(&mut raw)?)
+        } else {
+            Box::new(&mut raw)
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = decoder.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            w.write_all(&buf[..n])?;
+            size += n as u64;
+        }
+        w.flush()?;
+        drop(w);
+        let name = format!("{}.tar", crate::image::hex(&hasher.finalize()));
+        let mut h = header(size);
+        b.append_data(&mut h, &name, std::fs::File::open(plain.path())?)?;
+        names.push(name);
+    }
+    let config_name = format!("{}.json", cd.hex());
+    b.append_data(&mut header(config.len() as u64), &config_name, config)?;
+    let tags: Vec<&str> = reference.into_iter().collect();
+    let manifest =
+        serde_json::to_vec(&serde_json::json!([{ "Config": config_name, "RepoTags": tags, "Layers": names }]))?;
+    b.append_data(&mut header(manifest.len() as u64), "manifest.json", &manifest[..])?;
+    if let Some(r) = reference {
+        let (name, tag) = r.rsplit_once(':').context("docker-archive:FILE:NAME:TAG needs a tag")?;
+        let top = names.last().map(|n| n.trim_end_matches(".tar").to_owned()).unwrap_or_default();
+        let repos = serde_json::to_vec(&serde_json::json!({ name: { tag: top } }))?;
+        b.append_data(&mut header(repos.len() as u64), "repositories", &repos[..])?;
+    }
+    b.into_inner()?.flush()?;
+    std::fs::rename(&tmp, file).with_context(|| format!("cannot write '{}'", file.display()))?;
+    Ok(())
+}
