@@ -94,7 +94,7 @@ pub struct Descriptor {
 
 impl Descriptor {
     fn from_spec(d: &oci_spec::image::Descriptor) -> Result<Descriptor> {
-        let digest = Digest::parse(&d.digest().to_string())?;
+        let digest = Digest::parse(d.digest().as_ref())?;
         let size = d.size();
         if size > i64::MAX as u64 {
             return Err(OciError::BadSize { digest: digest.to_string(), size: -1 });

@@ -145,6 +145,8 @@ pub fn validate_repository(name: &str) -> Result<()> {
 }
 
 /// `[A-Za-z0-9.-]+` (no leading or trailing `.`/`-`) with an optional `:port`, or `[v6]:port`.
+/// The callers say what was wrong in their own terms, so this only answers yes or no.
+#[allow(clippy::result_unit_err)]
 pub fn validate_host(host: &str) -> Result<(), ()> {
     let (h, port) = match host.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
