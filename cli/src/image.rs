@@ -200,12 +200,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     };
                     let (source, top) = oci_dir_source(Path::new(&dir), reference.as_deref())?;
                     let info = import_source(ctx, &client, &source, top, &tag).await?;
-                    if json {
-                        print_json(&info)?;
-                    } else {
-                        println!("{}", info.digest);
-                        eprintln!("imported {tag}");
-                    }
+                    print_imported(&info, &tag, json)?;
                 }
                 Transport::Store(_) => {
                     bail!("'{source}' is already a local name: pull takes docker://…, oci:, oci-archive: or docker-archive:")
@@ -217,12 +212,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     };
                     let (src, top) = oci_archive_source(Path::new(&file), reference.as_deref())?;
                     let info = import_source(ctx, &client, &src, top, &tag).await?;
-                    if json {
-                        print_json(&info)?;
-                    } else {
-                        println!("{}", info.digest);
-                        eprintln!("imported {tag}");
-                    }
+                    print_imported(&info, &tag, json)?;
                 }
                 Transport::DockerArchive { file, reference } => {
                     let tag = match (tag, &reference) {
@@ -232,12 +222,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     };
                     let (src, top) = crate::archive::docker_archive(Path::new(&file), reference.as_deref())?;
                     let info = import_source(ctx, &client, &src, top, &tag).await?;
-                    if json {
-                        print_json(&info)?;
-                    } else {
-                        println!("{}", info.digest);
-                        eprintln!("imported {tag}");
-                    }
+                    print_imported(&info, &tag, json)?;
                 }
             }
         }
@@ -364,6 +349,17 @@ fn unpack_summary(u: &UnpackedInfo) -> String {
     match dropped.is_empty() {
         true => format!("unpacked {layers}"),
         false => format!("unpacked {layers}; dropped {}", dropped.join(", ")),
+    }
+}
+
+/// What an import prints: the digest (or the image as JSON), and its tag on stderr.
+fn print_imported(info: &cairn_api::image::ImageInfo, tag: &TagName, json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(info)
+    } else {
+        println!("{}", info.digest);
+        eprintln!("imported {tag}");
+        Ok(())
     }
 }
 

@@ -43,6 +43,35 @@ pub struct AppState {
 
 type St = State<Arc<AppState>>;
 
+/// One JSON line of a streamed answer.
+pub(crate) fn json_line(v: &impl serde::Serialize) -> Bytes {
+    let mut out = serde_json::to_vec(v).expect("events serialise");
+    out.push(b'\n');
+    out.into()
+}
+
+/// Runs `work` in its own task and answers with JSON lines: `progress()` five times a second
+/// while it runs and once more at the end, then the event `work` ends with.
+pub(crate) fn progress_lines<E: serde::Serialize + Send + 'static>(
+    progress: impl Fn() -> E + Send + 'static,
+    work: impl std::future::Future<Output = E> + Send + 'static,
+) -> HttpResponse {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        let last = loop {
+            tokio::select! {
+                e = &mut work => break e,
+                _ = tick.tick() => { let _ = tx.send(json_line(&progress())).await; }
+            }
+        };
+        let _ = tx.send(json_line(&progress())).await;
+        let _ = tx.send(json_line(&last)).await;
+    });
+    json_lines(rx)
+}
+
 /// A streamed answer of JSON lines, one per message received on `rx`, ending when its senders
 /// are gone.
 pub(crate) fn json_lines(rx: mpsc::Receiver<Bytes>) -> HttpResponse {

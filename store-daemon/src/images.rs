@@ -8,13 +8,11 @@
 use std::io::BufRead;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
-use bytes::Bytes;
 use cairn_api::image::{
     CommitRequest, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
     RegistryOptions,
@@ -28,7 +26,6 @@ use cairn_oci::manifest::{Descriptor, Platform};
 use cairn_oci::reference::{ImageRef, Reference};
 use cairn_oci::{Digest, TagName};
 use cairn_store::ClientScope;
-use tokio::sync::mpsc;
 
 use crate::auth::Peer;
 use crate::error::{ApiError, ApiResult};
@@ -277,12 +274,6 @@ fn client_options(o: &RegistryOptions) -> ClientOptions {
     }
 }
 
-fn line(event: &ImageEvent) -> Bytes {
-    let mut v = serde_json::to_vec(event).expect("events serialise");
-    v.push(b'\n');
-    v.into()
-}
-
 fn progress_event(p: &Progress) -> ImageEvent {
     ImageEvent::Progress {
         blobs_total: p.blobs_total.load(Ordering::Relaxed),
@@ -292,39 +283,21 @@ fn progress_event(p: &Progress) -> ImageEvent {
     }
 }
 
-/// Runs `work`, sending progress lines while it runs and its outcome last.
+/// Runs a transfer, streaming its progress and its outcome.
 fn stream_job(
     progress: Arc<Progress>,
-    client: Option<cairn_store::ClientId>,
     work: impl std::future::Future<Output = ApiResult<ImageEvent>> + Send + 'static,
 ) -> HttpResponse {
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
-    tokio::spawn(async move {
-        let _ = client;
-        tokio::pin!(work);
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let outcome = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                _ = tick.tick() => { let _ = tx.send(line(&progress_event(&progress))).await; }
-            }
-        };
-        let _ = tx.send(line(&progress_event(&progress))).await;
-        let event = outcome.unwrap_or_else(|e| {
+    crate::handlers::progress_lines(move || progress_event(&progress), async move {
+        work.await.unwrap_or_else(|e| {
             tracing::warn!("image transfer failed: {}", e.message);
             ImageEvent::Error(ErrorBody { kind: e.kind, message: e.message })
-        });
-        let _ = tx.send(line(&event)).await;
-    });
-    crate::handlers::json_lines(rx)
+        })
+    })
 }
 
 /// `POST /v1/oci/pull`.
-pub async fn pull(
-    State(s): State<Arc<AppState>>,
-    Extension(peer): Extension<Peer>,
-    Json(req): Json<PullRequest>,
-) -> ApiResult<HttpResponse> {
+pub async fn pull(State(s): State<Arc<AppState>>, Json(req): Json<PullRequest>) -> ApiResult<HttpResponse> {
     let image = ImageRef::parse(req.source.trim_start_matches("docker://"))?;
     let tag = match &req.tag {
         Some(t) => Some(TagName::parse(t)?),
@@ -338,7 +311,7 @@ pub async fn pull(
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
     let copts = client_options(&req.registry);
-    Ok(stream_job(progress, peer.client, async move {
+    Ok(stream_job(progress, async move {
         let reg = Arc::new(Registry::connect(&image, &copts, false).await?);
         let pulled = cairn_image::pull::pull(s.images.clone(), reg, &image.reference, opts, p).await?;
         tracing::info!(
@@ -358,11 +331,7 @@ pub async fn pull(
 }
 
 /// `POST /v1/oci/push`.
-pub async fn push(
-    State(s): State<Arc<AppState>>,
-    Extension(peer): Extension<Peer>,
-    Json(req): Json<PushRequest>,
-) -> ApiResult<HttpResponse> {
+pub async fn push(State(s): State<Arc<AppState>>, Json(req): Json<PushRequest>) -> ApiResult<HttpResponse> {
     let dest = ImageRef::parse(req.destination.trim_start_matches("docker://"))?;
     let st = s.clone();
     let what = req.image.clone();
@@ -380,7 +349,7 @@ pub async fn push(
     let p = progress.clone();
     let copts = client_options(&req.registry);
     let reference: Reference = dest.reference.clone();
-    Ok(stream_job(progress, peer.client, async move {
+    Ok(stream_job(progress, async move {
         let reg = Arc::new(Registry::connect(&dest, &copts, true).await?);
         let pushed = cairn_image::push::push(s.images.clone(), reg, img, &reference, mount_from, JOBS, p).await?;
         tracing::info!(destination = %dest, digest = %pushed.digest, uploaded = pushed.bytes_uploaded, "pushed");

@@ -728,6 +728,10 @@ async fn append(file: &std::path::Path, body: Body) -> RResult<u64> {
             reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot write the upload: {e}"))
         })?;
     }
+    // tokio's File writes in the background: flush before asking the size (or reading it).
+    tokio::io::AsyncWriteExt::flush(&mut f)
+        .await
+        .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot write the upload: {e}")))?;
     let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
     Ok(len)
 }

@@ -13,11 +13,9 @@ use anyhow::Context;
 use axum::extract::State;
 use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
-use bytes::Bytes;
 use cairn_api::config::Settings;
 use cairn_api::{ErrorBody, SubstituteEvent, SubstituteFailure, SubstituteRequest};
 use cairn_cache::{Limits, NarInfoCache, NetOptions, Policy, Progress, Substituter};
-use tokio::sync::mpsc;
 
 use crate::auth::Peer;
 use crate::convert::{self, store_paths};
@@ -85,12 +83,6 @@ impl Substitution {
     }
 }
 
-fn line(event: &SubstituteEvent) -> Bytes {
-    let mut v = serde_json::to_vec(event).expect("events serialise");
-    v.push(b'\n');
-    v.into()
-}
-
 fn progress_event(p: &Progress) -> SubstituteEvent {
     SubstituteEvent::Progress {
         paths_expected: p.paths_expected.load(Ordering::Relaxed),
@@ -131,21 +123,12 @@ pub async fn handler(
         progress: progress.clone(),
         repair: false,
     };
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
     let store = st.store.clone();
     let user = peer.user.clone();
-    tokio::spawn(async move {
-        let work = cairn_cache::substitute(job, &paths);
-        tokio::pin!(work);
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let outcome = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                _ = tick.tick() => { let _ = tx.send(line(&progress_event(&progress))).await; }
-            }
-        };
-        let _ = tx.send(line(&progress_event(&progress))).await;
-        let event = match outcome {
+    let counters = progress.clone();
+    let work = async move {
+        let outcome = cairn_cache::substitute(job, &paths).await;
+        match outcome {
             Err(e) => {
                 tracing::warn!(user, "substitution failed: {e}");
                 let e = ApiError::from(e);
@@ -170,10 +153,9 @@ pub async fn handler(
                         .collect(),
                 }
             }
-        };
-        let _ = tx.send(line(&event)).await;
-    });
-    Ok(crate::handlers::json_lines(rx))
+        }
+    };
+    Ok(crate::handlers::progress_lines(move || progress_event(&counters), work))
 }
 
 /// `verify --repair`: checks the store, then substitutes every missing or modified path again

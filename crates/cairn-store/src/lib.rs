@@ -422,20 +422,7 @@ impl LocalStore {
     /// The NAR is hashed on a second thread while this one parses and writes it: on a large
     /// tree, hashing is a third of the work, and the two run in parallel.
     pub fn add_nar(&self, name: &str, input: impl Read) -> Result<PathInfo> {
-        validate_name(name)?;
-        let tmp = self.temp_dir()?;
-        let copy = tmp.0.join("x");
-        let (nar_hash, nar_size) = Self::receive_nar(input, &copy)?;
-        let path = self.store_dir().make_fixed_output_path(
-            name,
-            FileIngestionMethod::Recursive,
-            &nar_hash,
-            &BTreeSet::new(),
-            false,
-        )?;
-        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
-        let info = content_addressed(path, nar_hash, nar_size, BTreeSet::new(), ca);
-        self.finish_add(&copy, info)
+        self.add_nar_with_references(name, input, &BTreeSet::new())
     }
 
     /// Restores a NAR at `copy` (canonical), hashing it on a second thread; returns its SHA-256
