@@ -53,6 +53,9 @@ pub enum ImageCommand {
         destination: String,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// Upload blobs larger than BYTES in chunks of BYTES (default: each in one request).
+        #[arg(long, value_name = "BYTES")]
+        chunk_size: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -226,57 +229,65 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        ImageCommand::Push { image, destination, registry, json } => match Transport::parse(&destination)? {
-            Transport::Docker(r) => {
-                let req = PushRequest { image, destination: r.to_string(), registry: registry.options(&r.registry)? };
-                let lines = client.push(&req).await?;
-                let end = follow(lines, "pushing").await?;
-                let ImageEvent::Pushed { digest, blobs_uploaded, bytes_uploaded, blobs_skipped, blobs_mounted } = &end
-                else {
-                    bail!("cairnd ended the push with an unexpected event")
-                };
-                if json {
-                    print_json(&end_json(&end))?;
-                } else {
-                    println!("{digest}");
-                    eprintln!(
+        ImageCommand::Push { image, destination, registry, chunk_size, json } => {
+            match Transport::parse(&destination)? {
+                Transport::Docker(r) => {
+                    let req = PushRequest {
+                        image,
+                        destination: r.to_string(),
+                        registry: registry.options(&r.registry)?,
+                        chunk_size,
+                    };
+                    let lines = client.push(&req).await?;
+                    let end = follow(lines, "pushing").await?;
+                    let ImageEvent::Pushed { digest, blobs_uploaded, bytes_uploaded, blobs_skipped, blobs_mounted } =
+                        &end
+                    else {
+                        bail!("cairnd ended the push with an unexpected event")
+                    };
+                    if json {
+                        print_json(&end_json(&end))?;
+                    } else {
+                        println!("{digest}");
+                        eprintln!(
                         "pushed {r} ({blobs_uploaded} blobs, {} uploaded; {blobs_skipped} already there; {blobs_mounted} mounted)",
                         human(*bytes_uploaded)
                     );
+                    }
+                }
+                Transport::Oci { dir, reference } => {
+                    let n = export_oci(&client, &image, Path::new(&dir), reference.as_deref()).await?;
+                    if json {
+                        print_json(&serde_json::json!({ "written": n }))?;
+                    } else {
+                        eprintln!("wrote {n} blobs to {dir}");
+                    }
+                }
+                Transport::Store(t) => {
+                    bail!("'{destination}' is a local name: use cairn image tag {image} {t}")
+                }
+                Transport::OciArchive { file, reference } => {
+                    let file = Path::new(&file);
+                    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                    let tmp = tempfile::Builder::new().prefix(".cairn-oci-").tempdir_in(parent)?;
+                    let n = export_oci(&client, &image, tmp.path(), reference.as_deref()).await?;
+                    crate::archive::tar_dir(tmp.path(), file)?;
+                    if json {
+                        print_json(&serde_json::json!({ "written": n }))?;
+                    } else {
+                        eprintln!("wrote {n} blobs to {}", file.display());
+                    }
+                }
+                Transport::DockerArchive { file, reference } => {
+                    let n = export_docker_archive(&client, &image, Path::new(&file), reference.as_deref()).await?;
+                    if json {
+                        print_json(&serde_json::json!({ "written": n }))?;
+                    } else {
+                        eprintln!("wrote {n} layers to {file}");
+                    }
                 }
             }
-            Transport::Oci { dir, reference } => {
-                let n = export_oci(&client, &image, Path::new(&dir), reference.as_deref()).await?;
-                if json {
-                    print_json(&serde_json::json!({ "written": n }))?;
-                } else {
-                    eprintln!("wrote {n} blobs to {dir}");
-                }
-            }
-            Transport::Store(t) => {
-                bail!("'{destination}' is a local name: use cairn image tag {image} {t}")
-            }
-            Transport::OciArchive { file, reference } => {
-                let file = Path::new(&file);
-                let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                let tmp = tempfile::Builder::new().prefix(".cairn-oci-").tempdir_in(parent)?;
-                let n = export_oci(&client, &image, tmp.path(), reference.as_deref()).await?;
-                crate::archive::tar_dir(tmp.path(), file)?;
-                if json {
-                    print_json(&serde_json::json!({ "written": n }))?;
-                } else {
-                    eprintln!("wrote {n} blobs to {}", file.display());
-                }
-            }
-            Transport::DockerArchive { file, reference } => {
-                let n = export_docker_archive(&client, &image, Path::new(&file), reference.as_deref()).await?;
-                if json {
-                    print_json(&serde_json::json!({ "written": n }))?;
-                } else {
-                    eprintln!("wrote {n} layers to {file}");
-                }
-            }
-        },
+        }
         ImageCommand::Ls { json } => {
             let Response::Images(list) = client.query(&Request::ImageList).await? else { bail!("unexpected answer") };
             if json {

@@ -351,7 +351,8 @@ pub async fn push(State(s): State<Arc<AppState>>, Json(req): Json<PushRequest>) 
     let reference: Reference = dest.reference.clone();
     Ok(stream_job(progress, async move {
         let reg = Arc::new(Registry::connect(&dest, &copts, true).await?);
-        let pushed = cairn_image::push::push(s.images.clone(), reg, img, &reference, mount_from, JOBS, p).await?;
+        let opts = cairn_image::push::PushOptions { mount_from, jobs: JOBS, chunk_size: req.chunk_size };
+        let pushed = cairn_image::push::push(s.images.clone(), reg, img, &reference, opts, p).await?;
         tracing::info!(destination = %dest, digest = %pushed.digest, uploaded = pushed.bytes_uploaded, "pushed");
         Ok(ImageEvent::Pushed {
             digest: pushed.digest.to_string(),

@@ -362,3 +362,130 @@ fn oci_and_docker_archives_both_ways() {
     .unwrap();
     assert_eq!(cfg["rootfs"]["diff_ids"], orig["rootfs"]["diff_ids"]);
 }
+
+/// A config and one layer (3 MiB, so that chunked uploads take several chunks) for `arch`, and
+/// the image manifest naming them: (manifest, blobs).
+fn platform_image(arch: &str) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let config =
+        format!(r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}}}}"#).into_bytes();
+    let layer = vec![arch.as_bytes()[1]; 3 << 20];
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        digest_of(&config),
+        config.len(),
+        digest_of(&layer),
+        layer.len()
+    )
+    .into_bytes();
+    (manifest, vec![(digest_of(&config), config), (digest_of(&layer), layer)])
+}
+
+#[test]
+fn platforms_of_an_index_and_chunked_pushes() {
+    if !peers() {
+        return;
+    }
+    use cairn_e2e::fake_registry::{Fake, FakeState};
+    const IDX: &str = "application/vnd.oci.image.index.v1+json";
+    const MT: &str = "application/vnd.oci.image.manifest.v1+json";
+    let (amd, amd_blobs) = platform_image("amd64");
+    let (arm, arm_blobs) = platform_image("arm64");
+    let entry = |m: &[u8], arch: &str, variant: &str| {
+        format!(
+            r#"{{"mediaType":"{MT}","digest":"{}","size":{},"platform":{{"architecture":"{arch}","os":"linux"{variant}}}}}"#,
+            digest_of(m),
+            m.len()
+        )
+    };
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{IDX}","manifests":[{},{}]}}"#,
+        entry(&amd, "amd64", ""),
+        entry(&arm, "arm64", r#","variant":"v8""#)
+    )
+    .into_bytes();
+    let mut st = FakeState::default();
+    st.manifests.insert("hostile/app/multi".into(), (IDX.into(), index.clone()));
+    for m in [&amd, &arm, &index] {
+        let ct = if m == &index { IDX } else { MT };
+        st.manifests.insert(format!("hostile/app/{}", digest_of(m)), (ct.into(), m.to_vec()));
+    }
+    for (d, b) in amd_blobs.iter().chain(&arm_blobs) {
+        st.blobs.insert(d.clone(), b.clone());
+    }
+    let fake = Fake::start(st);
+    let src = format!("{}:multi", fake.image());
+    let store = TestStore::start();
+
+    let out = json(&store.ok(&[
+        "image",
+        "pull",
+        "--json",
+        "--tls-verify=false",
+        "--platform",
+        "linux/amd64",
+        "--tag",
+        "multi:amd",
+        &src,
+    ]));
+    assert_eq!(out["image"]["digest"], digest_of(&amd), "an index is narrowed to the platform's manifest");
+    assert_eq!(out["blobsFetched"], 2);
+    let out = json(&store.ok(&[
+        "image",
+        "pull",
+        "--json",
+        "--tls-verify=false",
+        "--platform",
+        "linux/arm64",
+        "--tag",
+        "multi:arm",
+        &src,
+    ]));
+    assert_eq!(out["image"]["digest"], digest_of(&arm));
+    let out = json(&store.ok(&[
+        "image",
+        "pull",
+        "--json",
+        "--tls-verify=false",
+        "--all-platforms",
+        "--tag",
+        "multi:all",
+        &src,
+    ]));
+    assert_eq!(out["image"]["digest"], digest_of(&index), "all platforms: the image is the index");
+    assert_eq!((out["blobsFetched"].as_u64(), out["blobsSkipped"].as_u64()), (Some(0), Some(4)), "{out}");
+    let ins = json(&store.ok(&["image", "inspect", "--json", "multi:all"]));
+    assert_eq!(ins["platforms"], serde_json::json!(["linux/amd64", "linux/arm64/v8"]));
+    let e = store.fail(&["image", "pull", "--tls-verify=false", "--platform", "windows/amd64", &src], b"");
+    assert!(e.contains("no manifest in the index matches platform windows/amd64"), "{e}");
+
+    // The whole index goes to a real registry with every byte kept, blobs in 1 MB chunks.
+    let reg = DockerRegistry::start();
+    let dest = format!("docker://{}/multi/app:all", reg.host());
+    store.ok(&["image", "push", "--tls-verify=false", "--chunk-size", "1000000", "multi:all", &dest]);
+    assert_eq!(skopeo_raw(&dest), index);
+    assert_eq!(skopeo_raw(&format!("docker://{}/multi/app@{}", reg.host(), digest_of(&arm))), arm);
+    // skopeo checks every blob it copies against its digest.
+    let arm_copy = tempfile::tempdir().unwrap();
+    skopeo_copy(
+        &format!("docker://{}/multi/app@{}", reg.host(), digest_of(&arm)),
+        &format!("oci:{}:x", arm_copy.path().join("l").display()),
+    );
+
+    // Chunked into cairnd's own registry: another daemon receives the same bytes.
+    let port = free_port();
+    let other = TestStore::builder().config(&format!("listen = \"127.0.0.1:{port}\"\naccept-pushes = true\n")).start();
+    wait_listening(port);
+    let to_cairnd = format!("docker://127.0.0.1:{port}/multi/app:arm");
+    let pushed = json(&store.ok(&[
+        "image",
+        "push",
+        "--json",
+        "--tls-verify=false",
+        "--chunk-size",
+        "1000000",
+        "multi:arm",
+        &to_cairnd,
+    ]));
+    assert_eq!(pushed["blobsUploaded"], 2, "{pushed}");
+    assert_eq!(json(&other.ok(&["image", "inspect", "--json", "multi/app:arm"]))["digest"], digest_of(&arm));
+}

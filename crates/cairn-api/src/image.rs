@@ -163,6 +163,9 @@ pub struct PushRequest {
     pub destination: String,
     #[serde(default)]
     pub registry: RegistryOptions,
+    /// Upload blobs larger than this in chunks of this many bytes (default: one request each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_size: Option<u64>,
 }
 
 /// One line of a pull's or push's answer.

@@ -29,17 +29,27 @@ pub struct Pushed {
     pub blobs_mounted: u64,
 }
 
-/// Pushes `img` to the registry's repository under `reference`. `mount_from` names another
-/// repository of the same registry that may hold the blobs.
+/// How a push sends blobs.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Another repository of the same registry that may hold the blobs (mounted from there).
+    pub mount_from: Option<String>,
+    /// Blobs at once.
+    pub jobs: usize,
+    /// Send blobs larger than this in chunks of this size; monolithic when `None`.
+    pub chunk_size: Option<u64>,
+}
+
+/// Pushes `img` to the registry's repository under `reference`.
 pub async fn push(
     images: Images,
     reg: Arc<Registry>,
     img: Image,
     reference: &Reference,
-    mount_from: Option<String>,
-    jobs: usize,
+    opts: PushOptions,
     progress: Arc<Progress>,
 ) -> Result<Pushed> {
+    let PushOptions { mount_from, jobs, chunk_size } = opts;
     let _roots = images.root_blobs(img.blobs.iter());
     // Manifests in push order (children first) and the other blobs.
     let im = images.clone();
@@ -110,11 +120,16 @@ pub async fn push(
                 return Ok(());
             };
             let real = images.store.real_path(&images.blob_path(&d.digest));
-            let file = tokio::fs::File::open(&real)
-                .await
-                .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
-            let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 1 << 20));
-            reg.put_blob(&location, &d.digest, d.size, body).await?;
+            match chunk_size {
+                Some(c) if d.size > c => reg.put_blob_chunked(&location, &d.digest, &real, d.size, c.max(1)).await?,
+                _ => {
+                    let file = tokio::fs::File::open(&real)
+                        .await
+                        .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+                    let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 1 << 20));
+                    reg.put_blob(&location, &d.digest, d.size, body).await?;
+                }
+            }
             uploaded.fetch_add(1, Ordering::Relaxed);
             uploaded_bytes.fetch_add(d.size, Ordering::Relaxed);
             done(&progress);

@@ -379,6 +379,50 @@ impl Registry {
         Ok(())
     }
 
+    /// Sends a blob in chunks of `chunk` bytes (PATCH with `Content-Range`, each answered with
+    /// the next location), then finishes the upload with an empty PUT carrying the digest.
+    pub async fn put_blob_chunked(
+        &self,
+        location: &str,
+        digest: &Digest,
+        file: &std::path::Path,
+        size: u64,
+        chunk: u64,
+    ) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(|source| ImageError::Io { path: file.display().to_string(), source })?;
+        let mut loc = location.to_owned();
+        let mut offset = 0u64;
+        while offset < size {
+            let n = chunk.min(size - offset);
+            let mut buf = vec![0u8; n as usize];
+            f.read_exact(&mut buf)
+                .await
+                .map_err(|source| ImageError::Io { path: file.display().to_string(), source })?;
+            let r = self
+                .request(Method::PATCH, &loc)
+                .await
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_RANGE, format!("{offset}-{}", offset + n - 1))
+                .header(reqwest::header::CONTENT_LENGTH, n)
+                .body(buf)
+                .send()
+                .await
+                .map_err(|e| err(&self.name, cairn_cache::backend::with_causes(&e)))?;
+            if r.status() != StatusCode::ACCEPTED {
+                return Err(self.status_error(&format!("PATCH blob {digest} at {offset}"), r).await);
+            }
+            let next = r.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok());
+            if let Some(next) = next {
+                loc = self.absolute(next);
+            }
+            offset += n;
+        }
+        self.put_blob(&loc, digest, 0, reqwest::Body::from(Vec::new())).await
+    }
+
     /// Puts a manifest's exact bytes under `reference` (a tag or its digest).
     pub async fn put_manifest(&self, reference: &str, media_type: &str, bytes: Vec<u8>) -> Result<()> {
         let r = self
