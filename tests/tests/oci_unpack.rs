@@ -334,3 +334,34 @@ fn hostile_layers_are_refused_and_leave_nothing() {
     assert_eq!(std::fs::read(outside.path().join("victim")).unwrap(), b"still here");
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
 }
+
+/// A pulled image's rootfs is an ordinary store path: a derivation takes it as an input source
+/// and builds on it in the sandbox, and the output references it.
+#[test]
+fn a_rootfs_is_the_input_of_a_derivation() {
+    if !require_peer("/bin/busybox") {
+        return;
+    }
+    let store =
+        TestStore::builder().store_dir("/nix/store").config("sandbox-paths = [\"/bin/sh=/bin/busybox\"]\n").start();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("l");
+    hand_layout(&layout, &[plain_tar(&[("app/greeting", b"hello from the image\n")])]);
+    store.ok(&["image", "pull", "--tag", "base/img:1", &format!("oci:{}:t", layout.display())]);
+    let rootfs = store.ok(&["image", "unpack", "base/img:1"]).trim().to_owned();
+    let drv = serde_json::json!({
+        "outputs": { "out": { "path": "" } },
+        "inputSrcs": [rootfs],
+        "inputDrvs": {},
+        "system": "x86_64-linux",
+        "builder": "/bin/sh",
+        "args": ["-c", "read line < $base/app/greeting; echo \"$line, built on $base\" > $out"],
+        "env": { "name": "on-an-image", "builder": "/bin/sh", "system": "x86_64-linux", "out": "", "base": rootfs },
+    });
+    let f = tmp.path().join("drv.json");
+    std::fs::write(&f, drv.to_string()).unwrap();
+    let drv_path = store.ok(&["derivation", "add", f.to_str().unwrap()]).trim().to_owned();
+    let out = store.ok(&["realise", "-Q", &drv_path]).trim().to_owned();
+    assert_eq!(store.ok(&["cat", &out]), format!("hello from the image, built on {rootfs}\n"));
+    assert!(store.ok(&["references", &out]).contains(&rootfs), "the output refers to the rootfs");
+}
