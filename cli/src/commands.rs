@@ -482,7 +482,7 @@ impl Ctx {
             .with_context(|| format!("'{arg}' is not in the store directory '{}'", self.settings.store_dir))
     }
 
-    fn store_paths(&self, args: &[String]) -> anyhow::Result<Vec<String>> {
+    pub(crate) fn store_paths(&self, args: &[String]) -> anyhow::Result<Vec<String>> {
         args.iter().map(|a| self.store_path(a)).collect()
     }
 

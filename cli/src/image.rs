@@ -80,6 +80,32 @@ pub enum ImageCommand {
     },
     /// Make an image's root filesystem (its layers applied in order) a store path and print it;
     /// a second unpack of the same image finds it again.
+    /// Build an image from store closures: one layer per popular store path (as nixpkgs'
+    /// buildLayeredImage), reproducible, remembered per input.
+    Build {
+        /// A store path whose closure goes into the image (repeatable).
+        #[arg(long = "closure", value_name = "PATH", required = true)]
+        closure: Vec<String>,
+        /// An image to build on (its layers come first).
+        #[arg(long, value_name = "IMAGE")]
+        from: Option<String>,
+        /// Layers in all, the base image's and the /etc-/tmp layer included.
+        #[arg(long, default_value_t = 100)]
+        max_layers: u64,
+        /// The entrypoint, one argument per flag.
+        #[arg(long, value_name = "ARG")]
+        entrypoint: Vec<String>,
+        /// The default command, one argument per flag.
+        #[arg(long, value_name = "ARG")]
+        cmd: Vec<String>,
+        /// NAME=VALUE for the environment (repeatable).
+        #[arg(long, value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     Unpack {
         image: String,
         /// Also make LINK a symlink to it, registered as a garbage-collector root.
@@ -323,6 +349,36 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 for l in &d.layers {
                     println!("  {} {:>10}  {}", l.digest, human(l.size), l.media_type);
                 }
+            }
+        }
+        ImageCommand::Build { closure, from, max_layers, entrypoint, cmd, env, tag, json } => {
+            let req = cairn_api::image::BuildRequest {
+                paths: ctx.store_paths(&closure)?,
+                from,
+                max_layers: Some(max_layers),
+                entrypoint,
+                cmd,
+                env,
+                tag,
+            };
+            let bar = progress::spinner("building the image");
+            let answer = client.query(&Request::ImageBuild(req)).await;
+            bar.finish_and_clear();
+            let Response::Built(b) = answer? else { bail!("cairnd gave an unexpected answer to build") };
+            if json {
+                print_json(&b)?;
+            } else {
+                println!("{}", b.image.digest);
+                let how = if b.cached {
+                    "remembered from an earlier build".to_owned()
+                } else {
+                    format!("{} written", b.layers_written)
+                };
+                eprintln!(
+                    "built {} ({} store layers, {how})",
+                    b.image.tags.first().map(String::as_str).unwrap_or(&b.image.layout),
+                    b.layers.len()
+                );
             }
         }
         ImageCommand::Unpack { image, out_link, json } => {

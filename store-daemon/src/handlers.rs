@@ -201,7 +201,8 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         | Request::ImageInspect { .. }
         | Request::ImageTag { .. }
         | Request::ImageUntag { .. }
-        | Request::ImageUnpack { .. } => crate::images::answer(st, peer, req)?,
+        | Request::ImageUnpack { .. }
+        | Request::ImageBuild(_) => crate::images::answer(st, peer, req)?,
         Request::PathInfo { paths, closure } => {
             let mut paths = store_paths(dir, &paths)?;
             if closure {

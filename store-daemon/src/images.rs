@@ -189,6 +189,27 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
                 cached: r.cached,
             })
         }
+        Request::ImageBuild(b) => {
+            let _client = ClientScope::enter(peer.client);
+            let dir = &st.store_dir;
+            let opts = cairn_image::build::BuildOptions {
+                paths: crate::convert::store_paths(dir, &b.paths)?,
+                from: b.from.as_deref().map(|f| images.resolve(f)).transpose()?,
+                max_layers: b.max_layers.unwrap_or(100) as usize,
+                entrypoint: b.entrypoint,
+                cmd: b.cmd,
+                env: b.env,
+                tag: b.tag.as_deref().map(TagName::parse).transpose()?,
+            };
+            let built = cairn_image::build::build(images, &opts)?;
+            tracing::info!(digest = %built.image.digest(), written = built.layers_written, cached = built.cached, "image built");
+            Response::Built(Box::new(cairn_api::image::BuiltInfo {
+                image: image_info(images, &built.image)?,
+                layers: built.layers.iter().map(|l| l.iter().map(|p| dir.display(p)).collect()).collect(),
+                layers_written: built.layers_written as u64,
+                cached: built.cached,
+            }))
+        }
         _ => unreachable!("only image requests are routed here"),
     })
 }

@@ -201,3 +201,38 @@ pub enum ImageEvent {
     },
     Error(ErrorBody),
 }
+
+/// What `cairn image build` asks: an image of the closures of `paths`, layered by popularity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildRequest {
+    pub paths: Vec<String>,
+    /// An image (tag, digest or layout path) to build on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Layers in all, the base image's and the customisation layer included (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_layers: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    /// `NAME=VALUE`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// What a build made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BuiltInfo {
+    pub image: ImageInfo,
+    /// The store paths of each store layer, bottom first.
+    pub layers: Vec<Vec<String>>,
+    /// Layers written and hashed by this build; the others were remembered from earlier builds.
+    pub layers_written: u64,
+    /// Whether the whole image was remembered from an earlier build of the same inputs.
+    pub cached: bool,
+}

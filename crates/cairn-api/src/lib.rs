@@ -179,6 +179,8 @@ pub enum Request {
     /// The root filesystem of an image (a tag, an image digest or a layout path) as a store
     /// path, its layers applied in order; cached per image. Answered by [`Response::Unpacked`].
     ImageUnpack { image: String },
+    /// Builds an image from store closures. Answered by [`Response::Built`].
+    ImageBuild(image::BuildRequest),
 }
 
 /// Body of `POST /v1/realise`: derivations to build, each `DRV` or `DRV!out1,out2`. The answer
@@ -347,6 +349,7 @@ pub enum Response {
     Images(Vec<image::ImageInfo>),
     Image(Box<image::ImageDetail>),
     Unpacked(image::UnpackedInfo),
+    Built(Box<image::BuiltInfo>),
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon

@@ -1,9 +1,11 @@
-//! The cache of unpacked image root filesystems: a memo, not a root.
+//! Memos of work whose result is a store path: a cache, not a root.
 //!
-//! Unpacking an image (applying its layers, hashing the tree) is the expensive part of running
-//! it, and its result depends only on the image manifest. So `cairn-image` remembers, per
-//! manifest digest, the store path it produced: a symlink `<state>/oci-rootfs/<digest hex>`
-//! to that path. The directory is deliberately outside `gcroots/`: a cached rootfs is garbage
+//! Some results depend only on their inputs and are expensive to make again: an image's
+//! unpacked root filesystem (keyed by its manifest digest), a layer made from store paths (keyed
+//! by the paths and the tar format), an image built from a closure (keyed by everything the build
+//! reads). `cairn-image` remembers, per [`Memo`] kind and key, the store path it produced: a
+//! symlink `<state>/<kind dir>/<key hex>` to that path. The directories are deliberately outside
+//! `gcroots/`: a cached rootfs is garbage
 //! like any other path once nothing else roots it, and a link left dangling (or pointing at a
 //! path that is no longer valid) reads as "not cached", so the next unpack rebuilds it and
 //! writes the link again. The key is a [`Hash`], whose base-16 form is the file name, so no
@@ -19,20 +21,41 @@ use cairn_nix::{Hash, StorePath};
 
 use crate::{LocalStore, Result, StoreError, TempRootGuard};
 
+/// What a memo remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memo {
+    /// An image's unpacked root filesystem, by manifest digest.
+    Rootfs,
+    /// A layer blob made from store paths, by the paths and the tar format.
+    Layer,
+    /// An image layout built from a closure, by the build's inputs.
+    ImageBuild,
+}
+
+impl Memo {
+    fn dir(self) -> &'static str {
+        match self {
+            Memo::Rootfs => "oci-rootfs",
+            Memo::Layer => "oci-layers",
+            Memo::ImageBuild => "oci-builds",
+        }
+    }
+}
+
 impl LocalStore {
-    /// The directory of cached rootfs links.
-    pub fn rootfs_cache_dir(&self) -> PathBuf {
-        self.layout.state_dir.join("oci-rootfs")
+    /// The directory of a kind of memo.
+    pub fn memo_dir(&self, kind: Memo) -> PathBuf {
+        self.layout.state_dir.join(kind.dir())
     }
 
-    fn rootfs_link(&self, key: &Hash) -> PathBuf {
-        self.rootfs_cache_dir().join(key.encode(Encoding::Base16))
+    fn memo_link(&self, kind: Memo, key: &Hash) -> PathBuf {
+        self.memo_dir(kind).join(key.encode(Encoding::Base16))
     }
 
-    /// The rootfs cached under `key`, rooted by the guard, if its link exists and points at a
+    /// The path remembered under `key`, rooted by the guard, if its link exists and points at a
     /// valid path (it is rooted before the check, so a collection cannot take it in between).
-    pub fn cached_rootfs(&self, key: &Hash) -> Result<Option<(StorePath, TempRootGuard)>> {
-        let link = self.rootfs_link(key);
+    pub fn memo(&self, kind: Memo, key: &Hash) -> Result<Option<(StorePath, TempRootGuard)>> {
+        let link = self.memo_link(kind, key);
         let target = match fs::read_link(&link) {
             Ok(t) => t,
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::InvalidInput) => return Ok(None),
@@ -46,14 +69,14 @@ impl LocalStore {
         Ok(Some((path, root)))
     }
 
-    /// Remembers `path` (which must be valid) as the rootfs of `key`, replacing any old entry.
-    pub fn cache_rootfs(&self, key: &Hash, path: &StorePath) -> Result<()> {
-        let link = self.rootfs_link(key);
+    /// Remembers `path` (which must be valid) under `key`, replacing any old entry.
+    pub fn remember(&self, kind: Memo, key: &Hash, path: &StorePath) -> Result<()> {
+        let link = self.memo_link(kind, key);
         let _root = self.temp.add([path.clone()]);
         if !self.is_valid(path)? {
             return Err(StoreError::NotValid(self.store_dir().display(path)));
         }
-        let dir = self.rootfs_cache_dir();
+        let dir = self.memo_dir(kind);
         fs::create_dir_all(&dir).map_err(|source| StoreError::Io { op: "create", path: dir.clone(), source })?;
         let n = self.tmp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(".new-{}-{n}", std::process::id()));
@@ -77,32 +100,32 @@ mod tests {
 
     use cairn_nix::{Hash, HashAlgo, StoreDir};
 
-    use crate::{GcOptions, LocalStore, StoreLayout};
+    use crate::{GcOptions, LocalStore, Memo, StoreLayout};
 
     #[test]
     fn cached_rootfs_is_a_memo_not_a_root() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
         let key = Hash::digest(HashAlgo::Sha256, b"manifest");
-        assert!(store.cached_rootfs(&key).unwrap().is_none());
+        assert!(store.memo(Memo::Rootfs, &key).unwrap().is_none());
 
         let p = store.add_text("oci-rootfs-x", b"x", &BTreeSet::new()).unwrap().path;
-        store.cache_rootfs(&key, &p).unwrap();
-        let (cached, guard) = store.cached_rootfs(&key).unwrap().expect("cached");
+        store.remember(Memo::Rootfs, &key, &p).unwrap();
+        let (cached, guard) = store.memo(Memo::Rootfs, &key).unwrap().expect("cached");
         assert_eq!(cached, p);
-        let link = store.rootfs_cache_dir().join(key.encode(cairn_nix::hash::Encoding::Base16));
+        let link = store.memo_dir(Memo::Rootfs).join(key.encode(cairn_nix::hash::Encoding::Base16));
         assert_eq!(std::fs::read_link(&link).unwrap(), store.real_path(&p));
         drop(guard);
 
         // Not a root: the collector takes the path, and the entry then reads as absent.
         let r = store.collect_garbage(&GcOptions::default()).unwrap();
         assert_eq!(r.deleted, vec![p.clone()]);
-        assert!(store.cached_rootfs(&key).unwrap().is_none());
+        assert!(store.memo(Memo::Rootfs, &key).unwrap().is_none());
 
         // Rebuilt: the entry is written again over the dangling one.
         let p = store.add_text("oci-rootfs-x", b"x", &BTreeSet::new()).unwrap().path;
-        store.cache_rootfs(&key, &p).unwrap();
-        assert_eq!(store.cached_rootfs(&key).unwrap().map(|(q, _)| q), Some(p));
+        store.remember(Memo::Rootfs, &key, &p).unwrap();
+        assert_eq!(store.memo(Memo::Rootfs, &key).unwrap().map(|(q, _)| q), Some(p));
     }
 
     #[test]
@@ -111,11 +134,11 @@ mod tests {
         let store = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
         let key = Hash::digest(HashAlgo::Sha256, b"m");
         let missing = cairn_nix::StorePath::from_base_name("00000000000000000000000000000000-oci-rootfs-x").unwrap();
-        assert!(store.cache_rootfs(&key, &missing).is_err());
+        assert!(store.remember(Memo::Rootfs, &key, &missing).is_err());
         // A link pointing somewhere else than the store is ignored.
-        std::fs::create_dir_all(store.rootfs_cache_dir()).unwrap();
-        let link = store.rootfs_cache_dir().join(key.encode(cairn_nix::hash::Encoding::Base16));
+        std::fs::create_dir_all(store.memo_dir(Memo::Rootfs)).unwrap();
+        let link = store.memo_dir(Memo::Rootfs).join(key.encode(cairn_nix::hash::Encoding::Base16));
         std::os::unix::fs::symlink("/etc", &link).unwrap();
-        assert!(store.cached_rootfs(&key).unwrap().is_none());
+        assert!(store.memo(Memo::Rootfs, &key).unwrap().is_none());
     }
 }

@@ -1,0 +1,196 @@
+//! Images built from closures (`cairn image build`): layered by popularity, reproducible across
+//! stores, remembered per input, sharing layers between related images; and, with the real
+//! peers, pushed to distribution, read back by skopeo, validated by oci-image-tool, unpacked by
+//! umoci and run by runc.
+
+use std::path::Path;
+use std::process::Command;
+
+use cairn_e2e::oci::{digest_of, run_tool, skopeo_copy, skopeo_raw, DockerRegistry};
+use cairn_e2e::{require_peer, TestStore};
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// A tree with a static busybox as `bin/busybox` and `bin/sh` (busybox picks its applet from
+/// the name it is called by), added to the store; and a script that refers to it.
+fn closure(store: &TestStore, tmp: &Path, message: &str) -> (String, String) {
+    let tree = tmp.join("tools");
+    if !tree.exists() {
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+    }
+    let tools = store.ok(&["add", tree.to_str().unwrap()]).trim().to_owned();
+    let script = tmp.join(format!("script-{}", digest_of(message.as_bytes()).split_at(15).1));
+    std::fs::write(&script, format!("#!{tools}/bin/sh\necho {message}\n")).unwrap();
+    let s = store.ok(&["add-text", "hello.sh", script.to_str().unwrap(), "--ref", &tools]).trim().to_owned();
+    (tools, s)
+}
+
+fn build(store: &TestStore, tools: &str, script: &str, tag: &str) -> serde_json::Value {
+    json(&store.ok(&[
+        "image",
+        "build",
+        "--json",
+        "--closure",
+        script,
+        "--entrypoint",
+        &format!("{tools}/bin/sh"),
+        "--entrypoint",
+        script,
+        "--env",
+        "GREETING=hi",
+        "--tag",
+        tag,
+    ]))
+}
+
+fn layer_digests(store: &TestStore, image: &str) -> Vec<String> {
+    let ins = json(&store.ok(&["image", "inspect", "--json", image]));
+    ins["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn builds_are_reproducible_remembered_and_share_layers() {
+    if !require_peer("/bin/busybox") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestStore::start();
+    let (tools, script) = closure(&a, tmp.path(), "hello from the closure");
+    let first = build(&a, &tools, &script, "built/hello:1");
+    assert_eq!(first["cached"], false);
+    assert_eq!(first["layersWritten"], 2);
+    // One referrer each way: the tools are as popular as the script (one path from the root
+    // reaches each), and the tie goes by name, as in nixpkgs: hello.sh, then tools.
+    assert_eq!(first["layers"], serde_json::json!([[script], [tools]]));
+    // The same inputs again: remembered, same digest, nothing written.
+    let again = build(&a, &tools, &script, "built/hello:again");
+    assert_eq!((again["cached"].as_bool(), again["layersWritten"].as_u64()), (Some(true), Some(0)));
+    assert_eq!(again["image"]["digest"], first["image"]["digest"]);
+
+    // Another store, the same inputs: the same digests, byte for byte.
+    let b = TestStore::start();
+    let (tools_b, script_b) = closure(&b, tmp.path(), "hello from the closure");
+    assert_eq!((tools_b.as_str(), script_b.as_str()), (tools.as_str(), script.as_str()));
+    let other = build(&b, &tools_b, &script_b, "built/hello:1");
+    assert_eq!(other["image"]["digest"], first["image"]["digest"], "reproducible across stores");
+
+    // One path changed: only its layer is new; the tools' layer and the /etc layer are shared.
+    let (_, script2) = closure(&a, tmp.path(), "a second greeting");
+    let second = build(&a, &tools, &script2, "built/hello:2");
+    assert_eq!(second["layersWritten"], 1, "only the changed path's layer is written: {second}");
+    let (l1, l2) = (layer_digests(&a, "built/hello:1"), layer_digests(&a, "built/hello:2"));
+    assert_eq!(l1.len(), 3);
+    assert_ne!(l1[0], l2[0]);
+    assert_eq!(l1[1], l2[1], "the shared dependency's layer keeps its digest");
+    assert_eq!(l1[2], l2[2], "the customisation layer is the same");
+
+    // Layer budget: one layer for store paths merges the whole closure; none is refused.
+    let merged = json(&a.ok(&["image", "build", "--json", "--closure", &script, "--max-layers", "2"]));
+    assert_eq!(merged["layers"], serde_json::json!([[script, tools]]));
+    let e = a.fail(&["image", "build", "--closure", &script, "--max-layers", "1"], b"");
+    assert!(e.contains("--max-layers 1 leaves no layer for the store paths"), "{e}");
+    // On a base image, the base's layers come first and count.
+    let on_base = json(&a.ok(&[
+        "image",
+        "build",
+        "--json",
+        "--closure",
+        &script2,
+        "--from",
+        "built/hello:1",
+        "--max-layers",
+        "6",
+        "--tag",
+        "built/on-base:1",
+    ]));
+    let lb = layer_digests(&a, "built/on-base:1");
+    assert_eq!(&lb[..3], &l1[..], "the base's layers, then the new ones: {on_base}");
+    assert_eq!(lb.len(), 3 + on_base["layers"].as_array().unwrap().len() + 1);
+}
+
+#[test]
+fn popular_dependencies_get_the_lowest_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = TestStore::start();
+    let text = |name: &str, refs: &[&str]| {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, format!("{name} {refs:?}")).unwrap();
+        let mut args = vec!["add-text", name, f.to_str().unwrap()];
+        for r in refs {
+            args.extend(["--ref", r]);
+        }
+        s.ok(&args).trim().to_owned()
+    };
+    // root → a, b; a → libc; b → libc, zlib: libc is reached twice, the others once.
+    let libc = text("libc", &[]);
+    let zlib = text("zlib", &[]);
+    let a = text("a", &[&libc]);
+    let b = text("b", &[&libc, &zlib]);
+    let root = text("root", &[&a, &b]);
+    let built = json(&s.ok(&["image", "build", "--json", "--closure", &root]));
+    let layers: Vec<String> =
+        built["layers"].as_array().unwrap().iter().map(|l| l[0].as_str().unwrap().to_owned()).collect();
+    assert_eq!(layers[0], libc, "{built}");
+    // Ties (popularity 1) by name: a, b, root, zlib.
+    assert_eq!(layers[1..], [a, b, root, zlib]);
+}
+
+#[test]
+fn an_image_built_from_a_closure_runs_under_runc() {
+    if !["docker-registry", "skopeo", "umoci", "oci-image-tool", "runc", "/bin/busybox"].iter().all(|p| require_peer(p))
+    {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        if std::env::var("CAIRN_REQUIRE_PEERS").as_deref() == Ok("1") {
+            panic!("running images with runc needs root here");
+        }
+        eprintln!("skipping: runc needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::start();
+    let (tools, script) = closure(&store, tmp.path(), "hello from the closure");
+    let built = build(&store, &tools, &script, "built/hello:1");
+    let digest = built["image"]["digest"].as_str().unwrap().to_owned();
+    let reg = DockerRegistry::start();
+    let dest = format!("docker://{}/built/hello:1", reg.host());
+    store.ok(&["image", "push", "--tls-verify=false", "built/hello:1", &dest]);
+    assert_eq!(digest_of(&skopeo_raw(&dest)), digest);
+    // A second image of the same tools: pushing it uploads nothing for the shared layers.
+    let (_, script2) = closure(&store, tmp.path(), "another program");
+    build(&store, &tools, &script2, "built/hello:2");
+    let pushed = json(&store.ok(&[
+        "image",
+        "push",
+        "--json",
+        "--tls-verify=false",
+        "built/hello:2",
+        &format!("docker://{}/built/hello:2", reg.host()),
+    ]));
+    assert_eq!((pushed["blobsUploaded"].as_u64(), pushed["blobsSkipped"].as_u64()), (Some(2), Some(2)), "{pushed}");
+
+    let layout = tmp.path().join("pulled");
+    skopeo_copy(&dest, &format!("oci:{}:1", layout.display()));
+    run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=1"]).arg(&layout));
+    let bundle = tmp.path().join("bundle");
+    run_tool(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:1", layout.display())).arg(&bundle));
+    let config = bundle.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"terminal\": true", "\"terminal\": false");
+    std::fs::write(&config, text).unwrap();
+    let id = format!("cairn-test-{}", std::process::id());
+    let out = Command::new("runc")
+        .arg("run")
+        .arg(&id)
+        .current_dir(&bundle)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = Command::new("runc").args(["delete", "--force", &id]).output();
+    assert!(out.status.success(), "runc: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the closure\n");
+}
