@@ -250,6 +250,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::build::realise(&ctx, &paths, keep_going, keep_failed, out_link.as_deref(), quiet, json).await?;
         }
         Command::Image(cmd) => crate::image::run(&ctx, cmd).await?,
+        Command::Automaton(cmd) => crate::automaton::run(&ctx, cmd).await?,
         Command::Log { path } => {
             let p = ctx.store_path(&path)?;
             let r = ctx.client().await?.log(&p).await?;

@@ -5,6 +5,7 @@
 //! database. Exit codes: 0 success, 1 failure, 2 usage error (clap's).
 
 mod archive;
+mod automaton;
 mod build;
 mod cache;
 mod commands;
@@ -247,9 +248,12 @@ pub enum Command {
     /// Derivations (`.drv` store paths).
     #[command(subcommand)]
     Derivation(DerivationCommand),
-    /// OCI images: pull, push, list, tag, inspect.
+    /// OCI images: pull, push, list, tag, inspect, build, unpack.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Containers that mount their closure from the store: create, run, ls, show, rm.
+    #[command(subcommand)]
+    Automaton(automaton::AutomatonCommand),
     /// Run the daemon in the foreground (what `cairnd` does).
     Daemon,
     /// Print the client's and the daemon's versions.

@@ -202,7 +202,11 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         | Request::ImageTag { .. }
         | Request::ImageUntag { .. }
         | Request::ImageUnpack { .. }
-        | Request::ImageBuild(_) => crate::images::answer(st, peer, req)?,
+        | Request::ImageBuild(_)
+        | Request::AutomatonCreate(_)
+        | Request::AutomatonList
+        | Request::AutomatonShow { .. }
+        | Request::AutomatonRemove { .. } => crate::images::answer(st, peer, req)?,
         Request::PathInfo { paths, closure } => {
             let mut paths = store_paths(dir, &paths)?;
             if closure {

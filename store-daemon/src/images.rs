@@ -144,6 +144,19 @@ fn detail(images: &Images, img: &Image) -> ApiResult<ImageDetail> {
     Ok(ImageDetail { info, platforms, config, layers, contents })
 }
 
+fn automaton_info(dir: &cairn_nix::StoreDir, a: cairn_image::automaton::Automaton) -> cairn_api::image::AutomatonInfo {
+    let abs = |b: &str| format!("{}/{b}", dir.as_str());
+    cairn_api::image::AutomatonInfo {
+        name: a.name,
+        bundle: a.bundle.display().to_string(),
+        paths: a.paths.iter().map(|p| abs(p)).collect(),
+        mounted: a.mounted.len() as u64,
+        image: a.image.as_deref().map(abs),
+        rootfs: a.rootfs.as_deref().map(abs),
+        args: a.args,
+    }
+}
+
 /// The image queries of `POST /v1/query`.
 pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> ApiResult<Response> {
     use cairn_api::Request;
@@ -209,6 +222,32 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
                 layers_written: built.layers_written as u64,
                 cached: built.cached,
             }))
+        }
+        Request::AutomatonCreate(a) => {
+            let _client = ClientScope::enter(peer.client);
+            let spec = cairn_image::automaton::AutomatonSpec {
+                name: a.name,
+                paths: crate::convert::store_paths(&st.store_dir, &a.paths)?,
+                image: a.image.as_deref().map(|i| images.resolve(i)).transpose()?,
+                whole_store: a.whole_store,
+                writable: a.writable,
+                args: a.args,
+                env: a.env,
+            };
+            let made = cairn_image::automaton::create(images, &spec)?;
+            tracing::info!(name = made.name, mounted = made.mounted.len(), "automaton created");
+            Response::Automata(vec![automaton_info(&st.store_dir, made)])
+        }
+        Request::AutomatonList => Response::Automata(
+            cairn_image::automaton::list(images)?.into_iter().map(|a| automaton_info(&st.store_dir, a)).collect(),
+        ),
+        Request::AutomatonShow { name } => {
+            Response::Automata(vec![automaton_info(&st.store_dir, cairn_image::automaton::get(images, &name)?)])
+        }
+        Request::AutomatonRemove { name } => {
+            let gone = cairn_image::automaton::remove(images, &name)?;
+            tracing::info!(name = gone.name, "automaton removed");
+            Response::Automata(vec![automaton_info(&st.store_dir, gone)])
         }
         _ => unreachable!("only image requests are routed here"),
     })

@@ -236,3 +236,40 @@ pub struct BuiltInfo {
     /// Whether the whole image was remembered from an earlier build of the same inputs.
     pub cached: bool,
 }
+
+/// What `cairn automaton create` asks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomatonRequest {
+    pub name: String,
+    /// Store paths whose closures are bind-mounted.
+    pub paths: Vec<String>,
+    /// An image (tag, digest or layout path) whose root filesystem is used in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub whole_store: bool,
+    #[serde(default)]
+    pub writable: bool,
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+}
+
+/// An automaton.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomatonInfo {
+    pub name: String,
+    /// The OCI runtime bundle (`config.json`, `rootfs/`).
+    pub bundle: String,
+    /// The closure's roots.
+    pub paths: Vec<String>,
+    /// How many store paths are bind-mounted (0: the whole store is).
+    pub mounted: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    pub args: Vec<String>,
+}

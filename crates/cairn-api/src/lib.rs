@@ -181,6 +181,16 @@ pub enum Request {
     ImageUnpack { image: String },
     /// Builds an image from store closures. Answered by [`Response::Built`].
     ImageBuild(image::BuildRequest),
+    /// Creates an automaton (an OCI runtime bundle mounting its closure from the store).
+    /// Answered by [`Response::Automata`] with it.
+    AutomatonCreate(image::AutomatonRequest),
+    /// Every automaton. Answered by [`Response::Automata`].
+    AutomatonList,
+    /// One automaton. Answered by [`Response::Automata`] with it.
+    AutomatonShow { name: String },
+    /// Removes an automaton (its roots, then its bundle). Answered by [`Response::Automata`]
+    /// with what was removed.
+    AutomatonRemove { name: String },
 }
 
 /// Body of `POST /v1/realise`: derivations to build, each `DRV` or `DRV!out1,out2`. The answer
@@ -350,6 +360,7 @@ pub enum Response {
     Image(Box<image::ImageDetail>),
     Unpacked(image::UnpackedInfo),
     Built(Box<image::BuiltInfo>),
+    Automata(Vec<image::AutomatonInfo>),
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon

@@ -13,6 +13,7 @@
 //! only under the digest its bytes have, a manifest fetched by tag is stored under the digest of
 //! the bytes received, and one fetched by digest must have that digest.
 
+pub mod automaton;
 pub mod build;
 pub mod images;
 pub mod pull;
@@ -55,6 +56,8 @@ pub enum ImageError {
     Status { registry: String, what: String, status: u16, detail: String },
     #[error("{registry}: manifest {reference} has digest {actual}, not {expected}")]
     ManifestDigest { registry: String, reference: String, expected: String, actual: String },
+    #[error("{0}")]
+    BadAutomaton(String),
     #[error("cannot build the image: {0}")]
     BadBuild(String),
     #[error("{registry}: needs credentials for {scope} (pass --creds USER:PASS or add them to auth.json)")]
@@ -77,6 +80,7 @@ impl ImageError {
                 | ImageError::BlobSize { .. }
                 | ImageError::ManifestDigest { .. }
                 | ImageError::BadBuild(_)
+                | ImageError::BadAutomaton(_)
                 | ImageError::Store(StoreError::ContentMismatch { .. } | StoreError::SizeMismatch { .. })
         ) || matches!(self, ImageError::Unpack(u) if u.is_bad_input())
     }

@@ -1,4 +1,4 @@
-//! Image tags: named, permanent garbage-collector roots.
+//! Image tags (and other named groups of roots): named, permanent garbage-collector roots.
 //!
 //! A tag is a symlink `<state>/gcroots/oci-tags/<name>` to an image layout's store path, so the
 //! collector's ordinary link roots keep an image (and, through the layout's references, every
@@ -15,27 +15,34 @@ use cairn_nix::StorePath;
 
 use crate::{LocalStore, Result, StoreError};
 
+/// The gcroots subdirectory of image tags.
+const TAGS: &str = "oci-tags";
+
 impl LocalStore {
     /// The directory of tag roots.
     pub fn tags_dir(&self) -> PathBuf {
-        self.gc_roots_dir().join("oci-tags")
+        self.gc_roots_dir().join(TAGS)
     }
 
-    fn tag_link(&self, name: &str) -> Result<PathBuf> {
-        if name.is_empty() || name.starts_with('.') || name.contains('/') || name.contains('\0') {
-            return Err(StoreError::BadTagName(name.to_owned()));
+    /// A root link `gcroots/<group>/<name>`; both must be single, visible path components.
+    fn root_link(&self, group: &str, name: &str) -> Result<PathBuf> {
+        for part in [group, name] {
+            if part.is_empty() || part.starts_with('.') || part.contains('/') || part.contains('\0') || part == "auto" {
+                return Err(StoreError::BadTagName(part.to_owned()));
+            }
         }
-        Ok(self.tags_dir().join(name))
+        Ok(self.gc_roots_dir().join(group).join(name))
     }
 
-    /// Points tag `name` at `path` (which must be valid), replacing what it pointed at.
-    pub fn set_tag(&self, name: &str, path: &StorePath) -> Result<()> {
-        let link = self.tag_link(name)?;
+    /// Makes `gcroots/<group>/<name>` a root of `path` (which must be valid), replacing what it
+    /// pointed at. Tags and automata keep their paths this way.
+    pub fn set_root_link(&self, group: &str, name: &str, path: &StorePath) -> Result<()> {
+        let link = self.root_link(group, name)?;
         let _root = self.temp.add([path.clone()]);
         if !self.is_valid(path)? {
             return Err(StoreError::NotValid(self.store_dir().display(path)));
         }
-        let dir = self.tags_dir();
+        let dir = link.parent().expect("links have a group directory").to_owned();
         fs::create_dir_all(&dir).map_err(|source| StoreError::Io { op: "create", path: dir.clone(), source })?;
         let n = self.tmp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(".new-{}-{n}", std::process::id()));
@@ -50,9 +57,9 @@ impl LocalStore {
         crate::fsops::sync_dir(&dir)
     }
 
-    /// Removes tag `name`; `false` if there was none.
-    pub fn remove_tag(&self, name: &str) -> Result<bool> {
-        let link = self.tag_link(name)?;
+    /// Removes the root link `gcroots/<group>/<name>`; `false` if there was none.
+    pub fn remove_root_link(&self, group: &str, name: &str) -> Result<bool> {
+        let link = self.root_link(group, name)?;
         match fs::remove_file(&link) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -60,9 +67,9 @@ impl LocalStore {
         }
     }
 
-    /// The path tag `name` points at, if it exists and points into the store.
-    pub fn tag(&self, name: &str) -> Result<Option<StorePath>> {
-        let link = self.tag_link(name)?;
+    /// The root link `gcroots/<group>/<name>`'s path, if it exists and points into the store.
+    pub fn root_link_target(&self, group: &str, name: &str) -> Result<Option<StorePath>> {
+        let link = self.root_link(group, name)?;
         match fs::read_link(&link) {
             Ok(t) => Ok(crate::roots::store_path_of(&self.layout, &t)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -70,9 +77,9 @@ impl LocalStore {
         }
     }
 
-    /// Every tag and the path it points at, sorted by name.
-    pub fn tags(&self) -> Result<Vec<(String, StorePath)>> {
-        let dir = self.tags_dir();
+    /// Every root link of `group` and the path it points at, sorted by name.
+    pub fn root_links(&self, group: &str) -> Result<Vec<(String, StorePath)>> {
+        let dir = self.root_link(group, "x")?.parent().expect("a group directory").to_owned();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -93,6 +100,26 @@ impl LocalStore {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// Points tag `name` at `path` (which must be valid), replacing what it pointed at.
+    pub fn set_tag(&self, name: &str, path: &StorePath) -> Result<()> {
+        self.set_root_link(TAGS, name, path)
+    }
+
+    /// Removes tag `name`; `false` if there was none.
+    pub fn remove_tag(&self, name: &str) -> Result<bool> {
+        self.remove_root_link(TAGS, name)
+    }
+
+    /// The path tag `name` points at, if it exists and points into the store.
+    pub fn tag(&self, name: &str) -> Result<Option<StorePath>> {
+        self.root_link_target(TAGS, name)
+    }
+
+    /// Every tag and the path it points at, sorted by name.
+    pub fn tags(&self) -> Result<Vec<(String, StorePath)>> {
+        self.root_links(TAGS)
     }
 }
 

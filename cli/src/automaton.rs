@@ -1,0 +1,148 @@
+//! `cairn automaton`: containers whose closure is bind-mounted from the store.
+//!
+//! cairnd writes the bundle and keeps the roots; running it is this process's job: the runtime
+//! (runc by default) starts on the bundle with the caller's own privileges and terminal, and
+//! its exit status is the command's.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use cairn_api::image::{AutomatonInfo, AutomatonRequest};
+use cairn_api::{Request, Response};
+use clap::Subcommand;
+
+use crate::commands::{print_json, Ctx};
+
+#[derive(Subcommand)]
+pub enum AutomatonCommand {
+    /// Create an automaton: an OCI runtime bundle running CMD with every path of the closures of
+    /// --closure bind-mounted read-only at its store path.
+    Create {
+        name: String,
+        /// A store path whose closure is mounted (repeatable).
+        #[arg(long = "closure", value_name = "PATH")]
+        closure: Vec<String>,
+        /// An image (tag, digest or layout path) whose root filesystem is used in place.
+        #[arg(long)]
+        image: Option<String>,
+        /// Mount the whole store directory read-only instead of the closure's paths.
+        #[arg(long)]
+        whole_store: bool,
+        /// Leave the root filesystem writable (the bundle's directory; the store stays read-only).
+        #[arg(long)]
+        writable: bool,
+        /// NAME=VALUE for the environment (repeatable).
+        #[arg(long, value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Run an automaton with an OCI runtime (runc by default; crun runs without cgroups).
+    Run {
+        name: String,
+        #[arg(long, default_value = "runc", value_name = "RUNTIME")]
+        runtime: PathBuf,
+    },
+    /// List automata.
+    #[command(visible_alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one automaton (its bundle, closure and command).
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an automaton; its closure and image become collectable.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+async fn automata(ctx: &Ctx, req: Request) -> anyhow::Result<Vec<AutomatonInfo>> {
+    match ctx.client().await?.query(&req).await? {
+        Response::Automata(v) => Ok(v),
+        _ => bail!("cairnd gave an unexpected answer"),
+    }
+}
+
+fn show(a: &AutomatonInfo) {
+    println!("Name:    {}", a.name);
+    println!("Bundle:  {}", a.bundle);
+    println!("Closure: {}", a.paths.join(" "));
+    match a.mounted {
+        0 => println!("Mounts:  the whole store"),
+        n => println!("Mounts:  {n} store paths"),
+    }
+    if let Some(i) = &a.image {
+        println!("Image:   {i}");
+    }
+    println!("Command: {}", a.args.join(" "));
+}
+
+pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
+    match cmd {
+        AutomatonCommand::Create { name, closure, image, whole_store, writable, env, json, cmd } => {
+            let req = AutomatonRequest {
+                name,
+                paths: ctx.store_paths(&closure)?,
+                image,
+                whole_store,
+                writable,
+                args: cmd,
+                env,
+            };
+            let made = automata(ctx, Request::AutomatonCreate(req)).await?;
+            let a = made.first().context("cairnd created nothing")?;
+            if json {
+                print_json(a)?;
+            } else {
+                println!("{}", a.bundle);
+            }
+        }
+        AutomatonCommand::Run { name, runtime } => {
+            let a = automata(ctx, Request::AutomatonShow { name }).await?;
+            let a = a.first().context("no such automaton")?;
+            let mut c = std::process::Command::new(&runtime);
+            if runtime.file_name().is_some_and(|n| n == "crun") {
+                c.arg("--cgroup-manager=disabled");
+            }
+            c.args(["run", "--bundle", &a.bundle, &format!("cairn-{}", a.name)]);
+            let status = c.status().with_context(|| format!("cannot start {}", runtime.display()))?;
+            if !status.success() {
+                // The program's own status (runc passes it on), not a failure of cairn's.
+                std::process::exit(status.code().unwrap_or(1));
+            }
+        }
+        AutomatonCommand::Ls { json } => {
+            let all = automata(ctx, Request::AutomatonList).await?;
+            if json {
+                print_json(&all)?;
+            } else {
+                for a in &all {
+                    println!("{:<24} {:>4} paths  {}", a.name, a.mounted, a.args.join(" "));
+                }
+            }
+        }
+        AutomatonCommand::Show { name, json } => {
+            let a = automata(ctx, Request::AutomatonShow { name }).await?;
+            if json {
+                print_json(&a[0])?;
+            } else {
+                show(&a[0]);
+            }
+        }
+        AutomatonCommand::Rm { names } => {
+            for name in names {
+                automata(ctx, Request::AutomatonRemove { name }).await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! Automata: containers that mount their closure from the host store instead of copying it into
+//! image layers.
+//!
+//! An automaton is an OCI runtime bundle under `<state>/automata/<name>/`: a `config.json` (the
+//! runtime spec, from `oci-spec`'s defaults — namespaces, `/proc`, `/dev`, masked paths — plus
+//! what follows) and a `rootfs/` that is an empty directory. Every path of the closure is
+//! bind-mounted read-only at its own store path (or the whole store directory with
+//! `whole_store`), so the program inside finds its dependencies where it was built to find them
+//! and sees no other store path. With an image, each top-level entry of the image's unpacked root
+//! filesystem (a store path, see `unpack`) is bind-mounted read-only in turn and top-level
+//! symlinks are recreated, so the image is used in place, never copied; the image's own copy of
+//! the store directory is left out (the closure's mounts take its place). `/tmp` is a fresh
+//! tmpfs; the root itself is read-only unless `writable`.
+//!
+//! While an automaton exists its closure's roots, its image and its rootfs are garbage-collector
+//! roots (`gcroots/oci-automata/<name>@…`); removing it removes those roots and the bundle.
+//! Running it is the caller's business: `cairn automaton run` starts the configured OCI runtime
+//! (runc, or crun) on the bundle with the caller's own privileges.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use cairn_nix::StorePath;
+use cairn_store::Direction;
+use oci_spec::runtime::{Mount, MountBuilder, Spec};
+use serde::{Deserialize, Serialize};
+
+use crate::images::{Image, TempRootGuardSet};
+use crate::{ImageError, Images, Result};
+
+/// The gcroots group automata keep their paths in.
+const GROUP: &str = "oci-automata";
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct AutomatonSpec {
+    pub name: String,
+    /// The closure's roots.
+    pub paths: Vec<StorePath>,
+    pub image: Option<Image>,
+    /// Bind the whole store directory instead of the closure's paths.
+    pub whole_store: bool,
+    /// Leave the root writable (the bundle's own directory, never the store).
+    pub writable: bool,
+    pub args: Vec<String>,
+    /// `NAME=VALUE`, after the default `PATH` and `TERM`.
+    pub env: Vec<String>,
+}
+
+/// An automaton as it is recorded beside its bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Automaton {
+    pub name: String,
+    /// The bundle directory (`config.json`, `rootfs/`).
+    pub bundle: PathBuf,
+    /// The closure's roots, as store path base names.
+    pub paths: Vec<String>,
+    /// Every path of the closure, bind-mounted (empty with `whole_store`).
+    pub mounted: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    pub args: Vec<String>,
+}
+
+fn automata_dir(images: &Images) -> PathBuf {
+    images.store.layout().state_dir.join("automata")
+}
+
+/// `[a-z0-9][a-z0-9_.-]{0,63}`: a name that is one path component and a runtime container id.
+pub fn validate_name(name: &str) -> Result<()> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ImageError::BadAutomaton(format!(
+            "invalid name '{name}': 1 to 64 of [a-z0-9_.-], starting with a letter or digit"
+        )))
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io { path: path.display().to_string(), source }
+}
+
+fn bind(destination: &str, source: &Path) -> Result<Mount> {
+    MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(vec!["rbind".to_owned(), "ro".to_owned(), "nosuid".to_owned(), "nodev".to_owned()])
+        .build()
+        .map_err(|e| ImageError::BadAutomaton(format!("mount of {destination}: {e}")))
+}
+
+/// Creates the automaton `spec` describes.
+pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
+    validate_name(&spec.name)?;
+    if spec.args.is_empty() {
+        return Err(ImageError::BadAutomaton("no command to run (cairn automaton create NAME … -- CMD …)".into()));
+    }
+    let store = &images.store;
+    let dir = store.store_dir().clone();
+    let bundle = automata_dir(images).join(&spec.name);
+    if bundle.exists() {
+        return Err(ImageError::BadAutomaton(format!(
+            "an automaton named '{}' exists (cairn automaton rm it first)",
+            spec.name
+        )));
+    }
+    let mut roots = TempRootGuardSet::default();
+    roots.hold(store.temp_root(spec.paths.clone()));
+    let closure = store.walk(&spec.paths, Direction::References)?;
+    let rootfs = match &spec.image {
+        Some(img) => {
+            roots.hold(store.temp_root([img.layout.clone()]));
+            let r = crate::unpack::unpack(images, &dir.display(&img.layout))?;
+            roots.hold(store.temp_root([r.path.clone()]));
+            Some(r.path)
+        }
+        None => None,
+    };
+
+    // The bundle is made under a temporary name and renamed into place last.
+    let parent = automata_dir(images);
+    fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let tmp = parent.join(format!(".new-{}-{}", spec.name, std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    let made = (|| -> Result<Automaton> {
+        let root_dir = tmp.join("rootfs");
+        fs::create_dir_all(&root_dir).map_err(io(&root_dir))?;
+        let mut mounts: Vec<Mount> = Spec::default().mounts().clone().unwrap_or_default();
+        let store_top = dir.as_str().trim_start_matches('/').split('/').next().unwrap_or("").to_owned();
+        if let Some(r) = &rootfs {
+            let real = store.real_path(r);
+            let mut entries: Vec<_> =
+                fs::read_dir(&real).map_err(io(&real))?.collect::<std::io::Result<_>>().map_err(io(&real))?;
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name == store_top || ["proc", "dev", "sys", "tmp"].contains(&name.as_str()) {
+                    continue;
+                }
+                let ft = e.file_type().map_err(io(&e.path()))?;
+                if ft.is_symlink() {
+                    let target = fs::read_link(e.path()).map_err(io(&e.path()))?;
+                    std::os::unix::fs::symlink(&target, root_dir.join(&name)).map_err(io(&root_dir))?;
+                } else {
+                    mounts.push(bind(&format!("/{name}"), &e.path())?);
+                }
+            }
+        }
+        let mounted: Vec<String> = if spec.whole_store {
+            mounts.push(bind(dir.as_str(), &store.layout().real_store_dir)?);
+            Vec::new()
+        } else {
+            for p in &closure {
+                mounts.push(bind(&dir.display(p), &store.real_path(p))?);
+            }
+            closure.iter().map(|p| p.base_name()).collect()
+        };
+        mounts.push(
+            MountBuilder::default()
+                .destination("/tmp")
+                .typ("tmpfs")
+                .source("tmpfs")
+                .options(vec!["nosuid".to_owned(), "nodev".to_owned(), "mode=1777".to_owned()])
+                .build()
+                .map_err(|e| ImageError::BadAutomaton(format!("the /tmp mount: {e}")))?,
+        );
+        let mut s = Spec::default();
+        s.set_mounts(Some(mounts));
+        s.set_hostname(Some(spec.name.clone()));
+        if let Some(root) = s.root_mut() {
+            root.set_path(PathBuf::from("rootfs"));
+            root.set_readonly(Some(!spec.writable));
+        }
+        if let Some(p) = s.process_mut() {
+            p.set_args(Some(spec.args.clone()));
+            let mut env = vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+                "TERM=xterm".to_owned(),
+            ];
+            env.extend(spec.env.iter().cloned());
+            p.set_env(Some(env));
+            p.set_terminal(Some(false));
+        }
+        let config = tmp.join("config.json");
+        let text = serde_json::to_vec_pretty(&s).map_err(|e| ImageError::BadAutomaton(format!("config.json: {e}")))?;
+        fs::write(&config, text).map_err(io(&config))?;
+        let a = Automaton {
+            name: spec.name.clone(),
+            bundle: bundle.clone(),
+            paths: spec.paths.iter().map(|p| p.base_name()).collect(),
+            mounted,
+            image: spec.image.as_ref().map(|i| i.layout.base_name()),
+            rootfs: rootfs.as_ref().map(|r| r.base_name()),
+            args: spec.args.clone(),
+        };
+        let record = tmp.join("automaton.json");
+        fs::write(&record, serde_json::to_vec_pretty(&a).expect("records serialise")).map_err(io(&record))?;
+        // Roots before the bundle appears: an automaton that exists always has its paths.
+        let mut keep: Vec<(String, StorePath)> =
+            spec.paths.iter().enumerate().map(|(i, p)| (format!("{}@{i}", spec.name), p.clone())).collect();
+        if let Some(img) = &spec.image {
+            keep.push((format!("{}@image", spec.name), img.layout.clone()));
+        }
+        if let Some(r) = &rootfs {
+            keep.push((format!("{}@rootfs", spec.name), r.clone()));
+        }
+        for (link, p) in keep {
+            store.set_root_link(GROUP, &link, &p)?;
+        }
+        fs::rename(&tmp, &bundle).map_err(io(&bundle))?;
+        Ok(a)
+    })();
+    if made.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+        let _ = release_roots(images, &spec.name);
+    }
+    made
+}
+
+/// Removes every root of automaton `name`.
+fn release_roots(images: &Images, name: &str) -> Result<()> {
+    let prefix = format!("{name}@");
+    for (link, _) in images.store.root_links(GROUP)? {
+        if link.starts_with(&prefix) {
+            images.store.remove_root_link(GROUP, &link)?;
+        }
+    }
+    Ok(())
+}
+
+/// The automaton `name`.
+pub fn get(images: &Images, name: &str) -> Result<Automaton> {
+    validate_name(name)?;
+    let record = automata_dir(images).join(name).join("automaton.json");
+    let bytes = fs::read(&record)
+        .map_err(|_| ImageError::BadAutomaton(format!("no automaton is named '{name}' (see cairn automaton ls)")))?;
+    serde_json::from_slice(&bytes).map_err(|e| ImageError::BadAutomaton(format!("'{}': {e}", record.display())))
+}
+
+/// Every automaton, by name.
+pub fn list(images: &Images) -> Result<Vec<Automaton>> {
+    let dir = automata_dir(images);
+    let Ok(entries) = fs::read_dir(&dir) else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Ok(a) = get(images, &name) {
+            out.push(a);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Removes automaton `name`: its roots first, then its bundle.
+pub fn remove(images: &Images, name: &str) -> Result<Automaton> {
+    let a = get(images, name)?;
+    release_roots(images, name)?;
+    fs::remove_dir_all(&a.bundle).map_err(io(&a.bundle))?;
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_one_component_and_a_container_id() {
+        for ok in ["web", "a-1", "x.y_z", "0"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Web", "-a", ".a", "a/b", "a b", "..", &"a".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

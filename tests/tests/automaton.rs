@@ -1,0 +1,168 @@
+//! Automata under the real runc: the program inside reads its closure from read-only bind
+//! mounts, cannot write to them, sees no other store path, and uses an image's root filesystem
+//! in place; a collection while it runs deletes none of its closure, and removing the automaton
+//! makes the closure collectable.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use cairn_e2e::{require_peer, TestStore};
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Whether runc can run here (it needs root on these machines).
+fn runc_ready() -> bool {
+    if !require_peer("runc") || !require_peer("/bin/busybox") {
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        if std::env::var("CAIRN_REQUIRE_PEERS").as_deref() == Ok("1") {
+            panic!("the automaton tests run runc, which needs root here");
+        }
+        eprintln!("skipping: runc needs root");
+        return false;
+    }
+    true
+}
+
+/// A busybox tree (`bin/sh` is busybox under the name of its applet) and a script using it.
+fn closure(store: &TestStore, tmp: &Path, name: &str, script: &str) -> (String, String) {
+    let tree = tmp.join("tools");
+    if !tree.exists() {
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
+        std::fs::write(tree.join("data.txt"), "data from the closure\n").unwrap();
+    }
+    let tools = store.ok(&["add", tree.to_str().unwrap()]).trim().to_owned();
+    let f = tmp.join(name);
+    std::fs::write(&f, script.replace("TOOLS", &tools)).unwrap();
+    let s = store.ok(&["add-text", name, f.to_str().unwrap(), "--ref", &tools]).trim().to_owned();
+    (tools, s)
+}
+
+fn run(store: &TestStore, name: &str) -> (bool, String, String) {
+    let out = store.cairn().args(["automaton", "run", name]).stdin(Stdio::null()).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_closure_is_mounted_read_only_and_alone() {
+    if !runc_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::start();
+    let other = store.ok(&["add", "/etc/hostname"]).trim().to_owned();
+    let script = "cat TOOLS/data.txt\nls /store\n\
+                  if echo x > TOOLS/new 2>/dev/null; then echo WROTE; else echo read-only; fi\n\
+                  echo scratch > /tmp/t && cat /tmp/t\nhostname\n";
+    let (tools, s) = closure(&store, tmp.path(), "check.sh", script);
+    let a = json(&store.ok(&[
+        "automaton",
+        "create",
+        "--json",
+        "checker",
+        "--closure",
+        &s,
+        "--",
+        &format!("{tools}/bin/sh"),
+        &s,
+    ]));
+    assert_eq!(a["mounted"], 2);
+    let (ok, out, err) = run(&store, "checker");
+    assert!(ok, "{err}");
+    let base = |p: &str| Path::new(p).file_name().unwrap().to_string_lossy().into_owned();
+    let mut listed = vec![base(&s), base(&tools)];
+    listed.sort();
+    assert_eq!(
+        out,
+        format!("data from the closure\n{}\nread-only\nscratch\nchecker\n", listed.join("\n")),
+        "the closure is readable, read-only, and the only thing in the store ({other} is not there)"
+    );
+    assert!(!out.contains(&base(&other)));
+
+    // With an image: its root filesystem is used in place (its /etc/passwd is there).
+    store.ok(&["image", "build", "--closure", &tools, "--tag", "base/etc:1"]);
+    let (_, s2) = closure(&store, tmp.path(), "image.sh", "TOOLS/bin/sh -c 'head -1 /etc/passwd'\n");
+    store.ok(&[
+        "automaton",
+        "create",
+        "with-image",
+        "--image",
+        "base/etc:1",
+        "--closure",
+        &s2,
+        "--",
+        &format!("{tools}/bin/sh"),
+        &s2,
+    ]);
+    let (ok, out, err) = run(&store, "with-image");
+    assert!(ok, "{err}");
+    assert_eq!(out, "root:x:0:0:root:/root:/bin/sh\n");
+    let ls = json(&store.ok(&["automaton", "ls", "--json"]));
+    assert_eq!(ls.as_array().unwrap().len(), 2);
+    assert!(ls[1]["image"].as_str().unwrap().contains("-oci-image-"), "{ls}");
+
+    // Refusals, each one line.
+    let e = store.fail(&["automaton", "create", "checker", "--closure", &s, "--", "x"], b"");
+    assert!(e.contains("an automaton named 'checker' exists"), "{e}");
+    let e = store.fail(&["automaton", "create", "Bad/Name", "--closure", &s, "--", "x"], b"");
+    assert!(e.contains("invalid name 'Bad/Name'"), "{e}");
+    let e = store.fail(&["automaton", "rm", "nobody"], b"");
+    assert!(e.contains("no automaton is named 'nobody'"), "{e}");
+    // The program's failure is its exit status.
+    let (_, s3) = closure(&store, tmp.path(), "fail.sh", "exit 3\n");
+    store.ok(&["automaton", "create", "failing", "--closure", &s3, "--", &format!("{tools}/bin/sh"), &s3]);
+    let st = store.cairn().args(["automaton", "run", "failing"]).stdin(Stdio::null()).status().unwrap();
+    assert_eq!(st.code(), Some(3));
+}
+
+#[test]
+fn a_running_automaton_keeps_its_closure_until_it_is_removed() {
+    if !runc_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::start();
+    let flag = tmp.path().join("started");
+    let script = "echo started > /flag/started\nsleep 2\ncat TOOLS/data.txt\n";
+    let (tools, s) = closure(&store, tmp.path(), "slow.sh", script);
+    // The script signals through a host directory bound in by hand (the bundle is ours to edit).
+    store.ok(&["automaton", "create", "slow", "--writable", "--closure", &s, "--", &format!("{tools}/bin/sh"), &s]);
+    let show = json(&store.ok(&["automaton", "show", "--json", "slow"]));
+    let config_path = Path::new(show["bundle"].as_str().unwrap()).join("config.json");
+    let mut config = json(&std::fs::read_to_string(&config_path).unwrap());
+    config["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/flag", "type": "bind", "source": tmp.path(), "options": ["rbind", "rw"],
+    }));
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let child =
+        store.cairn().args(["automaton", "run", "slow"]).stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap();
+    let t = std::time::Instant::now();
+    while !flag.exists() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(20), "the automaton did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    store.ok(&["gc"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "data from the closure\n", "the closure survived the collection");
+    for p in [&tools, &s] {
+        assert!(store.run(&["path-info", p], b"").status.success(), "{p} kept while the automaton exists");
+    }
+    store.ok(&["automaton", "rm", "slow"]);
+    store.ok(&["gc"]);
+    for p in [&tools, &s] {
+        assert!(!store.run(&["path-info", p], b"").status.success(), "{p} collectable once the automaton is gone");
+    }
+    assert!(!Path::new(show["bundle"].as_str().unwrap()).exists());
+    let _ = Command::new("runc").args(["delete", "--force", "cairn-slow"]).output();
+}
