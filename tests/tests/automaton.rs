@@ -79,7 +79,7 @@ fn the_closure_is_mounted_read_only_and_alone() {
     let (ok, out, err) = run(&store, "checker");
     assert!(ok, "{err}");
     let base = |p: &str| Path::new(p).file_name().unwrap().to_string_lossy().into_owned();
-    let mut listed = vec![base(&s), base(&tools)];
+    let mut listed = [base(&s), base(&tools)];
     listed.sort();
     assert_eq!(
         out,
