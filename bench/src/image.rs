@@ -86,14 +86,7 @@ fn run(c: &mut Command) -> Result<String> {
 /// A gzip-compressed tar holding one file of `mib` MiB of pseudo-random bytes (seeded, so
 /// layers are stable).
 fn layer(mib: u64, seed: u64) -> Result<Vec<u8>> {
-    let mut data = vec![0u8; (mib << 20) as usize];
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
+    let data = layer_bytes(mib, seed);
     let mut b = tar::Builder::new(Vec::with_capacity(data.len() + 2048));
     let mut h = tar::Header::new_ustar();
     h.set_size(data.len() as u64);
@@ -289,4 +282,134 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         sizes[0], sizes[1], sizes[2]
     ));
     Ok(())
+}
+
+/// Workload 8: an image built from a closure of about 1 GiB (`--tree-mib`: four directories of
+/// random files, each a store path, and a small root path referring to them) and pushed to the
+/// local registry: `cairn image build` + `cairn image push`, beside one SHA-256 pass over the
+/// same bytes (the floor of any tool that must digest them) and beside `umoci repack` +
+/// `skopeo copy` of the same tree (copied into an umoci bundle beforehand, not timed). Then a
+/// rebuild after the small root path changed: only its layer is new.
+pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
+    for tool in ["docker-registry", "skopeo", "umoci"] {
+        ensure!(
+            crate::have(tool),
+            "the image-build workload needs {tool} (Debian packages docker-registry, skopeo, umoci)"
+        );
+    }
+    let total = o.tree_mib.max(16);
+    let reg = start_registry(w)?;
+    let host = format!("127.0.0.1:{}", reg.port);
+    // Four directories of two files each.
+    let src = w.join("closure-src");
+    rm_rf(&src);
+    let per_file = total / 8;
+    let mut hash_time = 0.0;
+    for d in 0..4u64 {
+        let dir = src.join(format!("part{d}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in 0..2u64 {
+            let mut bytes = layer_bytes(per_file, d * 2 + f + 10);
+            let t = Instant::now();
+            let _ = sha2::Sha256::digest(&bytes);
+            hash_time += t.elapsed().as_secs_f64();
+            std::fs::write(dir.join(format!("f{f}.bin")), &bytes)?;
+            bytes.clear();
+        }
+    }
+    let (mut builds, mut pushes, mut rebuilds, mut umocis) = (vec![], vec![], vec![], vec![]);
+    let mut rebuilt_written = 0;
+    for rep in 0..o.reps {
+        let root = w.join(format!("cairn-ibuild-{rep}"));
+        rm_rf(&root);
+        let c = Cairn::start_configured(&root, "")?;
+        let mut parts = Vec::new();
+        for d in 0..4 {
+            let mut add = c.cmd();
+            add.arg("add").arg(src.join(format!("part{d}")));
+            parts.push(run(&mut add)?.trim().to_owned());
+        }
+        let top = |text: &str| -> Result<String> {
+            let f = w.join("top.txt");
+            std::fs::write(&f, text)?;
+            let mut add = c.cmd();
+            add.args(["add-text", "app"]).arg(&f);
+            for p in &parts {
+                add.args(["--ref", p]);
+            }
+            Ok(run(&mut add)?.trim().to_owned())
+        };
+        let app = top(&format!("{} v1", parts.join(" ")))?;
+        let mut build = c.cmd();
+        build.args(["image", "build", "--json", "--closure", &app, "--tag", "bench/built:1"]);
+        let (_, secs) = timed(build, None)?;
+        builds.push(secs);
+        let mut push = c.cmd();
+        push.args([
+            "image",
+            "push",
+            "--tls-verify=false",
+            "bench/built:1",
+            &format!("docker://{host}/cairn/built-{rep}:1"),
+        ]);
+        let (_, secs) = timed(push, None)?;
+        pushes.push(secs);
+        let app2 = top(&format!("{} v2", parts.join(" ")))?;
+        let mut rebuild = c.cmd();
+        rebuild.args(["image", "build", "--json", "--closure", &app2, "--tag", "bench/built:2"]);
+        let (out, secs) = timed(rebuild, None)?;
+        rebuilds.push(secs);
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        rebuilt_written = v["layersWritten"].as_u64().unwrap_or(0);
+
+        // umoci: the same tree in a bundle's rootfs, repacked into a layer, copied by skopeo.
+        let layout = w.join(format!("umoci-{rep}"));
+        rm_rf(&layout);
+        let image = format!("{}:1", layout.display());
+        run(Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
+        run(Command::new("umoci").args(["new", "--image", &image]))?;
+        let bundle = w.join(format!("umoci-bundle-{rep}"));
+        rm_rf(&bundle);
+        run(Command::new("umoci").args(["unpack", "--rootless", "--image", &image]).arg(&bundle))?;
+        let store = bundle.join("rootfs/store");
+        std::fs::create_dir_all(&store)?;
+        run(Command::new("cp").arg("-a").arg(&src).arg(store.join("closure")))?;
+        nix::unistd::sync();
+        let t = Instant::now();
+        run(Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle))?;
+        run(&mut skopeo(&format!("oci:{image}"), &format!("docker://{host}/umoci/built-{rep}:1")))?;
+        umocis.push(t.elapsed().as_secs_f64());
+        drop(c);
+        rm_rf(&root);
+        rm_rf(&layout);
+        rm_rf(&bundle);
+    }
+    rm_rf(&src);
+    let (b, p) = (median(&mut builds), median(&mut pushes));
+    table.section("umoci+skopeo");
+    table.time(
+        format!("image build + push of a {total} MiB closure (median of {})", o.reps),
+        b + p,
+        Some(median(&mut umocis)),
+    );
+    table.note("  of which cairn image build", crate::fmt_secs(b));
+    table.note("  of which cairn image push", crate::fmt_secs(p));
+    table.note("  one SHA-256 pass over the same bytes (floor)", crate::fmt_secs(hash_time));
+    table.note("  build / SHA-256 floor", format!("{:.1}x", b / hash_time));
+    table.note("  rebuild after the small root path changed", crate::fmt_secs(median(&mut rebuilds)));
+    table.note("  layers that rebuild wrote", format!("{rebuilt_written} of 5"));
+    Ok(())
+}
+
+/// `mib` MiB of seeded pseudo-random bytes.
+fn layer_bytes(mib: u64, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; (mib << 20) as usize];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    data
 }

@@ -67,7 +67,7 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 6] = ["add", "import", "gc", "substitute", "build", "image"];
+const WORKLOADS: [&str; 7] = ["add", "import", "gc", "substitute", "build", "image", "image-build"];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -97,7 +97,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
@@ -573,6 +573,9 @@ fn main() -> Result<()> {
     }
     if o.runs("image") {
         image::bench_image(&o, w, &mut table)?;
+    }
+    if o.runs("image-build") {
+        image::bench_image_build(&o, w, &mut table)?;
     }
     // Removing the inputs and stores (several GiB) is not measured.
     rm_rf(w);

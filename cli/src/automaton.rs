@@ -58,6 +58,27 @@ pub enum AutomatonCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print an automaton's description (JSON, for `import`), after copying its closure and
+    /// image to another daemon or a binary cache with --to (only what it lacks travels).
+    Export {
+        name: String,
+        /// `unix://SOCKET`, `tcp://HOST:PORT`, `file://DIR` or `s3://…`, as `cairn copy --to`.
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
+        /// Sign what is copied (needed by daemons that do not trust this one's user).
+        #[arg(long, value_name = "FILE")]
+        secret_key_file: Option<PathBuf>,
+    },
+    /// Create an automaton from an `export` description (a file, or - for stdin), substituting
+    /// the paths this store lacks from --from first.
+    Import {
+        file: PathBuf,
+        #[arg(long, value_name = "URL")]
+        from: Option<String>,
+        /// Another name for it here.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Remove an automaton; its closure and image become collectable.
     Rm {
         #[arg(required = true)]
@@ -137,6 +158,59 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             } else {
                 show(&a[0]);
             }
+        }
+        AutomatonCommand::Export { name, to, secret_key_file } => {
+            let a = automata(ctx, Request::AutomatonShow { name }).await?.remove(0);
+            if let Some(to) = to {
+                let key = match &secret_key_file {
+                    Some(f) => {
+                        let text =
+                            std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+                        Some(
+                            cairn_nix::signing::SecretKey::parse(&text)
+                                .with_context(|| format!("'{}'", f.display()))?,
+                        )
+                    }
+                    None => None,
+                };
+                let mut paths = a.paths.clone();
+                paths.extend(a.image.clone());
+                let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
+                let client = ctx.client().await?;
+                let done = crate::commands::copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
+                eprintln!("copied {} paths to {to}, {} already there", done.written, done.skipped);
+            }
+            let description = AutomatonRequest {
+                name: a.name,
+                paths: a.paths,
+                image: a.image,
+                whole_store: a.whole_store,
+                writable: a.writable,
+                args: a.args,
+                env: a.env,
+            };
+            print_json(&description)?;
+        }
+        AutomatonCommand::Import { file, from, name } => {
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read '{}'", file.display()))?
+            };
+            let mut req: AutomatonRequest = serde_json::from_str(&text)
+                .with_context(|| format!("'{}' is not an automaton description", file.display()))?;
+            if let Some(n) = name {
+                req.name = n;
+            }
+            if let Some(from) = from {
+                let mut paths = req.paths.clone();
+                paths.extend(req.image.clone());
+                crate::commands::substitute(ctx, vec![from], &paths, false).await?;
+            }
+            let made = automata(ctx, Request::AutomatonCreate(req)).await?;
+            println!("{}", made.first().context("cairnd created nothing")?.bundle);
         }
         AutomatonCommand::Rm { names } => {
             for name in names {

@@ -325,25 +325,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let done = if to.starts_with("tcp://") {
-                let bar = progress::bytes("pushing");
-                let done = crate::cache::copy_to_tcp(&client, &store_dir, paths, &to, key.as_ref(), &bar).await;
-                bar.finish_and_clear();
-                done?
-            } else if let Some(socket) = to.strip_prefix("unix://") {
-                let bar = progress::bytes("copying");
-                let done =
-                    crate::cache::copy_to_daemon(&client, Path::new(socket), paths, &store_dir, key.as_ref(), &bar)
-                        .await;
-                bar.finish_and_clear();
-                done?
-            } else {
-                let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
-                let bar = progress::bytes("copying");
-                let done = crate::cache::copy_to_cache(&client, &store_dir, &infos, &to, key.as_ref(), &bar).await;
-                bar.finish_and_clear();
-                done?
-            };
+            let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
             if json {
                 print_json(
                     &serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }),
@@ -702,7 +684,7 @@ fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()>
 }
 
 /// Runs a substitution in the daemon, drawing its progress, and prints the asked-for paths.
-async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], json: bool) -> anyhow::Result<()> {
+pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], json: bool) -> anyhow::Result<()> {
     use cairn_api::{SubstituteEvent, SubstituteRequest};
     use tokio::io::AsyncBufReadExt;
     let client = ctx.client().await?;
@@ -749,4 +731,33 @@ async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], json: bool) 
         bail!("cannot substitute '{}': {}{more}", first.path, first.reason);
     }
     Ok(())
+}
+
+/// Copies the closure of `paths` to `to`: another daemon (`unix://`, `tcp://`, only what it
+/// lacks) or a binary cache (`file://`, `s3://`).
+pub(crate) async fn copy_closure(
+    client: &Client,
+    store_dir: &cairn_nix::StoreDir,
+    to: &str,
+    paths: Vec<String>,
+    key: Option<&SecretKey>,
+) -> anyhow::Result<crate::cache::Copied> {
+    let done = if to.starts_with("tcp://") {
+        let bar = progress::bytes("pushing");
+        let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, &bar).await;
+        bar.finish_and_clear();
+        done?
+    } else if let Some(socket) = to.strip_prefix("unix://") {
+        let bar = progress::bytes("copying");
+        let done = crate::cache::copy_to_daemon(client, Path::new(socket), paths, store_dir, key, &bar).await;
+        bar.finish_and_clear();
+        done?
+    } else {
+        let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
+        let bar = progress::bytes("copying");
+        let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, &bar).await;
+        bar.finish_and_clear();
+        done?
+    };
+    Ok(done)
 }

@@ -154,6 +154,9 @@ fn automaton_info(dir: &cairn_nix::StoreDir, a: cairn_image::automaton::Automato
         image: a.image.as_deref().map(abs),
         rootfs: a.rootfs.as_deref().map(abs),
         args: a.args,
+        env: a.env,
+        whole_store: a.whole_store,
+        writable: a.writable,
     }
 }
 

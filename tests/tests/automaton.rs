@@ -166,3 +166,49 @@ fn a_running_automaton_keeps_its_closure_until_it_is_removed() {
     assert!(!Path::new(show["bundle"].as_str().unwrap()).exists());
     let _ = Command::new("runc").args(["delete", "--force", "cairn-slow"]).output();
 }
+
+#[test]
+fn an_automaton_moves_to_another_daemon_as_closure_and_description() {
+    if !runc_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestStore::start();
+    let b = TestStore::start();
+    let (tools, s) = closure(&a, tmp.path(), "moved.sh", "cat TOOLS/data.txt\n");
+    a.ok(&["image", "build", "--closure", &tools, "--tag", "base/etc:1"]);
+    a.ok(&[
+        "automaton",
+        "create",
+        "mover",
+        "--image",
+        "base/etc:1",
+        "--env",
+        "X=1",
+        "--closure",
+        &s,
+        "--",
+        &format!("{tools}/bin/sh"),
+        &s,
+    ]);
+    let to = format!("unix://{}", b.socket.display());
+    let out = a.cairn().args(["automaton", "export", "mover", "--to", &to]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("copied"), "{}", String::from_utf8_lossy(&out.stderr));
+    let description = tmp.path().join("mover.json");
+    std::fs::write(&description, &out.stdout).unwrap();
+    let d = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(d["env"], serde_json::json!(["X=1"]));
+    b.ok(&["automaton", "import", description.to_str().unwrap()]);
+    let (ok, stdout, err) = run(&b, "mover");
+    assert!(ok, "{err}");
+    assert_eq!(stdout, "data from the closure\n");
+    // A second export sends nothing: the other daemon has every path.
+    let again = a.cairn().args(["automaton", "export", "mover", "--to", &to]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("copied 0 paths"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let _ = Command::new("runc").args(["delete", "--force", "cairn-mover"]).output();
+}

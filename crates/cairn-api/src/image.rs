@@ -272,4 +272,10 @@ pub struct AutomatonInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<String>,
     pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub whole_store: bool,
+    #[serde(default)]
+    pub writable: bool,
 }

@@ -63,6 +63,12 @@ pub struct Automaton {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<String>,
     pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub whole_store: bool,
+    #[serde(default)]
+    pub writable: bool,
 }
 
 fn automata_dir(images: &Images) -> PathBuf {
@@ -202,6 +208,9 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
             image: spec.image.as_ref().map(|i| i.layout.base_name()),
             rootfs: rootfs.as_ref().map(|r| r.base_name()),
             args: spec.args.clone(),
+            env: spec.env.clone(),
+            whole_store: spec.whole_store,
+            writable: spec.writable,
         };
         let record = tmp.join("automaton.json");
         fs::write(&record, serde_json::to_vec_pretty(&a).expect("records serialise")).map_err(io(&record))?;
