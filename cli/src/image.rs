@@ -103,6 +103,9 @@ pub enum ImageCommand {
         env: Vec<String>,
         #[arg(long)]
         tag: Option<String>,
+        /// Compress the store layers: none, gzip or zstd (deterministic either way).
+        #[arg(long, default_value = "none", value_name = "HOW")]
+        compress: String,
         #[arg(long)]
         json: bool,
     },
@@ -351,7 +354,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        ImageCommand::Build { closure, from, max_layers, entrypoint, cmd, env, tag, json } => {
+        ImageCommand::Build { closure, from, max_layers, entrypoint, cmd, env, tag, compress, json } => {
             let req = cairn_api::image::BuildRequest {
                 paths: ctx.store_paths(&closure)?,
                 from,
@@ -360,6 +363,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 cmd,
                 env,
                 tag,
+                compression: Some(compress),
             };
             let bar = progress::spinner("building the image");
             let answer = client.query(&Request::ImageBuild(req)).await;

@@ -209,6 +209,7 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
             let _client = ClientScope::enter(peer.client);
             let dir = &st.store_dir;
             let opts = cairn_image::build::BuildOptions {
+                compression: cairn_image::build::LayerCompression::parse(b.compression.as_deref().unwrap_or("none"))?,
                 paths: crate::convert::store_paths(dir, &b.paths)?,
                 from: b.from.as_deref().map(|f| images.resolve(f)).transpose()?,
                 max_layers: b.max_layers.unwrap_or(100) as usize,

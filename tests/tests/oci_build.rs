@@ -78,6 +78,23 @@ fn builds_are_reproducible_remembered_and_share_layers() {
     let other = build(&b, &tools_b, &script_b, "built/hello:1");
     assert_eq!(other["image"]["digest"], first["image"]["digest"], "reproducible across stores");
 
+    // Compressed layers are as reproducible, and unpack to the same tree.
+    for how in ["gzip", "zstd"] {
+        let args = ["image", "build", "--json", "--compress", how, "--closure", &script, "--tag", "built/compressed:1"];
+        let (x, y) = (json(&a.ok(&args)), json(&b.ok(&args)));
+        assert_eq!(x["image"]["digest"], y["image"]["digest"], "{how} layers are reproducible");
+        assert_ne!(x["image"]["digest"], first["image"]["digest"]);
+        let ins = json(&a.ok(&["image", "inspect", "--json", "built/compressed:1"]));
+        assert!(ins["layers"][0]["mediaType"].as_str().unwrap().ends_with(&format!("+{how}")), "{ins}");
+        let plain = a.ok(&["image", "unpack", "built/hello:1"]);
+        let packed = a.ok(&["image", "unpack", "built/compressed:1"]);
+        assert_eq!(
+            a.ok(&["path-info", "--json", plain.trim()]).split("narHash").nth(1).map(|s| s[..60].to_owned()),
+            a.ok(&["path-info", "--json", packed.trim()]).split("narHash").nth(1).map(|s| s[..60].to_owned()),
+            "same tree"
+        );
+    }
+
     // One path changed: only its layer is new; the tools' layer and the /etc layer are shared.
     let (_, script2) = closure(&a, tmp.path(), "a second greeting");
     let second = build(&a, &tools, &script2, "built/hello:2");

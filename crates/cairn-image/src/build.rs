@@ -25,7 +25,6 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use cairn_nix::{Hash, HashAlgo, Hasher, StorePath};
-use cairn_oci::layout::digest_of_blob_name;
 use cairn_oci::manifest::{Descriptor, OCI_MANIFEST};
 use cairn_oci::{Digest, TagName};
 use cairn_store::{Direction, Memo};
@@ -39,9 +38,47 @@ const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Changes whenever the bytes a build writes change, so memos of older builds are not reused.
 const FORMAT: &str = "cairn-layered-image-v1";
 
+/// How store layers are compressed. Both compressors are deterministic at a fixed level, so
+/// compressed layers are as reproducible as plain ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayerCompression {
+    #[default]
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl LayerCompression {
+    pub fn parse(s: &str) -> Result<LayerCompression> {
+        match s {
+            "none" => Ok(LayerCompression::None),
+            "gzip" => Ok(LayerCompression::Gzip),
+            "zstd" => Ok(LayerCompression::Zstd),
+            other => Err(ImageError::BadBuild(format!("unknown layer compression '{other}' (none, gzip or zstd)"))),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            LayerCompression::None => "none",
+            LayerCompression::Gzip => "gzip",
+            LayerCompression::Zstd => "zstd",
+        }
+    }
+
+    fn media_type(self) -> &'static str {
+        match self {
+            LayerCompression::None => LAYER,
+            LayerCompression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            LayerCompression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
+    pub compression: LayerCompression,
     /// The closure's roots.
     pub paths: Vec<StorePath>,
     /// An image to build on: its layers come first and count against `max_layers`.
@@ -213,33 +250,87 @@ fn memo_key(parts: &[&str]) -> Hash {
     h.finish()
 }
 
-/// The blob of the layer holding `paths`: remembered, or written, hashed and added now.
-/// Returns its descriptor and whether it was written.
-fn layer_blob(images: &Images, paths: &[StorePath], roots: &mut TempRootGuardSet) -> Result<(Descriptor, bool)> {
+/// A layer as its memo records it: the blob, and the digest of the uncompressed tar (its diff
+/// id), which a compressed blob's own digest does not give.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LayerRecord {
+    digest: String,
+    size: u64,
+    diff_id: String,
+    media_type: String,
+}
+
+fn temp_err(source: io::Error) -> ImageError {
+    ImageError::Io { path: "a temporary file".into(), source }
+}
+
+/// The layer holding `paths`: remembered, or written, hashed, compressed and added now.
+/// Returns its descriptor, its diff id and whether it was written.
+fn layer_blob(
+    images: &Images,
+    paths: &[StorePath],
+    compression: LayerCompression,
+    roots: &mut TempRootGuardSet,
+) -> Result<(Descriptor, Digest, bool)> {
     let dir = images.store.store_dir();
     let mut names: Vec<String> = paths.iter().map(|p| p.base_name()).collect();
     names.sort();
-    let mut parts = vec![FORMAT, "layer", dir.as_str()];
+    let mut parts = vec![FORMAT, "layer", dir.as_str(), compression.name()];
     parts.extend(names.iter().map(String::as_str));
     let key = memo_key(&parts);
-    if let Some((blob, guard)) = images.store.memo(Memo::Layer, &key)? {
-        if let Some(d) = digest_of_blob_name(blob.name()) {
-            roots.hold(guard);
-            let size = images.blob_size(&d)?.unwrap_or(0);
-            return Ok((descriptor(LAYER, d, size), false));
+    // The memo points at a small text path recording the layer and referring to its blob.
+    if let Some((record, guard)) = images.store.memo(Memo::Layer, &key)? {
+        let bytes = fs::read(images.store.real_path(&record)).unwrap_or_default();
+        if let Ok(r) = serde_json::from_slice::<LayerRecord>(&bytes) {
+            if let (Ok(d), Ok(diff)) = (Digest::parse(&r.digest), Digest::parse(&r.diff_id)) {
+                roots.hold(guard);
+                roots.hold(images.root_blobs([&d]));
+                if images.has_blob(&d)? {
+                    return Ok((descriptor(&r.media_type, d, r.size), diff, false));
+                }
+            }
         }
     }
-    let tmp = tempfile::tempfile().map_err(|source| ImageError::Io { path: "a temporary file".into(), source })?;
+    let tmp = tempfile::tempfile().map_err(temp_err)?;
     let mut w = HashingFile { file: tmp, hasher: Hasher::new(HashAlgo::Sha256), size: 0 };
     write_layer(images, paths, &mut w)?;
     let HashingFile { mut file, hasher, size } = w;
-    let d = Digest::from_hash(&hasher.finish()).expect("sha256");
-    io::Seek::seek(&mut file, io::SeekFrom::Start(0))
-        .map_err(|source| ImageError::Io { path: "a temporary file".into(), source })?;
-    roots.hold(images.root_blobs([&d]));
-    let info = images.add_blob(&d, size, io::BufReader::with_capacity(1 << 20, file))?;
-    images.store.remember(Memo::Layer, &key, &info.path)?;
-    Ok((descriptor(LAYER, d, size), true))
+    let diff_id = Digest::from_hash(&hasher.finish()).expect("sha256");
+    io::Seek::seek(&mut file, io::SeekFrom::Start(0)).map_err(temp_err)?;
+    let (mut blob, digest, blob_size) = match compression {
+        LayerCompression::None => (file, diff_id.clone(), size),
+        c => {
+            let out = tempfile::tempfile().map_err(temp_err)?;
+            let mut hw = HashingFile { file: out, hasher: Hasher::new(HashAlgo::Sha256), size: 0 };
+            let mut input = io::BufReader::with_capacity(1 << 20, file);
+            if c == LayerCompression::Gzip {
+                let mut e = flate2::write::GzEncoder::new(&mut hw, flate2::Compression::new(6));
+                io::copy(&mut input, &mut e).map_err(temp_err)?;
+                e.finish().map_err(temp_err)?;
+            } else {
+                let mut e = zstd::stream::write::Encoder::new(&mut hw, 3).map_err(temp_err)?;
+                io::copy(&mut input, &mut e).map_err(temp_err)?;
+                e.finish().map_err(temp_err)?;
+            }
+            let HashingFile { mut file, hasher, size } = hw;
+            io::Seek::seek(&mut file, io::SeekFrom::Start(0)).map_err(temp_err)?;
+            (file, Digest::from_hash(&hasher.finish()).expect("sha256"), size)
+        }
+    };
+    roots.hold(images.root_blobs([&digest]));
+    let info = images.add_blob(&digest, blob_size, io::BufReader::with_capacity(1 << 20, &mut blob))?;
+    let record = LayerRecord {
+        digest: digest.to_string(),
+        size: blob_size,
+        diff_id: diff_id.to_string(),
+        media_type: compression.media_type().to_owned(),
+    };
+    let text = serde_json::to_vec(&record).expect("records serialise");
+    let refs: BTreeSet<StorePath> = [info.path.clone()].into();
+    let rec = images.store.add_text("oci-layer-record", &text, &refs)?;
+    images.store.remember(Memo::Layer, &key, &rec.path)?;
+    Ok((descriptor(compression.media_type(), digest, blob_size), diff_id, true))
 }
 
 fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
@@ -314,7 +405,7 @@ pub fn build(images: &Images, opts: &BuildOptions) -> Result<Built> {
     roots_sorted.sort();
     let inputs = serde_json::json!({
         "paths": roots_sorted, "maxLayers": opts.max_layers, "entrypoint": opts.entrypoint, "cmd": opts.cmd,
-        "env": opts.env, "from": base.as_ref().map(|(d, _, _)| d.digest.to_string()), "arch": cairn_oci::Platform::host().architecture,
+        "env": opts.env, "compression": opts.compression.name(), "from": base.as_ref().map(|(d, _, _)| d.digest.to_string()), "arch": cairn_oci::Platform::host().architecture,
     })
     .to_string();
     let key = memo_key(&[FORMAT, "image", dir.as_str(), &inputs]);
@@ -341,9 +432,9 @@ pub fn build(images: &Images, opts: &BuildOptions) -> Result<Built> {
     }
     let mut written = 0;
     for g in &groups {
-        let (d, new) = layer_blob(images, g, &mut roots)?;
+        let (d, diff_id, new) = layer_blob(images, g, opts.compression, &mut roots)?;
         written += new as usize;
-        diff_ids.push(d.digest.to_string());
+        diff_ids.push(diff_id.to_string());
         layer_descs.push(d);
     }
     let custom = customisation_layer()?;
