@@ -32,7 +32,6 @@ use cairn_oci::manifest::Manifest;
 use cairn_oci::tag::{digest_root_file_name, encode_name, parse_digest_root_file_name, validate_repository};
 use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Mutex;
 
 /// Upload sessions untouched for this long are dropped.
@@ -484,20 +483,19 @@ async fn get_blob(
     if head {
         return Ok((status, h).into_response());
     }
-    let mut file = tokio::fs::File::open(&real)
-        .await
-        .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot open blob: {e}")))?;
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot seek blob: {e}")))?;
-    }
-    // The blob stays rooted while it is sent: the guard moves into the stream.
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), 1 << 20);
-    let guarded = futures_util::stream::unfold((stream, Some(_root)), |(mut st, g)| async move {
-        st.next().await.map(|item| (item, (st, g)))
+    // One blocking thread reads the file and feeds the body (no task per chunk); the blob stays
+    // rooted until it is sent.
+    let mut resp = crate::handlers::stream_response(move |w| {
+        let _root = _root;
+        let io = |op, source| cairn_store::StoreError::Io { op, path: real.clone(), source };
+        let mut f = std::fs::File::open(&real).map_err(|e| io("open", e))?;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).map_err(|e| io("seek", e))?;
+        std::io::copy(&mut std::io::Read::take(f, end - start), w).map_err(|e| io("send", e))?;
+        Ok(())
     });
-    Ok((status, h, Body::from_stream(guarded)).into_response())
+    *resp.status_mut() = status;
+    resp.headers_mut().extend(h);
+    Ok(resp)
 }
 
 async fn referrers(
