@@ -271,7 +271,7 @@ fn collect(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()
 
 /// Writes a docker archive: `manifest.json`, `repositories` (with a tag), the config as
 /// `<hex>.json` and each layer, uncompressed, as `<diff id hex>.tar` — the layout `docker save`
-/// and skopeo write. `layers` are (media type, bytes reader factory).
+/// and skopeo write. `layers` are (media type, a file holding the layer blob as stored).
 pub fn write_docker_archive(
     file: &Path,
     reference: Option<&str>,

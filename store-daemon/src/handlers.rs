@@ -97,7 +97,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::RECEIVE, post(receive))
         .route(routes::REALISE, post(crate::build::realise))
         .route(routes::LOG, get(crate::build::log))
-        .route(routes::OCI_COMMIT, post(crate::images::commit))
         .route(routes::OCI_IMPORT, post(crate::images::import))
         .route(routes::OCI_PULL, post(crate::images::pull))
         .route(routes::OCI_PUSH, post(crate::images::push))

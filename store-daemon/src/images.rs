@@ -12,9 +12,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response as HttpResponse;
-use axum::{Extension, Json};
+use axum::Json;
 use cairn_api::image::{
-    CommitRequest, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
+    DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
     RegistryOptions,
 };
 use cairn_api::{ErrorBody, ErrorKind, Response};
@@ -255,24 +255,6 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
         }
         _ => unreachable!("only image requests are routed here"),
     })
-}
-
-/// `POST /v1/oci/commit`: a layout of stored manifests, tagged if asked.
-pub async fn commit(
-    State(s): State<Arc<AppState>>,
-    Extension(peer): Extension<Peer>,
-    Json(req): Json<CommitRequest>,
-) -> ApiResult<Json<ImageInfo>> {
-    let manifests = req.manifests.iter().map(descriptor).collect::<ApiResult<Vec<_>>>()?;
-    let tag = req.tag.as_deref().map(TagName::parse).transpose()?;
-    let info = blocking(move || {
-        let _client = ClientScope::enter(peer.client);
-        let img = s.images.commit(manifests, tag.as_ref())?;
-        tracing::info!(layout = %s.store_dir.display(&img.layout), digest = %img.digest(), "image committed");
-        image_info(&s.images, &img)
-    })
-    .await?;
-    Ok(Json(info))
 }
 
 /// The longest item line of an import stream.

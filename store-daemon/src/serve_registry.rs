@@ -192,18 +192,6 @@ fn digest_ok(d: &str) -> RResult<Digest> {
     Digest::parse(d).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()))
 }
 
-fn need_pushes(s: &RegistryServer) -> RResult<()> {
-    if s.pushes {
-        Ok(())
-    } else {
-        Err(reg_err(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "UNSUPPORTED",
-            "this registry is read-only (accept-pushes = false)",
-        ))
-    }
-}
-
 async fn handle(
     s: &Arc<RegistryServer>,
     method: &Method,
@@ -240,36 +228,27 @@ async fn handle(
             referrers(s, name, &digest_ok(d)?, q).await
         }
         ("PUT", Route::Manifest(name, reference)) => {
-            need_pushes(s)?;
             name_ok(name)?;
             put_manifest(s, name, reference, headers, body).await
         }
         ("DELETE", Route::Manifest(name, reference)) => {
-            need_pushes(s)?;
             name_ok(name)?;
             delete_manifest(s, name, reference).await
         }
         ("POST", Route::UploadStart(name)) => {
-            need_pushes(s)?;
             name_ok(name)?;
             start_upload(s, name, q, body).await
         }
         ("PATCH", Route::Upload(name, id)) => {
-            need_pushes(s)?;
             name_ok(name)?;
             patch_upload(s, name, id, headers, body).await
         }
         ("PUT", Route::Upload(name, id)) => {
-            need_pushes(s)?;
             name_ok(name)?;
             finish_upload(s, name, id, q, body).await
         }
-        ("GET", Route::Upload(name, id)) => {
-            need_pushes(s)?;
-            upload_status(s, name, id).await
-        }
+        ("GET", Route::Upload(name, id)) => upload_status(s, name, id).await,
         ("DELETE", Route::Upload(name, id)) => {
-            need_pushes(s)?;
             let mut ups = s.uploads.lock().await;
             match ups.get(id) {
                 Some(u) if u.repo == name => {

@@ -3,7 +3,7 @@
 //! tokens from its own token endpoint, with or without credentials.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
@@ -135,5 +135,4 @@ fn serve(mut c: TcpStream, port: u16, st: &Mutex<FakeState>) {
     } else {
         respond(&mut c, "404 Not Found", &[], b"");
     }
-    let _ = r.read(&mut [0u8; 0]);
 }

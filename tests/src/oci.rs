@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use sha2::Digest as _;
@@ -217,9 +217,4 @@ pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body:
         r.read_to_end(&mut body).unwrap();
     }
     Answer { status, headers, body }
-}
-
-/// A temporary directory path for layouts (`<tmp>/NAME`, not created).
-pub fn layout_dir(tmp: &tempfile::TempDir, name: &str) -> PathBuf {
-    tmp.path().join(name)
 }

@@ -3,7 +3,6 @@
 //!
 //! | route | body in | body out |
 //! |---|---|---|
-//! | `POST /v1/oci/commit` | [`CommitRequest`] | [`ImageInfo`] |
 //! | `POST /v1/oci/import` | [`ImportItem`] lines, each blob's bytes after its line | [`ImageInfo`] |
 //! | `POST /v1/oci/pull` | [`PullRequest`] | [`ImageEvent`]s, one JSON object per line |
 //! | `POST /v1/oci/push` | [`PushRequest`] | [`ImageEvent`]s, one JSON object per line |
@@ -26,7 +25,7 @@ pub struct DescriptorWire {
     pub platform: Option<String>,
 }
 
-/// Body of `POST /v1/oci/commit`: make an image layout of the manifests named (each a valid
+/// The end of an import stream: make an image layout of the manifests named (each a valid
 /// blob, as is every blob they reach) and optionally tag it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CommitRequest {

@@ -52,8 +52,6 @@ pub mod routes {
     pub const REALISE: &str = "/v1/realise";
     /// The log of a past build of a derivation (or of the deriver of an output), as text.
     pub const LOG: &str = "/v1/log";
-    /// An image layout from stored manifests ([`super::image::CommitRequest`]).
-    pub const OCI_COMMIT: &str = "/v1/oci/commit";
     /// Blobs and a commit in one all-or-nothing stream ([`super::image::ImportItem`]).
     pub const OCI_IMPORT: &str = "/v1/oci/import";
     /// A pull from a registry ([`super::image::PullRequest`]).

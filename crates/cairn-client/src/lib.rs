@@ -202,11 +202,6 @@ impl Client {
         Client::json(self.call(Method::POST, routes::IMPORT, body).await?).await
     }
 
-    /// Makes an image layout of stored manifests.
-    pub async fn commit_image(&self, req: &cairn_api::image::CommitRequest) -> Result<cairn_api::image::ImageInfo> {
-        Client::json(self.call_json(routes::OCI_COMMIT, req).await?).await
-    }
-
     /// Sends an import stream (blobs, then a commit).
     pub async fn import_image(&self, body: Body) -> Result<cairn_api::image::ImageInfo> {
         Client::json(self.call(Method::POST, routes::OCI_IMPORT, body).await?).await

@@ -298,11 +298,3 @@ async fn pull_inner(
         bytes_skipped,
     })
 }
-
-/// The digest a pull by `reference` must end with, if it names one.
-pub fn expected_digest(reference: &Reference) -> Option<&Digest> {
-    match reference {
-        Reference::Digest(d) => Some(d),
-        Reference::Tag(_) => None,
-    }
-}

@@ -144,11 +144,6 @@ impl Registry {
         format!("{}/v2/{}/{tail}", self.base, self.repository)
     }
 
-    /// The base URL (`https://host`).
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     /// Answers the registry's challenge on `/v2/`, if any, so that later requests carry auth.
     async fn login(&self) -> Result<()> {
         let r = self
