@@ -81,7 +81,9 @@ pub enum ImageCommand {
     /// Make an image's root filesystem (its layers applied in order) a store path and print it;
     /// a second unpack of the same image finds it again.
     /// Build an image from store closures: one layer per popular store path (as nixpkgs'
-    /// buildLayeredImage), reproducible, remembered per input.
+    /// buildLayeredImage), reproducible. The build is a derivation, so the same inputs build
+    /// once; its store layers are streamed (made from the paths when pushed, served or
+    /// exported) unless --materialise.
     Build {
         /// A store path whose closure goes into the image (repeatable).
         #[arg(long = "closure", value_name = "PATH", required = true)]
@@ -106,6 +108,10 @@ pub enum ImageCommand {
         /// Compress the store layers: none, gzip or zstd (deterministic either way).
         #[arg(long, default_value = "none", value_name = "HOW")]
         compress: String,
+        /// Store the layers' bytes as blobs as well (for tools that read the store's layout
+        /// directly); without it a layer is a description of the store paths it holds.
+        #[arg(long, alias = "materialize")]
+        materialise: bool,
         #[arg(long)]
         json: bool,
     },
@@ -354,7 +360,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        ImageCommand::Build { closure, from, max_layers, entrypoint, cmd, env, tag, compress, json } => {
+        ImageCommand::Build { closure, from, max_layers, entrypoint, cmd, env, tag, compress, materialise, json } => {
             let req = cairn_api::image::BuildRequest {
                 paths: ctx.store_paths(&closure)?,
                 from,
@@ -364,6 +370,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 env,
                 tag,
                 compression: Some(compress),
+                materialise,
             };
             let bar = progress::spinner("building the image");
             let answer = client.query(&Request::ImageBuild(req)).await;
@@ -374,9 +381,9 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
             } else {
                 println!("{}", b.image.digest);
                 let how = if b.cached {
-                    "remembered from an earlier build".to_owned()
+                    format!("output of {} already valid", b.derivation)
                 } else {
-                    format!("{} written", b.layers_written)
+                    format!("{} hashed now", b.layers_written)
                 };
                 eprintln!(
                     "built {} ({} store layers, {how})",
@@ -504,7 +511,6 @@ async fn export_docker_archive(
     reference: Option<&str>,
 ) -> anyhow::Result<u64> {
     let d = inspect(client, image).await?;
-    let store_dir = cairn_nix::StoreDir::new(&d.info.layout[..d.info.layout.rfind('/').unwrap_or(0)])?;
     // The config is the first child of the (first) image manifest: in `contents`, the entry just
     // before the first layer (or the last one of an image without layers).
     let layer_digests: Vec<&str> = d.layers.iter().map(|l| l.digest.as_str()).collect();
@@ -516,13 +522,14 @@ async fn export_docker_archive(
     };
     ensure!(at >= 1, "the image has no config blob");
     let config_desc = &d.contents[at - 1];
+    let layout_path = d.info.layout.clone();
     let fetch = |digest: &str| {
         let digest = Digest::parse(digest);
-        let store_dir = store_dir.clone();
+        let layout_path = layout_path.clone();
         async move {
             let digest = digest?;
-            let src = store_dir.display(&blob_path(&store_dir, &digest));
-            let mut reader = client.cat(&src).await.with_context(|| format!("blob {digest}"))?;
+            let mut reader =
+                client.oci_blob(&layout_path, &digest.to_string()).await.with_context(|| format!("blob {digest}"))?;
             let tmp = tempfile::NamedTempFile::new()?;
             let mut out = tokio::fs::File::create(tmp.path()).await?;
             tokio::io::copy(&mut reader, &mut out).await.with_context(|| format!("copying blob {digest}"))?;
@@ -671,9 +678,8 @@ async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<
         }
         let parent = file.parent().expect("blob files have a parent");
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create '{}'", parent.display()))?;
-        let store_dir = cairn_nix::StoreDir::new(&d.info.layout[..d.info.layout.rfind('/').unwrap_or(0)])?;
-        let src = store_dir.display(&blob_path(&store_dir, &digest));
-        let mut reader = client.cat(&src).await.with_context(|| format!("blob {digest}"))?;
+        let mut reader =
+            client.oci_blob(&d.info.layout, &digest.to_string()).await.with_context(|| format!("blob {digest}"))?;
         let tmp = parent.join(format!(".{}.tmp", digest.hex()));
         let mut out =
             tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot create '{}'", tmp.display()))?;

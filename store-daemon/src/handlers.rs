@@ -39,6 +39,8 @@ pub struct AppState {
     pub builder: Arc<cairn_build::Builder>,
     /// OCI images over the same store.
     pub images: cairn_image::Images,
+    /// The builder of image derivations (registered with `builder` as `builtin:oci-image`).
+    pub image_builder: Arc<crate::images::ImageBuiltin>,
 }
 
 type St = State<Arc<AppState>>;
@@ -100,6 +102,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::OCI_IMPORT, post(crate::images::import))
         .route(routes::OCI_PULL, post(crate::images::pull))
         .route(routes::OCI_PUSH, post(crate::images::push))
+        .route(routes::OCI_BLOB, get(oci_blob))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))
@@ -138,7 +141,7 @@ fn paths_out(dir: &StoreDir, v: impl IntoIterator<Item = cairn_nix::StorePath>) 
 
 /// A JSON answer serialised in one pass into a buffer sized for it. Large answers (a 100k-path
 /// closure is 5 MB) would otherwise be copied again at every growth of a small buffer.
-fn json_answer(v: &impl serde::Serialize, size_hint: usize) -> ApiResult<HttpResponse> {
+pub(crate) fn json_answer(v: &impl serde::Serialize, size_hint: usize) -> ApiResult<HttpResponse> {
     let mut buf = Vec::with_capacity(size_hint.max(256));
     serde_json::to_writer(&mut buf, v).map_err(|e| ApiError::internal(format!("cannot encode answer: {e}")))?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], buf).into_response())
@@ -162,6 +165,10 @@ async fn query(State(s): St, Extension(peer): Extension<Peer>, Json(req): Json<R
     if let Request::Verify { check_contents, repair: true } = req {
         let report = crate::substitute::verify_and_repair(s, peer, check_contents).await?;
         return json_answer(&report, 4096);
+    }
+    if let Request::ImageBuild(b) = req {
+        let r = crate::images::build_image(s, peer, b).await?;
+        return json_answer(&r, 4096);
     }
     let st = s.clone();
     blocking(move || answer(&st, &peer, req)).await
@@ -473,6 +480,33 @@ async fn cat(State(s): St, Query(q): Query<PathQuery>) -> ApiResult<HttpResponse
     let st = s.clone();
     let mut file = blocking(move || Ok(st.store.open_file(&p, &inner)?)).await?;
     Ok(stream_response(move |w| io::copy(&mut file, w).map(|_| ()).map_err(|e| e.into_store())))
+}
+
+async fn oci_blob(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<cairn_api::BlobQuery>,
+) -> ApiResult<HttpResponse> {
+    let st = s.clone();
+    let (blob, mut reader) = blocking(move || {
+        let _client = ClientScope::enter(peer.client);
+        let img = st.images.resolve(&q.image)?;
+        let d = cairn_oci::Digest::parse(&q.digest)?;
+        if !img.blobs.contains(&d) {
+            return Err(ApiError::not_found(format!("image '{}' has no blob {d}", q.image)));
+        }
+        let blob = st
+            .images
+            .blob_of(&img, &d)?
+            .ok_or_else(|| ApiError::not_found(format!("blob {d} of '{}' is not in the store", q.image)))?;
+        let reader = st.images.open_blob(&blob)?;
+        Ok((blob, reader))
+    })
+    .await?;
+    Ok(stream_response(move |w| {
+        let _blob = blob;
+        io::copy(&mut reader, w).map(|_| ()).map_err(|e| e.into_store())
+    }))
 }
 
 async fn export(State(s): St, Json(req): Json<ExportRequest>) -> ApiResult<HttpResponse> {

@@ -25,6 +25,7 @@ use cairn_image::{ImageError, Images};
 use cairn_oci::manifest::{Descriptor, Platform};
 use cairn_oci::reference::{ImageRef, Reference};
 use cairn_oci::{Digest, TagName};
+use cairn_nix::StorePath;
 use cairn_store::ClientScope;
 
 use crate::auth::Peer;
@@ -85,7 +86,7 @@ pub(crate) fn image_info(images: &Images, img: &Image) -> ApiResult<ImageInfo> {
         digest: img.digest().to_string(),
         media_type: img.manifests[0].media_type.clone(),
         layout: images.store.store_dir().display(&img.layout),
-        size: images.size_of(&img.blobs)?,
+        size: images.size_of(img)?,
         blobs: img.blobs.len() as u64,
     })
 }
@@ -124,7 +125,8 @@ fn detail(images: &Images, img: &Image) -> ApiResult<ImageDetail> {
                     media_type: l.media_type.clone(),
                     digest: l.digest.to_string(),
                     size: l.size,
-                    path: dir.display(&images.blob_path(&l.digest)),
+                    path: dir.display(img.streamed.get(&l.digest).unwrap_or(&images.blob_path(&l.digest))),
+                    streamed: img.streamed.contains_key(&l.digest),
                 })
                 .collect();
         }
@@ -136,7 +138,7 @@ fn detail(images: &Images, img: &Image) -> ApiResult<ImageDetail> {
             contents.push(DescriptorWire {
                 media_type: "application/octet-stream".into(),
                 digest: s,
-                size: images.blob_size(d)?.unwrap_or(0),
+                size: images.blob_of(img, d)?.map(|b| b.size).unwrap_or(0),
                 platform: None,
             });
         }
@@ -205,28 +207,6 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
                 cached: r.cached,
             })
         }
-        Request::ImageBuild(b) => {
-            let _client = ClientScope::enter(peer.client);
-            let dir = &st.store_dir;
-            let opts = cairn_image::build::BuildOptions {
-                compression: cairn_image::build::LayerCompression::parse(b.compression.as_deref().unwrap_or("none"))?,
-                paths: crate::convert::store_paths(dir, &b.paths)?,
-                from: b.from.as_deref().map(|f| images.resolve(f)).transpose()?,
-                max_layers: b.max_layers.unwrap_or(100) as usize,
-                entrypoint: b.entrypoint,
-                cmd: b.cmd,
-                env: b.env,
-                tag: b.tag.as_deref().map(TagName::parse).transpose()?,
-            };
-            let built = cairn_image::build::build(images, &opts)?;
-            tracing::info!(digest = %built.image.digest(), written = built.layers_written, cached = built.cached, "image built");
-            Response::Built(Box::new(cairn_api::image::BuiltInfo {
-                image: image_info(images, &built.image)?,
-                layers: built.layers.iter().map(|l| l.iter().map(|p| dir.display(p)).collect()).collect(),
-                layers_written: built.layers_written as u64,
-                cached: built.cached,
-            }))
-        }
         Request::AutomatonCreate(a) => {
             let _client = ClientScope::enter(peer.client);
             let spec = cairn_image::automaton::AutomatonSpec {
@@ -255,6 +235,105 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
         }
         _ => unreachable!("only image requests are routed here"),
     })
+}
+
+/// Makes `builtin:oci-image` derivations, and tells the request that asked how many layers it
+/// hashed.
+pub struct ImageBuiltin {
+    images: Images,
+    written: std::sync::Mutex<std::collections::HashMap<StorePath, usize>>,
+}
+
+impl ImageBuiltin {
+    pub fn new(images: Images) -> ImageBuiltin {
+        ImageBuiltin { images, written: Default::default() }
+    }
+}
+
+impl cairn_build::Builtin for ImageBuiltin {
+    fn build(
+        &self,
+        drv_path: &StorePath,
+        drv: &cairn_nix::derivation::Derivation,
+        outputs: &std::collections::BTreeMap<String, StorePath>,
+        log: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), String> {
+        let out = outputs.get("out").ok_or("an image derivation has one output, 'out'")?;
+        let built = cairn_image::build::build_output(&self.images, drv_path, drv, out).map_err(|e| e.to_string())?;
+        log(format!("{} store layers hashed, the others remembered", built.layers_written).as_bytes());
+        self.written.lock().expect("poisoned").insert(drv_path.clone(), built.layers_written);
+        Ok(())
+    }
+}
+
+/// `image build`: the image's derivation written and realised (by [`ImageBuiltin`]; nothing to do
+/// when its output is valid), then tagged.
+pub async fn build_image(
+    st: Arc<AppState>,
+    peer: Peer,
+    b: cairn_api::image::BuildRequest,
+) -> ApiResult<Response> {
+    let st2 = st.clone();
+    let tag = b.tag.as_deref().map(TagName::parse).transpose()?;
+    let (drv_path, out, roots) = blocking(move || {
+        let _client = ClientScope::enter(peer.client);
+        let (images, dir) = (&st2.images, &st2.store_dir);
+        let opts = cairn_image::build::BuildOptions {
+            compression: cairn_image::build::LayerCompression::parse(b.compression.as_deref().unwrap_or("none"))?,
+            paths: crate::convert::store_paths(dir, &b.paths)?,
+            from: b.from.as_deref().map(|f| images.resolve(f)).transpose()?,
+            max_layers: b.max_layers.unwrap_or(100) as usize,
+            entrypoint: b.entrypoint,
+            cmd: b.cmd,
+            env: b.env,
+            materialise: b.materialise,
+        };
+        if opts.paths.is_empty() {
+            return Err(ApiError::bad_request("nothing to build: name at least one store path (--closure)"));
+        }
+        for p in &opts.paths {
+            if !st2.store.is_valid(p)? {
+                return Err(cairn_store::StoreError::NotValid(dir.display(p)).into());
+            }
+        }
+        cairn_image::build::check(images, &opts)?;
+        let mut drv = cairn_image::build::derivation(dir, &opts);
+        cairn_build::derivations::Derivations::new(&st2.store).complete(&mut drv)?;
+        let refs = drv.input_srcs.iter().map(|p| crate::convert::store_path(dir, p)).collect::<ApiResult<_>>()?;
+        let name = format!("{}.drv", cairn_image::build::NAME);
+        let info = st2.store.add_text(&name, drv.to_aterm().as_bytes(), &refs)?;
+        let out = crate::convert::store_path(dir, &drv.outputs["out"].path)?;
+        let roots = st2.store.temp_root([info.path.clone(), out.clone()]);
+        Ok((info.path, out, roots))
+    })
+    .await?;
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    let goal = cairn_build::Goal { drv: drv_path.clone(), outputs: None };
+    let outcome = st.builder.realise(vec![goal], cairn_build::Options::default(), events).await?;
+    if let Some((_, Err(m))) = outcome.results.first() {
+        return Err(ApiError::internal(m.clone()));
+    }
+    let cached = outcome.built.is_empty();
+    blocking(move || {
+        let _roots = roots;
+        let images = &st.images;
+        let image = images.load(&out)?;
+        if let Some(t) = &tag {
+            st.store.set_tag(&t.file_name(), &image.layout)?;
+        }
+        let written = st.image_builder.written.lock().expect("poisoned").remove(&drv_path).unwrap_or(0);
+        tracing::info!(digest = %image.digest(), written, cached, "image built");
+        let dir = &st.store_dir;
+        let layers = cairn_image::build::layer_paths(images, &image)?;
+        Ok(Response::Built(Box::new(cairn_api::image::BuiltInfo {
+            image: image_info(images, &image)?,
+            layers: layers.iter().map(|l| l.iter().map(|p| dir.display(p)).collect()).collect(),
+            layers_written: if cached { 0 } else { written as u64 },
+            derivation: dir.display(&drv_path),
+            cached,
+        })))
+    })
+    .await
 }
 
 /// The longest item line of an import stream.

@@ -423,18 +423,16 @@ async fn get_blob(
     headers: &HeaderMap,
 ) -> RResult<Response> {
     let (images, n, d) = (s.images.clone(), name.to_owned(), digest.clone());
-    let (real, len, _root) = blocking(move || {
+    let (blob, len) = blocking(move || {
         let imgs = repo_images(&images, &n)?;
         if imgs.is_empty() {
             return Err(name_unknown(&n));
         }
         let unknown = || reg_err(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {d} is not in '{n}'"));
-        if !imgs.iter().any(|(_, i)| i.blobs.contains(&d)) {
-            return Err(unknown());
-        }
-        let root = images.root_blobs([&d]);
-        let len = images.blob_size(&d)?.ok_or_else(unknown)?;
-        Ok((images.store.real_path(&images.blob_path(&d)), len, root))
+        let Some((_, img)) = imgs.iter().find(|(_, i)| i.blobs.contains(&d)) else { return Err(unknown()) };
+        let blob = images.blob_of(img, &d)?.ok_or_else(unknown)?;
+        let len = blob.size;
+        Ok((blob, len))
     })
     .await?;
     let mut h = HeaderMap::new();
@@ -462,14 +460,27 @@ async fn get_blob(
     if head {
         return Ok((status, h).into_response());
     }
-    // One blocking thread reads the file and feeds the body (no task per chunk); the blob stays
-    // rooted until it is sent.
+    // One blocking thread reads the blob (a file, or a streamed layer made now) and feeds the
+    // body (no task per chunk); the blob stays rooted until it is sent. A streamed layer's range
+    // is found by making and dropping the bytes before it.
+    let images = s.images.clone();
     let mut resp = crate::handlers::stream_response(move |w| {
-        let _root = _root;
-        let io = |op, source| cairn_store::StoreError::Io { op, path: real.clone(), source };
-        let mut f = std::fs::File::open(&real).map_err(|e| io("open", e))?;
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).map_err(|e| io("seek", e))?;
-        std::io::copy(&mut std::io::Read::take(f, end - start), w).map_err(|e| io("send", e))?;
+        let shown = images.store.store_dir().display(&blob.path);
+        let io = |op, source| cairn_store::StoreError::Io { op, path: shown.clone().into(), source };
+        let r: Box<dyn std::io::Read + Send> = match &blob.source {
+            cairn_image::images::BlobSource::File(real) => {
+                let mut f = std::fs::File::open(real).map_err(|e| io("open", e))?;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).map_err(|e| io("seek", e))?;
+                Box::new(f)
+            }
+            cairn_image::images::BlobSource::Streamed(_) => {
+                let mut r = images.open_blob(&blob).map_err(|e| io("open", std::io::Error::other(e.to_string())))?;
+                std::io::copy(&mut std::io::Read::take(&mut r, start), &mut std::io::sink())
+                    .map_err(|e| io("make", e))?;
+                r
+            }
+        };
+        std::io::copy(&mut std::io::Read::take(r, end - start), w).map_err(|e| io("send", e))?;
         Ok(())
     });
     *resp.status_mut() = status;

@@ -52,12 +52,15 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let substitution_policy = substitution.policy.clone();
     let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::build::build_settings(&settings)?));
     let images = cairn_image::Images::new(store.clone());
+    let image_builder = Arc::new(crate::images::ImageBuiltin::new(images.clone()));
+    builder.add_builtin("oci-image", image_builder.clone());
     let app = router(Arc::new(AppState {
         store: store.clone(),
         store_dir: store_dir.clone(),
         substitution,
         builder,
         images: images.clone(),
+        image_builder,
     }));
     if let Some(addr) = &settings.listen {
         let keys = settings

@@ -69,8 +69,11 @@ pub struct LayerInfo {
     pub media_type: String,
     pub digest: String,
     pub size: u64,
-    /// The store path holding it.
+    /// The store path holding it: the blob path, or a streamed layer's description.
     pub path: String,
+    /// Made from store paths when read, not stored as a blob.
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 /// The answer to [`crate::Request::ImageUnpack`].
@@ -224,6 +227,9 @@ pub struct BuildRequest {
     /// `none` (default), `gzip` or `zstd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// Store the layers' bytes as blobs, not only their descriptions (streamed layers).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub materialise: bool,
 }
 
 /// What a build made.
@@ -233,8 +239,10 @@ pub struct BuiltInfo {
     pub image: ImageInfo,
     /// The store paths of each store layer, bottom first.
     pub layers: Vec<Vec<String>>,
-    /// Layers written and hashed by this build; the others were remembered from earlier builds.
+    /// Layers hashed by this build; the others were remembered from earlier builds.
     pub layers_written: u64,
+    /// The image's derivation.
+    pub derivation: String,
     /// Whether the whole image was remembered from an earlier build of the same inputs.
     pub cached: bool,
 }

@@ -58,6 +58,8 @@ pub mod routes {
     pub const OCI_PULL: &str = "/v1/oci/pull";
     /// A push to a registry ([`super::image::PushRequest`]).
     pub const OCI_PUSH: &str = "/v1/oci/push";
+    /// `GET ?image=&digest=`: a blob of an image, a streamed layer made as it is sent.
+    pub const OCI_BLOB: &str = "/v1/oci/blob";
 }
 
 /// Answer of `GET /v1/version`.
@@ -402,6 +404,14 @@ pub struct AddQuery {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PathQuery {
     pub path: String,
+}
+
+/// The query of [`routes::OCI_BLOB`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobQuery {
+    /// A tag, image digest or layout path.
+    pub image: String,
+    pub digest: String,
 }
 
 /// What kind of failure an [`ErrorBody`] reports; one HTTP status each.

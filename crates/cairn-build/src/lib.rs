@@ -7,6 +7,8 @@
 //! run (id maps, log lines, timeouts); [`outputs`] hashes, scans and checks what a build
 //! produced; [`derivations`] reads `.drv`s from the store and checks their output paths;
 //! [`realise`] schedules builds and registers their outputs; [`logs`] keeps build logs.
+//! Derivations whose builder is `builtin:NAME` are made in-process by a [`Builtin`] the daemon
+//! registers (cairn's own code, trusted as the daemon is), not in a sandbox.
 //!
 //! **Architecture Invariant:** builders never see the store or the database: only their input
 //! closure, bind-mounted read-only, and an empty directory for their outputs. Outputs enter the
@@ -23,7 +25,7 @@ pub mod sandbox;
 pub mod sys;
 
 pub use logs::LogStore;
-pub use realise::{BuildSettings, Builder, Event, Goal, Options, Outcome};
+pub use realise::{BuildSettings, Builder, Builtin, Event, Goal, Options, Outcome};
 
 use cairn_nix::derivation::DerivationError;
 use cairn_store::StoreError;

@@ -108,8 +108,23 @@ pub struct Outcome {
     pub built: Vec<StorePath>,
 }
 
+/// A builder that runs in the daemon for derivations whose builder is `builtin:NAME`. It makes
+/// and registers every output itself (with the derivation as deriver), as one batch, or
+/// nothing; the error is the message to report. It runs on the blocking pool and holds a job
+/// slot like any build.
+pub trait Builtin: Send + Sync {
+    fn build(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        outputs: &BTreeMap<String, StorePath>,
+        log: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), String>;
+}
+
 /// Builds derivations into a store. One per daemon.
 pub struct Builder {
+    builtins: Mutex<HashMap<String, Arc<dyn Builtin>>>,
     store: Arc<LocalStore>,
     settings: BuildSettings,
     jobs: Semaphore,
@@ -135,6 +150,7 @@ impl Builder {
         let jobs = settings.max_jobs.max(1);
         let uids = (0..jobs as u32).rev().map(|i| settings.build_uid_base + i).collect();
         Builder {
+            builtins: Mutex::new(HashMap::new()),
             store,
             settings,
             jobs: Semaphore::new(jobs),
@@ -146,6 +162,11 @@ impl Builder {
 
     pub fn logs(&self) -> &LogStore {
         &self.settings.logs
+    }
+
+    /// Registers the builder of `builtin:NAME` derivations.
+    pub fn add_builtin(&self, name: &str, b: Arc<dyn Builtin>) {
+        self.builtins.lock().expect("builtins poisoned").insert(format!("builtin:{name}"), b);
     }
 
     /// Realises `goals`; `events` gets progress and log lines. Errors are for requests that
@@ -371,6 +392,9 @@ impl Builder {
             return Ok(node.outputs.clone());
         }
         let _job = self.jobs.acquire().await.map_err(|e| e.to_string())?;
+        if node.drv.builder.starts_with("builtin:") {
+            return self.build_builtin(drv_path, node, events).await;
+        }
         let uid_slot = UidSlot::take(self);
         if nix::unistd::geteuid().is_root() && uid_slot.uid.is_none() {
             return Err("no build uid is free (more builds than max-jobs?)".to_owned());
@@ -459,6 +483,44 @@ impl Builder {
             Err(m) if keep => Err(format!("{m}\nnote: keeping build directory '{}'", top.join("root/build").display())),
             other => other,
         }
+    }
+
+    /// Runs a builtin builder, its log kept and streamed as a sandboxed build's is.
+    async fn build_builtin(
+        self: &Arc<Self>,
+        drv_path: &StorePath,
+        node: &Node,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> Result<BTreeMap<String, StorePath>, String> {
+        let shown = self.store.store_dir().display(drv_path);
+        let b = self.builtins.lock().expect("builtins poisoned").get(&node.drv.builder).cloned();
+        let Some(b) = b else {
+            return Err(format!("cannot build '{shown}': this cairnd has no builder '{}'", node.drv.builder));
+        };
+        let _ = events.send(Event::Started { drv: drv_path.clone() });
+        let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
+        let (this, drv_path2, drv, outputs, events2) =
+            (self.clone(), drv_path.clone(), node.drv.clone(), node.outputs.clone(), events.clone());
+        let ended = tokio::task::spawn_blocking(move || {
+            let _roots = this.store.temp_root(outputs.values().cloned());
+            let r = b.build(&drv_path2, &drv, &outputs, &mut |line| {
+                let _ = log.line(line);
+                let _ = events2.send(Event::Log { drv: drv_path2.clone(), line: line.to_vec() });
+            });
+            if let Err(e) = log.finish() {
+                tracing::warn!("cannot keep the log of {}: {e}", this.store.store_dir().display(&drv_path2));
+            }
+            r
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        ended.map_err(|m| format!("builder for '{shown}' failed: {m}"))?;
+        for (name, p) in &node.outputs {
+            if !self.store.is_valid(p).map_err(|e| e.to_string())? {
+                return Err(format!("builder for '{shown}' did not make output '{name}'"));
+            }
+        }
+        Ok(node.outputs.clone())
     }
 
     /// Creates the build directory and the sandbox root; returns the spec, the input closure,

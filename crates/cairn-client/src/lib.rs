@@ -171,6 +171,14 @@ impl Client {
         Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
     }
 
+    /// A blob of an image (a streamed layer is made as it is sent; a broken one ends the
+    /// stream with an error).
+    pub async fn oci_blob(&self, image: &str, digest: &str) -> Result<impl AsyncRead + Send + Unpin> {
+        let q = cairn_api::BlobQuery { image: image.to_owned(), digest: digest.to_owned() };
+        let uri = format!("{}?{}", routes::OCI_BLOB, query_string(&q)?);
+        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+    }
+
     /// An export stream of `paths`.
     pub async fn export(&self, paths: Vec<String>) -> Result<impl AsyncRead + Send + Unpin> {
         Ok(reader_of(self.call_json(routes::EXPORT, &ExportRequest { paths }).await?.into_body()))

@@ -10,70 +10,43 @@
 //! shell) are the most popular, so they sit in the lowest layers, and two images of related
 //! closures share those layers blob for blob.
 //!
-//! Layers are reproducible: a tar of the store directory's components and the paths' trees,
-//! entries in byte order, mtime 1, owner and group 0 without names, the store's own modes. The
-//! same closure and options give the same layer, config and manifest digests on any machine.
-//! A layer's digest is remembered per set of paths (`Memo::Layer`), so a rebuild after one path
-//! changed writes and hashes only the layers that hold changed paths; a whole build is
-//! remembered per input (`Memo::ImageBuild`), so building the same inputs again does no work.
+//! An image build is a derivation: [`derivation`] writes the inputs (root paths, base image,
+//! options) into a `.drv` whose builder is [`BUILTIN`], so the image's store path is a function
+//! of its inputs and a second build of the same inputs finds its output valid and does nothing.
+//! The daemon's builder runs [`build_output`] for it in-process (no sandbox: it only reads store
+//! paths and writes store paths).
+//!
+//! Store layers are streamed ([`crate::streamed`]): each is produced once, hashed as it goes, and
+//! kept as a description that refers to its paths; nothing of its bytes is written unless the
+//! build is asked to `materialise` them. A layer's description is remembered per set of paths
+//! (`Memo::Layer`), so a rebuild after one path changed hashes only the layers holding changed
+//! paths. Layers missing from the memo are hashed on all cores at once.
 //!
 //! All calls block; the daemon runs them on its blocking pool.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io::{self, Write};
-use std::path::Path;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
-use cairn_nix::{Hash, HashAlgo, Hasher, StorePath};
+use cairn_nix::derivation::{Derivation, DerivationOutput};
+use cairn_nix::{Hash, HashAlgo, Hasher, StoreDir, StorePath};
+use cairn_oci::layout::{streamed_layer_name, Layout};
 use cairn_oci::manifest::{Descriptor, OCI_MANIFEST};
-use cairn_oci::{Digest, TagName};
-use cairn_store::{Direction, Memo};
+use cairn_oci::Digest;
+use cairn_store::{Direction, Memo, PathInfo};
 
 use crate::images::{Image, TempRootGuardSet};
+pub use crate::streamed::{LayerCompression, LAYER};
+use crate::streamed::{describe, tar_header, LayerReader, LayerRecipe, FORMAT};
 use crate::{ImageError, Images, Result};
 
-/// The media type of the layers a build writes (uncompressed tar).
-pub const LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-/// Changes whenever the bytes a build writes change, so memos of older builds are not reused.
-const FORMAT: &str = "cairn-layered-image-v1";
-
-/// How store layers are compressed. Both compressors are deterministic at a fixed level, so
-/// compressed layers are as reproducible as plain ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LayerCompression {
-    #[default]
-    None,
-    Gzip,
-    Zstd,
-}
-
-impl LayerCompression {
-    pub fn parse(s: &str) -> Result<LayerCompression> {
-        match s {
-            "none" => Ok(LayerCompression::None),
-            "gzip" => Ok(LayerCompression::Gzip),
-            "zstd" => Ok(LayerCompression::Zstd),
-            other => Err(ImageError::BadBuild(format!("unknown layer compression '{other}' (none, gzip or zstd)"))),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            LayerCompression::None => "none",
-            LayerCompression::Gzip => "gzip",
-            LayerCompression::Zstd => "zstd",
-        }
-    }
-
-    fn media_type(self) -> &'static str {
-        match self {
-            LayerCompression::None => LAYER,
-            LayerCompression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
-            LayerCompression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
-        }
-    }
-}
+/// The builder of image derivations.
+pub const BUILTIN: &str = "builtin:oci-image";
+/// The name of image derivations (and so of their `.drv` and output paths).
+pub const NAME: &str = "oci-image";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -89,19 +62,15 @@ pub struct BuildOptions {
     pub cmd: Vec<String>,
     /// `NAME=VALUE` pairs, appended to the base's.
     pub env: Vec<String>,
-    pub tag: Option<TagName>,
+    /// Store the layers' bytes as blobs too, not only their descriptions.
+    pub materialise: bool,
 }
 
-/// What a build made.
-#[derive(Debug)]
+/// What building an image's derivation made.
+#[derive(Debug, Default)]
 pub struct Built {
-    pub image: Image,
-    /// The store paths of each store layer, in layer order.
-    pub layers: Vec<Vec<StorePath>>,
-    /// Layers written and hashed by this build (the others were remembered).
+    /// Layers hashed by this build (the others were remembered).
     pub layers_written: usize,
-    /// Whether the whole image was remembered from an earlier build.
-    pub cached: bool,
 }
 
 /// Paths in popularity order (most popular first, ties by name), given each path's references.
@@ -163,84 +132,6 @@ pub fn group_layers(order: Vec<StorePath>, n: usize) -> Vec<Vec<StorePath>> {
     out
 }
 
-fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_mtime(1);
-    h.set_uid(0);
-    h.set_gid(0);
-    h
-}
-
-/// Writes the reproducible tar of `paths` (and of the store directory's components).
-pub fn write_layer(images: &Images, paths: &[StorePath], out: impl Write) -> Result<()> {
-    let io_err = |path: &Path, source: io::Error| ImageError::Io { path: path.display().to_string(), source };
-    let mut b = tar::Builder::new(out);
-    let dir = images.store.store_dir().as_str().trim_start_matches('/').to_owned();
-    let mut prefix = String::new();
-    for comp in dir.split('/').filter(|c| !c.is_empty()) {
-        prefix.push_str(comp);
-        prefix.push('/');
-        let mut h = tar_header(tar::EntryType::Directory, 0o755, 0);
-        b.append_data(&mut h, &prefix, io::empty()).map_err(|e| io_err(Path::new(&prefix), e))?;
-    }
-    let mut sorted: Vec<&StorePath> = paths.iter().collect();
-    sorted.sort_by_key(|p| p.base_name());
-    fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, name: &str) -> Result<()> {
-        let io_err = |source: io::Error| ImageError::Io { path: real.display().to_string(), source };
-        let m = fs::symlink_metadata(real).map_err(io_err)?;
-        let ft = m.file_type();
-        if ft.is_symlink() {
-            let target = fs::read_link(real).map_err(io_err)?;
-            let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
-            b.append_link(&mut h, name, &target).map_err(io_err)?;
-        } else if ft.is_dir() {
-            let mut h = tar_header(tar::EntryType::Directory, 0o555, 0);
-            b.append_data(&mut h, format!("{name}/"), io::empty()).map_err(io_err)?;
-            let mut entries: Vec<_> =
-                fs::read_dir(real).map_err(io_err)?.collect::<io::Result<Vec<_>>>().map_err(io_err)?;
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let child = format!("{name}/{}", e.file_name().to_string_lossy());
-                walk(b, &e.path(), &child)?;
-            }
-        } else {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = if m.permissions().mode() & 0o111 != 0 { 0o555 } else { 0o444 };
-            let mut h = tar_header(tar::EntryType::Regular, mode, m.len());
-            let f = fs::File::open(real).map_err(io_err)?;
-            b.append_data(&mut h, name, f).map_err(io_err)?;
-        }
-        Ok(())
-    }
-    for p in sorted {
-        walk(&mut b, &images.store.real_path(p), &format!("{dir}/{}", p.base_name()))?;
-    }
-    b.into_inner().and_then(|mut w| w.flush()).map_err(|e| io_err(Path::new("layer"), e))?;
-    Ok(())
-}
-
-/// Hashes what passes into a file.
-struct HashingFile {
-    file: fs::File,
-    hasher: Hasher,
-    size: u64,
-}
-
-impl Write for HashingFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
 fn memo_key(parts: &[&str]) -> Hash {
     let mut h = Hasher::new(HashAlgo::Sha256);
     for p in parts {
@@ -250,89 +141,129 @@ fn memo_key(parts: &[&str]) -> Hash {
     h.finish()
 }
 
-/// A layer as its memo records it: the blob, and the digest of the uncompressed tar (its diff
-/// id), which a compressed blob's own digest does not give.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct LayerRecord {
-    digest: String,
-    size: u64,
-    diff_id: String,
-    media_type: String,
-}
-
-fn temp_err(source: io::Error) -> ImageError {
-    ImageError::Io { path: "a temporary file".into(), source }
-}
-
-/// The layer holding `paths`: remembered, or written, hashed, compressed and added now.
-/// Returns its descriptor, its diff id and whether it was written.
-fn layer_blob(
-    images: &Images,
-    paths: &[StorePath],
-    compression: LayerCompression,
-    roots: &mut TempRootGuardSet,
-) -> Result<(Descriptor, Digest, bool)> {
-    let dir = images.store.store_dir();
+/// The memo key of the layer of `paths`.
+fn layer_key(dir: &StoreDir, paths: &[StorePath], compression: LayerCompression) -> Hash {
     let mut names: Vec<String> = paths.iter().map(|p| p.base_name()).collect();
     names.sort();
     let mut parts = vec![FORMAT, "layer", dir.as_str(), compression.name()];
     parts.extend(names.iter().map(String::as_str));
-    let key = memo_key(&parts);
-    // The memo points at a small text path recording the layer and referring to its blob.
-    if let Some((record, guard)) = images.store.memo(Memo::Layer, &key)? {
-        let bytes = fs::read(images.store.real_path(&record)).unwrap_or_default();
-        if let Ok(r) = serde_json::from_slice::<LayerRecord>(&bytes) {
-            if let (Ok(d), Ok(diff)) = (Digest::parse(&r.digest), Digest::parse(&r.diff_id)) {
-                roots.hold(guard);
-                roots.hold(images.root_blobs([&d]));
-                if images.has_blob(&d)? {
-                    return Ok((descriptor(&r.media_type, d, r.size), diff, false));
-                }
-            }
-        }
-    }
-    let tmp = tempfile::tempfile().map_err(temp_err)?;
-    let mut w = HashingFile { file: tmp, hasher: Hasher::new(HashAlgo::Sha256), size: 0 };
-    write_layer(images, paths, &mut w)?;
-    let HashingFile { mut file, hasher, size } = w;
-    let diff_id = Digest::from_hash(&hasher.finish()).expect("sha256");
-    io::Seek::seek(&mut file, io::SeekFrom::Start(0)).map_err(temp_err)?;
-    let (mut blob, digest, blob_size) = match compression {
-        LayerCompression::None => (file, diff_id.clone(), size),
-        c => {
-            let out = tempfile::tempfile().map_err(temp_err)?;
-            let mut hw = HashingFile { file: out, hasher: Hasher::new(HashAlgo::Sha256), size: 0 };
-            let mut input = io::BufReader::with_capacity(1 << 20, file);
-            if c == LayerCompression::Gzip {
-                let mut e = flate2::write::GzEncoder::new(&mut hw, flate2::Compression::new(6));
-                io::copy(&mut input, &mut e).map_err(temp_err)?;
-                e.finish().map_err(temp_err)?;
-            } else {
-                let mut e = zstd::stream::write::Encoder::new(&mut hw, 3).map_err(temp_err)?;
-                io::copy(&mut input, &mut e).map_err(temp_err)?;
-                e.finish().map_err(temp_err)?;
-            }
-            let HashingFile { mut file, hasher, size } = hw;
-            io::Seek::seek(&mut file, io::SeekFrom::Start(0)).map_err(temp_err)?;
-            (file, Digest::from_hash(&hasher.finish()).expect("sha256"), size)
-        }
-    };
-    roots.hold(images.root_blobs([&digest]));
-    let info = images.add_blob(&digest, blob_size, io::BufReader::with_capacity(1 << 20, &mut blob))?;
-    let record = LayerRecord {
-        digest: digest.to_string(),
-        size: blob_size,
-        diff_id: diff_id.to_string(),
-        media_type: compression.media_type().to_owned(),
-    };
-    let text = serde_json::to_vec(&record).expect("records serialise");
-    let refs: BTreeSet<StorePath> = [info.path.clone()].into();
-    let rec = images.store.add_text("oci-layer-record", &text, &refs)?;
-    images.store.remember(Memo::Layer, &key, &rec.path)?;
-    Ok((descriptor(compression.media_type(), digest, blob_size), diff_id, true))
+    memo_key(&parts)
 }
 
+/// A store layer of a build: its description's path and what it describes.
+struct StoreLayer {
+    path: StorePath,
+    recipe: LayerRecipe,
+}
+
+/// The remembered description of the layer of `paths`, if any (rooted in `roots`).
+fn remembered_layer(
+    images: &Images,
+    paths: &[StorePath],
+    compression: LayerCompression,
+    roots: &mut TempRootGuardSet,
+) -> Result<Option<StoreLayer>> {
+    let key = layer_key(images.store.store_dir(), paths, compression);
+    let Some((path, guard)) = images.store.memo(Memo::Layer, &key)? else { return Ok(None) };
+    let shown = images.store.store_dir().display(&path);
+    let bytes = fs::read(images.store.real_path(&path))
+        .map_err(|source| ImageError::Io { path: shown.clone(), source })?;
+    match LayerRecipe::parse(&bytes, &shown) {
+        Ok(recipe) => {
+            roots.hold(guard);
+            Ok(Some(StoreLayer { path, recipe }))
+        }
+        // A description of another format: made again below.
+        Err(e) => {
+            tracing::debug!("layer memo not used: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Describes the layer of `paths` now and keeps the description (a text path referring to the
+/// paths), remembered by its paths and by its digest.
+fn new_layer(
+    images: &Images,
+    paths: &[StorePath],
+    compression: LayerCompression,
+    roots: &mut TempRootGuardSet,
+) -> Result<StoreLayer> {
+    let recipe = describe(&images.store, paths, compression)?;
+    let text = serde_json::to_vec_pretty(&recipe).expect("descriptions serialise");
+    let refs: BTreeSet<StorePath> = paths.iter().cloned().collect();
+    let info = images.store.add_text(&streamed_layer_name(&recipe.digest()), &text, &refs)?;
+    roots.hold(images.store.temp_root([info.path.clone()]));
+    let dir = images.store.store_dir();
+    images.store.remember(Memo::Layer, &layer_key(dir, paths, compression), &info.path)?;
+    images.store.remember(Memo::StreamedLayer, &recipe.digest().to_hash(), &info.path)?;
+    Ok(StoreLayer { path: info.path, recipe })
+}
+
+/// The layers of `groups`, in order: remembered ones looked up, the others described on as
+/// many threads as there are cores (largest first). Returns how many were described now.
+fn store_layers(
+    images: &Images,
+    groups: &[Vec<StorePath>],
+    compression: LayerCompression,
+    roots: &mut TempRootGuardSet,
+) -> Result<(Vec<StoreLayer>, usize)> {
+    let mut found: Vec<Option<StoreLayer>> = Vec::with_capacity(groups.len());
+    for g in groups {
+        found.push(remembered_layer(images, g, compression, roots)?);
+    }
+    let mut todo: Vec<(usize, u64)> = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        if found[i].is_none() {
+            let mut size = 0;
+            for p in g {
+                size += images.store.valid_path_info(p)?.nar_size;
+            }
+            todo.push((i, size));
+        }
+    }
+    todo.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let described = todo.len();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(todo.len()).max(1);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<(StoreLayer, TempRootGuardSet)>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(i, _)) = todo.get(k) else { break };
+                let mut r = TempRootGuardSet::default();
+                let made = new_layer(images, &groups[i], compression, &mut r).map(|l| (l, r));
+                let failed = made.is_err();
+                results.lock().expect("results poisoned").push((i, made));
+                if failed {
+                    // Stop the others from starting more.
+                    next.store(todo.len(), Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    for (i, made) in results.into_inner().expect("results poisoned") {
+        let (layer, r) = made?;
+        roots.extend(r);
+        found[i] = Some(layer);
+    }
+    let layers = found.into_iter().map(|l| l.expect("every layer remembered or described")).collect();
+    Ok((layers, described))
+}
+
+/// Stores a streamed layer's bytes as a blob (made again from its paths and checked).
+fn materialise(images: &Images, layer: &StoreLayer, roots: &mut TempRootGuardSet) -> Result<()> {
+    let d = layer.recipe.digest();
+    roots.hold(images.root_blobs([&d]));
+    if images.store.is_valid(&images.blob_path(&d))? {
+        return Ok(());
+    }
+    let reader = LayerReader::open(images.store.clone(), &layer.recipe)?;
+    images.add_blob(&d, layer.recipe.size, io::BufReader::with_capacity(1 << 20, reader))?;
+    Ok(())
+}
 fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
     Descriptor { media_type: media_type.to_owned(), digest, size, platform: None, annotations: Default::default() }
 }
@@ -367,11 +298,154 @@ fn store_json(
     Ok(descriptor(media_type, d, bytes.len() as u64))
 }
 
-/// Builds (or finds) the image of `opts`' closure.
-pub fn build(images: &Images, opts: &BuildOptions) -> Result<Built> {
+/// The layers left for store paths.
+fn budget(max_layers: usize, base_layers: usize) -> Result<usize> {
+    max_layers.checked_sub(base_layers + 1).filter(|b| *b >= 1).ok_or_else(|| {
+        ImageError::BadBuild(format!(
+            "--max-layers {max_layers} leaves no layer for the store paths ({base_layers} in the base image, 1 for /etc and /tmp)"
+        ))
+    })
+}
+
+/// Refuses options no build could follow, before a derivation is written for them.
+pub fn check(images: &Images, opts: &BuildOptions) -> Result<()> {
+    let base_layers = match &opts.from {
+        Some(img) => images
+            .image_manifests(img)?
+            .first()
+            .map(|(_, m)| m.layers().len())
+            .ok_or_else(|| ImageError::NotAnImage(images.store.store_dir().display(&img.layout)))?,
+        None => 0,
+    };
+    budget(opts.max_layers, base_layers).map(|_| ())
+}
+
+/// The image derivation of `opts`, its output paths not yet filled in (the store completes it).
+/// Its inputs are the closure's roots and the base image's layout; its environment every
+/// option, so that any change of input or option is another derivation.
+pub fn derivation(dir: &StoreDir, opts: &BuildOptions) -> Derivation {
+    let json = |v: &Vec<String>| serde_json::to_string(v).expect("strings serialise");
+    let mut roots: Vec<String> = opts.paths.iter().map(|p| dir.display(p)).collect();
+    roots.sort();
+    roots.dedup();
+    let mut input_srcs: BTreeSet<String> = roots.iter().cloned().collect();
+    let from = opts.from.as_ref().map(|img| dir.display(&img.layout)).unwrap_or_default();
+    if !from.is_empty() {
+        input_srcs.insert(from.clone());
+    }
+    let env: BTreeMap<String, String> = [
+        ("name", NAME.to_owned()),
+        ("builder", BUILTIN.to_owned()),
+        ("system", "builtin".to_owned()),
+        ("format", FORMAT.to_owned()),
+        ("paths", roots.join(" ")),
+        ("from", from),
+        ("maxLayers", opts.max_layers.to_string()),
+        ("entrypoint", json(&opts.entrypoint)),
+        ("cmd", json(&opts.cmd)),
+        ("env", json(&opts.env)),
+        ("compression", opts.compression.name().to_owned()),
+        ("materialise", if opts.materialise { "1" } else { "" }.to_owned()),
+        ("architecture", cairn_oci::Platform::host().architecture),
+        ("out", String::new()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Derivation {
+        outputs: [("out".to_owned(), DerivationOutput { path: String::new(), hash_algo: String::new(), hash: String::new() })]
+            .into(),
+        input_drvs: BTreeMap::new(),
+        input_srcs,
+        platform: "builtin".to_owned(),
+        builder: BUILTIN.to_owned(),
+        args: Vec::new(),
+        env,
+    }
+}
+
+/// The options an image derivation was written with.
+pub fn options_of(images: &Images, drv: &Derivation) -> Result<BuildOptions> {
+    let dir = images.store.store_dir();
+    let bad = |why: String| ImageError::BadBuild(format!("not an image derivation: {why}"));
+    let var = |k: &str| drv.env.get(k).ok_or_else(|| bad(format!("no '{k}'")));
+    let list = |k: &str| -> Result<Vec<String>> {
+        serde_json::from_str(var(k)?).map_err(|e| bad(format!("'{k}' is not a JSON list of strings: {e}")))
+    };
+    if var("format")? != FORMAT {
+        return Err(bad(format!("written for format '{}', this cairn builds '{FORMAT}'", var("format")?)));
+    }
+    let paths = var("paths")?
+        .split_whitespace()
+        .map(|p| dir.parse(p).map_err(|e| bad(format!("path '{p}': {e}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let from = match var("from")?.as_str() {
+        "" => None,
+        f => Some(images.load(&dir.parse(f).map_err(|e| bad(format!("base '{f}': {e}")))?)?),
+    };
+    Ok(BuildOptions {
+        compression: LayerCompression::parse(var("compression")?)?,
+        paths,
+        from,
+        max_layers: var("maxLayers")?.parse().map_err(|_| bad("'maxLayers' is not a number".into()))?,
+        entrypoint: list("entrypoint")?,
+        cmd: list("cmd")?,
+        env: list("env")?,
+        materialise: !var("materialise")?.is_empty(),
+    })
+}
+
+/// The store paths of each store layer of an image (those that are streamed or remembered).
+pub fn layer_paths(images: &Images, img: &Image) -> Result<Vec<Vec<StorePath>>> {
+    let dir = images.store.store_dir();
+    let mut out = Vec::new();
+    for (_, m) in images.image_manifests(img)?.into_iter().take(1) {
+        for l in m.layers() {
+            let Some(b) = images.blob_of(img, &l.digest)? else { continue };
+            let recipe = match b.source {
+                crate::images::BlobSource::Streamed(r) => Some(*r),
+                crate::images::BlobSource::File(_) => None,
+            };
+            if let Some(r) = recipe {
+                out.push(r.paths.iter().filter_map(|n| dir.parse(&format!("{}/{n}", dir.as_str())).ok()).collect());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Builds the image a derivation describes and registers it at its output path `out` (the
+/// layout, with `drv_path` as deriver).
+pub fn build_output(images: &Images, drv_path: &StorePath, drv: &Derivation, out: &StorePath) -> Result<Built> {
+    let opts = options_of(images, drv)?;
+    let mut roots = TempRootGuardSet::default();
+    let (layout, built) = build_layout(images, &opts, &mut roots)?;
+    let dir = images.store.store_dir();
+    let nar = layout.nar(dir);
+    let info = PathInfo {
+        path: out.clone(),
+        nar_hash: Hash::digest(HashAlgo::Sha256, &nar),
+        nar_size: nar.len() as u64,
+        references: layout.references(dir),
+        deriver: Some(drv_path.clone()),
+        registration_time: 0,
+        ultimate: true,
+        signatures: BTreeSet::new(),
+        ca: None,
+    };
+    let batch = images.store.build_batch()?;
+    batch.add_nar_with_info::<_, cairn_store::StoreError>(info, &nar[..], |_| Ok(()))?;
+    let committed = batch.commit()?;
+    if let Some((_, missing)) = committed.incomplete.first() {
+        return Err(ImageError::BadBuild(format!("the layout's reference '{}' is not valid", dir.display(missing))));
+    }
+    Ok(built)
+}
+
+/// Makes every blob of the image of `opts` (or finds it remembered) and returns its layout.
+pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGuardSet) -> Result<(Layout, Built)> {
     let store = &images.store;
     let dir = store.store_dir().clone();
-    let mut roots = TempRootGuardSet::default();
     roots.hold(store.temp_root(opts.paths.clone()));
     let closure = store.walk(&opts.paths, Direction::References)?;
     let mut refs = BTreeMap::new();
@@ -380,6 +454,7 @@ pub fn build(images: &Images, opts: &BuildOptions) -> Result<Built> {
     }
     let base = match &opts.from {
         Some(img) => {
+            roots.hold(store.temp_root([img.layout.clone()]));
             let (desc, m) = images
                 .image_manifests(img)?
                 .into_iter()
@@ -393,31 +468,8 @@ pub fn build(images: &Images, opts: &BuildOptions) -> Result<Built> {
         None => None,
     };
     let base_layers = base.as_ref().map(|(_, m, _)| m.layers().len()).unwrap_or(0);
-    let budget = opts.max_layers.checked_sub(base_layers + 1).filter(|b| *b >= 1).ok_or_else(|| {
-        ImageError::BadBuild(format!(
-            "--max-layers {} leaves no layer for the store paths ({base_layers} in the base image, 1 for /etc and /tmp)",
-            opts.max_layers
-        ))
-    })?;
-
-    // The whole build, remembered by everything it reads.
-    let mut roots_sorted: Vec<String> = opts.paths.iter().map(|p| dir.display(p)).collect();
-    roots_sorted.sort();
-    let inputs = serde_json::json!({
-        "paths": roots_sorted, "maxLayers": opts.max_layers, "entrypoint": opts.entrypoint, "cmd": opts.cmd,
-        "env": opts.env, "compression": opts.compression.name(), "from": base.as_ref().map(|(d, _, _)| d.digest.to_string()), "arch": cairn_oci::Platform::host().architecture,
-    })
-    .to_string();
-    let key = memo_key(&[FORMAT, "image", dir.as_str(), &inputs]);
+    let budget = budget(opts.max_layers, base_layers)?;
     let groups = group_layers(popularity_order(&dir, &refs), budget);
-    if let Some((layout, guard)) = store.memo(Memo::ImageBuild, &key)? {
-        roots.hold(guard);
-        let image = images.load(&layout)?;
-        if let Some(t) = &opts.tag {
-            store.set_tag(&t.file_name(), &layout)?;
-        }
-        return Ok(Built { image, layers: groups, layers_written: 0, cached: true });
-    }
 
     let mut layer_descs: Vec<Descriptor> = base.as_ref().map(|(_, m, _)| m.layers().to_vec()).unwrap_or_default();
     let mut diff_ids: Vec<String> = match &base {
@@ -430,12 +482,16 @@ pub fn build(images: &Images, opts: &BuildOptions) -> Result<Built> {
     if diff_ids.len() != base_layers {
         return Err(ImageError::BadBuild("the base image's config does not list a diff id per layer".into()));
     }
-    let mut written = 0;
-    for g in &groups {
-        let (d, diff_id, new) = layer_blob(images, g, opts.compression, &mut roots)?;
-        written += new as usize;
-        diff_ids.push(diff_id.to_string());
-        layer_descs.push(d);
+    let (layers, written) = store_layers(images, &groups, opts.compression, roots)?;
+    let mut hints = BTreeMap::new();
+    for l in &layers {
+        if opts.materialise {
+            materialise(images, l, roots)?;
+        }
+        let r = &l.recipe;
+        diff_ids.push(r.diff_id.clone());
+        layer_descs.push(descriptor(&r.media_type, r.digest(), r.size));
+        hints.insert(r.digest(), l.path.clone());
     }
     let custom = customisation_layer()?;
     let cd = Digest::sha256_of(&custom);
@@ -469,17 +525,17 @@ pub fn build(images: &Images, opts: &BuildOptions) -> Result<Built> {
         o.remove("history");
         o.remove("created");
     }
-    let config_desc = store_json(images, CONFIG, &config, &mut roots)?;
+    let config_desc = store_json(images, CONFIG, &config, roots)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": config_desc.to_json(),
         "layers": layer_descs.iter().map(Descriptor::to_json).collect::<Vec<_>>(),
     });
-    let manifest_desc = store_json(images, OCI_MANIFEST, &manifest, &mut roots)?;
-    let image = images.commit(vec![manifest_desc], opts.tag.as_ref())?;
-    store.remember(Memo::ImageBuild, &key, &image.layout)?;
-    Ok(Built { image, layers: groups, layers_written: written, cached: false })
+    let manifest_desc = store_json(images, OCI_MANIFEST, &manifest, roots)?;
+    // With `materialise`, the blob paths exist now and are linked in place of the descriptions.
+    let layout = images.layout_of(vec![manifest_desc], &hints, roots)?;
+    Ok((layout, Built { layers_written: written }))
 }
 
 #[cfg(test)]

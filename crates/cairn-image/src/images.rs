@@ -5,14 +5,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Read;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use cairn_nix::StorePath;
-use cairn_oci::layout::{self, blob_name, blob_path, digest_of_blob_name};
+use cairn_oci::layout::{self, blob_name, blob_path, digest_of_blob_name, digest_of_streamed_layer_name};
 use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest, ManifestKind};
 use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
-use cairn_store::{LocalStore, TempRootGuard};
+use cairn_store::{LocalStore, Memo, TempRootGuard};
 
+use crate::streamed::{LayerReader, LayerRecipe};
 use crate::{ImageError, Result};
 
 /// A stored image: its layout path and the manifests its `index.json` lists.
@@ -22,6 +24,31 @@ pub struct Image {
     pub manifests: Vec<Descriptor>,
     /// Every blob the layout links to.
     pub blobs: BTreeSet<Digest>,
+    /// The streamed layers among them, with the paths of their descriptions.
+    pub streamed: BTreeMap<Digest, StorePath>,
+}
+
+/// Where a blob's bytes come from.
+pub enum BlobSource {
+    /// A blob path's file.
+    File(PathBuf),
+    /// A streamed layer, made from store paths when read.
+    Streamed(Box<LayerRecipe>),
+}
+
+/// A blob found in the store, rooted while this is held.
+pub struct Blob {
+    /// The blob path, or the streamed layer's description.
+    pub path: StorePath,
+    pub size: u64,
+    pub source: BlobSource,
+    _root: TempRootGuard,
+}
+
+impl Blob {
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.source, BlobSource::Streamed(_))
+    }
 }
 
 impl Image {
@@ -52,9 +79,61 @@ impl Images {
         self.store.temp_root(digests.into_iter().map(|d| self.blob_path(d)).collect::<Vec<_>>())
     }
 
-    /// Whether a blob is in the store.
+    /// Whether a blob is in the store (as a blob path or a streamed layer).
     pub fn has_blob(&self, d: &Digest) -> Result<bool> {
-        Ok(self.store.is_valid(&self.blob_path(d))?)
+        Ok(self.find_blob(d, None)?.is_some())
+    }
+
+    /// A blob by digest: its blob path if valid, else the streamed layer `hint` names (an
+    /// image's link) or the one remembered for the digest.
+    pub fn find_blob(&self, d: &Digest, hint: Option<&StorePath>) -> Result<Option<Blob>> {
+        let path = self.blob_path(d);
+        let root = self.store.temp_root([path.clone()]);
+        if self.store.is_valid(&path)? {
+            let real = self.store.real_path(&path);
+            let m = fs::symlink_metadata(&real)
+                .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+            return Ok(Some(Blob { path, size: m.len(), source: BlobSource::File(real), _root: root }));
+        }
+        drop(root);
+        let (recipe_path, root) = match hint {
+            Some(h) => {
+                let root = self.store.temp_root([h.clone()]);
+                if !self.store.is_valid(h)? {
+                    return Ok(None);
+                }
+                (h.clone(), root)
+            }
+            None => match self.store.memo(Memo::StreamedLayer, &d.to_hash())? {
+                Some(found) => found,
+                None => return Ok(None),
+            },
+        };
+        let shown = self.store.store_dir().display(&recipe_path);
+        let real = self.store.real_path(&recipe_path);
+        let bytes = fs::read(&real).map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+        let recipe = LayerRecipe::parse(&bytes, &shown)?;
+        if recipe.digest != d.to_string() {
+            return Err(ImageError::BadLayer(format!("{shown} describes layer {}, not {d}", recipe.digest)));
+        }
+        Ok(Some(Blob { path: recipe_path, size: recipe.size, source: BlobSource::Streamed(Box::new(recipe)), _root: root }))
+    }
+
+    /// A blob of `img`.
+    pub fn blob_of(&self, img: &Image, d: &Digest) -> Result<Option<Blob>> {
+        self.find_blob(d, img.streamed.get(d))
+    }
+
+    /// A blob's bytes: its file, or the streamed layer made now (and checked as it ends).
+    pub fn open_blob(&self, b: &Blob) -> Result<Box<dyn Read + Send>> {
+        match &b.source {
+            BlobSource::File(real) => {
+                let f = fs::File::open(real)
+                    .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+                Ok(Box::new(f))
+            }
+            BlobSource::Streamed(r) => Ok(Box::new(LayerReader::open(self.store.clone(), r)?)),
+        }
     }
 
     /// Adds a blob's bytes, refused unless they have `digest` and `size`.
@@ -86,9 +165,16 @@ impl Images {
     }
 
     /// Every blob `top` reaches (itself included), each checked to be in the store with the
-    /// size its descriptor gives; manifests are parsed as they are met.
-    pub fn closure(&self, top: &[Descriptor], roots: &mut TempRootGuardSet) -> Result<BTreeSet<Digest>> {
+    /// size its descriptor gives, and the streamed layers among them (found through `hints`
+    /// first); manifests are parsed as they are met.
+    pub fn closure(
+        &self,
+        top: &[Descriptor],
+        hints: &BTreeMap<Digest, StorePath>,
+        roots: &mut TempRootGuardSet,
+    ) -> Result<(BTreeSet<Digest>, BTreeMap<Digest, StorePath>)> {
         let mut seen = BTreeSet::new();
+        let mut streamed = BTreeMap::new();
         let mut todo: Vec<(Descriptor, String)> = top.iter().map(|d| (d.clone(), "the image".to_owned())).collect();
         while let Some((d, referrer)) = todo.pop() {
             if !seen.insert(d.digest.clone()) {
@@ -103,37 +189,52 @@ impl Images {
                     todo.push((c, name.clone()));
                 }
             } else {
-                let Some(size) = self.blob_size(&d.digest)? else {
+                let Some(blob) = self.find_blob(&d.digest, hints.get(&d.digest))? else {
                     return Err(ImageError::MissingBlob { digest: d.digest.to_string(), referrer });
                 };
-                if size != d.size {
+                if blob.size != d.size {
                     return Err(ImageError::BlobSize {
                         digest: d.digest.to_string(),
                         referrer,
                         expected: d.size,
-                        actual: size,
+                        actual: blob.size,
                     });
                 }
+                if blob.is_streamed() {
+                    streamed.insert(d.digest.clone(), blob.path.clone());
+                }
+                roots.hold(blob._root);
             }
         }
-        Ok(seen)
+        Ok((seen, streamed))
     }
 
     /// Makes the layout of `manifests` (each stored, as is everything they reach) and points
     /// `tag` at it.
     pub fn commit(&self, manifests: Vec<Descriptor>, tag: Option<&TagName>) -> Result<Image> {
-        if manifests.is_empty() {
-            return Err(cairn_oci::OciError::BadLayout("an image needs at least one manifest".into()).into());
-        }
         let mut roots = TempRootGuardSet::default();
-        let blobs = self.closure(&manifests, &mut roots)?;
-        let l = layout::Layout { manifests, blobs };
+        let l = self.layout_of(manifests, &BTreeMap::new(), &mut roots)?;
         let dir = self.store.store_dir();
         let info = self.store.add_nar_with_references(&l.name(), &l.nar(dir)[..], &l.references(dir))?;
         if let Some(t) = tag {
             self.store.set_tag(&t.file_name(), &info.path)?;
         }
-        Ok(Image { layout: info.path, manifests: l.manifests, blobs: l.blobs })
+        Ok(Image { layout: info.path, manifests: l.manifests, blobs: l.blobs, streamed: l.streamed })
+    }
+
+    /// The layout of `manifests`, everything they reach checked present (streamed layers found
+    /// through `hints` first) and rooted in `roots`.
+    pub fn layout_of(
+        &self,
+        manifests: Vec<Descriptor>,
+        hints: &BTreeMap<Digest, StorePath>,
+        roots: &mut TempRootGuardSet,
+    ) -> Result<layout::Layout> {
+        if manifests.is_empty() {
+            return Err(cairn_oci::OciError::BadLayout("an image needs at least one manifest".into()).into());
+        }
+        let (blobs, streamed) = self.closure(&manifests, hints, roots)?;
+        Ok(layout::Layout { manifests, blobs, streamed })
     }
 
     /// Deletes blobs an operation added before it failed (those nothing else uses by now).
@@ -158,8 +259,15 @@ impl Images {
         if manifests.is_empty() {
             return Err(ImageError::NotAnImage(shown));
         }
-        let blobs = info.references.iter().filter_map(|r| digest_of_blob_name(r.name())).collect();
-        Ok(Image { layout: layout.clone(), manifests, blobs })
+        let mut blobs: BTreeSet<Digest> =
+            info.references.iter().filter_map(|r| digest_of_blob_name(r.name())).collect();
+        let streamed: BTreeMap<Digest, StorePath> = info
+            .references
+            .iter()
+            .filter_map(|r| digest_of_streamed_layer_name(r.name()).map(|d| (d, r.clone())))
+            .collect();
+        blobs.extend(streamed.keys().cloned());
+        Ok(Image { layout: layout.clone(), manifests, blobs, streamed })
     }
 
     /// What a user names: a layout's store path, an image digest (of a tagged image), or a tag.
@@ -214,25 +322,18 @@ impl Images {
             .collect())
     }
 
-    /// The sum of a set of blobs' sizes.
-    pub fn size_of(&self, blobs: &BTreeSet<Digest>) -> Result<u64> {
+    /// The sum of an image's blobs' sizes.
+    pub fn size_of(&self, img: &Image) -> Result<u64> {
         let mut total = 0;
-        for d in blobs {
-            total += self.blob_size(d)?.unwrap_or(0);
+        for d in &img.blobs {
+            total += self.blob_of(img, d)?.map(|b| b.size).unwrap_or(0);
         }
         Ok(total)
     }
 
-    /// The size of a stored blob, or `None` if it is not valid.
+    /// The size of a stored blob (or streamed layer), or `None` if it is not in the store.
     pub fn blob_size(&self, d: &Digest) -> Result<Option<u64>> {
-        let path = self.blob_path(d);
-        if !self.store.is_valid(&path)? {
-            return Ok(None);
-        }
-        let real = self.store.real_path(&path);
-        let m = fs::symlink_metadata(&real)
-            .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
-        Ok(Some(m.len()))
+        Ok(self.find_blob(d, None)?.map(|b| b.size))
     }
 
     /// Every image manifest an image holds (an index's entries that are stored, recursively),
@@ -263,5 +364,9 @@ pub struct TempRootGuardSet(Vec<TempRootGuard>);
 impl TempRootGuardSet {
     pub fn hold(&mut self, g: TempRootGuard) {
         self.0.push(g);
+    }
+
+    pub fn extend(&mut self, other: TempRootGuardSet) {
+        self.0.extend(other.0);
     }
 }

@@ -19,6 +19,7 @@ pub mod images;
 pub mod pull;
 pub mod push;
 pub mod registry;
+pub mod streamed;
 pub mod unpack;
 
 pub use images::Images;
@@ -58,6 +59,8 @@ pub enum ImageError {
     ManifestDigest { registry: String, reference: String, expected: String, actual: String },
     #[error("{0}")]
     BadAutomaton(String),
+    #[error("{0}")]
+    BadLayer(String),
     #[error("cannot build the image: {0}")]
     BadBuild(String),
     #[error("{registry}: needs credentials for {scope} (pass --creds USER:PASS or add them to auth.json)")]
@@ -80,6 +83,7 @@ impl ImageError {
                 | ImageError::BlobSize { .. }
                 | ImageError::ManifestDigest { .. }
                 | ImageError::BadBuild(_)
+                | ImageError::BadLayer(_)
                 | ImageError::BadAutomaton(_)
                 | ImageError::Store(StoreError::ContentMismatch { .. } | StoreError::SizeMismatch { .. })
         ) || matches!(self, ImageError::Unpack(u) if u.is_bad_input())

@@ -12,12 +12,36 @@ use std::sync::Arc;
 use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest};
 use cairn_oci::reference::Reference;
 use cairn_oci::Digest;
-use tokio_util::io::ReaderStream;
 
 use crate::images::{Image, Images};
 use crate::pull::Progress;
 use crate::registry::Registry;
 use crate::{ImageError, Result};
+
+/// A blocking reader read on the blocking pool, as a stream of chunks of up to 1 MiB.
+pub fn blocking_stream(
+    mut r: Box<dyn std::io::Read + Send>,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || loop {
+        let mut buf = vec![0u8; 1 << 20];
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.truncate(n);
+                if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                break;
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
 
 /// What a push did.
 #[derive(Debug)]
@@ -97,8 +121,10 @@ pub async fn push(
     let mounted = Arc::new(AtomicU64::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    let shared = Arc::new(img.clone());
     for d in blobs {
         let (images, reg, sem, progress) = (images.clone(), reg.clone(), sem.clone(), progress.clone());
+        let img = shared.clone();
         let (uploaded, uploaded_bytes, skipped, mounted) =
             (uploaded.clone(), uploaded_bytes.clone(), skipped.clone(), mounted.clone());
         let mount_from = mount_from.clone();
@@ -119,16 +145,25 @@ pub async fn push(
                 done(&progress);
                 return Ok(());
             };
-            let real = images.store.real_path(&images.blob_path(&d.digest));
+            // A stored blob's file, or a streamed layer made as it is sent (its last chunk fails,
+            // and so the upload, unless the bytes have the digest).
+            let (im, img, digest) = (images.clone(), img.clone(), d.digest.clone());
+            let (_blob, reader) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let blob = im
+                    .blob_of(&img, &digest)?
+                    .ok_or_else(|| ImageError::MissingBlob { digest: digest.to_string(), referrer: "the image".into() })?;
+                let reader = im.open_blob(&blob)?;
+                Ok((blob, reader))
+            })
+            .await
+            .map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() })??;
+            let stream = blocking_stream(reader);
             match chunk_size {
-                Some(c) if d.size > c => reg.put_blob_chunked(&location, &d.digest, &real, d.size, c.max(1)).await?,
-                _ => {
-                    let file = tokio::fs::File::open(&real)
-                        .await
-                        .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
-                    let body = reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, 1 << 20));
-                    reg.put_blob(&location, &d.digest, d.size, body).await?;
+                Some(c) if d.size > c => {
+                    let reader = tokio_util::io::StreamReader::new(Box::pin(stream));
+                    reg.put_blob_chunked(&location, &d.digest, reader, d.size, c.max(1)).await?
                 }
+                _ => reg.put_blob(&location, &d.digest, d.size, reqwest::Body::wrap_stream(stream)).await?,
             }
             uploaded.fetch_add(1, Ordering::Relaxed);
             uploaded_bytes.fetch_add(d.size, Ordering::Relaxed);

@@ -380,14 +380,12 @@ impl Registry {
         &self,
         location: &str,
         digest: &Digest,
-        file: &std::path::Path,
+        mut f: impl tokio::io::AsyncRead + Unpin,
         size: u64,
         chunk: u64,
     ) -> Result<()> {
         use tokio::io::AsyncReadExt;
-        let mut f = tokio::fs::File::open(file)
-            .await
-            .map_err(|source| ImageError::Io { path: file.display().to_string(), source })?;
+        let shown = format!("blob {digest}");
         let mut loc = location.to_owned();
         let mut offset = 0u64;
         while offset < size {
@@ -395,7 +393,7 @@ impl Registry {
             let mut buf = vec![0u8; n as usize];
             f.read_exact(&mut buf)
                 .await
-                .map_err(|source| ImageError::Io { path: file.display().to_string(), source })?;
+                .map_err(|source| ImageError::Io { path: shown.clone(), source })?;
             let r = self
                 .request(Method::PATCH, &loc)
                 .await

@@ -25,7 +25,7 @@
 
 mod layer;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -142,23 +142,24 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
             cached: true,
         });
     }
+    let mut blobs = Vec::with_capacity(layers.len());
     for l in layers {
-        match images.blob_size(&l.digest)? {
+        match images.blob_of(&img, &l.digest)? {
             None => {
                 return Err(ImageError::MissingBlob {
                     digest: l.digest.to_string(),
                     referrer: format!("manifest {}", desc.digest),
                 })
             }
-            Some(size) if size != l.size => {
+            Some(b) if b.size != l.size => {
                 return Err(ImageError::BlobSize {
                     digest: l.digest.to_string(),
                     referrer: format!("manifest {}", desc.digest),
                     expected: l.size,
-                    actual: size,
+                    actual: b.size,
                 })
             }
-            Some(_) => {}
+            Some(b) => blobs.push(b),
         }
     }
 
@@ -166,10 +167,8 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
     let root = scratch.path().join("rootfs");
     fs::create_dir(&root).map_err(|source| UnpackError::Io { op: "create", path: root.clone(), source })?;
     let mut tree = layer::Tree::new(root.clone());
-    for l in layers {
-        let real = store.real_path(&images.blob_path(&l.digest));
-        let file = File::open(&real).map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
-        apply_blob(&mut tree, l, file)?;
+    for (l, b) in layers.iter().zip(&blobs) {
+        apply_blob(&mut tree, l, images.open_blob(b)?)?;
     }
     let name = format!("oci-rootfs-{}", &desc.digest.hex()[..12]);
     let info = add_tree(images, &name, &root)?;

@@ -8,6 +8,14 @@
 //! root included), and the hash parts in them are the layout's references, so the collector
 //! keeps an image's blobs exactly as long as the image.
 //!
+//! A layer that cairn can make again from store paths need not be stored as a blob at all: it
+//! is a *streamed layer*, a small text path named `oci-layer-<alg>-<hex>` that describes the
+//! layer (the paths, the tar options, digest and size) and refers to the paths it holds. A layout
+//! links such a layer's `blobs/<alg>/<hex>` entry to that description instead of to a blob path,
+//! so the layout (and through it the description) keeps the layer's store paths alive; the
+//! layer's bytes are produced when someone reads them through cairn. Such a layout is not a
+//! complete OCI layout on disk: export it (or build with `--materialise`) for one that is.
+//!
 //! The layout's `index.json` lists the image's top manifest (or manifests) without a
 //! `ref.name` annotation: tags live outside the layout, so the same image under two names is
 //! one store path.
@@ -36,18 +44,34 @@ pub fn blob_path(dir: &StoreDir, d: &Digest) -> StorePath {
         .expect("blob names are valid store path names")
 }
 
-/// The digest a blob path's name spells, if it is one.
-pub fn digest_of_blob_name(name: &str) -> Option<Digest> {
-    let rest = name.strip_prefix("oci-blob-")?;
+/// The store path name of a streamed layer's description.
+pub fn streamed_layer_name(d: &Digest) -> String {
+    format!("oci-layer-{}-{}", d.algo().as_str(), d.hex())
+}
+
+fn digest_after(name: &str, prefix: &str) -> Option<Digest> {
+    let rest = name.strip_prefix(prefix)?;
     let (alg, hex) = rest.split_once('-')?;
     Digest::parse(&format!("{alg}:{hex}")).ok()
 }
 
-/// An image layout to be stored: the manifests its `index.json` lists and every blob it holds.
+/// The digest a blob path's name spells, if it is one.
+pub fn digest_of_blob_name(name: &str) -> Option<Digest> {
+    digest_after(name, "oci-blob-")
+}
+
+/// The digest a streamed layer's description is named by, if the name is one.
+pub fn digest_of_streamed_layer_name(name: &str) -> Option<Digest> {
+    digest_after(name, "oci-layer-")
+}
+
+/// An image layout to be stored: the manifests its `index.json` lists, every blob it holds, and
+/// for the streamed layers among them the store path of their description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub manifests: Vec<Descriptor>,
     pub blobs: BTreeSet<Digest>,
+    pub streamed: BTreeMap<Digest, StorePath>,
 }
 
 impl Layout {
@@ -64,9 +88,14 @@ impl Layout {
         index_json(&self.manifests)
     }
 
-    /// The blob paths the layout links to, which are its references.
+    /// The store path a blob entry links to: the blob path, or a streamed layer's description.
+    pub fn target(&self, dir: &StoreDir, d: &Digest) -> StorePath {
+        self.streamed.get(d).cloned().unwrap_or_else(|| blob_path(dir, d))
+    }
+
+    /// The paths the layout links to, which are its references.
     pub fn references(&self, dir: &StoreDir) -> BTreeSet<StorePath> {
-        self.blobs.iter().map(|d| blob_path(dir, d)).collect()
+        self.blobs.iter().map(|d| self.target(dir, d)).collect()
     }
 
     /// The layout serialised as a NAR: `blobs/<alg>/<hex>` symlinks, `index.json`, `oci-layout`.
@@ -85,7 +114,7 @@ impl Layout {
             for (algo, digests) in algos {
                 w.begin_directory(Some(algo.as_str().as_bytes()))?;
                 for d in digests {
-                    let target = format!("../../../{}", blob_path(dir, d).base_name());
+                    let target = format!("../../../{}", self.target(dir, d).base_name());
                     w.symlink(Some(d.hex().as_bytes()), target.as_bytes())?;
                 }
                 w.end_directory()?;
@@ -150,6 +179,8 @@ mod tests {
         assert_eq!(p.name(), format!("oci-blob-sha256-{}", d.hex()));
         assert_eq!(digest_of_blob_name(p.name()), Some(d));
         assert_eq!(digest_of_blob_name("oci-blob-sha256-xyz"), None);
+        assert_eq!(digest_of_streamed_layer_name(&streamed_layer_name(&d)), Some(d.clone()));
+        assert_eq!(digest_of_streamed_layer_name(p.name()), None);
     }
 
     #[test]
@@ -164,13 +195,18 @@ mod tests {
                 platform: None,
                 annotations: Default::default(),
             }],
-            blobs: [m.clone(), Digest::sha256_of(b"l")].into_iter().collect(),
+            blobs: [m.clone(), Digest::sha256_of(b"l"), Digest::sha256_of(b"s")].into_iter().collect(),
+            streamed: [(Digest::sha256_of(b"s"), StorePath::new([7; 20], "oci-layer-sha256-s").unwrap())].into(),
         };
         let nar = layout.nar(&dir);
         // The NAR parses, and the scanner would find each blob's hash part in it.
         let mut r = NarReader::new(&nar[..], Default::default()).unwrap();
         while r.next_event().unwrap().is_some() {}
-        for p in layout.references(&dir) {
+        let refs = layout.references(&dir);
+        assert_eq!(refs.len(), 3);
+        assert!(refs.contains(&StorePath::new([7; 20], "oci-layer-sha256-s").unwrap()));
+        assert!(!refs.contains(&blob_path(&dir, &Digest::sha256_of(b"s"))));
+        for p in refs {
             assert!(nar.windows(32).any(|w| w == p.hash_part().as_bytes()));
         }
         assert_eq!(parse_index(&layout.index_json()).unwrap(), layout.manifests);

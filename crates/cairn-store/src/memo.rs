@@ -2,8 +2,8 @@
 //!
 //! Some results depend only on their inputs and are expensive to make again: an image's
 //! unpacked root filesystem (keyed by its manifest digest), a layer made from store paths (keyed
-//! by the paths and the tar format), an image built from a closure (keyed by everything the build
-//! reads). `cairn-image` remembers, per [`Memo`] kind and key, the store path it produced: a
+//! by the paths and the tar format), a streamed layer's description (keyed by the layer's
+//! digest). `cairn-image` remembers, per [`Memo`] kind and key, the store path it produced: a
 //! symlink `<state>/<kind dir>/<key hex>` to that path. The directories are deliberately outside
 //! `gcroots/`: a cached rootfs is garbage
 //! like any other path once nothing else roots it, and a link left dangling (or pointing at a
@@ -26,10 +26,10 @@ use crate::{LocalStore, Result, StoreError, TempRootGuard};
 pub enum Memo {
     /// An image's unpacked root filesystem, by manifest digest.
     Rootfs,
-    /// A layer blob made from store paths, by the paths and the tar format.
+    /// A layer made from store paths (its description), by the paths and the tar format.
     Layer,
-    /// An image layout built from a closure, by the build's inputs.
-    ImageBuild,
+    /// A streamed layer's description, by the layer's digest.
+    StreamedLayer,
 }
 
 impl Memo {
@@ -37,7 +37,7 @@ impl Memo {
         match self {
             Memo::Rootfs => "oci-rootfs",
             Memo::Layer => "oci-layers",
-            Memo::ImageBuild => "oci-builds",
+            Memo::StreamedLayer => "oci-streamed-layers",
         }
     }
 }

@@ -1,0 +1,408 @@
+//! Streamed layers: layers described in the store and made from store paths when read.
+//!
+//! A layer of an image built from a closure is a function of the store paths it holds and of
+//! the tar options, so storing its bytes would store the closure twice. Instead the build
+//! hashes the layer once as it produces it and keeps a [`LayerRecipe`] — the paths, the tar
+//! format, the compression, the digest, size and diff id — as a small text path named
+//! `oci-layer-<alg>-<hex>` that refers to the paths. The layout links the layer's blob entry to
+//! that path, so an image keeps its layers' paths alive and a collector sees one graph.
+//!
+//! Whoever reads the layer (a push, the registry endpoint, an export, an unpack) gets a
+//! [`LayerReader`]: a thread writes the tar again into a bounded channel while it hashes what
+//! it writes, and the reader's last read fails unless the bytes had the recorded digest and
+//! size, so a store path changed behind the store's back cannot pass for the layer.
+//!
+//! The tar is reproducible: the store directory's components, then every path's tree, entries in
+//! byte order, mtime 1, owner and group 0 without names, directories 0555, files 0444 or 0555 (the
+//! store's own modes), long names as GNU long-name entries. gzip (level 6) and zstd (level 3)
+//! are deterministic for a given input, so compressed layers are reproducible too.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use cairn_nix::{HashAlgo, Hasher, StorePath};
+use cairn_oci::Digest;
+use cairn_store::LocalStore;
+
+use crate::{ImageError, Result};
+
+/// Changes whenever the bytes a layer is made of change, so older descriptions and memos are
+/// not taken for the new format.
+pub const FORMAT: &str = "cairn-layered-image-v1";
+/// The media type of uncompressed layers.
+pub const LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// The size of the chunks a reader hands over, and of the reads of files.
+const CHUNK: usize = 1 << 20;
+
+/// How store layers are compressed. Both compressors are deterministic at a fixed level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayerCompression {
+    #[default]
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl LayerCompression {
+    pub fn parse(s: &str) -> Result<LayerCompression> {
+        match s {
+            "none" => Ok(LayerCompression::None),
+            "gzip" => Ok(LayerCompression::Gzip),
+            "zstd" => Ok(LayerCompression::Zstd),
+            other => Err(ImageError::BadBuild(format!("unknown layer compression '{other}' (none, gzip or zstd)"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerCompression::None => "none",
+            LayerCompression::Gzip => "gzip",
+            LayerCompression::Zstd => "zstd",
+        }
+    }
+
+    pub fn media_type(self) -> &'static str {
+        match self {
+            LayerCompression::None => LAYER,
+            LayerCompression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            LayerCompression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
+/// What a streamed layer's text path holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LayerRecipe {
+    pub format: String,
+    /// The store directory the tar's names start with.
+    pub store_dir: String,
+    /// The base names of the paths in the layer, sorted (each is also a reference).
+    pub paths: Vec<String>,
+    pub compression: String,
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    /// The digest of the uncompressed tar.
+    pub diff_id: String,
+}
+
+impl LayerRecipe {
+    /// Parses a description read from the store, refusing one this cairn cannot make.
+    pub fn parse(bytes: &[u8], shown: &str) -> Result<LayerRecipe> {
+        let bad = |why: String| ImageError::BadLayer(format!("{shown}: {why}"));
+        let r: LayerRecipe = serde_json::from_slice(bytes).map_err(|e| bad(format!("not a layer description: {e}")))?;
+        if r.format != FORMAT {
+            return Err(bad(format!("made by tar format '{}', this cairn makes '{FORMAT}'", r.format)));
+        }
+        LayerCompression::parse(&r.compression).map_err(|_| bad(format!("unknown compression '{}'", r.compression)))?;
+        Digest::parse(&r.digest).map_err(|e| bad(e.to_string()))?;
+        Digest::parse(&r.diff_id).map_err(|e| bad(e.to_string()))?;
+        Ok(r)
+    }
+
+    pub fn digest(&self) -> Digest {
+        Digest::parse(&self.digest).expect("checked when parsed or made")
+    }
+
+    pub fn diff_id(&self) -> Digest {
+        Digest::parse(&self.diff_id).expect("checked when parsed or made")
+    }
+
+    fn compression(&self) -> LayerCompression {
+        LayerCompression::parse(&self.compression).expect("checked when parsed or made")
+    }
+
+    /// The layer's paths in `store`, each checked to be valid.
+    pub fn store_paths(&self, store: &LocalStore) -> Result<Vec<StorePath>> {
+        let dir = store.store_dir();
+        if dir.as_str() != self.store_dir {
+            return Err(ImageError::BadLayer(format!(
+                "layer {} was described for store directory {}, not {}",
+                self.digest,
+                self.store_dir,
+                dir.as_str()
+            )));
+        }
+        let mut out = Vec::with_capacity(self.paths.len());
+        for name in &self.paths {
+            let p = dir
+                .parse(&format!("{}/{name}", dir.as_str()))
+                .map_err(|e| ImageError::BadLayer(format!("layer {}: path '{name}': {e}", self.digest)))?;
+            if !store.is_valid(&p)? {
+                return Err(ImageError::BadLayer(format!(
+                    "layer {} holds {}, which is not valid",
+                    self.digest,
+                    dir.display(&p)
+                )));
+            }
+            out.push(p);
+        }
+        Ok(out)
+    }
+}
+
+/// A reproducible tar entry header (the customisation layer's too).
+pub(crate) fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(1);
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
+/// Writes the reproducible tar of `paths` (and of the store directory's components).
+pub fn write_tar(store: &LocalStore, paths: &[StorePath], out: impl Write) -> Result<()> {
+    let io_err = |path: &Path, source: io::Error| ImageError::Io { path: path.display().to_string(), source };
+    let mut b = tar::Builder::new(out);
+    let dir = store.store_dir().as_str().trim_start_matches('/').to_owned();
+    let mut prefix = String::new();
+    for comp in dir.split('/').filter(|c| !c.is_empty()) {
+        prefix.push_str(comp);
+        prefix.push('/');
+        let mut h = tar_header(tar::EntryType::Directory, 0o755, 0);
+        b.append_data(&mut h, &prefix, io::empty()).map_err(|e| io_err(Path::new(&prefix), e))?;
+    }
+    let mut sorted: Vec<&StorePath> = paths.iter().collect();
+    sorted.sort_by_key(|p| p.base_name());
+    let mut buf = vec![0u8; CHUNK];
+    for p in sorted {
+        walk(&mut b, &store.real_path(p), &format!("{dir}/{}", p.base_name()), &mut buf)?;
+    }
+    b.into_inner().and_then(|mut w| w.flush()).map_err(|e| io_err(Path::new("layer"), e))?;
+    Ok(())
+}
+
+fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, name: &str, buf: &mut [u8]) -> Result<()> {
+    let io_err = |source: io::Error| ImageError::Io { path: real.display().to_string(), source };
+    let m = fs::symlink_metadata(real).map_err(io_err)?;
+    let ft = m.file_type();
+    if ft.is_symlink() {
+        let target = fs::read_link(real).map_err(io_err)?;
+        let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
+        b.append_link(&mut h, name, &target).map_err(io_err)?;
+    } else if ft.is_dir() {
+        let mut h = tar_header(tar::EntryType::Directory, 0o555, 0);
+        b.append_data(&mut h, format!("{name}/"), io::empty()).map_err(io_err)?;
+        let mut entries: Vec<_> = fs::read_dir(real).map_err(io_err)?.collect::<io::Result<Vec<_>>>().map_err(io_err)?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let child = format!("{name}/{}", e.file_name().to_string_lossy());
+            walk(b, &e.path(), &child, buf)?;
+        }
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if m.permissions().mode() & 0o111 != 0 { 0o555 } else { 0o444 };
+        let size = m.len();
+        let mut h = tar_header(tar::EntryType::Regular, mode, size);
+        // The header (and any long-name entry) by the tar crate; the contents in large reads
+        // straight into the writer, then the padding to the next 512-byte block.
+        b.append_data(&mut h, name, io::empty()).map_err(io_err)?;
+        let mut f = fs::File::open(real).map_err(io_err)?;
+        let out = b.get_mut();
+        let mut left = size;
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = f.read(&mut buf[..want]).map_err(io_err)?;
+            if n == 0 {
+                return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while read")));
+            }
+            out.write_all(&buf[..n]).map_err(io_err)?;
+            left -= n as u64;
+        }
+        let pad = (512 - size % 512) % 512;
+        out.write_all(&[0u8; 512][..pad as usize]).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// Hashes and counts what passes through to `inner`.
+struct Counting<W> {
+    inner: W,
+    hasher: Hasher,
+    size: u64,
+}
+
+impl<W> Counting<W> {
+    fn new(inner: W) -> Counting<W> {
+        Counting { inner, hasher: Hasher::new(HashAlgo::Sha256), size: 0 }
+    }
+
+    fn finish(self) -> (W, Digest, u64) {
+        (self.inner, Digest::from_hash(&self.hasher.finish()).expect("sha256"), self.size)
+    }
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes the layer of `paths` compressed as asked into `out`; returns the writer, the diff
+/// id, and the digest and size of what `out` received.
+fn encode<W: Write>(
+    store: &LocalStore,
+    paths: &[StorePath],
+    compression: LayerCompression,
+    out: W,
+) -> Result<(W, Digest, Digest, u64)> {
+    let io_err = |source: io::Error| ImageError::Io { path: "a layer".into(), source };
+    let outer = Counting::new(out);
+    let (outer, diff_id) = match compression {
+        LayerCompression::None => {
+            let mut c = Counting::new(outer);
+            write_tar(store, paths, &mut c)?;
+            let (outer, d, _) = c.finish();
+            (outer, d)
+        }
+        LayerCompression::Gzip => {
+            let mut c = Counting::new(flate2::write::GzEncoder::new(outer, flate2::Compression::new(6)));
+            write_tar(store, paths, &mut c)?;
+            let (e, d, _) = c.finish();
+            (e.finish().map_err(io_err)?, d)
+        }
+        LayerCompression::Zstd => {
+            let e = zstd::stream::write::Encoder::new(outer, 3).map_err(io_err)?;
+            let mut c = Counting::new(e);
+            write_tar(store, paths, &mut c)?;
+            let (e, d, _) = c.finish();
+            (e.finish().map_err(io_err)?, d)
+        }
+    };
+    let (w, digest, size) = outer.finish();
+    Ok((w, diff_id, digest, size))
+}
+
+/// Describes the layer of `paths`: produces it once, hashing it, writing nothing.
+pub fn describe(store: &LocalStore, paths: &[StorePath], compression: LayerCompression) -> Result<LayerRecipe> {
+    let (_, diff_id, digest, size) = encode(store, paths, compression, io::sink())?;
+    let mut names: Vec<String> = paths.iter().map(|p| p.base_name()).collect();
+    names.sort();
+    names.dedup();
+    Ok(LayerRecipe {
+        format: FORMAT.to_owned(),
+        store_dir: store.store_dir().as_str().to_owned(),
+        paths: names,
+        compression: compression.name().to_owned(),
+        media_type: compression.media_type().to_owned(),
+        digest: digest.to_string(),
+        size,
+        diff_id: diff_id.to_string(),
+    })
+}
+
+/// Sends what is written as chunks over a bounded channel.
+struct ChannelWriter {
+    buf: Vec<u8>,
+    tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx.send(Ok(chunk)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reader went away"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A streamed layer's bytes, made on a thread as they are read. The last read fails (and so no
+/// consumer finishes) unless they had the recorded digest and size.
+pub struct LayerReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl LayerReader {
+    /// Starts making the layer `recipe` describes; its paths stay rooted until it is made.
+    pub fn open(store: Arc<LocalStore>, recipe: &LayerRecipe) -> Result<LayerReader> {
+        let paths = recipe.store_paths(&store)?;
+        let root = store.temp_root(paths.clone());
+        let compression = recipe.compression();
+        let (want_digest, want_size) = (recipe.digest(), recipe.size);
+        let (tx, rx) = mpsc::sync_channel(4);
+        std::thread::Builder::new()
+            .name("cairn-layer".into())
+            .spawn(move || {
+                let _root = root;
+                let w = ChannelWriter { buf: Vec::with_capacity(CHUNK), tx: tx.clone() };
+                let end = match encode(&store, &paths, compression, w) {
+                    Ok((mut w, _, digest, size)) => match w.send() {
+                        Err(_) => return,
+                        Ok(()) if digest == want_digest && size == want_size => return,
+                        Ok(()) => io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "layer {want_digest} made again is {digest} ({size} bytes): its store paths changed"
+                            ),
+                        ),
+                    },
+                    Err(ImageError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => return,
+                    Err(e) => io::Error::other(e.to_string()),
+                };
+                let _ = tx.send(Err(end));
+            })
+            .map_err(|source| ImageError::Io { path: "a layer thread".into(), source })?;
+        Ok(LayerReader { rx, chunk: Vec::new(), at: 0, done: false })
+    }
+}
+
+impl Read for LayerReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(c)) => {
+                    self.chunk = c;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
