@@ -528,11 +528,8 @@ async fn export_docker_archive(
         let layout_path = layout_path.clone();
         async move {
             let digest = digest?;
-            let mut reader =
-                client.oci_blob(&layout_path, &digest.to_string()).await.with_context(|| format!("blob {digest}"))?;
             let tmp = tempfile::NamedTempFile::new()?;
-            let mut out = tokio::fs::File::create(tmp.path()).await?;
-            tokio::io::copy(&mut reader, &mut out).await.with_context(|| format!("copying blob {digest}"))?;
+            copy_blob(client, &layout_path, &digest, tmp.path()).await?;
             anyhow::Ok(tmp)
         }
     };
@@ -553,6 +550,34 @@ async fn export_docker_archive(
     .await??;
     drop(temps);
     Ok(n)
+}
+
+/// Copies a blob of an image from cairnd into `file` (synced), checking its digest on the way:
+/// a streamed layer is made by cairnd as it is sent, and one that no longer matches its
+/// digest breaks off.
+async fn copy_blob(client: &Client, layout: &str, digest: &Digest, file: &Path) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut reader = client.oci_blob(layout, &digest.to_string()).await.with_context(|| format!("blob {digest}"))?;
+    let mut out = tokio::fs::File::create(file).await.with_context(|| format!("cannot create '{}'", file.display()))?;
+    let mut hasher = cairn_nix::Hasher::new(digest.algo().hash_algo());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).await.map_err(|e| {
+            anyhow::anyhow!(
+                "blob {digest} broke off while cairnd sent it ({e}): a streamed layer whose store paths no longer \
+                 make it is refused (cairnd's log names it; `cairn verify --check-contents` finds such paths)"
+            )
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).await.with_context(|| format!("cannot write '{}'", file.display()))?;
+    }
+    let got = Digest::from_hash(&hasher.finish()).context("a blob digest")?;
+    ensure!(got == *digest, "blob {digest} came from cairnd as {got}: refused");
+    out.sync_all().await?;
+    Ok(())
 }
 
 /// A blob file of an `oci:` layout (its name comes from a validated digest, never from input
@@ -678,14 +703,12 @@ async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<
         }
         let parent = file.parent().expect("blob files have a parent");
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create '{}'", parent.display()))?;
-        let mut reader =
-            client.oci_blob(&d.info.layout, &digest.to_string()).await.with_context(|| format!("blob {digest}"))?;
         let tmp = parent.join(format!(".{}.tmp", digest.hex()));
-        let mut out =
-            tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot create '{}'", tmp.display()))?;
-        tokio::io::copy(&mut reader, &mut out).await.with_context(|| format!("copying blob {digest}"))?;
-        out.sync_all().await?;
-        drop(out);
+        let copied = copy_blob(client, &d.info.layout, &digest, &tmp).await;
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &file).with_context(|| format!("cannot write '{}'", file.display()))?;
         written += 1;
     }

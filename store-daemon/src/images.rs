@@ -275,7 +275,7 @@ pub async fn build_image(
 ) -> ApiResult<Response> {
     let st2 = st.clone();
     let tag = b.tag.as_deref().map(TagName::parse).transpose()?;
-    let (drv_path, out, roots) = blocking(move || {
+    let (drv_path, out, roots, base_layers) = blocking(move || {
         let _client = ClientScope::enter(peer.client);
         let (images, dir) = (&st2.images, &st2.store_dir);
         let opts = cairn_image::build::BuildOptions {
@@ -296,7 +296,7 @@ pub async fn build_image(
                 return Err(cairn_store::StoreError::NotValid(dir.display(p)).into());
             }
         }
-        cairn_image::build::check(images, &opts)?;
+        let base_layers = cairn_image::build::check(images, &opts)?;
         let mut drv = cairn_image::build::derivation(dir, &opts);
         cairn_build::derivations::Derivations::new(&st2.store).complete(&mut drv)?;
         let refs = drv.input_srcs.iter().map(|p| crate::convert::store_path(dir, p)).collect::<ApiResult<_>>()?;
@@ -304,7 +304,7 @@ pub async fn build_image(
         let info = st2.store.add_text(&name, drv.to_aterm().as_bytes(), &refs)?;
         let out = crate::convert::store_path(dir, &drv.outputs["out"].path)?;
         let roots = st2.store.temp_root([info.path.clone(), out.clone()]);
-        Ok((info.path, out, roots))
+        Ok((info.path, out, roots, base_layers))
     })
     .await?;
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
@@ -324,7 +324,7 @@ pub async fn build_image(
         let written = st.image_builder.written.lock().expect("poisoned").remove(&drv_path).unwrap_or(0);
         tracing::info!(digest = %image.digest(), written, cached, "image built");
         let dir = &st.store_dir;
-        let layers = cairn_image::build::layer_paths(images, &image)?;
+        let layers = cairn_image::build::layer_paths(images, &image, base_layers)?;
         Ok(Response::Built(Box::new(cairn_api::image::BuiltInfo {
             image: image_info(images, &image)?,
             layers: layers.iter().map(|l| l.iter().map(|p| dir.display(p)).collect()).collect(),

@@ -307,8 +307,9 @@ fn budget(max_layers: usize, base_layers: usize) -> Result<usize> {
     })
 }
 
-/// Refuses options no build could follow, before a derivation is written for them.
-pub fn check(images: &Images, opts: &BuildOptions) -> Result<()> {
+/// Refuses options no build could follow, before a derivation is written for them; returns
+/// how many layers the base image has.
+pub fn check(images: &Images, opts: &BuildOptions) -> Result<usize> {
     let base_layers = match &opts.from {
         Some(img) => images
             .image_manifests(img)?
@@ -317,7 +318,7 @@ pub fn check(images: &Images, opts: &BuildOptions) -> Result<()> {
             .ok_or_else(|| ImageError::NotAnImage(images.store.store_dir().display(&img.layout)))?,
         None => 0,
     };
-    budget(opts.max_layers, base_layers).map(|_| ())
+    budget(opts.max_layers, base_layers).map(|_| base_layers)
 }
 
 /// The image derivation of `opts`, its output paths not yet filled in (the store completes it).
@@ -395,12 +396,12 @@ pub fn options_of(images: &Images, drv: &Derivation) -> Result<BuildOptions> {
     })
 }
 
-/// The store paths of each store layer of an image (those that are streamed or remembered).
-pub fn layer_paths(images: &Images, img: &Image) -> Result<Vec<Vec<StorePath>>> {
+/// The store paths of each streamed layer of an image, after its first `skip` layers (a base's).
+pub fn layer_paths(images: &Images, img: &Image, skip: usize) -> Result<Vec<Vec<StorePath>>> {
     let dir = images.store.store_dir();
     let mut out = Vec::new();
     for (_, m) in images.image_manifests(img)?.into_iter().take(1) {
-        for l in m.layers() {
+        for l in m.layers().iter().skip(skip) {
             let Some(b) = images.blob_of(img, &l.digest)? else { continue };
             let recipe = match b.source {
                 crate::images::BlobSource::Streamed(r) => Some(*r),
