@@ -397,7 +397,7 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     table.note("  one SHA-256 pass over the same bytes (floor)", crate::fmt_secs(hash_time));
     table.note("  build / SHA-256 floor", format!("{:.1}x", b / hash_time));
     table.note("  rebuild after the small root path changed", crate::fmt_secs(median(&mut rebuilds)));
-    table.note("  layers that rebuild wrote", format!("{rebuilt_written} of 5"));
+    table.note("  layers that rebuild hashed", format!("{rebuilt_written} of 5 store layers"));
     Ok(())
 }
 

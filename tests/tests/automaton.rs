@@ -117,6 +117,30 @@ fn the_closure_is_mounted_read_only_and_alone() {
     assert!(e.contains("invalid name 'Bad/Name'"), "{e}");
     let e = store.fail(&["automaton", "rm", "nobody"], b"");
     assert!(e.contains("no automaton is named 'nobody'"), "{e}");
+    // Writable with an image: an overlay over the image's directories. What the program writes
+    // stays for its next run, never reaches the rootfs store path, and the closure stays
+    // read-only.
+    let script = "cat /etc/note 2>/dev/null || echo none\necho kept >> /etc/note\n\
+                  if echo x > TOOLS/new 2>/dev/null; then echo WROTE; else echo read-only; fi\n";
+    let (_, s4) = closure(&store, tmp.path(), "overlay.sh", script);
+    let w = json(&store.ok(&[
+        "automaton", "create", "--json", "overlaid", "--writable", "--image", "base/etc:1", "--closure", &s4, "--",
+        &format!("{tools}/bin/sh"), &s4,
+    ]));
+    let (ok, out, err) = run(&store, "overlaid");
+    assert!(ok, "{err}");
+    assert_eq!(out, "none\nread-only\n");
+    let (ok, out, err) = run(&store, "overlaid");
+    assert!(ok, "{err}");
+    assert_eq!(out, "kept\nread-only\n", "the overlay's upper directory survives between runs");
+    let rootfs = store.real_store_dir().join(w["rootfs"].as_str().unwrap().rsplit('/').next().unwrap());
+    assert!(rootfs.join("etc/passwd").exists() && !rootfs.join("etc/note").exists(), "the rootfs path is untouched");
+    let bundle = Path::new(w["bundle"].as_str().unwrap()).to_owned();
+    assert_eq!(std::fs::read_to_string(bundle.join("upper/etc/note")).unwrap(), "kept\nkept\n");
+    store.ok(&["verify", "--check-contents"]);
+    store.ok(&["automaton", "rm", "overlaid"]);
+    assert!(!bundle.exists(), "rm takes the overlay with the bundle");
+
     // The program's failure is its exit status.
     let (_, s3) = closure(&store, tmp.path(), "fail.sh", "exit 3\n");
     store.ok(&["automaton", "create", "failing", "--closure", &s3, "--", &format!("{tools}/bin/sh"), &s3]);

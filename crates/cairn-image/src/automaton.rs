@@ -10,7 +10,11 @@
 //! filesystem (a store path, see `unpack`) is bind-mounted read-only in turn and top-level
 //! symlinks are recreated, so the image is used in place, never copied; the image's own copy of
 //! the store directory is left out (the closure's mounts take its place). `/tmp` is a fresh
-//! tmpfs; the root itself is read-only unless `writable`.
+//! tmpfs; the root itself is read-only unless `writable`. A `writable` automaton with an image
+//! gets a writable overlay instead: each top-level directory of the image is an overlay mount
+//! whose lower layer is the (read-only) rootfs store path and whose upper and work directories
+//! are in the bundle (`upper/`, `work/`), so what the program writes survives its runs, stays out
+//! of the store, and goes with `rm`. The closure's mounts stay read-only either way.
 //!
 //! While an automaton exists its closure's roots, its image and its rootfs are garbage-collector
 //! roots (`gcroots/oci-automata/<name>@…`); removing it removes those roots and the bundle.
@@ -105,6 +109,23 @@ fn bind(destination: &str, source: &Path) -> Result<Mount> {
         .map_err(|e| ImageError::BadAutomaton(format!("mount of {destination}: {e}")))
 }
 
+/// An overlay mount at `destination`: `lower` read-only under `upper` (with its `work` dir).
+fn overlay(destination: &str, lower: &Path, upper: &Path, work: &Path) -> Result<Mount> {
+    let opt = |key: &str, p: &Path| -> Result<String> {
+        let s = p.to_str().filter(|s| !s.contains([',', ':'])).ok_or_else(|| {
+            ImageError::BadAutomaton(format!("cannot overlay '{}': overlay paths cannot hold ',' or ':'", p.display()))
+        })?;
+        Ok(format!("{key}={s}"))
+    };
+    MountBuilder::default()
+        .destination(destination)
+        .typ("overlay")
+        .source("overlay")
+        .options(vec![opt("lowerdir", lower)?, opt("upperdir", upper)?, opt("workdir", work)?])
+        .build()
+        .map_err(|e| ImageError::BadAutomaton(format!("mount of {destination}: {e}")))
+}
+
 /// Creates the automaton `spec` describes.
 pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
     validate_name(&spec.name)?;
@@ -157,6 +178,12 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
                 if ft.is_symlink() {
                     let target = fs::read_link(e.path()).map_err(io(&e.path()))?;
                     std::os::unix::fs::symlink(&target, root_dir.join(&name)).map_err(io(&root_dir))?;
+                } else if spec.writable && ft.is_dir() {
+                    for area in ["upper", "work"] {
+                        let d = tmp.join(area).join(&name);
+                        fs::create_dir_all(&d).map_err(io(&d))?;
+                    }
+                    mounts.push(overlay(&format!("/{name}"), &e.path(), &bundle.join("upper").join(&name), &bundle.join("work").join(&name))?);
                 } else {
                     mounts.push(bind(&format!("/{name}"), &e.path())?);
                 }

@@ -483,7 +483,9 @@ pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGu
     if diff_ids.len() != base_layers {
         return Err(ImageError::BadBuild("the base image's config does not list a diff id per layer".into()));
     }
+    let t = std::time::Instant::now();
     let (layers, written) = store_layers(images, &groups, opts.compression, roots)?;
+    tracing::debug!(layers = layers.len(), described = written, elapsed = ?t.elapsed(), "store layers");
     let mut hints = BTreeMap::new();
     for l in &layers {
         if opts.materialise {

@@ -174,28 +174,34 @@ pub fn write_tar(store: &LocalStore, paths: &[StorePath], out: impl Write) -> Re
     sorted.sort_by_key(|p| p.base_name());
     let mut buf = vec![0u8; CHUNK];
     for p in sorted {
-        walk(&mut b, &store.real_path(p), &format!("{dir}/{}", p.base_name()), &mut buf)?;
+        let name = format!("{dir}/{}", p.base_name()).into_bytes();
+        walk(&mut b, &store.real_path(p), name, &mut buf)?;
     }
     b.into_inner().and_then(|mut w| w.flush()).map_err(|e| io_err(Path::new("layer"), e))?;
     Ok(())
 }
 
-fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, name: &str, buf: &mut [u8]) -> Result<()> {
+/// Appends `real` under `name` (bytes: file names need not be UTF-8), directories' entries in
+/// byte order.
+fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, mut name: Vec<u8>, buf: &mut [u8]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
     let io_err = |source: io::Error| ImageError::Io { path: real.display().to_string(), source };
     let m = fs::symlink_metadata(real).map_err(io_err)?;
     let ft = m.file_type();
     if ft.is_symlink() {
         let target = fs::read_link(real).map_err(io_err)?;
         let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
-        b.append_link(&mut h, name, &target).map_err(io_err)?;
+        b.append_link(&mut h, std::ffi::OsStr::from_bytes(&name), &target).map_err(io_err)?;
     } else if ft.is_dir() {
         let mut h = tar_header(tar::EntryType::Directory, 0o555, 0);
-        b.append_data(&mut h, format!("{name}/"), io::empty()).map_err(io_err)?;
+        name.push(b'/');
+        b.append_data(&mut h, std::ffi::OsStr::from_bytes(&name), io::empty()).map_err(io_err)?;
         let mut entries: Vec<_> = fs::read_dir(real).map_err(io_err)?.collect::<io::Result<Vec<_>>>().map_err(io_err)?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
-            let child = format!("{name}/{}", e.file_name().to_string_lossy());
-            walk(b, &e.path(), &child, buf)?;
+            let mut child = name.clone();
+            child.extend_from_slice(e.file_name().as_bytes());
+            walk(b, &e.path(), child, buf)?;
         }
     } else {
         use std::os::unix::fs::PermissionsExt;
@@ -204,7 +210,7 @@ fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, name: &str, buf: &mut [u
         let mut h = tar_header(tar::EntryType::Regular, mode, size);
         // The header (and any long-name entry) by the tar crate; the contents in large reads
         // straight into the writer, then the padding to the next 512-byte block.
-        b.append_data(&mut h, name, io::empty()).map_err(io_err)?;
+        b.append_data(&mut h, std::ffi::OsStr::from_bytes(&name), io::empty()).map_err(io_err)?;
         let mut f = fs::File::open(real).map_err(io_err)?;
         let out = b.get_mut();
         let mut left = size;
@@ -261,14 +267,16 @@ fn encode<W: Write>(
     out: W,
 ) -> Result<(W, Digest, Digest, u64)> {
     let io_err = |source: io::Error| ImageError::Io { path: "a layer".into(), source };
+    // Uncompressed, the digest is the diff id: one hash, not two.
+    if compression == LayerCompression::None {
+        let mut c = Counting::new(out);
+        write_tar(store, paths, &mut c)?;
+        let (w, d, size) = c.finish();
+        return Ok((w, d.clone(), d, size));
+    }
     let outer = Counting::new(out);
     let (outer, diff_id) = match compression {
-        LayerCompression::None => {
-            let mut c = Counting::new(outer);
-            write_tar(store, paths, &mut c)?;
-            let (outer, d, _) = c.finish();
-            (outer, d)
-        }
+        LayerCompression::None => unreachable!("handled above"),
         LayerCompression::Gzip => {
             let mut c = Counting::new(flate2::write::GzEncoder::new(outer, flate2::Compression::new(6)));
             write_tar(store, paths, &mut c)?;
@@ -404,5 +412,174 @@ impl Read for LayerReader {
         buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_nix::strategies::{tree, Tree};
+    use cairn_nix::StoreDir;
+    use cairn_store::StoreLayout;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn store() -> (tempfile::TempDir, Arc<LocalStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
+        (dir, Arc::new(s))
+    }
+
+    /// What a tar holds: name bytes → (entry type, mode, contents or link target).
+    fn entries(tar_bytes: &[u8]) -> Vec<(Vec<u8>, tar::EntryType, u32, Vec<u8>)> {
+        let mut a = tar::Archive::new(tar_bytes);
+        let mut out = Vec::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let h = e.header().clone();
+            assert_eq!((h.mtime().unwrap(), h.uid().unwrap(), h.gid().unwrap()), (1, 0, 0));
+            assert_eq!(h.username_bytes().unwrap_or_default(), b"");
+            let name = e.path_bytes().into_owned();
+            let body = match h.entry_type() {
+                tar::EntryType::Symlink => e.link_name_bytes().unwrap().into_owned(),
+                _ => {
+                    let mut v = Vec::new();
+                    e.read_to_end(&mut v).unwrap();
+                    v
+                }
+            };
+            out.push((name, h.entry_type(), h.mode().unwrap(), body));
+        }
+        out
+    }
+
+    /// The entries a tree should give under `prefix`, in byte order.
+    fn expected(t: &Tree, prefix: Vec<u8>, out: &mut Vec<(Vec<u8>, tar::EntryType, u32, Vec<u8>)>) {
+        match t {
+            Tree::File { executable, contents } => {
+                out.push((prefix, tar::EntryType::Regular, if *executable { 0o555 } else { 0o444 }, contents.clone()))
+            }
+            Tree::Symlink { target } => out.push((prefix, tar::EntryType::Symlink, 0o777, target.clone())),
+            Tree::Directory(entries) => {
+                let mut dir = prefix.clone();
+                dir.push(b'/');
+                out.push((dir.clone(), tar::EntryType::Directory, 0o555, Vec::new()));
+                let sorted: BTreeMap<&Vec<u8>, &Tree> = entries.iter().collect();
+                for (name, child) in sorted {
+                    let mut p = prefix.clone();
+                    p.push(b'/');
+                    p.extend_from_slice(name);
+                    expected(child, p, out);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Any store tree becomes the tar of its entries (names byte for byte, store modes,
+        /// sorted), and a reader makes the very bytes the description's digest and size name,
+        /// compressed or not.
+        #[test]
+        fn layers_hold_their_trees_and_read_back_as_described(t in tree()) {
+            let (_dir, s) = store();
+            let info = s.add_nar("x", &t.to_nar()[..]).unwrap();
+            let mut tar_bytes = Vec::new();
+            write_tar(&s, std::slice::from_ref(&info.path), &mut tar_bytes).unwrap();
+            let mut want = vec![(b"store/".to_vec(), tar::EntryType::Directory, 0o755, Vec::new())];
+            expected(&t, format!("store/{}", info.path.base_name()).into_bytes(), &mut want);
+            prop_assert_eq!(entries(&tar_bytes), want);
+            for c in [LayerCompression::None, LayerCompression::Gzip, LayerCompression::Zstd] {
+                let r = describe(&s, std::slice::from_ref(&info.path), c).unwrap();
+                prop_assert_eq!(r.diff_id(), Digest::sha256_of(&tar_bytes));
+                let mut made = Vec::new();
+                LayerReader::open(s.clone(), &r).unwrap().read_to_end(&mut made).unwrap();
+                prop_assert_eq!((Digest::sha256_of(&made), made.len() as u64), (r.digest(), r.size));
+                if c == LayerCompression::None {
+                    prop_assert_eq!(&made, &tar_bytes);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_files_and_long_names_stream_in_chunks() {
+        let (_dir, s) = store();
+        let long = "n".repeat(180);
+        let big: Vec<u8> = (0..(3 * CHUNK + 777) as u32).map(|i| (i % 251) as u8).collect();
+        let t = Tree::Directory(
+            [
+                (long.clone().into_bytes(), Tree::File { executable: true, contents: big.clone() }),
+                (b"link".to_vec(), Tree::Symlink { target: long.clone().into_bytes() }),
+            ]
+            .into(),
+        );
+        let info = s.add_nar("big", &t.to_nar()[..]).unwrap();
+        let r = describe(&s, std::slice::from_ref(&info.path), LayerCompression::None).unwrap();
+        let mut made = Vec::new();
+        LayerReader::open(s.clone(), &r).unwrap().read_to_end(&mut made).unwrap();
+        let e = entries(&made);
+        let base = format!("store/{}", info.path.base_name());
+        assert_eq!(e[2].0, format!("{base}/{long}").into_bytes());
+        assert_eq!(e[2].3, big);
+        assert_eq!(e[3].3, long.as_bytes());
+        // A reader dropped early stops the thread making it (no hang, no panic).
+        let mut partial = LayerReader::open(s.clone(), &r).unwrap();
+        let mut some = [0u8; 10];
+        partial.read_exact(&mut some).unwrap();
+        drop(partial);
+    }
+
+    #[test]
+    fn a_changed_path_fails_the_last_read() {
+        let (_dir, s) = store();
+        let info = s.add_text("t", b"original", &Default::default()).unwrap();
+        let r = describe(&s, std::slice::from_ref(&info.path), LayerCompression::None).unwrap();
+        let real = s.real_path(&info.path);
+        let mut perms = fs::metadata(&real).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+        fs::set_permissions(&real, perms).unwrap();
+        fs::write(&real, b"tampered").unwrap();
+        let mut made = Vec::new();
+        let e = LayerReader::open(s.clone(), &r).unwrap().read_to_end(&mut made).unwrap_err();
+        assert!(e.to_string().contains("its store paths changed"), "{e}");
+    }
+
+    #[test]
+    fn descriptions_from_the_store_are_checked() {
+        let (_dir, s) = store();
+        let info = s.add_text("t", b"x", &Default::default()).unwrap();
+        let good = describe(&s, std::slice::from_ref(&info.path), LayerCompression::Gzip).unwrap();
+        let json = |r: &LayerRecipe| serde_json::to_vec(r).unwrap();
+        assert_eq!(LayerRecipe::parse(&json(&good), "d").unwrap(), good);
+        let refuse = |bytes: &[u8], why: &str| {
+            let e = LayerRecipe::parse(bytes, "d").map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(why), "{e} (wanted {why})");
+        };
+        refuse(b"{", "not a layer description");
+        let mut v: serde_json::Value = serde_json::from_slice(&json(&good)).unwrap();
+        v["extra"] = 1.into();
+        refuse(&serde_json::to_vec(&v).unwrap(), "unknown field");
+        for (field, value, why) in [
+            ("format", "cairn-layered-image-v0", "tar format"),
+            ("compression", "lz4", "unknown compression"),
+            ("digest", "sha256:XYZ", "digest"),
+            ("diffId", "md5:00", "digest"),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_slice(&json(&good)).unwrap();
+            v[field] = value.into();
+            refuse(&serde_json::to_vec(&v).unwrap(), why);
+        }
+        // Paths that are not store paths of this store, or not valid, are refused when made.
+        for (paths, dir, why) in [
+            (vec!["../../etc/passwd".to_owned()], "/store", "path '../../etc/passwd'"),
+            (vec!["00000000000000000000000000000000-gone".to_owned()], "/store", "not valid"),
+            (vec![info.path.base_name()], "/nix/store", "store directory"),
+        ] {
+            let r = LayerRecipe { paths, store_dir: dir.to_owned(), ..good.clone() };
+            let e = LayerReader::open(s.clone(), &r).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(why), "{e} (wanted {why})");
+        }
     }
 }
