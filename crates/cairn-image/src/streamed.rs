@@ -521,9 +521,11 @@ mod tests {
         LayerReader::open(s.clone(), &r).unwrap().read_to_end(&mut made).unwrap();
         let e = entries(&made);
         let base = format!("store/{}", info.path.base_name());
-        assert_eq!(e[2].0, format!("{base}/{long}").into_bytes());
-        assert_eq!(e[2].3, big);
-        assert_eq!(e[3].3, long.as_bytes());
+        // Byte order: `link` before the long name.
+        assert_eq!(e[2].0, format!("{base}/link").into_bytes());
+        assert_eq!(e[2].3, long.as_bytes());
+        assert_eq!(e[3].0, format!("{base}/{long}").into_bytes());
+        assert_eq!(e[3].3, big);
         // A reader dropped early stops the thread making it (no hang, no panic).
         let mut partial = LayerReader::open(s.clone(), &r).unwrap();
         let mut some = [0u8; 10];

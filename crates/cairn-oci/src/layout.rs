@@ -177,7 +177,7 @@ mod tests {
         let d = Digest::sha256_of(b"hello\n");
         let p = blob_path(&dir, &d);
         assert_eq!(p.name(), format!("oci-blob-sha256-{}", d.hex()));
-        assert_eq!(digest_of_blob_name(p.name()), Some(d));
+        assert_eq!(digest_of_blob_name(p.name()), Some(d.clone()));
         assert_eq!(digest_of_blob_name("oci-blob-sha256-xyz"), None);
         assert_eq!(digest_of_streamed_layer_name(&streamed_layer_name(&d)), Some(d.clone()));
         assert_eq!(digest_of_streamed_layer_name(p.name()), None);
