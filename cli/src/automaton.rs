@@ -40,7 +40,8 @@ pub enum AutomatonCommand {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Run an automaton with an OCI runtime (runc by default; crun runs without cgroups).
+    /// Run an automaton with an OCI runtime (runc by default, or crun; crun runs without a
+    /// cgroup manager and, on a host with hybrid cgroups, sees only the unified hierarchy).
     Run {
         name: String,
         #[arg(long, default_value = "runc", value_name = "RUNTIME")]
@@ -133,6 +134,9 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             let mut c = std::process::Command::new(&runtime);
             if runtime.file_name().is_some_and(|n| n == "crun") {
                 c.arg("--cgroup-manager=disabled");
+                if hybrid_cgroups() {
+                    crun_sees_unified_cgroups(&mut c);
+                }
             }
             c.args(["run", "--bundle", &a.bundle, &format!("cairn-{}", a.name)]);
             let status = c.status().with_context(|| format!("cannot start {}", runtime.display()))?;
@@ -219,4 +223,32 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the host mounts cgroups in hybrid mode (v1 controllers under a tmpfs, the v2
+/// hierarchy at `unified/`), which crun refuses.
+fn hybrid_cgroups() -> bool {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, TMPFS_MAGIC};
+    let kind = |p: &str| statfs(p).map(|s| s.filesystem_type()).ok();
+    kind("/sys/fs/cgroup") == Some(TMPFS_MAGIC) && kind("/sys/fs/cgroup/unified") == Some(CGROUP2_SUPER_MAGIC)
+}
+
+/// Starts crun in a mount namespace of its own where `/sys/fs/cgroup` is the unified (v2)
+/// hierarchy, so it runs as on a v2-only host; the host's mounts are not touched.
+fn crun_sees_unified_cgroups(c: &mut std::process::Command) {
+    use nix::mount::{mount, MsFlags};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the hook only makes system calls (unshare, mount) and
+    // allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        c.pre_exec(|| {
+            let err = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(err)?;
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).map_err(err)?;
+            mount(Some("/sys/fs/cgroup/unified"), "/sys/fs/cgroup", None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(err)?;
+            Ok(())
+        });
+    }
 }

@@ -87,6 +87,12 @@ fn the_closure_is_mounted_read_only_and_alone() {
         "the closure is readable, read-only, and the only thing in the store ({other} is not there)"
     );
     assert!(!out.contains(&base(&other)));
+    // The same bundle under crun: the same view.
+    if require_peer("crun") {
+        let c = store.cairn().args(["automaton", "run", "--runtime", "crun", "checker"]).stdin(Stdio::null()).output().unwrap();
+        assert!(c.status.success(), "crun: {}", String::from_utf8_lossy(&c.stderr));
+        assert_eq!(String::from_utf8_lossy(&c.stdout), out, "crun runs the bundle as runc does");
+    }
 
     // With an image: its root filesystem is used in place (its /etc/passwd is there).
     store.ok(&["image", "build", "--closure", &tools, "--tag", "base/etc:1"]);
