@@ -22,10 +22,10 @@ use cairn_image::images::Image;
 use cairn_image::pull::{Progress, PullOptions};
 use cairn_image::registry::{ClientOptions, Credentials, Registry};
 use cairn_image::{ImageError, Images};
+use cairn_nix::StorePath;
 use cairn_oci::manifest::{Descriptor, Platform};
 use cairn_oci::reference::{ImageRef, Reference};
 use cairn_oci::{Digest, TagName};
-use cairn_nix::StorePath;
 use cairn_store::ClientScope;
 
 use crate::auth::Peer;
@@ -268,11 +268,7 @@ impl cairn_build::Builtin for ImageBuiltin {
 
 /// `image build`: the image's derivation written and realised (by [`ImageBuiltin`]; nothing to do
 /// when its output is valid), then tagged.
-pub async fn build_image(
-    st: Arc<AppState>,
-    peer: Peer,
-    b: cairn_api::image::BuildRequest,
-) -> ApiResult<Response> {
+pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::BuildRequest) -> ApiResult<Response> {
     let st2 = st.clone();
     let tag = b.tag.as_deref().map(TagName::parse).transpose()?;
     let (drv_path, out, roots, base_layers) = blocking(move || {

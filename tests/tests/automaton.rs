@@ -89,7 +89,12 @@ fn the_closure_is_mounted_read_only_and_alone() {
     assert!(!out.contains(&base(&other)));
     // The same bundle under crun: the same view.
     if require_peer("crun") {
-        let c = store.cairn().args(["automaton", "run", "--runtime", "crun", "checker"]).stdin(Stdio::null()).output().unwrap();
+        let c = store
+            .cairn()
+            .args(["automaton", "run", "--runtime", "crun", "checker"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         assert!(c.status.success(), "crun: {}", String::from_utf8_lossy(&c.stderr));
         assert_eq!(String::from_utf8_lossy(&c.stdout), out, "crun runs the bundle as runc does");
     }
@@ -130,8 +135,18 @@ fn the_closure_is_mounted_read_only_and_alone() {
                   if echo x > TOOLS/new 2>/dev/null; then echo WROTE; else echo read-only; fi\n";
     let (_, s4) = closure(&store, tmp.path(), "overlay.sh", script);
     let w = json(&store.ok(&[
-        "automaton", "create", "--json", "overlaid", "--writable", "--image", "base/etc:1", "--closure", &s4, "--",
-        &format!("{tools}/bin/sh"), &s4,
+        "automaton",
+        "create",
+        "--json",
+        "overlaid",
+        "--writable",
+        "--image",
+        "base/etc:1",
+        "--closure",
+        &s4,
+        "--",
+        &format!("{tools}/bin/sh"),
+        &s4,
     ]));
     let (ok, out, err) = run(&store, "overlaid");
     assert!(ok, "{err}");

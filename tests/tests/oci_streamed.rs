@@ -76,9 +76,9 @@ fn streamed_layers_are_made_again_when_exported_served_and_pushed() {
         assert!(!entries.iter().any(|e| e.ends_with(&blob_entry(d))), "no blob for streamed layer {d}");
     }
     assert_eq!(layers[2]["streamed"], false, "the customisation layer is a small blob");
-    let tree_layer = layers.iter().position(|l| l["path"].as_str().is_some_and(|p| {
-        s.ok(&["references", p]).lines().any(|r| r == tree)
-    }));
+    let tree_layer = layers
+        .iter()
+        .position(|l| l["path"].as_str().is_some_and(|p| s.ok(&["references", p]).lines().any(|r| r == tree)));
     assert!(tree_layer.is_some(), "a layer's description refers to the tree: {ins}");
     // The layout refers to the descriptions, which refer to the paths: one graph for the GC.
     let closure_of_image = s.ok(&["closure", built["image"]["layout"].as_str().unwrap()]);
@@ -109,7 +109,11 @@ fn streamed_layers_are_made_again_when_exported_served_and_pushed() {
         assert_eq!(digest_of(&skopeo_raw(&src)), digest);
         let pulled = tmp.path().join("pulled");
         // As sent: skopeo would otherwise compress the uncompressed layers on the way.
-        run_tool(Command::new("skopeo").args(["copy", "--preserve-digests", "--src-tls-verify=false", &src]).arg(format!("oci:{}:1", pulled.display())));
+        run_tool(
+            Command::new("skopeo")
+                .args(["copy", "--preserve-digests", "--src-tls-verify=false", &src])
+                .arg(format!("oci:{}:1", pulled.display())),
+        );
         assert_blobs_verify(&pulled);
         assert_eq!(layout_blobs(&pulled), layout_blobs(&out));
     }

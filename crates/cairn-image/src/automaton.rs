@@ -183,7 +183,12 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
                         let d = tmp.join(area).join(&name);
                         fs::create_dir_all(&d).map_err(io(&d))?;
                     }
-                    mounts.push(overlay(&format!("/{name}"), &e.path(), &bundle.join("upper").join(&name), &bundle.join("work").join(&name))?);
+                    mounts.push(overlay(
+                        &format!("/{name}"),
+                        &e.path(),
+                        &bundle.join("upper").join(&name),
+                        &bundle.join("work").join(&name),
+                    )?);
                 } else {
                     mounts.push(bind(&format!("/{name}"), &e.path())?);
                 }

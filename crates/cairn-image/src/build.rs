@@ -38,8 +38,8 @@ use cairn_oci::Digest;
 use cairn_store::{Direction, Memo, PathInfo};
 
 use crate::images::{Image, TempRootGuardSet};
-pub use crate::streamed::{LayerCompression, LAYER};
 use crate::streamed::{describe, tar_header, LayerReader, LayerRecipe, FORMAT};
+pub use crate::streamed::{LayerCompression, LAYER};
 use crate::{ImageError, Images, Result};
 
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -166,8 +166,8 @@ fn remembered_layer(
     let key = layer_key(images.store.store_dir(), paths, compression);
     let Some((path, guard)) = images.store.memo(Memo::Layer, &key)? else { return Ok(None) };
     let shown = images.store.store_dir().display(&path);
-    let bytes = fs::read(images.store.real_path(&path))
-        .map_err(|source| ImageError::Io { path: shown.clone(), source })?;
+    let bytes =
+        fs::read(images.store.real_path(&path)).map_err(|source| ImageError::Io { path: shown.clone(), source })?;
     match LayerRecipe::parse(&bytes, &shown) {
         Ok(recipe) => {
             roots.hold(guard);
@@ -226,7 +226,8 @@ fn store_layers(
     let described = todo.len();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(todo.len()).max(1);
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, Result<(StoreLayer, TempRootGuardSet)>)>> = Mutex::new(Vec::new());
+    type Made = Result<(StoreLayer, TempRootGuardSet)>;
+    let results: Mutex<Vec<(usize, Made)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
@@ -354,8 +355,11 @@ pub fn derivation(dir: &StoreDir, opts: &BuildOptions) -> Derivation {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     Derivation {
-        outputs: [("out".to_owned(), DerivationOutput { path: String::new(), hash_algo: String::new(), hash: String::new() })]
-            .into(),
+        outputs: [(
+            "out".to_owned(),
+            DerivationOutput { path: String::new(), hash_algo: String::new(), hash: String::new() },
+        )]
+        .into(),
         input_drvs: BTreeMap::new(),
         input_srcs,
         platform: "builtin".to_owned(),

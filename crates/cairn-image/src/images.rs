@@ -116,7 +116,12 @@ impl Images {
         if recipe.digest != d.to_string() {
             return Err(ImageError::BadLayer(format!("{shown} describes layer {}, not {d}", recipe.digest)));
         }
-        Ok(Some(Blob { path: recipe_path, size: recipe.size, source: BlobSource::Streamed(Box::new(recipe)), _root: root }))
+        Ok(Some(Blob {
+            path: recipe_path,
+            size: recipe.size,
+            source: BlobSource::Streamed(Box::new(recipe)),
+            _root: root,
+        }))
     }
 
     /// A blob of `img`.

@@ -149,9 +149,10 @@ pub async fn push(
             // and so the upload, unless the bytes have the digest).
             let (im, img, digest) = (images.clone(), img.clone(), d.digest.clone());
             let (_blob, reader) = tokio::task::spawn_blocking(move || -> Result<_> {
-                let blob = im
-                    .blob_of(&img, &digest)?
-                    .ok_or_else(|| ImageError::MissingBlob { digest: digest.to_string(), referrer: "the image".into() })?;
+                let blob = im.blob_of(&img, &digest)?.ok_or_else(|| ImageError::MissingBlob {
+                    digest: digest.to_string(),
+                    referrer: "the image".into(),
+                })?;
                 let reader = im.open_blob(&blob)?;
                 Ok((blob, reader))
             })

@@ -391,9 +391,7 @@ impl Registry {
         while offset < size {
             let n = chunk.min(size - offset);
             let mut buf = vec![0u8; n as usize];
-            f.read_exact(&mut buf)
-                .await
-                .map_err(|source| ImageError::Io { path: shown.clone(), source })?;
+            f.read_exact(&mut buf).await.map_err(|source| ImageError::Io { path: shown.clone(), source })?;
             let r = self
                 .request(Method::PATCH, &loc)
                 .await

@@ -196,7 +196,8 @@ fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, mut name: Vec<u8>, buf: 
         let mut h = tar_header(tar::EntryType::Directory, 0o555, 0);
         name.push(b'/');
         b.append_data(&mut h, std::ffi::OsStr::from_bytes(&name), io::empty()).map_err(io_err)?;
-        let mut entries: Vec<_> = fs::read_dir(real).map_err(io_err)?.collect::<io::Result<Vec<_>>>().map_err(io_err)?;
+        let mut entries: Vec<_> =
+            fs::read_dir(real).map_err(io_err)?.collect::<io::Result<Vec<_>>>().map_err(io_err)?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let mut child = name.clone();
