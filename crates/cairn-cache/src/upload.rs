@@ -3,7 +3,7 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use cairn_nix::hash::{Hash, HashAlgo, Hasher};
+use cairn_nix::hash::{Hash, HashAlgo, Hasher, HashingWriter};
 
 use crate::Compression;
 
@@ -16,34 +16,11 @@ pub struct CompressedNar {
     pub file_size: u64,
 }
 
-/// Counts and hashes what passes through to `inner`.
-struct HashWrite<W> {
-    inner: W,
-    hasher: Hasher,
-    size: u64,
-}
-
-impl<W: Write> Write for HashWrite<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Reads a NAR from `nar`, writes it compressed to the new file `out` (synced), and returns
 /// the SHA-256 and size of the NAR and of the file.
 pub fn compress_nar(mut nar: impl Read, compression: Compression, out: &Path) -> io::Result<CompressedNar> {
     let file = std::fs::File::create(out)?;
-    let counted = HashWrite {
-        inner: io::BufWriter::with_capacity(1 << 20, file),
-        hasher: Hasher::new(HashAlgo::Sha256),
-        size: 0,
-    };
+    let counted = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file), HashAlgo::Sha256);
     let mut enc = compression.encoder(counted)?;
     let mut nar_hasher = Hasher::new(HashAlgo::Sha256);
     let mut nar_size = 0u64;
@@ -59,15 +36,10 @@ pub fn compress_nar(mut nar: impl Read, compression: Compression, out: &Path) ->
         nar_size += n as u64;
         enc.write_all(&buf[..n])?;
     }
-    let counted = enc.finish()?;
-    let file = counted.inner.into_inner().map_err(|e| e.into_error())?;
+    let (file_hash, file_size, buffered) = enc.finish()?.finish();
+    let file = buffered.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(CompressedNar {
-        nar_hash: nar_hasher.finish(),
-        nar_size,
-        file_hash: counted.hasher.finish(),
-        file_size: counted.size,
-    })
+    Ok(CompressedNar { nar_hash: nar_hasher.finish(), nar_size, file_hash, file_size })
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use cairn_nix::{HashAlgo, Hasher, StorePath};
+use cairn_nix::hash::HashingWriter;
+use cairn_nix::{HashAlgo, StorePath};
 use cairn_oci::Digest;
 use cairn_store::LocalStore;
 
@@ -230,33 +231,15 @@ fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, mut name: Vec<u8>, buf: 
     Ok(())
 }
 
-/// Hashes and counts what passes through to `inner`.
-struct Counting<W> {
-    inner: W,
-    hasher: Hasher,
-    size: u64,
+/// Hashes (SHA-256) and counts what passes through to `inner`.
+fn counting<W: Write>(inner: W) -> HashingWriter<W> {
+    HashingWriter::new(inner, HashAlgo::Sha256)
 }
 
-impl<W> Counting<W> {
-    fn new(inner: W) -> Counting<W> {
-        Counting { inner, hasher: Hasher::new(HashAlgo::Sha256), size: 0 }
-    }
-
-    fn finish(self) -> (W, Digest, u64) {
-        (self.inner, Digest::from_hash(&self.hasher.finish()).expect("sha256"), self.size)
-    }
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
+/// The writer, digest and size of a [`counting`] writer.
+fn counted<W>(c: HashingWriter<W>) -> (W, Digest, u64) {
+    let (h, size, w) = c.finish();
+    (w, Digest::from_hash(&h).expect("sha256"), size)
 }
 
 /// Writes the layer of `paths` compressed as asked into `out`; returns the writer, the diff
@@ -270,29 +253,29 @@ fn encode<W: Write>(
     let io_err = |source: io::Error| ImageError::Io { path: "a layer".into(), source };
     // Uncompressed, the digest is the diff id: one hash, not two.
     if compression == LayerCompression::None {
-        let mut c = Counting::new(out);
+        let mut c = counting(out);
         write_tar(store, paths, &mut c)?;
-        let (w, d, size) = c.finish();
+        let (w, d, size) = counted(c);
         return Ok((w, d.clone(), d, size));
     }
-    let outer = Counting::new(out);
+    let outer = counting(out);
     let (outer, diff_id) = match compression {
         LayerCompression::None => unreachable!("handled above"),
         LayerCompression::Gzip => {
-            let mut c = Counting::new(flate2::write::GzEncoder::new(outer, flate2::Compression::new(6)));
+            let mut c = counting(flate2::write::GzEncoder::new(outer, flate2::Compression::new(6)));
             write_tar(store, paths, &mut c)?;
-            let (e, d, _) = c.finish();
+            let (e, d, _) = counted(c);
             (e.finish().map_err(io_err)?, d)
         }
         LayerCompression::Zstd => {
             let e = zstd::stream::write::Encoder::new(outer, 3).map_err(io_err)?;
-            let mut c = Counting::new(e);
+            let mut c = counting(e);
             write_tar(store, paths, &mut c)?;
-            let (e, d, _) = c.finish();
+            let (e, d, _) = counted(c);
             (e.finish().map_err(io_err)?, d)
         }
     };
-    let (w, digest, size) = outer.finish();
+    let (w, digest, size) = counted(outer);
     Ok((w, diff_id, digest, size))
 }
 
