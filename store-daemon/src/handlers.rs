@@ -208,11 +208,12 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         | Request::ImageTag { .. }
         | Request::ImageUntag { .. }
         | Request::ImageUnpack { .. }
-        | Request::ImageBuild(_)
         | Request::AutomatonCreate(_)
         | Request::AutomatonList
         | Request::AutomatonShow { .. }
         | Request::AutomatonRemove { .. } => crate::images::answer(st, peer, req)?,
+        // Realised by the builder, asynchronously: `query` answers it before coming here.
+        Request::ImageBuild(_) => return Err(ApiError::internal("an image build reached the blocking queries")),
         Request::PathInfo { paths, closure } => {
             let mut paths = store_paths(dir, &paths)?;
             if closure {
