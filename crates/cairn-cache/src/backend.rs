@@ -36,9 +36,29 @@ impl Default for NetOptions {
 #[derive(Clone)]
 pub enum Backend {
     File(PathBuf),
-    Http { client: reqwest::Client, base: String, opts: NetOptions },
-    S3 { store: Arc<dyn ObjectStore>, prefix: String, opts: NetOptions },
+    Http {
+        client: reqwest::Client,
+        base: String,
+        opts: NetOptions,
+    },
+    S3 {
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        opts: NetOptions,
+        /// Whether the environment names credentials; if not, object_store asks the instance
+        /// metadata service, whose failure would otherwise be all an error says.
+        env_credentials: bool,
+    },
 }
+
+/// The environment variables through which object_store finds S3 credentials without the
+/// instance metadata service.
+const S3_CREDENTIAL_VARS: [&str; 4] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+];
 
 /// The largest narinfo or `nix-cache-info` read (a narinfo with thousands of references is
 /// well under this).
@@ -135,6 +155,7 @@ impl Backend {
                 store: Arc::new(store),
                 prefix: prefix.trim_end_matches('/').to_owned(),
                 opts: opts.clone(),
+                env_credentials: S3_CREDENTIAL_VARS.iter().any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty())),
             });
         }
         Err(bad("binary caches are file://, http://, https:// or s3:// URLs"))
@@ -240,13 +261,13 @@ impl Backend {
                 });
                 (body.boxed(), opts.stall_timeout)
             }
-            Backend::S3 { store, prefix, opts } => {
+            Backend::S3 { store, prefix, opts, env_credentials } => {
                 let location = Self::s3_key(prefix, key);
                 let get = store.get(&location);
                 let r = match tokio::time::timeout(opts.connect_timeout + opts.stall_timeout, get).await {
                     Err(_) => return Err(CacheError::Timeout { url, secs: opts.stall_timeout.as_secs() }),
                     Ok(Err(object_store::Error::NotFound { .. })) => return Ok(None),
-                    Ok(Err(e)) => return Err(CacheError::Http { url, reason: with_causes(&e) }),
+                    Ok(Err(e)) => return Err(CacheError::Http { url, reason: s3_reason(&e, *env_credentials) }),
                     Ok(Ok(r)) => r,
                 };
                 (r.into_stream().map_err(io::Error::other).boxed(), opts.stall_timeout)
@@ -280,10 +301,10 @@ impl Backend {
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         match self {
             Backend::File(dir) => Ok(Self::file(dir, key)?.exists()),
-            Backend::S3 { store, prefix, .. } => match store.head(&Self::s3_key(prefix, key)).await {
+            Backend::S3 { store, prefix, env_credentials, .. } => match store.head(&Self::s3_key(prefix, key)).await {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
-                Err(e) => Err(CacheError::Http { url: self.describe(key), reason: with_causes(&e) }),
+                Err(e) => Err(CacheError::Http { url: self.describe(key), reason: s3_reason(&e, *env_credentials) }),
             },
             Backend::Http { .. } => Ok(self.get(key).await?.is_some()),
         }
@@ -331,11 +352,11 @@ impl Backend {
     pub async fn put(&self, key: &str, data: Bytes) -> Result<(), CacheError> {
         let url = self.describe(key);
         match self {
-            Backend::S3 { store, prefix, .. } => {
+            Backend::S3 { store, prefix, env_credentials, .. } => {
                 store
                     .put(&Self::s3_key(prefix, key), data.into())
                     .await
-                    .map_err(|e| CacheError::Http { url, reason: with_causes(&e) })?;
+                    .map_err(|e| CacheError::Http { url, reason: s3_reason(&e, *env_credentials) })?;
                 Ok(())
             }
             _ => {
@@ -346,6 +367,22 @@ impl Backend {
                 r
             }
         }
+    }
+}
+
+/// What an S3 request's failure says. Without credentials in the environment, a failure to get
+/// them from the instance metadata service (on any machine that is not a cloud instance, a
+/// refused connection to 169.254.169.254) is reported as what it means: no credentials.
+fn s3_reason(e: &object_store::Error, env_credentials: bool) -> String {
+    let text = with_causes(e);
+    let lower = text.to_ascii_lowercase();
+    if !env_credentials && (lower.contains("credential") || lower.contains("/latest/api/token")) {
+        format!(
+            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in cairnd's environment \
+             (the instance metadata service it tried instead failed: {text})"
+        )
+    } else {
+        text
     }
 }
 
@@ -393,4 +430,29 @@ fn with_stall_timeout(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(text: &str) -> object_store::Error {
+        object_store::Error::Generic { store: "S3", source: text.into() }
+    }
+
+    #[test]
+    fn a_metadata_service_failure_without_credentials_says_so() {
+        let e = generic("Error fetching credentials: PUT http://169.254.169.254/latest/api/token: connection refused");
+        let reason = s3_reason(&e, false);
+        assert!(reason.starts_with("no S3 credentials: set AWS_ACCESS_KEY_ID"), "{reason}");
+        assert!(reason.contains("latest/api/token"), "the cause is kept: {reason}");
+    }
+
+    #[test]
+    fn other_failures_and_configured_credentials_keep_their_text() {
+        let e = generic("Error fetching credentials: access denied");
+        assert_eq!(s3_reason(&e, true), with_causes(&e));
+        let e = generic("connection refused");
+        assert_eq!(s3_reason(&e, false), with_causes(&e));
+    }
 }
