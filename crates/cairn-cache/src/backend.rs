@@ -378,8 +378,9 @@ fn s3_reason(e: &object_store::Error, env_credentials: bool) -> String {
     let lower = text.to_ascii_lowercase();
     if !env_credentials && (lower.contains("credential") || lower.contains("/latest/api/token")) {
         format!(
-            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in cairnd's environment \
-             (the instance metadata service it tried instead failed: {text})"
+            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in cairnd's environment \
+             to substitute, in the CLI's to copy --to; the instance metadata service tried instead \
+             failed: {text})"
         )
     } else {
         text
