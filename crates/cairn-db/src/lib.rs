@@ -27,6 +27,15 @@ use thiserror::Error;
 
 pub use graph::{Direction, Graph};
 
+/// What the database says a valid path's contents are: enough to check them (`verify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedContents {
+    pub path: StorePath,
+    pub nar_hash: Hash,
+    pub nar_size: u64,
+    pub ca: Option<ContentAddress>,
+}
+
 /// Everything the database knows about a valid path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
@@ -390,13 +399,16 @@ impl Db {
     }
 
     /// Every valid path with its NAR hash and size, for `verify`.
-    pub fn all_hashes(&self) -> Result<Vec<(StorePath, Hash, u64)>> {
-        let mut st = self.conn.prepare("SELECT path, hash, narSize FROM ValidPaths ORDER BY path")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?;
+    pub fn all_hashes(&self) -> Result<Vec<RecordedContents>> {
+        let mut st = self.conn.prepare("SELECT path, hash, narSize, ca FROM ValidPaths ORDER BY path")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, Option<String>>(3)?))
+        })?;
         rows.map(|row| {
-            let (path, hash, size) = row?;
-            let hash = hash.parse().map_err(|e| corrupt(&path, e))?;
-            Ok((parse_path(&path)?, hash, size as u64))
+            let (path, hash, size, ca) = row?;
+            let nar_hash = hash.parse().map_err(|e| corrupt(&path, e))?;
+            let ca = ca.filter(|c| !c.is_empty()).map(|c| c.parse().map_err(|e| corrupt(&path, e))).transpose()?;
+            Ok(RecordedContents { path: parse_path(&path)?, nar_hash, nar_size: size as u64, ca })
         })
         .collect()
     }

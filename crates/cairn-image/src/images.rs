@@ -89,7 +89,9 @@ impl Images {
     pub fn find_blob(&self, d: &Digest, hint: Option<&StorePath>) -> Result<Option<Blob>> {
         let path = self.blob_path(d);
         let root = self.store.temp_root([path.clone()]);
-        if self.store.is_valid(&path)? {
+        if let Some(info) = self.store.path_info(&path)? {
+            // The path's name alone does not vouch for its bytes (see cairn-store's `ca.rs`).
+            self.store.checked_flat(info, &d.to_hash())?;
             let real = self.store.real_path(&path);
             let m = fs::symlink_metadata(&real)
                 .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;

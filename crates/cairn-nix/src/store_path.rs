@@ -49,6 +49,19 @@ pub enum StorePathError {
     BadStoreDir(String),
 }
 
+/// Why a content address does not account for the path that carries it.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ContentAddressClaimError {
+    #[error("a text content address cannot refer to its own path")]
+    TextSelfReference,
+    #[error("content address '{ca}' allows no references, yet references are listed")]
+    References { ca: String },
+    #[error("content address '{ca}' yields '{computed}', not this path")]
+    OtherPath { ca: String, computed: String },
+    #[error(transparent)]
+    StorePath(#[from] StorePathError),
+}
+
 type Result<T> = std::result::Result<T, StorePathError>;
 
 /// Checks a store path name the way Nix 2.8 does, and also refuses `.` and `..`.
@@ -258,6 +271,36 @@ impl StoreDir {
         }
     }
 
+    /// Checks that a path's content address, with its references, yields the path itself:
+    /// what lets a content-addressed path in without a signature. Refuses references the
+    /// method cannot have — a text path never refers to itself, and a fixed-output path that is
+    /// not recursive SHA-256 refers to nothing — since they would be recorded without being part
+    /// of the path's hash.
+    pub fn check_content_address(
+        &self,
+        path: &StorePath,
+        ca: &ContentAddress,
+        references: &BTreeSet<StorePath>,
+    ) -> std::result::Result<(), ContentAddressClaimError> {
+        let self_ref = references.contains(path);
+        let others: BTreeSet<StorePath> = references.iter().filter(|r| *r != path).cloned().collect();
+        match ca {
+            ContentAddress::Text(_) if self_ref => return Err(ContentAddressClaimError::TextSelfReference),
+            ContentAddress::Fixed { method, hash }
+                if !(*method == FileIngestionMethod::Recursive && hash.algo() == HashAlgo::Sha256)
+                    && !references.is_empty() =>
+            {
+                return Err(ContentAddressClaimError::References { ca: ca.to_string() })
+            }
+            _ => {}
+        }
+        let computed = self.make_content_addressed_path(path.name(), ca, &others, self_ref)?;
+        if &computed != path {
+            return Err(ContentAddressClaimError::OtherPath { ca: ca.to_string(), computed: self.display(&computed) });
+        }
+        Ok(())
+    }
+
     /// The path of output `output` of a derivation whose `hashDerivationModulo` is `drv_hash`.
     pub fn make_output_path(&self, output: &str, drv_hash: &Hash, drv_name: &str) -> Result<StorePath> {
         let name = if output == "out" { drv_name.to_owned() } else { format!("{drv_name}-{output}") };
@@ -298,6 +341,43 @@ mod tests {
         let contents = b"/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo";
         let p = nix_store().make_text_path("baz", &Hash::digest(HashAlgo::Sha256, contents), &refs).unwrap();
         assert_eq!(nix_store().display(&p), "/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz");
+    }
+
+    #[test]
+    fn a_content_address_is_checked_against_its_path_and_references() {
+        let dir = nix_store();
+        let foo = dir.parse("/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo").unwrap();
+        let text = ContentAddress::Text(Hash::digest(HashAlgo::Sha256, b"bar"));
+        dir.check_content_address(&foo, &text, &BTreeSet::new()).unwrap();
+        // Nix's own vector with a reference: the reference is part of the hash.
+        let baz = dir.parse("/nix/store/5xd714cbfnkz02h2vbsj4fm03x3f15nf-baz").unwrap();
+        let baz_ca = ContentAddress::Text(Hash::digest(HashAlgo::Sha256, dir.display(&foo).as_bytes()));
+        dir.check_content_address(&baz, &baz_ca, &BTreeSet::from([foo.clone()])).unwrap();
+        let e = dir.check_content_address(&baz, &baz_ca, &BTreeSet::new()).unwrap_err();
+        assert!(matches!(e, ContentAddressClaimError::OtherPath { .. }), "{e}");
+        // Other contents: another path.
+        let other = ContentAddress::Text(Hash::digest(HashAlgo::Sha256, b"planted"));
+        assert!(dir.check_content_address(&foo, &other, &BTreeSet::new()).is_err());
+        // A text path referring to itself cannot exist.
+        let e = dir.check_content_address(&foo, &text, &BTreeSet::from([foo.clone()])).unwrap_err();
+        assert_eq!(e, ContentAddressClaimError::TextSelfReference);
+        // A flat fixed-output path with a reference: refused, even though the path would match
+        // (flat paths ignore references when computed).
+        let flat_hash = Hash::digest(HashAlgo::Sha256, b"hello\n");
+        let flat = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: flat_hash.clone() };
+        let p = dir.make_fixed_output_path("hello", FileIngestionMethod::Flat, &flat_hash, &BTreeSet::new(), false).unwrap();
+        dir.check_content_address(&p, &flat, &BTreeSet::new()).unwrap();
+        let e = dir.check_content_address(&p, &flat, &BTreeSet::from([foo.clone()])).unwrap_err();
+        assert!(matches!(e, ContentAddressClaimError::References { .. }), "{e}");
+        // Recursive SHA-256 (`source`) paths may refer to others and to themselves.
+        let nar_hash = Hash::digest(HashAlgo::Sha256, b"a nar");
+        let source = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
+        let refs = BTreeSet::from([foo.clone()]);
+        let p = dir.make_fixed_output_path("src", FileIngestionMethod::Recursive, &nar_hash, &refs, true).unwrap();
+        let mut with_self = refs.clone();
+        with_self.insert(p.clone());
+        dir.check_content_address(&p, &source, &with_self).unwrap();
+        assert!(dir.check_content_address(&p, &source, &refs).is_err(), "the self-reference is part of the hash");
     }
 
     #[test]
@@ -365,6 +445,35 @@ mod tests {
             prop_assume!(name != "." && name != "..");
             let p = StorePath::new(digest, &name).unwrap();
             prop_assert_eq!(StorePath::from_base_name(&p.base_name()).unwrap(), p);
+        }
+
+        #[test]
+        fn every_computed_content_address_checks_out(
+            contents in proptest::collection::vec(any::<u8>(), 0..64),
+            name in "[a-z0-9]{1,12}",
+            kind in 0u8..4,
+        ) {
+            let dir = nix_store();
+            let (algo, method) = match kind {
+                0 => (HashAlgo::Sha256, None),
+                1 => (HashAlgo::Sha256, Some(FileIngestionMethod::Flat)),
+                2 => (HashAlgo::Sha256, Some(FileIngestionMethod::Recursive)),
+                _ => (HashAlgo::Sha1, Some(FileIngestionMethod::Recursive)),
+            };
+            let hash = Hash::digest(algo, &contents);
+            let ca = match method {
+                None => ContentAddress::Text(hash),
+                Some(method) => ContentAddress::Fixed { method, hash },
+            };
+            let p = dir.make_content_addressed_path(&name, &ca, &BTreeSet::new(), false).unwrap();
+            prop_assert!(dir.check_content_address(&p, &ca, &BTreeSet::new()).is_ok());
+            let mut other = contents.clone();
+            other.push(0);
+            let forged = match &ca {
+                ContentAddress::Text(_) => ContentAddress::Text(Hash::digest(algo, &other)),
+                ContentAddress::Fixed { method, .. } => ContentAddress::Fixed { method: *method, hash: Hash::digest(algo, &other) },
+            };
+            prop_assert!(dir.check_content_address(&p, &forged, &BTreeSet::new()).is_err());
         }
 
         #[test]

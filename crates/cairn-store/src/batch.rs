@@ -82,7 +82,8 @@ impl Batch {
     }
 
     /// Restores a NAR whose metadata someone vouches for (a substituter's narinfo, checked by
-    /// the caller). The NAR must hash to `info.nar_hash` and be `info.nar_size` bytes; `check`
+    /// the caller). The NAR must hash to `info.nar_hash` and be `info.nar_size` bytes, and its
+    /// contents to `info.ca` if it has a content address (which must yield the path); `check`
     /// then gets the input back (to finish reading it and check what the caller hashes on the
     /// way, such as a compressed file's hash). Returns false if the path is valid already, in
     /// which case the input is not read. Safe to call from many threads at once.
@@ -93,6 +94,8 @@ impl Batch {
         check: impl FnOnce(R) -> std::result::Result<(), E>,
     ) -> std::result::Result<bool, E> {
         self.state().roots.extend(info.references.iter().cloned().chain([info.path.clone()]));
+        // A content address that cannot yield the path is refused before a byte is read.
+        crate::ca::check_claim(self.store.store_dir(), &info)?;
         if self.repair {
             let registered = self.store.valid_path_info(&info.path)?;
             if registered.nar_hash != info.nar_hash {
@@ -124,7 +127,9 @@ impl Batch {
             if nar_size != info.nar_size {
                 return Err(StoreError::SizeMismatch { expected: info.nar_size, actual: nar_size });
             }
-            Ok(())
+            // Whoever wrote the NAR hash also wrote the content address: the contents must
+            // prove it (see `ca.rs`).
+            crate::ca::check_contents(self.store.store_dir(), &info, &copy)
         });
         let outcome = received.map_err(E::from).and_then(|()| check(input));
         if let Err(e) = outcome {

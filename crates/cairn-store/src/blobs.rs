@@ -56,6 +56,19 @@ impl LocalStore {
         Ok(self.store_dir().make_fixed_output_path(name, FileIngestionMethod::Flat, hash, &BTreeSet::new(), false)?)
     }
 
+    /// Checks a valid path found where the flat path of `expected` is. Registered with that
+    /// content address, it was checked when it came in; without one (an import of unknown
+    /// origin), its bytes are checked now, so that a blob is never vouched for by its name alone.
+    pub fn checked_flat(&self, info: PathInfo, expected: &Hash) -> Result<PathInfo> {
+        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: expected.clone() };
+        if info.ca.as_ref() == Some(&ca) {
+            return Ok(info);
+        }
+        let claimed = PathInfo { ca: Some(ca), ..info.clone() };
+        crate::ca::check_contents(self.store_dir(), &claimed, &self.real_path(&info.path))?;
+        Ok(info)
+    }
+
     /// Adds `size` bytes as the flat fixed-output path of `expected` (`nix-store --add-fixed`'s
     /// path for a file called `name`), refusing them unless they hash to `expected` and number
     /// exactly `size`. Returns the existing path's metadata at once if it is already valid (the
@@ -65,7 +78,7 @@ impl LocalStore {
         let path = self.flat_path(name, expected)?;
         let _root = self.temp.add([path.clone()]);
         if let Some(info) = self.path_info(&path)? {
-            return Ok(info);
+            return self.checked_flat(info, expected);
         }
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");

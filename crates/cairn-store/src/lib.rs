@@ -24,6 +24,7 @@
 mod access;
 mod batch;
 mod blobs;
+mod ca;
 mod fsops;
 mod gc;
 mod import;
@@ -99,6 +100,16 @@ pub enum StoreError {
     HashMismatch { path: String, expected: String, actual: String },
     #[error("'{name}' does not have the digest that names it: expected {expected}, got {actual}")]
     ContentMismatch { name: String, expected: String, actual: String },
+    #[error("content address mismatch for '{path}': its content address is '{ca}', but its contents hash to '{actual}'")]
+    ContentAddressMismatch { path: String, ca: String, actual: String },
+    #[error("content address '{ca}' of '{path}' is for a regular file, and the path is not one")]
+    ContentAddressNotAFile { path: String, ca: String },
+    #[error("'{path}': {source}")]
+    ContentAddressClaim {
+        path: String,
+        #[source]
+        source: cairn_nix::store_path::ContentAddressClaimError,
+    },
     #[error("invalid tag root name '{0}' (no '/', not starting with '.')")]
     BadTagName(String),
     #[error("'{path}' references '{reference}', which is neither valid nor earlier in the stream")]
@@ -351,6 +362,9 @@ impl LocalStore {
 
     /// Commits paths whose contents are in place, and updates the graph if it is loaded.
     fn register(&self, infos: &[PathInfo]) -> Result<()> {
+        for info in infos {
+            ca::check_claim(self.store_dir(), info)?;
+        }
         let outputs: Vec<_> = infos.iter().filter_map(|i| self.read_drv_outputs(&i.path)).collect();
         let ids = self.db().register_with_outputs(infos, &outputs)?;
         let mut g = self.graph.write().expect("graph lock poisoned");

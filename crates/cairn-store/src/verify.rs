@@ -2,7 +2,8 @@
 //!
 //! Checks that the database is intact and its references closed (SQLite's `quick_check` and
 //! `foreign_key_check`), that every valid path has contents on disk, and — with
-//! `check_contents` — that those contents still serialise to the recorded NAR hash and size.
+//! `check_contents` — that those contents still serialise to the recorded NAR hash and size and,
+//! for content-addressed paths, hash to the recorded content address, which yields the path.
 //! Contents are hashed on two threads; each path is temporarily rooted while it is checked, and
 //! a path a concurrent collection took in the meantime is not reported.
 //!
@@ -15,7 +16,9 @@ use std::sync::Mutex;
 use cairn_nix::hash::HashingWriter;
 use cairn_nix::{Hash, HashAlgo, StorePath};
 
-use crate::{fsops, LocalStore, Result};
+use cairn_db::RecordedContents;
+
+use crate::{fsops, LocalStore, PathInfo, Result};
 
 /// What to check.
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,7 +31,7 @@ pub struct VerifyOptions {
 pub struct Problem {
     /// The path concerned, if the problem is a path's.
     pub path: Option<StorePath>,
-    /// `missing`, `modified`, `database`.
+    /// `missing`, `modified`, `content-address`, `database`.
     pub kind: &'static str,
     /// One line, as Nix words it where Nix has the same check.
     pub message: String,
@@ -58,8 +61,8 @@ impl LocalStore {
             for _ in 0..workers {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((path, hash, size)) = all.get(i) else { break };
-                    if let Some(p) = self.verify_path(path, hash, *size, opts.check_contents) {
+                    let Some(recorded) = all.get(i) else { break };
+                    if let Some(p) = self.verify_path(recorded, opts.check_contents) {
                         problems.lock().expect("problems poisoned").push(p);
                     }
                 });
@@ -71,7 +74,8 @@ impl LocalStore {
         Ok(report)
     }
 
-    fn verify_path(&self, path: &StorePath, hash: &Hash, size: u64, contents: bool) -> Option<Problem> {
+    fn verify_path(&self, recorded: &RecordedContents, contents: bool) -> Option<Problem> {
+        let RecordedContents { path, nar_hash: hash, nar_size: size, ca } = recorded;
         let _root = self.temp_root([path.clone()]);
         let shown = self.store_dir().display(path);
         let problem = |kind, message| Some(Problem { path: Some(path.clone()), kind, message });
@@ -89,10 +93,12 @@ impl LocalStore {
                             "modified",
                             format!("path '{shown}' was modified! expected hash '{hash}', got '{actual}'"),
                         )
-                    } else if actual_size != size {
+                    } else if actual_size != *size {
                         problem("modified", format!("path '{shown}' has NAR size {actual_size}, recorded {size}"))
                     } else {
-                        None
+                        self.verify_content_address(path, hash, *size, ca.as_ref(), &real)
+                            .err()
+                            .and_then(|e| problem("content-address", e.to_string()))
                     }
                 }
             }
@@ -101,5 +107,32 @@ impl LocalStore {
         };
         // A path collected while we looked is not a problem.
         found.filter(|_| self.is_valid(path).unwrap_or(true))
+    }
+
+    /// A recorded content address must yield the path with its recorded references, and the
+    /// contents (whose NAR hash was just found equal to the recorded one) must hash to it: a
+    /// consistent NAR hash says nothing about a content address written beside it.
+    fn verify_content_address(
+        &self,
+        path: &StorePath,
+        nar_hash: &Hash,
+        nar_size: u64,
+        ca: Option<&cairn_nix::ContentAddress>,
+        real: &std::path::Path,
+    ) -> Result<()> {
+        let Some(ca) = ca else { return Ok(()) };
+        let references = self.path_info(path)?.map(|i| i.references).unwrap_or_default();
+        let info = PathInfo {
+            path: path.clone(),
+            nar_hash: nar_hash.clone(),
+            nar_size,
+            references,
+            deriver: None,
+            registration_time: 0,
+            ultimate: false,
+            signatures: Default::default(),
+            ca: Some(ca.clone()),
+        };
+        crate::ca::check_contents(self.store_dir(), &info, real)
     }
 }
