@@ -45,6 +45,9 @@ impl From<StoreError> for ApiError {
             | BadInnerPath(_)
             | NotAFile(_)
             | ContentMismatch { .. }
+            | ContentAddressMismatch { .. }
+            | ContentAddressNotAFile { .. }
+            | ContentAddressClaim { .. }
             | BadTagName(_) => ErrorKind::BadRequest,
             Db(cairn_db::DbError::MissingReference { .. }) => ErrorKind::BadRequest,
             Io { .. } | NarWrite { .. } | Db(_) | Locked(_) => ErrorKind::Internal,
