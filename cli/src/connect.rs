@@ -3,8 +3,10 @@
 //! A user on a fresh machine types `cairn add ./file` and expects it to work. When nothing
 //! answers on the socket (no such file, or connection refused), `cairn` starts `cairn daemon`
 //! with the very settings it resolved (same root, store directory, socket, config file),
-//! detached in its own process group with its output in `<state>/cairnd.log`, waits for it to
-//! answer, and says so on stderr. `--no-auto-start` or `auto-start-daemon = false` turn this off.
+//! detached from the terminal — a session of its own, so no controlling terminal, stdin on
+//! `/dev/null` — with its output in `<state>/cairnd.log`, waits for it to answer, and says so on
+//! stderr. A daemon that kept the user's terminal would lend it to everything it starts, and
+//! would get the terminal's hangup and interrupt when the shell goes. `--no-auto-start` or `auto-start-daemon = false` turn this off.
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
@@ -65,15 +67,21 @@ async fn start(settings: &Settings, args: &StoreArgs, client: Client) -> anyhow:
         .open(&log_path)
         .with_context(|| format!("cannot open '{}'", log_path.display()))?;
     let exe = std::env::current_exe().context("cannot find the cairn executable to start the daemon")?;
-    let mut child = std::process::Command::new(exe)
+    let mut command = std::process::Command::new(exe);
+    command
         .arg("daemon")
         .args(StoreArgs::to_daemon_args(settings, args.config.as_ref()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("cannot start the daemon")?;
+        .stderr(log);
+    // SAFETY: between fork and exec the hook makes one async-signal-safe system call and
+    // allocates nothing. The child is not a process group leader (no `process_group` is
+    // asked), so setsid cannot fail with EPERM.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let mut child = command.spawn().context("cannot start the daemon")?;
     let started = Instant::now();
     loop {
         match client.version().await {

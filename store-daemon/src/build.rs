@@ -38,6 +38,12 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
         build_uid_base: settings.build_uid_base,
         helper: std::env::current_exe()?,
         logs: LogStore::new(state_dir(&settings.root).join("log/drvs")),
+        limits: cairn_build::sandbox::SandboxLimits {
+            max_processes: (settings.build_max_processes > 0).then_some(settings.build_max_processes),
+            dev_shm_size: cairn_build::sandbox::TmpfsSize::parse(&settings.sandbox_dev_shm_size)
+                .map_err(|e| anyhow::anyhow!("sandbox-dev-shm-size: {e}"))?,
+        },
+        max_output_size: (settings.build_max_output_size > 0).then_some(settings.build_max_output_size),
     })
 }
 

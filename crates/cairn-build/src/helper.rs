@@ -5,16 +5,20 @@
 //! [`HELPER_ARG`] ([`run_if_asked`] is the first thing both `cairnd` and `cairn` do), and the
 //! helper, alone in its process, does the work:
 //!
-//! 1. reads the [`SandboxSpec`] (one JSON line on stdin);
-//! 2. unshares a user namespace and says `userns` on stdout; the daemon, outside, writes its
+//! 1. leaves the daemon's session, and so the terminal the daemon may have been started from,
+//!    and closes every descriptor but 0–2 ([`crate::sys::detach`]): whatever the daemon
+//!    inherited open — a secret file, a directory outside the root — ends here;
+//! 2. reads the [`SandboxSpec`] (one JSON line on stdin);
+//! 3. unshares a user namespace and says `userns` on stdout; the daemon, outside, writes its
 //!    `uid_map`/`gid_map` (the sandbox's uid 1000 and gid 100 map to the build user) and answers
 //!    `go` — only a process in the parent namespace may map ids other than its own;
-//! 3. unshares the mount, PID, IPC, UTS and (unless fixed-output) network namespaces and makes
+//! 4. unshares the mount, PID, IPC, UTS and (unless fixed-output) network namespaces and makes
 //!    the mounts ([`crate::sys::isolate`]);
-//! 4. forks the sandbox's PID 1, says `pid N`, waits for it and exits with its status (128 +
-//!    signal if killed). PID 1 mounts `/proc`, enters the root, drops to the build user, sets
-//!    `no_new_privs` and a parent-death signal, and executes the builder with stdout and stderr
-//!    on the helper's stderr, which is the build log. When PID 1 ends, the kernel kills whatever
+//! 5. forks the sandbox's PID 1, says `pid N`, waits for it and exits with its status (128 +
+//!    signal if killed). PID 1 starts a session of its own, mounts `/proc`, enters the root,
+//!    sets the process limit, drops to the build user, sets `no_new_privs` and a parent-death
+//!    signal, and executes the builder with stdin on `/dev/null`, stdout and stderr on the
+//!    helper's stderr, which is the build log, and no other descriptor. When PID 1 ends, the kernel kills whatever
 //!    else runs in the namespace: a builder cannot leave processes behind.
 //!
 //! Any failure is reported as `error MESSAGE` on stdout before exiting.
@@ -52,6 +56,9 @@ fn fail(message: impl std::fmt::Display) -> i32 {
 }
 
 fn main() -> i32 {
+    if let Err(e) = sys::detach(&mut Linux) {
+        return fail(e);
+    }
     let mut stdin = io::stdin().lock();
     let mut line = String::new();
     if let Err(e) = stdin.read_line(&mut line) {

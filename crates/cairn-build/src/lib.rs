@@ -16,6 +16,7 @@
 
 pub mod derivations;
 pub mod helper;
+pub mod limits;
 pub mod logs;
 pub mod outputs;
 pub mod realise;

@@ -7,6 +7,8 @@
 //! `flat`, its NAR for `recursive`, with the declared algorithm — and may refer to nothing. The
 //! NAR is kept (in memory, spilled to a file past [`SPILL`]) so that the store restores exactly
 //! what was hashed; the restore makes it canonical (modes 0444/0555, no setuid/setgid, mtime 1).
+//! With `build-max-output-size` set, serialising stops as soon as an output's NAR passes it:
+//! a sparse file of gigabytes is refused after reading the limit, not stored at its full size.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -34,6 +36,8 @@ pub enum OutputError {
     NotFlat { path: String },
     #[error("fixed-output derivation '{drv}' produced output '{path}' that refers to store paths: {refs}")]
     FixedWithReferences { drv: String, path: String, refs: String },
+    #[error("output '{path}' is larger than build-max-output-size ({limit} bytes as a NAR)")]
+    TooLarge { path: String, limit: u64 },
     #[error("reading output '{path}': {message}")]
     Read { path: String, message: String },
 }
@@ -67,10 +71,17 @@ struct Sink<'a> {
     scanner: ReferenceScanner,
     spool: Spool,
     spill_dir: &'a Path,
+    /// `build-max-output-size`; passing it fails the write and sets `over`.
+    limit: Option<u64>,
+    over: bool,
 }
 
 impl Write for Sink<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.limit.is_some_and(|l| self.size + buf.len() as u64 > l) {
+            self.over = true;
+            return Err(io::Error::other("the output is larger than build-max-output-size"));
+        }
         self.nar.update(buf);
         if let Some(h) = self.other.as_mut() {
             h.update(buf);
@@ -119,6 +130,8 @@ pub struct Expect<'a> {
     /// The path as printed (logical store directory).
     pub display: &'a str,
     pub fixed: Option<(FileIngestionMethod, Hash)>,
+    /// `build-max-output-size`: the largest NAR accepted.
+    pub max_nar_size: Option<u64>,
 }
 
 /// Serialises, hashes and scans the output at `host` (the builder's copy); `candidates` maps
@@ -152,8 +165,15 @@ pub fn collect(
         scanner: ReferenceScanner::new(candidates.keys().map(String::as_str)),
         spool: Spool::Memory(Vec::new()),
         spill_dir,
+        limit: expect.max_nar_size,
+        over: false,
     };
-    cairn_store::dump(host, &mut sink).map_err(|e| read_err(&e))?;
+    if let Err(e) = cairn_store::dump(host, &mut sink) {
+        return Err(match (sink.over, expect.max_nar_size) {
+            (true, Some(limit)) => OutputError::TooLarge { path: expect.display.to_owned(), limit },
+            _ => read_err(&e),
+        });
+    }
     let nar_hash = sink.nar.finish();
     let references: BTreeSet<StorePath> = sink.scanner.found().filter_map(|h| candidates.get(h)).cloned().collect();
     let ca = match &expect.fixed {
@@ -213,7 +233,7 @@ mod tests {
     }
 
     fn expect<'a>(path: &'a StorePath, fixed: Option<(FileIngestionMethod, Hash)>) -> Expect<'a> {
-        Expect { drv: "/nix/store/x.drv", output: "out", path, display: "/nix/store/p", fixed }
+        Expect { drv: "/nix/store/x.drv", output: "out", path, display: "/nix/store/p", fixed, max_nar_size: None }
     }
 
     #[test]
@@ -277,5 +297,26 @@ mod tests {
         let mut kept = Vec::new();
         c.nar.into_reader().unwrap().read_to_end(&mut kept).unwrap();
         assert_eq!(kept.len() as u64, c.nar_size);
+    }
+
+    #[test]
+    fn an_output_over_the_max_output_size_is_refused_early() {
+        let t = tempfile::tempdir().unwrap();
+        let p = sp("00000000000000000000000000000000-f");
+        // A sparse file of 1 GiB: refusing it must not read it all.
+        let big = t.path().join("sparse");
+        std::fs::File::create(&big).unwrap().set_len(1 << 30).unwrap();
+        let limited = Expect { max_nar_size: Some(1 << 20), ..expect(&p, None) };
+        let started = std::time::Instant::now();
+        let e = collect(&big, &limited, &BTreeMap::new(), t.path()).unwrap_err();
+        assert!(matches!(e, OutputError::TooLarge { limit: 1048576, .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "output '/nix/store/p' is larger than build-max-output-size (1048576 bytes as a NAR)"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "stopped at the limit");
+        let small = t.path().join("small");
+        std::fs::write(&small, b"fits").unwrap();
+        assert!(collect(&small, &limited, &BTreeMap::new(), t.path()).is_ok());
     }
 }

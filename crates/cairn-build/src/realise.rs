@@ -26,6 +26,7 @@ use cairn_store::{Direction, LocalStore, PathInfo, StoreError};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::derivations::Derivations;
+use crate::limits::{hint, SandboxLimits};
 use crate::logs::LogStore;
 use crate::outputs::{collect, Expect};
 use crate::runner::{run, RunEnd, RunLimits};
@@ -54,6 +55,10 @@ pub struct BuildSettings {
     /// The executable started as the sandbox helper (cairnd or cairn itself).
     pub helper: PathBuf,
     pub logs: LogStore,
+    /// `build-max-processes` and `sandbox-dev-shm-size`.
+    pub limits: SandboxLimits,
+    /// `build-max-output-size`: the largest NAR an output may have.
+    pub max_output_size: Option<u64>,
 }
 
 /// One derivation to realise, with the outputs wanted (all if `None`).
@@ -446,7 +451,11 @@ impl Builder {
             Err(e) => Some(format!("cannot run the builder of '{shown}': {e}")),
             Ok(RunEnd::Exited(0)) => None,
             Ok(RunEnd::Exited(code)) => {
-                Some(with_tail(format!("builder for '{shown}' failed with exit code {code}"), &tail))
+                let mut m = format!("builder for '{shown}' failed with exit code {code}");
+                if let Some(h) = hint(&self.settings.limits, tail.iter().map(String::as_str)) {
+                    m.push_str(&format!(" ({h})"));
+                }
+                Some(with_tail(m, &tail))
             }
             Ok(RunEnd::SetupFailed(e)) => Some(format!("cannot set up the sandbox for '{shown}': {e}")),
             Ok(RunEnd::TimedOut(t)) => Some(format!("building '{shown}' timed out after {} seconds", t.as_secs())),
@@ -546,6 +555,7 @@ impl Builder {
             sandbox_paths: &self.settings.sandbox_paths,
             cores: self.settings.cores,
             root: &root,
+            limits: self.settings.limits,
         })?;
         let io = |source| BuildError::Io { op: "create build directory", path: top.display().to_string(), source };
         std::fs::create_dir(top).map_err(io)?;
@@ -572,7 +582,14 @@ impl Builder {
         for (name, path) in outputs {
             let display = dir.display(path);
             let host = under(&top.join("root"), &display);
-            let expect = Expect { drv: &shown, output: name, path, display: &display, fixed: fixed.clone() };
+            let expect = Expect {
+                drv: &shown,
+                output: name,
+                path,
+                display: &display,
+                fixed: fixed.clone(),
+                max_nar_size: self.settings.max_output_size,
+            };
             let c = collect(&host, &expect, &candidates, top).map_err(|e| e.to_string())?;
             let info = PathInfo {
                 path: c.path.clone(),

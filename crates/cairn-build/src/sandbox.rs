@@ -3,10 +3,17 @@
 //! A build sees a private root: the input closure bind-mounted read-only at its store paths,
 //! an empty writable store directory where the outputs appear, `/build` (its working and
 //! temporary directory), a minimal `/dev`, a fresh `/proc`, `/etc/passwd`, `/etc/group` and
-//! `/etc/hosts` as Nix 2.8 writes them, and the configured `sandbox-paths`. [`plan`] computes all
-//! of that — files to create, mounts to make, the builder's environment — without touching the
-//! system, so that it can be tested and read apart from the code that applies it
-//! ([`crate::sys`]). The daemon creates the [`Skeleton`] on disk (as itself, outside any
+//! `/etc/hosts` as Nix 2.8 writes them, and the configured `sandbox-paths`.
+//!
+//! What is deliberately absent: `/dev/tty` (it names the controlling terminal of whoever opens
+//! it; a builder has none, and one that had the daemon's could type into the shell that started
+//! it with `TIOCSTI`), `/dev/ptmx` and any terminal. What is bounded ([`SandboxLimits`]): the
+//! builder's processes (its `RLIMIT_NPROC`) and `/dev/shm`, a sized tmpfs — memory that a build
+//! could otherwise fill up to half the RAM.
+//!
+//! [`plan`] computes all of that — files to create, mounts to make, the builder's environment,
+//! its limits — without touching the system, so that it can be tested and read apart from the
+//! code that applies it ([`crate::sys`]). The daemon creates the [`Skeleton`] on disk (as itself, outside any
 //! namespace); the sandbox helper applies the [`SandboxSpec`] inside the namespaces.
 
 use std::collections::BTreeMap;
@@ -16,6 +23,8 @@ use cairn_nix::derivation::Derivation;
 use cairn_nix::hash::{Encoding, Hash, HashAlgo};
 use cairn_nix::{StoreDir, StorePath};
 use serde::{Deserialize, Serialize};
+
+pub use crate::limits::{SandboxLimits, TmpfsSize};
 
 /// The build's working directory inside the sandbox (`NIX_BUILD_TOP`), as in Nix.
 pub const BUILD_TOP: &str = "/build";
@@ -28,8 +37,8 @@ pub const SANDBOX_GID: u32 = 100;
 /// Host files a fixed-output build (which keeps the network) sees, as Nix gives them.
 pub const NETWORK_FILES: &[&str] = &["/etc/resolv.conf", "/etc/services", "/etc/hosts"];
 
-/// Device nodes bound from the host's `/dev`.
-const DEVICES: &[&str] = &["/dev/full", "/dev/null", "/dev/random", "/dev/tty", "/dev/urandom", "/dev/zero"];
+/// Device nodes bound from the host's `/dev`. Not `/dev/tty`: see the module's doc.
+const DEVICES: &[&str] = &["/dev/full", "/dev/null", "/dev/random", "/dev/urandom", "/dev/zero"];
 
 /// Who owns a created entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,8 +85,8 @@ pub enum Mount {
     Bind { source: PathBuf, target: String, read_only: bool },
     /// A fresh `proc` for the sandbox's PID namespace.
     Proc { target: String },
-    /// An empty tmpfs (`/dev/shm`).
-    Tmpfs { target: String },
+    /// An empty tmpfs (`/dev/shm`) of at most `size`.
+    Tmpfs { target: String, size: TmpfsSize },
 }
 
 /// Everything the sandbox helper needs: where the root is, what to mount, what to run.
@@ -96,6 +105,8 @@ pub struct SandboxSpec {
     pub args: Vec<String>,
     /// The builder's whole environment, sorted by name.
     pub env: Vec<(String, String)>,
+    /// The builder's `RLIMIT_NPROC` (see [`SandboxLimits::max_processes`](crate::limits::SandboxLimits)).
+    pub max_processes: Option<u64>,
 }
 
 impl SandboxSpec {
@@ -128,6 +139,7 @@ pub struct BuildInput<'a> {
     pub cores: usize,
     /// The host directory that becomes `/`.
     pub root: &'a Path,
+    pub limits: SandboxLimits,
 }
 
 /// Why a derivation cannot be built as asked.
@@ -232,7 +244,7 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
         let is_dir = std::fs::metadata(host).map(|m| m.is_dir()).unwrap_or(false);
         bind(&mut sk, host.clone(), inside.clone(), is_dir, true);
     }
-    mounts.push(Mount::Tmpfs { target: "/dev/shm".into() });
+    mounts.push(Mount::Tmpfs { target: "/dev/shm".into(), size: b.limits.dev_shm_size });
     mounts.push(Mount::Proc { target: "/proc".into() });
 
     if !builder_available(b) {
@@ -281,6 +293,7 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
         builder: drv.builder.clone(),
         args: drv.args.clone(),
         env: env.into_iter().collect(),
+        max_processes: b.limits.max_processes,
     };
     Ok((sk, spec))
 }
@@ -354,6 +367,7 @@ mod tests {
             sandbox_paths,
             cores: 3,
             root: Path::new("/tmp/b/root"),
+            limits: SandboxLimits { max_processes: Some(64), dev_shm_size: TmpfsSize::Bytes(8 << 20) },
         })
     }
 
@@ -402,6 +416,34 @@ mod tests {
             _ => None,
         });
         assert_eq!(hosts.as_deref(), Some(&b"127.0.0.1 localhost\n::1 localhost\n"[..]));
+    }
+
+    #[test]
+    fn no_terminal_is_reachable_in_dev() {
+        let (sk, spec) = plan_of(&drv(false), &sh()).unwrap();
+        let in_dev = |p: &str| {
+            sk.iter().any(|n| match n {
+                Node::Dir { path, .. } | Node::File { path, .. } | Node::Symlink { path, .. } => path == p,
+                Node::MountPoint { path, .. } => path == p,
+            }) || spec.mounts.iter().any(|m| match m {
+                Mount::Bind { source, target, .. } => target == p || source == Path::new(p),
+                Mount::Tmpfs { target, .. } | Mount::Proc { target } => target == p,
+            })
+        };
+        for tty in ["/dev/tty", "/dev/console", "/dev/ptmx", "/dev/tty0"] {
+            assert!(!in_dev(tty), "{tty} is not provided");
+        }
+        assert!(in_dev("/dev/null") && in_dev("/dev/urandom"));
+    }
+
+    #[test]
+    fn limits_reach_the_spec_and_dev_shm_is_sized() {
+        let (_, spec) = plan_of(&drv(false), &sh()).unwrap();
+        assert_eq!(spec.max_processes, Some(64));
+        assert!(spec.mounts.contains(&Mount::Tmpfs { target: "/dev/shm".into(), size: TmpfsSize::Bytes(8 << 20) }));
+        // The helper gets them through its JSON line.
+        let back: SandboxSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The system calls that build a sandbox, behind a trait.
 //!
-//! [`isolate`] (run by the sandbox helper once its user namespace is mapped) and [`enter`] (run
-//! by the sandbox's PID 1 just before it becomes the builder) apply a [`SandboxSpec`] through
-//! [`Sys`]. [`Linux`] makes the calls; tests give a recorder instead and check the order and the
-//! arguments without root: nothing is mounted before the mount namespace is private, inputs
-//! are bound read-only, `/proc` is mounted from inside the new PID namespace, ids are dropped
-//! last.
+//! [`detach`] (the sandbox helper's first step), [`isolate`] (run by the helper once its user
+//! namespace is mapped) and [`enter`] (run by the sandbox's PID 1 just before it becomes the
+//! builder) apply a [`SandboxSpec`] through [`Sys`]. [`Linux`] makes the calls; tests give a
+//! recorder instead and check the order and the arguments without root: the helper leaves the
+//! daemon's session (and so its controlling terminal) and closes every descriptor it inherited
+//! but 0–2 before anything else, nothing is mounted before the mount namespace is private,
+//! inputs are bound read-only, `/dev/shm` is sized, `/proc` is mounted from inside the new PID
+//! namespace, the builder gets a session and a process limit of its own, ids are dropped last.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,22 @@ pub trait Sys {
     /// Brings up `lo` in a new network namespace (it starts down), so that a build can still
     /// talk to itself over 127.0.0.1.
     fn loopback_up(&mut self) -> io::Result<()>;
+    /// Starts a new session: the process leaves its controlling terminal behind, and nothing it
+    /// starts can get one back without a terminal device (the sandbox has none).
+    fn setsid(&mut self) -> io::Result<()>;
+    /// Closes every descriptor from 3 up ([`Descriptors::Close`]), or marks them close-on-exec
+    /// ([`Descriptors::CloseOnExec`]): a descriptor the daemon inherited open, on a secret file
+    /// or on a directory outside the root, must not reach a builder.
+    fn close_descriptors(&mut self, how: Descriptors) -> io::Result<()>;
+    /// Sets `RLIMIT_NPROC`, soft and hard.
+    fn limit_processes(&mut self, max: u64) -> io::Result<()>;
+}
+
+/// How [`Sys::close_descriptors`] treats descriptors from 3 up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Descriptors {
+    Close,
+    CloseOnExec,
 }
 
 /// A failed step, named.
@@ -64,6 +82,14 @@ pub fn namespaces(spec: &SandboxSpec) -> CloneFlags {
         f |= CloneFlags::CLONE_NEWNET;
     }
     f
+}
+
+/// The helper's first step, before it reads its spec: a session of its own (no controlling
+/// terminal: the daemon may have been started from a shell) and no descriptor but 0–2.
+pub fn detach(sys: &mut dyn Sys) -> Result<(), SysError> {
+    step(sys.setsid(), || "start a new session".into())?;
+    step(sys.close_descriptors(Descriptors::Close), || "close inherited descriptors".into())?;
+    Ok(())
 }
 
 /// Unshares the build's namespaces and makes every mount but `/proc` (which must be mounted
@@ -109,15 +135,15 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
                     )?;
                 }
             }
-            Mount::Tmpfs { target } => step(
+            Mount::Tmpfs { target, size } => step(
                 sys.mount(&MountCall {
                     source: Some("none".into()),
                     target: spec.host_path(target),
                     fstype: Some("tmpfs".into()),
                     flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                    data: Some("mode=1777".into()),
+                    data: Some(format!("mode=1777,size={}", size.option())),
                 }),
-                || format!("mount a tmpfs at '{target}'"),
+                || format!("mount a tmpfs of {size} at '{target}'"),
             )?,
             Mount::Proc { .. } => {}
         }
@@ -129,8 +155,11 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
     Ok(())
 }
 
-/// In the sandbox's PID 1: mounts `/proc`, enters the root, and drops to the build user.
+/// In the sandbox's PID 1: starts the builder's session, mounts `/proc`, enters the root, sets
+/// the process limit, leaves no descriptor but 0–2 to the builder, and drops to the build user.
 pub fn enter(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
+    // As Nix's builders: a session of their own, so no terminal's signals reach them either.
+    step(sys.setsid(), || "start the builder's session".into())?;
     for m in &spec.mounts {
         if let Mount::Proc { target } = m {
             step(
@@ -147,6 +176,12 @@ pub fn enter(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
     }
     step(sys.chroot(&spec.root), || format!("enter the sandbox root '{}'", spec.root.display()))?;
     step(sys.chdir(Path::new(&spec.workdir)), || format!("enter '{}'", spec.workdir))?;
+    if let Some(max) = spec.max_processes {
+        step(sys.limit_processes(max), || format!("limit the builder to {max} processes"))?;
+    }
+    // Close-on-exec rather than closed: this process still uses what it opened since the
+    // helper closed the rest (a descriptor on /dev/null, about to become stdin).
+    step(sys.close_descriptors(Descriptors::CloseOnExec), || "mark descriptors close-on-exec".into())?;
     step(sys.set_ids(spec.uid, spec.gid), || format!("become uid {} gid {}", spec.uid, spec.gid))?;
     step(sys.no_new_privs(), || "set no_new_privs".into())?;
     Ok(())
@@ -208,6 +243,35 @@ impl Sys for Linux {
         Ok(nix::sys::prctl::set_no_new_privs()?)
     }
 
+    fn setsid(&mut self) -> io::Result<()> {
+        nix::unistd::setsid()?;
+        Ok(())
+    }
+
+    fn close_descriptors(&mut self, how: Descriptors) -> io::Result<()> {
+        use nix::libc;
+        let flags = match how {
+            Descriptors::Close => 0,
+            Descriptors::CloseOnExec => libc::CLOSE_RANGE_CLOEXEC,
+        };
+        // SAFETY: close_range(2) (Linux 5.9; older kernels fail the build rather than leak)
+        // changes only the descriptor table. It closes descriptors only in the helper's first
+        // step, when nothing in the process owns one above 2: the helper has opened nothing yet
+        // and the standard library opens nothing before `main`. Marking close-on-exec closes
+        // nothing now.
+        #[allow(unsafe_code)]
+        let r = unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, flags) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn limit_processes(&mut self, max: u64) -> io::Result<()> {
+        use nix::sys::resource::{setrlimit, Resource};
+        Ok(setrlimit(Resource::RLIMIT_NPROC, max, max)?)
+    }
+
     fn loopback_up(&mut self) -> io::Result<()> {
         use nix::libc;
         use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -241,7 +305,7 @@ mod tests {
     use cairn_nix::derivation::{Derivation, DerivationOutput};
     use cairn_nix::{StoreDir, StorePath};
 
-    use crate::sandbox::{plan, BuildInput};
+    use crate::sandbox::{plan, BuildInput, SandboxLimits, TmpfsSize};
 
     /// Records every call; fails the one whose description contains `fail_at`.
     #[derive(Default)]
@@ -267,11 +331,12 @@ mod tests {
         }
         fn mount(&mut self, c: &MountCall) -> io::Result<()> {
             self.record(format!(
-                "mount {:?} {} {:?} {:?}",
+                "mount {:?} {} {:?} {:?} {:?}",
                 c.source.as_deref().map(Path::display).map(|d| d.to_string()),
                 c.target.display(),
                 c.fstype,
-                c.flags
+                c.flags,
+                c.data
             ))
         }
         fn locked_flags(&mut self, _: &Path) -> io::Result<MsFlags> {
@@ -295,6 +360,15 @@ mod tests {
         fn loopback_up(&mut self) -> io::Result<()> {
             self.record("lo up".into())
         }
+        fn setsid(&mut self) -> io::Result<()> {
+            self.record("setsid".into())
+        }
+        fn close_descriptors(&mut self, how: Descriptors) -> io::Result<()> {
+            self.record(format!("close {how:?}"))
+        }
+        fn limit_processes(&mut self, max: u64) -> io::Result<()> {
+            self.record(format!("nproc {max}"))
+        }
     }
 
     fn spec(fixed: bool) -> SandboxSpec {
@@ -313,6 +387,7 @@ mod tests {
             sandbox_paths: &[("/bin/sh".into(), "/bin/busybox".into())],
             cores: 1,
             root: Path::new("/tmp/r"),
+            limits: SandboxLimits { max_processes: Some(64), dev_shm_size: TmpfsSize::Bytes(8 << 20) },
         })
         .unwrap()
         .1
@@ -343,13 +418,40 @@ mod tests {
     }
 
     #[test]
-    fn enter_mounts_proc_then_chroots_then_drops_ids() {
+    fn enter_starts_a_session_mounts_proc_chroots_limits_then_drops_ids() {
         let mut r = Recorder::default();
         enter(&spec(false), &mut r).unwrap();
         let kinds: Vec<&str> = r.calls.iter().map(|c| c.split(' ').next().unwrap()).collect();
-        assert_eq!(kinds, ["mount", "chroot", "chdir", "ids", "nnp"]);
-        assert!(r.calls[0].contains("/tmp/r/proc") && r.calls[0].contains("\"proc\""));
-        assert_eq!(r.calls[3], "ids 1000 100");
+        assert_eq!(kinds, ["setsid", "mount", "chroot", "chdir", "nproc", "close", "ids", "nnp"]);
+        assert!(r.calls[1].contains("/tmp/r/proc") && r.calls[1].contains("\"proc\""));
+        assert_eq!(r.calls[4], "nproc 64", "the builder's process limit comes from the spec");
+        assert_eq!(r.calls[5], "close CloseOnExec", "nothing but 0–2 survives the builder's exec");
+        assert_eq!(r.calls[6], "ids 1000 100");
+        let mut unlimited = spec(false);
+        unlimited.max_processes = None;
+        let mut r = Recorder::default();
+        enter(&unlimited, &mut r).unwrap();
+        assert!(!r.calls.iter().any(|c| c.starts_with("nproc")), "{:?}", r.calls);
+    }
+
+    #[test]
+    fn the_helper_leaves_the_daemons_session_and_descriptors_first() {
+        let mut r = Recorder::default();
+        detach(&mut r).unwrap();
+        assert_eq!(r.calls, ["setsid", "close Close"]);
+        let mut r = Recorder { fail_at: Some("setsid"), ..Default::default() };
+        let e = detach(&mut r).unwrap_err();
+        assert!(e.to_string().starts_with("start a new session: "), "{e}");
+        assert_eq!(r.calls, ["setsid"], "a helper that keeps the terminal stops there");
+    }
+
+    #[test]
+    fn dev_shm_is_a_sized_tmpfs() {
+        let mut r = Recorder::default();
+        isolate(&spec(false), &mut r).unwrap();
+        let shm = r.calls.iter().find(|c| c.contains("/tmp/r/dev/shm")).unwrap();
+        assert!(shm.contains("\"tmpfs\"") && shm.contains("Some(\"mode=1777,size=8388608\")"), "{shm}");
+        assert!(shm.contains("MS_NOSUID") && shm.contains("MS_NODEV"), "{shm}");
     }
 
     #[test]
