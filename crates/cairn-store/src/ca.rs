@@ -18,21 +18,22 @@
 //! - `fixed:r:sha256:`: the content hash *is* the NAR hash, which was just checked: no extra read.
 //! - `fixed:r:<other algorithm>:`: the tree is dumped once more as a NAR and hashed.
 //!
-//! Paths that arrive without one (an export stream never carries it) get one recorded when
-//! their contents prove it ([`infer`]), so that `verify` and the registry can rely on it later.
+//! Paths that arrive without one (an export stream never carries it; importing needs trust, as
+//! in Nix) are registered without one, as Nix registers them; where cairn relies on a path's
+//! name for its bytes — an OCI blob path — it checks those bytes itself
+//! ([`LocalStore::checked_flat`](crate::LocalStore::checked_flat)).
 //!
 //! **Architecture invariant:** no path is registered with a content address that does not yield
 //! it ([`LocalStore::register`] checks every claim before the transaction), and no path enters
 //! with a content address its contents were not hashed against.
 
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::path::Path;
 
 use cairn_nix::content_address::FileIngestionMethod;
 use cairn_nix::hash::HashingWriter;
-use cairn_nix::{ContentAddress, Hash, HashAlgo, Hasher, StoreDir, StorePath};
+use cairn_nix::{ContentAddress, Hash, HashAlgo, Hasher, StoreDir};
 
 use crate::{fsops, PathInfo, Result, StoreError};
 
@@ -94,37 +95,12 @@ fn flat_hash(tree: &Path, algo: HashAlgo) -> Result<Option<Hash>> {
     Ok(Some(h.finish()))
 }
 
-/// The content address the contents at `tree` prove for `info`'s path, if any: a `source` path
-/// (recursive SHA-256, from the NAR hash), a flat SHA-256 path or a text path. Paths made with
-/// other algorithms, and input-addressed paths, get `None`.
-pub(crate) fn infer(dir: &StoreDir, info: &PathInfo, tree: &Path) -> Result<Option<ContentAddress>> {
-    let self_ref = info.references.contains(&info.path);
-    let others: BTreeSet<StorePath> = info.references.iter().filter(|r| **r != info.path).cloned().collect();
-    let yields = |ca: &ContentAddress| {
-        dir.check_content_address(&info.path, ca, &info.references).is_ok()
-    };
-    if info.nar_hash.algo() == HashAlgo::Sha256 {
-        let source = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: info.nar_hash.clone() };
-        if yields(&source) {
-            return Ok(Some(source));
-        }
-    }
-    // Only a lone file can be flat or text; the name check is cheap, the hash is not, so hash
-    // only when one of the two could be it.
-    if self_ref || std::fs::symlink_metadata(tree).map(|m| !m.file_type().is_file()).unwrap_or(true) {
-        return Ok(None);
-    }
-    let Some(h) = flat_hash(tree, HashAlgo::Sha256)? else { return Ok(None) };
-    let candidates = [
-        (others.is_empty()).then(|| ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: h.clone() }),
-        Some(ContentAddress::Text(h)),
-    ];
-    Ok(candidates.into_iter().flatten().find(|ca| yields(ca)))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+    use cairn_nix::StorePath;
     use cairn_nix::strategies::Tree;
 
     fn dir() -> StoreDir {
@@ -183,28 +159,5 @@ mod tests {
             let p = dir().make_fixed_output_path("t", FileIngestionMethod::Recursive, &forged, &BTreeSet::new(), false).unwrap();
             assert!(check_contents(&dir(), &info(p, &nar, Some(ca), BTreeSet::new()), &at).is_err(), "{algo}");
         }
-    }
-
-    #[test]
-    fn contents_prove_source_flat_and_text_addresses_and_nothing_else() {
-        let (_t, file, nar) = restored(&Tree::File { executable: false, contents: b"bar".to_vec() });
-        let h = Hash::digest(HashAlgo::Sha256, b"bar");
-        let text = dir().make_text_path("foo", &h, &BTreeSet::new()).unwrap();
-        assert_eq!(infer(&dir(), &info(text, &nar, None, BTreeSet::new()), &file).unwrap(), Some(ContentAddress::Text(h.clone())));
-        let flat = dir().make_fixed_output_path("foo", FileIngestionMethod::Flat, &h, &BTreeSet::new(), false).unwrap();
-        assert_eq!(
-            infer(&dir(), &info(flat, &nar, None, BTreeSet::new()), &file).unwrap(),
-            Some(ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: h })
-        );
-        let nar_hash = Hash::digest(HashAlgo::Sha256, &nar);
-        let source = dir().make_fixed_output_path("foo", FileIngestionMethod::Recursive, &nar_hash, &BTreeSet::new(), false).unwrap();
-        assert_eq!(
-            infer(&dir(), &info(source, &nar, None, BTreeSet::new()), &file).unwrap(),
-            Some(ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash })
-        );
-        // The path of other bytes: nothing is proven (an input-addressed path, as far as anyone
-        // can tell).
-        let other = dir().make_text_path("foo", &Hash::digest(HashAlgo::Sha256, b"baz"), &BTreeSet::new()).unwrap();
-        assert_eq!(infer(&dir(), &info(other, &nar, None, BTreeSet::new()), &file).unwrap(), None);
     }
 }

@@ -2,8 +2,7 @@
 //!
 //! An import is all or nothing: nothing of a stream is registered unless every path in it
 //! checks out — its NAR well-formed, its references valid or earlier in the stream, its NAR hash
-//! equal to the recorded one if the path is valid already. Export streams carry no content
-//! addresses; a new path gets the one its contents prove, if any (see `ca.rs`).
+//! equal to the recorded one if the path is valid already.
 //!
 //! A stream names a path only *after* its NAR. Rather than restoring each NAR into a temporary
 //! directory and renaming it into place afterwards (a rename per path), the reading thread
@@ -143,20 +142,8 @@ impl LocalStore {
         outcome
     }
 
-    fn commit_import(&self, mut staged: Staged, started: std::time::Instant) -> Result<Vec<PathInfo>> {
+    fn commit_import(&self, staged: Staged, started: std::time::Instant) -> Result<Vec<PathInfo>> {
         if !staged.new.is_empty() {
-            // An export stream carries no content addresses; record those the contents prove,
-            // so that later checks (verify, the registry's blobs) can rely on them.
-            for info in &mut staged.new {
-                info.ca = crate::ca::infer(self.store_dir(), info, &self.real_path(&info.path))?;
-            }
-            let proven: std::collections::HashMap<&StorePath, &cairn_nix::ContentAddress> =
-                staged.new.iter().filter_map(|i| Some((&i.path, i.ca.as_ref()?))).collect();
-            for info in &mut staged.all {
-                if let Some(ca) = proven.get(&info.path) {
-                    info.ca = Some((*ca).clone());
-                }
-            }
             let read = started.elapsed();
             // One syncfs makes every placed file and directory entry durable.
             fsops::sync_filesystem(&self.layout.real_store_dir)?;
