@@ -49,7 +49,9 @@ impl From<StoreError> for ApiError {
             | ContentAddressNotAFile { .. }
             | ContentAddressClaim { .. }
             | BadTagName(_) => ErrorKind::BadRequest,
-            Db(cairn_db::DbError::MissingReference { .. }) => ErrorKind::BadRequest,
+            Db(cairn_db::DbError::MissingReference { .. } | cairn_db::DbError::ReferenceCycle { .. }) => {
+                ErrorKind::BadRequest
+            }
             Io { .. } | NarWrite { .. } | Db(_) | Locked(_) => ErrorKind::Internal,
         };
         ApiError { kind, message: e.to_string() }

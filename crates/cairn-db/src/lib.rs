@@ -67,6 +67,9 @@ pub enum DbError {
     MissingReference { path: String, reference: String },
     #[error("path '{0}' is not valid")]
     NotValid(String),
+    /// Nix's words for the same refusal.
+    #[error("cycle detected in the references of '{path}' from '{reference}'")]
+    ReferenceCycle { path: String, reference: String },
     #[error("cannot invalidate '{0}': a valid path still references it")]
     StillReferenced(String),
 }
@@ -85,6 +88,49 @@ pub type Result<T> = std::result::Result<T, DbError>;
 /// A connection to the reference graph.
 pub struct Db {
     conn: Connection,
+}
+
+/// Refuses a batch whose paths refer to each other in a cycle (a path may refer to itself).
+///
+/// Paths already valid cannot refer to a path of the batch, so a cycle can only run through the
+/// batch; a depth-first search over its own edges finds one before anything is written.
+fn check_acyclic(infos: &[PathInfo]) -> Result<()> {
+    let index: std::collections::HashMap<&StorePath, usize> =
+        infos.iter().enumerate().map(|(i, info)| (&info.path, i)).collect();
+    let edges = |i: usize| {
+        let info = &infos[i];
+        info.references.iter().filter(move |r| **r != info.path).filter_map(|r| index.get(r).copied())
+    };
+    // 0: not visited, 1: on the current path, 2: done.
+    let mut state = vec![0u8; infos.len()];
+    for start in 0..infos.len() {
+        if state[start] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, Vec<usize>)> = vec![(start, edges(start).collect())];
+        state[start] = 1;
+        while let Some((node, pending)) = stack.last_mut() {
+            let node = *node;
+            match pending.pop() {
+                Some(next) if state[next] == 1 => {
+                    return Err(DbError::ReferenceCycle {
+                        path: infos[next].path.to_string(),
+                        reference: infos[node].path.to_string(),
+                    });
+                }
+                Some(next) if state[next] == 0 => {
+                    state[next] = 1;
+                    stack.push((next, edges(next).collect()));
+                }
+                Some(_) => {}
+                None => {
+                    state[node] = 2;
+                    stack.pop();
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn corrupt(path: &str, detail: impl ToString) -> DbError {
@@ -226,6 +272,7 @@ impl Db {
     }
 
     fn register_in(tx: &Transaction<'_>, infos: &[PathInfo]) -> Result<Vec<i64>> {
+        check_acyclic(infos)?;
         let mut ids = Vec::with_capacity(infos.len());
         let mut fresh = Vec::new();
         {

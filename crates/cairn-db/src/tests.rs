@@ -129,3 +129,57 @@ fn path_from_hash_part_finds_only_that_hash() {
     assert_eq!(db.path_from_hash_part(&a.hash_part()[..31]).unwrap(), None);
     assert_eq!(db.path_from_hash_part(&"0".repeat(32)).unwrap(), None);
 }
+
+#[test]
+fn a_reference_cycle_between_distinct_paths_is_refused_and_nothing_registered() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[info("input", &[])]).unwrap();
+    // a → c → b → a, as a multi-output build can produce.
+    let err = db.register(&[info("a", &["c", "input"]), info("b", &["a"]), info("c", &["b", "c"])]).unwrap_err();
+    assert!(matches!(err, DbError::ReferenceCycle { .. }), "{err}");
+    assert!(err.to_string().starts_with("cycle detected in the references of '"), "{err}");
+    for p in ["a", "b", "c"] {
+        assert!(!db.is_valid(&path(p)).unwrap());
+    }
+    assert_eq!(db.count().unwrap(), 1);
+    // Self-references and a diamond are no cycle.
+    db.register(&[info("d", &["d"]), info("e", &["d"]), info("f", &["d", "e"]), info("g", &["e", "f", "g"])]).unwrap();
+    assert!(db.check_integrity().unwrap().is_empty());
+}
+
+proptest::proptest! {
+    /// Random batches whose paths refer to random others of the batch: registered exactly when
+    /// the references (self-references aside) form no cycle, as a topological sort decides.
+    #[test]
+    fn a_batch_is_registered_exactly_when_it_is_acyclic(
+        edges in proptest::collection::vec((0usize..6, 0usize..6), 0..10),
+    ) {
+        let names: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+        let refs = |i: usize| -> Vec<&str> {
+            edges.iter().filter(|(a, _)| *a == i).map(|(_, b)| names[*b].as_str()).collect()
+        };
+        let infos: Vec<PathInfo> = (0..6).map(|i| info(&names[i], &refs(i))).collect();
+        // Kahn's algorithm over the distinct-path edges.
+        let mut indegree = [0usize; 6];
+        let distinct: BTreeSet<(usize, usize)> = edges.iter().copied().filter(|(a, b)| a != b).collect();
+        for (_, b) in &distinct {
+            indegree[*b] += 1;
+        }
+        let mut ready: Vec<usize> = (0..6).filter(|i| indegree[*i] == 0).collect();
+        let mut seen = 0;
+        while let Some(n) = ready.pop() {
+            seen += 1;
+            for (_, b) in distinct.iter().filter(|(a, _)| *a == n) {
+                indegree[*b] -= 1;
+                if indegree[*b] == 0 {
+                    ready.push(*b);
+                }
+            }
+        }
+        let acyclic = seen == 6;
+        let mut db = Db::open_in_memory().unwrap();
+        let result = db.register(&infos);
+        proptest::prop_assert_eq!(result.is_ok(), acyclic, "{:?}", result.err());
+        proptest::prop_assert_eq!(db.count().unwrap(), if acyclic { 6 } else { 0 });
+    }
+}

@@ -365,7 +365,9 @@ mod tests {
         // (flat paths ignore references when computed).
         let flat_hash = Hash::digest(HashAlgo::Sha256, b"hello\n");
         let flat = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: flat_hash.clone() };
-        let p = dir.make_fixed_output_path("hello", FileIngestionMethod::Flat, &flat_hash, &BTreeSet::new(), false).unwrap();
+        let p = dir
+            .make_fixed_output_path("hello", FileIngestionMethod::Flat, &flat_hash, &BTreeSet::new(), false)
+            .unwrap();
         dir.check_content_address(&p, &flat, &BTreeSet::new()).unwrap();
         let e = dir.check_content_address(&p, &flat, &BTreeSet::from([foo.clone()])).unwrap_err();
         assert!(matches!(e, ContentAddressClaimError::References { .. }), "{e}");

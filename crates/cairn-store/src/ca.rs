@@ -67,10 +67,8 @@ pub(crate) fn check_contents(dir: &StoreDir, info: &PathInfo, tree: &Path) -> Re
 fn content_hash(ca: &ContentAddress, nar_hash: &Hash, tree: &Path, shown: &str) -> Result<Hash> {
     match ca {
         ContentAddress::Text(h) | ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: h } => {
-            flat_hash(tree, h.algo())?.ok_or_else(|| StoreError::ContentAddressNotAFile {
-                path: shown.to_owned(),
-                ca: ca.to_string(),
-            })
+            flat_hash(tree, h.algo())?
+                .ok_or_else(|| StoreError::ContentAddressNotAFile { path: shown.to_owned(), ca: ca.to_string() })
         }
         ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash } => {
             if hash.algo() == HashAlgo::Sha256 && nar_hash.algo() == HashAlgo::Sha256 {
@@ -100,8 +98,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use cairn_nix::StorePath;
     use cairn_nix::strategies::Tree;
+    use cairn_nix::StorePath;
 
     fn dir() -> StoreDir {
         StoreDir::new("/nix/store").unwrap()
@@ -134,13 +132,17 @@ mod tests {
     fn a_flat_address_is_checked_against_the_file_bytes() {
         let genuine = Hash::digest(HashAlgo::Sha256, b"release tarball");
         let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: genuine.clone() };
-        let path = dir().make_fixed_output_path("src.tar", FileIngestionMethod::Flat, &genuine, &BTreeSet::new(), false).unwrap();
+        let path = dir()
+            .make_fixed_output_path("src.tar", FileIngestionMethod::Flat, &genuine, &BTreeSet::new(), false)
+            .unwrap();
         let (_t, good, nar) = restored(&Tree::File { executable: false, contents: b"release tarball".to_vec() });
         check_contents(&dir(), &info(path.clone(), &nar, Some(ca.clone()), BTreeSet::new()), &good).unwrap();
         let (_t, planted, nar) = restored(&Tree::File { executable: false, contents: b"backdoor".to_vec() });
-        let e = check_contents(&dir(), &info(path.clone(), &nar, Some(ca.clone()), BTreeSet::new()), &planted).unwrap_err();
+        let e =
+            check_contents(&dir(), &info(path.clone(), &nar, Some(ca.clone()), BTreeSet::new()), &planted).unwrap_err();
         assert!(e.to_string().contains("content address mismatch"), "{e}");
-        let (_t, tree, nar) = restored(&Tree::Directory([(b"a".to_vec(), Tree::Symlink { target: b"b".to_vec() })].into()));
+        let (_t, tree, nar) =
+            restored(&Tree::Directory([(b"a".to_vec(), Tree::Symlink { target: b"b".to_vec() })].into()));
         let e = check_contents(&dir(), &info(path, &nar, Some(ca), BTreeSet::new()), &tree).unwrap_err();
         assert!(e.to_string().contains("is for a regular file"), "{e}");
     }
@@ -152,11 +154,14 @@ mod tests {
         for algo in [HashAlgo::Sha256, HashAlgo::Sha1, HashAlgo::Sha512] {
             let h = Hash::digest(algo, &nar);
             let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: h.clone() };
-            let p = dir().make_fixed_output_path("t", FileIngestionMethod::Recursive, &h, &BTreeSet::new(), false).unwrap();
+            let p =
+                dir().make_fixed_output_path("t", FileIngestionMethod::Recursive, &h, &BTreeSet::new(), false).unwrap();
             check_contents(&dir(), &info(p.clone(), &nar, Some(ca), BTreeSet::new()), &at).unwrap();
             let forged = Hash::digest(algo, b"other");
             let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: forged.clone() };
-            let p = dir().make_fixed_output_path("t", FileIngestionMethod::Recursive, &forged, &BTreeSet::new(), false).unwrap();
+            let p = dir()
+                .make_fixed_output_path("t", FileIngestionMethod::Recursive, &forged, &BTreeSet::new(), false)
+                .unwrap();
             assert!(check_contents(&dir(), &info(p, &nar, Some(ca), BTreeSet::new()), &at).is_err(), "{algo}");
         }
     }

@@ -133,7 +133,7 @@ impl LocalStore {
         if stale.is_empty() {
             return;
         }
-        let _auto = self.auto_roots_lock.lock().expect("auto roots lock poisoned");
+        let _auto = self.auto_roots_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for entry in stale {
             let Ok(link) = fs::read_link(&entry) else { continue };
             if fs::symlink_metadata(entry.parent().unwrap_or(Path::new("/")).join(&link)).is_err() {
@@ -154,7 +154,7 @@ impl LocalStore {
         let auto = self.gc_roots_dir().join("auto");
         fs::create_dir_all(&auto).map_err(|source| StoreError::Io { op: "create", path: auto.clone(), source })?;
         let name = auto.join(auto_root_name(link));
-        let _auto = self.auto_roots_lock.lock().expect("auto roots lock poisoned");
+        let _auto = self.auto_roots_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = self.tmp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = auto.join(format!(".tmp-{}-{n}", std::process::id()));
         let _ = fs::remove_file(&tmp);
@@ -236,7 +236,7 @@ impl LocalStore {
     /// Deletes every path no root reaches (or, with `dry_run`, says which), referrers first,
     /// then unregistered leftovers and unused links of `optimise`.
     pub fn collect_garbage(&self, opts: &GcOptions) -> Result<GcReport> {
-        let _one = self.gc_lock.lock().expect("gc lock poisoned");
+        let _one = self.gc_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.collect_locked(opts)
     }
 
@@ -283,7 +283,7 @@ impl LocalStore {
     /// Deletes exactly `paths`, refusing (and deleting nothing) if any is live or referenced by
     /// a path not among them, and saying by what.
     pub fn delete_paths(&self, paths: &[StorePath]) -> Result<GcReport> {
-        let _one = self.gc_lock.lock().expect("gc lock poisoned");
+        let _one = self.gc_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let _collecting = self.collecting();
         for p in paths {
             self.valid_path_info(p)?;
@@ -398,7 +398,7 @@ impl LocalStore {
     fn invalidate_batch(&self, paths: &[StorePath], mut take: impl FnMut(usize, &StorePath) -> bool) -> Result<()> {
         self.preload_graph()?;
         let temp = self.temp.lock();
-        let mut graph = self.graph.write().expect("graph lock poisoned");
+        let mut graph = self.graph_write();
         let g = graph.as_mut().expect("graph loaded above");
         let mut gone = Vec::new();
         for (j, p) in paths.iter().enumerate() {
@@ -419,7 +419,7 @@ impl LocalStore {
         tracing::debug!(paths = gone.len(), elapsed = ?t.elapsed(), "batch invalidated");
         if let Err(e) = invalidated {
             // The graph is ahead of the database: reload it at the next use.
-            *self.graph.write().expect("graph lock poisoned") = None;
+            *self.graph_write() = None;
             return Err(e.into());
         }
         drop(temp);
@@ -429,7 +429,7 @@ impl LocalStore {
     /// Whether a path is valid, from the graph when it is loaded (under the path's lock, the
     /// graph and the database agree: registration updates both before the lock is released).
     fn is_registered(&self, p: &StorePath) -> bool {
-        if let Some(g) = self.graph.read().expect("graph lock poisoned").as_ref() {
+        if let Some(g) = self.graph_read().as_ref() {
             return g.id(p).is_some();
         }
         self.is_valid(p).unwrap_or(true)

@@ -111,7 +111,7 @@ impl LocalStore {
         // Imports take many path locks one by one; two imports taking the same paths in
         // different orders could deadlock, so imports run one at a time. Adds take one path lock
         // at a time and never wait while holding one, so they cannot close a cycle.
-        let _one_import = self.import_lock.lock().expect("import lock poisoned");
+        let _one_import = self.import_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let started = std::time::Instant::now();
         let tmp = self.temp_dir()?;
         let mut input = BufReader::with_capacity(256 * 1024, input);

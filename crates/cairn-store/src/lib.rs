@@ -100,7 +100,9 @@ pub enum StoreError {
     HashMismatch { path: String, expected: String, actual: String },
     #[error("'{name}' does not have the digest that names it: expected {expected}, got {actual}")]
     ContentMismatch { name: String, expected: String, actual: String },
-    #[error("content address mismatch for '{path}': its content address is '{ca}', but its contents hash to '{actual}'")]
+    #[error(
+        "content address mismatch for '{path}': its content address is '{ca}', but its contents hash to '{actual}'"
+    )]
     ContentAddressMismatch { path: String, ca: String, actual: String },
     #[error("content address '{ca}' of '{path}' is for a regular file, and the path is not one")]
     ContentAddressNotAFile { path: String, ca: String },
@@ -269,7 +271,9 @@ impl LocalStore {
     }
 
     fn db(&self) -> MutexGuard<'_, Db> {
-        self.db.lock().expect("database mutex poisoned")
+        // A panic while the connection was held rolled its transaction back when it unwound;
+        // the connection itself is sound, so a poisoned lock is not everyone's failure.
+        self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn temp_dir(&self) -> Result<TempDir> {
@@ -322,19 +326,22 @@ impl LocalStore {
 
     fn with_graph<T>(&self, f: impl FnOnce(&Graph) -> T) -> Result<T> {
         {
-            let g = self.graph.read().expect("graph lock poisoned");
+            let g = self.graph_read();
             if let Some(g) = g.as_ref() {
                 return Ok(f(g));
             }
         }
-        let mut g = self.graph.write().expect("graph lock poisoned");
-        if g.is_none() {
-            let started = std::time::Instant::now();
-            let loaded = self.db().load_graph()?;
-            tracing::info!(paths = loaded.len(), elapsed = ?started.elapsed(), "reference graph loaded");
-            *g = Some(loaded);
-        }
-        Ok(f(g.as_ref().expect("just loaded")))
+        let mut g = self.graph_write();
+        let graph: &Graph = match &mut *g {
+            Some(graph) => graph,
+            empty => {
+                let started = std::time::Instant::now();
+                let loaded = self.db().load_graph()?;
+                tracing::info!(paths = loaded.len(), elapsed = ?started.elapsed(), "reference graph loaded");
+                empty.insert(loaded)
+            }
+        };
+        Ok(f(graph))
     }
 
     /// Everything reachable from `paths` along references (the closure, dependencies first) or
@@ -361,24 +368,61 @@ impl LocalStore {
     }
 
     /// Commits paths whose contents are in place, and updates the graph if it is loaded.
+    ///
+    /// Every invariant is checked before the transaction commits — content addresses yield
+    /// their paths (here), references are valid or in the batch and form no cycle between
+    /// distinct paths (`cairn-db`) — so a bad batch is an error for its caller, never a row in
+    /// the database. Nothing after the commit can panic.
     fn register(&self, infos: &[PathInfo]) -> Result<()> {
         for info in infos {
             ca::check_claim(self.store_dir(), info)?;
         }
         let outputs: Vec<_> = infos.iter().filter_map(|i| self.read_drv_outputs(&i.path)).collect();
         let ids = self.db().register_with_outputs(infos, &outputs)?;
-        let mut g = self.graph.write().expect("graph lock poisoned");
-        if let Some(g) = g.as_mut() {
-            for (info, id) in infos.iter().zip(ids) {
-                let refs: Vec<u32> = info
-                    .references
-                    .iter()
-                    .map(|r| if *r == info.path { id as u32 } else { g.id(r).expect("references are valid") })
-                    .collect();
-                g.insert_path(id as u32, &info.path, refs);
+        let mut g = self.graph_write();
+        if let Some(graph) = g.as_mut() {
+            let batch: std::collections::HashMap<&StorePath, u32> =
+                infos.iter().map(|i| &i.path).zip(ids.iter().map(|&id| id as u32)).collect();
+            for (info, &id) in infos.iter().zip(&ids) {
+                let refs: Option<Vec<u32>> =
+                    info.references.iter().map(|r| batch.get(r).copied().or_else(|| graph.id(r))).collect();
+                match refs {
+                    Some(refs) => graph.insert_path(id as u32, &info.path, refs),
+                    None => {
+                        // The database checked every reference; the graph disagreeing with it
+                        // is a bug. Drop the graph: it is loaded again from the database.
+                        tracing::error!(path = %info.path, "a reference is missing from the in-memory graph; reloading it");
+                        *g = None;
+                        break;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// The in-memory graph, write-locked. A panic while it was held (a bug) leaves the lock
+    /// poisoned and the graph perhaps half updated: it is dropped, to be loaded again from the
+    /// database, which is the truth — one bug must not fail every later request.
+    fn graph_write(&self) -> std::sync::RwLockWriteGuard<'_, Option<Graph>> {
+        match self.graph.write() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                self.graph.clear_poison();
+                let mut g = poisoned.into_inner();
+                *g = None;
+                tracing::error!("the in-memory graph was dropped after a panic; it is loaded again from the database");
+                g
+            }
+        }
+    }
+
+    /// The in-memory graph, read-locked (see [`Self::graph_write`] for a poisoned lock).
+    fn graph_read(&self) -> std::sync::RwLockReadGuard<'_, Option<Graph>> {
+        if self.graph.is_poisoned() {
+            drop(self.graph_write());
+        }
+        self.graph.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The output paths a `.drv` path names, read from its contents (in place, not yet
