@@ -50,9 +50,6 @@ pub struct ConfigFile {
     pub build_max_processes: Option<u64>,
     pub sandbox_dev_shm_size: Option<String>,
     pub build_max_output_size: Option<u64>,
-    pub build_max_processes: Option<u64>,
-    pub sandbox_dev_shm_size: Option<String>,
-    pub build_max_output_size: Option<u64>,
     pub sandbox_paths: Option<Vec<String>>,
     pub build_dir: Option<PathBuf>,
     pub build_uid_base: Option<u32>,
@@ -172,13 +169,6 @@ pub struct Settings {
     pub sandbox_dev_shm_size: String,
     /// Largest NAR an output may have, in bytes (0: no limit).
     pub build_max_output_size: u64,
-    /// Processes (and threads) one build may run at once (0: no limit of cairn's).
-    pub build_max_processes: u64,
-    /// Size of a build's `/dev/shm`: bytes with an optional K/M/G suffix, or a percentage of
-    /// the RAM (checked by the daemon at start).
-    pub sandbox_dev_shm_size: String,
-    /// Largest NAR an output may have, in bytes (0: no limit).
-    pub build_max_output_size: u64,
     /// Host paths visible in every sandbox: `PATH` or `INSIDE=HOST`.
     pub sandbox_paths: Vec<String>,
     /// Where build directories are created.
@@ -247,9 +237,6 @@ impl Settings {
             build_max_processes: file.build_max_processes.unwrap_or(4096),
             sandbox_dev_shm_size: file.sandbox_dev_shm_size.unwrap_or_else(|| "64M".to_owned()),
             build_max_output_size: file.build_max_output_size.unwrap_or(0),
-            build_max_processes: file.build_max_processes.unwrap_or(4096),
-            sandbox_dev_shm_size: file.sandbox_dev_shm_size.unwrap_or_else(|| "64M".to_owned()),
-            build_max_output_size: file.build_max_output_size.unwrap_or(0),
             sandbox_paths: file.sandbox_paths.unwrap_or_default(),
             build_dir: file.build_dir.unwrap_or_else(std::env::temp_dir),
             build_uid_base: file.build_uid_base.unwrap_or(30000),
@@ -298,31 +285,12 @@ mod tests {
             "build-max-processes",
             "sandbox-dev-shm-size",
             "build-max-output-size",
-            "build-max-processes",
-            "sandbox-dev-shm-size",
-            "build-max-output-size",
             "sandbox-paths",
             "build-dir",
             "build-uid-base",
         ] {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
         }
-    }
-
-    #[test]
-    fn build_limits_default_to_protecting_the_host() {
-        let s = Settings::resolve(ConfigFile::default(), Overrides::default(), false);
-        assert_eq!((s.build_max_processes, s.sandbox_dev_shm_size.as_str(), s.build_max_output_size), (4096, "64M", 0));
-        let file = ConfigFile::parse(
-            "build-max-processes = 64\nsandbox-dev-shm-size = \"8M\"\nbuild-max-output-size = 1048576",
-            Path::new("c"),
-        )
-        .unwrap();
-        let s = Settings::resolve(file, Overrides::default(), false);
-        assert_eq!(
-            (s.build_max_processes, s.sandbox_dev_shm_size.as_str(), s.build_max_output_size),
-            (64, "8M", 1 << 20)
-        );
     }
 
     #[test]
