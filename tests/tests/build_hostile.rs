@@ -48,7 +48,10 @@ fn hostile_builder() -> Option<&'static Path> {
                 "cc -static failed (is a static libc installed? Debian: libc6-dev):\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            Some(bin)
+            // One file however many test processes compiled it (renaming over it is atomic).
+            let kept = dir.join("cairn-hostile-builder");
+            std::fs::rename(&bin, &kept).unwrap();
+            Some(kept)
         })
         .as_deref()
 }
