@@ -16,10 +16,22 @@ struct Cli {
     print_config_template: bool,
 }
 
+/// Marks every descriptor this process inherited beyond 0–2 close-on-exec. Whatever started
+/// cairnd may have left descriptors open (a shell's redirections, a supervisor's files); none of
+/// them is cairnd's to pass on, and the programs it starts — sandbox helpers, which close them
+/// too, but also runc and crun for automata — must not get them.
+fn close_on_exec_inherited() {
+    use cairn_build::sys::{Descriptors, Linux, Sys};
+    if let Err(e) = Linux.close_descriptors(Descriptors::CloseOnExec) {
+        eprintln!("cairnd: warning: cannot mark inherited descriptors close-on-exec: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     // Before anything else: this process may be a build's sandbox helper.
     cairn_build::helper::run_if_asked();
     let cli = Cli::parse();
+    close_on_exec_inherited();
     if cli.print_config_template {
         print!("{}", cairn_api::config::TEMPLATE);
         return ExitCode::SUCCESS;

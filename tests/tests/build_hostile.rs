@@ -305,6 +305,14 @@ fn a_build_sees_no_descriptor_cairnd_inherited() {
     let daemon = s.pid();
     assert_eq!(std::fs::read_link(format!("/proc/{daemon}/fd/{secret_fd}")).unwrap(), secret);
     assert_eq!(std::fs::read_link(format!("/proc/{daemon}/fd/{root_fd}")).unwrap(), Path::new("/"));
+    // cairnd marks what it inherited close-on-exec at start, so that nothing it runs (runc,
+    // crun, helpers) gets them either.
+    for fd in [secret_fd, root_fd] {
+        let info = std::fs::read_to_string(format!("/proc/{daemon}/fdinfo/{fd}")).unwrap();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert_ne!(flags & 0o2000000, 0, "fd {fd} of cairnd is not close-on-exec: {info}");
+    }
 
     let (drv, out) = add(&s, &hostile, "fds");
     s.ok(&["realise", &drv]);
