@@ -75,7 +75,8 @@ impl<'s> Derivations<'s> {
                 continue;
             }
             let drv = self.load(&p)?;
-            if !inputs_done {
+            // A fixed output's hash is its declared hash: its inputs play no part.
+            if !inputs_done && drv.fixed_output()?.is_none() {
                 stack.push((p.clone(), true));
                 for input in drv.input_drvs.keys() {
                     let ip = self.parse_input(input)?;
@@ -104,7 +105,10 @@ impl<'s> Derivations<'s> {
 
     /// The output paths `drv`'s hash gives (its input derivations' hashes computed first).
     fn computed_outputs(&mut self, drv: &Derivation) -> Result<BTreeMap<String, StorePath>, BuildError> {
-        for input in drv.input_drvs.keys() {
+        // A fixed output's path is its hash and name: its input derivations are not even read,
+        // so an output already valid is found without touching them (as Nix finds it).
+        let fixed = drv.fixed_output()?.is_some();
+        for input in drv.input_drvs.keys().filter(|_| !fixed) {
             let ip = self.parse_input(input)?;
             self.modulo(&ip)?;
         }
@@ -145,7 +149,7 @@ impl<'s> Derivations<'s> {
     /// named after its outputs, when empty), as Nix does when it writes a derivation, and checks
     /// the ones it gives. Its input derivations must be valid.
     pub fn complete(&mut self, drv: &mut Derivation) -> Result<(), BuildError> {
-        let name = drv.name()?.to_owned();
+        let name = drv.name()?.into_owned();
         // Every output is named in the environment (as `derivation` does), before hashing: the
         // hash covers the (masked) variables.
         for out in drv.outputs.keys() {

@@ -303,9 +303,19 @@ impl Derivation {
         s
     }
 
-    /// The derivation's name (its `name` environment variable).
-    pub fn name(&self) -> Result<&str> {
-        self.env.get("name").map(String::as_str).ok_or(DerivationError::NoName)
+    /// The derivation's name: its `name` environment variable, or with structured attributes
+    /// (where the environment holds only `__json` and the outputs) the `name` in `__json`. Nix
+    /// takes it from the `.drv` path's name, which `derivation` made from that attribute.
+    pub fn name(&self) -> Result<std::borrow::Cow<'_, str>> {
+        if let Some(n) = self.env.get("name") {
+            return Ok(std::borrow::Cow::Borrowed(n));
+        }
+        self.env
+            .get("__json")
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+            .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+            .map(std::borrow::Cow::Owned)
+            .ok_or(DerivationError::NoName)
     }
 
     /// The single `out` output of a fixed-output derivation, with its method and hash.
@@ -353,6 +363,7 @@ impl Derivation {
         input: &mut InputHashes<'_, E>,
     ) -> std::result::Result<BTreeMap<String, StorePath>, E> {
         let name = self.name()?;
+        let name = name.as_ref();
         if let Some((method, hash)) = self.fixed_output()? {
             let p = dir
                 .make_fixed_output_path(name, method, &hash, &BTreeSet::new(), false)
@@ -459,6 +470,17 @@ impl Derivation {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn structured_derivations_are_named_by_their_json() {
+        let mut d = super::Derivation::default();
+        d.env.insert("__json".into(), r#"{"name":"sa","x":1}"#.into());
+        assert_eq!(d.name().unwrap(), "sa");
+        d.env.insert("name".into(), "plain".into());
+        assert_eq!(d.name().unwrap(), "plain");
+        d.env.clear();
+        assert!(d.name().is_err());
+    }
+
     use super::*;
     use proptest::prelude::*;
 
