@@ -36,6 +36,12 @@ in {
   graph = sh "cat g > $out; echo >> $out; cat d >> $out" {
     name = "graph"; exportReferencesGraph = [ "g" dep2 "d" "${dep}/x" ];
   };
+  # A derivation in the graph brings its outputs' closures (Nix's rule, for NixOS images).
+  graph-drv = sh "cat g > $out" { name = "graph-drv"; exportReferencesGraph = [ "g" dep2.drvPath ]; };
+  bad-graph-odd = sh "touch $out" { name = "bad-graph-odd"; exportReferencesGraph = [ "g" ]; };
+  bad-graph-not-input = sh "touch $out" {
+    name = "bad-graph-not-input"; exportReferencesGraph = [ "g" (builtins.unsafeDiscardStringContext "${dep}") ];
+  };
   # Placeholders in the environment and arguments become the output path.
   placeholders = sh "echo $where ${builtins.placeholder "out"} > $out" {
     name = "placeholders"; where = "${builtins.placeholder "out"}/here";
