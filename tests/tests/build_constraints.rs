@@ -59,7 +59,8 @@ fn cairn_accepts_and_refuses_what_nix_does_with_the_same_bytes_and_messages() {
     let n = NixStore::new();
     let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/constraints.nix");
     let expr = expr.to_str().unwrap();
-    let names = nix_ok(&n, "nix-instantiate", &["--eval", "--strict", "-E", &format!("builtins.attrNames (import {expr})")]);
+    let names =
+        nix_ok(&n, "nix-instantiate", &["--eval", "--strict", "-E", &format!("builtins.attrNames (import {expr})")]);
     let names: Vec<String> =
         names.trim().trim_matches(['[', ']']).split_whitespace().map(|a| a.trim_matches('"').to_owned()).collect();
     assert!(names.len() >= 20, "{names:?}");
@@ -102,7 +103,8 @@ fn cairn_accepts_and_refuses_what_nix_does_with_the_same_bytes_and_messages() {
             assert_eq!(nar_hashes(&s.ok(&args)), nar_hashes(&nix_ok(&n, "nix", &args)), "{attr}: NAR hashes");
         } else {
             // Nix's first line, word for word, and the paths its message names.
-            let line = their_err.lines().find_map(|l| l.strip_prefix("error: ")).unwrap_or_else(|| panic!("{their_err}"));
+            let line =
+                their_err.lines().find_map(|l| l.strip_prefix("error: ")).unwrap_or_else(|| panic!("{their_err}"));
             assert!(our_err.contains(line), "{attr}: cairn's error lacks Nix's {line:?}:\n{our_err}");
             let named = paths_in(&their_err);
             for p in &named {

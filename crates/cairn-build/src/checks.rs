@@ -131,7 +131,9 @@ impl Constraints {
                 };
                 let number = |attr: &str| -> Result<Option<u64>, CheckError> {
                     o.get(attr)
-                        .map(|v| as_u64(v).ok_or_else(|| CheckError::NotNumber { attr: attr.into(), output: output.clone() }))
+                        .map(|v| {
+                            as_u64(v).ok_or_else(|| CheckError::NotNumber { attr: attr.into(), output: output.clone() })
+                        })
                         .transpose()
                 };
                 let strings = |attr: &str| -> Result<Option<Vec<String>>, CheckError> {
@@ -186,7 +188,9 @@ fn strings_of(v: &Value, attr: &str, drv: &str) -> Result<Vec<String>, CheckErro
     };
     items
         .into_iter()
-        .map(|i| i.as_str().map(str::to_owned).ok_or_else(|| CheckError::NotStrings { attr: attr.into(), drv: drv.into() }))
+        .map(|i| {
+            i.as_str().map(str::to_owned).ok_or_else(|| CheckError::NotStrings { attr: attr.into(), drv: drv.into() })
+        })
         .collect()
 }
 
@@ -341,9 +345,8 @@ pub fn check_built<'c>(
             (name.clone(), Built { path: c.path.clone(), nar_size: c.nar_size, references: c.references.clone() })
         })
         .collect();
-    let mut lookup = |p: &StorePath| {
-        store.path_info(p).map(|i| i.map(|i| (i.nar_size, i.references))).map_err(|e| e.to_string())
-    };
+    let mut lookup =
+        |p: &StorePath| store.path_info(p).map(|i| i.map(|i| (i.nar_size, i.references))).map_err(|e| e.to_string());
     check_outputs(store.store_dir(), &built, &constraints, &mut lookup)
 }
 
@@ -393,8 +396,9 @@ mod tests {
     fn disallowed_reference_names_the_output_and_the_paths_in_nix_words() {
         let out = sp('a', "out");
         let outputs = BTreeMap::from([("out".to_owned(), built(&out, 10, &[&sp('1', "lib")]))]);
-        let err = run(&outputs, &legacy(&[("disallowedReferences", "/nix/store/11111111111111111111111111111111-lib")]))
-            .unwrap_err();
+        let err =
+            run(&outputs, &legacy(&[("disallowedReferences", "/nix/store/11111111111111111111111111111111-lib")]))
+                .unwrap_err();
         assert_eq!(
             err.to_string(),
             "output '/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-out' is not allowed to refer to the following paths:\n  \
@@ -473,7 +477,10 @@ mod tests {
     fn output_checks_bound_size_and_closure_size() {
         let out = sp('a', "out");
         let outputs = BTreeMap::from([("out".to_owned(), built(&out, 10, &[&sp('1', "lib")]))]);
-        let c = |checks: Value| Constraints::of(&BTreeMap::new(), Some(&serde_json::json!({ "outputChecks": { "out": checks } })), "d").unwrap();
+        let c = |checks: Value| {
+            Constraints::of(&BTreeMap::new(), Some(&serde_json::json!({ "outputChecks": { "out": checks } })), "d")
+                .unwrap()
+        };
         assert_eq!(
             run(&outputs, &c(serde_json::json!({ "maxSize": 9 }))).unwrap_err().to_string(),
             "path '/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-out' is too large at 10 bytes; limit is 9 bytes"
@@ -486,7 +493,11 @@ mod tests {
         // Other outputs' checks do not apply.
         assert_eq!(run(&outputs, &c(serde_json::json!({}))), Ok(()));
         assert!(matches!(
-            Constraints::of(&BTreeMap::new(), Some(&serde_json::json!({ "outputChecks": { "out": { "allowedReferences": [1] } } })), "d"),
+            Constraints::of(
+                &BTreeMap::new(),
+                Some(&serde_json::json!({ "outputChecks": { "out": { "allowedReferences": [1] } } })),
+                "d"
+            ),
             Err(CheckError::NotStrings { .. })
         ));
     }

@@ -311,7 +311,10 @@ mod tests {
 
     #[test]
     fn only_input_paths_are_exported() {
-        let env = BTreeMap::from([("exportReferencesGraph".to_owned(), "g /nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a".to_owned())]);
+        let env = BTreeMap::from([(
+            "exportReferencesGraph".to_owned(),
+            "g /nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a".to_owned(),
+        )]);
         let only_b: BTreeSet<StorePath> = [sp('b', "b")].into();
         assert_eq!(
             graphs(&dir(), &env, None, &only_b, &mut fake()).unwrap_err().to_string(),
@@ -324,7 +327,10 @@ mod tests {
     fn malformed_legacy_values_are_refused_with_nixs_messages() {
         for (v, msg) in [
             ("g", "odd number of tokens in 'exportReferencesGraph': 'g'"),
-            ("../g /nix/store/cccccccccccccccccccccccccccccccc-c", "invalid file name '../g' in 'exportReferencesGraph'"),
+            (
+                "../g /nix/store/cccccccccccccccccccccccccccccccc-c",
+                "invalid file name '../g' in 'exportReferencesGraph'",
+            ),
             ("g /etc/passwd", "'exportReferencesGraph' contains a non-store path '/etc/passwd'"),
         ] {
             let env = BTreeMap::from([("exportReferencesGraph".to_owned(), v.to_owned())]);
@@ -340,8 +346,7 @@ mod tests {
         let sizes: Vec<u64> = v.as_array().unwrap().iter().map(|i| i["closureSize"].as_u64().unwrap()).collect();
         assert_eq!(sizes, vec![111, 110, 100]);
         assert_eq!(
-            v[0]["narHash"],
-            "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73",
+            v[0]["narHash"], "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73",
             "nix32 with its algorithm"
         );
         assert!(v[0].get("ca").is_none());

@@ -171,7 +171,7 @@ pub fn float(x: f64) -> String {
     }
     if k <= n && n <= 15 {
         s.push_str(&digits);
-        s.extend(std::iter::repeat('0').take((n - k) as usize));
+        s.extend(std::iter::repeat_n('0', (n - k) as usize));
         s.push_str(".0");
     } else if 0 < n && n <= 15 {
         s.push_str(&digits[..n as usize]);
@@ -179,7 +179,7 @@ pub fn float(x: f64) -> String {
         s.push_str(&digits[n as usize..]);
     } else if -4 < n && n <= 0 {
         s.push_str("0.");
-        s.extend(std::iter::repeat('0').take((-n) as usize));
+        s.extend(std::iter::repeat_n('0', (-n) as usize));
         s.push_str(&digits);
     } else {
         s.push_str(&digits[..1]);
@@ -234,7 +234,8 @@ pub fn shell(json: &Value) -> String {
 /// `[A-Za-z_][A-Za-z0-9_]*`.
 fn is_var_name(s: &str) -> bool {
     let mut cs = s.chars();
-    matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// `handleSimpleType`: a number is written only if it is whole as a C `float`, and then as a C
@@ -320,7 +321,8 @@ mod tests {
 
     #[test]
     fn shell_skips_nested_values_and_odd_names() {
-        let v = serde_json::json!({ "a-b": 1, "l": [1, [2]], "o": { "k": { "x": 1 } }, "e": [], "t": false, "q": "it's" });
+        let v =
+            serde_json::json!({ "a-b": 1, "l": [1, [2]], "o": { "k": { "x": 1 } }, "e": [], "t": false, "q": "it's" });
         assert_eq!(shell(&v), "declare -a e=()\ndeclare q='it'\\''s'\ndeclare t=\n");
     }
 
