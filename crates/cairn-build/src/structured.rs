@@ -101,16 +101,16 @@ fn dump_into(v: &Value, out: &mut String) {
         }
         Value::Object(m) => {
             // Sorted here whatever map serde_json was built with.
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_by_key(|(k, _)| *k);
             out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
+            for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
                 string(k, out);
                 out.push(':');
-                dump_into(&m[k], out);
+                dump_into(v, out);
             }
             out.push('}');
         }
@@ -202,14 +202,13 @@ pub fn shell_escape(s: &str) -> String {
 /// whose value is simple (string, number, null, Boolean) or an array or object of simple values.
 pub fn shell(json: &Value) -> String {
     let Value::Object(m) = json else { return String::new() };
-    let mut keys: Vec<&String> = m.keys().collect();
-    keys.sort();
+    let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+    entries.sort_by_key(|(k, _)| *k);
     let mut out = String::new();
-    for key in keys {
+    for (key, value) in entries {
         if !is_var_name(key) {
             continue;
         }
-        let value = &m[key];
         if let Some(s) = simple(value) {
             let _ = writeln!(out, "declare {key}={s}");
         } else if let Value::Array(a) = value {
@@ -219,10 +218,10 @@ pub fn shell(json: &Value) -> String {
                 let _ = writeln!(out, "declare -a {key}=({body})");
             }
         } else if let Value::Object(o) = value {
-            let mut ks: Vec<&String> = o.keys().collect();
-            ks.sort();
+            let mut pairs: Vec<(&String, &Value)> = o.iter().collect();
+            pairs.sort_by_key(|(k, _)| *k);
             let items: Option<Vec<String>> =
-                ks.into_iter().map(|k| simple(&o[k]).map(|v| format!("[{}]={v} ", shell_escape(k)))).collect();
+                pairs.into_iter().map(|(k, v)| simple(v).map(|v| format!("[{}]={v} ", shell_escape(k)))).collect();
             if let Some(items) = items {
                 let _ = writeln!(out, "declare -A {key}=({})", items.concat());
             }
