@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use cairn_api::{RealiseEvent, RealiseRequest, RealiseResult};
+use std::collections::BTreeMap;
+
+use cairn_api::{RealiseEvent, RealiseRequest, RealiseResult, Request, Response};
 use tokio::io::AsyncBufReadExt;
 
 use crate::commands::{numbered, print_json, Ctx};
@@ -16,6 +18,19 @@ fn short_name(drv: &str) -> &str {
     let base = drv.rsplit('/').next().unwrap_or(drv);
     let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
     name.strip_suffix(".drv").unwrap_or(name)
+}
+
+/// This process's values of the variables that the fixed-output derivations to realise name in
+/// `impureEnvVars` (proxy settings, typically): a fixed-output build sees the environment of
+/// the user who asked for it, as it does when Nix builds without a daemon. Unset variables are
+/// not sent, so the daemon's own values apply to them, as with Nix's daemon.
+async fn impure_env(client: &cairn_client::Client, paths: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let drvs = paths.iter().map(|p| p.split_once('!').map_or(p.as_str(), |(d, _)| d).to_owned()).collect();
+    let names = match client.query(&Request::ImpureEnvVars { paths: drvs }).await? {
+        Response::EnvVars(names) => names,
+        _ => bail!("cairnd answered impure-env-vars with something else"),
+    };
+    Ok(names.into_iter().filter_map(|n| std::env::var(&n).ok().map(|v| (n, v))).collect())
 }
 
 pub async fn realise(
@@ -40,7 +55,8 @@ pub async fn realise(
         });
     }
     let client = ctx.client().await?;
-    let req = RealiseRequest { paths, keep_going, keep_failed };
+    let impure_env = impure_env(&client, &paths).await?;
+    let req = RealiseRequest { paths, keep_going, keep_failed, impure_env };
     let mut lines = tokio::io::BufReader::new(client.realise(&req).await?).lines();
     let bar = progress::spinner("building");
     let (mut total, mut done, mut running) = (0usize, 0usize, 0usize);

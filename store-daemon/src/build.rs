@@ -16,6 +16,7 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use cairn_api::config::{state_dir, Settings};
 use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResult};
+use cairn_build::requirements::Attrs;
 use cairn_build::{BuildError, BuildSettings, Event, Goal, LogStore, Options};
 use cairn_nix::{StoreDir, StorePath};
 use tokio::sync::mpsc;
@@ -44,6 +45,22 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
                 .map_err(|e| anyhow::anyhow!("sandbox-dev-shm-size: {e}"))?,
         },
         max_output_size: (settings.build_max_output_size > 0).then_some(settings.build_max_output_size),
+        host: cairn_build::requirements::Host {
+            system: settings.system.clone(),
+            extra_platforms: match &settings.extra_platforms {
+                Some(p) => p.iter().cloned().collect(),
+                None => cairn_build::requirements::default_extra_platforms(),
+            },
+            features: match &settings.system_features {
+                Some(f) => f.iter().cloned().collect(),
+                None => cairn_build::requirements::default_features(),
+            },
+        },
+        fetch: cairn_build::fetchurl::FetchSettings {
+            hashed_mirrors: settings.hashed_mirrors.clone(),
+            connect_timeout: secs(settings.connect_timeout),
+            stalled_timeout: secs(settings.stalled_download_timeout),
+        },
     })
 }
 
@@ -102,6 +119,12 @@ async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[Goal]) {
         let mut missing = Vec::new();
         for g in &goals2 {
             let Ok(outputs) = drvs.outputs(&g.drv) else { continue };
+            // allowSubstitutes = false: always built (Nix's substitutesAllowed).
+            let Ok(drv) = drvs.load(&g.drv) else { continue };
+            let shown = st2.store_dir.display(&g.drv);
+            if !Attrs::new(&drv, &shown).and_then(|a| a.substitutes_allowed()).unwrap_or(true) {
+                continue;
+            }
             for (name, p) in outputs {
                 let wanted = g.outputs.as_ref().is_none_or(|w| w.contains(&name));
                 if wanted && !st2.store.is_valid(&p).unwrap_or(true) {
@@ -146,7 +169,8 @@ pub async fn realise(
         return Err(ApiError::bad_request("nothing to realise: name at least one derivation"));
     }
     let goals = req.paths.iter().map(|p| goal(&dir, p)).collect::<ApiResult<Vec<_>>>()?;
-    let options = Options { keep_going: req.keep_going, keep_failed: req.keep_failed };
+    let options =
+        Options { keep_going: req.keep_going, keep_failed: req.keep_failed, impure_env: Arc::new(req.impure_env) };
     substitute_first(&st, &peer, &goals).await;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();
@@ -257,4 +281,26 @@ pub fn derivation_outputs(st: &AppState, paths: &[String]) -> ApiResult<cairn_ap
         out.insert(st.store_dir.display(&sp), outputs_wire(&st.store_dir, &o));
     }
     Ok(cairn_api::Response::Outputs(out))
+}
+
+/// `impure-env-vars`: the `impureEnvVars` of the fixed-output derivations in the closure of
+/// `paths` (derivations only), sorted and without repeats.
+pub fn impure_env_vars(st: &AppState, paths: &[String]) -> ApiResult<cairn_api::Response> {
+    let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
+    let mut names = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut stack = paths.iter().map(|p| store_path(&st.store_dir, p)).collect::<ApiResult<Vec<_>>>()?;
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p.clone()) {
+            continue;
+        }
+        let drv = drvs.load(&p)?;
+        let shown = st.store_dir.display(&p);
+        let attrs = Attrs::new(&drv, &shown).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        names.extend(attrs.impure_env_vars().map_err(|e| ApiError::bad_request(e.to_string()))?);
+        for (input, _) in drvs.inputs(&drv)? {
+            stack.push(input);
+        }
+    }
+    Ok(cairn_api::Response::EnvVars(names.into_iter().collect()))
 }

@@ -313,6 +313,7 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         }
         Request::AddDerivation { aterm } => crate::build::add_derivation(st, &aterm)?,
         Request::DerivationOutputs { paths } => crate::build::derivation_outputs(st, &paths)?,
+        Request::ImpureEnvVars { paths } => crate::build::impure_env_vars(st, &paths)?,
     };
     json_answer(&resp, size_hint(&resp))
 }

@@ -53,6 +53,13 @@ pub struct ConfigFile {
     pub sandbox_paths: Option<Vec<String>>,
     pub build_dir: Option<PathBuf>,
     pub build_uid_base: Option<u32>,
+    pub system: Option<String>,
+    pub extra_platforms: Option<Vec<String>>,
+    pub system_features: Option<Vec<String>>,
+    pub hashed_mirrors: Option<Vec<String>>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_user: Option<usize>,
+    pub header_read_timeout: Option<u64>,
 }
 
 /// Why configuration could not be loaded.
@@ -175,6 +182,25 @@ pub struct Settings {
     pub build_dir: PathBuf,
     /// First host uid (and gid) builds run as when the daemon is root.
     pub build_uid_base: u32,
+    /// The platform this machine builds for (a derivation's `system` must be it, one of
+    /// `extra_platforms`, or `builtin`).
+    pub system: String,
+    /// Other platforms it builds for; `None`: Nix's default (on x86_64 Linux, `i686-linux` and
+    /// the `x86_64-vN-linux` levels the CPU supports), which the daemon computes.
+    pub extra_platforms: Option<Vec<String>>,
+    /// Features derivations may require (`requiredSystemFeatures`); `None`: Nix's default
+    /// (`nixos-test benchmark big-parallel`, and `kvm` when `/dev/kvm` is usable).
+    pub system_features: Option<Vec<String>>,
+    /// Base URLs `builtin:fetchurl` tries first for flat fixed outputs, as
+    /// `MIRROR/ALGO/BASE16-HASH`.
+    pub hashed_mirrors: Vec<String>,
+    /// Connections open at once on each listener (the socket; the `listen` address apart).
+    pub max_connections: usize,
+    /// Connections open at once from one user on the socket, or one address on `listen`.
+    pub max_connections_per_user: usize,
+    /// Seconds a connection gets to send a whole request head, from the moment the daemon
+    /// waits for one (0: no limit).
+    pub header_read_timeout: u64,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -188,6 +214,16 @@ pub fn default_root(is_root: bool) -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     data.join("cairn/root")
+}
+
+/// Nix's name for this machine's platform (`x86_64-linux`, `aarch64-linux`, …).
+pub fn native_system() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86" => "i686",
+        "arm" => "armv7l",
+        a => a,
+    };
+    format!("{arch}-{}", std::env::consts::OS)
 }
 
 fn cpus() -> usize {
@@ -240,6 +276,13 @@ impl Settings {
             sandbox_paths: file.sandbox_paths.unwrap_or_default(),
             build_dir: file.build_dir.unwrap_or_else(std::env::temp_dir),
             build_uid_base: file.build_uid_base.unwrap_or(30000),
+            system: file.system.filter(|s| !s.is_empty()).unwrap_or_else(native_system),
+            extra_platforms: file.extra_platforms,
+            system_features: file.system_features,
+            hashed_mirrors: file.hashed_mirrors.unwrap_or_default(),
+            max_connections: file.max_connections.unwrap_or(1024).max(1),
+            max_connections_per_user: file.max_connections_per_user.unwrap_or(128).max(1),
+            header_read_timeout: file.header_read_timeout.unwrap_or(30),
         }
     }
 }
@@ -288,6 +331,13 @@ mod tests {
             "sandbox-paths",
             "build-dir",
             "build-uid-base",
+            "system",
+            "extra-platforms",
+            "system-features",
+            "hashed-mirrors",
+            "max-connections",
+            "max-connections-per-user",
+            "header-read-timeout",
         ] {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
         }
@@ -307,6 +357,22 @@ mod tests {
             (s.build_max_processes, s.sandbox_dev_shm_size.as_str(), s.build_max_output_size),
             (64, "8M", 1 << 20)
         );
+    }
+
+    #[test]
+    fn platforms_and_features_default_to_nixs() {
+        let s = Settings::resolve(ConfigFile::default(), Overrides::default(), false);
+        assert_eq!(s.system, native_system());
+        assert_eq!((s.extra_platforms, s.system_features), (None, None), "computed by the daemon, as Nix does");
+        let file = ConfigFile::parse(
+            "system = \"x86_64-linux\"\nextra-platforms = []\nsystem-features = [\"kvm\"]\nhashed-mirrors = [\"http://m/\"]",
+            Path::new("c"),
+        )
+        .unwrap();
+        let s = Settings::resolve(file, Overrides::default(), false);
+        assert_eq!(s.extra_platforms, Some(vec![]));
+        assert_eq!(s.system_features, Some(vec!["kvm".to_owned()]));
+        assert_eq!(s.hashed_mirrors, vec!["http://m/".to_owned()]);
     }
 
     #[test]

@@ -166,6 +166,10 @@ pub enum Request {
     /// The output paths of derivations, recomputed from their inputs and checked against what
     /// they declare. Answered by [`Response::Outputs`].
     DerivationOutputs { paths: Vec<String> },
+    /// The variables that the fixed-output derivations among these derivations and their
+    /// inputs name in `impureEnvVars`, so that a client can send its values of them with a
+    /// [`RealiseRequest`]. Answered by [`Response::EnvVars`].
+    ImpureEnvVars { paths: Vec<String> },
     /// Every tagged image. Answered by [`Response::Images`].
     ImageList,
     /// Details of one image (a tag `NAME[:TAG]`, an image digest or a layout path). Answered
@@ -203,6 +207,11 @@ pub struct RealiseRequest {
     pub keep_going: bool,
     #[serde(default)]
     pub keep_failed: bool,
+    /// The client's values of variables fixed-output derivations name in `impureEnvVars` (see
+    /// [`Request::ImpureEnvVars`]); a variable missing here takes the daemon's value, as with
+    /// Nix's daemon. Only fixed-output builds see them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub impure_env: BTreeMap<String, String>,
 }
 
 /// One line of a realisation's answer.
@@ -356,6 +365,8 @@ pub enum Response {
     Verify(VerifyResult),
     /// Output name → path, per derivation.
     Outputs(BTreeMap<String, BTreeMap<String, String>>),
+    /// Names of environment variables, sorted.
+    EnvVars(Vec<String>),
     Images(Vec<image::ImageInfo>),
     Image(Box<image::ImageDetail>),
     Unpacked(image::UnpackedInfo),

@@ -7,22 +7,33 @@
 //! run (id maps, log lines, timeouts); [`outputs`] hashes, scans and checks what a build
 //! produced; [`derivations`] reads `.drv`s from the store and checks their output paths;
 //! [`realise`] schedules builds and registers their outputs; [`logs`] keeps build logs.
+//! [`checks`] applies a derivation's reference constraints to its outputs before registration,
+//! [`structured`] writes `__structuredAttrs` files, [`refgraph`] `exportReferencesGraph`'s.
 //! Derivations whose builder is `builtin:NAME` are made in-process by a [`Builtin`] the daemon
-//! registers (cairn's own code, trusted as the daemon is), not in a sandbox.
+//! registers (cairn's own code, trusted as the daemon is), not in a sandbox; `builtin:fetchurl`
+//! is cairn-build's own ([`fetchurl`]): it downloads in the daemon, and its result is checked
+//! and registered as a sandboxed fixed-output build's is. [`requirements`] reads what a
+//! derivation asks of the host (`system`, `requiredSystemFeatures`, `allowSubstitutes`,
+//! `impureEnvVars`) and refuses, in Nix's words, what this machine cannot build.
 //!
 //! **Architecture Invariant:** builders never see the store or the database: only their input
 //! closure, bind-mounted read-only, and an empty directory for their outputs. Outputs enter the
 //! store only through `cairn-store`'s batch, as NARs whose hash was computed here.
 
+pub mod checks;
 pub mod derivations;
+pub mod fetchurl;
 pub mod helper;
 pub mod limits;
 pub mod logs;
 pub mod outputs;
 pub mod realise;
+pub mod refgraph;
+pub mod requirements;
 pub mod root;
 pub mod runner;
 pub mod sandbox;
+pub mod structured;
 pub mod sys;
 
 pub use logs::LogStore;
@@ -57,6 +68,8 @@ pub enum BuildError {
     InputNotValid { drv: String, path: String },
     #[error(transparent)]
     Plan(#[from] sandbox::PlanError),
+    #[error(transparent)]
+    Graph(#[from] refgraph::GraphError),
     #[error("{op} '{path}': {source}")]
     Io {
         op: &'static str,

@@ -26,6 +26,8 @@ use cairn_store::{Direction, LocalStore, PathInfo, StoreError};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::derivations::Derivations;
+use crate::fetchurl::{FetchSettings, FETCHURL};
+use crate::requirements::{impure_values, Attrs, Host};
 use crate::limits::{hint, SandboxLimits};
 use crate::logs::LogStore;
 use crate::outputs::{collect, Expect};
@@ -59,6 +61,10 @@ pub struct BuildSettings {
     pub limits: SandboxLimits,
     /// `build-max-output-size`: the largest NAR an output may have.
     pub max_output_size: Option<u64>,
+    /// `system`, `extra-platforms`, `system-features`: what this machine builds.
+    pub host: Host,
+    /// Downloads of `builtin:fetchurl`.
+    pub fetch: FetchSettings,
 }
 
 /// One derivation to realise, with the outputs wanted (all if `None`).
@@ -69,12 +75,15 @@ pub struct Goal {
 }
 
 /// Per-request options.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Go on with other builds after one fails.
     pub keep_going: bool,
     /// Keep the build directory of a failed build.
     pub keep_failed: bool,
+    /// The requesting client's values of variables that fixed-output derivations name in
+    /// `impureEnvVars` (a variable it did not send falls back to the daemon's environment).
+    pub impure_env: Arc<BTreeMap<String, String>>,
 }
 
 /// What a realisation reports while it runs.
@@ -139,6 +148,8 @@ pub struct Builder {
     building: Mutex<HashMap<StorePath, Arc<tokio::sync::Mutex<()>>>>,
     counter: AtomicU64,
 }
+
+mod fetchurl_build;
 
 /// A derivation scheduled in one request.
 struct Node {
@@ -208,8 +219,9 @@ impl Builder {
             let this = self.clone();
             let nodes = nodes.clone();
             let events = events.clone();
+            let options = options.clone();
             set.spawn(async move {
-                let r = this.build(&p, &nodes[&p], options, &events).await;
+                let r = this.build(&p, &nodes[&p], &options, &events).await;
                 (p, r)
             });
         };
@@ -381,7 +393,7 @@ impl Builder {
         self: &Arc<Self>,
         drv_path: &StorePath,
         node: &Node,
-        options: Options,
+        options: &Options,
         events: &mpsc::UnboundedSender<Event>,
     ) -> Result<BTreeMap<String, StorePath>, String> {
         let store = &self.store;
@@ -396,7 +408,16 @@ impl Builder {
         if all_valid.map_err(|e| e.to_string())? {
             return Ok(node.outputs.clone());
         }
+        // As Nix's startBuilder: only a derivation that must be built needs the right machine.
+        self.settings.host.check(&node.drv, &shown).map_err(|e| e.to_string())?;
+        let impure = Attrs::new(&node.drv, &shown)
+            .and_then(|a| a.impure_env_vars())
+            .map(|names| impure_values(&names, &options.impure_env))
+            .map_err(|e| e.to_string())?;
         let _job = self.jobs.acquire().await.map_err(|e| e.to_string())?;
+        if node.drv.builder == FETCHURL && !self.has_builtin(FETCHURL) {
+            return self.build_fetchurl(drv_path, node, &impure, events).await;
+        }
         if node.drv.builder.starts_with("builtin:") {
             return self.build_builtin(drv_path, node, events).await;
         }
@@ -416,7 +437,7 @@ impl Builder {
         let t0 = std::time::Instant::now();
         let prepared = {
             let top = top.clone();
-            tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids))
+            tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure))
                 .await
                 .map_err(|e| e.to_string())?
         };
@@ -542,9 +563,17 @@ impl Builder {
         outputs: &BTreeMap<String, StorePath>,
         top: &Path,
         host_ids: Option<(u32, u32)>,
+        impure_env: &[(String, String)],
     ) -> Result<(crate::sandbox::SandboxSpec, Vec<StorePath>, cairn_store::TempRootGuard), BuildError> {
         let roots = self.store.temp_root(inputs.iter().chain(outputs.values()).cloned());
         let closure = self.store.walk(inputs, Direction::References)?;
+        let graphs = crate::refgraph::graphs(
+            self.store.store_dir(),
+            &drv.env,
+            crate::structured::parse(&drv.env, "derivation").map_err(crate::sandbox::PlanError::from)?.as_ref(),
+            &closure.iter().cloned().collect(),
+            &mut crate::refgraph::StoreMeta::new(&self.store),
+        )?;
         let root = top.join("root");
         let (skeleton, spec) = plan(&BuildInput {
             store_dir: self.store.store_dir(),
@@ -556,6 +585,8 @@ impl Builder {
             cores: self.settings.cores,
             root: &root,
             limits: self.settings.limits,
+            impure_env,
+            graphs: &graphs,
         })?;
         let io = |source| BuildError::Io { op: "create build directory", path: top.display().to_string(), source };
         std::fs::create_dir(top).map_err(io)?;
@@ -578,7 +609,7 @@ impl Builder {
         let candidates: BTreeMap<String, StorePath> =
             closure.iter().chain(outputs.values()).map(|p| (p.hash_part().to_owned(), p.clone())).collect();
         let fixed = drv.fixed_output().map_err(|e| e.to_string())?;
-        let batch = self.store.build_batch().map_err(|e| e.to_string())?;
+        let mut collected = Vec::new();
         for (name, path) in outputs {
             let display = dir.display(path);
             let host = under(&top.join("root"), &display);
@@ -591,6 +622,13 @@ impl Builder {
                 max_nar_size: self.settings.max_output_size,
             };
             let c = collect(&host, &expect, &candidates, top).map_err(|e| e.to_string())?;
+            collected.push((display.clone(), c));
+        }
+        // Reference constraints, before anything of the build enters the store.
+        crate::checks::check_built(&self.store, drv, outputs, collected.iter().map(|(_, c)| c), &shown)
+            .map_err(|e| e.to_string())?;
+        let batch = self.store.build_batch().map_err(|e| e.to_string())?;
+        for (display, c) in collected {
             let info = PathInfo {
                 path: c.path.clone(),
                 nar_hash: c.nar_hash,

@@ -24,6 +24,9 @@ use cairn_nix::hash::{Encoding, Hash, HashAlgo};
 use cairn_nix::{StoreDir, StorePath};
 use serde::{Deserialize, Serialize};
 
+use crate::refgraph::Graphs;
+use crate::structured::AttrsError;
+
 pub use crate::limits::{SandboxLimits, TmpfsSize};
 
 /// The build's working directory inside the sandbox (`NIX_BUILD_TOP`), as in Nix.
@@ -140,13 +143,19 @@ pub struct BuildInput<'a> {
     /// The host directory that becomes `/`.
     pub root: &'a Path,
     pub limits: SandboxLimits,
+    /// Values of the derivation's `impureEnvVars` (the requesting client's, else the daemon's,
+    /// else empty); set only for a fixed-output derivation, after Nix's own variables.
+    pub impure_env: &'a [(String, String)],
+    /// What `exportReferencesGraph` gives the build ([`crate::refgraph`]; read from the store
+    /// by the caller, so that this stays pure).
+    pub graphs: &'a Graphs,
 }
 
 /// Why a derivation cannot be built as asked.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("derivations with __structuredAttrs are not supported yet")]
-    StructuredAttrs,
+    #[error(transparent)]
+    Attrs(#[from] AttrsError),
     #[error("sandbox-paths entry '{0}' must be an absolute path outside the store directory")]
     BadSandboxPath(String),
     #[error("the builder '{0}' is neither in the input closure nor in sandbox-paths")]
@@ -156,9 +165,12 @@ pub enum PlanError {
 /// The skeleton to create and the spec to apply for one build.
 pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
     let drv = b.drv;
-    if drv.env.contains_key("__json") {
-        return Err(PlanError::StructuredAttrs);
-    }
+    // With structured attributes the builder gets files instead of the derivation's variables.
+    let structured = crate::structured::parse(&drv.env, "derivation")?;
+    // Output paths by name, for the hash placeholders Nix rewrites in what the builder sees.
+    let output_paths: BTreeMap<String, String> =
+        b.outputs.iter().map(|(n, p)| (n.clone(), b.store_dir.display(p))).collect();
+    let rewrite = |s: &str| crate::structured::rewrite(s, &output_paths);
     let fixed = drv.outputs.len() == 1 && drv.outputs.values().all(|o| !o.hash.is_empty());
     let store = b.store_dir.as_str();
     let mut sk: Skeleton = Vec::new();
@@ -258,7 +270,8 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
     env.insert("NIX_STORE".to_owned(), store.to_owned());
     env.insert("NIX_BUILD_CORES".to_owned(), b.cores.to_string());
     let pass_as_file: Vec<&str> = drv.env.get("passAsFile").map(|v| v.split_whitespace().collect()).unwrap_or_default();
-    for (k, v) in &drv.env {
+    for (k, v) in drv.env.iter().filter(|_| structured.is_none()) {
+        let (k, v) = (&rewrite(k), &rewrite(v));
         if pass_as_file.contains(&k.as_str()) {
             let name = format!(".attr-{}", Hash::digest(HashAlgo::Sha256, k.as_bytes()).encode(Encoding::Nix32));
             let path = format!("{BUILD_TOP}/{name}");
@@ -278,9 +291,36 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
     }
     if fixed {
         env.insert("NIX_OUTPUT_CHECKED".to_owned(), "1".to_owned());
+        env.extend(b.impure_env.iter().cloned());
     }
     env.insert("NIX_LOG_FD".to_owned(), "2".to_owned());
     env.insert("TERM".to_owned(), "xterm-256color".to_owned());
+    if let Some(attrs) = &structured {
+        let (json, sh) = crate::structured::files(attrs, &output_paths, &b.graphs.attrs);
+        // Nix 2.8 names its build directory outside the sandbox (see `crate::structured`).
+        let name = attrs.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+        let outside = format!("/tmp/nix-build-{name}.drv-0");
+        for (file, contents, var) in
+            [(".attrs.sh", sh, "NIX_ATTRS_SH_FILE"), (".attrs.json", json, "NIX_ATTRS_JSON_FILE")]
+        {
+            sk.push(Node::File {
+                path: format!("{BUILD_TOP}/{file}"),
+                contents: contents.into_bytes(),
+                mode: 0o644,
+                owner: Owner::Builder,
+            });
+            env.insert(var.to_owned(), format!("{outside}/{file}"));
+        }
+    }
+    // Legacy `exportReferencesGraph` files, written by the daemon as Nix writes them.
+    for (file, contents) in &b.graphs.files {
+        sk.push(Node::File {
+            path: format!("{BUILD_TOP}/{file}"),
+            contents: contents.clone(),
+            mode: 0o644,
+            owner: Owner::Daemon,
+        });
+    }
 
     let spec = SandboxSpec {
         root: b.root.to_owned(),
@@ -291,7 +331,7 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
         gid: SANDBOX_GID,
         workdir: BUILD_TOP.to_owned(),
         builder: drv.builder.clone(),
-        args: drv.args.clone(),
+        args: drv.args.iter().map(|a| rewrite(a)).collect(),
         env: env.into_iter().collect(),
         max_processes: b.limits.max_processes,
     };
@@ -368,6 +408,8 @@ mod tests {
             cores: 3,
             root: Path::new("/tmp/b/root"),
             limits: SandboxLimits { max_processes: Some(64), dev_shm_size: TmpfsSize::Bytes(8 << 20) },
+            impure_env: &[("http_proxy".into(), "http://proxy:3128".into()), ("TMPDIR".into(), "/t".into())],
+            graphs: &Graphs::default(),
         })
     }
 
@@ -454,13 +496,95 @@ mod tests {
     }
 
     #[test]
+    fn impure_variables_reach_fixed_outputs_only_and_come_after_nixs() {
+        let env = |fixed| plan_of(&drv(fixed), &sh()).unwrap().1.env.into_iter().collect::<BTreeMap<_, _>>();
+        let (fixed, plain) = (env(true), env(false));
+        assert_eq!(fixed["http_proxy"], "http://proxy:3128");
+        assert_eq!(fixed["TMPDIR"], "/t", "set after TMPDIR, as Nix's initEnv does");
+        assert!(!plain.contains_key("http_proxy"));
+        assert_eq!(plain["TMPDIR"], "/build");
+    }
+
+    #[test]
     fn refusals() {
         assert_eq!(plan_of(&drv(false), &[]).unwrap_err(), PlanError::BuilderNotAvailable("/bin/sh".into()));
         let bad = vec![("/nix/store/x".to_owned(), PathBuf::from("/x"))];
         assert!(matches!(plan_of(&drv(false), &bad).unwrap_err(), PlanError::BadSandboxPath(_)));
         let mut d = drv(false);
-        d.env.insert("__json".into(), "{}".into());
-        assert_eq!(plan_of(&d, &sh()).unwrap_err(), PlanError::StructuredAttrs);
+        d.env.insert("__json".into(), "{".into());
+        assert!(matches!(plan_of(&d, &sh()).unwrap_err(), PlanError::Attrs(_)));
+    }
+
+    fn plan_with_outputs(d: &Derivation, graphs: &Graphs) -> (Skeleton, SandboxSpec) {
+        let dir = StoreDir::new("/nix/store").unwrap();
+        let out = StorePath::from_base_name("22222222222222222222222222222222-x").unwrap();
+        let outputs = BTreeMap::from([("out".to_owned(), out)]);
+        plan(&BuildInput {
+            store_dir: &dir,
+            real_store_dir: Path::new("/srv/cairn/nix/store"),
+            drv: d,
+            outputs: &outputs,
+            inputs: &[],
+            sandbox_paths: &sh(),
+            cores: 1,
+            root: Path::new("/tmp/b/root"),
+            limits: SandboxLimits { max_processes: None, dev_shm_size: TmpfsSize::Bytes(8 << 20) },
+            impure_env: &[],
+            graphs,
+        })
+        .unwrap()
+    }
+
+    fn file<'a>(sk: &'a Skeleton, p: &str) -> Option<&'a [u8]> {
+        sk.iter().find_map(|n| match n {
+            Node::File { path, contents, .. } if path == p => Some(&contents[..]),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn structured_attrs_replace_the_environment_with_attrs_files() {
+        let mut d = drv(false);
+        d.env = BTreeMap::from([
+            ("__json".into(), r#"{"name":"x","greeting":"hi"}"#.into()),
+            ("out".into(), "/nix/store/22222222222222222222222222222222-x".into()),
+        ]);
+        let (sk, spec) = plan_with_outputs(&d, &Graphs::default());
+        let env: BTreeMap<_, _> = spec.env.iter().cloned().collect();
+        assert!(!env.contains_key("__json") && !env.contains_key("out") && !env.contains_key("greeting"));
+        assert_eq!(env["NIX_ATTRS_JSON_FILE"], "/tmp/nix-build-x.drv-0/.attrs.json", "Nix 2.8's value");
+        assert_eq!(env["NIX_ATTRS_SH_FILE"], "/tmp/nix-build-x.drv-0/.attrs.sh");
+        assert_eq!(
+            file(&sk, "/build/.attrs.json"),
+            Some(
+                &br#"{"greeting":"hi","name":"x","outputs":{"out":"/nix/store/22222222222222222222222222222222-x"}}"#[..]
+            )
+        );
+        assert_eq!(
+            file(&sk, "/build/.attrs.sh"),
+            Some(
+                &b"declare greeting='hi'\ndeclare name='x'\n\
+                   declare -A outputs=(['out']='/nix/store/22222222222222222222222222222222-x' )\n"[..]
+            )
+        );
+    }
+
+    #[test]
+    fn placeholders_become_output_paths_in_environment_and_arguments() {
+        let mut d = drv(false);
+        let ph = crate::structured::hash_placeholder("out");
+        d.env.insert("where".into(), format!("{ph}/bin"));
+        d.args.push(format!("{ph}/lib"));
+        let (_, spec) = plan_with_outputs(&d, &Graphs::default());
+        assert!(spec.env.contains(&("where".into(), "/nix/store/22222222222222222222222222222222-x/bin".into())));
+        assert_eq!(spec.args.last().map(String::as_str), Some("/nix/store/22222222222222222222222222222222-x/lib"));
+    }
+
+    #[test]
+    fn export_references_graph_files_land_in_the_build_directory() {
+        let graphs = Graphs { files: BTreeMap::from([("g".to_owned(), b"graph".to_vec())]), ..Graphs::default() };
+        let (sk, _) = plan_with_outputs(&drv(false), &graphs);
+        assert_eq!(file(&sk, "/build/g"), Some(&b"graph"[..]));
     }
 
     #[test]

@@ -388,6 +388,8 @@ mod tests {
             cores: 1,
             root: Path::new("/tmp/r"),
             limits: SandboxLimits { max_processes: Some(64), dev_shm_size: TmpfsSize::Bytes(8 << 20) },
+            impure_env: &[],
+            graphs: &crate::refgraph::Graphs::default(),
         })
         .unwrap()
         .1
