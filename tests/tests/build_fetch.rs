@@ -167,8 +167,7 @@ fn builtin_fetchurl_fetches_what_nix_fetches_and_refuses_wrong_bytes() {
     let expr = n.root.path().join("fetch.nix");
     std::fs::write(&expr, FETCH_NIX).unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let (flat, exec, treeh) =
-        (sha256_hex(b"hello from the server\n"), sha256_hex(&exec_nar), sha256_hex(&tree));
+    let (flat, exec, treeh) = (sha256_hex(b"hello from the server\n"), sha256_hex(&exec_nar), sha256_hex(&tree));
     let wrong = sha256_hex(b"something else");
     let args = [
         ("base", base.as_str()),

@@ -138,11 +138,7 @@ pub async fn run(
 
 /// An HTTP client configured as Nix's downloader is: no TLS verification, redirects followed,
 /// the timeouts of the settings, and the proxies of the build's impure environment.
-fn client(
-    settings: &FetchSettings,
-    env: &BTreeMap<String, String>,
-    url: &str,
-) -> Result<reqwest::Client, FetchError> {
+fn client(settings: &FetchSettings, env: &BTreeMap<String, String>, url: &str) -> Result<reqwest::Client, FetchError> {
     let bad = |message: String| FetchError::Download { url: url.to_owned(), message };
     let mut b = reqwest::Client::builder().tls_danger_accept_invalid_certs(true).no_proxy();
     if let Some(t) = settings.connect_timeout {
@@ -151,9 +147,7 @@ fn client(
     if let Some(t) = settings.stalled_timeout {
         b = b.read_timeout(t);
     }
-    let var = |k: &str| {
-        env.get(k).or_else(|| env.get(&k.to_uppercase())).filter(|v| !v.is_empty()).map(String::as_str)
-    };
+    let var = |k: &str| env.get(k).or_else(|| env.get(&k.to_uppercase())).filter(|v| !v.is_empty()).map(String::as_str);
     let no_proxy = var("no_proxy").and_then(reqwest::NoProxy::from_string);
     for name in ["http_proxy", "https_proxy", "all_proxy"] {
         if let Some(v) = var(name) {
@@ -178,9 +172,7 @@ async fn download(client: &reqwest::Client, url: &str, to: &Path) -> Result<(), 
             .and_then(|u| u.to_file_path().ok())
             .ok_or_else(|| fail(format!("'{rest}' is not an absolute file path")))?;
         let (src, to) = (path.clone(), to.to_owned());
-        return tokio::task::spawn_blocking(move || copy_public(&src, &to))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        return tokio::task::spawn_blocking(move || copy_public(&src, &to)).await.map_err(|e| fail(e.to_string()))?;
     }
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(fail("only http, https and file URLs are supported".to_owned()));
@@ -227,8 +219,11 @@ fn copy_public(src: &Path, to: &Path) -> Result<(), FetchError> {
     if !m.is_file() || m.mode() & 0o004 == 0 {
         return Err(FetchError::NotPublic(shown));
     }
-    let mut out = std::fs::File::create(to)
-        .map_err(|source| FetchError::Io { op: "create", path: to.display().to_string(), source })?;
+    let mut out = std::fs::File::create(to).map_err(|source| FetchError::Io {
+        op: "create",
+        path: to.display().to_string(),
+        source,
+    })?;
     std::io::copy(&mut f, &mut out).map_err(|e| io("read", e))?;
     Ok(())
 }
@@ -236,9 +231,11 @@ fn copy_public(src: &Path, to: &Path) -> Result<(), FetchError> {
 /// Moves the download into place: as it is, or restored from a NAR; then made executable.
 async fn finish(fetch: &Fetch, url: &str, scratch: &Path, dest: &Path) -> Result<(), FetchError> {
     let (fetch, url, scratch, dest) = (fetch.clone(), url.to_owned(), scratch.to_owned(), dest.to_owned());
-    tokio::task::spawn_blocking(move || place(&fetch, &url, &scratch, &dest))
-        .await
-        .map_err(|e| FetchError::Io { op: "place", path: String::new(), source: std::io::Error::other(e) })?
+    tokio::task::spawn_blocking(move || place(&fetch, &url, &scratch, &dest)).await.map_err(|e| FetchError::Io {
+        op: "place",
+        path: String::new(),
+        source: std::io::Error::other(e),
+    })?
 }
 
 fn place(fetch: &Fetch, url: &str, scratch: &Path, dest: &Path) -> Result<(), FetchError> {

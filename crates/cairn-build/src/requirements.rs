@@ -48,9 +48,7 @@ impl<'a> Attrs<'a> {
             None => None,
             Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
                 Ok(serde_json::Value::Object(m)) => Some(m),
-                Ok(_) => {
-                    return Err(AttrError::BadJson { drv: shown.to_owned(), message: "not an object".to_owned() })
-                }
+                Ok(_) => return Err(AttrError::BadJson { drv: shown.to_owned(), message: "not an object".to_owned() }),
                 Err(e) => return Err(AttrError::BadJson { drv: shown.to_owned(), message: e.to_string() }),
             },
         };

@@ -75,7 +75,8 @@ impl Builder {
             }
             Ok(()) => {
                 let this = self.clone();
-                let (drv_path, drv, outputs, top) = (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
+                let (drv_path, drv, outputs, top) =
+                    (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
                 tokio::task::spawn_blocking(move || this.register(&drv_path, &drv, &outputs, &[], &top))
                     .await
                     .map_err(|e| e.to_string())
