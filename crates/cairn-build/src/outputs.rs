@@ -223,6 +223,66 @@ pub fn collect(
     Ok(Collected { path: expect.path.clone(), nar: sink.spool, nar_hash, nar_size: sink.size, references, ca })
 }
 
+/// Orders a build's outputs so that each comes after the outputs it refers to, as Nix's
+/// `registerOutputs` does with `topoSort`, and refuses outputs that refer to each other in a
+/// cycle with Nix's message, naming the same two outputs Nix names (its depth-first search over
+/// output names in sorted order, children in sorted order, is followed step for step).
+/// `refers` gives, for an output name, the names of the other outputs its references include.
+pub fn output_order(
+    drv: &str,
+    names: &BTreeSet<String>,
+    refers: impl Fn(&str) -> BTreeSet<String>,
+) -> Result<Vec<String>, OutputCycle> {
+    struct Dfs<'a> {
+        drv: &'a str,
+        names: &'a BTreeSet<String>,
+        refers: &'a dyn Fn(&str) -> BTreeSet<String>,
+        visited: BTreeSet<String>,
+        parents: BTreeSet<String>,
+        sorted: Vec<String>,
+    }
+    impl Dfs<'_> {
+        fn visit(&mut self, name: &str, parent: Option<&str>) -> Result<(), OutputCycle> {
+            if self.parents.contains(name) {
+                return Err(OutputCycle {
+                    drv: self.drv.to_owned(),
+                    output: name.to_owned(),
+                    from: parent.unwrap_or_default().to_owned(),
+                });
+            }
+            if !self.visited.insert(name.to_owned()) {
+                return Ok(());
+            }
+            self.parents.insert(name.to_owned());
+            for child in (self.refers)(name) {
+                if child != name && self.names.contains(&child) {
+                    self.visit(&child, Some(name))?;
+                }
+            }
+            self.sorted.push(name.to_owned());
+            self.parents.remove(name);
+            Ok(())
+        }
+    }
+    let mut dfs =
+        Dfs { drv, names, refers: &refers, visited: BTreeSet::new(), parents: BTreeSet::new(), sorted: Vec::new() };
+    for name in names {
+        dfs.visit(name, None)?;
+    }
+    // Nix reverses its post-order to get referrers first; cairn wants references first, which
+    // the post-order already is.
+    Ok(dfs.sorted)
+}
+
+/// A build's outputs refer to each other in a cycle (Nix 2.8's words).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cycle detected in build of '{drv}' in the references of output '{output}' from output '{from}'")]
+pub struct OutputCycle {
+    pub drv: String,
+    pub output: String,
+    pub from: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +378,22 @@ mod tests {
         let small = t.path().join("small");
         std::fs::write(&small, b"fits").unwrap();
         assert!(collect(&small, &limited, &BTreeMap::new(), t.path()).is_ok());
+    }
+
+    #[test]
+    fn outputs_in_a_cycle_are_refused_naming_the_outputs_nix_names() {
+        let names: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
+        let edges = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| pairs.iter().filter(|(a, _)| *a == n).map(|(_, b)| b.to_string()).collect()
+        };
+        // a → c → b → a: Nix starts at a, goes to c, then b, and meets a again from b.
+        let e = output_order("/d.drv", &names, edges(&[("a", "c"), ("c", "b"), ("b", "a")])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cycle detected in build of '/d.drv' in the references of output 'a' from output 'b'"
+        );
+        // Self-references and references to other outputs without a cycle: references first.
+        let order = output_order("/d.drv", &names, edges(&[("a", "a"), ("a", "b"), ("b", "c"), ("c", "c")])).unwrap();
+        assert_eq!(order, vec!["c", "b", "a"]);
     }
 }

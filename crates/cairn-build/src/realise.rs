@@ -27,10 +27,10 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::derivations::Derivations;
 use crate::fetchurl::{FetchSettings, FETCHURL};
-use crate::requirements::{impure_values, Attrs, Host};
 use crate::limits::{hint, SandboxLimits};
 use crate::logs::LogStore;
 use crate::outputs::{collect, Expect};
+use crate::requirements::{impure_values, Attrs, Host};
 use crate::runner::{run, RunEnd, RunLimits};
 use crate::sandbox::{plan, under, BuildInput};
 use crate::BuildError;
@@ -624,6 +624,19 @@ impl Builder {
             let c = collect(&host, &expect, &candidates, top).map_err(|e| e.to_string())?;
             collected.push((display.clone(), c));
         }
+        // Outputs referring to each other in a cycle cannot be registered (nor, in Nix, sorted):
+        // refused first, in Nix's words.
+        let by_path: BTreeMap<&StorePath, &String> = outputs.iter().map(|(n, p)| (p, n)).collect();
+        let refers: BTreeMap<&str, BTreeSet<String>> = outputs
+            .keys()
+            .zip(&collected)
+            .map(|(name, (_, c))| {
+                (name.as_str(), c.references.iter().filter_map(|r| by_path.get(r).map(|n| (*n).clone())).collect())
+            })
+            .collect();
+        let names: BTreeSet<String> = outputs.keys().cloned().collect();
+        crate::outputs::output_order(&shown, &names, |n| refers.get(n).cloned().unwrap_or_default())
+            .map_err(|e| e.to_string())?;
         // Reference constraints, before anything of the build enters the store.
         crate::checks::check_built(&self.store, drv, outputs, collected.iter().map(|(_, c)| c), &shown)
             .map_err(|e| e.to_string())?;
