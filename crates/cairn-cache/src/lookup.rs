@@ -46,7 +46,7 @@ impl NarInfoCache {
     }
 
     fn get_at(&self, cache: &str, hash_part: &str, now: Instant) -> Option<Option<NarInfo>> {
-        let mut map = self.entries.lock().expect("narinfo cache poisoned");
+        let mut map = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let key = (cache.to_owned(), hash_part.to_owned());
         let (at, answer) = map.get(&key)?;
         let ttl = if answer.is_some() { self.positive_ttl } else { self.negative_ttl };
@@ -63,13 +63,16 @@ impl NarInfoCache {
     }
 
     fn put_at(&self, cache: &str, hash_part: &str, answer: Option<NarInfo>, at: Instant) {
-        let mut map = self.entries.lock().expect("narinfo cache poisoned");
+        let mut map = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert((cache.to_owned(), hash_part.to_owned()), (at, answer));
     }
 
     /// Forgets what is known of `hash_part` in `cache` (its NAR turned out bad, say).
     pub fn forget(&self, cache: &str, hash_part: &str) {
-        self.entries.lock().expect("narinfo cache poisoned").remove(&(cache.to_owned(), hash_part.to_owned()));
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(cache.to_owned(), hash_part.to_owned()));
     }
 }
 

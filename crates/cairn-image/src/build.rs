@@ -236,7 +236,7 @@ fn store_layers(
                 let mut r = TempRootGuardSet::default();
                 let made = new_layer(images, &groups[i], compression, &mut r).map(|l| (l, r));
                 let failed = made.is_err();
-                results.lock().expect("results poisoned").push((i, made));
+                results.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((i, made));
                 if failed {
                     // Stop the others from starting more.
                     next.store(todo.len(), Ordering::Relaxed);
@@ -245,7 +245,7 @@ fn store_layers(
             });
         }
     });
-    for (i, made) in results.into_inner().expect("results poisoned") {
+    for (i, made) in results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
         let (layer, r) = made?;
         roots.extend(r);
         found[i] = Some(layer);

@@ -84,12 +84,12 @@ struct Added(Arc<std::sync::Mutex<Vec<Digest>>>);
 
 impl Added {
     fn push(&self, d: &Digest) {
-        self.0.lock().expect("added list poisoned").push(d.clone());
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(d.clone());
     }
 
     /// Deletes the blobs added so far (those that nothing else has come to use meanwhile).
     async fn undo(self, images: &Images) {
-        let digests = std::mem::take(&mut *self.0.lock().expect("added list poisoned"));
+        let digests = std::mem::take(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         if digests.is_empty() {
             return;
         }

@@ -78,7 +78,7 @@ impl LocalStore {
 
 impl Batch {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("batch state poisoned")
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Restores a NAR whose metadata someone vouches for (a substituter's narinfo, checked by
@@ -146,7 +146,7 @@ impl Batch {
     /// Places and registers every accepted path whose closure is complete (see the module
     /// documentation).
     pub fn commit(self) -> Result<Committed> {
-        let mut state = self.state.into_inner().expect("batch state poisoned");
+        let mut state = self.state.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         let store = &*self.store;
         let mut out = Committed::default();
         if state.accepted.is_empty() {

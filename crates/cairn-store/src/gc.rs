@@ -88,7 +88,7 @@ impl LocalStore {
 
     /// Registers another kind of root (image tags, running automata …).
     pub fn add_root_source(&self, source: Arc<dyn RootSource>) {
-        self.root_sources.write().expect("root sources poisoned").push(source);
+        self.root_sources.write().unwrap_or_else(std::sync::PoisonError::into_inner).push(source);
     }
 
     /// Every root that points at a valid path, sorted by origin.
@@ -117,7 +117,7 @@ impl LocalStore {
         if self.gc_settings.runtime_roots {
             roots.extend(RuntimeRoots.roots(&self.layout)?);
         }
-        let sources = self.root_sources.read().expect("root sources poisoned").clone();
+        let sources = self.root_sources.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         for s in sources {
             let found = s.roots(&self.layout)?;
             tracing::debug!(source = s.name(), roots = found.len(), "roots");

@@ -27,9 +27,9 @@ impl PathLocks {
     /// Blocks until none of `paths` is held by anyone else, then holds them all.
     pub fn lock(&self, paths: impl IntoIterator<Item = StorePath>) -> PathLockGuard<'_> {
         let paths: BTreeSet<StorePath> = paths.into_iter().collect();
-        let mut held = self.held.lock().expect("path lock table poisoned");
+        let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while paths.iter().any(|p| held.contains(p)) {
-            held = self.released.wait(held).expect("path lock table poisoned");
+            held = self.released.wait(held).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         held.extend(paths.iter().cloned());
         PathLockGuard { locks: self, paths: paths.into_iter().collect() }
@@ -37,7 +37,7 @@ impl PathLocks {
 
     /// Holds `path` if nobody else does.
     pub fn try_lock(&self, path: &StorePath) -> Option<PathLockGuard<'_>> {
-        let mut held = self.held.lock().expect("path lock table poisoned");
+        let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !held.insert(path.clone()) {
             return None;
         }
@@ -47,7 +47,7 @@ impl PathLocks {
 
 impl Drop for PathLockGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock().expect("path lock table poisoned");
+        let mut held = self.locks.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for p in &self.paths {
             held.remove(p);
         }

@@ -57,7 +57,7 @@ impl Reclaimer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().expect("reclaimer poisoned")
+        self.shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Tells the thread that `bytes` more are in the trash.
@@ -83,7 +83,7 @@ impl Reclaimer {
     pub(crate) fn wait_idle(&self) {
         let mut st = self.lock();
         while !st.idle {
-            st = self.shared.changed.wait(st).expect("reclaimer poisoned");
+            st = self.shared.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 }
@@ -91,9 +91,9 @@ impl Reclaimer {
 fn run(shared: &Shared, trash: &std::path::Path) {
     loop {
         {
-            let mut st = shared.state.lock().expect("reclaimer poisoned");
+            let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             while (!st.wake || st.paused) && !st.stop {
-                st = shared.changed.wait(st).expect("reclaimer poisoned");
+                st = shared.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             if st.stop {
                 return;
@@ -112,16 +112,16 @@ fn run(shared: &Shared, trash: &std::path::Path) {
                 tracing::warn!("cannot empty the trash: {e}");
                 0
             });
-            let mut st = shared.state.lock().expect("reclaimer poisoned");
+            let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             st.pending_bytes = st.pending_bytes.saturating_sub(freed);
             while st.paused && !st.stop {
-                st = shared.changed.wait(st).expect("reclaimer poisoned");
+                st = shared.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             if st.stop {
                 return;
             }
         }
-        let mut st = shared.state.lock().expect("reclaimer poisoned");
+        let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !st.wake {
             st.idle = true;
             st.pending_bytes = 0;

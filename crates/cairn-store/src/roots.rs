@@ -143,7 +143,7 @@ pub struct TempRootGuard {
 
 impl TempRoots {
     pub(crate) fn lock(&self) -> MutexGuard<'_, TempState> {
-        self.0.lock().expect("temporary roots poisoned")
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Roots `paths` until the guard is dropped (and, inside a [`ClientScope`], for the life of

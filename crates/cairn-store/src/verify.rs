@@ -63,12 +63,12 @@ impl LocalStore {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(recorded) = all.get(i) else { break };
                     if let Some(p) = self.verify_path(recorded, opts.check_contents) {
-                        problems.lock().expect("problems poisoned").push(p);
+                        problems.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(p);
                     }
                 });
             }
         });
-        let mut problems = problems.into_inner().expect("problems poisoned");
+        let mut problems = problems.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         problems.sort();
         report.problems.extend(problems);
         Ok(report)
