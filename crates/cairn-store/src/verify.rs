@@ -98,7 +98,15 @@ impl LocalStore {
                     } else {
                         self.verify_content_address(path, hash, *size, ca.as_ref(), &real)
                             .err()
-                            .and_then(|e| problem("content-address", e.to_string()))
+                            .and_then(|e| {
+                                problem(
+                                    "content-address",
+                                    format!(
+                                        "{e} (its recorded NAR hash is as false as the contents; \
+                                         `cairn delete` it and fetch it again)"
+                                    ),
+                                )
+                            })
                     }
                 }
             }
