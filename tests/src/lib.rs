@@ -59,6 +59,8 @@ pub struct TestStore {
     pub socket: PathBuf,
     pub config: PathBuf,
     env: Vec<(String, String)>,
+    /// The uid the daemon and every command run as (through `setpriv`), if not this process's.
+    user: Option<u32>,
     child: Option<Child>,
 }
 
@@ -67,6 +69,7 @@ pub struct TestStoreBuilder {
     store_dir: String,
     config: String,
     env: Vec<(String, String)>,
+    user: Option<u32>,
 }
 
 impl TestStoreBuilder {
@@ -84,18 +87,31 @@ impl TestStoreBuilder {
         self.config = toml.to_owned();
         self
     }
+    /// Runs the daemon and every command as user `uid` (and group of the same number), with
+    /// `setpriv`, on a root that user owns: an unprivileged user's own store. Needs root.
+    pub fn as_user(mut self, uid: u32) -> Self {
+        self.user = Some(uid);
+        self
+    }
     pub fn start(self) -> TestStore {
         let root = tempfile::Builder::new().prefix("cairn-e2e-").tempdir().expect("temp root");
         // World-traversable, so that tests that switch users can reach the socket.
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = root.path().join("cairn.toml");
         std::fs::write(&config, &self.config).unwrap();
+        if let Some(uid) = self.user {
+            let id = nix::unistd::Uid::from_raw(uid);
+            let gid = nix::unistd::Gid::from_raw(uid);
+            nix::unistd::chown(root.path(), Some(id), Some(gid)).unwrap();
+            nix::unistd::chown(&config, Some(id), Some(gid)).unwrap();
+        }
         let mut s = TestStore {
             socket: root.path().join("cairnd.sock"),
             root,
             store_dir: self.store_dir,
             config,
             env: self.env,
+            user: self.user,
             child: None,
         };
         s.spawn();
@@ -105,7 +121,7 @@ impl TestStoreBuilder {
 
 impl TestStore {
     pub fn builder() -> TestStoreBuilder {
-        TestStoreBuilder { store_dir: "/store".into(), config: String::new(), env: Vec::new() }
+        TestStoreBuilder { store_dir: "/store".into(), config: String::new(), env: Vec::new(), user: None }
     }
 
     /// A daemon with default settings and store directory `/store`.
@@ -129,7 +145,8 @@ impl TestStore {
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = Command::new(bin_dir().join("cairnd"))
+        let child = self
+            .command(bin_dir().join("cairnd"))
             .args(self.store_args())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -181,9 +198,23 @@ impl TestStore {
         self.spawn();
     }
 
+    /// A command for `program`, run as the store's user (see [`TestStoreBuilder::as_user`]).
+    fn command(&self, program: PathBuf) -> Command {
+        match self.user {
+            None => Command::new(program),
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
+                    .arg(program)
+                    .env("HOME", self.root.path());
+                c
+            }
+        }
+    }
+
     /// A `cairn` command aimed at this daemon, never starting another.
     pub fn cairn(&self) -> Command {
-        let mut c = Command::new(bin_dir().join("cairn"));
+        let mut c = self.command(bin_dir().join("cairn"));
         c.args(self.store_args()).arg("--no-auto-start").envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }

@@ -224,13 +224,13 @@ fn swap_in(store: &LocalStore, accepted: BTreeMap<StorePath, (PathInfo, PathBuf)
             if std::fs::symlink_metadata(&real).is_ok() {
                 let n = store.tmp_counter.fetch_add(1, Ordering::Relaxed);
                 let aside = trash.join(format!("repair-{}-{n}", std::process::id()));
-                std::fs::rename(&real, &aside).map_err(|source| StoreError::Io {
+                fsops::rename_tree(&real, &aside).map_err(|source| StoreError::Io {
                     op: "move aside",
                     path: real.clone(),
                     source,
                 })?;
             }
-            std::fs::rename(&copy, &real).map_err(|source| StoreError::Io {
+            fsops::rename_tree(&copy, &real).map_err(|source| StoreError::Io {
                 op: "move into place",
                 path: real,
                 source,

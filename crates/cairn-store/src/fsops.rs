@@ -177,6 +177,28 @@ fn dump_node<W: Write>(path: &Path, name: Option<&[u8]>, w: &mut NarWriter<W>) -
     }
 }
 
+/// Renames a finished tree to its place in another directory. Moving a directory to another
+/// parent rewrites its `..` entry, which needs write access to the directory itself; a canonical
+/// directory is read-only (0555), which only root gets past. So, for anyone else, the directory
+/// is made writable for the move and read-only again at its new place.
+pub(crate) fn rename_tree(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            let meta = fs::symlink_metadata(from)?;
+            if !meta.is_dir() || meta.permissions().mode() & 0o200 != 0 {
+                return Err(e);
+            }
+            fs::set_permissions(from, fs::Permissions::from_mode(0o755))?;
+            if let Err(e) = fs::rename(from, to) {
+                let _ = fs::set_permissions(from, fs::Permissions::from_mode(meta.permissions().mode()));
+                return Err(e);
+            }
+            fs::set_permissions(to, fs::Permissions::from_mode(meta.permissions().mode()))
+        }
+        other => other,
+    }
+}
+
 /// Removes a tree even where it is read-only (store paths are), tolerating its absence.
 pub fn remove_tree(path: &Path) -> Result<()> {
     remove_tree_counting(path).map(drop)

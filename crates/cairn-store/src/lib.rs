@@ -448,14 +448,14 @@ impl LocalStore {
         // Try the rename first: a leftover is rare, and checking for one costs a stat per path.
         // rename(2) replaces a leftover file or empty directory itself, and fails on a
         // non-empty directory or a type mismatch, after which the leftover is removed.
-        if fs::rename(from, &dest).is_ok() {
+        if fsops::rename_tree(from, &dest).is_ok() {
             return Ok(());
         }
         if fs::symlink_metadata(&dest).is_ok() {
             tracing::warn!(path = %path, "replacing an unregistered leftover");
             remove_tree(&dest)?;
         }
-        fs::rename(from, &dest).map_err(|source| StoreError::Io { op: "move into place", path: dest, source })
+        fsops::rename_tree(from, &dest).map_err(|source| StoreError::Io { op: "move into place", path: dest, source })
     }
 
     /// Steps 2–4 of the add protocol for one finished copy at `copy`.
