@@ -96,17 +96,15 @@ impl LocalStore {
                     } else if actual_size != *size {
                         problem("modified", format!("path '{shown}' has NAR size {actual_size}, recorded {size}"))
                     } else {
-                        self.verify_content_address(path, hash, *size, ca.as_ref(), &real)
-                            .err()
-                            .and_then(|e| {
-                                problem(
-                                    "content-address",
-                                    format!(
-                                        "{e} (its recorded NAR hash is as false as the contents; \
+                        self.verify_content_address(path, hash, *size, ca.as_ref(), &real).err().and_then(|e| {
+                            problem(
+                                "content-address",
+                                format!(
+                                    "{e} (its recorded NAR hash is as false as the contents; \
                                          `cairn delete` it and fetch it again)"
-                                    ),
-                                )
-                            })
+                                ),
+                            )
+                        })
                     }
                 }
             }
