@@ -287,7 +287,7 @@ impl StoreDir {
         match ca {
             ContentAddress::Text(_) if self_ref => return Err(ContentAddressClaimError::TextSelfReference),
             ContentAddress::Fixed { method, hash }
-                (*method != FileIngestionMethod::Recursive || hash.algo() != HashAlgo::Sha256)
+                if (*method != FileIngestionMethod::Recursive || hash.algo() != HashAlgo::Sha256)
                     && !references.is_empty() =>
             {
                 return Err(ContentAddressClaimError::References { ca: ca.to_string() })
