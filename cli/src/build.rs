@@ -7,7 +7,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use std::collections::BTreeMap;
 
-use cairn_api::{RealiseEvent, RealiseRequest, RealiseResult, Request, Response};
+use std::collections::BTreeSet;
+
+use cairn_api::{BuildMode, RealiseEvent, RealiseRequest, RealiseResult, Request, Response};
 use tokio::io::AsyncBufReadExt;
 
 use crate::commands::{numbered, print_json, Ctx};
@@ -33,15 +35,34 @@ async fn impure_env(client: &cairn_client::Client, paths: &[String]) -> anyhow::
     Ok(names.into_iter().filter_map(|n| std::env::var(&n).ok().map(|v| (n, v))).collect())
 }
 
-pub async fn realise(
-    ctx: &Ctx,
-    args: &[String],
-    keep_going: bool,
-    keep_failed: bool,
-    out_link: Option<&Path>,
-    quiet: bool,
-    json: bool,
-) -> anyhow::Result<()> {
+/// A realisation that failed, with the exit status `nix-store --realise` would have: 100 and up
+/// when builds failed (see [`cairn_api::nix_exit_status`]), 1 otherwise.
+#[derive(Debug)]
+pub struct RealiseFailed {
+    pub status: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for RealiseFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RealiseFailed {}
+
+/// `cairn realise`'s switches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealiseFlags {
+    pub keep_going: bool,
+    pub keep_failed: bool,
+    pub quiet: bool,
+    pub json: bool,
+    pub mode: BuildMode,
+}
+
+pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: Option<&Path>) -> anyhow::Result<()> {
+    let RealiseFlags { keep_going, keep_failed, quiet, json, mode } = flags;
     let mut paths = Vec::new();
     for a in args {
         let (p, outs) = match a.split_once('!') {
@@ -56,11 +77,14 @@ pub async fn realise(
     }
     let client = ctx.client().await?;
     let impure_env = impure_env(&client, &paths).await?;
-    let req = RealiseRequest { paths, keep_going, keep_failed, impure_env };
+    let req = RealiseRequest { paths, keep_going, keep_failed, impure_env, mode };
     let mut lines = tokio::io::BufReader::new(client.realise(&req).await?).lines();
     let bar = progress::spinner("building");
     let (mut total, mut done, mut running) = (0usize, 0usize, 0usize);
     let mut end = None;
+    // Kinds of the failures seen, for the exit status, and the derivations they were shown for.
+    let mut kinds = Vec::new();
+    let mut shown = BTreeSet::new();
     while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
         match serde_json::from_str::<RealiseEvent>(&line).context("cairnd sent an unreadable event")? {
             RealiseEvent::Plan { drvs } => total = drvs.len(),
@@ -74,8 +98,10 @@ pub async fn realise(
                 running = running.saturating_sub(1);
                 done += 1;
             }
-            RealiseEvent::Failed { message, .. } => {
+            RealiseEvent::Failed { drv, kind, message } => {
                 running = running.saturating_sub(1);
+                kinds.push(kind);
+                shown.insert(drv);
                 // Several lines (the log's tail), indented under the first as Nix prints them.
                 bar.suspend(|| eprintln!("cairn: {}", message.replace('\n', "\n       ")));
             }
@@ -116,25 +142,21 @@ pub async fn realise(
         }
     }
     let failed: Vec<&RealiseResult> = results.iter().filter(|r| r.error.is_some()).collect();
-    match failed.as_slice() {
-        [] => Ok(()),
+    let message = match failed.as_slice() {
+        [] => return Ok(()),
+        // A build's own failure was shown as it happened; say only which one.
+        [one] if shown.contains(&one.drv) => format!("build of '{}' failed", one.drv),
         [one] => {
-            let why = one.error.as_deref().unwrap_or_default();
-            // A build's own failure was shown as it happened; say only which one.
-            match why.lines().next() {
-                Some(first) if first.starts_with("builder for ") || first.contains("timed out") => {
-                    bail!("build of '{}' failed", one.drv)
-                }
-                _ => bail!("build of '{}' failed: {}", one.drv, why.replace('\n', " ")),
-            }
+            format!("build of '{}' failed: {}", one.drv, one.error.as_deref().unwrap_or_default().replace('\n', " "))
         }
-        many => bail!(
+        many => format!(
             "{} of the {} derivations asked for were not realised, the first '{}' (--json lists them)",
             many.len(),
             results.len(),
             many[0].drv
         ),
-    }
+    };
+    Err(RealiseFailed { status: cairn_api::nix_exit_status(kinds), message }.into())
 }
 
 #[cfg(test)]

@@ -246,8 +246,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Realise { paths, keep_going, keep_failed, out_link, quiet, json } => {
-            crate::build::realise(&ctx, &paths, keep_going, keep_failed, out_link.as_deref(), quiet, json).await?;
+        Command::Realise { paths, keep_going, keep_failed, out_link, quiet, json, check, repair } => {
+            let mode = match (check, repair) {
+                (true, _) => cairn_api::BuildMode::Check,
+                (_, true) => cairn_api::BuildMode::Repair,
+                _ => cairn_api::BuildMode::Normal,
+            };
+            let flags = crate::build::RealiseFlags { keep_going, keep_failed, quiet, json, mode };
+            crate::build::realise(&ctx, &paths, flags, out_link.as_deref()).await?;
         }
         Command::Image(cmd) => crate::image::run(&ctx, cmd).await?,
         Command::Automaton(cmd) => crate::automaton::run(&ctx, cmd).await?,

@@ -239,6 +239,15 @@ pub enum Command {
         quiet: bool,
         #[arg(long)]
         json: bool,
+        /// Build the derivations again although their outputs are valid, and fail (exit code
+        /// 104) if an output differs from the registered one, as `nix-store --realise --check`.
+        /// Nothing registered changes; with `-K` the new output is kept as `OUTPUT.check`.
+        #[arg(long, conflicts_with = "repair")]
+        check: bool,
+        /// Rebuild outputs (and paths of their closure) whose contents are corrupt or missing
+        /// and put the good copies in place, as `nix-store --realise --repair`.
+        #[arg(long)]
+        repair: bool,
     },
     /// Print the log of a past build of a derivation, or of the derivation that built a path.
     Log { path: String },
@@ -356,7 +365,11 @@ fn main() -> ExitCode {
         Err(e) if stdout_closed(&e) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("cairn: {}", one_line(&format!("{e:#}")));
-            ExitCode::FAILURE
+            // Failed builds exit as `nix-store --realise` does (100 and up).
+            match e.downcast_ref::<build::RealiseFailed>() {
+                Some(f) => ExitCode::from(f.status),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

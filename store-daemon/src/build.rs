@@ -17,7 +17,7 @@ use bytes::Bytes;
 use cairn_api::config::{state_dir, Settings};
 use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResult};
 use cairn_build::requirements::Attrs;
-use cairn_build::{BuildError, BuildSettings, Event, Goal, LogStore, Options};
+use cairn_build::{BuildError, BuildSettings, Event, Goal, LogStore, Mode, Options};
 use cairn_nix::{StoreDir, StorePath};
 use tokio::sync::mpsc;
 
@@ -95,6 +95,18 @@ fn goal(dir: &StoreDir, s: &str) -> ApiResult<Goal> {
     Ok(Goal { drv, outputs })
 }
 
+/// The wire form of a failure's kind.
+fn failure_kind(k: cairn_build::FailureKind) -> cairn_api::FailureKind {
+    use cairn_build::FailureKind as B;
+    match k {
+        B::Permanent => cairn_api::FailureKind::Permanent,
+        B::TimedOut => cairn_api::FailureKind::TimedOut,
+        B::HashMismatch => cairn_api::FailureKind::HashMismatch,
+        B::NotDeterministic => cairn_api::FailureKind::NotDeterministic,
+        B::Other => cairn_api::FailureKind::Other,
+    }
+}
+
 fn line(event: &RealiseEvent) -> Bytes {
     let mut v = serde_json::to_vec(event).expect("events serialise");
     v.push(b'\n');
@@ -169,9 +181,22 @@ pub async fn realise(
         return Err(ApiError::bad_request("nothing to realise: name at least one derivation"));
     }
     let goals = req.paths.iter().map(|p| goal(&dir, p)).collect::<ApiResult<Vec<_>>>()?;
-    let options =
-        Options { keep_going: req.keep_going, keep_failed: req.keep_failed, impure_env: Arc::new(req.impure_env) };
-    substitute_first(&st, &peer, &goals).await;
+    let mode = match req.mode {
+        cairn_api::BuildMode::Normal => Mode::Normal,
+        cairn_api::BuildMode::Check => Mode::Check,
+        cairn_api::BuildMode::Repair => Mode::Repair,
+    };
+    let options = Options {
+        keep_going: req.keep_going,
+        keep_failed: req.keep_failed,
+        impure_env: Arc::new(req.impure_env),
+        mode,
+    };
+    // A check rebuilds what is valid, and a repair of what is valid is decided by its contents:
+    // only a normal realisation fills missing outputs from substituters first.
+    if mode == Mode::Normal {
+        substitute_first(&st, &peer, &goals).await;
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();
     tokio::spawn(async move {
@@ -198,9 +223,9 @@ pub async fn realise(
                                 tracing::info!(drv = %dir.display(&drv), "built");
                                 RealiseEvent::Built { drv: dir.display(&drv), outputs: outputs_wire(&dir, &outputs) }
                             }
-                            Event::Failed { drv, message } => {
+                            Event::Failed { drv, kind, message } => {
                                 tracing::warn!(drv = %dir.display(&drv), "build failed: {message}");
-                                RealiseEvent::Failed { drv: dir.display(&drv), message }
+                                RealiseEvent::Failed { drv: dir.display(&drv), kind: failure_kind(kind), message }
                             }
                         };
                         // A client that went away stops nothing: the builds finish and register.

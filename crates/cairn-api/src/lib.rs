@@ -212,6 +212,82 @@ pub struct RealiseRequest {
     /// Nix's daemon. Only fixed-output builds see them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub impure_env: BTreeMap<String, String>,
+    /// Build again what is valid and compare (`check`), or repair what is corrupt (`repair`).
+    #[serde(default, skip_serializing_if = "BuildMode::is_normal")]
+    pub mode: BuildMode,
+}
+
+/// How a realisation treats derivations whose outputs are valid, as Nix's `--check` and
+/// `--repair` do.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuildMode {
+    /// Build only what is not valid.
+    #[default]
+    Normal,
+    /// Build the requested derivations again; fail if an output differs from the registered one.
+    Check,
+    /// Build again whatever is invalid or corrupt in the requested derivations' outputs and
+    /// their closure, and put the good copies in place.
+    Repair,
+}
+
+impl BuildMode {
+    pub fn is_normal(&self) -> bool {
+        *self == BuildMode::Normal
+    }
+}
+
+/// What ended a failed build, for the exit code (see [`nix_exit_status`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The builder failed (or the build was refused on this machine).
+    Permanent,
+    /// `timeout` or `max-silent-time`.
+    TimedOut,
+    /// A fixed output without the declared hash.
+    HashMismatch,
+    /// `--check` found an output differing from the registered one.
+    NotDeterministic,
+    /// Anything else.
+    #[default]
+    #[serde(other)]
+    Other,
+}
+
+/// The exit status of `nix-store --realise` after builds failed with these kinds (Nix 2.8's
+/// `Worker::exitStatus`): bits for failed build (100), timeout (101), hash mismatch (102) and
+/// non-determinism (104) over `0x60`, or 1 when none applies.
+pub fn nix_exit_status(kinds: impl IntoIterator<Item = FailureKind>) -> u8 {
+    let (mut permanent, mut timed_out, mut hash, mut check) = (false, false, false, false);
+    for k in kinds {
+        match k {
+            FailureKind::Permanent => permanent = true,
+            FailureKind::TimedOut => timed_out = true,
+            FailureKind::HashMismatch => hash = true,
+            FailureKind::NotDeterministic => check = true,
+            FailureKind::Other => {}
+        }
+    }
+    let mut mask = 0u8;
+    if permanent || timed_out || hash {
+        mask |= 0x04;
+    }
+    if timed_out {
+        mask |= 0x01;
+    }
+    if hash {
+        mask |= 0x02;
+    }
+    if check {
+        mask |= 0x08;
+    }
+    if mask == 0 {
+        1
+    } else {
+        mask | 0x60
+    }
 }
 
 /// One line of a realisation's answer.
@@ -236,6 +312,9 @@ pub enum RealiseEvent {
     },
     Failed {
         drv: String,
+        /// Older daemons do not send it: `other`.
+        #[serde(default)]
+        kind: FailureKind,
         message: String,
     },
     /// The end: each requested derivation's outputs, or why it was not realised.
@@ -464,6 +543,32 @@ pub struct ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_status_is_nixs_worker_mask() {
+        use FailureKind::*;
+        assert_eq!(nix_exit_status([]), 1);
+        assert_eq!(nix_exit_status([Other]), 1);
+        assert_eq!(nix_exit_status([Permanent]), 100);
+        assert_eq!(nix_exit_status([TimedOut]), 101);
+        assert_eq!(nix_exit_status([HashMismatch]), 102);
+        assert_eq!(nix_exit_status([NotDeterministic]), 104);
+        assert_eq!(nix_exit_status([Permanent, TimedOut, Other]), 101);
+        assert_eq!(nix_exit_status([NotDeterministic, Permanent]), 108);
+    }
+
+    #[test]
+    fn realise_wire_stays_compatible() {
+        let r: RealiseRequest = serde_json::from_str(r#"{"paths":["/s/x.drv"]}"#).unwrap();
+        assert_eq!(r.mode, BuildMode::Normal);
+        let r = RealiseRequest { mode: BuildMode::Check, ..r };
+        assert!(serde_json::to_string(&r).unwrap().contains(r#""mode":"check""#));
+        let e: RealiseEvent = serde_json::from_str(r#"{"event":"failed","drv":"d","message":"m"}"#).unwrap();
+        assert_eq!(e, RealiseEvent::Failed { drv: "d".into(), kind: FailureKind::Other, message: "m".into() });
+        let e: RealiseEvent =
+            serde_json::from_str(r#"{"event":"failed","drv":"d","kind":"timed-out","message":"m"}"#).unwrap();
+        assert!(matches!(e, RealiseEvent::Failed { kind: FailureKind::TimedOut, .. }));
+    }
 
     #[test]
     fn requests_have_a_stable_json_shape() {

@@ -37,7 +37,7 @@ pub mod structured;
 pub mod sys;
 
 pub use logs::LogStore;
-pub use realise::{BuildSettings, Builder, Builtin, Event, Goal, Options, Outcome};
+pub use realise::{BuildSettings, Builder, Builtin, Event, Failure, FailureKind, Goal, Mode, Options, Outcome};
 
 use cairn_nix::derivation::DerivationError;
 use cairn_store::StoreError;
@@ -66,6 +66,15 @@ pub enum BuildError {
     WrongOutputPath { drv: String, output: String, declared: String, computed: String },
     #[error("input '{path}' of derivation '{drv}' is not valid (substitute or add it first)")]
     InputNotValid { drv: String, path: String },
+    /// `--check` of a derivation whose wanted outputs are not all valid (Nix's words).
+    #[error("some outputs of '{drv}' are not valid, so checking is not possible")]
+    NotCheckable { drv: String },
+    /// `--repair` found a bad path in an output closure that no derivation of the input
+    /// closure makes (Nix's words).
+    #[error(
+        "some paths in the output closure of derivation '{drv}' could not be repaired (corrupted or missing: '{path}')"
+    )]
+    Unrepairable { drv: String, path: String },
     #[error(transparent)]
     Plan(#[from] sandbox::PlanError),
     #[error(transparent)]

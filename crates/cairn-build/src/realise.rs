@@ -4,8 +4,15 @@
 //! [`Builder::realise`] walks the requested derivations and their input derivations, keeps those
 //! with an output that is not valid, and runs them as their inputs finish — as many at once as
 //! `max-jobs` allows, across all requests (a semaphore the whole daemon shares). A build whose
-//! inputs failed is not started. Without `keep_going`, the first failure stops new builds from
-//! starting; builds already running finish.
+//! inputs failed is not started. Without `keep_going`, the first failure ends the request as it
+//! ends Nix 2.8's `Worker::run` (a failed top-level goal clears the goals, whose destructors kill
+//! their builders): no build of the request starts afterwards, not even one already waiting for
+//! a job slot, and the request's builds still running are killed and their build directories
+//! removed. With `keep_going`, everything that does not need a failed build is built.
+//!
+//! `--check` and `--repair` (Nix's build modes) are in [`modes`]: the plan decides per
+//! derivation what it is built for ([`modes::NodeMode`]), and [`Builder::register`] compares,
+//! swaps in or registers accordingly.
 //!
 //! One build ([`Builder::build`]): temporary roots on its input closure and outputs; a build
 //! directory `<build-dir>/cairn-build-<name>-<n>/` holding the sandbox root; the log kept
@@ -23,7 +30,7 @@ use std::time::Duration;
 use cairn_nix::derivation::Derivation;
 use cairn_nix::StorePath;
 use cairn_store::{Direction, LocalStore, PathInfo, StoreError};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::derivations::Derivations;
 use crate::fetchurl::{FetchSettings, FETCHURL};
@@ -34,6 +41,10 @@ use crate::requirements::{impure_values, Attrs, Host};
 use crate::runner::{run, RunEnd, RunLimits};
 use crate::sandbox::{plan, under, BuildInput};
 use crate::BuildError;
+
+mod modes;
+use modes::{ContentsCheck, NodeMode, Stop};
+pub use modes::{Failure, FailureKind, Mode};
 
 /// How many log lines a failure message quotes, as Nix does.
 const TAIL_LINES: usize = 10;
@@ -84,6 +95,8 @@ pub struct Options {
     /// The requesting client's values of variables that fixed-output derivations name in
     /// `impureEnvVars` (a variable it did not send falls back to the daemon's environment).
     pub impure_env: Arc<BTreeMap<String, String>>,
+    /// Normal, `--check` or `--repair`.
+    pub mode: Mode,
 }
 
 /// What a realisation reports while it runs.
@@ -107,6 +120,7 @@ pub enum Event {
     },
     Failed {
         drv: StorePath,
+        kind: FailureKind,
         message: String,
     },
 }
@@ -141,7 +155,10 @@ pub struct Builder {
     builtins: Mutex<HashMap<String, Arc<dyn Builtin>>>,
     store: Arc<LocalStore>,
     settings: BuildSettings,
-    jobs: Semaphore,
+    /// Job slots, taken by each request's scheduling loop in its plan's order and handed to
+    /// the build, so that builds start in a deterministic order (inputs first, then the goals
+    /// in the order given) and a stopped request starts nothing more.
+    jobs: Arc<Semaphore>,
     /// Host uids free for builds (root daemons only).
     uids: Mutex<Vec<u32>>,
     /// Derivations being built, so that concurrent requests build each once.
@@ -159,6 +176,8 @@ struct Node {
     inputs: Vec<StorePath>,
     /// Input derivations that must be built first.
     deps: Vec<StorePath>,
+    /// What it is built for.
+    mode: NodeMode,
 }
 
 impl Builder {
@@ -169,7 +188,7 @@ impl Builder {
             builtins: Mutex::new(HashMap::new()),
             store,
             settings,
-            jobs: Semaphore::new(jobs),
+            jobs: Arc::new(Semaphore::new(jobs)),
             uids: Mutex::new(uids),
             building: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
@@ -182,7 +201,7 @@ impl Builder {
 
     /// Registers the builder of `builtin:NAME` derivations.
     pub fn add_builtin(&self, name: &str, b: Arc<dyn Builtin>) {
-        self.builtins.lock().expect("builtins poisoned").insert(format!("builtin:{name}"), b);
+        self.builtins.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(format!("builtin:{name}"), b);
     }
 
     /// Realises `goals`; `events` gets progress and log lines. Errors are for requests that
@@ -196,7 +215,8 @@ impl Builder {
     ) -> Result<Outcome, BuildError> {
         let this = self.clone();
         let goals2 = goals.clone();
-        let (nodes, order) = tokio::task::spawn_blocking(move || this.plan(&goals2))
+        let mode = options.mode;
+        let (nodes, order) = tokio::task::spawn_blocking(move || this.plan(&goals2, mode))
             .await
             .map_err(|e| BuildError::Internal(e.to_string()))??;
         let _ = events.send(Event::Plan { drvs: order.clone() });
@@ -214,39 +234,58 @@ impl Builder {
         let mut failed: HashMap<StorePath, String> = HashMap::new();
         let mut built = Vec::new();
         let mut stopped = false;
+        // Raised when the request stops: builds waiting to start give up, running ones are killed.
+        let (cancel, cancelled) = watch::channel(false);
         let mut set = tokio::task::JoinSet::new();
-        let spawn = |set: &mut tokio::task::JoinSet<_>, p: StorePath| {
+        let spawn = |set: &mut tokio::task::JoinSet<_>, p: StorePath, job: OwnedSemaphorePermit| {
             let this = self.clone();
             let nodes = nodes.clone();
             let events = events.clone();
             let options = options.clone();
+            let cancelled = cancelled.clone();
             set.spawn(async move {
-                let r = this.build(&p, &nodes[&p], &options, &events).await;
+                let r = this.build(&p, &nodes[&p], &options, &events, cancelled, job).await;
                 (p, r)
             });
         };
+        // Ready builds, in plan order; each starts when it gets a job slot.
         let mut ready: VecDeque<StorePath> = order.iter().filter(|p| remaining[*p] == 0).cloned().collect();
-        while let Some(p) = ready.pop_front() {
-            spawn(&mut set, p);
-        }
-        while let Some(joined) = set.join_next().await {
+        loop {
+            let joined = tokio::select! {
+                biased;
+                joined = set.join_next(), if !set.is_empty() => joined,
+                job = self.jobs.clone().acquire_owned(), if !ready.is_empty() && !stopped => {
+                    let job = job.map_err(|e| BuildError::Internal(e.to_string()))?;
+                    if let Some(p) = ready.pop_front() {
+                        spawn(&mut set, p, job);
+                    }
+                    continue;
+                }
+                else => break,
+            };
+            let Some(joined) = joined else { continue };
             let (p, r) = joined.map_err(|e| BuildError::Internal(e.to_string()))?;
             match r {
                 Ok(outputs) => {
                     built.push(p.clone());
                     let _ = events.send(Event::Built { drv: p.clone(), outputs });
                     for d in dependents.get(&p).into_iter().flatten() {
-                        let left = remaining.get_mut(d).expect("scheduled");
-                        *left -= 1;
-                        if *left == 0 && !stopped && !failed.contains_key(d) {
-                            spawn(&mut set, d.clone());
+                        let Some(left) = remaining.get_mut(d) else { continue };
+                        *left = left.saturating_sub(1);
+                        if *left == 0 && !failed.contains_key(d) {
+                            ready.push_back(d.clone());
                         }
                     }
                 }
-                Err(message) => {
-                    let _ = events.send(Event::Failed { drv: p.clone(), message: message.clone() });
+                // Stopped because another build failed: that one is the failure to report.
+                Err(Stop::Cancelled) => {}
+                Err(Stop::Failed(Failure { kind, message })) => {
+                    let _ = events.send(Event::Failed { drv: p.clone(), kind, message: message.clone() });
                     failed.insert(p.clone(), message);
-                    stopped |= !options.keep_going;
+                    if !options.keep_going && !stopped {
+                        stopped = true;
+                        let _ = cancel.send(true);
+                    }
                     // Everything that needs it fails too.
                     let mut queue: Vec<StorePath> = dependents.get(&p).cloned().unwrap_or_default();
                     while let Some(d) = queue.pop() {
@@ -307,24 +346,30 @@ impl Builder {
     }
 
     /// The derivations to build for `goals`, each with its inputs, in an order where inputs
-    /// come first.
-    fn plan(&self, goals: &[Goal]) -> Result<(HashMap<StorePath, Node>, Vec<StorePath>), BuildError> {
+    /// come first, and what each is built for under `mode` (see [`modes`]).
+    fn plan(&self, goals: &[Goal], mode: Mode) -> Result<(HashMap<StorePath, Node>, Vec<StorePath>), BuildError> {
+        let dir = self.store.store_dir();
         let mut drvs = Derivations::new(&self.store);
         for g in goals {
             let d = drvs.load(&g.drv)?;
             for o in g.outputs.iter().flatten() {
                 if !d.outputs.contains_key(o) {
-                    return Err(BuildError::UnknownOutput {
-                        drv: self.store.store_dir().display(&g.drv),
-                        output: o.clone(),
-                    });
+                    return Err(BuildError::UnknownOutput { drv: dir.display(&g.drv), output: o.clone() });
                 }
             }
         }
+        // Check applies to the requested derivations only (their inputs are realised normally).
+        let checked: HashMap<&StorePath, Option<&BTreeSet<String>>> = if mode == Mode::Check {
+            goals.iter().map(|g| (&g.drv, g.outputs.as_ref())).collect()
+        } else {
+            HashMap::new()
+        };
+        let mut contents = ContentsCheck::new(&self.store);
         let mut nodes: HashMap<StorePath, Node> = HashMap::new();
         let mut needed: HashMap<StorePath, bool> = HashMap::new();
         let mut order = Vec::new();
-        // Post-order walk; a derivation needs building if one of its outputs is not valid.
+        // Post-order walk; a derivation needs building if one of its outputs is not valid (or,
+        // when repairing, not good), or if it is checked.
         let mut stack: Vec<(StorePath, bool)> = goals.iter().rev().map(|g| (g.drv.clone(), false)).collect();
         while let Some((p, inputs_done)) = stack.pop() {
             if needed.contains_key(&p) {
@@ -332,17 +377,43 @@ impl Builder {
             }
             let drv = drvs.load(&p)?;
             let outputs = drvs.outputs(&p)?;
-            let mut missing = false;
-            for o in outputs.values() {
-                if !self.store.is_valid(o)? {
-                    missing = true;
-                    break;
+            let node_mode = if let Some(wanted) = checked.get(&p) {
+                if !modes::checkable(&self.store, &outputs, *wanted)? {
+                    return Err(BuildError::NotCheckable { drv: dir.display(&p) });
                 }
-            }
-            if !missing {
-                needed.insert(p, false);
+                Some(NodeMode::Check)
+            } else if mode == Mode::Repair {
+                let mut corrupt = BTreeSet::new();
+                let mut missing = false;
+                for o in outputs.values() {
+                    if !self.store.is_valid(o)? {
+                        missing = true;
+                    } else if !contents.good(o)? {
+                        corrupt.insert(o.clone());
+                    }
+                }
+                (missing || !corrupt.is_empty()).then_some(NodeMode::Repair { corrupt })
+            } else {
+                let mut missing = false;
+                for o in outputs.values() {
+                    if !self.store.is_valid(o)? {
+                        missing = true;
+                        break;
+                    }
+                }
+                missing.then_some(NodeMode::Build)
+            };
+            let Some(node_mode) = node_mode else {
+                needed.insert(p.clone(), false);
+                if mode == Mode::Repair {
+                    // Good outputs: the rest of their closure is checked instead, and a bad path
+                    // there is rebuilt by its deriver (Nix's `repairClosure`).
+                    for deriver in self.closure_repairs(&p, &outputs, &mut drvs, &mut contents)? {
+                        stack.push((deriver, false));
+                    }
+                }
                 continue;
-            }
+            };
             let inputs = drvs.inputs(&drv)?;
             if !inputs_done {
                 stack.push((p.clone(), true));
@@ -358,55 +429,100 @@ impl Builder {
             for (ip, outs) in &inputs {
                 let ip_outputs = drvs.outputs(ip)?;
                 for o in outs {
-                    let path = ip_outputs.get(o).ok_or_else(|| BuildError::UnknownOutput {
-                        drv: self.store.store_dir().display(ip),
-                        output: o.clone(),
-                    })?;
+                    let path = ip_outputs
+                        .get(o)
+                        .ok_or_else(|| BuildError::UnknownOutput { drv: dir.display(ip), output: o.clone() })?;
                     input_paths.push(path.clone());
                 }
-                if needed[ip] {
+                if needed.get(ip).copied().unwrap_or(false) {
                     deps.push(ip.clone());
                 }
             }
             for src in &drv.input_srcs {
-                let sp = self.store.store_dir().parse(src).map_err(|e| BuildError::BadDerivation {
-                    path: self.store.store_dir().display(&p),
-                    source: e.into(),
-                })?;
+                let sp = dir
+                    .parse(src)
+                    .map_err(|e| BuildError::BadDerivation { path: dir.display(&p), source: e.into() })?;
                 if !self.store.is_valid(&sp)? {
-                    return Err(BuildError::InputNotValid {
-                        drv: self.store.store_dir().display(&p),
-                        path: src.clone(),
-                    });
+                    return Err(BuildError::InputNotValid { drv: dir.display(&p), path: src.clone() });
                 }
                 input_paths.push(sp);
             }
             needed.insert(p.clone(), true);
             order.push(p.clone());
-            nodes.insert(p, Node { drv, outputs, inputs: input_paths, deps });
+            nodes.insert(p, Node { drv, outputs, inputs: input_paths, deps, mode: node_mode });
         }
         Ok((nodes, order))
     }
 
-    /// Builds one derivation whose inputs are valid; the error is the message to report.
+    /// The derivations to rebuild (in repair mode) for the bad paths in the output closure of
+    /// `drv`, whose own outputs are good: each bad path's maker among the derivations of `drv`'s
+    /// own closure. A bad path that none of them makes cannot be repaired by building.
+    fn closure_repairs(
+        &self,
+        drv: &StorePath,
+        outputs: &BTreeMap<String, StorePath>,
+        drvs: &mut Derivations,
+        contents: &mut ContentsCheck,
+    ) -> Result<Vec<StorePath>, BuildError> {
+        let dir = self.store.store_dir();
+        let own: Vec<StorePath> = outputs.values().cloned().collect();
+        let closure = self.store.walk(&own, Direction::References)?;
+        let mut bad = Vec::new();
+        for p in closure.iter().filter(|p| !own.contains(p)) {
+            if !contents.good(p)? {
+                tracing::warn!(
+                    "found corrupted or missing path '{}' in the output closure of '{}'",
+                    dir.display(p),
+                    dir.display(drv)
+                );
+                bad.push(p.clone());
+            }
+        }
+        if bad.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut makers: HashMap<StorePath, StorePath> = HashMap::new();
+        for d in self.store.walk(std::slice::from_ref(drv), Direction::References)? {
+            if d.name().ends_with(".drv") {
+                for o in drvs.outputs(&d)?.into_values() {
+                    makers.insert(o, d.clone());
+                }
+            }
+        }
+        let mut derivers = Vec::new();
+        for p in bad {
+            match makers.get(&p) {
+                Some(d) => derivers.push(d.clone()),
+                None => return Err(BuildError::Unrepairable { drv: dir.display(drv), path: dir.display(&p) }),
+            }
+        }
+        Ok(derivers)
+    }
+
+    /// Builds one derivation whose inputs are valid; the error is the failure to report, or
+    /// that the request stopped (`cancelled` raised) before or while it ran.
     async fn build(
         self: &Arc<Self>,
         drv_path: &StorePath,
         node: &Node,
         options: &Options,
         events: &mpsc::UnboundedSender<Event>,
-    ) -> Result<BTreeMap<String, StorePath>, String> {
+        mut cancelled: watch::Receiver<bool>,
+        _job: OwnedSemaphorePermit,
+    ) -> Result<BTreeMap<String, StorePath>, Stop> {
         let store = &self.store;
         let dir = store.store_dir().clone();
         let shown = dir.display(drv_path);
         let once = {
-            let mut b = self.building.lock().expect("building map poisoned");
+            let mut b = self.building.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             b.entry(drv_path.clone()).or_default().clone()
         };
-        let _once = once.lock().await;
-        let all_valid = node.outputs.values().try_fold(true, |acc, p| store.is_valid(p).map(|v| acc && v));
-        if all_valid.map_err(|e| e.to_string())? {
-            return Ok(node.outputs.clone());
+        let _once = unless_cancelled(&mut cancelled, once.lock()).await?;
+        if node.mode == NodeMode::Build {
+            let all_valid = node.outputs.values().try_fold(true, |acc, p| store.is_valid(p).map(|v| acc && v));
+            if all_valid.map_err(|e| e.to_string())? {
+                return Ok(node.outputs.clone());
+            }
         }
         // As Nix's startBuilder: only a derivation that must be built needs the right machine.
         self.settings.host.check(&node.drv, &shown).map_err(|e| e.to_string())?;
@@ -414,16 +530,22 @@ impl Builder {
             .and_then(|a| a.impure_env_vars())
             .map(|names| impure_values(&names, &options.impure_env))
             .map_err(|e| e.to_string())?;
-        let _job = self.jobs.acquire().await.map_err(|e| e.to_string())?;
         if node.drv.builder == FETCHURL && !self.has_builtin(FETCHURL) {
-            return self.build_fetchurl(drv_path, node, &impure, events).await;
+            return Ok(self.build_fetchurl(drv_path, node, &impure, options, events).await?);
         }
         if node.drv.builder.starts_with("builtin:") {
-            return self.build_builtin(drv_path, node, events).await;
+            if node.mode != NodeMode::Build {
+                return Err(format!(
+                    "cannot check or repair '{shown}': builder '{}' runs in the daemon",
+                    node.drv.builder
+                )
+                .into());
+            }
+            return Ok(self.build_builtin(drv_path, node, events).await?);
         }
         let uid_slot = UidSlot::take(self);
         if nix::unistd::geteuid().is_root() && uid_slot.uid.is_none() {
-            return Err("no build uid is free (more builds than max-jobs?)".to_owned());
+            return Err("no build uid is free (more builds than max-jobs?)".to_owned().into());
         }
 
         let this = self.clone();
@@ -445,7 +567,7 @@ impl Builder {
             Ok(v) => v,
             Err(e) => {
                 let _ = crate::root::remove(&top);
-                return Err(format!("cannot build '{shown}': {e}"));
+                return Err(format!("cannot build '{shown}': {e}").into());
             }
         };
 
@@ -455,52 +577,77 @@ impl Builder {
         let limits = RunLimits { timeout: self.settings.timeout, max_silent: self.settings.max_silent };
         let (uid, gid) = host_ids.unwrap_or_else(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()));
         let t1 = t0.elapsed();
-        let ended = run(&self.settings.helper, &spec, uid, gid, limits, |line| {
-            let _ = log.line(line);
-            if tail.len() == TAIL_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(String::from_utf8_lossy(line).into_owned());
-            let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.to_vec() });
-        })
+        // Dropping the run (when the request stops) kills the helper, and with it the sandbox's
+        // PID 1 (its parent-death signal) and every process of the build.
+        let ended = unless_cancelled(
+            &mut cancelled,
+            run(&self.settings.helper, &spec, uid, gid, limits, |line| {
+                let _ = log.line(line);
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(String::from_utf8_lossy(line).into_owned());
+                let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.to_vec() });
+            }),
+        )
         .await;
         if let Err(e) = log.finish() {
             tracing::warn!("cannot keep the log of {shown}: {e}");
         }
         drop(uid_slot);
+        // Nix counts a failed fixed-output builder as a transient failure (exit code 1).
+        let builder_failed =
+            if node.drv.fixed_output().ok().flatten().is_some() { FailureKind::Other } else { FailureKind::Permanent };
         let failure = match ended {
-            Err(e) => Some(format!("cannot run the builder of '{shown}': {e}")),
-            Ok(RunEnd::Exited(0)) => None,
-            Ok(RunEnd::Exited(code)) => {
+            Err(stop) => Some(stop),
+            Ok(Err(e)) => Some(format!("cannot run the builder of '{shown}': {e}").into()),
+            Ok(Ok(RunEnd::Exited(0))) => None,
+            Ok(Ok(RunEnd::Exited(code))) => {
                 let mut m = format!("builder for '{shown}' failed with exit code {code}");
                 if let Some(h) = hint(&self.settings.limits, tail.iter().map(String::as_str)) {
                     m.push_str(&format!(" ({h})"));
                 }
-                Some(with_tail(m, &tail))
+                Some(Failure::new(builder_failed, with_tail(m, &tail)).into())
             }
-            Ok(RunEnd::SetupFailed(e)) => Some(format!("cannot set up the sandbox for '{shown}': {e}")),
-            Ok(RunEnd::TimedOut(t)) => Some(format!("building '{shown}' timed out after {} seconds", t.as_secs())),
-            Ok(RunEnd::Silent(t)) => Some(format!("'{shown}' timed out after {} seconds of silence", t.as_secs())),
+            Ok(Ok(RunEnd::SetupFailed(e))) => Some(format!("cannot set up the sandbox for '{shown}': {e}").into()),
+            Ok(Ok(RunEnd::TimedOut(t))) => Some(
+                Failure::new(
+                    FailureKind::TimedOut,
+                    format!("building '{shown}' timed out after {} seconds", t.as_secs()),
+                )
+                .into(),
+            ),
+            Ok(Ok(RunEnd::Silent(t))) => Some(
+                Failure::new(
+                    FailureKind::TimedOut,
+                    format!("'{shown}' timed out after {} seconds of silence", t.as_secs()),
+                )
+                .into(),
+            ),
         };
         let t2 = t0.elapsed();
-        let result = match failure {
-            Some(m) => Err(m),
+        let result: Result<_, Stop> = match failure {
+            Some(stop) => Err(stop),
             None => {
                 let this = self.clone();
                 let drv_path = drv_path.clone();
                 let node_drv = node.drv.clone();
                 let outputs = node.outputs.clone();
                 let top2 = top.clone();
-                tokio::task::spawn_blocking(move || this.register(&drv_path, &node_drv, &outputs, &closure, &top2))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
+                let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
+                tokio::task::spawn_blocking(move || {
+                    this.register(&drv_path, &node_drv, &outputs, &closure, &top2, &mode, keep_failed)
+                })
+                .await
+                .map_err(|e| Failure::from(e.to_string()))
+                .and_then(|r| r)
+                .map_err(Stop::Failed)
             }
         };
         tracing::debug!(drv = %shown, prepare = ?t1, run = ?(t2 - t1), register = ?(t0.elapsed() - t2), "build phases");
         // The build directory goes in the background: nothing waits for it (on a slow file
         // system, removing a sandbox root costs as much as the build).
-        let keep = result.is_err() && options.keep_failed;
+        let keep = matches!(result, Err(Stop::Failed(_))) && options.keep_failed;
         if !keep {
             let top2 = top.clone();
             tokio::task::spawn_blocking(move || {
@@ -510,7 +657,10 @@ impl Builder {
             });
         }
         match result {
-            Err(m) if keep => Err(format!("{m}\nnote: keeping build directory '{}'", top.join("root/build").display())),
+            Err(Stop::Failed(mut f)) if keep => {
+                f.message.push_str(&format!("\nnote: keeping build directory '{}'", top.join("root/build").display()));
+                Err(Stop::Failed(f))
+            }
             other => other,
         }
     }
@@ -523,7 +673,7 @@ impl Builder {
         events: &mpsc::UnboundedSender<Event>,
     ) -> Result<BTreeMap<String, StorePath>, String> {
         let shown = self.store.store_dir().display(drv_path);
-        let b = self.builtins.lock().expect("builtins poisoned").get(&node.drv.builder).cloned();
+        let b = self.builtins.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&node.drv.builder).cloned();
         let Some(b) = b else {
             return Err(format!("cannot build '{shown}': this cairnd has no builder '{}'", node.drv.builder));
         };
@@ -595,7 +745,9 @@ impl Builder {
         Ok((spec, closure, roots))
     }
 
-    /// Collects, checks and registers the outputs of a successful build.
+    /// Collects, checks and registers the outputs of a successful build — or, for a check,
+    /// compares them with the registered ones, and for a repair swaps the good copies in.
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &self,
         drv_path: &StorePath,
@@ -603,7 +755,9 @@ impl Builder {
         outputs: &BTreeMap<String, StorePath>,
         closure: &[StorePath],
         top: &Path,
-    ) -> Result<BTreeMap<String, StorePath>, String> {
+        mode: &NodeMode,
+        keep_failed: bool,
+    ) -> Result<BTreeMap<String, StorePath>, Failure> {
         let dir = self.store.store_dir();
         let shown = dir.display(drv_path);
         let candidates: BTreeMap<String, StorePath> =
@@ -621,7 +775,13 @@ impl Builder {
                 fixed: fixed.clone(),
                 max_nar_size: self.settings.max_output_size,
             };
-            let c = collect(&host, &expect, &candidates, top).map_err(|e| e.to_string())?;
+            let c = collect(&host, &expect, &candidates, top).map_err(|e| {
+                let kind = match e {
+                    crate::outputs::OutputError::HashMismatch { .. } => FailureKind::HashMismatch,
+                    _ => FailureKind::Other,
+                };
+                Failure::new(kind, e.to_string())
+            })?;
             collected.push((display.clone(), c));
         }
         // Outputs referring to each other in a cycle cannot be registered (nor, in Nix, sorted):
@@ -635,12 +795,28 @@ impl Builder {
             })
             .collect();
         let names: BTreeSet<String> = outputs.keys().cloned().collect();
-        crate::outputs::output_order(&shown, &names, |n| refers.get(n).cloned().unwrap_or_default())
+        let sorted = crate::outputs::output_order(&shown, &names, |n| refers.get(n).cloned().unwrap_or_default())
             .map_err(|e| e.to_string())?;
+        if *mode == NodeMode::Check {
+            let mut by_name: BTreeMap<&String, crate::outputs::Collected> =
+                outputs.keys().zip(collected.into_iter().map(|(_, c)| c)).collect();
+            for name in &sorted {
+                if let Some(c) = by_name.remove(name) {
+                    self.compare(&shown, c, keep_failed)?;
+                }
+            }
+            return Ok(outputs.clone());
+        }
         // Reference constraints, before anything of the build enters the store.
         crate::checks::check_built(&self.store, drv, outputs, collected.iter().map(|(_, c)| c), &shown)
             .map_err(|e| e.to_string())?;
+        let corrupt = match mode {
+            NodeMode::Repair { corrupt } => corrupt.clone(),
+            _ => BTreeSet::new(),
+        };
         let batch = self.store.build_batch().map_err(|e| e.to_string())?;
+        let repair =
+            if corrupt.is_empty() { None } else { Some(self.store.repair_batch().map_err(|e| e.to_string())?) };
         for (display, c) in collected {
             let info = PathInfo {
                 path: c.path.clone(),
@@ -654,9 +830,22 @@ impl Builder {
                 ca: c.ca,
             };
             let reader = c.nar.into_reader().map_err(|e| format!("reading output '{display}': {e}"))?;
-            batch
-                .add_nar_with_info::<_, StoreError>(info, reader, |_| Ok(()))
-                .map_err(|e| format!("cannot register output '{display}': {e}"))?;
+            match &repair {
+                Some(r) if corrupt.contains(&c.path) => {
+                    r.add_nar_with_info::<_, StoreError>(info, reader, |_| Ok(())).map_err(|e| match e {
+                        StoreError::HashMismatch { expected, actual, .. } => format!(
+                            "cannot repair output '{display}' of '{shown}': the rebuilt output has NAR hash \
+                             '{actual}', but '{expected}' is registered (the build is not deterministic)"
+                        ),
+                        e => format!("cannot repair output '{display}': {e}"),
+                    })?;
+                }
+                _ => {
+                    batch
+                        .add_nar_with_info::<_, StoreError>(info, reader, |_| Ok(()))
+                        .map_err(|e| format!("cannot register output '{display}': {e}"))?;
+                }
+            }
         }
         let committed = batch.commit().map_err(|e| format!("cannot register the outputs of '{shown}': {e}"))?;
         if let Some((p, missing)) = committed.incomplete.first() {
@@ -664,9 +853,62 @@ impl Builder {
                 "cannot register '{}': its reference '{}' is not valid",
                 dir.display(p),
                 dir.display(missing)
-            ));
+            )
+            .into());
+        }
+        if let Some(r) = repair {
+            r.commit().map_err(|e| format!("cannot repair the outputs of '{shown}': {e}"))?;
         }
         Ok(outputs.clone())
+    }
+
+    /// `--check` of one output: the rebuilt NAR hash must be the registered one. With
+    /// `keep_failed`, differing contents are kept as `<output>.check` in the store directory,
+    /// as Nix keeps them.
+    fn compare(&self, shown_drv: &str, c: crate::outputs::Collected, keep_failed: bool) -> Result<(), Failure> {
+        let Some(old) = self.store.path_info(&c.path).map_err(|e| e.to_string())? else {
+            return Ok(()); // not valid (an unwanted output): nothing to compare, as in Nix
+        };
+        if old.nar_hash == c.nar_hash {
+            return Ok(());
+        }
+        let real = self.store.real_path(&c.path);
+        let real_shown = real.display().to_string();
+        if !keep_failed {
+            return Err(modes::not_deterministic(shown_drv, &real_shown, None));
+        }
+        let mut kept = real.clone().into_os_string();
+        kept.push(".check");
+        let kept = PathBuf::from(kept);
+        let restored = (|| -> Result<(), String> {
+            if std::fs::symlink_metadata(&kept).is_ok() {
+                cairn_store::remove_tree(&kept).map_err(|e| e.to_string())?;
+            }
+            let mut reader = c.nar.into_reader().map_err(|e| e.to_string())?;
+            let mut nar = cairn_nix::nar::NarReader::new(&mut reader, cairn_nix::nar::Limits::default())
+                .map_err(|e| e.to_string())?;
+            cairn_store::restore(&mut nar, &kept, cairn_store::RestoreMode::Canonical).map_err(|e| e.to_string())
+        })();
+        match restored {
+            Ok(()) => Err(modes::not_deterministic(shown_drv, &real_shown, Some(&kept.display().to_string()))),
+            Err(e) => {
+                tracing::warn!("cannot keep '{}': {e}", kept.display());
+                Err(modes::not_deterministic(shown_drv, &real_shown, None))
+            }
+        }
+    }
+}
+
+/// `f`, unless the request stops first.
+async fn unless_cancelled<T>(
+    cancelled: &mut watch::Receiver<bool>,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, Stop> {
+    tokio::select! {
+        biased;
+        // A closed channel means the request is gone: stop as well.
+        _ = cancelled.wait_for(|c| *c) => Err(Stop::Cancelled),
+        v = f => Ok(v),
     }
 }
 
@@ -689,8 +931,11 @@ struct UidSlot<'a> {
 
 impl<'a> UidSlot<'a> {
     fn take(builder: &'a Builder) -> UidSlot<'a> {
-        let uid =
-            if nix::unistd::geteuid().is_root() { builder.uids.lock().expect("uid pool poisoned").pop() } else { None };
+        let uid = if nix::unistd::geteuid().is_root() {
+            builder.uids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop()
+        } else {
+            None
+        };
         UidSlot { builder, uid }
     }
 
@@ -702,7 +947,7 @@ impl<'a> UidSlot<'a> {
 impl Drop for UidSlot<'_> {
     fn drop(&mut self) {
         if let Some(u) = self.uid.take() {
-            self.builder.uids.lock().expect("uid pool poisoned").push(u);
+            self.builder.uids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(u);
         }
     }
 }

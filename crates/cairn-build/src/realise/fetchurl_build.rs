@@ -29,8 +29,9 @@ impl Builder {
         drv_path: &StorePath,
         node: &Node,
         impure_env: &[(String, String)],
+        options: &super::Options,
         events: &mpsc::UnboundedSender<Event>,
-    ) -> Result<BTreeMap<String, StorePath>, String> {
+    ) -> Result<BTreeMap<String, StorePath>, super::Failure> {
         let dir = self.store.store_dir().clone();
         let shown = dir.display(drv_path);
         let failed = |m: String| format!("builder for '{shown}' failed: {m}");
@@ -55,7 +56,7 @@ impl Builder {
         };
         if let Err(e) = made {
             let _ = crate::root::remove(&top);
-            return Err(format!("cannot build '{shown}': create build directory '{}': {e}", top.display()));
+            return Err(format!("cannot build '{shown}': create build directory '{}': {e}", top.display()).into());
         }
 
         let _ = events.send(Event::Started { drv: drv_path.clone() });
@@ -71,16 +72,19 @@ impl Builder {
         let result = match fetched {
             Err(e) => {
                 let _ = log.line(format!("error: {e}").as_bytes());
-                Err(failed(e.to_string()))
+                Err(failed(e.to_string()).into())
             }
             Ok(()) => {
                 let this = self.clone();
                 let (drv_path, drv, outputs, top) =
                     (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
-                tokio::task::spawn_blocking(move || this.register(&drv_path, &drv, &outputs, &[], &top))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
+                let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
+                tokio::task::spawn_blocking(move || {
+                    this.register(&drv_path, &drv, &outputs, &[], &top, &mode, keep_failed)
+                })
+                .await
+                .map_err(|e| super::Failure::from(e.to_string()))
+                .and_then(|r| r)
             }
         };
         if let Err(e) = log.finish() {
