@@ -41,6 +41,8 @@ pub struct AppState {
     pub images: cairn_image::Images,
     /// The builder of image derivations (registered with `builder` as `builtin:oci-image`).
     pub image_builder: Arc<crate::images::ImageBuiltin>,
+    /// Who made each tag, and so who may move or remove it.
+    pub tag_owners: Arc<crate::tag_owners::TagOwners>,
 }
 
 type St = State<Arc<AppState>>;

@@ -179,22 +179,17 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
             let t = TagName::parse(&tag)?;
             let _client = ClientScope::enter(peer.client);
             let img = images.resolve(&image)?;
-            st.store.set_tag(&t.file_name(), &img.layout)?;
-            tracing::info!(tag = %t, layout = %st.store_dir.display(&img.layout), "tagged");
+            st.tag_owners.set(&st.store, peer, &t, &img.layout)?;
+            tracing::info!(tag = %t, layout = %st.store_dir.display(&img.layout), user = peer.user, "tagged");
             Response::Images(vec![image_info(images, &img)?])
         }
         Request::ImageUntag { tags } => {
-            let mut out = Vec::new();
-            for tag in tags {
-                let t = TagName::parse(&tag)?;
-                let Some(p) = st.store.tag(&t.file_name())? else {
-                    return Err(ImageError::NoSuchTag(t.to_string()).into());
-                };
-                st.store.remove_tag(&t.file_name())?;
-                tracing::info!(tag = %t, "untagged");
-                out.push(st.store_dir.display(&p));
+            let tags = tags.iter().map(|t| TagName::parse(t)).collect::<Result<Vec<_>, _>>()?;
+            let removed = st.tag_owners.remove(&st.store, peer, &tags)?;
+            for t in &tags {
+                tracing::info!(tag = %t, user = peer.user, "untagged");
             }
-            Response::Paths(out)
+            Response::Paths(removed.iter().map(|p| st.store_dir.display(p)).collect())
         }
         Request::ImageUnpack { image } => {
             let _client = ClientScope::enter(peer.client);
@@ -271,8 +266,9 @@ impl cairn_build::Builtin for ImageBuiltin {
 pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::BuildRequest) -> ApiResult<Response> {
     let st2 = st.clone();
     let tag = b.tag.as_deref().map(TagName::parse).transpose()?;
+    let (tag2, peer2) = (tag.clone(), peer.clone());
     let (drv_path, out, roots, base_layers) = blocking(move || {
-        let _client = ClientScope::enter(peer.client);
+        let _client = ClientScope::enter(peer2.client);
         let (images, dir) = (&st2.images, &st2.store_dir);
         let opts = cairn_image::build::BuildOptions {
             compression: cairn_image::build::LayerCompression::parse(b.compression.as_deref().unwrap_or("none"))?,
@@ -299,6 +295,10 @@ pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::Bui
         let name = format!("{}.drv", cairn_image::build::NAME);
         let info = st2.store.add_text(&name, drv.to_aterm().as_bytes(), &refs)?;
         let out = crate::convert::store_path(dir, &drv.outputs["out"].path)?;
+        // A tag the caller may not move is refused before the build, not after it.
+        if let Some(t) = &tag2 {
+            st2.tag_owners.check_set(&st2.store, &peer2, t, &out)?;
+        }
         let roots = st2.store.temp_root([info.path.clone(), out.clone()]);
         Ok((info.path, out, roots, base_layers))
     })
@@ -315,7 +315,7 @@ pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::Bui
         let images = &st.images;
         let image = images.load(&out)?;
         if let Some(t) = &tag {
-            st.store.set_tag(&t.file_name(), &image.layout)?;
+            st.tag_owners.set(&st.store, &peer, t, &image.layout)?;
         }
         let written = st.image_builder.written.lock().expect("poisoned").remove(&drv_path).unwrap_or(0);
         tracing::info!(digest = %image.digest(), written, cached, "image built");
@@ -336,7 +336,11 @@ pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::Bui
 const MAX_ITEM_LINE: u64 = 64 * 1024;
 
 /// `POST /v1/oci/import`: blobs and a commit in one stream, all or nothing.
-pub async fn import(State(s): State<Arc<AppState>>, body: Body) -> ApiResult<Json<ImageInfo>> {
+pub async fn import(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    body: Body,
+) -> ApiResult<Json<ImageInfo>> {
     let info = upload(body, move |input| {
         let mut r = std::io::BufReader::with_capacity(1 << 20, input);
         let mut roots = cairn_image::images::TempRootGuardSet::default();
@@ -368,7 +372,10 @@ pub async fn import(State(s): State<Arc<AppState>>, body: Body) -> ApiResult<Jso
                         }
                         let manifests = c.manifests.iter().map(descriptor).collect::<ApiResult<Vec<_>>>()?;
                         let tag = c.tag.as_deref().map(TagName::parse).transpose()?;
-                        let img = s.images.commit(manifests, tag.as_ref())?;
+                        let img = s.images.commit(manifests, None)?;
+                        if let Some(t) = &tag {
+                            s.tag_owners.set(&s.store, &peer, t, &img.layout)?;
+                        }
                         tracing::info!(layout = %s.store_dir.display(&img.layout), digest = %img.digest(), "image imported");
                         return image_info(&s.images, &img);
                     }
@@ -418,7 +425,11 @@ fn stream_job(
 }
 
 /// `POST /v1/oci/pull`.
-pub async fn pull(State(s): State<Arc<AppState>>, Json(req): Json<PullRequest>) -> ApiResult<HttpResponse> {
+pub async fn pull(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Json(req): Json<PullRequest>,
+) -> ApiResult<HttpResponse> {
     let image = ImageRef::parse(req.source.trim_start_matches("docker://"))?;
     let tag = match &req.tag {
         Some(t) => Some(TagName::parse(t)?),
@@ -428,7 +439,8 @@ pub async fn pull(State(s): State<Arc<AppState>>, Json(req): Json<PullRequest>) 
         Some(p) => Platform::parse(p)?,
         None => Platform::host(),
     };
-    let opts = PullOptions { platform, all_platforms: req.all_platforms, tag, jobs: JOBS };
+    // The daemon tags the pulled image itself, as the caller may (see `tag_owners`).
+    let opts = PullOptions { platform, all_platforms: req.all_platforms, tag: None, jobs: JOBS };
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
     let copts = client_options(&req.registry);
@@ -440,7 +452,14 @@ pub async fn pull(State(s): State<Arc<AppState>>, Json(req): Json<PullRequest>) 
             skipped = pulled.bytes_skipped, "pulled"
         );
         let st = s.clone();
-        let info = blocking(move || image_info(&st.images, &pulled.image)).await?;
+        let pulled_image = pulled.image;
+        let info = blocking(move || {
+            if let Some(t) = &tag {
+                st.tag_owners.set(&st.store, &peer, t, &pulled_image.layout)?;
+            }
+            image_info(&st.images, &pulled_image)
+        })
+        .await?;
         Ok(ImageEvent::Pulled {
             image: info,
             blobs_fetched: pulled.blobs_fetched,

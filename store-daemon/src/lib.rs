@@ -3,7 +3,9 @@
 //! [`args`] turns flags, environment and the config file into settings; [`serve`] opens the
 //! store, binds the socket and runs the accept loop until SIGTERM or SIGINT; `handlers` maps API
 //! routes onto `cairn_store::LocalStore` calls, which are blocking and run on tokio's blocking
-//! pool; `auth` decides what each connection may do from its peer credentials (SO_PEERCRED).
+//! pool; `auth` decides what each connection may do from its peer credentials (SO_PEERCRED);
+//! `limits` bounds the connections each user (or client address) may hold and how long a request
+//! head may take; `tag_owners` decides who may move or remove an image tag.
 //!
 //! **Architecture invariant:** only this crate (with `cairn-client`) knows the wire format, and
 //! only through `cairn-api`'s types; the store below it knows nothing of HTTP or JSON.
@@ -15,10 +17,12 @@ mod convert;
 mod error;
 mod handlers;
 mod images;
+mod limits;
 mod serve_cache;
 mod serve_registry;
 mod server;
 mod substitute;
+mod tag_owners;
 
 pub use server::serve;
 

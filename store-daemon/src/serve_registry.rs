@@ -45,26 +45,67 @@ pub struct RegistryServer {
     /// Scratch files of upload sessions.
     pub upload_dir: PathBuf,
     pub uploads: Mutex<HashMap<String, Upload>>,
+    /// Tag creators: a tag the registry moves or removes loses its record (the registry knows no
+    /// users), under the same lock as the socket's tag changes.
+    pub tag_owners: Arc<crate::tag_owners::TagOwners>,
 }
 
 /// An upload session: bytes received so far, in a scratch file.
 pub struct Upload {
     repo: String,
-    file: PathBuf,
+    file: Scratch,
     size: u64,
     touched: Instant,
 }
 
+/// A scratch file under `oci-uploads`, removed when dropped: when its session ends or expires,
+/// and when the request writing it fails or is dropped half-way (a client that closes its
+/// connection mid-body makes hyper drop the handler's future, so no code after the failed read
+/// would run to clean up). A file the store took is already gone; removing it again is a no-op.
+pub struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 type St = State<Arc<RegistryServer>>;
 
+/// The upload area under a state directory.
+fn upload_dir(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("oci-uploads")
+}
+
+/// Empties the upload area, at start: sessions do not survive a restart, so whatever a crash or
+/// a killed daemon left there belongs to no session and would never be removed otherwise.
+pub fn sweep_uploads(state_dir: &std::path::Path) {
+    let dir = upload_dir(state_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let mut removed = 0u64;
+    for e in entries.flatten() {
+        if std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        } else if std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, dir = %dir.display(), "removed scratch files of registry uploads left by an earlier run");
+    }
+}
+
 impl RegistryServer {
-    /// A server whose upload area is `<state>/oci-uploads`, emptied now (sessions do not survive
-    /// a restart).
-    pub fn new(images: Images, pushes: bool, state_dir: &std::path::Path) -> std::io::Result<RegistryServer> {
-        let upload_dir = state_dir.join("oci-uploads");
-        let _ = std::fs::remove_dir_all(&upload_dir);
+    /// A server whose upload area is `<state>/oci-uploads` (swept at start by [`sweep_uploads`]).
+    pub fn new(
+        images: Images,
+        pushes: bool,
+        state_dir: &std::path::Path,
+        tag_owners: Arc<crate::tag_owners::TagOwners>,
+    ) -> std::io::Result<RegistryServer> {
+        let upload_dir = upload_dir(state_dir);
         std::fs::create_dir_all(&upload_dir)?;
-        Ok(RegistryServer { images, pushes, upload_dir, uploads: Mutex::new(HashMap::new()) })
+        Ok(RegistryServer { images, pushes, upload_dir, uploads: Mutex::new(HashMap::new()), tag_owners })
     }
 }
 
@@ -252,8 +293,8 @@ async fn handle(
             let mut ups = s.uploads.lock().await;
             match ups.get(id) {
                 Some(u) if u.repo == name => {
-                    let u = ups.remove(id).expect("present");
-                    let _ = std::fs::remove_file(&u.file);
+                    // Dropping the session removes its scratch file.
+                    ups.remove(id);
                     Ok(StatusCode::NO_CONTENT.into_response())
                 }
                 _ => Err(reg_err(StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN", "no such upload")),
@@ -603,6 +644,7 @@ async fn put_manifest(
     };
     let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
     let subject = m.subject.clone();
+    let owners = s.tag_owners.clone();
     let img = blocking(move || {
         let tag = match Digest::parse(&r) {
             Ok(_) => None,
@@ -613,12 +655,15 @@ async fn put_manifest(
         let root = images.root_blobs([&desc.digest]);
         let new = !images.has_blob(&desc.digest)?;
         images.add_blob(&desc.digest, bytes.len() as u64, &bytes[..])?;
+        let held = owners.hold();
         let committed = images.commit(vec![desc.clone()], tag.as_ref()).map_err(RegError::from).and_then(|img| {
-            if tag.is_none() {
-                images.store.set_tag(&digest_root_file_name(&n, &desc.digest), &img.layout)?;
+            match &tag {
+                Some(t) => owners.forget(&held, &t.file_name()),
+                None => images.store.set_tag(&digest_root_file_name(&n, &desc.digest), &img.layout)?,
             }
             Ok(img)
         });
+        drop(held);
         if committed.is_err() && new {
             // A refused manifest leaves nothing: its blob goes again.
             drop(root);
@@ -639,7 +684,9 @@ async fn put_manifest(
 
 async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -> RResult<Response> {
     let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
+    let owners = s.tag_owners.clone();
     let removed = blocking(move || {
+        let held = owners.hold();
         let mut removed = 0;
         match Digest::parse(&r) {
             Ok(d) => {
@@ -650,6 +697,7 @@ async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -
                             None => digest_root_file_name(&n, &d),
                         };
                         if images.store.remove_tag(&file)? {
+                            owners.forget(&held, &file);
                             removed += 1;
                         }
                     }
@@ -659,6 +707,7 @@ async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -
                 let t =
                     TagName::new(&n, &r).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?;
                 if images.store.remove_tag(&t.file_name())? {
+                    owners.forget(&held, &t.file_name());
                     removed += 1;
                 }
             }
@@ -763,23 +812,19 @@ async fn start_upload(
         }
     }
     let id = new_upload_id();
-    let file = s.upload_dir.join(&id);
+    let file = Scratch(s.upload_dir.join(&id));
     if let Some(d) = q.get("digest") {
-        // A monolithic upload: the body is the blob.
+        // A monolithic upload: the body is the blob. `file` goes when this request ends, however
+        // it ends.
         let d = digest_ok(d)?;
-        append(&file, body).await?;
-        commit_upload(s, file, d.clone()).await?;
+        append(&file.0, body).await?;
+        commit_upload(s, file.0.clone(), d.clone()).await?;
         return Ok(blob_created(name, &d));
     }
     let mut ups = s.uploads.lock().await;
-    ups.retain(|_, u| {
-        let keep = u.touched.elapsed() < UPLOAD_IDLE;
-        if !keep {
-            let _ = std::fs::remove_file(&u.file);
-        }
-        keep
-    });
-    std::fs::File::create(&file)
+    // Expired sessions are dropped, and their files with them.
+    ups.retain(|_, u| u.touched.elapsed() < UPLOAD_IDLE);
+    std::fs::File::create(&file.0)
         .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot start the upload: {e}")))?;
     ups.insert(id.clone(), Upload { repo: name.to_owned(), file, size: 0, touched: Instant::now() });
     Ok((StatusCode::ACCEPTED, upload_headers(name, &id, 0)).into_response())
@@ -823,14 +868,13 @@ async fn patch_upload(
             return Ok(resp);
         }
     }
-    let result = append(&up.file, body).await;
-    if let Ok(n) = &result {
-        up.size = *n;
-    }
+    // Out of the table while the chunk is written: a chunk that fails half-way (or whose
+    // request is dropped when its client goes away) ends the session, and its file with it,
+    // as that file would hold bytes past the session's recorded size.
+    up.size = append(&up.file.0, body).await?;
     up.touched = Instant::now();
     let size = up.size;
     s.uploads.lock().await.insert(id.to_owned(), up);
-    result?;
     Ok((StatusCode::ACCEPTED, upload_headers(name, id, size)).into_response())
 }
 
@@ -846,8 +890,8 @@ async fn finish_upload(
     };
     let d = digest_ok(d)?;
     let up = take_upload(s, name, id).await?;
-    append(&up.file, body).await?;
-    commit_upload(s, up.file, d.clone()).await?;
+    append(&up.file.0, body).await?;
+    commit_upload(s, up.file.0.clone(), d.clone()).await?;
     Ok(blob_created(name, &d))
 }
 

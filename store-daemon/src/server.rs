@@ -12,17 +12,20 @@ use cairn_store::{GcSettings, LocalStore, StoreLayout};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::auth::Policy;
 use crate::handlers::{router, AppState};
+use crate::limits::{AcceptErrors, Connections, Limits, PeerKey};
 
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let nofile = crate::limits::raise_nofile_limit();
+    let limits = Limits::from_settings(&settings, nofile);
     let store_dir = StoreDir::new(&settings.store_dir).context("invalid store directory")?;
     let layout = StoreLayout {
         real_store_dir: settings.root.join(store_dir.as_str().trim_start_matches('/')),
@@ -47,6 +50,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     // Everyone may connect; SO_PEERCRED and the user lists decide what they may do.
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
 
+    // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
+    crate::serve_registry::sweep_uploads(&state_dir(&settings.root));
+    let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
+
     let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
     let substitution = crate::substitute::Substitution::from_settings(&settings)?;
     let substitution_policy = substitution.policy.clone();
@@ -61,6 +68,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         builder,
         images: images.clone(),
         image_builder,
+        tag_owners: tag_owners.clone(),
     }));
     if let Some(addr) = &settings.listen {
         let keys = settings
@@ -72,7 +80,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                     .with_context(|| format!("'{}' (secret-key-files in the config)", f.display()))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let tcp = tokio::net::TcpListener::bind(addr)
+        let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on '{addr}' (listen in the config)"))?;
         tracing::info!(address = %tcp.local_addr()?, keys = keys.len(), "serving the store as a binary cache and an OCI registry");
@@ -80,6 +88,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             images.clone(),
             settings.accept_pushes,
             &state_dir(&settings.root),
+            tag_owners.clone(),
         )
         .context("cannot prepare the registry's upload area")?;
         let cache = crate::serve_cache::router(Arc::new(crate::serve_cache::CacheServer {
@@ -89,11 +98,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             pushes: settings.accept_pushes.then(|| substitution_policy.clone()),
         }))
         .merge(crate::serve_registry::router(Arc::new(registry)));
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(tcp, cache).await {
-                tracing::error!("binary cache server stopped: {e}");
-            }
-        });
+        tokio::spawn(serve_tcp(tcp, cache, Connections::new("listen", limits, None)));
     }
     tracing::info!(
         socket = %socket.display(),
@@ -119,29 +124,37 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let own = PeerKey::Uid(nix::unistd::geteuid().as_raw());
+    let connections = Connections::new("socket", limits, Some(own));
+    let mut errors = AcceptErrors::new("socket");
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(c) => c,
-                    Err(e) => { tracing::warn!("accept failed: {e}"); continue; }
+                let stream = match accepted {
+                    Ok((stream, _)) => { errors.succeeded(); stream }
+                    Err(e) => { errors.failed(e).await; continue; }
                 };
-                let peer = match stream.peer_cred() {
-                    Ok(c) => crate::auth::Peer {
-                        client: c.pid().and_then(cairn_store::ClientId::of_pid),
-                        ..policy.identify(c.uid(), c.gid())
-                    },
-                    Err(e) => { tracing::warn!("no peer credentials: {e}"); continue; }
+                let cred = match stream.peer_cred() {
+                    Ok(c) => c,
+                    Err(e) => { tracing::debug!("no peer credentials: {e}"); continue; }
+                };
+                let slot = match connections.admit(PeerKey::Uid(cred.uid())) {
+                    Ok(slot) => slot,
+                    Err(refusal) => {
+                        connections.refuse(stream, &refusal, true);
+                        continue;
+                    }
+                };
+                let peer = crate::auth::Peer {
+                    client: cred.pid().and_then(cairn_store::ClientId::of_pid),
+                    ..policy.identify(cred.uid(), cred.gid())
                 };
                 tracing::debug!(user = peer.user, uid = peer.uid, "connection");
                 let svc = TowerToHyperService::new(app.clone().layer(Extension(peer)));
-                // half_close: a client that shuts down its sending side after the request still
-                // gets its answer.
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .half_close(true)
-                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = crate::limits::http1(connections.limits()).serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
                         tracing::debug!("connection ended: {e}");
                     }
@@ -158,6 +171,41 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves the binary cache and the registry on `listen`, under the same limits as the socket
+/// (counted per client address, as a TCP peer has no user).
+async fn serve_tcp(tcp: TcpListener, app: axum::Router, connections: Arc<Connections>) {
+    let mut errors = AcceptErrors::new("listen");
+    loop {
+        let (stream, addr) = match tcp.accept().await {
+            Ok(c) => {
+                errors.succeeded();
+                c
+            }
+            Err(e) => {
+                errors.failed(e).await;
+                continue;
+            }
+        };
+        let slot = match connections.admit(PeerKey::of_ip(addr.ip())) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                connections.refuse(stream, &refusal, false);
+                continue;
+            }
+        };
+        // Small answers (narinfos, registry HEADs) leave at once rather than after Nagle's delay.
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(app.clone());
+        let conn = crate::limits::http1(connections.limits()).serve_connection(TokioIo::new(stream), svc);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::debug!(client = %addr, "connection ended: {e}");
+            }
+        });
+    }
 }
 
 /// Collects garbage whenever free space drops below `min-free`, checking every
