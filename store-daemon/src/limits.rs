@@ -446,6 +446,25 @@ mod tests {
     }
 
     #[test]
+    fn accept_backs_off_when_descriptors_run_out_and_not_otherwise() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let mut errors = AcceptErrors::new("test");
+            let start = Instant::now();
+            errors.failed(io::Error::from_raw_os_error(nix::libc::ECONNABORTED)).await;
+            assert!(start.elapsed() < BACKOFF_MIN, "no pause for a connection that went away");
+            let start = Instant::now();
+            for _ in 0..3 {
+                errors.failed(io::Error::from_raw_os_error(nix::libc::EMFILE)).await;
+            }
+            assert!(start.elapsed() >= BACKOFF_MIN * 7, "10 + 20 + 40 ms: {:?}", start.elapsed());
+            assert_eq!(errors.backoff, BACKOFF_MIN * 8);
+            errors.succeeded();
+            assert_eq!(errors.backoff, BACKOFF_MIN);
+        });
+    }
+
+    #[test]
     fn the_refusal_is_one_http_answer_with_a_one_line_message() {
         let r = Refusal::PerPeer { key: PeerKey::Ip("10.0.0.1".parse().unwrap()), max: 4 };
         let text = String::from_utf8(refusal_response(&r, true)).unwrap();

@@ -84,9 +84,7 @@ pub fn sweep_uploads(state_dir: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(&dir) else { return };
     let mut removed = 0u64;
     for e in entries.flatten() {
-        if std::fs::remove_file(e.path()).is_ok() {
-            removed += 1;
-        } else if std::fs::remove_dir_all(e.path()).is_ok() {
+        if std::fs::remove_file(e.path()).or_else(|_| std::fs::remove_dir_all(e.path())).is_ok() {
             removed += 1;
         }
     }
