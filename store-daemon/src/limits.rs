@@ -11,11 +11,11 @@
 //!   decision).
 //! - [`Connections`]: at most `max-connections` per listener and `max-connections-per-user` per
 //!   [`PeerKey`] (a uid on the socket, a client address on `listen`). A connection over a limit is
-//!   answered `503` with a one-line error and closed once its request head is in (at most a
-//!   second later, and at most 64 such at a time: beyond that it is closed unanswered), so
-//!   refusing costs next to nothing. The daemon's own user is never refused, so the administrator can
-//!   always reach the daemon. The socket and `listen` are counted apart: remote clients cannot
-//!   lock local users out.
+//!   answered `503` with a one-line error as soon as its request head is in, and closed (one
+//!   that sends no head within a second is closed unanswered, and at most 64 are waited for at a
+//!   time: beyond that they are closed at once), so refusing costs next to nothing. The daemon's
+//!   own user is never refused, so the administrator can always reach the daemon. The socket and
+//!   `listen` are counted apart: remote clients cannot lock local users out.
 //! - [`http1`]: hyper's header-read timeout, which runs while the daemon waits for a request
 //!   head — from the accept, and again after each answer on a kept-alive connection — and is
 //!   stopped once the head is read. It thereby closes both connections that send nothing and
@@ -39,7 +39,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
-/// Refused connections answered at once per listener; more are closed without an answer.
+/// Refused connections waited for (to answer them) at once per listener; more are closed at once.
 const MAX_ANSWERING: usize = 64;
 /// How long a refused connection is kept to answer it: long enough for its client to send its
 /// request head, short enough that refusals cost few descriptors.
@@ -227,11 +227,12 @@ impl Connections {
     }
 
     /// Answers a refused connection with `503` and the reason (`json`: as the socket API's error
-    /// body, else one text line), then closes it, in a task of its own. The answer is written at
-    /// once, and the connection kept until its client has sent its request head (at most
-    /// [`ANSWER_TIME`]): closed earlier, the client's write of its request would fail and it would
-    /// never read the answer. At most [`MAX_ANSWERING`] are kept at a time; a flood beyond that is
-    /// closed without an answer, so refusing never costs more than a few descriptors.
+    /// body, else one text line), then closes it, in a task of its own. The answer follows the
+    /// client's request head (waited for [`ANSWER_TIME`] at most): closed earlier, the client's
+    /// write of its request would fail, and an answer sent before the request is one an HTTP
+    /// client (hyper's) takes for a broken connection, so either way it would never show the
+    /// reason. At most [`MAX_ANSWERING`] are kept at a time; a flood beyond that is closed
+    /// without an answer, so refusing never costs more than a few descriptors.
     pub fn refuse<S>(&self, mut stream: S, refusal: &Refusal, json: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -241,8 +242,8 @@ impl Connections {
         tokio::spawn(async move {
             let _permit = permit;
             let _ = tokio::time::timeout(ANSWER_TIME, async {
-                stream.write_all(&answer).await?;
                 read_head(&mut stream).await?;
+                stream.write_all(&answer).await?;
                 stream.shutdown().await
             })
             .await;
