@@ -383,7 +383,8 @@ fn handshake_to_client_at_1_10() {
 
 #[test]
 fn client_handshake_info_by_version() {
-    let cases: [(u8, &str, Vec<(&str, Option<TrustedFlag>)>); 3] = [
+    type Infos<'a> = Vec<(&'a str, Option<TrustedFlag>)>;
+    let cases: [(u8, &str, Infos); 3] = [
         (30, "client-handshake-info_1_30.bin", vec![("unused", None)]),
         (33, "client-handshake-info_1_33.bin", vec![("foo", None), ("bar", None)]),
         (

@@ -42,7 +42,7 @@ fn strings() -> impl Strategy<Value = BTreeSet<String>> {
 }
 
 fn sha256() -> impl Strategy<Value = Hash> {
-    any::<[u8; 32]>().prop_map(|d| Hash::sha256(d))
+    any::<[u8; 32]>().prop_map(Hash::sha256)
 }
 
 fn ca() -> impl Strategy<Value = Option<ContentAddress>> {
