@@ -19,7 +19,7 @@
 //! `AddMultipleToStore`'s framed payload is itself a count followed by, per path, a
 //! [`ValidPathInfo`] in the 1.16 layout and the path's NAR ([`read_multiple_entry_info`]).
 //!
-//! Every length and count is checked against the connection's [`Limits`](crate::Limits)
+//! Every length and count is checked against the connection's [`Limits`]
 //! before anything is allocated, so a hostile client gets an error, never an abort.
 
 use std::collections::{BTreeMap, BTreeSet};
