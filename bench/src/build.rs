@@ -4,7 +4,8 @@
 //! busybox in both sandboxes. The derivations are instantiated by real `nix-instantiate` from
 //! the expressions under `nix/tests/` and exported into cairn, so both build the same `.drv`s;
 //! every output path and NAR hash is compared once. Builds do almost nothing, so the times are
-//! the scheduling and sandbox set-up overhead of each tool.
+//! the scheduling and sandbox set-up overhead of each tool; the chain's time per derivation is
+//! printed as each tool's per-build fixed cost.
 
 use std::path::Path;
 use std::process::Command;
@@ -112,11 +113,14 @@ pub fn bench_build(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Res
                 }
             }
             let drv_count = if label == "chain" { n } else { n + 1 };
-            table.time(
-                format!("realise {drv_count} trivial drvs ({label}, {dir_label})"),
-                median(&mut c_times),
-                Some(median(&mut n_times)),
-            );
+            let (c, nix) = (median(&mut c_times), median(&mut n_times));
+            table.time(format!("realise {drv_count} trivial drvs ({label}, {dir_label})"), c, Some(nix));
+            if label == "chain" {
+                // The chain's builds run one after another and do almost nothing: its time
+                // per derivation is each tool's fixed cost of one build.
+                let per = drv_count as f64;
+                table.time(format!("  per-build fixed cost (chain, {dir_label})"), c / per, Some(nix / per));
+            }
         }
     }
     table.footer.push(format!(

@@ -1,21 +1,22 @@
 //! The sandbox helper: a fresh, single-threaded process that becomes the build's sandbox.
 //!
 //! The daemon is multi-threaded, and a multi-threaded process can neither `unshare` a user
-//! namespace nor safely do much after `fork`. So the daemon starts its own executable again with
-//! [`HELPER_ARG`] ([`run_if_asked`] is the first thing both `cairnd` and `cairn` do), and the
-//! helper, alone in its process, does the work:
+//! namespace nor safely do much after `fork`. So the daemon starts its own executable again,
+//! once, as the zygote ([`crate::zygote`]; [`run_if_asked`] is the first thing both `cairnd` and
+//! `cairn` do), which forks a helper for each build; the helper, alone in its process, does the
+//! work ([`HELPER_ARG`] starts one directly, without the zygote):
 //!
 //! 1. leaves the daemon's session, and so the terminal the daemon may have been started from,
 //!    and closes every descriptor but 0–2 ([`crate::sys::detach`]): whatever the daemon
 //!    inherited open — a secret file, a directory outside the root — ends here;
 //! 2. reads the [`SandboxSpec`] (one JSON line on stdin);
-//! 3. unshares a user namespace and says `userns` on stdout; the daemon, outside, writes its
+//! 3. unshares a user namespace and says `userns PID` on stdout; the daemon, outside, writes its
 //!    `uid_map`/`gid_map` (the sandbox's uid 1000 and gid 100 map to the build user) and answers
 //!    `go` — only a process in the parent namespace may map ids other than its own;
 //! 4. unshares the mount, PID, IPC, UTS and (unless fixed-output) network namespaces and makes
 //!    the mounts ([`crate::sys::isolate`]);
-//! 5. forks the sandbox's PID 1, says `pid N`, waits for it and exits with its status (128 +
-//!    signal if killed). PID 1 starts a session of its own, mounts `/proc`, enters the root,
+//! 5. forks the sandbox's PID 1, says `pid N`, waits for it, says `exit STATUS` and exits with
+//!    it (128 + signal if killed). PID 1 starts a session of its own, mounts `/proc`, enters the root,
 //!    sets the process limit, drops to the build user, sets `no_new_privs` and a parent-death
 //!    signal, and executes the builder with stdin on `/dev/null`, stdout and stderr on the
 //!    helper's stderr, which is the build log, and no other descriptor. When PID 1 ends, the kernel kills whatever
@@ -39,8 +40,12 @@ pub const SETUP_FAILED: i32 = 126;
 /// Runs the helper and exits if this process was started as one; returns otherwise. Call it
 /// first in `main`, before any thread exists.
 pub fn run_if_asked() {
-    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(HELPER_ARG)) {
+    let first = std::env::args_os().nth(1);
+    if first.as_deref() == Some(std::ffi::OsStr::new(HELPER_ARG)) {
         std::process::exit(main());
+    }
+    if first.as_deref() == Some(std::ffi::OsStr::new(crate::zygote::ZYGOTE_ARG)) {
+        std::process::exit(crate::zygote::main());
     }
 }
 
@@ -55,7 +60,8 @@ fn fail(message: impl std::fmt::Display) -> i32 {
     SETUP_FAILED
 }
 
-fn main() -> i32 {
+/// The helper, with the daemon's pipes at 0–2 (started by [`crate::zygote`], or spawned).
+pub(crate) fn main() -> i32 {
     if let Err(e) = sys::detach(&mut Linux) {
         return fail(e);
     }
@@ -71,7 +77,8 @@ fn main() -> i32 {
     if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER) {
         return fail(format_args!("unshare a user namespace: {e} (are unprivileged user namespaces disabled?)"));
     }
-    say("userns");
+    // Its own pid: a helper forked by the zygote is not the daemon's child.
+    say(&format!("userns {}", std::process::id()));
     line.clear();
     match stdin.read_line(&mut line) {
         Ok(_) if line.trim() == "go" => {}
@@ -92,7 +99,10 @@ fn main() -> i32 {
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             say(&format!("pid {child}"));
-            wait(child)
+            let code = wait(child);
+            // The daemon cannot wait for a helper it did not start: the status goes this way.
+            say(&format!("exit {code}"));
+            code
         }
     }
 }

@@ -35,6 +35,7 @@ pub mod runner;
 pub mod sandbox;
 pub mod structured;
 pub mod sys;
+pub mod zygote;
 
 pub use logs::LogStore;
 pub use realise::{BuildSettings, Builder, Builtin, Event, Failure, FailureKind, Goal, Mode, Options, Outcome};
