@@ -34,6 +34,11 @@ impl StoreArgs {
         Ok(Settings::resolve(file, over, nix::unistd::geteuid().is_root()))
     }
 
+    /// The config file these arguments make the settings come from (absolute), if any.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        ConfigFile::source(self.config.as_deref()).map(|p| std::path::absolute(&p).unwrap_or(p))
+    }
+
     /// The arguments that make a spawned daemon use exactly these settings.
     pub fn to_daemon_args(s: &Settings, config: Option<&PathBuf>) -> Vec<std::ffi::OsString> {
         let mut v: Vec<std::ffi::OsString> = vec![

@@ -43,6 +43,8 @@ pub struct AppState {
     pub image_builder: Arc<crate::images::ImageBuiltin>,
     /// Who made each tag, and so who may move or remove it.
     pub tag_owners: Arc<crate::tag_owners::TagOwners>,
+    /// The daemon's own status and settings, and its stop switch.
+    pub control: Arc<crate::control::Control>,
 }
 
 type St = State<Arc<AppState>>;
@@ -105,6 +107,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::OCI_PULL, post(crate::images::pull))
         .route(routes::OCI_PUSH, post(crate::images::push))
         .route(routes::OCI_BLOB, get(oci_blob))
+        .route(routes::DAEMON_STATUS, get(crate::control::status))
+        .route(routes::DAEMON_CONFIG, get(crate::control::config))
+        .route(routes::DAEMON_STOP, post(crate::control::stop))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))
@@ -134,6 +139,7 @@ async fn version(State(s): St, Extension(peer): Extension<Peer>) -> Json<Version
         store_dir: s.store_dir.as_str().to_owned(),
         trusted: peer.trusted,
         user: peer.user,
+        settings_fingerprint: s.control.fingerprint().to_owned(),
     })
 }
 

@@ -13,6 +13,7 @@
 pub mod args;
 mod auth;
 mod build;
+mod control;
 mod convert;
 mod error;
 mod handlers;
@@ -24,12 +25,57 @@ mod server;
 mod substitute;
 mod tag_owners;
 
-pub use server::serve;
+pub use server::{serve, serve_with_config};
+
+/// Formats an error and its causes on one line, each cause once: a message that already ends with
+/// (or contains) its cause's text — an error type that embeds `{source}` and also reports it as
+/// its source — does not repeat it. Control characters are escaped, so that an error quoting
+/// user input stays on one line. Used by `cairnd` and `cairn` alike.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        let msg = msg.trim();
+        if msg.is_empty() || last.contains(msg) || out.contains(msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(msg);
+        last = msg.to_owned();
+    }
+    out.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("talking to cairnd: {source}")]
+    struct Embeds {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_are_printed_once() {
+        let io = std::io::Error::other("connection closed before message completed");
+        let e = anyhow::Error::new(Embeds { source: io }).context("cannot add 'x'");
+        assert_eq!(error_line(&e), "cannot add 'x': talking to cairnd: connection closed before message completed");
+        let plain = anyhow::Error::new(std::io::Error::from_raw_os_error(17)).context("cannot create 'y'");
+        assert_eq!(error_line(&plain), "cannot create 'y': File exists (os error 17)");
+        assert_eq!(error_line(&anyhow::anyhow!("two\nlines")), "two\\nlines");
+    }
+}
 
 /// Resolves settings, sets up logging, and runs the daemon on a fresh runtime until it is told
 /// to stop. Shared by `cairnd` and `cairn daemon`.
 pub fn run(args: &args::StoreArgs) -> anyhow::Result<()> {
     let settings = args.settings(true)?;
+    let config_file = args.config_file();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -37,5 +83,5 @@ pub fn run(args: &args::StoreArgs) -> anyhow::Result<()> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(settings))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve_with_config(settings, config_file))
 }

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     match cairn_daemon::run(&cli.store) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cairnd: {e:#}");
+            eprintln!("cairnd: {}", cairn_daemon::error_line(&e));
             ExitCode::FAILURE
         }
     }

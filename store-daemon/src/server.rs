@@ -24,6 +24,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    serve_with_config(settings, None).await
+}
+
+/// Runs the daemon until SIGTERM, SIGINT or a stop request; `config_file` is where its settings
+/// came from, for `cairn daemon status`.
+pub async fn serve_with_config(settings: Settings, config_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let control = Arc::new(crate::control::Control::new(settings.clone(), config_file));
     let nofile = crate::limits::raise_nofile_limit();
     let limits = Limits::from_settings(&settings, nofile);
     let store_dir = StoreDir::new(&settings.store_dir).context("invalid store directory")?;
@@ -69,6 +76,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         images: images.clone(),
         image_builder,
         tag_owners: tag_owners.clone(),
+        control: control.clone(),
     }));
     if let Some(addr) = &settings.listen {
         let keys = settings
@@ -162,6 +170,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             }
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = control.stop.notified() => break,
         }
     }
     drop(listener);

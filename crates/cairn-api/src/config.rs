@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
 /// A commented configuration file listing every key with its default.
@@ -62,40 +63,149 @@ pub struct ConfigFile {
     pub header_read_timeout: Option<u64>,
 }
 
-/// Why configuration could not be loaded.
+/// Every key a configuration file may set, in the template's order.
+pub const KEYS: &[&str] = &[
+    "store-dir",
+    "root",
+    "socket",
+    "allowed-users",
+    "trusted-users",
+    "auto-start-daemon",
+    "log-level",
+    "keep-derivations",
+    "keep-outputs",
+    "runtime-roots",
+    "min-free",
+    "max-free",
+    "min-free-check-interval",
+    "trusted-public-keys",
+    "require-sigs",
+    "substituters",
+    "substituter-connections",
+    "max-substitution-jobs",
+    "connect-timeout",
+    "stalled-download-timeout",
+    "narinfo-cache-positive-ttl",
+    "narinfo-cache-negative-ttl",
+    "listen",
+    "secret-key-files",
+    "accept-pushes",
+    "max-jobs",
+    "cores",
+    "timeout",
+    "max-silent-time",
+    "build-max-processes",
+    "sandbox-dev-shm-size",
+    "build-max-output-size",
+    "sandbox-paths",
+    "build-dir",
+    "build-uid-base",
+    "system",
+    "extra-platforms",
+    "system-features",
+    "hashed-mirrors",
+    "max-connections",
+    "max-connections-per-user",
+    "header-read-timeout",
+];
+
+/// Why configuration could not be loaded. Each message is one line: a user who mistypes a key
+/// reads the line, the key and the closest real key, not the TOML parser's multi-line report
+/// with every key listed.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config file '{}': {source}", path.display())]
+    #[error("config file '{}' does not exist", path.display())]
+    Missing { path: PathBuf },
+    #[error("cannot read config file '{}'", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config file '{}': {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
+    /// A key that is not one of [`KEYS`], with the closest one if any is close.
+    #[error("config file '{}', line {line}: unknown key `{key}`{}", path.display(), match suggestion {
+        Some(s) => format!("; did you mean `{s}`?"),
+        None => "; `cairnd --print-config-template` lists the keys".to_owned(),
+    })]
+    UnknownKey { path: PathBuf, line: usize, key: String, suggestion: Option<&'static str> },
+    /// Anything else TOML or a key's type refuses; `problem` is the parser's one-line message.
+    #[error("config file '{}', line {line}: {}{problem}", path.display(), key.as_ref().map(|k| format!("`{k}`: ")).unwrap_or_default())]
+    Parse { path: PathBuf, line: usize, key: Option<String>, problem: String },
+}
+
+/// Levenshtein distance between two keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The known key closest to `key` by edit distance, if it is close enough to be a typo (at most
+/// a third of the key's length, and at least 2, apart).
+pub fn suggest_key(key: &str) -> Option<&'static str> {
+    let limit = (key.chars().count() / 3).max(2);
+    KEYS.iter().map(|k| (edit_distance(key, k), *k)).filter(|(d, _)| *d <= limit).min_by_key(|(d, _)| *d).map(|(_, k)| k)
+}
+
+impl ConfigError {
+    /// Turns TOML's report into one line: the line number, the key when the line names one, and
+    /// the parser's message (for an unknown key: the key and the closest real one).
+    fn from_toml(e: &toml::de::Error, text: &str, path: &Path) -> ConfigError {
+        let start = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+        let line = text[..start].matches('\n').count() + 1;
+        let line_text = text.lines().nth(line - 1).unwrap_or("");
+        let key = line_text
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+            .filter(|k| !k.is_empty() && !k.starts_with('#'));
+        let message = e.message().trim();
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            let unknown = rest.split('`').next().unwrap_or(rest).to_owned();
+            return ConfigError::UnknownKey {
+                path: path.to_owned(),
+                line,
+                suggestion: suggest_key(&unknown),
+                key: unknown,
+            };
+        }
+        let problem = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        ConfigError::Parse { path: path.to_owned(), line, key, problem }
+    }
 }
 
 impl ConfigFile {
     /// Parses a configuration file's text.
     pub fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        toml::from_str(text).map_err(|e| ConfigError::from_toml(&e, text, path))
+    }
+
+    /// The file [`ConfigFile::load`] reads: the one named, or the system file if it exists.
+    pub fn source(explicit: Option<&Path>) -> Option<PathBuf> {
+        let system = Path::new("/etc/cairn/cairn.toml");
+        match explicit {
+            Some(p) => Some(p.to_owned()),
+            None if system.exists() => Some(system.to_owned()),
+            None => None,
+        }
     }
 
     /// Loads the file named, or the system file if it exists, or nothing.
     pub fn load(explicit: Option<&Path>) -> Result<ConfigFile, ConfigError> {
-        let system = Path::new("/etc/cairn/cairn.toml");
-        let path = match explicit {
-            Some(p) => p,
-            None if system.exists() => system,
-            None => return Ok(ConfigFile::default()),
-        };
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        ConfigFile::parse(&text, path)
+        let Some(path) = ConfigFile::source(explicit) else { return Ok(ConfigFile::default()) };
+        let text = std::fs::read_to_string(&path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => ConfigError::Missing { path: path.clone() },
+            _ => ConfigError::Read { path: path.clone(), source },
+        })?;
+        ConfigFile::parse(&text, &path)
     }
 }
 
@@ -108,8 +218,10 @@ pub struct Overrides {
     pub no_auto_start: bool,
 }
 
-/// Fully resolved settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Fully resolved settings. Serialised with the config file's keys, so that the daemon's
+/// effective settings (`cairn daemon show-config`) read as a config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Settings {
     /// Logical store directory (default `/store`).
     pub store_dir: String,
@@ -121,7 +233,9 @@ pub struct Settings {
     pub allowed_users: Vec<String>,
     /// Who may do what needs trust (import unsigned paths): names, `@group`, or `*`.
     pub trusted_users: Vec<String>,
-    /// Whether `cairn` starts a daemon when none is listening.
+    /// Whether `cairn` starts a daemon when none is listening. A client's setting: not part
+    /// of the daemon's effective settings, so neither shown nor fingerprinted.
+    #[serde(skip)]
     pub auto_start_daemon: bool,
     /// tracing filter for the daemon's log (`RUST_LOG` wins).
     pub log_level: String,
@@ -236,6 +350,22 @@ pub fn state_dir(root: &Path) -> PathBuf {
 }
 
 impl Settings {
+    /// A short hash of the settings that decide what a daemon does (all but the client's
+    /// `auto-start-daemon`): a client compares the one it resolves with the running daemon's to
+    /// tell the user that the daemon runs with other settings.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(self).expect("settings serialise");
+        Sha256::digest(&json)[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The keys whose values differ between these settings and `other`'s (as the daemon reports
+    /// them), in [`KEYS`] order.
+    pub fn differing_keys(&self, other: &Settings) -> Vec<&'static str> {
+        let (a, b) = (serde_json::to_value(self), serde_json::to_value(other));
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else { return vec![] };
+        KEYS.iter().copied().filter(|k| a.get(*k) != b.get(*k)).collect()
+    }
+
     /// Resolves defaults, file and overrides.
     pub fn resolve(file: ConfigFile, over: Overrides, is_root: bool) -> Settings {
         let root = over.root.or(file.root).unwrap_or_else(|| default_root(is_root));
@@ -295,52 +425,69 @@ mod tests {
     fn template_parses_and_names_every_key() {
         let f = ConfigFile::parse(TEMPLATE, Path::new("template")).unwrap();
         assert_eq!(f, ConfigFile::default(), "the template only has comments");
-        for key in [
-            "store-dir",
-            "root",
-            "socket",
-            "allowed-users",
-            "trusted-users",
-            "auto-start-daemon",
-            "log-level",
-            "keep-derivations",
-            "keep-outputs",
-            "runtime-roots",
-            "min-free",
-            "max-free",
-            "min-free-check-interval",
-            "trusted-public-keys",
-            "require-sigs",
-            "substituters",
-            "substituter-connections",
-            "max-substitution-jobs",
-            "connect-timeout",
-            "stalled-download-timeout",
-            "narinfo-cache-positive-ttl",
-            "narinfo-cache-negative-ttl",
-            "listen",
-            "secret-key-files",
-            "accept-pushes",
-            "max-jobs",
-            "cores",
-            "timeout",
-            "max-silent-time",
-            "build-max-processes",
-            "sandbox-dev-shm-size",
-            "build-max-output-size",
-            "sandbox-paths",
-            "build-dir",
-            "build-uid-base",
-            "system",
-            "extra-platforms",
-            "system-features",
-            "hashed-mirrors",
-            "max-connections",
-            "max-connections-per-user",
-            "header-read-timeout",
-        ] {
+        for key in KEYS {
             assert!(TEMPLATE.contains(&format!("# {key} =")), "template documents {key}");
+            // Every listed key is one the file accepts.
+            let text = format!("{key} = 0");
+            if let Err(ConfigError::UnknownKey { .. }) = ConfigFile::parse(&text, Path::new("c")) {
+                panic!("{key} is listed but not accepted");
+            }
         }
+        assert_eq!(KEYS.len(), 42, "a new key goes into KEYS, the template and ConfigFile");
+    }
+
+    #[test]
+    fn a_mistyped_key_gets_one_line_and_the_closest_key() {
+        let e = ConfigFile::parse("# caches\nsubstituter = [\"file:///c\"]\n", Path::new("sub.toml")).unwrap_err();
+        assert_eq!(e.to_string(), "config file 'sub.toml', line 2: unknown key `substituter`; did you mean `substituters`?");
+        let e = ConfigFile::parse("requre-sigs = false", Path::new("c")).unwrap_err();
+        assert_eq!(e.to_string(), "config file 'c', line 1: unknown key `requre-sigs`; did you mean `require-sigs`?");
+        let e = ConfigFile::parse("colour = true", Path::new("c")).unwrap_err();
+        assert_eq!(e.to_string(), "config file 'c', line 1: unknown key `colour`; `cairnd --print-config-template` lists the keys");
+    }
+
+    #[test]
+    fn suggestions_take_the_closest_key_only_when_close() {
+        assert_eq!(suggest_key("substituter"), Some("substituters"));
+        assert_eq!(suggest_key("max-job"), Some("max-jobs"));
+        assert_eq!(suggest_key("store_dir"), Some("store-dir"));
+        assert_eq!(suggest_key("trusted-public-key"), Some("trusted-public-keys"));
+        assert_eq!(suggest_key("banana"), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_line_and_key_once() {
+        let e = ConfigFile::parse("store-dir = \"/s\"\nrequire-sigs = \"yes\"\n", Path::new("c.toml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("config file 'c.toml', line 2: `require-sigs`: "), "{msg}");
+        assert!(msg.contains("expected a boolean"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        assert_eq!(msg.matches("boolean").count(), 1, "{msg}");
+        let e = ConfigFile::parse("max-jobs = [", Path::new("c")).unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_says_so_once() {
+        let e = ConfigFile::load(Some(Path::new("/nonexistent/cairn.toml"))).unwrap_err();
+        assert_eq!(e.to_string(), "config file '/nonexistent/cairn.toml' does not exist");
+        assert!(std::error::Error::source(&e).is_none(), "no cause repeating it");
+    }
+
+    #[test]
+    fn fingerprints_follow_the_daemons_settings_not_the_clients() {
+        let base = Settings::resolve(ConfigFile::default(), Overrides::default(), false);
+        let no_start = Settings::resolve(ConfigFile::default(), Overrides { no_auto_start: true, ..Default::default() }, false);
+        assert_eq!(base.fingerprint(), no_start.fingerprint(), "auto-start is the client's");
+        let file = ConfigFile::parse("substituters = [\"file:///c\"]", Path::new("c")).unwrap();
+        let other = Settings::resolve(file, Overrides::default(), false);
+        assert_ne!(base.fingerprint(), other.fingerprint());
+        assert_eq!(base.differing_keys(&other), ["substituters"]);
+        assert!(base.differing_keys(&no_start).is_empty());
+        let back: Settings = serde_json::from_value(serde_json::to_value(&other).unwrap()).unwrap();
+        assert_eq!(back.fingerprint(), other.fingerprint(), "the wire keeps the fingerprint");
     }
 
     #[test]
@@ -378,7 +525,7 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected() {
         let e = ConfigFile::parse("stor-dir = \"/x\"", Path::new("c.toml")).unwrap_err();
-        assert!(e.to_string().contains("unknown field"), "{e}");
+        assert!(matches!(&e, ConfigError::UnknownKey { key, suggestion: Some("store-dir"), .. } if key == "stor-dir"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,9 @@
 //! | `GET /v1/cat?path=P` | — | file bytes (P may point inside a store path) |
 //! | `POST /v1/export` | [`ExportRequest`] | export stream |
 //! | `POST /v1/import` | export stream | `Vec<PathInfo>` |
+//! | `GET /v1/daemon/status` | — | [`DaemonStatus`] |
+//! | `GET /v1/daemon/config` | — | [`config::Settings`] (the daemon's effective settings) |
+//! | `POST /v1/daemon/stop` | — | [`DaemonStatus`] (trusted users; the daemon then shuts down) |
 //!
 //! Failures answer a 4xx/5xx status with an [`ErrorBody`].
 //!
@@ -60,6 +63,13 @@ pub mod routes {
     pub const OCI_PUSH: &str = "/v1/oci/push";
     /// `GET ?image=&digest=`: a blob of an image, a streamed layer made as it is sent.
     pub const OCI_BLOB: &str = "/v1/oci/blob";
+    /// The daemon's process, socket, store and start ([`super::DaemonStatus`]).
+    pub const DAEMON_STATUS: &str = "/v1/daemon/status";
+    /// The daemon's effective settings ([`super::config::Settings`]).
+    pub const DAEMON_CONFIG: &str = "/v1/daemon/config";
+    /// `POST`: asks the daemon to shut down as on SIGTERM (trusted users only); answers its
+    /// [`super::DaemonStatus`] first.
+    pub const DAEMON_STOP: &str = "/v1/daemon/stop";
 }
 
 /// Answer of `GET /v1/version`.
@@ -74,6 +84,32 @@ pub struct VersionInfo {
     /// The caller's user name as the daemon sees it (from the socket's peer credentials).
     #[serde(default)]
     pub user: String,
+    /// [`config::Settings::fingerprint`] of the daemon's effective settings (empty from older
+    /// daemons), so that a client can tell cheaply whether the daemon runs with the settings it
+    /// would have started it with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub settings_fingerprint: String,
+}
+
+/// Answer of `GET /v1/daemon/status`: which daemon this is and what it was started with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub api_version: u32,
+    pub socket: String,
+    pub store_dir: String,
+    /// The physical root the store and its state live under.
+    pub root: String,
+    /// The configuration file it read (absolute), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_file: Option<String>,
+    /// When it started, in seconds since the Unix epoch.
+    pub started: u64,
+    pub uptime_seconds: u64,
+    /// [`config::Settings::fingerprint`] of its effective settings.
+    pub settings_fingerprint: String,
 }
 
 /// A valid path's metadata, named as `nix path-info --json` names it.

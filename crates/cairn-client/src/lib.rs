@@ -142,6 +142,22 @@ impl Client {
         Client::json(self.call(Method::GET, routes::VERSION, full(Bytes::new())).await?).await
     }
 
+    /// Which daemon this is: pid, socket, store, root, config file, start and version.
+    pub async fn daemon_status(&self) -> Result<cairn_api::DaemonStatus> {
+        Client::json(self.call(Method::GET, routes::DAEMON_STATUS, full(Bytes::new())).await?).await
+    }
+
+    /// The daemon's effective settings.
+    pub async fn daemon_config(&self) -> Result<cairn_api::config::Settings> {
+        Client::json(self.call(Method::GET, routes::DAEMON_CONFIG, full(Bytes::new())).await?).await
+    }
+
+    /// Asks the daemon to shut down (it answers first, then stops listening and finishes what
+    /// runs); needs a trusted user.
+    pub async fn daemon_stop(&self) -> Result<cairn_api::DaemonStatus> {
+        Client::json(self.call(Method::POST, routes::DAEMON_STOP, full(Bytes::new())).await?).await
+    }
+
     /// One operation's answer as raw JSON bytes, for callers that parse large answers without
     /// owning every string (a 100k-path closure).
     pub async fn query_bytes(&self, req: &Request) -> Result<Bytes> {
