@@ -144,19 +144,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("{} paths checked, no problems", r.checked);
             }
         }
-        Command::PathInfo { paths, closure, json } => {
-            let paths = ctx.store_paths(&paths)?;
-            let infos = path_infos(ctx.client().await?.query(&Request::PathInfo { paths, closure }).await?)?;
-            if json {
-                print_json(&infos)?;
-            } else {
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                for i in &infos {
-                    writeln!(out, "{}\t{}\t{}", i.path, i.nar_size, i.nar_hash)?;
-                }
-                out.flush()?;
-            }
+        Command::PathInfo { paths, closure, size, closure_size, human_readable, json, help: _ } => {
+            let flags =
+                crate::closures::PathInfoFlags { closure, json, size, closure_size, human: human_readable };
+            crate::closures::path_info(&ctx, &paths, flags).await?;
         }
+        Command::WhyDepends { package, dependency, all, json } => {
+            crate::closures::why_depends(&ctx, &package, &dependency, all, json).await?
+        }
+        Command::DiffClosures { before, after, json } => {
+            crate::closures::diff_closures(&ctx, &before, &after, json).await?
+        }
+        Command::Du { paths, bytes, json } => crate::closures::du(&ctx, &paths, bytes, json).await?,
         Command::References { path, json } => {
             ctx.print_paths(Request::References { path: ctx.store_path(&path)? }, json).await?
         }
@@ -369,7 +368,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Daemon => unreachable!("handled in main"),
+        Command::Daemon | Command::Completions { .. } | Command::Man { .. } => unreachable!("handled in main"),
     }
     Ok(())
 }

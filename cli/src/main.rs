@@ -8,7 +8,9 @@ mod archive;
 mod automaton;
 mod build;
 mod cache;
+mod closures;
 mod commands;
+mod completions;
 mod connect;
 mod image;
 mod progress;
@@ -120,12 +122,59 @@ pub enum Command {
         json: bool,
     },
     /// Show paths' metadata (NAR hash and size, references, content address …).
+    #[command(disable_help_flag = true)]
     PathInfo {
         #[arg(required = true)]
         paths: Vec<String>,
         /// For the whole closure of the paths.
         #[arg(long, short = 'r')]
         closure: bool,
+        /// Print each path's NAR size, as `nix path-info -s`.
+        #[arg(long, short = 's')]
+        size: bool,
+        /// Print each path's closure size (the NAR sizes of its closure added), as `nix path-info -S`.
+        #[arg(long, short = 'S')]
+        closure_size: bool,
+        /// With -s and -S, print sizes as 5.7G (`-h`, as Nix).
+        #[arg(long, short = 'h')]
+        human_readable: bool,
+        /// JSON, as `nix path-info --json`: `{"path": …, "valid": false}` for an invalid path.
+        #[arg(long)]
+        json: bool,
+        /// Print help.
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
+    },
+    /// Show why PACKAGE has DEPENDENCY in its closure: the chain of references from one to the
+    /// other, as `nix why-depends`.
+    WhyDepends {
+        package: String,
+        dependency: String,
+        /// Show every edge on a path from PACKAGE to DEPENDENCY, not only a shortest chain.
+        #[arg(long, short = 'a')]
+        all: bool,
+        /// `{"package", "dependency", "chain": [PACKAGE, …, DEPENDENCY]}`, with --all also
+        /// `"edges"`: each path on the way and its references on the way, closest first.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what packages and versions were added and removed between two closures, and their
+    /// size changes, as `nix store diff-closures`.
+    DiffClosures {
+        before: String,
+        after: String,
+        /// A map from package name to `versionsBefore`, `versionsAfter` and `sizeDelta` (bytes).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the size of paths' closures (NAR sizes added up) and how many paths they hold, and
+    /// with several paths their total (shared paths counted once).
+    Du {
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Sizes in bytes instead of KiB, MiB, GiB.
+        #[arg(long, short = 'b')]
+        bytes: bool,
         #[arg(long)]
         json: bool,
     },
@@ -263,6 +312,14 @@ pub enum Command {
     /// Containers that mount their closure from the store: create, run, ls, show, rm.
     #[command(subcommand)]
     Automaton(automaton::AutomatonCommand),
+    /// Print a shell completion script: `source <(cairn completions bash)`, or save it where
+    /// the shell loads completions from.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages into DIR: cairn.1 and one page per verb (cairn-image-pull.1 …).
+    Man { dir: PathBuf },
     /// Run the daemon in the foreground (what `cairnd` does).
     Daemon,
     /// Print the client's and the daemon's versions.
@@ -351,6 +408,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    match &cli.command {
+        Command::Completions { shell } => return completions::completions(*shell),
+        Command::Man { dir } => return completions::man(dir),
+        _ => {}
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
