@@ -135,8 +135,12 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
             .collect();
         print_json(&v)?;
     } else {
+        // Each derivation's outputs in store-path order, as `nix-store --realise` prints its
+        // `PathSet` (not by output name: `out` may come first or last).
         for r in &results {
-            for p in r.outputs.values() {
+            let mut outs: Vec<&String> = r.outputs.values().collect();
+            outs.sort();
+            for p in outs {
                 println!("{p}");
             }
         }

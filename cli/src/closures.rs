@@ -350,7 +350,7 @@ pub async fn path_info(ctx: &Ctx, args: &[String], f: PathInfoFlags) -> anyhow::
         }
     }
     let asked: Vec<String> = paths.iter().zip(&valid).filter(|(_, v)| **v).map(|(p, _)| p.clone()).collect();
-    let mut infos = if asked.is_empty() {
+    let infos = if asked.is_empty() {
         Vec::new()
     } else {
         path_infos(client.query(&Request::PathInfo { paths: asked.clone(), closure: f.closure }).await?)?
@@ -398,8 +398,7 @@ pub async fn path_info(ctx: &Ctx, args: &[String], f: PathInfoFlags) -> anyhow::
         }
         return Ok(out.flush()?);
     }
-    infos.sort_by(|a, b| a.path.cmp(&b.path));
-    infos.dedup_by(|a, b| a.path == b.path);
+    let infos = nix_order(infos);
     let width = infos.iter().map(|i| i.path.len()).max().unwrap_or(0);
     for i in &infos {
         write!(out, "{:<width$}", i.path)?;
@@ -412,6 +411,38 @@ pub async fn path_info(ctx: &Ctx, args: &[String], f: PathInfoFlags) -> anyhow::
         writeln!(out)?;
     }
     Ok(out.flush()?)
+}
+
+/// Paths in the order `nix path-info` prints them: its `topoSortPaths` reversed, which is the
+/// post-order of a depth-first walk over the paths sorted, each path's references (those in the
+/// set) visited in sorted order. References come before their referrers.
+fn nix_order(infos: Vec<PathInfo>) -> Vec<PathInfo> {
+    let g = Graph::new(infos.clone());
+    let mut by_path: HashMap<String, PathInfo> = infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let mut order = Vec::with_capacity(g.paths.len());
+    let mut visited = vec![false; g.paths.len()];
+    for start in 0..g.paths.len() {
+        // An explicit stack of (path, next reference to look at): closures can be deep.
+        let mut stack = vec![(start, 0)];
+        while let Some((n, i)) = stack.pop() {
+            if i == 0 {
+                if visited[n] {
+                    continue;
+                }
+                visited[n] = true;
+            }
+            match g.refs[n].get(i) {
+                Some(&r) => {
+                    stack.push((n, i + 1));
+                    if r != n && !visited[r] {
+                        stack.push((r, 0));
+                    }
+                }
+                None => order.push(n),
+            }
+        }
+    }
+    order.into_iter().filter_map(|n| by_path.remove(&g.paths[n])).collect()
 }
 
 /// Bytes as `du -h` and Nix's `showBytes` would, in binary units.
