@@ -18,6 +18,7 @@ pub enum AutomatonCommand {
     /// Create an automaton: an OCI runtime bundle running CMD with every path of the closures of
     /// --closure bind-mounted read-only at its store path.
     Create {
+        /// The automaton's name.
         name: String,
         /// A store path whose closure is mounted (repeatable).
         #[arg(long = "closure", value_name = "PATH")]
@@ -34,6 +35,7 @@ pub enum AutomatonCommand {
         /// NAME=VALUE for the environment (repeatable).
         #[arg(long, value_name = "NAME=VALUE")]
         env: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
         /// The command and its arguments.
@@ -43,25 +45,31 @@ pub enum AutomatonCommand {
     /// Run an automaton with an OCI runtime (runc by default, or crun; crun runs without a
     /// cgroup manager and, on a host with hybrid cgroups, sees only the unified hierarchy).
     Run {
+        /// The automaton's name.
         name: String,
+        /// The OCI runtime to run it with (a name on PATH or a path).
         #[arg(long, default_value = "runc", value_name = "RUNTIME")]
         runtime: PathBuf,
     },
     /// List automata.
     #[command(visible_alias = "list")]
     Ls {
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show one automaton (its bundle, closure and command).
     Show {
+        /// The automaton's name.
         name: String,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print an automaton's description (JSON, for `import`), after copying its closure and
     /// image to another daemon or a binary cache with --to (only what it lacks travels).
     Export {
+        /// The automaton's name.
         name: String,
         /// `unix://SOCKET`, `tcp://HOST:PORT`, `file://DIR` or `s3://…`, as `cairn copy --to`.
         #[arg(long, value_name = "URL")]
@@ -73,7 +81,9 @@ pub enum AutomatonCommand {
     /// Create an automaton from an `export` description (a file, or - for stdin), substituting
     /// the paths this store lacks from --from first.
     Import {
+        /// The description (as `export` prints it), or - for stdin.
         file: PathBuf,
+        /// A binary cache or daemon to substitute missing paths from, as `cairn copy --from`.
         #[arg(long, value_name = "URL")]
         from: Option<String>,
         /// Another name for it here.
@@ -82,6 +92,7 @@ pub enum AutomatonCommand {
     },
     /// Remove an automaton; its closure and image become collectable.
     Rm {
+        /// Names of the automata to remove.
         #[arg(required = true)]
         names: Vec<String>,
     },

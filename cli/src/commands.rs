@@ -354,28 +354,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", sk.public());
         }
         Command::Version { json } => {
-            let v = ctx.client().await?.version().await?;
+            // Never starts a daemon: the client's version, and the running daemon's if any.
+            let v = crate::connect::probe(&ctx.settings).await?.map(|(_, v)| v);
             if json {
                 print_json(&serde_json::json!({ "client": env!("CARGO_PKG_VERSION"), "daemon": v }))?;
             } else {
                 println!("cairn {}", env!("CARGO_PKG_VERSION"));
-                println!(
-                    "cairnd {} (API {}), store {}, {}",
-                    v.daemon_version,
-                    v.api_version,
-                    v.store_dir,
-                    if v.trusted { "trusted" } else { "not trusted" }
-                );
+                match v {
+                    Some(v) => println!(
+                        "cairnd {} (API {}), store {}, {}",
+                        v.daemon_version,
+                        v.api_version,
+                        v.store_dir,
+                        if v.trusted { "trusted" } else { "not trusted" }
+                    ),
+                    None => println!("cairnd: not running on '{}'", ctx.settings.socket.display()),
+                }
             }
         }
-        Command::Daemon | Command::Completions { .. } | Command::Man { .. } => unreachable!("handled in main"),
+        Command::Daemon { action: Some(cmd), .. } => crate::daemon::run(&ctx, cmd).await?,
+        Command::Daemon { action: None, .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(())
 }
 
 pub(crate) struct Ctx {
     pub(crate) settings: Settings,
-    cli_store: cairn_daemon::args::StoreArgs,
+    pub(crate) cli_store: cairn_daemon::args::StoreArgs,
 }
 
 impl Ctx {

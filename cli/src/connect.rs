@@ -27,6 +27,7 @@ pub async fn connect(settings: &Settings, args: &StoreArgs) -> anyhow::Result<Cl
     match client.version().await {
         Ok(v) => {
             check(&v, settings)?;
+            warn_if_other_settings(&client, &v, settings, args).await;
             Ok(client)
         }
         Err(e) if e.is_no_daemon() && settings.auto_start_daemon => start(settings, args, client).await,
@@ -57,7 +58,76 @@ fn check(v: &cairn_api::VersionInfo, settings: &Settings) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Says on stderr, in one line, when the running daemon's effective settings are not the ones
+/// this command would start it with (a config file edited, or another one named, since it
+/// started): the daemon keeps what it started with until `cairn daemon restart`.
+async fn warn_if_other_settings(client: &Client, v: &cairn_api::VersionInfo, settings: &Settings, args: &StoreArgs) {
+    if let Some(line) = other_settings(client, v, settings, args).await {
+        eprintln!("cairn: warning: {line}");
+    }
+}
+
+/// The warning [`warn_if_other_settings`] gives, if any.
+pub async fn other_settings(
+    client: &Client,
+    v: &cairn_api::VersionInfo,
+    settings: &Settings,
+    args: &StoreArgs,
+) -> Option<String> {
+    // An older daemon does not say; a matching one needs no more requests.
+    if v.settings_fingerprint.is_empty() || v.settings_fingerprint == settings.fingerprint() {
+        return None;
+    }
+    let keys = match client.daemon_config().await {
+        Ok(theirs) => settings.differing_keys(&theirs).join(", "),
+        Err(_) => String::new(),
+    };
+    let (pid, theirs) = match client.daemon_status().await {
+        Ok(s) => (s.pid.to_string(), config_name(s.config_file.as_deref())),
+        Err(_) => ("?".to_owned(), "?".to_owned()),
+    };
+    let ours = config_name(args.config_file().as_deref().map(|p| p.to_string_lossy()).as_deref());
+    let keys = if keys.is_empty() { "its settings".to_owned() } else { keys };
+    Some(format!(
+        "the running cairnd (pid {pid}, config {theirs}) differs from this command's settings (config {ours}) in {keys}; `cairn daemon restart` applies them"
+    ))
+}
+
+/// A config file as status lines and warnings name it.
+pub fn config_name(file: Option<&str>) -> String {
+    match file {
+        Some(f) => format!("'{f}'"),
+        None => "none".to_owned(),
+    }
+}
+
+/// The running daemon's version answer, or `None` when none listens; never starts one.
+pub async fn probe(settings: &Settings) -> anyhow::Result<Option<(Client, cairn_api::VersionInfo)>> {
+    let client = Client::new(&settings.socket);
+    match client.version().await {
+        Ok(v) => Ok(Some((client, v))),
+        Err(e) if e.is_no_daemon() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn start(settings: &Settings, args: &StoreArgs, client: Client) -> anyhow::Result<Client> {
+    let (client, pid, log_path) = spawn(settings, args, client).await?;
+    eprintln!(
+        "cairn: no daemon was listening; started cairnd (pid {pid}) on '{}', log in '{}'",
+        settings.socket.display(),
+        log_path.display()
+    );
+    Ok(client)
+}
+
+/// Starts `cairn daemon` with `settings` (detached, logging to `<state>/cairnd.log`) and waits
+/// until it answers on its socket; returns the client, its pid and its log.
+pub async fn spawn(
+    settings: &Settings,
+    args: &StoreArgs,
+    client: Client,
+) -> anyhow::Result<(Client, u32, std::path::PathBuf)> {
     let state = state_dir(&settings.root);
     std::fs::create_dir_all(&state).with_context(|| format!("cannot create '{}'", state.display()))?;
     let log_path = state.join("cairnd.log");
@@ -70,7 +140,7 @@ async fn start(settings: &Settings, args: &StoreArgs, client: Client) -> anyhow:
     let mut command = std::process::Command::new(exe);
     command
         .arg("daemon")
-        .args(StoreArgs::to_daemon_args(settings, args.config.as_ref()))
+        .args(StoreArgs::to_daemon_args(settings, args.config_file().as_ref()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -87,13 +157,7 @@ async fn start(settings: &Settings, args: &StoreArgs, client: Client) -> anyhow:
         match client.version().await {
             Ok(v) => {
                 check(&v, settings)?;
-                eprintln!(
-                    "cairn: no daemon was listening; started cairnd (pid {}) on '{}', log in '{}'",
-                    child.id(),
-                    settings.socket.display(),
-                    log_path.display()
-                );
-                return Ok(client);
+                return Ok((client, child.id(), log_path));
             }
             Err(e) if !e.is_no_daemon() => return Err(e.into()),
             Err(_) => {}

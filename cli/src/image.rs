@@ -30,6 +30,7 @@ use crate::progress;
 pub enum ImageCommand {
     /// Fetch an image into the store: `docker://HOST/NAME[:TAG|@DIGEST]` or `oci:DIR[:REF]`.
     Pull {
+        /// Where from: `docker://HOST/NAME[:TAG|@DIGEST]`, `oci:DIR[:REF]`, `oci-archive:FILE[:REF]` or `docker-archive:FILE[:NAME:TAG]`.
         source: String,
         /// The local NAME[:TAG] to give it (default: HOST/NAME:TAG of a registry source; the
         /// directory's name and REF of an oci: source).
@@ -43,43 +44,55 @@ pub enum ImageCommand {
         all_platforms: bool,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Send a stored image (NAME[:TAG], digest or layout path) to `docker://HOST/NAME[:TAG]` or
     /// `oci:DIR[:REF]`.
     Push {
+        /// The stored image: NAME[:TAG], digest or layout path.
         image: String,
+        /// Where to: `docker://HOST/NAME[:TAG]`, `oci:DIR[:REF]`, `oci-archive:FILE[:REF]` or `docker-archive:FILE[:NAME:TAG]`.
         destination: String,
         #[command(flatten)]
         registry: RegistryArgs,
         /// Upload blobs larger than BYTES in chunks of BYTES (default: each in one request).
         #[arg(long, value_name = "BYTES")]
         chunk_size: Option<u64>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// List tagged images.
     #[command(visible_alias = "list")]
     Ls {
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Give an image another tag (a garbage-collector root).
-    Tag { image: String, tag: String },
+    Tag {
+        /// The image: NAME[:TAG], digest or layout path.
+        image: String,
+        /// The new NAME[:TAG].
+        tag: String,
+    },
     /// Remove tags; the images go at the next collection unless something else keeps them.
+    #[command(visible_alias = "rm")]
     Untag {
+        /// Tags (NAME[:TAG]) to remove.
         #[arg(required = true)]
         tags: Vec<String>,
     },
     /// Show an image's digest, platforms, config and layers.
     Inspect {
+        /// The image: NAME[:TAG], digest or layout path.
         image: String,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Make an image's root filesystem (its layers applied in order) a store path and print it;
-    /// a second unpack of the same image finds it again.
     /// Build an image from store closures: one layer per popular store path (as nixpkgs'
     /// buildLayeredImage), reproducible. The build is a derivation, so the same inputs build
     /// once; its store layers are streamed (made from the paths when pushed, served or
@@ -103,6 +116,7 @@ pub enum ImageCommand {
         /// NAME=VALUE for the environment (repeatable).
         #[arg(long, value_name = "NAME=VALUE")]
         env: Vec<String>,
+        /// The NAME[:TAG] to give the image.
         #[arg(long)]
         tag: Option<String>,
         /// Compress the store layers: none, gzip or zstd (deterministic either way).
@@ -112,14 +126,19 @@ pub enum ImageCommand {
         /// directly); without it a layer is a description of the store paths it holds.
         #[arg(long, alias = "materialize")]
         materialise: bool,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Make an image's root filesystem (its layers applied in order) a store path and print it;
+    /// a second unpack of the same image finds it again.
     Unpack {
+        /// The image: NAME[:TAG], digest or layout path.
         image: String,
         /// Also make LINK a symlink to it, registered as a garbage-collector root.
         #[arg(long, short = 'o', value_name = "LINK")]
         out_link: Option<PathBuf>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -12,6 +12,7 @@ mod closures;
 mod commands;
 mod completions;
 mod connect;
+mod daemon;
 mod image;
 mod progress;
 
@@ -28,10 +29,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "cairn", version, propagate_version = true, arg_required_else_help = true)]
 pub struct Cli {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Global options")]
     store: StoreArgs,
     /// Do not start a daemon when none is listening (also: `auto-start-daemon = false`).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     no_auto_start: bool,
     #[command(subcommand)]
     command: Command,
@@ -42,6 +43,7 @@ pub enum Command {
     /// Add files or directories to the store, as `nix-store --add` (or `--add-fixed sha256`
     /// with --flat), and print their store paths.
     Add {
+        /// Files or directories to add.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Add a regular file by the hash of its bytes (a flat fixed-output path).
@@ -60,12 +62,14 @@ pub enum Command {
     },
     /// Add a text file whose store path depends on its references, as `builtins.toFile`.
     AddText {
+        /// The store path name.
         name: String,
         /// The file with the contents ("-" for stdin).
         file: PathBuf,
         /// A store path the text refers to (repeatable).
         #[arg(long = "ref", value_name = "PATH")]
         references: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
         /// Make LINK a symlink to the path that keeps it from garbage collection.
@@ -74,7 +78,12 @@ pub enum Command {
     },
     /// Make LINK a symlink to PATH that keeps PATH from garbage collection while LINK exists
     /// (an indirect root, as `nix-store --add-root --indirect`).
-    AddRoot { link: PathBuf, path: String },
+    AddRoot {
+        /// The symlink to create (a relative one is taken from the current directory).
+        link: PathBuf,
+        /// The store path it keeps.
+        path: String,
+    },
     /// Delete every path no root reaches, as `nix-store --gc`; or show roots, live or dead
     /// paths.
     #[command(visible_alias = "collect-garbage")]
@@ -94,19 +103,23 @@ pub enum Command {
         /// Stop after freeing about this much (bytes, or with a K, M, G or T suffix).
         #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "report")]
         max_freed: Option<u64>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Delete paths, refusing any that is still rooted or referenced (and saying by what).
     Delete {
+        /// Store paths to delete.
         #[arg(required = true)]
         paths: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Hard-link identical files across the store, as `nix-store --optimise`.
     #[command(visible_alias = "optimize")]
     Optimise {
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -118,12 +131,14 @@ pub enum Command {
         /// Repair broken paths from a substituter (needs a trusted user).
         #[arg(long)]
         repair: bool,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show paths' metadata (NAR hash and size, references, content address …).
     #[command(disable_help_flag = true)]
     PathInfo {
+        /// Store paths (or paths inside the store, or symlinks to them).
         #[arg(required = true)]
         paths: Vec<String>,
         /// For the whole closure of the paths.
@@ -148,7 +163,9 @@ pub enum Command {
     /// Show why PACKAGE has DEPENDENCY in its closure: the chain of references from one to the
     /// other, as `nix why-depends`.
     WhyDepends {
+        /// The store path that depends (directly or not) on DEPENDENCY.
         package: String,
+        /// The store path it depends on.
         dependency: String,
         /// Show every edge on a path from PACKAGE to DEPENDENCY, not only a shortest chain.
         #[arg(long, short = 'a')]
@@ -161,7 +178,9 @@ pub enum Command {
     /// Show what packages and versions were added and removed between two closures, and their
     /// size changes, as `nix store diff-closures`.
     DiffClosures {
+        /// The old store path (its closure is compared).
         before: String,
+        /// The new store path.
         after: String,
         /// A map from package name to `versionsBefore`, `versionsAfter` and `sizeDelta` (bytes).
         #[arg(long)]
@@ -170,70 +189,89 @@ pub enum Command {
     /// Show the size of paths' closures (NAR sizes added up) and how many paths they hold, and
     /// with several paths their total (shared paths counted once).
     Du {
+        /// Store paths whose closure sizes to print.
         #[arg(required = true)]
         paths: Vec<String>,
         /// Sizes in bytes instead of KiB, MiB, GiB.
         #[arg(long, short = 'b')]
         bytes: bool,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print a path's direct references.
     References {
+        /// A store path.
         path: String,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print the valid paths that directly reference a path.
     Referrers {
+        /// A store path.
         path: String,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print the closure of paths (everything they need), dependencies first, as `nix-store -qR`.
     #[command(visible_alias = "requisites")]
     Closure {
+        /// Store paths whose closure to print.
         #[arg(required = true)]
         paths: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print every path that needs one of the paths, as `nix-store -q --referrers-closure`.
     ReferrersClosure {
+        /// Store paths whose referrers to print.
         #[arg(required = true)]
         paths: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print the reference graph of a closure.
     Graph {
+        /// Store paths whose closure to draw.
         #[arg(required = true)]
         paths: Vec<String>,
         /// Graphviz DOT (the default).
         #[arg(long, conflicts_with = "json")]
         dot: bool,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// List a directory inside a store path.
     Ls {
+        /// A directory in the store (`/store/…-name/sub/dir`).
         path: String,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Print a file inside a store path.
-    Cat { path: String },
+    Cat {
+        /// A file in the store (`/store/…-name/file`).
+        path: String,
+    },
     /// NAR archives: dump and restore.
     #[command(subcommand)]
     Nar(NarCommand),
     /// Write paths (not their closure: use `$(cairn closure …)`) to stdout as a
     /// `nix-store --export` stream.
     Export {
+        /// Store paths to export (references are not added).
         #[arg(required = true)]
         paths: Vec<String>,
     },
     /// Read a `nix-store --export` stream from stdin and add its paths.
     Import {
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -243,8 +281,10 @@ pub enum Command {
         /// Use this cache instead of the configured ones (repeatable; file://, http(s)://, s3://).
         #[arg(long, value_name = "URL")]
         from: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Store paths to fetch, with their closures.
         #[arg(required = true)]
         paths: Vec<String>,
     },
@@ -262,8 +302,10 @@ pub enum Command {
         /// Sign each path with this secret key (see `cairn key generate`).
         #[arg(long, value_name = "FILE")]
         secret_key_file: Option<PathBuf>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        /// Store paths whose closures to copy.
         #[arg(required = true)]
         paths: Vec<String>,
     },
@@ -286,6 +328,7 @@ pub enum Command {
         /// Do not print build logs (they are still stored: see `cairn log`).
         #[arg(short = 'Q', long)]
         quiet: bool,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
         /// Build the derivations again although their outputs are valid, and fail (exit code
@@ -299,7 +342,10 @@ pub enum Command {
         repair: bool,
     },
     /// Print the log of a past build of a derivation, or of the derivation that built a path.
-    Log { path: String },
+    Log {
+        /// A derivation (`.drv`) or an output it built.
+        path: String,
+    },
     /// Signing keys for binary caches.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -315,15 +361,27 @@ pub enum Command {
     /// Print a shell completion script: `source <(cairn completions bash)`, or save it where
     /// the shell loads completions from.
     Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
     /// Write man pages into DIR: cairn.1 and one page per verb (cairn-image-pull.1 …).
-    Man { dir: PathBuf },
-    /// Run the daemon in the foreground (what `cairnd` does).
-    Daemon,
+    Man {
+        /// The directory to write the pages into (created if missing).
+        dir: PathBuf,
+    },
+    /// Run the daemon in the foreground (what `cairnd` does), or see and steer the running one:
+    /// status, show-config, stop, restart.
+    Daemon {
+        #[command(subcommand)]
+        action: Option<daemon::DaemonCommand>,
+        /// Shadows the global flag, which means nothing here (`cairn daemon` is the daemon).
+        #[arg(long, hide = true)]
+        no_auto_start: bool,
+    },
     /// Print the client's and the daemon's versions.
     Version {
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -336,17 +394,23 @@ pub enum KeyCommand {
     Generate {
         /// The key's name, conventionally the cache's host name and a number (`cache.example.org-1`).
         name: String,
+        /// Where to write the secret key (must not exist).
         secret_key_file: PathBuf,
+        /// Where to write the public key.
         public_key_file: PathBuf,
     },
     /// Print the public key of a secret key file.
-    Public { secret_key_file: PathBuf },
+    Public {
+        /// A secret key file, as `key generate` writes it.
+        secret_key_file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum DerivationCommand {
     /// Print derivations as JSON, as `nix show-derivation` (Nix 2.8) prints them.
     Show {
+        /// Derivations (`.drv` store paths).
         #[arg(required = true)]
         paths: Vec<String>,
     },
@@ -359,8 +423,10 @@ pub enum DerivationCommand {
     /// Print the output paths of derivations, computed from their inputs (as `nix-store -q
     /// --outputs` prints them); a derivation declaring other paths than its hash gives is refused.
     OutputPaths {
+        /// Derivations (`.drv` store paths).
         #[arg(required = true)]
         paths: Vec<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -369,17 +435,24 @@ pub enum DerivationCommand {
 #[derive(Subcommand)]
 pub enum NarCommand {
     /// Write the NAR of a store path or any local path to stdout, as `nix-store --dump`.
-    Dump { path: PathBuf },
+    Dump {
+        /// A store path, or any local file or directory.
+        path: PathBuf,
+    },
     /// Read a NAR from stdin and unpack it at DIR, as `nix-store --restore`.
-    Restore { dir: PathBuf },
+    Restore {
+        /// Where to unpack (must not exist).
+        dir: PathBuf,
+    },
 }
 
 /// A byte count with an optional binary suffix (`512`, `64K`, `1.5G`), as Nix's `--max-freed`.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
-        _ => (s, 'B'),
+    let bad = || format!("invalid size '{s}' (use bytes or K/M/G/T)");
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c.to_ascii_uppercase()),
+        _ => (t, 'B'),
     };
     let shift = match unit {
         'B' => 0,
@@ -387,11 +460,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         'M' => 20,
         'G' => 30,
         'T' => 40,
-        other => return Err(format!("unknown size suffix '{other}' (use K, M, G or T)")),
+        _ => return Err(bad()),
     };
-    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let n: f64 = num.parse().map_err(|_| bad())?;
     if !n.is_finite() || n < 0.0 {
-        return Err(format!("'{s}' is not a size"));
+        return Err(bad());
     }
     Ok((n * (1u64 << shift) as f64) as u64)
 }
@@ -400,11 +473,11 @@ fn main() -> ExitCode {
     // Before anything else: this process may be a build's sandbox helper.
     cairn_build::helper::run_if_asked();
     let cli = Cli::parse();
-    if let Command::Daemon = cli.command {
+    if let Command::Daemon { action: None, .. } = cli.command {
         return match cairn_daemon::run(&cli.store) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("cairn daemon: {e:#}");
+                eprintln!("cairn daemon: {}", cairn_daemon::error_line(&e));
                 ExitCode::FAILURE
             }
         };
@@ -426,7 +499,7 @@ fn main() -> ExitCode {
         // The reader of our stdout went away (`cairn closure … | head`): nothing to say.
         Err(e) if stdout_closed(&e) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("cairn: {}", one_line(&format!("{e:#}")));
+            eprintln!("cairn: {}", cairn_daemon::error_line(&e));
             // Failed builds exit as `nix-store --realise` does (100 and up).
             match e.downcast_ref::<build::RealiseFailed>() {
                 Some(f) => ExitCode::from(f.status),
@@ -444,11 +517,6 @@ fn stdout_closed(e: &anyhow::Error) -> bool {
     broken && !e.chain().any(|c| c.is::<cairn_client::ClientError>())
 }
 
-/// Escapes control characters so that an error quoting user input stays on one line.
-fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::parse_size;
@@ -459,8 +527,38 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(64 << 10));
         assert_eq!(parse_size("1.5g"), Ok(3 << 29));
         assert_eq!(parse_size("2T"), Ok(2 << 40));
-        for bad in ["", "K", "-1M", "1X", "nanM", "one"] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
+        for bad in ["", "K", "-1M", "1X", "nanM", "one", "banana"] {
+            assert_eq!(parse_size(bad), Err(format!("invalid size '{bad}' (use bytes or K/M/G/T)")), "{bad:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use clap::CommandFactory;
+
+    /// Every option and positional of every verb, except help and version, with its path.
+    fn undescribed(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if a.is_hide_set() || id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() {
+                out.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            undescribed(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_option_and_positional_is_described() {
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        undescribed(&cmd, "cairn", &mut missing);
+        assert!(missing.is_empty(), "undescribed in --help: {missing:#?}");
     }
 }

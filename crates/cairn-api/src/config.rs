@@ -153,7 +153,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// a third of the key's length, and at least 2, apart).
 pub fn suggest_key(key: &str) -> Option<&'static str> {
     let limit = (key.chars().count() / 3).max(2);
-    KEYS.iter().map(|k| (edit_distance(key, k), *k)).filter(|(d, _)| *d <= limit).min_by_key(|(d, _)| *d).map(|(_, k)| k)
+    KEYS.iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
 }
 
 impl ConfigError {
@@ -358,6 +362,11 @@ impl Settings {
         Sha256::digest(&json)[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The settings as a config file would set them (TOML, the file's keys).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// The keys whose values differ between these settings and `other`'s (as the daemon reports
     /// them), in [`KEYS`] order.
     pub fn differing_keys(&self, other: &Settings) -> Vec<&'static str> {
@@ -439,11 +448,17 @@ mod tests {
     #[test]
     fn a_mistyped_key_gets_one_line_and_the_closest_key() {
         let e = ConfigFile::parse("# caches\nsubstituter = [\"file:///c\"]\n", Path::new("sub.toml")).unwrap_err();
-        assert_eq!(e.to_string(), "config file 'sub.toml', line 2: unknown key `substituter`; did you mean `substituters`?");
+        assert_eq!(
+            e.to_string(),
+            "config file 'sub.toml', line 2: unknown key `substituter`; did you mean `substituters`?"
+        );
         let e = ConfigFile::parse("requre-sigs = false", Path::new("c")).unwrap_err();
         assert_eq!(e.to_string(), "config file 'c', line 1: unknown key `requre-sigs`; did you mean `require-sigs`?");
         let e = ConfigFile::parse("colour = true", Path::new("c")).unwrap_err();
-        assert_eq!(e.to_string(), "config file 'c', line 1: unknown key `colour`; `cairnd --print-config-template` lists the keys");
+        assert_eq!(
+            e.to_string(),
+            "config file 'c', line 1: unknown key `colour`; `cairnd --print-config-template` lists the keys"
+        );
     }
 
     #[test]
@@ -479,7 +494,8 @@ mod tests {
     #[test]
     fn fingerprints_follow_the_daemons_settings_not_the_clients() {
         let base = Settings::resolve(ConfigFile::default(), Overrides::default(), false);
-        let no_start = Settings::resolve(ConfigFile::default(), Overrides { no_auto_start: true, ..Default::default() }, false);
+        let no_start =
+            Settings::resolve(ConfigFile::default(), Overrides { no_auto_start: true, ..Default::default() }, false);
         assert_eq!(base.fingerprint(), no_start.fingerprint(), "auto-start is the client's");
         let file = ConfigFile::parse("substituters = [\"file:///c\"]", Path::new("c")).unwrap();
         let other = Settings::resolve(file, Overrides::default(), false);
@@ -487,6 +503,15 @@ mod tests {
         assert_eq!(base.differing_keys(&other), ["substituters"]);
         assert!(base.differing_keys(&no_start).is_empty());
         let back: Settings = serde_json::from_value(serde_json::to_value(&other).unwrap()).unwrap();
+        let toml_text = other.to_toml().unwrap();
+        assert!(toml_text.contains("substituters = [\"file:///c\"]"), "{toml_text}");
+        let reread =
+            Settings::resolve(ConfigFile::parse(&toml_text, Path::new("shown")).unwrap(), Overrides::default(), false);
+        assert_eq!(
+            reread.fingerprint(),
+            other.fingerprint(),
+            "show-config's output is a config file giving the same settings"
+        );
         assert_eq!(back.fingerprint(), other.fingerprint(), "the wire keeps the fingerprint");
     }
 
@@ -525,7 +550,10 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected() {
         let e = ConfigFile::parse("stor-dir = \"/x\"", Path::new("c.toml")).unwrap_err();
-        assert!(matches!(&e, ConfigError::UnknownKey { key, suggestion: Some("store-dir"), .. } if key == "stor-dir"), "{e}");
+        assert!(
+            matches!(&e, ConfigError::UnknownKey { key, suggestion: Some("store-dir"), .. } if key == "stor-dir"),
+            "{e}"
+        );
     }
 
     #[test]
