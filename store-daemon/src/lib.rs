@@ -10,6 +10,7 @@
 //! **Architecture invariant:** only this crate (with `cairn-client`) knows the wire format, and
 //! only through `cairn-api`'s types; the store below it knows nothing of HTTP or JSON.
 
+mod activation;
 pub mod args;
 mod auth;
 mod build;

@@ -48,14 +48,24 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
     let store = Arc::new(store);
 
     let socket = &settings.socket;
-    if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create '{}'", parent.display()))?;
-    }
-    // We hold the store lock, so a socket file left here is a dead daemon's.
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket).with_context(|| format!("cannot listen on '{}'", socket.display()))?;
-    // Everyone may connect; SO_PEERCRED and the user lists decide what they may do.
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
+    // Socket activation: the supervisor bound the socket (and owns its file).
+    let activated = crate::activation::inherited_listener()?;
+    let owns_socket_file = activated.is_none();
+    let listener = match activated {
+        Some(l) => UnixListener::from_std(l).context("cannot use the socket systemd passed")?,
+        None => {
+            if let Some(parent) = socket.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create '{}'", parent.display()))?;
+            }
+            // We hold the store lock, so a socket file left here is a dead daemon's.
+            let _ = std::fs::remove_file(socket);
+            let l =
+                UnixListener::bind(socket).with_context(|| format!("cannot listen on '{}'", socket.display()))?;
+            // Everyone may connect; SO_PEERCRED and the user lists decide what they may do.
+            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
+            l
+        }
+    };
 
     // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
     crate::serve_registry::sweep_uploads(&state_dir(&settings.root));
@@ -174,7 +184,9 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
         }
     }
     drop(listener);
-    let _ = std::fs::remove_file(socket);
+    if owns_socket_file {
+        let _ = std::fs::remove_file(socket);
+    }
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
     }
