@@ -164,8 +164,9 @@ fn sha256_of_reader(mut r: impl Read) -> anyhow::Result<Digest> {
 }
 
 /// One image of a `docker-archive:` file (the one whose `RepoTags` has `reference`, or the only
-/// one): its blobs and the schema 2 manifest describing them, whose descriptor is returned.
-pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(Source, Descriptor)> {
+/// one): its blobs and the schema 2 manifest describing them, whose descriptor is returned, with
+/// the image's first `RepoTags` entry (its name, as `docker save` recorded it).
+pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(Source, Descriptor, Option<String>)> {
     let entries = index_tar(file)?;
     let (mo, ms) = *entries
         .get("manifest.json")
@@ -235,7 +236,8 @@ pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(S
         annotations: Default::default(),
     };
     source.blobs.insert(d, Origin::Memory(manifest));
-    Ok((source, desc))
+    let repo_tag = item.repo_tags.iter().flatten().next().cloned();
+    Ok((source, desc, repo_tag))
 }
 
 /// Writes the tree under `dir` as an uncompressed tar at `file` (atomically: a temporary file

@@ -111,7 +111,7 @@ fn show(a: &AutomatonInfo) {
     println!("Closure: {}", a.paths.join(" "));
     match a.mounted {
         0 => println!("Mounts:  the whole store"),
-        n => println!("Mounts:  {n} store paths"),
+        n => println!("Mounts:  {}", crate::commands::count(n, "store path")),
     }
     if let Some(i) = &a.image {
         println!("Image:   {i}");
@@ -193,7 +193,11 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
                 let client = ctx.client().await?;
                 let done = crate::commands::copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
-                eprintln!("copied {} paths to {to}, {} already there", done.written, done.skipped);
+                eprintln!(
+                    "copied {} to {to}, {} already there",
+                    crate::commands::count(done.written, "path"),
+                    done.skipped
+                );
             }
             let description = AutomatonRequest {
                 name: a.name,

@@ -53,11 +53,16 @@ pub async fn copy_to_cache(
     }
     let tmp_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mut done = Copied { written: 0, skipped: 0, bytes: 0 };
+    // The total is the closure's NAR bytes, less those of paths the cache turns out to have.
+    let mut total: u64 = infos.iter().map(|i| i.nar_size).sum();
+    progress.set_length(total);
     for info in infos {
         let path = store_dir.parse(&info.path)?;
         let narinfo_key = format!("{}.narinfo", path.hash_part());
         if backend.exists(&narinfo_key).await? {
             done.skipped += 1;
+            total -= info.nar_size;
+            progress.set_length(total);
             continue;
         }
         let nar_hash = Hash::parse_prefixed(&info.nar_hash)?;
@@ -162,6 +167,7 @@ async fn push_stream(
         entries.push((info.path.clone(), narinfo.render(store_dir)));
     }
     let bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
+    progress.set_length(bytes);
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
     let sender = client.clone();
     let bar = progress.clone();

@@ -118,7 +118,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json(&r)?;
             } else {
-                println!("{} freed by hard-linking {} files", mib(r.bytes_saved), r.files_linked);
+                println!("{} freed by hard-linking {}", mib(r.bytes_saved), count(r.files_linked, "file"));
             }
         }
         Command::Verify { check_contents, repair, json } => {
@@ -135,13 +135,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let left = r.problems.len() as u64 - r.repaired;
             if left > 0 {
-                bail!("{left} of {} paths checked have problems", r.checked);
+                let verb = if left == 1 { "has" } else { "have" };
+                bail!("{left} of {} checked {verb} problems", count(r.checked, "path"));
             }
             if r.repaired > 0 && !json {
-                eprintln!("{} paths repaired", r.repaired);
+                eprintln!("{} repaired", count(r.repaired, "path"));
             }
             if !json {
-                eprintln!("{} paths checked, no problems", r.checked);
+                eprintln!("{} checked, no problems", count(r.checked, "path"));
             }
         }
         Command::PathInfo { paths, closure, size, closure_size, human_readable, json, help: _ } => {
@@ -172,6 +173,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let resp = ctx.client().await?.query(&Request::Graph { paths: ctx.store_paths(&paths)? }).await?;
             let Response::Graph { nodes, edges } = resp else { bail!("cairnd answered a graph query with {resp:?}") };
             if json {
+                // Edges as `--dot` draws them (and `nix-store --graph`): reference → referrer.
+                let edges: Vec<(&String, &String)> = edges.iter().map(|(from, to)| (to, from)).collect();
                 print_json(&serde_json::json!({ "nodes": nodes, "edges": edges }))?;
             } else {
                 print_dot(&nodes, &edges)?;
@@ -337,8 +340,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             } else {
                 eprintln!(
-                    "copied {} paths ({:.2} MiB) to {to}, {} already there",
-                    done.written,
+                    "copied {} ({:.2} MiB) to {to}, {} already there",
+                    count(done.written, "path"),
                     done.bytes as f64 / (1024.0 * 1024.0),
                     done.skipped
                 );
@@ -552,6 +555,16 @@ pub(crate) fn numbered(link: &Path, i: usize) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `1 path`, `2 paths`: a count with its noun, plural unless one.
+pub(crate) fn count(n: impl TryInto<u64>, noun: &str) -> String {
+    let n: u64 = n.try_into().unwrap_or(u64::MAX);
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Bytes as Nix shows them (`showBytes`).
 fn mib(bytes: u64) -> String {
     format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -566,6 +579,10 @@ fn gc_result(resp: Response) -> anyhow::Result<GcResult> {
 
 /// A collection's or delete's outcome, worded as `nix-store --gc` words it.
 fn print_gc(r: &GcResult, json: bool, dry_run: bool) -> anyhow::Result<()> {
+    if json && dry_run {
+        // Nothing was deleted: the list and the bytes say what would be.
+        return print_json(&serde_json::json!({ "wouldDelete": r.deleted, "wouldFree": r.bytes_freed }));
+    }
     if json {
         return print_json(r);
     }
@@ -575,10 +592,10 @@ fn print_gc(r: &GcResult, json: bool, dry_run: bool) -> anyhow::Result<()> {
             writeln!(out, "{p}")?;
         }
         out.flush()?;
-        eprintln!("would delete {} store paths, freeing {}", r.deleted.len(), mib(r.bytes_freed));
+        eprintln!("would delete {}, freeing {}", count(r.deleted.len(), "store path"), mib(r.bytes_freed));
         return Ok(());
     }
-    writeln!(out, "{} store paths deleted, {} freed", r.deleted.len(), mib(r.bytes_freed))?;
+    writeln!(out, "{} deleted, {} freed", count(r.deleted.len(), "store path"), mib(r.bytes_freed))?;
     Ok(out.flush()?)
 }
 
@@ -729,7 +746,7 @@ pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], j
             println!("{}", p.path);
         }
         if !added.is_empty() {
-            eprintln!("substituted {} paths", added.len());
+            eprintln!("substituted {}", count(added.len(), "path"));
         }
     }
     // One line: the first path that failed on its own (the others need it, or failed alike).
@@ -738,7 +755,7 @@ pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], j
     if let Some(first) = failed.first() {
         let more = match failed.len() - 1 {
             0 => String::new(),
-            n => format!(" ({n} more paths could not be substituted; --json lists them)"),
+            n => format!(" ({} more could not be substituted; --json lists them)", count(n, "path")),
         };
         bail!("cannot substitute '{}': {}{more}", first.path, first.reason);
     }
@@ -755,21 +772,34 @@ pub(crate) async fn copy_closure(
     key: Option<&SecretKey>,
 ) -> anyhow::Result<crate::cache::Copied> {
     let done = if to.starts_with("tcp://") {
-        let bar = progress::bytes("pushing");
+        let bar = progress::transfer("pushing");
         let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, &bar).await;
         bar.finish_and_clear();
         done?
     } else if let Some(socket) = to.strip_prefix("unix://") {
-        let bar = progress::bytes("copying");
+        let bar = progress::transfer("copying");
         let done = crate::cache::copy_to_daemon(client, Path::new(socket), paths, store_dir, key, &bar).await;
         bar.finish_and_clear();
         done?
     } else {
         let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
-        let bar = progress::bytes("copying");
+        let bar = progress::transfer("copying");
         let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, &bar).await;
         bar.finish_and_clear();
         done?
     };
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(count(1u64, "store path"), "1 store path");
+        assert_eq!(count(0usize, "file"), "0 files");
+        assert_eq!(count(2u64, "layer"), "2 layers");
+        assert_eq!(count(1usize, "path"), "1 path");
+    }
 }

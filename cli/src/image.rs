@@ -23,7 +23,7 @@ use cairn_oci::reference::Transport;
 use cairn_oci::{Digest, TagName};
 use clap::{Args, Subcommand};
 
-use crate::commands::{print_json, Ctx};
+use crate::commands::{count, print_json, Ctx};
 use crate::progress;
 
 #[derive(Subcommand)]
@@ -232,8 +232,12 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                         all_platforms,
                         registry: registry.options(&r.registry)?,
                     };
-                    let lines = client.pull(&req).await?;
-                    let end = follow(lines, "pulling").await?;
+                    let tls = req.registry.tls_verify;
+                    let end = plain_http_hint(
+                        async { follow(client.pull(&req).await?, "pulling").await }.await,
+                        &r.registry,
+                        tls,
+                    )?;
                     let ImageEvent::Pulled { image, blobs_fetched, bytes_fetched, blobs_skipped, bytes_skipped } = &end
                     else {
                         bail!("cairnd ended the pull with an unexpected event")
@@ -243,43 +247,58 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     } else {
                         println!("{}", image.digest);
                         eprintln!(
-                        "pulled {} ({blobs_fetched} blobs, {} fetched; {blobs_skipped} blobs, {} already in the store)",
-                        image.tags.first().map(String::as_str).unwrap_or(&image.layout),
-                        human(*bytes_fetched),
-                        human(*bytes_skipped)
-                    );
+                            "pulled {} ({}, {} fetched; {}, {} already in the store)",
+                            image.tags.first().map(String::as_str).unwrap_or(&image.layout),
+                            count(*blobs_fetched, "blob"),
+                            human(*bytes_fetched),
+                            count(*blobs_skipped, "blob"),
+                            human(*bytes_skipped)
+                        );
                     }
                 }
                 Transport::Oci { dir, reference } => {
-                    let tag = match tag {
-                        Some(t) => TagName::parse(&t)?,
-                        None => default_oci_tag(&dir, reference.as_deref())?,
+                    let (tag, named) = match tag {
+                        Some(t) => (TagName::parse(&t)?, None),
+                        None => (default_oci_tag(&dir, reference.as_deref())?, Some("the directory's name")),
                     };
                     let (source, top) = oci_dir_source(Path::new(&dir), reference.as_deref())?;
                     let info = import_source(ctx, &client, &source, top, &tag).await?;
-                    print_imported(&info, &tag, json)?;
+                    print_imported(&info, &tag, named, json)?;
                 }
                 Transport::Store(_) => {
                     bail!("'{source}' is already a local name: pull takes docker://…, oci:, oci-archive: or docker-archive:")
                 }
                 Transport::OciArchive { file, reference } => {
-                    let tag = match tag {
-                        Some(t) => TagName::parse(&t)?,
-                        None => default_oci_tag(file.trim_end_matches(".tar"), reference.as_deref())?,
-                    };
                     let (src, top) = oci_archive_source(Path::new(&file), reference.as_deref())?;
+                    // As podman: the manifest's ref.name when it is a whole NAME:TAG, else a name
+                    // from the file's with ref.name (or the reference) as the tag.
+                    let ref_name = top.annotations.get(REF_NAME).cloned();
+                    let (tag, named) = match (tag, ref_name) {
+                        (Some(t), _) => (TagName::parse(&t)?, None),
+                        (None, Some(r)) if r.contains('/') || r.contains(':') => {
+                            (TagName::parse(&r)?, Some("the archive's ref.name annotation"))
+                        }
+                        (None, r) => (
+                            archive_default_tag(Path::new(&file), r.as_deref().or(reference.as_deref()))?,
+                            Some("the archive's file name"),
+                        ),
+                    };
                     let info = import_source(ctx, &client, &src, top, &tag).await?;
-                    print_imported(&info, &tag, json)?;
+                    print_imported(&info, &tag, named, json)?;
                 }
                 Transport::DockerArchive { file, reference } => {
-                    let tag = match (tag, &reference) {
-                        (Some(t), _) => TagName::parse(&t)?,
-                        (None, Some(r)) => TagName::parse(r)?,
-                        (None, None) => default_oci_tag(file.trim_end_matches(".tar"), None)?,
+                    let (src, top, repo_tag) = crate::archive::docker_archive(Path::new(&file), reference.as_deref())?;
+                    // As skopeo and podman: the image's own RepoTags name it.
+                    let (tag, named) = match (tag, &reference, repo_tag) {
+                        (Some(t), ..) => (TagName::parse(&t)?, None),
+                        (None, Some(r), _) => (TagName::parse(r)?, None),
+                        (None, None, Some(t)) => (TagName::parse(&t)?, Some("the archive's RepoTags")),
+                        (None, None, None) => {
+                            (archive_default_tag(Path::new(&file), None)?, Some("the archive's file name"))
+                        }
                     };
-                    let (src, top) = crate::archive::docker_archive(Path::new(&file), reference.as_deref())?;
                     let info = import_source(ctx, &client, &src, top, &tag).await?;
-                    print_imported(&info, &tag, json)?;
+                    print_imported(&info, &tag, named, json)?;
                 }
             }
         }
@@ -292,8 +311,12 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                         registry: registry.options(&r.registry)?,
                         chunk_size,
                     };
-                    let lines = client.push(&req).await?;
-                    let end = follow(lines, "pushing").await?;
+                    let tls = req.registry.tls_verify;
+                    let end = plain_http_hint(
+                        async { follow(client.push(&req).await?, "pushing").await }.await,
+                        &r.registry,
+                        tls,
+                    )?;
                     let ImageEvent::Pushed { digest, blobs_uploaded, bytes_uploaded, blobs_skipped, blobs_mounted } =
                         &end
                     else {
@@ -304,9 +327,10 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     } else {
                         println!("{digest}");
                         eprintln!(
-                        "pushed {r} ({blobs_uploaded} blobs, {} uploaded; {blobs_skipped} already there; {blobs_mounted} mounted)",
-                        human(*bytes_uploaded)
-                    );
+                            "pushed {r} ({}, {} uploaded; {blobs_skipped} already there; {blobs_mounted} mounted)",
+                            count(*blobs_uploaded, "blob"),
+                            human(*bytes_uploaded)
+                        );
                     }
                 }
                 Transport::Oci { dir, reference } => {
@@ -314,7 +338,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     if json {
                         print_json(&serde_json::json!({ "written": n }))?;
                     } else {
-                        eprintln!("wrote {n} blobs to {dir}");
+                        eprintln!("wrote {} to {dir}", count(n, "blob"));
                     }
                 }
                 Transport::Store(t) => {
@@ -329,7 +353,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     if json {
                         print_json(&serde_json::json!({ "written": n }))?;
                     } else {
-                        eprintln!("wrote {n} blobs to {}", file.display());
+                        eprintln!("wrote {} to {}", count(n, "blob"), file.display());
                     }
                 }
                 Transport::DockerArchive { file, reference } => {
@@ -337,7 +361,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     if json {
                         print_json(&serde_json::json!({ "written": n }))?;
                     } else {
-                        eprintln!("wrote {n} layers to {file}");
+                        eprintln!("wrote {} to {file}", count(n, "layer"));
                     }
                 }
             }
@@ -372,7 +396,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 println!("Layout:    {}", d.info.layout);
                 println!("Tags:      {}", d.info.tags.join(", "));
                 println!("Platforms: {}", d.platforms.join(", "));
-                println!("Size:      {} in {} blobs", human(d.info.size), d.info.blobs);
+                println!("Size:      {} in {}", human(d.info.size), count(d.info.blobs, "blob"));
                 println!("Layers:");
                 for l in &d.layers {
                     println!("  {} {:>10}  {}", l.digest, human(l.size), l.media_type);
@@ -405,9 +429,9 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     format!("{} hashed now", b.layers_written)
                 };
                 eprintln!(
-                    "built {} ({} store layers, {how})",
+                    "built {} ({}, {how})",
                     b.image.tags.first().map(String::as_str).unwrap_or(&b.image.layout),
-                    b.layers.len()
+                    count(b.layers.len(), "store layer")
                 );
             }
         }
@@ -427,6 +451,23 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A registry transfer's failure, or, when it is TLS meeting a plain-HTTP registry (rustls reads
+/// the HTTP answer as a corrupt record: "received corrupt message of type InvalidContentType"),
+/// what to do about it.
+fn plain_http_hint<T>(r: anyhow::Result<T>, host: &str, tls_verify: bool) -> anyhow::Result<T> {
+    match r {
+        Err(e) if tls_verify && is_plain_http(&cairn_daemon::error_line(&e)) => {
+            bail!("{host}: the registry answered plain HTTP; use --tls-verify=false")
+        }
+        other => other,
+    }
+}
+
+/// Whether an error is a TLS handshake that got a plain-HTTP answer.
+fn is_plain_http(message: &str) -> bool {
+    message.contains("InvalidContentType")
 }
 
 /// The one line `image unpack` says on stderr.
@@ -450,13 +491,27 @@ fn unpack_summary(u: &UnpackedInfo) -> String {
 }
 
 /// What an import prints: the digest (or the image as JSON), and its tag on stderr.
-fn print_imported(info: &cairn_api::image::ImageInfo, tag: &TagName, json: bool) -> anyhow::Result<()> {
+/// Prints an import's digest and, on stderr, the tag it got — and, when no --tag was given,
+/// what the name was made from.
+fn print_imported(
+    info: &cairn_api::image::ImageInfo,
+    tag: &TagName,
+    named_from: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
         print_json(info)
     } else {
         println!("{}", info.digest);
-        eprintln!("imported {tag}");
+        eprintln!("{}", imported_line(tag, named_from));
         Ok(())
+    }
+}
+
+fn imported_line(tag: &TagName, named_from: Option<&str>) -> String {
+    match named_from {
+        Some(from) => format!("imported as {tag} (named from {from}; --tag NAME:TAG names it otherwise)"),
+        None => format!("imported {tag}"),
     }
 }
 
@@ -514,6 +569,16 @@ fn default_oci_tag(dir: &str, reference: Option<&str>) -> anyhow::Result<TagName
     let name = name.trim_matches('-');
     TagName::new(&format!("localhost/{name}"), reference.unwrap_or("latest"))
         .with_context(|| format!("cannot name the image from '{dir}': pass --tag NAME:TAG"))
+}
+
+/// `localhost/NAME:TAG` for an archive file: its name without `.tar` (or `.tar.gz`, `.tgz`),
+/// lower case, other characters than letters and digits made `-`.
+fn archive_default_tag(file: &Path, tag: Option<&str>) -> anyhow::Result<TagName> {
+    let base = file.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let stem = [".tar.gz", ".tgz", ".tar"].iter().find_map(|e| base.strip_suffix(e)).unwrap_or(&base);
+    let name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    TagName::new(&format!("localhost/{}", name.trim_matches('-')), tag.unwrap_or("latest"))
+        .with_context(|| format!("cannot name the image from '{}': pass --tag NAME:TAG", file.display()))
 }
 
 /// Lower-case hex of bytes.

@@ -18,12 +18,13 @@ pub fn bytes(what: &str) -> ProgressBar {
     bar
 }
 
-/// A bar for a transfer whose total becomes known as it goes (set its length and position).
+/// A bar for a transfer whose total is known, or becomes known as it goes (set its length and
+/// position): bytes of the total and the percentage done.
 pub fn transfer(what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} {msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {elapsed})",
+            "{spinner} {msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {percent}% ({binary_bytes_per_sec}, {elapsed})",
         )
         .expect("valid template"),
     );

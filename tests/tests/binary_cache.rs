@@ -219,7 +219,7 @@ fn verify_repair_fetches_broken_paths_again_from_the_substituters() {
     std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::set_permissions(real.join("data"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     std::fs::write(real.join("data"), b"bit rot\n").unwrap();
-    assert!(st.fail(&["verify", "--check-contents"], b"").contains("1 of 1 paths checked have problems"));
+    assert!(st.fail(&["verify", "--check-contents"], b"").contains("1 of 1 path checked has problems"));
 
     let out = st.run(&["verify", "--check-contents", "--repair"], b"");
     let stdout = String::from_utf8_lossy(&out.stdout);

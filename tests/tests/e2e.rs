@@ -285,7 +285,7 @@ fn cli_tour() {
     assert_dependencies_first(&rc, &all_infos);
     assert_eq!(lines(&st.ok(&["referrers-closure", &t2])), std::slice::from_ref(&t2));
 
-    // graph --json: the closure's nodes and (referrer, reference) edges.
+    // graph --json: the closure's nodes and (reference, referrer) edges, as --dot draws them.
     let g = json(&st.ok(&["graph", "--json", &t2]));
     let nodes: BTreeSet<String> = str_list(&g["nodes"]).into_iter().collect();
     assert_eq!(nodes, closure.iter().cloned().collect());
@@ -296,7 +296,7 @@ fn cli_tour() {
         .map(|e| (e[0].as_str().unwrap().to_owned(), e[1].as_str().unwrap().to_owned()))
         .collect();
     let want_edges: BTreeSet<(String, String)> =
-        [(t1.clone(), tree_p.clone()), (t2.clone(), t1.clone()), (t2.clone(), flat_p.clone())].into_iter().collect();
+        [(tree_p.clone(), t1.clone()), (t1.clone(), t2.clone()), (flat_p.clone(), t2.clone())].into_iter().collect();
     assert_eq!(edges, want_edges);
 
     // graph --dot (and the default): a digraph whose edges go from reference to referrer.
