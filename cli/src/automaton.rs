@@ -38,8 +38,9 @@ pub enum AutomatonCommand {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
-        /// The command and its arguments.
-        #[arg(last = true, required = true)]
+        /// The command and its arguments (after `--`); with --image, the image's Entrypoint and
+        /// Cmd by default. It must exist in what the automaton mounts.
+        #[arg(last = true, required_unless_present = "image")]
         cmd: Vec<String>,
     },
     /// Run an automaton with an OCI runtime (runc by default, or crun; crun runs without a

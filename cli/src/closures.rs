@@ -482,7 +482,9 @@ pub async fn du(ctx: &Ctx, args: &[String], bytes: bool, json: bool) -> anyhow::
             .iter()
             .map(|(p, size, count)| serde_json::json!({ "path": p, "closureSize": size, "paths": count }))
             .collect();
-        return print_json(&serde_json::json!({ "closures": v, "total": { "closureSize": total.0, "paths": total.1 } }));
+        return print_json(
+            &serde_json::json!({ "closures": v, "total": { "closureSize": total.0, "paths": total.1 } }),
+        );
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (p, size, count) in &rows {

@@ -257,3 +257,63 @@ fn an_automaton_moves_to_another_daemon_as_closure_and_description() {
     );
     let _ = Command::new("runc").args(["delete", "--force", "cairn-mover"]).output();
 }
+
+/// With `--image` and no command, the image's Entrypoint and Cmd run; a command that is not in
+/// what the automaton mounts is refused at `create` with one line naming it.
+#[test]
+fn the_image_s_command_is_the_default_and_commands_must_exist() {
+    if !require_peer("/bin/busybox") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::start();
+    let (tools, s) = closure(&store, tmp.path(), "hello.sh", "echo hello from TOOLS\n");
+    let sh = format!("{tools}/bin/sh");
+    store.ok(&["image", "build", "--closure", &s, "--entrypoint", &sh, "--cmd", &s, "--tag", "entry/point:1"]);
+    // The image's store paths are not mounted (the closure's take their place): the command's
+    // store path must be given with --closure.
+    let e = store.fail(&["automaton", "create", "defaulted", "--image", "entry/point:1"], b"");
+    assert!(
+        e.contains(&format!("command '{sh}' is not in what")) && e.contains("; mount its store path with --closure"),
+        "{e}"
+    );
+    let a =
+        json(&store.ok(&["automaton", "create", "--json", "defaulted", "--image", "entry/point:1", "--closure", &s]));
+    assert_eq!(a["args"], serde_json::json!([sh, s]), "Entrypoint then Cmd");
+    if runc_ready() {
+        let (ok, out, err) = run(&store, "defaulted");
+        assert!(ok, "{err}");
+        assert_eq!(out, format!("hello from {tools}\n"));
+    }
+
+    // Refusals, each one line naming the command and what is mounted.
+    let other = store.ok(&["add", "/bin/busybox"]).trim().to_owned();
+    let e = store.fail(&["automaton", "create", "missing", "--closure", &s, "--", "/bin/sh", "-c", "true"], b"");
+    assert_eq!(
+        e.trim_end(),
+        format!("cairn: command '/bin/sh' is not in what the automaton mounts (the closure of {s})")
+    );
+    let e = store.fail(&["automaton", "create", "missing", "--closure", &s, "--", &other], b"");
+    assert!(e.contains(&format!("command '{other}' is not in what the automaton mounts")), "outside the closure: {e}");
+    assert!(e.trim_end().ends_with("; mount its store path with --closure"), "{e}");
+    let e = store.fail(&["automaton", "create", "missing", "--closure", &s, "--", &format!("{tools}/bin/nope")], b"");
+    assert!(e.contains("bin/nope' is not in what") && !e.contains("--closure"), "{e}");
+    let e = store.fail(&["automaton", "create", "missing", "--closure", &s, "--", "sh"], b"");
+    assert!(e.contains("command 'sh' is not in what the automaton mounts"), "not on the default PATH: {e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    // Found: on the PATH given (through the relative symlink bin/sh -> busybox), in the whole
+    // store, and in the image's root (its /etc/passwd, not a program, but a file).
+    let path = format!("PATH={tools}/bin");
+    store.ok(&["automaton", "create", "on-path", "--env", &path, "--closure", &s, "--", "sh", &s]);
+    store.ok(&["automaton", "create", "whole", "--whole-store", "--", &other]);
+    store.ok(&["automaton", "create", "in-image", "--image", "entry/point:1", "--", "/etc/passwd"]);
+    let e = store.fail(&["automaton", "create", "no-dir", "--image", "entry/point:1", "--", "/etc"], b"");
+    assert!(e.contains("command '/etc' is not in"), "a directory is no command: {e}");
+    // An image without a command, and none given.
+    store.ok(&["image", "build", "--closure", &s, "--tag", "no/cmd:1"]);
+    let e = store.fail(&["automaton", "create", "nothing", "--image", "no/cmd:1"], b"");
+    assert!(e.contains("no command to run: the image sets neither Entrypoint nor Cmd"), "{e}");
+    // Without an image a command is still needed (a usage error).
+    let out = store.cairn().args(["automaton", "create", "bare", "--closure", &s]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -85,7 +85,9 @@ fn man_pages_render() {
     let dir = tempfile::tempdir().unwrap();
     let pages = dir.path().join("man1");
     ok(&["man", pages.to_str().unwrap()]);
-    for page in ["cairn.1", "cairn-why-depends.1", "cairn-path-info.1", "cairn-image-pull.1", "cairn-automaton-create.1"] {
+    for page in
+        ["cairn.1", "cairn-why-depends.1", "cairn-path-info.1", "cairn-image-pull.1", "cairn-automaton-create.1"]
+    {
         assert!(pages.join(page).is_file(), "{page} missing");
     }
     let top = std::fs::read_to_string(pages.join("cairn.1")).unwrap();
@@ -100,7 +102,13 @@ fn man_pages_render() {
         return;
     }
     let render = |page: &Path| {
-        let out = Command::new("man").arg("-l").arg(page).env("MANWIDTH", "100").env("MAN_KEEP_FORMATTING", "").output().unwrap();
+        let out = Command::new("man")
+            .arg("-l")
+            .arg(page)
+            .env("MANWIDTH", "100")
+            .env("MAN_KEEP_FORMATTING", "")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "man -l {}: {}", page.display(), String::from_utf8_lossy(&out.stderr));
         // Justified text: one space between words.
         String::from_utf8(out.stdout).unwrap().split(' ').filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")

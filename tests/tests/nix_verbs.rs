@@ -186,7 +186,10 @@ fn diff_closures_prints_what_nix_prints() {
     let (json, err, code) = b.cairn(&["diff-closures", "--json", before, after]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(v["python3"], serde_json::json!({"versionsBefore": ["3.9.1"], "versionsAfter": ["3.10.0"], "sizeDelta": 16000}));
+    assert_eq!(
+        v["python3"],
+        serde_json::json!({"versionsBefore": ["3.9.1"], "versionsAfter": ["3.10.0"], "sizeDelta": 16000})
+    );
     assert_eq!(v.as_object().unwrap().len(), 6, "{v}");
 }
 
@@ -194,7 +197,9 @@ fn diff_closures_prints_what_nix_prints() {
 fn path_info_sizes_as_nix() {
     let Some(b) = both() else { return };
     let (before, glibc, python) = (b.p("before"), b.p("glibc"), b.p("python"));
-    for flags in [&["-S"][..], &["-s"], &["-s", "-S"], &["-r", "-s", "-S"], &["-rS"], &["-r", "-h", "-S", "-s"], &["-Sh"]] {
+    for flags in
+        [&["-S"][..], &["-s"], &["-s", "-S"], &["-r", "-s", "-S"], &["-rS"], &["-r", "-h", "-S", "-s"], &["-Sh"]]
+    {
         let mut args = vec!["path-info"];
         args.extend_from_slice(flags);
         args.extend([python, glibc, before]);
@@ -204,7 +209,11 @@ fn path_info_sizes_as_nix() {
     // With --json, the closure size is a field, as Nix's `closureSize`.
     let sizes = |json: &str| -> BTreeMap<String, Value> {
         let v: Value = serde_json::from_str(json).unwrap();
-        v.as_array().unwrap().iter().map(|i| (i["path"].as_str().unwrap().to_owned(), i["closureSize"].clone())).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["path"].as_str().unwrap().to_owned(), i["closureSize"].clone()))
+            .collect()
     };
     let (theirs, ..) = b.nix(&["path-info", "--json", "-rS", before]);
     let (ours, ..) = b.cairn(&["path-info", "--json", "-rS", before]);
@@ -248,7 +257,12 @@ fn path_info_json_on_an_invalid_path_as_nix() {
         v.as_array()
             .unwrap()
             .iter()
-            .map(|i| (i["path"].as_str().unwrap().to_owned(), (i["valid"].clone(), i["narHash"].clone(), i["narSize"].clone())))
+            .map(|i| {
+                (
+                    i["path"].as_str().unwrap().to_owned(),
+                    (i["valid"].clone(), i["narHash"].clone(), i["narSize"].clone()),
+                )
+            })
             .collect()
     };
     assert_eq!(by_path(&ours), by_path(&theirs));

@@ -157,5 +157,8 @@ fn unit_files_pass_systemd_analyze_verify() {
         String::from_utf8_lossy(&out.stderr)
     );
     let socket = std::fs::read_to_string(units.join("cairnd.socket")).unwrap();
-    assert!(socket.contains("ListenStream=/var/lib/cairn/daemon-socket/socket\n"), "the default socket of root = \"/\"");
+    assert!(
+        socket.contains("ListenStream=/var/lib/cairn/daemon-socket/socket\n"),
+        "the default socket of root = \"/\""
+    );
 }

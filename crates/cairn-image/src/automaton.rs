@@ -30,6 +30,7 @@ use oci_spec::runtime::{Mount, MountBuilder, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::images::{Image, TempRootGuardSet};
+
 use crate::{ImageError, Images, Result};
 
 /// The gcroots group automata keep their paths in.
@@ -129,7 +130,7 @@ fn overlay(destination: &str, lower: &Path, upper: &Path, work: &Path) -> Result
 /// Creates the automaton `spec` describes.
 pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
     validate_name(&spec.name)?;
-    if spec.args.is_empty() {
+    if spec.args.is_empty() && spec.image.is_none() {
         return Err(ImageError::BadAutomaton("no command to run (cairn automaton create NAME … -- CMD …)".into()));
     }
     let store = &images.store;
@@ -153,6 +154,51 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
         }
         None => None,
     };
+    // Without a command, the image's own: its Entrypoint followed by its Cmd, as podman runs it.
+    let args = match &spec.image {
+        Some(img) if spec.args.is_empty() => {
+            let args = image_command(images, img)?;
+            if args.is_empty() {
+                return Err(ImageError::BadAutomaton(
+                    "no command to run: the image sets neither Entrypoint nor Cmd (cairn automaton create NAME … -- CMD …)"
+                        .into(),
+                ));
+            }
+            args
+        }
+        _ => spec.args.clone(),
+    };
+    let view = View {
+        store_dir: dir.as_str(),
+        real_store_dir: &store.layout().real_store_dir,
+        mounted: (!spec.whole_store).then(|| closure.iter().map(|p| p.base_name()).collect()),
+        rootfs: rootfs.as_ref().map(|r| store.real_path(r)),
+    };
+    view.check_command(&args[0], &spec.env, || {
+        let mut what = Vec::new();
+        if spec.whole_store {
+            what.push("the whole store".to_owned());
+        } else if !spec.paths.is_empty() {
+            let roots: Vec<String> = spec.paths.iter().map(|p| dir.display(p)).collect();
+            what.push(format!("the closure of {}", roots.join(", ")));
+        }
+        if let Some(img) = &spec.image {
+            what.push(format!("image {}", dir.display(&img.layout)));
+        }
+        if what.is_empty() {
+            what.push("no store paths".to_owned());
+        }
+        // A store path that is not mounted (an image's own copy of the store is not: the
+        // closure's paths take its place).
+        let unmounted = args[0]
+            .strip_prefix(dir.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .map(|rest| rest.split('/').next().unwrap_or(rest))
+            .is_some_and(|base| !spec.whole_store && !closure.iter().any(|p| p.base_name() == base));
+        let hint = if unmounted { "; mount its store path with --closure" } else { "" };
+        format!("{}){hint}", what.join(" and "))
+    })?;
+    let spec = &AutomatonSpec { args, ..spec.clone() };
 
     // The bundle is made under a temporary name and renamed into place last.
     let parent = automata_dir(images);
@@ -221,10 +267,7 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
         }
         if let Some(p) = s.process_mut() {
             p.set_args(Some(spec.args.clone()));
-            let mut env = vec![
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-                "TERM=xterm".to_owned(),
-            ];
+            let mut env = vec![format!("PATH={DEFAULT_PATH}"), "TERM=xterm".to_owned()];
             env.extend(spec.env.iter().cloned());
             p.set_env(Some(env));
             p.set_terminal(Some(false));
@@ -267,6 +310,112 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
     }
     made
 }
+
+/// The command an image runs by default: its config's `Entrypoint` followed by its `Cmd`, for
+/// the manifest `unpack` picks (the host's platform).
+fn image_command(images: &Images, img: &Image) -> Result<Vec<String>> {
+    let Some((_, m)) = crate::unpack::pick_manifest(images.image_manifests(img)?, &cairn_oci::Platform::host()) else {
+        return Ok(Vec::new());
+    };
+    let Some(config) = m.children.first() else { return Ok(Vec::new()) };
+    let config: serde_json::Value = serde_json::from_slice(&images.read_manifest(config, "the image")?)
+        .map_err(|e| cairn_oci::OciError::ManifestJson(format!("the image's config: {e}")))?;
+    let strings = |key: &str| -> Vec<String> {
+        config["config"][key].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect()
+    };
+    Ok([strings("Entrypoint"), strings("Cmd")].concat())
+}
+
+/// The file system an automaton's program sees, as far as it comes from the store: the image's
+/// root (its top-level entries but the store directory's) and the store paths mounted (all of
+/// them with `whole_store`). Used to check, before anything is written, that the command exists.
+struct View<'a> {
+    store_dir: &'a str,
+    real_store_dir: &'a Path,
+    /// The base names of the mounted store paths; `None` when the whole store is.
+    mounted: Option<std::collections::HashSet<String>>,
+    /// The image's unpacked root, on the host.
+    rootfs: Option<PathBuf>,
+}
+
+impl View<'_> {
+    /// The host path behind a normalised path inside the automaton, if it is mounted there.
+    fn host_path(&self, inside: &[String]) -> Option<PathBuf> {
+        let store: Vec<&str> = self.store_dir.split('/').filter(|c| !c.is_empty()).collect();
+        let n = store.len().min(inside.len());
+        if inside[..n].iter().zip(&store).all(|(a, b)| a == b) && !inside.is_empty() {
+            if inside.len() <= store.len() {
+                // The store directory or a directory above it: mount points.
+                return Some(self.real_store_dir.to_owned());
+            }
+            let base = &inside[store.len()];
+            if self.mounted.as_ref().is_some_and(|m| !m.contains(base)) {
+                return None;
+            }
+            return Some(inside[store.len()..].iter().fold(self.real_store_dir.to_owned(), |p, c| p.join(c)));
+        }
+        if ["proc", "dev", "sys", "tmp"].contains(&inside.first().map_or("", String::as_str)) {
+            return None;
+        }
+        let root = self.rootfs.as_ref()?;
+        Some(inside.iter().fold(root.clone(), |p, c| p.join(c)))
+    }
+
+    /// Whether `path` (absolute, inside the automaton) names a file that is not a directory,
+    /// following symlinks as the automaton would see them.
+    fn is_file(&self, path: &str) -> bool {
+        let mut todo: std::collections::VecDeque<String> =
+            path.split('/').filter(|c| !c.is_empty()).map(str::to_owned).collect();
+        let mut at: Vec<String> = Vec::new();
+        let mut links = 0;
+        while let Some(c) = todo.pop_front() {
+            match c.as_str() {
+                "." => continue,
+                ".." => {
+                    at.pop();
+                    continue;
+                }
+                _ => at.push(c),
+            }
+            let Some(host) = self.host_path(&at) else { return false };
+            let Ok(meta) = fs::symlink_metadata(&host) else { return false };
+            if meta.file_type().is_symlink() {
+                links += 1;
+                let Ok(target) = fs::read_link(&host) else { return false };
+                if links > 40 {
+                    return false;
+                }
+                at.pop();
+                let target = target.to_string_lossy().into_owned();
+                if target.starts_with('/') {
+                    at.clear();
+                }
+                for (i, t) in target.split('/').filter(|c| !c.is_empty()).enumerate() {
+                    todo.insert(i, t.to_owned());
+                }
+            }
+        }
+        self.host_path(&at).and_then(|h| fs::metadata(h).ok()).is_some_and(|m| !m.is_dir())
+    }
+
+    /// Fails with one line naming the command unless it exists in the automaton: an absolute
+    /// path as it is, a bare name on the `PATH` it will run with (`env`'s, or the default one).
+    fn check_command(&self, command: &str, env: &[String], what: impl FnOnce() -> String) -> Result<()> {
+        let found = if command.contains('/') {
+            command.starts_with('/') && self.is_file(command)
+        } else {
+            let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+            path.split(':').filter(|d| d.starts_with('/')).any(|d| self.is_file(&format!("{d}/{command}")))
+        };
+        if found {
+            return Ok(());
+        }
+        Err(ImageError::BadAutomaton(format!("command '{command}' is not in what the automaton mounts ({}", what())))
+    }
+}
+
+/// The `PATH` an automaton's program gets unless `env` sets one.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Removes every root of automaton `name`.
 fn release_roots(images: &Images, name: &str) -> Result<()> {
