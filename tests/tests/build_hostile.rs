@@ -261,7 +261,7 @@ fn an_auto_started_daemon_leaves_the_terminal_of_the_command_that_started_it() {
             .arg(&socket)
             .arg("--config")
             .arg(&config)
-            .arg("version")
+            .args(["gc", "--print-roots"])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -79,7 +79,7 @@ fn cairnd_serves_on_the_socket_systemd_passes() {
     let child = activated(root.path(), &listener, "$$", "1");
     let started = Instant::now();
     loop {
-        let out = cairn(root.path(), &["version"]);
+        let out = cairn(root.path(), &["daemon", "status"]);
         if out.status.success() {
             assert!(String::from_utf8_lossy(&out.stdout).contains("cairnd"));
             break;
@@ -118,7 +118,7 @@ fn descriptors_meant_for_another_process_or_too_many_are_not_taken() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let started = Instant::now();
-    while !cairn(root.path(), &["version"]).status.success() {
+    while !cairn(root.path(), &["daemon", "status"]).status.success() {
         assert!(started.elapsed() < Duration::from_secs(30), "cairnd does not answer");
         std::thread::sleep(Duration::from_millis(20));
     }
