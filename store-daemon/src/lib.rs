@@ -50,6 +50,21 @@ pub fn error_line(e: &anyhow::Error) -> String {
     out.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
 
+/// Resolves settings, sets up logging, and runs the daemon on a fresh runtime until it is told
+/// to stop. Shared by `cairnd` and `cairn daemon`.
+pub fn run(args: &args::StoreArgs) -> anyhow::Result<()> {
+    let settings = args.settings(true)?;
+    let config_file = args.config_file();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a terminal: a log file (the auto-started daemon's) stays greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve_with_config(settings, config_file))
+}
+
 #[cfg(test)]
 mod tests {
     use super::error_line;
@@ -70,19 +85,4 @@ mod tests {
         assert_eq!(error_line(&plain), "cannot create 'y': File exists (os error 17)");
         assert_eq!(error_line(&anyhow::anyhow!("two\nlines")), "two\\nlines");
     }
-}
-
-/// Resolves settings, sets up logging, and runs the daemon on a fresh runtime until it is told
-/// to stop. Shared by `cairnd` and `cairn daemon`.
-pub fn run(args: &args::StoreArgs) -> anyhow::Result<()> {
-    let settings = args.settings(true)?;
-    let config_file = args.config_file();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log_level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only for a terminal: a log file (the auto-started daemon's) stays greppable.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve_with_config(settings, config_file))
 }
