@@ -755,7 +755,7 @@ pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], j
     if let Some(first) = failed.first() {
         let more = match failed.len() - 1 {
             0 => String::new(),
-            n => format!(" ({} more could not be substituted; --json lists them)", count(n, "path")),
+            n => format!(" ({} could not be substituted; --json lists them)", count(n, "more path")),
         };
         bail!("cannot substitute '{}': {}{more}", first.path, first.reason);
     }

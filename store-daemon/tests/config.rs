@@ -24,5 +24,6 @@ fn unknown_keys_stop_the_daemon_with_one_line() {
         cairnd().args(["--root", dir.path().to_str().unwrap(), "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown field `trusted-user`"), "{err}");
+    assert!(err.contains("unknown key `trusted-user`; did you mean `trusted-users`?"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }

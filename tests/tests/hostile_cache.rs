@@ -318,7 +318,7 @@ impl Fixture {
         assert!(err.starts_with(&start), "expected '{start}…' in:\n{err}");
         assert!(err.contains(check), "expected '{check}' in:\n{err}");
         assert!(
-            err.trim_end().ends_with(" (1 more paths could not be substituted; --json lists them)"),
+            err.trim_end().ends_with(" (1 more path could not be substituted; --json lists them)"),
             "the note needs the tree:\n{err}"
         );
     }
