@@ -146,8 +146,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::PathInfo { paths, closure, size, closure_size, human_readable, json, help: _ } => {
-            let flags =
-                crate::closures::PathInfoFlags { closure, json, size, closure_size, human: human_readable };
+            let flags = crate::closures::PathInfoFlags { closure, json, size, closure_size, human: human_readable };
             crate::closures::path_info(&ctx, &paths, flags).await?;
         }
         Command::WhyDepends { package, dependency, all, json } => {

@@ -191,7 +191,10 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
 
 /// The image manifest to unpack: the only one, or (from a multi-platform index) the first for
 /// `platform`, else the first.
-pub(crate) fn pick_manifest(mut ms: Vec<(Descriptor, Manifest)>, platform: &Platform) -> Option<(Descriptor, Manifest)> {
+pub(crate) fn pick_manifest(
+    mut ms: Vec<(Descriptor, Manifest)>,
+    platform: &Platform,
+) -> Option<(Descriptor, Manifest)> {
     let i = ms.iter().position(|(d, _)| d.platform.as_ref().is_some_and(|p| platform.matches(p))).unwrap_or(0);
     (i < ms.len()).then(|| ms.swap_remove(i))
 }
