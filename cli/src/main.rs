@@ -471,7 +471,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     // Before anything else: this process may be a build's sandbox helper.
-    cairn_build::helper::run_if_asked();
+    cairn_build::run_if_asked();
     let cli = Cli::parse();
     if let Command::Daemon { action: None, .. } = cli.command {
         return match cairn_daemon::run(&cli.store) {

@@ -29,7 +29,7 @@ fn close_on_exec_inherited() {
 
 fn main() -> ExitCode {
     // Before anything else: this process may be a build's sandbox helper.
-    cairn_build::helper::run_if_asked();
+    cairn_build::run_if_asked();
     let cli = Cli::parse();
     close_on_exec_inherited();
     if cli.print_config_template {

@@ -2,7 +2,7 @@
 //!
 //! The daemon is multi-threaded, and a multi-threaded process can neither `unshare` a user
 //! namespace nor safely do much after `fork`. So the daemon starts its own executable again,
-//! once, as the zygote ([`crate::zygote`]; [`run_if_asked`] is the first thing both `cairnd` and
+//! once, as the zygote ([`crate::zygote`]; [`crate::run_if_asked`] is the first thing both `cairnd` and
 //! `cairn` do), which forks a helper for each build; the helper, alone in its process, does the
 //! work ([`HELPER_ARG`] starts one directly, without the zygote):
 //!
@@ -36,18 +36,6 @@ pub const HELPER_ARG: &str = "__cairn-sandbox";
 
 /// Exit status of a helper that failed before the builder ran.
 pub const SETUP_FAILED: i32 = 126;
-
-/// Runs the helper and exits if this process was started as one; returns otherwise. Call it
-/// first in `main`, before any thread exists.
-pub fn run_if_asked() {
-    let first = std::env::args_os().nth(1);
-    if first.as_deref() == Some(std::ffi::OsStr::new(HELPER_ARG)) {
-        std::process::exit(main());
-    }
-    if first.as_deref() == Some(std::ffi::OsStr::new(crate::zygote::ZYGOTE_ARG)) {
-        std::process::exit(crate::zygote::main());
-    }
-}
 
 fn say(line: &str) {
     let mut out = io::stdout().lock();

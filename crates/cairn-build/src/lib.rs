@@ -96,3 +96,17 @@ impl From<DerivationError> for BuildError {
         BuildError::BadDerivation { path: String::new(), source }
     }
 }
+
+/// Runs the sandbox helper or the zygote and exits, if this process was started as one (their
+/// first argument says so); returns otherwise. Call it first in `main`, before any thread exists.
+/// It lives here, above both, so that the helper and the zygote (which runs the helper) do not
+/// import each other.
+pub fn run_if_asked() {
+    let first = std::env::args_os().nth(1);
+    if first.as_deref() == Some(std::ffi::OsStr::new(helper::HELPER_ARG)) {
+        std::process::exit(helper::main());
+    }
+    if first.as_deref() == Some(std::ffi::OsStr::new(zygote::ZYGOTE_ARG)) {
+        std::process::exit(zygote::main());
+    }
+}
