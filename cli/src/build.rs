@@ -16,7 +16,7 @@ use crate::commands::{numbered, print_json, Ctx};
 use crate::progress;
 
 /// The name shown before a build's log lines: the derivation's name without hash and `.drv`.
-fn short_name(drv: &str) -> &str {
+pub(crate) fn short_name(drv: &str) -> &str {
     let base = drv.rsplit('/').next().unwrap_or(drv);
     let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
     name.strip_suffix(".drv").unwrap_or(name)

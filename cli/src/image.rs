@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 use cairn_api::image::{
-    CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent, ImportItem, PullRequest, PushRequest,
-    RegistryOptions, UnpackedInfo,
+    BuildEvent, BuildRequest, BuiltInfo, CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent,
+    ImportItem, PullRequest, PushRequest, RegistryOptions, UnpackedInfo,
 };
 use cairn_api::{Request, Response};
 use cairn_client::Client;
@@ -142,6 +142,37 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Builds an image through the streamed route: on a terminal the spinner shows the builder's
+/// current step; otherwise each step is a `name> line` on stderr, as `cairn realise` prints
+/// build logs.
+async fn build_streamed(client: &Client, req: &BuildRequest) -> anyhow::Result<Box<BuiltInfo>> {
+    use std::io::IsTerminal;
+    use tokio::io::AsyncBufReadExt;
+    let terminal = std::io::stderr().is_terminal();
+    let mut lines = tokio::io::BufReader::new(client.image_build(req).await?).lines();
+    let bar = progress::spinner("building the image");
+    let mut end = None;
+    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
+        match serde_json::from_str::<BuildEvent>(&line).context("cairnd sent an unreadable event")? {
+            BuildEvent::Started { .. } => bar.set_message("building the image: starting"),
+            BuildEvent::Log { drv, line } => {
+                if terminal {
+                    bar.set_message(format!("building the image: {line}"));
+                } else {
+                    eprintln!("{}> {line}", crate::build::short_name(&drv));
+                }
+            }
+            BuildEvent::Built(b) => end = Some(b),
+            BuildEvent::Error(e) => {
+                bar.finish_and_clear();
+                bail!("{}", e.message)
+            }
+        }
+    }
+    bar.finish_and_clear();
+    end.context("cairnd ended the image build without its answer (see its log)")
 }
 
 /// How to reach a registry, as skopeo's flags.
@@ -404,7 +435,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
             }
         }
         ImageCommand::Build { closure, from, max_layers, entrypoint, cmd, env, tag, compress, materialise, json } => {
-            let req = cairn_api::image::BuildRequest {
+            let req = BuildRequest {
                 paths: ctx.store_paths(&closure)?,
                 from,
                 max_layers: Some(max_layers),
@@ -415,10 +446,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 compression: Some(compress),
                 materialise,
             };
-            let bar = progress::spinner("building the image");
-            let answer = client.query(&Request::ImageBuild(req)).await;
-            bar.finish_and_clear();
-            let Response::Built(b) = answer? else { bail!("cairnd gave an unexpected answer to build") };
+            let b = build_streamed(&client, &req).await?;
             if json {
                 print_json(&b)?;
             } else {

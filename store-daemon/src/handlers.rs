@@ -106,6 +106,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::OCI_IMPORT, post(crate::images::import))
         .route(routes::OCI_PULL, post(crate::images::pull))
         .route(routes::OCI_PUSH, post(crate::images::push))
+        .route(routes::OCI_BUILD, post(crate::images::build))
         .route(routes::OCI_BLOB, get(oci_blob))
         .route(routes::DAEMON_STATUS, get(crate::control::status))
         .route(routes::DAEMON_CONFIG, get(crate::control::config))
@@ -175,7 +176,8 @@ async fn query(State(s): St, Extension(peer): Extension<Peer>, Json(req): Json<R
         return json_answer(&report, 4096);
     }
     if let Request::ImageBuild(b) = req {
-        let r = crate::images::build_image(s, peer, b).await?;
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let r = crate::images::build_image(s, peer, b, events).await?;
         return json_answer(&r, 4096);
     }
     let st = s.clone();

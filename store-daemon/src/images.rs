@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::response::Response as HttpResponse;
 use axum::Json;
 use cairn_api::image::{
-    DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
+    BuildEvent, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
     RegistryOptions,
 };
 use cairn_api::{ErrorBody, ErrorKind, Response};
@@ -30,7 +30,7 @@ use cairn_store::ClientScope;
 
 use crate::auth::Peer;
 use crate::error::{ApiError, ApiResult};
-use crate::handlers::{blocking, upload, AppState};
+use crate::handlers::{blocking, json_line, upload, AppState};
 
 /// Blobs moved at once by a pull or a push.
 const JOBS: usize = 8;
@@ -254,16 +254,25 @@ impl cairn_build::Builtin for ImageBuiltin {
         log: &mut dyn FnMut(&[u8]),
     ) -> Result<(), String> {
         let out = outputs.get("out").ok_or("an image derivation has one output, 'out'")?;
-        let built = cairn_image::build::build_output(&self.images, drv_path, drv, out).map_err(|e| e.to_string())?;
+        let built = cairn_image::build::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
+            .map_err(|e| e.to_string())?;
         log(format!("{} store layers hashed, the others remembered", built.layers_written).as_bytes());
-        self.written.lock().expect("poisoned").insert(drv_path.clone(), built.layers_written);
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(drv_path.clone(), built.layers_written);
         Ok(())
     }
 }
 
 /// `image build`: the image's derivation written and realised (by [`ImageBuiltin`]; nothing to do
-/// when its output is valid), then tagged.
-pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::BuildRequest) -> ApiResult<Response> {
+/// when its output is valid), then tagged. The builder's events go to `events`.
+pub async fn build_image(
+    st: Arc<AppState>,
+    peer: Peer,
+    b: cairn_api::image::BuildRequest,
+    events: tokio::sync::mpsc::UnboundedSender<cairn_build::Event>,
+) -> ApiResult<Response> {
     let st2 = st.clone();
     let tag = b.tag.as_deref().map(TagName::parse).transpose()?;
     let (tag2, peer2) = (tag.clone(), peer.clone());
@@ -303,7 +312,6 @@ pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::Bui
         Ok((info.path, out, roots, base_layers))
     })
     .await?;
-    let (events, _) = tokio::sync::mpsc::unbounded_channel();
     let goal = cairn_build::Goal { drv: drv_path.clone(), outputs: None };
     let outcome = st.builder.realise(vec![goal], cairn_build::Options::default(), events).await?;
     if let Some((_, Err(m))) = outcome.results.first() {
@@ -317,7 +325,13 @@ pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::Bui
         if let Some(t) = &tag {
             st.tag_owners.set(&st.store, &peer, t, &image.layout)?;
         }
-        let written = st.image_builder.written.lock().expect("poisoned").remove(&drv_path).unwrap_or(0);
+        let written = st
+            .image_builder
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&drv_path)
+            .unwrap_or(0);
         tracing::info!(digest = %image.digest(), written, cached, "image built");
         let dir = &st.store_dir;
         let layers = cairn_image::build::layer_paths(images, &image, base_layers)?;
@@ -330,6 +344,62 @@ pub async fn build_image(st: Arc<AppState>, peer: Peer, b: cairn_api::image::Bui
         })))
     })
     .await
+}
+
+/// The wire form of a builder's event, if the build's stream shows it.
+fn build_event(dir: &cairn_nix::StoreDir, e: cairn_build::Event) -> Option<BuildEvent> {
+    match e {
+        cairn_build::Event::Started { drv } => Some(BuildEvent::Started { drv: dir.display(&drv) }),
+        cairn_build::Event::Log { drv, line } => {
+            Some(BuildEvent::Log { drv: dir.display(&drv), line: String::from_utf8_lossy(&line).into_owned() })
+        }
+        // The end is the last line, from the answer.
+        _ => None,
+    }
+}
+
+/// `POST /v1/oci/build`: [`build_image`], its builder's events streamed as JSON lines, the last
+/// the built image or the error.
+pub async fn build(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Json(req): Json<cairn_api::image::BuildRequest>,
+) -> ApiResult<HttpResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let dir = s.store_dir.clone();
+    tokio::spawn(async move {
+        let work = build_image(s, peer, req, events);
+        tokio::pin!(work);
+        let answer = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                Some(e) = seen.recv() => {
+                    if let Some(e) = build_event(&dir, e) {
+                        let _ = tx.send(json_line(&e)).await;
+                    }
+                }
+            }
+        };
+        while let Ok(e) = seen.try_recv() {
+            if let Some(e) = build_event(&dir, e) {
+                let _ = tx.send(json_line(&e)).await;
+            }
+        }
+        let last = match answer {
+            Ok(Response::Built(b)) => BuildEvent::Built(b),
+            Ok(_) => BuildEvent::Error(ErrorBody {
+                kind: ErrorKind::Internal,
+                message: "the image build answered something else".into(),
+            }),
+            Err(e) => {
+                tracing::warn!("image build failed: {}", e.message);
+                BuildEvent::Error(ErrorBody { kind: e.kind, message: e.message })
+            }
+        };
+        let _ = tx.send(json_line(&last)).await;
+    });
+    Ok(crate::handlers::json_lines(rx))
 }
 
 /// The longest item line of an import stream.

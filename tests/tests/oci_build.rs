@@ -156,6 +156,58 @@ fn popular_dependencies_get_the_lowest_layers() {
     assert_eq!(layers[1..], [a, b, root, zlib]);
 }
 
+/// The daemon streams the image builder's steps: `cairn image build` with stderr not a terminal
+/// prints them as `oci-image> STEP` lines (as `cairn realise` prints build logs), the build's log
+/// keeps them, a cached build has none, and `--json` still prints only the answer.
+#[test]
+fn an_image_build_shows_the_builders_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = TestStore::start();
+    let text = |name: &str, refs: &[&str]| {
+        let f = tmp.path().join(name);
+        std::fs::write(&f, format!("{name} {refs:?}")).unwrap();
+        let mut args = vec!["add-text", name, f.to_str().unwrap()];
+        for r in refs {
+            args.extend(["--ref", r]);
+        }
+        s.ok(&args).trim().to_owned()
+    };
+    let lib = text("lib", &[]);
+    let root = text("root", &[&lib]);
+    let out = s.run(&["image", "build", "--closure", &root, "--materialise", "--tag", "steps/shown:1"], b"");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.trim().starts_with("sha256:"), "{stdout}");
+    let steps: Vec<&str> = stderr.lines().filter_map(|l| l.strip_prefix("oci-image> ")).collect();
+    for want in [
+        "2 store paths in 2 store layers",
+        "2 store layers: 0 remembered, 2 to hash (",
+        "layer 1/2: hashing ",
+        "layer 2/2: hashing ",
+        "layer 1/2: storing its ",
+        "writing the config",
+        "writing the manifest",
+        "2 store layers hashed, the others remembered",
+    ] {
+        assert!(steps.iter().any(|l| l.starts_with(want)), "no step '{want}' in:\n{stderr}");
+    }
+    assert!(stderr.lines().last().is_some_and(|l| l.starts_with("built steps/shown:1 (")), "{stderr}");
+
+    // The same steps are the derivation's log.
+    let built = json(&s.ok(&["image", "build", "--json", "--closure", &root, "--materialise"]));
+    assert_eq!(built["cached"], true);
+    let log = s.ok(&["log", built["derivation"].as_str().unwrap()]);
+    assert!(log.lines().any(|l| l.starts_with("layer 2/2: hashing ")), "{log}");
+    assert!(log.contains("writing the config"), "{log}");
+
+    // Nothing to build: no steps.
+    let again = s.run(&["image", "build", "--closure", &root, "--materialise"], b"");
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(!stderr.contains("oci-image> "), "{stderr}");
+    assert!(stderr.contains("already valid"), "{stderr}");
+}
+
 #[test]
 fn an_image_built_from_a_closure_runs_under_runc() {
     if !["docker-registry", "skopeo", "umoci", "oci-image-tool", "runc", "/bin/busybox"].iter().all(|p| require_peer(p))

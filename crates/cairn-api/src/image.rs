@@ -204,6 +204,26 @@ pub enum ImageEvent {
     Error(ErrorBody),
 }
 
+/// One line of a streamed image build's answer ([`crate::routes::OCI_BUILD`]): the image
+/// derivation's build as `cairn realise` sees it (none when its output is already valid), then
+/// `built` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum BuildEvent {
+    /// The image derivation's builder started.
+    Started {
+        drv: String,
+    },
+    /// One step of the build (`layer 3/12: hashing 1.2 GiB (4 paths)`, `writing the config`).
+    Log {
+        drv: String,
+        line: String,
+    },
+    /// The end: what `Request::ImageBuild` answers.
+    Built(Box<BuiltInfo>),
+    Error(ErrorBody),
+}
+
 /// What `cairn image build` asks: an image of the closures of `paths`, layered by popularity.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]

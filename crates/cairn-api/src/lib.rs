@@ -61,6 +61,10 @@ pub mod routes {
     pub const OCI_PULL: &str = "/v1/oci/pull";
     /// A push to a registry ([`super::image::PushRequest`]).
     pub const OCI_PUSH: &str = "/v1/oci/push";
+    /// An image build ([`super::image::BuildRequest`]); the answer streams
+    /// [`super::image::BuildEvent`]s, the last the built image or the error. (The same build
+    /// as a query, `Request::ImageBuild`, answers only at the end.)
+    pub const OCI_BUILD: &str = "/v1/oci/build";
     /// `GET ?image=&digest=`: a blob of an image, a streamed layer made as it is sent.
     pub const OCI_BLOB: &str = "/v1/oci/blob";
     /// The daemon's process, socket, store and start ([`super::DaemonStatus`]).

@@ -236,6 +236,11 @@ impl Client {
         Ok(reader_of(self.call_json(routes::OCI_PULL, req).await?.into_body()))
     }
 
+    /// Starts an image build; its answer is a stream of JSON lines (`image::BuildEvent`).
+    pub async fn image_build(&self, req: &cairn_api::image::BuildRequest) -> Result<impl AsyncRead + Send + Unpin> {
+        Ok(reader_of(self.call_json(routes::OCI_BUILD, req).await?.into_body()))
+    }
+
     /// Starts a push; its answer is a stream of JSON lines (`ImageEvent`).
     pub async fn push(&self, req: &cairn_api::image::PushRequest) -> Result<impl AsyncRead + Send + Unpin> {
         Ok(reader_of(self.call_json(routes::OCI_PUSH, req).await?.into_body()))

@@ -207,6 +207,7 @@ fn store_layers(
     groups: &[Vec<StorePath>],
     compression: LayerCompression,
     roots: &mut TempRootGuardSet,
+    log: &mut dyn FnMut(&str),
 ) -> Result<(Vec<StoreLayer>, usize)> {
     let mut found: Vec<Option<StoreLayer>> = Vec::with_capacity(groups.len());
     for g in groups {
@@ -224,15 +225,33 @@ fn store_layers(
     }
     todo.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let described = todo.len();
+    let total: u64 = todo.iter().map(|t| t.1).sum();
+    log(&format!(
+        "{} store layers: {} remembered, {described} to hash ({})",
+        groups.len(),
+        groups.len() - described,
+        human(total)
+    ));
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(todo.len()).max(1);
     let next = AtomicUsize::new(0);
     type Made = Result<(StoreLayer, TempRootGuardSet)>;
     let results: Mutex<Vec<(usize, Made)>> = Mutex::new(Vec::new());
+    // The workers' step lines, written to `log` by this thread as they come.
+    let (steps, lines) = std::sync::mpsc::channel::<String>();
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            scope.spawn(|| loop {
+            let steps = steps.clone();
+            let (next, todo, results) = (&next, &todo, &results);
+            scope.spawn(move || loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(i, _)) = todo.get(k) else { break };
+                let Some(&(i, size)) = todo.get(k) else { break };
+                let _ = steps.send(format!(
+                    "layer {}/{}: hashing {} ({})",
+                    k + 1,
+                    todo.len(),
+                    human(size),
+                    plural(groups[i].len(), "path")
+                ));
                 let mut r = TempRootGuardSet::default();
                 let made = new_layer(images, &groups[i], compression, &mut r).map(|l| (l, r));
                 let failed = made.is_err();
@@ -244,6 +263,10 @@ fn store_layers(
                 }
             });
         }
+        drop(steps);
+        for line in lines {
+            log(&line);
+        }
     });
     for (i, made) in results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
         let (layer, r) = made?;
@@ -252,6 +275,31 @@ fn store_layers(
     }
     let layers = found.into_iter().map(|l| l.expect("every layer remembered or described")).collect();
     Ok((layers, described))
+}
+
+/// `size` bytes for people: `1.2 GiB`.
+fn human(size: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = size as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{size} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `1 path`, `3 paths`.
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 /// Stores a streamed layer's bytes as a blob (made again from its paths and checked).
@@ -421,11 +469,19 @@ pub fn layer_paths(images: &Images, img: &Image, skip: usize) -> Result<Vec<Vec<
 
 /// Builds the image a derivation describes and registers it at its output path `out` (the
 /// layout, with `drv_path` as deriver).
-pub fn build_output(images: &Images, drv_path: &StorePath, drv: &Derivation, out: &StorePath) -> Result<Built> {
+/// Each step (a layer hashed, the config written, ...) is told to `log` as one line.
+pub fn build_output(
+    images: &Images,
+    drv_path: &StorePath,
+    drv: &Derivation,
+    out: &StorePath,
+    log: &mut dyn FnMut(&str),
+) -> Result<Built> {
     let opts = options_of(images, drv)?;
     let mut roots = TempRootGuardSet::default();
-    let (layout, built) = build_layout(images, &opts, &mut roots)?;
+    let (layout, built) = build_layout(images, &opts, &mut roots, log)?;
     let dir = images.store.store_dir();
+    log("registering the image's layout");
     let nar = layout.nar(dir);
     let info = PathInfo {
         path: out.clone(),
@@ -447,11 +503,18 @@ pub fn build_output(images: &Images, drv_path: &StorePath, drv: &Derivation, out
     Ok(built)
 }
 
-/// Makes every blob of the image of `opts` (or finds it remembered) and returns its layout.
-pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGuardSet) -> Result<(Layout, Built)> {
+/// Makes every blob of the image of `opts` (or finds it remembered) and returns its layout;
+/// each step is told to `log` as one line.
+pub fn build_layout(
+    images: &Images,
+    opts: &BuildOptions,
+    roots: &mut TempRootGuardSet,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Layout, Built)> {
     let store = &images.store;
     let dir = store.store_dir().clone();
     roots.hold(store.temp_root(opts.paths.clone()));
+    log("reading the closure");
     let closure = store.walk(&opts.paths, Direction::References)?;
     let mut refs = BTreeMap::new();
     for p in &closure {
@@ -475,6 +538,7 @@ pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGu
     let base_layers = base.as_ref().map(|(_, m, _)| m.layers().len()).unwrap_or(0);
     let budget = budget(opts.max_layers, base_layers)?;
     let groups = group_layers(popularity_order(&dir, &refs), budget);
+    log(&format!("{} in {}", plural(closure.len(), "store path"), plural(groups.len(), "store layer")));
 
     let mut layer_descs: Vec<Descriptor> = base.as_ref().map(|(_, m, _)| m.layers().to_vec()).unwrap_or_default();
     let mut diff_ids: Vec<String> = match &base {
@@ -488,11 +552,12 @@ pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGu
         return Err(ImageError::BadBuild("the base image's config does not list a diff id per layer".into()));
     }
     let t = std::time::Instant::now();
-    let (layers, written) = store_layers(images, &groups, opts.compression, roots)?;
+    let (layers, written) = store_layers(images, &groups, opts.compression, roots, log)?;
     tracing::debug!(layers = layers.len(), described = written, elapsed = ?t.elapsed(), "store layers");
     let mut hints = BTreeMap::new();
-    for l in &layers {
+    for (i, l) in layers.iter().enumerate() {
         if opts.materialise {
+            log(&format!("layer {}/{}: storing its {}", i + 1, layers.len(), human(l.recipe.size)));
             materialise(images, l, roots)?;
         }
         let r = &l.recipe;
@@ -500,6 +565,7 @@ pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGu
         layer_descs.push(descriptor(&r.media_type, r.digest(), r.size));
         hints.insert(r.digest(), l.path.clone());
     }
+    log("writing the /etc and /tmp layer");
     let custom = customisation_layer()?;
     let cd = Digest::sha256_of(&custom);
     roots.hold(images.root_blobs([&cd]));
@@ -532,6 +598,7 @@ pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGu
         o.remove("history");
         o.remove("created");
     }
+    log("writing the config");
     let config_desc = store_json(images, CONFIG, &config, roots)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -539,6 +606,7 @@ pub fn build_layout(images: &Images, opts: &BuildOptions, roots: &mut TempRootGu
         "config": config_desc.to_json(),
         "layers": layer_descs.iter().map(Descriptor::to_json).collect::<Vec<_>>(),
     });
+    log("writing the manifest");
     let manifest_desc = store_json(images, OCI_MANIFEST, &manifest, roots)?;
     // With `materialise`, the blob paths exist now and are linked in place of the descriptions.
     let layout = images.layout_of(vec![manifest_desc], &hints, roots)?;
