@@ -191,11 +191,12 @@ fn an_image_build_shows_the_builders_steps() {
     ] {
         assert!(steps.iter().any(|l| l.starts_with(want)), "no step '{want}' in:\n{stderr}");
     }
-    assert!(stderr.lines().last().is_some_and(|l| l.starts_with("built steps/shown:1 (")), "{stderr}");
+    assert!(stderr.lines().last().is_some_and(|l| l.starts_with("built steps/shown:1 (2 store layers, ")), "{stderr}");
 
     // The same steps are the derivation's log.
     let built = json(&s.ok(&["image", "build", "--json", "--closure", &root, "--materialise"]));
     assert_eq!(built["cached"], true);
+    assert_eq!(built["layers"].as_array().map(Vec::len), Some(2), "materialised layers are listed too: {built}");
     let log = s.ok(&["log", built["derivation"].as_str().unwrap()]);
     assert!(log.lines().any(|l| l.starts_with("layer 2/2: hashing ")), "{log}");
     assert!(log.contains("writing the config"), "{log}");

@@ -457,7 +457,19 @@ pub fn layer_paths(images: &Images, img: &Image, skip: usize) -> Result<Vec<Vec<
             let Some(b) = images.blob_of(img, &l.digest)? else { continue };
             let recipe = match b.source {
                 crate::images::BlobSource::Streamed(r) => Some(*r),
-                crate::images::BlobSource::File(_) => None,
+                // A materialised layer: its description is still remembered by its digest.
+                crate::images::BlobSource::File(_) => {
+                    match images.store.memo(Memo::StreamedLayer, &l.digest.to_hash())? {
+                        Some((path, _root)) => {
+                            let shown = dir.display(&path);
+                            let real = images.store.real_path(&path);
+                            let bytes = fs::read(&real)
+                                .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+                            Some(LayerRecipe::parse(&bytes, &shown)?)
+                        }
+                        None => None,
+                    }
+                }
             };
             if let Some(r) = recipe {
                 out.push(r.paths.iter().filter_map(|n| dir.parse(&format!("{}/{n}", dir.as_str())).ok()).collect());
