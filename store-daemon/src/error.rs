@@ -5,7 +5,11 @@
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cairn_api::{ErrorBody, ErrorKind};
+use cairn_build::BuildError;
+use cairn_image::ImageError;
 use cairn_store::StoreError;
+
+use crate::tag_owners::TagError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -55,6 +59,64 @@ impl From<StoreError> for ApiError {
             Io { .. } | NarWrite { .. } | Db(_) | Locked(_) => ErrorKind::Internal,
         };
         ApiError { kind, message: e.to_string() }
+    }
+}
+
+impl From<BuildError> for ApiError {
+    fn from(e: BuildError) -> ApiError {
+        match e {
+            BuildError::Store(e) => ApiError::from(e),
+            BuildError::NotValid(_) => ApiError::not_found(e.to_string()),
+            BuildError::Io { .. } | BuildError::Internal(_) => ApiError::internal(e.to_string()),
+            _ => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> ApiError {
+        if let ImageError::Store(s) = e {
+            return ApiError::from(s);
+        }
+        let kind = if e.is_not_found() {
+            ErrorKind::NotFound
+        } else if e.is_bad_input() {
+            ErrorKind::BadRequest
+        } else if matches!(e, ImageError::Unauthorized { .. }) {
+            ErrorKind::Forbidden
+        } else {
+            ErrorKind::Internal
+        };
+        ApiError { kind, message: e.to_string() }
+    }
+}
+
+impl From<cairn_oci::OciError> for ApiError {
+    fn from(e: cairn_oci::OciError) -> ApiError {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl From<cairn_cache::CacheError> for ApiError {
+    fn from(e: cairn_cache::CacheError) -> ApiError {
+        use cairn_cache::CacheError::*;
+        match e {
+            Store(e) => ApiError::from(e),
+            Url { .. } | Compression(_) | BadFile { .. } | Refused { .. } => ApiError::bad_request(e.to_string()),
+            Missing { .. } => ApiError::not_found(e.to_string()),
+            Io { .. } | Http { .. } | Timeout { .. } => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<TagError> for ApiError {
+    fn from(e: TagError) -> ApiError {
+        match e {
+            TagError::Image(e) => e.into(),
+            TagError::Store(e) => e.into(),
+            e @ (TagError::NotYours { .. } | TagError::Unowned { .. }) => ApiError::forbidden(e.to_string()),
+            e @ TagError::Record { .. } => ApiError::internal(e.to_string()),
+        }
     }
 }
 

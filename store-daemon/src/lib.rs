@@ -11,19 +11,16 @@
 //! only through `cairn-api`'s types; the store below it knows nothing of HTTP or JSON.
 
 mod activation;
+mod api;
 pub mod args;
 mod auth;
-mod build;
-mod control;
 mod convert;
 mod error;
-mod handlers;
-mod images;
 mod limits;
-mod serve_cache;
-mod serve_registry;
+mod listen;
 mod server;
-mod substitute;
+mod state;
+mod stream;
 mod tag_owners;
 
 pub use server::{serve, serve_with_config};

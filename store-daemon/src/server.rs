@@ -15,9 +15,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::api::router;
 use crate::auth::Policy;
-use crate::handlers::{router, AppState};
 use crate::limits::{AcceptErrors, Connections, Limits, PeerKey};
+use crate::state::AppState;
 
 /// How long in-flight requests get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -30,7 +31,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 /// Runs the daemon until SIGTERM, SIGINT or a stop request; `config_file` is where its settings
 /// came from, for `cairn daemon status`.
 pub async fn serve_with_config(settings: Settings, config_file: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let control = Arc::new(crate::control::Control::new(settings.clone(), config_file));
+    let control = Arc::new(crate::state::Control::new(settings.clone(), config_file));
     let nofile = crate::limits::raise_nofile_limit();
     let limits = Limits::from_settings(&settings, nofile);
     let store_dir = StoreDir::new(&settings.store_dir).context("invalid store directory")?;
@@ -67,15 +68,15 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
     };
 
     // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
-    crate::serve_registry::sweep_uploads(&state_dir(&settings.root));
+    crate::listen::registry::sweep_uploads(&state_dir(&settings.root));
     let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
 
     let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
-    let substitution = crate::substitute::Substitution::from_settings(&settings)?;
+    let substitution = crate::state::Substitution::from_settings(&settings)?;
     let substitution_policy = substitution.policy.clone();
-    let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::build::build_settings(&settings)?));
+    let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::api::build::build_settings(&settings)?));
     let images = cairn_image::Images::new(store.clone());
-    let image_builder = Arc::new(crate::images::ImageBuiltin::new(images.clone()));
+    let image_builder = Arc::new(crate::state::ImageBuiltin::new(images.clone()));
     builder.add_builtin("oci-image", image_builder.clone());
     let app = router(Arc::new(AppState {
         store: store.clone(),
@@ -101,20 +102,20 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
             .await
             .with_context(|| format!("cannot listen on '{addr}' (listen in the config)"))?;
         tracing::info!(address = %tcp.local_addr()?, keys = keys.len(), "serving the store as a binary cache and an OCI registry");
-        let registry = crate::serve_registry::RegistryServer::new(
+        let registry = crate::listen::registry::RegistryServer::new(
             images.clone(),
             settings.accept_pushes,
             &state_dir(&settings.root),
             tag_owners.clone(),
         )
         .context("cannot prepare the registry's upload area")?;
-        let cache = crate::serve_cache::router(Arc::new(crate::serve_cache::CacheServer {
+        let cache = crate::listen::cache::router(Arc::new(crate::listen::cache::CacheServer {
             store: store.clone(),
             store_dir: store_dir.clone(),
             keys,
             pushes: settings.accept_pushes.then(|| substitution_policy.clone()),
         }))
-        .merge(crate::serve_registry::router(Arc::new(registry)));
+        .merge(crate::listen::registry::router(Arc::new(registry)));
         tokio::spawn(serve_tcp(tcp, cache, Connections::new("listen", limits, None)));
     }
     tracing::info!(

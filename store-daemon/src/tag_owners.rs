@@ -31,7 +31,6 @@ use cairn_store::{LocalStore, StoreError};
 use thiserror::Error;
 
 use crate::auth::Peer;
-use crate::error::ApiError;
 
 /// The state subdirectory of creator records.
 const OWNERS: &str = "oci-tag-owners";
@@ -69,17 +68,6 @@ impl std::fmt::Display for Action {
             Action::Move => "move",
             Action::Remove => "remove",
         })
-    }
-}
-
-impl From<TagError> for ApiError {
-    fn from(e: TagError) -> ApiError {
-        match e {
-            TagError::Image(e) => e.into(),
-            TagError::Store(e) => e.into(),
-            e @ (TagError::NotYours { .. } | TagError::Unowned { .. }) => ApiError::forbidden(e.to_string()),
-            e @ TagError::Record { .. } => ApiError::internal(e.to_string()),
-        }
     }
 }
 

@@ -17,14 +17,14 @@ use bytes::Bytes;
 use cairn_api::config::{state_dir, Settings};
 use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResult};
 use cairn_build::requirements::Attrs;
-use cairn_build::{BuildError, BuildSettings, Event, Goal, LogStore, Mode, Options};
+use cairn_build::{BuildSettings, Event, Goal, LogStore, Mode, Options};
 use cairn_nix::{StoreDir, StorePath};
 use tokio::sync::mpsc;
 
 use crate::auth::Peer;
 use crate::convert::{self, store_path};
 use crate::error::{ApiError, ApiResult};
-use crate::handlers::AppState;
+use crate::state::AppState;
 
 /// The builder's settings from the daemon's.
 pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
@@ -62,17 +62,6 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
             stalled_timeout: secs(settings.stalled_download_timeout),
         },
     })
-}
-
-impl From<BuildError> for ApiError {
-    fn from(e: BuildError) -> ApiError {
-        match e {
-            BuildError::Store(e) => ApiError::from(e),
-            BuildError::NotValid(_) => ApiError::not_found(e.to_string()),
-            BuildError::Io { .. } | BuildError::Internal(_) => ApiError::internal(e.to_string()),
-            _ => ApiError::bad_request(e.to_string()),
-        }
-    }
 }
 
 /// `DRV` or `DRV!out1,out2`.
@@ -253,7 +242,7 @@ pub async fn realise(
         };
         let _ = tx.send(line(&event)).await;
     });
-    Ok(crate::handlers::json_lines(rx))
+    Ok(crate::stream::json_lines(rx))
 }
 
 /// `GET /v1/log?path=`: a derivation's last build log, or its deriver's for an output.

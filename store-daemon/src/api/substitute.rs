@@ -7,81 +7,17 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context;
 use axum::extract::State;
 use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
-use cairn_api::config::Settings;
 use cairn_api::{ErrorBody, SubstituteEvent, SubstituteFailure, SubstituteRequest};
-use cairn_cache::{Limits, NarInfoCache, NetOptions, Policy, Progress, Substituter};
+use cairn_cache::Progress;
 
 use crate::auth::Peer;
 use crate::convert::{self, store_paths};
 use crate::error::{ApiError, ApiResult};
-use crate::handlers::AppState;
-
-/// What every substitution shares.
-pub struct Substitution {
-    pub(crate) configured: Vec<Arc<Substituter>>,
-    pub(crate) lookups: Arc<NarInfoCache>,
-    net: NetOptions,
-    pub(crate) limits: Limits,
-    pub policy: Policy,
-}
-
-impl Substitution {
-    pub fn from_settings(settings: &Settings) -> anyhow::Result<Substitution> {
-        let net = NetOptions {
-            connect_timeout: Duration::from_secs(settings.connect_timeout),
-            stall_timeout: Duration::from_secs(settings.stalled_download_timeout),
-        };
-        let configured = settings
-            .substituters
-            .iter()
-            .map(|u| Substituter::open(u, &net).map(Arc::new).with_context(|| "substituters in the config"))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let trusted_keys = settings
-            .trusted_public_keys
-            .iter()
-            .map(|k| cairn_nix::signing::PublicKey::parse(k).with_context(|| "trusted-public-keys in the config"))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Substitution {
-            configured,
-            lookups: Arc::new(NarInfoCache::new(
-                Duration::from_secs(settings.narinfo_cache_positive_ttl),
-                Duration::from_secs(settings.narinfo_cache_negative_ttl),
-            )),
-            net,
-            limits: Limits { connections: settings.substituter_connections, jobs: settings.max_substitution_jobs },
-            policy: Policy { trusted_keys, require_sigs: settings.require_sigs },
-        })
-    }
-
-    /// The caches a request uses: those it names (opened for it, or the configured ones of the
-    /// same URL), else the configured ones.
-    fn caches(&self, from: &[String], peer: &Peer) -> ApiResult<Vec<Arc<Substituter>>> {
-        if from.is_empty() {
-            return Ok(self.configured.clone());
-        }
-        from.iter()
-            .map(|url| {
-                if let Some(s) = self.configured.iter().find(|s| s.url() == url) {
-                    return Ok(s.clone());
-                }
-                if !peer.trusted {
-                    return Err(ApiError::forbidden(format!(
-                        "user '{}' may only substitute from the configured substituters; '{url}' is not one \
-                         (add the user to trusted-users, or the URL to substituters)",
-                        peer.user
-                    )));
-                }
-                Substituter::open(url, &self.net).map(Arc::new).map_err(|e| ApiError::bad_request(e.to_string()))
-            })
-            .collect()
-    }
-}
+use crate::state::AppState;
 
 fn progress_event(p: &Progress) -> SubstituteEvent {
     SubstituteEvent::Progress {
@@ -155,7 +91,7 @@ pub async fn handler(
             }
         }
     };
-    Ok(crate::handlers::progress_lines(move || progress_event(&counters), work))
+    Ok(crate::stream::progress_lines(move || progress_event(&counters), work))
 }
 
 /// `verify --repair`: checks the store, then substitutes every missing or modified path again
@@ -212,16 +148,4 @@ pub async fn verify_and_repair(st: Arc<AppState>, peer: Peer, check_contents: bo
     report.repaired = repaired.len() as u64;
     tracing::info!(repaired = report.repaired, problems = report.problems.len(), "verify --repair");
     Ok(cairn_api::Response::Verify(convert::verify_result(&st.store_dir, report)))
-}
-
-impl From<cairn_cache::CacheError> for ApiError {
-    fn from(e: cairn_cache::CacheError) -> ApiError {
-        use cairn_cache::CacheError::*;
-        match e {
-            Store(e) => ApiError::from(e),
-            Url { .. } | Compression(_) | BadFile { .. } | Refused { .. } => ApiError::bad_request(e.to_string()),
-            Missing { .. } => ApiError::not_found(e.to_string()),
-            Io { .. } | Http { .. } | Timeout { .. } => ApiError::internal(e.to_string()),
-        }
-    }
 }

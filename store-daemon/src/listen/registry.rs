@@ -34,6 +34,8 @@ use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
 
+use crate::stream::blocking;
+
 /// Upload sessions untouched for this long are dropped.
 const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
 
@@ -153,10 +155,10 @@ impl From<cairn_store::StoreError> for RegError {
 
 type RResult<T> = Result<T, RegError>;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> RResult<T> + Send + 'static) -> RResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("worker failed: {e}")))?
+impl From<tokio::task::JoinError> for RegError {
+    fn from(e: tokio::task::JoinError) -> RegError {
+        reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("worker failed: {e}"))
+    }
 }
 
 fn api_version_header() -> (header::HeaderName, HeaderValue) {
@@ -333,7 +335,7 @@ fn name_unknown(name: &str) -> RegError {
 
 async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>) -> RResult<Response> {
     let images = s.images.clone();
-    let names: BTreeSet<String> = blocking(move || {
+    let names: BTreeSet<String> = blocking::<_, RegError>(move || {
         Ok(images
             .store
             .tags()?
@@ -480,7 +482,7 @@ async fn get_blob(
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ASCII"));
     let range =
-        headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| crate::serve_cache::parse_range(v, len));
+        headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| crate::stream::parse_range(v, len));
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, len),
         Some(Ok((a, b))) => {
@@ -503,7 +505,7 @@ async fn get_blob(
     // body (no task per chunk); the blob stays rooted until it is sent. A streamed layer's range
     // is found by making and dropping the bytes before it.
     let images = s.images.clone();
-    let mut resp = crate::handlers::stream_response(move |w| {
+    let mut resp = crate::stream::stream_response(move |w| {
         let shown = images.store.store_dir().display(&blob.path);
         let io = |op, source| cairn_store::StoreError::Io { op, path: shown.clone().into(), source };
         let r: Box<dyn std::io::Read + Send> = match &blob.source {
@@ -535,7 +537,7 @@ async fn referrers(
 ) -> RResult<Response> {
     let (images, n, d) = (s.images.clone(), name.to_owned(), digest.clone());
     let filter = q.get("artifactType").cloned();
-    let found = blocking(move || {
+    let found = blocking::<_, RegError>(move || {
         let mut out = Vec::new();
         let mut seen = BTreeSet::new();
         for (_, img) in repo_images(&images, &n)? {
@@ -683,7 +685,7 @@ async fn put_manifest(
 async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -> RResult<Response> {
     let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
     let owners = s.tag_owners.clone();
-    let removed = blocking(move || {
+    let removed = blocking::<_, RegError>(move || {
         let held = owners.hold();
         let mut removed = 0;
         match Digest::parse(&r) {
@@ -805,7 +807,7 @@ async fn start_upload(
         // Any stored blob can be mounted: the store is one content-addressed pool.
         let d = digest_ok(d)?;
         let (images, dd) = (s.images.clone(), d.clone());
-        if blocking(move || Ok(images.has_blob(&dd)?)).await? {
+        if blocking::<_, RegError>(move || Ok(images.has_blob(&dd)?)).await? {
             return Ok(blob_created(name, &d));
         }
     }

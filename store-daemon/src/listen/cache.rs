@@ -7,7 +7,7 @@
 //! character by character before the database is asked, so nothing but valid store paths can be
 //! reached. Uncompressed NARs honour single `Range: bytes=…` requests (resumed downloads).
 
-use std::io::{self, Write};
+use std::io;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -22,7 +22,7 @@ use cairn_nix::signing::SecretKey;
 use cairn_nix::{StoreDir, StorePath};
 use cairn_store::LocalStore;
 
-use crate::handlers::{stream_response, ChannelWriter};
+use crate::stream::{parse_range, stream_response, IntoStoreError, Window};
 
 /// What the cache server needs.
 pub struct CacheServer {
@@ -74,7 +74,7 @@ async fn missing(State(s): St, body: String) -> Response {
 /// A push stream (see `cairn_cache::push`), received into one batch.
 async fn push(State(s): St, body: Body) -> Response {
     let Some(policy) = s.pushes.clone() else { return not_found() };
-    let mut input = crate::handlers::body_reader(body);
+    let mut input = crate::stream::body_reader(body);
     let store = s.store.clone();
     let dir = s.store_dir.clone();
     let received = tokio::task::spawn_blocking(move || {
@@ -168,59 +168,6 @@ async fn narinfo(State(s): St, UrlPath(file): UrlPath<String>) -> Response {
     ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], narinfo.render(&s.store_dir)).into_response()
 }
 
-/// A single byte range of a body of `len` bytes: `(start, end exclusive)`; `Err` when it cannot
-/// be satisfied.
-pub fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
-    let spec = value.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None; // several ranges: answer the whole body, as the RFC allows
-    }
-    let (a, b) = spec.split_once('-')?;
-    let (a, b) = (a.trim(), b.trim());
-    let range = if a.is_empty() {
-        let n: u64 = b.parse().ok()?;
-        if n == 0 {
-            return Some(Err(()));
-        }
-        (len.saturating_sub(n), len)
-    } else {
-        let start: u64 = a.parse().ok()?;
-        let end = if b.is_empty() { len } else { b.parse::<u64>().ok()?.saturating_add(1).min(len) };
-        if start >= len || end <= start {
-            return Some(Err(()));
-        }
-        (start, end)
-    };
-    Some(Ok(range))
-}
-
-/// Skips the first `skip` bytes written to it and stops (with an error that ends the dump)
-/// after `take` more.
-struct Window<'a> {
-    inner: &'a mut ChannelWriter,
-    skip: u64,
-    take: u64,
-}
-
-impl Write for Window<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut data = buf;
-        let dropped = self.skip.min(data.len() as u64) as usize;
-        self.skip -= dropped as u64;
-        data = &data[dropped..];
-        if self.take == 0 && !data.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "range sent"));
-        }
-        let n = (self.take.min(data.len() as u64)) as usize;
-        self.inner.write_all(&data[..n])?;
-        self.take -= n as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -> Response {
     let (name, compressed) = match file.strip_suffix(".nar.zst") {
         Some(n) => (n, true),
@@ -244,9 +191,9 @@ async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -
     let store = s.store.clone();
     if compressed {
         let mut resp = stream_response(move |w| {
-            let mut enc = zstd::stream::write::Encoder::new(w, 3).map_err(io_err)?;
+            let mut enc = zstd::stream::write::Encoder::new(w, 3).map_err(IntoStoreError::into_store)?;
             store.dump_path(&path, &mut enc)?;
-            enc.finish().map_err(io_err)?;
+            enc.finish().map_err(IntoStoreError::into_store)?;
             Ok(())
         });
         resp.headers_mut().insert(header::CONTENT_TYPE, "application/x-nix-nar".parse().expect("valid header"));
@@ -281,26 +228,4 @@ async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -
         h.insert(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1).parse().expect("valid header"));
     }
     Response::from_parts(parts, body)
-}
-
-fn io_err(e: io::Error) -> cairn_store::StoreError {
-    cairn_store::StoreError::Io { op: "send", path: "response".into(), source: e }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_range;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 10))));
-        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 100))));
-        assert_eq!(parse_range("bytes=-5", 100), Some(Ok((95, 100))));
-        assert_eq!(parse_range("bytes=50-1000", 100), Some(Ok((50, 100))));
-        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
-        assert_eq!(parse_range("bytes=9-3", 100), Some(Err(())));
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
-        assert_eq!(parse_range("bytes=x-1", 100), None);
-    }
 }

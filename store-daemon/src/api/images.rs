@@ -5,14 +5,14 @@
 //! store writes, no copy through the socket — with the credentials the client read from the
 //! caller's own auth files; they stream progress as JSON lines like substitutions do.
 
-use std::io::BufRead;
+use std::io::{self, BufRead};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::Response as HttpResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use cairn_api::image::{
     BuildEvent, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
     RegistryOptions,
@@ -21,8 +21,7 @@ use cairn_api::{ErrorBody, ErrorKind, Response};
 use cairn_image::images::Image;
 use cairn_image::pull::{Progress, PullOptions};
 use cairn_image::registry::{ClientOptions, Credentials, Registry};
-use cairn_image::{ImageError, Images};
-use cairn_nix::StorePath;
+use cairn_image::Images;
 use cairn_oci::manifest::{Descriptor, Platform};
 use cairn_oci::reference::{ImageRef, Reference};
 use cairn_oci::{Digest, TagName};
@@ -30,34 +29,11 @@ use cairn_store::ClientScope;
 
 use crate::auth::Peer;
 use crate::error::{ApiError, ApiResult};
-use crate::handlers::{blocking, json_line, upload, AppState};
+use crate::state::{AppState, St};
+use crate::stream::{blocking, json_line, stream_response, upload, IntoStoreError};
 
 /// Blobs moved at once by a pull or a push.
 const JOBS: usize = 8;
-
-impl From<ImageError> for ApiError {
-    fn from(e: ImageError) -> ApiError {
-        if let ImageError::Store(s) = e {
-            return ApiError::from(s);
-        }
-        let kind = if e.is_not_found() {
-            ErrorKind::NotFound
-        } else if e.is_bad_input() {
-            ErrorKind::BadRequest
-        } else if matches!(e, ImageError::Unauthorized { .. }) {
-            ErrorKind::Forbidden
-        } else {
-            ErrorKind::Internal
-        };
-        ApiError { kind, message: e.to_string() }
-    }
-}
-
-impl From<cairn_oci::OciError> for ApiError {
-    fn from(e: cairn_oci::OciError) -> ApiError {
-        ApiError::bad_request(e.to_string())
-    }
-}
 
 fn descriptor_wire(d: &Descriptor) -> DescriptorWire {
     DescriptorWire {
@@ -232,39 +208,6 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
     })
 }
 
-/// Makes `builtin:oci-image` derivations, and tells the request that asked how many layers it
-/// hashed.
-pub struct ImageBuiltin {
-    images: Images,
-    written: std::sync::Mutex<std::collections::HashMap<StorePath, usize>>,
-}
-
-impl ImageBuiltin {
-    pub fn new(images: Images) -> ImageBuiltin {
-        ImageBuiltin { images, written: Default::default() }
-    }
-}
-
-impl cairn_build::Builtin for ImageBuiltin {
-    fn build(
-        &self,
-        drv_path: &StorePath,
-        drv: &cairn_nix::derivation::Derivation,
-        outputs: &std::collections::BTreeMap<String, StorePath>,
-        log: &mut dyn FnMut(&[u8]),
-    ) -> Result<(), String> {
-        let out = outputs.get("out").ok_or("an image derivation has one output, 'out'")?;
-        let built = cairn_image::build::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
-            .map_err(|e| e.to_string())?;
-        log(format!("{} store layers hashed, the others remembered", built.layers_written).as_bytes());
-        self.written
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(drv_path.clone(), built.layers_written);
-        Ok(())
-    }
-}
-
 /// `image build`: the image's derivation written and realised (by [`ImageBuiltin`]; nothing to do
 /// when its output is valid), then tagged. The builder's events go to `events`.
 pub async fn build_image(
@@ -399,7 +342,7 @@ pub async fn build(
         };
         let _ = tx.send(json_line(&last)).await;
     });
-    Ok(crate::handlers::json_lines(rx))
+    Ok(crate::stream::json_lines(rx))
 }
 
 /// The longest item line of an import stream.
@@ -486,7 +429,7 @@ fn stream_job(
     progress: Arc<Progress>,
     work: impl std::future::Future<Output = ApiResult<ImageEvent>> + Send + 'static,
 ) -> HttpResponse {
-    crate::handlers::progress_lines(move || progress_event(&progress), async move {
+    crate::stream::progress_lines(move || progress_event(&progress), async move {
         work.await.unwrap_or_else(|e| {
             tracing::warn!("image transfer failed: {}", e.message);
             ImageEvent::Error(ErrorBody { kind: e.kind, message: e.message })
@@ -545,12 +488,12 @@ pub async fn push(State(s): State<Arc<AppState>>, Json(req): Json<PushRequest>) 
     let dest = ImageRef::parse(req.destination.trim_start_matches("docker://"))?;
     let st = s.clone();
     let what = req.image.clone();
-    let img = blocking(move || Ok(st.images.resolve(&what)?)).await?;
+    let img = blocking::<_, ApiError>(move || Ok(st.images.resolve(&what)?)).await?;
     // Another repository of the destination registry that holds this image (by its tags), for
     // cross-repository mounts.
     let st = s.clone();
     let layout = img.layout.clone();
-    let tags = blocking(move || Ok(st.images.tags_of(&layout)?)).await?;
+    let tags = blocking::<_, ApiError>(move || Ok(st.images.tags_of(&layout)?)).await?;
     let mount_from = tags.iter().find_map(|t| {
         let (host, repo) = t.name().split_once('/')?;
         (host == dest.registry && repo != dest.repository).then(|| repo.to_owned())
@@ -571,5 +514,32 @@ pub async fn push(State(s): State<Arc<AppState>>, Json(req): Json<PushRequest>) 
             blobs_skipped: pushed.blobs_skipped,
             blobs_mounted: pushed.blobs_mounted,
         })
+    }))
+}
+
+pub(crate) async fn oci_blob(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<cairn_api::BlobQuery>,
+) -> ApiResult<HttpResponse> {
+    let st = s.clone();
+    let (blob, mut reader) = blocking(move || {
+        let _client = ClientScope::enter(peer.client);
+        let img = st.images.resolve(&q.image)?;
+        let d = cairn_oci::Digest::parse(&q.digest)?;
+        if !img.blobs.contains(&d) {
+            return Err(ApiError::not_found(format!("image '{}' has no blob {d}", q.image)));
+        }
+        let blob = st
+            .images
+            .blob_of(&img, &d)?
+            .ok_or_else(|| ApiError::not_found(format!("blob {d} of '{}' is not in the store", q.image)))?;
+        let reader = st.images.open_blob(&blob)?;
+        Ok((blob, reader))
+    })
+    .await?;
+    Ok(stream_response(move |w| {
+        let _blob = blob;
+        io::copy(&mut reader, w).map(|_| ()).map_err(|e| e.into_store())
     }))
 }

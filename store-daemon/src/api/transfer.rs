@@ -1,0 +1,93 @@
+//! Paths into and out of the store: `/v1/add`, `/v1/import`, `/v1/export` and `/v1/receive`.
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::response::Response as HttpResponse;
+use axum::{Extension, Json};
+use cairn_api::{AddMethod, AddQuery, ExportRequest};
+use cairn_store::ClientScope;
+
+use crate::auth::Peer;
+use crate::convert::{self, store_paths};
+use crate::error::{ApiError, ApiResult};
+use crate::state::St;
+use crate::stream::{blocking, refuse_upload, stream_response, upload};
+
+pub(crate) async fn add(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<AddQuery>,
+    body: Body,
+) -> ApiResult<Json<cairn_api::PathInfo>> {
+    let info = upload(body, move |input| {
+        let _client = ClientScope::enter(peer.client);
+        let info = match q.method {
+            AddMethod::Nar => s.store.add_nar(&q.name, input)?,
+            AddMethod::Flat => {
+                let size = q.size.ok_or_else(|| ApiError::bad_request("a flat add needs size=BYTES"))?;
+                s.store.add_flat(&q.name, input, size, q.executable)?
+            }
+        };
+        tracing::info!(path = %s.store_dir.display(&info.path), "added");
+        Ok(convert::path_info(&s.store_dir, &info))
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+pub(crate) async fn export(State(s): St, Json(req): Json<ExportRequest>) -> ApiResult<HttpResponse> {
+    let paths = store_paths(&s.store_dir, &req.paths)?;
+    let st = s.clone();
+    let check = paths.clone();
+    blocking::<_, ApiError>(move || {
+        for p in &check {
+            st.store.valid_path_info(p)?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(stream_response(move |w| s.store.export(&paths, w)))
+}
+
+/// A closure copied from another daemon, with its metadata (content addresses, signatures,
+/// derivers) — what an export stream cannot carry.
+pub(crate) async fn receive(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    body: Body,
+) -> ApiResult<Json<Vec<String>>> {
+    let added = upload(body, move |input| {
+        let _client = ClientScope::enter(peer.client);
+        let done = cairn_cache::push::receive(&s.store, &s.substitution.policy, !peer.trusted, input)?;
+        tracing::info!(paths = done.added.len(), "received");
+        if let Some((p, r)) = done.incomplete.first() {
+            return Err(ApiError::bad_request(format!(
+                "'{}' references '{}', which is neither valid nor in the stream",
+                s.store_dir.display(p),
+                s.store_dir.display(r)
+            )));
+        }
+        Ok(done.added.iter().map(|i| s.store_dir.display(&i.path)).collect())
+    })
+    .await?;
+    Ok(Json(added))
+}
+
+pub(crate) async fn import(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    body: Body,
+) -> ApiResult<Json<Vec<cairn_api::PathInfo>>> {
+    if !peer.trusted {
+        let e = ApiError::forbidden(cairn_api::untrusted_import_message(&peer.user));
+        return refuse_upload(body, e).await;
+    }
+    let infos = upload(body, move |input| {
+        let _client = ClientScope::enter(peer.client);
+        let infos = s.store.import(input)?;
+        tracing::info!(paths = infos.len(), "imported");
+        Ok(infos.iter().map(|i| convert::path_info(&s.store_dir, i)).collect())
+    })
+    .await?;
+    Ok(Json(infos))
+}

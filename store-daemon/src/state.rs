@@ -1,0 +1,176 @@
+//! What the routes share: [`AppState`], with the substituters, the daemon's own status and
+//! settings ([`Control`]) and the builder of image derivations ([`ImageBuiltin`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::extract::State;
+use cairn_api::config::Settings;
+use cairn_api::DaemonStatus;
+use cairn_cache::{Limits, NarInfoCache, NetOptions, Policy, Substituter};
+use cairn_image::Images;
+use cairn_nix::{StoreDir, StorePath};
+use cairn_store::LocalStore;
+use tokio::sync::Notify;
+
+use crate::auth::Peer;
+use crate::error::{ApiError, ApiResult};
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<LocalStore>,
+    pub store_dir: StoreDir,
+    /// Substituters, narinfo lookups and the trust policy for substituted paths.
+    pub substitution: Substitution,
+    pub builder: Arc<cairn_build::Builder>,
+    /// OCI images over the same store.
+    pub images: cairn_image::Images,
+    /// The builder of image derivations (registered with `builder` as `builtin:oci-image`).
+    pub image_builder: Arc<ImageBuiltin>,
+    /// Who made each tag, and so who may move or remove it.
+    pub tag_owners: Arc<crate::tag_owners::TagOwners>,
+    /// The daemon's own status and settings, and its stop switch.
+    pub control: Arc<Control>,
+}
+
+pub(crate) type St = State<Arc<AppState>>;
+
+/// What every substitution shares.
+pub struct Substitution {
+    pub(crate) configured: Vec<Arc<Substituter>>,
+    pub(crate) lookups: Arc<NarInfoCache>,
+    net: NetOptions,
+    pub(crate) limits: Limits,
+    pub policy: Policy,
+}
+
+impl Substitution {
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Substitution> {
+        let net = NetOptions {
+            connect_timeout: Duration::from_secs(settings.connect_timeout),
+            stall_timeout: Duration::from_secs(settings.stalled_download_timeout),
+        };
+        let configured = settings
+            .substituters
+            .iter()
+            .map(|u| Substituter::open(u, &net).map(Arc::new).with_context(|| "substituters in the config"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let trusted_keys = settings
+            .trusted_public_keys
+            .iter()
+            .map(|k| cairn_nix::signing::PublicKey::parse(k).with_context(|| "trusted-public-keys in the config"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Substitution {
+            configured,
+            lookups: Arc::new(NarInfoCache::new(
+                Duration::from_secs(settings.narinfo_cache_positive_ttl),
+                Duration::from_secs(settings.narinfo_cache_negative_ttl),
+            )),
+            net,
+            limits: Limits { connections: settings.substituter_connections, jobs: settings.max_substitution_jobs },
+            policy: Policy { trusted_keys, require_sigs: settings.require_sigs },
+        })
+    }
+
+    /// The caches a request uses: those it names (opened for it, or the configured ones of the
+    /// same URL), else the configured ones.
+    pub(crate) fn caches(&self, from: &[String], peer: &Peer) -> ApiResult<Vec<Arc<Substituter>>> {
+        if from.is_empty() {
+            return Ok(self.configured.clone());
+        }
+        from.iter()
+            .map(|url| {
+                if let Some(s) = self.configured.iter().find(|s| s.url() == url) {
+                    return Ok(s.clone());
+                }
+                if !peer.trusted {
+                    return Err(ApiError::forbidden(format!(
+                        "user '{}' may only substitute from the configured substituters; '{url}' is not one \
+                         (add the user to trusted-users, or the URL to substituters)",
+                        peer.user
+                    )));
+                }
+                Substituter::open(url, &self.net).map(Arc::new).map_err(|e| ApiError::bad_request(e.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// What the daemon knows about itself, shared by the handlers and the accept loop.
+pub struct Control {
+    pub settings: Settings,
+    /// The config file the settings were read from (absolute), if any.
+    pub config_file: Option<PathBuf>,
+    started_wall: SystemTime,
+    started: Instant,
+    fingerprint: String,
+    /// Notified once by a stop request; the accept loop then shuts down as on SIGTERM.
+    pub stop: Notify,
+}
+
+impl Control {
+    pub fn new(settings: Settings, config_file: Option<PathBuf>) -> Control {
+        Control {
+            fingerprint: settings.fingerprint(),
+            settings,
+            config_file,
+            started_wall: SystemTime::now(),
+            started: Instant::now(),
+            stop: Notify::new(),
+        }
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            api_version: cairn_api::API_VERSION,
+            socket: self.settings.socket.display().to_string(),
+            store_dir: self.settings.store_dir.clone(),
+            root: self.settings.root.display().to_string(),
+            config_file: self.config_file.as_ref().map(|p| p.display().to_string()),
+            started: self.started_wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            settings_fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
+
+/// Makes `builtin:oci-image` derivations, and tells the request that asked how many layers it
+/// hashed.
+pub struct ImageBuiltin {
+    images: Images,
+    pub(crate) written: std::sync::Mutex<std::collections::HashMap<StorePath, usize>>,
+}
+
+impl ImageBuiltin {
+    pub fn new(images: Images) -> ImageBuiltin {
+        ImageBuiltin { images, written: Default::default() }
+    }
+}
+
+impl cairn_build::Builtin for ImageBuiltin {
+    fn build(
+        &self,
+        drv_path: &StorePath,
+        drv: &cairn_nix::derivation::Derivation,
+        outputs: &std::collections::BTreeMap<String, StorePath>,
+        log: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), String> {
+        let out = outputs.get("out").ok_or("an image derivation has one output, 'out'")?;
+        let built = cairn_image::build::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
+            .map_err(|e| e.to_string())?;
+        log(format!("{} store layers hashed, the others remembered", built.layers_written).as_bytes());
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(drv_path.clone(), built.layers_written);
+        Ok(())
+    }
+}

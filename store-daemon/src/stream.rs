@@ -1,0 +1,246 @@
+//! Every streaming, blocking and range helper the routes share.
+//!
+//! Store calls block (file system, SQLite), so each runs on tokio's blocking pool. Request
+//! bodies reach them as `std::io::Read` through `SyncIoBridge`; streamed answers leave through a
+//! bounded channel, so a slow client applies back-pressure instead of the daemon buffering a NAR.
+//! A failure half-way through a streamed answer aborts the HTTP response, so the client sees an
+//! error and never a silently truncated NAR.
+
+use std::io::{self, BufReader, Write};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response as HttpResponse};
+use bytes::{Bytes, BytesMut};
+use futures_util::TryStreamExt;
+use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::error::{ApiError, ApiResult};
+
+/// One JSON line of a streamed answer.
+pub(crate) fn json_line(v: &impl serde::Serialize) -> Bytes {
+    let mut out = serde_json::to_vec(v).expect("events serialise");
+    out.push(b'\n');
+    out.into()
+}
+
+/// Runs `work` in its own task and answers with JSON lines: `progress()` five times a second
+/// while it runs and once more at the end, then the event `work` ends with.
+pub(crate) fn progress_lines<E: serde::Serialize + Send + 'static>(
+    progress: impl Fn() -> E + Send + 'static,
+    work: impl std::future::Future<Output = E> + Send + 'static,
+) -> HttpResponse {
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        let last = loop {
+            tokio::select! {
+                e = &mut work => break e,
+                _ = tick.tick() => { let _ = tx.send(json_line(&progress())).await; }
+            }
+        };
+        let _ = tx.send(json_line(&progress())).await;
+        let _ = tx.send(json_line(&last)).await;
+    });
+    json_lines(rx)
+}
+
+/// A streamed answer of JSON lines, one per message received on `rx`, ending when its senders
+/// are gone.
+pub(crate) fn json_lines(rx: mpsc::Receiver<Bytes>) -> HttpResponse {
+    let body =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+        );
+    ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response()
+}
+
+/// Runs a blocking store call on the blocking pool. The one helper for the API and the
+/// listeners alike: a worker that panics becomes the caller's error type (`From<JoinError>`).
+pub(crate) async fn blocking<T: Send + 'static, E: From<tokio::task::JoinError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// A request body as a blocking reader.
+pub(crate) fn body_reader(body: Body) -> impl io::Read + Send + 'static {
+    let stream = body.into_data_stream().map_err(io::Error::other);
+    BufReader::with_capacity(1 << 20, SyncIoBridge::new(StreamReader::new(stream)))
+}
+
+/// How much of a refused upload is read and discarded before answering. An HTTP/1.1 client
+/// that is still sending when the answer comes may see its write fail before it reads the
+/// answer; draining lets it read why it was refused. Past this bound the connection is closed.
+const DRAIN_LIMIT: u64 = 1 << 30;
+
+/// Runs `consume` over an upload on the blocking pool; if it fails, drains the rest of the
+/// upload (up to [`DRAIN_LIMIT`]) so that the client receives the error.
+pub(crate) async fn upload<T: Send + 'static>(
+    body: Body,
+    consume: impl FnOnce(&mut dyn io::Read) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let mut input = body_reader(body);
+    blocking(move || {
+        let result = consume(&mut input);
+        if result.is_err() {
+            let _ = io::copy(&mut io::Read::take(&mut input, DRAIN_LIMIT), &mut io::sink());
+        }
+        result
+    })
+    .await
+}
+
+/// Refuses an upload without looking at it, but drains it first (see [`DRAIN_LIMIT`]).
+pub(crate) async fn refuse_upload<T>(body: Body, e: ApiError) -> ApiResult<T> {
+    let mut input = body_reader(body);
+    blocking::<_, ApiError>(move || {
+        let _ = io::copy(&mut io::Read::take(&mut input, DRAIN_LIMIT), &mut io::sink());
+        Ok(())
+    })
+    .await?;
+    Err(e)
+}
+
+/// A `Write` whose bytes become a streamed response body. Dropping it without
+/// [`finish`](Self::finish) after an error ends the body with that error.
+pub(crate) struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+impl ChannelWriter {
+    fn new() -> (ChannelWriter, Body) {
+        let (tx, rx) = mpsc::channel(8);
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        (ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK) }, Body::from_stream(stream))
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = self.buf.split().freeze();
+            self.tx
+                .blocking_send(Ok(chunk))
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))?;
+            self.buf.reserve(CHUNK);
+        }
+        Ok(())
+    }
+
+    fn fail(self, message: String) {
+        let _ = self.tx.blocking_send(Err(io::Error::other(message)));
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Streams what `produce` writes; checks done before it are reported with a status code.
+pub(crate) fn stream_response(
+    produce: impl FnOnce(&mut ChannelWriter) -> Result<(), cairn_store::StoreError> + Send + 'static,
+) -> HttpResponse {
+    let (mut w, body) = ChannelWriter::new();
+    tokio::task::spawn_blocking(move || match produce(&mut w).and_then(|_| w.flush().map_err(|e| e.into_store())) {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!("streamed answer failed: {e}");
+            w.fail(e.to_string());
+        }
+    });
+    HttpResponse::new(body)
+}
+
+pub(crate) trait IntoStoreError {
+    fn into_store(self) -> cairn_store::StoreError;
+}
+
+impl IntoStoreError for io::Error {
+    fn into_store(self) -> cairn_store::StoreError {
+        cairn_store::StoreError::Io { op: "send", path: "response".into(), source: self }
+    }
+}
+
+/// A single byte range of a body of `len` bytes: `(start, end exclusive)`; `Err` when it cannot
+/// be satisfied.
+pub fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // several ranges: answer the whole body, as the RFC allows
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return Some(Err(()));
+        }
+        (len.saturating_sub(n), len)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() { len } else { b.parse::<u64>().ok()?.saturating_add(1).min(len) };
+        if start >= len || end <= start {
+            return Some(Err(()));
+        }
+        (start, end)
+    };
+    Some(Ok(range))
+}
+
+/// Skips the first `skip` bytes written to it and stops (with an error that ends the dump)
+/// after `take` more.
+pub(crate) struct Window<'a> {
+    pub(crate) inner: &'a mut ChannelWriter,
+    pub(crate) skip: u64,
+    pub(crate) take: u64,
+}
+
+impl Write for Window<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut data = buf;
+        let dropped = self.skip.min(data.len() as u64) as usize;
+        self.skip -= dropped as u64;
+        data = &data[dropped..];
+        if self.take == 0 && !data.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "range sent"));
+        }
+        let n = (self.take.min(data.len() as u64)) as usize;
+        self.inner.write_all(&data[..n])?;
+        self.take -= n as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 10))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 100))));
+        assert_eq!(parse_range("bytes=-5", 100), Some(Ok((95, 100))));
+        assert_eq!(parse_range("bytes=50-1000", 100), Some(Ok((50, 100))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=9-3", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=x-1", 100), None);
+    }
+}
