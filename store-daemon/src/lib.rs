@@ -1,9 +1,10 @@
 //! cairnd: the process that owns a store and serves cairn's API on a Unix socket.
 //!
 //! [`args`] turns flags, environment and the config file into settings; [`serve`] opens the
-//! store, binds the socket and runs the accept loop until SIGTERM or SIGINT; `handlers` maps API
-//! routes onto `cairn_store::LocalStore` calls, which are blocking and run on tokio's blocking
-//! pool; `auth` decides what each connection may do from its peer credentials (SO_PEERCRED);
+//! store, binds the socket and runs the accept loop until SIGTERM or SIGINT; `api` maps API
+//! routes (one module per group) onto `cairn_store::LocalStore` calls, which are blocking and run
+//! on tokio's blocking pool through `stream`; `state` is what the routes share; `listen` holds the
+//! binary cache and OCI registry listeners; `auth` decides what each connection may do from its peer credentials (SO_PEERCRED);
 //! `limits` bounds the connections each user (or client address) may hold and how long a request
 //! head may take; `tag_owners` decides who may move or remove an image tag.
 //!

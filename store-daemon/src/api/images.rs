@@ -208,8 +208,9 @@ pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> Api
     })
 }
 
-/// `image build`: the image's derivation written and realised (by [`ImageBuiltin`]; nothing to do
-/// when its output is valid), then tagged. The builder's events go to `events`.
+/// `image build`: the image's derivation written and realised (by
+/// [`ImageBuiltin`](crate::state::ImageBuiltin); nothing to do when its output is valid), then
+/// tagged. The builder's events go to `events`.
 pub async fn build_image(
     st: Arc<AppState>,
     peer: Peer,
