@@ -160,7 +160,7 @@ fn sha256_of_reader(mut r: impl Read) -> anyhow::Result<Digest> {
         }
         h.update(&buf[..n]);
     }
-    Ok(Digest::parse(&format!("sha256:{}", crate::image::hex(&h.finalize())))?)
+    Ok(Digest::parse(&format!("sha256:{}", crate::ctx::hex(&h.finalize())))?)
 }
 
 /// One image of a `docker-archive:` file (the one whose `RepoTags` has `reference`, or the only
@@ -319,7 +319,7 @@ pub fn write_docker_archive(
         }
         w.flush()?;
         drop(w);
-        let name = format!("{}.tar", crate::image::hex(&hasher.finalize()));
+        let name = format!("{}.tar", crate::ctx::hex(&hasher.finalize()));
         let mut h = header(size);
         b.append_data(&mut h, &name, std::fs::File::open(plain.path())?)?;
         names.push(name);

@@ -11,7 +11,7 @@ use cairn_api::image::{AutomatonInfo, AutomatonRequest};
 use cairn_api::{Request, Response};
 use clap::Subcommand;
 
-use crate::commands::{print_json, Ctx};
+use crate::ctx::{print_json, Ctx};
 
 #[derive(Subcommand)]
 pub enum AutomatonCommand {
@@ -112,7 +112,7 @@ fn show(a: &AutomatonInfo) {
     println!("Closure: {}", a.paths.join(" "));
     match a.mounted {
         0 => println!("Mounts:  the whole store"),
-        n => println!("Mounts:  {}", crate::commands::count(n, "store path")),
+        n => println!("Mounts:  {}", crate::ctx::count(n, "store path")),
     }
     if let Some(i) = &a.image {
         println!("Image:   {i}");
@@ -193,12 +193,8 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                 paths.extend(a.image.clone());
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
                 let client = ctx.client().await?;
-                let done = crate::commands::copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
-                eprintln!(
-                    "copied {} to {to}, {} already there",
-                    crate::commands::count(done.written, "path"),
-                    done.skipped
-                );
+                let done = crate::cache::copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
+                eprintln!("copied {} to {to}, {} already there", crate::ctx::count(done.written, "path"), done.skipped);
             }
             let description = AutomatonRequest {
                 name: a.name,
@@ -227,7 +223,7 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             if let Some(from) = from {
                 let mut paths = req.paths.clone();
                 paths.extend(req.image.clone());
-                crate::commands::substitute(ctx, vec![from], &paths, false).await?;
+                crate::cache::substitute(ctx, vec![from], &paths, false).await?;
             }
             let made = automata(ctx, Request::AutomatonCreate(req)).await?;
             println!("{}", made.first().context("cairnd created nothing")?.bundle);

@@ -12,8 +12,13 @@ use std::collections::BTreeSet;
 use cairn_api::{BuildMode, RealiseEvent, RealiseRequest, RealiseResult, Request, Response};
 use tokio::io::AsyncBufReadExt;
 
-use crate::commands::{numbered, print_json, Ctx};
+use crate::ctx::{numbered, print_json, Ctx};
+use crate::ctx::{path_infos, to_stdout};
 use crate::progress;
+use clap::{Args, Subcommand};
+use std::io::Read as _;
+use std::path::PathBuf;
+use tokio::io::AsyncReadExt;
 
 /// The name shown before a build's log lines: the derivation's name without hash and `.drv`.
 pub(crate) fn short_name(drv: &str) -> &str {
@@ -161,6 +166,155 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
         ),
     };
     Err(RealiseFailed { status: cairn_api::nix_exit_status(kinds), message }.into())
+}
+
+#[derive(Args)]
+pub struct RealiseArgs {
+    /// `DRV` or `DRV!out1,out2` (a `.drv` store path, or a symlink to one).
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// Go on building what does not need a failed build (`-k`, as Nix).
+    #[arg(short = 'k', long)]
+    pub keep_going: bool,
+    /// Keep the build directory of a failed build (`-K`, as Nix).
+    #[arg(short = 'K', long)]
+    pub keep_failed: bool,
+    /// Make this symlink to the (first) output a garbage-collector root.
+    #[arg(short = 'o', long, value_name = "LINK")]
+    pub out_link: Option<PathBuf>,
+    /// Do not print build logs (they are still stored: see `cairn log`).
+    #[arg(short = 'Q', long)]
+    pub quiet: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Build the derivations again although their outputs are valid, and fail (exit code
+    /// 104) if an output differs from the registered one, as `nix-store --realise --check`.
+    /// Nothing registered changes; with `-K` the new output is kept as `OUTPUT.check`.
+    #[arg(long, conflicts_with = "repair")]
+    pub check: bool,
+    /// Rebuild outputs (and paths of their closure) whose contents are corrupt or missing
+    /// and put the good copies in place, as `nix-store --realise --repair`.
+    #[arg(long)]
+    pub repair: bool,
+}
+
+impl RealiseArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            RealiseArgs { paths, keep_going, keep_failed, out_link, quiet, json, check, repair } => {
+                let mode = match (check, repair) {
+                    (true, _) => cairn_api::BuildMode::Check,
+                    (_, true) => cairn_api::BuildMode::Repair,
+                    _ => cairn_api::BuildMode::Normal,
+                };
+                let flags = crate::build::RealiseFlags { keep_going, keep_failed, quiet, json, mode };
+                crate::build::realise(ctx, &paths, flags, out_link.as_deref()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct LogArgs {
+    /// A derivation (`.drv`) or an output it built.
+    pub path: String,
+}
+
+impl LogArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            LogArgs { path } => {
+                let p = ctx.store_path(&path)?;
+                let r = ctx.client().await?.log(&p).await?;
+                to_stdout(r, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DerivationCommand {
+    /// Print derivations as JSON, as `nix show-derivation` (Nix 2.8) prints them.
+    Show {
+        /// Derivations (`.drv` store paths).
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Write a derivation given as JSON (as `derivation show` prints it, or its inner object)
+    /// into the store, as `nix derivation add`; empty output paths are computed. Prints the .drv.
+    Add {
+        /// The JSON file; `-` reads stdin.
+        file: PathBuf,
+    },
+    /// Print the output paths of derivations, computed from their inputs (as `nix-store -q
+    /// --outputs` prints them); a derivation declaring other paths than its hash gives is refused.
+    OutputPaths {
+        /// Derivations (`.drv` store paths).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl DerivationCommand {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            DerivationCommand::Show { paths } => {
+                let client = ctx.client().await?;
+                let mut all = std::collections::BTreeMap::new();
+                for p in ctx.store_paths(&paths)? {
+                    if !p.ends_with(".drv") {
+                        bail!("'{p}' is not a derivation (a .drv store path)");
+                    }
+                    let mut r = client.cat(&p).await?;
+                    let mut bytes = Vec::new();
+                    r.read_to_end(&mut bytes).await?;
+                    let drv = cairn_nix::derivation::Derivation::parse(&bytes).with_context(|| format!("'{p}'"))?;
+                    all.insert(p, drv);
+                }
+                print!("{}", cairn_nix::derivation::show_json(&all));
+            }
+            DerivationCommand::Add { file } => {
+                let text = if file.as_os_str() == "-" {
+                    let mut t = String::new();
+                    std::io::stdin().read_to_string(&mut t).context("cannot read stdin")?;
+                    t
+                } else {
+                    std::fs::read_to_string(&file).with_context(|| format!("cannot read '{}'", file.display()))?
+                };
+                let (_, drv) = cairn_nix::derivation::Derivation::from_json(&text)
+                    .map_err(|e| anyhow::anyhow!("'{}' is not a derivation in JSON: {e}", file.display()))?;
+                let infos =
+                    path_infos(ctx.client().await?.query(&Request::AddDerivation { aterm: drv.to_aterm() }).await?)?;
+                for i in infos {
+                    println!("{}", i.path);
+                }
+            }
+            DerivationCommand::OutputPaths { paths, json } => {
+                let paths = ctx.store_paths(&paths)?;
+                let Response::Outputs(map) =
+                    ctx.client().await?.query(&Request::DerivationOutputs { paths: paths.clone() }).await?
+                else {
+                    bail!("cairnd answered derivation-outputs with something else");
+                };
+                if json {
+                    print_json(&map)?;
+                } else {
+                    for p in &paths {
+                        for out in map.get(p).into_iter().flat_map(|m| m.values()) {
+                            println!("{out}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 
 use std::path::Path;
 
+use crate::ctx::{count, path_infos, print_json, Ctx};
+use crate::progress;
 use anyhow::{bail, Context};
 use cairn_api::{PathInfo, Request, Response};
 use cairn_cache::backend::split_params;
@@ -20,6 +22,8 @@ use cairn_nix::hash::{Encoding, Hash};
 use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::SecretKey;
 use cairn_nix::StoreDir;
+use clap::Args;
+use std::path::PathBuf;
 use tokio_util::io::SyncIoBridge;
 
 /// What a copy did.
@@ -160,7 +164,7 @@ async fn push_stream(
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
     use cairn_cache::push::{narinfo_for_push, wire_string, MAGIC};
-    let infos = crate::commands::path_infos(client.query(&Request::PathInfo { paths, closure: false }).await?)?;
+    let infos = crate::ctx::path_infos(client.query(&Request::PathInfo { paths, closure: false }).await?)?;
     let mut entries = Vec::with_capacity(infos.len());
     for info in &infos {
         let narinfo = narinfo_for_push(narinfo_of(store_dir, info, key)?);
@@ -239,4 +243,166 @@ pub async fn copy_to_daemon(
     let answer = to.receive(body_from_reader(tokio_util::io::StreamReader::new(stream))).await;
     feed.await??;
     Ok(Copied { written: answer?.len(), skipped, bytes })
+}
+
+#[derive(Args)]
+pub struct SubstituteArgs {
+    /// Use this cache instead of the configured ones (repeatable; file://, http(s)://, s3://).
+    #[arg(long, value_name = "URL")]
+    pub from: Vec<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Store paths to fetch, with their closures.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+}
+
+impl SubstituteArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            SubstituteArgs { from, json, paths } => {
+                substitute(ctx, from, &paths, json).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct CopyArgs {
+    /// Write to this cache (`file:///dir`, `s3://bucket?endpoint=…`; `?compression=zstd|xz|
+    /// bzip2|none`, zstd by default) or daemon (`unix:///path/to/socket`, or
+    /// `tcp://HOST:PORT` of one with accept-pushes, which takes only signed paths).
+    #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+    pub to: Option<String>,
+    /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Sign each path with this secret key (see `cairn key generate`).
+    #[arg(long, value_name = "FILE")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Store paths whose closures to copy.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+}
+
+impl CopyArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            CopyArgs { to: None, from: Some(from), secret_key_file: _, json, paths } => {
+                substitute(ctx, vec![from], &paths, json).await?;
+            }
+            CopyArgs { to, secret_key_file, json, paths, .. } => {
+                let to = to.context("copy needs --to or --from")?;
+                let client = ctx.client().await?;
+                let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
+                let paths = ctx.store_paths(&paths)?;
+                let key = match &secret_key_file {
+                    Some(f) => {
+                        let text =
+                            std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+                        Some(SecretKey::parse(&text).with_context(|| format!("'{}'", f.display()))?)
+                    }
+                    None => None,
+                };
+                let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
+                if json {
+                    print_json(
+                        &serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }),
+                    )?;
+                } else {
+                    eprintln!(
+                        "copied {} ({:.2} MiB) to {to}, {} already there",
+                        count(done.written, "path"),
+                        done.bytes as f64 / (1024.0 * 1024.0),
+                        done.skipped
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a substitution in the daemon, drawing its progress, and prints the asked-for paths.
+pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], json: bool) -> anyhow::Result<()> {
+    use cairn_api::{SubstituteEvent, SubstituteRequest};
+    use tokio::io::AsyncBufReadExt;
+    let client = ctx.client().await?;
+    let req = SubstituteRequest { from, paths: ctx.store_paths(paths)? };
+    let mut lines = tokio::io::BufReader::new(client.substitute(&req).await?).lines();
+    let bar = progress::transfer("substituting");
+    let mut end = None;
+    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
+        match serde_json::from_str::<SubstituteEvent>(&line).context("cairnd sent an unreadable event")? {
+            SubstituteEvent::Progress { paths_expected, paths_done, bytes_expected, bytes_done } => {
+                bar.set_length(bytes_expected);
+                bar.set_position(bytes_done);
+                bar.set_message(format!("substituting {paths_done}/{paths_expected} paths"));
+            }
+            SubstituteEvent::Error(e) => {
+                bar.finish_and_clear();
+                bail!("{}", e.message)
+            }
+            done @ SubstituteEvent::Done { .. } => end = Some(done),
+        }
+    }
+    bar.finish_and_clear();
+    let Some(SubstituteEvent::Done { paths, added, failed }) = end else {
+        bail!("cairnd ended the substitution without saying how it went (see its log)")
+    };
+    if json {
+        print_json(&serde_json::json!({ "paths": paths, "added": added, "failed": failed }))?;
+    } else {
+        for p in &paths {
+            println!("{}", p.path);
+        }
+        if !added.is_empty() {
+            eprintln!("substituted {}", count(added.len(), "path"));
+        }
+    }
+    // One line: the first path that failed on its own (the others need it, or failed alike).
+    let mut failed = failed;
+    failed.sort_by_key(|f| f.reason.starts_with("needs '"));
+    if let Some(first) = failed.first() {
+        let more = match failed.len() - 1 {
+            0 => String::new(),
+            n => format!(" ({} could not be substituted; --json lists them)", count(n, "more path")),
+        };
+        bail!("cannot substitute '{}': {}{more}", first.path, first.reason);
+    }
+    Ok(())
+}
+
+/// Copies the closure of `paths` to `to`: another daemon (`unix://`, `tcp://`, only what it
+/// lacks) or a binary cache (`file://`, `s3://`).
+pub(crate) async fn copy_closure(
+    client: &Client,
+    store_dir: &cairn_nix::StoreDir,
+    to: &str,
+    paths: Vec<String>,
+    key: Option<&SecretKey>,
+) -> anyhow::Result<crate::cache::Copied> {
+    let done = if to.starts_with("tcp://") {
+        let bar = progress::transfer("pushing");
+        let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, &bar).await;
+        bar.finish_and_clear();
+        done?
+    } else if let Some(socket) = to.strip_prefix("unix://") {
+        let bar = progress::transfer("copying");
+        let done = crate::cache::copy_to_daemon(client, Path::new(socket), paths, store_dir, key, &bar).await;
+        bar.finish_and_clear();
+        done?
+    } else {
+        let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
+        let bar = progress::transfer("copying");
+        let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, &bar).await;
+        bar.finish_and_clear();
+        done?
+    };
+    Ok(done)
 }

@@ -12,7 +12,8 @@ use std::io::{IsTerminal, Write};
 use anyhow::bail;
 use cairn_api::{PathInfo, Request, Response};
 
-use crate::commands::{path_infos, print_json, Ctx};
+use crate::ctx::{path_infos, print_json, Ctx};
+use clap::Args;
 
 /// Whether to colour stdout: a terminal, and no `NO_COLOR`.
 fn colours() -> bool {
@@ -493,6 +494,245 @@ pub async fn du(ctx: &Ctx, args: &[String], bytes: bool, json: bool) -> anyhow::
     if rows.len() > 1 {
         writeln!(out, "{}\t{}\ttotal", show(total.0), plural(total.1))?;
     }
+    Ok(out.flush()?)
+}
+
+#[derive(Args)]
+pub struct PathInfoArgs {
+    /// Store paths (or paths inside the store, or symlinks to them).
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// For the whole closure of the paths.
+    #[arg(long, short = 'r')]
+    pub closure: bool,
+    /// Print each path's NAR size, as `nix path-info -s`.
+    #[arg(long, short = 's')]
+    pub size: bool,
+    /// Print each path's closure size (the NAR sizes of its closure added), as `nix path-info -S`.
+    #[arg(long, short = 'S')]
+    pub closure_size: bool,
+    /// With -s and -S, print sizes as 5.7G (`-h`, as Nix).
+    #[arg(long, short = 'h')]
+    pub human_readable: bool,
+    /// JSON, as `nix path-info --json`: `{"path": …, "valid": false}` for an invalid path.
+    #[arg(long)]
+    pub json: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
+}
+
+impl PathInfoArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            PathInfoArgs { paths, closure, size, closure_size, human_readable, json, help: _ } => {
+                let flags = crate::closures::PathInfoFlags { closure, json, size, closure_size, human: human_readable };
+                crate::closures::path_info(ctx, &paths, flags).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct WhyDependsArgs {
+    /// The store path that depends (directly or not) on DEPENDENCY.
+    pub package: String,
+    /// The store path it depends on.
+    pub dependency: String,
+    /// Show every edge on a path from PACKAGE to DEPENDENCY, not only a shortest chain.
+    #[arg(long, short = 'a')]
+    pub all: bool,
+    /// `{"package", "dependency", "chain": [PACKAGE, …, DEPENDENCY]}`, with --all also
+    /// `"edges"`: each path on the way and its references on the way, closest first.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl WhyDependsArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            WhyDependsArgs { package, dependency, all, json } => {
+                crate::closures::why_depends(ctx, &package, &dependency, all, json).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct DiffClosuresArgs {
+    /// The old store path (its closure is compared).
+    pub before: String,
+    /// The new store path.
+    pub after: String,
+    /// A map from package name to `versionsBefore`, `versionsAfter` and `sizeDelta` (bytes).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl DiffClosuresArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            DiffClosuresArgs { before, after, json } => {
+                crate::closures::diff_closures(ctx, &before, &after, json).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct DuArgs {
+    /// Store paths whose closure sizes to print.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// Sizes in bytes instead of KiB, MiB, GiB.
+    #[arg(long, short = 'b')]
+    pub bytes: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl DuArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            DuArgs { paths, bytes, json } => crate::closures::du(ctx, &paths, bytes, json).await?,
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ReferencesArgs {
+    /// A store path.
+    pub path: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ReferencesArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            ReferencesArgs { path, json } => {
+                ctx.print_paths(Request::References { path: ctx.store_path(&path)? }, json).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ReferrersArgs {
+    /// A store path.
+    pub path: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ReferrersArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            ReferrersArgs { path, json } => {
+                ctx.print_paths(Request::Referrers { path: ctx.store_path(&path)? }, json).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ClosureArgs {
+    /// Store paths whose closure to print.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ClosureArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            ClosureArgs { paths, json } => {
+                ctx.print_paths(Request::Closure { paths: ctx.store_paths(&paths)? }, json).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ReferrersClosureArgs {
+    /// Store paths whose referrers to print.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ReferrersClosureArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            ReferrersClosureArgs { paths, json } => {
+                ctx.print_paths(Request::ReferrersClosure { paths: ctx.store_paths(&paths)? }, json).await?
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct GraphArgs {
+    /// Store paths whose closure to draw.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+    /// Graphviz DOT (the default).
+    #[arg(long, conflicts_with = "json")]
+    pub dot: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl GraphArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            GraphArgs { paths, dot: _, json } => {
+                let resp = ctx.client().await?.query(&Request::Graph { paths: ctx.store_paths(&paths)? }).await?;
+                let Response::Graph { nodes, edges } = resp else {
+                    bail!("cairnd answered a graph query with {resp:?}")
+                };
+                if json {
+                    // Edges as `--dot` draws them (and `nix-store --graph`): reference → referrer.
+                    let edges: Vec<(&String, &String)> = edges.iter().map(|(from, to)| (to, from)).collect();
+                    print_json(&serde_json::json!({ "nodes": nodes, "edges": edges }))?;
+                } else {
+                    print_dot(&nodes, &edges)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let label = |p: &str| p.rsplit('/').next().unwrap_or(p).get(33..).unwrap_or(p).to_owned();
+    writeln!(out, "digraph G {{")?;
+    for n in nodes {
+        writeln!(out, "\"{n}\" [label = \"{}\", shape = box, style = filled, fillcolor = \"#ffffff\"];", label(n))?;
+    }
+    for (from, to) in edges {
+        if from != to {
+            writeln!(out, "\"{to}\" -> \"{from}\" [color = \"black\"];")?;
+        }
+    }
+    writeln!(out, "}}")?;
     Ok(out.flush()?)
 }
 

@@ -10,6 +10,8 @@ use std::process::ExitCode;
 use clap::CommandFactory;
 
 use crate::Cli;
+use clap::Args;
+use std::path::PathBuf;
 
 pub fn completions(shell: clap_complete::Shell) -> ExitCode {
     use std::io::Write;
@@ -36,4 +38,16 @@ pub fn man(dir: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+#[derive(Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args)]
+pub struct ManArgs {
+    /// The directory to write the pages into (created if missing).
+    pub dir: PathBuf,
 }

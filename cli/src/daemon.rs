@@ -13,8 +13,9 @@ use cairn_api::DaemonStatus;
 use cairn_client::Client;
 use clap::Subcommand;
 
-use crate::commands::{print_json, Ctx};
 use crate::connect::{config_name, other_settings, probe};
+use crate::ctx::{print_json, Ctx};
+use clap::Args;
 
 /// How long a stopping daemon gets to finish its requests (its own grace is 30 s) and exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
@@ -148,6 +149,49 @@ pub(crate) fn uptime(secs: u64) -> String {
         (0, 0, _) => format!("{m}m {s}s"),
         (0, ..) => format!("{h}h {m}m"),
         _ => format!("{d}d {h}h"),
+    }
+}
+
+#[derive(Args)]
+pub struct DaemonArgs {
+    #[command(subcommand)]
+    pub action: Option<DaemonCommand>,
+    /// Shadows the global flag, which means nothing here (`cairn daemon` is the daemon).
+    #[arg(long, hide = true)]
+    pub no_auto_start: bool,
+}
+
+#[derive(Args)]
+pub struct VersionArgs {
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl VersionArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            VersionArgs { json } => {
+                // Never starts a daemon: the client's version, and the running daemon's if any.
+                let v = crate::connect::probe(&ctx.settings).await?.map(|(_, v)| v);
+                if json {
+                    print_json(&serde_json::json!({ "client": env!("CARGO_PKG_VERSION"), "daemon": v }))?;
+                } else {
+                    println!("cairn {}", env!("CARGO_PKG_VERSION"));
+                    match v {
+                        Some(v) => println!(
+                            "cairnd {} (API {}), store {}, {}",
+                            v.daemon_version,
+                            v.api_version,
+                            v.store_dir,
+                            if v.trusted { "trusted" } else { "not trusted" }
+                        ),
+                        None => println!("cairnd: not running on '{}'", ctx.settings.socket.display()),
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -23,7 +23,7 @@ use cairn_oci::reference::Transport;
 use cairn_oci::{Digest, TagName};
 use clap::{Args, Subcommand};
 
-use crate::commands::{count, print_json, Ctx};
+use crate::ctx::{count, print_json, Ctx};
 use crate::progress;
 
 #[derive(Subcommand)]
@@ -607,11 +607,6 @@ fn archive_default_tag(file: &Path, tag: Option<&str>) -> anyhow::Result<TagName
     let name: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     TagName::new(&format!("localhost/{}", name.trim_matches('-')), tag.unwrap_or("latest"))
         .with_context(|| format!("cannot name the image from '{}': pass --tag NAME:TAG", file.display()))
-}
-
-/// Lower-case hex of bytes.
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Writes a stored image as a docker archive: its (first) image manifest's config and layers,

@@ -1,0 +1,353 @@
+//! Store verbs: add, add-text, add-root, ls, cat, nar dump/restore, export, import.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use base64::Engine;
+use cairn_api::{AddMethod, AddQuery, PathInfo, Request, Response};
+use cairn_client::{body_from_reader, Client};
+use cairn_nix::nar::{Limits, NarReader};
+use tokio_util::io::SyncIoBridge;
+
+use crate::ctx::{numbered, path_infos, print_json, to_stdout, Ctx};
+use crate::progress::{self, Counting};
+
+#[derive(Args)]
+pub struct AddArgs {
+    /// Files or directories to add.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Add a regular file by the hash of its bytes (a flat fixed-output path).
+    #[arg(long)]
+    pub flat: bool,
+    /// Store path name (default: the file's name). Only with one path.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Print each path's metadata as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Make LINK a symlink to the path that keeps it from garbage collection (LINK-2,
+    /// LINK-3 … for further paths).
+    #[arg(long, short = 'o', value_name = "LINK")]
+    pub out_link: Option<PathBuf>,
+}
+
+impl AddArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            AddArgs { paths, flat, name, json, out_link } => {
+                if name.is_some() && paths.len() > 1 {
+                    bail!("--name names one path, but {} were given", paths.len());
+                }
+                let client = ctx.client().await?;
+                let mut infos = Vec::new();
+                for (i, p) in paths.iter().enumerate() {
+                    let info = add(&client, p, flat, name.as_deref()).await?;
+                    if let Some(link) = &out_link {
+                        ctx.add_root(&client, &numbered(link, i), &info.path).await?;
+                    }
+                    if !json {
+                        println!("{}", info.path);
+                    }
+                    infos.push(info);
+                }
+                if json {
+                    print_json(&infos)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct AddTextArgs {
+    /// The store path name.
+    pub name: String,
+    /// The file with the contents ("-" for stdin).
+    pub file: PathBuf,
+    /// A store path the text refers to (repeatable).
+    #[arg(long = "ref", value_name = "PATH")]
+    pub references: Vec<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Make LINK a symlink to the path that keeps it from garbage collection.
+    #[arg(long, short = 'o', value_name = "LINK")]
+    pub out_link: Option<PathBuf>,
+}
+
+impl AddTextArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            AddTextArgs { name, file, references, json, out_link } => {
+                let contents = if file == Path::new("-") {
+                    let mut v = Vec::new();
+                    std::io::stdin().read_to_end(&mut v).context("cannot read stdin")?;
+                    v
+                } else {
+                    std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?
+                };
+                let references = references.iter().map(|r| ctx.store_path(r)).collect::<anyhow::Result<_>>()?;
+                let req = Request::AddText {
+                    name,
+                    contents: base64::engine::general_purpose::STANDARD.encode(contents),
+                    references,
+                };
+                let client = ctx.client().await?;
+                let infos = path_infos(client.query(&req).await?)?;
+                if let (Some(link), Some(info)) = (&out_link, infos.first()) {
+                    ctx.add_root(&client, link, &info.path).await?;
+                }
+                if json {
+                    print_json(&infos)?;
+                } else {
+                    infos.iter().for_each(|i| println!("{}", i.path));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct AddRootArgs {
+    /// The symlink to create (a relative one is taken from the current directory).
+    pub link: PathBuf,
+    /// The store path it keeps.
+    pub path: String,
+}
+
+impl AddRootArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            AddRootArgs { link, path } => {
+                let path = ctx.store_path(&path)?;
+                ctx.add_root(&ctx.client().await?, &link, &path).await?;
+                println!("{}", std::path::absolute(&link)?.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    /// A directory in the store (`/store/…-name/sub/dir`).
+    pub path: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LsArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            LsArgs { path, json } => {
+                let resp = ctx.client().await?.query(&Request::Ls { path: ctx.inner_path(&path)? }).await?;
+                let Response::Listing(entries) = resp else { bail!("cairnd answered ls with {resp:?}") };
+                if json {
+                    print_json(&entries)?;
+                } else {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    for e in entries {
+                        let mode = match e.kind.as_str() {
+                            "directory" => "dr-xr-xr-x",
+                            "executable" => "-r-xr-xr-x",
+                            "symlink" => "lrwxrwxrwx",
+                            _ => "-r--r--r--",
+                        };
+                        let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
+                        writeln!(out, "{mode} {:>12} {}{target}", e.size.unwrap_or(0), e.name)?;
+                    }
+                    out.flush()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct CatArgs {
+    /// A file in the store (`/store/…-name/file`).
+    pub path: String,
+}
+
+impl CatArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            CatArgs { path } => {
+                let r = ctx.client().await?.cat(&ctx.inner_path(&path)?).await?;
+                to_stdout(r, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Store paths to export (references are not added).
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+}
+
+impl ExportArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            ExportArgs { paths } => {
+                refuse_terminal("an export stream")?;
+                let r = ctx.client().await?.export(ctx.store_paths(&paths)?).await?;
+                to_stdout(r, Some("exporting")).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ImportArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            ImportArgs { json } => {
+                let client = ctx.client().await?;
+                // Say so before sending a stream the daemon would refuse unread (it checks again).
+                let me = client.version().await?;
+                if !me.trusted {
+                    bail!("{}", cairn_api::untrusted_import_message(&me.user));
+                }
+                let (w, r) = tokio::io::duplex(1 << 20);
+                let bar = progress::bytes("importing");
+                let mut sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
+                let reader =
+                    tokio::task::spawn_blocking(move || std::io::copy(&mut std::io::stdin().lock(), &mut sink));
+                let res = client.import(body_from_reader(r)).await;
+                bar.finish_and_clear();
+                let read = reader.await?;
+                let infos = upload_outcome(res, read.map(|_| ()), "cannot read stdin")?;
+                if json {
+                    print_json(&infos)?;
+                } else {
+                    infos.iter().for_each(|i| println!("{}", i.path));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+pub enum NarCommand {
+    /// Write the NAR of a store path or any local path to stdout, as `nix-store --dump`.
+    Dump {
+        /// A store path, or any local file or directory.
+        path: PathBuf,
+    },
+    /// Read a NAR from stdin and unpack it at DIR, as `nix-store --restore`.
+    Restore {
+        /// Where to unpack (must not exist).
+        dir: PathBuf,
+    },
+}
+
+impl NarCommand {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            NarCommand::Dump { path } => {
+                refuse_terminal("a NAR")?;
+                match ctx.try_store_path(&path.to_string_lossy()) {
+                    Some(p) => {
+                        let r = ctx.client().await?.nar(&p).await?;
+                        to_stdout(r, Some("dumping")).await?;
+                    }
+                    None => {
+                        tokio::task::spawn_blocking(move || cairn_store::dump(&path, std::io::stdout().lock()))
+                            .await??;
+                    }
+                }
+            }
+            NarCommand::Restore { dir } => {
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    let stdin = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
+                    let mut nar = NarReader::new(stdin, Limits::default())?;
+                    cairn_store::restore(&mut nar, &dir, cairn_store::RestoreMode::Plain)?;
+                    Ok(())
+                })
+                .await??;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn refuse_terminal(what: &str) -> anyhow::Result<()> {
+    if std::io::stdout().is_terminal() {
+        bail!("refusing to write {what} to a terminal; redirect stdout to a file or a pipe");
+    }
+    Ok(())
+}
+
+/// Adds one file or tree: streams its NAR (or, flat, its bytes) to the daemon.
+async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> anyhow::Result<PathInfo> {
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    let name = match name {
+        Some(n) => n.to_owned(),
+        None => std::path::absolute(path)?
+            .file_name()
+            .with_context(|| format!("'{}' has no file name; give one with --name", path.display()))?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    cairn_nix::store_path::validate_name(&name).with_context(|| format!("cannot add '{}'", path.display()))?;
+    if flat {
+        if !meta.is_file() {
+            bail!("--flat adds regular files, and '{}' is not one", path.display());
+        }
+        let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot read '{}'", path.display()))?;
+        let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o100 != 0;
+        let q = AddQuery { name, method: AddMethod::Flat, size: Some(meta.len()), executable };
+        return Ok(client.add(&q, body_from_reader(file)).await?);
+    }
+    let (w, r) = tokio::io::duplex(1 << 20);
+    let bar = progress::bytes(&format!("adding {name}"));
+    let sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
+    let src = path.to_owned();
+    let dumper = tokio::task::spawn_blocking(move || cairn_store::dump(&src, sink));
+    let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false };
+    let added = client.add(&q, body_from_reader(r)).await;
+    bar.finish_and_clear();
+    let dumped = dumper.await?.map_err(|e| match e {
+        cairn_store::StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => source,
+        other => std::io::Error::other(other),
+    });
+    upload_outcome(added, dumped, &format!("cannot add '{}'", path.display()))
+}
+
+/// Combines the daemon's answer to an upload with the local side that produced the body.
+/// A local read error explains a failed upload best; but when the daemon refused the upload
+/// and stopped reading, the producer only sees a broken pipe, and the daemon's answer is the
+/// one that names the problem.
+fn upload_outcome<T>(
+    answer: Result<T, cairn_client::ClientError>,
+    produced: std::io::Result<()>,
+    what: &str,
+) -> anyhow::Result<T> {
+    match (answer, produced) {
+        (Ok(v), Ok(())) => Ok(v),
+        (_, Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context(what.to_owned()))
+        }
+        (Err(e), _) => Err(e.into()),
+        (Ok(_), Err(e)) => Err(anyhow::Error::new(e).context(what.to_owned())),
+    }
+}
