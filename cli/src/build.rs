@@ -10,9 +10,8 @@ use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 
 use cairn_api::{BuildMode, RealiseEvent, RealiseRequest, RealiseResult, Request, Response};
-use tokio::io::AsyncBufReadExt;
 
-use crate::ctx::{numbered, print_json, Ctx};
+use crate::ctx::{follow_events, numbered, print_json, Ctx};
 use crate::ctx::{path_infos, to_stdout};
 use crate::progress;
 use clap::{Args, Subcommand};
@@ -83,15 +82,15 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
     let client = ctx.client().await?;
     let impure_env = impure_env(&client, &paths).await?;
     let req = RealiseRequest { paths, keep_going, keep_failed, impure_env, mode };
-    let mut lines = tokio::io::BufReader::new(client.realise(&req).await?).lines();
+    let events = client.realise(&req).await?;
     let bar = progress::spinner("building");
     let (mut total, mut done, mut running) = (0usize, 0usize, 0usize);
     let mut end = None;
     // Kinds of the failures seen, for the exit status, and the derivations they were shown for.
     let mut kinds = Vec::new();
     let mut shown = BTreeSet::new();
-    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
-        match serde_json::from_str::<RealiseEvent>(&line).context("cairnd sent an unreadable event")? {
+    follow_events(events, |event: RealiseEvent| {
+        match event {
             RealiseEvent::Plan { drvs } => total = drvs.len(),
             RealiseEvent::Started { .. } => running += 1,
             RealiseEvent::Log { drv, line } => {
@@ -117,7 +116,9 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
             d @ RealiseEvent::Done { .. } => end = Some(d),
         }
         bar.set_message(format!("building {done}/{total} ({running} running)"));
-    }
+        Ok(())
+    })
+    .await?;
     bar.finish_and_clear();
     let Some(RealiseEvent::Done { results }) = end else {
         bail!("cairnd ended the build without saying how it went (see its log)")
@@ -201,17 +202,14 @@ pub struct RealiseArgs {
 
 impl RealiseArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            RealiseArgs { paths, keep_going, keep_failed, out_link, quiet, json, check, repair } => {
-                let mode = match (check, repair) {
-                    (true, _) => cairn_api::BuildMode::Check,
-                    (_, true) => cairn_api::BuildMode::Repair,
-                    _ => cairn_api::BuildMode::Normal,
-                };
-                let flags = crate::build::RealiseFlags { keep_going, keep_failed, quiet, json, mode };
-                crate::build::realise(ctx, &paths, flags, out_link.as_deref()).await?;
-            }
-        }
+        let RealiseArgs { paths, keep_going, keep_failed, out_link, quiet, json, check, repair } = self;
+        let mode = match (check, repair) {
+            (true, _) => cairn_api::BuildMode::Check,
+            (_, true) => cairn_api::BuildMode::Repair,
+            _ => cairn_api::BuildMode::Normal,
+        };
+        let flags = crate::build::RealiseFlags { keep_going, keep_failed, quiet, json, mode };
+        crate::build::realise(ctx, &paths, flags, out_link.as_deref()).await?;
         Ok(())
     }
 }
@@ -224,13 +222,10 @@ pub struct LogArgs {
 
 impl LogArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            LogArgs { path } => {
-                let p = ctx.store_path(&path)?;
-                let r = ctx.client().await?.log(&p).await?;
-                to_stdout(r, None).await?;
-            }
-        }
+        let LogArgs { path } = self;
+        let p = ctx.store_path(&path)?;
+        let r = ctx.client().await?.log(&p).await?;
+        to_stdout(r, None).await?;
         Ok(())
     }
 }

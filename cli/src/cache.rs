@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use crate::ctx::{count, path_infos, print_json, Ctx};
+use crate::ctx::{count, follow_events, path_infos, print_json, Ctx};
 use crate::progress;
 use anyhow::{bail, Context};
 use cairn_api::{PathInfo, Request, Response};
@@ -260,11 +260,8 @@ pub struct SubstituteArgs {
 
 impl SubstituteArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            SubstituteArgs { from, json, paths } => {
-                substitute(ctx, from, &paths, json).await?;
-            }
-        }
+        let SubstituteArgs { from, json, paths } = self;
+        substitute(ctx, from, &paths, json).await?;
         Ok(())
     }
 }
@@ -331,14 +328,13 @@ impl CopyArgs {
 /// Runs a substitution in the daemon, drawing its progress, and prints the asked-for paths.
 pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], json: bool) -> anyhow::Result<()> {
     use cairn_api::{SubstituteEvent, SubstituteRequest};
-    use tokio::io::AsyncBufReadExt;
     let client = ctx.client().await?;
     let req = SubstituteRequest { from, paths: ctx.store_paths(paths)? };
-    let mut lines = tokio::io::BufReader::new(client.substitute(&req).await?).lines();
+    let events = client.substitute(&req).await?;
     let bar = progress::transfer("substituting");
     let mut end = None;
-    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
-        match serde_json::from_str::<SubstituteEvent>(&line).context("cairnd sent an unreadable event")? {
+    follow_events(events, |event: SubstituteEvent| {
+        match event {
             SubstituteEvent::Progress { paths_expected, paths_done, bytes_expected, bytes_done } => {
                 bar.set_length(bytes_expected);
                 bar.set_position(bytes_done);
@@ -350,7 +346,9 @@ pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], j
             }
             done @ SubstituteEvent::Done { .. } => end = Some(done),
         }
-    }
+        Ok(())
+    })
+    .await?;
     bar.finish_and_clear();
     let Some(SubstituteEvent::Done { paths, added, failed }) = end else {
         bail!("cairnd ended the substitution without saying how it went (see its log)")

@@ -524,12 +524,9 @@ pub struct PathInfoArgs {
 
 impl PathInfoArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            PathInfoArgs { paths, closure, size, closure_size, human_readable, json, help: _ } => {
-                let flags = crate::closures::PathInfoFlags { closure, json, size, closure_size, human: human_readable };
-                crate::closures::path_info(ctx, &paths, flags).await?;
-            }
-        }
+        let PathInfoArgs { paths, closure, size, closure_size, human_readable, json, help: _ } = self;
+        let flags = crate::closures::PathInfoFlags { closure, json, size, closure_size, human: human_readable };
+        crate::closures::path_info(ctx, &paths, flags).await?;
         Ok(())
     }
 }
@@ -551,11 +548,8 @@ pub struct WhyDependsArgs {
 
 impl WhyDependsArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            WhyDependsArgs { package, dependency, all, json } => {
-                crate::closures::why_depends(ctx, &package, &dependency, all, json).await?
-            }
-        }
+        let WhyDependsArgs { package, dependency, all, json } = self;
+        crate::closures::why_depends(ctx, &package, &dependency, all, json).await?;
         Ok(())
     }
 }
@@ -573,11 +567,8 @@ pub struct DiffClosuresArgs {
 
 impl DiffClosuresArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            DiffClosuresArgs { before, after, json } => {
-                crate::closures::diff_closures(ctx, &before, &after, json).await?
-            }
-        }
+        let DiffClosuresArgs { before, after, json } = self;
+        crate::closures::diff_closures(ctx, &before, &after, json).await?;
         Ok(())
     }
 }
@@ -597,9 +588,8 @@ pub struct DuArgs {
 
 impl DuArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            DuArgs { paths, bytes, json } => crate::closures::du(ctx, &paths, bytes, json).await?,
-        }
+        let DuArgs { paths, bytes, json } = self;
+        crate::closures::du(ctx, &paths, bytes, json).await?;
         Ok(())
     }
 }
@@ -615,11 +605,8 @@ pub struct ReferencesArgs {
 
 impl ReferencesArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            ReferencesArgs { path, json } => {
-                ctx.print_paths(Request::References { path: ctx.store_path(&path)? }, json).await?
-            }
-        }
+        let ReferencesArgs { path, json } = self;
+        ctx.print_paths(Request::References { path: ctx.store_path(&path)? }, json).await?;
         Ok(())
     }
 }
@@ -635,11 +622,8 @@ pub struct ReferrersArgs {
 
 impl ReferrersArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            ReferrersArgs { path, json } => {
-                ctx.print_paths(Request::Referrers { path: ctx.store_path(&path)? }, json).await?
-            }
-        }
+        let ReferrersArgs { path, json } = self;
+        ctx.print_paths(Request::Referrers { path: ctx.store_path(&path)? }, json).await?;
         Ok(())
     }
 }
@@ -656,11 +640,8 @@ pub struct ClosureArgs {
 
 impl ClosureArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            ClosureArgs { paths, json } => {
-                ctx.print_paths(Request::Closure { paths: ctx.store_paths(&paths)? }, json).await?
-            }
-        }
+        let ClosureArgs { paths, json } = self;
+        ctx.print_paths(Request::Closure { paths: ctx.store_paths(&paths)? }, json).await?;
         Ok(())
     }
 }
@@ -677,11 +658,8 @@ pub struct ReferrersClosureArgs {
 
 impl ReferrersClosureArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            ReferrersClosureArgs { paths, json } => {
-                ctx.print_paths(Request::ReferrersClosure { paths: ctx.store_paths(&paths)? }, json).await?
-            }
-        }
+        let ReferrersClosureArgs { paths, json } = self;
+        ctx.print_paths(Request::ReferrersClosure { paths: ctx.store_paths(&paths)? }, json).await?;
         Ok(())
     }
 }
@@ -701,20 +679,15 @@ pub struct GraphArgs {
 
 impl GraphArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            GraphArgs { paths, dot: _, json } => {
-                let resp = ctx.client().await?.query(&Request::Graph { paths: ctx.store_paths(&paths)? }).await?;
-                let Response::Graph { nodes, edges } = resp else {
-                    bail!("cairnd answered a graph query with {resp:?}")
-                };
-                if json {
-                    // Edges as `--dot` draws them (and `nix-store --graph`): reference → referrer.
-                    let edges: Vec<(&String, &String)> = edges.iter().map(|(from, to)| (to, from)).collect();
-                    print_json(&serde_json::json!({ "nodes": nodes, "edges": edges }))?;
-                } else {
-                    print_dot(&nodes, &edges)?;
-                }
-            }
+        let GraphArgs { paths, dot: _, json } = self;
+        let resp = ctx.client().await?.query(&Request::Graph { paths: ctx.store_paths(&paths)? }).await?;
+        let Response::Graph { nodes, edges } = resp else { bail!("cairnd answered a graph query with {resp:?}") };
+        if json {
+            // Edges as `--dot` draws them (and `nix-store --graph`): reference → referrer.
+            let edges: Vec<(&String, &String)> = edges.iter().map(|(from, to)| (to, from)).collect();
+            print_json(&serde_json::json!({ "nodes": nodes, "edges": edges }))?;
+        } else {
+            print_dot(&nodes, &edges)?;
         }
         Ok(())
     }

@@ -208,6 +208,21 @@ pub(crate) async fn to_stdout(mut r: impl AsyncRead + Unpin, progress_label: Opt
     Ok(())
 }
 
+/// Follows one of the daemon's JSON-line event streams (substitution progress, builds, image
+/// transfers and image builds): each line is parsed as an `E` and given to `on`, until the stream
+/// ends or `on` fails.
+pub(crate) async fn follow_events<E: serde::de::DeserializeOwned>(
+    events: impl AsyncRead + Unpin,
+    mut on: impl FnMut(E) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(events).lines();
+    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
+        on(serde_json::from_str::<E>(&line).context("cairnd sent an unreadable event")?)?;
+    }
+    Ok(())
+}
+
 /// Lower-case hex of bytes.
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

@@ -170,25 +170,22 @@ pub struct VersionArgs {
 
 impl VersionArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            VersionArgs { json } => {
-                // Never starts a daemon: the client's version, and the running daemon's if any.
-                let v = crate::connect::probe(&ctx.settings).await?.map(|(_, v)| v);
-                if json {
-                    print_json(&serde_json::json!({ "client": env!("CARGO_PKG_VERSION"), "daemon": v }))?;
-                } else {
-                    println!("cairn {}", env!("CARGO_PKG_VERSION"));
-                    match v {
-                        Some(v) => println!(
-                            "cairnd {} (API {}), store {}, {}",
-                            v.daemon_version,
-                            v.api_version,
-                            v.store_dir,
-                            if v.trusted { "trusted" } else { "not trusted" }
-                        ),
-                        None => println!("cairnd: not running on '{}'", ctx.settings.socket.display()),
-                    }
-                }
+        let VersionArgs { json } = self;
+        // Never starts a daemon: the client's version, and the running daemon's if any.
+        let v = crate::connect::probe(&ctx.settings).await?.map(|(_, v)| v);
+        if json {
+            print_json(&serde_json::json!({ "client": env!("CARGO_PKG_VERSION"), "daemon": v }))?;
+        } else {
+            println!("cairn {}", env!("CARGO_PKG_VERSION"));
+            match v {
+                Some(v) => println!(
+                    "cairnd {} (API {}), store {}, {}",
+                    v.daemon_version,
+                    v.api_version,
+                    v.store_dir,
+                    if v.trusted { "trusted" } else { "not trusted" }
+                ),
+                None => println!("cairnd: not running on '{}'", ctx.settings.socket.display()),
             }
         }
         Ok(())

@@ -34,40 +34,37 @@ pub struct GcArgs {
 
 impl GcArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            GcArgs { print_roots, print_live, print_dead, dry_run, max_freed, json } => {
-                let action = match (print_roots, print_live, print_dead, dry_run) {
-                    (true, ..) => GcAction::PrintRoots,
-                    (_, true, ..) => GcAction::PrintLive,
-                    (_, _, true, _) => GcAction::PrintDead,
-                    (.., true) => GcAction::DryRun,
-                    _ => GcAction::Collect,
-                };
-                let req = Request::Gc { action, max_freed };
-                match action {
-                    GcAction::PrintLive | GcAction::PrintDead => ctx.print_paths(req, json).await?,
-                    GcAction::PrintRoots => {
-                        let resp = ctx.client().await?.query(&req).await?;
-                        let Response::Roots(roots) = resp else { bail!("cairnd answered --print-roots with {resp:?}") };
-                        if json {
-                            print_json(&roots)?;
-                        } else {
-                            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                            for r in roots {
-                                writeln!(out, "{} -> {}", r.origin, r.path)?;
-                            }
-                            out.flush()?;
-                        }
+        let GcArgs { print_roots, print_live, print_dead, dry_run, max_freed, json } = self;
+        let action = match (print_roots, print_live, print_dead, dry_run) {
+            (true, ..) => GcAction::PrintRoots,
+            (_, true, ..) => GcAction::PrintLive,
+            (_, _, true, _) => GcAction::PrintDead,
+            (.., true) => GcAction::DryRun,
+            _ => GcAction::Collect,
+        };
+        let req = Request::Gc { action, max_freed };
+        match action {
+            GcAction::PrintLive | GcAction::PrintDead => ctx.print_paths(req, json).await?,
+            GcAction::PrintRoots => {
+                let resp = ctx.client().await?.query(&req).await?;
+                let Response::Roots(roots) = resp else { bail!("cairnd answered --print-roots with {resp:?}") };
+                if json {
+                    print_json(&roots)?;
+                } else {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    for r in roots {
+                        writeln!(out, "{} -> {}", r.origin, r.path)?;
                     }
-                    GcAction::Collect | GcAction::DryRun => {
-                        let client = ctx.client().await?;
-                        let spinner = progress::spinner("collecting garbage");
-                        let resp = client.query(&req).await;
-                        spinner.finish_and_clear();
-                        let r = gc_result(resp?)?;
-                        print_gc(&r, json, action == GcAction::DryRun)?;
-                    }
+                    out.flush()?;
                 }
+            }
+            GcAction::Collect | GcAction::DryRun => {
+                let client = ctx.client().await?;
+                let spinner = progress::spinner("collecting garbage");
+                let resp = client.query(&req).await;
+                spinner.finish_and_clear();
+                let r = gc_result(resp?)?;
+                print_gc(&r, json, action == GcAction::DryRun)?;
             }
         }
         Ok(())
@@ -86,13 +83,10 @@ pub struct DeleteArgs {
 
 impl DeleteArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            DeleteArgs { paths, json } => {
-                let req = Request::Delete { paths: ctx.store_paths(&paths)? };
-                let r = gc_result(ctx.client().await?.query(&req).await?)?;
-                print_gc(&r, json, false)?;
-            }
-        }
+        let DeleteArgs { paths, json } = self;
+        let req = Request::Delete { paths: ctx.store_paths(&paths)? };
+        let r = gc_result(ctx.client().await?.query(&req).await?)?;
+        print_gc(&r, json, false)?;
         Ok(())
     }
 }
@@ -106,18 +100,15 @@ pub struct OptimiseArgs {
 
 impl OptimiseArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            OptimiseArgs { json } => {
-                let spinner = progress::spinner("optimising");
-                let resp = ctx.client().await?.query(&Request::Optimise).await;
-                spinner.finish_and_clear();
-                let Response::Optimise(r) = resp? else { bail!("cairnd answered optimise with something else") };
-                if json {
-                    print_json(&r)?;
-                } else {
-                    println!("{} freed by hard-linking {}", mib(r.bytes_saved), count(r.files_linked, "file"));
-                }
-            }
+        let OptimiseArgs { json } = self;
+        let spinner = progress::spinner("optimising");
+        let resp = ctx.client().await?.query(&Request::Optimise).await;
+        spinner.finish_and_clear();
+        let Response::Optimise(r) = resp? else { bail!("cairnd answered optimise with something else") };
+        if json {
+            print_json(&r)?;
+        } else {
+            println!("{} freed by hard-linking {}", mib(r.bytes_saved), count(r.files_linked, "file"));
         }
         Ok(())
     }
@@ -138,31 +129,28 @@ pub struct VerifyArgs {
 
 impl VerifyArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            VerifyArgs { check_contents, repair, json } => {
-                let spinner = progress::spinner(if check_contents { "checking contents" } else { "checking paths" });
-                let resp = ctx.client().await?.query(&Request::Verify { check_contents, repair }).await;
-                spinner.finish_and_clear();
-                let Response::Verify(r) = resp? else { bail!("cairnd answered verify with something else") };
-                if json {
-                    print_json(&r)?;
-                } else {
-                    for p in &r.problems {
-                        println!("{}", p.message);
-                    }
-                }
-                let left = r.problems.len() as u64 - r.repaired;
-                if left > 0 {
-                    let verb = if left == 1 { "has" } else { "have" };
-                    bail!("{left} of {} checked {verb} problems", count(r.checked, "path"));
-                }
-                if r.repaired > 0 && !json {
-                    eprintln!("{} repaired", count(r.repaired, "path"));
-                }
-                if !json {
-                    eprintln!("{} checked, no problems", count(r.checked, "path"));
-                }
+        let VerifyArgs { check_contents, repair, json } = self;
+        let spinner = progress::spinner(if check_contents { "checking contents" } else { "checking paths" });
+        let resp = ctx.client().await?.query(&Request::Verify { check_contents, repair }).await;
+        spinner.finish_and_clear();
+        let Response::Verify(r) = resp? else { bail!("cairnd answered verify with something else") };
+        if json {
+            print_json(&r)?;
+        } else {
+            for p in &r.problems {
+                println!("{}", p.message);
             }
+        }
+        let left = r.problems.len() as u64 - r.repaired;
+        if left > 0 {
+            let verb = if left == 1 { "has" } else { "have" };
+            bail!("{left} of {} checked {verb} problems", count(r.checked, "path"));
+        }
+        if r.repaired > 0 && !json {
+            eprintln!("{} repaired", count(r.repaired, "path"));
+        }
+        if !json {
+            eprintln!("{} checked, no problems", count(r.checked, "path"));
         }
         Ok(())
     }

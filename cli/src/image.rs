@@ -23,7 +23,7 @@ use cairn_oci::reference::Transport;
 use cairn_oci::{Digest, TagName};
 use clap::{Args, Subcommand};
 
-use crate::ctx::{count, print_json, Ctx};
+use crate::ctx::{count, follow_events, print_json, Ctx};
 use crate::progress;
 
 #[derive(Subcommand)]
@@ -149,13 +149,12 @@ pub enum ImageCommand {
 /// build logs.
 async fn build_streamed(client: &Client, req: &BuildRequest) -> anyhow::Result<Box<BuiltInfo>> {
     use std::io::IsTerminal;
-    use tokio::io::AsyncBufReadExt;
     let terminal = std::io::stderr().is_terminal();
-    let mut lines = tokio::io::BufReader::new(client.image_build(req).await?).lines();
+    let events = client.image_build(req).await?;
     let bar = progress::spinner("building the image");
     let mut end = None;
-    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
-        match serde_json::from_str::<BuildEvent>(&line).context("cairnd sent an unreadable event")? {
+    follow_events(events, |event: BuildEvent| {
+        match event {
             BuildEvent::Started { .. } => bar.set_message("building the image: starting"),
             BuildEvent::Log { drv, line } => {
                 if terminal {
@@ -170,7 +169,9 @@ async fn build_streamed(client: &Client, req: &BuildRequest) -> anyhow::Result<B
                 bail!("{}", e.message)
             }
         }
-    }
+        Ok(())
+    })
+    .await?;
     bar.finish_and_clear();
     end.context("cairnd ended the image build without its answer (see its log)")
 }
@@ -560,12 +561,10 @@ fn end_json(e: &ImageEvent) -> serde_json::Value {
 
 /// Draws a transfer's progress lines and returns its last event.
 async fn follow(lines: impl tokio::io::AsyncRead + Unpin, what: &str) -> anyhow::Result<ImageEvent> {
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(lines).lines();
     let bar = progress::transfer(what);
     let mut end = None;
-    while let Some(line) = lines.next_line().await.context("reading the daemon's answer")? {
-        match serde_json::from_str::<ImageEvent>(&line).context("cairnd sent an unreadable event")? {
+    follow_events(lines, |event: ImageEvent| {
+        match event {
             ImageEvent::Progress { blobs_total, blobs_done, bytes_total, bytes_done } => {
                 bar.set_length(bytes_total);
                 bar.set_position(bytes_done);
@@ -577,7 +576,9 @@ async fn follow(lines: impl tokio::io::AsyncRead + Unpin, what: &str) -> anyhow:
             }
             done => end = Some(done),
         }
-    }
+        Ok(())
+    })
+    .await?;
     bar.finish_and_clear();
     end.context("cairnd ended the transfer without saying how it went (see its log)")
 }

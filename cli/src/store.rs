@@ -37,27 +37,24 @@ pub struct AddArgs {
 
 impl AddArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            AddArgs { paths, flat, name, json, out_link } => {
-                if name.is_some() && paths.len() > 1 {
-                    bail!("--name names one path, but {} were given", paths.len());
-                }
-                let client = ctx.client().await?;
-                let mut infos = Vec::new();
-                for (i, p) in paths.iter().enumerate() {
-                    let info = add(&client, p, flat, name.as_deref()).await?;
-                    if let Some(link) = &out_link {
-                        ctx.add_root(&client, &numbered(link, i), &info.path).await?;
-                    }
-                    if !json {
-                        println!("{}", info.path);
-                    }
-                    infos.push(info);
-                }
-                if json {
-                    print_json(&infos)?;
-                }
+        let AddArgs { paths, flat, name, json, out_link } = self;
+        if name.is_some() && paths.len() > 1 {
+            bail!("--name names one path, but {} were given", paths.len());
+        }
+        let client = ctx.client().await?;
+        let mut infos = Vec::new();
+        for (i, p) in paths.iter().enumerate() {
+            let info = add(&client, p, flat, name.as_deref()).await?;
+            if let Some(link) = &out_link {
+                ctx.add_root(&client, &numbered(link, i), &info.path).await?;
             }
+            if !json {
+                println!("{}", info.path);
+            }
+            infos.push(info);
+        }
+        if json {
+            print_json(&infos)?;
         }
         Ok(())
     }
@@ -82,32 +79,26 @@ pub struct AddTextArgs {
 
 impl AddTextArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            AddTextArgs { name, file, references, json, out_link } => {
-                let contents = if file == Path::new("-") {
-                    let mut v = Vec::new();
-                    std::io::stdin().read_to_end(&mut v).context("cannot read stdin")?;
-                    v
-                } else {
-                    std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?
-                };
-                let references = references.iter().map(|r| ctx.store_path(r)).collect::<anyhow::Result<_>>()?;
-                let req = Request::AddText {
-                    name,
-                    contents: base64::engine::general_purpose::STANDARD.encode(contents),
-                    references,
-                };
-                let client = ctx.client().await?;
-                let infos = path_infos(client.query(&req).await?)?;
-                if let (Some(link), Some(info)) = (&out_link, infos.first()) {
-                    ctx.add_root(&client, link, &info.path).await?;
-                }
-                if json {
-                    print_json(&infos)?;
-                } else {
-                    infos.iter().for_each(|i| println!("{}", i.path));
-                }
-            }
+        let AddTextArgs { name, file, references, json, out_link } = self;
+        let contents = if file == Path::new("-") {
+            let mut v = Vec::new();
+            std::io::stdin().read_to_end(&mut v).context("cannot read stdin")?;
+            v
+        } else {
+            std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))?
+        };
+        let references = references.iter().map(|r| ctx.store_path(r)).collect::<anyhow::Result<_>>()?;
+        let req =
+            Request::AddText { name, contents: base64::engine::general_purpose::STANDARD.encode(contents), references };
+        let client = ctx.client().await?;
+        let infos = path_infos(client.query(&req).await?)?;
+        if let (Some(link), Some(info)) = (&out_link, infos.first()) {
+            ctx.add_root(&client, link, &info.path).await?;
+        }
+        if json {
+            print_json(&infos)?;
+        } else {
+            infos.iter().for_each(|i| println!("{}", i.path));
         }
         Ok(())
     }
@@ -123,13 +114,10 @@ pub struct AddRootArgs {
 
 impl AddRootArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            AddRootArgs { link, path } => {
-                let path = ctx.store_path(&path)?;
-                ctx.add_root(&ctx.client().await?, &link, &path).await?;
-                println!("{}", std::path::absolute(&link)?.display());
-            }
-        }
+        let AddRootArgs { link, path } = self;
+        let path = ctx.store_path(&path)?;
+        ctx.add_root(&ctx.client().await?, &link, &path).await?;
+        println!("{}", std::path::absolute(&link)?.display());
         Ok(())
     }
 }
@@ -145,27 +133,24 @@ pub struct LsArgs {
 
 impl LsArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            LsArgs { path, json } => {
-                let resp = ctx.client().await?.query(&Request::Ls { path: ctx.inner_path(&path)? }).await?;
-                let Response::Listing(entries) = resp else { bail!("cairnd answered ls with {resp:?}") };
-                if json {
-                    print_json(&entries)?;
-                } else {
-                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                    for e in entries {
-                        let mode = match e.kind.as_str() {
-                            "directory" => "dr-xr-xr-x",
-                            "executable" => "-r-xr-xr-x",
-                            "symlink" => "lrwxrwxrwx",
-                            _ => "-r--r--r--",
-                        };
-                        let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
-                        writeln!(out, "{mode} {:>12} {}{target}", e.size.unwrap_or(0), e.name)?;
-                    }
-                    out.flush()?;
-                }
+        let LsArgs { path, json } = self;
+        let resp = ctx.client().await?.query(&Request::Ls { path: ctx.inner_path(&path)? }).await?;
+        let Response::Listing(entries) = resp else { bail!("cairnd answered ls with {resp:?}") };
+        if json {
+            print_json(&entries)?;
+        } else {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for e in entries {
+                let mode = match e.kind.as_str() {
+                    "directory" => "dr-xr-xr-x",
+                    "executable" => "-r-xr-xr-x",
+                    "symlink" => "lrwxrwxrwx",
+                    _ => "-r--r--r--",
+                };
+                let target = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
+                writeln!(out, "{mode} {:>12} {}{target}", e.size.unwrap_or(0), e.name)?;
             }
+            out.flush()?;
         }
         Ok(())
     }
@@ -179,12 +164,9 @@ pub struct CatArgs {
 
 impl CatArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            CatArgs { path } => {
-                let r = ctx.client().await?.cat(&ctx.inner_path(&path)?).await?;
-                to_stdout(r, None).await?;
-            }
-        }
+        let CatArgs { path } = self;
+        let r = ctx.client().await?.cat(&ctx.inner_path(&path)?).await?;
+        to_stdout(r, None).await?;
         Ok(())
     }
 }
@@ -198,13 +180,10 @@ pub struct ExportArgs {
 
 impl ExportArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            ExportArgs { paths } => {
-                refuse_terminal("an export stream")?;
-                let r = ctx.client().await?.export(ctx.store_paths(&paths)?).await?;
-                to_stdout(r, Some("exporting")).await?;
-            }
-        }
+        let ExportArgs { paths } = self;
+        refuse_terminal("an export stream")?;
+        let r = ctx.client().await?.export(ctx.store_paths(&paths)?).await?;
+        to_stdout(r, Some("exporting")).await?;
         Ok(())
     }
 }
@@ -218,29 +197,25 @@ pub struct ImportArgs {
 
 impl ImportArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        match self {
-            ImportArgs { json } => {
-                let client = ctx.client().await?;
-                // Say so before sending a stream the daemon would refuse unread (it checks again).
-                let me = client.version().await?;
-                if !me.trusted {
-                    bail!("{}", cairn_api::untrusted_import_message(&me.user));
-                }
-                let (w, r) = tokio::io::duplex(1 << 20);
-                let bar = progress::bytes("importing");
-                let mut sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
-                let reader =
-                    tokio::task::spawn_blocking(move || std::io::copy(&mut std::io::stdin().lock(), &mut sink));
-                let res = client.import(body_from_reader(r)).await;
-                bar.finish_and_clear();
-                let read = reader.await?;
-                let infos = upload_outcome(res, read.map(|_| ()), "cannot read stdin")?;
-                if json {
-                    print_json(&infos)?;
-                } else {
-                    infos.iter().for_each(|i| println!("{}", i.path));
-                }
-            }
+        let ImportArgs { json } = self;
+        let client = ctx.client().await?;
+        // Say so before sending a stream the daemon would refuse unread (it checks again).
+        let me = client.version().await?;
+        if !me.trusted {
+            bail!("{}", cairn_api::untrusted_import_message(&me.user));
+        }
+        let (w, r) = tokio::io::duplex(1 << 20);
+        let bar = progress::bytes("importing");
+        let mut sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
+        let reader = tokio::task::spawn_blocking(move || std::io::copy(&mut std::io::stdin().lock(), &mut sink));
+        let res = client.import(body_from_reader(r)).await;
+        bar.finish_and_clear();
+        let read = reader.await?;
+        let infos = upload_outcome(res, read.map(|_| ()), "cannot read stdin")?;
+        if json {
+            print_json(&infos)?;
+        } else {
+            infos.iter().for_each(|i| println!("{}", i.path));
         }
         Ok(())
     }
