@@ -41,7 +41,7 @@ pub(crate) type St = State<Arc<AppState>>;
 pub struct Substitution {
     pub(crate) configured: Vec<Arc<Substituter>>,
     pub(crate) lookups: Arc<NarInfoCache>,
-    net: NetOptions,
+    pub(crate) net: NetOptions,
     pub(crate) limits: Limits,
     pub policy: Policy,
 }

@@ -215,3 +215,29 @@ fn hostile_oci_layouts_are_refused() {
     let out = store.ok(&["image", "pull", "--tag", "x:1", &src("ok")]);
     assert_eq!(out.trim(), digest_of(&manifest));
 }
+
+/// A registry that accepts connections and never answers: the pull fails after the daemon's
+/// `connect-timeout` / `stalled-download-timeout`, as a binary cache's download would, not after
+/// fixed minutes of its own.
+#[test]
+fn a_silent_registry_fails_a_pull_after_the_configured_timeouts() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Hold every connection open, saying nothing, until the test ends.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let store = TestStore::builder().config("connect-timeout = 1\nstalled-download-timeout = 1\n").start();
+    let started = std::time::Instant::now();
+    let out =
+        store.run(&["image", "pull", "--tls-verify=false", &format!("docker://127.0.0.1:{port}/silent/app:1")], b"");
+    let took = started.elapsed();
+    assert!(!out.status.success(), "a pull from a registry that never answers must fail");
+    assert!(took < std::time::Duration::from_secs(15), "the pull took {took:?}: the settings were not applied");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("timed out"), "{err}");
+}

@@ -33,6 +33,10 @@ pub struct ClientOptions {
     pub credentials: Option<Credentials>,
     /// Allow plain HTTP and unverified certificates.
     pub insecure: bool,
+    /// Time allowed to connect (the daemon's `connect-timeout`).
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of an answer (the daemon's `stalled-download-timeout`).
+    pub stall_timeout: Duration,
 }
 
 /// A client for one repository of one registry.
@@ -112,8 +116,8 @@ impl Registry {
     pub async fn connect(image: &ImageRef, opts: &ClientOptions, push: bool) -> Result<Registry> {
         let name = image.registry.clone();
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(300))
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.stall_timeout)
             .pool_max_idle_per_host(16)
             .tls_danger_accept_invalid_certs(opts.insecure)
             .user_agent(concat!("cairn/", env!("CARGO_PKG_VERSION")))
@@ -122,7 +126,7 @@ impl Registry {
         let host = image.api_host();
         let mut base = format!("https://{host}");
         if opts.insecure {
-            let probe = http.get(format!("{base}/v2/")).timeout(Duration::from_secs(10)).send().await;
+            let probe = http.get(format!("{base}/v2/")).timeout(opts.connect_timeout).send().await;
             if probe.is_err() {
                 base = format!("http://{host}");
             }

@@ -406,8 +406,12 @@ pub async fn import(
     Ok(Json(info))
 }
 
-fn client_options(o: &RegistryOptions) -> ClientOptions {
+/// A registry client's options: the request's credentials and TLS choice, the daemon's network
+/// timeouts (the same `connect-timeout` and `stalled-download-timeout` binary caches use).
+fn client_options(o: &RegistryOptions, net: &cairn_cache::NetOptions) -> ClientOptions {
     ClientOptions {
+        connect_timeout: net.connect_timeout,
+        stall_timeout: net.stall_timeout,
         credentials: o
             .credentials
             .as_ref()
@@ -457,7 +461,7 @@ pub async fn pull(
     let opts = PullOptions { platform, all_platforms: req.all_platforms, tag: None, jobs: JOBS };
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
-    let copts = client_options(&req.registry);
+    let copts = client_options(&req.registry, &s.substitution.net);
     Ok(stream_job(progress, async move {
         let reg = Arc::new(Registry::connect(&image, &copts, false).await?);
         let pulled = cairn_image::pull::pull(s.images.clone(), reg, &image.reference, opts, p).await?;
@@ -501,7 +505,7 @@ pub async fn push(State(s): State<Arc<AppState>>, Json(req): Json<PushRequest>) 
     });
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
-    let copts = client_options(&req.registry);
+    let copts = client_options(&req.registry, &s.substitution.net);
     let reference: Reference = dest.reference.clone();
     Ok(stream_job(progress, async move {
         let reg = Arc::new(Registry::connect(&dest, &copts, true).await?);
