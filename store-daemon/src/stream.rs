@@ -104,8 +104,9 @@ pub(crate) async fn refuse_upload<T>(body: Body, e: ApiError) -> ApiResult<T> {
     Err(e)
 }
 
-/// A `Write` whose bytes become a streamed response body. Dropping it without
-/// [`finish`](Self::finish) after an error ends the body with that error.
+/// A `Write` whose bytes become a streamed response body. When the producer fails
+/// ([`stream_response`]), the error is sent as the body's last item, so the client sees the
+/// answer cut off rather than complete.
 pub(crate) struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
