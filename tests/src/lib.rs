@@ -212,6 +212,19 @@ impl TestStore {
         }
     }
 
+    /// Runs `cairn ARGS` as user nobody (uid/gid 65534, with `setpriv`) against this daemon,
+    /// with `stdin`: an unprivileged client of a daemon that may be root's. Needs root.
+    pub fn run_as_nobody(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin_dir().join("cairn"))
+            .args(self.store_args())
+            .arg("--no-auto-start")
+            .args(args)
+            .env("HOME", "/nonexistent");
+        output_with_stdin(&mut c, stdin)
+    }
+
     /// A `cairn` command aimed at this daemon, never starting another.
     pub fn cairn(&self) -> Command {
         let mut c = self.command(bin_dir().join("cairn"));
@@ -472,4 +485,23 @@ pub fn path_info_fields(
             (i["path"].as_str().unwrap().to_owned(), kept)
         })
         .collect()
+}
+
+/// A temporary directory every user may read and enter (tests that switch users read from it).
+pub fn world_readable_tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("cairn-e2e-src-").tempdir().expect("temporary directory");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d
+}
+
+/// Host processes whose command line is exactly `argv`.
+pub fn processes(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{line, require_peer, NixStore, TestStore};
+use cairn_e2e::{line, processes, require_peer, NixStore, TestStore};
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -265,16 +265,6 @@ fn repair_of_a_non_deterministic_output_keeps_what_is_registered() {
     assert!(!r.status.success());
     assert!(t.said(&r).contains(&format!("cannot repair output '{out}' of '{random}'")), "{}", t.said(&r));
     assert_eq!(nar_hash(&t.cairn, &out), registered, "the registered NAR hash stays");
-}
-
-/// Host processes whose command line is exactly `argv`.
-fn processes(argv: &[&str]) -> Vec<u32> {
-    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
-        .collect()
 }
 
 /// With one job slot, a failing derivation (named to sort first, as Nix orders its goals) and

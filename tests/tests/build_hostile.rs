@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, require_peer, TestStore};
+use cairn_e2e::{bin_dir, processes, require_peer, TestStore};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 /// What the builder types, if anything lets it.
@@ -98,16 +98,6 @@ fn stat_field(pid: &str, n: usize) -> i64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after = stat.rsplit_once(')').unwrap().1;
     after.split_whitespace().nth(n - 3).unwrap().parse().unwrap()
-}
-
-/// Host processes whose command line is exactly `argv`.
-fn processes(argv: &[&str]) -> Vec<u32> {
-    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
-        .collect()
 }
 
 /// A pseudo-terminal that is this process's controlling terminal.

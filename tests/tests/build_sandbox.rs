@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{require_peer, TestStore};
+use cairn_e2e::{processes, require_peer, TestStore};
 use cairn_nix::hash::Encoding;
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -73,16 +73,6 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 fn is_valid(s: &TestStore, p: &str) -> bool {
     s.run(&["path-info", p], b"").status.success()
-}
-
-/// Host processes whose command line is exactly `argv`.
-fn processes(argv: &[&str]) -> Vec<u32> {
-    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
-        .collect()
 }
 
 /// Build directories this daemon left behind, once its background removals had 10 s.

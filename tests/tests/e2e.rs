@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, line, write, write_exec, TestStore};
+use cairn_e2e::{bin_dir, line, world_readable_tempdir, write, write_exec, TestStore};
 use cairn_nix::hash::Encoding;
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo};
@@ -103,18 +103,6 @@ fn assert_store_path(p: &str, store_dir: &str, name: &str) {
     assert_eq!(n, format!("-{name}"), "{p}");
 }
 
-/// Runs `cairn` as user nobody (uid/gid 65534) with `setpriv`, against `st`.
-fn run_as_nobody(st: &TestStore, args: &[&str], stdin: &[u8]) -> Output {
-    let mut c = Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(bin_dir().join("cairn"))
-        .args(st.store_args())
-        .arg("--no-auto-start")
-        .args(args)
-        .env("HOME", "/nonexistent");
-    cairn_e2e::output_with_stdin(&mut c, stdin)
-}
-
 fn assert_one_line_failure(out: &Output, what: &str) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{what} should fail with 1; stderr:\n{err}");
@@ -125,13 +113,6 @@ fn assert_one_line_failure(out: &Output, what: &str) -> String {
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// A directory in a world-traversable temporary directory.
-fn world_readable_tempdir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("cairn-e2e-src-").tempdir().unwrap();
-    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    d
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -873,21 +854,21 @@ fn unprivileged_users_by_peer_credentials() {
     fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
 
     // Default config: anyone may add and query, not import.
-    let out = run_as_nobody(&st, &["add", s(&f)], b"");
+    let out = st.run_as_nobody(&["add", s(&f)], b"");
     assert!(out.status.success(), "nobody's add: {}", String::from_utf8_lossy(&out.stderr));
     let p = line(&String::from_utf8(out.stdout).unwrap());
     assert_store_path(&p, "/store", "public.txt");
     assert_eq!(line(&st.ok(&["add", s(&f)])), p, "the same path as root's add");
-    let out = run_as_nobody(&st, &["cat", &p], b"");
+    let out = st.run_as_nobody(&["cat", &p], b"");
     assert!(out.status.success());
     assert_eq!(out.stdout, b"for everyone\n");
-    let out = run_as_nobody(&st, &["path-info", "--json", &p], b"");
+    let out = st.run_as_nobody(&["path-info", "--json", &p], b"");
     assert!(out.status.success());
     assert_eq!(json(&String::from_utf8(out.stdout).unwrap())[0]["path"], p);
-    let out = run_as_nobody(&st, &["version", "--json"], b"");
+    let out = st.run_as_nobody(&["version", "--json"], b"");
     assert!(out.status.success());
     assert_eq!(json(&String::from_utf8(out.stdout).unwrap())["daemon"]["trusted"], false);
-    let out = run_as_nobody(&st, &["export", &p], b"");
+    let out = st.run_as_nobody(&["export", &p], b"");
     assert!(out.status.success(), "untrusted users may export");
     let stream = out.stdout;
     assert_eq!(stream, st.ok_bytes(&["export", &p], b""));
@@ -901,10 +882,10 @@ fn unprivileged_users_by_peer_credentials() {
     let entries = st.store_entries();
     // With an empty stdin the refusal cannot race with the upload of the stream (see
     // `refusal_of_a_large_untrusted_import_names_the_reason` for what happens when it does).
-    let out = run_as_nobody(&st, &["import"], b"");
+    let out = st.run_as_nobody(&["import"], b"");
     let e = assert_one_line_failure(&out, "nobody's import");
     assert!(e.contains("trusted-users") && e.contains("nobody"), "{e}");
-    let out = run_as_nobody(&st, &["import"], &stream_q);
+    let out = st.run_as_nobody(&["import"], &stream_q);
     assert_eq!(out.status.code(), Some(1), "nobody's import of a stream: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(st.store_entries(), entries);
     assert!(!st.run(&["path-info", &q], b"").status.success());
@@ -913,10 +894,10 @@ fn unprivileged_users_by_peer_credentials() {
 
     // allowed-users = ["root"]: nobody may not even ask for the version.
     let closed = TestStore::builder().config("allowed-users = [\"root\"]\n").start();
-    let out = run_as_nobody(&closed, &["version"], b"");
+    let out = closed.run_as_nobody(&["version"], b"");
     let e = assert_one_line_failure(&out, "nobody's version with allowed-users = [root]");
     assert!(e.contains("allowed-users") && e.contains("nobody"), "{e}");
-    let out = run_as_nobody(&closed, &["add", s(&f)], b"");
+    let out = closed.run_as_nobody(&["add", s(&f)], b"");
     let e = assert_one_line_failure(&out, "nobody's add with allowed-users = [root]");
     assert!(e.contains("allowed-users"), "{e}");
     // Also for an upload far larger than the socket's buffers.
@@ -925,7 +906,7 @@ fn unprivileged_users_by_peer_credentials() {
     fs::set_permissions(&big, fs::Permissions::from_mode(0o644)).unwrap();
     for flat in [false, true] {
         let args = if flat { vec!["add", "--flat", s(&big)] } else { vec!["add", s(&big)] };
-        let out = run_as_nobody(&closed, &args, b"");
+        let out = closed.run_as_nobody(&args, b"");
         let e = assert_one_line_failure(&out, "nobody's add of 16 MB with allowed-users = [root]");
         assert!(e.contains("allowed-users"), "{e}");
     }
@@ -935,7 +916,7 @@ fn unprivileged_users_by_peer_credentials() {
 
     // trusted-users naming nobody lets it import.
     let trusting = TestStore::builder().config("trusted-users = [\"nobody\"]\n").start();
-    let out = run_as_nobody(&trusting, &["import"], &stream_q);
+    let out = trusting.run_as_nobody(&["import"], &stream_q);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(line(&String::from_utf8(out.stdout).unwrap()), q);
 }
@@ -957,7 +938,7 @@ fn refusal_of_a_large_untrusted_import_names_the_reason() {
     let p = line(&st.ok(&["add", s(&big)]));
     let stream = st.ok_bytes(&["export", &p], b"");
     let other = TestStore::start();
-    let out = run_as_nobody(&other, &["import"], &stream);
+    let out = other.run_as_nobody(&["import"], &stream);
     let e = assert_one_line_failure(&out, "nobody's import of a 20 MB stream");
     assert!(e.contains("trusted-users"), "{e}");
     assert_eq!(other.store_entries(), Vec::<String>::new());
@@ -976,12 +957,12 @@ fn untrusted_users_substitute_only_from_configured_caches() {
     let st = TestStore::builder().config(&format!("substituters = [\"{url}\"]")).start();
     let some = "/store/00000000000000000000000000000000-x";
     let e = assert_one_line_failure(
-        &run_as_nobody(&st, &["substitute", "--from", "file:///root", some], b""),
+        &st.run_as_nobody(&["substitute", "--from", "file:///root", some], b""),
         "nobody's --from",
     );
     assert!(e.contains("configured substituters") && e.contains("trusted-users"), "{e}");
     // The configured one is allowed (and has nothing).
-    let e = assert_one_line_failure(&run_as_nobody(&st, &["substitute", some], b""), "nobody's substitute");
+    let e = assert_one_line_failure(&st.run_as_nobody(&["substitute", some], b""), "nobody's substitute");
     assert!(e.contains(&url) || e.contains("no substituter has it"), "{e}");
     // A push stream without signatures from an untrusted user is refused.
     let src = world_readable_tempdir();
@@ -994,7 +975,7 @@ fn untrusted_users_substitute_only_from_configured_caches() {
     let imported = TestStore::start();
     imported.ok_bytes(&["import"], &stream);
     let e = assert_one_line_failure(
-        &run_as_nobody(&imported, &["copy", "--to", &format!("unix://{}", st.socket.display()), &p], b""),
+        &imported.run_as_nobody(&["copy", "--to", &format!("unix://{}", st.socket.display()), &p], b""),
         "nobody's unsigned copy",
     );
     assert!(e.contains("not signed"), "{e}");

@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use cairn_e2e::{bin_dir, free_port, line, wait_listening, TestStore};
+use cairn_e2e::{bin_dir, free_port, line, wait_listening, world_readable_tempdir, TestStore};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo};
 
@@ -31,12 +31,6 @@ fn nar_of_file(bytes: &[u8]) -> Vec<u8> {
     let mut w = NarWriter::new(Vec::new()).unwrap();
     w.regular(None, false, bytes.len() as u64, &mut &bytes[..]).unwrap();
     w.finish().unwrap()
-}
-
-fn world_readable_tempdir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("cairn-e2e-ca-").tempdir().unwrap();
-    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    d
 }
 
 /// Adds `GENUINE` as a flat path named `name`, then — daemon stopped — replaces its bytes with
@@ -156,19 +150,6 @@ fn a_flat_path_with_references_is_refused() {
     assert_not_valid(&b, &p);
 }
 
-/// `cairn ARGS` as user nobody, against the store `st`.
-fn as_nobody(st: &TestStore, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(bin_dir().join("cairn"))
-        .args(st.store_args())
-        .arg("--no-auto-start")
-        .args(args)
-        .env("HOME", "/nonexistent")
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn an_unprivileged_push_over_the_socket_with_a_forged_content_address_is_refused() {
     if !nix::unistd::geteuid().is_root() || !cairn_e2e::require_peer("setpriv") {
@@ -177,7 +158,7 @@ fn an_unprivileged_push_over_the_socket_with_a_forged_content_address_is_refused
     }
     let (a, p, _src) = forged_store("release.tar");
     let b = TestStore::start();
-    let out = as_nobody(&a, &["copy", "--to", &format!("unix://{}", b.socket.display()), &p]);
+    let out = a.run_as_nobody(&["copy", "--to", &format!("unix://{}", b.socket.display()), &p], b"");
     assert_refused(&out, "nobody's copy --to unix://");
     assert_not_valid(&b, &p);
 }

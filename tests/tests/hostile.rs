@@ -5,11 +5,11 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, line, TestStore};
+use cairn_e2e::{line, TestStore};
 use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer, EXPORT_MAGIC};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::wire::{write_bytes, write_u64};
@@ -684,19 +684,6 @@ fn lines(s: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // Unreadable sources
 
-fn run_as_nobody(st: &TestStore, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(bin_dir().join("cairn"))
-        .args(st.store_args())
-        .arg("--no-auto-start")
-        .args(args)
-        .env("HOME", "/nonexistent")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run setpriv")
-}
-
 fn assert_one_line_failure(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "should fail with 1; stderr:\n{err}");
@@ -741,9 +728,10 @@ fn unreadable_sources_are_refused() {
     fs::write(tree.join("z-after"), b"after\n").unwrap();
     fs::set_permissions(tree.join("z-after"), fs::Permissions::from_mode(0o644)).unwrap();
     refused(&st, "a tree with a mode-000 file, as nobody", || {
-        let e = assert_one_line_failure(&run_as_nobody(&st, &["add", tree.to_str().unwrap()]));
+        let e = assert_one_line_failure(&st.run_as_nobody(&["add", tree.to_str().unwrap()], b""));
         assert!(e.contains("secret") && e.contains("Permission denied"), "{e}");
-        let e = assert_one_line_failure(&run_as_nobody(&st, &["add", "--flat", tree.join("secret").to_str().unwrap()]));
+        let e =
+            assert_one_line_failure(&st.run_as_nobody(&["add", "--flat", tree.join("secret").to_str().unwrap()], b""));
         assert!(e.contains("secret") && e.contains("Permission denied"), "{e}");
     });
     // A directory nobody cannot list.
@@ -753,7 +741,7 @@ fn unreadable_sources_are_refused() {
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(locked.join("inner"), fs::Permissions::from_mode(0o000)).unwrap();
     refused(&st, "a tree with a mode-000 directory, as nobody", || {
-        let e = assert_one_line_failure(&run_as_nobody(&st, &["add", locked.to_str().unwrap()]));
+        let e = assert_one_line_failure(&st.run_as_nobody(&["add", locked.to_str().unwrap()], b""));
         assert!(e.contains("inner") && e.contains("Permission denied"), "{e}");
     });
     // Root reads it all: the same trees add fine.

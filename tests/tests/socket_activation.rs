@@ -60,7 +60,7 @@ fn cairn(root: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn stop(mut child: Child) -> String {
+fn stop(child: Child) -> String {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stderr).into_owned()

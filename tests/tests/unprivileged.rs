@@ -10,16 +10,10 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use cairn_e2e::{line, require_peer, TestStore};
+use cairn_e2e::{line, require_peer, world_readable_tempdir, TestStore};
 
 const BUSYBOX: &str = "/bin/busybox";
 const NOBODY: u32 = 65534;
-
-fn readable_tempdir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("cairn-e2e-unpriv-").tempdir().unwrap();
-    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
 
 #[test]
 fn an_unprivileged_users_own_store_adds_imports_builds_pulls_and_collects() {
@@ -41,7 +35,7 @@ fn an_unprivileged_users_own_store_adds_imports_builds_pulls_and_collects() {
     assert!(uid_line.split_whitespace().nth(1) == Some("65534"), "cairnd runs as nobody: {uid_line}");
 
     // Files, a tree and an empty directory.
-    let src = readable_tempdir();
+    let src = world_readable_tempdir();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
     fs::write(src.path().join("hello.txt"), b"hello\n").unwrap();
     fs::create_dir_all(src.path().join("tree/sub")).unwrap();
@@ -86,7 +80,7 @@ fn an_unprivileged_users_own_store_adds_imports_builds_pulls_and_collects() {
     assert_eq!(st.ok(&["cat", &format!("{out}/bin/greeting")]), "built\n");
 
     // An image pulled from an OCI layout another store wrote.
-    let layout_parent = readable_tempdir();
+    let layout_parent = world_readable_tempdir();
     let layout = layout_parent.path().join("layout");
     other.ok(&["image", "build", "--closure", &imported, "--tag", "local/app:v1"]);
     other.ok(&["image", "push", "local/app:v1", &format!("oci:{}:v1", layout.display())]);
