@@ -70,6 +70,8 @@ impl Holder {
                 return Holder(child);
             }
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("the holder ended before holding its connections");
     }
 }
@@ -162,8 +164,10 @@ fn one_users_idle_connections_leave_other_users_served() {
 /// Whether the daemon refused `s`: answered it (503) or closed it, within `wait`.
 fn refused_by_daemon(s: &mut TcpStream, wait: Duration) -> bool {
     s.set_read_timeout(Some(wait)).unwrap();
-    match s.read(&mut [0u8; 512]) {
-        Ok(_) => true,
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        // Closed without a word, or answered with the refusal.
+        Ok(n) => n == 0 || buf[..n].starts_with(b"HTTP/1.1 503"),
         Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
     }
 }
