@@ -47,6 +47,29 @@ pub struct Substitution {
 }
 
 impl Substitution {
+    /// A substitution from `caches` for `client`, sharing the daemon's narinfo cache, trust
+    /// policy and limits — one place for what every substitution (a request, a build's missing
+    /// inputs, a repair) is made of.
+    pub(crate) fn job(
+        &self,
+        store: &Arc<LocalStore>,
+        caches: Vec<Arc<Substituter>>,
+        client: Option<cairn_store::ClientId>,
+        progress: Arc<cairn_cache::Progress>,
+        repair: bool,
+    ) -> cairn_cache::substitute::Job {
+        cairn_cache::substitute::Job {
+            store: store.clone(),
+            substituters: caches,
+            lookups: self.lookups.clone(),
+            policy: self.policy.clone(),
+            limits: self.limits,
+            client,
+            progress,
+            repair,
+        }
+    }
+
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Substitution> {
         let net = NetOptions {
             connect_timeout: Duration::from_secs(settings.connect_timeout),

@@ -140,16 +140,8 @@ async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[Goal]) {
     if missing.is_empty() {
         return;
     }
-    let job = cairn_cache::substitute::Job {
-        store: st.store.clone(),
-        substituters: sub.configured.clone(),
-        lookups: sub.lookups.clone(),
-        policy: sub.policy.clone(),
-        limits: sub.limits,
-        client: peer.client,
-        progress: Arc::new(cairn_cache::Progress::default()),
-        repair: false,
-    };
+    let progress = Arc::new(cairn_cache::Progress::default());
+    let job = sub.job(&st.store, sub.configured.clone(), peer.client, progress, false);
     match cairn_cache::substitute(job, &missing).await {
         Ok(r) => {
             for i in &r.added {

@@ -49,16 +49,7 @@ pub async fn handler(
     let dir = st.store_dir.clone();
     let paths = store_paths(&dir, &req.paths)?;
     let progress = Arc::new(Progress::default());
-    let job = cairn_cache::substitute::Job {
-        store: st.store.clone(),
-        substituters: caches,
-        lookups: sub.lookups.clone(),
-        policy: sub.policy.clone(),
-        limits: sub.limits,
-        client: peer.client,
-        progress: progress.clone(),
-        repair: false,
-    };
+    let job = sub.job(&st.store, caches, peer.client, progress.clone(), false);
     let store = st.store.clone();
     let user = peer.user.clone();
     let counters = progress.clone();
@@ -119,16 +110,7 @@ pub async fn verify_and_repair(st: Arc<AppState>, peer: Peer, check_contents: bo
     if !broken.is_empty() && sub.configured.is_empty() {
         why.extend(broken.iter().map(|p| (p.clone(), "no substituter is configured".to_owned())));
     } else if !broken.is_empty() {
-        let job = cairn_cache::substitute::Job {
-            store: st.store.clone(),
-            substituters: sub.configured.clone(),
-            lookups: sub.lookups.clone(),
-            policy: sub.policy.clone(),
-            limits: sub.limits,
-            client: peer.client,
-            progress: Arc::new(Progress::default()),
-            repair: true,
-        };
+        let job = sub.job(&st.store, sub.configured.clone(), peer.client, Arc::new(Progress::default()), true);
         match cairn_cache::substitute(job, &broken).await {
             Ok(r) => {
                 repaired.extend(r.added.into_iter().map(|i| i.path));
