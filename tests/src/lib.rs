@@ -288,8 +288,19 @@ impl TestStore {
 
     /// The entries of the store directory, asserting that no temporary work (in `.cairn-tmp`)
     /// is left behind and that garbage on its way out (in `.cairn-trash`) goes.
+    ///
+    /// A request whose client went away may still be running — or not yet started — when the
+    /// test looks: its temporary directory is given up to 30 s to appear and go, and only what
+    /// is still there then counts as left behind.
     pub fn store_entries(&self) -> Vec<String> {
         self.wait_trash_empty();
+        let tmp = self.real_store_dir().join(".cairn-tmp");
+        let started = Instant::now();
+        while std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some())
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         for area in [".cairn-tmp", ".cairn-trash"] {
             let dir = self.real_store_dir().join(area);
             let left: Vec<_> =
