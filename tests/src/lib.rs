@@ -212,11 +212,17 @@ impl TestStore {
         }
     }
 
-    /// Runs `cairn ARGS` as user nobody (uid/gid 65534, with `setpriv`) against this daemon,
-    /// with `stdin`: an unprivileged client of a daemon that may be root's. Needs root.
+    /// Runs `cairn ARGS` as user nobody (uid/gid 65534) against this daemon, with `stdin`: an
+    /// unprivileged client of a daemon that may be root's. Needs root.
     pub fn run_as_nobody(&self, args: &[&str], stdin: &[u8]) -> Output {
+        self.run_as(65534, args, stdin)
+    }
+
+    /// Runs `cairn ARGS` as user `uid` (and the group of the same number, with `setpriv`)
+    /// against this daemon, with `stdin`. Needs root.
+    pub fn run_as(&self, uid: u32, args: &[&str], stdin: &[u8]) -> Output {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
             .arg(bin_dir().join("cairn"))
             .args(self.store_args())
             .arg("--no-auto-start")

@@ -9,10 +9,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, free_port, wait_listening, TestStore};
+use cairn_e2e::{free_port, wait_listening, TestStore};
 
 /// The environment variables that make [`helper_holding_idle_connections`] hold connections.
 const HOLD_SOCKET: &str = "CAIRN_E2E_HOLD_SOCKET";
@@ -83,19 +83,6 @@ impl Drop for Holder {
     }
 }
 
-fn as_user(st: &TestStore, uid: u32, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
-        .arg(bin_dir().join("cairn"))
-        .args(st.store_args())
-        .arg("--no-auto-start")
-        .args(args)
-        .env("HOME", "/nonexistent")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run setpriv")
-}
-
 fn can_switch_users() -> bool {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping: switching users needs root");
@@ -131,12 +118,12 @@ fn one_users_idle_connections_leave_other_users_served() {
     let holder = Holder::start(&st, 65534, 1000);
     // Root (the daemon's own user) and another unprivileged user are answered at once.
     within_a_second("root's query", || st.ok(&["path-info", &p]));
-    let other = within_a_second("another user's query", || as_user(&st, 65533, &["path-info", &p]));
+    let other = within_a_second("another user's query", || st.run_as(65533, &["path-info", &p], b""));
     assert!(other.status.success(), "uid 65533: {}", String::from_utf8_lossy(&other.stderr));
     // The user over the limit is told so, in one line (once the flood's own refusals, which
     // are answered a second at most, are done).
     std::thread::sleep(Duration::from_millis(1200));
-    let own = as_user(&st, 65534, &["path-info", &p]);
+    let own = st.run_as(65534, &["path-info", &p], b"");
     let e = String::from_utf8_lossy(&own.stderr);
     assert!(!own.status.success(), "nobody's 1001st connection was served");
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
@@ -148,7 +135,7 @@ fn one_users_idle_connections_leave_other_users_served() {
     // Their connections closed, the user is served again.
     let start = Instant::now();
     loop {
-        let out = as_user(&st, 65534, &["path-info", &p]);
+        let out = st.run_as(65534, &["path-info", &p], b"");
         if out.status.success() {
             break;
         }

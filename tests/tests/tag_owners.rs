@@ -3,34 +3,19 @@
 //! others may create tags and change only those they made. Switching users needs root and
 //! `setpriv`; the test skips otherwise.
 
-use std::process::{Command, Output, Stdio};
-
-use cairn_e2e::{bin_dir, TestStore};
+use cairn_e2e::TestStore;
 
 const NOBODY: u32 = 65534;
 const OTHER: u32 = 65533;
 
-fn as_user(st: &TestStore, uid: u32, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
-        .arg(bin_dir().join("cairn"))
-        .args(st.store_args())
-        .arg("--no-auto-start")
-        .args(args)
-        .env("HOME", "/nonexistent")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run setpriv")
-}
-
 fn ok_as(st: &TestStore, uid: u32, args: &[&str]) {
-    let out = as_user(st, uid, args);
+    let out = st.run_as(uid, args, b"");
     assert!(out.status.success(), "uid {uid} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The one-line error of a refused command.
 fn refused_as(st: &TestStore, uid: u32, args: &[&str]) -> String {
-    let out = as_user(st, uid, args);
+    let out = st.run_as(uid, args, b"");
     let e = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "uid {uid} {args:?} should fail: {e}");
     assert_eq!(e.trim_end().lines().count(), 1, "one line: {e}");

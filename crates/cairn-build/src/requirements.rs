@@ -181,17 +181,6 @@ impl Host {
     }
 }
 
-/// Nix's system name for the machine this was compiled for (`SYSTEM`): `x86_64-linux`,
-/// `aarch64-linux`, `i686-linux`, …
-pub fn native_system() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86" => "i686",
-        "arm" => "armv7l",
-        a => a,
-    };
-    format!("{arch}-{}", std::env::consts::OS)
-}
-
 /// Nix's default `system-features` (`Settings::getDefaultSystemFeatures`): the features
 /// Nixpkgs uses only to route builds (`nixos-test`, `benchmark`, `big-parallel`), and `kvm`
 /// when `/dev/kvm` can be opened for reading and writing by the daemon.
@@ -210,7 +199,7 @@ pub fn default_features() -> BTreeSet<String> {
 /// libcpuid); nothing elsewhere.
 pub fn default_extra_platforms() -> BTreeSet<String> {
     let mut p = BTreeSet::new();
-    if native_system() == "x86_64-linux" {
+    if cfg!(all(target_arch = "x86_64", target_os = "linux")) {
         p.insert("i686-linux".to_owned());
         let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         for level in x86_64_levels(&flags) {
