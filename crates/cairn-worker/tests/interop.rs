@@ -16,23 +16,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use cairn_e2e::require_peer;
 use cairn_nix::nar::{NarReader, NarWriter};
 use cairn_nix::{ContentAddress, FileIngestionMethod, Hash, HashAlgo, StoreDir, StorePath};
 use cairn_worker::*;
-
-/// Whether a peer tool is installed; fails instead of skipping when `CAIRN_REQUIRE_PEERS=1`
-/// (copied from the e2e harness, `tests/src/lib.rs`).
-fn require_peer(tool: &str) -> bool {
-    let found =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
-    if !found {
-        if std::env::var("CAIRN_REQUIRE_PEERS").as_deref() == Ok("1") {
-            panic!("peer '{tool}' is required (CAIRN_REQUIRE_PEERS=1) but not installed; see .ci/run");
-        }
-        eprintln!("skipping: peer '{tool}' is not installed (set CAIRN_REQUIRE_PEERS=1 to make this a failure)");
-    }
-    found
-}
 
 fn store_dir() -> StoreDir {
     StoreDir::new("/nix/store").unwrap()
