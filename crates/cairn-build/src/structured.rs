@@ -88,7 +88,7 @@ fn dump_into(v: &Value, out: &mut String) {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Number(n) => out.push_str(&number(n)),
-        Value::String(s) => string(s, out),
+        Value::String(s) => cairn_nix::json::write_string(out, s),
         Value::Array(a) => {
             out.push('[');
             for (i, x) in a.iter().enumerate() {
@@ -108,33 +108,13 @@ fn dump_into(v: &Value, out: &mut String) {
                 if i > 0 {
                     out.push(',');
                 }
-                string(k, out);
+                cairn_nix::json::write_string(out, k);
                 out.push(':');
                 dump_into(v, out);
             }
             out.push('}');
         }
     }
-}
-
-fn string(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 fn number(n: &Number) -> String {

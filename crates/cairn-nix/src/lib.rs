@@ -16,6 +16,7 @@ pub mod content_address;
 pub mod derivation;
 pub mod export;
 pub mod hash;
+pub mod json;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;

@@ -26,7 +26,6 @@
 //! last; each reader says which it mirrors.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::io::{Read, Write};
 
 use cairn_nix::derivation::DerivationOutput;
@@ -236,26 +235,6 @@ pub struct Realisation {
     pub dependent_realisations: BTreeMap<DrvOutput, StorePath>,
 }
 
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
 impl Realisation {
     /// The JSON text Nix sends for this realisation.
     pub fn to_json(&self) -> String {
@@ -264,20 +243,20 @@ impl Realisation {
             if i > 0 {
                 s.push(',');
             }
-            json_string(&mut s, &id.render());
+            cairn_nix::json::write_string(&mut s, &id.render());
             s.push(':');
-            json_string(&mut s, &path.to_string());
+            cairn_nix::json::write_string(&mut s, &path.to_string());
         }
         s.push_str("},\"id\":");
-        json_string(&mut s, &self.id.render());
+        cairn_nix::json::write_string(&mut s, &self.id.render());
         s.push_str(",\"outPath\":");
-        json_string(&mut s, &self.out_path.to_string());
+        cairn_nix::json::write_string(&mut s, &self.out_path.to_string());
         s.push_str(",\"signatures\":[");
         for (i, sig) in self.signatures.iter().enumerate() {
             if i > 0 {
                 s.push(',');
             }
-            json_string(&mut s, sig);
+            cairn_nix::json::write_string(&mut s, sig);
         }
         s.push_str("]}");
         s
