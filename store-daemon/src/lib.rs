@@ -48,6 +48,44 @@ pub fn error_line(e: &anyhow::Error) -> String {
     out.chars().map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() }).collect()
 }
 
+/// `cairnd --stdio`: one session of Nix's daemon protocol on standard input and output, as
+/// `nix-daemon --stdio` (what `ssh-ng://host?remote-program=cairnd` runs). When a cairnd already
+/// serves the store, the bytes are relayed to its `nix-daemon-socket`, so the session is that
+/// daemon's (one store has one owner) and its rights are those of whoever runs this; otherwise
+/// the store is opened here and the caller, who could open it, is trusted.
+pub fn run_stdio(args: &args::StoreArgs) -> anyhow::Result<()> {
+    let settings = args.settings(true)?;
+    // Standard output is the protocol's: the log goes to standard error, quietly by default.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).try_init();
+    if let Some(path) = &settings.nix_daemon_socket {
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+            return relay(stream);
+        }
+    }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let control = std::sync::Arc::new(state::Control::new(settings.clone(), args.config_file()));
+    let state = rt.block_on(server::open_state(&settings, control))?;
+    listen::nix::serve_stdio(state, rt.handle().clone())
+}
+
+/// Copies standard input to `stream` and `stream` to standard output until both ends close.
+fn relay(stream: std::os::unix::net::UnixStream) -> anyhow::Result<()> {
+    let mut to_daemon = stream.try_clone()?;
+    let upstream = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_daemon);
+        let _ = to_daemon.shutdown(std::net::Shutdown::Write);
+    });
+    let mut from_daemon = stream;
+    let mut out = std::io::stdout().lock();
+    std::io::copy(&mut from_daemon, &mut out)?;
+    std::io::Write::flush(&mut out)?;
+    drop(upstream);
+    Ok(())
+}
+
 /// Resolves settings, sets up logging, and runs the daemon on a fresh runtime until it is told
 /// to stop. Shared by `cairnd` and `cairn daemon`.
 pub fn run(args: &args::StoreArgs) -> anyhow::Result<()> {

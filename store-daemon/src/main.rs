@@ -14,6 +14,10 @@ struct Cli {
     /// Print a commented configuration file with every key and its default, and exit.
     #[arg(long)]
     print_config_template: bool,
+    /// Speak Nix's daemon protocol on standard input and output, as `nix-daemon --stdio` does
+    /// (for `ssh-ng://HOST?remote-program=cairnd`); relayed to the running daemon if there is one.
+    #[arg(long)]
+    stdio: bool,
 }
 
 /// Marks every descriptor this process inherited beyond 0–2 close-on-exec. Whatever started
@@ -36,7 +40,8 @@ fn main() -> ExitCode {
         print!("{}", cairn_api::config::TEMPLATE);
         return ExitCode::SUCCESS;
     }
-    match cairn_daemon::run(&cli.store) {
+    let ran = if cli.stdio { cairn_daemon::run_stdio(&cli.store) } else { cairn_daemon::run(&cli.store) };
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cairnd: {}", cairn_daemon::error_line(&e));

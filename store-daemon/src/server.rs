@@ -34,19 +34,11 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
     let control = Arc::new(crate::state::Control::new(settings.clone(), config_file));
     let nofile = crate::limits::raise_nofile_limit();
     let limits = Limits::from_settings(&settings, nofile);
-    let store_dir = StoreDir::new(&settings.store_dir).context("invalid store directory")?;
-    let layout = StoreLayout {
-        real_store_dir: settings.root.join(store_dir.as_str().trim_start_matches('/')),
-        state_dir: state_dir(&settings.root),
-        store_dir: store_dir.clone(),
-    };
-    let gc = GcSettings {
-        keep_derivations: settings.keep_derivations,
-        keep_outputs: settings.keep_outputs,
-        runtime_roots: settings.runtime_roots,
-    };
-    let store = tokio::task::spawn_blocking(move || LocalStore::open(layout).map(|s| s.with_gc_settings(gc))).await??;
-    let store = Arc::new(store);
+    let state = open_state(&settings, control.clone()).await?;
+    let (store, store_dir, images, tag_owners) =
+        (state.store.clone(), state.store_dir.clone(), state.images.clone(), state.tag_owners.clone());
+    let substitution_policy = state.substitution.policy.clone();
+    let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
 
     let socket = &settings.socket;
     // Socket activation: the supervisor bound the socket (and owns its file).
@@ -67,27 +59,7 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
         }
     };
 
-    // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
-    crate::listen::registry::sweep_uploads(&state_dir(&settings.root));
-    let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
-
-    let policy = Policy { allowed: settings.allowed_users.clone(), trusted: settings.trusted_users.clone() };
-    let substitution = crate::state::Substitution::from_settings(&settings)?;
-    let substitution_policy = substitution.policy.clone();
-    let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::api::build::build_settings(&settings)?));
-    let images = cairn_image::Images::new(store.clone());
-    let image_builder = Arc::new(crate::state::ImageBuiltin::new(images.clone()));
-    builder.add_builtin("oci-image", image_builder.clone());
-    let app = router(Arc::new(AppState {
-        store: store.clone(),
-        store_dir: store_dir.clone(),
-        substitution,
-        builder,
-        images: images.clone(),
-        image_builder,
-        tag_owners: tag_owners.clone(),
-        control: control.clone(),
-    }));
+    let app = router(state.clone());
     if let Some(addr) = &settings.listen {
         let keys = settings
             .secret_key_files
@@ -143,6 +115,12 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let own = PeerKey::Uid(nix::unistd::geteuid().as_raw());
+    if let Some(path) = &settings.nix_daemon_socket {
+        let l = crate::listen::nix::bind(path)?;
+        tracing::info!(socket = %path.display(), "speaking Nix's daemon protocol");
+        let connections = Connections::new("nix-daemon-socket", limits, Some(own));
+        tokio::spawn(crate::listen::nix::serve(l, state.clone(), policy.clone(), connections));
+    }
     let connections = Connections::new("socket", limits, Some(own));
     let mut errors = AcceptErrors::new("socket");
     loop {
@@ -187,11 +165,53 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
     if owns_socket_file {
         let _ = std::fs::remove_file(socket);
     }
+    if let Some(path) = &settings.nix_daemon_socket {
+        let _ = std::fs::remove_file(path);
+    }
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the store and everything the API's routes share: the substituters, the builder (with
+/// the image builder registered), the images and the tag owners.
+pub(crate) async fn open_state(
+    settings: &Settings,
+    control: Arc<crate::state::Control>,
+) -> anyhow::Result<Arc<AppState>> {
+    let store_dir = StoreDir::new(&settings.store_dir).context("invalid store directory")?;
+    let layout = StoreLayout {
+        real_store_dir: settings.root.join(store_dir.as_str().trim_start_matches('/')),
+        state_dir: state_dir(&settings.root),
+        store_dir: store_dir.clone(),
+    };
+    let gc = GcSettings {
+        keep_derivations: settings.keep_derivations,
+        keep_outputs: settings.keep_outputs,
+        runtime_roots: settings.runtime_roots,
+    };
+    let store = tokio::task::spawn_blocking(move || LocalStore::open(layout).map(|s| s.with_gc_settings(gc))).await??;
+    let store = Arc::new(store);
+    // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
+    crate::listen::registry::sweep_uploads(&state_dir(&settings.root));
+    let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
+    let substitution = crate::state::Substitution::from_settings(settings)?;
+    let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::api::build::build_settings(settings)?));
+    let images = cairn_image::Images::new(store.clone());
+    let image_builder = Arc::new(crate::state::ImageBuiltin::new(images.clone()));
+    builder.add_builtin("oci-image", image_builder.clone());
+    Ok(Arc::new(AppState {
+        store,
+        store_dir,
+        substitution,
+        builder,
+        images,
+        image_builder,
+        tag_owners,
+        control,
+    }))
 }
 
 /// Serves the binary cache and the registry on `listen`, under the same limits as the socket

@@ -22,6 +22,7 @@ pub struct ConfigFile {
     pub store_dir: Option<String>,
     pub root: Option<PathBuf>,
     pub socket: Option<PathBuf>,
+    pub nix_daemon_socket: Option<PathBuf>,
     pub allowed_users: Option<Vec<String>>,
     pub trusted_users: Option<Vec<String>>,
     pub auto_start_daemon: Option<bool>,
@@ -68,6 +69,7 @@ pub const KEYS: &[&str] = &[
     "store-dir",
     "root",
     "socket",
+    "nix-daemon-socket",
     "allowed-users",
     "trusted-users",
     "auto-start-daemon",
@@ -233,6 +235,9 @@ pub struct Settings {
     pub root: PathBuf,
     /// The daemon's socket.
     pub socket: PathBuf,
+    /// The socket on which the daemon speaks Nix's worker protocol (what `nix-daemon` answers),
+    /// for Nix's own tools; `None`: off.
+    pub nix_daemon_socket: Option<PathBuf>,
     /// Who may connect: user names, `@group`, or `*`.
     pub allowed_users: Vec<String>,
     /// Who may do what needs trust (import unsigned paths): names, `@group`, or `*`.
@@ -379,8 +384,15 @@ impl Settings {
     pub fn resolve(file: ConfigFile, over: Overrides, is_root: bool) -> Settings {
         let root = over.root.or(file.root).unwrap_or_else(|| default_root(is_root));
         let socket = over.socket.or(file.socket).unwrap_or_else(|| state_dir(&root).join("daemon-socket/socket"));
+        // Next to the socket unless set; an empty path turns it off.
+        let nix_daemon_socket = match file.nix_daemon_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p),
+            None => Some(socket.with_file_name("nix-socket")),
+        };
         Settings {
             store_dir: over.store_dir.or(file.store_dir).unwrap_or_else(|| "/store".to_owned()),
+            nix_daemon_socket,
             socket,
             root,
             allowed_users: file.allowed_users.unwrap_or_else(|| vec!["*".to_owned()]),
@@ -442,7 +454,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 42, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 43, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! Build logs, kept zstd-compressed under the state directory as Nix keeps its own
-//! (`drvs/<first two characters of the .drv's base name>/<the rest>.zst`), so that `cairn log`
-//! can print a past build's output.
+//! Build logs, kept as Nix keeps its own: bzip2-compressed at `drvs/<first two characters of
+//! the .drv's base name>/<the rest>.bz2`, so that `cairn log` prints a past build's output and
+//! Nix's own `nix log` reads the same files (given the log directory, `?log=` on a `unix://`
+//! store). Logs written by earlier cairn versions (zstd, `.zst`) are still read.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use cairn_nix::StorePath;
@@ -19,23 +20,33 @@ impl LogStore {
         LogStore { dir: dir.into() }
     }
 
-    fn file(&self, drv: &StorePath) -> PathBuf {
+    fn file(&self, drv: &StorePath, ext: &str) -> PathBuf {
         let base = drv.base_name();
-        self.dir.join(&base[..2]).join(format!("{}.zst", &base[2..]))
+        self.dir.join(&base[..2]).join(format!("{}.{ext}", &base[2..]))
     }
 
     /// A writer for the log of a build of `drv`, replacing an earlier one when finished.
     pub fn writer(&self, drv: &StorePath) -> io::Result<LogWriter> {
-        let file = self.file(drv);
+        let file = self.file(drv, "bz2");
         fs::create_dir_all(file.parent().expect("log files have a parent"))?;
-        let tmp = file.with_extension("zst.tmp");
-        let enc = zstd::Encoder::new(fs::File::create(&tmp)?, 3)?;
+        let tmp = file.with_extension("bz2.tmp");
+        let enc = bzip2::write::BzEncoder::new(fs::File::create(&tmp)?, bzip2::Compression::default());
+        let _ = fs::remove_file(self.file(drv, "zst"));
         Ok(LogWriter { enc, tmp, file })
     }
 
     /// The log of the last build of `drv`, if any.
     pub fn read(&self, drv: &StorePath) -> io::Result<Option<Vec<u8>>> {
-        match fs::File::open(self.file(drv)) {
+        match fs::File::open(self.file(drv, "bz2")) {
+            Ok(f) => {
+                let mut out = Vec::new();
+                bzip2::read::MultiBzDecoder::new(io::BufReader::new(f)).read_to_end(&mut out)?;
+                return Ok(Some(out));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match fs::File::open(self.file(drv, "zst")) {
             Ok(f) => Ok(Some(zstd::decode_all(f)?)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -45,7 +56,7 @@ impl LogStore {
 
 /// An open log; [`LogWriter::finish`] puts it in place.
 pub struct LogWriter {
-    enc: zstd::Encoder<'static, fs::File>,
+    enc: bzip2::write::BzEncoder<fs::File>,
     tmp: PathBuf,
     file: PathBuf,
 }
@@ -83,6 +94,17 @@ mod tests {
         assert_eq!(logs.read(&drv).unwrap(), None, "not visible before it is finished");
         w.finish().unwrap();
         assert_eq!(logs.read(&drv).unwrap().unwrap(), b"one\ntwo\n");
-        assert!(t.path().join("00/000000000000000000000000000000-x.drv.zst").exists());
+        assert!(t.path().join("00/000000000000000000000000000000-x.drv.bz2").exists(), "where and as Nix keeps it");
+    }
+
+    #[test]
+    fn logs_of_earlier_versions_are_read() {
+        let t = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(t.path());
+        let drv = StorePath::from_base_name("00000000000000000000000000000000-x.drv").unwrap();
+        std::fs::create_dir_all(t.path().join("00")).unwrap();
+        let old = zstd::encode_all(&b"old\n"[..], 3).unwrap();
+        std::fs::write(t.path().join("00/000000000000000000000000000000-x.drv.zst"), old).unwrap();
+        assert_eq!(logs.read(&drv).unwrap().unwrap(), b"old\n");
     }
 }

@@ -97,6 +97,33 @@ pub struct Options {
     pub impure_env: Arc<BTreeMap<String, String>>,
     /// Normal, `--check` or `--repair`.
     pub mode: Mode,
+    /// What the client asked to tighten (Nix's `SetOptions`); unset fields keep the daemon's.
+    pub limits: RequestLimits,
+    /// Derivations a trusted client sent rather than named (Nix's `BuildDerivation`): built
+    /// as given, with the outputs they declare, whether or not they are in the store.
+    pub given: Arc<BTreeMap<StorePath, Arc<Derivation>>>,
+}
+
+/// A request's own limits. A client may tighten the daemon's limits but not loosen them: a
+/// timeout or silence limit applies when it is shorter than the daemon's (or the daemon has
+/// none), and `max_jobs` caps this request's builds below the daemon's `max-jobs`. `cores` is
+/// what the builds see as `NIX_BUILD_CORES`, a hint that limits nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestLimits {
+    pub max_jobs: Option<usize>,
+    pub timeout: Option<Duration>,
+    pub max_silent: Option<Duration>,
+    pub cores: Option<usize>,
+}
+
+impl RequestLimits {
+    /// The shorter of two optional limits, `None` meaning none.
+    fn tighter(daemon: Option<Duration>, request: Option<Duration>) -> Option<Duration> {
+        match (daemon, request) {
+            (Some(d), Some(r)) => Some(d.min(r)),
+            (d, r) => d.or(r),
+        }
+    }
 }
 
 /// What a realisation reports while it runs.
@@ -216,7 +243,8 @@ impl Builder {
         let this = self.clone();
         let goals2 = goals.clone();
         let mode = options.mode;
-        let (nodes, order) = tokio::task::spawn_blocking(move || this.plan(&goals2, mode))
+        let given = options.given.clone();
+        let (nodes, order) = tokio::task::spawn_blocking(move || this.plan(&goals2, mode, &given))
             .await
             .map_err(|e| BuildError::Internal(e.to_string()))??;
         let _ = events.send(Event::Plan { drvs: order.clone() });
@@ -248,13 +276,15 @@ impl Builder {
                 (p, r)
             });
         };
+        // The client's own cap on parallel builds, within the daemon's.
+        let request_jobs = options.limits.max_jobs.filter(|&n| n > 0).unwrap_or(usize::MAX);
         // Ready builds, in plan order; each starts when it gets a job slot.
         let mut ready: VecDeque<StorePath> = order.iter().filter(|p| remaining[*p] == 0).cloned().collect();
         loop {
             let joined = tokio::select! {
                 biased;
                 joined = set.join_next(), if !set.is_empty() => joined,
-                job = self.jobs.clone().acquire_owned(), if !ready.is_empty() && !stopped => {
+                job = self.jobs.clone().acquire_owned(), if !ready.is_empty() && !stopped && set.len() < request_jobs => {
                     let job = job.map_err(|e| BuildError::Internal(e.to_string()))?;
                     if let Some(p) = ready.pop_front() {
                         spawn(&mut set, p, job);
@@ -307,7 +337,7 @@ impl Builder {
                 None if stopped && nodes.contains_key(&g.drv) && !built.contains(&g.drv) => {
                     Err("not built: another build failed (use --keep-going to build everything possible)".to_owned())
                 }
-                None => self.wanted_outputs(g, &nodes).await,
+                None => self.wanted_outputs(g, &nodes, &options.given).await,
             };
             results.push((g.drv.clone(), r));
         }
@@ -319,13 +349,21 @@ impl Builder {
         self: &Arc<Self>,
         g: &Goal,
         nodes: &HashMap<StorePath, Node>,
+        given: &BTreeMap<StorePath, Arc<Derivation>>,
     ) -> Result<BTreeMap<String, StorePath>, String> {
         let all = match nodes.get(&g.drv) {
             Some(n) => n.outputs.clone(),
             None => {
                 let this = self.clone();
                 let drv = g.drv.clone();
-                tokio::task::spawn_blocking(move || Derivations::new(&this.store).outputs(&drv))
+                let given = given.get(&drv).cloned();
+                tokio::task::spawn_blocking(move || {
+                    let mut drvs = Derivations::new(&this.store);
+                    if let Some(d) = given {
+                        drvs.give(&drv, d)?;
+                    }
+                    drvs.outputs(&drv)
+                })
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?
@@ -347,9 +385,17 @@ impl Builder {
 
     /// The derivations to build for `goals`, each with its inputs, in an order where inputs
     /// come first, and what each is built for under `mode` (see [`modes`]).
-    fn plan(&self, goals: &[Goal], mode: Mode) -> Result<(HashMap<StorePath, Node>, Vec<StorePath>), BuildError> {
+    fn plan(
+        &self,
+        goals: &[Goal],
+        mode: Mode,
+        given: &BTreeMap<StorePath, Arc<Derivation>>,
+    ) -> Result<(HashMap<StorePath, Node>, Vec<StorePath>), BuildError> {
         let dir = self.store.store_dir();
         let mut drvs = Derivations::new(&self.store);
+        for (p, d) in given {
+            drvs.give(p, d.clone())?;
+        }
         for g in goals {
             let d = drvs.load(&g.drv)?;
             for o in g.outputs.iter().flatten() {
@@ -557,9 +603,10 @@ impl Builder {
         let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
         let host_ids = uid_slot.ids();
         let t0 = std::time::Instant::now();
+        let cores = options.limits.cores.filter(|&c| c > 0).unwrap_or(self.settings.cores);
         let prepared = {
             let top = top.clone();
-            tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure))
+            tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure, cores))
                 .await
                 .map_err(|e| e.to_string())?
         };
@@ -574,7 +621,10 @@ impl Builder {
         let _ = events.send(Event::Started { drv: drv_path.clone() });
         let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
         let mut tail: VecDeque<String> = VecDeque::new();
-        let limits = RunLimits { timeout: self.settings.timeout, max_silent: self.settings.max_silent };
+        let limits = RunLimits {
+            timeout: RequestLimits::tighter(self.settings.timeout, options.limits.timeout),
+            max_silent: RequestLimits::tighter(self.settings.max_silent, options.limits.max_silent),
+        };
         let (uid, gid) = host_ids.unwrap_or_else(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()));
         let t1 = t0.elapsed();
         // Dropping the run (when the request stops) kills the helper, and with it the sandbox's
@@ -705,7 +755,7 @@ impl Builder {
 
     /// Creates the build directory and the sandbox root; returns the spec, the input closure,
     /// and the temporary roots that keep the closure and the outputs alive.
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn prepare(
         &self,
         drv: &Derivation,
@@ -714,6 +764,7 @@ impl Builder {
         top: &Path,
         host_ids: Option<(u32, u32)>,
         impure_env: &[(String, String)],
+        cores: usize,
     ) -> Result<(crate::sandbox::SandboxSpec, Vec<StorePath>, cairn_store::TempRootGuard), BuildError> {
         let roots = self.store.temp_root(inputs.iter().chain(outputs.values()).cloned());
         let closure = self.store.walk(inputs, Direction::References)?;
@@ -732,7 +783,7 @@ impl Builder {
             outputs,
             inputs: &closure,
             sandbox_paths: &self.settings.sandbox_paths,
-            cores: self.settings.cores,
+            cores,
             root: &root,
             limits: self.settings.limits,
             impure_env,

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use cairn_nix::hash::{HashAlgo, Hasher};
 use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::PublicKey;
-use cairn_nix::{ContentAddress, StoreDir, StorePath};
+use cairn_nix::{StoreDir, StorePath};
 use cairn_store::{Batch, ClientId, ClientScope, LocalStore, PathInfo, TempRootGuard};
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 
@@ -344,18 +344,71 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
     let _ = tx.send(Event::Done { path, result: Err(reason) });
 }
 
+/// Which of `paths` the caches could substitute, with the narinfo each would be fetched by:
+/// for each path the first cache, by priority, whose narinfo passes [`check_narinfo`]. A cache
+/// that cannot be read counts as not having the path. Nothing is downloaded but narinfos
+/// (Nix's `querySubstitutablePathInfos`).
+pub async fn query(
+    substituters: &[Arc<Substituter>],
+    lookups: &NarInfoCache,
+    policy: &Policy,
+    dir: &StoreDir,
+    paths: &[StorePath],
+) -> std::collections::BTreeMap<StorePath, NarInfo> {
+    use futures_util::StreamExt;
+    let prios = futures_util::future::join_all(substituters.iter().map(|s| s.priority(dir))).await;
+    let mut subs: Vec<(u32, &Arc<Substituter>)> =
+        substituters.iter().zip(prios).filter_map(|(s, p)| p.ok().map(|p| (p, s))).collect();
+    subs.sort_by_key(|(p, _)| *p);
+    let subs = &subs;
+    futures_util::stream::iter(paths)
+        .map(|path| async move {
+            for (_, sub) in subs {
+                if let Ok(Some(info)) = sub.narinfo(dir, path, lookups).await {
+                    if check_narinfo(dir, path, &info, policy).is_ok() {
+                        lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
+                        return Some((path.clone(), info));
+                    }
+                }
+            }
+            None
+        })
+        .buffer_unordered(25)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await
+}
+
+/// Whether a path's metadata is trusted under `policy`: a signature by a trusted key, or a
+/// content address that yields the path. Without `require_sigs`, anything is.
+pub fn trusted_path_info(dir: &StoreDir, info: &PathInfo, policy: &Policy) -> Result<(), String> {
+    if !policy.require_sigs {
+        return Ok(());
+    }
+    let signed = cairn_nix::signing::fingerprint(dir, &info.path, &info.nar_hash, info.nar_size, &info.references)
+        .is_ok_and(|fp| {
+            info.signatures.iter().any(|sig| policy.trusted_keys.iter().any(|k| k.verifies(&fp, sig)))
+        });
+    let proven = info.ca.as_ref().is_some_and(|ca| {
+        let refs: BTreeSet<StorePath> = info.references.iter().filter(|r| **r != info.path).cloned().collect();
+        let self_ref = info.references.contains(&info.path);
+        dir.make_content_addressed_path(info.path.name(), ca, &refs, self_ref).is_ok_and(|p| p == info.path)
+    });
+    if signed || proven {
+        Ok(())
+    } else if info.signatures.is_empty() {
+        Err("it is not signed, and no content address proves it (trusted-public-keys, require-sigs)".into())
+    } else {
+        Err("no signature is by a trusted key (trusted-public-keys), and no content address proves it".into())
+    }
+}
+
 /// The checks a narinfo must pass before its NAR is fetched; the error names the failed one.
 pub fn check_narinfo(dir: &StoreDir, wanted: &StorePath, info: &NarInfo, policy: &Policy) -> Result<(), String> {
     if info.store_path != *wanted {
         return Err(format!("the narinfo is for '{}'", dir.display(&info.store_path)));
     }
-    if policy.require_sigs && !info.is_signed_by(dir, &policy.trusted_keys) && !ca_proves_path(dir, info) {
-        return Err(if info.signatures.is_empty() {
-            "it is not signed, and no content address proves it (trusted-public-keys, require-sigs)".into()
-        } else {
-            "no signature is by a trusted key (trusted-public-keys), and no content address proves it".into()
-        });
-    }
+    trusted_path_info(dir, &path_info_of(info), policy)?;
     Compression::parse(&info.compression).map_err(|e| e.to_string())?;
     if info.url.is_empty()
         || info.url.starts_with('/')
@@ -383,13 +436,6 @@ pub fn path_info_of(info: &NarInfo) -> PathInfo {
 }
 
 /// Whether a narinfo's path follows from its content address (then it needs no signature).
-fn ca_proves_path(dir: &StoreDir, info: &NarInfo) -> bool {
-    let Some(ca) = info.ca.as_deref().and_then(|c| c.parse::<ContentAddress>().ok()) else { return false };
-    let refs: BTreeSet<StorePath> = info.references.iter().filter(|r| **r != info.store_path).cloned().collect();
-    let self_ref = info.references.contains(&info.store_path);
-    dir.make_content_addressed_path(info.store_path.name(), &ca, &refs, self_ref).is_ok_and(|p| p == info.store_path)
-}
-
 async fn download(ctx: &Arc<Ctx>, sub: &Substituter, info: NarInfo) -> Result<(), CacheError> {
     let reader = sub.backend.open_read(&info.url).await?;
     let url = sub.backend.describe(&info.url);

@@ -197,6 +197,23 @@ impl Db {
         path.map(|p| parse_path(&p)).transpose()
     }
 
+    /// Adds signatures to a valid path's (Nix's `addSignatures`): the union is kept, so adding
+    /// one twice changes nothing.
+    pub fn add_signatures(&mut self, path: &StorePath, sigs: &BTreeSet<String>) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let old: Option<Option<String>> = tx
+            .prepare_cached("SELECT sigs FROM ValidPaths WHERE path = ?1")?
+            .query_row([path.to_string()], |r| r.get(0))
+            .optional()?;
+        let Some(old) = old else { return Err(DbError::NotValid(path.to_string())) };
+        let mut all: BTreeSet<String> = old.unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+        all.extend(sigs.iter().cloned());
+        let joined = all.into_iter().collect::<Vec<_>>().join(" ");
+        tx.execute("UPDATE ValidPaths SET sigs = ?1 WHERE path = ?2", params![joined, path.to_string()])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The metadata of a valid path, or `None`.
     pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>> {
         let row = self

@@ -302,6 +302,14 @@ impl LocalStore {
         Ok(self.db().is_valid(path)?)
     }
 
+    /// Adds signatures (`keyname:base64`) to a valid path. They are not checked: a signature
+    /// only matters to whoever trusts its key, and each reader checks it against the path's
+    /// fingerprint (as Nix's `addSignatures` stores them unchecked).
+    pub fn add_signatures(&self, path: &StorePath, sigs: &BTreeSet<String>) -> Result<()> {
+        self.valid_path_info(path)?;
+        Ok(self.db().add_signatures(path, sigs)?)
+    }
+
     /// Valid paths that reference `path`.
     pub fn referrers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>> {
         self.valid_path_info(path)?;

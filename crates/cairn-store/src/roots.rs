@@ -173,7 +173,7 @@ impl TempRoots {
 
 impl TempRootGuard {
     /// Roots more paths, released with the others.
-    pub(crate) fn extend(&mut self, paths: impl IntoIterator<Item = StorePath>) {
+    pub fn extend(&mut self, paths: impl IntoIterator<Item = StorePath>) {
         let more: Vec<StorePath> = paths.into_iter().collect();
         self.roots.take(&more);
         self.paths.extend(more);

@@ -65,7 +65,7 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
 }
 
 /// `DRV` or `DRV!out1,out2`.
-fn goal(dir: &StoreDir, s: &str) -> ApiResult<Goal> {
+pub(crate) fn goal(dir: &StoreDir, s: &str) -> ApiResult<Goal> {
     let (p, outs) = match s.split_once('!') {
         Some((p, o)) => (p, Some(o)),
         None => (s, None),
@@ -108,7 +108,7 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
 
 /// Substitutes the missing outputs of the goals from the configured substituters, as Nix tries
 /// before it builds; what cannot be substituted is built. Failures here only mean building.
-async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[Goal]) {
+pub(crate) async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[Goal]) {
     let sub = &st.substitution;
     if sub.configured.is_empty() {
         return;
@@ -172,6 +172,8 @@ pub async fn realise(
         keep_failed: req.keep_failed,
         impure_env: Arc::new(req.impure_env),
         mode,
+        limits: Default::default(),
+        given: Default::default(),
     };
     // A check rebuilds what is valid, and a repair of what is valid is decided by its contents:
     // only a normal realisation fills missing outputs from substituters first.

@@ -1,0 +1,398 @@
+//! Builds over Nix's protocol: `BuildPaths`, `BuildPathsWithResults`, `BuildDerivation` and
+//! `QueryMissing`, run by the daemon's builder with their logs streamed to the client.
+//!
+//! Each build is an activity of type `Build` whose log lines are `BuildLogLine` results, as
+//! `nix-daemon` sends them, so that `nix-build` prints them and `nix build` shows them in its
+//! progress bar. A failure of one of the requested derivations is the request's error (the
+//! builder's message with the log's last lines); failures of their dependencies are logged as
+//! `error:` lines first, as Nix logs them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cairn_build::derivations::Derivations;
+use cairn_build::{Event, FailureKind, Goal, Mode, Options, Outcome};
+use cairn_nix::StorePath;
+use cairn_worker::{
+    ActivityType, BasicDerivation, BuildMode, BuildResult, BuildStatus, DerivedPath, DrvOutput, Field,
+    KeyedBuildResult, Missing, OutputsSpec, Realisation, ResultType,
+};
+
+use super::session::{Failure, OpResult, Session};
+
+fn mode_of(m: BuildMode) -> Mode {
+    match m {
+        BuildMode::Normal => Mode::Normal,
+        BuildMode::Repair => Mode::Repair,
+        BuildMode::Check => Mode::Check,
+    }
+}
+
+fn status_of(kind: FailureKind) -> BuildStatus {
+    match kind {
+        FailureKind::Permanent => BuildStatus::PermanentFailure,
+        FailureKind::TimedOut => BuildStatus::TimedOut,
+        FailureKind::HashMismatch => BuildStatus::OutputRejected,
+        FailureKind::NotDeterministic => BuildStatus::NotDeterministic,
+        FailureKind::Other => BuildStatus::MiscFailure,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A realisation's outcome, with what the events said about each derivation.
+struct Realised {
+    outcome: Outcome,
+    failures: HashMap<StorePath, FailureKind>,
+    started: u64,
+    stopped: u64,
+}
+
+impl<R: Read, W: Write> Session<R, W> {
+    /// Refuses repairs from untrusted clients, as `nix-daemon` does.
+    fn check_mode(&self, mode: BuildMode) -> OpResult<()> {
+        if mode == BuildMode::Repair && !self.peer.trusted {
+            return Err(Failure::Report("repairing is not allowed because you are not in 'trusted-users'".into()));
+        }
+        Ok(())
+    }
+
+    /// Realises `goals` with the client's options, streaming the builds' activities and logs.
+    fn realise(
+        &mut self,
+        goals: Vec<Goal>,
+        mode: BuildMode,
+        given: BTreeMap<StorePath, Arc<cairn_nix::derivation::Derivation>>,
+    ) -> OpResult<Realised> {
+        let st = self.st.clone();
+        let mode = mode_of(mode);
+        let options = Options {
+            keep_going: self.options.keep_going,
+            keep_failed: self.options.keep_failed,
+            impure_env: Arc::new(BTreeMap::new()),
+            mode,
+            limits: self.build_limits(),
+            given: Arc::new(given),
+        };
+        let started = now();
+        if mode == Mode::Normal && self.options.use_substitutes {
+            self.rt.block_on(crate::api::build::substitute_first(&st, &self.peer, &goals));
+        }
+        let top: BTreeSet<StorePath> = goals.iter().map(|g| g.drv.clone()).collect();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let rt = self.rt.clone();
+        let mut activities = Session::<R, W>::new_activities();
+        let mut failures = HashMap::new();
+        let outcome = rt.block_on(async {
+            let work = st.builder.realise(goals, options, tx);
+            tokio::pin!(work);
+            let mut done = None;
+            loop {
+                tokio::select! {
+                    r = &mut work, if done.is_none() => done = Some(r),
+                    e = rx.recv() => match e {
+                        Some(e) => self.on_event(e, &top, &mut activities, &mut failures),
+                        None => break,
+                    },
+                }
+            }
+            done
+        });
+        let outcome = outcome.ok_or_else(|| Failure::Report("the build ended without an outcome".into()))??;
+        Ok(Realised { outcome, failures, started, stopped: now() })
+    }
+
+    /// Turns a builder event into the client's activities and log lines.
+    fn on_event(
+        &mut self,
+        e: Event,
+        top: &BTreeSet<StorePath>,
+        activities: &mut HashMap<StorePath, u64>,
+        failures: &mut HashMap<StorePath, FailureKind>,
+    ) {
+        match e {
+            Event::Plan { .. } => {}
+            Event::Started { drv } => {
+                let shown = self.show(&drv);
+                let fields =
+                    vec![Field::String(shown.clone()), Field::String(String::new()), Field::Int(1), Field::Int(1)];
+                let id = self.start_activity(ActivityType::Build, format!("building '{shown}'"), fields);
+                activities.insert(drv, id);
+            }
+            Event::Log { drv, line } => {
+                if let Some(&id) = activities.get(&drv) {
+                    let line = String::from_utf8_lossy(&line).into_owned();
+                    self.activity_result(id, ResultType::BuildLogLine, vec![Field::String(line)]);
+                }
+            }
+            Event::Built { drv, .. } => {
+                if let Some(id) = activities.remove(&drv) {
+                    self.stop_activity(id);
+                }
+            }
+            Event::Failed { drv, kind, message } => {
+                if let Some(id) = activities.remove(&drv) {
+                    self.stop_activity(id);
+                }
+                failures.insert(drv.clone(), kind);
+                // A requested derivation's failure is the request's error; others are logged.
+                if !top.contains(&drv) {
+                    self.log_line(&format!("error: {message}"));
+                }
+            }
+        }
+    }
+
+    /// Goals and opaque paths of a request.
+    fn split(&self, paths: &[DerivedPath]) -> (Vec<Goal>, Vec<StorePath>) {
+        let mut goals = Vec::new();
+        let mut opaque = Vec::new();
+        for p in paths {
+            match p {
+                DerivedPath::Opaque(p) => opaque.push(p.clone()),
+                DerivedPath::Built { drv_path, outputs } => goals.push(Goal {
+                    drv: drv_path.clone(),
+                    outputs: match outputs {
+                        OutputsSpec::All => None,
+                        OutputsSpec::Names(n) => Some(n.clone()),
+                    },
+                }),
+            }
+        }
+        (goals, opaque)
+    }
+
+    /// `BuildPaths`: everything made valid, or the error.
+    pub(super) fn build_paths(&mut self, paths: &[DerivedPath], mode: BuildMode) -> OpResult<()> {
+        self.check_mode(mode)?;
+        let (goals, opaque) = self.split(paths);
+        self.ensure_valid(&opaque)?;
+        if goals.is_empty() {
+            return Ok(());
+        }
+        let r = self.realise(goals, mode, BTreeMap::new())?;
+        let failed: Vec<(StorePath, String)> = r
+            .outcome
+            .results
+            .into_iter()
+            .filter_map(|(drv, res)| res.err().map(|m| (drv, m)))
+            .collect();
+        match failed.as_slice() {
+            [] => Ok(()),
+            [(_, message)] => Err(Failure::Report(message.clone())),
+            many => {
+                for (_, m) in many {
+                    self.log_line(&format!("error: {m}"));
+                }
+                let list: Vec<String> = many.iter().map(|(d, _)| format!("'{}'", self.show(d))).collect();
+                Err(Failure::Report(format!("build of {} failed", list.join(", "))))
+            }
+        }
+    }
+
+    /// The result of one derivation goal, with its built outputs named as Nix names them.
+    fn goal_result(
+        &self,
+        drv: &StorePath,
+        res: Result<BTreeMap<String, StorePath>, String>,
+        r: &Realised,
+        given: Option<&Arc<cairn_nix::derivation::Derivation>>,
+    ) -> BuildResult {
+        let mut result = match &res {
+            Ok(_) if r.outcome.built.contains(drv) => BuildResult::new(BuildStatus::Built, ""),
+            Ok(_) => BuildResult::new(BuildStatus::AlreadyValid, ""),
+            Err(m) => {
+                let status = match r.failures.get(drv) {
+                    Some(k) => status_of(*k),
+                    None if m.starts_with("dependency ") => BuildStatus::DependencyFailed,
+                    None => BuildStatus::MiscFailure,
+                };
+                BuildResult::new(status, m.clone())
+            }
+        };
+        if r.outcome.built.contains(drv) {
+            result.times_built = 1;
+            result.start_time = r.started;
+            result.stop_time = r.stopped;
+        }
+        if let Ok(outputs) = res {
+            let mut drvs = Derivations::new(&self.st.store);
+            if let Some(d) = given {
+                let _ = drvs.give(drv, d.clone());
+            }
+            if let Ok(hashes) = drvs.static_output_hashes(drv) {
+                for (name, path) in outputs {
+                    let Some(h) = hashes.get(&name) else { continue };
+                    let id = DrvOutput { drv_hash: h.clone(), output_name: name };
+                    let json = Realisation {
+                        id: id.clone(),
+                        out_path: path,
+                        signatures: BTreeSet::new(),
+                        dependent_realisations: BTreeMap::new(),
+                    }
+                    .to_json();
+                    result.built_outputs.insert(id, json);
+                }
+            }
+        }
+        result
+    }
+
+    /// `BuildPathsWithResults`: one result per path; failures are results, not errors.
+    pub(super) fn build_with_results(&mut self, paths: &[DerivedPath], mode: BuildMode) -> OpResult<Vec<KeyedBuildResult>> {
+        self.check_mode(mode)?;
+        let (goals, _) = self.split(paths);
+        let realised = if goals.is_empty() { None } else { Some(self.realise(goals, mode, BTreeMap::new())?) };
+        let mut out = Vec::new();
+        for p in paths {
+            let result = match p {
+                DerivedPath::Opaque(path) => match self.ensure_valid(std::slice::from_ref(path)) {
+                    Ok(()) => BuildResult::new(BuildStatus::AlreadyValid, ""),
+                    Err(Failure::Report(m)) => BuildResult::new(BuildStatus::MiscFailure, m),
+                    Err(f) => return Err(f),
+                },
+                DerivedPath::Built { drv_path, .. } => {
+                    let Some(r) = realised.as_ref() else { continue };
+                    let res = r
+                        .outcome
+                        .results
+                        .iter()
+                        .find(|(d, _)| d == drv_path)
+                        .map(|(_, res)| res.clone())
+                        .unwrap_or_else(|| Err("not realised".into()));
+                    self.goal_result(drv_path, res, r, None)
+                }
+            };
+            out.push(KeyedBuildResult { path: p.clone(), result });
+        }
+        Ok(out)
+    }
+
+    /// `BuildDerivation`: a derivation the client sends rather than names (how Nix hands work to
+    /// a remote builder). Its outputs cannot be recomputed without its input derivations, so,
+    /// as in Nix, only trusted clients may send input-addressed ones; a content-addressed one
+    /// must name the path its hash gives.
+    pub(super) fn build_derivation(
+        &mut self,
+        drv_path: StorePath,
+        basic: BasicDerivation,
+        mode: BuildMode,
+    ) -> OpResult<BuildResult> {
+        self.check_mode(mode)?;
+        let drv = basic.to_derivation(&self.proto);
+        let fixed = drv.fixed_output().map_err(|e| Failure::Report(e.to_string()))?;
+        if !self.peer.trusted {
+            let Some((method, hash)) = fixed else {
+                return Err(Failure::Report("you are not privileged to build input-addressed derivations".into()));
+            };
+            let name = drv.name().map_err(|e| Failure::Report(e.to_string()))?;
+            let want = self
+                .st
+                .store_dir
+                .make_fixed_output_path(&name, method, &hash, &BTreeSet::new(), false)
+                .map_err(|e| Failure::Report(e.to_string()))?;
+            let declared = drv.outputs.get("out").map(|o| o.path.clone()).unwrap_or_default();
+            if declared != self.show(&want) {
+                return Err(Failure::Report(format!(
+                    "derivation '{}' declares output '{declared}', but its hash gives '{}'",
+                    self.show(&drv_path),
+                    self.show(&want)
+                )));
+            }
+        }
+        let drv = Arc::new(drv);
+        let given = BTreeMap::from([(drv_path.clone(), drv.clone())]);
+        let goal = Goal { drv: drv_path.clone(), outputs: None };
+        let r = self.realise(vec![goal], mode, given)?;
+        let res =
+            r.outcome.results.iter().find(|(d, _)| *d == drv_path).map(|(_, x)| x.clone()).unwrap_or_else(|| {
+                Err("not realised".into())
+            });
+        Ok(self.goal_result(&drv_path, res, &r, Some(&drv)))
+    }
+
+    /// `QueryMissing`: what building `targets` would build, substitute, or not know how to
+    /// make, walking input derivations of what must be built as Nix's `queryMissing` does.
+    pub(super) fn query_missing(&mut self, targets: &[DerivedPath]) -> OpResult<Missing> {
+        let st = self.st.clone();
+        let store = &st.store;
+        let mut missing = Missing {
+            will_build: BTreeSet::new(),
+            will_substitute: BTreeSet::new(),
+            unknown: BTreeSet::new(),
+            download_size: 0,
+            nar_size: 0,
+        };
+        let mut drvs = Derivations::new(store);
+        let mut seen: BTreeSet<DerivedPath> = BTreeSet::new();
+        let mut todo: Vec<DerivedPath> = targets.to_vec();
+        while let Some(t) = todo.pop() {
+            if !seen.insert(t.clone()) {
+                continue;
+            }
+            match t {
+                DerivedPath::Opaque(p) => {
+                    if store.is_valid(&p)? {
+                        continue;
+                    }
+                    let found = self.substitutable(std::slice::from_ref(&p));
+                    match found.get(&p) {
+                        Some(info) => {
+                            missing.will_substitute.insert(p.clone());
+                            missing.download_size += info.file_size.unwrap_or(info.nar_size);
+                            missing.nar_size += info.nar_size;
+                            todo.extend(info.references.iter().filter(|r| **r != p).cloned().map(DerivedPath::Opaque));
+                        }
+                        None => {
+                            missing.unknown.insert(p);
+                        }
+                    }
+                }
+                DerivedPath::Built { drv_path, outputs } => {
+                    if !store.is_valid(&drv_path)? {
+                        missing.unknown.insert(drv_path);
+                        continue;
+                    }
+                    let all = drvs.outputs(&drv_path)?;
+                    let mut absent = Vec::new();
+                    for (name, p) in &all {
+                        let wanted = match &outputs {
+                            OutputsSpec::All => true,
+                            OutputsSpec::Names(n) => n.contains(name),
+                        };
+                        if wanted && !store.is_valid(p)? {
+                            absent.push(p.clone());
+                        }
+                    }
+                    if absent.is_empty() {
+                        continue;
+                    }
+                    let found = self.substitutable(&absent);
+                    if found.len() == absent.len() {
+                        for p in absent {
+                            todo.push(DerivedPath::Opaque(p));
+                        }
+                        continue;
+                    }
+                    missing.will_build.insert(drv_path.clone());
+                    let drv = drvs.load(&drv_path)?;
+                    for (input, outs) in drvs.inputs(&drv)? {
+                        let names: BTreeSet<String> = outs.into_iter().collect();
+                        let spec = if names.is_empty() { OutputsSpec::All } else { OutputsSpec::Names(names) };
+                        todo.push(DerivedPath::Built { drv_path: input, outputs: spec });
+                    }
+                    for src in &drv.input_srcs {
+                        if let Ok(p) = st.store_dir.parse(src) {
+                            todo.push(DerivedPath::Opaque(p));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(missing)
+    }
+}

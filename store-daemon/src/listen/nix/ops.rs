@@ -1,0 +1,344 @@
+//! The operations that read the store or keep it: path queries, substitutability, roots, the
+//! collector, optimising, verifying, signatures and build logs.
+//!
+//! Each answers as `nix-daemon` 2.8's `performOp` does, from the same store calls as the HTTP
+//! API's `/v1/query`; where Nix refuses an untrusted client, so does this, in Nix's words.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cairn_nix::hash::Encoding;
+use cairn_nix::narinfo::NarInfo;
+use cairn_nix::StorePath;
+use cairn_worker::{GcAction, GcOptions, GcResults, PathInfo, Request, Response, SubstitutablePathInfo};
+
+use super::session::{Failure, OpResult, Session};
+
+/// The wire form of a store path's metadata.
+pub(super) fn wire_info(i: &cairn_store::PathInfo) -> PathInfo {
+    PathInfo {
+        deriver: i.deriver.clone(),
+        nar_hash: i.nar_hash.clone(),
+        references: i.references.clone(),
+        registration_time: i.registration_time.max(0) as u64,
+        nar_size: i.nar_size,
+        ultimate: i.ultimate,
+        sigs: i.signatures.clone(),
+        ca: i.ca.clone(),
+    }
+}
+
+fn substitutable(info: &NarInfo) -> SubstitutablePathInfo {
+    SubstitutablePathInfo {
+        deriver: info.deriver.clone(),
+        references: info.references.clone(),
+        download_size: info.file_size.unwrap_or(info.nar_size),
+        nar_size: info.nar_size,
+    }
+}
+
+impl<R: Read, W: Write> Session<R, W> {
+    /// The caches substitutions and queries use: the configured ones, unless the client turned
+    /// substitution off.
+    fn substituters(&self) -> Vec<Arc<cairn_cache::Substituter>> {
+        if self.options.use_substitutes {
+            self.st.substitution.configured.clone()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Narinfos of the paths the caches could substitute.
+    pub(super) fn substitutable(&self, paths: &[StorePath]) -> BTreeMap<StorePath, NarInfo> {
+        let subs = self.substituters();
+        if subs.is_empty() || paths.is_empty() {
+            return BTreeMap::new();
+        }
+        let sub = &self.st.substitution;
+        self.rt.block_on(cairn_cache::substitute::query(
+            &subs,
+            &sub.lookups,
+            &sub.policy,
+            &self.st.store_dir,
+            paths,
+        ))
+    }
+
+    /// Substitutes what of `paths` is missing (closures included); errors are the caller's to
+    /// find, by asking what is valid afterwards.
+    pub(super) fn substitute_missing(&self, paths: &[StorePath]) -> OpResult<()> {
+        let store = &self.st.store;
+        let mut missing = Vec::new();
+        for p in paths {
+            if !store.is_valid(p)? {
+                missing.push(p.clone());
+            }
+        }
+        let subs = self.substituters();
+        if missing.is_empty() || subs.is_empty() {
+            return Ok(());
+        }
+        let progress = Arc::new(cairn_cache::Progress::default());
+        let job = self.st.substitution.job(store, subs, self.peer.client, progress, false);
+        match self.rt.block_on(cairn_cache::substitute(job, &missing)) {
+            Ok(report) => {
+                for i in &report.added {
+                    tracing::info!(path = %self.show(&i.path), "substituted");
+                }
+            }
+            Err(e) => tracing::warn!("substitution failed: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Makes `paths` valid, substituting them if needed (`EnsurePath`, opaque build goals).
+    pub(super) fn ensure_valid(&mut self, paths: &[StorePath]) -> OpResult<()> {
+        self.substitute_missing(paths)?;
+        for p in paths {
+            if !self.st.store.is_valid(p)? {
+                return Err(Failure::Report(format!(
+                    "path '{}' is required, but there is no substituter that can build it",
+                    self.show(p)
+                )));
+            }
+        }
+        self.temp_roots.extend(paths.iter().cloned());
+        Ok(())
+    }
+
+    /// The queries and upkeep operations (everything but adds and builds).
+    pub(super) fn query(&mut self, req: Request) -> OpResult<Response> {
+        use Request as Q;
+        let st = self.st.clone();
+        let (store, dir) = (&st.store, &st.store_dir);
+        Ok(match req {
+            Q::IsValidPath(p) => Response::Bool(store.is_valid(&p)?),
+            Q::QueryValidPaths { paths, substitute } => {
+                let paths: Vec<StorePath> = paths.into_iter().collect();
+                if substitute {
+                    self.substitute_missing(&paths)?;
+                }
+                let mut valid = BTreeSet::new();
+                for p in paths {
+                    if store.is_valid(&p)? {
+                        valid.insert(p);
+                    }
+                }
+                Response::PathSet(valid)
+            }
+            Q::QueryPathInfo(p) => Response::PathInfo(store.path_info(&p)?.as_ref().map(wire_info)),
+            Q::QueryPathHash(p) => Response::Text(store.valid_path_info(&p)?.nar_hash.encode(Encoding::Base16)),
+            Q::QueryReferences(p) => Response::PathSet(store.valid_path_info(&p)?.references),
+            Q::QueryReferrers(p) => Response::PathSet(store.referrers(&p)?),
+            Q::QueryDeriver(p) => Response::OptPath(store.valid_path_info(&p)?.deriver),
+            Q::QueryValidDerivers(p) => {
+                // The derivers this store knows of: the one recorded with the path, if valid.
+                let deriver = store.valid_path_info(&p)?.deriver;
+                let mut set = BTreeSet::new();
+                if let Some(d) = deriver.filter(|d| store.is_valid(d).unwrap_or(false)) {
+                    set.insert(d);
+                }
+                Response::PathSet(set)
+            }
+            Q::QueryPathFromHashPart(h) => Response::OptPath(store.path_from_hash_part(&h)?),
+            Q::QueryAllValidPaths => {
+                let mut all: BTreeSet<StorePath> = store.live_paths()?.into_iter().collect();
+                all.extend(store.dead_paths()?);
+                Response::PathSet(all)
+            }
+            Q::QueryDerivationOutputMap(drv) => {
+                let outputs = cairn_build::derivations::Derivations::new(store).outputs(&drv)?;
+                Response::OutputMap(outputs.into_iter().map(|(k, v)| (k, Some(v))).collect())
+            }
+            Q::QueryDerivationOutputs(drv) => {
+                let outputs = cairn_build::derivations::Derivations::new(store).outputs(&drv)?;
+                Response::PathSet(outputs.into_values().collect())
+            }
+            Q::QueryDerivationOutputNames(drv) => {
+                let d = cairn_build::derivations::Derivations::new(store).load(&drv)?;
+                Response::StringSet(d.outputs.keys().cloned().collect())
+            }
+            Q::HasSubstitutes(p) => Response::Bool(!self.substitutable(std::slice::from_ref(&p)).is_empty()),
+            Q::QuerySubstitutablePaths(paths) => {
+                let missing = self.invalid(paths)?;
+                Response::PathSet(self.substitutable(&missing).into_keys().collect())
+            }
+            Q::QuerySubstitutablePathInfo(p) => {
+                let found = self.substitutable(std::slice::from_ref(&p));
+                Response::SubstitutablePathInfo(found.get(&p).map(substitutable))
+            }
+            Q::QuerySubstitutablePathInfos(paths) => {
+                let missing = self.invalid(paths.into_keys())?;
+                let found = self.substitutable(&missing);
+                Response::SubstitutablePathInfos(found.iter().map(|(p, i)| (p.clone(), substitutable(i))).collect())
+            }
+            Q::AddTempRoot(p) => {
+                self.temp_roots.extend([p]);
+                Response::One
+            }
+            Q::AddIndirectRoot(link) => {
+                self.add_indirect_root(Path::new(&link))?;
+                Response::One
+            }
+            Q::AddPermRoot { path, gc_root } => {
+                self.require_trust("create perm roots")?;
+                let link = PathBuf::from(&gc_root);
+                if !link.is_absolute() {
+                    return Err(Failure::Report(format!("root '{gc_root}' is not an absolute path")));
+                }
+                store.valid_path_info(&path)?;
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(dir.display(&path), &link)
+                    .map_err(|e| Failure::Report(format!("cannot create root '{gc_root}': {e}")))?;
+                store.add_indirect_root(&link, &path)?;
+                Response::Text(gc_root)
+            }
+            Q::SyncWithGc => Response::One,
+            Q::FindRoots => {
+                let trusted = self.peer.trusted;
+                let roots = store
+                    .roots()?
+                    .into_iter()
+                    .map(|r| {
+                        // As nix-daemon: an untrusted client does not learn other processes' roots.
+                        let link = if trusted || r.origin.starts_with('/') { r.origin } else { "{censored}".to_owned() };
+                        (link, r.path)
+                    })
+                    .collect();
+                Response::Roots(roots)
+            }
+            Q::CollectGarbage(o) => Response::GcResults(self.collect_garbage(o)?),
+            Q::OptimiseStore => {
+                let r = store.optimise()?;
+                self.log_line(&format!("{} freed by hard-linking {} files", human(r.bytes_saved), r.files_linked));
+                Response::One
+            }
+            Q::VerifyStore { check_contents, repair } => Response::Bool(self.verify(check_contents, repair)?),
+            Q::AddSignatures { path, sigs } => {
+                self.require_trust("add signatures")?;
+                store.add_signatures(&path, &sigs)?;
+                Response::One
+            }
+            Q::AddBuildLog(drv) => {
+                let mut framed = cairn_worker::FramedReader::new(&mut self.r);
+                let mut log = Vec::new();
+                let read = (&mut framed).take(self.proto.limits.max_blob as u64 + 1).read_to_end(&mut log);
+                framed.drain()?;
+                read?;
+                self.require_trust("add logs")?;
+                if log.len() > self.proto.limits.max_blob {
+                    return Err(Failure::Report("the build log is too large".into()));
+                }
+                let mut w = st
+                    .builder
+                    .logs()
+                    .writer(&drv)
+                    .map_err(|e| Failure::Report(format!("cannot write the build log: {e}")))?;
+                let text = log.strip_suffix(b"\n").unwrap_or(&log);
+                for line in text.split(|&b| b == b'\n') {
+                    w.line(line).map_err(|e| Failure::Report(format!("cannot write the build log: {e}")))?;
+                }
+                w.finish().map_err(|e| Failure::Report(format!("cannot write the build log: {e}")))?;
+                Response::One
+            }
+            Q::QueryRealisation(_) => {
+                // Realisations are for content-addressed derivations (experimental in Nix
+                // 2.8); this store records none.
+                if self.proto.has(31) {
+                    Response::Realisations(cairn_worker::Realisations::Json(BTreeSet::new()))
+                } else {
+                    Response::Realisations(cairn_worker::Realisations::Paths(BTreeSet::new()))
+                }
+            }
+            Q::RegisterDrvOutput(_) => {
+                return Err(Failure::Report(
+                    "unsupported operation: cairnd does not record realisations of content-addressed derivations"
+                        .into(),
+                ))
+            }
+            other => {
+                return Err(Failure::Report(format!("unsupported operation {}", other.op().to_u64())));
+            }
+        })
+    }
+
+    fn invalid(&self, paths: impl IntoIterator<Item = StorePath>) -> OpResult<Vec<StorePath>> {
+        let mut v = Vec::new();
+        for p in paths {
+            if !self.st.store.is_valid(&p)? {
+                v.push(p);
+            }
+        }
+        Ok(v)
+    }
+
+    /// `AddIndirectRoot`: the client made `link` point at a store path (Nix's `addPermRoot`
+    /// does so on the client's side) and asks for it to be a root.
+    fn add_indirect_root(&mut self, link: &Path) -> OpResult<()> {
+        if !link.is_absolute() {
+            return Err(Failure::Report(format!("root '{}' is not an absolute path", link.display())));
+        }
+        let target = std::fs::read_link(link)
+            .map_err(|e| Failure::Report(format!("cannot read root '{}': {e}", link.display())))?;
+        let target = target.to_string_lossy();
+        let path = self
+            .st
+            .store_dir
+            .parse(&target)
+            .map_err(|_| Failure::Report(format!("root '{}' does not point into the store ({target})", link.display())))?;
+        self.st.store.add_indirect_root(link, &path)?;
+        Ok(())
+    }
+
+    fn collect_garbage(&mut self, o: GcOptions) -> OpResult<GcResults> {
+        if o.ignore_liveness {
+            return Err(Failure::Report("you are not allowed to ignore liveness".into()));
+        }
+        let st = self.st.clone();
+        let (store, dir) = (&st.store, &st.store_dir);
+        let shown = |v: Vec<StorePath>| v.iter().map(|p| dir.display(p)).collect::<BTreeSet<_>>();
+        Ok(match o.action {
+            GcAction::ReturnLive => GcResults { paths: shown(store.live_paths()?), bytes_freed: 0 },
+            GcAction::ReturnDead => GcResults { paths: shown(store.dead_paths()?), bytes_freed: 0 },
+            GcAction::DeleteDead => {
+                let max_freed = (o.max_freed != u64::MAX).then_some(o.max_freed);
+                let r = store.collect_garbage(&cairn_store::GcOptions { dry_run: false, max_freed })?;
+                GcResults { paths: shown(r.deleted), bytes_freed: r.bytes_freed }
+            }
+            GcAction::DeleteSpecific => {
+                let paths: Vec<StorePath> = o.paths_to_delete.into_iter().collect();
+                let r = store.delete_paths(&paths)?;
+                GcResults { paths: shown(r.deleted), bytes_freed: r.bytes_freed }
+            }
+        })
+    }
+
+    /// `VerifyStore`: each problem is logged as Nix logs it; the answer is whether any is left.
+    fn verify(&mut self, check_contents: bool, repair: bool) -> OpResult<bool> {
+        if repair {
+            self.require_trust("repair paths")?;
+            let fut = crate::api::substitute::verify_and_repair(self.st.clone(), self.peer.clone(), check_contents);
+            let cairn_api::Response::Verify(report) = self.rt.block_on(fut)? else {
+                return Err(Failure::Report("verify answered something else".into()));
+            };
+            let mut left = false;
+            for p in &report.problems {
+                self.log_line(&p.message);
+                left |= !p.message.ends_with("(repaired)");
+            }
+            return Ok(left);
+        }
+        let report = self.st.store.verify(cairn_store::VerifyOptions { check_contents })?;
+        for p in &report.problems {
+            self.log_line(&p.message);
+        }
+        Ok(!report.problems.is_empty())
+    }
+}
+
+/// Bytes as Nix's `showBytes` prints them.
+fn human(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
