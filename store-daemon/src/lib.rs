@@ -80,8 +80,19 @@ fn relay(stream: std::os::unix::net::UnixStream) -> anyhow::Result<()> {
     });
     let mut from_daemon = stream;
     let mut out = std::io::stdout().lock();
-    std::io::copy(&mut from_daemon, &mut out)?;
-    std::io::Write::flush(&mut out)?;
+    // Standard output is line-buffered: each chunk is flushed, or a reply without a newline
+    // would wait in the buffer while the client waits for it.
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match std::io::Read::read(&mut from_daemon, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        std::io::Write::write_all(&mut out, &buf[..n])?;
+        std::io::Write::flush(&mut out)?;
+    }
     drop(upstream);
     Ok(())
 }

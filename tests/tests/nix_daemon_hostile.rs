@@ -477,8 +477,6 @@ fn oversize_string_lengths_and_counts_are_refused_before_anything_is_allocated()
 /// report it (or close) at once, not go on reading what follows as more frames. Checked for
 /// each framed operation: AddToStoreNar, AddToStore and AddMultipleToStore.
 #[test]
-#[ignore = "BUG: FramedReader::next_chunk refuses a frame over its limit, but the drain() that \
-            follows reads the next bytes as frames: the daemon waits on the client instead of failing"]
 fn a_frame_claiming_two_to_the_forty_bytes_is_refused_at_once() {
     let (s, known) = daemon_with_known_path();
     let rss_before = daemon_rss_kib(&s);

@@ -23,13 +23,16 @@ pub struct FramedReader<R> {
     eof: bool,
     /// Largest chunk accepted (Nix accepts any; a hostile length fails here, not in memory).
     max_chunk: u64,
+    /// The stream broke (a refused frame, a short read): every later read fails too, so that
+    /// a [`Self::drain`] after an error never reads payload bytes as frame lengths.
+    broken: bool,
 }
 
 impl<R: Read> FramedReader<R> {
     /// Chunks of up to 4 GiB are accepted: Nix's `FramedSink` sends at most 32 KiB at once,
     /// and the reader never buffers a chunk.
     pub fn new(inner: R) -> Self {
-        FramedReader { inner, remaining: 0, eof: false, max_chunk: u64::from(u32::MAX) }
+        FramedReader { inner, remaining: 0, eof: false, max_chunk: u64::from(u32::MAX), broken: false }
     }
 
     /// Whether the terminating chunk has been read.
@@ -73,6 +76,17 @@ impl<R: Read> FramedReader<R> {
 
 impl<R: Read> Read for FramedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.broken {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the framed stream is broken"));
+        }
+        let r = self.read_frames(buf);
+        self.broken = matches!(&r, Err(e) if e.kind() != io::ErrorKind::Interrupted);
+        r
+    }
+}
+
+impl<R: Read> FramedReader<R> {
+    fn read_frames(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
@@ -153,6 +167,18 @@ impl<W: Write> Write for FramedWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_frame_breaks_the_stream_so_draining_reads_no_further() {
+        let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
+        // What follows would be read as frame lengths by a drain that went on.
+        bytes.extend_from_slice(&[0xff; 64]);
+        let mut input = &bytes[..];
+        let mut r = FramedReader::new(&mut input);
+        assert!(r.read(&mut [0u8; 16]).is_err());
+        assert!(r.drain().is_err(), "a broken stream cannot be drained");
+        assert_eq!(input.len(), 64, "nothing after the refused length was read");
+    }
 
     #[test]
     fn frames_and_terminator() {

@@ -192,15 +192,17 @@ impl<R: Read, W: Write> Session<R, W> {
             dont_check_sigs,
         }
         .payload(&self.proto);
-        let add = |input: &mut dyn Read| -> OpResult<()> {
+        // The NAR is checked into a batch; the batch is committed only once the payload has
+        // been read to its end, so a client cut off after its NAR has registered nothing.
+        let add = |input: &mut dyn Read| -> OpResult<cairn_store::Batch> {
             refused?;
             let batch = if repair { st.store.repair_batch()? } else { st.store.batch()? };
             let mut nar = input.take(size);
             batch.add_nar_with_info(info, &mut nar, |_| Ok::<(), cairn_store::StoreError>(()))?;
             io::copy(&mut nar, &mut io::sink())?;
-            check_committed(&st, batch.commit()?)
+            Ok(batch)
         };
-        match payload {
+        let batch = match payload {
             Payload::Framed => {
                 let mut framed = FramedReader::new(&mut self.r);
                 let r = add(&mut framed);
@@ -222,9 +224,14 @@ impl<R: Read, W: Write> Session<R, W> {
                 }
                 r?
             }
-        }
+        };
+        let committed = batch.commit()?;
+        let new = !committed.added.is_empty();
+        check_committed(&st, committed)?;
         self.temp_roots.extend([path.clone()]);
-        tracing::info!(path = %self.show(&path), "added with metadata (nix protocol)");
+        if new {
+            tracing::info!(path = %self.show(&path), "added with metadata (nix protocol)");
+        }
         Ok(())
     }
 
@@ -239,7 +246,7 @@ impl<R: Read, W: Write> Session<R, W> {
         let mut added = Vec::new();
         // Buffered above the framing, so that nothing past the payload's end is read.
         let mut input = io::BufReader::with_capacity(1 << 16, FramedReader::new(&mut self.r));
-        let result = (|| -> OpResult<()> {
+        let result = (|| -> OpResult<cairn_store::Batch> {
             let batch = if repair { st.store.repair_batch()? } else { st.store.batch()? };
             let count = cairn_worker::request::read_multiple_count(&mut input, &proto)?;
             for _ in 0..count {
@@ -254,11 +261,16 @@ impl<R: Read, W: Write> Session<R, W> {
                 batch.add_nar_with_info(info, &mut nar, |_| Ok::<(), cairn_store::StoreError>(()))?;
                 io::copy(&mut nar, &mut io::sink())?;
             }
-            check_committed(&st, batch.commit()?)
+            Ok(batch)
         })();
-        // Whatever happened, the rest of the frames go (what the buffer holds is part of them).
+        // Whatever happened, the rest of the frames go (what the buffer holds is part of them);
+        // only a payload read to its end is committed.
         input.into_inner().drain()?;
-        result?;
+        let committed = result?.commit()?;
+        for i in &committed.added {
+            tracing::info!(path = %st.store_dir.display(&i.path), "added with metadata (nix protocol)");
+        }
+        check_committed(&st, committed)?;
         self.temp_roots.extend(added);
         Ok(())
     }

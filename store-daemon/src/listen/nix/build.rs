@@ -118,6 +118,7 @@ impl<R: Read, W: Write> Session<R, W> {
             Event::Plan { .. } => {}
             Event::Started { drv } => {
                 let shown = self.show(&drv);
+                tracing::info!(drv = %shown, user = self.peer.user, "building (nix protocol)");
                 let fields =
                     vec![Field::String(shown.clone()), Field::String(String::new()), Field::Int(1), Field::Int(1)];
                 let id = self.start_activity(ActivityType::Build, format!("building '{shown}'"), fields);

@@ -1,0 +1,536 @@
+//! Nix's own tools against cairnd's `nix-daemon-socket`, compared with the same commands
+//! against a real `nix-daemon` 2.8 on a store of the same shape (logical `/nix/store` under a
+//! private root). Every command runs twice, once per daemon, from a fresh client; the answers
+//! must agree: the same store paths, NAR hashes, references, content addresses and exit codes.
+//!
+//! The client is told where each store's files are (`?root=`), since Nix reads some things
+//! from the file system itself (derivations, exports, logs); cairn's logs are at
+//! `<root>/var/lib/cairn/log` (`&log=`).
+//!
+//! Needs Nix 2.8 (`nix-bin`) and a static busybox as the builders' `/bin/sh`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_e2e::{bin_dir, output_with_stdin, require_peer, TestStore};
+
+/// What both daemons build with.
+const CAIRN_CONFIG: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\n";
+const NIX_DAEMON_CONFIG: &str = "build-users-group =\nsubstituters =\nsandbox = true\n\
+    sandbox-paths = /bin/sh=/bin/busybox\nmax-jobs = 2\nexperimental-features = nix-command\n";
+/// The clients' own settings (nothing that changes what the daemons do).
+const CLIENT_CONFIG: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =\n";
+
+/// A real nix-daemon on a private store.
+struct NixDaemon {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl NixDaemon {
+    fn start() -> NixDaemon {
+        let dir = tempfile::Builder::new().prefix("nix-daemon-peer-").tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("nix.conf"), NIX_DAEMON_CONFIG).unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = Command::new("nix-daemon")
+            .arg("--store")
+            .arg(format!("local?root={}", dir.path().join("root").display()))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("NIX_CONF_DIR", &conf)
+            .env("NIX_STATE_DIR", dir.path().join("state"))
+            .env("NIX_LOG_DIR", dir.path().join("log"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start nix-daemon");
+        let d = NixDaemon { dir, child };
+        let started = Instant::now();
+        while std::os::unix::net::UnixStream::connect(d.socket()).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "nix-daemon did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("state/daemon-socket/socket")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+impl Drop for NixDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.dir.path()).status();
+    }
+}
+
+/// cairnd and nix-daemon side by side, and a scratch directory for the clients.
+struct Pair {
+    cairn: TestStore,
+    nix: NixDaemon,
+    work: tempfile::TempDir,
+}
+
+/// Which daemon a command goes to.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Cairn,
+    Nix,
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let cairn = TestStore::builder().store_dir("/nix/store").config(CAIRN_CONFIG).start();
+        Pair { cairn, nix: NixDaemon::start(), work: tempfile::tempdir().unwrap() }
+    }
+
+    fn url(&self, side: Side) -> String {
+        match side {
+            Side::Cairn => {
+                let root = self.cairn.root.path();
+                format!(
+                    "unix://{}?root={}&log={}",
+                    root.join("nix-socket").display(),
+                    root.display(),
+                    root.join("var/lib/cairn/log").display()
+                )
+            }
+            Side::Nix => format!("unix://{}?root={}", self.nix.socket().display(), self.nix.root().display()),
+        }
+    }
+
+    /// A Nix command for `side`, from a client with its own empty state.
+    fn cmd(&self, side: Side, tool: &str) -> Command {
+        let home = self.work.path().join(format!("client-{side:?}"));
+        let conf = home.join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("nix.conf"), CLIENT_CONFIG).unwrap();
+        let mut c = Command::new(tool);
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("NIX_CONF_DIR", &conf)
+            .env("NIX_STATE_DIR", home.join("state"))
+            .env("NIX_LOG_DIR", home.join("log"))
+            .env("NIX_REMOTE", self.url(side))
+            .current_dir(self.work.path());
+        c
+    }
+
+    fn run(&self, side: Side, tool: &str, args: &[&str]) -> Output {
+        self.cmd(side, tool).args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    fn ok(&self, side: Side, tool: &str, args: &[&str]) -> String {
+        let out = self.run(side, tool, args);
+        assert!(
+            out.status.success(),
+            "{side:?}: {tool} {args:?} failed:\n{}\ncairnd's log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.cairn.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the command on both sides; both must succeed and print the same.
+    fn same(&self, tool: &str, args: &[&str]) -> String {
+        let (c, n) = (self.ok(Side::Cairn, tool, args), self.ok(Side::Nix, tool, args));
+        assert_eq!(c, n, "{tool} {args:?}: cairnd and nix-daemon differ");
+        c
+    }
+
+    /// Runs the command on both sides; the exit codes must agree. Returns both outputs.
+    fn alike(&self, tool: &str, args: &[&str]) -> (Output, Output) {
+        let (c, n) = (self.run(Side::Cairn, tool, args), self.run(Side::Nix, tool, args));
+        assert_eq!(
+            c.status.code(),
+            n.status.code(),
+            "{tool} {args:?}: exit codes differ\ncairnd: {}\nnix-daemon: {}",
+            String::from_utf8_lossy(&c.stderr),
+            String::from_utf8_lossy(&n.stderr)
+        );
+        (c, n)
+    }
+
+    /// (narHash, narSize, references, ca) of each path `nix path-info --json -r` reports.
+    fn metadata(&self, side: Side, paths: &[&str]) -> BTreeMap<String, (String, u64, Vec<String>, Option<String>)> {
+        let mut args = vec!["path-info", "--json", "-r"];
+        args.extend(paths);
+        let v: serde_json::Value = serde_json::from_str(&self.ok(side, "nix", &args)).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let mut refs: Vec<String> =
+                    i["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
+                refs.sort();
+                (
+                    i["path"].as_str().unwrap().to_owned(),
+                    (
+                        i["narHash"].as_str().unwrap().to_owned(),
+                        i["narSize"].as_u64().unwrap(),
+                        refs,
+                        i["ca"].as_str().map(str::to_owned),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn same_metadata(&self, paths: &[&str]) {
+        let (c, n) = (self.metadata(Side::Cairn, paths), self.metadata(Side::Nix, paths));
+        assert_eq!(c, n, "path-info of {paths:?} differs");
+    }
+
+    fn write(&self, rel: &str, contents: &[u8]) -> String {
+        let p = self.work.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, contents).unwrap();
+        p.display().to_string()
+    }
+}
+
+fn peers() -> bool {
+    require_peer("nix-daemon") && require_peer("/bin/busybox")
+}
+
+fn lines(s: &str) -> Vec<&str> {
+    s.lines().collect()
+}
+
+fn expr(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests").join(name).display().to_string()
+}
+
+/// The base-16 NAR hash of a regular file holding "hello\n" (`builds.nix`'s argument).
+fn hello_nar_hash() -> String {
+    let mut nar = Vec::new();
+    let mut w = cairn_nix::nar::NarWriter::new(&mut nar).unwrap();
+    w.regular(None, false, 6, &mut &b"hello\n"[..]).unwrap();
+    w.finish().unwrap();
+    cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, &nar).encode(cairn_nix::hash::Encoding::Base16)
+}
+
+#[test]
+fn nix_store_adds_and_queries_answer_as_nix_daemon_does() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let file = p.write("in/hello.txt", b"hello\n");
+    let dir = p.work.path().join("in/tree");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/data"), vec![7u8; 100_000]).unwrap();
+    cairn_e2e::write_exec(&dir.join("run"), b"#!/bin/sh\necho run\n");
+    std::os::unix::fs::symlink("sub/data", dir.join("link")).unwrap();
+    let dir = dir.display().to_string();
+
+    let mut added = Vec::new();
+    for args in [
+        vec!["--add", file.as_str()],
+        vec!["--add", dir.as_str()],
+        vec!["--add-fixed", "sha256", file.as_str()],
+        vec!["--add-fixed", "sha1", file.as_str()],
+        vec!["--add-fixed", "sha512", file.as_str()],
+        vec!["--add-fixed", "--recursive", "sha256", dir.as_str()],
+        vec!["--add-fixed", "--recursive", "sha1", dir.as_str()],
+    ] {
+        let out = p.same("nix-store", &args);
+        assert_eq!(lines(&out).len(), 1, "{args:?}: {out}");
+        added.push(out.trim().to_owned());
+    }
+    // Adding again changes nothing and answers the same path.
+    p.same("nix-store", &["--add", file.as_str()]);
+    let refs: Vec<&str> = added.iter().map(String::as_str).collect();
+    p.same_metadata(&refs);
+
+    // Text paths with references (`builtins.toFile`), written by nix-instantiate through the
+    // daemon, and the closure queries over them.
+    let tree = added[1].clone();
+    let top = p
+        .same(
+            "nix-instantiate",
+            &["--eval", "--read-write-mode", "--argstr", "tree", &tree, &expr("text-closure.nix")],
+        )
+        .trim()
+        .trim_matches('"')
+        .to_owned();
+    p.same_metadata(&[&top]);
+    for q in [
+        vec!["-qR", top.as_str()],
+        vec!["-q", "--references", top.as_str()],
+        vec!["-q", "--referrers", tree.as_str()],
+        vec!["-q", "--referrers-closure", tree.as_str()],
+        vec!["-q", "--tree", top.as_str()],
+        vec!["-q", "--hash", top.as_str()],
+        vec!["-q", "--size", tree.as_str()],
+        vec!["--check-validity", top.as_str(), tree.as_str()],
+    ] {
+        p.same("nix-store", &q);
+    }
+    // Through the hash part, as `nix path-info` of an abbreviated path would ask.
+    p.same("nix", &["path-info", &top]);
+    // An invalid path: both refuse, alike.
+    let missing = "/nix/store/00000000000000000000000000000000-missing";
+    p.alike("nix-store", &["-q", "--references", missing]);
+    p.alike("nix-store", &["--check-validity", missing]);
+}
+
+#[test]
+fn builds_through_cairnd_give_what_nix_daemon_gives() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let hash = hello_nar_hash();
+    let built = p.same("nix-build", &["--no-out-link", &expr("builds.nix"), "--argstr", "narHash", &hash]);
+    let outs: Vec<&str> = lines(&built);
+    assert!(outs.len() >= 11, "{built}");
+    p.same_metadata(&outs);
+    let drvs = p.same("nix-instantiate", &[&expr("builds.nix"), "--argstr", "narHash", &hash]);
+    for d in lines(&drvs) {
+        p.same("nix-store", &["-q", "--outputs", d]);
+        p.same("nix-store", &["-qR", d]);
+    }
+    for o in &outs {
+        p.same("nix-store", &["-q", "--deriver", o]);
+    }
+    // Realising what is valid builds nothing and answers the same outputs.
+    let mut realise = vec!["--realise"];
+    realise.extend(lines(&drvs));
+    p.same("nix-store", &realise);
+    // A chain, and a build log Nix reads back.
+    let chain = p.same("nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "10"]);
+    p.same_metadata(&[chain.trim()]);
+    let logs = p.write(
+        "logs.nix",
+        br#"derivation { name = "logs"; system = builtins.currentSystem; builder = "/bin/sh";
+              args = [ "-c" "echo a visible line; echo another >&2; echo x > $out" ]; }"#,
+    );
+    let out = p.same("nix-build", &["--no-out-link", &logs]);
+    let drv = p.same("nix-store", &["-q", "--deriver", out.trim()]);
+    let log = p.same("nix-store", &["-l", drv.trim()]);
+    assert_eq!(log, "a visible line\nanother\n");
+    p.same("nix", &["log", out.trim()]);
+}
+
+#[test]
+fn failed_builds_show_the_log_tail_and_exit_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "fail.nix",
+        br#"let sh = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+in { bad = sh "bad" "echo first line; echo second line >&2; exit 3";
+     good = sh "good" "echo good > $out";
+     after = sh "after" "cat ${sh "bad2" "exit 1"} > $out"; }"#,
+    );
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "bad"]);
+    let (ce, ne) = (String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr));
+    for want in ["failed with exit code 3", "> first line", "> second line"] {
+        assert!(ce.contains(want), "cairnd's error lacks {want:?}:\n{ce}");
+        assert!(ne.contains(want), "nix-daemon's error lacks {want:?}:\n{ne}");
+    }
+    // -k: the good one is built although another fails.
+    let drvs = p.same("nix-instantiate", &[&f]);
+    let mut args = vec!["--realise", "-k"];
+    args.extend(lines(&drvs));
+    p.alike("nix-store", &args);
+    let good = p.same("nix-instantiate", &[&f, "-A", "good"]);
+    p.same("nix-store", &["-q", "--outputs", good.trim()]);
+    let good_out = p.same("nix-store", &["-q", "--outputs", good.trim()]);
+    p.same("nix-store", &["--check-validity", good_out.trim()]);
+    // A dependency's failure fails its dependents, alike.
+    p.alike("nix-build", &["--no-out-link", &f, "-A", "after"]);
+}
+
+#[test]
+fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let keep = p.write("keep.txt", b"keep me\n");
+    let drop = p.write("drop.txt", b"collect me\n");
+    let keep_path = p.same("nix-store", &["--add", &keep]).trim().to_owned();
+    let drop_path = p.same("nix-store", &["--add", &drop]).trim().to_owned();
+    for side in [Side::Cairn, Side::Nix] {
+        let link = p.work.path().join(format!("root-{side:?}"));
+        p.ok(side, "nix-store", &["--add-root", link.to_str().unwrap(), "-r", &keep_path]);
+        assert_eq!(std::fs::read_link(&link).unwrap().display().to_string(), keep_path);
+        let roots = p.ok(side, "nix-store", &["--gc", "--print-roots"]);
+        assert!(roots.contains(&format!("{} -> {keep_path}", link.display())), "{side:?}: {roots}");
+        let dead = p.ok(side, "nix-store", &["--gc", "--print-dead"]);
+        assert!(dead.contains(&drop_path) && !dead.contains(&keep_path), "{side:?}: {dead}");
+        let live = p.ok(side, "nix-store", &["--gc", "--print-live"]);
+        assert!(live.contains(&keep_path) && !live.contains(&drop_path), "{side:?}: {live}");
+    }
+    // Deleting a live path is refused by both; a dead one goes.
+    p.alike("nix-store", &["--delete", &keep_path]);
+    p.alike("nix-store", &["--gc", "--max-freed", "1"]);
+    p.alike("nix-store", &["--check-validity", &drop_path]);
+    p.same("nix-store", &["--check-validity", &keep_path]);
+    p.alike("nix-store", &["--gc"]);
+    p.same("nix-store", &["--check-validity", &keep_path]);
+}
+
+#[test]
+fn exports_imports_and_copies_move_closures_between_cairnd_and_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let built = p.same("nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "5"]);
+    let top = built.trim().to_owned();
+    let closure = p.same("nix-store", &["-qR", &top]);
+    let mut export = vec!["--export"];
+    export.extend(lines(&closure));
+    // The export streams are the same bytes.
+    let c = p.cmd(Side::Cairn, "nix-store").args(&export).output().unwrap();
+    let n = p.cmd(Side::Nix, "nix-store").args(&export).output().unwrap();
+    assert!(c.status.success() && n.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_eq!(c.stdout, n.stdout, "export streams differ");
+
+    // nix-daemon's export imported through cairnd, into a store that has none of it.
+    let fresh = Pair::start();
+    let imported = output_with_stdin(fresh.cmd(Side::Cairn, "nix-store").arg("--import"), &n.stdout);
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    assert_eq!(String::from_utf8_lossy(&imported.stdout), closure, "the imported paths, as listed");
+    assert_eq!(fresh.metadata(Side::Cairn, &[&top]), p.metadata(Side::Nix, &[&top]));
+
+    // nix copy from nix-daemon's store to cairnd's: the whole closure, then nothing.
+    let other = Pair::start();
+    let copy = |p: &Pair| {
+        let out = p
+            .cmd(Side::Cairn, "nix")
+            .args(["copy", "--no-check-sigs", "--from", &p.url(Side::Nix), "--to", &other.url(Side::Cairn), &top])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    copy(&p);
+    assert_eq!(other.metadata(Side::Cairn, &[&top]), p.metadata(Side::Nix, &[&top]));
+    let added = |s: &TestStore| s.log().matches("added with metadata (nix protocol)").count();
+    let first = added(&other.cairn);
+    assert_eq!(first, lines(&closure).len(), "each path of the closure travelled once");
+    copy(&p);
+    assert_eq!(added(&other.cairn), first, "a second copy sent nothing");
+
+    // And back out of cairnd into a local Nix store.
+    let back = p.work.path().join("back");
+    let out = p
+        .cmd(Side::Cairn, "nix")
+        .args(["copy", "--no-check-sigs", "--from", &other.url(Side::Cairn)])
+        .arg("--to")
+        .arg(format!("local?root={}", back.display()))
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(&back).status();
+}
+
+#[test]
+fn verify_optimise_and_signatures_through_cairnd_behave_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let a = p.write("a.txt", b"same bytes\n");
+    let path = p.same("nix-store", &["--add", &a]).trim().to_owned();
+    p.alike("nix-store", &["--verify", "--check-contents"]);
+    p.alike("nix-store", &["--optimise"]);
+
+    // Signatures: the same key signs the same fingerprint to the same signature.
+    let key = p.work.path().join("key.sec");
+    let gen = Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "test-key-1"])
+        .arg(&key)
+        .arg(p.work.path().join("key.pub"))
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    p.same("nix", &["store", "sign", "-k", key.to_str().unwrap(), &path]);
+    let sigs = |side| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.ok(side, "nix", &["path-info", "--json", "--sigs", &path])).unwrap();
+        v[0]["signatures"].clone()
+    };
+    assert_eq!(sigs(Side::Cairn), sigs(Side::Nix));
+    assert!(sigs(Side::Cairn).to_string().contains("test-key-1:"));
+
+    // A modified file: both report it and fail the check.
+    for root in [p.cairn.root.path().to_owned(), p.nix.root()] {
+        let f = root.join(path.trim_start_matches('/'));
+        let _ = Command::new("chmod").arg("u+w").arg(&f).status();
+        std::fs::write(&f, b"other bytes\n").unwrap();
+    }
+    let (c, _) = p.alike("nix-store", &["--verify", "--check-contents"]);
+    assert!(String::from_utf8_lossy(&c.stderr).contains(&path), "{}", String::from_utf8_lossy(&c.stderr));
+}
+
+#[test]
+fn nix_build_makes_result_links_through_cairnd() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let mut targets = Vec::new();
+    for side in [Side::Cairn, Side::Nix] {
+        let link = p.work.path().join(format!("result-{side:?}"));
+        p.ok(side, "nix", &["build", "-f", &expr("fanout.nix"), "--arg", "n", "5", "-o", link.to_str().unwrap()]);
+        targets.push(std::fs::read_link(&link).unwrap());
+    }
+    assert_eq!(targets[0], targets[1]);
+}
+
+/// A Nix 2.8 machine (a local store, no daemon) hands its build to cairnd as its remote
+/// builder: `ssh-ng://localhost` runs the remote program without ssh, and `cairnd --stdio`
+/// relays the session to the running cairnd.
+#[test]
+fn nix_uses_cairnd_as_its_remote_builder_over_ssh_ng() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let local = p.work.path().join("local");
+    let builders = format!("ssh-ng://localhost?remote-program={} x86_64-linux", bin_dir().join("cairnd").display());
+    let run = |store: String, extra: &[&str]| {
+        let mut c = p.cmd(Side::Cairn, "nix-build");
+        c.env("NIX_REMOTE", "")
+            .env("CAIRN_ROOT", p.cairn.root.path())
+            .env("CAIRN_STORE_DIR", "/nix/store")
+            .env("CAIRN_SOCKET", &p.cairn.socket)
+            .env("CAIRN_CONFIG", &p.cairn.config)
+            .args(["--store", &store, "--no-out-link", &expr("chain.nix"), "--arg", "n", "3"])
+            .args(extra);
+        c.output().unwrap()
+    };
+    let remote = run(
+        format!("local?root={}", local.display()),
+        &["--max-jobs", "0", "--builders", &builders, "--option", "sandbox-paths", "/bin/sh=/bin/busybox"],
+    );
+    let err = String::from_utf8_lossy(&remote.stderr);
+    assert!(remote.status.success(), "remote build failed:\n{err}\ncairnd's log:\n{}", p.cairn.log());
+    assert!(err.contains("chain-2"), "Nix shows the remote build:\n{err}");
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(&local).status();
+    // The same output as a build on nix-daemon.
+    let direct = p.ok(Side::Nix, "nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "3"]);
+    assert_eq!(String::from_utf8_lossy(&remote.stdout), direct);
+    // cairnd built it (its log names the derivation).
+    assert!(p.cairn.log().contains("chain-2"), "{}", p.cairn.log());
+}
