@@ -10,10 +10,10 @@
 
 use std::path::Path;
 
-use crate::ctx::{count, follow_events, path_infos, print_json, Ctx};
+use crate::ctx::{count, follow_events, print_json, Ctx};
 use crate::progress;
 use anyhow::{bail, Context};
-use cairn_api::{PathInfo, Request, Response};
+use cairn_api::{query, PathInfo};
 use cairn_cache::backend::split_params;
 use cairn_cache::upload::compress_nar;
 use cairn_cache::{Backend, Compression, NetOptions};
@@ -133,9 +133,7 @@ pub async fn copy_to_tcp(
 ) -> anyhow::Result<Copied> {
     use cairn_cache::push::Pusher;
     let pusher = Pusher::new(url, &NetOptions::default())?;
-    let Response::Paths(closure) = client.query(&Request::Closure { paths }).await? else {
-        bail!("cairnd answered a closure query with something else")
-    };
+    let closure = client.call(query::Closure { paths }).await?;
     let missing = pusher.missing(&closure).await?;
     let skipped = closure.len() - missing.len();
     if missing.is_empty() {
@@ -164,7 +162,7 @@ async fn push_stream(
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
     use cairn_cache::push::{narinfo_for_push, wire_string, MAGIC};
-    let infos = crate::ctx::path_infos(client.query(&Request::PathInfo { paths, closure: false }).await?)?;
+    let infos = client.call(query::PathInfo { paths, closure: false }).await?;
     let mut entries = Vec::with_capacity(infos.len());
     for info in &infos {
         let narinfo = narinfo_for_push(narinfo_of(store_dir, info, key)?);
@@ -226,12 +224,8 @@ pub async fn copy_to_daemon(
             store_dir.as_str()
         );
     }
-    let Response::Paths(closure) = from.query(&Request::Closure { paths }).await? else {
-        bail!("cairnd answered a closure query with something else")
-    };
-    let Response::Valid(valid) = to.query(&Request::IsValid { paths: closure.clone() }).await? else {
-        bail!("the target daemon answered a validity query with something else")
-    };
+    let closure = from.call(query::Closure { paths }).await?;
+    let valid = to.call(query::IsValid { paths: closure.clone() }).await?;
     let missing: Vec<String> = closure.iter().zip(&valid).filter(|(_, v)| !**v).map(|(p, _)| p.clone()).collect();
     let skipped = closure.len() - missing.len();
     if missing.is_empty() {
@@ -396,7 +390,7 @@ pub(crate) async fn copy_closure(
         bar.finish_and_clear();
         done?
     } else {
-        let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
+        let infos = client.call(query::PathInfo { paths, closure: true }).await?;
         let bar = progress::transfer("copying");
         let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, &bar).await;
         bar.finish_and_clear();

@@ -7,12 +7,12 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
 use base64::Engine;
-use cairn_api::{AddMethod, AddQuery, PathInfo, Request, Response};
+use cairn_api::{query, AddMethod, AddQuery, PathInfo};
 use cairn_client::{body_from_reader, Client};
 use cairn_nix::nar::{Limits, NarReader};
 use tokio_util::io::SyncIoBridge;
 
-use crate::ctx::{numbered, path_infos, print_json, to_stdout, Ctx};
+use crate::ctx::{numbered, print_json, to_stdout, Ctx};
 use crate::progress::{self, Counting};
 
 #[derive(Args)]
@@ -89,9 +89,9 @@ impl AddTextArgs {
         };
         let references = references.iter().map(|r| ctx.store_path(r)).collect::<anyhow::Result<_>>()?;
         let req =
-            Request::AddText { name, contents: base64::engine::general_purpose::STANDARD.encode(contents), references };
+            query::AddText { name, contents: base64::engine::general_purpose::STANDARD.encode(contents), references };
         let client = ctx.client().await?;
-        let infos = path_infos(client.query(&req).await?)?;
+        let infos = client.call(req).await?;
         if let (Some(link), Some(info)) = (&out_link, infos.first()) {
             ctx.add_root(&client, link, &info.path).await?;
         }
@@ -134,8 +134,7 @@ pub struct LsArgs {
 impl LsArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let LsArgs { path, json } = self;
-        let resp = ctx.client().await?.query(&Request::Ls { path: ctx.inner_path(&path)? }).await?;
-        let Response::Listing(entries) = resp else { bail!("cairnd answered ls with {resp:?}") };
+        let entries = ctx.client().await?.call(query::Ls { path: ctx.inner_path(&path)? }).await?;
         if json {
             print_json(&entries)?;
         } else {
