@@ -40,9 +40,10 @@ pub async fn copy_to_cache(
     infos: &[PathInfo],
     url: &str,
     key: Option<&SecretKey>,
+    net: &NetOptions,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
-    let backend = Backend::open(url, &NetOptions::default())?;
+    let backend = Backend::open(url, net)?;
     if matches!(backend, Backend::Http { .. }) {
         bail!("'{url}': cairn writes binary caches to file:// and s3:// URLs (or copies to a daemon: unix://SOCKET)");
     }
@@ -129,10 +130,11 @@ pub async fn copy_to_tcp(
     paths: Vec<String>,
     url: &str,
     key: Option<&SecretKey>,
+    net: &NetOptions,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     use cairn_cache::push::Pusher;
-    let pusher = Pusher::new(url, &NetOptions::default())?;
+    let pusher = Pusher::new(url, net)?;
     let closure = client.call(query::Closure { paths }).await?;
     let missing = pusher.missing(&closure).await?;
     let skipped = closure.len() - missing.len();
@@ -300,7 +302,7 @@ impl CopyArgs {
                     }
                     None => None,
                 };
-                let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
+                let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net()).await?;
                 if json {
                     print_json(
                         &serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }),
@@ -378,10 +380,11 @@ pub(crate) async fn copy_closure(
     to: &str,
     paths: Vec<String>,
     key: Option<&SecretKey>,
+    net: &NetOptions,
 ) -> anyhow::Result<crate::cache::Copied> {
     let done = if to.starts_with("tcp://") {
         let bar = progress::transfer("pushing");
-        let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, &bar).await;
+        let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, net, &bar).await;
         bar.finish_and_clear();
         done?
     } else if let Some(socket) = to.strip_prefix("unix://") {
@@ -392,7 +395,7 @@ pub(crate) async fn copy_closure(
     } else {
         let infos = client.call(query::PathInfo { paths, closure: true }).await?;
         let bar = progress::transfer("copying");
-        let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, &bar).await;
+        let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, net, &bar).await;
         bar.finish_and_clear();
         done?
     };

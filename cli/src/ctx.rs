@@ -54,6 +54,12 @@ impl Ctx {
         Ok(())
     }
 
+    /// The network timeouts of the settings (`connect-timeout`, `stalled-download-timeout`), for
+    /// what the CLI itself sends to caches and daemons.
+    pub(crate) fn net(&self) -> cairn_cache::NetOptions {
+        cairn_cache::NetOptions::from_secs(self.settings.connect_timeout, self.settings.stalled_download_timeout)
+    }
+
     pub(crate) fn real_store_dir(&self) -> PathBuf {
         self.settings.root.join(self.settings.store_dir.trim_start_matches('/'))
     }

@@ -109,14 +109,10 @@ impl Pusher {
         let host = url.strip_prefix("tcp://").filter(|h| !h.is_empty() && !h.contains('/')).ok_or_else(|| {
             CacheError::Url { url: url.to_owned(), reason: "a daemon's TCP address is tcp://HOST:PORT".into() }
         })?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(net.connect_timeout)
-            .read_timeout(net.stall_timeout)
-            .build()
-            .map_err(|e| CacheError::Url {
-                url: url.to_owned(),
-                reason: format!("cannot start an HTTP client: {e}"),
-            })?;
+        let client = cairn_net::client_builder(net).build().map_err(|e| CacheError::Url {
+            url: url.to_owned(),
+            reason: format!("cannot start an HTTP client: {e}"),
+        })?;
         Ok(Pusher { client, base: format!("http://{host}") })
     }
 

@@ -417,8 +417,7 @@ pub async fn import(
 /// timeouts (the same `connect-timeout` and `stalled-download-timeout` binary caches use).
 fn client_options(o: &RegistryOptions, net: &cairn_cache::NetOptions) -> ClientOptions {
     ClientOptions {
-        connect_timeout: net.connect_timeout,
-        stall_timeout: net.stall_timeout,
+        net: net.clone(),
         credentials: o
             .credentials
             .as_ref()
