@@ -149,7 +149,7 @@ pub async fn copy_to_tcp(
     Ok(Copied { written: added, skipped, bytes })
 }
 
-/// A push stream (`cairn_cache::push`) of `paths` (references first), NARs read from the
+/// A push stream (framed by `cairn_nix::wire::push`) of `paths` (references first), NARs read from the
 /// daemon as the stream is sent; also the NAR bytes it carries, and the task feeding it (whose
 /// error, if any, says why the stream ended early).
 async fn push_stream(
@@ -163,11 +163,11 @@ async fn push_stream(
     u64,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
-    use cairn_cache::push::{narinfo_for_push, wire_string, MAGIC};
+    use cairn_nix::wire::push;
     let infos = client.call(query::PathInfo { paths, closure: false }).await?;
     let mut entries = Vec::with_capacity(infos.len());
     for info in &infos {
-        let narinfo = narinfo_for_push(narinfo_of(store_dir, info, key)?);
+        let narinfo = push::narinfo(narinfo_of(store_dir, info, key)?);
         entries.push((info.path.clone(), narinfo.render(store_dir)));
     }
     let bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
@@ -178,11 +178,11 @@ async fn push_stream(
     let feed = tokio::spawn(async move {
         use tokio::io::AsyncReadExt;
         let send = |b: bytes::Bytes| tx.send(Ok(b));
-        if send(wire_string(MAGIC)).await.is_err() {
+        if send(push::start().into()).await.is_err() {
             return Ok(());
         }
         for (path, narinfo) in entries {
-            if send(wire_string(narinfo.as_bytes())).await.is_err() {
+            if send(push::entry(&narinfo).into()).await.is_err() {
                 return Ok(());
             }
             let mut nar = sender.nar(&path).await?;
@@ -199,7 +199,7 @@ async fn push_stream(
                 }
             }
         }
-        let _ = send(wire_string(b"")).await;
+        let _ = send(push::end().into()).await;
         anyhow::Ok(())
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
