@@ -245,7 +245,7 @@ impl NarCommand {
                         to_stdout(r, Some("dumping")).await?;
                     }
                     None => {
-                        tokio::task::spawn_blocking(move || cairn_store::dump(&path, std::io::stdout().lock()))
+                        tokio::task::spawn_blocking(move || cairn_nar_fs::dump(&path, std::io::stdout().lock()))
                             .await??;
                     }
                 }
@@ -254,7 +254,7 @@ impl NarCommand {
                 tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                     let stdin = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
                     let mut nar = NarReader::new(stdin, Limits::default())?;
-                    cairn_store::restore(&mut nar, &dir, cairn_store::RestoreMode::Plain)?;
+                    cairn_nar_fs::restore(&mut nar, &dir, cairn_nar_fs::RestoreMode::Plain)?;
                     Ok(())
                 })
                 .await??;
@@ -296,12 +296,12 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
     let bar = progress::bytes(&format!("adding {name}"));
     let sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
     let src = path.to_owned();
-    let dumper = tokio::task::spawn_blocking(move || cairn_store::dump(&src, sink));
+    let dumper = tokio::task::spawn_blocking(move || cairn_nar_fs::dump(&src, sink));
     let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false };
     let added = client.add(&q, body_from_reader(r)).await;
     bar.finish_and_clear();
     let dumped = dumper.await?.map_err(|e| match e {
-        cairn_store::StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => source,
+        cairn_nar_fs::FsError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => source,
         other => std::io::Error::other(other),
     });
     upload_outcome(added, dumped, &format!("cannot add '{}'", path.display()))
