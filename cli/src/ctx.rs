@@ -141,8 +141,10 @@ impl Ctx {
                 Paths { kind: p.kind, value: p.value.into_iter().map(std::borrow::Cow::Owned).collect() }
             }
         };
-        if answer.kind != "paths" {
-            bail!("cairnd answered with {:?} instead of paths", answer.kind);
+        // The kind this operation's answer has on the wire (`paths`), as `Op::respond` gives it.
+        let want = O::respond(Vec::new()).kind();
+        if answer.kind != want {
+            bail!("cairnd answered with {:?} instead of {want}", answer.kind);
         }
         let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         if json {

@@ -84,7 +84,8 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
     let prefix = serde_json::to_string(&format!("{}/", dir.as_str())).expect("a string serialises");
     let prefix = &prefix[..prefix.len() - 1]; // the opening quote and the escaped directory
     let mut buf = Vec::with_capacity(1 << 16);
-    buf.extend_from_slice(br#"{"kind":"paths","value":["#);
+    // `{"kind":"paths","value":[…]}`, the kind as `Closure::respond` names it.
+    buf.extend_from_slice(format!(r#"{{"kind":"{}","value":["#, query::Closure::respond(Vec::new()).kind()).as_bytes());
     let mut first = true;
     st.store.walk_map(&store_paths(dir, paths)?, Direction::References, |p| {
         if !std::mem::take(&mut first) {
