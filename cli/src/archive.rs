@@ -7,15 +7,17 @@
 //! (by names built from validated digests or read from `manifest.json` and compared), never used
 //! as paths to write, so an archive cannot make the CLI write anywhere.
 //!
-//! A docker archive has no manifest: the CLI writes the Docker schema 2 manifest that the
-//! containers tools (skopeo, podman) generate for it — the same fields in the same order,
-//! compact JSON — so the image gets the digest those tools give it.
+//! A docker archive has no manifest: the CLI stores the Docker schema 2 manifest that the
+//! containers tools (skopeo, podman) generate for it, so the image gets the digest those tools
+//! give it. Its bytes, and those of `manifest.json` and `repositories`, are
+//! `cairn_oci::docker_archive`'s (unit-tested there); this module only reads and writes tars.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
+use cairn_oci::docker_archive;
 use cairn_oci::manifest::{Descriptor, DOCKER_MANIFEST};
 use cairn_oci::Digest;
 use sha2::Digest as _;
@@ -179,16 +181,8 @@ pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(S
         blobs: HashMap::new(),
     };
     let raw = source.read(&Origin::Entry { offset: mo, size: ms })?;
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct Item {
-        config: String,
-        #[serde(default)]
-        repo_tags: Option<Vec<String>>,
-        layers: Vec<String>,
-    }
-    let items: Vec<Item> =
-        serde_json::from_slice(&raw).with_context(|| format!("the manifest.json of '{}'", file.display()))?;
+    let items = docker_archive::parse_archive_manifest(&raw)
+        .with_context(|| format!("the manifest.json of '{}'", file.display()))?;
     let item = match reference {
         Some(r) => items
             .iter()
@@ -212,21 +206,8 @@ pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(S
         Ok((d, size))
     };
     let (cd, cs) = hash_entry(&item.config)?;
-    let mut layers = Vec::new();
-    for l in &item.layers {
-        let (d, s) = hash_entry(l)?;
-        // The containers tools label every layer of an archive `tar.gzip`, compressed or not
-        // (readers tell them apart by their first bytes); the same label gives the same digest.
-        layers.push(format!(
-            r#"{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":{s},"digest":"{d}"}}"#
-        ));
-    }
-    // As containers/image's manifest.Schema2 marshals: schemaVersion, mediaType, config, layers.
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","size":{cs},"digest":"{cd}"}},"layers":[{}]}}"#,
-        layers.join(",")
-    )
-    .into_bytes();
+    let layers = item.layers.iter().map(|l| hash_entry(l)).collect::<anyhow::Result<Vec<_>>>()?;
+    let manifest = docker_archive::Schema2::for_archive((&cd, cs), &layers).to_bytes();
     let d = Digest::sha256_of(&manifest);
     let desc = Descriptor {
         media_type: DOCKER_MANIFEST.into(),
@@ -326,14 +307,14 @@ pub fn write_docker_archive(
     }
     let config_name = format!("{}.json", cd.hex());
     b.append_data(&mut header(config.len() as u64), &config_name, config)?;
-    let tags: Vec<&str> = reference.into_iter().collect();
-    let manifest =
-        serde_json::to_vec(&serde_json::json!([{ "Config": config_name, "RepoTags": tags, "Layers": names }]))?;
+    let tags = reference.into_iter().map(str::to_owned).collect();
+    let top = names.last().map(|n| n.trim_end_matches(".tar").to_owned()).unwrap_or_default();
+    let image = docker_archive::ArchiveImage { config: config_name, repo_tags: Some(tags), layers: names };
+    let manifest = docker_archive::archive_manifest(&[image]);
     b.append_data(&mut header(manifest.len() as u64), "manifest.json", &manifest[..])?;
     if let Some(r) = reference {
         let (name, tag) = r.rsplit_once(':').context("docker-archive:FILE:NAME:TAG needs a tag")?;
-        let top = names.last().map(|n| n.trim_end_matches(".tar").to_owned()).unwrap_or_default();
-        let repos = serde_json::to_vec(&serde_json::json!({ name: { tag: top } }))?;
+        let repos = docker_archive::repositories(name, tag, &top);
         b.append_data(&mut header(repos.len() as u64), "repositories", &repos[..])?;
     }
     b.into_inner()?.flush()?;

@@ -6,9 +6,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use cairn_api::image::{AutomatonInfo, AutomatonRequest};
-use cairn_api::{Request, Response};
+use cairn_api::{query, Op};
 use clap::Subcommand;
 
 use crate::ctx::{print_json, Ctx};
@@ -99,11 +99,8 @@ pub enum AutomatonCommand {
     },
 }
 
-async fn automata(ctx: &Ctx, req: Request) -> anyhow::Result<Vec<AutomatonInfo>> {
-    match ctx.client().await?.query(&req).await? {
-        Response::Automata(v) => Ok(v),
-        _ => bail!("cairnd gave an unexpected answer"),
-    }
+async fn automata<O: Op<Answer = Vec<AutomatonInfo>>>(ctx: &Ctx, op: O) -> anyhow::Result<Vec<AutomatonInfo>> {
+    Ok(ctx.client().await?.call(op).await?)
 }
 
 fn show(a: &AutomatonInfo) {
@@ -132,7 +129,7 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                 args: cmd,
                 env,
             };
-            let made = automata(ctx, Request::AutomatonCreate(req)).await?;
+            let made = automata(ctx, req).await?;
             let a = made.first().context("cairnd created nothing")?;
             if json {
                 print_json(a)?;
@@ -141,7 +138,7 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             }
         }
         AutomatonCommand::Run { name, runtime } => {
-            let a = automata(ctx, Request::AutomatonShow { name }).await?;
+            let a = automata(ctx, query::AutomatonShow { name }).await?;
             let a = a.first().context("no such automaton")?;
             let mut c = std::process::Command::new(&runtime);
             if runtime.file_name().is_some_and(|n| n == "crun") {
@@ -158,7 +155,7 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             }
         }
         AutomatonCommand::Ls { json } => {
-            let all = automata(ctx, Request::AutomatonList).await?;
+            let all = automata(ctx, query::AutomatonList {}).await?;
             if json {
                 print_json(&all)?;
             } else {
@@ -168,7 +165,7 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             }
         }
         AutomatonCommand::Show { name, json } => {
-            let a = automata(ctx, Request::AutomatonShow { name }).await?;
+            let a = automata(ctx, query::AutomatonShow { name }).await?;
             if json {
                 print_json(&a[0])?;
             } else {
@@ -176,7 +173,7 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             }
         }
         AutomatonCommand::Export { name, to, secret_key_file } => {
-            let a = automata(ctx, Request::AutomatonShow { name }).await?.remove(0);
+            let a = automata(ctx, query::AutomatonShow { name }).await?.remove(0);
             if let Some(to) = to {
                 let key = match &secret_key_file {
                     Some(f) => {
@@ -193,7 +190,8 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                 paths.extend(a.image.clone());
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
                 let client = ctx.client().await?;
-                let done = crate::cache::copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
+                let done =
+                    crate::cache::copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net()).await?;
                 eprintln!("copied {} to {to}, {} already there", crate::ctx::count(done.written, "path"), done.skipped);
             }
             let description = AutomatonRequest {
@@ -225,12 +223,12 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                 paths.extend(req.image.clone());
                 crate::cache::substitute(ctx, vec![from], &paths, false).await?;
             }
-            let made = automata(ctx, Request::AutomatonCreate(req)).await?;
+            let made = automata(ctx, req).await?;
             println!("{}", made.first().context("cairnd created nothing")?.bundle);
         }
         AutomatonCommand::Rm { names } => {
             for name in names {
-                automata(ctx, Request::AutomatonRemove { name }).await?;
+                automata(ctx, query::AutomatonRemove { name }).await?;
             }
         }
     }

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 
 use std::collections::BTreeSet;
 
-use cairn_api::{BuildMode, RealiseEvent, RealiseRequest, RealiseResult, Request, Response};
+use cairn_api::{query, BuildMode, RealiseEvent, RealiseRequest, RealiseResult};
 
+use crate::ctx::to_stdout;
 use crate::ctx::{follow_events, numbered, print_json, Ctx};
-use crate::ctx::{path_infos, to_stdout};
 use crate::progress;
 use clap::{Args, Subcommand};
 use std::io::Read as _;
@@ -32,10 +32,7 @@ pub(crate) fn short_name(drv: &str) -> &str {
 /// not sent, so the daemon's own values apply to them, as with Nix's daemon.
 async fn impure_env(client: &cairn_client::Client, paths: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let drvs = paths.iter().map(|p| p.split_once('!').map_or(p.as_str(), |(d, _)| d).to_owned()).collect();
-    let names = match client.query(&Request::ImpureEnvVars { paths: drvs }).await? {
-        Response::EnvVars(names) => names,
-        _ => bail!("cairnd answered impure-env-vars with something else"),
-    };
+    let names = client.call(query::ImpureEnvVars { paths: drvs }).await?;
     Ok(names.into_iter().filter_map(|n| std::env::var(&n).ok().map(|v| (n, v))).collect())
 }
 
@@ -284,19 +281,14 @@ impl DerivationCommand {
                 };
                 let (_, drv) = cairn_nix::derivation::Derivation::from_json(&text)
                     .map_err(|e| anyhow::anyhow!("'{}' is not a derivation in JSON: {e}", file.display()))?;
-                let infos =
-                    path_infos(ctx.client().await?.query(&Request::AddDerivation { aterm: drv.to_aterm() }).await?)?;
+                let infos = ctx.client().await?.call(query::AddDerivation { aterm: drv.to_aterm() }).await?;
                 for i in infos {
                     println!("{}", i.path);
                 }
             }
             DerivationCommand::OutputPaths { paths, json } => {
                 let paths = ctx.store_paths(&paths)?;
-                let Response::Outputs(map) =
-                    ctx.client().await?.query(&Request::DerivationOutputs { paths: paths.clone() }).await?
-                else {
-                    bail!("cairnd answered derivation-outputs with something else");
-                };
+                let map = ctx.client().await?.call(query::DerivationOutputs { paths: paths.clone() }).await?;
                 if json {
                     print_json(&map)?;
                 } else {

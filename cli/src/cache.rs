@@ -10,10 +10,10 @@
 
 use std::path::Path;
 
-use crate::ctx::{count, follow_events, path_infos, print_json, Ctx};
+use crate::ctx::{count, follow_events, print_json, Ctx};
 use crate::progress;
 use anyhow::{bail, Context};
-use cairn_api::{PathInfo, Request, Response};
+use cairn_api::{query, PathInfo};
 use cairn_cache::backend::split_params;
 use cairn_cache::upload::compress_nar;
 use cairn_cache::{Backend, Compression, NetOptions};
@@ -40,9 +40,10 @@ pub async fn copy_to_cache(
     infos: &[PathInfo],
     url: &str,
     key: Option<&SecretKey>,
+    net: &NetOptions,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
-    let backend = Backend::open(url, &NetOptions::default())?;
+    let backend = Backend::open(url, net)?;
     if matches!(backend, Backend::Http { .. }) {
         bail!("'{url}': cairn writes binary caches to file:// and s3:// URLs (or copies to a daemon: unix://SOCKET)");
     }
@@ -129,13 +130,12 @@ pub async fn copy_to_tcp(
     paths: Vec<String>,
     url: &str,
     key: Option<&SecretKey>,
+    net: &NetOptions,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     use cairn_cache::push::Pusher;
-    let pusher = Pusher::new(url, &NetOptions::default())?;
-    let Response::Paths(closure) = client.query(&Request::Closure { paths }).await? else {
-        bail!("cairnd answered a closure query with something else")
-    };
+    let pusher = Pusher::new(url, net)?;
+    let closure = client.call(query::Closure { paths }).await?;
     let missing = pusher.missing(&closure).await?;
     let skipped = closure.len() - missing.len();
     if missing.is_empty() {
@@ -149,7 +149,7 @@ pub async fn copy_to_tcp(
     Ok(Copied { written: added, skipped, bytes })
 }
 
-/// A push stream (`cairn_cache::push`) of `paths` (references first), NARs read from the
+/// A push stream (framed by `cairn_nix::wire::push`) of `paths` (references first), NARs read from the
 /// daemon as the stream is sent; also the NAR bytes it carries, and the task feeding it (whose
 /// error, if any, says why the stream ended early).
 async fn push_stream(
@@ -163,11 +163,11 @@ async fn push_stream(
     u64,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
-    use cairn_cache::push::{narinfo_for_push, wire_string, MAGIC};
-    let infos = crate::ctx::path_infos(client.query(&Request::PathInfo { paths, closure: false }).await?)?;
+    use cairn_nix::wire::push;
+    let infos = client.call(query::PathInfo { paths, closure: false }).await?;
     let mut entries = Vec::with_capacity(infos.len());
     for info in &infos {
-        let narinfo = narinfo_for_push(narinfo_of(store_dir, info, key)?);
+        let narinfo = push::narinfo(narinfo_of(store_dir, info, key)?);
         entries.push((info.path.clone(), narinfo.render(store_dir)));
     }
     let bytes: u64 = infos.iter().map(|i| i.nar_size).sum();
@@ -178,11 +178,11 @@ async fn push_stream(
     let feed = tokio::spawn(async move {
         use tokio::io::AsyncReadExt;
         let send = |b: bytes::Bytes| tx.send(Ok(b));
-        if send(wire_string(MAGIC)).await.is_err() {
+        if send(push::start().into()).await.is_err() {
             return Ok(());
         }
         for (path, narinfo) in entries {
-            if send(wire_string(narinfo.as_bytes())).await.is_err() {
+            if send(push::entry(&narinfo).into()).await.is_err() {
                 return Ok(());
             }
             let mut nar = sender.nar(&path).await?;
@@ -199,7 +199,7 @@ async fn push_stream(
                 }
             }
         }
-        let _ = send(wire_string(b"")).await;
+        let _ = send(push::end().into()).await;
         anyhow::Ok(())
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
@@ -226,12 +226,8 @@ pub async fn copy_to_daemon(
             store_dir.as_str()
         );
     }
-    let Response::Paths(closure) = from.query(&Request::Closure { paths }).await? else {
-        bail!("cairnd answered a closure query with something else")
-    };
-    let Response::Valid(valid) = to.query(&Request::IsValid { paths: closure.clone() }).await? else {
-        bail!("the target daemon answered a validity query with something else")
-    };
+    let closure = from.call(query::Closure { paths }).await?;
+    let valid = to.call(query::IsValid { paths: closure.clone() }).await?;
     let missing: Vec<String> = closure.iter().zip(&valid).filter(|(_, v)| !**v).map(|(p, _)| p.clone()).collect();
     let skipped = closure.len() - missing.len();
     if missing.is_empty() {
@@ -306,7 +302,7 @@ impl CopyArgs {
                     }
                     None => None,
                 };
-                let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref()).await?;
+                let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net()).await?;
                 if json {
                     print_json(
                         &serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }),
@@ -384,10 +380,11 @@ pub(crate) async fn copy_closure(
     to: &str,
     paths: Vec<String>,
     key: Option<&SecretKey>,
+    net: &NetOptions,
 ) -> anyhow::Result<crate::cache::Copied> {
     let done = if to.starts_with("tcp://") {
         let bar = progress::transfer("pushing");
-        let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, &bar).await;
+        let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, net, &bar).await;
         bar.finish_and_clear();
         done?
     } else if let Some(socket) = to.strip_prefix("unix://") {
@@ -396,9 +393,9 @@ pub(crate) async fn copy_closure(
         bar.finish_and_clear();
         done?
     } else {
-        let infos = path_infos(client.query(&Request::PathInfo { paths, closure: true }).await?)?;
+        let infos = client.call(query::PathInfo { paths, closure: true }).await?;
         let bar = progress::transfer("copying");
-        let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, &bar).await;
+        let done = crate::cache::copy_to_cache(client, store_dir, &infos, to, key, net, &bar).await;
         bar.finish_and_clear();
         done?
     };

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
 
 use anyhow::bail;
-use cairn_api::{PathInfo, Request, Response};
+use cairn_api::{query, PathInfo};
 
-use crate::ctx::{path_infos, print_json, Ctx};
+use crate::ctx::{print_json, Ctx};
 use clap::Args;
 
 /// Whether to colour stdout: a terminal, and no `NO_COLOR`.
@@ -71,7 +71,7 @@ impl Graph {
 }
 
 async fn closure_graph(ctx: &Ctx, paths: Vec<String>) -> anyhow::Result<Graph> {
-    let infos = path_infos(ctx.client().await?.query(&Request::PathInfo { paths, closure: true }).await?)?;
+    let infos = ctx.client().await?.call(query::PathInfo { paths, closure: true }).await?;
     Ok(Graph::new(infos))
 }
 
@@ -340,10 +340,11 @@ pub async fn path_info(ctx: &Ctx, args: &[String], f: PathInfoFlags) -> anyhow::
     let valid: Vec<bool> = if f.closure {
         vec![true; paths.len()]
     } else {
-        match client.query(&Request::IsValid { paths: paths.clone() }).await? {
-            Response::Valid(v) if v.len() == paths.len() => v,
-            other => bail!("cairnd answered is-valid with {other:?}"),
+        let v = client.call(query::IsValid { paths: paths.clone() }).await?;
+        if v.len() != paths.len() {
+            bail!("cairnd answered is-valid for {} paths with {} answers", paths.len(), v.len());
         }
+        v
     };
     if !f.json {
         if let Some((p, _)) = paths.iter().zip(&valid).find(|(_, v)| !**v) {
@@ -354,13 +355,13 @@ pub async fn path_info(ctx: &Ctx, args: &[String], f: PathInfoFlags) -> anyhow::
     let infos = if asked.is_empty() {
         Vec::new()
     } else {
-        path_infos(client.query(&Request::PathInfo { paths: asked.clone(), closure: f.closure }).await?)?
+        client.call(query::PathInfo { paths: asked.clone(), closure: f.closure }).await?
     };
     let closure_sizes: HashMap<String, u64> = if f.closure_size && !infos.is_empty() {
         let g = if f.closure {
             Graph::new(infos.clone())
         } else {
-            Graph::new(path_infos(client.query(&Request::PathInfo { paths: asked, closure: true }).await?)?)
+            Graph::new(client.call(query::PathInfo { paths: asked, closure: true }).await?)
         };
         let mut seen = Vec::new();
         infos.iter().map(|i| (i.path.clone(), g.closure_size(g.index[&i.path], &mut seen))).collect()
@@ -606,7 +607,7 @@ pub struct ReferencesArgs {
 impl ReferencesArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let ReferencesArgs { path, json } = self;
-        ctx.print_paths(Request::References { path: ctx.store_path(&path)? }, json).await?;
+        ctx.print_paths(query::References { path: ctx.store_path(&path)? }, json).await?;
         Ok(())
     }
 }
@@ -623,7 +624,7 @@ pub struct ReferrersArgs {
 impl ReferrersArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let ReferrersArgs { path, json } = self;
-        ctx.print_paths(Request::Referrers { path: ctx.store_path(&path)? }, json).await?;
+        ctx.print_paths(query::Referrers { path: ctx.store_path(&path)? }, json).await?;
         Ok(())
     }
 }
@@ -641,7 +642,7 @@ pub struct ClosureArgs {
 impl ClosureArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let ClosureArgs { paths, json } = self;
-        ctx.print_paths(Request::Closure { paths: ctx.store_paths(&paths)? }, json).await?;
+        ctx.print_paths(query::Closure { paths: ctx.store_paths(&paths)? }, json).await?;
         Ok(())
     }
 }
@@ -659,7 +660,7 @@ pub struct ReferrersClosureArgs {
 impl ReferrersClosureArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let ReferrersClosureArgs { paths, json } = self;
-        ctx.print_paths(Request::ReferrersClosure { paths: ctx.store_paths(&paths)? }, json).await?;
+        ctx.print_paths(query::ReferrersClosure { paths: ctx.store_paths(&paths)? }, json).await?;
         Ok(())
     }
 }
@@ -680,8 +681,8 @@ pub struct GraphArgs {
 impl GraphArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let GraphArgs { paths, dot: _, json } = self;
-        let resp = ctx.client().await?.query(&Request::Graph { paths: ctx.store_paths(&paths)? }).await?;
-        let Response::Graph { nodes, edges } = resp else { bail!("cairnd answered a graph query with {resp:?}") };
+        let query::ReferenceGraph { nodes, edges } =
+            ctx.client().await?.call(query::Graph { paths: ctx.store_paths(&paths)? }).await?;
         if json {
             // Edges as `--dot` draws them (and `nix-store --graph`): reference → referrer.
             let edges: Vec<(&String, &String)> = edges.iter().map(|(from, to)| (to, from)).collect();

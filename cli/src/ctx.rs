@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use cairn_api::config::Settings;
-use cairn_api::{PathInfo, Request, Response};
+use cairn_api::{query, Op};
 use cairn_client::Client;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -46,12 +46,18 @@ impl Ctx {
         std::os::unix::fs::symlink(&target, &tmp)
             .and_then(|_| std::fs::rename(&tmp, &link))
             .with_context(|| format!("cannot create the symlink '{}'", link.display()))?;
-        let req = Request::AddRoot { link: link.display().to_string(), path: path.to_owned() };
-        if let Err(e) = client.query(&req).await {
+        let req = query::AddRoot { link: link.display().to_string(), path: path.to_owned() };
+        if let Err(e) = client.call(req).await {
             let _ = std::fs::remove_file(&link);
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// The network timeouts of the settings (`connect-timeout`, `stalled-download-timeout`), for
+    /// what the CLI itself sends to caches and daemons.
+    pub(crate) fn net(&self) -> cairn_cache::NetOptions {
+        cairn_cache::NetOptions::from_secs(self.settings.connect_timeout, self.settings.stalled_download_timeout)
     }
 
     pub(crate) fn real_store_dir(&self) -> PathBuf {
@@ -116,15 +122,15 @@ impl Ctx {
         args.iter().map(|a| self.store_path(a)).collect()
     }
 
-    /// Prints a `Response::Paths` answer. Parsed with borrowed strings: a closure can hold 100k
-    /// paths, and they go straight from the answer's bytes to stdout.
-    pub(crate) async fn print_paths(&self, req: Request, json: bool) -> anyhow::Result<()> {
+    /// Prints the answer of an operation that answers paths. Parsed with borrowed strings: a
+    /// closure can hold 100k paths, and they go straight from the answer's bytes to stdout.
+    pub(crate) async fn print_paths<O: Op<Answer = Vec<String>>>(&self, op: O, json: bool) -> anyhow::Result<()> {
         #[derive(serde::Deserialize)]
         struct Paths<S> {
             kind: String,
             value: Vec<S>,
         }
-        let bytes = self.client().await?.query_bytes(&req).await?;
+        let bytes = self.client().await?.call_bytes(op).await?;
         let bad = |e: serde_json::Error| anyhow::anyhow!("cairnd sent an answer this cairn does not understand: {e}");
         // Store paths need no JSON escapes, so they borrow from the answer; a store directory
         // with characters JSON escapes would need owned strings.
@@ -135,8 +141,10 @@ impl Ctx {
                 Paths { kind: p.kind, value: p.value.into_iter().map(std::borrow::Cow::Owned).collect() }
             }
         };
-        if answer.kind != "paths" {
-            bail!("cairnd answered with {:?} instead of paths", answer.kind);
+        // The kind this operation's answer has on the wire (`paths`), as `Op::respond` gives it.
+        let want = O::respond(Vec::new()).kind();
+        if answer.kind != want {
+            bail!("cairnd answered with {:?} instead of {want}", answer.kind);
         }
         let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
         if json {
@@ -170,13 +178,6 @@ pub(crate) fn count(n: impl TryInto<u64>, noun: &str) -> String {
         format!("1 {noun}")
     } else {
         format!("{n} {noun}s")
-    }
-}
-
-pub(crate) fn path_infos(resp: Response) -> anyhow::Result<Vec<PathInfo>> {
-    match resp {
-        Response::PathInfos(v) => Ok(v),
-        other => bail!("cairnd answered with {other:?}"),
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::bail;
 use clap::Args;
 
-use cairn_api::{GcAction, GcResult, Request, Response};
+use cairn_api::{query, GcAction, GcResult};
 
 use crate::ctx::{count, print_json, Ctx};
 use crate::progress;
@@ -42,12 +42,11 @@ impl GcArgs {
             (.., true) => GcAction::DryRun,
             _ => GcAction::Collect,
         };
-        let req = Request::Gc { action, max_freed };
         match action {
-            GcAction::PrintLive | GcAction::PrintDead => ctx.print_paths(req, json).await?,
+            GcAction::PrintLive => ctx.print_paths(query::GcLive, json).await?,
+            GcAction::PrintDead => ctx.print_paths(query::GcDead, json).await?,
             GcAction::PrintRoots => {
-                let resp = ctx.client().await?.query(&req).await?;
-                let Response::Roots(roots) = resp else { bail!("cairnd answered --print-roots with {resp:?}") };
+                let roots = ctx.client().await?.call(query::GcRoots).await?;
                 if json {
                     print_json(&roots)?;
                 } else {
@@ -61,9 +60,9 @@ impl GcArgs {
             GcAction::Collect | GcAction::DryRun => {
                 let client = ctx.client().await?;
                 let spinner = progress::spinner("collecting garbage");
-                let resp = client.query(&req).await;
+                let r = client.call(query::GcCollect { dry_run: action == GcAction::DryRun, max_freed }).await;
                 spinner.finish_and_clear();
-                let r = gc_result(resp?)?;
+                let r = r?;
                 print_gc(&r, json, action == GcAction::DryRun)?;
             }
         }
@@ -84,8 +83,7 @@ pub struct DeleteArgs {
 impl DeleteArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let DeleteArgs { paths, json } = self;
-        let req = Request::Delete { paths: ctx.store_paths(&paths)? };
-        let r = gc_result(ctx.client().await?.query(&req).await?)?;
+        let r = ctx.client().await?.call(query::Delete { paths: ctx.store_paths(&paths)? }).await?;
         print_gc(&r, json, false)?;
         Ok(())
     }
@@ -102,9 +100,9 @@ impl OptimiseArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let OptimiseArgs { json } = self;
         let spinner = progress::spinner("optimising");
-        let resp = ctx.client().await?.query(&Request::Optimise).await;
+        let r = ctx.client().await?.call(query::Optimise {}).await;
         spinner.finish_and_clear();
-        let Response::Optimise(r) = resp? else { bail!("cairnd answered optimise with something else") };
+        let r = r?;
         if json {
             print_json(&r)?;
         } else {
@@ -131,9 +129,9 @@ impl VerifyArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let VerifyArgs { check_contents, repair, json } = self;
         let spinner = progress::spinner(if check_contents { "checking contents" } else { "checking paths" });
-        let resp = ctx.client().await?.query(&Request::Verify { check_contents, repair }).await;
+        let r = ctx.client().await?.call(query::Verify { check_contents, repair }).await;
         spinner.finish_and_clear();
-        let Response::Verify(r) = resp? else { bail!("cairnd answered verify with something else") };
+        let r = r?;
         if json {
             print_json(&r)?;
         } else {
@@ -182,13 +180,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// Bytes as Nix shows them (`showBytes`).
 fn mib(bytes: u64) -> String {
     format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
-fn gc_result(resp: Response) -> anyhow::Result<GcResult> {
-    match resp {
-        Response::Gc(r) => Ok(r),
-        other => bail!("cairnd answered with {other:?}"),
-    }
 }
 
 /// A collection's or delete's outcome, worded as `nix-store --gc` words it.

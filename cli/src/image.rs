@@ -15,7 +15,7 @@ use cairn_api::image::{
     BuildEvent, BuildRequest, BuiltInfo, CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent,
     ImportItem, PullRequest, PushRequest, RegistryOptions, UnpackedInfo,
 };
-use cairn_api::{Request, Response};
+use cairn_api::query;
 use cairn_client::Client;
 use cairn_oci::layout::{self, blob_path, REF_NAME};
 use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest};
@@ -399,7 +399,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
             }
         }
         ImageCommand::Ls { json } => {
-            let Response::Images(list) = client.query(&Request::ImageList).await? else { bail!("unexpected answer") };
+            let list = client.call(query::ImageList {}).await?;
             if json {
                 print_json(&list)?;
             } else {
@@ -413,10 +413,10 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
             }
         }
         ImageCommand::Tag { image, tag } => {
-            client.query(&Request::ImageTag { image, tag }).await?;
+            client.call(query::ImageTag { image, tag }).await?;
         }
         ImageCommand::Untag { tags } => {
-            client.query(&Request::ImageUntag { tags }).await?;
+            client.call(query::ImageUntag { tags }).await?;
         }
         ImageCommand::Inspect { image, json } => {
             let d = inspect(&client, &image).await?;
@@ -465,9 +465,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
             }
         }
         ImageCommand::Unpack { image, out_link, json } => {
-            let Response::Unpacked(u) = client.query(&Request::ImageUnpack { image }).await? else {
-                bail!("cairnd gave an unexpected answer to unpack")
-            };
+            let u = client.call(query::ImageUnpack { image }).await?;
             if let Some(link) = &out_link {
                 ctx.add_root(&client, link, &u.path).await?;
             }
@@ -545,10 +543,7 @@ fn imported_line(tag: &TagName, named_from: Option<&str>) -> String {
 }
 
 async fn inspect(client: &Client, image: &str) -> anyhow::Result<ImageDetail> {
-    match client.query(&Request::ImageInspect { image: image.to_owned() }).await? {
-        Response::Image(d) => Ok(*d),
-        _ => bail!("cairnd gave an unexpected answer to inspect"),
-    }
+    Ok(*client.call(query::ImageInspect { image: image.to_owned() }).await?)
 }
 
 fn end_json(e: &ImageEvent) -> serde_json::Value {
@@ -749,9 +744,7 @@ async fn import_source(
     // Then send what the store lacks, in one all-or-nothing stream: the daemon checks each blob
     // against its digest, and deletes what the stream added if one is refused.
     let paths: Vec<String> = blobs.iter().map(|(d, _)| store_dir.display(&blob_path(&store_dir, &d.digest))).collect();
-    let Response::Valid(valid) = client.query(&Request::IsValid { paths }).await? else {
-        bail!("cairnd gave an unexpected answer to is-valid")
-    };
+    let valid = client.call(query::IsValid { paths }).await?;
     let bar = progress::bytes("importing");
     let mut parts: Vec<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> = Vec::new();
     let item = |i: &ImportItem| {

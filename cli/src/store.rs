@@ -7,12 +7,12 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
 use base64::Engine;
-use cairn_api::{AddMethod, AddQuery, PathInfo, Request, Response};
+use cairn_api::{query, AddMethod, AddQuery, PathInfo};
 use cairn_client::{body_from_reader, Client};
 use cairn_nix::nar::{Limits, NarReader};
 use tokio_util::io::SyncIoBridge;
 
-use crate::ctx::{numbered, path_infos, print_json, to_stdout, Ctx};
+use crate::ctx::{numbered, print_json, to_stdout, Ctx};
 use crate::progress::{self, Counting};
 
 #[derive(Args)]
@@ -89,9 +89,9 @@ impl AddTextArgs {
         };
         let references = references.iter().map(|r| ctx.store_path(r)).collect::<anyhow::Result<_>>()?;
         let req =
-            Request::AddText { name, contents: base64::engine::general_purpose::STANDARD.encode(contents), references };
+            query::AddText { name, contents: base64::engine::general_purpose::STANDARD.encode(contents), references };
         let client = ctx.client().await?;
-        let infos = path_infos(client.query(&req).await?)?;
+        let infos = client.call(req).await?;
         if let (Some(link), Some(info)) = (&out_link, infos.first()) {
             ctx.add_root(&client, link, &info.path).await?;
         }
@@ -134,8 +134,7 @@ pub struct LsArgs {
 impl LsArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         let LsArgs { path, json } = self;
-        let resp = ctx.client().await?.query(&Request::Ls { path: ctx.inner_path(&path)? }).await?;
-        let Response::Listing(entries) = resp else { bail!("cairnd answered ls with {resp:?}") };
+        let entries = ctx.client().await?.call(query::Ls { path: ctx.inner_path(&path)? }).await?;
         if json {
             print_json(&entries)?;
         } else {
@@ -246,7 +245,7 @@ impl NarCommand {
                         to_stdout(r, Some("dumping")).await?;
                     }
                     None => {
-                        tokio::task::spawn_blocking(move || cairn_store::dump(&path, std::io::stdout().lock()))
+                        tokio::task::spawn_blocking(move || cairn_nar_fs::dump(&path, std::io::stdout().lock()))
                             .await??;
                     }
                 }
@@ -255,7 +254,7 @@ impl NarCommand {
                 tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                     let stdin = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
                     let mut nar = NarReader::new(stdin, Limits::default())?;
-                    cairn_store::restore(&mut nar, &dir, cairn_store::RestoreMode::Plain)?;
+                    cairn_nar_fs::restore(&mut nar, &dir, cairn_nar_fs::RestoreMode::Plain)?;
                     Ok(())
                 })
                 .await??;
@@ -297,12 +296,12 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
     let bar = progress::bytes(&format!("adding {name}"));
     let sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
     let src = path.to_owned();
-    let dumper = tokio::task::spawn_blocking(move || cairn_store::dump(&src, sink));
+    let dumper = tokio::task::spawn_blocking(move || cairn_nar_fs::dump(&src, sink));
     let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false };
     let added = client.add(&q, body_from_reader(r)).await;
     bar.finish_and_clear();
     let dumped = dumper.await?.map_err(|e| match e {
-        cairn_store::StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => source,
+        cairn_nar_fs::FsError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => source,
         other => std::io::Error::other(other),
     });
     upload_outcome(added, dumped, &format!("cannot add '{}'", path.display()))

@@ -71,10 +71,7 @@ impl Substitution {
     }
 
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Substitution> {
-        let net = NetOptions {
-            connect_timeout: Duration::from_secs(settings.connect_timeout),
-            stall_timeout: Duration::from_secs(settings.stalled_download_timeout),
-        };
+        let net = NetOptions::from_secs(settings.connect_timeout, settings.stalled_download_timeout);
         let configured = settings
             .substituters
             .iter()

@@ -26,6 +26,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use cairn_image::ImageError;
 use cairn_nix::StorePath;
+use cairn_oci::tag::ROOT_GROUP;
 use cairn_oci::TagName;
 use cairn_store::{LocalStore, StoreError};
 use thiserror::Error;
@@ -143,7 +144,7 @@ impl TagOwners {
     /// long operation before it starts rather than after).
     pub fn check_set(&self, store: &LocalStore, peer: &Peer, tag: &TagName, layout: &StorePath) -> Result<()> {
         let _held = self.hold();
-        match store.tag(&tag.file_name())? {
+        match store.root_link_target(ROOT_GROUP, &tag.file_name())? {
             Some(current) => self.may(peer, tag, &current, Some(layout)),
             None => Ok(()),
         }
@@ -154,12 +155,12 @@ impl TagOwners {
     pub fn set(&self, store: &LocalStore, peer: &Peer, tag: &TagName, layout: &StorePath) -> Result<()> {
         let _held = self.hold();
         let file = tag.file_name();
-        match store.tag(&file)? {
+        match store.root_link_target(ROOT_GROUP, &file)? {
             Some(current) if &current == layout => return Ok(()),
             Some(current) => self.may(peer, tag, &current, Some(layout))?,
             None => {}
         }
-        store.set_tag(&file, layout)?;
+        store.set_root_link(ROOT_GROUP, &file, layout)?;
         self.record(tag, peer.uid)
     }
 
@@ -169,14 +170,14 @@ impl TagOwners {
         let held = self.hold();
         let mut current = Vec::with_capacity(tags.len());
         for t in tags {
-            let Some(p) = store.tag(&t.file_name())? else {
+            let Some(p) = store.root_link_target(ROOT_GROUP, &t.file_name())? else {
                 return Err(ImageError::NoSuchTag(t.to_string()).into());
             };
             self.may(peer, t, &p, None)?;
             current.push(p);
         }
         for t in tags {
-            store.remove_tag(&t.file_name())?;
+            store.remove_root_link(ROOT_GROUP, &t.file_name())?;
             self.forget(&held, &t.file_name());
         }
         Ok(current)
@@ -221,14 +222,14 @@ mod tests {
         assert!(owners.check_set(&store, &bob, &t, &b).is_err());
         let e = owners.remove(&store, &bob, std::slice::from_ref(&t)).unwrap_err();
         assert_eq!(e.to_string(), "tag 'app:v1' was made by uid 4001: only they or a trusted user may remove it");
-        assert_eq!(store.tag(&t.file_name()).unwrap(), Some(a.clone()));
+        assert_eq!(store.root_link_target(ROOT_GROUP, &t.file_name()).unwrap(), Some(a.clone()));
 
         owners.set(&store, &alice, &t, &b).unwrap();
         assert_eq!(owners.remove(&store, &alice, std::slice::from_ref(&t)).unwrap(), vec![b.clone()]);
-        assert_eq!(store.tag(&t.file_name()).unwrap(), None);
+        assert_eq!(store.root_link_target(ROOT_GROUP, &t.file_name()).unwrap(), None);
 
         // A tag nobody is recorded for (the registry's): only the trusted may touch it.
-        store.set_tag(&t.file_name(), &a).unwrap();
+        store.set_root_link(ROOT_GROUP, &t.file_name(), &a).unwrap();
         let e = owners.remove(&store, &alice, std::slice::from_ref(&t)).unwrap_err();
         assert!(matches!(e, TagError::Unowned { action: Action::Remove, .. }), "{e}");
         owners.set(&store, &root, &t, &b).unwrap();
@@ -240,6 +241,6 @@ mod tests {
         owners.set(&store, &alice, &t1, &a).unwrap();
         owners.set(&store, &bob, &t2, &a).unwrap();
         assert!(owners.remove(&store, &alice, &[t1.clone(), t2.clone()]).is_err());
-        assert_eq!(store.tag(&t1.file_name()).unwrap(), Some(a.clone()), "nothing removed");
+        assert_eq!(store.root_link_target(ROOT_GROUP, &t1.file_name()).unwrap(), Some(a.clone()), "nothing removed");
     }
 }

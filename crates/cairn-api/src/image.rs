@@ -7,7 +7,7 @@
 //! | `POST /v1/oci/pull` | [`PullRequest`] | [`ImageEvent`]s, one JSON object per line |
 //! | `POST /v1/oci/push` | [`PushRequest`] | [`ImageEvent`]s, one JSON object per line |
 //!
-//! Listing, tagging and inspecting are [`crate::Request`]s of `POST /v1/query`.
+//! Listing, tagging and inspecting are operations of `POST /v1/query` ([`crate::query`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +76,7 @@ pub struct LayerInfo {
     pub streamed: bool,
 }
 
-/// The answer to [`crate::Request::ImageUnpack`].
+/// The answer to [`crate::query::ImageUnpack`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct UnpackedInfo {
@@ -219,7 +219,7 @@ pub enum BuildEvent {
         drv: String,
         line: String,
     },
-    /// The end: what `Request::ImageBuild` answers.
+    /// The end: what the query `ImageBuild` answers.
     Built(Box<BuiltInfo>),
     Error(ErrorBody),
 }

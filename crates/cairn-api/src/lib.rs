@@ -1,7 +1,7 @@
 //! cairnd's socket API, version 1, and the configuration shared by `cairnd` and `cairn`.
 //!
 //! The transport is HTTP/1.1 over a Unix socket. Small operations are one `POST /v1/query` with
-//! a JSON [`Request`] answered by a JSON [`Response`]; operations that move contents use their own
+//! a JSON [`Request`] answered by a JSON [`Response`] (typed per operation in [`query`]); operations that move contents use their own
 //! routes with streamed bodies (NARs, export streams, files), so that neither side ever holds a
 //! whole path in memory. HTTP was chosen over a bespoke framing because the same handlers can
 //! later serve a TCP listener (a binary cache, an OCI registry) and because every error has a
@@ -29,6 +29,9 @@
 
 pub mod config;
 pub mod image;
+pub mod query;
+
+pub use query::{Op, Request, Response};
 
 use std::collections::BTreeMap;
 
@@ -152,91 +155,6 @@ pub struct DirEntry {
     pub target: Option<String>,
 }
 
-/// The small operations of `POST /v1/query`. Paths are absolute store paths.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Request {
-    /// Metadata of `paths`, or of their closure. Answered by [`Response::PathInfos`].
-    PathInfo { paths: Vec<String>, closure: bool },
-    /// Direct references of one path. Answered by [`Response::Paths`].
-    References { path: String },
-    /// Valid paths that directly reference one path. Answered by [`Response::Paths`].
-    Referrers { path: String },
-    /// The closure (requisites) of `paths`, dependencies first. Answered by [`Response::Paths`].
-    Closure { paths: Vec<String> },
-    /// Every path that needs one of `paths`, those paths first. Answered by [`Response::Paths`].
-    ReferrersClosure { paths: Vec<String> },
-    /// The reference graph of the closure of `paths`. Answered by [`Response::Graph`].
-    Graph { paths: Vec<String> },
-    /// A directory listing inside a store path. Answered by [`Response::Listing`].
-    Ls { path: String },
-    /// Adds a text file with references (`builtins.toFile`). Answered by [`Response::PathInfos`]
-    /// with one entry. `contents` is base64.
-    AddText { name: String, contents: String, references: Vec<String> },
-    /// Whether each path is valid. Answered by [`Response::Valid`].
-    IsValid { paths: Vec<String> },
-    /// Garbage collection, or one of its reports. Answered by [`Response::Gc`] (collect,
-    /// dry-run), [`Response::Roots`] (print-roots) or [`Response::Paths`] (print-live,
-    /// print-dead).
-    Gc {
-        action: GcAction,
-        /// Stop once about this many bytes are freed.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_freed: Option<u64>,
-    },
-    /// Deletes exactly these paths, refusing live or still referenced ones. Answered by
-    /// [`Response::Gc`].
-    Delete { paths: Vec<String> },
-    /// Makes `link` (absolute; the client creates the symlink) an indirect root of `path`.
-    /// Answered by [`Response::Paths`] with the path.
-    AddRoot { link: String, path: String },
-    /// Hard-links identical files. Answered by [`Response::Optimise`].
-    Optimise,
-    /// Checks the store. Answered by [`Response::Verify`]. Repair needs a trusted user.
-    Verify {
-        #[serde(default)]
-        check_contents: bool,
-        #[serde(default)]
-        repair: bool,
-    },
-    /// Writes a derivation (its ATerm text) into the store as `nix derivation add` does: output
-    /// paths left empty are computed, given ones must match. Answered by [`Response::PathInfos`]
-    /// with the `.drv`.
-    AddDerivation { aterm: String },
-    /// The output paths of derivations, recomputed from their inputs and checked against what
-    /// they declare. Answered by [`Response::Outputs`].
-    DerivationOutputs { paths: Vec<String> },
-    /// The variables that the fixed-output derivations among these derivations and their
-    /// inputs name in `impureEnvVars`, so that a client can send its values of them with a
-    /// [`RealiseRequest`]. Answered by [`Response::EnvVars`].
-    ImpureEnvVars { paths: Vec<String> },
-    /// Every tagged image. Answered by [`Response::Images`].
-    ImageList,
-    /// Details of one image (a tag `NAME[:TAG]`, an image digest or a layout path). Answered
-    /// by [`Response::Image`].
-    ImageInspect { image: String },
-    /// Points `tag` at `image`. Answered by [`Response::Images`] with the image.
-    ImageTag { image: String, tag: String },
-    /// Removes tags (the images stay until collected). Answered by [`Response::Paths`] with
-    /// the layouts they pointed at.
-    ImageUntag { tags: Vec<String> },
-    /// The root filesystem of an image (a tag, an image digest or a layout path) as a store
-    /// path, its layers applied in order; cached per image. Answered by [`Response::Unpacked`].
-    ImageUnpack { image: String },
-    /// Builds an image from store closures. Answered by [`Response::Built`].
-    ImageBuild(image::BuildRequest),
-    /// Creates an automaton (an OCI runtime bundle mounting its closure from the store).
-    /// Answered by [`Response::Automata`] with it.
-    AutomatonCreate(image::AutomatonRequest),
-    /// Every automaton. Answered by [`Response::Automata`].
-    AutomatonList,
-    /// One automaton. Answered by [`Response::Automata`] with it.
-    AutomatonShow { name: String },
-    /// Removes an automaton (its roots, then its bundle). Answered by [`Response::Automata`]
-    /// with what was removed.
-    AutomatonRemove { name: String },
-}
-
 /// Body of `POST /v1/realise`: derivations to build, each `DRV` or `DRV!out1,out2`. The answer
 /// is a stream of [`RealiseEvent`]s, one JSON object per line, ending with `done`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -248,7 +166,7 @@ pub struct RealiseRequest {
     #[serde(default)]
     pub keep_failed: bool,
     /// The client's values of variables fixed-output derivations name in `impureEnvVars` (see
-    /// [`Request::ImpureEnvVars`]); a variable missing here takes the daemon's value, as with
+    /// [`query::ImpureEnvVars`]); a variable missing here takes the daemon's value, as with
     /// Nix's daemon. Only fixed-output builds see them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub impure_env: BTreeMap<String, String>,
@@ -406,7 +324,7 @@ pub struct SubstituteFailure {
     pub reason: String,
 }
 
-/// What [`Request::Gc`] does.
+/// What [`query::Gc`] does.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum GcAction {
@@ -463,34 +381,6 @@ pub struct VerifyResult {
     pub checked: u64,
     pub problems: Vec<VerifyProblem>,
     pub repaired: u64,
-}
-
-/// Answers of `POST /v1/query`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "kind", content = "value", rename_all = "kebab-case")]
-pub enum Response {
-    PathInfos(Vec<PathInfo>),
-    Paths(Vec<String>),
-    /// Nodes and `(referrer, reference)` edges.
-    Graph {
-        nodes: Vec<String>,
-        edges: Vec<(String, String)>,
-    },
-    Listing(Vec<DirEntry>),
-    Valid(Vec<bool>),
-    Gc(GcResult),
-    Roots(Vec<RootInfo>),
-    Optimise(OptimiseResult),
-    Verify(VerifyResult),
-    /// Output name → path, per derivation.
-    Outputs(BTreeMap<String, BTreeMap<String, String>>),
-    /// Names of environment variables, sorted.
-    EnvVars(Vec<String>),
-    Images(Vec<image::ImageInfo>),
-    Image(Box<image::ImageDetail>),
-    Unpacked(image::UnpackedInfo),
-    Built(Box<image::BuiltInfo>),
-    Automata(Vec<image::AutomatonInfo>),
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon
@@ -612,10 +502,10 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_json_shape() {
-        let r = Request::Closure { paths: vec!["/store/x".into()] };
+        let r: Request = query::Closure { paths: vec!["/store/x".into()] }.into();
         assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"closure","paths":["/store/x"]}"#);
         let back: Request = serde_json::from_str(r#"{"op":"path-info","paths":[],"closure":true}"#).unwrap();
-        assert_eq!(back, Request::PathInfo { paths: vec![], closure: true });
+        assert_eq!(back, Request::PathInfo(query::PathInfo { paths: vec![], closure: true }));
         assert!(serde_json::from_str::<Request>(r#"{"op":"drop-tables"}"#).is_err());
     }
 

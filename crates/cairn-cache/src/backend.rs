@@ -17,20 +17,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::CacheError;
 
-/// How the network is used.
-#[derive(Debug, Clone)]
-pub struct NetOptions {
-    /// Time allowed to connect and to receive a response's headers.
-    pub connect_timeout: Duration,
-    /// Longest wait for the next bytes of a body before the download fails.
-    pub stall_timeout: Duration,
-}
-
-impl Default for NetOptions {
-    fn default() -> Self {
-        NetOptions { connect_timeout: Duration::from_secs(10), stall_timeout: Duration::from_secs(300) }
-    }
-}
+pub use cairn_net::{with_causes, NetOptions};
 
 /// A cache's storage.
 #[derive(Clone)]
@@ -111,11 +98,8 @@ impl Backend {
             return Ok(Backend::File(PathBuf::from(dir)));
         }
         if base.starts_with("http://") || base.starts_with("https://") {
-            let client = reqwest::Client::builder()
-                .connect_timeout(opts.connect_timeout)
-                .read_timeout(opts.stall_timeout)
+            let client = cairn_net::client_builder(opts)
                 .pool_max_idle_per_host(64)
-                .user_agent(concat!("cairn/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .map_err(|e| bad(&format!("cannot start an HTTP client: {e}")))?;
             return Ok(Backend::Http { client, base: base.trim_end_matches('/').to_owned(), opts: opts.clone() });
@@ -385,22 +369,6 @@ fn s3_reason(e: &object_store::Error, env_credentials: bool) -> String {
     } else {
         text
     }
-}
-
-/// An error with its causes ("error sending request: … : connection refused"): reqwest's own
-/// message leaves out what went wrong.
-pub fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
 }
 
 fn unique() -> u64 {

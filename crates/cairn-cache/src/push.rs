@@ -10,43 +10,24 @@
 //! /cairn/v1/missing`, store paths one per line, answered the same way), then sends them in one
 //! request (`POST /cairn/v1/push`): the string `cairn-push-1`, then for each path, references
 //! first, its narinfo as a string followed by exactly NarSize bytes of NAR, then an empty
-//! string. Strings are Nix's wire strings (u64 length, bytes, zero padding to 8). Everything is
-//! committed in one store batch, so a push registers whole closures or nothing of a path.
+//! string — the framing is `cairn_nix::wire::push`, where writer and reader sit together.
+//! Everything is committed in one store batch, so a push registers whole closures or nothing of
+//! a path.
 
 use std::io::{self, BufReader, Read};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_nix::narinfo::NarInfo;
-use cairn_nix::wire;
+use cairn_nix::wire::push::{PushError, PushReader};
 use cairn_store::{Committed, LocalStore};
 
 use crate::substitute::{check_narinfo, path_info_of, Policy};
 use crate::CacheError;
 
-/// The stream's first string.
-pub const MAGIC: &[u8] = b"cairn-push-1";
-/// Longest narinfo accepted.
-const MAX_NARINFO: usize = 1 << 20;
 /// Where the receiver answers.
 pub const MISSING_ROUTE: &str = "/cairn/v1/missing";
 pub const PUSH_ROUTE: &str = "/cairn/v1/push";
-
-/// A wire string.
-pub fn wire_string(s: &[u8]) -> Bytes {
-    let mut v = Vec::with_capacity(s.len() + 16);
-    wire::write_bytes(&mut v, s).expect("writing to a Vec cannot fail");
-    v.into()
-}
-
-/// The narinfo a pushed path is sent with: uncompressed, URL unused.
-pub fn narinfo_for_push(mut info: NarInfo) -> NarInfo {
-    info.url = "nar/pushed.nar".into();
-    info.compression = "none".into();
-    info.file_hash = None;
-    info.file_size = None;
-    info
-}
 
 fn bad(reason: impl Into<String>) -> CacheError {
     CacheError::BadFile { url: "push".into(), reason: reason.into() }
@@ -63,18 +44,10 @@ pub fn receive(
 ) -> Result<Committed, CacheError> {
     let policy = Policy { require_sigs, ..policy.clone() };
     let dir = store.store_dir().clone();
-    let mut input = BufReader::with_capacity(1 << 20, input);
-    let wire_err = |e: cairn_nix::wire::WireError| bad(format!("not a push stream: {e}"));
-    if wire::read_bytes(&mut input, 64).map_err(wire_err)? != MAGIC {
-        return Err(bad("not a push stream (it does not start with cairn-push-1)"));
-    }
+    let framing = |e: PushError| bad(e.to_string());
+    let mut input = PushReader::new(BufReader::with_capacity(1 << 20, input)).map_err(framing)?;
     let batch = store.batch()?;
-    loop {
-        let text = wire::read_bytes(&mut input, MAX_NARINFO).map_err(wire_err)?;
-        if text.is_empty() {
-            break;
-        }
-        let text = String::from_utf8(text).map_err(|_| bad("a narinfo is not UTF-8"))?;
+    while let Some(text) = input.next_narinfo().map_err(framing)? {
         let info = NarInfo::parse(&dir, &text).map_err(|e| bad(format!("a narinfo: {e}")))?;
         let path = dir.display(&info.store_path);
         check_narinfo(&dir, &info.store_path, &info, &policy).map_err(|check| CacheError::Refused {
@@ -85,7 +58,7 @@ pub fn receive(
         if info.compression != "none" {
             return Err(bad(format!("'{path}': pushed NARs are uncompressed")));
         }
-        let mut nar = (&mut input).take(info.nar_size);
+        let mut nar = input.nar(info.nar_size);
         let refuse = |e: cairn_store::StoreError| CacheError::Refused {
             path: path.clone(),
             cache: "the push".into(),
@@ -109,14 +82,10 @@ impl Pusher {
         let host = url.strip_prefix("tcp://").filter(|h| !h.is_empty() && !h.contains('/')).ok_or_else(|| {
             CacheError::Url { url: url.to_owned(), reason: "a daemon's TCP address is tcp://HOST:PORT".into() }
         })?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(net.connect_timeout)
-            .read_timeout(net.stall_timeout)
-            .build()
-            .map_err(|e| CacheError::Url {
-                url: url.to_owned(),
-                reason: format!("cannot start an HTTP client: {e}"),
-            })?;
+        let client = cairn_net::client_builder(net).build().map_err(|e| CacheError::Url {
+            url: url.to_owned(),
+            reason: format!("cannot start an HTTP client: {e}"),
+        })?;
         Ok(Pusher { client, base: format!("http://{host}") })
     }
 
@@ -176,7 +145,7 @@ mod tests {
         let dir = StoreDir::new("/store").unwrap();
         let nar = Tree::File { executable: false, contents: b"pushed".to_vec() }.to_nar();
         let path = dir.make_store_path("output:out", &Hash::digest(HashAlgo::Sha256, b"p"), "pushed").unwrap();
-        let mut info = narinfo_for_push(NarInfo {
+        let mut info = cairn_nix::wire::push::narinfo(NarInfo {
             store_path: path.clone(),
             url: String::new(),
             compression: String::new(),
@@ -194,15 +163,16 @@ mod tests {
         if let Some(k) = key {
             info.sign(&dir, k).unwrap();
         }
-        let mut out = wire_string(MAGIC).to_vec();
-        out.extend_from_slice(&wire_string(info.render(&dir).as_bytes()));
+        use cairn_nix::wire::push;
+        let mut out = push::start();
+        out.extend(push::entry(&info.render(&dir)));
         let mut nar = nar;
         if tamper {
             let last = nar.len() - 20;
             nar[last] ^= 1;
         }
         out.extend_from_slice(&nar);
-        out.extend_from_slice(&wire_string(b""));
+        out.extend(push::end());
         (out, path)
     }
 

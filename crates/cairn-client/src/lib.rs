@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use cairn_api::{
-    routes, AddQuery, ErrorBody, ErrorKind, ExportRequest, PathInfo, PathQuery, Request, Response, VersionInfo,
+    routes, AddQuery, ErrorBody, ErrorKind, ExportRequest, Op, PathInfo, PathQuery, Response, VersionInfo,
 };
 use futures_util::TryStreamExt;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -89,7 +89,7 @@ impl Client {
         &self.socket
     }
 
-    async fn call(&self, method: Method, uri: &str, body: Body) -> Result<hyper::Response<Incoming>> {
+    async fn send(&self, method: Method, uri: &str, body: Body) -> Result<hyper::Response<Incoming>> {
         self.call_typed(method, uri, "application/octet-stream", body).await
     }
 
@@ -139,52 +139,55 @@ impl Client {
 
     /// The daemon's version, store directory and whether we are trusted.
     pub async fn version(&self) -> Result<VersionInfo> {
-        Client::json(self.call(Method::GET, routes::VERSION, full(Bytes::new())).await?).await
+        Client::json(self.send(Method::GET, routes::VERSION, full(Bytes::new())).await?).await
     }
 
     /// Which daemon this is: pid, socket, store, root, config file, start and version.
     pub async fn daemon_status(&self) -> Result<cairn_api::DaemonStatus> {
-        Client::json(self.call(Method::GET, routes::DAEMON_STATUS, full(Bytes::new())).await?).await
+        Client::json(self.send(Method::GET, routes::DAEMON_STATUS, full(Bytes::new())).await?).await
     }
 
     /// The daemon's effective settings.
     pub async fn daemon_config(&self) -> Result<cairn_api::config::Settings> {
-        Client::json(self.call(Method::GET, routes::DAEMON_CONFIG, full(Bytes::new())).await?).await
+        Client::json(self.send(Method::GET, routes::DAEMON_CONFIG, full(Bytes::new())).await?).await
     }
 
     /// Asks the daemon to shut down (it answers first, then stops listening and finishes what
     /// runs); needs a trusted user.
     pub async fn daemon_stop(&self) -> Result<cairn_api::DaemonStatus> {
-        Client::json(self.call(Method::POST, routes::DAEMON_STOP, full(Bytes::new())).await?).await
+        Client::json(self.send(Method::POST, routes::DAEMON_STOP, full(Bytes::new())).await?).await
     }
 
-    /// One operation's answer as raw JSON bytes, for callers that parse large answers without
-    /// owning every string (a 100k-path closure).
-    pub async fn query_bytes(&self, req: &Request) -> Result<Bytes> {
-        Ok(self.call_json(routes::QUERY, req).await?.into_body().collect().await?.to_bytes())
+    /// One operation's answer as raw JSON bytes (`{"kind":…,"value":…}`), for callers that parse
+    /// large answers without owning every string (a 100k-path closure).
+    pub async fn call_bytes<O: Op>(&self, op: O) -> Result<Bytes> {
+        Ok(self.call_json(routes::QUERY, &op.into_request()).await?.into_body().collect().await?.to_bytes())
     }
 
-    /// One small operation.
-    pub async fn query(&self, req: &Request) -> Result<Response> {
-        Client::json(self.call_json(routes::QUERY, req).await?).await
+    /// One small operation of `POST /v1/query`, answered with its own type.
+    pub async fn call<O: Op>(&self, op: O) -> Result<O::Answer> {
+        let resp: Response = Client::json(self.call_json(routes::QUERY, &op.into_request()).await?).await?;
+        O::answer(resp).map_err(|other| {
+            ClientError::Decode(format!("an answer of kind '{}' to {}", other.kind(), std::any::type_name::<O>()))
+        })
     }
 
     /// Adds a path from a streamed body (a NAR or a flat file, as `q` says).
     pub async fn add(&self, q: &AddQuery, body: Body) -> Result<PathInfo> {
         let uri = format!("{}?{}", routes::ADD, query_string(q)?);
-        Client::json(self.call(Method::POST, &uri, body).await?).await
+        Client::json(self.send(Method::POST, &uri, body).await?).await
     }
 
     /// The NAR of a valid path.
     pub async fn nar(&self, path: &str) -> Result<impl AsyncRead + Send + Unpin> {
         let uri = format!("{}?{}", routes::NAR, query_string(&PathQuery { path: path.to_owned() })?);
-        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+        Ok(reader_of(self.send(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
     }
 
     /// A regular file inside a store path.
     pub async fn cat(&self, path: &str) -> Result<impl AsyncRead + Send + Unpin> {
         let uri = format!("{}?{}", routes::CAT, query_string(&PathQuery { path: path.to_owned() })?);
-        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+        Ok(reader_of(self.send(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
     }
 
     /// A blob of an image (a streamed layer is made as it is sent; a broken one ends the
@@ -192,7 +195,7 @@ impl Client {
     pub async fn oci_blob(&self, image: &str, digest: &str) -> Result<impl AsyncRead + Send + Unpin> {
         let q = cairn_api::BlobQuery { image: image.to_owned(), digest: digest.to_owned() };
         let uri = format!("{}?{}", routes::OCI_BLOB, query_string(&q)?);
-        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+        Ok(reader_of(self.send(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
     }
 
     /// An export stream of `paths`.
@@ -213,22 +216,22 @@ impl Client {
     /// The log of a past build (of a derivation, or of the deriver of an output).
     pub async fn log(&self, path: &str) -> Result<impl AsyncRead + Send + Unpin> {
         let uri = format!("{}?{}", routes::LOG, query_string(&PathQuery { path: path.to_owned() })?);
-        Ok(reader_of(self.call(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
+        Ok(reader_of(self.send(Method::GET, &uri, full(Bytes::new())).await?.into_body()))
     }
 
     /// Sends a push stream (narinfos and NARs); returns the paths added.
     pub async fn receive(&self, body: Body) -> Result<Vec<String>> {
-        Client::json(self.call(Method::POST, routes::RECEIVE, body).await?).await
+        Client::json(self.send(Method::POST, routes::RECEIVE, body).await?).await
     }
 
     /// Imports an export stream.
     pub async fn import(&self, body: Body) -> Result<Vec<PathInfo>> {
-        Client::json(self.call(Method::POST, routes::IMPORT, body).await?).await
+        Client::json(self.send(Method::POST, routes::IMPORT, body).await?).await
     }
 
     /// Sends an import stream (blobs, then a commit).
     pub async fn import_image(&self, body: Body) -> Result<cairn_api::image::ImageInfo> {
-        Client::json(self.call(Method::POST, routes::OCI_IMPORT, body).await?).await
+        Client::json(self.send(Method::POST, routes::OCI_IMPORT, body).await?).await
     }
 
     /// Starts a pull; its answer is a stream of JSON lines (`ImageEvent`).

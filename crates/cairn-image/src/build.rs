@@ -19,7 +19,7 @@
 //! Store layers are streamed ([`crate::streamed`]): each is produced once, hashed as it goes, and
 //! kept as a description that refers to its paths; nothing of its bytes is written unless the
 //! build is asked to `materialise` them. A layer's description is remembered per set of paths
-//! (`Memo::Layer`), so a rebuild after one path changed hashes only the layers holding changed
+//! (`memo::LAYER`), so a rebuild after one path changed hashes only the layers holding changed
 //! paths. Layers missing from the memo are hashed on all cores at once.
 //!
 //! All calls block; the daemon runs them on its blocking pool.
@@ -35,7 +35,9 @@ use cairn_nix::{Hash, HashAlgo, Hasher, StoreDir, StorePath};
 use cairn_oci::layout::{streamed_layer_name, Layout};
 use cairn_oci::manifest::{Descriptor, OCI_MANIFEST};
 use cairn_oci::Digest;
-use cairn_store::{Direction, Memo, PathInfo};
+use cairn_store::{Direction, PathInfo};
+
+use crate::memo;
 
 use crate::images::{Image, TempRootGuardSet};
 use crate::streamed::{describe, tar_header, LayerReader, LayerRecipe, FORMAT};
@@ -164,7 +166,7 @@ fn remembered_layer(
     roots: &mut TempRootGuardSet,
 ) -> Result<Option<StoreLayer>> {
     let key = layer_key(images.store.store_dir(), paths, compression);
-    let Some((path, guard)) = images.store.memo(Memo::Layer, &key)? else { return Ok(None) };
+    let Some((path, guard)) = images.store.memo(memo::LAYER, &key)? else { return Ok(None) };
     let shown = images.store.store_dir().display(&path);
     let bytes =
         fs::read(images.store.real_path(&path)).map_err(|source| ImageError::Io { path: shown.clone(), source })?;
@@ -195,8 +197,8 @@ fn new_layer(
     let info = images.store.add_text(&streamed_layer_name(&recipe.digest()), &text, &refs)?;
     roots.hold(images.store.temp_root([info.path.clone()]));
     let dir = images.store.store_dir();
-    images.store.remember(Memo::Layer, &layer_key(dir, paths, compression), &info.path)?;
-    images.store.remember(Memo::StreamedLayer, &recipe.digest().to_hash(), &info.path)?;
+    images.store.remember(memo::LAYER, &layer_key(dir, paths, compression), &info.path)?;
+    images.store.remember(memo::STREAMED_LAYER, &recipe.digest().to_hash(), &info.path)?;
     Ok(StoreLayer { path: info.path, recipe })
 }
 
@@ -459,7 +461,7 @@ pub fn layer_paths(images: &Images, img: &Image, skip: usize) -> Result<Vec<Vec<
                 crate::images::BlobSource::Streamed(r) => Some(*r),
                 // A materialised layer: its description is still remembered by its digest.
                 crate::images::BlobSource::File(_) => {
-                    match images.store.memo(Memo::StreamedLayer, &l.digest.to_hash())? {
+                    match images.store.memo(memo::STREAMED_LAYER, &l.digest.to_hash())? {
                         Some((path, _root)) => {
                             let shown = dir.display(&path);
                             let real = images.store.real_path(&path);

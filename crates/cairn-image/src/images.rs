@@ -11,8 +11,9 @@ use std::sync::Arc;
 use cairn_nix::StorePath;
 use cairn_oci::layout::{self, blob_name, blob_path, digest_of_blob_name, digest_of_streamed_layer_name};
 use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest, ManifestKind};
+use cairn_oci::tag::ROOT_GROUP;
 use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
-use cairn_store::{LocalStore, Memo, TempRootGuard};
+use cairn_store::{LocalStore, TempRootGuard};
 
 use crate::streamed::{LayerReader, LayerRecipe};
 use crate::{ImageError, Result};
@@ -106,7 +107,7 @@ impl Images {
                 }
                 (h.clone(), root)
             }
-            None => match self.store.memo(Memo::StreamedLayer, &d.to_hash())? {
+            None => match self.store.memo(crate::memo::STREAMED_LAYER, &d.to_hash())? {
                 Some(found) => found,
                 None => return Ok(None),
             },
@@ -224,7 +225,7 @@ impl Images {
         let dir = self.store.store_dir();
         let info = self.store.add_nar_with_references(&l.name(), &l.nar(dir)[..], &l.references(dir))?;
         if let Some(t) = tag {
-            self.store.set_tag(&t.file_name(), &info.path)?;
+            self.store.set_root_link(ROOT_GROUP, &t.file_name(), &info.path)?;
         }
         Ok(Image { layout: info.path, manifests: l.manifests, blobs: l.blobs, streamed: l.streamed })
     }
@@ -285,7 +286,7 @@ impl Images {
             return self.load(&p);
         }
         if let Ok(d) = Digest::parse(what) {
-            for (_, p) in self.store.tags()? {
+            for (_, p) in self.store.root_links(ROOT_GROUP)? {
                 if let Ok(img) = self.load(&p) {
                     if img.manifests.iter().any(|m| m.digest == d) {
                         return Ok(img);
@@ -295,7 +296,7 @@ impl Images {
             return Err(ImageError::NoSuchDigest(what.to_owned()));
         }
         let t = TagName::parse(what)?;
-        match self.store.tag(&t.file_name())? {
+        match self.store.root_link_target(ROOT_GROUP, &t.file_name())? {
             Some(p) => self.load(&p),
             None => Err(ImageError::NoSuchTag(t.to_string())),
         }
@@ -304,7 +305,7 @@ impl Images {
     /// Every tag and the image it names, by layout.
     pub fn list(&self) -> Result<Vec<(Image, Vec<TagName>)>> {
         let mut by_layout: BTreeMap<StorePath, Vec<TagName>> = BTreeMap::new();
-        for (file, p) in self.store.tags()? {
+        for (file, p) in self.store.root_links(ROOT_GROUP)? {
             if let Ok(t) = TagName::from_file_name(&file) {
                 by_layout.entry(p).or_default().push(t);
             }
@@ -322,7 +323,7 @@ impl Images {
     pub fn tags_of(&self, layout: &StorePath) -> Result<Vec<TagName>> {
         Ok(self
             .store
-            .tags()?
+            .root_links(ROOT_GROUP)?
             .into_iter()
             .filter(|(_, p)| p == layout)
             .filter_map(|(f, _)| TagName::from_file_name(&f).ok())

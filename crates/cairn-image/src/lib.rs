@@ -16,6 +16,7 @@
 pub mod automaton;
 pub mod build;
 pub mod images;
+pub mod memo;
 pub mod pull;
 pub mod push;
 pub mod registry;

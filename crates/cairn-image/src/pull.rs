@@ -249,7 +249,7 @@ async fn pull_inner(
                 return Ok(());
             }
             let r = reg.blob(&d.digest).await?;
-            let stream = r.bytes_stream().map_err(|e| io::Error::other(cairn_cache::backend::with_causes(&e)));
+            let stream = r.bytes_stream().map_err(|e| io::Error::other(cairn_net::with_causes(&e)));
             let reader = SyncIoBridge::new(StreamReader::new(stream));
             let p = progress.clone();
             let digest = d.digest.clone();

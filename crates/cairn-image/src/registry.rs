@@ -7,8 +7,6 @@
 //! Tokens are kept for the client's life. Only requests without a streamed body are retried, so
 //! the client authenticates (`/v2/` with the push scope) before it uploads.
 
-use std::time::Duration;
-
 use base64::Engine;
 use cairn_oci::manifest::ACCEPT;
 use cairn_oci::reference::{ImageRef, Reference};
@@ -33,10 +31,8 @@ pub struct ClientOptions {
     pub credentials: Option<Credentials>,
     /// Allow plain HTTP and unverified certificates.
     pub insecure: bool,
-    /// Time allowed to connect (the daemon's `connect-timeout`).
-    pub connect_timeout: Duration,
-    /// Longest wait for the next bytes of an answer (the daemon's `stalled-download-timeout`).
-    pub stall_timeout: Duration,
+    /// The daemon's `connect-timeout` and `stalled-download-timeout`.
+    pub net: cairn_net::NetOptions,
 }
 
 /// A client for one repository of one registry.
@@ -115,18 +111,15 @@ impl Registry {
     /// checks and plain HTTP used when the registry does not speak TLS.
     pub async fn connect(image: &ImageRef, opts: &ClientOptions, push: bool) -> Result<Registry> {
         let name = image.registry.clone();
-        let http = reqwest::Client::builder()
-            .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.stall_timeout)
+        let http = cairn_net::client_builder(&opts.net)
             .pool_max_idle_per_host(16)
             .tls_danger_accept_invalid_certs(opts.insecure)
-            .user_agent(concat!("cairn/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| err(&name, format!("cannot start an HTTP client: {e}")))?;
         let host = image.api_host();
         let mut base = format!("https://{host}");
         if opts.insecure {
-            let probe = http.get(format!("{base}/v2/")).timeout(opts.connect_timeout).send().await;
+            let probe = http.get(format!("{base}/v2/")).timeout(opts.net.connect_timeout).send().await;
             if probe.is_err() {
                 base = format!("http://{host}");
             }
@@ -155,7 +148,7 @@ impl Registry {
             .get(format!("{}/v2/", self.base))
             .send()
             .await
-            .map_err(|e| err(&self.name, cairn_cache::backend::with_causes(&e)))?;
+            .map_err(|e| err(&self.name, cairn_net::with_causes(&e)))?;
         if r.status() == StatusCode::UNAUTHORIZED {
             self.answer_challenge(r.headers()).await?;
         } else if !r.status().is_success() && r.status() != StatusCode::NOT_FOUND {
@@ -205,7 +198,7 @@ impl Registry {
             if let Some(b) = self.basic() {
                 req = req.header(AUTHORIZATION, b);
             }
-            let r = req.send().await.map_err(|e| err(&self.name, cairn_cache::backend::with_causes(&e)))?;
+            let r = req.send().await.map_err(|e| err(&self.name, cairn_net::with_causes(&e)))?;
             if r.status() == StatusCode::UNAUTHORIZED || r.status() == StatusCode::FORBIDDEN {
                 return Err(unauthorized());
             }
@@ -252,7 +245,7 @@ impl Registry {
             if let Some(a) = self.auth.lock().await.clone() {
                 req = req.header(AUTHORIZATION, a);
             }
-            let r = req.send().await.map_err(|e| err(&self.name, cairn_cache::backend::with_causes(&e)))?;
+            let r = req.send().await.map_err(|e| err(&self.name, cairn_net::with_causes(&e)))?;
             if r.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 self.answer_challenge(r.headers()).await?;
                 continue;
@@ -371,7 +364,7 @@ impl Registry {
             .body(body)
             .send()
             .await
-            .map_err(|e| err(&self.name, cairn_cache::backend::with_causes(&e)))?;
+            .map_err(|e| err(&self.name, cairn_net::with_causes(&e)))?;
         if r.status() != StatusCode::CREATED && !r.status().is_success() {
             return Err(self.status_error(&format!("PUT blob {digest}"), r).await);
         }
@@ -405,7 +398,7 @@ impl Registry {
                 .body(buf)
                 .send()
                 .await
-                .map_err(|e| err(&self.name, cairn_cache::backend::with_causes(&e)))?;
+                .map_err(|e| err(&self.name, cairn_net::with_causes(&e)))?;
             if r.status() != StatusCode::ACCEPTED {
                 return Err(self.status_error(&format!("PATCH blob {digest} at {offset}"), r).await);
             }
@@ -427,7 +420,7 @@ impl Registry {
             .body(bytes)
             .send()
             .await
-            .map_err(|e| err(&self.name, cairn_cache::backend::with_causes(&e)))?;
+            .map_err(|e| err(&self.name, cairn_net::with_causes(&e)))?;
         if !r.status().is_success() {
             return Err(self.status_error(&format!("PUT manifest {reference}"), r).await);
         }
@@ -443,7 +436,7 @@ async fn read_limited(r: reqwest::Response, limit: u64) -> std::result::Result<V
     let mut out = Vec::new();
     let mut s = r.bytes_stream();
     while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(|e| cairn_cache::backend::with_causes(&e))?;
+        let chunk = chunk.map_err(|e| cairn_net::with_causes(&e))?;
         if out.len() as u64 + chunk.len() as u64 > limit {
             return Err(format!("the answer is larger than {limit} bytes"));
         }

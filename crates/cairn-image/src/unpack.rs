@@ -132,7 +132,7 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
         .ok_or_else(|| UnpackError::NoManifest { image: img.digest().to_string() })?;
     let layers = manifest.layers();
     let key = desc.digest.to_hash();
-    if let Some((path, _root)) = store.memo(cairn_store::Memo::Rootfs, &key)? {
+    if let Some((path, _root)) = store.memo(crate::memo::ROOTFS, &key)? {
         tracing::debug!(image = %desc.digest, path = %store.store_dir().display(&path), "rootfs cached");
         return Ok(UnpackReport {
             path,
@@ -173,7 +173,7 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
     let name = format!("oci-rootfs-{}", &desc.digest.hex()[..12]);
     let info = add_tree(images, &name, &root)?;
     drop(scratch);
-    if let Err(e) = store.remember(cairn_store::Memo::Rootfs, &key, &info.path) {
+    if let Err(e) = store.remember(crate::memo::ROOTFS, &key, &info.path) {
         tracing::warn!(image = %desc.digest, "cannot remember the unpacked rootfs: {e}");
     }
     tracing::info!(

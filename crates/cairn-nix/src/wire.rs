@@ -1,8 +1,10 @@
 //! The primitives of Nix's serialisation: little-endian `u64`s and length-prefixed byte strings
 //! padded with zeros to a multiple of eight bytes. NAR archives and export streams are built of
-//! nothing else.
+//! nothing else. [`push`] frames cairn's own push streams with them.
 
 use std::io::{self, Read, Write};
+
+pub mod push;
 
 /// Writes a `u64`, little-endian.
 pub fn write_u64(w: &mut impl Write, n: u64) -> io::Result<()> {

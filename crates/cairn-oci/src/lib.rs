@@ -13,11 +13,13 @@
 //! - a **tag** (`name:tag` → image) is a named garbage-collector root ([`tag::TagName`]).
 //!
 //! This crate knows how those things are spelled and computed — digests, references and
-//! transports, manifest and index walking with platform selection, the layout's bytes — and
+//! transports, manifest and index walking with platform selection, the layout's bytes, the JSON
+//! of docker archives ([`docker_archive`]) — and
 //! does no I/O (the same invariant as `cairn-nix`): the store, the registry client and the
 //! daemon drive it with bytes they read.
 
 pub mod digest;
+pub mod docker_archive;
 pub mod layout;
 pub mod manifest;
 pub mod reference;

@@ -21,6 +21,10 @@ pub struct TagName {
 /// The tag of a name given without one.
 pub const DEFAULT_TAG: &str = "latest";
 
+/// The group of garbage-collector roots tags are (`<state>/gcroots/oci-tags/<file name>`): the
+/// store keeps root links by group and name and knows neither.
+pub const ROOT_GROUP: &str = "oci-tags";
+
 impl TagName {
     /// Parses `NAME[:TAG]`; the tag defaults to `latest`.
     pub fn parse(s: &str) -> Result<TagName> {

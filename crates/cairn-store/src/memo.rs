@@ -1,10 +1,11 @@
 //! Memos of work whose result is a store path: a cache, not a root.
 //!
-//! Some results depend only on their inputs and are expensive to make again: an image's
-//! unpacked root filesystem (keyed by its manifest digest), a layer made from store paths (keyed
-//! by the paths and the tar format), a streamed layer's description (keyed by the layer's
-//! digest). `cairn-image` remembers, per [`Memo`] kind and key, the store path it produced: a
-//! symlink `<state>/<kind dir>/<key hex>` to that path. The directories are deliberately outside
+//! Some results depend only on their inputs and are expensive to make again (`cairn-image`'s
+//! unpacked root filesystems, layers made from store paths, streamed layers' descriptions). A
+//! caller remembers, per [`Memo`] kind and key, the store path it produced: a symlink
+//! `<state>/<kind>/<key hex>` to that path. The kinds are named by their callers — the store
+//! knows nothing of what they hold — and each name is checked when the kind is declared (a
+//! `const`), so it is one visible directory of the state directory. The directories are deliberately outside
 //! `gcroots/`: a cached rootfs is garbage
 //! like any other path once nothing else roots it, and a link left dangling (or pointing at a
 //! path that is no longer valid) reads as "not cached", so the next unpack rebuilds it and
@@ -21,24 +22,27 @@ use cairn_nix::{Hash, StorePath};
 
 use crate::{LocalStore, Result, StoreError, TempRootGuard};
 
-/// What a memo remembers.
+/// A kind of memo: the name of its directory under the state directory, chosen by the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Memo {
-    /// An image's unpacked root filesystem, by manifest digest.
-    Rootfs,
-    /// A layer made from store paths (its description), by the paths and the tar format.
-    Layer,
-    /// A streamed layer's description, by the layer's digest.
-    StreamedLayer,
-}
+pub struct Memo(&'static str);
 
 impl Memo {
-    fn dir(self) -> &'static str {
-        match self {
-            Memo::Rootfs => "oci-rootfs",
-            Memo::Layer => "oci-layers",
-            Memo::StreamedLayer => "oci-streamed-layers",
+    /// The kind kept in `<state>/<dir>`. `dir` is one path component, not hidden, not `gcroots`
+    /// (memos are not roots); declared as a `const`, a bad name fails the build.
+    pub const fn named(dir: &'static str) -> Memo {
+        let b = dir.as_bytes();
+        assert!(!b.is_empty() && b[0] != b'.', "a memo directory is a visible name");
+        let mut i = 0;
+        while i < b.len() {
+            assert!(b[i] != b'/' && b[i] != 0, "a memo directory is one path component");
+            i += 1;
         }
+        assert!(!matches!(b, b"gcroots"), "memos are not roots");
+        Memo(dir)
+    }
+
+    fn dir(self) -> &'static str {
+        self.0
     }
 }
 
@@ -102,30 +106,33 @@ mod tests {
 
     use crate::{GcOptions, LocalStore, Memo, StoreLayout};
 
+    /// A kind as `cairn-image` declares its memos.
+    const ROOTFS: Memo = Memo::named("oci-rootfs");
+
     #[test]
     fn cached_rootfs_is_a_memo_not_a_root() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
         let key = Hash::digest(HashAlgo::Sha256, b"manifest");
-        assert!(store.memo(Memo::Rootfs, &key).unwrap().is_none());
+        assert!(store.memo(ROOTFS, &key).unwrap().is_none());
 
         let p = store.add_text("oci-rootfs-x", b"x", &BTreeSet::new()).unwrap().path;
-        store.remember(Memo::Rootfs, &key, &p).unwrap();
-        let (cached, guard) = store.memo(Memo::Rootfs, &key).unwrap().expect("cached");
+        store.remember(ROOTFS, &key, &p).unwrap();
+        let (cached, guard) = store.memo(ROOTFS, &key).unwrap().expect("cached");
         assert_eq!(cached, p);
-        let link = store.memo_dir(Memo::Rootfs).join(key.encode(cairn_nix::hash::Encoding::Base16));
+        let link = store.memo_dir(ROOTFS).join(key.encode(cairn_nix::hash::Encoding::Base16));
         assert_eq!(std::fs::read_link(&link).unwrap(), store.real_path(&p));
         drop(guard);
 
         // Not a root: the collector takes the path, and the entry then reads as absent.
         let r = store.collect_garbage(&GcOptions::default()).unwrap();
         assert_eq!(r.deleted, vec![p.clone()]);
-        assert!(store.memo(Memo::Rootfs, &key).unwrap().is_none());
+        assert!(store.memo(ROOTFS, &key).unwrap().is_none());
 
         // Rebuilt: the entry is written again over the dangling one.
         let p = store.add_text("oci-rootfs-x", b"x", &BTreeSet::new()).unwrap().path;
-        store.remember(Memo::Rootfs, &key, &p).unwrap();
-        assert_eq!(store.memo(Memo::Rootfs, &key).unwrap().map(|(q, _)| q), Some(p));
+        store.remember(ROOTFS, &key, &p).unwrap();
+        assert_eq!(store.memo(ROOTFS, &key).unwrap().map(|(q, _)| q), Some(p));
     }
 
     #[test]
@@ -134,11 +141,11 @@ mod tests {
         let store = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
         let key = Hash::digest(HashAlgo::Sha256, b"m");
         let missing = cairn_nix::StorePath::from_base_name("00000000000000000000000000000000-oci-rootfs-x").unwrap();
-        assert!(store.remember(Memo::Rootfs, &key, &missing).is_err());
+        assert!(store.remember(ROOTFS, &key, &missing).is_err());
         // A link pointing somewhere else than the store is ignored.
-        std::fs::create_dir_all(store.memo_dir(Memo::Rootfs)).unwrap();
-        let link = store.memo_dir(Memo::Rootfs).join(key.encode(cairn_nix::hash::Encoding::Base16));
+        std::fs::create_dir_all(store.memo_dir(ROOTFS)).unwrap();
+        let link = store.memo_dir(ROOTFS).join(key.encode(cairn_nix::hash::Encoding::Base16));
         std::os::unix::fs::symlink("/etc", &link).unwrap();
-        assert!(store.memo(Memo::Rootfs, &key).unwrap().is_none());
+        assert!(store.memo(ROOTFS, &key).unwrap().is_none());
     }
 }

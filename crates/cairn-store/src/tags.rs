@@ -1,11 +1,12 @@
-//! Image tags (and other named groups of roots): named, permanent garbage-collector roots.
+//! Named groups of roots: named, permanent garbage-collector roots (image tags, automata).
 //!
-//! A tag is a symlink `<state>/gcroots/oci-tags/<name>` to an image layout's store path, so the
-//! collector's ordinary link roots keep an image (and, through the layout's references, every
-//! blob of it) while it is tagged, `gc --print-roots` shows the tag, and untagging is removing
-//! one symlink. The names are chosen by the caller (`cairn-oci`'s `TagName::file_name`); this
-//! module only keeps them to one directory level and writes each link atomically (a temporary
-//! link renamed over the old one), so a crash leaves either the old tag or the new.
+//! A root link is a symlink `<state>/gcroots/<group>/<name>` to a store path, so the collector's
+//! ordinary link roots keep the path (and its closure) while the link exists, `gc --print-roots`
+//! shows it, and removing it is removing one symlink. Groups and names are chosen by the caller
+//! (`cairn-oci`'s `tag::ROOT_GROUP` and `TagName::file_name` for image tags); the store knows
+//! none of them. This module only keeps them to one directory level each and writes each link
+//! atomically (a temporary link renamed over the old one), so a crash leaves either the old link
+//! or the new.
 
 use std::fs;
 use std::io;
@@ -15,15 +16,7 @@ use cairn_nix::StorePath;
 
 use crate::{LocalStore, Result, StoreError};
 
-/// The gcroots subdirectory of image tags.
-const TAGS: &str = "oci-tags";
-
 impl LocalStore {
-    /// The directory of tag roots.
-    pub fn tags_dir(&self) -> PathBuf {
-        self.gc_roots_dir().join(TAGS)
-    }
-
     /// A root link `gcroots/<group>/<name>`; both must be single, visible path components.
     fn root_link(&self, group: &str, name: &str) -> Result<PathBuf> {
         for part in [group, name] {
@@ -101,26 +94,6 @@ impl LocalStore {
         out.sort();
         Ok(out)
     }
-
-    /// Points tag `name` at `path` (which must be valid), replacing what it pointed at.
-    pub fn set_tag(&self, name: &str, path: &StorePath) -> Result<()> {
-        self.set_root_link(TAGS, name, path)
-    }
-
-    /// Removes tag `name`; `false` if there was none.
-    pub fn remove_tag(&self, name: &str) -> Result<bool> {
-        self.remove_root_link(TAGS, name)
-    }
-
-    /// The path tag `name` points at, if it exists and points into the store.
-    pub fn tag(&self, name: &str) -> Result<Option<StorePath>> {
-        self.root_link_target(TAGS, name)
-    }
-
-    /// Every tag and the path it points at, sorted by name.
-    pub fn tags(&self) -> Result<Vec<(String, StorePath)>> {
-        self.root_links(TAGS)
-    }
 }
 
 #[cfg(test)]
@@ -131,22 +104,25 @@ mod tests {
 
     use crate::{GcOptions, LocalStore, StoreLayout};
 
+    /// A group as `cairn-oci` names image tags' (`tag::ROOT_GROUP`).
+    const TAGS: &str = "oci-tags";
+
     #[test]
     fn tags_are_roots_until_removed() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
         let p = store.add_text("image", b"x", &BTreeSet::new()).unwrap().path;
-        store.set_tag("app:v1", &p).unwrap();
-        assert_eq!(store.tag("app:v1").unwrap(), Some(p.clone()));
-        assert_eq!(store.tags().unwrap(), vec![("app:v1".to_owned(), p.clone())]);
+        store.set_root_link(TAGS, "app:v1", &p).unwrap();
+        assert_eq!(store.root_link_target(TAGS, "app:v1").unwrap(), Some(p.clone()));
+        assert_eq!(store.root_links(TAGS).unwrap(), vec![("app:v1".to_owned(), p.clone())]);
         let r = store.collect_garbage(&GcOptions::default()).unwrap();
         assert!(r.deleted.is_empty());
-        assert!(store.remove_tag("app:v1").unwrap());
-        assert!(!store.remove_tag("app:v1").unwrap());
+        assert!(store.remove_root_link(TAGS, "app:v1").unwrap());
+        assert!(!store.remove_root_link(TAGS, "app:v1").unwrap());
         let r = store.collect_garbage(&GcOptions::default()).unwrap();
         assert_eq!(r.deleted, vec![p]);
         for bad in ["", ".x", "a/b"] {
-            assert!(store.set_tag(bad, &r.deleted[0]).is_err());
+            assert!(store.set_root_link(TAGS, bad, &r.deleted[0]).is_err());
         }
     }
 }

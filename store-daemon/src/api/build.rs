@@ -265,7 +265,7 @@ pub async fn log(State(st): State<Arc<AppState>>, Query(q): Query<PathQuery>) ->
 }
 
 /// `add-derivation`: the ATerm parsed, completed and written as a text path.
-pub fn add_derivation(st: &AppState, aterm: &str) -> ApiResult<cairn_api::Response> {
+pub fn add_derivation(st: &AppState, aterm: &str) -> ApiResult<Vec<cairn_api::PathInfo>> {
     let mut drv = cairn_nix::derivation::Derivation::parse(aterm.as_bytes())
         .map_err(|e| ApiError::bad_request(format!("derivation: {e}")))?;
     let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
@@ -276,11 +276,11 @@ pub fn add_derivation(st: &AppState, aterm: &str) -> ApiResult<cairn_api::Respon
         refs.insert(store_path(&st.store_dir, p)?);
     }
     let info = st.store.add_text(&name, drv.to_aterm().as_bytes(), &refs)?;
-    Ok(cairn_api::Response::PathInfos(vec![convert::path_info(&st.store_dir, &info)]))
+    Ok(vec![convert::path_info(&st.store_dir, &info)])
 }
 
 /// `derivation-outputs`: output paths recomputed and checked.
-pub fn derivation_outputs(st: &AppState, paths: &[String]) -> ApiResult<cairn_api::Response> {
+pub fn derivation_outputs(st: &AppState, paths: &[String]) -> ApiResult<BTreeMap<String, BTreeMap<String, String>>> {
     let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
     let mut out = BTreeMap::new();
     for p in paths {
@@ -288,12 +288,12 @@ pub fn derivation_outputs(st: &AppState, paths: &[String]) -> ApiResult<cairn_ap
         let o = drvs.outputs(&sp)?;
         out.insert(st.store_dir.display(&sp), outputs_wire(&st.store_dir, &o));
     }
-    Ok(cairn_api::Response::Outputs(out))
+    Ok(out)
 }
 
 /// `impure-env-vars`: the `impureEnvVars` of the fixed-output derivations in the closure of
 /// `paths` (derivations only), sorted and without repeats.
-pub fn impure_env_vars(st: &AppState, paths: &[String]) -> ApiResult<cairn_api::Response> {
+pub fn impure_env_vars(st: &AppState, paths: &[String]) -> ApiResult<Vec<String>> {
     let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
     let mut names = BTreeSet::new();
     let mut seen = BTreeSet::new();
@@ -310,5 +310,5 @@ pub fn impure_env_vars(st: &AppState, paths: &[String]) -> ApiResult<cairn_api::
             stack.push(input);
         }
     }
-    Ok(cairn_api::Response::EnvVars(names.into_iter().collect()))
+    Ok(names.into_iter().collect())
 }

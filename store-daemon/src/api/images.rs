@@ -14,10 +14,10 @@ use axum::extract::{Query, State};
 use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
 use cairn_api::image::{
-    BuildEvent, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo, PullRequest, PushRequest,
-    RegistryOptions,
+    AutomatonInfo, BuildEvent, BuiltInfo, DescriptorWire, ImageDetail, ImageEvent, ImageInfo, ImportItem, LayerInfo,
+    PullRequest, PushRequest, RegistryOptions,
 };
-use cairn_api::{ErrorBody, ErrorKind, Response};
+use cairn_api::{query, ErrorBody};
 use cairn_image::images::Image;
 use cairn_image::pull::{Progress, PullOptions};
 use cairn_image::registry::{ClientOptions, Credentials, Registry};
@@ -122,9 +122,9 @@ fn detail(images: &Images, img: &Image) -> ApiResult<ImageDetail> {
     Ok(ImageDetail { info, platforms, config, layers, contents })
 }
 
-fn automaton_info(dir: &cairn_nix::StoreDir, a: cairn_image::automaton::Automaton) -> cairn_api::image::AutomatonInfo {
+fn automaton_info(dir: &cairn_nix::StoreDir, a: cairn_image::automaton::Automaton) -> AutomatonInfo {
     let abs = |b: &str| format!("{}/{b}", dir.as_str());
-    cairn_api::image::AutomatonInfo {
+    AutomatonInfo {
         name: a.name,
         bundle: a.bundle.display().to_string(),
         paths: a.paths.iter().map(|p| abs(p)).collect(),
@@ -138,74 +138,85 @@ fn automaton_info(dir: &cairn_nix::StoreDir, a: cairn_image::automaton::Automato
     }
 }
 
-/// The image queries of `POST /v1/query`.
-pub(crate) fn answer(st: &AppState, peer: &Peer, req: cairn_api::Request) -> ApiResult<Response> {
-    use cairn_api::Request;
+/// The image queries of `POST /v1/query`, one function per operation, each returning its
+/// operation's answer (`api::store::answer` routes them; nothing is routed twice).
+pub(crate) fn list(st: &AppState) -> ApiResult<Vec<ImageInfo>> {
     let images = &st.images;
-    Ok(match req {
-        Request::ImageList => {
-            let mut out = Vec::new();
-            for (img, _) in images.list()? {
-                out.push(image_info(images, &img)?);
-            }
-            Response::Images(out)
-        }
-        Request::ImageInspect { image } => Response::Image(Box::new(detail(images, &images.resolve(&image)?)?)),
-        Request::ImageTag { image, tag } => {
-            let t = TagName::parse(&tag)?;
-            let _client = ClientScope::enter(peer.client);
-            let img = images.resolve(&image)?;
-            st.tag_owners.set(&st.store, peer, &t, &img.layout)?;
-            tracing::info!(tag = %t, layout = %st.store_dir.display(&img.layout), user = peer.user, "tagged");
-            Response::Images(vec![image_info(images, &img)?])
-        }
-        Request::ImageUntag { tags } => {
-            let tags = tags.iter().map(|t| TagName::parse(t)).collect::<Result<Vec<_>, _>>()?;
-            let removed = st.tag_owners.remove(&st.store, peer, &tags)?;
-            for t in &tags {
-                tracing::info!(tag = %t, user = peer.user, "untagged");
-            }
-            Response::Paths(removed.iter().map(|p| st.store_dir.display(p)).collect())
-        }
-        Request::ImageUnpack { image } => {
-            let _client = ClientScope::enter(peer.client);
-            let r = cairn_image::unpack::unpack(images, &image)?;
-            Response::Unpacked(cairn_api::image::UnpackedInfo {
-                path: st.store_dir.display(&r.path),
-                layers: r.layers as u64,
-                dropped_devices: r.dropped_devices,
-                dropped_special_bits: r.dropped_special_bits,
-                cached: r.cached,
-            })
-        }
-        Request::AutomatonCreate(a) => {
-            let _client = ClientScope::enter(peer.client);
-            let spec = cairn_image::automaton::AutomatonSpec {
-                name: a.name,
-                paths: crate::convert::store_paths(&st.store_dir, &a.paths)?,
-                image: a.image.as_deref().map(|i| images.resolve(i)).transpose()?,
-                whole_store: a.whole_store,
-                writable: a.writable,
-                args: a.args,
-                env: a.env,
-            };
-            let made = cairn_image::automaton::create(images, &spec)?;
-            tracing::info!(name = made.name, mounted = made.mounted.len(), "automaton created");
-            Response::Automata(vec![automaton_info(&st.store_dir, made)])
-        }
-        Request::AutomatonList => Response::Automata(
-            cairn_image::automaton::list(images)?.into_iter().map(|a| automaton_info(&st.store_dir, a)).collect(),
-        ),
-        Request::AutomatonShow { name } => {
-            Response::Automata(vec![automaton_info(&st.store_dir, cairn_image::automaton::get(images, &name)?)])
-        }
-        Request::AutomatonRemove { name } => {
-            let gone = cairn_image::automaton::remove(images, &name)?;
-            tracing::info!(name = gone.name, "automaton removed");
-            Response::Automata(vec![automaton_info(&st.store_dir, gone)])
-        }
-        _ => unreachable!("only image requests are routed here"),
+    let mut out = Vec::new();
+    for (img, _) in images.list()? {
+        out.push(image_info(images, &img)?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn inspect(st: &AppState, q: query::ImageInspect) -> ApiResult<Box<ImageDetail>> {
+    Ok(Box::new(detail(&st.images, &st.images.resolve(&q.image)?)?))
+}
+
+pub(crate) fn tag(st: &AppState, peer: &Peer, q: query::ImageTag) -> ApiResult<Vec<ImageInfo>> {
+    let images = &st.images;
+    let t = TagName::parse(&q.tag)?;
+    let _client = ClientScope::enter(peer.client);
+    let img = images.resolve(&q.image)?;
+    st.tag_owners.set(&st.store, peer, &t, &img.layout)?;
+    tracing::info!(tag = %t, layout = %st.store_dir.display(&img.layout), user = peer.user, "tagged");
+    Ok(vec![image_info(images, &img)?])
+}
+
+pub(crate) fn untag(st: &AppState, peer: &Peer, q: query::ImageUntag) -> ApiResult<Vec<String>> {
+    let tags = q.tags.iter().map(|t| TagName::parse(t)).collect::<Result<Vec<_>, _>>()?;
+    let removed = st.tag_owners.remove(&st.store, peer, &tags)?;
+    for t in &tags {
+        tracing::info!(tag = %t, user = peer.user, "untagged");
+    }
+    Ok(removed.iter().map(|p| st.store_dir.display(p)).collect())
+}
+
+pub(crate) fn unpack(st: &AppState, peer: &Peer, q: query::ImageUnpack) -> ApiResult<cairn_api::image::UnpackedInfo> {
+    let _client = ClientScope::enter(peer.client);
+    let r = cairn_image::unpack::unpack(&st.images, &q.image)?;
+    Ok(cairn_api::image::UnpackedInfo {
+        path: st.store_dir.display(&r.path),
+        layers: r.layers as u64,
+        dropped_devices: r.dropped_devices,
+        dropped_special_bits: r.dropped_special_bits,
+        cached: r.cached,
     })
+}
+
+pub(crate) fn automaton_create(
+    st: &AppState,
+    peer: &Peer,
+    a: cairn_api::image::AutomatonRequest,
+) -> ApiResult<Vec<AutomatonInfo>> {
+    let images = &st.images;
+    let _client = ClientScope::enter(peer.client);
+    let spec = cairn_image::automaton::AutomatonSpec {
+        name: a.name,
+        paths: crate::convert::store_paths(&st.store_dir, &a.paths)?,
+        image: a.image.as_deref().map(|i| images.resolve(i)).transpose()?,
+        whole_store: a.whole_store,
+        writable: a.writable,
+        args: a.args,
+        env: a.env,
+    };
+    let made = cairn_image::automaton::create(images, &spec)?;
+    tracing::info!(name = made.name, mounted = made.mounted.len(), "automaton created");
+    Ok(vec![automaton_info(&st.store_dir, made)])
+}
+
+pub(crate) fn automaton_list(st: &AppState) -> ApiResult<Vec<AutomatonInfo>> {
+    Ok(cairn_image::automaton::list(&st.images)?.into_iter().map(|a| automaton_info(&st.store_dir, a)).collect())
+}
+
+pub(crate) fn automaton_show(st: &AppState, q: query::AutomatonShow) -> ApiResult<Vec<AutomatonInfo>> {
+    Ok(vec![automaton_info(&st.store_dir, cairn_image::automaton::get(&st.images, &q.name)?)])
+}
+
+pub(crate) fn automaton_remove(st: &AppState, q: query::AutomatonRemove) -> ApiResult<Vec<AutomatonInfo>> {
+    let gone = cairn_image::automaton::remove(&st.images, &q.name)?;
+    tracing::info!(name = gone.name, "automaton removed");
+    Ok(vec![automaton_info(&st.store_dir, gone)])
 }
 
 /// `image build`: the image's derivation written and realised (by
@@ -216,7 +227,7 @@ pub async fn build_image(
     peer: Peer,
     b: cairn_api::image::BuildRequest,
     events: tokio::sync::mpsc::UnboundedSender<cairn_build::Event>,
-) -> ApiResult<Response> {
+) -> ApiResult<Box<BuiltInfo>> {
     let st2 = st.clone();
     let tag = b.tag.as_deref().map(TagName::parse).transpose()?;
     let (tag2, peer2) = (tag.clone(), peer.clone());
@@ -279,13 +290,13 @@ pub async fn build_image(
         tracing::info!(digest = %image.digest(), written, cached, "image built");
         let dir = &st.store_dir;
         let layers = cairn_image::build::layer_paths(images, &image, base_layers)?;
-        Ok(Response::Built(Box::new(cairn_api::image::BuiltInfo {
+        Ok(Box::new(BuiltInfo {
             image: image_info(images, &image)?,
             layers: layers.iter().map(|l| l.iter().map(|p| dir.display(p)).collect()).collect(),
             layers_written: if cached { 0 } else { written as u64 },
             derivation: dir.display(&drv_path),
             cached,
-        })))
+        }))
     })
     .await
 }
@@ -331,11 +342,7 @@ pub async fn build(
             }
         }
         let last = match answer {
-            Ok(Response::Built(b)) => BuildEvent::Built(b),
-            Ok(_) => BuildEvent::Error(ErrorBody {
-                kind: ErrorKind::Internal,
-                message: "the image build answered something else".into(),
-            }),
+            Ok(b) => BuildEvent::Built(b),
             Err(e) => {
                 tracing::warn!("image build failed: {}", e.message);
                 BuildEvent::Error(ErrorBody { kind: e.kind, message: e.message })
@@ -410,8 +417,7 @@ pub async fn import(
 /// timeouts (the same `connect-timeout` and `stalled-download-timeout` binary caches use).
 fn client_options(o: &RegistryOptions, net: &cairn_cache::NetOptions) -> ClientOptions {
     ClientOptions {
-        connect_timeout: net.connect_timeout,
-        stall_timeout: net.stall_timeout,
+        net: net.clone(),
         credentials: o
             .credentials
             .as_ref()

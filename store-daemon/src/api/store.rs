@@ -6,7 +6,8 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::{Extension, Json};
 use base64::Engine;
-use cairn_api::{DirEntry, GcAction, PathQuery, Request, Response, VersionInfo};
+use cairn_api::query::{self, ReferenceGraph};
+use cairn_api::{DirEntry, GcAction, Op, PathQuery, Request, Response, VersionInfo};
 use cairn_nix::StoreDir;
 use cairn_store::{ClientScope, Direction, EntryKind, GcOptions, VerifyOptions};
 
@@ -27,8 +28,8 @@ pub(crate) async fn version(State(s): St, Extension(peer): Extension<Peer>) -> J
     })
 }
 
-fn paths_out(dir: &StoreDir, v: impl IntoIterator<Item = cairn_nix::StorePath>) -> Response {
-    Response::Paths(v.into_iter().map(|p| dir.display(&p)).collect())
+fn paths_out(dir: &StoreDir, v: impl IntoIterator<Item = cairn_nix::StorePath>) -> Vec<String> {
+    v.into_iter().map(|p| dir.display(&p)).collect()
 }
 
 /// A JSON answer serialised in one pass into a buffer sized for it. Large answers (a 100k-path
@@ -43,7 +44,7 @@ pub(crate) fn json_answer(v: &impl serde::Serialize, size_hint: usize) -> ApiRes
 fn size_hint(r: &Response) -> usize {
     match r {
         Response::Paths(v) => v.iter().map(|p| p.len() + 3).sum::<usize>() + 64,
-        Response::Graph { nodes, edges } => {
+        Response::Graph(ReferenceGraph { nodes, edges }) => {
             nodes.iter().map(|p| p.len() + 3).sum::<usize>()
                 + edges.iter().map(|(a, b)| a.len() + b.len() + 8).sum::<usize>()
                 + 64
@@ -58,17 +59,21 @@ pub(crate) async fn query(
     Extension(peer): Extension<Peer>,
     Json(req): Json<Request>,
 ) -> ApiResult<HttpResponse> {
-    if let Request::Verify { check_contents, repair: true } = req {
-        let report = crate::api::substitute::verify_and_repair(s, peer, check_contents).await?;
-        return json_answer(&report, 4096);
+    match req {
+        Request::Verify(q @ query::Verify { repair: true, .. }) => {
+            let report = crate::api::substitute::verify_and_repair(s, peer, q.check_contents).await?;
+            json_answer(&query::Verify::respond(report), 4096)
+        }
+        Request::ImageBuild(b) => {
+            let (events, _) = tokio::sync::mpsc::unbounded_channel();
+            let r = crate::api::images::build_image(s, peer, b, events).await?;
+            json_answer(&cairn_api::image::BuildRequest::respond(r), 4096)
+        }
+        req => {
+            let st = s.clone();
+            blocking(move || answer(&st, &peer, req)).await
+        }
     }
-    if let Request::ImageBuild(b) = req {
-        let (events, _) = tokio::sync::mpsc::unbounded_channel();
-        let r = crate::api::images::build_image(s, peer, b, events).await?;
-        return json_answer(&r, 4096);
-    }
-    let st = s.clone();
-    blocking(move || answer(&st, &peer, req)).await
 }
 
 /// `Response::Paths` of a closure, written straight from the graph into one buffer: no string
@@ -79,7 +84,8 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
     let prefix = serde_json::to_string(&format!("{}/", dir.as_str())).expect("a string serialises");
     let prefix = &prefix[..prefix.len() - 1]; // the opening quote and the escaped directory
     let mut buf = Vec::with_capacity(1 << 16);
-    buf.extend_from_slice(br#"{"kind":"paths","value":["#);
+    // `{"kind":"paths","value":[…]}`, the kind as `Closure::respond` names it.
+    buf.extend_from_slice(format!(r#"{{"kind":"{}","value":["#, query::Closure::respond(Vec::new()).kind()).as_bytes());
     let mut first = true;
     st.store.walk_map(&store_paths(dir, paths)?, Direction::References, |p| {
         if !std::mem::take(&mut first) {
@@ -95,23 +101,27 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], buf).into_response())
 }
 
-/// Answers one query. A closure, the one answer that can hold 100k paths, is written by
-/// [`closure_json`]; everything else is a [`Response`] serialised by [`json_answer`].
+/// Answers one blocking query: each operation's handler returns its `Op::Answer`, which only
+/// that operation's `respond` turns into a [`Response`]. A closure, the one answer that can hold
+/// 100k paths, is written by [`closure_json`]; everything else is serialised by [`json_answer`].
 fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
+    use crate::api::{build, images};
     let (store, dir) = (&st.store, &st.store_dir);
     let resp = match req {
-        Request::ImageList
-        | Request::ImageInspect { .. }
-        | Request::ImageTag { .. }
-        | Request::ImageUntag { .. }
-        | Request::ImageUnpack { .. }
-        | Request::AutomatonCreate(_)
-        | Request::AutomatonList
-        | Request::AutomatonShow { .. }
-        | Request::AutomatonRemove { .. } => crate::api::images::answer(st, peer, req)?,
+        Request::ImageList(_) => query::ImageList::respond(images::list(st)?),
+        Request::ImageInspect(q) => query::ImageInspect::respond(images::inspect(st, q)?),
+        Request::ImageTag(q) => query::ImageTag::respond(images::tag(st, peer, q)?),
+        Request::ImageUntag(q) => query::ImageUntag::respond(images::untag(st, peer, q)?),
+        Request::ImageUnpack(q) => query::ImageUnpack::respond(images::unpack(st, peer, q)?),
+        Request::AutomatonCreate(q) => {
+            cairn_api::image::AutomatonRequest::respond(images::automaton_create(st, peer, q)?)
+        }
+        Request::AutomatonList(_) => query::AutomatonList::respond(images::automaton_list(st)?),
+        Request::AutomatonShow(q) => query::AutomatonShow::respond(images::automaton_show(st, q)?),
+        Request::AutomatonRemove(q) => query::AutomatonRemove::respond(images::automaton_remove(st, q)?),
         // Realised by the builder, asynchronously: `query` answers it before coming here.
         Request::ImageBuild(_) => return Err(ApiError::internal("an image build reached the blocking queries")),
-        Request::PathInfo { paths, closure } => {
+        Request::PathInfo(query::PathInfo { paths, closure }) => {
             let mut paths = store_paths(dir, &paths)?;
             if closure {
                 paths = store.walk(&paths, Direction::References)?;
@@ -120,18 +130,22 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
                 .iter()
                 .map(|p| Ok(convert::path_info(dir, &store.valid_path_info(p)?)))
                 .collect::<ApiResult<Vec<_>>>()?;
-            Response::PathInfos(infos)
+            query::PathInfo::respond(infos)
         }
-        Request::References { path } => paths_out(dir, store.valid_path_info(&store_path(dir, &path)?)?.references),
-        Request::Referrers { path } => paths_out(dir, store.referrers(&store_path(dir, &path)?)?),
-        Request::Closure { paths } => return closure_json(st, &paths),
-        Request::ReferrersClosure { paths } => {
-            let mut v = store.walk_map(&store_paths(dir, &paths)?, Direction::Referrers, |p| dir.display(p))?;
+        Request::References(q) => {
+            query::References::respond(paths_out(dir, store.valid_path_info(&store_path(dir, &q.path)?)?.references))
+        }
+        Request::Referrers(q) => {
+            query::Referrers::respond(paths_out(dir, store.referrers(&store_path(dir, &q.path)?)?))
+        }
+        Request::Closure(q) => return closure_json(st, &q.paths),
+        Request::ReferrersClosure(q) => {
+            let mut v = store.walk_map(&store_paths(dir, &q.paths)?, Direction::Referrers, |p| dir.display(p))?;
             v.reverse();
-            Response::Paths(v)
+            query::ReferrersClosure::respond(v)
         }
-        Request::Graph { paths } => {
-            let g = store.closure_graph(&store_paths(dir, &paths)?)?;
+        Request::Graph(q) => {
+            let g = store.closure_graph(&store_paths(dir, &q.paths)?)?;
             let mut edges = Vec::new();
             let nodes = g
                 .into_iter()
@@ -141,10 +155,10 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
                     from
                 })
                 .collect();
-            Response::Graph { nodes, edges }
+            query::Graph::respond(ReferenceGraph { nodes, edges })
         }
-        Request::Ls { path } => {
-            let (p, inner) = dir.parse_inner(&path).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Request::Ls(q) => {
+            let (p, inner) = dir.parse_inner(&q.path).map_err(|e| ApiError::bad_request(e.to_string()))?;
             let (kind, entries) = store.list(&p, inner)?;
             let listing = if kind == EntryKind::Directory {
                 entries.into_iter().map(|e| dir_entry(&e.name, e.kind)).collect()
@@ -153,39 +167,39 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
                     if inner.is_empty() { p.base_name() } else { inner.rsplit('/').next().unwrap_or(inner).to_owned() };
                 vec![dir_entry(name.as_bytes(), kind)]
             };
-            Response::Listing(listing)
+            query::Ls::respond(listing)
         }
-        Request::AddText { name, contents, references } => {
+        Request::AddText(query::AddText { name, contents, references }) => {
             let contents = base64::engine::general_purpose::STANDARD
                 .decode(contents)
                 .map_err(|e| ApiError::bad_request(format!("text contents are not base64: {e}")))?;
             let refs = store_paths(dir, &references)?.into_iter().collect();
             let _client = ClientScope::enter(peer.client);
             let info = store.add_text(&name, &contents, &refs)?;
-            Response::PathInfos(vec![convert::path_info(dir, &info)])
+            query::AddText::respond(vec![convert::path_info(dir, &info)])
         }
-        Request::IsValid { paths } => {
-            Response::Valid(store_paths(dir, &paths)?.iter().map(|p| store.is_valid(p)).collect::<Result<_, _>>()?)
-        }
-        Request::Gc { action, max_freed } => match action {
-            GcAction::PrintRoots => Response::Roots(
+        Request::IsValid(q) => query::IsValid::respond(
+            store_paths(dir, &q.paths)?.iter().map(|p| store.is_valid(p)).collect::<Result<_, _>>()?,
+        ),
+        Request::Gc(query::Gc { action, max_freed }) => match action {
+            GcAction::PrintRoots => query::GcRoots::respond(
                 store
                     .roots()?
                     .into_iter()
                     .map(|r| cairn_api::RootInfo { origin: r.origin, path: dir.display(&r.path) })
                     .collect(),
             ),
-            GcAction::PrintLive => paths_out(dir, store.live_paths()?),
-            GcAction::PrintDead => paths_out(dir, store.dead_paths()?),
+            GcAction::PrintLive => query::GcLive::respond(paths_out(dir, store.live_paths()?)),
+            GcAction::PrintDead => query::GcDead::respond(paths_out(dir, store.dead_paths()?)),
             GcAction::Collect | GcAction::DryRun => {
                 let opts = GcOptions { dry_run: action == GcAction::DryRun, max_freed };
-                Response::Gc(convert::gc_result(dir, store.collect_garbage(&opts)?))
+                query::GcCollect::respond(convert::gc_result(dir, store.collect_garbage(&opts)?))
             }
         },
-        Request::Delete { paths } => {
-            Response::Gc(convert::gc_result(dir, store.delete_paths(&store_paths(dir, &paths)?)?))
+        Request::Delete(q) => {
+            query::Delete::respond(convert::gc_result(dir, store.delete_paths(&store_paths(dir, &q.paths)?)?))
         }
-        Request::AddRoot { link, path } => {
+        Request::AddRoot(query::AddRoot { link, path }) => {
             let link = std::path::PathBuf::from(link);
             if !link.is_absolute() {
                 return Err(ApiError::bad_request(format!("root link '{}' is not an absolute path", link.display())));
@@ -195,22 +209,22 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
             let _client = ClientScope::enter(peer.client);
             store.add_indirect_root(&link, &p)?;
             tracing::info!(link = %link.display(), path, "root added");
-            Response::Paths(vec![dir.display(&p)])
+            query::AddRoot::respond(vec![dir.display(&p)])
         }
-        Request::Optimise => {
+        Request::Optimise(_) => {
             let r = store.optimise()?;
-            Response::Optimise(cairn_api::OptimiseResult {
+            query::Optimise::respond(cairn_api::OptimiseResult {
                 paths: r.paths,
                 files_linked: r.files_linked,
                 bytes_saved: r.bytes_saved,
             })
         }
-        Request::Verify { check_contents, repair: _ } => {
-            Response::Verify(convert::verify_result(dir, store.verify(VerifyOptions { check_contents })?))
+        Request::Verify(query::Verify { check_contents, repair: _ }) => {
+            query::Verify::respond(convert::verify_result(dir, store.verify(VerifyOptions { check_contents })?))
         }
-        Request::AddDerivation { aterm } => crate::api::build::add_derivation(st, &aterm)?,
-        Request::DerivationOutputs { paths } => crate::api::build::derivation_outputs(st, &paths)?,
-        Request::ImpureEnvVars { paths } => crate::api::build::impure_env_vars(st, &paths)?,
+        Request::AddDerivation(q) => query::AddDerivation::respond(build::add_derivation(st, &q.aterm)?),
+        Request::DerivationOutputs(q) => query::DerivationOutputs::respond(build::derivation_outputs(st, &q.paths)?),
+        Request::ImpureEnvVars(q) => query::ImpureEnvVars::respond(build::impure_env_vars(st, &q.paths)?),
     };
     json_answer(&resp, size_hint(&resp))
 }

@@ -88,7 +88,11 @@ pub async fn handler(
 /// `verify --repair`: checks the store, then substitutes every missing or modified path again
 /// from the configured substituters and swaps the good copy in. Each problem's message says
 /// whether it was repaired, or why not.
-pub async fn verify_and_repair(st: Arc<AppState>, peer: Peer, check_contents: bool) -> ApiResult<cairn_api::Response> {
+pub async fn verify_and_repair(
+    st: Arc<AppState>,
+    peer: Peer,
+    check_contents: bool,
+) -> ApiResult<cairn_api::VerifyResult> {
     if !peer.trusted {
         return Err(ApiError::forbidden(format!(
             "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
@@ -129,5 +133,5 @@ pub async fn verify_and_repair(st: Arc<AppState>, peer: Peer, check_contents: bo
     }
     report.repaired = repaired.len() as u64;
     tracing::info!(repaired = report.repaired, problems = report.problems.len(), "verify --repair");
-    Ok(cairn_api::Response::Verify(convert::verify_result(&st.store_dir, report)))
+    Ok(convert::verify_result(&st.store_dir, report))
 }

@@ -29,7 +29,9 @@ use axum::Router;
 use cairn_image::images::Image;
 use cairn_image::{ImageError, Images};
 use cairn_oci::manifest::Manifest;
-use cairn_oci::tag::{digest_root_file_name, encode_name, parse_digest_root_file_name, validate_repository};
+use cairn_oci::tag::{
+    digest_root_file_name, encode_name, parse_digest_root_file_name, validate_repository, ROOT_GROUP,
+};
 use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
@@ -313,7 +315,7 @@ async fn handle(
 fn repo_images(images: &Images, name: &str) -> RResult<Vec<(Option<String>, Image)>> {
     let enc = encode_name(name);
     let mut out = Vec::new();
-    for (file, path) in images.store.tags()? {
+    for (file, path) in images.store.root_links(ROOT_GROUP)? {
         let tag = match TagName::from_file_name(&file) {
             Ok(t) if t.name() == name => Some(t.tag().to_owned()),
             Ok(_) => continue,
@@ -338,7 +340,7 @@ async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>) -> RResul
     let names: BTreeSet<String> = blocking::<_, RegError>(move || {
         Ok(images
             .store
-            .tags()?
+            .root_links(ROOT_GROUP)?
             .into_iter()
             .filter_map(|(f, _)| {
                 TagName::from_file_name(&f)
@@ -659,7 +661,9 @@ async fn put_manifest(
         let committed = images.commit(vec![desc.clone()], tag.as_ref()).map_err(RegError::from).and_then(|img| {
             match &tag {
                 Some(t) => owners.forget(&held, &t.file_name()),
-                None => images.store.set_tag(&digest_root_file_name(&n, &desc.digest), &img.layout)?,
+                None => {
+                    images.store.set_root_link(ROOT_GROUP, &digest_root_file_name(&n, &desc.digest), &img.layout)?
+                }
             }
             Ok(img)
         });
@@ -696,7 +700,7 @@ async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -
                             Some(t) => TagName::new(&n, &t).map(|t| t.file_name()).unwrap_or_default(),
                             None => digest_root_file_name(&n, &d),
                         };
-                        if images.store.remove_tag(&file)? {
+                        if images.store.remove_root_link(ROOT_GROUP, &file)? {
                             owners.forget(&held, &file);
                             removed += 1;
                         }
@@ -706,7 +710,7 @@ async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -
             Err(_) => {
                 let t =
                     TagName::new(&n, &r).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?;
-                if images.store.remove_tag(&t.file_name())? {
+                if images.store.remove_root_link(ROOT_GROUP, &t.file_name())? {
                     owners.forget(&held, &t.file_name());
                     removed += 1;
                 }
