@@ -320,9 +320,7 @@ impl<R: Read, W: Write> Session<R, W> {
         if repair {
             self.require_trust("repair paths")?;
             let fut = crate::api::substitute::verify_and_repair(self.st.clone(), self.peer.clone(), check_contents);
-            let cairn_api::Response::Verify(report) = self.rt.block_on(fut)? else {
-                return Err(Failure::Report("verify answered something else".into()));
-            };
+            let report = self.rt.block_on(fut)?;
             let mut left = false;
             for p in &report.problems {
                 self.log_line(&p.message);
