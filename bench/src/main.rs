@@ -24,6 +24,9 @@
 //!    Both destinations are checked once against the seed's NAR hashes, sizes and references.
 //! 6. realising 200 trivial derivations, a chain and a fan-out (`cairn realise` vs `nix-store
 //!    --realise`, both sandboxed): see `build.rs`.
+//! 7. images (`image.rs`);
+//! 8. Nix's own client through `nix-daemon` and through cairnd's `nix-daemon-socket`: closure
+//!    queries, connections, `nix copy --to`, `nix-build` (`protocol.rs`).
 //!
 //! Each tool starts from a fresh store for every repetition; timings are wall-clock for the
 //! whole command, client start-up included. Inputs are generated, then read once so that both
@@ -47,6 +50,7 @@ use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
 
 mod build;
 mod image;
+mod protocol;
 
 struct Opts {
     tree_mib: u64,
@@ -67,7 +71,7 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 7] = ["add", "import", "gc", "substitute", "build", "image", "image-build"];
+const WORKLOADS: [&str; 8] = ["add", "import", "gc", "substitute", "build", "image", "image-build", "nix-daemon"];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -97,7 +101,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,nix-daemon] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
@@ -576,6 +580,9 @@ fn main() -> Result<()> {
     }
     if o.runs("image-build") {
         image::bench_image_build(&o, w, &mut table)?;
+    }
+    if o.runs("nix-daemon") {
+        protocol::bench_nix_daemon(&o, w, with_nix, &mut table)?;
     }
     // Removing the inputs and stores (several GiB) is not measured.
     rm_rf(w);
