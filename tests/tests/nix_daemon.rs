@@ -311,6 +311,19 @@ fn builds_through_cairnd_give_what_nix_daemon_gives() {
     let mut realise = vec!["--realise"];
     realise.extend(lines(&drvs));
     p.same("nix-store", &realise);
+    // Source paths and `builtins.toFile` text, added by nix-build through the daemon.
+    p.write("src/input.txt", b"an input file\n");
+    let with_sources = p.write(
+        "sources.nix",
+        br#"derivation { name = "with-sources"; system = builtins.currentSystem; builder = "/bin/sh";
+              src = ./src/input.txt; dir = ./src; note = builtins.toFile "note" "a note\n";
+              args = [ "-c" "cat $src $note > $out; ls $dir >> $out" ]; }"#,
+    );
+    let out = p.same("nix-build", &["--no-out-link", &with_sources]);
+    p.same_metadata(&[out.trim()]);
+    let drv = p.same("nix-instantiate", &[&with_sources]);
+    p.same("nix-store", &["-qR", drv.trim()]);
+
     // A chain, and a build log Nix reads back.
     let chain = p.same("nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "10"]);
     p.same_metadata(&[chain.trim()]);

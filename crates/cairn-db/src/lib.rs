@@ -164,6 +164,10 @@ impl Db {
 
     fn setup(mut conn: Connection) -> Result<Db> {
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The query planner's stability guarantee: a cached statement keeps its plan whatever
+        // is bound to it. Without it, SQLite (built with STAT4) re-prepares the references
+        // query at every new path, which was most of the cost of a point query.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         conn.busy_timeout(std::time::Duration::from_secs(60))?;
         schema::migrate(&mut conn)?;
         Ok(Db { conn })
