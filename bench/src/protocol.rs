@@ -174,8 +174,6 @@ fn closure_queries(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     }
     ensure!(answers.windows(2).all(|a| a[0] == a[1]), "nix-store -qR answers differ");
     ensure!(answers[0].lines().count() == 10_000, "the closure has {} paths", answers[0].lines().count());
-    table.time(format!("nix-store -qR (10k of {n} paths)"), median(&mut c_times), Some(median(&mut n_times)));
-
     let per = |socket: &Path| -> Result<f64> {
         const N: usize = 500;
         let t = Instant::now();
@@ -185,6 +183,15 @@ fn closure_queries(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         Ok(t.elapsed().as_secs_f64() / N as f64)
     };
     let (c, nx) = (per(&cairn_socket(&cairn))?, per(&nixd.socket())?);
+    table.time(format!("nix-store -qR (10k of {n} paths)"), median(&mut c_times), Some(median(&mut n_times)));
+    // The floor: the same client reading the store's database itself, no daemon, no round
+    // trips (after the daemon has gone, so that nothing else holds the store).
+    drop(nixd);
+    let mut floor = Vec::new();
+    for _ in 0..o.reps.max(3) {
+        floor.push(timed(with(nix_store.cmd("nix-store"), &["-qR", &top]), None)?.1);
+    }
+    table.note("  floor: the same client on the local store", crate::fmt_secs(median(&mut floor)));
     table.time("connection: handshake+SetOptions+IsValidPath".into(), c, Some(nx));
     Ok(())
 }
@@ -314,6 +321,11 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     std::io::copy(&mut std::fs::File::open(&big_file)?, &mut h)?;
     let _ = h.finish();
     table.note("  floor: one SHA-256 pass over it", crate::fmt_secs(t.elapsed().as_secs_f64()));
+    // What the client itself needs to serialise the path, sent nowhere.
+    let real = big.root.join(big_path.trim_start_matches('/'));
+    let mut dump = Command::new("nix-store");
+    dump.arg("--dump").arg(&real).stdout(Stdio::null()).env_remove("NIX_REMOTE");
+    table.note("  floor: the client's nix-store --dump of it", crate::fmt_secs(timed(dump, None)?.1));
     Ok(())
 }
 
