@@ -306,6 +306,8 @@ fn builds_through_cairnd_give_what_nix_daemon_gives() {
     }
     for o in &outs {
         p.same("nix-store", &["-q", "--deriver", o]);
+        // `nix show-derivation` of an output finds its valid derivers through the daemon.
+        p.same("nix", &["show-derivation", o]);
     }
     // Realising what is valid builds nothing and answers the same outputs.
     let mut realise = vec!["--realise"];

@@ -52,6 +52,17 @@ fn derivation_outputs() {
 }
 
 #[test]
+fn valid_derivers_are_found_from_an_output() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[info("x.drv", &[]), info("z.drv", &[])]).unwrap();
+    db.register_derivation_outputs(&path("x.drv"), &BTreeMap::from([("out".to_owned(), path("x"))])).unwrap();
+    db.register_derivation_outputs(&path("z.drv"), &BTreeMap::from([("lib".to_owned(), path("x"))])).unwrap();
+    let both: std::collections::BTreeSet<_> = [path("x.drv"), path("z.drv")].into();
+    assert_eq!(db.valid_derivers(&path("x")).unwrap(), both);
+    assert!(db.valid_derivers(&path("x-dev")).unwrap().is_empty());
+}
+
+#[test]
 fn reopen_keeps_data_and_refuses_newer_schema() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("db.sqlite");

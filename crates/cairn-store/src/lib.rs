@@ -310,6 +310,11 @@ impl LocalStore {
         Ok(self.db().add_signatures(path, sigs)?)
     }
 
+    /// The valid derivations that have `path` as an output.
+    pub fn valid_derivers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>> {
+        Ok(self.db().valid_derivers(path)?)
+    }
+
     /// Valid paths that reference `path`.
     pub fn referrers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>> {
         self.valid_path_info(path)?;

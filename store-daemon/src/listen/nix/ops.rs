@@ -133,15 +133,7 @@ impl<R: Read, W: Write> Session<R, W> {
             Q::QueryReferences(p) => Response::PathSet(store.valid_path_info(&p)?.references),
             Q::QueryReferrers(p) => Response::PathSet(store.referrers(&p)?),
             Q::QueryDeriver(p) => Response::OptPath(store.valid_path_info(&p)?.deriver),
-            Q::QueryValidDerivers(p) => {
-                // The derivers this store knows of: the one recorded with the path, if valid.
-                let deriver = store.valid_path_info(&p)?.deriver;
-                let mut set = BTreeSet::new();
-                if let Some(d) = deriver.filter(|d| store.is_valid(d).unwrap_or(false)) {
-                    set.insert(d);
-                }
-                Response::PathSet(set)
-            }
+            Q::QueryValidDerivers(p) => Response::PathSet(store.valid_derivers(&p)?),
             Q::QueryPathFromHashPart(h) => Response::OptPath(store.path_from_hash_part(&h)?),
             Q::QueryAllValidPaths => {
                 let mut all: BTreeSet<StorePath> = store.live_paths()?.into_iter().collect();
