@@ -23,7 +23,7 @@
 //!    two thirds), with the one-core zstd + sha256 limit and a write floor for the large one.
 //!    Both destinations are checked once against the seed's NAR hashes, sizes and references.
 //! 6. realising 200 trivial derivations, a chain and a fan-out (`cairn realise` vs `nix-store
-//!    --realise`, both sandboxed): see `build.rs`.
+//!    --realise`, both sandboxed): see `realise.rs`.
 //! 7. images (`image.rs`);
 //! 8. Nix's own client through `nix-daemon` and through cairnd's `nix-daemon-socket`: closure
 //!    queries, connections, `nix copy --to`, `nix-build` (`protocol.rs`).
@@ -48,7 +48,7 @@ use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, Expo
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
 
-mod build;
+mod realise;
 mod image;
 mod protocol;
 
@@ -573,7 +573,7 @@ fn main() -> Result<()> {
         bench_substitute(&o, w, with_nix, &mut table)?;
     }
     if o.runs("build") {
-        build::bench_build(&o, w, with_nix, &mut table)?;
+        realise::bench_build(&o, w, with_nix, &mut table)?;
     }
     if o.runs("image") {
         image::bench_image(&o, w, &mut table)?;

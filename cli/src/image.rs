@@ -160,7 +160,7 @@ async fn build_streamed(client: &Client, req: &BuildRequest) -> anyhow::Result<B
                 if terminal {
                     bar.set_message(format!("building the image: {line}"));
                 } else {
-                    eprintln!("{}> {line}", crate::build::short_name(&drv));
+                    eprintln!("{}> {line}", crate::realise::short_name(&drv));
                 }
             }
             BuildEvent::Built(b) => end = Some(b),

@@ -6,7 +6,7 @@
 
 mod archive;
 mod automaton;
-mod build;
+mod realise;
 mod cache;
 mod closures;
 mod completions;
@@ -105,15 +105,15 @@ pub enum Command {
     /// Build derivations in the daemon's sandbox, as `nix-store --realise`: their input
     /// derivations first, outputs already valid skipped. Prints the output paths.
     #[command(alias = "build")]
-    Realise(build::RealiseArgs),
+    Realise(realise::RealiseArgs),
     /// Print the log of a past build of a derivation, or of the derivation that built a path.
-    Log(build::LogArgs),
+    Log(realise::LogArgs),
     /// Signing keys for binary caches.
     #[command(subcommand)]
     Key(keys::KeyCommand),
     /// Derivations (`.drv` store paths).
     #[command(subcommand)]
-    Derivation(build::DerivationCommand),
+    Derivation(realise::DerivationCommand),
     /// OCI images: pull, push, list, tag, inspect, build, unpack.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -164,7 +164,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cairn: {}", cairn_daemon::error_line(&e));
             // Failed builds exit as `nix-store --realise` does (100 and up).
-            match e.downcast_ref::<build::RealiseFailed>() {
+            match e.downcast_ref::<realise::RealiseFailed>() {
                 Some(f) => ExitCode::from(f.status),
                 None => ExitCode::FAILURE,
             }

@@ -184,7 +184,7 @@ impl cairn_build::Builtin for ImageBuiltin {
         log: &mut dyn FnMut(&[u8]),
     ) -> Result<(), String> {
         let out = outputs.get("out").ok_or("an image derivation has one output, 'out'")?;
-        let built = cairn_image::build::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
+        let built = cairn_image::layered::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
             .map_err(|e| e.to_string())?;
         log(format!("{} store layers hashed, the others remembered", built.layers_written).as_bytes());
         self.written

@@ -14,7 +14,7 @@
 //! the bytes received, and one fetched by digest must have that digest.
 
 pub mod automaton;
-pub mod build;
+pub mod layered;
 pub mod images;
 pub mod memo;
 pub mod pull;

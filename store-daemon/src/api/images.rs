@@ -234,8 +234,8 @@ pub async fn build_image(
     let (drv_path, out, roots, base_layers) = blocking(move || {
         let _client = ClientScope::enter(peer2.client);
         let (images, dir) = (&st2.images, &st2.store_dir);
-        let opts = cairn_image::build::BuildOptions {
-            compression: cairn_image::build::LayerCompression::parse(b.compression.as_deref().unwrap_or("none"))?,
+        let opts = cairn_image::layered::BuildOptions {
+            compression: cairn_image::layered::LayerCompression::parse(b.compression.as_deref().unwrap_or("none"))?,
             paths: crate::convert::store_paths(dir, &b.paths)?,
             from: b.from.as_deref().map(|f| images.resolve(f)).transpose()?,
             max_layers: b.max_layers.unwrap_or(100) as usize,
@@ -252,11 +252,11 @@ pub async fn build_image(
                 return Err(cairn_store::StoreError::NotValid(dir.display(p)).into());
             }
         }
-        let base_layers = cairn_image::build::check(images, &opts)?;
-        let mut drv = cairn_image::build::derivation(dir, &opts);
+        let base_layers = cairn_image::layered::check(images, &opts)?;
+        let mut drv = cairn_image::layered::derivation(dir, &opts);
         cairn_build::derivations::Derivations::new(&st2.store).complete(&mut drv)?;
         let refs = drv.input_srcs.iter().map(|p| crate::convert::store_path(dir, p)).collect::<ApiResult<_>>()?;
-        let name = format!("{}.drv", cairn_image::build::NAME);
+        let name = format!("{}.drv", cairn_image::layered::NAME);
         let info = st2.store.add_text(&name, drv.to_aterm().as_bytes(), &refs)?;
         let out = crate::convert::store_path(dir, &drv.outputs["out"].path)?;
         // A tag the caller may not move is refused before the build, not after it.
@@ -289,7 +289,7 @@ pub async fn build_image(
             .unwrap_or(0);
         tracing::info!(digest = %image.digest(), written, cached, "image built");
         let dir = &st.store_dir;
-        let layers = cairn_image::build::layer_paths(images, &image, base_layers)?;
+        let layers = cairn_image::layered::layer_paths(images, &image, base_layers)?;
         Ok(Box::new(BuiltInfo {
             image: image_info(images, &image)?,
             layers: layers.iter().map(|l| l.iter().map(|p| dir.display(p)).collect()).collect(),

@@ -1,5 +1,5 @@
 //! The API's routes on top of `LocalStore`, one module per group: [`store`] (queries and reads),
-//! [`transfer`] (add, import, export, receive), [`substitute`], [`build`], [`images`] and
+//! [`transfer`] (add, import, export, receive), [`substitute`], [`realise`], [`images`] and
 //! [`control`] (the daemon itself). This module only wires them into a router and checks that
 //! the peer may use the daemon at all.
 
@@ -16,7 +16,7 @@ use crate::auth::Peer;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub mod build;
+pub mod realise;
 pub mod control;
 pub mod images;
 pub mod store;
@@ -35,8 +35,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::IMPORT, post(transfer::import))
         .route(routes::SUBSTITUTE, post(substitute::handler))
         .route(routes::RECEIVE, post(transfer::receive))
-        .route(routes::REALISE, post(build::realise))
-        .route(routes::LOG, get(build::log))
+        .route(routes::REALISE, post(realise::realise))
+        .route(routes::LOG, get(realise::log))
         .route(routes::OCI_IMPORT, post(images::import))
         .route(routes::OCI_PULL, post(images::pull))
         .route(routes::OCI_PUSH, post(images::push))

@@ -105,7 +105,7 @@ fn closure_json(st: &AppState, paths: &[String]) -> ApiResult<HttpResponse> {
 /// that operation's `respond` turns into a [`Response`]. A closure, the one answer that can hold
 /// 100k paths, is written by [`closure_json`]; everything else is serialised by [`json_answer`].
 fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
-    use crate::api::{build, images};
+    use crate::api::{images, realise};
     let (store, dir) = (&st.store, &st.store_dir);
     let resp = match req {
         Request::ImageList(_) => query::ImageList::respond(images::list(st)?),
@@ -222,9 +222,9 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         Request::Verify(query::Verify { check_contents, repair: _ }) => {
             query::Verify::respond(convert::verify_result(dir, store.verify(VerifyOptions { check_contents })?))
         }
-        Request::AddDerivation(q) => query::AddDerivation::respond(build::add_derivation(st, &q.aterm)?),
-        Request::DerivationOutputs(q) => query::DerivationOutputs::respond(build::derivation_outputs(st, &q.paths)?),
-        Request::ImpureEnvVars(q) => query::ImpureEnvVars::respond(build::impure_env_vars(st, &q.paths)?),
+        Request::AddDerivation(q) => query::AddDerivation::respond(realise::add_derivation(st, &q.aterm)?),
+        Request::DerivationOutputs(q) => query::DerivationOutputs::respond(realise::derivation_outputs(st, &q.paths)?),
+        Request::ImpureEnvVars(q) => query::ImpureEnvVars::respond(realise::impure_env_vars(st, &q.paths)?),
     };
     json_answer(&resp, size_hint(&resp))
 }

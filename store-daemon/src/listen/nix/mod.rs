@@ -5,7 +5,7 @@
 //! The wire format is `cairn-worker`'s; this module brings the connections and answers each
 //! operation from the same store, builder, collector and substituters the HTTP API uses
 //! ([`session`] runs one connection, [`ops`] the queries and the store's upkeep, [`add`] what
-//! puts paths in the store, [`build`] the builds).
+//! puts paths in the store, [`realise`] the builds).
 //!
 //! A session is a blocking conversation (the client waits for each answer before it sends the
 //! next request), so each runs on its own thread with blocking reads and writes, and calls into
@@ -31,7 +31,7 @@ use crate::limits::{AcceptErrors, Connections, PeerKey};
 use crate::state::AppState;
 
 mod add;
-mod build;
+mod realise;
 mod ops;
 mod session;
 

@@ -80,7 +80,7 @@ impl<R: Read, W: Write> Session<R, W> {
         };
         let started = now();
         if mode == Mode::Normal && self.options.use_substitutes {
-            self.rt.block_on(crate::api::build::substitute_first(&st, &self.peer, &goals));
+            self.rt.block_on(crate::api::realise::substitute_first(&st, &self.peer, &goals));
         }
         let top: BTreeSet<StorePath> = goals.iter().map(|g| g.drv.clone()).collect();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();

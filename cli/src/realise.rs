@@ -205,8 +205,8 @@ impl RealiseArgs {
             (_, true) => cairn_api::BuildMode::Repair,
             _ => cairn_api::BuildMode::Normal,
         };
-        let flags = crate::build::RealiseFlags { keep_going, keep_failed, quiet, json, mode };
-        crate::build::realise(ctx, &paths, flags, out_link.as_deref()).await?;
+        let flags = crate::realise::RealiseFlags { keep_going, keep_failed, quiet, json, mode };
+        crate::realise::realise(ctx, &paths, flags, out_link.as_deref()).await?;
         Ok(())
     }
 }
