@@ -549,3 +549,48 @@ fn nix_uses_cairnd_as_its_remote_builder_over_ssh_ng() {
     // cairnd built it (its log names the derivation).
     assert!(p.cairn.log().contains("chain-2"), "{}", p.cairn.log());
 }
+
+/// With no cairnd running, `cairnd --stdio` opens the store itself and serves the session:
+/// `ssh-ng://localhost?remote-program=cairnd` then works on a store nobody serves.
+#[test]
+fn cairnd_stdio_serves_a_store_no_daemon_holds() {
+    if !peers() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let file = work.path().join("f.txt");
+    std::fs::write(&file, b"over stdio\n").unwrap();
+    let nix = |args: &[&str]| {
+        let out = Command::new("nix")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", work.path())
+            .env("NIX_CONFIG", CLIENT_CONFIG)
+            .env("NIX_STATE_DIR", work.path().join("client-state"))
+            .env("CAIRN_ROOT", &root)
+            .env("CAIRN_STORE_DIR", "/nix/store")
+            .env("CAIRN_CONFIG", "/dev/null")
+            .env("CAIRN_SOCKET", work.path().join("no-daemon.sock"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nix {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let remote = format!("ssh-ng://localhost?remote-program={}", bin_dir().join("cairnd").display());
+    let src = format!("local?root={}", work.path().join("src").display());
+    let out = Command::new("nix-store")
+        .args(["--store", &src, "--add"])
+        .arg(&file)
+        .env("NIX_CONFIG", CLIENT_CONFIG)
+        .env("NIX_REMOTE", "")
+        .output()
+        .unwrap();
+    let path = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    nix(&["copy", "--no-check-sigs", "--from", &src, "--to", &remote, &path]);
+    assert!(root.join(path.trim_start_matches('/')).exists(), "the path is in cairn's store");
+    let info = nix(&["path-info", "--json", "--store", &remote, &path]);
+    assert!(info.contains("\"narHash\""), "{info}");
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(work.path()).status();
+}
