@@ -8,6 +8,7 @@
 //! Peer tests call [`require_peer`]: where the peer is missing they skip with a message, unless
 //! `CAIRN_REQUIRE_PEERS=1` (set by `.ci/run`), where a missing peer fails the test.
 
+pub mod fake_cache;
 pub mod fake_registry;
 pub mod garage;
 pub mod oci;
