@@ -18,9 +18,7 @@ use cairn_nix::hash::{Encoding, Hash, HashAlgo};
 use cairn_nix::signing::PublicKey;
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 /// The name of the key every serving daemon here signs with.
 const KEY_NAME: &str = "cairn-serving-e2e-1";

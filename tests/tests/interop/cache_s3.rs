@@ -8,7 +8,6 @@
 //!
 //! Needs `garage` (Garage 2.x) on PATH; `.ci/run` installs it.
 
-use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,9 +18,7 @@ use cairn_e2e::{
 };
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 const FIELDS: &[&str] = &["narHash", "narSize", "references", "ca", "deriver"];
 

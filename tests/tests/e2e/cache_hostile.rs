@@ -17,9 +17,7 @@ use cairn_e2e::fake_cache::{FakeCache as Server, Reply};
 use cairn_e2e::{line, write, Rng, TestStore};
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 fn sha256(data: &[u8]) -> String {
     cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, data).to_prefixed(cairn_nix::hash::Encoding::Nix32)
