@@ -1,4 +1,4 @@
-# Derivations built by both real Nix 2.8 and cairn (tests/tests/build_nix.rs).
+# Derivations built by both real Nix 2.8 and cairn (tests/tests/interop/build_nix.rs).
 # `/bin/sh` is a static busybox in both sandboxes (sandbox-paths); `narHash` is the base-16
 # SHA-256 of the NAR of a regular file holding "hello\n", which the test computes.
 { narHash }:

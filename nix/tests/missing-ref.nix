@@ -1,4 +1,4 @@
-# A text path and its one reference, used by tests/tests/interop_nix.rs to export the referrer
+# A text path and its one reference, used by tests/tests/interop/interop_nix.rs to export the referrer
 # without its reference: `nix-instantiate --eval --read-write-mode --strict --json missing-ref.nix`
 # gives { dep, referrer }.
 let

@@ -1,5 +1,5 @@
 # The configuration module.nix writes for some non-default options, used by
-# tests/tests/interop_nix.rs to check that cairnd accepts it:
+# tests/tests/interop/interop_nix.rs to check that cairnd accepts it:
 #   nix-instantiate --eval --strict --json --argstr root DIR --argstr socket PATH module-config.nix
 { root, socket }:
 import ../config-toml.nix {

@@ -1,5 +1,5 @@
 # A closure of `builtins.toFile` text paths around a tree added with `nix-store --add`, used by
-# tests/tests/interop_nix.rs: a diamond (top -> b, c -> a), a shared reference to the tree, a
+# tests/tests/interop/interop_nix.rs: a diamond (top -> b, c -> a), a shared reference to the tree, a
 # name with every special character a store path name may hold, and a leaf without references.
 #
 #   nix-instantiate --eval --read-write-mode --argstr tree /nix/store/…-tree text-closure.nix

@@ -8,6 +8,7 @@
 //! Peer tests call [`require_peer`]: where the peer is missing they skip with a message, unless
 //! `CAIRN_REQUIRE_PEERS=1` (set by `.ci/run`), where a missing peer fails the test.
 
+pub mod fake_cache;
 pub mod fake_registry;
 pub mod garage;
 pub mod oci;
@@ -509,6 +510,27 @@ pub fn world_readable_tempdir() -> tempfile::TempDir {
     let d = tempfile::Builder::new().prefix("cairn-e2e-src-").tempdir().expect("temporary directory");
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     d
+}
+
+/// A path as the `&str` a command line wants (the paths tests make are UTF-8).
+pub fn utf8(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Parses a command's JSON output; panics showing the output when it is not JSON.
+pub fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// The name the test harness knows test `name` by when it is defined in the module whose
+/// `module_path!()` is `module_path`: `gc::name` for module `gc` of a test binary (the binary's
+/// crate name, first in the module path, is not part of it). For running a test again in a
+/// child process with `--exact`.
+pub fn test_name(module_path: &str, name: &str) -> String {
+    match module_path.split_once("::") {
+        Some((_crate, module)) => format!("{module}::{name}"),
+        None => name.to_owned(),
+    }
 }
 
 /// Host processes whose command line is exactly `argv`.

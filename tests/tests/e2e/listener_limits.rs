@@ -53,7 +53,12 @@ impl Holder {
         let mut child = Command::new("setpriv")
             .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
             .arg(exe)
-            .args(["--exact", "helper_holding_idle_connections", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                &cairn_e2e::test_name(module_path!(), "helper_holding_idle_connections"),
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(HOLD_SOCKET, &st.socket)
             .env(HOLD_COUNT, n.to_string())
             .stdin(Stdio::piped())

@@ -260,10 +260,7 @@ fn nix_store_adds_and_queries_answer_as_nix_daemon_does() {
     // daemon, and the closure queries over them.
     let tree = added[1].clone();
     let top = p
-        .same(
-            "nix-instantiate",
-            &["--eval", "--read-write-mode", "--argstr", "tree", &tree, &expr("text-closure.nix")],
-        )
+        .same("nix-instantiate", &["--eval", "--read-write-mode", "--argstr", "tree", &tree, &expr("text-closure.nix")])
         .trim()
         .trim_matches('"')
         .to_owned();

@@ -43,9 +43,7 @@ fn count_entries(store: &TestStore, infix: &str) -> usize {
     store.store_entries().iter().filter(|e| e.contains(infix)).count()
 }
 
-fn json(bytes: &str) -> serde_json::Value {
-    serde_json::from_str(bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {bytes}"))
-}
+use cairn_e2e::json;
 
 #[test]
 fn pulls_pushes_and_exports_keep_digests_with_real_peers() {

@@ -3,8 +3,8 @@
 //! (`TIOCSTI`), reading descriptors cairnd inherited, a fork bomb, filling `/dev/shm`, an output
 //! of gigabytes.
 //!
-//! The builder is `build_hostile/hostile.c`, compiled static by the test and added to the store
-//! as the derivation's only input, so the sandbox holds nothing else. Needs `cc` with a static
+//! The builder is `tests/tests/build_hostile/hostile.c`, compiled static by the test and added to
+//! the store as the derivation's only input, so the sandbox holds nothing else. Needs `cc` with a static
 //! libc (Debian `gcc` and `libc6-dev`) and util-linux `setsid`. Tests that need cairnd to have
 //! a controlling terminal run in a child process of their own that leads a new session on a
 //! pseudo-terminal the test holds — so were the sandbox to let a build type into a terminal,
@@ -40,7 +40,8 @@ fn hostile_builder() -> Option<&'static Path> {
             let dir = bin_dir();
             let src = dir.join(format!("cairn-hostile-{}.c", std::process::id()));
             let bin = dir.join(format!("cairn-hostile-{}", std::process::id()));
-            std::fs::write(&src, include_str!("build_hostile/hostile.c")).unwrap();
+            std::fs::write(&src, include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/build_hostile/hostile.c")))
+                .unwrap();
             let out = Command::new("cc").args(["-static", "-O1", "-o"]).arg(&bin).arg(&src).output().unwrap();
             let _ = std::fs::remove_file(&src);
             assert!(
@@ -186,7 +187,7 @@ fn in_a_terminal_session(test: &str, body: impl FnOnce(&Terminal)) {
     let out = Command::new("setsid")
         .arg("--wait")
         .arg(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .args([&cairn_e2e::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
         .env(IN_SESSION, "1")
         .stdin(Stdio::null())
         .output()

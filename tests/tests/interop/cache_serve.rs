@@ -18,9 +18,7 @@ use cairn_nix::hash::{Encoding, Hash, HashAlgo};
 use cairn_nix::signing::PublicKey;
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 /// The name of the key every serving daemon here signs with.
 const KEY_NAME: &str = "cairn-serving-e2e-1";
@@ -513,6 +511,10 @@ fn nothing_but_valid_store_paths_is_reachable() {
         assert_eq!(get(port, u).status, 404, "deleted, yet served: {u}");
     }
 
+    // The cache's description names this store's directory.
+    let info = get(port, "/nix-cache-info");
+    assert_eq!((info.status, info.text().as_str()), (200, "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"));
+
     let mut targets: Vec<String> = vec![
         "/../etc/passwd".into(),
         "/../../../../etc/passwd".into(),
@@ -534,6 +536,11 @@ fn nothing_but_valid_store_paths_is_reachable() {
         format!("/nar/{hp}-{tree_nh}"),
         format!("/nar/{hp}.nar"),
         "/nar/x.nar".into(),
+        // (These four from the former cache_serve.rs.)
+        "/../../etc/passwd".into(),
+        "/nar/%2e%2e/%2e%2e/etc/passwd".into(),
+        "/0000000000000000000000000000000a.narinfo".into(),
+        format!("/{}EE.narinfo", &hp[..31]),
         // Hash parts that are not 32 characters of nixbase32 (no e, o, u, t; lower case).
         format!("/{}.narinfo", &hp[..31]),
         format!("/{hp}0.narinfo"),

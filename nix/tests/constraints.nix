@@ -1,5 +1,5 @@
 # Reference constraints, exportReferencesGraph and structured attributes, built by real Nix 2.8
-# and by cairn (tests/tests/build_constraints.rs). Attributes named `bad-*` must be refused by
+# and by cairn (tests/tests/interop/build_constraints.rs). Attributes named `bad-*` must be refused by
 # both, naming the output and the offending paths; every other one must build to the same bytes.
 let
   inherit (import ./lib.nix) sh;

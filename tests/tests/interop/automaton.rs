@@ -8,9 +8,7 @@ use std::process::{Command, Stdio};
 
 use cairn_e2e::{require_peer, TestStore};
 
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
+use cairn_e2e::json;
 
 /// Whether runc can run here (it needs root on these machines).
 fn runc_ready() -> bool {

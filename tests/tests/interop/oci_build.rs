@@ -9,9 +9,7 @@ use std::process::Command;
 use cairn_e2e::oci::{digest_of, run_tool, skopeo_copy, skopeo_raw, DockerRegistry};
 use cairn_e2e::{require_peer, TestStore};
 
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
+use cairn_e2e::json;
 
 /// A tree with a static busybox as `bin/busybox` and `bin/sh` (busybox picks its applet from
 /// the name it is called by), added to the store; and a script that refers to it.

@@ -8,7 +8,6 @@
 //!
 //! Needs `garage` (Garage 2.x) on PATH; `.ci/run` installs it.
 
-use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,9 +18,7 @@ use cairn_e2e::{
 };
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 const FIELDS: &[&str] = &["narHash", "narSize", "references", "ca", "deriver"];
 
@@ -136,6 +133,17 @@ fn closures_travel_through_garage_to_cairn_and_nix() {
     plain_reader.ok(&["copy", "--from", &plain_url, &top]);
     assert_eq!(metadata(&plain_reader.ok_bytes(&["path-info", "--json", "--closure", &top], b""), FIELDS), ours);
     plain_reader.ok(&["verify", "--check-contents"]);
+    // The bucket as a configured substituter (not `--from`), with the credentials and the key
+    // in the daemon's environment and config. (From the former cache_s3.rs.)
+    let configured = TestStore::builder()
+        .store_dir("/nix/store")
+        .env(creds[0].0, creds[0].1)
+        .env(creds[1].0, creds[1].1)
+        .config(&format!("{trusting}substituters = [\"{url}\"]\n"))
+        .start();
+    assert_eq!(configured.ok(&["substitute", &top]), format!("{top}\n"));
+    assert_eq!(metadata(&configured.ok_bytes(&["path-info", "--json", "--closure", &top], b""), FIELDS), ours);
+    configured.ok(&["verify", "--check-contents"]);
 
     // Real Nix reads what cairn wrote, over Garage's website endpoint, checking the writer's
     // signatures, file hashes and sizes; and takes the paths from the reader's listener too,
@@ -183,6 +191,16 @@ fn closures_travel_through_garage_to_cairn_and_nix() {
     for p in [&ia_note, &ia_tree] {
         assert!(!untrusting.run(&["path-info", p], b"").status.success(), "{p} registered unsigned");
     }
+    // The same through a configured substituter.
+    let untrusting_configured = TestStore::builder()
+        .store_dir("/nix/store")
+        .env(creds[0].0, creds[0].1)
+        .env(creds[1].0, creds[1].1)
+        .config(&format!("substituters = [\"{url}\"]\n"))
+        .start();
+    let err = untrusting_configured.fail(&["substitute", &ia_note], b"");
+    assert!(err.contains("trusted-public-keys"), "{err}");
+    assert!(untrusting_configured.store_entries().is_empty());
     // Content-addressed paths prove themselves.
     assert_eq!(untrusting.ok(&["substitute", "--from", &url, &big]), format!("{big}\n"));
     // Wrong credentials, a bucket that does not exist, no credentials at all (the instance

@@ -34,13 +34,9 @@ fn base(p: &str) -> &str {
     p.rsplit('/').next().unwrap()
 }
 
-fn utf8(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8;
 
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
+use cairn_e2e::json;
 
 fn cairn_gcroots(st: &TestStore) -> PathBuf {
     st.root.path().join("var/lib/cairn/gcroots")

@@ -19,9 +19,7 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
+use cairn_e2e::json;
 
 /// `cairn` aimed at `st`'s daemon but with another config file (and allowed to start a daemon
 /// unless `no_auto_start`).

@@ -10,9 +10,7 @@ use std::process::Command;
 use cairn_e2e::oci::{digest_of, http, layout_blob, layout_blobs, run_tool, skopeo_raw};
 use cairn_e2e::{free_port, require_peer, wait_listening, TestStore};
 
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
+use cairn_e2e::json;
 
 /// A tree of a few files (one of 3 MiB, one under a name longer than a tar header holds, a
 /// symlink, an executable) and a text path referring to it: the closure of the text path.

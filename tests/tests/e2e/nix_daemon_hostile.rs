@@ -923,7 +923,12 @@ fn an_untrusted_clients_unsigned_add_to_store_nar_is_refused() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&exe)
-        .args(["--exact", "helper_untrusted_client_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            &cairn_e2e::test_name(module_path!(), "helper_untrusted_client_process"),
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(HELPER_ENV, nix_socket(&s))
         .env("CAIRN_NIX_HOSTILE_HELPER_PATH", &path)
         .env("CAIRN_BIN_DIR", bin_dir())

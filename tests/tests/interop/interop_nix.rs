@@ -25,9 +25,7 @@ fn cairn_store() -> TestStore {
     TestStore::builder().store_dir("/nix/store").start()
 }
 
-fn utf8(p: &Path) -> &str {
-    p.to_str().expect("test paths outside generated trees are UTF-8")
-}
+use cairn_e2e::utf8;
 
 fn text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).expect("utf-8 output")

@@ -246,7 +246,7 @@ fn a_fixed_output_already_valid_is_not_built_again() {
     let n = NixStore::new();
     let config = nix_config("");
     let dir = n.root.path();
-    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/lib.nix"), dir.join("lib.nix")).unwrap();
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests/lib.nix"), dir.join("lib.nix")).unwrap();
     std::fs::write(dir.join("fod.nix"), FOD_NIX).unwrap();
     let hash = sha256_hex(b"fixed\n");
     let drvs = instantiate(&n, &config, &dir.join("fod.nix"), &["good", "failing"], &[("hash", &hash)]);
@@ -283,7 +283,7 @@ fn impure_env_vars_come_from_the_client_and_reach_fixed_outputs_only() {
     let n = NixStore::new();
     let config = nix_config("");
     let dir = n.root.path();
-    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/lib.nix"), dir.join("lib.nix")).unwrap();
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests/lib.nix"), dir.join("lib.nix")).unwrap();
     std::fs::write(dir.join("impure.nix"), IMPURE_NIX).unwrap();
     let hash = sha256_hex(b"http://proxy.example:3128");
     let drvs = instantiate(&n, &config, &dir.join("impure.nix"), &["fixed", "plain"], &[("hash", &hash)]);
@@ -335,7 +335,7 @@ fn system_and_required_features_are_refused_in_nixs_words() {
     let n = NixStore::new();
     let config = nix_config("");
     let dir = n.root.path();
-    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/lib.nix"), dir.join("lib.nix")).unwrap();
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests/lib.nix"), dir.join("lib.nix")).unwrap();
     std::fs::write(dir.join("host.nix"), HOST_NIX).unwrap();
     let attrs = ["foreign", "needsFeature", "extraPlatform", "hasFeature"];
     let drvs = instantiate(&n, &config, &dir.join("host.nix"), &attrs, &[]);

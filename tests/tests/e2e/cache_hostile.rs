@@ -1,204 +1,26 @@
-//! Hostile binary caches served over HTTP by a small server in this file (std `TcpListener` and a
-//! thread per connection), in front of a real cache that `cairn copy --to file://` wrote. Each
-//! test makes the server lie in one way and checks that the substitution fails with one line
-//! naming the check that caught the lie, that nothing of the closure is registered or left in the
-//! store (the closure has two paths, so a dependency that fails must also keep its good referrer
-//! out), that no download outlives its timeouts, and that the daemon afterwards substitutes the
-//! truth from the same server.
+//! Hostile binary caches: a [`FakeCache`] (`tests/src/fake_cache.rs`) in front of a real cache
+//! that `cairn copy --to file://` wrote. Each test makes the server lie in one way and checks that
+//! the substitution fails with one line naming the check that caught the lie, that nothing of the
+//! closure is registered or left in the store (the closure has two paths, so a dependency that
+//! fails must also keep its good referrer out), that no download outlives its timeouts, and that
+//! the daemon afterwards substitutes the truth from the same server and goes on serving.
+//!
+//! (Merged from the former `hostile_cache.rs` and `cache_hostile.rs`, which each had their own
+//! server.)
 
-use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use cairn_e2e::fake_cache::{FakeCache as Server, Reply};
 use cairn_e2e::{line, write, Rng, TestStore};
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 fn sha256(data: &[u8]) -> String {
     cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, data).to_prefixed(cairn_nix::hash::Encoding::Nix32)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The server.
-
-/// What the server answers to one request target.
-#[derive(Clone)]
-enum Reply {
-    /// The file of that name in the served directory, or 404.
-    File,
-    /// 200 with these bytes.
-    Bytes(Vec<u8>),
-    /// This status, empty body.
-    Status(u16),
-    /// `Content-Length: claimed`, then `body` (shorter), then the connection is closed.
-    CutShort { body: Vec<u8>, claimed: usize },
-    /// No `Content-Length` (the body ends when the connection does): `prefix`, then zeros until
-    /// the client hangs up.
-    Endless(Vec<u8>),
-    /// Headers promising a megabyte more than `prefix`, `prefix`, then silence until the client
-    /// hangs up.
-    Stall(Vec<u8>),
-    /// The request is read and never answered.
-    Silent,
-}
-
-#[derive(Default)]
-struct Log {
-    /// Request targets, in arrival order.
-    requests: Mutex<Vec<String>>,
-    /// Bytes of `Endless` bodies written.
-    endless_sent: AtomicU64,
-    /// `Endless`, `Stall` and `Silent` answers the client gave up on (closed the connection).
-    hung_up: AtomicU64,
-}
-
-struct Server {
-    port: u16,
-    rules: Arc<Mutex<HashMap<String, Reply>>>,
-    log: Arc<Log>,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let rules: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
-        let log: Arc<Log> = Arc::default();
-        let (r, l, d) = (rules.clone(), log.clone(), dir.to_owned());
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let (r, l, d) = (r.clone(), l.clone(), d.clone());
-                std::thread::spawn(move || serve(conn, &d, &r, &l));
-            }
-        });
-        Server { port, rules, log }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn set(&self, target: &str, reply: Reply) {
-        self.rules.lock().unwrap().insert(target.to_owned(), reply);
-    }
-
-    fn clear(&self) {
-        self.rules.lock().unwrap().clear();
-    }
-
-    fn requests_for(&self, target: &str) -> usize {
-        self.log.requests.lock().unwrap().iter().filter(|t| *t == target).count()
-    }
-
-    /// Waits (up to 5 s) until the client has hung up on `n` hostile answers in all.
-    fn wait_hung_up(&self, n: u64) {
-        let start = Instant::now();
-        while self.log.hung_up.load(Ordering::SeqCst) < n {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "the daemon still holds a hostile connection open ({} of {n} closed)",
-                self.log.hung_up.load(Ordering::SeqCst)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn head(status: u16, len: Option<usize>) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        500 => "Internal Server Error",
-        _ => "Whatever",
-    };
-    let len = len.map(|n| format!("Content-Length: {n}\r\n")).unwrap_or_default();
-    format!("HTTP/1.1 {status} {reason}\r\n{len}Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
-        .into_bytes()
-}
-
-/// Blocks until the peer closes the connection (true) or 30 s pass (false).
-fn wait_for_hang_up(conn: &mut TcpStream) -> bool {
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match conn.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return false,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return true,
-        }
-    }
-}
-
-fn serve(mut conn: TcpStream, dir: &Path, rules: &Mutex<HashMap<String, Reply>>, log: &Log) {
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    conn.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-        if request.len() > 1 << 16 {
-            return;
-        }
-    }
-    let target = String::from_utf8_lossy(&request).split_whitespace().nth(1).unwrap_or("/").to_owned();
-    log.requests.lock().unwrap().push(target.clone());
-    let reply = rules.lock().unwrap().get(&target).cloned().unwrap_or(Reply::File);
-    let send = |conn: &mut TcpStream, status: u16, body: &[u8]| {
-        let _ = conn.write_all(&head(status, Some(body.len()))).and_then(|_| conn.write_all(body));
-    };
-    match reply {
-        Reply::File => match std::fs::read(dir.join(target.trim_start_matches('/'))) {
-            Ok(body) => send(&mut conn, 200, &body),
-            Err(_) => send(&mut conn, 404, b""),
-        },
-        Reply::Bytes(body) => send(&mut conn, 200, &body),
-        Reply::Status(status) => send(&mut conn, status, b""),
-        Reply::CutShort { body, claimed } => {
-            let _ = conn.write_all(&head(200, Some(claimed))).and_then(|_| conn.write_all(&body));
-        }
-        Reply::Endless(prefix) => {
-            let _ = conn.write_all(&head(200, None));
-            let mut ended = conn.write_all(&prefix).is_err();
-            let zeros = vec![0u8; 256 << 10];
-            while !ended && log.endless_sent.load(Ordering::SeqCst) < 8 << 30 {
-                match conn.write(&zeros) {
-                    Ok(n) => {
-                        log.endless_sent.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    // A write timeout means the client stopped reading without hanging up.
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return,
-                    Err(_) => ended = true,
-                }
-            }
-            if ended {
-                log.hung_up.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        Reply::Stall(prefix) => {
-            let _ = conn.write_all(&head(200, Some(prefix.len() + 1_000_000))).and_then(|_| conn.write_all(&prefix));
-            if wait_for_hang_up(&mut conn) {
-                log.hung_up.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        Reply::Silent => {
-            if wait_for_hang_up(&mut conn) {
-                log.hung_up.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -228,6 +50,11 @@ impl Fixture {
 
     /// The tree's data file has `size` bytes (over 1 MiB: the daemon's pipelined NAR route).
     fn with_data(size: usize) -> Fixture {
+        Fixture::with(size, "none")
+    }
+
+    /// As [`Fixture::with_data`], the cache's NARs compressed with `compression`.
+    fn with(size: usize, compression: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let scratch = TestStore::start();
         let mut data = Rng::new(size as u64).bytes(size);
@@ -248,7 +75,7 @@ impl Fixture {
         seed.ok(&[
             "copy",
             "--to",
-            &format!("file://{}?compression=none", cache.display()),
+            &format!("file://{}?compression={compression}", cache.display()),
             "--secret-key-file",
             s(&sk),
             &note,
@@ -259,7 +86,7 @@ impl Fixture {
             let info = f.narinfo(p);
             assert!(info.contains("\nSig: hostile-cache-1:"), "{info}");
             assert!(!info.contains("\nCA: "), "a content address would vouch for the path by itself:\n{info}");
-            assert!(info.contains("\nCompression: none\n"), "{info}");
+            assert!(info.contains(&format!("\nCompression: {compression}\n")), "{info}");
         }
         f
     }
@@ -309,6 +136,25 @@ impl Fixture {
         assert!(took < limit, "the substitution took {took:?} (limit {limit:?}): {err}");
         assert_eq!(st.store_entries(), Vec::<String>::new(), "after: {err}");
         err
+    }
+
+    /// A daemon trusting the fixture's key that gives up on a silent server after 2 s, plus `extra`.
+    fn impatient_client(&self, extra: &str) -> TestStore {
+        self.client(&format!("connect-timeout = 2\nstalled-download-timeout = 2\n{extra}"))
+    }
+
+    /// `cairn substitute --from` the fixture's server must fail within 15 s with an error
+    /// naming `expect`, leaving nothing in the store; the daemon still adds paths afterwards.
+    fn refused_naming(&self, st: &TestStore, expect: &str) {
+        let started = Instant::now();
+        let err = st.fail(&["substitute", "--from", &self.server.url(), &self.note], b"");
+        assert!(started.elapsed() < Duration::from_secs(15), "took {:?}: {err}", started.elapsed());
+        assert!(err.contains(expect), "expected '{expect}' in: {err}");
+        let left: Vec<String> = st.store_entries().into_iter().filter(|e| !e.ends_with("-alive")).collect();
+        assert!(left.is_empty(), "left in the store: {left:?}");
+        write(&self.dir.path().join("alive"), b"alive\n");
+        st.ok(&["add", s(&self.dir.path().join("alive"))]);
+        let _ = std::fs::remove_file(self.dir.path().join("alive"));
     }
 
     /// The error line when the tree was refused by the check `check` while the note (fine in
@@ -527,11 +373,7 @@ fn unsigned_and_foreign_signed_caches_are_refused() {
     assert!(err.contains("no signature is by a trusted key (trusted-public-keys)"), "{err}");
     // Refused on the narinfo alone: no NAR fetched from either.
     for server in [&unsigned, &foreign] {
-        assert!(
-            !server.log.requests.lock().unwrap().iter().any(|t| t.starts_with("/nar/")),
-            "{:?}",
-            server.log.requests.lock().unwrap()
-        );
+        assert!(!server.requested_any("/nar/"), "{:?}", server.log.requests.lock().unwrap());
     }
 
     // The same caches are fine otherwise: trusting the foreign key, or not requiring signatures,
@@ -557,6 +399,14 @@ fn a_nar_far_longer_than_its_nar_size_is_cut_off() {
         let info = f.narinfo(&f.tree);
         let nar_url = format!("{}{}", f.server.url(), f.nar_key(&f.tree));
         let mut hung_up = 0;
+
+        // The real NAR and 64 MiB of zeros, the whole length declared in Content-Length; the
+        // narinfo (with FileSize) unchanged. (From the former cache_hostile.rs.)
+        let mut long = nar.clone();
+        long.extend(std::iter::repeat_n(0u8, 64 << 20));
+        f.server.set(&f.nar_key(&f.tree), Reply::Bytes(long));
+        let err = f.refused(&st, &f.server.url(), QUICK);
+        assert!(err.contains("longer than the narinfo's FileSize"), "{err}");
 
         // The real NAR, then zeros without end; the narinfo (with FileSize) unchanged.
         f.server.set(&f.nar_key(&f.tree), Reply::Endless(nar.clone()));
@@ -720,7 +570,7 @@ fn garbage_and_server_errors_fall_through_to_the_next_cache() {
     assert_eq!(v["paths"][0]["path"], f.note.as_str(), "{v}");
     // The bad cache was asked first for both, and nothing of it was used.
     assert_eq!((bad.requests_for(&note_key), bad.requests_for(&tree_key)), (before.0 + 1, before.1 + 1));
-    assert!(!bad.log.requests.lock().unwrap().iter().any(|t| t.starts_with("/nar/")));
+    assert!(!bad.requested_any("/nar/"));
     assert_eq!(f.server.requests_for(&f.nar_key(&f.tree)), 1);
     assert_eq!(f.server.requests_for(&f.nar_key(&f.note)), 1);
     st.ok(&["verify", "--check-contents"]);
@@ -765,4 +615,103 @@ fn a_path_pushed_after_a_miss_is_found_once_the_negative_ttl_expires() {
     assert_eq!(err, format!("cairn: cannot substitute '{}': no substituter has it\n", f.note));
     assert_eq!((quick_server.requests_for(&key), slow_server.requests_for(&key)), (2, 1));
     assert_eq!(slow.store_entries(), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// From the former `cache_hostile.rs` (its other cases are in the tests above; see the commit).
+
+#[test]
+fn lies_about_identity_and_trust_are_refused() {
+    let f = Fixture::new();
+    let st = f.impatient_client("");
+    // A narinfo for another path under this path's name.
+    f.server.set(&Fixture::narinfo_key(&f.note), Reply::Bytes(f.narinfo(&f.tree).into_bytes()));
+    f.refused_naming(&st, "the narinfo is for");
+    // Unsigned: the signature lines dropped.
+    f.server.clear();
+    let unsigned: String =
+        f.narinfo(&f.note).lines().filter(|l| !l.starts_with("Sig:")).map(|l| format!("{l}\n")).collect();
+    f.server.set(&Fixture::narinfo_key(&f.note), Reply::Bytes(unsigned.into_bytes()));
+    f.refused_naming(&st, "not signed");
+    // Signed, but by a key this daemon does not trust.
+    f.server.clear();
+    let stranger = TestStore::builder()
+        .config("trusted-public-keys = [\"someone-1:up1w+p9hbiFiyds3XlVGeZ3VPMC2rkO4TNTtYkEN+Qo=\"]")
+        .start();
+    stranger.fail(&["substitute", "--from", &f.server.url(), &f.note], b"");
+    f.refused_naming(&stranger, "no signature is by a trusted key");
+    // A NAR URL outside the cache.
+    let escaping = edit(&f.narinfo(&f.note), "URL", Some("../../etc/passwd"));
+    f.server.set(&Fixture::narinfo_key(&f.note), Reply::Bytes(escaping.into_bytes()));
+    f.refused_naming(&st, "leaves the cache");
+    // Garbage.
+    f.server.set(&Fixture::narinfo_key(&f.note), Reply::Bytes(b"\x00\xffnot a narinfo at all\n\n".to_vec()));
+    f.refused_naming(&st, &f.server.url());
+}
+
+#[test]
+fn a_failing_cache_falls_through_to_the_next_by_priority() {
+    let f = Fixture::new();
+    // The priority comes from the bad cache's nix-cache-info, the good one's from its URL.
+    let bad = Server::start(f.dir.path());
+    bad.set("/nix-cache-info", Reply::Bytes(b"StoreDir: /store\nPriority: 10\n".to_vec()));
+    bad.set(&Fixture::narinfo_key(&f.note), Reply::Status(500));
+    bad.set(&Fixture::narinfo_key(&f.tree), Reply::Bytes(b"garbage".to_vec()));
+    let good = f.server.url();
+    let st = f.impatient_client(&format!("substituters = [\"{}\", \"{good}?priority=20\"]", bad.url()));
+    assert_eq!(st.ok(&["substitute", &f.note]), format!("{}\n", f.note));
+    let v: Value = serde_json::from_str(&st.ok(&["path-info", "--json", "--closure", &f.note])).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn large_compressed_nars_are_checked_as_they_stream() {
+    // Over 1 MiB: decompressed on a thread of its own, hashed on others.
+    let f = Fixture::with(3 << 20, "zstd");
+    let st = f.impatient_client("");
+    let nar_url = f.nar_key(&f.tree);
+    assert!(nar_url.ends_with(".nar.zst"), "{nar_url}");
+    let file = f.server.read(&nar_url[1..]);
+    let info = f.narinfo(&f.tree);
+    // Compressed bytes changed in the middle, FileHash made to match.
+    let mut bad = file.clone();
+    let mid = bad.len() / 2;
+    for b in &mut bad[mid..mid + 64] {
+        *b ^= 0x55;
+    }
+    f.server.set(&nar_url, Reply::Bytes(bad.clone()));
+    f.server
+        .set(&Fixture::narinfo_key(&f.tree), Reply::Bytes(edit(&info, "FileHash", Some(&sha256(&bad))).into_bytes()));
+    f.refused_naming(&st, &f.tree);
+    // Cut short.
+    f.server.clear();
+    f.server.set(&nar_url, Reply::CutShort { body: file[..file.len() - 1000].to_vec(), claimed: file.len() });
+    f.refused_naming(&st, &f.tree);
+    // Good bytes, wrong FileHash: caught after the NAR, before anything is registered.
+    f.server.set(&nar_url, Reply::File);
+    f.server
+        .set(&Fixture::narinfo_key(&f.tree), Reply::Bytes(edit(&info, "FileHash", Some(&sha256(b"x"))).into_bytes()));
+    f.refused_naming(&st, "(FileHash)");
+    // And the truth arrives intact.
+    f.server.clear();
+    assert_eq!(st.ok(&["substitute", "--from", &f.server.url(), &f.note]), format!("{}\n", f.note));
+    st.ok(&["verify", "--check-contents"]);
+}
+
+#[test]
+fn a_negative_answer_is_forgotten_after_its_ttl() {
+    let f = Fixture::new();
+    // A miss from `--from` (not a configured substituter) is remembered too.
+    let st = f.impatient_client("narinfo-cache-negative-ttl = 3");
+    f.server.set(&Fixture::narinfo_key(&f.note), Reply::Status(404));
+    let err = st.fail(&["substitute", "--from", &f.server.url(), &f.note], b"");
+    assert!(err.contains("no substituter has it"), "{err}");
+    // Pushed meanwhile: the remembered answer hides it until the TTL runs out, no longer.
+    f.server.clear();
+    let pushed = Instant::now();
+    let err = st.fail(&["substitute", "--from", &f.server.url(), &f.note], b"");
+    assert!(err.contains("no substituter has it"), "{err}");
+    assert!(pushed.elapsed() < Duration::from_secs(2), "the check came too late to mean anything");
+    std::thread::sleep(Duration::from_millis(3200));
+    assert_eq!(st.ok(&["substitute", "--from", &f.server.url(), &f.note]), format!("{}\n", f.note));
 }

@@ -20,9 +20,7 @@ use serde_json::Value;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 /// The NAR of a local tree, built here (independently of cairn-store's dumper).
 fn nar_of(path: &Path) -> Vec<u8> {
@@ -68,9 +66,7 @@ fn base(p: &str) -> &str {
     p.rsplit('/').next().unwrap()
 }
 
-fn json(out: &str) -> Value {
-    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-}
+use cairn_e2e::json;
 
 fn path_infos(st: &TestStore, paths: &[&str]) -> BTreeMap<String, Value> {
     let mut args = vec!["path-info", "--json"];

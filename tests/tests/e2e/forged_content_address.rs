@@ -13,7 +13,6 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::{Command, Output};
 
 use cairn_e2e::{bin_dir, free_port, line, wait_listening, world_readable_tempdir, TestStore};
@@ -23,9 +22,7 @@ use cairn_nix::{Hash, HashAlgo};
 const GENUINE: &[u8] = b"the genuine release tarball\n";
 const PLANTED: &[u8] = b"a planted backdoor, of another length\n";
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 fn nar_of_file(bytes: &[u8]) -> Vec<u8> {
     let mut w = NarWriter::new(Vec::new()).unwrap();

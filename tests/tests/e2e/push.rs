@@ -1,13 +1,9 @@
 //! `cairn copy --to tcp://HOST:PORT`: closures pushed into another cairnd over TCP, only what it
 //! lacks, and only paths one of its trusted keys signed.
 
-use std::path::Path;
-
 use cairn_e2e::{free_port, line, wait_listening, write, TestStore};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 #[test]
 fn push_sends_only_missing_signed_paths() {

@@ -20,9 +20,7 @@ use serde_json::Value;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use cairn_e2e::utf8 as s;
 
 fn text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).expect("utf-8 output")
@@ -40,9 +38,7 @@ fn base(p: &str) -> &str {
     p.rsplit('/').next().unwrap()
 }
 
-fn json(out: &str) -> Value {
-    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-}
+use cairn_e2e::json;
 
 fn str_list(v: &Value) -> Vec<String> {
     v.as_array().unwrap_or_else(|| panic!("not an array: {v}")).iter().map(|x| x.as_str().unwrap().to_owned()).collect()

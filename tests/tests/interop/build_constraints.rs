@@ -1,5 +1,5 @@
 //! Reference constraints, `exportReferencesGraph` and structured attributes compared with real
-//! Nix 2.8: every attribute of `tests/nix/constraints.nix` is instantiated by real
+//! Nix 2.8: every attribute of `nix/tests/constraints.nix` is instantiated by real
 //! `nix-instantiate`, exported into cairn, and realised by both (each sandboxed, with a static
 //! busybox as `/bin/sh`). Both must accept the same derivations — with the same output paths and
 //! NAR hashes (so `.attrs.json`, `.attrs.sh`, the graph files and the builder's environment are
@@ -57,7 +57,7 @@ fn cairn_accepts_and_refuses_what_nix_does_with_the_same_bytes_and_messages() {
         return;
     }
     let n = NixStore::new();
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/constraints.nix");
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests/constraints.nix");
     let expr = expr.to_str().unwrap();
     let names =
         nix_ok(&n, "nix-instantiate", &["--eval", "--strict", "-E", &format!("builtins.attrNames (import {expr})")]);

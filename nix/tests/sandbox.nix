@@ -3,8 +3,8 @@
 # not). Arguments: `port`, a TCP port on the host's 127.0.0.1 (a test listens there);
 # `hostFile`, a host file that must be unreadable; `salt`, to force fresh derivations.
 #
-#   nix-instantiate tests/nix/sandbox.nix -A fail-20-lines
-#   nix-instantiate tests/nix/sandbox.nix --argstr port 8123 -A network
+#   nix-instantiate nix/tests/sandbox.nix -A fail-20-lines
+#   nix-instantiate nix/tests/sandbox.nix --argstr port 8123 -A network
 { port ? "8123", hostFile ? "/etc/hostname", salt ? "" }:
 let
   inherit (import ./lib.nix) sh;
