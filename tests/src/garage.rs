@@ -80,7 +80,7 @@ impl Garage {
         g.ok(&["layout", "apply", "--version", "1"]);
         g.ok(&["bucket", "create", BUCKET]);
         g.ok(&["bucket", "website", "--allow", BUCKET]);
-        let key = g.ok(&["key", "create", "cairn-e2e"]);
+        let key = g.ok(&["key", "create", "cairn-tests"]);
         let field = |name: &str| -> String {
             key.lines()
                 .find_map(|l| l.trim().strip_prefix(name))
@@ -90,7 +90,7 @@ impl Garage {
         g.key_id = field("Key ID:");
         g.secret = field("Secret key:");
         assert!(g.key_id.starts_with("GK") && g.secret.len() == 64, "{key}");
-        g.ok(&["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "cairn-e2e"]);
+        g.ok(&["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "cairn-tests"]);
         g
     }
 

@@ -95,7 +95,7 @@ impl TestStoreBuilder {
         self
     }
     pub fn start(self) -> TestStore {
-        let root = tempfile::Builder::new().prefix("cairn-e2e-").tempdir().expect("temp root");
+        let root = tempfile::Builder::new().prefix("cairn-tests-").tempdir().expect("temp root");
         // World-traversable, so that tests that switch users can reach the socket.
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = root.path().join("cairn.toml");
@@ -507,7 +507,7 @@ pub fn path_info_fields(
 
 /// A temporary directory every user may read and enter (tests that switch users read from it).
 pub fn world_readable_tempdir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("cairn-e2e-src-").tempdir().expect("temporary directory");
+    let d = tempfile::Builder::new().prefix("cairn-tests-src-").tempdir().expect("temporary directory");
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     d
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, processes, require_peer, TestStore};
+use cairn_tests::{bin_dir, processes, require_peer, TestStore};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
 /// What the builder types, if anything lets it.
@@ -187,7 +187,7 @@ fn in_a_terminal_session(test: &str, body: impl FnOnce(&Terminal)) {
     let out = Command::new("setsid")
         .arg("--wait")
         .arg(std::env::current_exe().unwrap())
-        .args([&cairn_e2e::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
+        .args([&cairn_tests::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
         .env(IN_SESSION, "1")
         .stdin(Stdio::null())
         .output()
@@ -241,7 +241,7 @@ fn a_build_cannot_type_into_the_terminal_cairnd_was_started_from() {
 #[test]
 fn an_auto_started_daemon_leaves_the_terminal_of_the_command_that_started_it() {
     in_a_terminal_session("an_auto_started_daemon_leaves_the_terminal_of_the_command_that_started_it", |_tty| {
-        let root = tempfile::Builder::new().prefix("cairn-e2e-auto-").tempdir().unwrap();
+        let root = tempfile::Builder::new().prefix("cairn-tests-auto-").tempdir().unwrap();
         let config = root.path().join("cairn.toml");
         std::fs::write(&config, "").unwrap();
         let socket = root.path().join("sock");

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{processes, require_peer, TestStore};
+use cairn_tests::{processes, require_peer, TestStore};
 use cairn_nix::hash::Encoding;
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -171,7 +171,7 @@ fn a_timeout_kills_every_process_of_the_build() {
     let child = std::thread::spawn({
         let args = s.store_args();
         move || {
-            std::process::Command::new(cairn_e2e::bin_dir().join("cairn"))
+            std::process::Command::new(cairn_tests::bin_dir().join("cairn"))
                 .args(&args)
                 .args(["realise", &drv])
                 .output()

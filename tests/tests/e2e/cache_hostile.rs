@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::fake_cache::{FakeCache as Server, Reply};
-use cairn_e2e::{line, write, Rng, TestStore};
+use cairn_tests::fake_cache::{FakeCache as Server, Reply};
+use cairn_tests::{line, write, Rng, TestStore};
 use serde_json::Value;
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 fn sha256(data: &[u8]) -> String {
     cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, data).to_prefixed(cairn_nix::hash::Encoding::Nix32)

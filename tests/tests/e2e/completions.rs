@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use cairn_e2e::{bin_dir, require_peer};
+use cairn_tests::{bin_dir, require_peer};
 
 fn cairn(args: &[&str]) -> Output {
     Command::new(bin_dir().join("cairn"))

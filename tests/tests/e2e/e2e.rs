@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, line, world_readable_tempdir, write, write_exec, TestStore};
+use cairn_tests::{bin_dir, line, world_readable_tempdir, write, write_exec, TestStore};
 use cairn_nix::hash::Encoding;
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo};
@@ -20,7 +20,7 @@ use serde_json::Value;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 /// The NAR of a local tree, built here (independently of cairn-store's dumper).
 fn nar_of(path: &Path) -> Vec<u8> {
@@ -66,7 +66,7 @@ fn base(p: &str) -> &str {
     p.rsplit('/').next().unwrap()
 }
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 fn path_infos(st: &TestStore, paths: &[&str]) -> BTreeMap<String, Value> {
     let mut args = vec!["path-info", "--json"];
@@ -491,7 +491,7 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 #[test]
 fn auto_start_starts_one_daemon_and_reuses_it() {
-    let root = tempfile::Builder::new().prefix("cairn-e2e-auto-").tempdir().unwrap();
+    let root = tempfile::Builder::new().prefix("cairn-tests-auto-").tempdir().unwrap();
     let config = root.path().join("cairn.toml");
     fs::write(&config, "").unwrap();
     let socket = root.path().join("sock");
@@ -840,7 +840,7 @@ fn unprivileged_users_by_peer_credentials() {
         eprintln!("skipping: needs root to run cairn as another user with setpriv");
         return;
     }
-    if !cairn_e2e::require_peer("setpriv") {
+    if !cairn_tests::require_peer("setpriv") {
         return;
     }
     let st = TestStore::start();

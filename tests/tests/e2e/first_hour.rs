@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output};
 
-use cairn_e2e::{bin_dir, line, output_with_stdin, TestStore};
+use cairn_tests::{bin_dir, line, output_with_stdin, TestStore};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -19,7 +19,7 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 /// `cairn` aimed at `st`'s daemon but with another config file (and allowed to start a daemon
 /// unless `no_auto_start`).

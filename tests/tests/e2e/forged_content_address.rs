@@ -15,14 +15,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 
-use cairn_e2e::{bin_dir, free_port, line, wait_listening, world_readable_tempdir, TestStore};
+use cairn_tests::{bin_dir, free_port, line, wait_listening, world_readable_tempdir, TestStore};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo};
 
 const GENUINE: &[u8] = b"the genuine release tarball\n";
 const PLANTED: &[u8] = b"a planted backdoor, of another length\n";
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 fn nar_of_file(bytes: &[u8]) -> Vec<u8> {
     let mut w = NarWriter::new(Vec::new()).unwrap();
@@ -149,7 +149,7 @@ fn a_flat_path_with_references_is_refused() {
 
 #[test]
 fn an_unprivileged_push_over_the_socket_with_a_forged_content_address_is_refused() {
-    if !nix::unistd::geteuid().is_root() || !cairn_e2e::require_peer("setpriv") {
+    if !nix::unistd::geteuid().is_root() || !cairn_tests::require_peer("setpriv") {
         eprintln!("skipping: needs root and setpriv to push as another user");
         return;
     }
@@ -180,7 +180,7 @@ fn an_import_is_trusted_as_in_nix_and_carries_no_content_address() {
     let info: serde_json::Value = serde_json::from_slice(&b.ok_bytes(&["path-info", "--json", &forged], b"")).unwrap();
     assert!(info[0]["ca"].is_null(), "{info}");
     // Nor can an untrusted user import it.
-    if nix::unistd::geteuid().is_root() && cairn_e2e::require_peer("setpriv") {
+    if nix::unistd::geteuid().is_root() && cairn_tests::require_peer("setpriv") {
         let c = TestStore::start();
         let stream = a.ok_bytes(&["export", &forged], b"");
         let mut cmd = Command::new("setpriv");
@@ -189,7 +189,7 @@ fn an_import_is_trusted_as_in_nix_and_carries_no_content_address() {
             .args(c.store_args())
             .args(["--no-auto-start", "import"])
             .env("HOME", "/nonexistent");
-        let out = cairn_e2e::output_with_stdin(&mut cmd, &stream);
+        let out = cairn_tests::output_with_stdin(&mut cmd, &stream);
         assert!(!out.status.success(), "an untrusted import must be refused");
         assert_not_valid(&c, &forged);
     }

@@ -14,13 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, line, write, write_exec, Rng, TestStore};
+use cairn_tests::{bin_dir, line, write, write_exec, Rng, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 fn text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).expect("utf-8 output")
@@ -38,7 +38,7 @@ fn base(p: &str) -> &str {
     p.rsplit('/').next().unwrap()
 }
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 fn str_list(v: &Value) -> Vec<String> {
     v.as_array().unwrap_or_else(|| panic!("not an array: {v}")).iter().map(|x| x.as_str().unwrap().to_owned()).collect()

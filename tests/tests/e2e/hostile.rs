@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{line, TestStore};
+use cairn_tests::{line, TestStore};
 use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer, EXPORT_MAGIC};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::wire::{write_bytes, write_u64};
@@ -696,10 +696,10 @@ fn assert_one_line_failure(out: &Output) -> String {
 fn unreadable_sources_are_refused() {
     let st = TestStore::start();
     refused(&st, "a source that does not exist", || {
-        let e = st.fail(&["add", "/nonexistent/cairn-e2e/source"], b"");
-        assert!(e.contains("/nonexistent/cairn-e2e/source") && e.contains("No such file"), "{e}");
-        let e = st.fail(&["add", "--flat", "/nonexistent/cairn-e2e/source"], b"");
-        assert!(e.contains("/nonexistent/cairn-e2e/source"), "{e}");
+        let e = st.fail(&["add", "/nonexistent/cairn-tests/source"], b"");
+        assert!(e.contains("/nonexistent/cairn-tests/source") && e.contains("No such file"), "{e}");
+        let e = st.fail(&["add", "--flat", "/nonexistent/cairn-tests/source"], b"");
+        assert!(e.contains("/nonexistent/cairn-tests/source"), "{e}");
     });
     refused(&st, "a source that is a FIFO", || {
         let d = tempfile::tempdir().unwrap();
@@ -713,10 +713,10 @@ fn unreadable_sources_are_refused() {
         eprintln!("skipping the unreadable-file cases: they need root to run cairn as nobody");
         return;
     }
-    if !cairn_e2e::require_peer("setpriv") {
+    if !cairn_tests::require_peer("setpriv") {
         return;
     }
-    let src = tempfile::Builder::new().prefix("cairn-e2e-src-").tempdir().unwrap();
+    let src = tempfile::Builder::new().prefix("cairn-tests-src-").tempdir().unwrap();
     fs::set_permissions(src.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let tree = src.path().join("tree");
     fs::create_dir(&tree).unwrap();

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{free_port, wait_listening, TestStore};
+use cairn_tests::{free_port, wait_listening, TestStore};
 
 /// The environment variables that make [`helper_holding_idle_connections`] hold connections.
 const HOLD_SOCKET: &str = "CAIRN_E2E_HOLD_SOCKET";
@@ -55,7 +55,7 @@ impl Holder {
             .arg(exe)
             .args([
                 "--exact",
-                &cairn_e2e::test_name(module_path!(), "helper_holding_idle_connections"),
+                &cairn_tests::test_name(module_path!(), "helper_holding_idle_connections"),
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -93,7 +93,7 @@ fn can_switch_users() -> bool {
         eprintln!("skipping: switching users needs root");
         return false;
     }
-    cairn_e2e::require_peer("setpriv")
+    cairn_tests::require_peer("setpriv")
 }
 
 fn log_lines(st: &TestStore) -> usize {
@@ -179,7 +179,7 @@ fn idle_connections_from_one_address_are_capped_on_listen() {
     assert_eq!(held.len(), 50, "connections kept from 127.0.0.1");
 
     // Another address, and the socket, are served at once.
-    if cairn_e2e::require_peer("curl") {
+    if cairn_tests::require_peer("curl") {
         let out = within_a_second("a request from 127.0.0.2", || {
             Command::new("curl")
                 .args(["-sS", "-m", "2", "--interface", "127.0.0.2"])

@@ -4,8 +4,8 @@
 //! busybox for builders, `bash`, `man` or `systemd-analyze`, and skip without them (fail, with
 //! `CAIRN_REQUIRE_PEERS=1`). Tests that need another tool to compare with are in `../interop`.
 //!
-//! One test binary with one module per suite (`cargo test -p cairn-e2e --test e2e -- gc::`):
-//! one link of the workspace instead of one per suite. The harness is the `cairn-e2e` library
+//! One test binary with one module per suite (`cargo test -p cairn-tests --test e2e -- gc::`):
+//! one link of the workspace instead of one per suite. The harness is the `cairn-tests` library
 //! (`tests/src`).
 
 mod build_hostile;

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use cairn_e2e::{bin_dir, Rng, TestStore};
+use cairn_tests::{bin_dir, Rng, TestStore};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use sha2::{Digest, Sha256};
@@ -925,7 +925,7 @@ fn an_untrusted_clients_unsigned_add_to_store_nar_is_refused() {
         .arg(&exe)
         .args([
             "--exact",
-            &cairn_e2e::test_name(module_path!(), "helper_untrusted_client_process"),
+            &cairn_tests::test_name(module_path!(), "helper_untrusted_client_process"),
             "--nocapture",
             "--test-threads=1",
         ])

@@ -2,8 +2,8 @@
 //! management), ported from the upstream Go suite (which cannot be built here) and run with raw
 //! HTTP against cairnd's registry endpoint, plus the hostile pushes a registry must refuse.
 
-use cairn_e2e::oci::{digest_of, http, Answer};
-use cairn_e2e::{free_port, wait_listening, TestStore};
+use cairn_tests::oci::{digest_of, http, Answer};
+use cairn_tests::{free_port, wait_listening, TestStore};
 
 const MT: &str = "application/vnd.oci.image.manifest.v1+json";
 const CFG: &str = "application/vnd.oci.image.config.v1+json";

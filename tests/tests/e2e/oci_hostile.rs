@@ -4,9 +4,9 @@
 //! blobs. Every case must end in a one-line error, leave nothing in the store, and leave the
 //! daemon serving.
 
-use cairn_e2e::fake_registry::{Fake, FakeState};
-use cairn_e2e::oci::digest_of;
-use cairn_e2e::TestStore;
+use cairn_tests::fake_registry::{Fake, FakeState};
+use cairn_tests::oci::digest_of;
+use cairn_tests::TestStore;
 
 const MT: &str = "application/vnd.oci.image.manifest.v1+json";
 

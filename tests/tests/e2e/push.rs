@@ -1,9 +1,9 @@
 //! `cairn copy --to tcp://HOST:PORT`: closures pushed into another cairnd over TCP, only what it
 //! lacks, and only paths one of its trusted keys signed.
 
-use cairn_e2e::{free_port, line, wait_listening, write, TestStore};
+use cairn_tests::{free_port, line, wait_listening, write, TestStore};
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 #[test]
 fn push_sends_only_missing_signed_paths() {

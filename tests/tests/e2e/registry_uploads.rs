@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::oci::{digest_of, http};
-use cairn_e2e::{free_port, wait_listening, TestStore};
+use cairn_tests::oci::{digest_of, http};
+use cairn_tests::{free_port, wait_listening, TestStore};
 
 fn uploads(st: &TestStore) -> PathBuf {
     st.root.path().join("var/lib/cairn/oci-uploads")

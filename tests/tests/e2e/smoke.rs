@@ -1,6 +1,6 @@
 //! The shortest path through the real binaries: add, query, dump, stop.
 
-use cairn_e2e::{line, TestStore};
+use cairn_tests::{line, TestStore};
 
 #[test]
 fn add_query_dump_and_graceful_stop() {

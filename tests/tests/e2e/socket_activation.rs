@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, require_peer};
+use cairn_tests::{bin_dir, require_peer};
 
 /// Starts cairnd on `root` as a socket-activating supervisor would, passing `listener` as
 /// descriptor 3; `listen_pid` says whose the descriptors are (`$$`: cairnd's own pid, as the

@@ -3,7 +3,7 @@
 //! others may create tags and change only those they made. Switching users needs root and
 //! `setpriv`; the test skips otherwise.
 
-use cairn_e2e::TestStore;
+use cairn_tests::TestStore;
 
 const NOBODY: u32 = 65534;
 const OTHER: u32 = 65533;
@@ -32,7 +32,7 @@ fn an_untrusted_user_moves_or_removes_only_the_tags_they_made() {
         eprintln!("skipping: switching users needs root");
         return;
     }
-    if !cairn_e2e::require_peer("setpriv") {
+    if !cairn_tests::require_peer("setpriv") {
         return;
     }
     let st = TestStore::start();

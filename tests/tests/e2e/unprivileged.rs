@@ -10,7 +10,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use cairn_e2e::{line, require_peer, world_readable_tempdir, TestStore};
+use cairn_tests::{line, require_peer, world_readable_tempdir, TestStore};
 
 const BUSYBOX: &str = "/bin/busybox";
 const NOBODY: u32 = 65534;

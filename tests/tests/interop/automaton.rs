@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use cairn_e2e::{require_peer, TestStore};
+use cairn_tests::{require_peer, TestStore};
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 /// Whether runc can run here (it needs root on these machines).
 fn runc_ready() -> bool {

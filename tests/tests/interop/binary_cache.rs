@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use cairn_e2e::{line, path_info_summary as infos, require_peer, write, NixStore, TestStore};
+use cairn_tests::{line, path_info_summary as infos, require_peer, write, NixStore, TestStore};
 use serde_json::Value;
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 /// A tree (an executable and 100 kB of data) and a note that references it, made in a scratch
 /// store; returns both paths and their export stream (imported paths carry no content address,

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{line, processes, require_peer, NixStore, TestStore};
+use cairn_tests::{line, processes, require_peer, NixStore, TestStore};
 
 const BUSYBOX: &str = "/bin/busybox";
 

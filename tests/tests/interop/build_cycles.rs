@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use cairn_e2e::{line, require_peer, TestStore};
+use cairn_tests::{line, require_peer, TestStore};
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -128,14 +128,14 @@ fn random_output_reference_graphs_get_nixs_verdict_and_the_daemon_keeps_serving(
     }
     let nix_config = "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nsandbox = true\n\
                       sandbox-paths = /bin/sh=/bin/busybox\n";
-    let nix = cairn_e2e::NixStore::new();
+    let nix = cairn_tests::NixStore::new();
     let nix_run = |args: &[&str]| nix.cmd(args[0]).env("NIX_CONFIG", nix_config).args(&args[1..]).output().unwrap();
     let st = TestStore::builder()
         .store_dir("/nix/store")
         .config(&format!("sandbox-paths = [\"/bin/sh={BUSYBOX}\"]\n"))
         .start();
     let dir = tempfile::tempdir().unwrap();
-    let mut rng = cairn_e2e::Rng::new(18);
+    let mut rng = cairn_tests::Rng::new(18);
     let (mut cyclic_cases, mut acyclic_cases) = (0, 0);
     for case in 0..16 {
         let n = 2 + rng.below(3) as usize;

@@ -11,14 +11,14 @@
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::garage::{Garage, BUCKET};
-use cairn_e2e::{
+use cairn_tests::garage::{Garage, BUCKET};
+use cairn_tests::{
     free_port, line, path_info_fields as metadata, path_info_summary as infos, require_peer, wait_listening, write,
     NixStore, Rng, TestStore,
 };
 use serde_json::Value;
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 const FIELDS: &[&str] = &["narHash", "narSize", "references", "ca", "deriver"];
 
@@ -54,7 +54,7 @@ fn closures_travel_through_garage_to_cairn_and_nix() {
     // upload), and a note over both. Store directory /nix/store, for Nix.
     let scratch = TestStore::builder().store_dir("/nix/store").start();
     write(&work.path().join("ia/lib/data"), &Rng::new(1).bytes(200_000));
-    cairn_e2e::write_exec(&work.path().join("ia/bin/run"), b"#!/bin/sh\necho run\n");
+    cairn_tests::write_exec(&work.path().join("ia/bin/run"), b"#!/bin/sh\necho run\n");
     let ia_tree = line(&scratch.ok(&["add", s(&work.path().join("ia"))]));
     write(&work.path().join("ia-note"), format!("needs {ia_tree}\n").as_bytes());
     let ia_note = line(&scratch.ok(&["add-text", "ia-note", s(&work.path().join("ia-note")), "--ref", &ia_tree]));

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use cairn_e2e::{
+use cairn_tests::{
     bin_dir, free_port, line, path_info_fields as metadata, path_info_summary as infos, require_peer, wait_listening,
     write, NixStore, Rng, TestStore,
 };
@@ -18,7 +18,7 @@ use cairn_nix::hash::{Encoding, Hash, HashAlgo};
 use cairn_nix::signing::PublicKey;
 use serde_json::Value;
 
-use cairn_e2e::utf8 as s;
+use cairn_tests::utf8 as s;
 
 /// The name of the key every serving daemon here signs with.
 const KEY_NAME: &str = "cairn-serving-e2e-1";
@@ -121,7 +121,7 @@ fn serving(store_dir: &str, signed: bool, extra_config: &str) -> Served {
 /// A tree with an executable, a symlink, an empty file and `data_len` bytes of random data.
 fn make_tree(dir: &Path, seed: u64, data_len: usize) -> std::path::PathBuf {
     let t = dir.join(format!("tree-{seed}"));
-    cairn_e2e::write_exec(&t.join("bin/tool"), format!("#!/bin/sh\necho tool {seed}\n").as_bytes());
+    cairn_tests::write_exec(&t.join("bin/tool"), format!("#!/bin/sh\necho tool {seed}\n").as_bytes());
     write(&t.join("share/data"), &Rng::new(seed).bytes(data_len));
     write(&t.join("share/empty"), b"");
     std::os::unix::fs::symlink("../bin/tool", t.join("share/link")).unwrap();
@@ -764,7 +764,7 @@ fn copy_to_a_daemon_signs_with_the_given_key() {
     assert!(signed, "copy --to unix:// --secret-key-file did not sign: {sigs:?}");
 
     // An untrusted user can send paths only signed by a key the target trusts: with one.
-    if !nix::unistd::geteuid().is_root() || !cairn_e2e::require_peer("setpriv") {
+    if !nix::unistd::geteuid().is_root() || !cairn_tests::require_peer("setpriv") {
         return;
     }
     std::fs::set_permissions(&sk, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use cairn_e2e::{require_peer, NixStore, TestStore};
+use cairn_tests::{require_peer, NixStore, TestStore};
 
 #[test]
 fn derivation_show_matches_nix() {

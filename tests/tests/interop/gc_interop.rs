@@ -12,7 +12,7 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use cairn_e2e::{line, require_peer, NixStore, Rng, TestStore};
+use cairn_tests::{line, require_peer, NixStore, Rng, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
@@ -34,9 +34,9 @@ fn base(p: &str) -> &str {
     p.rsplit('/').next().unwrap()
 }
 
-use cairn_e2e::utf8;
+use cairn_tests::utf8;
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 fn cairn_gcroots(st: &TestStore) -> PathBuf {
     st.root.path().join("var/lib/cairn/gcroots")

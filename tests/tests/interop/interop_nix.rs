@@ -15,7 +15,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cairn_e2e::{line, require_peer, NixStore, Rng, TestStore};
+use cairn_tests::{line, require_peer, NixStore, Rng, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
@@ -25,7 +25,7 @@ fn cairn_store() -> TestStore {
     TestStore::builder().store_dir("/nix/store").start()
 }
 
-use cairn_e2e::utf8;
+use cairn_tests::utf8;
 
 fn text(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).expect("utf-8 output")

@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use cairn_e2e::{bin_dir, line, require_peer, write, NixStore, TestStore};
+use cairn_tests::{bin_dir, line, require_peer, write, NixStore, TestStore};
 
 fn cairn(args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin_dir().join("cairn")).args(args).output().unwrap()

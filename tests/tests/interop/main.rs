@@ -6,8 +6,8 @@
 //! tests need cairn alone (`build_cycles`, `cache_serve`, `oci_build`, `binary_cache`).
 //! Suites that need cairn alone are in `../e2e`.
 //!
-//! One test binary with one module per suite (`cargo test -p cairn-e2e --test interop --
-//! interop_nix::`). The harness is the `cairn-e2e` library (`tests/src`).
+//! One test binary with one module per suite (`cargo test -p cairn-tests --test interop --
+//! interop_nix::`). The harness is the `cairn-tests` library (`tests/src`).
 
 mod automaton;
 mod binary_cache;

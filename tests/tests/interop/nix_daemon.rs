@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_e2e::{bin_dir, output_with_stdin, require_peer, TestStore};
+use cairn_tests::{bin_dir, output_with_stdin, require_peer, TestStore};
 
 /// What both daemons build with.
 const CAIRN_CONFIG: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\n";
@@ -233,7 +233,7 @@ fn nix_store_adds_and_queries_answer_as_nix_daemon_does() {
     let dir = p.work.path().join("in/tree");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     std::fs::write(dir.join("sub/data"), vec![7u8; 100_000]).unwrap();
-    cairn_e2e::write_exec(&dir.join("run"), b"#!/bin/sh\necho run\n");
+    cairn_tests::write_exec(&dir.join("run"), b"#!/bin/sh\necho run\n");
     std::os::unix::fs::symlink("sub/data", dir.join("link")).unwrap();
     let dir = dir.display().to_string();
 

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use cairn_e2e::{output_with_stdin, require_peer, NixStore, TestStore};
+use cairn_tests::{output_with_stdin, require_peer, NixStore, TestStore};
 use serde_json::Value;
 
 /// Two generations of a small "system": zlib and python change versions, `gone` goes, `hello`

@@ -8,11 +8,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use cairn_e2e::oci::{
+use cairn_tests::oci::{
     digest_of, layout_blob, layout_blobs, run_tool, skopeo_copy, skopeo_raw, umoci_add_layers, umoci_image, umoci_tag,
     DockerRegistry,
 };
-use cairn_e2e::{free_port, require_peer, wait_listening, TestStore};
+use cairn_tests::{free_port, require_peer, wait_listening, TestStore};
 
 fn peers() -> bool {
     ["docker-registry", "skopeo", "umoci", "oci-image-tool"].iter().all(|p| require_peer(p))
@@ -43,7 +43,7 @@ fn count_entries(store: &TestStore, infix: &str) -> usize {
     store.store_entries().iter().filter(|e| e.contains(infix)).count()
 }
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 #[test]
 fn pulls_pushes_and_exports_keep_digests_with_real_peers() {
@@ -383,7 +383,7 @@ fn platforms_of_an_index_and_chunked_pushes() {
     if !peers() {
         return;
     }
-    use cairn_e2e::fake_registry::{Fake, FakeState};
+    use cairn_tests::fake_registry::{Fake, FakeState};
     const IDX: &str = "application/vnd.oci.image.index.v1+json";
     const MT: &str = "application/vnd.oci.image.manifest.v1+json";
     let (amd, amd_blobs) = platform_image("amd64");

@@ -6,10 +6,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use cairn_e2e::oci::{digest_of, run_tool, skopeo_copy, skopeo_raw, DockerRegistry};
-use cairn_e2e::{require_peer, TestStore};
+use cairn_tests::oci::{digest_of, run_tool, skopeo_copy, skopeo_raw, DockerRegistry};
+use cairn_tests::{require_peer, TestStore};
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 /// A tree with a static busybox as `bin/busybox` and `bin/sh` (busybox picks its applet from
 /// the name it is called by), added to the store; and a script that refers to it.

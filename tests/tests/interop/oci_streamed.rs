@@ -7,10 +7,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use cairn_e2e::oci::{digest_of, http, layout_blob, layout_blobs, run_tool, skopeo_raw};
-use cairn_e2e::{free_port, require_peer, wait_listening, TestStore};
+use cairn_tests::oci::{digest_of, http, layout_blob, layout_blobs, run_tool, skopeo_raw};
+use cairn_tests::{free_port, require_peer, wait_listening, TestStore};
 
-use cairn_e2e::json;
+use cairn_tests::json;
 
 /// A tree of a few files (one of 3 MiB, one under a name longer than a tar header holds, a
 /// symlink, an executable) and a text path referring to it: the closure of the text path.

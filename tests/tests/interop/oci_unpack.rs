@@ -12,8 +12,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cairn_e2e::oci::{digest_of, run_tool};
-use cairn_e2e::{require_peer, TestStore};
+use cairn_tests::oci::{digest_of, run_tool};
+use cairn_tests::{require_peer, TestStore};
 
 /// What a tree holds, path by path: `d`, `f <exec> <contents>` or `l <target>`.
 fn tree(root: &Path) -> BTreeMap<String, String> {
