@@ -48,9 +48,9 @@ use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, Expo
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
 
-mod realise;
 mod image;
 mod protocol;
+mod realise;
 
 struct Opts {
     tree_mib: u64,

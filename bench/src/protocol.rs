@@ -30,7 +30,8 @@ const DAEMON_CONF: &str = "build-users-group =\nsubstituters =\nsandbox = true\n
                            max-jobs = 2\ncores = 1\nexperimental-features = nix-command\n";
 const CAIRN_CONF: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\ncores = 1\n";
 /// What the client asks every daemon for (its `SetOptions`).
-const CLIENT_CONF: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nmax-jobs = 2\ncores = 1\n";
+const CLIENT_CONF: &str =
+    "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nmax-jobs = 2\ncores = 1\n";
 
 /// A real nix-daemon serving the local store at `root`.
 struct NixDaemon {
@@ -305,7 +306,10 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
                     c.args(["-q", "--hash"]).args(&paths);
                     Ok(timed(c, None)?.0)
                 };
-                ensure!(q(&cairn_url(&cairn))? == q(&format!("local?root={}", src.root.display()))?, "{label}: hashes differ");
+                ensure!(
+                    q(&cairn_url(&cairn))? == q(&format!("local?root={}", src.root.display()))?,
+                    "{label}: hashes differ"
+                );
             }
         }
         table.time(label.into(), median(&mut c_times), Some(median(&mut n_times)));

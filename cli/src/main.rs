@@ -6,7 +6,6 @@
 
 mod archive;
 mod automaton;
-mod realise;
 mod cache;
 mod closures;
 mod completions;
@@ -17,6 +16,7 @@ mod gc;
 mod image;
 mod keys;
 mod progress;
+mod realise;
 mod store;
 
 use std::process::ExitCode;

@@ -202,16 +202,7 @@ pub(crate) async fn open_state(
     let images = cairn_image::Images::new(store.clone());
     let image_builder = Arc::new(crate::state::ImageBuiltin::new(images.clone()));
     builder.add_builtin("oci-image", image_builder.clone());
-    Ok(Arc::new(AppState {
-        store,
-        store_dir,
-        substitution,
-        builder,
-        images,
-        image_builder,
-        tag_owners,
-        control,
-    }))
+    Ok(Arc::new(AppState { store, store_dir, substitution, builder, images, image_builder, tag_owners, control }))
 }
 
 /// Serves the binary cache and the registry on `listen`, under the same limits as the socket

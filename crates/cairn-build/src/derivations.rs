@@ -64,11 +64,10 @@ impl<'s> Derivations<'s> {
     pub fn give(&mut self, path: &StorePath, drv: Arc<Derivation>) -> Result<(), BuildError> {
         let mut outputs = BTreeMap::new();
         for (name, out) in &drv.outputs {
-            let p = self
-                .store
-                .store_dir()
-                .parse(&out.path)
-                .map_err(|e| BuildError::BadDerivation { path: self.display(path), source: DerivationError::from(e) })?;
+            let p = self.store.store_dir().parse(&out.path).map_err(|e| BuildError::BadDerivation {
+                path: self.display(path),
+                source: DerivationError::from(e),
+            })?;
             outputs.insert(name.clone(), p);
         }
         self.parsed.insert(path.clone(), drv);

@@ -38,7 +38,9 @@ pub mod sys;
 pub mod zygote;
 
 pub use logs::LogStore;
-pub use realise::{BuildSettings, Builder, Builtin, Event, Failure, FailureKind, Goal, Mode, Options, Outcome, RequestLimits};
+pub use realise::{
+    BuildSettings, Builder, Builtin, Event, Failure, FailureKind, Goal, Mode, Options, Outcome, RequestLimits,
+};
 
 use cairn_nix::derivation::DerivationError;
 use cairn_store::StoreError;

@@ -364,9 +364,9 @@ impl Builder {
                     }
                     drvs.outputs(&drv)
                 })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
             }
         };
         let dir = self.store.store_dir();

@@ -386,9 +386,7 @@ pub fn trusted_path_info(dir: &StoreDir, info: &PathInfo, policy: &Policy) -> Re
         return Ok(());
     }
     let signed = cairn_nix::signing::fingerprint(dir, &info.path, &info.nar_hash, info.nar_size, &info.references)
-        .is_ok_and(|fp| {
-            info.signatures.iter().any(|sig| policy.trusted_keys.iter().any(|k| k.verifies(&fp, sig)))
-        });
+        .is_ok_and(|fp| info.signatures.iter().any(|sig| policy.trusted_keys.iter().any(|k| k.verifies(&fp, sig))));
     let proven = info.ca.as_ref().is_some_and(|ca| {
         let refs: BTreeSet<StorePath> = info.references.iter().filter(|r| **r != info.path).cloned().collect();
         let self_ref = info.references.contains(&info.path);

@@ -358,7 +358,9 @@ impl Db {
     /// `queryValidDerivers`), through the index on `DerivationOutputs(path)`.
     pub fn valid_derivers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>> {
         self.conn
-            .prepare_cached("SELECT v.path FROM DerivationOutputs o JOIN ValidPaths v ON o.drv = v.id WHERE o.path = ?1")?
+            .prepare_cached(
+                "SELECT v.path FROM DerivationOutputs o JOIN ValidPaths v ON o.drv = v.id WHERE o.path = ?1",
+            )?
             .query_map([path.to_string()], |r| r.get::<_, String>(0))?
             .map(|s| parse_path(&s?))
             .collect()

@@ -14,8 +14,8 @@
 //! the bytes received, and one fetched by digest must have that digest.
 
 pub mod automaton;
-pub mod layered;
 pub mod images;
+pub mod layered;
 pub mod memo;
 pub mod pull;
 pub mod push;

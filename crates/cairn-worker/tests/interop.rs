@@ -16,9 +16,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use cairn_tests::require_peer;
 use cairn_nix::nar::{NarReader, NarWriter};
 use cairn_nix::{ContentAddress, FileIngestionMethod, Hash, HashAlgo, StoreDir, StorePath};
+use cairn_tests::require_peer;
 use cairn_worker::*;
 
 fn store_dir() -> StoreDir {

@@ -16,9 +16,9 @@ use crate::auth::Peer;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub mod realise;
 pub mod control;
 pub mod images;
+pub mod realise;
 pub mod store;
 pub mod substitute;
 pub mod transfer;

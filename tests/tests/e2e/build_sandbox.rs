@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_tests::{processes, require_peer, TestStore};
 use cairn_nix::hash::Encoding;
+use cairn_tests::{processes, require_peer, TestStore};
 
 const BUSYBOX: &str = "/bin/busybox";
 

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_tests::{bin_dir, line, world_readable_tempdir, write, write_exec, TestStore};
 use cairn_nix::hash::Encoding;
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo};
+use cairn_tests::{bin_dir, line, world_readable_tempdir, write, write_exec, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------

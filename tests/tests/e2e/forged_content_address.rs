@@ -15,9 +15,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 
-use cairn_tests::{bin_dir, free_port, line, wait_listening, world_readable_tempdir, TestStore};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo};
+use cairn_tests::{bin_dir, free_port, line, wait_listening, world_readable_tempdir, TestStore};
 
 const GENUINE: &[u8] = b"the genuine release tarball\n";
 const PLANTED: &[u8] = b"a planted backdoor, of another length\n";

@@ -9,10 +9,10 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cairn_tests::{line, TestStore};
 use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer, EXPORT_MAGIC};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::wire::{write_bytes, write_u64};
+use cairn_tests::{line, TestStore};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use cairn_tests::{output_with_stdin, require_peer, NixStore, TestStore};
 use cairn_nix::hash::Encoding;
 use cairn_nix::{Hash, HashAlgo};
+use cairn_tests::{output_with_stdin, require_peer, NixStore, TestStore};
 
 fn nix_config(extra: &str) -> String {
     format!(

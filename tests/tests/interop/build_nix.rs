@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use cairn_tests::{output_with_stdin, require_peer, NixStore, TestStore};
 use cairn_nix::hash::Encoding;
+use cairn_tests::{output_with_stdin, require_peer, NixStore, TestStore};
 
 const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nsandbox = true\n\
                           sandbox-paths = /bin/sh=/bin/busybox\nmax-jobs = 2\n";

@@ -10,12 +10,12 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+use cairn_nix::hash::{Encoding, Hash, HashAlgo};
+use cairn_nix::signing::PublicKey;
 use cairn_tests::{
     bin_dir, free_port, line, path_info_fields as metadata, path_info_summary as infos, require_peer, wait_listening,
     write, NixStore, Rng, TestStore,
 };
-use cairn_nix::hash::{Encoding, Hash, HashAlgo};
-use cairn_nix::signing::PublicKey;
 use serde_json::Value;
 
 use cairn_tests::utf8 as s;

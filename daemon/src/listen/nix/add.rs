@@ -14,7 +14,7 @@
 use std::collections::BTreeSet;
 use std::io::{self, Read, Seek, Write};
 
-use cairn_nix::hash::{HashingWriter, Hasher};
+use cairn_nix::hash::{Hasher, HashingWriter};
 use cairn_nix::nar::{NarEvent, NarReader};
 use cairn_nix::{ContentAddress, FileIngestionMethod, HashAlgo, StorePath};
 use cairn_store::{ClientScope, PathInfo};
@@ -137,9 +137,8 @@ impl<R: Read, W: Write> Session<R, W> {
         let (method, algo) = if !fixed {
             (FileIngestionMethod::Recursive, HashAlgo::Sha256)
         } else {
-            let algo: HashAlgo = hash_algo
-                .parse()
-                .map_err(|_| Failure::Report(format!("unknown hash algorithm '{hash_algo}'")))?;
+            let algo: HashAlgo =
+                hash_algo.parse().map_err(|_| Failure::Report(format!("unknown hash algorithm '{hash_algo}'")))?;
             (if recursive { FileIngestionMethod::Recursive } else { FileIngestionMethod::Flat }, algo)
         };
         let info = match method {
@@ -175,7 +174,12 @@ impl<R: Read, W: Write> Session<R, W> {
     }
 
     /// `AddToStoreNar`: one path with its metadata; the payload's form depends on the version.
-    pub(super) fn add_to_store_nar(&mut self, info: ValidPathInfo, repair: bool, dont_check_sigs: bool) -> OpResult<()> {
+    pub(super) fn add_to_store_nar(
+        &mut self,
+        info: ValidPathInfo,
+        repair: bool,
+        dont_check_sigs: bool,
+    ) -> OpResult<()> {
         let st = self.st.clone();
         let _client = ClientScope::enter(self.peer.client);
         let mut info = store_info(info);
@@ -299,7 +303,9 @@ fn add_hashed(
             io::copy(&mut file, &mut sha)?;
             file.rewind()?;
             let nar_hash = sha.finish();
-            let path = st.store_dir.make_fixed_output_path(name, method, &hash, &BTreeSet::new(), false)
+            let path = st
+                .store_dir
+                .make_fixed_output_path(name, method, &hash, &BTreeSet::new(), false)
                 .map_err(|e| Failure::Report(e.to_string()))?;
             let info = PathInfo {
                 path,
@@ -314,7 +320,8 @@ fn add_hashed(
             };
             let store = st.store.clone();
             let batch = store.batch()?;
-            batch.add_nar_with_info(info.clone(), io::BufReader::new(file), |_| Ok::<(), cairn_store::StoreError>(()))?;
+            batch
+                .add_nar_with_info(info.clone(), io::BufReader::new(file), |_| Ok::<(), cairn_store::StoreError>(()))?;
             batch.commit()?;
             Ok(st.store.valid_path_info(&info.path)?)
         }

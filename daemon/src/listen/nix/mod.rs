@@ -31,8 +31,8 @@ use crate::limits::{AcceptErrors, Connections, PeerKey};
 use crate::state::AppState;
 
 mod add;
-mod realise;
 mod ops;
+mod realise;
 mod session;
 
 pub(crate) use session::Session;
@@ -80,7 +80,10 @@ pub(crate) async fn serve(listener: UnixListener, st: Arc<AppState>, policy: Pol
                 continue;
             }
         };
-        let peer = Peer { client: cred.pid().and_then(cairn_store::ClientId::of_pid), ..policy.identify(cred.uid(), cred.gid()) };
+        let peer = Peer {
+            client: cred.pid().and_then(cairn_store::ClientId::of_pid),
+            ..policy.identify(cred.uid(), cred.gid())
+        };
         if !peer.allowed {
             // As nix-daemon: the connection is closed before the handshake.
             tracing::warn!(user = peer.user, "user may not use this cairnd (allowed-users)");
@@ -101,7 +104,13 @@ pub(crate) async fn serve(listener: UnixListener, st: Arc<AppState>, policy: Pol
                 Err(e) => return tracing::debug!("cannot clone the connection: {e}"),
             };
             let user = peer.user.clone();
-            let session = Session::new(st, peer, rt, BufReader::with_capacity(1 << 16, reader), BufWriter::with_capacity(1 << 16, stream));
+            let session = Session::new(
+                st,
+                peer,
+                rt,
+                BufReader::with_capacity(1 << 16, reader),
+                BufWriter::with_capacity(1 << 16, stream),
+            );
             if let Err(e) = session.run() {
                 tracing::debug!(user, "nix session ended: {e}");
             }

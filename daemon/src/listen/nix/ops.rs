@@ -57,13 +57,7 @@ impl<R: Read, W: Write> Session<R, W> {
             return BTreeMap::new();
         }
         let sub = &self.st.substitution;
-        self.rt.block_on(cairn_cache::substitute::query(
-            &subs,
-            &sub.lookups,
-            &sub.policy,
-            &self.st.store_dir,
-            paths,
-        ))
+        self.rt.block_on(cairn_cache::substitute::query(&subs, &sub.lookups, &sub.policy, &self.st.store_dir, paths))
     }
 
     /// Substitutes what of `paths` is missing (closures included); errors are the caller's to
@@ -195,7 +189,8 @@ impl<R: Read, W: Write> Session<R, W> {
                     .into_iter()
                     .map(|r| {
                         // As nix-daemon: an untrusted client does not learn other processes' roots.
-                        let link = if trusted || r.origin.starts_with('/') { r.origin } else { "{censored}".to_owned() };
+                        let link =
+                            if trusted || r.origin.starts_with('/') { r.origin } else { "{censored}".to_owned() };
                         (link, r.path)
                     })
                     .collect();
@@ -275,11 +270,9 @@ impl<R: Read, W: Write> Session<R, W> {
         let target = std::fs::read_link(link)
             .map_err(|e| Failure::Report(format!("cannot read root '{}': {e}", link.display())))?;
         let target = target.to_string_lossy();
-        let path = self
-            .st
-            .store_dir
-            .parse(&target)
-            .map_err(|_| Failure::Report(format!("root '{}' does not point into the store ({target})", link.display())))?;
+        let path = self.st.store_dir.parse(&target).map_err(|_| {
+            Failure::Report(format!("root '{}' does not point into the store ({target})", link.display()))
+        })?;
         self.st.store.add_indirect_root(link, &path)?;
         Ok(())
     }

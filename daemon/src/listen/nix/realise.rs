@@ -176,12 +176,8 @@ impl<R: Read, W: Write> Session<R, W> {
             return Ok(());
         }
         let r = self.realise(goals, mode, BTreeMap::new())?;
-        let failed: Vec<(StorePath, String)> = r
-            .outcome
-            .results
-            .into_iter()
-            .filter_map(|(drv, res)| res.err().map(|m| (drv, m)))
-            .collect();
+        let failed: Vec<(StorePath, String)> =
+            r.outcome.results.into_iter().filter_map(|(drv, res)| res.err().map(|m| (drv, m))).collect();
         match failed.as_slice() {
             [] => Ok(()),
             [(_, message)] => Err(Failure::Report(message.clone())),
@@ -244,7 +240,11 @@ impl<R: Read, W: Write> Session<R, W> {
     }
 
     /// `BuildPathsWithResults`: one result per path; failures are results, not errors.
-    pub(super) fn build_with_results(&mut self, paths: &[DerivedPath], mode: BuildMode) -> OpResult<Vec<KeyedBuildResult>> {
+    pub(super) fn build_with_results(
+        &mut self,
+        paths: &[DerivedPath],
+        mode: BuildMode,
+    ) -> OpResult<Vec<KeyedBuildResult>> {
         self.check_mode(mode)?;
         let (goals, _) = self.split(paths);
         let realised = if goals.is_empty() { None } else { Some(self.realise(goals, mode, BTreeMap::new())?) };
@@ -309,10 +309,13 @@ impl<R: Read, W: Write> Session<R, W> {
         let given = BTreeMap::from([(drv_path.clone(), drv.clone())]);
         let goal = Goal { drv: drv_path.clone(), outputs: None };
         let r = self.realise(vec![goal], mode, given)?;
-        let res =
-            r.outcome.results.iter().find(|(d, _)| *d == drv_path).map(|(_, x)| x.clone()).unwrap_or_else(|| {
-                Err("not realised".into())
-            });
+        let res = r
+            .outcome
+            .results
+            .iter()
+            .find(|(d, _)| *d == drv_path)
+            .map(|(_, x)| x.clone())
+            .unwrap_or_else(|| Err("not realised".into()));
         Ok(self.goal_result(&drv_path, res, &r, Some(&drv)))
     }
 

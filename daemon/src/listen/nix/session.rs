@@ -218,7 +218,10 @@ impl<R: Read, W: Write> Session<R, W> {
         if self.peer.trusted {
             Ok(())
         } else {
-            Err(Failure::Report(format!("you are not privileged to {what} (user '{}' is not in trusted-users)", self.peer.user)))
+            Err(Failure::Report(format!(
+                "you are not privileged to {what} (user '{}' is not in trusted-users)",
+                self.peer.user
+            )))
         }
     }
 
@@ -231,7 +234,9 @@ impl<R: Read, W: Write> Session<R, W> {
                 self.options = o;
                 r(Response::Nothing)
             }
-            Q::AddToStore { name, method, references, repair: _ } => r(self.add_to_store(&name, method, &references)?),
+            Q::AddToStore { name, method, references, repair: _ } => {
+                r(self.add_to_store(&name, method, &references)?)
+            }
             Q::AddToStoreLegacy { name, fixed, recursive, hash_algo } => {
                 r(self.add_to_store_legacy(&name, fixed, recursive, &hash_algo)?)
             }
@@ -252,7 +257,9 @@ impl<R: Read, W: Write> Session<R, W> {
                 self.build_paths(&paths, mode)?;
                 r(Response::One)
             }
-            Q::BuildPathsWithResults { paths, mode } => r(Response::BuildResults(self.build_with_results(&paths, mode)?)),
+            Q::BuildPathsWithResults { paths, mode } => {
+                r(Response::BuildResults(self.build_with_results(&paths, mode)?))
+            }
             Q::BuildDerivation { drv_path, drv, mode } => {
                 r(Response::BuildResult(self.build_derivation(drv_path, drv, mode)?))
             }
@@ -269,7 +276,8 @@ impl<R: Read, W: Write> Session<R, W> {
     pub(super) fn build_limits(&self) -> cairn_build::RequestLimits {
         let secs = |n: u64| (n > 0).then(|| std::time::Duration::from_secs(n));
         let o = &self.options;
-        let timeout = o.overrides.get("timeout").or_else(|| o.overrides.get("build-timeout")).and_then(|v| v.parse().ok());
+        let timeout =
+            o.overrides.get("timeout").or_else(|| o.overrides.get("build-timeout")).and_then(|v| v.parse().ok());
         cairn_build::RequestLimits {
             max_jobs: (o.max_build_jobs > 0).then_some(o.max_build_jobs as usize),
             timeout: timeout.and_then(secs),
