@@ -15,7 +15,7 @@
 //!   instantiation included, both daemons sandboxed with a static busybox as `/bin/sh`,
 //!   `max-jobs = 2`, `cores = 1` (the client asks for the same).
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -210,7 +210,7 @@ fn connect_and_ask(socket: &Path, path: &str) -> Result<()> {
     let mut w = BufWriter::new(s);
     let limits = Limits::default();
     let hello = ClientHello { version: ProtocolVersion::NIX_2_8, features: Default::default() };
-    let session = client_handshake(&mut RW(&mut r, &mut w), &hello, &limits)?;
+    let session = client_handshake(&mut Duplex { r: &mut r, w: &mut w }, &hello, &limits)?;
     let v = session.version;
     read_until_last(&mut r, v, &limits, |_| Ok(()))?.map_err(|e| anyhow::anyhow!(e.message))?;
     let proto = Proto::new(v, cairn_nix::StoreDir::new("/nix/store")?);
@@ -225,21 +225,6 @@ fn connect_and_ask(socket: &Path, path: &str) -> Result<()> {
         anyhow::bail!("{path} is not valid through {}", socket.display())
     };
     Ok(())
-}
-
-struct RW<'a, R, W>(&'a mut R, &'a mut W);
-impl<R: Read, W: Write> Read for RW<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-impl<R: Read, W: Write> Write for RW<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.1.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.1.flush()
-    }
 }
 
 /// `nix copy --to` each daemon from a local Nix store: 1000 small paths, then one large one.

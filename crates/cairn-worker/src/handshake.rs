@@ -182,3 +182,26 @@ pub fn client_handshake<S: Read + Write>(s: &mut S, hello: &ClientHello, limits:
     let trust = if version.has(35) { read_trust(s)? } else { None };
     Ok(ClientSession { version, daemon_version, features, nix_version, trust })
 }
+
+/// A connection's read half and write half as one stream, for [`server_handshake`] and
+/// [`client_handshake`] when the two halves are buffered apart (a `BufReader` on one clone of
+/// a socket, a `BufWriter` on another).
+pub struct Duplex<'a, R, W> {
+    pub r: &'a mut R,
+    pub w: &'a mut W,
+}
+
+impl<R: Read, W> Read for Duplex<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.r.read(buf)
+    }
+}
+
+impl<R, W: Write> Write for Duplex<'_, R, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.w.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}

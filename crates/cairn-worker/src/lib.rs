@@ -36,7 +36,9 @@ pub use constants::{
 };
 pub use error::{Error, Result};
 pub use framing::{FramedReader, FramedWriter};
-pub use handshake::{client_handshake, server_handshake, ClientHello, ClientSession, ServerHello, ServerSession};
+pub use handshake::{
+    client_handshake, server_handshake, ClientHello, ClientSession, Duplex, ServerHello, ServerSession,
+};
 pub use logger::{read_until_last, Field, RemoteError, StderrMessage};
 pub use request::{Payload, RegisterDrvOutput, Request};
 pub use response::{Realisations, Response};

@@ -143,26 +143,6 @@ fn serve(stream: UnixStream, table: &Table) -> Result<Vec<Request>> {
     Ok(seen)
 }
 
-struct Duplex<'a, R, W> {
-    r: &'a mut R,
-    w: &'a mut W,
-}
-
-impl<R: Read, W> Read for Duplex<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.r.read(buf)
-    }
-}
-
-impl<R, W: Write> Write for Duplex<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.w.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.w.flush()
-    }
-}
-
 /// Runs a Nix command against a fresh test daemon; returns its output and the requests seen.
 fn run_against_table(dir: &Path, args: &[&str]) -> (std::process::Output, Vec<Request>) {
     let sock = dir.join("sock");

@@ -85,7 +85,7 @@ impl<R: Read, W: Write> Session<R, W> {
         let top: BTreeSet<StorePath> = goals.iter().map(|g| g.drv.clone()).collect();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let rt = self.rt.clone();
-        let mut activities = Session::<R, W>::new_activities();
+        let mut activities = HashMap::new();
         let mut failures = HashMap::new();
         let outcome = rt.block_on(async {
             let work = st.builder.realise(goals, options, tx);

@@ -7,14 +7,14 @@
 //! payload were read whole) is reported and the session goes on; one that does not (a bad frame,
 //! a NAR cut short, a vanished client) ends the session after the error, as Nix's does.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use cairn_nix::StorePath;
 use cairn_worker::{
-    server_handshake, ActivityType, ClientOptions, Error as WireError, Field, Proto, ProtocolVersion, RemoteError,
-    Request, Response, ResultType, ServerHello, StderrMessage, TrustedFlag, Verbosity,
+    server_handshake, ActivityType, ClientOptions, Duplex, Error as WireError, Field, Proto, ProtocolVersion,
+    RemoteError, Request, Response, ResultType, ServerHello, StderrMessage, TrustedFlag, Verbosity,
 };
 
 use crate::auth::Peer;
@@ -118,7 +118,7 @@ impl<R: Read, W: Write> Session<R, W> {
             features: BTreeSet::new(),
         };
         let limits = self.proto.limits;
-        let session = server_handshake(&mut RW(&mut self.r, &mut self.w), &hello, &limits)?;
+        let session = server_handshake(&mut Duplex { r: &mut self.r, w: &mut self.w }, &hello, &limits)?;
         self.proto.version = session.version;
         // The start-up log (empty), ended as every answer is.
         self.message(StderrMessage::Last)?;
@@ -284,28 +284,5 @@ impl<R: Read, W: Write> Session<R, W> {
             max_silent: secs(u64::from(o.max_silent_time)),
             cores: (o.build_cores > 0).then_some(o.build_cores as usize),
         }
-    }
-
-    /// Activities of running builds, by derivation.
-    pub(super) fn new_activities() -> HashMap<StorePath, u64> {
-        HashMap::new()
-    }
-}
-
-/// A reader and a writer as one stream, for the handshake.
-struct RW<'a, R, W>(&'a mut R, &'a mut W);
-
-impl<R: Read, W: Write> Read for RW<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl<R: Read, W: Write> Write for RW<'_, R, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.1.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.1.flush()
     }
 }
