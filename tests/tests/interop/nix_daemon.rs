@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_tests::{bin_dir, output_with_stdin, require_peer, TestStore};
+use cairn_tests::{bin_dir, output_with_stdin, path_info_fields, require_peer, TestStore};
+
+/// Path metadata by path, as `path_info_fields` gives it.
+type Metadata = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
 
 /// What both daemons build with.
 const CAIRN_CONFIG: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\n";
@@ -164,29 +167,12 @@ impl Pair {
         (c, n)
     }
 
-    /// (narHash, narSize, references, ca) of each path `nix path-info --json -r` reports.
-    fn metadata(&self, side: Side, paths: &[&str]) -> BTreeMap<String, (String, u64, Vec<String>, Option<String>)> {
+    /// narHash, narSize, references and ca of each path `nix path-info --json -r` reports (both
+    /// sides print it with the same Nix client, so references come in the same order).
+    fn metadata(&self, side: Side, paths: &[&str]) -> Metadata {
         let mut args = vec!["path-info", "--json", "-r"];
         args.extend(paths);
-        let v: serde_json::Value = serde_json::from_str(&self.ok(side, "nix", &args)).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| {
-                let mut refs: Vec<String> =
-                    i["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
-                refs.sort();
-                (
-                    i["path"].as_str().unwrap().to_owned(),
-                    (
-                        i["narHash"].as_str().unwrap().to_owned(),
-                        i["narSize"].as_u64().unwrap(),
-                        refs,
-                        i["ca"].as_str().map(str::to_owned),
-                    ),
-                )
-            })
-            .collect()
+        path_info_fields(self.ok(side, "nix", &args).as_bytes(), &["narHash", "narSize", "references", "ca"])
     }
 
     fn same_metadata(&self, paths: &[&str]) {
