@@ -457,9 +457,28 @@ pub fn write_exec(p: &Path, contents: &[u8]) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// A loopback port nothing listens on (bound and released; good enough for a test's daemon).
+/// A loopback port nothing listens on, for a server a test starts and that binds it itself.
+///
+/// Ports come from below the kernel's ephemeral range (which starts at 32768), so neither an
+/// outgoing connection nor another `bind(…:0)` takes one between this call and the server's
+/// bind; and each is handed out once per test process, so two servers started by tests running
+/// side by side (a Garage's web and another Garage's RPC port, say) never get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Where this process starts in the range: its pid spread over it, so test binaries run at
+    // the same time (nextest runs one process per test) start far apart.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// Waits until something accepts connections on a loopback port.
