@@ -11,7 +11,10 @@
 pub mod fake_cache;
 pub mod fake_registry;
 pub mod garage;
+pub mod nix_daemon;
 pub mod oci;
+
+pub use nix_daemon::NixDaemon;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
