@@ -11,7 +11,11 @@
 pub mod fake_cache;
 pub mod fake_registry;
 pub mod garage;
+pub mod nix_daemon;
 pub mod oci;
+pub mod sshd;
+
+pub use nix_daemon::NixDaemon;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -41,9 +45,13 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// Whether a peer tool is installed; fails instead of skipping when `CAIRN_REQUIRE_PEERS=1`.
+///
+/// Besides PATH, it looks in `/usr/sbin` and `/sbin`: daemons such as `sshd` live there, which
+/// PATH often lacks, and the harness starts them by their absolute path anyway.
 pub fn require_peer(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
     let found =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
+        std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from)).any(|d| d.join(tool).is_file());
     if !found {
         if std::env::var("CAIRN_REQUIRE_PEERS").as_deref() == Ok("1") {
             panic!("peer '{tool}' is required (CAIRN_REQUIRE_PEERS=1) but not installed; see .ci/run");

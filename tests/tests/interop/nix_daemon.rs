@@ -10,74 +10,18 @@
 //! Needs Nix 2.8 (`nix-bin`) and a static busybox as the builders' `/bin/sh`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
-use cairn_tests::{bin_dir, output_with_stdin, path_info_fields, require_peer, TestStore};
+use cairn_tests::{bin_dir, output_with_stdin, path_info_fields, require_peer, NixDaemon, TestStore};
 
 /// Path metadata by path, as `path_info_fields` gives it.
 type Metadata = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
 
-/// What both daemons build with.
+/// What cairnd builds with: the settings of `cairn_tests::nix_daemon::NIX_DAEMON_CONFIG`.
 const CAIRN_CONFIG: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\n";
-const NIX_DAEMON_CONFIG: &str = "build-users-group =\nsubstituters =\nsandbox = true\n\
-    sandbox-paths = /bin/sh=/bin/busybox\nmax-jobs = 2\nexperimental-features = nix-command\n";
 /// The clients' own settings (nothing that changes what the daemons do).
 const CLIENT_CONFIG: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =\n";
-
-/// A real nix-daemon on a private store.
-struct NixDaemon {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl NixDaemon {
-    fn start() -> NixDaemon {
-        let dir = tempfile::Builder::new().prefix("nix-daemon-peer-").tempdir().unwrap();
-        let conf = dir.path().join("conf");
-        std::fs::create_dir_all(&conf).unwrap();
-        std::fs::write(conf.join("nix.conf"), NIX_DAEMON_CONFIG).unwrap();
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new("nix-daemon")
-            .arg("--store")
-            .arg(format!("local?root={}", dir.path().join("root").display()))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", dir.path())
-            .env("NIX_CONF_DIR", &conf)
-            .env("NIX_STATE_DIR", dir.path().join("state"))
-            .env("NIX_LOG_DIR", dir.path().join("log"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start nix-daemon");
-        let d = NixDaemon { dir, child };
-        let started = Instant::now();
-        while std::os::unix::net::UnixStream::connect(d.socket()).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "nix-daemon did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("state/daemon-socket/socket")
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-}
-
-impl Drop for NixDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.dir.path()).status();
-    }
-}
 
 /// cairnd and nix-daemon side by side, and a scratch directory for the clients.
 struct Pair {
