@@ -27,6 +27,8 @@
 //! 7. images (`image.rs`);
 //! 8. Nix's own client through `nix-daemon` and through cairnd's `nix-daemon-socket`: closure
 //!    queries, connections, `nix copy --to`, `nix-build` (`protocol.rs`).
+//! 9. remote builds: a fan-out dispatched to two remote nix-daemons by cairn and by Nix's
+//!    build hook, and the NARs cairn moves (`remote.rs`).
 //!
 //! Each tool starts from a fresh store for every repetition; timings are wall-clock for the
 //! whole command, client start-up included. Inputs are generated, then read once so that both
@@ -51,6 +53,7 @@ use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
 mod image;
 mod protocol;
 mod realise;
+mod remote;
 
 struct Opts {
     tree_mib: u64,
@@ -71,7 +74,8 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 8] = ["add", "import", "gc", "substitute", "build", "image", "image-build", "nix-daemon"];
+const WORKLOADS: [&str; 9] =
+    ["add", "import", "gc", "substitute", "build", "image", "image-build", "nix-daemon", "remote"];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -101,7 +105,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,nix-daemon] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,nix-daemon,remote] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
@@ -583,6 +587,9 @@ fn main() -> Result<()> {
     }
     if o.runs("nix-daemon") {
         protocol::bench_nix_daemon(&o, w, with_nix, &mut table)?;
+    }
+    if o.runs("remote") {
+        remote::bench_remote(&o, w, with_nix, &mut table)?;
     }
     // Removing the inputs and stores (several GiB) is not measured.
     rm_rf(w);

@@ -25,23 +25,23 @@ use anyhow::{ensure, Context, Result};
 
 use crate::{median, rm_rf, timed, write_export_stream, Cairn, NixStore, Opts, Table, XorShift};
 
-const BUSYBOX: &str = "/bin/busybox";
-const DAEMON_CONF: &str = "build-users-group =\nsubstituters =\nsandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\n\
+pub(crate) const BUSYBOX: &str = "/bin/busybox";
+pub(crate) const DAEMON_CONF: &str = "build-users-group =\nsubstituters =\nsandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\n\
                            max-jobs = 2\ncores = 1\nexperimental-features = nix-command\n";
-const CAIRN_CONF: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\ncores = 1\n";
+pub(crate) const CAIRN_CONF: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\ncores = 1\n";
 /// What the client asks every daemon for (its `SetOptions`).
 const CLIENT_CONF: &str =
     "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nmax-jobs = 2\ncores = 1\n";
 
 /// A real nix-daemon serving the local store at `root`.
-struct NixDaemon {
+pub(crate) struct NixDaemon {
     root: PathBuf,
     state: PathBuf,
     child: Child,
 }
 
 impl NixDaemon {
-    fn start(root: &Path) -> Result<NixDaemon> {
+    pub(crate) fn start(root: &Path) -> Result<NixDaemon> {
         let state = root.with_extension("daemon-state");
         rm_rf(&state);
         std::fs::create_dir_all(state.join("conf"))?;
@@ -67,7 +67,7 @@ impl NixDaemon {
         Ok(d)
     }
 
-    fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.state.join("daemon-socket/socket")
     }
 
@@ -87,12 +87,12 @@ fn cairn_socket(c: &Cairn) -> PathBuf {
     c.root.join("nix-socket")
 }
 
-fn cairn_url(c: &Cairn) -> String {
+pub(crate) fn cairn_url(c: &Cairn) -> String {
     format!("unix://{}?root={}", cairn_socket(c).display(), c.root.display())
 }
 
 /// A Nix client command on the store at `url`.
-fn client(w: &Path, url: &str, tool: &str) -> Command {
+pub(crate) fn client(w: &Path, url: &str, tool: &str) -> Command {
     let conf = w.join("client-conf");
     let _ = std::fs::create_dir_all(&conf);
     let _ = std::fs::write(conf.join("nix.conf"), CLIENT_CONF);
@@ -197,7 +197,7 @@ fn closure_queries(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     Ok(())
 }
 
-fn with(mut c: Command, args: &[&str]) -> Command {
+pub(crate) fn with(mut c: Command, args: &[&str]) -> Command {
     c.args(args);
     c
 }

@@ -108,6 +108,9 @@ pub enum Command {
     Realise(realise::RealiseArgs),
     /// Print the log of a past build of a derivation, or of the derivation that built a path.
     Log(realise::LogArgs),
+    /// Show the remote builders (the daemon's `builders`, and those realisations named): up or
+    /// down, builds running, systems and features, what was sent and fetched, the last error.
+    Builders(realise::BuildersArgs),
     /// Signing keys for binary caches.
     #[command(subcommand)]
     Key(keys::KeyCommand),
@@ -201,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Substitute(a) => a.run(&ctx).await,
         Command::Copy(a) => a.run(&ctx).await,
         Command::Realise(a) => a.run(&ctx).await,
+        Command::Builders(a) => a.run(&ctx).await,
         Command::Log(a) => a.run(&ctx).await,
         Command::Key(c) => c.run(),
         Command::Derivation(c) => c.run(&ctx).await,

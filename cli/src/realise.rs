@@ -53,17 +53,19 @@ impl std::fmt::Display for RealiseFailed {
 impl std::error::Error for RealiseFailed {}
 
 /// `cairn realise`'s switches.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RealiseFlags {
     pub keep_going: bool,
     pub keep_failed: bool,
     pub quiet: bool,
     pub json: bool,
     pub mode: BuildMode,
+    /// Remote builders instead of the daemon's.
+    pub builders: Option<String>,
 }
 
 pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: Option<&Path>) -> anyhow::Result<()> {
-    let RealiseFlags { keep_going, keep_failed, quiet, json, mode } = flags;
+    let RealiseFlags { keep_going, keep_failed, quiet, json, mode, builders } = flags;
     let mut paths = Vec::new();
     for a in args {
         let (p, outs) = match a.split_once('!') {
@@ -78,7 +80,7 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
     }
     let client = ctx.client().await?;
     let impure_env = impure_env(&client, &paths).await?;
-    let req = RealiseRequest { paths, keep_going, keep_failed, impure_env, mode };
+    let req = RealiseRequest { paths, keep_going, keep_failed, impure_env, mode, builders };
     let events = client.realise(&req).await?;
     let bar = progress::spinner("building");
     let (mut total, mut done, mut running) = (0usize, 0usize, 0usize);
@@ -89,7 +91,12 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
     follow_events(events, |event: RealiseEvent| {
         match event {
             RealiseEvent::Plan { drvs } => total = drvs.len(),
-            RealiseEvent::Started { .. } => running += 1,
+            RealiseEvent::Started { drv, machine } => {
+                running += 1;
+                if let (Some(m), false) = (machine, quiet) {
+                    bar.suspend(|| eprintln!("building '{}' on '{m}'", short_name(&drv)));
+                }
+            }
             RealiseEvent::Log { drv, line } => {
                 if !quiet {
                     bar.suspend(|| eprintln!("{}> {line}", short_name(&drv)));
@@ -195,18 +202,70 @@ pub struct RealiseArgs {
     /// and put the good copies in place, as `nix-store --realise --repair`.
     #[arg(long)]
     pub repair: bool,
+    /// Remote builders for this realisation instead of the daemon's `builders` setting, in
+    /// Nix's machines format (`'ssh-ng://host x86_64-linux - 4; unix:///run/b.sock'`, or
+    /// `@FILE`); `''` builds only on the daemon's machine. Trusted users only.
+    #[arg(long, value_name = "SPEC")]
+    pub builders: Option<String>,
 }
 
 impl RealiseArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
-        let RealiseArgs { paths, keep_going, keep_failed, out_link, quiet, json, check, repair } = self;
+        let RealiseArgs { paths, keep_going, keep_failed, out_link, quiet, json, check, repair, builders } = self;
         let mode = match (check, repair) {
             (true, _) => cairn_api::BuildMode::Check,
             (_, true) => cairn_api::BuildMode::Repair,
             _ => cairn_api::BuildMode::Normal,
         };
-        let flags = crate::realise::RealiseFlags { keep_going, keep_failed, quiet, json, mode };
+        let flags = crate::realise::RealiseFlags { keep_going, keep_failed, quiet, json, mode, builders };
         crate::realise::realise(ctx, &paths, flags, out_link.as_deref()).await?;
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct BuildersArgs {
+    /// Print the builders as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BuildersArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        let builders = ctx.client().await?.call(query::Builders {}).await?;
+        if self.json {
+            return print_json(&builders);
+        }
+        if builders.is_empty() {
+            eprintln!("no remote builders (set `builders` in the daemon's configuration, or pass --builders to realise)");
+            return Ok(());
+        }
+        for b in builders {
+            let state = match b.down_seconds {
+                Some(s) => format!("down ({s}s more)"),
+                None => b.state.clone(),
+            };
+            let features = if b.supported_features.is_empty() { "-".to_owned() } else { b.supported_features.join(",") };
+            println!(
+                "{}  {}  {}  jobs {}/{}  speed {}  features {}  built {}  failed {}  sent {} NARs ({} bytes)  fetched {} NARs ({} bytes)",
+                b.uri,
+                state,
+                b.systems.join(","),
+                b.running,
+                b.max_jobs,
+                b.speed_factor,
+                features,
+                b.built,
+                b.failed,
+                b.nars_sent,
+                b.bytes_sent,
+                b.nars_received,
+                b.bytes_received
+            );
+            if let Some(e) = b.last_error {
+                println!("  last error: {e}");
+            }
+        }
         Ok(())
     }
 }

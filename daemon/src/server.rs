@@ -198,7 +198,10 @@ pub(crate) async fn open_state(
     crate::listen::registry::sweep_uploads(&state_dir(&settings.root));
     let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
     let substitution = crate::state::Substitution::from_settings(settings)?;
-    let builder = Arc::new(cairn_build::Builder::new(store.clone(), crate::api::realise::build_settings(settings)?));
+    let remotes = Arc::new(crate::api::realise::remotes(settings)?);
+    let builder = Arc::new(
+        cairn_build::Builder::new(store.clone(), crate::api::realise::build_settings(settings)?).with_remotes(remotes),
+    );
     let images = cairn_image::Images::new(store.clone());
     let image_builder = Arc::new(crate::state::ImageBuiltin::new(images.clone()));
     builder.add_builtin("oci-image", image_builder.clone());

@@ -46,6 +46,8 @@ pub struct ConfigFile {
     pub secret_key_files: Option<Vec<PathBuf>>,
     pub accept_pushes: Option<bool>,
     pub max_jobs: Option<usize>,
+    pub builders: Option<String>,
+    pub builders_use_substitutes: Option<bool>,
     pub cores: Option<usize>,
     pub timeout: Option<u64>,
     pub max_silent_time: Option<u64>,
@@ -93,6 +95,8 @@ pub const KEYS: &[&str] = &[
     "secret-key-files",
     "accept-pushes",
     "max-jobs",
+    "builders",
+    "builders-use-substitutes",
     "cores",
     "timeout",
     "max-silent-time",
@@ -284,8 +288,12 @@ pub struct Settings {
     pub secret_key_files: Vec<PathBuf>,
     /// Whether the `listen` address accepts closures pushed by other daemons (signed paths only).
     pub accept_pushes: bool,
-    /// Builds running at once.
+    /// Builds running at once on this machine; 0: only on remote builders.
     pub max_jobs: usize,
+    /// Remote builders, in Nix's machines format (`@FILE` includes a file); empty: none.
+    pub builders: String,
+    /// Whether remote builders fetch inputs from their own substituters before they are sent.
+    pub builders_use_substitutes: bool,
     /// `NIX_BUILD_CORES` given to builders.
     pub cores: usize,
     /// Seconds a build may run (0: no limit).
@@ -417,7 +425,9 @@ impl Settings {
             listen: file.listen.filter(|l| !l.is_empty()),
             secret_key_files: file.secret_key_files.unwrap_or_default(),
             accept_pushes: file.accept_pushes.unwrap_or(false),
-            max_jobs: file.max_jobs.unwrap_or_else(cpus).max(1),
+            max_jobs: file.max_jobs.unwrap_or_else(cpus),
+            builders: file.builders.unwrap_or_default(),
+            builders_use_substitutes: file.builders_use_substitutes.unwrap_or(false),
             cores: file.cores.filter(|&c| c > 0).unwrap_or_else(cpus),
             timeout: file.timeout.unwrap_or(0),
             max_silent_time: file.max_silent_time.unwrap_or(0),
@@ -454,7 +464,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 43, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 45, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

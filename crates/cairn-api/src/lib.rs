@@ -173,6 +173,11 @@ pub struct RealiseRequest {
     /// Build again what is valid and compare (`check`), or repair what is corrupt (`repair`).
     #[serde(default, skip_serializing_if = "BuildMode::is_normal")]
     pub mode: BuildMode,
+    /// Remote builders for this request instead of the daemon's `builders`, in Nix's machines
+    /// format (`@FILE` reads a file on the daemon's side; `""` builds only here). Trusted users
+    /// only, as Nix's `builders` is a restricted setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builders: Option<String>,
 }
 
 /// How a realisation treats derivations whose outputs are valid, as Nix's `--check` and
@@ -258,6 +263,9 @@ pub enum RealiseEvent {
     },
     Started {
         drv: String,
+        /// The remote builder it runs on (absent: the daemon's machine).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        machine: Option<String>,
     },
     /// One line of a build's log.
     Log {
@@ -281,6 +289,35 @@ pub enum RealiseEvent {
     },
     /// The realisation could not start.
     Error(ErrorBody),
+}
+
+/// A remote builder as `cairn builders` shows it: its machines-file columns, its state, and
+/// what it has done since the daemon started.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BuilderInfo {
+    pub uri: String,
+    pub systems: Vec<String>,
+    pub max_jobs: u32,
+    pub speed_factor: u32,
+    pub supported_features: Vec<String>,
+    pub mandatory_features: Vec<String>,
+    /// `up`, or `down` (left alone for `downSeconds` more after a failure).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_seconds: Option<u64>,
+    /// Builds running there now.
+    pub running: u32,
+    pub built: u64,
+    pub failed: u64,
+    /// Input paths sent to it, and their NAR bytes.
+    pub nars_sent: u64,
+    pub bytes_sent: u64,
+    /// Outputs fetched from it, and their NAR bytes.
+    pub nars_received: u64,
+    pub bytes_received: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// The result for one requested derivation.

@@ -70,6 +70,7 @@ pub enum Request {
     AutomatonList(AutomatonList),
     AutomatonShow(AutomatonShow),
     AutomatonRemove(AutomatonRemove),
+    Builders(Builders),
 }
 
 /// Answers of `POST /v1/query`, as they travel (`{"kind":…,"value":…}`).
@@ -94,6 +95,7 @@ pub enum Response {
     Unpacked(image::UnpackedInfo),
     Built(Box<image::BuiltInfo>),
     Automata(Vec<image::AutomatonInfo>),
+    Builders(Vec<crate::BuilderInfo>),
 }
 
 impl Response {
@@ -116,6 +118,7 @@ impl Response {
             Response::Unpacked(_) => "unpacked",
             Response::Built(_) => "built",
             Response::Automata(_) => "automata",
+            Response::Builders(_) => "builders",
         }
     }
 }
@@ -309,6 +312,11 @@ pub struct AutomatonRemove {
     pub name: String,
 }
 
+/// The remote builders the daemon knows (its `builders`, and those requests named), with
+/// their state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Builders {}
+
 /// The table of operations: `op!(operation => Request variant, Response variant: answer)`.
 macro_rules! op {
     ($($op:ty => $req:ident, $resp:ident: $answer:ty;)*) => {$(
@@ -362,6 +370,7 @@ op! {
     AutomatonList => AutomatonList, Automata: Vec<image::AutomatonInfo>;
     AutomatonShow => AutomatonShow, Automata: Vec<image::AutomatonInfo>;
     AutomatonRemove => AutomatonRemove, Automata: Vec<image::AutomatonInfo>;
+    Builders => Builders, Builders: Vec<crate::BuilderInfo>;
 }
 
 /// The four typed views of [`Gc`]: each becomes a `Request::Gc` with its action.
@@ -444,6 +453,7 @@ mod tests {
             (AutomatonList {}.into(), r#"{"op":"automaton-list"}"#),
             (AutomatonShow { name: "a".into() }.into(), r#"{"op":"automaton-show","name":"a"}"#),
             (AutomatonRemove { name: "a".into() }.into(), r#"{"op":"automaton-remove","name":"a"}"#),
+            (Builders {}.into(), r#"{"op":"builders"}"#),
         ];
         for (req, bytes) in cases {
             assert_eq!(serde_json::to_string(&req).unwrap(), bytes);

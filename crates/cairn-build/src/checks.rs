@@ -329,8 +329,7 @@ fn walk(
 pub fn check_built<'c>(
     store: &cairn_store::LocalStore,
     drv: &cairn_nix::derivation::Derivation,
-    outputs: &BTreeMap<String, StorePath>,
-    collected: impl Iterator<Item = &'c crate::outputs::Collected>,
+    collected: impl Iterator<Item = (&'c String, &'c crate::outputs::Collected)>,
     shown: &str,
 ) -> Result<(), CheckError> {
     let structured = crate::structured::parse(&drv.env, shown)?;
@@ -338,9 +337,7 @@ pub fn check_built<'c>(
     if constraints.is_empty() {
         return Ok(());
     }
-    let built: BTreeMap<String, Built> = outputs
-        .keys()
-        .zip(collected)
+    let built: BTreeMap<String, Built> = collected
         .map(|(name, c)| {
             (name.clone(), Built { path: c.path.clone(), nar_size: c.nar_size, references: c.references.clone() })
         })

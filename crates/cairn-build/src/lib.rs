@@ -6,7 +6,8 @@
 //! single-threaded process that enters the namespaces; [`runner`] is the daemon's side of one
 //! run (id maps, log lines, timeouts); [`outputs`] hashes, scans and checks what a build
 //! produced; [`derivations`] reads `.drv`s from the store and checks their output paths;
-//! [`realise`] schedules builds and registers their outputs; [`logs`] keeps build logs.
+//! [`realise`] schedules builds and registers their outputs, here or on the remote builders of
+//! [`remote`] (reached with Nix's worker protocol); [`logs`] keeps build logs.
 //! [`checks`] applies a derivation's reference constraints to its outputs before registration,
 //! [`structured`] writes `__structuredAttrs` files, [`refgraph`] `exportReferencesGraph`'s.
 //! Derivations whose builder is `builtin:NAME` are made in-process by a [`Builtin`] the daemon
@@ -29,6 +30,7 @@ pub mod logs;
 pub mod outputs;
 pub mod realise;
 pub mod refgraph;
+pub mod remote;
 pub mod requirements;
 pub mod root;
 pub mod runner;

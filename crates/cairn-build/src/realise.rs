@@ -30,20 +30,24 @@ use std::time::Duration;
 use cairn_nix::derivation::Derivation;
 use cairn_nix::StorePath;
 use cairn_store::{Direction, LocalStore, PathInfo, StoreError};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use crate::derivations::Derivations;
 use crate::fetchurl::{FetchSettings, FETCHURL};
 use crate::limits::{hint, SandboxLimits};
 use crate::logs::LogStore;
-use crate::outputs::{collect, Expect};
+use crate::outputs::{collect, Collected, Expect};
+use crate::remote::{Remote, Remotes};
 use crate::requirements::{impure_values, Attrs, Host};
 use crate::runner::{run, RunEnd, RunLimits};
 use crate::sandbox::{plan, under, BuildInput};
 use crate::BuildError;
 
 mod modes;
+mod remote_build;
+mod slots;
 use modes::{ContentsCheck, NodeMode, Stop};
+use slots::Slot;
 pub use modes::{Failure, FailureKind, Mode};
 
 /// How many log lines a failure message quotes, as Nix does.
@@ -52,7 +56,8 @@ const TAIL_LINES: usize = 10;
 /// The builder's configuration.
 #[derive(Debug, Clone)]
 pub struct BuildSettings {
-    /// Builds running at once, across all requests.
+    /// Builds running at once on this machine, across all requests; 0 builds only on remote
+    /// builders.
     pub max_jobs: usize,
     /// `NIX_BUILD_CORES`.
     pub cores: usize,
@@ -102,6 +107,9 @@ pub struct Options {
     /// Derivations a trusted client sent rather than named (Nix's `BuildDerivation`): built
     /// as given, with the outputs they declare, whether or not they are in the store.
     pub given: Arc<BTreeMap<StorePath, Arc<Derivation>>>,
+    /// The remote builders this request may use instead of the daemon's (a trusted client's
+    /// `--builders`); `None`: the daemon's.
+    pub builders: Option<Arc<Vec<Arc<Remote>>>>,
 }
 
 /// A request's own limits. A client may tighten the daemon's limits but not loosen them: a
@@ -135,6 +143,8 @@ pub enum Event {
     },
     Started {
         drv: StorePath,
+        /// The remote builder it runs on; `None`: this machine.
+        machine: Option<String>,
     },
     /// One line of a build's log (without its newline).
     Log {
@@ -191,6 +201,10 @@ pub struct Builder {
     /// Derivations being built, so that concurrent requests build each once.
     building: Mutex<HashMap<StorePath, Arc<tokio::sync::Mutex<()>>>>,
     counter: AtomicU64,
+    /// Remote builders.
+    remotes: Arc<Remotes>,
+    /// Raised whenever a local or remote slot is given back.
+    freed: Arc<Notify>,
 }
 
 mod fetchurl_build;
@@ -219,6 +233,26 @@ impl Builder {
             uids: Mutex::new(uids),
             building: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            remotes: Arc::new(Remotes::none()),
+            freed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The same builder, sending builds to `remotes` too.
+    pub fn with_remotes(mut self, remotes: Arc<Remotes>) -> Builder {
+        self.remotes = remotes;
+        self
+    }
+
+    pub fn remotes(&self) -> &Arc<Remotes> {
+        &self.remotes
+    }
+
+    /// The remote builders a request may use.
+    fn machines(&self, options: &Options) -> Arc<Vec<Arc<Remote>>> {
+        match &options.builders {
+            Some(b) => b.clone(),
+            None => Arc::new(self.remotes.configured().to_vec()),
         }
     }
 
@@ -265,14 +299,19 @@ impl Builder {
         // Raised when the request stops: builds waiting to start give up, running ones are killed.
         let (cancel, cancelled) = watch::channel(false);
         let mut set = tokio::task::JoinSet::new();
-        let spawn = |set: &mut tokio::task::JoinSet<_>, p: StorePath, job: OwnedSemaphorePermit| {
+        let machines = self.machines(&options);
+        let spawn = |set: &mut tokio::task::JoinSet<_>, p: StorePath, slot: Result<Slot, String>| {
             let this = self.clone();
             let nodes = nodes.clone();
             let events = events.clone();
             let options = options.clone();
             let cancelled = cancelled.clone();
+            let machines = machines.clone();
             set.spawn(async move {
-                let r = this.build(&p, &nodes[&p], &options, &events, cancelled, job).await;
+                let r = match slot {
+                    Ok(slot) => this.build(&p, &nodes[&p], &options, &events, cancelled, slot, &machines).await,
+                    Err(why) => Err(Stop::Failed(why.into())),
+                };
                 (p, r)
             });
         };
@@ -284,10 +323,9 @@ impl Builder {
             let joined = tokio::select! {
                 biased;
                 joined = set.join_next(), if !set.is_empty() => joined,
-                job = self.jobs.clone().acquire_owned(), if !ready.is_empty() && !stopped && set.len() < request_jobs => {
-                    let job = job.map_err(|e| BuildError::Internal(e.to_string()))?;
+                slot = self.slot_for(ready.front().and_then(|p| nodes.get(p).map(|n| (p, n))), &machines), if !ready.is_empty() && !stopped && set.len() < request_jobs => {
                     if let Some(p) = ready.pop_front() {
-                        spawn(&mut set, p, job);
+                        spawn(&mut set, p, slot);
                     }
                     continue;
                 }
@@ -554,7 +592,8 @@ impl Builder {
         options: &Options,
         events: &mpsc::UnboundedSender<Event>,
         mut cancelled: watch::Receiver<bool>,
-        _job: OwnedSemaphorePermit,
+        slot: Slot,
+        machines: &[Arc<Remote>],
     ) -> Result<BTreeMap<String, StorePath>, Stop> {
         let store = &self.store;
         let dir = store.store_dir().clone();
@@ -570,6 +609,24 @@ impl Builder {
                 return Ok(node.outputs.clone());
             }
         }
+        // On a remote builder while one takes it; a builder that fails the build's trust
+        // (unreachable, broken session, outputs not as claimed) is marked down and another
+        // slot is taken, possibly here.
+        let mut slot = slot;
+        let _local = loop {
+            match slot {
+                Slot::Local(l) => break l,
+                Slot::Remote(r) => {
+                    if let Some(done) = self.build_remote(drv_path, node, options, events, &mut cancelled, &r).await {
+                        return done;
+                    }
+                    drop(r);
+                    slot = unless_cancelled(&mut cancelled, self.slot_for(Some((drv_path, node)), machines))
+                        .await?
+                        .map_err(Failure::from)?;
+                }
+            }
+        };
         // As Nix's startBuilder: only a derivation that must be built needs the right machine.
         self.settings.host.check(&node.drv, &shown).map_err(|e| e.to_string())?;
         let impure = Attrs::new(&node.drv, &shown)
@@ -618,7 +675,7 @@ impl Builder {
             }
         };
 
-        let _ = events.send(Event::Started { drv: drv_path.clone() });
+        let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
         let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
         let mut tail: VecDeque<String> = VecDeque::new();
         let limits = RunLimits {
@@ -727,7 +784,7 @@ impl Builder {
         let Some(b) = b else {
             return Err(format!("cannot build '{shown}': this cairnd has no builder '{}'", node.drv.builder));
         };
-        let _ = events.send(Event::Started { drv: drv_path.clone() });
+        let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
         let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
         let (this, drv_path2, drv, outputs, events2) =
             (self.clone(), drv_path.clone(), node.drv.clone(), node.outputs.clone(), events.clone());
@@ -809,6 +866,21 @@ impl Builder {
         mode: &NodeMode,
         keep_failed: bool,
     ) -> Result<BTreeMap<String, StorePath>, Failure> {
+        let collected = self.collect_outputs(drv_path, drv, outputs, closure, top)?;
+        self.commit_outputs(drv_path, drv, outputs, collected, mode, keep_failed, &BTreeMap::new())
+    }
+
+    /// Serialises, hashes and scans each output found under `top`, checks it against what the
+    /// derivation declares, and refuses outputs that refer to each other in a cycle. Returns
+    /// them in an order where an output comes after those it refers to.
+    fn collect_outputs(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        outputs: &BTreeMap<String, StorePath>,
+        closure: &[StorePath],
+        top: &Path,
+    ) -> Result<Vec<(String, String, Collected)>, Failure> {
         let dir = self.store.store_dir();
         let shown = dir.display(drv_path);
         let candidates: BTreeMap<String, StorePath> =
@@ -848,18 +920,34 @@ impl Builder {
         let names: BTreeSet<String> = outputs.keys().cloned().collect();
         let sorted = crate::outputs::output_order(&shown, &names, |n| refers.get(n).cloned().unwrap_or_default())
             .map_err(|e| e.to_string())?;
+        let mut by_name: BTreeMap<&String, (String, Collected)> = outputs.keys().zip(collected).collect();
+        Ok(sorted.iter().filter_map(|n| by_name.remove(n).map(|(display, c)| (n.clone(), display, c))).collect())
+    }
+
+    /// Registers collected outputs in one batch (with `signatures` per path: a remote
+    /// builder's), after the derivation's reference constraints; or compares them (check), or
+    /// swaps good copies in (repair).
+    #[allow(clippy::too_many_arguments)]
+    fn commit_outputs(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        outputs: &BTreeMap<String, StorePath>,
+        collected: Vec<(String, String, Collected)>,
+        mode: &NodeMode,
+        keep_failed: bool,
+        signatures: &BTreeMap<StorePath, BTreeSet<String>>,
+    ) -> Result<BTreeMap<String, StorePath>, Failure> {
+        let dir = self.store.store_dir();
+        let shown = dir.display(drv_path);
         if *mode == NodeMode::Check {
-            let mut by_name: BTreeMap<&String, crate::outputs::Collected> =
-                outputs.keys().zip(collected.into_iter().map(|(_, c)| c)).collect();
-            for name in &sorted {
-                if let Some(c) = by_name.remove(name) {
-                    self.compare(&shown, c, keep_failed)?;
-                }
+            for (_, _, c) in collected {
+                self.compare(&shown, c, keep_failed)?;
             }
             return Ok(outputs.clone());
         }
         // Reference constraints, before anything of the build enters the store.
-        crate::checks::check_built(&self.store, drv, outputs, collected.iter().map(|(_, c)| c), &shown)
+        crate::checks::check_built(&self.store, drv, collected.iter().map(|(n, _, c)| (n, c)), &shown)
             .map_err(|e| e.to_string())?;
         let corrupt = match mode {
             NodeMode::Repair { corrupt } => corrupt.clone(),
@@ -868,7 +956,7 @@ impl Builder {
         let batch = self.store.build_batch().map_err(|e| e.to_string())?;
         let repair =
             if corrupt.is_empty() { None } else { Some(self.store.repair_batch().map_err(|e| e.to_string())?) };
-        for (display, c) in collected {
+        for (_, display, c) in collected {
             let info = PathInfo {
                 path: c.path.clone(),
                 nar_hash: c.nar_hash,
@@ -877,7 +965,7 @@ impl Builder {
                 deriver: Some(drv_path.clone()),
                 registration_time: 0,
                 ultimate: true,
-                signatures: BTreeSet::new(),
+                signatures: signatures.get(&c.path).cloned().unwrap_or_default(),
                 ca: c.ca,
             };
             let reader = c.nar.into_reader().map_err(|e| format!("reading output '{display}': {e}"))?;

@@ -17,6 +17,7 @@ pub mod derivation;
 pub mod export;
 pub mod hash;
 pub mod json;
+pub mod machines;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;

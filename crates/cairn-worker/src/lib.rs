@@ -5,7 +5,8 @@
 //! daemons through it, so both sides live here: every layout can be read and written. The
 //! crate does no I/O of its own: everything works over blocking [`std::io::Read`] and
 //! [`std::io::Write`] (no async runtime, no sockets, no store), as `cairn-nix` does for file
-//! formats; the daemon's listener and the remote-build client bring the connections.
+//! formats; the daemon's listener and the remote-build client bring the connections. [`Client`] is
+//! the client side of a session, for the ops a remote build needs.
 //!
 //! The reference is Nix 2.8 (protocol 1.34), read in its source: `worker-protocol.hh`,
 //! `daemon.cc`, `remote-store.cc`, `path-info.cc`, `serialise.{hh,cc}`, `build-result.hh`,
@@ -20,6 +21,7 @@
 //! **Invariant:** nothing read from a peer panics or allocates more than the connection's
 //! [`Limits`] (plus what the peer actually sent); bad bytes are an [`Error`].
 
+pub mod client;
 pub mod codec;
 pub mod constants;
 pub mod error;
@@ -30,6 +32,7 @@ pub mod request;
 pub mod response;
 pub mod types;
 
+pub use client::{Client, ClientError};
 pub use codec::{Limits, Proto};
 pub use constants::{
     ActivityType, BuildMode, BuildStatus, GcAction, ProtocolVersion, ResultType, TrustedFlag, Verbosity, WorkerOp,

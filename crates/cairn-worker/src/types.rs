@@ -444,6 +444,20 @@ impl BasicDerivation {
         write_string_map(w, &self.env)
     }
 
+    /// What `BuildDerivation` sends for `drv`: its input derivations dropped, and as input
+    /// sources the paths it builds with (its sources and the outputs it uses of its input
+    /// derivations), as Nix's remote builds send it.
+    pub fn from_derivation(drv: &cairn_nix::derivation::Derivation, inputs: BTreeSet<StorePath>) -> BasicDerivation {
+        BasicDerivation {
+            outputs: drv.outputs.clone(),
+            input_srcs: inputs,
+            platform: drv.platform.clone(),
+            builder: drv.builder.clone(),
+            args: drv.args.clone(),
+            env: drv.env.clone(),
+        }
+    }
+
     /// The derivation as `cairn-nix` holds it, with no input derivations.
     pub fn to_derivation(&self, proto: &Proto) -> cairn_nix::derivation::Derivation {
         cairn_nix::derivation::Derivation {

@@ -304,7 +304,7 @@ pub async fn build_image(
 /// The wire form of a builder's event, if the build's stream shows it.
 fn build_event(dir: &cairn_nix::StoreDir, e: cairn_build::Event) -> Option<BuildEvent> {
     match e {
-        cairn_build::Event::Started { drv } => Some(BuildEvent::Started { drv: dir.display(&drv) }),
+        cairn_build::Event::Started { drv, .. } => Some(BuildEvent::Started { drv: dir.display(&drv) }),
         cairn_build::Event::Log { drv, line } => {
             Some(BuildEvent::Log { drv: dir.display(&drv), line: String::from_utf8_lossy(&line).into_owned() })
         }

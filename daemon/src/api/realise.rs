@@ -64,6 +64,57 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
     })
 }
 
+/// The machines of a `builders` value (Nix's machines format), `@FILE` includes read here; a
+/// missing file adds none, as in Nix.
+pub fn machines(spec: &str, settings: &Settings) -> Result<Vec<cairn_nix::machines::Machine>, String> {
+    let mut read = |path: &str| match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    };
+    cairn_nix::machines::parse(spec, &settings.system, &mut read).map_err(|e| e.to_string())
+}
+
+/// The remote builders of the daemon's settings. SSH master connections and known-hosts files
+/// go in a private directory of this daemon's under the temporary directory: a control
+/// socket's path must be short (the kernel allows 108 bytes), which a store's state directory
+/// may not be.
+pub fn remotes(settings: &Settings) -> anyhow::Result<cairn_build::remote::Remotes> {
+    let configured = machines(&settings.builders, settings).map_err(|e| anyhow::anyhow!("builders: {e}"))?;
+    let ssh_dir = std::env::temp_dir().join(format!("cairn-ssh-{}-{}", nix::unistd::geteuid(), std::process::id()));
+    Ok(cairn_build::remote::Remotes::new(configured, ssh_dir, settings.builders_use_substitutes))
+}
+
+/// `builders`: every remote builder the daemon knows, with its state.
+pub fn builders(st: &AppState) -> Vec<cairn_api::BuilderInfo> {
+    st.builder
+        .remotes()
+        .all()
+        .iter()
+        .map(|r| {
+            let s = r.status();
+            cairn_api::BuilderInfo {
+                uri: s.uri,
+                systems: s.systems,
+                max_jobs: s.max_jobs,
+                speed_factor: s.speed_factor,
+                supported_features: s.supported_features.into_iter().collect(),
+                mandatory_features: s.mandatory_features.into_iter().collect(),
+                state: s.state,
+                down_seconds: s.down_seconds,
+                running: s.running,
+                built: s.built,
+                failed: s.failed,
+                nars_sent: s.nars_sent,
+                bytes_sent: s.bytes_sent,
+                nars_received: s.nars_received,
+                bytes_received: s.bytes_received,
+                last_error: s.last_error,
+            }
+        })
+        .collect()
+}
+
 /// `DRV` or `DRV!out1,out2`.
 pub(crate) fn goal(dir: &StoreDir, s: &str) -> ApiResult<Goal> {
     let (p, outs) = match s.split_once('!') {
@@ -167,6 +218,20 @@ pub async fn realise(
         cairn_api::BuildMode::Check => Mode::Check,
         cairn_api::BuildMode::Repair => Mode::Repair,
     };
+    // Naming builders sends this store's paths to other machines and trusts what they build:
+    // a trusted user's choice, as Nix's `builders` is a restricted setting.
+    let builders = match &req.builders {
+        None => None,
+        Some(_) if !peer.trusted => {
+            return Err(ApiError::forbidden(
+                "only trusted users may choose the builders (the daemon's `builders` setting applies)",
+            ))
+        }
+        Some(spec) => {
+            let m = machines(spec, &st.control.settings).map_err(|e| ApiError::bad_request(format!("--builders: {e}")))?;
+            Some(Arc::new(st.builder.remotes().resolve(m)))
+        }
+    };
     let options = Options {
         keep_going: req.keep_going,
         keep_failed: req.keep_failed,
@@ -174,6 +239,7 @@ pub async fn realise(
         mode,
         limits: Default::default(),
         given: Default::default(),
+        builders,
     };
     // A check rebuilds what is valid, and a repair of what is valid is decided by its contents:
     // only a normal realisation fills missing outputs from substituters first.
@@ -194,9 +260,9 @@ pub async fn realise(
                     Some(e) => {
                         let ev = match e {
                             Event::Plan { drvs } => RealiseEvent::Plan { drvs: drvs.iter().map(|d| dir.display(d)).collect() },
-                            Event::Started { drv } => {
-                                tracing::info!(drv = %dir.display(&drv), "building");
-                                RealiseEvent::Started { drv: dir.display(&drv) }
+                            Event::Started { drv, machine } => {
+                                tracing::info!(drv = %dir.display(&drv), on = machine.as_deref().unwrap_or("here"), "building");
+                                RealiseEvent::Started { drv: dir.display(&drv), machine }
                             }
                             Event::Log { drv, line } => RealiseEvent::Log {
                                 drv: dir.display(&drv),

@@ -119,6 +119,7 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         Request::AutomatonList(_) => query::AutomatonList::respond(images::automaton_list(st)?),
         Request::AutomatonShow(q) => query::AutomatonShow::respond(images::automaton_show(st, q)?),
         Request::AutomatonRemove(q) => query::AutomatonRemove::respond(images::automaton_remove(st, q)?),
+        Request::Builders(_) => query::Builders::respond(realise::builders(st)),
         // Realised by the builder, asynchronously: `query` answers it before coming here.
         Request::ImageBuild(_) => return Err(ApiError::internal("an image build reached the blocking queries")),
         Request::PathInfo(query::PathInfo { paths, closure }) => {

@@ -29,4 +29,5 @@ mod oci;
 mod oci_build;
 mod oci_streamed;
 mod oci_unpack;
+mod remote_builds;
 mod ssh_harness;

@@ -59,7 +59,7 @@ impl Builder {
             return Err(format!("cannot build '{shown}': create build directory '{}': {e}", top.display()).into());
         }
 
-        let _ = events.send(Event::Started { drv: drv_path.clone() });
+        let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
         let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
         let env: BTreeMap<String, String> = impure_env.iter().cloned().collect();
         let fetched = {

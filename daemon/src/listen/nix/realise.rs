@@ -77,6 +77,7 @@ impl<R: Read, W: Write> Session<R, W> {
             mode,
             limits: self.build_limits(),
             given: Arc::new(given),
+            builders: None,
         };
         let started = now();
         if mode == Mode::Normal && self.options.use_substitutes {
@@ -116,7 +117,7 @@ impl<R: Read, W: Write> Session<R, W> {
     ) {
         match e {
             Event::Plan { .. } => {}
-            Event::Started { drv } => {
+            Event::Started { drv, .. } => {
                 let shown = self.show(&drv);
                 tracing::info!(drv = %shown, user = self.peer.user, "building (nix protocol)");
                 let fields =

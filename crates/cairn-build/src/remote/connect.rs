@@ -1,0 +1,349 @@
+//! Reaching a builder: a worker-protocol session over a Unix socket or an SSH command, as
+//! Nix's `unix://` and `ssh-ng://` stores reach their daemons.
+//!
+//! - `unix:///path` connects to the socket (`unix://` alone: Nix's default daemon socket).
+//! - `ssh-ng://[user@]host[:port]` runs `REMOTE-PROGRAM --stdio` (default `nix-daemon`, so
+//!   `remote-program=cairnd` reaches a cairnd) through the system's OpenSSH client, in batch
+//!   mode (no prompts), with the machine's key and host key if given, options from
+//!   `NIX_SSHOPTS` as Nix takes them, and one master connection per host that later sessions
+//!   reuse (`ControlMaster`). URI parameters as Nix's: `ssh-key`, `remote-program`,
+//!   `remote-store`, `base64-ssh-public-host-key`, `compress`.
+//! - `ssh-ng://localhost` runs the remote program here without SSH, as Nix does.
+//! - A bare host name, and `ssh://host`, are reached as `ssh-ng://host`: cairn speaks only the
+//!   worker protocol, which every `nix-daemon` and every cairnd serves on `--stdio`.
+//!
+//! A session that cannot start fails with what the transport said (`ssh`'s last lines, such as
+//! "Host key verification failed."), so the user sees why a builder is down.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use cairn_nix::machines::Machine;
+use cairn_nix::StoreDir;
+use cairn_worker::{Client, ClientError, Limits};
+
+/// Nix's default daemon socket, for `unix://` without a path.
+const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+/// How a builder is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Unix(PathBuf),
+    Ssh(SshTarget),
+}
+
+/// An SSH builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// `[user@]host`, as `ssh` takes it.
+    pub host: String,
+    pub port: Option<u16>,
+    pub key: String,
+    /// The host's public key line, checked instead of the user's known hosts.
+    pub host_key: Option<String>,
+    /// The command run there.
+    pub command: String,
+    pub compress: bool,
+}
+
+/// Why a builder's URI was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("builder '{uri}': {problem}")]
+pub struct UriError {
+    pub uri: String,
+    pub problem: String,
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b)) {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Target {
+    /// Where `m` is, from its URI and columns (the URI's parameters win, as in Nix).
+    pub fn of(m: &Machine) -> Result<Target, UriError> {
+        let bad = |problem: &str| UriError { uri: m.uri.clone(), problem: problem.to_owned() };
+        let (scheme, rest) = match m.uri.split_once("://") {
+            Some((s, r)) => (s, r),
+            None => ("ssh-ng", m.uri.as_str()),
+        };
+        let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut params = std::collections::BTreeMap::new();
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            params.insert(k, percent_decode(v));
+        }
+        match scheme {
+            "unix" => {
+                let path = if authority.is_empty() { DEFAULT_SOCKET } else { authority };
+                Ok(Target::Unix(PathBuf::from(path)))
+            }
+            "ssh-ng" | "ssh" => {
+                if authority.is_empty() || authority.contains('/') {
+                    return Err(bad("expected ssh-ng://[USER@]HOST"));
+                }
+                let (host, port) = match authority.rsplit_once(':') {
+                    Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+                        Ok(p) => (h.to_owned(), Some(p)),
+                        Err(_) => return Err(bad("the port is not a number")),
+                    },
+                    _ => (authority.to_owned(), None),
+                };
+                if host.starts_with('-') {
+                    return Err(bad("a host name cannot start with '-'"));
+                }
+                let program = params.get("remote-program").cloned().unwrap_or_else(|| "nix-daemon".to_owned());
+                let mut command = format!("{} --stdio", shell_quote(&program));
+                if let Some(store) = params.get("remote-store").filter(|s| !s.is_empty()) {
+                    command.push_str(&format!(" --store {}", shell_quote(store)));
+                }
+                let host_key_b64 = params.get("base64-ssh-public-host-key").cloned().unwrap_or(m.host_key.clone());
+                let host_key = if host_key_b64.is_empty() {
+                    None
+                } else {
+                    let probe = Machine { host_key: host_key_b64, ..m.clone() };
+                    Some(probe.host_key_line().ok_or_else(|| bad("the host key is not base64 of a key line"))?)
+                };
+                Ok(Target::Ssh(SshTarget {
+                    host,
+                    port,
+                    key: params.get("ssh-key").cloned().unwrap_or(m.ssh_key.clone()),
+                    host_key,
+                    command,
+                    compress: params.get("compress").is_some_and(|v| v == "true"),
+                }))
+            }
+            other => Err(bad(&format!(
+                "cairn reaches builders with Nix's worker protocol: use ssh-ng:// or unix://, not {other}://"
+            ))),
+        }
+    }
+}
+
+/// `%XX` escapes in URI parameters, as Nix decodes them.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+type Reader = BufReader<Box<dyn Read + Send>>;
+type Writer = BufWriter<Box<dyn Write + Send>>;
+
+/// A session with a builder, and what ends it.
+pub struct Conn {
+    pub client: Client<Reader, Writer>,
+    stopper: Stopper,
+}
+
+/// Ends a session from another thread (when the build it serves is cancelled): the socket
+/// shut down, or the `ssh` child killed. The connection's own reads and writes then fail.
+#[derive(Clone)]
+pub enum Stopper {
+    Socket(Arc<UnixStream>),
+    Process(Arc<Mutex<Child>>),
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        match self {
+            Stopper::Socket(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Stopper::Process(c) => {
+                // A child already waited for is not signalled again (std remembers its status).
+                let _ = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner).kill();
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Stopper::Process(c) = &self.stopper {
+            // The remote program ends when its stdin closes; don't leave a zombie.
+            let mut c = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Conn {
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+}
+
+/// Opens a session: connects or starts the command, greets the daemon and reads its startup
+/// log. `ssh_dir` holds the SSH master sockets and written known-hosts files; `label` names
+/// the builder in errors.
+pub fn open(target: &Target, store_dir: &StoreDir, ssh_dir: &Path) -> Result<Conn, String> {
+    match target {
+        Target::Unix(path) => {
+            let s = UnixStream::connect(path).map_err(|e| format!("cannot connect to '{}': {e}", path.display()))?;
+            let r = s.try_clone().map_err(|e| e.to_string())?;
+            let w = s.try_clone().map_err(|e| e.to_string())?;
+            let client = greet(Box::new(r), Box::new(w), store_dir).map_err(|e| e.to_string())?;
+            Ok(Conn { client, stopper: Stopper::Socket(Arc::new(s)) })
+        }
+        Target::Ssh(t) => {
+            std::fs::create_dir_all(ssh_dir).map_err(|e| format!("cannot create '{}': {e}", ssh_dir.display()))?;
+            let stderr_path = ssh_dir.join(format!("stderr-{}-{}", std::process::id(), next_id()));
+            let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+            let mut cmd = ssh_command(t, ssh_dir)?;
+            let mut child = cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(stderr)
+                .spawn()
+                .map_err(|e| format!("cannot run '{}': {e}", cmd.get_program().to_string_lossy()))?;
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                return Err("ssh's pipes are missing".to_owned());
+            };
+            let greeted = greet(Box::new(stdout), Box::new(stdin), store_dir);
+            let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let _ = std::fs::remove_file(&stderr_path);
+            match greeted {
+                Ok(client) => Ok(Conn { client, stopper: Stopper::Process(Arc::new(Mutex::new(child))) }),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let tail: Vec<&str> =
+                        said.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Warning:")).collect();
+                    let why = tail.iter().rev().take(2).rev().cloned().collect::<Vec<_>>().join(" ");
+                    Err(if why.is_empty() { format!("no worker protocol session ({e})") } else { why })
+                }
+            }
+        }
+    }
+}
+
+fn next_id() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn greet(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>, store_dir: &StoreDir) -> Result<Client<Reader, Writer>, ClientError> {
+    Client::connect(BufReader::with_capacity(64 << 10, r), BufWriter::with_capacity(64 << 10, w), store_dir.clone(), Limits::default())
+}
+
+/// The `ssh` command line for a session (or, for `localhost`, the shell running the command).
+fn ssh_command(t: &SshTarget, ssh_dir: &Path) -> Result<Command, String> {
+    let bare_host = t.host.rsplit('@').next().unwrap_or(&t.host);
+    if bare_host == "localhost" && t.port.is_none() {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(&t.command);
+        return Ok(c);
+    }
+    let mut c = Command::new("ssh");
+    if let Ok(opts) = std::env::var("NIX_SSHOPTS") {
+        c.args(opts.split_whitespace());
+    }
+    c.args(["-x", "-a", "-oBatchMode=yes"]);
+    if let Some(p) = t.port {
+        c.arg("-p").arg(p.to_string());
+    }
+    if !t.key.is_empty() {
+        c.arg("-i").arg(&t.key);
+    }
+    if let Some(line) = &t.host_key {
+        // The machine's host key replaces the known hosts: the builder must prove it.
+        let file = ssh_dir.join(format!("known-hosts-{}", hex_id(&t.host, t.port, line)));
+        let names = match t.port {
+            Some(p) => format!("{bare_host},[{bare_host}]:{p}"),
+            None => bare_host.to_owned(),
+        };
+        std::fs::write(&file, format!("{names} {line}\n"))
+            .map_err(|e| format!("cannot write '{}': {e}", file.display()))?;
+        c.arg(format!("-oUserKnownHostsFile={}", file.display()));
+        c.arg("-oStrictHostKeyChecking=yes");
+        c.arg("-oCheckHostIP=no");
+    }
+    if t.compress {
+        c.arg("-C");
+    }
+    // One master connection per host, kept a minute after the last session: later sessions
+    // skip the key exchange and authentication.
+    c.args(["-oControlMaster=auto", "-oControlPersist=60"]);
+    c.arg(format!("-oControlPath={}/%C", ssh_dir.display()));
+    c.arg("--").arg(&t.host).arg(&t.command);
+    Ok(c)
+}
+
+fn hex_id(host: &str, port: Option<u16>, line: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (host, port, line).hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(uri: &str) -> Machine {
+        cairn_nix::machines::parse(uri, "x86_64-linux", &mut |_: &str| Ok(None)).unwrap().remove(0)
+    }
+
+    #[test]
+    fn uris_name_their_transport_as_nix_reads_them() {
+        assert_eq!(Target::of(&machine("unix:///run/b.sock")).unwrap(), Target::Unix("/run/b.sock".into()));
+        assert_eq!(Target::of(&machine("unix://")).unwrap(), Target::Unix(DEFAULT_SOCKET.into()));
+        let Target::Ssh(t) = Target::of(&machine("ssh-ng://alice@big:2222?remote-program=cairnd&ssh-key=/k")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((t.host.as_str(), t.port, t.key.as_str()), ("alice@big", Some(2222), "/k"));
+        assert_eq!(t.command, "cairnd --stdio");
+        let Target::Ssh(t) = Target::of(&machine("big - /id 1 1 - - -")).unwrap() else { panic!() };
+        assert_eq!((t.host.as_str(), t.port, t.key.as_str(), t.command.as_str()), ("big", None, "/id", "nix-daemon --stdio"));
+        let Target::Ssh(t) = Target::of(&machine("ssh://h?remote-store=local%3Froot%3D/r")).unwrap() else { panic!() };
+        assert_eq!(t.command, "nix-daemon --stdio --store 'local?root=/r'");
+    }
+
+    #[test]
+    fn unusable_uris_are_refused_naming_the_builder() {
+        for (uri, why) in [
+            ("https://cache", "ssh-ng:// or unix://"),
+            ("ssh-ng://", "USER@]HOST"),
+            ("ssh-ng://h:port", "port"),
+            ("ssh-ng://-oProxyCommand=x", "cannot start with '-'"),
+        ] {
+            let e = Target::of(&machine(uri)).unwrap_err().to_string();
+            assert!(e.contains(uri) && e.contains(why), "{uri}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_given_host_key_is_the_only_key_ssh_accepts() {
+        let key = data_encoding::BASE64.encode(b"ssh-ed25519 AAAAkey");
+        let m = machine(&format!("ssh-ng://h:22 - - 1 1 - - {key}"));
+        let Target::Ssh(t) = Target::of(&m).unwrap() else { panic!() };
+        let dir = tempfile::tempdir().unwrap();
+        let c = ssh_command(&t, dir.path()).unwrap();
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let known = args.iter().find_map(|a| a.strip_prefix("-oUserKnownHostsFile=")).unwrap();
+        assert_eq!(std::fs::read_to_string(known).unwrap(), "h,[h]:22 ssh-ed25519 AAAAkey\n");
+        assert!(args.contains(&"-oStrictHostKeyChecking=yes".to_owned()) && args.contains(&"-oBatchMode=yes".to_owned()));
+        assert_eq!(&args[args.len() - 3..], ["--", "h", "nix-daemon --stdio"]);
+    }
+}

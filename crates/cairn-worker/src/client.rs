@@ -1,0 +1,174 @@
+//! The client side of a session: what `RemoteStore` does in Nix, for the ops a remote build
+//! needs — handshake and startup log, `SetOptions`, `QueryValidPaths`, `QueryPathInfo`,
+//! `AddMultipleToStore`, `BuildDerivation` and `NarFromPath`.
+//!
+//! Each call writes its request, flushes, reads the logger channel up to `STDERR_LAST`
+//! (handing log messages to the caller) and then the answer. A `STDERR_ERROR` is
+//! [`ClientError::Remote`]: the daemon refused this request, and the connection can carry the
+//! next one. Anything else ([`ClientError::Protocol`]) leaves the connection in an unknown
+//! state: drop it.
+//!
+//! Like the rest of the crate this does no I/O of its own: it runs over any blocking reader
+//! and writer (a Unix socket's halves, an `ssh` child's stdout and stdin).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+
+use cairn_nix::{StoreDir, StorePath};
+
+use crate::codec::{write_u64, Limits, Proto};
+use crate::constants::{BuildMode, ProtocolVersion, WorkerOp};
+use crate::error::Error;
+use crate::framing::FramedWriter;
+use crate::handshake::{client_handshake, ClientHello, ClientSession, Duplex};
+use crate::logger::{read_until_last, RemoteError, StderrMessage};
+use crate::request::{write_multiple_entry_info, Request};
+use crate::response::Response;
+use crate::types::{BasicDerivation, BuildResult, ClientOptions, PathInfo, ValidPathInfo};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon answered with an error; the connection is still usable.
+    #[error("{}", .0.message)]
+    Remote(RemoteError),
+    /// The bytes or the connection failed; drop the connection.
+    #[error("{0}")]
+    Protocol(#[from] Error),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Protocol(Error::from(e))
+    }
+}
+
+/// One session with a daemon.
+pub struct Client<R: Read, W: Write> {
+    r: R,
+    w: W,
+    proto: Proto,
+    session: ClientSession,
+}
+
+impl<R: Read, W: Write> Client<R, W> {
+    /// Greets the daemon (offering protocol 1.34, as Nix 2.8 does) and reads its startup log.
+    /// Give buffered halves: every field is a few bytes.
+    pub fn connect(mut r: R, mut w: W, store_dir: StoreDir, limits: Limits) -> Result<Self, ClientError> {
+        let hello = ClientHello { version: ProtocolVersion::NIX_2_8, features: BTreeSet::new() };
+        let session = client_handshake(&mut Duplex { r: &mut r, w: &mut w }, &hello, &limits)?;
+        let proto = Proto { version: session.version, store_dir, limits };
+        let mut c = Client { r, w, proto, session };
+        c.finish(&mut |_| {})?;
+        Ok(c)
+    }
+
+    /// What the handshake agreed on, and the daemon's version string.
+    pub fn session(&self) -> &ClientSession {
+        &self.session
+    }
+
+    /// Reads the logger channel to `STDERR_LAST`.
+    fn finish(&mut self, on_log: &mut dyn FnMut(StderrMessage)) -> Result<(), ClientError> {
+        let v = self.proto.version;
+        read_until_last(&mut self.r, v, &self.proto.limits, |m| {
+            on_log(m);
+            Ok(())
+        })?
+        .map_err(ClientError::Remote)
+    }
+
+    /// Sends a request without payload and reads its answer.
+    fn call(&mut self, req: &Request, on_log: &mut dyn FnMut(StderrMessage)) -> Result<Response, ClientError> {
+        req.write(&mut self.w, &self.proto)?;
+        self.w.flush()?;
+        self.finish(on_log)?;
+        Ok(Response::read(req.op(), &mut self.r, &self.proto)?)
+    }
+
+    pub fn set_options(&mut self, options: &ClientOptions) -> Result<(), ClientError> {
+        self.call(&Request::SetOptions(options.clone()), &mut |_| {})?;
+        Ok(())
+    }
+
+    /// The paths among `paths` that are valid there; with `substitute`, after the daemon
+    /// tried to substitute the others (1.27+; older daemons ignore it).
+    pub fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, ClientError> {
+        let req = Request::QueryValidPaths { paths: paths.clone(), substitute };
+        match self.call(&req, &mut |_| {})? {
+            Response::PathSet(s) => Ok(s),
+            other => Err(unexpected("QueryValidPaths", other)),
+        }
+    }
+
+    /// The path's metadata, `None` if it is not valid there.
+    pub fn query_path_info(&mut self, path: &StorePath) -> Result<Option<PathInfo>, ClientError> {
+        match self.call(&Request::QueryPathInfo(path.clone()), &mut |_| {}) {
+            Ok(Response::PathInfo(info)) => Ok(info),
+            Ok(other) => Err(unexpected("QueryPathInfo", other)),
+            // Daemons before 1.17 answer an invalid path with an error.
+            Err(ClientError::Remote(_)) if !self.proto.has(17) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends paths with their NARs in one `AddMultipleToStore` (protocol 1.32+). `write_nar`
+    /// writes the NAR of the entry it is given; entries go in the order given, so give
+    /// references first.
+    pub fn add_multiple_to_store(
+        &mut self,
+        entries: &[ValidPathInfo],
+        dont_check_sigs: bool,
+        write_nar: &mut dyn FnMut(&ValidPathInfo, &mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
+        if !self.proto.has(32) {
+            return Err(Error::OpNotInVersion { op: WorkerOp::AddMultipleToStore, minor: self.proto.version.minor() }.into());
+        }
+        Request::AddMultipleToStore { repair: false, dont_check_sigs }.write(&mut self.w, &self.proto)?;
+        let mut framed = FramedWriter::new(&mut self.w);
+        write_u64(&mut framed, entries.len() as u64)?;
+        for e in entries {
+            write_multiple_entry_info(&mut framed, &self.proto, e)?;
+            write_nar(e, &mut framed)?;
+        }
+        framed.finish()?;
+        self.w.flush()?;
+        self.finish(&mut |_| {})?;
+        Ok(())
+    }
+
+    /// Builds a derivation the daemon is sent rather than reads (its input sources must be
+    /// valid there); log messages go to `on_log` as they come.
+    pub fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        mode: BuildMode,
+        on_log: &mut dyn FnMut(StderrMessage),
+    ) -> Result<BuildResult, ClientError> {
+        let req = Request::BuildDerivation { drv_path: drv_path.clone(), drv: drv.clone(), mode };
+        match self.call(&req, on_log)? {
+            Response::BuildResult(r) => Ok(r),
+            other => Err(unexpected("BuildDerivation", other)),
+        }
+    }
+
+    /// Asks for a path's NAR and hands the connection's reader to `read_nar`, which must read
+    /// exactly the NAR (a NAR parser knows where it ends) and nothing more.
+    pub fn nar_from_path<T>(
+        &mut self,
+        path: &StorePath,
+        read_nar: impl FnOnce(&mut R) -> T,
+    ) -> Result<T, ClientError> {
+        self.call(&Request::NarFromPath(path.clone()), &mut |_| {})?;
+        Ok(read_nar(&mut self.r))
+    }
+}
+
+fn unexpected(op: &str, got: Response) -> ClientError {
+    ClientError::Protocol(Error::Malformed { what: "answer", value: format!("{op} answered {got:?}") })
+}

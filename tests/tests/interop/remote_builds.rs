@@ -1,0 +1,308 @@
+//! Remote builds: cairnd spreads a derivation graph over builders it reaches with Nix's worker
+//! protocol — other cairnds on their `nix-daemon-socket`, and a real Nix 2.8 `nix-daemon`
+//! behind a real OpenSSH server (`ssh-ng://`) — and survives builders that die, lie or cannot
+//! be reached. Derivations are written into cairn's store by real `nix-instantiate` through
+//! cairnd's Nix socket; results are compared with a local realise of the same derivations.
+//!
+//! Needs Nix 2.8, a static busybox (the builders' `/bin/sh`) and OpenSSH (`sshd`, `ssh`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_tests::sshd::Sshd;
+use cairn_tests::{json, require_peer, NixDaemon, TestStore};
+use serde_json::Value;
+
+/// Every store here builds with busybox as `/bin/sh`, under `/nix/store`.
+const BUILD: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\n";
+
+fn peers() -> bool {
+    require_peer("nix-instantiate") && require_peer("/bin/busybox")
+}
+
+fn expr(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests").join(name).display().to_string()
+}
+
+/// A cairnd that builds here, `jobs` at a time.
+fn builder(jobs: usize) -> TestStore {
+    TestStore::builder().store_dir("/nix/store").config(&format!("{BUILD}max-jobs = {jobs}\n")).start()
+}
+
+/// A cairnd's worker-protocol socket.
+fn nix_socket(st: &TestStore) -> PathBuf {
+    st.socket.with_file_name("nix-socket")
+}
+
+/// A cairnd that sends its builds to `builders` (a machines spec), building `jobs` at a time
+/// itself; `env` for its environment (NIX_SSHOPTS).
+fn dispatcher(builders: &str, jobs: usize, env: &[(&str, &str)]) -> TestStore {
+    let mut b = TestStore::builder().store_dir("/nix/store").config(&format!(
+        "{BUILD}max-jobs = {jobs}\nbuilders = {}\n",
+        toml_string(builders)
+    ));
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    b.start()
+}
+
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
+}
+
+/// The machines-file line of a cairnd builder.
+fn unix_machine(st: &TestStore, jobs: usize) -> String {
+    format!("unix://{} x86_64-linux - {jobs} 1", nix_socket(st).display())
+}
+
+/// `nix-instantiate` of an expression into a cairnd's store (through its Nix socket); the
+/// derivations' paths.
+fn instantiate(st: &TestStore, file: &str, args: &[(&str, &str)]) -> Vec<String> {
+    let home = tempfile::tempdir().unwrap();
+    let mut c = Command::new("nix-instantiate");
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("NIX_CONFIG", "substituters =\nbuild-users-group =\n")
+        .env("NIX_STATE_DIR", home.path().join("state"))
+        .env("NIX_REMOTE", format!("unix://{}?root={}", nix_socket(st).display(), st.root.path().display()))
+        .arg(expr(file));
+    for (k, v) in args {
+        c.args(["--arg", k, v]);
+    }
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "nix-instantiate {file}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+}
+
+/// `cairn realise --json` of `drvs`; each derivation's outputs.
+fn realise(st: &TestStore, drvs: &[String]) -> Value {
+    let mut args = vec!["realise", "--json", "-Q"];
+    args.extend(drvs.iter().map(String::as_str));
+    let out = st.run(&args, b"");
+    assert!(out.status.success(), "realise: {}\ncairnd's log:\n{}", String::from_utf8_lossy(&out.stderr), st.log());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// NAR hash of each output of a realise's answer, by output path.
+fn output_hashes(st: &TestStore, realised: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for r in realised.as_array().unwrap() {
+        for p in r["outputs"].as_object().unwrap().values() {
+            let p = p.as_str().unwrap();
+            let info = json(&st.ok(&["path-info", "--json", p]));
+            out.push((p.to_owned(), info[0]["narHash"].as_str().unwrap().to_owned()));
+        }
+    }
+    out
+}
+
+/// The stderr of a `cairn` command that must fail.
+fn failure(st: &TestStore, args: &[&str]) -> String {
+    let out = st.run(args, b"");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "cairn {args:?} should fail:\n{err}");
+    err
+}
+
+/// `cairn builders --json`, by URI.
+fn builders(st: &TestStore) -> Vec<Value> {
+    json(&st.ok(&["builders", "--json"])).as_array().unwrap().clone()
+}
+
+fn builder_named<'a>(all: &'a [Value], socket: &Path) -> &'a Value {
+    let uri = format!("unix://{}", socket.display());
+    all.iter().find(|b| b["uri"] == uri.as_str()).unwrap_or_else(|| panic!("no builder {uri} in {all:?}"))
+}
+
+#[test]
+fn a_fanout_and_a_chain_over_three_cairnd_builders_build_each_derivation_once_as_a_local_realise_does() {
+    if !peers() {
+        return;
+    }
+    let remote: Vec<TestStore> = (0..3).map(|_| builder(2)).collect();
+    let spec: Vec<String> = remote.iter().map(|b| unix_machine(b, 2)).collect();
+    let d = dispatcher(&spec.join("\n"), 0, &[]);
+    let mut drvs = instantiate(&d, "fanout.nix", &[("n", "200")]);
+    drvs.extend(instantiate(&d, "chain.nix", &[("n", "20")]));
+    let realised = realise(&d, &drvs);
+
+    let all = builders(&d);
+    let counts: Vec<u64> = remote.iter().map(|b| builder_named(&all, &nix_socket(b))["built"].as_u64().unwrap()).collect();
+    eprintln!("builds per builder: {counts:?}");
+    // 200 leaves, the root, 20 chain links: each built once, somewhere, and nothing here.
+    assert_eq!(counts.iter().sum::<u64>(), 221, "{all:?}");
+    assert!(counts.iter().all(|&c| c > 0), "the fan-out is spread over every builder: {counts:?}");
+    assert!(all.iter().all(|b| b["failed"] == 0 && b["state"] == "up"), "{all:?}");
+    assert!(!d.log().contains("building (here)"));
+
+    // The same derivations realised locally by a cairnd without builders.
+    let local = builder(2);
+    let mut local_drvs = instantiate(&local, "fanout.nix", &[("n", "200")]);
+    local_drvs.extend(instantiate(&local, "chain.nix", &[("n", "20")]));
+    assert_eq!(local_drvs, drvs);
+    assert_eq!(output_hashes(&d, &realised), output_hashes(&local, &realise(&local, &local_drvs)));
+    d.ok(&["verify", "--check-contents"]);
+}
+
+/// Waits until `st`'s builder `socket` runs a build.
+fn wait_running(st: &TestStore, socket: &Path) {
+    let started = Instant::now();
+    loop {
+        if builder_named(&builders(st), socket)["running"].as_u64() == Some(1) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no build started on {}", socket.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_build_whose_builder_dies_mid_build_finishes_on_another_and_its_log_is_kept() {
+    if !peers() {
+        return;
+    }
+    let (mut first, second) = (builder(1), builder(1));
+    let d = dispatcher(&format!("{}\n{}", unix_machine(&first, 1), unix_machine(&second, 1)), 0, &[]);
+    let drvs = instantiate(&d, "slow.nix", &[("tag", "\"dies\""), ("seconds", "4")]);
+    let mut realise = d.cairn();
+    realise.args(["realise", "--json", &drvs[0]]).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let running = realise.spawn().unwrap();
+    // The first configured builder takes it (both are idle); then it dies.
+    wait_running(&d, &nix_socket(&first));
+    std::thread::sleep(Duration::from_millis(500));
+    first.crash();
+    let out = running.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "realise: {err}\n{}", d.log());
+    assert!(err.contains(&format!("on 'unix://{}'", nix_socket(&second).display())), "{err}");
+    let all = builders(&d);
+    let dead = builder_named(&all, &nix_socket(&first));
+    assert_eq!(dead["state"], "down", "{dead}");
+    assert!(dead["lastError"].as_str().unwrap_or("").contains("broke"), "{dead}");
+    assert_eq!(builder_named(&all, &nix_socket(&second))["built"], 1);
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let path = result[0]["outputs"]["out"].as_str().unwrap();
+    assert_eq!(d.ok(&["cat", path]), "done dies\n");
+    assert!(d.ok(&["log", &drvs[0]]).contains("start dies"), "the remote build's log is kept");
+}
+
+#[test]
+fn outputs_a_builder_tampered_with_are_refused_and_built_elsewhere() {
+    if !peers() {
+        return;
+    }
+    let (liar, honest) = (builder(1), builder(1));
+    // The liar holds the output already, with contents that no longer match its NAR hash.
+    let there = instantiate(&liar, "slow.nix", &[("tag", "\"tampered\""), ("seconds", "0")]);
+    let built = realise(&liar, &there);
+    let out = built[0]["outputs"]["out"].as_str().unwrap().to_owned();
+    let file = liar.real_store_dir().join(out.trim_start_matches("/nix/store/"));
+    let _ = Command::new("chmod").arg("u+w").arg(&file).status();
+    std::fs::write(&file, b"done forged\n").unwrap();
+
+    let d = dispatcher(&format!("{}\n{}", unix_machine(&liar, 1), unix_machine(&honest, 1)), 0, &[]);
+    let drvs = instantiate(&d, "slow.nix", &[("tag", "\"tampered\""), ("seconds", "0")]);
+    assert_eq!(drvs, there);
+    let realised = realise(&d, &drvs);
+    assert_eq!(realised[0]["outputs"]["out"], out.as_str());
+    assert_eq!(d.ok(&["cat", &out]), "done tampered\n", "the honest builder's output");
+    let all = builders(&d);
+    let l = builder_named(&all, &nix_socket(&liar));
+    assert_eq!((l["state"].as_str(), l["built"].as_u64()), (Some("down"), Some(0)), "{l}");
+    assert!(l["lastError"].as_str().unwrap_or("").contains("NAR hash"), "{l}");
+    assert_eq!(builder_named(&all, &nix_socket(&honest))["built"], 1);
+    d.ok(&["verify", "--check-contents"]);
+}
+
+#[test]
+fn with_every_builder_down_cairn_builds_here_or_says_why_when_max_jobs_is_0() {
+    if !peers() {
+        return;
+    }
+    let gone = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "unix://{} x86_64-linux\nunix://{} x86_64-linux",
+        gone.path().join("a.sock").display(),
+        gone.path().join("b.sock").display()
+    );
+    let only_remote = dispatcher(&spec, 0, &[]);
+    let drvs = instantiate(&only_remote, "slow.nix", &[("tag", "\"nowhere\""), ("seconds", "0")]);
+    let err = failure(&only_remote, &["realise", &drvs[0]]);
+    assert!(err.contains("a.sock") && err.contains("b.sock") && err.contains("down"), "{err}");
+    assert!(err.contains("cannot connect"), "the reason is given: {err}");
+    assert_eq!(only_remote.ok(&["builders"]).matches("down (").count(), 2);
+
+    let fallback = dispatcher(&spec, 1, &[]);
+    let drvs = instantiate(&fallback, "slow.nix", &[("tag", "\"here\""), ("seconds", "0")]);
+    let realised = realise(&fallback, &drvs);
+    assert_eq!(fallback.ok(&["cat", realised[0]["outputs"]["out"].as_str().unwrap()]), "done here\n");
+
+    // A request's own builders are a trusted user's choice.
+    let err = String::from_utf8_lossy(
+        &fallback.run_as_nobody(&["realise", "--builders", &spec, &drvs[0]], b"").stderr,
+    )
+    .into_owned();
+    assert!(err.contains("only trusted users may choose the builders"), "{err}");
+}
+
+#[test]
+fn cairn_builds_on_a_real_nix_daemon_over_ssh_ng_and_refuses_a_wrong_host_key() {
+    if !peers() || !require_peer("sshd") || !require_peer("ssh") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let nix = NixDaemon::start_with("sandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\n");
+    let program = nix.stdio_program();
+    let config = sshd.ssh_config("nixbuilder");
+    let opts = format!("-F {}", config.display());
+    let machine = format!("ssh-ng://nixbuilder?remote-program={} x86_64-linux - 2 1", program.display());
+    let d = dispatcher(&machine, 0, &[("NIX_SSHOPTS", &opts)]);
+    let drvs = instantiate(&d, "chain.nix", &[("n", "4")]);
+    let out = d.run(&["realise", "--json", &drvs[0]], b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}\nsshd:\n{}", d.log(), sshd.log());
+    assert!(err.contains("on 'ssh-ng://nixbuilder"), "progress names the machine: {err}");
+    let realised: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The same as a local build.
+    let local = builder(1);
+    let local_drvs = instantiate(&local, "chain.nix", &[("n", "4")]);
+    assert_eq!(output_hashes(&d, &realised), output_hashes(&local, &realise(&local, &local_drvs)));
+    let b = &builders(&d)[0];
+    assert_eq!((b["built"].as_u64(), b["failed"].as_u64()), (Some(4), Some(0)), "{b}");
+    // Each link's input was built on the same machine: nothing had to be sent.
+    assert_eq!(b["narsSent"], 0, "{b}");
+    assert_eq!(b["narsReceived"], 4, "{b}");
+    // nix-daemon signs nothing here, but it registered the paths: they are valid there.
+    let there = Command::new("nix-store")
+        .args(["--store", &format!("local?root={}", nix.root().display()), "-q", "--hash"])
+        .arg(realised[0]["outputs"]["out"].as_str().unwrap())
+        .env("NIX_REMOTE", "")
+        .output()
+        .unwrap();
+    assert!(there.status.success(), "{}", String::from_utf8_lossy(&there.stderr));
+
+    // A machines entry whose host key is not the server's: refused, and said so.
+    let wrong = Sshd::start();
+    let spoofed = format!(
+        "ssh-ng://root@127.0.0.1:{}?remote-program={} x86_64-linux {} 1 1 - - {}",
+        sshd.port(),
+        program.display(),
+        sshd.client_key().display(),
+        wrong.host_key_base64()
+    );
+    let d2 = dispatcher(&spoofed, 0, &[]);
+    let drvs = instantiate(&d2, "slow.nix", &[("tag", "\"spoofed\""), ("seconds", "0")]);
+    let err = failure(&d2, &["realise", &drvs[0]]);
+    assert!(err.contains("Host key verification failed"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{}", sshd.port())), "the builder is named: {err}");
+    // With the right key in the machines entry the same builder is accepted.
+    let right = spoofed.replace(&wrong.host_key_base64(), &sshd.host_key_base64());
+    let d3 = dispatcher(&right, 0, &[]);
+    let drvs = instantiate(&d3, "slow.nix", &[("tag", "\"proven\""), ("seconds", "0")]);
+    let realised = realise(&d3, &drvs);
+    assert_eq!(d3.ok(&["cat", realised[0]["outputs"]["out"].as_str().unwrap()]), "done proven\n");
+}
