@@ -26,7 +26,8 @@ use anyhow::{ensure, Context, Result};
 use crate::{median, rm_rf, timed, write_export_stream, Cairn, NixStore, Opts, Table, XorShift};
 
 pub(crate) const BUSYBOX: &str = "/bin/busybox";
-pub(crate) const DAEMON_CONF: &str = "build-users-group =\nsubstituters =\nsandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\n\
+pub(crate) const DAEMON_CONF: &str =
+    "build-users-group =\nsubstituters =\nsandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\n\
                            max-jobs = 2\ncores = 1\nexperimental-features = nix-command\n";
 pub(crate) const CAIRN_CONF: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\ncores = 1\n";
 /// What the client asks every daemon for (its `SetOptions`).

@@ -237,7 +237,9 @@ impl BuildersArgs {
             return print_json(&builders);
         }
         if builders.is_empty() {
-            eprintln!("no remote builders (set `builders` in the daemon's configuration, or pass --builders to realise)");
+            eprintln!(
+                "no remote builders (set `builders` in the daemon's configuration, or pass --builders to realise)"
+            );
             return Ok(());
         }
         for b in builders {
@@ -245,7 +247,8 @@ impl BuildersArgs {
                 Some(s) => format!("down ({s}s more)"),
                 None => b.state.clone(),
             };
-            let features = if b.supported_features.is_empty() { "-".to_owned() } else { b.supported_features.join(",") };
+            let features =
+                if b.supported_features.is_empty() { "-".to_owned() } else { b.supported_features.join(",") };
             println!(
                 "{}  {}  {}  jobs {}/{}  speed {}  features {}  built {}  failed {}  sent {} NARs ({} bytes)  fetched {} NARs ({} bytes)",
                 b.uri,

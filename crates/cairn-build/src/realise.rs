@@ -47,8 +47,8 @@ mod modes;
 mod remote_build;
 mod slots;
 use modes::{ContentsCheck, NodeMode, Stop};
-use slots::Slot;
 pub use modes::{Failure, FailureKind, Mode};
+use slots::Slot;
 
 /// How many log lines a failure message quotes, as Nix does.
 const TAIL_LINES: usize = 10;
@@ -306,10 +306,9 @@ impl Builder {
             let events = events.clone();
             let options = options.clone();
             let cancelled = cancelled.clone();
-            let machines = machines.clone();
             set.spawn(async move {
                 let r = match slot {
-                    Ok(slot) => this.build(&p, &nodes[&p], &options, &events, cancelled, slot, &machines).await,
+                    Ok(slot) => this.build(&p, &nodes[&p], &options, &events, cancelled, slot).await,
                     Err(why) => Err(Stop::Failed(why.into())),
                 };
                 (p, r)
@@ -593,7 +592,6 @@ impl Builder {
         events: &mpsc::UnboundedSender<Event>,
         mut cancelled: watch::Receiver<bool>,
         slot: Slot,
-        machines: &[Arc<Remote>],
     ) -> Result<BTreeMap<String, StorePath>, Stop> {
         let store = &self.store;
         let dir = store.store_dir().clone();
@@ -621,9 +619,12 @@ impl Builder {
                         return done;
                     }
                     drop(r);
-                    slot = unless_cancelled(&mut cancelled, self.slot_for(Some((drv_path, node)), machines))
-                        .await?
-                        .map_err(Failure::from)?;
+                    slot = unless_cancelled(
+                        &mut cancelled,
+                        self.slot_for(Some((drv_path, node)), &self.machines(options)),
+                    )
+                    .await?
+                    .map_err(Failure::from)?;
                 }
             }
         };

@@ -126,7 +126,9 @@ impl<R: Read, W: Write> Client<R, W> {
         write_nar: &mut dyn FnMut(&ValidPathInfo, &mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), ClientError> {
         if !self.proto.has(32) {
-            return Err(Error::OpNotInVersion { op: WorkerOp::AddMultipleToStore, minor: self.proto.version.minor() }.into());
+            return Err(
+                Error::OpNotInVersion { op: WorkerOp::AddMultipleToStore, minor: self.proto.version.minor() }.into()
+            );
         }
         Request::AddMultipleToStore { repair: false, dont_check_sigs }.write(&mut self.w, &self.proto)?;
         let mut framed = FramedWriter::new(&mut self.w);
@@ -159,11 +161,7 @@ impl<R: Read, W: Write> Client<R, W> {
 
     /// Asks for a path's NAR and hands the connection's reader to `read_nar`, which must read
     /// exactly the NAR (a NAR parser knows where it ends) and nothing more.
-    pub fn nar_from_path<T>(
-        &mut self,
-        path: &StorePath,
-        read_nar: impl FnOnce(&mut R) -> T,
-    ) -> Result<T, ClientError> {
+    pub fn nar_from_path<T>(&mut self, path: &StorePath, read_nar: impl FnOnce(&mut R) -> T) -> Result<T, ClientError> {
         self.call(&Request::NarFromPath(path.clone()), &mut |_| {})?;
         Ok(read_nar(&mut self.r))
     }

@@ -228,7 +228,8 @@ pub async fn realise(
             ))
         }
         Some(spec) => {
-            let m = machines(spec, &st.control.settings).map_err(|e| ApiError::bad_request(format!("--builders: {e}")))?;
+            let m =
+                machines(spec, &st.control.settings).map_err(|e| ApiError::bad_request(format!("--builders: {e}")))?;
             Some(Arc::new(st.builder.remotes().resolve(m)))
         }
     };

@@ -38,10 +38,9 @@ fn nix_socket(st: &TestStore) -> PathBuf {
 /// A cairnd that sends its builds to `builders` (a machines spec), building `jobs` at a time
 /// itself; `env` for its environment (NIX_SSHOPTS).
 fn dispatcher(builders: &str, jobs: usize, env: &[(&str, &str)]) -> TestStore {
-    let mut b = TestStore::builder().store_dir("/nix/store").config(&format!(
-        "{BUILD}max-jobs = {jobs}\nbuilders = {}\n",
-        toml_string(builders)
-    ));
+    let mut b = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("{BUILD}max-jobs = {jobs}\nbuilders = {}\n", toml_string(builders)));
     for (k, v) in env {
         b = b.env(k, v);
     }
@@ -130,7 +129,8 @@ fn a_fanout_and_a_chain_over_three_cairnd_builders_build_each_derivation_once_as
     let realised = realise(&d, &drvs);
 
     let all = builders(&d);
-    let counts: Vec<u64> = remote.iter().map(|b| builder_named(&all, &nix_socket(b))["built"].as_u64().unwrap()).collect();
+    let counts: Vec<u64> =
+        remote.iter().map(|b| builder_named(&all, &nix_socket(b))["built"].as_u64().unwrap()).collect();
     eprintln!("builds per builder: {counts:?}");
     // 200 leaves, the root, 20 chain links: each built once, somewhere, and nothing here.
     assert_eq!(counts.iter().sum::<u64>(), 221, "{all:?}");
@@ -241,10 +241,8 @@ fn with_every_builder_down_cairn_builds_here_or_says_why_when_max_jobs_is_0() {
     assert_eq!(fallback.ok(&["cat", realised[0]["outputs"]["out"].as_str().unwrap()]), "done here\n");
 
     // A request's own builders are a trusted user's choice.
-    let err = String::from_utf8_lossy(
-        &fallback.run_as_nobody(&["realise", "--builders", &spec, &drvs[0]], b"").stderr,
-    )
-    .into_owned();
+    let err = String::from_utf8_lossy(&fallback.run_as_nobody(&["realise", "--builders", &spec, &drvs[0]], b"").stderr)
+        .into_owned();
     assert!(err.contains("only trusted users may choose the builders"), "{err}");
 }
 

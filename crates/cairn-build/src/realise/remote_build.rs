@@ -98,9 +98,11 @@ impl Builder {
                     (drv_path.clone(), node.drv.clone(), node.outputs.clone(), node.inputs.clone(), top.clone());
                 let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
                 let registered = tokio::task::spawn_blocking(move || {
-                    let closure = this.store.walk(&inputs, Direction::References).map_err(|e| Err(Failure::from(e.to_string())))?;
-                    let collected =
-                        this.collect_outputs(&drv_path2, &drv, &outputs, &closure, &top2).map_err(Err)?;
+                    let closure = this
+                        .store
+                        .walk(&inputs, Direction::References)
+                        .map_err(|e| Err(Failure::from(e.to_string())))?;
+                    let collected = this.collect_outputs(&drv_path2, &drv, &outputs, &closure, &top2).map_err(Err)?;
                     for (_, display, c) in &collected {
                         let claim = claims.get(&c.path).ok_or_else(|| Ok(format!("no claim for '{display}'")))?;
                         remote::check_claim(display, claim, &c.nar_hash, &c.references).map_err(Ok)?;
@@ -177,7 +179,8 @@ impl Builder {
         for path in outputs.values() {
             let dest = under(&top.join("root"), &dir.display(path));
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| machine(format!("cannot create '{}': {e}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| machine(format!("cannot create '{}': {e}", parent.display())))?;
             }
             let claim = remote::fetch_output(remote, &mut conn, dir, path, &dest).map_err(machine)?;
             claims.insert(path.clone(), claim);

@@ -14,8 +14,8 @@ use std::time::Duration;
 use cairn_nix::StorePath;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-use super::{Builder, Node};
 use super::NodeMode;
+use super::{Builder, Node};
 use crate::remote::{Needs, Remote};
 use crate::requirements::Attrs;
 
@@ -69,8 +69,8 @@ impl Builder {
         let only_here = node.mode != NodeMode::Build || node.drv.builder.starts_with("builtin:");
         let local_allowed = self.settings.max_jobs > 0 || only_here;
         let local_can = local_allowed && self.settings.host.check(&node.drv, &shown).is_ok();
-        let remote_allowed = !only_here
-            && !(local_can && attrs.as_ref().is_some_and(|a| a.prefer_local_build().unwrap_or(false)));
+        let prefer_here = local_can && attrs.as_ref().is_some_and(|a| a.prefer_local_build().unwrap_or(false));
+        let remote_allowed = !(only_here || prefer_here);
         let needs = Needs { system: &node.drv.platform, features: &features, inputs: &node.inputs };
         loop {
             let freed = self.freed.notified();
@@ -103,7 +103,10 @@ impl Builder {
                         format!("'{}' ({})", m.uri(), s.last_error.unwrap_or_else(|| "down".to_owned()))
                     })
                     .collect();
-                return Err(format!("cannot build '{shown}': every builder that could build it is down: {}", why.join(", ")));
+                return Err(format!(
+                    "cannot build '{shown}': every builder that could build it is down: {}",
+                    why.join(", ")
+                ));
             }
             let _ = tokio::time::timeout(RECHECK, freed).await;
         }
@@ -127,13 +130,15 @@ impl Builder {
                     (set max-jobs, or builders)"
                 .to_owned();
         }
-        let builders: Vec<String> = machines
-            .iter()
-            .map(|m| format!("'{}' ({})", m.uri(), m.machine.systems.join(", ")))
-            .collect();
+        let builders: Vec<String> =
+            machines.iter().map(|m| format!("'{}' ({})", m.uri(), m.machine.systems.join(", "))).collect();
         format!(
             "{wanted}, but {} and no builder matches (builders: {})",
-            if self.settings.max_jobs == 0 { "max-jobs is 0".to_owned() } else { format!("I am a '{}'", self.settings.host.system) },
+            if self.settings.max_jobs == 0 {
+                "max-jobs is 0".to_owned()
+            } else {
+                format!("I am a '{}'", self.settings.host.system)
+            },
             if builders.is_empty() { "none".to_owned() } else { builders.join(", ") }
         )
     }

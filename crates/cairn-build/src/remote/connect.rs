@@ -242,8 +242,17 @@ fn next_id() -> u64 {
     N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-fn greet(r: Box<dyn Read + Send>, w: Box<dyn Write + Send>, store_dir: &StoreDir) -> Result<Client<Reader, Writer>, ClientError> {
-    Client::connect(BufReader::with_capacity(64 << 10, r), BufWriter::with_capacity(64 << 10, w), store_dir.clone(), Limits::default())
+fn greet(
+    r: Box<dyn Read + Send>,
+    w: Box<dyn Write + Send>,
+    store_dir: &StoreDir,
+) -> Result<Client<Reader, Writer>, ClientError> {
+    Client::connect(
+        BufReader::with_capacity(64 << 10, r),
+        BufWriter::with_capacity(64 << 10, w),
+        store_dir.clone(),
+        Limits::default(),
+    )
 }
 
 /// The `ssh` command line for a session (or, for `localhost`, the shell running the command).
@@ -315,7 +324,10 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port, t.key.as_str()), ("alice@big", Some(2222), "/k"));
         assert_eq!(t.command, "cairnd --stdio");
         let Target::Ssh(t) = Target::of(&machine("big - /id 1 1 - - -")).unwrap() else { panic!() };
-        assert_eq!((t.host.as_str(), t.port, t.key.as_str(), t.command.as_str()), ("big", None, "/id", "nix-daemon --stdio"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.key.as_str(), t.command.as_str()),
+            ("big", None, "/id", "nix-daemon --stdio")
+        );
         let Target::Ssh(t) = Target::of(&machine("ssh://h?remote-store=local%3Froot%3D/r")).unwrap() else { panic!() };
         assert_eq!(t.command, "nix-daemon --stdio --store 'local?root=/r'");
     }
@@ -343,7 +355,9 @@ mod tests {
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let known = args.iter().find_map(|a| a.strip_prefix("-oUserKnownHostsFile=")).unwrap();
         assert_eq!(std::fs::read_to_string(known).unwrap(), "h,[h]:22 ssh-ed25519 AAAAkey\n");
-        assert!(args.contains(&"-oStrictHostKeyChecking=yes".to_owned()) && args.contains(&"-oBatchMode=yes".to_owned()));
+        assert!(
+            args.contains(&"-oStrictHostKeyChecking=yes".to_owned()) && args.contains(&"-oBatchMode=yes".to_owned())
+        );
         assert_eq!(&args[args.len() - 3..], ["--", "h", "nix-daemon --stdio"]);
     }
 }

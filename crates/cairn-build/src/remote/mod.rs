@@ -394,14 +394,14 @@ pub fn build(
         }
         _ => {}
     };
-    let result = conn
-        .client
-        .build_derivation(drv_path, &basic, cairn_worker::BuildMode::Normal, &mut on_log)
-        .map_err(|e| match e {
-            cairn_worker::ClientError::Remote(e) => {
-                RemoteFailure::Build { status: cairn_worker::BuildStatus::MiscFailure, message: e.message }
+    let result =
+        conn.client.build_derivation(drv_path, &basic, cairn_worker::BuildMode::Normal, &mut on_log).map_err(|e| {
+            match e {
+                cairn_worker::ClientError::Remote(e) => {
+                    RemoteFailure::Build { status: cairn_worker::BuildStatus::MiscFailure, message: e.message }
+                }
+                e => RemoteFailure::Machine(format!("the session broke during the build: {e}")),
             }
-            e => RemoteFailure::Machine(format!("the session broke during the build: {e}")),
         })?;
     if result.status.success() {
         Ok(())
@@ -427,7 +427,8 @@ pub fn fetch_output(
     let restored = conn
         .client
         .nar_from_path(path, |r| -> Result<(Hash, u64), String> {
-            let mut hashing = HashingReader { inner: r, hasher: cairn_nix::Hasher::new(cairn_nix::HashAlgo::Sha256), n: 0 };
+            let mut hashing =
+                HashingReader { inner: r, hasher: cairn_nix::Hasher::new(cairn_nix::HashAlgo::Sha256), n: 0 };
             let mut nar = cairn_nix::nar::NarReader::new(&mut hashing, cairn_nix::nar::Limits::default())
                 .map_err(|e| e.to_string())?;
             cairn_store::restore(&mut nar, dest, cairn_store::RestoreMode::Canonical).map_err(|e| e.to_string())?;
@@ -447,7 +448,12 @@ pub fn fetch_output(
 
 /// The builder's claims against what was received and scanned here: a difference means the
 /// builder (or the way to it) is not to be trusted with this build.
-pub fn check_claim(shown: &str, claim: &Claim, nar_hash: &Hash, references: &BTreeSet<StorePath>) -> Result<(), String> {
+pub fn check_claim(
+    shown: &str,
+    claim: &Claim,
+    nar_hash: &Hash,
+    references: &BTreeSet<StorePath>,
+) -> Result<(), String> {
     if claim.received_hash != claim.nar_hash {
         return Err(format!(
             "output '{shown}' came with NAR hash '{}', but the builder registered '{}'",
