@@ -327,7 +327,8 @@ fn key(m: &Machine) -> String {
     format!("{m:?}")
 }
 
-/// Converts between the store's and the wire's path metadata.
+/// The wire form of a store path's metadata (what a builder is sent, and what cairnd's Nix
+/// listener answers).
 pub fn wire_info(i: &cairn_store::PathInfo) -> cairn_worker::PathInfo {
     cairn_worker::PathInfo {
         deriver: i.deriver.clone(),

@@ -12,23 +12,11 @@ use std::sync::Arc;
 use cairn_nix::hash::Encoding;
 use cairn_nix::narinfo::NarInfo;
 use cairn_nix::StorePath;
-use cairn_worker::{GcAction, GcOptions, GcResults, PathInfo, Request, Response, SubstitutablePathInfo};
+use cairn_worker::{GcAction, GcOptions, GcResults, Request, Response, SubstitutablePathInfo};
 
 use super::session::{Failure, OpResult, Session};
 
-/// The wire form of a store path's metadata.
-pub(super) fn wire_info(i: &cairn_store::PathInfo) -> PathInfo {
-    PathInfo {
-        deriver: i.deriver.clone(),
-        nar_hash: i.nar_hash.clone(),
-        references: i.references.clone(),
-        registration_time: i.registration_time.max(0) as u64,
-        nar_size: i.nar_size,
-        ultimate: i.ultimate,
-        sigs: i.signatures.clone(),
-        ca: i.ca.clone(),
-    }
-}
+pub(super) use cairn_build::remote::wire_info;
 
 fn substitutable(info: &NarInfo) -> SubstitutablePathInfo {
     SubstitutablePathInfo {
