@@ -1,9 +1,10 @@
 # A build that takes a while and says so in its log: `tag` makes distinct derivations,
-# `seconds` how long it sleeps. No nixpkgs.
-{ tag ? "x", seconds ? 3 }:
+# `seconds` how long it sleeps, `fail` makes the builder exit 3 after it. No nixpkgs.
+{ tag ? "x", seconds ? 3, fail ? false }:
 derivation {
   name = "slow-${tag}";
   system = builtins.currentSystem;
   builder = "/bin/sh";
-  args = [ "-c" "echo start ${tag}; sleep ${toString seconds}; echo done ${tag} > $out" ];
+  args = [ "-c" ("echo start ${tag}; sleep ${toString seconds}; "
+    + (if fail then "echo 'no luck' ${tag}; exit 3" else "echo done ${tag} > $out")) ];
 }

@@ -465,6 +465,16 @@ pub fn write_exec(p: &Path, contents: &[u8]) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// The base-16 NAR hash of a regular file holding "hello\n": the argument of
+/// `nix/tests/builds.nix`, for its recursive fixed output.
+pub fn hello_nar_hash() -> String {
+    let mut nar = Vec::new();
+    let mut w = cairn_nix::nar::NarWriter::new(&mut nar).unwrap();
+    w.regular(None, false, 6, &mut &b"hello\n"[..]).unwrap();
+    w.finish().unwrap();
+    cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, &nar).encode(cairn_nix::hash::Encoding::Base16)
+}
+
 /// A loopback port nothing listens on, for a server a test starts and that binds it itself.
 ///
 /// Ports come from below the kernel's ephemeral range (which starts at 32768), so neither an

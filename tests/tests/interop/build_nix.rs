@@ -9,8 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use cairn_nix::hash::Encoding;
-use cairn_tests::{output_with_stdin, require_peer, NixStore, TestStore};
+use cairn_tests::{hello_nar_hash, output_with_stdin, require_peer, NixStore, TestStore};
 
 const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nsandbox = true\n\
                           sandbox-paths = /bin/sh=/bin/busybox\nmax-jobs = 2\n";
@@ -19,15 +18,6 @@ fn nix(n: &NixStore, tool: &str, args: &[&str]) -> String {
     let out = n.cmd(tool).env("NIX_CONFIG", NIX_CONFIG).args(args).output().unwrap();
     assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// The NAR hash of a regular file holding "hello\n", for the recursive fixed output.
-fn hello_nar_hash() -> String {
-    let mut nar = Vec::new();
-    let mut w = cairn_nix::nar::NarWriter::new(&mut nar).unwrap();
-    w.regular(None, false, 6, &mut &b"hello\n"[..]).unwrap();
-    w.finish().unwrap();
-    cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, &nar).encode(Encoding::Base16)
 }
 
 /// (references, ca) of each path in a `path-info --json` answer, by path.

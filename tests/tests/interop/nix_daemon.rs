@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use cairn_tests::{bin_dir, output_with_stdin, path_info_fields, require_peer, NixDaemon, TestStore};
+use cairn_tests::{bin_dir, hello_nar_hash, output_with_stdin, path_info_fields, require_peer, NixDaemon, TestStore};
 
 /// Path metadata by path, as `path_info_fields` gives it.
 type Metadata = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
@@ -142,15 +142,6 @@ fn lines(s: &str) -> Vec<&str> {
 
 fn expr(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../nix/tests").join(name).display().to_string()
-}
-
-/// The base-16 NAR hash of a regular file holding "hello\n" (`builds.nix`'s argument).
-fn hello_nar_hash() -> String {
-    let mut nar = Vec::new();
-    let mut w = cairn_nix::nar::NarWriter::new(&mut nar).unwrap();
-    w.regular(None, false, 6, &mut &b"hello\n"[..]).unwrap();
-    w.finish().unwrap();
-    cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, &nar).encode(cairn_nix::hash::Encoding::Base16)
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_tests::sshd::Sshd;
-use cairn_tests::{json, require_peer, NixDaemon, TestStore};
+use cairn_tests::{hello_nar_hash, json, require_peer, NixDaemon, TestStore};
 use serde_json::Value;
 
 /// Every store here builds with busybox as `/bin/sh`, under `/nix/store`.
@@ -59,6 +59,11 @@ fn unix_machine(st: &TestStore, jobs: usize) -> String {
 /// `nix-instantiate` of an expression into a cairnd's store (through its Nix socket); the
 /// derivations' paths.
 fn instantiate(st: &TestStore, file: &str, args: &[(&str, &str)]) -> Vec<String> {
+    instantiate_attrs(st, file, args, &[])
+}
+
+/// [`instantiate`] of some attributes (`-A`) of an expression.
+fn instantiate_attrs(st: &TestStore, file: &str, args: &[(&str, &str)], attrs: &[&str]) -> Vec<String> {
     let home = tempfile::tempdir().unwrap();
     let mut c = Command::new("nix-instantiate");
     c.env_clear()
@@ -70,6 +75,9 @@ fn instantiate(st: &TestStore, file: &str, args: &[(&str, &str)]) -> Vec<String>
         .arg(expr(file));
     for (k, v) in args {
         c.args(["--arg", k, v]);
+    }
+    for a in attrs {
+        c.args(["-A", a]);
     }
     let out = c.stdin(Stdio::null()).output().unwrap();
     assert!(out.status.success(), "nix-instantiate {file}: {}", String::from_utf8_lossy(&out.stderr));
@@ -303,4 +311,56 @@ fn cairn_builds_on_a_real_nix_daemon_over_ssh_ng_and_refuses_a_wrong_host_key() 
     let drvs = instantiate(&d3, "slow.nix", &[("tag", "\"proven\""), ("seconds", "0")]);
     let realised = realise(&d3, &drvs);
     assert_eq!(d3.ok(&["cat", realised[0]["outputs"]["out"].as_str().unwrap()]), "done proven\n");
+}
+
+#[test]
+fn multi_output_and_fixed_output_derivations_built_remotely_match_a_local_realise() {
+    if !peers() {
+        return;
+    }
+    let remote = builder(2);
+    let d = dispatcher(&unix_machine(&remote, 2), 0, &[]);
+    let local = builder(2);
+    let nar_hash = format!("\"{}\"", hello_nar_hash());
+    let attrs = ["multi", "selfref", "flat-sha256", "recursive", "uses-fixed", "c3"];
+    let drvs = instantiate_attrs(&d, "builds.nix", &[("narHash", &nar_hash)], &attrs);
+    let local_drvs = instantiate_attrs(&local, "builds.nix", &[("narHash", &nar_hash)], &attrs);
+    assert_eq!(drvs, local_drvs);
+    let realised = realise(&d, &drvs);
+    assert_eq!(output_hashes(&d, &realised), output_hashes(&local, &realise(&local, &local_drvs)));
+    // References between a build's outputs and to its inputs came back as built.
+    for r in realised.as_array().unwrap() {
+        for p in r["outputs"].as_object().unwrap().values() {
+            let p = p.as_str().unwrap();
+            assert_eq!(d.ok(&["references", p]), local.ok(&["references", p]), "{p}");
+        }
+    }
+    let b = &builders(&d)[0];
+    assert_eq!(b["failed"], 0, "{b}");
+    d.ok(&["verify", "--check-contents"]);
+}
+
+#[test]
+fn a_build_failing_on_a_builder_names_it_and_keep_going_finishes_the_rest_elsewhere() {
+    if !peers() {
+        return;
+    }
+    let (one, two) = (builder(1), builder(1));
+    let d = dispatcher(&format!("{}\n{}", unix_machine(&one, 1), unix_machine(&two, 1)), 0, &[]);
+    let bad = instantiate(&d, "slow.nix", &[("tag", "\"bad\""), ("seconds", "0"), ("fail", "true")]);
+    let good = instantiate(&d, "fanout.nix", &[("n", "6")]);
+    let out = d.run(&["realise", "--keep-going", &bad[0], &good[0]], b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    // A failed build: Nix's exit status for it, the builder named, its log's tail quoted.
+    assert_eq!(out.status.code(), Some(100), "{err}");
+    assert!(err.contains("on 'unix://") && err.contains("failed"), "{err}");
+    assert!(err.contains("exit code 3") || err.contains("no luck"), "{err}");
+    // The fan-out went on and finished; the machines were not blamed for the build.
+    let root = d.ok(&["derivation", "output-paths", &good[0]]);
+    assert!(d.run(&["path-info", root.trim()], b"").status.success(), "the fan-out was built: {err}");
+    let all = builders(&d);
+    assert!(all.iter().all(|b| b["state"] == "up"), "{all:?}");
+    assert_eq!(all.iter().map(|b| b["built"].as_u64().unwrap()).sum::<u64>(), 7, "{all:?}");
+    assert_eq!(all.iter().map(|b| b["failed"].as_u64().unwrap()).sum::<u64>(), 1, "{all:?}");
+    assert!(d.ok(&["log", &bad[0]]).contains("start bad"), "the failed build's log is kept");
 }
