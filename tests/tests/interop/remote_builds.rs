@@ -364,3 +364,32 @@ fn a_build_failing_on_a_builder_names_it_and_keep_going_finishes_the_rest_elsewh
     assert_eq!(all.iter().map(|b| b["failed"].as_u64().unwrap()).sum::<u64>(), 1, "{all:?}");
     assert!(d.ok(&["log", &bad[0]]).contains("start bad"), "the failed build's log is kept");
 }
+
+#[test]
+fn nix_build_through_cairnd_has_its_builds_sent_to_cairns_builders() {
+    if !peers() {
+        return;
+    }
+    let remote = builder(2);
+    let d = dispatcher(&unix_machine(&remote, 2), 0, &[]);
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new("nix-build")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("NIX_CONFIG", "substituters =\nbuild-users-group =\n")
+        .env("NIX_STATE_DIR", home.path().join("state"))
+        .env("NIX_REMOTE", format!("unix://{}?root={}", nix_socket(&d).display(), d.root.path().display()))
+        .args(["--no-out-link", &expr("chain.nix"), "--arg", "n", "3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", d.log());
+    // Nix shows where each build runs, from the activity cairnd sends.
+    let on = format!("on 'unix://{}'", nix_socket(&remote).display());
+    assert_eq!(err.matches(&on).count(), 3, "{err}");
+    assert_eq!(builders(&d)[0]["built"], 3);
+    let path = String::from_utf8(out.stdout).unwrap();
+    assert!(d.ok(&["cat", path.trim()]).starts_with("2 "), "{path}");
+}

@@ -117,12 +117,21 @@ impl<R: Read, W: Write> Session<R, W> {
     ) {
         match e {
             Event::Plan { .. } => {}
-            Event::Started { drv, .. } => {
+            Event::Started { drv, machine } => {
                 let shown = self.show(&drv);
                 tracing::info!(drv = %shown, user = self.peer.user, "building (nix protocol)");
-                let fields =
-                    vec![Field::String(shown.clone()), Field::String(String::new()), Field::Int(1), Field::Int(1)];
-                let id = self.start_activity(ActivityType::Build, format!("building '{shown}'"), fields);
+                // As Nix's build activity: the machine is its second field, and in the text.
+                let text = match &machine {
+                    Some(m) => format!("building '{shown}' on '{m}'"),
+                    None => format!("building '{shown}'"),
+                };
+                let fields = vec![
+                    Field::String(shown.clone()),
+                    Field::String(machine.unwrap_or_default()),
+                    Field::Int(1),
+                    Field::Int(1),
+                ];
+                let id = self.start_activity(ActivityType::Build, text, fields);
                 activities.insert(drv, id);
             }
             Event::Log { drv, line } => {
