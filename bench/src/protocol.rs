@@ -31,7 +31,7 @@ pub(crate) const DAEMON_CONF: &str =
                            max-jobs = 2\ncores = 1\nexperimental-features = nix-command\n";
 pub(crate) const CAIRN_CONF: &str = "sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 2\ncores = 1\n";
 /// What the client asks every daemon for (its `SetOptions`).
-const CLIENT_CONF: &str =
+pub(crate) const CLIENT_CONF: &str =
     "substituters =\nexperimental-features = nix-command\nbuild-users-group =\nmax-jobs = 2\ncores = 1\n";
 
 /// A real nix-daemon serving the local store at `root`.
@@ -72,7 +72,7 @@ impl NixDaemon {
         self.state.join("daemon-socket/socket")
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("unix://{}?root={}", self.socket().display(), self.root.display())
     }
 }
