@@ -393,3 +393,111 @@ fn nix_build_through_cairnd_has_its_builds_sent_to_cairns_builders() {
     let path = String::from_utf8(out.stdout).unwrap();
     assert!(d.ok(&["cat", path.trim()]).starts_with("2 "), "{path}");
 }
+
+#[test]
+fn a_cairnd_reached_as_ssh_ng_localhost_builds_through_its_stdio_program() {
+    if !peers() {
+        return;
+    }
+    let b = builder(1);
+    // `ssh-ng://localhost` runs the remote program here, without SSH, as Nix does; this one
+    // is `cairnd --stdio` pointed at the builder's store, which relays to its daemon.
+    let work = tempfile::tempdir().unwrap();
+    let program = work.path().join("cairnd-stdio");
+    cairn_tests::write_exec(
+        &program,
+        format!(
+            "#!/bin/sh\nexec env CAIRN_ROOT={} CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET={} CAIRN_CONFIG={} {} \"$@\"\n",
+            b.root.path().display(),
+            b.socket.display(),
+            b.config.display(),
+            cairn_tests::bin_dir().join("cairnd").display()
+        )
+        .as_bytes(),
+    );
+    let d = dispatcher(&format!("ssh-ng://localhost?remote-program={} x86_64-linux", program.display()), 0, &[]);
+    let drvs = instantiate(&d, "slow.nix", &[("tag", "\"localhost\""), ("seconds", "0")]);
+    let realised = realise(&d, &drvs);
+    let out = realised[0]["outputs"]["out"].as_str().unwrap();
+    assert_eq!(d.ok(&["cat", out]), "done localhost\n");
+    assert_eq!(builders(&d)[0]["built"], 1);
+    assert!(b.run(&["path-info", out], b"").status.success(), "the builder's store has it");
+}
+
+#[test]
+fn prefer_local_build_stays_here_while_this_machine_may_build() {
+    if !peers() {
+        return;
+    }
+    let b = builder(1);
+    let args = [("tag", "\"pref\""), ("seconds", "0"), ("preferLocal", "true")];
+    let here = dispatcher(&unix_machine(&b, 1), 1, &[]);
+    let realised = realise(&here, &instantiate(&here, "slow.nix", &args));
+    assert!(realised[0]["outputs"]["out"].is_string());
+    assert_eq!(builders(&here)[0]["built"], 0, "built here");
+    // With max-jobs = 0 this machine may not build it: it goes out after all.
+    let only_remote = dispatcher(&unix_machine(&b, 1), 0, &[]);
+    realise(&only_remote, &instantiate(&only_remote, "slow.nix", &args));
+    assert_eq!(builders(&only_remote)[0]["built"], 1);
+}
+
+#[test]
+fn with_builders_use_substitutes_a_builder_fetches_inputs_from_its_own_caches() {
+    if !peers() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let d = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("{BUILD}max-jobs = 0\nbuilders-use-substitutes = true\n"))
+        .start();
+    let src = work.path().join("input.txt");
+    std::fs::write(&src, b"from the cache\n").unwrap();
+    let drvs = instantiate(&d, "slow.nix", &[("tag", "\"sub\""), ("seconds", "0"), ("src", src.to_str().unwrap())]);
+    let input = d.ok(&["references", &drvs[0]]).lines().find(|l| l.ends_with("-input.txt")).unwrap().to_owned();
+    // The input goes into a signed binary cache the builder trusts.
+    let (sk, pk) = (work.path().join("sk"), work.path().join("pk"));
+    d.ok(&["key", "generate", "builders-cache-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let cache = format!("file://{}", work.path().join("cache").display());
+    d.ok(&["copy", "--to", &cache, "--secret-key-file", sk.to_str().unwrap(), &input]);
+    let public = std::fs::read_to_string(&pk).unwrap();
+    let b = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!(
+            "{BUILD}max-jobs = 1\nsubstituters = [\"{cache}\"]\ntrusted-public-keys = [\"{}\"]\n",
+            public.trim()
+        ))
+        .start();
+    let out = d.run(&["realise", "--json", "--builders", &unix_machine(&b, 1), &drvs[0]], b"");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), d.log());
+    let realised: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d.ok(&["cat", realised[0]["outputs"]["out"].as_str().unwrap()]), "done sub\nfrom the cache\n");
+    let all = builders(&d);
+    assert_eq!((all[0]["built"].as_u64(), all[0]["narsSent"].as_u64()), (Some(1), Some(0)), "{all:?}");
+    let sigs = json(&b.ok(&["path-info", "--json", &input]));
+    assert!(sigs[0]["signatures"].to_string().contains("builders-cache-1:"), "substituted there: {sigs}");
+}
+
+#[test]
+fn a_builder_that_refuses_the_build_is_marked_down_and_another_builds_it() {
+    if !peers() {
+        return;
+    }
+    // A cairnd of another user that trusts nobody: it refuses input-addressed builds from
+    // this (root) client, as nix-daemon refuses them from untrusted users.
+    let refusing = TestStore::builder()
+        .store_dir("/nix/store")
+        .as_user(4242)
+        .config(&format!("{BUILD}max-jobs = 1\ntrusted-users = []\n"))
+        .start();
+    let willing = builder(1);
+    let d = dispatcher(&format!("{}\n{}", unix_machine(&refusing, 1), unix_machine(&willing, 1)), 0, &[]);
+    let drvs = instantiate(&d, "slow.nix", &[("tag", "\"refused\""), ("seconds", "0")]);
+    let realised = realise(&d, &drvs);
+    assert_eq!(d.ok(&["cat", realised[0]["outputs"]["out"].as_str().unwrap()]), "done refused\n");
+    let all = builders(&d);
+    let r = builder_named(&all, &nix_socket(&refusing));
+    assert_eq!(r["state"], "down", "{r}");
+    assert!(r["lastError"].as_str().unwrap_or("").contains("refused"), "{r}");
+    assert_eq!(builder_named(&all, &nix_socket(&willing))["built"], 1);
+}

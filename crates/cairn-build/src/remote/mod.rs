@@ -398,8 +398,11 @@ pub fn build(
     let result =
         conn.client.build_derivation(drv_path, &basic, cairn_worker::BuildMode::Normal, &mut on_log).map_err(|e| {
             match e {
+                // Failed builds come back as a result; an error is the daemon refusing the
+                // request (this client not trusted there, an input it lacks …): not the
+                // build's fault, and another machine may take it.
                 cairn_worker::ClientError::Remote(e) => {
-                    RemoteFailure::Build { status: cairn_worker::BuildStatus::MiscFailure, message: e.message }
+                    RemoteFailure::Machine(format!("it refused the build: {}", e.message))
                 }
                 e => RemoteFailure::Machine(format!("the session broke during the build: {e}")),
             }
