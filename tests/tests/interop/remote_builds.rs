@@ -260,7 +260,19 @@ fn cairn_builds_on_a_real_nix_daemon_over_ssh_ng_and_refuses_a_wrong_host_key() 
         return;
     }
     let sshd = Sshd::start();
-    let nix = NixDaemon::start_with("sandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\n");
+    // The builder signs what it builds; the signatures come back with the outputs.
+    let keys = tempfile::tempdir().unwrap();
+    let (sk, pk) = (keys.path().join("sk"), keys.path().join("pk"));
+    let generated = Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "nixbuilder-1"])
+        .args([&sk, &pk])
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    let nix = NixDaemon::start_with(&format!(
+        "sandbox = true\nsandbox-paths = /bin/sh=/bin/busybox\nsecret-key-files = {}\n",
+        sk.display()
+    ));
     let program = nix.stdio_program();
     let config = sshd.ssh_config("nixbuilder");
     let opts = format!("-F {}", config.display());
@@ -279,6 +291,9 @@ fn cairn_builds_on_a_real_nix_daemon_over_ssh_ng_and_refuses_a_wrong_host_key() 
     assert_eq!(output_hashes(&d, &realised), output_hashes(&local, &realise(&local, &local_drvs)));
     let b = &builders(&d)[0];
     assert_eq!((b["built"].as_u64(), b["failed"].as_u64()), (Some(4), Some(0)), "{b}");
+    let out = realised[0]["outputs"]["out"].as_str().unwrap();
+    let info = json(&d.ok(&["path-info", "--json", out]));
+    assert!(info[0]["signatures"].to_string().contains("nixbuilder-1:"), "the builder's signature is kept: {info}");
     // Each link's input was built on the same machine: nothing had to be sent.
     assert_eq!(b["narsSent"], 0, "{b}");
     assert_eq!(b["narsReceived"], 4, "{b}");
