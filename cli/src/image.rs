@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 use cairn_api::image::{
-    BuildEvent, BuildRequest, BuiltInfo, CommitRequest, Credentials, DescriptorWire, ImageDetail, ImageEvent,
-    ImportItem, PullRequest, PushRequest, RegistryOptions, UnpackedInfo,
+    BuildEvent, BuildRequest, BuiltInfo, CommitRequest, ComposeKind, ComposeRequest, Credentials, DescriptorWire,
+    ImageDetail, ImageEvent, ImportItem, PullRequest, PushRequest, RegistryOptions, UnpackedInfo,
 };
 use cairn_api::query;
 use cairn_client::Client;
@@ -126,6 +126,43 @@ pub enum ImageCommand {
         /// directly); without it a layer is a description of the store paths it holds.
         #[arg(long, alias = "materialize")]
         materialise: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an image of one layer holding IMAGE's filesystem (its layers applied, whiteouts
+    /// resolved; owners, modes, links and extended attributes as the layers said); prints its
+    /// digest. The same image squashes to the same bytes in any store, and again costs nothing.
+    Squash {
+        /// The image: NAME[:TAG], digest or layout path.
+        image: String,
+        /// The NAME[:TAG] to give the result.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an image whose layers are the first image's, then the second's, and so on (blobs
+    /// shared, not copied), configs merged: Env by name (later wins), Labels, ExposedPorts and
+    /// Volumes joined, Entrypoint, Cmd, WorkingDir and User from the last image that sets them.
+    /// The images must be of one platform. Prints its digest.
+    Combine {
+        /// The images, bottom first: NAME[:TAG], digest or layout path.
+        #[arg(required = true, num_args = 2..)]
+        images: Vec<String>,
+        /// The entrypoint, one argument per flag (over the merged config's).
+        #[arg(long, value_name = "ARG")]
+        entrypoint: Vec<String>,
+        /// The default command, one argument per flag (over the merged config's).
+        #[arg(long, value_name = "ARG")]
+        cmd: Vec<String>,
+        /// NAME=VALUE for the environment (repeatable), over the merged config's.
+        #[arg(long, value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// The NAME[:TAG] to give the result.
+        #[arg(long)]
+        tag: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -464,6 +501,29 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        ImageCommand::Squash { image, tag, json } => {
+            let req = ComposeRequest {
+                kind: ComposeKind::Squash,
+                images: vec![image],
+                tag,
+                entrypoint: None,
+                cmd: None,
+                env: Vec::new(),
+            };
+            print_composed(&*client.call(req).await?, json)?;
+        }
+        ImageCommand::Combine { images, entrypoint, cmd, env, tag, json } => {
+            let set = |v: Vec<String>| (!v.is_empty()).then_some(v);
+            let req = ComposeRequest {
+                kind: ComposeKind::Combine,
+                images,
+                tag,
+                entrypoint: set(entrypoint),
+                cmd: set(cmd),
+                env,
+            };
+            print_composed(&*client.call(req).await?, json)?;
+        }
         ImageCommand::Unpack { image, out_link, json } => {
             let u = client.call(query::ImageUnpack { image }).await?;
             if let Some(link) = &out_link {
@@ -477,6 +537,17 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Prints a squash's or combination's result: its digest, and on stderr what it is.
+fn print_composed(b: &BuiltInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(b);
+    }
+    println!("{}", b.image.digest);
+    let how = if b.cached { format!("output of {} already valid", b.derivation) } else { "made now".to_owned() };
+    eprintln!("{} ({how})", b.image.tags.first().map(String::as_str).unwrap_or(&b.image.layout));
     Ok(())
 }
 

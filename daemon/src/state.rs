@@ -184,6 +184,10 @@ impl cairn_build::Builtin for ImageBuiltin {
         log: &mut dyn FnMut(&[u8]),
     ) -> Result<(), String> {
         let out = outputs.get("out").ok_or("an image derivation has one output, 'out'")?;
+        if cairn_image::compose::is_composition(drv) {
+            return cairn_image::compose::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
+                .map_err(|e| e.to_string());
+        }
         let built = cairn_image::layered::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
             .map_err(|e| e.to_string())?;
         log(format!("{} store layers hashed, the others remembered", built.layers_written).as_bytes());

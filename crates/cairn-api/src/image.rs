@@ -252,6 +252,34 @@ pub struct BuildRequest {
     pub materialise: bool,
 }
 
+/// An image made of images: `squash` (one image, its layers applied into one) or `combine`
+/// (several images' layers in order, configs merged). Answers what a build answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ComposeRequest {
+    pub kind: ComposeKind,
+    /// The images (tags, digests or layout paths): one to squash, two or more to combine.
+    pub images: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Over the merged config (combine only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// `NAME=VALUE`, replacing a variable of that name or appended (combine only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+}
+
+/// Which composition.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComposeKind {
+    Squash,
+    Combine,
+}
+
 /// What a build made.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

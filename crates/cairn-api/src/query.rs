@@ -66,6 +66,7 @@ pub enum Request {
     ImageUntag(ImageUntag),
     ImageUnpack(ImageUnpack),
     ImageBuild(image::BuildRequest),
+    ImageCompose(image::ComposeRequest),
     AutomatonCreate(image::AutomatonRequest),
     AutomatonList(AutomatonList),
     AutomatonShow(AutomatonShow),
@@ -366,6 +367,7 @@ op! {
     ImageUntag => ImageUntag, Paths: Vec<String>;
     ImageUnpack => ImageUnpack, Unpacked: image::UnpackedInfo;
     image::BuildRequest => ImageBuild, Built: Box<image::BuiltInfo>;
+    image::ComposeRequest => ImageCompose, Built: Box<image::BuiltInfo>;
     image::AutomatonRequest => AutomatonCreate, Automata: Vec<image::AutomatonInfo>;
     AutomatonList => AutomatonList, Automata: Vec<image::AutomatonInfo>;
     AutomatonShow => AutomatonShow, Automata: Vec<image::AutomatonInfo>;

@@ -44,7 +44,7 @@ use crate::streamed::{describe, tar_header, LayerReader, LayerRecipe, FORMAT};
 pub use crate::streamed::{LayerCompression, LAYER};
 use crate::{ImageError, Images, Result};
 
-const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub(crate) const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// The builder of image derivations.
 pub const BUILTIN: &str = "builtin:oci-image";
 /// The name of image derivations (and so of their `.drv` and output paths).
@@ -315,7 +315,7 @@ fn materialise(images: &Images, layer: &StoreLayer, roots: &mut TempRootGuardSet
     images.add_blob(&d, layer.recipe.size, io::BufReader::with_capacity(1 << 20, reader))?;
     Ok(())
 }
-fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
+pub(crate) fn descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
     Descriptor { media_type: media_type.to_owned(), digest, size, platform: None, annotations: Default::default() }
 }
 
@@ -336,7 +336,7 @@ fn customisation_layer() -> Result<Vec<u8>> {
     b.into_inner().map_err(io_err)
 }
 
-fn store_json(
+pub(crate) fn store_json(
     images: &Images,
     media_type: &str,
     v: &serde_json::Value,
@@ -494,8 +494,14 @@ pub fn build_output(
     let opts = options_of(images, drv)?;
     let mut roots = TempRootGuardSet::default();
     let (layout, built) = build_layout(images, &opts, &mut roots, log)?;
-    let dir = images.store.store_dir();
     log("registering the image's layout");
+    register_layout(images, &layout, drv_path, out)?;
+    Ok(built)
+}
+
+/// Registers an image derivation's layout at its output path `out`, with `drv_path` as deriver.
+pub(crate) fn register_layout(images: &Images, layout: &Layout, drv_path: &StorePath, out: &StorePath) -> Result<()> {
+    let dir = images.store.store_dir();
     let nar = layout.nar(dir);
     let info = PathInfo {
         path: out.clone(),
@@ -514,7 +520,7 @@ pub fn build_output(
     if let Some((_, missing)) = committed.incomplete.first() {
         return Err(ImageError::BadBuild(format!("the layout's reference '{}' is not valid", dir.display(missing))));
     }
-    Ok(built)
+    Ok(())
 }
 
 /// Makes every blob of the image of `opts` (or finds it remembered) and returns its layout;

@@ -7,13 +7,15 @@
 //! as it streams into the store, and [`push`] uploads what a registry lacks, sending manifests as
 //! their exact stored bytes so that digests survive the trip. [`unpack`] applies an image's
 //! layers into a root filesystem that is itself a store path, refusing entries that would leave
-//! it, and remembers it per image.
+//! it, and remembers it per image. [`compose`] makes images of images: a squash into one layer
+//! and a combination of several images' layers.
 //!
 //! Everything a network or an archive gives is untrusted until hashed: a blob is registered
 //! only under the digest its bytes have, a manifest fetched by tag is stored under the digest of
 //! the bytes received, and one fetched by digest must have that digest.
 
 pub mod automaton;
+pub mod compose;
 pub mod images;
 pub mod layered;
 pub mod memo;

@@ -215,6 +215,19 @@ fn scratch_dir(beside: Option<&Path>) -> Result<tempfile::TempDir, UnpackError> 
 /// and checked against its digest and size once read to the end.
 fn apply_blob(tree: &mut layer::Tree, l: &Descriptor, input: impl Read) -> Result<(), UnpackError> {
     let label = l.digest.to_string();
+    read_layer(l, input, |tar| tree.apply(&label, tar))
+}
+
+/// Hands `f` the uncompressed tar stream of one layer blob read from `input` (decompressed as
+/// its media type says), hashing the blob on the way; once `f` returns, the rest of the blob
+/// is read and checked against the descriptor's digest and size. A blob that does not hash to
+/// its digest is the error, whatever else went wrong with it.
+pub(crate) fn read_layer<T>(
+    l: &Descriptor,
+    input: impl Read,
+    f: impl FnOnce(&mut dyn Read) -> Result<T, UnpackError>,
+) -> Result<T, UnpackError> {
+    let label = l.digest.to_string();
     let kind = compression(l)?;
     let mut raw = Hashing { inner: input, hasher: Some(Hasher::new(l.digest.algo().hash_algo())), size: 0 };
     // Docker's `rootfs.diff.tar.gzip` also labels uncompressed layers: the manifests the
@@ -233,7 +246,7 @@ fn apply_blob(tree: &mut layer::Tree, l: &Descriptor, input: impl Read) -> Resul
         kind
     };
     let applied = {
-        let stream: Box<dyn Read + '_> = match kind {
+        let mut stream: Box<dyn Read + '_> = match kind {
             Compression::None => Box::new(&mut buffered),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut buffered)),
             Compression::Zstd => Box::new(
@@ -241,12 +254,11 @@ fn apply_blob(tree: &mut layer::Tree, l: &Descriptor, input: impl Read) -> Resul
                     .map_err(|source| UnpackError::BadTar { layer: label.clone(), source })?,
             ),
         };
-        tree.apply(&label, stream)
+        f(&mut stream)
     };
     let drained_buffer = io::copy(&mut buffered, &mut io::sink());
     drop(buffered);
-    // Read what follows the compressed stream too, so the whole blob is hashed; a blob that
-    // does not hash to its digest is the cause of whatever else went wrong with it.
+    // Read what follows the compressed stream too, so the whole blob is hashed.
     let drained = drained_buffer.and_then(|_| io::copy(&mut raw, &mut io::sink()));
     let actual = raw.finish();
     if actual != l.digest.to_hash() {
@@ -256,9 +268,9 @@ fn apply_blob(tree: &mut layer::Tree, l: &Descriptor, input: impl Read) -> Resul
     if raw.size != l.size {
         return Err(UnpackError::SizeMismatch { layer: label, expected: l.size, actual: raw.size });
     }
-    applied?;
+    let value = applied?;
     drained.map_err(|source| UnpackError::BadTar { layer: label, source })?;
-    Ok(())
+    Ok(value)
 }
 
 /// A reader that hashes and counts what passes.

@@ -22,6 +22,7 @@ use cairn_image::images::Image;
 use cairn_image::pull::{Progress, PullOptions};
 use cairn_image::registry::{ClientOptions, Credentials, Registry};
 use cairn_image::Images;
+use cairn_nix::StorePath;
 use cairn_oci::manifest::{Descriptor, Platform};
 use cairn_oci::reference::{ImageRef, Reference};
 use cairn_oci::{Digest, TagName};
@@ -253,26 +254,13 @@ pub async fn build_image(
             }
         }
         let base_layers = cairn_image::layered::check(images, &opts)?;
-        let mut drv = cairn_image::layered::derivation(dir, &opts);
-        cairn_build::derivations::Derivations::new(&st2.store).complete(&mut drv)?;
-        let refs = drv.input_srcs.iter().map(|p| crate::convert::store_path(dir, p)).collect::<ApiResult<_>>()?;
-        let name = format!("{}.drv", cairn_image::layered::NAME);
-        let info = st2.store.add_text(&name, drv.to_aterm().as_bytes(), &refs)?;
-        let out = crate::convert::store_path(dir, &drv.outputs["out"].path)?;
-        // A tag the caller may not move is refused before the build, not after it.
-        if let Some(t) = &tag2 {
-            st2.tag_owners.check_set(&st2.store, &peer2, t, &out)?;
-        }
-        let roots = st2.store.temp_root([info.path.clone(), out.clone()]);
-        Ok((info.path, out, roots, base_layers))
+        let drv = cairn_image::layered::derivation(dir, &opts);
+        let (drv_path, out, roots) =
+            add_image_derivation(&st2, &peer2, drv, cairn_image::layered::NAME, tag2.as_ref())?;
+        Ok((drv_path, out, roots, base_layers))
     })
     .await?;
-    let goal = cairn_build::Goal { drv: drv_path.clone(), outputs: None };
-    let outcome = st.builder.realise(vec![goal], cairn_build::Options::default(), events).await?;
-    if let Some((_, Err(m))) = outcome.results.first() {
-        return Err(ApiError::internal(m.clone()));
-    }
-    let cached = outcome.built.is_empty();
+    let cached = realise_image(&st, &drv_path, events).await?;
     blocking(move || {
         let _roots = roots;
         let images = &st.images;
@@ -295,6 +283,94 @@ pub async fn build_image(
             layers: layers.iter().map(|l| l.iter().map(|p| dir.display(p)).collect()).collect(),
             layers_written: if cached { 0 } else { written as u64 },
             derivation: dir.display(&drv_path),
+            cached,
+        }))
+    })
+    .await
+}
+
+/// Writes an image derivation into the store (its output path computed); refuses a tag the
+/// caller may not move before anything is built. Returns the derivation, its output, and roots
+/// on both.
+fn add_image_derivation(
+    st: &AppState,
+    peer: &Peer,
+    mut drv: cairn_nix::derivation::Derivation,
+    name: &str,
+    tag: Option<&TagName>,
+) -> ApiResult<(StorePath, StorePath, cairn_store::TempRootGuard)> {
+    let dir = &st.store_dir;
+    cairn_build::derivations::Derivations::new(&st.store).complete(&mut drv)?;
+    let refs = drv.input_srcs.iter().map(|p| crate::convert::store_path(dir, p)).collect::<ApiResult<_>>()?;
+    let info = st.store.add_text(&format!("{name}.drv"), drv.to_aterm().as_bytes(), &refs)?;
+    let out = crate::convert::store_path(dir, &drv.outputs["out"].path)?;
+    if let Some(t) = tag {
+        st.tag_owners.check_set(&st.store, peer, t, &out)?;
+    }
+    let roots = st.store.temp_root([info.path.clone(), out.clone()]);
+    Ok((info.path, out, roots))
+}
+
+/// Realises an image derivation; whether its output was valid already.
+async fn realise_image(
+    st: &Arc<AppState>,
+    drv_path: &StorePath,
+    events: tokio::sync::mpsc::UnboundedSender<cairn_build::Event>,
+) -> ApiResult<bool> {
+    let goal = cairn_build::Goal { drv: drv_path.clone(), outputs: None };
+    let outcome = st.builder.realise(vec![goal], cairn_build::Options::default(), events).await?;
+    if let Some((_, Err(m))) = outcome.results.first() {
+        return Err(ApiError::internal(m.clone()));
+    }
+    Ok(outcome.built.is_empty())
+}
+
+/// `image squash` and `image combine`: a composition's derivation written and realised, the
+/// result tagged.
+pub async fn compose_image(
+    st: Arc<AppState>,
+    peer: Peer,
+    c: cairn_api::image::ComposeRequest,
+) -> ApiResult<Box<BuiltInfo>> {
+    use cairn_api::image::ComposeKind;
+    use cairn_image::compose::{Compose, Overrides, COMBINE_NAME, SQUASH_NAME};
+    let tag = c.tag.as_deref().map(TagName::parse).transpose()?;
+    let (st2, peer2, tag2) = (st.clone(), peer.clone(), tag.clone());
+    let (drv_path, out, roots) = blocking(move || {
+        let _client = ClientScope::enter(peer2.client);
+        let images = &st2.images;
+        let parts = c.images.iter().map(|i| images.resolve(i)).collect::<Result<Vec<_>, _>>()?;
+        let (compose, name) = match c.kind {
+            ComposeKind::Squash => {
+                let [img] = <[_; 1]>::try_from(parts).map_err(|_| ApiError::bad_request("squash takes one image"))?;
+                (Compose::Squash(img), SQUASH_NAME)
+            }
+            ComposeKind::Combine => {
+                if parts.len() < 2 {
+                    return Err(ApiError::bad_request("combine takes two images or more"));
+                }
+                let overrides = Overrides { entrypoint: c.entrypoint, cmd: c.cmd, env: c.env };
+                (Compose::Combine { images: parts, overrides }, COMBINE_NAME)
+            }
+        };
+        let drv = cairn_image::compose::derivation(&st2.store_dir, &compose);
+        add_image_derivation(&st2, &peer2, drv, name, tag2.as_ref())
+    })
+    .await?;
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    let cached = realise_image(&st, &drv_path, events).await?;
+    blocking(move || {
+        let _roots = roots;
+        let image = st.images.load(&out)?;
+        if let Some(t) = &tag {
+            st.tag_owners.set(&st.store, &peer, t, &image.layout)?;
+        }
+        tracing::info!(digest = %image.digest(), cached, "image composed");
+        Ok(Box::new(BuiltInfo {
+            image: image_info(&st.images, &image)?,
+            layers: Vec::new(),
+            layers_written: 0,
+            derivation: st.store_dir.display(&drv_path),
             cached,
         }))
     })

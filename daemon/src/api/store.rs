@@ -69,6 +69,10 @@ pub(crate) async fn query(
             let r = crate::api::images::build_image(s, peer, b, events).await?;
             json_answer(&cairn_api::image::BuildRequest::respond(r), 4096)
         }
+        Request::ImageCompose(c) => {
+            let r = crate::api::images::compose_image(s, peer, c).await?;
+            json_answer(&cairn_api::image::ComposeRequest::respond(r), 4096)
+        }
         req => {
             let st = s.clone();
             blocking(move || answer(&st, &peer, req)).await
@@ -121,7 +125,9 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         Request::AutomatonRemove(q) => query::AutomatonRemove::respond(images::automaton_remove(st, q)?),
         Request::Builders(_) => query::Builders::respond(realise::builders(st)),
         // Realised by the builder, asynchronously: `query` answers it before coming here.
-        Request::ImageBuild(_) => return Err(ApiError::internal("an image build reached the blocking queries")),
+        Request::ImageBuild(_) | Request::ImageCompose(_) => {
+            return Err(ApiError::internal("an image build reached the blocking queries"))
+        }
         Request::PathInfo(query::PathInfo { paths, closure }) => {
             let mut paths = store_paths(dir, &paths)?;
             if closure {

@@ -27,6 +27,7 @@ mod nix_daemon;
 mod nix_verbs;
 mod oci;
 mod oci_build;
+mod oci_compose;
 mod oci_streamed;
 mod oci_unpack;
 mod remote_builds;
