@@ -99,8 +99,12 @@ pub enum ImageCommand {
     /// exported) unless --materialise.
     Build {
         /// A store path whose closure goes into the image (repeatable).
-        #[arg(long = "closure", value_name = "PATH", required = true)]
+        #[arg(long = "closure", value_name = "PATH", required_unless_present = "copy")]
         closure: Vec<String>,
+        /// A store path's own tree (not its closure) placed at DEST inside the image, in a
+        /// layer of its own (repeatable): `--copy $(cairn add ./site):/srv/www`.
+        #[arg(long, value_name = "PATH:DEST")]
+        copy: Vec<String>,
         /// An image to build on (its layers come first).
         #[arg(long, value_name = "IMAGE")]
         from: Option<String>,
@@ -472,8 +476,28 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        ImageCommand::Build { closure, from, max_layers, entrypoint, cmd, env, tag, compress, materialise, json } => {
+        ImageCommand::Build {
+            closure,
+            copy,
+            from,
+            max_layers,
+            entrypoint,
+            cmd,
+            env,
+            tag,
+            compress,
+            materialise,
+            json,
+        } => {
+            let copy = copy
+                .iter()
+                .map(|c| match c.split_once(':') {
+                    Some((p, dest)) => Ok(format!("{}:{dest}", ctx.store_path(p)?)),
+                    None => anyhow::bail!("--copy '{c}': expected PATH:DEST"),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let req = BuildRequest {
+                copy,
                 paths: ctx.store_paths(&closure)?,
                 from,
                 max_layers: Some(max_layers),

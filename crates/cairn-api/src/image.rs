@@ -250,6 +250,10 @@ pub struct BuildRequest {
     /// Store the layers' bytes as blobs, not only their descriptions (streamed layers).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub materialise: bool,
+    /// `PATH:DEST`: a store path's own tree (not its closure) at DEST inside the image, one
+    /// layer each, stored as a blob.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copy: Vec<String>,
 }
 
 /// An image made of images: `squash` (one image, its layers applied into one) or `combine`

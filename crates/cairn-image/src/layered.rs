@@ -66,6 +66,24 @@ pub struct BuildOptions {
     pub env: Vec<String>,
     /// Store the layers' bytes as blobs too, not only their descriptions.
     pub materialise: bool,
+    /// Store paths placed (their own trees, not their closures) at absolute paths inside the
+    /// image, one layer each, above the closure's layers: `--copy PATH:DEST`.
+    pub copies: Vec<(StorePath, String)>,
+}
+
+/// Checks a `--copy` destination: absolute, not the root, no `.`, `..` or empty components.
+pub fn check_copy_dest(dest: &str) -> Result<()> {
+    let ok = dest.starts_with('/')
+        && dest.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..")
+        && dest.len() > 1
+        && !dest.contains('\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(ImageError::BadBuild(format!(
+            "--copy destination '{dest}' must be an absolute path below / without '.', '..' or empty components"
+        )))
+    }
 }
 
 /// What building an image's derivation made.
@@ -349,11 +367,41 @@ pub(crate) fn store_json(
     Ok(descriptor(media_type, d, bytes.len() as u64))
 }
 
+/// Stores the blob `write` writes (once, to a scratch file beside the store, hashed as it is
+/// written); returns its digest and size. For blobs made here whose size and digest are known
+/// only at the end: a squashed layer, a copied tree.
+pub(crate) fn store_written_blob(
+    images: &Images,
+    roots: &mut TempRootGuardSet,
+    write: &mut dyn FnMut(&mut dyn io::Write) -> Result<()>,
+) -> Result<(Digest, u64)> {
+    let store = &images.store;
+    let beside = store.layout().real_store_dir.parent().map(|p| p.to_owned()).unwrap_or_else(std::env::temp_dir);
+    let scratch = tempfile::Builder::new()
+        .prefix(".cairn-blob-")
+        .tempfile_in(&beside)
+        .or_else(|_| tempfile::Builder::new().prefix(".cairn-blob-").tempfile())
+        .map_err(|source| ImageError::Io { path: beside.display().to_string(), source })?;
+    let io_err = |source: io::Error| ImageError::Io { path: scratch.path().display().to_string(), source };
+    let file = scratch.reopen().map_err(io_err)?;
+    let mut w = cairn_nix::hash::HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file), HashAlgo::Sha256);
+    write(&mut w)?;
+    let (hash, size, mut inner) = w.finish();
+    io::Write::flush(&mut inner).map_err(io_err)?;
+    drop(inner);
+    let digest = Digest::from_hash(&hash).ok_or_else(|| ImageError::BadBuild("a SHA-256 is not a digest".into()))?;
+    roots.hold(images.root_blobs([&digest]));
+    if !store.is_valid(&images.blob_path(&digest))? {
+        images.add_blob(&digest, size, scratch.reopen().map_err(io_err)?)?;
+    }
+    Ok((digest, size))
+}
+
 /// The layers left for store paths.
 fn budget(max_layers: usize, base_layers: usize) -> Result<usize> {
     max_layers.checked_sub(base_layers + 1).filter(|b| *b >= 1).ok_or_else(|| {
         ImageError::BadBuild(format!(
-            "--max-layers {max_layers} leaves no layer for the store paths ({base_layers} in the base image, 1 for /etc and /tmp)"
+            "--max-layers {max_layers} leaves no layer for the store paths ({base_layers} for the base image and copies, 1 for /etc and /tmp)"
         ))
     })
 }
@@ -369,7 +417,7 @@ pub fn check(images: &Images, opts: &BuildOptions) -> Result<usize> {
             .ok_or_else(|| ImageError::NotAnImage(images.store.store_dir().display(&img.layout)))?,
         None => 0,
     };
-    budget(opts.max_layers, base_layers).map(|_| base_layers)
+    budget(opts.max_layers, base_layers + opts.copies.len()).map(|_| base_layers)
 }
 
 /// The image derivation of `opts`, its output paths not yet filled in (the store completes it).
@@ -381,6 +429,7 @@ pub fn derivation(dir: &StoreDir, opts: &BuildOptions) -> Derivation {
     roots.sort();
     roots.dedup();
     let mut input_srcs: BTreeSet<String> = roots.iter().cloned().collect();
+    input_srcs.extend(opts.copies.iter().map(|(p, _)| dir.display(p)));
     let from = opts.from.as_ref().map(|img| dir.display(&img.layout)).unwrap_or_default();
     if !from.is_empty() {
         input_srcs.insert(from.clone());
@@ -404,6 +453,12 @@ pub fn derivation(dir: &StoreDir, opts: &BuildOptions) -> Derivation {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    let mut env = env;
+    // Only when there are some, so that images without copies keep their derivations.
+    if !opts.copies.is_empty() {
+        let copies: Vec<(String, &String)> = opts.copies.iter().map(|(p, d)| (dir.display(p), d)).collect();
+        env.insert("copies".to_owned(), serde_json::to_string(&copies).expect("strings serialise"));
+    }
     Derivation {
         outputs: [(
             "out".to_owned(),
@@ -447,6 +502,20 @@ pub fn options_of(images: &Images, drv: &Derivation) -> Result<BuildOptions> {
         cmd: list("cmd")?,
         env: list("env")?,
         materialise: !var("materialise")?.is_empty(),
+        copies: match drv.env.get("copies") {
+            None => Vec::new(),
+            Some(c) => {
+                let pairs: Vec<(String, String)> =
+                    serde_json::from_str(c).map_err(|e| bad(format!("'copies' is not a list of pairs: {e}")))?;
+                pairs
+                    .into_iter()
+                    .map(|(p, d)| {
+                        check_copy_dest(&d)?;
+                        Ok((dir.parse(&p).map_err(|e| bad(format!("copy '{p}': {e}")))?, d))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        },
     })
 }
 
@@ -556,7 +625,7 @@ pub fn build_layout(
         None => None,
     };
     let base_layers = base.as_ref().map(|(_, m, _)| m.layers().len()).unwrap_or(0);
-    let budget = budget(opts.max_layers, base_layers)?;
+    let budget = budget(opts.max_layers, base_layers + opts.copies.len())?;
     let groups = group_layers(popularity_order(&dir, &refs), budget);
     log(&format!("{} in {}", plural(closure.len(), "store path"), plural(groups.len(), "store layer")));
 
@@ -584,6 +653,14 @@ pub fn build_layout(
         diff_ids.push(r.diff_id.clone());
         layer_descs.push(descriptor(&r.media_type, r.digest(), r.size));
         hints.insert(r.digest(), l.path.clone());
+    }
+    for (path, dest) in &opts.copies {
+        log(&format!("layer for {} at {dest}", dir.display(path)));
+        roots.hold(store.temp_root([path.clone()]));
+        let (digest, size) =
+            store_written_blob(images, roots, &mut |w| crate::streamed::write_tree_at(store, path, dest, w))?;
+        diff_ids.push(digest.to_string());
+        layer_descs.push(descriptor(LAYER, digest, size));
     }
     log("writing the /etc and /tmp layer");
     let custom = customisation_layer()?;

@@ -182,6 +182,26 @@ pub fn write_tar(store: &LocalStore, paths: &[StorePath], out: impl Write) -> Re
     Ok(())
 }
 
+/// Writes the reproducible tar of one store path's tree placed at `dest` (an absolute path
+/// inside the image, checked by the caller), with `dest`'s parents as directories (0755): the
+/// layer of `image build --copy`.
+pub fn write_tree_at(store: &LocalStore, path: &StorePath, dest: &str, out: impl Write) -> Result<()> {
+    let io_err = |path: &Path, source: io::Error| ImageError::Io { path: path.display().to_string(), source };
+    let mut b = tar::Builder::new(out);
+    let comps: Vec<&str> = dest.split('/').filter(|c| !c.is_empty()).collect();
+    let mut prefix = String::new();
+    for comp in &comps[..comps.len().saturating_sub(1)] {
+        prefix.push_str(comp);
+        prefix.push('/');
+        let mut h = tar_header(tar::EntryType::Directory, 0o755, 0);
+        b.append_data(&mut h, &prefix, io::empty()).map_err(|e| io_err(Path::new(&prefix), e))?;
+    }
+    let mut buf = vec![0u8; CHUNK];
+    walk(&mut b, &store.real_path(path), comps.join("/").into_bytes(), &mut buf)?;
+    b.into_inner().and_then(|mut w| w.flush()).map_err(|e| io_err(Path::new("layer"), e))?;
+    Ok(())
+}
+
 /// Appends `real` under `name` (bytes: file names need not be UTF-8), directories' entries in
 /// byte order.
 fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, mut name: Vec<u8>, buf: &mut [u8]) -> Result<()> {

@@ -244,11 +244,22 @@ pub async fn build_image(
             cmd: b.cmd,
             env: b.env,
             materialise: b.materialise,
+            copies: b
+                .copy
+                .iter()
+                .map(|c| {
+                    let (p, dest) = c
+                        .split_once(':')
+                        .ok_or_else(|| ApiError::bad_request(format!("--copy '{c}': expected PATH:DEST")))?;
+                    cairn_image::layered::check_copy_dest(dest)?;
+                    Ok((crate::convert::store_path(dir, p)?, dest.to_owned()))
+                })
+                .collect::<ApiResult<Vec<_>>>()?,
         };
-        if opts.paths.is_empty() {
-            return Err(ApiError::bad_request("nothing to build: name at least one store path (--closure)"));
+        if opts.paths.is_empty() && opts.copies.is_empty() {
+            return Err(ApiError::bad_request("nothing to build: name a store path (--closure or --copy)"));
         }
-        for p in &opts.paths {
+        for p in opts.paths.iter().chain(opts.copies.iter().map(|(p, _)| p)) {
             if !st2.store.is_valid(p)? {
                 return Err(cairn_store::StoreError::NotValid(dir.display(p)).into());
             }

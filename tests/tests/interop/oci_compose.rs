@@ -289,3 +289,66 @@ fn images_of_different_platforms_are_not_combined() {
     let err = store.fail(&["image", "combine", "amd:1", "arm:1"], b"");
     assert!(err.contains("different platforms") && err.contains("linux/arm64"), "{err}");
 }
+
+#[test]
+fn an_image_built_on_a_squashed_image_with_a_copied_tree_runs_and_holds_the_tree() {
+    if !peers() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    layered_image(&src);
+    let store = TestStore::start();
+    store.ok(&["image", "pull", "--tag", "base:1", &format!("oci:{}:base", src.display())]);
+    store.ok(&["image", "squash", "--tag", "squashed:1", "base:1"]);
+    let site = tmp.path().join("site");
+    cairn_tests::write(&site.join("index.html"), b"<p>served</p>\n");
+    cairn_tests::write(&site.join("sub/x"), b"x\n");
+    let tree_path = cairn_tests::line(&store.ok(&["add", site.to_str().unwrap()]));
+    let build = |tag: &str| {
+        json(&store.ok(&[
+            "image",
+            "build",
+            "--json",
+            "--from",
+            "squashed:1",
+            "--copy",
+            &format!("{tree_path}:/srv/www"),
+            "--cmd=/bin/sh",
+            "--cmd=-c",
+            "--cmd=cat /srv/www/index.html /srv/www/sub/x",
+            "--tag",
+            tag,
+        ]))
+    };
+    let built = build("site:1");
+    assert_eq!(build("site:2")["cached"], true, "the same inputs: the derivation's valid output");
+    let detail = json(&store.ok(&["image", "inspect", "--json", "site:1"]));
+    // The squashed base's one layer, the copied tree's, and /etc-/tmp.
+    assert_eq!(detail["layers"].as_array().unwrap().len(), 3, "{detail}");
+
+    let out = tmp.path().join("out");
+    store.ok(&["image", "push", "site:1", &format!("oci:{}:site", out.display())]);
+    run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=site"]).arg(&out));
+    let (bundle, t) = unpacked(&out, "site", tmp.path());
+    assert_eq!(t.0["srv/www/index.html"].4, digest_of(b"<p>served</p>\n"));
+    assert!(t.0.keys().all(|k| !k.starts_with("store/")), "the copied path's tree only, not the store");
+    let config = bundle.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"terminal\": true", "\"terminal\": false");
+    std::fs::write(&config, text).unwrap();
+    let id = format!("cairn-copy-{}", std::process::id());
+    let ran = Command::new("runc")
+        .arg("run")
+        .arg(&id)
+        .current_dir(&bundle)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = Command::new("runc").args(["delete", "--force", &id]).output();
+    assert!(ran.status.success(), "runc: {}", String::from_utf8_lossy(&ran.stderr));
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "<p>served</p>\nx\n");
+    assert!(built["image"]["digest"].as_str().unwrap().starts_with("sha256:"));
+
+    let err = store.fail(&["image", "build", "--copy", &format!("{tree_path}:/a/../etc")], b"");
+    assert!(err.contains("--copy destination"), "{err}");
+}

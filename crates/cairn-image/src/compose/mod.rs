@@ -20,10 +20,9 @@
 mod squash;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, BufWriter, Write};
 
 use cairn_nix::derivation::{Derivation, DerivationOutput};
-use cairn_nix::{Hasher, StoreDir, StorePath};
+use cairn_nix::{StoreDir, StorePath};
 use cairn_oci::manifest::{Descriptor, Manifest, Platform, OCI_MANIFEST};
 use cairn_oci::Digest;
 use serde_json::Value;
@@ -166,25 +165,6 @@ fn manifest_and_config(images: &Images, img: &Image) -> Result<(Descriptor, Mani
     Ok((desc, m, config))
 }
 
-/// A writer that hashes and counts what it writes.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Hasher,
-    size: u64,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 fn squash_layout(
     images: &Images,
     img: &Image,
@@ -204,33 +184,9 @@ fn squash_layout(
         })?;
         blobs.push(b);
     }
-    // The layer goes to a scratch file beside the store (on its disk), then into the store.
-    let beside = store.layout().real_store_dir.parent().map(|p| p.to_owned()).unwrap_or_else(std::env::temp_dir);
-    let scratch = tempfile::Builder::new()
-        .prefix(".cairn-squash-")
-        .tempfile_in(&beside)
-        .or_else(|_| tempfile::Builder::new().prefix(".cairn-squash-").tempfile())
-        .map_err(|source| ImageError::Io { path: beside.display().to_string(), source })?;
-    let io_err = |source: io::Error| ImageError::Io { path: scratch.path().display().to_string(), source };
-    let file = scratch.reopen().map_err(io_err)?;
-    let w = HashingWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: Hasher::new(cairn_nix::HashAlgo::Sha256),
-        size: 0,
-    };
-    let mut w = squash::squash(&layers, &mut |i| images.open_blob(&blobs[i]), w, log)?;
-    w.flush().map_err(io_err)?;
-    let size = w.size;
-    let digest = Digest::from_hash(&w.hasher.finish())
-        .ok_or_else(|| ImageError::BadBuild("a SHA-256 is not a digest".into()))?;
-    drop(w.inner);
-    log(&format!("storing the layer ({size} bytes, {digest})"));
-    roots.hold(images.root_blobs([&digest]));
-    if !store.is_valid(&images.blob_path(&digest))? {
-        images.add_blob(&digest, size, scratch.reopen().map_err(io_err)?)?;
-    }
-    drop(scratch);
-
+    let (digest, size) = crate::layered::store_written_blob(images, roots, &mut |w| {
+        squash::squash(&layers, &mut |i| images.open_blob(&blobs[i]), w, log).map(|_| ())
+    })?;
     config["rootfs"] = serde_json::json!({ "type": "layers", "diff_ids": [digest.to_string()] });
     let mut entry = serde_json::json!({
         "created_by": "cairn image squash",
