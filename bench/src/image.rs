@@ -495,3 +495,71 @@ fn layer_bytes(mib: u64, seed: u64) -> Vec<u8> {
     }
     data
 }
+
+/// Workload `image-compose`: `cairn image squash` of a 5-layer image of `--tree-mib` MiB (five
+/// gzip layers of random data, pulled into the store untimed) beside umoci's squash of the same
+/// `oci:` layout (`umoci unpack` of the image, then `umoci new` + `umoci insert` of its root
+/// filesystem as one layer), and a second squash of the same image by cairn (its derivation's
+/// output found valid). The floor: reading the five layers once, gunzipped.
+pub fn bench_image_compose(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
+    ensure!(crate::have("umoci"), "the image-compose workload needs umoci (Debian package umoci)");
+    let total = o.tree_mib.max(20);
+    eprintln!("image-compose: writing a {total} MiB, 5-layer image …");
+    let layers: Vec<Vec<u8>> = (0..5).map(|i| layer(total / 5, 10 + i)).collect::<Result<_>>()?;
+    let src = w.join("compose-src");
+    rm_rf(&src);
+    let refs: Vec<&[u8]> = layers.iter().map(Vec::as_slice).collect();
+    write_image(&src, "five", &refs)?;
+    drop(layers);
+    let (mut c_times, mut c2_times, mut u_times, mut floor) = (vec![], vec![], vec![], vec![]);
+    for rep in 0..o.reps {
+        let c = Cairn::start(w, &format!("compose{rep}"))?;
+        run(c.cmd().args(["image", "pull", "--tag", "five:1", &format!("oci:{}:five", src.display())]))?;
+        let (out, secs) = timed(with_args(c.cmd(), &["image", "squash", "--json", "five:1"]), None)?;
+        c_times.push(secs);
+        let first: serde_json::Value = serde_json::from_str(&out)?;
+        let (out, secs) = timed(with_args(c.cmd(), &["image", "squash", "--json", "five:1"]), None)?;
+        c2_times.push(secs);
+        let second: serde_json::Value = serde_json::from_str(&out)?;
+        ensure!(second["cached"] == true && second["image"]["digest"] == first["image"]["digest"], "{second}");
+
+        let dir = w.join(format!("umoci-compose-{rep}"));
+        rm_rf(&dir);
+        run(Command::new("cp").arg("-a").arg(&src).arg(&dir))?;
+        let bundle = w.join(format!("umoci-compose-bundle-{rep}"));
+        rm_rf(&bundle);
+        let image = |tag: &str| format!("{}:{tag}", dir.display());
+        let script = format!(
+            "umoci unpack --image '{}' '{}' >/dev/null && umoci new --image '{}' && umoci insert --image '{}' '{}/rootfs' /",
+            image("five"),
+            bundle.display(),
+            image("squashed"),
+            image("squashed"),
+            bundle.display()
+        );
+        let (_, secs) = timed(with_args(Command::new("sh"), &["-c", &script]), None)?;
+        u_times.push(secs);
+        rm_rf(&bundle);
+
+        let t = Instant::now();
+        for entry in std::fs::read_dir(src.join("blobs/sha256"))? {
+            let p = entry?.path();
+            let mut head = [0u8; 2];
+            let mut f = std::fs::File::open(&p)?;
+            if std::io::Read::read(&mut f, &mut head)? == 2 && head == [0x1f, 0x8b] {
+                std::io::copy(&mut flate2::read::GzDecoder::new(std::fs::File::open(&p)?), &mut std::io::sink())?;
+            }
+        }
+        floor.push(t.elapsed().as_secs_f64());
+    }
+    table.section("umoci");
+    table.time(format!("squash a {total} MiB 5-layer image"), median(&mut c_times), Some(median(&mut u_times)));
+    table.note("  the same squash again (cairn: its output valid)", crate::fmt_secs(median(&mut c2_times)));
+    table.note("  floor: the five layers gunzipped once", crate::fmt_secs(median(&mut floor)));
+    Ok(())
+}
+
+fn with_args(mut c: Command, args: &[&str]) -> Command {
+    c.args(args);
+    c
+}

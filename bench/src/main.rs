@@ -27,7 +27,8 @@
 //! 7. images (`image.rs`);
 //! 8. Nix's own client through `nix-daemon` and through cairnd's `nix-daemon-socket`: closure
 //!    queries, connections, `nix copy --to`, `nix-build` (`protocol.rs`).
-//! 9. remote builds: a fan-out dispatched to two remote nix-daemons by cairn and by Nix's
+//! 9. images of images: a squash by cairn beside umoci's (`image.rs`);
+//! 10. remote builds: a fan-out dispatched to two remote nix-daemons by cairn and by Nix's
 //!    build hook, and the NARs cairn moves (`remote.rs`).
 //!
 //! Each tool starts from a fresh store for every repetition; timings are wall-clock for the
@@ -74,8 +75,8 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 9] =
-    ["add", "import", "gc", "substitute", "build", "image", "image-build", "nix-daemon", "remote"];
+const WORKLOADS: [&str; 10] =
+    ["add", "import", "gc", "substitute", "build", "image", "image-build", "image-compose", "nix-daemon", "remote"];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -105,7 +106,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,nix-daemon,remote] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,image-compose,nix-daemon,remote] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
@@ -584,6 +585,9 @@ fn main() -> Result<()> {
     }
     if o.runs("image-build") {
         image::bench_image_build(&o, w, &mut table)?;
+    }
+    if o.runs("image-compose") {
+        image::bench_image_compose(&o, w, &mut table)?;
     }
     if o.runs("nix-daemon") {
         protocol::bench_nix_daemon(&o, w, with_nix, &mut table)?;

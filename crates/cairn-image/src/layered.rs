@@ -367,6 +367,17 @@ pub(crate) fn store_json(
     Ok(descriptor(media_type, d, bytes.len() as u64))
 }
 
+/// A private scratch directory beside the store directory (on the store's disk), or in the
+/// system's temporary directory where that is not writable; removed when dropped.
+pub(crate) fn scratch_dir(images: &Images) -> Result<tempfile::TempDir> {
+    let beside = images.store.layout().real_store_dir.parent().map(|p| p.to_owned()).unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix(".cairn-image-")
+        .tempdir_in(&beside)
+        .or_else(|_| tempfile::Builder::new().prefix(".cairn-image-").tempdir())
+        .map_err(|source| ImageError::Io { path: beside.display().to_string(), source })
+}
+
 /// Stores the blob `write` writes (once, to a scratch file beside the store, hashed as it is
 /// written); returns its digest and size. For blobs made here whose size and digest are known
 /// only at the end: a squashed layer, a copied tree.
@@ -376,12 +387,11 @@ pub(crate) fn store_written_blob(
     write: &mut dyn FnMut(&mut dyn io::Write) -> Result<()>,
 ) -> Result<(Digest, u64)> {
     let store = &images.store;
-    let beside = store.layout().real_store_dir.parent().map(|p| p.to_owned()).unwrap_or_else(std::env::temp_dir);
+    let dir = scratch_dir(images)?;
     let scratch = tempfile::Builder::new()
-        .prefix(".cairn-blob-")
-        .tempfile_in(&beside)
-        .or_else(|_| tempfile::Builder::new().prefix(".cairn-blob-").tempfile())
-        .map_err(|source| ImageError::Io { path: beside.display().to_string(), source })?;
+        .prefix("blob-")
+        .tempfile_in(dir.path())
+        .map_err(|source| ImageError::Io { path: dir.path().display().to_string(), source })?;
     let io_err = |source: io::Error| ImageError::Io { path: scratch.path().display().to_string(), source };
     let file = scratch.reopen().map_err(io_err)?;
     let mut w = cairn_nix::hash::HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file), HashAlgo::Sha256);

@@ -184,9 +184,12 @@ fn squash_layout(
         })?;
         blobs.push(b);
     }
+    // The layers' uncompressed tars, read once, wait here for the second pass.
+    let spool = crate::layered::scratch_dir(images)?;
     let (digest, size) = crate::layered::store_written_blob(images, roots, &mut |w| {
-        squash::squash(&layers, &mut |i| images.open_blob(&blobs[i]), w, log).map(|_| ())
+        squash::squash(&layers, &mut |i| images.open_blob(&blobs[i]), spool.path(), w, log).map(|_| ())
     })?;
+    drop(spool);
     config["rootfs"] = serde_json::json!({ "type": "layers", "diff_ids": [digest.to_string()] });
     let mut entry = serde_json::json!({
         "created_by": "cairn image squash",

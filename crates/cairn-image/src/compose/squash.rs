@@ -18,6 +18,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use cairn_oci::manifest::Descriptor;
 use tar::{EntryType, Header};
@@ -50,6 +53,57 @@ struct Node {
     header: Header,
     /// PAX records to keep (owners, times, extended attributes), not those the writer makes.
     pax: Vec<(String, Vec<u8>)>,
+}
+
+/// What the first pass keeps of a tar entry: everything but its contents.
+struct RawEntry {
+    /// Its place among the layer's entries.
+    ordinal: u64,
+    path: Vec<u8>,
+    header: Header,
+    pax: Vec<(String, Vec<u8>)>,
+    link: Option<Vec<u8>>,
+}
+
+/// Reads a layer's entries (an uncompressed tar), keeping their headers and copying every
+/// byte read to `spool`, so that the second pass reads contents from there instead of
+/// decompressing the layer again.
+fn read_entries(label: &str, input: &mut dyn Read, spool: &mut dyn Write) -> Result<Vec<RawEntry>, UnpackError> {
+    let bad_tar = |source| UnpackError::BadTar { layer: label.to_owned(), source };
+    let mut tee = Tee { inner: input, copy: spool };
+    let mut archive = tar::Archive::new(&mut tee);
+    let mut out = Vec::new();
+    for (ordinal, entry) in archive.entries().map_err(bad_tar)?.enumerate() {
+        let mut e = entry.map_err(bad_tar)?;
+        let kind = e.header().entry_type();
+        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() {
+            continue;
+        }
+        let pax = keep_pax(&mut e).map_err(bad_tar)?;
+        out.push(RawEntry {
+            ordinal: ordinal as u64,
+            path: e.path_bytes().into_owned(),
+            header: e.header().clone(),
+            pax,
+            link: e.link_name_bytes().map(|t| t.into_owned()),
+        });
+    }
+    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(bad_tar)?;
+    Ok(out)
+}
+
+/// A reader that copies what it reads.
+struct Tee<'a> {
+    inner: &'a mut dyn Read,
+    copy: &'a mut dyn Write,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 /// The tree the layers make.
@@ -85,32 +139,18 @@ fn dir_header() -> Header {
 }
 
 impl Index {
-    /// Reads one layer's entries (uncompressed tar) into the index.
-    pub(crate) fn add_layer(&mut self, layer: usize, label: &str, input: &mut dyn Read) -> Result<(), UnpackError> {
-        let bad_tar = |source| UnpackError::BadTar { layer: label.to_owned(), source };
-        let mut archive = tar::Archive::new(input);
+    /// Applies one layer's entries, read by [`read_entries`], to the index.
+    fn apply(&mut self, layer: usize, label: &str, entries: Vec<RawEntry>) -> Result<(), UnpackError> {
         let mut touched: HashSet<Key> = HashSet::new();
-        for (ordinal, entry) in archive.entries().map_err(bad_tar)?.enumerate() {
-            let mut e = entry.map_err(bad_tar)?;
-            self.entry(layer, ordinal as u64, label, &mut e, &mut touched)?;
+        for e in entries {
+            self.entry(layer, label, e, &mut touched)?;
         }
-        io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(bad_tar)?;
         Ok(())
     }
 
-    fn entry<R: Read>(
-        &mut self,
-        layer: usize,
-        ordinal: u64,
-        label: &str,
-        e: &mut tar::Entry<'_, R>,
-        touched: &mut HashSet<Key>,
-    ) -> Result<(), UnpackError> {
-        let kind = e.header().entry_type();
-        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() {
-            return Ok(());
-        }
-        let raw = e.path_bytes().into_owned();
+    fn entry(&mut self, layer: usize, label: &str, e: RawEntry, touched: &mut HashSet<Key>) -> Result<(), UnpackError> {
+        let RawEntry { ordinal, path: raw, header, pax, link } = e;
+        let kind = header.entry_type();
         let escapes = || UnpackError::Escapes { layer: label.to_owned(), entry: shown(&raw) };
         if raw.starts_with(b"/") || raw.contains(&0) {
             return Err(escapes());
@@ -123,8 +163,6 @@ impl Index {
                 c => comps.push(c),
             }
         }
-        let pax = keep_pax(e).map_err(|source| UnpackError::BadTar { layer: label.to_owned(), source })?;
-        let header = e.header().clone();
         let Some((name, parents)) = comps.split_last() else {
             return if kind.is_dir() {
                 self.root = Some(Node { kind: Kind::Dir, header, pax });
@@ -194,14 +232,14 @@ impl Index {
             EntryType::Directory => Kind::Dir,
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File((layer, ordinal)),
             EntryType::Symlink => {
-                let target = e.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let target = link.clone().unwrap_or_default();
                 if target.is_empty() {
                     return Err(UnpackError::EmptySymlink { layer: label.to_owned(), entry: shown(&raw) });
                 }
                 Kind::Symlink(target)
             }
             EntryType::Link => {
-                let target = e.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let target = link.clone().unwrap_or_default();
                 let outside =
                     || UnpackError::LinkOutside { layer: label.to_owned(), entry: shown(&raw), target: shown(&target) };
                 if target.starts_with(b"/") || target.split(|b| *b == b'/').any(|c| c == b"..") {
@@ -340,18 +378,56 @@ fn dir_name(k: &[u8]) -> Vec<u8> {
 }
 
 /// Writes the squashed layer to `out`. `layers` and `open` give each layer's descriptor and a
-/// fresh reader of its blob (the layers are read twice).
+/// reader of its blob; `scratch` is a private directory for the layers' uncompressed tars,
+/// which the first pass writes (layers read on all cores at once) and the second reads.
 pub(crate) fn squash<W: Write>(
     layers: &[Descriptor],
     open: &mut dyn FnMut(usize) -> crate::Result<Box<dyn Read + Send>>,
+    scratch: &Path,
     out: W,
     log: &mut dyn FnMut(&str),
 ) -> crate::Result<W> {
+    let spool = |i: usize| scratch.join(format!("layer-{i}.tar"));
+    let inputs: Vec<Mutex<Option<Box<dyn Read + Send>>>> =
+        (0..layers.len()).map(|i| open(i).map(|r| Mutex::new(Some(r)))).collect::<crate::Result<_>>()?;
+    log(&format!("reading {} layers", layers.len()));
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(layers.len()).max(1);
+    let next = AtomicUsize::new(0);
+    type Read1 = crate::Result<Vec<RawEntry>>;
+    let results: Vec<Mutex<Option<Read1>>> = (0..layers.len()).map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(l) = layers.get(i) else { break };
+                let input = inputs[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                let r = (|| -> Read1 {
+                    let input = input.ok_or_else(|| crate::ImageError::BadBuild("a layer was read twice".into()))?;
+                    let path = spool(i);
+                    let file = std::fs::File::create(&path)
+                        .map_err(|source| crate::ImageError::Io { path: path.display().to_string(), source })?;
+                    let mut w = io::BufWriter::with_capacity(1 << 20, file);
+                    let label = l.digest.to_string();
+                    let entries = read_layer(l, input, |tar| read_entries(&label, tar, &mut w))?;
+                    w.flush().map_err(|source| crate::ImageError::Io { path: path.display().to_string(), source })?;
+                    Ok(entries)
+                })();
+                let failed = r.is_err();
+                *results[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+                if failed {
+                    next.store(layers.len(), Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
     let mut index = Index::default();
-    for (i, l) in layers.iter().enumerate() {
-        log(&format!("reading layer {}/{} ({})", i + 1, layers.len(), l.digest));
-        let label = l.digest.to_string();
-        read_layer(l, open(i)?, |tar| index.add_layer(i, &label, tar))?;
+    for (i, (l, r)) in layers.iter().zip(results).enumerate() {
+        let entries = r
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(|| Err(crate::ImageError::BadBuild("a layer was not read".into())))?;
+        index.apply(i, &l.digest.to_string(), entries)?;
     }
     let io_err = |source: io::Error| crate::ImageError::Io { path: "the squashed layer".into(), source };
     let mut b = tar::Builder::new(out);
@@ -382,9 +458,12 @@ pub(crate) fn squash<W: Write>(
         }
         log(&format!("copying files of layer {}/{}", i + 1, layers.len()));
         let label = l.digest.to_string();
-        read_layer(l, open(i)?, |tar| {
+        let path = spool(i);
+        let tar = std::fs::File::open(&path)
+            .map_err(|source| crate::ImageError::Io { path: path.display().to_string(), source })?;
+        (|| -> Result<(), UnpackError> {
             let bad_tar = |source| UnpackError::BadTar { layer: label.clone(), source };
-            let mut archive = tar::Archive::new(tar);
+            let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, tar));
             for (ordinal, entry) in archive.entries().map_err(bad_tar)?.enumerate() {
                 let entry = entry.map_err(bad_tar)?;
                 let Some(paths) = files.get(&(i, ordinal as u64)) else { continue };
@@ -401,9 +480,8 @@ pub(crate) fn squash<W: Write>(
                     write_entry(&mut b, &link, other, Some(first), io::empty()).map_err(bad_tar)?;
                 }
             }
-            io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(bad_tar)?;
             Ok(())
-        })?;
+        })()?;
     }
     for (k, target) in &links {
         write_entry(&mut b, &index.nodes[k], k, Some(target), io::empty()).map_err(io_err)?;
@@ -415,6 +493,10 @@ pub(crate) fn squash<W: Write>(
 mod tests {
     use super::*;
     use cairn_oci::Digest;
+
+    fn scratch() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
 
     fn tar_of(entries: &[(&str, EntryType, &[u8], u32)]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -453,9 +535,14 @@ mod tests {
     fn squashed(layers: &[Vec<u8>]) -> Vec<(String, char, Vec<u8>, u32, u64)> {
         let descs: Vec<Descriptor> = layers.iter().map(|l| desc(l)).collect();
         let layers2 = layers.to_vec();
-        let out =
-            squash(&descs, &mut |i| Ok(Box::new(std::io::Cursor::new(layers2[i].clone()))), Vec::new(), &mut |_| {})
-                .unwrap();
+        let out = squash(
+            &descs,
+            &mut |i| Ok(Box::new(std::io::Cursor::new(layers2[i].clone()))),
+            scratch().path(),
+            Vec::new(),
+            &mut |_| {},
+        )
+        .unwrap();
         let mut a = tar::Archive::new(&out[..]);
         a.entries()
             .unwrap()
@@ -561,7 +648,14 @@ mod tests {
         let run = || {
             let d = [desc(&layer)];
             let l = layer.clone();
-            squash(&d, &mut |_| Ok(Box::new(std::io::Cursor::new(l.clone()))), Vec::new(), &mut |_| {}).unwrap()
+            squash(
+                &d,
+                &mut |_| Ok(Box::new(std::io::Cursor::new(l.clone()))),
+                scratch().path(),
+                Vec::new(),
+                &mut |_| {},
+            )
+            .unwrap()
         };
         let (one, two) = (run(), run());
         assert_eq!(one, two);
@@ -596,13 +690,25 @@ mod tests {
         let l2 = tar_of(&[("link/passwd", Regular, b"x", 0o644)]);
         let descs = [desc(&l1), desc(&l2)];
         let layers = [l1, l2];
-        let e = squash(&descs, &mut |i| Ok(Box::new(std::io::Cursor::new(layers[i].clone()))), Vec::new(), &mut |_| {})
-            .unwrap_err();
+        let e = squash(
+            &descs,
+            &mut |i| Ok(Box::new(std::io::Cursor::new(layers[i].clone()))),
+            scratch().path(),
+            Vec::new(),
+            &mut |_| {},
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("symlink"), "{e}");
         let bad = tar_of(&[("a", Link, b"../../etc/shadow", 0o644)]);
         let d = [desc(&bad)];
-        let e =
-            squash(&d, &mut |_| Ok(Box::new(std::io::Cursor::new(bad.clone()))), Vec::new(), &mut |_| {}).unwrap_err();
+        let e = squash(
+            &d,
+            &mut |_| Ok(Box::new(std::io::Cursor::new(bad.clone()))),
+            scratch().path(),
+            Vec::new(),
+            &mut |_| {},
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("outside"), "{e}");
     }
 }
