@@ -214,16 +214,15 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         rm_rf(&dir);
 
         // cairn into an empty store, then the second image.
-        let root = w.join(format!("cairn-image-{rep}"));
-        rm_rf(&root);
-        let c = Cairn::start_configured(&root, "")?;
-        let mut pull = c.cmd();
+        let c = Cairn::start_configured(w, &format!("cairn-image-{rep}-"), "")?;
+        let root = c.root.path().to_owned();
+        let mut pull = c.cairn();
         pull.args(["image", "pull", "--json", "--tls-verify=false", &format!("{up}:v1")]);
         let (out, secs) = timed(pull, None)?;
         c_times.push(secs);
         let v: serde_json::Value = serde_json::from_str(&out)?;
         ensure!(v["image"]["digest"] == d1.as_str(), "cairn reported another digest: {out}");
-        let mut pull2 = c.cmd();
+        let mut pull2 = c.cairn();
         pull2.args(["image", "pull", "--json", "--tls-verify=false", &format!("{up}:v2")]);
         let (out, secs) = timed(pull2, None)?;
         c2_times.push(secs);
@@ -247,12 +246,11 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     );
 
     // Serving: cairnd's registry endpoint against distribution, the same image.
-    let root = w.join("cairn-serve");
-    rm_rf(&root);
     let port = free_port()?;
-    let c = Cairn::start_configured(&root, &format!("listen = \"127.0.0.1:{port}\"\n"))?;
+    let c = Cairn::start_configured(w, "cairn-serve-", &format!("listen = \"127.0.0.1:{port}\"\n"))?;
+    let root = c.root.path().to_owned();
     wait_port(port)?;
-    let mut pull = c.cmd();
+    let mut pull = c.cairn();
     pull.args(["image", "pull", "--tls-verify=false", "--tag", "bench/img:v1", &format!("{up}:v1")]);
     run(&mut pull)?;
     let (mut from_cairn, mut from_dist) = (vec![], vec![]);
@@ -325,19 +323,18 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     let mut cold_floors = vec![];
     let mut rebuilt_written = 0;
     for rep in 0..o.reps {
-        let root = w.join(format!("cairn-ibuild-{rep}"));
-        rm_rf(&root);
-        let c = Cairn::start_configured(&root, "")?;
+        let c = Cairn::start_configured(w, &format!("cairn-ibuild-{rep}-"), "")?;
+        let root = c.root.path().to_owned();
         let mut parts = Vec::new();
         for d in 0..4 {
-            let mut add = c.cmd();
+            let mut add = c.cairn();
             add.arg("add").arg(src.join(format!("part{d}")));
             parts.push(run(&mut add)?.trim().to_owned());
         }
         let top = |text: &str| -> Result<String> {
             let f = w.join("top.txt");
             std::fs::write(&f, text)?;
-            let mut add = c.cmd();
+            let mut add = c.cairn();
             add.args(["add-text", "app"]).arg(&f);
             for p in &parts {
                 add.args(["--ref", p]);
@@ -348,11 +345,11 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         let part_dirs: Vec<PathBuf> = parts.iter().map(|p| root.join(p.trim_start_matches('/'))).collect();
         // Cold: none of the closure in the page cache, as after a reboot.
         evict_trees(&part_dirs)?;
-        let mut build = c.cmd();
+        let mut build = c.cairn();
         build.args(["image", "build", "--json", "--closure", &app, "--tag", "bench/built:1"]);
         let (_, secs) = timed(build, None)?;
         builds.push(secs);
-        let mut push = c.cmd();
+        let mut push = c.cairn();
         push.args([
             "image",
             "push",
@@ -363,7 +360,7 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         let (_, secs) = timed(push, None)?;
         pushes.push(secs);
         let app2 = top(&format!("{} v2", parts.join(" ")))?;
-        let mut rebuild = c.cmd();
+        let mut rebuild = c.cairn();
         rebuild.args(["image", "build", "--json", "--closure", &app2, "--tag", "bench/built:2"]);
         let (out, secs) = timed(rebuild, None)?;
         rebuilds.push(secs);
@@ -379,14 +376,14 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         // The same build with the closure in the page cache. Untag, collect (the inputs are
         // rooted), read the parts once, build.
         for (i, p) in parts.iter().chain([&app]).enumerate() {
-            run(c.cmd().arg("add-root").arg(root.join(format!("input-root-{i}"))).arg(p))?;
+            run(c.cairn().arg("add-root").arg(root.join(format!("input-root-{i}"))).arg(p))?;
         }
-        run(c.cmd().args(["image", "untag", "bench/built:1", "bench/built:2"]))?;
-        run(c.cmd().arg("gc"))?;
+        run(c.cairn().args(["image", "untag", "bench/built:1", "bench/built:2"]))?;
+        run(c.cairn().arg("gc"))?;
         for d in &part_dirs {
             hash_tree(d)?;
         }
-        let mut again = c.cmd();
+        let mut again = c.cairn();
         again.args(["image", "build", "--json", "--closure", &app, "--tag", "bench/built:1"]);
         let (out, secs) = timed(again, None)?;
         let v: serde_json::Value = serde_json::from_str(&out)?;

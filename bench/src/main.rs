@@ -43,13 +43,14 @@ use std::collections::BTreeSet;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer};
 use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
+use cairn_tests::{NixStore, Rng, TestStore};
 
 mod image;
 mod protocol;
@@ -118,10 +119,6 @@ fn parse_opts() -> Result<Opts> {
     Ok(o)
 }
 
-fn bin(name: &str) -> PathBuf {
-    std::env::current_exe().expect("own path").with_file_name(name)
-}
-
 fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
@@ -139,90 +136,54 @@ fn rm_rf(p: &Path) {
     let _ = std::fs::remove_dir_all(p);
 }
 
-/// A cairnd on a fresh root, stopped (SIGTERM) on drop; the root is removed with the work
-/// directory at the end.
-struct Cairn {
-    root: PathBuf,
-    socket: PathBuf,
-    child: Child,
-    /// cairnd's log filter (`CAIRN_BENCH_LOG` overrides it).
-    log: String,
-}
+/// A cairnd on a fresh root under the work directory: the harness's [`TestStore`] (which starts
+/// the binaries next to this one, see `main`), as the bench runs it. The root stays until the
+/// work directory goes at the end (mass deletions slow down the next run's file creation: ext4
+/// skips recently freed inodes, which would bias whichever tool runs next), and the daemon is
+/// stopped with SIGTERM, waited for, when dropped or restarted, so that no run pays for an
+/// earlier daemon's shutdown. Its log (`<root>/cairnd.log`) has a filter of the bench's choice
+/// (`CAIRN_BENCH_LOG` overrides it, and then each log is printed when its daemon stops).
+struct Cairn(TestStore);
 
 impl Cairn {
+    /// A cairnd with the default configuration on a root named `cairn-{tag}…`.
     fn start(work: &Path, tag: &str) -> Result<Cairn> {
         Cairn::start_logging(work, tag, "warn")
     }
 
-    /// A cairnd whose log (`<root>/cairnd.log`) has the given filter.
+    /// As [`Cairn::start`], with the given log filter.
     fn start_logging(work: &Path, tag: &str, log: &str) -> Result<Cairn> {
-        let root = work.join(format!("cairn-{tag}"));
-        rm_rf(&root);
-        std::fs::create_dir_all(&root)?;
-        let socket = root.join("sock");
+        Cairn::launch(work, &format!("cairn-{tag}-"), "", log)
+    }
+
+    /// A cairnd with this config file's text, on a root in `parent` whose name starts with
+    /// `prefix`.
+    fn start_configured(parent: &Path, prefix: &str, config: &str) -> Result<Cairn> {
+        Cairn::launch(parent, prefix, config, "warn")
+    }
+
+    fn launch(parent: &Path, prefix: &str, config: &str, log: &str) -> Result<Cairn> {
+        std::fs::create_dir_all(parent)?;
         let log = std::env::var("CAIRN_BENCH_LOG").unwrap_or(log.into());
-        let child = Cairn::spawn(&root, &socket, &log)?;
-        Ok(Cairn { root, socket, child, log })
+        Ok(Cairn(
+            TestStore::builder()
+                .root_in(parent, prefix)
+                .store_dir("/nix/store")
+                .config(config)
+                .env("RUST_LOG", &log)
+                .start(),
+        ))
     }
 
-    /// Stops this daemon and starts a new one on the same store.
-    fn restart(&mut self) -> Result<()> {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGTERM);
-        self.child.wait()?;
-        self.child = Cairn::spawn(&self.root, &self.socket, &self.log)?;
-        Ok(())
-    }
-
-    /// A cairnd on `root` (a fresh directory) with this config file's text.
-    fn start_configured(root: &Path, config: &str) -> Result<Cairn> {
-        std::fs::create_dir_all(root)?;
-        std::fs::write(root.join("cairn.toml"), config)?;
-        let socket = root.join("sock");
-        let log = std::env::var("CAIRN_BENCH_LOG").unwrap_or("warn".into());
-        let child = Cairn::spawn_with(root, &socket, &log, &root.join("cairn.toml"))?;
-        Ok(Cairn { root: root.to_owned(), socket, child, log })
-    }
-
-    fn spawn(root: &Path, socket: &Path, log: &str) -> Result<Child> {
-        Cairn::spawn_with(root, socket, log, Path::new("/dev/null"))
-    }
-
-    fn spawn_with(root: &Path, socket: &Path, log: &str, config: &Path) -> Result<Child> {
-        let child = Command::new(bin("cairnd"))
-            .args(["--store-dir", "/nix/store", "--config"])
-            .arg(config)
-            .arg("--root")
-            .arg(root)
-            .arg("--socket")
-            .arg(socket)
-            .env("RUST_LOG", log)
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(root.join("cairnd.log"))?)
-            .spawn()
-            .context("start cairnd (build with bench/run)")?;
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            ensure!(t.elapsed() < Duration::from_secs(30), "cairnd did not start");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(child)
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(bin("cairn"));
-        let config = self.root.join("cairn.toml");
-        let config = if config.exists() { config } else { PathBuf::from("/dev/null") };
-        c.args(["--store-dir", "/nix/store", "--no-auto-start", "--config"])
-            .arg(config)
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--socket")
-            .arg(&self.socket);
-        c
+    /// Stops this daemon (SIGTERM) and starts a new one on the same store.
+    fn restart(&mut self) {
+        self.0.terminate();
+        self.0.restart();
     }
 
     /// Peak resident set of the daemon so far, in MiB.
     fn peak_rss_mib(&self) -> Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         let kb: f64 = status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -237,56 +198,37 @@ impl Cairn {
     /// Resets the daemon's peak resident set (VmHWM) to its current one, so that the next
     /// [`Cairn::peak_rss_mib`] covers only what runs in between.
     fn reset_peak_rss(&self) -> Result<()> {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").context("reset VmHWM")
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5").context("reset VmHWM")
     }
 
     /// Where cairnd keeps its state (`gcroots/` among it).
     fn state_dir(&self) -> PathBuf {
-        self.root.join("var/lib/cairn")
+        self.root.path().join("var/lib/cairn")
     }
+}
 
-    /// The real directory behind `/nix/store`.
-    fn real_store_dir(&self) -> PathBuf {
-        self.root.join("nix/store")
+impl std::ops::Deref for Cairn {
+    type Target = TestStore;
+    fn deref(&self) -> &TestStore {
+        &self.0
     }
 }
 
 impl Drop for Cairn {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGTERM);
-        let _ = self.child.wait();
-        if std::env::var_os("CAIRN_BENCH_LOG").is_some() {
-            eprint!("{}", std::fs::read_to_string(self.root.join("cairnd.log")).unwrap_or_default());
+        if self.0.is_running() {
+            self.0.terminate();
         }
-        // The root stays until the end: mass deletions slow down the next run's file creation
-        // (ext4 skips recently freed inodes), which would bias whichever tool runs next.
+        if std::env::var_os("CAIRN_BENCH_LOG").is_some() {
+            eprint!("{}", self.log());
+        }
     }
 }
 
-/// A private Nix store (`local?root=DIR`), removed with the work directory at the end.
-struct NixStore {
-    root: PathBuf,
-}
-
-impl NixStore {
-    fn new(work: &Path, tag: &str) -> NixStore {
-        let root = work.join(format!("nix-{tag}"));
-        rm_rf(&root);
-        NixStore { root }
-    }
-    fn cmd(&self, tool: &str) -> Command {
-        let mut c = Command::new(tool);
-        c.arg("--store").arg(format!("local?root={}", self.root.display()));
-        c.env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command\nbuild-users-group =\n");
-        c.env_remove("NIX_REMOTE");
-        c
-    }
-    fn gc_roots_dir(&self) -> PathBuf {
-        self.root.join("nix/var/nix/gcroots")
-    }
-    fn real_store_dir(&self) -> PathBuf {
-        self.root.join("nix/store")
-    }
+/// A private Nix store for the bench: the harness's, under the work directory, kept until the
+/// end as cairnd's roots are, building in Nix's sandbox.
+fn nix_store(work: &Path, tag: &str) -> NixStore {
+    NixStore::new_in(work, &format!("nix-{tag}-")).keep().sandboxed()
 }
 
 /// Runs a command with optional stdin from a file; returns (stdout, seconds). Dirty data of
@@ -335,26 +277,10 @@ fn rusage_wrapper(args: &[String]) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
 /// A tree of `files` files totalling `mib` MiB in 64 directories, every seventh executable.
 fn make_tree(dir: &Path, mib: u64, files: u64) -> Result<()> {
     let size = (mib << 20) / files;
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(1);
     let mut buf = vec![0u8; size as usize];
     for i in 0..files {
         let d = dir.join(format!("d{:02}", i % 64));
@@ -427,11 +353,11 @@ fn make_export_stream(file: &Path, n: u64) -> Result<String> {
 /// The garbage collector's graph: `n` paths, each referencing 0–8 (fewer if the same one is
 /// drawn twice) uniformly drawn earlier ones.
 fn random_dag(n: u64) -> Vec<Vec<u32>> {
-    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut rng = Rng::new(2);
     (0..n)
         .map(|i| {
-            let k = rng.next() % 9;
-            let r: BTreeSet<u32> = (0..if i == 0 { 0 } else { k }).map(|_| (rng.next() % i) as u32).collect();
+            let k = rng.below(9);
+            let r: BTreeSet<u32> = (0..if i == 0 { 0 } else { k }).map(|_| rng.below(i) as u32).collect();
             r.into_iter().collect()
         })
         .collect()
@@ -440,10 +366,10 @@ fn random_dag(n: u64) -> Vec<Vec<u32>> {
 /// The indices of the paths of [`random_dag`] that the gc workload roots: 1% of them, drawn
 /// uniformly.
 fn gc_roots(n: u64) -> Vec<u32> {
-    let mut rng = XorShift(0x4f1b_bcdc_bfa5_3e0b);
+    let mut rng = Rng::new(3);
     let mut roots = BTreeSet::new();
     while (roots.len() as u64) < (n / 100).max(1) {
-        roots.insert((rng.next() % n) as u32);
+        roots.insert(rng.below(n) as u32);
     }
     roots.into_iter().collect()
 }
@@ -545,6 +471,10 @@ fn main() -> Result<()> {
         return rusage_wrapper(&args[2..]);
     }
     let o = parse_opts()?;
+    // The harness starts `cairn` and `cairnd` from CAIRN_BIN_DIR: those next to this binary
+    // (bench/run builds all three in release mode).
+    let exe = std::env::current_exe().context("own path")?;
+    std::env::set_var("CAIRN_BIN_DIR", exe.parent().context("own directory")?);
     if let Some(file) = &o.write_stream {
         if o.only == ["gc"] {
             let paths = write_export_stream(file, "g", &random_dag(o.paths))?;
@@ -611,7 +541,7 @@ fn bench_add(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()
         let c = Cairn::start(w, &format!("add{rep}"))?;
         let (cp, t) = timed(
             {
-                let mut cmd = c.cmd();
+                let mut cmd = c.cairn();
                 cmd.arg("add").arg(&tree);
                 cmd
             },
@@ -621,7 +551,7 @@ fn bench_add(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()
         c_times.push(t);
         drop(c);
         if with_nix {
-            let n = NixStore::new(w, &format!("add{rep}"));
+            let n = nix_store(w, &format!("add{rep}"));
             let (np, t) = timed(
                 {
                     let mut cmd = n.cmd("nix-store");
@@ -665,7 +595,7 @@ fn bench_import(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result
     let c = Cairn::start(w, "import")?;
     let (out, c_import) = timed(
         {
-            let mut cmd = c.cmd();
+            let mut cmd = c.cairn();
             cmd.arg("import");
             cmd
         },
@@ -675,9 +605,9 @@ fn bench_import(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result
     // The first query after a daemon start (the graph loads in the background at start), then
     // warm queries.
     let mut c = c;
-    c.restart()?;
+    c.restart();
     let closure_cmd = |c: &Cairn| {
-        let mut cmd = c.cmd();
+        let mut cmd = c.cairn();
         cmd.arg("closure").arg(&last);
         cmd
     };
@@ -688,7 +618,7 @@ fn bench_import(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result
     let mut n_import = None;
     let mut n_closure = None;
     if with_nix {
-        let n = NixStore::new(w, "import");
+        let n = nix_store(w, "import");
         let (_, t) = timed(
             {
                 let mut cmd = n.cmd("nix-store");
@@ -783,9 +713,9 @@ fn bench_gc(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()>
 
     // The same stream into both (setup, not the point, but printed).
     let mut c = Cairn::start_logging(w, "gc", "info")?;
-    let (out, c_import) = timed(with_args(c.cmd(), &["import"]), Some(&stream))?;
+    let (out, c_import) = timed(with_args(c.cairn(), &["import"]), Some(&stream))?;
     ensure!(out.lines().count() as u64 == n, "cairn imported {} paths", out.lines().count());
-    let nix_store = with_nix.then(|| NixStore::new(w, "gc"));
+    let nix_store = with_nix.then(|| nix_store(w, "gc"));
     let n_import = match &nix_store {
         Some(s) => Some(timed(with_args(s.cmd("nix-store"), &["--import"]), Some(&stream))?.1),
         None => None,
@@ -819,8 +749,8 @@ fn bench_gc(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()>
     // a. The dead set. cairnd restarts first, so that its memory is that of a daemon that has
     //    been up (graph loaded), not what the import left; the first query also waits for the
     //    graph to load, as any first query after a start does.
-    c.restart()?;
-    let print_dead = |c: &Cairn| with_args(c.cmd(), &["gc", "--print-dead"]);
+    c.restart();
+    let print_dead = |c: &Cairn| with_args(c.cairn(), &["gc", "--print-dead"]);
     let (out, c_first) = timed(print_dead(&c), None)?;
     problems.extend(compare_paths("cairn gc --print-dead", &sorted_lines(&out), &dead));
     let mut times = Vec::new();
@@ -854,7 +784,7 @@ fn bench_gc(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()>
     }
     c.reset_peak_rss()?;
     let gc_started = Instant::now();
-    let (out, c_gc) = timed(with_args(c.cmd(), &["gc"]), None)?;
+    let (out, c_gc) = timed(with_args(c.cairn(), &["gc"]), None)?;
     // cairn gc returns once the paths are invalid and out of the store directory; their space is
     // freed by cairnd in the background (emptying .cairn-trash). Wait for that too, and time
     // it, before Nix runs: Nix frees synchronously, and must not share the disk with our reclaim.
@@ -868,7 +798,7 @@ fn bench_gc(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()>
     if deleted_count(&out)? != n {
         problems.push(format!("MISMATCH: cairn gc printed {c_summary:?}, {n} paths expected"));
     }
-    let (left, _) = timed(with_args(c.cmd(), &["gc", "--print-live"]), None)?;
+    let (left, _) = timed(with_args(c.cairn(), &["gc", "--print-live"]), None)?;
     let entries = store_entries(&c.real_store_dir())?;
     if !left.trim().is_empty() || entries != 0 {
         problems.push(format!(
@@ -902,8 +832,9 @@ fn bench_gc(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()>
     if let Some(s) = n_summary {
         table.footer.push(format!("gc: nix-store --gc printed {s:?}"));
     }
+    let log_path = c.log_path();
     drop(c);
-    let log = std::fs::read_to_string(w.join("cairn-gc/cairnd.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(log_path).unwrap_or_default();
     for l in log
         .lines()
         .map(strip_ansi)
@@ -999,11 +930,11 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
         ensure!(out.status.success(), "{:?}: {}", c, String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let mut rng = XorShift(0x5eed_cafe_f00d_0001);
+    let mut rng = Rng::new(4);
     let small_dir = w.join("subst-small");
     std::fs::create_dir_all(&small_dir)?;
     for i in 0..small_n {
-        let mut buf = vec![0u8; 200 + (rng.next() % 4000) as usize];
+        let mut buf = vec![0u8; 200 + rng.below(4000) as usize];
         rng.fill(&mut buf);
         std::fs::write(small_dir.join(format!("s{i:04}")), &buf)?;
     }
@@ -1017,30 +948,30 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
             rng.fill(&mut buf);
         } else {
             while buf.len() < 16 << 20 {
-                buf.extend_from_slice(words[(rng.next() % 8) as usize]);
-                buf.extend_from_slice(format!(" {}\n", rng.next() % 100_000).as_bytes());
+                buf.extend_from_slice(rng.pick(&words));
+                buf.extend_from_slice(format!(" {}\n", rng.below(100_000)).as_bytes());
             }
             buf.truncate(16 << 20);
         }
         std::fs::write(big_dir.join(format!("b{i:03}")), &buf)?;
     }
-    let mut add = seed.cmd();
+    let mut add = seed.cairn();
     add.arg("add");
     for i in 0..small_n {
         add.arg(small_dir.join(format!("s{i:04}")));
     }
     let small: Vec<String> = run(add)?.lines().map(str::to_owned).collect();
-    let mut add = seed.cmd();
+    let mut add = seed.cairn();
     add.arg("add").arg(&big_dir);
     let big = run(add)?.trim().to_owned();
     let (sk, pk) = (w.join("subst.sk"), w.join("subst.pk"));
-    let mut key = seed.cmd();
+    let mut key = seed.cairn();
     key.args(["key", "generate", "bench-cache-1"]).arg(&sk).arg(&pk);
     run(key)?;
     let public = std::fs::read_to_string(&pk)?.trim().to_owned();
     let caches = [w.join("cache-small"), w.join("cache-big")];
     for (cache, paths) in caches.iter().zip([small.clone(), vec![big.clone()]]) {
-        let mut copy = seed.cmd();
+        let mut copy = seed.cairn();
         copy.arg("copy").arg("--to").arg(format!("file://{}?compression=zstd", cache.display()));
         copy.arg("--secret-key-file").arg(&sk).args(&paths);
         run(copy)?;
@@ -1052,7 +983,7 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
     let big_compressed = file_bytes(&caches[1])?;
     // What both destinations must hold afterwards: the seed's NAR hash, size and references of
     // every path.
-    let mut info = seed.cmd();
+    let mut info = seed.cairn();
     info.args(["path-info", "--json"]).args(&small).arg(&big);
     let want = path_infos(&run(info)?)?;
     let nar_size = want.get(&big).context("no path-info for the large path")?.1;
@@ -1124,15 +1055,18 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
             let fresh = k == 0;
             let fs = if fresh { FreshFs::new(w, &format!("{tag}-c"), 4) } else { None };
             fresh_everywhere &= fs.is_some() || !fresh;
-            let root = fs.as_ref().map(|f| f.dir.join("cairn")).unwrap_or_else(|| w.join(format!("{tag}-cairn")));
-            let c = Cairn::start_configured(&root, &format!("trusted-public-keys = [\"{public}\"]\n"))?;
-            let mut cmd = c.cmd();
+            let (parent, prefix) = match &fs {
+                Some(f) => (f.dir.clone(), "cairn-".to_owned()),
+                None => (w.to_owned(), format!("{tag}-cairn-")),
+            };
+            let c = Cairn::start_configured(&parent, &prefix, &format!("trusted-public-keys = [\"{public}\"]\n"))?;
+            let mut cmd = c.cairn();
             cmd.args(["copy", "--from", &url]).args(paths.iter());
             let (out, t) = timed(cmd, None)?;
             ensure!(out.lines().count() == paths.len(), "cairn substituted {} paths", out.lines().count());
             c_times.push(t);
             if rep == 0 {
-                let mut q = c.cmd();
+                let mut q = c.cairn();
                 q.args(["path-info", "--json"]).args(paths.iter());
                 same_infos("cairn copy --from", &path_infos(&run(q)?)?, paths, &want)?;
             }
@@ -1140,13 +1074,15 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
             drop(fs);
             if with_nix {
                 let fs = if fresh { FreshFs::new(w, &format!("{tag}-n"), 4) } else { None };
-                let root = fs.as_ref().map(|f| f.dir.join("nix")).unwrap_or_else(|| w.join(format!("{tag}-nix")));
-                let n = NixStore { root };
+                let n = match &fs {
+                    Some(f) => NixStore::new_in(&f.dir, "nix-").keep().sandboxed(),
+                    None => nix_store(w, &format!("{tag}-nix")),
+                };
                 // `nix copy` takes its destination from --to, not --store.
                 let mut nix_cmd = Command::new("nix");
-                nix_cmd.args(["copy", "--from", &url, "--to"]).arg(format!("local?root={}", n.root.display()));
+                nix_cmd.args(["copy", "--from", &url, "--to"]).arg(n.store_url());
                 nix_cmd.args(["--option", "trusted-public-keys", &public]).args(paths.iter());
-                nix_cmd.env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command\nbuild-users-group =\n");
+                nix_cmd.env("NIX_CONFIG", n.config());
                 nix_cmd.env_remove("NIX_REMOTE");
                 let (_, t) = timed(nix_cmd, None)?;
                 let s = Instant::now();

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::{median, rm_rf, timed, write_export_stream, Cairn, NixStore, Opts, Table, XorShift};
+use cairn_tests::Rng;
+
+use crate::{median, nix_store, rm_rf, timed, write_export_stream, Cairn, Opts, Table};
 
 pub(crate) const BUSYBOX: &str = "/bin/busybox";
 pub(crate) const DAEMON_CONF: &str =
@@ -85,11 +87,11 @@ impl Drop for NixDaemon {
 }
 
 fn cairn_socket(c: &Cairn) -> PathBuf {
-    c.root.join("nix-socket")
+    c.root.path().join("nix-socket")
 }
 
 pub(crate) fn cairn_url(c: &Cairn) -> String {
-    format!("unix://{}?root={}", cairn_socket(c).display(), c.root.display())
+    format!("unix://{}?root={}", cairn_socket(c).display(), c.root.path().display())
 }
 
 /// A Nix client command on the store at `url`.
@@ -144,7 +146,7 @@ fn closure_queries(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     let paths = write_export_stream(&stream, "q", &chains(n))?;
     let top = paths[9_999].clone();
 
-    let nix_store = NixStore::new(w, "proto-q");
+    let nix_store = nix_store(w, "proto-q");
     timed(
         {
             let mut c = nix_store.cmd("nix-store");
@@ -153,11 +155,11 @@ fn closure_queries(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         },
         Some(&stream),
     )?;
-    let nixd = NixDaemon::start(&nix_store.root)?;
-    let cairn = Cairn::start_configured(&w.join("cairn-proto-q"), CAIRN_CONF)?;
+    let nixd = NixDaemon::start(nix_store.root.path())?;
+    let cairn = Cairn::start_configured(w, "cairn-proto-q-", CAIRN_CONF)?;
     timed(
         {
-            let mut c = cairn.cmd();
+            let mut c = cairn.cairn();
             c.arg("import").stdout(Stdio::null());
             c
         },
@@ -231,7 +233,7 @@ fn connect_and_ask(socket: &Path, path: &str) -> Result<()> {
 /// `nix copy --to` each daemon from a local Nix store: 1000 small paths, then one large one.
 fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     // The small paths: a stream of 1000 with references, imported into a local store.
-    let small = NixStore::new(w, "proto-src-small");
+    let small = nix_store(w, "proto-src-small");
     let stream = w.join("small.export");
     let refs: Vec<Vec<u32>> =
         (0..1000u32).map(|i| [i.wrapping_sub(1), i / 2].into_iter().filter(|&j| j < i).collect()).collect();
@@ -249,11 +251,11 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     {
         let bytes = o.tree_mib << 20;
         let mut f = BufWriter::new(std::fs::File::create(&big_file)?);
-        let mut rng = XorShift(0x5eed);
+        let mut rng = Rng::new(5);
         let mut chunk = vec![0u8; 1 << 20];
         for i in 0..(bytes >> 20) {
             if i % 2 == 0 {
-                chunk.chunks_mut(8).for_each(|c| c.copy_from_slice(&rng.next().to_le_bytes()[..c.len()]));
+                rng.fill(&mut chunk);
             } else {
                 chunk.iter_mut().enumerate().for_each(|(j, b)| *b = b"cairn and nix, side by side\n"[j % 28]);
             }
@@ -261,7 +263,7 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         }
         f.flush()?;
     }
-    let big = NixStore::new(w, "proto-src-big");
+    let big = nix_store(w, "proto-src-big");
     let (big_path, _) = timed(with(big.cmd("nix-store"), &["--add", big_file.to_str().context("path")?]), None)?;
     let big_path = big_path.trim().to_owned();
 
@@ -271,7 +273,7 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     ] {
         let (mut c_times, mut n_times) = (Vec::new(), Vec::new());
         for rep in 0..o.reps {
-            let from = format!("local?root={}", src.root.display());
+            let from = src.store_url();
             let nix_root = w.join(format!("proto-copy-nix-{rep}"));
             rm_rf(&nix_root);
             let nixd = NixDaemon::start(&nix_root)?;
@@ -279,9 +281,7 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
             c.args(["copy", "--no-check-sigs", "--from", &from, "--to", &nixd.url()]).args(&paths);
             n_times.push(timed(c, None)?.1);
             drop(nixd);
-            let cairn_root = w.join(format!("proto-copy-cairn-{rep}"));
-            rm_rf(&cairn_root);
-            let cairn = Cairn::start_configured(&cairn_root, CAIRN_CONF)?;
+            let cairn = Cairn::start_configured(w, &format!("proto-copy-cairn-{rep}-"), CAIRN_CONF)?;
             let mut c = client(w, &cairn_url(&cairn), "nix");
             c.args(["copy", "--no-check-sigs", "--from", &from, "--to", &cairn_url(&cairn)]).args(&paths);
             c_times.push(timed(c, None)?.1);
@@ -292,10 +292,7 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
                     c.args(["-q", "--hash"]).args(&paths);
                     Ok(timed(c, None)?.0)
                 };
-                ensure!(
-                    q(&cairn_url(&cairn))? == q(&format!("local?root={}", src.root.display()))?,
-                    "{label}: hashes differ"
-                );
+                ensure!(q(&cairn_url(&cairn))? == q(&src.store_url())?, "{label}: hashes differ");
             }
         }
         table.time(label.into(), median(&mut c_times), Some(median(&mut n_times)));
@@ -312,7 +309,7 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     let _ = h.finish();
     table.note("  floor: one SHA-256 pass over it", crate::fmt_secs(t.elapsed().as_secs_f64()));
     // What the client itself needs to serialise the path, sent nowhere.
-    let real = big.root.join(big_path.trim_start_matches('/'));
+    let real = big.root.path().join(big_path.trim_start_matches('/'));
     let mut dump = Command::new("nix-store");
     dump.arg("--dump").arg(&real).stdout(Stdio::null()).env_remove("NIX_REMOTE");
     table.note("  floor: the client's nix-store --dump of it", crate::fmt_secs(timed(dump, None)?.1));
@@ -333,9 +330,7 @@ fn fanout_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         let (nix_out, secs) = timed(with(client(w, &nixd.url(), "nix-build"), &args), None)?;
         n_times.push(secs);
         drop(nixd);
-        let cairn_root = w.join(format!("proto-build-cairn-{rep}"));
-        rm_rf(&cairn_root);
-        let cairn = Cairn::start_configured(&cairn_root, CAIRN_CONF)?;
+        let cairn = Cairn::start_configured(w, &format!("proto-build-cairn-{rep}-"), CAIRN_CONF)?;
         let (cairn_out, secs) = timed(with(client(w, &cairn_url(&cairn), "nix-build"), &args), None)?;
         c_times.push(secs);
         ensure!(cairn_out == nix_out, "fan-out outputs differ: {cairn_out:?} vs {nix_out:?}");

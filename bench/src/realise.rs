@@ -12,7 +12,9 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 
-use crate::{median, timed, Cairn, NixStore, Opts, Table};
+use cairn_tests::NixStore;
+
+use crate::{median, nix_store, timed, Cairn, Opts, Table};
 
 /// The busybox bound at `/bin/sh` in both sandboxes.
 const BUSYBOX: &str = "/bin/busybox";
@@ -65,7 +67,7 @@ pub fn bench_build(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Res
             let mut checked = false;
             for rep in 0..o.reps {
                 // Nix: fresh store, instantiate (not timed), realise.
-                let nix = NixStore::new(w, &format!("build-{label}-{rep}"));
+                let nix = nix_store(w, &format!("build-{label}-{rep}"));
                 let top = instantiate(&nix, file, n)?;
                 let drvs = run({
                     let mut c = nix_cmd(&nix, "nix-store");
@@ -86,22 +88,21 @@ pub fn bench_build(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Res
                 n_times.push(secs);
 
                 // cairn: fresh daemon, the same derivations imported (not timed), realise.
-                let root = w.join(format!("cairn-build-{label}-{rep}"));
-                crate::rm_rf(&root);
                 let cairn = Cairn::start_configured(
-                    &root,
+                    w,
+                    &format!("cairn-build-{label}-{rep}-"),
                     &format!(
                         "sandbox-paths = [\"/bin/sh={BUSYBOX}\"]\nmax-jobs = 2\ncores = 1\n{}",
                         dir.map(|d| format!("build-dir = \"{}\"\n", d.display())).unwrap_or_default()
                     ),
                 )?;
-                let mut import = cairn.cmd();
+                let mut import = cairn.cairn();
                 import.arg("import");
                 run({
                     import.stdin(std::fs::File::open(&stream)?);
                     import
                 })?;
-                let mut realise = cairn.cmd();
+                let mut realise = cairn.cairn();
                 realise.args(["realise", "-Q", &top]);
                 let (cairn_out, secs) = timed(realise, None)?;
                 c_times.push(secs);
@@ -139,7 +140,7 @@ fn compare_outputs(nix: &NixStore, cairn: &Cairn, top: &str) -> Result<()> {
     let mut h = nix_cmd(nix, "nix-store");
     h.args(["-q", "--hash"]).args(&outputs);
     let nix_hashes: Vec<String> = run(h)?.lines().map(str::to_owned).collect();
-    let mut info = cairn.cmd();
+    let mut info = cairn.cairn();
     info.args(["path-info", "--json"]).args(&outputs);
     let infos: serde_json::Value = serde_json::from_str(&run(info)?)?;
     for (i, (p, nh)) in outputs.iter().zip(&nix_hashes).enumerate() {

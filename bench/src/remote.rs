@@ -49,7 +49,7 @@ fn instantiate(w: &Path, c: &Cairn, file: &str, n: u32) -> Result<String> {
 }
 
 fn builders_json(c: &Cairn) -> Result<serde_json::Value> {
-    let out = c.cmd().args(["builders", "--json"]).output()?;
+    let out = c.cairn().args(["builders", "--json"]).output()?;
     ensure!(out.status.success(), "cairn builders: {}", String::from_utf8_lossy(&out.stderr));
     Ok(serde_json::from_slice(&out.stdout)?)
 }
@@ -68,12 +68,10 @@ pub fn bench_remote(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
     for rep in 0..o.reps {
         // cairn, dispatching.
         let (_builders, spec) = builders(w, &format!("remote-cairn-{rep}"))?;
-        let root = w.join(format!("remote-cairn-{rep}"));
-        rm_rf(&root);
         let config = format!("sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 0\nbuilders = \"{spec}\"\n");
-        let cairn = Cairn::start_configured(&root, &config)?;
+        let cairn = Cairn::start_configured(w, &format!("remote-cairn-{rep}-"), &config)?;
         let drv = instantiate(w, &cairn, "fanout.nix", n)?;
-        let (c_out, secs) = timed(with(cairn.cmd(), &["realise", "-Q", &drv]), None)?;
+        let (c_out, secs) = timed(with(cairn.cairn(), &["realise", "-Q", &drv]), None)?;
         c_times.push(secs);
         let b = builders_json(&cairn)?;
         ensure!(sum(&b, "built") == u64::from(n) + 1, "cairn's builders built {} derivations", sum(&b, "built"));
@@ -104,11 +102,9 @@ pub fn bench_remote(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
         rm_rf(&nix_root);
 
         // The same derivations built here, for the overhead of going remote.
-        let local_root = w.join(format!("remote-local-{rep}"));
-        rm_rf(&local_root);
-        let local = Cairn::start_configured(&local_root, CAIRN_CONF)?;
+        let local = Cairn::start_configured(w, &format!("remote-local-{rep}-"), CAIRN_CONF)?;
         let drv = instantiate(w, &local, "fanout.nix", n)?;
-        let (_, secs) = timed(with(local.cmd(), &["realise", "-Q", &drv]), None)?;
+        let (_, secs) = timed(with(local.cairn(), &["realise", "-Q", &drv]), None)?;
         l_times.push(secs);
     }
     let (c, nx, l) = (median(&mut c_times), median(&mut n_times), median(&mut l_times));
@@ -123,12 +119,10 @@ pub fn bench_remote(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
     // A chain on one builder: every input is an output the builder made, so nothing is sent.
     let (builder, _) = builders(w, "remote-chain")?;
     let spec = format!("{} x86_64-linux - 2 1", builder[0].url());
-    let root = w.join("remote-chain-cairn");
-    rm_rf(&root);
     let config = format!("sandbox-paths = [\"/bin/sh=/bin/busybox\"]\nmax-jobs = 0\nbuilders = \"{spec}\"\n");
-    let cairn = Cairn::start_configured(&root, &config)?;
+    let cairn = Cairn::start_configured(w, "remote-chain-cairn-", &config)?;
     let drv = instantiate(w, &cairn, "chain.nix", 20)?;
-    timed(with(cairn.cmd(), &["realise", "-Q", &drv]), None).context("chain")?;
+    timed(with(cairn.cairn(), &["realise", "-Q", &drv]), None).context("chain")?;
     let b = builders_json(&cairn)?;
     table.note("  NARs sent for a 20-link chain on one builder", format!("{}", sum(&b, "narsSent")));
     Ok(())

@@ -20,7 +20,7 @@ pub use nix_daemon::NixDaemon;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -70,6 +70,8 @@ pub struct TestStore {
     env: Vec<(String, String)>,
     /// The uid the daemon and every command run as (through `setpriv`), if not this process's.
     user: Option<u32>,
+    /// Whether the root stays when the store is dropped (see [`TestStoreBuilder::root_in`]).
+    keep_root: bool,
     child: Option<Child>,
 }
 
@@ -79,6 +81,8 @@ pub struct TestStoreBuilder {
     config: String,
     env: Vec<(String, String)>,
     user: Option<u32>,
+    /// Where the root is made, and its name's prefix, if not a temporary directory.
+    root_in: Option<(PathBuf, String)>,
 }
 
 impl TestStoreBuilder {
@@ -102,8 +106,25 @@ impl TestStoreBuilder {
         self.user = Some(uid);
         self
     }
+    /// Makes the root a fresh directory inside `parent`, its name starting with `prefix`, that
+    /// stays when the store is dropped (nor is it made writable then): whoever owns `parent`
+    /// removes it. For the benchmark, which keeps its stores under its work directory, on the
+    /// file system it measures, and removes them all at the end, because a mass deletion
+    /// between two runs would slow the next run's file creation (ext4 searches recently freed
+    /// inodes).
+    pub fn root_in(mut self, parent: &Path, prefix: &str) -> Self {
+        self.root_in = Some((parent.to_owned(), prefix.to_owned()));
+        self
+    }
     pub fn start(self) -> TestStore {
-        let root = tempfile::Builder::new().prefix("cairn-tests-").tempdir().expect("temp root");
+        let root = match &self.root_in {
+            None => tempfile::Builder::new().prefix("cairn-tests-").tempdir().expect("temp root"),
+            Some((parent, prefix)) => {
+                let mut root = tempfile::Builder::new().prefix(prefix).tempdir_in(parent).expect("root");
+                root.disable_cleanup(true);
+                root
+            }
+        };
         // World-traversable, so that tests that switch users can reach the socket.
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = root.path().join("cairn.toml");
@@ -121,6 +142,7 @@ impl TestStoreBuilder {
             config,
             env: self.env,
             user: self.user,
+            keep_root: self.root_in.is_some(),
             child: None,
         };
         s.spawn();
@@ -130,7 +152,13 @@ impl TestStoreBuilder {
 
 impl TestStore {
     pub fn builder() -> TestStoreBuilder {
-        TestStoreBuilder { store_dir: "/store".into(), config: String::new(), env: Vec::new(), user: None }
+        TestStoreBuilder {
+            store_dir: "/store".into(),
+            config: String::new(),
+            env: Vec::new(),
+            user: None,
+            root_in: None,
+        }
     }
 
     /// A daemon with default settings and store directory `/store`.
@@ -170,7 +198,9 @@ impl TestStore {
                 panic!("cairnd exited at start ({status}):\n{}", self.log());
             }
             assert!(started.elapsed() < Duration::from_secs(30), "cairnd did not listen:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
+            // Short: the benchmark times the first query after a (re)start, which must not
+            // find the daemon up for long.
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -188,10 +218,23 @@ impl TestStore {
 
     /// Sends SIGTERM and waits; panics unless the daemon exits cleanly.
     pub fn stop(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "cairnd exited with {status} after SIGTERM:\n{}", self.log());
+    }
+
+    /// Sends SIGTERM and waits, whatever the daemon exits with; returns that. Unlike
+    /// [`TestStore::stop`] it does not judge the exit, and unlike dropping (SIGKILL) it lets
+    /// the daemon finish its shutdown: the benchmark stops daemons so, so that no run pays for
+    /// a previous daemon's work.
+    pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "cairnd exited with {status} after SIGTERM:\n{}", self.log());
+        child.wait().unwrap()
+    }
+
+    /// Whether the daemon was started and not stopped, crashed or terminated since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the daemon with SIGKILL (a crash) and waits for it.
@@ -339,14 +382,24 @@ impl Drop for TestStore {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if self.keep_root {
+            return;
+        }
         // Store paths are read-only: make the tree writable so the temporary root can go.
         let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.root.path()).status();
     }
 }
 
-/// Real Nix 2.8 on a private store (`local?root=DIR`, logical store `/nix/store`).
+/// Real Nix 2.8 on a private store (`local?root=DIR`, logical store `/nix/store`), offline and
+/// without build users. The tests build unsandboxed; the benchmark asks for sandboxed builds
+/// ([`NixStore::sandboxed`]) and keeps its stores under its work directory
+/// ([`NixStore::new_in`], [`NixStore::keep`]).
 pub struct NixStore {
     pub root: tempfile::TempDir,
+    /// Whether builds run in Nix's sandbox (its default) rather than with `sandbox = false`.
+    sandboxed: bool,
+    /// Whether the root stays when the store is dropped.
+    kept: bool,
 }
 
 impl Default for NixStore {
@@ -357,7 +410,58 @@ impl Default for NixStore {
 
 impl NixStore {
     pub fn new() -> NixStore {
-        NixStore { root: tempfile::Builder::new().prefix("nix-peer-").tempdir().unwrap() }
+        NixStore {
+            root: tempfile::Builder::new().prefix("nix-peer-").tempdir().unwrap(),
+            sandboxed: false,
+            kept: false,
+        }
+    }
+
+    /// A store whose root is a fresh directory inside `parent`, its name starting with `prefix`:
+    /// on `parent`'s file system (the benchmark measures its own work directory's). The root
+    /// is `rwxr-xr-x`, as a directory `mkdir` made, and removed on drop unless [`kept`].
+    ///
+    /// [`kept`]: NixStore::keep
+    pub fn new_in(parent: &Path, prefix: &str) -> NixStore {
+        let root = tempfile::Builder::new().prefix(prefix).tempdir_in(parent).expect("Nix store root");
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        NixStore { root, sandboxed: false, kept: false }
+    }
+
+    /// The root stays when the store is dropped (nor is it made writable then): whoever owns
+    /// its parent removes it (the benchmark, at the end: a mass deletion between two runs would
+    /// slow the next run's file creation).
+    pub fn keep(mut self) -> Self {
+        self.root.disable_cleanup(true);
+        self.kept = true;
+        self
+    }
+
+    /// Builds in Nix's sandbox ([`NixStore::cmd`] leaves out `sandbox = false`), as the
+    /// benchmark compares sandboxed builds.
+    pub fn sandboxed(mut self) -> Self {
+        self.sandboxed = true;
+        self
+    }
+
+    /// The `NIX_CONFIG` of [`NixStore::cmd`]: no substituters, no build users, `nix-command`,
+    /// and `sandbox = false` unless [`NixStore::sandboxed`].
+    pub fn config(&self) -> &'static str {
+        if self.sandboxed {
+            "substituters =\nexperimental-features = nix-command\nbuild-users-group =\n"
+        } else {
+            "substituters =\nexperimental-features = nix-command\nsandbox = false\nbuild-users-group =\n"
+        }
+    }
+
+    /// The real directory behind `/nix/store`.
+    pub fn real_store_dir(&self) -> PathBuf {
+        self.root.path().join("nix/store")
+    }
+
+    /// The directory of the store's garbage collector roots.
+    pub fn gc_roots_dir(&self) -> PathBuf {
+        self.root.path().join("nix/var/nix/gcroots")
     }
 
     pub fn store_url(&self) -> String {
@@ -368,10 +472,7 @@ impl NixStore {
     pub fn cmd(&self, tool: &str) -> Command {
         let mut c = Command::new(tool);
         c.arg("--store").arg(self.store_url());
-        c.env(
-            "NIX_CONFIG",
-            "substituters =\nexperimental-features = nix-command\nsandbox = false\nbuild-users-group =\n",
-        );
+        c.env("NIX_CONFIG", self.config());
         c.env("NIX_REMOTE", "");
         c
     }
@@ -393,6 +494,9 @@ impl NixStore {
 
 impl Drop for NixStore {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         let _ = Command::new("chmod").args(["-R", "u+w"]).arg(self.root.path()).status();
     }
 }
