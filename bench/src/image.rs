@@ -511,11 +511,11 @@ pub fn bench_image_compose(o: &Opts, w: &Path, table: &mut Table) -> Result<()> 
     let (mut c_times, mut c2_times, mut u_times, mut floor) = (vec![], vec![], vec![], vec![]);
     for rep in 0..o.reps {
         let c = Cairn::start(w, &format!("compose{rep}"))?;
-        run(c.cmd().args(["image", "pull", "--tag", "five:1", &format!("oci:{}:five", src.display())]))?;
-        let (out, secs) = timed(with_args(c.cmd(), &["image", "squash", "--json", "five:1"]), None)?;
+        run(c.cairn().args(["image", "pull", "--tag", "five:1", &format!("oci:{}:five", src.display())]))?;
+        let (out, secs) = timed(crate::protocol::with(c.cairn(), &["image", "squash", "--json", "five:1"]), None)?;
         c_times.push(secs);
         let first: serde_json::Value = serde_json::from_str(&out)?;
-        let (out, secs) = timed(with_args(c.cmd(), &["image", "squash", "--json", "five:1"]), None)?;
+        let (out, secs) = timed(crate::protocol::with(c.cairn(), &["image", "squash", "--json", "five:1"]), None)?;
         c2_times.push(secs);
         let second: serde_json::Value = serde_json::from_str(&out)?;
         ensure!(second["cached"] == true && second["image"]["digest"] == first["image"]["digest"], "{second}");
@@ -534,7 +534,7 @@ pub fn bench_image_compose(o: &Opts, w: &Path, table: &mut Table) -> Result<()> 
             image("squashed"),
             bundle.display()
         );
-        let (_, secs) = timed(with_args(Command::new("sh"), &["-c", &script]), None)?;
+        let (_, secs) = timed(crate::protocol::with(Command::new("sh"), &["-c", &script]), None)?;
         u_times.push(secs);
         rm_rf(&bundle);
 
@@ -554,9 +554,4 @@ pub fn bench_image_compose(o: &Opts, w: &Path, table: &mut Table) -> Result<()> 
     table.note("  the same squash again (cairn: its output valid)", crate::fmt_secs(median(&mut c2_times)));
     table.note("  floor: the five layers gunzipped once", crate::fmt_secs(median(&mut floor)));
     Ok(())
-}
-
-fn with_args(mut c: Command, args: &[&str]) -> Command {
-    c.args(args);
-    c
 }
