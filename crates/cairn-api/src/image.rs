@@ -251,7 +251,7 @@ pub struct BuildRequest {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub materialise: bool,
     /// `PATH:DEST`: a store path's own tree (not its closure) at DEST inside the image, one
-    /// layer each, stored as a blob.
+    /// streamed layer each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub copy: Vec<String>,
 }

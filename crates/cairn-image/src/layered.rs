@@ -170,6 +170,40 @@ fn layer_key(dir: &StoreDir, paths: &[StorePath], compression: LayerCompression)
     memo_key(&parts)
 }
 
+/// The memo key of a `--copy` layer: its path, where it goes, and how it is compressed.
+fn copy_key(dir: &StoreDir, path: &StorePath, dest: &str, compression: LayerCompression) -> Hash {
+    memo_key(&[FORMAT, "copy", dir.as_str(), compression.name(), &path.base_name(), dest])
+}
+
+/// A `--copy` layer: remembered, or described now and remembered (its description refers to
+/// the one path).
+fn copy_layer(
+    images: &Images,
+    path: &StorePath,
+    dest: &str,
+    compression: LayerCompression,
+    roots: &mut TempRootGuardSet,
+) -> Result<StoreLayer> {
+    let store = &images.store;
+    let dir = store.store_dir();
+    let key = copy_key(dir, path, dest, compression);
+    if let Some((p, guard)) = store.memo(memo::LAYER, &key)? {
+        let shown = dir.display(&p);
+        let bytes = fs::read(store.real_path(&p)).map_err(|source| ImageError::Io { path: shown.clone(), source })?;
+        if let Ok(recipe) = LayerRecipe::parse(&bytes, &shown) {
+            roots.hold(guard);
+            return Ok(StoreLayer { path: p, recipe });
+        }
+    }
+    let recipe = crate::streamed::describe_at(store, path, dest, compression)?;
+    let text = serde_json::to_vec_pretty(&recipe).expect("descriptions serialise");
+    let info = store.add_text(&streamed_layer_name(&recipe.digest()), &text, &[path.clone()].into())?;
+    roots.hold(store.temp_root([info.path.clone()]));
+    store.remember(memo::LAYER, &key, &info.path)?;
+    store.remember(memo::STREAMED_LAYER, &recipe.digest().to_hash(), &info.path)?;
+    Ok(StoreLayer { path: info.path, recipe })
+}
+
 /// A store layer of a build: its description's path and what it describes.
 struct StoreLayer {
     path: StorePath,
@@ -667,10 +701,13 @@ pub fn build_layout(
     for (path, dest) in &opts.copies {
         log(&format!("layer for {} at {dest}", dir.display(path)));
         roots.hold(store.temp_root([path.clone()]));
-        let (digest, size) =
-            store_written_blob(images, roots, &mut |w| crate::streamed::write_tree_at(store, path, dest, w))?;
-        diff_ids.push(digest.to_string());
-        layer_descs.push(descriptor(LAYER, digest, size));
+        let l = copy_layer(images, path, dest, opts.compression, roots)?;
+        if opts.materialise {
+            materialise(images, &l, roots)?;
+        }
+        diff_ids.push(l.recipe.diff_id.clone());
+        layer_descs.push(descriptor(&l.recipe.media_type, l.recipe.digest(), l.recipe.size));
+        hints.insert(l.recipe.digest(), l.path.clone());
     }
     log("writing the /etc and /tmp layer");
     let custom = customisation_layer()?;

@@ -90,6 +90,10 @@ pub struct LayerRecipe {
     pub size: u64,
     /// The digest of the uncompressed tar.
     pub diff_id: String,
+    /// Where the one path's own tree is placed in the image (a `--copy` layer); absent, the
+    /// paths are placed at their store paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
 }
 
 impl LayerRecipe {
@@ -267,10 +271,16 @@ fn counted<W>(c: HashingWriter<W>) -> (W, Digest, u64) {
 fn encode<W: Write>(
     store: &LocalStore,
     paths: &[StorePath],
+    dest: Option<&str>,
     compression: LayerCompression,
     out: W,
 ) -> Result<(W, Digest, Digest, u64)> {
     let io_err = |source: io::Error| ImageError::Io { path: "a layer".into(), source };
+    let write_tar = |store: &LocalStore, paths: &[StorePath], w: &mut dyn Write| match (dest, paths) {
+        (None, _) => write_tar(store, paths, w),
+        (Some(d), [p]) => write_tree_at(store, p, d, w),
+        (Some(d), _) => Err(ImageError::BadLayer(format!("a layer placed at {d} holds one path"))),
+    };
     // Uncompressed, the digest is the diff id: one hash, not two.
     if compression == LayerCompression::None {
         let mut c = counting(out);
@@ -301,7 +311,26 @@ fn encode<W: Write>(
 
 /// Describes the layer of `paths`: produces it once, hashing it, writing nothing.
 pub fn describe(store: &LocalStore, paths: &[StorePath], compression: LayerCompression) -> Result<LayerRecipe> {
-    let (_, diff_id, digest, size) = encode(store, paths, compression, io::sink())?;
+    describe_placed(store, paths, None, compression)
+}
+
+/// Describes the layer of one path's own tree placed at `dest` in the image (`--copy`).
+pub fn describe_at(
+    store: &LocalStore,
+    path: &StorePath,
+    dest: &str,
+    compression: LayerCompression,
+) -> Result<LayerRecipe> {
+    describe_placed(store, std::slice::from_ref(path), Some(dest), compression)
+}
+
+fn describe_placed(
+    store: &LocalStore,
+    paths: &[StorePath],
+    dest: Option<&str>,
+    compression: LayerCompression,
+) -> Result<LayerRecipe> {
+    let (_, diff_id, digest, size) = encode(store, paths, dest, compression, io::sink())?;
     let mut names: Vec<String> = paths.iter().map(|p| p.base_name()).collect();
     names.sort();
     names.dedup();
@@ -314,6 +343,7 @@ pub fn describe(store: &LocalStore, paths: &[StorePath], compression: LayerCompr
         digest: digest.to_string(),
         size,
         diff_id: diff_id.to_string(),
+        dest: dest.map(str::to_owned),
     })
 }
 
@@ -361,6 +391,7 @@ impl LayerReader {
     /// Starts making the layer `recipe` describes; its paths stay rooted until it is made.
     pub fn open(store: Arc<LocalStore>, recipe: &LayerRecipe) -> Result<LayerReader> {
         let paths = recipe.store_paths(&store)?;
+        let dest = recipe.dest.clone();
         let root = store.temp_root(paths.clone());
         let compression = recipe.compression();
         let (want_digest, want_size) = (recipe.digest(), recipe.size);
@@ -370,7 +401,7 @@ impl LayerReader {
             .spawn(move || {
                 let _root = root;
                 let w = ChannelWriter { buf: Vec::with_capacity(CHUNK), tx: tx.clone() };
-                let end = match encode(&store, &paths, compression, w) {
+                let end = match encode(&store, &paths, dest.as_deref(), compression, w) {
                     Ok((mut w, _, digest, size)) => match w.send() {
                         Err(_) => return,
                         Ok(()) if digest == want_digest && size == want_size => return,

@@ -323,6 +323,8 @@ fn an_image_built_on_a_squashed_image_with_a_copied_tree_runs_and_holds_the_tree
     };
     let built = build("site:1");
     assert_eq!(build("site:2")["cached"], true, "the same inputs: the derivation's valid output");
+    // The copied tree's layer is streamed: a description that refers to the path.
+    assert!(store.ok(&["referrers", &tree_path]).contains("-oci-layer-sha256-"), "streamed, not stored");
     let detail = json(&store.ok(&["image", "inspect", "--json", "site:1"]));
     // The squashed base's one layer, the copied tree's, and /etc-/tmp.
     assert_eq!(detail["layers"].as_array().unwrap().len(), 3, "{detail}");
