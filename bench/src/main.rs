@@ -29,7 +29,7 @@
 //!    queries, connections, `nix copy --to`, `nix-build` (`protocol.rs`).
 //! 9. images of images: a squash by cairn beside umoci's (`image.rs`);
 //! 10. remote builds: a fan-out dispatched to two remote nix-daemons by cairn and by Nix's
-//!    build hook, and the NARs cairn moves (`remote.rs`).
+//!     build hook, and the NARs cairn moves (`remote.rs`).
 //!
 //! Each tool starts from a fresh store for every repetition; timings are wall-clock for the
 //! whole command, client start-up included. Inputs are generated, then read once so that both

@@ -281,7 +281,7 @@ fn images_of_different_platforms_are_not_combined() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let one = layer(&[("a", EntryType::Regular, b"a", 0o644, 0)]);
-    umoci_layers(&src, "amd", &[one.clone()], &["--architecture=amd64"]);
+    umoci_layers(&src, "amd", std::slice::from_ref(&one), &["--architecture=amd64"]);
     umoci_layers(&src, "arm", &[one], &["--architecture=arm64"]);
     let store = TestStore::start();
     store.ok(&["image", "pull", "--tag", "amd:1", &format!("oci:{}:amd", src.display())]);

@@ -106,6 +106,10 @@ impl Read for Tee<'_> {
     }
 }
 
+/// Where each source's contents go (the first path as a file, the others as hard links to it),
+/// and the hard links kept as links: (link, target).
+type Plan = (BTreeMap<Source, Vec<Key>>, Vec<(Key, Key)>);
+
 /// The tree the layers make.
 #[derive(Default)]
 pub(crate) struct Index {
@@ -286,7 +290,7 @@ impl Index {
 
     /// The paths each source's contents are written at: the first as a file, the others as
     /// hard links to it; and the hard links kept as links.
-    fn plan(&self) -> (BTreeMap<Source, Vec<Key>>, Vec<(Key, Key)>) {
+    fn plan(&self) -> Plan {
         let mut files: BTreeMap<Source, Vec<Key>> = BTreeMap::new();
         let mut links = Vec::new();
         for (k, n) in &self.nodes {
