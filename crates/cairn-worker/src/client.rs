@@ -170,3 +170,176 @@ impl<R: Read, W: Write> Client<R, W> {
 fn unexpected(op: &str, got: Response) -> ClientError {
     ClientError::Protocol(Error::Malformed { what: "answer", value: format!("{op} answered {got:?}") })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::constants::BuildStatus;
+    use crate::framing::FramedReader;
+    use crate::handshake::{server_handshake, ServerHello};
+    use crate::request::{read_multiple_count, read_multiple_entry_info};
+    use crate::types::ValidPathInfo;
+    use cairn_nix::{Hash, HashAlgo};
+    use std::io::{BufReader, BufWriter};
+    use std::os::unix::net::UnixStream;
+
+    fn dir() -> StoreDir {
+        StoreDir::new("/nix/store").unwrap()
+    }
+
+    fn path(n: u8, name: &str) -> StorePath {
+        StorePath::new([n; 20], name).unwrap()
+    }
+
+    fn info(p: &StorePath) -> PathInfo {
+        PathInfo {
+            deriver: None,
+            nar_hash: Hash::digest(HashAlgo::Sha256, p.name().as_bytes()),
+            references: BTreeSet::new(),
+            registration_time: 0,
+            nar_size: 8,
+            ultimate: false,
+            sigs: ["builder-1:c2ln".to_owned()].into(),
+            ca: None,
+        }
+    }
+
+    /// A daemon that answers each request the way a remote builder does, as a script of the
+    /// ops it expects.
+    fn daemon(s: UnixStream) -> std::thread::JoinHandle<Vec<String>> {
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = BufWriter::new(s);
+            let hello = ServerHello {
+                version: ProtocolVersion::NIX_2_8,
+                nix_version: "2.8.0".into(),
+                trust: None,
+                features: BTreeSet::new(),
+            };
+            let session = server_handshake(&mut Duplex { r: &mut r, w: &mut w }, &hello, &Limits::default()).unwrap();
+            let proto = Proto::new(session.version, dir());
+            StderrMessage::Last.write(&mut w, proto.version).unwrap();
+            w.flush().unwrap();
+            while let Some(req) = Request::read(&mut r, &proto).unwrap() {
+                seen.push(format!("{:?}", req.op()));
+                let last = |w: &mut BufWriter<UnixStream>| StderrMessage::Last.write(w, proto.version).unwrap();
+                match req {
+                    Request::SetOptions(_) => last(&mut w),
+                    Request::QueryValidPaths { paths, .. } => {
+                        last(&mut w);
+                        let valid: BTreeSet<StorePath> = paths.into_iter().filter(|p| p.name() == "has").collect();
+                        Response::PathSet(valid).write(&mut w, &proto).unwrap();
+                    }
+                    Request::AddMultipleToStore { .. } => {
+                        let mut f = FramedReader::new(&mut r);
+                        let n = read_multiple_count(&mut f, &proto).unwrap();
+                        for _ in 0..n {
+                            let e: ValidPathInfo = read_multiple_entry_info(&mut f, &proto).unwrap();
+                            let mut nar = vec![0u8; e.info.nar_size as usize];
+                            f.read_exact(&mut nar).unwrap();
+                            seen.push(format!("got {} {}", e.path.name(), String::from_utf8_lossy(&nar)));
+                        }
+                        f.drain().unwrap();
+                        last(&mut w);
+                    }
+                    Request::BuildDerivation { drv, .. } => {
+                        StderrMessage::Next("building\n".into()).write(&mut w, proto.version).unwrap();
+                        if drv.builder == "fail" {
+                            StderrMessage::Error(RemoteError::new("not trusted")).write(&mut w, proto.version).unwrap();
+                        } else {
+                            last(&mut w);
+                            Response::BuildResult(BuildResult::new(BuildStatus::Built, ""))
+                                .write(&mut w, &proto)
+                                .unwrap();
+                        }
+                    }
+                    Request::QueryPathInfo(p) => {
+                        last(&mut w);
+                        let i = (p.name() == "out").then(|| info(&p));
+                        Response::PathInfo(i).write(&mut w, &proto).unwrap();
+                    }
+                    Request::NarFromPath(_) => {
+                        last(&mut w);
+                        w.write_all(b"NAR-BYTES").unwrap();
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+                w.flush().unwrap();
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn a_remote_build_session_speaks_each_op_as_a_daemon_reads_it() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = daemon(theirs);
+        let mut c =
+            Client::connect(BufReader::new(ours.try_clone().unwrap()), BufWriter::new(ours), dir(), Limits::default())
+                .unwrap();
+        assert_eq!(c.session().version, ProtocolVersion::NIX_2_8);
+        assert_eq!(c.session().nix_version.as_deref(), Some("2.8.0"));
+        c.set_options(&ClientOptions::default()).unwrap();
+        let (has, lacks) = (path(1, "has"), path(2, "lacks"));
+        let valid = c.query_valid_paths(&[has.clone(), lacks.clone()].into(), true).unwrap();
+        assert_eq!(valid, [has].into());
+        let entry = ValidPathInfo { path: lacks.clone(), info: info(&lacks) };
+        c.add_multiple_to_store(std::slice::from_ref(&entry), true, &mut |_, w| w.write_all(b"12345678")).unwrap();
+        let drv = BasicDerivation { builder: "/bin/sh".into(), platform: "x86_64-linux".into(), ..Default::default() };
+        let mut lines = Vec::new();
+        let r = c
+            .build_derivation(&path(3, "x.drv"), &drv, BuildMode::Normal, &mut |m| lines.push(format!("{m:?}")))
+            .unwrap();
+        assert_eq!((r.status, lines.len()), (BuildStatus::Built, 1));
+        // A refusal is the daemon's answer: the session goes on.
+        let refused = BasicDerivation { builder: "fail".into(), ..drv };
+        match c.build_derivation(&path(3, "x.drv"), &refused, BuildMode::Normal, &mut |_| {}) {
+            Err(ClientError::Remote(e)) => assert_eq!(e.message, "not trusted"),
+            other => panic!("{other:?}"),
+        }
+        let out = path(4, "out");
+        assert_eq!(c.query_path_info(&out).unwrap().unwrap().sigs, info(&out).sigs);
+        assert_eq!(c.query_path_info(&path(5, "gone")).unwrap(), None);
+        let nar = c
+            .nar_from_path(&out, |r| {
+                let mut b = [0u8; 9];
+                r.read_exact(&mut b).map(|_| b)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(&nar, b"NAR-BYTES");
+        drop(c);
+        let seen = server.join().unwrap();
+        assert_eq!(
+            seen,
+            [
+                "SetOptions",
+                "QueryValidPaths",
+                "AddMultipleToStore",
+                &format!("got {} 12345678", lacks.name()),
+                "BuildDerivation",
+                "BuildDerivation",
+                "QueryPathInfo",
+                "QueryPathInfo",
+                "NarFromPath"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_daemon_sending_garbage_is_a_protocol_error_not_a_panic() {
+        for garbage in [&b""[..], &b"not a nix daemon at all"[..], &[0xff; 64][..]] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            theirs.write_all(garbage).unwrap();
+            drop(theirs);
+            let r = Client::connect(
+                BufReader::new(ours.try_clone().unwrap()),
+                BufWriter::new(ours),
+                dir(),
+                Limits::default(),
+            );
+            assert!(matches!(r, Err(ClientError::Protocol(_))), "{garbage:?}");
+        }
+    }
+}
