@@ -516,3 +516,36 @@ fn a_builder_that_refuses_the_build_is_marked_down_and_another_builds_it() {
     assert!(r["lastError"].as_str().unwrap_or("").contains("refused"), "{r}");
     assert_eq!(builder_named(&all, &nix_socket(&willing))["built"], 1);
 }
+
+#[test]
+fn a_builder_speaking_garbage_is_marked_down_and_the_daemon_goes_on() {
+    if !peers() {
+        return;
+    }
+    // Something on a socket that answers every connection with bytes no daemon sends: a
+    // huge length where the handshake's magic should be, then hangs up.
+    let work = tempfile::tempdir().unwrap();
+    let sock = work.path().join("liar.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { break };
+            use std::io::Write;
+            let _ = s.write_all(&[0xff; 4096]);
+        }
+    });
+    let honest = builder(1);
+    let spec = format!("unix://{} x86_64-linux\n{}", sock.display(), unix_machine(&honest, 1));
+    let d = dispatcher(&spec, 0, &[]);
+    let drvs = instantiate(&d, "slow.nix", &[("tag", "\"garbage\""), ("seconds", "0")]);
+    let realised = realise(&d, &drvs);
+    assert_eq!(d.ok(&["cat", realised[0]["outputs"]["out"].as_str().unwrap()]), "done garbage\n");
+    let all = builders(&d);
+    let liar = all.iter().find(|b| b["uri"].as_str().unwrap().contains("liar.sock")).unwrap();
+    assert_eq!(liar["state"], "down", "{liar}");
+    assert!(liar["lastError"].as_str().unwrap_or("").contains("cannot connect"), "{liar}");
+    // The daemon serves on.
+    d.ok(&["verify"]);
+    let more = instantiate(&d, "slow.nix", &[("tag", "\"after\""), ("seconds", "0")]);
+    realise(&d, &more);
+}
