@@ -269,6 +269,35 @@ fn merge_configs(configs: &[Value], overrides: &Overrides) -> Value {
     Value::Object(out)
 }
 
+/// Whether a blob of `img` starts as gzip does.
+fn starts_gzip(images: &Images, img: &Image, digest: &Digest) -> Result<bool> {
+    let Some(b) = images.blob_of(img, digest)? else { return Ok(true) };
+    let mut head = [0u8; 2];
+    let mut r = images.open_blob(&b)?;
+    let mut got = 0;
+    while got < 2 {
+        match std::io::Read::read(&mut r, &mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(source) => return Err(ImageError::Io { path: digest.to_string(), source }),
+        }
+    }
+    Ok(got == 2 && head == [0x1f, 0x8b])
+}
+
+/// A layer descriptor as an OCI manifest lists it: Docker's media types for the same bytes
+/// become the OCI ones, as skopeo converts them.
+fn oci_layer(mut d: Descriptor) -> Descriptor {
+    let oci = match d.media_type.as_str() {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd" => "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar" => "application/vnd.oci.image.layer.v1.tar",
+        _ => return d,
+    };
+    d.media_type = oci.to_owned();
+    d
+}
+
 fn platform_of(config: &Value) -> String {
     let s = |k: &str| config.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let mut p = format!("{}/{}", s("os"), s("architecture"));
@@ -317,7 +346,14 @@ fn combine_layout(
             )));
         }
         log(&format!("{}: {} layers", img.digest(), m.layers().len()));
-        layers.extend(m.layers().iter().cloned());
+        for l in m.layers() {
+            let mut l = oci_layer(l.clone());
+            // Docker's gzip type also labels the plain tars of `docker save` archives.
+            if l.media_type.ends_with("+gzip") && !starts_gzip(images, img, &l.digest)? {
+                l.media_type = "application/vnd.oci.image.layer.v1.tar".to_owned();
+            }
+            layers.push(l);
+        }
         diff_ids.extend(ids);
         history.extend(config["history"].as_array().cloned().unwrap_or_default());
         hints.extend(img.streamed.clone());
@@ -380,6 +416,23 @@ mod tests {
         assert_eq!(merged["Entrypoint"], serde_json::json!(["/e"]));
         assert_eq!(merged["Cmd"], serde_json::json!([]));
         assert_eq!(merged["Env"], serde_json::json!(["PATH=/b/bin", "A=3", "B=2"]));
+    }
+
+    #[test]
+    fn docker_layers_are_listed_with_oci_media_types() {
+        let d = |t: &str| Descriptor {
+            media_type: t.into(),
+            digest: Digest::sha256_of(b"x"),
+            size: 1,
+            platform: None,
+            annotations: Default::default(),
+        };
+        assert_eq!(
+            oci_layer(d("application/vnd.docker.image.rootfs.diff.tar.gzip")).media_type,
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        );
+        let oci = "application/vnd.oci.image.layer.v1.tar+zstd";
+        assert_eq!(oci_layer(d(oci)).media_type, oci);
     }
 
     #[test]
