@@ -88,7 +88,21 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
             pushes: settings.accept_pushes.then(|| substitution_policy.clone()),
         }))
         .merge(crate::listen::registry::router(Arc::new(registry)));
-        tokio::spawn(serve_tcp(tcp, cache, Connections::new("listen", limits, None)));
+        let app = match &settings.listen_auth_file {
+            Some(f) => {
+                let auth = crate::listen::auth::ListenAuth::load(f, settings.listen_anonymous_read)?;
+                cache.layer(axum::middleware::from_fn_with_state(Arc::new(auth), crate::listen::auth::check))
+            }
+            None => {
+                if !tcp.local_addr()?.ip().is_loopback() {
+                    tracing::warn!(
+                        "the listen address is open to anyone who reaches it: set listen-auth-file to require credentials"
+                    );
+                }
+                cache
+            }
+        };
+        tokio::spawn(serve_tcp(tcp, app, Connections::new("listen", limits, None)));
     }
     tracing::info!(
         socket = %socket.display(),

@@ -45,6 +45,8 @@ pub struct ConfigFile {
     pub listen: Option<String>,
     pub secret_key_files: Option<Vec<PathBuf>>,
     pub accept_pushes: Option<bool>,
+    pub listen_auth_file: Option<PathBuf>,
+    pub listen_anonymous_read: Option<bool>,
     pub max_jobs: Option<usize>,
     pub builders: Option<String>,
     pub builders_use_substitutes: Option<bool>,
@@ -94,6 +96,8 @@ pub const KEYS: &[&str] = &[
     "listen",
     "secret-key-files",
     "accept-pushes",
+    "listen-auth-file",
+    "listen-anonymous-read",
     "max-jobs",
     "builders",
     "builders-use-substitutes",
@@ -288,6 +292,11 @@ pub struct Settings {
     pub secret_key_files: Vec<PathBuf>,
     /// Whether the `listen` address accepts closures pushed by other daemons (signed paths only).
     pub accept_pushes: bool,
+    /// Users of the `listen` address (names, token hashes, scopes); none: open to anyone who
+    /// reaches it.
+    pub listen_auth_file: Option<PathBuf>,
+    /// With `listen_auth_file`, whether reading needs no credentials.
+    pub listen_anonymous_read: bool,
     /// Builds running at once on this machine; 0: only on remote builders.
     pub max_jobs: usize,
     /// Remote builders, in Nix's machines format (`@FILE` includes a file); empty: none.
@@ -425,6 +434,8 @@ impl Settings {
             listen: file.listen.filter(|l| !l.is_empty()),
             secret_key_files: file.secret_key_files.unwrap_or_default(),
             accept_pushes: file.accept_pushes.unwrap_or(false),
+            listen_auth_file: file.listen_auth_file.filter(|p| !p.as_os_str().is_empty()),
+            listen_anonymous_read: file.listen_anonymous_read.unwrap_or(false),
             max_jobs: file.max_jobs.unwrap_or_else(cpus),
             builders: file.builders.unwrap_or_default(),
             builders_use_substitutes: file.builders_use_substitutes.unwrap_or(false),
@@ -464,7 +475,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 45, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 47, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

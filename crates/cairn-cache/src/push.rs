@@ -91,10 +91,12 @@ impl Pusher {
 
     async fn post(&self, route: &str, body: reqwest::Body) -> Result<String, CacheError> {
         let url = format!("{}{route}", self.base);
-        let resp = self
-            .client
-            .post(&url)
-            .body(body)
+        let mut req = self.client.post(&url).body(body);
+        // A receiver with listen-auth-file wants a user's token.
+        if let Ok(token) = std::env::var("CAIRN_PUSH_TOKEN") {
+            req = req.bearer_auth(token.trim());
+        }
+        let resp = req
             .send()
             .await
             .map_err(|e| CacheError::Http { url: url.clone(), reason: crate::backend::with_causes(&e) })?;

@@ -2,6 +2,7 @@
 //! registry ([`registry`]); on `nix-daemon-socket` and `cairnd --stdio`, Nix's daemon protocol
 //! ([`nix`]). All serve the same store.
 
+pub mod auth;
 pub mod cache;
 pub mod nix;
 pub mod registry;

@@ -23,6 +23,7 @@ mod derivation;
 mod gc_interop;
 mod interop_nix;
 mod keys;
+mod listen_auth;
 mod nix_daemon;
 mod nix_verbs;
 mod oci;

@@ -1,0 +1,239 @@
+//! Who may use the `listen` address (binary cache, registry, pushes), when `listen-auth-file`
+//! is set: every request is checked here before its handler runs, so no body is read for a
+//! client that may not send it.
+//!
+//! The file has one user per line (`#` starts a comment):
+//!
+//! ```text
+//! NAME  SHA256-OF-TOKEN  SCOPES  [PREFIX,…]
+//! ```
+//!
+//! `SCOPES` is `read`, `push` or `read,push` (push includes read: a client uploading asks first
+//! what is there). `PREFIX`es limit the registry repositories the user may touch (`team` allows
+//! `team` and `team/…`); none means all. The token itself is never stored, only its SHA-256 in
+//! hex (`printf %s "$TOKEN" | sha256sum`).
+//!
+//! A client authenticates with HTTP basic auth (`NAME:TOKEN`: `skopeo --creds`, Nix's
+//! `netrc-file`, docker's login) or a bearer token (`Authorization: Bearer TOKEN`: `cairn copy`,
+//! curl). Without credentials a request is refused with 401 and a `Basic` challenge, unless it
+//! only reads and `listen-anonymous-read` is set; with credentials that do not allow what it
+//! asks, 403. GET and HEAD read; every other method pushes.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+
+/// The users of the `listen` address.
+#[derive(Debug)]
+pub struct ListenAuth {
+    users: Vec<User>,
+    anonymous_read: bool,
+}
+
+#[derive(Debug)]
+struct User {
+    name: String,
+    token_sha256: [u8; 32],
+    push: bool,
+    prefixes: Vec<String>,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Read,
+    Push,
+}
+
+impl ListenAuth {
+    /// Reads the users file; a bad line is an error naming it.
+    pub fn load(path: &std::path::Path, anonymous_read: bool) -> anyhow::Result<ListenAuth> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+        let users = ListenAuth::parse(&text)
+            .with_context(|| format!("'{}' (listen-auth-file in the config)", path.display()))?;
+        Ok(ListenAuth { users, anonymous_read })
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Vec<User>> {
+        let mut users = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad =
+                |why: &str| anyhow::anyhow!("line {}: {why} (expected NAME SHA256-OF-TOKEN SCOPES [PREFIX,…])", i + 1);
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (name, hash, scopes) = match cols.as_slice() {
+                [n, h, s] | [n, h, s, _] => (*n, *h, *s),
+                _ => return Err(bad("wrong number of columns")),
+            };
+            let mut token_sha256 = [0u8; 32];
+            let bytes = (0..hash.len())
+                .step_by(2)
+                .map(|k| hash.get(k..k + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| bad("the token's SHA-256 is not 64 hex digits"))?;
+            token_sha256.copy_from_slice(&bytes);
+            let mut push = false;
+            for s in scopes.split(',') {
+                match s {
+                    "read" => {}
+                    "push" => push = true,
+                    other => return Err(bad(&format!("unknown scope '{other}' (read, push)"))),
+                }
+            }
+            let prefixes = cols.get(3).map(|p| p.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect());
+            users.push(User { name: name.to_owned(), token_sha256, push, prefixes: prefixes.unwrap_or_default() });
+        }
+        Ok(users)
+    }
+
+    /// The user whose credentials these are, if any.
+    fn identify(&self, authorization: Option<&HeaderValue>) -> Option<&User> {
+        let value = authorization?.to_str().ok()?;
+        let (name, token) = if let Some(b64) = value.strip_prefix("Basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            let (n, t) = text.split_once(':')?;
+            (Some(n.to_owned()), t.to_owned())
+        } else {
+            (None, value.strip_prefix("Bearer ")?.trim().to_owned())
+        };
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Every user compared, each comparison over all bytes: no early exit to time.
+        let mut found = None;
+        for u in &self.users {
+            let same = u.token_sha256.iter().zip(&digest).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+            if same && name.as_deref().is_none_or(|n| n == u.name) && found.is_none() {
+                found = Some(u);
+            }
+        }
+        found
+    }
+}
+
+/// The registry repository a `/v2/NAME/…` path names.
+fn repository(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    ["/manifests/", "/blobs/", "/tags/"].iter().filter_map(|m| rest.find(m)).min().map(|i| &rest[..i])
+}
+
+fn allows(user: &User, scope: Scope, repo: Option<&str>) -> bool {
+    if scope == Scope::Push && !user.push {
+        return false;
+    }
+    match repo {
+        Some(r) if !user.prefixes.is_empty() => {
+            user.prefixes.iter().any(|p| r == p || r.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')))
+        }
+        _ => true,
+    }
+}
+
+/// A refusal, in the registry's error format on `/v2/` paths.
+fn refuse(status: StatusCode, registry: bool, message: &str) -> Response {
+    let code = if status == StatusCode::UNAUTHORIZED { "UNAUTHORIZED" } else { "DENIED" };
+    let mut resp = if registry {
+        let body = serde_json::json!({ "errors": [{ "code": code, "message": message }] }).to_string();
+        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    } else {
+        (status, format!("{message}\n")).into_response()
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"cairn\""));
+    }
+    resp
+}
+
+/// Checks a request against the users before its handler runs.
+pub async fn check(State(auth): State<Arc<ListenAuth>>, req: Request<Body>, next: Next) -> Response {
+    let scope = if req.method() == Method::GET || req.method() == Method::HEAD { Scope::Read } else { Scope::Push };
+    let path = req.uri().path().to_owned();
+    let registry = path.starts_with("/v2");
+    let repo = repository(&path);
+    match auth.identify(req.headers().get(header::AUTHORIZATION)) {
+        Some(user) if allows(user, scope, repo) => next.run(req).await,
+        Some(user) => {
+            tracing::info!(user = user.name, path, ?scope, "listen: refused (scope or repository)");
+            let what = match (scope, repo) {
+                (Scope::Push, Some(r)) => format!("'{}' may not push to '{r}'", user.name),
+                (Scope::Push, None) => format!("'{}' may not push", user.name),
+                (Scope::Read, Some(r)) => format!("'{}' may not read '{r}'", user.name),
+                (Scope::Read, None) => format!("'{}' may not read", user.name),
+            };
+            refuse(StatusCode::FORBIDDEN, registry, &what)
+        }
+        None if scope == Scope::Read && auth.anonymous_read => next.run(req).await,
+        None => refuse(StatusCode::UNAUTHORIZED, registry, "authentication required"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(t: &str) -> String {
+        Sha256::digest(t.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn auth() -> ListenAuth {
+        let text =
+            format!("# users\nalice {} read,push team,shared/x\nbob {} read\n", sha("alice-token"), sha("bob-token"));
+        ListenAuth { users: ListenAuth::parse(&text).unwrap(), anonymous_read: false }
+    }
+
+    fn basic(name: &str, token: &str) -> HeaderValue {
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("{name}:{token}"));
+        HeaderValue::from_str(&format!("Basic {b}")).unwrap()
+    }
+
+    #[test]
+    fn users_are_known_by_basic_credentials_or_a_bearer_token() {
+        let a = auth();
+        assert_eq!(a.identify(Some(&basic("alice", "alice-token"))).map(|u| u.name.as_str()), Some("alice"));
+        assert_eq!(
+            a.identify(Some(&HeaderValue::from_static("Bearer bob-token"))).map(|u| u.name.as_str()),
+            Some("bob")
+        );
+        assert!(a.identify(Some(&basic("bob", "alice-token"))).is_none(), "the name must match the token");
+        assert!(a.identify(Some(&basic("alice", "wrong"))).is_none());
+        assert!(a.identify(Some(&HeaderValue::from_static("Basic !!!"))).is_none());
+        assert!(a.identify(None).is_none());
+    }
+
+    #[test]
+    fn scopes_and_repository_prefixes_decide() {
+        let a = auth();
+        let (alice, bob) = (&a.users[0], &a.users[1]);
+        assert!(allows(alice, Scope::Push, repository("/v2/team/app/blobs/uploads/")));
+        assert!(allows(alice, Scope::Read, repository("/v2/shared/x/y/manifests/1")));
+        assert!(!allows(alice, Scope::Push, repository("/v2/teams/app/manifests/1")), "a prefix is a whole name");
+        assert!(!allows(alice, Scope::Read, repository("/v2/other/manifests/1")));
+        assert!(allows(alice, Scope::Push, repository("/push")), "cache routes have no repository");
+        assert!(allows(bob, Scope::Read, repository("/v2/other/manifests/1")));
+        assert!(!allows(bob, Scope::Push, repository("/v2/other/manifests/1")));
+        assert_eq!(repository("/v2/a/b/tags/list"), Some("a/b"));
+        assert_eq!(repository("/v2/"), None);
+    }
+
+    #[test]
+    fn bad_lines_are_refused_naming_them() {
+        for (text, why) in [
+            ("alice abc read", "64 hex"),
+            ("alice", "columns"),
+            (&*format!("alice {} write", sha("x")), "unknown scope 'write'"),
+        ] {
+            let e = ListenAuth::parse(text).unwrap_err().to_string();
+            assert!(e.contains("line 1") && e.contains(why), "{text}: {e}");
+        }
+    }
+}
