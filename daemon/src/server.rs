@@ -102,7 +102,16 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
                 cache
             }
         };
-        tokio::spawn(serve_tcp(tcp, app, Connections::new("listen", limits, None)));
+        let tls = match (&settings.listen_tls_cert, &settings.listen_tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = Arc::new(crate::listen::tls::Tls::new(cert, key)?);
+                crate::listen::tls::reload_on_sighup(tls.clone())?;
+                Some(tls)
+            }
+            (None, None) => None,
+            _ => anyhow::bail!("listen-tls-cert and listen-tls-key go together: set both or neither"),
+        };
+        tokio::spawn(serve_tcp(tcp, app, Connections::new("listen", limits, None), tls));
     }
     tracing::info!(
         socket = %socket.display(),
@@ -224,7 +233,12 @@ pub(crate) async fn open_state(
 
 /// Serves the binary cache and the registry on `listen`, under the same limits as the socket
 /// (counted per client address, as a TCP peer has no user).
-async fn serve_tcp(tcp: TcpListener, app: axum::Router, connections: Arc<Connections>) {
+async fn serve_tcp(
+    tcp: TcpListener,
+    app: axum::Router,
+    connections: Arc<Connections>,
+    tls: Option<Arc<crate::listen::tls::Tls>>,
+) {
     let mut errors = AcceptErrors::new("listen");
     loop {
         let (stream, addr) = match tcp.accept().await {
@@ -247,10 +261,29 @@ async fn serve_tcp(tcp: TcpListener, app: axum::Router, connections: Arc<Connect
         // Small answers (narinfos, registry HEADs) leave at once rather than after Nagle's delay.
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
-        let conn = crate::limits::http1(connections.limits()).serve_connection(TokioIo::new(stream), svc);
+        let http = crate::limits::http1(connections.limits());
+        let Some(tls) = &tls else {
+            let conn = http.serve_connection(TokioIo::new(stream), svc);
+            tokio::spawn(async move {
+                let _slot = slot;
+                if let Err(e) = conn.await {
+                    tracing::debug!(client = %addr, "connection ended: {e}");
+                }
+            });
+            continue;
+        };
+        // The handshake on the connection's own task (a slow client holds only its slot), in
+        // the time a request head gets.
+        let acceptor = tls.acceptor();
+        let handshake_limit = connections.limits().header_read_timeout.unwrap_or(std::time::Duration::from_secs(30));
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
+            let stream = match tokio::time::timeout(handshake_limit, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(client = %addr, "TLS handshake failed: {e}"),
+                Err(_) => return tracing::debug!(client = %addr, "TLS handshake timed out"),
+            };
+            if let Err(e) = http.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(client = %addr, "connection ended: {e}");
             }
         });

@@ -47,6 +47,8 @@ pub struct ConfigFile {
     pub accept_pushes: Option<bool>,
     pub listen_auth_file: Option<PathBuf>,
     pub listen_anonymous_read: Option<bool>,
+    pub listen_tls_cert: Option<PathBuf>,
+    pub listen_tls_key: Option<PathBuf>,
     pub max_jobs: Option<usize>,
     pub builders: Option<String>,
     pub builders_use_substitutes: Option<bool>,
@@ -98,6 +100,8 @@ pub const KEYS: &[&str] = &[
     "accept-pushes",
     "listen-auth-file",
     "listen-anonymous-read",
+    "listen-tls-cert",
+    "listen-tls-key",
     "max-jobs",
     "builders",
     "builders-use-substitutes",
@@ -297,6 +301,9 @@ pub struct Settings {
     pub listen_auth_file: Option<PathBuf>,
     /// With `listen_auth_file`, whether reading needs no credentials.
     pub listen_anonymous_read: bool,
+    /// PEM certificate chain and private key: the `listen` address speaks HTTPS only.
+    pub listen_tls_cert: Option<PathBuf>,
+    pub listen_tls_key: Option<PathBuf>,
     /// Builds running at once on this machine; 0: only on remote builders.
     pub max_jobs: usize,
     /// Remote builders, in Nix's machines format (`@FILE` includes a file); empty: none.
@@ -436,6 +443,8 @@ impl Settings {
             accept_pushes: file.accept_pushes.unwrap_or(false),
             listen_auth_file: file.listen_auth_file.filter(|p| !p.as_os_str().is_empty()),
             listen_anonymous_read: file.listen_anonymous_read.unwrap_or(false),
+            listen_tls_cert: file.listen_tls_cert.filter(|p| !p.as_os_str().is_empty()),
+            listen_tls_key: file.listen_tls_key.filter(|p| !p.as_os_str().is_empty()),
             max_jobs: file.max_jobs.unwrap_or_else(cpus),
             builders: file.builders.unwrap_or_default(),
             builders_use_substitutes: file.builders_use_substitutes.unwrap_or(false),
@@ -475,7 +484,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 47, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 49, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

@@ -6,3 +6,4 @@ pub mod auth;
 pub mod cache;
 pub mod nix;
 pub mod registry;
+pub mod tls;

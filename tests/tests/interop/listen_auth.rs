@@ -191,3 +191,113 @@ fn a_bad_users_file_stops_the_daemon_at_start_naming_the_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 1") && err.contains("listen-auth-file"), "{err}");
 }
+
+/// A self-signed certificate for 127.0.0.1 (`cert.pem`, `key.pem` in `dir`), made by openssl.
+fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    run_tool(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=cairn-test", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    (cert, key)
+}
+
+#[test]
+fn the_listen_address_speaks_tls_to_nix_skopeo_and_curl_and_reloads_its_certificate_on_sighup() {
+    if !["nix", "skopeo", "umoci", "curl", "openssl"].iter().all(|p| require_peer(p)) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "first");
+    let users = dir.path().join("users");
+    std::fs::write(&users, format!("alice {} read,push\n", sha("alice-token"))).unwrap();
+    let signing = TestStore::builder().store_dir("/nix/store").start();
+    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+    signing.ok(&["key", "generate", "tls-test-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let public = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let (live_cert, live_key) = (dir.path().join("live.crt"), dir.path().join("live.key"));
+    std::fs::copy(&cert, &live_cert).unwrap();
+    std::fs::copy(&key, &live_key).unwrap();
+    let port = free_port();
+    let server = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!(
+            "listen = \"127.0.0.1:{port}\"\naccept-pushes = true\nsecret-key-files = [\"{}\"]\nlisten-auth-file = \"{}\"\n\
+             listen-tls-cert = \"{}\"\nlisten-tls-key = \"{}\"\n",
+            sk.display(),
+            users.display(),
+            live_cert.display(),
+            live_key.display()
+        ))
+        .start();
+    wait_listening(port);
+    let https = format!("https://127.0.0.1:{port}");
+    let curl_tls = |ca: &Path| {
+        Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", "alice:alice-token", "--cacert"])
+            .arg(ca)
+            .arg(format!("{https}/nix-cache-info"))
+            .output()
+            .unwrap()
+    };
+    let ok = curl_tls(&cert);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "200", "{ok:?}");
+    // A plaintext client to the TLS port gets no answer.
+    let plain = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{port}/nix-cache-info")])
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&plain.stdout), "200", "plain HTTP is refused");
+
+    // Nix 2.8 over HTTPS, trusting the certificate, with its netrc.
+    write(&dir.path().join("tree/f"), b"over tls\n");
+    let path = line(&server.ok(&["add", dir.path().join("tree").to_str().unwrap()]));
+    let netrc = dir.path().join("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login alice password alice-token\n").unwrap();
+    let nix = NixStore::new();
+    let out = nix
+        .cmd("nix")
+        .args(["copy", "--from", &https, "--option", "trusted-public-keys", &public])
+        .args(["--option", "netrc-file", netrc.to_str().unwrap()])
+        .env("NIX_SSL_CERT_FILE", &cert)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nix copy over TLS: {}", String::from_utf8_lossy(&out.stderr));
+
+    // skopeo over TLS with the certificate as its CA; refused without it.
+    let layout = dir.path().join("layout");
+    umoci_image(&layout, "1", &[vec![("hello".to_owned(), b"hi\n".to_vec())]]);
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&cert, certs.join("ca.crt")).unwrap();
+    let src = format!("oci:{}:1", layout.display());
+    let dest = format!("docker://127.0.0.1:{port}/tls/app:1");
+    let with_ca =
+        skopeo(&["copy", "--dest-cert-dir", certs.to_str().unwrap(), "--dest-creds", "alice:alice-token", &src, &dest]);
+    assert!(with_ca.status.success(), "{}", String::from_utf8_lossy(&with_ca.stderr));
+    assert!(!skopeo(&["copy", "--dest-creds", "alice:alice-token", &src, &dest]).status.success(), "an unknown CA");
+
+    // A new certificate, then SIGHUP: the new one is served.
+    let (cert2, key2) = self_signed(dir.path(), "second");
+    std::fs::copy(&cert2, &live_cert).unwrap();
+    std::fs::copy(&key2, &live_key).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let started = std::time::Instant::now();
+    while String::from_utf8_lossy(&curl_tls(&cert2).stdout) != "200" {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the new certificate is not served");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_ne!(String::from_utf8_lossy(&curl_tls(&cert).stdout), "200", "the old certificate is gone");
+    // A broken pair on reload keeps the current one.
+    std::fs::write(&live_key, b"not a key\n").unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(String::from_utf8_lossy(&curl_tls(&cert2).stdout), "200");
+    assert!(server.log().contains("TLS certificate not reloaded"), "{}", server.log());
+}
