@@ -49,6 +49,7 @@ pub struct ConfigFile {
     pub listen_anonymous_read: Option<bool>,
     pub listen_tls_cert: Option<PathBuf>,
     pub listen_tls_key: Option<PathBuf>,
+    pub allowed_registries: Option<Vec<String>>,
     pub max_jobs: Option<usize>,
     pub builders: Option<String>,
     pub builders_use_substitutes: Option<bool>,
@@ -102,6 +103,7 @@ pub const KEYS: &[&str] = &[
     "listen-anonymous-read",
     "listen-tls-cert",
     "listen-tls-key",
+    "allowed-registries",
     "max-jobs",
     "builders",
     "builders-use-substitutes",
@@ -304,6 +306,9 @@ pub struct Settings {
     /// PEM certificate chain and private key: the `listen` address speaks HTTPS only.
     pub listen_tls_cert: Option<PathBuf>,
     pub listen_tls_key: Option<PathBuf>,
+    /// Registries (`HOST[:PORT]`, or `*`) that untrusted users may have the daemon pull from
+    /// and push to; trusted users may use any.
+    pub allowed_registries: Vec<String>,
     /// Builds running at once on this machine; 0: only on remote builders.
     pub max_jobs: usize,
     /// Remote builders, in Nix's machines format (`@FILE` includes a file); empty: none.
@@ -445,6 +450,7 @@ impl Settings {
             listen_anonymous_read: file.listen_anonymous_read.unwrap_or(false),
             listen_tls_cert: file.listen_tls_cert.filter(|p| !p.as_os_str().is_empty()),
             listen_tls_key: file.listen_tls_key.filter(|p| !p.as_os_str().is_empty()),
+            allowed_registries: file.allowed_registries.unwrap_or_default(),
             max_jobs: file.max_jobs.unwrap_or_else(cpus),
             builders: file.builders.unwrap_or_default(),
             builders_use_substitutes: file.builders_use_substitutes.unwrap_or(false),
@@ -484,7 +490,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 49, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 50, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

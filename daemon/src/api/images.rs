@@ -542,6 +542,7 @@ pub async fn pull(
     Json(req): Json<PullRequest>,
 ) -> ApiResult<HttpResponse> {
     let image = ImageRef::parse(req.source.trim_start_matches("docker://"))?;
+    check_registry(&s, &peer, &image.registry)?;
     let tag = match &req.tag {
         Some(t) => Some(TagName::parse(t)?),
         None => image.default_tag(),
@@ -581,9 +582,26 @@ pub async fn pull(
     }))
 }
 
+/// Untrusted users may have the daemon reach only the registries of `allowed-registries`:
+/// otherwise any local user could point it at any host its network reaches.
+fn check_registry(st: &AppState, peer: &Peer, registry: &str) -> ApiResult<()> {
+    let allowed = &st.control.settings.allowed_registries;
+    if peer.trusted || allowed.iter().any(|a| a == "*" || a == registry) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "registry '{registry}' is not in allowed-registries: ask an administrator to add it, or use a trusted user"
+    )))
+}
+
 /// `POST /v1/oci/push`.
-pub async fn push(State(s): State<Arc<AppState>>, Json(req): Json<PushRequest>) -> ApiResult<HttpResponse> {
+pub async fn push(
+    State(s): State<Arc<AppState>>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    Json(req): Json<PushRequest>,
+) -> ApiResult<HttpResponse> {
     let dest = ImageRef::parse(req.destination.trim_start_matches("docker://"))?;
+    check_registry(&s, &peer, &dest.registry)?;
     let st = s.clone();
     let what = req.image.clone();
     let img = blocking::<_, ApiError>(move || Ok(st.images.resolve(&what)?)).await?;

@@ -301,3 +301,33 @@ fn the_listen_address_speaks_tls_to_nix_skopeo_and_curl_and_reloads_its_certific
     assert_eq!(String::from_utf8_lossy(&curl_tls(&cert2).stdout), "200");
     assert!(server.log().contains("TLS certificate not reloaded"), "{}", server.log());
 }
+
+#[test]
+fn untrusted_users_reach_only_the_allowed_registries() {
+    if !["docker-registry", "skopeo", "umoci"].iter().all(|p| require_peer(p)) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reg = cairn_tests::oci::DockerRegistry::start();
+    let layout = dir.path().join("layout");
+    umoci_image(&layout, "1", &[vec![("hello".to_owned(), b"hi\n".to_vec())]]);
+    cairn_tests::oci::skopeo_copy(&format!("oci:{}:1", layout.display()), &format!("docker://{}/app:1", reg.host()));
+    let source = format!("docker://{}/app:1", reg.host());
+    let pull_as_nobody = |st: &TestStore| st.run_as_nobody(&["image", "pull", "--tls-verify=false", &source], b"");
+
+    // By default an untrusted user cannot send the daemon to a registry; a trusted one can.
+    let closed = TestStore::start();
+    let out = pull_as_nobody(&closed);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in allowed-registries"), "{out:?}");
+    closed.ok(&["image", "pull", "--tls-verify=false", &source]);
+    // Once the registry is allowed, the untrusted user's pull works.
+    let open = TestStore::builder().config(&format!("allowed-registries = [\"{}\"]\n", reg.host())).start();
+    let out = pull_as_nobody(&open);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let other = open.run_as_nobody(
+        &["image", "push", "--tls-verify=false", &format!("{}/app:1", reg.host()), "docker://127.0.0.1:1/elsewhere:1"],
+        b"",
+    );
+    assert!(String::from_utf8_lossy(&other.stderr).contains("'127.0.0.1:1' is not in allowed-registries"), "{other:?}");
+}
