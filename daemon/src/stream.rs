@@ -76,8 +76,9 @@ pub(crate) fn body_reader(body: Body) -> impl io::Read + Send + 'static {
 /// answer; draining lets it read why it was refused. Past this bound the connection is closed.
 const DRAIN_LIMIT: u64 = 1 << 30;
 
-/// Runs `consume` over an upload on the blocking pool; if it fails, drains the rest of the
-/// upload (up to [`DRAIN_LIMIT`]) so that the client receives the error.
+/// Runs `consume` over an upload on the blocking pool, then drains what is left of the upload
+/// (up to [`DRAIN_LIMIT`]: after a failure, so that the client receives the error; after a
+/// success, the body's end) before answering.
 pub(crate) async fn upload<T: Send + 'static>(
     body: Body,
     consume: impl FnOnce(&mut dyn io::Read) -> ApiResult<T> + Send + 'static,
@@ -85,9 +86,11 @@ pub(crate) async fn upload<T: Send + 'static>(
     let mut input = body_reader(body);
     blocking(move || {
         let result = consume(&mut input);
-        if result.is_err() {
-            let _ = io::copy(&mut io::Read::take(&mut input, DRAIN_LIMIT), &mut io::sink());
-        }
+        // Read to the body's end even after a stream that ended itself (an export stream's
+        // last marker): until hyper has seen the body's own end (the last chunk), answering
+        // makes it close the connection, and a client still sending that end reads "broken
+        // pipe" instead of the answer.
+        let _ = io::copy(&mut io::Read::take(&mut input, DRAIN_LIMIT), &mut io::sink());
         result
     })
     .await
