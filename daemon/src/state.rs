@@ -71,7 +71,9 @@ impl Substitution {
     }
 
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Substitution> {
-        let net = NetOptions::from_secs(settings.connect_timeout, settings.stalled_download_timeout);
+        let net = NetOptions::from_secs(settings.connect_timeout, settings.stalled_download_timeout)
+            .with_netrc_file(settings.netrc_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("netrc-file: {e}"))?;
         let configured = settings
             .substituters
             .iter()

@@ -36,6 +36,7 @@ pub struct ConfigFile {
     pub trusted_public_keys: Option<Vec<String>>,
     pub require_sigs: Option<bool>,
     pub substituters: Option<Vec<String>>,
+    pub netrc_file: Option<PathBuf>,
     pub substituter_connections: Option<usize>,
     pub max_substitution_jobs: Option<usize>,
     pub connect_timeout: Option<u64>,
@@ -90,6 +91,7 @@ pub const KEYS: &[&str] = &[
     "trusted-public-keys",
     "require-sigs",
     "substituters",
+    "netrc-file",
     "substituter-connections",
     "max-substitution-jobs",
     "connect-timeout",
@@ -280,6 +282,9 @@ pub struct Settings {
     pub require_sigs: bool,
     /// Binary caches to substitute from, tried by priority.
     pub substituters: Vec<String>,
+    /// Credentials for HTTP(S) binary caches (`machine HOST login NAME password SECRET`), as
+    /// Nix's `netrc-file`; a missing file gives none.
+    pub netrc_file: Option<PathBuf>,
     /// Narinfo lookups in flight at once.
     pub substituter_connections: usize,
     /// NAR downloads in flight at once.
@@ -437,6 +442,7 @@ impl Settings {
             trusted_public_keys: file.trusted_public_keys.unwrap_or_default(),
             require_sigs: file.require_sigs.unwrap_or(true),
             substituters: file.substituters.unwrap_or_default(),
+            netrc_file: file.netrc_file.filter(|p| !p.as_os_str().is_empty()),
             substituter_connections: file.substituter_connections.unwrap_or(25).max(1),
             max_substitution_jobs: file.max_substitution_jobs.unwrap_or(16).max(1),
             connect_timeout: file.connect_timeout.unwrap_or(10).max(1),
@@ -490,7 +496,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 50, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 51, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

@@ -217,7 +217,11 @@ impl Backend {
         let (body, stall): (futures_util::stream::BoxStream<'static, io::Result<Bytes>>, Duration) = match self {
             Backend::File(_) => unreachable!("file caches are read directly"),
             Backend::Http { client, opts, .. } => {
-                let send = client.get(&url).send();
+                let mut req = client.get(&url);
+                if let Some((login, password)) = opts.credentials_for(&url) {
+                    req = req.basic_auth(login, Some(password));
+                }
+                let send = req.send();
                 let resp = match tokio::time::timeout(opts.connect_timeout + opts.stall_timeout, send).await {
                     Err(_) => return Err(CacheError::Timeout { url, secs: opts.stall_timeout.as_secs() }),
                     Ok(Err(e)) if e.is_timeout() => {

@@ -15,15 +15,23 @@
 //! except `cairn-build`'s `builtin:fetchurl`, which follows Nix's downloader (no certificate
 //! checks — the output's hash is — and the build environment's proxies).
 
+pub mod netrc;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-/// How the network is used: the daemon's `connect-timeout` and `stalled-download-timeout`.
+pub use netrc::Netrc;
+
+/// How the network is used: the daemon's `connect-timeout` and `stalled-download-timeout`, and
+/// its `netrc-file`'s credentials for binary caches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetOptions {
     /// Time allowed to connect and to receive a response's headers.
     pub connect_timeout: Duration,
     /// Longest wait for the next bytes of a body before the download fails.
     pub stall_timeout: Duration,
+    /// Credentials sent to HTTP(S) binary caches, by host.
+    pub netrc: Option<Arc<Netrc>>,
 }
 
 impl NetOptions {
@@ -32,7 +40,31 @@ impl NetOptions {
         NetOptions {
             connect_timeout: Duration::from_secs(connect_timeout),
             stall_timeout: Duration::from_secs(stalled_download_timeout),
+            netrc: None,
         }
+    }
+
+    /// The same, with the credentials of a netrc file (a missing file gives none).
+    pub fn with_netrc_file(mut self, path: Option<&std::path::Path>) -> std::io::Result<NetOptions> {
+        if let Some(p) = path {
+            match std::fs::read_to_string(p) {
+                Ok(text) => self.netrc = Some(Arc::new(Netrc::parse(&text))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self)
+    }
+
+    /// The login and password to send to `url`'s host, if the netrc file names it.
+    pub fn credentials_for(&self, url: &str) -> Option<(&str, &str)> {
+        let host = url.split_once("://")?.1.split(['/', '?']).next()?;
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(v6),
+            None => host.split(':').next().unwrap_or(host),
+        };
+        self.netrc.as_ref()?.credentials(host)
     }
 }
 

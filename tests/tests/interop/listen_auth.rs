@@ -107,6 +107,18 @@ fn only_the_files_users_read_and_push_each_as_its_scopes_allow() {
     assert!(!copy(&[]).status.success(), "no credentials, no copy");
     let out = copy(&["--option", "netrc-file", netrc.to_str().unwrap()]);
     assert!(out.status.success(), "nix copy with netrc: {}", String::from_utf8_lossy(&out.stderr));
+    // So does another cairnd with the same netrc-file, and not without it.
+    let reader = |with_netrc: bool| {
+        let netrc_line = if with_netrc { format!("netrc-file = \"{}\"\n", netrc.display()) } else { String::new() };
+        TestStore::builder()
+            .store_dir("/nix/store")
+            .config(&format!("substituters = [\"{base}\"]\ntrusted-public-keys = [\"{public}\"]\n{netrc_line}"))
+            .start()
+    };
+    let without = reader(false);
+    assert!(!without.run(&["substitute", &path], b"").status.success(), "no credentials, no substitution");
+    let with = reader(true);
+    assert_eq!(with.ok(&["substitute", &path]), format!("{path}\n"));
 
     // skopeo: alice pushes under her prefix only; bob pulls; nobody anonymous.
     let layout = dir.path().join("layout");
