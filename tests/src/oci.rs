@@ -111,6 +111,20 @@ pub fn umoci_add_layers(dir: &Path, tag: &str, layers: &[Vec<(String, Vec<u8>)>]
     }
 }
 
+/// Runs the bundle umoci unpacked (`config.json` and `rootfs/`) under runc, without a terminal,
+/// as a container of its own (deleted after); asserts it succeeded and returns its stdout.
+pub fn runc_run(bundle: &Path) -> String {
+    let config = bundle.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"terminal\": true", "\"terminal\": false");
+    std::fs::write(&config, text).unwrap();
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = format!("cairn-test-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let out = Command::new("runc").arg("run").arg(&id).current_dir(bundle).stdin(Stdio::null()).output().unwrap();
+    let _ = Command::new("runc").args(["delete", "--force", &id]).output();
+    assert!(out.status.success(), "runc: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `skopeo copy` between two transports (TLS checks off on both sides: loopback registries).
 pub fn skopeo_copy(src: &str, dst: &str) {
     run_tool(Command::new("skopeo").args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false", src, dst]));

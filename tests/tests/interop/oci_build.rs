@@ -247,18 +247,5 @@ fn an_image_built_from_a_closure_runs_under_runc() {
     run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=1"]).arg(&layout));
     let bundle = tmp.path().join("bundle");
     run_tool(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:1", layout.display())).arg(&bundle));
-    let config = bundle.join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"terminal\": true", "\"terminal\": false");
-    std::fs::write(&config, text).unwrap();
-    let id = format!("cairn-test-{}", std::process::id());
-    let out = Command::new("runc")
-        .arg("run")
-        .arg(&id)
-        .current_dir(&bundle)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let _ = Command::new("runc").args(["delete", "--force", &id]).output();
-    assert!(out.status.success(), "runc: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the closure\n");
+    assert_eq!(cairn_tests::oci::runc_run(&bundle), "hello from the closure\n");
 }

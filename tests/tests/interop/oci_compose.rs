@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cairn_tests::oci::{digest_of, run_tool, skopeo_raw, DockerRegistry};
+use cairn_tests::oci::{digest_of, run_tool, runc_run, skopeo_raw, DockerRegistry};
 use cairn_tests::{json, require_peer, Rng, TestStore};
 use tar::{EntryType, Header};
 
@@ -245,20 +245,7 @@ fn combined_images_run_under_runc_share_their_blobs_and_keep_digests_through_dis
     store.ok(&["image", "push", "both:1", &format!("oci:{}:both", out.display())]);
     run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=both"]).arg(&out));
     let (bundle, _) = unpacked(&out, "both", tmp.path());
-    let config = bundle.join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"terminal\": true", "\"terminal\": false");
-    std::fs::write(&config, text).unwrap();
-    let id = format!("cairn-compose-{}", std::process::id());
-    let ran = Command::new("runc")
-        .arg("run")
-        .arg(&id)
-        .current_dir(&bundle)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let _ = Command::new("runc").args(["delete", "--force", &id]).output();
-    assert!(ran.status.success(), "runc: {}", String::from_utf8_lossy(&ran.stderr));
-    assert_eq!(String::from_utf8_lossy(&ran.stdout), "hello from the top\nhi there\n");
+    assert_eq!(runc_run(&bundle), "hello from the top\nhi there\n");
 
     // A squashed image combined again: pushed, pulled by skopeo, digests kept.
     store.ok(&["image", "squash", "--tag", "base-squashed:1", "base:1"]);
@@ -335,20 +322,7 @@ fn an_image_built_on_a_squashed_image_with_a_copied_tree_runs_and_holds_the_tree
     let (bundle, t) = unpacked(&out, "site", tmp.path());
     assert_eq!(t.0["srv/www/index.html"].4, digest_of(b"<p>served</p>\n"));
     assert!(t.0.keys().all(|k| !k.starts_with("store/")), "the copied path's tree only, not the store");
-    let config = bundle.join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"terminal\": true", "\"terminal\": false");
-    std::fs::write(&config, text).unwrap();
-    let id = format!("cairn-copy-{}", std::process::id());
-    let ran = Command::new("runc")
-        .arg("run")
-        .arg(&id)
-        .current_dir(&bundle)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let _ = Command::new("runc").args(["delete", "--force", &id]).output();
-    assert!(ran.status.success(), "runc: {}", String::from_utf8_lossy(&ran.stderr));
-    assert_eq!(String::from_utf8_lossy(&ran.stdout), "<p>served</p>\nx\n");
+    assert_eq!(runc_run(&bundle), "<p>served</p>\nx\n");
     assert!(built["image"]["digest"].as_str().unwrap().starts_with("sha256:"));
 
     let err = store.fail(&["image", "build", "--copy", &format!("{tree_path}:/a/../etc")], b"");
