@@ -92,15 +92,15 @@ pub fn builders(st: &AppState) -> Vec<cairn_api::BuilderInfo> {
         .all()
         .iter()
         .map(|r| {
-            let s = r.status();
+            let (m, s) = (&r.machine, r.status());
             cairn_api::BuilderInfo {
-                uri: s.uri,
-                systems: s.systems,
-                max_jobs: s.max_jobs,
-                speed_factor: s.speed_factor,
-                supported_features: s.supported_features.into_iter().collect(),
-                mandatory_features: s.mandatory_features.into_iter().collect(),
-                state: s.state,
+                uri: m.uri.clone(),
+                systems: m.systems.clone(),
+                max_jobs: m.max_jobs,
+                speed_factor: m.speed_factor,
+                supported_features: m.supported_features.iter().cloned().collect(),
+                mandatory_features: m.mandatory_features.iter().cloned().collect(),
+                state: if s.down_seconds.is_some() { "down" } else { "up" }.to_owned(),
                 down_seconds: s.down_seconds,
                 running: s.running,
                 built: s.built,

@@ -92,16 +92,12 @@ impl Builder {
                 let message = format!("build of '{shown}' on '{}' failed: {message}", remote.uri());
                 Some(Err(Failure::new(kind, message).into()))
             }
-            Ok(Ok(Ok(claims))) => {
+            Ok(Ok(Ok((claims, closure)))) => {
                 let this = self.clone();
-                let (drv_path2, drv, outputs, inputs, top2) =
-                    (drv_path.clone(), node.drv.clone(), node.outputs.clone(), node.inputs.clone(), top.clone());
+                let (drv_path2, drv, outputs, top2) =
+                    (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
                 let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
                 let registered = tokio::task::spawn_blocking(move || {
-                    let closure = this
-                        .store
-                        .walk(&inputs, Direction::References)
-                        .map_err(|e| Err(Failure::from(e.to_string())))?;
                     let collected = this.collect_outputs(&drv_path2, &drv, &outputs, &closure, &top2).map_err(Err)?;
                     for (_, display, c) in &collected {
                         let claim = claims.get(&c.path).ok_or_else(|| Ok(format!("no claim for '{display}'")))?;
@@ -151,7 +147,8 @@ impl Builder {
     }
 
     /// The blocking part: a session, the inputs sent, the build, the outputs fetched into
-    /// `top`. Returns each output's claim.
+    /// `top`. Returns each output's claim, and the input closure (the outputs' candidate
+    /// references).
     #[allow(clippy::too_many_arguments)]
     fn remote_session(
         &self,
@@ -163,7 +160,7 @@ impl Builder {
         top: &std::path::Path,
         stopper: &Mutex<Option<Stopper>>,
         on_line: &mut dyn FnMut(&[u8]),
-    ) -> Result<BTreeMap<StorePath, Claim>, RemoteFailure> {
+    ) -> Result<(BTreeMap<StorePath, Claim>, Vec<StorePath>), RemoteFailure> {
         let dir = self.store.store_dir();
         let machine = |e: String| RemoteFailure::Machine(e);
         let remotes = &self.remotes;
@@ -186,6 +183,6 @@ impl Builder {
             claims.insert(path.clone(), claim);
         }
         remote.give_back(conn);
-        Ok(claims)
+        Ok((claims, closure))
     }
 }

@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use cairn_nix::machines::Machine;
 use cairn_nix::{Hash, StoreDir, StorePath};
-use serde::Serialize;
 
 use connect::{Conn, Target};
 
@@ -74,19 +73,10 @@ struct State {
     known: HashSet<StorePath>,
 }
 
-/// A machine's state as `cairn builders` shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+/// What is known of a machine now (its configuration is [`Remote::machine`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteStatus {
-    pub uri: String,
-    pub systems: Vec<String>,
-    pub max_jobs: u32,
-    pub speed_factor: u32,
-    pub supported_features: BTreeSet<String>,
-    pub mandatory_features: BTreeSet<String>,
-    /// `up`, or `down` (for `downSeconds` more).
-    pub state: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Seconds it is left alone for after a failure; `None`: up.
     pub down_seconds: Option<u64>,
     pub running: u32,
     pub built: u64,
@@ -95,7 +85,6 @@ pub struct RemoteStatus {
     pub bytes_sent: u64,
     pub nars_received: u64,
     pub bytes_received: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
 
@@ -230,15 +219,7 @@ impl Remote {
         let s = self.state();
         let now = Instant::now();
         let down = s.down_until.filter(|t| *t > now).map(|t| (t - now).as_secs().max(1));
-        let m = &self.machine;
         RemoteStatus {
-            uri: m.uri.clone(),
-            systems: m.systems.clone(),
-            max_jobs: m.max_jobs,
-            speed_factor: m.speed_factor,
-            supported_features: m.supported_features.clone(),
-            mandatory_features: m.mandatory_features.clone(),
-            state: if down.is_some() { "down" } else { "up" }.to_owned(),
             down_seconds: down,
             running: s.running,
             built: s.built,
