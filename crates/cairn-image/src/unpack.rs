@@ -30,7 +30,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
-use cairn_nix::{Hash, Hasher, StorePath};
+use cairn_nix::StorePath;
 use cairn_oci::manifest::{Descriptor, Manifest, Platform};
 use cairn_oci::Digest;
 
@@ -229,7 +229,7 @@ pub(crate) fn read_layer<T>(
 ) -> Result<T, UnpackError> {
     let label = l.digest.to_string();
     let kind = compression(l)?;
-    let mut raw = Hashing { inner: input, hasher: Some(Hasher::new(l.digest.algo().hash_algo())), size: 0 };
+    let mut raw = cairn_nix::hash::HashingReader::new(input, l.digest.algo().hash_algo());
     // Docker's `rootfs.diff.tar.gzip` also labels uncompressed layers: the manifests the
     // containers tools derive for `docker save` archives do, so those layers are told apart by
     // their first bytes, as those tools do.
@@ -260,41 +260,17 @@ pub(crate) fn read_layer<T>(
     drop(buffered);
     // Read what follows the compressed stream too, so the whole blob is hashed.
     let drained = drained_buffer.and_then(|_| io::copy(&mut raw, &mut io::sink()));
-    let actual = raw.finish();
+    let (actual, size, _) = raw.finish();
     if actual != l.digest.to_hash() {
         let shown = Digest::from_hash(&actual).map(|d| d.to_string()).unwrap_or_default();
         return Err(UnpackError::DigestMismatch { layer: label, actual: shown });
     }
-    if raw.size != l.size {
-        return Err(UnpackError::SizeMismatch { layer: label, expected: l.size, actual: raw.size });
+    if size != l.size {
+        return Err(UnpackError::SizeMismatch { layer: label, expected: l.size, actual: size });
     }
     let value = applied?;
     drained.map_err(|source| UnpackError::BadTar { layer: label, source })?;
     Ok(value)
-}
-
-/// A reader that hashes and counts what passes.
-struct Hashing<R> {
-    inner: R,
-    hasher: Option<Hasher>,
-    size: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
-        self.size += n as u64;
-        Ok(n)
-    }
-}
-
-impl<R> Hashing<R> {
-    fn finish(&mut self) -> Hash {
-        self.hasher.take().expect("finished once").finish()
-    }
 }
 
 /// Adds the tree at `root` to the store as a NAR, dumped on a second thread while the store

@@ -296,6 +296,32 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
     }
 }
 
+/// A reader that hashes and counts what passes through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Hasher,
+    count: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub fn new(inner: R, algo: HashAlgo) -> Self {
+        HashingReader { inner, hasher: Hasher::new(algo), count: 0 }
+    }
+    /// The hash and byte count of everything read, and the inner reader.
+    pub fn finish(self) -> (Hash, u64, R) {
+        (self.hasher.finish(), self.count, self.inner)
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

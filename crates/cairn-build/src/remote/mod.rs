@@ -412,14 +412,13 @@ pub fn fetch_output(
     let restored = conn
         .client
         .nar_from_path(path, |r| -> Result<(Hash, u64), String> {
-            let mut hashing =
-                HashingReader { inner: r, hasher: cairn_nix::Hasher::new(cairn_nix::HashAlgo::Sha256), n: 0 };
+            let mut hashing = cairn_nix::hash::HashingReader::new(r, cairn_nix::HashAlgo::Sha256);
             let mut nar = cairn_nix::nar::NarReader::new(&mut hashing, cairn_nix::nar::Limits::default())
                 .map_err(|e| e.to_string())?;
             cairn_store::restore(&mut nar, dest, cairn_store::RestoreMode::Canonical).map_err(|e| e.to_string())?;
             drop(nar);
-            let n = hashing.n;
-            Ok((hashing.hasher.finish(), n))
+            let (hash, n, _) = hashing.finish();
+            Ok((hash, n))
         })
         .map_err(|e| format!("fetching output '{shown}': {e}"))?;
     let (received_hash, n) = restored.map_err(|e| format!("fetching output '{shown}': {e}"))?;
@@ -453,20 +452,4 @@ pub fn check_claim(
         return Err(format!("output '{shown}': the builder registered other references than its contents hold"));
     }
     Ok(())
-}
-
-/// A reader that hashes what passes through it.
-struct HashingReader<'a, R> {
-    inner: &'a mut R,
-    hasher: cairn_nix::Hasher,
-    n: u64,
-}
-
-impl<R: std::io::Read> std::io::Read for HashingReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
 }
