@@ -163,6 +163,32 @@ pub(crate) fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Hea
     h
 }
 
+/// Appends a symlink or hard link entry whose target is kept byte for byte: the tar crate's
+/// `append_link` reads the target as a path and drops what components drop (`//`, `./`), so a
+/// symlink to `//x` would come out pointing at `/x`. A target longer than the header's field
+/// goes first as a GNU long-link entry, as GNU tar writes it.
+pub(crate) fn append_link_bytes<W: Write>(
+    b: &mut tar::Builder<W>,
+    header: &mut tar::Header,
+    path: &[u8],
+    target: &[u8],
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    const FIELD: usize = 100;
+    if target.len() > FIELD {
+        let mut long = tar::Header::new_gnu();
+        long.set_entry_type(tar::EntryType::GNULongLink);
+        long.set_mode(0o644);
+        long.set_size(target.len() as u64 + 1);
+        long.as_gnu_mut().ok_or_else(|| io::Error::other("a GNU header"))?.name[..13].copy_from_slice(b"././@LongLink");
+        long.set_cksum();
+        b.append(&long, &[target, b"\0"].concat()[..])?;
+    }
+    header.set_link_name_literal(&target[..target.len().min(FIELD)])?;
+    header.set_size(0);
+    b.append_data(header, std::ffi::OsStr::from_bytes(path), io::empty())
+}
+
 /// Writes the reproducible tar of `paths` (and of the store directory's components).
 pub fn write_tar(store: &LocalStore, paths: &[StorePath], out: impl Write) -> Result<()> {
     let io_err = |path: &Path, source: io::Error| ImageError::Io { path: path.display().to_string(), source };
@@ -216,7 +242,7 @@ fn walk<W: Write>(b: &mut tar::Builder<W>, real: &Path, mut name: Vec<u8>, buf: 
     if ft.is_symlink() {
         let target = fs::read_link(real).map_err(io_err)?;
         let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
-        b.append_link(&mut h, std::ffi::OsStr::from_bytes(&name), &target).map_err(io_err)?;
+        append_link_bytes(b, &mut h, &name, target.as_os_str().as_bytes()).map_err(io_err)?;
     } else if ft.is_dir() {
         let mut h = tar_header(tar::EntryType::Directory, 0o555, 0);
         name.push(b'/');
@@ -617,6 +643,22 @@ mod tests {
             let r = LayerRecipe { paths, store_dir: dir.to_owned(), ..good.clone() };
             let e = LayerReader::open(s.clone(), &r).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains(why), "{e} (wanted {why})");
+        }
+    }
+
+    /// Found by the property test: a symlink to `//\x01` came back as `/\x01`.
+    #[test]
+    fn link_targets_are_kept_byte_for_byte_short_or_long() {
+        let long = [b"../".repeat(40).as_slice(), b"x//./y"].concat();
+        for target in [&b"//\x01"[..], b"./a//b/.", &long] {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0);
+            append_link_bytes(&mut b, &mut h, b"dir/link", target).unwrap();
+            let bytes = b.into_inner().unwrap();
+            let mut a = tar::Archive::new(&bytes[..]);
+            let e = a.entries().unwrap().next().unwrap().unwrap();
+            assert_eq!(&*e.path_bytes(), b"dir/link");
+            assert_eq!(e.link_name_bytes().as_deref(), Some(target), "{}", String::from_utf8_lossy(target));
         }
     }
 }

@@ -367,13 +367,9 @@ fn write_entry<W: Write>(
     }
     use std::os::unix::ffi::OsStrExt;
     let mut h = node.header.clone();
-    let p = std::ffi::OsStr::from_bytes(path);
     match link {
-        Some(target) => {
-            h.set_size(0);
-            b.append_link(&mut h, p, std::ffi::OsStr::from_bytes(target))
-        }
-        None => b.append_data(&mut h, p, data),
+        Some(target) => crate::streamed::append_link_bytes(b, &mut h, path, target),
+        None => b.append_data(&mut h, std::ffi::OsStr::from_bytes(path), data),
     }
 }
 
