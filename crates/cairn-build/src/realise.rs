@@ -987,6 +987,7 @@ impl Builder {
                 }
             }
         }
+        cairn_fault::point("build-register-mid");
         let committed = batch.commit().map_err(|e| format!("cannot register the outputs of '{shown}': {e}"))?;
         if let Some((p, missing)) = committed.incomplete.first() {
             return Err(format!(

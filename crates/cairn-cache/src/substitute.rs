@@ -270,6 +270,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     let ctx = Arc::into_inner(ctx).expect("every download task has ended");
     let client = ctx.client;
     let batch = ctx.batch;
+    cairn_fault::point("substitute-mid");
     let committed = tokio::task::spawn_blocking(move || {
         let _client = ClientScope::enter(client);
         batch.commit()

@@ -38,6 +38,44 @@ impl Graph {
         }
     }
 
+    /// The first difference between this graph and `other` (a graph loaded from the database),
+    /// in words; `None` when both have the same nodes under the same ids and the same edges both
+    /// ways. `verify` uses it to check that the graph kept in step with registrations and
+    /// collections still says what the database says.
+    pub fn difference(&self, other: &Graph) -> Option<String> {
+        let bound = self.paths.len().max(other.paths.len());
+        let sorted = |v: Option<&Vec<u32>>| {
+            let mut v = v.cloned().unwrap_or_default();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        fn node(g: &Graph, id: usize) -> Option<&StorePath> {
+            g.paths.get(id).and_then(Option::as_ref)
+        }
+        // Nodes first, so that a missing or extra path is named as such rather than as the
+        // edges it changes.
+        for id in 0..bound {
+            let (a, b) = (node(self, id), node(other, id));
+            if a != b {
+                let show = |p: Option<&StorePath>| p.map_or_else(|| "nothing".to_owned(), |p| format!("'{p}'"));
+                return Some(format!("row {id} is {} in memory and {} in the database", show(a), show(b)));
+            }
+        }
+        for id in 0..bound {
+            let Some(p) = node(self, id) else { continue };
+            if sorted(self.refs.get(id)) != sorted(other.refs.get(id)) {
+                return Some(format!("the references of '{p}' differ between memory and the database"));
+            }
+            if sorted(self.referrers.get(id)) != sorted(other.referrers.get(id)) {
+                return Some(format!("the referrers of '{p}' differ between memory and the database"));
+            }
+        }
+        (self.ids.len() != other.ids.len()).then(|| {
+            format!("{} paths by name in memory, {} in the database", self.ids.len(), other.ids.len())
+        })
+    }
+
     /// Adds a node with its database id.
     pub fn insert_node(&mut self, id: u32, path: StorePath) {
         self.grow(id);

@@ -278,6 +278,7 @@ impl Db {
         for (drv, outputs) in drv_outputs {
             Db::record_outputs(&tx, drv, outputs)?;
         }
+        cairn_fault::point("in-transaction");
         tx.commit()?;
         Ok(ids)
     }

@@ -131,6 +131,26 @@ fn graph_node_removal() {
 }
 
 #[test]
+fn a_graph_kept_in_step_has_no_difference_and_a_stale_one_is_named() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[info("libc", &[]), info("app", &["libc", "app"])]).unwrap();
+    let mut kept = db.load_graph().unwrap();
+    assert_eq!(kept.difference(&db.load_graph().unwrap()), None);
+    // A registration the graph followed, then one it missed.
+    let ids = db.register(&[info("tool", &["libc"])]).unwrap();
+    kept.insert_path(ids[0] as u32, &path("tool"), [kept.id(&path("libc")).unwrap()]);
+    assert_eq!(kept.difference(&db.load_graph().unwrap()), None);
+    db.register(&[info("late", &[])]).unwrap();
+    let d = kept.difference(&db.load_graph().unwrap()).expect("a difference");
+    assert!(d.contains("-late'") && d.contains("in the database"), "{d}");
+    // A node removed from memory only.
+    let mut stale = db.load_graph().unwrap();
+    stale.remove_node(stale.id(&path("app")).unwrap());
+    let d = stale.difference(&db.load_graph().unwrap()).expect("a difference");
+    assert!(d.contains("-app'"), "{d}");
+}
+
+#[test]
 fn path_from_hash_part_finds_only_that_hash() {
     let mut db = Db::open_in_memory().unwrap();
     db.register(&[info("a", &[]), info("b", &[])]).unwrap();

@@ -288,6 +288,7 @@ async fn pull_inner(
 
     let tag = opts.tag.clone();
     let im = images.clone();
+    cairn_fault::point("pull-mid");
     let image = blocking(move || im.commit(tops, tag.as_ref())).await?;
     drop(roots);
     Ok(Pulled {

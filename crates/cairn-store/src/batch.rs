@@ -186,12 +186,15 @@ impl Batch {
         let order = references_first(&pending);
         let mut placed: Vec<PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
+            cairn_fault::point("contents-written");
             for p in &order {
                 let (_, copy) = &pending[p];
                 store.install(copy, p)?;
                 placed.push(store.real_path(p));
             }
+            cairn_fault::point("after-rename");
             fsops::sync_filesystem(&store.layout.real_store_dir)?;
+            cairn_fault::point("after-syncfs");
             let infos: Vec<PathInfo> = order.iter().map(|p| pending[p].0.clone()).collect();
             store.register(&infos)?;
             out.added = infos;

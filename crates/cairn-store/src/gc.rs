@@ -353,6 +353,7 @@ impl LocalStore {
                         if self.is_registered(&p) {
                             continue;
                         }
+                        cairn_fault::point("gc-mid-sweep");
                         if let Err(e) = self.remove_contents(&p, &mut moved) {
                             // Already invalid: what is left is removed by the next collection.
                             tracing::warn!("cannot remove '{}': {e}", p);
@@ -396,10 +397,14 @@ impl LocalStore {
     /// One batch of the sweep, under the deletion lock: `take(index, path)` decides, for each
     /// path still deletable, whether it goes; those that go leave the graph and the database.
     fn invalidate_batch(&self, paths: &[StorePath], mut take: impl FnMut(usize, &StorePath) -> bool) -> Result<()> {
-        self.preload_graph()?;
         let temp = self.temp.lock();
         let mut graph = self.graph_write();
-        let g = graph.as_mut().expect("graph loaded above");
+        // Loaded here, under the write lock: a failed registration may have dropped the graph
+        // since any earlier load.
+        if graph.is_none() {
+            *graph = Some(self.db().load_graph()?);
+        }
+        let Some(g) = graph.as_mut() else { return Ok(()) };
         let mut gone = Vec::new();
         for (j, p) in paths.iter().enumerate() {
             let Some(id) = g.id(p) else { continue };
@@ -416,6 +421,7 @@ impl LocalStore {
         let t = std::time::Instant::now();
         let invalidated = db.invalidate(&gone);
         drop(db);
+        cairn_fault::point("gc-after-invalidate");
         tracing::debug!(paths = gone.len(), elapsed = ?t.elapsed(), "batch invalidated");
         if let Err(e) = invalidated {
             // The graph is ahead of the database: reload it at the next use.

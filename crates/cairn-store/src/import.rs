@@ -145,9 +145,11 @@ impl LocalStore {
     fn commit_import(&self, staged: Staged, started: std::time::Instant) -> Result<Vec<PathInfo>> {
         if !staged.new.is_empty() {
             let read = started.elapsed();
+            cairn_fault::point("contents-written");
             // One syncfs makes every placed file and directory entry durable.
             fsops::sync_filesystem(&self.layout.real_store_dir)?;
             let synced = started.elapsed();
+            cairn_fault::point("after-syncfs");
             self.register(&staged.new)?;
             tracing::debug!(paths = staged.all.len(), new = staged.new.len(), ?read, ?synced, total = ?started.elapsed(), "import committed");
         }

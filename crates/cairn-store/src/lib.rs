@@ -392,6 +392,7 @@ impl LocalStore {
         }
         let outputs: Vec<_> = infos.iter().filter_map(|i| self.read_drv_outputs(&i.path)).collect();
         let ids = self.db().register_with_outputs(infos, &outputs)?;
+        cairn_fault::point("after-commit");
         let mut g = self.graph_write();
         if let Some(graph) = g.as_mut() {
             let batch: std::collections::HashMap<&StorePath, u32> =
@@ -479,11 +480,14 @@ impl LocalStore {
             return Ok(existing);
         }
         let started = std::time::Instant::now();
+        cairn_fault::point("contents-written");
         // Sync through the containing directory: the copy itself may be a dangling symlink.
         fsops::sync_filesystem(copy.parent().unwrap_or(copy))?;
         let synced = started.elapsed();
+        cairn_fault::point("after-syncfs");
         self.install(copy, &info.path)?;
         fsops::sync_dir(&self.layout.real_store_dir)?;
+        cairn_fault::point("after-rename");
         self.register(std::slice::from_ref(&info))?;
         tracing::debug!(path = %info.path, ?synced, total = ?started.elapsed(), "registered");
         Ok(info)

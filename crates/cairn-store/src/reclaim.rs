@@ -108,6 +108,7 @@ fn run(shared: &Shared, trash: &std::path::Path) {
             }
         };
         for entry in entries {
+            cairn_fault::point("trash-mid-emptying");
             let freed = fsops::remove_tree_counting(&entry).unwrap_or_else(|e| {
                 tracing::warn!("cannot empty the trash: {e}");
                 0

@@ -31,7 +31,8 @@ pub struct VerifyOptions {
 pub struct Problem {
     /// The path concerned, if the problem is a path's.
     pub path: Option<StorePath>,
-    /// `missing`, `modified`, `content-address`, `database`.
+    /// `missing`, `modified`, `content-address`, `database`, `graph` (the in-memory reference
+    /// graph disagrees with the database).
     pub kind: &'static str,
     /// One line, as Nix words it where Nix has the same check.
     pub message: String,
@@ -51,6 +52,9 @@ impl LocalStore {
         let mut report = VerifyReport::default();
         for message in self.db().check_integrity()? {
             report.problems.push(Problem { path: None, kind: "database", message });
+        }
+        if let Some(message) = self.graph_difference()? {
+            report.problems.push(Problem { path: None, kind: "graph", message });
         }
         let all = self.db().all_hashes()?;
         report.checked = all.len() as u64;
@@ -72,6 +76,27 @@ impl LocalStore {
         problems.sort();
         report.problems.extend(problems);
         Ok(report)
+    }
+
+    /// Whether the in-memory graph (if loaded) differs from the database. The database is read
+    /// under the graph's read lock, but a registration commits to the database before it takes
+    /// the graph's write lock: a difference is reported only if it is still there after the
+    /// store had time to catch up.
+    fn graph_difference(&self) -> Result<Option<String>> {
+        let mut last = None;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let g = self.graph_read();
+            let Some(graph) = g.as_ref() else { return Ok(None) };
+            let loaded = self.db().load_graph()?;
+            last = graph.difference(&loaded);
+            if last.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(last.map(|d| format!("the in-memory reference graph is out of step with the database: {d}")))
     }
 
     fn verify_path(&self, recorded: &RecordedContents, contents: bool) -> Option<Problem> {

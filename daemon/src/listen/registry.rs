@@ -786,6 +786,7 @@ async fn commit_upload(s: &Arc<RegistryServer>, file: PathBuf, digest: Digest) -
                 reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot read the upload: {e}"))
             })?;
             let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            cairn_fault::point("push-receive-mid");
             images.add_blob(&digest, size, std::io::BufReader::with_capacity(1 << 20, f))?;
             Ok(())
         })();
