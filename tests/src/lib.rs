@@ -244,6 +244,21 @@ impl TestStore {
         child.wait().unwrap();
     }
 
+    /// Sets (or, with `None`, removes) an environment variable of the daemon from its next
+    /// (re)start on, and of the commands run through this store.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
+    /// Whether the daemon's process has exited (killed, crashed, or stopped by itself) since
+    /// it was started; it is still counted as started until [`TestStore::crash`] reaps it.
+    pub fn has_exited(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Starts the daemon again on the same root.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or crash the daemon first");

@@ -71,9 +71,8 @@ impl Graph {
                 return Some(format!("the referrers of '{p}' differ between memory and the database"));
             }
         }
-        (self.ids.len() != other.ids.len()).then(|| {
-            format!("{} paths by name in memory, {} in the database", self.ids.len(), other.ids.len())
-        })
+        (self.ids.len() != other.ids.len())
+            .then(|| format!("{} paths by name in memory, {} in the database", self.ids.len(), other.ids.len()))
     }
 
     /// Adds a node with its database id.
