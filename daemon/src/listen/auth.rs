@@ -5,13 +5,15 @@
 //! The file has one user per line (`#` starts a comment):
 //!
 //! ```text
-//! NAME  SHA256-OF-TOKEN  SCOPES  [PREFIX,…]
+//! NAME  SHA256-OF-TOKEN  SCOPES  [PREFIX,…]  [expires=TIME]
 //! ```
 //!
 //! `SCOPES` is `read`, `push` or `read,push` (push includes read: a client uploading asks first
 //! what is there). `PREFIX`es limit the registry repositories the user may touch (`team` allows
-//! `team` and `team/…`); none means all. The token itself is never stored, only its SHA-256 in
-//! hex (`printf %s "$TOKEN" | sha256sum`).
+//! `team` and `team/…`); none means all. `expires=` (an RFC 3339 time, `2027-01-31T00:00:00Z`)
+//! ends the token's validity: from then on it is refused as no token at all (401), so that a
+//! token handed out for a while cannot be forgotten in the file. The token itself is never
+//! stored, only its SHA-256 in hex (`printf %s "$TOKEN" | sha256sum`).
 //!
 //! A client authenticates with HTTP basic auth (`NAME:TOKEN`: `skopeo --creds`, Nix's
 //! `netrc-file`, docker's login) or a bearer token (`Authorization: Bearer TOKEN`: `cairn copy`,
@@ -43,6 +45,7 @@ struct User {
     token_sha256: [u8; 32],
     push: bool,
     prefixes: Vec<String>,
+    expires: Option<std::time::SystemTime>,
 }
 
 /// What a request asks for.
@@ -68,13 +71,32 @@ impl ListenAuth {
             if line.is_empty() {
                 continue;
             }
-            let bad =
-                |why: &str| anyhow::anyhow!("line {}: {why} (expected NAME SHA256-OF-TOKEN SCOPES [PREFIX,…])", i + 1);
+            let bad = |why: &str| {
+                anyhow::anyhow!(
+                    "line {}: {why} (expected NAME SHA256-OF-TOKEN SCOPES [PREFIX,…] [expires=TIME])",
+                    i + 1
+                )
+            };
             let cols: Vec<&str> = line.split_whitespace().collect();
-            let (name, hash, scopes) = match cols.as_slice() {
-                [n, h, s] | [n, h, s, _] => (*n, *h, *s),
+            let (name, hash, scopes, rest) = match cols.as_slice() {
+                [n, h, s, rest @ ..] if rest.len() <= 2 => (*n, *h, *s, rest),
                 _ => return Err(bad("wrong number of columns")),
             };
+            let mut prefixes: Option<Vec<String>> = None;
+            let mut expires = None;
+            for col in rest {
+                if let Some(t) = col.strip_prefix("expires=") {
+                    let when = humantime::parse_rfc3339_weak(t)
+                        .map_err(|e| bad(&format!("'{t}' is not a time like 2027-01-31T00:00:00Z: {e}")))?;
+                    if expires.replace(when).is_some() {
+                        return Err(bad("expires= given twice"));
+                    }
+                } else if prefixes.is_none() {
+                    prefixes = Some(col.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect());
+                } else {
+                    return Err(bad("wrong number of columns"));
+                }
+            }
             let mut token_sha256 = [0u8; 32];
             let bytes = (0..hash.len())
                 .step_by(2)
@@ -91,8 +113,13 @@ impl ListenAuth {
                     other => return Err(bad(&format!("unknown scope '{other}' (read, push)"))),
                 }
             }
-            let prefixes = cols.get(3).map(|p| p.split(',').filter(|x| !x.is_empty()).map(str::to_owned).collect());
-            users.push(User { name: name.to_owned(), token_sha256, push, prefixes: prefixes.unwrap_or_default() });
+            users.push(User {
+                name: name.to_owned(),
+                token_sha256,
+                push,
+                prefixes: prefixes.unwrap_or_default(),
+                expires,
+            });
         }
         Ok(users)
     }
@@ -118,6 +145,12 @@ impl ListenAuth {
             }
         }
         found
+    }
+}
+
+impl User {
+    fn expired_at(&self, now: std::time::SystemTime) -> bool {
+        self.expires.is_some_and(|t| t <= now)
     }
 }
 
@@ -161,6 +194,10 @@ pub async fn check(State(auth): State<Arc<ListenAuth>>, req: Request<Body>, next
     let registry = path.starts_with("/v2");
     let repo = repository(&path);
     match auth.identify(req.headers().get(header::AUTHORIZATION)) {
+        Some(user) if user.expired_at(std::time::SystemTime::now()) => {
+            tracing::info!(user = user.name, path, "listen: refused (token expired)");
+            refuse(StatusCode::UNAUTHORIZED, registry, &format!("the token of '{}' has expired", user.name))
+        }
         Some(user) if allows(user, scope, repo) => next.run(req).await,
         Some(user) => {
             tracing::info!(user = user.name, path, ?scope, "listen: refused (scope or repository)");
@@ -231,9 +268,28 @@ mod tests {
             ("alice abc read", "64 hex"),
             ("alice", "columns"),
             (&*format!("alice {} write", sha("x")), "unknown scope 'write'"),
+            (&*format!("alice {} read expires=tomorrow", sha("x")), "'tomorrow' is not a time"),
+            (&*format!("alice {} read a b expires=2030-01-01T00:00:00Z", sha("x")), "columns"),
+            (&*format!("alice {} read expires=2030-01-01T00:00:00Z expires=2031-01-01T00:00:00Z", sha("x")), "twice"),
         ] {
             let e = ListenAuth::parse(text).unwrap_err().to_string();
             assert!(e.contains("line 1") && e.contains(why), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn a_token_expires_at_its_time_and_prefixes_may_come_before_or_after() {
+        let text = format!(
+            "old {} read,push team expires=2020-01-01T00:00:00Z\nnew {} read expires=2999-01-01T00:00:00Z team\nforever {} read\n",
+            sha("o"),
+            sha("n"),
+            sha("f")
+        );
+        let users = ListenAuth::parse(&text).unwrap();
+        let now = std::time::SystemTime::now();
+        assert!(users[0].expired_at(now) && users[0].prefixes == ["team"]);
+        assert!(!users[1].expired_at(now) && users[1].prefixes == ["team"]);
+        assert!(users[1].expired_at(humantime::parse_rfc3339("2999-01-01T00:00:00Z").unwrap()), "expired at its time");
+        assert!(!users[2].expired_at(now) && users[2].expires.is_none());
     }
 }

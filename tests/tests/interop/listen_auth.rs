@@ -43,7 +43,12 @@ fn only_the_files_users_read_and_push_each_as_its_scopes_allow() {
     let users = dir.path().join("users");
     std::fs::write(
         &users,
-        format!("alice {} read,push team\nbob {} read  # reads only\n", sha("alice-token"), sha("bob-token")),
+        format!(
+            "alice {} read,push team\nbob {} read  # reads only\nold {} read,push expires=2020-01-01T00:00:00Z\n",
+            sha("alice-token"),
+            sha("bob-token"),
+            sha("old-token")
+        ),
     )
     .unwrap();
     let sender = TestStore::builder().store_dir("/nix/store").start();
@@ -71,6 +76,9 @@ fn only_the_files_users_read_and_push_each_as_its_scopes_allow() {
     assert_eq!(curl(&format!("{base}/nix-cache-info"), "GET", Some("bob:alice-token")).0, 401);
     assert_eq!(curl(&format!("{base}/push"), "POST", Some("bob:bob-token")).0, 403);
     assert_eq!(curl(&format!("{base}/v2/"), "GET", None).0, 401);
+    // An expired token is no token.
+    assert_eq!(curl(&format!("{base}/nix-cache-info"), "GET", Some("old:old-token")).0, 401);
+    assert_eq!(curl(&format!("{base}/push"), "POST", Some("old:old-token")).0, 401);
 
     // `cairn copy --to tcp://` pushes with a token that may push, and only with one.
     write(&dir.path().join("tree/data"), b"behind a token\n");
@@ -88,6 +96,8 @@ fn only_the_files_users_read_and_push_each_as_its_scopes_allow() {
     let refused = push(None);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("authentication required"));
+    let refused = push(Some("old-token"));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("the token of 'old' has expired"), "{refused:?}");
     let refused = push(Some("bob-token"));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("'bob' may not push"), "{refused:?}");
     assert!(!server.run(&["path-info", &path], b"").status.success(), "nothing was received");
@@ -152,6 +162,7 @@ fn only_the_files_users_read_and_push_each_as_its_scopes_allow() {
         skopeo(&args)
     };
     assert!(!pull(None).status.success(), "no anonymous reads unless configured");
+    assert!(!pull(Some("old:old-token")).status.success(), "no reads with an expired token");
     let got = pull(Some("bob:bob-token"));
     assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
     assert!(Path::new(&pulled).join("index.json").exists());
