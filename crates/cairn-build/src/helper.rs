@@ -9,13 +9,18 @@
 //! 1. leaves the daemon's session, and so the terminal the daemon may have been started from,
 //!    and closes every descriptor but 0–2 ([`crate::sys::detach`]): whatever the daemon
 //!    inherited open — a secret file, a directory outside the root — ends here;
-//! 2. reads the [`SandboxSpec`] (one JSON line on stdin);
+//! 2. reads `start private` or `start host` (whether the build gets a network namespace of its
+//!    own, or keeps the host's: fixed-output derivations only);
 //! 3. unshares a user namespace and says `userns PID` on stdout; the daemon, outside, writes its
 //!    `uid_map`/`gid_map` (the sandbox's uid 1000 and gid 100 map to the build user) and answers
 //!    `go` — only a process in the parent namespace may map ids other than its own;
-//! 4. unshares the mount, PID, IPC, UTS and (unless fixed-output) network namespaces and makes
-//!    the mounts ([`crate::sys::isolate`]);
-//! 5. forks the sandbox's PID 1, says `pid N`, waits for it, says `exit STATUS` and exits with
+//! 4. unshares the mount, PID, IPC, UTS and (for `private`) network namespaces
+//!    ([`crate::sys::unshare_namespaces`]);
+//! 5. reads the [`SandboxSpec`] (one JSON line on stdin) and makes the mounts
+//!    ([`crate::sys::isolate`]). Steps 1–4 do not depend on the build, so the daemon starts a
+//!    helper ahead of the build that will use it ([`crate::runner`]): the kernel's namespace
+//!    work, the largest fixed cost of a build, is done while the previous build still runs;
+//! 6. forks the sandbox's PID 1, says `pid N`, waits for it, says `exit STATUS` and exits with
 //!    it (128 + signal if killed). PID 1 starts a session of its own, mounts `/proc`, enters the root,
 //!    sets the process limit, drops to the build user, sets `no_new_privs` and a parent-death
 //!    signal, and executes the builder with stdin on `/dev/null`, stdout and stderr on the
@@ -56,11 +61,13 @@ pub(crate) fn main() -> i32 {
     let mut stdin = io::stdin().lock();
     let mut line = String::new();
     if let Err(e) = stdin.read_line(&mut line) {
-        return fail(format_args!("read the sandbox spec: {e}"));
+        return fail(format_args!("read the start line: {e}"));
     }
-    let spec: SandboxSpec = match serde_json::from_str(&line) {
-        Ok(s) => s,
-        Err(e) => return fail(format_args!("bad sandbox spec: {e}")),
+    let network = match line.trim() {
+        "start private" => false,
+        "start host" => true,
+        "" => return SETUP_FAILED, // the daemon let an unused helper go
+        other => return fail(format_args!("bad start line '{other}'")),
     };
     if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER) {
         return fail(format_args!("unshare a user namespace: {e} (are unprivileged user namespaces disabled?)"));
@@ -71,6 +78,22 @@ pub(crate) fn main() -> i32 {
     match stdin.read_line(&mut line) {
         Ok(_) if line.trim() == "go" => {}
         _ => return fail("the daemon did not map the user namespace"),
+    }
+    if let Err(e) = sys::unshare_namespaces(network, &mut Linux) {
+        return fail(e);
+    }
+    line.clear();
+    match stdin.read_line(&mut line) {
+        Ok(0) => return SETUP_FAILED, // the daemon let an unused helper go
+        Ok(_) => {}
+        Err(e) => return fail(format_args!("read the sandbox spec: {e}")),
+    }
+    let spec: SandboxSpec = match serde_json::from_str(&line) {
+        Ok(s) => s,
+        Err(e) => return fail(format_args!("bad sandbox spec: {e}")),
+    };
+    if spec.network != network {
+        return fail("the sandbox spec does not match the namespaces this helper made");
     }
     if let Err(e) = sys::isolate(&spec, &mut Linux) {
         return fail(e);

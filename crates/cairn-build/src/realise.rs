@@ -850,6 +850,7 @@ impl Builder {
         let io = |source| BuildError::Io { op: "create build directory", path: top.display().to_string(), source };
         std::fs::create_dir(top).map_err(io)?;
         std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
+        std::fs::create_dir(crate::sandbox::input_stage(&root)).map_err(io)?;
         crate::root::create(&root, &skeleton, host_ids).map_err(io)?;
         Ok((spec, closure, roots))
     }

@@ -2,11 +2,21 @@
 //! [`crate::zygote`], [`crate::helper`]), maps its user namespace, streams its log line by line
 //! and enforces the timeouts. The run ends when both of the helper's pipes end: the helper has
 //! exited, and every process of the sandbox before it; its status came on the control pipe.
+//!
+//! Helpers are started one build ahead. Everything a helper does before it reads its spec —
+//! the fork, the user namespace and its id maps, the other namespaces — depends only on the
+//! build user and on whether the build keeps the host's network, and it is the largest fixed
+//! cost of a build after the builder itself. So when a build takes a helper, another is started
+//! in the background for the next build with the same user and network ([`Spare`]); a build
+//! finds its helper ready, and only the mounts are left between it and its builder. Every build
+//! still gets namespaces of its own: a spare is used once, by one build.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
+use std::collections::HashMap;
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
@@ -48,37 +58,34 @@ pub async fn run(
     limits: RunLimits,
     mut log: impl FnMut(&[u8]) + Send,
 ) -> std::io::Result<RunEnd> {
-    use nix::fcntl::OFlag;
-    let (stdin_r, stdin_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let (control_r, control_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let (output_r, output_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    Zygote::of(helper).start_helper([stdin_r.as_fd(), control_w.as_fd(), output_w.as_fd()])?;
-    // Only the helper holds the other ends now: their end is the helper's end.
-    drop((stdin_r, control_w, output_w));
-    let mut stdin = pipe::Sender::from_owned_fd(stdin_w)?;
-    let mut control = BufReader::new(pipe::Receiver::from_owned_fd(control_r)?).lines();
-    let mut output = BufReader::new(pipe::Receiver::from_owned_fd(output_r)?);
+    let key = SpareKey { helper: helper.to_owned(), uid, gid, network: spec.network };
+    let started = match Spare::take(&key) {
+        Some(s) => Ok(s),
+        None => {
+            let k = key.clone();
+            tokio::task::spawn_blocking(move || Spare::start(&k)).await.map_err(std::io::Error::other)??
+        }
+    };
+    // The next build with this user and network finds its helper started.
+    Spare::refill(key);
+    let mut started = match started {
+        Ok(s) => s,
+        Err(message) => return Ok(RunEnd::SetupFailed(message)),
+    };
+    let (Some(stdin), Some(control), Some(output)) =
+        (started.stdin.take(), started.control.take(), started.output.take())
+    else {
+        return Ok(RunEnd::SetupFailed("a started sandbox helper lost its pipes".into()));
+    };
+    let mut stdin = pipe::Sender::from_owned_fd(stdin)?;
+    let mut control = BufReader::new(pipe::Receiver::from_owned_fd(control)?).lines();
+    let mut output = BufReader::new(pipe::Receiver::from_owned_fd(output)?);
     // Killed through this if the build is abandoned (timeouts, or the request dropped).
-    let mut helper = HelperGuard(None);
+    let mut helper = HelperGuard(started.pidfd.take());
 
     let mut line = serde_json::to_vec(spec).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stdin.write_all(&line).await?;
-    stdin.flush().await?;
-    let helper_pid = match control.next_line().await? {
-        Some(l) if l.starts_with("userns ") => l["userns ".len()..].trim().parse::<u32>().ok(),
-        Some(l) => return Ok(RunEnd::SetupFailed(l.strip_prefix("error ").unwrap_or(&l).to_owned())),
-        None => return Ok(RunEnd::SetupFailed("the sandbox helper exited before creating its user namespace".into())),
-    };
-    let Some(helper_pid) = helper_pid else {
-        return Ok(RunEnd::SetupFailed("the sandbox helper did not say its pid".into()));
-    };
-    // The helper is alive (it waits for `go`), so this pidfd names it and nothing else.
-    helper.0 = pidfd_open(helper_pid).ok();
-    if let Err(e) = map_ids(helper_pid, uid, gid) {
-        return Ok(RunEnd::SetupFailed(format!("map the build user into the sandbox: {e}")));
-    }
-    stdin.write_all(b"go\n").await?;
     stdin.flush().await?;
 
     let started = tokio::time::Instant::now();
@@ -152,6 +159,124 @@ pub async fn run(
         }
     };
     Ok(end)
+}
+
+/// Which helpers can stand in for each other: the same executable, build user and network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SpareKey {
+    helper: PathBuf,
+    uid: u32,
+    gid: u32,
+    network: bool,
+}
+
+/// A helper started ahead of its build: forked by the zygote, its user namespace mapped, its
+/// other namespaces made (see [`crate::helper`]), waiting for its spec. Killed if dropped
+/// unused.
+struct Spare {
+    stdin: Option<OwnedFd>,
+    control: Option<OwnedFd>,
+    output: Option<OwnedFd>,
+    pidfd: Option<OwnedFd>,
+}
+
+/// At most one spare per key, shared by every build of this process. Plain descriptors, not
+/// tokio pipes: a spare may be taken by a build on another runtime than the one it was
+/// started from.
+fn spares() -> &'static Mutex<HashMap<SpareKey, Spare>> {
+    static SPARES: OnceLock<Mutex<HashMap<SpareKey, Spare>>> = OnceLock::new();
+    SPARES.get_or_init(Default::default)
+}
+
+impl Spare {
+    /// The spare for `key`, if one is waiting and still alive.
+    fn take(key: &SpareKey) -> Option<Spare> {
+        let s = spares().lock().unwrap_or_else(PoisonError::into_inner).remove(key)?;
+        s.alive().then_some(s)
+    }
+
+    /// Starts a spare for `key` in the background, unless one is waiting already.
+    fn refill(key: SpareKey) {
+        if spares().lock().unwrap_or_else(PoisonError::into_inner).contains_key(&key) {
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            let Ok(Ok(s)) = Spare::start(&key) else { return };
+            let mut all = spares().lock().unwrap_or_else(PoisonError::into_inner);
+            // Another build's refill may have been quicker: the later spare is dropped (killed).
+            all.entry(key).or_insert(s);
+        });
+    }
+
+    /// Whether the helper still runs (its pidfd becomes readable when it exits).
+    fn alive(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Some(fd) = &self.pidfd else { return false };
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+
+    /// Starts a helper and takes it up to the point where it waits for its spec (blocking: a
+    /// fork by the zygote and a line each way). `Ok(Err(message))` when the helper could not
+    /// set up its namespaces.
+    fn start(key: &SpareKey) -> std::io::Result<Result<Spare, String>> {
+        use nix::fcntl::OFlag;
+        let (stdin_r, stdin_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (control_r, control_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (output_r, output_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        Zygote::of(&key.helper).start_helper([stdin_r.as_fd(), control_w.as_fd(), output_w.as_fd()])?;
+        // Only the helper holds the other ends now: their end is the helper's end.
+        drop((stdin_r, control_w, output_w));
+        let mut stdin = std::fs::File::from(stdin_w);
+        stdin.write_all(if key.network { b"start host\n" } else { b"start private\n" })?;
+        let mut control = std::fs::File::from(control_r);
+        let line = read_line(&mut control)?;
+        let pid = match line.strip_prefix("userns ") {
+            Some(pid) => pid.trim().parse::<u32>().ok(),
+            None if line.is_empty() => {
+                return Ok(Err("the sandbox helper exited before creating its user namespace".into()))
+            }
+            None => return Ok(Err(line.strip_prefix("error ").unwrap_or(&line).to_owned())),
+        };
+        let Some(pid) = pid else {
+            return Ok(Err("the sandbox helper did not say its pid".into()));
+        };
+        // The helper is alive (it waits for `go`), so this pidfd names it and nothing else.
+        let mut spare =
+            Spare { stdin: None, control: Some(control.into()), output: Some(output_r), pidfd: Some(pidfd_open(pid)?) };
+        if let Err(e) = map_ids(pid, key.uid, key.gid) {
+            return Ok(Err(format!("map the build user into the sandbox: {e}")));
+        }
+        stdin.write_all(b"go\n")?;
+        spare.stdin = Some(stdin.into());
+        Ok(Ok(spare))
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if let Some(fd) = self.pidfd.take() {
+            pidfd_kill(&fd);
+        }
+    }
+}
+
+/// One line from a blocking pipe, read a byte at a time so that nothing after it is consumed
+/// (the rest of the pipe is read by the build's tokio reader); empty at the end of the pipe.
+fn read_line(r: &mut std::fs::File) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 4096 {
+        match r.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 async fn sleep_until(t: Option<tokio::time::Instant>) {

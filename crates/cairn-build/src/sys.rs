@@ -74,11 +74,12 @@ fn step<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> Result<T, SysErro
     r.map_err(|source| SysError { step: what(), source })
 }
 
-/// The namespaces a build gets besides its user namespace.
-pub fn namespaces(spec: &SandboxSpec) -> CloneFlags {
+/// The namespaces a build gets besides its user namespace: all but the network namespace for
+/// a build that keeps the host's network (`network`, fixed-output derivations only).
+pub fn namespaces(network: bool) -> CloneFlags {
     let mut f =
         CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-    if !spec.network {
+    if !network {
         f |= CloneFlags::CLONE_NEWNET;
     }
     f
@@ -92,11 +93,11 @@ pub fn detach(sys: &mut dyn Sys) -> Result<(), SysError> {
     Ok(())
 }
 
-/// Unshares the build's namespaces and makes every mount but `/proc` (which must be mounted
-/// from inside the new PID namespace: see [`enter`]).
-pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
-    step(sys.unshare(namespaces(spec)), || "unshare the build's namespaces".into())?;
-    // Nothing done here may reach the host's mounts.
+/// Unshares the build's namespaces (see [`namespaces`]) and makes the new mount namespace
+/// private. Nothing here depends on the build: a helper does it before its spec arrives.
+pub fn unshare_namespaces(network: bool, sys: &mut dyn Sys) -> Result<(), SysError> {
+    step(sys.unshare(namespaces(network)), || "unshare the build's namespaces".into())?;
+    // Nothing mounted from here on may reach the host's mounts.
     step(
         sys.mount(&MountCall {
             source: None,
@@ -106,7 +107,12 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
             data: None,
         }),
         || "make the mount namespace private".into(),
-    )?;
+    )
+}
+
+/// In namespaces made by [`unshare_namespaces`]: makes every mount but `/proc` (which must be
+/// mounted from inside the new PID namespace: see [`enter`]), names the host, brings up `lo`.
+pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
     for m in &spec.mounts {
         match m {
             Mount::Bind { source, target, read_only } => {
@@ -145,6 +151,42 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
                 }),
                 || format!("mount a tmpfs of {size} at '{target}'"),
             )?,
+            Mount::Inputs { source, stage, store, names } => {
+                step(
+                    sys.mount(&MountCall {
+                        source: Some(source.clone()),
+                        target: stage.clone(),
+                        fstype: None,
+                        flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+                        data: None,
+                    }),
+                    || format!("bind the store '{}' at '{}'", source.display(), stage.display()),
+                )?;
+                let locked = step(sys.locked_flags(source), || format!("statvfs '{}'", source.display()))?;
+                step(
+                    sys.mount(&MountCall {
+                        source: None,
+                        target: stage.clone(),
+                        fstype: None,
+                        flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | locked,
+                        data: None,
+                    }),
+                    || format!("make '{}' read-only", stage.display()),
+                )?;
+                for name in names {
+                    let target = format!("{store}/{name}");
+                    step(
+                        sys.mount(&MountCall {
+                            source: Some(stage.join(name)),
+                            target: spec.host_path(&target),
+                            fstype: None,
+                            flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+                            data: None,
+                        }),
+                        || format!("bind input '{target}'"),
+                    )?;
+                }
+            }
             Mount::Proc { .. } => {}
         }
     }
@@ -371,6 +413,12 @@ mod tests {
         }
     }
 
+    /// What the helper does with a spec: namespaces first (before it has the spec), then mounts.
+    fn prepare_and_isolate(spec: &SandboxSpec, r: &mut Recorder) {
+        unshare_namespaces(spec.network, r).unwrap();
+        isolate(spec, r).unwrap();
+    }
+
     fn spec(fixed: bool) -> SandboxSpec {
         let mut d = Derivation { builder: "/bin/sh".into(), ..Default::default() };
         d.env.insert("name".into(), "x".into());
@@ -398,14 +446,22 @@ mod tests {
     #[test]
     fn isolate_privatises_before_mounting_and_binds_inputs_read_only() {
         let mut r = Recorder::default();
-        isolate(&spec(false), &mut r).unwrap();
+        prepare_and_isolate(&spec(false), &mut r);
         assert!(r.calls[0].starts_with("unshare") && r.calls[0].contains("CLONE_NEWNET"), "{}", r.calls[0]);
         assert!(r.calls[1].contains("MS_PRIVATE") && r.calls[1].contains(" / "), "{}", r.calls[1]);
-        let bind =
-            r.calls.iter().position(|c| c.contains("/tmp/r/nix/store/11111111111111111111111111111111-dep")).unwrap();
-        assert!(r.calls[bind].contains("MS_BIND") && !r.calls[bind].contains("MS_RDONLY"));
-        assert!(r.calls[bind + 1].contains("MS_REMOUNT") && r.calls[bind + 1].contains("MS_RDONLY"));
-        assert!(r.calls[bind + 1].contains("MS_NOSUID"), "locked flags kept: {}", r.calls[bind + 1]);
+        // The store is staged read-only once, beside the root; each input is bound from there.
+        let stage = r.calls.iter().position(|c| c.contains("\"/srv/nix/store\"") && c.contains("/tmp/inputs")).unwrap();
+        assert!(r.calls[stage].contains("MS_BIND") && !r.calls[stage].contains("MS_RDONLY"), "{}", r.calls[stage]);
+        let remount = &r.calls[stage + 1];
+        assert!(remount.contains("MS_REMOUNT") && remount.contains("MS_RDONLY") && remount.contains("/tmp/inputs"));
+        assert!(remount.contains("MS_NOSUID"), "locked flags kept: {remount}");
+        let bind = &r.calls[stage + 2];
+        assert!(
+            bind.contains("/tmp/inputs/11111111111111111111111111111111-dep")
+                && bind.contains("/tmp/r/nix/store/11111111111111111111111111111111-dep")
+                && bind.contains("MS_BIND"),
+            "{bind}"
+        );
         assert!(!r.calls.iter().any(|c| c.contains("\"proc\"")), "proc is PID 1's job");
         assert_eq!(r.calls[r.calls.len() - 2], "hostname localhost");
         assert_eq!(r.calls.last().unwrap(), "lo up", "a private network still has a loopback");
@@ -414,7 +470,7 @@ mod tests {
     #[test]
     fn fixed_output_builds_keep_the_network_namespace() {
         let mut r = Recorder::default();
-        isolate(&spec(true), &mut r).unwrap();
+        prepare_and_isolate(&spec(true), &mut r);
         assert!(!r.calls[0].contains("CLONE_NEWNET") && r.calls[0].contains("CLONE_NEWPID"), "{}", r.calls[0]);
         assert!(!r.calls.contains(&"lo up".to_owned()), "the host's network is left alone");
     }
@@ -450,7 +506,7 @@ mod tests {
     #[test]
     fn dev_shm_is_a_sized_tmpfs() {
         let mut r = Recorder::default();
-        isolate(&spec(false), &mut r).unwrap();
+        prepare_and_isolate(&spec(false), &mut r);
         let shm = r.calls.iter().find(|c| c.contains("/tmp/r/dev/shm")).unwrap();
         assert!(shm.contains("\"tmpfs\"") && shm.contains("Some(\"mode=1777,size=8388608\")"), "{shm}");
         assert!(shm.contains("MS_NOSUID") && shm.contains("MS_NODEV"), "{shm}");
