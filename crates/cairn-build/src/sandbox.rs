@@ -33,6 +33,8 @@ pub use crate::limits::{SandboxLimits, TmpfsSize};
 pub const BUILD_TOP: &str = "/build";
 /// `HOME` in the sandbox: a path that does not exist, so that nothing finds a home there.
 pub const HOME: &str = "/homeless-shelter";
+/// The sandbox's host name, as Nix names it.
+pub const HOSTNAME: &str = "localhost";
 /// The builder's uid and gid inside the sandbox (Nix's `sandboxUid`/`sandboxGid`).
 pub const SANDBOX_UID: u32 = 1000;
 pub const SANDBOX_GID: u32 = 100;
@@ -106,7 +108,6 @@ pub struct SandboxSpec {
     pub mounts: Vec<Mount>,
     /// Keep the host's network namespace (fixed-output derivations only).
     pub network: bool,
-    pub hostname: String,
     pub uid: u32,
     pub gid: u32,
     pub workdir: String,
@@ -347,7 +348,6 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
         root: b.root.to_owned(),
         mounts,
         network: fixed,
-        hostname: "localhost".to_owned(),
         uid: SANDBOX_UID,
         gid: SANDBOX_GID,
         workdir: BUILD_TOP.to_owned(),

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
 
-use crate::sandbox::{Mount, SandboxSpec};
+use crate::sandbox::{Mount, SandboxSpec, HOSTNAME};
 
 /// One `mount(2)` call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,8 +93,9 @@ pub fn detach(sys: &mut dyn Sys) -> Result<(), SysError> {
     Ok(())
 }
 
-/// Unshares the build's namespaces (see [`namespaces`]) and makes the new mount namespace
-/// private. Nothing here depends on the build: a helper does it before its spec arrives.
+/// Unshares the build's namespaces (see [`namespaces`]), makes the new mount namespace private,
+/// names the host [`HOSTNAME`] and, in a network namespace of its own, brings up `lo`. Nothing
+/// here depends on the build: a helper does it before its spec arrives.
 pub fn unshare_namespaces(network: bool, sys: &mut dyn Sys) -> Result<(), SysError> {
     step(sys.unshare(namespaces(network)), || "unshare the build's namespaces".into())?;
     // Nothing mounted from here on may reach the host's mounts.
@@ -107,11 +108,16 @@ pub fn unshare_namespaces(network: bool, sys: &mut dyn Sys) -> Result<(), SysErr
             data: None,
         }),
         || "make the mount namespace private".into(),
-    )
+    )?;
+    step(sys.sethostname(HOSTNAME), || "set the host name".into())?;
+    if !network {
+        step(sys.loopback_up(), || "bring up the loopback interface".into())?;
+    }
+    Ok(())
 }
 
 /// In namespaces made by [`unshare_namespaces`]: makes every mount but `/proc` (which must be
-/// mounted from inside the new PID namespace: see [`enter`]), names the host, brings up `lo`.
+/// mounted from inside the new PID namespace: see [`enter`]).
 pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
     for m in &spec.mounts {
         match m {
@@ -189,10 +195,6 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
             }
             Mount::Proc { .. } => {}
         }
-    }
-    step(sys.sethostname(&spec.hostname), || "set the host name".into())?;
-    if !spec.network {
-        step(sys.loopback_up(), || "bring up the loopback interface".into())?;
     }
     Ok(())
 }
@@ -463,8 +465,10 @@ mod tests {
             "{bind}"
         );
         assert!(!r.calls.iter().any(|c| c.contains("\"proc\"")), "proc is PID 1's job");
-        assert_eq!(r.calls[r.calls.len() - 2], "hostname localhost");
-        assert_eq!(r.calls.last().unwrap(), "lo up", "a private network still has a loopback");
+        let hostname = r.calls.iter().position(|c| c == "hostname localhost").unwrap();
+        assert!(hostname < stage, "named with the namespaces, before any mount of the build");
+        let lo = r.calls.iter().position(|c| c == "lo up").expect("a private network still has a loopback");
+        assert!(lo < stage);
     }
 
     #[test]
