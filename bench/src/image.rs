@@ -25,13 +25,13 @@ use sha2::Digest as _;
 
 use crate::{median, rm_rf, timed, Cairn, Opts, Table};
 
-fn sha256_hex(b: &[u8]) -> String {
+pub(crate) fn sha256_hex(b: &[u8]) -> String {
     sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
 
-struct Registry {
+pub(crate) struct Registry {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Drop for Registry {
@@ -41,11 +41,11 @@ impl Drop for Registry {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_port(port: u16) -> Result<()> {
+pub(crate) fn wait_port(port: u16) -> Result<()> {
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         ensure!(t.elapsed() < Duration::from_secs(20), "nothing listens on {port}");
@@ -54,7 +54,7 @@ fn wait_port(port: u16) -> Result<()> {
     Ok(())
 }
 
-fn start_registry(w: &Path) -> Result<Registry> {
+pub(crate) fn start_registry(w: &Path) -> Result<Registry> {
     let dir = w.join("registry");
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
@@ -77,7 +77,7 @@ fn start_registry(w: &Path) -> Result<Registry> {
     Ok(Registry { child, port })
 }
 
-fn run(c: &mut Command) -> Result<String> {
+pub(crate) fn run(c: &mut Command) -> Result<String> {
     let out = c.output().with_context(|| format!("{c:?}"))?;
     ensure!(out.status.success(), "{:?}: {}", c, String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -85,7 +85,7 @@ fn run(c: &mut Command) -> Result<String> {
 
 /// A gzip-compressed tar holding one file of `mib` MiB of pseudo-random bytes (seeded, so
 /// layers are stable).
-fn layer(mib: u64, seed: u64) -> Result<Vec<u8>> {
+pub(crate) fn layer(mib: u64, seed: u64) -> Result<Vec<u8>> {
     let data = layer_bytes(mib, seed);
     let mut b = tar::Builder::new(Vec::with_capacity(data.len() + 2048));
     let mut h = tar::Header::new_ustar();
@@ -102,7 +102,7 @@ fn layer(mib: u64, seed: u64) -> Result<Vec<u8>> {
 
 /// Writes an `oci:` layout `dir` with an image `tag` of these layers; returns its manifest
 /// digest.
-fn write_image(dir: &Path, tag: &str, layers: &[&[u8]]) -> Result<String> {
+pub(crate) fn write_image(dir: &Path, tag: &str, layers: &[&[u8]]) -> Result<String> {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
     let put = |b: &[u8]| -> Result<String> {
@@ -157,7 +157,7 @@ fn write_image(dir: &Path, tag: &str, layers: &[&[u8]]) -> Result<String> {
     Ok(md)
 }
 
-fn skopeo(src: &str, dst: &str) -> Command {
+pub(crate) fn skopeo(src: &str, dst: &str) -> Command {
     let mut c = Command::new("skopeo");
     c.args(["copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", src, dst]);
     c

@@ -30,6 +30,10 @@
 //! 9. images of images: a squash by cairn beside umoci's (`image.rs`);
 //! 10. remote builds: a fan-out dispatched to two remote nix-daemons by cairn and by Nix's
 //!     build hook, and the NARs cairn moves (`remote.rs`).
+//! 11. soak and load: 64 clients mixing adds, imports, closure queries, builds, gc and image
+//!     pulls against one cairnd for 10 minutes, with slow clients holding connections, printing
+//!     the closure query's latency under load and cairnd's memory and descriptors (`soak.rs`;
+//!     only with `--only soak`, and `--soak-minutes N`, `--soak-clients N`).
 //!
 //! Each tool starts from a fresh store for every repetition; timings are wall-clock for the
 //! whole command, client start-up included. Inputs are generated, then read once so that both
@@ -56,6 +60,7 @@ mod image;
 mod protocol;
 mod realise;
 mod remote;
+mod soak;
 
 struct Opts {
     tree_mib: u64,
@@ -63,8 +68,11 @@ struct Opts {
     paths: u64,
     reps: usize,
     with_nix: bool,
-    /// Workloads to run (`add`, `import`, `gc`); all of them by default.
+    /// Workloads to run (`add`, `import`, `gc`); all of them but `soak` by default.
     only: Vec<String>,
+    /// How long the soak workload's load lasts, in minutes, and how many clients make it.
+    soak_minutes: f64,
+    soak_clients: u64,
     /// Only write the export stream of `paths` paths to this file (for profiling), then exit;
     /// with `--only gc`, the gc workload's stream, printing the paths it roots.
     write_stream: Option<PathBuf>,
@@ -72,12 +80,24 @@ struct Opts {
 
 impl Opts {
     fn runs(&self, workload: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|w| w == workload)
+        // The soak takes its minutes whatever the other sizes: it runs only when asked for.
+        (self.only.is_empty() && workload != "soak") || self.only.iter().any(|w| w == workload)
     }
 }
 
-const WORKLOADS: [&str; 10] =
-    ["add", "import", "gc", "substitute", "build", "image", "image-build", "image-compose", "nix-daemon", "remote"];
+const WORKLOADS: [&str; 11] = [
+    "add",
+    "import",
+    "gc",
+    "substitute",
+    "build",
+    "image",
+    "image-build",
+    "image-compose",
+    "nix-daemon",
+    "remote",
+    "soak",
+];
 
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
@@ -87,6 +107,8 @@ fn parse_opts() -> Result<Opts> {
         reps: 3,
         with_nix: true,
         only: Vec::new(),
+        soak_minutes: 10.0,
+        soak_clients: 64,
         write_stream: None,
     };
     let mut args = std::env::args().skip(1);
@@ -105,10 +127,15 @@ fn parse_opts() -> Result<Opts> {
                     o.only.push(w.to_owned());
                 }
             }
+            "--soak-minutes" => {
+                o.soak_minutes = args.next().context("missing minutes")?.parse().context("not a number")?
+            }
+            "--soak-clients" => o.soak_clients = num()?,
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,image-compose,nix-daemon,remote] [--tree-mib N] [--files N] [--paths N]");
-                println!("                   [--reps N] [--no-nix] [--write-stream FILE]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,image-compose,nix-daemon,remote,soak] [--tree-mib N] [--files N] [--paths N]");
+                println!("                   [--reps N] [--no-nix] [--write-stream FILE] [--soak-minutes N] [--soak-clients N]");
+                println!("soak runs only with --only soak (10 minutes, 64 clients by default).");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
                 std::process::exit(0);
             }
@@ -116,6 +143,7 @@ fn parse_opts() -> Result<Opts> {
         }
     }
     ensure!(o.paths > 0 && o.reps > 0, "--paths and --reps must be positive");
+    ensure!(o.soak_minutes > 0.0 && o.soak_clients > 0, "--soak-minutes and --soak-clients must be positive");
     Ok(o)
 }
 
@@ -524,6 +552,9 @@ fn main() -> Result<()> {
     }
     if o.runs("remote") {
         remote::bench_remote(&o, w, with_nix, &mut table)?;
+    }
+    if o.runs("soak") {
+        soak::bench_soak(&o, w, &mut table)?;
     }
     // Removing the inputs and stores (several GiB) is not measured.
     rm_rf(w);

@@ -4,9 +4,11 @@
 //! store, binds the socket and runs the accept loop until SIGTERM or SIGINT; `api` maps API
 //! routes (one module per group) onto `cairn_store::LocalStore` calls, which are blocking and run
 //! on tokio's blocking pool through `stream`; `state` is what the routes share; `listen` holds the
-//! binary cache and OCI registry listeners; `auth` decides what each connection may do from its peer credentials (SO_PEERCRED);
-//! `limits` bounds the connections each user (or client address) may hold and how long a request
-//! head may take; `tag_owners` decides who may move or remove an image tag.
+//! binary cache and OCI registry listeners; `auth` decides what each connection may do from its
+//! peer credentials (SO_PEERCRED); `limits` bounds the connections each user (or client address)
+//! may hold and how long a request head may take; `send_timeout` how long an answer may wait for
+//! a client that reads none of it; `outbox` keeps builds from waiting for the clients of their
+//! event streams; `tag_owners` decides who may move or remove an image tag.
 //!
 //! **Architecture invariant:** only this crate (with `cairn-client`) knows the wire format, and
 //! only through `cairn-api`'s types; the store below it knows nothing of HTTP or JSON.
@@ -19,6 +21,8 @@ mod convert;
 mod error;
 mod limits;
 mod listen;
+mod outbox;
+mod send_timeout;
 mod server;
 mod state;
 mod stream;

@@ -22,6 +22,9 @@
 //!   those that trickle their head, and never a request under way: a download, push or build
 //!   may take any time once its head is in. (Hyper starts its timer when it starts waiting, so
 //!   an "idle" and a "head" timeout would be one timer; there is one setting.)
+//! - `send_timeout`'s [`SendDeadline`](crate::send_timeout::SendDeadline) around every
+//!   connection: an answer the client takes none of for `send-timeout` closes the connection, so
+//!   a download nobody reads does not hold its producer (a thread, temporary roots) for ever.
 //! - [`AcceptErrors`]: a failed `accept` because descriptors or memory ran out backs off (10 ms,
 //!   doubling to 1 s) instead of spinning, and every warning here goes through [`LogEvery`], at
 //!   most one line per interval with a count of what it left out.
@@ -78,6 +81,9 @@ pub struct Limits {
     pub max_per_peer: usize,
     /// How long a request head may take (`None`: no limit).
     pub header_read_timeout: Option<Duration>,
+    /// How long an answer may wait for a client that takes none of it (`None`: no limit; see
+    /// `send_timeout`).
+    pub send_timeout: Option<Duration>,
 }
 
 impl Limits {
@@ -99,6 +105,7 @@ impl Limits {
             max_per_peer: settings.max_connections_per_user.min(max_total),
             header_read_timeout: (settings.header_read_timeout > 0)
                 .then(|| Duration::from_secs(settings.header_read_timeout)),
+            send_timeout: (settings.send_timeout > 0).then(|| Duration::from_secs(settings.send_timeout)),
         }
     }
 }
@@ -396,7 +403,7 @@ mod tests {
     use super::*;
 
     fn limits(total: usize, per: usize) -> Limits {
-        Limits { max_total: total, max_per_peer: per, header_read_timeout: None }
+        Limits { max_total: total, max_per_peer: per, header_read_timeout: None, send_timeout: None }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::api::router;
 use crate::auth::Policy;
 use crate::limits::{AcceptErrors, Connections, Limits, PeerKey};
+use crate::send_timeout::SendDeadline;
 use crate::state::AppState;
 
 /// How long in-flight requests get to finish after SIGTERM.
@@ -170,6 +171,7 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
                 };
                 tracing::debug!(user = peer.user, uid = peer.uid, "connection");
                 let svc = TowerToHyperService::new(app.clone().layer(Extension(peer)));
+                let stream = SendDeadline::new(stream, connections.limits().send_timeout);
                 let conn = crate::limits::http1(connections.limits()).serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -262,8 +264,9 @@ async fn serve_tcp(
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
         let http = crate::limits::http1(connections.limits());
+        let send_timeout = connections.limits().send_timeout;
         let Some(tls) = &tls else {
-            let conn = http.serve_connection(TokioIo::new(stream), svc);
+            let conn = http.serve_connection(TokioIo::new(SendDeadline::new(stream, send_timeout)), svc);
             tokio::spawn(async move {
                 let _slot = slot;
                 if let Err(e) = conn.await {
@@ -283,6 +286,7 @@ async fn serve_tcp(
                 Ok(Err(e)) => return tracing::debug!(client = %addr, "TLS handshake failed: {e}"),
                 Err(_) => return tracing::debug!(client = %addr, "TLS handshake timed out"),
             };
+            let stream = SendDeadline::new(stream, send_timeout);
             if let Err(e) = http.serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(client = %addr, "connection ended: {e}");
             }

@@ -25,7 +25,9 @@ pub(crate) fn json_line(v: &impl serde::Serialize) -> Bytes {
 }
 
 /// Runs `work` in its own task and answers with JSON lines: `progress()` five times a second
-/// while it runs and once more at the end, then the event `work` ends with.
+/// while it runs and once more at the end, then the event `work` ends with. A tick the client has
+/// no room for is skipped, never waited for: the next one says more, and a client that stops
+/// reading must not stop the work (until `send-timeout` disconnects it).
 pub(crate) fn progress_lines<E: serde::Serialize + Send + 'static>(
     progress: impl Fn() -> E + Send + 'static,
     work: impl std::future::Future<Output = E> + Send + 'static,
@@ -37,7 +39,7 @@ pub(crate) fn progress_lines<E: serde::Serialize + Send + 'static>(
         let last = loop {
             tokio::select! {
                 e = &mut work => break e,
-                _ = tick.tick() => { let _ = tx.send(json_line(&progress())).await; }
+                _ = tick.tick() => { let _ = tx.try_send(json_line(&progress())); }
             }
         };
         let _ = tx.send(json_line(&progress())).await;

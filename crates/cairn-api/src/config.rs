@@ -70,6 +70,7 @@ pub struct ConfigFile {
     pub max_connections: Option<usize>,
     pub max_connections_per_user: Option<usize>,
     pub header_read_timeout: Option<u64>,
+    pub send_timeout: Option<u64>,
 }
 
 /// Every key a configuration file may set, in the template's order.
@@ -125,6 +126,7 @@ pub const KEYS: &[&str] = &[
     "max-connections",
     "max-connections-per-user",
     "header-read-timeout",
+    "send-timeout",
 ];
 
 /// Why configuration could not be loaded. Each message is one line: a user who mistypes a key
@@ -358,6 +360,9 @@ pub struct Settings {
     /// Seconds a connection gets to send a whole request head, from the moment the daemon
     /// waits for one (0: no limit).
     pub header_read_timeout: u64,
+    /// Seconds an answer may wait for a client that takes none of it before the connection is
+    /// closed (0: no limit).
+    pub send_timeout: u64,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -476,6 +481,7 @@ impl Settings {
             max_connections: file.max_connections.unwrap_or(1024).max(1),
             max_connections_per_user: file.max_connections_per_user.unwrap_or(128).max(1),
             header_read_timeout: file.header_read_timeout.unwrap_or(30),
+            send_timeout: file.send_timeout.unwrap_or(60),
         }
     }
 }
@@ -496,7 +502,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 51, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 52, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

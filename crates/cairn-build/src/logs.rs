@@ -37,17 +37,23 @@ impl LogStore {
 
     /// The log of the last build of `drv`, if any.
     pub fn read(&self, drv: &StorePath) -> io::Result<Option<Vec<u8>>> {
+        let Some(mut r) = self.open(drv)? else { return Ok(None) };
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)?;
+        Ok(Some(out))
+    }
+
+    /// The log of the last build of `drv` as a reader that decompresses as it goes, if any: a
+    /// log of a talkative build can be gigabytes once decompressed, more than one answer should
+    /// hold in memory.
+    pub fn open(&self, drv: &StorePath) -> io::Result<Option<Box<dyn Read + Send>>> {
         match fs::File::open(self.file(drv, "bz2")) {
-            Ok(f) => {
-                let mut out = Vec::new();
-                bzip2::read::MultiBzDecoder::new(io::BufReader::new(f)).read_to_end(&mut out)?;
-                return Ok(Some(out));
-            }
+            Ok(f) => return Ok(Some(Box::new(bzip2::read::MultiBzDecoder::new(io::BufReader::new(f))))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
         match fs::File::open(self.file(drv, "zst")) {
-            Ok(f) => Ok(Some(zstd::decode_all(f)?)),
+            Ok(f) => Ok(Some(Box::new(zstd::stream::read::Decoder::new(f)?))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }

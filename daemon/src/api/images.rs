@@ -30,6 +30,7 @@ use cairn_store::ClientScope;
 
 use crate::auth::Peer;
 use crate::error::{ApiError, ApiResult};
+use crate::outbox::{dropped_text, forward, Line};
 use crate::state::{AppState, St};
 use crate::stream::{blocking, json_line, stream_response, upload, IntoStoreError};
 
@@ -408,26 +409,20 @@ pub async fn build(
     Json(req): Json<cairn_api::image::BuildRequest>,
 ) -> ApiResult<HttpResponse> {
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let (events, seen) = tokio::sync::mpsc::unbounded_channel();
     let dir = s.store_dir.clone();
     tokio::spawn(async move {
         let work = build_image(s, peer, req, events);
-        tokio::pin!(work);
-        let answer = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                Some(e) = seen.recv() => {
-                    if let Some(e) = build_event(&dir, e) {
-                        let _ = tx.send(json_line(&e)).await;
-                    }
-                }
-            }
+        // The build never waits for the client (see `outbox`).
+        let convert = |e| {
+            let e = build_event(&dir, e)?;
+            Some(match &e {
+                BuildEvent::Log { drv, .. } => Line::Log { drv: drv.clone(), line: json_line(&e) },
+                _ => Line::Event(json_line(&e)),
+            })
         };
-        while let Ok(e) = seen.try_recv() {
-            if let Some(e) = build_event(&dir, e) {
-                let _ = tx.send(json_line(&e)).await;
-            }
-        }
+        let note = |drv, n| json_line(&BuildEvent::Log { drv, line: dropped_text(n) });
+        let answer = forward(work, seen, &tx, convert, note).await;
         let last = match answer {
             Ok(b) => BuildEvent::Built(b),
             Err(e) => {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
 use bytes::Bytes;
 use cairn_api::config::{state_dir, Settings};
@@ -19,11 +19,13 @@ use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResul
 use cairn_build::requirements::Attrs;
 use cairn_build::{BuildSettings, Event, Goal, LogStore, Mode, Options};
 use cairn_nix::{StoreDir, StorePath};
+use cairn_store::ClientScope;
 use tokio::sync::mpsc;
 
 use crate::auth::Peer;
 use crate::convert::{self, store_path};
 use crate::error::{ApiError, ApiResult};
+use crate::outbox::{dropped_text, forward, Line};
 use crate::state::AppState;
 
 /// The builder's settings from the daemon's.
@@ -147,7 +149,7 @@ fn failure_kind(k: cairn_build::FailureKind) -> cairn_api::FailureKind {
     }
 }
 
-fn line(event: &RealiseEvent) -> Bytes {
+pub(super) fn line(event: &RealiseEvent) -> Bytes {
     let mut v = serde_json::to_vec(event).expect("events serialise");
     v.push(b'\n');
     v.into()
@@ -203,6 +205,30 @@ pub(crate) async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[G
     }
 }
 
+/// Roots the goals (derivations and outputs) for the client's process (`ClientScope`) before anything is built or
+/// found valid, as Nix's daemon roots what a session asks to build. Without it a collection
+/// between a build's registration and the end of the realisation (which checks the goals'
+/// outputs), or between the answer and the client's own root (`realise -o`), took an unrooted
+/// output, and the client read that the output it had just built was not valid.
+async fn keep_outputs_for_client(st: &Arc<AppState>, peer: &Peer, goals: &[Goal]) {
+    let Some(client) = peer.client else { return };
+    let (st, goals) = (st.clone(), goals.to_vec());
+    let kept = tokio::task::spawn_blocking(move || {
+        let _scope = ClientScope::enter(Some(client));
+        let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
+        for g in &goals {
+            drop(st.store.temp_root([g.drv.clone()]));
+            // A derivation that cannot be read fails the realisation itself, which says why.
+            if let Ok(outputs) = drvs.outputs(&g.drv) {
+                drop(st.store.temp_root(outputs.into_values()));
+            }
+        }
+    });
+    if let Err(e) = kept.await {
+        tracing::warn!("cannot root the outputs of a realisation for its client: {e}");
+    }
+}
+
 pub async fn realise(
     State(st): State<Arc<AppState>>,
     Extension(peer): Extension<Peer>,
@@ -242,6 +268,7 @@ pub async fn realise(
         given: Default::default(),
         builders,
     };
+    keep_outputs_for_client(&st, &peer, &goals).await;
     // A check rebuilds what is valid, and a repair of what is valid is decided by its contents:
     // only a normal realisation fills missing outputs from substituters first.
     if mode == Mode::Normal {
@@ -250,42 +277,36 @@ pub async fn realise(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();
     tokio::spawn(async move {
-        let (etx, mut erx) = mpsc::unbounded_channel::<Event>();
+        let (etx, erx) = mpsc::unbounded_channel::<Event>();
         let work = builder.realise(goals, options, etx);
-        tokio::pin!(work);
-        let mut work_done = None;
-        loop {
-            tokio::select! {
-                r = &mut work, if work_done.is_none() => work_done = Some(r),
-                e = erx.recv() => match e {
-                    Some(e) => {
-                        let ev = match e {
-                            Event::Plan { drvs } => RealiseEvent::Plan { drvs: drvs.iter().map(|d| dir.display(d)).collect() },
-                            Event::Started { drv, machine } => {
-                                tracing::info!(drv = %dir.display(&drv), on = machine.as_deref().unwrap_or("here"), "building");
-                                RealiseEvent::Started { drv: dir.display(&drv), machine }
-                            }
-                            Event::Log { drv, line } => RealiseEvent::Log {
-                                drv: dir.display(&drv),
-                                line: String::from_utf8_lossy(&line).into_owned(),
-                            },
-                            Event::Built { drv, outputs } => {
-                                tracing::info!(drv = %dir.display(&drv), "built");
-                                RealiseEvent::Built { drv: dir.display(&drv), outputs: outputs_wire(&dir, &outputs) }
-                            }
-                            Event::Failed { drv, kind, message } => {
-                                tracing::warn!(drv = %dir.display(&drv), "build failed: {message}");
-                                RealiseEvent::Failed { drv: dir.display(&drv), kind: failure_kind(kind), message }
-                            }
-                        };
-                        // A client that went away stops nothing: the builds finish and register.
-                        let _ = tx.send(line(&ev)).await;
-                    }
-                    None => break,
-                },
-            }
-        }
-        let event = match work_done.expect("the event channel closes after the work ends") {
+        // The builds never wait for the client (see `outbox`); a client that went away stops
+        // nothing: the builds finish and register.
+        let convert = |e: Event| {
+            let ev = match e {
+                Event::Plan { drvs } => RealiseEvent::Plan { drvs: drvs.iter().map(|d| dir.display(d)).collect() },
+                Event::Started { drv, machine } => {
+                    tracing::info!(drv = %dir.display(&drv), on = machine.as_deref().unwrap_or("here"), "building");
+                    RealiseEvent::Started { drv: dir.display(&drv), machine }
+                }
+                Event::Log { drv, line: text } => {
+                    let ev =
+                        RealiseEvent::Log { drv: dir.display(&drv), line: String::from_utf8_lossy(&text).into_owned() };
+                    return Some(Line::Log { drv: dir.display(&drv), line: line(&ev) });
+                }
+                Event::Built { drv, outputs } => {
+                    tracing::info!(drv = %dir.display(&drv), "built");
+                    RealiseEvent::Built { drv: dir.display(&drv), outputs: outputs_wire(&dir, &outputs) }
+                }
+                Event::Failed { drv, kind, message } => {
+                    tracing::warn!(drv = %dir.display(&drv), "build failed: {message}");
+                    RealiseEvent::Failed { drv: dir.display(&drv), kind: failure_kind(kind), message }
+                }
+            };
+            Some(Line::Event(line(&ev)))
+        };
+        let note = |drv, n| line(&RealiseEvent::Log { drv, line: dropped_text(n) });
+        let work_done = forward(work, erx, &tx, convert, note).await;
+        let event = match work_done {
             Err(e) => {
                 let e = ApiError::from(e);
                 RealiseEvent::Error(ErrorBody { kind: e.kind, message: e.message })
@@ -306,12 +327,13 @@ pub async fn realise(
     Ok(crate::stream::json_lines(rx))
 }
 
-/// `GET /v1/log?path=`: a derivation's last build log, or its deriver's for an output.
+/// `GET /v1/log?path=`: a derivation's last build log, or its deriver's for an output, streamed
+/// as it is decompressed (a log can be far larger than an answer should hold in memory).
 pub async fn log(State(st): State<Arc<AppState>>, Query(q): Query<PathQuery>) -> ApiResult<HttpResponse> {
     let dir = st.store_dir.clone();
     let path = store_path(&dir, &q.path)?;
     let st2 = st.clone();
-    let text = tokio::task::spawn_blocking(move || -> ApiResult<Vec<u8>> {
+    let mut text = tokio::task::spawn_blocking(move || -> ApiResult<Box<dyn std::io::Read + Send>> {
         let drv = if path.name().ends_with(".drv") {
             path.clone()
         } else {
@@ -322,13 +344,19 @@ pub async fn log(State(st): State<Arc<AppState>>, Query(q): Query<PathQuery>) ->
         };
         st2.builder
             .logs()
-            .read(&drv)
+            .open(&drv)
             .map_err(|e| ApiError::internal(format!("cannot read the build log: {e}")))?
             .ok_or_else(|| ApiError::not_found(format!("build log of '{}' is not available", dir.display(&drv))))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    let mut answer = crate::stream::stream_response(move |w| {
+        std::io::copy(&mut text, w).map(|_| ()).map_err(crate::stream::IntoStoreError::into_store)
+    });
+    answer
+        .headers_mut()
+        .insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    Ok(answer)
 }
 
 /// `add-derivation`: the ATerm parsed, completed and written as a text path.

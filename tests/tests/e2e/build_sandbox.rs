@@ -5,7 +5,7 @@
 //! Needs `/bin/busybox` (Debian `busybox-static`); `.ci/run` installs it.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -399,4 +399,30 @@ fn outputs_a_substituter_has_are_substituted_not_built() {
     assert!(!log.contains("building drv="), "nothing was built: {log}");
     let info: serde_json::Value = serde_json::from_str(&b.ok(&["path-info", "--json", &out])).unwrap();
     assert!(info[0]["signatures"][0].as_str().unwrap().starts_with("builds-1:"), "{info}");
+}
+
+/// A realisation roots its derivation and outputs for its client's process, as Nix's daemon
+/// does for a session: a collection between the build and the client's own root (`realise -o`)
+/// must not take the output just built. Here the client is this test process, on a connection
+/// of its own, alive while `cairn gc` runs.
+#[test]
+fn a_realised_output_is_kept_for_its_client_until_the_client_roots_it() {
+    let Some(s) = store("") else { return };
+    let (drv, out) = add(&s, &drv_json("kept-for-its-client", "echo kept > $out", &[], None));
+    let body = serde_json::json!({ "paths": [drv] }).to_string();
+    let mut c = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    write!(
+        c,
+        "POST /v1/realise HTTP/1.1\r\nHost: cairnd\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains(r#""event":"done""#), "{answer}");
+    // Nothing roots the output but this process's realisation.
+    s.ok(&["gc"]);
+    assert!(is_valid(&s, &out), "a collection took the output its client had just built");
+    assert!(is_valid(&s, &drv), "a collection took the derivation its client realised");
 }

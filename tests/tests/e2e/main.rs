@@ -23,6 +23,7 @@ mod oci_conformance;
 mod oci_hostile;
 mod push;
 mod registry_uploads;
+mod slow_clients;
 mod smoke;
 mod socket_activation;
 mod tag_owners;

@@ -96,6 +96,11 @@ pub(crate) async fn serve(listener: UnixListener, st: Arc<AppState>, policy: Pol
                 continue;
             }
         };
+        // A client that reads none of an answer for send-timeout ends its session (SO_SNDTIMEO:
+        // a write that makes no progress for that long fails), as on the HTTP listeners.
+        if let Err(e) = stream.set_write_timeout(connections.limits().send_timeout) {
+            tracing::debug!("cannot set the send timeout: {e}");
+        }
         let (st, rt) = (st.clone(), rt.clone());
         let spawned = std::thread::Builder::new().name("nix-session".into()).spawn(move || {
             let _slot = slot;
