@@ -84,6 +84,8 @@ pub struct Limits {
     /// How long an answer may wait for a client that takes none of it (`None`: no limit; see
     /// `send_timeout`).
     pub send_timeout: Option<Duration>,
+    /// How long an upload may send nothing (`body-read-timeout`; see [`crate::stream::body_reader`]).
+    pub body_read_timeout: Option<Duration>,
 }
 
 impl Limits {
@@ -106,6 +108,8 @@ impl Limits {
             header_read_timeout: (settings.header_read_timeout > 0)
                 .then(|| Duration::from_secs(settings.header_read_timeout)),
             send_timeout: (settings.send_timeout > 0).then(|| Duration::from_secs(settings.send_timeout)),
+            body_read_timeout: (settings.body_read_timeout > 0)
+                .then(|| Duration::from_secs(settings.body_read_timeout)),
         }
     }
 }
@@ -403,7 +407,13 @@ mod tests {
     use super::*;
 
     fn limits(total: usize, per: usize) -> Limits {
-        Limits { max_total: total, max_per_peer: per, header_read_timeout: None, send_timeout: None }
+        Limits {
+            max_total: total,
+            max_per_peer: per,
+            header_read_timeout: None,
+            send_timeout: None,
+            body_read_timeout: None,
+        }
     }
 
     #[test]

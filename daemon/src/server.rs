@@ -35,6 +35,7 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
     let control = Arc::new(crate::state::Control::new(settings.clone(), config_file));
     let nofile = crate::limits::raise_nofile_limit();
     let limits = Limits::from_settings(&settings, nofile);
+    crate::stream::set_body_read_timeout(limits.body_read_timeout);
     let state = open_state(&settings, control.clone()).await?;
     let (store, store_dir, images, tag_owners) =
         (state.store.clone(), state.store_dir.clone(), state.images.clone(), state.tag_owners.clone());

@@ -11,7 +11,7 @@ use std::io::{self, BufReader, Write};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use bytes::{Bytes, BytesMut};
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
@@ -68,9 +68,39 @@ pub(crate) async fn blocking<T: Send + 'static, E: From<tokio::task::JoinError> 
 }
 
 /// A request body as a blocking reader.
+///
+/// A body that sends nothing for `body-read-timeout` ([`set_body_read_timeout`]) ends with a
+/// `TimedOut` error: a client that stops sending part-way would otherwise hold the blocking
+/// thread reading its upload, and what that upload held (a temporary copy, path locks), for as
+/// long as it kept the connection open.
 pub(crate) fn body_reader(body: Body) -> impl io::Read + Send + 'static {
-    let stream = body.into_data_stream().map_err(io::Error::other);
-    BufReader::with_capacity(1 << 20, SyncIoBridge::new(StreamReader::new(stream)))
+    let idle = BODY_READ_TIMEOUT.get().copied().flatten();
+    let stream = futures_util::stream::unfold(Some(body.into_data_stream()), move |s| async move {
+        let mut s = s?;
+        let next = match idle {
+            Some(t) => match tokio::time::timeout(t, s.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let e = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client sent nothing of its upload for {} s (body-read-timeout)", t.as_secs()),
+                    );
+                    return Some((Err(e), None));
+                }
+            },
+            None => s.next().await,
+        };
+        next.map(|item| (item.map_err(io::Error::other), Some(s)))
+    });
+    BufReader::with_capacity(1 << 20, SyncIoBridge::new(StreamReader::new(Box::pin(stream))))
+}
+
+/// `body-read-timeout`, set once when the daemon starts serving (the first setting wins).
+static BODY_READ_TIMEOUT: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+
+/// Sets how long [`body_reader`]'s uploads may send nothing.
+pub(crate) fn set_body_read_timeout(t: Option<std::time::Duration>) {
+    let _ = BODY_READ_TIMEOUT.set(t);
 }
 
 /// How much of a refused upload is read and discarded before answering. An HTTP/1.1 client

@@ -71,6 +71,7 @@ pub struct ConfigFile {
     pub max_connections_per_user: Option<usize>,
     pub header_read_timeout: Option<u64>,
     pub send_timeout: Option<u64>,
+    pub body_read_timeout: Option<u64>,
 }
 
 /// Every key a configuration file may set, in the template's order.
@@ -127,6 +128,7 @@ pub const KEYS: &[&str] = &[
     "max-connections-per-user",
     "header-read-timeout",
     "send-timeout",
+    "body-read-timeout",
 ];
 
 /// Why configuration could not be loaded. Each message is one line: a user who mistypes a key
@@ -363,6 +365,8 @@ pub struct Settings {
     /// Seconds an answer may wait for a client that takes none of it before the connection is
     /// closed (0: no limit).
     pub send_timeout: u64,
+    /// Seconds an upload may send nothing before it is cut (`body-read-timeout`; 0: never).
+    pub body_read_timeout: u64,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -482,6 +486,7 @@ impl Settings {
             max_connections_per_user: file.max_connections_per_user.unwrap_or(128).max(1),
             header_read_timeout: file.header_read_timeout.unwrap_or(30),
             send_timeout: file.send_timeout.unwrap_or(60),
+            body_read_timeout: file.body_read_timeout.unwrap_or(60),
         }
     }
 }
@@ -502,7 +507,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 52, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 53, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

@@ -168,3 +168,32 @@ fn a_chain_keeps_building_while_its_client_reads_nothing() {
     assert!(answer.contains("log lines were not sent"), "no note of the dropped log lines");
     assert!(answer.len() < 4 << 20, "{} bytes of events were kept for a client that read nothing", answer.len());
 }
+
+#[test]
+fn an_upload_that_stops_sending_part_way_is_cut_at_the_body_read_timeout_and_holds_nothing() {
+    let st = TestStore::builder().config("body-read-timeout = 1\n").start();
+    let tmp = st.real_store_dir().join(".cairn-tmp");
+    let mut s = UnixStream::connect(&st.socket).unwrap();
+    // A flat add of 1 MiB that sends 1 KiB of it, then nothing.
+    write!(
+        s,
+        "POST /v1/add?name=stalled&method=flat&size=1048576&executable=false HTTP/1.1\r\nHost: cairnd\r\n\
+         Content-Length: 1048576\r\n\r\n"
+    )
+    .unwrap();
+    s.write_all(&noise(1024)).unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_end(&mut answer);
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(took < Duration::from_secs(8), "the stalled upload was not cut ({took:?})");
+    assert!(answer.contains("body-read-timeout"), "the answer says why: {answer}");
+    // Nothing of it stays: no temporary copy, and the daemon serves the next client.
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left in .cairn-tmp: {left:?}");
+    let f = st.root.path().join("after");
+    std::fs::write(&f, b"after\n").unwrap();
+    st.ok(&["add", f.to_str().unwrap()]);
+}
