@@ -19,6 +19,8 @@ pub mod args;
 mod auth;
 mod convert;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod limits;
 mod listen;
 mod outbox;

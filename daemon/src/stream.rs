@@ -210,8 +210,8 @@ impl IntoStoreError for io::Error {
     }
 }
 
-/// A single byte range of a body of `len` bytes: `(start, end exclusive)`; `Err` when it cannot
-/// be satisfied.
+/// A single byte range of a body of `len` bytes: `(start, end exclusive)`, never empty; `Err`
+/// when it cannot be satisfied (RFC 9110: an empty body satisfies no range, not even a suffix).
 pub fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
     let spec = value.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
@@ -221,7 +221,7 @@ pub fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
         let n: u64 = b.parse().ok()?;
-        if n == 0 {
+        if n == 0 || len == 0 {
             return Some(Err(()));
         }
         (len.saturating_sub(n), len)
@@ -278,5 +278,14 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
         assert_eq!(parse_range("items=0-1", 100), None);
         assert_eq!(parse_range("bytes=x-1", 100), None);
+    }
+
+    /// A suffix range of an empty body was `Ok((0, 0))`, and its `Content-Range` end (`end - 1`)
+    /// underflowed in the registry's and the cache's answers.
+    #[test]
+    fn no_range_of_an_empty_body_is_satisfiable() {
+        for value in ["bytes=-99", "bytes=-1", "bytes=0-", "bytes=0-0"] {
+            assert_eq!(parse_range(value, 0), Some(Err(())), "{value}");
+        }
     }
 }

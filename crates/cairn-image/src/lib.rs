@@ -16,6 +16,8 @@
 
 pub mod automaton;
 pub mod compose;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod images;
 pub mod layered;
 pub mod memo;

@@ -189,6 +189,17 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
     })
 }
 
+/// Applies uncompressed layers in order to `root`, an existing empty directory, by the rules
+/// [`unpack`] applies an image's layers with; returns the device nodes and special bits left out.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn apply_layers(root: &Path, layers: &[&[u8]]) -> Result<(u64, u64), UnpackError> {
+    let mut tree = layer::Tree::new(root.to_owned());
+    for (i, l) in layers.iter().enumerate() {
+        tree.apply(&format!("layer {i}"), *l)?;
+    }
+    Ok((tree.dropped_devices, tree.dropped_special_bits))
+}
+
 /// The image manifest to unpack: the only one, or (from a multi-platform index) the first for
 /// `platform`, else the first.
 pub(crate) fn pick_manifest(

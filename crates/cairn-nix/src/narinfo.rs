@@ -88,7 +88,9 @@ impl NarInfo {
             }
             Ok(())
         }
-        for (i, line) in text.lines().enumerate() {
+        // Lines end at '\n' alone, as Nix reads them: a '\r' is part of a value (so a CRLF
+        // narinfo is refused, as by Nix), and every value renders back as it was read.
+        for (i, line) in text.split('\n').enumerate() {
             if line.is_empty() {
                 continue;
             }

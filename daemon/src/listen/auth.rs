@@ -35,13 +35,13 @@ use sha2::{Digest as _, Sha256};
 /// The users of the `listen` address.
 #[derive(Debug)]
 pub struct ListenAuth {
-    users: Vec<User>,
-    anonymous_read: bool,
+    pub(crate) users: Vec<User>,
+    pub(crate) anonymous_read: bool,
 }
 
 #[derive(Debug)]
-struct User {
-    name: String,
+pub(crate) struct User {
+    pub(crate) name: String,
     token_sha256: [u8; 32],
     push: bool,
     prefixes: Vec<String>,
@@ -64,7 +64,7 @@ impl ListenAuth {
         Ok(ListenAuth { users, anonymous_read })
     }
 
-    fn parse(text: &str) -> anyhow::Result<Vec<User>> {
+    pub(crate) fn parse(text: &str) -> anyhow::Result<Vec<User>> {
         let mut users = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
@@ -125,7 +125,7 @@ impl ListenAuth {
     }
 
     /// The user whose credentials these are, if any.
-    fn identify(&self, authorization: Option<&HeaderValue>) -> Option<&User> {
+    pub(crate) fn identify(&self, authorization: Option<&HeaderValue>) -> Option<&User> {
         let value = authorization?.to_str().ok()?;
         let (name, token) = if let Some(b64) = value.strip_prefix("Basic ") {
             let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
@@ -154,10 +154,14 @@ impl User {
     }
 }
 
-/// The registry repository a `/v2/NAME/…` path names.
-fn repository(path: &str) -> Option<&str> {
+/// The registry repository a `/v2/NAME/…` request acts on. The path is percent-decoded as axum
+/// decodes the registry's `{*rest}` parameter and split by the registry's own `route`, so that
+/// this check and the handler cannot read different names from one path (a `%2F` hiding a
+/// `/manifests/` from one of them, a route the other does not know).
+pub(crate) fn repository(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v2/")?;
-    ["/manifests/", "/blobs/", "/tags/"].iter().filter_map(|m| rest.find(m)).min().map(|i| &rest[..i])
+    let decoded = percent_encoding::percent_decode_str(rest).decode_utf8().ok()?;
+    super::registry::route(&decoded)?.repository().map(str::to_owned)
 }
 
 fn allows(user: &User, scope: Scope, repo: Option<&str>) -> bool {
@@ -193,6 +197,7 @@ pub async fn check(State(auth): State<Arc<ListenAuth>>, req: Request<Body>, next
     let path = req.uri().path().to_owned();
     let registry = path.starts_with("/v2");
     let repo = repository(&path);
+    let repo = repo.as_deref();
     match auth.identify(req.headers().get(header::AUTHORIZATION)) {
         Some(user) if user.expired_at(std::time::SystemTime::now()) => {
             tracing::info!(user = user.name, path, "listen: refused (token expired)");
@@ -251,15 +256,43 @@ mod tests {
     fn scopes_and_repository_prefixes_decide() {
         let a = auth();
         let (alice, bob) = (&a.users[0], &a.users[1]);
-        assert!(allows(alice, Scope::Push, repository("/v2/team/app/blobs/uploads/")));
-        assert!(allows(alice, Scope::Read, repository("/v2/shared/x/y/manifests/1")));
-        assert!(!allows(alice, Scope::Push, repository("/v2/teams/app/manifests/1")), "a prefix is a whole name");
-        assert!(!allows(alice, Scope::Read, repository("/v2/other/manifests/1")));
-        assert!(allows(alice, Scope::Push, repository("/push")), "cache routes have no repository");
-        assert!(allows(bob, Scope::Read, repository("/v2/other/manifests/1")));
-        assert!(!allows(bob, Scope::Push, repository("/v2/other/manifests/1")));
-        assert_eq!(repository("/v2/a/b/tags/list"), Some("a/b"));
-        assert_eq!(repository("/v2/"), None);
+        let repo = |p| repository(p);
+        assert!(allows(alice, Scope::Push, repo("/v2/team/app/blobs/uploads/").as_deref()));
+        assert!(allows(alice, Scope::Read, repo("/v2/shared/x/y/manifests/1").as_deref()));
+        assert!(!allows(alice, Scope::Push, repo("/v2/teams/app/manifests/1").as_deref()), "a prefix is a whole name");
+        assert!(!allows(alice, Scope::Read, repo("/v2/other/manifests/1").as_deref()));
+        assert!(allows(alice, Scope::Push, repo("/push").as_deref()), "cache routes have no repository");
+        assert!(allows(bob, Scope::Read, repo("/v2/other/manifests/1").as_deref()));
+        assert!(!allows(bob, Scope::Push, repo("/v2/other/manifests/1").as_deref()));
+        assert_eq!(repository("/v2/a/b/tags/list").as_deref(), Some("a/b"));
+        assert_eq!(repository("/v2/").as_deref(), None);
+    }
+
+    /// The check read the raw path and stopped at its first `/manifests/`, `/blobs/` or
+    /// `/tags/`, the handler the percent-decoded one at its last keyword, `/referrers/`
+    /// included: a `%2F`, a route the check did not know or a decoded escape made them name
+    /// different repositories, and a user limited to a prefix reached (and pushed to) others.
+    /// The first path is the fuzzer's (`http_requests`).
+    #[test]
+    fn prefixes_hold_whatever_the_path_encoding() {
+        let a = auth();
+        let alice = &a.users[0];
+        let fuzzed =
+            "/v2/v2tccc3333333333333333333333333%33333333333333333333333333333333333333333c2/teapp/manifests/cc";
+        assert_eq!(
+            repository(fuzzed).as_deref(),
+            Some("v2tccc33333333333333333333333333333333333333333333333333333333333333333c2/teapp")
+        );
+        for (path, named) in [
+            ("/v2/secret/manifests%2Flatest", "secret"),
+            ("/v2/secret%2Fmanifests%2Flatest", "secret"),
+            ("/v2/secret/blobs%2Fuploads%2F", "secret"),
+            ("/v2/secret/referrers/sha256:00", "secret"),
+            ("/v2/%73ecret/manifests/1", "secret"),
+        ] {
+            assert_eq!(repository(path).as_deref(), Some(named), "{path}");
+            assert!(!allows(alice, Scope::Read, repository(path).as_deref()), "{path}");
+        }
     }
 
     #[test]

@@ -120,6 +120,29 @@ fn is_hash_part(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| cairn_nix::nixbase32::ALPHABET.contains(&b))
 }
 
+/// The hash part a `HASH.narinfo` request names.
+pub(crate) fn narinfo_file(file: &str) -> Option<&str> {
+    file.strip_suffix(".narinfo").filter(|h| is_hash_part(h))
+}
+
+/// What a `nar/HASH-NARHASH.nar[.zst]` request names (the NAR hash as the narinfo's URL spells
+/// it, in Nix's base-32).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct NarFile<'a> {
+    pub(crate) hash_part: &'a str,
+    pub(crate) nar_hash: &'a str,
+    pub(crate) compressed: bool,
+}
+
+pub(crate) fn nar_file(file: &str) -> Option<NarFile<'_>> {
+    let (name, compressed) = match file.strip_suffix(".nar.zst") {
+        Some(n) => (n, true),
+        None => (file.strip_suffix(".nar")?, false),
+    };
+    let (hash_part, nar_hash) = name.split_once('-').filter(|(h, _)| is_hash_part(h))?;
+    Some(NarFile { hash_part, nar_hash, compressed })
+}
+
 async fn cache_info(State(s): St) -> Response {
     let info = CacheInfo { store_dir: s.store_dir.as_str().to_owned(), want_mass_query: true, priority: PRIORITY };
     ([(header::CONTENT_TYPE, "text/x-nix-cache-info")], info.render()).into_response()
@@ -139,7 +162,7 @@ async fn lookup(s: &Arc<CacheServer>, hash_part: &str) -> Result<Option<(StorePa
 }
 
 async fn narinfo(State(s): St, UrlPath(file): UrlPath<String>) -> Response {
-    let Some(hash_part) = file.strip_suffix(".narinfo").filter(|h| is_hash_part(h)) else { return not_found() };
+    let Some(hash_part) = narinfo_file(&file) else { return not_found() };
     let (path, info) = match lookup(&s, hash_part).await {
         Ok(Some(found)) => found,
         Ok(None) => return not_found(),
@@ -169,16 +192,7 @@ async fn narinfo(State(s): St, UrlPath(file): UrlPath<String>) -> Response {
 }
 
 async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -> Response {
-    let (name, compressed) = match file.strip_suffix(".nar.zst") {
-        Some(n) => (n, true),
-        None => match file.strip_suffix(".nar") {
-            Some(n) => (n, false),
-            None => return not_found(),
-        },
-    };
-    let Some((hash_part, nar_hash)) = name.split_once('-').filter(|(h, _)| is_hash_part(h)) else {
-        return not_found();
-    };
+    let Some(NarFile { hash_part, nar_hash, compressed }) = nar_file(&file) else { return not_found() };
     let (path, info) = match lookup(&s, hash_part).await {
         Ok(Some(found)) => found,
         Ok(None) => return not_found(),

@@ -173,7 +173,7 @@ async fn base() -> Response {
 
 /// What a `/v2/<name>/…` path asks for.
 #[derive(Debug, PartialEq, Eq)]
-enum Route<'a> {
+pub(crate) enum Route<'a> {
     Manifest(&'a str, &'a str),
     Blob(&'a str, &'a str),
     UploadStart(&'a str),
@@ -183,8 +183,23 @@ enum Route<'a> {
     Catalog,
 }
 
+impl<'a> Route<'a> {
+    /// The repository the request acts on (none for the catalog).
+    pub(crate) fn repository(&self) -> Option<&'a str> {
+        match *self {
+            Route::Manifest(n, _)
+            | Route::Blob(n, _)
+            | Route::UploadStart(n)
+            | Route::Upload(n, _)
+            | Route::Tags(n)
+            | Route::Referrers(n, _) => Some(n),
+            Route::Catalog => None,
+        }
+    }
+}
+
 /// Splits a path after `/v2/` at the last `/manifests/`, `/blobs/` … (names contain `/`).
-fn route(rest: &str) -> Option<Route<'_>> {
+pub(crate) fn route(rest: &str) -> Option<Route<'_>> {
     if rest == "_catalog" {
         return Some(Route::Catalog);
     }
@@ -227,11 +242,11 @@ async fn dispatch(
     resp
 }
 
-fn name_ok(name: &str) -> RResult<()> {
+pub(crate) fn name_ok(name: &str) -> RResult<()> {
     validate_repository(name).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string()))
 }
 
-fn digest_ok(d: &str) -> RResult<Digest> {
+pub(crate) fn digest_ok(d: &str) -> RResult<Digest> {
     Digest::parse(d).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string()))
 }
 
@@ -362,7 +377,11 @@ async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>) -> RResul
 }
 
 /// `n`/`last` pagination of sorted names, with the `Link` of the next page.
-fn paginate(all: Vec<String>, q: &HashMap<String, String>, path: &str) -> RResult<(Vec<String>, Option<HeaderValue>)> {
+pub(crate) fn paginate(
+    all: Vec<String>,
+    q: &HashMap<String, String>,
+    path: &str,
+) -> RResult<(Vec<String>, Option<HeaderValue>)> {
     let after: Vec<String> = match q.get("last") {
         Some(last) => all.into_iter().filter(|t| t.as_str() > last.as_str()).collect(),
         None => all,

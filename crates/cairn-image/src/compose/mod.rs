@@ -233,7 +233,7 @@ fn strings(v: &Value) -> Vec<String> {
 }
 
 /// The merged `config` object of several images' configs (see the module doc).
-fn merge_configs(configs: &[Value], overrides: &Overrides) -> Value {
+pub(crate) fn merge_configs(configs: &[Value], overrides: &Overrides) -> Value {
     let mut out = serde_json::Map::new();
     let mut env = Vec::new();
     for c in configs {
@@ -298,7 +298,7 @@ fn oci_layer(mut d: Descriptor) -> Descriptor {
     d
 }
 
-fn platform_of(config: &Value) -> String {
+pub(crate) fn platform_of(config: &Value) -> String {
     let s = |k: &str| config.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let mut p = format!("{}/{}", s("os"), s("architecture"));
     if !s("variant").is_empty() {

@@ -126,6 +126,23 @@ fn cache_info_checks_the_store_directory() {
     assert!(matches!(e, NarInfoError::StoreDirMismatch { .. }), "{e}");
 }
 
+/// `lines()` ended a line at "\r\n" too, and kept a '\r' ending the text: a value ending in
+/// '\r' was read one way and, once rendered, another. Lines end at '\n' alone, as in Nix
+/// (which refuses a CRLF narinfo for the same reason). Shaped after the `narinfo` fuzz target's
+/// finding (an unknown field ending in '\r' on the last, unterminated line).
+#[test]
+fn carriage_returns_belong_to_values_as_in_nix() {
+    let head = FLAT.trim_end_matches('\n');
+    for tail in ["\nX-Field: value\r", "\nX-Field: value\r\r\n", "\nX-Field: \r\r\r"] {
+        let text = format!("{head}{tail}");
+        let info = NarInfo::parse(&nix(), &text).unwrap();
+        assert!(info.extra.last().is_some_and(|(k, v)| k == "X-Field" && v.ends_with('\r')), "{text:?}");
+        assert_eq!(NarInfo::parse(&nix(), &info.render(&nix())).unwrap(), info, "{text:?}");
+    }
+    let crlf = FLAT.replace('\n', "\r\n");
+    assert!(NarInfo::parse(&nix(), &crlf).is_err(), "a CRLF narinfo's store path ends in '\\r'");
+}
+
 fn arb_path() -> impl Strategy<Value = StorePath> {
     (any::<[u8; 20]>(), "[a-zA-Z0-9+_?=-][a-zA-Z0-9+._?=-]{0,30}")
         .prop_map(|(d, n)| StorePath::new(d, &n).expect("valid name"))
