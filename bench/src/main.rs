@@ -51,9 +51,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer};
-use cairn_nix::nar::NarWriter;
-use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
+use cairn_nix::export::write_end_marker;
+use cairn_nix::{StoreDir, StorePath};
 use cairn_tests::{NixStore, Rng, TestStore};
 
 mod image;
@@ -349,20 +348,7 @@ fn write_export_stream(file: &Path, prefix: &str, refs: &[Vec<u32>]) -> Result<V
             contents.extend_from_slice(dir.display(r).as_bytes());
             contents.push(b'\n');
         }
-        let p = dir.make_text_path(&format!("{prefix}{i}"), &Hash::digest(HashAlgo::Sha256, &contents), &refs)?;
-        write_next_marker(&mut out)?;
-        let mut nar = NarWriter::new(&mut out)?;
-        nar.regular(None, false, contents.len() as u64, &mut &contents[..])?;
-        nar.finish()?;
-        write_trailer(
-            &mut out,
-            &ExportTrailer {
-                path: dir.display(&p),
-                references: refs.iter().map(|r| dir.display(r)).collect(),
-                deriver: None,
-            },
-        )?;
-        paths.push(p);
+        paths.push(cairn_tests::export_text_path(&mut out, &dir, &format!("{prefix}{i}"), &contents, &refs)?);
     }
     write_end_marker(&mut out)?;
     out.flush()?;

@@ -700,3 +700,31 @@ pub fn processes(argv: &[&str]) -> Vec<u32> {
         })
         .unwrap_or_default()
 }
+
+/// Writes one text path (`name`, holding `contents`, referring to `refs`) into an export stream
+/// as `nix-store --export` writes it — marker, NAR, trailer — and returns the path. The
+/// stream's end marker is the caller's ([`cairn_nix::export::write_end_marker`]).
+pub fn export_text_path(
+    out: &mut impl Write,
+    dir: &cairn_nix::StoreDir,
+    name: &str,
+    contents: &[u8],
+    refs: &std::collections::BTreeSet<cairn_nix::StorePath>,
+) -> std::io::Result<cairn_nix::StorePath> {
+    use cairn_nix::export::{write_next_marker, write_trailer, ExportTrailer};
+    use cairn_nix::{Hash, HashAlgo};
+    let p = dir.make_text_path(name, &Hash::digest(HashAlgo::Sha256, contents), refs).map_err(std::io::Error::other)?;
+    write_next_marker(&mut *out)?;
+    let mut nar = cairn_nix::nar::NarWriter::new(&mut *out).map_err(std::io::Error::other)?;
+    nar.regular(None, false, contents.len() as u64, &mut &contents[..]).map_err(std::io::Error::other)?;
+    nar.finish().map_err(std::io::Error::other)?;
+    write_trailer(
+        &mut *out,
+        &ExportTrailer {
+            path: dir.display(&p),
+            references: refs.iter().map(|r| dir.display(r)).collect(),
+            deriver: None,
+        },
+    )?;
+    Ok(p)
+}

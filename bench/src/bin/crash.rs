@@ -31,9 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_nix::content_address::FileIngestionMethod;
-use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer};
+use cairn_nix::export::write_end_marker;
 use cairn_nix::hash::HashingWriter;
-use cairn_nix::nar::NarWriter;
 use cairn_nix::{Hash, HashAlgo, StoreDir, StorePath};
 use cairn_tests::oci::{http, skopeo_copy, umoci_image, DockerRegistry};
 use cairn_tests::{free_port, Rng, TestStore};
@@ -544,20 +543,7 @@ fn import(ctx: &Ctx, dir: &StoreDir, rng: &mut Rng, tag: &str) -> Result<Vec<Str
         for r in &refs {
             contents.extend_from_slice(dir.display(r).as_bytes());
         }
-        let p = dir.make_text_path(&format!("imp-{tag}-{i}"), &Hash::digest(HashAlgo::Sha256, &contents), &refs)?;
-        write_next_marker(&mut stream)?;
-        let mut nar = NarWriter::new(&mut stream)?;
-        nar.regular(None, false, contents.len() as u64, &mut &contents[..])?;
-        nar.finish()?;
-        write_trailer(
-            &mut stream,
-            &ExportTrailer {
-                path: dir.display(&p),
-                references: refs.iter().map(|r| dir.display(r)).collect(),
-                deriver: None,
-            },
-        )?;
-        paths.push(p);
+        paths.push(cairn_tests::export_text_path(&mut stream, dir, &format!("imp-{tag}-{i}"), &contents, &refs)?);
     }
     write_end_marker(&mut stream)?;
     let shown: Vec<String> = paths.iter().map(|p| dir.display(p)).collect();

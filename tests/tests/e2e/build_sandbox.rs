@@ -30,7 +30,7 @@ fn store(extra: &str) -> Option<TestStore> {
 }
 
 /// A derivation's JSON: `script` run by `/bin/sh -c`, inputs given as (drv, output path).
-fn drv_json(name: &str, script: &str, inputs: &[(&str, &str)], fixed: Option<(&str, &str, &str)>) -> String {
+pub(crate) fn drv_json(name: &str, script: &str, inputs: &[(&str, &str)], fixed: Option<(&str, &str, &str)>) -> String {
     let mut env = BTreeMap::from([
         ("name".to_owned(), name.to_owned()),
         ("builder".to_owned(), "/bin/sh".to_owned()),

@@ -8,12 +8,13 @@
 //! derivations, while the builder's log lines piled up in memory behind it (the stream's events
 //! now wait in a bounded outbox, and the builds go on). Each test takes a few seconds.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use cairn_tests::{require_peer, TestStore};
+
+use crate::build_sandbox::drv_json;
 
 /// A file of `len` bytes that does not compress, so that no buffer on the way holds much of it.
 fn noise(len: usize) -> Vec<u8> {
@@ -89,31 +90,6 @@ fn a_slow_reader_that_keeps_reading_is_not_cut_by_the_send_timeout() {
     assert!(answer.len() > 4 << 20, "{} bytes for a 4 MiB file", answer.len());
 }
 
-/// A derivation's JSON: `script` run by `/bin/sh -c`, input derivations as (drv, output path)
-/// (their outputs in `$in0`, `$in1` …).
-fn drv_json(name: &str, script: &str, inputs: &[(&str, &str)]) -> String {
-    let mut env = BTreeMap::from([
-        ("name".to_owned(), name.to_owned()),
-        ("builder".to_owned(), "/bin/sh".to_owned()),
-        ("system".to_owned(), "x86_64-linux".to_owned()),
-        ("out".to_owned(), String::new()),
-    ]);
-    for (i, (_, out)) in inputs.iter().enumerate() {
-        env.insert(format!("in{i}"), (*out).to_owned());
-    }
-    let input_drvs: BTreeMap<&str, Vec<&str>> = inputs.iter().map(|(d, _)| (*d, vec!["out"])).collect();
-    serde_json::json!({
-        "outputs": { "out": { "path": "" } },
-        "inputSrcs": [],
-        "inputDrvs": input_drvs,
-        "system": "x86_64-linux",
-        "builder": "/bin/sh",
-        "args": ["-c", script],
-        "env": env,
-    })
-    .to_string()
-}
-
 /// Adds a derivation; returns (drv path, output path).
 fn add_drv(st: &TestStore, file: &str, json: &str) -> (String, String) {
     let f = st.root.path().join(file);
@@ -136,8 +112,8 @@ fn a_chain_keeps_building_while_its_client_reads_nothing() {
     // The first build talks far more than the socket and the stream's channel hold (~6 MB).
     let chatty = "i=0; while [ $i -lt 100000 ]; do echo \"line $i of a builder that talks a lot\"; i=$((i+1)); done; \
                   echo a > $out";
-    let (a, a_out) = add_drv(&st, "a.json", &drv_json("chatty", chatty, &[]));
-    let (b, b_out) = add_drv(&st, "b.json", &drv_json("after-chatty", "cat $in0 > $out", &[(&a, &a_out)]));
+    let (a, a_out) = add_drv(&st, "a.json", &drv_json("chatty", chatty, &[], None));
+    let (b, b_out) = add_drv(&st, "b.json", &drv_json("after-chatty", "cat $in0 > $out", &[(&a, &a_out)], None));
     let body = serde_json::json!({ "paths": [b] }).to_string();
     let mut s = UnixStream::connect(&st.socket).unwrap();
     write!(
