@@ -27,6 +27,19 @@ pub struct MountCall {
     pub data: Option<String>,
 }
 
+impl MountCall {
+    /// A recursive bind of `source` at `target`.
+    fn bind(source: &Path, target: PathBuf) -> MountCall {
+        MountCall {
+            source: Some(source.to_owned()),
+            target,
+            fstype: None,
+            flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+            data: None,
+        }
+    }
+}
+
 /// The calls a sandbox needs.
 pub trait Sys {
     fn unshare(&mut self, flags: CloneFlags) -> io::Result<()>;
@@ -121,31 +134,13 @@ pub fn unshare_namespaces(network: bool, sys: &mut dyn Sys) -> Result<(), SysErr
 pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
     for m in &spec.mounts {
         match m {
-            Mount::Bind { source, target, read_only } => {
-                let host = spec.host_path(target);
-                step(
-                    sys.mount(&MountCall {
-                        source: Some(source.clone()),
-                        target: host.clone(),
-                        fstype: None,
-                        flags: MsFlags::MS_BIND | MsFlags::MS_REC,
-                        data: None,
-                    }),
-                    || format!("bind '{}' at '{target}'", source.display()),
-                )?;
-                if *read_only {
-                    let locked = step(sys.locked_flags(source), || format!("statvfs '{}'", source.display()))?;
-                    step(
-                        sys.mount(&MountCall {
-                            source: None,
-                            target: host,
-                            fstype: None,
-                            flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | locked,
-                            data: None,
-                        }),
-                        || format!("make '{target}' read-only"),
-                    )?;
-                }
+            Mount::Bind { source, target, read_only: true } => {
+                bind_read_only(sys, source, &spec.host_path(target), target)?;
+            }
+            Mount::Bind { source, target, read_only: false } => {
+                step(sys.mount(&MountCall::bind(source, spec.host_path(target))), || {
+                    format!("bind '{}' at '{target}'", source.display())
+                })?
             }
             Mount::Tmpfs { target, size } => step(
                 sys.mount(&MountCall {
@@ -158,45 +153,37 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
                 || format!("mount a tmpfs of {size} at '{target}'"),
             )?,
             Mount::Inputs { source, stage, store, names } => {
-                step(
-                    sys.mount(&MountCall {
-                        source: Some(source.clone()),
-                        target: stage.clone(),
-                        fstype: None,
-                        flags: MsFlags::MS_BIND | MsFlags::MS_REC,
-                        data: None,
-                    }),
-                    || format!("bind the store '{}' at '{}'", source.display(), stage.display()),
-                )?;
-                let locked = step(sys.locked_flags(source), || format!("statvfs '{}'", source.display()))?;
-                step(
-                    sys.mount(&MountCall {
-                        source: None,
-                        target: stage.clone(),
-                        fstype: None,
-                        flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | locked,
-                        data: None,
-                    }),
-                    || format!("make '{}' read-only", stage.display()),
-                )?;
+                bind_read_only(sys, source, stage, &stage.display().to_string())?;
                 for name in names {
                     let target = format!("{store}/{name}");
-                    step(
-                        sys.mount(&MountCall {
-                            source: Some(stage.join(name)),
-                            target: spec.host_path(&target),
-                            fstype: None,
-                            flags: MsFlags::MS_BIND | MsFlags::MS_REC,
-                            data: None,
-                        }),
-                        || format!("bind input '{target}'"),
-                    )?;
+                    step(sys.mount(&MountCall::bind(&stage.join(name), spec.host_path(&target))), || {
+                        format!("bind input '{target}'")
+                    })?;
                 }
             }
             Mount::Proc { .. } => {}
         }
     }
     Ok(())
+}
+
+/// Binds `source` at `target` (shown as `shown`) and remounts it read-only, keeping the flags
+/// an unprivileged remount must keep.
+fn bind_read_only(sys: &mut dyn Sys, source: &Path, target: &Path, shown: &str) -> Result<(), SysError> {
+    step(sys.mount(&MountCall::bind(source, target.to_owned())), || {
+        format!("bind '{}' at '{shown}'", source.display())
+    })?;
+    let locked = step(sys.locked_flags(source), || format!("statvfs '{}'", source.display()))?;
+    step(
+        sys.mount(&MountCall {
+            source: None,
+            target: target.to_owned(),
+            fstype: None,
+            flags: MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | locked,
+            data: None,
+        }),
+        || format!("make '{shown}' read-only"),
+    )
 }
 
 /// In the sandbox's PID 1: starts the builder's session, mounts `/proc`, enters the root, sets
