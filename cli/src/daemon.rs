@@ -59,6 +59,15 @@ pub async fn run(ctx: &Ctx, cmd: DaemonCommand) -> anyhow::Result<()> {
                 println!("root:     {}", s.root);
                 println!("config:   {}", config_name(s.config_file.as_deref()));
                 println!("uptime:   {}", uptime(s.uptime_seconds));
+                if let Some(m) = s.memory {
+                    println!(
+                        "memory:   page cache {:.1} of {:.0} MiB, graph of {} paths in {} rows",
+                        m.page_cache_bytes as f64 / 1048576.0,
+                        m.page_cache_limit as f64 / 1048576.0,
+                        m.graph_paths,
+                        m.graph_rows
+                    );
+                }
                 match differs {
                     None => println!("settings: as this command would start it"),
                     Some(d) => println!("settings: {d}"),

@@ -30,7 +30,7 @@ mod state;
 mod stream;
 mod tag_owners;
 
-pub use server::{serve, serve_with_config};
+pub use server::{limit_allocator_arenas, serve, serve_with_config};
 
 /// Formats an error and its causes on one line, each cause once: a message that already ends with
 /// (or contains) its cause's text — an error type that embeds `{source}` and also reports it as

@@ -34,6 +34,7 @@ fn close_on_exec_inherited() {
 fn main() -> ExitCode {
     // Before anything else: this process may be a build's sandbox helper.
     cairn_build::run_if_asked();
+    cairn_daemon::limit_allocator_arenas();
     let cli = Cli::parse();
     close_on_exec_inherited();
     if cli.print_config_template {

@@ -319,6 +319,22 @@ async fn release_freed_memory() {
     }
 }
 
+/// Caps glibc's allocator at one arena per core (its default is eight per core). Memory a
+/// burst of requests freed in many arenas stays fragmented there, small live objects pinning
+/// whole pages that no trim can return. Measured with the soak (64 clients, 2 minutes, 2
+/// cores): anonymous memory 20.7 → 63.2 MiB after the load with the default, 10.5 → 22.3 MiB
+/// with two arenas, and the same closure-query latencies. Call before any thread starts.
+pub fn limit_allocator_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        // SAFETY: mallopt(3) sets an allocator parameter; called before other threads exist,
+        // it races with no allocation.
+        #[allow(unsafe_code)]
+        let _ = unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, cores as i32) };
+    }
+}
+
 /// How often [`release_freed_memory`] trims.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 

@@ -160,6 +160,7 @@ impl Control {
             started: self.started_wall.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             uptime_seconds: self.started.elapsed().as_secs(),
             settings_fingerprint: self.fingerprint.clone(),
+            memory: None,
         }
     }
 }

@@ -117,6 +117,23 @@ pub struct DaemonStatus {
     pub uptime_seconds: u64,
     /// [`config::Settings::fingerprint`] of its effective settings.
     pub settings_fingerprint: String,
+    /// What its store's caches hold in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<StoreMemory>,
+}
+
+/// What a store's caches hold in memory: SQLite's page cache (bounded by its limit) and the
+/// reference graph kept for closure queries (one node per valid path; its tables are indexed by
+/// row id, so their size follows the largest row id handed out).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreMemory {
+    pub page_cache_bytes: u64,
+    pub page_cache_limit: u64,
+    /// Paths in the graph (0 until the first closure query loads it).
+    pub graph_paths: u64,
+    /// Slots in its tables: one past the largest row id.
+    pub graph_rows: u64,
 }
 
 /// A valid path's metadata, named as `nix path-info --json` names it.

@@ -141,6 +141,11 @@ fn parse_path(s: &str) -> Result<StorePath> {
     StorePath::from_base_name(s).map_err(|e| corrupt(s, e))
 }
 
+/// The most memory SQLite's page cache may take (`PRAGMA cache_size`): enough to keep the
+/// hot part of a large store's metadata in memory, and a bound a long-running daemon's resident
+/// memory can be judged against.
+pub const PAGE_CACHE_LIMIT: u64 = 64 << 20;
+
 impl Db {
     /// Opens (creating and migrating as needed) the database at `path`, in WAL mode with
     /// synchronous commits: a registration that returned is on disk.
@@ -153,7 +158,7 @@ impl Db {
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "cache_size", -65536)?; // KiB: 64 MiB of page cache
+        conn.pragma_update(None, "cache_size", -(PAGE_CACHE_LIMIT as i64 / 1024))?;
         Db::setup(conn)
     }
 
@@ -456,6 +461,29 @@ impl Db {
             meta.outputs.entry(r.get::<_, i64>(0)? as u32).or_default().push(parse_path(&path)?);
         }
         Ok(meta)
+    }
+
+    /// The bytes SQLite's page cache holds now (`SQLITE_DBSTATUS_CACHE_USED`), at most about
+    /// [`PAGE_CACHE_LIMIT`].
+    pub fn page_cache_bytes(&self) -> u64 {
+        let (mut current, mut highest) = (0, 0);
+        // SAFETY: the handle is this open connection's, used on this thread while `self` is
+        // borrowed; sqlite3_db_status only reads the connection's counters into the two ints.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_db_status(
+                self.conn.handle(),
+                rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+                &mut current,
+                &mut highest,
+                0,
+            )
+        };
+        if rc == rusqlite::ffi::SQLITE_OK {
+            current.max(0) as u64
+        } else {
+            0
+        }
     }
 
     /// Problems SQLite finds in the file and in the references (`quick_check`,

@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use cairn_db::{Db, DbError, Graph};
+use cairn_nar_fs::WritebackWriter;
 use cairn_nix::content_address::FileIngestionMethod;
 use cairn_nix::export::ExportError;
 use cairn_nix::nar::{Limits, NarError, NarReader, NarWriteError, NarWriter};
@@ -176,6 +177,18 @@ impl Drop for TempDir {
     }
 }
 
+/// What the store's caches hold in memory ([`LocalStore::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Memory {
+    /// SQLite's page cache now, and its limit.
+    pub page_cache_bytes: u64,
+    pub page_cache_limit: u64,
+    /// Paths in the reference graph (0 until the first closure query loads it).
+    pub graph_paths: u64,
+    /// Slots in the graph's tables: one past the largest row id.
+    pub graph_rows: u64,
+}
+
 /// The store: contents on disk, metadata in SQLite, an in-memory graph for closure queries.
 pub struct LocalStore {
     layout: StoreLayout,
@@ -281,6 +294,15 @@ impl LocalStore {
         let p = self.layout.tmp_root().join(format!("{}-{n}", std::process::id()));
         fs::create_dir(&p).map_err(|source| StoreError::Io { op: "create", path: p.clone(), source })?;
         Ok(TempDir(p))
+    }
+
+    /// What the store's caches hold in memory now, for `cairn daemon status`: a long-running
+    /// daemon's resident memory is judged against them.
+    pub fn memory(&self) -> Memory {
+        let page_cache_bytes = self.db().page_cache_bytes();
+        let graph = self.graph.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (graph_paths, graph_rows) = graph.as_ref().map_or((0, 0), |g| (g.len() as u64, g.id_bound() as u64));
+        Memory { page_cache_bytes, page_cache_limit: cairn_db::PAGE_CACHE_LIMIT, graph_paths, graph_rows }
     }
 
     /// The metadata of a valid path.
@@ -505,17 +527,22 @@ impl LocalStore {
     /// and size. Refuses anything after the NAR's end.
     fn receive_nar(input: impl Read, copy: &Path) -> Result<(Hash, u64)> {
         std::thread::scope(|scope| -> Result<_> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
+            // Hashed chunks go back to the reader to be filled again: no allocation, and no
+            // fresh pages to fault in, per chunk.
+            let (spare_tx, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE + 2);
             let hasher = scope.spawn(move || {
                 let mut h = Hasher::new(HashAlgo::Sha256);
                 let mut size = 0u64;
-                for chunk in rx {
+                for mut chunk in rx {
                     h.update(&chunk);
                     size += chunk.len() as u64;
+                    chunk.clear();
+                    let _ = spare_tx.try_send(chunk);
                 }
                 (h.finish(), size)
             });
-            let mut input = HashOnTheSide { inner: input, tx, pending: Vec::new() };
+            let mut input = HashOnTheSide { inner: input, tx, spare, pending: Vec::new() };
             let mut nar = NarReader::new(&mut input, Limits::default())?;
             restore(&mut nar, copy, RestoreMode::Canonical)?;
             drop(nar);
@@ -635,16 +662,20 @@ fn nar_size_of_file(size: u64, executable: bool) -> u64 {
 struct HashOnTheSide<R> {
     inner: R,
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    /// Chunks the hasher is done with.
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
     pending: Vec<u8>,
 }
 
 const HASH_CHUNK: usize = 256 * 1024;
+/// Chunks on their way to the hasher.
+const HASH_QUEUE: usize = 16;
 
 impl<R> HashOnTheSide<R> {
     fn flush_pending(&mut self) {
         if !self.pending.is_empty() {
             // The receiver lives until this reader is dropped; a send cannot fail before.
-            let _ = self.tx.send(std::mem::replace(&mut self.pending, Vec::with_capacity(HASH_CHUNK)));
+            let _ = self.tx.send(std::mem::take(&mut self.pending));
         }
     }
 }
@@ -653,7 +684,7 @@ impl<R: Read> Read for HashOnTheSide<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if self.pending.capacity() == 0 {
-            self.pending.reserve(HASH_CHUNK);
+            self.pending = self.spare.try_recv().unwrap_or_else(|_| Vec::with_capacity(HASH_CHUNK));
         }
         self.pending.extend_from_slice(&buf[..n]);
         if self.pending.len() >= HASH_CHUNK {
@@ -677,10 +708,10 @@ impl<R: Read, W: io::Write> Read for TeeReader<'_, R, W> {
     }
 }
 
-/// A new canonical file being written.
+/// A new canonical file being written (with its writeback started as it grows).
 struct CopyToFile {
     path: PathBuf,
-    file: File,
+    file: WritebackWriter<File>,
     mode: u32,
 }
 
@@ -694,15 +725,17 @@ impl CopyToFile {
             .mode(mode)
             .open(path)
             .map_err(|source| StoreError::Io { op: "create", path: path.to_owned(), source })?;
-        Ok(CopyToFile { path: path.to_owned(), file, mode })
+        Ok(CopyToFile { path: path.to_owned(), file: WritebackWriter::new(file), mode })
     }
 
+    /// Sets the canonical mode and times and starts the writeback of what is left.
     fn finish(self) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
+        let file = self.file.file();
+        fsops::start_writeback(file);
         let t = std::time::SystemTime::UNIX_EPOCH + fsops::CANONICAL_MTIME;
-        self.file
-            .set_permissions(fs::Permissions::from_mode(self.mode))
-            .and_then(|_| self.file.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)))
+        file.set_permissions(fs::Permissions::from_mode(self.mode))
+            .and_then(|_| file.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)))
             .map_err(|source| StoreError::Io { op: "finish", path: self.path, source })
     }
 }

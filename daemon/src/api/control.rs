@@ -17,7 +17,18 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::St;
 
 pub async fn status(State(s): St) -> Json<DaemonStatus> {
-    Json(s.control.status())
+    let mut status = s.control.status();
+    // The database's mutex can be held through a commit's fsync: not on a runtime thread.
+    let store = s.store.clone();
+    if let Ok(m) = tokio::task::spawn_blocking(move || store.memory()).await {
+        status.memory = Some(cairn_api::StoreMemory {
+            page_cache_bytes: m.page_cache_bytes,
+            page_cache_limit: m.page_cache_limit,
+            graph_paths: m.graph_paths,
+            graph_rows: m.graph_rows,
+        });
+    }
+    Json(status)
 }
 
 pub async fn config(State(s): St) -> Json<Settings> {
