@@ -101,7 +101,7 @@ const WORKLOADS: [&str; 11] = [
 fn parse_opts() -> Result<Opts> {
     let mut o = Opts {
         tree_mib: 1024,
-        files: 8192,
+        files: 3000,
         paths: 100_000,
         reps: 3,
         with_nix: true,
@@ -114,7 +114,7 @@ fn parse_opts() -> Result<Opts> {
     while let Some(a) = args.next() {
         let mut num = || -> Result<u64> { args.next().context("missing number")?.parse().context("not a number") };
         match a.as_str() {
-            "--quick" => (o.tree_mib, o.files, o.paths, o.reps) = (256, 2048, 20_000, 1),
+            "--quick" => (o.tree_mib, o.files, o.paths, o.reps) = (256, 1000, 20_000, 1),
             "--tree-mib" => o.tree_mib = num()?,
             "--files" => o.files = num()?,
             "--paths" => o.paths = num()?,
@@ -305,8 +305,12 @@ fn rusage_wrapper(args: &[String]) -> Result<()> {
 }
 
 /// A tree of `files` files totalling `mib` MiB in 64 directories, every seventh executable.
+/// A tree of `mib` MiB: one file of nine tenths of it, and `files` small files (one in seven
+/// executable) sharing the rest, in 64 directories.
 fn make_tree(dir: &Path, mib: u64, files: u64) -> Result<()> {
-    let size = (mib << 20) / files;
+    std::fs::create_dir_all(dir)?;
+    make_file(&dir.join("big.bin"), mib * 9 / 10)?;
+    let size = ((mib << 20) / 10) / files.max(1);
     let mut rng = Rng::new(1);
     let mut buf = vec![0u8; size as usize];
     for i in 0..files {
@@ -319,6 +323,19 @@ fn make_tree(dir: &Path, mib: u64, files: u64) -> Result<()> {
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755))?;
         }
     }
+    Ok(())
+}
+
+/// A file of `mib` MiB of random bytes.
+fn make_file(path: &Path, mib: u64) -> Result<()> {
+    let mut rng = Rng::new(2);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for _ in 0..mib {
+        rng.fill(&mut buf);
+        std::io::Write::write_all(&mut f, &buf)?;
+    }
+    std::io::Write::flush(&mut f)?;
     Ok(())
 }
 
@@ -550,16 +567,36 @@ fn main() -> Result<()> {
 
 /// 1. `add` of a tree.
 fn bench_add(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()> {
+    // What users add: a tree that is mostly one large file among many small ones, and a lone
+    // large file.
     let tree = w.join("tree");
     make_tree(&tree, o.tree_mib, o.files)?;
     read_all(&tree)?;
+    let file = w.join("big.bin");
+    make_file(&file, o.tree_mib)?;
+    std::io::copy(&mut std::fs::File::open(&file)?, &mut std::io::sink())?;
+    add_row(o, w, with_nix, table, &tree, &format!("add {} MiB tree (one big file + {} small)", o.tree_mib, o.files))?;
+    add_row(o, w, with_nix, table, &file, &format!("add one {} MiB file", o.tree_mib))
+}
+
+/// `cairn add INPUT` against `nix-store --add INPUT` + `sync` and the floor of any durable copy
+/// of it, `cp -r` + `sync`, each rep on a fresh store.
+fn add_row(o: &Opts, w: &Path, with_nix: bool, table: &mut Table, input: &Path, label: &str) -> Result<()> {
     let (mut c_times, mut n_times, mut cp_times, mut rss) = (Vec::new(), Vec::new(), Vec::new(), 0f64);
+    let name = input.file_name().and_then(|n| n.to_str()).unwrap_or("input");
+    let sh = |script: String| {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(script);
+        c
+    };
     for rep in 0..o.reps {
-        let c = Cairn::start(w, &format!("add{rep}"))?;
+        // Nothing dirty from the last rep or from making the input.
+        Command::new("sync").status()?;
+        let c = Cairn::start(w, &format!("add-{name}{rep}"))?;
         let (cp, t) = timed(
             {
                 let mut cmd = c.cairn();
-                cmd.arg("add").arg(&tree);
+                cmd.arg("add").arg(input);
                 cmd
             },
             None,
@@ -568,25 +605,21 @@ fn bench_add(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()
         c_times.push(t);
         drop(c);
         if with_nix {
-            let n = nix_store(w, &format!("add{rep}"));
-            let (np, t) = timed(
-                {
-                    let mut cmd = n.cmd("nix-store");
-                    cmd.arg("--add").arg(&tree);
-                    cmd
-                },
-                None,
-            )?;
+            let n = nix_store(w, &format!("add-{name}{rep}"));
+            // Nix leaves its copy in the page cache; the sync right after makes it as durable
+            // as cairn's.
+            let mut cmd = n.cmd("nix-store");
+            cmd.arg("--add").arg(input);
+            let (np, t) = timed(cmd, None)?;
+            let (_, t_sync) = timed(Command::new("sync"), None)?;
             ensure!(np.trim() == cp.trim(), "cairn and nix disagree: {cp} vs {np}");
-            n_times.push(t);
+            n_times.push(t + t_sync);
         }
-        // The floor of any durable copy of the tree on this file system: `cp -r` then `sync`.
-        let dest = w.join(format!("cp{rep}"));
-        let mut cp = Command::new("sh");
-        cp.arg("-c").arg(format!("cp -r '{}' '{}' && sync", tree.display(), dest.display()));
-        cp_times.push(timed(cp, None)?.1);
+        let dest = w.join(format!("cp-{name}{rep}"));
+        cp_times.push(timed(sh(format!("cp -r '{}' '{}' && sync", input.display(), dest.display())), None)?.1);
+        std::fs::remove_dir_all(&dest).or_else(|_| std::fs::remove_file(&dest))?;
         println!(
-            "  add rep {}: cairn {} nix {} cp -r + sync {}",
+            "  {label} rep {}: cairn {} nix + sync {} cp -r + sync {}",
             rep + 1,
             fmt_secs(*c_times.last().unwrap()),
             n_times.last().map(|t| fmt_secs(*t)).unwrap_or("-".into()),
@@ -596,9 +629,9 @@ fn bench_add(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Result<()
     let c_add = median(&mut c_times);
     let cp_floor = median(&mut cp_times);
     let n_add = (!n_times.is_empty()).then(|| median(&mut n_times));
-
-    table.time(format!("add {} MiB tree of {} files (median of {})", o.tree_mib, o.files, o.reps), c_add, n_add);
-    table.note("  cp -r + sync of the same tree (copy floor)", fmt_secs(cp_floor));
+    table.time(format!("{label} (median of {}), nix + sync", o.reps), c_add, n_add);
+    table.note("  cp -r + sync of the same input (copy floor)", fmt_secs(cp_floor));
+    table.note("  cairn / floor", format!("{:.2}x", c_add / cp_floor));
     table.note("  cairnd peak RSS during add", format!("{rss:.1} MiB"));
     Ok(())
 }

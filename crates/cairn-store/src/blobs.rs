@@ -22,8 +22,6 @@ use crate::{content_addressed, nar_size_of_file, CopyToFile, LocalStore, PathInf
 
 /// Chunk size of the blob pipeline.
 const CHUNK: usize = 1 << 20;
-/// Writeback of a large blob is started every this many bytes.
-const WRITEBACK_EVERY: u64 = 32 << 20;
 
 /// Reads the chunks a channel carries, as one stream (the NAR hasher's input).
 struct ChunkReader {
@@ -101,7 +99,6 @@ impl LocalStore {
                 Ok(w.finish()?.finish())
             });
             let mut got = 0u64;
-            let mut since_kick = 0u64;
             let io = |op, source| StoreError::Io { op, path: copy.clone(), source };
             loop {
                 let mut chunk = vec![0u8; CHUNK.min((size - got.min(size)) as usize + 1).max(1)];
@@ -123,11 +120,6 @@ impl LocalStore {
                     return Err(StoreError::SizeMismatch { expected: size, actual: got });
                 }
                 file.write_all(&chunk).map_err(|e| io("write", e))?;
-                since_kick += filled as u64;
-                if since_kick >= WRITEBACK_EVERY {
-                    crate::fsops::start_writeback(&file.file);
-                    since_kick = 0;
-                }
                 let chunk = Arc::new(chunk);
                 // A hasher only stops early by panicking; its join below reports that.
                 let _ = flat_tx.send(chunk.clone());
@@ -150,7 +142,6 @@ impl LocalStore {
                 actual: flat.to_prefixed(cairn_nix::hash::Encoding::Base16),
             });
         }
-        crate::fsops::start_writeback(&file.file);
         file.finish()?;
         let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: flat };
         let info = content_addressed(path, nar_hash, nar_size_of_file(got, false), BTreeSet::new(), ca);
