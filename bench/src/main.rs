@@ -616,8 +616,8 @@ fn add_row(o: &Opts, w: &Path, with_nix: bool, table: &mut Table, input: &Path, 
             n_times.push(t + t_sync);
         }
         let dest = w.join(format!("cp-{name}{rep}"));
+        // Kept until the end: a mass deletion slows the file system's next creations.
         cp_times.push(timed(sh(format!("cp -r '{}' '{}' && sync", input.display(), dest.display())), None)?.1);
-        std::fs::remove_dir_all(&dest).or_else(|_| std::fs::remove_file(&dest))?;
         println!(
             "  {label} rep {}: cairn {} nix + sync {} cp -r + sync {}",
             rep + 1,
