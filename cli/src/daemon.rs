@@ -59,6 +59,10 @@ pub async fn run(ctx: &Ctx, cmd: DaemonCommand) -> anyhow::Result<()> {
                 println!("root:     {}", s.root);
                 println!("config:   {}", config_name(s.config_file.as_deref()));
                 println!("uptime:   {}", uptime(s.uptime_seconds));
+                match differs {
+                    None => println!("settings: as this command would start it"),
+                    Some(d) => println!("settings: {d}"),
+                }
                 if let Some(m) = s.memory {
                     println!(
                         "memory:   page cache {:.1} of {:.0} MiB, graph of {} paths in {} rows",
@@ -67,10 +71,6 @@ pub async fn run(ctx: &Ctx, cmd: DaemonCommand) -> anyhow::Result<()> {
                         m.graph_paths,
                         m.graph_rows
                     );
-                }
-                match differs {
-                    None => println!("settings: as this command would start it"),
-                    Some(d) => println!("settings: {d}"),
                 }
             }
         }

@@ -64,7 +64,9 @@ fn daemon_status_show_config_warning_restart_stop_and_version() {
     assert_eq!(got[..6], want_lines.iter().map(String::as_str).collect::<Vec<_>>()[..], "{status}");
     assert!(got[6].starts_with("uptime:   ") && got[6].ends_with('s'), "{status}");
     assert_eq!(got[7], "settings: as this command would start it");
+    assert!(got[8].starts_with("memory:   page cache ") && got[8].contains(" of 64 MiB, graph of "), "{status}");
     let s = json(&st.ok(&["daemon", "status", "--json"]));
+    assert_eq!(s["memory"]["pageCacheLimit"], 64 << 20);
     assert_eq!(s["pid"], st.pid());
     assert_eq!(s["configFile"], config.as_str());
     assert_eq!(s["socket"], socket.as_str());

@@ -39,6 +39,7 @@ const STDERR_RESULT: u64 = 0x5253_4c54;
 const OP_IS_VALID_PATH: u64 = 1;
 const OP_QUERY_VALID_PATHS: u64 = 31;
 const OP_ADD_TO_STORE_NAR: u64 = 39;
+const OP_NAR_FROM_PATH: u64 = 38;
 /// `CollectGarbage`: never sent by the fuzzer (it could collect the liveness check's path).
 const OP_COLLECT_GARBAGE: u64 = 20;
 /// `AddPermRoot` (1.36): never sent by the fuzzer (it makes a symlink where the client says).
@@ -278,6 +279,37 @@ fn random_path(rng: &mut Rng, name: &str) -> String {
     const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
     let hash: String = (0..32).map(|_| rng.pick(NIX32) as char).collect();
     format!("/nix/store/{hash}-{name}")
+}
+
+#[test]
+fn a_nar_nobody_reads_ends_its_session_at_the_send_timeout_and_others_are_served() {
+    let s = TestStore::builder().store_dir("/nix/store").config("send-timeout = 1\n").start();
+    let f = s.root.path().join("big");
+    std::fs::write(&f, Rng::new(7).bytes(16 << 20)).unwrap();
+    let big = s.ok(&["add", f.to_str().unwrap()]).trim_end().to_owned();
+    let known = known_path(&s);
+    let mut c = session(&s);
+    let mut req = Vec::new();
+    put_u64(&mut req, OP_NAR_FROM_PATH);
+    put_bytes(&mut req, big.as_bytes());
+    c.write_all(&req).unwrap();
+    // Nothing read for well over the timeout: the daemon's write makes no progress, fails, and
+    // the session ends; meanwhile everyone else is served.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_daemon_serves(&s, &known);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(e) if is_timeout(&e) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(ended, "the daemon kept the stalled session open ({got} bytes came when read)");
+    assert!(got < 16 << 20, "the whole NAR came ({got} bytes): the session was not cut");
 }
 
 // ---------------------------------------------------------------------------------------------
