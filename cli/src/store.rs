@@ -271,7 +271,7 @@ fn refuse_terminal(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds one file or tree: streams its NAR (or, flat, its bytes) to the daemon.
+/// Adds one file or tree: hands a regular file to the daemon open, streams a tree's NAR.
 async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> anyhow::Result<PathInfo> {
     let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot read '{}'", path.display()))?;
     let name = match name {
@@ -283,21 +283,23 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
             .into_owned(),
     };
     cairn_nix::store_path::validate_name(&name).with_context(|| format!("cannot add '{}'", path.display()))?;
-    if flat {
-        if !meta.is_file() {
-            bail!("--flat adds regular files, and '{}' is not one", path.display());
-        }
-        let file = tokio::fs::File::open(path).await.with_context(|| format!("cannot read '{}'", path.display()))?;
-        let executable = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o100 != 0;
-        let q = AddQuery { name, method: AddMethod::Flat, size: Some(meta.len()), executable };
-        return Ok(client.add(&q, body_from_reader(file)).await?);
+    if flat && !meta.is_file() {
+        bail!("--flat adds regular files, and '{}' is not one", path.display());
+    }
+    if meta.is_file() {
+        // The daemon reads a regular file itself, from the descriptor opened here with this
+        // user's permissions: the bytes do not cross the socket.
+        let file = std::fs::File::open(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+        let method = if flat { AddMethod::Flat } else { AddMethod::Nar };
+        let q = AddQuery { name, method, size: None, executable: false, handed_over: true };
+        return client.add_file(&q, &file).await.with_context(|| format!("cannot add '{}'", path.display()));
     }
     let (w, r) = tokio::io::duplex(1 << 20);
     let bar = progress::bytes(&format!("adding {name}"));
     let sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
     let src = path.to_owned();
     let dumper = tokio::task::spawn_blocking(move || cairn_nar_fs::dump(&src, sink));
-    let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false };
+    let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false, handed_over: false };
     let added = client.add(&q, body_from_reader(r)).await;
     bar.finish_and_clear();
     let dumped = dumper.await?.map_err(|e| match e {

@@ -48,6 +48,8 @@ impl From<StoreError> for ApiError {
             | UnsupportedFileType(_)
             | BadInnerPath(_)
             | NotAFile(_)
+            | FileChanged { .. }
+            | NotReadable(_)
             | ContentMismatch { .. }
             | ContentAddressMismatch { .. }
             | ContentAddressNotAFile { .. }

@@ -21,6 +21,7 @@ mod convert;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod handover;
 mod limits;
 mod listen;
 mod outbox;

@@ -172,12 +172,13 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
                     ..policy.identify(cred.uid(), cred.gid())
                 };
                 tracing::debug!(user = peer.user, uid = peer.uid, "connection");
-                let svc = TowerToHyperService::new(app.clone().layer(Extension(peer)));
-                let stream = SendDeadline::new(stream, connections.limits().send_timeout);
-                let conn = crate::limits::http1(connections.limits()).serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
+                let (app, limits, watcher) = (app.clone(), *connections.limits(), graceful.watcher());
                 tokio::spawn(async move {
                     let _slot = slot;
+                    let handed = crate::handover::receive(&stream).await;
+                    let svc = TowerToHyperService::new(app.layer(Extension(peer)).layer(Extension(handed)));
+                    let stream = SendDeadline::new(stream, limits.send_timeout);
+                    let conn = watcher.watch(crate::limits::http1(&limits).serve_connection(TokioIo::new(stream), svc));
                     if let Err(e) = conn.await {
                         tracing::debug!("connection ended: {e}");
                     }

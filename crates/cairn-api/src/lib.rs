@@ -459,6 +459,10 @@ pub enum AddMethod {
     Flat,
 }
 
+/// The first byte of a socket connection that hands the daemon open files (`SCM_RIGHTS`
+/// attached to it) before its HTTP request; no request starts with it. See [`AddQuery::handed_over`].
+pub const HANDOVER_MARK: u8 = 0;
+
 /// Query string of `POST /v1/add`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AddQuery {
@@ -472,6 +476,11 @@ pub struct AddQuery {
     /// is part of the NAR and so of the NAR hash.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub executable: bool,
+    /// The file is the descriptor the client handed over with its connection (a regular
+    /// file, read by the daemon; the body is empty). `size` and `executable` then come from
+    /// the file itself.
+    #[serde(default, rename = "handedOver", skip_serializing_if = "std::ops::Not::not")]
+    pub handed_over: bool,
 }
 
 /// Query string of `GET /v1/nar` and `GET /v1/cat`.

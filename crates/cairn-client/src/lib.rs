@@ -105,9 +105,37 @@ impl Client {
         content_type: &str,
         body: Body,
     ) -> Result<hyper::Response<Incoming>> {
+        self.call_handing_over(method, uri, content_type, body, None).await
+    }
+
+    /// [`Client::call_typed`] on a connection that first hands `file` to the daemon.
+    async fn call_handing_over(
+        &self,
+        method: Method,
+        uri: &str,
+        content_type: &str,
+        body: Body,
+        file: Option<&std::fs::File>,
+    ) -> Result<hyper::Response<Incoming>> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        if let Some(file) = file {
+            use std::os::fd::AsRawFd;
+            let fds = [file.as_raw_fd()];
+            let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+            let mark = [cairn_api::HANDOVER_MARK];
+            stream.writable().await.map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+            // One byte on a new connection: its send buffer is empty, so this cannot block.
+            nix::sys::socket::sendmsg::<()>(
+                stream.as_raw_fd(),
+                &[io::IoSlice::new(&mark)],
+                &cmsg,
+                nix::sys::socket::MsgFlags::empty(),
+                None,
+            )
+            .map_err(|e| ClientError::Connect { socket: self.socket.clone(), source: e.into() })?;
+        }
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
@@ -176,6 +204,17 @@ impl Client {
     pub async fn add(&self, q: &AddQuery, body: Body) -> Result<PathInfo> {
         let uri = format!("{}?{}", routes::ADD, query_string(q)?);
         Client::json(self.send(Method::POST, &uri, body).await?).await
+    }
+
+    /// Adds the regular file `file` is open on, handing the open file to the daemon instead of
+    /// streaming its bytes (`q.handed_over` is set here).
+    pub async fn add_file(&self, q: &AddQuery, file: &std::fs::File) -> Result<PathInfo> {
+        let q = AddQuery { handed_over: true, ..q.clone() };
+        let uri = format!("{}?{}", routes::ADD, query_string(&q)?);
+        let resp = self
+            .call_handing_over(Method::POST, &uri, "application/octet-stream", full(Bytes::new()), Some(file))
+            .await?;
+        Client::json(resp).await
     }
 
     /// The NAR of a valid path.

@@ -9,44 +9,13 @@
 //! placed, nothing registered — when the digest differs.
 
 use std::collections::BTreeSet;
-use std::io::{self, Read, Write};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::io::Read;
 
 use cairn_nix::content_address::FileIngestionMethod;
-use cairn_nix::nar::{NarWriteError, NarWriter};
 use cairn_nix::store_path::validate_name;
-use cairn_nix::{ContentAddress, Hash, Hasher, StorePath};
+use cairn_nix::{ContentAddress, Hash, StorePath};
 
 use crate::{content_addressed, nar_size_of_file, CopyToFile, LocalStore, PathInfo, Result, StoreError};
-
-/// Chunk size of the blob pipeline.
-const CHUNK: usize = 1 << 20;
-
-/// Reads the chunks a channel carries, as one stream (the NAR hasher's input).
-struct ChunkReader {
-    rx: Receiver<Arc<Vec<u8>>>,
-    cur: Arc<Vec<u8>>,
-    pos: usize,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(c) => {
-                    self.cur = c;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
 
 impl LocalStore {
     /// The flat fixed-output path a file named `name` with flat hash `hash` has.
@@ -71,7 +40,7 @@ impl LocalStore {
     /// path for a file called `name`), refusing them unless they hash to `expected` and number
     /// exactly `size`. Returns the existing path's metadata at once if it is already valid (the
     /// input is then not read).
-    pub fn add_flat_expecting(&self, name: &str, mut input: impl Read, size: u64, expected: &Hash) -> Result<PathInfo> {
+    pub fn add_flat_expecting(&self, name: &str, input: impl Read, size: u64, expected: &Hash) -> Result<PathInfo> {
         validate_name(name)?;
         let path = self.flat_path(name, expected)?;
         let _root = self.temp.add([path.clone()]);
@@ -81,60 +50,10 @@ impl LocalStore {
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
         let mut file = CopyToFile::new(&copy, false)?;
-        let algo = expected.algo();
-        let (flat, nar_hash, got) = std::thread::scope(|scope| -> Result<(Hash, Hash, u64)> {
-            let (flat_tx, flat_rx) = sync_channel::<Arc<Vec<u8>>>(8);
-            let (nar_tx, nar_rx) = sync_channel::<Arc<Vec<u8>>>(8);
-            let flat = scope.spawn(move || {
-                let mut h = Hasher::new(algo);
-                for c in flat_rx {
-                    h.update(&c);
-                }
-                h.finish()
-            });
-            let nar = scope.spawn(move || -> std::result::Result<Hash, NarWriteError> {
-                let mut w = NarWriter::new(Hasher::new(cairn_nix::HashAlgo::Sha256))?;
-                let mut r = ChunkReader { rx: nar_rx, cur: Arc::new(Vec::new()), pos: 0 };
-                w.regular(None, false, size, &mut r)?;
-                Ok(w.finish()?.finish())
-            });
-            let mut got = 0u64;
-            let io = |op, source| StoreError::Io { op, path: copy.clone(), source };
-            loop {
-                let mut chunk = vec![0u8; CHUNK.min((size - got.min(size)) as usize + 1).max(1)];
-                let mut filled = 0;
-                while filled < chunk.len() {
-                    match input.read(&mut chunk[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(io("read", e)),
-                    }
-                }
-                if filled == 0 {
-                    break;
-                }
-                chunk.truncate(filled);
-                got += filled as u64;
-                if got > size {
-                    return Err(StoreError::SizeMismatch { expected: size, actual: got });
-                }
-                file.write_all(&chunk).map_err(|e| io("write", e))?;
-                let chunk = Arc::new(chunk);
-                // A hasher only stops early by panicking; its join below reports that.
-                let _ = flat_tx.send(chunk.clone());
-                let _ = nar_tx.send(chunk);
-            }
-            drop(flat_tx);
-            drop(nar_tx);
-            let flat = flat.join().expect("flat hasher panicked");
-            let nar = nar.join().expect("NAR hasher panicked");
-            if got != size {
-                return Err(StoreError::SizeMismatch { expected: size, actual: got });
-            }
-            let nar = nar.map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?;
-            Ok((flat, nar, got))
-        })?;
+        let c = crate::files::copy_hashing(input, size, false, Some(expected.algo()), &mut file, &copy)?;
+        let (Some(flat), nar_hash, got) = (c.flat, c.nar, c.size) else {
+            return Err(StoreError::NotAFile(name.to_owned()));
+        };
         if flat != *expected {
             return Err(StoreError::ContentMismatch {
                 name: name.to_owned(),
@@ -195,14 +114,14 @@ mod tests {
     #[test]
     fn blobs_are_checked_and_land_at_their_flat_path() {
         let (_dir, store) = open_temp_store();
-        let data = vec![7u8; 3 * CHUNK + 5];
+        let data = vec![7u8; 3 * crate::files::CHUNK + 5];
         let hash = Hash::digest(cairn_nix::HashAlgo::Sha256, &data);
         let info = store.add_flat_expecting("blob", &data[..], data.len() as u64, &hash).unwrap();
         // The same path and NAR hash the unchecked flat add computes.
         let plain = store.add_flat("blob", &data[..], data.len() as u64, false).unwrap();
         assert_eq!(info, plain);
         // Already valid: answered without reading.
-        let again = store.add_flat_expecting("blob", io::empty(), data.len() as u64, &hash).unwrap();
+        let again = store.add_flat_expecting("blob", std::io::empty(), data.len() as u64, &hash).unwrap();
         assert_eq!(again.path, info.path);
     }
 

@@ -25,6 +25,7 @@ mod access;
 mod batch;
 mod blobs;
 mod ca;
+mod files;
 mod fsops;
 mod gc;
 mod import;
@@ -57,6 +58,7 @@ use thiserror::Error;
 pub use access::{Entry, EntryKind};
 pub use batch::{Batch, Committed};
 pub use cairn_db::{Direction, PathInfo};
+pub use files::FileMethod;
 pub use fsops::{dump, remove_tree, restore, restore_with_buffer, RestoreMode};
 pub use gc::{GcOptions, GcReport, GcSettings};
 pub use locks::PathLocks;
@@ -121,6 +123,10 @@ pub enum StoreError {
     BadInnerPath(String),
     #[error("'{0}' is not a regular file")]
     NotAFile(String),
+    #[error("'{0}' was handed over without read access (open it for reading)")]
+    NotReadable(String),
+    #[error("'{name}' changed while it was being added: it had {expected} bytes, then {actual}; add it again once it stops changing")]
+    FileChanged { name: String, expected: u64, actual: u64 },
     #[error("cannot delete '{path}': {why}")]
     Alive { path: String, why: String },
     #[error("another process holds the store lock '{}' (is another cairnd running on this store?)", .0.display())]
@@ -557,35 +563,17 @@ impl LocalStore {
 
     /// Adds a regular file of `size` bytes as a flat SHA-256 fixed-output path, as
     /// `nix-store --add-fixed sha256` does (which keeps the file's executable bit).
-    pub fn add_flat(&self, name: &str, mut input: impl Read, size: u64, executable: bool) -> Result<PathInfo> {
+    pub fn add_flat(&self, name: &str, input: impl Read, size: u64, executable: bool) -> Result<PathInfo> {
         validate_name(name)?;
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
-        let mut flat = Hasher::new(HashAlgo::Sha256);
-        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256)).map_err(|source| StoreError::Io {
-            op: "hash",
-            path: copy.clone(),
-            source,
-        })?;
-        // The NAR of a lone file is a fixed header, the bytes, and a fixed footer: hash it as the
-        // bytes pass instead of reading the file twice.
-        let mut tee = TeeReader { inner: &mut input, seen: &mut flat };
-        let mut file_copy = CopyToFile::new(&copy, executable)?;
-        let mut both = TeeReader { inner: &mut tee, seen: &mut file_copy };
-        nar.regular(None, executable, size, &mut both).map_err(|e| match e {
-            NarWriteError::SizeMismatch { expected, actual, .. } => StoreError::SizeMismatch { expected, actual },
-            other => StoreError::NarWrite { path: copy.clone(), source: other },
-        })?;
-        if both.read(&mut [0u8; 1]).map_err(|source| StoreError::Io { op: "read", path: copy.clone(), source })? != 0 {
-            return Err(StoreError::SizeMismatch { expected: size, actual: size + 1 });
-        }
-        file_copy.finish()?;
-        let nar_hash = nar.finish().map_err(|source| StoreError::NarWrite { path: copy.clone(), source })?.finish();
-        let hash = flat.finish();
-        let path =
-            self.store_dir().make_fixed_output_path(name, FileIngestionMethod::Flat, &hash, &BTreeSet::new(), false)?;
+        let mut file = CopyToFile::new(&copy, executable)?;
+        let c = files::copy_hashing(input, size, executable, Some(HashAlgo::Sha256), &mut file, &copy)?;
+        file.finish()?;
+        let hash = c.flat.ok_or_else(|| StoreError::NotAFile(name.to_owned()))?;
+        let path = self.flat_path(name, &hash)?;
         let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash };
-        let info = content_addressed(path, nar_hash, nar_size_of_file(size, executable), BTreeSet::new(), ca);
+        let info = content_addressed(path, c.nar, nar_size_of_file(size, executable), BTreeSet::new(), ca);
         self.finish_add(&copy, info)
     }
 
@@ -690,20 +678,6 @@ impl<R: Read> Read for HashOnTheSide<R> {
         if self.pending.len() >= HASH_CHUNK {
             self.flush_pending();
         }
-        Ok(n)
-    }
-}
-
-/// Passes everything read through to `seen`.
-struct TeeReader<'a, R, W> {
-    inner: &'a mut R,
-    seen: &'a mut W,
-}
-
-impl<R: Read, W: io::Write> Read for TeeReader<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.seen.write_all(&buf[..n])?;
         Ok(n)
     }
 }

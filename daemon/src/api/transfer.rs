@@ -17,8 +17,26 @@ pub(crate) async fn add(
     State(s): St,
     Extension(peer): Extension<Peer>,
     Query(q): Query<AddQuery>,
+    Extension(handed): Extension<crate::handover::HandedOver>,
     body: Body,
 ) -> ApiResult<Json<cairn_api::PathInfo>> {
+    if q.handed_over {
+        let file = handed.take().ok_or_else(|| {
+            ApiError::bad_request("handedOver=true, but no file was handed over with this connection")
+        })?;
+        let method = match q.method {
+            AddMethod::Nar => cairn_store::FileMethod::Nar,
+            AddMethod::Flat => cairn_store::FileMethod::Flat,
+        };
+        let info = upload(body, move |_| {
+            let _client = ClientScope::enter(peer.client);
+            let info = s.store.add_file(&q.name, file, method)?;
+            tracing::info!(path = %s.store_dir.display(&info.path), "added (file handed over)");
+            Ok(convert::path_info(&s.store_dir, &info))
+        })
+        .await?;
+        return Ok(Json(info));
+    }
     let info = upload(body, move |input| {
         let _client = ClientScope::enter(peer.client);
         let info = match q.method {

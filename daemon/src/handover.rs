@@ -1,0 +1,95 @@
+//! Files a local client hands over with its connection.
+//!
+//! `cairn add FILE` could stream the file through the socket, but then every byte is copied
+//! four times (into the client, into the socket, out of it, into the store) before the daemon
+//! has hashed it — on a large file, more work than the copy into the store and the hash
+//! together. A client on the same machine instead opens the file itself (with its own
+//! permissions: the daemon reads nothing the client could not) and passes the open descriptor
+//! (`SCM_RIGHTS`) in the connection's first byte, [`MARK`], which no HTTP request starts with.
+//! The request then names it (`POST /v1/add?…&handedOver=true`) and the daemon reads the file
+//! directly; what it reads is hashed as it is copied, so a file the client changes meanwhile can
+//! only be refused, never registered under a wrong hash.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
+
+use cairn_api::HANDOVER_MARK as MARK;
+/// Descriptors one connection may hand over; more are closed unread.
+const MAX_FILES: usize = 1;
+/// How long the daemon waits for a connection's first byte before leaving it to HTTP (whose
+/// own header timeout then applies).
+const FIRST_BYTE_WAIT: Duration = Duration::from_secs(30);
+
+/// The files a connection handed over, for its requests to take.
+#[derive(Clone, Default)]
+pub struct HandedOver(Arc<Mutex<Vec<File>>>);
+
+impl HandedOver {
+    /// The file handed over with this connection, once.
+    pub fn take(&self) -> Option<File> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop()
+    }
+}
+
+/// Receives the descriptors a new connection starts with, if it starts with [`MARK`];
+/// otherwise leaves its bytes unread.
+pub async fn receive(stream: &tokio::net::UnixStream) -> HandedOver {
+    let out = HandedOver::default();
+    let fd = stream.as_raw_fd();
+    let first = tokio::time::timeout(FIRST_BYTE_WAIT, async {
+        loop {
+            if stream.readable().await.is_err() {
+                return None;
+            }
+            let mut b = [0u8; 1];
+            match stream.try_io(tokio::io::Interest::READABLE, || {
+                recv(fd, &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)
+            }) {
+                Ok(1) => return Some(b[0]),
+                Ok(_) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    if first != Ok(Some(MARK)) {
+        return out;
+    }
+    let mut files = Vec::new();
+    match take_descriptors(fd) {
+        Ok(fds) => {
+            for fd in fds {
+                // SAFETY: the kernel just installed `fd` in this process for this message;
+                // nothing else knows it, so the File is its only owner.
+                #[allow(unsafe_code)]
+                let f = unsafe { File::from_raw_fd(fd) };
+                files.push(f);
+            }
+        }
+        Err(e) => tracing::debug!("cannot receive the descriptors handed over: {e}"),
+    }
+    // Only the first MAX_FILES are kept: the rest close here.
+    files.truncate(MAX_FILES);
+    *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files;
+    out
+}
+
+/// Reads the mark byte and the descriptors that came with it.
+fn take_descriptors(fd: RawFd) -> nix::Result<Vec<RawFd>> {
+    let mut b = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut b)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(v) = c {
+            fds.extend(v);
+        }
+    }
+    Ok(fds)
+}
