@@ -136,10 +136,26 @@ impl Read for ChunkReader {
     }
 }
 
+/// Reads a file from its start whatever its offset (which a handed-over file shares with the
+/// client that opened it), without moving the offset.
+struct FromStart<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Read for FromStart<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
 impl LocalStore {
     /// Adds the regular file `input` is open on, as `nix-store --add` (`Nar`) or `nix-store
-    /// --add-fixed sha256` (`Flat`) adds a file: executable if its owner may execute it. Its
-    /// size is taken when the add starts; a file that changes size meanwhile is refused.
+    /// --add-fixed sha256` (`Flat`) adds a file: executable if its owner may execute it. All
+    /// of it is read, from its start, whatever the descriptor's offset. Its size is taken when
+    /// the add starts; a file that changes size meanwhile is refused.
     pub fn add_file(&self, name: &str, input: File, method: FileMethod) -> Result<PathInfo> {
         validate_name(name)?;
         let meta = input.metadata().map_err(|source| StoreError::Io { op: "stat", path: name.into(), source })?;
@@ -157,12 +173,13 @@ impl LocalStore {
         let copy = tmp.0.join("x");
         let mut file = CopyToFile::new(&copy, executable)?;
         let flat_algo = (method == FileMethod::Flat).then_some(HashAlgo::Sha256);
-        let c = copy_hashing(input, meta.len(), executable, flat_algo, &mut file, &copy).map_err(|e| match e {
-            StoreError::SizeMismatch { expected, actual } => {
-                StoreError::FileChanged { name: name.to_owned(), expected, actual }
-            }
-            other => other,
-        })?;
+        let c = copy_hashing(FromStart { file: &input, at: 0 }, meta.len(), executable, flat_algo, &mut file, &copy)
+            .map_err(|e| match e {
+                StoreError::SizeMismatch { expected, actual } => {
+                    StoreError::FileChanged { name: name.to_owned(), expected, actual }
+                }
+                other => other,
+            })?;
         file.finish()?;
         let nar_size = nar_size_of_file(c.size, executable);
         let info = match c.flat {
@@ -212,7 +229,10 @@ mod tests {
             let mut nar = Vec::new();
             crate::dump(&f, &mut nar).unwrap();
             let by_nar = store.add_nar("f", &nar[..]).unwrap();
-            let by_file = store.add_file("f", File::open(&f).unwrap(), FileMethod::Nar).unwrap();
+            // Whatever the descriptor's offset, all of the file is added.
+            let mut handed = File::open(&f).unwrap();
+            io::Seek::seek(&mut handed, io::SeekFrom::End(-5)).unwrap();
+            let by_file = store.add_file("f", handed, FileMethod::Nar).unwrap();
             assert_eq!(
                 (by_file.path.clone(), by_file.nar_hash.clone(), by_file.nar_size),
                 (by_nar.path, by_nar.nar_hash, by_nar.nar_size)

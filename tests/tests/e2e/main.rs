@@ -16,6 +16,7 @@ mod e2e;
 mod first_hour;
 mod forged_content_address;
 mod gc;
+mod handover;
 mod hostile;
 mod listener_limits;
 mod nix_daemon_hostile;
