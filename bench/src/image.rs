@@ -55,7 +55,12 @@ pub(crate) fn wait_port(port: u16) -> Result<()> {
 }
 
 pub(crate) fn start_registry(w: &Path) -> Result<Registry> {
-    let dir = w.join("registry");
+    start_registry_named(w, "registry")
+}
+
+/// A registry of its own in `w/name`.
+fn start_registry_named(w: &Path, name: &str) -> Result<Registry> {
+    let dir = w.join(name);
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
     let config = dir.join("config.yml");
@@ -320,6 +325,7 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         }
     }
     let (mut builds, mut pushes, mut rebuilds, mut umocis, mut warm) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut fresh_streamed, mut fresh_materialised, mut fresh_skopeo) = (vec![], vec![], vec![]);
     let mut cold_floors = vec![];
     let mut rebuilt_written = 0;
     for rep in 0..o.reps {
@@ -359,6 +365,32 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         ]);
         let (_, secs) = timed(push, None)?;
         pushes.push(secs);
+        // The same image with its layers materialised (written to a layout and pulled back as
+        // blobs), and skopeo copying it from that layout: each push into an empty registry of
+        // its own, so that no push finds a blob there already.
+        let layout = w.join(format!("pushed-{rep}"));
+        let oci = format!("oci:{}:1", layout.display());
+        run(c.cairn().args(["image", "push", "bench/built:1", &oci]))?;
+        run(c.cairn().args(["image", "pull", "--tag", "bench/materialised:1", &oci]))?;
+        for (k, times) in [&mut fresh_streamed, &mut fresh_materialised, &mut fresh_skopeo].into_iter().enumerate() {
+            let r = start_registry_named(w, &format!("registry-push-{rep}-{k}"))?;
+            let to = format!("docker://127.0.0.1:{}/push/built:1", r.port);
+            let cmd = match k {
+                0 | 1 => {
+                    let mut cmd = c.cairn();
+                    let image = if k == 0 { "bench/built:1" } else { "bench/materialised:1" };
+                    cmd.args(["image", "push", "--tls-verify=false", image, &to]);
+                    cmd
+                }
+                _ => skopeo(&oci, &to),
+            };
+            nix::unistd::sync();
+            times.push(timed(cmd, None)?.1);
+            drop(r);
+            rm_rf(&w.join(format!("registry-push-{rep}-{k}")));
+        }
+        run(c.cairn().args(["image", "untag", "bench/materialised:1"]))?;
+        rm_rf(&layout);
         let app2 = top(&format!("{} v2", parts.join(" ")))?;
         let mut rebuild = c.cairn();
         rebuild.args(["image", "build", "--json", "--closure", &app2, "--tag", "bench/built:2"]);
@@ -431,6 +463,12 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     table.note("  build (page cache) / warm floor", format!("{:.2}x", w / hash_time));
     table.note("  rebuild after the small root path changed", crate::fmt_secs(median(&mut rebuilds)));
     table.note("  layers that rebuild hashed", format!("{rebuilt_written} of 5 store layers"));
+    let (ps, pm, sk) = (median(&mut fresh_streamed), median(&mut fresh_materialised), median(&mut fresh_skopeo));
+    table.section("skopeo");
+    table.time(format!("push of the built image, streamed layers (median of {})", o.reps), ps, Some(sk));
+    table.note("  the same image, layers materialised as blobs", crate::fmt_secs(pm));
+    table.note("  streamed / materialised", format!("{:.2}x", ps / pm));
+    table.note("  (skopeo: copy of it from an oci: layout; each push to an empty registry)", String::new());
     Ok(())
 }
 

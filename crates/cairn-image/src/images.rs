@@ -144,6 +144,26 @@ impl Images {
         }
     }
 
+    /// A blob's bytes as chunks of up to 1 MiB: a file read in large reads, a streamed layer's
+    /// chunks as they are made (the last item is the error if the layer is refused).
+    pub fn blob_chunks(&self, b: &Blob) -> Result<Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send>> {
+        match &b.source {
+            BlobSource::File(real) => {
+                let mut f = fs::File::open(real)
+                    .map_err(|source| ImageError::Io { path: real.display().to_string(), source })?;
+                Ok(Box::new(std::iter::from_fn(move || {
+                    let mut chunk = Vec::with_capacity(1 << 20);
+                    match Read::read_to_end(&mut Read::take(&mut f, 1 << 20), &mut chunk) {
+                        Ok(0) => None,
+                        Ok(_) => Some(Ok(chunk)),
+                        Err(e) => Some(Err(e)),
+                    }
+                })))
+            }
+            BlobSource::Streamed(r) => Ok(Box::new(LayerReader::open(self.store.clone(), r)?.into_chunks())),
+        }
+    }
+
     /// Adds a blob's bytes, refused unless they have `digest` and `size`.
     pub fn add_blob(&self, digest: &Digest, size: u64, input: impl Read) -> Result<cairn_store::PathInfo> {
         Ok(self.store.add_flat_expecting(&blob_name(digest), input, size, &digest.to_hash())?)

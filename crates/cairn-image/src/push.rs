@@ -18,24 +18,15 @@ use crate::pull::Progress;
 use crate::registry::Registry;
 use crate::{ImageError, Result};
 
-/// A blocking reader read on the blocking pool, as a stream of chunks of up to 1 MiB.
+/// Chunks made on the blocking pool, as a stream.
 pub fn blocking_stream(
-    mut r: Box<dyn std::io::Read + Send>,
+    chunks: Box<dyn Iterator<Item = std::io::Result<Vec<u8>>> + Send>,
 ) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::task::spawn_blocking(move || loop {
-        let mut buf = vec![0u8; 1 << 20];
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.truncate(n);
-                if tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
+    tokio::task::spawn_blocking(move || {
+        for chunk in chunks {
+            let failed = chunk.is_err();
+            if tx.blocking_send(chunk.map(bytes::Bytes::from)).is_err() || failed {
                 break;
             }
         }
@@ -153,8 +144,8 @@ pub async fn push(
                     digest: digest.to_string(),
                     referrer: "the image".into(),
                 })?;
-                let reader = im.open_blob(&blob)?;
-                Ok((blob, reader))
+                let chunks = im.blob_chunks(&blob)?;
+                Ok((blob, chunks))
             })
             .await
             .map_err(|e| ImageError::Registry { registry: "cairnd".into(), message: e.to_string() })??;

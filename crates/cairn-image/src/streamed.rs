@@ -448,6 +448,31 @@ impl LayerReader {
     }
 }
 
+impl LayerReader {
+    /// The layer's bytes as the chunks they are made in, without copying them again (a push
+    /// sends them as they come). The last item is the error, if the layer is refused.
+    pub fn into_chunks(mut self) -> impl Iterator<Item = io::Result<Vec<u8>>> + Send {
+        let first = (self.at < self.chunk.len()).then(|| Ok(self.chunk.split_off(self.at)));
+        let rest = std::iter::from_fn(move || {
+            if self.done {
+                return None;
+            }
+            match self.rx.recv() {
+                Ok(Ok(c)) => Some(Ok(c)),
+                Ok(Err(e)) => {
+                    self.done = true;
+                    Some(Err(e))
+                }
+                Err(_) => {
+                    self.done = true;
+                    None
+                }
+            }
+        });
+        first.into_iter().chain(rest)
+    }
+}
+
 impl Read for LayerReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.chunk.len() {
@@ -587,6 +612,14 @@ mod tests {
         assert_eq!(e[2].3, long.as_bytes());
         assert_eq!(e[3].0, format!("{base}/{long}").into_bytes());
         assert_eq!(e[3].3, big);
+        // As chunks, after a partial read, the same bytes.
+        let mut reader = LayerReader::open(s.clone(), &r).unwrap();
+        let mut head = vec![0u8; 1000];
+        reader.read_exact(&mut head).unwrap();
+        for c in reader.into_chunks() {
+            head.extend(c.unwrap());
+        }
+        assert_eq!(head, made);
         // A reader dropped early stops the thread making it (no hang, no panic).
         let mut partial = LayerReader::open(s.clone(), &r).unwrap();
         let mut some = [0u8; 10];
@@ -607,6 +640,8 @@ mod tests {
         let mut made = Vec::new();
         let e = LayerReader::open(s.clone(), &r).unwrap().read_to_end(&mut made).unwrap_err();
         assert!(e.to_string().contains("its store paths changed"), "{e}");
+        let last = LayerReader::open(s.clone(), &r).unwrap().into_chunks().last().unwrap().unwrap_err();
+        assert!(last.to_string().contains("its store paths changed"), "{last}");
     }
 
     #[test]
