@@ -550,7 +550,7 @@ async fn get_blob(
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io("read", e).into()),
+                Err(e) => return Err(io("read", e)),
             };
             std::io::Write::write_all(w, &buf[..n]).map_err(|e| io("send", e))?;
         }
