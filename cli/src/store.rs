@@ -291,8 +291,11 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
         // user's permissions: the bytes do not cross the socket.
         let file = std::fs::File::open(path).with_context(|| format!("cannot read '{}'", path.display()))?;
         let method = if flat { AddMethod::Flat } else { AddMethod::Nar };
+        let bar = progress::spinner(&format!("adding {name} ({})", indicatif::HumanBytes(meta.len())));
         let q = AddQuery { name, method, size: None, executable: false, handed_over: true };
-        return client.add_file(&q, &file).await.with_context(|| format!("cannot add '{}'", path.display()));
+        let added = client.add_file(&q, &file).await;
+        bar.finish_and_clear();
+        return added.with_context(|| format!("cannot add '{}'", path.display()));
     }
     let (w, r) = tokio::io::duplex(1 << 20);
     let bar = progress::bytes(&format!("adding {name}"));

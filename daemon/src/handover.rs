@@ -20,9 +20,6 @@ use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
 use cairn_api::HANDOVER_MARK as MARK;
 /// Descriptors one connection may hand over; more are closed unread.
 const MAX_FILES: usize = 1;
-/// How long the daemon waits for a connection's first byte before leaving it to HTTP (whose
-/// own header timeout then applies).
-const FIRST_BYTE_WAIT: Duration = Duration::from_secs(30);
 
 /// The files a connection handed over, for its requests to take.
 #[derive(Clone, Default)]
@@ -36,11 +33,13 @@ impl HandedOver {
 }
 
 /// Receives the descriptors a new connection starts with, if it starts with [`MARK`];
-/// otherwise leaves its bytes unread.
-pub async fn receive(stream: &tokio::net::UnixStream) -> HandedOver {
+/// otherwise leaves its bytes unread. `None` when no first byte came within `wait` (the
+/// header-read timeout, which it is part of) or the client went away: the connection is to be
+/// closed.
+pub async fn receive(stream: &tokio::net::UnixStream, wait: Option<Duration>) -> Option<HandedOver> {
     let out = HandedOver::default();
     let fd = stream.as_raw_fd();
-    let first = tokio::time::timeout(FIRST_BYTE_WAIT, async {
+    let first_byte = async {
         loop {
             if stream.readable().await.is_err() {
                 return None;
@@ -55,10 +54,15 @@ pub async fn receive(stream: &tokio::net::UnixStream) -> HandedOver {
                 Err(_) => return None,
             }
         }
-    })
-    .await;
-    if first != Ok(Some(MARK)) {
-        return out;
+    };
+    let first = match wait {
+        Some(w) => tokio::time::timeout(w, first_byte).await.ok().flatten(),
+        None => first_byte.await,
+    };
+    match first {
+        Some(MARK) => {}
+        Some(_) => return Some(out),
+        None => return None,
     }
     let mut files = Vec::new();
     match take_descriptors(fd) {
@@ -76,7 +80,7 @@ pub async fn receive(stream: &tokio::net::UnixStream) -> HandedOver {
     // Only the first MAX_FILES are kept: the rest close here.
     files.truncate(MAX_FILES);
     *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files;
-    out
+    Some(out)
 }
 
 /// Reads the mark byte and the descriptors that came with it.

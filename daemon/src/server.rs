@@ -175,7 +175,10 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
                 let (app, limits, watcher) = (app.clone(), *connections.limits(), graceful.watcher());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let handed = crate::handover::receive(&stream).await;
+                    let Some(handed) = crate::handover::receive(&stream, limits.header_read_timeout).await else {
+                        tracing::debug!("connection closed: no request within the header-read timeout");
+                        return;
+                    };
                     let svc = TowerToHyperService::new(app.layer(Extension(peer)).layer(Extension(handed)));
                     let stream = SendDeadline::new(stream, limits.send_timeout);
                     let conn = watcher.watch(crate::limits::http1(&limits).serve_connection(TokioIo::new(stream), svc));

@@ -86,15 +86,7 @@ impl LocalStore {
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
         let (nar_hash, nar_size) = Self::receive_nar(input, &copy)?;
-        let path = self.store_dir().make_fixed_output_path(
-            name,
-            FileIngestionMethod::Recursive,
-            &nar_hash,
-            references,
-            false,
-        )?;
-        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
-        let info = content_addressed(path, nar_hash, nar_size, references.clone(), ca);
+        let info = crate::source_info(self.store_dir(), name, nar_hash, nar_size, references)?;
         self.finish_add(&copy, info)
     }
 }
@@ -102,14 +94,7 @@ impl LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StoreLayout;
-    use cairn_nix::StoreDir;
-
-    fn open_temp_store() -> (tempfile::TempDir, LocalStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
-        (dir, store)
-    }
+    use crate::tests_support::open_temp_store;
 
     #[test]
     fn blobs_are_checked_and_land_at_their_flat_path() {

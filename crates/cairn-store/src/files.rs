@@ -188,17 +188,7 @@ impl LocalStore {
                 let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash };
                 content_addressed(path, c.nar, nar_size, BTreeSet::new(), ca)
             }
-            None => {
-                let path = self.store_dir().make_fixed_output_path(
-                    name,
-                    FileIngestionMethod::Recursive,
-                    &c.nar,
-                    &BTreeSet::new(),
-                    false,
-                )?;
-                let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: c.nar.clone() };
-                content_addressed(path, c.nar, nar_size, BTreeSet::new(), ca)
-            }
+            None => crate::source_info(self.store_dir(), name, c.nar, nar_size, &BTreeSet::new())?,
         };
         self.finish_add(&copy, info)
     }
@@ -207,15 +197,8 @@ impl LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StoreLayout;
-    use cairn_nix::StoreDir;
+    use crate::tests_support::open_temp_store;
     use std::os::unix::fs::PermissionsExt;
-
-    fn open_temp_store() -> (tempfile::TempDir, LocalStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(StoreLayout::under_root(dir.path(), StoreDir::new("/store").unwrap())).unwrap();
-        (dir, store)
-    }
 
     #[test]
     fn a_file_handed_over_lands_where_its_nar_or_its_bytes_put_it() {

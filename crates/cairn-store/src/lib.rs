@@ -638,6 +638,20 @@ fn content_addressed(
     }
 }
 
+/// The metadata of a `source` path (a tree added by its NAR's SHA-256, as `nix-store --add` does)
+/// with `references`.
+fn source_info(
+    dir: &cairn_nix::StoreDir,
+    name: &str,
+    nar_hash: Hash,
+    nar_size: u64,
+    references: &BTreeSet<StorePath>,
+) -> Result<PathInfo> {
+    let path = dir.make_fixed_output_path(name, FileIngestionMethod::Recursive, &nar_hash, references, false)?;
+    let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
+    Ok(content_addressed(path, nar_hash, nar_size, references.clone(), ca))
+}
+
 /// Size of the NAR of a lone regular file of `size` bytes.
 fn nar_size_of_file(size: u64, executable: bool) -> u64 {
     // magic(8+16) "("(8+8) "type"(8+8) "regular"(8+8) ["executable"(8+16) ""(8)] "contents"(8+8)
@@ -729,6 +743,13 @@ mod gc_tests;
 mod tests;
 #[cfg(test)]
 mod tests_support {
+    /// A store in a temporary directory (store directory `/store`).
+    pub fn open_temp_store() -> (tempfile::TempDir, crate::LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = crate::StoreLayout::under_root(dir.path(), cairn_nix::StoreDir::new("/store").unwrap());
+        (dir, crate::LocalStore::open(layout).unwrap())
+    }
+
     /// The NAR of a small tree: an executable script and a text file.
     pub fn sample_nar() -> Vec<u8> {
         use cairn_nix::strategies::Tree;
