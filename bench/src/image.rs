@@ -204,6 +204,7 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
 
     let (mut c_times, mut s_times, mut s_sync, mut c2_times, mut s2_times) = (vec![], vec![], vec![], vec![], vec![]);
     let mut second_fetched = 0u64;
+    let mut pull_rss = 0f64;
     for rep in 0..o.reps {
         // skopeo into an empty oci: directory, then the second image into the same one.
         let dir = w.join(format!("skopeo-{rep}"));
@@ -234,6 +235,7 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         let v: serde_json::Value = serde_json::from_str(&out)?;
         ensure!(v["image"]["digest"] == d2.as_str(), "cairn reported another digest: {out}");
         second_fetched = v["bytesFetched"].as_u64().unwrap_or(0);
+        pull_rss = pull_rss.max(c.peak_rss_mib()?);
         drop(c);
         rm_rf(&root);
     }
@@ -244,6 +246,7 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         Some(median(&mut s_times)),
     );
     table.note("  skopeo copy followed by sync (durable, as cairn)", crate::fmt_secs(median(&mut s_sync)));
+    table.note("  cairnd peak RSS during the pulls", format!("{pull_rss:.1} MiB"));
     table.time("pull a 2nd image sharing 2 of its 3 layers".into(), median(&mut c2_times), Some(median(&mut s2_times)));
     table.note(
         "  2nd image: bytes cairn fetched / its new layer",
@@ -258,6 +261,7 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     let mut pull = c.cairn();
     pull.args(["image", "pull", "--tls-verify=false", "--tag", "bench/img:v1", &format!("{up}:v1")]);
     run(&mut pull)?;
+    c.reset_peak_rss()?;
     let (mut from_cairn, mut from_dist) = (vec![], vec![]);
     for rep in 0..o.reps {
         for (times, source) in
@@ -276,6 +280,7 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         median(&mut from_cairn),
         Some(median(&mut from_dist)),
     );
+    table.note("  cairnd peak RSS while serving", format!("{:.1} MiB", c.peak_rss_mib()?));
     drop(c);
     rm_rf(&root);
     let _ = std::io::stdout().flush();
@@ -326,6 +331,7 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     }
     let (mut builds, mut pushes, mut rebuilds, mut umocis, mut warm) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut fresh_streamed, mut fresh_materialised, mut fresh_skopeo) = (vec![], vec![], vec![]);
+    let mut push_rss = 0f64;
     let mut cold_floors = vec![];
     let mut rebuilt_written = 0;
     for rep in 0..o.reps {
@@ -372,6 +378,7 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         let oci = format!("oci:{}:1", layout.display());
         run(c.cairn().args(["image", "push", "bench/built:1", &oci]))?;
         run(c.cairn().args(["image", "pull", "--tag", "bench/materialised:1", &oci]))?;
+        c.reset_peak_rss()?;
         for (k, times) in [&mut fresh_streamed, &mut fresh_materialised, &mut fresh_skopeo].into_iter().enumerate() {
             let r = start_registry_named(w, &format!("registry-push-{rep}-{k}"))?;
             let to = format!("docker://127.0.0.1:{}/push/built:1", r.port);
@@ -389,6 +396,7 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
             drop(r);
             rm_rf(&w.join(format!("registry-push-{rep}-{k}")));
         }
+        push_rss = push_rss.max(c.peak_rss_mib()?);
         run(c.cairn().args(["image", "untag", "bench/materialised:1"]))?;
         rm_rf(&layout);
         let app2 = top(&format!("{} v2", parts.join(" ")))?;
@@ -468,6 +476,7 @@ pub fn bench_image_build(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     table.time(format!("push of the built image, streamed layers (median of {})", o.reps), ps, Some(sk));
     table.note("  the same image, layers materialised as blobs", crate::fmt_secs(pm));
     table.note("  streamed / materialised", format!("{:.2}x", ps / pm));
+    table.note("  cairnd peak RSS during these pushes", format!("{push_rss:.1} MiB"));
     table.note("  (skopeo: copy of it from an oci: layout; each push to an empty registry)", String::new());
     Ok(())
 }

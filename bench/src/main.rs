@@ -1097,6 +1097,7 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
     {
         let url = format!("file://{}", cache.display());
         let (mut c_times, mut n_times, mut ns_times) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rss = 0f64;
         for rep in 0..o.reps {
             let tag = format!("subst{k}-{rep}");
             // Fresh file systems for the many small paths (file creation is what they measure);
@@ -1116,6 +1117,7 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
             let (out, t) = timed(cmd, None)?;
             ensure!(out.lines().count() == paths.len(), "cairn substituted {} paths", out.lines().count());
             c_times.push(t);
+            rss = rss.max(c.peak_rss_mib()?);
             if rep == 0 {
                 let mut q = c.cairn();
                 q.args(["path-info", "--json"]).args(paths.iter());
@@ -1160,6 +1162,7 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
         let c_median = median(&mut c_times);
         big_cairn = c_median;
         table.time(format!("{what} (median of {})", o.reps), c_median, n);
+        table.note("  cairnd peak RSS", format!("{rss:.1} MiB"));
         if !ns_times.is_empty() {
             let ns = median(&mut ns_times);
             table.note("  nix copy followed by sync (durable, as cairn)", fmt_secs(ns));
