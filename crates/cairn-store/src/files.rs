@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 use cairn_nix::content_address::FileIngestionMethod;
@@ -66,8 +66,7 @@ pub(crate) fn copy_hashing(
         });
         let nar = scope.spawn(move || -> std::result::Result<Hash, NarWriteError> {
             let mut w = NarWriter::new(Hasher::new(HashAlgo::Sha256))?;
-            let mut r = ChunkReader { rx: nar_rx, cur: Arc::new(Vec::new()), pos: 0 };
-            w.regular(None, executable, size, &mut r)?;
+            w.regular_from_chunks(None, executable, size, nar_rx.iter().map(Chunk))?;
             Ok(w.finish()?.finish())
         });
         let mut got = 0u64;
@@ -111,28 +110,12 @@ pub(crate) fn copy_hashing(
     })
 }
 
-/// Reads the chunks a channel carries, as one stream (the NAR hasher's input).
-struct ChunkReader {
-    rx: Receiver<Arc<Vec<u8>>>,
-    cur: Arc<Vec<u8>>,
-    pos: usize,
-}
+/// A chunk of the pipeline, as bytes.
+struct Chunk(Arc<Vec<u8>>);
 
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(c) => {
-                    self.cur = c;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 

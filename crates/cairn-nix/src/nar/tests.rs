@@ -124,6 +124,39 @@ fn reader_stops_at_the_end_of_the_nar() {
 
 proptest! {
     #[test]
+    fn a_file_written_from_chunks_is_the_file_written_from_a_reader(
+        contents in proptest::collection::vec(any::<u8>(), 0..3000),
+        cuts in proptest::collection::vec(0usize..3000, 0..6),
+        executable: bool,
+    ) {
+        let mut from_reader = NarWriter::new(Vec::new()).unwrap();
+        from_reader.regular(None, executable, contents.len() as u64, &mut &contents[..]).unwrap();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(contents.len())).collect();
+        cuts.sort_unstable();
+        let chunks: Vec<&[u8]> = [0].iter().chain(&cuts).zip(cuts.iter().chain([&contents.len()]))
+            .map(|(&a, &b)| &contents[a..b])
+            .collect();
+        let mut from_chunks = NarWriter::new(Vec::new()).unwrap();
+        from_chunks.regular_from_chunks(None, executable, contents.len() as u64, chunks.iter().copied()).unwrap();
+        prop_assert_eq!(from_chunks.finish().unwrap(), from_reader.finish().unwrap());
+        // Chunks that add up to less or more than the size are refused.
+        let mut short = NarWriter::new(Vec::new()).unwrap();
+        let err = short.regular_from_chunks(None, executable, contents.len() as u64 + 1, chunks.iter().copied());
+        prop_assert!(
+            matches!(err, Err(NarWriteError::SizeMismatch { .. })),
+            "a short file was written"
+        );
+        if !contents.is_empty() {
+            let mut long = NarWriter::new(Vec::new()).unwrap();
+            let err = long.regular_from_chunks(None, executable, contents.len() as u64 - 1, chunks.iter().copied());
+            prop_assert!(
+                matches!(err, Err(NarWriteError::SizeMismatch { .. })),
+                "a long file was written"
+            );
+        }
+    }
+
+    #[test]
     fn write_parse_round_trip(t in tree()) {
         let nar = t.to_nar();
         prop_assert_eq!(Tree::from_nar(&nar).unwrap(), t);

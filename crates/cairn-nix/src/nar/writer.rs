@@ -117,6 +117,43 @@ impl<W: Write> NarWriter<W> {
         self.close_node()
     }
 
+    /// Writes a regular file of `size` bytes given as chunks, each written straight through
+    /// (no copy into a buffer of the writer's: a hasher behind it reads the chunks themselves).
+    pub fn regular_from_chunks<C: AsRef<[u8]>>(
+        &mut self,
+        name: Option<&[u8]>,
+        executable: bool,
+        size: u64,
+        chunks: impl IntoIterator<Item = C>,
+    ) -> Result<(), NarWriteError> {
+        self.open_node(name)?;
+        write_bytes(&mut self.w, b"regular")?;
+        if executable {
+            write_bytes(&mut self.w, b"executable")?;
+            write_bytes(&mut self.w, b"")?;
+        }
+        write_bytes(&mut self.w, b"contents")?;
+        write_u64(&mut self.w, size)?;
+        let mut written = 0u64;
+        for c in chunks {
+            let c = c.as_ref();
+            written += c.len() as u64;
+            if written > size {
+                break;
+            }
+            self.w.write_all(c)?;
+        }
+        if written != size {
+            return Err(NarWriteError::SizeMismatch {
+                name: String::from_utf8_lossy(name.unwrap_or(b"")).into_owned(),
+                expected: size,
+                actual: written,
+            });
+        }
+        self.w.write_all(&[0u8; 8][..padding(size)])?;
+        self.close_node()
+    }
+
     /// Writes a symlink.
     pub fn symlink(&mut self, name: Option<&[u8]>, target: &[u8]) -> Result<(), NarWriteError> {
         self.open_node(name)?;
