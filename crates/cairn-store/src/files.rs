@@ -148,7 +148,9 @@ impl LocalStore {
         let flags = nix::fcntl::fcntl(&input, nix::fcntl::FcntlArg::F_GETFL)
             .map(nix::fcntl::OFlag::from_bits_truncate)
             .map_err(|e| StoreError::Io { op: "inspect", path: name.into(), source: e.into() })?;
-        if flags & nix::fcntl::OFlag::O_ACCMODE == nix::fcntl::OFlag::O_WRONLY {
+        if flags & nix::fcntl::OFlag::O_ACCMODE == nix::fcntl::OFlag::O_WRONLY
+            || flags.contains(nix::fcntl::OFlag::O_PATH)
+        {
             return Err(StoreError::NotReadable(name.to_owned()));
         }
         let executable = meta.mode() & 0o100 != 0;
@@ -224,6 +226,11 @@ mod tests {
         assert!(matches!(err, StoreError::NotAFile(_)), "{err}");
         let w = File::create(dir.path().join("w")).unwrap();
         let err = store.add_file("w", w, FileMethod::Nar).unwrap_err();
+        assert!(matches!(err, StoreError::NotReadable(_)), "{err}");
+        let path_only = File::from(
+            nix::fcntl::open(&dir.path().join("w"), nix::fcntl::OFlag::O_PATH, nix::sys::stat::Mode::empty()).unwrap(),
+        );
+        let err = store.add_file("o", path_only, FileMethod::Flat).unwrap_err();
         assert!(matches!(err, StoreError::NotReadable(_)), "{err}");
     }
 
