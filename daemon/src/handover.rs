@@ -18,17 +18,15 @@ use std::time::Duration;
 use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
 
 use cairn_api::HANDOVER_MARK as MARK;
-/// Descriptors one connection may hand over; more are closed unread.
-const MAX_FILES: usize = 1;
 
-/// The files a connection handed over, for its requests to take.
+/// The file a connection handed over, for one of its requests to take.
 #[derive(Clone, Default)]
-pub struct HandedOver(Arc<Mutex<Vec<File>>>);
+pub struct HandedOver(Arc<Mutex<Option<File>>>);
 
 impl HandedOver {
     /// The file handed over with this connection, once.
     pub fn take(&self) -> Option<File> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop()
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
 
@@ -64,22 +62,23 @@ pub async fn receive(stream: &tokio::net::UnixStream, wait: Option<Duration>) ->
         Some(_) => return Some(out),
         None => return None,
     }
-    let mut files = Vec::new();
-    match take_descriptors(fd) {
-        Ok(fds) => {
-            for fd in fds {
-                // SAFETY: the kernel just installed `fd` in this process for this message;
-                // nothing else knows it, so the File is its only owner.
-                #[allow(unsafe_code)]
-                let f = unsafe { File::from_raw_fd(fd) };
-                files.push(f);
-            }
+    let mut files = match take_descriptors(fd) {
+        Ok(fds) => fds,
+        Err(e) => {
+            tracing::debug!("cannot receive the descriptors handed over: {e}");
+            Vec::new()
         }
-        Err(e) => tracing::debug!("cannot receive the descriptors handed over: {e}"),
     }
-    // Only the first MAX_FILES are kept: the rest close here.
-    files.truncate(MAX_FILES);
-    *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files;
+    .into_iter()
+    .map(|fd| {
+        // SAFETY: the kernel just installed `fd` in this process for this message; nothing
+        // else knows it, so the File is its only owner.
+        #[allow(unsafe_code)]
+        let f = unsafe { File::from_raw_fd(fd) };
+        f
+    });
+    // One file per connection: any others close here.
+    *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files.next();
     Some(out)
 }
 

@@ -189,7 +189,12 @@ pub fn restore_with_buffer<R: Read>(
                     .open(&p)
                     .map_err(io_err("create", &p))?;
                 // No pre-allocation: `size` comes from untrusted input, and the contents arrive anyway.
-                let written = nar.copy_contents(&mut WritebackWriter::new(&f), buf)?;
+                // Into the store, the file's writeback starts as it grows (see WritebackWriter).
+                let written = if canonical {
+                    nar.copy_contents(&mut WritebackWriter::new(&f), buf)?
+                } else {
+                    nar.copy_contents(&mut &f, buf)?
+                };
                 debug_assert_eq!(written, size);
                 if canonical {
                     f.set_permissions(Permissions::from_mode(mode)).map_err(io_err("chmod", &p))?;

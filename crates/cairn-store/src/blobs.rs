@@ -15,7 +15,7 @@ use cairn_nix::content_address::FileIngestionMethod;
 use cairn_nix::store_path::validate_name;
 use cairn_nix::{ContentAddress, Hash, StorePath};
 
-use crate::{content_addressed, nar_size_of_file, CopyToFile, LocalStore, PathInfo, Result, StoreError};
+use crate::{nar_size_of_file, CopyToFile, LocalStore, PathInfo, Result, StoreError};
 
 impl LocalStore {
     /// The flat fixed-output path a file named `name` with flat hash `hash` has.
@@ -62,8 +62,7 @@ impl LocalStore {
             });
         }
         file.finish()?;
-        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: flat };
-        let info = content_addressed(path, nar_hash, nar_size_of_file(got, false), BTreeSet::new(), ca);
+        let info = crate::flat_info(path, flat, nar_hash, nar_size_of_file(got, false));
         self.finish_add(&copy, info)
     }
 

@@ -15,12 +15,11 @@ use std::path::Path;
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
-use cairn_nix::content_address::FileIngestionMethod;
 use cairn_nix::nar::{NarWriteError, NarWriter};
 use cairn_nix::store_path::validate_name;
-use cairn_nix::{ContentAddress, Hash, HashAlgo, Hasher};
+use cairn_nix::{Hash, HashAlgo, Hasher};
 
-use crate::{content_addressed, nar_size_of_file, CopyToFile, LocalStore, PathInfo, Result, StoreError};
+use crate::{nar_size_of_file, CopyToFile, LocalStore, PathInfo, Result, StoreError};
 
 /// Chunk size of the pipeline.
 pub(crate) const CHUNK: usize = 1 << 20;
@@ -168,11 +167,7 @@ impl LocalStore {
         file.finish()?;
         let nar_size = nar_size_of_file(c.size, executable);
         let info = match c.flat {
-            Some(hash) => {
-                let path = self.flat_path(name, &hash)?;
-                let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash };
-                content_addressed(path, c.nar, nar_size, BTreeSet::new(), ca)
-            }
+            Some(hash) => crate::flat_info(self.flat_path(name, &hash)?, hash, c.nar, nar_size),
             None => crate::source_info(self.store_dir(), name, c.nar, nar_size, &BTreeSet::new())?,
         };
         self.finish_add(&copy, info)

@@ -571,9 +571,7 @@ impl LocalStore {
         let c = files::copy_hashing(input, size, executable, Some(HashAlgo::Sha256), &mut file, &copy)?;
         file.finish()?;
         let hash = c.flat.ok_or_else(|| StoreError::NotAFile(name.to_owned()))?;
-        let path = self.flat_path(name, &hash)?;
-        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash };
-        let info = content_addressed(path, c.nar, nar_size_of_file(size, executable), BTreeSet::new(), ca);
+        let info = flat_info(self.flat_path(name, &hash)?, hash, c.nar, nar_size_of_file(size, executable));
         self.finish_add(&copy, info)
     }
 
@@ -650,6 +648,13 @@ fn source_info(
     let path = dir.make_fixed_output_path(name, FileIngestionMethod::Recursive, &nar_hash, references, false)?;
     let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: nar_hash.clone() };
     Ok(content_addressed(path, nar_hash, nar_size, references.clone(), ca))
+}
+
+/// The metadata of a flat fixed-output path (a lone file added by its bytes' hash, as
+/// `nix-store --add-fixed` does).
+fn flat_info(path: StorePath, hash: Hash, nar_hash: Hash, nar_size: u64) -> PathInfo {
+    let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash };
+    content_addressed(path, nar_hash, nar_size, BTreeSet::new(), ca)
 }
 
 /// Size of the NAR of a lone regular file of `size` bytes.

@@ -80,14 +80,8 @@ impl<W: Write> NarWriter<W> {
         Ok(())
     }
 
-    /// Writes a regular file of `size` bytes read from `contents`.
-    pub fn regular(
-        &mut self,
-        name: Option<&[u8]>,
-        executable: bool,
-        size: u64,
-        contents: &mut impl Read,
-    ) -> Result<(), NarWriteError> {
+    /// A regular file's node up to its contents.
+    fn begin_regular(&mut self, name: Option<&[u8]>, executable: bool, size: u64) -> Result<(), NarWriteError> {
         self.open_node(name)?;
         write_bytes(&mut self.w, b"regular")?;
         if executable {
@@ -96,6 +90,24 @@ impl<W: Write> NarWriter<W> {
         }
         write_bytes(&mut self.w, b"contents")?;
         write_u64(&mut self.w, size)?;
+        Ok(())
+    }
+
+    /// A regular file's node after its `size` bytes of contents.
+    fn end_regular(&mut self, size: u64) -> Result<(), NarWriteError> {
+        self.w.write_all(&[0u8; 8][..padding(size)])?;
+        self.close_node()
+    }
+
+    /// Writes a regular file of `size` bytes read from `contents`.
+    pub fn regular(
+        &mut self,
+        name: Option<&[u8]>,
+        executable: bool,
+        size: u64,
+        contents: &mut impl Read,
+    ) -> Result<(), NarWriteError> {
+        self.begin_regular(name, executable, size)?;
         if self.buf.is_empty() {
             self.buf = vec![0u8; 256 * 1024];
         }
@@ -113,8 +125,7 @@ impl<W: Write> NarWriter<W> {
             self.w.write_all(&self.buf[..n])?;
             left -= n as u64;
         }
-        self.w.write_all(&[0u8; 8][..padding(size)])?;
-        self.close_node()
+        self.end_regular(size)
     }
 
     /// Writes a regular file of `size` bytes given as chunks, each written straight through
@@ -126,14 +137,7 @@ impl<W: Write> NarWriter<W> {
         size: u64,
         chunks: impl IntoIterator<Item = C>,
     ) -> Result<(), NarWriteError> {
-        self.open_node(name)?;
-        write_bytes(&mut self.w, b"regular")?;
-        if executable {
-            write_bytes(&mut self.w, b"executable")?;
-            write_bytes(&mut self.w, b"")?;
-        }
-        write_bytes(&mut self.w, b"contents")?;
-        write_u64(&mut self.w, size)?;
+        self.begin_regular(name, executable, size)?;
         let mut written = 0u64;
         for c in chunks {
             let c = c.as_ref();
@@ -150,8 +154,7 @@ impl<W: Write> NarWriter<W> {
                 actual: written,
             });
         }
-        self.w.write_all(&[0u8; 8][..padding(size)])?;
-        self.close_node()
+        self.end_regular(size)
     }
 
     /// Writes a symlink.
