@@ -232,21 +232,28 @@ pub fn restore_with_buffer<R: Read>(
 /// Files are streamed; only one directory listing at a time is held in memory per level.
 pub fn dump(path: &Path, out: impl Write) -> Result<()> {
     let mut w = NarWriter::new(BufWriter::with_capacity(256 * 1024, out)).map_err(io_err("write NAR of", path))?;
-    dump_node(path, None, &mut w)?;
+    dump_node(path, None, &mut w, &mut |w, file, name, executable, size| {
+        let mut f = File::open(file).map_err(io_err("open", file))?;
+        w.regular(name, executable, size, &mut f)
+            .map_err(|source| FsError::NarWrite { path: file.to_owned(), source })
+    })?;
     w.finish()
         .map_err(|e| FsError::NarWrite { path: path.to_owned(), source: e })?
         .flush()
         .map_err(io_err("write NAR of", path))
 }
 
-fn dump_node<W: Write>(path: &Path, name: Option<&[u8]>, w: &mut NarWriter<W>) -> Result<()> {
+/// What a walk does with a regular file: `(writer, file, entry name, executable, size)`.
+type OnFile<'a, W> = dyn FnMut(&mut NarWriter<W>, &Path, Option<&[u8]>, bool, u64) -> Result<()> + 'a;
+
+/// Walks the tree at `path` in NAR order, writing all but regular files' nodes to `w`;
+/// `on_file` writes those (with their contents, or recording where they go).
+fn dump_node<W: Write>(path: &Path, name: Option<&[u8]>, w: &mut NarWriter<W>, on_file: &mut OnFile<W>) -> Result<()> {
     let nar_err = |source| FsError::NarWrite { path: path.to_owned(), source };
     let meta = fs::symlink_metadata(path).map_err(io_err("stat", path))?;
     let ft = meta.file_type();
     if ft.is_file() {
-        let mut f = File::open(path).map_err(io_err("open", path))?;
-        let executable = meta.mode() & 0o100 != 0;
-        w.regular(name, executable, meta.len(), &mut f).map_err(nar_err)
+        on_file(w, path, name, meta.mode() & 0o100 != 0, meta.len())
     } else if ft.is_symlink() {
         let target = fs::read_link(path).map_err(io_err("read symlink", path))?;
         w.symlink(name, target.as_os_str().as_bytes()).map_err(nar_err)
@@ -259,13 +266,16 @@ fn dump_node<W: Write>(path: &Path, name: Option<&[u8]>, w: &mut NarWriter<W>) -
         names.sort_unstable();
         w.begin_directory(name).map_err(nar_err)?;
         for n in &names {
-            dump_node(&path.join(std::ffi::OsStr::from_bytes(n)), Some(n), w)?;
+            dump_node(&path.join(std::ffi::OsStr::from_bytes(n)), Some(n), w, on_file)?;
         }
         w.end_directory().map_err(nar_err)
     } else {
         Err(FsError::UnsupportedFileType(path.to_owned()))
     }
 }
+
+mod layout;
+pub use layout::NarLayout;
 
 #[cfg(test)]
 mod tests {

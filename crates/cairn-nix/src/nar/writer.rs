@@ -157,6 +157,20 @@ impl<W: Write> NarWriter<W> {
         self.end_regular(size)
     }
 
+    /// Writes a regular file's node without its `size` bytes of contents: `mark` is handed the
+    /// sink where they belong (a NAR layout records "the file's bytes go here" and moves on).
+    pub fn regular_elsewhere(
+        &mut self,
+        name: Option<&[u8]>,
+        executable: bool,
+        size: u64,
+        mark: impl FnOnce(&mut W) -> io::Result<()>,
+    ) -> Result<(), NarWriteError> {
+        self.begin_regular(name, executable, size)?;
+        mark(&mut self.w)?;
+        self.end_regular(size)
+    }
+
     /// Writes a symlink.
     pub fn symlink(&mut self, name: Option<&[u8]>, target: &[u8]) -> Result<(), NarWriteError> {
         self.open_node(name)?;
