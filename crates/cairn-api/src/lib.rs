@@ -20,6 +20,7 @@
 //! | `GET /v1/daemon/status` | — | [`DaemonStatus`] |
 //! | `GET /v1/daemon/config` | — | [`config::Settings`] (the daemon's effective settings) |
 //! | `POST /v1/daemon/stop` | — | [`DaemonStatus`] (trusted users; the daemon then shuts down) |
+//! | `GET /v1/peers` | — | [`PeersStatus`] |
 //!
 //! Failures answer a 4xx/5xx status with an [`ErrorBody`].
 //!
@@ -77,6 +78,8 @@ pub mod routes {
     /// `POST`: asks the daemon to shut down as on SIGTERM (trusted users only); answers its
     /// [`super::DaemonStatus`] first.
     pub const DAEMON_STOP: &str = "/v1/daemon/stop";
+    /// `GET`: the p2p node and its peers ([`super::PeersStatus`]).
+    pub const PEERS: &str = "/v1/peers";
 }
 
 /// Answer of `GET /v1/version`.
@@ -96,6 +99,41 @@ pub struct VersionInfo {
     /// would have started it with.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub settings_fingerprint: String,
+}
+
+/// Answer of `GET /v1/peers`: this node on the p2p network and what it knows of its peers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PeersStatus {
+    /// What peers put before the `@` to reach this node.
+    pub node_id: String,
+    /// Where it listens (`p2p-listen`); empty: it fetches from peers but serves none.
+    pub listening: Vec<String>,
+    /// Things (NARs, blobs) whose BLAKE3 hash it has worked out for peers so far.
+    pub offered: u64,
+    /// Bytes and transfers served to all peers.
+    pub served_bytes: u64,
+    pub served_objects: u64,
+    /// Things no peer had, which it fetched upstream.
+    pub upstream_objects: u64,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One configured peer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub node_id: String,
+    pub addresses: Vec<String>,
+    /// `ok`, `not yet reached`, or `shunned for Ns` (after a failure or bad bytes).
+    pub state: String,
+    /// Verified bytes and whole things fetched from it.
+    pub fetched_bytes: u64,
+    pub fetched_objects: u64,
+    /// Bytes served to it.
+    pub served_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// Answer of `GET /v1/daemon/status`: which daemon this is and what it was started with.

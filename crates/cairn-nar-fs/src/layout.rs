@@ -97,19 +97,24 @@ impl NarLayout {
     }
 
     /// A reader of the NAR from its start, which can also read at any offset.
-    pub fn reader(&self) -> NarLayoutReader<'_> {
-        NarLayoutReader { layout: self, open: None, pos: 0 }
+    pub fn reader(&self) -> NarLayoutReader<&NarLayout> {
+        NarLayoutReader::new(self)
     }
 }
 
-/// Reads a [`NarLayout`]'s bytes, keeping the last file it read from open.
-pub struct NarLayoutReader<'a> {
-    layout: &'a NarLayout,
+/// Reads a [`NarLayout`]'s bytes (borrowed, or shared with an `Arc`), keeping the last file it
+/// read from open.
+pub struct NarLayoutReader<L> {
+    layout: L,
     open: Option<(usize, File)>,
     pos: u64,
 }
 
-impl NarLayoutReader<'_> {
+impl<L: std::ops::Deref<Target = NarLayout>> NarLayoutReader<L> {
+    pub fn new(layout: L) -> Self {
+        NarLayoutReader { layout, open: None, pos: 0 }
+    }
+
     /// Fills `buf` with the NAR's bytes from `offset` (fewer only at the NAR's end). A file of the
     /// tree that changed size since the layout was made is an error, never wrong bytes.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
@@ -143,7 +148,7 @@ impl NarLayoutReader<'_> {
     }
 }
 
-impl Read for NarLayoutReader<'_> {
+impl<L: std::ops::Deref<Target = NarLayout>> Read for NarLayoutReader<L> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.read_at(self.pos, buf)?;
         self.pos += n as u64;

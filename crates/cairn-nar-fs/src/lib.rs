@@ -234,8 +234,7 @@ pub fn dump(path: &Path, out: impl Write) -> Result<()> {
     let mut w = NarWriter::new(BufWriter::with_capacity(256 * 1024, out)).map_err(io_err("write NAR of", path))?;
     dump_node(path, None, &mut w, &mut |w, file, name, executable, size| {
         let mut f = File::open(file).map_err(io_err("open", file))?;
-        w.regular(name, executable, size, &mut f)
-            .map_err(|source| FsError::NarWrite { path: file.to_owned(), source })
+        w.regular(name, executable, size, &mut f).map_err(|source| FsError::NarWrite { path: file.to_owned(), source })
     })?;
     w.finish()
         .map_err(|e| FsError::NarWrite { path: path.to_owned(), source: e })?
@@ -275,7 +274,7 @@ fn dump_node<W: Write>(path: &Path, name: Option<&[u8]>, w: &mut NarWriter<W>, o
 }
 
 mod layout;
-pub use layout::NarLayout;
+pub use layout::{NarLayout, NarLayoutReader};
 
 #[cfg(test)]
 mod tests {

@@ -32,6 +32,7 @@ mod import;
 mod locks;
 mod memo;
 mod optimise;
+pub mod peers;
 mod reclaim;
 pub mod roots;
 pub mod tags;

@@ -1,0 +1,693 @@
+//! The node: one iroh endpoint that serves this store to peers (lookups and iroh-blobs
+//! transfers) and fetches from them.
+//!
+//! **Fetching.** A substitution or a pull asks [`Node::find`] before going upstream. Every
+//! usable peer gets a lookup at once; the bytes then stream from a peer that has the thing,
+//! each chunk checked against the BLAKE3 hash as it arrives, and in order, so that the store
+//! restores them as they come. A peer that fails mid-transfer is replaced by the next, which is
+//! asked only for what is still missing (iroh-blobs' ranges); a peer whose bytes do not match
+//! what it claimed is shunned for a while. The caller still checks the whole against the trusted
+//! hash (NAR hash, digest) before registering anything.
+//!
+//! **Fetching upstream once for the fleet.** A node that goes upstream for something says so to
+//! peers who ask (the "fetching" answer) until what it fetched is valid. A node that hears it
+//! from a peer whose node id is smaller than its own waits for that peer instead of going
+//! upstream too, asking again every [`POLL`]; if the fetch ends without the peer having it, the
+//! waiting node goes upstream itself. Two nodes that start within one lookup of each other may
+//! both go upstream; no more than that.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bao_tree::io::fsm::BaoContentItem;
+use bao_tree::{ChunkNum, ChunkRanges};
+use bytes::{Buf, Bytes};
+use cairn_api::{PeerStatus, PeersStatus};
+use cairn_store::peers::{PeerOffer, Peers, Wanted};
+use cairn_store::LocalStore;
+use iroh::endpoint::Connection;
+use iroh::protocol::{ProtocolHandler, Router};
+use iroh::{Endpoint, NodeAddr, NodeId, RelayMode, SecretKey};
+use iroh_blobs::get::fsm::{self, BlobContentNext, ConnectedNext, DecodeError, EndBlobNext};
+use iroh_blobs::protocol::{GetRequest, RangeSpecSeq};
+use iroh_blobs::util::local_pool::LocalPool;
+
+use crate::index::Index;
+use crate::lookup::{self, decode_answer, decode_request, encode_answer, encode_request, Answer};
+use crate::offer::{Offer, PeerView};
+
+/// How long a lookup (connecting included) may take before the peer counts as unreachable.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node waiting for a peer's upstream fetch asks again.
+pub const POLL: Duration = Duration::from_millis(200);
+/// How long a node waits for peers' upstream fetches before going upstream itself.
+pub const WAIT_FOR_PEERS: Duration = Duration::from_secs(600);
+/// How long a peer that sent bytes not matching its claim is not asked.
+pub const SHUN_LIAR: Duration = Duration::from_secs(600);
+/// How long an unreachable peer is not asked.
+pub const SHUN_UNREACHABLE: Duration = Duration::from_secs(30);
+
+/// What a node is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where peers reach this node; `None`: it fetches from peers but serves none.
+    pub listen: Option<SocketAddr>,
+    /// Peers, each `NODE-ID@HOST:PORT[,HOST:PORT…]`.
+    pub peers: Vec<String>,
+    /// Holds the node's secret key and the index.
+    pub state_dir: PathBuf,
+    pub max_transfers_per_peer: usize,
+    /// Upload bytes per second for all peers together (0: unlimited).
+    pub upload_rate: u64,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("peers: '{spec}' is not NODE-ID@HOST:PORT: {why}")]
+    Peer { spec: String, why: String },
+    #[error("p2p secret key '{}': {why}", path.display())]
+    Key { path: PathBuf, why: String },
+    #[error("p2p index '{}': {source}", path.display())]
+    Index { path: PathBuf, source: rusqlite::Error },
+    #[error("cannot bind the p2p endpoint to {addr}: {why}")]
+    Bind { addr: String, why: String },
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<Shared>,
+    router: Option<Router>,
+    _pool: Option<LocalPool>,
+}
+
+struct Shared {
+    endpoint: Endpoint,
+    peers: Vec<Arc<Peer>>,
+    fetching: Arc<Fetching>,
+    offer: Arc<Offer>,
+    upstream_objects: AtomicU64,
+}
+
+impl Node {
+    /// Starts the node: binds its endpoint and, if it listens, serves lookups and transfers.
+    pub async fn start(config: Config, store: Arc<LocalStore>) -> Result<Node, NodeError> {
+        let peers = config
+            .peers
+            .iter()
+            .map(|s| parse_peer(s).map(|addr| Arc::new(Peer { addr, state: Mutex::default() })))
+            .collect::<Result<Vec<_>, _>>()?;
+        fs::create_dir_all(&config.state_dir)
+            .map_err(|e| NodeError::Key { path: config.state_dir.clone(), why: e.to_string() })?;
+        let key = load_or_make_key(&config.state_dir.join("p2p-secret-key"))?;
+        let index_path = config.state_dir.join("p2p-index.sqlite");
+        let index = Index::open(&index_path).map_err(|source| NodeError::Index { path: index_path, source })?;
+        let offer = Arc::new(Offer::new(store, index, config.max_transfers_per_peer, config.upload_rate));
+        let mut builder = Endpoint::builder().secret_key(key).relay_mode(RelayMode::Disabled);
+        let bind = config.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        builder = match bind {
+            SocketAddr::V4(a) => builder.bind_addr_v4(a),
+            SocketAddr::V6(a) => builder.bind_addr_v6(a),
+        };
+        if config.listen.is_some() {
+            builder = builder.alpns(vec![iroh_blobs::ALPN.to_vec(), lookup::ALPN.to_vec()]);
+        }
+        let endpoint =
+            builder.bind().await.map_err(|e| NodeError::Bind { addr: bind.to_string(), why: format!("{e:#}") })?;
+        let fetching = Arc::new(Fetching::default());
+        let (router, pool) = if config.listen.is_some() {
+            let pool = LocalPool::default();
+            let router = Router::builder(endpoint.clone())
+                .accept(iroh_blobs::ALPN, BlobsHandler { offer: offer.clone(), rt: pool.handle().clone() })
+                .accept(lookup::ALPN, LookupHandler { offer: offer.clone(), fetching: fetching.clone() })
+                .spawn();
+            (Some(router), Some(pool))
+        } else {
+            (None, None)
+        };
+        tracing::info!(node_id = %endpoint.node_id(), listen = ?config.listen, peers = peers.len(), "p2p node started");
+        let shared = Arc::new(Shared { endpoint, peers, fetching, offer, upstream_objects: AtomicU64::new(0) });
+        Ok(Node { shared, router, _pool: pool })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.endpoint.node_id()
+    }
+
+    /// Stops serving and closes the endpoint.
+    pub async fn shutdown(&self) {
+        if let Some(router) = &self.router {
+            let _ = router.shutdown().await;
+        }
+        self.shared.endpoint.close().await;
+    }
+
+    /// What `cairn peers` shows.
+    pub fn status(&self) -> PeersStatus {
+        let s = &self.shared;
+        let served = s.offer.served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let (v4, v6) = s.endpoint.bound_sockets();
+        let now = Instant::now();
+        PeersStatus {
+            node_id: s.endpoint.node_id().to_string(),
+            listening: if self.router.is_some() {
+                std::iter::once(v4).chain(v6).map(|a| a.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            served_bytes: s.offer.served_bytes.load(Ordering::Relaxed),
+            served_objects: s.offer.served_objects.load(Ordering::Relaxed),
+            upstream_objects: s.upstream_objects.load(Ordering::Relaxed),
+            offered: s.offer.index().count().unwrap_or(0),
+            peers: s
+                .peers
+                .iter()
+                .map(|p| {
+                    let st = p.state();
+                    let state = match st.shunned_until {
+                        Some(t) if t > now => format!("shunned for {}s", (t - now).as_secs() + 1),
+                        _ if st.last_ok.is_some() => "ok".to_owned(),
+                        _ => "not yet reached".to_owned(),
+                    };
+                    PeerStatus {
+                        node_id: p.addr.node_id.to_string(),
+                        addresses: p.addr.direct_addresses.iter().map(|a| a.to_string()).collect(),
+                        state,
+                        fetched_bytes: st.fetched_bytes,
+                        fetched_objects: st.fetched_objects,
+                        served_bytes: served.get(&p.addr.node_id).copied().unwrap_or(0),
+                        last_error: st.last_error.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Peers for Node {
+    fn find(&self, wanted: Wanted) -> Pin<Box<dyn Future<Output = PeerOffer> + Send + '_>> {
+        let shared = self.shared.clone();
+        Box::pin(async move { shared.find(wanted).await })
+    }
+}
+
+impl Shared {
+    async fn find(self: Arc<Self>, wanted: Wanted) -> PeerOffer {
+        let size = match &wanted {
+            Wanted::Nar { nar_size, .. } => *nar_size,
+            Wanted::Blob { size, .. } => *size,
+        };
+        let Ok(request) = encode_request(&wanted) else { return PeerOffer::Upstream(Box::new(())) };
+        let guard = self.fetching.register(request.clone());
+        let me = self.endpoint.node_id();
+        let deadline = Instant::now() + WAIT_FOR_PEERS;
+        // An empty thing is not worth a round trip.
+        let mut ask = size > 0;
+        while ask {
+            let live: Vec<Arc<Peer>> = self.peers.iter().filter(|p| !p.shunned()).cloned().collect();
+            if live.is_empty() {
+                break;
+            }
+            let answers = futures_join(live.iter().map(|p| self.ask(p, &request))).await;
+            let mut haves: Vec<(Arc<Peer>, [u8; 32])> = Vec::new();
+            let mut wait = false;
+            for (peer, answer) in live.into_iter().zip(answers) {
+                match answer {
+                    Ok(Answer::Have { blake3, size: claimed }) if claimed == size => haves.push((peer, blake3)),
+                    Ok(Answer::Have { size: claimed, .. }) => {
+                        peer.shun(SHUN_LIAR, format!("claimed {claimed} bytes where {size} are wanted"))
+                    }
+                    Ok(Answer::Fetching) => wait |= peer.addr.node_id < me,
+                    Ok(Answer::Missing) => {}
+                    Err(why) => peer.shun(SHUN_UNREACHABLE, why),
+                }
+            }
+            if !haves.is_empty() {
+                return PeerOffer::Bytes(Box::new(self.stream(size, by_majority(haves), guard)));
+            }
+            ask = wait && Instant::now() < deadline;
+            if !ask {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        self.upstream_objects.fetch_add(1, Ordering::Relaxed);
+        PeerOffer::Upstream(Box::new(guard))
+    }
+
+    /// One lookup, on the peer's lookup connection (made on first use).
+    async fn ask(&self, peer: &Peer, request: &[u8]) -> Result<Answer, String> {
+        let asked = async {
+            let conn = peer.connection(&self.endpoint, lookup::ALPN).await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(request).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let bytes = recv.read_to_end(lookup::MAX_ANSWER).await.map_err(|e| e.to_string())?;
+            decode_answer(&bytes).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(LOOKUP_TIMEOUT, asked).await {
+            Ok(Ok(a)) => {
+                peer.state().last_ok = Some(Instant::now());
+                Ok(a)
+            }
+            Ok(Err(why)) => {
+                peer.forget_connections();
+                Err(format!("lookup failed: {why}"))
+            }
+            Err(_) => {
+                peer.forget_connections();
+                Err(format!("no answer to a lookup within {}s", LOOKUP_TIMEOUT.as_secs()))
+            }
+        }
+    }
+
+    /// Streams `size` bytes from the candidates, one after another, each asked only for what
+    /// the ones before did not send.
+    fn stream(self: Arc<Self>, size: u64, candidates: Vec<(Arc<Peer>, [u8; 32])>, guard: FetchGuard) -> PeerBytes {
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(32);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut delivered = 0u64;
+            for (peer, blake3) in candidates {
+                match get_from(&self.endpoint, &peer, blake3, size, &mut delivered, &tx).await {
+                    Ok(()) => {
+                        peer.state().fetched_objects += 1;
+                        return;
+                    }
+                    Err(Failure::Receiver) => return,
+                    Err(Failure::Lied(why)) => peer.shun(SHUN_LIAR, why),
+                    Err(Failure::Other(why)) => {
+                        peer.forget_connections();
+                        peer.shun(SHUN_UNREACHABLE, why);
+                    }
+                }
+            }
+            let _ = tx.send(Err(io::Error::other("no peer could send all of it"))).await;
+        });
+        PeerBytes { rx, chunk: Bytes::new() }
+    }
+}
+
+/// Why a transfer from one peer ended early.
+enum Failure {
+    /// Whoever reads the bytes stopped reading.
+    Receiver,
+    /// The peer sent bytes that do not match what it claimed.
+    Lied(String),
+    /// Anything else (the peer went away, no longer has it …).
+    Other(String),
+}
+
+/// Gets what is left (from `delivered`) of the blob `blake3` from `peer`, sending each verified
+/// piece on `tx` in order.
+async fn get_from(
+    endpoint: &Endpoint,
+    peer: &Peer,
+    blake3: [u8; 32],
+    size: u64,
+    delivered: &mut u64,
+    tx: &tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+) -> Result<(), Failure> {
+    let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
+    let conn = peer.connection(endpoint, iroh_blobs::ALPN).await.map_err(Failure::Other)?;
+    let hash = iroh_blobs::Hash::from_bytes(blake3);
+    let ranges = ChunkRanges::from(ChunkNum(*delivered / 1024)..);
+    let request = GetRequest::new(hash, RangeSpecSeq::from_ranges([ranges]));
+    let connected = fsm::start(conn, request).next().await.map_err(|e| other(&e))?;
+    let ConnectedNext::StartRoot(root) = connected.next().await.map_err(|e| other(&e))? else {
+        return Err(Failure::Other("the peer answered with something else".into()));
+    };
+    let (mut content, claimed) = root.next().next().await.map_err(|e| other(&e))?;
+    if claimed != size {
+        return Err(Failure::Lied(format!("it sends {claimed} bytes where {size} are wanted")));
+    }
+    loop {
+        match content.next().await {
+            BlobContentNext::More((next, item)) => {
+                let item = item.map_err(|e| match e {
+                    DecodeError::LeafHashMismatch(_) | DecodeError::ParentHashMismatch(_) => {
+                        Failure::Lied(format!("it sent bytes that do not hash to what it claimed ({e})"))
+                    }
+                    e => other(&e),
+                })?;
+                if let BaoContentItem::Leaf(leaf) = item {
+                    let end = leaf.offset + leaf.data.len() as u64;
+                    if leaf.offset > *delivered {
+                        return Err(Failure::Other("the peer skipped bytes".into()));
+                    }
+                    if end > *delivered {
+                        let data = leaf.data.slice((*delivered - leaf.offset) as usize..);
+                        let n = data.len() as u64;
+                        tx.send(Ok(data)).await.map_err(|_| Failure::Receiver)?;
+                        *delivered = end;
+                        peer.state().fetched_bytes += n;
+                    }
+                }
+                content = next;
+            }
+            BlobContentNext::Done(end) => {
+                if let EndBlobNext::Closing(closing) = end.next() {
+                    let _ = closing.next().await;
+                }
+                break;
+            }
+        }
+    }
+    if *delivered != size {
+        return Err(Failure::Other(format!("the transfer ended after {delivered} of {size} bytes")));
+    }
+    Ok(())
+}
+
+/// The candidates that agree with most others on the BLAKE3 hash (a peer claiming another hash
+/// for the same trusted identity is at best wrong), in their order.
+fn by_majority(haves: Vec<(Arc<Peer>, [u8; 32])>) -> Vec<(Arc<Peer>, [u8; 32])> {
+    let mut votes: HashMap<[u8; 32], usize> = HashMap::new();
+    for (_, h) in &haves {
+        *votes.entry(*h).or_default() += 1;
+    }
+    let Some((&winner, _)) = votes.iter().max_by_key(|(_, n)| **n) else { return haves };
+    haves.into_iter().filter(|(_, h)| *h == winner).collect()
+}
+
+/// Runs futures at once and returns their outputs in order.
+async fn futures_join<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let futures: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let mut futures: Vec<Option<Pin<Box<F>>>> = futures.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(fut) = f {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *out = Some(v);
+                        *f = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
+}
+
+/// The verified bytes of a peer transfer, read by a blocking reader (the store's restore).
+struct PeerBytes {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    chunk: Bytes,
+}
+
+impl Read for PeerBytes {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk.advance(n);
+        Ok(n)
+    }
+}
+
+/// A configured peer and what this node knows of it.
+struct Peer {
+    addr: NodeAddr,
+    state: Mutex<PeerState>,
+}
+
+#[derive(Default)]
+struct PeerState {
+    shunned_until: Option<Instant>,
+    last_error: Option<String>,
+    last_ok: Option<Instant>,
+    fetched_bytes: u64,
+    fetched_objects: u64,
+    lookup: Option<Connection>,
+    blobs: Option<Connection>,
+}
+
+impl Peer {
+    fn state(&self) -> std::sync::MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn shunned(&self) -> bool {
+        self.state().shunned_until.is_some_and(|t| t > Instant::now())
+    }
+
+    fn shun(&self, how_long: Duration, why: String) {
+        tracing::warn!(peer = %self.addr.node_id, "p2p: not asking this peer for {}s: {why}", how_long.as_secs());
+        let mut st = self.state();
+        st.shunned_until = Some(Instant::now() + how_long);
+        st.last_error = Some(why);
+    }
+
+    fn forget_connections(&self) {
+        let mut st = self.state();
+        st.lookup = None;
+        st.blobs = None;
+    }
+
+    /// The peer's connection for `alpn`, made on first use and kept.
+    async fn connection(&self, endpoint: &Endpoint, alpn: &[u8]) -> Result<Connection, String> {
+        let cached = {
+            let st = self.state();
+            if alpn == lookup::ALPN {
+                st.lookup.clone()
+            } else {
+                st.blobs.clone()
+            }
+        };
+        if let Some(c) = cached.filter(|c| c.close_reason().is_none()) {
+            return Ok(c);
+        }
+        let conn = tokio::time::timeout(LOOKUP_TIMEOUT, endpoint.connect(self.addr.clone(), alpn))
+            .await
+            .map_err(|_| format!("could not connect within {}s", LOOKUP_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("could not connect: {e:#}"))?;
+        let mut st = self.state();
+        if alpn == lookup::ALPN {
+            st.lookup = Some(conn.clone());
+        } else {
+            st.blobs = Some(conn.clone());
+        }
+        Ok(conn)
+    }
+}
+
+/// What this node is fetching upstream now (lookup request bytes → fetches in flight).
+#[derive(Default)]
+struct Fetching(Mutex<HashMap<Vec<u8>, usize>>);
+
+impl Fetching {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, usize>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(self: &Arc<Self>, key: Vec<u8>) -> FetchGuard {
+        *self.map().entry(key.clone()).or_default() += 1;
+        FetchGuard { fetching: self.clone(), key }
+    }
+
+    fn contains(&self, key: &[u8]) -> bool {
+        self.map().contains_key(key)
+    }
+}
+
+/// Marks a thing as being fetched by this node while it lives.
+struct FetchGuard {
+    fetching: Arc<Fetching>,
+    key: Vec<u8>,
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        let mut map = self.fetching.map();
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Serves iroh-blobs transfers from the offer.
+#[derive(Clone)]
+struct BlobsHandler {
+    offer: Arc<Offer>,
+    rt: iroh_blobs::util::local_pool::LocalPoolHandle,
+}
+
+impl std::fmt::Debug for BlobsHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlobsHandler")
+    }
+}
+
+type Accepted = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'static>>;
+
+impl ProtocolHandler for BlobsHandler {
+    fn accept(&self, conn: Connection) -> Accepted {
+        let this = self.clone();
+        Box::pin(async move {
+            let requester = conn.remote_node_id()?;
+            let view = PeerView { offer: this.offer, requester };
+            iroh_blobs::provider::handle_connection(conn, view, Default::default(), this.rt).await;
+            Ok(())
+        })
+    }
+}
+
+/// Answers lookups.
+#[derive(Clone)]
+struct LookupHandler {
+    offer: Arc<Offer>,
+    fetching: Arc<Fetching>,
+}
+
+impl std::fmt::Debug for LookupHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LookupHandler")
+    }
+}
+
+impl ProtocolHandler for LookupHandler {
+    fn accept(&self, conn: Connection) -> Accepted {
+        let this = self.clone();
+        Box::pin(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let this = this.clone();
+                tokio::spawn(async move {
+                    let request = match recv.read_to_end(lookup::MAX_REQUEST).await {
+                        Ok(bytes) => bytes,
+                        Err(_) => return,
+                    };
+                    let answer = match decode_request(&request) {
+                        Ok(wanted) => this.answer(wanted, &request).await,
+                        Err(e) => {
+                            tracing::debug!("p2p: refused a lookup: {e}");
+                            let _ = send.reset(1u8.into());
+                            return;
+                        }
+                    };
+                    if send.write_all(&encode_answer(&answer)).await.is_ok() {
+                        let _ = send.finish();
+                    }
+                });
+            }
+            Ok(())
+        })
+    }
+}
+
+impl LookupHandler {
+    async fn answer(&self, wanted: Wanted, request: &[u8]) -> Answer {
+        let offer = self.offer.clone();
+        match tokio::task::spawn_blocking(move || offer.resolve(&wanted)).await {
+            Ok(Ok(Some((blake3, size)))) => return Answer::Have { blake3, size },
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::warn!("p2p: cannot answer a lookup: {e}"),
+            Err(e) => tracing::warn!("p2p: lookup task failed: {e}"),
+        }
+        if self.fetching.contains(request) {
+            Answer::Fetching
+        } else {
+            Answer::Missing
+        }
+    }
+}
+
+/// `NODE-ID@HOST:PORT[,HOST:PORT…]` as an address (host names resolved now).
+pub fn parse_peer(spec: &str) -> Result<NodeAddr, NodeError> {
+    let bad = |why: String| NodeError::Peer { spec: spec.to_owned(), why };
+    let (id, addrs) = spec.split_once('@').ok_or_else(|| bad("no '@'".into()))?;
+    let node_id: NodeId = id.parse().map_err(|e| bad(format!("bad node id: {e}")))?;
+    let mut direct = BTreeSet::new();
+    for a in addrs.split(',') {
+        direct.extend(a.to_socket_addrs().map_err(|e| bad(format!("bad address '{a}': {e}")))?);
+    }
+    if direct.is_empty() {
+        return Err(bad("no address".into()));
+    }
+    Ok(NodeAddr::from_parts(node_id, None, direct))
+}
+
+/// The node's secret key, made on first start (readable by the daemon's user only).
+fn load_or_make_key(path: &Path) -> Result<SecretKey, NodeError> {
+    let err = |why: String| NodeError::Key { path: path.to_owned(), why };
+    match fs::read(path) {
+        Ok(bytes) => {
+            let bytes: [u8; 32] = bytes.try_into().map_err(|_| err("not 32 bytes".into()))?;
+            Ok(SecretKey::from_bytes(&bytes))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .map_err(|e| err(format!("no randomness: {e}")))?;
+            let tmp = path.with_extension("new");
+            use std::os::unix::fs::OpenOptionsExt;
+            let written = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
+                .and_then(|_| fs::rename(&tmp, path));
+            written.map_err(|e| err(e.to_string()))?;
+            Ok(SecretKey::from_bytes(&bytes))
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_node_id_at_addresses() {
+        let id = SecretKey::from_bytes(&[3; 32]).public();
+        let addr = parse_peer(&format!("{id}@127.0.0.1:7000,[::1]:7001")).unwrap();
+        assert_eq!(addr.node_id, id);
+        assert_eq!(addr.direct_addresses.len(), 2);
+        for bad in ["127.0.0.1:7000", &format!("{id}@"), "zz@127.0.0.1:1", &format!("{id}@nohost")] {
+            let e = parse_peer(bad).unwrap_err().to_string();
+            assert!(e.starts_with("peers: '"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_key_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let a = load_or_make_key(&path).unwrap();
+        let b = load_or_make_key(&path).unwrap();
+        assert_eq!(a.public(), b.public());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::write(&path, b"short").unwrap();
+        assert!(load_or_make_key(&path).unwrap_err().to_string().contains("not 32 bytes"));
+    }
+}

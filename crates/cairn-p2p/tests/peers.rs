@@ -1,0 +1,161 @@
+//! Nodes on loopback: a store path's NAR travels from one node's store to another's reader,
+//! verified; a peer that lies is caught and dropped, and the transfer continues from another
+//! peer where the liar's verified bytes ended.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bao_tree::io::outboard::PostOrderMemOutboard;
+use bao_tree::ChunkRanges;
+use cairn_nix::{Hash, StoreDir, StorePath};
+use cairn_p2p::lookup::{self, Answer};
+use cairn_p2p::{Config, Node};
+use cairn_store::peers::{PeerOffer, Peers, Wanted};
+use cairn_store::{LocalStore, StoreLayout};
+use iroh::endpoint::Connection;
+use iroh::protocol::{ProtocolHandler, Router};
+use iroh::{Endpoint, RelayMode, SecretKey};
+use iroh_blobs::IROH_BLOCK_SIZE;
+
+fn store(dir: &std::path::Path) -> Arc<LocalStore> {
+    let layout = StoreLayout::under_root(dir, StoreDir::new("/store").unwrap());
+    Arc::new(LocalStore::open(layout).unwrap())
+}
+
+/// A store holding one path whose NAR is a little over `size` bytes of varied contents.
+fn store_with_a_path(dir: &std::path::Path, size: usize) -> (Arc<LocalStore>, StorePath, Hash, u64, Vec<u8>) {
+    let s = store(dir);
+    let contents: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let mut w = cairn_nix::nar::NarWriter::new(Vec::new()).unwrap();
+    w.regular(None, false, contents.len() as u64, &mut contents.as_slice()).unwrap();
+    let nar = w.finish().unwrap();
+    let info = s.add_nar("payload", nar.as_slice()).unwrap();
+    (s, info.path, info.nar_hash, info.nar_size, nar)
+}
+
+fn loopback() -> SocketAddr {
+    let l = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn node(dir: &std::path::Path, store: Arc<LocalStore>, listen: Option<SocketAddr>, peers: Vec<String>) -> Node {
+    let config = Config { listen, peers, state_dir: dir.join("p2p"), max_transfers_per_peer: 4, upload_rate: 0 };
+    Node::start(config, store).await.unwrap()
+}
+
+/// Reads a peer offer's bytes on a blocking thread, as the store's restore does.
+async fn read_all(offer: PeerOffer) -> std::io::Result<Vec<u8>> {
+    let PeerOffer::Bytes(mut r) = offer else { panic!("expected bytes from a peer") };
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).map(|_| out)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nar_travels_from_a_peer_verified_and_unknown_things_go_upstream() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let (a_store, path, nar_hash, nar_size, nar) = store_with_a_path(a_dir.path(), 3 << 20);
+    let a_addr = loopback();
+    let a = node(a_dir.path(), a_store, Some(a_addr), vec![]).await;
+    let b = node(b_dir.path(), store(b_dir.path()), None, vec![format!("{}@{a_addr}", a.node_id())]).await;
+
+    let wanted = Wanted::Nar { path: path.clone(), nar_hash: nar_hash.clone(), nar_size };
+    let got = read_all(b.find(wanted).await).await.unwrap();
+    assert!(got == nar, "the bytes from the peer are the NAR");
+    let (sa, sb) = (a.status(), b.status());
+    assert_eq!(sa.served_bytes, nar_size);
+    assert_eq!(sb.peers[0].fetched_bytes, nar_size);
+    assert_eq!(sb.peers[0].fetched_objects, 1);
+    assert!(sa.listening.iter().any(|l| l == &a_addr.to_string()));
+    assert!(sb.listening.is_empty(), "a node without p2p-listen serves nothing");
+
+    // The same path with another NAR hash is not what A holds: upstream.
+    let other = Wanted::Nar { path, nar_hash: Hash::sha256([9; 32]), nar_size };
+    assert!(matches!(b.find(other).await, PeerOffer::Upstream(_)));
+    assert_eq!(b.status().upstream_objects, 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A peer that claims the right BLAKE3 hash and sends the right tree of hashes, but altered
+/// bytes: iroh-blobs' own provider checks what it sends, so the liar encodes its answer itself.
+#[derive(Debug, Clone)]
+struct Liar {
+    hash: iroh_blobs::Hash,
+    outboard: PostOrderMemOutboard,
+    data: Vec<u8>,
+}
+
+type Accepted = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + 'static>>;
+
+impl ProtocolHandler for Liar {
+    fn accept(&self, conn: Connection) -> Accepted {
+        let this = self.clone();
+        Box::pin(async move {
+            let lookups = conn.alpn().as_deref() == Some(lookup::ALPN);
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let _ = recv.read_to_end(64 * 1024).await;
+                if lookups {
+                    let answer = Answer::Have { blake3: *this.hash.as_bytes(), size: this.data.len() as u64 };
+                    send.write_all(&lookup::encode_answer(&answer)).await?;
+                } else {
+                    // The whole blob, as iroh-blobs' provider frames it: size, then bao encoding.
+                    let mut out = (this.data.len() as u64).to_le_bytes().to_vec();
+                    bao_tree::io::sync::encode_ranges(&this.data[..], &this.outboard, &ChunkRanges::all(), &mut out)?;
+                    send.write_all(&out).await?;
+                }
+                send.finish()?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_dropped_and_the_transfer_resumes_from_an_honest_one() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let (a_store, path, nar_hash, nar_size, nar) = store_with_a_path(a_dir.path(), 2 << 20);
+    let a_addr = loopback();
+    let a = node(a_dir.path(), a_store, Some(a_addr), vec![]).await;
+
+    // The liar: right hash and outboard, one byte altered 1.5 MiB in.
+    let outboard = PostOrderMemOutboard::create(&nar, IROH_BLOCK_SIZE);
+    let mut altered = nar.clone();
+    altered[3 << 19] ^= 1;
+    let liar = Liar { hash: outboard.root.into(), outboard, data: altered };
+    let liar_addr = loopback();
+    let SocketAddr::V4(v4) = liar_addr else { unreachable!() };
+    let ep = Endpoint::builder()
+        .secret_key(SecretKey::from_bytes(&[5; 32]))
+        .relay_mode(RelayMode::Disabled)
+        .bind_addr_v4(v4)
+        .alpns(vec![iroh_blobs::ALPN.to_vec(), lookup::ALPN.to_vec()])
+        .bind()
+        .await
+        .unwrap();
+    let router = Router::builder(ep.clone()).accept(iroh_blobs::ALPN, liar.clone()).accept(lookup::ALPN, liar).spawn();
+
+    // B asks the liar first.
+    let peers = vec![format!("{}@{liar_addr}", ep.node_id()), format!("{}@{a_addr}", a.node_id())];
+    let b = node(b_dir.path(), store(b_dir.path()), None, peers).await;
+    let wanted = Wanted::Nar { path, nar_hash, nar_size };
+    let got = read_all(b.find(wanted).await).await.unwrap();
+    assert!(got == nar, "the bytes are right despite the liar");
+
+    let status = b.status();
+    let (from_liar, from_a) = (&status.peers[0], &status.peers[1]);
+    assert!(from_liar.state.starts_with("shunned"), "{from_liar:?}");
+    assert!(from_liar.last_error.as_deref().unwrap_or("").contains("do not hash"), "{from_liar:?}");
+    assert!(from_liar.fetched_bytes > 0, "the liar's verified prefix was kept");
+    assert_eq!(from_liar.fetched_bytes + from_a.fetched_bytes, nar_size, "nothing was fetched twice");
+    assert!(a.status().served_bytes < nar_size, "the honest peer was asked only for the rest");
+    router.shutdown().await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1,0 +1,39 @@
+//! Peers as a source of bytes: what substitution and pulls ask before going upstream.
+//!
+//! A peer is a source of *bytes*, never of *truth*: what is wanted is named by a hash that came
+//! from a trusted place (a signed narinfo's NAR hash, a manifest's digest), and whatever a peer
+//! sends is checked against it before anything is registered, as an upstream download is. The
+//! engine that finds peers and moves the bytes (`cairn-p2p`) implements [`Peers`]; the store
+//! only defines what is asked, so that the caches and the image code need not know it.
+
+use std::future::Future;
+use std::io::Read;
+use std::pin::Pin;
+
+use cairn_nix::{Hash, StorePath};
+
+/// Something wanted from peers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Wanted {
+    /// The NAR of a store path, whose hash and size a trusted narinfo gave.
+    Nar { path: StorePath, nar_hash: Hash, nar_size: u64 },
+    /// An OCI blob by its SHA-256 digest and size (from a manifest).
+    Blob { sha256: [u8; 32], size: u64 },
+}
+
+/// What peers answered.
+pub enum PeerOffer {
+    /// A peer streams the bytes (verified against the peer's BLAKE3 as they arrive; the caller
+    /// still checks them against the wanted hash). A read error means the peers gave up: the
+    /// caller goes upstream.
+    Bytes(Box<dyn Read + Send>),
+    /// No peer has it: fetch it upstream. Keep the guard until what was fetched is valid (or
+    /// the fetch failed): while it lives, peers asking for the same thing are told it is on its
+    /// way and wait for it rather than fetching it upstream as well.
+    Upstream(Box<dyn Send>),
+}
+
+/// Where bytes can come from before upstream.
+pub trait Peers: Send + Sync {
+    fn find(&self, wanted: Wanted) -> Pin<Box<dyn Future<Output = PeerOffer> + Send + '_>>;
+}
