@@ -401,3 +401,46 @@ pub(crate) async fn copy_closure(
     };
     Ok(done)
 }
+
+#[derive(clap::Args)]
+pub struct PeersArgs {
+    /// Print the node and its peers as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PeersArgs {
+    pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        let status = ctx.client().await?.peers().await?;
+        if self.json {
+            return print_json(&status);
+        }
+        let listening = if status.listening.is_empty() {
+            "not listening (no p2p-listen)".to_owned()
+        } else {
+            format!("listening on {}", status.listening.join(", "))
+        };
+        println!(
+            "this node {}  {listening}  offered {}  served {} bytes ({} transfers)  fetched upstream {}",
+            status.node_id, status.offered, status.served_bytes, status.served_objects, status.upstream_objects
+        );
+        if status.peers.is_empty() {
+            eprintln!("no peers (set `peers` in the daemon's configuration)");
+        }
+        for p in status.peers {
+            println!(
+                "{}@{}  {}  fetched {} ({} bytes)  served {} bytes",
+                p.node_id,
+                p.addresses.join(","),
+                p.state,
+                p.fetched_objects,
+                p.fetched_bytes,
+                p.served_bytes
+            );
+            if let Some(e) = p.last_error {
+                println!("  last error: {e}");
+            }
+        }
+        Ok(())
+    }
+}

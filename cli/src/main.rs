@@ -111,6 +111,9 @@ pub enum Command {
     /// Show the remote builders (the daemon's `builders`, and those realisations named): up or
     /// down, builds running, systems and features, what was sent and fetched, the last error.
     Builders(realise::BuildersArgs),
+    /// Show this daemon's p2p node (the id peers need) and its peers: reachable or shunned,
+    /// what was fetched from each and served to each.
+    Peers(cache::PeersArgs),
     /// Signing keys for binary caches.
     #[command(subcommand)]
     Key(keys::KeyCommand),
@@ -205,6 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Copy(a) => a.run(&ctx).await,
         Command::Realise(a) => a.run(&ctx).await,
         Command::Builders(a) => a.run(&ctx).await,
+        Command::Peers(a) => a.run(&ctx).await,
         Command::Log(a) => a.run(&ctx).await,
         Command::Key(c) => c.run(),
         Command::Derivation(c) => c.run(&ctx).await,

@@ -1,5 +1,6 @@
 //! Opening the store, binding the socket, accepting connections, shutting down gracefully.
 
+use std::net::ToSocketAddrs;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,6 +203,9 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
     }
+    if let Some(p2p) = &state.p2p {
+        p2p.shutdown().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -228,7 +232,9 @@ pub(crate) async fn open_state(
     // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
     crate::listen::registry::sweep_uploads(&state_dir(&settings.root));
     let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
-    let substitution = crate::state::Substitution::from_settings(settings)?;
+    let mut substitution = crate::state::Substitution::from_settings(settings)?;
+    let p2p = start_p2p(settings, &store).await?;
+    substitution.peers = p2p.clone().map(|n| n as Arc<dyn cairn_store::peers::Peers>);
     let remotes = Arc::new(crate::api::realise::remotes(settings)?);
     let builder = Arc::new(
         cairn_build::Builder::new(store.clone(), crate::api::realise::build_settings(settings)?).with_remotes(remotes),
@@ -236,7 +242,31 @@ pub(crate) async fn open_state(
     let images = cairn_image::Images::new(store.clone());
     let image_builder = Arc::new(crate::state::ImageBuiltin::new(images.clone()));
     builder.add_builtin("oci-image", image_builder.clone());
-    Ok(Arc::new(AppState { store, store_dir, substitution, builder, images, image_builder, tag_owners, control }))
+    Ok(Arc::new(AppState { store, store_dir, substitution, builder, images, image_builder, tag_owners, control, p2p }))
+}
+
+/// Starts the p2p node if `p2p-listen` or `peers` is set.
+async fn start_p2p(settings: &Settings, store: &Arc<LocalStore>) -> anyhow::Result<Option<Arc<cairn_p2p::Node>>> {
+    if settings.p2p_listen.is_none() && settings.peers.is_empty() {
+        return Ok(None);
+    }
+    let listen = match &settings.p2p_listen {
+        Some(l) => Some(
+            l.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .with_context(|| format!("p2p-listen: '{l}' is not HOST:PORT"))?,
+        ),
+        None => None,
+    };
+    let config = cairn_p2p::Config {
+        listen,
+        peers: settings.peers.clone(),
+        state_dir: state_dir(&settings.root),
+        max_transfers_per_peer: settings.p2p_max_transfers_per_peer,
+        upload_rate: settings.p2p_upload_rate,
+    };
+    Ok(Some(Arc::new(cairn_p2p::Node::start(config, store.clone()).await?)))
 }
 
 /// Serves the binary cache and the registry on `listen`, under the same limits as the socket

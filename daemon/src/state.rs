@@ -33,6 +33,8 @@ pub struct AppState {
     pub tag_owners: Arc<crate::tag_owners::TagOwners>,
     /// The daemon's own status and settings, and its stop switch.
     pub control: Arc<Control>,
+    /// The p2p node (`p2p-listen`, `peers`), if configured.
+    pub p2p: Option<Arc<cairn_p2p::Node>>,
 }
 
 pub(crate) type St = State<Arc<AppState>>;
@@ -44,6 +46,8 @@ pub struct Substitution {
     pub(crate) net: NetOptions,
     pub(crate) limits: Limits,
     pub policy: Policy,
+    /// Asked for NARs before the caches (`peers`).
+    pub(crate) peers: Option<Arc<dyn cairn_store::peers::Peers>>,
 }
 
 impl Substitution {
@@ -67,6 +71,7 @@ impl Substitution {
             client,
             progress,
             repair,
+            peers: self.peers.clone(),
         }
     }
 
@@ -93,6 +98,7 @@ impl Substitution {
             net,
             limits: Limits { connections: settings.substituter_connections, jobs: settings.max_substitution_jobs },
             policy: Policy { trusted_keys, require_sigs: settings.require_sigs },
+            peers: None,
         })
     }
 

@@ -72,6 +72,10 @@ pub struct ConfigFile {
     pub header_read_timeout: Option<u64>,
     pub send_timeout: Option<u64>,
     pub body_read_timeout: Option<u64>,
+    pub p2p_listen: Option<String>,
+    pub peers: Option<Vec<String>>,
+    pub p2p_max_transfers_per_peer: Option<usize>,
+    pub p2p_upload_rate: Option<u64>,
 }
 
 /// Every key a configuration file may set, in the template's order.
@@ -129,6 +133,10 @@ pub const KEYS: &[&str] = &[
     "header-read-timeout",
     "send-timeout",
     "body-read-timeout",
+    "p2p-listen",
+    "peers",
+    "p2p-max-transfers-per-peer",
+    "p2p-upload-rate",
 ];
 
 /// Why configuration could not be loaded. Each message is one line: a user who mistypes a key
@@ -367,6 +375,14 @@ pub struct Settings {
     pub send_timeout: u64,
     /// Seconds an upload may send nothing before it is cut (`body-read-timeout`; 0: never).
     pub body_read_timeout: u64,
+    /// Where peers reach this node (`HOST:PORT`, UDP); `None`: it serves no peers.
+    pub p2p_listen: Option<String>,
+    /// Peers asked before upstream, each `NODE-ID@HOST:PORT[,HOST:PORT…]`.
+    pub peers: Vec<String>,
+    /// Transfers served to one peer at once.
+    pub p2p_max_transfers_per_peer: usize,
+    /// Bytes per second served to all peers together (0: unlimited).
+    pub p2p_upload_rate: u64,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -487,6 +503,10 @@ impl Settings {
             header_read_timeout: file.header_read_timeout.unwrap_or(30),
             send_timeout: file.send_timeout.unwrap_or(60),
             body_read_timeout: file.body_read_timeout.unwrap_or(60),
+            p2p_listen: file.p2p_listen.filter(|l| !l.is_empty()),
+            peers: file.peers.unwrap_or_default(),
+            p2p_max_transfers_per_peer: file.p2p_max_transfers_per_peer.unwrap_or(4).max(1),
+            p2p_upload_rate: file.p2p_upload_rate.unwrap_or(0),
         }
     }
 }
@@ -507,7 +527,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 53, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 57, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use cairn_nix::hash::{HashAlgo, Hasher};
 use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::PublicKey;
 use cairn_nix::{StoreDir, StorePath};
+use cairn_store::peers::{PeerOffer, Peers, Wanted};
 use cairn_store::{Batch, ClientId, ClientScope, LocalStore, PathInfo, TempRootGuard};
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 
@@ -161,6 +162,8 @@ pub struct Job {
     /// Fetch these valid paths again and swap the copies in for their broken contents
     /// (`verify --repair`); references are not looked at.
     pub repair: bool,
+    /// Asked for each NAR before its cache (`peers`): the narinfo still comes from the cache.
+    pub peers: Option<Arc<dyn Peers>>,
 }
 
 struct Ctx {
@@ -175,6 +178,9 @@ struct Ctx {
     batch: Batch,
     net: Semaphore,
     jobs: Semaphore,
+    peers: Option<Arc<dyn Peers>>,
+    /// Peers are told these paths are on their way until the batch is committed.
+    fetching: std::sync::Mutex<Vec<Box<dyn Send>>>,
 }
 
 enum Event {
@@ -214,6 +220,8 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
         batch: if job.repair { store.repair_batch()? } else { store.batch()? },
         net: Semaphore::new(job.limits.connections.max(1)),
         jobs: Semaphore::new(job.limits.jobs.max(1)),
+        peers: if job.repair { None } else { job.peers },
+        fetching: Default::default(),
     });
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut tasks = tokio::task::JoinSet::new();
@@ -270,6 +278,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     let ctx = Arc::into_inner(ctx).expect("every download task has ended");
     let client = ctx.client;
     let batch = ctx.batch;
+    let fetching = ctx.fetching;
     cairn_fault::point("substitute-mid");
     let committed = tokio::task::spawn_blocking(move || {
         let _client = ClientScope::enter(client);
@@ -277,6 +286,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     })
     .await
     .map_err(|e| CacheError::Io { url: "substitution".into(), source: io::Error::other(e) })??;
+    drop(fetching);
     tracing::debug!(?fetched, total = ?started.elapsed(), paths = committed.added.len(), "substitution committed");
     report.added = committed.added;
     for (p, r) in committed.incomplete {
@@ -324,6 +334,12 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
         let size = info.file_size.unwrap_or(info.nar_size);
         let _ = tx.send(Event::Found { path: path.clone(), references, size });
         let _job = ctx.jobs.acquire().await.expect("semaphore open");
+        if from_peers(&ctx, &info).await {
+            ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
+            ctx.progress.bytes_done.fetch_add(size, Ordering::Relaxed);
+            let _ = tx.send(Event::Done { path, result: Ok(()) });
+            return;
+        }
         match download(&ctx, sub, info).await {
             Ok(()) => {
                 ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
@@ -431,6 +447,42 @@ pub fn path_info_of(info: &NarInfo) -> PathInfo {
         ultimate: false,
         signatures: info.signatures.iter().cloned().collect(),
         ca: info.ca.as_deref().and_then(|c| c.parse().ok()),
+    }
+}
+
+/// Asks the peers for the NAR a trusted narinfo describes and restores what one sends into the
+/// batch, checked against the narinfo's NAR hash and size as a download is. False: no peer had
+/// it, or what came was refused (then the cache is asked, and peers are told this node is
+/// fetching it until the batch is committed).
+async fn from_peers(ctx: &Arc<Ctx>, info: &NarInfo) -> bool {
+    let Some(peers) = &ctx.peers else { return false };
+    let wanted =
+        Wanted::Nar { path: info.store_path.clone(), nar_hash: info.nar_hash.clone(), nar_size: info.nar_size };
+    let reader = match peers.find(wanted).await {
+        PeerOffer::Bytes(reader) => reader,
+        PeerOffer::Upstream(guard) => {
+            ctx.fetching.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(guard);
+            return false;
+        }
+    };
+    let (task_ctx, path_info) = (ctx.clone(), path_info_of(info));
+    let placed = tokio::task::spawn_blocking(move || {
+        let _client = ClientScope::enter(task_ctx.client);
+        // One byte more than NarSize is read at most: a longer NAR fails the size check.
+        let size = path_info.nar_size;
+        task_ctx.batch.add_nar_with_info(path_info, reader.take(size + 1), |_| Ok::<(), CacheError>(()))
+    })
+    .await;
+    match placed {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(path = %ctx.dir.display(&info.store_path), "from peers: {e}; asking the cache");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(path = %ctx.dir.display(&info.store_path), "from peers: {e}; asking the cache");
+            false
+        }
     }
 }
 

@@ -180,6 +180,11 @@ impl Client {
         Client::json(self.send(Method::GET, routes::DAEMON_CONFIG, full(Bytes::new())).await?).await
     }
 
+    /// The daemon's p2p node and its peers.
+    pub async fn peers(&self) -> Result<cairn_api::PeersStatus> {
+        Client::json(self.send(Method::GET, routes::PEERS, full(Bytes::new())).await?).await
+    }
+
     /// Asks the daemon to shut down (it answers first, then stops listening and finishes what
     /// runs); needs a trusted user.
     pub async fn daemon_stop(&self) -> Result<cairn_api::DaemonStatus> {

@@ -52,6 +52,10 @@ pub const POLL: Duration = Duration::from_millis(200);
 pub const WAIT_FOR_PEERS: Duration = Duration::from_secs(600);
 /// How long a peer that sent bytes not matching its claim is not asked.
 pub const SHUN_LIAR: Duration = Duration::from_secs(600);
+/// How long a connection may hear nothing (not even a keep-alive) before it counts as lost.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a transfer may wait for its next verified piece before the peer counts as stalled.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long an unreachable peer is not asked.
 pub const SHUN_UNREACHABLE: Duration = Duration::from_secs(30);
 
@@ -111,7 +115,13 @@ impl Node {
         let index_path = config.state_dir.join("p2p-index.sqlite");
         let index = Index::open(&index_path).map_err(|source| NodeError::Index { path: index_path, source })?;
         let offer = Arc::new(Offer::new(store, index, config.max_transfers_per_peer, config.upload_rate));
-        let mut builder = Endpoint::builder().secret_key(key).relay_mode(RelayMode::Disabled);
+        // A peer that dies is noticed within IDLE_TIMEOUT (keep-alives every second), not after
+        // QUIC's default 30 s: the transfer it was in moves on to another peer that soon.
+        let mut transport = iroh::endpoint::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        transport.max_idle_timeout(Some(iroh::endpoint::VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32).into()));
+        let mut builder =
+            Endpoint::builder().secret_key(key).relay_mode(RelayMode::Disabled).transport_config(transport);
         let bind = config.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         builder = match bind {
             SocketAddr::V4(a) => builder.bind_addr_v4(a),
@@ -330,7 +340,10 @@ async fn get_from(
         return Err(Failure::Lied(format!("it sends {claimed} bytes where {size} are wanted")));
     }
     loop {
-        match content.next().await {
+        let next = tokio::time::timeout(STALL_TIMEOUT, content.next()).await.map_err(|_| {
+            Failure::Other(format!("sent nothing for {}s (after {delivered} bytes)", STALL_TIMEOUT.as_secs()))
+        })?;
+        match next {
             BlobContentNext::More((next, item)) => {
                 let item = item.map_err(|e| match e {
                     DecodeError::LeafHashMismatch(_) | DecodeError::ParentHashMismatch(_) => {

@@ -45,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::DAEMON_STATUS, get(control::status))
         .route(routes::DAEMON_CONFIG, get(control::config))
         .route(routes::DAEMON_STOP, post(control::stop))
+        .route(routes::PEERS, get(control::peers))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))

@@ -22,6 +22,7 @@ mod listener_limits;
 mod nix_daemon_hostile;
 mod oci_conformance;
 mod oci_hostile;
+mod peers;
 mod push;
 mod registry_uploads;
 mod slow_clients;

@@ -1,0 +1,179 @@
+//! A fleet on one machine: several real `cairnd`, each with its own root and a p2p listener on
+//! loopback, all substituting from one binary cache (a [`FakeCache`] that logs each request).
+//! Peers serve each other, so the cache sends each NAR about once; every store ends with the
+//! same NAR hashes; a peer whose paths were collected, or that dies mid-transfer, is replaced
+//! (from another peer where the transfer stopped, or from the cache).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cairn_tests::fake_cache::FakeCache;
+use cairn_tests::{line, write, Rng, TestStore};
+use serde_json::Value;
+
+use cairn_tests::utf8 as s;
+
+/// A signed closure of two paths (a tree with one `size`-byte file, and a note referring to
+/// it) in an uncompressed cache behind a logging server.
+struct Upstream {
+    _dir: tempfile::TempDir,
+    public: String,
+    tree: String,
+    note: String,
+    cache: PathBuf,
+    server: FakeCache,
+}
+
+impl Upstream {
+    fn new(size: usize) -> Upstream {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = TestStore::start();
+        write(&dir.path().join("tree/data"), &Rng::new(size as u64).bytes(size));
+        write(&dir.path().join("tree/bin/run"), b"#!/bin/sh\necho run\n");
+        let tree = line(&seed.ok(&["add", s(&dir.path().join("tree"))]));
+        write(&dir.path().join("note.txt"), format!("the tree is {tree}\n").as_bytes());
+        let note = line(&seed.ok(&["add-text", "note", s(&dir.path().join("note.txt")), "--ref", &tree]));
+        let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+        seed.ok(&["key", "generate", "fleet-cache-1", s(&sk), s(&pk)]);
+        let public = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+        let cache = dir.path().join("cache");
+        let url = format!("file://{}?compression=zstd", cache.display());
+        seed.ok(&["copy", "--to", &url, "--secret-key-file", s(&sk), &note]);
+        let server = FakeCache::start(&cache);
+        Upstream { _dir: dir, public, tree, note, cache, server }
+    }
+
+    /// How often the server was asked for the NAR file of `path`.
+    fn nar_requests(&self, path: &str) -> usize {
+        let narinfo = std::fs::read_to_string(self.cache.join(format!("{}.narinfo", &path[7..39]))).unwrap();
+        let url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
+        self.server.log.requests.lock().unwrap().iter().filter(|r| r.trim_start_matches('/') == url).count()
+    }
+}
+
+/// A free UDP port on loopback.
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn peers_json(st: &TestStore) -> Value {
+    serde_json::from_str(&st.ok(&["peers", "--json"])).unwrap()
+}
+
+/// `n` daemons substituting from `up`, each listening for peers, each configured with all the
+/// others as peers (`extra` is added to every config). Node ids are only known once each node
+/// has made its key, so they start once alone, then again with their peers.
+fn fleet(up: &Upstream, n: usize, extra: &str) -> (Vec<TestStore>, Vec<String>) {
+    let base = format!(
+        "trusted-public-keys = [\"{}\"]\nrequire-sigs = true\nsubstituters = [\"{}\"]\n{extra}",
+        up.public,
+        up.server.url()
+    );
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..n {
+        let port = free_port();
+        let config = format!("{base}p2p-listen = \"127.0.0.1:{port}\"\n");
+        let st = TestStore::builder().config(&config).start();
+        let id = peers_json(&st)["nodeId"].as_str().unwrap().to_owned();
+        addrs.push(format!("{id}@127.0.0.1:{port}"));
+        nodes.push((st, config));
+    }
+    let mut stores = Vec::new();
+    for (i, (mut st, config)) in nodes.into_iter().enumerate() {
+        let others: Vec<String> =
+            addrs.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, a)| format!("\"{a}\"")).collect();
+        std::fs::write(&st.config, format!("{config}peers = [{}]\n", others.join(", "))).unwrap();
+        st.stop();
+        st.restart();
+        stores.push(st);
+    }
+    (stores, addrs)
+}
+
+fn nar_hash(st: &TestStore, path: &str) -> String {
+    let info: Value = serde_json::from_str(&st.ok(&["path-info", "--json", path])).unwrap();
+    info[0]["narHash"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn five_nodes_substituting_at_once_fetch_each_nar_upstream_at_most_twice() {
+    let up = Upstream::new(24 << 20);
+    let (nodes, _) = fleet(&up, 5, "");
+    std::thread::scope(|scope| {
+        for st in &nodes {
+            let note = up.note.clone();
+            scope.spawn(move || st.ok(&["substitute", &note]));
+        }
+    });
+    let tree_nars = up.nar_requests(&up.tree);
+    let note_nars = up.nar_requests(&up.note);
+    eprintln!("upstream NAR requests: tree {tree_nars}, note {note_nars}");
+    assert!((1..=2).contains(&tree_nars), "the cache sent the tree's NAR {tree_nars} times");
+    assert!((1..=2).contains(&note_nars), "the cache sent the note's NAR {note_nars} times");
+    let expected = nar_hash(&nodes[0], &up.tree);
+    let mut from_peers = 0;
+    for st in &nodes {
+        assert_eq!(nar_hash(st, &up.tree), expected);
+        assert_eq!(st.ok(&["references", &up.note]).trim(), up.tree);
+        st.ok(&["verify", "--check-contents"]);
+        let status = peers_json(st);
+        from_peers +=
+            status["peers"].as_array().unwrap().iter().map(|p| p["fetchedObjects"].as_u64().unwrap()).sum::<u64>();
+    }
+    assert!(from_peers >= 6, "the other nodes fetched from peers ({from_peers} objects)");
+    let human = nodes[0].ok(&["peers"]);
+    assert!(human.starts_with("this node "), "{human}");
+}
+
+#[test]
+fn a_peer_whose_paths_were_collected_is_not_asked_for_them_and_the_cache_serves_instead() {
+    let up = Upstream::new(1 << 20);
+    let (nodes, _) = fleet(&up, 2, "");
+    nodes[0].ok(&["substitute", &up.note]);
+    assert_eq!(up.nar_requests(&up.tree), 1);
+    // Collected on the first node: it must not offer what it no longer holds.
+    nodes[0].ok(&["gc"]);
+    assert!(nodes[0].fail(&["path-info", &up.tree], b"").contains("not valid"));
+    nodes[1].ok(&["substitute", &up.note]);
+    assert_eq!(up.nar_requests(&up.tree), 2, "the second node went to the cache");
+    nodes[1].ok(&["verify", "--check-contents"]);
+    let status = peers_json(&nodes[1]);
+    assert_eq!(status["peers"][0]["fetchedObjects"], 0, "{status}");
+}
+
+#[test]
+fn a_peer_killed_mid_transfer_is_replaced_without_starting_over() {
+    let up = Upstream::new(48 << 20);
+    // Slow uploads (16 MiB/s), so that a transfer is still running when its peer dies.
+    let (mut nodes, _) = fleet(&up, 3, "p2p-upload-rate = 16000000\n");
+    nodes[0].ok(&["substitute", &up.note]);
+    nodes[1].ok(&["substitute", &up.note]);
+    let upstream_before = up.nar_requests(&up.tree);
+    assert_eq!(upstream_before, 1, "the second node fetched from the first");
+    // The third asks node 0 first (peers are asked in configured order): kill it mid-way.
+    let started = Instant::now();
+    let (first, rest) = nodes.split_at_mut(1);
+    std::thread::scope(|scope| {
+        let third = &rest[1];
+        let note = up.note.clone();
+        let fetch = scope.spawn(move || third.ok(&["substitute", &note]));
+        std::thread::sleep(Duration::from_millis(1200));
+        first[0].crash();
+        fetch.join().unwrap();
+    });
+    eprintln!("fetched in {:?}", started.elapsed());
+    assert_eq!(up.nar_requests(&up.tree), upstream_before, "no new upstream download");
+    assert_eq!(nar_hash(&nodes[2], &up.tree), nar_hash(&nodes[1], &up.tree));
+    nodes[2].ok(&["verify", "--check-contents"]);
+    let status = peers_json(&nodes[2]);
+    let fetched: Vec<u64> =
+        status["peers"].as_array().unwrap().iter().map(|p| p["fetchedBytes"].as_u64().unwrap()).collect();
+    eprintln!("{status}");
+    assert!(fetched[0] > 0 && fetched[1] > 0, "both peers sent part of it: {fetched:?}");
+    let nar_size: u64 = {
+        let info: Value = serde_json::from_str(&nodes[2].ok(&["path-info", "--json", &up.tree])).unwrap();
+        info[0]["narSize"].as_u64().unwrap()
+    };
+    assert!(fetched[1] < nar_size, "the second peer sent only the rest ({} of {nar_size})", fetched[1]);
+}
