@@ -19,6 +19,8 @@ pub struct FakeState {
     pub creds: Option<(String, String)>,
     pub anonymous: bool,
     pub token_queries: Vec<String>,
+    /// Digests of the blobs sent (`GET`s answered with a body), in order.
+    pub blobs_sent: Vec<String>,
 }
 
 pub struct Fake {
@@ -128,8 +130,13 @@ fn serve(mut c: TcpStream, port: u16, st: &Mutex<FakeState>) {
             }
         }
     } else if let Some((_, d)) = path.strip_prefix("/v2/").and_then(|p| p.rsplit_once("/blobs/")) {
-        match st.blobs.get(d) {
-            Some(bytes) => respond(&mut c, "200 OK", &[], bytes),
+        match st.blobs.get(d).cloned() {
+            Some(bytes) => {
+                if !head {
+                    st.blobs_sent.push(d.to_owned());
+                }
+                respond(&mut c, "200 OK", &[], &bytes)
+            }
             None => respond(&mut c, "404 Not Found", &[], br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}"#),
         }
     } else {

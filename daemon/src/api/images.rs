@@ -546,8 +546,9 @@ pub async fn pull(
         Some(p) => Platform::parse(p)?,
         None => Platform::host(),
     };
+    let peers = s.substitution.peers.clone();
     // The daemon tags the pulled image itself, as the caller may (see `tag_owners`).
-    let opts = PullOptions { platform, all_platforms: req.all_platforms, tag: None, jobs: JOBS };
+    let opts = PullOptions { platform, all_platforms: req.all_platforms, tag: None, jobs: JOBS, peers };
     let progress = Arc::new(Progress::default());
     let p = progress.clone();
     let copts = client_options(&req.registry, &s.substitution.net);

@@ -61,14 +61,20 @@ fn peers_json(st: &TestStore) -> Value {
 }
 
 /// `n` daemons substituting from `up`, each listening for peers, each configured with all the
-/// others as peers (`extra` is added to every config). Node ids are only known once each node
-/// has made its key, so they start once alone, then again with their peers.
+/// others as peers (`extra` is added to every config).
 fn fleet(up: &Upstream, n: usize, extra: &str) -> (Vec<TestStore>, Vec<String>) {
     let base = format!(
         "trusted-public-keys = [\"{}\"]\nrequire-sigs = true\nsubstituters = [\"{}\"]\n{extra}",
         up.public,
         up.server.url()
     );
+    fleet_with(&base, n)
+}
+
+/// `n` daemons with config `base`, each listening for peers and configured with all the others
+/// as peers. Node ids are only known once each node has made its key, so they start once
+/// alone, then again with their peers.
+fn fleet_with(base: &str, n: usize) -> (Vec<TestStore>, Vec<String>) {
     let mut nodes = Vec::new();
     let mut addrs = Vec::new();
     for _ in 0..n {
@@ -176,4 +182,49 @@ fn a_peer_killed_mid_transfer_is_replaced_without_starting_over() {
         info[0]["narSize"].as_u64().unwrap()
     };
     assert!(fetched[1] < nar_size, "the second peer sent only the rest ({} of {nar_size})", fetched[1]);
+}
+
+#[test]
+fn three_nodes_pulling_one_image_at_once_get_each_blob_from_the_registry_at_most_twice() {
+    use cairn_tests::fake_registry::{Fake, FakeState};
+    use cairn_tests::oci::digest_of;
+    const MT: &str = "application/vnd.oci.image.manifest.v1+json";
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+    let layers = [Rng::new(1).bytes(12 << 20), Rng::new(2).bytes(300_000)];
+    let desc = |mt: &str, b: &[u8]| format!(r#"{{"mediaType":"{mt}","digest":"{}","size":{}}}"#, digest_of(b), b.len());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{MT}","config":{},"layers":[{},{}]}}"#,
+        desc("application/vnd.oci.image.config.v1+json", &config),
+        desc("application/vnd.oci.image.layer.v1.tar+gzip", &layers[0]),
+        desc("application/vnd.oci.image.layer.v1.tar+gzip", &layers[1])
+    )
+    .into_bytes();
+    let mut state = FakeState::default();
+    state.manifests.insert("hostile/app/v1".into(), (MT.into(), manifest.clone()));
+    let blobs: Vec<Vec<u8>> = [config].into_iter().chain(layers).collect();
+    for b in &blobs {
+        state.blobs.insert(digest_of(b), b.clone());
+    }
+    let registry = Fake::start(state);
+    let (nodes, _) = fleet_with("", 3);
+    let src = format!("{}:v1", registry.image());
+    std::thread::scope(|scope| {
+        for st in &nodes {
+            let src = src.clone();
+            scope.spawn(move || st.ok(&["image", "pull", "--tls-verify=false", &src]));
+        }
+    });
+    let sent = registry.state.lock().unwrap().blobs_sent.clone();
+    for b in &blobs {
+        let n = sent.iter().filter(|d| **d == digest_of(b)).count();
+        assert!((1..=2).contains(&n), "the registry sent blob {} {n} times", digest_of(b));
+    }
+    let mut from_peers = 0;
+    for st in &nodes {
+        st.ok(&["verify", "--check-contents"]);
+        let status = peers_json(st);
+        from_peers +=
+            status["peers"].as_array().unwrap().iter().map(|p| p["fetchedObjects"].as_u64().unwrap()).sum::<u64>();
+    }
+    assert!(from_peers >= 3, "blobs came from peers ({from_peers})");
 }
