@@ -28,6 +28,7 @@
 //! 8. Nix's own client through `nix-daemon` and through cairnd's `nix-daemon-socket`: closure
 //!    queries, connections, `nix copy --to`, `nix-build` (`protocol.rs`).
 //! 9. images of images: a squash by cairn beside umoci's (`image.rs`);
+//! 10. a fleet: five cairnd pulling one image at once, with and without peers (`fleet.rs`);
 //! 10. remote builds: a fan-out dispatched to two remote nix-daemons by cairn and by Nix's
 //!     build hook, and the NARs cairn moves (`remote.rs`).
 //! 11. soak and load: 64 clients mixing adds, imports, closure queries, builds, gc and image
@@ -55,6 +56,7 @@ use cairn_nix::export::write_end_marker;
 use cairn_nix::{StoreDir, StorePath};
 use cairn_tests::{NixStore, Rng, TestStore};
 
+mod fleet;
 mod image;
 mod protocol;
 mod realise;
@@ -84,13 +86,14 @@ impl Opts {
     }
 }
 
-const WORKLOADS: [&str; 11] = [
+const WORKLOADS: [&str; 12] = [
     "add",
     "import",
     "gc",
     "substitute",
     "build",
     "image",
+    "fleet",
     "image-build",
     "image-compose",
     "nix-daemon",
@@ -132,7 +135,7 @@ fn parse_opts() -> Result<Opts> {
             "--soak-clients" => o.soak_clients = num()?,
             "--write-stream" => o.write_stream = Some(args.next().context("missing file")?.into()),
             "-h" | "--help" => {
-                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,image-compose,nix-daemon,remote,soak] [--tree-mib N] [--files N] [--paths N]");
+                println!("usage: cairn-bench [--quick] [--only add,import,gc,substitute,build,image,image-build,image-compose,fleet,nix-daemon,remote,soak] [--tree-mib N] [--files N] [--paths N]");
                 println!("                   [--reps N] [--no-nix] [--write-stream FILE] [--soak-minutes N] [--soak-clients N]");
                 println!("soak runs only with --only soak (10 minutes, 64 clients by default).");
                 println!("--paths sets the size of both the import/closure graph and the gc graph.");
@@ -546,6 +549,9 @@ fn main() -> Result<()> {
     }
     if o.runs("image-build") {
         image::bench_image_build(&o, w, &mut table)?;
+    }
+    if o.runs("fleet") {
+        fleet::bench_fleet(&o, w, &mut table)?;
     }
     if o.runs("image-compose") {
         image::bench_image_compose(&o, w, &mut table)?;

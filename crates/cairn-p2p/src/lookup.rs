@@ -10,8 +10,9 @@
 //! request  = 0x01 len:u8 base-name[len] nar-sha256[32] nar-size:u64le   (a store path's NAR)
 //!          | 0x02 sha256[32] size:u64le                                 (an OCI blob)
 //! answer   = 0x00 blake3[32] size:u64le   (held and valid)
-//!          | 0x01                         (being fetched: ask again soon)
+//!          | 0x01                         (being fetched upstream: ask again soon)
 //!          | 0x02                         (not here)
+//!          | 0x03                         (wanted here too, not yet fetched from anywhere)
 //! ```
 
 use cairn_nix::{Hash, HashAlgo, StorePath};
@@ -28,9 +29,15 @@ pub const MAX_ANSWER: usize = 1 + 32 + 8;
 /// A peer's answer to a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    Have { blake3: [u8; 32], size: u64 },
+    Have {
+        blake3: [u8; 32],
+        size: u64,
+    },
+    /// The peer is fetching it upstream.
     Fetching,
     Missing,
+    /// The peer wants it too and is asking its own peers.
+    Deciding,
 }
 
 /// Why bytes are not a request or an answer.
@@ -109,6 +116,7 @@ pub fn encode_answer(answer: &Answer) -> Vec<u8> {
         }
         Answer::Fetching => vec![1],
         Answer::Missing => vec![2],
+        Answer::Deciding => vec![3],
     }
 }
 
@@ -120,7 +128,8 @@ pub fn decode_answer(bytes: &[u8]) -> Result<Answer, LookupError> {
         }
         [1] => Ok(Answer::Fetching),
         [2] => Ok(Answer::Missing),
-        [0..=2, ..] | [] => Err(LookupError::Length(bytes.len())),
+        [3] => Ok(Answer::Deciding),
+        [0..=3, ..] | [] => Err(LookupError::Length(bytes.len())),
         [k, ..] => Err(LookupError::Kind(*k)),
     }
 }
@@ -157,6 +166,7 @@ mod tests {
             (any::<[u8; 32]>(), any::<u64>()).prop_map(|(blake3, size)| Answer::Have { blake3, size }),
             Just(Answer::Fetching),
             Just(Answer::Missing),
+            Just(Answer::Deciding),
         ]
     }
 

@@ -9,12 +9,13 @@
 //! what it claimed is shunned for a while. The caller still checks the whole against the trusted
 //! hash (NAR hash, digest) before registering anything.
 //!
-//! **Fetching upstream once for the fleet.** A node that goes upstream for something says so to
-//! peers who ask (the "fetching" answer) until what it fetched is valid. A node that hears it
-//! from a peer whose node id is smaller than its own waits for that peer instead of going
-//! upstream too, asking again every [`POLL`]; if the fetch ends without the peer having it, the
-//! waiting node goes upstream itself. Two nodes that start within one lookup of each other may
-//! both go upstream; no more than that.
+//! **Fetching upstream once for the fleet.** A node that wants something says so to peers who
+//! ask ("deciding") while it asks its own peers, and once it goes upstream ("fetching") until
+//! what it fetched is valid. A node waits, asking again every [`POLL`], while a peer is fetching
+//! it, or is deciding and has a smaller node id; otherwise it goes upstream. So of nodes that
+//! want the same thing at once, the one with the smallest id goes upstream and the others wait
+//! for it; two go only when one decided before the other's first lookup reached it. If a fetch
+//! ends without the peer having it, a waiting node goes upstream itself.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -114,7 +115,11 @@ impl Node {
         let key = load_or_make_key(&config.state_dir.join("p2p-secret-key"))?;
         let index_path = config.state_dir.join("p2p-index.sqlite");
         let index = Index::open(&index_path).map_err(|source| NodeError::Index { path: index_path, source })?;
-        let offer = Arc::new(Offer::new(store, index, config.max_transfers_per_peer, config.upload_rate));
+        let offer = Arc::new(Offer::new(store.clone(), index, config.max_transfers_per_peer, config.upload_rate));
+        if config.listen.is_some() {
+            // Blobs are hashed with BLAKE3 as they are added, not on a peer's first ask.
+            store.offer_to(offer.clone());
+        }
         // A peer that dies is noticed within IDLE_TIMEOUT (keep-alives every second), not after
         // QUIC's default 30 s: the transfer it was in moves on to another peer that soon.
         let mut transport = iroh::endpoint::TransportConfig::default();
@@ -216,7 +221,7 @@ impl Shared {
             Wanted::Blob { size, .. } => *size,
         };
         let Ok(request) = encode_request(&wanted) else { return PeerOffer::Upstream(Box::new(())) };
-        let guard = self.fetching.register(request.clone());
+        let mut guard = self.fetching.register(request.clone());
         let me = self.endpoint.node_id();
         let deadline = Instant::now() + WAIT_FOR_PEERS;
         // An empty thing is not worth a round trip.
@@ -235,7 +240,8 @@ impl Shared {
                     Ok(Answer::Have { size: claimed, .. }) => {
                         peer.shun(SHUN_LIAR, format!("claimed {claimed} bytes where {size} are wanted"))
                     }
-                    Ok(Answer::Fetching) => wait |= peer.addr.node_id < me,
+                    Ok(Answer::Fetching) => wait = true,
+                    Ok(Answer::Deciding) => wait |= peer.addr.node_id < me,
                     Ok(Answer::Missing) => {}
                     Err(why) => peer.shun(SHUN_UNREACHABLE, why),
                 }
@@ -250,6 +256,7 @@ impl Shared {
             tokio::time::sleep(POLL).await;
         }
         self.upstream_objects.fetch_add(1, Ordering::Relaxed);
+        guard.decide();
         PeerOffer::Upstream(Box::new(guard))
     }
 
@@ -507,37 +514,57 @@ impl Peer {
     }
 }
 
-/// What this node is fetching upstream now (lookup request bytes → fetches in flight).
+/// What this node wants now (lookup request bytes → wanted by how many, fetched upstream by
+/// how many).
 #[derive(Default)]
-struct Fetching(Mutex<HashMap<Vec<u8>, usize>>);
+struct Fetching(Mutex<HashMap<Vec<u8>, (usize, usize)>>);
 
 impl Fetching {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, usize>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, (usize, usize)>> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn register(self: &Arc<Self>, key: Vec<u8>) -> FetchGuard {
-        *self.map().entry(key.clone()).or_default() += 1;
-        FetchGuard { fetching: self.clone(), key }
+        self.map().entry(key.clone()).or_default().0 += 1;
+        FetchGuard { fetching: self.clone(), key, upstream: false }
     }
 
-    fn contains(&self, key: &[u8]) -> bool {
-        self.map().contains_key(key)
+    /// What to tell a peer asking for `key` that this node does not hold.
+    fn answer(&self, key: &[u8]) -> Answer {
+        match self.map().get(key) {
+            Some((_, upstream)) if *upstream > 0 => Answer::Fetching,
+            Some(_) => Answer::Deciding,
+            None => Answer::Missing,
+        }
     }
 }
 
-/// Marks a thing as being fetched by this node while it lives.
+/// Marks a thing as wanted (then fetched upstream) by this node while it lives.
 struct FetchGuard {
     fetching: Arc<Fetching>,
     key: Vec<u8>,
+    upstream: bool,
+}
+
+impl FetchGuard {
+    /// This node goes upstream for it.
+    fn decide(&mut self) {
+        if !self.upstream {
+            self.upstream = true;
+            if let Some(e) = self.fetching.map().get_mut(&self.key) {
+                e.1 += 1;
+            }
+        }
+    }
 }
 
 impl Drop for FetchGuard {
     fn drop(&mut self) {
         let mut map = self.fetching.map();
-        if let Some(n) = map.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(e) = map.get_mut(&self.key) {
+            e.0 -= 1;
+            e.1 -= usize::from(self.upstream);
+            if e.0 == 0 {
                 map.remove(&self.key);
             }
         }
@@ -622,11 +649,7 @@ impl LookupHandler {
             Ok(Err(e)) => tracing::warn!("p2p: cannot answer a lookup: {e}"),
             Err(e) => tracing::warn!("p2p: lookup task failed: {e}"),
         }
-        if self.fetching.contains(request) {
-            Answer::Fetching
-        } else {
-            Answer::Missing
-        }
+        self.fetching.answer(request)
     }
 }
 
@@ -689,6 +712,11 @@ mod tests {
             let e = parse_peer(bad).unwrap_err().to_string();
             assert!(e.starts_with("peers: '"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_store_makes_outboards_with_iroh_blobs_chunk_groups() {
+        assert_eq!(cairn_store::peers::BLAKE3_BLOCK, iroh_blobs::IROH_BLOCK_SIZE);
     }
 
     #[test]

@@ -133,10 +133,8 @@ impl Offer {
         if let Some(row) = self.index.get(&key)? {
             return Ok(Some((row.blake3, row.size)));
         }
-        let tree = BaoTree::new(opened.size, IROH_BLOCK_SIZE);
-        let mut outboard = Vec::with_capacity(tree.outboard_size() as usize);
-        let root = bao_tree::io::sync::outboard_post_order(SourceRead::new(&opened.source), tree, &mut outboard)?;
-        let row = Row { blake3: *root.as_bytes(), size: opened.size, outboard };
+        let (blake3, outboard) = cairn_store::peers::blake3_outboard(SourceRead::new(&opened.source), opened.size)?;
+        let row = Row { blake3, size: opened.size, outboard };
         self.index.put(&key, &row)?;
         drop(opened.root);
         Ok(Some((row.blake3, row.size)))
@@ -176,6 +174,19 @@ impl Offer {
     fn count_served(&self, peer: NodeId, n: u64) {
         self.served_bytes.fetch_add(n, Ordering::Relaxed);
         *self.served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(peer).or_default() += n;
+    }
+}
+
+impl cairn_store::peers::Offered for Offer {
+    fn hashed(&self, wanted: Wanted, blake3: [u8; 32], outboard: Vec<u8>) {
+        let size = match &wanted {
+            Wanted::Nar { nar_size, .. } => *nar_size,
+            Wanted::Blob { size, .. } => *size,
+        };
+        let Ok(key) = encode_request(&wanted) else { return };
+        if let Err(e) = self.index.put(&key, &Row { blake3, size, outboard }) {
+            tracing::warn!("p2p index: {e}");
+        }
     }
 }
 

@@ -50,7 +50,9 @@ impl LocalStore {
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
         let mut file = CopyToFile::new(&copy, false)?;
-        let c = crate::files::copy_hashing(input, size, false, Some(expected.algo()), &mut file, &copy)?;
+        let sha256 = expected.algo() == cairn_nix::HashAlgo::Sha256;
+        let blake3 = sha256 && self.offered.get().is_some();
+        let c = crate::files::copy_hashing(input, size, false, Some(expected.algo()), blake3, &mut file, &copy)?;
         let (Some(flat), nar_hash, got) = (c.flat, c.nar, c.size) else {
             return Err(StoreError::NotAFile(name.to_owned()));
         };
@@ -63,7 +65,13 @@ impl LocalStore {
         }
         file.finish()?;
         let info = crate::flat_info(path, flat, nar_hash, nar_size_of_file(got, false));
-        self.finish_add(&copy, info)
+        let info = self.finish_add(&copy, info)?;
+        if let (Some(to), Some((b3, outboard))) = (self.offered.get(), c.blake3) {
+            let mut digest = [0u8; 32];
+            digest.copy_from_slice(expected.as_bytes());
+            to.hashed(crate::peers::Wanted::Blob { sha256: digest, size: got }, b3, outboard);
+        }
+        Ok(info)
     }
 
     /// Adds the tree a NAR serialises as a `source` path with `references` (each must be valid),

@@ -38,6 +38,8 @@ pub(crate) struct Copied {
     pub flat: Option<Hash>,
     pub nar: Hash,
     pub size: u64,
+    /// The bytes' BLAKE3 hash and outboard, when asked for.
+    pub blake3: Option<([u8; 32], Vec<u8>)>,
 }
 
 /// Copies exactly `size` bytes of `input` into `file` (refusing fewer or more), hashing them
@@ -48,12 +50,21 @@ pub(crate) fn copy_hashing(
     size: u64,
     executable: bool,
     flat: Option<HashAlgo>,
+    blake3: bool,
     file: &mut CopyToFile,
     copy: &Path,
 ) -> Result<Copied> {
     std::thread::scope(|scope| -> Result<Copied> {
         let (flat_tx, flat_rx) = sync_channel::<Arc<Vec<u8>>>(8);
         let (nar_tx, nar_rx) = sync_channel::<Arc<Vec<u8>>>(8);
+        let (b3_tx, b3_rx) = sync_channel::<Arc<Vec<u8>>>(8);
+        // BLAKE3 for peers, in the same pass: a thread of its own, fed the same chunks.
+        let b3_hasher = blake3.then(|| {
+            scope.spawn(move || {
+                let chunks = ChunksRead { rx: b3_rx, chunk: None, at: 0 };
+                crate::peers::blake3_outboard(chunks, size).ok()
+            })
+        });
         let flat_hasher = flat.map(|algo| {
             scope.spawn(move || {
                 let mut h = Hasher::new(algo);
@@ -95,18 +106,49 @@ pub(crate) fn copy_hashing(
             if flat_hasher.is_some() {
                 let _ = flat_tx.send(chunk.clone());
             }
+            if b3_hasher.is_some() {
+                let _ = b3_tx.send(chunk.clone());
+            }
             let _ = nar_tx.send(chunk);
         }
         drop(flat_tx);
         drop(nar_tx);
+        drop(b3_tx);
+        let blake3 = b3_hasher.and_then(|h| h.join().expect("BLAKE3 hasher panicked"));
         let flat = flat_hasher.map(|h| h.join().expect("flat hasher panicked"));
         let nar = nar.join().expect("NAR hasher panicked");
         if got != size {
             return Err(StoreError::SizeMismatch { expected: size, actual: got });
         }
         let nar = nar.map_err(|source| StoreError::NarWrite { path: copy.to_owned(), source })?;
-        Ok(Copied { flat, nar, size: got })
+        Ok(Copied { flat, nar, size: got, blake3 })
     })
+}
+
+/// The pipeline's chunks as a reader (for the BLAKE3 outboard, which reads).
+struct ChunksRead {
+    rx: std::sync::mpsc::Receiver<Arc<Vec<u8>>>,
+    chunk: Option<Arc<Vec<u8>>>,
+    at: usize,
+}
+
+impl Read for ChunksRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(c) = &self.chunk {
+                if self.at < c.len() {
+                    let n = buf.len().min(c.len() - self.at);
+                    buf[..n].copy_from_slice(&c[self.at..self.at + n]);
+                    self.at += n;
+                    return Ok(n);
+                }
+            }
+            match self.rx.recv() {
+                Ok(c) => (self.chunk, self.at) = (Some(c), 0),
+                Err(_) => return Ok(0),
+            }
+        }
+    }
 }
 
 /// A chunk of the pipeline, as bytes.
@@ -157,13 +199,14 @@ impl LocalStore {
         let copy = tmp.0.join("x");
         let mut file = CopyToFile::new(&copy, executable)?;
         let flat_algo = (method == FileMethod::Flat).then_some(HashAlgo::Sha256);
-        let c = copy_hashing(FromStart { file: &input, at: 0 }, meta.len(), executable, flat_algo, &mut file, &copy)
-            .map_err(|e| match e {
-                StoreError::SizeMismatch { expected, actual } => {
-                    StoreError::FileChanged { name: name.to_owned(), expected, actual }
-                }
-                other => other,
-            })?;
+        let c =
+            copy_hashing(FromStart { file: &input, at: 0 }, meta.len(), executable, flat_algo, false, &mut file, &copy)
+                .map_err(|e| match e {
+                    StoreError::SizeMismatch { expected, actual } => {
+                        StoreError::FileChanged { name: name.to_owned(), expected, actual }
+                    }
+                    other => other,
+                })?;
         file.finish()?;
         let nar_size = nar_size_of_file(c.size, executable);
         let info = match c.flat {

@@ -216,6 +216,8 @@ pub struct LocalStore {
     /// Empties `.cairn-trash`; declared before the store lock so it stops before the lock goes.
     reclaimer: reclaim::Reclaimer,
     tmp_counter: AtomicU64,
+    /// Told the BLAKE3 hashes made while adding (for peers), if a p2p node serves this store.
+    offered: std::sync::OnceLock<std::sync::Arc<dyn peers::Offered>>,
     _lock: Flock<File>,
 }
 
@@ -261,8 +263,15 @@ impl LocalStore {
             gc_settings: GcSettings::default(),
             reclaimer,
             tmp_counter: AtomicU64::new(0),
+            offered: std::sync::OnceLock::new(),
             _lock: lock,
         })
+    }
+
+    /// Hashes what it adds with BLAKE3 too (in the same pass) where peers ask by a hash known
+    /// at the add (blobs), and tells `to`. Set once, by the p2p node that serves this store.
+    pub fn offer_to(&self, to: std::sync::Arc<dyn peers::Offered>) {
+        let _ = self.offered.set(to);
     }
 
     /// Sets how the collector decides what is live.
@@ -569,7 +578,7 @@ impl LocalStore {
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
         let mut file = CopyToFile::new(&copy, executable)?;
-        let c = files::copy_hashing(input, size, executable, Some(HashAlgo::Sha256), &mut file, &copy)?;
+        let c = files::copy_hashing(input, size, executable, Some(HashAlgo::Sha256), false, &mut file, &copy)?;
         file.finish()?;
         let hash = c.flat.ok_or_else(|| StoreError::NotAFile(name.to_owned()))?;
         let info = flat_info(self.flat_path(name, &hash)?, hash, c.nar, nar_size_of_file(size, executable));

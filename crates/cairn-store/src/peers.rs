@@ -33,6 +33,23 @@ pub enum PeerOffer {
     Upstream(Box<dyn Send>),
 }
 
+/// The chunk groups of the BLAKE3 outboards made for peers (16 KiB, iroh-blobs' own).
+pub const BLAKE3_BLOCK: bao_tree::BlockSize = bao_tree::BlockSize::from_chunk_log(4);
+
+/// Told the BLAKE3 hash and outboard of something the store hashed while adding it, so that it
+/// can be offered to peers without reading it again.
+pub trait Offered: Send + Sync {
+    fn hashed(&self, wanted: Wanted, blake3: [u8; 32], outboard: Vec<u8>);
+}
+
+/// BLAKE3 and the post-order outboard ([`BLAKE3_BLOCK`]) of `size` bytes read from `data`.
+pub fn blake3_outboard(data: impl Read, size: u64) -> std::io::Result<([u8; 32], Vec<u8>)> {
+    let tree = bao_tree::BaoTree::new(size, BLAKE3_BLOCK);
+    let mut outboard = Vec::with_capacity(tree.outboard_size() as usize);
+    let root = bao_tree::io::sync::outboard_post_order(data, tree, &mut outboard)?;
+    Ok((*root.as_bytes(), outboard))
+}
+
 /// Where bytes can come from before upstream.
 pub trait Peers: Send + Sync {
     fn find(&self, wanted: Wanted) -> Pin<Box<dyn Future<Output = PeerOffer> + Send + '_>>;

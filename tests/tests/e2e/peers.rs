@@ -225,6 +225,8 @@ fn three_nodes_pulling_one_image_at_once_get_each_blob_from_the_registry_at_most
         let status = peers_json(st);
         from_peers +=
             status["peers"].as_array().unwrap().iter().map(|p| p["fetchedObjects"].as_u64().unwrap()).sum::<u64>();
+        // Every blob was hashed with BLAKE3 as it was stored, whoever it came from.
+        assert!(status["offered"].as_u64().unwrap() >= 3, "{status}");
     }
     assert!(from_peers >= 3, "blobs came from peers ({from_peers})");
 }
