@@ -5,8 +5,10 @@
 //! the blob bytes the registry sent (its own access log, not cairn's counters). Every node's
 //! image digest is checked against the registry's.
 //!
-//! Beside it, what BLAKE3 costs: one thread hashing the same bytes with SHA-256 alone and with
-//! SHA-256 plus BLAKE3 and its bao outboard (what a pass computing both would do).
+//! Beside it, what BLAKE3 costs on the pull path: one node pulling the image alone, with
+//! `p2p-listen` set (each blob hashed with BLAKE3 and its outboard in the same pass as its
+//! SHA-256) and without (SHA-256 only), median of `--reps`; and one thread hashing the same
+//! bytes with SHA-256 alone and with SHA-256 plus BLAKE3 and its outboard.
 
 use std::io::Read;
 use std::path::Path;
@@ -157,6 +159,32 @@ pub fn bench_fleet(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     table.note("  registry blob bytes sent, with peers", gib(peers_sent));
     table.note("  registry blob bytes sent, without peers", gib(alone_sent));
     table.note("  the image's blobs", gib(image_bytes));
+
+    // What BLAKE3 costs on the pull path: one node, with and without a p2p node (no peers).
+    let (mut with_b3, mut without_b3) = (Vec::new(), Vec::new());
+    for rep in 0..o.reps {
+        for (times, config) in
+            [(&mut with_b3, format!("p2p-listen = \"127.0.0.1:{}\"\n", free_port()?)), (&mut without_b3, String::new())]
+        {
+            let c = Cairn::start_configured(w, &format!("cairn-b3-{rep}-"), &config)?;
+            let (secs, digests) = pull_all(std::slice::from_ref(&c), &up)?;
+            ensure!(digests == [digest.clone()], "the pull gave {digests:?}");
+            if !config.is_empty() {
+                let v: serde_json::Value = serde_json::from_str(&run(c.cairn().args(["peers", "--json"]))?)?;
+                ensure!(v["offered"].as_u64() >= Some(5), "not every blob was hashed for peers: {v}");
+            }
+            times.push(secs);
+            let root = c.root.path().to_owned();
+            drop(c);
+            rm_rf(&root);
+        }
+    }
+    table.time(
+        format!("one node pulls it, BLAKE3 beside SHA-256 (median of {})", o.reps),
+        crate::median(&mut with_b3),
+        Some(crate::median(&mut without_b3)),
+    );
+    table.note("  (the 'no peers' column: SHA-256 only)", String::new());
 
     // What BLAKE3 costs beside SHA-256, on one thread.
     let data = &layers[0];

@@ -21,6 +21,11 @@ use cairn_store::peers::Wanted;
 /// The ALPN of the lookup protocol.
 pub const ALPN: &[u8] = b"/cairn/p2p-lookup/1";
 
+/// The first byte of a request for a store path's NAR.
+pub const KIND_NAR: u8 = 1;
+/// The first byte of a request for a blob.
+pub const KIND_BLOB: u8 = 2;
+
 /// No request is longer than this (a 255-byte name and the fixed fields).
 pub const MAX_REQUEST: usize = 1 + 1 + 255 + 32 + 8;
 /// No answer is longer than this.
@@ -63,14 +68,14 @@ pub fn encode_request(wanted: &Wanted) -> Result<Vec<u8>, LookupError> {
             }
             let name = path.base_name();
             let len = u8::try_from(name.len()).map_err(|_| LookupError::Path(name.clone()))?;
-            out.push(1);
+            out.push(KIND_NAR);
             out.push(len);
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(nar_hash.as_bytes());
             out.extend_from_slice(&nar_size.to_le_bytes());
         }
         Wanted::Blob { sha256, size } => {
-            out.push(2);
+            out.push(KIND_BLOB);
             out.extend_from_slice(sha256);
             out.extend_from_slice(&size.to_le_bytes());
         }
@@ -83,7 +88,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Wanted, LookupError> {
     let bad_len = || LookupError::Length(bytes.len());
     let (&kind, rest) = bytes.split_first().ok_or_else(bad_len)?;
     match kind {
-        1 => {
+        KIND_NAR => {
             let (&len, rest) = rest.split_first().ok_or_else(bad_len)?;
             if rest.len() != len as usize + 40 {
                 return Err(bad_len());
@@ -95,7 +100,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Wanted, LookupError> {
             let (hash, size) = rest.split_at(32);
             Ok(Wanted::Nar { path, nar_hash: Hash::sha256(array(hash)), nar_size: u64::from_le_bytes(array(size)) })
         }
-        2 => {
+        KIND_BLOB => {
             if rest.len() != 40 {
                 return Err(bad_len());
             }

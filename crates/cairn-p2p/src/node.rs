@@ -13,9 +13,19 @@
 //! ask ("deciding") while it asks its own peers, and once it goes upstream ("fetching") until
 //! what it fetched is valid. A node waits, asking again every [`POLL`], while a peer is fetching
 //! it, or is deciding and has a smaller node id; otherwise it goes upstream. So of nodes that
-//! want the same thing at once, the one with the smallest id goes upstream and the others wait
-//! for it; two go only when one decided before the other's first lookup reached it. If a fetch
-//! ends without the peer having it, a waiting node goes upstream itself.
+//! want the same thing at once, the one that ranks first for that thing goes upstream and the
+//! others wait for it; two go only when one decided before the other's first lookup reached it.
+//! If a fetch ends without the peer having it, a waiting node goes upstream itself.
+//!
+//! A blob is valid as soon as it is stored, so blobs rank by a hash of the node id and the blob
+//! ([`rank`]): an image's layers are fetched upstream by different nodes, and each node then
+//! fetches from its peers what it did not fetch itself. A substituted path becomes valid only
+//! when its whole batch commits, so a node waiting for a peer's path while that peer waits for
+//! one of its own would wait for ever: paths rank by node id alone (one node fetches a whole
+//! closure upstream), and a node waits for a peer's path only if the peer's id is smaller than
+//! its own — ids only fall along a chain of waits, so no chain closes a circle. (A node that
+//! decided to fetch a path before a smaller one asked is then fetched from twice.) Several
+//! holders of one thing are tried in an order of each node's own, which spreads the serving.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -240,14 +250,19 @@ impl Shared {
                     Ok(Answer::Have { size: claimed, .. }) => {
                         peer.shun(SHUN_LIAR, format!("claimed {claimed} bytes where {size} are wanted"))
                     }
-                    Ok(Answer::Fetching) => wait = true,
-                    Ok(Answer::Deciding) => wait |= peer.addr.node_id < me,
+                    Ok(Answer::Fetching) => {
+                        wait |= matches!(wanted, Wanted::Blob { .. }) || peer.addr.node_id.as_bytes() < me.as_bytes()
+                    }
+                    Ok(Answer::Deciding) => wait |= precedes(&peer.addr.node_id, &me, &wanted, &request),
                     Ok(Answer::Missing) => {}
                     Err(why) => peer.shun(SHUN_UNREACHABLE, why),
                 }
             }
             if !haves.is_empty() {
-                return PeerOffer::Bytes(Box::new(self.stream(size, by_majority(haves), guard)));
+                let mut candidates = by_majority(haves);
+                // Each node its own order of holders: a fleet's fetches spread over them.
+                candidates.sort_by_key(|(p, _)| rank(&p.addr.node_id, &[me.as_bytes(), &request[..]].concat()));
+                return PeerOffer::Bytes(Box::new(self.stream(size, candidates, guard)));
             }
             ask = wait && Instant::now() < deadline;
             if !ask {
@@ -385,6 +400,22 @@ async fn get_from(
         return Err(Failure::Other(format!("the transfer ended after {delivered} of {size} bytes")));
     }
     Ok(())
+}
+
+/// Whether `a` goes upstream before `b` when both want `wanted` (its lookup request `key`).
+fn precedes(a: &NodeId, b: &NodeId, wanted: &Wanted, key: &[u8]) -> bool {
+    match wanted {
+        Wanted::Nar { .. } => a.as_bytes() < b.as_bytes(),
+        Wanted::Blob { .. } => rank(a, key) < rank(b, key),
+    }
+}
+
+/// Where `node` stands among the nodes that want `key` (lowest first): the same on every node.
+pub fn rank(node: &NodeId, key: &[u8]) -> [u8; 32] {
+    let mut h = bao_tree::blake3::Hasher::new();
+    h.update(node.as_bytes());
+    h.update(key);
+    *h.finalize().as_bytes()
 }
 
 /// The candidates that agree with most others on the BLAKE3 hash (a peer claiming another hash

@@ -131,8 +131,22 @@ async fn a_lying_peer_is_dropped_and_the_transfer_resumes_from_an_honest_one() {
     let liar = Liar { hash: outboard.root.into(), outboard, data: altered };
     let liar_addr = loopback();
     let SocketAddr::V4(v4) = liar_addr else { unreachable!() };
+    // B's key is fixed, and the liar's chosen so that B tries the liar first.
+    let b_key = [7u8; 32];
+    std::fs::create_dir_all(b_dir.path().join("p2p")).unwrap();
+    std::fs::write(b_dir.path().join("p2p/p2p-secret-key"), b_key).unwrap();
+    let b_id = SecretKey::from_bytes(&b_key).public();
+    let wanted = Wanted::Nar { path, nar_hash, nar_size };
+    let order_key = [b_id.as_bytes(), &lookup::encode_request(&wanted).unwrap()[..]].concat();
+    let liar_key = (1u8..=255)
+        .map(|i| [i; 32])
+        .find(|k| {
+            let id = SecretKey::from_bytes(k).public();
+            cairn_p2p::node::rank(&id, &order_key) < cairn_p2p::node::rank(&a.node_id(), &order_key)
+        })
+        .unwrap();
     let ep = Endpoint::builder()
-        .secret_key(SecretKey::from_bytes(&[5; 32]))
+        .secret_key(SecretKey::from_bytes(&liar_key))
         .relay_mode(RelayMode::Disabled)
         .bind_addr_v4(v4)
         .alpns(vec![iroh_blobs::ALPN.to_vec(), lookup::ALPN.to_vec()])
@@ -141,10 +155,9 @@ async fn a_lying_peer_is_dropped_and_the_transfer_resumes_from_an_honest_one() {
         .unwrap();
     let router = Router::builder(ep.clone()).accept(iroh_blobs::ALPN, liar.clone()).accept(lookup::ALPN, liar).spawn();
 
-    // B asks the liar first.
     let peers = vec![format!("{}@{liar_addr}", ep.node_id()), format!("{}@{a_addr}", a.node_id())];
     let b = node(b_dir.path(), store(b_dir.path()), None, peers).await;
-    let wanted = Wanted::Nar { path, nar_hash, nar_size };
+    assert_eq!(b.node_id(), b_id);
     let got = read_all(b.find(wanted).await).await.unwrap();
     assert!(got == nar, "the bytes are right despite the liar");
 
