@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use cairn_nix::StorePath;
+use cairn_nix::{HashAlgo, StorePath};
 
 use crate::{fsops, now, remove_tree, LocalStore, PathInfo, Result, StoreError, TempDir, TempRootGuard};
 
@@ -111,10 +111,16 @@ impl Batch {
         }
         let n = self.store.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let copy = self.dir.0.join(n.to_string());
+        // Large NARs are hashed for peers in the same pass (small ones when a peer asks).
+        let offered = self.store.offered.get().filter(|_| info.nar_hash.algo() == HashAlgo::Sha256);
+        let mut blake3 = None;
         let received = if info.nar_size <= SMALL_NAR {
             receive_small(&mut input, info.nar_size, &copy)
         } else {
-            LocalStore::receive_nar(&mut input, &copy)
+            LocalStore::receive_nar(&mut input, &copy, offered.map(|_| info.nar_size)).map(|(h, size, b3)| {
+                blake3 = b3;
+                (h, size)
+            })
         };
         let received = received.and_then(|(nar_hash, nar_size)| {
             if nar_hash != info.nar_hash {
@@ -135,6 +141,14 @@ impl Batch {
         if let Err(e) = outcome {
             let _ = remove_tree(&copy);
             return Err(e);
+        }
+        if let (Some(to), Some((b3, outboard))) = (offered, blake3) {
+            let wanted = crate::peers::Wanted::Nar {
+                path: info.path.clone(),
+                nar_hash: info.nar_hash.clone(),
+                nar_size: info.nar_size,
+            };
+            to.hashed(wanted, b3, outboard);
         }
         let info = PathInfo { registration_time: now(), ultimate: self.built, ..info };
         if let Some((_, old)) = self.state().accepted.insert(info.path.clone(), (info, copy)) {

@@ -92,7 +92,7 @@ impl LocalStore {
         }
         let tmp = self.temp_dir()?;
         let copy = tmp.0.join("x");
-        let (nar_hash, nar_size) = Self::receive_nar(input, &copy)?;
+        let (nar_hash, nar_size, _) = Self::receive_nar(input, &copy, None)?;
         let info = crate::source_info(self.store_dir(), name, nar_hash, nar_size, references)?;
         self.finish_add(&copy, info)
     }

@@ -540,23 +540,29 @@ impl LocalStore {
     }
 
     /// Restores a NAR at `copy` (canonical), hashing it on a second thread; returns its SHA-256
-    /// and size. Refuses anything after the NAR's end.
-    fn receive_nar(input: impl Read, copy: &Path) -> Result<(Hash, u64)> {
+    /// and size, and with `blake3_size` (the size the NAR should have) its BLAKE3 hash and
+    /// outboard for peers, made on the same thread in the same pass (none if the size differs).
+    /// Refuses anything after the NAR's end.
+    fn receive_nar(input: impl Read, copy: &Path, blake3_size: Option<u64>) -> Result<Received> {
         std::thread::scope(|scope| -> Result<_> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
             // Hashed chunks go back to the reader to be filled again: no allocation, and no
             // fresh pages to fault in, per chunk.
             let (spare_tx, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE + 2);
             let hasher = scope.spawn(move || {
-                let mut h = Hasher::new(HashAlgo::Sha256);
-                let mut size = 0u64;
-                for mut chunk in rx {
-                    h.update(&chunk);
-                    size += chunk.len() as u64;
-                    chunk.clear();
-                    let _ = spare_tx.try_send(chunk);
-                }
-                (h.finish(), size)
+                let mut chunks = HashingChunks {
+                    rx,
+                    spare: spare_tx,
+                    sha256: Hasher::new(HashAlgo::Sha256),
+                    size: 0,
+                    chunk: Vec::new(),
+                    at: 0,
+                };
+                let blake3 = blake3_size.and_then(|size| peers::blake3_outboard(&mut chunks, size).ok());
+                // Whatever the outboard did not read (a NAR longer than expected) is hashed too.
+                io::copy(&mut chunks, &mut io::sink()).ok();
+                let got = chunks.size;
+                (chunks.sha256.finish(), got, blake3.filter(|_| Some(got) == blake3_size))
             });
             let mut input = HashOnTheSide { inner: input, tx, spare, pending: Vec::new() };
             let mut nar = NarReader::new(&mut input, Limits::default())?;
@@ -672,6 +678,38 @@ fn nar_size_of_file(size: u64, executable: bool) -> u64 {
     // magic(8+16) "("(8+8) "type"(8+8) "regular"(8+8) ["executable"(8+16) ""(8)] "contents"(8+8)
     // size(8) data+pad ")"(8+8)
     24 + 16 + 16 + 16 + if executable { 32 } else { 0 } + 16 + 8 + size.div_ceil(8) * 8 + 16
+}
+
+/// What [`LocalStore::receive_nar`] hashed: SHA-256, size and (if asked) BLAKE3 and outboard.
+type Received = (Hash, u64, Option<([u8; 32], Vec<u8>)>);
+
+/// The hashing thread's chunks as a reader that hashes them with SHA-256 as they are taken and
+/// hands them back to be filled again.
+struct HashingChunks {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    spare: std::sync::mpsc::SyncSender<Vec<u8>>,
+    sha256: Hasher,
+    size: u64,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for HashingChunks {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            let Ok(next) = self.rx.recv() else { return Ok(0) };
+            let mut done = std::mem::replace(&mut self.chunk, next);
+            done.clear();
+            let _ = self.spare.try_send(done);
+            self.sha256.update(&self.chunk);
+            self.size += self.chunk.len() as u64;
+            self.at = 0;
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// A reader that sends copies of what passes through it to a hashing thread, in chunks of at

@@ -126,6 +126,8 @@ fn five_nodes_substituting_at_once_fetch_each_nar_upstream_at_most_twice() {
         let status = peers_json(st);
         from_peers +=
             status["peers"].as_array().unwrap().iter().map(|p| p["fetchedObjects"].as_u64().unwrap()).sum::<u64>();
+        // The tree's NAR (over 256 KiB) was hashed with BLAKE3 as it was restored, wherever from.
+        assert!(status["offered"].as_u64().unwrap() >= 1, "{status}");
     }
     assert!(from_peers >= 6, "the other nodes fetched from peers ({from_peers} objects)");
     let human = nodes[0].ok(&["peers"]);
