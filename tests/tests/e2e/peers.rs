@@ -242,3 +242,39 @@ fn three_nodes_pulling_one_image_at_once_get_each_blob_from_the_registry_at_most
     }
     assert!(from_peers >= 3, "blobs came from peers ({from_peers})");
 }
+
+#[test]
+fn a_collection_on_a_serving_peer_waits_for_the_transfer_and_then_the_path_is_no_longer_offered() {
+    let up = Upstream::new(40 << 20);
+    // Slow uploads (16 MB/s): the transfer runs for a few seconds.
+    let (nodes, _) = fleet(&up, 3, "p2p-upload-rate = 16000000\n");
+    nodes[0].ok(&["substitute", &up.note]);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let (second, note) = (&nodes[1], up.note.clone());
+        let fetch = scope.spawn(move || second.ok(&["substitute", &note]));
+        // Once bytes flow, collect everything unrooted on the serving node.
+        loop {
+            let status = peers_json(&nodes[1]);
+            if status["peers"][0]["fetchedBytes"].as_u64().unwrap() > (4 << 20) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "no transfer started: {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nodes[0].ok(&["gc"]);
+        assert!(nodes[0].ok(&["path-info", &up.tree]).contains(&up.tree[7..]), "the path being served was kept");
+        fetch.join().unwrap();
+    });
+    assert_eq!(up.nar_requests(&up.tree), 1, "the second node got it from the first");
+    assert_eq!(nar_hash(&nodes[1], &up.tree), nar_hash(&nodes[0], &up.tree));
+    nodes[1].ok(&["verify", "--check-contents"]);
+    // Once the transfer ended, a collection takes it, and it is no longer offered: the third node
+    // gets it from the second or from the cache, never from the first.
+    nodes[0].ok(&["gc"]);
+    assert!(nodes[0].fail(&["path-info", &up.tree], b"").contains("not valid"));
+    let served_before = peers_json(&nodes[0])["servedBytes"].as_u64().unwrap();
+    nodes[2].ok(&["substitute", &up.note]);
+    assert_eq!(peers_json(&nodes[0])["servedBytes"].as_u64().unwrap(), served_before);
+    nodes[2].ok(&["verify", "--check-contents"]);
+}
