@@ -12,53 +12,14 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 
-use crate::image::{free_port, layer, run, sha256_hex, skopeo, wait_port, write_image};
+use crate::image::{free_port, layer, run, sha256_hex, skopeo, start_registry_logging, write_image};
 use crate::{fmt_secs, rm_rf, Cairn, Opts, Table};
 
 const NODES: usize = 5;
-
-struct Registry {
-    child: std::process::Child,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// distribution with its access log (one line per request, with the bytes sent) in a file.
-fn start_registry(w: &Path) -> Result<Registry> {
-    let dir = w.join("fleet-registry");
-    std::fs::create_dir_all(&dir)?;
-    let port = free_port()?;
-    let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog: {{ level: error }}\nstorage: {{ filesystem: {{ rootdirectory: {}/data }} }}\nhttp: {{ addr: 127.0.0.1:{port} }}\n",
-            dir.display()
-        ),
-    )?;
-    let log = dir.join("access.log");
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start docker-registry (Debian docker-registry)")?;
-    wait_port(port)?;
-    Ok(Registry { child, port, log })
-}
 
 /// Blob bytes sent with status 200, from the access log's lines after byte `from`.
 fn blob_bytes_sent(log: &Path, from: usize) -> Result<u64> {
@@ -135,7 +96,8 @@ pub fn bench_fleet(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     let src = w.join("fleet-src");
     let digest = write_image(&src, "v1", &layers.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
     let image_bytes: u64 = layers.iter().map(|l| l.len() as u64).sum();
-    let reg = start_registry(w)?;
+    let log = w.join("fleet-registry.log");
+    let reg = start_registry_logging(w, "fleet-registry", Some(&log))?;
     let up = format!("docker://127.0.0.1:{}/bench/fleet:v1", reg.port);
     run(&mut skopeo(&format!("oci:{}:v1", src.display()), &up))?;
     rm_rf(&src);
@@ -144,10 +106,10 @@ pub fn bench_fleet(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     let mut rows = Vec::new();
     for (round, peers) in [("alone", false), ("peers", true)] {
         let nodes = fleet(w, round, peers)?;
-        let log_at = std::fs::metadata(&reg.log)?.len() as usize;
+        let log_at = std::fs::metadata(&log)?.len() as usize;
         let (secs, digests) = pull_all(&nodes, &up)?;
         ensure!(digests.iter().all(|d| *d == digest), "a node pulled another digest: {digests:?}");
-        let sent = blob_bytes_sent(&reg.log, log_at)?;
+        let sent = blob_bytes_sent(&log, log_at)?;
         let roots: Vec<_> = nodes.iter().map(|c| c.root.path().to_owned()).collect();
         drop(nodes);
         roots.iter().for_each(|r| rm_rf(r));

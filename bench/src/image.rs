@@ -60,6 +60,12 @@ pub(crate) fn start_registry(w: &Path) -> Result<Registry> {
 
 /// A registry of its own in `w/name`.
 fn start_registry_named(w: &Path, name: &str) -> Result<Registry> {
+    start_registry_logging(w, name, None)
+}
+
+/// A registry of its own in `w/name`, writing its access log (one line per request, with the
+/// bytes sent) to `log` if given.
+pub(crate) fn start_registry_logging(w: &Path, name: &str, log: Option<&Path>) -> Result<Registry> {
     let dir = w.join(name);
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
@@ -74,7 +80,10 @@ fn start_registry_named(w: &Path, name: &str) -> Result<Registry> {
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
-        .stdout(Stdio::null())
+        .stdout(match log {
+            Some(log) => Stdio::from(std::fs::File::create(log)?),
+            None => Stdio::null(),
+        })
         .stderr(Stdio::null())
         .spawn()
         .context("start docker-registry (Debian docker-registry)")?;

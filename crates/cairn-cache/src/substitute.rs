@@ -486,7 +486,8 @@ async fn from_peers(ctx: &Arc<Ctx>, info: &NarInfo) -> bool {
     }
 }
 
-/// Whether a narinfo's path follows from its content address (then it needs no signature).
+/// Downloads the NAR a narinfo names from its cache and restores it into the batch, on a
+/// blocking thread ([`place`]).
 async fn download(ctx: &Arc<Ctx>, sub: &Substituter, info: NarInfo) -> Result<(), CacheError> {
     let reader = sub.backend.open_read(&info.url).await?;
     let url = sub.backend.describe(&info.url);

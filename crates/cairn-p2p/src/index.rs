@@ -4,8 +4,10 @@
 //!
 //! Rows are keyed by the lookup request's own bytes ([`crate::lookup::encode_request`]): a store
 //! path's name *and* NAR hash, or a blob's sha256. The same key always names the same bytes, so
-//! a row never goes wrong; it only goes stale when its path is collected, and every use checks
-//! that the path is valid first (and drops a stale row). It is a memo of work that can be done
+//! a row never goes wrong. A row may be written before its path is valid (hashed in the same
+//! pass as a substitution whose batch has not committed) and outlives a collected path, so
+//! every use checks that the path is valid first; rows are small (an outboard is 1/256 of its
+//! object) and are not swept. It is a memo of work that can be done
 //! again: losing it costs a pass over the data, never a wrong answer, so it is written without
 //! waiting for the disk.
 

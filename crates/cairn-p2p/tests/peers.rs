@@ -44,6 +44,13 @@ async fn node(dir: &std::path::Path, store: Arc<LocalStore>, listen: Option<Sock
     Node::start(config, store).await.unwrap()
 }
 
+/// Gives the node that will start in `dir` the secret key `[byte; 32]`; returns its node id.
+fn fixed_key(dir: &std::path::Path, byte: u8) -> iroh::NodeId {
+    std::fs::create_dir_all(dir.join("p2p")).unwrap();
+    std::fs::write(dir.join("p2p/p2p-secret-key"), [byte; 32]).unwrap();
+    SecretKey::from_bytes(&[byte; 32]).public()
+}
+
 /// Reads a peer offer's bytes on a blocking thread, as the store's restore does.
 async fn read_all(offer: PeerOffer) -> std::io::Result<Vec<u8>> {
     let PeerOffer::Bytes(mut r) = offer else { panic!("expected bytes from a peer") };
@@ -61,7 +68,9 @@ async fn a_nar_travels_from_a_peer_verified_and_unknown_things_go_upstream() {
     let b_dir = tempfile::tempdir().unwrap();
     let (a_store, path, nar_hash, nar_size, nar) = store_with_a_path(a_dir.path(), 3 << 20);
     let a_addr = loopback();
-    let a = node(a_dir.path(), a_store, Some(a_addr), vec![]).await;
+    // A serves B (one of its peers), not C.
+    let b_id = fixed_key(b_dir.path(), 7);
+    let a = node(a_dir.path(), a_store, Some(a_addr), vec![format!("{b_id}@127.0.0.1:9")]).await;
     let b = node(b_dir.path(), store(b_dir.path()), None, vec![format!("{}@{a_addr}", a.node_id())]).await;
 
     let wanted = Wanted::Nar { path: path.clone(), nar_hash: nar_hash.clone(), nar_size };
@@ -75,11 +84,21 @@ async fn a_nar_travels_from_a_peer_verified_and_unknown_things_go_upstream() {
     assert!(sb.listening.is_empty(), "a node without p2p-listen serves nothing");
 
     // The same path with another NAR hash is not what A holds: upstream.
-    let other = Wanted::Nar { path, nar_hash: Hash::sha256([9; 32]), nar_size };
+    let other = Wanted::Nar { path: path.clone(), nar_hash: Hash::sha256([9; 32]), nar_size };
     assert!(matches!(b.find(other).await, PeerOffer::Upstream(_)));
     assert_eq!(b.status().upstream_objects, 1);
+
+    // C is not one of A's peers: A closes its connections, and C goes upstream.
+    let c_dir = tempfile::tempdir().unwrap();
+    let c = node(c_dir.path(), store(c_dir.path()), None, vec![format!("{}@{a_addr}", a.node_id())]).await;
+    let wanted = Wanted::Nar { path, nar_hash, nar_size };
+    assert!(matches!(c.find(wanted).await, PeerOffer::Upstream(_)));
+    let status = c.status();
+    assert!(status.peers[0].last_error.is_some(), "{status:?}");
+    assert_eq!(a.status().served_bytes, nar_size, "nothing more was served");
     a.shutdown().await;
     b.shutdown().await;
+    c.shutdown().await;
 }
 
 /// A peer that claims the right BLAKE3 hash and sends the right tree of hashes, but altered
@@ -122,7 +141,9 @@ async fn a_lying_peer_is_dropped_and_the_transfer_resumes_from_an_honest_one() {
     let b_dir = tempfile::tempdir().unwrap();
     let (a_store, path, nar_hash, nar_size, nar) = store_with_a_path(a_dir.path(), 2 << 20);
     let a_addr = loopback();
-    let a = node(a_dir.path(), a_store, Some(a_addr), vec![]).await;
+    // B's key is fixed (A serves it), and the liar's chosen so that B tries the liar first.
+    let b_id = fixed_key(b_dir.path(), 7);
+    let a = node(a_dir.path(), a_store, Some(a_addr), vec![format!("{b_id}@127.0.0.1:9")]).await;
 
     // The liar: right hash and outboard, one byte altered 1.5 MiB in.
     let outboard = PostOrderMemOutboard::create(&nar, IROH_BLOCK_SIZE);
@@ -131,11 +152,6 @@ async fn a_lying_peer_is_dropped_and_the_transfer_resumes_from_an_honest_one() {
     let liar = Liar { hash: outboard.root.into(), outboard, data: altered };
     let liar_addr = loopback();
     let SocketAddr::V4(v4) = liar_addr else { unreachable!() };
-    // B's key is fixed, and the liar's chosen so that B tries the liar first.
-    let b_key = [7u8; 32];
-    std::fs::create_dir_all(b_dir.path().join("p2p")).unwrap();
-    std::fs::write(b_dir.path().join("p2p/p2p-secret-key"), b_key).unwrap();
-    let b_id = SecretKey::from_bytes(&b_key).public();
     let wanted = Wanted::Nar { path, nar_hash, nar_size };
     let order_key = [b_id.as_bytes(), &lookup::encode_request(&wanted).unwrap()[..]].concat();
     let liar_key = (1u8..=255)

@@ -97,6 +97,20 @@ fn fleet_with(base: &str, n: usize) -> (Vec<TestStore>, Vec<String>) {
     (stores, addrs)
 }
 
+/// Checks every node's store (`verify --check-contents`) and that each has hashed at least
+/// `offered` things for peers; returns how many things they fetched from peers in all.
+fn checked(nodes: &[TestStore], offered: u64) -> u64 {
+    let mut from_peers = 0;
+    for st in nodes {
+        st.ok(&["verify", "--check-contents"]);
+        let status = peers_json(st);
+        from_peers +=
+            status["peers"].as_array().unwrap().iter().map(|p| p["fetchedObjects"].as_u64().unwrap()).sum::<u64>();
+        assert!(status["offered"].as_u64().unwrap() >= offered, "{status}");
+    }
+    from_peers
+}
+
 fn nar_hash(st: &TestStore, path: &str) -> String {
     let info: Value = serde_json::from_str(&st.ok(&["path-info", "--json", path])).unwrap();
     info[0]["narHash"].as_str().unwrap().to_owned()
@@ -118,17 +132,12 @@ fn five_nodes_substituting_at_once_fetch_each_nar_upstream_at_most_twice() {
     assert!((1..=2).contains(&tree_nars), "the cache sent the tree's NAR {tree_nars} times");
     assert!((1..=2).contains(&note_nars), "the cache sent the note's NAR {note_nars} times");
     let expected = nar_hash(&nodes[0], &up.tree);
-    let mut from_peers = 0;
     for st in &nodes {
         assert_eq!(nar_hash(st, &up.tree), expected);
         assert_eq!(st.ok(&["references", &up.note]).trim(), up.tree);
-        st.ok(&["verify", "--check-contents"]);
-        let status = peers_json(st);
-        from_peers +=
-            status["peers"].as_array().unwrap().iter().map(|p| p["fetchedObjects"].as_u64().unwrap()).sum::<u64>();
-        // The tree's NAR (over 256 KiB) was hashed with BLAKE3 as it was restored, wherever from.
-        assert!(status["offered"].as_u64().unwrap() >= 1, "{status}");
     }
+    // The tree's NAR (over 256 KiB) was hashed with BLAKE3 as it was restored, wherever from.
+    let from_peers = checked(&nodes, 1);
     assert!(from_peers >= 6, "the other nodes fetched from peers ({from_peers} objects)");
     let human = nodes[0].ok(&["peers"]);
     assert!(human.starts_with("this node "), "{human}");
@@ -231,15 +240,8 @@ fn three_nodes_pulling_one_image_at_once_get_each_blob_from_the_registry_at_most
         let n = sent.iter().filter(|d| **d == digest_of(b)).count();
         assert!((1..=2).contains(&n), "the registry sent blob {} {n} times", digest_of(b));
     }
-    let mut from_peers = 0;
-    for st in &nodes {
-        st.ok(&["verify", "--check-contents"]);
-        let status = peers_json(st);
-        from_peers +=
-            status["peers"].as_array().unwrap().iter().map(|p| p["fetchedObjects"].as_u64().unwrap()).sum::<u64>();
-        // Every blob was hashed with BLAKE3 as it was stored, whoever it came from.
-        assert!(status["offered"].as_u64().unwrap() >= 3, "{status}");
-    }
+    // Every blob was hashed with BLAKE3 as it was stored, whoever it came from.
+    let from_peers = checked(&nodes, 3);
     assert!(from_peers >= 3, "blobs came from peers ({from_peers})");
 }
 
