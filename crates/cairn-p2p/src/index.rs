@@ -58,6 +58,15 @@ impl Index {
             .optional()
     }
 
+    /// A row's BLAKE3 hash and size, without its outboard (what a lookup answers).
+    pub fn get_hash(&self, key: &[u8]) -> rusqlite::Result<Option<([u8; 32], u64)>> {
+        self.db()
+            .query_row("SELECT blake3, size FROM offers WHERE key = ?1", [key], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .optional()
+    }
+
     /// The keys that have this BLAKE3 hash (one in practice; a path and a blob can share bytes).
     pub fn keys_of(&self, blake3: &[u8; 32]) -> rusqlite::Result<Vec<Vec<u8>>> {
         let db = self.db();

@@ -56,12 +56,14 @@ use iroh_blobs::util::local_pool::LocalPool;
 
 use crate::index::Index;
 use crate::lookup::{self, decode_answer, decode_request, encode_answer, encode_request, Answer};
-use crate::offer::{Offer, PeerView};
+use crate::offer::{Offer, PeerView, Resolved};
 
 /// How long a lookup (connecting included) may take before the peer counts as unreachable.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a node waiting for a peer's upstream fetch asks again.
 pub const POLL: Duration = Duration::from_millis(200);
+/// How long a node that sees no one to wait for waits before asking once more, and deciding.
+pub const SETTLE: Duration = Duration::from_millis(100);
 /// How long a node waits for peers' upstream fetches before going upstream itself.
 pub const WAIT_FOR_PEERS: Duration = Duration::from_secs(600);
 /// How long a peer that sent bytes not matching its claim is not asked.
@@ -70,6 +72,8 @@ pub const SHUN_LIAR: Duration = Duration::from_secs(600);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a transfer may wait for its next verified piece before the peer counts as stalled.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a lookup may wait for this node to hash what it holds before answering "ask again".
+pub const HASHING_ANSWER: Duration = Duration::from_secs(2);
 /// How long an unreachable peer is not asked.
 pub const SHUN_UNREACHABLE: Duration = Duration::from_secs(30);
 
@@ -244,6 +248,7 @@ impl Shared {
         let deadline = Instant::now() + WAIT_FOR_PEERS;
         // An empty thing is not worth a round trip.
         let mut ask = size > 0;
+        let mut settled = false;
         while ask {
             let live: Vec<Arc<Peer>> = self.peers.iter().filter(|p| !p.shunned()).cloned().collect();
             if live.is_empty() {
@@ -274,10 +279,19 @@ impl Shared {
                 candidates.sort_by_key(|(p, _)| rank(&p.addr.node_id, &[me.as_bytes(), &request[..]].concat()));
                 return PeerOffer::Bytes(Box::new(self.stream(size, candidates, guard)));
             }
+            if !wait && !settled {
+                // Nobody to wait for: ask once more after a moment, so that peers that came to
+                // want it meanwhile (and whose lookups this node's reached too early) are seen
+                // deciding, and the id order picks one of them.
+                settled = true;
+                tokio::time::sleep(SETTLE).await;
+                continue;
+            }
             ask = wait && Instant::now() < deadline;
             if !ask {
                 break;
             }
+            settled = false;
             tokio::time::sleep(POLL).await;
         }
         self.upstream_objects.fetch_add(1, Ordering::Relaxed);
@@ -363,11 +377,16 @@ async fn get_from(
     let hash = iroh_blobs::Hash::from_bytes(blake3);
     let ranges = ChunkRanges::from(ChunkNum(*delivered / 1024)..);
     let request = GetRequest::new(hash, RangeSpecSeq::from_ranges([ranges]));
-    let connected = fsm::start(conn, request).next().await.map_err(|e| other(&e))?;
-    let ConnectedNext::StartRoot(root) = connected.next().await.map_err(|e| other(&e))? else {
-        return Err(Failure::Other("the peer answered with something else".into()));
+    let header = async {
+        let connected = fsm::start(conn, request).next().await.map_err(|e| other(&e))?;
+        let ConnectedNext::StartRoot(root) = connected.next().await.map_err(|e| other(&e))? else {
+            return Err(Failure::Other("the peer answered with something else".into()));
+        };
+        root.next().next().await.map_err(|e| other(&e))
     };
-    let (mut content, claimed) = root.next().next().await.map_err(|e| other(&e))?;
+    let (mut content, claimed) = tokio::time::timeout(STALL_TIMEOUT, header)
+        .await
+        .map_err(|_| Failure::Other(format!("sent no answer within {}s", STALL_TIMEOUT.as_secs())))??;
     if claimed != size {
         return Err(Failure::Lied(format!("it sends {claimed} bytes where {size} are wanted")));
     }
@@ -704,11 +723,15 @@ impl ProtocolHandler for LookupHandler {
 impl LookupHandler {
     async fn answer(&self, wanted: Wanted, request: &[u8]) -> Answer {
         let offer = self.offer.clone();
-        match tokio::task::spawn_blocking(move || offer.resolve(&wanted)).await {
-            Ok(Ok(Some((blake3, size)))) => return Answer::Have { blake3, size },
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => tracing::warn!("p2p: cannot answer a lookup: {e}"),
-            Err(e) => tracing::warn!("p2p: lookup task failed: {e}"),
+        // A path never hashed for peers is hashed now, which can take longer than the asker
+        // waits: past HASHING_ANSWER it is told to ask again, and the hashing goes on.
+        let resolving = tokio::task::spawn_blocking(move || offer.resolve(&wanted));
+        match tokio::time::timeout(HASHING_ANSWER, resolving).await {
+            Ok(Ok(Ok(Resolved::Have(blake3, size)))) => return Answer::Have { blake3, size },
+            Ok(Ok(Ok(Resolved::Hashing))) | Err(_) => return Answer::Fetching,
+            Ok(Ok(Ok(Resolved::Missing))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("p2p: cannot answer a lookup: {e}"),
+            Ok(Err(e)) => tracing::warn!("p2p: lookup task failed: {e}"),
         }
         self.fetching.answer(request)
     }

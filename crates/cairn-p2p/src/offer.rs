@@ -55,6 +55,17 @@ pub struct Offer {
     pub(crate) served: Mutex<HashMap<NodeId, u64>>,
     pub(crate) served_bytes: AtomicU64,
     pub(crate) served_objects: AtomicU64,
+    /// Lookup keys being hashed now (once each, however many peers ask).
+    hashing: Mutex<std::collections::HashSet<Vec<u8>>>,
+}
+
+/// What [`Offer::resolve`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    Have([u8; 32], u64),
+    /// Valid here, and being hashed for another lookup: ask again.
+    Hashing,
+    Missing,
 }
 
 /// Where an offered thing's bytes are.
@@ -67,8 +78,28 @@ enum Source {
 /// Something valid here, rooted while this lives.
 struct Opened {
     root: TempRootGuard,
-    source: Source,
+    /// Where it is on disk: a store path's tree, or a blob's file.
+    real: PathBuf,
+    nar: bool,
     size: u64,
+}
+
+impl Opened {
+    /// Where its bytes come from (for a NAR, a walk of the tree's metadata).
+    fn source(&self, store: &LocalStore, wanted: &Wanted) -> Result<Source, OfferError> {
+        if !self.nar {
+            return Ok(Source::File(self.real.clone()));
+        }
+        let layout = NarLayout::of(&self.real)?;
+        if layout.size() != self.size {
+            let name = match wanted {
+                Wanted::Nar { path, .. } => store.store_dir().display(path),
+                Wanted::Blob { .. } => self.real.display().to_string(),
+            };
+            return Err(OfferError::Size(name));
+        }
+        Ok(Source::Nar(Arc::new(layout)))
+    }
 }
 
 impl Offer {
@@ -82,6 +113,7 @@ impl Offer {
             served: Mutex::default(),
             served_bytes: AtomicU64::new(0),
             served_objects: AtomicU64::new(0),
+            hashing: Mutex::default(),
         }
     }
 
@@ -89,7 +121,7 @@ impl Offer {
         &self.index
     }
 
-    /// Opens what `wanted` names if it is valid here with the asked hash and size.
+    /// Roots what `wanted` names and checks that it is valid here with the asked hash and size.
     fn open(&self, wanted: &Wanted) -> Result<Option<Opened>, OfferError> {
         match wanted {
             Wanted::Nar { path, nar_hash, nar_size } => {
@@ -98,11 +130,7 @@ impl Offer {
                 if info.nar_hash != *nar_hash || info.nar_size != *nar_size {
                     return Ok(None);
                 }
-                let layout = NarLayout::of(&self.store.real_path(path))?;
-                if layout.size() != *nar_size {
-                    return Err(OfferError::Size(self.store.store_dir().display(path)));
-                }
-                Ok(Some(Opened { root, source: Source::Nar(Arc::new(layout)), size: *nar_size }))
+                Ok(Some(Opened { root, real: self.store.real_path(path), nar: true, size: *nar_size }))
             }
             Wanted::Blob { sha256, size } => {
                 let hex: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
@@ -117,26 +145,37 @@ impl Offer {
                 if len != *size {
                     return Ok(None);
                 }
-                Ok(Some(Opened { root, source: Source::File(file), size: len }))
+                Ok(Some(Opened { root, real: file, nar: false, size: len }))
             }
         }
     }
 
     /// The BLAKE3 hash and size of `wanted` if it is valid here. The first ask reads it once to
     /// hash it and make its outboard; the index remembers both. Blocks: call off the runtime.
-    pub fn resolve(&self, wanted: &Wanted) -> Result<Option<([u8; 32], u64)>, OfferError> {
-        let Ok(key) = encode_request(wanted) else { return Ok(None) };
+    pub fn resolve(&self, wanted: &Wanted) -> Result<Resolved, OfferError> {
+        let Ok(key) = encode_request(wanted) else { return Ok(Resolved::Missing) };
         // Not valid (yet: a row hashed in the same pass as a substitution comes before its
         // batch commits; or no longer): not offered, and the row, always right, stays.
-        let Some(opened) = self.open(wanted)? else { return Ok(None) };
-        if let Some(row) = self.index.get(&key)? {
-            return Ok(Some((row.blake3, row.size)));
+        let Some(opened) = self.open(wanted)? else { return Ok(Resolved::Missing) };
+        if let Some((blake3, size)) = self.index.get_hash(&key)? {
+            return Ok(Resolved::Have(blake3, size));
         }
-        let (blake3, outboard) = cairn_store::peers::blake3_outboard(SourceRead::new(&opened.source), opened.size)?;
+        if !self.hashing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key.clone()) {
+            return Ok(Resolved::Hashing);
+        }
+        struct Done<'a>(&'a Offer, &'a [u8]);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.hashing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(self.1);
+            }
+        }
+        let _done = Done(self, &key);
+        let source = opened.source(&self.store, wanted)?;
+        let (blake3, outboard) = cairn_store::peers::blake3_outboard(SourceRead::new(&source), opened.size)?;
         let row = Row { blake3, size: opened.size, outboard };
         self.index.put(&key, &row)?;
         drop(opened.root);
-        Ok(Some((row.blake3, row.size)))
+        Ok(Resolved::Have(row.blake3, row.size))
     }
 
     /// The entry a peer's transfer of `hash` reads, if something valid here has that BLAKE3 hash.
@@ -148,11 +187,17 @@ impl Offer {
             };
             let Some(opened) = self.open(&wanted)? else { continue };
             let Some(row) = self.index.get(&key)? else { continue };
+            // A row cut short (the index is written without waiting for the disk) is dropped,
+            // not served: bao would read past its end.
+            if row.outboard.len() as u64 != BaoTree::new(row.size, IROH_BLOCK_SIZE).outboard_size() {
+                self.index.remove(&key)?;
+                continue;
+            }
             return Ok(Some(Entry {
                 hash: *hash,
                 size: row.size,
                 outboard: Bytes::from(row.outboard),
-                source: Arc::new(opened.source),
+                source: Arc::new(opened.source(&self.store, &wanted)?),
                 _root: Arc::new(opened.root),
                 _slot: None,
                 offer: self.clone(),
@@ -229,11 +274,19 @@ impl Map for PeerView {
     type Entry = Entry;
 
     async fn get(&self, hash: &iroh_blobs::Hash) -> io::Result<Option<Entry>> {
-        let slot = self.offer.slot(self.requester).acquire_owned().await.map_err(io::Error::other)?;
-        let entry = self.offer.entry(hash, self.requester).map_err(|e| {
-            tracing::warn!("p2p: cannot offer {hash}: {e}");
-            io::Error::other(e.to_string())
-        })?;
+        let slot = tokio::time::timeout(SLOT_WAIT, self.offer.slot(self.requester).acquire_owned())
+            .await
+            .map_err(|_| io::Error::other("this peer's transfers are all busy"))?
+            .map_err(io::Error::other)?;
+        // A tree walk and SQLite: not on the provider's few threads.
+        let (offer, hash, requester) = (self.offer.clone(), *hash, self.requester);
+        let entry = tokio::task::spawn_blocking(move || offer.entry(&hash, requester))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(|e| {
+                tracing::warn!("p2p: cannot offer {hash}: {e}");
+                io::Error::other(e.to_string())
+            })?;
         if entry.is_some() {
             self.offer.served_objects.fetch_add(1, Ordering::Relaxed);
         }
@@ -305,6 +358,11 @@ struct EntryReader {
 
 impl iroh_io::AsyncSliceReader for EntryReader {
     async fn read_at(&mut self, offset: u64, len: usize) -> io::Result<Bytes> {
+        // A transfer reads chunk groups (16 KiB); only a request for a hash sequence (which
+        // cairn never offers) reads a whole entry at once, and would hold it all in memory.
+        if len > MAX_READ {
+            return Err(io::Error::other("refused: a read larger than a transfer makes"));
+        }
         let len = len.min(self.size.saturating_sub(offset) as usize);
         let mut buf = BytesMut::zeroed(len);
         let mut done = 0;
@@ -330,6 +388,11 @@ impl iroh_io::AsyncSliceReader for EntryReader {
         Ok(self.size)
     }
 }
+
+/// The largest read a transfer may ask of an entry.
+const MAX_READ: usize = 1 << 20;
+/// How long a transfer waits for one of its peer's slots.
+const SLOT_WAIT: Duration = Duration::from_secs(60);
 
 /// The node's upload bandwidth, shared by every transfer: each read waits its turn.
 struct Pace {

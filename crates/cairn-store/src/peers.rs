@@ -45,7 +45,8 @@ pub trait Offered: Send + Sync {
 /// BLAKE3 and the post-order outboard ([`BLAKE3_BLOCK`]) of `size` bytes read from `data`.
 pub fn blake3_outboard(data: impl Read, size: u64) -> std::io::Result<([u8; 32], Vec<u8>)> {
     let tree = bao_tree::BaoTree::new(size, BLAKE3_BLOCK);
-    let mut outboard = Vec::with_capacity(tree.outboard_size() as usize);
+    // Grown as the data arrives: the size is a claim until the bytes are there.
+    let mut outboard = Vec::with_capacity(tree.outboard_size().min(1 << 20) as usize);
     let root = bao_tree::io::sync::outboard_post_order(data, tree, &mut outboard)?;
     Ok((*root.as_bytes(), outboard))
 }
@@ -53,4 +54,24 @@ pub fn blake3_outboard(data: impl Read, size: u64) -> std::io::Result<([u8; 32],
 /// Where bytes can come from before upstream.
 pub trait Peers: Send + Sync {
     fn find(&self, wanted: Wanted) -> Pin<Box<dyn Future<Output = PeerOffer> + Send + '_>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_size_far_beyond_the_data_is_an_error_not_an_allocation() {
+        // 2^62 bytes would want a 2^54-byte outboard: nothing is reserved before data arrives.
+        let err = blake3_outboard(&b"abc"[..], 1 << 62).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn the_outboard_root_is_the_blake3_hash() {
+        let data = vec![7u8; 100_000];
+        let (root, outboard) = blake3_outboard(&data[..], data.len() as u64).unwrap();
+        assert_eq!(root, *bao_tree::blake3::hash(&data).as_bytes());
+        assert_eq!(outboard.len() as u64, bao_tree::BaoTree::new(data.len() as u64, BLAKE3_BLOCK).outboard_size());
+    }
 }
