@@ -22,7 +22,7 @@ use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::PublicKey;
 use cairn_nix::{StoreDir, StorePath};
 use cairn_store::peers::{PeerOffer, Peers, Wanted};
-use cairn_store::{Batch, ClientId, ClientScope, LocalStore, PathInfo, TempRootGuard};
+use cairn_store::{Batch, ChunkReader, ClientId, ClientScope, LocalStore, PathInfo, TempRootGuard};
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 
 use crate::backend::{split_params, Backend, FileReader, NetOptions};
@@ -633,28 +633,6 @@ fn check_file(info: &NarInfo, file: FileCheck) -> Result<(), String> {
     Ok(())
 }
 
-/// Decompressed chunks from the decompressing thread, as a reader.
-struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    at: usize,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.chunk.len() {
-            match self.rx.recv() {
-                Ok(c) => (self.chunk, self.at) = (c, 0),
-                Err(_) => return Ok(0), // the sender is done (or failed: it says why)
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.at);
-        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
 /// Restores one NAR into the batch, checking everything the narinfo says.
 fn place(ctx: &Ctx, info: NarInfo, reader: FileReader, url: &str) -> Result<(), CacheError> {
     let path = ctx.dir.display(&info.store_path);
@@ -701,7 +679,7 @@ fn place(ctx: &Ctx, info: NarInfo, reader: FileReader, url: &str) -> Result<(), 
                 drain_epilogue(limited.into_inner().into_inner())
             });
             let mut producer = Some(producer);
-            let reader = ChunkReader { rx, chunk: Vec::new(), at: 0 };
+            let reader = ChunkReader::new(rx);
             let added = ctx.batch.add_nar_with_info(path_info, reader, |reader| -> Result<(), CacheError> {
                 drop(reader);
                 let file = producer.take().expect("joined once").join().expect("decompressing thread panicked");

@@ -254,7 +254,7 @@ impl Shared {
             if live.is_empty() {
                 break;
             }
-            let answers = futures_join(live.iter().map(|p| self.ask(p, &request))).await;
+            let answers = futures_util::future::join_all(live.iter().map(|p| self.ask(p, &request))).await;
             let mut haves: Vec<(Arc<Peer>, [u8; 32])> = Vec::new();
             let mut wait = false;
             for (peer, answer) in live.into_iter().zip(answers) {
@@ -448,34 +448,6 @@ fn by_majority(haves: Vec<(Arc<Peer>, [u8; 32])>) -> Vec<(Arc<Peer>, [u8; 32])> 
     }
     let Some((&winner, _)) = votes.iter().max_by_key(|(_, n)| **n) else { return haves };
     haves.into_iter().filter(|(_, h)| *h == winner).collect()
-}
-
-/// Runs futures at once and returns their outputs in order.
-async fn futures_join<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let futures: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    let mut futures: Vec<Option<Pin<Box<F>>>> = futures.into_iter().map(Some).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if let Some(fut) = f {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        *out = Some(v);
-                        *f = None;
-                    }
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
 }
 
 /// The verified bytes of a peer transfer, read by a blocking reader (the store's restore).

@@ -133,8 +133,9 @@ impl Offer {
                 Ok(Some(Opened { root, real: self.store.real_path(path), nar: true, size: *nar_size }))
             }
             Wanted::Blob { sha256, size } => {
-                let hex: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
-                let Ok(digest) = cairn_oci::Digest::parse(&format!("sha256:{hex}")) else { return Ok(None) };
+                let Some(digest) = cairn_oci::Digest::from_hash(&cairn_nix::Hash::sha256(*sha256)) else {
+                    return Ok(None);
+                };
                 let path = cairn_oci::layout::blob_path(self.store.store_dir(), &digest);
                 let root = self.store.temp_root([path.clone()]);
                 if !self.store.is_valid(&path)? {
@@ -171,7 +172,8 @@ impl Offer {
         }
         let _done = Done(self, &key);
         let source = opened.source(&self.store, wanted)?;
-        let (blake3, outboard) = cairn_store::peers::blake3_outboard(SourceRead::new(&source), opened.size)?;
+        let read = SourceRead { reader: SourceReader::open(&source)?, at: 0 };
+        let (blake3, outboard) = cairn_store::peers::blake3_outboard(read, opened.size)?;
         let row = Row { blake3, size: opened.size, outboard };
         self.index.put(&key, &row)?;
         drop(opened.root);
@@ -231,33 +233,37 @@ impl cairn_store::peers::Offered for Offer {
     }
 }
 
-/// Sequential reads of a source (for hashing it).
-struct SourceRead<'a> {
-    source: &'a Source,
-    at: u64,
-    file: Option<File>,
-    nar: Option<NarLayoutReader<&'a NarLayout>>,
+/// Reads a source's bytes at any offset, keeping what it reads from open.
+enum SourceReader {
+    Nar(NarLayoutReader<Arc<NarLayout>>),
+    File(File),
 }
 
-impl<'a> SourceRead<'a> {
-    fn new(source: &'a Source) -> Self {
-        SourceRead { source, at: 0, file: None, nar: None }
+impl SourceReader {
+    fn open(source: &Source) -> io::Result<SourceReader> {
+        Ok(match source {
+            Source::Nar(layout) => SourceReader::Nar(NarLayoutReader::new(layout.clone())),
+            Source::File(path) => SourceReader::File(File::open(path)?),
+        })
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            SourceReader::Nar(nar) => nar.read_at(offset, buf),
+            SourceReader::File(file) => file.read_at(buf, offset),
+        }
     }
 }
 
-impl io::Read for SourceRead<'_> {
+/// A source read from its start (for hashing it).
+struct SourceRead {
+    reader: SourceReader,
+    at: u64,
+}
+
+impl io::Read for SourceRead {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = match self.source {
-            Source::Nar(layout) => {
-                self.nar.get_or_insert_with(|| NarLayoutReader::new(layout)).read_at(self.at, buf)?
-            }
-            Source::File(path) => {
-                if self.file.is_none() {
-                    self.file = Some(File::open(path)?);
-                }
-                self.file.as_ref().map_or(Ok(0), |f| f.read_at(buf, self.at))?
-            }
-        };
+        let n = self.reader.read_at(self.at, buf)?;
         self.at += n as u64;
         Ok(n)
     }
@@ -335,23 +341,15 @@ impl MapEntry for Entry {
     }
 
     async fn data_reader(&self) -> io::Result<impl iroh_io::AsyncSliceReader> {
-        let file = match &*self.source {
-            Source::File(path) => Some(File::open(path)?),
-            Source::Nar(_) => None,
-        };
-        let nar = match &*self.source {
-            Source::Nar(layout) => Some(NarLayoutReader::new(layout.clone())),
-            Source::File(_) => None,
-        };
-        Ok(EntryReader { size: self.size, file, nar, offer: self.offer.clone(), requester: self.requester })
+        let reader = SourceReader::open(&self.source)?;
+        Ok(EntryReader { size: self.size, reader, offer: self.offer.clone(), requester: self.requester })
     }
 }
 
 /// Reads an entry's bytes for iroh-blobs' provider, counting and pacing them.
 struct EntryReader {
     size: u64,
-    file: Option<File>,
-    nar: Option<NarLayoutReader<Arc<NarLayout>>>,
+    reader: SourceReader,
     offer: Arc<Offer>,
     requester: NodeId,
 }
@@ -367,11 +365,7 @@ impl iroh_io::AsyncSliceReader for EntryReader {
         let mut buf = BytesMut::zeroed(len);
         let mut done = 0;
         while done < len {
-            let n = match (&mut self.nar, &self.file) {
-                (Some(nar), _) => nar.read_at(offset + done as u64, &mut buf[done..])?,
-                (None, Some(file)) => file.read_at(&mut buf[done..], offset + done as u64)?,
-                (None, None) => 0,
-            };
+            let n = self.reader.read_at(offset + done as u64, &mut buf[done..])?;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "an offered file ended early"));
             }

@@ -57,14 +57,10 @@ pub(crate) fn copy_hashing(
     std::thread::scope(|scope| -> Result<Copied> {
         let (flat_tx, flat_rx) = sync_channel::<Arc<Vec<u8>>>(8);
         let (nar_tx, nar_rx) = sync_channel::<Arc<Vec<u8>>>(8);
-        let (b3_tx, b3_rx) = sync_channel::<Arc<Vec<u8>>>(8);
+        let (b3_tx, b3_rx) = sync_channel::<Chunk>(8);
         // BLAKE3 for peers, in the same pass: a thread of its own, fed the same chunks.
-        let b3_hasher = blake3.then(|| {
-            scope.spawn(move || {
-                let chunks = ChunksRead { rx: b3_rx, chunk: None, at: 0 };
-                crate::peers::blake3_outboard(chunks, size).ok()
-            })
-        });
+        let b3_hasher =
+            blake3.then(|| scope.spawn(move || crate::peers::blake3_outboard(ChunkReader::new(b3_rx), size).ok()));
         let flat_hasher = flat.map(|algo| {
             scope.spawn(move || {
                 let mut h = Hasher::new(algo);
@@ -107,7 +103,7 @@ pub(crate) fn copy_hashing(
                 let _ = flat_tx.send(chunk.clone());
             }
             if b3_hasher.is_some() {
-                let _ = b3_tx.send(chunk.clone());
+                let _ = b3_tx.send(Chunk(chunk.clone()));
             }
             let _ = nar_tx.send(chunk);
         }
@@ -125,23 +121,29 @@ pub(crate) fn copy_hashing(
     })
 }
 
-/// The pipeline's chunks as a reader (for the BLAKE3 outboard, which reads).
-struct ChunksRead {
-    rx: std::sync::mpsc::Receiver<Arc<Vec<u8>>>,
-    chunk: Option<Arc<Vec<u8>>>,
+/// Chunks sent by another thread, as a reader: the end of the channel is the end of the data
+/// (a sender that fails says why elsewhere). The BLAKE3 outboard reads the copy pipeline's
+/// chunks through it; substitution reads decompressed chunks through it.
+pub struct ChunkReader<C> {
+    rx: std::sync::mpsc::Receiver<C>,
+    chunk: Option<C>,
     at: usize,
 }
 
-impl Read for ChunksRead {
+impl<C> ChunkReader<C> {
+    pub fn new(rx: std::sync::mpsc::Receiver<C>) -> Self {
+        ChunkReader { rx, chunk: None, at: 0 }
+    }
+}
+
+impl<C: AsRef<[u8]>> Read for ChunkReader<C> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            if let Some(c) = &self.chunk {
-                if self.at < c.len() {
-                    let n = buf.len().min(c.len() - self.at);
-                    buf[..n].copy_from_slice(&c[self.at..self.at + n]);
-                    self.at += n;
-                    return Ok(n);
-                }
+            if let Some(c) = self.chunk.as_ref().map(AsRef::as_ref).filter(|c| self.at < c.len()) {
+                let n = buf.len().min(c.len() - self.at);
+                buf[..n].copy_from_slice(&c[self.at..self.at + n]);
+                self.at += n;
+                return Ok(n);
             }
             match self.rx.recv() {
                 Ok(c) => (self.chunk, self.at) = (Some(c), 0),

@@ -59,7 +59,7 @@ use thiserror::Error;
 pub use access::{Entry, EntryKind};
 pub use batch::{Batch, Committed};
 pub use cairn_db::{Direction, PathInfo};
-pub use files::FileMethod;
+pub use files::{ChunkReader, FileMethod};
 pub use fsops::{dump, remove_tree, restore, restore_with_buffer, RestoreMode};
 pub use gc::{GcOptions, GcReport, GcSettings};
 pub use locks::PathLocks;
