@@ -72,7 +72,8 @@ pub enum AutomatonCommand {
     Export {
         /// The automaton's name.
         name: String,
-        /// `unix://SOCKET`, `tcp://HOST:PORT`, `file://DIR` or `s3://…`, as `cairn copy --to`.
+        /// `unix://SOCKET`, `tcp://HOST:PORT`, `p2p://NODE-ID`, `file://DIR` or `s3://…`, as
+        /// `cairn copy --to`.
         #[arg(long, value_name = "URL")]
         to: Option<String>,
         /// Sign what is copied (needed by daemons that do not trust this one's user).
@@ -84,7 +85,8 @@ pub enum AutomatonCommand {
     Import {
         /// The description (as `export` prints it), or - for stdin.
         file: PathBuf,
-        /// A binary cache or daemon to substitute missing paths from, as `cairn copy --from`.
+        /// A binary cache or peer (`p2p://NODE-ID`) to substitute missing paths from, as
+        /// `cairn copy --from`.
         #[arg(long, value_name = "URL")]
         from: Option<String>,
         /// Another name for it here.

@@ -1,5 +1,5 @@
 //! `cairn copy --to URL`: paths' closures written as a Nix binary cache (`file://`, `s3://`), or
-//! copied into another daemon (`unix://SOCKET`).
+//! copied into another daemon (`unix://SOCKET`, `tcp://HOST:PORT`, or a peer: `p2p://NODE-ID`).
 //!
 //! The cache layout is Nix's (`nix-cache-info`, `<hash>.narinfo`, `nar/<file hash>.nar.zst`), so
 //! that `nix copy --from` and any Nix substituter read it. NARs come from the daemon and are
@@ -241,6 +241,38 @@ pub async fn copy_to_daemon(
     Ok(Copied { written: answer?.len(), skipped, bytes })
 }
 
+/// Asks the daemon's peer `node` to take the closure of `paths` from the daemon (it substitutes
+/// them under its own trust policy: unsigned paths need `key`, one of its trusted keys).
+async fn copy_to_peer(
+    client: &Client,
+    store_dir: &StoreDir,
+    paths: Vec<String>,
+    node: &str,
+    key: Option<&SecretKey>,
+) -> anyhow::Result<Copied> {
+    let infos = client.call(query::PathInfo { paths, closure: true }).await?;
+    let mut narinfos = Vec::with_capacity(infos.len());
+    for info in &infos {
+        let mut narinfo = narinfo_of(store_dir, info, key)?;
+        // The NAR travels as a p2p transfer; the URL only names it.
+        narinfo.url = format!("nar/{}.nar", narinfo.nar_hash.encode(Encoding::Nix32));
+        narinfos.push(narinfo.render(store_dir));
+    }
+    let mut answer = client.peers_push(&cairn_api::PeerPushRequest { to: node.to_owned(), narinfos }).await?;
+    // The first path refused on its own, not one that only needs another.
+    answer.failed.sort_by_key(|f| f.reason.starts_with("needs '"));
+    if let Some(first) = answer.failed.first() {
+        let more = match answer.failed.len() - 1 {
+            0 => String::new(),
+            n => format!(" ({} could not be copied either)", count(n, "more path")),
+        };
+        bail!("p2p://{node} did not take '{}': {}{more}", first.path, first.reason);
+    }
+    let added: std::collections::HashSet<&str> = answer.added.iter().map(String::as_str).collect();
+    let bytes = infos.iter().filter(|i| added.contains(i.path.as_str())).map(|i| i.nar_size).sum();
+    Ok(Copied { written: answer.added.len(), skipped: infos.len() - answer.added.len(), bytes })
+}
+
 #[derive(Args)]
 pub struct SubstituteArgs {
     /// Use this cache instead of the configured ones (repeatable; file://, http(s)://, s3://).
@@ -265,11 +297,13 @@ impl SubstituteArgs {
 #[derive(Args)]
 pub struct CopyArgs {
     /// Write to this cache (`file:///dir`, `s3://bucket?endpoint=…`; `?compression=zstd|xz|
-    /// bzip2|none`, zstd by default) or daemon (`unix:///path/to/socket`, or
-    /// `tcp://HOST:PORT` of one with accept-pushes, which takes only signed paths).
+    /// bzip2|none`, zstd by default) or daemon (`unix:///path/to/socket`, `tcp://HOST:PORT`
+    /// of one with accept-pushes, or `p2p://NODE-ID`, one of the daemon's peers; these two take
+    /// only paths signed by a key they trust).
     #[arg(long, required_unless_present = "from", conflicts_with = "from")]
     pub to: Option<String>,
-    /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`.
+    /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`, or
+    /// `p2p://NODE-ID`, one of the daemon's peers.
     #[arg(long)]
     pub from: Option<String>,
     /// Sign each path with this secret key (see `cairn key generate`).
@@ -372,8 +406,8 @@ pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], j
     Ok(())
 }
 
-/// Copies the closure of `paths` to `to`: another daemon (`unix://`, `tcp://`, only what it
-/// lacks) or a binary cache (`file://`, `s3://`).
+/// Copies the closure of `paths` to `to`: another daemon (`unix://`, `tcp://`, `p2p://`, only
+/// what it lacks) or a binary cache (`file://`, `s3://`).
 pub(crate) async fn copy_closure(
     client: &Client,
     store_dir: &cairn_nix::StoreDir,
@@ -382,7 +416,12 @@ pub(crate) async fn copy_closure(
     key: Option<&SecretKey>,
     net: &NetOptions,
 ) -> anyhow::Result<crate::cache::Copied> {
-    let done = if to.starts_with("tcp://") {
+    let done = if let Some(node) = to.strip_prefix("p2p://") {
+        let bar = progress::spinner("the peer is taking the closure from this node");
+        let done = copy_to_peer(client, store_dir, paths, node.trim_end_matches('/'), key).await;
+        bar.finish_and_clear();
+        done?
+    } else if to.starts_with("tcp://") {
         let bar = progress::transfer("pushing");
         let done = crate::cache::copy_to_tcp(client, store_dir, paths, to, key, net, &bar).await;
         bar.finish_and_clear();

@@ -64,15 +64,7 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
 
     let app = router(state.clone());
     if let Some(addr) = &settings.listen {
-        let keys = settings
-            .secret_key_files
-            .iter()
-            .map(|f| {
-                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
-                cairn_nix::signing::SecretKey::parse(&text)
-                    .with_context(|| format!("'{}' (secret-key-files in the config)", f.display()))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let keys = secret_keys(&settings)?;
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on '{addr}' (listen in the config)"))?;
@@ -242,7 +234,25 @@ pub(crate) async fn open_state(
     let images = cairn_image::Images::new(store.clone());
     let image_builder = Arc::new(crate::state::ImageBuiltin::new(images.clone()));
     builder.add_builtin("oci-image", image_builder.clone());
-    Ok(Arc::new(AppState { store, store_dir, substitution, builder, images, image_builder, tag_owners, control, p2p }))
+    let state =
+        Arc::new(AppState { store, store_dir, substitution, builder, images, image_builder, tag_owners, control, p2p });
+    if let Some(node) = &state.p2p {
+        node.take_pushes(Arc::new(crate::api::peers::PushReceiver { state: Arc::downgrade(&state) }));
+    }
+    Ok(state)
+}
+
+/// The keys of `secret-key-files`, with which served narinfos are signed.
+fn secret_keys(settings: &Settings) -> anyhow::Result<Vec<cairn_nix::signing::SecretKey>> {
+    settings
+        .secret_key_files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+            cairn_nix::signing::SecretKey::parse(&text)
+                .with_context(|| format!("'{}' (secret-key-files in the config)", f.display()))
+        })
+        .collect()
 }
 
 /// Starts the p2p node if `p2p-listen` or `peers` is set.
@@ -265,6 +275,7 @@ async fn start_p2p(settings: &Settings, store: &Arc<LocalStore>) -> anyhow::Resu
         state_dir: state_dir(&settings.root),
         max_transfers_per_peer: settings.p2p_max_transfers_per_peer,
         upload_rate: settings.p2p_upload_rate,
+        keys: secret_keys(settings)?,
     };
     Ok(Some(Arc::new(cairn_p2p::Node::start(config, store.clone()).await?)))
 }

@@ -113,6 +113,16 @@ impl Substitution {
                 if let Some(s) = self.configured.iter().find(|s| s.url() == url) {
                     return Ok(s.clone());
                 }
+                // A configured peer counts as configured: its narinfos are checked as any cache's.
+                if let Some(node) = url.strip_prefix("p2p://") {
+                    let peers = self.peers.as_ref().ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "'{url}': this cairnd has no p2p node (set peers and p2p-listen in its config)"
+                        ))
+                    })?;
+                    let cache = peers.cache_of(node.trim_end_matches('/')).map_err(ApiError::bad_request)?;
+                    return Ok(Arc::new(Substituter::peer(url, cache)));
+                }
                 if !peer.trusted {
                     return Err(ApiError::forbidden(format!(
                         "user '{}' may only substitute from the configured substituters; '{url}' is not one \

@@ -311,7 +311,8 @@ pub struct Settings {
     pub narinfo_cache_negative_ttl: u64,
     /// Address (`HOST:PORT`) on which cairnd serves its store as a binary cache; none: off.
     pub listen: Option<String>,
-    /// Secret keys with which served narinfos are signed.
+    /// Secret keys with which served narinfos are signed (by the binary cache on `listen`, and
+    /// to peers copying from this node over p2p).
     pub secret_key_files: Vec<PathBuf>,
     /// Whether the `listen` address accepts closures pushed by other daemons (signed paths only).
     pub accept_pushes: bool,

@@ -21,6 +21,7 @@
 //! | `GET /v1/daemon/config` | — | [`config::Settings`] (the daemon's effective settings) |
 //! | `POST /v1/daemon/stop` | — | [`DaemonStatus`] (trusted users; the daemon then shuts down) |
 //! | `GET /v1/peers` | — | [`PeersStatus`] |
+//! | `POST /v1/peers/push` | [`PeerPushRequest`] | [`PeerPushAnswer`] |
 //!
 //! Failures answer a 4xx/5xx status with an [`ErrorBody`].
 //!
@@ -80,6 +81,8 @@ pub mod routes {
     pub const DAEMON_STOP: &str = "/v1/daemon/stop";
     /// `GET`: the p2p node and its peers ([`super::PeersStatus`]).
     pub const PEERS: &str = "/v1/peers";
+    /// `POST`: asks a peer to take paths from this node ([`super::PeerPushRequest`]).
+    pub const PEERS_PUSH: &str = "/v1/peers/push";
 }
 
 /// Answer of `GET /v1/version`.
@@ -99,6 +102,25 @@ pub struct VersionInfo {
     /// would have started it with.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub settings_fingerprint: String,
+}
+
+/// Body of `POST /v1/peers/push` (`cairn copy --to p2p://NODE-ID`): the peer is asked to
+/// substitute these paths from this node, as from a binary cache whose narinfos are these.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerPushRequest {
+    /// The peer's node id (one of the daemon's `peers`).
+    pub to: String,
+    /// The narinfos of the paths (a closure), as the CLI signed them; references first.
+    pub narinfos: Vec<String>,
+}
+
+/// What a peer did with a push: the paths it added (it already had the others, or refused them).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerPushAnswer {
+    pub added: Vec<String>,
+    pub failed: Vec<SubstituteFailure>,
 }
 
 /// Answer of `GET /v1/peers`: this node on the p2p network and what it knows of its peers.

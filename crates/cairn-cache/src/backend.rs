@@ -16,6 +16,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::CacheError;
+use cairn_store::peers::PeerCache;
 
 pub use cairn_net::{with_causes, NetOptions};
 
@@ -35,6 +36,12 @@ pub enum Backend {
         /// Whether the environment names credentials; if not, object_store asks the instance
         /// metadata service, whose failure would otherwise be all an error says.
         env_credentials: bool,
+    },
+    /// A fleet peer's store (`p2p://NODE-ID`), through the daemon's p2p node: narinfos only,
+    /// since its NARs come as verified p2p transfers (`Peers::find`).
+    Peer {
+        url: String,
+        cache: Arc<dyn PeerCache>,
     },
 }
 
@@ -60,6 +67,7 @@ impl std::fmt::Debug for Backend {
             Backend::File(p) => write!(f, "File({})", p.display()),
             Backend::Http { base, .. } => write!(f, "Http({base})"),
             Backend::S3 { prefix, .. } => write!(f, "S3({prefix})"),
+            Backend::Peer { url, .. } => write!(f, "Peer({url})"),
         }
     }
 }
@@ -142,7 +150,10 @@ impl Backend {
                 env_credentials: S3_CREDENTIAL_VARS.iter().any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty())),
             });
         }
-        Err(bad("binary caches are file://, http://, https:// or s3:// URLs"))
+        if base.starts_with("p2p://") {
+            return Err(bad("a peer is reached through cairnd's p2p node (set `peers` in its configuration)"));
+        }
+        Err(bad("binary caches are file://, http://, https:// or s3:// URLs (or p2p://NODE-ID, a peer)"))
     }
 
     fn file(dir: &Path, key: &str) -> Result<PathBuf, CacheError> {
@@ -166,6 +177,7 @@ impl Backend {
             Backend::File(d) => format!("file://{}", d.join(key).display()),
             Backend::Http { base, .. } => format!("{base}/{key}"),
             Backend::S3 { store, prefix, .. } => format!("{store}/{}", Self::s3_key(prefix, key)),
+            Backend::Peer { url, .. } => format!("{url}/{key}"),
         }
     }
 
@@ -192,6 +204,11 @@ impl Backend {
                 }
                 Ok(Some(buf.into()))
             }
+            Backend::Peer { cache, .. } => match cache.get(key).await {
+                Ok(Some(buf)) if buf.len() > MAX_SMALL_FILE => Err(too_big()),
+                Ok(found) => Ok(found.map(Bytes::from)),
+                Err(reason) => Err(CacheError::Http { url: what(), reason }),
+            },
             Backend::Http { .. } | Backend::S3 { .. } => match self.stream(key).await? {
                 None => Ok(None),
                 Some(mut s) => {
@@ -215,7 +232,9 @@ impl Backend {
     ) -> Result<Option<impl Stream<Item = io::Result<Bytes>> + Send + 'static + use<>>, CacheError> {
         let url = self.describe(key);
         let (body, stall): (futures_util::stream::BoxStream<'static, io::Result<Bytes>>, Duration) = match self {
-            Backend::File(_) => unreachable!("file caches are read directly"),
+            Backend::File(_) | Backend::Peer { .. } => {
+                return Err(CacheError::Url { url, reason: "not read as a stream".into() })
+            }
             Backend::Http { client, opts, .. } => {
                 let mut req = client.get(&url);
                 if let Some((login, password)) = opts.credentials_for(&url) {
@@ -278,7 +297,13 @@ impl Backend {
                     Err(source) => Err(CacheError::Io { url: self.describe(key), source }),
                 }
             }
-            _ => match self.stream(key).await? {
+            Backend::Peer { .. } => Err(CacheError::Http {
+                url: self.describe(key),
+                reason: "no peer could send this NAR (a peer's NARs come only as verified p2p transfers; see \
+                         `cairn peers`)"
+                    .into(),
+            }),
+            Backend::Http { .. } | Backend::S3 { .. } => match self.stream(key).await? {
                 None => Err(CacheError::Missing { url: self.describe(key) }),
                 Some(s) => Ok(Box::new(tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(s)))),
             },
@@ -294,7 +319,7 @@ impl Backend {
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
                 Err(e) => Err(CacheError::Http { url: self.describe(key), reason: s3_reason(&e, *env_credentials) }),
             },
-            Backend::Http { .. } => Ok(self.get(key).await?.is_some()),
+            Backend::Http { .. } | Backend::Peer { .. } => Ok(self.get(key).await?.is_some()),
         }
     }
 
@@ -333,6 +358,11 @@ impl Backend {
             Backend::Http { .. } => {
                 Err(CacheError::Url { url, reason: "cairn writes binary caches to file:// and s3:// only".into() })
             }
+            Backend::Peer { .. } => Err(CacheError::Url {
+                url,
+                reason: "a peer is not written as a cache: `cairn copy --to p2p://NODE-ID` asks it to take paths"
+                    .into(),
+            }),
         }
     }
 

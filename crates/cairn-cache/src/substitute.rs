@@ -57,6 +57,18 @@ impl Substituter {
         Ok(Substituter { url: url.to_owned(), backend: Backend::open(url, net)?, priority, info: OnceCell::new() })
     }
 
+    /// A fleet peer as a cache (`p2p://NODE-ID`): its narinfos from `cache`, its NARs from the
+    /// job's peers.
+    pub fn peer(url: &str, cache: Arc<dyn cairn_store::peers::PeerCache>) -> Substituter {
+        let backend = Backend::Peer { url: url.to_owned(), cache };
+        Substituter { url: url.to_owned(), backend, priority: None, info: OnceCell::new() }
+    }
+
+    /// Whether its answers may be remembered (a peer's change as it adds and collects paths).
+    fn memoised(&self) -> bool {
+        !matches!(self.backend, Backend::Peer { .. })
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -90,12 +102,14 @@ impl Substituter {
         path: &StorePath,
         lookups: &NarInfoCache,
     ) -> Result<Option<NarInfo>, CacheError> {
-        if let Some(answer) = lookups.get(&self.url, path.hash_part()) {
+        if let Some(answer) = lookups.get(&self.url, path.hash_part()).filter(|_| self.memoised()) {
             return Ok(answer);
         }
         let key = format!("{}.narinfo", path.hash_part());
         let Some(text) = self.backend.get(&key).await? else {
-            lookups.put(&self.url, path.hash_part(), None);
+            if self.memoised() {
+                lookups.put(&self.url, path.hash_part(), None);
+            }
             return Ok(None);
         };
         let info = NarInfo::parse(dir, &String::from_utf8_lossy(&text))
@@ -329,7 +343,9 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
             tried.push(format!("{}: {check}", sub.url()));
             continue;
         }
-        ctx.lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
+        if sub.memoised() {
+            ctx.lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
+        }
         let references = info.references.iter().filter(|r| **r != path).cloned().collect();
         let size = info.file_size.unwrap_or(info.nar_size);
         let _ = tx.send(Event::Found { path: path.clone(), references, size });
@@ -383,7 +399,9 @@ pub async fn query(
             for (_, sub) in subs {
                 if let Ok(Some(info)) = sub.narinfo(dir, path, lookups).await {
                     if check_narinfo(dir, path, &info, policy).is_ok() {
-                        lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
+                        if sub.memoised() {
+                            lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
+                        }
                         return Some((path.clone(), info));
                     }
                 }

@@ -185,6 +185,12 @@ impl Client {
         Client::json(self.send(Method::GET, routes::PEERS, full(Bytes::new())).await?).await
     }
 
+    /// Asks the peer `req.to` to take paths from the daemon's store (it checks them as any
+    /// substitution); answers when the peer is done.
+    pub async fn peers_push(&self, req: &cairn_api::PeerPushRequest) -> Result<cairn_api::PeerPushAnswer> {
+        Client::json(self.call_json(routes::PEERS_PUSH, req).await?).await
+    }
+
     /// Asks the daemon to shut down (it answers first, then stops listening and finishes what
     /// runs); needs a trusted user.
     pub async fn daemon_stop(&self) -> Result<cairn_api::DaemonStatus> {

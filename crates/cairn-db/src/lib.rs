@@ -54,6 +54,28 @@ pub struct PathInfo {
     pub ca: Option<ContentAddress>,
 }
 
+impl PathInfo {
+    /// The path as a binary cache describes it, its NAR at `url` compressed with `compression`
+    /// (no file hash or size: a served NAR is compressed as it is sent).
+    pub fn into_narinfo(self, url: String, compression: &str) -> cairn_nix::narinfo::NarInfo {
+        cairn_nix::narinfo::NarInfo {
+            store_path: self.path,
+            url,
+            compression: compression.to_owned(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: self.nar_hash,
+            nar_size: self.nar_size,
+            references: self.references,
+            deriver: self.deriver,
+            system: None,
+            signatures: self.signatures.into_iter().collect(),
+            ca: self.ca.map(|c| c.to_string()),
+            extra: Vec::new(),
+        }
+    }
+}
+
 /// Why a database operation failed.
 #[derive(Debug, Error)]
 pub enum DbError {

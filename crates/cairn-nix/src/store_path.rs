@@ -25,6 +25,12 @@ use crate::nixbase32;
 pub const DIGEST_LEN: usize = 20;
 /// Characters of the nixbase32 digest in a store path.
 pub const HASH_PART_LEN: usize = 32;
+
+/// Whether `s` is a store path's hash part: [`HASH_PART_LEN`] characters of Nix's base-32
+/// alphabet (what a `<hash>.narinfo` key names).
+pub fn is_hash_part(s: &str) -> bool {
+    s.len() == HASH_PART_LEN && s.bytes().all(|b| crate::nixbase32::ALPHABET.contains(&b))
+}
 /// Longest name Nix accepts (so that the base name fits in 255 bytes with room to spare).
 pub const MAX_NAME_LEN: usize = 211;
 

@@ -9,6 +9,8 @@
 //!   OCI blob's sha256 digest) to the BLAKE3 hash a transfer needs, and says "being fetched";
 //! - [`offer`] and [`index`]: what this node serves — only valid paths, read straight from the
 //!   store — and the memo of their BLAKE3 hashes and outboards;
+//! - [`copy`]: a peer's store read as a binary cache of narinfos (`cairn copy --from p2p://…`),
+//!   and pushes (`--to p2p://…`: the peer substitutes from this node under its own trust policy);
 //! - [`node`]: the endpoint, the peers and their state, and fetching with failover, which
 //!   implements the store's [`cairn_store::peers::Peers`] for substitution and pulls.
 //!
@@ -16,9 +18,10 @@
 //! that bytes are right: callers check them against the hash their trusted source gave before
 //! anything is registered.
 
+pub mod copy;
 pub mod index;
 pub mod lookup;
 pub mod node;
 pub mod offer;
 
-pub use node::{Config, Node, NodeError};
+pub use node::{Config, Node, NodeError, Receiver};

@@ -44,8 +44,9 @@ use std::time::{Duration, Instant};
 use bao_tree::io::fsm::BaoContentItem;
 use bao_tree::{ChunkNum, ChunkRanges};
 use bytes::{Buf, Bytes};
-use cairn_api::{PeerStatus, PeersStatus};
-use cairn_store::peers::{PeerOffer, Peers, Wanted};
+use cairn_api::{PeerPushAnswer, PeerStatus, PeersStatus};
+use cairn_nix::StorePath;
+use cairn_store::peers::{PeerCache, PeerFile, PeerOffer, Peers, Wanted};
 use cairn_store::LocalStore;
 use iroh::endpoint::Connection;
 use iroh::protocol::{ProtocolHandler, Router};
@@ -54,6 +55,7 @@ use iroh_blobs::get::fsm::{self, BlobContentNext, ConnectedNext, DecodeError, En
 use iroh_blobs::protocol::{GetRequest, RangeSpecSeq};
 use iroh_blobs::util::local_pool::LocalPool;
 
+use crate::copy;
 use crate::index::Index;
 use crate::lookup::{self, decode_answer, decode_request, encode_answer, encode_request, Answer};
 use crate::offer::{Offer, PeerView, Resolved};
@@ -89,6 +91,9 @@ pub struct Config {
     pub max_transfers_per_peer: usize,
     /// Upload bytes per second for all peers together (0: unlimited).
     pub upload_rate: u64,
+    /// Keys with which narinfos served to peers are signed (`secret-key-files`), so that peers
+    /// trusting them take this node's own paths.
+    pub keys: Vec<cairn_nix::signing::SecretKey>,
 }
 
 /// Why a node could not start.
@@ -117,6 +122,21 @@ struct Shared {
     fetching: Arc<Fetching>,
     offer: Arc<Offer>,
     upstream_objects: AtomicU64,
+    store: Arc<LocalStore>,
+    keys: Vec<cairn_nix::signing::SecretKey>,
+    /// What takes pushes from peers (`cairn copy --to p2p://…`), once the daemon set it.
+    receiver: std::sync::OnceLock<Arc<dyn Receiver>>,
+}
+
+/// Takes paths a peer pushes: substitutes them from the peer (`from`, its narinfos) as from any
+/// binary cache, under this node's own trust policy. Set by the daemon ([`Node::take_pushes`]).
+pub trait Receiver: Send + Sync {
+    fn receive(
+        &self,
+        url: String,
+        from: Arc<dyn PeerCache>,
+        paths: Vec<StorePath>,
+    ) -> Pin<Box<dyn Future<Output = Result<PeerPushAnswer, String>> + Send + 'static>>;
 }
 
 impl Node {
@@ -150,33 +170,64 @@ impl Node {
             SocketAddr::V6(a) => builder.bind_addr_v6(a),
         };
         if config.listen.is_some() {
-            builder = builder.alpns(vec![iroh_blobs::ALPN.to_vec(), lookup::ALPN.to_vec()]);
+            builder = builder.alpns(vec![iroh_blobs::ALPN.to_vec(), lookup::ALPN.to_vec(), copy::ALPN.to_vec()]);
         }
         let endpoint =
             builder.bind().await.map_err(|e| NodeError::Bind { addr: bind.to_string(), why: format!("{e:#}") })?;
         let fetching = Arc::new(Fetching::default());
         // Only configured peers are served: a node id is a key, checked by the QUIC handshake.
         let known = Known(Arc::new(peers.iter().map(|p| p.addr.node_id).collect()));
+        tracing::info!(node_id = %endpoint.node_id(), listen = ?config.listen, peers = peers.len(), "p2p node started");
+        let shared = Arc::new(Shared {
+            endpoint: endpoint.clone(),
+            peers,
+            fetching: fetching.clone(),
+            offer: offer.clone(),
+            upstream_objects: AtomicU64::new(0),
+            store,
+            keys: config.keys,
+            receiver: std::sync::OnceLock::new(),
+        });
         let (router, pool) = if config.listen.is_some() {
             let pool = LocalPool::default();
-            let router = Router::builder(endpoint.clone())
+            let router = Router::builder(endpoint)
                 .accept(
                     iroh_blobs::ALPN,
                     BlobsHandler { offer: offer.clone(), rt: pool.handle().clone(), known: known.clone() },
                 )
-                .accept(lookup::ALPN, LookupHandler { offer: offer.clone(), fetching: fetching.clone(), known })
+                .accept(lookup::ALPN, LookupHandler { offer, fetching, known: known.clone() })
+                .accept(copy::ALPN, CopyHandler { shared: Arc::downgrade(&shared), known })
                 .spawn();
             (Some(router), Some(pool))
         } else {
             (None, None)
         };
-        tracing::info!(node_id = %endpoint.node_id(), listen = ?config.listen, peers = peers.len(), "p2p node started");
-        let shared = Arc::new(Shared { endpoint, peers, fetching, offer, upstream_objects: AtomicU64::new(0) });
         Ok(Node { shared, router, _pool: pool })
     }
 
     pub fn node_id(&self) -> NodeId {
         self.shared.endpoint.node_id()
+    }
+
+    /// Lets configured peers push paths to this node (`cairn copy --to p2p://…`): `receiver`
+    /// substitutes them from the peer. Without it, pushes are refused.
+    pub fn take_pushes(&self, receiver: Arc<dyn Receiver>) {
+        let _ = self.shared.receiver.set(receiver);
+    }
+
+    /// Asks the configured peer `to` (its node id) to take the paths of `narinfos` from this
+    /// node; answers what it added and refused, once it is done.
+    pub async fn push(&self, to: &str, narinfos: Vec<String>) -> Result<PeerPushAnswer, String> {
+        let peer = self.shared.configured(to)?;
+        let request = copy::encode_request(&copy::Request::Push(narinfos)).map_err(|e| e.to_string())?;
+        // The peer answers when its substitution ends, which takes as long as the closure takes:
+        // no time limit here beyond the connection's own (it stays alive while the peer does).
+        match self.shared.ask_copy(&peer, &request, None).await? {
+            copy::Reply::Found(json) => serde_json::from_slice(&json)
+                .map_err(|e| format!("p2p://{to} answered the push with something else: {e}")),
+            copy::Reply::Refused(why) => Err(format!("p2p://{to} refused the push: {why}")),
+            copy::Reply::Missing => Err(format!("p2p://{to} answered the push with 'missing'")),
+        }
     }
 
     /// Stops serving and closes the endpoint.
@@ -234,9 +285,75 @@ impl Peers for Node {
         let shared = self.shared.clone();
         Box::pin(async move { shared.find(wanted).await })
     }
+
+    fn cache_of(&self, node: &str) -> Result<Arc<dyn PeerCache>, String> {
+        let peer = self.shared.configured(node)?;
+        Ok(Arc::new(PeerFiles { shared: self.shared.clone(), peer, given: HashMap::new() }))
+    }
+}
+
+/// A peer's store as a binary cache: narinfos asked over the copy protocol, or handed over with
+/// a push (`given`, by hash part).
+struct PeerFiles {
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    given: HashMap<String, String>,
+}
+
+impl PeerCache for PeerFiles {
+    fn get<'a>(&'a self, key: &'a str) -> PeerFile<'a> {
+        Box::pin(async move {
+            let request = match key.strip_suffix(".narinfo") {
+                Some(hash_part) => match self.given.get(hash_part) {
+                    Some(text) => return Ok(Some(text.clone().into_bytes())),
+                    None => copy::Request::NarInfo(hash_part.to_owned()),
+                },
+                None if key == "nix-cache-info" => copy::Request::CacheInfo,
+                None => return Ok(None),
+            };
+            let Ok(request) = copy::encode_request(&request) else { return Ok(None) };
+            match self.shared.ask_copy(&self.peer, &request, Some(LOOKUP_TIMEOUT)).await? {
+                copy::Reply::Found(bytes) => Ok(Some(bytes)),
+                copy::Reply::Missing => Ok(None),
+                copy::Reply::Refused(why) => Err(format!("the peer refused: {why}")),
+            }
+        })
+    }
 }
 
 impl Shared {
+    /// The configured peer whose node id is `node`.
+    fn configured(&self, node: &str) -> Result<Arc<Peer>, String> {
+        let id: NodeId = node.parse().map_err(|e| format!("p2p://{node}: not a node id: {e}"))?;
+        self.peers.iter().find(|p| p.addr.node_id == id).cloned().ok_or_else(|| {
+            format!(
+                "p2p://{node}: not one of this daemon's peers (add NODE-ID@HOST:PORT to `peers` in its configuration)"
+            )
+        })
+    }
+
+    /// One request of the copy protocol to `peer`, answered within `limit` (if any).
+    async fn ask_copy(&self, peer: &Peer, request: &[u8], limit: Option<Duration>) -> Result<copy::Reply, String> {
+        let asked = async {
+            let conn = peer.connection(&self.endpoint, copy::ALPN).await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(request).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let bytes = recv.read_to_end(copy::MAX_ANSWER).await.map_err(|e| e.to_string())?;
+            copy::decode_reply(&bytes).map_err(|e| e.to_string())
+        };
+        let answered = match limit {
+            Some(limit) => tokio::time::timeout(limit, asked)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {}s", limit.as_secs()))),
+            None => asked.await,
+        };
+        answered.map_err(|why| {
+            peer.forget_connections();
+            format!("p2p://{}: {why}", peer.addr.node_id)
+        })
+    }
+
     async fn find(self: Arc<Self>, wanted: Wanted) -> PeerOffer {
         let size = match &wanted {
             Wanted::Nar { nar_size, .. } => *nar_size,
@@ -487,6 +604,7 @@ struct PeerState {
     fetched_objects: u64,
     lookup: Option<Connection>,
     blobs: Option<Connection>,
+    copy: Option<Connection>,
 }
 
 impl Peer {
@@ -509,18 +627,20 @@ impl Peer {
         let mut st = self.state();
         st.lookup = None;
         st.blobs = None;
+        st.copy = None;
+    }
+
+    fn slot<'s>(st: &'s mut PeerState, alpn: &[u8]) -> &'s mut Option<Connection> {
+        match alpn {
+            a if a == lookup::ALPN => &mut st.lookup,
+            a if a == copy::ALPN => &mut st.copy,
+            _ => &mut st.blobs,
+        }
     }
 
     /// The peer's connection for `alpn`, made on first use and kept.
     async fn connection(&self, endpoint: &Endpoint, alpn: &[u8]) -> Result<Connection, String> {
-        let cached = {
-            let st = self.state();
-            if alpn == lookup::ALPN {
-                st.lookup.clone()
-            } else {
-                st.blobs.clone()
-            }
-        };
+        let cached = Self::slot(&mut self.state(), alpn).clone();
         if let Some(c) = cached.filter(|c| c.close_reason().is_none()) {
             return Ok(c);
         }
@@ -528,12 +648,7 @@ impl Peer {
             .await
             .map_err(|_| format!("could not connect within {}s", LOOKUP_TIMEOUT.as_secs()))?
             .map_err(|e| format!("could not connect: {e:#}"))?;
-        let mut st = self.state();
-        if alpn == lookup::ALPN {
-            st.lookup = Some(conn.clone());
-        } else {
-            st.blobs = Some(conn.clone());
-        }
+        *Self::slot(&mut self.state(), alpn) = Some(conn.clone());
         Ok(conn)
     }
 }
@@ -706,6 +821,117 @@ impl LookupHandler {
             Ok(Err(e)) => tracing::warn!("p2p: lookup task failed: {e}"),
         }
         self.fetching.answer(request)
+    }
+}
+
+/// Serves the copy protocol: narinfos of valid paths, and pushes handed to the [`Receiver`].
+#[derive(Clone)]
+struct CopyHandler {
+    /// Weak: the shared state holds the router's endpoint, and the router its handlers.
+    shared: std::sync::Weak<Shared>,
+    known: Known,
+}
+
+impl std::fmt::Debug for CopyHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CopyHandler")
+    }
+}
+
+impl ProtocolHandler for CopyHandler {
+    fn accept(&self, conn: Connection) -> Accepted {
+        let this = self.clone();
+        Box::pin(async move {
+            let Some(requester) = this.known.admit(&conn)? else { return Ok(()) };
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let Some(shared) = this.shared.upgrade() else { return Ok(()) };
+                tokio::spawn(async move {
+                    let read = tokio::time::timeout(STALL_TIMEOUT, recv.read_to_end(copy::MAX_REQUEST));
+                    let Ok(Ok(request)) = read.await else { return };
+                    let reply = match copy::decode_request(&request) {
+                        Ok(request) => shared.serve_copy(requester, request).await,
+                        Err(e) => copy::Reply::Refused(e.to_string()),
+                    };
+                    if send.write_all(&copy::encode_reply(&reply)).await.is_ok() {
+                        let _ = send.finish();
+                    }
+                });
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Shared {
+    /// The answer to one copy request from the configured peer `requester`.
+    async fn serve_copy(self: Arc<Self>, requester: NodeId, request: copy::Request) -> copy::Reply {
+        let dir = self.store.store_dir().clone();
+        match request {
+            copy::Request::CacheInfo => {
+                let info = cairn_nix::narinfo::CacheInfo {
+                    store_dir: dir.as_str().to_owned(),
+                    want_mass_query: true,
+                    priority: 40,
+                };
+                copy::Reply::Found(info.render().into_bytes())
+            }
+            copy::Request::NarInfo(hash_part) => {
+                let store = self.store.clone();
+                let found = tokio::task::spawn_blocking(move || -> Result<_, cairn_store::StoreError> {
+                    let Some(path) = store.path_from_hash_part(&hash_part)? else { return Ok(None) };
+                    store.path_info(&path)
+                })
+                .await;
+                match found {
+                    Ok(Ok(Some(info))) => {
+                        // The NAR comes as a p2p transfer; the URL only names it.
+                        let url = format!(
+                            "nar/{}-{}.nar",
+                            info.path.hash_part(),
+                            info.nar_hash.encode(cairn_nix::hash::Encoding::Nix32)
+                        );
+                        let mut narinfo = info.into_narinfo(url, "none");
+                        for key in &self.keys {
+                            if let Err(e) = narinfo.sign(&dir, key) {
+                                return copy::Reply::Refused(e.to_string());
+                            }
+                        }
+                        copy::Reply::Found(narinfo.render(&dir).into_bytes())
+                    }
+                    Ok(Ok(None)) => copy::Reply::Missing,
+                    Ok(Err(e)) => copy::Reply::Refused(e.to_string()),
+                    Err(e) => copy::Reply::Refused(e.to_string()),
+                }
+            }
+            copy::Request::Push(narinfos) => {
+                let Some(receiver) = self.receiver.get().cloned() else {
+                    return copy::Reply::Refused("this node takes no pushes".into());
+                };
+                let Some(peer) = self.peers.iter().find(|p| p.addr.node_id == requester).cloned() else {
+                    return copy::Reply::Refused("not a configured peer".into());
+                };
+                let mut given = HashMap::new();
+                let mut paths = Vec::new();
+                for (i, text) in narinfos.into_iter().enumerate() {
+                    match cairn_nix::narinfo::NarInfo::parse(&dir, &text) {
+                        Ok(info) => {
+                            given.insert(info.store_path.hash_part().to_owned(), text);
+                            paths.push(info.store_path);
+                        }
+                        Err(e) => return copy::Reply::Refused(format!("pushed narinfo {}: {e}", i + 1)),
+                    }
+                }
+                let url = format!("p2p://{requester}");
+                let from = Arc::new(PeerFiles { shared: self.clone(), peer, given });
+                match receiver.receive(url, from, paths).await {
+                    Ok(answer) => match serde_json::to_vec(&answer) {
+                        Ok(json) => copy::Reply::Found(json),
+                        Err(e) => copy::Reply::Refused(e.to_string()),
+                    },
+                    Err(why) => copy::Reply::Refused(why),
+                }
+            }
+        }
     }
 }
 

@@ -40,7 +40,14 @@ fn loopback() -> SocketAddr {
 }
 
 async fn node(dir: &std::path::Path, store: Arc<LocalStore>, listen: Option<SocketAddr>, peers: Vec<String>) -> Node {
-    let config = Config { listen, peers, state_dir: dir.join("p2p"), max_transfers_per_peer: 4, upload_rate: 0 };
+    let config = Config {
+        listen,
+        peers,
+        state_dir: dir.join("p2p"),
+        max_transfers_per_peer: 4,
+        upload_rate: 0,
+        keys: Vec::new(),
+    };
     Node::start(config, store).await.unwrap()
 }
 

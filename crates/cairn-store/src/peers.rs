@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::io::Read;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use cairn_nix::{Hash, StorePath};
 
@@ -54,7 +55,23 @@ pub fn blake3_outboard(data: impl Read, size: u64) -> std::io::Result<([u8; 32],
 /// Where bytes can come from before upstream.
 pub trait Peers: Send + Sync {
     fn find(&self, wanted: Wanted) -> Pin<Box<dyn Future<Output = PeerOffer> + Send + '_>>;
+
+    /// The configured peer `node` (its node id) seen as a binary cache, for copies from it
+    /// (`p2p://NODE-ID`); an error says why there is no such peer.
+    fn cache_of(&self, node: &str) -> Result<Arc<dyn PeerCache>, String>;
 }
+
+/// A peer's store seen as a binary cache of narinfos: what `cairn copy --from p2p://…` reads.
+/// The narinfos are claims like any cache's (their signatures are checked); the NARs they name
+/// come through [`Peers::find`], verified.
+pub trait PeerCache: Send + Sync {
+    /// The peer's `nix-cache-info`, or `<hash part>.narinfo` of one of its valid paths
+    /// (`None`: it has no such path).
+    fn get<'a>(&'a self, key: &'a str) -> PeerFile<'a>;
+}
+
+/// A file a peer answers with, or `None`, or why it could not be had.
+pub type PeerFile<'a> = Pin<Box<dyn Future<Output = Result<Option<Vec<u8>>, String>> + Send + 'a>>;
 
 #[cfg(test)]
 mod tests {

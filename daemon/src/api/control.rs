@@ -31,16 +31,6 @@ pub async fn status(State(s): St) -> Json<DaemonStatus> {
     Json(status)
 }
 
-/// The p2p node and its peers.
-pub async fn peers(State(s): St) -> ApiResult<Json<cairn_api::PeersStatus>> {
-    match &s.p2p {
-        Some(node) => Ok(Json(node.status())),
-        None => Err(ApiError::not_found(
-            "this cairnd has no p2p node (set p2p-listen and/or peers in its config, then restart it)",
-        )),
-    }
-}
-
 pub async fn config(State(s): St) -> Json<Settings> {
     Json(s.control.settings.clone())
 }

@@ -1,6 +1,7 @@
 //! The API's routes on top of `LocalStore`, one module per group: [`store`] (queries and reads),
-//! [`transfer`] (add, import, export, receive), [`substitute`], [`realise`], [`images`] and
-//! [`control`] (the daemon itself). This module only wires them into a router and checks that
+//! [`transfer`] (add, import, export, receive), [`substitute`], [`realise`], [`images`],
+//! [`peers`] (the p2p node: its status, pushes to and from peers) and [`control`] (the daemon
+//! itself). This module only wires them into a router and checks that
 //! the peer may use the daemon at all.
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::state::AppState;
 
 pub mod control;
 pub mod images;
+pub mod peers;
 pub mod realise;
 pub mod store;
 pub mod substitute;
@@ -45,7 +47,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(routes::DAEMON_STATUS, get(control::status))
         .route(routes::DAEMON_CONFIG, get(control::config))
         .route(routes::DAEMON_STOP, post(control::stop))
-        .route(routes::PEERS, get(control::peers))
+        .route(routes::PEERS, get(peers::status))
+        .route(routes::PEERS_PUSH, post(peers::push))
         .fallback(|| async { ApiError::not_found("no such API route (this daemon speaks API version 1)") })
         .layer(middleware::from_fn(require_allowed))
         .layer(middleware::from_fn(crate::error::json_errors))

@@ -17,8 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use cairn_nix::hash::Encoding;
-use cairn_nix::narinfo::{CacheInfo, NarInfo};
+use cairn_nix::narinfo::CacheInfo;
 use cairn_nix::signing::SecretKey;
+use cairn_nix::store_path::is_hash_part;
 use cairn_nix::{StoreDir, StorePath};
 use cairn_store::LocalStore;
 
@@ -115,11 +116,6 @@ fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
 }
 
-/// Whether `s` is a store path hash part: 32 characters of Nix's base-32 alphabet.
-fn is_hash_part(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| cairn_nix::nixbase32::ALPHABET.contains(&b))
-}
-
 /// The hash part a `HASH.narinfo` request names.
 pub(crate) fn narinfo_file(file: &str) -> Option<&str> {
     file.strip_suffix(".narinfo").filter(|h| is_hash_part(h))
@@ -168,21 +164,8 @@ async fn narinfo(State(s): St, UrlPath(file): UrlPath<String>) -> Response {
         Ok(None) => return not_found(),
         Err(r) => return r,
     };
-    let mut narinfo = NarInfo {
-        url: format!("nar/{}-{}.nar.zst", path.hash_part(), info.nar_hash.encode(Encoding::Nix32)),
-        store_path: path,
-        compression: "zstd".into(),
-        file_hash: None,
-        file_size: None,
-        nar_hash: info.nar_hash,
-        nar_size: info.nar_size,
-        references: info.references,
-        deriver: info.deriver,
-        system: None,
-        signatures: info.signatures.into_iter().collect(),
-        ca: info.ca.map(|c| c.to_string()),
-        extra: Vec::new(),
-    };
+    let url = format!("nar/{}-{}.nar.zst", path.hash_part(), info.nar_hash.encode(Encoding::Nix32));
+    let mut narinfo = info.into_narinfo(url, "zstd");
     for key in &s.keys {
         if let Err(e) = narinfo.sign(&s.store_dir, key) {
             return internal(e);

@@ -280,3 +280,107 @@ fn a_collection_on_a_serving_peer_waits_for_the_transfer_and_then_the_path_is_no
     assert_eq!(peers_json(&nodes[0])["servedBytes"].as_u64().unwrap(), served_before);
     nodes[2].ok(&["verify", "--check-contents"]);
 }
+
+/// The node id part of a `NODE-ID@HOST:PORT` peer address, as a `p2p://` URL.
+fn p2p_url(addr: &str) -> String {
+    format!("p2p://{}", addr.split('@').next().unwrap())
+}
+
+/// `copy --from p2p://NODE-ID` substitutes from a peer as from a binary cache: the peer's
+/// narinfos are checked against this node's trusted keys, the NARs come as verified transfers,
+/// and the configured cache is not asked. `copy --to p2p://NODE-ID` has the peer do the same
+/// from this node: a path nothing vouches for is refused by name, the same path signed with
+/// `--secret-key-file` (a key it trusts) is taken, and a content-addressed path needs no
+/// signature. A node with `secret-key-files` signs what it serves to peers.
+#[test]
+fn closures_copied_between_peers_are_checked_as_a_cache_s_and_travel_verified() {
+    let up = Upstream::new(2 << 20);
+    let (mut nodes, addrs) = fleet(&up, 2, "");
+    let (first, second) = (p2p_url(&addrs[0]), p2p_url(&addrs[1]));
+    // The first node signs what it serves with a key both trust.
+    let up_key = up._dir.path().join("sk");
+    let config = std::fs::read_to_string(&nodes[0].config).unwrap();
+    std::fs::write(&nodes[0].config, format!("{config}secret-key-files = [\"{}\"]\n", up_key.display())).unwrap();
+    nodes[0].stop();
+    nodes[0].restart();
+
+    nodes[0].ok(&["substitute", &up.note]);
+    let copied = nodes[1].ok(&["copy", "--from", &first, &up.note]);
+    assert_eq!(copied.trim(), up.note);
+    assert_eq!(up.nar_requests(&up.tree), 1, "the second node did not ask the cache");
+    assert_eq!(nar_hash(&nodes[1], &up.tree), nar_hash(&nodes[0], &up.tree));
+    assert_eq!(nodes[1].ok(&["references", &up.note]).trim(), up.tree);
+    nodes[1].ok(&["verify", "--check-contents"]);
+    let status = peers_json(&nodes[1]);
+    assert_eq!(status["peers"][0]["fetchedObjects"], 2, "both NARs came from the peer: {status}");
+
+    // Paths without a content address (imported), unsigned on the second node, which has no
+    // key: refused whichever way they go.
+    let dir = tempfile::tempdir().unwrap();
+    let seed = TestStore::start();
+    let imported = |into: &TestStore, name: &str| {
+        write(&dir.path().join(name).join("data"), name.as_bytes());
+        let lib = line(&seed.ok(&["add", s(&dir.path().join(name))]));
+        write(&dir.path().join(format!("{name}.sh")), format!("# uses {lib}\n").as_bytes());
+        let app = line(&seed.ok(&["add-text", name, s(&dir.path().join(format!("{name}.sh"))), "--ref", &lib]));
+        into.ok_bytes(&["import"], &seed.ok_bytes(&["export", &lib, &app], b""));
+        (lib, app)
+    };
+    let (lib, app) = imported(&nodes[1], "app");
+    let e = nodes[0].fail(&["copy", "--from", &second, &app], b"");
+    assert!(e.contains(&format!("cannot substitute '{app}': {second}")) && e.contains("not signed"), "{e}");
+    let e = nodes[1].fail(&["copy", "--to", &first, &app], b"");
+    let named = [&app, &lib].iter().any(|p| e.contains(&format!("did not take '{p}': {second}: it is not signed")));
+    assert!(named, "{e}");
+    assert!(nodes[0].fail(&["path-info", &app], b"").contains("not valid"));
+    // Signed on the way with a key the first node trusts: taken, with its closure.
+    let out = nodes[1].cairn().args(["copy", "--to", &first, "--secret-key-file", s(&up_key), &app]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("copied 2 paths"), "{err}");
+    assert_eq!(nar_hash(&nodes[0], &app), nar_hash(&nodes[1], &app));
+    let again = nodes[1].ok(&["copy", "--to", &first, "--json", &app]);
+    let again: Value = serde_json::from_str(&again).unwrap();
+    assert_eq!((again["copied"].as_u64(), again["skipped"].as_u64()), (Some(0), Some(2)), "{again}");
+
+    // A path added here is content-addressed: its address proves it, no signature needed.
+    write(&dir.path().join("local.txt"), b"made on the second node\n");
+    let local = line(&nodes[1].ok(&["add", s(&dir.path().join("local.txt"))]));
+    nodes[1].ok(&["copy", "--to", &first, &local]);
+    assert_eq!(nodes[0].ok(&["cat", &local]), "made on the second node\n");
+
+    // The first node signs what it serves (secret-key-files): its unsigned paths are taken.
+    let (lib, app) = imported(&nodes[0], "tool");
+    nodes[1].ok(&["copy", "--from", &first, &app]);
+    assert_eq!(nar_hash(&nodes[1], &lib), nar_hash(&nodes[0], &lib));
+
+    // Only configured peers.
+    let stranger = "p2p://ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
+    let e = nodes[1].fail(&["copy", "--from", stranger, &up.note], b"");
+    assert!(e.contains("not one of this daemon's peers"), "{e}");
+    let e = nodes[1].fail(&["copy", "--to", stranger, &up.note], b"");
+    assert!(e.contains("not one of this daemon's peers"), "{e}");
+}
+
+/// An automaton moves between nodes over p2p: exported with its closure to one peer
+/// (`--to p2p://…`), imported on another from that peer (`--from p2p://…`).
+#[test]
+fn an_automaton_moves_between_peers_as_closure_and_description() {
+    let up = Upstream::new(300_000);
+    let (nodes, addrs) = fleet(&up, 3, "");
+    nodes[0].ok(&["substitute", &up.note]);
+    let run = format!("{}/bin/run", up.tree);
+    nodes[0].ok(&["automaton", "create", "mover", "--closure", &up.note, "--", &run]);
+    let out = nodes[0].cairn().args(["automaton", "export", "mover", "--to", &p2p_url(&addrs[1])]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("copied 2 paths"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let description = dir.path().join("mover.json");
+    std::fs::write(&description, &out.stdout).unwrap();
+    // The third node has none of it: it takes the closure from the second.
+    nodes[2].ok(&["automaton", "import", s(&description), "--from", &p2p_url(&addrs[1])]);
+    let shown: Value = serde_json::from_str(&nodes[2].ok(&["automaton", "show", "mover", "--json"])).unwrap();
+    assert_eq!(shown["args"], serde_json::json!([run]), "{shown}");
+    assert_eq!(nar_hash(&nodes[2], &up.tree), nar_hash(&nodes[0], &up.tree));
+    assert_eq!(up.nar_requests(&up.tree), 1, "only the first node asked the cache");
+}
