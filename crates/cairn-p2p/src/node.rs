@@ -174,6 +174,15 @@ impl Node {
         }
         let endpoint =
             builder.bind().await.map_err(|e| NodeError::Bind { addr: bind.to_string(), why: format!("{e:#}") })?;
+        // iroh drops QUIC packets from addresses it knows no node at. A peer that still trusts
+        // the path it used before this node restarted sends straight away, without the
+        // handshake that would teach this node its address: told the configured addresses
+        // now, the node takes those packets from the start.
+        for p in &peers {
+            if let Err(e) = endpoint.add_node_addr(p.addr.clone()) {
+                tracing::warn!(peer = %p.addr.node_id, "p2p: cannot note the peer's address: {e:#}");
+            }
+        }
         let fetching = Arc::new(Fetching::default());
         // Only configured peers are served: a node id is a key, checked by the QUIC handshake.
         let known = Known(Arc::new(peers.iter().map(|p| p.addr.node_id).collect()));

@@ -195,3 +195,31 @@ async fn a_lying_peer_is_dropped_and_the_transfer_resumes_from_an_honest_one() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A peer that restarts is reachable again at once: a node knows its configured peers'
+/// addresses from the start, so it does not drop the packets of a peer that still trusts the
+/// path it used before the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_reached_again_at_once() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let (a_store, path, nar_hash, nar_size, nar) = store_with_a_path(a_dir.path(), 200_000);
+    let (a_addr, b_addr) = (loopback(), loopback());
+    let a_id = fixed_key(a_dir.path(), 1);
+    let b_id = fixed_key(b_dir.path(), 2);
+    let a_peers = vec![format!("{b_id}@{b_addr}")];
+    let a = node(a_dir.path(), a_store.clone(), Some(a_addr), a_peers.clone()).await;
+    let b = node(b_dir.path(), store(b_dir.path()), Some(b_addr), vec![format!("{a_id}@{a_addr}")]).await;
+    let wanted = Wanted::Nar { path, nar_hash, nar_size };
+    assert!(read_all(b.find(wanted.clone()).await).await.unwrap() == nar);
+    a.shutdown().await;
+    drop(a);
+    let a = node(a_dir.path(), a_store, Some(a_addr), a_peers).await;
+    let started = std::time::Instant::now();
+    let again = b.find(wanted).await;
+    assert!(matches!(again, PeerOffer::Bytes(_)), "the restarted peer was not reached: {:?}", b.status());
+    assert!(read_all(again).await.unwrap() == nar);
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "took {:?}", started.elapsed());
+    a.shutdown().await;
+    b.shutdown().await;
+}
