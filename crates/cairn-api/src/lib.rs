@@ -149,7 +149,8 @@ pub struct PeerStatus {
     pub addresses: Vec<String>,
     /// `ok`, `not yet reached`, or `shunned for Ns` (after a failure or bad bytes).
     pub state: String,
-    /// Verified bytes and whole things fetched from it.
+    /// Verified bytes fetched from it, and things it sent all or part of (a large thing held by
+    /// several peers comes from several at once).
     pub fetched_bytes: u64,
     pub fetched_objects: u64,
     /// Bytes served to it.

@@ -78,6 +78,10 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 pub const HASHING_ANSWER: Duration = Duration::from_secs(2);
 /// How long an unreachable peer is not asked.
 pub const SHUN_UNREACHABLE: Duration = Duration::from_secs(30);
+/// Things from this size up, held by several peers, are fetched from several at once.
+pub const SPLIT_FROM: u64 = 8 << 20;
+/// The ranges they are fetched in (a multiple of iroh-blobs' 16 KiB chunk groups).
+pub const SEGMENT: u64 = 4 << 20;
 
 /// What a node is configured with.
 #[derive(Debug, Clone)]
@@ -451,30 +455,105 @@ impl Shared {
         }
     }
 
-    /// Streams `size` bytes from the candidates, one after another, each asked only for what
-    /// the ones before did not send.
+    /// Streams `size` bytes from the candidates: a large thing held by several peers in
+    /// segments spread over them ([`striped`](Self::striped)), else from one peer after
+    /// another, each asked only for what the ones before did not send.
     fn stream(self: Arc<Self>, size: u64, candidates: Vec<(Arc<Peer>, [u8; 32])>, guard: FetchGuard) -> PeerBytes {
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(32);
         tokio::spawn(async move {
             let _guard = guard;
-            let mut delivered = 0u64;
-            for (peer, blake3) in candidates {
-                match get_from(&self.endpoint, &peer, blake3, size, &mut delivered, &tx).await {
-                    Ok(()) => {
-                        peer.state().fetched_objects += 1;
-                        return;
-                    }
-                    Err(Failure::Receiver) => return,
-                    Err(Failure::Lied(why)) => peer.shun(SHUN_LIAR, why),
-                    Err(Failure::Other(why)) => {
-                        peer.forget_connections();
-                        peer.shun(SHUN_UNREACHABLE, why);
+            let mut sent = vec![false; candidates.len()];
+            let done = if candidates.len() > 1 && size >= SPLIT_FROM {
+                self.striped(size, &candidates, &mut sent, &tx).await
+            } else {
+                self.rest_of(size, &candidates, &mut sent, 0, size, &tx).await
+            };
+            if done {
+                for ((peer, _), _) in candidates.iter().zip(&sent).filter(|(_, s)| **s) {
+                    peer.state().fetched_objects += 1;
+                }
+            }
+        });
+        PeerBytes { rx, chunk: Bytes::new() }
+    }
+
+    /// Sends `[pos, end)` from the candidates not shunned, in turn, each failing one shunned
+    /// and the next asked only for the rest; an error on `tx` if none could. `sent` marks
+    /// those that sent bytes. True if all of it was sent.
+    async fn rest_of(
+        &self,
+        size: u64,
+        candidates: &[(Arc<Peer>, [u8; 32])],
+        sent: &mut [bool],
+        mut pos: u64,
+        end: u64,
+        tx: &Sender,
+    ) -> bool {
+        for (i, (peer, blake3)) in candidates.iter().enumerate() {
+            if peer.shunned() {
+                continue;
+            }
+            let before = pos;
+            let result = get_from(&self.endpoint, peer, *blake3, size, &mut pos, end, tx).await;
+            sent[i] |= pos > before;
+            match result {
+                Ok(()) => return true,
+                Err(failure) => {
+                    if !failed(peer, failure) {
+                        return false;
                     }
                 }
             }
-            let _ = tx.send(Err(io::Error::other("no peer could send all of it"))).await;
-        });
-        PeerBytes { rx, chunk: Bytes::new() }
+        }
+        let _ = tx.send(Err(io::Error::other("no peer could send all of it"))).await;
+        false
+    }
+
+    /// Sends `size` bytes fetched in [`SEGMENT`]-byte ranges from several peers at once (two
+    /// ranges in flight per peer, round robin), in order. A range whose peer fails is finished
+    /// by the others, from where its verified bytes stopped. True if all of it was sent.
+    async fn striped(&self, size: u64, candidates: &[(Arc<Peer>, [u8; 32])], sent: &mut [bool], tx: &Sender) -> bool {
+        let segments = size.div_ceil(SEGMENT);
+        let window = 2 * candidates.len();
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut next = 0u64;
+        let mut done = 0u64;
+        while done < segments {
+            while in_flight.len() < window && next < segments {
+                let live: Vec<usize> = (0..candidates.len()).filter(|i| !candidates[*i].0.shunned()).collect();
+                let Some(&who) = live.get(next as usize % live.len().max(1)) else { break };
+                let (start, end) = (next * SEGMENT, ((next + 1) * SEGMENT).min(size));
+                let (seg_tx, seg_rx) = tokio::sync::mpsc::channel(64);
+                let (endpoint, (peer, blake3)) = (self.endpoint.clone(), candidates[who].clone());
+                let task = tokio::spawn(async move {
+                    let mut pos = start;
+                    get_from(&endpoint, &peer, blake3, size, &mut pos, end, &seg_tx).await
+                });
+                in_flight.push_back((start, end, seg_rx, task, who));
+                next += 1;
+            }
+            let Some((start, end, mut seg_rx, task, who)) = in_flight.pop_front() else {
+                let _ = tx.send(Err(io::Error::other("no peer could send all of it"))).await;
+                return false;
+            };
+            let mut pos = start;
+            while let Some(Ok(piece)) = seg_rx.recv().await {
+                pos += piece.len() as u64;
+                if tx.send(Ok(piece)).await.is_err() {
+                    return false;
+                }
+            }
+            sent[who] |= pos > start;
+            let result = task.await.unwrap_or_else(|e| Err(Failure::Other(format!("the transfer task failed: {e}"))));
+            if let Err(failure) = result {
+                // The rest of this range from the others.
+                if !failed(&candidates[who].0, failure) || !self.rest_of(size, candidates, sent, pos, end, tx).await {
+                    return false;
+                }
+            }
+            done += 1;
+        }
+        true
     }
 }
 
@@ -488,20 +567,25 @@ enum Failure {
     Other(String),
 }
 
-/// Gets what is left (from `delivered`) of the blob `blake3` from `peer`, sending each verified
-/// piece on `tx` in order.
+/// Gets `[*delivered, end)` of the blob `blake3` (of `size` bytes) from `peer`, sending each
+/// verified piece on `tx` in order.
 async fn get_from(
     endpoint: &Endpoint,
     peer: &Peer,
     blake3: [u8; 32],
     size: u64,
     delivered: &mut u64,
-    tx: &tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    end: u64,
+    tx: &Sender,
 ) -> Result<(), Failure> {
     let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
     let conn = peer.connection(endpoint, iroh_blobs::ALPN).await.map_err(Failure::Other)?;
     let hash = iroh_blobs::Hash::from_bytes(blake3);
-    let ranges = ChunkRanges::from(ChunkNum(*delivered / 1024)..);
+    let ranges = if end >= size {
+        ChunkRanges::from(ChunkNum(*delivered / 1024)..)
+    } else {
+        ChunkRanges::from(ChunkNum(*delivered / 1024)..ChunkNum(end.div_ceil(1024)))
+    };
     let request = GetRequest::new(hash, RangeSpecSeq::from_ranges([ranges]));
     let header = async {
         let connected = fsm::start(conn, request).next().await.map_err(|e| other(&e))?;
@@ -529,15 +613,16 @@ async fn get_from(
                     e => other(&e),
                 })?;
                 if let BaoContentItem::Leaf(leaf) = item {
-                    let end = leaf.offset + leaf.data.len() as u64;
+                    let leaf_end = (leaf.offset + leaf.data.len() as u64).min(end);
                     if leaf.offset > *delivered {
                         return Err(Failure::Other("the peer skipped bytes".into()));
                     }
-                    if end > *delivered {
-                        let data = leaf.data.slice((*delivered - leaf.offset) as usize..);
+                    if leaf_end > *delivered {
+                        let data =
+                            leaf.data.slice((*delivered - leaf.offset) as usize..(leaf_end - leaf.offset) as usize);
                         let n = data.len() as u64;
                         tx.send(Ok(data)).await.map_err(|_| Failure::Receiver)?;
-                        *delivered = end;
+                        *delivered = leaf_end;
                         peer.state().fetched_bytes += n;
                     }
                 }
@@ -551,10 +636,29 @@ async fn get_from(
             }
         }
     }
-    if *delivered != size {
-        return Err(Failure::Other(format!("the transfer ended after {delivered} of {size} bytes")));
+    if *delivered < end {
+        return Err(Failure::Other(format!("the transfer ended after {delivered} of {end} bytes")));
     }
     Ok(())
+}
+
+/// Where verified pieces go, in order.
+type Sender = tokio::sync::mpsc::Sender<io::Result<Bytes>>;
+
+/// Notes a peer's failure (shunned unless it was the receiver that stopped); false: stop.
+fn failed(peer: &Peer, failure: Failure) -> bool {
+    match failure {
+        Failure::Receiver => false,
+        Failure::Lied(why) => {
+            peer.shun(SHUN_LIAR, why);
+            true
+        }
+        Failure::Other(why) => {
+            peer.forget_connections();
+            peer.shun(SHUN_UNREACHABLE, why);
+            true
+        }
+    }
 }
 
 /// Where `node` stands among the holders of `key` (lowest first).

@@ -223,3 +223,32 @@ async fn a_restarted_peer_is_reached_again_at_once() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A large thing held by several peers comes from all of them at once, in ranges, and arrives
+/// whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_nar_held_by_two_peers_comes_from_both_at_once() {
+    let (a_dir, b_dir, c_dir) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_store, path, nar_hash, nar_size, nar) = store_with_a_path(a_dir.path(), 20 << 20);
+    // B holds the same path: the same NAR added to its store.
+    let b_store = store(b_dir.path());
+    assert_eq!(b_store.add_nar("payload", nar.as_slice()).unwrap().path, path);
+    let (a_addr, b_addr) = (loopback(), loopback());
+    let c_id = fixed_key(c_dir.path(), 9);
+    let c_peer = vec![format!("{c_id}@127.0.0.1:9")];
+    let a = node(a_dir.path(), a_store, Some(a_addr), c_peer.clone()).await;
+    let b = node(b_dir.path(), b_store, Some(b_addr), c_peer).await;
+    let peers = vec![format!("{}@{a_addr}", a.node_id()), format!("{}@{b_addr}", b.node_id())];
+    let c = node(c_dir.path(), store(c_dir.path()), None, peers).await;
+    let got = read_all(c.find(Wanted::Nar { path, nar_hash, nar_size }).await).await.unwrap();
+    assert!(got == nar, "the bytes are the NAR, in order");
+    let (sa, sb) = (a.status().served_bytes, b.status().served_bytes);
+    assert!(sa > 0 && sb > 0, "both peers served part of it: {sa} and {sb}");
+    assert_eq!(sa + sb, nar_size, "each byte once");
+    let status = c.status();
+    assert!(status.peers.iter().all(|p| p.fetched_objects == 1), "{status:?}");
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
