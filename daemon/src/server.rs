@@ -272,6 +272,7 @@ async fn start_p2p(settings: &Settings, store: &Arc<LocalStore>) -> anyhow::Resu
     let config = cairn_p2p::Config {
         listen,
         peers: settings.peers.clone(),
+        local_discovery: settings.p2p_local_discovery,
         state_dir: state_dir(&settings.root),
         max_transfers_per_peer: settings.p2p_max_transfers_per_peer,
         upload_rate: settings.p2p_upload_rate,

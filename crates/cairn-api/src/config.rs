@@ -76,6 +76,7 @@ pub struct ConfigFile {
     pub peers: Option<Vec<String>>,
     pub p2p_max_transfers_per_peer: Option<usize>,
     pub p2p_upload_rate: Option<u64>,
+    pub p2p_local_discovery: Option<bool>,
 }
 
 /// Every key a configuration file may set, in the template's order.
@@ -137,6 +138,7 @@ pub const KEYS: &[&str] = &[
     "peers",
     "p2p-max-transfers-per-peer",
     "p2p-upload-rate",
+    "p2p-local-discovery",
 ];
 
 /// Why configuration could not be loaded. Each message is one line: a user who mistypes a key
@@ -378,12 +380,16 @@ pub struct Settings {
     pub body_read_timeout: u64,
     /// Where peers reach this node (`HOST:PORT`, UDP); `None`: it serves no peers.
     pub p2p_listen: Option<String>,
-    /// Peers asked before upstream, each `NODE-ID@HOST:PORT[,HOST:PORT…]`.
+    /// Peers asked before upstream, each `NODE-ID@HOST:PORT[,HOST:PORT…]`, or a bare `NODE-ID`
+    /// with `p2p-local-discovery`.
     pub peers: Vec<String>,
     /// Transfers served to one peer at once.
     pub p2p_max_transfers_per_peer: usize,
     /// Bytes per second served to all peers together (0: unlimited).
     pub p2p_upload_rate: u64,
+    /// Whether peers' addresses are found on the local network (mDNS), so that `peers` may
+    /// name bare node ids.
+    pub p2p_local_discovery: bool,
 }
 
 /// The root used when none is configured: `/` for root, else a per-user directory (as Nix falls
@@ -508,6 +514,7 @@ impl Settings {
             peers: file.peers.unwrap_or_default(),
             p2p_max_transfers_per_peer: file.p2p_max_transfers_per_peer.unwrap_or(4).max(1),
             p2p_upload_rate: file.p2p_upload_rate.unwrap_or(0),
+            p2p_local_discovery: file.p2p_local_discovery.unwrap_or(false),
         }
     }
 }
@@ -528,7 +535,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 57, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 58, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

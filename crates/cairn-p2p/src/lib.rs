@@ -1,7 +1,7 @@
 //! A fleet shares what it holds: peers serve each other store paths' NARs and OCI blobs.
 //!
-//! The transport is iroh (QUIC between node ids, here without relays or discovery services:
-//! peers are configured by address) and iroh-blobs, whose transfers stream BLAKE3-verified
+//! The transport is iroh (QUIC between node ids, here without relays or DNS discovery: peers
+//! are configured by address, or by node id alone with mDNS discovery on the local network) and iroh-blobs, whose transfers stream BLAKE3-verified
 //! chunks with ranges, so that a transfer cut short continues from another peer where it
 //! stopped. cairn adds three things around it:
 //!

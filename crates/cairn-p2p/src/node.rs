@@ -88,8 +88,12 @@ pub const SEGMENT: u64 = 4 << 20;
 pub struct Config {
     /// Where peers reach this node; `None`: it fetches from peers but serves none.
     pub listen: Option<SocketAddr>,
-    /// Peers, each `NODE-ID@HOST:PORT[,HOST:PORT…]`.
+    /// Peers, each `NODE-ID@HOST:PORT[,HOST:PORT…]`, or a bare `NODE-ID` with
+    /// `local_discovery`.
     pub peers: Vec<String>,
+    /// Find peers' addresses on the local network (iroh's mDNS discovery), and announce this
+    /// node's. Admission still goes by the node ids in `peers`.
+    pub local_discovery: bool,
     /// Holds the node's secret key and the index.
     pub state_dir: PathBuf,
     pub max_transfers_per_peer: usize,
@@ -149,7 +153,7 @@ impl Node {
         let peers = config
             .peers
             .iter()
-            .map(|s| parse_peer(s).map(|addr| Arc::new(Peer { addr, state: Mutex::default() })))
+            .map(|s| parse_peer(s, config.local_discovery).map(|addr| Arc::new(Peer { addr, state: Mutex::default() })))
             .collect::<Result<Vec<_>, _>>()?;
         fs::create_dir_all(&config.state_dir)
             .map_err(|e| NodeError::Key { path: config.state_dir.clone(), why: e.to_string() })?;
@@ -168,6 +172,9 @@ impl Node {
         transport.max_idle_timeout(Some(iroh::endpoint::VarInt::from_u32(IDLE_TIMEOUT.as_millis() as u32).into()));
         let mut builder =
             Endpoint::builder().secret_key(key).relay_mode(RelayMode::Disabled).transport_config(transport);
+        if config.local_discovery {
+            builder = builder.discovery_local_network();
+        }
         let bind = config.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         builder = match bind {
             SocketAddr::V4(a) => builder.bind_addr_v4(a),
@@ -182,7 +189,7 @@ impl Node {
         // the path it used before this node restarted sends straight away, without the
         // handshake that would teach this node its address: told the configured addresses
         // now, the node takes those packets from the start.
-        for p in &peers {
+        for p in peers.iter().filter(|p| !p.addr.direct_addresses.is_empty()) {
             if let Err(e) = endpoint.add_node_addr(p.addr.clone()) {
                 tracing::warn!(peer = %p.addr.node_id, "p2p: cannot note the peer's address: {e:#}");
             }
@@ -280,7 +287,15 @@ impl Node {
                     };
                     PeerStatus {
                         node_id: p.addr.node_id.to_string(),
-                        addresses: p.addr.direct_addresses.iter().map(|a| a.to_string()).collect(),
+                        addresses: if p.addr.direct_addresses.is_empty() {
+                            // A bare node id: the addresses discovery found, if any.
+                            s.endpoint
+                                .remote_info(p.addr.node_id)
+                                .map(|i| i.addrs.iter().map(|a| format!("{} (discovered)", a.addr)).collect())
+                                .unwrap_or_default()
+                        } else {
+                            p.addr.direct_addresses.iter().map(|a| a.to_string()).collect()
+                        },
                         state,
                         fetched_bytes: st.fetched_bytes,
                         fetched_objects: st.fetched_objects,
@@ -1048,10 +1063,18 @@ impl Shared {
     }
 }
 
-/// `NODE-ID@HOST:PORT[,HOST:PORT…]` as an address (host names resolved now).
-pub fn parse_peer(spec: &str) -> Result<NodeAddr, NodeError> {
+/// `NODE-ID@HOST:PORT[,HOST:PORT…]` as an address (host names resolved now); with `discovery`,
+/// a bare `NODE-ID`, whose addresses discovery finds.
+pub fn parse_peer(spec: &str, discovery: bool) -> Result<NodeAddr, NodeError> {
     let bad = |why: String| NodeError::Peer { spec: spec.to_owned(), why };
-    let (id, addrs) = spec.split_once('@').ok_or_else(|| bad("no '@'".into()))?;
+    let (id, addrs) = match spec.split_once('@') {
+        Some(split) => split,
+        None if discovery => {
+            let node_id: NodeId = spec.parse().map_err(|e| bad(format!("bad node id: {e}")))?;
+            return Ok(NodeAddr::new(node_id));
+        }
+        None => return Err(bad("no '@' (a bare node id needs p2p-local-discovery)".into())),
+    };
     let node_id: NodeId = id.parse().map_err(|e| bad(format!("bad node id: {e}")))?;
     let mut direct = BTreeSet::new();
     for a in addrs.split(',') {
@@ -1100,13 +1123,19 @@ mod tests {
     #[test]
     fn peers_are_node_id_at_addresses() {
         let id = SecretKey::from_bytes(&[3; 32]).public();
-        let addr = parse_peer(&format!("{id}@127.0.0.1:7000,[::1]:7001")).unwrap();
+        let addr = parse_peer(&format!("{id}@127.0.0.1:7000,[::1]:7001"), false).unwrap();
         assert_eq!(addr.node_id, id);
         assert_eq!(addr.direct_addresses.len(), 2);
-        for bad in ["127.0.0.1:7000", &format!("{id}@"), "zz@127.0.0.1:1", &format!("{id}@nohost")] {
-            let e = parse_peer(bad).unwrap_err().to_string();
+        for bad in ["127.0.0.1:7000", &format!("{id}@"), "zz@127.0.0.1:1", &format!("{id}@nohost"), &id.to_string()] {
+            let e = parse_peer(bad, false).unwrap_err().to_string();
             assert!(e.starts_with("peers: '"), "{e}");
         }
+        // A bare node id only with discovery, which finds its addresses.
+        let e = parse_peer(&id.to_string(), false).unwrap_err().to_string();
+        assert!(e.contains("needs p2p-local-discovery"), "{e}");
+        let bare = parse_peer(&id.to_string(), true).unwrap();
+        assert_eq!((bare.node_id, bare.direct_addresses.len()), (id, 0));
+        assert!(parse_peer("zz", true).is_err());
     }
 
     #[test]

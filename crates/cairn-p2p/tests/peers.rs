@@ -43,6 +43,7 @@ async fn node(dir: &std::path::Path, store: Arc<LocalStore>, listen: Option<Sock
     let config = Config {
         listen,
         peers,
+        local_discovery: false,
         state_dir: dir.join("p2p"),
         max_transfers_per_peer: 4,
         upload_rate: 0,
