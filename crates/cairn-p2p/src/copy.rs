@@ -21,8 +21,11 @@
 /// The ALPN of the copy protocol.
 pub const ALPN: &[u8] = b"/cairn/p2p-copy/1";
 
-/// No request is longer than this (a push of a closure of ~100 000 paths).
-pub const MAX_REQUEST: usize = 64 << 20;
+/// No request is longer than this (a push of a closure of some 50 000 paths).
+pub const MAX_REQUEST: usize = 32 << 20;
+/// Requests a peer may have in flight on one connection; more wait (bounds what a peer can make
+/// this node buffer to `MAX_STREAMS` × [`MAX_REQUEST`]).
+pub const MAX_STREAMS: usize = 4;
 /// No answer is longer than this.
 pub const MAX_ANSWER: usize = 64 << 20;
 

@@ -76,6 +76,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a lookup may wait for this node to hash what it holds before answering "ask again".
 pub const HASHING_ANSWER: Duration = Duration::from_secs(2);
+/// How long a peer may take to send one copy request (a push's narinfos can be megabytes).
+pub const COPY_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an unreachable peer is not asked.
 pub const SHUN_UNREACHABLE: Duration = Duration::from_secs(30);
 /// Things from this size up, held by several peers, are fetched from several at once.
@@ -971,10 +973,15 @@ impl ProtocolHandler for CopyHandler {
         let this = self.clone();
         Box::pin(async move {
             let Some(requester) = this.known.admit(&conn)? else { return Ok(()) };
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let streams = Arc::new(tokio::sync::Semaphore::new(copy::MAX_STREAMS));
+            loop {
+                // A stream is taken only when a slot is free, so a peer cannot open more.
+                let Ok(slot) = streams.clone().acquire_owned().await else { return Ok(()) };
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else { return Ok(()) };
                 let Some(shared) = this.shared.upgrade() else { return Ok(()) };
                 tokio::spawn(async move {
-                    let read = tokio::time::timeout(STALL_TIMEOUT, recv.read_to_end(copy::MAX_REQUEST));
+                    let _slot = slot;
+                    let read = tokio::time::timeout(COPY_REQUEST_TIMEOUT, recv.read_to_end(copy::MAX_REQUEST));
                     let Ok(Ok(request)) = read.await else { return };
                     let reply = match copy::decode_request(&request) {
                         Ok(request) => shared.serve_copy(requester, request).await,
@@ -985,7 +992,6 @@ impl ProtocolHandler for CopyHandler {
                     }
                 });
             }
-            Ok(())
         })
     }
 }
