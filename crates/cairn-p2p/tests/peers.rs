@@ -253,3 +253,53 @@ async fn a_large_nar_held_by_two_peers_comes_from_both_at_once() {
         n.shutdown().await;
     }
 }
+
+/// Hostile bytes on the copy protocol from a configured peer: every malformed request is
+/// refused with a reason, a narinfo is served only for a valid path, a push is refused when the
+/// node takes none, and the node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_copy_requests_are_refused_and_the_node_goes_on_serving() {
+    use cairn_p2p::copy::{self, Reply, Request};
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_store, path, nar_hash, _, _) = store_with_a_path(a_dir.path(), 1000);
+    let a_addr = loopback();
+    let b_key = SecretKey::from_bytes(&[5; 32]);
+    let a = node(a_dir.path(), a_store, Some(a_addr), vec![format!("{}@127.0.0.1:9", b_key.public())]).await;
+    let ep = Endpoint::builder().secret_key(b_key).relay_mode(RelayMode::Disabled).bind().await.unwrap();
+    let conn = ep.connect(iroh::NodeAddr::new(a.node_id()).with_direct_addresses([a_addr]), copy::ALPN).await.unwrap();
+    let ask = |bytes: Vec<u8>| {
+        let conn = conn.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(&bytes).await.unwrap();
+            send.finish().unwrap();
+            copy::decode_reply(&recv.read_to_end(copy::MAX_ANSWER).await.unwrap()).unwrap()
+        }
+    };
+    let refused = |r: Reply| match r {
+        Reply::Refused(why) => why,
+        other => panic!("not refused: {other:?}"),
+    };
+    for hostile in
+        [vec![], vec![9], vec![1, b'.', b'.', b'/'], vec![2, 0], vec![3, 200, 0, 0, 0, b'x'], vec![3, 1, 0, 0, 0, 0xff]]
+    {
+        let why = refused(ask(hostile.clone()).await);
+        assert!(!why.is_empty(), "{hostile:?}");
+    }
+    let why = refused(ask(copy::encode_request(&Request::Push(vec!["StorePath: nonsense".into()])).unwrap()).await);
+    assert!(why.contains("takes no pushes"), "{why}");
+    // Still serving: a path it holds, and one it does not.
+    let Reply::Found(text) = ask(copy::encode_request(&Request::NarInfo(path.hash_part().into())).unwrap()).await
+    else {
+        panic!("no narinfo for a valid path")
+    };
+    let info = cairn_nix::narinfo::NarInfo::parse(&StoreDir::new("/store").unwrap(), &String::from_utf8(text).unwrap())
+        .unwrap();
+    assert_eq!((info.store_path, info.nar_hash), (path, nar_hash));
+    let absent = "0".repeat(32);
+    assert_eq!(ask(copy::encode_request(&Request::NarInfo(absent)).unwrap()).await, Reply::Missing);
+    let Reply::Found(text) = ask(copy::encode_request(&Request::CacheInfo).unwrap()).await else { panic!() };
+    assert!(String::from_utf8(text).unwrap().contains("StoreDir: /store"));
+    ep.close().await;
+    a.shutdown().await;
+}
