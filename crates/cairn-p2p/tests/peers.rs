@@ -260,7 +260,7 @@ async fn a_large_nar_held_by_two_peers_comes_from_both_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_copy_requests_are_refused_and_the_node_goes_on_serving() {
     use cairn_p2p::copy::{self, Reply, Request};
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a_dir = tempfile::tempdir().unwrap();
     let (a_store, path, nar_hash, _, _) = store_with_a_path(a_dir.path(), 1000);
     let a_addr = loopback();
     let b_key = SecretKey::from_bytes(&[5; 32]);
