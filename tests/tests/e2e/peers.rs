@@ -362,25 +362,42 @@ fn closures_copied_between_peers_are_checked_as_a_cache_s_and_travel_verified() 
     assert!(e.contains("not one of this daemon's peers"), "{e}");
 }
 
-/// An automaton moves between nodes over p2p: exported with its closure to one peer
-/// (`--to p2p://…`), imported on another from that peer (`--from p2p://…`).
+/// An automaton moves between nodes over p2p: exported with its closure and image to one peer
+/// (`--to p2p://…`, signed: the image was built there), imported on another from that peer
+/// (`--from p2p://…`); the image's layout and blobs travel as store paths like the closure's.
 #[test]
 fn an_automaton_moves_between_peers_as_closure_and_description() {
     let up = Upstream::new(300_000);
     let (nodes, addrs) = fleet(&up, 3, "");
     nodes[0].ok(&["substitute", &up.note]);
+    nodes[0].ok(&["image", "build", "--closure", &up.tree, "--tag", "base/tree:1"]);
     let run = format!("{}/bin/run", up.tree);
-    nodes[0].ok(&["automaton", "create", "mover", "--closure", &up.note, "--", &run]);
-    let out = nodes[0].cairn().args(["automaton", "export", "mover", "--to", &p2p_url(&addrs[1])]).output().unwrap();
+    nodes[0].ok(&["automaton", "create", "mover", "--image", "base/tree:1", "--closure", &up.note, "--", &run]);
+    // The image was built here: nothing vouches for it until it is signed with a key the peer
+    // trusts.
+    let to = p2p_url(&addrs[1]);
+    let e = nodes[0].fail(&["automaton", "export", "mover", "--to", &to], b"");
+    assert!(e.contains("-oci-image': ") && e.contains("not signed"), "{e}");
+    let key = up._dir.path().join("sk");
+    let out = nodes[0]
+        .cairn()
+        .args(["automaton", "export", "mover", "--to", &to, "--secret-key-file", s(&key)])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.contains("copied 2 paths"), "{err}");
+    assert!(out.status.success() && err.contains("copied "), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let description = dir.path().join("mover.json");
     std::fs::write(&description, &out.stdout).unwrap();
-    // The third node has none of it: it takes the closure from the second.
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let image = d["image"].as_str().expect("the description names the image's layout").to_owned();
+    // The third node has none of it: it takes the closure and the image from the second.
     nodes[2].ok(&["automaton", "import", s(&description), "--from", &p2p_url(&addrs[1])]);
     let shown: Value = serde_json::from_str(&nodes[2].ok(&["automaton", "show", "mover", "--json"])).unwrap();
     assert_eq!(shown["args"], serde_json::json!([run]), "{shown}");
     assert_eq!(nar_hash(&nodes[2], &up.tree), nar_hash(&nodes[0], &up.tree));
+    let layout_closure = |st: &TestStore| st.ok(&["path-info", "--closure", &image]);
+    assert_eq!(layout_closure(&nodes[2]), layout_closure(&nodes[0]), "the image's layout and blobs arrived");
+    nodes[2].ok(&["verify", "--check-contents"]);
     assert_eq!(up.nar_requests(&up.tree), 1, "only the first node asked the cache");
 }
