@@ -152,14 +152,24 @@ pub trait Receiver: Send + Sync {
 impl Node {
     /// Starts the node: binds its endpoint and, if it listens, serves lookups and transfers.
     pub async fn start(config: Config, store: Arc<LocalStore>) -> Result<Node, NodeError> {
-        let peers = config
-            .peers
-            .iter()
-            .map(|s| parse_peer(s, config.local_discovery).map(|addr| Arc::new(Peer { addr, state: Mutex::default() })))
-            .collect::<Result<Vec<_>, _>>()?;
         fs::create_dir_all(&config.state_dir)
             .map_err(|e| NodeError::Key { path: config.state_dir.clone(), why: e.to_string() })?;
         let key = load_or_make_key(&config.state_dir.join("p2p-secret-key"))?;
+        // One entry per node id, and not this node itself: a fleet's shared list of peers may
+        // name every node, this one included.
+        let mut peers: Vec<Arc<Peer>> = Vec::new();
+        for spec in &config.peers {
+            let addr = parse_peer(spec, config.local_discovery)?;
+            if addr.node_id == key.public() {
+                continue;
+            }
+            match peers.iter().find(|p| p.addr.node_id == addr.node_id) {
+                Some(_) => {
+                    return Err(NodeError::Peer { spec: spec.clone(), why: "the node id is listed twice".into() })
+                }
+                None => peers.push(Arc::new(Peer { addr, state: Mutex::default() })),
+            }
+        }
         let index_path = config.state_dir.join("p2p-index.sqlite");
         let index = Index::open(&index_path).map_err(|source| NodeError::Index { path: index_path, source })?;
         let offer = Arc::new(Offer::new(store.clone(), index, config.max_transfers_per_peer, config.upload_rate));

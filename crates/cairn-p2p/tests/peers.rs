@@ -208,8 +208,10 @@ async fn a_restarted_peer_is_reached_again_at_once() {
     let (a_addr, b_addr) = (loopback(), loopback());
     let a_id = fixed_key(a_dir.path(), 1);
     let b_id = fixed_key(b_dir.path(), 2);
-    let a_peers = vec![format!("{b_id}@{b_addr}")];
+    // A fleet's one list of peers, this node included: it is left out of its own peers.
+    let a_peers = vec![format!("{b_id}@{b_addr}"), format!("{a_id}@{a_addr}")];
     let a = node(a_dir.path(), a_store.clone(), Some(a_addr), a_peers.clone()).await;
+    assert_eq!(a.status().peers.len(), 1, "a node is not its own peer");
     let b = node(b_dir.path(), store(b_dir.path()), Some(b_addr), vec![format!("{a_id}@{a_addr}")]).await;
     let wanted = Wanted::Nar { path, nar_hash, nar_size };
     assert!(read_all(b.find(wanted.clone()).await).await.unwrap() == nar);
