@@ -249,6 +249,7 @@ async fn copy_to_peer(
     paths: Vec<String>,
     node: &str,
     key: Option<&SecretKey>,
+    progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     let infos = client.call(query::PathInfo { paths, closure: true }).await?;
     let mut narinfos = Vec::with_capacity(infos.len());
@@ -258,7 +259,27 @@ async fn copy_to_peer(
         narinfo.url = format!("nar/{}.nar", narinfo.nar_hash.encode(Encoding::Nix32));
         narinfos.push(narinfo.render(store_dir));
     }
-    let mut answer = client.peers_push(&cairn_api::PeerPushRequest { to: node.to_owned(), narinfos }).await?;
+    // The peer reports nothing until it is done; what this node has served it meanwhile is the
+    // progress.
+    let id = node.to_owned();
+    let served = move |status: cairn_api::PeersStatus| {
+        status.peers.into_iter().find(|p| p.node_id == id).map_or(0, |p| p.served_bytes)
+    };
+    let before = client.peers().await.map(served.clone()).unwrap_or(0);
+    let watch = {
+        let (client, bar) = (client.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                if let Ok(status) = client.peers().await {
+                    bar.set_position(served(status).saturating_sub(before));
+                }
+            }
+        })
+    };
+    let pushed = client.peers_push(&cairn_api::PeerPushRequest { to: node.to_owned(), narinfos }).await;
+    watch.abort();
+    let mut answer = pushed?;
     // The first path refused on its own, not one that only needs another.
     answer.failed.sort_by_key(|f| f.reason.starts_with("needs '"));
     if let Some(first) = answer.failed.first() {
@@ -417,8 +438,9 @@ pub(crate) async fn copy_closure(
     net: &NetOptions,
 ) -> anyhow::Result<crate::cache::Copied> {
     let done = if let Some(node) = to.strip_prefix("p2p://") {
-        let bar = progress::spinner("the peer is taking the closure from this node");
-        let done = copy_to_peer(client, store_dir, paths, node.trim_end_matches('/'), key).await;
+        let node = node.trim_end_matches('/');
+        let bar = progress::bytes(&format!("p2p://{node} is taking the closure: sent"));
+        let done = copy_to_peer(client, store_dir, paths, node, key, &bar).await;
         bar.finish_and_clear();
         done?
     } else if to.starts_with("tcp://") {
