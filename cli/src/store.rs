@@ -292,22 +292,47 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
         let file = std::fs::File::open(path).with_context(|| format!("cannot read '{}'", path.display()))?;
         let method = if flat { AddMethod::Flat } else { AddMethod::Nar };
         let bar = progress::spinner(&format!("adding {name} ({})", indicatif::HumanBytes(meta.len())));
-        let q = AddQuery { name, method, size: None, executable: false, handed_over: true };
+        let q = AddQuery { name, method, size: None, executable: false, handed_over: true, spliced: false };
         let added = client.add_file(&q, &file).await;
         bar.finish_and_clear();
         return added.with_context(|| format!("cannot add '{}'", path.display()));
     }
+    // A tree's large files are handed over open too; the rest of its NAR streams.
+    let src = path.to_owned();
+    let layout = tokio::task::spawn_blocking(move || cairn_nar_fs::NarLayout::of(&src))
+        .await?
+        .with_context(|| format!("cannot add '{}'", path.display()))?;
+    let handed = layout.files_to_hand_over();
+    let files = {
+        let paths: Vec<&Path> = layout.files().map(|(p, _)| p).collect();
+        handed
+            .iter()
+            .map(|i| std::fs::File::open(paths[*i]).with_context(|| format!("cannot read '{}'", paths[*i].display())))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let (w, r) = tokio::io::duplex(1 << 20);
     let bar = progress::bytes(&format!("adding {name}"));
     let sink = Counting { inner: SyncIoBridge::new(w), bar: bar.clone() };
-    let src = path.to_owned();
-    let dumper = tokio::task::spawn_blocking(move || cairn_nar_fs::dump(&src, sink));
-    let q = AddQuery { name, method: AddMethod::Nar, size: None, executable: false, handed_over: false };
-    let added = client.add(&q, body_from_reader(r)).await;
+    let q =
+        AddQuery { name, method: AddMethod::Nar, size: None, executable: false, handed_over: false, spliced: false };
+    let (dumper, added) = if files.is_empty() {
+        let src = path.to_owned();
+        let dumper = tokio::task::spawn_blocking(move || cairn_nar_fs::dump(&src, sink).map_err(std::io::Error::other));
+        (dumper, client.add(&q, body_from_reader(r)).await)
+    } else {
+        let dumper = tokio::task::spawn_blocking(move || layout.write_spliced(&handed, sink));
+        let refs: Vec<&std::fs::File> = files.iter().collect();
+        (dumper, client.add_spliced(&q, body_from_reader(r), &refs).await)
+    };
     bar.finish_and_clear();
-    let dumped = dumper.await?.map_err(|e| match e {
-        cairn_nar_fs::FsError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => source,
-        other => std::io::Error::other(other),
+    let dumped = dumper.await?.map_err(|e| {
+        // A dump's broken pipe, under its error, is the daemon having stopped reading.
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<cairn_nar_fs::FsError>()) {
+            Some(cairn_nar_fs::FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => {
+                std::io::Error::from(std::io::ErrorKind::BrokenPipe)
+            }
+            _ => e,
+        }
     });
     upload_outcome(added, dumped, &format!("cannot add '{}'", path.display()))
 }

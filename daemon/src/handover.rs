@@ -18,15 +18,26 @@ use std::time::Duration;
 use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
 
 use cairn_api::HANDOVER_MARK as MARK;
+use cairn_nar_fs::MAX_HANDED;
 
-/// The file a connection handed over, for one of its requests to take.
+/// The files a connection handed over, for one of its requests to take.
 #[derive(Clone, Default)]
-pub struct HandedOver(Arc<Mutex<Option<File>>>);
+pub struct HandedOver(Arc<Mutex<Vec<File>>>);
 
 impl HandedOver {
-    /// The file handed over with this connection, once.
+    /// The one file handed over with this connection, once (`None` unless exactly one came).
     pub fn take(&self) -> Option<File> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+        let mut files = self.take_all();
+        if files.len() == 1 {
+            files.pop()
+        } else {
+            None
+        }
+    }
+
+    /// All the files handed over with this connection, in their order, once.
+    pub fn take_all(&self) -> Vec<File> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 }
 
@@ -62,7 +73,7 @@ pub async fn receive(stream: &tokio::net::UnixStream, wait: Option<Duration>) ->
         Some(_) => return Some(out),
         None => return None,
     }
-    let mut files = match take_descriptors(fd) {
+    let files = match take_descriptors(fd) {
         Ok(fds) => fds,
         Err(e) => {
             tracing::debug!("cannot receive the descriptors handed over: {e}");
@@ -77,8 +88,8 @@ pub async fn receive(stream: &tokio::net::UnixStream, wait: Option<Duration>) ->
         let f = unsafe { File::from_raw_fd(fd) };
         f
     });
-    // One file per connection: any others close here.
-    *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files.next();
+    // At most MAX_HANDED per connection (a tree's largest files); any others close here.
+    *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files.take(MAX_HANDED).collect();
     Some(out)
 }
 
@@ -86,7 +97,8 @@ pub async fn receive(stream: &tokio::net::UnixStream, wait: Option<Duration>) ->
 fn take_descriptors(fd: RawFd) -> nix::Result<Vec<RawFd>> {
     let mut b = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut b)];
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    // Room for MAX_HANDED descriptors; the kernel closes any beyond what fits.
+    let mut space = nix::cmsg_space!([RawFd; MAX_HANDED]);
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)?;
     let mut fds = Vec::new();
     for c in msg.cmsgs()? {

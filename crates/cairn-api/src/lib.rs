@@ -542,6 +542,10 @@ pub struct AddQuery {
     /// the file itself.
     #[serde(default, rename = "handedOver", skip_serializing_if = "std::ops::Not::not")]
     pub handed_over: bool,
+    /// For `nar`: the body is a spliced NAR (`cairn_nar_fs::Spliced`): the NAR's bytes, save
+    /// the contents of files handed over with the connection, which it names by their order.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spliced: bool,
 }
 
 /// Query string of `GET /v1/nar` and `GET /v1/cat`.

@@ -105,24 +105,24 @@ impl Client {
         content_type: &str,
         body: Body,
     ) -> Result<hyper::Response<Incoming>> {
-        self.call_handing_over(method, uri, content_type, body, None).await
+        self.call_handing_over(method, uri, content_type, body, &[]).await
     }
 
-    /// [`Client::call_typed`] on a connection that first hands `file` to the daemon.
+    /// [`Client::call_typed`] on a connection that first hands `files` to the daemon.
     async fn call_handing_over(
         &self,
         method: Method,
         uri: &str,
         content_type: &str,
         body: Body,
-        file: Option<&std::fs::File>,
+        files: &[&std::fs::File],
     ) -> Result<hyper::Response<Incoming>> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        if let Some(file) = file {
+        if !files.is_empty() {
             use std::os::fd::AsRawFd;
-            let fds = [file.as_raw_fd()];
+            let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
             let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
             let mark = [cairn_api::HANDOVER_MARK];
             stream.writable().await.map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
@@ -222,10 +222,17 @@ impl Client {
     pub async fn add_file(&self, q: &AddQuery, file: &std::fs::File) -> Result<PathInfo> {
         let q = AddQuery { handed_over: true, ..q.clone() };
         let uri = format!("{}?{}", routes::ADD, query_string(&q)?);
-        let resp = self
-            .call_handing_over(Method::POST, &uri, "application/octet-stream", full(Bytes::new()), Some(file))
-            .await?;
+        let resp =
+            self.call_handing_over(Method::POST, &uri, "application/octet-stream", full(Bytes::new()), &[file]).await?;
         Client::json(resp).await
+    }
+
+    /// Adds a tree from a spliced NAR body (`cairn_nar_fs::Spliced`) whose large files are
+    /// `files`, handed to the daemon open (`q.spliced` is set here).
+    pub async fn add_spliced(&self, q: &AddQuery, body: Body, files: &[&std::fs::File]) -> Result<PathInfo> {
+        let q = AddQuery { spliced: true, handed_over: false, ..q.clone() };
+        let uri = format!("{}?{}", routes::ADD, query_string(&q)?);
+        Client::json(self.call_handing_over(Method::POST, &uri, "application/octet-stream", body, files).await?).await
     }
 
     /// The NAR of a valid path.

@@ -19,20 +19,20 @@ use crate::{dump_node, io_err, FsError, Result};
 /// Where the bytes of a tree's NAR come from.
 #[derive(Debug)]
 pub struct NarLayout {
-    pieces: Vec<Piece>,
+    pub(crate) pieces: Vec<Piece>,
     size: u64,
 }
 
 #[derive(Debug)]
-struct Piece {
+pub(crate) struct Piece {
     /// Offset of the piece's first byte in the NAR.
     at: u64,
-    len: u64,
-    source: Source,
+    pub(crate) len: u64,
+    pub(crate) source: Source,
 }
 
 #[derive(Debug)]
-enum Source {
+pub(crate) enum Source {
     Framing(Vec<u8>),
     Contents(PathBuf),
 }
@@ -94,6 +94,15 @@ impl NarLayout {
     /// The NAR's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The regular files whose contents the NAR holds (empty ones aside), in NAR order, with
+    /// their laid-out sizes.
+    pub fn files(&self) -> impl Iterator<Item = (&Path, u64)> {
+        self.pieces.iter().filter_map(|p| match &p.source {
+            Source::Contents(path) => Some((path.as_path(), p.len)),
+            Source::Framing(_) => None,
+        })
     }
 
     /// A reader of the NAR from its start, which can also read at any offset.

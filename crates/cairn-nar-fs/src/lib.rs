@@ -274,7 +274,9 @@ fn dump_node<W: Write>(path: &Path, name: Option<&[u8]>, w: &mut NarWriter<W>, o
 }
 
 mod layout;
+mod spliced;
 pub use layout::{NarLayout, NarLayoutReader};
+pub use spliced::{Spliced, HAND_OVER_FROM, MAX_HANDED};
 
 #[cfg(test)]
 mod tests {

@@ -22,7 +22,7 @@ pub(crate) async fn add(
 ) -> ApiResult<Json<cairn_api::PathInfo>> {
     if q.handed_over {
         let file = handed.take().ok_or_else(|| {
-            ApiError::bad_request("handedOver=true, but no file was handed over with this connection")
+            ApiError::bad_request("handedOver=true, but not exactly one file was handed over with this connection")
         })?;
         let method = match q.method {
             AddMethod::Nar => cairn_store::FileMethod::Nar,
@@ -37,9 +37,18 @@ pub(crate) async fn add(
         .await?;
         return Ok(Json(info));
     }
+    let files = if q.spliced {
+        if q.method != AddMethod::Nar {
+            return Err(ApiError::bad_request("spliced=true is for method=nar"));
+        }
+        handed.take_all()
+    } else {
+        Vec::new()
+    };
     let info = upload(body, move |input| {
         let _client = ClientScope::enter(peer.client);
         let info = match q.method {
+            AddMethod::Nar if q.spliced => s.store.add_nar(&q.name, cairn_nar_fs::Spliced::new(input, files))?,
             AddMethod::Nar => s.store.add_nar(&q.name, input)?,
             AddMethod::Flat => {
                 let size = q.size.ok_or_else(|| ApiError::bad_request("a flat add needs size=BYTES"))?;
