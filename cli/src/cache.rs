@@ -289,9 +289,11 @@ async fn copy_to_peer(
         };
         bail!("p2p://{node} did not take '{}': {}{more}", first.path, first.reason);
     }
+    // Counted from what was pushed: the peer's list is only its word.
     let added: std::collections::HashSet<&str> = answer.added.iter().map(String::as_str).collect();
-    let bytes = infos.iter().filter(|i| added.contains(i.path.as_str())).map(|i| i.nar_size).sum();
-    Ok(Copied { written: answer.added.len(), skipped: infos.len() - answer.added.len(), bytes })
+    let taken: Vec<&PathInfo> = infos.iter().filter(|i| added.contains(i.path.as_str())).collect();
+    let bytes = taken.iter().map(|i| i.nar_size).sum();
+    Ok(Copied { written: taken.len(), skipped: infos.len() - taken.len(), bytes })
 }
 
 #[derive(Args)]

@@ -88,8 +88,11 @@ pub async fn receive(stream: &tokio::net::UnixStream, wait: Option<Duration>) ->
         let f = unsafe { File::from_raw_fd(fd) };
         f
     });
-    // At most MAX_HANDED per connection (a tree's largest files); any others close here.
-    *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files.take(MAX_HANDED).collect();
+    // At most MAX_HANDED per connection (a tree's largest files); any others close here (each
+    // is a File first, so that none stays open unowned).
+    let mut files: Vec<File> = files.collect();
+    files.truncate(MAX_HANDED);
+    *out.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = files;
     Some(out)
 }
 
@@ -97,8 +100,10 @@ pub async fn receive(stream: &tokio::net::UnixStream, wait: Option<Duration>) ->
 fn take_descriptors(fd: RawFd) -> nix::Result<Vec<RawFd>> {
     let mut b = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut b)];
-    // Room for MAX_HANDED descriptors; the kernel closes any beyond what fits.
-    let mut space = nix::cmsg_space!([RawFd; MAX_HANDED]);
+    // Room for as many descriptors as one message can carry (the kernel's SCM_MAX_FD, 253),
+    // even one per control message, so that none is installed here without being seen (and
+    // closed, past MAX_HANDED).
+    let mut space = vec![0u8; 253 * nix::cmsg_space!(RawFd).len()];
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)?;
     let mut fds = Vec::new();
     for c in msg.cmsgs()? {

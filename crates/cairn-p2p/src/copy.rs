@@ -23,8 +23,8 @@ pub const ALPN: &[u8] = b"/cairn/p2p-copy/1";
 
 /// No request is longer than this (a push of a closure of some 50 000 paths).
 pub const MAX_REQUEST: usize = 32 << 20;
-/// Requests a peer may have in flight on one connection; more wait (bounds what a peer can make
-/// this node buffer to `MAX_STREAMS` × [`MAX_REQUEST`]).
+/// Requests a peer may have in flight, over all its connections; more wait (bounds what a peer
+/// can make this node buffer to `MAX_STREAMS` × [`MAX_REQUEST`]).
 pub const MAX_STREAMS: usize = 4;
 /// No answer is longer than this.
 pub const MAX_ANSWER: usize = 64 << 20;
@@ -64,6 +64,8 @@ pub enum CopyError {
     Truncated,
     #[error("a pushed narinfo is not UTF-8")]
     Utf8,
+    #[error("a pushed narinfo is empty")]
+    EmptyNarInfo,
     #[error("bytes after the end of a request")]
     Trailing,
     #[error("the request is longer than {MAX_REQUEST} bytes")]
@@ -119,6 +121,9 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, CopyError> {
                 if tail.len() < len {
                     return Err(CopyError::Truncated);
                 }
+                if len == 0 {
+                    return Err(CopyError::EmptyNarInfo);
+                }
                 let (text, tail) = tail.split_at(len);
                 narinfos.push(std::str::from_utf8(text).map_err(|_| CopyError::Utf8)?.to_owned());
                 rest = tail;
@@ -156,7 +161,7 @@ mod tests {
         prop_oneof![
             "[0-9a-df-np-sv-z]{32}".prop_map(Request::NarInfo),
             Just(Request::CacheInfo),
-            proptest::collection::vec(".{0,200}", 0..5).prop_map(Request::Push),
+            proptest::collection::vec(".{1,200}", 0..5).prop_map(Request::Push),
         ]
     }
 

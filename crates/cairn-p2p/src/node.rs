@@ -136,6 +136,8 @@ struct Shared {
     keys: Vec<cairn_nix::signing::SecretKey>,
     /// What takes pushes from peers (`cairn copy --to p2p://…`), once the daemon set it.
     receiver: std::sync::OnceLock<Arc<dyn Receiver>>,
+    /// Each peer's slots for copy requests (`copy::MAX_STREAMS`), over all its connections.
+    copy_slots: Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// Takes paths a peer pushes: substitutes them from the peer (`from`, its narinfos) as from any
@@ -219,6 +221,7 @@ impl Node {
             store,
             keys: config.keys,
             receiver: std::sync::OnceLock::new(),
+            copy_slots: Mutex::default(),
         });
         let (router, pool) = if config.listen.is_some() {
             let pool = LocalPool::default();
@@ -516,6 +519,9 @@ impl Shared {
         end: u64,
         tx: &Sender,
     ) -> bool {
+        if pos >= end {
+            return true;
+        }
         for (i, (peer, blake3)) in candidates.iter().enumerate() {
             if peer.shunned() {
                 continue;
@@ -550,7 +556,10 @@ impl Shared {
                 let live: Vec<usize> = (0..candidates.len()).filter(|i| !candidates[*i].0.shunned()).collect();
                 let Some(&who) = live.get(next as usize % live.len().max(1)) else { break };
                 let (start, end) = (next * SEGMENT, ((next + 1) * SEGMENT).min(size));
-                let (seg_tx, seg_rx) = tokio::sync::mpsc::channel(64);
+                // Room for the whole range (in pieces of 1 KiB at the least): a range not yet at
+                // the front is fetched to its end and frees the peer's transfer slot, so two
+                // striped fetches can never each hold the slots the other's front range needs.
+                let (seg_tx, seg_rx) = tokio::sync::mpsc::channel((SEGMENT / 1024) as usize);
                 let (endpoint, (peer, blake3)) = (self.endpoint.clone(), candidates[who].clone());
                 let task = tokio::spawn(async move {
                     let mut pos = start;
@@ -983,7 +992,10 @@ impl ProtocolHandler for CopyHandler {
         let this = self.clone();
         Box::pin(async move {
             let Some(requester) = this.known.admit(&conn)? else { return Ok(()) };
-            let streams = Arc::new(tokio::sync::Semaphore::new(copy::MAX_STREAMS));
+            let Some(shared) = this.shared.upgrade() else { return Ok(()) };
+            // Per peer, over all its connections.
+            let streams = shared.copy_streams(requester);
+            drop(shared);
             loop {
                 // A stream is taken only when a slot is free, so a peer cannot open more.
                 let Ok(slot) = streams.clone().acquire_owned().await else { return Ok(()) };
@@ -1007,6 +1019,12 @@ impl ProtocolHandler for CopyHandler {
 }
 
 impl Shared {
+    /// The copy-request slots of `peer`.
+    fn copy_streams(&self, peer: NodeId) -> Arc<tokio::sync::Semaphore> {
+        let mut slots = self.copy_slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots.entry(peer).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(copy::MAX_STREAMS))).clone()
+    }
+
     /// The answer to one copy request from the configured peer `requester`.
     async fn serve_copy(self: Arc<Self>, requester: NodeId, request: copy::Request) -> copy::Reply {
         let dir = self.store.store_dir().clone();

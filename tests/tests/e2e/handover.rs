@@ -181,3 +181,25 @@ fn a_spliced_body_that_does_not_match_its_files_is_refused() {
     let via_cli = st.ok(&["add", f.to_str().unwrap(), "--name", "tree"]).trim().to_owned();
     assert!(answer.contains(&format!("\"path\":\"{via_cli}\"")), "{answer}");
 }
+
+/// Descriptors beyond what a request may use (more than 16, up to the 253 one message can
+/// carry) are closed, not kept: connections that hand over many leave the daemon's open files
+/// as they were.
+#[test]
+fn descriptors_handed_over_beyond_the_limit_are_closed() {
+    let st = TestStore::start();
+    let open_fds = || std::fs::read_dir(format!("/proc/{}/fd", st.pid())).unwrap().count();
+    let f = st.root.path().join("data.bin");
+    std::fs::write(&f, b"x").unwrap();
+    let files: Vec<std::fs::File> = (0..40).map(|_| std::fs::File::open(&f).unwrap()).collect();
+    let refs: Vec<&std::fs::File> = files.iter().collect();
+    st.ok(&["version"]);
+    let before = open_fds();
+    for _ in 0..20 {
+        let (status, _) = add_spliced(&st, &refs, b"");
+        assert_eq!(status, 400, "an empty body is no NAR");
+    }
+    st.ok(&["version"]);
+    let after = open_fds();
+    assert!(after <= before + 2, "the daemon kept descriptors: {before} open before, {after} after");
+}
