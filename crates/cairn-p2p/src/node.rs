@@ -82,8 +82,9 @@ pub const COPY_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SHUN_UNREACHABLE: Duration = Duration::from_secs(30);
 /// Things from this size up, held by several peers, are fetched from several at once.
 pub const SPLIT_FROM: u64 = 8 << 20;
-/// The ranges they are fetched in (a multiple of iroh-blobs' 16 KiB chunk groups).
-pub const SEGMENT: u64 = 4 << 20;
+/// The ranges they are fetched in (a multiple of iroh-blobs' 16 KiB chunk groups); each range in
+/// flight is buffered whole, so this times two per peer bounds the memory of one fetch.
+pub const SEGMENT: u64 = 1 << 20;
 
 /// What a node is configured with.
 #[derive(Debug, Clone)]
