@@ -21,6 +21,20 @@ pub fn path_info(dir: &StoreDir, i: &PathInfo) -> cairn_api::PathInfo {
 }
 
 /// Parses a client's store path, turning garbage into a 400 before anything touches the store.
+/// A substitution's added paths and its failures, as the wire names them.
+pub fn substitution(
+    dir: &StoreDir,
+    r: &cairn_cache::substitute::Report,
+) -> (Vec<String>, Vec<cairn_api::SubstituteFailure>) {
+    let added = r.added.iter().map(|i| dir.display(&i.path)).collect();
+    let failed = r
+        .failed
+        .iter()
+        .map(|(p, reason)| cairn_api::SubstituteFailure { path: dir.display(p), reason: reason.clone() })
+        .collect();
+    (added, failed)
+}
+
 pub fn store_path(dir: &StoreDir, s: &str) -> Result<StorePath, ApiError> {
     dir.parse(s.trim_end_matches('/')).map_err(|e| ApiError::bad_request(e.to_string()))
 }

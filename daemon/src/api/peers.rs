@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 
 use axum::extract::State;
 use axum::Json;
-use cairn_api::{PeerPushAnswer, PeerPushRequest, SubstituteFailure};
+use cairn_api::{PeerPushAnswer, PeerPushRequest};
 use cairn_cache::substitute::Substituter;
 use cairn_cache::Progress;
 use cairn_nix::StorePath;
@@ -82,14 +82,8 @@ impl cairn_p2p::Receiver for PushReceiver {
             for i in &report.added {
                 tracing::info!(path = %dir.display(&i.path), from = %url, "taken from a peer's push");
             }
-            Ok(PeerPushAnswer {
-                added: report.added.iter().map(|i| dir.display(&i.path)).collect(),
-                failed: report
-                    .failed
-                    .iter()
-                    .map(|(p, reason)| SubstituteFailure { path: dir.display(p), reason: reason.clone() })
-                    .collect(),
-            })
+            let (added, failed) = crate::convert::substitution(dir, &report);
+            Ok(PeerPushAnswer { added, failed })
         })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::Response as HttpResponse;
 use axum::{Extension, Json};
-use cairn_api::{ErrorBody, SubstituteEvent, SubstituteFailure, SubstituteRequest};
+use cairn_api::{ErrorBody, SubstituteEvent, SubstituteRequest};
 use cairn_cache::Progress;
 
 use crate::auth::Peer;
@@ -70,15 +70,8 @@ pub async fn handler(
                     .filter_map(|p| store.path_info(p).ok().flatten())
                     .map(|i| convert::path_info(&dir, &i))
                     .collect();
-                SubstituteEvent::Done {
-                    paths: valid,
-                    added: report.added.iter().map(|i| dir.display(&i.path)).collect(),
-                    failed: report
-                        .failed
-                        .iter()
-                        .map(|(p, reason)| SubstituteFailure { path: dir.display(p), reason: reason.clone() })
-                        .collect(),
-                }
+                let (added, failed) = convert::substitution(&dir, &report);
+                SubstituteEvent::Done { paths: valid, added, failed }
             }
         }
     };
