@@ -125,6 +125,8 @@ pub struct Node {
     shared: Arc<Shared>,
     router: Option<Router>,
     _pool: Option<LocalPool>,
+    /// The connections made to every peer at start, stopped at shutdown if still trying.
+    greetings: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct Shared {
@@ -238,7 +240,22 @@ impl Node {
         } else {
             (None, None)
         };
-        Ok(Node { shared, router, _pool: pool })
+        // Greet every peer: the connection confirms the path both ways, so that a peer that
+        // connects to this node right after it (re)started is answered at once rather than after
+        // iroh validates the path on its own (seconds, past a lookup's patience).
+        let greetings = shared
+            .peers
+            .iter()
+            .map(|peer| {
+                let (peer, endpoint) = (peer.clone(), shared.endpoint.clone());
+                tokio::spawn(async move {
+                    if let Err(why) = peer.connection(&endpoint, lookup::ALPN).await {
+                        tracing::debug!(peer = %peer.addr.node_id, "p2p: peer not reached at start: {why}");
+                    }
+                })
+            })
+            .collect();
+        Ok(Node { shared, router, _pool: pool, greetings })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -268,6 +285,9 @@ impl Node {
 
     /// Stops serving and closes the endpoint.
     pub async fn shutdown(&self) {
+        for g in &self.greetings {
+            g.abort();
+        }
         if let Some(router) = &self.router {
             let _ = router.shutdown().await;
         }

@@ -206,8 +206,8 @@ async fn a_restarted_peer_is_reached_again_at_once() {
     let b_dir = tempfile::tempdir().unwrap();
     let (a_store, path, nar_hash, nar_size, nar) = store_with_a_path(a_dir.path(), 200_000);
     let (a_addr, b_addr) = (loopback(), loopback());
-    let a_id = fixed_key(a_dir.path(), 1);
-    let b_id = fixed_key(b_dir.path(), 2);
+    let a_id = fixed_key(a_dir.path(), 201);
+    let b_id = fixed_key(b_dir.path(), 202);
     // A fleet's one list of peers, this node included: it is left out of its own peers.
     let a_peers = vec![format!("{b_id}@{b_addr}"), format!("{a_id}@{a_addr}")];
     let a = node(a_dir.path(), a_store.clone(), Some(a_addr), a_peers.clone()).await;

@@ -401,3 +401,61 @@ fn an_automaton_moves_between_peers_as_closure_and_description() {
     nodes[2].ok(&["verify", "--check-contents"]);
     assert_eq!(up.nar_requests(&up.tree), 1, "only the first node asked the cache");
 }
+
+/// Moves this thread (and the daemons and CLIs it starts) into a network namespace of its own
+/// whose loopback carries multicast; false if this machine does not allow it (not root).
+fn own_network() -> bool {
+    if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+        return false;
+    }
+    let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+    ip(&["link", "set", "lo", "up", "multicast", "on"]) && ip(&["route", "add", "224.0.0.0/4", "dev", "lo"])
+}
+
+/// With `p2p-local-discovery`, daemons that name each other by node id alone find each other's
+/// addresses on the local network (mDNS) and substitute from each other.
+#[test]
+fn daemons_named_by_node_id_alone_find_each_other_on_the_local_network() {
+    if !own_network() {
+        assert!(std::env::var_os("CAIRN_REQUIRE_PEERS").is_none(), "cannot make a network namespace (root, ip)");
+        eprintln!("skipped: cannot make a network namespace");
+        return;
+    }
+    let up = Upstream::new(1 << 20);
+    let base = format!(
+        "trusted-public-keys = [\"{}\"]\nrequire-sigs = true\nsubstituters = [\"{}\"]\np2p-local-discovery = true\n",
+        up.public,
+        up.server.url()
+    );
+    let mut nodes = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let config = format!("{base}p2p-listen = \"127.0.0.1:{}\"\n", free_port());
+        let st = TestStore::builder().config(&config).start();
+        ids.push(peers_json(&st)["nodeId"].as_str().unwrap().to_owned());
+        nodes.push((st, config));
+    }
+    let mut stores = Vec::new();
+    for (i, (mut st, config)) in nodes.into_iter().enumerate() {
+        std::fs::write(&st.config, format!("{config}peers = [\"{}\"]\n", ids[1 - i])).unwrap();
+        st.stop();
+        st.restart();
+        stores.push(st);
+    }
+    let first = format!("p2p://{}", ids[0]);
+    stores[0].ok(&["substitute", &up.note]);
+    // Announcements take a moment.
+    let started = Instant::now();
+    loop {
+        let out = stores[1].run(&["copy", "--from", &first, &up.note], b"");
+        if out.status.success() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(nar_hash(&stores[1], &up.tree), nar_hash(&stores[0], &up.tree));
+    let status = peers_json(&stores[1]);
+    let addresses = status["peers"][0]["addresses"].as_array().unwrap();
+    assert!(addresses.iter().any(|a| a.as_str().unwrap().ends_with("(discovered)")), "{status}");
+}
