@@ -202,6 +202,15 @@ impl Node {
         }
         let endpoint =
             builder.bind().await.map_err(|e| NodeError::Bind { addr: bind.to_string(), why: format!("{e:#}") })?;
+        // iroh falls back to another port when the asked one is taken; peers would then knock
+        // at the configured port in vain.
+        if let Some(asked) = config.listen.filter(|a| a.port() != 0) {
+            let (v4, v6) = endpoint.bound_sockets();
+            if !std::iter::once(v4).chain(v6).any(|a| a.port() == asked.port()) {
+                endpoint.close().await;
+                return Err(NodeError::Bind { addr: asked.to_string(), why: "the port is in use".into() });
+            }
+        }
         // iroh drops QUIC packets from addresses it knows no node at. A peer that still trusts
         // the path it used before this node restarted sends straight away, without the
         // handshake that would teach this node its address: told the configured addresses
@@ -291,6 +300,8 @@ impl Node {
         if let Some(router) = &self.router {
             let _ = router.shutdown().await;
         }
+        // Returns once the socket is released (a connection still shaking hands with an
+        // unreachable peer drains first; cairnd bounds that wait).
         self.shared.endpoint.close().await;
     }
 

@@ -305,3 +305,23 @@ async fn malformed_copy_requests_are_refused_and_the_node_goes_on_serving() {
     ep.close().await;
     a.shutdown().await;
 }
+
+/// A listen port that is taken is an error naming it, not a node quietly listening elsewhere
+/// (iroh would fall back to another port, where no peer looks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_listen_port_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = Config {
+        listen: Some(addr),
+        peers: Vec::new(),
+        local_discovery: false,
+        state_dir: dir.path().join("p2p"),
+        max_transfers_per_peer: 4,
+        upload_rate: 0,
+        keys: Vec::new(),
+    };
+    let Err(e) = Node::start(config, store(dir.path())).await else { panic!("started on a taken port") };
+    assert!(e.to_string().contains(&format!("cannot bind the p2p endpoint to {addr}: the port is in use")), "{e}");
+}
