@@ -298,17 +298,23 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
         return added.with_context(|| format!("cannot add '{}'", path.display()));
     }
     // A tree's large files are handed over open too; the rest of its NAR streams.
+    let path_arg = path;
     let src = path.to_owned();
     let layout = tokio::task::spawn_blocking(move || cairn_nar_fs::NarLayout::of(&src))
         .await?
         .with_context(|| format!("cannot add '{}'", path.display()))?;
     let handed = layout.files_to_hand_over();
     let files = {
-        let paths: Vec<&Path> = layout.files().map(|(p, _)| p).collect();
-        handed
-            .iter()
-            .map(|i| std::fs::File::open(paths[*i]).with_context(|| format!("cannot read '{}'", paths[*i].display())))
-            .collect::<anyhow::Result<Vec<_>>>()?
+        let files: Vec<(&Path, u64)> = layout.files().collect();
+        let open = |(path, len): (&Path, u64)| -> anyhow::Result<std::fs::File> {
+            let f = std::fs::File::open(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+            // The daemon refuses a file whose size is not the laid-out one; say which it is.
+            if f.metadata()?.len() != len {
+                bail!("cannot add '{}': '{}' changed while it was being added", path_arg.display(), path.display());
+            }
+            Ok(f)
+        };
+        handed.iter().map(|i| open(files[*i])).collect::<anyhow::Result<Vec<_>>>()?
     };
     let (w, r) = tokio::io::duplex(1 << 20);
     let bar = progress::bytes(&format!("adding {name}"));
