@@ -29,6 +29,10 @@ pub const MAX_STREAMS: usize = 4;
 /// No answer is longer than this.
 pub const MAX_ANSWER: usize = 64 << 20;
 
+/// No narinfo is shorter (its StorePath and NarHash lines alone are longer): a push of tiny
+/// entries would make a node hold millions of strings.
+pub const MIN_NARINFO: usize = 64;
+
 const NARINFO: u8 = 1;
 const CACHE_INFO: u8 = 2;
 const PUSH: u8 = 3;
@@ -64,8 +68,8 @@ pub enum CopyError {
     Truncated,
     #[error("a pushed narinfo is not UTF-8")]
     Utf8,
-    #[error("a pushed narinfo is empty")]
-    EmptyNarInfo,
+    #[error("a pushed narinfo of {0} bytes is too short to be one")]
+    ShortNarInfo(usize),
     #[error("bytes after the end of a request")]
     Trailing,
     #[error("the request is longer than {MAX_REQUEST} bytes")]
@@ -121,8 +125,8 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, CopyError> {
                 if tail.len() < len {
                     return Err(CopyError::Truncated);
                 }
-                if len == 0 {
-                    return Err(CopyError::EmptyNarInfo);
+                if len < MIN_NARINFO {
+                    return Err(CopyError::ShortNarInfo(len));
                 }
                 let (text, tail) = tail.split_at(len);
                 narinfos.push(std::str::from_utf8(text).map_err(|_| CopyError::Utf8)?.to_owned());
@@ -161,7 +165,7 @@ mod tests {
         prop_oneof![
             "[0-9a-df-np-sv-z]{32}".prop_map(Request::NarInfo),
             Just(Request::CacheInfo),
-            proptest::collection::vec(".{1,200}", 0..5).prop_map(Request::Push),
+            proptest::collection::vec(".{64,200}", 0..5).prop_map(Request::Push),
         ]
     }
 
@@ -195,7 +199,7 @@ mod tests {
         }
 
         #[test]
-        fn a_push_cut_short_is_refused(narinfos in proptest::collection::vec(".{1,100}", 1..4), cut in 1usize..50) {
+        fn a_push_cut_short_is_refused(narinfos in proptest::collection::vec(".{64,100}", 1..4), cut in 1usize..50) {
             let bytes = encode_request(&Request::Push(narinfos)).unwrap();
             let cut = cut.min(bytes.len() - 1);
             let shorter = &bytes[..bytes.len() - cut];
@@ -222,5 +226,15 @@ mod tests {
         bytes.extend_from_slice(&100u32.to_le_bytes());
         bytes.extend_from_slice(b"StorePath: x");
         assert_eq!(decode_request(&bytes), Err(CopyError::Truncated));
+    }
+
+    #[test]
+    fn a_push_of_entries_too_short_to_be_narinfos_is_refused() {
+        let mut bytes = vec![PUSH];
+        for _ in 0..3 {
+            bytes.extend_from_slice(&1u32.to_le_bytes());
+            bytes.push(b'x');
+        }
+        assert_eq!(decode_request(&bytes), Err(CopyError::ShortNarInfo(1)));
     }
 }

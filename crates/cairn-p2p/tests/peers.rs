@@ -288,7 +288,8 @@ async fn malformed_copy_requests_are_refused_and_the_node_goes_on_serving() {
         let why = refused(ask(hostile.clone()).await);
         assert!(!why.is_empty(), "{hostile:?}");
     }
-    let why = refused(ask(copy::encode_request(&Request::Push(vec!["StorePath: nonsense".into()])).unwrap()).await);
+    let long_enough = "StorePath: nonsense, but as long as a narinfo has to be to get this far\n".to_owned();
+    let why = refused(ask(copy::encode_request(&Request::Push(vec![long_enough])).unwrap()).await);
     assert!(why.contains("takes no pushes"), "{why}");
     // Still serving: a path it holds, and one it does not.
     let Reply::Found(text) = ask(copy::encode_request(&Request::NarInfo(path.hash_part().into())).unwrap()).await
