@@ -308,11 +308,21 @@ fn verify_reports_missing_and_modified_paths() {
 
 #[test]
 fn runtime_root_scanner_finds_paths_in_maps_and_environments() {
-    let dir = StoreDir::new("/store").unwrap();
     let text = "7f00-7f01 r-xp 0 fd:01 1 /store/0c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-libc-2.37/lib/libc.so\n\
                 PATH=/store/1c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-bash/bin:/usr/bin\0/storefront /store/short-x";
-    let found: Vec<String> = paths_in(text, &dir).iter().map(|p| p.name().to_owned()).collect();
+    let found: Vec<String> = paths_in(text, &["/store"]).iter().map(|p| p.name().to_owned()).collect();
     assert_eq!(found, ["libc-2.37", "bash"]);
+}
+
+/// A store kept at `/srv/a/store` with the logical directory `/store`: its paths are found under
+/// either name, but another store's file (`/srv/b/store/…`) is not one of them.
+#[test]
+fn the_logical_store_directory_is_not_matched_inside_another_store_s_path() {
+    let text = "/srv/b/store/0c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-theirs\n\
+                /srv/a/store/1c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-ours-real\n\
+                PATH=/store/2c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-ours-logical/bin:/store/3c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-too";
+    let found: Vec<String> = paths_in(text, &["/srv/a/store", "/store"]).iter().map(|p| p.name().to_owned()).collect();
+    assert_eq!(found, ["ours-real", "ours-logical", "too"]);
 }
 
 #[test]

@@ -297,14 +297,25 @@ impl RootSource for LinkRoots {
 pub struct RuntimeRoots;
 
 impl RuntimeRoots {
-    /// Every store path named in `text` under one of `dirs`.
+    /// Every store path named in `text` under one of `dirs`. A directory after the first (the
+    /// logical store directory of a store kept elsewhere) counts only where a path starts, not
+    /// as the tail of a longer one: `/tmp/other/store/…` is another store's file, not this
+    /// store's `/store/…`.
     fn find_in(text: &[u8], dirs: &[&[u8]], origin: &str, out: &mut Vec<Root>) {
-        for dir in dirs {
+        for (i, dir) in dirs.iter().enumerate() {
             let mut from = 0;
             while let Some(at) = find(&text[from..], dir) {
-                let start = from + at + dir.len();
+                let begins = from + at;
+                let start = begins + dir.len();
                 from = start;
                 if text.get(start) != Some(&b'/') {
+                    continue;
+                }
+                // Preceded by a byte of a directory name: the tail of another path.
+                if i > 0
+                    && begins > 0
+                    && (text[begins - 1].is_ascii_alphanumeric() || b"/-._+~".contains(&text[begins - 1]))
+                {
                     continue;
                 }
                 let base = &text[start + 1..];
@@ -381,10 +392,12 @@ impl RootSource for RuntimeRoots {
     }
 }
 
-/// Store paths in a text, for tests of the scanner.
+/// Store paths in a text, for tests of the scanner: under the store directory `dirs[0]` (where
+/// the store is) or `dirs[1]` (its logical name, if it is kept elsewhere).
 #[cfg(test)]
-pub(crate) fn paths_in(text: &str, store_dir: &cairn_nix::StoreDir) -> Vec<StorePath> {
+pub(crate) fn paths_in(text: &str, dirs: &[&str]) -> Vec<StorePath> {
     let mut out = Vec::new();
-    RuntimeRoots::find_in(text.as_bytes(), &[store_dir.as_str().as_bytes()], "", &mut out);
+    let dirs: Vec<&[u8]> = dirs.iter().map(|d| d.as_bytes()).collect();
+    RuntimeRoots::find_in(text.as_bytes(), &dirs, "", &mut out);
     out.into_iter().map(|r| r.path).collect()
 }
