@@ -30,9 +30,9 @@ impl LogStore {
         let file = self.file(drv, "bz2");
         fs::create_dir_all(file.parent().expect("log files have a parent"))?;
         let tmp = file.with_extension("bz2.tmp");
-        let enc = bzip2::write::BzEncoder::new(fs::File::create(&tmp)?, bzip2::Compression::default());
+        let out = fs::File::create(&tmp)?;
         let _ = fs::remove_file(self.file(drv, "zst"));
-        Ok(LogWriter { enc, tmp, file })
+        Ok(LogWriter { out: Some(out), enc: None, tmp, file })
     }
 
     /// The log of the last build of `drv`, if any.
@@ -60,21 +60,43 @@ impl LogStore {
     }
 }
 
+/// What bzip2 makes of no input at all (the stream header and its end-of-stream block): the
+/// log of a silent build, written without an encoder.
+const EMPTY_BZ2: [u8; 14] = [b'B', b'Z', b'h', b'6', 0x17, 0x72, 0x45, 0x38, 0x50, 0x90, 0, 0, 0, 0];
+
 /// An open log; [`LogWriter::finish`] puts it in place.
+///
+/// The encoder is made at the first line: it sets up megabytes of tables, which for the many
+/// builds that print nothing would cost more than the build's own sandbox.
 pub struct LogWriter {
-    enc: bzip2::write::BzEncoder<fs::File>,
+    out: Option<fs::File>,
+    enc: Option<bzip2::write::BzEncoder<fs::File>>,
     tmp: PathBuf,
     file: PathBuf,
 }
 
 impl LogWriter {
-    pub fn line(&mut self, line: &[u8]) -> io::Result<()> {
-        self.enc.write_all(line)?;
-        self.enc.write_all(b"\n")
+    fn encoder(&mut self) -> io::Result<&mut bzip2::write::BzEncoder<fs::File>> {
+        if let Some(out) = self.out.take() {
+            self.enc = Some(bzip2::write::BzEncoder::new(out, bzip2::Compression::default()));
+        }
+        self.enc.as_mut().ok_or_else(|| io::Error::other("the build log is already finished"))
     }
 
-    pub fn finish(self) -> io::Result<()> {
-        self.enc.finish()?;
+    pub fn line(&mut self, line: &[u8]) -> io::Result<()> {
+        let enc = self.encoder()?;
+        enc.write_all(line)?;
+        enc.write_all(b"\n")
+    }
+
+    pub fn finish(mut self) -> io::Result<()> {
+        match (self.enc.take(), self.out.take()) {
+            (Some(enc), _) => {
+                enc.finish()?;
+            }
+            (None, Some(mut out)) => out.write_all(&EMPTY_BZ2)?,
+            (None, None) => {}
+        }
         fs::rename(&self.tmp, &self.file)
     }
 
@@ -101,6 +123,20 @@ mod tests {
         w.finish().unwrap();
         assert_eq!(logs.read(&drv).unwrap().unwrap(), b"one\ntwo\n");
         assert!(t.path().join("00/000000000000000000000000000000-x.drv.bz2").exists(), "where and as Nix keeps it");
+    }
+
+    #[test]
+    fn a_silent_build_s_log_is_the_empty_bzip2_stream() {
+        let mut enc = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        enc.flush().unwrap();
+        assert_eq!(enc.finish().unwrap(), EMPTY_BZ2, "what the encoder makes of nothing");
+        let t = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(t.path());
+        let drv = StorePath::from_base_name("00000000000000000000000000000000-x.drv").unwrap();
+        logs.writer(&drv).unwrap().finish().unwrap();
+        assert_eq!(logs.read(&drv).unwrap().unwrap(), b"");
+        let file = t.path().join("00/000000000000000000000000000000-x.drv.bz2");
+        assert_eq!(std::fs::read(file).unwrap(), EMPTY_BZ2);
     }
 
     #[test]
