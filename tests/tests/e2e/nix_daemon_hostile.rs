@@ -697,8 +697,11 @@ fn a_client_that_vanishes_mid_nar_leaves_nothing_registered_and_no_temporary_fil
     assert!(!is_valid_fresh(&s, &path));
     gone.push(path);
 
-    // AddToStore (content-addressed: anyone may) cut short, recursive and text.
-    for method in [&b"fixed:r:sha256"[..], b"fixed:sha256", b"text:sha256"] {
+    // AddToStore (content-addressed: anyone may) cut short, recursive and text: halfway, and
+    // with the whole dump sent but not the empty frame that ends it (a path is committed only
+    // once its payload has ended).
+    let methods = [&b"fixed:r:sha256"[..], b"fixed:sha256", b"text:sha256"];
+    for (method, whole) in methods.iter().flat_map(|m| [(*m, false), (*m, true)]) {
         let mut req = Vec::new();
         put_u64(&mut req, 7);
         put_bytes(&mut req, b"vanished-ca");
@@ -707,7 +710,7 @@ fn a_client_that_vanishes_mid_nar_leaves_nothing_registered_and_no_temporary_fil
         put_u64(&mut req, 0); // repair
         let dump = if method == b"fixed:r:sha256" { nar_regular(&rng.bytes(1 << 20)) } else { rng.bytes(1 << 20) };
         put_u64(&mut req, dump.len() as u64);
-        req.extend_from_slice(&dump[..dump.len() / 2]);
+        req.extend_from_slice(if whole { &dump[..] } else { &dump[..dump.len() / 2] });
         send_and_vanish(&s, &req, Duration::from_millis(500));
     }
 
