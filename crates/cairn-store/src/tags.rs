@@ -94,6 +94,30 @@ impl LocalStore {
         out.sort();
         Ok(out)
     }
+
+    /// Removes the root links of `group` made (or last replaced) longer than `age` ago; returns
+    /// how many went. Links that expire stand for a grace period rather than a lasting root.
+    pub fn remove_root_links_older_than(&self, group: &str, age: std::time::Duration) -> Result<usize> {
+        let dir = self.root_link(group, "x")?.parent().expect("a group directory").to_owned();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => return Err(StoreError::Io { op: "list", path: dir, source }),
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            if e.file_name().to_str().is_none_or(|n| n.starts_with('.')) {
+                continue;
+            }
+            let old = fs::symlink_metadata(e.path())
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|a| a > age));
+            if old && fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]

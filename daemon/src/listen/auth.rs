@@ -9,8 +9,9 @@
 //! ```
 //!
 //! `SCOPES` is `read`, `push` or `read,push` (push includes read: a client uploading asks first
-//! what is there). `PREFIX`es limit the registry repositories the user may touch (`team` allows
-//! `team` and `team/…`); none means all. `expires=` (an RFC 3339 time, `2027-01-31T00:00:00Z`)
+//! what is there). `PREFIX`es limit the user to those registry repositories (`team` allows
+//! `team` and `team/…`; the catalog lists only them) and keep them from the binary cache, whose
+//! paths belong to no repository and include every image's blobs; none means all. `expires=` (an RFC 3339 time, `2027-01-31T00:00:00Z`)
 //! ends the token's validity: from then on it is refused as no token at all (401), so that a
 //! token handed out for a while cannot be forgotten in the file. The token itself is never
 //! stored, only its SHA-256 in hex (`printf %s "$TOKEN" | sha256sum`).
@@ -164,15 +165,65 @@ pub(crate) fn repository(path: &str) -> Option<String> {
     super::registry::route(&decoded)?.repository().map(str::to_owned)
 }
 
-fn allows(user: &User, scope: Scope, repo: Option<&str>) -> bool {
+/// Whether `repo` is one of `prefixes` or under one (none: all are).
+fn within(prefixes: &[String], repo: &str) -> bool {
+    prefixes.is_empty()
+        || prefixes.iter().any(|p| repo == p || repo.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')))
+}
+
+/// What a request's path reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target<'a> {
+    /// A registry repository.
+    Repository(&'a str),
+    /// The registry as a whole: `/v2/` and the catalog (filtered by [`Visible`]).
+    Registry,
+    /// Anything else: the binary cache, whose paths belong to no repository.
+    Other,
+}
+
+fn allows(user: &User, scope: Scope, target: Target<'_>) -> bool {
     if scope == Scope::Push && !user.push {
         return false;
     }
-    match repo {
-        Some(r) if !user.prefixes.is_empty() => {
-            user.prefixes.iter().any(|p| r == p || r.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')))
-        }
-        _ => true,
+    match target {
+        Target::Repository(r) => within(&user.prefixes, r),
+        Target::Registry => true,
+        // A user limited to repositories is limited to the registry: every store path (image
+        // blobs included) is reachable through the cache by its name.
+        Target::Other => user.prefixes.is_empty(),
+    }
+}
+
+/// The repositories a request may see (its user's prefixes; none: all), for the catalog.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Visible(Vec<String>);
+
+impl Visible {
+    pub(crate) fn shows(&self, repo: &str) -> bool {
+        within(&self.0, repo)
+    }
+}
+
+/// A mount (`POST …/blobs/uploads/?mount=D&from=R`) from a repository the user may not read
+/// becomes a plain upload start: the mount's answer would tell them whether `R` holds `D`.
+fn without_unreadable_mount(req: &mut Request<Body>, user: &User) {
+    let Some(query) = req.uri().query() else { return };
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let Some((_, from)) = pairs.iter().find(|(k, _)| k == "from") else { return };
+    if allows(user, Scope::Read, Target::Repository(from)) {
+        return;
+    }
+    let kept: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "from" && k != "mount").collect();
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in kept {
+        q.append_pair(k, v);
+    }
+    let q = q.finish();
+    let path = req.uri().path().to_owned();
+    let uri = if q.is_empty() { path } else { format!("{path}?{q}") };
+    if let Ok(uri) = uri.parse() {
+        *req.uri_mut() = uri;
     }
 }
 
@@ -192,21 +243,37 @@ fn refuse(status: StatusCode, registry: bool, message: &str) -> Response {
 }
 
 /// Checks a request against the users before its handler runs.
-pub async fn check(State(auth): State<Arc<ListenAuth>>, req: Request<Body>, next: Next) -> Response {
+pub async fn check(State(auth): State<Arc<ListenAuth>>, mut req: Request<Body>, next: Next) -> Response {
     let scope = if req.method() == Method::GET || req.method() == Method::HEAD { Scope::Read } else { Scope::Push };
     let path = req.uri().path().to_owned();
     let registry = path.starts_with("/v2");
     let repo = repository(&path);
     let repo = repo.as_deref();
+    let target = match repo {
+        Some(r) => Target::Repository(r),
+        None if registry => Target::Registry,
+        None => Target::Other,
+    };
     match auth.identify(req.headers().get(header::AUTHORIZATION)) {
         Some(user) if user.expired_at(std::time::SystemTime::now()) => {
             tracing::info!(user = user.name, path, "listen: refused (token expired)");
             refuse(StatusCode::UNAUTHORIZED, registry, &format!("the token of '{}' has expired", user.name))
         }
-        Some(user) if allows(user, scope, repo) => next.run(req).await,
+        Some(user) if allows(user, scope, target) => {
+            if repo.is_some() && req.method() == Method::POST {
+                without_unreadable_mount(&mut req, user);
+            }
+            req.extensions_mut().insert(Visible(user.prefixes.clone()));
+            next.run(req).await
+        }
         Some(user) => {
             tracing::info!(user = user.name, path, ?scope, "listen: refused (scope or repository)");
             let what = match (scope, repo) {
+                (_, None) if target == Target::Other && !user.prefixes.is_empty() => format!(
+                    "'{}' is limited to the registry repositories {} and may not use the binary cache",
+                    user.name,
+                    user.prefixes.join(", ")
+                ),
                 (Scope::Push, Some(r)) => format!("'{}' may not push to '{r}'", user.name),
                 (Scope::Push, None) => format!("'{}' may not push", user.name),
                 (Scope::Read, Some(r)) => format!("'{}' may not read '{r}'", user.name),
@@ -256,14 +323,29 @@ mod tests {
     fn scopes_and_repository_prefixes_decide() {
         let a = auth();
         let (alice, bob) = (&a.users[0], &a.users[1]);
-        let repo = |p| repository(p);
-        assert!(allows(alice, Scope::Push, repo("/v2/team/app/blobs/uploads/").as_deref()));
-        assert!(allows(alice, Scope::Read, repo("/v2/shared/x/y/manifests/1").as_deref()));
-        assert!(!allows(alice, Scope::Push, repo("/v2/teams/app/manifests/1").as_deref()), "a prefix is a whole name");
-        assert!(!allows(alice, Scope::Read, repo("/v2/other/manifests/1").as_deref()));
-        assert!(allows(alice, Scope::Push, repo("/push").as_deref()), "cache routes have no repository");
-        assert!(allows(bob, Scope::Read, repo("/v2/other/manifests/1").as_deref()));
-        assert!(!allows(bob, Scope::Push, repo("/v2/other/manifests/1").as_deref()));
+        let may = |u, scope, p: &str| {
+            let repo = repository(p);
+            let target = match repo.as_deref() {
+                Some(r) => Target::Repository(r),
+                None if p.starts_with("/v2") => Target::Registry,
+                None => Target::Other,
+            };
+            allows(u, scope, target)
+        };
+        assert!(may(alice, Scope::Push, "/v2/team/app/blobs/uploads/"));
+        assert!(may(alice, Scope::Read, "/v2/shared/x/y/manifests/1"));
+        assert!(!may(alice, Scope::Push, "/v2/teams/app/manifests/1"), "a prefix is a whole name");
+        assert!(!may(alice, Scope::Read, "/v2/other/manifests/1"));
+        assert!(may(alice, Scope::Read, "/v2/") && may(alice, Scope::Read, "/v2/_catalog"));
+        // The cache serves every store path, image blobs included, by name: not for a user
+        // limited to some repositories.
+        assert!(!may(alice, Scope::Read, "/nix-cache-info"), "cache routes belong to no repository");
+        assert!(!may(alice, Scope::Push, "/push"));
+        assert!(may(bob, Scope::Read, "/nix-cache-info") && may(bob, Scope::Read, "/x.narinfo"));
+        assert!(may(bob, Scope::Read, "/v2/other/manifests/1"));
+        assert!(!may(bob, Scope::Push, "/v2/other/manifests/1"));
+        assert!(Visible(vec!["team".into()]).shows("team/app") && !Visible(vec!["team".into()]).shows("other"));
+        assert!(Visible::default().shows("other"));
         assert_eq!(repository("/v2/a/b/tags/list").as_deref(), Some("a/b"));
         assert_eq!(repository("/v2/").as_deref(), None);
     }
@@ -291,8 +373,34 @@ mod tests {
             ("/v2/%73ecret/manifests/1", "secret"),
         ] {
             assert_eq!(repository(path).as_deref(), Some(named), "{path}");
-            assert!(!allows(alice, Scope::Read, repository(path).as_deref()), "{path}");
+            let repo = repository(path);
+            assert!(!allows(alice, Scope::Read, Target::Repository(repo.as_deref().unwrap())), "{path}");
         }
+    }
+
+    #[test]
+    fn a_mount_from_a_repository_the_user_may_not_read_becomes_a_plain_upload() {
+        let a = auth();
+        let alice = &a.users[0];
+        let post = |q: &str| {
+            let mut req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("/v2/team/app/blobs/uploads/?{q}"))
+                .body(Body::empty())
+                .unwrap();
+            without_unreadable_mount(&mut req, alice);
+            req.uri().to_string()
+        };
+        assert_eq!(post("mount=sha256:00&from=secret/app"), "/v2/team/app/blobs/uploads/");
+        assert_eq!(
+            post("from=secret%2Fapp&mount=sha256:00&digest=sha256:11"),
+            "/v2/team/app/blobs/uploads/?digest=sha256%3A11"
+        );
+        assert_eq!(
+            post("mount=sha256:00&from=team/base"),
+            "/v2/team/app/blobs/uploads/?mount=sha256:00&from=team/base",
+            "a readable one is left alone"
+        );
     }
 
     #[test]

@@ -12,8 +12,18 @@
 //! resumable ranges, PUT with the digest; monolithic POST; cross-repository mounts) write into
 //! scratch files under `<state>/oci-uploads`, and the final PUT hands the file to the store,
 //! which registers it only if it hashes to the digest. A manifest PUT stores the exact bytes,
-//! checks that every blob and child manifest it names is stored, commits an image layout, and
-//! roots it under the tag (or the digest) it was pushed as. Errors are the spec's JSON codes.
+//! checks that every blob and child manifest it names is in the repository, commits an image
+//! layout, and roots it under the tag (or the digest) it was pushed as. Errors are the spec's
+//! JSON codes.
+//!
+//! A blob uploaded or mounted into a repository is linked to it (a root link in
+//! [`UPLOAD_GROUP`]), as distribution links it: it can be fetched through that repository at
+//! once, a manifest pushed there may name it, and the collector keeps it until the manifest
+//! comes. The link goes when a manifest of the repository names the blob (its image holds it
+//! from then on), or after [`UPLOAD_LINK_TTL`] if none ever does. A
+//! manifest may name only blobs of its own repository (its images' or its links), and a mount
+//! takes a blob only from a repository that holds it — so that a client limited to some
+//! repositories cannot reach another's blobs by naming their digests.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -41,6 +51,16 @@ use crate::stream::blocking;
 /// Upload sessions untouched for this long are dropped.
 const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
 
+/// The root-link group of blobs uploaded or mounted into a repository
+/// (`<repository>@<algorithm>-<hex>`, as a digest root's name).
+pub const UPLOAD_GROUP: &str = "oci-uploads";
+
+/// How long a blob's link to the repository it was pushed to lasts.
+const UPLOAD_LINK_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// How often expired links are looked for (at an upload's start).
+const UPLOAD_LINK_SWEEP: Duration = Duration::from_secs(600);
+
 /// What the registry server needs.
 pub struct RegistryServer {
     pub images: Images,
@@ -52,6 +72,8 @@ pub struct RegistryServer {
     /// Tag creators: a tag the registry moves or removes loses its record (the registry knows no
     /// users), under the same lock as the socket's tag changes.
     pub tag_owners: Arc<crate::tag_owners::TagOwners>,
+    /// When expired upload links were last swept.
+    swept: std::sync::Mutex<Option<Instant>>,
 }
 
 /// An upload session: bytes received so far, in a scratch file.
@@ -107,8 +129,48 @@ impl RegistryServer {
     ) -> std::io::Result<RegistryServer> {
         let upload_dir = upload_dir(state_dir);
         std::fs::create_dir_all(&upload_dir)?;
-        Ok(RegistryServer { images, pushes, upload_dir, uploads: Mutex::new(HashMap::new()), tag_owners })
+        Ok(RegistryServer {
+            images,
+            pushes,
+            upload_dir,
+            uploads: Mutex::new(HashMap::new()),
+            tag_owners,
+            swept: std::sync::Mutex::new(None),
+        })
     }
+
+    /// Removes expired upload links, at most once per [`UPLOAD_LINK_SWEEP`].
+    fn sweep_links(&self) {
+        {
+            let mut last = self.swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < UPLOAD_LINK_SWEEP) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        match self.images.store.remove_root_links_older_than(UPLOAD_GROUP, UPLOAD_LINK_TTL) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "registry: expired links of pushed blobs removed"),
+            Err(e) => tracing::warn!("registry: cannot sweep the links of pushed blobs: {e}"),
+        }
+    }
+}
+
+/// Links a stored blob to the repository it was pushed to (see the module's documentation).
+fn link_blob(images: &Images, repo: &str, d: &Digest) -> RResult<()> {
+    images.store.set_root_link(UPLOAD_GROUP, &digest_root_file_name(repo, d), &images.blob_path(d))?;
+    Ok(())
+}
+
+/// Whether a blob was pushed to `repo` (and is still stored).
+fn linked_blob(images: &Images, repo: &str, d: &Digest) -> RResult<bool> {
+    let target = images.store.root_link_target(UPLOAD_GROUP, &digest_root_file_name(repo, d))?;
+    Ok(target.is_some_and(|p| p == images.blob_path(d)) && images.has_blob(d)?)
+}
+
+/// Whether repository `repo` holds blob `d`: one of its images does, or it was pushed there.
+fn repo_holds(images: &Images, imgs: &[(Option<String>, Image)], repo: &str, d: &Digest) -> RResult<bool> {
+    Ok(imgs.iter().any(|(_, i)| i.blobs.contains(d)) || linked_blob(images, repo, d)?)
 }
 
 pub fn router(server: Arc<RegistryServer>) -> Router {
@@ -209,16 +271,20 @@ pub(crate) fn route(rest: &str) -> Option<Route<'_>> {
     if let Some(name) = rest.strip_suffix("/blobs/uploads/").or_else(|| rest.strip_suffix("/blobs/uploads")) {
         return Some(Route::UploadStart(name));
     }
-    if let Some((name, id)) = rest.rsplit_once("/blobs/uploads/") {
+    // What follows the keyword is one segment: `t/referrers/blobs/sha256:…` is a blob of the
+    // repository `t/referrers`, not the referrers of `t`.
+    let split =
+        |keyword: &str| rest.rsplit_once(keyword).filter(|(name, tail)| !name.is_empty() && !tail.contains('/'));
+    if let Some((name, id)) = split("/blobs/uploads/") {
         return Some(Route::Upload(name, id));
     }
-    if let Some((name, r)) = rest.rsplit_once("/manifests/") {
+    if let Some((name, r)) = split("/manifests/") {
         return Some(Route::Manifest(name, r));
     }
-    if let Some((name, d)) = rest.rsplit_once("/referrers/") {
+    if let Some((name, d)) = split("/referrers/") {
         return Some(Route::Referrers(name, d));
     }
-    if let Some((name, d)) = rest.rsplit_once("/blobs/") {
+    if let Some((name, d)) = split("/blobs/") {
         return Some(Route::Blob(name, d));
     }
     None
@@ -230,10 +296,13 @@ async fn dispatch(
     UrlPath(rest): UrlPath<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    visible: Option<axum::Extension<crate::listen::auth::Visible>>,
     body: Body,
 ) -> Response {
+    let visible = visible.map(|v| v.0).unwrap_or_default();
     let result = match route(&rest) {
         None => Err(reg_err(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such route")),
+        Some(Route::Catalog) if method == Method::GET => catalog(&s, &q, &visible).await,
         Some(r) => handle(&s, &method, r, &q, &headers, body).await,
     };
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
@@ -268,14 +337,13 @@ async fn handle(
         ));
     }
     match (method.as_str(), r) {
-        ("GET", Route::Catalog) => catalog(s, q).await,
         ("GET", Route::Tags(name)) => {
             name_ok(name)?;
             tags_list(s, name, q).await
         }
         ("GET" | "HEAD", Route::Manifest(name, reference)) => {
             name_ok(name)?;
-            get_manifest(s, name, reference, head).await
+            get_manifest(s, name, reference, head, headers).await
         }
         ("GET" | "HEAD", Route::Blob(name, d)) => {
             name_ok(name)?;
@@ -350,7 +418,12 @@ fn name_unknown(name: &str) -> RegError {
     reg_err(StatusCode::NOT_FOUND, "NAME_UNKNOWN", format!("repository '{name}' is not known"))
 }
 
-async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>) -> RResult<Response> {
+/// The repositories, as far as the client may see them (`listen-auth-file` prefixes).
+async fn catalog(
+    s: &Arc<RegistryServer>,
+    q: &HashMap<String, String>,
+    visible: &crate::listen::auth::Visible,
+) -> RResult<Response> {
     let images = s.images.clone();
     let names: BTreeSet<String> = blocking::<_, RegError>(move || {
         Ok(images
@@ -366,7 +439,8 @@ async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>) -> RResul
             .collect())
     })
     .await?;
-    let (page, link) = paginate(names.into_iter().collect(), q, "/v2/_catalog")?;
+    let names = names.into_iter().filter(|n| visible.shows(n)).collect();
+    let (page, link) = paginate(names, q, "/v2/_catalog")?;
     let mut resp =
         ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "repositories": page }).to_string())
             .into_response();
@@ -394,6 +468,8 @@ pub(crate) fn paginate(
         None => None,
     };
     match n {
+        // Nothing asked, nothing more to follow (a `Link` to the same page would loop).
+        Some(0) => Ok((Vec::new(), None)),
         Some(n) if after.len() > n => {
             let page: Vec<String> = after.into_iter().take(n).collect();
             let last = page.last().cloned().unwrap_or_default();
@@ -460,7 +536,23 @@ fn find_manifest(images: &Images, name: &str, reference: &str) -> RResult<(Diges
     Ok((desc.digest, bytes, media_type))
 }
 
-async fn get_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str, head: bool) -> RResult<Response> {
+/// Whether the client's `If-None-Match` names this digest's entity tag (or any): it has the
+/// bytes already.
+fn not_modified(headers: &HeaderMap, digest: &Digest) -> bool {
+    let tag = format!("\"{digest}\"");
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| {
+        let t = t.trim();
+        t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag
+    })
+}
+
+async fn get_manifest(
+    s: &Arc<RegistryServer>,
+    name: &str,
+    reference: &str,
+    head: bool,
+    headers: &HeaderMap,
+) -> RResult<Response> {
     let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
     let (digest, bytes, media_type) = blocking(move || find_manifest(&images, &n, &r)).await?;
     let mut h = HeaderMap::new();
@@ -471,6 +563,10 @@ async fn get_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str, head
     h.insert("docker-content-digest", HeaderValue::from_str(&digest.to_string()).expect("digests are ASCII"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len() as u64));
     h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ASCII"));
+    if not_modified(headers, &digest) {
+        h.remove(header::CONTENT_LENGTH);
+        return Ok((StatusCode::NOT_MODIFIED, h).into_response());
+    }
     if head {
         return Ok((StatusCode::OK, h).into_response());
     }
@@ -487,12 +583,15 @@ async fn get_blob(
     let (images, n, d) = (s.images.clone(), name.to_owned(), digest.clone());
     let (blob, len) = blocking(move || {
         let imgs = repo_images(&images, &n)?;
-        if imgs.is_empty() {
-            return Err(name_unknown(&n));
-        }
         let unknown = || reg_err(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {d} is not in '{n}'"));
-        let Some((_, img)) = imgs.iter().find(|(_, i)| i.blobs.contains(&d)) else { return Err(unknown()) };
-        let blob = images.blob_of(img, &d)?.ok_or_else(unknown)?;
+        let blob = match imgs.iter().find(|(_, i)| i.blobs.contains(&d)) {
+            Some((_, img)) => images.blob_of(img, &d)?,
+            // Pushed there, not yet named by a manifest.
+            None if linked_blob(&images, &n, &d)? => images.find_blob(&d, None)?,
+            None if imgs.is_empty() => return Err(name_unknown(&n)),
+            None => return Err(unknown()),
+        };
+        let blob = blob.ok_or_else(unknown)?;
         let len = blob.size;
         Ok((blob, len))
     })
@@ -502,6 +601,9 @@ async fn get_blob(
     h.insert("docker-content-digest", HeaderValue::from_str(&digest.to_string()).expect("ASCII"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ASCII"));
+    if not_modified(headers, digest) {
+        return Ok((StatusCode::NOT_MODIFIED, h).into_response());
+    }
     let range =
         headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| crate::stream::parse_range(v, len));
     let (status, start, end) = match range {
@@ -649,9 +751,29 @@ async fn put_manifest(
             .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?;
     }
     let bytes = read_body(body, MAX_MANIFEST_SIZE).await?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let m = Manifest::parse(&bytes, content_type.as_deref())
+    // The manifest is served later with the type it was pushed with: it must be a manifest's,
+    // and the one its JSON declares (as distribution checks), or pulls would read it as another.
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned())
+        .filter(|t| cairn_oci::manifest::is_manifest_type(t))
+        .ok_or_else(|| {
+            reg_err(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_INVALID",
+                "the Content-Type must be the manifest's media type (OCI or Docker schema 2)",
+            )
+        })?;
+    let m = Manifest::parse(&bytes, Some(&content_type))
         .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string()))?;
+    if m.media_type != content_type {
+        return Err(reg_err(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            format!("the manifest declares media type '{}' but was sent as '{content_type}'", m.media_type),
+        ));
+    }
     let digest = match &by_digest {
         Some(want) if want.algo() == cairn_oci::DigestAlgo::Sha512 => {
             Digest::from_hash(&cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha512, &bytes)).expect("sha512")
@@ -676,6 +798,7 @@ async fn put_manifest(
     };
     let (images, n, r) = (s.images.clone(), name.to_owned(), reference.to_owned());
     let subject = m.subject.clone();
+    let children = m.children.clone();
     let owners = s.tag_owners.clone();
     let img = blocking(move || {
         let tag = match Digest::parse(&r) {
@@ -684,6 +807,17 @@ async fn put_manifest(
                 Some(TagName::new(&n, &r).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "TAG_INVALID", e.to_string()))?)
             }
         };
+        // Every blob or manifest it names must be in this repository (not merely stored).
+        let imgs = repo_images(&images, &n)?;
+        for child in &children {
+            if !repo_holds(&images, &imgs, &n, &child.digest)? {
+                return Err(reg_err(
+                    StatusCode::BAD_REQUEST,
+                    "MANIFEST_BLOB_UNKNOWN",
+                    format!("the manifest names {}, which is not in '{n}'", child.digest),
+                ));
+            }
+        }
         let root = images.root_blobs([&desc.digest]);
         let new = !images.has_blob(&desc.digest)?;
         images.add_blob(&desc.digest, bytes.len() as u64, &bytes[..])?;
@@ -698,6 +832,12 @@ async fn put_manifest(
             Ok(img)
         });
         drop(held);
+        if committed.is_ok() {
+            // The image holds its blobs now: their links to the repository have served.
+            for child in &children {
+                let _ = images.store.remove_root_link(UPLOAD_GROUP, &digest_root_file_name(&n, &child.digest));
+            }
+        }
         if committed.is_err() && new {
             // A refused manifest leaves nothing: its blob goes again.
             drop(root);
@@ -808,8 +948,8 @@ async fn append(file: &std::path::Path, body: Body) -> RResult<u64> {
 }
 
 /// Hands an upload's scratch file to the store under `digest`; the file is removed either way.
-async fn commit_upload(s: &Arc<RegistryServer>, file: PathBuf, digest: Digest) -> RResult<()> {
-    let images = s.images.clone();
+async fn commit_upload(s: &Arc<RegistryServer>, repo: &str, file: PathBuf, digest: Digest) -> RResult<()> {
+    let (images, repo) = (s.images.clone(), repo.to_owned());
     blocking(move || {
         let result = (|| {
             let f = std::fs::File::open(&file).map_err(|e| {
@@ -817,8 +957,10 @@ async fn commit_upload(s: &Arc<RegistryServer>, file: PathBuf, digest: Digest) -
             })?;
             let size = f.metadata().map(|m| m.len()).unwrap_or(0);
             cairn_fault::point("push-receive-mid");
+            // Rooted from before it is stored until it is linked.
+            let _root = images.root_blobs([&digest]);
             images.add_blob(&digest, size, std::io::BufReader::with_capacity(1 << 20, f))?;
-            Ok(())
+            link_blob(&images, &repo, &digest)
         })();
         let _ = std::fs::remove_file(&file);
         result.map_err(|e: RegError| {
@@ -838,11 +980,25 @@ async fn start_upload(
     q: &HashMap<String, String>,
     body: Body,
 ) -> RResult<Response> {
-    if let (Some(d), Some(_from)) = (q.get("mount"), q.get("from")) {
-        // Any stored blob can be mounted: the store is one content-addressed pool.
+    s.sweep_links();
+    if let (Some(d), Some(from)) = (q.get("mount"), q.get("from")) {
+        // A blob `from` holds is linked here; otherwise this is an upload like any other (as
+        // distribution answers a mount it cannot make).
         let d = digest_ok(d)?;
-        let (images, dd) = (s.images.clone(), d.clone());
-        if blocking::<_, RegError>(move || Ok(images.has_blob(&dd)?)).await? {
+        let (images, dd, from, n) = (s.images.clone(), d.clone(), from.clone(), name.to_owned());
+        let mounted = blocking::<_, RegError>(move || {
+            if validate_repository(&from).is_err() {
+                return Ok(false);
+            }
+            let imgs = repo_images(&images, &from)?;
+            if !repo_holds(&images, &imgs, &from, &dd)? {
+                return Ok(false);
+            }
+            link_blob(&images, &n, &dd)?;
+            Ok(true)
+        })
+        .await?;
+        if mounted {
             return Ok(blob_created(name, &d));
         }
     }
@@ -853,7 +1009,7 @@ async fn start_upload(
         // it ends.
         let d = digest_ok(d)?;
         append(&file.0, body).await?;
-        commit_upload(s, file.0.clone(), d.clone()).await?;
+        commit_upload(s, name, file.0.clone(), d.clone()).await?;
         return Ok(blob_created(name, &d));
     }
     let mut ups = s.uploads.lock().await;
@@ -926,7 +1082,7 @@ async fn finish_upload(
     let d = digest_ok(d)?;
     let up = take_upload(s, name, id).await?;
     append(&up.file.0, body).await?;
-    commit_upload(s, up.file.0.clone(), d.clone()).await?;
+    commit_upload(s, name, up.file.0.clone(), d.clone()).await?;
     Ok(blob_created(name, &d))
 }
 
@@ -951,7 +1107,25 @@ mod tests {
         assert_eq!(route("x/tags/list"), Some(Route::Tags("x")));
         assert_eq!(route("x/referrers/sha256:00"), Some(Route::Referrers("x", "sha256:00")));
         assert_eq!(route("_catalog"), Some(Route::Catalog));
+        // Repositories named like a route's keywords keep their names.
+        assert_eq!(route("t/referrers/blobs/sha256:00"), Some(Route::Blob("t/referrers", "sha256:00")));
+        assert_eq!(route("t/blobs/uploads/blobs/sha256:00"), Some(Route::Blob("t/blobs/uploads", "sha256:00")));
+        assert_eq!(route("t/manifests/manifests/v1"), Some(Route::Manifest("t/manifests", "v1")));
+        assert_eq!(route("t/blobs/uploads/blobs/uploads/abc"), Some(Route::Upload("t/blobs/uploads", "abc")));
         assert_eq!(route("nothing"), None);
+    }
+
+    #[test]
+    fn if_none_match_names_the_digest_s_entity_tag() {
+        let d = Digest::sha256_of(b"x");
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::IF_NONE_MATCH, HeaderValue::from_str(v).unwrap());
+            not_modified(&h, &d)
+        };
+        assert!(with(&format!("\"{d}\"")) && with(&format!("\"a\", W/\"{d}\"")) && with("*"));
+        assert!(!with("\"sha256:00\"") && !with(&d.to_string()), "a bare digest is not an entity tag");
+        assert!(!not_modified(&HeaderMap::new(), &d));
     }
 
     #[test]
@@ -963,6 +1137,8 @@ mod tests {
         assert_eq!(link.unwrap().to_str().unwrap(), "</v2/x/tags/list?n=2&last=b>; rel=\"next\"");
         let q: HashMap<String, String> = [("n".to_owned(), "2".to_owned()), ("last".to_owned(), "b".to_owned())].into();
         assert_eq!(paginate(all.clone(), &q, "/").unwrap(), (vec!["c".to_owned()], None));
+        let q: HashMap<String, String> = [("n".to_owned(), "0".to_owned())].into();
+        assert_eq!(paginate(all.clone(), &q, "/").unwrap(), (vec![], None), "no link back to the same page");
         let q: HashMap<String, String> = [("n".to_owned(), "x".to_owned())].into();
         assert!(paginate(all, &q, "/").is_err());
     }

@@ -24,6 +24,7 @@ mod oci_conformance;
 mod oci_hostile;
 mod peers;
 mod push;
+mod registry_repositories;
 mod registry_uploads;
 mod slow_clients;
 mod smoke;

@@ -149,9 +149,11 @@ fn push() {
     let wd = digest_of(&whole);
     let a = r.req("PUT", &format!("{loc}?digest={wd}"), &[], b"");
     assert_eq!(a.status, 201, "{a:?}");
+    // A blob pushed to a repository is in it at once, as distribution answers.
     let got = r.req("GET", &format!("/v2/conf/push/blobs/{wd}"), &[], b"");
-    assert_eq!(got.status, 404, "a blob alone is not in a repository until a manifest names it");
-    // A manifest naming the blobs makes them the repository's.
+    assert_eq!((got.status, &got.body), (200, &whole));
+    assert_eq!(r.req("HEAD", &format!("/v2/conf/other/blobs/{wd}"), &[], b"").status, 404, "and only in it");
+    // A manifest naming the blobs makes them its image's.
     let m = manifest(&d, blob.len(), &[(&wd, whole.len())], None);
     let a = r.req("PUT", "/v2/conf/push/manifests/v1", &[("Content-Type", MT)], &m);
     assert_eq!(a.status, 201, "{a:?} {}", String::from_utf8_lossy(&a.body));
@@ -159,7 +161,14 @@ fn push() {
     // Cross-repository mount.
     let a = r.req("POST", &format!("/v2/conf/mounted/blobs/uploads/?mount={wd}&from=conf/push"), &[], b"");
     assert_eq!(a.status, 201, "{a:?}");
-    // Push by digest, then the same manifest by tag.
+    // Push by digest, then the same manifest by tag. Its blobs must be in the repository
+    // first (a manifest naming blobs of another is refused, as distribution refuses it).
+    let a = r.req("PUT", &format!("/v2/conf/bydigest/manifests/{}", digest_of(&m)), &[("Content-Type", MT)], &m);
+    assert_eq!(a.status, 400, "{a:?}");
+    for blob in [&d, &wd] {
+        let a = r.req("POST", &format!("/v2/conf/bydigest/blobs/uploads/?mount={blob}&from=conf/push"), &[], b"");
+        assert_eq!(a.status, 201, "{a:?}");
+    }
     let a = r.req("PUT", &format!("/v2/conf/bydigest/manifests/{}", digest_of(&m)), &[("Content-Type", MT)], &m);
     assert_eq!(a.status, 201, "{a:?}");
     assert_eq!(r.req("GET", &format!("/v2/conf/bydigest/manifests/{}", digest_of(&m)), &[], b"").body, m);

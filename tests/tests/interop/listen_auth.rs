@@ -44,10 +44,12 @@ fn only_the_files_users_read_and_push_each_as_its_scopes_allow() {
     std::fs::write(
         &users,
         format!(
-            "alice {} read,push team\nbob {} read  # reads only\nold {} read,push expires=2020-01-01T00:00:00Z\n",
+            "alice {} read,push team\nbob {} read  # reads only\nold {} read,push expires=2020-01-01T00:00:00Z\n\
+             carol {} read,push\n",
             sha("alice-token"),
             sha("bob-token"),
-            sha("old-token")
+            sha("old-token"),
+            sha("carol-token")
         ),
     )
     .unwrap();
@@ -101,7 +103,15 @@ fn only_the_files_users_read_and_push_each_as_its_scopes_allow() {
     let refused = push(Some("bob-token"));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("'bob' may not push"), "{refused:?}");
     assert!(!server.run(&["path-info", &path], b"").status.success(), "nothing was received");
-    let pushed = push(Some("alice-token"));
+    // A user limited to registry repositories may not use the cache at all.
+    let refused = push(Some("alice-token"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("may not use the binary cache"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!server.run(&["path-info", &path], b"").status.success(), "nothing was received");
+    let pushed = push(Some("carol-token"));
     assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
     assert!(server.run(&["path-info", &path], b"").status.success());
 

@@ -1,0 +1,150 @@
+//! What a registry repository holds: blobs pushed to it are its own at once (fetched through it,
+//! named by its manifests, kept from the collector until the manifest comes), and a repository
+//! gives nothing of another's — not by a mount, not by a manifest naming the other's digests,
+//! not to a user limited by `listen-auth-file` prefixes through the cache or the catalog.
+
+use cairn_tests::oci::{digest_of, http, Answer};
+use cairn_tests::{free_port, wait_listening, TestStore};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn registry(extra: &str) -> (TestStore, u16) {
+    let port = free_port();
+    let st =
+        TestStore::builder().config(&format!("listen = \"127.0.0.1:{port}\"\naccept-pushes = true\n{extra}")).start();
+    wait_listening(port);
+    (st, port)
+}
+
+fn body(a: &Answer) -> String {
+    String::from_utf8_lossy(&a.body).into_owned()
+}
+
+/// Uploads `blob` to `repo` in one POST.
+fn upload(port: u16, auth: &[(&str, &str)], repo: &str, blob: &[u8]) -> String {
+    let d = digest_of(blob);
+    let a = http(port, "POST", &format!("/v2/{repo}/blobs/uploads/?digest={d}"), auth, blob);
+    assert_eq!(a.status, 201, "{}", body(&a));
+    d
+}
+
+/// An image manifest naming `config` and `layer`.
+fn manifest(config: &[u8], layer: &[u8]) -> Vec<u8> {
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        digest_of(config),
+        config.len(),
+        digest_of(layer),
+        layer.len()
+    )
+    .into_bytes()
+}
+
+fn put_manifest(port: u16, auth: &[(&str, &str)], repo: &str, tag: &str, m: &[u8]) -> Answer {
+    let mut h = auth.to_vec();
+    h.push(("Content-Type", OCI_MANIFEST));
+    http(port, "PUT", &format!("/v2/{repo}/manifests/{tag}"), &h, m)
+}
+
+#[test]
+fn an_uploaded_blob_is_the_repository_s_at_once_and_outlives_a_collection_until_its_manifest() {
+    let (st, port) = registry("");
+    let (config, layer) = (br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), b"layer bytes".repeat(1000));
+    let dc = upload(port, &[], "team/app", &config);
+    let dl = upload(port, &[], "team/app", &layer);
+    // Fetched through the repository it was pushed to, as distribution answers: a client asks
+    // this before uploading, and a miss would make it upload every time.
+    let a = http(port, "HEAD", &format!("/v2/team/app/blobs/{dl}"), &[], b"");
+    assert_eq!(a.status, 200, "{}", body(&a));
+    assert_eq!(http(port, "GET", &format!("/v2/team/app/blobs/{dc}"), &[], b"").body, config);
+    // Not through another repository.
+    assert_eq!(http(port, "HEAD", &format!("/v2/other/blobs/{dl}"), &[], b"").status, 404);
+    // A collection between the uploads and the manifest keeps them.
+    let gc = st.run(&["gc"], b"");
+    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    let a = put_manifest(port, &[], "team/app", "v1", &manifest(&config, &layer));
+    assert_eq!(a.status, 201, "{}", body(&a));
+    assert_eq!(http(port, "GET", &format!("/v2/team/app/blobs/{dl}"), &[], b"").body, layer);
+}
+
+#[test]
+fn a_manifest_may_name_only_blobs_of_its_own_repository_and_a_mount_only_take_from_one_that_holds_it() {
+    let (_st, port) = registry("");
+    let (config, layer) = (br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), b"secret layer".repeat(500));
+    upload(port, &[], "secret/app", &config);
+    let dl = upload(port, &[], "secret/app", &layer);
+    assert_eq!(put_manifest(port, &[], "secret/app", "v1", &manifest(&config, &layer)).status, 201);
+    // Stored, but not in `team/steal`: refused as distribution refuses it.
+    let a = put_manifest(port, &[], "team/steal", "x", &manifest(&config, &layer));
+    assert_eq!(a.status, 400, "{}", body(&a));
+    assert!(body(&a).contains("MANIFEST_BLOB_UNKNOWN"), "{}", body(&a));
+    assert_eq!(http(port, "HEAD", &format!("/v2/team/steal/blobs/{dl}"), &[], b"").status, 404);
+    // A mount from a repository that does not hold the blob is an upload start, not a mount.
+    let a = http(port, "POST", &format!("/v2/team/steal/blobs/uploads/?mount={dl}&from=team/nothing"), &[], b"");
+    assert_eq!(a.status, 202, "{}", body(&a));
+    // From one that holds it, it is mounted, and then the repository holds it.
+    let a = http(port, "POST", &format!("/v2/team/copy/blobs/uploads/?mount={dl}&from=secret/app"), &[], b"");
+    assert_eq!(a.status, 201, "{}", body(&a));
+    assert_eq!(http(port, "GET", &format!("/v2/team/copy/blobs/{dl}"), &[], b"").body, layer);
+}
+
+#[test]
+fn a_manifest_sent_as_another_media_type_than_it_declares_is_refused() {
+    let (_st, port) = registry("");
+    let (config, layer) = (br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), b"l".repeat(100));
+    upload(port, &[], "t/app", &config);
+    upload(port, &[], "t/app", &layer);
+    let m = manifest(&config, &layer);
+    for ct in [Some("text/plain"), Some("application/vnd.docker.distribution.manifest.v2+json"), None] {
+        let h: Vec<(&str, &str)> = ct.map(|c| ("Content-Type", c)).into_iter().collect();
+        let a = http(port, "PUT", "/v2/t/app/manifests/bad", &h, &m);
+        assert_eq!(a.status, 400, "{ct:?}: {}", body(&a));
+        assert!(body(&a).contains("MANIFEST_INVALID"), "{}", body(&a));
+    }
+    assert_eq!(http(port, "HEAD", "/v2/t/app/manifests/bad", &[], b"").status, 404);
+    assert_eq!(put_manifest(port, &[], "t/app", "good", &m).status, 201);
+}
+
+#[test]
+fn a_user_limited_to_a_prefix_reaches_nothing_of_other_repositories() {
+    let sha = |t: &str| digest_of(t.as_bytes()).trim_start_matches("sha256:").to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(
+        &users,
+        format!(
+            "owner {} read,push secret\nmallory {} read,push team\nreader {} read\n",
+            sha("owner-token"),
+            sha("mallory-token"),
+            sha("reader-token")
+        ),
+    )
+    .unwrap();
+    let (st, port) = registry(&format!("listen-auth-file = \"{}\"\n", users.display()));
+    let owner = [("Authorization", "Bearer owner-token")];
+    let mallory = [("Authorization", "Bearer mallory-token")];
+    let (config, layer) = (br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), b"secret".repeat(700));
+    upload(port, &owner, "secret/app", &config);
+    let dl = upload(port, &owner, "secret/app", &layer);
+    assert_eq!(put_manifest(port, &owner, "secret/app", "v1", &manifest(&config, &layer)).status, 201);
+
+    assert_eq!(http(port, "GET", &format!("/v2/secret/app/blobs/{dl}"), &mallory, b"").status, 403);
+    // A mount from a repository mallory may not read is a plain upload start: it neither
+    // mounts nor tells whether the blob is there.
+    let a = http(port, "POST", &format!("/v2/team/steal/blobs/uploads/?mount={dl}&from=secret/app"), &mallory, b"");
+    assert_eq!(a.status, 202, "{}", body(&a));
+    let a = put_manifest(port, &mallory, "team/steal", "x", &manifest(&config, &layer));
+    assert_eq!(a.status, 400, "{}", body(&a));
+    assert_eq!(http(port, "GET", &format!("/v2/team/steal/blobs/{dl}"), &mallory, b"").status, 404);
+    // The catalog lists only what mallory may read.
+    let a = http(port, "GET", "/v2/_catalog", &mallory, b"");
+    assert_eq!(a.status, 200);
+    assert!(!body(&a).contains("secret"), "{}", body(&a));
+    assert!(body(&http(port, "GET", "/v2/_catalog", &owner, b"")).contains("secret/app"));
+    // The binary cache names every store path, the image's blobs among them: not for a user
+    // limited to repositories; a user without prefixes reads it.
+    assert_eq!(http(port, "GET", "/nix-cache-info", &mallory, b"").status, 403);
+    assert_eq!(http(port, "GET", "/nix-cache-info", &owner, b"").status, 403, "owner is limited to 'secret' too");
+    assert_eq!(http(port, "GET", "/nix-cache-info", &[("Authorization", "Bearer reader-token")], b"").status, 200);
+    drop(st);
+}
