@@ -431,6 +431,53 @@ fn nix_build_makes_result_links_through_cairnd() {
     assert_eq!(targets[0], targets[1]);
 }
 
+/// A client that goes away stops its build, as `nix-daemon` stops it: the builder's processes
+/// are killed within a second or so, and nothing is registered. (The build said nothing, so
+/// no failed write to the client could tell the daemon.)
+#[test]
+fn a_build_whose_client_goes_away_is_stopped() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "long.nix",
+        br#"derivation { name = "long"; system = builtins.currentSystem; builder = "/bin/sh";
+                          args = [ "-c" "sleep 41.5; echo done > $out" ]; }"#,
+    );
+    let drv = p.ok(Side::Cairn, "nix-instantiate", &[&f]);
+    let out = p.ok(Side::Cairn, "nix-store", &["-q", "--outputs", drv.trim()]);
+    let mut client =
+        p.cmd(Side::Cairn, "nix-store").args(["--realise", drv.trim()]).stdin(Stdio::null()).spawn().unwrap();
+    let sleeping = || cairn_tests::processes(&["sleep", "41.5"]);
+    let started = std::time::Instant::now();
+    while sleeping().is_empty() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the build never started:
+{}",
+            p.cairn.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while !sleeping().is_empty() {
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(5),
+            "the build of a client that went away still runs:
+{}",
+            p.cairn.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let valid = p.run(Side::Cairn, "nix-store", &["--check-validity", out.trim()]);
+    assert!(!valid.status.success(), "the stopped build's output was registered");
+    // The daemon goes on serving.
+    p.ok(Side::Cairn, "nix-store", &["-q", "--hash", drv.trim()]);
+}
+
 /// A Nix 2.8 machine (a local store, no daemon) hands its build to cairnd as its remote
 /// builder: `ssh-ng://localhost` runs the remote program without ssh, and `cairnd --stdio`
 /// relays the session to the running cairnd.

@@ -108,6 +108,7 @@ pub(crate) async fn serve(listener: UnixListener, st: Arc<AppState>, policy: Pol
                 Ok(r) => r,
                 Err(e) => return tracing::debug!("cannot clone the connection: {e}"),
             };
+            let watch = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
             let user = peer.user.clone();
             let session = Session::new(
                 st,
@@ -115,7 +116,8 @@ pub(crate) async fn serve(listener: UnixListener, st: Arc<AppState>, policy: Pol
                 rt,
                 BufReader::with_capacity(1 << 16, reader),
                 BufWriter::with_capacity(1 << 16, stream),
-            );
+            )
+            .watching(watch);
             if let Err(e) = session.run() {
                 tracing::debug!(user, "nix session ended: {e}");
             }
@@ -138,6 +140,7 @@ pub(crate) fn serve_stdio(st: Arc<AppState>, rt: tokio::runtime::Handle) -> anyh
         rt,
         BufReader::with_capacity(1 << 16, std::io::stdin()),
         BufWriter::with_capacity(1 << 16, std::io::stdout()),
-    );
+    )
+    .watching(std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned().ok());
     session.run().map_err(|e| anyhow::anyhow!("nix session on stdin/stdout: {e}"))
 }

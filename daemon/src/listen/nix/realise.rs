@@ -52,6 +52,31 @@ struct Realised {
     stopped: u64,
 }
 
+/// Resolves once the client's end (`fd`) has hung up; never without one. A client says nothing
+/// while its build runs, so its end is looked at a few times a second rather than read.
+async fn client_gone(fd: Option<std::os::fd::BorrowedFd<'_>>) {
+    let Some(fd) = fd else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        use nix::poll::PollFlags;
+        let mut fds = [nix::poll::PollFd::new(fd, PollFlags::POLLIN)];
+        if !nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+            continue;
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        // A closed socket's or pipe's far end; or a socket with nothing left to read but its end.
+        if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+            return;
+        }
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        if revents.contains(PollFlags::POLLIN)
+            && nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&fd), &mut [0u8; 1], flags) == Ok(0)
+        {
+            return;
+        }
+    }
+}
+
 impl<R: Read, W: Write> Session<R, W> {
     /// Refuses repairs from untrusted clients, as `nix-daemon` does.
     fn check_mode(&self, mode: BuildMode) -> OpResult<()> {
@@ -88,6 +113,9 @@ impl<R: Read, W: Write> Session<R, W> {
         let rt = self.rt.clone();
         let mut activities = HashMap::new();
         let mut failures = HashMap::new();
+        // A duplicate of its own, so that the watch borrows nothing of the session.
+        let watch = self.watch.as_ref().and_then(|fd| fd.try_clone().ok());
+        let mut hung_up = false;
         let outcome = rt.block_on(async {
             let work = st.builder.realise(goals, options, tx);
             tokio::pin!(work);
@@ -99,10 +127,19 @@ impl<R: Read, W: Write> Session<R, W> {
                         Some(e) => self.on_event(e, &top, &mut activities, &mut failures),
                         None => break,
                     },
+                    // Dropping the work stops its builds (their sandboxes are killed).
+                    () = client_gone(watch.as_ref().map(std::os::fd::AsFd::as_fd)), if done.is_none() => {
+                        hung_up = true;
+                        break;
+                    }
                 }
             }
             done
         });
+        if hung_up {
+            tracing::info!(user = self.peer.user, "the client hung up: its builds were stopped");
+            return Err(Failure::Fatal("the client hung up during the build".into()));
+        }
         let outcome = outcome.ok_or_else(|| Failure::Report("the build ended without an outcome".into()))??;
         Ok(Realised { outcome, failures, started, stopped: now() })
     }

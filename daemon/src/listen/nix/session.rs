@@ -89,6 +89,9 @@ pub(crate) struct Session<R: Read, W: Write> {
     next_activity: u64,
     /// A write to the client failed during a build: it is gone.
     pub(super) gone: bool,
+    /// The client's end, watched for a hang-up while a build runs (which then stops, as
+    /// `nix-daemon` stops a build whose client went away).
+    pub(super) watch: Option<std::os::fd::OwnedFd>,
 }
 
 impl<R: Read, W: Write> Session<R, W> {
@@ -106,7 +109,14 @@ impl<R: Read, W: Write> Session<R, W> {
             temp_roots,
             next_activity: (std::process::id() as u64) << 32,
             gone: false,
+            watch: None,
         }
+    }
+
+    /// Watches `fd` (a duplicate of the client's end) for a hang-up while builds run.
+    pub(crate) fn watching(mut self, fd: Option<std::os::fd::OwnedFd>) -> Self {
+        self.watch = fd;
+        self
     }
 
     /// Runs the session until the client hangs up; an error is why it ended otherwise.
