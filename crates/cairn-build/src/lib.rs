@@ -21,6 +21,7 @@
 //! closure, bind-mounted read-only, and an empty directory for their outputs. Outputs enter the
 //! store only through `cairn-store`'s batch, as NARs whose hash was computed here.
 
+pub mod buildenv;
 pub mod checks;
 pub mod derivations;
 pub mod fetchurl;

@@ -207,6 +207,7 @@ pub struct Builder {
     freed: Arc<Notify>,
 }
 
+mod buildenv_build;
 mod fetchurl_build;
 
 /// A derivation scheduled in one request.
@@ -636,6 +637,16 @@ impl Builder {
             .map_err(|e| e.to_string())?;
         if node.drv.builder == FETCHURL && !self.has_builtin(FETCHURL) {
             return Ok(self.build_fetchurl(drv_path, node, &impure, options, events).await?);
+        }
+        if node.drv.builder == crate::buildenv::BUILDENV && !self.has_builtin(crate::buildenv::BUILDENV) {
+            if node.mode != NodeMode::Build {
+                return Err(format!(
+                    "cannot check or repair '{shown}': builder '{}' runs in the daemon",
+                    node.drv.builder
+                )
+                .into());
+            }
+            return Ok(self.build_buildenv(drv_path, node, options, events).await?);
         }
         if node.drv.builder.starts_with("builtin:") {
             if node.mode != NodeMode::Build {

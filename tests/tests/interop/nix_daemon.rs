@@ -431,6 +431,43 @@ fn nix_build_makes_result_links_through_cairnd() {
     assert_eq!(targets[0], targets[1]);
 }
 
+/// `nix-env -i` through cairnd: the user environment (`builtin:buildenv`) is the one
+/// `nix-daemon` makes — same path, same NAR, same references — with two packages' directories
+/// merged, a priority deciding a collision, and a propagated package.
+#[test]
+fn nix_env_installs_into_a_profile_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "env.nix",
+        br#"let sh = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+    extra = sh "extra" "mkdir -p $out/bin; echo extra > $out/bin/extra";
+in {
+  one = sh "one" "mkdir -p $out/bin $out/share/doc/one; echo one > $out/bin/one; echo same > $out/bin/both; echo d > $out/share/doc/one/README";
+  two = (sh "two" "mkdir -p $out/bin $out/share/doc/two $out/nix-support; echo two > $out/bin/two; echo other > $out/bin/both; echo d > $out/share/doc/two/README; echo ${extra} > $out/nix-support/propagated-user-env-packages") // { meta.priority = 7; };
+}"#,
+    );
+    let mut profiles = Vec::new();
+    for side in [Side::Cairn, Side::Nix] {
+        let profile = p.work.path().join(format!("profile-{side:?}/p"));
+        std::fs::create_dir_all(profile.parent().unwrap()).unwrap();
+        let profile = profile.to_str().unwrap().to_owned();
+        p.ok(side, "nix-env", &["-p", &profile, "-f", &f, "-iA", "one", "two"]);
+        // p -> p-1-link -> the user environment's store path.
+        let generation = Path::new(&profile).parent().unwrap().join(std::fs::read_link(&profile).unwrap());
+        profiles.push(std::fs::read_link(generation).unwrap());
+    }
+    assert_eq!(profiles[0], profiles[1], "the user environments differ");
+    let env = profiles[0].to_str().unwrap();
+    p.same("nix-store", &["-q", "--hash", env]);
+    p.same("nix-store", &["-q", "--references", env]);
+    // The collision went to the lower priority number (one's 5 before two's 7).
+    let both = p.cairn.root.path().join(env.trim_start_matches('/')).join("bin/both");
+    assert!(std::fs::read_link(&both).unwrap().to_str().unwrap().ends_with("-one/bin/both"));
+}
+
 /// A client that goes away stops its build, as `nix-daemon` stops it: the builder's processes
 /// are killed within a second or so, and nothing is registered. (The build said nothing, so
 /// no failed write to the client could tell the daemon.)

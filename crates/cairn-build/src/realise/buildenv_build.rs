@@ -1,0 +1,105 @@
+//! `builtin:buildenv` as one build: the user environment of `nix-env` and profiles, made in the
+//! daemon by [`crate::buildenv`] into a build directory laid out as a sandboxed build's
+//! (`<top>/root/<store>/<output>`), then registered through the same [`Builder::register`] as
+//! any build's, its references found among its inputs' closure. Nix runs this builder inside
+//! the sandbox, where only the store is visible; [`crate::buildenv`] reads the store alone.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cairn_nix::StorePath;
+use tokio::sync::mpsc;
+
+use super::{Builder, Event, Node};
+use crate::buildenv::{self, StoreView, Target};
+use crate::sandbox::under;
+
+impl Builder {
+    /// Makes and registers the output of a `builtin:buildenv` derivation; the error is the
+    /// message to report.
+    pub(super) async fn build_buildenv(
+        self: &Arc<Self>,
+        drv_path: &StorePath,
+        node: &Node,
+        options: &super::Options,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> Result<BTreeMap<String, StorePath>, super::Failure> {
+        let dir = self.store.store_dir().clone();
+        let shown = dir.display(drv_path);
+        let failed = |m: String| format!("builder for '{shown}' failed: {m}");
+        let packages = buildenv::packages(&node.drv.env).map_err(|e| failed(e.to_string()))?;
+        let manifest = buildenv::manifest(&node.drv.env).map_err(|e| failed(e.to_string()))?.to_owned();
+        let out =
+            node.outputs.get("out").ok_or_else(|| failed("'builtin:buildenv' requires an 'out' output".into()))?;
+
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = drv_path.name().trim_end_matches(".drv").to_owned();
+        let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
+        let logical = dir.display(out);
+        let dest = under(&top.join("root"), &logical);
+        let _roots = self.store.temp_root(node.inputs.iter().chain(node.outputs.values()).cloned());
+        let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
+        let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
+
+        let made = {
+            let (this, top, dest, inputs) = (self.clone(), top.clone(), dest.clone(), node.inputs.clone());
+            tokio::task::spawn_blocking(move || -> Result<(buildenv::Summary, Vec<StorePath>), String> {
+                std::fs::create_dir(&top).map_err(|e| format!("create build directory '{}': {e}", top.display()))?;
+                std::fs::set_permissions(&top, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .map_err(|e| e.to_string())?;
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                let store_dir = this.store.store_dir().as_str().to_owned();
+                let real_dir = this.store.layout().real_store_dir.clone();
+                let real = move |p: &str| real_dir.join(p.rsplit('/').next().unwrap_or(p));
+                let view = StoreView { dir: &store_dir, real: &real };
+                let summary =
+                    buildenv::build(&Target { host: &dest, logical: &logical }, &packages, Some(&manifest), &view)
+                        .map_err(|e| e.to_string())?;
+                // References are found among what the environment could point at.
+                let closure =
+                    this.store.walk(&inputs, cairn_store::Direction::References).map_err(|e| e.to_string())?;
+                Ok((summary, closure))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        };
+        let result = match made {
+            Err(e) => {
+                let _ = log.line(format!("error: {e}").as_bytes());
+                Err(failed(e).into())
+            }
+            Ok((summary, closure)) => {
+                for w in &summary.warnings {
+                    let line = format!("warning: {w}");
+                    let _ = log.line(line.as_bytes());
+                    let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
+                }
+                let line = format!("created {} symlinks in user environment", summary.symlinks);
+                let _ = log.line(line.as_bytes());
+                let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
+                let this = self.clone();
+                let (drv_path, drv, outputs, top) =
+                    (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
+                let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
+                tokio::task::spawn_blocking(move || {
+                    this.register(&drv_path, &drv, &outputs, &closure, &top, &mode, keep_failed)
+                })
+                .await
+                .map_err(|e| super::Failure::from(e.to_string()))
+                .and_then(|r| r)
+            }
+        };
+        if let Err(e) = log.finish() {
+            tracing::warn!("cannot keep the log of {shown}: {e}");
+        }
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::root::remove(&top) {
+                tracing::warn!("cannot remove build directory '{}': {e}", top.display());
+            }
+        });
+        result
+    }
+}
