@@ -496,7 +496,7 @@ impl Settings {
             timeout: file.timeout.unwrap_or(0),
             max_silent_time: file.max_silent_time.unwrap_or(0),
             build_max_processes: file.build_max_processes.unwrap_or(4096),
-            sandbox_dev_shm_size: file.sandbox_dev_shm_size.unwrap_or_else(|| "64M".to_owned()),
+            sandbox_dev_shm_size: file.sandbox_dev_shm_size.unwrap_or_else(|| "50%".to_owned()),
             build_max_output_size: file.build_max_output_size.unwrap_or(0),
             sandbox_paths: file.sandbox_paths.unwrap_or_default(),
             build_dir: file.build_dir.unwrap_or_else(std::env::temp_dir),
@@ -611,7 +611,7 @@ mod tests {
     #[test]
     fn build_limits_default_to_protecting_the_host() {
         let s = Settings::resolve(ConfigFile::default(), Overrides::default(), false);
-        assert_eq!((s.build_max_processes, s.sandbox_dev_shm_size.as_str(), s.build_max_output_size), (4096, "64M", 0));
+        assert_eq!((s.build_max_processes, s.sandbox_dev_shm_size.as_str(), s.build_max_output_size), (4096, "50%", 0));
         let file = ConfigFile::parse(
             "build-max-processes = 64\nsandbox-dev-shm-size = \"8M\"\nbuild-max-output-size = 1048576",
             Path::new("c"),

@@ -27,6 +27,9 @@ const SPILL: usize = 8 << 20;
 pub enum OutputError {
     #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
     Missing { drv: String, output: String, path: String },
+    /// As Nix: someone other than the builder could have written into it.
+    #[error("suspicious ownership or permission on '{path}' for output '{output}'; rejecting this build output")]
+    Suspicious { output: String, path: String },
     #[error("hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}")]
     HashMismatch { drv: String, specified: String, got: String },
     #[error(
@@ -154,6 +157,9 @@ pub fn collect(
             })
         }
     };
+    if !meta.file_type().is_symlink() && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o022 != 0 {
+        return Err(OutputError::Suspicious { output: expect.output.to_owned(), path: expect.display.to_owned() });
+    }
     let other = match &expect.fixed {
         Some((FileIngestionMethod::Recursive, h)) if h.algo() != HashAlgo::Sha256 => Some(Hasher::new(h.algo())),
         _ => None,

@@ -648,6 +648,13 @@ impl Builder {
             }
             return Ok(self.build_buildenv(drv_path, node, options, events).await?);
         }
+        // Builds are always sandboxed here, as Nix's are with `sandbox = true`.
+        if node.drv.env.get("__noChroot").is_some_and(|v| v == "1") {
+            return Err(format!(
+                "derivation '{shown}' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"
+            )
+            .into());
+        }
         if node.drv.builder.starts_with("builtin:") {
             if node.mode != NodeMode::Build {
                 return Err(format!(

@@ -45,6 +45,9 @@ pub const NETWORK_FILES: &[&str] = &["/etc/resolv.conf", "/etc/services", "/etc/
 /// Device nodes bound from the host's `/dev`. Not `/dev/tty`: see the module's doc.
 const DEVICES: &[&str] = &["/dev/full", "/dev/null", "/dev/random", "/dev/urandom", "/dev/zero"];
 
+/// The device of derivations that require the `kvm` system feature.
+const KVM: &str = "/dev/kvm";
+
 /// Who owns a created entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Owner {
@@ -234,7 +237,21 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
     for d in DEVICES {
         bind(&mut sk, PathBuf::from(d), (*d).to_owned(), false, false);
     }
+    // A derivation that asks for the `kvm` feature gets the device, as Nix gives it.
+    let kvm = crate::requirements::Attrs::new(drv, "derivation")
+        .and_then(|a| a.required_features())
+        .is_ok_and(|f| f.contains("kvm"));
+    if kvm && Path::new(KVM).exists() {
+        bind(&mut sk, PathBuf::from(KVM), KVM.to_owned(), false, false);
+    }
     if fixed {
+        // Only files and DNS resolve names: no other name service of the host leaks in.
+        sk.push(Node::File {
+            path: "/etc/nsswitch.conf".into(),
+            contents: b"hosts: files dns\nservices: files\n".to_vec(),
+            mode: 0o444,
+            owner: Owner::Daemon,
+        });
         for f in NETWORK_FILES {
             if Path::new(f).exists() {
                 bind(&mut sk, PathBuf::from(f), (*f).to_owned(), false, true);
@@ -300,7 +317,7 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
             sk.push(Node::File {
                 path: path.clone(),
                 contents: v.as_bytes().to_vec(),
-                mode: 0o444,
+                mode: 0o644,
                 owner: Owner::Builder,
             });
             env.insert(format!("{k}Path"), path);
@@ -340,7 +357,7 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
             path: format!("{BUILD_TOP}/{file}"),
             contents: contents.clone(),
             mode: 0o644,
-            owner: Owner::Daemon,
+            owner: Owner::Builder,
         });
     }
 

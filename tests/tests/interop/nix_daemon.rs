@@ -468,6 +468,51 @@ in {
     assert!(std::fs::read_link(&both).unwrap().to_str().unwrap().ends_with("-one/bin/both"));
 }
 
+/// Sandbox rules as Nix 2.8 applies them: `__noChroot` refused under a sandbox, a group- or
+/// world-writable output rejected, `passAsFile` and `exportReferencesGraph` files the builder's
+/// own to change, `/etc/nsswitch.conf` for a fixed-output build, `/dev/shm` as large as Nix's.
+#[test]
+fn sandbox_rules_match_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "rules.nix",
+        br#"let sh = name: script: extra: derivation ({ inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; } // extra);
+    dep = sh "dep" "echo dep > $out" {};
+in {
+  nochroot = sh "nochroot" "echo x > $out" { __noChroot = true; };
+  writable = sh "writable" "mkdir $out; echo a > $out/a; chmod 777 $out" {};
+  passfile = sh "passfile" "echo more >> $textPath; echo more >> g; cat $textPath g > $out" { passAsFile = [ "text" ]; text = "a"; exportReferencesGraph = [ "g" dep ]; };
+  nss = sh "nss" "cat /etc/nsswitch.conf > $out" { outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"; };
+  shm = sh "shm" "dd if=/dev/zero of=/dev/shm/big bs=1M count=80 2>/dev/null && echo ok > $out" {};
+}"#,
+    );
+    for (attr, succeeds, says) in [
+        ("nochroot", false, "has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"),
+        ("writable", false, "suspicious ownership or permission on"),
+        ("passfile", true, ""),
+        ("shm", true, ""),
+    ] {
+        let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", attr]);
+        assert_eq!(c.status.success(), succeeds, "{attr}: {}", String::from_utf8_lossy(&c.stderr));
+        if succeeds {
+            assert_eq!(c.stdout, n.stdout, "{attr}");
+        } else {
+            let (ce, ne) = (String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr));
+            assert!(ce.contains(says) && ne.contains(says), "{attr}:\ncairnd: {ce}\nnix-daemon: {ne}");
+        }
+    }
+    // The fixed output's hash is not that of nsswitch.conf: both fail, and say what they got.
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "nss"]);
+    let got = |o: &Output| {
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        e.lines().find(|l| l.trim_start().starts_with("got:")).map(|l| l.trim().to_owned()).unwrap_or(e)
+    };
+    assert_eq!(got(&c), got(&n), "/etc/nsswitch.conf differs in a fixed-output build");
+}
+
 /// A client that goes away stops its build, as `nix-daemon` stops it: the builder's processes
 /// are killed within a second or so, and nothing is registered. (The build said nothing, so
 /// no failed write to the client could tell the daemon.)
