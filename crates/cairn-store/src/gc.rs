@@ -473,6 +473,25 @@ impl LocalStore {
         moved.count(&trash)
     }
 
+    /// Removes what the store directory holds under `p` if `p` is not a valid path and no
+    /// operation holds it (Nix's deletion of a path that is not valid: its leftovers go, and
+    /// nothing else is asked). Returns whether there was anything.
+    pub fn remove_unregistered_path(&self, p: &StorePath) -> Result<bool> {
+        let _one = self.gc_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fs::symlink_metadata(self.real_path(p)).is_err() {
+            return Ok(false);
+        }
+        let Some(_lock) = self.locks.try_lock(p) else { return Ok(false) };
+        if self.is_valid(p)? {
+            return Ok(false);
+        }
+        let mut moved = Moved::default();
+        tracing::info!(path = %p, "removing unregistered contents");
+        self.remove_contents(p, &mut moved)?;
+        self.reclaimer.added(moved.bytes);
+        Ok(true)
+    }
+
     /// Removes entries of the store directory that are not valid paths and that no operation
     /// holds (what a crash between placing and registering leaves).
     fn remove_unregistered(&self, moved: &mut Moved) -> Result<usize> {

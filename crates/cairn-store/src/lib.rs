@@ -631,7 +631,8 @@ impl LocalStore {
     }
 }
 
-/// The metadata of a path this store computed from its contents.
+/// The metadata of a path this store computed from its contents. Not `ultimate`: that marks
+/// what was built here, and Nix leaves it unset on what it adds.
 fn content_addressed(
     path: StorePath,
     nar_hash: Hash,
@@ -646,7 +647,7 @@ fn content_addressed(
         references,
         deriver: None,
         registration_time: now(),
-        ultimate: true,
+        ultimate: false,
         signatures: BTreeSet::new(),
         ca: Some(ca),
     }

@@ -468,6 +468,40 @@ in {
     assert!(std::fs::read_link(&both).unwrap().to_str().unwrap().ends_with("-one/bin/both"));
 }
 
+/// Paths that are not valid are answered as Nix answers them: no referrers, no roots, and a
+/// deletion that succeeds (removing a leftover of that name); and what `nix-store --add`
+/// registers is not marked `ultimate` (that marks what was built).
+#[test]
+fn paths_that_are_not_valid_and_added_paths_are_answered_as_nix_daemon_does() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let gone = "/nix/store/00000000000000000000000000000000-nope";
+    for args in [
+        &["-q", "--referrers", gone][..],
+        &["-q", "--referrers-closure", gone],
+        &["-q", "--roots", gone],
+        &["--delete", gone],
+    ] {
+        let (c, n) = p.alike("nix-store", args);
+        assert_eq!(c.stdout, n.stdout, "{args:?}");
+        assert!(c.status.success(), "{args:?}: {}", String::from_utf8_lossy(&c.stderr));
+    }
+    // A leftover under a name that is not valid goes with the deletion.
+    let stray = "/nix/store/11111111111111111111111111111111-stray";
+    let host = p.cairn.root.path().join(stray.trim_start_matches('/'));
+    std::fs::write(&host, b"left over").unwrap();
+    p.ok(Side::Cairn, "nix-store", &["--delete", stray]);
+    assert!(!host.exists(), "the leftover is still there");
+    let file = p.write("added", b"added\n");
+    let path = p.same("nix-store", &["--add", &file]);
+    for side in [Side::Cairn, Side::Nix] {
+        let json = p.ok(side, "nix", &["path-info", "--json", path.trim()]);
+        assert!(!json.contains("\"ultimate\""), "{side:?}: {json}");
+    }
+}
+
 /// Sandbox rules as Nix 2.8 applies them: `__noChroot` refused under a sandbox, a group- or
 /// world-writable output rejected, `passAsFile` and `exportReferencesGraph` files the builder's
 /// own to change, `/etc/nsswitch.conf` for a fixed-output build, `/dev/shm` as large as Nix's.

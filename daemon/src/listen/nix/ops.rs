@@ -113,6 +113,8 @@ impl<R: Read, W: Write> Session<R, W> {
             Q::QueryPathInfo(p) => Response::PathInfo(store.path_info(&p)?.as_ref().map(wire_info)),
             Q::QueryPathHash(p) => Response::Text(store.valid_path_info(&p)?.nar_hash.encode(Encoding::Base16)),
             Q::QueryReferences(p) => Response::PathSet(store.valid_path_info(&p)?.references),
+            // As Nix's: a path that is not valid has no referrers (not an error).
+            Q::QueryReferrers(p) if !store.is_valid(&p)? => Response::PathSet(BTreeSet::new()),
             Q::QueryReferrers(p) => Response::PathSet(store.referrers(&p)?),
             Q::QueryDeriver(p) => Response::OptPath(store.valid_path_info(&p)?.deriver),
             Q::QueryValidDerivers(p) => Response::PathSet(store.valid_derivers(&p)?),
@@ -281,9 +283,19 @@ impl<R: Read, W: Write> Session<R, W> {
                 GcResults { paths: shown(r.deleted), bytes_freed: r.bytes_freed }
             }
             GcAction::DeleteSpecific => {
-                let paths: Vec<StorePath> = o.paths_to_delete.into_iter().collect();
-                let r = store.delete_paths(&paths)?;
-                GcResults { paths: shown(r.deleted), bytes_freed: r.bytes_freed }
+                // As Nix: a path that is not valid is dead and counts as deleted, and what the
+                // store directory holds under its name (a leftover) is removed; only valid paths
+                // can be alive.
+                let (valid, invalid): (Vec<StorePath>, Vec<StorePath>) =
+                    o.paths_to_delete.into_iter().partition(|p| store.is_valid(p).unwrap_or(true));
+                let mut deleted = Vec::new();
+                for p in invalid {
+                    store.remove_unregistered_path(&p)?;
+                    deleted.push(p);
+                }
+                let r = if valid.is_empty() { cairn_store::GcReport::default() } else { store.delete_paths(&valid)? };
+                deleted.extend(r.deleted);
+                GcResults { paths: shown(deleted), bytes_freed: r.bytes_freed }
             }
         })
     }
