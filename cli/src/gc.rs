@@ -135,6 +135,9 @@ impl VerifyArgs {
         if json {
             print_json(&r)?;
         } else {
+            for line in &r.forgotten {
+                eprintln!("{line}");
+            }
             for p in &r.problems {
                 println!("{}", p.message);
             }

@@ -64,5 +64,6 @@ pub fn verify_result(dir: &StoreDir, r: cairn_store::VerifyReport) -> cairn_api:
             })
             .collect(),
         repaired: r.repaired,
+        forgotten: r.forgotten,
     }
 }

@@ -496,6 +496,10 @@ pub struct VerifyResult {
     pub checked: u64,
     pub problems: Vec<VerifyProblem>,
     pub repaired: u64,
+    /// Paths whose contents had disappeared and that no valid path referred to: removed from
+    /// the database (as `nix-store --verify` removes them), one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forgotten: Vec<String>,
 }
 
 /// The refusal of an import by an untrusted user; the CLI says it before uploading, the daemon

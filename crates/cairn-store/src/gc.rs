@@ -370,7 +370,7 @@ impl LocalStore {
                 while i < order.len() && max_freed.is_none_or(|m| estimate < m) {
                     let end = (i + BATCH).min(order.len());
                     let mut batch = Vec::with_capacity(end - i);
-                    self.invalidate_batch(&order[i..end], |j, p| {
+                    self.invalidate_batch(&order[i..end], false, |j, p| {
                         if max_freed.is_some_and(|m| estimate >= m) {
                             return false;
                         }
@@ -396,7 +396,14 @@ impl LocalStore {
 
     /// One batch of the sweep, under the deletion lock: `take(index, path)` decides, for each
     /// path still deletable, whether it goes; those that go leave the graph and the database.
-    fn invalidate_batch(&self, paths: &[StorePath], mut take: impl FnMut(usize, &StorePath) -> bool) -> Result<()> {
+    /// Invalidates those of `paths` (in order) that no valid path refers to and that `take`
+    /// accepts; with `in_use_too`, also paths an operation holds (their contents are gone).
+    pub(crate) fn invalidate_batch(
+        &self,
+        paths: &[StorePath],
+        in_use_too: bool,
+        mut take: impl FnMut(usize, &StorePath) -> bool,
+    ) -> Result<()> {
         let temp = self.temp.lock();
         let mut graph = self.graph_write();
         // Loaded here, under the write lock: a failed registration may have dropped the graph
@@ -408,7 +415,7 @@ impl LocalStore {
         let mut gone = Vec::new();
         for (j, p) in paths.iter().enumerate() {
             let Some(id) = g.id(p) else { continue };
-            if temp.contains(p) || g.is_referenced(id) || !take(j, p) {
+            if (temp.contains(p) && !in_use_too) || g.is_referenced(id) || !take(j, p) {
                 continue;
             }
             g.remove_node(id);

@@ -45,6 +45,9 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
     /// Paths repaired (filled in by whoever repairs).
     pub repaired: u64,
+    /// Paths whose contents had disappeared and that were removed from the database (no valid
+    /// path referred to them), one line each, as Nix logs them.
+    pub forgotten: Vec<String>,
 }
 
 impl LocalStore {
@@ -73,9 +76,42 @@ impl LocalStore {
             }
         });
         let mut problems = problems.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.forget_vanished(&mut problems, &mut report.forgotten)?;
         problems.sort();
         report.problems.extend(problems);
         Ok(report)
+    }
+
+    /// As Nix's `verifyStore`: a path whose contents disappeared is removed from the database
+    /// unless a path that is still valid refers to it (then it stays a problem, worded as
+    /// Nix's). Paths that vanished together go together, referrers first.
+    fn forget_vanished(&self, problems: &mut Vec<Problem>, forgotten: &mut Vec<String>) -> Result<()> {
+        let vanished: Vec<StorePath> =
+            problems.iter().filter(|p| p.kind == "missing").filter_map(|p| p.path.clone()).collect();
+        if vanished.is_empty() {
+            return Ok(());
+        }
+        let gone = |p: &StorePath| std::fs::symlink_metadata(self.real_path(p)).is_err();
+        // Each pass invalidates those no valid path refers to any more.
+        for _ in 0..vanished.len() {
+            let before = vanished.iter().filter(|p| self.is_valid(p).unwrap_or(true)).count();
+            self.invalidate_batch(&vanished, true, |_, p| gone(p))?;
+            let after = vanished.iter().filter(|p| self.is_valid(p).unwrap_or(true)).count();
+            if after == 0 || after == before {
+                break;
+            }
+        }
+        for problem in problems.iter_mut().filter(|p| p.kind == "missing") {
+            let Some(path) = &problem.path else { continue };
+            let shown = self.store_dir().display(path);
+            if self.is_valid(path)? {
+                problem.message = format!("path '{shown}' disappeared, but it still has valid referrers!");
+            } else {
+                forgotten.push(format!("path '{shown}' disappeared, removing from database..."));
+            }
+        }
+        problems.retain(|p| p.kind != "missing" || p.path.as_ref().is_some_and(|p| self.is_valid(p).unwrap_or(true)));
+        Ok(())
     }
 
     /// Whether the in-memory graph (if loaded) differs from the database. The database is read

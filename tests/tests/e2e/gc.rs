@@ -469,17 +469,34 @@ fn verify_finds_modified_and_missing_paths() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].starts_with(&format!("path '{t}' was modified! expected hash 'sha256:")), "{}", found[0]);
 
-    // Remove another path's file.
+    // Remove another path's file: as `nix-store --verify`, a path that disappeared and that no
+    // valid path refers to is removed from the database (see below for one that is referred to).
     let gone = st.real_store_dir().join(base(&g));
     fs::set_permissions(&gone, fs::Permissions::from_mode(0o644)).unwrap();
     fs::remove_file(&gone).unwrap();
     let out = st.run(&["verify"], b"");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with(&format!("path '{g}' disappeared, removing from database...\n")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!st.run(&["path-info", &g], b"").status.success(), "{g} is still valid");
+    // Add it back, referred to by another path, and remove it again: it stays, a problem.
+    assert_eq!(
+        add_text(&st, "gone", &format!("verify test: refers to {n}\n"), &[&n], Some(&links.path().join("g"))),
+        g
+    );
+    let r = add_text(&st, "referrer", &format!("verify test: refers to {g}\n"), &[&g], Some(&links.path().join("r")));
+    fs::set_permissions(&gone, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::remove_file(&gone).unwrap();
+    let out = st.run(&["verify"], b"");
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(text(out.stdout), format!("path '{g}' disappeared, but it is still valid\n"));
+    assert_eq!(text(out.stdout), format!("path '{g}' disappeared, but it still has valid referrers!\n"));
     let out = st.run(&["verify", "--check-contents", "--json"], b"");
     assert_eq!(out.status.code(), Some(1));
     let v = json(&text(out.stdout));
-    assert_eq!(v["checked"], 3);
+    assert_eq!(v["checked"], 4);
     assert_eq!(v["repaired"], 0);
     let kinds: BTreeMap<String, String> = v["problems"]
         .as_array()
@@ -515,8 +532,9 @@ fn verify_finds_modified_and_missing_paths() {
     // The broken paths can be collected like any other, and the store is whole again.
     fs::remove_file(links.path().join("t")).unwrap();
     fs::remove_file(links.path().join("g")).unwrap();
-    let r = gc_json(&st, &[]);
-    assert_eq!(set(&r.deleted), set([&t, &g]));
+    fs::remove_file(links.path().join("r")).unwrap();
+    let collected = gc_json(&st, &[]);
+    assert_eq!(set(&collected.deleted), set([&t, &g, &r]));
     assert_eq!(assert_verify_clean(&st, "after collecting the broken paths"), 1);
     assert_eq!(line(&st.ok(&["add", s(&tree)])), t, "the tree adds again at the same path");
     assert_eq!(assert_verify_clean(&st, "after adding the tree again"), 2);

@@ -500,6 +500,16 @@ fn paths_that_are_not_valid_and_added_paths_are_answered_as_nix_daemon_does() {
         let json = p.ok(side, "nix", &["path-info", "--json", path.trim()]);
         assert!(!json.contains("\"ultimate\""), "{side:?}: {json}");
     }
+    // A path whose contents disappeared, and that nothing refers to, leaves the database at
+    // the next --verify.
+    for root in [p.cairn.root.path().to_owned(), p.nix.root()] {
+        let real = root.join(path.trim().trim_start_matches('/'));
+        std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        std::fs::remove_file(real).unwrap();
+    }
+    let (c, _) = p.alike("nix-store", &["--verify"]);
+    assert!(String::from_utf8_lossy(&c.stderr).contains("disappeared, removing from database"), "{c:?}");
+    p.alike("nix-store", &["--check-validity", path.trim()]);
 }
 
 /// Sandbox rules as Nix 2.8 applies them: `__noChroot` refused under a sandbox, a group- or

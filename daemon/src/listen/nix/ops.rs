@@ -314,6 +314,9 @@ impl<R: Read, W: Write> Session<R, W> {
             return Ok(left);
         }
         let report = self.st.store.verify(cairn_store::VerifyOptions { check_contents })?;
+        for line in &report.forgotten {
+            self.log_line(line);
+        }
         for p in &report.problems {
             self.log_line(&p.message);
         }
