@@ -317,13 +317,15 @@ impl Builder {
         };
         // The client's own cap on parallel builds, within the daemon's.
         let request_jobs = options.limits.max_jobs.filter(|&n| n > 0).unwrap_or(usize::MAX);
+        // A request that asks for max-jobs 0 builds nothing here (only on remote builders).
+        let local = options.limits.max_jobs != Some(0);
         // Ready builds, in plan order; each starts when it gets a job slot.
         let mut ready: VecDeque<StorePath> = order.iter().filter(|p| remaining[*p] == 0).cloned().collect();
         loop {
             let joined = tokio::select! {
                 biased;
                 joined = set.join_next(), if !set.is_empty() => joined,
-                slot = self.slot_for(ready.front().and_then(|p| nodes.get(p).map(|n| (p, n))), &machines), if !ready.is_empty() && !stopped && set.len() < request_jobs => {
+                slot = self.slot_for(ready.front().and_then(|p| nodes.get(p).map(|n| (p, n))), &machines, local), if !ready.is_empty() && !stopped && set.len() < request_jobs => {
                     if let Some(p) = ready.pop_front() {
                         spawn(&mut set, p, slot);
                     }
@@ -622,7 +624,11 @@ impl Builder {
                     drop(r);
                     slot = unless_cancelled(
                         &mut cancelled,
-                        self.slot_for(Some((drv_path, node)), &self.machines(options)),
+                        self.slot_for(
+                            Some((drv_path, node)),
+                            &self.machines(options),
+                            options.limits.max_jobs != Some(0),
+                        ),
                     )
                     .await?
                     .map_err(Failure::from)?;
@@ -679,7 +685,7 @@ impl Builder {
         let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
         let host_ids = uid_slot.ids();
         let t0 = std::time::Instant::now();
-        let cores = options.limits.cores.filter(|&c| c > 0).unwrap_or(self.settings.cores);
+        let cores = options.limits.cores.unwrap_or(self.settings.cores);
         let prepared = {
             let top = top.clone();
             tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure, cores))

@@ -512,6 +512,30 @@ fn paths_that_are_not_valid_and_added_paths_are_answered_as_nix_daemon_does() {
     p.alike("nix-store", &["--check-validity", path.trim()]);
 }
 
+/// The client's `--max-jobs 0` builds nothing locally, and its `--cores 0` reaches the builder
+/// as `NIX_BUILD_CORES=0` ("use them all"), as with `nix-daemon`.
+#[test]
+fn a_client_s_max_jobs_0_and_cores_0_mean_what_they_mean_to_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "opts.nix",
+        br#"{ salt }: derivation { name = "cores-${salt}"; system = builtins.currentSystem; builder = "/bin/sh";
+                               args = [ "-c" "echo $NIX_BUILD_CORES > $out" ]; }"#,
+    );
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "--argstr", "salt", "j0", "--max-jobs", "0"]);
+    assert!(!c.status.success());
+    for e in [&c.stderr, &n.stderr] {
+        let e = String::from_utf8_lossy(e);
+        assert!(e.contains("unable to start any build; either increase '--max-jobs' or enable remote builds"), "{e}");
+    }
+    let out = p.same("nix-build", &["--no-out-link", &f, "--argstr", "salt", "c0", "--cores", "0"]);
+    let built = p.cairn.root.path().join(out.trim().trim_start_matches('/'));
+    assert_eq!(std::fs::read_to_string(built).unwrap(), "0\n");
+}
+
 /// Sandbox rules as Nix 2.8 applies them: `__noChroot` refused under a sandbox, a group- or
 /// world-writable output rejected, `passAsFile` and `exportReferencesGraph` files the builder's
 /// own to change, `/etc/nsswitch.conf` for a fixed-output build, `/dev/shm` as large as Nix's.

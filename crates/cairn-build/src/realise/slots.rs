@@ -59,6 +59,7 @@ impl Builder {
         &self,
         ready: Option<(&StorePath, &Node)>,
         machines: &[Arc<Remote>],
+        local: bool,
     ) -> Result<Slot, String> {
         let Some((drv_path, node)) = ready else { return std::future::pending().await };
         let shown = self.store.store_dir().display(drv_path);
@@ -67,7 +68,8 @@ impl Builder {
         // Builtin builders run in the daemon, and checks and repairs compare with this store:
         // those run here, even with max-jobs = 0.
         let only_here = node.mode != NodeMode::Build || node.drv.builder.starts_with("builtin:");
-        let local_allowed = self.settings.max_jobs > 0 || only_here;
+        // `local` is false when the request itself asked for no local builds (max-jobs 0).
+        let local_allowed = (self.settings.max_jobs > 0 && local) || only_here;
         let local_can = local_allowed && self.settings.host.check(&node.drv, &shown).is_ok();
         let prefer_here = local_can && attrs.as_ref().is_some_and(|a| a.prefer_local_build().unwrap_or(false));
         let remote_allowed = !(only_here || prefer_here);
@@ -94,7 +96,7 @@ impl Builder {
                     return Ok(Slot::Local(LocalSlot { _permit: permit, freed: self.freed.clone() }));
                 }
             } else if suitable.is_empty() {
-                return Err(self.nowhere(&shown, node, &features, machines));
+                return Err(self.nowhere(&shown, node, &features, machines, local));
             } else if suitable.iter().all(|m| m.down()) {
                 let why: Vec<String> = suitable
                     .iter()
@@ -119,7 +121,12 @@ impl Builder {
         node: &Node,
         features: &std::collections::BTreeSet<String>,
         machines: &[Arc<Remote>],
+        local: bool,
     ) -> String {
+        if !local && machines.is_empty() {
+            // The client's own max-jobs 0, in Nix's words.
+            return "unable to start any build; either increase '--max-jobs' or enable remote builds.".to_owned();
+        }
         let wanted = format!(
             "a '{}' with features {{{}}} is required to build '{shown}'",
             node.drv.platform,
@@ -134,7 +141,7 @@ impl Builder {
             machines.iter().map(|m| format!("'{}' ({})", m.uri(), m.machine.systems.join(", "))).collect();
         format!(
             "{wanted}, but {} and no builder matches (builders: {})",
-            if self.settings.max_jobs == 0 {
+            if self.settings.max_jobs == 0 || !local {
                 "max-jobs is 0".to_owned()
             } else {
                 format!("I am a '{}'", self.settings.host.system)

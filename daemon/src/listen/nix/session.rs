@@ -289,10 +289,12 @@ impl<R: Read, W: Write> Session<R, W> {
         let timeout =
             o.overrides.get("timeout").or_else(|| o.overrides.get("build-timeout")).and_then(|v| v.parse().ok());
         cairn_build::RequestLimits {
-            max_jobs: (o.max_build_jobs > 0).then_some(o.max_build_jobs as usize),
+            // 0 is the client's "no local builds" (Nix's --max-jobs 0), not "no cap".
+            max_jobs: Some(o.max_build_jobs as usize),
             timeout: timeout.and_then(secs),
             max_silent: secs(u64::from(o.max_silent_time)),
-            cores: (o.build_cores > 0).then_some(o.build_cores as usize),
+            // Passed on as given: 0 tells the builder to use every core (NIX_BUILD_CORES=0).
+            cores: Some(o.build_cores as usize),
         }
     }
 }
