@@ -362,8 +362,12 @@ impl Builder {
                         if failed.contains_key(&d) {
                             continue;
                         }
-                        let dep = self.store.store_dir().display(&p);
-                        failed.insert(d.clone(), format!("dependency '{dep}' failed"));
+                        // In Nix's words: how many of its own inputs failed.
+                        let n = nodes
+                            .get(&d)
+                            .map_or(1, |n| n.deps.iter().filter(|x| failed.contains_key(*x)).count().max(1));
+                        let shown = self.store.store_dir().display(&d);
+                        failed.insert(d.clone(), format!("{n} dependencies of derivation '{shown}' failed to build"));
                         queue.extend(dependents.get(&d).cloned().unwrap_or_default());
                     }
                 }

@@ -274,7 +274,7 @@ in { bad = sh "bad" "echo first line; echo second line >&2; exit 3";
     );
     let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "bad"]);
     let (ce, ne) = (String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr));
-    for want in ["failed with exit code 3", "> first line", "> second line"] {
+    for want in ["failed with exit code 3", "> first line", "> second line", "For full logs, run '"] {
         assert!(ce.contains(want), "cairnd's error lacks {want:?}:\n{ce}");
         assert!(ne.contains(want), "nix-daemon's error lacks {want:?}:\n{ne}");
     }
@@ -287,8 +287,12 @@ in { bad = sh "bad" "echo first line; echo second line >&2; exit 3";
     p.same("nix-store", &["-q", "--outputs", good.trim()]);
     let good_out = p.same("nix-store", &["-q", "--outputs", good.trim()]);
     p.same("nix-store", &["--check-validity", good_out.trim()]);
-    // A dependency's failure fails its dependents, alike.
-    p.alike("nix-build", &["--no-out-link", &f, "-A", "after"]);
+    // A dependency's failure fails its dependents, alike, in the same words.
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "after"]);
+    for e in [&c.stderr, &n.stderr] {
+        let e = String::from_utf8_lossy(e);
+        assert!(e.contains("1 dependencies of derivation '") && e.contains("failed to build"), "{e}");
+    }
 }
 
 #[test]

@@ -189,9 +189,19 @@ impl<R: Read, W: Write> Session<R, W> {
                 failures.insert(drv.clone(), kind);
                 // A requested derivation's failure is the request's error; others are logged.
                 if !top.contains(&drv) {
+                    let message = self.with_log_hint(&drv, &message);
                     self.log_line(&format!("error: {message}"));
                 }
             }
+        }
+    }
+
+    /// A builder's failure with its log's tail ends, as Nix's, by saying where the whole log is.
+    fn with_log_hint(&self, drv: &StorePath, message: &str) -> String {
+        if message.contains(" log lines:\n") {
+            format!("{message}\nFor full logs, run '\x1b[1mnix log {}\x1b[0m'.", self.show(drv))
+        } else {
+            message.to_owned()
         }
     }
 
@@ -227,10 +237,10 @@ impl<R: Read, W: Write> Session<R, W> {
             r.outcome.results.into_iter().filter_map(|(drv, res)| res.err().map(|m| (drv, m))).collect();
         match failed.as_slice() {
             [] => Ok(()),
-            [(_, message)] => Err(Failure::Report(message.clone())),
+            [(drv, message)] => Err(Failure::Report(self.with_log_hint(drv, message))),
             many => {
-                for (_, m) in many {
-                    self.log_line(&format!("error: {m}"));
+                for (drv, m) in many {
+                    self.log_line(&format!("error: {}", self.with_log_hint(drv, m)));
                 }
                 let list: Vec<String> = many.iter().map(|(d, _)| format!("'{}'", self.show(d))).collect();
                 Err(Failure::Report(format!("build of {} failed", list.join(", "))))
@@ -252,10 +262,10 @@ impl<R: Read, W: Write> Session<R, W> {
             Err(m) => {
                 let status = match r.failures.get(drv) {
                     Some(k) => status_of(*k),
-                    None if m.starts_with("dependency ") => BuildStatus::DependencyFailed,
+                    None if m.contains(" dependencies of derivation '") => BuildStatus::DependencyFailed,
                     None => BuildStatus::MiscFailure,
                 };
-                BuildResult::new(status, m.clone())
+                BuildResult::new(status, self.with_log_hint(drv, m))
             }
         };
         if r.outcome.built.contains(drv) {
