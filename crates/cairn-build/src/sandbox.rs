@@ -5,11 +5,13 @@
 //! temporary directory), a minimal `/dev`, a fresh `/proc`, `/etc/passwd`, `/etc/group` and
 //! `/etc/hosts` as Nix 2.8 writes them, and the configured `sandbox-paths`.
 //!
-//! What is deliberately absent: `/dev/tty` (it names the controlling terminal of whoever opens
-//! it; a builder has none, and one that had the daemon's could type into the shell that started
-//! it with `TIOCSTI`), `/dev/ptmx` and any terminal. What is bounded ([`SandboxLimits`]): the
-//! builder's processes (its `RLIMIT_NPROC`) and `/dev/shm`, a sized tmpfs — memory that a build
-//! could otherwise fill up to half the RAM.
+//! Terminals: a private `devpts` instance at `/dev/pts` with `/dev/ptmx` pointing into it, as
+//! Nix mounts it, so that a build may open pseudo-terminals of its own (test suites do) — none
+//! of the host's is reachable. What is deliberately absent: `/dev/tty` (it names the
+//! controlling terminal of whoever opens it; a builder has none, and one that had the daemon's
+//! could type into the shell that started it with `TIOCSTI`) and the host's consoles. What is
+//! bounded ([`SandboxLimits`]): the builder's processes (its `RLIMIT_NPROC`) and `/dev/shm`, a
+//! sized tmpfs (half the RAM by default, as Nix's `sandbox-dev-shm-size`).
 //!
 //! [`plan`] computes all of that — files to create, mounts to make, the builder's environment,
 //! its limits — without touching the system, so that it can be tested and read apart from the
@@ -95,6 +97,8 @@ pub enum Mount {
     Proc { target: String },
     /// An empty tmpfs (`/dev/shm`) of at most `size`.
     Tmpfs { target: String, size: TmpfsSize },
+    /// A new, private `devpts` instance (`/dev/pts`): the build's own pseudo-terminals only.
+    Devpts { target: String },
     /// The input closure: the host's store directory `source` bound once, read-only, at `stage`
     /// (a host directory beside the root, out of the builder's reach), then each of `names`
     /// bound from there at `store/NAME`. A bind of a read-only mount is read-only, so an input
@@ -296,6 +300,8 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
     }
     mounts.extend(inputs);
     mounts.push(Mount::Tmpfs { target: "/dev/shm".into(), size: b.limits.dev_shm_size });
+    mounts.push(Mount::Devpts { target: "/dev/pts".into() });
+    sk.push(Node::Symlink { path: "/dev/ptmx".into(), target: "/dev/pts/ptmx".into() });
     mounts.push(Mount::Proc { target: "/proc".into() });
 
     if !builder_available(b) {
@@ -504,7 +510,7 @@ mod tests {
     }
 
     #[test]
-    fn no_terminal_is_reachable_in_dev() {
+    fn no_host_terminal_is_reachable_in_dev() {
         let (sk, spec) = plan_of(&drv(false), &sh()).unwrap();
         let in_dev = |p: &str| {
             sk.iter().any(|n| match n {
@@ -512,14 +518,18 @@ mod tests {
                 Node::MountPoint { path, .. } => path == p,
             }) || spec.mounts.iter().any(|m| match m {
                 Mount::Bind { source, target, .. } => target == p || source == Path::new(p),
-                Mount::Tmpfs { target, .. } | Mount::Proc { target } => target == p,
+                Mount::Tmpfs { target, .. } | Mount::Proc { target } | Mount::Devpts { target } => target == p,
                 Mount::Inputs { .. } => false,
             })
         };
-        for tty in ["/dev/tty", "/dev/console", "/dev/ptmx", "/dev/tty0"] {
+        for tty in ["/dev/tty", "/dev/console", "/dev/tty0"] {
             assert!(!in_dev(tty), "{tty} is not provided");
         }
         assert!(in_dev("/dev/null") && in_dev("/dev/urandom"));
+        // Pseudo-terminals come from a private instance, never the host's.
+        assert!(spec.mounts.contains(&Mount::Devpts { target: "/dev/pts".into() }));
+        assert!(!spec.mounts.iter().any(|m| matches!(m, Mount::Bind { source, .. } if source.starts_with("/dev/pts"))));
+        assert!(sk.contains(&Node::Symlink { path: "/dev/ptmx".into(), target: "/dev/pts/ptmx".into() }));
     }
 
     #[test]

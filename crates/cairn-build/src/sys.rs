@@ -161,6 +161,16 @@ pub fn isolate(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
                     })?;
                 }
             }
+            Mount::Devpts { target } => step(
+                sys.mount(&MountCall {
+                    source: Some("devpts".into()),
+                    target: spec.host_path(target),
+                    fstype: Some("devpts".into()),
+                    flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                    data: Some("newinstance,mode=0620,ptmxmode=0666".into()),
+                }),
+                || format!("mount a private devpts at '{target}'"),
+            )?,
             Mount::Proc { .. } => {}
         }
     }

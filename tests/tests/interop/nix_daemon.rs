@@ -559,6 +559,7 @@ in {
   passfile = sh "passfile" "echo more >> $textPath; echo more >> g; cat $textPath g > $out" { passAsFile = [ "text" ]; text = "a"; exportReferencesGraph = [ "g" dep ]; };
   nss = sh "nss" "cat /etc/nsswitch.conf > $out" { outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"; };
   shm = sh "shm" "dd if=/dev/zero of=/dev/shm/big bs=1M count=80 2>/dev/null && echo ok > $out" {};
+  pty = sh "pty" "exec 3<>/dev/ptmx && ls /dev/pts > $out" {};
 }"#,
     );
     for (attr, succeeds, says) in [
@@ -566,11 +567,15 @@ in {
         ("writable", false, "suspicious ownership or permission on"),
         ("passfile", true, ""),
         ("shm", true, ""),
+        ("pty", true, ""),
     ] {
         let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", attr]);
         assert_eq!(c.status.success(), succeeds, "{attr}: {}", String::from_utf8_lossy(&c.stderr));
         if succeeds {
             assert_eq!(c.stdout, n.stdout, "{attr}");
+            let out = String::from_utf8_lossy(&c.stdout).trim().trim_start_matches('/').to_owned();
+            let read = |root: &Path| std::fs::read_to_string(root.join(&out)).unwrap();
+            assert_eq!(read(p.cairn.root.path()), read(&p.nix.root()), "{attr}: what the builder saw");
         } else {
             let (ce, ne) = (String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr));
             assert!(ce.contains(says) && ne.contains(says), "{attr}:\ncairnd: {ce}\nnix-daemon: {ne}");
