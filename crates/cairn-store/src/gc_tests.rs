@@ -68,7 +68,7 @@ fn collection_keeps_closures_of_roots_and_deletes_the_rest_referrers_first() {
     }
     s.wait_reclaimed();
     assert_eq!(fs::read_dir(s.layout.trash_dir()).unwrap().count(), 0);
-    assert!(s.verify(VerifyOptions { check_contents: true }).unwrap().problems.is_empty());
+    assert!(s.verify(VerifyOptions { check_contents: true, ..Default::default() }).unwrap().problems.is_empty());
     // The graph followed: closure queries no longer see the dead paths.
     assert!(s.walk(std::slice::from_ref(&e), cairn_db::Direction::References).is_err());
 }
@@ -269,7 +269,7 @@ fn optimise_links_identical_files_and_survives_collection() {
     assert_ne!(ino(&p1.path, "same"), ino(&p1.path, "x"));
     let meta = fs::symlink_metadata(s.real_path(&p2.path)).unwrap();
     assert_eq!((meta.mode() & 0o7777, meta.mtime()), (0o555, 1), "directory left canonical");
-    assert!(s.verify(VerifyOptions { check_contents: true }).unwrap().problems.is_empty());
+    assert!(s.verify(VerifyOptions { check_contents: true, ..Default::default() }).unwrap().problems.is_empty());
     assert_eq!(s.optimise().unwrap().files_linked, 0, "a second run has nothing to do");
     root(&s, "two", &p2.path);
     s.collect_garbage(&GcOptions::default()).unwrap();
@@ -299,7 +299,7 @@ fn verify_reports_missing_and_modified_paths() {
     let quick = s.verify(VerifyOptions::default()).unwrap();
     assert_eq!(quick.checked, 3);
     assert_eq!(quick.problems.iter().map(|p| p.kind).collect::<Vec<_>>(), ["missing"]);
-    let full = s.verify(VerifyOptions { check_contents: true }).unwrap();
+    let full = s.verify(VerifyOptions { check_contents: true, ..Default::default() }).unwrap();
     let kinds: BTreeSet<_> = full.problems.iter().map(|p| (p.kind, p.path.clone().unwrap())).collect();
     assert_eq!(kinds, BTreeSet::from([("missing", a), ("modified", b)]));
     assert!(full.problems.iter().any(|p| p.message.contains("was modified! expected hash")));
@@ -400,7 +400,7 @@ fn adds_racing_with_collections_never_lose_what_they_root() {
         let p = StorePath::from_base_name(target.file_name().unwrap().to_str().unwrap()).unwrap();
         assert!(live.contains(&p), "rooted path {p} is live");
     }
-    let report = s.verify(VerifyOptions { check_contents: true }).unwrap();
+    let report = s.verify(VerifyOptions { check_contents: true, ..Default::default() }).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     s.collect_garbage(&GcOptions::default()).unwrap();
     assert_eq!(s.count().unwrap() as usize, live.len());

@@ -24,6 +24,9 @@ use crate::{fsops, LocalStore, PathInfo, Result};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VerifyOptions {
     pub check_contents: bool,
+    /// Remove from the database the paths whose contents disappeared and that no valid path
+    /// refers to, as `nix-store --verify` does; a repair leaves them to be fetched again.
+    pub forget_vanished: bool,
 }
 
 /// One thing found wrong.
@@ -76,7 +79,9 @@ impl LocalStore {
             }
         });
         let mut problems = problems.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.forget_vanished(&mut problems, &mut report.forgotten)?;
+        if opts.forget_vanished {
+            self.forget_vanished(&mut problems, &mut report.forgotten)?;
+        }
         problems.sort();
         report.problems.extend(problems);
         Ok(report)

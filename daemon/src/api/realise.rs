@@ -161,9 +161,17 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
 
 /// Substitutes the missing outputs of the goals from the configured substituters, as Nix tries
 /// before it builds; what cannot be substituted is built. Failures here only mean building.
-pub(crate) async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[Goal]) {
+/// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, before
+/// anything is built.
+pub(crate) async fn substitute_first(
+    st: &Arc<AppState>,
+    peer: &Peer,
+    goals: &[Goal],
+    caches: Vec<Arc<cairn_cache::Substituter>>,
+    policy: cairn_cache::Policy,
+) {
     let sub = &st.substitution;
-    if sub.configured.is_empty() {
+    if caches.is_empty() {
         return;
     }
     let st2 = st.clone();
@@ -194,7 +202,8 @@ pub(crate) async fn substitute_first(st: &Arc<AppState>, peer: &Peer, goals: &[G
         return;
     }
     let progress = Arc::new(cairn_cache::Progress::default());
-    let job = sub.job(&st.store, sub.configured.clone(), peer.client, progress, false);
+    let mut job = sub.job(&st.store, caches, peer.client, progress, false);
+    job.policy = policy;
     match cairn_cache::substitute(job, &missing).await {
         Ok(r) => {
             for i in &r.added {
@@ -272,7 +281,8 @@ pub async fn realise(
     // A check rebuilds what is valid, and a repair of what is valid is decided by its contents:
     // only a normal realisation fills missing outputs from substituters first.
     if mode == Mode::Normal {
-        substitute_first(&st, &peer, &goals).await;
+        let (caches, policy) = (st.substitution.configured.clone(), st.substitution.policy.clone());
+        substitute_first(&st, &peer, &goals, caches, policy).await;
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();

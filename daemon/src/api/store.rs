@@ -226,9 +226,10 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
                 bytes_saved: r.bytes_saved,
             })
         }
-        Request::Verify(query::Verify { check_contents, repair: _ }) => {
-            query::Verify::respond(convert::verify_result(dir, store.verify(VerifyOptions { check_contents })?))
-        }
+        Request::Verify(query::Verify { check_contents, repair: _ }) => query::Verify::respond(convert::verify_result(
+            dir,
+            store.verify(VerifyOptions { check_contents, forget_vanished: true })?,
+        )),
         Request::AddDerivation(q) => query::AddDerivation::respond(realise::add_derivation(st, &q.aterm)?),
         Request::DerivationOutputs(q) => query::DerivationOutputs::respond(realise::derivation_outputs(st, &q.paths)?),
         Request::ImpureEnvVars(q) => query::ImpureEnvVars::respond(realise::impure_env_vars(st, &q.paths)?),

@@ -93,8 +93,10 @@ pub async fn verify_and_repair(
         )));
     }
     let store = st.store.clone();
-    let mut report =
-        tokio::task::spawn_blocking(move || store.verify(cairn_store::VerifyOptions { check_contents })).await??;
+    let mut report = tokio::task::spawn_blocking(move || {
+        store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished: false })
+    })
+    .await??;
     let broken: Vec<cairn_nix::StorePath> = report
         .problems
         .iter()

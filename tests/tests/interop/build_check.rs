@@ -246,7 +246,6 @@ fn repair_rebuilds_corrupted_and_missing_outputs_and_their_closure() {
     // A missing output.
     assert!(std::process::Command::new("chmod").arg("-R").arg("u+w").arg(real(&top_out)).status().unwrap().success());
     std::fs::remove_dir_all(real(&top_out)).unwrap();
-    assert!(!t.cairn.run(&["verify"], b"").status.success());
     let r = t.cairn_realise(&["--repair", &top]);
     assert!(r.status.success(), "{}", t.said(&r));
     t.cairn.ok(&["verify", "--check-contents"]);

@@ -516,6 +516,69 @@ fn paths_that_are_not_valid_and_added_paths_are_answered_as_nix_daemon_does() {
     p.alike("nix-store", &["--check-validity", path.trim()]);
 }
 
+/// A trusted client's `substituters` and `trusted-public-keys` are used for its requests, as
+/// `nix-daemon` uses them: a signed path copied in is checked against the client's key, and a
+/// path is substituted from the client's cache.
+#[test]
+fn a_trusted_client_s_substituters_and_keys_are_honoured() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let (sk, pk) = (p.work.path().join("sk"), p.work.path().join("pk"));
+    let out = Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "client-key-1"])
+        .args([&sk, &pk])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pk = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    // A signed path in a local binary cache, made by a store of the test's own.
+    let src = p.work.path().join("src-store");
+    let cache = format!("file://{}", p.work.path().join("cache").display());
+    let local = format!("local?root={}", src.display());
+    // Input-addressed (built), so that only a signature can vouch for it.
+    let f = p.write(
+        "signed.nix",
+        br#"derivation { name = "signed"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo signed > $out" ]; }"#,
+    );
+    let nix = |args: &[&str]| {
+        let out = p.cmd(Side::Nix, args[0]).env_remove("NIX_REMOTE").args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let path = nix(&[
+        "nix-build",
+        "--store",
+        &local,
+        "--option",
+        "sandbox-paths",
+        "/bin/sh=/bin/busybox",
+        "--no-out-link",
+        &f,
+    ])
+    .trim()
+    .to_owned();
+    nix(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &path]);
+    nix(&["nix", "copy", "--from", &local, "--to", &cache, &path]);
+    // Substituted from the client's cache, checked with the client's key.
+    let (c, n) = p.alike(
+        "nix-store",
+        &["--realise", &path, "--option", "substituters", &cache, "--option", "trusted-public-keys", &pk],
+    );
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_eq!(c.stdout, n.stdout);
+    // Without the client's key, the daemon's own (none) do not vouch for it.
+    for side in [Side::Cairn, Side::Nix] {
+        p.ok(side, "nix-store", &["--delete", &path]);
+    }
+    let (c, _) = p.alike("nix-store", &["--realise", &path, "--option", "substituters", &cache]);
+    assert!(!c.status.success());
+    // And `nix copy` into the daemon is checked with the client's key.
+    let (c, n) = p.alike("nix", &["copy", "--from", &cache, "--option", "trusted-public-keys", &pk, &path]);
+    assert!(c.status.success() && n.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+}
+
 /// The client's `--max-jobs 0` builds nothing locally, and its `--cores 0` reaches the builder
 /// as `NIX_BUILD_CORES=0` ("use them all"), as with `nix-daemon`.
 #[test]

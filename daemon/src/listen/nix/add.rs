@@ -186,7 +186,7 @@ impl<R: Read, W: Write> Session<R, W> {
         if !self.peer.trusted {
             info.ultimate = false;
         }
-        let refused = check_trust(&st, self.peer.trusted, &info, dont_check_sigs);
+        let refused = check_trust(&st, &self.policy(), self.peer.trusted, &info, dont_check_sigs);
         let repair = repair && self.peer.trusted;
         let size = info.nar_size;
         let path = info.path.clone();
@@ -247,6 +247,7 @@ impl<R: Read, W: Write> Session<R, W> {
         let repair = repair && self.peer.trusted;
         let proto = self.proto.clone();
         let trusted = self.peer.trusted;
+        let policy = self.policy();
         let mut added = Vec::new();
         // Buffered above the framing, so that nothing past the payload's end is read.
         let mut input = io::BufReader::with_capacity(1 << 16, FramedReader::new(&mut self.r));
@@ -259,7 +260,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 if !trusted {
                     info.ultimate = false;
                 }
-                check_trust(&st, trusted, &info, dont_check_sigs)?;
+                check_trust(&st, &policy, trusted, &info, dont_check_sigs)?;
                 added.push(info.path.clone());
                 let mut nar = (&mut input).take(info.nar_size);
                 batch.add_nar_with_info(info, &mut nar, |_| Ok::<(), cairn_store::StoreError>(()))?;
@@ -331,10 +332,15 @@ fn add_hashed(
 /// Whether a path with this metadata may come in without its signatures being checked, and
 /// if not, whether they (or its content address) pass: Nix's rule, `require-sigs` unless a
 /// trusted client asked not to check.
-fn check_trust(st: &crate::state::AppState, trusted: bool, info: &PathInfo, dont_check_sigs: bool) -> OpResult<()> {
-    let sub = &st.substitution;
-    let require = sub.policy.require_sigs && !(trusted && dont_check_sigs);
-    let policy = cairn_cache::Policy { require_sigs: require, ..sub.policy.clone() };
+fn check_trust(
+    st: &crate::state::AppState,
+    policy: &cairn_cache::Policy,
+    trusted: bool,
+    info: &PathInfo,
+    dont_check_sigs: bool,
+) -> OpResult<()> {
+    let require = policy.require_sigs && !(trusted && dont_check_sigs);
+    let policy = cairn_cache::Policy { require_sigs: require, ..policy.clone() };
     cairn_cache::substitute::trusted_path_info(&st.store_dir, info, &policy).map_err(|why| {
         Failure::Report(format!(
             "cannot add path '{}' because it lacks a signature by a trusted key: {why}",

@@ -28,14 +28,63 @@ fn substitutable(info: &NarInfo) -> SubstitutablePathInfo {
 }
 
 impl<R: Read, W: Write> Session<R, W> {
-    /// The caches substitutions and queries use: the configured ones, unless the client turned
-    /// substitution off.
-    fn substituters(&self) -> Vec<Arc<cairn_cache::Substituter>> {
-        if self.options.use_substitutes {
-            self.st.substitution.configured.clone()
-        } else {
-            Vec::new()
+    /// A setting the client's `SetOptions` overrode, if it did.
+    fn client_setting(&self, name: &str) -> Option<&str> {
+        self.options.overrides.get(name).map(String::as_str)
+    }
+
+    /// The caches substitutions and queries use: none if the client turned substitution off;
+    /// else those its `substituters` (and `extra-substituters`) name, as `nix-daemon` takes
+    /// them — any for a trusted client, only configured ones for others (the rest are ignored);
+    /// else the configured ones.
+    pub(super) fn substituters(&self) -> Vec<Arc<cairn_cache::Substituter>> {
+        if !self.options.use_substitutes {
+            return Vec::new();
         }
+        let sub = &self.st.substitution;
+        let named: Option<Vec<String>> =
+            self.client_setting("substituters").map(|v| v.split_whitespace().map(str::to_owned).collect());
+        let extra: Vec<String> = self
+            .client_setting("extra-substituters")
+            .map(|v| v.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let urls: Vec<String> = match (named, extra.is_empty()) {
+            (None, true) => return sub.configured.clone(),
+            (Some(named), _) => named.into_iter().chain(extra).collect::<Vec<String>>(),
+            (None, false) => sub.configured.iter().map(|c| c.url().to_owned()).chain(extra).collect(),
+        };
+        urls.iter()
+            .filter_map(|u| match sub.caches(std::slice::from_ref(u), &self.peer) {
+                Ok(mut c) => c.pop(),
+                Err(e) => {
+                    tracing::info!(user = self.peer.user, "ignoring substituter '{u}': {}", e.message);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// What makes a path trusted for this client: the daemon's keys, or — for a trusted client
+    /// that set them, as `nix-daemon` lets it — its `trusted-public-keys`
+    /// (`extra-trusted-public-keys` added) and `require-sigs`.
+    pub(super) fn policy(&self) -> cairn_cache::Policy {
+        let mut policy = self.st.substitution.policy.clone();
+        if !self.peer.trusted {
+            return policy;
+        }
+        let keys = |v: &str| -> Vec<cairn_nix::signing::PublicKey> {
+            v.split_whitespace().filter_map(|k| cairn_nix::signing::PublicKey::parse(k).ok()).collect()
+        };
+        if let Some(v) = self.client_setting("trusted-public-keys") {
+            policy.trusted_keys = keys(v);
+        }
+        if let Some(v) = self.client_setting("extra-trusted-public-keys") {
+            policy.trusted_keys.extend(keys(v));
+        }
+        if let Some(v) = self.client_setting("require-sigs") {
+            policy.require_sigs = v == "true";
+        }
+        policy
     }
 
     /// Narinfos of the paths the caches could substitute.
@@ -45,7 +94,8 @@ impl<R: Read, W: Write> Session<R, W> {
             return BTreeMap::new();
         }
         let sub = &self.st.substitution;
-        self.rt.block_on(cairn_cache::substitute::query(&subs, &sub.lookups, &sub.policy, &self.st.store_dir, paths))
+        let policy = self.policy();
+        self.rt.block_on(cairn_cache::substitute::query(&subs, &sub.lookups, &policy, &self.st.store_dir, paths))
     }
 
     /// Substitutes what of `paths` is missing (closures included); errors are the caller's to
@@ -63,7 +113,8 @@ impl<R: Read, W: Write> Session<R, W> {
             return Ok(());
         }
         let progress = Arc::new(cairn_cache::Progress::default());
-        let job = self.st.substitution.job(store, subs, self.peer.client, progress, false);
+        let mut job = self.st.substitution.job(store, subs, self.peer.client, progress, false);
+        job.policy = self.policy();
         match self.rt.block_on(cairn_cache::substitute(job, &missing)) {
             Ok(report) => {
                 for i in &report.added {
@@ -313,7 +364,7 @@ impl<R: Read, W: Write> Session<R, W> {
             }
             return Ok(left);
         }
-        let report = self.st.store.verify(cairn_store::VerifyOptions { check_contents })?;
+        let report = self.st.store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished: true })?;
         for line in &report.forgotten {
             self.log_line(line);
         }

@@ -106,7 +106,8 @@ impl<R: Read, W: Write> Session<R, W> {
         };
         let started = now();
         if mode == Mode::Normal && self.options.use_substitutes {
-            self.rt.block_on(crate::api::realise::substitute_first(&st, &self.peer, &goals));
+            let (caches, policy) = (self.substituters(), self.policy());
+            self.rt.block_on(crate::api::realise::substitute_first(&st, &self.peer, &goals, caches, policy));
         }
         let top: BTreeSet<StorePath> = goals.iter().map(|g| g.drv.clone()).collect();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
