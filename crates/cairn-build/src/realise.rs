@@ -718,12 +718,14 @@ impl Builder {
         let ended = unless_cancelled(
             &mut cancelled,
             run(&self.settings.helper, &spec, uid, gid, limits, |line| {
+                // The log keeps the bytes; what is shown is the line as a terminal shows it.
                 let _ = log.line(line);
+                let shown = overstrike(line);
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
                 }
-                tail.push_back(String::from_utf8_lossy(line).into_owned());
-                let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.to_vec() });
+                tail.push_back(String::from_utf8_lossy(&shown).into_owned());
+                let _ = events.send(Event::Log { drv: drv_path.clone(), line: shown });
             }),
         )
         .await;
@@ -1082,6 +1084,29 @@ async fn unless_cancelled<T>(
     }
 }
 
+/// A line as Nix shows a builder's output: a carriage return goes back to the line's start and
+/// what follows overwrites it (a progress bar's last state, not all of them run together).
+fn overstrike(line: &[u8]) -> Vec<u8> {
+    if !line.contains(&b'\r') {
+        return line.to_vec();
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(line.len());
+    let mut at = 0;
+    for &b in line {
+        if b == b'\r' {
+            at = 0;
+        } else {
+            if at < out.len() {
+                out[at] = b;
+            } else {
+                out.push(b);
+            }
+            at += 1;
+        }
+    }
+    out
+}
+
 fn with_tail(mut message: String, tail: &VecDeque<String>) -> String {
     if !tail.is_empty() {
         message.push_str(&format!(";\nlast {} log lines:", tail.len()));
@@ -1119,5 +1144,19 @@ impl Drop for UidSlot<'_> {
         if let Some(u) = self.uid.take() {
             self.builder.uids.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(u);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overstrike;
+
+    #[test]
+    fn a_carriage_return_restarts_the_line_as_a_terminal_shows_it() {
+        assert_eq!(overstrike(b"cr: abc\rXY"), b"XY: abc");
+        assert_eq!(overstrike(b"10%\r20%\r100%"), b"100%");
+        assert_eq!(overstrike(b"plain line"), b"plain line");
+        assert_eq!(overstrike(b"ends\r"), b"ends");
+        assert_eq!(overstrike(b"\r"), b"");
     }
 }

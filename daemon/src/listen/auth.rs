@@ -33,6 +33,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
+use super::registry::Visible;
+
 /// The users of the `listen` address.
 #[derive(Debug)]
 pub struct ListenAuth {
@@ -167,8 +169,7 @@ pub(crate) fn repository(path: &str) -> Option<String> {
 
 /// Whether `repo` is one of `prefixes` or under one (none: all are).
 fn within(prefixes: &[String], repo: &str) -> bool {
-    prefixes.is_empty()
-        || prefixes.iter().any(|p| repo == p || repo.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')))
+    Visible::new(prefixes.to_vec()).shows(repo)
 }
 
 /// What a request's path reaches.
@@ -192,16 +193,6 @@ fn allows(user: &User, scope: Scope, target: Target<'_>) -> bool {
         // A user limited to repositories is limited to the registry: every store path (image
         // blobs included) is reachable through the cache by its name.
         Target::Other => user.prefixes.is_empty(),
-    }
-}
-
-/// The repositories a request may see (its user's prefixes; none: all), for the catalog.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Visible(Vec<String>);
-
-impl Visible {
-    pub(crate) fn shows(&self, repo: &str) -> bool {
-        within(&self.0, repo)
     }
 }
 
@@ -263,7 +254,7 @@ pub async fn check(State(auth): State<Arc<ListenAuth>>, mut req: Request<Body>, 
             if repo.is_some() && req.method() == Method::POST {
                 without_unreadable_mount(&mut req, user);
             }
-            req.extensions_mut().insert(Visible(user.prefixes.clone()));
+            req.extensions_mut().insert(Visible::new(user.prefixes.clone()));
             next.run(req).await
         }
         Some(user) => {
@@ -344,7 +335,9 @@ mod tests {
         assert!(may(bob, Scope::Read, "/nix-cache-info") && may(bob, Scope::Read, "/x.narinfo"));
         assert!(may(bob, Scope::Read, "/v2/other/manifests/1"));
         assert!(!may(bob, Scope::Push, "/v2/other/manifests/1"));
-        assert!(Visible(vec!["team".into()]).shows("team/app") && !Visible(vec!["team".into()]).shows("other"));
+        assert!(
+            Visible::new(vec!["team".into()]).shows("team/app") && !Visible::new(vec!["team".into()]).shows("other")
+        );
         assert!(Visible::default().shows("other"));
         assert_eq!(repository("/v2/a/b/tags/list").as_deref(), Some("a/b"));
         assert_eq!(repository("/v2/").as_deref(), None);

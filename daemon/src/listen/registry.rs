@@ -156,6 +156,26 @@ impl RegistryServer {
     }
 }
 
+/// The repositories a request may see: its user's `listen-auth-file` prefixes (none: all),
+/// put on the request by the listener's check, for the catalog.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Visible(Vec<String>);
+
+impl Visible {
+    pub(crate) fn new(prefixes: Vec<String>) -> Visible {
+        Visible(prefixes)
+    }
+
+    /// Whether `repo` is one of the prefixes or under one (`team` covers `team/…`, not `teams`).
+    pub(crate) fn shows(&self, repo: &str) -> bool {
+        self.0.is_empty()
+            || self
+                .0
+                .iter()
+                .any(|p| repo == p || repo.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')))
+    }
+}
+
 /// Links a stored blob to the repository it was pushed to (see the module's documentation).
 fn link_blob(images: &Images, repo: &str, d: &Digest) -> RResult<()> {
     images.store.set_root_link(UPLOAD_GROUP, &digest_root_file_name(repo, d), &images.blob_path(d))?;
@@ -296,7 +316,7 @@ async fn dispatch(
     UrlPath(rest): UrlPath<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    visible: Option<axum::Extension<crate::listen::auth::Visible>>,
+    visible: Option<axum::Extension<Visible>>,
     body: Body,
 ) -> Response {
     let visible = visible.map(|v| v.0).unwrap_or_default();
@@ -419,11 +439,7 @@ fn name_unknown(name: &str) -> RegError {
 }
 
 /// The repositories, as far as the client may see them (`listen-auth-file` prefixes).
-async fn catalog(
-    s: &Arc<RegistryServer>,
-    q: &HashMap<String, String>,
-    visible: &crate::listen::auth::Visible,
-) -> RResult<Response> {
+async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>, visible: &Visible) -> RResult<Response> {
     let images = s.images.clone();
     let names: BTreeSet<String> = blocking::<_, RegError>(move || {
         Ok(images
