@@ -315,13 +315,18 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     else {
                         bail!("cairnd ended the pull with an unexpected event")
                     };
+                    // The name it was pulled as (the image may carry other tags already).
+                    let named = match &req.tag {
+                        Some(t) => Some(TagName::parse(t)?.to_string()),
+                        None => r.default_tag().map(|t| t.to_string()),
+                    };
                     if json {
                         print_json(&end_json(&end))?;
                     } else {
                         println!("{}", image.digest);
                         eprintln!(
                             "pulled {} ({}, {} fetched; {}, {} already in the store)",
-                            image.tags.first().map(String::as_str).unwrap_or(&image.layout),
+                            named.as_deref().or(image.tags.first().map(String::as_str)).unwrap_or(&image.layout),
                             count(*blobs_fetched, "blob"),
                             human(*bytes_fetched),
                             count(*blobs_skipped, "blob"),

@@ -54,7 +54,8 @@ impl From<StoreError> for ApiError {
             | ContentAddressMismatch { .. }
             | ContentAddressNotAFile { .. }
             | ContentAddressClaim { .. }
-            | BadTagName(_) => ErrorKind::BadRequest,
+            | BadTagName(_)
+            | BadDerivation(_) => ErrorKind::BadRequest,
             Db(cairn_db::DbError::MissingReference { .. } | cairn_db::DbError::ReferenceCycle { .. }) => {
                 ErrorKind::BadRequest
             }

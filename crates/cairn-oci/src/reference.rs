@@ -82,12 +82,14 @@ impl ImageRef {
         }
     }
 
-    /// The local name a pulled image gets by default: `HOST/REPO:TAG` (for a digest, the tag
-    /// `latest` is not invented: `None`).
+    /// The local name a pulled image gets by default: `HOST/REPO:TAG`, and for a digest
+    /// `HOST/REPO:ALG-HEX` (the digest as a tag: `latest` would be a lie). A pull by digest is
+    /// kept and listed as any pull, as podman and docker keep one, until that tag is removed.
     pub fn default_tag(&self) -> Option<TagName> {
+        let name = format!("{}/{}", self.registry, self.repository);
         match &self.reference {
-            Reference::Tag(t) => TagName::new(&format!("{}/{}", self.registry, self.repository), t).ok(),
-            Reference::Digest(_) => None,
+            Reference::Tag(t) => TagName::new(&name, t).ok(),
+            Reference::Digest(d) => TagName::new(&name, &format!("{}-{}", d.algo().as_str(), d.hex())).ok(),
         }
     }
 }
@@ -181,7 +183,8 @@ mod tests {
         let d = format!("{}", Digest::sha256_of(b"x"));
         let by_digest = ImageRef::parse(&format!("localhost:5000/a:t@{d}")).unwrap();
         assert_eq!(by_digest.reference, Reference::Digest(Digest::parse(&d).unwrap()));
-        assert!(by_digest.default_tag().is_none());
+        let kept = by_digest.default_tag().expect("a pull by digest is kept under a tag");
+        assert_eq!(kept.tag(), format!("sha256-{}", d.trim_start_matches("sha256:")));
         for bad in ["", "UPPER/x", "host:99999999/x", "a/b:", "a@sha256:00", "a:b:c/d", "-x.com/a"] {
             assert!(ImageRef::parse(bad).is_err(), "{bad}");
         }

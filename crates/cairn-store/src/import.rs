@@ -150,7 +150,13 @@ impl LocalStore {
             fsops::sync_filesystem(&self.layout.real_store_dir)?;
             let synced = started.elapsed();
             cairn_fault::point("after-syncfs");
-            self.register(&staged.new)?;
+            if let Err(e) = self.register(&staged.new) {
+                // Refused whole: what was placed for it goes.
+                for info in &staged.new {
+                    let _ = remove_tree(&self.real_path(&info.path));
+                }
+                return Err(e);
+            }
             tracing::debug!(paths = staged.all.len(), new = staged.new.len(), ?read, ?synced, total = ?started.elapsed(), "import committed");
         }
         Ok(staged.all)

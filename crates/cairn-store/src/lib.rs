@@ -124,6 +124,9 @@ pub enum StoreError {
     BadInnerPath(String),
     #[error("'{0}' is not a regular file")]
     NotAFile(String),
+    /// A path named `.drv` that is not a derivation, or one whose outputs contradict it.
+    #[error("{0}")]
+    BadDerivation(String),
     #[error("'{0}' was handed over without read access (open it for reading)")]
     NotReadable(String),
     #[error("'{name}' changed while it was being added: it had {expected} bytes, then {actual}; add it again once it stops changing")]
@@ -428,7 +431,12 @@ impl LocalStore {
         for info in infos {
             ca::check_claim(self.store_dir(), info)?;
         }
-        let outputs: Vec<_> = infos.iter().filter_map(|i| self.read_drv_outputs(&i.path)).collect();
+        let mut outputs = Vec::new();
+        for info in infos {
+            if let Some(o) = self.read_drv_outputs(&info.path)? {
+                outputs.push(o);
+            }
+        }
         let ids = self.db().register_with_outputs(infos, &outputs)?;
         cairn_fault::point("after-commit");
         let mut g = self.graph_write();
@@ -479,18 +487,54 @@ impl LocalStore {
 
     /// The output paths a `.drv` path names, read from its contents (in place, not yet
     /// registered). Anything that does not parse as a derivation records nothing.
-    fn read_drv_outputs(&self, path: &StorePath) -> Option<(StorePath, std::collections::BTreeMap<String, StorePath>)> {
+    /// The outputs a derivation about to be registered declares — refused, as Nix refuses it
+    /// (`registerValidPaths`), if a path named `.drv` is not a derivation, or names outputs its
+    /// own fields contradict: an output whose environment variable says another path, a fixed
+    /// output not at the path its hash gives. (Input-addressed output paths, which need the
+    /// input derivations' hashes, are checked when the derivation is built.)
+    fn read_drv_outputs(
+        &self,
+        path: &StorePath,
+    ) -> Result<Option<(StorePath, std::collections::BTreeMap<String, StorePath>)>> {
         if !path.name().ends_with(".drv") {
-            return None;
+            return Ok(None);
         }
-        let bytes = fs::read(self.real_path(path)).ok()?;
-        let drv = cairn_nix::derivation::Derivation::parse(&bytes).ok()?;
-        let outputs = drv
-            .outputs
-            .iter()
-            .filter_map(|(name, o)| Some((name.clone(), self.store_dir().parse(&o.path).ok()?)))
-            .collect();
-        Some((path.clone(), outputs))
+        let shown = self.store_dir().display(path);
+        // In Nix's words.
+        let parse_error = |why: String| StoreError::BadDerivation(format!("error parsing derivation '{shown}': {why}"));
+        let bad = |why: String| StoreError::BadDerivation(format!("derivation '{shown}' has {why}"));
+        let real = self.real_path(path);
+        let bytes = fs::read(&real).map_err(|e| parse_error(e.to_string()))?;
+        let drv = cairn_nix::derivation::Derivation::parse(&bytes).map_err(|e| parse_error(e.to_string()))?;
+        let name = path.name().trim_end_matches(".drv");
+        let fixed = drv.fixed_output().map_err(|e| parse_error(e.to_string()))?;
+        let mut outputs = std::collections::BTreeMap::new();
+        for (out, o) in &drv.outputs {
+            if o.path.is_empty() {
+                continue; // content-addressed (floating): known once built
+            }
+            let declared = self.store_dir().parse(&o.path).map_err(|e| parse_error(e.to_string()))?;
+            if let Some((method, hash)) = &fixed {
+                let at = self
+                    .store_dir()
+                    .make_fixed_output_path(name, *method, hash, &BTreeSet::new(), false)
+                    .map_err(|e| parse_error(e.to_string()))?;
+                // Stricter than Nix 2.8, which ignores the path written for a fixed output and
+                // uses the one its hash gives: here the written path is what is used.
+                if at != declared {
+                    return Err(bad(format!(
+                        "incorrect output '{}', should be '{}'",
+                        o.path,
+                        self.store_dir().display(&at)
+                    )));
+                }
+            }
+            if drv.env.get(out).is_some_and(|v| *v != o.path) {
+                return Err(bad(format!("incorrect environment variable '{out}', should be '{}'", o.path)));
+            }
+            outputs.insert(out.clone(), declared);
+        }
+        Ok(Some((path.clone(), outputs)))
     }
 
     /// Moves a finished copy to its store path, replacing any unregistered leftover there.
@@ -526,7 +570,11 @@ impl LocalStore {
         self.install(copy, &info.path)?;
         fsops::sync_dir(&self.layout.real_store_dir)?;
         cairn_fault::point("after-rename");
-        self.register(std::slice::from_ref(&info))?;
+        if let Err(e) = self.register(std::slice::from_ref(&info)) {
+            // Refused (a derivation that is not one, say): nothing stays behind.
+            let _ = remove_tree(&self.real_path(&info.path));
+            return Err(e);
+        }
         tracing::debug!(path = %info.path, ?synced, total = ?started.elapsed(), "registered");
         Ok(info)
     }

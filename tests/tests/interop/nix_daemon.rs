@@ -579,6 +579,55 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     assert!(c.status.success() && n.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }
 
+/// A path named `.drv` must be a derivation whose outputs its own fields agree on, however it
+/// comes in (added, imported): refused as nix-daemon refuses it, nothing registered.
+#[test]
+fn a_drv_that_is_not_a_derivation_or_claims_another_fixed_output_is_refused() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let garbage = p.write("bad/x.drv", b"garbage\n");
+    let (c, n) = p.alike("nix-store", &["--add", &garbage]);
+    assert!(!c.status.success());
+    for e in [&c.stderr, &n.stderr] {
+        assert!(String::from_utf8_lossy(e).contains("error parsing derivation"), "{}", String::from_utf8_lossy(e));
+    }
+    // A fixed-output derivation whose output path is not the one its hash gives.
+    let f = p.write(
+        "fod.nix",
+        br#"derivation { name = "fod"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo -n > $out" ];
+                         outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"; }"#,
+    );
+    let drv = p.ok(Side::Nix, "nix-instantiate", &[&f]);
+    let real = p.nix.root().join(drv.trim().trim_start_matches('/'));
+    let text = std::fs::read_to_string(real).unwrap();
+    let out = p.ok(Side::Nix, "nix-store", &["-q", "--outputs", drv.trim()]);
+    // Its environment naming another output path: refused by both.
+    let other = "/nix/store/00000000000000000000000000000000-fod";
+    let env_liar = text.replace(&format!("(\"out\",\"{}\")", out.trim()), &format!("(\"out\",\"{other}\")"));
+    assert_ne!(env_liar, text);
+    let (c, n) = p.alike("nix-store", &["--add", &p.write("env-liar/fod.drv", env_liar.as_bytes())]);
+    assert!(!c.status.success());
+    for e in [&c.stderr, &n.stderr] {
+        assert!(
+            String::from_utf8_lossy(e).contains("incorrect environment variable 'out'"),
+            "{}",
+            String::from_utf8_lossy(e)
+        );
+    }
+    // Its output written at another path: Nix 2.8 ignores what is written there for a fixed
+    // output; cairn, which uses it, refuses it.
+    let liar = text.replacen(out.trim(), other, 1);
+    let c = p.run(Side::Cairn, "nix-store", &["--add", &p.write("liar/fod.drv", liar.as_bytes())]);
+    assert!(!c.status.success(), "a fixed output at another path was taken");
+    assert!(
+        String::from_utf8_lossy(&c.stderr).contains("has incorrect output"),
+        "{}",
+        String::from_utf8_lossy(&c.stderr)
+    );
+}
+
 /// The client's `--max-jobs 0` builds nothing locally, and its `--cores 0` reaches the builder
 /// as `NIX_BUILD_CORES=0` ("use them all"), as with `nix-daemon`.
 #[test]
