@@ -66,40 +66,17 @@ impl Builder {
             .await
             .map_err(|e| e.to_string())?
         };
-        let result = match made {
-            Err(e) => {
-                let _ = log.line(format!("error: {e}").as_bytes());
-                Err(failed(e).into())
-            }
+        let made = match made {
+            Err(e) => Err(failed(e)),
             Ok((summary, closure)) => {
-                for w in &summary.warnings {
-                    let line = format!("warning: {w}");
+                let created = format!("created {} symlinks in user environment", summary.symlinks);
+                for line in summary.warnings.iter().map(|w| format!("warning: {w}")).chain([created]) {
                     let _ = log.line(line.as_bytes());
                     let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
                 }
-                let line = format!("created {} symlinks in user environment", summary.symlinks);
-                let _ = log.line(line.as_bytes());
-                let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
-                let this = self.clone();
-                let (drv_path, drv, outputs, top) =
-                    (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
-                let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
-                tokio::task::spawn_blocking(move || {
-                    this.register(&drv_path, &drv, &outputs, &closure, &top, &mode, keep_failed)
-                })
-                .await
-                .map_err(|e| super::Failure::from(e.to_string()))
-                .and_then(|r| r)
+                Ok(closure)
             }
         };
-        if let Err(e) = log.finish() {
-            tracing::warn!("cannot keep the log of {shown}: {e}");
-        }
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = crate::root::remove(&top) {
-                tracing::warn!("cannot remove build directory '{}': {e}", top.display());
-            }
-        });
-        result
+        self.finish_in_daemon(drv_path, node, options, made, log, top).await
     }
 }

@@ -69,18 +69,34 @@ impl Builder {
             };
             fetchurl::run(&fetch, &dest, &fetchurl::scratch_file(&top), &self.settings.fetch, &env, &mut line).await
         };
-        let result = match fetched {
-            Err(e) => {
-                let _ = log.line(format!("error: {e}").as_bytes());
-                Err(failed(e.to_string()).into())
+        let made = fetched.map(|()| Vec::new()).map_err(|e| failed(e.to_string()));
+        self.finish_in_daemon(drv_path, node, options, made, log, top).await
+    }
+
+    /// The end of a build made in the daemon into `<top>/root`: registers its outputs (their
+    /// references found among `made`'s closure) or logs why there are none, keeps the log,
+    /// and removes the build directory. The error is the message to report.
+    pub(super) async fn finish_in_daemon(
+        self: &Arc<Self>,
+        drv_path: &StorePath,
+        node: &Node,
+        options: &super::Options,
+        made: Result<Vec<StorePath>, String>,
+        mut log: crate::logs::LogWriter,
+        top: std::path::PathBuf,
+    ) -> Result<BTreeMap<String, StorePath>, super::Failure> {
+        let result = match made {
+            Err(message) => {
+                let _ = log.line(format!("error: {message}").as_bytes());
+                Err(message.into())
             }
-            Ok(()) => {
+            Ok(closure) => {
                 let this = self.clone();
                 let (drv_path, drv, outputs, top) =
                     (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
                 let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
                 tokio::task::spawn_blocking(move || {
-                    this.register(&drv_path, &drv, &outputs, &[], &top, &mode, keep_failed)
+                    this.register(&drv_path, &drv, &outputs, &closure, &top, &mode, keep_failed)
                 })
                 .await
                 .map_err(|e| super::Failure::from(e.to_string()))
@@ -88,7 +104,7 @@ impl Builder {
             }
         };
         if let Err(e) = log.finish() {
-            tracing::warn!("cannot keep the log of {shown}: {e}");
+            tracing::warn!("cannot keep the log of {}: {e}", self.store.store_dir().display(drv_path));
         }
         tokio::task::spawn_blocking(move || {
             if let Err(e) = crate::root::remove(&top) {
