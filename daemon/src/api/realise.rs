@@ -162,17 +162,17 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
 /// Substitutes the missing outputs of the goals from the configured substituters, as Nix tries
 /// before it builds; what cannot be substituted is built. Failures here only mean building.
 /// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, before
-/// anything is built.
+/// anything is built; returns the paths that could not be substituted, and why.
 pub(crate) async fn substitute_first(
     st: &Arc<AppState>,
     peer: &Peer,
     goals: &[Goal],
     caches: Vec<Arc<cairn_cache::Substituter>>,
     policy: cairn_cache::Policy,
-) {
+) -> Vec<(StorePath, String)> {
     let sub = &st.substitution;
     if caches.is_empty() {
-        return;
+        return Vec::new();
     }
     let st2 = st.clone();
     let goals2 = goals.to_vec();
@@ -199,7 +199,7 @@ pub(crate) async fn substitute_first(
     .await
     .unwrap_or_default();
     if missing.is_empty() {
-        return;
+        return Vec::new();
     }
     let progress = Arc::new(cairn_cache::Progress::default());
     let mut job = sub.job(&st.store, caches, peer.client, progress, false);
@@ -209,8 +209,12 @@ pub(crate) async fn substitute_first(
             for i in &r.added {
                 tracing::info!(path = %st.store_dir.display(&i.path), "substituted instead of building");
             }
+            r.failed
         }
-        Err(e) => tracing::warn!("substitution before building failed: {e}"),
+        Err(e) => {
+            tracing::warn!("substitution before building failed: {e}");
+            Vec::new()
+        }
     }
 }
 
@@ -282,7 +286,8 @@ pub async fn realise(
     // only a normal realisation fills missing outputs from substituters first.
     if mode == Mode::Normal {
         let (caches, policy) = (st.substitution.configured.clone(), st.substitution.policy.clone());
-        substitute_first(&st, &peer, &goals, caches, policy).await;
+        // Whatever could not be substituted is built (cairn's API always falls back).
+        let _ = substitute_first(&st, &peer, &goals, caches, policy).await;
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();

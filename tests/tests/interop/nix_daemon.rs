@@ -628,6 +628,56 @@ fn a_drv_that_is_not_a_derivation_or_claims_another_fixed_output_is_refused() {
     );
 }
 
+/// A substitute that fails (a corrupt NAR in the cache) fails the build unless the client asked
+/// for `--fallback`, which then builds it, as with nix-daemon.
+#[test]
+fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let (sk, pk) = (p.work.path().join("sk"), p.work.path().join("pk"));
+    let out =
+        Command::new("nix-store").args(["--generate-binary-cache-key", "fb-1"]).args([&sk, &pk]).output().unwrap();
+    assert!(out.status.success());
+    let pk = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let f = p.write(
+        "fb.nix",
+        br#"derivation { name = "fallback"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo from source > $out" ]; }"#,
+    );
+    let src = format!("local?root={}", p.work.path().join("src-store").display());
+    let cache_dir = p.work.path().join("cache");
+    let cache = format!("file://{}?compression=none", cache_dir.display());
+    let nix = |args: &[&str]| {
+        let out = p.cmd(Side::Nix, args[0]).env_remove("NIX_REMOTE").args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let path =
+        nix(&["nix-build", "--store", &src, "--option", "sandbox-paths", "/bin/sh=/bin/busybox", "--no-out-link", &f]);
+    nix(&["nix", "store", "sign", "--store", &src, "--key-file", sk.to_str().unwrap(), path.trim()]);
+    nix(&["nix", "copy", "--from", &src, "--to", &cache, path.trim()]);
+    // Corrupt the NAR: its narinfo still offers it, signed.
+    for e in std::fs::read_dir(cache_dir.join("nar")).unwrap() {
+        let nar = e.unwrap().path();
+        let mut bytes = std::fs::read(&nar).unwrap();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 0xff;
+        std::fs::write(&nar, bytes).unwrap();
+    }
+    let cache_url = format!("file://{}", cache_dir.display());
+    let opts = ["--option", "substituters", cache_url.as_str(), "--option", "trusted-public-keys", pk.as_str()];
+    let mut args = vec!["--no-out-link", f.as_str()];
+    args.extend(opts);
+    let (c, n) = p.alike("nix-build", &args);
+    assert!(!c.status.success(), "built without --fallback");
+    for e in [&c.stderr, &n.stderr] {
+        assert!(String::from_utf8_lossy(e).contains("try '--fallback'"), "{}", String::from_utf8_lossy(e));
+    }
+    args.push("--fallback");
+    assert_eq!(p.same("nix-build", &args), path);
+}
+
 /// The client's `--max-jobs 0` builds nothing locally, and its `--cores 0` reaches the builder
 /// as `NIX_BUILD_CORES=0` ("use them all"), as with `nix-daemon`.
 #[test]

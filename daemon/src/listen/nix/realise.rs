@@ -105,9 +105,15 @@ impl<R: Read, W: Write> Session<R, W> {
             builders: None,
         };
         let started = now();
+        let mut goals = goals;
+        let mut refused: Vec<(StorePath, cairn_build::realise::GoalResult)> = Vec::new();
         if mode == Mode::Normal && self.options.use_substitutes {
             let (caches, policy) = (self.substituters(), self.policy());
-            self.rt.block_on(crate::api::realise::substitute_first(&st, &self.peer, &goals, caches, policy));
+            let failed =
+                self.rt.block_on(crate::api::realise::substitute_first(&st, &self.peer, &goals, caches, policy));
+            if !failed.is_empty() && !self.options.try_fallback {
+                refused = self.without_fallback(&mut goals, failed);
+            }
         }
         let top: BTreeSet<StorePath> = goals.iter().map(|g| g.drv.clone()).collect();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
@@ -141,8 +147,48 @@ impl<R: Read, W: Write> Session<R, W> {
             tracing::info!(user = self.peer.user, "the client hung up: its builds were stopped");
             return Err(Failure::Fatal("the client hung up during the build".into()));
         }
-        let outcome = outcome.ok_or_else(|| Failure::Report("the build ended without an outcome".into()))??;
+        let mut outcome = outcome.ok_or_else(|| Failure::Report("the build ended without an outcome".into()))??;
+        outcome.results.extend(refused);
         Ok(Realised { outcome, failures, started, stopped: now() })
+    }
+
+    /// Nix's rule without `--fallback`: a goal whose wanted output had a substitute (a cache
+    /// has its narinfo) that failed is not built from source but fails, saying so; the
+    /// substitution's own error is logged first, as Nix logs it. Returns those goals' results.
+    fn without_fallback(
+        &mut self,
+        goals: &mut Vec<Goal>,
+        failed: Vec<(StorePath, String)>,
+    ) -> Vec<(StorePath, cairn_build::realise::GoalResult)> {
+        let paths: Vec<StorePath> = failed.iter().map(|(p, _)| p.clone()).collect();
+        let had_substitute = self.substitutable(&paths);
+        let broken: BTreeMap<StorePath, String> =
+            failed.into_iter().filter(|(p, _)| had_substitute.contains_key(p)).collect();
+        if broken.is_empty() {
+            return Vec::new();
+        }
+        for (p, why) in &broken {
+            self.log_line(&format!("error: substituting '{}': {why}", self.show(p)));
+        }
+        let st = self.st.clone();
+        let mut drvs = Derivations::new(&st.store);
+        let mut refused = Vec::new();
+        goals.retain(|g| {
+            let outputs = drvs.outputs(&g.drv).unwrap_or_default();
+            let wanted = |name: &String| g.outputs.as_ref().is_none_or(|w| w.contains(name));
+            if outputs.iter().any(|(name, p)| wanted(name) && broken.contains_key(p)) {
+                let message = format!(
+                    "some substitutes for the outputs of derivation '{}' failed (usually happens due to \
+                     networking issues); try '--fallback' to build derivation from source ",
+                    st.store_dir.display(&g.drv)
+                );
+                refused.push((g.drv.clone(), Err(message)));
+                false
+            } else {
+                true
+            }
+        });
+        refused
     }
 
     /// Turns a builder event into the client's activities and log lines.
