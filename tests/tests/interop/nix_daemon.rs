@@ -318,7 +318,14 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     }
     // Deleting a live path is refused by both; a dead one goes.
     p.alike("nix-store", &["--delete", &keep_path]);
-    p.alike("nix-store", &["--gc", "--max-freed", "1"]);
+    let (c, n) = p.alike("nix-store", &["--gc", "--max-freed", "1"]);
+    // The collector's progress, as Nix prints it.
+    for e in [&c.stderr, &n.stderr] {
+        let e = String::from_utf8_lossy(e);
+        for want in ["finding garbage collector roots...", "deleting garbage...", "deleting '/nix/store/"] {
+            assert!(e.contains(want), "{want:?} not in:\n{e}");
+        }
+    }
     p.alike("nix-store", &["--check-validity", &drop_path]);
     p.same("nix-store", &["--check-validity", &keep_path]);
     p.alike("nix-store", &["--gc"]);

@@ -325,7 +325,13 @@ impl<R: Read, W: Write> Session<R, W> {
         let st = self.st.clone();
         let (store, dir) = (&st.store, &st.store_dir);
         let shown = |v: Vec<StorePath>| v.iter().map(|p| dir.display(p)).collect::<BTreeSet<_>>();
-        Ok(match o.action {
+        // Nix's progress lines, as its collector prints them.
+        let deleting = matches!(o.action, GcAction::DeleteDead | GcAction::DeleteSpecific);
+        self.log_line("finding garbage collector roots...");
+        if o.action == GcAction::DeleteDead {
+            self.log_line("deleting garbage...");
+        }
+        let results = match o.action {
             GcAction::ReturnLive => GcResults { paths: shown(store.live_paths()?), bytes_freed: 0 },
             GcAction::ReturnDead => GcResults { paths: shown(store.dead_paths()?), bytes_freed: 0 },
             GcAction::DeleteDead => {
@@ -348,7 +354,14 @@ impl<R: Read, W: Write> Session<R, W> {
                 deleted.extend(r.deleted);
                 GcResults { paths: shown(deleted), bytes_freed: r.bytes_freed }
             }
-        })
+        };
+        if deleting {
+            for p in &results.paths {
+                self.log_line(&format!("deleting '{p}'"));
+            }
+            self.log_line("deleting unused links...");
+        }
+        Ok(results)
     }
 
     /// `VerifyStore`: each problem is logged as Nix logs it; the answer is whether any is left.
