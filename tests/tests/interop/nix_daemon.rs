@@ -257,6 +257,12 @@ fn builds_through_cairnd_give_what_nix_daemon_gives() {
     let log = p.same("nix-store", &["-l", drv.trim()]);
     assert_eq!(log, "a visible line\nanother\n");
     p.same("nix", &["log", out.trim()]);
+    // A check builds again and says so, as Nix does.
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &logs, "--check"]);
+    for e in [&c.stderr, &n.stderr] {
+        let e = String::from_utf8_lossy(e);
+        assert!(e.contains("checking outputs of '"), "{e}");
+    }
 }
 
 #[test]

@@ -131,7 +131,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 tokio::select! {
                     r = &mut work, if done.is_none() => done = Some(r),
                     e = rx.recv() => match e {
-                        Some(e) => self.on_event(e, &top, &mut activities, &mut failures),
+                        Some(e) => self.on_event(e, &top, mode, &mut activities, &mut failures),
                         None => break,
                     },
                     // Dropping the work stops its builds (their sandboxes are killed).
@@ -196,6 +196,7 @@ impl<R: Read, W: Write> Session<R, W> {
         &mut self,
         e: Event,
         top: &BTreeSet<StorePath>,
+        mode: Mode,
         activities: &mut HashMap<StorePath, u64>,
         failures: &mut HashMap<StorePath, FailureKind>,
     ) {
@@ -205,9 +206,11 @@ impl<R: Read, W: Write> Session<R, W> {
                 let shown = self.show(&drv);
                 tracing::info!(drv = %shown, user = self.peer.user, "building (nix protocol)");
                 // As Nix's build activity: the machine is its second field, and in the text.
+                // A check says so, as Nix's does.
+                let doing = if mode == Mode::Check { "checking outputs of" } else { "building" };
                 let text = match &machine {
-                    Some(m) => format!("building '{shown}' on '{m}'"),
-                    None => format!("building '{shown}'"),
+                    Some(m) => format!("{doing} '{shown}' on '{m}'"),
+                    None => format!("{doing} '{shown}'"),
                 };
                 let fields = vec![
                     Field::String(shown.clone()),
