@@ -748,17 +748,18 @@ impl Builder {
                 Some(Failure::new(builder_failed, with_tail(m, &tail)).into())
             }
             Ok(Ok(RunEnd::SetupFailed(e))) => Some(format!("cannot set up the sandbox for '{shown}': {e}").into()),
+            // In Nix's words, which name the goal as `building of 'DRV!OUTPUTS' from .drv file`.
             Ok(Ok(RunEnd::TimedOut(t))) => Some(
                 Failure::new(
                     FailureKind::TimedOut,
-                    format!("building '{shown}' timed out after {} seconds", t.as_secs()),
+                    format!("{} timed out after {} seconds", goal_name(&shown, node), t.as_secs()),
                 )
                 .into(),
             ),
             Ok(Ok(RunEnd::Silent(t))) => Some(
                 Failure::new(
                     FailureKind::TimedOut,
-                    format!("'{shown}' timed out after {} seconds of silence", t.as_secs()),
+                    format!("{} timed out after {} seconds of silence", goal_name(&shown, node), t.as_secs()),
                 )
                 .into(),
             ),
@@ -1082,6 +1083,12 @@ async fn unless_cancelled<T>(
         _ = cancelled.wait_for(|c| *c) => Err(Stop::Cancelled),
         v = f => Ok(v),
     }
+}
+
+/// A build as Nix names its goal in messages: `building of 'DRV!OUT,…' from .drv file`.
+fn goal_name(shown: &str, node: &Node) -> String {
+    let outputs: Vec<&str> = node.outputs.keys().map(String::as_str).collect();
+    format!("building of '{shown}!{}' from .drv file", outputs.join(","))
 }
 
 /// A line as Nix shows a builder's output: a carriage return goes back to the line's start and
