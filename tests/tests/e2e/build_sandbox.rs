@@ -205,7 +205,8 @@ fn a_timeout_kills_every_process_of_the_build() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(processes(&["sleep", "4242"]).is_empty() && processes(&["sleep", "4243"]).is_empty(), "no process left");
     assert!(!is_valid(&s, &out));
-    assert!(build_dirs(&s).is_empty());
+    let left = build_dirs(&s);
+    assert!(left.is_empty(), "build directory left after 10 s: {left:?}\ncairnd's log:\n{}", s.log());
 }
 
 fn nix_is_root() -> bool {
