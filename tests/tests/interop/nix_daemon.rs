@@ -687,6 +687,12 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
     for e in [&c.stderr, &n.stderr] {
         assert!(String::from_utf8_lossy(e).contains("try '--fallback'"), "{}", String::from_utf8_lossy(e));
     }
+    // Asked for the path itself, the error is the substitute's, not a missing one.
+    let mut realise = vec!["--realise", path.trim()];
+    realise.extend(opts);
+    let (c, _) = p.alike("nix-store", &realise);
+    let e = String::from_utf8_lossy(&c.stderr);
+    assert!(e.contains("cannot substitute") && !e.contains("no substituter that can build it"), "{e}");
     args.push("--fallback");
     assert_eq!(p.same("nix-build", &args), path);
 }

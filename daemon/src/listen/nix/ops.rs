@@ -100,7 +100,8 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// Substitutes what of `paths` is missing (closures included); errors are the caller's to
     /// find, by asking what is valid afterwards.
-    pub(super) fn substitute_missing(&self, paths: &[StorePath]) -> OpResult<()> {
+    /// Returns why each path that a cache offered could not be substituted.
+    pub(super) fn substitute_missing(&self, paths: &[StorePath]) -> OpResult<BTreeMap<StorePath, String>> {
         let store = &self.st.store;
         let mut missing = Vec::new();
         for p in paths {
@@ -110,31 +111,41 @@ impl<R: Read, W: Write> Session<R, W> {
         }
         let subs = self.substituters();
         if missing.is_empty() || subs.is_empty() {
-            return Ok(());
+            return Ok(BTreeMap::new());
         }
         let progress = Arc::new(cairn_cache::Progress::default());
         let mut job = self.st.substitution.job(store, subs, self.peer.client, progress, false);
         job.policy = self.policy();
-        match self.rt.block_on(cairn_cache::substitute(job, &missing)) {
+        let failed = match self.rt.block_on(cairn_cache::substitute(job, &missing)) {
             Ok(report) => {
                 for i in &report.added {
                     tracing::info!(path = %self.show(&i.path), "substituted");
                 }
+                report.failed
             }
-            Err(e) => tracing::warn!("substitution failed: {e}"),
-        }
-        Ok(())
+            Err(e) => {
+                tracing::warn!("substitution failed: {e}");
+                Vec::new()
+            }
+        };
+        // Only what a cache offered failed; the rest simply had no substitute.
+        let paths: Vec<StorePath> = failed.iter().map(|(p, _)| p.clone()).collect();
+        let offered = if failed.is_empty() { BTreeMap::new() } else { self.substitutable(&paths) };
+        Ok(failed.into_iter().filter(|(p, _)| offered.contains_key(p)).collect())
     }
 
     /// Makes `paths` valid, substituting them if needed (`EnsurePath`, opaque build goals).
     pub(super) fn ensure_valid(&mut self, paths: &[StorePath]) -> OpResult<()> {
-        self.substitute_missing(paths)?;
+        let failed = self.substitute_missing(paths)?;
         for p in paths {
             if !self.st.store.is_valid(p)? {
-                return Err(Failure::Report(format!(
-                    "path '{}' is required, but there is no substituter that can build it",
-                    self.show(p)
-                )));
+                // A substitute that failed is the error, not a missing one.
+                return Err(Failure::Report(match failed.get(p) {
+                    Some(why) => format!("cannot substitute '{}': {why}", self.show(p)),
+                    None => {
+                        format!("path '{}' is required, but there is no substituter that can build it", self.show(p))
+                    }
+                }));
             }
         }
         self.temp_roots.extend(paths.iter().cloned());
