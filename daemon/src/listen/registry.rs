@@ -194,7 +194,12 @@ fn repo_holds(images: &Images, imgs: &[(Option<String>, Image)], repo: &str, d: 
 }
 
 pub fn router(server: Arc<RegistryServer>) -> Router {
-    Router::new().route("/v2/", get(base)).route("/v2/{*rest}", any(dispatch)).with_state(server)
+    Router::new()
+        .route("/v2/", get(base))
+        // As distribution: the API root is `/v2/`.
+        .route("/v2", get(|| async { axum::response::Redirect::permanent("/v2/") }))
+        .route("/v2/{*rest}", any(dispatch))
+        .with_state(server)
 }
 
 /// A spec error: status, code, message.
@@ -452,6 +457,14 @@ async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>, visible: 
                     .ok()
                     .or_else(|| parse_digest_root_file_name(&f).map(|(n, _)| n))
             })
+            // A repository that so far holds only pushed blobs exists too, as in distribution.
+            .chain(
+                images
+                    .store
+                    .root_links(UPLOAD_GROUP)?
+                    .into_iter()
+                    .filter_map(|(f, _)| parse_digest_root_file_name(&f).map(|(n, _)| n)),
+            )
             .collect())
     })
     .await?;

@@ -59,6 +59,9 @@ fn an_uploaded_blob_is_the_repository_s_at_once_and_outlives_a_collection_until_
     assert_eq!(http(port, "GET", &format!("/v2/team/app/blobs/{dc}"), &[], b"").body, config);
     // Not through another repository.
     assert_eq!(http(port, "HEAD", &format!("/v2/other/blobs/{dl}"), &[], b"").status, 404);
+    // The repository exists already, as in distribution: the catalog lists it.
+    assert!(body(&http(port, "GET", "/v2/_catalog", &[], b"")).contains("\"team/app\""));
+    assert_eq!(http(port, "GET", "/v2", &[], b"").status, 308, "the API root is /v2/");
     // A collection between the uploads and the manifest keeps them.
     let gc = st.run(&["gc"], b"");
     assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
