@@ -463,9 +463,13 @@ impl Resolver<'_> {
             Some(i) => (&inside[..i], &inside[i + 1..]),
             None => (inside, &[][..]),
         };
+        // Only a store path's own name leads to the host (never `..` out of the store).
         let Ok(name) = std::str::from_utf8(name) else {
             return Ok(Node::Absent { not_dir: false });
         };
+        if name.is_empty() || name == "." || name == ".." {
+            return Ok(Node::Absent { not_dir: false });
+        }
         let store_path = format!("{}/{name}", self.store_dir);
         let mut host = (self.real)(store_path.as_str());
         if !rest.is_empty() {
