@@ -502,19 +502,8 @@ impl LocalStore {
     /// Removes entries of the store directory that are not valid paths and that no operation
     /// holds (what a crash between placing and registering leaves).
     fn remove_unregistered(&self, moved: &mut Moved) -> Result<usize> {
-        let dir = &self.layout.real_store_dir;
-        let entries = fs::read_dir(dir).map_err(|source| StoreError::Io { op: "list", path: dir.clone(), source })?;
         let (mut n, before) = (0, moved.bytes);
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') {
-                continue;
-            }
-            let Ok(p) = StorePath::from_base_name(name) else { continue };
-            if self.with_graph(|g| g.id(&p).is_some())? {
-                continue;
-            }
+        for p in self.unregistered_entries()? {
             // An add or import in progress holds the path's lock until it is registered.
             let Some(_lock) = self.locks.try_lock(&p) else { continue };
             if self.is_valid(&p)? {
@@ -526,6 +515,27 @@ impl LocalStore {
         }
         self.reclaimer.added(moved.bytes - before);
         Ok(n)
+    }
+
+    /// Entries of the store directory named as store paths that are not valid paths: what a
+    /// crash between placing and registering leaves, or an add still under way. Dead to a
+    /// collector, as Nix counts them (`--print-dead` lists them).
+    pub fn unregistered_entries(&self) -> Result<Vec<StorePath>> {
+        let dir = &self.layout.real_store_dir;
+        let entries = fs::read_dir(dir).map_err(|source| StoreError::Io { op: "list", path: dir.clone(), source })?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue;
+            }
+            let Ok(p) = StorePath::from_base_name(name) else { continue };
+            if !self.with_graph(|g| g.id(&p).is_some())? {
+                out.push(p);
+            }
+        }
+        Ok(out)
     }
 
     /// Removes files of `optimise`'s links directory that no store path shares any more.

@@ -505,10 +505,11 @@ fn paths_that_are_not_valid_and_added_paths_are_answered_as_nix_daemon_does() {
         assert_eq!(c.stdout, n.stdout, "{args:?}");
         assert!(c.status.success(), "{args:?}: {}", String::from_utf8_lossy(&c.stderr));
     }
-    // A leftover under a name that is not valid goes with the deletion.
+    // A leftover under a name that is not valid is dead, and goes with the deletion.
     let stray = "/nix/store/11111111111111111111111111111111-stray";
     let host = p.cairn.root.path().join(stray.trim_start_matches('/'));
     std::fs::write(&host, b"left over").unwrap();
+    assert!(p.ok(Side::Cairn, "nix-store", &["--gc", "--print-dead"]).contains(stray));
     p.ok(Side::Cairn, "nix-store", &["--delete", stray]);
     assert!(!host.exists(), "the leftover is still there");
     let file = p.write("added", b"added\n");

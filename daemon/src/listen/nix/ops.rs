@@ -344,7 +344,12 @@ impl<R: Read, W: Write> Session<R, W> {
         }
         let results = match o.action {
             GcAction::ReturnLive => GcResults { paths: shown(store.live_paths()?), bytes_freed: 0 },
-            GcAction::ReturnDead => GcResults { paths: shown(store.dead_paths()?), bytes_freed: 0 },
+            GcAction::ReturnDead => {
+                // Leftovers in the store directory are dead too, as Nix lists them.
+                let mut dead = store.dead_paths()?;
+                dead.extend(store.unregistered_entries()?.into_iter().filter(|p| !store.is_valid(p).unwrap_or(true)));
+                GcResults { paths: shown(dead), bytes_freed: 0 }
+            }
             GcAction::DeleteDead => {
                 let max_freed = (o.max_freed != u64::MAX).then_some(o.max_freed);
                 let r = store.collect_garbage(&cairn_store::GcOptions { dry_run: false, max_freed })?;
