@@ -299,7 +299,7 @@ impl Builder {
         let mut stopped = false;
         // Raised when the request stops: builds waiting to start give up, running ones are killed.
         let (cancel, cancelled) = watch::channel(false);
-        let mut set = tokio::task::JoinSet::new();
+        let mut set = Builds(tokio::task::JoinSet::new());
         let machines = self.machines(&options);
         let spawn = |set: &mut tokio::task::JoinSet<_>, p: StorePath, slot: Result<Slot, String>| {
             let this = self.clone();
@@ -1069,6 +1069,31 @@ impl Builder {
                 Err(modes::not_deterministic(shown_drv, &real_shown, None))
             }
         }
+    }
+}
+
+/// The builds of one request. Dropped with the request (its client went away), they are let go
+/// rather than aborted: the request's `cancel` sender goes with it, so each build sees the
+/// request stopped and ends as a stopped build does — its sandbox killed, its build directory
+/// removed. An aborted task would skip that, and leave the directory behind.
+struct Builds<T: 'static>(tokio::task::JoinSet<T>);
+
+impl<T: 'static> Drop for Builds<T> {
+    fn drop(&mut self) {
+        self.0.detach_all();
+    }
+}
+
+impl<T: 'static> std::ops::Deref for Builds<T> {
+    type Target = tokio::task::JoinSet<T>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<T: 'static> std::ops::DerefMut for Builds<T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 

@@ -815,6 +815,19 @@ fn a_build_whose_client_goes_away_is_stopped() {
     }
     let valid = p.run(Side::Cairn, "nix-store", &["--check-validity", out.trim()]);
     assert!(!valid.status.success(), "the stopped build's output was registered");
+    // Its build directory goes as a stopped build's does.
+    let left = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("cairn-build-long-") && n.contains(&format!("-{}-", p.cairn.pid())))
+            .collect::<Vec<_>>()
+    };
+    let gone = std::time::Instant::now();
+    while !left().is_empty() {
+        assert!(gone.elapsed() < std::time::Duration::from_secs(10), "build directory left: {:?}", left());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // The daemon goes on serving.
     p.ok(Side::Cairn, "nix-store", &["-q", "--hash", drv.trim()]);
 }
