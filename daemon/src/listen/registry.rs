@@ -74,6 +74,10 @@ pub struct RegistryServer {
     pub tag_owners: Arc<crate::tag_owners::TagOwners>,
     /// When expired upload links were last swept.
     swept: std::sync::Mutex<Option<Instant>>,
+    /// Records (empty files, `REPO@alg-hex`) of the blobs a repository's manifests have named:
+    /// not roots, so a blob stays the repository's after its manifest is deleted or its tag
+    /// moves only until the collector takes it, as in distribution.
+    held_dir: PathBuf,
 }
 
 /// An upload session: bytes received so far, in a scratch file.
@@ -129,6 +133,8 @@ impl RegistryServer {
     ) -> std::io::Result<RegistryServer> {
         let upload_dir = upload_dir(state_dir);
         std::fs::create_dir_all(&upload_dir)?;
+        let held_dir = state_dir.join("oci-repository-blobs");
+        std::fs::create_dir_all(&held_dir)?;
         Ok(RegistryServer {
             images,
             pushes,
@@ -136,7 +142,13 @@ impl RegistryServer {
             uploads: Mutex::new(HashMap::new()),
             tag_owners,
             swept: std::sync::Mutex::new(None),
+            held_dir,
         })
+    }
+
+    /// What the repository holds of pushed and once-named blobs (see [`Holdings::holds`]).
+    fn holdings(&self) -> Holdings {
+        Holdings { images: self.images.clone(), held_dir: self.held_dir.clone() }
     }
 
     /// Removes expired upload links, at most once per [`UPLOAD_LINK_SWEEP`].
@@ -153,6 +165,48 @@ impl RegistryServer {
             Ok(n) => tracing::info!(removed = n, "registry: expired links of pushed blobs removed"),
             Err(e) => tracing::warn!("registry: cannot sweep the links of pushed blobs: {e}"),
         }
+        // Records of blobs the collector has taken since.
+        let Ok(entries) = std::fs::read_dir(&self.held_dir) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let gone = name
+                .to_str()
+                .and_then(parse_digest_root_file_name)
+                .is_none_or(|(_, d)| !self.images.has_blob(&d).unwrap_or(true));
+            if gone {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Which blobs a repository holds beyond its images': those pushed or mounted into it (rooted
+/// links) and those its manifests once named (records, not roots), while they are stored.
+#[derive(Clone)]
+struct Holdings {
+    images: Images,
+    held_dir: PathBuf,
+}
+
+impl Holdings {
+    /// Records that the repository's manifests named these blobs.
+    fn remember(&self, repo: &str, digests: &[&Digest]) {
+        for d in digests {
+            let _ = std::fs::File::create(self.held_dir.join(digest_root_file_name(repo, d)));
+        }
+    }
+
+    /// Whether the blob was pushed to, or named in, the repository, and is still stored.
+    fn has(&self, repo: &str, d: &Digest) -> RResult<bool> {
+        let file = digest_root_file_name(repo, d);
+        let linked =
+            self.images.store.root_link_target(UPLOAD_GROUP, &file)?.is_some_and(|p| p == self.images.blob_path(d));
+        Ok((linked || self.held_dir.join(&file).exists()) && self.images.has_blob(d)?)
+    }
+
+    /// Whether repository `repo` holds blob `d`: one of its images does, or it has it otherwise.
+    fn holds(&self, imgs: &[(Option<String>, Image)], repo: &str, d: &Digest) -> RResult<bool> {
+        Ok(imgs.iter().any(|(_, i)| i.blobs.contains(d)) || self.has(repo, d)?)
     }
 }
 
@@ -180,17 +234,6 @@ impl Visible {
 fn link_blob(images: &Images, repo: &str, d: &Digest) -> RResult<()> {
     images.store.set_root_link(UPLOAD_GROUP, &digest_root_file_name(repo, d), &images.blob_path(d))?;
     Ok(())
-}
-
-/// Whether a blob was pushed to `repo` (and is still stored).
-fn linked_blob(images: &Images, repo: &str, d: &Digest) -> RResult<bool> {
-    let target = images.store.root_link_target(UPLOAD_GROUP, &digest_root_file_name(repo, d))?;
-    Ok(target.is_some_and(|p| p == images.blob_path(d)) && images.has_blob(d)?)
-}
-
-/// Whether repository `repo` holds blob `d`: one of its images does, or it was pushed there.
-fn repo_holds(images: &Images, imgs: &[(Option<String>, Image)], repo: &str, d: &Digest) -> RResult<bool> {
-    Ok(imgs.iter().any(|(_, i)| i.blobs.contains(d)) || linked_blob(images, repo, d)?)
 }
 
 pub fn router(server: Arc<RegistryServer>) -> Router {
@@ -571,7 +614,8 @@ fn not_modified(headers: &HeaderMap, digest: &Digest) -> bool {
     let tag = format!("\"{digest}\"");
     headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| {
         let t = t.trim();
-        t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag
+        // Quoted as an entity tag should be; some clients send the bare digest.
+        t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag || t == digest.to_string()
     })
 }
 
@@ -610,13 +654,14 @@ async fn get_blob(
     headers: &HeaderMap,
 ) -> RResult<Response> {
     let (images, n, d) = (s.images.clone(), name.to_owned(), digest.clone());
+    let holdings = s.holdings();
     let (blob, len) = blocking(move || {
         let imgs = repo_images(&images, &n)?;
         let unknown = || reg_err(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", format!("blob {d} is not in '{n}'"));
         let blob = match imgs.iter().find(|(_, i)| i.blobs.contains(&d)) {
             Some((_, img)) => images.blob_of(img, &d)?,
-            // Pushed there, not yet named by a manifest.
-            None if linked_blob(&images, &n, &d)? => images.find_blob(&d, None)?,
+            // Pushed there and not yet named by a manifest, or named by one since deleted.
+            None if holdings.has(&n, &d)? => images.find_blob(&d, None)?,
             None if imgs.is_empty() => return Err(name_unknown(&n)),
             None => return Err(unknown()),
         };
@@ -785,7 +830,7 @@ async fn put_manifest(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or_default().trim().to_owned())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
         .filter(|t| cairn_oci::manifest::is_manifest_type(t))
         .ok_or_else(|| {
             reg_err(
@@ -829,6 +874,7 @@ async fn put_manifest(
     let subject = m.subject.clone();
     let children = m.children.clone();
     let owners = s.tag_owners.clone();
+    let holdings = s.holdings();
     let img = blocking(move || {
         let tag = match Digest::parse(&r) {
             Ok(_) => None,
@@ -839,7 +885,7 @@ async fn put_manifest(
         // Every blob or manifest it names must be in this repository (not merely stored).
         let imgs = repo_images(&images, &n)?;
         for child in &children {
-            if !repo_holds(&images, &imgs, &n, &child.digest)? {
+            if !holdings.holds(&imgs, &n, &child.digest)? {
                 return Err(reg_err(
                     StatusCode::BAD_REQUEST,
                     "MANIFEST_BLOB_UNKNOWN",
@@ -862,7 +908,10 @@ async fn put_manifest(
         });
         drop(held);
         if committed.is_ok() {
-            // The image holds its blobs now: their links to the repository have served.
+            // The image holds its blobs now: their links to the repository have served. They
+            // stay the repository's (unrooted) if the manifest is later deleted or its tag moves,
+            // as in distribution, until the collector takes them.
+            holdings.remember(&n, &children.iter().map(|c| &c.digest).collect::<Vec<_>>());
             for child in &children {
                 let _ = images.store.remove_root_link(UPLOAD_GROUP, &digest_root_file_name(&n, &child.digest));
             }
@@ -1015,12 +1064,13 @@ async fn start_upload(
         // distribution answers a mount it cannot make).
         let d = digest_ok(d)?;
         let (images, dd, from, n) = (s.images.clone(), d.clone(), from.clone(), name.to_owned());
+        let holdings = s.holdings();
         let mounted = blocking::<_, RegError>(move || {
             if validate_repository(&from).is_err() {
                 return Ok(false);
             }
             let imgs = repo_images(&images, &from)?;
-            if !repo_holds(&images, &imgs, &from, &dd)? {
+            if !holdings.holds(&imgs, &from, &dd)? {
                 return Ok(false);
             }
             link_blob(&images, &n, &dd)?;
@@ -1153,7 +1203,8 @@ mod tests {
             not_modified(&h, &d)
         };
         assert!(with(&format!("\"{d}\"")) && with(&format!("\"a\", W/\"{d}\"")) && with("*"));
-        assert!(!with("\"sha256:00\"") && !with(&d.to_string()), "a bare digest is not an entity tag");
+        assert!(with(&d.to_string()), "the bare digest, as some clients send it");
+        assert!(!with("\"sha256:00\""));
         assert!(!not_modified(&HeaderMap::new(), &d));
     }
 

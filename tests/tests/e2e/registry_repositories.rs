@@ -151,3 +151,30 @@ fn a_user_limited_to_a_prefix_reaches_nothing_of_other_repositories() {
     assert_eq!(http(port, "GET", "/nix-cache-info", &[("Authorization", "Bearer reader-token")], b"").status, 200);
     drop(st);
 }
+
+#[test]
+fn a_deleted_manifest_can_be_put_again_until_the_collector_takes_its_blobs() {
+    let (st, port) = registry("");
+    let (config, layer) = (br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), b"again".repeat(300));
+    upload(port, &[], "del/me", &config);
+    upload(port, &[], "del/me", &layer);
+    let m = manifest(&config, &layer);
+    assert_eq!(put_manifest(port, &[], "del/me", "d1", &m).status, 201);
+    let d = digest_of(&m);
+    assert_eq!(http(port, "DELETE", &format!("/v2/del/me/manifests/{d}"), &[], b"").status, 202);
+    // As distribution: the repository still holds the blobs, so the manifest alone comes back.
+    let a = put_manifest(port, &[], "del/me", "d1", &m);
+    assert_eq!(a.status, 201, "{}", body(&a));
+    // Media types are case-insensitive.
+    let a = http(port, "PUT", "/v2/del/me/manifests/upper", &[("Content-Type", &OCI_MANIFEST.to_uppercase())], &m);
+    assert_eq!(a.status, 201, "{}", body(&a));
+    // Once the manifest is gone and the collector has run, the blobs are gone too.
+    for tag in ["d1", "upper"] {
+        assert_eq!(http(port, "DELETE", &format!("/v2/del/me/manifests/{tag}"), &[], b"").status, 202);
+    }
+    let gc = st.run(&["gc"], b"");
+    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    let a = put_manifest(port, &[], "del/me", "d1", &m);
+    assert_eq!(a.status, 400, "{}", body(&a));
+    assert!(body(&a).contains("MANIFEST_BLOB_UNKNOWN"), "{}", body(&a));
+}
