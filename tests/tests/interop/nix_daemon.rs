@@ -464,6 +464,7 @@ fn nix_env_installs_into_a_profile_as_with_nix_daemon() {
 in {
   one = sh "one" "mkdir -p $out/bin $out/share/doc/one; echo one > $out/bin/one; echo same > $out/bin/both; echo d > $out/share/doc/one/README";
   two = (sh "two" "mkdir -p $out/bin $out/share/doc/two $out/nix-support; echo two > $out/bin/two; echo other > $out/bin/both; echo d > $out/share/doc/two/README; echo ${extra} > $out/nix-support/propagated-user-env-packages") // { meta.priority = 7; };
+  three = sh "three" "mkdir -p $out/bin; echo three > $out/bin/both";
 }"#,
     );
     let mut profiles = Vec::new();
@@ -483,6 +484,14 @@ in {
     // The collision went to the lower priority number (one's 5 before two's 7).
     let both = p.cairn.root.path().join(env.trim_start_matches('/')).join("bin/both");
     assert!(std::fs::read_link(&both).unwrap().to_str().unwrap().ends_with("-one/bin/both"));
+    // Equal priorities collide, and the builder's failure reads as Nix's.
+    let (c, n) = p
+        .alike("nix-env", &["-p", &p.work.path().join("clash").display().to_string(), "-f", &f, "-iA", "one", "three"]);
+    assert!(!c.status.success());
+    for e in [&c.stderr, &n.stderr] {
+        let e = String::from_utf8_lossy(e);
+        assert!(e.contains("have the same priority 5") && e.contains("failed with exit code 1"), "{e}");
+    }
 }
 
 /// Paths that are not valid are answered as Nix answers them: no referrers, no roots, and a

@@ -67,10 +67,15 @@ impl Builder {
             .map_err(|e| e.to_string())?
         };
         let made = match made {
-            Err(e) => Err(failed(e)),
+            // As Nix shows a builtin builder's failure: the builder's exit, its error as the log's
+            // last line (logged by `finish_in_daemon`).
+            Err(e) => Err((
+                format!("error: {e}"),
+                format!("builder for '{shown}' failed with exit code 1;\nlast 1 log lines:\n> error: {e}"),
+            )),
             Ok((summary, closure)) => {
-                let created = format!("created {} symlinks in user environment", summary.symlinks);
-                for line in summary.warnings.iter().map(|w| format!("warning: {w}")).chain([created]) {
+                // (Nix says how many links it made only at debug verbosity.)
+                for line in summary.warnings.iter().map(|w| format!("warning: {w}")) {
                     let _ = log.line(line.as_bytes());
                     let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
                 }

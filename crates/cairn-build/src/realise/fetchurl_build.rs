@@ -69,25 +69,26 @@ impl Builder {
             };
             fetchurl::run(&fetch, &dest, &fetchurl::scratch_file(&top), &self.settings.fetch, &env, &mut line).await
         };
-        let made = fetched.map(|()| Vec::new()).map_err(|e| failed(e.to_string()));
+        let made = fetched.map(|()| Vec::new()).map_err(|e| (format!("error: {e}"), failed(e.to_string())));
         self.finish_in_daemon(drv_path, node, options, made, log, top).await
     }
 
     /// The end of a build made in the daemon into `<top>/root`: registers its outputs (their
-    /// references found among `made`'s closure) or logs why there are none, keeps the log,
-    /// and removes the build directory. The error is the message to report.
+    /// references found among `made`'s closure) or logs why there are none (`made`'s error is
+    /// the line for the log and the message to report), keeps the log, and removes the build
+    /// directory. The error is the message to report.
     pub(super) async fn finish_in_daemon(
         self: &Arc<Self>,
         drv_path: &StorePath,
         node: &Node,
         options: &super::Options,
-        made: Result<Vec<StorePath>, String>,
+        made: Result<Vec<StorePath>, (String, String)>,
         mut log: crate::logs::LogWriter,
         top: std::path::PathBuf,
     ) -> Result<BTreeMap<String, StorePath>, super::Failure> {
         let result = match made {
-            Err(message) => {
-                let _ = log.line(format!("error: {message}").as_bytes());
+            Err((line, message)) => {
+                let _ = log.line(line.as_bytes());
                 Err(message.into())
             }
             Ok(closure) => {
