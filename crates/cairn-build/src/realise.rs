@@ -458,8 +458,15 @@ impl Builder {
         let mut nodes: HashMap<StorePath, Node> = HashMap::new();
         let mut needed: HashMap<StorePath, bool> = HashMap::new();
         let mut order = Vec::new();
-        // Post-order walk; a derivation needs building if one of its outputs is not valid (or,
-        // when repairing, not good), or if it is checked.
+        // The outputs wanted of each derivation (`None`: all): a goal's, and what the derivations
+        // that need it use of it. As Nix's goals, a derivation whose wanted outputs are valid is
+        // not built, whatever its other outputs are.
+        let mut wanted: HashMap<StorePath, Option<BTreeSet<String>>> = HashMap::new();
+        for g in goals {
+            want(&mut wanted, &g.drv, g.outputs.as_ref().map(|o| o.iter().cloned().collect()));
+        }
+        // Post-order walk; a derivation needs building if one of its wanted outputs is not valid
+        // (or, when repairing, one of its outputs is not valid or not good), or if it is checked.
         let mut stack: Vec<(StorePath, bool)> = goals.iter().rev().map(|g| (g.drv.clone(), false)).collect();
         while let Some((p, inputs_done)) = stack.pop() {
             if needed.contains_key(&p) {
@@ -484,9 +491,10 @@ impl Builder {
                 }
                 (missing || !corrupt.is_empty()).then_some(NodeMode::Repair { corrupt })
             } else {
+                let want = wanted.get(&p).cloned().flatten();
                 let mut missing = false;
-                for o in outputs.values() {
-                    if !self.store.is_valid(o)? {
+                for (name, o) in &outputs {
+                    if want.as_ref().is_none_or(|w| w.contains(name)) && !self.store.is_valid(o)? {
                         missing = true;
                         break;
                     }
@@ -507,7 +515,12 @@ impl Builder {
             let inputs = drvs.inputs(&drv)?;
             if !inputs_done {
                 stack.push((p.clone(), true));
-                for (ip, _) in &inputs {
+                for (ip, outs) in &inputs {
+                    // An input found not to need building for what others wanted of it is looked
+                    // at again if this one wants more of it.
+                    if want(&mut wanted, ip, Some(outs.iter().cloned().collect())) && needed.get(ip) == Some(&false) {
+                        needed.remove(ip);
+                    }
                     if !needed.contains_key(ip) {
                         stack.push((ip.clone(), false));
                     }
@@ -1068,6 +1081,30 @@ impl Builder {
                 tracing::warn!("cannot keep '{}': {e}", kept.display());
                 Err(modes::not_deterministic(shown_drv, &real_shown, None))
             }
+        }
+    }
+}
+
+/// Adds `outputs` (`None`: all) to what is wanted of `drv`; true if that wants more than before.
+fn want(
+    wanted: &mut HashMap<StorePath, Option<BTreeSet<String>>>,
+    drv: &StorePath,
+    outputs: Option<BTreeSet<String>>,
+) -> bool {
+    match (wanted.get_mut(drv), outputs) {
+        (None, outputs) => {
+            wanted.insert(drv.clone(), outputs);
+            true
+        }
+        (Some(None), _) => false,
+        (Some(w @ Some(_)), None) => {
+            *w = None;
+            true
+        }
+        (Some(Some(have)), Some(more)) => {
+            let before = have.len();
+            have.extend(more);
+            have.len() > before
         }
     }
 }

@@ -427,3 +427,36 @@ fn a_realised_output_is_kept_for_its_client_until_the_client_roots_it() {
     assert!(is_valid(&s, &out), "a collection took the output its client had just built");
     assert!(is_valid(&s, &drv), "a collection took the derivation its client realised");
 }
+
+/// As Nix's goals: a derivation whose wanted outputs are valid is not built again for its other
+/// outputs — asked for by `DRV!out`, or needed by another derivation only for `out`.
+#[test]
+fn a_derivation_whose_wanted_outputs_are_valid_is_not_built_for_the_others() {
+    let Some(s) = store("") else { return };
+    let multi = serde_json::json!({
+        "outputs": { "out": { "path": "" }, "dev": { "path": "" } },
+        "inputSrcs": [], "inputDrvs": {}, "system": "x86_64-linux", "builder": "/bin/sh",
+        "args": ["-c", "echo o > $out; echo d > $dev"],
+        "env": { "name": "multi", "builder": "/bin/sh", "system": "x86_64-linux", "out": "", "dev": "" },
+    });
+    let f = s.root.path().join("multi.json");
+    std::fs::write(&f, multi.to_string()).unwrap();
+    let drv = s.ok(&["derivation", "add", f.to_str().unwrap()]).trim().to_owned();
+    let built: serde_json::Value = serde_json::from_str(&s.ok(&["realise", "--json", &drv])).unwrap();
+    let (out, dev) = (
+        built[0]["outputs"]["out"].as_str().unwrap().to_owned(),
+        built[0]["outputs"]["dev"].as_str().unwrap().to_owned(),
+    );
+    s.ok(&["delete", &dev]);
+    assert!(!is_valid(&s, &dev));
+    // Only `out` is wanted, and it is valid: nothing is built.
+    s.ok(&["realise", &format!("{drv}!out")]);
+    assert!(!is_valid(&s, &dev), "the derivation was built again for an output nobody asked for");
+    // A dependent that uses only `out` does not make it build either.
+    let (user, user_out) = add(&s, &drv_json("user", "cat $in0 > $out", &[(&drv, &out)], None));
+    s.ok(&["realise", &user]);
+    assert!(is_valid(&s, &user_out) && !is_valid(&s, &dev));
+    // Asked for everything, it is built.
+    s.ok(&["realise", &drv]);
+    assert!(is_valid(&s, &dev));
+}
