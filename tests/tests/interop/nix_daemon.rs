@@ -124,6 +124,22 @@ impl Pair {
         assert_eq!(c, n, "path-info of {paths:?} differs");
     }
 
+    /// A Nix command on a store of its own (not through a daemon), which must succeed.
+    fn local(&self, args: &[&str]) -> String {
+        let out = self.cmd(Side::Nix, args[0]).env_remove("NIX_REMOTE").args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A new binary-cache key pair named `name`: the secret key's file and the public key.
+    fn key(&self, name: &str) -> (std::path::PathBuf, String) {
+        let (sk, pk) = (self.work.path().join(format!("{name}.sk")), self.work.path().join(format!("{name}.pk")));
+        let out =
+            Command::new("nix-store").args(["--generate-binary-cache-key", name]).args([&sk, &pk]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (sk, std::fs::read_to_string(&pk).unwrap().trim().to_owned())
+    }
+
     fn write(&self, rel: &str, contents: &[u8]) -> String {
         let p = self.work.path().join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -134,6 +150,16 @@ impl Pair {
 
 fn peers() -> bool {
     require_peer("nix-daemon") && require_peer("/bin/busybox")
+}
+
+/// Both sides' errors say each of `wants`.
+fn both_say(c: &Output, n: &Output, wants: &[&str]) {
+    for (side, out) in [("cairnd", c), ("nix-daemon", n)] {
+        let e = String::from_utf8_lossy(&out.stderr);
+        for want in wants {
+            assert!(e.contains(want), "{side} does not say {want:?}:\n{e}");
+        }
+    }
 }
 
 fn lines(s: &str) -> Vec<&str> {
@@ -259,10 +285,7 @@ fn builds_through_cairnd_give_what_nix_daemon_gives() {
     p.same("nix", &["log", out.trim()]);
     // A check builds again and says so, as Nix does.
     let (c, n) = p.alike("nix-build", &["--no-out-link", &logs, "--check"]);
-    for e in [&c.stderr, &n.stderr] {
-        let e = String::from_utf8_lossy(e);
-        assert!(e.contains("checking outputs of '"), "{e}");
-    }
+    both_say(&c, &n, &["checking outputs of '"]);
 }
 
 #[test]
@@ -295,10 +318,7 @@ in { bad = sh "bad" "echo first line; echo second line >&2; exit 3";
     p.same("nix-store", &["--check-validity", good_out.trim()]);
     // A dependency's failure fails its dependents, alike, in the same words.
     let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "after"]);
-    for e in [&c.stderr, &n.stderr] {
-        let e = String::from_utf8_lossy(e);
-        assert!(e.contains("1 dependencies of derivation '") && e.contains("failed to build"), "{e}");
-    }
+    both_say(&c, &n, &["1 dependencies of derivation '", "failed to build"]);
 }
 
 #[test]
@@ -326,12 +346,7 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     p.alike("nix-store", &["--delete", &keep_path]);
     let (c, n) = p.alike("nix-store", &["--gc", "--max-freed", "1"]);
     // The collector's progress, as Nix prints it.
-    for e in [&c.stderr, &n.stderr] {
-        let e = String::from_utf8_lossy(e);
-        for want in ["finding garbage collector roots...", "deleting garbage...", "deleting '/nix/store/"] {
-            assert!(e.contains(want), "{want:?} not in:\n{e}");
-        }
-    }
+    both_say(&c, &n, &["finding garbage collector roots...", "deleting garbage...", "deleting '/nix/store/"]);
     p.alike("nix-store", &["--check-validity", &drop_path]);
     p.same("nix-store", &["--check-validity", &keep_path]);
     p.alike("nix-store", &["--gc"]);
@@ -488,10 +503,7 @@ in {
     let (c, n) = p
         .alike("nix-env", &["-p", &p.work.path().join("clash").display().to_string(), "-f", &f, "-iA", "one", "three"]);
     assert!(!c.status.success());
-    for e in [&c.stderr, &n.stderr] {
-        let e = String::from_utf8_lossy(e);
-        assert!(e.contains("have the same priority 5") && e.contains("failed with exit code 1"), "{e}");
-    }
+    both_say(&c, &n, &["have the same priority 5", "failed with exit code 1"]);
 }
 
 /// Paths that are not valid are answered as Nix answers them: no referrers, no roots, and a
@@ -548,14 +560,7 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
         return;
     }
     let p = Pair::start();
-    let (sk, pk) = (p.work.path().join("sk"), p.work.path().join("pk"));
-    let out = Command::new("nix-store")
-        .args(["--generate-binary-cache-key", "client-key-1"])
-        .args([&sk, &pk])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pk = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let (sk, pk) = p.key("client-key-1");
     // A signed path in a local binary cache, made by a store of the test's own.
     let src = p.work.path().join("src-store");
     let cache = format!("file://{}", p.work.path().join("cache").display());
@@ -565,11 +570,7 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
         "signed.nix",
         br#"derivation { name = "signed"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo signed > $out" ]; }"#,
     );
-    let nix = |args: &[&str]| {
-        let out = p.cmd(Side::Nix, args[0]).env_remove("NIX_REMOTE").args(&args[1..]).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let nix = |args: &[&str]| p.local(args);
     let path = nix(&[
         "nix-build",
         "--store",
@@ -613,9 +614,7 @@ fn a_drv_that_is_not_a_derivation_or_claims_another_fixed_output_is_refused() {
     let garbage = p.write("bad/x.drv", b"garbage\n");
     let (c, n) = p.alike("nix-store", &["--add", &garbage]);
     assert!(!c.status.success());
-    for e in [&c.stderr, &n.stderr] {
-        assert!(String::from_utf8_lossy(e).contains("error parsing derivation"), "{}", String::from_utf8_lossy(e));
-    }
+    both_say(&c, &n, &["error parsing derivation"]);
     // A fixed-output derivation whose output path is not the one its hash gives.
     let f = p.write(
         "fod.nix",
@@ -632,13 +631,7 @@ fn a_drv_that_is_not_a_derivation_or_claims_another_fixed_output_is_refused() {
     assert_ne!(env_liar, text);
     let (c, n) = p.alike("nix-store", &["--add", &p.write("env-liar/fod.drv", env_liar.as_bytes())]);
     assert!(!c.status.success());
-    for e in [&c.stderr, &n.stderr] {
-        assert!(
-            String::from_utf8_lossy(e).contains("incorrect environment variable 'out'"),
-            "{}",
-            String::from_utf8_lossy(e)
-        );
-    }
+    both_say(&c, &n, &["incorrect environment variable 'out'"]);
     // Its output written at another path: Nix 2.8 ignores what is written there for a fixed
     // output; cairn, which uses it, refuses it.
     let liar = text.replacen(out.trim(), other, 1);
@@ -659,11 +652,7 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
         return;
     }
     let p = Pair::start();
-    let (sk, pk) = (p.work.path().join("sk"), p.work.path().join("pk"));
-    let out =
-        Command::new("nix-store").args(["--generate-binary-cache-key", "fb-1"]).args([&sk, &pk]).output().unwrap();
-    assert!(out.status.success());
-    let pk = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    let (sk, pk) = p.key("fb-1");
     let f = p.write(
         "fb.nix",
         br#"derivation { name = "fallback"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo from source > $out" ]; }"#,
@@ -671,11 +660,7 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
     let src = format!("local?root={}", p.work.path().join("src-store").display());
     let cache_dir = p.work.path().join("cache");
     let cache = format!("file://{}?compression=none", cache_dir.display());
-    let nix = |args: &[&str]| {
-        let out = p.cmd(Side::Nix, args[0]).env_remove("NIX_REMOTE").args(&args[1..]).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let nix = |args: &[&str]| p.local(args);
     let path =
         nix(&["nix-build", "--store", &src, "--option", "sandbox-paths", "/bin/sh=/bin/busybox", "--no-out-link", &f]);
     nix(&["nix", "store", "sign", "--store", &src, "--key-file", sk.to_str().unwrap(), path.trim()]);
@@ -694,9 +679,7 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
     args.extend(opts);
     let (c, n) = p.alike("nix-build", &args);
     assert!(!c.status.success(), "built without --fallback");
-    for e in [&c.stderr, &n.stderr] {
-        assert!(String::from_utf8_lossy(e).contains("try '--fallback'"), "{}", String::from_utf8_lossy(e));
-    }
+    both_say(&c, &n, &["try '--fallback'"]);
     // Asked for the path itself, the error is the substitute's, not a missing one.
     let mut realise = vec!["--realise", path.trim()];
     realise.extend(opts);
@@ -722,10 +705,7 @@ fn a_client_s_max_jobs_0_and_cores_0_mean_what_they_mean_to_nix_daemon() {
     );
     let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "--argstr", "salt", "j0", "--max-jobs", "0"]);
     assert!(!c.status.success());
-    for e in [&c.stderr, &n.stderr] {
-        let e = String::from_utf8_lossy(e);
-        assert!(e.contains("unable to start any build; either increase '--max-jobs' or enable remote builds"), "{e}");
-    }
+    both_say(&c, &n, &["unable to start any build; either increase '--max-jobs' or enable remote builds"]);
     let out = p.same("nix-build", &["--no-out-link", &f, "--argstr", "salt", "c0", "--cores", "0"]);
     let built = p.cairn.root.path().join(out.trim().trim_start_matches('/'));
     assert_eq!(std::fs::read_to_string(built).unwrap(), "0\n");
