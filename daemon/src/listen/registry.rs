@@ -637,7 +637,7 @@ async fn get_manifest(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len() as u64));
     h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ASCII"));
     if not_modified(headers, &digest) {
-        h.remove(header::CONTENT_LENGTH);
+        // The length of what a 200 would carry (HTTP lets a 304 say it; a 0 would be false).
         return Ok((StatusCode::NOT_MODIFIED, h).into_response());
     }
     if head {
@@ -676,6 +676,7 @@ async fn get_blob(
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("ASCII"));
     if not_modified(headers, digest) {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         return Ok((StatusCode::NOT_MODIFIED, h).into_response());
     }
     let range =

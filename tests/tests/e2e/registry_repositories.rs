@@ -165,6 +165,14 @@ fn a_deleted_manifest_can_be_put_again_until_the_collector_takes_its_blobs() {
     // As distribution: the repository still holds the blobs, so the manifest alone comes back.
     let a = put_manifest(port, &[], "del/me", "d1", &m);
     assert_eq!(a.status, 201, "{}", body(&a));
+    // A client that has the manifest gets a 304, whose length, if it says one, is the true one.
+    let tag = format!("\"{d}\"");
+    for method in ["GET", "HEAD"] {
+        let a = http(port, method, "/v2/del/me/manifests/d1", &[("If-None-Match", &tag)], b"");
+        assert_eq!(a.status, 304, "{method}");
+        let len = m.len().to_string();
+        assert!(a.header("content-length").is_none_or(|l| l == len), "{method}: {:?}", a.header("content-length"));
+    }
     // Media types are case-insensitive.
     let a = http(port, "PUT", "/v2/del/me/manifests/upper", &[("Content-Type", &OCI_MANIFEST.to_uppercase())], &m);
     assert_eq!(a.status, 201, "{}", body(&a));
