@@ -214,6 +214,8 @@ mod fetchurl_build;
 struct Node {
     drv: Arc<Derivation>,
     outputs: BTreeMap<String, StorePath>,
+    /// The outputs wanted of it (`None`: all); all of them are built.
+    wanted: Option<BTreeSet<String>>,
     /// Input paths of the sandbox: input sources and the needed outputs of input derivations.
     inputs: Vec<StorePath>,
     /// Input derivations that must be built first.
@@ -552,7 +554,8 @@ impl Builder {
             }
             needed.insert(p.clone(), true);
             order.push(p.clone());
-            nodes.insert(p, Node { drv, outputs, inputs: input_paths, deps, mode: node_mode });
+            let wanted = wanted.get(&p).cloned().flatten();
+            nodes.insert(p, Node { drv, outputs, wanted, inputs: input_paths, deps, mode: node_mode });
         }
         Ok((nodes, order))
     }
@@ -1147,9 +1150,13 @@ async fn unless_cancelled<T>(
     }
 }
 
-/// A build as Nix names its goal in messages: `building of 'DRV!OUT,…' from .drv file`.
+/// A build as Nix names its goal in messages: `building of 'DRV!OUT,…' from .drv file`, with
+/// the outputs wanted of it.
 fn goal_name(shown: &str, node: &Node) -> String {
-    let outputs: Vec<&str> = node.outputs.keys().map(String::as_str).collect();
+    let outputs: Vec<&str> = match &node.wanted {
+        Some(w) => w.iter().map(String::as_str).collect(),
+        None => node.outputs.keys().map(String::as_str).collect(),
+    };
     format!("building of '{shown}!{}' from .drv file", outputs.join(","))
 }
 
