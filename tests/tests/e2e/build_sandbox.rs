@@ -137,7 +137,8 @@ fn a_failing_builder_reports_its_log_tail_and_registers_nothing() {
     assert!(err.trim_end().ends_with(&format!("cairn: build of '{drv}' failed")), "{err}");
     assert!(!is_valid(&s, &out));
     assert!(!s.real_store_dir().join(out.rsplit('/').next().unwrap()).exists(), "nothing placed in the store");
-    assert!(build_dirs(&s).is_empty());
+    let left = build_dirs(&s);
+    assert!(left.is_empty(), "build directory left after 10 s: {left:?}\ncairnd's log:\n{}", s.log());
     assert_eq!(s.ok(&["log", &drv]).lines().count(), 20, "the whole log is kept");
     // The daemon goes on serving.
     let (ok, ok_out) = add(&s, &drv_json("fine", "echo > $out", &[], None));
