@@ -227,6 +227,13 @@ pub(crate) async fn open_state(
     let store = Arc::new(store);
     // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
     crate::listen::registry::sweep_uploads(&state_dir(&settings.root));
+    // Build directories of cairnds stopped before their background removal ran (before this
+    // one builds anything: those with its own pid are an earlier process's too).
+    let build_dir = settings.build_dir.clone();
+    let swept = tokio::task::spawn_blocking(move || cairn_build::root::sweep_orphans(&build_dir)).await.unwrap_or(0);
+    if swept > 0 {
+        tracing::info!(removed = swept, dir = %settings.build_dir.display(), "removed build directories left by stopped daemons");
+    }
     let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
     let mut substitution = crate::state::Substitution::from_settings(settings)?;
     let p2p = start_p2p(settings, &store).await?;

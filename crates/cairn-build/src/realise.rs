@@ -813,6 +813,8 @@ impl Builder {
         }
         match result {
             Err(Stop::Failed(mut f)) if keep => {
+                // Kept for the user: a later daemon's sweep leaves it alone.
+                let _ = std::fs::File::create(top.join(crate::root::KEPT));
                 f.message.push_str(&format!("\nnote: keeping build directory '{}'", top.join("root/build").display()));
                 Err(Stop::Failed(f))
             }

@@ -53,6 +53,41 @@ pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> 
     Ok(())
 }
 
+/// The file that marks a build directory kept on purpose (`keep-failed`): never swept.
+pub const KEPT: &str = ".kept";
+
+/// Removes, from `build_dir`, the build directories (`cairn-build-NAME-PID-N`, this user's) of
+/// cairnd processes that are gone: a daemon removes a finished build's directory in the
+/// background, and one stopped or killed right after a build leaves it behind. Directories of
+/// live processes (another cairnd sharing the directory) are left alone, except this process's
+/// own: run before it builds anything, any with its pid are an earlier process's. Returns how
+/// many went.
+pub fn sweep_orphans(build_dir: &Path) -> usize {
+    let me = nix::unistd::geteuid().as_raw();
+    let own = std::process::id() as i32;
+    let Ok(entries) = fs::read_dir(build_dir) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix("cairn-build-") else { continue };
+        // NAME may hold dashes: the pid is the second field from the end.
+        let mut fields = rest.rsplitn(3, '-');
+        let (Some(n), Some(pid), Some(_)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        let (Ok(_), Ok(pid)) = (n.parse::<u64>(), pid.parse::<i32>()) else { continue };
+        let mine = std::os::unix::fs::MetadataExt::uid(&match e.metadata() {
+            Ok(m) => m,
+            Err(_) => continue,
+        }) == me;
+        let alive = pid != own && Path::new(&format!("/proc/{pid}")).exists();
+        let kept = e.path().join(KEPT).exists();
+        if mine && !alive && !kept && remove(&e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Removes a build directory, whatever the builder left in it (read-only directories included).
 pub fn remove(dir: &Path) -> io::Result<()> {
     match cairn_store::remove_tree(dir) {
@@ -65,6 +100,27 @@ pub fn remove(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn build_directories_of_processes_that_are_gone_are_swept_and_others_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let gone = t.path().join("cairn-build-some-name-2147483646-3");
+        let live = t.path().join("cairn-build-x-1-0"); // init: a live process, not this one
+        let other = t.path().join("not-a-build-2147483646-1");
+        for d in [&gone, &live, &other] {
+            fs::create_dir_all(d.join("root/nix/store")).unwrap();
+        }
+        // A read-only directory inside, as a builder may leave.
+        fs::set_permissions(gone.join("root/nix"), fs::Permissions::from_mode(0o555)).unwrap();
+        let own = t.path().join(format!("cairn-build-y-{}-0", std::process::id()));
+        fs::create_dir_all(&own).unwrap();
+        let kept = t.path().join("cairn-build-z-2147483646-4");
+        fs::create_dir_all(&kept).unwrap();
+        fs::write(kept.join(KEPT), b"").unwrap();
+        assert_eq!(sweep_orphans(t.path()), 2);
+        assert!(!gone.exists() && !own.exists() && live.exists() && other.exists());
+        assert!(kept.exists(), "a directory kept for the user (keep-failed) stays");
+    }
 
     #[test]
     fn creates_every_kind_of_entry_with_its_mode() {
