@@ -162,6 +162,9 @@ pub enum Event {
     },
 }
 
+/// Why a goal was not realised when another's failure stopped the request (no `--keep-going`).
+pub const NOT_BUILT: &str = "not built: another build failed (use --keep-going to build everything possible)";
+
 /// A goal's wanted outputs, or why it could not be realised.
 pub type GoalResult = Result<BTreeMap<String, StorePath>, String>;
 
@@ -380,9 +383,7 @@ impl Builder {
         for g in &goals {
             let r = match failed.get(&g.drv) {
                 Some(m) => Err(m.clone()),
-                None if stopped && nodes.contains_key(&g.drv) && !built.contains(&g.drv) => {
-                    Err("not built: another build failed (use --keep-going to build everything possible)".to_owned())
-                }
+                None if stopped && nodes.contains_key(&g.drv) && !built.contains(&g.drv) => Err(NOT_BUILT.to_owned()),
                 None => self.wanted_outputs(g, &nodes, &options.given).await,
             };
             results.push((g.drv.clone(), r));

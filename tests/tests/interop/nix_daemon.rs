@@ -312,6 +312,10 @@ in { bad = sh "bad" "echo first line; echo second line >&2; exit 3";
     let mut args = vec!["--realise", "-k"];
     args.extend(lines(&drvs));
     p.alike("nix-store", &args);
+    // Without -k the first failure stops the rest, which are not reported as failures.
+    args.remove(1);
+    let (c, _) = p.alike("nix-store", &args);
+    assert!(!String::from_utf8_lossy(&c.stderr).contains("not built"), "{}", String::from_utf8_lossy(&c.stderr));
     let good = p.same("nix-instantiate", &[&f, "-A", "good"]);
     p.same("nix-store", &["-q", "--outputs", good.trim()]);
     let good_out = p.same("nix-store", &["-q", "--outputs", good.trim()]);

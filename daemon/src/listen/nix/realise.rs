@@ -289,7 +289,8 @@ impl<R: Read, W: Write> Session<R, W> {
             [] => Ok(()),
             [(drv, message)] => Err(Failure::Report(self.with_log_hint(drv, message))),
             many => {
-                for (drv, m) in many {
+                // As Nix: the failures are logged, not the goals a failure stopped.
+                for (drv, m) in many.iter().filter(|(_, m)| m != cairn_build::realise::NOT_BUILT) {
                     self.log_line(&format!("error: {}", self.with_log_hint(drv, m)));
                 }
                 let list: Vec<String> = many.iter().map(|(d, _)| format!("'{}'", self.show(d))).collect();
