@@ -15,7 +15,7 @@
 //! swaps in or registers accordingly.
 //!
 //! One build ([`Builder::build`]): temporary roots on its input closure and outputs; a build
-//! directory `<build-dir>/cairn-build-<name>-<n>/` holding the sandbox root; the log kept
+//! directory `<build-dir>/cairn-build-<name>-<pid>-<n>/` holding the sandbox root; the log kept
 //! compressed and streamed as events; then each output is serialised, hashed, scanned and checked
 //! ([`crate::outputs`]) and the outputs are registered together in one batch, with the
 //! derivation as deriver. Nothing of a failed build is registered. Two requests for the same
@@ -701,9 +701,7 @@ impl Builder {
         let inputs = node.inputs.clone();
         let outputs = node.outputs.clone();
         let drv = node.drv.clone();
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = drv_path.name().trim_end_matches(".drv").to_owned();
-        let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
+        let top = self.new_top(drv_path);
         let host_ids = uid_slot.ids();
         let t0 = std::time::Instant::now();
         let cores = options.limits.cores.unwrap_or(self.settings.cores);
@@ -1088,6 +1086,14 @@ impl Builder {
                 Err(modes::not_deterministic(shown_drv, &real_shown, None))
             }
         }
+    }
+}
+
+impl Builder {
+    /// A new build directory's path for a build of `drv_path` (not created).
+    fn new_top(&self, drv_path: &StorePath) -> std::path::PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.settings.build_dir.join(crate::root::top_name(drv_path.name().trim_end_matches(".drv"), n))
     }
 }
 

@@ -53,6 +53,15 @@ pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> 
     Ok(())
 }
 
+/// What every build directory's name starts with: `cairn-build-NAME-PID-N` ([`top_name`]).
+const TOP_PREFIX: &str = "cairn-build-";
+
+/// The name of this process's `n`th build directory, for the derivation named `name`: the pid
+/// in it tells [`sweep_orphans`] whose it is.
+pub fn top_name(name: &str, n: u64) -> String {
+    format!("{TOP_PREFIX}{name}-{}-{n}", std::process::id())
+}
+
 /// The file that marks a build directory kept on purpose (`keep-failed`): never swept.
 pub const KEPT: &str = ".kept";
 
@@ -70,7 +79,7 @@ pub fn sweep_orphans(build_dir: &Path) -> usize {
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.strip_prefix("cairn-build-") else { continue };
+        let Some(rest) = name.strip_prefix(TOP_PREFIX) else { continue };
         // NAME may hold dashes: the pid is the second field from the end.
         let mut fields = rest.rsplitn(3, '-');
         let (Some(n), Some(pid), Some(_)) = (fields.next(), fields.next(), fields.next()) else { continue };
@@ -112,7 +121,7 @@ mod tests {
         }
         // A read-only directory inside, as a builder may leave.
         fs::set_permissions(gone.join("root/nix"), fs::Permissions::from_mode(0o555)).unwrap();
-        let own = t.path().join(format!("cairn-build-y-{}-0", std::process::id()));
+        let own = t.path().join(top_name("y", 0));
         fs::create_dir_all(&own).unwrap();
         let kept = t.path().join("cairn-build-z-2147483646-4");
         fs::create_dir_all(&kept).unwrap();

@@ -159,10 +159,9 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
     o.iter().map(|(k, v)| (k.clone(), dir.display(v))).collect()
 }
 
-/// Substitutes the missing outputs of the goals from the configured substituters, as Nix tries
-/// before it builds; what cannot be substituted is built. Failures here only mean building.
-/// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, before
-/// anything is built; returns the paths that could not be substituted, and why.
+/// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix tries
+/// before it builds; returns the paths that could not be substituted, and why (the caller
+/// decides whether those are built).
 pub(crate) async fn substitute_first(
     st: &Arc<AppState>,
     peer: &Peer,

@@ -33,7 +33,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
-use super::registry::Visible;
+use super::registry::{covers, Visible};
 
 /// The users of the `listen` address.
 #[derive(Debug)]
@@ -167,11 +167,6 @@ pub(crate) fn repository(path: &str) -> Option<String> {
     super::registry::route(&decoded)?.repository().map(str::to_owned)
 }
 
-/// Whether `repo` is one of `prefixes` or under one (none: all are).
-fn within(prefixes: &[String], repo: &str) -> bool {
-    Visible::new(prefixes.to_vec()).shows(repo)
-}
-
 /// What a request's path reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target<'a> {
@@ -188,7 +183,7 @@ fn allows(user: &User, scope: Scope, target: Target<'_>) -> bool {
         return false;
     }
     match target {
-        Target::Repository(r) => within(&user.prefixes, r),
+        Target::Repository(r) => covers(&user.prefixes, r),
         Target::Registry => true,
         // A user limited to repositories is limited to the registry: every store path (image
         // blobs included) is reachable through the cache by its name.

@@ -20,10 +20,12 @@
 //! [`UPLOAD_GROUP`]), as distribution links it: it can be fetched through that repository at
 //! once, a manifest pushed there may name it, and the collector keeps it until the manifest
 //! comes. The link goes when a manifest of the repository names the blob (its image holds it
-//! from then on), or after [`UPLOAD_LINK_TTL`] if none ever does. A
-//! manifest may name only blobs of its own repository (its images' or its links), and a mount
-//! takes a blob only from a repository that holds it — so that a client limited to some
-//! repositories cannot reach another's blobs by naming their digests.
+//! from then on), or after [`UPLOAD_LINK_TTL`] if none ever does; an unrooted record
+//! (`<state>/oci-repository-blobs`) keeps the blob the repository's after that manifest is
+//! deleted or its tag moves, until the collector takes it, as in distribution. A manifest may
+//! name only blobs of its own repository (its images', links or records), and a mount takes a
+//! blob only from a repository that holds it — so that a client limited to some repositories
+//! cannot reach another's blobs by naming their digests.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -151,8 +153,10 @@ impl RegistryServer {
         Holdings { images: self.images.clone(), held_dir: self.held_dir.clone() }
     }
 
-    /// Removes expired upload links, at most once per [`UPLOAD_LINK_SWEEP`].
-    fn sweep_links(&self) {
+    /// Removes expired upload links and records of collected blobs, at most once per
+    /// [`UPLOAD_LINK_SWEEP`], on the blocking pool (it lists and looks up files): the request
+    /// that starts it does not wait for it.
+    fn sweep_links(self: &Arc<Self>) {
         {
             let mut last = self.swept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if last.is_some_and(|t| t.elapsed() < UPLOAD_LINK_SWEEP) {
@@ -160,6 +164,11 @@ impl RegistryServer {
             }
             *last = Some(Instant::now());
         }
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || s.sweep_now());
+    }
+
+    fn sweep_now(&self) {
         match self.images.store.remove_root_links_older_than(UPLOAD_GROUP, UPLOAD_LINK_TTL) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "registry: expired links of pushed blobs removed"),
@@ -220,14 +229,16 @@ impl Visible {
         Visible(prefixes)
     }
 
-    /// Whether `repo` is one of the prefixes or under one (`team` covers `team/…`, not `teams`).
     pub(crate) fn shows(&self, repo: &str) -> bool {
-        self.0.is_empty()
-            || self
-                .0
-                .iter()
-                .any(|p| repo == p || repo.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')))
+        covers(&self.0, repo)
     }
+}
+
+/// Whether `repo` is one of `prefixes` or under one (`team` covers `team/…`, not `teams`); no
+/// prefixes cover every repository.
+pub(crate) fn covers(prefixes: &[String], repo: &str) -> bool {
+    prefixes.is_empty()
+        || prefixes.iter().any(|p| repo == p || repo.strip_prefix(p.as_str()).is_some_and(|rest| rest.starts_with('/')))
 }
 
 /// Links a stored blob to the repository it was pushed to (see the module's documentation).

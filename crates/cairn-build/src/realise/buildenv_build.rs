@@ -5,7 +5,6 @@
 //! the sandbox, where only the store is visible; [`crate::buildenv`] reads the store alone.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_nix::StorePath;
@@ -33,9 +32,7 @@ impl Builder {
         let out =
             node.outputs.get("out").ok_or_else(|| failed("'builtin:buildenv' requires an 'out' output".into()))?;
 
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = drv_path.name().trim_end_matches(".drv").to_owned();
-        let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
+        let top = self.new_top(drv_path);
         let logical = dir.display(out);
         let dest = under(&top.join("root"), &logical);
         let _roots = self.store.temp_root(node.inputs.iter().chain(node.outputs.values()).cloned());

@@ -6,7 +6,6 @@
 //! does not keep a builtin's (it may hold credentials), and neither does cairn.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cairn_nix::StorePath;
@@ -39,9 +38,7 @@ impl Builder {
             .map_err(|e| failed(e.to_string()))?;
         let out = node.outputs.get("out").ok_or_else(|| failed(fetchurl::FetchError::NoOut.to_string()))?;
 
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = drv_path.name().trim_end_matches(".drv").to_owned();
-        let top = self.settings.build_dir.join(format!("cairn-build-{name}-{}-{n}", std::process::id()));
+        let top = self.new_top(drv_path);
         let dest = under(&top.join("root"), &dir.display(out));
         let _roots = self.store.temp_root(node.outputs.values().cloned());
         let made = {

@@ -55,10 +55,10 @@ struct Realised {
 /// Resolves once the client's end (`fd`) has hung up; never without one. A client says nothing
 /// while its build runs, so its end is looked at a few times a second rather than read.
 async fn client_gone(fd: Option<std::os::fd::BorrowedFd<'_>>) {
+    use nix::poll::PollFlags;
     let Some(fd) = fd else { return std::future::pending().await };
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        use nix::poll::PollFlags;
         let mut fds = [nix::poll::PollFd::new(fd, PollFlags::POLLIN)];
         if !nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0) {
             continue;
