@@ -1,5 +1,5 @@
-# Reference constraints, exportReferencesGraph and structured attributes, built by real Nix 2.8
-# and by cairn (tests/tests/interop/build_constraints.rs). Attributes named `bad-*` must be refused by
+# Reference constraints, exportReferencesGraph, structured attributes and the builder's
+# system-call filter, built by real Nix 2.8 and by cairn (tests/tests/interop/build_constraints.rs). Attributes named `bad-*` must be refused by
 # both, naming the output and the offending paths; every other one must build to the same bytes.
 let
   inherit (import ./lib.nix) sh;
@@ -65,4 +65,11 @@ in {
   };
   bad-max-size = sa refs { name = "bad-max-size"; outputChecks.out.maxSize = 10; };
   bad-max-closure-size = sa refs { name = "bad-max-closure-size"; outputChecks.out.maxClosureSize = 200; };
+
+  # The system-call filter: a setuid or setgid mode is refused to the builder (EPERM), a plain
+  # one is not; a builder that goes on after the refusal builds the same bytes in both.
+  bad-setuid = sh "echo x > $out; chmod 4755 $out" { name = "bad-setuid"; };
+  setgid-refused = sh "mkdir $out; echo x > $out/f; chmod 2755 $out/f || echo refused > $out/why; chmod 755 $out/f" {
+    name = "setgid-refused";
+  };
 }

@@ -36,6 +36,7 @@ pub mod requirements;
 pub mod root;
 pub mod runner;
 pub mod sandbox;
+pub mod seccomp;
 pub mod structured;
 pub mod sys;
 pub mod zygote;

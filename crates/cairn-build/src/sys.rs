@@ -53,6 +53,8 @@ pub trait Sys {
     /// Becomes `uid`/`gid` (inside the user namespace), losing every capability.
     fn set_ids(&mut self, uid: u32, gid: u32) -> io::Result<()>;
     fn no_new_privs(&mut self) -> io::Result<()>;
+    /// Loads the builder's system-call filter ([`crate::seccomp`]); needs `no_new_privs`.
+    fn filter_syscalls(&mut self) -> io::Result<()>;
     /// Brings up `lo` in a new network namespace (it starts down), so that a build can still
     /// talk to itself over 127.0.0.1.
     fn loopback_up(&mut self) -> io::Result<()>;
@@ -225,6 +227,7 @@ pub fn enter(spec: &SandboxSpec, sys: &mut dyn Sys) -> Result<(), SysError> {
     step(sys.close_descriptors(Descriptors::CloseOnExec), || "mark descriptors close-on-exec".into())?;
     step(sys.set_ids(spec.uid, spec.gid), || format!("become uid {} gid {}", spec.uid, spec.gid))?;
     step(sys.no_new_privs(), || "set no_new_privs".into())?;
+    step(sys.filter_syscalls(), || "load the system-call filter".into())?;
     Ok(())
 }
 
@@ -282,6 +285,10 @@ impl Sys for Linux {
 
     fn no_new_privs(&mut self) -> io::Result<()> {
         Ok(nix::sys::prctl::set_no_new_privs()?)
+    }
+
+    fn filter_syscalls(&mut self) -> io::Result<()> {
+        crate::seccomp::install()
     }
 
     fn setsid(&mut self) -> io::Result<()> {
@@ -398,6 +405,9 @@ mod tests {
         fn no_new_privs(&mut self) -> io::Result<()> {
             self.record("nnp".into())
         }
+        fn filter_syscalls(&mut self) -> io::Result<()> {
+            self.record("seccomp".into())
+        }
         fn loopback_up(&mut self) -> io::Result<()> {
             self.record("lo up".into())
         }
@@ -481,7 +491,7 @@ mod tests {
         let mut r = Recorder::default();
         enter(&spec(false), &mut r).unwrap();
         let kinds: Vec<&str> = r.calls.iter().map(|c| c.split(' ').next().unwrap()).collect();
-        assert_eq!(kinds, ["setsid", "mount", "chroot", "chdir", "nproc", "close", "ids", "nnp"]);
+        assert_eq!(kinds, ["setsid", "mount", "chroot", "chdir", "nproc", "close", "ids", "nnp", "seccomp"]);
         assert!(r.calls[1].contains("/tmp/r/proc") && r.calls[1].contains("\"proc\""));
         assert_eq!(r.calls[4], "nproc 64", "the builder's process limit comes from the spec");
         assert_eq!(r.calls[5], "close CloseOnExec", "nothing but 0–2 survives the builder's exec");
