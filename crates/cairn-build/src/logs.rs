@@ -83,13 +83,21 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
+    /// Appends one line and its newline.
     pub fn line(&mut self, line: &[u8]) -> io::Result<()> {
+        self.part(line, true)
+    }
+
+    /// Appends `bytes`, then a newline if `newline`: a builder's output kept as it wrote it
+    /// (a line too long to show whole, or a last one without its newline, kept so).
+    pub fn part(&mut self, bytes: &[u8], newline: bool) -> io::Result<()> {
+        let nl: &[u8] = if newline { b"\n" } else { b"" };
         if let Some(enc) = &mut self.enc {
-            enc.write_all(line)?;
-            return enc.write_all(b"\n");
+            enc.write_all(bytes)?;
+            return enc.write_all(nl);
         }
-        self.pending.extend_from_slice(line);
-        self.pending.push(b'\n');
+        self.pending.extend_from_slice(bytes);
+        self.pending.extend_from_slice(nl);
         if self.pending.len() > SMALL_LOG {
             let out = self.out.take().ok_or_else(|| io::Error::other("the build log is already finished"))?;
             let mut enc = bzip2::write::BzEncoder::new(out, bzip2::Compression::default());
@@ -171,6 +179,19 @@ mod tests {
             w.finish().unwrap();
             assert_eq!(logs.read(&drv).unwrap().unwrap(), expect, "{lines} lines");
         }
+    }
+
+    #[test]
+    fn pieces_of_a_long_line_and_an_unterminated_last_line_are_kept_as_written() {
+        let t = tempfile::tempdir().unwrap();
+        let logs = LogStore::new(t.path());
+        let drv = StorePath::from_base_name("00000000000000000000000000000000-x.drv").unwrap();
+        let mut w = logs.writer(&drv).unwrap();
+        w.part(b"abc", false).unwrap();
+        w.part(b"def", true).unwrap();
+        w.part(b"\xff\rno newline", false).unwrap();
+        w.finish().unwrap();
+        assert_eq!(logs.read(&drv).unwrap().unwrap(), b"abcdef\n\xff\rno newline");
     }
 
     #[test]

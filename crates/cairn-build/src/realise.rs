@@ -732,9 +732,10 @@ impl Builder {
         // PID 1 (its parent-death signal) and every process of the build.
         let ended = unless_cancelled(
             &mut cancelled,
-            run(&self.settings.helper, &spec, uid, gid, limits, |line| {
-                // The log keeps the bytes; what is shown is the line as a terminal shows it.
-                let _ = log.line(line);
+            run(&self.settings.helper, &spec, uid, gid, limits, |line, newline| {
+                // The log keeps the bytes, as written; what is shown is the line as a terminal
+                // shows it.
+                let _ = log.part(line, newline);
                 let shown = overstrike(line);
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();

@@ -24,8 +24,11 @@ use tokio::net::unix::pipe;
 use crate::sandbox::{SandboxSpec, SANDBOX_GID, SANDBOX_UID};
 use crate::zygote::Zygote;
 
-/// The longest log line passed on whole; longer ones are cut into pieces of this size.
-const MAX_LINE: usize = 64 * 1024;
+/// The longest log line passed on whole; longer ones are cut into pieces of this size, so
+/// that a builder printing without newlines cannot make the daemon hold its whole output.
+/// Nix has no such bound; this one is far above the lines builds print (a minified script,
+/// a long compiler command line), which are shown whole, as Nix shows them.
+const MAX_LINE: usize = 1 << 20;
 
 /// How one run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,15 +51,17 @@ pub struct RunLimits {
 }
 
 /// Runs the sandbox `spec` in a helper of the executable `helper` (forked by its zygote, see
-/// [`crate::zygote`]), the sandbox's ids mapped to the host's `uid`/`gid`; each log line
-/// (without its newline) goes to `log`.
+/// [`crate::zygote`]), the sandbox's ids mapped to the host's `uid`/`gid`; each log line goes
+/// to `log` without its newline, with whether it had one (a piece of a line longer than
+/// [`MAX_LINE`], and an unterminated last line, have none): the bytes given, with a newline
+/// where it says so, are exactly what the builder wrote.
 pub async fn run(
     helper: &Path,
     spec: &SandboxSpec,
     uid: u32,
     gid: u32,
     limits: RunLimits,
-    mut log: impl FnMut(&[u8]) + Send,
+    mut log: impl FnMut(&[u8], bool) + Send,
 ) -> std::io::Result<RunEnd> {
     let key = SpareKey { helper: helper.to_owned(), uid, gid, network: spec.network };
     let started = match Spare::take(&key) {
@@ -119,18 +124,18 @@ pub async fn run(
                 if n == 0 {
                     output_open = false;
                     if !buf.is_empty() {
-                        log(&buf);
+                        log(&buf, false);
                         buf.clear();
                     }
                 } else {
                     last_output = tokio::time::Instant::now();
                     buf.extend_from_slice(&chunk[..n]);
                     while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-                        log(&buf[..i]);
+                        log(&buf[..i], true);
                         buf.drain(..=i);
                     }
                     while buf.len() >= MAX_LINE {
-                        log(&buf[..MAX_LINE]);
+                        log(&buf[..MAX_LINE], false);
                         buf.drain(..MAX_LINE);
                     }
                 }

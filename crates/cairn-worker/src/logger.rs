@@ -32,7 +32,8 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
     Int(u64),
-    String(String),
+    /// Bytes, as Nix sends them: a build log line is whatever the builder wrote, UTF-8 or not.
+    String(Vec<u8>),
 }
 
 /// An error as the daemon reports it to the client.
@@ -87,7 +88,7 @@ fn write_fields(w: &mut impl Write, fields: &[Field]) -> Result<()> {
             }
             Field::String(s) => {
                 write_u64(w, 1)?;
-                write_str(w, s)?;
+                write_bytes(w, s)?;
             }
         }
     }
@@ -103,7 +104,7 @@ fn read_fields(r: &mut impl Read, limits: &Limits) -> Result<Vec<Field>> {
     (0..n)
         .map(|_| match read_u64(r)? {
             0 => Ok(Field::Int(read_u64(r)?)),
-            1 => Ok(Field::String(read_text(r, limits.max_blob)?)),
+            1 => Ok(Field::String(read_bytes(r, limits.max_blob)?)),
             t => Err(Error::BadValue { what: "field type", value: t }),
         })
         .collect()

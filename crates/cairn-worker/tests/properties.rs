@@ -381,7 +381,7 @@ proptest! {
         level in verbosity(),
         kind in any::<u64>(),
         s in text(),
-        fields in prop::collection::vec(prop_oneof![any::<u64>().prop_map(Field::Int), text().prop_map(Field::String)], 0..4),
+        fields in prop::collection::vec(prop_oneof![any::<u64>().prop_map(Field::Int), prop::collection::vec(any::<u8>(), 0..64).prop_map(Field::String)], 0..4),
         traces in prop::collection::vec(text(), 0..3),
         status in any::<u32>(),
         minor in version(),

@@ -765,6 +765,54 @@ in {
     assert_eq!(got(&c), got(&n), "/etc/nsswitch.conf differs in a fixed-output build");
 }
 
+/// What a builder writes reaches the client and the stored log as its bytes, as through
+/// nix-daemon: a line that is not UTF-8, a line longer than the daemon's pieces, a carriage
+/// return, and a last line without its newline.
+#[test]
+fn build_output_reaches_the_client_and_the_log_byte_for_byte_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "bytes.nix",
+        br#"derivation { name = "bytes"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" ''
+  printf '\377\376 latin-1\n'
+  head -c 100000 /dev/zero | tr '\0' a; echo
+  printf 'progress 10%%\rprogress 100%%\n' >&2
+  echo > $out
+  printf 'last line without newline'
+'' ]; }"#,
+    );
+    let drv = p.same("nix-instantiate", &[&f]);
+    let (c, n) = p.alike("nix-build", &["--no-out-link", drv.trim()]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    // What the client printed of the build: the lines that do not name a store path.
+    let shown = |o: &Output| -> Vec<Vec<u8>> {
+        o.stderr
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.windows(11).any(|w| w == b"/nix/store/"))
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let (cs, ns) = (shown(&c), shown(&n));
+    assert!(ns.iter().any(|l| l.starts_with(b"\xff\xfe latin-1")), "nix-daemon shows the raw bytes");
+    assert!(ns.iter().any(|l| l.len() == 100_000), "nix-daemon shows the long line whole");
+    let brief = |v: &[Vec<u8>]| -> Vec<String> {
+        v.iter().map(|l| format!("{} bytes: {:?}", l.len(), String::from_utf8_lossy(&l[..l.len().min(40)]))).collect()
+    };
+    assert!(
+        cs == ns,
+        "what the client shows of the build differs:\ncairnd: {:#?}\nnix-daemon: {:#?}",
+        brief(&cs),
+        brief(&ns)
+    );
+    let log = |side| p.run(side, "nix-store", &["-l", drv.trim()]).stdout;
+    let (cl, nl) = (log(Side::Cairn), log(Side::Nix));
+    assert!(nl.ends_with(b"last line without newline"), "{:?}", String::from_utf8_lossy(&nl[nl.len() - 40..]));
+    assert!(cl == nl, "the stored logs differ:\ncairnd: {} bytes\nnix-daemon: {} bytes", cl.len(), nl.len());
+}
+
 /// A client that goes away stops its build, as `nix-daemon` stops it: the builder's processes
 /// are killed within a second or so, and nothing is registered. (The build said nothing, so
 /// no failed write to the client could tell the daemon.)

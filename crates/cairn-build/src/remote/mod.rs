@@ -371,7 +371,7 @@ pub fn build(
         StderrMessage::Next(s) => on_line(s.trim_end_matches('\n').as_bytes()),
         StderrMessage::Result { kind: ResultType::BuildLogLine, fields, .. } => {
             if let Some(Field::String(s)) = fields.first() {
-                on_line(s.as_bytes());
+                on_line(s);
             }
         }
         _ => {}

@@ -213,8 +213,8 @@ impl<R: Read, W: Write> Session<R, W> {
                     None => format!("{doing} '{shown}'"),
                 };
                 let fields = vec![
-                    Field::String(shown.clone()),
-                    Field::String(machine.unwrap_or_default()),
+                    Field::String(shown.clone().into_bytes()),
+                    Field::String(machine.unwrap_or_default().into_bytes()),
                     Field::Int(1),
                     Field::Int(1),
                 ];
@@ -223,7 +223,6 @@ impl<R: Read, W: Write> Session<R, W> {
             }
             Event::Log { drv, line } => {
                 if let Some(&id) = activities.get(&drv) {
-                    let line = String::from_utf8_lossy(&line).into_owned();
                     self.activity_result(id, ResultType::BuildLogLine, vec![Field::String(line)]);
                 }
             }
