@@ -72,6 +72,7 @@ impl Substitution {
             progress,
             repair,
             peers: self.peers.clone(),
+            announce: None,
         }
     }
 

@@ -163,6 +163,10 @@ pub struct Report {
     pub failed: Vec<(StorePath, String)>,
 }
 
+/// Told of each path whose download starts, with the URL of the cache whose narinfo it follows:
+/// what a Nix client shows as "copying path '…' from '…'".
+pub type Announce = mpsc::UnboundedSender<(StorePath, String)>;
+
 /// What a substitution needs.
 pub struct Job {
     pub store: Arc<LocalStore>,
@@ -178,6 +182,8 @@ pub struct Job {
     pub repair: bool,
     /// Asked for each NAR before its cache (`peers`): the narinfo still comes from the cache.
     pub peers: Option<Arc<dyn Peers>>,
+    /// Told of each path as its download starts.
+    pub announce: Option<Announce>,
 }
 
 struct Ctx {
@@ -195,6 +201,7 @@ struct Ctx {
     peers: Option<Arc<dyn Peers>>,
     /// Peers are told these paths are on their way until the batch is committed.
     fetching: std::sync::Mutex<Vec<Box<dyn Send>>>,
+    announce: Option<Announce>,
 }
 
 enum Event {
@@ -236,6 +243,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
         jobs: Semaphore::new(job.limits.jobs.max(1)),
         peers: if job.repair { None } else { job.peers },
         fetching: Default::default(),
+        announce: job.announce,
     });
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut tasks = tokio::task::JoinSet::new();
@@ -350,6 +358,9 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
         let size = info.file_size.unwrap_or(info.nar_size);
         let _ = tx.send(Event::Found { path: path.clone(), references, size });
         let _job = ctx.jobs.acquire().await.expect("semaphore open");
+        if let Some(a) = &ctx.announce {
+            let _ = a.send((path.clone(), sub.url().to_owned()));
+        }
         if from_peers(&ctx, &info).await {
             ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
             ctx.progress.bytes_done.fetch_add(size, Ordering::Relaxed);

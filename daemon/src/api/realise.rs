@@ -168,6 +168,7 @@ pub(crate) async fn substitute_first(
     goals: &[Goal],
     caches: Vec<Arc<cairn_cache::Substituter>>,
     policy: cairn_cache::Policy,
+    announce: Option<cairn_cache::substitute::Announce>,
 ) -> Vec<(StorePath, String)> {
     let sub = &st.substitution;
     if caches.is_empty() {
@@ -203,6 +204,7 @@ pub(crate) async fn substitute_first(
     let progress = Arc::new(cairn_cache::Progress::default());
     let mut job = sub.job(&st.store, caches, peer.client, progress, false);
     job.policy = policy;
+    job.announce = announce;
     match cairn_cache::substitute(job, &missing).await {
         Ok(r) => {
             for i in &r.added {
@@ -286,7 +288,7 @@ pub async fn realise(
     if mode == Mode::Normal {
         let (caches, policy) = (st.substitution.configured.clone(), st.substitution.policy.clone());
         // Whatever could not be substituted is built (cairn's API always falls back).
-        let _ = substitute_first(&st, &peer, &goals, caches, policy).await;
+        let _ = substitute_first(&st, &peer, &goals, caches, policy, None).await;
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();

@@ -596,6 +596,19 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     );
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     assert_eq!(c.stdout, n.stdout);
+    // Both say what they copy from where, as Nix's daemon does.
+    let copying = format!("copying path '{path}' from '{cache}'...");
+    both_say(&c, &n, &[&copying]);
+    // So does a build whose output is substituted instead of built.
+    for side in [Side::Cairn, Side::Nix] {
+        p.ok(side, "nix-store", &["--delete", &path]);
+    }
+    let (c, n) = p.alike(
+        "nix-build",
+        &["--no-out-link", &f, "--option", "substituters", &cache, "--option", "trusted-public-keys", &pk],
+    );
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    both_say(&c, &n, &[&copying]);
     // Without the client's key, the daemon's own (none) do not vouch for it.
     for side in [Side::Cairn, Side::Nix] {
         p.ok(side, "nix-store", &["--delete", &path]);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cairn_nix::hash::Encoding;
 use cairn_nix::narinfo::NarInfo;
 use cairn_nix::StorePath;
-use cairn_worker::{GcAction, GcOptions, GcResults, Request, Response, SubstitutablePathInfo};
+use cairn_worker::{ActivityType, Field, GcAction, GcOptions, GcResults, Request, Response, SubstitutablePathInfo};
 
 use super::session::{Failure, OpResult, Session};
 
@@ -101,7 +101,7 @@ impl<R: Read, W: Write> Session<R, W> {
     /// Substitutes what of `paths` is missing (closures included); errors are the caller's to
     /// find, by asking what is valid afterwards.
     /// Returns why each path that a cache offered could not be substituted.
-    pub(super) fn substitute_missing(&self, paths: &[StorePath]) -> OpResult<BTreeMap<StorePath, String>> {
+    pub(super) fn substitute_missing(&mut self, paths: &[StorePath]) -> OpResult<BTreeMap<StorePath, String>> {
         let store = &self.st.store;
         let mut missing = Vec::new();
         for p in paths {
@@ -116,7 +116,9 @@ impl<R: Read, W: Write> Session<R, W> {
         let progress = Arc::new(cairn_cache::Progress::default());
         let mut job = self.st.substitution.job(store, subs, self.peer.client, progress, false);
         job.policy = self.policy();
-        let failed = match self.rt.block_on(cairn_cache::substitute(job, &missing)) {
+        let (announce, copying) = tokio::sync::mpsc::unbounded_channel();
+        job.announce = Some(announce);
+        let failed = match self.showing_copies(cairn_cache::substitute(job, &missing), copying) {
             Ok(report) => {
                 for i in &report.added {
                     tracing::info!(path = %self.show(&i.path), "substituted");
@@ -132,6 +134,40 @@ impl<R: Read, W: Write> Session<R, W> {
         let paths: Vec<StorePath> = failed.iter().map(|(p, _)| p.clone()).collect();
         let offered = if failed.is_empty() { BTreeMap::new() } else { self.substitutable(&paths) };
         Ok(failed.into_iter().filter(|(p, _)| offered.contains_key(p)).collect())
+    }
+
+    /// Runs `work`, a substitution that announces on `copying` each path it starts, showing the
+    /// client each as Nix's daemon does: a "copying path '…' from '…'" activity (stopped when
+    /// the substitution ends).
+    pub(super) fn showing_copies<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        mut copying: tokio::sync::mpsc::UnboundedReceiver<(StorePath, String)>,
+    ) -> T {
+        let rt = self.rt.clone();
+        let mut started = Vec::new();
+        let out = rt.block_on(async {
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    out = &mut work => break out,
+                    Some((path, from)) = copying.recv() => {
+                        let shown = self.show(&path);
+                        let text = format!("copying path '{shown}' from '{from}'");
+                        let fields = vec![
+                            Field::String(shown.into_bytes()),
+                            Field::String(from.into_bytes()),
+                            Field::String(b"local".to_vec()),
+                        ];
+                        started.push(self.start_activity(ActivityType::CopyPath, text, fields));
+                    }
+                }
+            }
+        });
+        for id in started {
+            self.stop_activity(id);
+        }
+        out
     }
 
     /// Makes `paths` valid, substituting them if needed (`EnsurePath`, opaque build goals).

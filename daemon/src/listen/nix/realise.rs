@@ -109,8 +109,10 @@ impl<R: Read, W: Write> Session<R, W> {
         let mut refused: Vec<(StorePath, cairn_build::realise::GoalResult)> = Vec::new();
         if mode == Mode::Normal && self.options.use_substitutes {
             let (caches, policy) = (self.substituters(), self.policy());
-            let failed =
-                self.rt.block_on(crate::api::realise::substitute_first(&st, &self.peer, &goals, caches, policy));
+            let (announce, copying) = tokio::sync::mpsc::unbounded_channel();
+            let peer = self.peer.clone();
+            let work = crate::api::realise::substitute_first(&st, &peer, &goals, caches, policy, Some(announce));
+            let failed = self.showing_copies(work, copying);
             if !failed.is_empty() && !self.options.try_fallback {
                 refused = self.without_fallback(&mut goals, failed);
             }
