@@ -4,8 +4,9 @@
 //! from claiming someone else's path. So before a derivation is built (or its outputs reported)
 //! its output paths are recomputed — `hashDerivationModulo` over its input derivations, or the
 //! fixed hash — and a mismatch refuses it, as Nix refuses such a `.drv` when it is registered.
-//! Hashes of input derivations are memoised: a closure of many derivations sharing inputs costs
-//! one parse and one hash per derivation, computed inputs first without recursion.
+//! Hashes of input derivations come from the store ([`LocalStore::derivation_hash_modulo`]),
+//! which computes them inputs first without recursion and keeps them: a closure of many
+//! derivations sharing inputs costs one parse and one hash per derivation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -83,30 +84,14 @@ impl<'s> Derivations<'s> {
     }
 
     /// `hashDerivationModulo(drv, maskOutputs = false)`, the hash inputs contribute to their
-    /// dependents.
+    /// dependents: the store's, which keeps them.
     fn modulo(&mut self, path: &StorePath) -> Result<OutputHashes, BuildError> {
-        // Post-order without recursion: a chain of thousands of derivations is fine.
-        let mut stack: Vec<(StorePath, bool)> = vec![(path.clone(), false)];
-        while let Some((p, inputs_done)) = stack.pop() {
-            if self.modulo.contains_key(&p) {
-                continue;
-            }
-            let drv = self.load(&p)?;
-            // A fixed output's hash is its declared hash: its inputs play no part.
-            if !inputs_done && drv.fixed_output()?.is_none() {
-                stack.push((p.clone(), true));
-                for input in drv.input_drvs.keys() {
-                    let ip = self.parse_input(input)?;
-                    if !self.modulo.contains_key(&ip) {
-                        stack.push((ip, false));
-                    }
-                }
-                continue;
-            }
-            let h = self.hash_with_memo(&drv, false)?;
-            self.modulo.insert(p, h);
+        if let Some(h) = self.modulo.get(path) {
+            return Ok(h.clone());
         }
-        Ok(self.modulo[path].clone())
+        let h = self.store.derivation_hash_modulo(path)?;
+        self.modulo.insert(path.clone(), h.clone());
+        Ok(h)
     }
 
     fn hash_with_memo(&mut self, drv: &Derivation, mask: bool) -> Result<OutputHashes, BuildError> {

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cairn_nix::derivation::{Derivation, DerivationOutput};
+use cairn_nix::derivation::{Derivation, DerivationError, DerivationOutput};
 use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer};
 use cairn_nix::strategies::Tree;
 use cairn_nix::{StoreDir, StorePath};
@@ -188,21 +188,24 @@ fn import_output(s: &LocalStore, out: &StorePath, drv: &StorePath) {
 #[test]
 fn keep_derivations_and_keep_outputs_follow_nix() {
     let dir = tempfile::tempdir().unwrap();
-    let out = StorePath::from_base_name("0c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-hello").unwrap();
-    let drv_text = Derivation {
+    let mut drv = Derivation {
         outputs: BTreeMap::from([(
             "out".to_owned(),
-            DerivationOutput {
-                path: format!("/store/{}", out.base_name()),
-                hash_algo: String::new(),
-                hash: String::new(),
-            },
+            DerivationOutput { path: String::new(), hash_algo: String::new(), hash: String::new() },
         )]),
         platform: "x86_64-linux".into(),
         builder: "/bin/sh".into(),
+        env: BTreeMap::from([("name".to_owned(), "hello".to_owned()), ("out".to_owned(), String::new())]),
         ..Default::default()
-    }
-    .to_aterm();
+    };
+    // Its output path, as Nix writes it.
+    let store_dir = StoreDir::new("/store").unwrap();
+    let out =
+        drv.output_paths::<DerivationError>(&store_dir, &mut |_| unreachable!("no inputs")).unwrap()["out"].clone();
+    let shown = store_dir.display(&out);
+    drv.outputs.get_mut("out").unwrap().path = shown.clone();
+    drv.env.insert("out".to_owned(), shown);
+    let drv_text = drv.to_aterm();
     let setup = |settings: GcSettings| {
         let s = store_at(dir.path()).with_gc_settings(settings);
         let drv = s.add_text("hello.drv", drv_text.as_bytes(), &BTreeSet::new()).unwrap().path;

@@ -25,6 +25,7 @@ mod access;
 mod batch;
 mod blobs;
 mod ca;
+mod drv_hashes;
 mod files;
 mod fsops;
 mod gc;
@@ -221,6 +222,8 @@ pub struct LocalStore {
     tmp_counter: AtomicU64,
     /// Told the BLAKE3 hashes made while adding (for peers), if a p2p node serves this store.
     offered: std::sync::OnceLock<std::sync::Arc<dyn peers::Offered>>,
+    /// Derivations' modulo hashes, for checking new derivations' output paths.
+    drv_hashes: drv_hashes::DrvHashes,
     _lock: Flock<File>,
 }
 
@@ -267,6 +270,7 @@ impl LocalStore {
             reclaimer,
             tmp_counter: AtomicU64::new(0),
             offered: std::sync::OnceLock::new(),
+            drv_hashes: Default::default(),
             _lock: lock,
         })
     }
@@ -490,8 +494,9 @@ impl LocalStore {
     /// The outputs a derivation about to be registered declares — refused, as Nix refuses it
     /// (`registerValidPaths`), if a path named `.drv` is not a derivation, or names outputs its
     /// own fields contradict: an output whose environment variable says another path, a fixed
-    /// output not at the path its hash gives. (Input-addressed output paths, which need the
-    /// input derivations' hashes, are checked when the derivation is built.)
+    /// output not at the path its hash gives, an input-addressed output not at the path its
+    /// derivation's hash gives ([`drv_hashes`]; its input derivations are valid or in the same
+    /// registration, so in place).
     fn read_drv_outputs(
         &self,
         path: &StorePath,
@@ -508,6 +513,13 @@ impl LocalStore {
         let drv = cairn_nix::derivation::Derivation::parse(&bytes).map_err(|e| parse_error(e.to_string()))?;
         let name = path.name().trim_end_matches(".drv");
         let fixed = drv.fixed_output().map_err(|e| parse_error(e.to_string()))?;
+        let input_addressed =
+            fixed.is_none() && drv.outputs.values().any(|o| !o.path.is_empty() && o.hash_algo.is_empty());
+        let computed: std::collections::BTreeMap<String, StorePath> = if input_addressed {
+            self.input_addressed_outputs(path, &drv, name)?.into_iter().collect()
+        } else {
+            Default::default()
+        };
         let mut outputs = std::collections::BTreeMap::new();
         for (out, o) in &drv.outputs {
             if o.path.is_empty() {
@@ -529,7 +541,15 @@ impl LocalStore {
                     )));
                 }
             }
-            if drv.env.get(out).is_some_and(|v| *v != o.path) {
+            if let Some(at) = computed.get(out).filter(|at| **at != declared && o.hash_algo.is_empty()) {
+                return Err(bad(format!(
+                    "incorrect output '{}', should be '{}'",
+                    o.path,
+                    self.store_dir().display(at)
+                )));
+            }
+            // As Nix: the variable must be there, and say the output's path.
+            if drv.env.get(out) != Some(&o.path) {
                 return Err(bad(format!("incorrect environment variable '{out}', should be '{}'", o.path)));
             }
             outputs.insert(out.clone(), declared);

@@ -623,7 +623,7 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
 /// A path named `.drv` must be a derivation whose outputs its own fields agree on, however it
 /// comes in (added, imported): refused as nix-daemon refuses it, nothing registered.
 #[test]
-fn a_drv_that_is_not_a_derivation_or_claims_another_fixed_output_is_refused() {
+fn a_drv_that_is_not_a_derivation_or_claims_another_output_path_is_refused() {
     if !peers() {
         return;
     }
@@ -659,6 +659,28 @@ fn a_drv_that_is_not_a_derivation_or_claims_another_fixed_output_is_refused() {
         "{}",
         String::from_utf8_lossy(&c.stderr)
     );
+    // An input-addressed derivation (with an input derivation) claiming another output path,
+    // its environment agreeing with the lie: only its hash tells, and both refuse it, naming
+    // the path it should have.
+    let f = p.write(
+        "ia.nix",
+        br#"let dep = derivation { name = "dep"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; };
+in derivation { name = "ia"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "cat ${dep} > $out" ]; }"#,
+    );
+    let drv = p.same("nix-instantiate", &[&f]);
+    let out = p.same("nix-store", &["-q", "--outputs", drv.trim()]);
+    let text = std::fs::read_to_string(p.nix.root().join(drv.trim().trim_start_matches('/'))).unwrap();
+    let other = "/nix/store/11111111111111111111111111111111-ia";
+    let liar = text.replace(out.trim(), other);
+    assert_eq!(liar.matches(other).count(), 2, "{liar}");
+    let (c, n) = p.alike("nix-store", &["--add", &p.write("ia-liar/ia.drv", liar.as_bytes())]);
+    assert!(!c.status.success(), "a derivation claiming another output path was taken");
+    let says = format!("has incorrect output '{other}', should be '{}'", out.trim());
+    both_say(&c, &n, &[&says]);
+    // Its honest text is taken by both, so nothing but the claim was refused.
+    let honest = p.write("ia-honest/ia.drv", text.as_bytes());
+    let (c, _) = p.alike("nix-store", &["--add", &honest]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }
 
 /// A substitute that fails (a corrupt NAR in the cache) fails the build unless the client asked
