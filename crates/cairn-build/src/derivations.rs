@@ -118,8 +118,9 @@ impl<'s> Derivations<'s> {
         self.hash_with_memo(&drv, true)
     }
 
-    /// The output paths `drv`'s hash gives (its input derivations' hashes computed first).
-    fn computed_outputs(&mut self, drv: &Derivation) -> Result<BTreeMap<String, StorePath>, BuildError> {
+    /// The output paths `drv`, named `name`, has by its hash (its input derivations' hashes
+    /// computed first).
+    fn computed_outputs(&mut self, drv: &Derivation, name: &str) -> Result<BTreeMap<String, StorePath>, BuildError> {
         // A fixed output's path is its hash and name: its input derivations are not even read,
         // so an output already valid is found without touching them (as Nix finds it).
         let fixed = drv.fixed_output()?.is_some();
@@ -129,7 +130,7 @@ impl<'s> Derivations<'s> {
         }
         let dir = self.store.store_dir().clone();
         let memo = &self.modulo;
-        drv.output_paths::<BuildError>(&dir, &mut |p: &str| {
+        drv.output_paths::<BuildError>(&dir, name, &mut |p: &str| {
             let sp = dir.parse(p).map_err(DerivationError::from)?;
             memo.get(&sp)
                 .cloned()
@@ -143,7 +144,12 @@ impl<'s> Derivations<'s> {
             return Ok(o.clone());
         }
         let drv = self.load(path)?;
-        let computed = self.computed_outputs(&drv)?;
+        // Floating content-addressed and impure outputs have no path until built.
+        if drv.outputs.values().any(|o| o.path.is_empty() || (!o.hash_algo.is_empty() && o.hash.is_empty())) {
+            return Err(BuildError::ContentAddressed(self.display(path)));
+        }
+        let name = path.name().strip_suffix(".drv").unwrap_or(path.name());
+        let computed = self.computed_outputs(&drv, name)?;
         let dir = self.store.store_dir().clone();
         for (name, out) in &drv.outputs {
             let want = computed.get(name).map(|p| dir.display(p)).unwrap_or_default();
@@ -170,7 +176,7 @@ impl<'s> Derivations<'s> {
         for out in drv.outputs.keys() {
             drv.env.entry(out.clone()).or_default();
         }
-        let computed = self.computed_outputs(drv)?;
+        let computed = self.computed_outputs(drv, &name)?;
         let dir = self.store.store_dir().clone();
         for (out, o) in drv.outputs.iter_mut() {
             let want = computed.get(out).map(|p| dir.display(p)).unwrap_or_default();

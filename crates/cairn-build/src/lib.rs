@@ -71,6 +71,11 @@ pub enum BuildError {
          refusing a derivation that claims another path"
     )]
     WrongOutputPath { drv: String, output: String, declared: String, computed: String },
+    #[error(
+        "derivation '{0}' has floating content-addressed or impure outputs (Nix's experimental \
+         'ca-derivations' and 'impure-derivations'), which cairnd does not build"
+    )]
+    ContentAddressed(String),
     #[error("input '{path}' of derivation '{drv}' is not valid (substitute or add it first)")]
     InputNotValid { drv: String, path: String },
     /// `--check` of a derivation whose wanted outputs are not all valid (Nix's words).

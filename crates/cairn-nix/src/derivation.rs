@@ -303,9 +303,9 @@ impl Derivation {
         s
     }
 
-    /// The derivation's name: its `name` environment variable, or with structured attributes
-    /// (where the environment holds only `__json` and the outputs) the `name` in `__json`. Nix
-    /// takes it from the `.drv` path's name, which `derivation` made from that attribute.
+    /// The name `derivation` gives a new derivation: its `name` environment variable, or with
+    /// structured attributes (where the environment holds only `__json` and the outputs) the
+    /// `name` in `__json`. A derivation in the store is named by its `.drv` path instead.
     pub fn name(&self) -> Result<std::borrow::Cow<'_, str>> {
         if let Some(n) = self.env.get("name") {
             return Ok(std::borrow::Cow::Borrowed(n));
@@ -357,13 +357,16 @@ impl Derivation {
     }
 
     /// The paths of the derivation's outputs, as Nix computes them when it writes the `.drv`.
+    /// `name` is the derivation's name: its `.drv` path's without `.drv` (Nix's
+    /// `Derivation::name`), which `derivation` makes from the `name` attribute
+    /// ([`Derivation::name`]) but a tool may set apart from it (`nix develop` names its shell
+    /// derivation `NAME-env` and leaves the attribute alone).
     pub fn output_paths<E: From<DerivationError>>(
         &self,
         dir: &StoreDir,
+        name: &str,
         input: &mut InputHashes<'_, E>,
     ) -> std::result::Result<BTreeMap<String, StorePath>, E> {
-        let name = self.name()?;
-        let name = name.as_ref();
         if let Some((method, hash)) = self.fixed_output()? {
             let p = dir
                 .make_fixed_output_path(name, method, &hash, &BTreeSet::new(), false)

@@ -200,8 +200,9 @@ fn keep_derivations_and_keep_outputs_follow_nix() {
     };
     // Its output path, as Nix writes it.
     let store_dir = StoreDir::new("/store").unwrap();
-    let out =
-        drv.output_paths::<DerivationError>(&store_dir, &mut |_| unreachable!("no inputs")).unwrap()["out"].clone();
+    let out = drv.output_paths::<DerivationError>(&store_dir, "hello", &mut |_| unreachable!("no inputs")).unwrap()
+        ["out"]
+        .clone();
     let shown = store_dir.display(&out);
     drv.outputs.get_mut("out").unwrap().path = shown.clone();
     drv.env.insert("out".to_owned(), shown);

@@ -683,6 +683,39 @@ in derivation { name = "ia"; system = builtins.currentSystem; builder = "/bin/sh
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }
 
+/// A derivation named apart from its `name` attribute — as `nix develop` writes its shell
+/// derivation, `NAME-env` — has its output paths from its own name: both daemons take it and
+/// build it to the same path.
+#[test]
+fn a_derivation_named_apart_from_its_name_attribute_is_built_as_nix_daemon_builds_it() {
+    use cairn_nix::derivation::{Derivation, DerivationError, DerivationOutput};
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let empty = DerivationOutput { path: String::new(), hash_algo: String::new(), hash: String::new() };
+    let mut drv = Derivation {
+        outputs: BTreeMap::from([("out".to_owned(), empty)]),
+        platform: "x86_64-linux".into(),
+        builder: "/bin/sh".into(),
+        args: vec!["-c".into(), "echo named apart > $out".into()],
+        env: ["builder", "name", "out", "system"]
+            .into_iter()
+            .zip(["/bin/sh", "shell", "", "x86_64-linux"])
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        ..Default::default()
+    };
+    let dir = cairn_nix::StoreDir::new("/nix/store").unwrap();
+    let out = drv.output_paths::<DerivationError>(&dir, "shell-env", &mut |_| unreachable!("no inputs")).unwrap();
+    let out = dir.display(&out["out"]);
+    drv.outputs.get_mut("out").unwrap().path = out.clone();
+    drv.env.insert("out".into(), out.clone());
+    let file = p.write("develop/shell-env.drv", drv.to_aterm().as_bytes());
+    let drv_path = p.same("nix-store", &["--add", &file]);
+    assert_eq!(p.same("nix-store", &["--realise", drv_path.trim()]).trim(), out);
+}
+
 /// A substitute that fails (a corrupt NAR in the cache) fails the build unless the client asked
 /// for `--fallback`, which then builds it, as with nix-daemon.
 #[test]
