@@ -615,6 +615,9 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     }
     let (c, _) = p.alike("nix-store", &["--realise", &path, "--option", "substituters", &cache]);
     assert!(!c.status.success());
+    // Still, the cache has it: what may be fetched is answered from its narinfo, signed or not.
+    let (c, n) = p.alike("nix-store", &["--realise", "--dry-run", &path, "--option", "substituters", &cache]);
+    both_say(&c, &n, &["this path will be fetched", &path]);
     // And `nix copy` into the daemon is checked with the client's key.
     let (c, n) = p.alike("nix", &["copy", "--from", &cache, "--option", "trusted-public-keys", &pk, &path]);
     assert!(c.status.success() && n.status.success(), "{}", String::from_utf8_lossy(&c.stderr));

@@ -87,14 +87,27 @@ impl<R: Read, W: Write> Session<R, W> {
         policy
     }
 
-    /// Narinfos of the paths the caches could substitute.
+    /// Narinfos of the paths the caches could substitute: trusted under this client's policy.
     pub(super) fn substitutable(&self, paths: &[StorePath]) -> BTreeMap<StorePath, NarInfo> {
+        self.narinfos(paths, self.policy())
+    }
+
+    /// Narinfos of the paths the caches have, signed or not: what Nix's substitutability
+    /// queries answer (`querySubstitutablePaths`, `querySubstitutablePathInfos`, and so
+    /// `queryMissing`), which look for a narinfo, not at its signatures — a path whose
+    /// signature then fails is built instead, as by `nix-daemon`.
+    pub(super) fn offered(&self, paths: &[StorePath]) -> BTreeMap<StorePath, NarInfo> {
+        let mut policy = self.policy();
+        policy.require_sigs = false;
+        self.narinfos(paths, policy)
+    }
+
+    fn narinfos(&self, paths: &[StorePath], policy: cairn_cache::Policy) -> BTreeMap<StorePath, NarInfo> {
         let subs = self.substituters();
         if subs.is_empty() || paths.is_empty() {
             return BTreeMap::new();
         }
         let sub = &self.st.substitution;
-        let policy = self.policy();
         self.rt.block_on(cairn_cache::substitute::query(&subs, &sub.lookups, &policy, &self.st.store_dir, paths))
     }
 
@@ -234,18 +247,18 @@ impl<R: Read, W: Write> Session<R, W> {
                 let d = cairn_build::derivations::Derivations::new(store).load(&drv)?;
                 Response::StringSet(d.outputs.keys().cloned().collect())
             }
-            Q::HasSubstitutes(p) => Response::Bool(!self.substitutable(std::slice::from_ref(&p)).is_empty()),
+            Q::HasSubstitutes(p) => Response::Bool(!self.offered(std::slice::from_ref(&p)).is_empty()),
             Q::QuerySubstitutablePaths(paths) => {
                 let missing = self.invalid(paths)?;
-                Response::PathSet(self.substitutable(&missing).into_keys().collect())
+                Response::PathSet(self.offered(&missing).into_keys().collect())
             }
             Q::QuerySubstitutablePathInfo(p) => {
-                let found = self.substitutable(std::slice::from_ref(&p));
+                let found = self.offered(std::slice::from_ref(&p));
                 Response::SubstitutablePathInfo(found.get(&p).map(substitutable))
             }
             Q::QuerySubstitutablePathInfos(paths) => {
                 let missing = self.invalid(paths.into_keys())?;
-                let found = self.substitutable(&missing);
+                let found = self.offered(&missing);
                 Response::SubstitutablePathInfos(found.iter().map(|(p, i)| (p.clone(), substitutable(i))).collect())
             }
             Q::AddTempRoot(p) => {

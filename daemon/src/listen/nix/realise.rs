@@ -452,7 +452,7 @@ impl<R: Read, W: Write> Session<R, W> {
                     if store.is_valid(&p)? {
                         continue;
                     }
-                    let found = self.substitutable(std::slice::from_ref(&p));
+                    let found = self.offered(std::slice::from_ref(&p));
                     match found.get(&p) {
                         Some(info) => {
                             missing.will_substitute.insert(p.clone());
@@ -484,7 +484,7 @@ impl<R: Read, W: Write> Session<R, W> {
                     if absent.is_empty() {
                         continue;
                     }
-                    let found = self.substitutable(&absent);
+                    let found = self.offered(&absent);
                     if found.len() == absent.len() {
                         for p in absent {
                             todo.push(DerivedPath::Opaque(p));
