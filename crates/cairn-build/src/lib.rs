@@ -39,6 +39,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod structured;
 pub mod sys;
+pub mod unpack_channel;
 pub mod zygote;
 
 pub use logs::LogStore;

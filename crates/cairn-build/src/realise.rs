@@ -210,7 +210,7 @@ pub struct Builder {
     freed: Arc<Notify>,
 }
 
-mod buildenv_build;
+mod builtins_build;
 mod fetchurl_build;
 
 /// A derivation scheduled in one request.
@@ -665,7 +665,8 @@ impl Builder {
         if node.drv.builder == FETCHURL && !self.has_builtin(FETCHURL) {
             return Ok(self.build_fetchurl(drv_path, node, &impure, options, events).await?);
         }
-        if node.drv.builder == crate::buildenv::BUILDENV && !self.has_builtin(crate::buildenv::BUILDENV) {
+        let in_daemon = [crate::buildenv::BUILDENV, crate::unpack_channel::UNPACK_CHANNEL];
+        if in_daemon.contains(&node.drv.builder.as_str()) && !self.has_builtin(&node.drv.builder) {
             if node.mode != NodeMode::Build {
                 return Err(format!(
                     "cannot check or repair '{shown}': builder '{}' runs in the daemon",
@@ -673,7 +674,11 @@ impl Builder {
                 )
                 .into());
             }
-            return Ok(self.build_buildenv(drv_path, node, options, events).await?);
+            return Ok(if node.drv.builder == crate::buildenv::BUILDENV {
+                self.build_buildenv(drv_path, node, options, events).await?
+            } else {
+                self.build_unpack_channel(drv_path, node, options, events).await?
+            });
         }
         // Builds are always sandboxed here, as Nix's are with `sandbox = true`.
         if node.drv.env.get("__noChroot").is_some_and(|v| v == "1") {

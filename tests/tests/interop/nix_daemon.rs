@@ -510,6 +510,46 @@ in {
     both_say(&c, &n, &["have the same priority 5", "failed with exit code 1"]);
 }
 
+/// The channel `nix-channel --update` makes (its `unpack-channel.nix`: a derivation of
+/// `builtin:unpack-channel`), built through cairnd: the tarball unpacked into the same store
+/// path, with the same bytes, as through nix-daemon; a tarball of two entries refused alike.
+/// (`nix-channel` itself names the tarball by its host path, which a store with `?root=`, as
+/// these tests use, does not take.)
+#[test]
+fn a_channel_is_unpacked_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    p.write("chan-src/nixexprs-1/default.nix", b"{ }: { answer = 42; }\n");
+    p.write("chan-src/nixexprs-1/lib/util.nix", b"x: x\n");
+    p.write("chan-src/second/f", b"x\n");
+    for (tarball, entries) in [("one.tar.bz2", vec!["nixexprs-1"]), ("two.tar.bz2", vec!["nixexprs-1", "second"])] {
+        let tar = Command::new("tar")
+            .arg("-cjf")
+            .arg(p.work.path().join(tarball))
+            .arg("-C")
+            .arg(p.work.path().join("chan-src"))
+            .args(entries)
+            .status()
+            .unwrap();
+        assert!(tar.success());
+    }
+    let f = p.write(
+        "channel.nix",
+        br#"{ src }: derivation { builder = "builtin:unpack-channel"; system = "builtin"; name = "mine"; channelName = "mine"; inherit src; preferLocalBuild = true; }"#,
+    );
+    let one = p.work.path().join("one.tar.bz2").display().to_string();
+    let out = p.same("nix-build", &["--no-out-link", &f, "--arg", "src", &one]);
+    p.same_metadata(&[out.trim()]);
+    let file = p.cairn.root.path().join(out.trim().trim_start_matches('/')).join("mine/default.nix");
+    assert_eq!(std::fs::read(file).unwrap(), b"{ }: { answer = 42; }\n");
+    let two = p.work.path().join("two.tar.bz2").display().to_string();
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "--arg", "src", &two]);
+    assert!(!c.status.success());
+    both_say(&c, &n, &["contains more than one file"]);
+}
+
 /// Paths that are not valid are answered as Nix answers them: no referrers, no roots, and a
 /// deletion that succeeds (removing a leftover of that name); and what `nix-store --add`
 /// registers is not marked `ultimate` (that marks what was built).
