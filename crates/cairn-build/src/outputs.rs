@@ -30,8 +30,10 @@ pub enum OutputError {
     /// As Nix: someone other than the builder could have written into it.
     #[error("suspicious ownership or permission on '{path}' for output '{output}'; rejecting this build output")]
     Suspicious { output: String, path: String },
+    /// `found` is the output as built, with the content address it has (no references): Nix
+    /// registers it at that address's path before it reports the mismatch.
     #[error("hash mismatch in fixed-output derivation '{drv}':\n  specified: {specified}\n     got:    {got}")]
-    HashMismatch { drv: String, specified: String, got: String },
+    HashMismatch { drv: String, specified: String, got: String, found: Option<Box<Collected>> },
     #[error(
         "output path '{path}' should be a non-executable regular file since recursive hashing is not enabled \
          (outputHashMode=flat)"
@@ -209,10 +211,21 @@ pub fn collect(
                 }
             };
             if got != *wanted {
+                let found = references.is_empty().then(|| {
+                    Box::new(Collected {
+                        path: expect.path.clone(),
+                        nar: sink.spool,
+                        nar_hash,
+                        nar_size: sink.size,
+                        references: BTreeSet::new(),
+                        ca: Some(ContentAddress::Fixed { method: *method, hash: got.clone() }),
+                    })
+                });
                 return Err(OutputError::HashMismatch {
                     drv: expect.drv.to_owned(),
                     specified: wanted.to_sri(),
                     got: got.to_sri(),
+                    found,
                 });
             }
             if !references.is_empty() {

@@ -922,13 +922,14 @@ impl Builder {
         mode: &NodeMode,
         keep_failed: bool,
     ) -> Result<BTreeMap<String, StorePath>, Failure> {
-        let collected = self.collect_outputs(drv_path, drv, outputs, closure, top)?;
+        let collected = self.collect_outputs(drv_path, drv, outputs, closure, top, mode)?;
         self.commit_outputs(drv_path, drv, outputs, collected, mode, keep_failed, &BTreeMap::new())
     }
 
     /// Serialises, hashes and scans each output found under `top`, checks it against what the
     /// derivation declares, and refuses outputs that refer to each other in a cycle. Returns
-    /// them in an order where an output comes after those it refers to.
+    /// them in an order where an output comes after those it refers to. A fixed output with
+    /// another hash is registered at that hash's path unless `mode` only checks.
     fn collect_outputs(
         &self,
         drv_path: &StorePath,
@@ -936,6 +937,7 @@ impl Builder {
         outputs: &BTreeMap<String, StorePath>,
         closure: &[StorePath],
         top: &Path,
+        mode: &NodeMode,
     ) -> Result<Vec<(String, String, Collected)>, Failure> {
         let dir = self.store.store_dir();
         let shown = dir.display(drv_path);
@@ -954,13 +956,17 @@ impl Builder {
                 fixed: fixed.clone(),
                 max_nar_size: self.settings.max_output_size,
             };
-            let c = collect(&host, &expect, &candidates, top).map_err(|e| {
-                let kind = match e {
-                    crate::outputs::OutputError::HashMismatch { .. } => FailureKind::HashMismatch,
-                    _ => FailureKind::Other,
-                };
-                Failure::new(kind, e.to_string())
-            })?;
+            let c = match collect(&host, &expect, &candidates, top) {
+                Ok(c) => c,
+                Err(crate::outputs::OutputError::HashMismatch { drv, specified, got, found }) => {
+                    if let Some(found) = found.filter(|_| *mode != NodeMode::Check) {
+                        self.register_mismatched(drv_path, name, *found);
+                    }
+                    let e = crate::outputs::OutputError::HashMismatch { drv, specified, got, found: None };
+                    return Err(Failure::new(FailureKind::HashMismatch, e.to_string()));
+                }
+                Err(e) => return Err(Failure::new(FailureKind::Other, e.to_string())),
+            };
             collected.push((display.clone(), c));
         }
         // Outputs referring to each other in a cycle cannot be registered (nor, in Nix, sorted):
@@ -978,6 +984,44 @@ impl Builder {
             .map_err(|e| e.to_string())?;
         let mut by_name: BTreeMap<&String, (String, Collected)> = outputs.keys().zip(collected).collect();
         Ok(sorted.iter().filter_map(|n| by_name.remove(n).map(|(display, c)| (n.clone(), display, c))).collect())
+    }
+
+    /// A fixed output whose hash is not the one declared is still registered, as Nix registers
+    /// it, at the path of the hash it has — so that the derivation, its hash corrected, finds
+    /// it valid and is not built again — unless that path is valid already. Its failure to
+    /// register is only logged: the build fails with the mismatch either way.
+    fn register_mismatched(&self, drv_path: &StorePath, output: &str, found: Collected) {
+        let dir = self.store.store_dir();
+        let Some(cairn_nix::ContentAddress::Fixed { method, hash }) = &found.ca else { return };
+        let path = match dir.make_fixed_output_path(found.path.name(), *method, hash, &BTreeSet::new(), false) {
+            Ok(p) => p,
+            Err(e) => return tracing::warn!("cannot name the mismatched output '{output}': {e}"),
+        };
+        if self.store.is_valid(&path).unwrap_or(true) {
+            return;
+        }
+        let info = PathInfo {
+            path: path.clone(),
+            nar_hash: found.nar_hash,
+            nar_size: found.nar_size,
+            references: BTreeSet::new(),
+            deriver: Some(drv_path.clone()),
+            registration_time: 0,
+            ultimate: true,
+            signatures: BTreeSet::new(),
+            ca: found.ca,
+        };
+        let registered = (|| -> Result<(), String> {
+            let reader = found.nar.into_reader().map_err(|e| e.to_string())?;
+            let batch = self.store.build_batch().map_err(|e| e.to_string())?;
+            batch.add_nar_with_info::<_, StoreError>(info, reader, |_| Ok(())).map_err(|e| e.to_string())?;
+            batch.commit().map_err(|e| e.to_string())?;
+            Ok(())
+        })();
+        match registered {
+            Ok(()) => tracing::info!(path = %dir.display(&path), "registered a fixed output at the hash it has"),
+            Err(e) => tracing::warn!("cannot register the mismatched output '{}': {e}", dir.display(&path)),
+        }
     }
 
     /// Registers collected outputs in one batch (with `signatures` per path: a remote

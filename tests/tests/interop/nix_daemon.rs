@@ -924,6 +924,40 @@ fn build_output_reaches_the_client_and_the_log_byte_for_byte_as_with_nix_daemon(
     assert!(cl == nl, "the stored logs differ:\ncairnd: {} bytes\nnix-daemon: {} bytes", cl.len(), nl.len());
 }
 
+/// A fixed output built with another hash than declared fails, and is registered — as by
+/// nix-daemon — at the path of the hash it has, where the derivation with its hash corrected
+/// finds it without building.
+#[test]
+fn a_fixed_output_with_another_hash_is_kept_at_its_own_path_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "mismatch.nix",
+        br#"{ hash }: derivation { name = "fetched"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo goodbye > $out" ];
+                 outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = hash; }"#,
+    );
+    let hello = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"; // "hello\n"
+    let got = {
+        let out = Command::new("sh").args(["-c", "echo goodbye | sha256sum"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    };
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "--argstr", "hash", hello]);
+    assert!(!c.status.success());
+    both_say(&c, &n, &["hash mismatch in fixed-output derivation"]);
+    let kept = p.local(&["nix-store", "--print-fixed-path", "sha256", &got, "fetched"]);
+    p.same("nix-store", &["--check-validity", kept.trim()]);
+    p.same_metadata(&[kept.trim()]);
+    // Corrected, it is found valid: nothing is built.
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "--argstr", "hash", &got]);
+    assert_eq!(c.stdout, n.stdout);
+    assert_eq!(String::from_utf8_lossy(&c.stdout).trim(), kept.trim());
+    for (side, o) in [("cairnd", &c), ("nix-daemon", &n)] {
+        assert!(!String::from_utf8_lossy(&o.stderr).contains("building"), "{side} built it again");
+    }
+}
+
 /// A client that goes away stops its build, as `nix-daemon` stops it: the builder's processes
 /// are killed within a second or so, and nothing is registered. (The build said nothing, so
 /// no failed write to the client could tell the daemon.)

@@ -98,7 +98,8 @@ impl Builder {
                     (drv_path.clone(), node.drv.clone(), node.outputs.clone(), top.clone());
                 let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
                 let registered = tokio::task::spawn_blocking(move || {
-                    let collected = this.collect_outputs(&drv_path2, &drv, &outputs, &closure, &top2).map_err(Err)?;
+                    let collected =
+                        this.collect_outputs(&drv_path2, &drv, &outputs, &closure, &top2, &mode).map_err(Err)?;
                     for (_, display, c) in &collected {
                         let claim = claims.get(&c.path).ok_or_else(|| Ok(format!("no claim for '{display}'")))?;
                         remote::check_claim(display, claim, &c.nar_hash, &c.references).map_err(Ok)?;
