@@ -25,7 +25,8 @@ use crate::{fsops, LocalStore, PathInfo, Result};
 pub struct VerifyOptions {
     pub check_contents: bool,
     /// Remove from the database the paths whose contents disappeared and that no valid path
-    /// refers to, as `nix-store --verify` does; a repair leaves them to be fetched again.
+    /// refers to, as `nix-store --verify` does, with `--repair` too (Nix repairs only a vanished
+    /// path still referred to); cairn's own `verify --repair` leaves them to be fetched again.
     pub forget_vanished: bool,
 }
 

@@ -61,7 +61,7 @@ pub(crate) async fn query(
 ) -> ApiResult<HttpResponse> {
     match req {
         Request::Verify(q @ query::Verify { repair: true, .. }) => {
-            let report = crate::api::substitute::verify_and_repair(s, peer, q.check_contents).await?;
+            let report = crate::api::substitute::verify_and_repair(s, peer, q.check_contents, None, false).await?;
             json_answer(&query::Verify::respond(report), 4096)
         }
         Request::ImageBuild(b) => {

@@ -79,12 +79,18 @@ pub async fn handler(
 }
 
 /// `verify --repair`: checks the store, then substitutes every missing or modified path again
-/// from the configured substituters and swaps the good copy in. Each problem's message says
-/// whether it was repaired, or why not.
+/// and swaps the good copy in; what no cache has is built again from its deriver, when that
+/// derivation is valid, in repair mode — as Nix's `repairPath` does. Each problem's message says
+/// whether it was repaired, or why not. `caches` are the substituters and trust policy to use
+/// (a Nix client's own, as `nix-daemon` takes a trusted client's); `None`: the configured ones.
+/// With `forget_vanished` (Nix's `verifyStore`, for its clients), a vanished path nothing refers
+/// to is forgotten rather than repaired; cairn's own `verify --repair` fetches it again.
 pub async fn verify_and_repair(
     st: Arc<AppState>,
     peer: Peer,
     check_contents: bool,
+    caches: Option<(Vec<Arc<cairn_cache::Substituter>>, cairn_cache::Policy)>,
+    forget_vanished: bool,
 ) -> ApiResult<cairn_api::VerifyResult> {
     if !peer.trusted {
         return Err(ApiError::forbidden(format!(
@@ -94,7 +100,7 @@ pub async fn verify_and_repair(
     }
     let store = st.store.clone();
     let mut report = tokio::task::spawn_blocking(move || {
-        store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished: false })
+        store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished })
     })
     .await??;
     let broken: Vec<cairn_nix::StorePath> = report
@@ -106,16 +112,30 @@ pub async fn verify_and_repair(
     let mut why: std::collections::BTreeMap<cairn_nix::StorePath, String> = std::collections::BTreeMap::new();
     let mut repaired: std::collections::BTreeSet<cairn_nix::StorePath> = Default::default();
     let sub = &st.substitution;
-    if !broken.is_empty() && sub.configured.is_empty() {
+    let (caches, policy) = caches.unwrap_or_else(|| (sub.configured.clone(), sub.policy.clone()));
+    if !broken.is_empty() && caches.is_empty() {
         why.extend(broken.iter().map(|p| (p.clone(), "no substituter is configured".to_owned())));
     } else if !broken.is_empty() {
-        let job = sub.job(&st.store, sub.configured.clone(), peer.client, Arc::new(Progress::default()), true);
+        let mut job = sub.job(&st.store, caches, peer.client, Arc::new(Progress::default()), true);
+        job.policy = policy;
         match cairn_cache::substitute(job, &broken).await {
             Ok(r) => {
                 repaired.extend(r.added.into_iter().map(|i| i.path));
                 why.extend(r.failed);
             }
             Err(e) => why.extend(broken.iter().map(|p| (p.clone(), e.to_string()))),
+        }
+    }
+    let left: Vec<cairn_nix::StorePath> = broken.iter().filter(|p| !repaired.contains(*p)).cloned().collect();
+    for (path, outcome) in rebuild_from_derivers(&st, &left).await {
+        match outcome {
+            Ok(()) => {
+                why.remove(&path);
+                repaired.insert(path);
+            }
+            Err(e) => {
+                why.insert(path, e);
+            }
         }
     }
     for p in &mut report.problems {
@@ -129,4 +149,47 @@ pub async fn verify_and_repair(
     report.repaired = repaired.len() as u64;
     tracing::info!(repaired = report.repaired, problems = report.problems.len(), "verify --repair");
     Ok(convert::verify_result(&st.store_dir, report))
+}
+
+/// Builds again, in repair mode, the valid derivers of `paths` that name them as outputs; the
+/// outcome for each path that had such a deriver.
+async fn rebuild_from_derivers(
+    st: &Arc<AppState>,
+    paths: &[cairn_nix::StorePath],
+) -> Vec<(cairn_nix::StorePath, Result<(), String>)> {
+    use cairn_build::realise::{Goal, Mode, Options};
+    let store = st.store.clone();
+    let wanted = paths.to_vec();
+    // (path, its deriver) for each path a valid derivation outputs.
+    let derived: Vec<(cairn_nix::StorePath, cairn_nix::StorePath)> = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .filter_map(|p| {
+                let drv = store.path_info(&p).ok().flatten()?.deriver?;
+                let outputs = store.derivation_outputs(&drv).ok()?;
+                (store.is_valid(&drv).unwrap_or(false) && outputs.values().any(|o| *o == p)).then_some((p, drv))
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    if derived.is_empty() {
+        return Vec::new();
+    }
+    let drvs: std::collections::BTreeSet<cairn_nix::StorePath> = derived.iter().map(|(_, d)| d.clone()).collect();
+    let goals = drvs.into_iter().map(|drv| Goal { drv, outputs: None }).collect();
+    let options = Options { keep_going: true, mode: Mode::Repair, ..Default::default() };
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    let results: std::collections::BTreeMap<cairn_nix::StorePath, Result<(), String>> =
+        match st.builder.realise(goals, options, events).await {
+            Ok(outcome) => outcome.results.into_iter().map(|(drv, r)| (drv, r.map(|_| ()))).collect(),
+            Err(e) => return derived.into_iter().map(|(p, _)| (p, Err(e.to_string()))).collect(),
+        };
+    derived
+        .into_iter()
+        .map(|(p, drv)| {
+            let r = results.get(&drv).cloned().unwrap_or_else(|| Err("its deriver was not built".into()));
+            (p, r)
+        })
+        .collect()
 }

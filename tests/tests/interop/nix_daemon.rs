@@ -450,6 +450,41 @@ fn verify_optimise_and_signatures_through_cairnd_behave_as_with_nix_daemon() {
     }
     let (c, _) = p.alike("nix-store", &["--verify", "--check-contents"]);
     assert!(String::from_utf8_lossy(&c.stderr).contains(&path), "{}", String::from_utf8_lossy(&c.stderr));
+
+    // Built outputs that no cache has: one modified, one gone that another refers to, one gone
+    // that nothing refers to. `--repair` builds the first two again from their derivers and
+    // forgets the third, as nix-daemon does.
+    let f = p.write(
+        "repair.nix",
+        br#"let sh = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+    b = sh "repair-b" "echo b > $out";
+in { a = sh "repair-a" "mkdir $out; echo a > $out/f"; c = sh "repair-c" "echo ${b} > $out"; d = sh "repair-d" "echo d > $out"; }"#,
+    );
+    let built = p.same("nix-build", &["--no-out-link", &f]);
+    let (a, c, d) = (lines(&built)[0].to_owned(), lines(&built)[1].to_owned(), lines(&built)[2].to_owned());
+    let b = lines(&p.same("nix-store", &["-q", "--references", &c]))[0].to_owned();
+    for root in [p.cairn.root.path().to_owned(), p.nix.root()] {
+        let dir = root.join(a.trim_start_matches('/'));
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(&dir).status();
+        std::fs::write(dir.join("bad"), b"x\n").unwrap();
+        for gone in [&b, &d] {
+            let gone = root.join(gone.trim_start_matches('/'));
+            let _ = Command::new("chmod").arg("u+w").arg(&gone).status();
+            std::fs::remove_file(&gone).unwrap();
+        }
+    }
+    // The .txt above is still modified and has no deriver: neither daemon can repair it.
+    let (c_out, n_out) = p.alike("nix-store", &["--verify", "--check-contents", "--repair"]);
+    assert!(!c_out.status.success(), "{}", String::from_utf8_lossy(&c_out.stderr));
+    for (side, root, out) in [("cairnd", p.cairn.root.path().to_owned(), &c_out), ("nix-daemon", p.nix.root(), &n_out)]
+    {
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!root.join(a.trim_start_matches('/')).join("bad").exists(), "{side} left {a} modified:\n{said}");
+        assert!(root.join(b.trim_start_matches('/')).exists(), "{side} did not restore {b}:\n{said}");
+    }
+    p.same_metadata(&[&a, &c]);
+    let (cd, _) = p.alike("nix-store", &["--check-validity", &d]);
+    assert!(!cd.status.success(), "the vanished path nothing refers to is forgotten");
 }
 
 #[test]

@@ -433,7 +433,9 @@ impl<R: Read, W: Write> Session<R, W> {
     fn verify(&mut self, check_contents: bool, repair: bool) -> OpResult<bool> {
         if repair {
             self.require_trust("repair paths")?;
-            let fut = crate::api::substitute::verify_and_repair(self.st.clone(), self.peer.clone(), check_contents);
+            let caches = Some((self.substituters(), self.policy()));
+            let (st, peer) = (self.st.clone(), self.peer.clone());
+            let fut = crate::api::substitute::verify_and_repair(st, peer, check_contents, caches, true);
             let report = self.rt.block_on(fut)?;
             let mut left = false;
             for p in &report.problems {
