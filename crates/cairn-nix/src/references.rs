@@ -76,6 +76,82 @@ impl ReferenceScanner {
     }
 }
 
+/// Nix's `HashModuloSink`: the hash a content-addressed path that refers to itself is named
+/// by. Its contents name its own path, which depends on that hash; so the hash is taken with
+/// every occurrence of the path's hash part (`modulus`) replaced by as many zero bytes, then
+/// `|POS` (decimal) hashed for each occurrence's offset, so that contents with some of those
+/// bytes already zero do not collide. Without an occurrence the hash is the plain one.
+pub struct HashModulo {
+    hasher: crate::Hasher,
+    modulus: Vec<u8>,
+    /// Bytes not hashed yet: fewer than `modulus` at rest, so an occurrence split between two
+    /// writes is still found.
+    pending: Vec<u8>,
+    /// Bytes hashed so far.
+    pos: u64,
+    matches: Vec<u64>,
+}
+
+impl HashModulo {
+    pub fn new(algo: crate::HashAlgo, modulus: &str) -> HashModulo {
+        HashModulo {
+            hasher: crate::Hasher::new(algo),
+            modulus: modulus.as_bytes().to_vec(),
+            pending: Vec::new(),
+            pos: 0,
+            matches: Vec::new(),
+        }
+    }
+
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        let n = self.modulus.len();
+        self.pending.extend_from_slice(data);
+        if n == 0 {
+            self.hasher.update(&self.pending);
+            self.pos += self.pending.len() as u64;
+            self.pending.clear();
+            return;
+        }
+        let mut j = 0;
+        while j + n <= self.pending.len() {
+            if self.pending[j..j + n] == self.modulus[..] {
+                self.matches.push(self.pos + j as u64);
+                self.pending[j..j + n].fill(0);
+                j += n;
+            } else {
+                j += 1;
+            }
+        }
+        // Keep what could still begin an occurrence.
+        let keep = (n - 1).min(self.pending.len());
+        let done = self.pending.len() - keep;
+        self.hasher.update(&self.pending[..done]);
+        self.pos += done as u64;
+        self.pending.drain(..done);
+    }
+
+    /// The hash, and the number of bytes added.
+    pub fn finish(mut self) -> (crate::Hash, u64) {
+        self.hasher.update(&self.pending);
+        self.pos += self.pending.len() as u64;
+        for m in &self.matches {
+            self.hasher.update(format!("|{m}").as_bytes());
+        }
+        (self.hasher.finish(), self.pos)
+    }
+}
+
+impl std::io::Write for HashModulo {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +219,63 @@ mod tests {
             }
             prop_assert_eq!(found(&whole), found(&parts));
             prop_assert!(found(&whole).contains(&A.to_owned()));
+        }
+    }
+
+    /// The definition: every occurrence replaced (left to right, not overlapping), positions
+    /// appended.
+    fn modulo_by_definition(data: &[u8], modulus: &[u8]) -> crate::Hash {
+        let mut d = data.to_vec();
+        let mut positions = Vec::new();
+        let mut j = 0;
+        while j + modulus.len() <= d.len() {
+            if &d[j..j + modulus.len()] == modulus {
+                positions.push(j);
+                d[j..j + modulus.len()].fill(0);
+                j += modulus.len();
+            } else {
+                j += 1;
+            }
+        }
+        for p in positions {
+            d.extend_from_slice(format!("|{p}").as_bytes());
+        }
+        crate::Hash::digest(crate::HashAlgo::Sha256, &d)
+    }
+
+    #[test]
+    fn hash_modulo_without_an_occurrence_is_the_plain_hash() {
+        let mut h = HashModulo::new(crate::HashAlgo::Sha256, A);
+        h.update(b"nothing of itself here");
+        assert_eq!(h.finish().0, crate::Hash::digest(crate::HashAlgo::Sha256, b"nothing of itself here"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hash_modulo_is_its_definition_however_the_bytes_are_split(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+                    proptest::strategy::Just(A.as_bytes().to_vec()),
+                    proptest::strategy::Just(A.as_bytes()[..20].to_vec()),
+                    proptest::strategy::Just(A.as_bytes()[20..].to_vec()),
+                ],
+                0..12,
+            ),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let data: Vec<u8> = parts.concat();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort();
+            let mut h = HashModulo::new(crate::HashAlgo::Sha256, A);
+            let mut at = 0;
+            for c in cuts.into_iter().chain([data.len()]) {
+                h.update(&data[at..c]);
+                at = c;
+            }
+            let (hash, size) = h.finish();
+            proptest::prop_assert_eq!(size, data.len() as u64);
+            proptest::prop_assert_eq!(hash, modulo_by_definition(&data, A.as_bytes()));
         }
     }
 }

@@ -17,6 +17,9 @@
 //!   address's algorithm.
 //! - `fixed:r:sha256:`: the content hash *is* the NAR hash, which was just checked: no extra read.
 //! - `fixed:r:<other algorithm>:`: the tree is dumped once more as a NAR and hashed.
+//! - a `fixed:r:` path that refers to itself (`nix store make-content-addressed` makes them):
+//!   its contents name its own path, so the address is the hash *modulo* its hash part (Nix's
+//!   `hashCAPath`, [`HashModulo`]): the tree is dumped once more.
 //!
 //! Paths that arrive without one (an export stream never carries it; importing needs trust, as
 //! in Nix) are registered without one, as Nix registers them; where cairn relies on a path's
@@ -33,6 +36,7 @@ use std::path::Path;
 
 use cairn_nix::content_address::FileIngestionMethod;
 use cairn_nix::hash::HashingWriter;
+use cairn_nix::references::HashModulo;
 use cairn_nix::{ContentAddress, Hash, HashAlgo, Hasher, StoreDir};
 
 use crate::{fsops, PathInfo, Result, StoreError};
@@ -49,7 +53,8 @@ pub(crate) fn check_claim(dir: &StoreDir, info: &PathInfo) -> Result<()> {
 pub(crate) fn check_contents(dir: &StoreDir, info: &PathInfo, tree: &Path) -> Result<()> {
     let Some(ca) = &info.ca else { return Ok(()) };
     check_claim(dir, info)?;
-    let actual = content_hash(ca, &info.nar_hash, tree, &dir.display(&info.path))?;
+    let itself = info.references.contains(&info.path).then(|| info.path.hash_part());
+    let actual = content_hash(ca, &info.nar_hash, tree, &dir.display(&info.path), itself)?;
     let expected = match ca {
         ContentAddress::Text(h) | ContentAddress::Fixed { hash: h, .. } => h,
     };
@@ -63,14 +68,20 @@ pub(crate) fn check_contents(dir: &StoreDir, info: &PathInfo, tree: &Path) -> Re
     Ok(())
 }
 
-/// The hash of `tree` that content address `ca` is about.
-fn content_hash(ca: &ContentAddress, nar_hash: &Hash, tree: &Path, shown: &str) -> Result<Hash> {
+/// The hash of `tree` that content address `ca` is about; `itself`: the hash part of a path
+/// that refers to itself, which the hash is taken modulo.
+fn content_hash(ca: &ContentAddress, nar_hash: &Hash, tree: &Path, shown: &str, itself: Option<&str>) -> Result<Hash> {
     match ca {
         ContentAddress::Text(h) | ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: h } => {
             flat_hash(tree, h.algo())?
                 .ok_or_else(|| StoreError::ContentAddressNotAFile { path: shown.to_owned(), ca: ca.to_string() })
         }
         ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash } => {
+            if let Some(part) = itself {
+                let mut w = HashModulo::new(hash.algo(), part);
+                fsops::dump(tree, &mut w)?;
+                return Ok(w.finish().0);
+            }
             if hash.algo() == HashAlgo::Sha256 && nar_hash.algo() == HashAlgo::Sha256 {
                 return Ok(nar_hash.clone());
             }

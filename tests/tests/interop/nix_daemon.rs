@@ -698,6 +698,41 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     assert!(c.status.success() && n.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }
 
+/// A content-addressed path that refers to itself (what `nix store make-content-addressed`
+/// makes of a built path) is named by its hash modulo its own hash part: copied into cairnd it
+/// is taken, with the same metadata, as nix-daemon takes it.
+#[test]
+fn a_self_referencing_content_addressed_path_is_taken_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let local = format!("local?root={}", p.work.path().join("src-store").display());
+    let f = p.write(
+        "selfref.nix",
+        br#"derivation { name = "selfref"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "mkdir $out; echo $out > $out/me; echo $out/me > $out/again" ]; }"#,
+    );
+    let built = p.local(&[
+        "nix-build",
+        "--store",
+        &local,
+        "--option",
+        "sandbox-paths",
+        "/bin/sh=/bin/busybox",
+        "--no-out-link",
+        &f,
+    ]);
+    let made = p.local(&["nix", "store", "make-content-addressed", "--store", &local, "--json", built.trim()]);
+    let v: serde_json::Value = serde_json::from_str(&made).unwrap();
+    let ca_path = v["rewrites"][built.trim()].as_str().unwrap().to_owned();
+    for side in [Side::Cairn, Side::Nix] {
+        p.ok(side, "nix", &["copy", "--from", &local, &ca_path]);
+    }
+    p.same_metadata(&[&ca_path]);
+    let refs = p.same("nix-store", &["-q", "--references", &ca_path]);
+    assert_eq!(refs.trim(), ca_path, "it refers to itself");
+}
+
 /// A path named `.drv` must be a derivation whose outputs its own fields agree on, however it
 /// comes in (added, imported): refused as nix-daemon refuses it, nothing registered.
 #[test]
