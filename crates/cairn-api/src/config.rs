@@ -67,6 +67,7 @@ pub struct ConfigFile {
     pub extra_platforms: Option<Vec<String>>,
     pub system_features: Option<Vec<String>>,
     pub hashed_mirrors: Option<Vec<String>>,
+    pub post_build_hook: Option<PathBuf>,
     pub max_connections: Option<usize>,
     pub max_connections_per_user: Option<usize>,
     pub header_read_timeout: Option<u64>,
@@ -129,6 +130,7 @@ pub const KEYS: &[&str] = &[
     "extra-platforms",
     "system-features",
     "hashed-mirrors",
+    "post-build-hook",
     "max-connections",
     "max-connections-per-user",
     "header-read-timeout",
@@ -366,6 +368,8 @@ pub struct Settings {
     /// Base URLs `builtin:fetchurl` tries first for flat fixed outputs, as
     /// `MIRROR/ALGO/BASE16-HASH`.
     pub hashed_mirrors: Vec<String>,
+    /// A program run after each derivation built here, as Nix's `post-build-hook`.
+    pub post_build_hook: Option<PathBuf>,
     /// Connections open at once on each listener (the socket; the `listen` address apart).
     pub max_connections: usize,
     /// Connections open at once from one user on the socket, or one address on `listen`.
@@ -505,6 +509,7 @@ impl Settings {
             extra_platforms: file.extra_platforms,
             system_features: file.system_features,
             hashed_mirrors: file.hashed_mirrors.unwrap_or_default(),
+            post_build_hook: file.post_build_hook.filter(|p| !p.as_os_str().is_empty()),
             max_connections: file.max_connections.unwrap_or(1024).max(1),
             max_connections_per_user: file.max_connections_per_user.unwrap_or(128).max(1),
             header_read_timeout: file.header_read_timeout.unwrap_or(30),

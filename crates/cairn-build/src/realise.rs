@@ -81,6 +81,8 @@ pub struct BuildSettings {
     pub host: Host,
     /// Downloads of `builtin:fetchurl`.
     pub fetch: FetchSettings,
+    /// `post-build-hook`: run after each derivation built here ([`hook`]).
+    pub post_build_hook: Option<PathBuf>,
 }
 
 /// One derivation to realise, with the outputs wanted (all if `None`).
@@ -110,6 +112,9 @@ pub struct Options {
     /// The remote builders this request may use instead of the daemon's (a trusted client's
     /// `--builders`); `None`: the daemon's.
     pub builders: Option<Arc<Vec<Arc<Remote>>>>,
+    /// The `post-build-hook` of this request instead of the daemon's (a trusted client's;
+    /// empty: none).
+    pub post_build_hook: Option<PathBuf>,
 }
 
 /// A request's own limits. A client may tighten the daemon's limits but not loosen them: a
@@ -212,6 +217,7 @@ pub struct Builder {
 
 mod builtins_build;
 mod fetchurl_build;
+mod hook;
 
 /// A derivation scheduled in one request.
 struct Node {
@@ -316,6 +322,18 @@ impl Builder {
                 let r = match slot {
                     Ok(slot) => this.build(&p, &nodes[&p], &options, &events, cancelled, slot).await,
                     Err(why) => Err(Stop::Failed(why.into())),
+                };
+                // As Nix: the hook runs once the outputs are registered; its failure is the build's.
+                let hook = options.post_build_hook.as_ref().or(this.settings.post_build_hook.as_ref());
+                let hook = hook.filter(|h| !h.as_os_str().is_empty());
+                let r = match (r, hook) {
+                    (Ok(outputs), Some(hook)) if nodes[&p].mode != NodeMode::Check => {
+                        hook::run(hook, &this.store, &p, &outputs, &events)
+                            .await
+                            .map(|()| outputs)
+                            .map_err(|m| Stop::Failed(m.into()))
+                    }
+                    (r, _) => r,
                 };
                 (p, r)
             });

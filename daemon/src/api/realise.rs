@@ -63,6 +63,7 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
             connect_timeout: secs(settings.connect_timeout),
             stalled_timeout: secs(settings.stalled_download_timeout),
         },
+        post_build_hook: settings.post_build_hook.clone(),
     })
 }
 
@@ -281,6 +282,7 @@ pub async fn realise(
         limits: Default::default(),
         given: Default::default(),
         builders,
+        post_build_hook: None,
     };
     keep_outputs_for_client(&st, &peer, &goals).await;
     // A check rebuilds what is valid, and a repair of what is valid is decided by its contents:

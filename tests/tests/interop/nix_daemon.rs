@@ -441,6 +441,19 @@ fn verify_optimise_and_signatures_through_cairnd_behave_as_with_nix_daemon() {
     };
     assert_eq!(sigs(Side::Cairn), sigs(Side::Nix));
     assert!(sigs(Side::Cairn).to_string().contains("test-key-1:"));
+    // A trusted client's `secret-key-files` signs what is built for it, as nix-daemon signs it.
+    let f = p.write(
+        "signed-build.nix",
+        br#"derivation { name = "signed-build"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo signed > $out" ]; }"#,
+    );
+    let built = p.same("nix-build", &["--no-out-link", &f, "--option", "secret-key-files", key.to_str().unwrap()]);
+    let built_sigs = |side| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.ok(side, "nix", &["path-info", "--json", "--sigs", built.trim()])).unwrap();
+        v[0]["signatures"].clone()
+    };
+    assert_eq!(built_sigs(Side::Cairn), built_sigs(Side::Nix));
+    assert!(built_sigs(Side::Cairn).to_string().contains("test-key-1:"), "{}", built_sigs(Side::Cairn));
 
     // A modified file: both report it and fail the check.
     for root in [p.cairn.root.path().to_owned(), p.nix.root()] {
@@ -1026,6 +1039,56 @@ fn a_fixed_output_with_another_hash_is_kept_at_its_own_path_as_by_nix_daemon() {
     for (side, o) in [("cairnd", &c), ("nix-daemon", &n)] {
         assert!(!String::from_utf8_lossy(&o.stderr).contains("building"), "{side} built it again");
     }
+}
+
+/// A trusted client's `post-build-hook` runs after each build, as nix-daemon runs it: with
+/// `DRV_PATH` and `OUT_PATHS`, its output shown to the client; a failing hook fails the build.
+#[test]
+fn a_post_build_hook_runs_after_each_build_as_with_nix_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let record = p.work.path().join("hook-record");
+    let hook = p.write(
+        "hook.sh",
+        format!("#!/bin/sh\necho \"$DRV_PATH|$OUT_PATHS\" >> {}\necho uploading\n", record.display()).as_bytes(),
+    );
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let f = p.write(
+        "hooked.nix",
+        br#"let sh = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; outputs = [ "out" "doc" ]; };
+    dep = sh "hooked-dep" "echo dep > $out; echo doc > $doc";
+in { top = sh "hooked" "cat ${dep} > $out; echo > $doc"; bad = sh "hooked-bad" "echo > $out; echo > $doc"; }"#,
+    );
+    let mut records = Vec::new();
+    for side in [Side::Cairn, Side::Nix] {
+        let out = p.run(side, "nix-build", &["--no-out-link", &f, "-A", "top", "--option", "post-build-hook", &hook]);
+        assert!(out.status.success(), "{side:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let said = String::from_utf8_lossy(&out.stderr);
+        for want in [format!("running post-build-hook '{hook}'..."), "post-build-hook: uploading".to_owned()] {
+            assert_eq!(said.matches(&want).count(), 2, "{side:?} does not say {want:?} for each build:\n{said}");
+        }
+        records.push(std::fs::read_to_string(&record).unwrap());
+        std::fs::remove_file(&record).unwrap();
+    }
+    // The same derivations, in the same order. (Nix 2.8.0 passes OUT_PATHS empty, a bug later
+    // releases fixed; cairnd passes the outputs.)
+    let drvs = |r: &str| r.lines().map(|l| l.split('|').next().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(drvs(&records[0]), drvs(&records[1]));
+    let top = p.same("nix-instantiate", &[&f, "-A", "top"]);
+    let outs = p.same("nix-store", &["-q", "--outputs", top.trim()]);
+    let mut outs: Vec<&str> = lines(&outs);
+    outs.sort();
+    let last = records[0].lines().last().unwrap();
+    assert_eq!(last, format!("{}|{}", top.trim(), outs.join(" ")), "DRV_PATH and OUT_PATHS");
+    // A failing hook fails the build, in the same words.
+    let failing = p.write("failing-hook.sh", b"#!/bin/sh\necho no upload\nexit 3\n");
+    std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "bad", "--option", "post-build-hook", &failing]);
+    assert!(!c.status.success());
+    both_say(&c, &n, &[&format!("program '{failing}' failed with exit code 3")]);
 }
 
 /// A client that goes away stops its build, as `nix-daemon` stops it: the builder's processes

@@ -29,7 +29,7 @@ fn substitutable(info: &NarInfo) -> SubstitutablePathInfo {
 
 impl<R: Read, W: Write> Session<R, W> {
     /// A setting the client's `SetOptions` overrode, if it did.
-    fn client_setting(&self, name: &str) -> Option<&str> {
+    pub(super) fn client_setting(&self, name: &str) -> Option<&str> {
         self.options.overrides.get(name).map(String::as_str)
     }
 

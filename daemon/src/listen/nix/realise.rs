@@ -95,6 +95,7 @@ impl<R: Read, W: Write> Session<R, W> {
     ) -> OpResult<Realised> {
         let st = self.st.clone();
         let mode = mode_of(mode);
+        let keys = self.client_signing_keys()?;
         let options = Options {
             keep_going: self.options.keep_going,
             keep_failed: self.options.keep_failed,
@@ -103,6 +104,12 @@ impl<R: Read, W: Write> Session<R, W> {
             limits: self.build_limits(),
             given: Arc::new(given),
             builders: None,
+            // A trusted client's hook runs as the daemon, as nix-daemon runs it; an empty
+            // value turns the daemon's off.
+            post_build_hook: self
+                .client_setting("post-build-hook")
+                .filter(|_| self.peer.trusted)
+                .map(std::path::PathBuf::from),
         };
         let started = now();
         let mut goals = goals;
@@ -150,8 +157,52 @@ impl<R: Read, W: Write> Session<R, W> {
             return Err(Failure::Fatal("the client hung up during the build".into()));
         }
         let mut outcome = outcome.ok_or_else(|| Failure::Report("the build ended without an outcome".into()))??;
+        if !keys.is_empty() && mode != Mode::Check {
+            self.sign_built(&outcome.built, &keys);
+        }
         outcome.results.extend(refused);
         Ok(Realised { outcome, failures, started, stopped: now() })
+    }
+
+    /// The keys of a trusted client's `secret-key-files`, with which `nix-daemon` signs what
+    /// it builds for that client (read as the daemon: only a trusted client may name files).
+    fn client_signing_keys(&self) -> OpResult<Vec<cairn_nix::signing::SecretKey>> {
+        let Some(files) = self.client_setting("secret-key-files").filter(|_| self.peer.trusted) else {
+            return Ok(Vec::new());
+        };
+        files
+            .split_whitespace()
+            .map(|f| {
+                let text =
+                    std::fs::read_to_string(f).map_err(|e| Failure::Report(format!("opening file '{f}': {e}")))?;
+                cairn_nix::signing::SecretKey::parse(text.trim())
+                    .map_err(|e| Failure::Report(format!("secret key file '{f}': {e}")))
+            })
+            .collect()
+    }
+
+    /// Signs the outputs of the derivations `built` with `keys`, as Nix signs what it builds.
+    fn sign_built(&self, built: &[StorePath], keys: &[cairn_nix::signing::SecretKey]) {
+        let store = &self.st.store;
+        let mut drvs = Derivations::new(store);
+        for drv in built {
+            for p in drvs.outputs(drv).unwrap_or_default().values() {
+                let Ok(Some(info)) = store.path_info(p) else { continue };
+                let Ok(fp) = cairn_nix::signing::fingerprint(
+                    &self.st.store_dir,
+                    &info.path,
+                    &info.nar_hash,
+                    info.nar_size,
+                    &info.references,
+                ) else {
+                    continue;
+                };
+                let sigs: BTreeSet<String> = keys.iter().map(|k| k.sign(&fp)).collect();
+                if let Err(e) = store.add_signatures(p, &sigs) {
+                    tracing::warn!(path = %self.show(p), "cannot sign a built path: {e}");
+                }
+            }
+        }
     }
 
     /// Nix's rule without `--fallback`: a goal whose wanted output had a substitute (a cache
