@@ -33,17 +33,20 @@ pub(super) async fn run(
     let failed = |why: String| format!("program '{shown}' {why}");
     let _ = events
         .send(Event::Log { drv: drv.clone(), line: format!("running post-build-hook '{shown}'...").into_bytes() });
-    let (reader, writer) = std::io::pipe().map_err(|e| failed(format!("cannot start: {e}")))?;
+    // One pipe for both, so that lines come in the order the hook wrote them.
+    let (reader, writer) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(format!("cannot start: {e}")))?;
+    let writer2 = writer.try_clone().map_err(|e| failed(format!("cannot start: {e}")))?;
     let mut child = tokio::process::Command::new(hook)
         .env("DRV_PATH", dir.display(drv))
         .env("OUT_PATHS", out_paths.join(" "))
         .stdin(Stdio::null())
-        .stdout(writer.try_clone().map_err(|e| failed(format!("cannot start: {e}")))?)
+        .stdout(writer2)
         .stderr(writer)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| failed(format!("cannot start: {e}")))?;
-    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())
+    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(reader)
         .map_err(|e| failed(format!("cannot read its output: {e}")))?;
     let mut lines = BufReader::new(reader).split(b'\n');
     while let Ok(Some(line)) = lines.next_segment().await {
