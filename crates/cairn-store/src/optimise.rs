@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use cairn_nix::nar::NarWriter;
-use cairn_nix::{HashAlgo, Hasher};
+use cairn_nix::{HashAlgo, Hasher, StorePath};
 
 use crate::fsops::{self, io_err};
 use crate::{LocalStore, Result, StoreError};
@@ -37,19 +37,26 @@ pub struct OptimiseReport {
 impl LocalStore {
     /// Hard-links identical files of every valid path.
     pub fn optimise(&self) -> Result<OptimiseReport> {
+        let paths = self.with_graph(|g| g.node_ids().filter_map(|i| g.path(i).cloned()).collect::<Vec<_>>())?;
+        let report = self.optimise_paths(&paths)?;
+        tracing::info!(files = report.files_linked, bytes = report.bytes_saved, "optimised");
+        Ok(report)
+    }
+
+    /// Hard-links the files of `paths` (those valid) with identical files of the store, as
+    /// Nix's `auto-optimise-store` does for each path it registers.
+    pub fn optimise_paths(&self, paths: &[StorePath]) -> Result<OptimiseReport> {
         let links = self.layout.links_dir();
         fs::create_dir_all(&links).map_err(io_err("create", &links))?;
-        let paths = self.with_graph(|g| g.node_ids().filter_map(|i| g.path(i).cloned()).collect::<Vec<_>>())?;
         let mut report = OptimiseReport::default();
         for p in paths {
             let _root = self.temp_root([p.clone()]);
-            if !self.is_valid(&p)? {
+            if !self.is_valid(p)? {
                 continue;
             }
             report.paths += 1;
-            self.optimise_tree(&self.real_path(&p), &mut report)?;
+            self.optimise_tree(&self.real_path(p), &mut report)?;
         }
-        tracing::info!(files = report.files_linked, bytes = report.bytes_saved, "optimised");
         Ok(report)
     }
 

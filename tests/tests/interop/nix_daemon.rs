@@ -454,6 +454,20 @@ fn verify_optimise_and_signatures_through_cairnd_behave_as_with_nix_daemon() {
     };
     assert_eq!(built_sigs(Side::Cairn), built_sigs(Side::Nix));
     assert!(built_sigs(Side::Cairn).to_string().contains("test-key-1:"), "{}", built_sigs(Side::Cairn));
+    // A trusted client's `auto-optimise-store` links what is built for it with identical files.
+    let same = |n: u8| {
+        let f = p.write(
+            &format!("same-{n}.nix"),
+            format!(r#"derivation {{ name = "same-{n}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "mkdir $out; echo identical > $out/f" ]; }}"#).as_bytes(),
+        );
+        p.same("nix-build", &["--no-out-link", &f, "--option", "auto-optimise-store", "true"])
+    };
+    let (one, two) = (same(1), same(2));
+    for root in [p.cairn.root.path().to_owned(), p.nix.root()] {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |o: &str| std::fs::metadata(root.join(o.trim().trim_start_matches('/')).join("f")).unwrap().ino();
+        assert_eq!(ino(&one), ino(&two), "{}: identical built files are one inode", root.display());
+    }
 
     // A modified file: both report it and fail the check.
     for root in [p.cairn.root.path().to_owned(), p.nix.root()] {

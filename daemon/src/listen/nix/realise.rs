@@ -157,8 +157,8 @@ impl<R: Read, W: Write> Session<R, W> {
             return Err(Failure::Fatal("the client hung up during the build".into()));
         }
         let mut outcome = outcome.ok_or_else(|| Failure::Report("the build ended without an outcome".into()))??;
-        if !keys.is_empty() && mode != Mode::Check {
-            self.sign_built(&outcome.built, &keys);
+        if mode != Mode::Check {
+            self.after_building(&outcome.built, &keys);
         }
         outcome.results.extend(refused);
         Ok(Realised { outcome, failures, started, stopped: now() })
@@ -181,26 +181,37 @@ impl<R: Read, W: Write> Session<R, W> {
             .collect()
     }
 
-    /// Signs the outputs of the derivations `built` with `keys`, as Nix signs what it builds.
-    fn sign_built(&self, built: &[StorePath], keys: &[cairn_nix::signing::SecretKey]) {
+    /// What a trusted client's settings ask of what was built for it, as nix-daemon does it:
+    /// the outputs of the derivations `built` signed with `keys` (`secret-key-files`), and
+    /// hard-linked with identical files of the store (`auto-optimise-store`).
+    fn after_building(&self, built: &[StorePath], keys: &[cairn_nix::signing::SecretKey]) {
+        let optimise = self.peer.trusted && self.client_setting("auto-optimise-store") == Some("true");
+        if keys.is_empty() && !optimise {
+            return;
+        }
         let store = &self.st.store;
         let mut drvs = Derivations::new(store);
-        for drv in built {
-            for p in drvs.outputs(drv).unwrap_or_default().values() {
-                let Ok(Some(info)) = store.path_info(p) else { continue };
-                let Ok(fp) = cairn_nix::signing::fingerprint(
-                    &self.st.store_dir,
-                    &info.path,
-                    &info.nar_hash,
-                    info.nar_size,
-                    &info.references,
-                ) else {
-                    continue;
-                };
-                let sigs: BTreeSet<String> = keys.iter().map(|k| k.sign(&fp)).collect();
-                if let Err(e) = store.add_signatures(p, &sigs) {
-                    tracing::warn!(path = %self.show(p), "cannot sign a built path: {e}");
-                }
+        let outputs: Vec<StorePath> =
+            built.iter().flat_map(|drv| drvs.outputs(drv).unwrap_or_default().into_values()).collect();
+        if optimise {
+            if let Err(e) = store.optimise_paths(&outputs) {
+                tracing::warn!("cannot optimise built paths: {e}");
+            }
+        }
+        for p in outputs.iter().filter(|_| !keys.is_empty()) {
+            let Ok(Some(info)) = store.path_info(p) else { continue };
+            let Ok(fp) = cairn_nix::signing::fingerprint(
+                &self.st.store_dir,
+                &info.path,
+                &info.nar_hash,
+                info.nar_size,
+                &info.references,
+            ) else {
+                continue;
+            };
+            let sigs: BTreeSet<String> = keys.iter().map(|k| k.sign(&fp)).collect();
+            if let Err(e) = store.add_signatures(p, &sigs) {
+                tracing::warn!(path = %self.show(p), "cannot sign a built path: {e}");
             }
         }
     }
