@@ -131,6 +131,14 @@ impl Pair {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Builds `file` on a Nix store of its own, `store` (`local?root=…`), sandboxed with a
+    /// static busybox as `/bin/sh`: its output path.
+    fn local_build(&self, store: &str, file: &str) -> String {
+        let args =
+            ["nix-build", "--store", store, "--option", "sandbox-paths", "/bin/sh=/bin/busybox", "--no-out-link", file];
+        self.local(&args).trim().to_owned()
+    }
+
     /// A new binary-cache key pair named `name`: the secret key's file and the public key.
     fn key(&self, name: &str) -> (std::path::PathBuf, String) {
         let (sk, pk) = (self.work.path().join(format!("{name}.sk")), self.work.path().join(format!("{name}.pk")));
@@ -677,18 +685,7 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
         br#"derivation { name = "signed"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo signed > $out" ]; }"#,
     );
     let nix = |args: &[&str]| p.local(args);
-    let path = nix(&[
-        "nix-build",
-        "--store",
-        &local,
-        "--option",
-        "sandbox-paths",
-        "/bin/sh=/bin/busybox",
-        "--no-out-link",
-        &f,
-    ])
-    .trim()
-    .to_owned();
+    let path = p.local_build(&local, &f);
     nix(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &path]);
     nix(&["nix", "copy", "--from", &local, "--to", &cache, &path]);
     // Substituted from the client's cache, checked with the client's key.
@@ -739,19 +736,10 @@ fn a_self_referencing_content_addressed_path_is_taken_as_by_nix_daemon() {
         "selfref.nix",
         br#"derivation { name = "selfref"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "mkdir $out; echo $out > $out/me; echo $out/me > $out/again" ]; }"#,
     );
-    let built = p.local(&[
-        "nix-build",
-        "--store",
-        &local,
-        "--option",
-        "sandbox-paths",
-        "/bin/sh=/bin/busybox",
-        "--no-out-link",
-        &f,
-    ]);
-    let made = p.local(&["nix", "store", "make-content-addressed", "--store", &local, "--json", built.trim()]);
+    let built = p.local_build(&local, &f);
+    let made = p.local(&["nix", "store", "make-content-addressed", "--store", &local, "--json", &built]);
     let v: serde_json::Value = serde_json::from_str(&made).unwrap();
-    let ca_path = v["rewrites"][built.trim()].as_str().unwrap().to_owned();
+    let ca_path = v["rewrites"][&built].as_str().unwrap().to_owned();
     for side in [Side::Cairn, Side::Nix] {
         p.ok(side, "nix", &["copy", "--from", &local, &ca_path]);
     }
@@ -873,8 +861,7 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
     let cache_dir = p.work.path().join("cache");
     let cache = format!("file://{}?compression=none", cache_dir.display());
     let nix = |args: &[&str]| p.local(args);
-    let path =
-        nix(&["nix-build", "--store", &src, "--option", "sandbox-paths", "/bin/sh=/bin/busybox", "--no-out-link", &f]);
+    let path = p.local_build(&src, &f);
     nix(&["nix", "store", "sign", "--store", &src, "--key-file", sk.to_str().unwrap(), path.trim()]);
     nix(&["nix", "copy", "--from", &src, "--to", &cache, path.trim()]);
     // Corrupt the NAR: its narinfo still offers it, signed.
@@ -899,7 +886,7 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
     let e = String::from_utf8_lossy(&c.stderr);
     assert!(e.contains("cannot substitute") && !e.contains("no substituter that can build it"), "{e}");
     args.push("--fallback");
-    assert_eq!(p.same("nix-build", &args), path);
+    assert_eq!(p.same("nix-build", &args).trim(), path);
 }
 
 /// The client's `--max-jobs 0` builds nothing locally, and its `--cores 0` reaches the builder
