@@ -83,6 +83,10 @@ pub struct BuildSettings {
     pub fetch: FetchSettings,
     /// `post-build-hook`: run after each derivation built here ([`hook`]).
     pub post_build_hook: Option<PathBuf>,
+    /// Added to the hook's environment: `NIX_REMOTE` naming this daemon, so that the Nix
+    /// commands a hook runs (`nix copy --to … $OUT_PATHS`) see this store, as a hook run by
+    /// nix-daemon sees nix-daemon's.
+    pub hook_env: Vec<(String, String)>,
 }
 
 /// One derivation to realise, with the outputs wanted (all if `None`).
@@ -328,7 +332,7 @@ impl Builder {
                 let hook = hook.filter(|h| !h.as_os_str().is_empty());
                 let r = match (r, hook) {
                     (Ok(outputs), Some(hook)) if nodes[&p].mode != NodeMode::Check => {
-                        hook::run(hook, &this.store, &p, &outputs, &events)
+                        hook::run(hook, &this.settings.hook_env, &this.store, &p, &outputs, &events)
                             .await
                             .map(|()| outputs)
                             .map_err(|m| Stop::Failed(m.into()))

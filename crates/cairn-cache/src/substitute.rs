@@ -34,6 +34,8 @@ pub struct Substituter {
     backend: Backend,
     /// `?priority=N` in the URL, which overrides the cache's own.
     priority: Option<u32>,
+    /// `?want-mass-query=true|false` in the URL, which overrides the cache's own.
+    want_mass_query: Option<bool>,
     /// Fetched on first use; only a good answer is kept, so a cache that was down is asked again.
     info: OnceCell<CacheInfo>,
 }
@@ -54,14 +56,28 @@ impl Substituter {
                 reason: format!("priority '{v}' is not a number"),
             })?),
         };
-        Ok(Substituter { url: url.to_owned(), backend: Backend::open(url, net)?, priority, info: OnceCell::new() })
+        let want_mass_query = match params.iter().find(|(k, _)| k == "want-mass-query") {
+            None => None,
+            Some((_, v)) => Some(match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(CacheError::Url {
+                        url: url.to_owned(),
+                        reason: format!("want-mass-query '{v}' is not true or false"),
+                    })
+                }
+            }),
+        };
+        let backend = Backend::open(url, net)?;
+        Ok(Substituter { url: url.to_owned(), backend, priority, want_mass_query, info: OnceCell::new() })
     }
 
     /// A fleet peer as a cache (`p2p://NODE-ID`): its narinfos from `cache`, its NARs from the
     /// job's peers.
     pub fn peer(url: &str, cache: Arc<dyn cairn_store::peers::PeerCache>) -> Substituter {
         let backend = Backend::Peer { url: url.to_owned(), cache };
-        Substituter { url: url.to_owned(), backend, priority: None, info: OnceCell::new() }
+        Substituter { url: url.to_owned(), backend, priority: None, want_mass_query: Some(true), info: OnceCell::new() }
     }
 
     /// Whether its answers may be remembered (a peer's change as it adds and collects paths).
@@ -93,6 +109,15 @@ impl Substituter {
     pub async fn priority(&self, dir: &StoreDir) -> Result<u32, CacheError> {
         let info = self.cache_info(dir).await?;
         Ok(self.priority.unwrap_or(info.priority))
+    }
+
+    /// Whether the cache welcomes many queries at once (`WantMassQuery`, or the URL's
+    /// `want-mass-query`): Nix asks only those what is substitutable in bulk (`nix-env -qas`).
+    pub async fn want_mass_query(&self, dir: &StoreDir) -> bool {
+        match self.want_mass_query {
+            Some(w) => w,
+            None => self.cache_info(dir).await.is_ok_and(|i| i.want_mass_query),
+        }
     }
 
     /// The narinfo of `path`, parsed, or `None` if the cache has none.

@@ -64,7 +64,24 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
             stalled_timeout: secs(settings.stalled_download_timeout),
         },
         post_build_hook: settings.post_build_hook.clone(),
+        hook_env: settings
+            .nix_daemon_socket
+            .iter()
+            .map(|socket| ("NIX_REMOTE".to_owned(), nix_remote(socket, settings)))
+            .collect(),
     })
+}
+
+/// The `NIX_REMOTE` a Nix client on this machine uses to reach this daemon's Nix socket and see
+/// its files (the store under the root, the build logs): see the README's "Where Nix reads the
+/// store itself".
+fn nix_remote(socket: &std::path::Path, settings: &Settings) -> String {
+    let log = state_dir(&settings.root).join("log");
+    if settings.root == std::path::Path::new("/") {
+        format!("unix://{}?log={}", socket.display(), log.display())
+    } else {
+        format!("unix://{}?root={}&log={}", socket.display(), settings.root.display(), log.display())
+    }
 }
 
 /// The machines of a `builders` value (Nix's machines format), `@FILE` includes read here; a

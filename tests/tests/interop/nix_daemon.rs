@@ -717,6 +717,13 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     // Still, the cache has it: what may be fetched is answered from its narinfo, signed or not.
     let (c, n) = p.alike("nix-store", &["--realise", "--dry-run", &path, "--option", "substituters", &cache]);
     both_say(&c, &n, &["this path will be fetched", &path]);
+    // What is substitutable in bulk (`nix-env -qas`) is asked only of caches that want mass
+    // queries: this one says nothing of it, unless its URL says so.
+    let mass = format!("{cache}?want-mass-query=true");
+    for (url, status) in [(&cache, "---"), (&mass, "--S")] {
+        let shown = p.same("nix-env", &["-f", &f, "-qas", "--option", "substituters", url]);
+        assert!(shown.starts_with(status), "{url}: {shown}");
+    }
     // And `nix copy` into the daemon is checked with the client's key.
     let (c, n) = p.alike("nix", &["copy", "--from", &cache, "--option", "trusted-public-keys", &pk, &path]);
     assert!(c.status.success() && n.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
@@ -1043,7 +1050,8 @@ fn a_fixed_output_with_another_hash_is_kept_at_its_own_path_as_by_nix_daemon() {
 }
 
 /// A trusted client's `post-build-hook` runs after each build, as nix-daemon runs it: with
-/// `DRV_PATH` and `OUT_PATHS`, its output shown to the client; a failing hook fails the build.
+/// `DRV_PATH` and `OUT_PATHS`, Nix commands in it seeing the daemon's store, its output shown to
+/// the client; a failing hook fails the build.
 #[test]
 fn a_post_build_hook_runs_after_each_build_as_with_nix_daemon() {
     use std::os::unix::fs::PermissionsExt;
@@ -1054,7 +1062,12 @@ fn a_post_build_hook_runs_after_each_build_as_with_nix_daemon() {
     let record = p.work.path().join("hook-record");
     let hook = p.write(
         "hook.sh",
-        format!("#!/bin/sh\necho \"$DRV_PATH|$OUT_PATHS\" >> {}\necho uploading\n", record.display()).as_bytes(),
+        // A Nix command in the hook sees the daemon's store (here: queries the derivation).
+        format!(
+            "#!/bin/sh\necho \"$DRV_PATH|$OUT_PATHS\" >> {}\nnix-store -q --hash \"$DRV_PATH\" >/dev/null && echo uploading\n",
+            record.display()
+        )
+        .as_bytes(),
     );
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     let f = p.write(

@@ -1,7 +1,8 @@
 //! `post-build-hook`, as Nix 2.8 runs it (`runPostBuildHook`): after a derivation was built
 //! here and its outputs registered, the program runs as the daemon, with the daemon's
-//! environment and `DRV_PATH` (the derivation) and `OUT_PATHS` (its outputs, space-separated,
-//! sorted — Nix 2.8.0 passes it empty, a bug later releases fixed);
+//! environment, `NIX_REMOTE` naming this daemon (so that Nix commands in the hook see this
+//! store, as under nix-daemon they see its), `DRV_PATH` (the derivation) and `OUT_PATHS` (its
+//! outputs, space-separated, sorted — Nix 2.8.0 passes it empty, a bug later releases fixed);
 //! what it prints, stdout and stderr together, is shown to the client line by line as
 //! `post-build-hook: LINE`, as Nix's clients show it. A hook that fails fails the build (its
 //! outputs stay valid), in Nix's words. It is what sites use to upload what they build to a
@@ -21,6 +22,7 @@ use super::Event;
 /// Runs `hook` for the derivation `drv`, built with `outputs`.
 pub(super) async fn run(
     hook: &Path,
+    env: &[(String, String)],
     store: &LocalStore,
     drv: &StorePath,
     outputs: &BTreeMap<String, StorePath>,
@@ -38,6 +40,7 @@ pub(super) async fn run(
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(format!("cannot start: {e}")))?;
     let writer2 = writer.try_clone().map_err(|e| failed(format!("cannot start: {e}")))?;
     let mut child = tokio::process::Command::new(hook)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("DRV_PATH", dir.display(drv))
         .env("OUT_PATHS", out_paths.join(" "))
         .stdin(Stdio::null())

@@ -89,7 +89,7 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// Narinfos of the paths the caches could substitute: trusted under this client's policy.
     pub(super) fn substitutable(&self, paths: &[StorePath]) -> BTreeMap<StorePath, NarInfo> {
-        self.narinfos(paths, self.policy())
+        self.narinfos(paths, self.policy(), self.substituters())
     }
 
     /// Narinfos of the paths the caches have, signed or not: what Nix's substitutability
@@ -99,11 +99,26 @@ impl<R: Read, W: Write> Session<R, W> {
     pub(super) fn offered(&self, paths: &[StorePath]) -> BTreeMap<StorePath, NarInfo> {
         let mut policy = self.policy();
         policy.require_sigs = false;
-        self.narinfos(paths, policy)
+        self.narinfos(paths, policy, self.substituters())
     }
 
-    fn narinfos(&self, paths: &[StorePath], policy: cairn_cache::Policy) -> BTreeMap<StorePath, NarInfo> {
-        let subs = self.substituters();
+    /// What [`Self::offered`] answers from the caches that want mass queries only: Nix's
+    /// `querySubstitutablePaths` (`HasSubstitutes`, `QuerySubstitutablePaths`) skips the others.
+    fn offered_in_bulk(&self, paths: &[StorePath]) -> BTreeMap<StorePath, NarInfo> {
+        let mut policy = self.policy();
+        policy.require_sigs = false;
+        let dir = &self.st.store_dir;
+        let subs: Vec<_> =
+            self.substituters().into_iter().filter(|s| self.rt.block_on(s.want_mass_query(dir))).collect();
+        self.narinfos(paths, policy, subs)
+    }
+
+    fn narinfos(
+        &self,
+        paths: &[StorePath],
+        policy: cairn_cache::Policy,
+        subs: Vec<Arc<cairn_cache::Substituter>>,
+    ) -> BTreeMap<StorePath, NarInfo> {
         if subs.is_empty() || paths.is_empty() {
             return BTreeMap::new();
         }
@@ -247,10 +262,10 @@ impl<R: Read, W: Write> Session<R, W> {
                 let d = cairn_build::derivations::Derivations::new(store).load(&drv)?;
                 Response::StringSet(d.outputs.keys().cloned().collect())
             }
-            Q::HasSubstitutes(p) => Response::Bool(!self.offered(std::slice::from_ref(&p)).is_empty()),
+            Q::HasSubstitutes(p) => Response::Bool(!self.offered_in_bulk(std::slice::from_ref(&p)).is_empty()),
             Q::QuerySubstitutablePaths(paths) => {
                 let missing = self.invalid(paths)?;
-                Response::PathSet(self.offered(&missing).into_keys().collect())
+                Response::PathSet(self.offered_in_bulk(&missing).into_keys().collect())
             }
             Q::QuerySubstitutablePathInfo(p) => {
                 let found = self.offered(std::slice::from_ref(&p));
