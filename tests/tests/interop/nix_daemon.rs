@@ -331,6 +331,17 @@ in { bad = sh "bad" "echo first line; echo second line >&2; exit 3";
     // A dependency's failure fails its dependents, alike, in the same words.
     let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "after"]);
     both_say(&c, &n, &["1 dependencies of derivation '", "failed to build"]);
+    // Two outputs of one failing derivation asked for one by one: one goal, one failure.
+    let multi = p.write(
+        "multi-fail.nix",
+        br#"derivation { name = "multi-fail"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo failing; exit 1" ]; outputs = [ "out" "dev" ]; }"#,
+    );
+    let drv = p.same("nix-instantiate", &[&multi]);
+    let (c, n) = p.alike("nix-store", &["-r", &format!("{}!out", drv.trim()), &format!("{}!dev", drv.trim())]);
+    for (side, o) in [("cairnd", &c), ("nix-daemon", &n)] {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(e.matches("failed with exit code 1").count(), 1, "{side}:\n{e}");
+    }
 }
 
 #[test]
