@@ -34,7 +34,45 @@ pub struct OptimiseReport {
     pub bytes_saved: u64,
 }
 
+/// The name of a regular file's link in `.links`: the nix32 SHA-256 of its NAR (contents and
+/// executable bit), as Nix names it.
+pub(crate) fn link_name(file: &Path, meta: &Metadata) -> Result<String> {
+    let executable = meta.mode() & 0o100 != 0;
+    let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256)).map_err(io_err("hash", file))?;
+    let mut f = File::open(file).map_err(io_err("open", file))?;
+    nar.regular(None, executable, meta.size(), &mut f)
+        .map_err(|source| StoreError::NarWrite { path: file.to_owned(), source })?;
+    let hash = nar.finish().map_err(|source| StoreError::NarWrite { path: file.to_owned(), source })?.finish();
+    Ok(cairn_nix::nixbase32::encode(hash.as_bytes()))
+}
+
 impl LocalStore {
+    /// The links of `.links` whose file no longer hashes to its name (a store file modified in
+    /// place modifies its link too), as Nix's `verifyStore` finds them: (link, its hash now).
+    pub(crate) fn modified_links(&self) -> Result<Vec<(std::path::PathBuf, String)>> {
+        let links = self.layout.links_dir();
+        let entries = match fs::read_dir(&links) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &links)(e)),
+        };
+        let mut modified = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err("list", &links))?;
+            let path = e.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let now = link_name(&path, &meta)?;
+            if e.file_name().to_str() != Some(now.as_str()) {
+                modified.push((path, now));
+            }
+        }
+        modified.sort();
+        Ok(modified)
+    }
+
     /// Hard-links identical files of every valid path.
     pub fn optimise(&self) -> Result<OptimiseReport> {
         let paths = self.with_graph(|g| g.node_ids().filter_map(|i| g.path(i).cloned()).collect::<Vec<_>>())?;
@@ -80,13 +118,7 @@ impl LocalStore {
 
     /// Links one file; `false` if its link vanished and it should be tried again.
     fn optimise_file(&self, file: &Path, meta: &Metadata, report: &mut OptimiseReport) -> Result<bool> {
-        let executable = meta.mode() & 0o100 != 0;
-        let mut nar = NarWriter::new(Hasher::new(HashAlgo::Sha256)).map_err(io_err("hash", file))?;
-        let mut f = File::open(file).map_err(io_err("open", file))?;
-        nar.regular(None, executable, meta.size(), &mut f)
-            .map_err(|source| StoreError::NarWrite { path: file.to_owned(), source })?;
-        let hash = nar.finish().map_err(|source| StoreError::NarWrite { path: file.to_owned(), source })?.finish();
-        let link = self.layout.links_dir().join(cairn_nix::nixbase32::encode(hash.as_bytes()));
+        let link = self.layout.links_dir().join(link_name(file, meta)?);
         match fs::hard_link(file, &link) {
             Ok(()) => return Ok(true), // the first of its kind
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

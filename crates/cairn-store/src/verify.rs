@@ -28,6 +28,9 @@ pub struct VerifyOptions {
     /// refers to, as `nix-store --verify` does, with `--repair` too (Nix repairs only a vanished
     /// path still referred to); cairn's own `verify --repair` leaves them to be fetched again.
     pub forget_vanished: bool,
+    /// Remove the links of `.links` found modified (a repair, as Nix's: optimising links the
+    /// repaired files again).
+    pub drop_modified_links: bool,
 }
 
 /// One thing found wrong.
@@ -36,7 +39,8 @@ pub struct Problem {
     /// The path concerned, if the problem is a path's.
     pub path: Option<StorePath>,
     /// `missing`, `modified`, `content-address`, `database`, `graph` (the in-memory reference
-    /// graph disagrees with the database).
+    /// graph disagrees with the database), `link` (a file of `.links` no longer hashes to its
+    /// name: a store file modified in place).
     pub kind: &'static str,
     /// One line, as Nix words it where Nix has the same check.
     pub message: String,
@@ -84,6 +88,18 @@ impl LocalStore {
             self.forget_vanished(&mut problems, &mut report.forgotten)?;
         }
         problems.sort();
+        if opts.check_contents {
+            for (link, now) in self.modified_links()? {
+                let name = link.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let mut message =
+                    format!("link '{}' was modified! expected hash '{name}', got '{now}'", link.display());
+                if opts.drop_modified_links && std::fs::remove_file(&link).is_ok() {
+                    message.push_str(" (repaired)");
+                    report.repaired += 1;
+                }
+                report.problems.push(Problem { path: None, kind: "link", message });
+            }
+        }
         report.problems.extend(problems);
         Ok(report)
     }

@@ -228,7 +228,7 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
         }
         Request::Verify(query::Verify { check_contents, repair: _ }) => query::Verify::respond(convert::verify_result(
             dir,
-            store.verify(VerifyOptions { check_contents, forget_vanished: true })?,
+            store.verify(VerifyOptions { check_contents, forget_vanished: true, ..Default::default() })?,
         )),
         Request::AddDerivation(q) => query::AddDerivation::respond(realise::add_derivation(st, &q.aterm)?),
         Request::DerivationOutputs(q) => query::DerivationOutputs::respond(realise::derivation_outputs(st, &q.paths)?),

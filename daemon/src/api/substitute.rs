@@ -100,7 +100,7 @@ pub async fn verify_and_repair(
     }
     let store = st.store.clone();
     let mut report = tokio::task::spawn_blocking(move || {
-        store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished })
+        store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished, drop_modified_links: true })
     })
     .await??;
     let broken: Vec<cairn_nix::StorePath> = report
@@ -146,7 +146,7 @@ pub async fn verify_and_repair(
             p.message.push_str(&format!(" (cannot repair: {reason})"));
         }
     }
-    report.repaired = repaired.len() as u64;
+    report.repaired += repaired.len() as u64;
     tracing::info!(repaired = report.repaired, problems = report.problems.len(), "verify --repair");
     Ok(convert::verify_result(&st.store_dir, report))
 }

@@ -494,8 +494,12 @@ fn verify_optimise_and_signatures_through_cairnd_behave_as_with_nix_daemon() {
         let _ = Command::new("chmod").arg("u+w").arg(&f).status();
         std::fs::write(&f, b"other bytes\n").unwrap();
     }
-    let (c, _) = p.alike("nix-store", &["--verify", "--check-contents"]);
+    let (c, n) = p.alike("nix-store", &["--verify", "--check-contents"]);
     assert!(String::from_utf8_lossy(&c.stderr).contains(&path), "{}", String::from_utf8_lossy(&c.stderr));
+    // In the same words and order, progress lines and the optimiser's modified link included
+    // (each daemon's root apart).
+    let rooted = |o: &Output, root: &Path| String::from_utf8_lossy(&o.stderr).replace(&*root.to_string_lossy(), "ROOT");
+    assert_eq!(rooted(&c, p.cairn.root.path()), rooted(&n, &p.nix.root()));
 
     // Built outputs that no cache has: one modified, one gone that another refers to, one gone
     // that nothing refers to. `--repair` builds the first two again from their derivers and

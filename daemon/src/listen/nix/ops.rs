@@ -452,21 +452,45 @@ impl<R: Read, W: Write> Session<R, W> {
             let (st, peer) = (self.st.clone(), self.peer.clone());
             let fut = crate::api::substitute::verify_and_repair(st, peer, check_contents, caches, true);
             let report = self.rt.block_on(fut)?;
-            let mut left = false;
-            for p in &report.problems {
-                self.log_line(&p.message);
-                left |= !p.message.ends_with("(repaired)");
-            }
-            return Ok(left);
+            let problems: Vec<(&str, &str)> =
+                report.problems.iter().map(|p| (p.kind.as_str(), p.message.as_str())).collect();
+            self.log_verify(check_contents, &report.forgotten, &problems);
+            return Ok(report.problems.iter().any(|p| !p.message.ends_with("(repaired)")));
         }
-        let report = self.st.store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished: true })?;
-        for line in &report.forgotten {
+        let report = self.st.store.verify(cairn_store::VerifyOptions {
+            check_contents,
+            forget_vanished: true,
+            ..Default::default()
+        })?;
+        let problems: Vec<(&str, &str)> = report.problems.iter().map(|p| (p.kind, p.message.as_str())).collect();
+        self.log_verify(check_contents, &report.forgotten, &problems);
+        Ok(!report.problems.is_empty())
+    }
+
+    /// A verification's findings in the order and words of Nix's `verifyStore`: its progress
+    /// lines, then what the existence check found (paths forgotten, paths missing), then what
+    /// the contents check found.
+    fn log_verify(&mut self, check_contents: bool, forgotten: &[String], problems: &[(&str, &str)]) {
+        self.log_line("reading the Nix store...");
+        self.log_line("checking path existence...");
+        for line in forgotten {
             self.log_line(line);
         }
-        for p in &report.problems {
-            self.log_line(&p.message);
+        let stage = |kind: &str| match kind {
+            "link" => 1,
+            "modified" | "content-address" => 2,
+            _ => 0,
+        };
+        for at in 0..3 {
+            match at {
+                1 if check_contents => self.log_line("checking link hashes..."),
+                2 if check_contents => self.log_line("checking store hashes..."),
+                _ => {}
+            }
+            for (_, m) in problems.iter().filter(|(kind, _)| stage(kind) == at) {
+                self.log_line(m);
+            }
         }
-        Ok(!report.problems.is_empty())
     }
 }
 
