@@ -8,12 +8,14 @@
 //! (no absolute names, no `..`, no write through a symlink: `tar`'s `unpack_in`), only
 //! directories, regular files, symlinks and hard links are taken, and neither owners nor
 //! special mode bits are kept — a device node is refused, not made, since the daemon may be
-//! root. Nix runs this builder in the sandbox as the build user; the store canonicalises what
+//! root. For the same reason the tarball is not read through a symlink, and the channel's name
+//! must be a plain file name (the unpacked directory is renamed to it). Nix runs this builder in the sandbox as the build user; the store canonicalises what
 //! it registers in both.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The builder name this module serves.
@@ -36,6 +38,10 @@ pub enum UnpackChannelError {
         #[source]
         source: io::Error,
     },
+    #[error("channel name '{0}' is not a plain file name")]
+    BadName(String),
+    #[error("channel tarball '{0}' is not a regular file")]
+    NotAFile(String),
     #[error("{op} '{path}': {source}")]
     Io {
         op: &'static str,
@@ -72,13 +78,26 @@ fn decompressed<'a>(input: impl BufRead + 'a) -> io::Result<Box<dyn Read + 'a>> 
 pub fn unpack(env: &BTreeMap<String, String>, real_src: &Path, out: &Path) -> Result<(), UnpackChannelError> {
     let src = attr(env, "src")?;
     let channel = attr(env, "channelName")?;
+    // The daemon renames into `out/NAME`: a name with a slash or `..` would move the channel
+    // anywhere the daemon may write.
+    if channel.is_empty() || channel == "." || channel == ".." || channel.contains(['/', '\0']) {
+        return Err(UnpackChannelError::BadName(channel.to_owned()));
+    }
     let io_err = |op: &'static str, path: &Path| {
         let path = path.display().to_string();
         move |source| UnpackChannelError::Io { op, path, source }
     };
     let read_err = |source| UnpackChannelError::Read { src: src.to_owned(), source };
     fs::create_dir_all(out).map_err(io_err("create", out))?;
-    let file = fs::File::open(real_src).map_err(io_err("open", real_src))?;
+    // Not through a symlink: a store path may be one, to a file only the daemon may read.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(real_src)
+        .map_err(io_err("open", real_src))?;
+    if !file.metadata().map_err(io_err("stat", real_src))?.is_file() {
+        return Err(UnpackChannelError::NotAFile(src.to_owned()));
+    }
     let mut archive = tar::Archive::new(decompressed(BufReader::new(file)).map_err(read_err)?);
     for entry in archive.entries().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
@@ -208,5 +227,23 @@ mod tests {
         assert!(!victim.join("owned").exists(), "written through the symlink");
         let missing = unpack(&BTreeMap::new(), &src, &t.path().join("o")).unwrap_err().to_string();
         assert_eq!(missing, "attribute 'src' missing");
+    }
+
+    #[test]
+    fn a_channel_name_that_leaves_the_output_or_a_tarball_behind_a_symlink_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("c.tar");
+        fs::write(&src, tarball(&[("a/f", tar::EntryType::Regular, b"x")])).unwrap();
+        for name in ["../../escaped", "a/b", "..", ".", ""] {
+            let mut e = env("/nix/store/x-c.tar");
+            e.insert("channelName".into(), name.into());
+            let out = t.path().join("out").join("o");
+            let err = unpack(&e, &src, &out).unwrap_err().to_string();
+            assert!(err.contains("is not a plain file name"), "{name:?}: {err}");
+        }
+        assert!(!t.path().join("escaped").exists());
+        let link = t.path().join("link.tar");
+        std::os::unix::fs::symlink(&src, &link).unwrap();
+        assert!(unpack(&env("/nix/store/x-c.tar"), &link, &t.path().join("o2")).is_err(), "read through a symlink");
     }
 }
