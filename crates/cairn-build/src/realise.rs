@@ -687,8 +687,11 @@ impl Builder {
         if node.drv.builder == FETCHURL && !self.has_builtin(FETCHURL) {
             return Ok(self.build_fetchurl(drv_path, node, &impure, options, events).await?);
         }
-        let in_daemon = [crate::buildenv::BUILDENV, crate::unpack_channel::UNPACK_CHANNEL];
-        if in_daemon.contains(&node.drv.builder.as_str()) && !self.has_builtin(&node.drv.builder) {
+        let in_daemon = match node.drv.builder.as_str() {
+            b @ (crate::buildenv::BUILDENV | crate::unpack_channel::UNPACK_CHANNEL) => !self.has_builtin(b),
+            _ => false,
+        };
+        if in_daemon {
             if node.mode != NodeMode::Build {
                 return Err(format!(
                     "cannot check or repair '{shown}': builder '{}' runs in the daemon",
@@ -1169,6 +1172,21 @@ impl Builder {
     }
 }
 
+/// `goals` with one goal per derivation, as Nix's worker keeps one: `drv!out` and `drv!dev`
+/// asked together become one goal wanting both (so a failure is reported once). First
+/// appearances keep their order.
+pub fn merge_goals(goals: Vec<Goal>) -> Vec<Goal> {
+    let mut wanted: HashMap<StorePath, Option<BTreeSet<String>>> = HashMap::new();
+    let mut order = Vec::new();
+    for g in goals {
+        if !wanted.contains_key(&g.drv) {
+            order.push(g.drv.clone());
+        }
+        want(&mut wanted, &g.drv, g.outputs);
+    }
+    order.into_iter().map(|drv| Goal { outputs: wanted.remove(&drv).flatten(), drv }).collect()
+}
+
 /// Adds `outputs` (`None`: all) to what is wanted of `drv`; true if that wants more than before.
 fn want(
     wanted: &mut HashMap<StorePath, Option<BTreeSet<String>>>,
@@ -1306,7 +1324,27 @@ impl Drop for UidSlot<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::overstrike;
+    use super::{merge_goals, overstrike, Goal};
+    use cairn_nix::StorePath;
+
+    #[test]
+    fn goals_of_one_derivation_merge_into_one_wanting_all_they_want() {
+        let p = |n: &str| StorePath::from_base_name(&format!("{}-{n}.drv", "0".repeat(32))).unwrap();
+        let g = |d: &str, o: Option<&[&str]>| Goal {
+            drv: p(d),
+            outputs: o.map(|o| o.iter().map(|s| (*s).to_owned()).collect()),
+        };
+        let merged =
+            merge_goals(vec![g("a", Some(&["out"])), g("b", None), g("a", Some(&["dev"])), g("b", Some(&["x"]))]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(
+            (merged[0].drv.clone(), merged[1].drv.clone()),
+            (p("a"), p("b")),
+            "first appearances keep their order"
+        );
+        assert_eq!(merged[0].outputs, Some(["dev".to_owned(), "out".to_owned()].into()));
+        assert_eq!(merged[1].outputs, None, "all wins");
+    }
 
     #[test]
     fn a_carriage_return_restarts_the_line_as_a_terminal_shows_it() {

@@ -318,36 +318,24 @@ impl<R: Read, W: Write> Session<R, W> {
         }
     }
 
-    /// Goals and opaque paths of a request.
-    /// One goal per derivation, as Nix's worker keeps one: `drv!out` and `drv!dev` asked
-    /// together are one goal wanting both (and a failure is reported once).
+    /// Goals (one per derivation: [`cairn_build::realise::merge_goals`]) and opaque paths of a
+    /// request.
     fn split(&self, paths: &[DerivedPath]) -> (Vec<Goal>, Vec<StorePath>) {
-        let mut goals: Vec<Goal> = Vec::new();
+        let mut goals = Vec::new();
         let mut opaque = Vec::new();
         for p in paths {
             match p {
                 DerivedPath::Opaque(p) => opaque.push(p.clone()),
-                DerivedPath::Built { drv_path, outputs } => {
-                    let wanted = match outputs {
+                DerivedPath::Built { drv_path, outputs } => goals.push(Goal {
+                    drv: drv_path.clone(),
+                    outputs: match outputs {
                         OutputsSpec::All => None,
                         OutputsSpec::Names(n) => Some(n.clone()),
-                    };
-                    match goals.iter_mut().find(|g| g.drv == *drv_path) {
-                        Some(g) => {
-                            g.outputs = match (g.outputs.take(), wanted) {
-                                (Some(mut a), Some(b)) => {
-                                    a.extend(b);
-                                    Some(a)
-                                }
-                                _ => None,
-                            }
-                        }
-                        None => goals.push(Goal { drv: drv_path.clone(), outputs: wanted }),
-                    }
-                }
+                    },
+                }),
             }
         }
-        (goals, opaque)
+        (cairn_build::realise::merge_goals(goals), opaque)
     }
 
     /// `BuildPaths`: everything made valid, or the error.
