@@ -18,7 +18,8 @@
 //! `impureEnvVars`) and refuses, in Nix's words, what this machine cannot build.
 //!
 //! **Architecture Invariant:** builders never see the store or the database: only their input
-//! closure, bind-mounted read-only, and an empty directory for their outputs. Outputs enter the
+//! closure (bound read-only, or linked or copied where they cannot change it) and an empty
+//! directory for their outputs. Outputs enter the
 //! store only through `cairn-store`'s batch, as NARs whose hash was computed here.
 
 pub mod buildenv;

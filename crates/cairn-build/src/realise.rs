@@ -925,12 +925,15 @@ impl Builder {
             limits: self.settings.limits,
             impure_env,
             graphs: &graphs,
+            link_inputs: host_ids.is_some() && same_file_system(top, &self.store.layout().real_store_dir),
         })?;
         let io = |source| BuildError::Io { op: "create build directory", path: top.display().to_string(), source };
         std::fs::create_dir(top).map_err(io)?;
         std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
         std::fs::create_dir(crate::sandbox::input_stage(&root)).map_err(io)?;
-        crate::root::create(&root, &skeleton, host_ids).map_err(io)?;
+        let bound = crate::root::create(&root, &skeleton, host_ids).map_err(io)?;
+        let mut spec = spec;
+        spec.bind_only(&bound);
         Ok((spec, closure, roots))
     }
 
@@ -1251,6 +1254,15 @@ async fn unless_cancelled<T>(
 
 /// A build as Nix names its goal in messages: `building of 'DRV!OUT,…' from .drv file`, with
 /// the outputs wanted of it.
+/// Whether the build directory `top` (not made yet: its parent is asked) is on the file
+/// system of `store`, so that a hard link between them can be made.
+fn same_file_system(top: &Path, store: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let parent = top.parent().unwrap_or(top);
+    dev(parent).is_some() && dev(parent) == dev(store)
+}
+
 fn goal_name(shown: &str, node: &Node) -> String {
     let outputs: Vec<&str> = match &node.wanted {
         Some(w) => w.iter().map(String::as_str).collect(),

@@ -2,23 +2,35 @@
 //! before the helper starts (inside the user namespace the helper could not create files owned
 //! by anyone), and removed after the build.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use crate::sandbox::{under, Node, Owner, Skeleton};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
+
+use crate::sandbox::{under, Node, Owner, Skeleton, COPY_MAX};
 
 /// Creates `skeleton` under `root` (which must not exist; its parent must). Entries owned by
-/// [`Owner::Builder`] are given to `builder` (uid, gid) when it is set.
-pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> io::Result<()> {
+/// [`Owner::Builder`] are given to `builder` (uid, gid) when it is set, those of
+/// [`Owner::BuildGroup`] to its group. Returns the inputs
+/// (store path base names) given a mount point, which the sandbox must bind
+/// ([`crate::sandbox::SandboxSpec::bind_only`]).
+pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> io::Result<BTreeSet<String>> {
     fs::DirBuilder::new().mode(0o755).create(root)?;
     let give = |path: &Path, owner: Owner| -> io::Result<()> {
-        if let (Owner::Builder, Some((uid, gid))) = (owner, builder) {
-            std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+        match (owner, builder) {
+            (Owner::Builder, Some((uid, gid))) => std::os::unix::fs::lchown(path, Some(uid), Some(gid))?,
+            (Owner::BuildGroup, Some((_, gid))) => std::os::unix::fs::lchown(path, None, Some(gid))?,
+            _ => {}
         }
         Ok(())
     };
+    let (mut targets, mut sources) = (Dirs::default(), Dirs::default());
+    let mut bound = BTreeSet::new();
     for node in skeleton {
         match node {
             Node::Dir { path, mode, owner } => {
@@ -41,15 +53,98 @@ pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> 
             }
             Node::Symlink { path, target } => symlink(target, under(root, path))?,
             Node::MountPoint { path, dir } => {
-                let p = under(root, path);
+                let target = under(root, path);
+                let (at, name) = targets.split(&target)?;
                 if *dir {
-                    fs::DirBuilder::new().mode(0o555).create(&p)?;
+                    nix::sys::stat::mkdirat(at, name, Mode::from_bits_truncate(0o555))?;
                 } else {
-                    fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(&p)?;
+                    openat(at, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, 0o444)?;
+                }
+            }
+            Node::Input { path, source, link } => {
+                let target = under(root, path);
+                let (to, name) = targets.split(&target)?;
+                let (from, source_name) = sources.split(source)?;
+                let st = fstatat(from, source_name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+                if kind == SFlag::S_IFDIR || (!*link && st.st_size as u64 > COPY_MAX) {
+                    if kind == SFlag::S_IFDIR {
+                        nix::sys::stat::mkdirat(to, name, Mode::from_bits_truncate(0o555))?;
+                    } else {
+                        openat(to, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, 0o444)?;
+                    }
+                    bound.insert(name.to_string_lossy().into_owned());
+                    continue;
+                }
+                // A link fails where the file has too many links already (EMLINK): copied then,
+                // as Nix's `linkOrCopy` does.
+                if !(*link && nix::unistd::linkat(from, source_name, to, name, AtFlags::empty()).is_ok()) {
+                    copy_input(from, source_name, &st, to, name)?;
                 }
             }
         }
     }
+    Ok(bound)
+}
+
+/// The directory last opened for entries created or read in it: a sandbox has hundreds of
+/// inputs in one store directory, and resolving that directory's path once instead of for each
+/// of them is most of what placing an input costs.
+#[derive(Default)]
+struct Dirs(Option<(std::path::PathBuf, OwnedFd)>);
+
+impl Dirs {
+    /// The directory of `path` (opened, or the one kept) and `path`'s last component.
+    fn split<'p>(&mut self, path: &'p Path) -> io::Result<(BorrowedFd<'_>, &'p std::ffi::OsStr)> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no parent: {}", path.display())));
+        };
+        if self.0.as_ref().is_none_or(|(p, _)| p != parent) {
+            let fd = nix::fcntl::open(parent, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+            self.0 = Some((parent.to_owned(), fd));
+        }
+        let fd = self.0.as_ref().map(|(_, fd)| fd.as_fd()).ok_or_else(|| io::Error::other("no directory"))?;
+        Ok((fd, name))
+    }
+}
+
+fn openat(at: BorrowedFd<'_>, name: &std::ffi::OsStr, flags: OFlag, mode: u32) -> io::Result<fs::File> {
+    Ok(fs::File::from(nix::fcntl::openat(at, name, flags, Mode::from_bits_truncate(mode))?))
+}
+
+/// Copies an input that is not a directory (its status `st`): a symlink as a symlink, a file
+/// with its mode; either with the store's modification time, so that the builder sees what a
+/// link or a bind mount would show it.
+fn copy_input(
+    from: BorrowedFd<'_>,
+    source: &std::ffi::OsStr,
+    st: &FileStat,
+    to: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> io::Result<()> {
+    use nix::sys::stat::{futimens, utimensat, UtimensatFlags};
+    use std::io::{Read, Write};
+    let mtime = nix::sys::time::TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFLNK {
+        let target = nix::fcntl::readlinkat(from, source)?;
+        nix::unistd::symlinkat(target.as_os_str(), to, name)?;
+        utimensat(to, name, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)?;
+        return Ok(());
+    }
+    let mode = st.st_mode & 0o7777;
+    let mut input = openat(from, source, OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, 0)?;
+    let mut copy = openat(to, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, mode)?;
+    if st.st_size as u64 <= COPY_MAX {
+        // Read and written whole: the kernel's copy calls cost more than such a file.
+        let mut buf = Vec::with_capacity(st.st_size as usize + 1);
+        input.read_to_end(&mut buf)?;
+        copy.write_all(&buf)?;
+    } else {
+        io::copy(&mut input, &mut copy)?;
+    }
+    // Set explicitly: the umask may have cleared bits of `mode`.
+    copy.set_permissions(fs::Permissions::from_mode(mode))?;
+    futimens(&copy, &mtime, &mtime)?;
     Ok(())
 }
 
@@ -129,6 +224,55 @@ mod tests {
         assert_eq!(sweep_orphans(t.path()), 2);
         assert!(!gone.exists() && !own.exists() && live.exists() && other.exists());
         assert!(kept.exists(), "a directory kept for the user (keep-failed) stays");
+    }
+
+    #[test]
+    fn inputs_are_linked_copied_or_given_a_mount_point_by_kind_and_size() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("store");
+        fs::create_dir_all(store.join("a-dir/sub")).unwrap();
+        fs::write(store.join("b-file"), b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(store.join("b-file"), fs::Permissions::from_mode(0o555)).unwrap();
+        symlink("b-file", store.join("c-link")).unwrap();
+        fs::write(store.join("d-big"), vec![7u8; COPY_MAX as usize + 1]).unwrap();
+        let one = nix::sys::time::TimeSpec::new(1, 0);
+        for n in ["b-file", "c-link", "d-big"] {
+            let flag = nix::sys::stat::UtimensatFlags::NoFollowSymlink;
+            nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, &store.join(n), &one, &one, flag).unwrap();
+        }
+        let skeleton = |link: bool| -> Skeleton {
+            let mut sk = vec![
+                Node::Dir { path: "/nix".into(), mode: 0o755, owner: Owner::Daemon },
+                Node::Dir { path: "/nix/store".into(), mode: 0o1775, owner: Owner::Daemon },
+            ];
+            for n in ["a-dir", "b-file", "c-link", "d-big"] {
+                sk.push(Node::Input { path: format!("/nix/store/{n}"), source: store.join(n), link });
+            }
+            sk
+        };
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+
+        let copied = t.path().join("copied");
+        assert_eq!(create(&copied, &skeleton(false), None).unwrap(), names(&["a-dir", "d-big"]));
+        let at = copied.join("nix/store");
+        let (dir, big) = (fs::metadata(at.join("a-dir")).unwrap(), fs::metadata(at.join("d-big")).unwrap());
+        assert!(dir.is_dir() && fs::read_dir(at.join("a-dir")).unwrap().next().is_none(), "an empty mount point");
+        assert_eq!(big.len(), 0, "a large file gets a mount point, not a copy");
+        let (file, orig) =
+            (fs::symlink_metadata(at.join("b-file")).unwrap(), fs::metadata(store.join("b-file")).unwrap());
+        assert_eq!(fs::read(at.join("b-file")).unwrap(), b"#!/bin/sh\n");
+        assert_eq!((file.mode() & 0o7777, file.mtime()), (0o555, 1));
+        assert_ne!(file.ino(), orig.ino(), "a copy");
+        assert_eq!(fs::read_link(at.join("c-link")).unwrap(), Path::new("b-file"), "a symlink stays one");
+        assert_eq!(fs::symlink_metadata(at.join("c-link")).unwrap().mtime(), 1);
+
+        let linked = t.path().join("linked");
+        assert_eq!(create(&linked, &skeleton(true), None).unwrap(), names(&["a-dir"]));
+        let at = linked.join("nix/store");
+        assert_eq!(fs::metadata(at.join("b-file")).unwrap().ino(), orig.ino());
+        assert_eq!(fs::metadata(at.join("d-big")).unwrap().ino(), fs::metadata(store.join("d-big")).unwrap().ino());
+        remove(&linked).unwrap();
+        assert_eq!(fs::read(store.join("b-file")).unwrap(), b"#!/bin/sh\n", "removing the root leaves the store");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What a build's sandbox holds, as a pure value.
 //!
-//! A build sees a private root: the input closure bind-mounted read-only at its store paths,
-//! an empty writable store directory where the outputs appear, `/build` (its working and
+//! A build sees a private root: the input closure at its store paths (directories bind-mounted
+//! read-only, files and symlinks linked or copied, see [`Node::Input`]), an empty store
+//! directory where the outputs appear, `/build` (its working and
 //! temporary directory), a minimal `/dev`, a fresh `/proc`, `/etc/passwd`, `/etc/group` and
 //! `/etc/hosts` as Nix 2.8 writes them, and the configured `sandbox-paths`.
 //!
@@ -57,6 +58,9 @@ pub enum Owner {
     Daemon,
     /// The build user (the host uid the sandbox's uid 1000 maps to).
     Builder,
+    /// The daemon's user and the build user's group: the store directory, as Nix makes it —
+    /// with the sticky bit, the builder creates entries there but cannot remove the inputs.
+    BuildGroup,
 }
 
 /// An entry created under the sandbox root before the build starts. Paths are as seen inside
@@ -83,7 +87,21 @@ pub enum Node {
         path: String,
         dir: bool,
     },
+    /// An input store path, placed by [`crate::root::create`]: a directory gets a mount point
+    /// (its bind is among [`Mount::Inputs`]); anything else is placed as Nix 2.8 places it, a
+    /// hard link to `source` when `link`, else (or when the link cannot be made) a copy with
+    /// the store's mode and modification time, a symlink copied as a symlink — except a file
+    /// larger than [`COPY_MAX`] that is not linked, which is bound like a directory.
+    Input {
+        path: String,
+        source: PathBuf,
+        link: bool,
+    },
 }
+
+/// The largest input file copied into a sandbox that cannot link it: above this, a bind mount
+/// costs less than the copy.
+pub const COPY_MAX: u64 = 64 << 10;
 
 /// The entries to create, in order (parents first).
 pub type Skeleton = Vec<Node>;
@@ -131,6 +149,18 @@ impl SandboxSpec {
     pub fn host_path(&self, target: &str) -> PathBuf {
         under(&self.root, target)
     }
+
+    /// Keeps, of the inputs to bind, those the skeleton gave a mount point (`bound`, by store
+    /// path base name, as [`crate::root::create`] returns them): the others were linked or
+    /// copied into the root.
+    pub fn bind_only(&mut self, bound: &std::collections::BTreeSet<String>) {
+        for m in &mut self.mounts {
+            if let Mount::Inputs { names, .. } = m {
+                names.retain(|n| bound.contains(n));
+            }
+        }
+        self.mounts.retain(|m| !matches!(m, Mount::Inputs { names, .. } if names.is_empty()));
+    }
 }
 
 /// Where [`Mount::Inputs`] stages the store for a sandbox whose root is `root`: a directory
@@ -169,6 +199,10 @@ pub struct BuildInput<'a> {
     /// What `exportReferencesGraph` gives the build ([`crate::refgraph`]; read from the store
     /// by the caller, so that this stays pure).
     pub graphs: &'a Graphs,
+    /// Inputs that are not directories may be hard-linked into the root: the store is on the
+    /// root's file system and its files are not the build user's (who could otherwise change
+    /// the store through the link).
+    pub link_inputs: bool,
 }
 
 /// Why a derivation cannot be built as asked.
@@ -196,15 +230,16 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
     let mut sk: Skeleton = Vec::new();
     let dir = |path: &str, mode, owner| Node::Dir { path: path.to_owned(), mode, owner };
 
-    // Parents of the store directory, then the store directory itself: writable by the builder
-    // (the outputs are created there), sticky so that it cannot remove what it did not create.
+    // Parents of the store directory, then the store directory itself: writable by the builder's
+    // group (the outputs are created there), sticky so that it cannot remove what it did not
+    // create.
     let mut prefix = String::new();
     for part in store.trim_start_matches('/').split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p).unwrap_or(&[])
     {
         prefix = format!("{prefix}/{part}");
         sk.push(dir(&prefix, 0o755, Owner::Daemon));
     }
-    sk.push(dir(store, 0o1775, Owner::Builder));
+    sk.push(dir(store, 0o1775, Owner::BuildGroup));
     sk.push(dir(BUILD_TOP, 0o700, Owner::Builder));
     sk.push(dir("/etc", 0o755, Owner::Daemon));
     sk.push(dir("/tmp", 0o1777, Owner::Daemon));
@@ -269,11 +304,14 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
             owner: Owner::Daemon,
         });
     }
+    // Inputs: a directory is bound read-only. Anything else is hard-linked (`link_inputs`),
+    // else copied if small: either costs less than a mount point, a mount and its unmounting —
+    // the largest per-input cost of a build — and a copy is the builder's alone. Which is
+    // which is known once the skeleton is made ([`SandboxSpec::bind_only`]).
     let mut names = Vec::with_capacity(b.inputs.len());
     for p in b.inputs {
-        let real = b.real_store_dir.join(p.base_name());
-        let is_dir = std::fs::symlink_metadata(&real).map(|m| m.is_dir()).unwrap_or(false);
-        sk.push(Node::MountPoint { path: b.store_dir.display(p), dir: is_dir });
+        let source = b.real_store_dir.join(p.base_name());
+        sk.push(Node::Input { path: b.store_dir.display(p), source, link: b.link_inputs });
         names.push(p.base_name());
     }
     let inputs = (!names.is_empty()).then(|| Mount::Inputs {
@@ -454,6 +492,7 @@ mod tests {
             limits: SandboxLimits { max_processes: Some(64), dev_shm_size: TmpfsSize::Bytes(8 << 20) },
             impure_env: &[("http_proxy".into(), "http://proxy:3128".into()), ("TMPDIR".into(), "/t".into())],
             graphs: &Graphs::default(),
+            link_inputs: false,
         })
     }
 
@@ -492,16 +531,23 @@ mod tests {
             store: "/nix/store".into(),
             names: vec!["11111111111111111111111111111111-dep".into()],
         }));
-        assert!(sk.iter().any(
-            |n| matches!(n, Node::MountPoint { path, .. } if path == "/nix/store/11111111111111111111111111111111-dep")
-        ));
+        assert!(sk.iter().any(|n| matches!(n, Node::Input { path, source, link: false }
+            if path == "/nix/store/11111111111111111111111111111111-dep"
+                && source == Path::new("/srv/cairn/nix/store/11111111111111111111111111111111-dep"))));
+        // Placed by a link or a copy: no bind.
+        let mut placed = spec.clone();
+        placed.bind_only(&Default::default());
+        assert!(!placed.mounts.iter().any(|m| matches!(m, Mount::Inputs { .. })));
+        let mut bound = spec.clone();
+        bound.bind_only(&["11111111111111111111111111111111-dep".to_owned()].into());
+        assert_eq!(bound, spec);
         assert_eq!(spec.mounts.last(), Some(&Mount::Proc { target: "/proc".into() }));
         for m in &spec.mounts {
             if let Mount::Bind { target, .. } = m {
                 assert!(sk.iter().any(|n| matches!(n, Node::MountPoint { path, .. } if path == target)), "{target}");
             }
         }
-        assert!(sk.contains(&Node::Dir { path: "/nix/store".into(), mode: 0o1775, owner: Owner::Builder }));
+        assert!(sk.contains(&Node::Dir { path: "/nix/store".into(), mode: 0o1775, owner: Owner::BuildGroup }));
         let hosts = sk.iter().find_map(|n| match n {
             Node::File { path, contents, .. } if path == "/etc/hosts" => Some(contents.clone()),
             _ => None,
@@ -515,7 +561,7 @@ mod tests {
         let in_dev = |p: &str| {
             sk.iter().any(|n| match n {
                 Node::Dir { path, .. } | Node::File { path, .. } | Node::Symlink { path, .. } => path == p,
-                Node::MountPoint { path, .. } => path == p,
+                Node::MountPoint { path, .. } | Node::Input { path, .. } => path == p,
             }) || spec.mounts.iter().any(|m| match m {
                 Mount::Bind { source, target, .. } => target == p || source == Path::new(p),
                 Mount::Tmpfs { target, .. } | Mount::Proc { target } | Mount::Devpts { target } => target == p,
@@ -585,6 +631,7 @@ mod tests {
             limits: SandboxLimits { max_processes: None, dev_shm_size: TmpfsSize::Bytes(8 << 20) },
             impure_env: &[],
             graphs,
+            link_inputs: false,
         })
         .unwrap()
     }

@@ -447,6 +447,7 @@ mod tests {
             limits: SandboxLimits { max_processes: Some(64), dev_shm_size: TmpfsSize::Bytes(8 << 20) },
             impure_env: &[],
             graphs: &crate::refgraph::Graphs::default(),
+            link_inputs: false,
         })
         .unwrap()
         .1

@@ -289,6 +289,31 @@ fn the_host_and_the_inputs_are_out_of_reach() {
     );
 }
 
+/// Inputs that are not directories are linked or copied into the root, as Nix places them,
+/// not bound: the builder must still not change the store through them, and a symlink is the
+/// symlink it is in the store (a bind would have followed it on the host).
+#[test]
+fn file_and_symlink_inputs_are_seen_as_in_the_store_and_cannot_be_changed() {
+    let Some(s) = store("") else { return };
+    let (a, a_out) = add(&s, &drv_json("file-input", "echo original > $out; chmod 555 $out", &[], None));
+    let (l, l_out) = add(&s, &drv_json("symlink-input", "ln -s /nix/store/nowhere-at-all $out", &[], None));
+    s.ok(&["realise", &a, &l]);
+    // With build users (a root daemon), the store directory is the build group's, as Nix makes
+    // it: the builder cannot remove an input (unprivileged, the sandbox is all its own).
+    let remove = if nix_is_root() { "rm -f $in0; test -e $in0 || exit 13; mv $in0 /build/x && exit 14;" } else { "" };
+    let script = format!(
+        "echo x > $in0 && exit 10; echo x >> $in0 && exit 11; chmod 777 $in0 && exit 12; {remove} \
+         test -x $in0 || exit 15; test \"$(cat $in0)\" = original || exit 16; \
+         test -L $in1 || exit 17; echo $(readlink $in1) > $out"
+    );
+    let (b, b_out) = add(&s, &drv_json("prober", &script, &[(&a, &a_out), (&l, &l_out)], None));
+    assert_eq!(s.ok(&["realise", &b]).trim(), b_out, "every attempt failed inside the sandbox: {}", s.ok(&["log", &b]));
+    assert_eq!(s.ok(&["cat", &b_out]), "/nix/store/nowhere-at-all\n");
+    assert_eq!(s.ok(&["cat", &a_out]), "original\n");
+    let verify = s.run(&["verify", "--check-contents"], b"");
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+}
+
 #[test]
 fn outputs_are_canonical_and_setuid_modes_are_refused_to_the_builder() {
     let Some(s) = store("") else { return };
