@@ -748,6 +748,8 @@ impl Builder {
                 return Err(format!("cannot build '{shown}': {e}").into());
             }
         };
+        // A root kept for its user loses its inputs (see `root::forget_inputs`).
+        let inputs_shown = options.keep_failed.then(|| closure.iter().map(|p| dir.display(p)).collect::<Vec<_>>());
 
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
         let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
@@ -844,6 +846,7 @@ impl Builder {
         match result {
             Err(Stop::Failed(mut f)) if keep => {
                 // Kept for the user: a later daemon's sweep leaves it alone.
+                crate::root::forget_inputs(&top.join("root"), inputs_shown.iter().flatten());
                 let _ = std::fs::File::create(top.join(crate::root::KEPT));
                 f.message.push_str(&format!("\nnote: keeping build directory '{}'", top.join("root/build").display()));
                 Err(Stop::Failed(f))

@@ -148,6 +148,19 @@ fn copy_input(
     Ok(())
 }
 
+/// Removes the inputs (as seen inside the sandbox) from the root of a build kept for its user
+/// (`keep-failed`): a linked input is the store's own file, which a kept directory must not
+/// offer to change. The outputs and `/build` stay.
+pub fn forget_inputs<'a>(root: &Path, inputs: impl IntoIterator<Item = &'a String>) {
+    for p in inputs {
+        let at = under(root, p);
+        if fs::remove_file(&at).is_err() {
+            // An empty mount point.
+            let _ = fs::remove_dir(&at);
+        }
+    }
+}
+
 /// What every build directory's name starts with: `cairn-build-NAME-PID-N` ([`top_name`]).
 const TOP_PREFIX: &str = "cairn-build-";
 

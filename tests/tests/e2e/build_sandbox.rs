@@ -164,6 +164,25 @@ fn keep_going_builds_what_does_not_need_the_failure_and_keep_failed_keeps_its_di
     std::fs::remove_dir_all(Path::new(kept).parent().unwrap().parent().unwrap()).unwrap();
 }
 
+/// A kept build directory holds no input: linked ones are the store's own files.
+#[test]
+fn a_kept_build_directory_holds_no_link_to_the_store() {
+    let Some(s) = store("") else { return };
+    let (a, a_out) = add(&s, &drv_json("linked-input", "echo original > $out", &[], None));
+    let (b, b_out) = add(&s, &drv_json("fails", "cat $in0 > /build/seen; mkdir $out; exit 1", &[(&a, &a_out)], None));
+    s.ok(&["realise", &a]);
+    let r = s.run(&["realise", "-K", &b], b"");
+    assert!(!r.status.success());
+    let err = String::from_utf8(r.stderr).unwrap();
+    let kept = err.split("keeping build directory '").nth(1).and_then(|r| r.split('\'').next()).expect(&err);
+    let kept = Path::new(kept);
+    assert_eq!(std::fs::read_to_string(kept.join("seen")).unwrap(), "original\n", "the build saw its input");
+    let root = kept.parent().unwrap();
+    assert!(std::fs::symlink_metadata(root.join(a_out.trim_start_matches('/'))).is_err(), "the input is gone");
+    assert!(root.join(b_out.trim_start_matches('/')).is_dir(), "the partial output stays");
+    std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
+}
+
 #[test]
 fn a_timeout_kills_every_process_of_the_build() {
     let Some(s) = store("timeout = 2") else { return };
