@@ -741,15 +741,13 @@ impl Builder {
                 .await
                 .map_err(|e| e.to_string())?
         };
-        let (spec, closure, _roots) = match prepared {
+        let (spec, closure, _roots, placed) = match prepared {
             Ok(v) => v,
             Err(e) => {
                 let _ = crate::root::remove(&top);
                 return Err(format!("cannot build '{shown}': {e}").into());
             }
         };
-        // A root kept for its user loses its inputs (see `root::forget_inputs`).
-        let inputs_shown = options.keep_failed.then(|| closure.iter().map(|p| dir.display(p)).collect::<Vec<_>>());
 
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
         let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
@@ -846,7 +844,7 @@ impl Builder {
         match result {
             Err(Stop::Failed(mut f)) if keep => {
                 // Kept for the user: a later daemon's sweep leaves it alone.
-                crate::root::forget_inputs(&top.join("root"), inputs_shown.iter().flatten());
+                crate::root::forget(&top.join("root"), dir.as_str(), &placed);
                 let _ = std::fs::File::create(top.join(crate::root::KEPT));
                 f.message.push_str(&format!("\nnote: keeping build directory '{}'", top.join("root/build").display()));
                 Err(Stop::Failed(f))
@@ -905,7 +903,10 @@ impl Builder {
         host_ids: Option<(u32, u32)>,
         impure_env: &[(String, String)],
         cores: usize,
-    ) -> Result<(crate::sandbox::SandboxSpec, Vec<StorePath>, cairn_store::TempRootGuard), BuildError> {
+    ) -> Result<
+        (crate::sandbox::SandboxSpec, Vec<StorePath>, cairn_store::TempRootGuard, crate::root::Placed),
+        BuildError,
+    > {
         let roots = self.store.temp_root(inputs.iter().chain(outputs.values()).cloned());
         let closure = self.store.walk(inputs, Direction::References)?;
         let graphs = crate::refgraph::graphs(
@@ -934,10 +935,12 @@ impl Builder {
         std::fs::create_dir(top).map_err(io)?;
         std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
         std::fs::create_dir(crate::sandbox::input_stage(&root)).map_err(io)?;
-        let bound = crate::root::create(&root, &skeleton, host_ids).map_err(io)?;
+        // Files shared between roots only where the builder cannot write to the daemon's files.
+        let shared = host_ids.map(|_| crate::root::shared_dir(top.parent().unwrap_or(top)));
+        let placed = crate::root::create(&root, &skeleton, host_ids, shared.as_deref()).map_err(io)?;
         let mut spec = spec;
-        spec.bind_only(&bound);
-        Ok((spec, closure, roots))
+        spec.bind_only(&placed.bound);
+        Ok((spec, closure, roots, placed))
     }
 
     /// Collects, checks and registers the outputs of a successful build — or, for a check,
@@ -1167,6 +1170,14 @@ impl Builder {
                 Err(modes::not_deterministic(shown_drv, &real_shown, None))
             }
         }
+    }
+}
+
+impl Drop for Builder {
+    /// The roots' shared files go with the builder (another process's sweep takes them if it
+    /// is killed; a later build of another builder here makes them again).
+    fn drop(&mut self) {
+        let _ = crate::root::remove(&crate::root::shared_dir(&self.settings.build_dir));
     }
 }
 

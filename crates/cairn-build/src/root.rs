@@ -7,19 +7,39 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
 
 use crate::sandbox::{under, Node, Owner, Skeleton, COPY_MAX};
 
+/// What [`create`] placed.
+#[derive(Debug, Default)]
+pub struct Placed {
+    /// The inputs (store path base names) given a mount point, which the sandbox must bind
+    /// ([`crate::sandbox::SandboxSpec::bind_only`]).
+    pub bound: BTreeSet<String>,
+    /// Entries of the root that are hard links to files outside the build (inputs, `shared`
+    /// files): what a root kept for its user must lose ([`forget`]).
+    pub linked: Vec<PathBuf>,
+}
+
 /// Creates `skeleton` under `root` (which must not exist; its parent must). Entries owned by
 /// [`Owner::Builder`] are given to `builder` (uid, gid) when it is set, those of
-/// [`Owner::BuildGroup`] to its group. Returns the inputs
-/// (store path base names) given a mount point, which the sandbox must bind
-/// ([`crate::sandbox::SandboxSpec::bind_only`]).
-pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> io::Result<BTreeSet<String>> {
+/// [`Owner::BuildGroup`] to its group.
+///
+/// With `shared` (a directory of the daemon's on the root's file system, given when the builder
+/// cannot write to the daemon's files), the daemon's files, symlinks and file mount points —
+/// the same in every root — are made there once and hard-linked into each root: a link
+/// allocates no inode, and on a file system without a journal allocating one is most of what
+/// making a root costs.
+pub fn create(
+    root: &Path,
+    skeleton: &Skeleton,
+    builder: Option<(u32, u32)>,
+    shared: Option<&Path>,
+) -> io::Result<Placed> {
     fs::DirBuilder::new().mode(0o755).create(root)?;
     let give = |path: &Path, owner: Owner| -> io::Result<()> {
         match (owner, builder) {
@@ -30,8 +50,15 @@ pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> 
         Ok(())
     };
     let (mut targets, mut sources) = (Dirs::default(), Dirs::default());
-    let mut bound = BTreeSet::new();
+    let mut placed = Placed::default();
     for node in skeleton {
+        if let (Some(shared), Some((key, make))) = (shared, SharedFile::of(node)) {
+            let p = under(root, node_path(node));
+            if link_shared(shared, &key, &p, &make).is_ok() {
+                placed.linked.push(p);
+                continue;
+            }
+        }
         match node {
             Node::Dir { path, mode, owner } => {
                 let p = under(root, path);
@@ -73,7 +100,7 @@ pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> 
                     } else {
                         openat(to, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, 0o444)?;
                     }
-                    bound.insert(name.to_string_lossy().into_owned());
+                    placed.bound.insert(name.to_string_lossy().into_owned());
                     continue;
                 }
                 // A link fails where the file has too many links already (EMLINK): copied then,
@@ -81,10 +108,84 @@ pub fn create(root: &Path, skeleton: &Skeleton, builder: Option<(u32, u32)>) -> 
                 if !(*link && nix::unistd::linkat(from, source_name, to, name, AtFlags::empty()).is_ok()) {
                     copy_input(from, source_name, &st, to, name)?;
                 }
+                placed.linked.push(target);
             }
         }
     }
-    Ok(bound)
+    Ok(placed)
+}
+
+fn node_path(node: &Node) -> &str {
+    match node {
+        Node::Dir { path, .. }
+        | Node::File { path, .. }
+        | Node::Symlink { path, .. }
+        | Node::MountPoint { path, .. }
+        | Node::Input { path, .. } => path,
+    }
+}
+
+/// A skeleton entry that may be a link to a shared file: its kind, mode and contents.
+enum SharedFile<'a> {
+    File { contents: &'a [u8], mode: u32 },
+    Symlink { target: &'a str },
+    MountPoint,
+}
+
+impl<'a> SharedFile<'a> {
+    /// The shared file `node` may be (only the daemon's: a builder's file is its own), named by
+    /// what it holds.
+    fn of(node: &'a Node) -> Option<(String, SharedFile<'a>)> {
+        let (tag, bytes, file) = match node {
+            Node::File { contents, mode, owner: Owner::Daemon, .. } => {
+                (format!("file-{mode:o}"), &contents[..], SharedFile::File { contents, mode: *mode })
+            }
+            Node::Symlink { target, .. } => ("symlink".to_owned(), target.as_bytes(), SharedFile::Symlink { target }),
+            Node::MountPoint { dir: false, .. } => ("mount-point".to_owned(), &b""[..], SharedFile::MountPoint),
+            _ => return None,
+        };
+        let digest = cairn_nix::hash::Hash::digest(cairn_nix::hash::HashAlgo::Sha256, bytes);
+        Some((format!("{tag}-{}", digest.encode(cairn_nix::hash::Encoding::Nix32)), file))
+    }
+
+    fn make(&self, at: &Path) -> io::Result<()> {
+        match self {
+            SharedFile::File { contents, mode } => {
+                fs::write(at, contents)?;
+                fs::set_permissions(at, fs::Permissions::from_mode(*mode))
+            }
+            SharedFile::Symlink { target } => symlink(target, at),
+            SharedFile::MountPoint => {
+                fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(at)?;
+                fs::set_permissions(at, fs::Permissions::from_mode(0o444))
+            }
+        }
+    }
+}
+
+/// Hard-links `dest` to the file of `shared` named `key`, which the first build to need it
+/// makes (under a temporary name, then renamed into place: builds run side by side).
+fn link_shared(shared: &Path, key: &str, dest: &Path, file: &SharedFile<'_>) -> io::Result<()> {
+    let kept = shared.join(key);
+    match fs::hard_link(&kept, dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        other => return other,
+    }
+    fs::DirBuilder::new().recursive(true).mode(0o755).create(shared)?;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = shared.join(format!(".{key}.{n}"));
+    let _ = fs::remove_file(&tmp);
+    file.make(&tmp)?;
+    fs::rename(&tmp, &kept)?;
+    fs::hard_link(&kept, dest)
+}
+
+/// The directory of files shared by the roots of this process's builds, in `build_dir`: named
+/// as a build directory, so that [`sweep_orphans`] removes it once the process is gone, but
+/// with a `@`, which no derivation's name holds.
+pub fn shared_dir(build_dir: &Path) -> PathBuf {
+    build_dir.join(top_name("@shared", 0))
 }
 
 /// The directory last opened for entries created or read in it: a sandbox has hundreds of
@@ -148,14 +249,17 @@ fn copy_input(
     Ok(())
 }
 
-/// Removes the inputs (as seen inside the sandbox) from the root of a build kept for its user
-/// (`keep-failed`): a linked input is the store's own file, which a kept directory must not
-/// offer to change. The outputs and `/build` stay.
-pub fn forget_inputs<'a>(root: &Path, inputs: impl IntoIterator<Item = &'a String>) {
-    for p in inputs {
-        let at = under(root, p);
+/// Removes from the root of a build kept for its user (`keep-failed`) what [`create`] linked
+/// ([`Placed::linked`]) and the inputs' mount points (`bound`, in the root's store directory
+/// `store`): a linked input is the store's own file, a shared file every build's, which a kept
+/// directory must not offer to change. The outputs and `/build` stay.
+pub fn forget(root: &Path, store: &str, placed: &Placed) {
+    for p in &placed.linked {
+        let _ = fs::remove_file(p);
+    }
+    for name in &placed.bound {
+        let at = under(root, &format!("{store}/{name}"));
         if fs::remove_file(&at).is_err() {
-            // An empty mount point.
             let _ = fs::remove_dir(&at);
         }
     }
@@ -266,7 +370,7 @@ mod tests {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
 
         let copied = t.path().join("copied");
-        assert_eq!(create(&copied, &skeleton(false), None).unwrap(), names(&["a-dir", "d-big"]));
+        assert_eq!(create(&copied, &skeleton(false), None, None).unwrap().bound, names(&["a-dir", "d-big"]));
         let at = copied.join("nix/store");
         let (dir, big) = (fs::metadata(at.join("a-dir")).unwrap(), fs::metadata(at.join("d-big")).unwrap());
         assert!(dir.is_dir() && fs::read_dir(at.join("a-dir")).unwrap().next().is_none(), "an empty mount point");
@@ -280,12 +384,65 @@ mod tests {
         assert_eq!(fs::symlink_metadata(at.join("c-link")).unwrap().mtime(), 1);
 
         let linked = t.path().join("linked");
-        assert_eq!(create(&linked, &skeleton(true), None).unwrap(), names(&["a-dir"]));
+        assert_eq!(create(&linked, &skeleton(true), None, None).unwrap().bound, names(&["a-dir"]));
         let at = linked.join("nix/store");
         assert_eq!(fs::metadata(at.join("b-file")).unwrap().ino(), orig.ino());
         assert_eq!(fs::metadata(at.join("d-big")).unwrap().ino(), fs::metadata(store.join("d-big")).unwrap().ino());
         remove(&linked).unwrap();
         assert_eq!(fs::read(store.join("b-file")).unwrap(), b"#!/bin/sh\n", "removing the root leaves the store");
+    }
+
+    #[test]
+    fn the_daemons_files_are_shared_between_roots_and_a_kept_root_loses_its_links() {
+        let t = tempfile::tempdir().unwrap();
+        let shared = shared_dir(t.path());
+        let sk = vec![
+            Node::Dir { path: "/etc".into(), mode: 0o755, owner: Owner::Daemon },
+            Node::File {
+                path: "/etc/passwd".into(),
+                contents: b"root:x:0:0\n".to_vec(),
+                mode: 0o444,
+                owner: Owner::Daemon,
+            },
+            Node::File {
+                path: "/etc/group".into(),
+                contents: b"root:x:0:\n".to_vec(),
+                mode: 0o444,
+                owner: Owner::Daemon,
+            },
+            Node::Dir { path: "/build".into(), mode: 0o700, owner: Owner::Daemon },
+            Node::File {
+                path: "/build/.attr-x".into(),
+                contents: b"mine".to_vec(),
+                mode: 0o644,
+                owner: Owner::Builder,
+            },
+            Node::Dir { path: "/dev".into(), mode: 0o755, owner: Owner::Daemon },
+            Node::Symlink { path: "/dev/fd".into(), target: "/proc/self/fd".into() },
+            Node::MountPoint { path: "/dev/null".into(), dir: false },
+            Node::MountPoint { path: "/dev/shm".into(), dir: true },
+        ];
+        let (one, two) = (t.path().join("one"), t.path().join("two"));
+        let first = create(&one, &sk, None, Some(&shared)).unwrap();
+        create(&two, &sk, None, Some(&shared)).unwrap();
+        let ino = |r: &Path, p: &str| fs::symlink_metadata(r.join(p)).unwrap().ino();
+        for p in ["etc/passwd", "etc/group", "dev/fd", "dev/null"] {
+            assert_eq!(ino(&one, p), ino(&two, p), "{p} is one shared file");
+        }
+        assert_ne!(ino(&one, "etc/passwd"), ino(&one, "etc/group"), "files are shared by contents");
+        assert_ne!(ino(&one, "build/.attr-x"), ino(&two, "build/.attr-x"), "a builder's file is its own");
+        assert_eq!(fs::read(one.join("etc/passwd")).unwrap(), b"root:x:0:0\n");
+        assert_eq!(fs::metadata(one.join("etc/passwd")).unwrap().mode() & 0o7777, 0o444);
+        assert_eq!(fs::metadata(one.join("dev/null")).unwrap().mode() & 0o7777, 0o444);
+        assert_eq!(fs::read_link(one.join("dev/fd")).unwrap(), Path::new("/proc/self/fd"));
+        assert!(fs::metadata(one.join("dev/shm")).unwrap().is_dir());
+
+        forget(&one, "/nix/store", &first);
+        for p in ["etc/passwd", "etc/group", "dev/fd", "dev/null"] {
+            assert!(fs::symlink_metadata(one.join(p)).is_err(), "{p} is gone from the kept root");
+            assert!(fs::symlink_metadata(two.join(p)).is_ok(), "{p} stays in the other");
+        }
+        assert!(one.join("build/.attr-x").exists());
     }
 
     #[test]
@@ -301,14 +458,14 @@ mod tests {
             Node::MountPoint { path: "/nix/store/a".into(), dir: true },
             Node::MountPoint { path: "/etc/hosts".into(), dir: false },
         ];
-        create(&root, &sk, None).unwrap();
+        create(&root, &sk, None, None).unwrap();
         let m = fs::metadata(root.join("nix/store")).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o1775);
         assert_eq!(fs::read(root.join("etc/passwd")).unwrap(), b"x\n");
         assert_eq!(fs::metadata(root.join("etc/passwd")).unwrap().mode() & 0o777, 0o444);
         assert_eq!(fs::read_link(root.join("etc/fd")).unwrap(), Path::new("/proc/self/fd"));
         assert!(root.join("nix/store/a").is_dir() && root.join("etc/hosts").is_file());
-        assert!(create(&root, &sk, None).is_err(), "an existing root is refused");
+        assert!(create(&root, &sk, None, None).is_err(), "an existing root is refused");
         remove(&root).unwrap();
         assert!(!root.exists());
     }

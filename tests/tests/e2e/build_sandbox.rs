@@ -83,7 +83,8 @@ fn build_dirs(s: &TestStore) -> Vec<String> {
         let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("cairn-build-") && n.contains(&format!("-{pid}-")))
+            // Not the roots' shared files (`cairn-build-@shared-PID-0`), kept while it runs.
+            .filter(|n| n.starts_with("cairn-build-") && !n.contains('@') && n.contains(&format!("-{pid}-")))
             .collect();
         if left.is_empty() || started.elapsed() > Duration::from_secs(10) {
             return left;
