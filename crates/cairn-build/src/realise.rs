@@ -934,12 +934,15 @@ impl Builder {
         let io = |source| BuildError::Io { op: "create build directory", path: top.display().to_string(), source };
         std::fs::create_dir(top).map_err(io)?;
         std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
-        std::fs::create_dir(crate::sandbox::input_stage(&root)).map_err(io)?;
         // Files shared between roots only where the builder cannot write to the daemon's files.
         let shared = host_ids.map(|_| crate::root::shared_dir(top.parent().unwrap_or(top)));
         let placed = crate::root::create(&root, &skeleton, host_ids, shared.as_deref()).map_err(io)?;
         let mut spec = spec;
         spec.bind_only(&placed.bound);
+        // The stage the bound inputs come from, only if some are (a chain's inputs are files).
+        if !placed.bound.is_empty() {
+            std::fs::create_dir(crate::sandbox::input_stage(&root)).map_err(io)?;
+        }
         Ok((spec, closure, roots, placed))
     }
 
