@@ -174,6 +174,14 @@ fn check_passes_for_a_deterministic_build_and_reports_a_random_one_as_nix_does()
     let _ = std::process::Command::new("chmod").arg("-R").arg("u+w").arg(&kept).status();
     let _ = std::fs::remove_file(&kept);
     t.cairn.ok(&["verify", "--check-contents"]);
+    // The build directory kept for the user is the test's to remove.
+    let ours = format!("-{}-", t.cairn.pid());
+    for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("cairn-build-random-") && name.contains(&ours) {
+            let _ = std::process::Command::new("rm").arg("-rf").arg(e.path()).status();
+        }
+    }
 }
 
 #[test]
