@@ -240,7 +240,21 @@ struct Node {
 impl Builder {
     pub fn new(store: Arc<LocalStore>, settings: BuildSettings) -> Builder {
         let jobs = settings.max_jobs.max(1);
-        let uids = (0..jobs as u32).rev().map(|i| settings.build_uid_base + i).collect();
+        // Never uid 0 or the daemon's own: a builder that owned the store's files could change
+        // them through the links its root holds (Nix refuses a build user that is its own uid).
+        let me = nix::unistd::geteuid().as_raw();
+        let uids: Vec<u32> = (0..jobs as u32)
+            .rev()
+            .filter_map(|i| settings.build_uid_base.checked_add(i))
+            .filter(|&u| u != 0 && u != me)
+            .collect();
+        if nix::unistd::geteuid().is_root() && uids.len() < jobs {
+            tracing::warn!(
+                base = settings.build_uid_base,
+                "build-uid-base gives {} usable build uids for max-jobs {jobs} (uid 0 and the daemon's own are never used)",
+                uids.len()
+            );
+        }
         Builder {
             builtins: Mutex::new(HashMap::new()),
             store,
@@ -724,7 +738,11 @@ impl Builder {
         }
         let uid_slot = UidSlot::take(self);
         if nix::unistd::geteuid().is_root() && uid_slot.uid.is_none() {
-            return Err("no build uid is free (more builds than max-jobs?)".to_owned().into());
+            return Err(
+                "no build uid is free (more builds than max-jobs, or a build-uid-base range that holds uid 0?)"
+                    .to_owned()
+                    .into(),
+            );
         }
 
         let this = self.clone();
@@ -741,7 +759,7 @@ impl Builder {
                 .await
                 .map_err(|e| e.to_string())?
         };
-        let (spec, closure, _roots, placed) = match prepared {
+        let (spec, closure, roots, placed) = match prepared {
             Ok(v) => v,
             Err(e) => {
                 let _ = crate::root::remove(&top);
@@ -839,12 +857,15 @@ impl Builder {
                 if let Err(e) = crate::root::remove(&top2) {
                     tracing::warn!("cannot remove build directory '{}': {e}", top2.display());
                 }
+                // The inputs stay rooted while the root holds links to them: a collection
+                // meanwhile would count their bytes as freed when they are not.
+                drop(roots);
             });
         }
         match result {
             Err(Stop::Failed(mut f)) if keep => {
                 // Kept for the user: a later daemon's sweep leaves it alone.
-                crate::root::forget(&top.join("root"), dir.as_str(), &placed);
+                crate::root::forget(&top.join("root"), dir.as_str(), &placed, host_ids.map(|(uid, _)| uid));
                 let _ = std::fs::File::create(top.join(crate::root::KEPT));
                 f.message.push_str(&format!("\nnote: keeping build directory '{}'", top.join("root/build").display()));
                 Err(Stop::Failed(f))

@@ -51,10 +51,12 @@ pub fn create(
     };
     let (mut targets, mut sources) = (Dirs::default(), Dirs::default());
     let mut placed = Placed::default();
+    let shared = shared.and_then(open_shared);
     for node in skeleton {
-        if let (Some(shared), Some((key, make))) = (shared, SharedFile::of(node)) {
+        if let (Some(shared), Some((key, file))) = (&shared, SharedFile::of(node)) {
             let p = under(root, node_path(node));
-            if link_shared(shared, &key, &p, &make).is_ok() {
+            let (to, name) = targets.split(&p)?;
+            if link_shared(shared.as_fd(), &key, to, name, &file).is_ok() {
                 placed.linked.push(p);
                 continue;
             }
@@ -94,7 +96,17 @@ pub fn create(
                 let (from, source_name) = sources.split(source)?;
                 let st = fstatat(from, source_name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
                 let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
-                if kind == SFlag::S_IFDIR || (!*link && st.st_size as u64 > COPY_MAX) {
+                // Never a link to what the builder could write: a store file is read-only and
+                // the daemon's, but check rather than trust it.
+                let linkable = *link
+                    && kind != SFlag::S_IFDIR
+                    && st.st_mode & 0o222 == 0
+                    && builder.is_none_or(|(uid, _)| uid != st.st_uid);
+                // A link fails where the file has too many links already (EMLINK) or is on
+                // another mount of the same device (EXDEV): copied then if small, as Nix's
+                // `linkOrCopy` copies, else bound.
+                let linked = linkable && nix::unistd::linkat(from, source_name, to, name, AtFlags::empty()).is_ok();
+                if !linked && (kind == SFlag::S_IFDIR || st.st_size as u64 > COPY_MAX) {
                     if kind == SFlag::S_IFDIR {
                         nix::sys::stat::mkdirat(to, name, Mode::from_bits_truncate(0o555))?;
                     } else {
@@ -103,9 +115,7 @@ pub fn create(
                     placed.bound.insert(name.to_string_lossy().into_owned());
                     continue;
                 }
-                // A link fails where the file has too many links already (EMLINK): copied then,
-                // as Nix's `linkOrCopy` does.
-                if !(*link && nix::unistd::linkat(from, source_name, to, name, AtFlags::empty()).is_ok()) {
+                if !linked {
                     copy_input(from, source_name, &st, to, name)?;
                 }
                 placed.linked.push(target);
@@ -148,37 +158,67 @@ impl<'a> SharedFile<'a> {
         Some((format!("{tag}-{}", digest.encode(cairn_nix::hash::Encoding::Nix32)), file))
     }
 
-    fn make(&self, at: &Path) -> io::Result<()> {
-        match self {
-            SharedFile::File { contents, mode } => {
-                fs::write(at, contents)?;
-                fs::set_permissions(at, fs::Permissions::from_mode(*mode))
-            }
-            SharedFile::Symlink { target } => symlink(target, at),
-            SharedFile::MountPoint => {
-                fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(at)?;
-                fs::set_permissions(at, fs::Permissions::from_mode(0o444))
-            }
-        }
+    /// Makes the file as `name` in `dir` (which must not hold that name), at its final mode.
+    fn make(&self, dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+        use std::io::Write;
+        let create = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let (contents, mode) = match self {
+            SharedFile::Symlink { target } => return Ok(nix::unistd::symlinkat(*target, dir, name)?),
+            SharedFile::File { contents, mode } => (*contents, *mode),
+            SharedFile::MountPoint => (&b""[..], 0o444),
+        };
+        let mut f = openat(dir, name.as_ref(), create, 0o600)?;
+        f.write_all(contents)?;
+        // Through the descriptor: nothing named can be swapped in between.
+        f.set_permissions(fs::Permissions::from_mode(mode))
     }
 }
 
-/// Hard-links `dest` to the file of `shared` named `key`, which the first build to need it
-/// makes (under a temporary name, then renamed into place: builds run side by side).
-fn link_shared(shared: &Path, key: &str, dest: &Path, file: &SharedFile<'_>) -> io::Result<()> {
-    let kept = shared.join(key);
-    match fs::hard_link(&kept, dest) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        other => return other,
+/// Opens this daemon's shared directory at `path`, making it (0700) if it is not there: only a
+/// real directory (not a symlink) that is the daemon's and no one else's may be used, since the
+/// build directory (`/tmp` by default) is anyone's to write in, and anyone may guess its name.
+fn open_shared(path: &Path) -> Option<OwnedFd> {
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(_) => return None,
     }
-    fs::DirBuilder::new().recursive(true).mode(0o755).create(shared)?;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::open(path, flags, Mode::empty()).ok()?;
+    let st = nix::sys::stat::fstat(&fd).ok()?;
+    let ours = st.st_uid == nix::unistd::geteuid().as_raw() && st.st_mode & 0o077 == 0;
+    if !ours {
+        tracing::warn!(
+            "not sharing the sandbox roots' files through '{}': it is not the daemon's alone",
+            path.display()
+        );
+    }
+    ours.then_some(fd)
+}
+
+/// Hard-links `name` in `to` to the file of the shared directory `shared` named `key`, which the
+/// first build to need it makes (under a temporary name, then renamed into place: builds run
+/// side by side).
+fn link_shared(
+    shared: BorrowedFd<'_>,
+    key: &str,
+    to: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    file: &SharedFile<'_>,
+) -> io::Result<()> {
+    match nix::unistd::linkat(shared, key, to, name, AtFlags::empty()) {
+        Err(nix::errno::Errno::ENOENT) => {}
+        other => return Ok(other?),
+    }
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = shared.join(format!(".{key}.{n}"));
-    let _ = fs::remove_file(&tmp);
-    file.make(&tmp)?;
-    fs::rename(&tmp, &kept)?;
-    fs::hard_link(&kept, dest)
+    let tmp = format!(".{key}.{}.{n}", std::process::id());
+    file.make(shared, &tmp)?;
+    if let Err(e) = nix::fcntl::renameat(shared, tmp.as_str(), shared, key) {
+        let _ = nix::unistd::unlinkat(shared, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        return Err(e.into());
+    }
+    Ok(nix::unistd::linkat(shared, key, to, name, AtFlags::empty())?)
 }
 
 /// The directory of files shared by the roots of this process's builds, in `build_dir`: named
@@ -252,8 +292,11 @@ fn copy_input(
 /// Removes from the root of a build kept for its user (`keep-failed`) what [`create`] linked
 /// ([`Placed::linked`]) and the inputs' mount points (`bound`, in the root's store directory
 /// `store`): a linked input is the store's own file, a shared file every build's, which a kept
-/// directory must not offer to change. The outputs and `/build` stay.
-pub fn forget(root: &Path, store: &str, placed: &Placed) {
+/// directory must not offer to change. With a build user (`builder`, whose files alone the
+/// builder made), every other file left in the root goes too: where the kernel lets anyone link
+/// anyone's file (`fs.protected_hardlinks = 0`), the builder may have linked an input into
+/// `/build` or its outputs. The builder's own files and directories stay.
+pub fn forget(root: &Path, store: &str, placed: &Placed, builder: Option<u32>) {
     for p in &placed.linked {
         let _ = fs::remove_file(p);
     }
@@ -261,6 +304,24 @@ pub fn forget(root: &Path, store: &str, placed: &Placed) {
         let at = under(root, &format!("{store}/{name}"));
         if fs::remove_file(&at).is_err() {
             let _ = fs::remove_dir(&at);
+        }
+    }
+    if let Some(uid) = builder {
+        forget_others(root, uid);
+    }
+}
+
+/// Removes, under `dir`, every entry but directories that is not `uid`'s (symlinks are not
+/// followed).
+fn forget_others(dir: &Path, uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let Ok(meta) = fs::symlink_metadata(e.path()) else { continue };
+        if meta.is_dir() {
+            forget_others(&e.path(), uid);
+        } else if meta.uid() != uid {
+            let _ = fs::remove_file(e.path());
         }
     }
 }
@@ -352,6 +413,7 @@ mod tests {
         fs::set_permissions(store.join("b-file"), fs::Permissions::from_mode(0o555)).unwrap();
         symlink("b-file", store.join("c-link")).unwrap();
         fs::write(store.join("d-big"), vec![7u8; COPY_MAX as usize + 1]).unwrap();
+        fs::set_permissions(store.join("d-big"), fs::Permissions::from_mode(0o444)).unwrap();
         let one = nix::sys::time::TimeSpec::new(1, 0);
         for n in ["b-file", "c-link", "d-big"] {
             let flag = nix::sys::stat::UtimensatFlags::NoFollowSymlink;
@@ -437,12 +499,72 @@ mod tests {
         assert_eq!(fs::read_link(one.join("dev/fd")).unwrap(), Path::new("/proc/self/fd"));
         assert!(fs::metadata(one.join("dev/shm")).unwrap().is_dir());
 
-        forget(&one, "/nix/store", &first);
+        forget(&one, "/nix/store", &first, None);
         for p in ["etc/passwd", "etc/group", "dev/fd", "dev/null"] {
             assert!(fs::symlink_metadata(one.join(p)).is_err(), "{p} is gone from the kept root");
             assert!(fs::symlink_metadata(two.join(p)).is_ok(), "{p} stays in the other");
         }
         assert!(one.join("build/.attr-x").exists());
+    }
+
+    #[test]
+    fn a_shared_directory_someone_else_could_write_or_a_symlink_is_not_used() {
+        let t = tempfile::tempdir().unwrap();
+        let sk = vec![
+            Node::Dir { path: "/etc".into(), mode: 0o755, owner: Owner::Daemon },
+            Node::File { path: "/etc/passwd".into(), contents: b"x\n".to_vec(), mode: 0o444, owner: Owner::Daemon },
+        ];
+        // Made first by someone else, open to all.
+        let open = t.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        create(&t.path().join("a"), &sk, None, Some(&open)).unwrap();
+        assert_eq!(fs::read_dir(&open).unwrap().count(), 0, "nothing is made in it");
+        assert_eq!(fs::read(t.path().join("a/etc/passwd")).unwrap(), b"x\n", "the root is made all the same");
+        // A symlink to a directory elsewhere.
+        let elsewhere = t.path().join("elsewhere");
+        fs::DirBuilder::new().mode(0o700).create(&elsewhere).unwrap();
+        symlink(&elsewhere, t.path().join("link")).unwrap();
+        create(&t.path().join("b"), &sk, None, Some(&t.path().join("link"))).unwrap();
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "a symlink is not followed");
+        assert_eq!(fs::read(t.path().join("b/etc/passwd")).unwrap(), b"x\n");
+    }
+
+    #[test]
+    fn an_input_the_builder_could_write_is_copied_not_linked() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("store");
+        fs::create_dir(&store).unwrap();
+        fs::write(store.join("w-file"), b"writable").unwrap();
+        fs::set_permissions(store.join("w-file"), fs::Permissions::from_mode(0o644)).unwrap();
+        let sk = vec![
+            Node::Dir { path: "/nix".into(), mode: 0o755, owner: Owner::Daemon },
+            Node::Dir { path: "/nix/store".into(), mode: 0o1775, owner: Owner::Daemon },
+            Node::Input { path: "/nix/store/w-file".into(), source: store.join("w-file"), link: true },
+        ];
+        let root = t.path().join("root");
+        create(&root, &sk, None, None).unwrap();
+        let (copy, orig) =
+            (fs::metadata(root.join("nix/store/w-file")).unwrap(), fs::metadata(store.join("w-file")).unwrap());
+        assert_ne!(copy.ino(), orig.ino(), "a store file with a write bit is not linked");
+        assert_eq!(fs::read(root.join("nix/store/w-file")).unwrap(), b"writable");
+    }
+
+    #[test]
+    fn a_kept_root_keeps_only_the_builders_files() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // needs files of two owners
+        }
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir_all(root.join("build/sub")).unwrap();
+        fs::write(root.join("build/mine"), b"m").unwrap();
+        fs::write(root.join("build/sub/linked-in"), b"l").unwrap();
+        std::os::unix::fs::lchown(root.join("build/mine"), Some(30123), Some(30123)).unwrap();
+        forget(&root, "/nix/store", &Placed::default(), Some(30123));
+        assert!(root.join("build/mine").exists(), "the builder's file stays");
+        assert!(!root.join("build/sub/linked-in").exists(), "another's file goes");
+        assert!(root.join("build/sub").is_dir(), "directories stay");
     }
 
     #[test]
