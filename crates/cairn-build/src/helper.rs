@@ -11,7 +11,8 @@
 //!    inherited open — a secret file, a directory outside the root — ends here;
 //! 2. reads `start private` or `start host` (whether the build gets a network namespace of its
 //!    own, or keeps the host's: fixed-output derivations only);
-//! 3. unshares a user namespace and says `userns PID` on stdout; the daemon, outside, writes its
+//! 3. drops the daemon's supplementary groups (a root daemon's; as Nix does), unshares a user
+//!    namespace and says `userns PID` on stdout; the daemon, outside, writes its
 //!    `uid_map`/`gid_map` (the sandbox's uid 1000 and gid 100 map to the build user) and answers
 //!    `go` — only a process in the parent namespace may map ids other than its own;
 //! 4. unshares the mount, PID, IPC, UTS and (for `private`) network namespaces
@@ -69,6 +70,14 @@ pub(crate) fn main() -> i32 {
         "" => return SETUP_FAILED, // the daemon let an unused helper go
         other => return fail(format_args!("bad start line '{other}'")),
     };
+    // No supplementary group of the daemon's reaches the builder: in the user namespace they
+    // would still grant access on the host's files, and cannot be dropped there (its setgroups
+    // is denied). As Nix does, before the namespace; a daemon that is not root has no right to
+    // and keeps its user's groups, as Nix's does.
+    match nix::unistd::setgroups(&[]) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+        Err(e) => return fail(format_args!("drop supplementary groups: {e}")),
+    }
     if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER) {
         return fail(format_args!("unshare a user namespace: {e} (are unprivileged user namespaces disabled?)"));
     }

@@ -165,6 +165,23 @@ fn keep_going_builds_what_does_not_need_the_failure_and_keep_failed_keeps_its_di
     std::fs::remove_dir_all(Path::new(kept).parent().unwrap().parent().unwrap()).unwrap();
 }
 
+/// A root daemon's supplementary groups do not reach the builder (in its user namespace they
+/// would still open the host's files to it), as Nix drops them.
+#[test]
+fn the_builder_has_no_supplementary_group_of_the_daemons() {
+    if !nix_is_root() {
+        return; // a user's daemon keeps its user's groups, as Nix's does
+    }
+    // The daemon inherits the test process's groups: give it one (harmless to the other tests
+    // of this process, whose daemons get it too).
+    nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(4242)]).unwrap();
+    let Some(s) = store("") else { return };
+    let (d, out) = add(&s, &drv_json("groups", "grep Groups /proc/self/status > $out", &[], None));
+    s.ok(&["realise", &d]);
+    let line = s.ok(&["cat", &out]);
+    assert_eq!(line.trim_end(), "Groups:", "no supplementary group: {line:?}");
+}
+
 /// A kept build directory holds no input: linked ones are the store's own files.
 #[test]
 fn a_kept_build_directory_holds_no_link_to_the_store() {
