@@ -88,26 +88,126 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 
 /// [`remove_tree`], returning the bytes freed: the sizes of the files removed that had no other
 /// hard link (as Nix counts them).
+///
+/// Below `path`, everything goes through descriptors of directories opened without following
+/// symlinks: a tree may be a build's root while a process of the build is still dying, and a
+/// directory it swaps for a symlink meanwhile must not lead the daemon to change or remove
+/// anything outside the tree.
 pub fn remove_tree_counting(path: &Path) -> Result<u64> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(io_err("stat", path)(e)),
     };
-    if meta.is_dir() {
-        if meta.mode() & 0o700 != 0o700 {
-            fs::set_permissions(path, Permissions::from_mode(0o755)).map_err(io_err("chmod", path))?;
-        }
-        let mut bytes = 0;
-        for entry in fs::read_dir(path).map_err(io_err("list", path))? {
-            bytes += remove_tree_counting(&entry.map_err(io_err("list", path))?.path())?;
-        }
-        fs::remove_dir(path).map_err(io_err("remove", path))?;
-        Ok(bytes)
-    } else {
+    if !meta.is_dir() {
         fs::remove_file(path).map_err(io_err("remove", path))?;
-        Ok(if meta.nlink() == 1 { meta.size() } else { 0 })
+        return Ok(if meta.nlink() == 1 { meta.size() } else { 0 });
     }
+    let dir = open_dir(None, path.as_os_str(), path)?;
+    let bytes = empty_dir(dir, path)?;
+    fs::remove_dir(path).map_err(io_err("remove", path))?;
+    Ok(bytes)
+}
+
+/// Opens the directory `name` (in `at`, else the path itself) without following a symlink,
+/// first made readable and writable by its owner if it is not (a read-only store directory, a
+/// builder's mode 000 directory) — through the descriptor, so that the directory changed is the
+/// one opened. Returns a descriptor to list it by.
+fn open_dir(
+    at: Option<std::os::fd::BorrowedFd<'_>>,
+    name: &std::ffi::OsStr,
+    shown: &Path,
+) -> Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use std::os::fd::AsRawFd;
+    let errno =
+        |op: &'static str| move |e: nix::errno::Errno| StoreError::Io { op, path: shown.to_owned(), source: e.into() };
+    let open = |flags: OFlag| match at {
+        Some(at) => nix::fcntl::openat(
+            at,
+            name,
+            flags | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ),
+        None => {
+            nix::fcntl::open(name, flags | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        }
+    };
+    let owner_can = |fd: &std::os::fd::OwnedFd| {
+        nix::sys::stat::fstat(fd).map(|st| st.st_mode & 0o700 == 0o700).map_err(errno("stat"))
+    };
+    match open(OFlag::O_RDONLY) {
+        Ok(fd) => {
+            if !owner_can(&fd)? {
+                nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o755)).map_err(errno("chmod"))?;
+            }
+            Ok(fd)
+        }
+        // Not readable by its owner, who is not root: changed through a path descriptor (which
+        // fchmod refuses; its name in /proc is the directory itself), then opened.
+        Err(nix::errno::Errno::EACCES) => {
+            let handle = open(OFlag::O_PATH).map_err(errno("open"))?;
+            let by_fd = format!("/proc/self/fd/{}", handle.as_raw_fd());
+            fs::set_permissions(by_fd, Permissions::from_mode(0o755)).map_err(io_err("chmod", shown))?;
+            nix::fcntl::openat(&handle, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(errno("open"))
+        }
+        Err(e) => Err(errno("open")(e)),
+    }
+}
+
+/// Removes everything in the directory `dir` (shown as `shown`); returns the bytes freed.
+fn empty_dir(dir: std::os::fd::OwnedFd, shown: &Path) -> Result<u64> {
+    use nix::errno::Errno;
+    use nix::fcntl::AtFlags;
+    use nix::sys::stat::{fstatat, SFlag};
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+    let mut dir = nix::dir::Dir::from_fd(dir).map_err(|e| StoreError::Io {
+        op: "list",
+        path: shown.to_owned(),
+        source: e.into(),
+    })?;
+    let names: Vec<std::ffi::OsString> = dir
+        .iter()
+        .filter_map(|e| e.ok())
+        .map(|e| std::ffi::OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    let fd = dir.as_fd();
+    let mut bytes = 0;
+    for name in names {
+        let here = shown.join(&name);
+        let errno = |op: &'static str| {
+            let here = here.clone();
+            move |e: Errno| StoreError::Io { op, path: here, source: e.into() }
+        };
+        let st = match fstatat(fd, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(errno("stat")(e)),
+        };
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
+            match open_dir(Some(fd), &name, &here) {
+                Ok(sub) => {
+                    bytes += empty_dir(sub, &here)?;
+                    unlinkat(fd, name.as_os_str(), UnlinkatFlags::RemoveDir).map_err(errno("remove"))?;
+                    continue;
+                }
+                // Swapped for something else since: removed as what it is now.
+                Err(StoreError::Io { source, .. })
+                    if matches!(source.raw_os_error(), Some(nix::libc::ELOOP | nix::libc::ENOTDIR)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        unlinkat(fd, name.as_os_str(), UnlinkatFlags::NoRemoveDir).map_err(errno("remove"))?;
+        if st.st_nlink == 1 {
+            bytes += st.st_size as u64;
+        }
+    }
+    Ok(bytes)
 }
 
 /// Makes everything written under the file system of `path` durable (one `syncfs`, instead of
@@ -131,4 +231,33 @@ pub fn write_canonical_file(path: &Path, contents: &[u8], executable: bool) -> R
     f.set_permissions(Permissions::from_mode(mode)).map_err(io_err("chmod", path))?;
     f.set_times(canonical_times()).map_err(io_err("set times of", path))?;
     f.sync_all().map_err(io_err("sync", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_of_closed_directories_and_symlinks_is_removed_and_nothing_outside_it() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("keep"), b"keep").unwrap();
+        let tree = t.path().join("tree");
+        fs::create_dir_all(tree.join("a/b")).unwrap();
+        fs::write(tree.join("a/b/f"), b"12345").unwrap();
+        fs::write(tree.join("a/shared"), b"xy").unwrap();
+        fs::hard_link(tree.join("a/shared"), t.path().join("other-name")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("a/to-outside")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("top-link")).unwrap();
+        // Closed to everyone, read-only: as a builder or the store leaves them.
+        fs::set_permissions(tree.join("a/b"), Permissions::from_mode(0o000)).unwrap();
+        fs::set_permissions(tree.join("a"), Permissions::from_mode(0o555)).unwrap();
+        // The file's 5 bytes and the two symlinks' (their target's length); the linked file none.
+        let symlinks = 2 * outside.as_os_str().len() as u64;
+        assert_eq!(remove_tree_counting(&tree).unwrap(), 5 + symlinks);
+        assert!(!tree.exists());
+        assert_eq!(fs::read(outside.join("keep")).unwrap(), b"keep", "a symlink is not followed");
+        assert_eq!(remove_tree_counting(&tree).unwrap(), 0, "an absent tree is no error");
+    }
 }
