@@ -62,14 +62,17 @@ fn an_unprivileged_users_own_store_adds_imports_builds_pulls_and_collects() {
     st.ok_bytes(&["import"], &other.ok_bytes(&["export", &imported], b""));
     assert_eq!(st.ok(&["cat", &format!("{imported}/other")]), "from elsewhere\n");
 
-    // A derivation whose output is a directory, built in the unprivileged sandbox.
+    // A derivation whose output is a directory, built in the unprivileged sandbox; it leaves
+    // directories closed to everyone in its build directory, which the daemon (not root, so
+    // unable to read them as they are) still removes.
     let drv_json = serde_json::json!({
         "outputs": { "out": { "path": "" } },
         "inputSrcs": [],
         "inputDrvs": {},
         "system": "x86_64-linux",
         "builder": "/bin/sh",
-        "args": ["-c", "mkdir -p $out/bin; echo built > $out/bin/greeting"],
+        "args": ["-c", "mkdir -p /build/x/y $out/bin; echo f > /build/x/y/f; chmod 000 /build/x/y /build/x; \
+                        echo built > $out/bin/greeting"],
         "env": { "name": "dir-output", "builder": "/bin/sh", "system": "x86_64-linux", "out": "" },
     });
     let drv_file = st.root.path().join("drv.json");
@@ -78,6 +81,18 @@ fn an_unprivileged_users_own_store_adds_imports_builds_pulls_and_collects() {
     let drv = line(&st.ok(&["derivation", "add", &s(&drv_file)]));
     let out = line(&st.ok(&["realise", &drv]));
     assert_eq!(st.ok(&["cat", &format!("{out}/bin/greeting")]), "built\n");
+    let mine = format!("cairn-build-dir-output-{pid}-");
+    let left = || {
+        fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .any(|n| n.starts_with(&mine))
+    };
+    let started = std::time::Instant::now();
+    while left() && started.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!left(), "the build directory, closed directories and all, is removed");
 
     // An image pulled from an OCI layout another store wrote.
     let layout_parent = world_readable_tempdir();
