@@ -94,7 +94,9 @@ pub fn create(
                 let target = under(root, path);
                 let (to, name) = targets.split(&target)?;
                 let (from, source_name) = sources.split(source)?;
-                let st = fstatat(from, source_name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+                let st = fstatat(from, source_name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| {
+                    io::Error::new(io::Error::from(e).kind(), format!("input '{}': {e}", source.display()))
+                })?;
                 let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
                 // Never a link to what the builder could write: a store file is read-only and
                 // the daemon's, but check rather than trust it.
@@ -452,6 +454,12 @@ mod tests {
         assert_eq!(fs::metadata(at.join("d-big")).unwrap().ino(), fs::metadata(store.join("d-big")).unwrap().ino());
         remove(&linked).unwrap();
         assert_eq!(fs::read(store.join("b-file")).unwrap(), b"#!/bin/sh\n", "removing the root leaves the store");
+
+        // An input that is not there is named.
+        let mut sk = skeleton(true);
+        sk.push(Node::Input { path: "/nix/store/e-gone".into(), source: store.join("e-gone"), link: true });
+        let e = create(&t.path().join("gone"), &sk, None, None).unwrap_err().to_string();
+        assert!(e.contains("e-gone") && e.contains("No such file"), "{e}");
     }
 
     #[test]
