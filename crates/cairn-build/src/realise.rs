@@ -248,7 +248,7 @@ impl Builder {
             .filter_map(|i| settings.build_uid_base.checked_add(i))
             .filter(|&u| u != 0 && u != me)
             .collect();
-        if nix::unistd::geteuid().is_root() && uids.len() < jobs {
+        if me == 0 && uids.len() < jobs {
             tracing::warn!(
                 base = settings.build_uid_base,
                 "build-uid-base gives {} usable build uids for max-jobs {jobs} (uid 0 and the daemon's own are never used)",

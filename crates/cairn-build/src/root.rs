@@ -84,11 +84,7 @@ pub fn create(
             Node::MountPoint { path, dir } => {
                 let target = under(root, path);
                 let (at, name) = targets.split(&target)?;
-                if *dir {
-                    nix::sys::stat::mkdirat(at, name, Mode::from_bits_truncate(0o555))?;
-                } else {
-                    openat(at, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, 0o444)?;
-                }
+                mount_point(at, name, *dir)?;
             }
             Node::Input { path, source, link } => {
                 let target = under(root, path);
@@ -109,11 +105,7 @@ pub fn create(
                 // `linkOrCopy` copies, else bound.
                 let linked = linkable && nix::unistd::linkat(from, source_name, to, name, AtFlags::empty()).is_ok();
                 if !linked && (kind == SFlag::S_IFDIR || st.st_size as u64 > COPY_MAX) {
-                    if kind == SFlag::S_IFDIR {
-                        nix::sys::stat::mkdirat(to, name, Mode::from_bits_truncate(0o555))?;
-                    } else {
-                        openat(to, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, 0o444)?;
-                    }
+                    mount_point(to, name, kind == SFlag::S_IFDIR)?;
                     placed.bound.insert(name.to_string_lossy().into_owned());
                     continue;
                 }
@@ -125,6 +117,15 @@ pub fn create(
         }
     }
     Ok(placed)
+}
+
+/// An empty directory or file `name` in `at`, for a bind mount to cover.
+fn mount_point(at: BorrowedFd<'_>, name: &std::ffi::OsStr, dir: bool) -> io::Result<()> {
+    if dir {
+        Ok(nix::sys::stat::mkdirat(at, name, Mode::from_bits_truncate(0o555))?)
+    } else {
+        openat(at, name, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC, 0o444).map(drop)
+    }
 }
 
 fn node_path(node: &Node) -> &str {
@@ -309,21 +310,9 @@ pub fn forget(root: &Path, store: &str, placed: &Placed, builder: Option<u32>) {
         }
     }
     if let Some(uid) = builder {
-        forget_others(root, uid);
-    }
-}
-
-/// Removes, under `dir`, every entry but directories that is not `uid`'s (symlinks are not
-/// followed).
-fn forget_others(dir: &Path, uid: u32) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let Ok(meta) = fs::symlink_metadata(e.path()) else { continue };
-        if meta.is_dir() {
-            forget_others(&e.path(), uid);
-        } else if meta.uid() != uid {
-            let _ = fs::remove_file(e.path());
+        // Through descriptors: on a timeout the build's processes may still be dying.
+        if let Err(e) = cairn_store::remove_files_not_owned_by(root, uid) {
+            tracing::warn!("cannot clear the kept build root '{}': {e}", root.display());
         }
     }
 }
@@ -569,7 +558,13 @@ mod tests {
         fs::write(root.join("build/mine"), b"m").unwrap();
         fs::write(root.join("build/sub/linked-in"), b"l").unwrap();
         std::os::unix::fs::lchown(root.join("build/mine"), Some(30123), Some(30123)).unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("theirs"), b"t").unwrap();
+        symlink(&outside, root.join("build/to-outside")).unwrap();
         forget(&root, "/nix/store", &Placed::default(), Some(30123));
+        assert!(outside.join("theirs").exists(), "a symlink is not followed");
+        assert!(fs::symlink_metadata(root.join("build/to-outside")).is_err(), "the symlink itself goes");
         assert!(root.join("build/mine").exists(), "the builder's file stays");
         assert!(!root.join("build/sub/linked-in").exists(), "another's file goes");
         assert!(root.join("build/sub").is_dir(), "directories stay");

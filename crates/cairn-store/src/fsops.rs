@@ -103,20 +103,30 @@ pub fn remove_tree_counting(path: &Path) -> Result<u64> {
         fs::remove_file(path).map_err(io_err("remove", path))?;
         return Ok(if meta.nlink() == 1 { meta.size() } else { 0 });
     }
-    let dir = open_dir(None, path.as_os_str(), path)?;
-    let bytes = empty_dir(dir, path)?;
+    let dir = open_dir(None, path.as_os_str(), path, true)?;
+    let bytes = empty_dir(dir, path, None)?;
     fs::remove_dir(path).map_err(io_err("remove", path))?;
     Ok(bytes)
 }
 
-/// Opens the directory `name` (in `at`, else the path itself) without following a symlink,
-/// first made readable and writable by its owner if it is not (a read-only store directory, a
-/// builder's mode 000 directory) — through the descriptor, so that the directory changed is the
-/// one opened. Returns a descriptor to list it by.
+/// Removes, below the directory `path`, every entry but directories that is not `uid`'s,
+/// through descriptors as [`remove_tree_counting`] does (and for the same reason: the tree may
+/// be a build's root whose processes are still dying). Directories, and `uid`'s files, stay as
+/// they are.
+pub fn remove_files_not_owned_by(path: &Path, uid: u32) -> Result<()> {
+    let dir = open_dir(None, path.as_os_str(), path, false)?;
+    empty_dir(dir, path, Some(uid)).map(drop)
+}
+
+/// Opens the directory `name` (in `at`, else the path itself) without following a symlink; with
+/// `opened_up`, first made readable and writable by its owner if it is not (a read-only store
+/// directory, a builder's mode 000 directory) — through the descriptor, so that the directory
+/// changed is the one opened. Returns a descriptor to list it by.
 fn open_dir(
     at: Option<std::os::fd::BorrowedFd<'_>>,
     name: &std::ffi::OsStr,
     shown: &Path,
+    opened_up: bool,
 ) -> Result<std::os::fd::OwnedFd> {
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode;
@@ -139,14 +149,14 @@ fn open_dir(
     };
     match open(OFlag::O_RDONLY) {
         Ok(fd) => {
-            if !owner_can(&fd)? {
+            if opened_up && !owner_can(&fd)? {
                 nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o755)).map_err(errno("chmod"))?;
             }
             Ok(fd)
         }
         // Not readable by its owner, who is not root: changed through a path descriptor (which
         // fchmod refuses; its name in /proc is the directory itself), then opened.
-        Err(nix::errno::Errno::EACCES) => {
+        Err(nix::errno::Errno::EACCES) if opened_up => {
             let handle = open(OFlag::O_PATH).map_err(errno("open"))?;
             let by_fd = format!("/proc/self/fd/{}", handle.as_raw_fd());
             fs::set_permissions(by_fd, Permissions::from_mode(0o755)).map_err(io_err("chmod", shown))?;
@@ -157,8 +167,9 @@ fn open_dir(
     }
 }
 
-/// Removes everything in the directory `dir` (shown as `shown`); returns the bytes freed.
-fn empty_dir(dir: std::os::fd::OwnedFd, shown: &Path) -> Result<u64> {
+/// Removes everything in the directory `dir` (shown as `shown`) — or, with `keep_owner`, every
+/// entry but directories and that user's files; returns the bytes freed.
+fn empty_dir(dir: std::os::fd::OwnedFd, shown: &Path, keep_owner: Option<u32>) -> Result<u64> {
     use nix::errno::Errno;
     use nix::fcntl::AtFlags;
     use nix::sys::stat::{fstatat, SFlag};
@@ -190,10 +201,12 @@ fn empty_dir(dir: std::os::fd::OwnedFd, shown: &Path) -> Result<u64> {
             Err(e) => return Err(errno("stat")(e)),
         };
         if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR {
-            match open_dir(Some(fd), &name, &here) {
+            match open_dir(Some(fd), &name, &here, keep_owner.is_none()) {
                 Ok(sub) => {
-                    bytes += empty_dir(sub, &here)?;
-                    unlinkat(fd, name.as_os_str(), UnlinkatFlags::RemoveDir).map_err(errno("remove"))?;
+                    bytes += empty_dir(sub, &here, keep_owner)?;
+                    if keep_owner.is_none() {
+                        unlinkat(fd, name.as_os_str(), UnlinkatFlags::RemoveDir).map_err(errno("remove"))?;
+                    }
                     continue;
                 }
                 // Swapped for something else since: removed as what it is now.
@@ -201,6 +214,9 @@ fn empty_dir(dir: std::os::fd::OwnedFd, shown: &Path) -> Result<u64> {
                     if matches!(source.raw_os_error(), Some(nix::libc::ELOOP | nix::libc::ENOTDIR)) => {}
                 Err(e) => return Err(e),
             }
+        }
+        if keep_owner == Some(st.st_uid) {
+            continue;
         }
         unlinkat(fd, name.as_os_str(), UnlinkatFlags::NoRemoveDir).map_err(errno("remove"))?;
         if st.st_nlink == 1 {

@@ -61,7 +61,7 @@ pub use access::{Entry, EntryKind};
 pub use batch::{Batch, Committed};
 pub use cairn_db::{Direction, PathInfo};
 pub use files::{ChunkReader, FileMethod};
-pub use fsops::{dump, remove_tree, restore, restore_with_buffer, RestoreMode};
+pub use fsops::{dump, remove_files_not_owned_by, remove_tree, restore, restore_with_buffer, RestoreMode};
 pub use gc::{GcOptions, GcReport, GcSettings};
 pub use locks::PathLocks;
 pub use memo::Memo;
