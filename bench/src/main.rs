@@ -1142,6 +1142,7 @@ fn bench_substitute(o: &Opts, w: &Path, with_nix: bool, table: &mut Table) -> Re
                 nix_cmd.args(["copy", "--from", &url, "--to"]).arg(n.store_url());
                 nix_cmd.args(["--option", "trusted-public-keys", &public]).args(paths.iter());
                 nix_cmd.env("NIX_CONFIG", n.config());
+                nix_cmd.env("XDG_CACHE_HOME", n.cache_home());
                 nix_cmd.env_remove("NIX_REMOTE");
                 let (_, t) = timed(nix_cmd, None)?;
                 let s = Instant::now();

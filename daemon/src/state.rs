@@ -73,6 +73,7 @@ impl Substitution {
             repair,
             peers: self.peers.clone(),
             announce: None,
+            content_addresses: Default::default(),
         }
     }
 

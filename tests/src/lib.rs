@@ -483,12 +483,23 @@ impl NixStore {
         format!("local?root={}", self.root.path().display())
     }
 
+    /// The `XDG_CACHE_HOME` of Nix commands on this store: their narinfo cache, the store's own.
+    pub fn cache_home(&self) -> PathBuf {
+        self.root.path().join(".cache")
+    }
+
     /// A Nix command (`nix-store`, `nix`, `nix-instantiate`) on this store, offline.
+    ///
+    /// Its narinfo cache (`~/.cache/nix/binary-cache-v6.sqlite`, kept 30 days by URL) is the
+    /// store's own: a binary cache a test serves on a loopback port answers at a URL that an
+    /// earlier run may have used for other narinfos of the same paths (signed by another run's
+    /// key), and Nix would take those from its cache without asking.
     pub fn cmd(&self, tool: &str) -> Command {
         let mut c = Command::new(tool);
         c.arg("--store").arg(self.store_url());
         c.env("NIX_CONFIG", self.config());
         c.env("NIX_REMOTE", "");
+        c.env("XDG_CACHE_HOME", self.cache_home());
         c
     }
 

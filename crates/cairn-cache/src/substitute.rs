@@ -11,12 +11,13 @@
 //! [`Batch`], committed at the end: one `syncfs`, one transaction, and only paths whose whole
 //! closure arrived.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cairn_nix::content_address::ContentAddress;
 use cairn_nix::hash::{HashAlgo, Hasher};
 use cairn_nix::narinfo::{CacheInfo, NarInfo};
 use cairn_nix::signing::PublicKey;
@@ -36,6 +37,10 @@ pub struct Substituter {
     priority: Option<u32>,
     /// `?want-mass-query=true|false` in the URL, which overrides the cache's own.
     want_mass_query: Option<bool>,
+    /// `?store=DIR` in the URL: the store directory the cache's paths are in, when it is not
+    /// this store's (as Nix's `store` parameter of a store URL). Such a cache serves only paths
+    /// whose content address is known, under the path that address gives in its directory.
+    store_dir: Option<StoreDir>,
     /// Fetched on first use; only a good answer is kept, so a cache that was down is asked again.
     info: OnceCell<CacheInfo>,
 }
@@ -69,15 +74,29 @@ impl Substituter {
                 }
             }),
         };
+        let store_dir = match params.iter().find(|(k, _)| k == "store") {
+            None => None,
+            Some((_, v)) => Some(
+                StoreDir::new(v)
+                    .map_err(|e| CacheError::Url { url: url.to_owned(), reason: format!("store '{v}': {e}") })?,
+            ),
+        };
         let backend = Backend::open(url, net)?;
-        Ok(Substituter { url: url.to_owned(), backend, priority, want_mass_query, info: OnceCell::new() })
+        Ok(Substituter { url: url.to_owned(), backend, priority, want_mass_query, store_dir, info: OnceCell::new() })
     }
 
     /// A fleet peer as a cache (`p2p://NODE-ID`): its narinfos from `cache`, its NARs from the
     /// job's peers.
     pub fn peer(url: &str, cache: Arc<dyn cairn_store::peers::PeerCache>) -> Substituter {
         let backend = Backend::Peer { url: url.to_owned(), cache };
-        Substituter { url: url.to_owned(), backend, priority: None, want_mass_query: Some(true), info: OnceCell::new() }
+        Substituter {
+            url: url.to_owned(),
+            backend,
+            priority: None,
+            want_mass_query: Some(true),
+            store_dir: None,
+            info: OnceCell::new(),
+        }
     }
 
     /// Whether its answers may be remembered (a peer's change as it adds and collects paths).
@@ -89,8 +108,19 @@ impl Substituter {
         &self.url
     }
 
-    /// The cache's `nix-cache-info`, checked to serve `dir`.
-    pub async fn cache_info(&self, dir: &StoreDir) -> Result<&CacheInfo, CacheError> {
+    /// The store directory of the cache's paths: its URL's `?store=`, else `ours`.
+    pub fn store_dir_for(&self, ours: &StoreDir) -> StoreDir {
+        self.store_dir.clone().unwrap_or_else(|| ours.clone())
+    }
+
+    /// Whether the cache's paths are in another store directory than `ours` (`?store=`).
+    fn elsewhere(&self, ours: &StoreDir) -> bool {
+        self.store_dir.as_ref().is_some_and(|d| d != ours)
+    }
+
+    /// The cache's `nix-cache-info`, checked to serve `ours` (or the URL's `?store=`).
+    pub async fn cache_info(&self, ours: &StoreDir) -> Result<&CacheInfo, CacheError> {
+        let dir = &self.store_dir_for(ours);
         self.info
             .get_or_try_init(|| async {
                 let key = "nix-cache-info";
@@ -141,6 +171,71 @@ impl Substituter {
             .map_err(|e| CacheError::BadFile { url: self.backend.describe(&key), reason: e.to_string() })?;
         Ok(Some(info))
     }
+
+    /// The narinfo by which `path` would be fetched from this cache. For a cache of another
+    /// store directory (`?store=`), that is the narinfo of the path that `ca`, the content
+    /// address `path` is known by, gives in the cache's directory, taken for `path`: the same
+    /// bytes under the name this store gives them, as Nix substitutes a fixed output from such
+    /// a cache. Its signatures (over the other directory's path) are dropped: the content
+    /// address proves the path, and the contents are checked against it when they arrive.
+    /// `None`: the cache has no such narinfo, or cannot serve `path` (another directory and no
+    /// content address known).
+    async fn narinfo_for(
+        &self,
+        ours: &StoreDir,
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+        lookups: &NarInfoCache,
+    ) -> Result<Option<NarInfo>, CacheError> {
+        if !self.elsewhere(ours) {
+            return self.narinfo(ours, path, lookups).await;
+        }
+        let Some((theirs, there)) = self.named_there(ours, path, ca) else { return Ok(None) };
+        let Some(mut info) = self.narinfo(&theirs, &there, lookups).await? else { return Ok(None) };
+        let bad = |reason: String| CacheError::BadFile {
+            url: self.backend.describe(&format!("{}.narinfo", there.hash_part())),
+            reason,
+        };
+        if info.store_path != there {
+            return Err(bad(format!("the narinfo is for '{}'", theirs.display(&info.store_path))));
+        }
+        // As Nix: the cache must say the same content address, and no references.
+        if info.ca.as_deref().and_then(|c| c.parse::<ContentAddress>().ok()).as_ref() != ca {
+            return Err(bad(format!(
+                "'{}' is not content-addressed as '{}'",
+                theirs.display(&there),
+                ca.map(|c| c.to_string()).unwrap_or_default()
+            )));
+        }
+        if !info.references.is_empty() {
+            return Err(bad(format!("'{}' has references, which a fixed output cannot have", theirs.display(&there))));
+        }
+        info.store_path = path.clone();
+        info.signatures.clear();
+        info.deriver = None;
+        Ok(Some(info))
+    }
+
+    /// The store directory of this cache and the path `path` has there: itself in this store's
+    /// directory, the path its content address `ca` gives in another (none without one).
+    fn named_there(
+        &self,
+        ours: &StoreDir,
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+    ) -> Option<(StoreDir, StorePath)> {
+        if !self.elsewhere(ours) {
+            return Some((ours.clone(), path.clone()));
+        }
+        let theirs = self.store_dir_for(ours);
+        let there = theirs.make_content_addressed_path(path.name(), ca?, &BTreeSet::new(), false).ok()?;
+        Some((theirs, there))
+    }
+
+    /// The URL as Nix shows a store's: without its parameters.
+    fn shown_url(&self) -> &str {
+        split_params(&self.url).0
+    }
 }
 
 /// Which paths are trusted.
@@ -188,9 +283,10 @@ pub struct Report {
     pub failed: Vec<(StorePath, String)>,
 }
 
-/// Told of each path whose download starts, with the URL of the cache whose narinfo it follows:
-/// what a Nix client shows as "copying path '…' from '…'".
-pub type Announce = mpsc::UnboundedSender<(StorePath, String)>;
+/// Told of each path whose download starts — the path as the cache names it, and the URL of
+/// the cache whose narinfo it follows, without its parameters: what a Nix client shows as
+/// "copying path '…' from '…'".
+pub type Announce = mpsc::UnboundedSender<(String, String)>;
 
 /// What a substitution needs.
 pub struct Job {
@@ -209,6 +305,9 @@ pub struct Job {
     pub peers: Option<Arc<dyn Peers>>,
     /// Told of each path as its download starts.
     pub announce: Option<Announce>,
+    /// The content addresses some wanted paths are known by (the outputs of fixed-output
+    /// derivations): such a path may come from a cache of another store directory.
+    pub content_addresses: HashMap<StorePath, ContentAddress>,
 }
 
 struct Ctx {
@@ -227,6 +326,7 @@ struct Ctx {
     /// Peers are told these paths are on their way until the batch is committed.
     fetching: std::sync::Mutex<Vec<Box<dyn Send>>>,
     announce: Option<Announce>,
+    content_addresses: HashMap<StorePath, ContentAddress>,
 }
 
 enum Event {
@@ -269,6 +369,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
         peers: if job.repair { None } else { job.peers },
         fetching: Default::default(),
         announce: job.announce,
+        content_addresses: job.content_addresses,
     });
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut tasks = tokio::task::JoinSet::new();
@@ -361,7 +462,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
     for sub in &ctx.subs {
         let found = {
             let _permit = ctx.net.acquire().await.expect("semaphore open");
-            sub.narinfo(&ctx.dir, &path, &ctx.lookups).await
+            sub.narinfo_for(&ctx.dir, &path, ctx.content_addresses.get(&path), &ctx.lookups).await
         };
         let info = match found {
             Ok(Some(info)) => info,
@@ -384,7 +485,10 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
         let _ = tx.send(Event::Found { path: path.clone(), references, size });
         let _job = ctx.jobs.acquire().await.expect("semaphore open");
         if let Some(a) = &ctx.announce {
-            let _ = a.send((path.clone(), sub.url().to_owned()));
+            let ca = ctx.content_addresses.get(&path);
+            if let Some((theirs, there)) = sub.named_there(&ctx.dir, &path, ca) {
+                let _ = a.send((theirs.display(&there), sub.shown_url().to_owned()));
+            }
         }
         if from_peers(&ctx, &info).await {
             ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
@@ -426,8 +530,13 @@ pub async fn query(
 ) -> std::collections::BTreeMap<StorePath, NarInfo> {
     use futures_util::StreamExt;
     let prios = futures_util::future::join_all(substituters.iter().map(|s| s.priority(dir))).await;
-    let mut subs: Vec<(u32, &Arc<Substituter>)> =
-        substituters.iter().zip(prios).filter_map(|(s, p)| p.ok().map(|p| (p, s))).collect();
+    // As Nix's `querySubstitutablePaths`: caches of another store directory are not asked.
+    let mut subs: Vec<(u32, &Arc<Substituter>)> = substituters
+        .iter()
+        .zip(prios)
+        .filter(|(s, _)| !s.elsewhere(dir))
+        .filter_map(|(s, p)| p.ok().map(|p| (p, s)))
+        .collect();
     subs.sort_by_key(|(p, _)| *p);
     let subs = &subs;
     futures_util::stream::iter(paths)

@@ -6,7 +6,7 @@
 //! derivation (its output paths are checked against its hash before it builds), and builds run
 //! sandboxed as build users, never as the daemon's user.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -177,9 +177,15 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
     o.iter().map(|(k, v)| (k.clone(), dir.display(v))).collect()
 }
 
-/// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix tries
-/// before it builds; returns the paths that could not be substituted, and why (the caller
-/// decides whether those are built).
+/// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix's
+/// goals try before they build; returns the paths that could not be substituted, and why (the
+/// caller decides whether those are built).
+///
+/// As Nix's derivation goals, top down: a derivation whose wanted outputs are valid (or were
+/// just substituted, with their closures) needs nothing of its inputs; one whose outputs no
+/// cache had is built, so the outputs it uses of its inputs are looked for next — one round a
+/// level, each round's lookups and downloads in parallel. A fixed output is looked for by its
+/// content address too, which a cache of another store directory can serve.
 pub(crate) async fn substitute_first(
     st: &Arc<AppState>,
     peer: &Peer,
@@ -188,53 +194,121 @@ pub(crate) async fn substitute_first(
     policy: cairn_cache::Policy,
     announce: Option<cairn_cache::substitute::Announce>,
 ) -> Vec<(StorePath, String)> {
-    let sub = &st.substitution;
     if caches.is_empty() {
         return Vec::new();
     }
-    let st2 = st.clone();
-    let goals2 = goals.to_vec();
-    let missing = tokio::task::spawn_blocking(move || {
-        let mut drvs = cairn_build::derivations::Derivations::new(&st2.store);
-        let mut missing = Vec::new();
-        for g in &goals2 {
-            let Ok(outputs) = drvs.outputs(&g.drv) else { continue };
-            // allowSubstitutes = false: always built (Nix's substitutesAllowed).
-            let Ok(drv) = drvs.load(&g.drv) else { continue };
-            let shown = st2.store_dir.display(&g.drv);
-            if !Attrs::new(&drv, &shown).and_then(|a| a.substitutes_allowed()).unwrap_or(true) {
-                continue;
-            }
-            for (name, p) in outputs {
-                let wanted = g.outputs.as_ref().is_none_or(|w| w.contains(&name));
-                if wanted && !st2.store.is_valid(&p).unwrap_or(true) {
-                    missing.push(p);
+    let mut failed = Vec::new();
+    // The outputs of each derivation looked at so far (`None`: all).
+    let mut looked: HashMap<StorePath, Option<BTreeSet<String>>> = HashMap::new();
+    let mut level: Vec<(StorePath, Option<BTreeSet<String>>)> =
+        goals.iter().map(|g| (g.drv.clone(), g.outputs.clone())).collect();
+    while !level.is_empty() {
+        let fresh: Vec<_> = level.into_iter().filter(|(drv, outs)| widen(&mut looked, drv, outs.as_ref())).collect();
+        let st2 = st.clone();
+        let this_level = fresh.clone();
+        let wanted = tokio::task::spawn_blocking(move || missing_outputs(&st2, &this_level)).await.unwrap_or_default();
+        if !wanted.paths.is_empty() {
+            let progress = Arc::new(cairn_cache::Progress::default());
+            let mut job = st.substitution.job(&st.store, caches.clone(), peer.client, progress, false);
+            job.policy = policy.clone();
+            job.announce = announce.clone();
+            job.content_addresses = wanted.content_addresses;
+            match cairn_cache::substitute(job, &wanted.paths).await {
+                Ok(r) => {
+                    for i in &r.added {
+                        tracing::info!(path = %st.store_dir.display(&i.path), "substituted instead of building");
+                    }
+                    failed.extend(r.failed);
                 }
+                Err(e) => tracing::warn!("substitution before building failed: {e}"),
             }
         }
-        missing
-    })
-    .await
-    .unwrap_or_default();
-    if missing.is_empty() {
-        return Vec::new();
+        // What is still missing is built: the outputs it uses of its inputs are looked for next.
+        let st2 = st.clone();
+        level = tokio::task::spawn_blocking(move || inputs_of_unsubstituted(&st2, &fresh)).await.unwrap_or_default();
     }
-    let progress = Arc::new(cairn_cache::Progress::default());
-    let mut job = sub.job(&st.store, caches, peer.client, progress, false);
-    job.policy = policy;
-    job.announce = announce;
-    match cairn_cache::substitute(job, &missing).await {
-        Ok(r) => {
-            for i in &r.added {
-                tracing::info!(path = %st.store_dir.display(&i.path), "substituted instead of building");
+    failed
+}
+
+/// Adds `outs` (`None`: all) to what was looked at of `drv`; true if that is more than before.
+fn widen(
+    looked: &mut HashMap<StorePath, Option<BTreeSet<String>>>,
+    drv: &StorePath,
+    outs: Option<&BTreeSet<String>>,
+) -> bool {
+    match (looked.get_mut(drv), outs) {
+        (None, _) => {
+            looked.insert(drv.clone(), outs.cloned());
+            true
+        }
+        (Some(None), _) => false,
+        (Some(had), None) => {
+            *had = None;
+            true
+        }
+        (Some(Some(had)), Some(outs)) => {
+            let before = had.len();
+            had.extend(outs.iter().cloned());
+            had.len() > before
+        }
+    }
+}
+
+/// What to ask the caches for, for one level of derivations.
+#[derive(Default)]
+struct Wanted {
+    /// Their wanted outputs that are not valid, of derivations that allow substitutes.
+    paths: Vec<StorePath>,
+    /// The content addresses of those that are fixed outputs.
+    content_addresses: HashMap<StorePath, cairn_nix::ContentAddress>,
+}
+
+fn missing_outputs(st: &AppState, level: &[(StorePath, Option<BTreeSet<String>>)]) -> Wanted {
+    let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
+    let mut wanted = Wanted::default();
+    for (drv_path, outs) in level {
+        let (Ok(outputs), Ok(drv)) = (drvs.outputs(drv_path), drvs.load(drv_path)) else { continue };
+        // allowSubstitutes = false: always built (Nix's substitutesAllowed).
+        let shown = st.store_dir.display(drv_path);
+        if !Attrs::new(&drv, &shown).and_then(|a| a.substitutes_allowed()).unwrap_or(true) {
+            continue;
+        }
+        let fixed = drv.fixed_output().ok().flatten();
+        for (name, p) in outputs {
+            let is_wanted = outs.as_ref().is_none_or(|w| w.contains(&name));
+            if is_wanted && !st.store.is_valid(&p).unwrap_or(true) {
+                if let Some((method, hash)) = &fixed {
+                    let ca = cairn_nix::ContentAddress::Fixed { method: *method, hash: hash.clone() };
+                    wanted.content_addresses.insert(p.clone(), ca);
+                }
+                wanted.paths.push(p);
             }
-            r.failed
-        }
-        Err(e) => {
-            tracing::warn!("substitution before building failed: {e}");
-            Vec::new()
         }
     }
+    wanted
+}
+
+/// The inputs (with the outputs used of each) of the derivations of `level` that still miss a
+/// wanted output: they will be built.
+fn inputs_of_unsubstituted(
+    st: &AppState,
+    level: &[(StorePath, Option<BTreeSet<String>>)],
+) -> Vec<(StorePath, Option<BTreeSet<String>>)> {
+    let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
+    let mut next = Vec::new();
+    for (drv_path, outs) in level {
+        let (Ok(outputs), Ok(drv)) = (drvs.outputs(drv_path), drvs.load(drv_path)) else { continue };
+        let missing = outputs
+            .iter()
+            .any(|(name, p)| outs.as_ref().is_none_or(|w| w.contains(name)) && !st.store.is_valid(p).unwrap_or(true));
+        if !missing {
+            continue;
+        }
+        for (input, used) in drvs.inputs(&drv).unwrap_or_default() {
+            next.push((input, Some(used.into_iter().collect())));
+        }
+    }
+    next
 }
 
 /// Roots the goals (derivations and outputs) for the client's process (`ClientScope`) before anything is built or

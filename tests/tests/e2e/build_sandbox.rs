@@ -471,6 +471,37 @@ fn outputs_a_substituter_has_are_substituted_not_built() {
     assert!(info[0]["signatures"][0].as_str().unwrap().starts_with("builds-1:"), "{info}");
 }
 
+/// A derivation whose output no cache has is built, and the outputs it uses of its inputs are
+/// substituted where a cache has them; an input substituted needs nothing of its own inputs.
+#[test]
+fn inputs_a_substituter_has_are_substituted_and_only_the_rest_is_built() {
+    let Some(a) = store("") else { return };
+    let low_json = drv_json("low", "echo low > $out", &[], None);
+    let (low, low_out) = add(&a, &low_json);
+    let mid_json = drv_json("mid", "read x < $in0; echo mid-$x > $out", &[(&low, &low_out)], None);
+    let (mid, mid_out) = add(&a, &mid_json);
+    a.ok(&["realise", &mid]);
+    let (sk, pk) = (a.root.path().join("sk"), a.root.path().join("pk"));
+    a.ok(&["key", "generate", "inputs-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let cache = a.root.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    a.ok(&["copy", "--to", &url, "--secret-key-file", sk.to_str().unwrap(), &mid_out]);
+    let key = std::fs::read_to_string(&pk).unwrap();
+    let Some(b) = store(&format!("substituters = [\"{url}\"]\ntrusted-public-keys = [\"{}\"]", key.trim())) else {
+        return;
+    };
+    add(&b, &low_json);
+    add(&b, &mid_json);
+    let (top, top_out) = add(&b, &drv_json("top", "read x < $in0; echo top-$x > $out", &[(&mid, &mid_out)], None));
+    assert_eq!(b.ok(&["realise", &top]).trim(), top_out);
+    assert_eq!(b.ok(&["cat", &top_out]), "top-mid-low\n");
+    let log = b.log();
+    assert!(log.contains("substituted instead of building"), "{log}");
+    assert!(is_valid(&b, &mid_out), "the input was substituted");
+    assert!(!is_valid(&b, &low_out), "the input's input was neither fetched nor built: {log}");
+    assert!(!log.contains("-mid.drv") && !log.contains("-low.drv"), "only the goal was built: {log}");
+}
+
 /// A realisation roots its derivation and outputs for its client's process, as Nix's daemon
 /// does for a session: a collection between the build and the client's own root (`realise -o`)
 /// must not take the output just built. Here the client is this test process, on a connection

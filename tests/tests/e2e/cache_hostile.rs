@@ -715,3 +715,78 @@ fn a_negative_answer_is_forgotten_after_its_ttl() {
     std::thread::sleep(Duration::from_millis(3200));
     assert_eq!(st.ok(&["substitute", "--from", &f.server.url(), &f.note]), format!("{}\n", f.note));
 }
+
+/// A cache of another store directory (`?store=` in its URL) serves a fixed output only by its
+/// content address: under the path that address gives there, with a narinfo that says that
+/// address and no references, and bytes that prove it. Whatever else it says is refused, and
+/// the derivation (which cannot build) fails; the truth is then taken.
+#[test]
+fn a_cache_of_another_store_directory_serves_a_fixed_output_only_as_its_content_address_proves() {
+    let dir = tempfile::tempdir().unwrap();
+    let contents = b"a fixed output kept under another store directory\n";
+    write(&dir.path().join("fetched"), contents);
+    let seed = TestStore::builder().store_dir("/fnord/store").start();
+    let there = line(&seed.ok(&["add", "--flat", s(&dir.path().join("fetched"))]));
+    let cache = dir.path().join("cache");
+    seed.ok(&["copy", "--to", &format!("file://{}?compression=none", cache.display()), &there]);
+    let narinfo_file = cache.join(format!("{}.narinfo", &there["/fnord/store/".len()..][..32]));
+    let good = std::fs::read_to_string(&narinfo_file).unwrap();
+    assert!(good.contains("\nCA: fixed:sha256:"), "{good}");
+
+    let url = format!("file://{}?store=/fnord/store", cache.display());
+    let client = TestStore::builder().store_dir("/store").config(&format!("substituters = [\"{url}\"]\n")).start();
+    let hash =
+        cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, contents).to_prefixed(cairn_nix::hash::Encoding::Base16);
+    let hex = hash.trim_start_matches("sha256:");
+    let drv_json = serde_json::json!({
+        "outputs": { "out": { "path": "", "hashAlgo": "sha256", "hash": hex } },
+        "inputSrcs": [], "inputDrvs": {}, "system": "x86_64-linux", "builder": "/bin/sh",
+        "args": ["-c", "exit 1"],
+        "env": { "name": "fetched", "builder": "/bin/sh", "system": "x86_64-linux", "out": "" },
+    });
+    let f = dir.path().join("drv.json");
+    std::fs::write(&f, drv_json.to_string()).unwrap();
+    let drv = line(&client.ok(&["derivation", "add", s(&f)]));
+    let out = line(&client.ok(&["derivation", "output-paths", &drv]));
+    let valid = |p: &str| client.run(&["path-info", p], b"").status.success();
+
+    // A NAR of other bytes, its hash and size told truly in the narinfo: only the content
+    // address catches it.
+    write(&dir.path().join("other"), b"other bytes\n");
+    let other = line(&seed.ok(&["add", "--flat", s(&dir.path().join("other"))]));
+    let other_info = seed.ok(&["path-info", "--json", &other]);
+    let v: Value = serde_json::from_str(&other_info).unwrap();
+    let other_nar = seed.ok_bytes(&["nar", "dump", &other], b"");
+    std::fs::write(cache.join("nar/other.nar"), &other_nar).unwrap();
+    let lying_nar = edit(
+        &edit(
+            &edit(&edit(&good, "URL", Some("nar/other.nar")), "NarHash", v[0]["narHash"].as_str()),
+            "NarSize",
+            Some(&other_nar.len().to_string()),
+        ),
+        "FileSize",
+        Some(&other_nar.len().to_string()),
+    );
+    let lying_nar = if lying_nar.contains("\nFileHash: ") { edit(&lying_nar, "FileHash", None) } else { lying_nar };
+    for lie in [
+        edit(&good, "CA", None),
+        edit(&good, "CA", Some(&format!("fixed:r:{hash}"))),
+        format!("{good}References: {}\n", &other["/fnord/store/".len()..]),
+        lying_nar,
+    ] {
+        std::fs::write(&narinfo_file, &lie).unwrap();
+        let run = client.run(&["realise", &drv], b"");
+        assert!(!run.status.success(), "{lie}\n{}", client.log());
+        assert!(!valid(&out), "{lie}");
+    }
+    std::fs::write(&narinfo_file, &good).unwrap();
+    assert_eq!(line(&client.ok(&["realise", &drv])), out);
+    assert_eq!(client.ok_bytes(&["cat", &out], b""), contents);
+    let info: Value = serde_json::from_str(&client.ok(&["path-info", "--json", &out])).unwrap();
+    assert_eq!(
+        info[0]["ca"].as_str(),
+        Some(format!("fixed:{}", field(&good, "CA").trim_start_matches("fixed:")).as_str())
+    );
+    assert!(info[0]["signatures"].as_array().is_none_or(|a| a.is_empty()), "{info}");
+    client.ok(&["verify", "--check-contents"]);
+}

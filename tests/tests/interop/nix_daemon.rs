@@ -744,6 +744,122 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     assert!(c.status.success() && n.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
 }
 
+/// As Nix's goals, top down: a derivation whose output no cache has is built, and the outputs
+/// it uses of its inputs are substituted where a cache has them — an input that was
+/// substituted needs nothing of its own inputs, which are neither fetched nor built.
+#[test]
+fn inputs_a_cache_has_are_substituted_and_only_the_rest_is_built_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let (sk, pk) = p.key("inputs-key-1");
+    let f = p.write(
+        "chain.nix",
+        br#"let
+  sh = "/bin/sh";
+  mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = sh; args = [ "-c" script ]; };
+  low = mk "low-input" "echo low > $out";
+  mid = mk "mid-input" "read x < ${low}; echo mid-$x > $out";
+in { inherit low mid; top = mk "top-goal" "read x < ${mid}; echo top-$x > $out"; }
+"#,
+    );
+    let local = format!("local?root={}", p.work.path().join("src-store").display());
+    let cache = format!("file://{}", p.work.path().join("cache").display());
+    let mid = p
+        .local(&[
+            "nix-build",
+            "--store",
+            &local,
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "--no-out-link",
+            &f,
+            "-A",
+            "mid",
+        ])
+        .trim()
+        .to_owned();
+    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &mid]);
+    p.local(&["nix", "copy", "--from", &local, "--to", &cache, &mid]);
+    let args =
+        ["--no-out-link", &f, "-A", "top", "--option", "substituters", &cache, "--option", "trusted-public-keys", &pk];
+    let (c, n) = p.alike("nix-build", &args);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_eq!(c.stdout, n.stdout);
+    let top = String::from_utf8_lossy(&c.stdout).trim().to_owned();
+    both_say(&c, &n, &[&format!("copying path '{mid}' from '{cache}'..."), "-top-goal.drv'..."]);
+    for (side, out) in [("cairnd", &c), ("nix-daemon", &n)] {
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !e.contains("-mid-input.drv") && !e.contains("-low-input"),
+            "{side} built or fetched an input it did not need:\n{e}"
+        );
+    }
+    p.same("nix-store", &["--check-validity", &mid, &top]);
+    p.same_metadata(&[&mid, &top]);
+}
+
+/// A fixed output is substituted by its content address from a binary cache of another store
+/// directory (`?store=`), as Nix 2.8's `fetchurl.sh` test does: the URL it names does not exist.
+#[test]
+fn a_fixed_output_comes_from_a_cache_of_another_store_directory_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let file = p.write("fetched.txt", b"fetched from a cache of another store directory\n");
+    let other = format!("file://{}?store=/fnord/store", p.work.path().join("other-store").display());
+    let there = p.local(&["nix", "--store", &other, "store", "add-file", &file]).trim().to_owned();
+    assert!(there.starts_with("/fnord/store/"), "{there}");
+    let hash = p.local(&["nix", "hash", "file", "--type", "sha256", "--base16", &file]).trim().to_owned();
+    let shown = other.split('?').next().unwrap().to_owned();
+    for (name, h) in [("sha256", hash.clone()), ("hash", format!("sha256:{hash}"))] {
+        let args = [
+            "--no-out-link",
+            "--expr",
+            "import <nix/fetchurl.nix>",
+            "--argstr",
+            "url",
+            "file:///no-such-dir/fetched.txt",
+            "--argstr",
+            name,
+            &h,
+            "--option",
+            "substituters",
+            &other,
+        ];
+        let (c, n) = p.alike("nix-build", &args);
+        assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+        assert_eq!(c.stdout, n.stdout);
+        both_say(&c, &n, &[&format!("copying path '{there}' from '{shown}'...")]);
+        let out = String::from_utf8_lossy(&c.stdout).trim().to_owned();
+        p.same_metadata(&[&out]);
+        for side in [Side::Cairn, Side::Nix] {
+            p.ok(side, "nix-store", &["--delete", &out]);
+        }
+    }
+    // Another file under that name: the cache has nothing at the path its hash gives there.
+    let other_hash = "0000000000000000000000000000000000000000000000000000000000000000";
+    let args = [
+        "--no-out-link",
+        "--expr",
+        "import <nix/fetchurl.nix>",
+        "--argstr",
+        "url",
+        "file:///no-such-dir/fetched.txt",
+        "--argstr",
+        "sha256",
+        other_hash,
+        "--option",
+        "substituters",
+        &other,
+    ];
+    let (c, _) = p.alike("nix-build", &args);
+    assert!(!c.status.success());
+}
+
 /// A content-addressed path that refers to itself (what `nix store make-content-addressed`
 /// makes of a built path) is named by its hash modulo its own hash part: copied into cairnd it
 /// is taken, with the same metadata, as nix-daemon takes it.

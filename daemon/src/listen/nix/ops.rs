@@ -170,7 +170,7 @@ impl<R: Read, W: Write> Session<R, W> {
     pub(super) fn showing_copies<T>(
         &mut self,
         work: impl std::future::Future<Output = T>,
-        mut copying: tokio::sync::mpsc::UnboundedReceiver<(StorePath, String)>,
+        mut copying: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
     ) -> T {
         let rt = self.rt.clone();
         let mut started = Vec::new();
@@ -179,8 +179,7 @@ impl<R: Read, W: Write> Session<R, W> {
             loop {
                 tokio::select! {
                     out = &mut work => break out,
-                    Some((path, from)) = copying.recv() => {
-                        let shown = self.show(&path);
+                    Some((shown, from)) = copying.recv() => {
                         let text = format!("copying path '{shown}' from '{from}'");
                         let fields = vec![
                             Field::String(shown.into_bytes()),
