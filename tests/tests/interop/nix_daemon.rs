@@ -1023,6 +1023,21 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
     let (c, _) = p.alike("nix-store", &realise);
     let e = String::from_utf8_lossy(&c.stderr);
     assert!(e.contains("cannot substitute") && !e.contains("no substituter that can build it"), "{e}");
+    // So does a build that needs it as an input: the input fails, and the goal with it.
+    let top = p.write(
+        "fb-top.nix",
+        br#"derivation { name = "fallback-top"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "read x < ${import ./fb.nix}; echo top-$x > $out" ]; }"#,
+    );
+    let mut top_args = vec!["--no-out-link", top.as_str()];
+    top_args.extend(opts);
+    let (c, n) = p.alike("nix-build", &top_args);
+    assert!(!c.status.success(), "built without --fallback");
+    both_say(&c, &n, &["try '--fallback'", "1 dependencies of derivation '", "-fallback-top.drv' failed to build"]);
+    top_args.push("--fallback");
+    p.same("nix-build", &top_args);
+    for side in [Side::Cairn, Side::Nix] {
+        p.ok(side, "nix-store", &["--delete", path.trim()]);
+    }
     args.push("--fallback");
     assert_eq!(p.same("nix-build", &args).trim(), path);
 }

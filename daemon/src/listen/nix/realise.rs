@@ -237,21 +237,29 @@ impl<R: Read, W: Write> Session<R, W> {
         let st = self.st.clone();
         let mut drvs = Derivations::new(&st.store);
         let mut refused = Vec::new();
-        goals.retain(|g| {
-            let outputs = drvs.outputs(&g.drv).unwrap_or_default();
-            let wanted = |name: &String| g.outputs.as_ref().is_none_or(|w| w.contains(name));
-            if outputs.iter().any(|(name, p)| wanted(name) && broken.contains_key(p)) {
-                let message = format!(
-                    "some substitutes for the outputs of derivation '{}' failed (usually happens due to \
-                     networking issues); try '--fallback' to build derivation from source ",
-                    st.store_dir.display(&g.drv)
-                );
-                refused.push((g.drv.clone(), Err(message)));
-                false
-            } else {
-                true
+        let mut kept = Vec::new();
+        let substitutes_failed = |drv: &StorePath| {
+            format!(
+                "some substitutes for the outputs of derivation '{}' failed (usually happens due to \
+                 networking issues); try '--fallback' to build derivation from source ",
+                st.store_dir.display(drv)
+            )
+        };
+        for g in goals.drain(..) {
+            match with_broken_substitute(&mut drvs, &st.store, &g, &broken) {
+                None => kept.push(g),
+                Some(d) if d == g.drv => refused.push((g.drv, Err(substitutes_failed(&d)))),
+                // An input that would be built for want of its substitute fails, and so does
+                // the goal that needs it, as Nix's goals do.
+                Some(d) => {
+                    self.log_line(&format!("error: {}", substitutes_failed(&d)));
+                    let message =
+                        format!("1 dependencies of derivation '{}' failed to build", st.store_dir.display(&g.drv));
+                    refused.push((g.drv, Err(message)));
+                }
             }
-        });
+        }
+        *goals = kept;
         refused
     }
 
@@ -571,4 +579,39 @@ impl<R: Read, W: Write> Session<R, W> {
         }
         Ok(missing)
     }
+}
+
+/// The first derivation, top down from `goal`, that would be built although a substitute of
+/// one of its wanted outputs failed (`broken`); the walk stops at derivations whose wanted
+/// outputs are valid, which need nothing of their inputs.
+fn with_broken_substitute(
+    drvs: &mut Derivations<'_>,
+    store: &cairn_store::LocalStore,
+    goal: &Goal,
+    broken: &BTreeMap<StorePath, String>,
+) -> Option<StorePath> {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![(goal.drv.clone(), goal.outputs.clone())];
+    while let Some((drv_path, wanted)) = stack.pop() {
+        if !seen.insert((drv_path.clone(), wanted.clone())) {
+            continue;
+        }
+        let Ok(outputs) = drvs.outputs(&drv_path) else { continue };
+        let missing: Vec<&StorePath> = outputs
+            .iter()
+            .filter(|(name, p)| wanted.as_ref().is_none_or(|w| w.contains(*name)) && !store.is_valid(p).unwrap_or(true))
+            .map(|(_, p)| p)
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        if missing.iter().any(|p| broken.contains_key(*p)) {
+            return Some(drv_path);
+        }
+        let Ok(drv) = drvs.load(&drv_path) else { continue };
+        for (input, used) in drvs.inputs(&drv).unwrap_or_default() {
+            stack.push((input, Some(used.into_iter().collect())));
+        }
+    }
+    None
 }
