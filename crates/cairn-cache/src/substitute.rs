@@ -281,6 +281,11 @@ pub struct Report {
     pub added: Vec<PathInfo>,
     /// Paths that could not be substituted, and why.
     pub failed: Vec<(StorePath, String)>,
+    /// Of those, the ones no cache could really offer: their NAR was gone from every cache
+    /// that offered them (Nix's "substitute gone"), or one of their references could not be
+    /// substituted (an incomplete closure). Nix counts neither as a failed substitute: a build
+    /// falls back to building them without being asked to.
+    pub unavailable: HashSet<StorePath>,
 }
 
 /// Told of each path whose download starts — the path as the cache names it, and the URL of
@@ -332,8 +337,8 @@ struct Ctx {
 enum Event {
     /// A usable narinfo for a path: its references are wanted too.
     Found { path: StorePath, references: Vec<StorePath>, size: u64 },
-    /// A path's download ended.
-    Done { path: StorePath, result: Result<(), String> },
+    /// A path's download ended; `gone`: it failed only because caches had lost its NAR.
+    Done { path: StorePath, result: Result<(), String>, gone: bool },
 }
 
 /// Substitutes whatever is missing of the closures of `paths`.
@@ -412,9 +417,12 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
                     want(r, false, &mut tasks, &mut outstanding)?;
                 }
             }
-            Event::Done { path, result } => {
+            Event::Done { path, result, gone } => {
                 outstanding -= 1;
                 if let Err(e) = result {
+                    if gone {
+                        report.unavailable.insert(path.clone());
+                    }
                     report.failed.push((path, e));
                 }
             }
@@ -438,6 +446,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     tracing::debug!(?fetched, total = ?started.elapsed(), paths = committed.added.len(), "substitution committed");
     report.added = committed.added;
     for (p, r) in committed.incomplete {
+        report.unavailable.insert(p.clone());
         let why = format!("needs '{}', which could not be substituted", dir.display(&r));
         report.failed.push((p, why));
     }
@@ -459,6 +468,8 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
 /// any failure.
 async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Event>) {
     let mut tried: Vec<String> = Vec::new();
+    // Whether a cache offered the path and lost its NAR, and whether anything else went wrong.
+    let (mut lost, mut broke) = (false, false);
     for sub in &ctx.subs {
         let found = {
             let _permit = ctx.net.acquire().await.expect("semaphore open");
@@ -468,6 +479,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
             Ok(Some(info)) => info,
             Ok(None) => continue,
             Err(e) => {
+                broke = true;
                 tried.push(e.to_string());
                 continue;
             }
@@ -493,17 +505,21 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
         if from_peers(&ctx, &info).await {
             ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
             ctx.progress.bytes_done.fetch_add(size, Ordering::Relaxed);
-            let _ = tx.send(Event::Done { path, result: Ok(()) });
+            let _ = tx.send(Event::Done { path, result: Ok(()), gone: false });
             return;
         }
         match download(&ctx, sub, info).await {
             Ok(()) => {
                 ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(Event::Done { path, result: Ok(()) });
+                let _ = tx.send(Event::Done { path, result: Ok(()), gone: false });
                 return;
             }
             Err(e) => {
                 tracing::warn!(path = %ctx.dir.display(&path), "substitution failed: {e}");
+                match e {
+                    CacheError::Missing { .. } => lost = true,
+                    _ => broke = true,
+                }
                 ctx.lookups.forget(sub.url(), path.hash_part());
                 tried.push(match e {
                     CacheError::Refused { cache, check, .. } => format!("{cache}: {check}"),
@@ -514,7 +530,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
     }
     tried.extend(ctx.unusable.iter().cloned());
     let reason = if tried.is_empty() { "no substituter has it".to_owned() } else { tried.join("; ") };
-    let _ = tx.send(Event::Done { path, result: Err(reason) });
+    let _ = tx.send(Event::Done { path, result: Err(reason), gone: lost && !broke });
 }
 
 /// Which of `paths` the caches could substitute, with the narinfo each would be fetched by:

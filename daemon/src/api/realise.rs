@@ -6,7 +6,7 @@
 //! derivation (its output paths are checked against its hash before it builds), and builds run
 //! sandboxed as build users, never as the daemon's user.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,7 +179,8 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
 
 /// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix's
 /// goals try before they build; returns the paths that could not be substituted, and why (the
-/// caller decides whether those are built).
+/// caller decides whether those are built), and which of them no cache could really offer
+/// ([`cairn_cache::Report::unavailable`]: no failure for Nix).
 ///
 /// As Nix's derivation goals, top down: a derivation whose wanted outputs are valid (or were
 /// just substituted, with their closures) needs nothing of its inputs; one whose outputs no
@@ -193,11 +194,12 @@ pub(crate) async fn substitute_first(
     caches: Vec<Arc<cairn_cache::Substituter>>,
     policy: cairn_cache::Policy,
     announce: Option<cairn_cache::substitute::Announce>,
-) -> Vec<(StorePath, String)> {
-    if caches.is_empty() {
-        return Vec::new();
-    }
+) -> (Vec<(StorePath, String)>, HashSet<StorePath>) {
     let mut failed = Vec::new();
+    let mut gone = HashSet::new();
+    if caches.is_empty() {
+        return (failed, gone);
+    }
     // The outputs of each derivation looked at so far (`None`: all).
     let mut looked: HashMap<StorePath, Option<BTreeSet<String>>> = HashMap::new();
     let mut level: Vec<(StorePath, Option<BTreeSet<String>>)> =
@@ -219,6 +221,7 @@ pub(crate) async fn substitute_first(
                         tracing::info!(path = %st.store_dir.display(&i.path), "substituted instead of building");
                     }
                     failed.extend(r.failed);
+                    gone.extend(r.unavailable);
                 }
                 Err(e) => tracing::warn!("substitution before building failed: {e}"),
             }
@@ -227,7 +230,7 @@ pub(crate) async fn substitute_first(
         let st2 = st.clone();
         level = tokio::task::spawn_blocking(move || inputs_of_unsubstituted(&st2, &fresh)).await.unwrap_or_default();
     }
-    failed
+    (failed, gone)
 }
 
 /// Adds `outs` (`None`: all) to what was looked at of `drv`; true if that is more than before.

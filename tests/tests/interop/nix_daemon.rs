@@ -1034,12 +1034,67 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
     assert!(!c.status.success(), "built without --fallback");
     both_say(&c, &n, &["try '--fallback'", "1 dependencies of derivation '", "-fallback-top.drv' failed to build"]);
     top_args.push("--fallback");
-    p.same("nix-build", &top_args);
+    let top_out = p.same("nix-build", &top_args);
     for side in [Side::Cairn, Side::Nix] {
         p.ok(side, "nix-store", &["--delete", path.trim()]);
     }
     args.push("--fallback");
     assert_eq!(p.same("nix-build", &args).trim(), path);
+    // A NAR gone from the cache is no failure: as if the cache had not offered it, the path is
+    // built without `--fallback` (Nix's "substitute gone").
+    args.pop();
+    top_args.pop();
+    for side in [Side::Cairn, Side::Nix] {
+        p.ok(side, "nix-store", &["--delete", path.trim()]);
+    }
+    std::fs::rename(cache_dir.join("nar"), cache_dir.join("nar-gone")).unwrap();
+    assert_eq!(p.same("nix-build", &args).trim(), path);
+    for side in [Side::Cairn, Side::Nix] {
+        p.ok(side, "nix-store", &["--delete", top_out.trim(), path.trim()]);
+    }
+    assert_eq!(p.same("nix-build", &top_args), top_out);
+}
+
+/// A cache whose closure of a path is incomplete (a reference has no narinfo) offers no
+/// substitute for it: as with nix-daemon, the build goes on without `--fallback`.
+#[test]
+fn a_path_whose_closure_a_cache_lacks_is_built_without_fallback_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let (sk, pk) = p.key("incomplete-1");
+    let f = p.write(
+        "refs.nix",
+        br#"let dep = derivation { name = "closure-dep"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo dep > $out" ]; };
+in derivation { name = "closure-top"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${dep} > $out" ]; }"#,
+    );
+    let src = format!("local?root={}", p.work.path().join("src-store").display());
+    let cache_dir = p.work.path().join("cache");
+    let cache = format!("file://{}", cache_dir.display());
+    let top = p.local_build(&src, &f);
+    p.local(&["nix", "store", "sign", "--store", &src, "-r", "--key-file", sk.to_str().unwrap(), &top]);
+    p.local(&["nix", "copy", "--from", &src, "--to", &cache, &top]);
+    let mut narinfos = 0;
+    for e in std::fs::read_dir(&cache_dir).unwrap() {
+        let path = e.unwrap().path();
+        if std::fs::read_to_string(&path)
+            .is_ok_and(|t| t.lines().any(|l| l.starts_with("StorePath: ") && l.ends_with("-closure-dep")))
+        {
+            std::fs::remove_file(&path).unwrap();
+            narinfos += 1;
+        }
+    }
+    assert_eq!(narinfos, 1);
+    let args = ["--no-out-link", &f, "--option", "substituters", &cache, "--option", "trusted-public-keys", &pk];
+    let (c, n) = p.alike("nix-build", &args);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_eq!(String::from_utf8_lossy(&c.stdout).trim(), top);
+    assert_eq!(c.stdout, n.stdout);
+    // Both build the reference; nix-daemon then substitutes the path itself again, where
+    // cairnd builds it (the same path and, for a deterministic build, the same bytes).
+    both_say(&c, &n, &["building '", "-closure-dep.drv'..."]);
+    p.same_metadata(&[&top]);
 }
 
 /// The client's `--max-jobs 0` builds nothing locally, and its `--cores 0` reaches the builder

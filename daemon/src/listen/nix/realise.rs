@@ -119,9 +119,9 @@ impl<R: Read, W: Write> Session<R, W> {
             let (announce, copying) = tokio::sync::mpsc::unbounded_channel();
             let peer = self.peer.clone();
             let work = crate::api::realise::substitute_first(&st, &peer, &goals, caches, policy, Some(announce));
-            let failed = self.showing_copies(work, copying);
-            if !failed.is_empty() && !self.options.try_fallback {
-                refused = self.without_fallback(&mut goals, failed);
+            let (failed, gone) = self.showing_copies(work, copying);
+            if !failed.is_empty() {
+                refused = self.without_fallback(&mut goals, failed, &gone);
             }
         }
         let top: BTreeSet<StorePath> = goals.iter().map(|g| g.drv.clone()).collect();
@@ -218,21 +218,26 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// Nix's rule without `--fallback`: a goal whose wanted output had a substitute (a cache
     /// has its narinfo) that failed is not built from source but fails, saying so; the
-    /// substitution's own error is logged first, as Nix logs it. Returns those goals' results.
+    /// substitution's own error is logged first, as Nix logs it (with `--fallback` too). A
+    /// substitute that is `gone` (its NAR lost, or its closure incomplete in the caches) is
+    /// logged but counts as none, as in Nix.
+    /// Returns the results of the goals refused.
     fn without_fallback(
         &mut self,
         goals: &mut Vec<Goal>,
         failed: Vec<(StorePath, String)>,
+        gone: &std::collections::HashSet<StorePath>,
     ) -> Vec<(StorePath, cairn_build::realise::GoalResult)> {
         let paths: Vec<StorePath> = failed.iter().map(|(p, _)| p.clone()).collect();
         let had_substitute = self.substitutable(&paths);
-        let broken: BTreeMap<StorePath, String> =
+        let offered: BTreeMap<StorePath, String> =
             failed.into_iter().filter(|(p, _)| had_substitute.contains_key(p)).collect();
-        if broken.is_empty() {
-            return Vec::new();
-        }
-        for (p, why) in &broken {
+        for (p, why) in &offered {
             self.log_line(&format!("error: substituting '{}': {why}", self.show(p)));
+        }
+        let broken: BTreeMap<StorePath, String> = offered.into_iter().filter(|(p, _)| !gone.contains(p)).collect();
+        if broken.is_empty() || self.options.try_fallback {
+            return Vec::new();
         }
         let st = self.st.clone();
         let mut drvs = Derivations::new(&st.store);
