@@ -56,7 +56,7 @@ pub struct UnpackReport {
 pub enum UnpackError {
     #[error("layer {layer}: entry '{entry}' leaves the image root (absolute, or '..')")]
     Escapes { layer: String, entry: String },
-    #[error("layer {layer}: entry '{entry}' would go through the symlink '{symlink}'")]
+    #[error("layer {layer}: entry '{entry}' goes through more than 40 symlinks (a loop at '{symlink}')")]
     ThroughSymlink { layer: String, entry: String, symlink: String },
     #[error("layer {layer}: entry '{entry}' is below '{parent}', which is not a directory")]
     NotADirectory { layer: String, entry: String, parent: String },

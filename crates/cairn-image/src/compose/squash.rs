@@ -6,8 +6,9 @@
 //! one at its path (a directory over a directory only changes its metadata), `.wh.NAME` removes
 //! `NAME` and everything below it from the layers beneath, `.wh..wh..opq` removes everything
 //! the layers beneath put in its directory, and what a layer writes itself is never removed by
-//! its own whiteouts. Entries are refused as unpacking refuses them (leaving the root, going
-//! through a symlink, under a non-directory, hard links to nothing). Each surviving regular file
+//! its own whiteouts. Entries are refused as unpacking refuses them (leaving the root, under a
+//! non-directory, hard links to nothing), and a symlink on an entry's way is followed inside
+//! the image as unpacking follows it. Each surviving regular file
 //! remembers where its contents are: which layer, which entry.
 //!
 //! The second pass writes the layer: the root and every directory (sorted), then symlinks,
@@ -178,7 +179,15 @@ impl Index {
         if parents.iter().any(|c| c.starts_with(WHITEOUT)) {
             return Err(UnpackError::BadWhiteout { layer: label.to_owned(), entry: shown(&raw) });
         }
-        let parent: Key = parents.join(&b'/');
+        if name.starts_with(b".wh..wh.") && *name != OPAQUE {
+            return Ok(()); // other AUFS metadata
+        }
+        // A whiteout hides what is there (nothing to do where its directory is not); an entry
+        // makes its directory.
+        let whiteout = name.starts_with(WHITEOUT);
+        let Some(parent) = self.resolve(label, &raw, parents, (!whiteout).then_some(&mut *touched))? else {
+            return Ok(());
+        };
         if *name == OPAQUE {
             for k in below(&self.nodes, &parent) {
                 if !touched.contains(&k) {
@@ -186,9 +195,6 @@ impl Index {
                 }
             }
             return Ok(());
-        }
-        if name.starts_with(b".wh..wh.") {
-            return Ok(()); // other AUFS metadata
         }
         let join = |n: &[u8]| -> Key {
             if parent.is_empty() {
@@ -205,31 +211,6 @@ impl Index {
                 self.nodes.remove(&k);
             }
             return Ok(());
-        }
-        // Parents: directories, made where missing; never a symlink or another non-directory.
-        for i in 1..=parents.len() {
-            let p: Key = parents[..i].join(&b'/');
-            match self.nodes.get(&p).map(|n| &n.kind) {
-                None => {
-                    self.nodes.insert(p.clone(), Node { kind: Kind::Dir, header: dir_header(), pax: Vec::new() });
-                }
-                Some(Kind::Dir) => {}
-                Some(Kind::Symlink(_)) => {
-                    return Err(UnpackError::ThroughSymlink {
-                        layer: label.to_owned(),
-                        entry: shown(&raw),
-                        symlink: shown(&p),
-                    })
-                }
-                Some(_) => {
-                    return Err(UnpackError::NotADirectory {
-                        layer: label.to_owned(),
-                        entry: shown(&raw),
-                        parent: shown(&p),
-                    })
-                }
-            }
-            touched.insert(p);
         }
         let key = join(name);
         let kind = match kind {
@@ -249,11 +230,15 @@ impl Index {
                 if target.starts_with(b"/") || target.split(|b| *b == b'/').any(|c| c == b"..") {
                     return Err(outside());
                 }
-                let tkey: Key = target
-                    .split(|b| *b == b'/')
-                    .filter(|c| !c.is_empty() && *c != b".")
-                    .collect::<Vec<_>>()
-                    .join(&b'/');
+                let tcomps: Vec<&[u8]> = target.split(|b| *b == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
+                let tkey = match tcomps.split_last() {
+                    Some((tname, tparents)) => match self.resolve(label, &raw, tparents, None)? {
+                        Some(d) if d.is_empty() => tname.to_vec(),
+                        Some(d) => [d.as_slice(), b"/", tname].concat(),
+                        None => Key::new(),
+                    },
+                    None => Key::new(),
+                };
                 let source = match self.nodes.get(&tkey).map(|n| &n.kind) {
                     Some(Kind::File(s)) => *s,
                     Some(Kind::HardLink(_, s)) => *s,
@@ -286,6 +271,71 @@ impl Index {
         self.nodes.insert(key.clone(), Node { kind, header, pax });
         touched.insert(key);
         Ok(())
+    }
+
+    /// The directory `parents` name, resolved as unpacking resolves it (`unpack::layer`): a
+    /// symlink on the way is followed inside the image (an absolute target from its root, `..`
+    /// never above it, at most 40). With `touched` (an entry's own parents), directories
+    /// missing are made and the way is marked as this layer's; without (a whiteout's, a hard
+    /// link's target), `None` where there is no such directory.
+    fn resolve(
+        &mut self,
+        label: &str,
+        raw: &[u8],
+        parents: &[&[u8]],
+        mut touched: Option<&mut HashSet<Key>>,
+    ) -> Result<Option<Key>, UnpackError> {
+        let mut todo: Vec<Vec<u8>> = parents.iter().rev().map(|c| c.to_vec()).collect();
+        let mut walked: Vec<Vec<u8>> = Vec::new();
+        let mut followed = 0;
+        while let Some(c) = todo.pop() {
+            match c.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    walked.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            walked.push(c);
+            let p: Key = walked.join(&b'/');
+            match self.nodes.get(&p).map(|n| &n.kind) {
+                None if touched.is_none() => return Ok(None),
+                None => {
+                    self.nodes.insert(p.clone(), Node { kind: Kind::Dir, header: dir_header(), pax: Vec::new() });
+                }
+                Some(Kind::Dir) => {}
+                Some(Kind::Symlink(target)) => {
+                    followed += 1;
+                    if followed > 40 {
+                        return Err(UnpackError::ThroughSymlink {
+                            layer: label.to_owned(),
+                            entry: shown(raw),
+                            symlink: shown(&p),
+                        });
+                    }
+                    let target = target.clone();
+                    walked.pop();
+                    if target.starts_with(b"/") {
+                        walked.clear();
+                    }
+                    todo.extend(target.split(|b| *b == b'/').rev().map(<[u8]>::to_vec));
+                    continue;
+                }
+                Some(_) if touched.is_none() => return Ok(None),
+                Some(_) => {
+                    return Err(UnpackError::NotADirectory {
+                        layer: label.to_owned(),
+                        entry: shown(raw),
+                        parent: shown(&p),
+                    })
+                }
+            }
+            if let Some(t) = touched.as_deref_mut() {
+                t.insert(p);
+            }
+        }
+        Ok(Some(walked.join(&b'/')))
     }
 
     /// The paths each source's contents are written at: the first as a file, the others as
@@ -684,21 +734,36 @@ mod tests {
     }
 
     #[test]
-    fn entries_through_symlinks_or_outside_the_root_are_refused() {
+    fn entries_through_symlinks_land_inside_the_root_and_outside_names_are_refused() {
         use EntryType::*;
-        let l1 = tar_of(&[("link", Symlink, b"/etc", 0o777)]);
-        let l2 = tar_of(&[("link/passwd", Regular, b"x", 0o644)]);
-        let descs = [desc(&l1), desc(&l2)];
-        let layers = [l1, l2];
-        let e = squash(
+        let l1 = tar_of(&[
+            ("usr/lib/", Directory, b"", 0o755),
+            ("lib", Symlink, b"usr/lib", 0o777),
+            ("link", Symlink, b"/etc", 0o777),
+        ]);
+        let l2 = tar_of(&[
+            ("link/passwd", Regular, b"x", 0o644),
+            ("lib/a", Regular, b"a", 0o644),
+            ("lib/.wh.gone", Regular, b"", 0),
+        ]);
+        let l0 = tar_of(&[("usr/lib/gone", Regular, b"g", 0o644)]);
+        let descs = [desc(&l0), desc(&l1), desc(&l2)];
+        let layers = [l0, l1, l2];
+        let out = squash(
             &descs,
             &mut |i| Ok(Box::new(std::io::Cursor::new(layers[i].clone()))),
             scratch().path(),
             Vec::new(),
             &mut |_| {},
         )
-        .unwrap_err();
-        assert!(e.to_string().contains("symlink"), "{e}");
+        .unwrap();
+        let mut names: Vec<String> = tar::Archive::new(&out[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["etc/", "etc/passwd", "lib", "link", "usr/", "usr/lib/", "usr/lib/a"], "{names:?}");
         let bad = tar_of(&[("a", Link, b"../../etc/shadow", 0o644)]);
         let d = [desc(&bad)];
         let e = squash(

@@ -10,11 +10,14 @@
 //! * names are relative: `./` prefixes and `.` components are fine, an absolute name or a `..`
 //!   component anywhere is refused (the issue asked for absolute names to be refused, not
 //!   re-rooted: no real layer builder writes them, and a silent re-rooting hides a forgery);
-//! * no write, removal or hard-link lookup ever goes through a symlink: parents are walked one
-//!   component at a time with `symlink_metadata`, and a symlink among them is refused ("symlink
-//!   then write"); an existing entry at the final name is removed first (a directory only when
-//!   the new entry is not one), files are created with `O_EXCL`, so a symlink planted there is
-//!   replaced, never followed;
+//! * no write, removal or hard-link lookup ever leaves the tree: parents are walked one
+//!   component at a time with `symlink_metadata`, and a symlink among them is resolved as the
+//!   image's own root would resolve it (umoci's and containerd's `SecureJoin`): its target read
+//!   and walked in turn, an absolute one from the tree's root, `..` never above it, at most 40
+//!   symlinks (a loop is refused) — so `lib/x` below `lib -> usr/lib` is written to `usr/lib/x`,
+//!   and `evil/x` below `evil -> /etc` to the tree's own `etc/x`. An existing entry at the final
+//!   name is removed first (a directory only when the new entry is not one), files are created
+//!   with `O_EXCL`, so a symlink at the final name is replaced, never followed;
 //! * a hard link names an earlier regular file of the tree, reached the same way;
 //! * device nodes and fifos are dropped and setuid/setgid/sticky bits ignored (store paths hold
 //!   neither), and both are counted for the report; owners, times and extended attributes are
@@ -41,6 +44,8 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 /// aufs's own bookkeeping (`.wh..wh.plnk`, `.wh..wh.aufs`), skipped as Docker skips it.
 const AUFS_META: &[u8] = b".wh..wh.";
 const SPECIAL_BITS: u32 = 0o7000;
+/// Symlinks followed to resolve one entry's directory, as Linux's limit (`ELOOP`).
+const MAX_SYMLINKS: usize = 40;
 
 /// A root filesystem being built from layers.
 pub(super) struct Tree {
@@ -185,7 +190,7 @@ impl Layer<'_> {
             }
             EntryType::Link => {
                 let target = e.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
-                self.hard_link(&raw, &comps, &dest, &target)?;
+                self.hard_link(&raw, &dest, &target)?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 // Left out; what a lower layer had at that name is replaced by nothing.
@@ -201,7 +206,8 @@ impl Layer<'_> {
                 })
             }
         }
-        self.touch(&comps);
+        let written = self.relative(&dest).to_owned();
+        self.touch(&written);
         Ok(())
     }
 
@@ -211,35 +217,71 @@ impl Layer<'_> {
         }
     }
 
-    /// Marks an entry and its ancestors as written by this layer.
-    fn touch(&mut self, comps: &[&[u8]]) {
-        for n in 1..=comps.len() {
-            self.touched.insert(rel_path(&comps[..n]));
+    /// Marks a path of the tree (relative to its root) and its ancestors as written by this
+    /// layer.
+    fn touch(&mut self, rel: &Path) {
+        let mut p = PathBuf::new();
+        for c in rel.components() {
+            p.push(c);
+            self.touched.insert(p.clone());
         }
     }
 
-    /// The directory holding an entry: `parents` walked from the root without following any
-    /// symlink. Missing directories are created (`Create`, marked as this layer's) or mean
-    /// there is nothing there (`MustExist`: `None`, also for a non-directory on the way).
+    /// Where `path`, a path of the tree, is relative to its root.
+    fn relative<'p>(&self, path: &'p Path) -> &'p Path {
+        path.strip_prefix(&self.tree.root).unwrap_or(path)
+    }
+
+    /// The directory holding an entry: `parents` walked from the root as the image's own root
+    /// would resolve them, as umoci and containerd do (`SecureJoin`): a symlink among them is
+    /// followed inside the tree — an absolute target from the tree's root, `..` never above it,
+    /// at most [`MAX_SYMLINKS`] of them — so `lib/x` below `lib -> usr/lib` lands in `usr/lib`,
+    /// and nothing ever lands outside. Missing directories are created (`Create`, marked as
+    /// this layer's) or mean there is nothing there (`MustExist`: `None`, also for a
+    /// non-directory on the way).
     fn parent_dir(&mut self, entry: &[u8], parents: &[&[u8]], how: Parents) -> Result<Option<PathBuf>, UnpackError> {
-        let mut p = self.tree.root.clone();
-        for (i, c) in parents.iter().enumerate() {
-            p.push(OsStr::from_bytes(c));
+        // Components still to walk, the next one last; and the resolved path so far.
+        let mut todo: Vec<Vec<u8>> = parents.iter().rev().map(|c| c.to_vec()).collect();
+        let mut walked: Vec<Vec<u8>> = Vec::new();
+        let mut followed = 0;
+        while let Some(c) = todo.pop() {
+            match c.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    walked.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            walked.push(c);
+            let p = self.tree.root.join(rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()));
             match fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => {}
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(UnpackError::ThroughSymlink {
-                        layer: self.label.to_owned(),
-                        entry: shown(entry),
-                        symlink: rel_path(&parents[..=i]).display().to_string(),
-                    })
+                    followed += 1;
+                    if followed > MAX_SYMLINKS {
+                        return Err(UnpackError::ThroughSymlink {
+                            layer: self.label.to_owned(),
+                            entry: shown(entry),
+                            symlink: rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>())
+                                .display()
+                                .to_string(),
+                        });
+                    }
+                    let target = fs::read_link(&p).map_err(self.io("read symlink", &p))?;
+                    let target = target.as_os_str().as_bytes();
+                    walked.pop();
+                    if target.starts_with(b"/") {
+                        walked.clear();
+                    }
+                    todo.extend(target.split(|b| *b == b'/').rev().map(<[u8]>::to_vec));
                 }
                 Ok(_) if how == Parents::MustExist => return Ok(None),
                 Ok(_) => {
                     return Err(UnpackError::NotADirectory {
                         layer: self.label.to_owned(),
                         entry: shown(entry),
-                        parent: rel_path(&parents[..=i]).display().to_string(),
+                        parent: rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()).display().to_string(),
                     })
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -247,12 +289,12 @@ impl Layer<'_> {
                         return Ok(None);
                     }
                     fs::DirBuilder::new().mode(0o755).create(&p).map_err(self.io("create", &p))?;
-                    self.touch(&parents[..=i]);
+                    self.touch(&rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()));
                 }
                 Err(e) => return Err(self.io("stat", &p)(e)),
             }
         }
-        Ok(Some(p))
+        Ok(Some(self.tree.root.join(rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()))))
     }
 
     fn make_dir(&self, dest: &Path) -> Result<(), UnpackError> {
@@ -282,7 +324,7 @@ impl Layer<'_> {
         f.set_permissions(fs::Permissions::from_mode(mode)).map_err(self.io("chmod", dest))
     }
 
-    fn hard_link(&mut self, raw: &[u8], comps: &[&[u8]], dest: &Path, target: &[u8]) -> Result<(), UnpackError> {
+    fn hard_link(&mut self, raw: &[u8], dest: &Path, target: &[u8]) -> Result<(), UnpackError> {
         let outside =
             || UnpackError::LinkOutside { layer: self.label.to_owned(), entry: shown(raw), target: shown(target) };
         let missing =
@@ -297,10 +339,10 @@ impl Layer<'_> {
         if !fs::symlink_metadata(&source).is_ok_and(|m| m.is_file()) {
             return Err(missing());
         }
-        if tcomps == comps {
+        if source == dest {
             return Ok(());
         }
-        if tcomps.starts_with(comps) {
+        if source.starts_with(dest) {
             // Replacing the entry would remove the file it links to.
             return Err(missing());
         }
@@ -314,15 +356,16 @@ impl Layer<'_> {
             return Err(UnpackError::BadWhiteout { layer: self.label.to_owned(), entry: shown(raw) });
         }
         let Some(dir) = self.parent_dir(raw, parents, Parents::MustExist)? else { return Ok(()) };
-        let mut rel = rel_path(parents);
-        rel.push(OsStr::from_bytes(hidden));
-        self.remove_lower(&dir.join(OsStr::from_bytes(hidden)), &rel)
+        let path = dir.join(OsStr::from_bytes(hidden));
+        let rel = self.relative(&path).to_owned();
+        self.remove_lower(&path, &rel)
     }
 
     /// `DIR/.wh..wh..opq`: what lower layers put in DIR is gone.
     fn opaque(&mut self, raw: &[u8], parents: &[&[u8]]) -> Result<(), UnpackError> {
         let Some(dir) = self.parent_dir(raw, parents, Parents::MustExist)? else { return Ok(()) };
-        self.remove_lower_children(&dir, &rel_path(parents))
+        let rel = self.relative(&dir).to_owned();
+        self.remove_lower_children(&dir, &rel)
     }
 
     /// Removes what lower layers made at `path` (relative: `rel`), keeping what this one wrote.
@@ -554,16 +597,27 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn whiteouts_never_go_through_symlinks() {
+    fn whiteouts_through_symlinks_stay_inside_the_tree() {
         let outside = tempfile::tempdir().unwrap();
         fs::write(outside.path().join("victim"), b"x").unwrap();
         let mut f = fixture();
-        f.apply(&[E::Sym("evil", outside.path().to_str().unwrap())]).unwrap();
-        let e = f.apply(&[E::File("evil/.wh.victim", b"", 0)]).unwrap_err();
-        assert!(matches!(e, UnpackError::ThroughSymlink { .. }), "{e}");
-        let e = f.apply(&[E::File("evil/.wh..wh..opq", b"", 0)]).unwrap_err();
-        assert!(matches!(e, UnpackError::ThroughSymlink { .. }), "{e}");
+        f.apply(&[
+            E::Sym("evil", outside.path().to_str().unwrap()),
+            E::Sym("up", "../../../.."),
+            E::File("usr/lib/old", b"o", 0o644),
+            E::File("usr/lib/kept", b"k", 0o644),
+            E::Sym("lib", "usr/lib"),
+        ])
+        .unwrap();
+        f.apply(&[
+            E::File("evil/.wh.victim", b"", 0),
+            E::File("evil/.wh..wh..opq", b"", 0),
+            E::File("up/.wh.victim", b"", 0),
+            E::File("lib/.wh.old", b"", 0),
+        ])
+        .unwrap();
         assert!(outside.path().join("victim").exists());
+        assert!(!f.exists("usr/lib/old") && f.exists("usr/lib/kept"));
     }
 
     #[test]
@@ -618,8 +672,9 @@ pub(super) mod tests {
             }
             assert!(e.to_string().contains("'l'"), "{e}");
         }
+        // A symlink on the way is followed inside the tree, where there is no such file.
         let e = f.apply(&[E::Link("l", "out/secret")]).unwrap_err();
-        assert!(matches!(e, UnpackError::ThroughSymlink { .. }), "{e}");
+        assert!(matches!(e, UnpackError::LinkMissing { .. }), "{e}");
         // A link in the same layer as an entry that comes later is not "earlier".
         let e = f.apply(&[E::Link("early", "late"), E::File("late", b"x", 0o644)]).unwrap_err();
         assert!(matches!(e, UnpackError::LinkMissing { .. }), "{e}");
@@ -669,23 +724,39 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn nothing_is_written_through_a_symlink() {
+    fn writes_through_symlinks_land_inside_the_tree() {
         let outside = tempfile::tempdir().unwrap();
         let target = outside.path().to_str().unwrap();
         let mut f = fixture();
-        // In one layer, and across layers.
-        let e = f.apply(&[E::Sym("evil", target), E::File("evil/x", b"pwned", 0o644)]).unwrap_err();
-        assert!(matches!(&e, UnpackError::ThroughSymlink { symlink, .. } if symlink == "evil"), "{e}");
-        assert!(e.to_string().contains("'evil/x'"), "{e}");
-        for entries in [
-            vec![E::Dir("evil/sub/")],
-            vec![E::Sym("evil/s", "/x")],
-            vec![E::Link("evil/h", "f")],
-            vec![E::Dev("evil/d")],
-        ] {
-            assert!(matches!(f.apply(&entries).unwrap_err(), UnpackError::ThroughSymlink { .. }));
-        }
+        // As umoci and containerd resolve them: `lib -> usr/lib` then `lib/x` is `usr/lib/x`,
+        // in one layer and across layers, through relative and absolute targets.
+        f.apply(&[E::Dir("usr/lib/"), E::Sym("lib", "usr/lib"), E::File("lib/a", b"a", 0o644)]).unwrap();
+        f.apply(&[E::Sym("lib64", "/usr/lib/../lib"), E::File("lib64/b", b"b", 0o644), E::Dir("lib/sub/")]).unwrap();
+        assert_eq!((f.read("usr/lib/a"), f.read("usr/lib/b")), ("a".into(), "b".into()));
+        assert!(fs::symlink_metadata(f.root.join("usr/lib/sub")).unwrap().is_dir());
+        // A target outside the tree is taken as the image sees it, below the tree's root: an
+        // absolute one from there, and `..` never above it.
+        f.apply(&[
+            E::Sym("evil", target),
+            E::File("evil/x", b"inside", 0o644),
+            E::Sym("up", "../../../../.."),
+            E::File("up/y", b"inside", 0o644),
+            E::Dir("evil/sub/"),
+            E::Sym("evil/s", "/x"),
+            E::Link("evil/h", "lib/a"),
+            E::Dev("evil/d"),
+        ])
+        .unwrap();
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+        let inside = f.root.join(target.trim_start_matches('/'));
+        assert_eq!(fs::read_to_string(inside.join("x")).unwrap(), "inside");
+        assert!(inside.join("sub").is_dir() && inside.join("h").is_file());
+        assert_eq!(f.read("y"), "inside");
+        // Symlinks that lead to each other are refused, naming the entry.
+        let e = f.apply(&[E::Sym("loop-a", "loop-b"), E::Sym("loop-b", "loop-a"), E::File("loop-a/x", b"", 0o644)]);
+        let e = e.unwrap_err();
+        assert!(matches!(&e, UnpackError::ThroughSymlink { .. }), "{e}");
+        assert!(e.to_string().contains("'loop-a/x'"), "{e}");
         // A symlink at the final name is replaced, not followed.
         fs::write(outside.path().join("file"), b"original").unwrap();
         let file = outside.path().join("file").display().to_string();
@@ -694,8 +765,10 @@ pub(super) mod tests {
         assert_eq!(fs::read(outside.path().join("file")).unwrap(), b"original");
         assert_eq!(f.read("l"), "new");
         assert!(fs::symlink_metadata(f.root.join("d")).unwrap().is_dir());
-        // A regular file as a parent is refused too.
+        // A regular file as a parent is refused.
         let e = f.apply(&[E::File("l/x", b"", 0o644)]).unwrap_err();
+        assert!(matches!(e, UnpackError::NotADirectory { .. }), "{e}");
+        let e = f.apply(&[E::Sym("to-file", "l"), E::File("to-file/x", b"", 0o644)]).unwrap_err();
         assert!(matches!(e, UnpackError::NotADirectory { .. }), "{e}");
     }
 
