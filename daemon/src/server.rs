@@ -64,7 +64,7 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
 
     let app = router(state.clone());
     if let Some(addr) = &settings.listen {
-        let keys = secret_keys(&settings)?;
+        let keys = crate::state::secret_keys(&settings)?;
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on '{addr}' (listen in the config)"))?;
@@ -253,19 +253,6 @@ pub(crate) async fn open_state(
     Ok(state)
 }
 
-/// The keys of `secret-key-files`, with which served narinfos are signed.
-fn secret_keys(settings: &Settings) -> anyhow::Result<Vec<cairn_nix::signing::SecretKey>> {
-    settings
-        .secret_key_files
-        .iter()
-        .map(|f| {
-            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
-            cairn_nix::signing::SecretKey::parse(&text)
-                .with_context(|| format!("'{}' (secret-key-files in the config)", f.display()))
-        })
-        .collect()
-}
-
 /// Starts the p2p node if `p2p-listen` or `peers` is set.
 async fn start_p2p(settings: &Settings, store: &Arc<LocalStore>) -> anyhow::Result<Option<Arc<cairn_p2p::Node>>> {
     if settings.p2p_listen.is_none() && settings.peers.is_empty() {
@@ -287,7 +274,7 @@ async fn start_p2p(settings: &Settings, store: &Arc<LocalStore>) -> anyhow::Resu
         state_dir: state_dir(&settings.root),
         max_transfers_per_peer: settings.p2p_max_transfers_per_peer,
         upload_rate: settings.p2p_upload_rate,
-        keys: secret_keys(settings)?,
+        keys: crate::state::secret_keys(settings)?,
     };
     Ok(Some(Arc::new(cairn_p2p::Node::start(config, store.clone()).await?)))
 }

@@ -219,3 +219,16 @@ impl cairn_build::Builtin for ImageBuiltin {
         Ok(())
     }
 }
+
+/// The keys of `secret-key-files`, with which served narinfos and built paths are signed.
+pub(crate) fn secret_keys(settings: &Settings) -> anyhow::Result<Vec<cairn_nix::signing::SecretKey>> {
+    settings
+        .secret_key_files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read '{}'", f.display()))?;
+            cairn_nix::signing::SecretKey::parse(&text)
+                .with_context(|| format!("'{}' (secret-key-files in the config)", f.display()))
+        })
+        .collect()
+}

@@ -87,6 +87,10 @@ pub struct BuildSettings {
     /// commands a hook runs (`nix copy --to … $OUT_PATHS`) see this store, as a hook run by
     /// nix-daemon sees nix-daemon's.
     pub hook_env: Vec<(String, String)>,
+    /// `secret-key-files`: what is built here is registered signed with these keys, as Nix
+    /// signs its builds (`signPathInfo`), so that it can be copied to stores that require
+    /// signatures.
+    pub signing_keys: Vec<cairn_nix::signing::SecretKey>,
 }
 
 /// One derivation to realise, with the outputs wanted (all if `None`).
@@ -909,7 +913,30 @@ impl Builder {
                 return Err(format!("builder for '{shown}' did not make output '{name}'"));
             }
         }
+        self.sign_built(node.outputs.values());
         Ok(node.outputs.clone())
+    }
+
+    /// Signs built paths that were registered without the keys of `secret-key-files` (what a
+    /// builtin builder registers itself); a failure is only logged, as the build succeeded.
+    fn sign_built<'p>(&self, paths: impl Iterator<Item = &'p StorePath>) {
+        let keys = &self.settings.signing_keys;
+        if keys.is_empty() {
+            return;
+        }
+        let dir = self.store.store_dir();
+        for p in paths {
+            let Ok(Some(info)) = self.store.path_info(p) else { continue };
+            let Ok(fp) =
+                cairn_nix::signing::fingerprint(dir, &info.path, &info.nar_hash, info.nar_size, &info.references)
+            else {
+                continue;
+            };
+            let sigs: BTreeSet<String> = keys.iter().map(|k| k.sign(&fp)).collect();
+            if let Err(e) = self.store.add_signatures(p, &sigs) {
+                tracing::warn!(path = %dir.display(p), "cannot sign a built path: {e}");
+            }
+        }
     }
 
     /// Creates the build directory and the sandbox root; returns the spec, the input closure,
@@ -1112,10 +1139,19 @@ impl Builder {
             _ => BTreeSet::new(),
         };
         let batch = self.store.build_batch().map_err(|e| e.to_string())?;
+        let sign = |info: &mut PathInfo| {
+            if self.settings.signing_keys.is_empty() {
+                return;
+            }
+            match cairn_nix::signing::fingerprint(dir, &info.path, &info.nar_hash, info.nar_size, &info.references) {
+                Ok(fp) => info.signatures.extend(self.settings.signing_keys.iter().map(|k| k.sign(&fp))),
+                Err(e) => tracing::warn!(path = %dir.display(&info.path), "cannot sign a built path: {e}"),
+            }
+        };
         let repair =
             if corrupt.is_empty() { None } else { Some(self.store.repair_batch().map_err(|e| e.to_string())?) };
         for (_, display, c) in collected {
-            let info = PathInfo {
+            let mut info = PathInfo {
                 path: c.path.clone(),
                 nar_hash: c.nar_hash,
                 nar_size: c.nar_size,
@@ -1126,6 +1162,7 @@ impl Builder {
                 signatures: signatures.get(&c.path).cloned().unwrap_or_default(),
                 ca: c.ca,
             };
+            sign(&mut info);
             let reader = c.nar.into_reader().map_err(|e| format!("reading output '{display}': {e}"))?;
             match &repair {
                 Some(r) if corrupt.contains(&c.path) => {

@@ -69,6 +69,7 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
             .iter()
             .map(|socket| ("NIX_REMOTE".to_owned(), nix_remote(socket, settings)))
             .collect(),
+        signing_keys: crate::state::secret_keys(settings)?,
     })
 }
 

@@ -39,8 +39,14 @@ enum Side {
 
 impl Pair {
     fn start() -> Pair {
-        let cairn = TestStore::builder().store_dir("/nix/store").config(CAIRN_CONFIG).start();
-        Pair { cairn, nix: NixDaemon::start(), work: tempfile::tempdir().unwrap() }
+        Pair::start_with("", "")
+    }
+
+    /// Both daemons with more settings: cairnd's (TOML) and nix-daemon's (nix.conf lines).
+    fn start_with(cairn_extra: &str, nix_extra: &str) -> Pair {
+        let cairn =
+            TestStore::builder().store_dir("/nix/store").config(&format!("{CAIRN_CONFIG}{cairn_extra}")).start();
+        Pair { cairn, nix: NixDaemon::start_with(nix_extra), work: tempfile::tempdir().unwrap() }
     }
 
     fn url(&self, side: Side) -> String {
@@ -858,6 +864,40 @@ fn a_fixed_output_comes_from_a_cache_of_another_store_directory_as_with_nix_daem
     ];
     let (c, _) = p.alike("nix-build", &args);
     assert!(!c.status.success());
+}
+
+/// The daemon's own `secret-key-files` sign what it builds, as nix-daemon's do (ed25519 is
+/// deterministic: the same signature on the same path), and not what is merely added.
+#[test]
+fn the_daemon_s_secret_key_files_sign_what_it_builds_as_nix_daemon_s_do() {
+    if !peers() {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let (sk, pk) = (keys.path().join("builder.sk"), keys.path().join("builder.pk"));
+    let out =
+        Command::new("nix-store").args(["--generate-binary-cache-key", "builder-1"]).args([&sk, &pk]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = Pair::start_with(
+        &format!("secret-key-files = [\"{}\"]\n", sk.display()),
+        &format!("secret-key-files = {}", sk.display()),
+    );
+    let f = p.write(
+        "signed-build.nix",
+        br#"derivation { name = "signed-build"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo built > $out" ]; }"#,
+    );
+    let built = p.same("nix-build", &["--no-out-link", &f]).trim().to_owned();
+    let added = p.same("nix-store", &["--add", &f]).trim().to_owned();
+    let sigs = |side| -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.ok(side, "nix", &["path-info", "--json", &built, &added])).unwrap();
+        v.as_array().unwrap().iter().map(|i| i["signatures"].clone()).collect()
+    };
+    let (c, n) = (sigs(Side::Cairn), sigs(Side::Nix));
+    assert_eq!(c, n);
+    assert!(c.iter().any(|s| s.to_string().contains("builder-1:")), "{c:?}");
+    let public = std::fs::read_to_string(&pk).unwrap();
+    p.same("nix", &["store", "verify", "--sigs-needed", "1", "--trusted-public-keys", public.trim(), &built]);
 }
 
 /// A content-addressed path that refers to itself (what `nix store make-content-addressed`
