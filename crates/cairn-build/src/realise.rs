@@ -83,9 +83,9 @@ pub struct BuildSettings {
     pub fetch: FetchSettings,
     /// `post-build-hook`: run after each derivation built here ([`hook`]).
     pub post_build_hook: Option<PathBuf>,
-    /// Added to the hook's environment: `NIX_REMOTE` naming this daemon, so that the Nix
-    /// commands a hook runs (`nix copy --to … $OUT_PATHS`) see this store, as a hook run by
-    /// nix-daemon sees nix-daemon's.
+    /// Added to the hook's environment: `NIX_REMOTE` naming this daemon and `NIX_STORE_DIR`
+    /// its store directory, so that the Nix commands a hook runs (`nix copy --to … $OUT_PATHS`)
+    /// see this store, as a hook run by nix-daemon sees nix-daemon's.
     pub hook_env: Vec<(String, String)>,
     /// `secret-key-files`: what is built here is registered signed with these keys, as Nix
     /// signs its builds (`signPathInfo`), so that it can be copied to stores that require

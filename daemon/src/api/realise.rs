@@ -64,10 +64,16 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
             stalled_timeout: secs(settings.stalled_download_timeout),
         },
         post_build_hook: settings.post_build_hook.clone(),
+        // With the store directory, which a Nix client cannot tell from the URL.
         hook_env: settings
             .nix_daemon_socket
             .iter()
-            .map(|socket| ("NIX_REMOTE".to_owned(), nix_remote(socket, settings)))
+            .flat_map(|socket| {
+                [
+                    ("NIX_REMOTE".to_owned(), nix_remote(socket, settings)),
+                    ("NIX_STORE_DIR".to_owned(), settings.store_dir.clone()),
+                ]
+            })
             .collect(),
         signing_keys: crate::state::secret_keys(settings)?,
     })
@@ -76,12 +82,16 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
 /// The `NIX_REMOTE` a Nix client on this machine uses to reach this daemon's Nix socket and see
 /// its files (the store under the root, the build logs): see the README's "Where Nix reads the
 /// store itself".
+///
+/// Under another root, the store's real directory is named with `real=`: Nix's `root=` takes the
+/// store to be at `ROOT/nix/store` whatever the store directory is.
 fn nix_remote(socket: &std::path::Path, settings: &Settings) -> String {
     let log = state_dir(&settings.root).join("log");
     if settings.root == std::path::Path::new("/") {
         format!("unix://{}?log={}", socket.display(), log.display())
     } else {
-        format!("unix://{}?root={}&log={}", socket.display(), settings.root.display(), log.display())
+        let real = settings.root.join(settings.store_dir.trim_start_matches('/'));
+        format!("unix://{}?real={}&log={}", socket.display(), real.display(), log.display())
     }
 }
 

@@ -1346,6 +1346,50 @@ in { top = sh "hooked" "cat ${dep} > $out; echo > $doc"; bad = sh "hooked-bad" "
     both_say(&c, &n, &[&format!("program '{failing}' failed with exit code 3")]);
 }
 
+/// The daemon's own `post-build-hook` reaches the daemon's store with Nix's tools whatever its
+/// store directory and root: the hook's `NIX_REMOTE` names the real store directory (Nix's
+/// `root=` would take it to be `ROOT/nix/store`) and `NIX_STORE_DIR` the logical one.
+#[test]
+fn nix_commands_in_the_daemon_s_hook_see_its_store_under_another_store_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    if !peers() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let record = work.path().join("record");
+    let hook = work.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh
+export HOME={home}
+{{ nix --extra-experimental-features nix-command path-info \"$DRV_PATH\" && \
+             nix-store -q --deriver \"$OUT_PATHS\" && \
+             nix --extra-experimental-features nix-command store cat \"$OUT_PATHS\"; }} >> {record} 2>&1\n",
+            home = work.path().display(),
+            record = record.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let st = TestStore::builder()
+        .store_dir("/gnu/store")
+        .config(&format!("{CAIRN_CONFIG}post-build-hook = \"{}\"\n", hook.display()))
+        .start();
+    let drv = serde_json::json!({
+        "outputs": { "out": { "path": "" } }, "inputSrcs": [], "inputDrvs": {}, "system": "x86_64-linux",
+        "builder": "/bin/sh", "args": ["-c", "echo hooked > $out"],
+        "env": { "name": "hooked-elsewhere", "builder": "/bin/sh", "system": "x86_64-linux", "out": "" },
+    });
+    let f = work.path().join("drv.json");
+    std::fs::write(&f, drv.to_string()).unwrap();
+    let drv = st.ok(&["derivation", "add", f.to_str().unwrap()]).trim().to_owned();
+    let out = st.ok(&["realise", &drv]).trim().to_owned();
+    assert!(out.starts_with("/gnu/store/"), "{out}");
+    let said = std::fs::read_to_string(&record).unwrap();
+    assert_eq!(said, format!("{out}\n{drv}\nhooked\n"), "{said}");
+}
+
 /// A client that goes away stops its build, as `nix-daemon` stops it: the builder's processes
 /// are killed within a second or so, and nothing is registered. (The build said nothing, so
 /// no failed write to the client could tell the daemon.)
