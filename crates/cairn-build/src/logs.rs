@@ -35,6 +35,11 @@ impl LogStore {
         Ok(LogWriter { out: Some(out), pending: Vec::new(), enc: None, tmp, file })
     }
 
+    /// Whether a log of `drv` is kept.
+    pub fn exists(&self, drv: &StorePath) -> bool {
+        ["bz2", "zst"].iter().any(|ext| self.file(drv, ext).exists())
+    }
+
     /// The log of the last build of `drv`, if any.
     pub fn read(&self, drv: &StorePath) -> io::Result<Option<Vec<u8>>> {
         let Some(mut r) = self.open(drv)? else { return Ok(None) };

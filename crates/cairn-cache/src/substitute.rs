@@ -286,6 +286,8 @@ pub struct Report {
     /// substituted (an incomplete closure). Nix counts neither as a failed substitute: a build
     /// falls back to building them without being asked to.
     pub unavailable: HashSet<StorePath>,
+    /// The paths some cache offered: a narinfo that passed the checks (trust included).
+    pub offered: HashSet<StorePath>,
 }
 
 /// Told of each path whose download starts — the path as the cache names it, and the URL of
@@ -409,6 +411,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
         let Some(event) = rx.recv().await else { break };
         match event {
             Event::Found { path, references, size } => {
+                report.offered.insert(path.clone());
                 if announced.insert(path) {
                     ctx.progress.paths_expected.fetch_add(1, Ordering::Relaxed);
                     ctx.progress.bytes_expected.fetch_add(size, Ordering::Relaxed);
@@ -489,7 +492,8 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
             tried.push(format!("{}: {check}", sub.url()));
             continue;
         }
-        if sub.memoised() {
+        // (A narinfo of another store directory's is remembered under its own hash part.)
+        if sub.memoised() && !sub.elsewhere(&ctx.dir) {
             ctx.lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
         }
         let references = info.references.iter().filter(|r| **r != path).cloned().collect();

@@ -51,12 +51,23 @@ pub struct UnpackReport {
     pub cached: bool,
 }
 
+/// Symlink targets are shorter than this (Linux's `PATH_MAX`).
+pub(crate) const MAX_SYMLINK_TARGET: usize = 4096;
+
+/// Components walked, symlinks' included, to resolve one entry's directory: what `PATH_MAX`
+/// targets followed [`MAX_SYMLINKS`] times could hold, and no more, so that a layer of symlinks
+/// to long paths cannot make every entry below them a walk of millions of steps.
+pub(crate) const MAX_STEPS: usize = 4096;
+
+/// Symlinks followed to resolve one entry's directory, as Linux's limit (`ELOOP`).
+pub(crate) const MAX_SYMLINKS: usize = 40;
+
 /// Why a layer could not be unpacked. Each refusal of an entry names the layer and the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     #[error("layer {layer}: entry '{entry}' leaves the image root (absolute, or '..')")]
     Escapes { layer: String, entry: String },
-    #[error("layer {layer}: entry '{entry}' goes through more than 40 symlinks (a loop at '{symlink}')")]
+    #[error("layer {layer}: entry '{entry}' goes through too many symlinks (more than {MAX_SYMLINKS}, or {MAX_STEPS} steps: a loop?) at '{symlink}'")]
     ThroughSymlink { layer: String, entry: String, symlink: String },
     #[error("layer {layer}: entry '{entry}' is below '{parent}', which is not a directory")]
     NotADirectory { layer: String, entry: String, parent: String },
@@ -70,6 +81,8 @@ pub enum UnpackError {
     LinkMissing { layer: String, entry: String, target: String },
     #[error("layer {layer}: symlink '{entry}' has an empty target")]
     EmptySymlink { layer: String, entry: String },
+    #[error("layer {layer}: symlink '{entry}' has a target no file system holds (a NUL byte, or {MAX_SYMLINK_TARGET} bytes or more)")]
+    BadSymlink { layer: String, entry: String },
     #[error("layer {layer}: entry '{entry}' has unsupported tar type '{kind}'")]
     UnsupportedEntry { layer: String, entry: String, kind: char },
     #[error("layer {layer} has media type '{media_type}', which cannot be unpacked (tar, tar+gzip or tar+zstd)")]

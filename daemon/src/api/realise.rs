@@ -188,16 +188,28 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
     o.iter().map(|(k, v)| (k.clone(), dir.display(v))).collect()
 }
 
+/// What [`substitute_first`] could not substitute.
+#[derive(Debug, Default)]
+pub(crate) struct NotSubstituted {
+    /// The paths, and why.
+    pub failed: Vec<(StorePath, String)>,
+    /// Of those, the ones a cache offered (a narinfo that passed the checks) whose substitute
+    /// then failed for a reason Nix counts as a failure (not [`cairn_cache::Report::unavailable`]):
+    /// without `--fallback`, what needs them is not built.
+    pub broken: HashSet<StorePath>,
+}
+
 /// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix's
-/// goals try before they build; returns the paths that could not be substituted, and why (the
-/// caller decides whether those are built), and which of them no cache could really offer
-/// ([`cairn_cache::Report::unavailable`]: no failure for Nix).
+/// goals try before they build; returns what could not be substituted (the caller decides
+/// whether those are built).
 ///
 /// As Nix's derivation goals, top down: a derivation whose wanted outputs are valid (or were
 /// just substituted, with their closures) needs nothing of its inputs; one whose outputs no
 /// cache had is built, so the outputs it uses of its inputs are looked for next — one round a
-/// level, each round's lookups and downloads in parallel. A fixed output is looked for by its
-/// content address too, which a cache of another store directory can serve.
+/// level, each round's lookups and downloads in parallel. Without `fallback`, a derivation
+/// whose substitute broke will not be built, so its inputs are not looked for. A fixed output
+/// is looked for by its content address too, which a cache of another store directory can
+/// serve.
 pub(crate) async fn substitute_first(
     st: &Arc<AppState>,
     peer: &Peer,
@@ -205,11 +217,11 @@ pub(crate) async fn substitute_first(
     caches: Vec<Arc<cairn_cache::Substituter>>,
     policy: cairn_cache::Policy,
     announce: Option<cairn_cache::substitute::Announce>,
-) -> (Vec<(StorePath, String)>, HashSet<StorePath>) {
-    let mut failed = Vec::new();
-    let mut gone = HashSet::new();
+    fallback: bool,
+) -> NotSubstituted {
+    let mut not = NotSubstituted::default();
     if caches.is_empty() {
-        return (failed, gone);
+        return not;
     }
     // The outputs of each derivation looked at so far (`None`: all).
     let mut looked: HashMap<StorePath, Option<BTreeSet<String>>> = HashMap::new();
@@ -231,17 +243,23 @@ pub(crate) async fn substitute_first(
                     for i in &r.added {
                         tracing::info!(path = %st.store_dir.display(&i.path), "substituted instead of building");
                     }
-                    failed.extend(r.failed);
-                    gone.extend(r.unavailable);
+                    let broken = r
+                        .failed
+                        .iter()
+                        .map(|(p, _)| p)
+                        .filter(|p| r.offered.contains(*p) && !r.unavailable.contains(*p));
+                    not.broken.extend(broken.cloned());
+                    not.failed.extend(r.failed);
                 }
                 Err(e) => tracing::warn!("substitution before building failed: {e}"),
             }
         }
         // What is still missing is built: the outputs it uses of its inputs are looked for next.
-        let st2 = st.clone();
-        level = tokio::task::spawn_blocking(move || inputs_of_unsubstituted(&st2, &fresh)).await.unwrap_or_default();
+        let (st2, skip) = (st.clone(), if fallback { HashSet::new() } else { not.broken.clone() });
+        level =
+            tokio::task::spawn_blocking(move || inputs_of_unsubstituted(&st2, &fresh, &skip)).await.unwrap_or_default();
     }
-    (failed, gone)
+    not
 }
 
 /// Adds `outs` (`None`: all) to what was looked at of `drv`; true if that is more than before.
@@ -303,19 +321,25 @@ fn missing_outputs(st: &AppState, level: &[(StorePath, Option<BTreeSet<String>>)
 }
 
 /// The inputs (with the outputs used of each) of the derivations of `level` that still miss a
-/// wanted output: they will be built.
+/// wanted output: they will be built — unless one of those is `broken` (see
+/// [`NotSubstituted::broken`]).
 fn inputs_of_unsubstituted(
     st: &AppState,
     level: &[(StorePath, Option<BTreeSet<String>>)],
+    broken: &HashSet<StorePath>,
 ) -> Vec<(StorePath, Option<BTreeSet<String>>)> {
     let mut drvs = cairn_build::derivations::Derivations::new(&st.store);
     let mut next = Vec::new();
     for (drv_path, outs) in level {
         let (Ok(outputs), Ok(drv)) = (drvs.outputs(drv_path), drvs.load(drv_path)) else { continue };
-        let missing = outputs
+        let missing: Vec<&StorePath> = outputs
             .iter()
-            .any(|(name, p)| outs.as_ref().is_none_or(|w| w.contains(name)) && !st.store.is_valid(p).unwrap_or(true));
-        if !missing {
+            .filter(|(name, p)| {
+                outs.as_ref().is_none_or(|w| w.contains(*name)) && !st.store.is_valid(p).unwrap_or(true)
+            })
+            .map(|(_, p)| p)
+            .collect();
+        if missing.is_empty() || missing.iter().any(|p| broken.contains(*p)) {
             continue;
         }
         for (input, used) in drvs.inputs(&drv).unwrap_or_default() {
@@ -395,7 +419,7 @@ pub async fn realise(
     if mode == Mode::Normal {
         let (caches, policy) = (st.substitution.configured.clone(), st.substitution.policy.clone());
         // Whatever could not be substituted is built (cairn's API always falls back).
-        let _ = substitute_first(&st, &peer, &goals, caches, policy, None).await;
+        let _ = substitute_first(&st, &peer, &goals, caches, policy, None, true).await;
     }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();

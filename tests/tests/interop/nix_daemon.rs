@@ -846,6 +846,32 @@ fn a_fixed_output_comes_from_a_cache_of_another_store_directory_as_with_nix_daem
             p.ok(side, "nix-store", &["--delete", &out]);
         }
     }
+    // Its NAR corrupted: a failed substitute, which without `--fallback` fails the build.
+    let cache_dir = p.work.path().join("other-store");
+    for e in std::fs::read_dir(cache_dir.join("nar")).unwrap() {
+        let nar = e.unwrap().path();
+        let mut bytes = std::fs::read(&nar).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0xff;
+        std::fs::write(&nar, bytes).unwrap();
+    }
+    let args = [
+        "--no-out-link",
+        "--expr",
+        "import <nix/fetchurl.nix>",
+        "--argstr",
+        "url",
+        "file:///no-such-dir/fetched.txt",
+        "--argstr",
+        "sha256",
+        &hash,
+        "--option",
+        "substituters",
+        &other,
+    ];
+    let (c, n) = p.alike("nix-build", &args);
+    assert!(!c.status.success());
+    both_say(&c, &n, &["try '--fallback'"]);
     // Another file under that name: the cache has nothing at the path its hash gives there.
     let other_hash = "0000000000000000000000000000000000000000000000000000000000000000";
     let args = [

@@ -204,6 +204,9 @@ impl Index {
             }
         };
         if let Some(hidden) = name.strip_prefix(WHITEOUT) {
+            if matches!(hidden, b"" | b"." | b"..") {
+                return Err(UnpackError::BadWhiteout { layer: label.to_owned(), entry: shown(&raw) });
+            }
             let key = join(hidden);
             let mut gone = below(&self.nodes, &key);
             gone.push(key);
@@ -220,6 +223,10 @@ impl Index {
                 let target = link.clone().unwrap_or_default();
                 if target.is_empty() {
                     return Err(UnpackError::EmptySymlink { layer: label.to_owned(), entry: shown(&raw) });
+                }
+                // What a file system could not hold, unpacking cannot make either.
+                if target.contains(&0) || target.len() >= crate::unpack::MAX_SYMLINK_TARGET {
+                    return Err(UnpackError::BadSymlink { layer: label.to_owned(), entry: shown(&raw) });
                 }
                 Kind::Symlink(target)
             }
@@ -287,8 +294,17 @@ impl Index {
     ) -> Result<Option<Key>, UnpackError> {
         let mut todo: Vec<Vec<u8>> = parents.iter().rev().map(|c| c.to_vec()).collect();
         let mut walked: Vec<Vec<u8>> = Vec::new();
-        let mut followed = 0;
+        let (mut followed, mut steps) = (0, 0);
+        let create = touched.is_some();
         while let Some(c) = todo.pop() {
+            steps += 1;
+            if steps > crate::unpack::MAX_STEPS {
+                return Err(UnpackError::ThroughSymlink {
+                    layer: label.to_owned(),
+                    entry: shown(raw),
+                    symlink: shown(&walked.join(&b'/')),
+                });
+            }
             match c.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
@@ -300,7 +316,7 @@ impl Index {
             walked.push(c);
             let p: Key = walked.join(&b'/');
             match self.nodes.get(&p).map(|n| &n.kind) {
-                None if touched.is_none() => return Ok(None),
+                None if !create => return Ok(None),
                 None => {
                     self.nodes.insert(p.clone(), Node { kind: Kind::Dir, header: dir_header(), pax: Vec::new() });
                 }
@@ -322,7 +338,7 @@ impl Index {
                     todo.extend(target.split(|b| *b == b'/').rev().map(<[u8]>::to_vec));
                     continue;
                 }
-                Some(_) if touched.is_none() => return Ok(None),
+                Some(_) if !create => return Ok(None),
                 Some(_) => {
                     return Err(UnpackError::NotADirectory {
                         layer: label.to_owned(),
@@ -331,8 +347,12 @@ impl Index {
                     })
                 }
             }
-            if let Some(t) = touched.as_deref_mut() {
-                t.insert(p);
+        }
+        // The way the entry is reached is this layer's (not directories a symlink led
+        // through and left): as unpacking marks it.
+        if let Some(t) = touched.as_deref_mut() {
+            for n in 1..=walked.len() {
+                t.insert(walked[..n].join(&b'/'));
             }
         }
         Ok(Some(walked.join(&b'/')))
@@ -764,6 +784,45 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["etc/", "etc/passwd", "lib", "link", "usr/", "usr/lib/", "usr/lib/a"], "{names:?}");
+        // A directory a symlink led through and left is not the layer's: its whiteout takes it
+        // (as unpacking does).
+        let l0 =
+            tar_of(&[("a/old", Regular, b"o", 0o644), ("a/s", Symlink, b"/y", 0o777), ("y/", Directory, b"", 0o755)]);
+        let l1 = tar_of(&[("a/s/f", Regular, b"f", 0o644), (".wh.a", Regular, b"", 0o644)]);
+        let descs = [desc(&l0), desc(&l1)];
+        let layers = [l0, l1];
+        let out = squash(
+            &descs,
+            &mut |i| Ok(Box::new(std::io::Cursor::new(layers[i].clone()))),
+            scratch().path(),
+            Vec::new(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let mut names: Vec<String> = tar::Archive::new(&out[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["y/", "y/f"], "{names:?}");
+        // A target no file system holds, and a whiteout of nothing, are refused as unpacking
+        // refuses them.
+        for (bad, says) in [
+            (tar_of(&[("s", Symlink, &[b'x'; 4096][..], 0o777)]), "no file system holds"),
+            (tar_of(&[(".wh.", Regular, b"", 0o644)]), "not a valid whiteout"),
+        ] {
+            let d = [desc(&bad)];
+            let e = squash(
+                &d,
+                &mut |_| Ok(Box::new(std::io::Cursor::new(bad.clone()))),
+                scratch().path(),
+                Vec::new(),
+                &mut |_| {},
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
         let bad = tar_of(&[("a", Link, b"../../etc/shadow", 0o644)]);
         let d = [desc(&bad)];
         let e = squash(

@@ -37,15 +37,13 @@ use std::path::{Path, PathBuf};
 
 use tar::EntryType;
 
-use super::UnpackError;
+use super::{UnpackError, MAX_STEPS, MAX_SYMLINKS};
 
 const WHITEOUT: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
 /// aufs's own bookkeeping (`.wh..wh.plnk`, `.wh..wh.aufs`), skipped as Docker skips it.
 const AUFS_META: &[u8] = b".wh..wh.";
 const SPECIAL_BITS: u32 = 0o7000;
-/// Symlinks followed to resolve one entry's directory, as Linux's limit (`ELOOP`).
-const MAX_SYMLINKS: usize = 40;
 
 /// A root filesystem being built from layers.
 pub(super) struct Tree {
@@ -243,8 +241,16 @@ impl Layer<'_> {
         // Components still to walk, the next one last; and the resolved path so far.
         let mut todo: Vec<Vec<u8>> = parents.iter().rev().map(|c| c.to_vec()).collect();
         let mut walked: Vec<Vec<u8>> = Vec::new();
-        let mut followed = 0;
+        let (mut followed, mut steps) = (0, 0);
         while let Some(c) = todo.pop() {
+            steps += 1;
+            if steps > MAX_STEPS {
+                return Err(UnpackError::ThroughSymlink {
+                    layer: self.label.to_owned(),
+                    entry: shown(entry),
+                    symlink: rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()).display().to_string(),
+                });
+            }
             match c.as_slice() {
                 b"" | b"." => continue,
                 b".." => {

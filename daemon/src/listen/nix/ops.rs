@@ -333,6 +333,10 @@ impl<R: Read, W: Write> Session<R, W> {
                 if log.len() > self.proto.limits.max_blob {
                     return Err(Failure::Report("the build log is too large".into()));
                 }
+                // As Nix's `addBuildLog`: a log already kept stays (the build's own).
+                if st.builder.logs().exists(&drv) {
+                    return Ok(Response::One);
+                }
                 let mut w = st
                     .builder
                     .logs()

@@ -118,10 +118,12 @@ impl<R: Read, W: Write> Session<R, W> {
             let (caches, policy) = (self.substituters(), self.policy());
             let (announce, copying) = tokio::sync::mpsc::unbounded_channel();
             let peer = self.peer.clone();
-            let work = crate::api::realise::substitute_first(&st, &peer, &goals, caches, policy, Some(announce));
-            let (failed, gone) = self.showing_copies(work, copying);
-            if !failed.is_empty() {
-                refused = self.without_fallback(&mut goals, failed, &gone);
+            let fallback = self.options.try_fallback;
+            let work =
+                crate::api::realise::substitute_first(&st, &peer, &goals, caches, policy, Some(announce), fallback);
+            let not = self.showing_copies(work, copying);
+            if !not.failed.is_empty() {
+                refused = self.without_fallback(&mut goals, not);
             }
         }
         let top: BTreeSet<StorePath> = goals.iter().map(|g| g.drv.clone()).collect();
@@ -217,25 +219,23 @@ impl<R: Read, W: Write> Session<R, W> {
     }
 
     /// Nix's rule without `--fallback`: a goal whose wanted output had a substitute (a cache
-    /// has its narinfo) that failed is not built from source but fails, saying so; the
-    /// substitution's own error is logged first, as Nix logs it (with `--fallback` too). A
-    /// substitute that is `gone` (its NAR lost, or its closure incomplete in the caches) is
-    /// logged but counts as none, as in Nix.
-    /// Returns the results of the goals refused.
+    /// offered it) that failed is not built from source but fails, saying so, and so does one
+    /// that needs such an output. The substitutions' own errors are logged first, as Nix logs
+    /// them (with `--fallback` too). A substitute that is gone (its NAR lost, its closure
+    /// incomplete in the caches) is no failure, as in Nix. Returns the results of the goals
+    /// refused.
     fn without_fallback(
         &mut self,
         goals: &mut Vec<Goal>,
-        failed: Vec<(StorePath, String)>,
-        gone: &std::collections::HashSet<StorePath>,
+        not: crate::api::realise::NotSubstituted,
     ) -> Vec<(StorePath, cairn_build::realise::GoalResult)> {
-        let paths: Vec<StorePath> = failed.iter().map(|(p, _)| p.clone()).collect();
+        let paths: Vec<StorePath> = not.failed.iter().map(|(p, _)| p.clone()).collect();
         let had_substitute = self.substitutable(&paths);
-        let offered: BTreeMap<StorePath, String> =
-            failed.into_iter().filter(|(p, _)| had_substitute.contains_key(p)).collect();
-        for (p, why) in &offered {
+        for (p, why) in not.failed.iter().filter(|(p, _)| not.broken.contains(p) || had_substitute.contains_key(p)) {
             self.log_line(&format!("error: substituting '{}': {why}", self.show(p)));
         }
-        let broken: BTreeMap<StorePath, String> = offered.into_iter().filter(|(p, _)| !gone.contains(p)).collect();
+        let broken: BTreeMap<StorePath, String> =
+            not.failed.into_iter().filter(|(p, _)| not.broken.contains(p)).collect();
         if broken.is_empty() || self.options.try_fallback {
             return Vec::new();
         }
