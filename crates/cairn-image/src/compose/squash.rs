@@ -290,7 +290,7 @@ impl Index {
         label: &str,
         raw: &[u8],
         parents: &[&[u8]],
-        mut touched: Option<&mut HashSet<Key>>,
+        touched: Option<&mut HashSet<Key>>,
     ) -> Result<Option<Key>, UnpackError> {
         let mut todo: Vec<Vec<u8>> = parents.iter().rev().map(|c| c.to_vec()).collect();
         let mut walked: Vec<Vec<u8>> = Vec::new();
@@ -323,7 +323,7 @@ impl Index {
                 Some(Kind::Dir) => {}
                 Some(Kind::Symlink(target)) => {
                     followed += 1;
-                    if followed > 40 {
+                    if followed > crate::unpack::MAX_SYMLINKS {
                         return Err(UnpackError::ThroughSymlink {
                             layer: label.to_owned(),
                             entry: shown(raw),
@@ -350,7 +350,7 @@ impl Index {
         }
         // The way the entry is reached is this layer's (not directories a symlink led
         // through and left): as unpacking marks it.
-        if let Some(t) = touched.as_deref_mut() {
+        if let Some(t) = touched {
             for n in 1..=walked.len() {
                 t.insert(walked[..n].join(&b'/'));
             }
