@@ -42,6 +42,8 @@ pub(crate) type St = State<Arc<AppState>>;
 /// What every substitution shares.
 pub struct Substitution {
     pub(crate) configured: Vec<Arc<Substituter>>,
+    /// `trusted-substituters`: caches users who are not trusted may name too.
+    pub(crate) trusted: Vec<Arc<Substituter>>,
     pub(crate) lookups: Arc<NarInfoCache>,
     pub(crate) net: NetOptions,
     pub(crate) limits: Limits,
@@ -86,6 +88,11 @@ impl Substitution {
             .iter()
             .map(|u| Substituter::open(u, &net).map(Arc::new).with_context(|| "substituters in the config"))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let trusted = settings
+            .trusted_substituters
+            .iter()
+            .map(|u| Substituter::open(u, &net).map(Arc::new).with_context(|| "trusted-substituters in the config"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let trusted_keys = settings
             .trusted_public_keys
             .iter()
@@ -93,6 +100,7 @@ impl Substitution {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Substitution {
             configured,
+            trusted,
             lookups: Arc::new(NarInfoCache::new(
                 Duration::from_secs(settings.narinfo_cache_positive_ttl),
                 Duration::from_secs(settings.narinfo_cache_negative_ttl),
@@ -106,14 +114,26 @@ impl Substitution {
 
     /// The caches a request uses: those it names (opened for it, or the configured ones of the
     /// same URL), else the configured ones.
+    /// The cache of `substituters` or `trusted-substituters` that `url` names: the same URL,
+    /// or — as Nix matches them — the URL with a `/` added.
+    pub(crate) fn configured_or_trusted(&self, url: &str) -> Option<Arc<Substituter>> {
+        let slashed = format!("{url}/");
+        self.configured
+            .iter()
+            .chain(&self.trusted)
+            .find(|s| s.url() == url)
+            .or_else(|| self.configured.iter().chain(&self.trusted).find(|s| !url.ends_with('/') && s.url() == slashed))
+            .cloned()
+    }
+
     pub(crate) fn caches(&self, from: &[String], peer: &Peer) -> ApiResult<Vec<Arc<Substituter>>> {
         if from.is_empty() {
             return Ok(self.configured.clone());
         }
         from.iter()
             .map(|url| {
-                if let Some(s) = self.configured.iter().find(|s| s.url() == url) {
-                    return Ok(s.clone());
+                if let Some(s) = self.configured_or_trusted(url) {
+                    return Ok(s);
                 }
                 // A configured peer counts as configured: its narinfos are checked as any cache's.
                 if let Some(node) = url.strip_prefix("p2p://") {
@@ -128,7 +148,7 @@ impl Substitution {
                 if !peer.trusted {
                     return Err(ApiError::forbidden(format!(
                         "user '{}' may only substitute from the configured substituters; '{url}' is not one \
-                         (add the user to trusted-users, or the URL to substituters)",
+                         (add the user to trusted-users, or the URL to substituters or trusted-substituters)",
                         peer.user
                     )));
                 }

@@ -36,6 +36,7 @@ pub struct ConfigFile {
     pub trusted_public_keys: Option<Vec<String>>,
     pub require_sigs: Option<bool>,
     pub substituters: Option<Vec<String>>,
+    pub trusted_substituters: Option<Vec<String>>,
     pub netrc_file: Option<PathBuf>,
     pub substituter_connections: Option<usize>,
     pub max_substitution_jobs: Option<usize>,
@@ -99,6 +100,7 @@ pub const KEYS: &[&str] = &[
     "trusted-public-keys",
     "require-sigs",
     "substituters",
+    "trusted-substituters",
     "netrc-file",
     "substituter-connections",
     "max-substitution-jobs",
@@ -298,6 +300,9 @@ pub struct Settings {
     pub require_sigs: bool,
     /// Binary caches to substitute from, tried by priority.
     pub substituters: Vec<String>,
+    /// Binary caches that users who are not trusted may name too (`--substituters`,
+    /// `extra-substituters`, `cairn substitute --from`), as Nix's `trusted-substituters`.
+    pub trusted_substituters: Vec<String>,
     /// Credentials for HTTP(S) binary caches (`machine HOST login NAME password SECRET`), as
     /// Nix's `netrc-file`; a missing file gives none.
     pub netrc_file: Option<PathBuf>,
@@ -478,6 +483,7 @@ impl Settings {
             trusted_public_keys: file.trusted_public_keys.unwrap_or_default(),
             require_sigs: file.require_sigs.unwrap_or(true),
             substituters: file.substituters.unwrap_or_default(),
+            trusted_substituters: file.trusted_substituters.unwrap_or_default(),
             netrc_file: file.netrc_file.filter(|p| !p.as_os_str().is_empty()),
             substituter_connections: file.substituter_connections.unwrap_or(25).max(1),
             max_substitution_jobs: file.max_substitution_jobs.unwrap_or(16).max(1),

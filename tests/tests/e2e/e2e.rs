@@ -977,3 +977,55 @@ fn untrusted_users_substitute_only_from_configured_caches() {
     assert!(e.contains("not signed"), "{e}");
     assert_eq!(st.store_entries(), Vec::<String>::new());
 }
+
+/// `trusted-substituters`, as Nix's: caches users who are not trusted may name too — by the
+/// same URL or without its trailing `/` — and take signed paths from; any other stays refused,
+/// and through the Nix protocol it is ignored with nix-daemon's warning.
+#[test]
+fn untrusted_users_may_name_the_trusted_substituters() {
+    if !is_root() {
+        eprintln!("skipping: needs root to run cairn as another user with setpriv");
+        return;
+    }
+    // A signed path in a cache, made by a store of the test's own.
+    let cache = world_readable_tempdir();
+    let url = format!("file://{}", cache.path().display());
+    let src = world_readable_tempdir();
+    write(&src.path().join("f"), b"from a trusted substituter\n");
+    let seed = TestStore::start();
+    let path = line(&seed.ok(&["add", s(&src.path().join("f"))]));
+    let keys = world_readable_tempdir();
+    let (sk, pk) = (keys.path().join("sk"), keys.path().join("pk"));
+    seed.ok(&["key", "generate", "trusted-subs-1", s(&sk), s(&pk)]);
+    seed.ok(&["copy", "--to", &url, "--secret-key-file", s(&sk), &path]);
+    let public = fs::read_to_string(&pk).unwrap();
+    let st = TestStore::builder()
+        .config(&format!("trusted-substituters = [\"{url}/\"]\ntrusted-public-keys = [\"{}\"]\n", public.trim()))
+        .start();
+    let some = "/store/00000000000000000000000000000000-x";
+    let e = assert_one_line_failure(&st.run_as_nobody(&["substitute", "--from", "file:///root", some], b""), "--from");
+    assert!(e.contains("trusted-substituters"), "{e}");
+    let out = st.run_as_nobody(&["substitute", "--from", &url, &path], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(st.run(&["path-info", &path], b"").status.success());
+    // Not a configured substituter: nothing comes from it unasked.
+    st.ok(&["delete", &path]);
+    assert!(!st.run(&["substitute", &path], b"").status.success());
+    // A Nix client that is not trusted is warned of the caches it may not use, as by nix-daemon.
+    if cairn_tests::require_peer("nix-store") {
+        let nix_socket = st.root.path().join("nix-socket");
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "nix-store", "-r", &path])
+            .args(["--option", "substituters", &format!("{url} file:///root")])
+            .env("NIX_REMOTE", format!("unix://{}", nix_socket.display()))
+            .env("NIX_CONFIG", "experimental-features = nix-command\n")
+            .env("NIX_STORE_DIR", "/store")
+            .env("HOME", "/nonexistent")
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{e}\n{}", st.log());
+        assert!(e.contains("warning: ignoring untrusted substituter 'file:///root'"), "{e}");
+        assert!(!e.contains(&format!("substituter '{url}'")), "{e}");
+    }
+}

@@ -64,6 +64,25 @@ impl<R: Read, W: Write> Session<R, W> {
             .collect()
     }
 
+    /// Tells a client that is not trusted which of the caches it named will not be used, as
+    /// nix-daemon warns when it takes the client's options: those neither in `substituters`
+    /// nor in `trusted-substituters` (nor a configured peer).
+    pub(super) fn warn_of_untrusted_substituters(&mut self) {
+        if self.peer.trusted {
+            return;
+        }
+        let named: Vec<String> = ["substituters", "extra-substituters"]
+            .iter()
+            .filter_map(|k| self.client_setting(k))
+            .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        for url in named {
+            if self.st.substitution.caches(std::slice::from_ref(&url), &self.peer).is_err() {
+                self.log_line(&format!("warning: ignoring untrusted substituter '{url}'"));
+            }
+        }
+    }
+
     /// What makes a path trusted for this client: the daemon's keys, or — for a trusted client
     /// that set them, as `nix-daemon` lets it — its `trusted-public-keys`
     /// (`extra-trusted-public-keys` added) and `require-sigs`.

@@ -242,6 +242,7 @@ impl<R: Read, W: Write> Session<R, W> {
         match req {
             Q::SetOptions(o) => {
                 self.options = o;
+                self.warn_of_untrusted_substituters();
                 r(Response::Nothing)
             }
             Q::AddToStore { name, method, references, repair: _ } => {
