@@ -224,6 +224,7 @@ pub(crate) async fn open_state(
         runtime_roots: settings.runtime_roots,
     };
     let store = tokio::task::spawn_blocking(move || LocalStore::open(layout).map(|s| s.with_gc_settings(gc))).await??;
+    store.set_auto_optimise(settings.auto_optimise_store);
     let store = Arc::new(store);
     // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
     crate::listen::registry::sweep_uploads(&state_dir(&settings.root));

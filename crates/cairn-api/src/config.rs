@@ -29,6 +29,7 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     pub keep_derivations: Option<bool>,
     pub keep_outputs: Option<bool>,
+    pub auto_optimise_store: Option<bool>,
     pub runtime_roots: Option<bool>,
     pub min_free: Option<u64>,
     pub max_free: Option<u64>,
@@ -93,6 +94,7 @@ pub const KEYS: &[&str] = &[
     "log-level",
     "keep-derivations",
     "keep-outputs",
+    "auto-optimise-store",
     "runtime-roots",
     "min-free",
     "max-free",
@@ -286,6 +288,9 @@ pub struct Settings {
     pub keep_derivations: bool,
     /// Keep the outputs of a live derivation.
     pub keep_outputs: bool,
+    /// Every path registered (built, substituted, added, imported) is hard-linked with
+    /// identical files of the store, as Nix's `auto-optimise-store`.
+    pub auto_optimise_store: bool,
     /// Store paths running processes use are roots.
     pub runtime_roots: bool,
     /// Collect garbage when fewer bytes than this are free (0: never).
@@ -476,6 +481,7 @@ impl Settings {
             log_level: file.log_level.unwrap_or_else(|| "info".to_owned()),
             keep_derivations: file.keep_derivations.unwrap_or(true),
             keep_outputs: file.keep_outputs.unwrap_or(false),
+            auto_optimise_store: file.auto_optimise_store.unwrap_or(false),
             runtime_roots: file.runtime_roots.unwrap_or(true),
             min_free: file.min_free.unwrap_or(0),
             max_free: file.max_free.unwrap_or(i64::MAX as u64),
@@ -546,7 +552,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 60, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 61, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

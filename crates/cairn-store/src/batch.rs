@@ -166,7 +166,7 @@ impl Batch {
         if state.accepted.is_empty() {
             return Ok(out);
         }
-        let _locks = store.locks.lock(state.accepted.keys().cloned());
+        let locks = store.locks.lock(state.accepted.keys().cloned());
         if self.repair {
             let added = swap_in(store, std::mem::take(&mut state.accepted))?;
             return Ok(Committed { added, incomplete: Vec::new() });
@@ -222,6 +222,8 @@ impl Batch {
             }
             return Err(e);
         }
+        drop(locks);
+        store.optimise_registered(out.added.iter().map(|i| i.path.clone()));
         drop(state.roots);
         Ok(out)
     }

@@ -126,7 +126,10 @@ impl LocalStore {
             (read, writer.join().expect("import writer thread panicked"))
         });
         let outcome = match (read, placed) {
-            (Ok(staged), Ok(())) => self.commit_import(staged, started),
+            (Ok(staged), Ok(())) => {
+                let new: Vec<StorePath> = staged.new.iter().map(|i| i.path.clone()).collect();
+                self.commit_import(staged, started).map(|all| (all, new))
+            }
             // The reader stops when the writer hangs up; the writer's error is the cause.
             (Err(_), Err(e)) | (Ok(_), Err(e)) => Err(e),
             (Err(e), Ok(())) => Err(e),
@@ -139,7 +142,9 @@ impl LocalStore {
             }
         }
         drop(locks);
-        outcome
+        let (all, new) = outcome?;
+        self.optimise_registered(new);
+        Ok(all)
     }
 
     fn commit_import(&self, staged: Staged, started: std::time::Instant) -> Result<Vec<PathInfo>> {

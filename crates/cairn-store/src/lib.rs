@@ -224,6 +224,8 @@ pub struct LocalStore {
     offered: std::sync::OnceLock<std::sync::Arc<dyn peers::Offered>>,
     /// Derivations' modulo hashes, for checking new derivations' output paths.
     drv_hashes: drv_hashes::DrvHashes,
+    /// `auto-optimise-store`: what is registered is hard-linked with identical files.
+    auto_optimise: std::sync::atomic::AtomicBool,
     _lock: Flock<File>,
 }
 
@@ -271,6 +273,7 @@ impl LocalStore {
             tmp_counter: AtomicU64::new(0),
             offered: std::sync::OnceLock::new(),
             drv_hashes: Default::default(),
+            auto_optimise: Default::default(),
             _lock: lock,
         })
     }
@@ -596,6 +599,8 @@ impl LocalStore {
             return Err(e);
         }
         tracing::debug!(path = %info.path, ?synced, total = ?started.elapsed(), "registered");
+        drop(_lock);
+        self.optimise_registered([info.path.clone()]);
         Ok(info)
     }
 

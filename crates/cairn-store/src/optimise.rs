@@ -81,6 +81,24 @@ impl LocalStore {
         Ok(report)
     }
 
+    /// `auto-optimise-store`: every path registered from now on is hard-linked with identical
+    /// files of the store once registered, as Nix does for each path it registers.
+    pub fn set_auto_optimise(&self, on: bool) {
+        self.auto_optimise.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What `auto-optimise-store` does for paths just registered (by a caller holding no path
+    /// lock): a failure is only logged, as the paths are registered either way.
+    pub(crate) fn optimise_registered(&self, paths: impl IntoIterator<Item = StorePath>) {
+        if !self.auto_optimise.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let paths: Vec<StorePath> = paths.into_iter().collect();
+        if let Err(e) = self.optimise_paths(&paths) {
+            tracing::warn!("auto-optimise-store: {e}");
+        }
+    }
+
     /// Hard-links the files of `paths` (those valid) with identical files of the store, as
     /// Nix's `auto-optimise-store` does for each path it registers.
     pub fn optimise_paths(&self, paths: &[StorePath]) -> Result<OptimiseReport> {

@@ -544,6 +544,33 @@ fn verify_finds_modified_and_missing_paths() {
 // ---------------------------------------------------------------------------------------------
 // d. optimise
 
+/// `auto-optimise-store`: what is registered — added, imported, substituted — is linked with
+/// identical files already in the store at once, as Nix links what it registers; the paths'
+/// NARs stay what they were.
+#[test]
+fn auto_optimise_store_links_what_is_registered() {
+    let st = TestStore::builder().config("auto-optimise-store = true\n").start();
+    let src = tempfile::tempdir().unwrap();
+    let big = Rng::new(23).bytes(1 << 20);
+    write(&src.path().join("one/big"), &big);
+    write(&src.path().join("one/own"), b"auto-optimise: one\n");
+    write(&src.path().join("two/lib/big"), &big);
+    let added = lines(&st.ok(&["add", s(&src.path().join("one")), s(&src.path().join("two"))]));
+    // The same bytes imported from another store under another name.
+    write(&src.path().join("three/big"), &big);
+    let other = TestStore::start();
+    let three = line(&other.ok(&["add", s(&src.path().join("three"))]));
+    st.ok_bytes(&["import"], &other.ok_bytes(&["export", &three], b""));
+    let real = |p: &str, f: &str| st.real_store_dir().join(base(p)).join(f);
+    let ino = |f: PathBuf| fs::symlink_metadata(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display())).ino();
+    let big_ino = ino(real(&added[0], "big"));
+    assert_eq!(ino(real(&added[1], "lib/big")), big_ino);
+    assert_eq!(ino(real(&three, "big")), big_ino);
+    assert_ne!(ino(real(&added[0], "own")), big_ino);
+    assert_eq!(st.ok(&["optimise"]), "0.00 MiB freed by hard-linking 0 files\n", "nothing was left to link");
+    assert_eq!(assert_verify_clean(&st, "after auto-optimise"), 3);
+}
+
 #[test]
 fn optimise_hard_links_identical_files_without_changing_any_path() {
     let st = TestStore::start();
