@@ -90,6 +90,11 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
     let mut shown = BTreeSet::new();
     follow_events(events, |event: RealiseEvent| {
         match event {
+            RealiseEvent::Substituting { path, from } => {
+                if !quiet {
+                    bar.suspend(|| eprintln!("copying path '{path}' from '{from}'..."));
+                }
+            }
             RealiseEvent::Plan { drvs } => total = drvs.len(),
             RealiseEvent::Started { drv, machine } => {
                 running += 1;

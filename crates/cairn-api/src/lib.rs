@@ -335,6 +335,12 @@ pub fn nix_exit_status(kinds: impl IntoIterator<Item = FailureKind>) -> u8 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum RealiseEvent {
+    /// A path being substituted instead of built (before the plan), as the cache names it,
+    /// from the cache at `from`: what Nix shows as "copying path '…' from '…'".
+    Substituting {
+        path: String,
+        from: String,
+    },
     /// The derivations that will be built, inputs first.
     Plan {
         drvs: Vec<String>,

@@ -414,16 +414,30 @@ pub async fn realise(
         post_build_hook: None,
     };
     keep_outputs_for_client(&st, &peer, &goals).await;
-    // A check rebuilds what is valid, and a repair of what is valid is decided by its contents:
-    // only a normal realisation fills missing outputs from substituters first.
-    if mode == Mode::Normal {
-        let (caches, policy) = (st.substitution.configured.clone(), st.substitution.policy.clone());
-        // Whatever could not be substituted is built (cairn's API always falls back).
-        let _ = substitute_first(&st, &peer, &goals, caches, policy, None, true).await;
-    }
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let builder = st.builder.clone();
     tokio::spawn(async move {
+        // A check rebuilds what is valid, and a repair of what is valid is decided by its
+        // contents: only a normal realisation fills missing outputs from substituters first,
+        // each path told to the client as it starts. Whatever could not be substituted is
+        // built (cairn's API always falls back).
+        if mode == Mode::Normal {
+            let (caches, policy) = (st.substitution.configured.clone(), st.substitution.policy.clone());
+            let (announce, mut copying) = mpsc::unbounded_channel::<(String, String)>();
+            let tx2 = tx.clone();
+            // Neither the substitution nor the builds after it wait for the client: what a
+            // client too slow to read has no room for is not told.
+            let told = tokio::spawn(async move {
+                while let Some((path, from)) = copying.recv().await {
+                    let ev = line(&RealiseEvent::Substituting { path, from });
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx2.try_send(ev) {
+                        break;
+                    }
+                }
+            });
+            let _ = substitute_first(&st, &peer, &goals, caches, policy, Some(announce), true).await;
+            let _ = told.await;
+        }
         let (etx, erx) = mpsc::unbounded_channel::<Event>();
         let work = builder.realise(goals, options, etx);
         // The builds never wait for the client (see `outbox`); a client that went away stops

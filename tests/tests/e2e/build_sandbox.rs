@@ -493,7 +493,12 @@ fn inputs_a_substituter_has_are_substituted_and_only_the_rest_is_built() {
     add(&b, &low_json);
     add(&b, &mid_json);
     let (top, top_out) = add(&b, &drv_json("top", "read x < $in0; echo top-$x > $out", &[(&mid, &mid_out)], None));
-    assert_eq!(b.ok(&["realise", &top]).trim(), top_out);
+    let out = b.run(&["realise", &top], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), top_out);
+    // The client is told of each path as its download starts, as Nix's clients are.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(&format!("copying path '{mid_out}' from '{url}'...")), "{said}");
     assert_eq!(b.ok(&["cat", &top_out]), "top-mid-low\n");
     let log = b.log();
     assert!(log.contains("substituted instead of building"), "{log}");
