@@ -95,6 +95,9 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
                     bar.suspend(|| eprintln!("copying path '{path}' from '{from}'..."));
                 }
             }
+            RealiseEvent::NotSubstituted { path, message } => {
+                bar.suspend(|| eprintln!("cairn: cannot substitute '{path}' ({message}); building it instead"));
+            }
             RealiseEvent::Plan { drvs } => total = drvs.len(),
             RealiseEvent::Started { drv, machine } => {
                 running += 1;

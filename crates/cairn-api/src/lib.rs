@@ -341,6 +341,12 @@ pub enum RealiseEvent {
         path: String,
         from: String,
     },
+    /// A path a cache had a narinfo for could not be substituted, and why; what needs it is
+    /// built.
+    NotSubstituted {
+        path: String,
+        message: String,
+    },
     /// The derivations that will be built, inputs first.
     Plan {
         drvs: Vec<String>,

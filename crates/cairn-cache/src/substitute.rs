@@ -288,6 +288,9 @@ pub struct Report {
     pub unavailable: HashSet<StorePath>,
     /// The paths some cache offered: a narinfo that passed the checks (trust included).
     pub offered: HashSet<StorePath>,
+    /// Of the failed paths, those some cache answered for with a narinfo, good or not (the
+    /// others no cache had, or no cache could be asked).
+    pub answered: HashSet<StorePath>,
 }
 
 /// Told of each path whose download starts — the path as the cache names it, and the URL of
@@ -339,8 +342,9 @@ struct Ctx {
 enum Event {
     /// A usable narinfo for a path: its references are wanted too.
     Found { path: StorePath, references: Vec<StorePath>, size: u64 },
-    /// A path's download ended; `gone`: it failed only because caches had lost its NAR.
-    Done { path: StorePath, result: Result<(), String>, gone: bool },
+    /// A path's download ended; `gone`: it failed only because caches had lost its NAR;
+    /// `answered`: some cache had a narinfo for it.
+    Done { path: StorePath, result: Result<(), String>, gone: bool, answered: bool },
 }
 
 /// Substitutes whatever is missing of the closures of `paths`.
@@ -420,11 +424,14 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
                     want(r, false, &mut tasks, &mut outstanding)?;
                 }
             }
-            Event::Done { path, result, gone } => {
+            Event::Done { path, result, gone, answered } => {
                 outstanding -= 1;
                 if let Err(e) = result {
                     if gone {
                         report.unavailable.insert(path.clone());
+                    }
+                    if answered {
+                        report.answered.insert(path.clone());
                     }
                     report.failed.push((path, e));
                 }
@@ -472,16 +479,20 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
 async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Event>) {
     let mut tried: Vec<String> = Vec::new();
     // Whether a cache offered the path and lost its NAR, and whether anything else went wrong.
-    let (mut lost, mut broke) = (false, false);
+    let (mut lost, mut broke, mut answered) = (false, false, false);
     for sub in &ctx.subs {
         let found = {
             let _permit = ctx.net.acquire().await.expect("semaphore open");
             sub.narinfo_for(&ctx.dir, &path, ctx.content_addresses.get(&path), &ctx.lookups).await
         };
         let info = match found {
-            Ok(Some(info)) => info,
+            Ok(Some(info)) => {
+                answered = true;
+                info
+            }
             Ok(None) => continue,
             Err(e) => {
+                answered |= matches!(e, CacheError::BadFile { .. });
                 broke = true;
                 tried.push(e.to_string());
                 continue;
@@ -509,13 +520,13 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
         if from_peers(&ctx, &info).await {
             ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
             ctx.progress.bytes_done.fetch_add(size, Ordering::Relaxed);
-            let _ = tx.send(Event::Done { path, result: Ok(()), gone: false });
+            let _ = tx.send(Event::Done { path, result: Ok(()), gone: false, answered: true });
             return;
         }
         match download(&ctx, sub, info).await {
             Ok(()) => {
                 ctx.progress.paths_done.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(Event::Done { path, result: Ok(()), gone: false });
+                let _ = tx.send(Event::Done { path, result: Ok(()), gone: false, answered: true });
                 return;
             }
             Err(e) => {
@@ -534,7 +545,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
     }
     tried.extend(ctx.unusable.iter().cloned());
     let reason = if tried.is_empty() { "no substituter has it".to_owned() } else { tried.join("; ") };
-    let _ = tx.send(Event::Done { path, result: Err(reason), gone: lost && !broke });
+    let _ = tx.send(Event::Done { path, result: Err(reason), gone: lost && !broke, answered });
 }
 
 /// Which of `paths` the caches could substitute, with the narinfo each would be fetched by:

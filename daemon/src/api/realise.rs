@@ -197,6 +197,8 @@ pub(crate) struct NotSubstituted {
     /// then failed for a reason Nix counts as a failure (not [`cairn_cache::Report::unavailable`]):
     /// without `--fallback`, what needs them is not built.
     pub broken: HashSet<StorePath>,
+    /// Of those, the ones a cache answered for with a narinfo, good or not.
+    pub answered: HashSet<StorePath>,
 }
 
 /// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix's
@@ -249,6 +251,7 @@ pub(crate) async fn substitute_first(
                         .map(|(p, _)| p)
                         .filter(|p| r.offered.contains(*p) && !r.unavailable.contains(*p));
                     not.broken.extend(broken.cloned());
+                    not.answered.extend(r.answered.iter().cloned());
                     not.failed.extend(r.failed);
                 }
                 Err(e) => tracing::warn!("substitution before building failed: {e}"),
@@ -435,8 +438,13 @@ pub async fn realise(
                     }
                 }
             });
-            let _ = substitute_first(&st, &peer, &goals, caches, policy, Some(announce), true).await;
+            let not = substitute_first(&st, &peer, &goals, caches, policy, Some(announce), true).await;
             let _ = told.await;
+            // What a cache had but could not give: said, as the build that replaces it is.
+            for (path, message) in not.failed.into_iter().filter(|(p, _)| not.answered.contains(p)) {
+                let ev = line(&RealiseEvent::NotSubstituted { path: dir.display(&path), message });
+                let _ = tx.try_send(ev);
+            }
         }
         let (etx, erx) = mpsc::unbounded_channel::<Event>();
         let work = builder.realise(goals, options, etx);

@@ -777,6 +777,9 @@ fn a_cache_of_another_store_directory_serves_a_fixed_output_only_as_its_content_
         std::fs::write(&narinfo_file, &lie).unwrap();
         let run = client.run(&["realise", &drv], b"");
         assert!(!run.status.success(), "{lie}\n{}", client.log());
+        // Said before the build that replaces it.
+        let said = String::from_utf8_lossy(&run.stderr);
+        assert!(said.contains(&format!("cairn: cannot substitute '{out}' (")), "{lie}\n{said}");
         assert!(!valid(&out), "{lie}");
     }
     std::fs::write(&narinfo_file, &good).unwrap();
