@@ -24,6 +24,7 @@
 //! All calls block; the daemon runs them on its blocking pool.
 
 mod layer;
+pub(crate) mod resolve;
 
 use std::fs;
 use std::io::{self, BufReader, Read, Write};

@@ -26,6 +26,7 @@ use std::sync::Mutex;
 use cairn_oci::manifest::Descriptor;
 use tar::{EntryType, Header};
 
+use crate::unpack::resolve::{resolve, Found, Make, Stop};
 use crate::unpack::{read_layer, UnpackError};
 
 const WHITEOUT: &[u8] = b".wh.";
@@ -292,62 +293,32 @@ impl Index {
         parents: &[&[u8]],
         touched: Option<&mut HashSet<Key>>,
     ) -> Result<Option<Key>, UnpackError> {
-        let mut todo: Vec<Vec<u8>> = parents.iter().rev().map(|c| c.to_vec()).collect();
-        let mut walked: Vec<Vec<u8>> = Vec::new();
-        let (mut followed, mut steps) = (0, 0);
-        let create = touched.is_some();
-        while let Some(c) = todo.pop() {
-            steps += 1;
-            if steps > crate::unpack::MAX_STEPS {
-                return Err(UnpackError::ThroughSymlink {
-                    layer: label.to_owned(),
-                    entry: shown(raw),
-                    symlink: shown(&walked.join(&b'/')),
-                });
+        let nodes = std::cell::RefCell::new(&mut self.nodes);
+        let look = |w: &[Vec<u8>]| -> Result<Found, UnpackError> {
+            Ok(match nodes.borrow().get(&w.join(&b'/')).map(|n| &n.kind) {
+                None => Found::Missing,
+                Some(Kind::Dir) => Found::Dir,
+                Some(Kind::Symlink(target)) => Found::Symlink(target.clone()),
+                Some(_) => Found::Other,
+            })
+        };
+        let mut made = |w: &[Vec<u8>]| -> Result<(), UnpackError> {
+            nodes.borrow_mut().insert(w.join(&b'/'), Node { kind: Kind::Dir, header: dir_header(), pax: Vec::new() });
+            Ok(())
+        };
+        let creating = touched.is_some();
+        let make: Make<'_, UnpackError> = if creating { Some(&mut made) } else { None };
+        let walked = match resolve(parents, look, make) {
+            Ok(Some(w)) => w,
+            Ok(None) => return Ok(None),
+            Err(Stop::Failed(e)) => return Err(e),
+            Err(Stop::TooMany(at)) => {
+                return Err(UnpackError::ThroughSymlink { layer: label.to_owned(), entry: shown(raw), symlink: at })
             }
-            match c.as_slice() {
-                b"" | b"." => continue,
-                b".." => {
-                    walked.pop();
-                    continue;
-                }
-                _ => {}
+            Err(Stop::NotADirectory(at)) => {
+                return Err(UnpackError::NotADirectory { layer: label.to_owned(), entry: shown(raw), parent: at })
             }
-            walked.push(c);
-            let p: Key = walked.join(&b'/');
-            match self.nodes.get(&p).map(|n| &n.kind) {
-                None if !create => return Ok(None),
-                None => {
-                    self.nodes.insert(p.clone(), Node { kind: Kind::Dir, header: dir_header(), pax: Vec::new() });
-                }
-                Some(Kind::Dir) => {}
-                Some(Kind::Symlink(target)) => {
-                    followed += 1;
-                    if followed > crate::unpack::MAX_SYMLINKS {
-                        return Err(UnpackError::ThroughSymlink {
-                            layer: label.to_owned(),
-                            entry: shown(raw),
-                            symlink: shown(&p),
-                        });
-                    }
-                    let target = target.clone();
-                    walked.pop();
-                    if target.starts_with(b"/") {
-                        walked.clear();
-                    }
-                    todo.extend(target.split(|b| *b == b'/').rev().map(<[u8]>::to_vec));
-                    continue;
-                }
-                Some(_) if !create => return Ok(None),
-                Some(_) => {
-                    return Err(UnpackError::NotADirectory {
-                        layer: label.to_owned(),
-                        entry: shown(raw),
-                        parent: shown(&p),
-                    })
-                }
-            }
-        }
+        };
         // The way the entry is reached is this layer's (not directories a symlink led
         // through and left): as unpacking marks it.
         if let Some(t) = touched {
@@ -753,6 +724,26 @@ mod tests {
         }
     }
 
+    /// The names of the entries of the layer `layers` squash to, sorted.
+    fn squashed_names(layers: &[Vec<u8>]) -> Vec<String> {
+        let descs: Vec<_> = layers.iter().map(|l| desc(l)).collect();
+        let out = squash(
+            &descs,
+            &mut |i| Ok(Box::new(std::io::Cursor::new(layers[i].clone()))),
+            scratch().path(),
+            Vec::new(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let mut names: Vec<String> = tar::Archive::new(&out[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn entries_through_symlinks_land_inside_the_root_and_outside_names_are_refused() {
         use EntryType::*;
@@ -767,50 +758,22 @@ mod tests {
             ("lib/.wh.gone", Regular, b"", 0),
         ]);
         let l0 = tar_of(&[("usr/lib/gone", Regular, b"g", 0o644)]);
-        let descs = [desc(&l0), desc(&l1), desc(&l2)];
-        let layers = [l0, l1, l2];
-        let out = squash(
-            &descs,
-            &mut |i| Ok(Box::new(std::io::Cursor::new(layers[i].clone()))),
-            scratch().path(),
-            Vec::new(),
-            &mut |_| {},
-        )
-        .unwrap();
-        let mut names: Vec<String> = tar::Archive::new(&out[..])
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().display().to_string())
-            .collect();
-        names.sort();
+        let names = squashed_names(&[l0, l1, l2]);
         assert_eq!(names, ["etc/", "etc/passwd", "lib", "link", "usr/", "usr/lib/", "usr/lib/a"], "{names:?}");
         // A directory a symlink led through and left is not the layer's: its whiteout takes it
         // (as unpacking does).
         let l0 =
             tar_of(&[("a/old", Regular, b"o", 0o644), ("a/s", Symlink, b"/y", 0o777), ("y/", Directory, b"", 0o755)]);
         let l1 = tar_of(&[("a/s/f", Regular, b"f", 0o644), (".wh.a", Regular, b"", 0o644)]);
-        let descs = [desc(&l0), desc(&l1)];
-        let layers = [l0, l1];
-        let out = squash(
-            &descs,
-            &mut |i| Ok(Box::new(std::io::Cursor::new(layers[i].clone()))),
-            scratch().path(),
-            Vec::new(),
-            &mut |_| {},
-        )
-        .unwrap();
-        let mut names: Vec<String> = tar::Archive::new(&out[..])
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().display().to_string())
-            .collect();
-        names.sort();
+        let names = squashed_names(&[l0, l1]);
         assert_eq!(names, ["y/", "y/f"], "{names:?}");
         // A target no file system holds, and a whiteout of nothing, are refused as unpacking
         // refuses them.
         for (bad, says) in [
             (tar_of(&[("s", Symlink, &[b'x'; 4096][..], 0o777)]), "no file system holds"),
             (tar_of(&[(".wh.", Regular, b"", 0o644)]), "not a valid whiteout"),
+            // And a hard link out of the root.
+            (tar_of(&[("a", Link, b"../../etc/shadow", 0o644)]), "outside"),
         ] {
             let d = [desc(&bad)];
             let e = squash(
@@ -823,16 +786,5 @@ mod tests {
             .unwrap_err();
             assert!(e.to_string().contains(says), "{e}");
         }
-        let bad = tar_of(&[("a", Link, b"../../etc/shadow", 0o644)]);
-        let d = [desc(&bad)];
-        let e = squash(
-            &d,
-            &mut |_| Ok(Box::new(std::io::Cursor::new(bad.clone()))),
-            scratch().path(),
-            Vec::new(),
-            &mut |_| {},
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("outside"), "{e}");
     }
 }

@@ -31,13 +31,14 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tar::EntryType;
 
-use super::{UnpackError, MAX_STEPS, MAX_SYMLINKS};
+use super::resolve::{resolve, Found, Make, Stop};
+use super::UnpackError;
 
 const WHITEOUT: &[u8] = b".wh.";
 const OPAQUE: &[u8] = b".wh..wh..opq";
@@ -230,77 +231,46 @@ impl Layer<'_> {
         path.strip_prefix(&self.tree.root).unwrap_or(path)
     }
 
-    /// The directory holding an entry: `parents` walked from the root as the image's own root
-    /// would resolve them, as umoci and containerd do (`SecureJoin`): a symlink among them is
-    /// followed inside the tree — an absolute target from the tree's root, `..` never above it,
-    /// at most [`MAX_SYMLINKS`] of them — so `lib/x` below `lib -> usr/lib` lands in `usr/lib`,
-    /// and nothing ever lands outside. Missing directories are created (`Create`, marked as
-    /// this layer's) or mean there is nothing there (`MustExist`: `None`, also for a
+    /// The directory holding an entry: `parents` resolved as the image's own root would resolve
+    /// them ([`resolve`]: a symlink on the way followed inside the tree), so that `lib/x` below
+    /// `lib -> usr/lib` lands in `usr/lib`, and nothing ever lands outside. Missing directories
+    /// are created (`Create`) or mean there is nothing there (`MustExist`: `None`, also for a
     /// non-directory on the way).
     fn parent_dir(&mut self, entry: &[u8], parents: &[&[u8]], how: Parents) -> Result<Option<PathBuf>, UnpackError> {
-        // Components still to walk, the next one last; and the resolved path so far.
-        let mut todo: Vec<Vec<u8>> = parents.iter().rev().map(|c| c.to_vec()).collect();
-        let mut walked: Vec<Vec<u8>> = Vec::new();
-        let (mut followed, mut steps) = (0, 0);
-        while let Some(c) = todo.pop() {
-            steps += 1;
-            if steps > MAX_STEPS {
-                return Err(UnpackError::ThroughSymlink {
-                    layer: self.label.to_owned(),
-                    entry: shown(entry),
-                    symlink: rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()).display().to_string(),
-                });
-            }
-            match c.as_slice() {
-                b"" | b"." => continue,
-                b".." => {
-                    walked.pop();
-                    continue;
-                }
-                _ => {}
-            }
-            walked.push(c);
-            let p = self.tree.root.join(rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+        let root = self.tree.root.clone();
+        let on_disk = |w: &[Vec<u8>]| root.join(rel_path(&w.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+        let look = |w: &[Vec<u8>]| -> Result<Found, UnpackError> {
+            let p = on_disk(w);
             match fs::symlink_metadata(&p) {
-                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.is_dir() => Ok(Found::Dir),
                 Ok(m) if m.file_type().is_symlink() => {
-                    followed += 1;
-                    if followed > MAX_SYMLINKS {
-                        return Err(UnpackError::ThroughSymlink {
-                            layer: self.label.to_owned(),
-                            entry: shown(entry),
-                            symlink: rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>())
-                                .display()
-                                .to_string(),
-                        });
-                    }
                     let target = fs::read_link(&p).map_err(self.io("read symlink", &p))?;
-                    let target = target.as_os_str().as_bytes();
-                    walked.pop();
-                    if target.starts_with(b"/") {
-                        walked.clear();
-                    }
-                    todo.extend(target.split(|b| *b == b'/').rev().map(<[u8]>::to_vec));
+                    Ok(Found::Symlink(target.into_os_string().into_vec()))
                 }
-                Ok(_) if how == Parents::MustExist => return Ok(None),
-                Ok(_) => {
-                    return Err(UnpackError::NotADirectory {
-                        layer: self.label.to_owned(),
-                        entry: shown(entry),
-                        parent: rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()).display().to_string(),
-                    })
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if how == Parents::MustExist {
-                        return Ok(None);
-                    }
-                    fs::DirBuilder::new().mode(0o755).create(&p).map_err(self.io("create", &p))?;
-                    self.touch(&rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()));
-                }
-                Err(e) => return Err(self.io("stat", &p)(e)),
+                Ok(_) => Ok(Found::Other),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Found::Missing),
+                Err(e) => Err(self.io("stat", &p)(e)),
+            }
+        };
+        let mut made = |w: &[Vec<u8>]| -> Result<(), UnpackError> {
+            let p = on_disk(w);
+            fs::DirBuilder::new().mode(0o755).create(&p).map_err(|source| UnpackError::Io {
+                op: "create",
+                path: p,
+                source,
+            })
+        };
+        let make: Make<'_, UnpackError> = if how == Parents::Create { Some(&mut made) } else { None };
+        match resolve(parents, look, make) {
+            Ok(found) => Ok(found.map(|w| on_disk(&w))),
+            Err(Stop::Failed(e)) => Err(e),
+            Err(Stop::TooMany(at)) => {
+                Err(UnpackError::ThroughSymlink { layer: self.label.to_owned(), entry: shown(entry), symlink: at })
+            }
+            Err(Stop::NotADirectory(at)) => {
+                Err(UnpackError::NotADirectory { layer: self.label.to_owned(), entry: shown(entry), parent: at })
             }
         }
-        Ok(Some(self.tree.root.join(rel_path(&walked.iter().map(Vec::as_slice).collect::<Vec<_>>()))))
     }
 
     fn make_dir(&self, dest: &Path) -> Result<(), UnpackError> {
