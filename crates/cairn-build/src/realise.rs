@@ -123,6 +123,33 @@ pub struct Options {
     /// The `post-build-hook` of this request instead of the daemon's (a trusted client's;
     /// empty: none).
     pub post_build_hook: Option<PathBuf>,
+    /// Derivations whose outputs are substituted once more just before they would be built.
+    pub resubstitute: Option<Resubstitution>,
+}
+
+/// Substitutes paths again (closures included), telling `announce` of each path whose download
+/// starts (as the cache names it, and the cache's URL).
+pub trait Resubstitute: Send + Sync {
+    fn substitute(
+        &self,
+        paths: Vec<StorePath>,
+        announce: Box<dyn Fn(String, String) + Send + Sync>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+/// Nix's retry of a substitute whose closure a cache had only part of: the derivations `drvs`
+/// are built only if, once their inputs are realised (the missing part among them), their
+/// outputs still cannot be substituted `with`.
+#[derive(Clone)]
+pub struct Resubstitution {
+    pub drvs: Arc<BTreeSet<StorePath>>,
+    pub with: Arc<dyn Resubstitute>,
+}
+
+impl std::fmt::Debug for Resubstitution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resubstitution").field("drvs", &self.drvs).finish_non_exhaustive()
+    }
 }
 
 /// A request's own limits. A client may tighten the daemon's limits but not loosen them: a
@@ -153,6 +180,12 @@ pub enum Event {
     /// The derivations to build, before any starts.
     Plan {
         drvs: Vec<StorePath>,
+    },
+    /// A path is being substituted instead of built ([`Resubstitution`]): as the cache names
+    /// it, and the cache's URL.
+    Substituting {
+        path: String,
+        from: String,
     },
     Started {
         drv: StorePath,
@@ -669,6 +702,24 @@ impl Builder {
             let all_valid = node.outputs.values().try_fold(true, |acc, p| store.is_valid(p).map(|v| acc && v));
             if all_valid.map_err(|e| e.to_string())? {
                 return Ok(node.outputs.clone());
+            }
+            if let Some(r) = options.resubstitute.as_ref().filter(|r| r.drvs.contains(drv_path)) {
+                let wanted: Vec<StorePath> = node
+                    .outputs
+                    .iter()
+                    .filter(|(name, p)| {
+                        node.wanted.as_ref().is_none_or(|w| w.contains(*name)) && !store.is_valid(p).unwrap_or(true)
+                    })
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                let events = events.clone();
+                let announce = Box::new(move |path, from| {
+                    let _ = events.send(Event::Substituting { path, from });
+                });
+                unless_cancelled(&mut cancelled, r.with.substitute(wanted.clone(), announce)).await?;
+                if wanted.iter().all(|p| store.is_valid(p).unwrap_or(false)) {
+                    return Ok(node.outputs.clone());
+                }
             }
         }
         // On a remote builder while one takes it; a builder that fails the build's trust

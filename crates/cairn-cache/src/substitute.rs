@@ -291,6 +291,9 @@ pub struct Report {
     /// Of the failed paths, those some cache answered for with a narinfo, good or not (the
     /// others no cache had, or no cache could be asked).
     pub answered: HashSet<StorePath>,
+    /// Of the unavailable paths, those that came but were left out because one of their
+    /// references could not be substituted: a cache had only part of their closure.
+    pub incomplete: HashSet<StorePath>,
 }
 
 /// Told of each path whose download starts — the path as the cache names it, and the URL of
@@ -457,6 +460,7 @@ pub async fn substitute(job: Job, paths: &[StorePath]) -> Result<Report, CacheEr
     report.added = committed.added;
     for (p, r) in committed.incomplete {
         report.unavailable.insert(p.clone());
+        report.incomplete.insert(p.clone());
         let why = format!("needs '{}', which could not be substituted", dir.display(&r));
         report.failed.push((p, why));
     }

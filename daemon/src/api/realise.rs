@@ -199,6 +199,10 @@ pub(crate) struct NotSubstituted {
     pub broken: HashSet<StorePath>,
     /// Of those, the ones a cache answered for with a narinfo, good or not.
     pub answered: HashSet<StorePath>,
+    /// The derivations an output of which came without part of its closure (no cache had it):
+    /// as Nix does, they are substituted again once their inputs are built
+    /// ([`cairn_build::realise::Resubstitution`]).
+    pub retry: BTreeSet<StorePath>,
 }
 
 /// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix's
@@ -239,7 +243,7 @@ pub(crate) async fn substitute_first(
             let mut job = st.substitution.job(&st.store, caches.clone(), peer.client, progress, false);
             job.policy = policy.clone();
             job.announce = announce.clone();
-            job.content_addresses = wanted.content_addresses;
+            job.content_addresses = wanted.content_addresses.clone();
             match cairn_cache::substitute(job, &wanted.paths).await {
                 Ok(r) => {
                     for i in &r.added {
@@ -252,6 +256,7 @@ pub(crate) async fn substitute_first(
                         .filter(|p| r.offered.contains(*p) && !r.unavailable.contains(*p));
                     not.broken.extend(broken.cloned());
                     not.answered.extend(r.answered.iter().cloned());
+                    not.retry.extend(r.incomplete.iter().filter_map(|p| wanted.owners.get(p)).cloned());
                     not.failed.extend(r.failed);
                 }
                 Err(e) => tracing::warn!("substitution before building failed: {e}"),
@@ -263,6 +268,55 @@ pub(crate) async fn substitute_first(
             tokio::task::spawn_blocking(move || inputs_of_unsubstituted(&st2, &fresh, &skip)).await.unwrap_or_default();
     }
     not
+}
+
+/// What the builder substitutes again before it builds (see [`NotSubstituted::retry`]), from
+/// `caches` under `policy`; `None` if nothing is to be.
+pub(crate) fn resubstitution(
+    st: &Arc<AppState>,
+    peer: &Peer,
+    caches: Vec<Arc<cairn_cache::Substituter>>,
+    policy: cairn_cache::Policy,
+    not: &NotSubstituted,
+) -> Option<cairn_build::realise::Resubstitution> {
+    if not.retry.is_empty() {
+        return None;
+    }
+    let with = Arc::new(Resubstitute { st: st.clone(), client: peer.client, caches, policy });
+    Some(cairn_build::realise::Resubstitution { drvs: Arc::new(not.retry.clone()), with })
+}
+
+/// Substitutions the builder asks for while it runs.
+struct Resubstitute {
+    st: Arc<AppState>,
+    client: Option<cairn_store::ClientId>,
+    caches: Vec<Arc<cairn_cache::Substituter>>,
+    policy: cairn_cache::Policy,
+}
+
+impl cairn_build::realise::Resubstitute for Resubstitute {
+    fn substitute(
+        &self,
+        paths: Vec<StorePath>,
+        announce: Box<dyn Fn(String, String) + Send + Sync>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let progress = Arc::new(cairn_cache::Progress::default());
+        let mut job = self.st.substitution.job(&self.st.store, self.caches.clone(), self.client, progress, false);
+        job.policy = self.policy.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
+        job.announce = Some(tx);
+        Box::pin(async move {
+            let told = tokio::spawn(async move {
+                while let Some((path, from)) = rx.recv().await {
+                    announce(path, from);
+                }
+            });
+            if let Err(e) = cairn_cache::substitute(job, &paths).await {
+                tracing::warn!("substitution before building failed: {e}");
+            }
+            let _ = told.await;
+        })
+    }
 }
 
 /// Adds `outs` (`None`: all) to what was looked at of `drv`; true if that is more than before.
@@ -296,6 +350,8 @@ struct Wanted {
     paths: Vec<StorePath>,
     /// The content addresses of those that are fixed outputs.
     content_addresses: HashMap<StorePath, cairn_nix::ContentAddress>,
+    /// The derivation of each.
+    owners: HashMap<StorePath, StorePath>,
 }
 
 fn missing_outputs(st: &AppState, level: &[(StorePath, Option<BTreeSet<String>>)]) -> Wanted {
@@ -316,6 +372,7 @@ fn missing_outputs(st: &AppState, level: &[(StorePath, Option<BTreeSet<String>>)
                     let ca = cairn_nix::ContentAddress::Fixed { method: *method, hash: hash.clone() };
                     wanted.content_addresses.insert(p.clone(), ca);
                 }
+                wanted.owners.insert(p.clone(), drv_path.clone());
                 wanted.paths.push(p);
             }
         }
@@ -406,7 +463,7 @@ pub async fn realise(
             Some(Arc::new(st.builder.remotes().resolve(m)))
         }
     };
-    let options = Options {
+    let mut options = Options {
         keep_going: req.keep_going,
         keep_failed: req.keep_failed,
         impure_env: Arc::new(req.impure_env),
@@ -415,6 +472,7 @@ pub async fn realise(
         given: Default::default(),
         builders,
         post_build_hook: None,
+        resubstitute: None,
     };
     keep_outputs_for_client(&st, &peer, &goals).await;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -438,8 +496,9 @@ pub async fn realise(
                     }
                 }
             });
-            let not = substitute_first(&st, &peer, &goals, caches, policy, Some(announce), true).await;
+            let not = substitute_first(&st, &peer, &goals, caches.clone(), policy.clone(), Some(announce), true).await;
             let _ = told.await;
+            options.resubstitute = resubstitution(&st, &peer, caches, policy, &not);
             // What a cache had but could not give: said, as the build that replaces it is.
             for (path, message) in not.failed.into_iter().filter(|(p, _)| not.answered.contains(p)) {
                 let ev = line(&RealiseEvent::NotSubstituted { path: dir.display(&path), message });
@@ -453,6 +512,7 @@ pub async fn realise(
         let convert = |e: Event| {
             let ev = match e {
                 Event::Plan { drvs } => RealiseEvent::Plan { drvs: drvs.iter().map(|d| dir.display(d)).collect() },
+                Event::Substituting { path, from } => RealiseEvent::Substituting { path, from },
                 Event::Started { drv, machine } => {
                     tracing::info!(drv = %dir.display(&drv), on = machine.as_deref().unwrap_or("here"), "building");
                     RealiseEvent::Started { drv: dir.display(&drv), machine }

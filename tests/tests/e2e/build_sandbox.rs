@@ -507,6 +507,41 @@ fn inputs_a_substituter_has_are_substituted_and_only_the_rest_is_built() {
     assert!(!log.contains("-mid.drv") && !log.contains("-low.drv"), "only the goal was built: {log}");
 }
 
+/// A cache that has a path but not all of its closure: the missing reference is built, then
+/// the path itself is substituted rather than built, as Nix retries it.
+#[test]
+fn a_path_whose_closure_a_cache_lacks_is_substituted_once_the_rest_is_built() {
+    let Some(a) = store("") else { return };
+    let dep_json = drv_json("closure-dep", "echo dep > $out", &[], None);
+    let (dep, dep_out) = add(&a, &dep_json);
+    let top_json = drv_json("closure-top", "echo $in0 > $out", &[(&dep, &dep_out)], None);
+    let (top, top_out) = add(&a, &top_json);
+    a.ok(&["realise", &top]);
+    let (sk, pk) = (a.root.path().join("sk"), a.root.path().join("pk"));
+    a.ok(&["key", "generate", "closure-1", sk.to_str().unwrap(), pk.to_str().unwrap()]);
+    let cache = a.root.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    a.ok(&["copy", "--to", &url, "--secret-key-file", sk.to_str().unwrap(), &top_out]);
+    let dep_narinfo = cache.join(format!("{}.narinfo", &dep_out["/nix/store/".len()..][..32]));
+    std::fs::remove_file(&dep_narinfo).unwrap();
+    let key = std::fs::read_to_string(&pk).unwrap();
+    let Some(b) = store(&format!("substituters = [\"{url}\"]\ntrusted-public-keys = [\"{}\"]", key.trim())) else {
+        return;
+    };
+    add(&b, &dep_json);
+    add(&b, &top_json);
+    let out = b.run(&["realise", &top], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), top_out);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(&format!("copying path '{top_out}' from '{url}'...")), "{said}");
+    let log = b.log();
+    assert!(log.contains("-closure-dep.drv"), "the reference was built: {log}");
+    assert!(!log.contains(&format!("building drv={top}")), "the path was substituted, not built: {log}");
+    let info: serde_json::Value = serde_json::from_str(&b.ok(&["path-info", "--json", &top_out])).unwrap();
+    assert!(info[0]["signatures"][0].as_str().unwrap().starts_with("closure-1:"), "{info}");
+}
+
 /// A realisation roots its derivation and outputs for its client's process, as Nix's daemon
 /// does for a session: a collection between the build and the client's own root (`realise -o`)
 /// must not take the output just built. Here the client is this test process, on a connection

@@ -1122,7 +1122,8 @@ fn a_failed_substitute_fails_the_build_unless_fallback_is_asked_for() {
 }
 
 /// A cache whose closure of a path is incomplete (a reference has no narinfo) offers no
-/// substitute for it: as with nix-daemon, the build goes on without `--fallback`.
+/// substitute for it until that reference is built: as with nix-daemon, the build goes on
+/// without `--fallback`, builds the reference, and then substitutes the path.
 #[test]
 fn a_path_whose_closure_a_cache_lacks_is_built_without_fallback_as_by_nix_daemon() {
     if !peers() {
@@ -1157,9 +1158,13 @@ in derivation { name = "closure-top"; system = builtins.currentSystem; builder =
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     assert_eq!(String::from_utf8_lossy(&c.stdout).trim(), top);
     assert_eq!(c.stdout, n.stdout);
-    // Both build the reference; nix-daemon then substitutes the path itself again, where
-    // cairnd builds it (the same path and, for a deterministic build, the same bytes).
-    both_say(&c, &n, &["building '", "-closure-dep.drv'..."]);
+    // Both build the reference (the part of the closure the cache lacks), then substitute the
+    // path itself again instead of building it.
+    both_say(&c, &n, &["-closure-dep.drv'...", &format!("copying path '{top}' from '{cache}'...")]);
+    for (side, out) in [("cairnd", &c), ("nix-daemon", &n)] {
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!e.contains("-closure-top.drv'..."), "{side} built what it could substitute:\n{e}");
+    }
     p.same_metadata(&[&top]);
 }
 

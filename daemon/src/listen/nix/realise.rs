@@ -96,7 +96,7 @@ impl<R: Read, W: Write> Session<R, W> {
         let st = self.st.clone();
         let mode = mode_of(mode);
         let keys = self.client_signing_keys()?;
-        let options = Options {
+        let mut options = Options {
             keep_going: self.options.keep_going,
             keep_failed: self.options.keep_failed,
             impure_env: Arc::new(BTreeMap::new()),
@@ -110,6 +110,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 .client_setting("post-build-hook")
                 .filter(|_| self.peer.trusted)
                 .map(std::path::PathBuf::from),
+            resubstitute: None,
         };
         let started = now();
         let mut goals = goals;
@@ -119,9 +120,17 @@ impl<R: Read, W: Write> Session<R, W> {
             let (announce, copying) = tokio::sync::mpsc::unbounded_channel();
             let peer = self.peer.clone();
             let fallback = self.options.try_fallback;
-            let work =
-                crate::api::realise::substitute_first(&st, &peer, &goals, caches, policy, Some(announce), fallback);
+            let work = crate::api::realise::substitute_first(
+                &st,
+                &peer,
+                &goals,
+                caches.clone(),
+                policy.clone(),
+                Some(announce),
+                fallback,
+            );
             let not = self.showing_copies(work, copying);
+            options.resubstitute = crate::api::realise::resubstitution(&st, &peer, caches, policy, &not);
             if !not.failed.is_empty() {
                 refused = self.without_fallback(&mut goals, not);
             }
@@ -279,6 +288,16 @@ impl<R: Read, W: Write> Session<R, W> {
     ) {
         match e {
             Event::Plan { .. } => {}
+            Event::Substituting { path, from } => {
+                let text = format!("copying path '{path}' from '{from}'");
+                let fields = vec![
+                    Field::String(path.into_bytes()),
+                    Field::String(from.into_bytes()),
+                    Field::String(b"local".to_vec()),
+                ];
+                let id = self.start_activity(ActivityType::CopyPath, text, fields);
+                self.stop_activity(id);
+            }
             Event::Started { drv, machine } => {
                 let shown = self.show(&drv);
                 tracing::info!(drv = %shown, user = self.peer.user, "building (nix protocol)");
