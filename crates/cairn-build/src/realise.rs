@@ -908,13 +908,17 @@ impl Builder {
         let keep = matches!(result, Err(Stop::Failed(_))) && options.keep_failed;
         if !keep {
             let top2 = top.clone();
+            // The inputs stay rooted while the root holds links to them: a collection
+            // meanwhile would count their bytes as freed when they are not. The outputs' roots
+            // go with the build (the request roots what it realised for its client), so that a
+            // `delete` right after the build does not find them still in use.
+            let linked = store.temp_root(node.inputs.iter().cloned());
+            drop(roots);
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = crate::root::remove(&top2) {
                     tracing::warn!("cannot remove build directory '{}': {e}", top2.display());
                 }
-                // The inputs stay rooted while the root holds links to them: a collection
-                // meanwhile would count their bytes as freed when they are not.
-                drop(roots);
+                drop(linked);
             });
         }
         match result {
