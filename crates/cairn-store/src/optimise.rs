@@ -81,6 +81,28 @@ impl LocalStore {
         Ok(report)
     }
 
+    /// What hard-linking saves now, in bytes, as Nix reckons it after a collection: the extra
+    /// links' sizes, less the linked files' own and the links directory's blocks (negative when
+    /// nothing is shared).
+    pub fn links_saving(&self) -> Result<i64> {
+        let links = self.layout.links_dir();
+        let entries = match fs::read_dir(&links) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("list", &links)(e)),
+        };
+        let (mut actual, mut unshared) = (0i64, 0i64);
+        for entry in entries {
+            let m = entry.and_then(|e| e.metadata()).map_err(io_err("stat", &links))?;
+            if m.nlink() != 1 {
+                actual += m.size() as i64;
+                unshared += (m.nlink() as i64 - 1) * m.size() as i64;
+            }
+        }
+        let overhead = fs::metadata(&links).map_err(io_err("stat", &links))?.blocks() as i64 * 512;
+        Ok(unshared - actual - overhead)
+    }
+
     /// `auto-optimise-store`: every path registered from now on is hard-linked with identical
     /// files of the store once registered, as Nix does for each path it registers.
     pub fn set_auto_optimise(&self, on: bool) {

@@ -376,6 +376,9 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     let (c, n) = p.alike("nix-store", &["--gc", "--max-freed", "1"]);
     // The collector's progress, as Nix prints it.
     both_say(&c, &n, &["finding garbage collector roots...", "deleting garbage...", "deleting '/nix/store/"]);
+    both_say(&c, &n, &["deleting unused links...", "note: currently hard linking saves "]);
+    let (c, n) = p.alike("nix-store", &["--gc", "--print-dead"]);
+    both_say(&c, &n, &["finding garbage collector roots...", "determining live/dead paths..."]);
     p.alike("nix-store", &["--check-validity", &drop_path]);
     p.same("nix-store", &["--check-validity", &keep_path]);
     p.alike("nix-store", &["--gc"]);

@@ -425,8 +425,10 @@ impl<R: Read, W: Write> Session<R, W> {
         // Nix's progress lines, as its collector prints them.
         let deleting = matches!(o.action, GcAction::DeleteDead | GcAction::DeleteSpecific);
         self.log_line("finding garbage collector roots...");
-        if o.action == GcAction::DeleteDead {
-            self.log_line("deleting garbage...");
+        match o.action {
+            GcAction::DeleteDead => self.log_line("deleting garbage..."),
+            GcAction::ReturnLive | GcAction::ReturnDead => self.log_line("determining live/dead paths..."),
+            GcAction::DeleteSpecific => {}
         }
         let results = match o.action {
             GcAction::ReturnLive => GcResults { paths: shown(store.live_paths()?), bytes_freed: 0 },
@@ -462,6 +464,12 @@ impl<R: Read, W: Write> Session<R, W> {
                 self.log_line(&format!("deleting '{p}'"));
             }
             self.log_line("deleting unused links...");
+            if let Ok(saved) = store.links_saving() {
+                self.log_line(&format!(
+                    "note: currently hard linking saves {:.2} MiB",
+                    saved as f64 / (1024.0 * 1024.0)
+                ));
+            }
         }
         Ok(results)
     }
