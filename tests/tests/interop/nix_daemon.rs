@@ -1565,3 +1565,32 @@ fn cairnd_stdio_serves_a_store_no_daemon_holds() {
     assert!(info.contains("\"narHash\""), "{info}");
     let _ = Command::new("chmod").args(["-R", "u+w"]).arg(work.path()).status();
 }
+
+/// What a client sees of failed builds and of a path nothing can make is nix-daemon's, word for
+/// word: a dependency's failure with its log tail indented under its first line (Nix's
+/// `showErrorInfo`), `-k` and without, the new CLI's `--keep-going`, and `nix-store -r` of a
+/// path no cache has.
+#[test]
+fn failures_read_as_nix_daemon_s_word_for_word() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "failures.nix",
+        // One input only: two building at once would print their lines in either order.
+        br#"let bad = derivation { name = "failures-bad"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo failing; exit 3" ]; };
+in derivation { name = "failures-both"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${bad} > $out" ]; }"#,
+    );
+    let missing = "/nix/store/00000000000000000000000000000000-nothing";
+    for args in [
+        vec!["nix-build", "--no-out-link", &f],
+        vec!["nix-build", "--no-out-link", &f, "-k"],
+        vec!["nix", "build", "--no-link", "-f", &f, "--keep-going"],
+        vec!["nix-store", "-r", missing],
+    ] {
+        let (c, n) = p.alike(args[0], &args[1..]);
+        assert!(!c.status.success(), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr), "{args:?}");
+    }
+}

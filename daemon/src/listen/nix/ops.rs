@@ -216,22 +216,26 @@ impl<R: Read, W: Write> Session<R, W> {
         out
     }
 
-    /// Makes `paths` valid, substituting them if needed (`EnsurePath`, opaque build goals).
-    pub(super) fn ensure_valid(&mut self, paths: &[StorePath]) -> OpResult<()> {
+    /// Makes `paths` valid, substituting them if needed (`EnsurePath`, opaque build goals). A
+    /// path no cache has fails with `none`'s message for it (each operation has Nix's own).
+    pub(super) fn ensure_valid(&mut self, paths: &[StorePath], none: fn(&str) -> String) -> OpResult<()> {
         let failed = self.substitute_missing(paths)?;
         for p in paths {
             if !self.st.store.is_valid(p)? {
                 // A substitute that failed is the error, not a missing one.
                 return Err(Failure::Report(match failed.get(p) {
                     Some(why) => format!("cannot substitute '{}': {why}", self.show(p)),
-                    None => {
-                        format!("path '{}' is required, but there is no substituter that can build it", self.show(p))
-                    }
+                    None => none(&self.show(p)),
                 }));
             }
         }
         self.temp_roots.extend(paths.iter().cloned());
         Ok(())
+    }
+
+    /// Nix's `BuildResult` message for a path no cache has.
+    pub(super) fn no_substituter(p: &str) -> String {
+        format!("path '{p}' is required, but there is no substituter that can build it")
     }
 
     /// The queries and upkeep operations (everything but adds and builds).

@@ -241,7 +241,7 @@ impl<R: Read, W: Write> Session<R, W> {
         let paths: Vec<StorePath> = not.failed.iter().map(|(p, _)| p.clone()).collect();
         let had_substitute = self.substitutable(&paths);
         for (p, why) in not.failed.iter().filter(|(p, _)| not.broken.contains(p) || had_substitute.contains_key(p)) {
-            self.log_line(&format!("error: substituting '{}': {why}", self.show(p)));
+            self.log_error(&format!("substituting '{}': {why}", self.show(p)));
         }
         let broken: BTreeMap<StorePath, String> =
             not.failed.into_iter().filter(|(p, _)| not.broken.contains(p)).collect();
@@ -266,7 +266,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 // An input that would be built for want of its substitute fails, and so does
                 // the goal that needs it, as Nix's goals do.
                 Some(d) => {
-                    self.log_line(&format!("error: {}", substitutes_failed(&d)));
+                    self.log_error(&substitutes_failed(&d));
                     let message =
                         format!("1 dependencies of derivation '{}' failed to build", st.store_dir.display(&g.drv));
                     refused.push((g.drv, Err(message)));
@@ -335,7 +335,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 // A requested derivation's failure is the request's error; others are logged.
                 if !top.contains(&drv) {
                     let message = self.with_log_hint(&drv, &message);
-                    self.log_line(&format!("error: {message}"));
+                    self.log_error(&message);
                 }
             }
         }
@@ -374,7 +374,7 @@ impl<R: Read, W: Write> Session<R, W> {
     pub(super) fn build_paths(&mut self, paths: &[DerivedPath], mode: BuildMode) -> OpResult<()> {
         self.check_mode(mode)?;
         let (goals, opaque) = self.split(paths);
-        self.ensure_valid(&opaque)?;
+        self.ensure_valid(&opaque, |p| format!("build of '{p}' failed"))?;
         if goals.is_empty() {
             return Ok(());
         }
@@ -387,7 +387,7 @@ impl<R: Read, W: Write> Session<R, W> {
             many => {
                 // As Nix: the failures are logged, not the goals a failure stopped.
                 for (drv, m) in many.iter().filter(|(_, m)| m != cairn_build::realise::NOT_BUILT) {
-                    self.log_line(&format!("error: {}", self.with_log_hint(drv, m)));
+                    self.log_error(&self.with_log_hint(drv, m));
                 }
                 let list: Vec<String> = many.iter().map(|(d, _)| format!("'{}'", self.show(d))).collect();
                 Err(Failure::Report(format!("build of {} failed", list.join(", "))))
@@ -455,11 +455,13 @@ impl<R: Read, W: Write> Session<R, W> {
         let mut out = Vec::new();
         for p in paths {
             let result = match p {
-                DerivedPath::Opaque(path) => match self.ensure_valid(std::slice::from_ref(path)) {
-                    Ok(()) => BuildResult::new(BuildStatus::AlreadyValid, ""),
-                    Err(Failure::Report(m)) => BuildResult::new(BuildStatus::MiscFailure, m),
-                    Err(f) => return Err(f),
-                },
+                DerivedPath::Opaque(path) => {
+                    match self.ensure_valid(std::slice::from_ref(path), Self::no_substituter) {
+                        Ok(()) => BuildResult::new(BuildStatus::AlreadyValid, ""),
+                        Err(Failure::Report(m)) => BuildResult::new(BuildStatus::MiscFailure, m),
+                        Err(f) => return Err(f),
+                    }
+                }
                 DerivedPath::Built { drv_path, .. } => {
                     let Some(r) = realised.as_ref() else { continue };
                     let res = r

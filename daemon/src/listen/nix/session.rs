@@ -193,6 +193,12 @@ impl<R: Read, W: Write> Session<R, W> {
     }
 
     /// A log line the client shows as Nix shows the daemon's messages.
+    /// An error logged as Nix's daemon logs one (`showErrorInfo`): `error: ` and the message,
+    /// its continuation lines indented under the first.
+    pub(super) fn log_error(&mut self, message: &str) {
+        self.log_line(&format!("error: {}", message.replace('\n', "\n       ")));
+    }
+
     pub(super) fn log_line(&mut self, line: &str) {
         let ok = self.message(StderrMessage::Next(format!("{line}\n"))).is_ok() && self.w.flush().is_ok();
         self.gone |= !ok;
@@ -275,7 +281,9 @@ impl<R: Read, W: Write> Session<R, W> {
                 r(Response::BuildResult(self.build_derivation(drv_path, drv, mode)?))
             }
             Q::EnsurePath(p) => {
-                self.ensure_valid(std::slice::from_ref(&p))?;
+                self.ensure_valid(std::slice::from_ref(&p), |p| {
+                    format!("path '{p}' does not exist and cannot be created")
+                })?;
                 r(Response::One)
             }
             Q::QueryMissing(targets) => r(Response::Missing(self.query_missing(&targets)?)),
