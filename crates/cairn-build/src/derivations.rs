@@ -8,7 +8,7 @@
 //! which computes them inputs first without recursion and keeps them: a closure of many
 //! derivations sharing inputs costs one parse and one hash per derivation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use cairn_nix::derivation::{Derivation, DerivationError, OutputHashes};
@@ -16,6 +16,20 @@ use cairn_nix::StorePath;
 use cairn_store::LocalStore;
 
 use crate::BuildError;
+
+/// Of a derivation's `outputs`, the paths of those wanted (`None`: all) that are not valid: what
+/// Nix's goals substitute or build. A path whose validity cannot be read counts as valid.
+pub fn missing_wanted<'o>(
+    store: &LocalStore,
+    outputs: &'o BTreeMap<String, StorePath>,
+    wanted: Option<&BTreeSet<String>>,
+) -> Vec<&'o StorePath> {
+    outputs
+        .iter()
+        .filter(|(name, p)| wanted.is_none_or(|w| w.contains(*name)) && !store.is_valid(p).unwrap_or(true))
+        .map(|(_, p)| p)
+        .collect()
+}
 
 /// Parsed derivations and their `hashDerivationModulo`, loaded on demand.
 pub struct Derivations<'s> {

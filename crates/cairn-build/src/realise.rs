@@ -704,14 +704,11 @@ impl Builder {
                 return Ok(node.outputs.clone());
             }
             if let Some(r) = options.resubstitute.as_ref().filter(|r| r.drvs.contains(drv_path)) {
-                let wanted: Vec<StorePath> = node
-                    .outputs
-                    .iter()
-                    .filter(|(name, p)| {
-                        node.wanted.as_ref().is_none_or(|w| w.contains(*name)) && !store.is_valid(p).unwrap_or(true)
-                    })
-                    .map(|(_, p)| p.clone())
-                    .collect();
+                let wanted: Vec<StorePath> =
+                    crate::derivations::missing_wanted(store, &node.outputs, node.wanted.as_ref())
+                        .into_iter()
+                        .cloned()
+                        .collect();
                 let events = events.clone();
                 let announce = Box::new(move |path, from| {
                     let _ = events.send(Event::Substituting { path, from });
@@ -968,30 +965,9 @@ impl Builder {
                 return Err(format!("builder for '{shown}' did not make output '{name}'"));
             }
         }
-        self.sign_built(node.outputs.values());
+        // A builtin registers its outputs itself: signed once they are.
+        self.store.sign_paths(node.outputs.values(), &self.settings.signing_keys);
         Ok(node.outputs.clone())
-    }
-
-    /// Signs built paths that were registered without the keys of `secret-key-files` (what a
-    /// builtin builder registers itself); a failure is only logged, as the build succeeded.
-    fn sign_built<'p>(&self, paths: impl Iterator<Item = &'p StorePath>) {
-        let keys = &self.settings.signing_keys;
-        if keys.is_empty() {
-            return;
-        }
-        let dir = self.store.store_dir();
-        for p in paths {
-            let Ok(Some(info)) = self.store.path_info(p) else { continue };
-            let Ok(fp) =
-                cairn_nix::signing::fingerprint(dir, &info.path, &info.nar_hash, info.nar_size, &info.references)
-            else {
-                continue;
-            };
-            let sigs: BTreeSet<String> = keys.iter().map(|k| k.sign(&fp)).collect();
-            if let Err(e) = self.store.add_signatures(p, &sigs) {
-                tracing::warn!(path = %dir.display(p), "cannot sign a built path: {e}");
-            }
-        }
     }
 
     /// Creates the build directory and the sandbox root; returns the spec, the input closure,
@@ -1194,12 +1170,14 @@ impl Builder {
             _ => BTreeSet::new(),
         };
         let batch = self.store.build_batch().map_err(|e| e.to_string())?;
+        // Registered signed with `secret-key-files`, in the same transaction.
+        let keys = &self.settings.signing_keys;
         let sign = |info: &mut PathInfo| {
-            if self.settings.signing_keys.is_empty() {
+            if keys.is_empty() {
                 return;
             }
-            match cairn_nix::signing::fingerprint(dir, &info.path, &info.nar_hash, info.nar_size, &info.references) {
-                Ok(fp) => info.signatures.extend(self.settings.signing_keys.iter().map(|k| k.sign(&fp))),
+            match info.signatures_by(dir, keys) {
+                Ok(sigs) => info.signatures.extend(sigs),
                 Err(e) => tracing::warn!(path = %dir.display(&info.path), "cannot sign a built path: {e}"),
             }
         };

@@ -55,6 +55,17 @@ pub struct PathInfo {
 }
 
 impl PathInfo {
+    /// Signatures of the path's metadata by `keys`, over Nix's fingerprint of it (path, NAR
+    /// hash and size, references), as `secret-key-files` sign what a store builds.
+    pub fn signatures_by(
+        &self,
+        dir: &cairn_nix::StoreDir,
+        keys: &[cairn_nix::signing::SecretKey],
+    ) -> cairn_nix::signing::Result<BTreeSet<String>> {
+        let fp = cairn_nix::signing::fingerprint(dir, &self.path, &self.nar_hash, self.nar_size, &self.references)?;
+        Ok(keys.iter().map(|k| k.sign(&fp)).collect())
+    }
+
     /// The path as a binary cache describes it, its NAR at `url` compressed with `compression`
     /// (no file hash or size: a served NAR is compressed as it is sent).
     pub fn into_narinfo(self, url: String, compression: &str) -> cairn_nix::narinfo::NarInfo {

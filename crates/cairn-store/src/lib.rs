@@ -358,6 +358,25 @@ impl LocalStore {
         Ok(self.db().add_signatures(path, sigs)?)
     }
 
+    /// Adds to each valid path of `paths` its signatures by `keys` (Nix's `signPathInfo`, for
+    /// what was just built). A path that cannot be signed is only logged: it stays valid.
+    pub fn sign_paths<'p>(
+        &self,
+        paths: impl IntoIterator<Item = &'p StorePath>,
+        keys: &[cairn_nix::signing::SecretKey],
+    ) {
+        if keys.is_empty() {
+            return;
+        }
+        for p in paths {
+            let Ok(Some(info)) = self.path_info(p) else { continue };
+            let signed = info.signatures_by(self.store_dir(), keys).map_err(|e| e.to_string());
+            if let Err(e) = signed.and_then(|sigs| self.add_signatures(p, &sigs).map_err(|e| e.to_string())) {
+                tracing::warn!(path = %self.store_dir().display(p), "cannot sign a built path: {e}");
+            }
+        }
+    }
+
     /// The valid derivations that have `path` as an output.
     pub fn valid_derivers(&self, path: &StorePath) -> Result<BTreeSet<StorePath>> {
         Ok(self.db().valid_derivers(path)?)

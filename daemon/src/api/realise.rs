@@ -16,6 +16,7 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use cairn_api::config::{state_dir, Settings};
 use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResult};
+use cairn_build::derivations::missing_wanted;
 use cairn_build::requirements::Attrs;
 use cairn_build::{BuildSettings, Event, Goal, LogStore, Mode, Options};
 use cairn_nix::{StoreDir, StorePath};
@@ -193,16 +194,24 @@ fn outputs_wire(dir: &StoreDir, o: &BTreeMap<String, StorePath>) -> BTreeMap<Str
 pub(crate) struct NotSubstituted {
     /// The paths, and why.
     pub failed: Vec<(StorePath, String)>,
-    /// Of those, the ones a cache offered (a narinfo that passed the checks) whose substitute
-    /// then failed for a reason Nix counts as a failure (not [`cairn_cache::Report::unavailable`]):
-    /// without `--fallback`, what needs them is not built.
-    pub broken: HashSet<StorePath>,
+    /// Of those, the ones a cache offered (a narinfo that passed the checks).
+    pub offered: HashSet<StorePath>,
+    /// Of those, the ones no cache could really offer ([`cairn_cache::Report::unavailable`]).
+    pub unavailable: HashSet<StorePath>,
     /// Of those, the ones a cache answered for with a narinfo, good or not.
     pub answered: HashSet<StorePath>,
     /// The derivations an output of which came without part of its closure (no cache had it):
     /// as Nix does, they are substituted again once their inputs are built
     /// ([`cairn_build::realise::Resubstitution`]).
     pub retry: BTreeSet<StorePath>,
+}
+
+impl NotSubstituted {
+    /// Whether `p` had a substitute that failed for a reason Nix counts as a failure: without
+    /// `--fallback`, what needs it is not built.
+    pub fn broken(&self, p: &StorePath) -> bool {
+        self.offered.contains(p) && !self.unavailable.contains(p)
+    }
 }
 
 /// Substitutes the goals' missing outputs from `caches`, paths trusted by `policy`, as Nix's
@@ -249,12 +258,9 @@ pub(crate) async fn substitute_first(
                     for i in &r.added {
                         tracing::info!(path = %st.store_dir.display(&i.path), "substituted instead of building");
                     }
-                    let broken = r
-                        .failed
-                        .iter()
-                        .map(|(p, _)| p)
-                        .filter(|p| r.offered.contains(*p) && !r.unavailable.contains(*p));
-                    not.broken.extend(broken.cloned());
+                    let failed = || r.failed.iter().map(|(p, _)| p);
+                    not.offered.extend(failed().filter(|p| r.offered.contains(*p)).cloned());
+                    not.unavailable.extend(failed().filter(|p| r.unavailable.contains(*p)).cloned());
                     not.answered.extend(r.answered.iter().cloned());
                     not.retry.extend(r.incomplete.iter().filter_map(|p| wanted.owners.get(p)).cloned());
                     not.failed.extend(r.failed);
@@ -263,7 +269,11 @@ pub(crate) async fn substitute_first(
             }
         }
         // What is still missing is built: the outputs it uses of its inputs are looked for next.
-        let (st2, skip) = (st.clone(), if fallback { HashSet::new() } else { not.broken.clone() });
+        let skip: HashSet<StorePath> = match fallback {
+            true => HashSet::new(),
+            false => not.failed.iter().map(|(p, _)| p).filter(|p| not.broken(p)).cloned().collect(),
+        };
+        let st2 = st.clone();
         level =
             tokio::task::spawn_blocking(move || inputs_of_unsubstituted(&st2, &fresh, &skip)).await.unwrap_or_default();
     }
@@ -365,16 +375,13 @@ fn missing_outputs(st: &AppState, level: &[(StorePath, Option<BTreeSet<String>>)
             continue;
         }
         let fixed = drv.fixed_output().ok().flatten();
-        for (name, p) in outputs {
-            let is_wanted = outs.as_ref().is_none_or(|w| w.contains(&name));
-            if is_wanted && !st.store.is_valid(&p).unwrap_or(true) {
-                if let Some((method, hash)) = &fixed {
-                    let ca = cairn_nix::ContentAddress::Fixed { method: *method, hash: hash.clone() };
-                    wanted.content_addresses.insert(p.clone(), ca);
-                }
-                wanted.owners.insert(p.clone(), drv_path.clone());
-                wanted.paths.push(p);
+        for p in missing_wanted(&st.store, &outputs, outs.as_ref()) {
+            if let Some((method, hash)) = &fixed {
+                let ca = cairn_nix::ContentAddress::Fixed { method: *method, hash: hash.clone() };
+                wanted.content_addresses.insert(p.clone(), ca);
             }
+            wanted.owners.insert(p.clone(), drv_path.clone());
+            wanted.paths.push(p.clone());
         }
     }
     wanted
@@ -392,13 +399,7 @@ fn inputs_of_unsubstituted(
     let mut next = Vec::new();
     for (drv_path, outs) in level {
         let (Ok(outputs), Ok(drv)) = (drvs.outputs(drv_path), drvs.load(drv_path)) else { continue };
-        let missing: Vec<&StorePath> = outputs
-            .iter()
-            .filter(|(name, p)| {
-                outs.as_ref().is_none_or(|w| w.contains(*name)) && !st.store.is_valid(p).unwrap_or(true)
-            })
-            .map(|(_, p)| p)
-            .collect();
+        let missing = missing_wanted(&st.store, &outputs, outs.as_ref());
         if missing.is_empty() || missing.iter().any(|p| broken.contains(*p)) {
             continue;
         }

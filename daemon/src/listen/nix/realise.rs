@@ -209,22 +209,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 tracing::warn!("cannot optimise built paths: {e}");
             }
         }
-        for p in outputs.iter().filter(|_| !keys.is_empty()) {
-            let Ok(Some(info)) = store.path_info(p) else { continue };
-            let Ok(fp) = cairn_nix::signing::fingerprint(
-                &self.st.store_dir,
-                &info.path,
-                &info.nar_hash,
-                info.nar_size,
-                &info.references,
-            ) else {
-                continue;
-            };
-            let sigs: BTreeSet<String> = keys.iter().map(|k| k.sign(&fp)).collect();
-            if let Err(e) = store.add_signatures(p, &sigs) {
-                tracing::warn!(path = %self.show(p), "cannot sign a built path: {e}");
-            }
-        }
+        store.sign_paths(&outputs, keys);
     }
 
     /// Nix's rule without `--fallback`: a goal whose wanted output had a substitute (a cache
@@ -238,13 +223,10 @@ impl<R: Read, W: Write> Session<R, W> {
         goals: &mut Vec<Goal>,
         not: crate::api::realise::NotSubstituted,
     ) -> Vec<(StorePath, cairn_build::realise::GoalResult)> {
-        let paths: Vec<StorePath> = not.failed.iter().map(|(p, _)| p.clone()).collect();
-        let had_substitute = self.substitutable(&paths);
-        for (p, why) in not.failed.iter().filter(|(p, _)| not.broken.contains(p) || had_substitute.contains_key(p)) {
+        for (p, why) in not.failed.iter().filter(|(p, _)| not.offered.contains(p)) {
             self.log_error(&format!("substituting '{}': {why}", self.show(p)));
         }
-        let broken: BTreeMap<StorePath, String> =
-            not.failed.into_iter().filter(|(p, _)| not.broken.contains(p)).collect();
+        let broken: BTreeMap<StorePath, String> = not.failed.iter().filter(|(p, _)| not.broken(p)).cloned().collect();
         if broken.is_empty() || self.options.try_fallback {
             return Vec::new();
         }
@@ -623,11 +605,7 @@ fn with_broken_substitute(
             continue;
         }
         let Ok(outputs) = drvs.outputs(&drv_path) else { continue };
-        let missing: Vec<&StorePath> = outputs
-            .iter()
-            .filter(|(name, p)| wanted.as_ref().is_none_or(|w| w.contains(*name)) && !store.is_valid(p).unwrap_or(true))
-            .map(|(_, p)| p)
-            .collect();
+        let missing = cairn_build::derivations::missing_wanted(store, &outputs, wanted.as_ref());
         if missing.is_empty() {
             continue;
         }
