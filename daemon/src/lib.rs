@@ -26,11 +26,13 @@ mod limits;
 mod listen;
 mod outbox;
 mod send_timeout;
+mod serve;
 mod server;
 mod state;
 mod stream;
 mod tag_owners;
 
+pub use serve::run_serve;
 pub use server::{limit_allocator_arenas, serve, serve_with_config};
 
 /// Formats an error and its causes on one line, each cause once: a message that already ends with
@@ -62,20 +64,34 @@ pub fn error_line(e: &anyhow::Error) -> String {
 /// the store is opened here and the caller, who could open it, is trusted.
 pub fn run_stdio(args: &args::StoreArgs) -> anyhow::Result<()> {
     let settings = args.settings(true)?;
-    // Standard output is the protocol's: the log goes to standard error, quietly by default.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).try_init();
+    stdio_logging();
     if let Some(path) = &settings.nix_daemon_socket {
         if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
             return relay(stream);
         }
     }
+    let (rt, state) = open_here(args, &settings)?;
+    listen::nix::serve_stdio(state, rt.handle().clone())
+}
+
+/// Logging for the modes whose standard output is a protocol's: to standard error, quietly by
+/// default.
+fn stdio_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).try_init();
+}
+
+/// Opens the store in this process (no daemon serves it), on a runtime of its own.
+fn open_here(
+    args: &args::StoreArgs,
+    settings: &cairn_api::config::Settings,
+) -> anyhow::Result<(tokio::runtime::Runtime, std::sync::Arc<state::AppState>)> {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let control = std::sync::Arc::new(state::Control::new(settings.clone(), args.config_file()));
-    let state = rt.block_on(server::open_state(&settings, control))?;
-    listen::nix::serve_stdio(state, rt.handle().clone())
+    let state = rt.block_on(server::open_state(settings, control))?;
+    Ok((rt, state))
 }
 
 /// Copies standard input to `stream` and `stream` to standard output until both ends close.

@@ -16,8 +16,16 @@ struct Cli {
     print_config_template: bool,
     /// Speak Nix's daemon protocol on standard input and output, as `nix-daemon --stdio` does
     /// (for `ssh-ng://HOST?remote-program=cairnd`); relayed to the running daemon if there is one.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "serve")]
     stdio: bool,
+    /// Speak Nix's legacy SSH protocol on standard input and output, as `nix-store --serve`
+    /// does (for `ssh://HOST?remote-program=cairnd`): queries and downloads only, unless
+    /// `--write` is given too.
+    #[arg(long)]
+    serve: bool,
+    /// With `--serve`: also take imports and builds.
+    #[arg(long, requires = "serve")]
+    write: bool,
 }
 
 /// Marks every descriptor this process inherited beyond 0–2 close-on-exec. Whatever started
@@ -41,7 +49,13 @@ fn main() -> ExitCode {
         print!("{}", cairn_api::config::TEMPLATE);
         return ExitCode::SUCCESS;
     }
-    let ran = if cli.stdio { cairn_daemon::run_stdio(&cli.store) } else { cairn_daemon::run(&cli.store) };
+    let ran = if cli.stdio {
+        cairn_daemon::run_stdio(&cli.store)
+    } else if cli.serve {
+        cairn_daemon::run_serve(&cli.store, cli.write)
+    } else {
+        cairn_daemon::run(&cli.store)
+    };
     match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,6 +1,7 @@
 //! The client side of a session: what `RemoteStore` does in Nix, for the ops a remote build
-//! needs — handshake and startup log, `SetOptions`, `QueryValidPaths`, `QueryPathInfo`,
-//! `AddMultipleToStore`, `BuildDerivation` and `NarFromPath`.
+//! and `cairnd --serve` need — handshake and startup log, `SetOptions`, `QueryValidPaths`,
+//! `QueryPathInfo`, `QueryDerivationOutputMap`, `AddTempRoot`, `AddMultipleToStore`,
+//! `BuildPaths`, `BuildDerivation` and `NarFromPath`.
 //!
 //! Each call writes its request, flushes, reads the logger channel up to `STDERR_LAST`
 //! (handing log messages to the caller) and then the answer. A `STDERR_ERROR` is
@@ -11,7 +12,7 @@
 //! Like the rest of the crate this does no I/O of its own: it runs over any blocking reader
 //! and writer (a Unix socket's halves, an `ssh` child's stdout and stdin).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 
 use cairn_nix::{StoreDir, StorePath};
@@ -24,7 +25,7 @@ use crate::handshake::{client_handshake, ClientHello, ClientSession, Duplex};
 use crate::logger::{read_until_last, RemoteError, StderrMessage};
 use crate::request::{write_multiple_entry_info, Request};
 use crate::response::Response;
-use crate::types::{BasicDerivation, BuildResult, ClientOptions, PathInfo, ValidPathInfo};
+use crate::types::{BasicDerivation, BuildResult, ClientOptions, DerivedPath, PathInfo, ValidPathInfo};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +157,35 @@ impl<R: Read, W: Write> Client<R, W> {
         match self.call(&req, on_log)? {
             Response::BuildResult(r) => Ok(r),
             other => Err(unexpected("BuildDerivation", other)),
+        }
+    }
+
+    /// Builds or substitutes derived paths (`BuildPaths`); log messages go to `on_log` as they
+    /// come. A failure is [`ClientError::Remote`] with the daemon's message.
+    pub fn build_paths(
+        &mut self,
+        paths: &[DerivedPath],
+        mode: BuildMode,
+        on_log: &mut dyn FnMut(StderrMessage),
+    ) -> Result<(), ClientError> {
+        self.call(&Request::BuildPaths { paths: paths.to_vec(), mode }, on_log)?;
+        Ok(())
+    }
+
+    /// Holds `path` against collection for as long as this session lasts (`AddTempRoot`).
+    pub fn add_temp_root(&mut self, path: &StorePath) -> Result<(), ClientError> {
+        self.call(&Request::AddTempRoot(path.clone()), &mut |_| {})?;
+        Ok(())
+    }
+
+    /// A derivation's outputs and, for those known, their paths (`QueryDerivationOutputMap`).
+    pub fn query_derivation_output_map(
+        &mut self,
+        drv: &StorePath,
+    ) -> Result<BTreeMap<String, Option<StorePath>>, ClientError> {
+        match self.call(&Request::QueryDerivationOutputMap(drv.clone()), &mut |_| {})? {
+            Response::OutputMap(m) => Ok(m),
+            other => Err(unexpected("QueryDerivationOutputMap", other)),
         }
     }
 

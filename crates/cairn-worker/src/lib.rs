@@ -6,7 +6,8 @@
 //! crate does no I/O of its own: everything works over blocking [`std::io::Read`] and
 //! [`std::io::Write`] (no async runtime, no sockets, no store), as `cairn-nix` does for file
 //! formats; the daemon's listener and the remote-build client bring the connections. [`Client`] is
-//! the client side of a session, for the ops a remote build needs.
+//! the client side of a session, for the ops a remote build and `cairnd --serve` need.
+//! [`serve`] is Nix's other protocol, the legacy SSH one `nix-store --serve` speaks.
 //!
 //! The reference is Nix 2.8 (protocol 1.34), read in its source: `worker-protocol.hh`,
 //! `daemon.cc`, `remote-store.cc`, `path-info.cc`, `serialise.{hh,cc}`, `build-result.hh`,
@@ -30,6 +31,7 @@ pub mod handshake;
 pub mod logger;
 pub mod request;
 pub mod response;
+pub mod serve;
 pub mod types;
 
 pub use client::{Client, ClientError};

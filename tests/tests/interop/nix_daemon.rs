@@ -7,9 +7,12 @@
 //! from the file system itself (derivations, exports, logs); cairn's logs are at
 //! `<root>/var/lib/cairn/log` (`&log=`).
 //!
+//! At the end, Nix's legacy SSH protocol: `cairnd --serve` against `nix-store --serve` on
+//! nix-daemon's store, through Nix's `ssh://` stores and byte for byte.
+//!
 //! Needs Nix 2.8 (`nix-bin`) and a static busybox as the builders' `/bin/sh`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -1593,4 +1596,388 @@ in derivation { name = "failures-both"; system = builtins.currentSystem; builder
         assert!(!c.status.success(), "{args:?}");
         assert_eq!(String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr), "{args:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Nix's legacy SSH protocol: `cairnd --serve` against `nix-store --serve` on nix-daemon's store.
+
+impl Pair {
+    /// The program an `ssh://localhost` store runs for `side` (Nix runs `PROGRAM --serve
+    /// --write` through `bash -c`, without ssh, for the host `localhost`): cairnd with this
+    /// pair's settings, or Nix's own `nix-store`, which reaches nix-daemon through the
+    /// `NIX_REMOTE` the client passes on.
+    fn serve_program(&self, side: Side) -> String {
+        match side {
+            Side::Cairn => {
+                let script = self.work.path().join("cairnd-serve");
+                let body = format!(
+                    "#!/bin/sh\nexec env CAIRN_ROOT='{}' CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET='{}' CAIRN_CONFIG='{}' '{}' \"$@\"\n",
+                    self.cairn.root.path().display(),
+                    self.cairn.socket.display(),
+                    self.cairn.config.display(),
+                    bin_dir().join("cairnd").display()
+                );
+                cairn_tests::write_exec(&script, body.as_bytes());
+                script.display().to_string()
+            }
+            Side::Nix => "nix-store".to_owned(),
+        }
+    }
+
+    fn ssh_url(&self, side: Side) -> String {
+        format!("ssh://localhost?remote-program={}", self.serve_program(side))
+    }
+
+    /// Runs `PROGRAM --serve ARGS` for `side` with `input` on its standard input. With `then`,
+    /// the input stays open until that many bytes were answered (as a client waiting for a
+    /// build keeps it: both servers stop a build whose client hung up), and more follows.
+    fn serve_session(&self, side: Side, args: &[&str], input: &[u8], then: Option<(usize, &[u8])>) -> Output {
+        let mut c = self.cmd(side, &self.serve_program(side));
+        c.arg("--serve").args(args);
+        let Some((wait_for, more)) = then else { return output_with_stdin(&mut c, input) };
+        let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let errors = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
+            v
+        });
+        let (mut stdin, mut stdout) = (child.stdin.take().unwrap(), child.stdout.take().unwrap());
+        std::io::Write::write_all(&mut stdin, input).unwrap();
+        let mut answered = vec![0u8; wait_for];
+        let read = std::io::Read::read_exact(&mut stdout, &mut answered);
+        if read.is_ok() {
+            std::io::Write::write_all(&mut stdin, more).unwrap();
+        }
+        drop(stdin);
+        if read.is_ok() {
+            std::io::Read::read_to_end(&mut stdout, &mut answered).unwrap();
+        }
+        let status = child.wait().unwrap();
+        Output { status, stdout: answered, stderr: errors.join().unwrap() }
+    }
+}
+
+/// Where two byte strings first differ, for a readable failure.
+fn first_difference(a: &[u8], b: &[u8]) -> String {
+    let at = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+    let show = |s: &[u8]| String::from_utf8_lossy(&s[at.saturating_sub(32)..(at + 64).min(s.len())]).into_owned();
+    format!("lengths {} and {}, first difference at {at}:\n{:?}\n{:?}", a.len(), b.len(), show(a), show(b))
+}
+
+/// A Nix 2.8 machine hands its builds to cairnd over Nix's legacy SSH protocol — what a builder
+/// named `ssh://` or without a scheme uses — with `cairnd --serve --write` as the remote
+/// program: the inputs go over, the build runs in cairnd, the outputs come back identical to
+/// nix-daemon's, with the build's output shown.
+#[test]
+fn nix_uses_cairnd_as_its_remote_builder_over_legacy_ssh() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let local = p.work.path().join("local");
+    let builders = format!("{} x86_64-linux", p.ssh_url(Side::Cairn));
+    let built = p
+        .cmd(Side::Cairn, "nix-build")
+        .env("NIX_REMOTE", "")
+        .args(["--store", &format!("local?root={}", local.display()), "--no-out-link"])
+        .args([&expr("chain.nix"), "--arg", "n", "3", "--max-jobs", "0", "--builders", &builders])
+        .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "remote build failed:\n{err}\ncairnd's log:\n{}", p.cairn.log());
+    assert!(err.contains("chain-2"), "Nix shows the remote build:\n{err}");
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(&local).status();
+    let direct = p.ok(Side::Nix, "nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "3"]);
+    assert_eq!(String::from_utf8_lossy(&built.stdout), direct);
+    assert!(p.cairn.log().contains("chain-2"), "cairnd built it:\n{}", p.cairn.log());
+}
+
+/// `nix copy` to and from an `ssh://` store served by `cairnd --serve`, `nix path-info -r` and
+/// `nix store dump-path` on it, answer as they do when `nix-store --serve` serves nix-daemon's
+/// store.
+#[test]
+fn an_ssh_store_served_by_cairnd_answers_nix_as_nix_store_serve_does() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let local = format!("local?root={}", p.work.path().join("local").display());
+    let top = p.local_build(&local, &expr("chain.nix"));
+    let mut metadata = Vec::new();
+    let mut dumps = Vec::new();
+    for side in [Side::Cairn, Side::Nix] {
+        let url = p.ssh_url(side);
+        p.ok(side, "nix", &["copy", "--no-check-sigs", "--from", &local, "--to", &url, &top]);
+        // Only what is missing travels: a second copy has nothing to send.
+        p.ok(side, "nix", &["copy", "--no-check-sigs", "--from", &local, "--to", &url, &top]);
+        metadata.push(path_info_fields(
+            p.ok(side, "nix", &["path-info", "--json", "-r", "--store", &url, &top]).as_bytes(),
+            &["narHash", "narSize", "references", "ca", "deriver"],
+        ));
+        let dump = p.cmd(side, "nix").args(["store", "dump-path", "--store", &url, &top]).output().unwrap();
+        assert!(dump.status.success(), "{side:?}: {}", String::from_utf8_lossy(&dump.stderr));
+        dumps.push(dump.stdout);
+        // And back, into a store of its own.
+        let back = format!("local?root={}", p.work.path().join(format!("back-{side:?}")).display());
+        p.ok(side, "nix", &["copy", "--no-check-sigs", "--from", &url, "--to", &back, &top]);
+        let verified =
+            p.cmd(side, "nix").args(["store", "verify", "--no-trust", "--store", &back, "-r", &top]).output().unwrap();
+        assert!(verified.status.success(), "{side:?}: {}", String::from_utf8_lossy(&verified.stderr));
+    }
+    assert_eq!(metadata[0].len(), 200, "the whole closure is there");
+    assert_eq!(metadata[0], metadata[1]);
+    assert!(dumps[0] == dumps[1], "{}", first_difference(&dumps[0], &dumps[1]));
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(p.work.path()).status();
+}
+
+/// The protocol itself, byte for byte: one session of every command (queries with and without
+/// temporary roots, path infos, closures with and without outputs, a NAR, an export, an import,
+/// a build) written by cairn's serve client, answered by `cairnd --serve --write` and by
+/// `nix-store --serve --write` on nix-daemon's store: the answers are the same bytes.
+#[test]
+fn cairnd_serve_answers_every_command_byte_for_byte_as_nix_store_serve() {
+    use cairn_worker::codec::write_u64;
+    use cairn_worker::serve::{ServeBuildSettings, ServeRequest, SERVE_MAGIC_1, SERVE_PROTOCOL_VERSION};
+    use cairn_worker::{DerivedPath, OutputsSpec};
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let dir = cairn_nix::StoreDir::new("/nix/store").unwrap();
+    let path = |s: &str| dir.parse(s.trim()).unwrap();
+    let local = format!("local?root={}", p.work.path().join("local").display());
+    let top = p.local_build(&local, &expr("chain.nix"));
+    let drv = p.same("nix-instantiate", &[&expr("chain.nix"), "--arg", "n", "2"]);
+    let out = p.same("nix-store", &["-q", "--outputs", drv.trim()]);
+    for side in [Side::Cairn, Side::Nix] {
+        p.ok(side, "nix", &["copy", "--no-check-sigs", "--from", &local, "--to", &p.url(side), &top]);
+    }
+    // A path in neither store, as an export stream.
+    let other = format!("local?root={}", p.work.path().join("other").display());
+    let file = p.write("imported.txt", b"imported over ssh://\n");
+    let imported = p.local(&["nix-store", "--store", &other, "--add", &file]);
+    let export = p
+        .cmd(Side::Nix, "nix-store")
+        .env_remove("NIX_REMOTE")
+        .args(["--store", &other, "--export", imported.trim()])
+        .output()
+        .unwrap();
+    assert!(export.status.success());
+
+    let (top, drv, out, imported) = (path(&top), path(&drv), path(&out), path(&imported));
+    let closure = p.same("nix-store", &["-qR", &dir.display(&top)]);
+    let closure: BTreeSet<_> = closure.lines().map(path).collect();
+    let missing = path("/nix/store/00000000000000000000000000000000-missing");
+    let mut session = Vec::new();
+    write_u64(&mut session, SERVE_MAGIC_1).unwrap();
+    write_u64(&mut session, SERVE_PROTOCOL_VERSION).unwrap();
+    let requests = [
+        ServeRequest::QueryValidPaths { lock: true, substitute: false, paths: [top.clone(), missing.clone()].into() },
+        ServeRequest::QueryPathInfos(closure.iter().take(3).cloned().chain([top.clone(), missing]).collect()),
+        ServeRequest::QueryClosure { include_outputs: false, paths: [top.clone()].into() },
+        ServeRequest::QueryClosure { include_outputs: true, paths: [drv.clone()].into() },
+        ServeRequest::DumpStorePath(top.clone()),
+        ServeRequest::ExportPaths(closure.iter().take(5).cloned().collect()),
+    ];
+    for r in &requests {
+        r.write(&mut session, &dir, SERVE_PROTOCOL_VERSION).unwrap();
+    }
+    ServeRequest::ImportPaths.write(&mut session, &dir, SERVE_PROTOCOL_VERSION).unwrap();
+    session.extend_from_slice(&export.stdout);
+    let gone = path("/nix/store/00000000000000000000000000000000-gone");
+    for r in [
+        ServeRequest::QueryPathInfos([imported.clone()].into()),
+        ServeRequest::QueryClosure { include_outputs: false, paths: [gone].into() },
+    ] {
+        r.write(&mut session, &dir, SERVE_PROTOCOL_VERSION).unwrap();
+    }
+    let c = p.serve_session(Side::Cairn, &["--write"], &session, None);
+    let n = p.serve_session(Side::Nix, &["--write"], &session, None);
+    let (ce, ne) = (String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr));
+    // The last query names an invalid path: both end the session there with an error.
+    assert!(!c.status.success() && !n.status.success(), "cairnd:\n{ce}\nnix-store:\n{ne}");
+    assert!(ce.contains("is not valid") && ne.contains("is not valid"), "cairnd:\n{ce}\nnix-store:\n{ne}");
+    assert!(c.stdout == n.stdout, "{}\ncairnd:\n{ce}\nnix-store:\n{ne}", first_difference(&c.stdout, &n.stdout));
+    assert!(c.stdout.len() > 4096, "a NAR and an export were answered: {} bytes", c.stdout.len());
+
+    // A build, in a session that stays open until it is answered.
+    let mut build = Vec::new();
+    write_u64(&mut build, SERVE_MAGIC_1).unwrap();
+    write_u64(&mut build, SERVE_PROTOCOL_VERSION).unwrap();
+    let settings = ServeBuildSettings { max_silent_time: 60, build_timeout: 600, ..Default::default() };
+    let paths = vec![DerivedPath::Built { drv_path: drv, outputs: OutputsSpec::All }];
+    ServeRequest::BuildPaths { paths, settings }.write(&mut build, &dir, SERVE_PROTOCOL_VERSION).unwrap();
+    let mut then = Vec::new();
+    let query = ServeRequest::QueryValidPaths { lock: false, substitute: false, paths: [out.clone()].into() };
+    query.write(&mut then, &dir, SERVE_PROTOCOL_VERSION).unwrap();
+    let c = p.serve_session(Side::Cairn, &["--write"], &build, Some((24, &then)));
+    let n = p.serve_session(Side::Nix, &["--write"], &build, Some((24, &then)));
+    let (ce, ne) = (String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr));
+    assert!(c.status.success() && n.status.success(), "cairnd:\n{ce}\nnix-store:\n{ne}");
+    assert!(c.stdout == n.stdout, "{}\ncairnd:\n{ce}\nnix-store:\n{ne}", first_difference(&c.stdout, &n.stdout));
+    // The import and the build are in both stores now.
+    let (shown, out_shown) = (dir.display(&imported), dir.display(&out));
+    assert_eq!(p.same("nix-store", &["-q", "--hash", &shown]).len(), 60);
+    p.same("nix-store", &["--check-validity", &out_shown]);
+}
+
+/// Refusals read as `nix-store --serve`'s: without `--write`, imports and builds are refused;
+/// a stranger's greeting, an unknown command and an `AddToStoreNar` whose bytes lie about their
+/// hash end the session. Each time both answer the same bytes before it ends, fail, say the
+/// same thing, and register nothing; the daemon goes on serving.
+#[test]
+fn cairnd_serve_refuses_what_nix_store_serve_refuses() {
+    use cairn_worker::codec::write_u64;
+    use cairn_worker::serve::{ServeBuildSettings, ServeRequest, SERVE_MAGIC_1, SERVE_PROTOCOL_VERSION};
+    use cairn_worker::{PathInfo, ValidPathInfo};
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let dir = cairn_nix::StoreDir::new("/nix/store").unwrap();
+    let greeting = || {
+        let mut v = Vec::new();
+        write_u64(&mut v, SERVE_MAGIC_1).unwrap();
+        write_u64(&mut v, SERVE_PROTOCOL_VERSION).unwrap();
+        v
+    };
+    let with = |r: ServeRequest, tail: &[u8]| {
+        let mut v = greeting();
+        r.write(&mut v, &dir, SERVE_PROTOCOL_VERSION).unwrap();
+        v.extend_from_slice(tail);
+        v
+    };
+    let mut nar = cairn_nix::nar::NarWriter::new(Vec::new()).unwrap();
+    nar.regular(None, false, 6, &mut &b"lies!\n"[..]).unwrap();
+    let nar = nar.finish().unwrap();
+    let liar = cairn_nix::StorePath::from_base_name("7rjj86a15146cq1d3qy068lml7n8ykzm-liar").unwrap();
+    let lying = ServeRequest::AddToStoreNar(ValidPathInfo {
+        path: liar.clone(),
+        info: PathInfo {
+            deriver: None,
+            nar_hash: cairn_nix::Hash::digest(cairn_nix::HashAlgo::Sha256, b"something else"),
+            references: BTreeSet::new(),
+            registration_time: 0,
+            nar_size: nar.len() as u64,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: None,
+        },
+    });
+    let mut unknown = greeting();
+    write_u64(&mut unknown, 42).unwrap();
+    let mut stranger = Vec::new();
+    write_u64(&mut stranger, 0x6e69_7863).unwrap();
+    write_u64(&mut stranger, 0x122).unwrap();
+    let build = ServeRequest::BuildPaths { paths: Vec::new(), settings: ServeBuildSettings::default() };
+    let cases: Vec<(&[&str], Vec<u8>, &str)> = vec![
+        (&[], with(ServeRequest::ImportPaths, &[0; 8]), "importing paths is not allowed"),
+        (&[], with(lying.clone(), &nar), "importing paths is not allowed"),
+        (&[], with(build, &[]), "building paths is not allowed"),
+        (&["--write"], unknown, "unknown serve command 42"),
+        (&["--write"], stranger, "protocol mismatch"),
+        (&["--write"], with(lying, &nar), "hash"),
+    ];
+    for (args, input, says) in cases {
+        let c = p.serve_session(Side::Cairn, args, &input, None);
+        let n = p.serve_session(Side::Nix, args, &input, None);
+        let (ce, ne) = (String::from_utf8_lossy(&c.stderr), String::from_utf8_lossy(&n.stderr));
+        assert!(!c.status.success() && !n.status.success(), "{says}: cairnd:\n{ce}\nnix-store:\n{ne}");
+        assert!(c.stdout == n.stdout, "{says}: {}", first_difference(&c.stdout, &n.stdout));
+        assert!(ce.contains(says) && ne.contains(says), "{says}: cairnd:\n{ce}\nnix-store:\n{ne}");
+    }
+    let (c, n) = p.alike("nix-store", &["--check-validity", &dir.display(&liar)]);
+    assert!(!c.status.success() && !n.status.success(), "the lying path is not registered");
+    // The daemon goes on serving.
+    let added = p.ok(Side::Cairn, "nix-store", &["--add", &p.write("after.txt", b"after\n")]);
+    p.ok(Side::Cairn, "nix-store", &["-q", "--hash", added.trim()]);
+}
+
+/// A client that hangs up while its build runs stops the build, as `nix-store --serve` stops it
+/// (`MonitorFdHup`); nothing is registered and the daemon goes on serving.
+#[test]
+fn a_serve_client_that_hangs_up_stops_its_build_as_with_nix_store_serve() {
+    use cairn_worker::codec::write_u64;
+    use cairn_worker::serve::{ServeBuildSettings, ServeRequest, SERVE_MAGIC_1, SERVE_PROTOCOL_VERSION};
+    use cairn_worker::{DerivedPath, OutputsSpec};
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let dir = cairn_nix::StoreDir::new("/nix/store").unwrap();
+    let f = p.write(
+        "long.nix",
+        br#"derivation { name = "serve-long"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "sleep 67; echo > $out" ]; }"#,
+    );
+    let drv = p.same("nix-instantiate", &[&f]);
+    let out = p.same("nix-store", &["-q", "--outputs", drv.trim()]);
+    let mut input = Vec::new();
+    write_u64(&mut input, SERVE_MAGIC_1).unwrap();
+    write_u64(&mut input, SERVE_PROTOCOL_VERSION).unwrap();
+    let paths = vec![DerivedPath::Built { drv_path: dir.parse(drv.trim()).unwrap(), outputs: OutputsSpec::All }];
+    ServeRequest::BuildPaths { paths, settings: ServeBuildSettings::default() }
+        .write(&mut input, &dir, SERVE_PROTOCOL_VERSION)
+        .unwrap();
+    for side in [Side::Cairn, Side::Nix] {
+        let started = std::time::Instant::now();
+        // The whole request is written and the input closed at once: the client is gone.
+        let o = p.serve_session(side, &["--write"], &input, None);
+        assert!(!o.status.success(), "{side:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{side:?} waited for the build");
+        assert_eq!(o.stdout.len(), 16, "{side:?}: only the greeting is answered");
+    }
+    // Both builders were stopped.
+    let waited = std::time::Instant::now();
+    while Command::new("pgrep").args(["-f", "sleep 67"]).output().unwrap().status.success() {
+        assert!(waited.elapsed() < std::time::Duration::from_secs(15), "a builder still runs");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (c, n) = p.alike("nix-store", &["--check-validity", out.trim()]);
+    assert!(!c.status.success() && !n.status.success());
+    p.ok(Side::Cairn, "nix-store", &["-q", "--hash", drv.trim()]);
+}
+
+/// With no cairnd running, `cairnd --serve --write` opens the store itself: `nix copy` to
+/// `ssh://localhost?remote-program=cairnd` works on a store nobody serves.
+#[test]
+fn cairnd_serve_serves_a_store_no_daemon_holds() {
+    if !peers() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    let file = work.path().join("f.txt");
+    std::fs::write(&file, b"over ssh://\n").unwrap();
+    let program = work.path().join("cairnd-serve");
+    let body = format!(
+        "#!/bin/sh\nexec env CAIRN_ROOT='{}' CAIRN_STORE_DIR=/nix/store CAIRN_CONFIG=/dev/null CAIRN_SOCKET='{}' '{}' \"$@\"\n",
+        root.display(),
+        work.path().join("no-daemon.sock").display(),
+        bin_dir().join("cairnd").display()
+    );
+    cairn_tests::write_exec(&program, body.as_bytes());
+    let nix = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", work.path())
+            .env("NIX_CONFIG", CLIENT_CONFIG)
+            .env("NIX_STATE_DIR", work.path().join("client-state"))
+            .env("NIX_REMOTE", "")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let remote = format!("ssh://localhost?remote-program={}", program.display());
+    let src = format!("local?root={}", work.path().join("src").display());
+    let path = nix(&["nix-store", "--store", &src, "--add", &file.display().to_string()]).trim().to_owned();
+    nix(&["nix", "copy", "--no-check-sigs", "--from", &src, "--to", &remote, &path]);
+    assert!(root.join(path.trim_start_matches('/')).exists(), "the path is in cairn's store");
+    let info = nix(&["nix", "path-info", "--json", "--store", &remote, &path]);
+    assert!(info.contains("\"narHash\""), "{info}");
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(work.path()).status();
 }

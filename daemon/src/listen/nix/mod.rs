@@ -132,15 +132,39 @@ pub(crate) async fn serve(listener: UnixListener, st: Arc<AppState>, policy: Pol
 /// does for `ssh-ng://` stores. The caller is whoever could run this program as the store's
 /// owner, so it is trusted, as `nix-daemon --stdio` trusts its caller.
 pub(crate) fn serve_stdio(st: Arc<AppState>, rt: tokio::runtime::Handle) -> anyhow::Result<()> {
-    let me = nix::unistd::geteuid().as_raw();
-    let peer = Peer { uid: me, client: None, user: "stdio".into(), allowed: true, trusted: true };
     let session = Session::new(
         st,
-        peer,
+        this_user("stdio"),
         rt,
         BufReader::with_capacity(1 << 16, std::io::stdin()),
         BufWriter::with_capacity(1 << 16, std::io::stdout()),
     )
     .watching(std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned().ok());
     session.run().map_err(|e| anyhow::anyhow!("nix session on stdin/stdout: {e}"))
+}
+
+/// Serves one session on `stream` in this process, for `cairnd --serve` when no daemon serves
+/// the store: the caller could open the store, so it is trusted, as on `--stdio`.
+pub(crate) fn serve_trusted(
+    st: Arc<AppState>,
+    rt: tokio::runtime::Handle,
+    stream: std::os::unix::net::UnixStream,
+) -> anyhow::Result<()> {
+    let reader = stream.try_clone()?;
+    let watch = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned().ok();
+    let session = Session::new(
+        st,
+        this_user("serve"),
+        rt,
+        BufReader::with_capacity(1 << 16, reader),
+        BufWriter::with_capacity(1 << 16, stream),
+    )
+    .watching(watch);
+    session.run().map_err(|e| anyhow::anyhow!("nix session: {e}"))
+}
+
+/// The user running this process, trusted: who could open the store.
+fn this_user(name: &str) -> Peer {
+    let me = nix::unistd::geteuid().as_raw();
+    Peer { uid: me, client: None, user: name.into(), allowed: true, trusted: true }
 }
