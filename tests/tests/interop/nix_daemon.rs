@@ -1604,8 +1604,7 @@ in derivation { name = "failures-both"; system = builtins.currentSystem; builder
 impl Pair {
     /// The program an `ssh://localhost` store runs for `side` (Nix runs `PROGRAM --serve
     /// --write` through `bash -c`, without ssh, for the host `localhost`): cairnd with this
-    /// pair's settings, or Nix's own `nix-store`, which reaches nix-daemon through the
-    /// `NIX_REMOTE` the client passes on.
+    /// pair's settings, or Nix's own `nix-store` on nix-daemon's store.
     fn serve_program(&self, side: Side) -> String {
         match side {
             Side::Cairn => {
@@ -1620,7 +1619,12 @@ impl Pair {
                 cairn_tests::write_exec(&script, body.as_bytes());
                 script.display().to_string()
             }
-            Side::Nix => "nix-store".to_owned(),
+            Side::Nix => {
+                let script = self.work.path().join("nix-store-serve");
+                let body = format!("#!/bin/sh\nexec env NIX_REMOTE='{}' nix-store \"$@\"\n", self.url(Side::Nix));
+                cairn_tests::write_exec(&script, body.as_bytes());
+                script.display().to_string()
+            }
         }
     }
 
@@ -1676,6 +1680,25 @@ fn nix_uses_cairnd_as_its_remote_builder_over_legacy_ssh() {
     }
     let p = Pair::start();
     let local = p.work.path().join("local");
+    // What the builder says is shown, as the build's log, through either remote program.
+    let said = p.write(
+        "said.nix",
+        br#"derivation { name = "serve-said"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo said by the builder; echo > $out" ]; }"#,
+    );
+    for side in [Side::Cairn, Side::Nix] {
+        let out = p
+            .cmd(side, "nix-build")
+            .env("NIX_REMOTE", "")
+            .args(["--store", &format!("local?root={}", p.work.path().join(format!("said-{side:?}")).display())])
+            .args(["--no-out-link", &said, "--max-jobs", "0", "--builders"])
+            .arg(format!("{} x86_64-linux", p.ssh_url(side)))
+            .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{side:?}:\n{err}");
+        assert!(err.contains("said by the builder"), "{side:?} shows the build's output:\n{err}");
+    }
     let builders = format!("{} x86_64-linux", p.ssh_url(Side::Cairn));
     let built = p
         .cmd(Side::Cairn, "nix-build")
