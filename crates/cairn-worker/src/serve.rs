@@ -444,6 +444,107 @@ pub fn read_build_result(r: &mut impl Read, limits: Limits, server: u64) -> Resu
     Ok(res)
 }
 
+/// The client side of a session, as `LegacySSHStore` speaks it: for the ops a remote build
+/// needs. The server's messages (a build's log) come on another stream (its standard error),
+/// which the caller reads; a refusal ends the server, so any error here leaves the session
+/// unusable.
+pub struct ServeClient<R: Read, W: Write> {
+    r: R,
+    w: W,
+    store_dir: StoreDir,
+    limits: Limits,
+    /// The server's version.
+    remote: u64,
+}
+
+impl<R: Read, W: Write> ServeClient<R, W> {
+    /// Greets the server, offering Nix 2.8's version (2.7).
+    pub fn connect(mut r: R, mut w: W, store_dir: StoreDir, limits: Limits) -> Result<Self> {
+        let remote = client_greeting(&mut r, &mut w, SERVE_PROTOCOL_VERSION)?;
+        Ok(ServeClient { r, w, store_dir, limits, remote })
+    }
+
+    /// The server's version.
+    pub fn remote_version(&self) -> u64 {
+        self.remote
+    }
+
+    fn send(&mut self, req: &ServeRequest) -> Result<()> {
+        req.write(&mut self.w, &self.store_dir, self.remote)?;
+        self.w.flush()?;
+        Ok(())
+    }
+
+    /// The paths among `paths` valid there; with `substitute`, after it tried to substitute
+    /// the others.
+    pub fn query_valid_paths(&mut self, paths: &BTreeSet<StorePath>, substitute: bool) -> Result<BTreeSet<StorePath>> {
+        self.send(&ServeRequest::QueryValidPaths { lock: false, substitute, paths: paths.clone() })?;
+        read_path_set(&mut self.r, &proto(&self.store_dir, self.limits))
+    }
+
+    /// A path's metadata, `None` if it is not valid there (servers from 2.4: before, the NAR
+    /// hash is not sent).
+    pub fn query_path_info(&mut self, path: &StorePath) -> Result<Option<PathInfo>> {
+        if minor(self.remote) < 4 {
+            return Err(Error::UnsupportedVersion(self.remote));
+        }
+        self.send(&ServeRequest::QueryPathInfos([path.clone()].into()))?;
+        let infos = read_path_infos(&mut self.r, &self.store_dir, self.limits, self.remote)?;
+        Ok(infos.into_iter().find(|v| &v.path == path).map(|v| v.info))
+    }
+
+    /// Adds one path, `write_nar` writing its NAR: `AddToStoreNar` from 2.5, an export stream
+    /// of one path before, as `LegacySSHStore::addToStore` does.
+    pub fn add_to_store_nar(
+        &mut self,
+        info: &ValidPathInfo,
+        write_nar: &mut dyn FnMut(&ValidPathInfo, &mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<()> {
+        if minor(self.remote) >= 5 {
+            ServeRequest::AddToStoreNar(info.clone()).write(&mut self.w, &self.store_dir, self.remote)?;
+            write_nar(info, &mut self.w)?;
+        } else {
+            write_u64(&mut self.w, ServeCommand::ImportPaths as u64)?;
+            write_u64(&mut self.w, 1)?;
+            write_nar(info, &mut self.w)?;
+            let p = proto(&self.store_dir, self.limits);
+            write_u64(&mut self.w, cairn_nix::export::EXPORT_MAGIC)?;
+            write_path(&mut self.w, &p, &info.path)?;
+            write_path_set(&mut self.w, &p, &info.info.references)?;
+            write_opt_path(&mut self.w, &p, info.info.deriver.as_ref())?;
+            write_u64(&mut self.w, 0)?;
+            write_u64(&mut self.w, 0)?;
+        }
+        self.w.flush()?;
+        match read_u64(&mut self.r)? {
+            1 => Ok(()),
+            n => Err(Error::BadValue { what: "answer to an added path", value: n }),
+        }
+    }
+
+    /// Builds a derivation sent whole (its input sources must be valid there).
+    pub fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        settings: &ServeBuildSettings,
+    ) -> Result<BuildResult> {
+        self.send(&ServeRequest::BuildDerivation {
+            drv_path: drv_path.clone(),
+            drv: drv.clone(),
+            settings: settings.clone(),
+        })?;
+        read_build_result(&mut self.r, self.limits, self.remote)
+    }
+
+    /// Asks for a path's NAR and hands the reader to `read_nar`, which must read exactly the
+    /// NAR (a NAR parser knows where it ends).
+    pub fn nar_from_path<T>(&mut self, path: &StorePath, read_nar: impl FnOnce(&mut R) -> T) -> Result<T> {
+        self.send(&ServeRequest::DumpStorePath(path.clone()))?;
+        Ok(read_nar(&mut self.r))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -439,6 +439,77 @@ fn a_cairnd_reached_as_ssh_ng_localhost_builds_through_its_stdio_program() {
     assert!(b.run(&["path-info", out], b"").status.success(), "the builder's store has it");
 }
 
+/// Builders named `ssh://` speak Nix's legacy SSH protocol, as Nix's do: cairn builds on a real
+/// `nix-store --serve --write` (on nix-daemon's store) and on a cairnd's `--serve`, with the
+/// inputs sent, the outputs identical to a local realise and the builder's output kept as the
+/// build's log; a program that does not speak it is named in the machine's error.
+#[test]
+fn ssh_builders_speak_nix_s_legacy_protocol_to_nix_store_serve_and_to_cairnd_serve() {
+    if !peers() || !require_peer("nix-daemon") {
+        return;
+    }
+    let nix = cairn_tests::NixDaemon::start_with("");
+    let b = builder(1);
+    let work = tempfile::tempdir().unwrap();
+    let script = |name: &str, body: String| {
+        let p = work.path().join(name);
+        cairn_tests::write_exec(&p, body.as_bytes());
+        p.display().to_string()
+    };
+    let nix_store = script(
+        "nix-store-serve",
+        format!(
+            "#!/bin/sh\nexec env NIX_REMOTE='unix://{}?root={}' nix-store \"$@\"\n",
+            nix.socket().display(),
+            nix.root().display()
+        ),
+    );
+    let cairnd = script(
+        "cairnd-serve",
+        format!(
+            "#!/bin/sh\nexec env CAIRN_ROOT={} CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET={} CAIRN_CONFIG={} {} \"$@\"\n",
+            b.root.path().display(),
+            b.socket.display(),
+            b.config.display(),
+            cairn_tests::bin_dir().join("cairnd").display()
+        ),
+    );
+    let here = builder(1);
+    let src = work.path().join("src.txt");
+    std::fs::write(&src, b"an input source\n").unwrap();
+    for (program, tag) in [(&nix_store, "legacy-nix"), (&cairnd, "legacy-cairn")] {
+        let d = dispatcher(&format!("ssh://localhost?remote-program={program} x86_64-linux"), 0, &[]);
+        let args = [("tag", format!("\"{tag}\"")), ("seconds", "0".to_owned()), ("src", src.display().to_string())];
+        let args: Vec<(&str, &str)> = args.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let drvs = instantiate(&d, "slow.nix", &args);
+        let realised = realise(&d, &drvs);
+        assert_eq!(builders(&d)[0]["built"], 1, "{tag}: built there");
+        let out = realised[0]["outputs"]["out"].as_str().unwrap();
+        assert_eq!(d.ok(&["cat", out]), format!("done {tag}\nan input source\n"));
+        assert!(d.ok(&["log", &drvs[0]]).contains(&format!("start {tag}")), "{tag}: the builder's output is the log");
+        // The same output as a build here.
+        let local = realise(&here, &instantiate(&here, "slow.nix", &args));
+        assert_eq!(output_hashes(&d, &realised), output_hashes(&here, &local), "{tag}");
+    }
+    // A remote program that speaks the other protocol is named in the machine's error.
+    let stdio = script(
+        "speaks-the-worker-protocol",
+        format!(
+            "#!/bin/sh\nexec env CAIRN_ROOT={} CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET={} CAIRN_CONFIG={} {} --stdio\n",
+            b.root.path().display(),
+            b.socket.display(),
+            b.config.display(),
+            cairn_tests::bin_dir().join("cairnd").display()
+        ),
+    );
+    let wrong = dispatcher(&format!("ssh://localhost?remote-program={stdio} x86_64-linux"), 0, &[]);
+    let drvs = instantiate(&wrong, "slow.nix", &[("tag", "\"wrong\""), ("seconds", "0")]);
+    let e = failure(&wrong, &[&["realise"][..], &drvs.iter().map(String::as_str).collect::<Vec<_>>()].concat());
+    assert!(e.contains("localhost"), "{e}");
+    let down = builders(&wrong);
+    assert!(down[0]["lastError"].as_str().is_some_and(|m| m.contains("legacy SSH protocol")), "{down:?}");
+}
+
 #[test]
 fn prefer_local_build_stays_here_while_this_machine_may_build() {
     if !peers() {

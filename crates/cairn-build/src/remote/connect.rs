@@ -9,12 +9,17 @@
 //!   reuse (`ControlMaster`). URI parameters as Nix's: `ssh-key`, `remote-program`,
 //!   `remote-store`, `base64-ssh-public-host-key`, `compress`.
 //! - `ssh-ng://localhost` runs the remote program here without SSH, as Nix does.
-//! - A bare host name, and `ssh://host`, are reached as `ssh-ng://host`: cairn speaks only the
-//!   worker protocol, which every `nix-daemon` and every cairnd serves on `--stdio`.
+//! - `ssh://[user@]host` and a bare host name (Nix's default) run `REMOTE-PROGRAM --serve
+//!   --write` (default `nix-store`, or `cairnd`) and speak Nix's legacy SSH protocol
+//!   (`cairn_worker::serve`), as Nix's `ssh://` stores do — the only way to builders whose
+//!   key is bound to `command="nix-store --serve --write"` (NixOS's `nix.sshServe`). That
+//!   protocol has no log channel: the builder's output is read from the remote program's
+//!   standard error while the build runs.
 //!
 //! A session that cannot start fails with what the transport said (`ssh`'s last lines, such as
 //! "Host key verification failed."), so the user sees why a builder is down.
 
+use std::collections::BTreeSet;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -22,7 +27,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use cairn_nix::machines::Machine;
-use cairn_nix::StoreDir;
+use cairn_nix::{StoreDir, StorePath};
+use cairn_worker::serve::ServeClient;
 use cairn_worker::{Client, ClientError, Limits};
 
 /// Nix's default daemon socket, for `unix://` without a path.
@@ -47,6 +53,8 @@ pub struct SshTarget {
     /// The command run there.
     pub command: String,
     pub compress: bool,
+    /// Nix's legacy SSH protocol (`ssh://`) rather than the worker protocol (`ssh-ng://`).
+    pub serve: bool,
 }
 
 /// Why a builder's URI was refused.
@@ -70,7 +78,7 @@ impl Target {
         let bad = |problem: &str| UriError { uri: m.uri.clone(), problem: problem.to_owned() };
         let (scheme, rest) = match m.uri.split_once("://") {
             Some((s, r)) => (s, r),
-            None => ("ssh-ng", m.uri.as_str()),
+            None => ("ssh", m.uri.as_str()),
         };
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut params = std::collections::BTreeMap::new();
@@ -85,7 +93,7 @@ impl Target {
             }
             "ssh-ng" | "ssh" => {
                 if authority.is_empty() || authority.contains('/') {
-                    return Err(bad("expected ssh-ng://[USER@]HOST"));
+                    return Err(bad(&format!("expected {scheme}://[USER@]HOST")));
                 }
                 let (host, port) = match authority.rsplit_once(':') {
                     Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
@@ -97,8 +105,10 @@ impl Target {
                 if host.starts_with('-') {
                     return Err(bad("a host name cannot start with '-'"));
                 }
-                let program = params.get("remote-program").cloned().unwrap_or_else(|| "nix-daemon".to_owned());
-                let mut command = format!("{} --stdio", shell_quote(&program));
+                let serve = scheme == "ssh";
+                let (default, mode) = if serve { ("nix-store", "--serve --write") } else { ("nix-daemon", "--stdio") };
+                let program = params.get("remote-program").cloned().unwrap_or_else(|| default.to_owned());
+                let mut command = format!("{} {mode}", shell_quote(&program));
                 if let Some(store) = params.get("remote-store").filter(|s| !s.is_empty()) {
                     command.push_str(&format!(" --store {}", shell_quote(store)));
                 }
@@ -116,11 +126,10 @@ impl Target {
                     host_key,
                     command,
                     compress: params.get("compress").is_some_and(|v| v == "true"),
+                    serve,
                 }))
             }
-            other => Err(bad(&format!(
-                "cairn reaches builders with Nix's worker protocol: use ssh-ng:// or unix://, not {other}://"
-            ))),
+            other => Err(bad(&format!("cairn reaches builders over ssh-ng://, ssh:// or unix://, not {other}://"))),
         }
     }
 }
@@ -150,8 +159,141 @@ type Writer = BufWriter<Box<dyn Write + Send>>;
 
 /// A session with a builder, and what ends it.
 pub struct Conn {
-    pub client: Client<Reader, Writer>,
+    pub session: Session,
     stopper: Stopper,
+}
+
+/// A session in either of Nix's protocols, with the calls a remote build makes.
+pub enum Session {
+    Worker(Client<Reader, Writer>),
+    /// The legacy SSH protocol; the remote program's standard error (its file, unlinked) is
+    /// where a build's output comes.
+    Serve {
+        client: ServeClient<Reader, Writer>,
+        stderr: std::fs::File,
+    },
+}
+
+fn serve_error(e: cairn_worker::Error) -> ClientError {
+    ClientError::Protocol(e)
+}
+
+impl Session {
+    pub fn set_options(&mut self, options: &cairn_worker::ClientOptions) -> Result<(), ClientError> {
+        match self {
+            Session::Worker(c) => c.set_options(options),
+            // Sent with each build instead (Nix's `putBuildSettings`).
+            Session::Serve { .. } => Ok(()),
+        }
+    }
+
+    pub fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, ClientError> {
+        match self {
+            Session::Worker(c) => c.query_valid_paths(paths, substitute),
+            Session::Serve { client, .. } => client.query_valid_paths(paths, substitute).map_err(serve_error),
+        }
+    }
+
+    pub fn query_path_info(&mut self, path: &StorePath) -> Result<Option<cairn_worker::PathInfo>, ClientError> {
+        match self {
+            Session::Worker(c) => c.query_path_info(path),
+            Session::Serve { client, .. } => client.query_path_info(path).map_err(serve_error),
+        }
+    }
+
+    /// Sends paths with their NARs, references first: one `AddMultipleToStore`, or one
+    /// `AddToStoreNar` each over the legacy protocol.
+    pub fn add_multiple_to_store(
+        &mut self,
+        entries: &[cairn_worker::ValidPathInfo],
+        dont_check_sigs: bool,
+        write_nar: &mut dyn FnMut(&cairn_worker::ValidPathInfo, &mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
+        match self {
+            Session::Worker(c) => c.add_multiple_to_store(entries, dont_check_sigs, write_nar),
+            Session::Serve { client, .. } => {
+                entries.iter().try_for_each(|e| client.add_to_store_nar(e, write_nar)).map_err(serve_error)
+            }
+        }
+    }
+
+    /// Builds a derivation sent whole; its log lines go to `on_log` as they come (over the
+    /// legacy protocol, read from the remote program's standard error while the answer is
+    /// awaited).
+    pub fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &cairn_worker::BasicDerivation,
+        on_log: &mut dyn FnMut(cairn_worker::StderrMessage),
+    ) -> Result<cairn_worker::BuildResult, ClientError> {
+        match self {
+            Session::Worker(c) => c.build_derivation(drv_path, drv, cairn_worker::BuildMode::Normal, on_log),
+            Session::Serve { client, stderr } => {
+                let settings = cairn_worker::serve::ServeBuildSettings::default();
+                let mut lines = LineTail::default();
+                // What it said before this build is not this build's.
+                let _ = std::io::copy(stderr, &mut std::io::sink());
+                std::thread::scope(|scope| {
+                    let build = scope.spawn(|| client.build_derivation(drv_path, drv, &settings));
+                    loop {
+                        let finished = build.is_finished();
+                        lines.read(stderr, on_log);
+                        if finished {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    lines.flush(on_log);
+                    build.join().unwrap_or_else(|_| {
+                        Err(cairn_worker::Error::Io(std::io::Error::other("the session's reader panicked")))
+                    })
+                })
+                .map_err(serve_error)
+            }
+        }
+    }
+
+    /// Asks for a path's NAR and hands the reader to `read_nar`, which must read exactly it.
+    pub fn nar_from_path<T>(
+        &mut self,
+        path: &StorePath,
+        read_nar: impl FnOnce(&mut Reader) -> T,
+    ) -> Result<T, ClientError> {
+        match self {
+            Session::Worker(c) => c.nar_from_path(path, read_nar),
+            Session::Serve { client, .. } => client.nar_from_path(path, read_nar).map_err(serve_error),
+        }
+    }
+}
+
+/// Complete lines of a growing file, handed over as log messages.
+#[derive(Default)]
+struct LineTail {
+    partial: Vec<u8>,
+}
+
+impl LineTail {
+    fn read(&mut self, f: &mut std::fs::File, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = f.read(&mut buf) {
+            self.partial.extend_from_slice(&buf[..n]);
+        }
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            on_log(cairn_worker::StderrMessage::Next(String::from_utf8_lossy(&line).into_owned()));
+        }
+    }
+
+    fn flush(&mut self, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            on_log(cairn_worker::StderrMessage::Next(String::from_utf8_lossy(&line).into_owned()));
+        }
+    }
 }
 
 /// Ends a session from another thread (when the build it serves is cancelled): the socket
@@ -203,7 +345,7 @@ pub fn open(target: &Target, store_dir: &StoreDir, ssh_dir: &Path) -> Result<Con
             let r = s.try_clone().map_err(|e| e.to_string())?;
             let w = s.try_clone().map_err(|e| e.to_string())?;
             let client = greet(Box::new(r), Box::new(w), store_dir).map_err(|e| e.to_string())?;
-            Ok(Conn { client, stopper: Stopper::Socket(Arc::new(s)) })
+            Ok(Conn { session: Session::Worker(client), stopper: Stopper::Socket(Arc::new(s)) })
         }
         Target::Ssh(t) => {
             std::fs::create_dir_all(ssh_dir).map_err(|e| format!("cannot create '{}': {e}", ssh_dir.display()))?;
@@ -219,18 +361,30 @@ pub fn open(target: &Target, store_dir: &StoreDir, ssh_dir: &Path) -> Result<Con
             let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
                 return Err("ssh's pipes are missing".to_owned());
             };
-            let greeted = greet(Box::new(stdout), Box::new(stdin), store_dir);
+            let greeted = if t.serve {
+                greet_serve(Box::new(stdout), Box::new(stdin), store_dir).and_then(|client| {
+                    let stderr = std::fs::File::open(&stderr_path).map_err(ClientError::from)?;
+                    Ok(Session::Serve { client, stderr })
+                })
+            } else {
+                greet(Box::new(stdout), Box::new(stdin), store_dir).map(Session::Worker)
+            };
             let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
             let _ = std::fs::remove_file(&stderr_path);
             match greeted {
-                Ok(client) => Ok(Conn { client, stopper: Stopper::Process(Arc::new(Mutex::new(child))) }),
+                Ok(session) => Ok(Conn { session, stopper: Stopper::Process(Arc::new(Mutex::new(child))) }),
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     let tail: Vec<&str> =
                         said.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Warning:")).collect();
                     let why = tail.iter().rev().take(2).rev().cloned().collect::<Vec<_>>().join(" ");
-                    Err(if why.is_empty() { format!("no worker protocol session ({e})") } else { why })
+                    let protocol = if t.serve { "Nix's legacy SSH protocol" } else { "the worker protocol" };
+                    Err(if why.is_empty() {
+                        format!("'{}' did not answer in {protocol} ({e})", t.command)
+                    } else {
+                        why
+                    })
                 }
             }
         }
@@ -253,6 +407,20 @@ fn greet(
         store_dir.clone(),
         Limits::default(),
     )
+}
+
+fn greet_serve(
+    r: Box<dyn Read + Send>,
+    w: Box<dyn Write + Send>,
+    store_dir: &StoreDir,
+) -> Result<ServeClient<Reader, Writer>, ClientError> {
+    ServeClient::connect(
+        BufReader::with_capacity(64 << 10, r),
+        BufWriter::with_capacity(64 << 10, w),
+        store_dir.clone(),
+        Limits::default(),
+    )
+    .map_err(ClientError::Protocol)
 }
 
 /// The `ssh` command line for a session (or, for `localhost`, the shell running the command).
@@ -323,19 +491,45 @@ mod tests {
         };
         assert_eq!((t.host.as_str(), t.port, t.key.as_str()), ("alice@big", Some(2222), "/k"));
         assert_eq!(t.command, "cairnd --stdio");
+        assert!(!t.serve);
+        // A bare host name is `ssh://`, Nix's legacy SSH protocol, as in Nix's machines files.
         let Target::Ssh(t) = Target::of(&machine("big - /id 1 1 - - -")).unwrap() else { panic!() };
         assert_eq!(
-            (t.host.as_str(), t.port, t.key.as_str(), t.command.as_str()),
-            ("big", None, "/id", "nix-daemon --stdio")
+            (t.host.as_str(), t.port, t.key.as_str(), t.command.as_str(), t.serve),
+            ("big", None, "/id", "nix-store --serve --write", true)
         );
         let Target::Ssh(t) = Target::of(&machine("ssh://h?remote-store=local%3Froot%3D/r")).unwrap() else { panic!() };
-        assert_eq!(t.command, "nix-daemon --stdio --store 'local?root=/r'");
+        assert_eq!(t.command, "nix-store --serve --write --store 'local?root=/r'");
+        let Target::Ssh(t) = Target::of(&machine("ssh://h?remote-program=/opt/bin/cairnd")).unwrap() else { panic!() };
+        assert_eq!((t.command.as_str(), t.serve), ("/opt/bin/cairnd --serve --write", true));
+    }
+
+    #[test]
+    fn log_lines_are_handed_over_whole_and_the_last_one_at_the_end() {
+        let mut f = tempfile::tempfile().unwrap();
+        let mut seen = Vec::new();
+        let mut on_log = |m: cairn_worker::StderrMessage| {
+            if let cairn_worker::StderrMessage::Next(s) = m {
+                seen.push(s);
+            }
+        };
+        let mut tail = LineTail::default();
+        use std::io::Seek;
+        f.write_all(b"one\ntw").unwrap();
+        f.rewind().unwrap();
+        tail.read(&mut f, &mut on_log);
+        let at = f.stream_position().unwrap();
+        f.write_all(b"o\nthree").unwrap();
+        f.seek(std::io::SeekFrom::Start(at)).unwrap();
+        tail.read(&mut f, &mut on_log);
+        tail.flush(&mut on_log);
+        assert_eq!(seen, ["one\n", "two\n", "three"]);
     }
 
     #[test]
     fn unusable_uris_are_refused_naming_the_builder() {
         for (uri, why) in [
-            ("https://cache", "ssh-ng:// or unix://"),
+            ("https://cache", "ssh-ng://, ssh:// or unix://"),
             ("ssh-ng://", "USER@]HOST"),
             ("ssh-ng://h:port", "port"),
             ("ssh-ng://-oProxyCommand=x", "cannot start with '-'"),

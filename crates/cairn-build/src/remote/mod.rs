@@ -1,9 +1,12 @@
 //! Remote builders: the machines a derivation may be sent to, their state, and one remote build
 //! from inputs sent to outputs fetched.
 //!
-//! Builders are reached with Nix's worker protocol ([`connect`]), so a builder is a real
-//! `nix-daemon`, another cairnd, or anything that serves the protocol; no protocol of cairn's
-//! own is involved. One remote build, as Nix's `build-remote` does it:
+//! Builders are reached with Nix's protocols ([`connect`]): the worker protocol (`ssh-ng://`,
+//! `unix://`) or the legacy SSH one (`ssh://`, bare host names), so a builder is a real
+//! `nix-daemon` or `nix-store --serve`, another cairnd, or anything that serves them; no
+//! protocol of cairn's own is involved. One remote build, as Nix's `build-remote` does it (the
+//! legacy protocol's commands in its place: `QueryValidPaths`, `AddToStoreNar` per path,
+//! `BuildDerivation`, `QueryPathInfos`, `DumpStorePath`):
 //!
 //! 1. `QueryValidPaths` of the input closure (asking the builder to substitute what it can
 //!    when `builders-use-substitutes` is set), then `AddMultipleToStore` of only what it
@@ -247,7 +250,7 @@ impl Remote {
             verbose_build: true,
             ..Default::default()
         };
-        conn.client.set_options(&options).map_err(|e| format!("setting options: {e}"))?;
+        conn.session.set_options(&options).map_err(|e| format!("setting options: {e}"))?;
         Ok(conn)
     }
 
@@ -333,7 +336,7 @@ pub fn send_inputs(
     substitute: bool,
 ) -> Result<(), String> {
     let wanted: BTreeSet<StorePath> = closure.iter().cloned().collect();
-    let valid = conn.client.query_valid_paths(&wanted, substitute).map_err(|e| format!("asking what it has: {e}"))?;
+    let valid = conn.session.query_valid_paths(&wanted, substitute).map_err(|e| format!("asking what it has: {e}"))?;
     let mut entries = Vec::new();
     for p in closure.iter().filter(|p| !valid.contains(*p)) {
         let info = store
@@ -344,7 +347,7 @@ pub fn send_inputs(
     }
     if !entries.is_empty() {
         let bytes: u64 = entries.iter().map(|e| e.info.nar_size).sum();
-        conn.client
+        conn.session
             .add_multiple_to_store(&entries, true, &mut |e, w| {
                 store.dump_path(&e.path, w).map_err(|e| std::io::Error::other(e.to_string()))
             })
@@ -376,18 +379,17 @@ pub fn build(
         }
         _ => {}
     };
-    let result =
-        conn.client.build_derivation(drv_path, &basic, cairn_worker::BuildMode::Normal, &mut on_log).map_err(|e| {
-            match e {
-                // Failed builds come back as a result; an error is the daemon refusing the
-                // request (this client not trusted there, an input it lacks …): not the
-                // build's fault, and another machine may take it.
-                cairn_worker::ClientError::Remote(e) => {
-                    RemoteFailure::Machine(format!("it refused the build: {}", e.message))
-                }
-                e => RemoteFailure::Machine(format!("the session broke during the build: {e}")),
+    let result = conn.session.build_derivation(drv_path, &basic, &mut on_log).map_err(|e| {
+        match e {
+            // Failed builds come back as a result; an error is the daemon refusing the
+            // request (this client not trusted there, an input it lacks …): not the
+            // build's fault, and another machine may take it.
+            cairn_worker::ClientError::Remote(e) => {
+                RemoteFailure::Machine(format!("it refused the build: {}", e.message))
             }
-        })?;
+            e => RemoteFailure::Machine(format!("the session broke during the build: {e}")),
+        }
+    })?;
     if result.status.success() {
         Ok(())
     } else {
@@ -405,12 +407,12 @@ pub fn fetch_output(
 ) -> Result<Claim, String> {
     let shown = store_dir.display(path);
     let info = conn
-        .client
+        .session
         .query_path_info(path)
         .map_err(|e| format!("asking for output '{shown}': {e}"))?
         .ok_or_else(|| format!("it did not make output '{shown}'"))?;
     let restored = conn
-        .client
+        .session
         .nar_from_path(path, |r| -> Result<(Hash, u64), String> {
             let mut hashing = cairn_nix::hash::HashingReader::new(r, cairn_nix::HashAlgo::Sha256);
             let mut nar = cairn_nix::nar::NarReader::new(&mut hashing, cairn_nix::nar::Limits::default())
