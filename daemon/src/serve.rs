@@ -16,8 +16,8 @@
 //! error that is not a build's (a refused import, an invalid path to dump) is printed on
 //! standard error and ends the session with status 1; log lines of builds go to standard
 //! error, which an `ssh://` builder shows as the build's log. Where `nix-store --serve`
-//! through a daemon drops the build settings a client sends (Nix's own FIXME), they are
-//! passed on here before each build.
+//! through a daemon drops the build settings a client sends (Nix's own FIXME), max-silent-time,
+//! timeout and keep-failed are passed on here before each build.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -44,7 +44,8 @@ pub fn run_serve(args: &StoreArgs, write: bool) -> anyhow::Result<()> {
     let settings = args.settings(true)?;
     crate::stdio_logging();
     let dir = StoreDir::new(&settings.store_dir).map_err(|e| anyhow!("store-dir: {e}"))?;
-    // A session in this process, when no daemon answers, lives as long as this runtime.
+    // A session in this process, when no daemon answers, lives as long as this runtime; its
+    // thread ends when this side of the socket pair closes.
     let mut here = None;
     let stream = match settings.nix_daemon_socket.as_ref().and_then(|p| UnixStream::connect(p).ok()) {
         Some(stream) => stream,
@@ -52,12 +53,12 @@ pub fn run_serve(args: &StoreArgs, write: bool) -> anyhow::Result<()> {
             let (ours, theirs) = UnixStream::pair()?;
             let (rt, state) = crate::open_here(args, &settings)?;
             let handle = rt.handle().clone();
-            std::thread::Builder::new().name("nix-session".into()).spawn(move || {
+            let session = std::thread::Builder::new().name("nix-session".into()).spawn(move || {
                 if let Err(e) = crate::listen::nix::serve_trusted(state, handle, theirs) {
                     tracing::debug!("serve: the session ended: {e}");
                 }
             })?;
-            here = Some(rt);
+            here = Some((rt, session));
             ours
         }
     };
@@ -78,7 +79,10 @@ pub fn run_serve(args: &StoreArgs, write: bool) -> anyhow::Result<()> {
     };
     let ran = session.run();
     drop(session);
-    drop(here);
+    if let Some((rt, session)) = here {
+        let _ = session.join();
+        drop(rt);
+    }
     ran
 }
 
@@ -168,7 +172,7 @@ impl<R: Read, W: Write> Serve<R, W> {
                     Ok(()) => serve::write_build_paths_result(&mut self.output, None)?,
                     // Nix's status through a daemon: an error's default, 1.
                     Err(ClientError::Remote(e)) => {
-                        serve::write_build_paths_result(&mut self.output, Some((1, &e.message)))?
+                        serve::write_build_paths_result(&mut self.output, Some((1, &shown_error(&e.message))))?
                     }
                     Err(e) => return Err(daemon_error(e)),
                 }
@@ -265,16 +269,7 @@ impl<R: Read, W: Write> Serve<R, W> {
 
     /// Copies a valid path's NAR (`size` bytes) from the daemon to the client.
     fn dump(&mut self, p: &StorePath, size: u64) -> anyhow::Result<()> {
-        let out = &mut self.output;
-        let copied = self
-            .daemon
-            .nar_from_path(p, |r| io::copy(&mut r.take(size), out))
-            .map_err(daemon_error)?
-            .context("copying the NAR")?;
-        if copied != size {
-            bail!("the daemon's NAR of '{}' ended after {copied} of {size} bytes", self.dir.display(p));
-        }
-        Ok(())
+        copy_nar(&mut self.daemon, &self.dir, p, size, &mut self.output)
     }
 
     /// Tells the daemon the client's build settings, and what `nix-store --serve` sets itself
@@ -284,15 +279,14 @@ impl<R: Read, W: Write> Serve<R, W> {
         if s.build_timeout > 0 {
             overrides.insert("timeout".to_owned(), s.build_timeout.to_string());
         }
-        if s.max_log_size > 0 {
-            overrides.insert("max-build-log-size".to_owned(), s.max_log_size.to_string());
-        }
-        let jobs = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        // A client's jobs only tighten the daemon's own `max-jobs`: ask for no limit of ours.
+        // Cores as `nix-store --serve` sends them by default: this machine's.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         let options = ClientOptions {
             keep_failed: s.keep_failed,
-            max_build_jobs: jobs,
+            max_build_jobs: u32::MAX,
             max_silent_time: s.max_silent_time,
-            build_cores: 0,
+            build_cores: cores,
             use_substitutes: false,
             overrides,
             ..ClientOptions::default()
@@ -333,7 +327,18 @@ impl<R: Read, W: Write> Serve<R, W> {
         for p in references_first(&infos) {
             let info = &infos[&p];
             write_next_marker(&mut self.output)?;
-            self.dump(&p, info.nar_size)?;
+            let mut hashing = cairn_nix::hash::HashingWriter::new(&mut self.output, HashAlgo::Sha256);
+            copy_nar(&mut self.daemon, &self.dir, &p, info.nar_size, &mut hashing)?;
+            let (sent, _, _) = hashing.finish();
+            if sent != info.nar_hash {
+                // Nix's exportPath refuses a path whose contents changed, after sending them.
+                bail!(
+                    "hash of path '{}' has changed from '{}' to '{}'!",
+                    self.dir.display(&p),
+                    info.nar_hash.encode(cairn_nix::hash::Encoding::Nix32),
+                    sent.encode(cairn_nix::hash::Encoding::Nix32)
+                );
+            }
             let trailer = ExportTrailer {
                 path: self.dir.display(&p),
                 references: info.references.iter().map(|r| self.dir.display(r)).collect(),
@@ -350,18 +355,13 @@ impl<R: Read, W: Write> Serve<R, W> {
     /// path's hash and size before its NAR.
     fn import(&mut self) -> anyhow::Result<()> {
         let mut entries = Vec::new();
-        let mut spools = Vec::new();
+        // One file holds every NAR, one after the other, in the order they are sent on.
+        let mut file = BufWriter::new(tempfile::tempfile().context("cannot make a temporary file")?);
         while read_marker(&mut self.input)? {
-            let mut spool = Spool {
-                input: &mut self.input,
-                file: BufWriter::new(tempfile::tempfile().context("cannot make a temporary file")?),
-                hasher: Hasher::new(HashAlgo::Sha256),
-                size: 0,
-            };
+            let mut spool =
+                Spool { input: &mut self.input, file: &mut file, hasher: Hasher::new(HashAlgo::Sha256), size: 0 };
             cairn_nix::nar::NarReader::new(&mut spool, cairn_nix::nar::Limits::default())?.skip_to_end()?;
             let (nar_hash, nar_size) = (spool.hasher.finish(), spool.size);
-            let mut file = spool.file.into_inner().map_err(|e| e.into_error())?;
-            file.rewind()?;
             let trailer = read_trailer(&mut self.input)?;
             let path = self.dir.parse(&trailer.path)?;
             let references =
@@ -378,25 +378,55 @@ impl<R: Read, W: Write> Serve<R, W> {
                 ca: None,
             };
             entries.push(ValidPathInfo { path, info });
-            spools.push(file);
         }
         if entries.is_empty() {
             return Ok(());
         }
-        let mut files = spools.into_iter();
+        let mut file = BufReader::with_capacity(1 << 16, file.into_inner().map_err(|e| e.into_error())?);
+        file.rewind()?;
         self.daemon
-            .add_multiple_to_store(&entries, true, &mut |_, w| match files.next() {
-                Some(mut f) => io::copy(&mut f, w).map(|_| ()),
-                None => Err(io::Error::other("more entries than NARs")),
+            .add_multiple_to_store(&entries, true, &mut |e, w| {
+                let copied = io::copy(&mut (&mut file).take(e.info.nar_size), w)?;
+                if copied == e.info.nar_size {
+                    Ok(())
+                } else {
+                    Err(io::Error::other("the spooled NAR is shorter than it was"))
+                }
             })
             .map_err(daemon_error)
     }
 }
 
+/// Copies a valid path's NAR (`size` bytes) from the daemon to `out`.
+fn copy_nar(daemon: &mut Daemon, dir: &StoreDir, p: &StorePath, size: u64, out: &mut dyn Write) -> anyhow::Result<()> {
+    let copied = daemon
+        .nar_from_path(p, |r| io::copy(&mut r.take(size), out))
+        .map_err(daemon_error)?
+        .context("copying the NAR")?;
+    if copied != size {
+        bail!("the daemon's NAR of '{}' ended after {copied} of {size} bytes", dir.display(p));
+    }
+    Ok(())
+}
+
+/// An error as Nix's `Error::msg()` renders it (`showErrorInfo`): a red `error:` before the
+/// first line, the others indented under it, trailing blanks trimmed.
+fn shown_error(message: &str) -> String {
+    let mut out = String::new();
+    for (i, line) in message.trim_end().split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let prefix = if i == 0 { "\x1b[31;1merror:\x1b[0m " } else { "       " };
+        out.push_str(format!("{prefix}{line}").trim_end());
+    }
+    out
+}
+
 /// Reads through to a spool file, hashing what passes.
 struct Spool<'a, R> {
     input: &'a mut R,
-    file: BufWriter<File>,
+    file: &'a mut BufWriter<File>,
     hasher: Hasher,
     size: u64,
 }

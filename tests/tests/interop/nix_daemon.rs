@@ -1734,7 +1734,13 @@ fn an_ssh_store_served_by_cairnd_answers_nix_as_nix_store_serve_does() {
         let url = p.ssh_url(side);
         p.ok(side, "nix", &["copy", "--no-check-sigs", "--from", &local, "--to", &url, &top]);
         // Only what is missing travels: a second copy has nothing to send.
-        p.ok(side, "nix", &["copy", "--no-check-sigs", "--from", &local, "--to", &url, &top]);
+        let again = p
+            .cmd(side, "nix")
+            .args(["copy", "-v", "--no-check-sigs", "--from", &local, "--to", &url, &top])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&again.stderr);
+        assert!(again.status.success() && !said.contains("copying path"), "{side:?}:\n{said}");
         metadata.push(path_info_fields(
             p.ok(side, "nix", &["path-info", "--json", "-r", "--store", &url, &top]).as_bytes(),
             &["narHash", "narSize", "references", "ca", "deriver"],
@@ -1777,21 +1783,30 @@ fn cairnd_serve_answers_every_command_byte_for_byte_as_nix_store_serve() {
     for side in [Side::Cairn, Side::Nix] {
         p.ok(side, "nix", &["copy", "--no-check-sigs", "--from", &local, "--to", &p.url(side), &top]);
     }
-    // A path in neither store, as an export stream.
+    // A closure in neither store (a chain of four, each referring to the one before), as an
+    // export stream.
     let other = format!("local?root={}", p.work.path().join("other").display());
-    let file = p.write("imported.txt", b"imported over ssh://\n");
-    let imported = p.local(&["nix-store", "--store", &other, "--add", &file]);
-    let export = p
-        .cmd(Side::Nix, "nix-store")
-        .env_remove("NIX_REMOTE")
-        .args(["--store", &other, "--export", imported.trim()])
-        .output()
-        .unwrap();
+    let four = p.write("four.nix", br#"import ./chain4.nix"#);
+    std::fs::copy(expr("chain.nix"), p.work.path().join("chain.nix")).unwrap();
+    p.write("chain4.nix", br#"import ./chain.nix { n = 4; }"#);
+    let imported = p.local_build(&other, &four);
+    let chain4 = p.local(&["nix-store", "--store", &other, "-qR", &imported]);
+    let mut export_args = vec!["--store", other.as_str(), "--export"];
+    export_args.extend(chain4.lines());
+    let export = p.cmd(Side::Nix, "nix-store").env_remove("NIX_REMOTE").args(&export_args).output().unwrap();
     assert!(export.status.success());
 
-    let (top, drv, out, imported) = (path(&top), path(&drv), path(&out), path(&imported));
+    let (top, drv, out) = (path(&top), path(&drv), path(&out));
     let closure = p.same("nix-store", &["-qR", &dir.display(&top)]);
     let closure: BTreeSet<_> = closure.lines().map(path).collect();
+    // Ten consecutive links of the chain: each refers to another of them.
+    let mut link = top.clone();
+    let mut links = BTreeSet::new();
+    while links.len() < 10 {
+        links.insert(link.clone());
+        let refs = p.same("nix-store", &["-q", "--references", &dir.display(&link)]);
+        link = path(refs.lines().next().unwrap());
+    }
     let missing = path("/nix/store/00000000000000000000000000000000-missing");
     let mut session = Vec::new();
     write_u64(&mut session, SERVE_MAGIC_1).unwrap();
@@ -1802,7 +1817,7 @@ fn cairnd_serve_answers_every_command_byte_for_byte_as_nix_store_serve() {
         ServeRequest::QueryClosure { include_outputs: false, paths: [top.clone()].into() },
         ServeRequest::QueryClosure { include_outputs: true, paths: [drv.clone()].into() },
         ServeRequest::DumpStorePath(top.clone()),
-        ServeRequest::ExportPaths(closure.iter().take(5).cloned().collect()),
+        ServeRequest::ExportPaths(links),
     ];
     for r in &requests {
         r.write(&mut session, &dir, SERVE_PROTOCOL_VERSION).unwrap();
@@ -1811,7 +1826,7 @@ fn cairnd_serve_answers_every_command_byte_for_byte_as_nix_store_serve() {
     session.extend_from_slice(&export.stdout);
     let gone = path("/nix/store/00000000000000000000000000000000-gone");
     for r in [
-        ServeRequest::QueryPathInfos([imported.clone()].into()),
+        ServeRequest::QueryPathInfos(chain4.lines().map(path).collect()),
         ServeRequest::QueryClosure { include_outputs: false, paths: [gone].into() },
     ] {
         r.write(&mut session, &dir, SERVE_PROTOCOL_VERSION).unwrap();
@@ -1841,8 +1856,8 @@ fn cairnd_serve_answers_every_command_byte_for_byte_as_nix_store_serve() {
     assert!(c.status.success() && n.status.success(), "cairnd:\n{ce}\nnix-store:\n{ne}");
     assert!(c.stdout == n.stdout, "{}\ncairnd:\n{ce}\nnix-store:\n{ne}", first_difference(&c.stdout, &n.stdout));
     // The import and the build are in both stores now.
-    let (shown, out_shown) = (dir.display(&imported), dir.display(&out));
-    assert_eq!(p.same("nix-store", &["-q", "--hash", &shown]).len(), 60);
+    let out_shown = dir.display(&out);
+    assert_eq!(p.same("nix-store", &["-qR", imported.trim()]), chain4, "the imported closure is in both stores");
     p.same("nix-store", &["--check-validity", &out_shown]);
 }
 
@@ -2003,4 +2018,73 @@ fn cairnd_serve_serves_a_store_no_daemon_holds() {
     let info = nix(&["nix", "path-info", "--json", "--store", &remote, &path]);
     assert!(info.contains("\"narHash\""), "{info}");
     let _ = Command::new("chmod").args(["-R", "u+w"]).arg(work.path()).status();
+}
+
+/// Failed builds over the legacy protocol answer as `nix-store --serve`'s do: `BuildPaths` with
+/// status 1 and the error as Nix renders it, `BuildDerivation` with the build's status and
+/// message (the same text once colour escapes are set aside; the times are each run's own).
+#[test]
+fn failed_builds_over_serve_answer_as_nix_store_serve_s() {
+    use cairn_worker::codec::{read_u64, write_u64};
+    use cairn_worker::serve::{
+        read_build_result, ServeBuildSettings, ServeRequest, SERVE_MAGIC_1, SERVE_PROTOCOL_VERSION,
+    };
+    use cairn_worker::{BasicDerivation, DerivedPath, Limits, OutputsSpec};
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let dir = cairn_nix::StoreDir::new("/nix/store").unwrap();
+    let f = p.write(
+        "bad.nix",
+        br#"derivation { name = "serve-bad"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo about to fail; exit 3" ]; }"#,
+    );
+    let drv = p.same("nix-instantiate", &[&f]).trim().to_owned();
+    let parsed = cairn_nix::derivation::Derivation::parse(
+        &std::fs::read(p.cairn.root.path().join(drv.trim_start_matches('/'))).unwrap(),
+    )
+    .unwrap();
+    let drv_path = dir.parse(&drv).unwrap();
+    let basic = BasicDerivation::from_derivation(&parsed, BTreeSet::new());
+    let strip = |s: &str| {
+        let mut out = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let session = |req: ServeRequest| {
+        let mut v = Vec::new();
+        write_u64(&mut v, SERVE_MAGIC_1).unwrap();
+        write_u64(&mut v, SERVE_PROTOCOL_VERSION).unwrap();
+        req.write(&mut v, &dir, SERVE_PROTOCOL_VERSION).unwrap();
+        v
+    };
+    let settings = ServeBuildSettings::default();
+    let paths = vec![DerivedPath::Built { drv_path: drv_path.clone(), outputs: OutputsSpec::All }];
+    let build_paths = session(ServeRequest::BuildPaths { paths, settings: settings.clone() });
+    let build_drv = session(ServeRequest::BuildDerivation { drv_path, drv: basic, settings });
+    let mut answers = Vec::new();
+    for side in [Side::Cairn, Side::Nix] {
+        // Each session stays open until its first answer word has come.
+        let o = p.serve_session(side, &["--write"], &build_paths, Some((24, &[])));
+        let mut r = &o.stdout[16..];
+        let status = read_u64(&mut r).unwrap();
+        let message = cairn_worker::codec::read_string(&mut r, 1 << 20, "message").unwrap();
+        assert!(message.starts_with("\x1b[31;1merror:\x1b[0m "), "{side:?}: {message:?}");
+        let o = p.serve_session(side, &["--write"], &build_drv, Some((24, &[])));
+        let result = read_build_result(&mut &o.stdout[16..], Limits::default(), SERVE_PROTOCOL_VERSION).unwrap();
+        answers.push((status, strip(&message), result.status, strip(&result.error_msg), result.times_built));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, 1);
 }

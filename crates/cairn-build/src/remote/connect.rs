@@ -174,8 +174,22 @@ pub enum Session {
     },
 }
 
-fn serve_error(e: cairn_worker::Error) -> ClientError {
-    ClientError::Protocol(e)
+/// A legacy-protocol failure: the server ends the session on any error, after saying why on
+/// its standard error, so what it said last is the reason (a refusal); without it, the bytes.
+fn serve_error(stderr: &mut std::fs::File, e: cairn_worker::Error) -> ClientError {
+    let mut tail = LineTail::default();
+    tail.read(stderr, &mut |_| {});
+    tail.flush(&mut |_| {});
+    serve_failure(&tail, e)
+}
+
+fn serve_failure(tail: &LineTail, e: cairn_worker::Error) -> ClientError {
+    if tail.recent.is_empty() {
+        ClientError::Protocol(e)
+    } else {
+        let said: Vec<&str> = tail.recent.iter().map(String::as_str).collect();
+        ClientError::Remote(cairn_worker::RemoteError::new(said.join(" ")))
+    }
 }
 
 impl Session {
@@ -194,14 +208,16 @@ impl Session {
     ) -> Result<BTreeSet<StorePath>, ClientError> {
         match self {
             Session::Worker(c) => c.query_valid_paths(paths, substitute),
-            Session::Serve { client, .. } => client.query_valid_paths(paths, substitute).map_err(serve_error),
+            Session::Serve { client, stderr } => {
+                client.query_valid_paths(paths, substitute).map_err(|e| serve_error(stderr, e))
+            }
         }
     }
 
     pub fn query_path_info(&mut self, path: &StorePath) -> Result<Option<cairn_worker::PathInfo>, ClientError> {
         match self {
             Session::Worker(c) => c.query_path_info(path),
-            Session::Serve { client, .. } => client.query_path_info(path).map_err(serve_error),
+            Session::Serve { client, stderr } => client.query_path_info(path).map_err(|e| serve_error(stderr, e)),
         }
     }
 
@@ -215,9 +231,10 @@ impl Session {
     ) -> Result<(), ClientError> {
         match self {
             Session::Worker(c) => c.add_multiple_to_store(entries, dont_check_sigs, write_nar),
-            Session::Serve { client, .. } => {
-                entries.iter().try_for_each(|e| client.add_to_store_nar(e, write_nar)).map_err(serve_error)
-            }
+            Session::Serve { client, stderr } => entries
+                .iter()
+                .try_for_each(|e| client.add_to_store_nar(e, write_nar))
+                .map_err(|e| serve_error(stderr, e)),
         }
     }
 
@@ -252,7 +269,7 @@ impl Session {
                         Err(cairn_worker::Error::Io(std::io::Error::other("the session's reader panicked")))
                     })
                 })
-                .map_err(serve_error)
+                .map_err(|e| serve_failure(&lines, e))
             }
         }
     }
@@ -265,34 +282,60 @@ impl Session {
     ) -> Result<T, ClientError> {
         match self {
             Session::Worker(c) => c.nar_from_path(path, read_nar),
-            Session::Serve { client, .. } => client.nar_from_path(path, read_nar).map_err(serve_error),
+            Session::Serve { client, stderr } => {
+                client.nar_from_path(path, read_nar).map_err(|e| serve_error(stderr, e))
+            }
         }
     }
 }
 
-/// Complete lines of a growing file, handed over as log messages.
+/// Complete lines of a growing file, handed over as log messages; the last two that say
+/// something are kept, for a failure's reason.
 #[derive(Default)]
 struct LineTail {
     partial: Vec<u8>,
+    recent: std::collections::VecDeque<String>,
 }
+
+/// The longest line held back waiting for its end: a builder that never writes a newline is
+/// logged in pieces of this size, not held whole.
+const MAX_LINE: usize = 64 << 10;
 
 impl LineTail {
     fn read(&mut self, f: &mut std::fs::File, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
         let mut buf = [0u8; 8192];
         while let Ok(n @ 1..) = f.read(&mut buf) {
             self.partial.extend_from_slice(&buf[..n]);
-        }
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            on_log(cairn_worker::StderrMessage::Next(String::from_utf8_lossy(&line).into_owned()));
+            while let Some(end) = self
+                .partial
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| i + 1)
+                .or((self.partial.len() >= MAX_LINE).then_some(MAX_LINE))
+            {
+                let line: Vec<u8> = self.partial.drain(..end).collect();
+                self.hand_over(line, on_log);
+            }
         }
     }
 
     fn flush(&mut self, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
         if !self.partial.is_empty() {
             let line = std::mem::take(&mut self.partial);
-            on_log(cairn_worker::StderrMessage::Next(String::from_utf8_lossy(&line).into_owned()));
+            self.hand_over(line, on_log);
         }
+    }
+
+    fn hand_over(&mut self, line: Vec<u8>, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
+        let line = String::from_utf8_lossy(&line).into_owned();
+        let said = line.trim();
+        if !said.is_empty() {
+            if self.recent.len() == 2 {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(said.to_owned());
+        }
+        on_log(cairn_worker::StderrMessage::Next(line));
     }
 }
 
@@ -524,6 +567,21 @@ mod tests {
         tail.read(&mut f, &mut on_log);
         tail.flush(&mut on_log);
         assert_eq!(seen, ["one\n", "two\n", "three"]);
+        // A line that never ends is handed over in pieces, not held whole; the last lines that
+        // said something are kept for a failure's reason.
+        let mut g = tempfile::tempfile().unwrap();
+        g.write_all(&vec![b'x'; MAX_LINE * 2 + 10]).unwrap();
+        g.write_all(b"\nerror: refused\n\n").unwrap();
+        g.rewind().unwrap();
+        let mut pieces = Vec::new();
+        let mut tail = LineTail::default();
+        tail.read(&mut g, &mut |m| {
+            if let cairn_worker::StderrMessage::Next(s) = m {
+                pieces.push(s.len());
+            }
+        });
+        assert_eq!(pieces, [MAX_LINE, MAX_LINE, 11, 15, 1]);
+        assert_eq!(tail.recent.back().map(String::as_str), Some("error: refused"));
     }
 
     #[test]

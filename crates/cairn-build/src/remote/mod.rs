@@ -254,8 +254,13 @@ impl Remote {
         Ok(conn)
     }
 
-    /// Keeps a session that ended a request cleanly for the next build.
+    /// Keeps a session that ended a request cleanly for the next build. Not a legacy-protocol
+    /// one: its standard error's file holds every build's output, and a new session is cheap
+    /// (one master connection per host).
     pub fn give_back(&self, c: Conn) {
+        if matches!(c.session, connect::Session::Serve { .. }) {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if idle.len() < IDLE_SESSIONS {
             idle.push(c);

@@ -7,7 +7,7 @@
 //! builder's message with the log's last lines); failures of their dependencies are logged as
 //! `error:` lines first, as Nix logs them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,6 +48,8 @@ fn now() -> u64 {
 struct Realised {
     outcome: Outcome,
     failures: HashMap<StorePath, FailureKind>,
+    /// The derivations whose builder ran (built or failed): Nix counts each as built once.
+    ran: HashSet<StorePath>,
     started: u64,
     stopped: u64,
 }
@@ -140,6 +142,7 @@ impl<R: Read, W: Write> Session<R, W> {
         let rt = self.rt.clone();
         let mut activities = HashMap::new();
         let mut failures = HashMap::new();
+        let mut ran = HashSet::new();
         // A duplicate of its own, so that the watch borrows nothing of the session.
         let watch = self.watch.as_ref().and_then(|fd| fd.try_clone().ok());
         let mut hung_up = false;
@@ -151,7 +154,12 @@ impl<R: Read, W: Write> Session<R, W> {
                 tokio::select! {
                     r = &mut work, if done.is_none() => done = Some(r),
                     e = rx.recv() => match e {
-                        Some(e) => self.on_event(e, &top, mode, &mut activities, &mut failures),
+                        Some(e) => {
+                            if let Event::Started { drv, .. } = &e {
+                                ran.insert(drv.clone());
+                            }
+                            self.on_event(e, &top, mode, &mut activities, &mut failures)
+                        }
                         None => break,
                     },
                     // Dropping the work stops its builds (their sandboxes are killed).
@@ -172,7 +180,7 @@ impl<R: Read, W: Write> Session<R, W> {
             self.after_building(&outcome.built, &keys);
         }
         outcome.results.extend(refused);
-        Ok(Realised { outcome, failures, started, stopped: now() })
+        Ok(Realised { outcome, failures, ran, started, stopped: now() })
     }
 
     /// The keys of a trusted client's `secret-key-files`, with which `nix-daemon` signs what
@@ -397,7 +405,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 BuildResult::new(status, self.with_log_hint(drv, m))
             }
         };
-        if r.outcome.built.contains(drv) {
+        if r.outcome.built.contains(drv) || (res.is_err() && r.ran.contains(drv)) {
             result.times_built = 1;
             result.start_time = r.started;
             result.stop_time = r.stopped;
