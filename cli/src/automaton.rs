@@ -193,7 +193,7 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
                 let client = ctx.client().await?;
                 let done =
-                    crate::cache::copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net()).await?;
+                    crate::cache::copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net(), true).await?;
                 eprintln!("copied {} to {to}, {} already there", crate::ctx::count(done.written, "path"), done.skipped);
             }
             let description = AutomatonRequest {

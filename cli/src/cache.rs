@@ -1,5 +1,6 @@
 //! `cairn copy --to URL`: paths' closures written as a Nix binary cache (`file://`, `s3://`), or
-//! copied into another daemon (`unix://SOCKET`, `tcp://HOST:PORT`, or a peer: `p2p://NODE-ID`).
+//! copied into another daemon (`unix://SOCKET`, `tcp://HOST:PORT`, or a peer: `p2p://NODE-ID`;
+//! a Nix store over SSH is [`crate::ssh_copy`]'s).
 //!
 //! The cache layout is Nix's (`nix-cache-info`, `<hash>.narinfo`, `nar/<file hash>.nar.zst`), so
 //! that `nix copy --from` and any Nix substituter read it. NARs come from the daemon and are
@@ -99,7 +100,7 @@ pub async fn copy_to_cache(
 }
 
 /// A path's narinfo (without file fields), signed with `key` if given.
-fn narinfo_of(store_dir: &StoreDir, info: &PathInfo, key: Option<&SecretKey>) -> anyhow::Result<NarInfo> {
+pub(crate) fn narinfo_of(store_dir: &StoreDir, info: &PathInfo, key: Option<&SecretKey>) -> anyhow::Result<NarInfo> {
     let mut narinfo = NarInfo {
         store_path: store_dir.parse(&info.path)?,
         url: String::new(),
@@ -320,11 +321,16 @@ impl SubstituteArgs {
 #[derive(Args)]
 pub struct CopyArgs {
     /// Write to this cache (`file:///dir`, `s3://bucket?endpoint=…`; `?compression=zstd|xz|
-    /// bzip2|none`, zstd by default) or daemon (`unix:///path/to/socket`, `tcp://HOST:PORT`
+    /// bzip2|none`, zstd by default), daemon (`unix:///path/to/socket`, `tcp://HOST:PORT`
     /// of one with accept-pushes, or `p2p://NODE-ID`, one of the daemon's peers; these two take
-    /// only paths signed by a key they trust).
+    /// only paths signed by a key they trust) or Nix store over SSH (`ssh-ng://[USER@]HOST`,
+    /// `ssh://[USER@]HOST`, as `nix copy --to` reaches one).
     #[arg(long, required_unless_present = "from", conflicts_with = "from")]
     pub to: Option<String>,
+    /// With `--to ssh-ng://`: ask the receiving daemon not to check signatures, which it
+    /// honours for a user it trusts (`nix copy --no-check-sigs`).
+    #[arg(long)]
+    pub no_check_sigs: bool,
     /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`, or
     /// `p2p://NODE-ID`, one of the daemon's peers.
     #[arg(long)]
@@ -343,10 +349,10 @@ pub struct CopyArgs {
 impl CopyArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         match self {
-            CopyArgs { to: None, from: Some(from), secret_key_file: _, json, paths } => {
+            CopyArgs { to: None, from: Some(from), json, paths, .. } => {
                 substitute(ctx, vec![from], &paths, json).await?;
             }
-            CopyArgs { to, secret_key_file, json, paths, .. } => {
+            CopyArgs { to, secret_key_file, json, paths, no_check_sigs, .. } => {
                 let to = to.context("copy needs --to or --from")?;
                 let client = ctx.client().await?;
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
@@ -359,7 +365,8 @@ impl CopyArgs {
                     }
                     None => None,
                 };
-                let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net()).await?;
+                let done =
+                    copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net(), !no_check_sigs).await?;
                 if json {
                     print_json(
                         &serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }),
@@ -430,7 +437,8 @@ pub(crate) async fn substitute(ctx: &Ctx, from: Vec<String>, paths: &[String], j
 }
 
 /// Copies the closure of `paths` to `to`: another daemon (`unix://`, `tcp://`, `p2p://`, only
-/// what it lacks) or a binary cache (`file://`, `s3://`).
+/// what it lacks), a Nix store over SSH (`ssh-ng://`, `ssh://`, likewise) or a binary cache
+/// (`file://`, `s3://`).
 pub(crate) async fn copy_closure(
     client: &Client,
     store_dir: &cairn_nix::StoreDir,
@@ -438,8 +446,14 @@ pub(crate) async fn copy_closure(
     paths: Vec<String>,
     key: Option<&SecretKey>,
     net: &NetOptions,
+    check_sigs: bool,
 ) -> anyhow::Result<crate::cache::Copied> {
-    let done = if let Some(node) = to.strip_prefix("p2p://") {
+    let done = if crate::ssh_copy::is_ssh(to) {
+        let bar = progress::transfer("copying");
+        let done = crate::ssh_copy::copy_to_ssh(client, store_dir, to, paths, key, check_sigs, &bar).await;
+        bar.finish_and_clear();
+        done?
+    } else if let Some(node) = to.strip_prefix("p2p://") {
         let node = node.trim_end_matches('/');
         let bar = progress::bytes(&format!("p2p://{node} is taking the closure: sent"));
         let done = copy_to_peer(client, store_dir, paths, node, key, &bar).await;

@@ -17,6 +17,7 @@ mod image;
 mod keys;
 mod progress;
 mod realise;
+mod ssh_copy;
 mod store;
 
 use std::process::ExitCode;

@@ -2088,3 +2088,45 @@ fn failed_builds_over_serve_answer_as_nix_store_serve_s() {
     assert_eq!(answers[0], answers[1]);
     assert_eq!(answers[0].0, 1);
 }
+
+/// `cairn copy --to ssh-ng://…` and `--to ssh://…` put a closure into a Nix store as `nix copy
+/// --to` does: through `nix-daemon --stdio` or `nix-store --serve --write` on nix-daemon's store,
+/// only what is missing, with the same metadata there as here; unsigned paths are refused by
+/// a daemon that checks signatures unless `--no-check-sigs` is given.
+#[test]
+fn cairn_copy_puts_closures_into_nix_stores_over_ssh_as_nix_copy_does() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let daemon = {
+        let script = p.work.path().join("nix-daemon-stdio");
+        let body = format!("#!/bin/sh\nexec env NIX_REMOTE='{}' nix-daemon \"$@\"\n", p.url(Side::Nix));
+        cairn_tests::write_exec(&script, body.as_bytes());
+        script.display().to_string()
+    };
+    let ng = format!("ssh-ng://localhost?remote-program={daemon}");
+    let top = p.ok(Side::Cairn, "nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "3"]);
+    let top = top.trim();
+    // A daemon that checks signatures refuses unsigned paths, and says why.
+    let refused = p.cairn.run(&["copy", "--to", &ng, top], b"");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("signature"), "{said}");
+    let copied = p.cairn.run(&["copy", "--json", "--no-check-sigs", "--to", &ng, top], b"");
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
+    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(3), Some(0)));
+    p.same_metadata(&[top]);
+    let again = p.cairn.run(&["copy", "--json", "--no-check-sigs", "--to", &ng, top], b"");
+    let json: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(0), Some(3)), "only what is missing");
+    // The legacy protocol: a longer chain, of which three links are there already.
+    let longer = p.ok(Side::Cairn, "nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "5"]);
+    let longer = longer.trim();
+    let legacy = p.ssh_url(Side::Nix);
+    let copied = p.cairn.run(&["copy", "--json", "--to", &legacy, longer], b"");
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
+    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(2), Some(3)));
+    p.same_metadata(&[longer]);
+}
