@@ -332,7 +332,8 @@ pub struct CopyArgs {
     #[arg(long)]
     pub no_check_sigs: bool,
     /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`, or
-    /// `p2p://NODE-ID`, one of the daemon's peers.
+    /// `p2p://NODE-ID`, one of the daemon's peers; or copy from a Nix store over SSH
+    /// (`ssh-ng://[USER@]HOST`, `ssh://[USER@]HOST`), as `nix copy --from` does.
     #[arg(long)]
     pub from: Option<String>,
     /// Sign each path with this secret key (see `cairn key generate`).
@@ -349,6 +350,15 @@ pub struct CopyArgs {
 impl CopyArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         match self {
+            CopyArgs { to: None, from: Some(from), json, paths, .. } if crate::ssh_copy::is_ssh(&from) => {
+                let client = ctx.client().await?;
+                let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
+                let paths = ctx.store_paths(&paths)?;
+                let bar = progress::transfer("copying");
+                let done = crate::ssh_copy::copy_from_ssh(&client, &store_dir, &from, &paths, &bar).await;
+                bar.finish_and_clear();
+                report_copy(&done?, &from, "from", json)?;
+            }
             CopyArgs { to: None, from: Some(from), json, paths, .. } => {
                 substitute(ctx, vec![from], &paths, json).await?;
             }
@@ -367,20 +377,24 @@ impl CopyArgs {
                 };
                 let done =
                     copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net(), !no_check_sigs).await?;
-                if json {
-                    print_json(
-                        &serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }),
-                    )?;
-                } else {
-                    eprintln!(
-                        "copied {} ({:.2} MiB) to {to}, {} already there",
-                        count(done.written, "path"),
-                        done.bytes as f64 / (1024.0 * 1024.0),
-                        done.skipped
-                    );
-                }
+                report_copy(&done, &to, "to", json)?;
             }
         }
+        Ok(())
+    }
+}
+
+/// What a copy did, as JSON or one line.
+fn report_copy(done: &Copied, url: &str, direction: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(&serde_json::json!({ "copied": done.written, "skipped": done.skipped, "bytes": done.bytes }))
+    } else {
+        eprintln!(
+            "copied {} ({:.2} MiB) {direction} {url}, {} already there",
+            count(done.written, "path"),
+            done.bytes as f64 / (1024.0 * 1024.0),
+            done.skipped
+        );
         Ok(())
     }
 }

@@ -1,7 +1,10 @@
 //! `cairn copy --to ssh-ng://HOST` and `--to ssh://HOST`: a closure copied into a Nix store over
 //! SSH, as `nix copy --to` does — through `nix-daemon --stdio` there (the worker protocol), or
 //! `nix-store --serve --write` (Nix's legacy SSH protocol). Any store that answers either works:
-//! a Nix machine, or a cairnd (`?remote-program=cairnd`).
+//! a Nix machine, or a cairnd (`?remote-program=cairnd`). `--from` the same URLs copies the
+//! other way, as `nix copy --from` does: the closure's metadata asked there, and what the daemon
+//! lacks sent into it as a push stream, which it takes as it takes any push (signatures by a
+//! trusted key, unless the user is trusted) and hashes before registering.
 //!
 //! The connection is the remote builders' (`cairn_build::remote::connect`): the system's `ssh`
 //! in batch mode, `ssh-key`, `base64-ssh-public-host-key`, `remote-program`, `remote-store` and
@@ -38,9 +41,7 @@ pub(crate) async fn copy_to_ssh(
     check_sigs: bool,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
-    let machines = cairn_nix::machines::parse(url, "-", &mut |_| Ok(None))?;
-    let [machine] = &machines[..] else { anyhow::bail!("'{url}': one store URL expected") };
-    let target = Target::of(machine)?;
+    let target = target_of(url)?;
     // Dependencies first: a receiver checks each path's references as it arrives.
     let closure = client.call(query::Closure { paths }).await?;
     let infos = client.call(query::PathInfo { paths: closure.clone(), closure: false }).await?;
@@ -110,4 +111,145 @@ fn ssh_dir() -> anyhow::Result<std::path::PathBuf> {
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     Ok(dir)
+}
+
+/// The connection target `url` names.
+fn target_of(url: &str) -> anyhow::Result<Target> {
+    let machines = cairn_nix::machines::parse(url, "-", &mut |_| Ok(None))?;
+    let [machine] = &machines[..] else { anyhow::bail!("'{url}': one store URL expected") };
+    Ok(Target::of(machine)?)
+}
+
+/// Copies the closure of `paths` (as the store at `url` has it) into the daemon: only what it
+/// lacks, references first.
+pub(crate) async fn copy_from_ssh(
+    client: &Client,
+    store_dir: &StoreDir,
+    url: &str,
+    paths: &[String],
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Copied> {
+    use cairn_nix::wire::push;
+    let target = target_of(url)?;
+    let wanted = paths.iter().map(|p| store_dir.parse(p)).collect::<Result<Vec<_>, _>>()?;
+    let (dir, shown) = (store_dir.clone(), url.to_owned());
+    // There: the closure and its metadata.
+    let (mut conn, closure) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let ssh_dir = ssh_dir()?;
+        let mut conn = connect::open(&target, &dir, &ssh_dir).map_err(|e| anyhow!("cannot reach '{shown}': {e}"))?;
+        let mut infos = BTreeMap::new();
+        let mut todo = wanted;
+        while let Some(p) = todo.pop() {
+            if infos.contains_key(&p) {
+                continue;
+            }
+            let info = conn
+                .session
+                .query_path_info(&p)
+                .map_err(|e| anyhow!("asking '{shown}' about '{}': {e}", dir.display(&p)))?
+                .ok_or_else(|| anyhow!("path '{}' is not valid on '{shown}'", dir.display(&p)))?;
+            todo.extend(info.references.iter().filter(|r| !infos.contains_key(*r)).cloned());
+            infos.insert(p, info);
+        }
+        Ok((conn, references_first(infos)))
+    })
+    .await??;
+    // Here: what the daemon lacks.
+    let shown: Vec<String> = closure.iter().map(|(p, _)| store_dir.display(p)).collect();
+    let valid = client.call(query::IsValid { paths: shown.clone() }).await?;
+    let missing: Vec<_> = closure.into_iter().zip(valid).filter(|(_, v)| !v).map(|(e, _)| e).collect();
+    let skipped = shown.len() - missing.len();
+    if missing.is_empty() {
+        return Ok(Copied { written: 0, skipped, bytes: 0 });
+    }
+    let bytes: u64 = missing.iter().map(|(_, i)| i.nar_size).sum();
+    progress.set_length(bytes);
+    let mut entries = Vec::with_capacity(missing.len());
+    for (path, info) in &missing {
+        let narinfo = cairn_nix::narinfo::NarInfo {
+            store_path: path.clone(),
+            url: String::new(),
+            compression: "none".into(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: info.nar_hash.clone(),
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+            system: None,
+            signatures: info.sigs.iter().cloned().collect(),
+            ca: info.ca.as_ref().map(ToString::to_string),
+            extra: Vec::new(),
+        };
+        entries.push((path.clone(), info.nar_size, push::narinfo(narinfo).render(store_dir)));
+    }
+    // The NARs come from there on a blocking thread and go into the daemon as one push.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
+    let (bar, url) = (progress.clone(), url.to_owned());
+    let feed = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let send = |b: Vec<u8>| tx.blocking_send(Ok(b.into())).is_ok();
+        if !send(push::start()) {
+            return Ok(());
+        }
+        for (path, size, narinfo) in entries {
+            if !send(push::entry(&narinfo)) {
+                return Ok(());
+            }
+            let copied = conn
+                .session
+                .nar_from_path(&path, |r| -> std::io::Result<u64> {
+                    let mut nar = std::io::Read::take(r, size);
+                    let mut done = 0;
+                    loop {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        let n = std::io::Read::read(&mut nar, &mut buf)?;
+                        if n == 0 {
+                            return Ok(done);
+                        }
+                        buf.truncate(n);
+                        done += n as u64;
+                        bar.inc(n as u64);
+                        if !send(buf) {
+                            return Ok(done);
+                        }
+                    }
+                })
+                .map_err(|e| anyhow!("fetching '{path}' from '{url}': {e}"))??;
+            if copied != size {
+                anyhow::bail!("'{url}' sent {copied} of the {size} bytes of the NAR of '{path}'");
+            }
+        }
+        send(push::end());
+        Ok(())
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    let received = client.receive(cairn_client::body_from_reader(tokio_util::io::StreamReader::new(stream))).await;
+    feed.await??;
+    Ok(Copied { written: received?.len(), skipped, bytes })
+}
+
+/// The paths of `infos`, each after the ones among them it refers to.
+fn references_first(infos: BTreeMap<StorePath, cairn_worker::PathInfo>) -> Vec<(StorePath, cairn_worker::PathInfo)> {
+    fn visit(
+        p: &StorePath,
+        infos: &BTreeMap<StorePath, cairn_worker::PathInfo>,
+        seen: &mut BTreeSet<StorePath>,
+        out: &mut Vec<StorePath>,
+    ) {
+        if !seen.insert(p.clone()) {
+            return;
+        }
+        for r in &infos[p].references {
+            if r != p && infos.contains_key(r) {
+                visit(r, infos, seen, out);
+            }
+        }
+        out.push(p.clone());
+    }
+    let (mut seen, mut order) = (BTreeSet::new(), Vec::new());
+    for p in infos.keys() {
+        visit(p, &infos, &mut seen, &mut order);
+    }
+    let mut infos = infos;
+    order.into_iter().filter_map(|p| infos.remove(&p).map(|i| (p, i))).collect()
 }

@@ -2092,9 +2092,10 @@ fn failed_builds_over_serve_answer_as_nix_store_serve_s() {
 /// `cairn copy --to ssh-ng://…` and `--to ssh://…` put a closure into a Nix store as `nix copy
 /// --to` does: through `nix-daemon --stdio` or `nix-store --serve --write` on nix-daemon's store,
 /// only what is missing, with the same metadata there as here; unsigned paths are refused by
-/// a daemon that checks signatures unless `--no-check-sigs` is given.
+/// a daemon that checks signatures unless `--no-check-sigs` is given. `--from` the same URLs
+/// brings closures back, as `nix copy --from` does.
 #[test]
-fn cairn_copy_puts_closures_into_nix_stores_over_ssh_as_nix_copy_does() {
+fn cairn_copy_moves_closures_to_and_from_nix_stores_over_ssh_as_nix_copy_does() {
     if !peers() {
         return;
     }
@@ -2129,4 +2130,30 @@ fn cairn_copy_puts_closures_into_nix_stores_over_ssh_as_nix_copy_does() {
     let json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
     assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(2), Some(3)));
     p.same_metadata(&[longer]);
+
+    // And back the other way, as `nix copy --from`: paths built by nix-daemon come into cairnd,
+    // through either protocol, only what is missing.
+    let f = p.write(
+        "from-nix.nix",
+        br#"let a = derivation { name = "from-nix-a"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo a > $out" ]; };
+in derivation { name = "from-nix-b"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${a} > $out" ]; }"#,
+    );
+    let b = p.ok(Side::Nix, "nix-build", &["--no-out-link", &f]);
+    let b = b.trim();
+    let a = p.ok(Side::Nix, "nix-store", &["-q", "--references", b]);
+    let a = a.trim();
+    let copied = p.cairn.run(&["copy", "--json", "--from", &ng, a], b"");
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
+    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(1), Some(0)));
+    let copied = p.cairn.run(&["copy", "--json", "--from", &legacy, b], b"");
+    assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
+    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(1), Some(1)));
+    p.same_metadata(&[b]);
+    p.cairn.ok(&["verify", "--check-contents"]);
+    // A path the store there does not have is named.
+    let gone = "/nix/store/00000000000000000000000000000000-gone";
+    let e = p.cairn.run(&["copy", "--from", &legacy, gone], b"");
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains(gone), "{e:?}");
 }
