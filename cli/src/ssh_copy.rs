@@ -151,7 +151,9 @@ pub(crate) async fn copy_from_ssh(
             todo.extend(info.references.iter().filter(|r| !infos.contains_key(*r)).cloned());
             infos.insert(p, info);
         }
-        Ok((conn, references_first(infos)))
+        let order = cairn_nix::references_first(infos.keys(), |p| infos.get(p).map(|i| &i.references));
+        let ordered: Vec<_> = order.into_iter().filter_map(|p| infos.remove(&p).map(|i| (p, i))).collect();
+        Ok((conn, ordered))
     })
     .await??;
     // Here: what the daemon lacks.
@@ -226,30 +228,4 @@ pub(crate) async fn copy_from_ssh(
     let received = client.receive(cairn_client::body_from_reader(tokio_util::io::StreamReader::new(stream))).await;
     feed.await??;
     Ok(Copied { written: received?.len(), skipped, bytes })
-}
-
-/// The paths of `infos`, each after the ones among them it refers to.
-fn references_first(infos: BTreeMap<StorePath, cairn_worker::PathInfo>) -> Vec<(StorePath, cairn_worker::PathInfo)> {
-    fn visit(
-        p: &StorePath,
-        infos: &BTreeMap<StorePath, cairn_worker::PathInfo>,
-        seen: &mut BTreeSet<StorePath>,
-        out: &mut Vec<StorePath>,
-    ) {
-        if !seen.insert(p.clone()) {
-            return;
-        }
-        for r in &infos[p].references {
-            if r != p && infos.contains_key(r) {
-                visit(r, infos, seen, out);
-            }
-        }
-        out.push(p.clone());
-    }
-    let (mut seen, mut order) = (BTreeSet::new(), Vec::new());
-    for p in infos.keys() {
-        visit(p, &infos, &mut seen, &mut order);
-    }
-    let mut infos = infos;
-    order.into_iter().filter_map(|p| infos.remove(&p).map(|i| (p, i))).collect()
 }

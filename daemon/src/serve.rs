@@ -324,7 +324,7 @@ impl<R: Read, W: Write> Serve<R, W> {
         for p in paths {
             infos.insert(p.clone(), self.valid(p)?);
         }
-        for p in references_first(&infos) {
+        for p in cairn_nix::references_first(infos.keys(), |p| infos.get(p).map(|i| &i.references)) {
             let info = &infos[&p];
             write_next_marker(&mut self.output)?;
             let mut hashing = cairn_nix::hash::HashingWriter::new(&mut self.output, HashAlgo::Sha256);
@@ -441,32 +441,6 @@ impl<R: Read> Read for Spool<'_, R> {
     }
 }
 
-/// The paths of `infos` with each path's references among them before it: a depth-first walk
-/// in the set's order, each path written after what it refers to (Nix's `exportPaths`).
-fn references_first(infos: &BTreeMap<StorePath, PathInfo>) -> Vec<StorePath> {
-    fn visit(
-        p: &StorePath,
-        infos: &BTreeMap<StorePath, PathInfo>,
-        seen: &mut BTreeSet<StorePath>,
-        out: &mut Vec<StorePath>,
-    ) {
-        if !seen.insert(p.clone()) {
-            return;
-        }
-        for r in &infos[p].references {
-            if r != p && infos.contains_key(r) {
-                visit(r, infos, seen, out);
-            }
-        }
-        out.push(p.clone());
-    }
-    let (mut seen, mut out) = (BTreeSet::new(), Vec::new());
-    for p in infos.keys() {
-        visit(p, infos, &mut seen, &mut out);
-    }
-    out
-}
-
 /// Shows a build's output as `nix-store --serve` does at its verbosity (errors): the daemon's
 /// log lines and the builder's output, on standard error.
 fn log_to_stderr(m: StderrMessage) {
@@ -479,41 +453,4 @@ fn log_to_stderr(m: StderrMessage) {
         },
         _ => Ok(()),
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn path(n: u8, name: &str) -> StorePath {
-        StorePath::new([n; 20], name).unwrap()
-    }
-
-    fn info(refs: &[&StorePath]) -> PathInfo {
-        PathInfo {
-            deriver: None,
-            nar_hash: cairn_nix::Hash::digest(HashAlgo::Sha256, b""),
-            references: refs.iter().map(|p| (*p).clone()).collect(),
-            registration_time: 0,
-            nar_size: 1,
-            ultimate: false,
-            sigs: BTreeSet::new(),
-            ca: None,
-        }
-    }
-
-    #[test]
-    fn an_export_puts_references_before_referrers_in_nix_s_order() {
-        let (a, b, c, d) = (path(1, "a"), path(2, "b"), path(3, "c"), path(4, "d"));
-        // a → c, b → a and itself, d alone; an outside reference (9) is ignored.
-        let outside = path(9, "x");
-        let infos: BTreeMap<_, _> = [
-            (a.clone(), info(&[&c, &outside])),
-            (b.clone(), info(&[&a, &b])),
-            (c.clone(), info(&[])),
-            (d.clone(), info(&[])),
-        ]
-        .into();
-        assert_eq!(references_first(&infos), vec![c, a, b, d]);
-    }
 }

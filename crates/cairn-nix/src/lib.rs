@@ -31,4 +31,4 @@ pub mod strategies;
 
 pub use content_address::{ContentAddress, FileIngestionMethod};
 pub use hash::{Hash, HashAlgo, Hasher};
-pub use store_path::{StoreDir, StorePath};
+pub use store_path::{references_first, StoreDir, StorePath};

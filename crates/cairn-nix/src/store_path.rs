@@ -314,6 +314,42 @@ impl StoreDir {
     }
 }
 
+/// `paths` ordered so that each comes after those among them it refers to: a depth-first walk
+/// in the order given, each path placed after its references (visited in their set's order).
+/// This is the order of Nix's `topoSortPaths`, reversed — what `nix-store --export` writes and a
+/// receiver that checks each path's references as it arrives needs. `references(p)` gives a
+/// member's references, `None` for a path outside the set. Iterative, so a long chain cannot
+/// exhaust the stack.
+pub fn references_first<'a>(
+    paths: impl IntoIterator<Item = &'a StorePath>,
+    references: impl Fn(&StorePath) -> Option<&'a BTreeSet<StorePath>>,
+) -> Vec<StorePath> {
+    let mut seen: std::collections::HashSet<&StorePath> = std::collections::HashSet::new();
+    let mut order = Vec::new();
+    for start in paths {
+        let Some(refs) = references(start) else { continue };
+        if !seen.insert(start) {
+            continue;
+        }
+        let mut stack = vec![(start, refs.iter())];
+        while let Some(top) = stack.last_mut() {
+            let p = top.0;
+            let next = top.1.find(|r| *r != p && !seen.contains(r) && references(r).is_some());
+            match next.and_then(|r| references(r).map(|rr| (r, rr))) {
+                Some((r, rr)) => {
+                    seen.insert(r);
+                    stack.push((r, rr.iter()));
+                }
+                None => {
+                    order.push(p.clone());
+                    stack.pop();
+                }
+            }
+        }
+    }
+    order
+}
+
 /// XOR-folds a digest to [`DIGEST_LEN`] bytes, as Nix's `compressHash`.
 pub fn compress_hash(hash: &[u8]) -> [u8; DIGEST_LEN] {
     let mut out = [0u8; DIGEST_LEN];
@@ -327,6 +363,36 @@ pub fn compress_hash(hash: &[u8]) -> [u8; DIGEST_LEN] {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn references_come_first_in_nix_s_export_order_even_along_a_long_chain() {
+        let p = |n: u8, name: &str| StorePath::new([n; 20], name).unwrap();
+        let (a, b, c, d, x) = (p(1, "a"), p(2, "b"), p(3, "c"), p(4, "d"), p(9, "x"));
+        // a → c and x (outside), b → a and itself, d alone.
+        let refs: std::collections::BTreeMap<StorePath, BTreeSet<StorePath>> = [
+            (a.clone(), [c.clone(), x].into()),
+            (b.clone(), [a.clone(), b.clone()].into()),
+            (c.clone(), BTreeSet::new()),
+            (d.clone(), BTreeSet::new()),
+        ]
+        .into();
+        assert_eq!(references_first(refs.keys(), |q| refs.get(q)), vec![c, a, b, d]);
+        // 200 000 links, each referring to the one before: no recursion to overflow.
+        let links: Vec<StorePath> = (0..200_000u32)
+            .map(|i| {
+                let mut digest = [0u8; 20];
+                digest[..4].copy_from_slice(&i.to_be_bytes());
+                StorePath::new(digest, "link").unwrap()
+            })
+            .collect();
+        let chain: std::collections::HashMap<StorePath, BTreeSet<StorePath>> = links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), if i == 0 { BTreeSet::new() } else { [links[i - 1].clone()].into() }))
+            .collect();
+        let order = references_first(links.iter().rev(), |q| chain.get(q));
+        assert_eq!(order, links);
+    }
 
     fn nix_store() -> StoreDir {
         StoreDir::new("/nix/store").unwrap()

@@ -14,7 +14,7 @@
 //! needs it. Nothing of a path that failed a check is ever renamed into place. Dropping a batch
 //! without committing removes everything it restored.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -197,7 +197,7 @@ impl Batch {
                 out.incomplete.push((p, r));
             }
         }
-        let order = references_first(&pending);
+        let order = cairn_nix::references_first(pending.keys(), |p| pending.get(p).map(|(i, _)| &i.references));
         let mut placed: Vec<PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
             cairn_fault::point("contents-written");
@@ -280,30 +280,6 @@ fn receive_small(input: &mut impl Read, expected: u64, copy: &std::path::Path) -
         return Err(StoreError::TrailingData);
     }
     Ok((hash, bytes.len() as u64))
-}
-
-/// The keys of `pending` ordered so that each comes after its references.
-fn references_first(pending: &BTreeMap<StorePath, (PathInfo, PathBuf)>) -> Vec<StorePath> {
-    fn visit(
-        p: &StorePath,
-        pending: &BTreeMap<StorePath, (PathInfo, PathBuf)>,
-        seen: &mut BTreeSet<StorePath>,
-        order: &mut Vec<StorePath>,
-    ) {
-        if !seen.insert(p.clone()) {
-            return;
-        }
-        for r in pending[p].0.references.iter().filter(|r| *r != p && pending.contains_key(*r)) {
-            visit(r, pending, seen, order);
-        }
-        order.push(p.clone());
-    }
-    let mut seen = BTreeSet::new();
-    let mut order = Vec::with_capacity(pending.len());
-    for p in pending.keys() {
-        visit(p, pending, &mut seen, &mut order);
-    }
-    order
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Export in the `nix-store --export` stream format (import is in `import.rs`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use cairn_nix::export::{write_end_marker, write_next_marker, write_trailer, ExportTrailer};
@@ -10,33 +10,12 @@ use cairn_nix::{HashAlgo, StorePath};
 use crate::{fsops, LocalStore, PathInfo, Result, StoreError};
 
 impl LocalStore {
-    /// Sorts `paths` so that every path comes after the paths it references (within the set).
+    /// Sorts `infos` so that every path comes after the paths it references (within the set).
     pub fn topo_sort(&self, infos: &[PathInfo]) -> Vec<PathInfo> {
         let by_path: BTreeMap<&StorePath, &PathInfo> = infos.iter().map(|i| (&i.path, i)).collect();
-        let mut done: HashSet<&StorePath> = HashSet::new();
-        let mut out = Vec::with_capacity(infos.len());
-        for info in infos {
-            let mut stack = vec![(info, false)];
-            while let Some((i, expanded)) = stack.pop() {
-                if done.contains(&i.path) {
-                    continue;
-                }
-                if expanded {
-                    done.insert(&i.path);
-                    out.push(i.clone());
-                } else {
-                    stack.push((i, true));
-                    for r in i.references.iter().rev() {
-                        if r != &i.path && !done.contains(r) {
-                            if let Some(ri) = by_path.get(r) {
-                                stack.push((ri, false));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
+        let order =
+            cairn_nix::references_first(infos.iter().map(|i| &i.path), |p| by_path.get(p).map(|i| &i.references));
+        order.iter().filter_map(|p| by_path.get(p).map(|i| (*i).clone())).collect()
     }
 
     /// Writes an export stream of exactly `paths` (not their closure), references first. The
