@@ -1496,23 +1496,27 @@ fn nix_uses_cairnd_as_its_remote_builder_over_ssh_ng() {
         return;
     }
     let p = Pair::start();
-    let local = p.work.path().join("local");
     let builders = format!("ssh-ng://localhost?remote-program={} x86_64-linux", bin_dir().join("cairnd").display());
-    let run = |store: String, extra: &[&str]| {
-        let mut c = p.cmd(Side::Cairn, "nix-build");
-        c.env("NIX_REMOTE", "")
-            .env("CAIRN_ROOT", p.cairn.root.path())
-            .env("CAIRN_STORE_DIR", "/nix/store")
-            .env("CAIRN_SOCKET", &p.cairn.socket)
-            .env("CAIRN_CONFIG", &p.cairn.config)
-            .args(["--store", &store, "--no-out-link", &expr("chain.nix"), "--arg", "n", "3"])
-            .args(extra);
-        c.output().unwrap()
-    };
-    let remote = run(
-        format!("local?root={}", local.display()),
-        &["--max-jobs", "0", "--builders", &builders, "--option", "sandbox-paths", "/bin/sh=/bin/busybox"],
-    );
+    nix_builds_a_chain_on(&p, &builders);
+}
+
+/// A Nix machine with a local store (no daemon) builds a chain of three with `--max-jobs 0` and
+/// `builders`, which lead to this pair's cairnd: the build shows, its output is the one
+/// nix-daemon makes, and cairnd's log names it.
+fn nix_builds_a_chain_on(p: &Pair, builders: &str) {
+    let local = p.work.path().join("local");
+    let remote = p
+        .cmd(Side::Cairn, "nix-build")
+        .env("NIX_REMOTE", "")
+        .env("CAIRN_ROOT", p.cairn.root.path())
+        .env("CAIRN_STORE_DIR", "/nix/store")
+        .env("CAIRN_SOCKET", &p.cairn.socket)
+        .env("CAIRN_CONFIG", &p.cairn.config)
+        .args(["--store", &format!("local?root={}", local.display()), "--no-out-link", &expr("chain.nix")])
+        .args(["--arg", "n", "3", "--max-jobs", "0", "--builders", builders])
+        .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&remote.stderr);
     assert!(remote.status.success(), "remote build failed:\n{err}\ncairnd's log:\n{}", p.cairn.log());
     assert!(err.contains("chain-2"), "Nix shows the remote build:\n{err}");
@@ -1679,7 +1683,6 @@ fn nix_uses_cairnd_as_its_remote_builder_over_legacy_ssh() {
         return;
     }
     let p = Pair::start();
-    let local = p.work.path().join("local");
     // What the builder says is shown, as the build's log, through either remote program.
     let said = p.write(
         "said.nix",
@@ -1699,22 +1702,7 @@ fn nix_uses_cairnd_as_its_remote_builder_over_legacy_ssh() {
         assert!(out.status.success(), "{side:?}:\n{err}");
         assert!(err.contains("said by the builder"), "{side:?} shows the build's output:\n{err}");
     }
-    let builders = format!("{} x86_64-linux", p.ssh_url(Side::Cairn));
-    let built = p
-        .cmd(Side::Cairn, "nix-build")
-        .env("NIX_REMOTE", "")
-        .args(["--store", &format!("local?root={}", local.display()), "--no-out-link"])
-        .args([&expr("chain.nix"), "--arg", "n", "3", "--max-jobs", "0", "--builders", &builders])
-        .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&built.stderr);
-    assert!(built.status.success(), "remote build failed:\n{err}\ncairnd's log:\n{}", p.cairn.log());
-    assert!(err.contains("chain-2"), "Nix shows the remote build:\n{err}");
-    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(&local).status();
-    let direct = p.ok(Side::Nix, "nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", "3"]);
-    assert_eq!(String::from_utf8_lossy(&built.stdout), direct);
-    assert!(p.cairn.log().contains("chain-2"), "cairnd built it:\n{}", p.cairn.log());
+    nix_builds_a_chain_on(&p, &format!("{} x86_64-linux", p.ssh_url(Side::Cairn)));
 }
 
 /// `nix copy` to and from an `ssh://` store served by `cairnd --serve`, `nix path-info -r` and

@@ -51,6 +51,21 @@ fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
 }
 
+/// A script in `dir` that runs `cairnd ARGS` on `st`'s store (what an `ssh-ng://localhost` or
+/// `ssh://localhost` builder's `remote-program` names); its path.
+fn cairnd_program(st: &TestStore, dir: &Path, name: &str, args: &str) -> String {
+    let program = dir.join(name);
+    let body = format!(
+        "#!/bin/sh\nexec env CAIRN_ROOT={} CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET={} CAIRN_CONFIG={} {} {args}\n",
+        st.root.path().display(),
+        st.socket.display(),
+        st.config.display(),
+        cairn_tests::bin_dir().join("cairnd").display()
+    );
+    cairn_tests::write_exec(&program, body.as_bytes());
+    program.display().to_string()
+}
+
 /// The machines-file line of a cairnd builder.
 fn unix_machine(st: &TestStore, jobs: usize) -> String {
     format!("unix://{} x86_64-linux - {jobs} 1", nix_socket(st).display())
@@ -418,19 +433,8 @@ fn a_cairnd_reached_as_ssh_ng_localhost_builds_through_its_stdio_program() {
     // `ssh-ng://localhost` runs the remote program here, without SSH, as Nix does; this one
     // is `cairnd --stdio` pointed at the builder's store, which relays to its daemon.
     let work = tempfile::tempdir().unwrap();
-    let program = work.path().join("cairnd-stdio");
-    cairn_tests::write_exec(
-        &program,
-        format!(
-            "#!/bin/sh\nexec env CAIRN_ROOT={} CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET={} CAIRN_CONFIG={} {} \"$@\"\n",
-            b.root.path().display(),
-            b.socket.display(),
-            b.config.display(),
-            cairn_tests::bin_dir().join("cairnd").display()
-        )
-        .as_bytes(),
-    );
-    let d = dispatcher(&format!("ssh-ng://localhost?remote-program={} x86_64-linux", program.display()), 0, &[]);
+    let program = cairnd_program(&b, work.path(), "cairnd-stdio", "\"$@\"");
+    let d = dispatcher(&format!("ssh-ng://localhost?remote-program={program} x86_64-linux"), 0, &[]);
     let drvs = instantiate(&d, "slow.nix", &[("tag", "\"localhost\""), ("seconds", "0")]);
     let realised = realise(&d, &drvs);
     let out = realised[0]["outputs"]["out"].as_str().unwrap();
@@ -451,29 +455,15 @@ fn ssh_builders_speak_nix_s_legacy_protocol_to_nix_store_serve_and_to_cairnd_ser
     let nix = cairn_tests::NixDaemon::start_with("");
     let b = builder(1);
     let work = tempfile::tempdir().unwrap();
-    let script = |name: &str, body: String| {
-        let p = work.path().join(name);
-        cairn_tests::write_exec(&p, body.as_bytes());
-        p.display().to_string()
-    };
-    let nix_store = script(
-        "nix-store-serve",
-        format!(
-            "#!/bin/sh\nexec env NIX_REMOTE='unix://{}?root={}' nix-store \"$@\"\n",
-            nix.socket().display(),
-            nix.root().display()
-        ),
+    let nix_store = work.path().join("nix-store-serve");
+    let body = format!(
+        "#!/bin/sh\nexec env NIX_REMOTE='unix://{}?root={}' nix-store \"$@\"\n",
+        nix.socket().display(),
+        nix.root().display()
     );
-    let cairnd = script(
-        "cairnd-serve",
-        format!(
-            "#!/bin/sh\nexec env CAIRN_ROOT={} CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET={} CAIRN_CONFIG={} {} \"$@\"\n",
-            b.root.path().display(),
-            b.socket.display(),
-            b.config.display(),
-            cairn_tests::bin_dir().join("cairnd").display()
-        ),
-    );
+    cairn_tests::write_exec(&nix_store, body.as_bytes());
+    let nix_store = nix_store.display().to_string();
+    let cairnd = cairnd_program(&b, work.path(), "cairnd-serve", "\"$@\"");
     let here = builder(1);
     let src = work.path().join("src.txt");
     std::fs::write(&src, b"an input source\n").unwrap();
@@ -492,16 +482,7 @@ fn ssh_builders_speak_nix_s_legacy_protocol_to_nix_store_serve_and_to_cairnd_ser
         assert_eq!(output_hashes(&d, &realised), output_hashes(&here, &local), "{tag}");
     }
     // A remote program that speaks the other protocol is named in the machine's error.
-    let stdio = script(
-        "speaks-the-worker-protocol",
-        format!(
-            "#!/bin/sh\nexec env CAIRN_ROOT={} CAIRN_STORE_DIR=/nix/store CAIRN_SOCKET={} CAIRN_CONFIG={} {} --stdio\n",
-            b.root.path().display(),
-            b.socket.display(),
-            b.config.display(),
-            cairn_tests::bin_dir().join("cairnd").display()
-        ),
-    );
+    let stdio = cairnd_program(&b, work.path(), "speaks-the-worker-protocol", "--stdio");
     let wrong = dispatcher(&format!("ssh://localhost?remote-program={stdio} x86_64-linux"), 0, &[]);
     let drvs = instantiate(&wrong, "slow.nix", &[("tag", "\"wrong\""), ("seconds", "0")]);
     let e = failure(&wrong, &[&["realise"][..], &drvs.iter().map(String::as_str).collect::<Vec<_>>()].concat());
