@@ -11,6 +11,7 @@
 
 use std::path::Path;
 
+use crate::copied::{narinfo_of, Copied};
 use crate::ctx::{count, follow_events, print_json, Ctx};
 use crate::progress;
 use anyhow::{bail, Context};
@@ -20,19 +21,12 @@ use cairn_cache::upload::compress_nar;
 use cairn_cache::{Backend, Compression, NetOptions};
 use cairn_client::{body_from_reader, Client};
 use cairn_nix::hash::{Encoding, Hash};
-use cairn_nix::narinfo::{CacheInfo, NarInfo};
+use cairn_nix::narinfo::CacheInfo;
 use cairn_nix::signing::SecretKey;
 use cairn_nix::StoreDir;
 use clap::Args;
 use std::path::PathBuf;
 use tokio_util::io::SyncIoBridge;
-
-/// What a copy did.
-pub struct Copied {
-    pub written: usize,
-    pub skipped: usize,
-    pub bytes: u64,
-}
 
 /// Writes `infos` (a closure) into the cache at `url`, signing with `key` if given.
 pub async fn copy_to_cache(
@@ -97,29 +91,6 @@ pub async fn copy_to_cache(
         done.bytes += written.file_size;
     }
     Ok(done)
-}
-
-/// A path's narinfo (without file fields), signed with `key` if given.
-pub(crate) fn narinfo_of(store_dir: &StoreDir, info: &PathInfo, key: Option<&SecretKey>) -> anyhow::Result<NarInfo> {
-    let mut narinfo = NarInfo {
-        store_path: store_dir.parse(&info.path)?,
-        url: String::new(),
-        compression: "none".into(),
-        file_hash: None,
-        file_size: None,
-        nar_hash: Hash::parse_prefixed(&info.nar_hash)?,
-        nar_size: info.nar_size,
-        references: info.references.iter().map(|r| store_dir.parse(r)).collect::<Result<_, _>>()?,
-        deriver: info.deriver.as_deref().map(|d| store_dir.parse(d)).transpose()?,
-        system: None,
-        signatures: info.signatures.clone(),
-        ca: info.ca.clone(),
-        extra: Vec::new(),
-    };
-    if let Some(k) = key {
-        narinfo.sign(store_dir, k)?;
-    }
-    Ok(narinfo)
 }
 
 /// Pushes the closure of `paths` into the cairnd at `url` (`tcp://HOST:PORT`, which must accept
@@ -461,7 +432,7 @@ pub(crate) async fn copy_closure(
     key: Option<&SecretKey>,
     net: &NetOptions,
     check_sigs: bool,
-) -> anyhow::Result<crate::cache::Copied> {
+) -> anyhow::Result<Copied> {
     let done = if crate::ssh_copy::is_ssh(to) {
         let bar = progress::transfer("copying");
         let done = crate::ssh_copy::copy_to_ssh(client, store_dir, to, paths, key, check_sigs, &bar).await;

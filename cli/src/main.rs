@@ -10,6 +10,7 @@ mod cache;
 mod closures;
 mod completions;
 mod connect;
+mod copied;
 mod ctx;
 mod daemon;
 mod gc;

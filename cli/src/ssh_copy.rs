@@ -24,7 +24,7 @@ use cairn_nix::signing::SecretKey;
 use cairn_nix::{StoreDir, StorePath};
 use tokio_util::io::SyncIoBridge;
 
-use crate::cache::{narinfo_of, Copied};
+use crate::copied::{narinfo_of, Copied};
 
 /// Whether `url` names a store reached over SSH.
 pub(crate) fn is_ssh(url: &str) -> bool {

@@ -367,17 +367,7 @@ impl<R: Read, W: Write> Serve<R, W> {
             let references =
                 trailer.references.iter().map(|r| self.dir.parse(r)).collect::<Result<BTreeSet<_>, _>>()?;
             let deriver = trailer.deriver.as_deref().map(|d| self.dir.parse(d)).transpose()?;
-            let info = PathInfo {
-                deriver,
-                nar_hash,
-                references,
-                registration_time: 0,
-                nar_size,
-                ultimate: false,
-                sigs: BTreeSet::new(),
-                ca: None,
-            };
-            entries.push(ValidPathInfo { path, info });
+            entries.push(ValidPathInfo { path, info: PathInfo::bare(deriver, nar_hash, references, nar_size) });
         }
         if entries.is_empty() {
             return Ok(());

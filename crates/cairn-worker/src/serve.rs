@@ -372,16 +372,8 @@ pub fn read_path_infos(
         let references = read_path_set(r, &p)?;
         let _download_size = read_u64(r)?;
         let nar_size = read_u64(r)?;
-        let mut info = PathInfo {
-            deriver,
-            nar_hash: cairn_nix::Hash::digest(HashAlgo::Sha256, b""),
-            references,
-            registration_time: 0,
-            nar_size,
-            ultimate: false,
-            sigs: BTreeSet::new(),
-            ca: None,
-        };
+        // Before 2.4 the hash is not told: an empty NAR's stands in for it.
+        let mut info = PathInfo::bare(deriver, cairn_nix::Hash::digest(HashAlgo::Sha256, b""), references, nar_size);
         if minor(server) >= 4 {
             info.nar_hash = cairn_nix::Hash::parse_with_algo(&read_short(r, &p, "nar hash")?, HashAlgo::Sha256)?;
             info.ca = read_opt_ca(r, &p)?;

@@ -55,6 +55,27 @@ pub struct PathInfo {
 }
 
 impl PathInfo {
+    /// What a peer that tells only a path's deriver, hash, references and size says of it (an
+    /// export stream, the legacy protocol's path infos): no signatures, no content address,
+    /// not ultimate, registered at time 0.
+    pub fn bare(
+        deriver: Option<StorePath>,
+        nar_hash: Hash,
+        references: BTreeSet<StorePath>,
+        nar_size: u64,
+    ) -> PathInfo {
+        PathInfo {
+            deriver,
+            nar_hash,
+            references,
+            registration_time: 0,
+            nar_size,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: None,
+        }
+    }
+
     pub fn read(r: &mut impl Read, proto: &Proto) -> Result<PathInfo> {
         let deriver = read_opt_path(r, proto)?;
         let hash = read_short(r, proto, "nar hash")?;
