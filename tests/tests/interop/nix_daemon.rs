@@ -1946,19 +1946,34 @@ fn a_serve_client_that_hangs_up_stops_its_build_as_with_nix_store_serve() {
     ServeRequest::BuildPaths { paths, settings: ServeBuildSettings::default() }
         .write(&mut input, &dir, SERVE_PROTOCOL_VERSION)
         .unwrap();
+    let running = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.windows(8).any(|w| w == b"sleep 67")))
+    };
+    let within = |secs: u64, what: &str, done: &dyn Fn() -> bool| {
+        let since = std::time::Instant::now();
+        while !done() {
+            assert!(since.elapsed() < std::time::Duration::from_secs(secs), "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
     for side in [Side::Cairn, Side::Nix] {
-        let started = std::time::Instant::now();
-        // The whole request is written and the input closed at once: the client is gone.
-        let o = p.serve_session(side, &["--write"], &input, None);
-        assert!(!o.status.success(), "{side:?}: {}", String::from_utf8_lossy(&o.stderr));
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{side:?} waited for the build");
+        let mut c = p.cmd(side, &p.serve_program(side));
+        c.args(["--serve", "--write"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &input).unwrap();
+        // The client goes away once its build runs.
+        within(30, &format!("{side:?}: the build never started"), &running);
+        drop(stdin);
+        let stopped = std::time::Instant::now();
+        let o = child.wait_with_output().unwrap();
+        assert!(!o.status.success(), "{side:?}: the session ends in an error");
+        assert!(stopped.elapsed() < std::time::Duration::from_secs(20), "{side:?} waited for the build");
         assert_eq!(o.stdout.len(), 16, "{side:?}: only the greeting is answered");
-    }
-    // Both builders were stopped.
-    let waited = std::time::Instant::now();
-    while Command::new("pgrep").args(["-f", "sleep 67"]).output().unwrap().status.success() {
-        assert!(waited.elapsed() < std::time::Duration::from_secs(15), "a builder still runs");
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        within(15, &format!("{side:?}: its builder still runs"), &|| !running());
     }
     let (c, n) = p.alike("nix-store", &["--check-validity", out.trim()]);
     assert!(!c.status.success() && !n.status.success());
