@@ -2160,3 +2160,48 @@ in derivation { name = "from-nix-b"; system = builtins.currentSystem; builder = 
     let e = p.cairn.run(&["copy", "--from", &legacy, gone], b"");
     assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains(gone), "{e:?}");
 }
+
+/// `nix-copy-closure` runs `nix-store --serve --write` on the other machine, by that name. On a
+/// machine with cairn and no Nix, a `nix-store` on the ssh user's `PATH` that runs `cairnd`
+/// takes `nix-copy-closure --to` and answers `--from`, as Nix's own would.
+#[test]
+fn nix_copy_closure_reaches_cairnd_as_the_remote_nix_store() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let bin = p.work.path().join("remote-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let body = format!("#!/bin/sh\nexec '{}' \"$@\"\n", p.serve_program(Side::Cairn));
+    cairn_tests::write_exec(&bin.join("nix-store"), body.as_bytes());
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let local = format!("local?root={}", p.work.path().join("local").display());
+    let top = p.local_build(&local, &expr("chain.nix"));
+    // nix-copy-closure copies from the client's own store: NIX_REMOTE names it.
+    let copy = |args: &[&str]| {
+        let out = p
+            .cmd(Side::Nix, "nix-copy-closure")
+            .env("PATH", &path)
+            .env("NIX_REMOTE", &local)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nix-copy-closure {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    copy(&["--to", "localhost", &top]);
+    let closure = p.ok(Side::Cairn, "nix-store", &["-qR", &top]);
+    assert_eq!(closure.lines().count(), 200, "the whole closure is in cairn's store");
+    // And back, into another store of the client's.
+    let back = format!("local?root={}", p.work.path().join("back").display());
+    let out = p
+        .cmd(Side::Nix, "nix-copy-closure")
+        .env("PATH", &path)
+        .env("NIX_REMOTE", &back)
+        .args(["--from", "localhost", &top])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let there = p.local(&["nix-store", "--store", &back, "-qR", &top]);
+    assert_eq!(there, p.local(&["nix-store", "--store", &local, "-qR", &top]));
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(p.work.path()).status();
+}
