@@ -208,7 +208,7 @@ pub async fn copy_to_daemon(
     // Narinfos and NARs rather than an export stream, so that content addresses, signatures
     // and derivers arrive too.
     let (stream, bytes, feed) = push_stream(from, store_dir, missing, key, progress).await?;
-    let answer = to.receive(body_from_reader(tokio_util::io::StreamReader::new(stream))).await;
+    let answer = to.receive(body_from_reader(tokio_util::io::StreamReader::new(stream)), false).await;
     feed.await??;
     Ok(Copied { written: answer?.len(), skipped, bytes })
 }
@@ -299,7 +299,8 @@ pub struct CopyArgs {
     #[arg(long, required_unless_present = "from", conflicts_with = "from")]
     pub to: Option<String>,
     /// With `--to ssh-ng://`: ask the receiving daemon not to check signatures, which it
-    /// honours for a user it trusts (`nix copy --no-check-sigs`).
+    /// honours for a user it trusts; with `--from ssh-ng://|ssh://`: do not require them here,
+    /// for a user the daemon trusts (`nix copy --no-check-sigs`).
     #[arg(long)]
     pub no_check_sigs: bool,
     /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`, or
@@ -321,12 +322,18 @@ pub struct CopyArgs {
 impl CopyArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         match self {
-            CopyArgs { to: None, from: Some(from), json, paths, .. } if crate::ssh_copy::is_ssh(&from) => {
+            CopyArgs { to: None, from: Some(from), json, paths, no_check_sigs, secret_key_file }
+                if crate::ssh_copy::is_ssh(&from) =>
+            {
+                if secret_key_file.is_some() {
+                    bail!("--secret-key-file signs what is sent (--to); paths copied --from keep their own signatures");
+                }
                 let client = ctx.client().await?;
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
                 let paths = ctx.store_paths(&paths)?;
                 let bar = progress::transfer("copying");
-                let done = crate::ssh_copy::copy_from_ssh(&client, &store_dir, &from, &paths, &bar).await;
+                let done =
+                    crate::ssh_copy::copy_from_ssh(&client, &store_dir, &from, &paths, !no_check_sigs, &bar).await;
                 bar.finish_and_clear();
                 report_copy(&done?, &from, "from", json)?;
             }

@@ -3,8 +3,9 @@
 //! `nix-store --serve --write` (Nix's legacy SSH protocol). Any store that answers either works:
 //! a Nix machine, or a cairnd (`?remote-program=cairnd`). `--from` the same URLs copies the
 //! other way, as `nix copy --from` does: the closure's metadata asked there, and what the daemon
-//! lacks sent into it as a push stream, which it takes as it takes any push (signatures by a
-//! trusted key, unless the user is trusted) and hashes before registering.
+//! lacks sent into it as a push stream, which it takes as it takes any push, hashed before it
+//! is registered — with signatures by a key it trusts, as Nix checks them even for a trusted
+//! user, unless `--no-check-sigs` (which only a trusted user may use).
 //!
 //! The connection is the remote builders' (`cairn_build::remote::connect`): the system's `ssh`
 //! in batch mode, `ssh-key`, `base64-ssh-public-host-key`, `remote-program`, `remote-store` and
@@ -42,7 +43,6 @@ pub(crate) async fn copy_to_ssh(
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     let target = target_of(url)?;
-    // Dependencies first: a receiver checks each path's references as it arrives.
     let closure = client.call(query::Closure { paths }).await?;
     let infos = client.call(query::PathInfo { paths: closure.clone(), closure: false }).await?;
     let by_path: BTreeMap<String, cairn_api::PathInfo> = infos.into_iter().map(|i| (i.path.clone(), i)).collect();
@@ -75,7 +75,11 @@ pub(crate) async fn copy_to_ssh(
             .session
             .query_valid_paths(&wanted, false)
             .map_err(|e| anyhow!("asking '{url}' which paths it has: {e}"))?;
-        let missing: Vec<_> = ordered.into_iter().filter(|e| !valid.contains(&e.path)).collect();
+        // References first, in Nix's order (`topoSortPaths` of what is missing, reversed).
+        let mut missing: BTreeMap<StorePath, cairn_worker::ValidPathInfo> =
+            ordered.into_iter().filter(|e| !valid.contains(&e.path)).map(|e| (e.path.clone(), e)).collect();
+        let order = cairn_nix::references_first(missing.keys(), |p| missing.get(p).map(|e| &e.info.references));
+        let missing: Vec<_> = order.iter().filter_map(|p| missing.remove(p)).collect();
         let bytes: u64 = missing.iter().map(|e| e.info.nar_size).sum();
         bar.set_length(bytes);
         if !missing.is_empty() {
@@ -100,16 +104,23 @@ pub(crate) async fn copy_to_ssh(
     .await?
 }
 
-/// Where the SSH master connections' sockets go: a directory of this user's.
+/// Where the SSH master connections' sockets go: a private directory of this user's, in
+/// `$XDG_RUNTIME_DIR` if there is one, else in the temporary directory (made with mode 0700,
+/// and refused if someone else made it or may enter it).
 fn ssh_dir() -> anyhow::Result<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("cairn-ssh-{}", nix::unistd::geteuid()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create '{}'", dir.display()))?;
-    let meta = std::fs::symlink_metadata(&dir)?;
-    if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != nix::unistd::geteuid().as_raw() {
-        anyhow::bail!("'{}' is not a directory of this user's", dir.display());
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let me = nix::unistd::geteuid();
+    let base = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("cairn-ssh-{me}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(anyhow!("cannot create '{}': {e}", dir.display())),
     }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let meta = std::fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != me.as_raw() || meta.mode() & 0o077 != 0 {
+        anyhow::bail!("'{}' is not a private directory of this user's: remove it", dir.display());
+    }
     Ok(dir)
 }
 
@@ -127,6 +138,7 @@ pub(crate) async fn copy_from_ssh(
     store_dir: &StoreDir,
     url: &str,
     paths: &[String],
+    check_sigs: bool,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     use cairn_nix::wire::push;
@@ -142,6 +154,9 @@ pub(crate) async fn copy_from_ssh(
         while let Some(p) = todo.pop() {
             if infos.contains_key(&p) {
                 continue;
+            }
+            if infos.len() >= MAX_CLOSURE {
+                anyhow::bail!("'{shown}' answers with a closure of more than {MAX_CLOSURE} paths");
             }
             let info = conn
                 .session
@@ -159,12 +174,13 @@ pub(crate) async fn copy_from_ssh(
     // Here: what the daemon lacks.
     let shown: Vec<String> = closure.iter().map(|(p, _)| store_dir.display(p)).collect();
     let valid = client.call(query::IsValid { paths: shown.clone() }).await?;
+    anyhow::ensure!(valid.len() == shown.len(), "the daemon answered for {} of {} paths", valid.len(), shown.len());
     let missing: Vec<_> = closure.into_iter().zip(valid).filter(|(_, v)| !v).map(|(e, _)| e).collect();
     let skipped = shown.len() - missing.len();
     if missing.is_empty() {
         return Ok(Copied { written: 0, skipped, bytes: 0 });
     }
-    let bytes: u64 = missing.iter().map(|(_, i)| i.nar_size).sum();
+    let bytes = missing.iter().fold(0u64, |n, (_, i)| n.saturating_add(i.nar_size));
     progress.set_length(bytes);
     let mut entries = Vec::with_capacity(missing.len());
     for (path, info) in &missing {
@@ -185,47 +201,101 @@ pub(crate) async fn copy_from_ssh(
         };
         entries.push((path.clone(), info.nar_size, push::narinfo(narinfo).render(store_dir)));
     }
-    // The NARs come from there on a blocking thread and go into the daemon as one push.
+    // The NARs come from there on a blocking thread and go into the daemon as one push. Each
+    // is read through a NAR parser, which knows where it ends whatever size was claimed; the
+    // daemon checks it against the narinfo before anything is registered.
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
     let (bar, url) = (progress.clone(), url.to_owned());
-    let feed = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let stopper = conn.stopper();
+    let feed = tokio::task::spawn_blocking(move || -> anyhow::Result<Fed> {
         let send = |b: Vec<u8>| tx.blocking_send(Ok(b.into())).is_ok();
         if !send(push::start()) {
-            return Ok(());
+            return Ok(Fed::ReceiverGone);
         }
         for (path, size, narinfo) in entries {
             if !send(push::entry(&narinfo)) {
-                return Ok(());
+                return Ok(Fed::ReceiverGone);
             }
-            let copied = conn
+            let sent = conn
                 .session
-                .nar_from_path(&path, |r| -> std::io::Result<u64> {
-                    let mut nar = std::io::Read::take(r, size);
-                    let mut done = 0;
-                    loop {
-                        let mut buf = vec![0u8; 256 * 1024];
-                        let n = std::io::Read::read(&mut nar, &mut buf)?;
-                        if n == 0 {
-                            return Ok(done);
-                        }
-                        buf.truncate(n);
-                        done += n as u64;
-                        bar.inc(n as u64);
-                        if !send(buf) {
-                            return Ok(done);
-                        }
-                    }
+                .nar_from_path(&path, |r| -> std::io::Result<Option<u64>> {
+                    let mut out = Forward { send: &send, count: 0, gone: false, bar: &bar };
+                    let mut tee = Tee { r, w: &mut out };
+                    cairn_nix::nar::NarReader::new(&mut tee, cairn_nix::nar::Limits::default())
+                        .and_then(|mut n| n.skip_to_end())
+                        .map_err(std::io::Error::other)?;
+                    Ok((!out.gone).then_some(out.count))
                 })
-                .map_err(|e| anyhow!("fetching '{path}' from '{url}': {e}"))??;
-            if copied != size {
-                anyhow::bail!("'{url}' sent {copied} of the {size} bytes of the NAR of '{path}'");
+                .map_err(|e| anyhow!("fetching '{path}' from '{url}': {e}"))?
+                .map_err(|e| anyhow!("fetching '{path}' from '{url}': {e}"))?;
+            match sent {
+                None => return Ok(Fed::ReceiverGone),
+                Some(n) if n != size => {
+                    anyhow::bail!("'{url}' sent a NAR of {n} bytes for '{path}', whose size it said is {size}")
+                }
+                Some(_) => {}
             }
         }
         send(push::end());
-        Ok(())
+        Ok(Fed::All)
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    let received = client.receive(cairn_client::body_from_reader(tokio_util::io::StreamReader::new(stream))).await;
-    feed.await??;
-    Ok(Copied { written: received?.len(), skipped, bytes })
+    let received =
+        client.receive(cairn_client::body_from_reader(tokio_util::io::StreamReader::new(stream)), check_sigs).await;
+    // The daemon's refusal is the reason; and a remote stalled mid-NAR must not keep the feed.
+    if received.is_err() {
+        stopper.stop();
+    }
+    let fed = feed.await?;
+    let received = received?;
+    fed?;
+    Ok(Copied { written: received.len(), skipped, bytes })
+}
+
+/// Most paths a closure asked of a remote store may have: a remote that keeps naming new
+/// references is not followed for ever.
+const MAX_CLOSURE: usize = 1 << 20;
+
+/// How the feed of a `--from` copy ended.
+enum Fed {
+    All,
+    /// The daemon stopped reading: its answer says why.
+    ReceiverGone,
+}
+
+/// Reads through, writing what passes.
+struct Tee<'a, R, W> {
+    r: R,
+    w: &'a mut W,
+}
+
+impl<R: std::io::Read, W: std::io::Write> std::io::Read for Tee<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.w.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Hands what passes to the push body, counting it; notes when the receiver is gone.
+struct Forward<'a, F: Fn(Vec<u8>) -> bool> {
+    send: &'a F,
+    count: u64,
+    gone: bool,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl<F: Fn(Vec<u8>) -> bool> std::io::Write for Forward<'_, F> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.gone {
+            self.gone = !(self.send)(buf.to_vec());
+        }
+        self.count += buf.len() as u64;
+        self.bar.inc(buf.len() as u64);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

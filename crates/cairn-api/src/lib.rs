@@ -540,6 +540,16 @@ pub enum AddMethod {
 /// attached to it) before its HTTP request; no request starts with it. See [`AddQuery::handed_over`].
 pub const HANDOVER_MARK: u8 = 0;
 
+/// Query string of `POST /v1/receive`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReceiveQuery {
+    /// Check signatures even for a trusted user, as `nix copy` does unless `--no-check-sigs`
+    /// (an untrusted user's pushes are always checked).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_sigs: bool,
+}
+
 /// Query string of `POST /v1/add`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AddQuery {

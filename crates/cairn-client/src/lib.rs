@@ -277,8 +277,9 @@ impl Client {
     }
 
     /// Sends a push stream (narinfos and NARs); returns the paths added.
-    pub async fn receive(&self, body: Body) -> Result<Vec<String>> {
-        Client::json(self.send(Method::POST, routes::RECEIVE, body).await?).await
+    pub async fn receive(&self, body: Body, check_sigs: bool) -> Result<Vec<String>> {
+        let uri = format!("{}?{}", routes::RECEIVE, query_string(&cairn_api::ReceiveQuery { check_sigs })?);
+        Client::json(self.send(Method::POST, &uri, body).await?).await
     }
 
     /// Imports an export stream.

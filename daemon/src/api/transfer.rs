@@ -81,11 +81,15 @@ pub(crate) async fn export(State(s): St, Json(req): Json<ExportRequest>) -> ApiR
 pub(crate) async fn receive(
     State(s): St,
     Extension(peer): Extension<Peer>,
+    Query(q): Query<cairn_api::ReceiveQuery>,
     body: Body,
 ) -> ApiResult<Json<Vec<String>>> {
+    // An untrusted user's pushes need signatures always; a trusted user's when asked, as far as
+    // the daemon's `require-sigs` wants them (Nix's `checkSigs` with `pathInfoIsUntrusted`).
+    let require_sigs = !peer.trusted || (q.check_sigs && s.substitution.policy.require_sigs);
     let added = upload(body, move |input| {
         let _client = ClientScope::enter(peer.client);
-        let done = cairn_cache::push::receive(&s.store, &s.substitution.policy, !peer.trusted, input)?;
+        let done = cairn_cache::push::receive(&s.store, &s.substitution.policy, require_sigs, input)?;
         tracing::info!(paths = done.added.len(), "received");
         if let Some((p, r)) = done.incomplete.first() {
             return Err(ApiError::bad_request(format!(

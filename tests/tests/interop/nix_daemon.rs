@@ -1950,7 +1950,16 @@ fn a_serve_client_that_hangs_up_stops_its_build_as_with_nix_store_serve() {
         std::fs::read_dir("/proc")
             .unwrap()
             .filter_map(Result::ok)
-            .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.windows(8).any(|w| w == b"sleep 67")))
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            // Arguments are NUL-separated: joined by spaces, `sleep 67` is the builder's shell
+            // and the `sleep` it runs.
+            .any(|c| {
+                c.iter()
+                    .map(|&b| if b == 0 { b' ' } else { b })
+                    .collect::<Vec<_>>()
+                    .windows(8)
+                    .any(|w| w == b"sleep 67")
+            })
     };
     let within = |secs: u64, what: &str, done: &dyn Fn() -> bool| {
         let since = std::time::Instant::now();
@@ -2135,25 +2144,44 @@ fn cairn_copy_moves_closures_to_and_from_nix_stores_over_ssh_as_nix_copy_does() 
     p.same_metadata(&[longer]);
 
     // And back the other way, as `nix copy --from`: paths built by nix-daemon come into cairnd,
-    // through either protocol, only what is missing.
+    // through either protocol, only what is missing; unsigned ones only with --no-check-sigs,
+    // even for a trusted user, as with Nix.
     let f = p.write(
         "from-nix.nix",
         br#"let a = derivation { name = "from-nix-a"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo a > $out" ]; };
-in derivation { name = "from-nix-b"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${a} > $out" ]; }"#,
+    b = derivation { name = "from-nix-b"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${a} > $out" ]; };
+in derivation { name = "from-nix-c"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${b} > $out" ]; }"#,
     );
-    let b = p.ok(Side::Nix, "nix-build", &["--no-out-link", &f]);
+    let c = p.ok(Side::Nix, "nix-build", &["--no-out-link", &f]);
+    let c = c.trim();
+    let b = p.ok(Side::Nix, "nix-store", &["-q", "--references", c]);
     let b = b.trim();
-    let a = p.ok(Side::Nix, "nix-store", &["-q", "--references", b]);
-    let a = a.trim();
-    let copied = p.cairn.run(&["copy", "--json", "--from", &ng, a], b"");
+    let unsigned = p.cairn.run(&["copy", "--from", &ng, b], b"");
+    let said = String::from_utf8_lossy(&unsigned.stderr);
+    assert!(!unsigned.status.success() && said.contains("it is not signed"), "{said}");
+    let copied = p.cairn.run(&["copy", "--json", "--no-check-sigs", "--from", &ng, b], b"");
     assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
     let json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
-    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(1), Some(0)));
-    let copied = p.cairn.run(&["copy", "--json", "--from", &legacy, b], b"");
+    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(2), Some(0)));
+    let copied = p.cairn.run(&["copy", "--json", "--no-check-sigs", "--from", &legacy, c], b"");
     assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
     let json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
-    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(1), Some(1)));
-    p.same_metadata(&[b]);
+    assert_eq!((json["copied"].as_u64(), json["skipped"].as_u64()), (Some(1), Some(2)));
+    p.same_metadata(&[c]);
+    // Signed there with a key cairnd trusts, a path comes without --no-check-sigs.
+    let (sk, pk) = p.key("there");
+    let d = p.write("from-nix-d.nix", br#"derivation { name = "from-nix-d"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo d > $out" ]; }"#);
+    let d = p.ok(Side::Nix, "nix-build", &["--no-out-link", &d]);
+    let d = d.trim();
+    p.ok(Side::Nix, "nix", &["store", "sign", "--key-file", &sk.display().to_string(), d]);
+    let refused = p.cairn.run(&["copy", "--from", &legacy, d], b"");
+    assert!(!refused.status.success(), "not yet trusted");
+    let trusting = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("{CAIRN_CONFIG}trusted-public-keys = [\"{pk}\"]\n"))
+        .start();
+    let signed = trusting.run(&["copy", "--from", &legacy, d], b"");
+    assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
     p.cairn.ok(&["verify", "--check-contents"]);
     // A path the store there does not have is named.
     let gone = "/nix/store/00000000000000000000000000000000-gone";

@@ -469,7 +469,8 @@ fn greet_serve(
 /// The `ssh` command line for a session (or, for `localhost`, the shell running the command).
 fn ssh_command(t: &SshTarget, ssh_dir: &Path) -> Result<Command, String> {
     let bare_host = t.host.rsplit('@').next().unwrap_or(&t.host);
-    if bare_host == "localhost" && t.port.is_none() {
+    // Exactly `localhost`, as Nix's `SSHMaster` fakes it: `user@localhost` is a real login.
+    if t.host == "localhost" && t.port.is_none() {
         let mut c = Command::new("sh");
         c.arg("-c").arg(&t.command);
         return Ok(c);
@@ -503,8 +504,12 @@ fn ssh_command(t: &SshTarget, ssh_dir: &Path) -> Result<Command, String> {
     }
     // One master connection per host, kept a minute after the last session: later sessions
     // skip the key exchange and authentication.
+    // The socket is named by everything that decides what the connection proves (host, port,
+    // key, pinned host key): a session made with other credentials or another host key is
+    // never reused for this one.
     c.args(["-oControlMaster=auto", "-oControlPersist=60"]);
-    c.arg(format!("-oControlPath={}/%C", ssh_dir.display()));
+    let credentials = format!("{}\n{}", t.key, t.host_key.as_deref().unwrap_or(""));
+    c.arg(format!("-oControlPath={}/m-{}", ssh_dir.display(), hex_id(&t.host, t.port, &credentials)));
     c.arg("--").arg(&t.host).arg(&t.command);
     Ok(c)
 }
