@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use cairn_nix::{StoreDir, StorePath};
 
 use crate::codec::{write_u64, Limits, Proto};
-use crate::constants::{BuildMode, ProtocolVersion, WorkerOp};
+use crate::constants::{BuildMode, ProtocolVersion};
 use crate::error::Error;
 use crate::framing::FramedWriter;
 use crate::handshake::{client_handshake, ClientHello, ClientSession, Duplex};
@@ -55,8 +55,20 @@ pub struct Client<R: Read, W: Write> {
 impl<R: Read, W: Write> Client<R, W> {
     /// Greets the daemon (offering protocol 1.34, as Nix 2.8 does) and reads its startup log.
     /// Give buffered halves: every field is a few bytes.
-    pub fn connect(mut r: R, mut w: W, store_dir: StoreDir, limits: Limits) -> Result<Self, ClientError> {
-        let hello = ClientHello { version: ProtocolVersion::NIX_2_8, features: BTreeSet::new() };
+    pub fn connect(r: R, w: W, store_dir: StoreDir, limits: Limits) -> Result<Self, ClientError> {
+        Client::connect_offering(r, w, store_dir, limits, ProtocolVersion::NIX_2_8)
+    }
+
+    /// [`Client::connect`] offering another version (the session speaks the lower of it and the
+    /// daemon's).
+    pub fn connect_offering(
+        mut r: R,
+        mut w: W,
+        store_dir: StoreDir,
+        limits: Limits,
+        version: ProtocolVersion,
+    ) -> Result<Self, ClientError> {
+        let hello = ClientHello { version, features: BTreeSet::new() };
         let session = client_handshake(&mut Duplex { r: &mut r, w: &mut w }, &hello, &limits)?;
         let proto = Proto { version: session.version, store_dir, limits };
         let mut c = Client { r, w, proto, session };
@@ -117,9 +129,10 @@ impl<R: Read, W: Write> Client<R, W> {
         }
     }
 
-    /// Sends paths with their NARs in one `AddMultipleToStore` (protocol 1.32+). `write_nar`
-    /// writes the NAR of the entry it is given; entries go in the order given, so give
-    /// references first.
+    /// Sends paths with their NARs in one `AddMultipleToStore` (protocol 1.32+), or to an
+    /// older daemon one `AddToStoreNar` each, as Nix's `RemoteStore` does. `write_nar` writes
+    /// the NAR of the entry it is given; entries go in the order given, so give references
+    /// first.
     pub fn add_multiple_to_store(
         &mut self,
         entries: &[ValidPathInfo],
@@ -127,9 +140,7 @@ impl<R: Read, W: Write> Client<R, W> {
         write_nar: &mut dyn FnMut(&ValidPathInfo, &mut dyn Write) -> std::io::Result<()>,
     ) -> Result<(), ClientError> {
         if !self.proto.has(32) {
-            return Err(
-                Error::OpNotInVersion { op: WorkerOp::AddMultipleToStore, minor: self.proto.version.minor() }.into()
-            );
+            return entries.iter().try_for_each(|e| self.add_to_store_nar(e, dont_check_sigs, write_nar));
         }
         Request::AddMultipleToStore { repair: false, dont_check_sigs }.write(&mut self.w, &self.proto)?;
         let mut framed = FramedWriter::new(&mut self.w);
@@ -142,6 +153,47 @@ impl<R: Read, W: Write> Client<R, W> {
         self.w.flush()?;
         self.finish(&mut |_| {})?;
         Ok(())
+    }
+
+    /// Sends one path with its NAR (`AddToStoreNar`), the NAR as the session's version wants
+    /// it: framed from 1.23, pulled by the daemon with `STDERR_READ` in 1.21 and 1.22 (Nix 2.3
+    /// speaks 1.21), bare before.
+    pub fn add_to_store_nar(
+        &mut self,
+        entry: &ValidPathInfo,
+        dont_check_sigs: bool,
+        write_nar: &mut dyn FnMut(&ValidPathInfo, &mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
+        let req = Request::AddToStoreNar { info: entry.clone(), repair: false, dont_check_sigs };
+        req.write(&mut self.w, &self.proto)?;
+        match req.payload(&self.proto) {
+            crate::request::Payload::Framed => {
+                let mut framed = FramedWriter::new(&mut self.w);
+                write_nar(entry, &mut framed)?;
+                framed.finish()?;
+            }
+            crate::request::Payload::Tunnelled => {
+                // The daemon asks for the bytes as it reads them: they must be at hand.
+                let mut nar = Vec::with_capacity(usize::try_from(entry.info.nar_size).unwrap_or(0).min(1 << 30));
+                write_nar(entry, &mut nar)?;
+                self.w.flush()?;
+                let (r, w, v) = (&mut self.r, &mut self.w, self.proto.version);
+                let mut at = 0usize;
+                return read_until_last(r, v, &self.proto.limits, |m| {
+                    if let StderrMessage::Read(n) = m {
+                        let end = at.saturating_add(usize::try_from(n).unwrap_or(usize::MAX)).min(nar.len());
+                        crate::codec::write_bytes(w, &nar[at..end])?;
+                        w.flush()?;
+                        at = end;
+                    }
+                    Ok(())
+                })?
+                .map_err(ClientError::Remote);
+            }
+            _ => write_nar(entry, &mut self.w)?,
+        }
+        self.w.flush()?;
+        self.finish(&mut |_| {})
     }
 
     /// Builds a derivation the daemon is sent rather than reads (its input sources must be
