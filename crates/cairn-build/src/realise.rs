@@ -275,6 +275,14 @@ struct Node {
 }
 
 impl Builder {
+    /// A build's time limits: the daemon's, tightened by the request's.
+    pub(crate) fn run_limits(&self, options: &Options) -> RunLimits {
+        RunLimits {
+            timeout: RequestLimits::tighter(self.settings.timeout, options.limits.timeout),
+            max_silent: RequestLimits::tighter(self.settings.max_silent, options.limits.max_silent),
+        }
+    }
+
     pub fn new(store: Arc<LocalStore>, settings: BuildSettings) -> Builder {
         let jobs = settings.max_jobs.max(1);
         // Never uid 0 or the daemon's own: a builder that owned the store's files could change
@@ -822,10 +830,7 @@ impl Builder {
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
         let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
         let mut tail: VecDeque<String> = VecDeque::new();
-        let limits = RunLimits {
-            timeout: RequestLimits::tighter(self.settings.timeout, options.limits.timeout),
-            max_silent: RequestLimits::tighter(self.settings.max_silent, options.limits.max_silent),
-        };
+        let limits = self.run_limits(options);
         let (uid, gid) = host_ids.unwrap_or_else(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()));
         let t1 = t0.elapsed();
         // Dropping the run (when the request stops) kills the helper, and with it the sandbox's

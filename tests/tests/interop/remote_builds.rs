@@ -491,6 +491,41 @@ fn ssh_builders_speak_nix_s_legacy_protocol_to_nix_store_serve_and_to_cairnd_ser
     assert!(down[0]["lastError"].as_str().is_some_and(|m| m.contains("legacy SSH protocol")), "{down:?}");
 }
 
+/// A build's time limits go with it to the builder, as Nix's `build-remote` sends its
+/// `timeout` and `max-silent-time`: over the worker protocol and the legacy one, to a cairnd
+/// with no limit of its own, a build that sleeps past them fails as timed out there, in
+/// seconds rather than after it. (A real `nix-store --serve` on a daemon's store drops them —
+/// Nix 2.8's own FIXME — so only one that opens its store itself would apply them.)
+#[test]
+fn a_build_s_time_limits_go_with_it_to_the_builder() {
+    if !peers() {
+        return;
+    }
+    let b = builder(1);
+    let work = tempfile::tempdir().unwrap();
+    let serve = cairnd_program(&b, work.path(), "cairnd-serve", "\"$@\"");
+    for (machine, limit) in [
+        (unix_machine(&b, 1), "timeout = 2"),
+        (unix_machine(&b, 1), "max-silent-time = 2"),
+        (format!("ssh://localhost?remote-program={serve} x86_64-linux"), "max-silent-time = 2"),
+        (format!("ssh://localhost?remote-program={serve} x86_64-linux"), "timeout = 2"),
+    ] {
+        let d = TestStore::builder()
+            .store_dir("/nix/store")
+            .config(&format!("{BUILD}max-jobs = 0\n{limit}\nbuilders = {}\n", toml_string(&machine)))
+            .start();
+        let tag = format!("\"limit-{}-{}\"", limit.split(' ').next().unwrap(), machine.len());
+        let drvs = instantiate(&d, "slow.nix", &[("tag", &tag), ("seconds", "60")]);
+        let started = std::time::Instant::now();
+        let e = failure(&d, &[&["realise"][..], &drvs.iter().map(String::as_str).collect::<Vec<_>>()].concat());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{machine} {limit}: the limit did not go along"
+        );
+        assert!(e.contains("timed out") || e.contains("silent"), "{machine} {limit}: {e}");
+    }
+}
+
 #[test]
 fn prefer_local_build_stays_here_while_this_machine_may_build() {
     if !peers() {

@@ -51,13 +51,24 @@ impl Builder {
                 (self.clone(), remote.clone(), drv_path.clone(), top.clone(), stopper.clone());
             let (drv, inputs, outputs, events) =
                 (node.drv.clone(), node.inputs.clone(), node.outputs.clone(), events.clone());
+            let limits = self.run_limits(options);
             tokio::task::spawn_blocking(move || {
                 let _roots = this.store.temp_root(inputs.iter().chain(outputs.values()).cloned());
                 let mut log = log;
-                let r = this.remote_session(&remote, &drv_path, &drv, &inputs, &outputs, &top, &stopper, &mut |line| {
-                    let _ = log.line(line);
-                    let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.to_vec() });
-                });
+                let r = this.remote_session(
+                    &remote,
+                    &drv_path,
+                    &drv,
+                    &inputs,
+                    &outputs,
+                    &top,
+                    &stopper,
+                    limits,
+                    &mut |line| {
+                        let _ = log.line(line);
+                        let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.to_vec() });
+                    },
+                );
                 if let Err(e) = log.finish() {
                     tracing::warn!("cannot keep the log of {}: {e}", this.store.store_dir().display(&drv_path));
                 }
@@ -160,6 +171,7 @@ impl Builder {
         outputs: &BTreeMap<String, StorePath>,
         top: &std::path::Path,
         stopper: &Mutex<Option<Stopper>>,
+        limits: crate::runner::RunLimits,
         on_line: &mut dyn FnMut(&[u8]),
     ) -> Result<(BTreeMap<StorePath, Claim>, Vec<StorePath>), RemoteFailure> {
         let dir = self.store.store_dir();
@@ -171,7 +183,7 @@ impl Builder {
         *stopper.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.stopper());
         let closure = self.store.walk(inputs, Direction::References).map_err(|e| machine(e.to_string()))?;
         remote::send_inputs(remote, &mut conn, &self.store, &closure, remotes.use_substitutes).map_err(machine)?;
-        remote::build(&mut conn, drv_path, drv, inputs, on_line)?;
+        remote::build(&mut conn, drv_path, drv, inputs, &remote::options(remotes.use_substitutes, limits), on_line)?;
         std::fs::create_dir(top).map_err(|e| machine(format!("cannot create '{}': {e}", top.display())))?;
         let mut claims = BTreeMap::new();
         for path in outputs.values() {

@@ -167,10 +167,11 @@ pub struct Conn {
 pub enum Session {
     Worker(Client<Reader, Writer>),
     /// The legacy SSH protocol; the remote program's standard error (its file, unlinked) is
-    /// where a build's output comes.
+    /// where a build's output comes, and the build settings go with each build.
     Serve {
         client: ServeClient<Reader, Writer>,
         stderr: std::fs::File,
+        settings: cairn_worker::serve::ServeBuildSettings,
     },
 }
 
@@ -197,7 +198,11 @@ impl Session {
         match self {
             Session::Worker(c) => c.set_options(options),
             // Sent with each build instead (Nix's `putBuildSettings`).
-            Session::Serve { .. } => Ok(()),
+            Session::Serve { settings, .. } => {
+                settings.max_silent_time = options.max_silent_time;
+                settings.build_timeout = options.overrides.get("timeout").and_then(|t| t.parse().ok()).unwrap_or(0);
+                Ok(())
+            }
         }
     }
 
@@ -208,7 +213,7 @@ impl Session {
     ) -> Result<BTreeSet<StorePath>, ClientError> {
         match self {
             Session::Worker(c) => c.query_valid_paths(paths, substitute),
-            Session::Serve { client, stderr } => {
+            Session::Serve { client, stderr, .. } => {
                 client.query_valid_paths(paths, substitute).map_err(|e| serve_error(stderr, e))
             }
         }
@@ -217,7 +222,7 @@ impl Session {
     pub fn query_path_info(&mut self, path: &StorePath) -> Result<Option<cairn_worker::PathInfo>, ClientError> {
         match self {
             Session::Worker(c) => c.query_path_info(path),
-            Session::Serve { client, stderr } => client.query_path_info(path).map_err(|e| serve_error(stderr, e)),
+            Session::Serve { client, stderr, .. } => client.query_path_info(path).map_err(|e| serve_error(stderr, e)),
         }
     }
 
@@ -231,7 +236,7 @@ impl Session {
     ) -> Result<(), ClientError> {
         match self {
             Session::Worker(c) => c.add_multiple_to_store(entries, dont_check_sigs, write_nar),
-            Session::Serve { client, stderr } => entries
+            Session::Serve { client, stderr, .. } => entries
                 .iter()
                 .try_for_each(|e| client.add_to_store_nar(e, write_nar))
                 .map_err(|e| serve_error(stderr, e)),
@@ -249,8 +254,8 @@ impl Session {
     ) -> Result<cairn_worker::BuildResult, ClientError> {
         match self {
             Session::Worker(c) => c.build_derivation(drv_path, drv, cairn_worker::BuildMode::Normal, on_log),
-            Session::Serve { client, stderr } => {
-                let settings = cairn_worker::serve::ServeBuildSettings::default();
+            Session::Serve { client, stderr, settings } => {
+                let settings = settings.clone();
                 let mut lines = LineTail::default();
                 // What it said before this build is not this build's.
                 let _ = std::io::copy(stderr, &mut std::io::sink());
@@ -282,7 +287,7 @@ impl Session {
     ) -> Result<T, ClientError> {
         match self {
             Session::Worker(c) => c.nar_from_path(path, read_nar),
-            Session::Serve { client, stderr } => {
+            Session::Serve { client, stderr, .. } => {
                 client.nar_from_path(path, read_nar).map_err(|e| serve_error(stderr, e))
             }
         }
@@ -407,7 +412,7 @@ pub fn open(target: &Target, store_dir: &StoreDir, ssh_dir: &Path) -> Result<Con
             let greeted = if t.serve {
                 greet_serve(Box::new(stdout), Box::new(stdin), store_dir).and_then(|client| {
                     let stderr = std::fs::File::open(&stderr_path).map_err(ClientError::from)?;
-                    Ok(Session::Serve { client, stderr })
+                    Ok(Session::Serve { client, stderr, settings: Default::default() })
                 })
             } else {
                 greet(Box::new(stdout), Box::new(stdin), store_dir).map(Session::Worker)

@@ -235,21 +235,14 @@ impl Remote {
         }
     }
 
-    /// An idle session, or a new one with the options remote builds use: the builder's own
-    /// jobs and cores, its log lines sent, and substitution as `builders-use-substitutes` says.
+    /// An idle session, or a new one with the options remote builds use ([`options`]).
     pub fn session(&self, store_dir: &StoreDir, ssh_dir: &std::path::Path, substitute: bool) -> Result<Conn, String> {
         if let Some(c) = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop() {
             return Ok(c);
         }
         let target = self.target.as_ref().map_err(Clone::clone)?;
         let mut conn = connect::open(target, store_dir, ssh_dir)?;
-        let options = cairn_worker::ClientOptions {
-            max_build_jobs: 1,
-            build_cores: 0,
-            use_substitutes: substitute,
-            verbose_build: true,
-            ..Default::default()
-        };
+        let options = options(substitute, crate::runner::RunLimits::default());
         conn.session.set_options(&options).map_err(|e| format!("setting options: {e}"))?;
         Ok(conn)
     }
@@ -365,15 +358,38 @@ pub fn send_inputs(
     Ok(())
 }
 
-/// Runs `BuildDerivation` there; `on_line` gets each log line.
+/// The options remote builds use: the builder's own jobs and cores, its log lines sent,
+/// substitution as `builders-use-substitutes` says, and a build's time limits (as Nix's
+/// `build-remote` passes its `max-silent-time` and `timeout`; `timeout` goes by name).
+pub fn options(substitute: bool, limits: crate::runner::RunLimits) -> cairn_worker::ClientOptions {
+    let secs = |d: std::time::Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+    let mut options = cairn_worker::ClientOptions {
+        max_build_jobs: 1,
+        build_cores: 0,
+        use_substitutes: substitute,
+        verbose_build: true,
+        max_silent_time: limits.max_silent.map_or(0, secs),
+        ..Default::default()
+    };
+    if let Some(t) = limits.timeout {
+        options.overrides.insert("timeout".into(), secs(t).to_string());
+    }
+    options
+}
+
+/// Runs `BuildDerivation` there with `options` (see [`options`]); `on_line` gets each log line.
 pub fn build(
     conn: &mut Conn,
     drv_path: &StorePath,
     drv: &cairn_nix::derivation::Derivation,
     inputs: &[StorePath],
+    options: &cairn_worker::ClientOptions,
     on_line: &mut dyn FnMut(&[u8]),
 ) -> Result<(), RemoteFailure> {
     use cairn_worker::{Field, ResultType, StderrMessage};
+    conn.session
+        .set_options(options)
+        .map_err(|e| RemoteFailure::Machine(format!("the session broke before the build: {e}")))?;
     let basic = cairn_worker::BasicDerivation::from_derivation(drv, inputs.iter().cloned().collect());
     let mut on_log = |m: StderrMessage| match m {
         StderrMessage::Next(s) => on_line(s.trim_end_matches('\n').as_bytes()),
