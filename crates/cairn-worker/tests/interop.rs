@@ -252,18 +252,22 @@ struct Daemon {
     proto: Proto,
 }
 
+/// `nix-daemon --stdio` on a private store under `dir`.
+fn nix_daemon_stdio(dir: &Path) -> std::process::Child {
+    let mut cmd = Command::new("nix-daemon");
+    nix_env(&mut cmd, dir);
+    let store = format!("local?root={}", dir.join("root").display());
+    cmd.args(["--stdio", "--store", &store])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
-        let mut cmd = Command::new("nix-daemon");
-        nix_env(&mut cmd, dir);
-        let store = format!("local?root={}", dir.join("root").display());
-        let mut child = cmd
-            .args(["--stdio", "--store", &store])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = nix_daemon_stdio(dir);
         let r = BufReader::new(child.stdout.take().unwrap());
         let w = BufWriter::new(child.stdin.take().unwrap());
         let proto = Proto::new(ProtocolVersion::MAX, store_dir());
@@ -448,16 +452,7 @@ fn paths_reach_nix_daemon_at_every_protocol_version() {
     }
     for minor in [34u8, 30, 22, 21, 20, 17] {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new("nix-daemon");
-        nix_env(&mut cmd, dir.path());
-        let store = format!("local?root={}", dir.path().join("root").display());
-        let mut child = cmd
-            .args(["--stdio", "--store", &store])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = nix_daemon_stdio(dir.path());
         let r = BufReader::new(child.stdout.take().unwrap());
         let w = BufWriter::new(child.stdin.take().unwrap());
         let version = ProtocolVersion::new(1, minor);
