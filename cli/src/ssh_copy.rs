@@ -149,22 +149,22 @@ pub(crate) async fn copy_from_ssh(
     let (mut conn, closure) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let ssh_dir = ssh_dir()?;
         let mut conn = connect::open(&target, &dir, &ssh_dir).map_err(|e| anyhow!("cannot reach '{shown}': {e}"))?;
+        // A level of the closure at a time, each level's metadata asked in one go.
         let mut infos = BTreeMap::new();
-        let mut todo = wanted;
-        while let Some(p) = todo.pop() {
-            if infos.contains_key(&p) {
-                continue;
-            }
-            if infos.len() >= MAX_CLOSURE {
+        let mut level: Vec<StorePath> = wanted.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        while !level.is_empty() {
+            if infos.len() + level.len() > MAX_CLOSURE {
                 anyhow::bail!("'{shown}' answers with a closure of more than {MAX_CLOSURE} paths");
             }
-            let info = conn
-                .session
-                .query_path_info(&p)
-                .map_err(|e| anyhow!("asking '{shown}' about '{}': {e}", dir.display(&p)))?
-                .ok_or_else(|| anyhow!("path '{}' is not valid on '{shown}'", dir.display(&p)))?;
-            todo.extend(info.references.iter().filter(|r| !infos.contains_key(*r)).cloned());
-            infos.insert(p, info);
+            let answers =
+                conn.session.query_path_infos(&level).map_err(|e| anyhow!("asking '{shown}' about paths: {e}"))?;
+            let mut next = BTreeSet::new();
+            for (p, info) in level.into_iter().zip(answers) {
+                let info = info.ok_or_else(|| anyhow!("path '{}' is not valid on '{shown}'", dir.display(&p)))?;
+                next.extend(info.references.iter().cloned());
+                infos.insert(p, info);
+            }
+            level = next.into_iter().filter(|r| !infos.contains_key(r)).collect();
         }
         let order = cairn_nix::references_first(infos.keys(), |p| infos.get(p).map(|i| &i.references));
         let ordered: Vec<_> = order.into_iter().filter_map(|p| infos.remove(&p).map(|i| (p, i))).collect();

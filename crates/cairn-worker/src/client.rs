@@ -129,6 +129,37 @@ impl<R: Read, W: Write> Client<R, W> {
         }
     }
 
+    /// The metadata of many paths, `None` for those not valid there: `QueryPathInfo`s
+    /// pipelined a few at a time (each batch written, then its answers read), so a remote
+    /// daemon costs one round trip per batch rather than per path.
+    pub fn query_path_infos(&mut self, paths: &[StorePath]) -> Result<Vec<Option<PathInfo>>, ClientError> {
+        /// Requests in flight: their answers must fit the pipes between the two ends while
+        /// the next requests are written (a few KiB each at most).
+        const BATCH: usize = 16;
+        let mut out = Vec::with_capacity(paths.len());
+        for chunk in paths.chunks(BATCH) {
+            for p in chunk {
+                Request::QueryPathInfo(p.clone()).write(&mut self.w, &self.proto)?;
+            }
+            self.w.flush()?;
+            for _ in chunk {
+                let answer = match self.finish(&mut |_| {}) {
+                    Ok(()) => {
+                        match Response::read(crate::constants::WorkerOp::QueryPathInfo, &mut self.r, &self.proto)? {
+                            Response::PathInfo(info) => info,
+                            other => return Err(unexpected("QueryPathInfo", other)),
+                        }
+                    }
+                    // Daemons before 1.17 answer an invalid path with an error.
+                    Err(ClientError::Remote(_)) if !self.proto.has(17) => None,
+                    Err(e) => return Err(e),
+                };
+                out.push(answer);
+            }
+        }
+        Ok(out)
+    }
+
     /// Sends paths with their NARs in one `AddMultipleToStore` (protocol 1.32+), or to an
     /// older daemon one `AddToStoreNar` each, as Nix's `RemoteStore` does. `write_nar` writes
     /// the NAR of the entry it is given; entries go in the order given, so give references

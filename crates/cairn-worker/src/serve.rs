@@ -485,6 +485,15 @@ impl<R: Read, W: Write> ServeClient<R, W> {
         Ok(infos.into_iter().find(|v| &v.path == path).map(|v| v.info))
     }
 
+    /// The metadata of the valid ones among `paths`, in one `QueryPathInfos` (servers from 2.4).
+    pub fn query_path_infos(&mut self, paths: &BTreeSet<StorePath>) -> Result<Vec<ValidPathInfo>> {
+        if minor(self.remote) < 4 {
+            return Err(Error::UnsupportedVersion(self.remote));
+        }
+        self.send(&ServeRequest::QueryPathInfos(paths.clone()))?;
+        read_path_infos(&mut self.r, &self.store_dir, self.limits, self.remote)
+    }
+
     /// Adds one path, `write_nar` writing its NAR: `AddToStoreNar` from 2.5, an export stream
     /// of one path before, as `LegacySSHStore::addToStore` does.
     pub fn add_to_store_nar(

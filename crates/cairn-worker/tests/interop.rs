@@ -444,13 +444,14 @@ impl<R: Read> Read for Tee<'_, R> {
 
 /// Paths sent with `add_multiple_to_store` reach a real nix-daemon whatever the session's
 /// version: one `AddMultipleToStore` from 1.32, else one `AddToStoreNar` each, its NAR framed
-/// (1.23+), pulled by the daemon (1.21–1.22: Nix 2.3 speaks 1.21) or bare (before).
+/// (1.23+), pulled by the daemon (1.21–1.22: Nix 2.3 speaks 1.21) or bare (before); and
+/// pipelined `QueryPathInfo`s read them back, an invalid path among them.
 #[test]
-fn paths_reach_nix_daemon_at_every_protocol_version() {
+fn paths_reach_nix_daemon_and_are_read_back_at_every_protocol_version() {
     if !require_peer("nix-daemon") {
         return;
     }
-    for minor in [34u8, 30, 22, 21, 20, 17] {
+    for minor in [34u8, 30, 22, 21, 20, 17, 16] {
         let dir = tempfile::tempdir().unwrap();
         let mut child = nix_daemon_stdio(dir.path());
         let r = BufReader::new(child.stdout.take().unwrap());
@@ -491,6 +492,16 @@ fn paths_reach_nix_daemon_at_every_protocol_version() {
             let info = c.query_path_info(&e.path).unwrap().unwrap_or_else(|| panic!("1.{minor}: {} missing", e.path));
             assert_eq!(info.nar_hash, Hash::digest(HashAlgo::Sha256, nar), "1.{minor}");
         }
+        // Pipelined, with an invalid path among them (an error before 1.17, `None` since).
+        let missing = StorePath::from_base_name("00000000000000000000000000000000-missing").unwrap();
+        let mut asked: Vec<StorePath> = entries.iter().map(|e| e.path.clone()).collect();
+        asked.insert(1, missing);
+        asked.extend(std::iter::repeat_n(asked[0].clone(), 40));
+        let infos = c.query_path_infos(&asked).unwrap();
+        assert_eq!(infos.len(), asked.len(), "1.{minor}");
+        assert!(infos[1].is_none(), "1.{minor}");
+        assert_eq!(infos[2].as_ref().map(|i| i.nar_size), Some(nars[1].len() as u64), "1.{minor}");
+        assert!(infos.iter().enumerate().all(|(i, v)| i == 1 || v.is_some()), "1.{minor}");
         drop(c);
         let _ = child.kill();
         let _ = child.wait();

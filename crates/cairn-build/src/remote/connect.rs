@@ -226,6 +226,27 @@ impl Session {
         }
     }
 
+    /// The metadata of many paths, `None` for those not valid there: pipelined over the worker
+    /// protocol, one `QueryPathInfos` over the legacy one.
+    pub fn query_path_infos(
+        &mut self,
+        paths: &[StorePath],
+    ) -> Result<Vec<Option<cairn_worker::PathInfo>>, ClientError> {
+        match self {
+            Session::Worker(c) => c.query_path_infos(paths),
+            Session::Serve { client, stderr, .. } => {
+                let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
+                let mut found: std::collections::BTreeMap<StorePath, cairn_worker::PathInfo> = client
+                    .query_path_infos(&set)
+                    .map_err(|e| serve_error(stderr, e))?
+                    .into_iter()
+                    .map(|v| (v.path, v.info))
+                    .collect();
+                Ok(paths.iter().map(|p| found.remove(p)).collect())
+            }
+        }
+    }
+
     /// Sends paths with their NARs, references first: one `AddMultipleToStore`, or one
     /// `AddToStoreNar` each over the legacy protocol.
     pub fn add_multiple_to_store(
