@@ -192,8 +192,16 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                 paths.extend(a.image.clone());
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
                 let client = ctx.client().await?;
-                let done =
-                    crate::cache::copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net(), true).await?;
+                let done = crate::cache::copy_closure(
+                    &client,
+                    &store_dir,
+                    &to,
+                    paths,
+                    key.as_ref(),
+                    &ctx.net(),
+                    Default::default(),
+                )
+                .await?;
                 eprintln!("copied {} to {to}, {} already there", crate::ctx::count(done.written, "path"), done.skipped);
             }
             let description = AutomatonRequest {

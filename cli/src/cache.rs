@@ -303,6 +303,10 @@ pub struct CopyArgs {
     /// for a user the daemon trusts (`nix copy --no-check-sigs`).
     #[arg(long)]
     pub no_check_sigs: bool,
+    /// With `--to ssh-ng://|ssh://`: have the store there substitute what it can from its own
+    /// substituters first, and send only the rest (`nix copy -s`).
+    #[arg(long, short = 's')]
+    pub substitute_on_destination: bool,
     /// Substitute from this cache: `file:///dir`, `http(s)://host/…`, `s3://bucket?…`, or
     /// `p2p://NODE-ID`, one of the daemon's peers; or copy from a Nix store over SSH
     /// (`ssh-ng://[USER@]HOST`, `ssh://[USER@]HOST`), as `nix copy --from` does.
@@ -322,11 +326,20 @@ pub struct CopyArgs {
 impl CopyArgs {
     pub(crate) async fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         match self {
-            CopyArgs { to: None, from: Some(from), json, paths, no_check_sigs, secret_key_file }
-                if crate::ssh_copy::is_ssh(&from) =>
-            {
+            CopyArgs {
+                to: None,
+                from: Some(from),
+                json,
+                paths,
+                no_check_sigs,
+                secret_key_file,
+                substitute_on_destination,
+            } if crate::ssh_copy::is_ssh(&from) => {
                 if secret_key_file.is_some() {
                     bail!("--secret-key-file signs what is sent (--to); paths copied --from keep their own signatures");
+                }
+                if substitute_on_destination {
+                    bail!("--substitute-on-destination asks the store copied to (--to); this daemon substitutes as configured");
                 }
                 let client = ctx.client().await?;
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
@@ -340,7 +353,7 @@ impl CopyArgs {
             CopyArgs { to: None, from: Some(from), json, paths, .. } => {
                 substitute(ctx, vec![from], &paths, json).await?;
             }
-            CopyArgs { to, secret_key_file, json, paths, no_check_sigs, .. } => {
+            CopyArgs { to, secret_key_file, json, paths, no_check_sigs, substitute_on_destination, .. } => {
                 let to = to.context("copy needs --to or --from")?;
                 let client = ctx.client().await?;
                 let store_dir = cairn_nix::StoreDir::new(&ctx.settings.store_dir)?;
@@ -353,12 +366,25 @@ impl CopyArgs {
                     }
                     None => None,
                 };
-                let done =
-                    copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net(), !no_check_sigs).await?;
+                let checks = Checks { check_sigs: !no_check_sigs, substitute_on_destination };
+                let done = copy_closure(&client, &store_dir, &to, paths, key.as_ref(), &ctx.net(), checks).await?;
                 report_copy(&done, &to, "to", json)?;
             }
         }
         Ok(())
+    }
+}
+
+/// What a copy to a Nix store over SSH asks of it (`nix copy`'s `--no-check-sigs` and `-s`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Checks {
+    pub check_sigs: bool,
+    pub substitute_on_destination: bool,
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Checks { check_sigs: true, substitute_on_destination: false }
     }
 }
 
@@ -438,11 +464,11 @@ pub(crate) async fn copy_closure(
     paths: Vec<String>,
     key: Option<&SecretKey>,
     net: &NetOptions,
-    check_sigs: bool,
+    checks: Checks,
 ) -> anyhow::Result<Copied> {
     let done = if crate::ssh_copy::is_ssh(to) {
         let bar = progress::transfer("copying");
-        let done = crate::ssh_copy::copy_to_ssh(client, store_dir, to, paths, key, check_sigs, &bar).await;
+        let done = crate::ssh_copy::copy_to_ssh(client, store_dir, to, paths, key, checks, &bar).await;
         bar.finish_and_clear();
         done?
     } else if let Some(node) = to.strip_prefix("p2p://") {

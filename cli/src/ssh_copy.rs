@@ -39,7 +39,7 @@ pub(crate) async fn copy_to_ssh(
     url: &str,
     paths: Vec<String>,
     key: Option<&SecretKey>,
-    check_sigs: bool,
+    checks: crate::cache::Checks,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     let target = target_of(url)?;
@@ -73,7 +73,7 @@ pub(crate) async fn copy_to_ssh(
         let wanted: BTreeSet<StorePath> = ordered.iter().map(|e| e.path.clone()).collect();
         let valid = conn
             .session
-            .query_valid_paths(&wanted, false)
+            .query_valid_paths(&wanted, checks.substitute_on_destination)
             .map_err(|e| anyhow!("asking '{url}' which paths it has: {e}"))?;
         // References first, in Nix's order (`topoSortPaths` of what is missing, reversed).
         let mut missing: BTreeMap<StorePath, cairn_worker::ValidPathInfo> =
@@ -84,7 +84,7 @@ pub(crate) async fn copy_to_ssh(
         bar.set_length(bytes);
         if !missing.is_empty() {
             conn.session
-                .add_multiple_to_store(&missing, !check_sigs, &mut |e, w| {
+                .add_multiple_to_store(&missing, !checks.check_sigs, &mut |e, w| {
                     let nar = handle.block_on(client.nar(&dir.display(&e.path))).map_err(std::io::Error::other)?;
                     let mut nar = SyncIoBridge::new_with_handle(nar, handle.clone());
                     let n = std::io::copy(&mut nar, &mut bar.wrap_write(w))?;

@@ -2233,3 +2233,53 @@ fn nix_copy_closure_reaches_cairnd_as_the_remote_nix_store() {
     assert_eq!(there, p.local(&["nix-store", "--store", &local, "-qR", &top]));
     let _ = Command::new("chmod").args(["-R", "u+w"]).arg(p.work.path()).status();
 }
+
+/// `cairn copy --to ssh-ng://… -s` (and `ssh://`) has the store there substitute what its own
+/// caches have and sends only the rest, as `nix copy -s` does; without `-s` everything missing
+/// is sent.
+#[test]
+fn cairn_copy_substitute_on_destination_sends_only_what_the_far_side_cannot_fetch() {
+    if !peers() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let nix_conf = format!("substituters = file://{}\nrequire-sigs = false\n", cache.path().display());
+    let p = Pair::start_with("", &nix_conf);
+    let daemon = {
+        let script = p.work.path().join("nix-daemon-stdio");
+        let body = format!("#!/bin/sh\nexec env NIX_REMOTE='{}' nix-daemon \"$@\"\n", p.url(Side::Nix));
+        cairn_tests::write_exec(&script, body.as_bytes());
+        script.display().to_string()
+    };
+    let count = |out: &Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (json["copied"].as_u64().unwrap(), json["skipped"].as_u64().unwrap())
+    };
+    let cache_url = format!("file://{}", cache.path().display());
+    for (n, url) in [("3", format!("ssh-ng://localhost?remote-program={daemon}")), ("4", p.ssh_url(Side::Nix))] {
+        let top = p.ok(Side::Cairn, "nix-build", &["--no-out-link", &expr("chain.nix"), "--arg", "n", n]);
+        let top = top.trim();
+        // The closure's first links are in the far side's cache, the top is not.
+        let below = p.ok(Side::Cairn, "nix-store", &["-q", "--references", top]);
+        p.cairn.ok(&["copy", "--to", &cache_url, below.trim()]);
+        let out = p.cairn.run(&["copy", "--json", "-s", "--no-check-sigs", "--to", &url, top], b"");
+        let (copied, skipped) = count(&out);
+        assert_eq!(copied, 1, "{url}: only the top is sent");
+        assert_eq!(copied + skipped, n.parse::<u64>().unwrap(), "{url}");
+        p.same_metadata(&[top]);
+    }
+    // Without -s, a path the cache has is sent all the same.
+    let f = p.write(
+        "no-s.nix",
+        br#"let a = derivation { name = "no-s-a"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo a > $out" ]; };
+in derivation { name = "no-s-b"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${a} > $out" ]; }"#,
+    );
+    let top = p.ok(Side::Cairn, "nix-build", &["--no-out-link", &f]);
+    let top = top.trim();
+    let below = p.ok(Side::Cairn, "nix-store", &["-q", "--references", top]);
+    p.cairn.ok(&["copy", "--to", &cache_url, below.trim()]);
+    let url = format!("ssh-ng://localhost?remote-program={daemon}");
+    let (copied, _) = count(&p.cairn.run(&["copy", "--json", "--no-check-sigs", "--to", &url, top], b""));
+    assert_eq!(copied, 2, "without -s the cached link is sent too");
+}
