@@ -124,11 +124,14 @@ fn ssh_dir() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// The connection target `url` names.
+/// The connection target `url` names: one ssh connection of its own, gone when the copy is.
 fn target_of(url: &str) -> anyhow::Result<Target> {
     let machines = cairn_nix::machines::parse(url, "-", &mut |_| Ok(None))?;
     let [machine] = &machines[..] else { anyhow::bail!("'{url}': one store URL expected") };
-    Ok(Target::of(machine)?)
+    Ok(match Target::of(machine)? {
+        Target::Ssh(t) => Target::Ssh(connect::SshTarget { shared: false, ..t }),
+        other => other,
+    })
 }
 
 /// Copies the closure of `paths` (as the store at `url` has it) into the daemon: only what it

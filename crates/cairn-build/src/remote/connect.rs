@@ -55,6 +55,9 @@ pub struct SshTarget {
     pub compress: bool,
     /// Nix's legacy SSH protocol (`ssh://`) rather than the worker protocol (`ssh-ng://`).
     pub serve: bool,
+    /// Share one master connection per host, kept a minute after its last session (the
+    /// daemon's builders); off for a one-off command, which leaves nothing running behind it.
+    pub shared: bool,
 }
 
 /// Why a builder's URI was refused.
@@ -127,6 +130,7 @@ impl Target {
                     command,
                     compress: params.get("compress").is_some_and(|v| v == "true"),
                     serve,
+                    shared: true,
                 }))
             }
             other => Err(bad(&format!("cairn reaches builders over ssh-ng://, ssh:// or unix://, not {other}://"))),
@@ -533,6 +537,10 @@ fn ssh_command(t: &SshTarget, ssh_dir: &Path) -> Result<Command, String> {
     // The socket is named by everything that decides what the connection proves (host, port,
     // key, pinned host key): a session made with other credentials or another host key is
     // never reused for this one.
+    if !t.shared {
+        c.arg("--").arg(&t.host).arg(&t.command);
+        return Ok(c);
+    }
     c.args(["-oControlMaster=auto", "-oControlPersist=60"]);
     let credentials = format!("{}\n{}", t.key, t.host_key.as_deref().unwrap_or(""));
     c.arg(format!("-oControlPath={}/m-{}", ssh_dir.display(), hex_id(&t.host, t.port, &credentials)));
@@ -576,6 +584,30 @@ mod tests {
         assert_eq!(t.command, "nix-store --serve --write --store 'local?root=/r'");
         let Target::Ssh(t) = Target::of(&machine("ssh://h?remote-program=/opt/bin/cairnd")).unwrap() else { panic!() };
         assert_eq!((t.command.as_str(), t.serve), ("/opt/bin/cairnd --serve --write", true));
+    }
+
+    #[test]
+    fn master_connections_are_named_by_their_credentials_and_one_offs_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |t: &SshTarget| -> Vec<String> {
+            ssh_command(t, dir.path()).unwrap().get_args().map(|a| a.to_string_lossy().into_owned()).collect()
+        };
+        let Target::Ssh(t) = Target::of(&machine("ssh://alice@big - /k1 1 1 - - -")).unwrap() else { panic!() };
+        let path = |a: &[String]| a.iter().find(|a| a.starts_with("-oControlPath=")).cloned().unwrap();
+        let first = args(&t);
+        assert!(first.contains(&"-oControlMaster=auto".to_owned()), "{first:?}");
+        let other_key = args(&SshTarget { key: "/k2".into(), ..t.clone() });
+        assert_ne!(path(&first), path(&other_key), "another key, another master");
+        let pinned = args(&SshTarget { host_key: Some("ssh-ed25519 AAAA".into()), ..t.clone() });
+        assert_ne!(path(&first), path(&pinned), "a pinned host key, another master");
+        let one_off = args(&SshTarget { shared: false, ..t.clone() });
+        assert!(!one_off.iter().any(|a| a.starts_with("-oControl")), "{one_off:?}");
+        assert_eq!(one_off.last().map(String::as_str), Some("nix-store --serve --write"));
+        // Only exactly `localhost` is run without ssh.
+        let Target::Ssh(local) = Target::of(&machine("ssh://localhost")).unwrap() else { panic!() };
+        assert_eq!(ssh_command(&local, dir.path()).unwrap().get_program(), "sh");
+        let Target::Ssh(login) = Target::of(&machine("ssh://root@localhost")).unwrap() else { panic!() };
+        assert_eq!(ssh_command(&login, dir.path()).unwrap().get_program(), "ssh");
     }
 
     #[test]
