@@ -145,13 +145,10 @@ impl<R: Read, W: Write> Serve<R, W> {
                 cairn_worker::codec::write_path_set(&mut self.output, &proto, &valid)?;
             }
             ServeRequest::QueryPathInfos(paths) => {
-                let mut infos = Vec::new();
-                for p in paths {
-                    if let Some(info) = self.daemon.query_path_info(&p).map_err(daemon_error)? {
-                        infos.push((p, info));
-                    }
-                }
-                serve::write_path_infos(&mut self.output, &self.dir, self.client, infos.iter().map(|(p, i)| (p, i)))?;
+                let paths: Vec<StorePath> = paths.into_iter().collect();
+                let answers = self.daemon.query_path_infos(&paths).map_err(daemon_error)?;
+                let infos = paths.iter().zip(&answers).filter_map(|(p, i)| i.as_ref().map(|i| (p, i)));
+                serve::write_path_infos(&mut self.output, &self.dir, self.client, infos)?;
             }
             ServeRequest::DumpStorePath(p) => {
                 let info = self.valid(&p)?;
@@ -296,23 +293,25 @@ impl<R: Read, W: Write> Serve<R, W> {
 
     /// The closure of `paths` (with the valid outputs of the derivations in it, if asked), as
     /// `computeFSClosure`; an invalid path is an error.
+    /// A level of the closure at a time, its metadata asked pipelined.
     fn closure(&mut self, paths: BTreeSet<StorePath>, include_outputs: bool) -> anyhow::Result<BTreeSet<StorePath>> {
         let mut seen = BTreeSet::new();
-        let mut todo: Vec<StorePath> = paths.into_iter().collect();
-        while let Some(p) = todo.pop() {
-            if !seen.insert(p.clone()) {
-                continue;
-            }
-            let info = self.valid(&p)?;
-            todo.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
-            if include_outputs && p.name().ends_with(".drv") {
-                let outputs = self.daemon.query_derivation_output_map(&p).map_err(daemon_error)?;
-                for out in outputs.into_values().flatten() {
-                    if !seen.contains(&out) && self.daemon.query_path_info(&out).map_err(daemon_error)?.is_some() {
-                        todo.push(out);
-                    }
+        let mut level: Vec<StorePath> = paths.into_iter().collect();
+        while !level.is_empty() {
+            let answers = self.daemon.query_path_infos(&level).map_err(daemon_error)?;
+            let mut next = BTreeSet::new();
+            for (p, info) in level.into_iter().zip(answers) {
+                let info = info.ok_or_else(|| anyhow!("path '{}' is not valid", self.dir.display(&p)))?;
+                next.extend(info.references);
+                if include_outputs && p.name().ends_with(".drv") {
+                    let outputs = self.daemon.query_derivation_output_map(&p).map_err(daemon_error)?;
+                    let outputs: Vec<StorePath> = outputs.into_values().flatten().collect();
+                    let valid = self.daemon.query_path_infos(&outputs).map_err(daemon_error)?;
+                    next.extend(outputs.into_iter().zip(valid).filter(|(_, v)| v.is_some()).map(|(o, _)| o));
                 }
+                seen.insert(p);
             }
+            level = next.into_iter().filter(|r| !seen.contains(r)).collect();
         }
         Ok(seen)
     }
