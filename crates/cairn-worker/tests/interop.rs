@@ -471,19 +471,8 @@ fn paths_reach_nix_daemon_and_are_read_back_at_every_protocol_version() {
             let path = sd
                 .make_fixed_output_path(name, FileIngestionMethod::Recursive, &nar_hash, &BTreeSet::new(), false)
                 .unwrap();
-            entries.push(ValidPathInfo {
-                path,
-                info: PathInfo {
-                    deriver: None,
-                    nar_hash,
-                    references: BTreeSet::new(),
-                    registration_time: 0,
-                    nar_size: nar.len() as u64,
-                    ultimate: false,
-                    sigs: BTreeSet::new(),
-                    ca: Some(ca),
-                },
-            });
+            let info = PathInfo { ca: Some(ca), ..PathInfo::bare(None, nar_hash, BTreeSet::new(), nar.len() as u64) };
+            entries.push(ValidPathInfo { path, info });
             nars.push(nar);
         }
         let mut next = nars.iter();
