@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use crate::copied::{narinfo_of, Copied};
+use crate::copied::{narinfo_of, Checks, Copied};
 use crate::ctx::{count, follow_events, print_json, Ctx};
 use crate::progress;
 use anyhow::{bail, Context};
@@ -372,19 +372,6 @@ impl CopyArgs {
             }
         }
         Ok(())
-    }
-}
-
-/// What a copy to a Nix store over SSH asks of it (`nix copy`'s `--no-check-sigs` and `-s`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Checks {
-    pub check_sigs: bool,
-    pub substitute_on_destination: bool,
-}
-
-impl Default for Checks {
-    fn default() -> Self {
-        Checks { check_sigs: true, substitute_on_destination: false }
     }
 }
 

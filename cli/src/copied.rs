@@ -1,11 +1,25 @@
 //! What every `cairn copy --to` shares, whatever the destination: a path's narinfo made from
-//! the daemon's metadata (signed when a key is given), and the count of what a copy did.
+//! the daemon's metadata (signed when a key is given), what the copy asks of the receiver, and
+//! the count of what a copy did.
 
 use cairn_api::PathInfo;
 use cairn_nix::hash::Hash;
 use cairn_nix::narinfo::NarInfo;
 use cairn_nix::signing::SecretKey;
 use cairn_nix::StoreDir;
+
+/// What a copy to a Nix store over SSH asks of it (`nix copy`'s `--no-check-sigs` and `-s`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Checks {
+    pub check_sigs: bool,
+    pub substitute_on_destination: bool,
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Checks { check_sigs: true, substitute_on_destination: false }
+    }
+}
 
 /// What a copy did.
 pub struct Copied {

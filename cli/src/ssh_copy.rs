@@ -25,7 +25,7 @@ use cairn_nix::signing::SecretKey;
 use cairn_nix::{StoreDir, StorePath};
 use tokio_util::io::SyncIoBridge;
 
-use crate::copied::{narinfo_of, Copied};
+use crate::copied::{narinfo_of, Checks, Copied};
 
 /// Whether `url` names a store reached over SSH.
 pub(crate) fn is_ssh(url: &str) -> bool {
@@ -39,7 +39,7 @@ pub(crate) async fn copy_to_ssh(
     url: &str,
     paths: Vec<String>,
     key: Option<&SecretKey>,
-    checks: crate::cache::Checks,
+    checks: Checks,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Copied> {
     let target = target_of(url)?;

@@ -477,11 +477,7 @@ impl<R: Read, W: Write> ServeClient<R, W> {
     /// A path's metadata, `None` if it is not valid there (servers from 2.4: before, the NAR
     /// hash is not sent).
     pub fn query_path_info(&mut self, path: &StorePath) -> Result<Option<PathInfo>> {
-        if minor(self.remote) < 4 {
-            return Err(Error::UnsupportedVersion(self.remote));
-        }
-        self.send(&ServeRequest::QueryPathInfos([path.clone()].into()))?;
-        let infos = read_path_infos(&mut self.r, &self.store_dir, self.limits, self.remote)?;
+        let infos = self.query_path_infos(&[path.clone()].into())?;
         Ok(infos.into_iter().find(|v| &v.path == path).map(|v| v.info))
     }
 
