@@ -223,9 +223,7 @@ pub(crate) async fn copy_from_ssh(
                 .session
                 .nar_from_path(&path, |r| -> std::io::Result<Option<u64>> {
                     let mut out = Forward { send: &send, count: 0, gone: false, bar: &bar };
-                    let mut tee = Tee { r, w: &mut out };
-                    cairn_nix::nar::NarReader::new(&mut tee, cairn_nix::nar::Limits::default())
-                        .and_then(|mut n| n.skip_to_end())
+                    cairn_nix::nar::copy_one(r, &mut out, cairn_nix::nar::Limits::default())
                         .map_err(std::io::Error::other)?;
                     Ok((!out.gone).then_some(out.count))
                 })
@@ -264,20 +262,6 @@ enum Fed {
     All,
     /// The daemon stopped reading: its answer says why.
     ReceiverGone,
-}
-
-/// Reads through, writing what passes.
-struct Tee<'a, R, W> {
-    r: R,
-    w: &'a mut W,
-}
-
-impl<R: std::io::Read, W: std::io::Write> std::io::Read for Tee<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.r.read(buf)?;
-        self.w.write_all(&buf[..n])?;
-        Ok(n)
-    }
 }
 
 /// Hands what passes to the push body, counting it; notes when the receiver is gone.

@@ -20,7 +20,21 @@ pub fn path_info(dir: &StoreDir, i: &PathInfo) -> cairn_api::PathInfo {
     }
 }
 
-/// Parses a client's store path, turning garbage into a 400 before anything touches the store.
+/// The store's form of a path's metadata from Nix's wire.
+pub fn store_info(v: cairn_worker::ValidPathInfo) -> PathInfo {
+    PathInfo {
+        path: v.path,
+        nar_hash: v.info.nar_hash,
+        nar_size: v.info.nar_size,
+        references: v.info.references,
+        deriver: v.info.deriver,
+        registration_time: v.info.registration_time.min(i64::MAX as u64) as i64,
+        ultimate: v.info.ultimate,
+        signatures: v.info.sigs,
+        ca: v.info.ca,
+    }
+}
+
 /// A substitution's added paths and its failures, as the wire names them.
 pub fn substitution(
     dir: &StoreDir,

@@ -25,6 +25,7 @@ mod handover;
 mod limits;
 mod listen;
 mod outbox;
+mod remote_store;
 mod send_timeout;
 mod serve;
 mod server;

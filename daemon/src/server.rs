@@ -236,7 +236,7 @@ pub(crate) async fn open_state(
         tracing::info!(removed = swept, dir = %settings.build_dir.display(), "removed build directories left by stopped daemons");
     }
     let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
-    let mut substitution = crate::state::Substitution::from_settings(settings)?;
+    let mut substitution = crate::state::Substitution::from_settings(settings, &store_dir)?;
     let p2p = start_p2p(settings, &store).await?;
     substitution.peers = p2p.clone().map(|n| n as Arc<dyn cairn_store::peers::Peers>);
     let remotes = Arc::new(crate::api::realise::remotes(settings)?);

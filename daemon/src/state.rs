@@ -46,6 +46,8 @@ pub struct Substitution {
     pub(crate) trusted: Vec<Arc<Substituter>>,
     pub(crate) lookups: Arc<NarInfoCache>,
     pub(crate) net: NetOptions,
+    /// The store directory, which remote stores are asked for paths of.
+    pub(crate) store_dir: StoreDir,
     pub(crate) limits: Limits,
     pub policy: Policy,
     /// Asked for NARs before the caches (`peers`).
@@ -79,19 +81,21 @@ impl Substitution {
         }
     }
 
-    pub fn from_settings(settings: &Settings) -> anyhow::Result<Substitution> {
+    pub fn from_settings(settings: &Settings, store_dir: &StoreDir) -> anyhow::Result<Substitution> {
         let net = NetOptions::from_secs(settings.connect_timeout, settings.stalled_download_timeout)
             .with_netrc_file(settings.netrc_file.as_deref())
             .map_err(|e| anyhow::anyhow!("netrc-file: {e}"))?;
         let configured = settings
             .substituters
             .iter()
-            .map(|u| Substituter::open(u, &net).map(Arc::new).with_context(|| "substituters in the config"))
+            .map(|u| open_substituter(u, &net, store_dir).map(Arc::new).with_context(|| "substituters in the config"))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let trusted = settings
             .trusted_substituters
             .iter()
-            .map(|u| Substituter::open(u, &net).map(Arc::new).with_context(|| "trusted-substituters in the config"))
+            .map(|u| {
+                open_substituter(u, &net, store_dir).map(Arc::new).with_context(|| "trusted-substituters in the config")
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let trusted_keys = settings
             .trusted_public_keys
@@ -106,6 +110,7 @@ impl Substitution {
                 Duration::from_secs(settings.narinfo_cache_negative_ttl),
             )),
             net,
+            store_dir: store_dir.clone(),
             limits: Limits { connections: settings.substituter_connections, jobs: settings.max_substitution_jobs },
             policy: Policy { trusted_keys, require_sigs: settings.require_sigs },
             peers: None,
@@ -152,10 +157,23 @@ impl Substitution {
                         peer.user
                     )));
                 }
-                Substituter::open(url, &self.net).map(Arc::new).map_err(|e| ApiError::bad_request(e.to_string()))
+                open_substituter(url, &self.net, &self.store_dir)
+                    .map(Arc::new)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))
             })
             .collect()
     }
+}
+
+/// The substituter `url` names: a binary cache, or a store that answers Nix's protocols
+/// (`ssh://`, `ssh-ng://`, `unix://`), reached from this daemon as its remote builders are.
+pub(crate) fn open_substituter(url: &str, net: &NetOptions, store_dir: &StoreDir) -> anyhow::Result<Substituter> {
+    if !cairn_cache::remote::is_remote_store(url) {
+        return Ok(Substituter::open(url, net)?);
+    }
+    let store = crate::remote_store::ProtocolStore::open(url, store_dir, &crate::api::realise::ssh_dir(), net)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Substituter::remote(url, Arc::new(store))?)
 }
 
 /// What the daemon knows about itself, shared by the handlers and the accept loop.

@@ -18,6 +18,8 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use crate::CacheError;
 use cairn_store::peers::PeerCache;
 
+use crate::remote::RemoteStore;
+
 pub use cairn_net::{with_causes, NetOptions};
 
 /// A cache's storage.
@@ -42,6 +44,12 @@ pub enum Backend {
     Peer {
         url: String,
         cache: Arc<dyn PeerCache>,
+    },
+    /// A store that answers questions (`ssh://`, `ssh-ng://`, `unix://`): a path's narinfo is
+    /// made of what it says of the path, its NAR's key is the path's base name.
+    Remote {
+        url: String,
+        store: Arc<dyn RemoteStore>,
     },
 }
 
@@ -68,6 +76,7 @@ impl std::fmt::Debug for Backend {
             Backend::Http { base, .. } => write!(f, "Http({base})"),
             Backend::S3 { prefix, .. } => write!(f, "S3({prefix})"),
             Backend::Peer { url, .. } => write!(f, "Peer({url})"),
+            Backend::Remote { url, .. } => write!(f, "Remote({url})"),
         }
     }
 }
@@ -153,7 +162,13 @@ impl Backend {
         if base.starts_with("p2p://") {
             return Err(bad("a peer is reached through cairnd's p2p node (set `peers` in its configuration)"));
         }
-        Err(bad("binary caches are file://, http://, https:// or s3:// URLs (or p2p://NODE-ID, a peer)"))
+        if crate::remote::is_remote_store(base) {
+            return Err(bad("a store reached over SSH or a socket is a substituter of cairnd's, not a binary cache"));
+        }
+        Err(bad(
+            "binary caches are file://, http://, https:// or s3:// URLs (or p2p://NODE-ID, a peer; or ssh://, \
+             ssh-ng://, unix:// stores as substituters)",
+        ))
     }
 
     fn file(dir: &Path, key: &str) -> Result<PathBuf, CacheError> {
@@ -178,6 +193,7 @@ impl Backend {
             Backend::Http { base, .. } => format!("{base}/{key}"),
             Backend::S3 { store, prefix, .. } => format!("{store}/{}", Self::s3_key(prefix, key)),
             Backend::Peer { url, .. } => format!("{url}/{key}"),
+            Backend::Remote { url, .. } => format!("{} ({key})", split_params(url).0),
         }
     }
 
@@ -203,6 +219,9 @@ impl Backend {
                     return Err(too_big());
                 }
                 Ok(Some(buf.into()))
+            }
+            Backend::Remote { .. } => {
+                Err(CacheError::Url { url: what(), reason: "a remote store is asked by path, not for files".into() })
             }
             Backend::Peer { cache, .. } => match cache.get(key).await {
                 Ok(Some(buf)) if buf.len() > MAX_SMALL_FILE => Err(too_big()),
@@ -232,7 +251,7 @@ impl Backend {
     ) -> Result<Option<impl Stream<Item = io::Result<Bytes>> + Send + 'static + use<>>, CacheError> {
         let url = self.describe(key);
         let (body, stall): (futures_util::stream::BoxStream<'static, io::Result<Bytes>>, Duration) = match self {
-            Backend::File(_) | Backend::Peer { .. } => {
+            Backend::File(_) | Backend::Peer { .. } | Backend::Remote { .. } => {
                 return Err(CacheError::Url { url, reason: "not read as a stream".into() })
             }
             Backend::Http { client, opts, .. } => {
@@ -297,6 +316,11 @@ impl Backend {
                     Err(source) => Err(CacheError::Io { url: self.describe(key), source }),
                 }
             }
+            Backend::Remote { store, .. } => {
+                let path = cairn_nix::StorePath::from_base_name(key)
+                    .map_err(|e| CacheError::Url { url: self.describe(key), reason: e.to_string() })?;
+                store.nar(&path).await.map_err(|reason| CacheError::Http { url: self.describe(key), reason })
+            }
             Backend::Peer { .. } => Err(CacheError::Http {
                 url: self.describe(key),
                 reason: "no peer could send this NAR (a peer's NARs come only as verified p2p transfers; see \
@@ -319,7 +343,7 @@ impl Backend {
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
                 Err(e) => Err(CacheError::Http { url: self.describe(key), reason: s3_reason(&e, *env_credentials) }),
             },
-            Backend::Http { .. } | Backend::Peer { .. } => Ok(self.get(key).await?.is_some()),
+            Backend::Http { .. } | Backend::Peer { .. } | Backend::Remote { .. } => Ok(self.get(key).await?.is_some()),
         }
     }
 
@@ -358,6 +382,10 @@ impl Backend {
             Backend::Http { .. } => {
                 Err(CacheError::Url { url, reason: "cairn writes binary caches to file:// and s3:// only".into() })
             }
+            Backend::Remote { .. } => Err(CacheError::Url {
+                url,
+                reason: "a remote store is not written as a cache: `cairn copy --to ssh://HOST` copies into it".into(),
+            }),
             Backend::Peer { .. } => Err(CacheError::Url {
                 url,
                 reason: "a peer is not written as a cache: `cairn copy --to p2p://NODE-ID` asks it to take paths"

@@ -8,6 +8,8 @@
 //! - [`backend`]: where the files are (`file://`, `http(s)://`, `s3://`).
 //! - [`compression`]: none, xz, zstd, bzip2, as a narinfo's `Compression:` names them.
 //! - [`lookup`]: narinfo lookups remembered for a while (positive and negative TTLs).
+//! - [`remote`]: stores that answer questions (`ssh://`, `ssh-ng://`, `unix://`) as
+//!   substituters, through a [`remote::RemoteStore`] the daemon supplies.
 //! - [`substitute`]: closures fetched from several caches by priority, in parallel, each path
 //!   checked (narinfo for the right path, trusted signature or proving content address, file
 //!   size and hash, NAR size and hash) before anything of it is registered.
@@ -18,6 +20,7 @@ pub mod backend;
 pub mod compression;
 pub mod lookup;
 pub mod push;
+pub mod remote;
 pub mod substitute;
 pub mod upload;
 

@@ -27,6 +27,7 @@ use cairn_store::{Batch, ChunkReader, ClientId, ClientScope, LocalStore, PathInf
 use tokio::sync::{mpsc, OnceCell, Semaphore};
 
 use crate::backend::{split_params, Backend, FileReader, NetOptions};
+use crate::remote::RemoteStore;
 use crate::{CacheError, Compression, NarInfoCache};
 
 /// One binary cache to substitute from.
@@ -41,6 +42,8 @@ pub struct Substituter {
     /// this store's (as Nix's `store` parameter of a store URL). Such a cache serves only paths
     /// whose content address is known, under the path that address gives in its directory.
     store_dir: Option<StoreDir>,
+    /// `?trusted=1`: its paths are taken without a signature (Nix's `trusted` setting).
+    trusted: bool,
     /// Fetched on first use; only a good answer is kept, so a cache that was down is asked again.
     info: OnceCell<CacheInfo>,
 }
@@ -51,57 +54,100 @@ impl std::fmt::Debug for Substituter {
     }
 }
 
-impl Substituter {
-    pub fn open(url: &str, net: &NetOptions) -> Result<Substituter, CacheError> {
+/// The parameters every substituter's URL may carry, as Nix's store settings.
+struct Params {
+    priority: Option<u32>,
+    want_mass_query: Option<bool>,
+    store_dir: Option<StoreDir>,
+    trusted: bool,
+}
+
+/// A boolean setting as Nix reads one.
+fn flag(url: &str, key: &str, v: &str) -> Result<bool, CacheError> {
+    match v {
+        "true" | "yes" | "1" => Ok(true),
+        "false" | "no" | "0" => Ok(false),
+        _ => Err(CacheError::Url { url: url.to_owned(), reason: format!("{key} '{v}' is not true or false") }),
+    }
+}
+
+impl Params {
+    fn of(url: &str) -> Result<Params, CacheError> {
         let (_, params) = split_params(url);
-        let priority = match params.iter().find(|(k, _)| k == "priority") {
+        let get = |key: &str| params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let priority = match get("priority") {
             None => None,
-            Some((_, v)) => Some(v.parse().map_err(|_| CacheError::Url {
+            Some(v) => Some(v.parse().map_err(|_| CacheError::Url {
                 url: url.to_owned(),
                 reason: format!("priority '{v}' is not a number"),
             })?),
         };
-        let want_mass_query = match params.iter().find(|(k, _)| k == "want-mass-query") {
+        let want_mass_query = get("want-mass-query").map(|v| flag(url, "want-mass-query", v)).transpose()?;
+        let trusted = get("trusted").map(|v| flag(url, "trusted", v)).transpose()?.unwrap_or(false);
+        let store_dir = match get("store") {
             None => None,
-            Some((_, v)) => Some(match v.as_str() {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                _ => {
-                    return Err(CacheError::Url {
-                        url: url.to_owned(),
-                        reason: format!("want-mass-query '{v}' is not true or false"),
-                    })
-                }
-            }),
-        };
-        let store_dir = match params.iter().find(|(k, _)| k == "store") {
-            None => None,
-            Some((_, v)) => Some(
+            Some(v) => Some(
                 StoreDir::new(v)
                     .map_err(|e| CacheError::Url { url: url.to_owned(), reason: format!("store '{v}': {e}") })?,
             ),
         };
+        Ok(Params { priority, want_mass_query, store_dir, trusted })
+    }
+}
+
+impl Substituter {
+    pub fn open(url: &str, net: &NetOptions) -> Result<Substituter, CacheError> {
+        let params = Params::of(url)?;
         let backend = Backend::open(url, net)?;
-        Ok(Substituter { url: url.to_owned(), backend, priority, want_mass_query, store_dir, info: OnceCell::new() })
+        Ok(Substituter::with(url, backend, params))
+    }
+
+    fn with(url: &str, backend: Backend, p: Params) -> Substituter {
+        Substituter {
+            url: url.to_owned(),
+            backend,
+            priority: p.priority,
+            want_mass_query: p.want_mass_query,
+            store_dir: p.store_dir,
+            trusted: p.trusted,
+            info: OnceCell::new(),
+        }
     }
 
     /// A fleet peer as a cache (`p2p://NODE-ID`): its narinfos from `cache`, its NARs from the
     /// job's peers.
     pub fn peer(url: &str, cache: Arc<dyn cairn_store::peers::PeerCache>) -> Substituter {
         let backend = Backend::Peer { url: url.to_owned(), cache };
-        Substituter {
-            url: url.to_owned(),
-            backend,
-            priority: None,
-            want_mass_query: Some(true),
-            store_dir: None,
-            info: OnceCell::new(),
+        let params = Params { priority: None, want_mass_query: Some(true), store_dir: None, trusted: false };
+        Substituter::with(url, backend, params)
+    }
+
+    /// A store that answers questions (`ssh://`, `ssh-ng://`, `unix://`; see [`crate::remote`]),
+    /// reached through `store`. Its URL may say `priority`, `want-mass-query` and `trusted`.
+    pub fn remote(url: &str, store: Arc<dyn RemoteStore>) -> Result<Substituter, CacheError> {
+        let params = Params::of(url)?;
+        if params.store_dir.is_some() {
+            return Err(CacheError::Url {
+                url: url.to_owned(),
+                reason: "a remote store is asked for paths of this store's directory (no store= parameter)".into(),
+            });
+        }
+        Ok(Substituter::with(url, Backend::Remote { url: url.to_owned(), store }, params))
+    }
+
+    /// The policy its narinfos are checked under: `policy`, or none for a cache whose URL says
+    /// `?trusted=1` (Nix's `trusted`: its paths need no signature).
+    fn policy<'a>(&self, policy: &'a Policy) -> std::borrow::Cow<'a, Policy> {
+        if self.trusted {
+            std::borrow::Cow::Owned(Policy { require_sigs: false, ..Policy::default() })
+        } else {
+            std::borrow::Cow::Borrowed(policy)
         }
     }
 
     /// Whether its answers may be remembered (a peer's change as it adds and collects paths).
     fn memoised(&self) -> bool {
-        !matches!(self.backend, Backend::Peer { .. })
+        !matches!(self.backend, Backend::Peer { .. } | Backend::Remote { .. })
     }
 
     pub fn url(&self) -> &str {
@@ -123,6 +169,10 @@ impl Substituter {
         let dir = &self.store_dir_for(ours);
         self.info
             .get_or_try_init(|| async {
+                if let Backend::Remote { .. } = self.backend {
+                    // Nix's defaults for a store that is not a binary cache.
+                    return Ok(CacheInfo { store_dir: dir.as_str().to_owned(), want_mass_query: false, priority: 0 });
+                }
                 let key = "nix-cache-info";
                 let text = self
                     .backend
@@ -159,6 +209,16 @@ impl Substituter {
     ) -> Result<Option<NarInfo>, CacheError> {
         if let Some(answer) = lookups.get(&self.url, path.hash_part()).filter(|_| self.memoised()) {
             return Ok(answer);
+        }
+        if let Backend::Remote { store, .. } = &self.backend {
+            let info = store.path_info(path).await.map_err(|reason| CacheError::Http {
+                url: self.backend.describe(&path.to_string()),
+                reason,
+            })?;
+            return Ok(info.map(|i| {
+                let key = i.path.to_string();
+                i.into_narinfo(key, "none")
+            }));
         }
         let key = format!("{}.narinfo", path.hash_part());
         let Some(text) = self.backend.get(&key).await? else {
@@ -502,7 +562,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
                 continue;
             }
         };
-        if let Err(check) = check_narinfo(&ctx.dir, &path, &info, &ctx.policy) {
+        if let Err(check) = check_narinfo(&ctx.dir, &path, &info, &sub.policy(&ctx.policy)) {
             ctx.lookups.forget(sub.url(), path.hash_part());
             tried.push(format!("{}: {check}", sub.url()));
             continue;
@@ -578,7 +638,7 @@ pub async fn query(
         .map(|path| async move {
             for (_, sub) in subs {
                 if let Ok(Some(info)) = sub.narinfo(dir, path, lookups).await {
-                    if check_narinfo(dir, path, &info, policy).is_ok() {
+                    if check_narinfo(dir, path, &info, &sub.policy(policy)).is_ok() {
                         if sub.memoised() {
                             lookups.put(sub.url(), path.hash_part(), Some(info.clone()));
                         }

@@ -31,5 +31,29 @@ pub fn valid_entry_name(name: &[u8]) -> bool {
     !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
 }
 
+/// Reads exactly one NAR from `r`, validating it, and writes every byte read to `copy`: how a
+/// NAR sent bare on a stream (Nix's protocols send it without a length) is taken off it without
+/// reading past its end. Returns its length; an error of `copy` is [`NarError::Io`].
+pub fn copy_one(r: impl std::io::Read, copy: &mut dyn std::io::Write, limits: Limits) -> Result<u64, NarError> {
+    let mut tee = Tee { inner: r, copy, count: 0 };
+    NarReader::new(&mut tee, limits)?.skip_to_end()?;
+    Ok(tee.count)
+}
+
+struct Tee<'a, R> {
+    inner: R,
+    copy: &'a mut dyn std::io::Write,
+    count: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests;

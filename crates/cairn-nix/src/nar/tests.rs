@@ -124,6 +124,21 @@ fn reader_stops_at_the_end_of_the_nar() {
 
 proptest! {
     #[test]
+    fn copy_one_takes_exactly_one_nar_off_a_stream(t in tree(), trailing in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let nar = t.to_nar();
+        let mut stream = nar.clone();
+        stream.extend_from_slice(&trailing);
+        let mut rest = &stream[..];
+        let mut copy = Vec::new();
+        prop_assert_eq!(copy_one(&mut rest, &mut copy, Limits::default()).unwrap(), nar.len() as u64);
+        prop_assert_eq!(&copy, &nar);
+        prop_assert_eq!(rest, &trailing[..]);
+        // Cut anywhere, it is an error, never a NAR.
+        let cut = trailing.len() % nar.len();
+        prop_assert!(copy_one(&nar[..cut], &mut Vec::new(), Limits::default()).is_err());
+    }
+
+    #[test]
     fn a_file_written_from_chunks_is_the_file_written_from_a_reader(
         contents in proptest::collection::vec(any::<u8>(), 0..3000),
         cuts in proptest::collection::vec(0usize..3000, 0..6),

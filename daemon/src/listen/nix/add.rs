@@ -23,20 +23,6 @@ use cairn_worker::{codec, CaMethod, FramedReader, Payload, Response, StderrMessa
 use super::ops::wire_info;
 use super::session::{Failure, OpResult, Session};
 
-/// Copies everything read into a file: a bare NAR is parsed through it to find its end.
-struct Tee<'a, R> {
-    inner: R,
-    copy: &'a mut dyn Write,
-}
-
-impl<R: Read> Read for Tee<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.copy.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
 /// Pulls a payload from the client with `STDERR_READ` (clients 1.21–1.22): each read asks for
 /// exactly what the caller wants, so nothing past the payload is requested.
 struct Tunnel<'a, R: Read, W: Write> {
@@ -126,12 +112,8 @@ impl<R: Read, W: Write> Session<R, W> {
         let _client = ClientScope::enter(self.peer.client);
         // The NAR is read to its end first (a parse error here leaves the stream out of step).
         let mut nar = spool_file(&st)?;
-        {
-            let mut tee = Tee { inner: &mut self.r, copy: &mut nar };
-            let mut reader = NarReader::new(&mut tee, cairn_nix::nar::Limits::default())
-                .map_err(|e| Failure::Fatal(format!("bad NAR: {e}")))?;
-            reader.skip_to_end().map_err(|e| Failure::Fatal(format!("bad NAR: {e}")))?;
-        }
+        cairn_nix::nar::copy_one(&mut self.r, &mut nar, cairn_nix::nar::Limits::default())
+            .map_err(|e| Failure::Fatal(format!("bad NAR: {e}")))?;
         nar.rewind()?;
         // Nix's compatibility hack: an add that is not fixed is recursive SHA-256.
         let (method, algo) = if !fixed {
@@ -182,7 +164,7 @@ impl<R: Read, W: Write> Session<R, W> {
     ) -> OpResult<()> {
         let st = self.st.clone();
         let _client = ClientScope::enter(self.peer.client);
-        let mut info = store_info(info);
+        let mut info = crate::convert::store_info(info);
         if !self.peer.trusted {
             info.ultimate = false;
         }
@@ -256,7 +238,7 @@ impl<R: Read, W: Write> Session<R, W> {
             let count = cairn_worker::request::read_multiple_count(&mut input, &proto)?;
             for _ in 0..count {
                 let wire = cairn_worker::request::read_multiple_entry_info(&mut input, &proto)?;
-                let mut info = store_info(wire);
+                let mut info = crate::convert::store_info(wire);
                 if !trusted {
                     info.ultimate = false;
                 }
@@ -347,21 +329,6 @@ fn check_trust(
             st.store_dir.display(&info.path)
         ))
     })
-}
-
-/// The store's form of a path's metadata from the wire.
-fn store_info(v: ValidPathInfo) -> PathInfo {
-    PathInfo {
-        path: v.path,
-        nar_hash: v.info.nar_hash,
-        nar_size: v.info.nar_size,
-        references: v.info.references,
-        deriver: v.info.deriver,
-        registration_time: v.info.registration_time.min(i64::MAX as u64) as i64,
-        ultimate: v.info.ultimate,
-        signatures: v.info.sigs,
-        ca: v.info.ca,
-    }
 }
 
 /// A commit that left paths out (a reference neither valid nor sent) is an error, as Nix's
