@@ -193,7 +193,8 @@ impl Backend {
             Backend::Http { base, .. } => format!("{base}/{key}"),
             Backend::S3 { store, prefix, .. } => format!("{store}/{}", Self::s3_key(prefix, key)),
             Backend::Peer { url, .. } => format!("{url}/{key}"),
-            Backend::Remote { url, .. } => format!("{} ({key})", split_params(url).0),
+            // Its NAR's key is the path's base name, which messages name anyway.
+            Backend::Remote { url, .. } => split_params(url).0.to_owned(),
         }
     }
 

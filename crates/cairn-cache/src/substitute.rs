@@ -356,10 +356,20 @@ pub struct Report {
     pub incomplete: HashSet<StorePath>,
 }
 
-/// Told of each path whose download starts — the path as the cache names it, and the URL of
-/// the cache whose narinfo it follows, without its parameters: what a Nix client shows as
-/// "copying path '…' from '…'".
-pub type Announce = mpsc::UnboundedSender<(String, String)>;
+/// What a substitution tells as it goes, for a client to show as Nix's daemon shows it. `from`
+/// is the cache's URL without its parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A path's download starts (the path as the cache names it): "copying path '…' from '…'".
+    Copying { path: String, from: String },
+    /// A cache has the path, but its narinfo is signed by no trusted key and no content
+    /// address proves it: "the substitute for '…' from '…' is not signed by any of the keys in
+    /// 'trusted-public-keys'" (Nix's warning; the next cache is tried).
+    Unsigned { path: String, from: String },
+}
+
+/// Told of each [`Notice`].
+pub type Announce = mpsc::UnboundedSender<Notice>;
 
 /// What a substitution needs.
 pub struct Job {
@@ -562,7 +572,14 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
                 continue;
             }
         };
-        if let Err(check) = check_narinfo(&ctx.dir, &path, &info, &sub.policy(&ctx.policy)) {
+        let policy = sub.policy(&ctx.policy);
+        if let Err(check) = check_narinfo(&ctx.dir, &path, &info, &policy) {
+            if let Some(a) = ctx.announce.as_ref().filter(|_| info.store_path == path) {
+                if trusted_path_info(&ctx.dir, &path_info_of(&info), &policy).is_err() {
+                    let shown = ctx.dir.display(&path);
+                    let _ = a.send(Notice::Unsigned { path: shown, from: sub.shown_url().to_owned() });
+                }
+            }
             ctx.lookups.forget(sub.url(), path.hash_part());
             tried.push(format!("{}: {check}", sub.url()));
             continue;
@@ -578,7 +595,7 @@ async fn fetch_path(ctx: Arc<Ctx>, path: StorePath, tx: mpsc::UnboundedSender<Ev
         if let Some(a) = &ctx.announce {
             let ca = ctx.content_addresses.get(&path);
             if let Some((theirs, there)) = sub.named_there(&ctx.dir, &path, ca) {
-                let _ = a.send((theirs.display(&there), sub.shown_url().to_owned()));
+                let _ = a.send(Notice::Copying { path: theirs.display(&there), from: sub.shown_url().to_owned() });
             }
         }
         if from_peers(&ctx, &info).await {

@@ -19,6 +19,7 @@ use cairn_api::{ErrorBody, PathQuery, RealiseEvent, RealiseRequest, RealiseResul
 use cairn_build::derivations::missing_wanted;
 use cairn_build::requirements::Attrs;
 use cairn_build::{BuildSettings, Event, Goal, LogStore, Mode, Options};
+use cairn_cache::substitute::Notice;
 use cairn_nix::{StoreDir, StorePath};
 use cairn_store::ClientScope;
 use tokio::sync::mpsc;
@@ -316,12 +317,14 @@ impl cairn_build::realise::Resubstitute for Resubstitute {
         let progress = Arc::new(cairn_cache::Progress::default());
         let mut job = self.st.substitution.job(&self.st.store, self.caches.clone(), self.client, progress, false);
         job.policy = self.policy.clone();
-        let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Notice>();
         job.announce = Some(tx);
         Box::pin(async move {
             let told = tokio::spawn(async move {
-                while let Some((path, from)) = rx.recv().await {
-                    announce(path, from);
+                while let Some(notice) = rx.recv().await {
+                    if let Notice::Copying { path, from } = notice {
+                        announce(path, from);
+                    }
                 }
             });
             if let Err(e) = cairn_cache::substitute(job, &paths).await {
@@ -488,12 +491,14 @@ pub async fn realise(
         // built (cairn's API always falls back).
         if mode == Mode::Normal {
             let (caches, policy) = (st.substitution.configured.clone(), st.substitution.policy.clone());
-            let (announce, mut copying) = mpsc::unbounded_channel::<(String, String)>();
+            let (announce, mut copying) = mpsc::unbounded_channel::<Notice>();
             let tx2 = tx.clone();
             // Neither the substitution nor the builds after it wait for the client: what a
             // client too slow to read has no room for is not told.
             let told = tokio::spawn(async move {
-                while let Some((path, from)) = copying.recv().await {
+                while let Some(notice) = copying.recv().await {
+                    // Signatures refused are said with the path's failure, if no cache gives it.
+                    let Notice::Copying { path, from } = notice else { continue };
                     let ev = line(&RealiseEvent::Substituting { path, from });
                     if let Err(mpsc::error::TrySendError::Closed(_)) = tx2.try_send(ev) {
                         break;

@@ -739,8 +739,11 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     for side in [Side::Cairn, Side::Nix] {
         p.ok(side, "nix-store", &["--delete", &path]);
     }
-    let (c, _) = p.alike("nix-store", &["--realise", &path, "--option", "substituters", &cache]);
+    let (c, n) = p.alike("nix-store", &["--realise", &path, "--option", "substituters", &cache]);
     assert!(!c.status.success());
+    // And both say why, as Nix's daemon warns.
+    let unsigned = format!("the substitute for '{path}' from '{cache}' is not signed by any of the keys in 'trusted-public-keys'");
+    both_say(&c, &n, &[&unsigned]);
     // Still, the cache has it: what may be fetched is answered from its narinfo, signed or not.
     let (c, n) = p.alike("nix-store", &["--realise", "--dry-run", &path, "--option", "substituters", &cache]);
     both_say(&c, &n, &["this path will be fetched", &path]);
@@ -2282,4 +2285,94 @@ in derivation { name = "no-s-b"; system = builtins.currentSystem; builder = "/bi
     let url = format!("ssh-ng://localhost?remote-program={daemon}");
     let (copied, _) = count(&p.cairn.run(&["copy", "--json", "--no-check-sigs", "--to", &url, top], b""));
     assert_eq!(copied, 2, "without -s the cached link is sent too");
+}
+
+/// A Nix store reached over SSH is a substituter for cairnd as for nix-daemon: `ssh://`
+/// (`nix-store --serve`, what NixOS's `nix.sshServe` offers) and `ssh-ng://` (`nix-daemon
+/// --stdio`), each with its signatures checked unless its URL says `?trusted=1`, its NARs
+/// checked against what it said of them, and `cairn substitute --from` reaching it too.
+#[test]
+fn stores_reached_over_ssh_substitute_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let src = p.work.path().join("ssh-src");
+    let local = format!("local?root={}", src.display());
+    let f = p.write(
+        "over-ssh.nix",
+        br#"let dep = derivation { name = "over-ssh-dep"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo dep > $out" ]; };
+in derivation { name = "over-ssh-top"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo ${dep} > $out" ]; }"#,
+    );
+    let top = p.local_build(&local, &f);
+    let dep = p.local(&["nix-store", "--store", &local, "-q", "--references", &top]).trim().to_owned();
+    let program = |name: &str, tool: &str| {
+        let script = p.work.path().join(name);
+        cairn_tests::write_exec(&script, format!("#!/bin/sh\nexec env NIX_REMOTE='{local}' {tool} \"$@\"\n").as_bytes());
+        script.display().to_string()
+    };
+    let ssh = format!("ssh://localhost?remote-program={}", program("src-nix-store", "nix-store"));
+    let ng = format!("ssh-ng://localhost?remote-program={}", program("src-nix-daemon", "nix-daemon"));
+    let forget = || {
+        for side in [Side::Cairn, Side::Nix] {
+            p.ok(side, "nix-store", &["--delete", &top, &dep]);
+        }
+    };
+    let valid = |side: Side, path: &str| p.run(side, "nix-store", &["--check-validity", path]).status.success();
+    // Unsigned, from an untrusted store: refused by both, nothing registered.
+    for url in [&ssh, &ng] {
+        let (c, n) = p.alike("nix-store", &["--realise", &top, "--option", "substituters", url]);
+        assert!(!c.status.success() && !n.status.success(), "{url}: {}", String::from_utf8_lossy(&c.stderr));
+        let shown = url.split('?').next().unwrap();
+        both_say(&c, &n, &[&format!(
+            "warning: the substitute for '{top}' from '{shown}' is not signed by any of the keys in 'trusted-public-keys'"
+        )]);
+        assert!(!valid(Side::Cairn, &dep) && !valid(Side::Cairn, &top), "{url}: nothing of it is registered");
+    }
+    // `?trusted=1`: taken, as Nix takes it, and said to come from the store as Nix names it.
+    for (url, shown) in [(&ssh, "ssh://localhost"), (&ng, "ssh-ng://localhost")] {
+        let trusted = format!("{url}&trusted=1");
+        let (c, n) = p.alike("nix-store", &["--realise", &top, "--option", "substituters", &trusted]);
+        assert!(c.status.success(), "{url}: {}", String::from_utf8_lossy(&c.stderr));
+        assert_eq!(c.stdout, n.stdout);
+        both_say(&c, &n, &[&format!("copying path '{top}' from '{shown}'"), &format!("copying path '{dep}' from '{shown}'")]);
+        p.same_metadata(&[&top]);
+        forget();
+    }
+    // Signed there, with the key given: taken from an untrusted store too.
+    let (sk, pk) = p.key("over-ssh-key");
+    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), "-r", &top]);
+    for url in [&ssh, &ng] {
+        let (c, _) =
+            p.alike("nix-store", &["--realise", &top, "--option", "substituters", url, "--option", "trusted-public-keys", &pk]);
+        assert!(c.status.success(), "{url}: {}", String::from_utf8_lossy(&c.stderr));
+        p.same_metadata(&[&top]);
+        for side in [Side::Cairn, Side::Nix] {
+            let info = p.ok(side, "nix", &["path-info", "--json", &top]);
+            assert!(info.contains("\"over-ssh-key:"), "the signature came along: {info}");
+        }
+        forget();
+    }
+    // cairn's own verb reaches it the same way.
+    let trusted = format!("{ng}&trusted=1");
+    let out = p.cairn.run(&["substitute", "--from", &trusted, &top], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(valid(Side::Cairn, &top) && valid(Side::Cairn, &dep));
+    p.ok(Side::Cairn, "nix-store", &["--delete", &top, &dep]);
+    // A store whose file no longer matches what it says of the path: both refuse the NAR,
+    // nothing is registered, and cairnd goes on serving.
+    let file = src.join(top.trim_start_matches('/'));
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&file, b"not what was built\n").unwrap();
+    for url in [&ssh, &ng] {
+        let trusted = format!("{url}&trusted=1");
+        let (c, n) = p.alike("nix-store", &["--realise", &top, "--option", "substituters", &trusted]);
+        assert!(!c.status.success() && !n.status.success(), "{url}");
+        let said = String::from_utf8_lossy(&c.stderr);
+        let shown = url.split('?').next().unwrap();
+        assert!(said.contains(&format!("{shown}: NAR hash mismatch for '{top}'")), "{url}: {said}");
+        assert!(!valid(Side::Cairn, &top), "{url}: the altered path is not registered");
+    }
+    assert!(valid(Side::Cairn, &dep), "the path that matched was taken");
+    p.ok(Side::Cairn, "nix-store", &["--verify", "--check-contents"]);
 }

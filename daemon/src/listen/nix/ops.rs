@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cairn_cache::substitute::Notice;
 use cairn_nix::hash::Encoding;
 use cairn_nix::narinfo::NarInfo;
 use cairn_nix::StorePath;
@@ -185,11 +186,11 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// Runs `work`, a substitution that announces on `copying` each path it starts, showing the
     /// client each as Nix's daemon does: a "copying path '…' from '…'" activity (stopped when
-    /// the substitution ends).
+    /// the substitution ends); and Nix's warning for each substitute signed by no trusted key.
     pub(super) fn showing_copies<T>(
         &mut self,
         work: impl std::future::Future<Output = T>,
-        mut copying: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+        mut copying: tokio::sync::mpsc::UnboundedReceiver<cairn_cache::substitute::Notice>,
     ) -> T {
         let rt = self.rt.clone();
         let mut started = Vec::new();
@@ -198,7 +199,17 @@ impl<R: Read, W: Write> Session<R, W> {
             loop {
                 tokio::select! {
                     out = &mut work => break out,
-                    Some((shown, from)) = copying.recv() => {
+                    Some(notice) = copying.recv() => {
+                        let (shown, from) = match notice {
+                            Notice::Copying { path, from } => (path, from),
+                            Notice::Unsigned { path, from } => {
+                                self.log_line(&format!(
+                                    "warning: the substitute for '{path}' from '{from}' is not signed by any of the \
+                                     keys in 'trusted-public-keys'"
+                                ));
+                                continue;
+                            }
+                        };
                         let text = format!("copying path '{shown}' from '{from}'");
                         let fields = vec![
                             Field::String(shown.into_bytes()),
