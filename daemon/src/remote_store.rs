@@ -92,8 +92,9 @@ impl ProtocolStore {
 }
 
 impl Inner {
-    /// A session: an idle one that has not waited too long, else a new one. True: reused.
-    fn take(&self) -> Result<(Conn, bool), String> {
+    /// A session: an idle one that has not waited too long, else a new one (whose stopper is
+    /// put in `on` while it greets). True: reused.
+    fn take(&self, on: &StopSlot) -> Result<(Conn, bool), String> {
         let fresh = {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             // Closed outside the lock (a closing session waits for its process).
@@ -107,7 +108,7 @@ impl Inner {
         };
         match fresh {
             Some((conn, _)) => Ok((conn, true)),
-            None => connect::open(&self.target, &self.store_dir, &self.ssh_dir)
+            None => connect::open_stoppable(&self.target, &self.store_dir, &self.ssh_dir, &mut |s| set(on, Some(s)))
                 .map(|c| (c, false))
                 .map_err(|e| format!("cannot reach '{}': {e}", self.shown)),
         }
@@ -126,7 +127,7 @@ impl Inner {
         let (inner, on) = (self.clone(), StopSlot::default());
         let on_thread = on.clone();
         let job = tokio::task::spawn_blocking(move || loop {
-            let (mut conn, reused) = inner.take()?;
+            let (mut conn, reused) = inner.take(&on_thread)?;
             set(&on_thread, Some(conn.stopper()));
             let answer = op(&mut conn.session);
             set(&on_thread, None);
@@ -154,7 +155,7 @@ impl Inner {
     fn send_nar(&self, path: &StorePath, tx: SyncSender<Result<Vec<u8>, String>>, on: &StopSlot) {
         let mut out = ChunkSender { tx: &tx, buf: Vec::new(), sent: 0 };
         let failed = loop {
-            let (mut conn, reused) = match self.take() {
+            let (mut conn, reused) = match self.take(on) {
                 Ok(c) => c,
                 Err(e) => break e,
             };

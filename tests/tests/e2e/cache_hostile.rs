@@ -526,6 +526,27 @@ fn a_server_that_never_answers_fails_within_the_timeouts() {
     f.recovers(&st);
 }
 
+/// A Nix store over SSH whose program never greets is given up on within the timeouts
+/// (`connect-timeout` + `stalled-download-timeout`), its program ended, and the daemon goes on.
+#[test]
+fn a_remote_store_that_never_answers_is_given_up_on_and_its_program_ended() {
+    let f = Fixture::new();
+    let st = f.client("connect-timeout = 1\nstalled-download-timeout = 2\n");
+    let script = f.dir.path().join("mute-store");
+    cairn_tests::write_exec(&script, b"#!/bin/sh\nexec sleep 5917\n");
+    let url = format!("ssh://localhost?remote-program={}&trusted=1", script.display());
+    let started = Instant::now();
+    let err = f.refused(&st, &url, QUICK);
+    assert!(started.elapsed() >= Duration::from_millis(2900), "gave up before the timeouts: {err}");
+    assert!(err.contains("'ssh://localhost' did not answer within 3 s"), "{err}");
+    let gone = Instant::now();
+    while !cairn_tests::processes(&["sleep", "5917"]).is_empty() {
+        assert!(gone.elapsed() < Duration::from_secs(5), "the remote program was left running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.recovers(&st);
+}
+
 #[test]
 fn garbage_and_server_errors_fall_through_to_the_next_cache() {
     let f = Fixture::new();

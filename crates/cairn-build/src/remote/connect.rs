@@ -409,16 +409,29 @@ impl Conn {
 }
 
 /// Opens a session: connects or starts the command, greets the daemon and reads its startup
-/// log. `ssh_dir` holds the SSH master sockets and written known-hosts files; `label` names
-/// the builder in errors.
+/// log. `ssh_dir` holds the SSH master sockets and written known-hosts files.
 pub fn open(target: &Target, store_dir: &StoreDir, ssh_dir: &Path) -> Result<Conn, String> {
+    open_stoppable(target, store_dir, ssh_dir, &mut |_| {})
+}
+
+/// [`open`], handing `started` the session's [`Stopper`] as soon as there is a connection or a
+/// process, before the greeting: a caller that stops waiting can end a remote that never
+/// answers.
+pub fn open_stoppable(
+    target: &Target,
+    store_dir: &StoreDir,
+    ssh_dir: &Path,
+    started: &mut dyn FnMut(Stopper),
+) -> Result<Conn, String> {
     match target {
         Target::Unix(path) => {
             let s = UnixStream::connect(path).map_err(|e| format!("cannot connect to '{}': {e}", path.display()))?;
             let r = s.try_clone().map_err(|e| e.to_string())?;
             let w = s.try_clone().map_err(|e| e.to_string())?;
+            let stopper = Stopper::Socket(Arc::new(s));
+            started(stopper.clone());
             let client = greet(Box::new(r), Box::new(w), store_dir).map_err(|e| e.to_string())?;
-            Ok(Conn { session: Session::Worker(client), stopper: Stopper::Socket(Arc::new(s)) })
+            Ok(Conn { session: Session::Worker(client), stopper })
         }
         Target::Ssh(t) => {
             std::fs::create_dir_all(ssh_dir).map_err(|e| format!("cannot create '{}': {e}", ssh_dir.display()))?;
@@ -432,8 +445,13 @@ pub fn open(target: &Target, store_dir: &StoreDir, ssh_dir: &Path) -> Result<Con
                 .spawn()
                 .map_err(|e| format!("cannot run '{}': {e}", cmd.get_program().to_string_lossy()))?;
             let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                let _ = child.kill();
+                let _ = child.wait();
                 return Err("ssh's pipes are missing".to_owned());
             };
+            let child = Arc::new(Mutex::new(child));
+            let stopper = Stopper::Process(child.clone());
+            started(stopper.clone());
             let greeted = if t.serve {
                 greet_serve(Box::new(stdout), Box::new(stdin), store_dir).and_then(|client| {
                     let stderr = std::fs::File::open(&stderr_path).map_err(ClientError::from)?;
@@ -445,10 +463,13 @@ pub fn open(target: &Target, store_dir: &StoreDir, ssh_dir: &Path) -> Result<Con
             let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
             let _ = std::fs::remove_file(&stderr_path);
             match greeted {
-                Ok(session) => Ok(Conn { session, stopper: Stopper::Process(Arc::new(Mutex::new(child))) }),
+                Ok(session) => Ok(Conn { session, stopper }),
                 Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    {
+                        let mut c = child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
                     let tail: Vec<&str> =
                         said.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Warning:")).collect();
                     let why = tail.iter().rev().take(2).rev().cloned().collect::<Vec<_>>().join(" ");
@@ -501,8 +522,10 @@ fn ssh_command(t: &SshTarget, ssh_dir: &Path) -> Result<Command, String> {
     let bare_host = t.host.rsplit('@').next().unwrap_or(&t.host);
     // Exactly `localhost`, as Nix's `SSHMaster` fakes it: `user@localhost` is a real login.
     if t.host == "localhost" && t.port.is_none() {
+        // `exec`: the program itself is the child, so that stopping the session ends it (a
+        // shell left waiting would be killed and the program keep the pipes open).
         let mut c = Command::new("sh");
-        c.arg("-c").arg(&t.command);
+        c.arg("-c").arg(format!("exec {}", t.command));
         return Ok(c);
     }
     let mut c = Command::new("ssh");
