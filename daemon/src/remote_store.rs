@@ -174,7 +174,9 @@ impl Inner {
                 Err(e) => break e.to_string(),
                 // The receiver gone (the substitution refused it) or the NAR broken: the
                 // session is out of step either way, and is closed.
-                Ok(Err(e)) => break format!("the NAR of '{}' from '{}': {e}", self.store_dir.display(path), self.shown),
+                Ok(Err(e)) => {
+                    break format!("the NAR of '{}' from '{}': {e}", self.store_dir.display(path), self.shown)
+                }
             }
         };
         let _ = tx.send(Err(failed));
@@ -283,14 +285,13 @@ mod tests {
     fn urls_are_read_as_nix_reads_store_urls() {
         let dir = StoreDir::new("/nix/store").unwrap();
         let tmp = std::env::temp_dir();
-        let s = ProtocolStore::open("ssh://alice@big?remote-program=cairnd&max-connections=3", &dir, &tmp, &net())
-            .unwrap();
+        let s =
+            ProtocolStore::open("ssh://alice@big?remote-program=cairnd&max-connections=3", &dir, &tmp, &net()).unwrap();
         assert_eq!(s.inner.shown, "ssh://alice@big");
         assert_eq!(s.inner.slots.available_permits(), 3);
         let Target::Ssh(t) = &s.inner.target else { panic!() };
         assert!(t.serve && t.command == "cairnd --serve --write", "{t:?}");
-        let Target::Ssh(t) = ProtocolStore::open("ssh-ng://h", &dir, &tmp, &net()).unwrap().inner.target.clone()
-        else {
+        let Target::Ssh(t) = ProtocolStore::open("ssh-ng://h", &dir, &tmp, &net()).unwrap().inner.target.clone() else {
             panic!()
         };
         assert!(!t.serve && t.command == "nix-daemon --stdio");

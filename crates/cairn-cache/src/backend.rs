@@ -165,10 +165,8 @@ impl Backend {
         if crate::remote::is_remote_store(base) {
             return Err(bad("a store reached over SSH or a socket is a substituter of cairnd's, not a binary cache"));
         }
-        Err(bad(
-            "binary caches are file://, http://, https:// or s3:// URLs (or p2p://NODE-ID, a peer; or ssh://, \
-             ssh-ng://, unix:// stores as substituters)",
-        ))
+        Err(bad("binary caches are file://, http://, https:// or s3:// URLs (or p2p://NODE-ID, a peer; or ssh://, \
+             ssh-ng://, unix:// stores as substituters)"))
     }
 
     fn file(dir: &Path, key: &str) -> Result<PathBuf, CacheError> {

@@ -211,10 +211,10 @@ impl Substituter {
             return Ok(answer);
         }
         if let Backend::Remote { store, .. } = &self.backend {
-            let info = store.path_info(path).await.map_err(|reason| CacheError::Http {
-                url: self.backend.describe(&path.to_string()),
-                reason,
-            })?;
+            let info = store
+                .path_info(path)
+                .await
+                .map_err(|reason| CacheError::Http { url: self.backend.describe(&path.to_string()), reason })?;
             return Ok(info.map(|i| {
                 let key = i.path.to_string();
                 i.into_narinfo(key, "none")

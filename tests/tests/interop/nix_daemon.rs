@@ -742,7 +742,8 @@ fn a_trusted_client_s_substituters_and_keys_are_honoured() {
     let (c, n) = p.alike("nix-store", &["--realise", &path, "--option", "substituters", &cache]);
     assert!(!c.status.success());
     // And both say why, as Nix's daemon warns.
-    let unsigned = format!("the substitute for '{path}' from '{cache}' is not signed by any of the keys in 'trusted-public-keys'");
+    let unsigned =
+        format!("the substitute for '{path}' from '{cache}' is not signed by any of the keys in 'trusted-public-keys'");
     both_say(&c, &n, &[&unsigned]);
     // Still, the cache has it: what may be fetched is answered from its narinfo, signed or not.
     let (c, n) = p.alike("nix-store", &["--realise", "--dry-run", &path, "--option", "substituters", &cache]);
@@ -2308,7 +2309,10 @@ in derivation { name = "over-ssh-top"; system = builtins.currentSystem; builder 
     let dep = p.local(&["nix-store", "--store", &local, "-q", "--references", &top]).trim().to_owned();
     let program = |name: &str, tool: &str| {
         let script = p.work.path().join(name);
-        cairn_tests::write_exec(&script, format!("#!/bin/sh\nexec env NIX_REMOTE='{local}' {tool} \"$@\"\n").as_bytes());
+        cairn_tests::write_exec(
+            &script,
+            format!("#!/bin/sh\nexec env NIX_REMOTE='{local}' {tool} \"$@\"\n").as_bytes(),
+        );
         script.display().to_string()
     };
     let ssh = format!("ssh://localhost?remote-program={}", program("src-nix-store", "nix-store"));
@@ -2335,7 +2339,11 @@ in derivation { name = "over-ssh-top"; system = builtins.currentSystem; builder 
         let (c, n) = p.alike("nix-store", &["--realise", &top, "--option", "substituters", &trusted]);
         assert!(c.status.success(), "{url}: {}", String::from_utf8_lossy(&c.stderr));
         assert_eq!(c.stdout, n.stdout);
-        both_say(&c, &n, &[&format!("copying path '{top}' from '{shown}'"), &format!("copying path '{dep}' from '{shown}'")]);
+        both_say(
+            &c,
+            &n,
+            &[&format!("copying path '{top}' from '{shown}'"), &format!("copying path '{dep}' from '{shown}'")],
+        );
         p.same_metadata(&[&top]);
         forget();
     }
@@ -2343,8 +2351,10 @@ in derivation { name = "over-ssh-top"; system = builtins.currentSystem; builder 
     let (sk, pk) = p.key("over-ssh-key");
     p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), "-r", &top]);
     for url in [&ssh, &ng] {
-        let (c, _) =
-            p.alike("nix-store", &["--realise", &top, "--option", "substituters", url, "--option", "trusted-public-keys", &pk]);
+        let (c, _) = p.alike(
+            "nix-store",
+            &["--realise", &top, "--option", "substituters", url, "--option", "trusted-public-keys", &pk],
+        );
         assert!(c.status.success(), "{url}: {}", String::from_utf8_lossy(&c.stderr));
         p.same_metadata(&[&top]);
         for side in [Side::Cairn, Side::Nix] {
