@@ -108,19 +108,9 @@ pub(crate) async fn copy_to_ssh(
 /// `$XDG_RUNTIME_DIR` if there is one, else in the temporary directory (made with mode 0700,
 /// and refused if someone else made it or may enter it).
 fn ssh_dir() -> anyhow::Result<std::path::PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let me = nix::unistd::geteuid();
     let base = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("cairn-ssh-{me}"));
-    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(anyhow!("cannot create '{}': {e}", dir.display())),
-    }
-    let meta = std::fs::symlink_metadata(&dir)?;
-    if !meta.is_dir() || meta.uid() != me.as_raw() || meta.mode() & 0o077 != 0 {
-        anyhow::bail!("'{}' is not a private directory of this user's: remove it", dir.display());
-    }
+    let dir = base.join(format!("cairn-ssh-{}", nix::unistd::geteuid()));
+    connect::private_dir(&dir).map_err(|e| anyhow!(e))?;
     Ok(dir)
 }
 

@@ -8,9 +8,11 @@
 //! Sessions are kept for the next question: at most `max-connections` at once (Nix's setting,
 //! default 1), an idle one closed when it has waited a minute. A session that fails is closed; one
 //! that had been idle is tried again once on a new session (the remote end may have gone away
-//! meanwhile). Every question is bounded by `connect-timeout` + `stalled-download-timeout`, and
-//! a NAR by `stalled-download-timeout` between chunks: a remote that stops answering has its
-//! session ended and the substitution moves on.
+//! meanwhile). Every question is bounded by `connect-timeout` + `stalled-download-timeout`
+//! (waiting for a free session included), and a NAR by `stalled-download-timeout` between
+//! chunks: a question given up — timed out, or its asker gone — has its session ended, and a
+//! store that did not answer or could not be reached is not asked again for a minute, so a
+//! closure's thousand lookups do not each wait for it.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -42,23 +44,58 @@ struct Inner {
     ssh_dir: PathBuf,
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<(Conn, Instant)>>,
+    /// Until when it is not asked (it did not answer, or could not be reached).
+    down_until: Mutex<Option<Instant>>,
     /// Longest wait for an answer, and for the next chunk of a NAR.
     answer_within: Duration,
     stall: Duration,
 }
 
-/// The stopper of the session a question is on, for ending it from outside when it hangs.
-type StopSlot = Arc<Mutex<Option<Stopper>>>;
-
-fn set(slot: &StopSlot, stopper: Option<Stopper>) {
-    *slot.lock().unwrap_or_else(PoisonError::into_inner) = stopper;
+/// The session a question is on, for ending it from outside: when the question is given up
+/// (timed out, or its asker gone), the session is stopped, and so is any session opened for it
+/// after that.
+#[derive(Default)]
+struct Watch {
+    state: Mutex<(Option<Stopper>, bool)>,
 }
 
+type StopSlot = Arc<Watch>;
+
+/// Puts the session now in use in `slot` (`None`: none), or stops it at once if the question
+/// was given up.
+fn set(slot: &StopSlot, stopper: Option<Stopper>) {
+    let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+    match (&stopper, state.1) {
+        (Some(s), true) => s.stop(),
+        _ => state.0 = stopper,
+    }
+}
+
+/// Gives the question up: its session is stopped, and no other is opened for it.
 fn stop(slot: &StopSlot) {
-    if let Some(s) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+    let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+    state.1 = true;
+    if let Some(s) = state.0.take() {
         s.stop();
     }
 }
+
+fn given_up(slot: &StopSlot) -> bool {
+    slot.state.lock().unwrap_or_else(PoisonError::into_inner).1
+}
+
+/// Gives a question up when its asker stops waiting for it.
+struct GiveUpOnDrop(StopSlot);
+
+impl Drop for GiveUpOnDrop {
+    fn drop(&mut self) {
+        stop(&self.0);
+    }
+}
+
+/// How long a store that did not answer is not asked again (Nix disables a binary cache that
+/// failed for as long).
+const DOWN_FOR: Duration = Duration::from_secs(60);
 
 impl ProtocolStore {
     /// The store `url` names, reached from this daemon with `ssh_dir` for SSH's master sockets
@@ -76,41 +113,74 @@ impl ProtocolStore {
                 _ => return Err(bad(&format_args!("max-connections '{v}' is not a positive number"))),
             },
         };
-        Ok(ProtocolStore {
-            inner: Arc::new(Inner {
-                shown: shown.to_owned(),
-                target,
-                store_dir: store_dir.clone(),
-                ssh_dir: ssh_dir.to_owned(),
-                slots: Arc::new(Semaphore::new(connections)),
-                idle: Mutex::new(Vec::new()),
-                answer_within: net.connect_timeout + net.stall_timeout,
-                stall: net.stall_timeout,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            shown: shown.to_owned(),
+            target,
+            store_dir: store_dir.clone(),
+            ssh_dir: ssh_dir.to_owned(),
+            slots: Arc::new(Semaphore::new(connections)),
+            idle: Mutex::new(Vec::new()),
+            down_until: Mutex::new(None),
+            answer_within: net.connect_timeout + net.stall_timeout,
+            stall: net.stall_timeout,
+        });
+        // Idle sessions are closed when they have waited a minute, by a thread that ends with
+        // the store.
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("remote-store-idle".into())
+            .spawn(move || loop {
+                std::thread::sleep(IDLE / 2);
+                match weak.upgrade() {
+                    Some(inner) => drop(inner.stale()),
+                    None => return,
+                }
+            })
+            .map_err(|e| bad(&format_args!("cannot start a thread: {e}")))?;
+        Ok(ProtocolStore { inner })
     }
 }
 
 impl Inner {
+    /// The idle sessions that have waited too long, taken out (closed when dropped, outside
+    /// the lock: a closing session waits for its process).
+    fn stale(&self) -> Vec<(Conn, Instant)> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let (kept, stale) = std::mem::take(&mut *idle).into_iter().partition(|(_, since)| since.elapsed() <= IDLE);
+        *idle = kept;
+        stale
+    }
+
     /// A session: an idle one that has not waited too long, else a new one (whose stopper is
-    /// put in `on` while it greets). True: reused.
+    /// put in `on` while it greets). True: reused. A store that cannot be reached is down for
+    /// a while.
     fn take(&self, on: &StopSlot) -> Result<(Conn, bool), String> {
-        let fresh = {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            // Closed outside the lock (a closing session waits for its process).
-            let (kept, stale): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut *idle).into_iter().partition(|(_, since)| since.elapsed() <= IDLE);
-            *idle = kept;
-            let fresh = idle.pop();
-            drop(idle);
-            drop(stale);
-            fresh
-        };
-        match fresh {
-            Some((conn, _)) => Ok((conn, true)),
-            None => connect::open_stoppable(&self.target, &self.store_dir, &self.ssh_dir, &mut |s| set(on, Some(s)))
-                .map(|c| (c, false))
-                .map_err(|e| format!("cannot reach '{}': {e}", self.shown)),
+        drop(self.stale());
+        let reused = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        if let Some((conn, _)) = reused {
+            return Ok((conn, true));
+        }
+        self.check_up()?;
+        connect::open_stoppable(&self.target, &self.store_dir, &self.ssh_dir, &mut |s| set(on, Some(s)))
+            .map(|c| (c, false))
+            .map_err(|e| {
+                self.mark_down();
+                format!("cannot reach '{}': {e}", self.shown)
+            })
+    }
+
+    fn mark_down(&self) {
+        *self.down_until.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + DOWN_FOR);
+    }
+
+    fn check_up(&self) -> Result<(), String> {
+        match *self.down_until.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(until) if Instant::now() < until => Err(format!(
+                "'{}' did not answer a moment ago; it is not asked again for {} s",
+                self.shown,
+                DOWN_FOR.as_secs()
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -118,34 +188,45 @@ impl Inner {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner).push((conn, Instant::now()));
     }
 
-    /// Runs `op` on a session on a blocking thread, within the time allowed for an answer.
+    /// Runs `op` on a session on a blocking thread, within the time allowed for an answer
+    /// (waiting for a free session included). A question given up ends its session.
     async fn ask<T: Send + 'static>(
         self: &Arc<Self>,
         op: impl Fn(&mut Session) -> Result<T, ClientError> + Send + 'static,
     ) -> Result<T, String> {
-        let _slot = self.slots.acquire().await.map_err(|_| "the substituter is closed".to_owned())?;
-        let (inner, on) = (self.clone(), StopSlot::default());
-        let on_thread = on.clone();
-        let job = tokio::task::spawn_blocking(move || loop {
-            let (mut conn, reused) = inner.take(&on_thread)?;
-            set(&on_thread, Some(conn.stopper()));
-            let answer = op(&mut conn.session);
-            set(&on_thread, None);
-            match answer {
-                Ok(v) => {
-                    inner.give_back(conn);
-                    return Ok(v);
+        self.check_up()?;
+        let on = StopSlot::default();
+        let _give_up = GiveUpOnDrop(on.clone());
+        let (inner, on_thread) = (self.clone(), on.clone());
+        let asked = async move {
+            let _slot =
+                inner.slots.clone().acquire_owned().await.map_err(|_| "the substituter is closed".to_owned())?;
+            let worker = inner.clone();
+            let job = tokio::task::spawn_blocking(move || loop {
+                let (mut conn, reused) = worker.take(&on_thread)?;
+                set(&on_thread, Some(conn.stopper()));
+                let answer = op(&mut conn.session);
+                set(&on_thread, None);
+                match answer {
+                    Ok(v) => {
+                        worker.give_back(conn);
+                        return Ok(v);
+                    }
+                    // A session that had waited may have ended at the other end: once more,
+                    // anew, unless the question was given up.
+                    Err(ClientError::Protocol(_)) if reused && !given_up(&on_thread) => continue,
+                    Err(e) => return Err(e.to_string()),
                 }
-                // A session that had waited may have ended at the other end: once more, anew.
-                Err(ClientError::Protocol(_)) if reused => continue,
-                Err(e) => return Err(e.to_string()),
+            });
+            match job.await {
+                Ok(answer) => answer,
+                Err(e) => Err(format!("the question to '{}' failed: {e}", inner.shown)),
             }
-        });
-        match tokio::time::timeout(self.answer_within, job).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => Err(format!("the question to '{}' failed: {e}", self.shown)),
+        };
+        match tokio::time::timeout(self.answer_within, asked).await {
+            Ok(answer) => answer,
             Err(_) => {
-                stop(&on);
+                self.mark_down();
                 Err(format!("'{}' did not answer within {} s", self.shown, self.answer_within.as_secs()))
             }
         }
@@ -153,7 +234,7 @@ impl Inner {
 
     /// Streams `path`'s NAR into `tx`, on the calling (blocking) thread.
     fn send_nar(&self, path: &StorePath, tx: SyncSender<Result<Vec<u8>, String>>, on: &StopSlot) {
-        let mut out = ChunkSender { tx: &tx, buf: Vec::new(), sent: 0 };
+        let mut out = ChunkSender { tx: &tx, buf: Vec::new(), sent: 0, last: Instant::now() };
         let failed = loop {
             let (mut conn, reused) = match self.take(on) {
                 Ok(c) => c,
@@ -170,7 +251,11 @@ impl Inner {
                     self.give_back(conn);
                     return;
                 }
-                Err(ClientError::Protocol(_)) if reused && out.sent == 0 => continue,
+                // Nothing of it was passed on yet: once more on a new session, as a question.
+                Err(ClientError::Protocol(_)) if reused && out.sent == 0 && !given_up(on) => {
+                    out.buf.clear();
+                    continue;
+                }
                 Err(e) => break e.to_string(),
                 // The receiver gone (the substitution refused it) or the NAR broken: the
                 // session is out of step either way, and is closed.
@@ -196,7 +281,13 @@ impl RemoteStore for ProtocolStore {
     fn nar<'a>(&'a self, path: &'a StorePath) -> RemoteAnswer<'a, cairn_cache::backend::FileReader> {
         let path = path.clone();
         Box::pin(async move {
-            let slot = self.inner.slots.clone().acquire_owned().await.map_err(|_| "the substituter is closed")?;
+            self.inner.check_up()?;
+            let waited = tokio::time::timeout(self.inner.answer_within, self.inner.slots.clone().acquire_owned());
+            let slot = match waited.await {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(_)) => return Err("the substituter is closed".to_owned()),
+                Err(_) => return Err(format!("no session with '{}' was free in time", self.inner.shown)),
+            };
             let (tx, rx) = std::sync::mpsc::sync_channel(16);
             let (inner, on) = (self.inner.clone(), StopSlot::default());
             let on_thread = on.clone();
@@ -211,10 +302,13 @@ impl RemoteStore for ProtocolStore {
 }
 
 /// The NAR's bytes on their way to the substitution, in chunks of up to 256 KiB.
+/// What has waited a second is passed on however little it is, so that a slow remote that keeps
+/// sending is not taken for a stalled one.
 struct ChunkSender<'a> {
     tx: &'a SyncSender<Result<Vec<u8>, String>>,
     buf: Vec<u8>,
     sent: u64,
+    last: Instant,
 }
 
 const CHUNK: usize = 256 << 10;
@@ -222,7 +316,7 @@ const CHUNK: usize = 256 << 10;
 impl Write for ChunkSender<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
+        if self.buf.len() >= CHUNK || self.last.elapsed() >= Duration::from_secs(1) {
             self.flush()?;
         }
         Ok(data.len())
@@ -234,6 +328,7 @@ impl Write for ChunkSender<'_> {
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
         self.sent += chunk.len() as u64;
+        self.last = Instant::now();
         self.tx
             .send(Ok(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the substitution stopped reading"))
@@ -241,13 +336,20 @@ impl Write for ChunkSender<'_> {
 }
 
 /// The reader the substitution restores from: the chunks as they come, an error if the sender
-/// failed or nothing came for the stall timeout (then the session is ended).
+/// failed or nothing came for the stall timeout. Its session is ended when it gives up, or is
+/// dropped before the end (the sender then stops too, and lets go of its session's slot).
 struct Incoming {
     rx: Receiver<Result<Vec<u8>, String>>,
     chunk: Vec<u8>,
     at: usize,
     on: StopSlot,
     stall: Duration,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        stop(&self.on);
+    }
 }
 
 impl Read for Incoming {

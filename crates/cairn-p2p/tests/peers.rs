@@ -217,7 +217,26 @@ async fn a_restarted_peer_is_reached_again_at_once() {
     assert!(read_all(b.find(wanted.clone()).await).await.unwrap() == nar);
     a.shutdown().await;
     drop(a);
-    let a = node(a_dir.path(), a_store, Some(a_addr), a_peers).await;
+    // The same address again: the old endpoint's socket may take a moment to be let go.
+    let config = |listen| Config {
+        listen,
+        peers: a_peers.clone(),
+        local_discovery: false,
+        state_dir: a_dir.path().join("p2p"),
+        max_transfers_per_peer: 4,
+        upload_rate: 0,
+        keys: Vec::new(),
+    };
+    let rebinding = std::time::Instant::now();
+    let a = loop {
+        match Node::start(config(Some(a_addr)), a_store.clone()).await {
+            Ok(a) => break a,
+            Err(e) if rebinding.elapsed() < std::time::Duration::from_secs(10) && e.to_string().contains("in use") => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let started = std::time::Instant::now();
     let again = b.find(wanted).await;
     assert!(matches!(again, PeerOffer::Bytes(_)), "the restarted peer was not reached: {:?}", b.status());

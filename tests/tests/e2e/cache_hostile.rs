@@ -539,12 +539,26 @@ fn a_remote_store_that_never_answers_is_given_up_on_and_its_program_ended() {
     let err = f.refused(&st, &url, QUICK);
     assert!(started.elapsed() >= Duration::from_millis(2900), "gave up before the timeouts: {err}");
     assert!(err.contains("'ssh://localhost' did not answer within 3 s"), "{err}");
-    let gone = Instant::now();
-    while !cairn_tests::processes(&["sleep", "5917"]).is_empty() {
-        assert!(gone.elapsed() < Duration::from_secs(5), "the remote program was left running");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let ended = || {
+        let gone = Instant::now();
+        while !cairn_tests::processes(&["sleep", "5917"]).is_empty() {
+            assert!(gone.elapsed() < Duration::from_secs(5), "the remote program was left running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    ended();
     f.recovers(&st);
+    // Configured, it is given up on once, then not asked again for a while: a closure's lookups
+    // do not each wait for it.
+    let configured =
+        f.client(&format!("connect-timeout = 1\nstalled-download-timeout = 2\nsubstituters = [\"{url}\"]\n"));
+    let err = configured.fail(&["substitute", &f.note], b"");
+    assert!(err.contains("did not answer within 3 s"), "{err}");
+    let started = Instant::now();
+    let err = configured.fail(&["substitute", &f.note], b"");
+    assert!(started.elapsed() < Duration::from_secs(2), "asked again: {err}");
+    assert!(err.contains("did not answer a moment ago"), "{err}");
+    ended();
 }
 
 #[test]

@@ -383,11 +383,17 @@ impl Stopper {
             Stopper::Socket(s) => {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
-            Stopper::Process(c) => {
-                // A child already waited for is not signalled again (std remembers its status).
-                let _ = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner).kill();
-            }
+            Stopper::Process(c) => kill_group(&mut c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
         }
+    }
+}
+
+/// Kills a session's process and its group (the child leads it), unless it was waited for:
+/// std remembers a reaped child, whose pid may since be another process's.
+fn kill_group(c: &mut Child) {
+    if let Ok(None) = c.try_wait() {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = c.kill();
     }
 }
 
@@ -396,7 +402,7 @@ impl Drop for Conn {
         if let Stopper::Process(c) = &self.stopper {
             // The remote program ends when its stdin closes; don't leave a zombie.
             let mut c = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = c.kill();
+            kill_group(&mut c);
             let _ = c.wait();
         }
     }
@@ -434,11 +440,13 @@ pub fn open_stoppable(
             Ok(Conn { session: Session::Worker(client), stopper })
         }
         Target::Ssh(t) => {
-            std::fs::create_dir_all(ssh_dir).map_err(|e| format!("cannot create '{}': {e}", ssh_dir.display()))?;
+            private_dir(ssh_dir)?;
             let stderr_path = ssh_dir.join(format!("stderr-{}-{}", std::process::id(), next_id()));
             let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
             let mut cmd = ssh_command(t, ssh_dir)?;
-            let mut child = cmd
+            // Its own process group, which a stop ends whole: `sh -c` for `localhost` does not
+            // exec its command, which would otherwise outlive it holding the pipes.
+            let mut child = std::os::unix::process::CommandExt::process_group(&mut cmd, 0)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(stderr)
@@ -467,7 +475,7 @@ pub fn open_stoppable(
                 Err(e) => {
                     {
                         let mut c = child.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        let _ = c.kill();
+                        kill_group(&mut c);
                         let _ = c.wait();
                     }
                     let tail: Vec<&str> =
@@ -483,6 +491,24 @@ pub fn open_stoppable(
             }
         }
     }
+}
+
+/// Makes `dir` (mode 0700), or checks that it is already a directory of this user's that nobody
+/// else may enter: SSH's master sockets and the known-hosts files written for it go there, and a
+/// directory someone else made first (its name is predictable) could hand ssh their socket or
+/// point a written file elsewhere.
+pub fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create '{}': {e}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("'{}': {e}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(format!("'{}' is not a private directory of this user's: remove it", dir.display()));
+    }
+    Ok(())
 }
 
 fn next_id() -> u64 {
@@ -522,10 +548,8 @@ fn ssh_command(t: &SshTarget, ssh_dir: &Path) -> Result<Command, String> {
     let bare_host = t.host.rsplit('@').next().unwrap_or(&t.host);
     // Exactly `localhost`, as Nix's `SSHMaster` fakes it: `user@localhost` is a real login.
     if t.host == "localhost" && t.port.is_none() {
-        // `exec`: the program itself is the child, so that stopping the session ends it (a
-        // shell left waiting would be killed and the program keep the pipes open).
         let mut c = Command::new("sh");
-        c.arg("-c").arg(format!("exec {}", t.command));
+        c.arg("-c").arg(&t.command);
         return Ok(c);
     }
     let mut c = Command::new("ssh");
