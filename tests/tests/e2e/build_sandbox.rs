@@ -472,7 +472,8 @@ fn outputs_a_substituter_has_are_substituted_not_built() {
 }
 
 /// Another cairnd's store reached over SSH is a substituter: `ssh://` (the legacy protocol, its
-/// `cairnd --serve`) and `ssh-ng://` (the worker protocol, its `cairnd --stdio`). Its unsigned
+/// `cairnd --serve`) and `ssh-ng://` (the worker protocol, its `cairnd --stdio`); and so is its
+/// Nix socket, as `unix://`. Its unsigned
 /// paths are taken only from a URL that says `?trusted=1` (otherwise the derivation is built,
 /// and the client told why); its NARs are checked against what it says of them.
 #[test]
@@ -492,22 +493,26 @@ fn another_cairnd_over_ssh_is_a_substituter() {
     cairn_tests::write_exec(&program, script.as_bytes());
     let hash_there = a.ok(&["path-info", "--json", &out]);
     let nar_hash = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()[0]["narHash"].clone();
-    for scheme in ["ssh", "ssh-ng"] {
-        let url = format!("{scheme}://localhost?remote-program={}", program.display());
+    let there = a.socket.with_file_name("nix-socket");
+    for (url, shown) in [
+        (format!("ssh://localhost?remote-program={}", program.display()), "ssh://localhost".to_owned()),
+        (format!("ssh-ng://localhost?remote-program={}", program.display()), "ssh-ng://localhost".to_owned()),
+        (format!("unix://{}?priority=1", there.display()), format!("unix://{}", there.display())),
+    ] {
         let Some(b) = store(&format!("substituters = [\"{url}\"]")) else { return };
         add(&b, &json);
         let built = b.run(&["realise", &drv], b"");
         assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
         let said = String::from_utf8_lossy(&built.stderr);
         assert!(said.contains(&format!("cannot substitute '{out}'")) && said.contains("not signed"), "{said}");
-        assert!(b.log().contains("building drv="), "{scheme}: built, since the substitute is not trusted");
+        assert!(b.log().contains("building drv="), "{shown}: built, since the substitute is not trusted");
         let Some(c) = store(&format!("substituters = [\"{url}&trusted=1\"]")) else { return };
         add(&c, &json);
         let fetched = c.run(&["realise", &drv], b"");
         assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
         let said = String::from_utf8_lossy(&fetched.stderr);
-        assert!(said.contains(&format!("copying path '{out}' from '{scheme}://localhost'...")), "{said}");
-        assert!(!c.log().contains("building drv="), "{scheme}: nothing was built");
+        assert!(said.contains(&format!("copying path '{out}' from '{shown}'...")), "{said}");
+        assert!(!c.log().contains("building drv="), "{shown}: nothing was built");
         assert_eq!(nar_hash(&c.ok(&["path-info", "--json", &out])), nar_hash(&hash_there));
         assert_eq!(c.ok(&["cat", &out]), "built once\n");
     }
