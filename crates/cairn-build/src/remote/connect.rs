@@ -19,12 +19,12 @@
 //! A session that cannot start fails with what the transport said (`ssh`'s last lines, such as
 //! "Host key verification failed."), so the user sees why a builder is down.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use cairn_nix::machines::Machine;
 use cairn_nix::{StoreDir, StorePath};
@@ -170,29 +170,25 @@ pub struct Conn {
 /// A session in either of Nix's protocols, with the calls a remote build makes.
 pub enum Session {
     Worker(Client<Reader, Writer>),
-    /// The legacy SSH protocol; the remote program's standard error (its file, unlinked) is
-    /// where a build's output comes, and the build settings go with each build.
+    /// The legacy SSH protocol; the remote program's standard error is where a build's output
+    /// comes, and the build settings go with each build.
     Serve {
         client: ServeClient<Reader, Writer>,
-        stderr: std::fs::File,
+        stderr: Arc<Stderr>,
         settings: cairn_worker::serve::ServeBuildSettings,
     },
 }
 
+/// How long a failed session's program is given to say why and end.
+const LAST_WORDS: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A legacy-protocol failure: the server ends the session on any error, after saying why on
 /// its standard error, so what it said last is the reason (a refusal); without it, the bytes.
-fn serve_error(stderr: &mut std::fs::File, e: cairn_worker::Error) -> ClientError {
-    let mut tail = LineTail::default();
-    tail.read(stderr, &mut |_| {});
-    tail.flush(&mut |_| {});
-    serve_failure(&tail, e)
-}
-
-fn serve_failure(tail: &LineTail, e: cairn_worker::Error) -> ClientError {
-    if tail.recent.is_empty() {
+fn serve_error(stderr: &Stderr, e: cairn_worker::Error) -> ClientError {
+    let said = stderr.last_words(LAST_WORDS);
+    if said.is_empty() {
         ClientError::Protocol(e)
     } else {
-        let said: Vec<&str> = tail.recent.iter().map(String::as_str).collect();
         ClientError::Remote(cairn_worker::RemoteError::new(said.join(" ")))
     }
 }
@@ -281,25 +277,24 @@ impl Session {
             Session::Worker(c) => c.build_derivation(drv_path, drv, cairn_worker::BuildMode::Normal, on_log),
             Session::Serve { client, stderr, settings } => {
                 let settings = settings.clone();
-                let mut lines = LineTail::default();
                 // What it said before this build is not this build's.
-                let _ = std::io::copy(stderr, &mut std::io::sink());
+                stderr.drain(&mut |_| {}, true);
+                let stderr: &Stderr = stderr;
                 std::thread::scope(|scope| {
                     let build = scope.spawn(|| client.build_derivation(drv_path, drv, &settings));
                     loop {
                         let finished = build.is_finished();
-                        lines.read(stderr, on_log);
+                        stderr.drain(on_log, finished);
                         if finished {
                             break;
                         }
-                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        stderr.wait(std::time::Duration::from_millis(50));
                     }
-                    lines.flush(on_log);
                     build.join().unwrap_or_else(|_| {
                         Err(cairn_worker::Error::Io(std::io::Error::other("the session's reader panicked")))
                     })
                 })
-                .map_err(|e| serve_failure(&lines, e))
+                .map_err(|e| serve_error(stderr, e))
             }
         }
     }
@@ -319,12 +314,12 @@ impl Session {
     }
 }
 
-/// Complete lines of a growing file, handed over as log messages; the last two that say
-/// something are kept, for a failure's reason.
+/// Complete lines of what a program writes, handed over as they end; the last two that say
+/// something (ssh's "Warning:" lines aside) are kept, for a failure's reason.
 #[derive(Default)]
 struct LineTail {
     partial: Vec<u8>,
-    recent: std::collections::VecDeque<String>,
+    recent: VecDeque<String>,
 }
 
 /// The longest line held back waiting for its end: a builder that never writes a newline is
@@ -332,40 +327,157 @@ struct LineTail {
 const MAX_LINE: usize = 64 << 10;
 
 impl LineTail {
-    fn read(&mut self, f: &mut std::fs::File, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
-        let mut buf = [0u8; 8192];
-        while let Ok(n @ 1..) = f.read(&mut buf) {
-            self.partial.extend_from_slice(&buf[..n]);
-            while let Some(end) = self
-                .partial
-                .iter()
-                .position(|&b| b == b'\n')
-                .map(|i| i + 1)
-                .or((self.partial.len() >= MAX_LINE).then_some(MAX_LINE))
-            {
-                let line: Vec<u8> = self.partial.drain(..end).collect();
-                self.hand_over(line, on_log);
-            }
+    fn feed(&mut self, bytes: &[u8], on_line: &mut dyn FnMut(String)) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(end) = self
+            .partial
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| i + 1)
+            .or((self.partial.len() >= MAX_LINE).then_some(MAX_LINE))
+        {
+            let line: Vec<u8> = self.partial.drain(..end).collect();
+            self.hand_over(line, on_line);
         }
     }
 
-    fn flush(&mut self, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
+    /// Hands over the unfinished last line, if any.
+    fn flush(&mut self, on_line: &mut dyn FnMut(String)) {
         if !self.partial.is_empty() {
             let line = std::mem::take(&mut self.partial);
-            self.hand_over(line, on_log);
+            self.hand_over(line, on_line);
         }
     }
 
-    fn hand_over(&mut self, line: Vec<u8>, on_log: &mut dyn FnMut(cairn_worker::StderrMessage)) {
+    fn hand_over(&mut self, line: Vec<u8>, on_line: &mut dyn FnMut(String)) {
         let line = String::from_utf8_lossy(&line).into_owned();
         let said = line.trim();
-        if !said.is_empty() {
+        if !said.is_empty() && !said.starts_with("Warning:") {
             if self.recent.len() == 2 {
                 self.recent.pop_front();
             }
             self.recent.push_back(said.to_owned());
         }
-        on_log(cairn_worker::StderrMessage::Next(line));
+        on_line(line);
+    }
+}
+
+/// What a session's program writes on its standard error, read from a pipe by a thread of its
+/// own as it comes, so that nothing grows on disk however much it says: the lines not yet
+/// handed over (at most [`MAX_PENDING`] bytes of them; older ones are dropped and counted), and
+/// the last lines that said something.
+pub struct Stderr {
+    state: Mutex<Said>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Said {
+    tail: LineTail,
+    pending: VecDeque<String>,
+    pending_bytes: usize,
+    dropped: u64,
+    ended: bool,
+}
+
+/// Most output held for a build that has not taken it yet (a session not building keeps only
+/// this much of what its program says).
+const MAX_PENDING: usize = 4 << 20;
+
+impl Said {
+    fn push(&mut self, line: String) {
+        self.pending_bytes += line.len();
+        self.pending.push_back(line);
+        while self.pending_bytes > MAX_PENDING {
+            let Some(old) = self.pending.pop_front() else { break };
+            self.pending_bytes -= old.len();
+            self.dropped += old.len() as u64;
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let mut lines = Vec::new();
+        self.tail.feed(bytes, &mut |l| lines.push(l));
+        lines.into_iter().for_each(|l| self.push(l));
+    }
+
+    fn end(&mut self) {
+        let mut lines = Vec::new();
+        self.tail.flush(&mut |l| lines.push(l));
+        lines.into_iter().for_each(|l| self.push(l));
+        self.ended = true;
+    }
+}
+
+impl Stderr {
+    fn start(mut pipe: impl Read + Send + 'static) -> std::io::Result<Arc<Stderr>> {
+        let me = Arc::new(Stderr { state: Mutex::new(Said::default()), changed: Condvar::new() });
+        let feed = me.clone();
+        std::thread::Builder::new().name("remote-stderr".into()).spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = pipe.read(&mut buf).unwrap_or(0);
+                let mut said = feed.lock();
+                if n == 0 {
+                    said.end();
+                    feed.changed.notify_all();
+                    return;
+                }
+                said.feed(&buf[..n]);
+                drop(said);
+                feed.changed.notify_all();
+            }
+        })?;
+        Ok(me)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Said> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands the lines said so far to `on_log` (with `all`, an unfinished last line too).
+    fn drain(&self, on_log: &mut dyn FnMut(cairn_worker::StderrMessage), all: bool) {
+        let (lines, dropped) = {
+            let mut said = self.lock();
+            if all {
+                let mut rest = Vec::new();
+                said.tail.flush(&mut |l| rest.push(l));
+                rest.into_iter().for_each(|l| said.push(l));
+            }
+            said.pending_bytes = 0;
+            (std::mem::take(&mut said.pending), std::mem::take(&mut said.dropped))
+        };
+        if dropped > 0 {
+            on_log(cairn_worker::StderrMessage::Next(format!("({dropped} bytes of output were dropped)\n")));
+        }
+        lines.into_iter().for_each(|l| on_log(cairn_worker::StderrMessage::Next(l)));
+    }
+
+    /// Waits at most `timeout` for more to be said (or for the end).
+    fn wait(&self, timeout: std::time::Duration) {
+        let said = self.lock();
+        if said.pending.is_empty() && !said.ended {
+            let _ = self.changed.wait_timeout(said, timeout);
+        }
+    }
+
+    /// The last lines that said something, once the program has closed its standard error or
+    /// `grace` has passed.
+    fn last_words(&self, grace: std::time::Duration) -> Vec<String> {
+        let said = self.lock();
+        let (said, _) = self
+            .changed
+            .wait_timeout_while(said, grace, |s| !s.ended)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut recent = said.tail.recent.clone();
+        if !said.ended {
+            // An unfinished last line may be the reason.
+            let last = String::from_utf8_lossy(&said.tail.partial).trim().to_owned();
+            if !last.is_empty() && !last.starts_with("Warning:") {
+                recent.push_back(last);
+            }
+        }
+        recent.into_iter().rev().take(2).rev().collect()
     }
 }
 
@@ -441,35 +553,41 @@ pub fn open_stoppable(
         }
         Target::Ssh(t) => {
             private_dir(ssh_dir)?;
-            let stderr_path = ssh_dir.join(format!("stderr-{}-{}", std::process::id(), next_id()));
-            let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
             let mut cmd = ssh_command(t, ssh_dir)?;
             // Its own process group, which a stop ends whole: `sh -c` for `localhost` does not
             // exec its command, which would otherwise outlive it holding the pipes.
             let mut child = std::os::unix::process::CommandExt::process_group(&mut cmd, 0)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
-                .stderr(stderr)
+                .stderr(Stdio::piped())
                 .spawn()
                 .map_err(|e| format!("cannot run '{}': {e}", cmd.get_program().to_string_lossy()))?;
-            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-                let _ = child.kill();
+            let (Some(stdin), Some(stdout), Some(err)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            else {
+                kill_group(&mut child);
                 let _ = child.wait();
                 return Err("ssh's pipes are missing".to_owned());
+            };
+            let stderr = match Stderr::start(err) {
+                Ok(s) => s,
+                Err(e) => {
+                    kill_group(&mut child);
+                    let _ = child.wait();
+                    return Err(format!("cannot start a thread: {e}"));
+                }
             };
             let child = Arc::new(Mutex::new(child));
             let stopper = Stopper::Process(child.clone());
             started(stopper.clone());
             let greeted = if t.serve {
-                greet_serve(Box::new(stdout), Box::new(stdin), store_dir).and_then(|client| {
-                    let stderr = std::fs::File::open(&stderr_path).map_err(ClientError::from)?;
-                    Ok(Session::Serve { client, stderr, settings: Default::default() })
+                greet_serve(Box::new(stdout), Box::new(stdin), store_dir).map(|client| Session::Serve {
+                    client,
+                    stderr: stderr.clone(),
+                    settings: Default::default(),
                 })
             } else {
                 greet(Box::new(stdout), Box::new(stdin), store_dir).map(Session::Worker)
             };
-            let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-            let _ = std::fs::remove_file(&stderr_path);
             match greeted {
                 Ok(session) => Ok(Conn { session, stopper }),
                 Err(e) => {
@@ -478,9 +596,7 @@ pub fn open_stoppable(
                         kill_group(&mut c);
                         let _ = c.wait();
                     }
-                    let tail: Vec<&str> =
-                        said.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Warning:")).collect();
-                    let why = tail.iter().rev().take(2).rev().cloned().collect::<Vec<_>>().join(" ");
+                    let why = stderr.last_words(LAST_WORDS).join(" ");
                     let protocol = if t.serve { "Nix's legacy SSH protocol" } else { "the worker protocol" };
                     Err(if why.is_empty() {
                         format!("'{}' did not answer in {protocol} ({e})", t.command)
@@ -509,11 +625,6 @@ pub fn private_dir(dir: &Path) -> Result<(), String> {
         return Err(format!("'{}' is not a private directory of this user's: remove it", dir.display()));
     }
     Ok(())
-}
-
-fn next_id() -> u64 {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn greet(
@@ -659,39 +770,53 @@ mod tests {
 
     #[test]
     fn log_lines_are_handed_over_whole_and_the_last_one_at_the_end() {
-        let mut f = tempfile::tempfile().unwrap();
         let mut seen = Vec::new();
-        let mut on_log = |m: cairn_worker::StderrMessage| {
-            if let cairn_worker::StderrMessage::Next(s) = m {
-                seen.push(s);
-            }
-        };
         let mut tail = LineTail::default();
-        use std::io::Seek;
-        f.write_all(b"one\ntw").unwrap();
-        f.rewind().unwrap();
-        tail.read(&mut f, &mut on_log);
-        let at = f.stream_position().unwrap();
-        f.write_all(b"o\nthree").unwrap();
-        f.seek(std::io::SeekFrom::Start(at)).unwrap();
-        tail.read(&mut f, &mut on_log);
-        tail.flush(&mut on_log);
+        tail.feed(b"one\ntw", &mut |l| seen.push(l));
+        tail.feed(b"o\nthree", &mut |l| seen.push(l));
+        tail.flush(&mut |l| seen.push(l));
         assert_eq!(seen, ["one\n", "two\n", "three"]);
         // A line that never ends is handed over in pieces, not held whole; the last lines that
-        // said something are kept for a failure's reason.
-        let mut g = tempfile::tempfile().unwrap();
-        g.write_all(&vec![b'x'; MAX_LINE * 2 + 10]).unwrap();
-        g.write_all(b"\nerror: refused\n\n").unwrap();
-        g.rewind().unwrap();
+        // said something are kept for a failure's reason (ssh's warnings aside).
         let mut pieces = Vec::new();
         let mut tail = LineTail::default();
-        tail.read(&mut g, &mut |m| {
-            if let cairn_worker::StderrMessage::Next(s) = m {
-                pieces.push(s.len());
-            }
-        });
-        assert_eq!(pieces, [MAX_LINE, MAX_LINE, 11, 15, 1]);
+        tail.feed(&vec![b'x'; MAX_LINE * 2 + 10], &mut |l| pieces.push(l.len()));
+        tail.feed(b"\nerror: refused\nWarning: Permanently added 'h'\n\n", &mut |l| pieces.push(l.len()));
+        assert_eq!(pieces, [MAX_LINE, MAX_LINE, 11, 15, 31, 1]);
         assert_eq!(tail.recent.back().map(String::as_str), Some("error: refused"));
+    }
+
+    #[test]
+    fn a_program_that_says_too_much_is_held_to_a_bound_and_its_last_words_kept() {
+        let (r, mut w) = UnixStream::pair().unwrap();
+        let stderr = Stderr::start(r).unwrap();
+        let line = vec![b'y'; 1023];
+        for _ in 0..(MAX_PENDING / 1024) * 3 {
+            w.write_all(&line).unwrap();
+            w.write_all(b"\n").unwrap();
+        }
+        w.write_all(b"error: the last word").unwrap();
+        drop(w);
+        assert_eq!(
+            stderr.last_words(std::time::Duration::from_secs(10)),
+            ["y".repeat(1023), "error: the last word".into()]
+        );
+        let mut held = 0;
+        let mut dropped = String::new();
+        stderr.drain(
+            &mut |m| {
+                if let cairn_worker::StderrMessage::Next(l) = m {
+                    if l.starts_with('(') {
+                        dropped = l;
+                    } else {
+                        held += l.len();
+                    }
+                }
+            },
+            true,
+        );
+        assert!(held <= MAX_PENDING && held > MAX_PENDING - 2048, "{held}");
+        assert!(dropped.contains("bytes of output were dropped"), "{dropped}");
     }
 
     #[test]

@@ -199,32 +199,38 @@ impl<R: Read, W: Write> Session<R, W> {
             loop {
                 tokio::select! {
                     out = &mut work => break out,
-                    Some(notice) = copying.recv() => {
-                        let (shown, from) = match notice {
-                            Notice::Copying { path, from } => (path, from),
-                            Notice::Unsigned { path, from } => {
-                                self.log_line(&format!(
-                                    "warning: the substitute for '{path}' from '{from}' is not signed by any of the \
-                                     keys in 'trusted-public-keys'"
-                                ));
-                                continue;
-                            }
-                        };
-                        let text = format!("copying path '{shown}' from '{from}'");
-                        let fields = vec![
-                            Field::String(shown.into_bytes()),
-                            Field::String(from.into_bytes()),
-                            Field::String(b"local".to_vec()),
-                        ];
-                        started.push(self.start_activity(ActivityType::CopyPath, text, fields));
-                    }
+                    Some(notice) = copying.recv() => self.show_notice(notice, &mut started),
                 }
             }
         });
+        // What was told just as the work ended is shown too.
+        while let Ok(notice) = copying.try_recv() {
+            self.show_notice(notice, &mut started);
+        }
         for id in started {
             self.stop_activity(id);
         }
         out
+    }
+
+    /// A substitution's notice as Nix's daemon shows it: a copy as an activity (its id kept in
+    /// `started`), a substitute signed by no trusted key as Nix's warning.
+    fn show_notice(&mut self, notice: Notice, started: &mut Vec<u64>) {
+        match notice {
+            Notice::Copying { path, from } => {
+                let text = format!("copying path '{path}' from '{from}'");
+                let fields = vec![
+                    Field::String(path.into_bytes()),
+                    Field::String(from.into_bytes()),
+                    Field::String(b"local".to_vec()),
+                ];
+                started.push(self.start_activity(ActivityType::CopyPath, text, fields));
+            }
+            Notice::Unsigned { path, from } => self.log_line(&format!(
+                "warning: the substitute for '{path}' from '{from}' is not signed by any of the keys in \
+                 'trusted-public-keys'"
+            )),
+        }
     }
 
     /// Makes `paths` valid, substituting them if needed (`EnsurePath`, opaque build goals). A
