@@ -1049,7 +1049,14 @@ async fn commit_upload(s: &Arc<RegistryServer>, repo: &str, file: PathBuf, diges
             cairn_fault::point("push-receive-mid");
             // Rooted from before it is stored until it is linked.
             let _root = images.root_blobs([&digest]);
-            images.add_blob(&digest, size, std::io::BufReader::with_capacity(1 << 20, f))?;
+            if images.has_blob(&digest)? {
+                // The store has it, so it is not stored again, but these bytes must still be
+                // it: else naming a digest would link any blob the store holds — another
+                // repository's — into this one without its bytes.
+                upload_is(&digest, f)?;
+            } else {
+                images.add_blob(&digest, size, std::io::BufReader::with_capacity(1 << 20, f))?;
+            }
             link_blob(&images, &repo, &digest)
         })();
         let _ = std::fs::remove_file(&file);
@@ -1062,6 +1069,26 @@ async fn commit_upload(s: &Arc<RegistryServer>, repo: &str, file: PathBuf, diges
         })
     })
     .await
+}
+
+/// Checks that an upload's bytes are the blob `digest` names.
+fn upload_is(digest: &Digest, mut f: std::fs::File) -> RResult<()> {
+    let expected = digest.to_hash();
+    let mut hasher = cairn_nix::hash::Hasher::new(expected.algo());
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| {
+            reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot read the upload: {e}"))
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if hasher.finish() != expected {
+        return Err(reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("the upload's bytes are not {digest}")));
+    }
+    Ok(())
 }
 
 async fn start_upload(

@@ -100,3 +100,35 @@ fn scratch_files_left_by_an_earlier_run_are_swept_at_start() {
     assert!(files(&dir).is_empty(), "{:?}", files(&dir));
     assert!(st.log().contains("removed scratch files of registry uploads"), "{}", st.log());
 }
+
+/// A blob the store already holds (here, another repository's) is linked into a repository only
+/// by an upload of its bytes: naming its digest over other bytes — monolithic or at the end of
+/// a session — is refused as distribution refuses it, and the repository still does not have it.
+#[test]
+fn a_held_blob_is_not_claimed_by_its_digest_over_other_bytes() {
+    let (_st, port) = registry();
+    let secret = b"another repository's layer".repeat(1000);
+    let digest = digest_of(&secret);
+    let put = http(port, "POST", &format!("/v2/secret/app/blobs/uploads/?digest={digest}"), &[], &secret);
+    assert_eq!(put.status, 201, "{}", String::from_utf8_lossy(&put.body));
+    let blob_in = |repo: &str| http(port, "GET", &format!("/v2/{repo}/blobs/{digest}"), &[], b"").status;
+    assert_eq!(blob_in("team/x"), 404);
+    let junk = http(port, "POST", &format!("/v2/team/x/blobs/uploads/?digest={digest}"), &[], b"junk");
+    assert_eq!(junk.status, 400, "{}", String::from_utf8_lossy(&junk.body));
+    assert!(String::from_utf8_lossy(&junk.body).contains("DIGEST_INVALID"));
+    assert_eq!(blob_in("team/x"), 404, "the monolithic upload linked nothing");
+    let session = http(port, "POST", "/v2/team/x/blobs/uploads/", &[], b"");
+    assert_eq!(session.status, 202);
+    let loc = session.header("location").unwrap().to_owned();
+    let patched = http(port, "PATCH", &loc, &[], b"junk");
+    assert_eq!(patched.status, 202, "{}", String::from_utf8_lossy(&patched.body));
+    let loc = patched.header("location").unwrap().to_owned();
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let done = http(port, "PUT", &format!("{loc}{sep}digest={digest}"), &[], b"");
+    assert_eq!(done.status, 400, "{}", String::from_utf8_lossy(&done.body));
+    assert_eq!(blob_in("team/x"), 404, "the session linked nothing");
+    // Its true bytes are taken, and then it is there.
+    let right = http(port, "POST", &format!("/v2/team/x/blobs/uploads/?digest={digest}"), &[], &secret);
+    assert_eq!(right.status, 201, "{}", String::from_utf8_lossy(&right.body));
+    assert_eq!(blob_in("team/x"), 200);
+}
