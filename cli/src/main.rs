@@ -140,6 +140,25 @@ pub enum Command {
     Version(daemon::VersionArgs),
 }
 
+/// A reader of our standard output that goes away (`cairn image inspect … | head -1`) makes
+/// `println!` panic: end quietly instead, with the exit code of the error path that sees the
+/// same thing (`stdout_closed`).
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(1);
+        }
+        default(info)
+    }));
+}
+
 fn main() -> ExitCode {
     // Before anything else: this process may be a build's sandbox helper.
     cairn_build::run_if_asked();
@@ -158,6 +177,7 @@ fn main() -> ExitCode {
         Command::Man(a) => return completions::man(&a.dir),
         _ => {}
     }
+    quiet_on_closed_stdout();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1029,3 +1029,26 @@ fn untrusted_users_may_name_the_trusted_substituters() {
         assert!(!e.contains(&format!("substituter '{url}'")), "{e}");
     }
 }
+
+/// A reader of cairn's output that is gone (`cairn add … | head -0`) ends it quietly, as the
+/// shell tools end: exit code 1, no panic on stderr — and what it did is done.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let st = TestStore::start();
+    let file = st.root.path().join("closed-stdout");
+    fs::write(&file, b"printed to nobody\n").unwrap();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    drop(ours);
+    let out = st
+        .cairn()
+        .args(["add", file.to_str().unwrap()])
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    let listed = st.ok(&["add", file.to_str().unwrap()]);
+    assert!(listed.contains("closed-stdout"), "the add was done: {listed}");
+}
