@@ -2386,3 +2386,32 @@ in derivation { name = "over-ssh-top"; system = builtins.currentSystem; builder 
     assert!(valid(Side::Cairn, &dep), "the path that matched was taken");
     p.ok(Side::Cairn, "nix-store", &["--verify", "--check-contents"]);
 }
+
+/// A dry run plans to build a derivation that does not allow substitutes (`allowSubstitutes =
+/// false`) although a cache has its output, as nix-daemon's `queryMissing` does.
+#[test]
+fn a_dry_run_builds_what_does_not_allow_substitutes_as_nix_daemon_plans() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let (sk, pk) = p.key("nosub-key");
+    let src = p.work.path().join("nosub-src");
+    let local = format!("local?root={}", src.display());
+    let cache = format!("file://{}", p.work.path().join("nosub-cache").display());
+    let f = p.write(
+        "nosub.nix",
+        br#"derivation { name = "nosub"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo nosub > $out" ]; allowSubstitutes = false; }"#,
+    );
+    let out = p.local_build(&local, &f);
+    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &out]);
+    p.local(&["nix", "copy", "--from", &local, "--to", &cache, &out]);
+    let opts = ["--option", "substituters", &cache, "--option", "trusted-public-keys", &pk];
+    let args: Vec<&str> = ["--no-out-link", "--dry-run", f.as_str()].into_iter().chain(opts).collect();
+    let (c, n) = p.alike("nix-build", &args);
+    both_say(&c, &n, &["this derivation will be built:", "-nosub.drv"]);
+    for (side, o) in [("cairnd", &c), ("nix-daemon", &n)] {
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(!said.contains("will be fetched"), "{side}: {said}");
+    }
+}

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cairn_build::derivations::Derivations;
+use cairn_build::requirements::Attrs;
 use cairn_build::{Event, FailureKind, Goal, Mode, Options, Outcome};
 use cairn_nix::StorePath;
 use cairn_worker::{
@@ -571,7 +572,13 @@ impl<R: Read, W: Write> Session<R, W> {
                     if absent.is_empty() {
                         continue;
                     }
-                    let found = self.offered(&absent);
+                    // As Nix's `queryMissing`: a derivation that does not allow substitutes
+                    // (`allowSubstitutes = false`) is built, whatever the caches have.
+                    let shown = st.store_dir.display(&drv_path);
+                    let allowed = Attrs::new(&*drvs.load(&drv_path)?, &shown)
+                        .and_then(|a| a.substitutes_allowed())
+                        .unwrap_or(true);
+                    let found = if allowed { self.offered(&absent) } else { Default::default() };
                     if found.len() == absent.len() {
                         for p in absent {
                             todo.push(DerivedPath::Opaque(p));
