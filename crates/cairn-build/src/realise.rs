@@ -405,14 +405,19 @@ impl Builder {
         let request_jobs = options.limits.max_jobs.filter(|&n| n > 0).unwrap_or(usize::MAX);
         // A request that asks for max-jobs 0 builds nothing here (only on remote builders).
         let local = options.limits.max_jobs != Some(0);
-        // Ready builds, in plan order; each starts when it gets a job slot.
-        let mut ready: VecDeque<StorePath> = order.iter().filter(|p| remaining[*p] == 0).cloned().collect();
+        // Ready builds, each started when it gets a job slot, in Nix's order: by the derivation's
+        // name, then its path (its worker's goal keys) — which decides what is built before a
+        // failure stops the rest.
+        let dir = self.store.store_dir().clone();
+        let key = |p: &StorePath| format!("b${}${}", p.name(), dir.display(p));
+        let mut ready: BTreeMap<String, StorePath> =
+            order.iter().filter(|p| remaining[*p] == 0).map(|p| (key(p), p.clone())).collect();
         loop {
             let joined = tokio::select! {
                 biased;
                 joined = set.join_next(), if !set.is_empty() => joined,
-                slot = self.slot_for(ready.front().and_then(|p| nodes.get(p).map(|n| (p, n))), &machines, local), if !ready.is_empty() && !stopped && set.len() < request_jobs => {
-                    if let Some(p) = ready.pop_front() {
+                slot = self.slot_for(ready.first_key_value().and_then(|(_, p)| nodes.get(p).map(|n| (p, n))), &machines, local), if !ready.is_empty() && !stopped && set.len() < request_jobs => {
+                    if let Some((_, p)) = ready.pop_first() {
                         spawn(&mut set, p, slot);
                     }
                     continue;
@@ -429,7 +434,7 @@ impl Builder {
                         let Some(left) = remaining.get_mut(d) else { continue };
                         *left = left.saturating_sub(1);
                         if *left == 0 && !failed.contains_key(d) {
-                            ready.push_back(d.clone());
+                            ready.insert(key(d), d.clone());
                         }
                     }
                 }

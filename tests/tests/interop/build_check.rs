@@ -305,6 +305,23 @@ fn without_keep_going_no_build_starts_after_a_failure_and_the_exit_code_is_nixs(
     }
 }
 
+/// Builds start in Nix's order — by derivation name, whatever the order they were asked in — so
+/// without `-k` the same builds happen before a failure stops the rest.
+#[test]
+fn builds_start_in_name_order_so_a_failure_stops_the_same_ones_as_in_nix() {
+    let Some(t) = Pair::new(1) else { return };
+    let fail = t.instantiate("zz-fail", &drv_expr("zz-fail", "echo failing; exit 1"));
+    let ok = t.instantiate("aa-ok", &drv_expr("aa-ok", "echo ok > $out"));
+    let late = t.instantiate("zzz-late", &drv_expr("zzz-late", "echo late > $out"));
+    let (ok_out, late_out) = (t.output_of(&ok), t.output_of(&late));
+    // Asked for failure first: the one named before it is built all the same, the one after not.
+    let n = t.nix_realise(&[&fail, &late, &ok]);
+    let k = t.cairn_realise(&[&fail, &late, &ok]);
+    assert_eq!((code(&n), code(&k)), (Some(100), Some(100)), "{}\n{}", t.said(&n), t.said(&k));
+    assert!(t.nix_valid(&ok_out) && t.cairn_valid(&ok_out), "'aa-ok' is built first by both");
+    assert!(!t.nix_valid(&late_out) && !t.cairn_valid(&late_out), "'zzz-late' is not started by either");
+}
+
 /// Nix kills the builds still running when a failure ends a run without `-k` (its goals are
 /// destroyed); so does cairn, and it leaves no process behind.
 #[test]
