@@ -213,6 +213,17 @@ impl Holdings {
         Ok((linked || self.held_dir.join(&file).exists()) && self.images.has_blob(d)?)
     }
 
+    /// Whether anything was pushed or mounted into `repo`, or named by its manifests: a
+    /// repository whose tags are all deleted is still there, as in distribution.
+    fn any(&self, repo: &str) -> RResult<bool> {
+        let ours = |file: &str| parse_digest_root_file_name(file).is_some_and(|(n, _)| n == repo);
+        if self.images.store.root_links(UPLOAD_GROUP)?.iter().any(|(file, _)| ours(file)) {
+            return Ok(true);
+        }
+        let Ok(entries) = std::fs::read_dir(&self.held_dir) else { return Ok(false) };
+        Ok(entries.flatten().any(|e| e.file_name().to_str().is_some_and(ours)))
+    }
+
     /// Whether repository `repo` holds blob `d`: one of its images does, or it has it otherwise.
     fn holds(&self, imgs: &[(Option<String>, Image)], repo: &str, d: &Digest) -> RResult<bool> {
         Ok(imgs.iter().any(|(_, i)| i.blobs.contains(d)) || self.has(repo, d)?)
@@ -564,9 +575,14 @@ pub(crate) fn paginate(
 }
 
 async fn tags_list(s: &Arc<RegistryServer>, name: &str, q: &HashMap<String, String>) -> RResult<Response> {
-    let (images, n) = (s.images.clone(), name.to_owned());
-    let imgs = blocking(move || repo_images(&images, &n)).await?;
-    if imgs.is_empty() {
+    let (images, n, holdings) = (s.images.clone(), name.to_owned(), s.holdings());
+    let (imgs, held) = blocking(move || {
+        let imgs = repo_images(&images, &n)?;
+        let held = imgs.is_empty() && holdings.any(&n)?;
+        Ok::<_, RegError>((imgs, held))
+    })
+    .await?;
+    if imgs.is_empty() && !held {
         return Err(name_unknown(name));
     }
     let mut tags: Vec<String> = imgs.into_iter().filter_map(|(t, _)| t).collect();
@@ -858,6 +874,18 @@ async fn put_manifest(
             StatusCode::BAD_REQUEST,
             "MANIFEST_INVALID",
             format!("the manifest declares media type '{}' but was sent as '{content_type}'", m.media_type),
+        ));
+    }
+    // A Docker schema 2 manifest or list says what it is (an OCI one may leave it out): one that
+    // does not would be served as Docker's and read by clients as OCI's.
+    let declared = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .is_some_and(|v| v.get("mediaType").is_some_and(|t| t.is_string()));
+    if content_type.starts_with("application/vnd.docker.") && !declared {
+        return Err(reg_err(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            format!("a manifest sent as '{content_type}' must declare it (its mediaType field)"),
         ));
     }
     let digest = match &by_digest {

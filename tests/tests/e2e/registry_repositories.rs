@@ -105,7 +105,34 @@ fn a_manifest_sent_as_another_media_type_than_it_declares_is_refused() {
         assert!(body(&a).contains("MANIFEST_INVALID"), "{}", body(&a));
     }
     assert_eq!(http(port, "HEAD", "/v2/t/app/manifests/bad", &[], b"").status, 404);
+    // A manifest that declares no media type (as umoci writes OCI ones) is OCI's: sent as
+    // Docker's, it is refused as distribution refuses it; as OCI's, taken.
+    let mut v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+    v.as_object_mut().unwrap().remove("mediaType");
+    let bare = serde_json::to_vec(&v).unwrap();
+    let docker = [("Content-Type", "application/vnd.docker.distribution.manifest.v2+json")];
+    let a = http(port, "PUT", "/v2/t/app/manifests/bare", &docker, &bare);
+    assert_eq!(a.status, 400, "{}", body(&a));
+    assert!(body(&a).contains("MANIFEST_INVALID"), "{}", body(&a));
+    let a = http(port, "PUT", "/v2/t/app/manifests/bare", &[("Content-Type", OCI_MANIFEST)], &bare);
+    assert_eq!(a.status, 201, "{}", body(&a));
     assert_eq!(put_manifest(port, &[], "t/app", "good", &m).status, 201);
+}
+
+/// A repository whose tags are all deleted is still there, as in distribution: its tag list is
+/// empty, not unknown (`skopeo sync` lists it).
+#[test]
+fn a_repository_without_tags_lists_none_rather_than_being_unknown() {
+    let (_st, port) = registry("");
+    let (config, layer) = (br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), b"untagged".repeat(300));
+    upload(port, &[], "no/tags", &config);
+    upload(port, &[], "no/tags", &layer);
+    assert_eq!(put_manifest(port, &[], "no/tags", "only", &manifest(&config, &layer)).status, 201);
+    assert_eq!(http(port, "DELETE", "/v2/no/tags/manifests/only", &[], b"").status, 202);
+    let a = http(port, "GET", "/v2/no/tags/tags/list", &[], b"");
+    assert_eq!(a.status, 200, "{}", body(&a));
+    assert_eq!(a.json()["tags"], serde_json::json!([]));
+    assert_eq!(http(port, "GET", "/v2/never/was/tags/list", &[], b"").status, 404);
 }
 
 #[test]
