@@ -982,7 +982,18 @@ async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -
         let mut removed = 0;
         match Digest::parse(&r) {
             Ok(d) => {
-                for (tag, img) in repo_images(&images, &n)? {
+                let imgs = repo_images(&images, &n)?;
+                // A manifest another of the repository's images holds (an index's child) would
+                // still be served: refused, rather than answered "deleted" and kept.
+                if let Some((tag, holder)) = imgs.iter().find(|(_, i)| i.digest() != &d && i.blobs.contains(&d)) {
+                    let by = tag.clone().unwrap_or_else(|| holder.digest().to_string());
+                    return Err(reg_err(
+                        StatusCode::CONFLICT,
+                        "DENIED",
+                        format!("manifest '{d}' is part of '{n}:{by}', which holds it: delete that first"),
+                    ));
+                }
+                for (tag, img) in imgs {
                     if img.digest() == &d {
                         let file = match tag {
                             Some(t) => TagName::new(&n, &t).map(|t| t.file_name()).unwrap_or_default(),

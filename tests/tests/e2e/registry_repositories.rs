@@ -213,3 +213,32 @@ fn a_deleted_manifest_can_be_put_again_until_the_collector_takes_its_blobs() {
     assert_eq!(a.status, 400, "{}", body(&a));
     assert!(body(&a).contains("MANIFEST_BLOB_UNKNOWN"), "{}", body(&a));
 }
+
+/// A manifest an index of the repository holds is not deleted out from under it: the deletion
+/// is refused (nothing is answered "deleted" and still served), and goes through once the index
+/// is gone.
+#[test]
+fn a_manifest_an_index_holds_is_deleted_only_after_the_index() {
+    let (_st, port) = registry("");
+    let (config, layer) = (br#"{"architecture":"arm64","os":"linux"}"#.to_vec(), b"child".repeat(300));
+    upload(port, &[], "idx/app", &config);
+    upload(port, &[], "idx/app", &layer);
+    let m = manifest(&config, &layer);
+    let d = digest_of(&m);
+    assert_eq!(put_manifest(port, &[], "idx/app", &d, &m).status, 201);
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":{},"platform":{{"architecture":"arm64","os":"linux"}}}}]}}"#,
+        m.len()
+    );
+    let ct = [("Content-Type", "application/vnd.oci.image.index.v1+json")];
+    let a = http(port, "PUT", "/v2/idx/app/manifests/multi", &ct, index.as_bytes());
+    assert_eq!(a.status, 201, "{}", body(&a));
+    let child = format!("/v2/idx/app/manifests/{d}");
+    let refused = http(port, "DELETE", &child, &[], b"");
+    assert_eq!(refused.status, 409, "{}", body(&refused));
+    assert!(body(&refused).contains("idx/app:multi"), "{}", body(&refused));
+    assert_eq!(http(port, "GET", &child, &[], b"").status, 200, "still there, as said");
+    assert_eq!(http(port, "DELETE", "/v2/idx/app/manifests/multi", &[], b"").status, 202);
+    assert_eq!(http(port, "DELETE", &child, &[], b"").status, 202);
+    assert_eq!(http(port, "GET", &child, &[], b"").status, 404);
+}
