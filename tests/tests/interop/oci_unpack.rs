@@ -349,6 +349,9 @@ fn entries_below_symlinks_land_inside_the_rootfs_as_umoci_puts_them() {
             Raw::Sym("evil", "/tmp"),
             Raw::Sym("evil2", &outside_dir),
             Raw::Sym("up", "../../../.."),
+            Raw::Sym("s", "usr/lib/kept"),
+            // A hard link to a symlink: the symlink again, not what it points to.
+            Raw::Link("hs", "s"),
         ]),
         raw_tar(&[
             Raw::File("lib/x", b"via lib", 0o755),

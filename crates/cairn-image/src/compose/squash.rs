@@ -155,7 +155,7 @@ impl Index {
     }
 
     fn entry(&mut self, layer: usize, label: &str, e: RawEntry, touched: &mut HashSet<Key>) -> Result<(), UnpackError> {
-        let RawEntry { ordinal, path: raw, header, pax, link } = e;
+        let RawEntry { ordinal, path: raw, mut header, pax, link } = e;
         let kind = header.entry_type();
         let escapes = || UnpackError::Escapes { layer: label.to_owned(), entry: shown(&raw) };
         if raw.starts_with(b"/") || raw.contains(&0) {
@@ -247,9 +247,16 @@ impl Index {
                     },
                     None => Key::new(),
                 };
-                let source = match self.nodes.get(&tkey).map(|n| &n.kind) {
-                    Some(Kind::File(s)) => *s,
-                    Some(Kind::HardLink(_, s)) => *s,
+                match self.nodes.get(&tkey).map(|n| &n.kind) {
+                    Some(Kind::File(s)) | Some(Kind::HardLink(_, s)) => Kind::HardLink(tkey, *s),
+                    // A hard link to a symlink is that symlink again (as unpacking makes it, and
+                    // umoci): written as a symlink of its own.
+                    Some(Kind::Symlink(t)) => {
+                        let t = t.clone();
+                        header.set_entry_type(EntryType::Symlink);
+                        header.set_size(0);
+                        Kind::Symlink(t)
+                    }
                     _ => {
                         return Err(UnpackError::LinkMissing {
                             layer: label.to_owned(),
@@ -257,8 +264,7 @@ impl Index {
                             target: shown(&target),
                         })
                     }
-                };
-                Kind::HardLink(tkey, source)
+                }
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => Kind::Special,
             other => {
@@ -668,6 +674,11 @@ mod tests {
         assert_eq!(by["b"], ('1', &b"a"[..]));
         assert_eq!(by["c"], ('0', &b"replaced"[..]));
         assert_eq!(by["d"], ('0', &b"other"[..]));
+        // A hard link to a symlink is that symlink again, as unpacking (and umoci) make it.
+        let s = squashed(&[tar_of(&[("s", Symlink, b"target", 0o777), ("hs", Link, b"s", 0o777)])]);
+        let by: BTreeMap<&str, (char, &[u8])> = s.iter().map(|e| (e.0.as_str(), (e.1, e.2.as_slice()))).collect();
+        assert_eq!(by["hs"], ('2', &b"target"[..]));
+        assert_eq!(by["s"], ('2', &b"target"[..]));
     }
 
     #[test]
