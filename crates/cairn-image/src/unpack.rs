@@ -98,6 +98,10 @@ pub enum UnpackError {
     DigestMismatch { layer: String, actual: String },
     #[error("layer {layer} is {actual} bytes, but the manifest says {expected}")]
     SizeMismatch { layer: String, expected: u64, actual: u64 },
+    #[error("layer {layer} uncompressed is {actual}, but the image's config says {expected} (rootfs.diff_ids)")]
+    DiffIdMismatch { layer: String, expected: String, actual: String },
+    #[error("image {image} has {layers} layers, but its config lists {diff_ids} diff ids")]
+    DiffIdCount { image: String, layers: usize, diff_ids: usize },
     #[error("image {image} has no image manifest in the store")]
     NoManifest { image: String },
     #[error("cannot {op} '{}': {source}", path.display())]
@@ -177,12 +181,18 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
         }
     }
 
+    let diff_ids = diff_ids(images, &desc, &manifest)?;
+    if let Some(ids) = diff_ids.as_ref().filter(|ids| ids.len() != layers.len()) {
+        return Err(UnpackError::DiffIdCount { image: desc.digest.to_string(), layers: layers.len(), diff_ids: ids.len() }
+            .into());
+    }
     let scratch = scratch_dir(store.layout().real_store_dir.parent())?;
     let root = scratch.path().join("rootfs");
     fs::create_dir(&root).map_err(|source| UnpackError::Io { op: "create", path: root.clone(), source })?;
     let mut tree = layer::Tree::new(root.clone());
-    for (l, b) in layers.iter().zip(&blobs) {
-        apply_blob(&mut tree, l, images.open_blob(b)?)?;
+    for (i, (l, b)) in layers.iter().zip(&blobs).enumerate() {
+        let diff_id = diff_ids.as_ref().map(|ids| &ids[i]);
+        apply_blob(&mut tree, l, diff_id, images.open_blob(b)?)?;
     }
     let name = format!("oci-rootfs-{}", &desc.digest.hex()[..12]);
     let info = add_tree(images, &name, &root)?;
@@ -201,6 +211,26 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
         dropped_special_bits: tree.dropped_special_bits,
         cached: false,
     })
+}
+
+/// The uncompressed layers' digests the image's config lists (`rootfs.diff_ids`), checked as
+/// each layer is applied, as umoci checks them; `None` for a config that lists none (or an
+/// empty list).
+fn diff_ids(images: &Images, desc: &Descriptor, manifest: &Manifest) -> Result<Option<Vec<Digest>>> {
+    let Some(config_desc) = manifest.children.first() else { return Ok(None) };
+    let bytes = images.read_manifest(config_desc, &format!("manifest {}", desc.digest))?;
+    let config: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| cairn_oci::OciError::ManifestJson(format!("the config of {}: {e}", desc.digest)))?;
+    // An empty list (hand-made layouts have them) says nothing to check against.
+    let Some(ids) = config.pointer("/rootfs/diff_ids").and_then(|v| v.as_array()).filter(|a| !a.is_empty()) else {
+        return Ok(None);
+    };
+    let parsed = ids
+        .iter()
+        .map(|v| v.as_str().and_then(|s| Digest::parse(s).ok()))
+        .collect::<Option<Vec<Digest>>>()
+        .ok_or_else(|| cairn_oci::OciError::ManifestJson(format!("the config of {}: a diff id is not a digest", desc.digest)))?;
+    Ok(Some(parsed))
 }
 
 /// Applies uncompressed layers in order to `root`, an existing empty directory, by the rules
@@ -237,10 +267,28 @@ fn scratch_dir(beside: Option<&Path>) -> Result<tempfile::TempDir, UnpackError> 
 }
 
 /// Applies one layer blob read from `input`: decompressed by its media type, hashed on the way
-/// and checked against its digest and size once read to the end.
-fn apply_blob(tree: &mut layer::Tree, l: &Descriptor, input: impl Read) -> Result<(), UnpackError> {
+/// and checked against its digest and size once read to the end, and its uncompressed tar
+/// against `diff_id` (the config's).
+fn apply_blob(
+    tree: &mut layer::Tree,
+    l: &Descriptor,
+    diff_id: Option<&Digest>,
+    input: impl Read,
+) -> Result<(), UnpackError> {
     let label = l.digest.to_string();
-    read_layer(l, input, |tar| tree.apply(&label, tar))
+    let Some(want) = diff_id else { return read_layer(l, input, |tar| tree.apply(&label, tar)) };
+    let actual = read_layer(l, input, |tar| {
+        let mut hashed = cairn_nix::hash::HashingReader::new(tar, want.algo().hash_algo());
+        tree.apply(&label, &mut hashed)?;
+        // The tar's end-of-archive blocks and padding count too.
+        io::copy(&mut hashed, &mut io::sink()).map_err(|source| UnpackError::BadTar { layer: label.clone(), source })?;
+        Ok(hashed.finish().0)
+    })?;
+    if actual != want.to_hash() {
+        let shown = Digest::from_hash(&actual).map(|d| d.to_string()).unwrap_or_default();
+        return Err(UnpackError::DiffIdMismatch { layer: label, expected: want.to_string(), actual: shown });
+    }
+    Ok(())
 }
 
 /// Hands `f` the uncompressed tar stream of one layer blob read from `input` (decompressed as
@@ -412,7 +460,17 @@ mod tests {
 
         /// Stores an image of `layers` (media type, blob bytes) and tags it `t/x:1`.
         fn image(&self, layers: &[(&str, Vec<u8>)]) -> Descriptor {
-            let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+            self.image_listing(layers, &[])
+        }
+
+        /// [`Env::image`] whose config lists `diff_ids`.
+        fn image_listing(&self, layers: &[(&str, Vec<u8>)], diff_ids: &[Digest]) -> Descriptor {
+            let ids: Vec<String> = diff_ids.iter().map(|d| d.to_string()).collect();
+            let config = serde_json::to_vec(&serde_json::json!({
+                "architecture": "amd64", "os": "linux", "rootfs": { "type": "layers", "diff_ids": ids },
+            }))
+            .unwrap();
+            let config = &config[..];
             let cd = desc("application/vnd.oci.image.config.v1+json", config);
             self.blob(&cd, config);
             let mut ls = Vec::new();
@@ -452,6 +510,29 @@ mod tests {
                 .filter(|n| n.starts_with(".cairn-unpack-"))
                 .collect()
         }
+    }
+
+    #[test]
+    fn layers_that_are_not_the_config_s_diff_ids_are_refused_as_umoci_refuses_them() {
+        let e = env();
+        let l1 = tar_of(&[E::File("a", b"first", 0o644)]);
+        let l2 = tar_of(&[E::File("b", b"second", 0o644)]);
+        let (d1, d2) = (Digest::sha256_of(&l1), Digest::sha256_of(&l2));
+        let layers = [(GZIP, gzip(&l1)), (TAR, l2.clone())];
+        e.image_listing(&layers, &[d1.clone(), d2.clone()]);
+        let r = unpack(&e.images, "t/x:1").unwrap();
+        assert_eq!(fs::read(e.images.store.real_path(&r.path).join("b")).unwrap(), b"second");
+        // Swapped, as a config made for other layers: refused, naming the layer; nothing kept.
+        let env2 = env();
+        env2.image_listing(&layers, &[d2.clone(), d1.clone()]);
+        let err = unpack(&env2.images, "t/x:1").unwrap_err().to_string();
+        assert!(err.contains("rootfs.diff_ids") && err.contains(&d2.to_string()), "{err}");
+        assert!(env2.rootfs_entries().is_empty() && env2.scratch_left().is_empty());
+        // One short.
+        let env3 = env();
+        env3.image_listing(&layers, &[d1]);
+        let err = unpack(&env3.images, "t/x:1").unwrap_err().to_string();
+        assert!(err.contains("has 2 layers, but its config lists 1 diff ids"), "{err}");
     }
 
     #[test]
@@ -542,23 +623,23 @@ mod tests {
         let mut tree = layer::Tree::new(root.clone());
         let l = tar_of(&[E::File("a", b"1", 0o644)]);
         let mut d = desc(TAR, &l);
-        apply_blob(&mut tree, &d, &l[..]).unwrap();
+        apply_blob(&mut tree, &d, None, &l[..]).unwrap();
         d.digest = Digest::sha256_of(b"something else");
-        assert!(matches!(apply_blob(&mut tree, &d, &l[..]), Err(UnpackError::DigestMismatch { .. })));
+        assert!(matches!(apply_blob(&mut tree, &d, None, &l[..]), Err(UnpackError::DigestMismatch { .. })));
         let mut d = desc(TAR, &l);
         d.size += 1;
-        assert!(matches!(apply_blob(&mut tree, &d, &l[..]), Err(UnpackError::SizeMismatch { .. })));
+        assert!(matches!(apply_blob(&mut tree, &d, None, &l[..]), Err(UnpackError::SizeMismatch { .. })));
         // Valid gzip (right digest) around something that is not a tar.
         let junk = gzip(&[9u8; 2048]);
-        assert!(matches!(apply_blob(&mut tree, &desc(GZIP, &junk), &junk[..]), Err(UnpackError::BadTar { .. })));
+        assert!(matches!(apply_blob(&mut tree, &desc(GZIP, &junk), None, &junk[..]), Err(UnpackError::BadTar { .. })));
         // A truncated gzip stream of a valid tar.
         let g = gzip(&l);
         let cut = &g[..g.len() - 6];
-        assert!(matches!(apply_blob(&mut tree, &desc(GZIP, cut), cut), Err(UnpackError::BadTar { .. })));
+        assert!(matches!(apply_blob(&mut tree, &desc(GZIP, cut), None, cut), Err(UnpackError::BadTar { .. })));
         // Bytes after a zstd frame.
         let mut z = zstd(&l);
         z.extend_from_slice(b"trailing");
-        assert!(matches!(apply_blob(&mut tree, &desc(ZSTD, &z), &z[..]), Err(UnpackError::BadTar { .. })));
+        assert!(matches!(apply_blob(&mut tree, &desc(ZSTD, &z), None, &z[..]), Err(UnpackError::BadTar { .. })));
     }
 
     #[test]
