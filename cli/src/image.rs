@@ -17,6 +17,7 @@ use cairn_api::image::{
 };
 use cairn_api::query;
 use cairn_client::Client;
+use cairn_oci::manifest::{DOCKER_LIST, OCI_INDEX};
 use cairn_oci::layout::{self, blob_path, REF_NAME};
 use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest};
 use cairn_oci::reference::Transport;
@@ -340,6 +341,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                         None => (default_oci_tag(&dir, reference.as_deref())?, Some("the directory's name")),
                     };
                     let (source, top) = oci_dir_source(Path::new(&dir), reference.as_deref())?;
+                    let top = one_platform(&source, top, platform.as_deref(), all_platforms)?;
                     let info = import_source(ctx, &client, &source, top, &tag).await?;
                     print_imported(&info, &tag, named, json)?;
                 }
@@ -348,6 +350,7 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
                 Transport::OciArchive { file, reference } => {
                     let (src, top) = oci_archive_source(Path::new(&file), reference.as_deref())?;
+                    let top = one_platform(&src, top, platform.as_deref(), all_platforms)?;
                     // As podman: the manifest's ref.name when it is a whole NAME:TAG, else a name
                     // from the file's with ref.name (or the reference) as the tag.
                     let ref_name = top.annotations.get(REF_NAME).cloned();
@@ -799,6 +802,32 @@ fn oci_dir_source(dir: &Path, reference: Option<&str>) -> anyhow::Result<(crate:
 }
 
 /// The image `oci-archive:FILE[:REF]` names.
+/// An index narrowed to the image for `platform` (else this machine's), as a pull from a
+/// registry narrows it and skopeo copies from `oci:`; kept whole with `--all-platforms`.
+fn one_platform(
+    source: &crate::archive::Source,
+    top: Descriptor,
+    platform: Option<&str>,
+    all_platforms: bool,
+) -> anyhow::Result<Descriptor> {
+    if all_platforms || ![OCI_INDEX, DOCKER_LIST].contains(&top.media_type.as_str()) {
+        return Ok(top);
+    }
+    let from = &source.name;
+    let origin = source.origin(&top.digest).with_context(|| format!("index {} is missing from {from}", top.digest))?;
+    let index = Manifest::parse(&source.read(&origin)?, Some(&top.media_type))
+        .with_context(|| format!("index {} in {from}", top.digest))?;
+    let wanted = match platform {
+        Some(p) => cairn_oci::manifest::Platform::parse(p)?,
+        None => cairn_oci::manifest::Platform::host(),
+    };
+    let child = index.select(&wanted).with_context(|| format!("index {} in {from}", top.digest))?.clone();
+    if [OCI_INDEX, DOCKER_LIST].contains(&child.media_type.as_str()) {
+        bail!("the entry of index {} for {wanted} in {from} is itself an index", top.digest);
+    }
+    Ok(child)
+}
+
 fn oci_archive_source(file: &Path, reference: Option<&str>) -> anyhow::Result<(crate::archive::Source, Descriptor)> {
     let (source, index) = crate::archive::oci_archive(file)?;
     let manifests = layout::parse_index(&index).with_context(|| format!("'{}'", file.display()))?;
@@ -860,8 +889,8 @@ async fn import_source(
         parts.push(Box::new(item(&ImportItem::Blob { digest: d.digest.to_string(), size: d.size })));
         parts.push(Box::new(crate::progress::CountingAsync { inner: f, bar: bar.clone() }));
     }
-    let top =
-        DescriptorWire { media_type: top.media_type, digest: top.digest.to_string(), size: top.size, platform: None };
+    let platform = top.platform.as_ref().map(|p| p.to_string());
+    let top = DescriptorWire { media_type: top.media_type, digest: top.digest.to_string(), size: top.size, platform };
     parts.push(Box::new(item(&ImportItem::Commit(CommitRequest { manifests: vec![top], tag: Some(tag.to_string()) }))));
     let info = client.import_image(cairn_client::body_from_reader(Chain(parts.into()))).await;
     bar.finish_and_clear();

@@ -456,6 +456,27 @@ fn platforms_of_an_index_and_chunked_pushes() {
     let e = store.fail(&["image", "pull", "--tls-verify=false", "--platform", "windows/amd64", &src], b"");
     assert!(e.contains("no manifest in the index matches platform windows/amd64"), "{e}");
 
+    // From an `oci:` layout and an `oci-archive:` of the index, the same narrowing as from a
+    // registry (and as skopeo copies from `oci:`): the platform asked for, else this machine's,
+    // or the whole index with --all-platforms.
+    let local = tempfile::tempdir().unwrap();
+    let (dir, archive) = (local.path().join("multi"), local.path().join("multi.tar"));
+    store.ok(&["image", "push", "multi:all", &format!("oci:{}:all", dir.display())]);
+    store.ok(&["image", "push", "multi:all", &format!("oci-archive:{}:all", archive.display())]);
+    for src in [format!("oci:{}:all", dir.display()), format!("oci-archive:{}:all", archive.display())] {
+        let pulled = |args: &[&str]| {
+            let mut all = vec!["image", "pull", "--json", "--tag", "local/multi:x"];
+            all.extend_from_slice(args);
+            all.push(&src);
+            json(&store.ok(&all))["digest"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(pulled(&["--platform", "linux/arm64"]), digest_of(&arm), "{src}");
+        if std::env::consts::ARCH == "x86_64" {
+            assert_eq!(pulled(&[]), digest_of(&amd), "{src}: this machine's platform");
+        }
+        assert_eq!(pulled(&["--all-platforms"]), digest_of(&index), "{src}");
+    }
+
     // The whole index goes to a real registry with every byte kept, blobs in 1 MB chunks.
     let reg = DockerRegistry::start();
     let dest = format!("docker://{}/multi/app:all", reg.host());
