@@ -17,9 +17,9 @@ use cairn_api::image::{
 };
 use cairn_api::query;
 use cairn_client::Client;
-use cairn_oci::manifest::{DOCKER_LIST, OCI_INDEX};
 use cairn_oci::layout::{self, blob_path, REF_NAME};
 use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest};
+use cairn_oci::manifest::{DOCKER_LIST, OCI_INDEX};
 use cairn_oci::reference::Transport;
 use cairn_oci::{Digest, TagName};
 use clap::{Args, Subcommand};

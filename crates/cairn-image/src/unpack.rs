@@ -183,8 +183,12 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
 
     let diff_ids = diff_ids(images, &desc, &manifest)?;
     if let Some(ids) = diff_ids.as_ref().filter(|ids| ids.len() != layers.len()) {
-        return Err(UnpackError::DiffIdCount { image: desc.digest.to_string(), layers: layers.len(), diff_ids: ids.len() }
-            .into());
+        return Err(UnpackError::DiffIdCount {
+            image: desc.digest.to_string(),
+            layers: layers.len(),
+            diff_ids: ids.len(),
+        }
+        .into());
     }
     let scratch = scratch_dir(store.layout().real_store_dir.parent())?;
     let root = scratch.path().join("rootfs");
@@ -229,7 +233,9 @@ fn diff_ids(images: &Images, desc: &Descriptor, manifest: &Manifest) -> Result<O
         .iter()
         .map(|v| v.as_str().and_then(|s| Digest::parse(s).ok()))
         .collect::<Option<Vec<Digest>>>()
-        .ok_or_else(|| cairn_oci::OciError::ManifestJson(format!("the config of {}: a diff id is not a digest", desc.digest)))?;
+        .ok_or_else(|| {
+            cairn_oci::OciError::ManifestJson(format!("the config of {}: a diff id is not a digest", desc.digest))
+        })?;
     Ok(Some(parsed))
 }
 
@@ -281,7 +287,8 @@ fn apply_blob(
         let mut hashed = cairn_nix::hash::HashingReader::new(tar, want.algo().hash_algo());
         tree.apply(&label, &mut hashed)?;
         // The tar's end-of-archive blocks and padding count too.
-        io::copy(&mut hashed, &mut io::sink()).map_err(|source| UnpackError::BadTar { layer: label.clone(), source })?;
+        io::copy(&mut hashed, &mut io::sink())
+            .map_err(|source| UnpackError::BadTar { layer: label.clone(), source })?;
         Ok(hashed.finish().0)
     })?;
     if actual != want.to_hash() {
