@@ -374,8 +374,15 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
         let live = p.ok(side, "nix-store", &["--gc", "--print-live"]);
         assert!(live.contains(&keep_path) && !live.contains(&drop_path), "{side:?}: {live}");
     }
-    // Deleting a live path is refused by both; a dead one goes.
-    p.alike("nix-store", &["--delete", &keep_path]);
+    // Deleting a live path is refused by both, in nix-daemon's words; a dead one goes.
+    let (c, n) = p.alike("nix-store", &["--delete", &keep_path]);
+    both_say(
+        &c,
+        &n,
+        &[&format!(
+            "Cannot delete path '{keep_path}' since it is still alive. To find out why, use: nix-store --query --roots"
+        )],
+    );
     let (c, n) = p.alike("nix-store", &["--gc", "--max-freed", "1"]);
     // The collector's progress, as Nix prints it.
     both_say(&c, &n, &["finding garbage collector roots...", "deleting garbage...", "deleting '/nix/store/"]);

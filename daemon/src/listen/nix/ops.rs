@@ -475,7 +475,18 @@ impl<R: Read, W: Write> Session<R, W> {
                     store.remove_unregistered_path(&p)?;
                     deleted.push(p);
                 }
-                let r = if valid.is_empty() { cairn_store::GcReport::default() } else { store.delete_paths(&valid)? };
+                let r = if valid.is_empty() {
+                    cairn_store::GcReport::default()
+                } else {
+                    // In nix-daemon's words, which scripts look for.
+                    store.delete_paths(&valid).map_err(|e| match e {
+                        cairn_store::StoreError::Alive { path, .. } => Failure::Report(format!(
+                            "Cannot delete path '{path}' since it is still alive. To find out why, use: nix-store \
+                             --query --roots"
+                        )),
+                        e => e.into(),
+                    })?
+                };
                 deleted.extend(r.deleted);
                 GcResults { paths: shown(deleted), bytes_freed: r.bytes_freed }
             }
