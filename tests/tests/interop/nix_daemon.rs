@@ -387,6 +387,8 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     // The collector's progress, as Nix prints it.
     both_say(&c, &n, &["finding garbage collector roots...", "deleting garbage...", "deleting '/nix/store/"]);
     both_say(&c, &n, &["deleting unused links...", "note: currently hard linking saves "]);
+    // The limit reached, said as Nix says it.
+    both_say(&c, &n, &["deleted more than 1 bytes; stopping"]);
     let (c, n) = p.alike("nix-store", &["--gc", "--print-dead"]);
     both_say(&c, &n, &["finding garbage collector roots...", "determining live/dead paths..."]);
     p.alike("nix-store", &["--check-validity", &drop_path]);

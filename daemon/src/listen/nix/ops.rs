@@ -451,6 +451,8 @@ impl<R: Read, W: Write> Session<R, W> {
             GcAction::ReturnLive | GcAction::ReturnDead => self.log_line("determining live/dead paths..."),
             GcAction::DeleteSpecific => {}
         }
+        // The limit a collection stopped at, said after what it deleted, as Nix says it.
+        let mut stopped_at = None;
         let results = match o.action {
             GcAction::ReturnLive => GcResults { paths: shown(store.live_paths()?), bytes_freed: 0 },
             GcAction::ReturnDead => {
@@ -462,6 +464,7 @@ impl<R: Read, W: Write> Session<R, W> {
             GcAction::DeleteDead => {
                 let max_freed = (o.max_freed != u64::MAX).then_some(o.max_freed);
                 let r = store.collect_garbage(&cairn_store::GcOptions { dry_run: false, max_freed })?;
+                stopped_at = max_freed.filter(|m| r.bytes_freed > *m);
                 GcResults { paths: shown(r.deleted), bytes_freed: r.bytes_freed }
             }
             GcAction::DeleteSpecific => {
@@ -494,6 +497,9 @@ impl<R: Read, W: Write> Session<R, W> {
         if deleting {
             for p in &results.paths {
                 self.log_line(&format!("deleting '{p}'"));
+            }
+            if let Some(m) = stopped_at {
+                self.log_line(&format!("deleted more than {m} bytes; stopping"));
             }
             self.log_line("deleting unused links...");
             if let Ok(saved) = store.links_saving() {
