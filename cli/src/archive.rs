@@ -184,12 +184,23 @@ pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(S
     let items = docker_archive::parse_archive_manifest(&raw)
         .with_context(|| format!("the manifest.json of '{}'", file.display()))?;
     let item = match reference {
+        // `@N`: the N-th image of manifest.json, from 0, as skopeo reads it.
+        Some(r) if r.strip_prefix('@').is_some_and(|n| n.parse::<usize>().is_ok()) => {
+            let n: usize = r[1..].parse().unwrap_or(usize::MAX);
+            items
+                .get(n)
+                .with_context(|| format!("'{}' holds {} images: there is no {r}", file.display(), items.len()))?
+        }
         Some(r) => items
             .iter()
             .find(|i| i.repo_tags.iter().flatten().any(|t| same_name(t, r)))
             .with_context(|| format!("no image in '{}' is tagged '{r}'", file.display()))?,
         None if items.len() == 1 => &items[0],
-        None => bail!("'{}' holds {} images: name one (docker-archive:FILE:NAME:TAG)", file.display(), items.len()),
+        None => bail!(
+            "'{}' holds {} images: name one (docker-archive:FILE:NAME:TAG, or :@N for the N-th from 0)",
+            file.display(),
+            items.len()
+        ),
     };
     let entry = |name: &str| -> anyhow::Result<(u64, u64)> {
         entries

@@ -372,9 +372,9 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                     // As skopeo and podman: the image's own RepoTags name it.
                     let (tag, named) = match (tag, &reference, repo_tag) {
                         (Some(t), ..) => (TagName::parse(&t)?, None),
-                        (None, Some(r), _) => (TagName::parse(r)?, None),
-                        (None, None, Some(t)) => (TagName::parse(&t)?, Some("the archive's RepoTags")),
-                        (None, None, None) => {
+                        (None, Some(r), _) if !r.starts_with('@') => (TagName::parse(r)?, None),
+                        (None, _, Some(t)) => (TagName::parse(&t)?, Some("the archive's RepoTags")),
+                        (None, _, None) => {
                             (archive_default_tag(Path::new(&file), None)?, Some("the archive's file name"))
                         }
                     };

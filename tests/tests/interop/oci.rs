@@ -326,6 +326,16 @@ fn oci_and_docker_archives_both_ways() {
     let out = json(&store.ok(&["image", "pull", "--json", &format!("docker-archive:{}:arch/docker:v1", da.display())]));
     assert_eq!(out["digest"], skopeo_digest, "the schema 2 manifest of a docker archive is skopeo's, byte for byte");
     assert_eq!(out["tags"][0], "arch/docker:v1");
+    // `:@N` picks the N-th image (from 0), as skopeo reads it; named by its RepoTags.
+    let by_index = format!("docker-archive:{}:@0", da.display());
+    assert_eq!(digest_of(&skopeo_raw(&by_index)), skopeo_digest);
+    let out = json(&store.ok(&["image", "pull", "--json", &by_index]));
+    assert_eq!(
+        (&out["digest"], &out["tags"][0]),
+        (&serde_json::json!(skopeo_digest), &serde_json::json!("arch/docker:v1"))
+    );
+    let e = store.fail(&["image", "pull", &format!("docker-archive:{}:@1", da.display())], b"");
+    assert!(e.contains("holds 1 images: there is no @1"), "{e}");
     // cairn writes a docker archive from the (gzip-layered) OCI image; skopeo reads it back and
     // umoci unpacks what skopeo made of it.
     let da2 = tmp.path().join("out-docker.tar");
