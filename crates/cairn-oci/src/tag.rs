@@ -148,7 +148,18 @@ pub fn validate_repository(name: &str) -> Result<()> {
     }
 }
 
-/// `[A-Za-z0-9.-]+` (no leading or trailing `.`/`-`) with an optional `:port`, or `[v6]:port`.
+/// A repository's name as a registry's `/v2/NAME/…` routes take it (distribution's path
+/// grammar): components of lower-case letters and digits joined by `.`, `_`, `__` or dashes, no
+/// host part (a `:port` cannot be in a route), at most 255 bytes.
+pub fn validate_registry_path(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || !name.split('/').all(valid_component) {
+        return Err(OciError::BadName(name.chars().take(200).collect()));
+    }
+    Ok(())
+}
+
+/// `[A-Za-z0-9.-]+` labels joined by `.` (no label empty or starting or ending with `-`) with an
+/// optional `:port`, or `[v6]:port`.
 /// The callers say what was wrong in their own terms, so this only answers yes or no.
 #[allow(clippy::result_unit_err)]
 pub fn validate_host(host: &str) -> Result<(), ()> {
@@ -164,12 +175,18 @@ pub fn validate_host(host: &str) -> Result<(), ()> {
     if let Some(v6) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
         return if !v6.is_empty() && v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') { Ok(()) } else { Err(()) };
     }
-    let b = h.as_bytes();
-    let edge = |c: u8| c == b'.' || c == b'-';
-    if b.is_empty() || edge(b[0]) || edge(b[b.len() - 1]) || !b.iter().all(|c| c.is_ascii_alphanumeric() || edge(*c)) {
-        return Err(());
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+    };
+    if h.split('.').all(label) {
+        Ok(())
+    } else {
+        Err(())
     }
-    Ok(())
 }
 
 fn valid_component(p: &str) -> bool {
@@ -222,6 +239,19 @@ mod tests {
             assert!(TagName::parse(bad).is_err(), "{bad}");
         }
         assert!(TagName::parse("a__b/c-d--e.f:_x").is_ok());
+    }
+
+    #[test]
+    fn registry_paths_are_distribution_s_and_hosts_have_no_empty_labels() {
+        for ok in ["app", "team/app", "registry.example.com/team/app", "a__b/c-d", "x.y_z"] {
+            assert!(validate_registry_path(ok).is_ok(), "{ok}");
+        }
+        for bad in ["a..b/x", "127.0.0.1:5000/a", "Team/app", "a//b", "-a", "a/", ""] {
+            assert!(validate_registry_path(bad).is_err(), "{bad}");
+        }
+        assert!(validate_host("a..b").is_err() && validate_host("a.-b").is_err());
+        assert!(validate_host("my-host.example.com:5000").is_ok() && validate_host("[::1]:5000").is_ok());
+        assert!(TagName::parse("a..b/x:t").is_err());
     }
 
     #[test]

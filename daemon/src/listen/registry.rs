@@ -41,9 +41,7 @@ use axum::Router;
 use cairn_image::images::Image;
 use cairn_image::{ImageError, Images};
 use cairn_oci::manifest::Manifest;
-use cairn_oci::tag::{
-    digest_root_file_name, encode_name, parse_digest_root_file_name, validate_repository, ROOT_GROUP,
-};
+use cairn_oci::tag::{digest_root_file_name, encode_name, parse_digest_root_file_name, ROOT_GROUP};
 use cairn_oci::{Digest, TagName, MAX_MANIFEST_SIZE};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
@@ -401,8 +399,10 @@ async fn dispatch(
     resp
 }
 
+/// A repository name a route may carry: distribution's path grammar (no host part).
 pub(crate) fn name_ok(name: &str) -> RResult<()> {
-    validate_repository(name).map_err(|e| reg_err(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string()))
+    cairn_oci::tag::validate_registry_path(name)
+        .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string()))
 }
 
 pub(crate) fn digest_ok(d: &str) -> RResult<Digest> {
@@ -533,7 +533,9 @@ async fn catalog(s: &Arc<RegistryServer>, q: &HashMap<String, String>, visible: 
             .collect())
     })
     .await?;
-    let names = names.into_iter().filter(|n| visible.shows(n)).collect();
+    // Only names a client can ask for by route (a tag kept as `HOST:PORT/NAME` cannot be).
+    let names =
+        names.into_iter().filter(|n| visible.shows(n) && cairn_oci::tag::validate_registry_path(n).is_ok()).collect();
     let (page, link) = paginate(names, q, "/v2/_catalog")?;
     let mut resp =
         ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({ "repositories": page }).to_string())
@@ -1144,7 +1146,7 @@ async fn start_upload(
         let (images, dd, from, n) = (s.images.clone(), d.clone(), from.clone(), name.to_owned());
         let holdings = s.holdings();
         let mounted = blocking::<_, RegError>(move || {
-            if validate_repository(&from).is_err() {
+            if cairn_oci::tag::validate_registry_path(&from).is_err() {
                 return Ok(false);
             }
             let imgs = repo_images(&images, &from)?;

@@ -242,3 +242,24 @@ fn a_manifest_an_index_holds_is_deleted_only_after_the_index() {
     assert_eq!(http(port, "DELETE", &child, &[], b"").status, 202);
     assert_eq!(http(port, "GET", &child, &[], b"").status, 404);
 }
+
+/// Repository names in routes follow distribution's grammar (no `a..b`, no host part), and the
+/// catalog lists only names a client can ask for: an image kept as `HOST:PORT/NAME` is not one.
+#[test]
+fn routes_take_distribution_s_names_and_the_catalog_lists_only_those() {
+    let (st, port) = registry("");
+    let (config, layer) = (br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), b"named".repeat(300));
+    upload(port, &[], "cat/app", &config);
+    upload(port, &[], "cat/app", &layer);
+    assert_eq!(put_manifest(port, &[], "cat/app", "v1", &manifest(&config, &layer)).status, 201);
+    st.ok(&["image", "tag", "cat/app:v1", "127.0.0.1:5000/cat/app:v1"]);
+    st.ok(&["image", "tag", "cat/app:v1", "registry.example.com/cat/app:v1"]);
+    let a = http(port, "GET", "/v2/_catalog", &[], b"");
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["repositories"], serde_json::json!(["cat/app", "registry.example.com/cat/app"]));
+    for bad in ["/v2/a..b/x/tags/list", "/v2/a..b/x/manifests/t", "/v2/Cat/app/tags/list"] {
+        let a = http(port, "GET", bad, &[], b"");
+        assert!(a.status == 400 || a.status == 404, "{bad}: {}", a.status);
+        assert_ne!(a.status, 200, "{bad}");
+    }
+}
