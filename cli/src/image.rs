@@ -922,6 +922,56 @@ impl tokio::io::AsyncRead for Chain {
 /// Writes a stored image into `oci:DIR[:REF]` (creating the layout, or adding to one): blobs
 /// the directory lacks are copied from the store, and `index.json` gets the image's manifest,
 /// named REF (replacing an entry of that name).
+/// The top manifest of an image written into the layout at `dir`, with OCI's media types: a
+/// Docker schema 2 manifest or list is rewritten (`cairn_oci::to_oci`; its children too, those
+/// the layout holds) and the new blobs written beside the others, since OCI tools read only OCI
+/// manifests from a layout. Returns the descriptor's media type, digest and size.
+fn as_oci(
+    dir: &Path,
+    media_type: &str,
+    digest: &Digest,
+    size: u64,
+    written: &mut u64,
+) -> anyhow::Result<(String, Digest, u64)> {
+    use cairn_oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
+    let mut put = |bytes: Vec<u8>| -> anyhow::Result<(Digest, u64)> {
+        let d = Digest::sha256_of(&bytes);
+        let file = blob_file(dir, &d);
+        if !file.exists() {
+            let tmp = file.with_file_name(format!(".{}.tmp", d.hex()));
+            std::fs::write(&tmp, &bytes)
+                .and_then(|_| std::fs::rename(&tmp, &file))
+                .with_context(|| format!("cannot write '{}'", file.display()))?;
+            *written += 1;
+        }
+        Ok((d, bytes.len() as u64))
+    };
+    let read = |d: &Digest| -> anyhow::Result<Vec<u8>> {
+        let file = blob_file(dir, d);
+        std::fs::read(&file).with_context(|| format!("cannot read '{}'", file.display()))
+    };
+    match media_type {
+        DOCKER_MANIFEST => {
+            let (d, n) = put(cairn_oci::to_oci::manifest(&read(digest)?)?)?;
+            Ok((OCI_MANIFEST.to_owned(), d, n))
+        }
+        DOCKER_LIST => {
+            let list = read(digest)?;
+            let parsed = Manifest::parse(&list, Some(DOCKER_LIST))?;
+            let mut children = std::collections::HashMap::new();
+            for c in parsed.children.iter().filter(|c| c.media_type == DOCKER_MANIFEST) {
+                if blob_file(dir, &c.digest).exists() {
+                    let (d, n) = put(cairn_oci::to_oci::manifest(&read(&c.digest)?)?)?;
+                    children.insert(c.digest.to_string(), (d.to_string(), n));
+                }
+            }
+            let (d, n) = put(cairn_oci::to_oci::index(&list, &|old| children.get(old).cloned())?)?;
+            Ok((OCI_INDEX.to_owned(), d, n))
+        }
+        _ => Ok((media_type.to_owned(), digest.clone(), size)),
+    }
+}
+
 async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<&str>) -> anyhow::Result<u64> {
     let d = inspect(client, image).await?;
     let mut written = 0;
@@ -950,13 +1000,9 @@ async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<
         Err(_) => Vec::new(),
     };
     let top = &d.contents[0];
-    let mut desc = Descriptor {
-        media_type: top.media_type.clone(),
-        digest: Digest::parse(&top.digest)?,
-        size: top.size,
-        platform: None,
-        annotations: Default::default(),
-    };
+    let (media_type, digest, size) =
+        as_oci(dir, &top.media_type, &Digest::parse(&top.digest)?, top.size, &mut written)?;
+    let mut desc = Descriptor { media_type, digest, size, platform: None, annotations: Default::default() };
     if let Some(r) = reference {
         manifests.retain(|m| m.annotations.get(REF_NAME).map(String::as_str) != Some(r));
         desc.annotations.insert(REF_NAME.to_owned(), r.to_owned());

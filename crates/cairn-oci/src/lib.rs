@@ -24,6 +24,7 @@ pub mod layout;
 pub mod manifest;
 pub mod reference;
 pub mod tag;
+pub mod to_oci;
 
 pub use digest::{Digest, DigestAlgo};
 pub use layout::{blob_path, Layout};

@@ -518,3 +518,48 @@ fn platforms_of_an_index_and_chunked_pushes() {
     assert_eq!(pushed["blobsUploaded"], 2, "{pushed}");
     assert_eq!(json(&other.ok(&["image", "inspect", "--json", "multi/app:arm"]))["digest"], digest_of(&arm));
 }
+
+/// A Docker schema 2 image (as most of Docker Hub serves) written to an `oci:` layout is written
+/// with OCI's media types, as skopeo writes it there: skopeo and umoci read it, the same blobs
+/// (layers and config) under a new manifest, and umoci's tree is the original's.
+#[test]
+fn a_docker_image_written_to_an_oci_layout_is_read_by_skopeo_and_umoci() {
+    if !peers() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    first_image(&src);
+    let reg = DockerRegistry::start();
+    let docker = format!("docker://{}/docker/app:v1", reg.host());
+    run_tool(Command::new("skopeo").args([
+        "copy",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &format!("oci:{}:v1", src.display()),
+        &docker,
+    ]));
+    let raw: serde_json::Value = serde_json::from_slice(&skopeo_raw(&docker)).unwrap();
+    assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    let store = TestStore::start();
+    store.ok(&["image", "pull", "--tls-verify=false", "--tag", "docker/app:v1", &docker]);
+    let out = tmp.path().join("out");
+    store.ok(&["image", "push", "docker/app:v1", &format!("oci:{}:v1", out.display())]);
+    let written: serde_json::Value = serde_json::from_slice(&skopeo_raw(&format!("oci:{}:v1", out.display()))).unwrap();
+    assert_eq!(written["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(written["config"]["digest"], raw["config"]["digest"], "the same config");
+    let digests =
+        |m: &serde_json::Value| m["layers"].as_array().unwrap().iter().map(|l| l["digest"].clone()).collect::<Vec<_>>();
+    assert_eq!(digests(&written), digests(&raw), "the same layers");
+    let bundle = tmp.path().join("bundle");
+    run_tool(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:v1", out.display()))
+            .arg(&bundle),
+    );
+    assert_eq!(std::fs::read(bundle.join("rootfs/app/one")).unwrap(), b"first app\n");
+    // And cairn reads back what it wrote.
+    store.ok(&["image", "pull", "--tag", "docker/again:v1", &format!("oci:{}:v1", out.display())]);
+}
