@@ -105,6 +105,9 @@ fn temporary_roots_protect_paths_and_their_closures() {
     let b = text(&s, "b", &[&a]);
     let junk = text(&s, "junk", &[]);
     let guard = s.temp_root([b.clone()]);
+    // Shown as the daemon process's, as Nix shows a worker's (`{temp:PID}`).
+    let mine = format!("{{temp:{}}}", std::process::id());
+    assert!(s.roots().unwrap().iter().any(|r| r.path == b && r.origin == mine));
     let report = s.collect_garbage(&GcOptions::default()).unwrap();
     assert_eq!(report.deleted, vec![junk]);
     assert!(s.is_valid(&a).unwrap() && s.is_valid(&b).unwrap());

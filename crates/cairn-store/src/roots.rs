@@ -122,7 +122,9 @@ impl TempState {
     }
 
     pub(crate) fn roots(&self) -> Vec<Root> {
-        let ops = self.ops.keys().map(|p| Root { origin: "{temp:cairnd}".into(), path: p.clone() });
+        // The daemon's own operations' roots are its process's, as Nix shows a worker's.
+        let me = std::process::id();
+        let ops = self.ops.keys().map(move |p| Root { origin: format!("{{temp:{me}}}"), path: p.clone() });
         let clients = self
             .clients
             .iter()
