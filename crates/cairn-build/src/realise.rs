@@ -187,6 +187,12 @@ pub enum Event {
         path: String,
         from: String,
     },
+    /// Another request is building the derivation: this one waits for it (Nix's "waiting for
+    /// lock on …"), then takes its outputs or builds what is still missing.
+    Waiting {
+        drv: StorePath,
+        outputs: Vec<StorePath>,
+    },
     Started {
         drv: StorePath,
         /// The remote builder it runs on; `None`: this machine.
@@ -710,7 +716,14 @@ impl Builder {
             let mut b = self.building.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             b.entry(drv_path.clone()).or_default().clone()
         };
-        let _once = unless_cancelled(&mut cancelled, once.lock()).await?;
+        let _once = match once.clone().try_lock_owned() {
+            Ok(held) => held,
+            Err(_) => {
+                let outputs = node.outputs.values().cloned().collect();
+                let _ = events.send(Event::Waiting { drv: drv_path.clone(), outputs });
+                unless_cancelled(&mut cancelled, once.lock_owned()).await?
+            }
+        };
         if node.mode == NodeMode::Build {
             let all_valid = node.outputs.values().try_fold(true, |acc, p| store.is_valid(p).map(|v| acc && v));
             if all_valid.map_err(|e| e.to_string())? {

@@ -522,6 +522,8 @@ pub async fn realise(
             let ev = match e {
                 Event::Plan { drvs } => RealiseEvent::Plan { drvs: drvs.iter().map(|d| dir.display(d)).collect() },
                 Event::Substituting { path, from } => RealiseEvent::Substituting { path, from },
+                // Shown to Nix clients; cairn's own shows the build when it starts.
+                Event::Waiting { .. } => return None,
                 Event::Started { drv, machine } => {
                     tracing::info!(drv = %dir.display(&drv), on = machine.as_deref().unwrap_or("here"), "building");
                     RealiseEvent::Started { drv: dir.display(&drv), machine }

@@ -2424,3 +2424,43 @@ fn a_dry_run_builds_what_does_not_allow_substitutes_as_nix_daemon_plans() {
         assert!(!said.contains("will be fetched"), "{side}: {said}");
     }
 }
+
+/// A client asking for a derivation another client is building waits for it, told so in
+/// nix-daemon's words, and gets the same output without a second build.
+#[test]
+fn a_build_another_client_is_running_is_waited_for_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "shared-build.nix",
+        br#"derivation { name = "shared-build"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "sleep 3; echo once > $out" ]; }"#,
+    );
+    let drv = p.same("nix-instantiate", &[&f]).trim().to_owned();
+    let out = p.same("nix-store", &["-q", "--outputs", &drv]).trim().to_owned();
+    for side in [Side::Cairn, Side::Nix] {
+        let first = p
+            .cmd(side, "nix-store")
+            .args(["-r", &drv])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        let second = p.run(side, "nix-store", &["-r", &drv]);
+        let first = first.wait_with_output().unwrap();
+        assert!(
+            first.status.success() && second.status.success(),
+            "{side:?}: {}",
+            String::from_utf8_lossy(&second.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&second.stdout).trim(), out);
+        let said = String::from_utf8_lossy(&second.stderr);
+        // (nix-daemon names the path as its file is, under its private root.)
+        let name = &out[out.rfind('/').unwrap()..];
+        assert!(said.contains("waiting for lock on '") && said.contains(&format!("{name}'...")), "{side:?}: {said}");
+        assert!(!said.contains("building '"), "{side:?}: built once, by the first: {said}");
+    }
+}

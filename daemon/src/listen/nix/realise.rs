@@ -289,7 +289,18 @@ impl<R: Read, W: Write> Session<R, W> {
                 let id = self.start_activity(ActivityType::CopyPath, text, fields);
                 self.stop_activity(id);
             }
+            Event::Waiting { drv, outputs } => {
+                // As Nix's goal waiting for another process's output locks.
+                let paths: Vec<String> = outputs.iter().map(|p| format!("'{}'", self.show(p))).collect();
+                let text = format!("waiting for lock on {}", paths.join(", "));
+                let id = self.start_activity(ActivityType::BuildWaiting, text, Vec::new());
+                activities.insert(drv, id);
+            }
             Event::Started { drv, machine } => {
+                // A wait that ends in a build of its own: the wait's activity ends first.
+                if let Some(id) = activities.remove(&drv) {
+                    self.stop_activity(id);
+                }
                 let shown = self.show(&drv);
                 tracing::info!(drv = %shown, user = self.peer.user, "building (nix protocol)");
                 // As Nix's build activity: the machine is its second field, and in the text.
