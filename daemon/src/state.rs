@@ -165,14 +165,21 @@ impl Substitution {
     }
 }
 
+/// This daemon's directory for SSH master sockets and known-hosts files (its builders' and its
+/// substituters'), under the temporary directory: a control socket's path must be short (the
+/// kernel allows 108 bytes), which a store's state directory may not be.
+pub fn ssh_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cairn-ssh-{}-{}", nix::unistd::geteuid(), std::process::id()))
+}
+
 /// The substituter `url` names: a binary cache, or a store that answers Nix's protocols
 /// (`ssh://`, `ssh-ng://`, `unix://`), reached from this daemon as its remote builders are.
 pub(crate) fn open_substituter(url: &str, net: &NetOptions, store_dir: &StoreDir) -> anyhow::Result<Substituter> {
     if !cairn_cache::remote::is_remote_store(url) {
         return Ok(Substituter::open(url, net)?);
     }
-    let store = crate::remote_store::ProtocolStore::open(url, store_dir, &crate::api::realise::ssh_dir(), net)
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let store =
+        crate::remote_store::ProtocolStore::open(url, store_dir, &ssh_dir(), net).map_err(|e| anyhow::anyhow!(e))?;
     Ok(Substituter::remote(url, Arc::new(store))?)
 }
 

@@ -16,8 +16,6 @@ use std::pin::Pin;
 use cairn_nix::StorePath;
 use cairn_store::PathInfo;
 
-use crate::backend::FileReader;
-
 /// What a remote store answers.
 pub trait RemoteStore: Send + Sync {
     /// What the store says of `path`, or `None` if it has no such valid path.
@@ -25,7 +23,7 @@ pub trait RemoteStore: Send + Sync {
 
     /// The NAR of `path`, as a blocking reader: it ends where the NAR ends, and fails (never
     /// just ends) if the store stops sending before that.
-    fn nar<'a>(&'a self, path: &'a StorePath) -> RemoteAnswer<'a, FileReader>;
+    fn nar<'a>(&'a self, path: &'a StorePath) -> RemoteAnswer<'a, Box<dyn std::io::Read + Send>>;
 }
 
 /// A remote store's answer, or what went wrong, in a line.

@@ -108,17 +108,10 @@ pub fn machines(spec: &str, settings: &Settings) -> Result<Vec<cairn_nix::machin
     cairn_nix::machines::parse(spec, &settings.system, &mut read).map_err(|e| e.to_string())
 }
 
-/// The remote builders of the daemon's settings (their SSH files in [`ssh_dir`]).
+/// The remote builders of the daemon's settings (their SSH files in [`crate::state::ssh_dir`]).
 pub fn remotes(settings: &Settings) -> anyhow::Result<cairn_build::remote::Remotes> {
     let configured = machines(&settings.builders, settings).map_err(|e| anyhow::anyhow!("builders: {e}"))?;
-    Ok(cairn_build::remote::Remotes::new(configured, ssh_dir(), settings.builders_use_substitutes))
-}
-
-/// This daemon's directory for SSH master sockets and known-hosts files (its builders' and its
-/// substituters'), under the temporary directory: a control socket's path must be short (the
-/// kernel allows 108 bytes), which a store's state directory may not be.
-pub fn ssh_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("cairn-ssh-{}-{}", nix::unistd::geteuid(), std::process::id()))
+    Ok(cairn_build::remote::Remotes::new(configured, crate::state::ssh_dir(), settings.builders_use_substitutes))
 }
 
 /// `builders`: every remote builder the daemon knows, with its state.
