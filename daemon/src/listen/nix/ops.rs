@@ -13,7 +13,7 @@ use cairn_cache::substitute::Notice;
 use cairn_nix::hash::Encoding;
 use cairn_nix::narinfo::NarInfo;
 use cairn_nix::StorePath;
-use cairn_worker::{ActivityType, Field, GcAction, GcOptions, GcResults, Request, Response, SubstitutablePathInfo};
+use cairn_worker::{GcAction, GcOptions, GcResults, Request, Response, SubstitutablePathInfo};
 
 use super::session::{Failure, OpResult, Session};
 
@@ -217,15 +217,7 @@ impl<R: Read, W: Write> Session<R, W> {
     /// `started`), a substitute signed by no trusted key as Nix's warning.
     fn show_notice(&mut self, notice: Notice, started: &mut Vec<u64>) {
         match notice {
-            Notice::Copying { path, from } => {
-                let text = format!("copying path '{path}' from '{from}'");
-                let fields = vec![
-                    Field::String(path.into_bytes()),
-                    Field::String(from.into_bytes()),
-                    Field::String(b"local".to_vec()),
-                ];
-                started.push(self.start_activity(ActivityType::CopyPath, text, fields));
-            }
+            Notice::Copying { path, from } => started.push(self.start_copy(path, from)),
             Notice::Unsigned { path, from } => self.log_line(&format!(
                 "warning: the substitute for '{path}' from '{from}' is not signed by any of the keys in \
                  'trusted-public-keys'"

@@ -280,13 +280,7 @@ impl<R: Read, W: Write> Session<R, W> {
         match e {
             Event::Plan { .. } => {}
             Event::Substituting { path, from } => {
-                let text = format!("copying path '{path}' from '{from}'");
-                let fields = vec![
-                    Field::String(path.into_bytes()),
-                    Field::String(from.into_bytes()),
-                    Field::String(b"local".to_vec()),
-                ];
-                let id = self.start_activity(ActivityType::CopyPath, text, fields);
+                let id = self.start_copy(path, from);
                 self.stop_activity(id);
             }
             Event::Waiting { drv, outputs } => {

@@ -214,6 +214,14 @@ impl<R: Read, W: Write> Session<R, W> {
         id
     }
 
+    /// Starts Nix's "copying path '…' from '…'" activity of a substitution; returns its id.
+    pub(super) fn start_copy(&mut self, path: String, from: String) -> u64 {
+        let text = format!("copying path '{path}' from '{from}'");
+        let fields =
+            vec![Field::String(path.into_bytes()), Field::String(from.into_bytes()), Field::String(b"local".to_vec())];
+        self.start_activity(ActivityType::CopyPath, text, fields)
+    }
+
     pub(super) fn activity_result(&mut self, id: u64, kind: ResultType, fields: Vec<Field>) {
         let ok = self.message(StderrMessage::Result { id, kind, fields }).is_ok() && self.w.flush().is_ok();
         self.gone |= !ok;
