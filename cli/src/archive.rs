@@ -42,12 +42,20 @@ pub struct Source {
     archive: Option<PathBuf>,
     dir: Option<PathBuf>,
     blobs: HashMap<Digest, Origin>,
+    /// A compressed archive's tar, decompressed for reading in place; removed when dropped.
+    _plain: Option<tempfile::TempPath>,
 }
 
 impl Source {
     /// An `oci:` directory.
     pub fn dir(dir: &Path) -> Source {
-        Source { name: format!("'{}'", dir.display()), archive: None, dir: Some(dir.to_owned()), blobs: HashMap::new() }
+        Source {
+            name: format!("'{}'", dir.display()),
+            archive: None,
+            dir: Some(dir.to_owned()),
+            blobs: HashMap::new(),
+            _plain: None,
+        }
     }
 
     pub fn origin(&self, d: &Digest) -> Option<Origin> {
@@ -121,8 +129,43 @@ fn index_tar(file: &Path) -> anyhow::Result<HashMap<String, (u64, u64)>> {
     Ok(out)
 }
 
+/// The tar an archive file is: itself, or — compressed with gzip, zstd, xz or bzip2, as
+/// containers/image reads archives (`docker save | gzip`) — a temporary decompressed copy.
+fn plain_tar(file: &Path) -> anyhow::Result<(PathBuf, Option<tempfile::TempPath>)> {
+    use std::io::Read;
+    let mut head = [0u8; 6];
+    let mut f = std::fs::File::open(file).with_context(|| format!("cannot read '{}'", file.display()))?;
+    let n = f.read(&mut head)?;
+    let head = &head[..n];
+    let kind = if head.starts_with(&[0x1f, 0x8b]) {
+        "gzip"
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        "zstd"
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        "xz"
+    } else if head.starts_with(b"BZh") {
+        "bzip2"
+    } else {
+        return Ok((file.to_owned(), None));
+    };
+    let input = std::io::BufReader::new(std::fs::File::open(file)?);
+    let mut decoded: Box<dyn Read> = match kind {
+        "gzip" => Box::new(flate2::read::MultiGzDecoder::new(input)),
+        "zstd" => Box::new(zstd::Decoder::with_buffer(input)?),
+        "xz" => cairn_cache::Compression::Xz.decoder(input).map(|d| Box::new(d) as Box<dyn Read>)?,
+        _ => cairn_cache::Compression::Bzip2.decoder(input).map(|d| Box::new(d) as Box<dyn Read>)?,
+    };
+    let mut tmp = tempfile::Builder::new().prefix("cairn-archive-").tempfile()?;
+    std::io::copy(&mut decoded, &mut tmp).with_context(|| format!("decompressing '{}' ({kind})", file.display()))?;
+    let path = tmp.into_temp_path();
+    Ok((path.to_path_buf(), Some(path)))
+}
+
 /// An `oci-archive:` file: its `index.json` and blobs, read in place.
 pub fn oci_archive(file: &Path) -> anyhow::Result<(Source, Vec<u8>)> {
+    let shown = file;
+    let (file, plain) = plain_tar(file)?;
+    let file = file.as_path();
     let entries = index_tar(file)?;
     let mut blobs = HashMap::new();
     for (name, (offset, size)) in &entries {
@@ -132,10 +175,16 @@ pub fn oci_archive(file: &Path) -> anyhow::Result<(Source, Vec<u8>)> {
             blobs.insert(d, Origin::Entry { offset: *offset, size: *size });
         }
     }
-    let source = Source { name: format!("'{}'", file.display()), archive: Some(file.to_owned()), dir: None, blobs };
+    let source = Source {
+        name: format!("'{}'", shown.display()),
+        archive: Some(file.to_owned()),
+        dir: None,
+        blobs,
+        _plain: plain,
+    };
     let (offset, size) =
-        *entries.get("index.json").with_context(|| format!("'{}' has no index.json", file.display()))?;
-    ensure!(size <= cairn_oci::MAX_MANIFEST_SIZE, "the index.json of '{}' is too large", file.display());
+        *entries.get("index.json").with_context(|| format!("'{}' has no index.json", shown.display()))?;
+    ensure!(size <= cairn_oci::MAX_MANIFEST_SIZE, "the index.json of '{}' is too large", shown.display());
     let index = source.read(&Origin::Entry { offset, size })?;
     Ok((source, index))
 }
@@ -169,16 +218,18 @@ fn sha256_of_reader(mut r: impl Read) -> anyhow::Result<Digest> {
 /// one): its blobs and the schema 2 manifest describing them, whose descriptor is returned, with
 /// the image's first `RepoTags` entry (its name, as `docker save` recorded it).
 pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(Source, Descriptor, Option<String>)> {
-    let entries = index_tar(file)?;
+    let (plain_file, plain) = plain_tar(file)?;
+    let entries = index_tar(&plain_file)?;
     let (mo, ms) = *entries
         .get("manifest.json")
         .with_context(|| format!("'{}' has no manifest.json (not a docker archive)", file.display()))?;
     ensure!(ms <= cairn_oci::MAX_MANIFEST_SIZE, "the manifest.json of '{}' is too large", file.display());
     let mut source = Source {
         name: format!("'{}'", file.display()),
-        archive: Some(file.to_owned()),
+        archive: Some(plain_file.clone()),
         dir: None,
         blobs: HashMap::new(),
+        _plain: plain,
     };
     let raw = source.read(&Origin::Entry { offset: mo, size: ms })?;
     let items = docker_archive::parse_archive_manifest(&raw)

@@ -313,6 +313,19 @@ fn oci_and_docker_archives_both_ways() {
         &format!("oci-archive:{}:v1", oa.display()),
     ]));
     assert_eq!(out["digest"], oci_digest);
+    // Compressed (as skopeo and podman read them too): the same image.
+    let gz = tmp.path().join("image-oci.tar.gz");
+    std::fs::write(&gz, run_tool(Command::new("gzip").arg("-c").arg(&oa))).unwrap();
+    assert_eq!(digest_of(&skopeo_raw(&format!("oci-archive:{}:v1", gz.display()))), oci_digest);
+    let out = json(&store.ok(&[
+        "image",
+        "pull",
+        "--json",
+        "--tag",
+        "arch/gz:v1",
+        &format!("oci-archive:{}:v1", gz.display()),
+    ]));
+    assert_eq!(out["digest"], oci_digest, "a gzip-compressed OCI archive");
     // … and written by cairn, read by skopeo.
     let oa2 = tmp.path().join("out-oci.tar");
     store.ok(&["image", "push", "arch/oci:v1", &format!("oci-archive:{}:v1", oa2.display())]);
@@ -326,6 +339,10 @@ fn oci_and_docker_archives_both_ways() {
     let out = json(&store.ok(&["image", "pull", "--json", &format!("docker-archive:{}:arch/docker:v1", da.display())]));
     assert_eq!(out["digest"], skopeo_digest, "the schema 2 manifest of a docker archive is skopeo's, byte for byte");
     assert_eq!(out["tags"][0], "arch/docker:v1");
+    let xz = tmp.path().join("image-docker.tar.xz");
+    std::fs::write(&xz, run_tool(Command::new("xz").arg("-c").arg(&da))).unwrap();
+    let out = json(&store.ok(&["image", "pull", "--json", &format!("docker-archive:{}:arch/docker:v1", xz.display())]));
+    assert_eq!(out["digest"], skopeo_digest, "an xz-compressed docker archive");
     // `:@N` picks the N-th image (from 0), as skopeo reads it; named by its RepoTags.
     let by_index = format!("docker-archive:{}:@0", da.display());
     assert_eq!(digest_of(&skopeo_raw(&by_index)), skopeo_digest);
