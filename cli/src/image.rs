@@ -609,7 +609,8 @@ fn unpack_summary(u: &UnpackedInfo) -> String {
     }
     let mut dropped = Vec::new();
     if u.dropped_devices > 0 {
-        dropped.push(plural(u.dropped_devices, "device node", "device nodes"));
+        // Device nodes and fifos, which a store path cannot hold.
+        dropped.push(plural(u.dropped_devices, "device node or fifo", "device nodes or fifos"));
     }
     if u.dropped_special_bits > 0 {
         dropped.push(plural(u.dropped_special_bits, "setuid/setgid/sticky bit", "setuid/setgid/sticky bits"));
@@ -1032,7 +1033,7 @@ mod tests {
         assert_eq!(super::unpack_summary(&u(1, 0, 0, false)), "unpacked 1 layer");
         assert_eq!(
             super::unpack_summary(&u(3, 1, 2, false)),
-            "unpacked 3 layers; dropped 1 device node, 2 setuid/setgid/sticky bits"
+            "unpacked 3 layers; dropped 1 device node or fifo, 2 setuid/setgid/sticky bits"
         );
         assert_eq!(super::unpack_summary(&u(2, 0, 1, false)), "unpacked 2 layers; dropped 1 setuid/setgid/sticky bit");
         assert_eq!(super::unpack_summary(&u(3, 0, 0, true)), "cached: 3 layers unpacked before");

@@ -256,7 +256,7 @@ fn drops_are_reported() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8(out.stderr).unwrap().trim(),
-        "unpacked 1 layer; dropped 2 device nodes, 1 setuid/setgid/sticky bit"
+        "unpacked 1 layer; dropped 2 device nodes or fifos, 1 setuid/setgid/sticky bit"
     );
     let path = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let real = store.root.path().join(path.trim_start_matches('/'));
