@@ -350,10 +350,10 @@ pub async fn run(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<()> {
                 }
                 Transport::OciArchive { file, reference } => {
                     let (src, top) = oci_archive_source(Path::new(&file), reference.as_deref())?;
-                    let top = one_platform(&src, top, platform.as_deref(), all_platforms)?;
                     // As podman: the manifest's ref.name when it is a whole NAME:TAG, else a name
                     // from the file's with ref.name (or the reference) as the tag.
                     let ref_name = top.annotations.get(REF_NAME).cloned();
+                    let top = one_platform(&src, top, platform.as_deref(), all_platforms)?;
                     let (tag, named) = match (tag, ref_name) {
                         (Some(t), _) => (TagName::parse(&t)?, None),
                         (None, Some(r)) if r.contains('/') || r.contains(':') => {

@@ -140,22 +140,23 @@ pub enum Command {
     Version(daemon::VersionArgs),
 }
 
+/// Whether a panic is `println!`'s on a standard output whose reader went away.
+fn closed_stdout_panic(payload: &(dyn std::any::Any + Send)) -> bool {
+    let message =
+        payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+    message.is_some_and(|m| m.starts_with("failed printing to stdout") && m.contains("Broken pipe"))
+}
+
 /// A reader of our standard output that goes away (`cairn image inspect … | head -1`) makes
-/// `println!` panic: end quietly instead, with the exit code of the error path that sees the
-/// same thing (`stdout_closed`).
+/// `println!` panic: that panic is not reported, and `main` ends quietly once it has unwound
+/// (so temporary files are removed), with the exit code of the error path that sees the same
+/// thing (`stdout_closed`).
 fn quiet_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(1);
+        if !closed_stdout_panic(info.payload()) {
+            default(info)
         }
-        default(info)
     }));
 }
 
@@ -185,7 +186,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(run(cli))));
+    let ran = match ran {
+        Ok(r) => r,
+        Err(p) if closed_stdout_panic(p.as_ref()) => return ExitCode::FAILURE,
+        Err(p) => std::panic::resume_unwind(p),
+    };
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our stdout went away (`cairn closure … | head`): nothing to say.
         Err(e) if stdout_closed(&e) => ExitCode::FAILURE,

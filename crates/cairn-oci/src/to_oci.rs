@@ -4,7 +4,7 @@
 //!
 //! The rewrite changes media types only: the manifest's `mediaType`, its config's (Docker's
 //! config JSON is a superset of OCI's and is kept byte for byte) and each layer's (gzip, plain
-//! and foreign layers to their OCI names); digests, sizes, URLs, annotations and platforms are
+//! zstd and foreign layers to their OCI names; other types kept); digests, sizes, URLs, annotations and platforms are
 //! kept. So the new manifest names the same blobs; its own digest is new. (skopeo also rewrites
 //! the config, through Go's JSON encoder, so its digests differ from these.)
 
@@ -20,6 +20,7 @@ fn layer_type(docker: &str) -> Option<&'static str> {
     Some(match docker {
         "application/vnd.docker.image.rootfs.diff.tar.gzip" => "application/vnd.oci.image.layer.v1.tar+gzip",
         "application/vnd.docker.image.rootfs.diff.tar" => "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd" => "application/vnd.oci.image.layer.v1.tar+zstd",
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
             "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         }
@@ -53,10 +54,11 @@ pub fn manifest(docker: &[u8]) -> Result<Vec<u8>> {
     }
     for l in m.get_mut("layers").and_then(Value::as_array_mut).into_iter().flatten() {
         let Some(l) = l.as_object_mut() else { continue };
+        // Docker's names become OCI's; any other (OCI's own, an artifact's) is kept.
         let docker = l.get("mediaType").and_then(Value::as_str).unwrap_or_default();
-        let oci = layer_type(docker)
-            .ok_or_else(|| OciError::ManifestJson(format!("layer media type '{docker}' has no OCI name")))?;
-        l.insert("mediaType".into(), oci.into());
+        if let Some(oci) = layer_type(docker) {
+            l.insert("mediaType".into(), oci.into());
+        }
     }
     serde_json::to_vec(&Value::Object(m)).map_err(|e| OciError::ManifestJson(e.to_string()))
 }
@@ -102,6 +104,16 @@ mod tests {
         assert_eq!(v["layers"][1]["mediaType"], "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip");
         assert_eq!(v["layers"][1]["urls"][0], "https://example.com/l");
         assert!(manifest(&oci).is_err(), "only a Docker manifest is rewritten");
+        // zstd layers have their OCI name; types OCI already names are kept.
+        let mixed = DOCKER
+            .replace(
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                "application/vnd.docker.image.rootfs.diff.tar.zstd",
+            )
+            .replace("application/vnd.docker.image.rootfs.diff.tar.gzip", "application/vnd.oci.image.layer.v1.tar");
+        let v: Value = serde_json::from_slice(&manifest(mixed.as_bytes()).unwrap()).unwrap();
+        assert_eq!(v["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+        assert_eq!(v["layers"][1]["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
     }
 
     #[test]

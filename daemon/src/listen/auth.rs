@@ -196,8 +196,9 @@ fn allows(user: &User, scope: Scope, target: Target<'_>) -> bool {
 fn without_unreadable_mount(req: &mut Request<Body>, user: &User) {
     let Some(query) = req.uri().query() else { return };
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    let Some((_, from)) = pairs.iter().find(|(k, _)| k == "from") else { return };
-    if allows(user, Scope::Read, Target::Repository(from)) {
+    // Every `from` is checked: the registry takes the last of several, this check the first.
+    let mut froms = pairs.iter().filter(|(k, _)| k == "from").peekable();
+    if froms.peek().is_none() || froms.all(|(_, from)| allows(user, Scope::Read, Target::Repository(from))) {
         return;
     }
     let kept: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "from" && k != "mount").collect();

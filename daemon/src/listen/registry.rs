@@ -987,7 +987,12 @@ async fn delete_manifest(s: &Arc<RegistryServer>, name: &str, reference: &str) -
                 let imgs = repo_images(&images, &n)?;
                 // A manifest another of the repository's images holds (an index's child) would
                 // still be served: refused, rather than answered "deleted" and kept.
-                if let Some((tag, holder)) = imgs.iter().find(|(_, i)| i.digest() != &d && i.blobs.contains(&d)) {
+                let holds_manifest = |i: &Image| {
+                    i.digest() != &d
+                        && i.blobs.contains(&d)
+                        && images.image_manifests(i).is_ok_and(|ms| ms.iter().any(|(m, _)| m.digest == d))
+                };
+                if let Some((tag, holder)) = imgs.iter().find(|(_, i)| holds_manifest(i)) {
                     let by = tag.clone().unwrap_or_else(|| holder.digest().to_string());
                     return Err(reg_err(
                         StatusCode::CONFLICT,
@@ -1090,13 +1095,17 @@ async fn commit_upload(s: &Arc<RegistryServer>, repo: &str, file: PathBuf, diges
             cairn_fault::point("push-receive-mid");
             // Rooted from before it is stored until it is linked.
             let _root = images.root_blobs([&digest]);
-            if images.has_blob(&digest)? {
-                // The store has it, so it is not stored again, but these bytes must still be
-                // it: else naming a digest would link any blob the store holds — another
-                // repository's — into this one without its bytes.
-                upload_is(&digest, f)?;
-            } else {
-                images.add_blob(&digest, size, std::io::BufReader::with_capacity(1 << 20, f))?;
+            // A blob the store already has is not stored again (and not read), but these bytes
+            // must still be it: else naming a digest would link any blob the store holds —
+            // another repository's — into this one without its bytes. Whether the store read
+            // them is what counts (another push may store the blob meanwhile).
+            let mut counted = CountingReader { inner: std::io::BufReader::with_capacity(1 << 20, f), count: 0 };
+            images.add_blob(&digest, size, &mut counted)?;
+            if counted.count < size {
+                let again = std::fs::File::open(&file).map_err(|e| {
+                    reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot read the upload: {e}"))
+                })?;
+                upload_is(&digest, again)?;
             }
             link_blob(&images, &repo, &digest)
         })();
@@ -1110,6 +1119,20 @@ async fn commit_upload(s: &Arc<RegistryServer>, repo: &str, file: PathBuf, diges
         })
     })
     .await
+}
+
+/// Counts what is read through it.
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
 }
 
 /// Checks that an upload's bytes are the blob `digest` names.

@@ -163,6 +163,10 @@ fn a_user_limited_to_a_prefix_reaches_nothing_of_other_repositories() {
     // mounts nor tells whether the blob is there.
     let a = http(port, "POST", &format!("/v2/team/steal/blobs/uploads/?mount={dl}&from=secret/app"), &mallory, b"");
     assert_eq!(a.status, 202, "{}", body(&a));
+    // Nor with a readable `from` first and the unreadable one after it (the last one counts).
+    let twice = format!("/v2/team/steal/blobs/uploads/?mount={dl}&from=team/steal&from=secret/app");
+    let a = http(port, "POST", &twice, &mallory, b"");
+    assert_eq!(a.status, 202, "{}", body(&a));
     let a = put_manifest(port, &mallory, "team/steal", "x", &manifest(&config, &layer));
     assert_eq!(a.status, 400, "{}", body(&a));
     assert_eq!(http(port, "GET", &format!("/v2/team/steal/blobs/{dl}"), &mallory, b"").status, 404);
@@ -234,6 +238,9 @@ fn a_manifest_an_index_holds_is_deleted_only_after_the_index() {
     let a = http(port, "PUT", "/v2/idx/app/manifests/multi", &ct, index.as_bytes());
     assert_eq!(a.status, 201, "{}", body(&a));
     let child = format!("/v2/idx/app/manifests/{d}");
+    // A layer's digest names no manifest: unknown, as distribution answers it.
+    let as_manifest = http(port, "DELETE", &format!("/v2/idx/app/manifests/{}", digest_of(&layer)), &[], b"");
+    assert_eq!(as_manifest.status, 404, "{}", body(&as_manifest));
     let refused = http(port, "DELETE", &child, &[], b"");
     assert_eq!(refused.status, 409, "{}", body(&refused));
     assert!(body(&refused).contains("idx/app:multi"), "{}", body(&refused));

@@ -55,7 +55,7 @@ fn blob_entry(digest: &str) -> String {
 #[test]
 fn streamed_layers_are_made_again_when_exported_served_and_pushed() {
     let port = free_port();
-    let s = TestStore::builder().config(&format!("listen = \"127.0.0.1:{port}\"\n")).start();
+    let s = TestStore::builder().config(&format!("listen = \"127.0.0.1:{port}\"\naccept-pushes = true\n")).start();
     wait_listening(port);
     let tmp = tempfile::tempdir().unwrap();
     let (tree, top) = closure(&s, tmp.path(), "v1");
@@ -102,6 +102,13 @@ fn streamed_layers_are_made_again_when_exported_served_and_pushed() {
     let r = http(port, "GET", &format!("/v2/built/streamed/blobs/{big}"), &[("Range", "bytes=1000000-1999999")], b"");
     assert_eq!(r.status, 206);
     assert_eq!(r.body, whole[1_000_000..2_000_000]);
+    // Pushed back to the registry that made it (a streamed layer's bytes, uploaded by digest):
+    // taken and linked as any blob, though the store held it only as a streamed layer.
+    let up = http(port, "POST", &format!("/v2/again/streamed/blobs/uploads/?digest={big}"), &[], &whole);
+    assert_eq!(up.status, 201, "{}", String::from_utf8_lossy(&up.body));
+    assert_eq!(http(port, "GET", &format!("/v2/again/streamed/blobs/{big}"), &[], b"").status, 200);
+    let wrong = http(port, "POST", &format!("/v2/wrong/streamed/blobs/uploads/?digest={big}"), &[], &whole[1..]);
+    assert_eq!(wrong.status, 400, "{}", String::from_utf8_lossy(&wrong.body));
     if require_peer("skopeo") {
         let src = format!("docker://127.0.0.1:{port}/built/streamed:1");
         assert_eq!(digest_of(&skopeo_raw(&src)), digest);

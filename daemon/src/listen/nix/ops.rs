@@ -456,7 +456,8 @@ impl<R: Read, W: Write> Session<R, W> {
             GcAction::DeleteDead => {
                 let max_freed = (o.max_freed != u64::MAX).then_some(o.max_freed);
                 let r = store.collect_garbage(&cairn_store::GcOptions { dry_run: false, max_freed })?;
-                stopped_at = max_freed.filter(|m| r.bytes_freed > *m);
+                // (cairn's collector stops once the limit is reached.)
+                stopped_at = max_freed.filter(|m| r.bytes_freed >= *m);
                 GcResults { paths: shown(r.deleted), bytes_freed: r.bytes_freed }
             }
             GcAction::DeleteSpecific => {

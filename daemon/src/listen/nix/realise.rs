@@ -18,7 +18,7 @@ use cairn_build::{Event, FailureKind, Goal, Mode, Options, Outcome};
 use cairn_nix::StorePath;
 use cairn_worker::{
     ActivityType, BasicDerivation, BuildMode, BuildResult, BuildStatus, DerivedPath, DrvOutput, Field,
-    KeyedBuildResult, Missing, OutputsSpec, Realisation, ResultType,
+    KeyedBuildResult, Missing, OutputsSpec, Realisation, ResultType, Verbosity,
 };
 
 use super::session::{Failure, OpResult, Session};
@@ -172,6 +172,10 @@ impl<R: Read, W: Write> Session<R, W> {
             }
             done
         });
+        // Builds and waits that a failure cancelled sent no end: their activities end here.
+        for (_, id) in activities.drain() {
+            self.stop_activity(id);
+        }
         if hung_up {
             tracing::info!(user = self.peer.user, "the client hung up: its builds were stopped");
             return Err(Failure::Fatal("the client hung up during the build".into()));
@@ -287,7 +291,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 // As Nix's goal waiting for another process's output locks.
                 let paths: Vec<String> = outputs.iter().map(|p| format!("'{}'", self.show(p))).collect();
                 let text = format!("waiting for lock on {}", paths.join(", "));
-                let id = self.start_activity(ActivityType::BuildWaiting, text, Vec::new());
+                let id = self.start_activity_at(Verbosity::Warn, ActivityType::BuildWaiting, text, Vec::new());
                 activities.insert(drv, id);
             }
             Event::Started { drv, machine } => {

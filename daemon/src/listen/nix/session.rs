@@ -206,9 +206,20 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// Starts an activity; returns its id.
     pub(super) fn start_activity(&mut self, kind: ActivityType, text: String, fields: Vec<Field>) -> u64 {
+        self.start_activity_at(Verbosity::Info, kind, text, fields)
+    }
+
+    /// Starts an activity of `level` (Nix's own for its kind); returns its id.
+    pub(super) fn start_activity_at(
+        &mut self,
+        level: Verbosity,
+        kind: ActivityType,
+        text: String,
+        fields: Vec<Field>,
+    ) -> u64 {
         self.next_activity += 1;
         let id = self.next_activity;
-        let m = StderrMessage::StartActivity { id, level: Verbosity::Info, kind, text, fields, parent: 0 };
+        let m = StderrMessage::StartActivity { id, level, kind, text, fields, parent: 0 };
         let ok = self.message(m).is_ok() && self.w.flush().is_ok();
         self.gone |= !ok;
         id
