@@ -376,6 +376,8 @@ impl Builder {
         let nodes = Arc::new(nodes);
         let mut failed: HashMap<StorePath, String> = HashMap::new();
         let mut built = Vec::new();
+        // Those whose outputs are valid now, built by this request or not.
+        let mut finished: std::collections::HashSet<StorePath> = std::collections::HashSet::new();
         let mut stopped = false;
         // Raised when the request stops: builds waiting to start give up, running ones are killed.
         let (cancel, cancelled) = watch::channel(false);
@@ -395,11 +397,12 @@ impl Builder {
                 // As Nix: the hook runs once the outputs are registered; its failure is the build's.
                 let hook = options.post_build_hook.as_ref().or(this.settings.post_build_hook.as_ref());
                 let hook = hook.filter(|h| !h.as_os_str().is_empty());
+                // (Not for outputs found valid: they were not built by this request.)
                 let r = match (r, hook) {
-                    (Ok(outputs), Some(hook)) if nodes[&p].mode != NodeMode::Check => {
+                    (Ok((outputs, true)), Some(hook)) if nodes[&p].mode != NodeMode::Check => {
                         hook::run(hook, &this.settings.hook_env, &this.store, &p, &outputs, &events)
                             .await
-                            .map(|()| outputs)
+                            .map(|()| (outputs, true))
                             .map_err(|m| Stop::Failed(m.into()))
                     }
                     (r, _) => r,
@@ -433,8 +436,11 @@ impl Builder {
             let Some(joined) = joined else { continue };
             let (p, r) = joined.map_err(|e| BuildError::Internal(e.to_string()))?;
             match r {
-                Ok(outputs) => {
-                    built.push(p.clone());
+                Ok((outputs, ran)) => {
+                    if ran {
+                        built.push(p.clone());
+                    }
+                    finished.insert(p.clone());
                     let _ = events.send(Event::Built { drv: p.clone(), outputs });
                     for d in dependents.get(&p).into_iter().flatten() {
                         let Some(left) = remaining.get_mut(d) else { continue };
@@ -475,7 +481,9 @@ impl Builder {
         for g in &goals {
             let r = match failed.get(&g.drv) {
                 Some(m) => Err(m.clone()),
-                None if stopped && nodes.contains_key(&g.drv) && !built.contains(&g.drv) => Err(NOT_BUILT.to_owned()),
+                None if stopped && nodes.contains_key(&g.drv) && !finished.contains(&g.drv) => {
+                    Err(NOT_BUILT.to_owned())
+                }
                 None => self.wanted_outputs(g, &nodes, &options.given).await,
             };
             results.push((g.drv.clone(), r));
@@ -699,7 +707,9 @@ impl Builder {
     }
 
     /// Builds one derivation whose inputs are valid; the error is the failure to report, or
-    /// that the request stopped (`cancelled` raised) before or while it ran.
+    /// that the request stopped (`cancelled` raised) before or while it ran. True with the
+    /// outputs: built by this request; false: found valid (another request built them while
+    /// this one waited for it, or a cache had them), as Nix's "already valid".
     async fn build(
         self: &Arc<Self>,
         drv_path: &StorePath,
@@ -708,10 +718,8 @@ impl Builder {
         events: &mpsc::UnboundedSender<Event>,
         mut cancelled: watch::Receiver<bool>,
         slot: Slot,
-    ) -> Result<BTreeMap<String, StorePath>, Stop> {
+    ) -> Result<(BTreeMap<String, StorePath>, bool), Stop> {
         let store = &self.store;
-        let dir = store.store_dir().clone();
-        let shown = dir.display(drv_path);
         let once = {
             let mut b = self.building.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             b.entry(drv_path.clone()).or_default().clone()
@@ -727,7 +735,7 @@ impl Builder {
         if node.mode == NodeMode::Build {
             let all_valid = node.outputs.values().try_fold(true, |acc, p| store.is_valid(p).map(|v| acc && v));
             if all_valid.map_err(|e| e.to_string())? {
-                return Ok(node.outputs.clone());
+                return Ok((node.outputs.clone(), false));
             }
             if let Some(r) = options.resubstitute.as_ref().filter(|r| r.drvs.contains(drv_path)) {
                 let wanted: Vec<StorePath> =
@@ -741,10 +749,27 @@ impl Builder {
                 });
                 unless_cancelled(&mut cancelled, r.with.substitute(wanted.clone(), announce)).await?;
                 if wanted.iter().all(|p| store.is_valid(p).unwrap_or(false)) {
-                    return Ok(node.outputs.clone());
+                    return Ok((node.outputs.clone(), false));
                 }
             }
         }
+        self.build_held(drv_path, node, options, events, cancelled, slot).await.map(|outputs| (outputs, true))
+    }
+
+    /// [`Self::build`] once the derivation is this request's to build (its lock held, its
+    /// outputs not all valid).
+    async fn build_held(
+        self: &Arc<Self>,
+        drv_path: &StorePath,
+        node: &Node,
+        options: &Options,
+        events: &mpsc::UnboundedSender<Event>,
+        mut cancelled: watch::Receiver<bool>,
+        slot: Slot,
+    ) -> Result<BTreeMap<String, StorePath>, Stop> {
+        let store = &self.store;
+        let dir = store.store_dir().clone();
+        let shown = dir.display(drv_path);
         // On a remote builder while one takes it; a builder that fails the build's trust
         // (unreachable, broken session, outputs not as claimed) is marked down and another
         // slot is taken, possibly here.

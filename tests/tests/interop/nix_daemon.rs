@@ -2440,16 +2440,21 @@ fn a_build_another_client_is_running_is_waited_for_as_with_nix_daemon() {
     let drv = p.same("nix-instantiate", &[&f]).trim().to_owned();
     let out = p.same("nix-store", &["-q", "--outputs", &drv]).trim().to_owned();
     for side in [Side::Cairn, Side::Nix] {
+        // A post-build hook runs after the one build, not for the client that waited.
+        let record = p.work.path().join(format!("waited-hook-{side:?}"));
+        let hook = p.work.path().join(format!("waited-hook-{side:?}.sh"));
+        cairn_tests::write_exec(&hook, format!("#!/bin/sh\necho \"$DRV_PATH\" >> {}\n", record.display()).as_bytes());
+        let hooked = ["-r", &drv, "--option", "post-build-hook", hook.to_str().unwrap()];
         let first = p
             .cmd(side, "nix-store")
-            .args(["-r", &drv])
+            .args(hooked)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1000));
-        let second = p.run(side, "nix-store", &["-r", &drv]);
+        let second = p.run(side, "nix-store", &hooked);
         let first = first.wait_with_output().unwrap();
         assert!(
             first.status.success() && second.status.success(),
@@ -2462,5 +2467,6 @@ fn a_build_another_client_is_running_is_waited_for_as_with_nix_daemon() {
         let name = &out[out.rfind('/').unwrap()..];
         assert!(said.contains("waiting for lock on '") && said.contains(&format!("{name}'...")), "{side:?}: {said}");
         assert!(!said.contains("building '"), "{side:?}: built once, by the first: {said}");
+        assert_eq!(std::fs::read_to_string(&record).unwrap(), format!("{drv}\n"), "{side:?}: the hook ran once");
     }
 }
