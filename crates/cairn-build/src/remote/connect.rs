@@ -610,7 +610,7 @@ pub fn open_stoppable(
 }
 
 /// Makes `dir` (mode 0700), or checks that it is already a directory of this user's that nobody
-/// else may enter: SSH's master sockets and the known-hosts files written for it go there, and a
+/// else could write into (and makes it 0700): SSH's master sockets and the known-hosts files written for it go there, and a
 /// directory someone else made first (its name is predictable) could hand ssh their socket or
 /// point a written file elsewhere.
 pub fn private_dir(dir: &Path) -> Result<(), String> {
@@ -621,8 +621,16 @@ pub fn private_dir(dir: &Path) -> Result<(), String> {
         Err(e) => return Err(format!("cannot create '{}': {e}", dir.display())),
     }
     let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("'{}': {e}", dir.display()))?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+    let ours = meta.is_dir() && meta.uid() == nix::unistd::geteuid().as_raw();
+    // One of ours that nobody else could write into (an older cairn made them 0755, and a pid
+    // comes round again) is made private; any other is refused.
+    if !ours || meta.mode() & 0o022 != 0 {
         return Err(format!("'{}' is not a private directory of this user's: remove it", dir.display()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make '{}' private: {e}", dir.display()))?;
     }
     Ok(())
 }
@@ -742,6 +750,30 @@ mod tests {
         assert_eq!(t.command, "nix-store --serve --write --store 'local?root=/r'");
         let Target::Ssh(t) = Target::of(&machine("ssh://h?remote-program=/opt/bin/cairnd")).unwrap() else { panic!() };
         assert_eq!((t.command.as_str(), t.serve), ("/opt/bin/cairnd --serve --write", true));
+    }
+
+    #[test]
+    fn the_ssh_directory_is_made_private_and_one_others_could_write_into_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = tmp.path().join("fresh");
+        private_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        // One of ours an older cairn made 0755: made private.
+        let old = tmp.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+        // One anybody could have written into, or a symlink: refused.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(private_dir(&open).unwrap_err().contains("not a private directory"));
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(private_dir(&link).is_err());
     }
 
     #[test]
