@@ -234,20 +234,18 @@ pub fn docker_archive(file: &Path, reference: Option<&str>) -> anyhow::Result<(S
     let raw = source.read(&Origin::Entry { offset: mo, size: ms })?;
     let items = docker_archive::parse_archive_manifest(&raw)
         .with_context(|| format!("the manifest.json of '{}'", file.display()))?;
-    let item = match reference {
-        // `@N`: the N-th image of manifest.json, from 0, as skopeo reads it.
-        Some(r) if r.strip_prefix('@').is_some_and(|n| n.parse::<usize>().is_ok()) => {
-            let n: usize = r[1..].parse().unwrap_or(usize::MAX);
-            items
-                .get(n)
-                .with_context(|| format!("'{}' holds {} images: there is no {r}", file.display(), items.len()))?
-        }
-        Some(r) => items
+    // `@N`: the N-th image of manifest.json, from 0, as skopeo reads it.
+    let nth = reference.and_then(|r| r.strip_prefix('@')).and_then(|n| n.parse::<usize>().ok());
+    let item = match (reference, nth) {
+        (Some(r), Some(n)) => items
+            .get(n)
+            .with_context(|| format!("'{}' holds {} images: there is no {r}", file.display(), items.len()))?,
+        (Some(r), None) => items
             .iter()
             .find(|i| i.repo_tags.iter().flatten().any(|t| same_name(t, r)))
             .with_context(|| format!("no image in '{}' is tagged '{r}'", file.display()))?,
-        None if items.len() == 1 => &items[0],
-        None => bail!(
+        (None, _) if items.len() == 1 => &items[0],
+        (None, _) => bail!(
             "'{}' holds {} images: name one (docker-archive:FILE:NAME:TAG, or :@N for the N-th from 0)",
             file.display(),
             items.len()

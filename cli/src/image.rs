@@ -18,8 +18,7 @@ use cairn_api::image::{
 use cairn_api::query;
 use cairn_client::Client;
 use cairn_oci::layout::{self, blob_path, REF_NAME};
-use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest};
-use cairn_oci::manifest::{DOCKER_LIST, OCI_INDEX};
+use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest, DOCKER_LIST, OCI_INDEX};
 use cairn_oci::reference::Transport;
 use cairn_oci::{Digest, TagName};
 use clap::{Args, Subcommand};
@@ -802,7 +801,6 @@ fn oci_dir_source(dir: &Path, reference: Option<&str>) -> anyhow::Result<(crate:
     Ok((crate::archive::Source::dir(dir), top))
 }
 
-/// The image `oci-archive:FILE[:REF]` names.
 /// An index narrowed to the image for `platform` (else this machine's), as a pull from a
 /// registry narrows it and skopeo copies from `oci:`; kept whole with `--all-platforms`.
 fn one_platform(
@@ -829,6 +827,7 @@ fn one_platform(
     Ok(child)
 }
 
+/// The image `oci-archive:FILE[:REF]` names.
 fn oci_archive_source(file: &Path, reference: Option<&str>) -> anyhow::Result<(crate::archive::Source, Descriptor)> {
     let (source, index) = crate::archive::oci_archive(file)?;
     let manifests = layout::parse_index(&index).with_context(|| format!("'{}'", file.display()))?;
@@ -920,9 +919,6 @@ impl tokio::io::AsyncRead for Chain {
     }
 }
 
-/// Writes a stored image into `oci:DIR[:REF]` (creating the layout, or adding to one): blobs
-/// the directory lacks are copied from the store, and `index.json` gets the image's manifest,
-/// named REF (replacing an entry of that name).
 /// The top manifest of an image written into the layout at `dir`, with OCI's media types: a
 /// Docker schema 2 manifest or list is rewritten (`cairn_oci::to_oci`; its children too, those
 /// the layout holds) and the new blobs written beside the others, since OCI tools read only OCI
@@ -973,6 +969,9 @@ fn as_oci(
     }
 }
 
+/// Writes a stored image into `oci:DIR[:REF]` (creating the layout, or adding to one): blobs
+/// the directory lacks are copied from the store, and `index.json` gets the image's manifest
+/// (with OCI's media types, [`as_oci`]), named REF (replacing an entry of that name).
 async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<&str>) -> anyhow::Result<u64> {
     let d = inspect(client, image).await?;
     let mut written = 0;

@@ -99,6 +99,12 @@ impl<'a> Attrs<'a> {
         self.bool("allowSubstitutes", true)
     }
 
+    /// [`Attrs::substitutes_allowed`] of `drv` (shown as `shown`), as substitution decides it:
+    /// attributes that cannot be read allow it (the build reports them), as the default does.
+    pub fn allow_substitutes(drv: &Derivation, shown: &str) -> bool {
+        Attrs::new(drv, shown).and_then(|a| a.substitutes_allowed()).unwrap_or(true)
+    }
+
     /// `preferLocalBuild`: Nix builds such a derivation on this machine rather than on a remote
     /// builder. cairn has no remote builders, so every build is local; the attribute is read
     /// only to be type-checked as Nix does.

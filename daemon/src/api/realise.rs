@@ -370,7 +370,7 @@ fn missing_outputs(st: &AppState, level: &[(StorePath, Option<BTreeSet<String>>)
         let (Ok(outputs), Ok(drv)) = (drvs.outputs(drv_path), drvs.load(drv_path)) else { continue };
         // allowSubstitutes = false: always built (Nix's substitutesAllowed).
         let shown = st.store_dir.display(drv_path);
-        if !Attrs::new(&drv, &shown).and_then(|a| a.substitutes_allowed()).unwrap_or(true) {
+        if !Attrs::allow_substitutes(&drv, &shown) {
             continue;
         }
         let fixed = drv.fixed_output().ok().flatten();

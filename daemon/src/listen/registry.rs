@@ -1136,20 +1136,13 @@ impl<R: std::io::Read> std::io::Read for CountingReader<R> {
 }
 
 /// Checks that an upload's bytes are the blob `digest` names.
-fn upload_is(digest: &Digest, mut f: std::fs::File) -> RResult<()> {
+fn upload_is(digest: &Digest, f: std::fs::File) -> RResult<()> {
     let expected = digest.to_hash();
-    let mut hasher = cairn_nix::hash::Hasher::new(expected.algo());
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| {
-            reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot read the upload: {e}"))
-        })?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    if hasher.finish() != expected {
+    let mut hashed =
+        cairn_nix::hash::HashingReader::new(std::io::BufReader::with_capacity(1 << 20, f), expected.algo());
+    std::io::copy(&mut hashed, &mut std::io::sink())
+        .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot read the upload: {e}")))?;
+    if hashed.finish().0 != expected {
         return Err(reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("the upload's bytes are not {digest}")));
     }
     Ok(())

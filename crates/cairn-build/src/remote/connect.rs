@@ -352,7 +352,7 @@ impl LineTail {
     fn hand_over(&mut self, line: Vec<u8>, on_line: &mut dyn FnMut(String)) {
         let line = String::from_utf8_lossy(&line).into_owned();
         let said = line.trim();
-        if !said.is_empty() && !said.starts_with("Warning:") {
+        if says_something(said) {
             if self.recent.len() == 2 {
                 self.recent.pop_front();
             }
@@ -360,6 +360,11 @@ impl LineTail {
         }
         on_line(line);
     }
+}
+
+/// Whether a line (trimmed) may be a failure's reason: not empty, not one of ssh's warnings.
+fn says_something(line: &str) -> bool {
+    !line.is_empty() && !line.starts_with("Warning:")
 }
 
 /// What a session's program writes on its standard error, read from a pipe by a thread of its
@@ -395,17 +400,14 @@ impl Said {
         }
     }
 
-    fn feed(&mut self, bytes: &[u8]) {
+    /// The lines `bytes` complete, pending; with `None`, the unfinished last line too.
+    fn feed(&mut self, bytes: Option<&[u8]>) {
         let mut lines = Vec::new();
-        self.tail.feed(bytes, &mut |l| lines.push(l));
+        match bytes {
+            Some(b) => self.tail.feed(b, &mut |l| lines.push(l)),
+            None => self.tail.flush(&mut |l| lines.push(l)),
+        }
         lines.into_iter().for_each(|l| self.push(l));
-    }
-
-    fn end(&mut self) {
-        let mut lines = Vec::new();
-        self.tail.flush(&mut |l| lines.push(l));
-        lines.into_iter().for_each(|l| self.push(l));
-        self.ended = true;
     }
 }
 
@@ -419,11 +421,12 @@ impl Stderr {
                 let n = pipe.read(&mut buf).unwrap_or(0);
                 let mut said = feed.lock();
                 if n == 0 {
-                    said.end();
+                    said.feed(None);
+                    said.ended = true;
                     feed.changed.notify_all();
                     return;
                 }
-                said.feed(&buf[..n]);
+                said.feed(Some(&buf[..n]));
                 drop(said);
                 feed.changed.notify_all();
             }
@@ -440,9 +443,7 @@ impl Stderr {
         let (lines, dropped) = {
             let mut said = self.lock();
             if all {
-                let mut rest = Vec::new();
-                said.tail.flush(&mut |l| rest.push(l));
-                rest.into_iter().for_each(|l| said.push(l));
+                said.feed(None);
             }
             said.pending_bytes = 0;
             (std::mem::take(&mut said.pending), std::mem::take(&mut said.dropped))
@@ -473,7 +474,7 @@ impl Stderr {
         if !said.ended {
             // An unfinished last line may be the reason.
             let last = String::from_utf8_lossy(&said.tail.partial).trim().to_owned();
-            if !last.is_empty() && !last.starts_with("Warning:") {
+            if says_something(&last) {
                 recent.push_back(last);
             }
         }

@@ -584,9 +584,7 @@ impl<R: Read, W: Write> Session<R, W> {
                     // As Nix's `queryMissing`: a derivation that does not allow substitutes
                     // (`allowSubstitutes = false`) is built, whatever the caches have.
                     let shown = st.store_dir.display(&drv_path);
-                    let allowed = Attrs::new(&*drvs.load(&drv_path)?, &shown)
-                        .and_then(|a| a.substitutes_allowed())
-                        .unwrap_or(true);
+                    let allowed = Attrs::allow_substitutes(&*drvs.load(&drv_path)?, &shown);
                     let found = if allowed { self.offered(&absent) } else { Default::default() };
                     if found.len() == absent.len() {
                         for p in absent {
