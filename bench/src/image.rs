@@ -271,14 +271,18 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     pull.args(["image", "pull", "--tls-verify=false", "--tag", "bench/img:v1", &format!("{up}:v1")]);
     run(&mut pull)?;
     c.reset_peak_rss()?;
-    let (mut from_cairn, mut from_dist) = (vec![], vec![]);
+    let (mut from_cairn, mut from_dist, mut skopeo_cpu) = (vec![], vec![], vec![]);
     for rep in 0..o.reps {
         for (times, source) in
             [(&mut from_cairn, format!("docker://127.0.0.1:{port}/bench/img:v1")), (&mut from_dist, format!("{up}:v1"))]
         {
             let dir = w.join(format!("serve-{rep}"));
             rm_rf(&dir);
+            let before = crate::children_cpu()?;
             let (_, secs) = timed(skopeo(&source, &format!("oci:{}:v1", dir.display())), None)?;
+            if source.contains(&format!(":{port}/")) {
+                skopeo_cpu.push(crate::children_cpu()? - before);
+            }
             ensure!(oci_digest(&dir)? == d1, "{source} served another digest");
             times.push(secs);
             rm_rf(&dir);
@@ -289,6 +293,7 @@ pub fn bench_image(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         median(&mut from_cairn),
         Some(median(&mut from_dist)),
     );
+    table.note("  floor: skopeo's own CPU time pulling from cairnd", crate::fmt_secs(median(&mut skopeo_cpu)));
     table.note("  cairnd peak RSS while serving", format!("{:.1} MiB", c.peak_rss_mib()?));
     drop(c);
     rm_rf(&root);

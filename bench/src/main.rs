@@ -275,6 +275,14 @@ fn timed(mut c: Command, stdin: Option<&Path>) -> Result<(String, f64)> {
     Ok((String::from_utf8_lossy(&out.stdout).into_owned(), secs))
 }
 
+/// User + system CPU seconds of every child this process has waited for so far: the CPU a
+/// client command spent is a floor under its wall time, whatever serves it.
+fn children_cpu() -> Result<f64> {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Ok(secs(u.user_time()) + secs(u.system_time()))
+}
+
 /// As [`timed`], and also the command's peak resident set in MiB (its `ru_maxrss`): the
 /// command runs under this binary's `--rusage-to` wrapper, whose only child it is.
 fn timed_rss(c: Command, stdin: Option<&Path>, work: &Path) -> Result<(String, f64, f64)> {

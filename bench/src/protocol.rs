@@ -25,7 +25,7 @@ use anyhow::{ensure, Context, Result};
 
 use cairn_tests::Rng;
 
-use crate::{median, nix_store, rm_rf, timed, write_export_stream, Cairn, Opts, Table};
+use crate::{children_cpu, median, nix_store, rm_rf, timed, write_export_stream, Cairn, Opts, Table};
 
 pub(crate) const BUSYBOX: &str = "/bin/busybox";
 pub(crate) const DAEMON_CONF: &str =
@@ -167,9 +167,14 @@ fn closure_queries(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
     )?;
     let (mut c_times, mut n_times) = (Vec::new(), Vec::new());
     let mut answers = Vec::new();
+    // The client's own CPU time (user + system) through cairnd: whatever the daemon, the
+    // command cannot take less wall time than that.
+    let mut client_cpu = Vec::new();
     // The first query of each loads whatever it caches; all are timed, the median reported.
     for _ in 0..o.reps.max(3) {
+        let before = children_cpu()?;
         let (out, secs) = timed(with(client(w, &cairn_url(&cairn), "nix-store"), &["-qR", &top]), None)?;
+        client_cpu.push(children_cpu()? - before);
         c_times.push(secs);
         answers.push(out);
         let (out, secs) = timed(with(client(w, &nixd.url(), "nix-store"), &["-qR", &top]), None)?;
@@ -196,6 +201,7 @@ fn closure_queries(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         floor.push(timed(with(nix_store.cmd("nix-store"), &["-qR", &top]), None)?.1);
     }
     table.note("  floor: the same client on the local store", crate::fmt_secs(median(&mut floor)));
+    table.note("  floor: the client's own CPU time through cairnd", crate::fmt_secs(median(&mut client_cpu)));
     table.time("connection: handshake+SetOptions+IsValidPath".into(), c, Some(nx));
     Ok(())
 }
@@ -271,7 +277,7 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
         ("nix copy --to unix:// (1000 small paths)", &small, small_paths.clone()),
         ("nix copy --to unix:// (one large path)", &big, vec![big_path.clone()]),
     ] {
-        let (mut c_times, mut n_times) = (Vec::new(), Vec::new());
+        let (mut c_times, mut n_times, mut client_cpu) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..o.reps {
             let from = src.store_url();
             let nix_root = w.join(format!("proto-copy-nix-{rep}"));
@@ -284,7 +290,9 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
             let cairn = Cairn::start_configured(w, &format!("proto-copy-cairn-{rep}-"), CAIRN_CONF)?;
             let mut c = client(w, &cairn_url(&cairn), "nix");
             c.args(["copy", "--no-check-sigs", "--from", &from, "--to", &cairn_url(&cairn)]).args(&paths);
+            let before = children_cpu()?;
             c_times.push(timed(c, None)?.1);
+            client_cpu.push(children_cpu()? - before);
             if rep == 0 {
                 // Both hold the same paths with the same NAR hashes.
                 let q = |url: &str| -> Result<String> {
@@ -296,6 +304,7 @@ fn copies(o: &Opts, w: &Path, table: &mut Table) -> Result<()> {
             }
         }
         table.time(label.into(), median(&mut c_times), Some(median(&mut n_times)));
+        table.note("  floor: the client's own CPU time into cairnd", crate::fmt_secs(median(&mut client_cpu)));
     }
     // The floor under the large copy: the bytes copied and synced, and one hash pass.
     let copy = w.join("big.copy");

@@ -166,6 +166,7 @@ impl Batch {
         if state.accepted.is_empty() {
             return Ok(out);
         }
+        let started = std::time::Instant::now();
         let locks = store.locks.lock(state.accepted.keys().cloned());
         if self.repair {
             let added = swap_in(store, std::mem::take(&mut state.accepted))?;
@@ -198,6 +199,7 @@ impl Batch {
             }
         }
         let order = cairn_nix::references_first(pending.keys(), |p| pending.get(p).map(|(i, _)| &i.references));
+        let checked = started.elapsed();
         let mut placed: Vec<PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
             cairn_fault::point("contents-written");
@@ -206,11 +208,21 @@ impl Batch {
                 store.install(copy, p)?;
                 placed.push(store.real_path(p));
             }
+            let renamed = started.elapsed();
             cairn_fault::point("after-rename");
             fsops::sync_filesystem(&store.layout.real_store_dir)?;
+            let synced = started.elapsed();
             cairn_fault::point("after-syncfs");
             let infos: Vec<PathInfo> = order.iter().map(|p| pending[p].0.clone()).collect();
             store.register(&infos)?;
+            tracing::debug!(
+                paths = infos.len(),
+                checked = ?checked,
+                renamed = ?(renamed - checked),
+                synced = ?(synced - renamed),
+                registered = ?(started.elapsed() - synced),
+                "batch commit phases"
+            );
             out.added = infos;
             Ok(())
         })();
