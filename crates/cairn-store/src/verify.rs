@@ -104,6 +104,19 @@ impl LocalStore {
         Ok(report)
     }
 
+    /// Checks the contents of `paths` only (those valid; the others are not this check's
+    /// business): what a repair of named paths starts from.
+    pub fn verify_paths(&self, paths: &[StorePath]) -> Result<Vec<Problem>> {
+        let mut problems = Vec::new();
+        for path in paths {
+            let Some(info) = self.path_info(path)? else { continue };
+            let recorded =
+                RecordedContents { path: info.path, nar_hash: info.nar_hash, nar_size: info.nar_size, ca: info.ca };
+            problems.extend(self.verify_path(&recorded, true));
+        }
+        Ok(problems)
+    }
+
     /// As Nix's `verifyStore`: a path whose contents disappeared is removed from the database
     /// unless a path that is still valid refers to it (then it stays a problem, worded as
     /// Nix's). Paths that vanished together go together, referrers first.

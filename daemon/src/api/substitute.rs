@@ -109,35 +109,7 @@ pub async fn verify_and_repair(
         .filter(|p| matches!(p.kind, "missing" | "modified"))
         .filter_map(|p| p.path.clone())
         .collect();
-    let mut why: std::collections::BTreeMap<cairn_nix::StorePath, String> = std::collections::BTreeMap::new();
-    let mut repaired: std::collections::BTreeSet<cairn_nix::StorePath> = Default::default();
-    let sub = &st.substitution;
-    let (caches, policy) = caches.unwrap_or_else(|| (sub.configured.clone(), sub.policy.clone()));
-    if !broken.is_empty() && caches.is_empty() {
-        why.extend(broken.iter().map(|p| (p.clone(), "no substituter is configured".to_owned())));
-    } else if !broken.is_empty() {
-        let mut job = sub.job(&st.store, caches, peer.client, Arc::new(Progress::default()), true);
-        job.policy = policy;
-        match cairn_cache::substitute(job, &broken).await {
-            Ok(r) => {
-                repaired.extend(r.added.into_iter().map(|i| i.path));
-                why.extend(r.failed);
-            }
-            Err(e) => why.extend(broken.iter().map(|p| (p.clone(), e.to_string()))),
-        }
-    }
-    let left: Vec<cairn_nix::StorePath> = broken.iter().filter(|p| !repaired.contains(*p)).cloned().collect();
-    for (path, outcome) in rebuild_from_derivers(&st, &left).await {
-        match outcome {
-            Ok(()) => {
-                why.remove(&path);
-                repaired.insert(path);
-            }
-            Err(e) => {
-                why.insert(path, e);
-            }
-        }
-    }
+    let (repaired, why) = repair(&st, &peer, caches, &broken).await;
     for p in &mut report.problems {
         let Some(path) = &p.path else { continue };
         if repaired.contains(path) {
@@ -149,6 +121,83 @@ pub async fn verify_and_repair(
     report.repaired += repaired.len() as u64;
     tracing::info!(repaired = report.repaired, problems = report.problems.len(), "verify --repair");
     Ok(convert::verify_result(&st.store_dir, report))
+}
+
+/// Repairs `broken` (valid paths found missing or modified): substituted again and swapped
+/// in, else built again from their derivers. Returns what was repaired, and why each of the
+/// others was not.
+async fn repair(
+    st: &Arc<AppState>,
+    peer: &Peer,
+    caches: Option<(Vec<Arc<cairn_cache::Substituter>>, cairn_cache::Policy)>,
+    broken: &[cairn_nix::StorePath],
+) -> (std::collections::BTreeSet<cairn_nix::StorePath>, std::collections::BTreeMap<cairn_nix::StorePath, String>) {
+    let mut why: std::collections::BTreeMap<cairn_nix::StorePath, String> = std::collections::BTreeMap::new();
+    let mut repaired: std::collections::BTreeSet<cairn_nix::StorePath> = Default::default();
+    let sub = &st.substitution;
+    let (caches, policy) = caches.unwrap_or_else(|| (sub.configured.clone(), sub.policy.clone()));
+    if !broken.is_empty() && caches.is_empty() {
+        why.extend(broken.iter().map(|p| (p.clone(), "no substituter is configured".to_owned())));
+    } else if !broken.is_empty() {
+        let mut job = sub.job(&st.store, caches, peer.client, Arc::new(Progress::default()), true);
+        job.policy = policy;
+        match cairn_cache::substitute(job, broken).await {
+            Ok(r) => {
+                repaired.extend(r.added.into_iter().map(|i| i.path));
+                why.extend(r.failed);
+            }
+            Err(e) => why.extend(broken.iter().map(|p| (p.clone(), e.to_string()))),
+        }
+    }
+    let left: Vec<cairn_nix::StorePath> = broken.iter().filter(|p| !repaired.contains(*p)).cloned().collect();
+    for (path, outcome) in rebuild_from_derivers(st, &left).await {
+        match outcome {
+            Ok(()) => {
+                why.remove(&path);
+                repaired.insert(path);
+            }
+            Err(e) => {
+                why.insert(path, e);
+            }
+        }
+    }
+    (repaired, why)
+}
+
+/// `--repair` of named valid paths (a Nix client's `nix-store -r --repair PATH`): their
+/// contents are checked, and those found missing or modified are repaired as `verify --repair`
+/// repairs them. Returns, for each path that could not be repaired, why; an intact path needs
+/// nothing.
+pub async fn repair_paths(
+    st: Arc<AppState>,
+    peer: Peer,
+    paths: Vec<cairn_nix::StorePath>,
+    caches: Option<(Vec<Arc<cairn_cache::Substituter>>, cairn_cache::Policy)>,
+) -> ApiResult<Vec<(cairn_nix::StorePath, String)>> {
+    if !peer.trusted {
+        return Err(ApiError::forbidden(format!(
+            "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
+            peer.user
+        )));
+    }
+    let store = st.store.clone();
+    let problems = tokio::task::spawn_blocking(move || store.verify_paths(&paths)).await??;
+    // A false content address is not repaired by the same bytes again: left to `verify`.
+    let broken: Vec<cairn_nix::StorePath> =
+        problems.into_iter().filter(|p| matches!(p.kind, "missing" | "modified")).filter_map(|p| p.path).collect();
+    for p in &broken {
+        tracing::warn!(path = %st.store_dir.display(p), "found broken; repairing");
+    }
+    let (repaired, mut why) = repair(&st, &peer, caches, &broken).await;
+    Ok(broken
+        .into_iter()
+        .filter(|p| !repaired.contains(p))
+        .map(|p| {
+            let reason =
+                why.remove(&p).unwrap_or_else(|| "no substituter has it and no valid derivation builds it".into());
+            (p, reason)
+        })
+        .collect())
 }
 
 /// Builds again, in repair mode, the valid derivers of `paths` that name them as outputs; the

@@ -826,6 +826,82 @@ in { inherit low mid; top = mk "top-goal" "read x < ${mid}; echo top-$x > $out";
     p.same_metadata(&[&mid, &top]);
 }
 
+/// `nix-store -r --repair PATH` of a path (not a derivation): a modified copy is fetched again
+/// from the substituters and swapped in, as nix-daemon does; an intact one stays. Where no cache
+/// has it, cairnd builds it again from its deriver when that is valid (as `--verify --repair`
+/// does, where nix-daemon fails), and otherwise fails saying so, the path left as it was.
+#[test]
+fn repairing_a_named_path_fetches_it_again_as_nix_daemon_does() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let (sk, pk) = p.key("repair-key-1");
+    let f = p.write(
+        "named.nix",
+        br#"let mk = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+in { cached = mk "repair-cached" "mkdir $out; echo good > $out/f"; local = mk "repair-local" "echo local > $out"; }
+"#,
+    );
+    let local = format!("local?root={}", p.work.path().join("src-store").display());
+    let cached = p
+        .local(&[
+            "nix-build",
+            "--store",
+            &local,
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "--no-out-link",
+            &f,
+            "-A",
+            "cached",
+        ])
+        .trim()
+        .to_owned();
+    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &cached]);
+    let cache = format!("file://{}", p.work.path().join("cache").display());
+    p.local(&["nix", "copy", "--from", &local, "--to", &cache, &cached]);
+    let from_cache = ["--option", "substituters", &cache, "--option", "trusted-public-keys", &pk];
+    let with = |args: &[&str]| -> Vec<String> { args.iter().chain(&from_cache).map(|a| a.to_string()).collect() };
+    let args = with(&["-r", &cached]);
+    p.same("nix-store", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let file = |root: &Path| root.join(cached.trim_start_matches('/')).join("f");
+    let roots = [("cairnd", p.cairn.root.path().to_owned()), ("nix-daemon", p.nix.root())];
+    for (_, root) in &roots {
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(root.join(cached.trim_start_matches('/'))).status();
+        std::fs::write(file(root), b"corrupt\n").unwrap();
+    }
+    let args = with(&["-r", "--repair", &cached]);
+    let (c, n) = p.alike("nix-store", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_eq!(c.stdout, n.stdout);
+    for (side, root) in &roots {
+        assert_eq!(std::fs::read(file(root)).unwrap(), b"good\n", "{side} did not repair {cached}");
+    }
+    p.same("nix-store", &["--verify", "--check-contents"]);
+
+    // No cache: cairnd builds it again from its deriver (nix-daemon only substitutes).
+    let built = p.ok(Side::Cairn, "nix-build", &["--no-out-link", &f, "-A", "local"]).trim().to_owned();
+    let real = p.cairn.root.path().join(built.trim_start_matches('/'));
+    let _ = Command::new("chmod").arg("u+w").arg(&real).status();
+    std::fs::write(&real, b"corrupt\n").unwrap();
+    p.ok(Side::Cairn, "nix-store", &["-r", "--repair", &built]);
+    assert_eq!(std::fs::read(&real).unwrap(), b"local\n");
+    // An intact path needs nothing.
+    p.ok(Side::Cairn, "nix-store", &["-r", "--repair", &built]);
+
+    // Neither a cache nor a deriver: the request fails, naming the path, and nothing changes.
+    let text = p.ok(Side::Cairn, "nix-store", &["--add", &p.write("plain.txt", b"plain\n")]).trim().to_owned();
+    let real = p.cairn.root.path().join(text.trim_start_matches('/'));
+    let _ = Command::new("chmod").arg("u+w").arg(&real).status();
+    std::fs::write(&real, b"corrupt\n").unwrap();
+    let out = p.run(Side::Cairn, "nix-store", &["-r", "--repair", &text]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("cannot repair") && said.contains(&text), "{said}");
+    assert_eq!(std::fs::read(&real).unwrap(), b"corrupt\n");
+}
+
 /// A fixed output is substituted by its content address from a binary cache of another store
 /// directory (`?store=`), as Nix 2.8's `fetchurl.sh` test does: the URL it names does not exist.
 #[test]

@@ -89,6 +89,18 @@ impl<R: Read, W: Write> Session<R, W> {
         Ok(())
     }
 
+    /// In repair mode, the contents of valid opaque paths are checked and the broken ones
+    /// repaired (substituted again, or built again from their derivers); returns those that
+    /// could not be, with why. Any other mode: nothing to do.
+    fn repair_opaque(&mut self, paths: &[StorePath], mode: BuildMode) -> OpResult<Vec<(StorePath, String)>> {
+        if mode != BuildMode::Repair || paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let caches = Some((self.substituters(), self.policy()));
+        let fut = crate::api::substitute::repair_paths(self.st.clone(), self.peer.clone(), paths.to_vec(), caches);
+        Ok(self.rt.block_on(fut)?)
+    }
+
     /// Realises `goals` with the client's options, streaming the builds' activities and logs.
     fn realise(
         &mut self,
@@ -375,6 +387,9 @@ impl<R: Read, W: Write> Session<R, W> {
         self.check_mode(mode)?;
         let (goals, opaque) = self.split(paths);
         self.ensure_valid(&opaque, |p| format!("build of '{p}' failed"))?;
+        if let Some((p, why)) = self.repair_opaque(&opaque, mode)?.into_iter().next() {
+            return Err(Failure::Report(format!("build of '{}' failed: cannot repair it: {why}", self.show(&p))));
+        }
         if goals.is_empty() {
             return Ok(());
         }
@@ -456,8 +471,13 @@ impl<R: Read, W: Write> Session<R, W> {
         for p in paths {
             let result = match p {
                 DerivedPath::Opaque(path) => {
-                    match self.ensure_valid(std::slice::from_ref(path), Self::no_substituter) {
-                        Ok(()) => BuildResult::new(BuildStatus::AlreadyValid, ""),
+                    let one = std::slice::from_ref(path);
+                    match self.ensure_valid(one, Self::no_substituter).and_then(|()| self.repair_opaque(one, mode)) {
+                        Ok(left) if left.is_empty() => BuildResult::new(BuildStatus::AlreadyValid, ""),
+                        Ok(left) => BuildResult::new(
+                            BuildStatus::MiscFailure,
+                            format!("cannot repair '{}': {}", self.show(path), left[0].1),
+                        ),
                         Err(Failure::Report(m)) => BuildResult::new(BuildStatus::MiscFailure, m),
                         Err(f) => return Err(f),
                     }
