@@ -225,6 +225,10 @@ pub(crate) async fn open_state(
     };
     let store = tokio::task::spawn_blocking(move || LocalStore::open(layout).map(|s| s.with_gc_settings(gc))).await??;
     store.set_auto_optimise(settings.auto_optimise_store);
+    if let Some(nix) = &settings.nix_state_dir {
+        store.add_link_roots(nix.join("gcroots"));
+        store.add_link_roots(nix.join("profiles"));
+    }
     let store = Arc::new(store);
     // Scratch files of registry uploads a crash (or an older cairnd) left: no session holds them.
     crate::listen::registry::sweep_uploads(&state_dir(&settings.root));

@@ -31,6 +31,7 @@ pub struct ConfigFile {
     pub keep_outputs: Option<bool>,
     pub auto_optimise_store: Option<bool>,
     pub runtime_roots: Option<bool>,
+    pub nix_state_dir: Option<PathBuf>,
     pub min_free: Option<u64>,
     pub max_free: Option<u64>,
     pub min_free_check_interval: Option<u64>,
@@ -96,6 +97,7 @@ pub const KEYS: &[&str] = &[
     "keep-outputs",
     "auto-optimise-store",
     "runtime-roots",
+    "nix-state-dir",
     "min-free",
     "max-free",
     "min-free-check-interval",
@@ -293,6 +295,10 @@ pub struct Settings {
     pub auto_optimise_store: bool,
     /// Store paths running processes use are roots.
     pub runtime_roots: bool,
+    /// Nix's state directory on this machine, whose `gcroots` and `profiles` are roots too
+    /// (read, never changed): a store that Nix or a nix-daemon kept before keeps what they
+    /// rooted. `None`: off.
+    pub nix_state_dir: Option<PathBuf>,
     /// Collect garbage when fewer bytes than this are free (0: never).
     pub min_free: u64,
     /// … until this many are.
@@ -470,8 +476,16 @@ impl Settings {
             Some(p) => Some(p),
             None => Some(socket.with_file_name("nix-socket")),
         };
+        let store_dir = over.store_dir.or(file.store_dir).unwrap_or_else(|| "/store".to_owned());
+        // Nix's own place for it, under the root, when the store is Nix's; an empty path: off.
+        let nix_state_dir = match file.nix_state_dir {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p),
+            None => (store_dir == "/nix/store").then(|| root.join("nix/var/nix")),
+        };
         Settings {
-            store_dir: over.store_dir.or(file.store_dir).unwrap_or_else(|| "/store".to_owned()),
+            store_dir,
+            nix_state_dir,
             nix_daemon_socket,
             socket,
             root,
@@ -552,7 +566,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 61, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 62, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

@@ -91,6 +91,13 @@ impl LocalStore {
         self.root_sources.write().unwrap_or_else(std::sync::PoisonError::into_inner).push(source);
     }
 
+    /// Another directory of links read as the gcroots directory is (Nix's `gcroots` and
+    /// `profiles` of a store Nix kept before): its roots count, and nothing in it is changed
+    /// (its stale indirect roots are not this store's to remove).
+    pub fn add_link_roots(&self, dir: PathBuf) {
+        self.add_root_source(Arc::new(LinkRoots { dir }));
+    }
+
     /// Every root that points at a valid path, sorted by origin.
     pub fn roots(&self) -> Result<Vec<Root>> {
         let mut roots = self.read_roots()?;

@@ -397,6 +397,54 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     p.same("nix-store", &["--check-validity", &keep_path]);
 }
 
+/// Links in Nix's own `gcroots` and `profiles` directories (NixOS's `current-system`, profiles,
+/// links an administrator made) root their paths on cairnd as on nix-daemon: a store that Nix
+/// kept before loses nothing to cairnd's collector. cairnd reads them and changes nothing.
+#[test]
+fn roots_in_nix_s_own_gcroots_and_profiles_directories_are_kept_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let add = |name: &str| p.same("nix-store", &["--add", &p.write(name, name.as_bytes())]).trim().to_owned();
+    let (direct, indirect, profile, dead) = (add("direct"), add("indirect"), add("profile"), add("dead"));
+    let elsewhere = p.work.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    for root in [p.cairn.root.path().to_owned(), p.nix.root()] {
+        let state = root.join("nix/var/nix");
+        std::fs::create_dir_all(state.join("gcroots/auto")).unwrap();
+        std::fs::create_dir_all(state.join("profiles/per-user/someone")).unwrap();
+        // A direct root, and an indirect one through a link outside the store (as
+        // current-system -> /run/current-system -> /nix/store/…).
+        std::os::unix::fs::symlink(&direct, state.join("gcroots/direct")).unwrap();
+        let outside = elsewhere.join(format!("link-{}", root.file_name().unwrap().to_string_lossy()));
+        let _ = std::fs::remove_file(&outside);
+        std::os::unix::fs::symlink(&indirect, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, state.join("gcroots/auto/indirect")).unwrap();
+        // A profile's generation, linked relatively as nix-env links them.
+        let gens = state.join("profiles/per-user/someone");
+        std::os::unix::fs::symlink(&profile, gens.join("profile-1-link")).unwrap();
+        std::os::unix::fs::symlink("profile-1-link", gens.join("profile")).unwrap();
+        // A stale indirect root: neither daemon's business to keep anything for.
+        std::os::unix::fs::symlink(p.work.path().join("gone"), state.join("gcroots/auto/stale")).unwrap();
+    }
+    for side in [Side::Cairn, Side::Nix] {
+        let dead_now = p.ok(side, "nix-store", &["--gc", "--print-dead"]);
+        for kept in [&direct, &indirect, &profile] {
+            assert!(!dead_now.contains(kept.as_str()), "{side:?} would collect {kept}:\n{dead_now}");
+        }
+        assert!(dead_now.contains(&dead), "{side:?}: {dead_now}");
+        let roots = p.ok(side, "nix-store", &["-q", "--roots", &profile]);
+        assert!(roots.contains("profiles/per-user/someone/profile-1-link"), "{side:?}: {roots}");
+    }
+    p.alike("nix-store", &["--gc"]);
+    p.same("nix-store", &["--check-validity", &direct, &indirect, &profile]);
+    let (c, _) = p.alike("nix-store", &["--check-validity", &dead]);
+    assert!(!c.status.success());
+    // cairnd left Nix's directory as it found it (nix-daemon removes its own stale links).
+    assert!(std::fs::symlink_metadata(p.cairn.root.path().join("nix/var/nix/gcroots/auto/stale")).is_ok());
+}
+
 #[test]
 fn exports_imports_and_copies_move_closures_between_cairnd_and_nix_daemon() {
     if !peers() {
