@@ -314,6 +314,19 @@ fn verify_reports_missing_and_modified_paths() {
 }
 
 #[test]
+fn untrusted_clients_see_root_links_but_not_other_processes_roots() {
+    let path = StorePath::from_base_name("00000000000000000000000000000000-x").unwrap();
+    let seen = |o: &str, trusted| crate::Root { origin: o.to_owned(), path: path.clone() }.origin_shown(trusted);
+    for runtime in ["/proc/4242/environ", "/proc/4242/maps", "/proc/1/fd/3", "{temp:4242}"] {
+        assert_eq!(seen(runtime, false), "{censored}");
+        assert_eq!(seen(runtime, true), runtime);
+    }
+    for link in ["/var/lib/cairn/gcroots/auto/x", "/home/u/result", "/nix/var/nix/profiles/system-1-link"] {
+        assert_eq!(seen(link, false), link);
+    }
+}
+
+#[test]
 fn runtime_root_scanner_finds_paths_in_maps_and_environments() {
     let text = "7f00-7f01 r-xp 0 fd:01 1 /store/0c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-libc-2.37/lib/libc.so\n\
                 PATH=/store/1c2kfsfbw5dh2ma4z3g6whrjsgshw1ya-bash/bin:/usr/bin\0/storefront /store/short-x";

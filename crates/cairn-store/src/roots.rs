@@ -29,6 +29,19 @@ pub struct Root {
     pub path: StorePath,
 }
 
+impl Root {
+    /// Where the root comes from, as a client may see it: as nix-daemon's, an untrusted client
+    /// does not learn other processes' roots — what `/proc` shows (their maps, files and
+    /// environments) and the paths operations hold — only the links that root paths.
+    pub fn origin_shown(&self, trusted: bool) -> String {
+        if trusted || (self.origin.starts_with('/') && !self.origin.starts_with("/proc/")) {
+            self.origin.clone()
+        } else {
+            "{censored}".to_owned()
+        }
+    }
+}
+
 /// A named kind of root. The collector asks every registered source for its roots at the start
 /// of each collection; a source reports store paths whether or not they are valid (invalid ones
 /// are ignored).

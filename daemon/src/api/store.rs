@@ -193,7 +193,10 @@ fn answer(st: &AppState, peer: &Peer, req: Request) -> ApiResult<HttpResponse> {
                 store
                     .roots()?
                     .into_iter()
-                    .map(|r| cairn_api::RootInfo { origin: r.origin, path: dir.display(&r.path) })
+                    .map(|r| {
+                        let path = dir.display(&r.path);
+                        cairn_api::RootInfo { origin: r.origin_shown(peer.trusted), path }
+                    })
                     .collect(),
             ),
             GcAction::PrintLive => query::GcLive::respond(paths_out(dir, store.live_paths()?)),

@@ -331,16 +331,7 @@ impl<R: Read, W: Write> Session<R, W> {
             Q::SyncWithGc => Response::One,
             Q::FindRoots => {
                 let trusted = self.peer.trusted;
-                let roots = store
-                    .roots()?
-                    .into_iter()
-                    .map(|r| {
-                        // As nix-daemon: an untrusted client does not learn other processes' roots.
-                        let link =
-                            if trusted || r.origin.starts_with('/') { r.origin } else { "{censored}".to_owned() };
-                        (link, r.path)
-                    })
-                    .collect();
+                let roots = store.roots()?.into_iter().map(|r| (r.origin_shown(trusted), r.path)).collect();
                 Response::Roots(roots)
             }
             Q::CollectGarbage(o) => Response::GcResults(self.collect_garbage(o)?),
