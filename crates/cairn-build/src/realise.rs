@@ -971,6 +971,7 @@ impl Builder {
                 // Kept for the user: a later daemon's sweep leaves it alone.
                 crate::root::forget(&top.join("root"), dir.as_str(), &placed, host_ids.map(|(uid, _)| uid));
                 let _ = std::fs::File::create(top.join(crate::root::KEPT));
+                crate::root::open_kept(&top);
                 f.message.push_str(&format!("\nnote: keeping build directory '{}'", top.join("root/build").display()));
                 Err(Stop::Failed(f))
             }

@@ -317,6 +317,19 @@ pub fn forget(root: &Path, store: &str, placed: &Placed, builder: Option<u32>) {
     }
 }
 
+/// Opens a kept build directory `top` to everyone (0755 on the way down to its `root/build`), as
+/// Nix makes a kept build directory 0755: the user who asked to keep it is seldom the daemon's
+/// or the build's user, and must be able to read what the builder left. Called once the build's
+/// processes are gone and [`forget`] has taken out what was not the builder's.
+pub fn open_kept(top: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [top.to_owned(), top.join("root"), top.join("root/build")] {
+        if let Err(e) = fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)) {
+            tracing::warn!("cannot open the kept build directory '{}' to its user: {e}", dir.display());
+        }
+    }
+}
+
 /// What every build directory's name starts with: `cairn-build-NAME-PID-N` ([`top_name`]).
 const TOP_PREFIX: &str = "cairn-build-";
 
