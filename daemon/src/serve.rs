@@ -276,6 +276,9 @@ impl<R: Read, W: Write> Serve<R, W> {
         if s.build_timeout > 0 {
             overrides.insert("timeout".to_owned(), s.build_timeout.to_string());
         }
+        if s.max_log_size > 0 {
+            overrides.insert("max-build-log-size".to_owned(), s.max_log_size.to_string());
+        }
         // A client's jobs only tighten the daemon's own `max-jobs`: ask for no limit of ours.
         // Cores as `nix-store --serve` sends them by default: this machine's.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);

@@ -60,6 +60,7 @@ pub struct ConfigFile {
     pub cores: Option<usize>,
     pub timeout: Option<u64>,
     pub max_silent_time: Option<u64>,
+    pub max_build_log_size: Option<u64>,
     pub build_max_processes: Option<u64>,
     pub sandbox_dev_shm_size: Option<String>,
     pub build_max_output_size: Option<u64>,
@@ -126,6 +127,7 @@ pub const KEYS: &[&str] = &[
     "cores",
     "timeout",
     "max-silent-time",
+    "max-build-log-size",
     "build-max-processes",
     "sandbox-dev-shm-size",
     "build-max-output-size",
@@ -359,6 +361,8 @@ pub struct Settings {
     pub timeout: u64,
     /// Seconds a build may go without output (0: no limit).
     pub max_silent_time: u64,
+    /// Bytes of log a build may write before it is killed (0: no limit), as Nix's.
+    pub max_build_log_size: u64,
     /// Processes (and threads) one build may run at once (0: no limit of cairn's).
     pub build_max_processes: u64,
     /// Size of a build's `/dev/shm`: bytes with an optional K/M/G suffix, or a percentage of
@@ -525,6 +529,7 @@ impl Settings {
             cores: file.cores.filter(|&c| c > 0).unwrap_or_else(cpus),
             timeout: file.timeout.unwrap_or(0),
             max_silent_time: file.max_silent_time.unwrap_or(0),
+            max_build_log_size: file.max_build_log_size.unwrap_or(0),
             build_max_processes: file.build_max_processes.unwrap_or(4096),
             sandbox_dev_shm_size: file.sandbox_dev_shm_size.unwrap_or_else(|| "50%".to_owned()),
             build_max_output_size: file.build_max_output_size.unwrap_or(0),
@@ -566,7 +571,7 @@ mod tests {
                 panic!("{key} is listed but not accepted");
             }
         }
-        assert_eq!(KEYS.len(), 62, "a new key goes into KEYS, the template and ConfigFile");
+        assert_eq!(KEYS.len(), 63, "a new key goes into KEYS, the template and ConfigFile");
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct BuildSettings {
     pub cores: usize,
     pub timeout: Option<Duration>,
     pub max_silent: Option<Duration>,
+    /// `max-build-log-size`: bytes of log a build may write before it is killed.
+    pub max_log_size: Option<u64>,
     /// (path inside the sandbox, host path).
     pub sandbox_paths: Vec<(String, PathBuf)>,
     /// Where build directories are created.
@@ -162,6 +164,7 @@ pub struct RequestLimits {
     pub timeout: Option<Duration>,
     pub max_silent: Option<Duration>,
     pub cores: Option<usize>,
+    pub max_log_size: Option<u64>,
 }
 
 impl RequestLimits {
@@ -286,6 +289,10 @@ impl Builder {
         RunLimits {
             timeout: RequestLimits::tighter(self.settings.timeout, options.limits.timeout),
             max_silent: RequestLimits::tighter(self.settings.max_silent, options.limits.max_silent),
+            max_log_size: match (self.settings.max_log_size, options.limits.max_log_size) {
+                (Some(d), Some(r)) => Some(d.min(r)),
+                (d, r) => d.or(r),
+            },
         }
     }
 
@@ -924,6 +931,13 @@ impl Builder {
                 Failure::new(
                     FailureKind::TimedOut,
                     format!("{} timed out after {} seconds of silence", goal_name(&shown, node), t.as_secs()),
+                )
+                .into(),
+            ),
+            Ok(Ok(RunEnd::LogLimit(n))) => Some(
+                Failure::new(
+                    FailureKind::LogLimit,
+                    format!("{} killed after writing more than {n} bytes of log output", goal_name(&shown, node)),
                 )
                 .into(),
             ),

@@ -41,6 +41,8 @@ pub enum RunEnd {
     TimedOut(Duration),
     /// Killed after `max-silent-time` without output.
     Silent(Duration),
+    /// Killed after writing more than `max-build-log-size` bytes of log.
+    LogLimit(u64),
 }
 
 /// Limits of one run.
@@ -48,6 +50,8 @@ pub enum RunEnd {
 pub struct RunLimits {
     pub timeout: Option<Duration>,
     pub max_silent: Option<Duration>,
+    /// Bytes of log the build may write.
+    pub max_log_size: Option<u64>,
 }
 
 /// Runs the sandbox `spec` in a helper of the executable `helper` (forked by its zygote, see
@@ -102,6 +106,7 @@ pub async fn run(
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut output_open = true;
+    let mut logged: u64 = 0;
     let mut status: Option<i32> = None;
     let end = loop {
         let silent_deadline = limits.max_silent.map(|s| last_output + s);
@@ -129,6 +134,12 @@ pub async fn run(
                     }
                 } else {
                     last_output = tokio::time::Instant::now();
+                    // As Nix counts it: every byte read from the log pipe.
+                    logged += n as u64;
+                    if let Some(max) = limits.max_log_size.filter(|&m| logged > m) {
+                        kill(builder_pid, &mut helper);
+                        break RunEnd::LogLimit(max);
+                    }
                     buf.extend_from_slice(&chunk[..n]);
                     while let Some(i) = buf.iter().position(|&b| b == b'\n') {
                         log(&buf[..i], true);

@@ -38,6 +38,7 @@ pub fn build_settings(settings: &Settings) -> anyhow::Result<BuildSettings> {
         cores: settings.cores,
         timeout: secs(settings.timeout),
         max_silent: secs(settings.max_silent_time),
+        max_log_size: (settings.max_build_log_size > 0).then_some(settings.max_build_log_size),
         sandbox_paths: settings.sandbox_paths.iter().map(|e| cairn_build::sandbox::parse_sandbox_path(e)).collect(),
         build_dir: settings.build_dir.clone(),
         build_uid_base: settings.build_uid_base,
@@ -172,7 +173,7 @@ fn failure_kind(k: cairn_build::FailureKind) -> cairn_api::FailureKind {
         B::TimedOut => cairn_api::FailureKind::TimedOut,
         B::HashMismatch => cairn_api::FailureKind::HashMismatch,
         B::NotDeterministic => cairn_api::FailureKind::NotDeterministic,
-        B::Other => cairn_api::FailureKind::Other,
+        B::LogLimit | B::Other => cairn_api::FailureKind::Other,
     }
 }
 

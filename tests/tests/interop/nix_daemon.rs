@@ -353,6 +353,32 @@ in { bad = sh "bad" "echo first line; echo second line >&2; exit 3";
     }
 }
 
+/// A build that writes more log than `max-build-log-size` (the client's, or the daemon's own)
+/// is killed, in Nix's words and with Nix's exit status; a quieter one is not.
+#[test]
+fn a_build_writing_more_log_than_allowed_is_killed_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let f = p.write(
+        "noisy.nix",
+        br#"let sh = name: script: derivation { inherit name; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" script ]; };
+in { noisy = sh "noisy" "i=0; while [ $i -lt 200 ]; do echo line $i of a noisy build; i=$((i+1)); done; echo > $out";
+     quiet = sh "quiet" "echo a few words; echo > $out"; }"#,
+    );
+    let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", "noisy", "--option", "max-build-log-size", "1000"]);
+    assert_eq!(c.status.code(), Some(1), "{}", String::from_utf8_lossy(&c.stderr));
+    both_say(&c, &n, &["-noisy.drv!out' from .drv file killed after writing more than 1000 bytes of log output"]);
+    let (c, _) = p.alike("nix-build", &["--no-out-link", &f, "-A", "quiet", "--option", "max-build-log-size", "1000"]);
+    assert!(c.status.success());
+    // The daemon's own limit, the client saying nothing.
+    let q = Pair::start_with("max-build-log-size = 1000\n", "max-build-log-size = 1000");
+    let f = q.write("noisy.nix", &std::fs::read(&f).unwrap());
+    let (c, n) = q.alike("nix-build", &["--no-out-link", &f, "-A", "noisy"]);
+    both_say(&c, &n, &["killed after writing more than 1000 bytes of log output"]);
+}
+
 #[test]
 fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     if !peers() {

@@ -60,6 +60,9 @@ pub enum FailureKind {
     HashMismatch,
     /// `--check` found an output that differs from the registered one.
     NotDeterministic,
+    /// Killed for writing more log than `max-build-log-size` (Nix's `LogLimitExceeded`, which
+    /// sets none of the exit status's bits).
+    LogLimit,
     /// Anything else: refused outputs, fixed-output builders that failed (Nix counts those as
     /// transient), failures of the daemon itself.
     Other,

@@ -98,6 +98,7 @@ impl Builder {
                     BuildStatus::TimedOut => FailureKind::TimedOut,
                     BuildStatus::NotDeterministic => FailureKind::NotDeterministic,
                     BuildStatus::PermanentFailure => FailureKind::Permanent,
+                    BuildStatus::LogLimitExceeded => FailureKind::LogLimit,
                     _ => FailureKind::Other,
                 };
                 let message = format!("build of '{shown}' on '{}' failed: {message}", remote.uri());

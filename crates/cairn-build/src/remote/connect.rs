@@ -201,6 +201,8 @@ impl Session {
             Session::Serve { settings, .. } => {
                 settings.max_silent_time = options.max_silent_time;
                 settings.build_timeout = options.overrides.get("timeout").and_then(|t| t.parse().ok()).unwrap_or(0);
+                settings.max_log_size =
+                    options.overrides.get("max-build-log-size").and_then(|t| t.parse().ok()).unwrap_or(0);
                 Ok(())
             }
         }

@@ -360,7 +360,8 @@ pub fn send_inputs(
 
 /// The options remote builds use: the builder's own jobs and cores, its log lines sent,
 /// substitution as `builders-use-substitutes` says, and a build's time limits (as Nix's
-/// `build-remote` passes its `max-silent-time` and `timeout`; `timeout` goes by name).
+/// `build-remote` passes its `max-silent-time`, `timeout` and `max-build-log-size`; the last two
+/// go by name).
 pub fn options(substitute: bool, limits: crate::runner::RunLimits) -> cairn_worker::ClientOptions {
     let secs = |d: std::time::Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
     let mut options = cairn_worker::ClientOptions {
@@ -373,6 +374,9 @@ pub fn options(substitute: bool, limits: crate::runner::RunLimits) -> cairn_work
     };
     if let Some(t) = limits.timeout {
         options.overrides.insert("timeout".into(), secs(t).to_string());
+    }
+    if let Some(n) = limits.max_log_size {
+        options.overrides.insert("max-build-log-size".into(), n.to_string());
     }
     options
 }

@@ -37,6 +37,7 @@ fn status_of(kind: FailureKind) -> BuildStatus {
         FailureKind::TimedOut => BuildStatus::TimedOut,
         FailureKind::HashMismatch => BuildStatus::OutputRejected,
         FailureKind::NotDeterministic => BuildStatus::NotDeterministic,
+        FailureKind::LogLimit => BuildStatus::LogLimitExceeded,
         FailureKind::Other => BuildStatus::MiscFailure,
     }
 }

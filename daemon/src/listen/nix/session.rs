@@ -323,6 +323,7 @@ impl<R: Read, W: Write> Session<R, W> {
             max_silent: secs(u64::from(o.max_silent_time)),
             // Passed on as given: 0 tells the builder to use every core (NIX_BUILD_CORES=0).
             cores: Some(o.build_cores as usize),
+            max_log_size: o.overrides.get("max-build-log-size").and_then(|v| v.parse().ok()).filter(|&n| n > 0),
         }
     }
 }
