@@ -65,8 +65,8 @@ pub struct BuildSettings {
     pub max_silent: Option<Duration>,
     /// `max-build-log-size`: bytes of log a build may write before it is killed.
     pub max_log_size: Option<u64>,
-    /// (path inside the sandbox, host path).
-    pub sandbox_paths: Vec<(String, PathBuf)>,
+    /// `sandbox-paths`.
+    pub sandbox_paths: Vec<crate::sandbox::SandboxPath>,
     /// Where build directories are created.
     pub build_dir: PathBuf,
     /// When the daemon runs as root, builds run as host uids (and gids) `base`, `base + 1`, …
@@ -125,6 +125,9 @@ pub struct Options {
     /// The `post-build-hook` of this request instead of the daemon's (a trusted client's;
     /// empty: none).
     pub post_build_hook: Option<PathBuf>,
+    /// The `sandbox-paths` of this request's builds instead of the daemon's (a trusted
+    /// client's `sandbox-paths` and `extra-sandbox-paths`).
+    pub sandbox_paths: Option<Arc<Vec<crate::sandbox::SandboxPath>>>,
     /// Derivations whose outputs are substituted once more just before they would be built.
     pub resubstitute: Option<Resubstitution>,
 }
@@ -342,6 +345,11 @@ impl Builder {
             Some(b) => b.clone(),
             None => Arc::new(self.remotes.configured().to_vec()),
         }
+    }
+
+    /// The daemon's `sandbox-paths`.
+    pub fn sandbox_paths(&self) -> &[crate::sandbox::SandboxPath] {
+        &self.settings.sandbox_paths
     }
 
     pub fn logs(&self) -> &LogStore {
@@ -863,11 +871,15 @@ impl Builder {
         let host_ids = uid_slot.ids();
         let t0 = std::time::Instant::now();
         let cores = options.limits.cores.unwrap_or(self.settings.cores);
+        let paths = options.sandbox_paths.clone();
         let prepared = {
             let top = top.clone();
-            tokio::task::spawn_blocking(move || this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure, cores))
-                .await
-                .map_err(|e| e.to_string())?
+            tokio::task::spawn_blocking(move || {
+                let paths = paths.as_deref().map_or(&this.settings.sandbox_paths[..], |p| &p[..]);
+                this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure, cores, paths)
+            })
+            .await
+            .map_err(|e| e.to_string())?
         };
         let (spec, closure, roots, placed) = match prepared {
             Ok(v) => v,
@@ -1045,6 +1057,7 @@ impl Builder {
         host_ids: Option<(u32, u32)>,
         impure_env: &[(String, String)],
         cores: usize,
+        sandbox_paths: &[crate::sandbox::SandboxPath],
     ) -> Result<
         (crate::sandbox::SandboxSpec, Vec<StorePath>, cairn_store::TempRootGuard, crate::root::Placed),
         BuildError,
@@ -1065,7 +1078,7 @@ impl Builder {
             drv,
             outputs,
             inputs: &closure,
-            sandbox_paths: &self.settings.sandbox_paths,
+            sandbox_paths,
             cores,
             root: &root,
             limits: self.settings.limits,

@@ -186,8 +186,8 @@ pub struct BuildInput<'a> {
     pub outputs: &'a BTreeMap<String, StorePath>,
     /// The closure of the input sources and input derivations' outputs.
     pub inputs: &'a [StorePath],
-    /// `sandbox-paths`: (path inside, host path).
-    pub sandbox_paths: &'a [(String, PathBuf)],
+    /// `sandbox-paths`.
+    pub sandbox_paths: &'a [SandboxPath],
     /// `NIX_BUILD_CORES`.
     pub cores: usize,
     /// The host directory that becomes `/`.
@@ -320,7 +320,11 @@ pub fn plan(b: &BuildInput<'_>) -> Result<(Skeleton, SandboxSpec), PlanError> {
         store: store.to_owned(),
         names,
     });
-    for (inside, host) in b.sandbox_paths {
+    for SandboxPath { inside, host, optional } in b.sandbox_paths {
+        // Nix's `PATH?`: left out where the host has no such path.
+        if *optional && std::fs::symlink_metadata(host).is_err() {
+            continue;
+        }
         if !inside.starts_with('/') || inside.starts_with(&format!("{store}/")) || inside == store {
             return Err(PlanError::BadSandboxPath(inside.clone()));
         }
@@ -426,7 +430,7 @@ fn builder_available(b: &BuildInput<'_>) -> bool {
     if let Ok((p, _)) = b.store_dir.parse_inner(builder) {
         return b.inputs.contains(&p);
     }
-    b.sandbox_paths.iter().any(|(inside, _)| builder == inside || builder.starts_with(&format!("{inside}/")))
+    b.sandbox_paths.iter().any(|p| builder == p.inside || builder.starts_with(&format!("{}/", p.inside)))
 }
 
 /// `/etc/passwd` as Nix 2.8 writes it.
@@ -443,11 +447,32 @@ pub fn group() -> String {
     format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n")
 }
 
-/// Parses one `sandbox-paths` entry: `PATH` or `INSIDE=HOST`.
-pub fn parse_sandbox_path(entry: &str) -> (String, PathBuf) {
+/// One `sandbox-paths` entry: the host's `host` seen in the sandbox at `inside`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPath {
+    pub inside: String,
+    pub host: PathBuf,
+    /// Left out where the host has no such path (Nix's trailing `?`).
+    pub optional: bool,
+}
+
+impl SandboxPath {
+    /// `INSIDE` bound from the same path of the host.
+    pub fn same(path: &str) -> SandboxPath {
+        SandboxPath { inside: path.to_owned(), host: path.into(), optional: false }
+    }
+}
+
+/// Parses one `sandbox-paths` entry as Nix does: `PATH` or `INSIDE=HOST`, either with a
+/// trailing `?` if it may be missing on the host.
+pub fn parse_sandbox_path(entry: &str) -> SandboxPath {
+    let (entry, optional) = match entry.strip_suffix('?') {
+        Some(e) => (e, true),
+        None => (entry, false),
+    };
     match entry.split_once('=') {
-        Some((inside, host)) => (inside.to_owned(), PathBuf::from(host)),
-        None => (entry.to_owned(), PathBuf::from(entry)),
+        Some((inside, host)) => SandboxPath { inside: inside.to_owned(), host: PathBuf::from(host), optional },
+        None => SandboxPath { optional, ..SandboxPath::same(entry) },
     }
 }
 
@@ -476,7 +501,7 @@ mod tests {
         d
     }
 
-    fn plan_of(d: &Derivation, sandbox_paths: &[(String, PathBuf)]) -> Result<(Skeleton, SandboxSpec), PlanError> {
+    fn plan_of(d: &Derivation, sandbox_paths: &[SandboxPath]) -> Result<(Skeleton, SandboxSpec), PlanError> {
         let dir = StoreDir::new("/nix/store").unwrap();
         let outputs = BTreeMap::new();
         let input = StorePath::from_base_name("11111111111111111111111111111111-dep").unwrap();
@@ -496,8 +521,8 @@ mod tests {
         })
     }
 
-    fn sh() -> Vec<(String, PathBuf)> {
-        vec![("/bin/sh".into(), PathBuf::from("/bin/busybox"))]
+    fn sh() -> Vec<SandboxPath> {
+        vec![parse_sandbox_path("/bin/sh=/bin/busybox")]
     }
 
     #[test]
@@ -608,7 +633,7 @@ mod tests {
     #[test]
     fn refusals() {
         assert_eq!(plan_of(&drv(false), &[]).unwrap_err(), PlanError::BuilderNotAvailable("/bin/sh".into()));
-        let bad = vec![("/nix/store/x".to_owned(), PathBuf::from("/x"))];
+        let bad = vec![parse_sandbox_path("/nix/store/x=/x")];
         assert!(matches!(plan_of(&drv(false), &bad).unwrap_err(), PlanError::BadSandboxPath(_)));
         let mut d = drv(false);
         d.env.insert("__json".into(), "{".into());
@@ -696,6 +721,9 @@ mod tests {
              nobody:x:65534:65534:Nobody:/:/noshell\n"
         );
         assert_eq!(group(), "root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n");
-        assert_eq!(parse_sandbox_path("/bin/sh=/bin/busybox"), ("/bin/sh".into(), "/bin/busybox".into()));
+        let sh = SandboxPath { inside: "/bin/sh".into(), host: "/bin/busybox".into(), optional: false };
+        assert_eq!(parse_sandbox_path("/bin/sh=/bin/busybox"), sh);
+        assert_eq!(parse_sandbox_path("/etc/ssl?"), SandboxPath { optional: true, ..SandboxPath::same("/etc/ssl") });
+        assert!(parse_sandbox_path("/x=/nowhere?").optional);
     }
 }

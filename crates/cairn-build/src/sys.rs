@@ -441,7 +441,7 @@ mod tests {
             drv: &d,
             outputs: &BTreeMap::new(),
             inputs: &[input],
-            sandbox_paths: &[("/bin/sh".into(), "/bin/busybox".into())],
+            sandbox_paths: &[crate::sandbox::parse_sandbox_path("/bin/sh=/bin/busybox")],
             cores: 1,
             root: Path::new("/tmp/r"),
             limits: SandboxLimits { max_processes: Some(64), dev_shm_size: TmpfsSize::Bytes(8 << 20) },

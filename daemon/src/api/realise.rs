@@ -474,6 +474,7 @@ pub async fn realise(
         builders,
         post_build_hook: None,
         resubstitute: None,
+        sandbox_paths: None,
     };
     keep_outputs_for_client(&st, &peer, &goals).await;
     let (tx, rx) = mpsc::channel::<Bytes>(64);

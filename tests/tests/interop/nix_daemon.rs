@@ -1361,6 +1361,48 @@ fn a_client_s_max_jobs_0_and_cores_0_mean_what_they_mean_to_nix_daemon() {
 /// Sandbox rules as Nix 2.8 applies them: `__noChroot` refused under a sandbox, a group- or
 /// world-writable output rejected, `passAsFile` and `exportReferencesGraph` files the builder's
 /// own to change, `/etc/nsswitch.conf` for a fixed-output build, `/dev/shm` as large as Nix's.
+/// A trusted client's `sandbox-paths` (its `nix.conf`'s and `extra-sandbox-paths` merged, as a
+/// Nix client sends them) are its builds' instead of the daemon's, as nix-daemon applies a
+/// trusted client's settings; an entry ending in `?` that the host lacks is left out.
+#[test]
+fn a_trusted_client_s_sandbox_paths_are_its_builds_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    p.write("extra/greeting", b"hello from the host\n");
+    let extra = p.work.path().join("extra").display().to_string();
+    let f = p.write(
+        "sees.nix",
+        br#"{ dir }: derivation { name = "sees-extra"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "cat ${dir}/greeting > $out" ]; }"#,
+    );
+    let extra_paths = format!("/extra={extra} /maybe=/nonexistent/path?");
+    let args = [
+        "--no-out-link",
+        &f,
+        "--argstr",
+        "dir",
+        "/extra",
+        "--option",
+        "sandbox-paths",
+        "/bin/sh=/bin/busybox",
+        "--option",
+        "extra-sandbox-paths",
+        &extra_paths,
+    ];
+    let (c, n) = p.alike("nix-build", &args);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    assert_eq!(c.stdout, n.stdout);
+    let out = String::from_utf8_lossy(&c.stdout).trim().to_owned();
+    for root in [p.cairn.root.path().to_owned(), p.nix.root()] {
+        assert_eq!(std::fs::read(root.join(out.trim_start_matches('/'))).unwrap(), b"hello from the host\n");
+    }
+    // The client's list replaces the daemon's: without /bin/sh in it, neither can build.
+    let (c, _) =
+        p.alike("nix-build", &["--no-out-link", &f, "--argstr", "dir", "/x", "--option", "sandbox-paths", &extra]);
+    assert!(!c.status.success());
+}
+
 #[test]
 fn sandbox_rules_match_nix_daemon() {
     if !peers() {

@@ -102,6 +102,23 @@ impl<R: Read, W: Write> Session<R, W> {
         Ok(self.rt.block_on(fut)?)
     }
 
+    /// A trusted client's `sandbox-paths` (instead of the daemon's) and `extra-sandbox-paths`
+    /// (added), as nix-daemon applies a trusted client's settings; `None` if it set neither,
+    /// or is not trusted.
+    fn client_sandbox_paths(&self) -> Option<Arc<Vec<cairn_build::sandbox::SandboxPath>>> {
+        let (base, extra) = (self.client_setting("sandbox-paths"), self.client_setting("extra-sandbox-paths"));
+        if !self.peer.trusted || (base.is_none() && extra.is_none()) {
+            return None;
+        }
+        let parse = |v: &str| v.split_whitespace().map(cairn_build::sandbox::parse_sandbox_path).collect::<Vec<_>>();
+        let mut paths = match base {
+            Some(v) => parse(v),
+            None => self.st.builder.sandbox_paths().to_vec(),
+        };
+        paths.extend(extra.map(parse).unwrap_or_default());
+        Some(Arc::new(paths))
+    }
+
     /// Realises `goals` with the client's options, streaming the builds' activities and logs.
     fn realise(
         &mut self,
@@ -127,6 +144,7 @@ impl<R: Read, W: Write> Session<R, W> {
                 .filter(|_| self.peer.trusted)
                 .map(std::path::PathBuf::from),
             resubstitute: None,
+            sandbox_paths: self.client_sandbox_paths(),
         };
         let started = now();
         let mut goals = goals;
