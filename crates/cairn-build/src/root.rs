@@ -110,7 +110,16 @@ pub fn create(
                     continue;
                 }
                 if !linked {
-                    copy_input(from, source_name, &st, to, name)?;
+                    // Another file system than the store's: a copy made once in the shared
+                    // directory and linked into each root that needs it, where there is one.
+                    let (key, file) = SharedFile::input(from, source_name, &st);
+                    // Only what no one may write or run as another: every root shares the copy.
+                    let shareable = st.st_mode & 0o7222 == 0;
+                    let shared_link = shareable
+                        && shared.as_ref().is_some_and(|d| link_shared(d.as_fd(), &key, to, name, &file).is_ok());
+                    if !shared_link {
+                        copy_input(from, source_name, &st, to, name)?;
+                    }
                 }
                 placed.linked.push(target);
             }
@@ -140,9 +149,22 @@ fn node_path(node: &Node) -> &str {
 
 /// A skeleton entry that may be a link to a shared file: its kind, mode and contents.
 enum SharedFile<'a> {
-    File { contents: &'a [u8], mode: u32 },
-    Symlink { target: &'a str },
+    File {
+        contents: &'a [u8],
+        mode: u32,
+    },
+    Symlink {
+        target: &'a str,
+    },
     MountPoint,
+    /// A copy of a small input (a file or symlink of the store, `source` in `from`, whose status
+    /// is `st`) on another file system than the store's, made once for every root that needs
+    /// it.
+    Input {
+        from: BorrowedFd<'a>,
+        source: &'a std::ffi::OsStr,
+        st: &'a FileStat,
+    },
 }
 
 impl<'a> SharedFile<'a> {
@@ -161,6 +183,24 @@ impl<'a> SharedFile<'a> {
         Some((format!("{tag}-{}", digest.encode(cairn_nix::hash::Encoding::Nix32)), file))
     }
 
+    /// The shared copy of an input, named by the identity of the store's file (device, inode,
+    /// change time, size, mode, name): a path deleted and made again is another file, and is
+    /// copied again.
+    fn input(from: BorrowedFd<'a>, source: &'a std::ffi::OsStr, st: &'a FileStat) -> (String, SharedFile<'a>) {
+        use std::os::unix::ffi::OsStrExt;
+        let id = format!(
+            "{}:{}:{}.{}:{}:{:o}:",
+            st.st_dev, st.st_ino, st.st_ctime, st.st_ctime_nsec, st.st_size, st.st_mode
+        );
+        let mut bytes = id.into_bytes();
+        bytes.extend_from_slice(source.as_bytes());
+        let digest = cairn_nix::hash::Hash::digest(cairn_nix::hash::HashAlgo::Sha256, &bytes);
+        (
+            format!("{INPUT_PREFIX}{}", digest.encode(cairn_nix::hash::Encoding::Nix32)),
+            SharedFile::Input { from, source, st },
+        )
+    }
+
     /// Makes the file as `name` in `dir` (which must not hold that name), at its final mode.
     fn make(&self, dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
         use std::io::Write;
@@ -169,11 +209,47 @@ impl<'a> SharedFile<'a> {
             SharedFile::Symlink { target } => return Ok(nix::unistd::symlinkat(*target, dir, name)?),
             SharedFile::File { contents, mode } => (*contents, *mode),
             SharedFile::MountPoint => (&b""[..], 0o444),
+            SharedFile::Input { from, source, st } => {
+                prune_inputs(dir);
+                return copy_input(*from, source, st, dir, name.as_ref());
+            }
         };
         let mut f = openat(dir, name.as_ref(), create, 0o600)?;
         f.write_all(contents)?;
         // Through the descriptor: nothing named can be swapped in between.
         f.set_permissions(fs::Permissions::from_mode(mode))
+    }
+}
+
+/// What the names of shared copies of inputs start with.
+const INPUT_PREFIX: &str = "input-";
+
+/// Every this many copies of inputs made in the shared directory, those no root links to any
+/// more (one link: the shared directory's own) are removed, so that a long-lived daemon's
+/// shared directory (on a tmpfs, memory) holds about what its current builds use.
+const PRUNE_EVERY: u64 = 1024;
+
+fn prune_inputs(dir: BorrowedFd<'_>) {
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PRUNE_EVERY != PRUNE_EVERY - 1 {
+        return;
+    }
+    let Ok(d) = nix::dir::Dir::openat(dir, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+    else {
+        return;
+    };
+    let names: Vec<std::ffi::CString> = d
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_name().to_bytes().starts_with(INPUT_PREFIX.as_bytes()))
+        .map(|e| e.file_name().to_owned())
+        .collect();
+    for name in names {
+        let unused = fstatat(dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| st.st_nlink == 1);
+        if unused {
+            // A build linking it meanwhile finds it gone and makes it again.
+            let _ = nix::unistd::unlinkat(dir, name.as_c_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
     }
 }
 
@@ -462,6 +538,50 @@ mod tests {
         sk.push(Node::Input { path: "/nix/store/e-gone".into(), source: store.join("e-gone"), link: true });
         let e = create(&t.path().join("gone"), &sk, None, None).unwrap_err().to_string();
         assert!(e.contains("e-gone") && e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn small_inputs_from_another_file_system_are_copied_once_and_linked_into_each_root() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("store");
+        fs::create_dir_all(&store).unwrap();
+        let make = |name: &str, contents: &[u8], mode: u32| {
+            let p = store.join(name);
+            let _ = fs::remove_file(&p);
+            fs::write(&p, contents).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        };
+        make("b-file", b"one\n", 0o444);
+        make("w-writable", b"mine\n", 0o644);
+        // `link: false`: as when the store is on another file system than the roots.
+        let sk = || -> Skeleton {
+            let mut sk = vec![
+                Node::Dir { path: "/nix".into(), mode: 0o755, owner: Owner::Daemon },
+                Node::Dir { path: "/nix/store".into(), mode: 0o1775, owner: Owner::Daemon },
+            ];
+            for n in ["b-file", "w-writable"] {
+                sk.push(Node::Input { path: format!("/nix/store/{n}"), source: store.join(n), link: false });
+            }
+            sk
+        };
+        let shared = shared_dir(t.path());
+        let builder = Some((4242, 4242));
+        let ino = |root: &str, n: &str| fs::metadata(t.path().join(root).join("nix/store").join(n)).unwrap().ino();
+        for root in ["r1", "r2"] {
+            create(&t.path().join(root), &sk(), builder, Some(&shared)).unwrap();
+        }
+        assert_eq!(ino("r1", "b-file"), ino("r2", "b-file"), "one copy, linked into both roots");
+        assert_ne!(ino("r1", "b-file"), fs::metadata(store.join("b-file")).unwrap().ino(), "a copy, not the store's");
+        assert_ne!(ino("r1", "w-writable"), ino("r2", "w-writable"), "a file someone may write is never shared");
+        assert_eq!(fs::read(t.path().join("r2/nix/store/b-file")).unwrap(), b"one\n");
+        // The store's file made again (deleted, then built anew) is another file: copied again.
+        make("b-file", b"two\n", 0o444);
+        create(&t.path().join("r3"), &sk(), builder, Some(&shared)).unwrap();
+        assert_ne!(ino("r3", "b-file"), ino("r1", "b-file"));
+        assert_eq!(fs::read(t.path().join("r3/nix/store/b-file")).unwrap(), b"two\n");
+        // Without a shared directory (the builder could write the daemon's files): a copy each.
+        create(&t.path().join("r4"), &sk(), None, None).unwrap();
+        assert_ne!(ino("r4", "b-file"), ino("r3", "b-file"));
     }
 
     #[test]
