@@ -43,13 +43,22 @@ pub async fn copy_to_cache(
         bail!("'{url}': cairn writes binary caches to file:// and s3:// URLs (or copies to a daemon: unix://SOCKET)");
     }
     let (_, params) = split_params(url);
-    let compression = match params.iter().find(|(k, _)| k == "compression") {
-        Some((_, c)) => c.parse::<Compression>()?,
-        None => Compression::Zstd,
-    };
-    if !backend.exists("nix-cache-info").await? {
-        let info = CacheInfo { store_dir: store_dir.as_str().to_owned(), want_mass_query: true, priority: 50 };
-        backend.put("nix-cache-info", info.render().into()).await?;
+    let opts = WriteParams::of(url, &params)?;
+    let compression = opts.compression;
+    let url_key = opts.secret_key;
+    match backend.get("nix-cache-info").await? {
+        None => {
+            let info = CacheInfo { store_dir: store_dir.as_str().to_owned(), want_mass_query: true, priority: 50 };
+            backend.put("nix-cache-info", info.render().into()).await?;
+        }
+        // As Nix: never a cache of another store directory.
+        Some(text) => {
+            let text = String::from_utf8_lossy(&text);
+            let theirs = text.lines().find_map(|l| l.strip_prefix("StoreDir:")).map(str::trim);
+            if let Some(theirs) = theirs.filter(|d| *d != store_dir.as_str()) {
+                bail!("binary cache '{url}' is for Nix stores with prefix '{theirs}', not '{}'", store_dir.as_str());
+            }
+        }
     }
     let tmp_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mut done = Copied { written: 0, skipped: 0, bytes: 0 };
@@ -71,7 +80,7 @@ pub async fn copy_to_cache(
         let bar = progress.clone();
         let out = tmp.clone();
         let written = tokio::task::spawn_blocking(move || {
-            compress_nar(crate::progress::CountingRead { inner: reader, bar }, compression, &out)
+            compress_nar(crate::progress::CountingRead { inner: reader, bar }, compression, opts.level, &out)
         })
         .await?
         .with_context(|| format!("reading the NAR of {}", info.path))?;
@@ -82,6 +91,9 @@ pub async fn copy_to_cache(
         backend.put_file(&url, &tmp).await?;
         let _ = std::fs::remove_file(&tmp);
         let mut narinfo = narinfo_of(store_dir, info, key)?;
+        if let Some(k) = &url_key {
+            narinfo.sign(store_dir, k)?;
+        }
         narinfo.url = url;
         narinfo.compression = compression.name().into();
         narinfo.file_hash = Some(written.file_hash);
@@ -91,6 +103,57 @@ pub async fn copy_to_cache(
         done.bytes += written.file_size;
     }
     Ok(done)
+}
+
+/// What a binary cache URL's parameters ask of a copy to it, as Nix's binary cache stores
+/// read them: `compression` (and `compression-level`), `secret-key` (a key file: every narinfo
+/// written is signed with it too). Parameters for reading (`priority`, `trusted` …), for S3,
+/// and `parallel-compression` (the files are the same) change nothing here; those of Nix's that
+/// cairn does not do are warned about, as is any unknown one (Nix's "unknown setting").
+struct WriteParams {
+    compression: Compression,
+    level: Option<i32>,
+    secret_key: Option<SecretKey>,
+}
+
+impl WriteParams {
+    fn of(url: &str, params: &[(String, String)]) -> anyhow::Result<WriteParams> {
+        let mut out = WriteParams { compression: Compression::Zstd, level: None, secret_key: None };
+        for (k, v) in params {
+            match k.as_str() {
+                "compression" => out.compression = v.parse::<Compression>()?,
+                "compression-level" => {
+                    out.level = Some(v.parse().with_context(|| format!("'{url}': compression-level '{v}'"))?)
+                }
+                "secret-key" => {
+                    let text = std::fs::read_to_string(v).with_context(|| format!("cannot read '{v}' (secret-key)"))?;
+                    out.secret_key = Some(SecretKey::parse(&text).with_context(|| format!("'{v}'"))?);
+                }
+                "parallel-compression"
+                | "priority"
+                | "want-mass-query"
+                | "trusted"
+                | "store"
+                | "region"
+                | "endpoint"
+                | "scheme"
+                | "profile"
+                | "multipart-upload"
+                | "buffer-size" => {}
+                "write-nar-listing"
+                | "index-debug-info"
+                | "narinfo-compression"
+                | "ls-compression"
+                | "log-compression" => {
+                    if !matches!(v.as_str(), "" | "0" | "false") {
+                        eprintln!("cairn: warning: '{url}': '{k}' is not something cairn writes; ignored");
+                    }
+                }
+                other => eprintln!("cairn: warning: unknown setting '{other}' in '{url}'"),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Pushes the closure of `paths` into the cairnd at `url` (`tcp://HOST:PORT`, which must accept

@@ -1,6 +1,6 @@
 //! The compressions a binary cache's NARs come in, as a narinfo's `Compression:` names them.
 //!
-//! All four that Nix writes are read; zstd is what cairn writes by default (fast to decompress,
+//! The five that Nix 2.8 writes with its own code (gzip among them) are read and written; zstd is what cairn writes by default (fast to decompress,
 //! and what Nix uses for `?compression=zstd`). Decoders keep their input reachable
 //! ([`Decoder::into_inner`]) so that a caller hashing the compressed bytes can read the file to
 //! its end after the NAR, and check its size and hash.
@@ -16,6 +16,7 @@ pub enum Compression {
     Xz,
     Zstd,
     Bzip2,
+    Gzip,
 }
 
 impl Compression {
@@ -27,6 +28,7 @@ impl Compression {
             "xz" => Compression::Xz,
             "zstd" => Compression::Zstd,
             "bzip2" => Compression::Bzip2,
+            "gzip" => Compression::Gzip,
             other => return Err(CacheError::Compression(other.to_owned())),
         })
     }
@@ -38,6 +40,7 @@ impl Compression {
             Compression::Xz => "xz",
             Compression::Zstd => "zstd",
             Compression::Bzip2 => "bzip2",
+            Compression::Gzip => "gzip",
         }
     }
 
@@ -48,6 +51,8 @@ impl Compression {
             Compression::Xz => ".xz",
             Compression::Zstd => ".zst",
             Compression::Bzip2 => ".bz2",
+            // Nix names no extension for gzip: `nar/HASH.nar`.
+            Compression::Gzip => "",
         }
     }
 
@@ -58,20 +63,33 @@ impl Compression {
             Compression::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(input)?),
             Compression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(input)),
             Compression::Bzip2 => Decoder::Bzip2(bzip2::bufread::MultiBzDecoder::new(input)),
+            Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(input)),
         })
     }
 
     /// An encoder of this compression writing into `out`; `finish` it to flush the end.
     pub fn encoder<W: Write>(self, out: W) -> io::Result<Encoder<W>> {
+        self.encoder_at(out, None)
+    }
+
+    /// [`Compression::encoder`] at `level` (a binary cache URL's `compression-level`, clamped to
+    /// what the format has), or the format's default.
+    pub fn encoder_at<W: Write>(self, out: W, level: Option<i32>) -> io::Result<Encoder<W>> {
+        let within = |lo: i32, hi: i32, default: i32| level.map_or(default, |l| l.clamp(lo, hi));
         Ok(match self {
             Compression::None => Encoder::None(out),
             Compression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(out, 3)?;
+                let mut e = zstd::stream::write::Encoder::new(out, within(1, 19, 3))?;
                 e.include_checksum(true)?;
                 Encoder::Zstd(e)
             }
-            Compression::Xz => Encoder::Xz(liblzma::write::XzEncoder::new(out, 6)),
-            Compression::Bzip2 => Encoder::Bzip2(bzip2::write::BzEncoder::new(out, bzip2::Compression::default())),
+            Compression::Xz => Encoder::Xz(liblzma::write::XzEncoder::new(out, within(0, 9, 6) as u32)),
+            Compression::Bzip2 => {
+                Encoder::Bzip2(bzip2::write::BzEncoder::new(out, bzip2::Compression::new(within(1, 9, 6) as u32)))
+            }
+            Compression::Gzip => {
+                Encoder::Gzip(flate2::write::GzEncoder::new(out, flate2::Compression::new(within(0, 9, 6) as u32)))
+            }
         })
     }
 }
@@ -89,6 +107,7 @@ pub enum Decoder<R: BufRead> {
     Zstd(zstd::stream::read::Decoder<'static, R>),
     Xz(liblzma::bufread::XzDecoder<R>),
     Bzip2(bzip2::bufread::MultiBzDecoder<R>),
+    Gzip(flate2::bufread::MultiGzDecoder<R>),
 }
 
 impl<R: BufRead> Decoder<R> {
@@ -99,6 +118,7 @@ impl<R: BufRead> Decoder<R> {
             Decoder::Zstd(d) => d.finish(),
             Decoder::Xz(d) => d.into_inner(),
             Decoder::Bzip2(d) => d.into_inner(),
+            Decoder::Gzip(d) => d.into_inner(),
         }
     }
 }
@@ -110,6 +130,7 @@ impl<R: BufRead> Read for Decoder<R> {
             Decoder::Zstd(d) => d.read(buf),
             Decoder::Xz(d) => d.read(buf),
             Decoder::Bzip2(d) => d.read(buf),
+            Decoder::Gzip(d) => d.read(buf),
         }
     }
 }
@@ -120,6 +141,7 @@ pub enum Encoder<W: Write> {
     Zstd(zstd::stream::write::Encoder<'static, W>),
     Xz(liblzma::write::XzEncoder<W>),
     Bzip2(bzip2::write::BzEncoder<W>),
+    Gzip(flate2::write::GzEncoder<W>),
 }
 
 impl<W: Write> Encoder<W> {
@@ -130,6 +152,7 @@ impl<W: Write> Encoder<W> {
             Encoder::Zstd(e) => e.finish(),
             Encoder::Xz(e) => e.finish(),
             Encoder::Bzip2(e) => e.finish(),
+            Encoder::Gzip(e) => e.finish(),
         }
     }
 }
@@ -141,6 +164,7 @@ impl<W: Write> Write for Encoder<W> {
             Encoder::Zstd(e) => e.write(buf),
             Encoder::Xz(e) => e.write(buf),
             Encoder::Bzip2(e) => e.write(buf),
+            Encoder::Gzip(e) => e.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -149,6 +173,7 @@ impl<W: Write> Write for Encoder<W> {
             Encoder::Zstd(e) => e.flush(),
             Encoder::Xz(e) => e.flush(),
             Encoder::Bzip2(e) => e.flush(),
+            Encoder::Gzip(e) => e.flush(),
         }
     }
 }
@@ -158,7 +183,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const ALL: [Compression; 4] = [Compression::None, Compression::Xz, Compression::Zstd, Compression::Bzip2];
+    const ALL: [Compression; 5] =
+        [Compression::None, Compression::Xz, Compression::Zstd, Compression::Bzip2, Compression::Gzip];
 
     fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
         let mut e = c.encoder(Vec::new()).unwrap();
@@ -176,7 +202,7 @@ mod tests {
 
     #[test]
     fn bytes_after_the_stream_are_an_error_or_given_back() {
-        for c in [Compression::Xz, Compression::Zstd, Compression::Bzip2] {
+        for c in [Compression::Xz, Compression::Zstd, Compression::Bzip2, Compression::Gzip] {
             let mut file = compress(c, b"the nar");
             file.extend_from_slice(b"TRAILER");
             let mut d = c.decoder(&file[..]).unwrap();

@@ -48,7 +48,7 @@ pub enum CacheError {
     Http { url: String, reason: String },
     #[error("{url}: no answer within {secs} s")]
     Timeout { url: String, secs: u64 },
-    #[error("NARs compressed with '{0}' cannot be read (none, xz, zstd and bzip2 can)")]
+    #[error("compression '{0}' is not one cairn reads or writes (none, xz, zstd, bzip2 and gzip are)")]
     Compression(String),
     #[error("{url}: {reason}")]
     BadFile { url: String, reason: String },

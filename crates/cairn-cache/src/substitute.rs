@@ -174,11 +174,13 @@ impl Substituter {
                     return Ok(CacheInfo { store_dir: dir.as_str().to_owned(), want_mass_query: false, priority: 0 });
                 }
                 let key = "nix-cache-info";
-                let text = self
-                    .backend
-                    .get(key)
-                    .await?
-                    .ok_or_else(|| CacheError::Missing { url: self.backend.describe(key) })?;
+                let text = match self.backend.get(key).await? {
+                    Some(text) => text,
+                    // As Nix: a local directory without one is a cache of this store directory
+                    // with the defaults (Nix writes the file there; a reader does not).
+                    None if matches!(self.backend, Backend::File(_)) => Default::default(),
+                    None => return Err(CacheError::Missing { url: self.backend.describe(key) }),
+                };
                 CacheInfo::parse(dir, &String::from_utf8_lossy(&text))
                     .map_err(|e| CacheError::BadFile { url: self.backend.describe(key), reason: e.to_string() })
             })

@@ -18,10 +18,15 @@ pub struct CompressedNar {
 
 /// Reads a NAR from `nar`, writes it compressed to the new file `out` (synced), and returns
 /// the SHA-256 and size of the NAR and of the file.
-pub fn compress_nar(mut nar: impl Read, compression: Compression, out: &Path) -> io::Result<CompressedNar> {
+pub fn compress_nar(
+    mut nar: impl Read,
+    compression: Compression,
+    level: Option<i32>,
+    out: &Path,
+) -> io::Result<CompressedNar> {
     let file = std::fs::File::create(out)?;
     let counted = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file), HashAlgo::Sha256);
-    let mut enc = compression.encoder(counted)?;
+    let mut enc = compression.encoder_at(counted, level)?;
     let mut nar_hasher = Hasher::new(HashAlgo::Sha256);
     let mut nar_size = 0u64;
     let mut buf = vec![0u8; 1 << 18];
@@ -52,7 +57,7 @@ mod tests {
         let nar = b"pretend this is a NAR".repeat(1000);
         for c in [Compression::None, Compression::Zstd, Compression::Xz, Compression::Bzip2] {
             let out = dir.path().join(c.name());
-            let r = compress_nar(&nar[..], c, &out).unwrap();
+            let r = compress_nar(&nar[..], c, None, &out).unwrap();
             let file = std::fs::read(&out).unwrap();
             assert_eq!(r.nar_hash, Hash::digest(HashAlgo::Sha256, &nar));
             assert_eq!(r.nar_size, nar.len() as u64);

@@ -242,3 +242,63 @@ fn verify_repair_fetches_broken_paths_again_from_the_substituters() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("(cannot repair: no substituter is configured)"));
 }
+
+/// A cache URL's parameters are read as Nix reads them: `secret-key` signs what is written (a
+/// cache Nix then trusts), `compression=gzip` is written and read both ways (Nix names no
+/// extension for it), a cache of another store directory is refused in Nix's words, and a local
+/// cache without `nix-cache-info` is read as Nix reads it.
+#[test]
+fn cache_url_parameters_gzip_and_store_directories_are_honoured_as_by_nix() {
+    if !require_peer("nix-store") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (tree, top, stream) = tree_and_note(dir.path());
+    let st = TestStore::builder().store_dir("/nix/store").start();
+    st.ok_bytes(&["import"], &stream);
+    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+    st.ok(&["key", "generate", "params-1", s(&sk), s(&pk)]);
+    let public = std::fs::read_to_string(&pk).unwrap();
+
+    // secret-key and compression in the URL, as `nix copy --to` takes them.
+    let cache = dir.path().join("gz");
+    let url = format!("file://{}?compression=gzip&secret-key={}", cache.display(), sk.display());
+    st.ok(&["copy", "--to", &url, &top]);
+    let narinfo = std::fs::read_to_string(cache.join(format!("{}.narinfo", &top[11..43]))).unwrap();
+    assert!(narinfo.contains("Compression: gzip\n") && narinfo.contains("Sig: params-1:"), "{narinfo}");
+    assert!(narinfo.lines().any(|l| l.starts_with("URL: nar/") && l.ends_with(".nar")), "{narinfo}");
+    let nix = NixStore::new();
+    let plain = format!("file://{}", cache.display());
+    nix.ok("nix", &["copy", "--from", &plain, "--option", "trusted-public-keys", public.trim(), &top]);
+    assert_eq!(infos(&nix.ok("nix", &["path-info", "--json", "--recursive", &top])).len(), 2);
+
+    // A gzip cache Nix wrote, read by cairn.
+    let nix_cache = dir.path().join("nix-gz");
+    let nix_url = format!("file://{}?compression=gzip", nix_cache.display());
+    nix.ok("nix", &["copy", "--to", &nix_url, &top]);
+    let fresh = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("trusted-public-keys = [\"{}\"]\n", public.trim()))
+        .start();
+    fresh.ok(&["copy", "--from", &format!("file://{}", nix_cache.display()), &top]);
+    fresh.ok(&["verify", "--check-contents"]);
+
+    // A cache of another store directory: refused, nothing written.
+    let gnu = dir.path().join("gnu");
+    write(&gnu.join("nix-cache-info"), b"StoreDir: /gnu/store\n");
+    let out = st.run(&["copy", "--to", &format!("file://{}", gnu.display()), &tree], b"");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("is for Nix stores with prefix '/gnu/store', not '/nix/store'"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read_dir(&gnu).unwrap().count(), 1);
+
+    // A local cache without nix-cache-info (Nix would write one): read all the same.
+    std::fs::remove_file(nix_cache.join("nix-cache-info")).unwrap();
+    let again = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("trusted-public-keys = [\"{}\"]\n", public.trim()))
+        .start();
+    again.ok(&["copy", "--from", &format!("file://{}", nix_cache.display()), &top]);
+}
