@@ -976,6 +976,58 @@ in { cached = mk "repair-cached" "mkdir $out; echo good > $out/f"; local = mk "r
     assert_eq!(std::fs::read(&real).unwrap(), b"corrupt\n");
 }
 
+/// What a dry run says it would download, from a cache whose narinfos give no `FileSize` (as a
+/// cache that compresses on the fly serves them): nix-daemon's figures, 0 bytes to download.
+#[test]
+fn a_dry_run_counts_download_sizes_as_nix_daemon_does() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let (sk, pk) = p.key("sizes-key-1");
+    let f = p.write(
+        "sized.nix",
+        br#"derivation { name = "sized"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "i=0; while [ $i -lt 3000 ]; do echo line $i; i=$((i+1)); done > $out" ]; }"#,
+    );
+    let local = format!("local?root={}", p.work.path().join("src-store").display());
+    let out = p
+        .local(&[
+            "nix-build",
+            "--store",
+            &local,
+            "--option",
+            "sandbox-paths",
+            "/bin/sh=/bin/busybox",
+            "--no-out-link",
+            &f,
+        ])
+        .trim()
+        .to_owned();
+    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &out]);
+    let cache_dir = p.work.path().join("cache");
+    let cache = format!("file://{}", cache_dir.display());
+    p.local(&["nix", "copy", "--from", &local, "--to", &cache, &out]);
+    for e in std::fs::read_dir(&cache_dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "narinfo") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let kept: String = text.lines().filter(|l| !l.starts_with("FileSize:")).map(|l| format!("{l}\n")).collect();
+            std::fs::write(&path, kept).unwrap();
+        }
+    }
+    let args = ["-r", "--dry-run", &out, "--option", "substituters", &cache, "--option", "trusted-public-keys", &pk];
+    let (c, n) = p.alike("nix-store", &args);
+    let sizes = |o: &Output| {
+        String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| l.contains("download"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(!sizes(&n).is_empty(), "{}", String::from_utf8_lossy(&n.stderr));
+    assert_eq!(sizes(&c), sizes(&n));
+}
+
 /// A fixed output is substituted by its content address from a binary cache of another store
 /// directory (`?store=`), as Nix 2.8's `fetchurl.sh` test does: the URL it names does not exist.
 #[test]

@@ -23,7 +23,8 @@ fn substitutable(info: &NarInfo) -> SubstitutablePathInfo {
     SubstitutablePathInfo {
         deriver: info.deriver.clone(),
         references: info.references.clone(),
-        download_size: info.file_size.unwrap_or(info.nar_size),
+        // As Nix: a narinfo without FileSize (or a store that is no binary cache) says 0.
+        download_size: info.file_size.unwrap_or(0),
         nar_size: info.nar_size,
     }
 }

@@ -592,7 +592,7 @@ impl<R: Read, W: Write> Session<R, W> {
                     match found.get(&p) {
                         Some(info) => {
                             missing.will_substitute.insert(p.clone());
-                            missing.download_size += info.file_size.unwrap_or(info.nar_size);
+                            missing.download_size += info.file_size.unwrap_or(0);
                             missing.nar_size += info.nar_size;
                             todo.extend(info.references.iter().filter(|r| **r != p).cloned().map(DerivedPath::Opaque));
                         }
