@@ -41,13 +41,18 @@ pub async fn handler(
         )));
     }
     let caches = sub.caches(&req.from, &peer)?;
-    if caches.is_empty() {
+    let dir = st.store_dir.clone();
+    let paths = store_paths(&dir, &req.paths)?;
+    // Nothing missing needs no cache (a valid path's closure is valid).
+    let all_valid = {
+        let (store, paths) = (st.store.clone(), paths.clone());
+        tokio::task::spawn_blocking(move || paths.iter().all(|p| store.is_valid(p).unwrap_or(false))).await?
+    };
+    if caches.is_empty() && !all_valid {
         return Err(ApiError::bad_request(
             "no binary cache to substitute from: set substituters in the daemon's config, or name one (--from URL)",
         ));
     }
-    let dir = st.store_dir.clone();
-    let paths = store_paths(&dir, &req.paths)?;
     let progress = Arc::new(Progress::default());
     let job = sub.job(&st.store, caches, peer.client, progress.clone(), false);
     let store = st.store.clone();

@@ -940,6 +940,22 @@ fn refusal_of_a_large_untrusted_import_names_the_reason() {
     assert_eq!(other.store_entries(), Vec::<String>::new());
 }
 
+/// Substituting paths that are all valid needs no cache, as `nix-store -r VALID` needs none;
+/// a missing one with no cache configured is a one-line error saying what to set.
+#[test]
+fn substituting_what_is_valid_needs_no_cache() {
+    let st = TestStore::start();
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("f"), b"here\n").unwrap();
+    let p = line(&st.ok(&["add", s(&d.path().join("f"))]));
+    assert_eq!(line(&st.ok(&["substitute", &p])), p);
+    let e = assert_one_line_failure(
+        &st.run(&["substitute", "/store/00000000000000000000000000000000-x"], b""),
+        "a missing path without caches",
+    );
+    assert!(e.contains("no binary cache to substitute from") && e.contains("substituters"), "{e}");
+}
+
 /// Untrusted users substitute only from the configured caches (a named URL could make the
 /// daemon read any directory), and may send paths to another daemon only signed.
 #[test]
