@@ -81,6 +81,7 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
             store_dir: store_dir.clone(),
             keys,
             pushes: settings.accept_pushes.then(|| substitution_policy.clone()),
+            logs: state.builder.logs().clone(),
         }))
         .merge(crate::listen::registry::router(Arc::new(registry)));
         let app = match &settings.listen_auth_file {

@@ -5,7 +5,8 @@
 //! `/nar/<hash>-<NAR hash>.nar[.zst]`, dumped from the store as it is sent (zstd-compressed on
 //! the fly for `.zst`). Requests name paths only by hash part and NAR hash, both checked
 //! character by character before the database is asked, so nothing but valid store paths can be
-//! reached. Uncompressed NARs honour single `Range: bytes=…` requests (resumed downloads).
+//! reached. `/log/<drv>` is the build log of a valid derivation, as text (what Nix's
+//! `nix log --store URL` and a substituter's `getBuildLog` fetch). Uncompressed NARs honour single `Range: bytes=…` requests (resumed downloads).
 
 use std::io;
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct CacheServer {
     pub keys: Vec<SecretKey>,
     /// `Some` (the receiver's trust policy) when pushes are accepted.
     pub pushes: Option<cairn_cache::Policy>,
+    /// The builds' logs.
+    pub logs: cairn_build::LogStore,
 }
 
 /// The cache's priority in `nix-cache-info` (as nix-serve: before cache.nixos.org's 40).
@@ -41,7 +44,8 @@ pub fn router(server: Arc<CacheServer>) -> Router {
     let mut r = Router::new()
         .route("/nix-cache-info", get(cache_info))
         .route("/{file}", get(narinfo))
-        .route("/nar/{file}", get(nar));
+        .route("/nar/{file}", get(nar))
+        .route("/log/{file}", get(log));
     if server.pushes.is_some() {
         r = r
             .route(cairn_cache::push::MISSING_ROUTE, axum::routing::post(missing))
@@ -172,6 +176,25 @@ async fn narinfo(State(s): St, UrlPath(file): UrlPath<String>) -> Response {
         }
     }
     ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], narinfo.render(&s.store_dir)).into_response()
+}
+
+/// The build log of a valid derivation named by its base name, as text.
+async fn log(State(s): St, UrlPath(file): UrlPath<String>) -> Response {
+    let Ok(drv) = StorePath::from_base_name(&file) else { return not_found() };
+    let st = s.clone();
+    let found = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
+        if !drv.name().ends_with(".drv") || !st.store.is_valid(&drv).map_err(|e| e.to_string())? {
+            return Ok(None);
+        }
+        st.logs.read(&drv).map_err(|e| e.to_string())
+    })
+    .await;
+    match found {
+        Ok(Ok(Some(text))) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
+        Ok(Ok(None)) => (StatusCode::NOT_FOUND, "no build log of such a derivation in this cache\n").into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
 }
 
 async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -> Response {

@@ -781,3 +781,31 @@ fn copy_to_a_daemon_signs_with_the_given_key() {
     assert!(out.status.success(), "nobody's signed copy: {}", String::from_utf8_lossy(&out.stderr));
     c.ok(&["path-info", &ia_tree]);
 }
+
+/// The build log of a derivation built here is served at `/log/<drv>`, as a binary cache with
+/// logs serves it: `nix log --store URL` prints it; nothing else is served there.
+#[test]
+fn nix_reads_build_logs_from_cairnds_listener() {
+    if !require_peer("nix-store") || !require_peer("/bin/busybox") {
+        return;
+    }
+    let served = serving("/nix/store", true, "sandbox-paths = [\"/bin/sh=/bin/busybox\"]");
+    let nix = NixStore::new();
+    let dir = tempfile::tempdir().unwrap();
+    let expr = dir.path().join("logged.nix");
+    write(
+        &expr,
+        br#"derivation { name = "logged"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo a line for the log; echo > $out" ]; }"#,
+    );
+    let drv = String::from_utf8(nix.ok("nix-instantiate", &[s(&expr)])).unwrap().trim().to_owned();
+    let stream = nix.ok("nix-store", &["--export", &drv]);
+    served.st.ok_bytes(&["import"], &stream);
+    let out = line(&served.st.ok(&["realise", &drv]));
+    let logged = String::from_utf8(nix.ok("nix", &["log", "--store", &served.url, &out])).unwrap();
+    assert_eq!(logged, "a line for the log\n");
+    let base = drv.trim_start_matches("/nix/store/");
+    assert_eq!(get(served.port, &format!("/log/{base}")).text(), "a line for the log\n");
+    for missing in ["/log/00000000000000000000000000000000-x.drv", "/log/..%2Fdb", &format!("/log/{}", &out[11..])] {
+        assert_eq!(get(served.port, missing).status, 404, "{missing}");
+    }
+}
