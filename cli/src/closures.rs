@@ -371,23 +371,15 @@ pub async fn path_info(ctx: &Ctx, args: &[String], f: PathInfoFlags) -> anyhow::
     if f.json {
         let mut by_path: HashMap<&str, &PathInfo> = infos.iter().map(|i| (i.path.as_str(), i)).collect();
         let mut out = Vec::with_capacity(infos.len());
-        let entry = |i: &PathInfo| -> anyhow::Result<serde_json::Value> {
-            let mut v = serde_json::to_value(i)?;
-            if let Some(s) = closure_sizes.get(&i.path) {
-                v["closureSize"] = (*s).into();
-            }
-            Ok(v)
-        };
+        let entry = |i| JsonEntry::Valid(NixPathInfo::of(i, closure_sizes.get(&i.path).copied()));
         if f.closure {
-            for i in &infos {
-                out.push(entry(i)?);
-            }
+            out.extend(infos.iter().map(entry));
         } else {
             for (p, ok) in paths.iter().zip(&valid) {
                 match (ok, by_path.remove(p.as_str())) {
-                    (true, Some(i)) => out.push(entry(i)?),
+                    (true, Some(i)) => out.push(entry(i)),
                     (true, None) => {}
-                    (false, _) => out.push(serde_json::json!({ "path": p, "valid": false })),
+                    (false, _) => out.push(JsonEntry::Invalid { path: p, valid: false }),
                 }
             }
         }
@@ -710,9 +702,98 @@ fn print_dot(nodes: &[String], edges: &[(String, String)]) -> anyhow::Result<()>
     Ok(out.flush()?)
 }
 
+/// One entry of `path-info --json`, with its fields in the order `nix path-info --json` writes
+/// them (so that the two print the same bytes).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum JsonEntry<'a> {
+    Valid(NixPathInfo<'a>),
+    Invalid { path: &'a str, valid: bool },
+}
+
+/// A path's metadata as Nix 2.8's `pathInfoToJSON` writes it: `ca` and `closureSize` after the
+/// references, then the impure fields, a zero registration time and an empty list left out.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NixPathInfo<'a> {
+    path: &'a str,
+    nar_hash: &'a str,
+    nar_size: u64,
+    references: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closure_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deriver: Option<&'a str>,
+    #[serde(skip_serializing_if = "is_zero")]
+    registration_time: i64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ultimate: bool,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    signatures: &'a [String],
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+impl<'a> NixPathInfo<'a> {
+    fn of(i: &'a PathInfo, closure_size: Option<u64>) -> NixPathInfo<'a> {
+        NixPathInfo {
+            path: &i.path,
+            nar_hash: &i.nar_hash,
+            nar_size: i.nar_size,
+            references: &i.references,
+            ca: i.ca.as_deref(),
+            closure_size,
+            deriver: i.deriver.as_deref(),
+            registration_time: i.registration_time,
+            ultimate: i.ultimate,
+            signatures: &i.signatures,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{nix_size, package_version};
+    use super::{nix_size, package_version, JsonEntry, NixPathInfo};
+
+    #[test]
+    fn path_info_json_has_nix_s_field_order() {
+        let info = cairn_api::PathInfo {
+            path: "/nix/store/x".into(),
+            nar_hash: "sha256-AAAA".into(),
+            nar_size: 120,
+            references: vec!["/nix/store/y".into()],
+            deriver: Some("/nix/store/d.drv".into()),
+            registration_time: 7,
+            ultimate: true,
+            signatures: vec!["k:s".into()],
+            ca: Some("fixed:sha256:00".into()),
+        };
+        let text = serde_json::to_string(&[
+            JsonEntry::Valid(NixPathInfo::of(&info, Some(9))),
+            JsonEntry::Invalid { path: "/nix/store/z", valid: false },
+        ])
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"[{"path":"/nix/store/x","narHash":"sha256-AAAA","narSize":120,"references":["/nix/store/y"],"ca":"fixed:sha256:00","closureSize":9,"deriver":"/nix/store/d.drv","registrationTime":7,"ultimate":true,"signatures":["k:s"]},{"path":"/nix/store/z","valid":false}]"#
+        );
+        let bare = cairn_api::PathInfo {
+            deriver: None,
+            registration_time: 0,
+            ultimate: false,
+            signatures: vec![],
+            ca: None,
+            ..info
+        };
+        assert_eq!(
+            serde_json::to_string(&NixPathInfo::of(&bare, None)).unwrap(),
+            r#"{"path":"/nix/store/x","narHash":"sha256-AAAA","narSize":120,"references":["/nix/store/y"]}"#
+        );
+    }
 
     #[test]
     fn names_split_as_diff_closures_splits_them() {
