@@ -198,6 +198,8 @@ pub(crate) struct NotSubstituted {
     pub unavailable: HashSet<StorePath>,
     /// Of those, the ones a cache answered for with a narinfo, good or not.
     pub answered: HashSet<StorePath>,
+    /// Of those, the ones that came without part of their closure (no cache had it).
+    pub incomplete: HashSet<StorePath>,
     /// The derivations an output of which came without part of its closure (no cache had it):
     /// as Nix does, they are substituted again once their inputs are built
     /// ([`cairn_build::realise::Resubstitution`]).
@@ -261,6 +263,7 @@ pub(crate) async fn substitute_first(
                     not.unavailable.extend(failed().filter(|p| r.unavailable.contains(*p)).cloned());
                     not.answered.extend(r.answered.iter().cloned());
                     not.retry.extend(r.incomplete.iter().filter_map(|p| wanted.owners.get(p)).cloned());
+                    not.incomplete.extend(r.incomplete.iter().cloned());
                     not.failed.extend(r.failed);
                 }
                 Err(e) => tracing::warn!("substitution before building failed: {e}"),

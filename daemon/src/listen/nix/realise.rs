@@ -267,7 +267,9 @@ impl<R: Read, W: Write> Session<R, W> {
         goals: &mut Vec<Goal>,
         not: crate::api::realise::NotSubstituted,
     ) -> Vec<(StorePath, cairn_build::realise::GoalResult)> {
-        for (p, why) in not.failed.iter().filter(|(p, _)| not.offered.contains(p)) {
+        // As Nix: a substitute that failed is an error shown, one whose closure a cache lacks
+        // only a note in the daemon's log (it is substituted once the rest is built).
+        for (p, why) in not.failed.iter().filter(|(p, _)| not.offered.contains(p) && !not.incomplete.contains(p)) {
             self.log_error(&format!("substituting '{}': {why}", self.show(p)));
         }
         let broken: BTreeMap<StorePath, String> = not.failed.iter().filter(|(p, _)| not.broken(p)).cloned().collect();
