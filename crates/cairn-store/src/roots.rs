@@ -258,6 +258,11 @@ impl LinkRoots {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // As Nix: a directory of roots this daemon may not read is skipped, said in the log.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                tracing::info!("cannot read potential root '{}': {e}", dir.display());
+                return Ok(());
+            }
             Err(source) => return Err(StoreError::Io { op: "list", path: dir.to_owned(), source }),
         };
         let auto = self.dir.join("auto");
