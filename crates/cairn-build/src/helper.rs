@@ -145,7 +145,8 @@ fn become_builder(spec: &SandboxSpec) -> String {
     if let Err(e) = sys::enter(spec, &mut Linux) {
         return e.to_string();
     }
-    let null = match std::fs::File::open("/dev/null") {
+    // Read and write, as Nix opens it: a builder may write to its stdin.
+    let null = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
         Ok(f) => f,
         Err(e) => return format!("open /dev/null in the sandbox: {e}"),
     };

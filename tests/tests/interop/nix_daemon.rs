@@ -1474,6 +1474,7 @@ in {
   nss = sh "nss" "cat /etc/nsswitch.conf > $out" { outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"; };
   shm = sh "shm" "dd if=/dev/zero of=/dev/shm/big bs=1M count=80 2>/dev/null && echo ok > $out" {};
   pty = sh "pty" "exec 3<>/dev/ptmx && ls /dev/pts > $out" {};
+  stdin = sh "stdin" "echo to stdin >&0 && echo ok > $out" {};
 }"#,
     );
     for (attr, succeeds, says) in [
@@ -1482,6 +1483,7 @@ in {
         ("passfile", true, ""),
         ("shm", true, ""),
         ("pty", true, ""),
+        ("stdin", true, ""),
     ] {
         let (c, n) = p.alike("nix-build", &["--no-out-link", &f, "-A", attr]);
         assert_eq!(c.status.success(), succeeds, "{attr}: {}", String::from_utf8_lossy(&c.stderr));
