@@ -22,6 +22,19 @@ fn tree_and_note(dir: &Path) -> (String, String, Vec<u8>) {
     (tree, top, stream)
 }
 
+/// A store holding [`tree_and_note`]'s closure (imported: no content addresses, so Nix insists
+/// on signatures) and a new key pair named `name`: the store, the tree, the note, the secret
+/// key's file and the public key.
+fn keyed_store(dir: &Path, name: &str) -> (TestStore, String, String, std::path::PathBuf, String) {
+    let (tree, top, stream) = tree_and_note(dir);
+    let st = TestStore::builder().store_dir("/nix/store").start();
+    st.ok_bytes(&["import"], &stream);
+    let (sk, pk) = (dir.join("sk"), dir.join("pk"));
+    st.ok(&["key", "generate", name, s(&sk), s(&pk)]);
+    let public = std::fs::read_to_string(&pk).unwrap().trim().to_owned();
+    (st, tree, top, sk, public)
+}
+
 #[test]
 fn nix_substitutes_signed_closures_from_a_cache_cairn_wrote() {
     if !require_peer("nix-store") {
@@ -29,13 +42,7 @@ fn nix_substitutes_signed_closures_from_a_cache_cairn_wrote() {
     }
     let dir = tempfile::tempdir().unwrap();
     // Paths without a content address (imported), for which Nix insists on a signature.
-    let (tree, top, stream) = tree_and_note(dir.path());
-    let st = TestStore::builder().store_dir("/nix/store").start();
-    st.ok_bytes(&["import"], &stream);
-
-    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
-    st.ok(&["key", "generate", "cairn-cache-1", s(&sk), s(&pk)]);
-    let public = std::fs::read_to_string(&pk).unwrap();
+    let (st, tree, top, sk, public) = keyed_store(dir.path(), "cairn-cache-1");
     let cache = dir.path().join("cache");
     let url = format!("file://{}", cache.display());
     st.ok(&["copy", "--to", &url, "--secret-key-file", s(&sk), &top]);
@@ -253,12 +260,7 @@ fn cache_url_parameters_gzip_and_store_directories_are_honoured_as_by_nix() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (tree, top, stream) = tree_and_note(dir.path());
-    let st = TestStore::builder().store_dir("/nix/store").start();
-    st.ok_bytes(&["import"], &stream);
-    let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
-    st.ok(&["key", "generate", "params-1", s(&sk), s(&pk)]);
-    let public = std::fs::read_to_string(&pk).unwrap();
+    let (st, tree, top, sk, public) = keyed_store(dir.path(), "params-1");
 
     // secret-key and compression in the URL, as `nix copy --to` takes them.
     let cache = dir.path().join("gz");

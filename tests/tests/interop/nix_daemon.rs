@@ -148,6 +148,20 @@ impl Pair {
         self.local(&args).trim().to_owned()
     }
 
+    /// Builds `file` (its attribute `attr`, if given) on a Nix store of its own (`src-store`),
+    /// signs the output with the secret key `sk` and copies it into the binary cache `cache`
+    /// (a URL): the output path.
+    fn cached_build(&self, file: &str, attr: Option<&str>, sk: &Path, cache: &str) -> String {
+        let local = format!("local?root={}", self.work.path().join("src-store").display());
+        let mut args = vec!["nix-build", "--store", &local, "--option", "sandbox-paths", "/bin/sh=/bin/busybox"];
+        args.extend(["--no-out-link", file]);
+        args.extend(attr.iter().flat_map(|a| ["-A", *a]));
+        let out = self.local(&args).trim().to_owned();
+        self.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &out]);
+        self.local(&["nix", "copy", "--from", &local, "--to", cache, &out]);
+        out
+    }
+
     /// A new binary-cache key pair named `name`: the secret key's file and the public key.
     fn key(&self, name: &str) -> (std::path::PathBuf, String) {
         let (sk, pk) = (self.work.path().join(format!("{name}.sk")), self.work.path().join(format!("{name}.pk")));
@@ -863,25 +877,8 @@ fn inputs_a_cache_has_are_substituted_and_only_the_rest_is_built_as_by_nix_daemo
 in { inherit low mid; top = mk "top-goal" "read x < ${mid}; echo top-$x > $out"; }
 "#,
     );
-    let local = format!("local?root={}", p.work.path().join("src-store").display());
     let cache = format!("file://{}", p.work.path().join("cache").display());
-    let mid = p
-        .local(&[
-            "nix-build",
-            "--store",
-            &local,
-            "--option",
-            "sandbox-paths",
-            "/bin/sh=/bin/busybox",
-            "--no-out-link",
-            &f,
-            "-A",
-            "mid",
-        ])
-        .trim()
-        .to_owned();
-    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &mid]);
-    p.local(&["nix", "copy", "--from", &local, "--to", &cache, &mid]);
+    let mid = p.cached_build(&f, Some("mid"), &sk, &cache);
     let args =
         ["--no-out-link", &f, "-A", "top", "--option", "substituters", &cache, "--option", "trusted-public-keys", &pk];
     let (c, n) = p.alike("nix-build", &args);
@@ -917,25 +914,8 @@ fn repairing_a_named_path_fetches_it_again_as_nix_daemon_does() {
 in { cached = mk "repair-cached" "mkdir $out; echo good > $out/f"; local = mk "repair-local" "echo local > $out"; }
 "#,
     );
-    let local = format!("local?root={}", p.work.path().join("src-store").display());
-    let cached = p
-        .local(&[
-            "nix-build",
-            "--store",
-            &local,
-            "--option",
-            "sandbox-paths",
-            "/bin/sh=/bin/busybox",
-            "--no-out-link",
-            &f,
-            "-A",
-            "cached",
-        ])
-        .trim()
-        .to_owned();
-    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &cached]);
     let cache = format!("file://{}", p.work.path().join("cache").display());
-    p.local(&["nix", "copy", "--from", &local, "--to", &cache, &cached]);
+    let cached = p.cached_build(&f, Some("cached"), &sk, &cache);
     let from_cache = ["--option", "substituters", &cache, "--option", "trusted-public-keys", &pk];
     let with = |args: &[&str]| -> Vec<String> { args.iter().chain(&from_cache).map(|a| a.to_string()).collect() };
     let args = with(&["-r", &cached]);
@@ -989,24 +969,9 @@ fn a_dry_run_counts_download_sizes_as_nix_daemon_does() {
         "sized.nix",
         br#"derivation { name = "sized"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "i=0; while [ $i -lt 3000 ]; do echo line $i; i=$((i+1)); done > $out" ]; }"#,
     );
-    let local = format!("local?root={}", p.work.path().join("src-store").display());
-    let out = p
-        .local(&[
-            "nix-build",
-            "--store",
-            &local,
-            "--option",
-            "sandbox-paths",
-            "/bin/sh=/bin/busybox",
-            "--no-out-link",
-            &f,
-        ])
-        .trim()
-        .to_owned();
-    p.local(&["nix", "store", "sign", "--store", &local, "--key-file", sk.to_str().unwrap(), &out]);
     let cache_dir = p.work.path().join("cache");
     let cache = format!("file://{}", cache_dir.display());
-    p.local(&["nix", "copy", "--from", &local, "--to", &cache, &out]);
+    let out = p.cached_build(&f, None, &sk, &cache);
     for e in std::fs::read_dir(&cache_dir).unwrap() {
         let path = e.unwrap().path();
         if path.extension().is_some_and(|x| x == "narinfo") {
