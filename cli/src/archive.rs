@@ -321,6 +321,13 @@ pub fn write_docker_archive(
     config: &[u8],
     layers: Vec<(String, PathBuf)>,
 ) -> anyhow::Result<()> {
+    // As skopeo: an existing archive is not added to, nor silently replaced.
+    if std::fs::metadata(file).is_ok_and(|m| m.len() > 0) {
+        bail!(
+            "'{}' exists: a docker-archive is written whole, and this one would lose what it holds              (remove it first, or write another file)",
+            file.display()
+        );
+    }
     let tmp = file.with_extension("cairn-tmp");
     let out = std::fs::File::create(&tmp).with_context(|| format!("cannot create '{}'", tmp.display()))?;
     let mut b = tar::Builder::new(std::io::BufWriter::new(out));

@@ -99,6 +99,10 @@ pub async fn why_depends(ctx: &Ctx, package: &str, dependency: &str, all: bool, 
     let pkg = g.index[&package];
     let Some(&dep) = g.index.get(&dependency) else {
         eprintln!("'{package}' does not depend on '{dependency}'");
+        // A script still gets its JSON: no chain.
+        if json {
+            return print_json(&serde_json::json!({ "package": package, "dependency": dependency, "chain": [] }));
+        }
         return Ok(());
     };
     // Distance of every path to the dependency, over the reversed edges.

@@ -31,11 +31,25 @@ impl Ctx {
     /// rooted by this process (the daemon keeps a client's added paths rooted while it lives).
     pub(crate) async fn add_root(&self, client: &Client, link: &Path, path: &str) -> anyhow::Result<()> {
         let link = std::path::absolute(link).with_context(|| format!("bad link '{}'", link.display()))?;
-        if let Ok(m) = std::fs::symlink_metadata(&link) {
-            if !m.file_type().is_symlink() {
-                bail!("'{}' exists and is not a symlink; not replacing it", link.display());
+        // As Nix's addPermRoot: only a link into the store is replaced (kept if this fails).
+        let previous = match std::fs::symlink_metadata(&link) {
+            Err(_) => None,
+            Ok(m) if !m.file_type().is_symlink() => {
+                bail!("'{}' exists and is not a symlink; not replacing it", link.display())
             }
-        }
+            Ok(_) => {
+                let old = std::fs::read_link(&link).with_context(|| format!("cannot read '{}'", link.display()))?;
+                let into = |dir: &Path| old.strip_prefix(dir).is_ok_and(|r| r.components().count() > 0);
+                if !into(Path::new(&self.settings.store_dir)) && !into(&self.real_store_dir()) {
+                    bail!(
+                        "'{}' exists and points outside the store (to '{}'); not replacing it",
+                        link.display(),
+                        old.display()
+                    );
+                }
+                Some(old)
+            }
+        };
         let target = self.settings.root.join(path.trim_start_matches('/'));
         let tmp = link.with_file_name(format!(
             ".{}.cairn-{}",
@@ -49,6 +63,9 @@ impl Ctx {
         let req = query::AddRoot { link: link.display().to_string(), path: path.to_owned() };
         if let Err(e) = client.call(req).await {
             let _ = std::fs::remove_file(&link);
+            if let Some(old) = previous {
+                let _ = std::os::unix::fs::symlink(&old, &link);
+            }
             return Err(e.into());
         }
         Ok(())

@@ -687,11 +687,8 @@ fn human(n: u64) -> String {
 
 /// `localhost/<directory name>:<REF or latest>` (what an oci: import is tagged without --tag).
 fn default_oci_tag(dir: &str, reference: Option<&str>) -> anyhow::Result<TagName> {
-    let base = Path::new(dir)
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_lowercase()))
-        .unwrap_or_default();
+    let real = Path::new(dir).canonicalize().with_context(|| format!("cannot read the OCI layout '{dir}'"))?;
+    let base = real.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     let name: String = base.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
     let name = name.trim_matches('-');
     TagName::new(&format!("localhost/{name}"), reference.unwrap_or("latest"))

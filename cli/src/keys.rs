@@ -56,12 +56,13 @@ fn key_generate(name: &str, secret: &Path, public: &Path) -> anyhow::Result<()> 
         .and_then(|mut f| f.read_exact(&mut seed))
         .context("cannot read /dev/urandom")?;
     let sk = SecretKey::from_seed(name, seed);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(secret)
-        .with_context(|| format!("cannot create '{}' (it must not exist yet)", secret.display()))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(secret).with_context(|| {
+            match std::fs::symlink_metadata(secret) {
+                Ok(_) => format!("cannot create '{}': it exists (a secret key is never overwritten)", secret.display()),
+                Err(_) => format!("cannot create '{}'", secret.display()),
+            }
+        })?;
     f.write_all(sk.to_nix_string().as_bytes())?;
     f.sync_all()?;
     std::fs::write(public, sk.public().to_string()).with_context(|| format!("cannot write '{}'", public.display()))?;

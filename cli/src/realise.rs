@@ -363,7 +363,10 @@ impl DerivationCommand {
                     print_json(&map)?;
                 } else {
                     for p in &paths {
-                        for out in map.get(p).into_iter().flat_map(|m| m.values()) {
+                        // Sorted by path, as `nix-store -q --outputs` prints a derivation's.
+                        let mut outs: Vec<&String> = map.get(p).into_iter().flat_map(|m| m.values()).collect();
+                        outs.sort();
+                        for out in outs {
                             println!("{out}");
                         }
                     }

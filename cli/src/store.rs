@@ -274,6 +274,7 @@ fn refuse_terminal(what: &str) -> anyhow::Result<()> {
 /// Adds one file or tree: hands a regular file to the daemon open, streams a tree's NAR.
 async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> anyhow::Result<PathInfo> {
     let meta = std::fs::symlink_metadata(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    let given = name.is_some();
     let name = match name {
         Some(n) => n.to_owned(),
         None => std::path::absolute(path)?
@@ -282,7 +283,10 @@ async fn add(client: &Client, path: &Path, flat: bool, name: Option<&str>) -> an
             .to_string_lossy()
             .into_owned(),
     };
-    cairn_nix::store_path::validate_name(&name).with_context(|| format!("cannot add '{}'", path.display()))?;
+    cairn_nix::store_path::validate_name(&name).with_context(|| match given {
+        true => format!("cannot add '{}'", path.display()),
+        false => format!("cannot add '{}' under its own name (give it another with --name)", path.display()),
+    })?;
     if flat && !meta.is_file() {
         bail!("--flat adds regular files, and '{}' is not one", path.display());
     }

@@ -472,8 +472,12 @@ impl Settings {
 
     /// Resolves defaults, file and overrides.
     pub fn resolve(file: ConfigFile, over: Overrides, is_root: bool) -> Settings {
-        let root = over.root.or(file.root).unwrap_or_else(|| default_root(is_root));
-        let socket = over.socket.or(file.socket).unwrap_or_else(|| state_dir(&root).join("daemon-socket/socket"));
+        // Absolute: a relative root or socket would mean another store, and links into it that
+        // dangle, from another working directory.
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let root = absolute(over.root.or(file.root).unwrap_or_else(|| default_root(is_root)));
+        let socket =
+            absolute(over.socket.or(file.socket).unwrap_or_else(|| state_dir(&root).join("daemon-socket/socket")));
         // Next to the socket unless set; an empty path turns it off.
         let nix_daemon_socket = match file.nix_daemon_socket {
             Some(p) if p.as_os_str().is_empty() => None,

@@ -19,7 +19,11 @@ use crate::store_path::{StoreDir, StorePath};
 pub enum SigningError {
     #[error("key or signature '{0}' is not of the form NAME:BASE64")]
     Form(String),
-    #[error("key '{name}' has {len} bytes, {expected} expected")]
+    #[error("key '{name}' has {len} bytes, {expected} expected{}", match (len, expected) {
+        (32, 64) => " (this is a public key; a secret key is needed here)",
+        (64, 32) => " (this is a secret key; a public key is needed here)",
+        _ => "",
+    })]
     Length { name: String, len: usize, expected: usize },
     #[error("secret key '{0}' does not match its own public half")]
     Mismatch(String),

@@ -295,6 +295,12 @@ fn images_are_named_from_their_archives_and_rm_removes_tags() {
     // docker-archive: named from its RepoTags.
     let docker = dir.path().join("saved.tar");
     st.ok(&["image", "push", "localhost/made:v1", &format!("docker-archive:{}:localhost/named:v2", docker.display())]);
+    // An existing archive is not replaced (skopeo refuses to modify one too).
+    let saved = std::fs::read(&docker).unwrap();
+    let again = st
+        .run(&["image", "push", "localhost/made:v1", &format!("docker-archive:{}:other/x:v1", docker.display())], b"");
+    assert!(!again.status.success() && stderr(&again).contains("exists"), "{}", stderr(&again));
+    assert_eq!(std::fs::read(&docker).unwrap(), saved);
     let out = st.run(&["image", "pull", &format!("docker-archive:{}", docker.display())], b"");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(

@@ -248,6 +248,14 @@ fn roots_decide_what_lives_and_gc_deletes_exactly_the_dead() {
     assert_eq!(fs::read_link(&top_link).unwrap(), st.real_store_dir().join(base(&top)));
     assert_eq!(fs::read_link(&x_link).unwrap(), st.real_store_dir().join(base(&x)));
     assert_eq!(auto_roots(&st).len(), 2, "one indirect root per link");
+    // As Nix's addPermRoot: a link into the store is replaced, any other file is not.
+    let mine = links.path().join("mine");
+    symlink("/etc/hostname", &mine).unwrap();
+    let refused = st.run(&["add-root", s(&mine), &top], b"");
+    let said = stderr(&refused);
+    assert!(!refused.status.success() && said.contains("points outside the store"), "{said}");
+    assert_eq!(fs::read_link(&mine).unwrap(), Path::new("/etc/hostname"), "the user's link stays");
+    fs::remove_file(&mine).unwrap();
 
     let all = set([&a, &b, &c, &top, &x, &d, &e, &f, &g, &h]);
     let live = set([&a, &b, &c, &top, &x]);
