@@ -305,6 +305,24 @@ impl Images {
             let (p, _) = dir.parse_inner(what).map_err(|_| ImageError::NotAnImage(what.to_owned()))?;
             return self.load(&p);
         }
+        // `NAME@DIGEST`, as docker and skopeo name an image: one of that repository's images
+        // (tagged, or pushed by digest) holding that manifest.
+        if let Some((name, d)) = what.rsplit_once('@').and_then(|(n, d)| Some((n, Digest::parse(d).ok()?))) {
+            cairn_oci::tag::validate_repository(name)?;
+            for (link, p) in self.store.root_links(ROOT_GROUP)? {
+                let named = TagName::from_file_name(&link).is_ok_and(|t| t.name() == name)
+                    || cairn_oci::tag::parse_digest_root_file_name(&link).is_some_and(|(n, _)| n == name);
+                if !named {
+                    continue;
+                }
+                if let Ok(img) = self.load(&p) {
+                    if img.manifests.iter().any(|m| m.digest == d) {
+                        return Ok(img);
+                    }
+                }
+            }
+            return Err(ImageError::NoSuchDigest(what.to_owned()));
+        }
         if let Ok(d) = Digest::parse(what) {
             for (_, p) in self.store.root_links(ROOT_GROUP)? {
                 if let Ok(img) = self.load(&p) {

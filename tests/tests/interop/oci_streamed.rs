@@ -64,6 +64,12 @@ fn streamed_layers_are_made_again_when_exported_served_and_pushed() {
 
     // The store layers are descriptions referring to their paths; no blob was written for them.
     let ins = json(&s.ok(&["image", "inspect", "--json", "built/streamed:1"]));
+    // Named by digest as docker and skopeo name it, NAME@DIGEST: the same image; another
+    // repository's name with that digest is not.
+    let by_digest = json(&s.ok(&["image", "inspect", "--json", &format!("built/streamed@{digest}")]));
+    assert_eq!(by_digest, ins);
+    let other = s.run(&["image", "inspect", &format!("built/other@{digest}")], b"");
+    assert!(!other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
     let layers = ins["layers"].as_array().unwrap().clone();
     assert_eq!(layers.len(), 3, "{ins}");
     let entries = s.store_entries();
