@@ -129,9 +129,19 @@ async fn stop(socket: &Path) -> anyhow::Result<Option<DaemonStatus>> {
         Err(e) => return Err(e.into()),
     };
     let started = Instant::now();
+    let mut said = false;
     while socket.symlink_metadata().is_ok() || alive(status.pid) {
         if started.elapsed() > STOP_TIMEOUT {
             bail!("cairnd (pid {}) did not stop within {STOP_TIMEOUT:?}", status.pid);
+        }
+        // A daemon lets running requests (builds among them) finish for up to 30 s: said, so
+        // that the wait is not a silent one.
+        if !said && started.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "cairnd (pid {}) is stopping: its running requests get up to 30 s to finish, then are cut off",
+                status.pid
+            );
+            said = true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

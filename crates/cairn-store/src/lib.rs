@@ -134,7 +134,7 @@ pub enum StoreError {
     FileChanged { name: String, expected: u64, actual: u64 },
     #[error("cannot delete '{path}': {why}")]
     Alive { path: String, why: String },
-    #[error("another process holds the store lock '{}' (is another cairnd running on this store?)", .0.display())]
+    #[error("another process holds the store lock '{}' (another cairnd runs on this store, or is stopping: try again once it is gone)", .0.display())]
     Locked(PathBuf),
 }
 
