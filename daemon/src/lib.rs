@@ -67,7 +67,8 @@ pub fn run_stdio(args: &args::StoreArgs) -> anyhow::Result<()> {
     let settings = args.settings(true)?;
     stdio_logging();
     if let Some(path) = &settings.nix_daemon_socket {
-        if let Ok(stream) = std::os::unix::net::UnixStream::connect(path) {
+        let at = cairn_api::socket::SocketAddress::of(path);
+        if let Ok(stream) = at.and_then(|at| std::os::unix::net::UnixStream::connect(at.path())) {
             return relay(stream);
         }
     }

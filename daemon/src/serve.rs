@@ -47,7 +47,10 @@ pub fn run_serve(args: &StoreArgs, write: bool) -> anyhow::Result<()> {
     // A session in this process, when no daemon answers, lives as long as this runtime; its
     // thread ends when this side of the socket pair closes.
     let mut here = None;
-    let stream = match settings.nix_daemon_socket.as_ref().and_then(|p| UnixStream::connect(p).ok()) {
+    let connect = |p: &std::path::PathBuf| {
+        cairn_api::socket::SocketAddress::of(p).and_then(|at| UnixStream::connect(at.path())).ok()
+    };
+    let stream = match settings.nix_daemon_socket.as_ref().and_then(connect) {
         Some(stream) => stream,
         None => {
             let (ours, theirs) = UnixStream::pair()?;

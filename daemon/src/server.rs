@@ -55,7 +55,9 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
             }
             // We hold the store lock, so a socket file left here is a dead daemon's.
             let _ = std::fs::remove_file(socket);
-            let l = UnixListener::bind(socket).with_context(|| format!("cannot listen on '{}'", socket.display()))?;
+            let l = cairn_api::socket::SocketAddress::of(socket)
+                .and_then(|at| UnixListener::bind(at.path()))
+                .with_context(|| format!("cannot listen on '{}'", socket.display()))?;
             // Everyone may connect; SO_PEERCRED and the user lists decide what they may do.
             std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
             l

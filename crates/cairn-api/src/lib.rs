@@ -32,6 +32,7 @@
 pub mod config;
 pub mod image;
 pub mod query;
+pub mod socket;
 
 pub use query::{Op, Request, Response};
 

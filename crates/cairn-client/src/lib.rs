@@ -117,9 +117,11 @@ impl Client {
         body: Body,
         files: &[&std::fs::File],
     ) -> Result<hyper::Response<Incoming>> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        let connect = async {
+            let at = cairn_api::socket::SocketAddress::of(&self.socket)?;
+            UnixStream::connect(at.path()).await
+        };
+        let stream = connect.await.map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
         if !files.is_empty() {
             use std::os::fd::AsRawFd;
             let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();

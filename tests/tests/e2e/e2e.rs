@@ -940,6 +940,33 @@ fn refusal_of_a_large_untrusted_import_names_the_reason() {
     assert_eq!(other.store_entries(), Vec::<String>::new());
 }
 
+/// A socket path longer than a socket address holds (the default one, under a long home
+/// directory) is listened on and reached all the same, as Nix reaches such sockets.
+#[test]
+fn a_socket_path_longer_than_a_socket_address_holds_is_served_and_reached() {
+    let t = tempfile::tempdir().unwrap();
+    let deep = t.path().join("d".repeat(110));
+    fs::create_dir_all(&deep).unwrap();
+    let (root, socket, config) = (t.path().join("root"), deep.join("cairnd.sock"), t.path().join("cairn.toml"));
+    fs::write(&config, "").unwrap();
+    let args = ["--root", s(&root), "--store-dir", "/store", "--socket", s(&socket), "--config", s(&config)];
+    let mut daemon =
+        Command::new(bin_dir().join("cairnd")).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < Duration::from_secs(30), "cairnd did not listen on the long path");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let f = t.path().join("f");
+    fs::write(&f, b"reached\n").unwrap();
+    let out =
+        Command::new(bin_dir().join("cairn")).args(args).args(["--no-auto-start", "add", s(&f)]).output().unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("/store/"));
+}
+
 /// Substituting paths that are all valid needs no cache, as `nix-store -r VALID` needs none;
 /// a missing one with no cache configured is a one-line error saying what to set.
 #[test]

@@ -44,7 +44,8 @@ pub(crate) fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create '{}'", parent.display()))?;
     }
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)
+    let l = cairn_api::socket::SocketAddress::of(path)
+        .and_then(|at| UnixListener::bind(at.path()))
         .with_context(|| format!("cannot listen on '{}' (nix-daemon-socket in the config)", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(l)
