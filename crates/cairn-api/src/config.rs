@@ -223,7 +223,17 @@ impl ConfigError {
                 key: unknown,
             };
         }
-        let problem = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        let mut problem = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        // Serde names Rust's types; a config file's reader knows TOML's.
+        for (rust, toml) in [
+            ("expected usize", "expected a whole number"),
+            ("expected u64", "expected a whole number"),
+            ("expected u32", "expected a whole number"),
+            ("expected u16", "expected a whole number"),
+            ("expected i64", "expected a whole number"),
+        ] {
+            problem = problem.replace(rust, toml);
+        }
         ConfigError::Parse { path: path.to_owned(), line, key, problem }
     }
 }
@@ -611,6 +621,8 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.starts_with("config file 'c.toml', line 2: `require-sigs`: "), "{msg}");
         assert!(msg.contains("expected a boolean"), "{msg}");
+        let e = ConfigFile::parse("max-jobs = \"lots\"\n", Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.ends_with("`max-jobs`: invalid type: string \"lots\", expected a whole number"), "{e}");
         assert!(!msg.contains('\n'), "one line: {msg}");
         assert_eq!(msg.matches("boolean").count(), 1, "{msg}");
         let e = ConfigFile::parse("max-jobs = [", Path::new("c")).unwrap_err();

@@ -49,8 +49,15 @@ impl LocalStore {
     /// Reads and parses the derivation at `path` in place (valid, or being registered).
     fn read_derivation(&self, path: &StorePath) -> Result<Derivation> {
         let shown = self.store_dir().display(path);
-        let bytes = std::fs::read(self.real_path(path))
-            .map_err(|e| StoreError::BadDerivation(format!("cannot read derivation '{shown}': {e}")))?;
+        let bytes = std::fs::read(self.real_path(path)).map_err(|e| {
+            StoreError::BadDerivation(match e.kind() {
+                std::io::ErrorKind::NotFound => format!(
+                    "derivation '{shown}' is not in this store (add the derivations it needs first: \
+                     `cairn derivation add` or `cairn import`)"
+                ),
+                _ => format!("cannot read derivation '{shown}': {e}"),
+            })
+        })?;
         Derivation::parse(&bytes)
             .map_err(|e| StoreError::BadDerivation(format!("error parsing derivation '{shown}': {e}")))
     }
