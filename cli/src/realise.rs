@@ -78,6 +78,24 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
             None => p,
         });
     }
+    // A path that is not a derivation is realised as Nix realises one: made valid, substituted
+    // if it is not (`nix-store --realise PATH`).
+    let (plain, paths): (Vec<String>, Vec<String>) =
+        paths.into_iter().partition(|p| !p.contains('!') && !p.ends_with(".drv"));
+    if !plain.is_empty() {
+        if mode != BuildMode::Normal {
+            bail!(
+                "--check and --repair rebuild derivations; for other paths, `cairn verify --check-contents --repair`"
+            );
+        }
+        if json && !paths.is_empty() {
+            bail!("--json realises derivations or other paths, not both at once");
+        }
+        crate::cache::substitute(ctx, Vec::new(), &plain, json).await?;
+        if paths.is_empty() {
+            return Ok(());
+        }
+    }
     let client = ctx.client().await?;
     let impure_env = impure_env(&client, &paths).await?;
     let req = RealiseRequest { paths, keep_going, keep_failed, impure_env, mode, builders };
@@ -183,7 +201,8 @@ pub async fn realise(ctx: &Ctx, args: &[String], flags: RealiseFlags, out_link: 
 
 #[derive(Args)]
 pub struct RealiseArgs {
-    /// `DRV` or `DRV!out1,out2` (a `.drv` store path, or a symlink to one).
+    /// `DRV` or `DRV!out1,out2` (a `.drv` store path, or a symlink to one); any other store
+    /// path is made valid, substituted if it is not (as `nix-store --realise PATH`).
     #[arg(required = true)]
     pub paths: Vec<String>,
     /// Go on building what does not need a failed build (`-k`, as Nix).

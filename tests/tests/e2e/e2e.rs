@@ -976,6 +976,8 @@ fn substituting_what_is_valid_needs_no_cache() {
     fs::write(d.path().join("f"), b"here\n").unwrap();
     let p = line(&st.ok(&["add", s(&d.path().join("f"))]));
     assert_eq!(line(&st.ok(&["substitute", &p])), p);
+    // So does realising it, as `nix-store --realise PATH` of a path that is not a derivation.
+    assert_eq!(line(&st.ok(&["realise", &p])), p);
     let e = assert_one_line_failure(
         &st.run(&["substitute", "/store/00000000000000000000000000000000-x"], b""),
         "a missing path without caches",
