@@ -210,7 +210,7 @@ pub(crate) async fn to_stdout(mut r: impl AsyncRead + Unpin, progress_label: Opt
     let mut out = tokio::io::stdout();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = r.read(&mut buf).await.map_err(|e| anyhow::Error::new(e).context(CutOff))?;
         if n == 0 {
             break;
         }
@@ -224,6 +224,17 @@ pub(crate) async fn to_stdout(mut r: impl AsyncRead + Unpin, progress_label: Opt
         b.finish_and_clear();
     }
     Ok(())
+}
+
+/// What [`to_stdout`] says when the daemon's answer ends before its end (a stream the daemon cut
+/// off), so that a caller can say why it may have.
+#[derive(Debug)]
+pub(crate) struct CutOff;
+
+impl std::fmt::Display for CutOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cairnd's answer ended before its end")
+    }
 }
 
 /// Follows one of the daemon's JSON-line event streams (substitution progress, builds, image

@@ -182,7 +182,16 @@ impl ExportArgs {
         let ExportArgs { paths } = self;
         refuse_terminal("an export stream")?;
         let r = ctx.client().await?.export(ctx.store_paths(&paths)?).await?;
-        to_stdout(r, Some("exporting")).await?;
+        // cairnd checks each NAR's hash as it sends it, as Nix's exportPath does, and cuts the
+        // stream off at a path whose contents no longer match: said, rather than only the
+        // transport's complaint.
+        to_stdout(r, Some("exporting")).await.map_err(|e| match e.downcast_ref::<crate::ctx::CutOff>() {
+            Some(_) => e.context(
+                "cairnd cut the export off: a path whose contents no longer match its recorded hash is \
+                 not exported (`cairn verify --check-contents` names it, and `--repair` mends it)",
+            ),
+            None => e,
+        })?;
         Ok(())
     }
 }
