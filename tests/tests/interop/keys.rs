@@ -24,7 +24,7 @@ fn keys_cairn_generates_sign_for_nix_and_nix_keys_read_in_cairn() {
     // Never overwrites a secret key.
     let again = cairn(&["key", "generate", "cairn-test-1", &s(&sk), &s(&pk)]);
     assert_eq!(again.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("must not exist yet"));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("a secret key is never overwritten"));
     assert_eq!(line(&String::from_utf8(cairn(&["key", "public", &s(&sk)]).stdout).unwrap()), public);
 
     // An input-addressed path in Nix (imported, so it has no content address that would make
