@@ -154,6 +154,15 @@ impl Substituter {
         &self.url
     }
 
+    /// The build log of `drv` the cache holds (`log/<drv>`, as Nix's `copy-log` and caches with
+    /// logs keep them), if it is a binary cache that has one (at most 4 MiB).
+    pub async fn build_log(&self, drv: &StorePath) -> Result<Option<bytes::Bytes>, CacheError> {
+        match self.backend {
+            Backend::Remote { .. } | Backend::Peer { .. } => Ok(None),
+            _ => self.backend.get(&format!("log/{drv}")).await,
+        }
+    }
+
     /// The store directory of the cache's paths: its URL's `?store=`, else `ours`.
     pub fn store_dir_for(&self, ours: &StoreDir) -> StoreDir {
         self.store_dir.clone().unwrap_or_else(|| ours.clone())

@@ -571,23 +571,42 @@ pub async fn log(State(st): State<Arc<AppState>>, Query(q): Query<PathQuery>) ->
     let dir = st.store_dir.clone();
     let path = store_path(&dir, &q.path)?;
     let st2 = st.clone();
-    let mut text = tokio::task::spawn_blocking(move || -> ApiResult<Box<dyn std::io::Read + Send>> {
+    let dir2 = dir.clone();
+    let (drv, here) = tokio::task::spawn_blocking(move || -> ApiResult<_> {
         let drv = if path.name().ends_with(".drv") {
             path.clone()
         } else {
             let info = st2.store.valid_path_info(&path)?;
             info.deriver.ok_or_else(|| {
-                ApiError::not_found(format!("'{}' has no known deriver, so no build log", dir.display(&path)))
+                ApiError::not_found(format!("'{}' has no known deriver, so no build log", dir2.display(&path)))
             })?
         };
-        st2.builder
-            .logs()
-            .open(&drv)
-            .map_err(|e| ApiError::internal(format!("cannot read the build log: {e}")))?
-            .ok_or_else(|| ApiError::not_found(format!("build log of '{}' is not available", dir.display(&drv))))
+        let here =
+            st2.builder.logs().open(&drv).map_err(|e| ApiError::internal(format!("cannot read the build log: {e}")))?;
+        Ok((drv, here))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
+    let mut text: Box<dyn std::io::Read + Send> = match here {
+        Some(r) => r,
+        // As `nix log`: a log built elsewhere may be in a binary cache (`log/<drv>`).
+        None => {
+            let mut found = None;
+            for sub in &st.substitution.configured {
+                match sub.build_log(&drv).await {
+                    Ok(Some(b)) => {
+                        found = Some(b);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(cache = sub.url(), "no build log from the cache: {e}"),
+                }
+            }
+            let b = found
+                .ok_or_else(|| ApiError::not_found(format!("build log of '{}' is not available", dir.display(&drv))))?;
+            Box::new(std::io::Cursor::new(b))
+        }
+    };
     let mut answer = crate::stream::stream_response(move |w| {
         std::io::copy(&mut text, w).map(|_| ()).map_err(crate::stream::IntoStoreError::into_store)
     });

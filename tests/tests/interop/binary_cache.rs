@@ -304,3 +304,35 @@ fn cache_url_parameters_gzip_and_store_directories_are_honoured_as_by_nix() {
         .start();
     again.ok(&["copy", "--from", &format!("file://{}", nix_cache.display()), &top]);
 }
+
+/// `cairn log` of a path built elsewhere finds its build log in a binary cache, where Nix's
+/// `nix store copy-log` puts it, as `nix log` looks there.
+#[test]
+fn build_logs_are_read_from_binary_caches_as_nix_log_reads_them() {
+    if !require_peer("nix-store") || !require_peer("/bin/busybox") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nix = NixStore::new().sandboxed();
+    let expr = dir.path().join("logged.nix");
+    write(
+        &expr,
+        br#"derivation { name = "logged-elsewhere"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo built far away; echo > $out" ]; }"#,
+    );
+    let out = String::from_utf8(
+        nix.ok("nix-build", &["--no-out-link", "--option", "sandbox-paths", "/bin/sh=/bin/busybox", s(&expr)]),
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let drv = String::from_utf8(nix.ok("nix-store", &["-q", "--deriver", &out])).unwrap().trim().to_owned();
+    let cache = format!("file://{}", dir.path().join("cache").display());
+    nix.ok("nix", &["copy", "--to", &cache, &out]);
+    nix.ok("nix", &["store", "copy-log", "--to", &cache, &drv]);
+    let st = TestStore::builder()
+        .store_dir("/nix/store")
+        .config(&format!("substituters = [\"{cache}\"]\nrequire-sigs = false\n"))
+        .start();
+    st.ok(&["substitute", &out]);
+    assert_eq!(st.ok(&["log", &out]), "built far away\n");
+}
