@@ -52,13 +52,13 @@ pub async fn copy_to_cache(
             backend.put("nix-cache-info", info.render().into()).await?;
         }
         // As Nix: never a cache of another store directory.
-        Some(text) => {
-            let text = String::from_utf8_lossy(&text);
-            let theirs = text.lines().find_map(|l| l.strip_prefix("StoreDir:")).map(str::trim);
-            if let Some(theirs) = theirs.filter(|d| *d != store_dir.as_str()) {
-                bail!("binary cache '{url}' is for Nix stores with prefix '{theirs}', not '{}'", store_dir.as_str());
+        Some(text) => match CacheInfo::parse(store_dir, &String::from_utf8_lossy(&text)) {
+            Ok(_) => {}
+            Err(cairn_nix::narinfo::NarInfoError::StoreDirMismatch { theirs, ours }) => {
+                bail!("binary cache '{url}' is for Nix stores with prefix '{theirs}', not '{ours}'")
             }
-        }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("'{url}': its nix-cache-info"))),
+        },
     }
     let tmp_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let mut done = Copied { written: 0, skipped: 0, bytes: 0 };

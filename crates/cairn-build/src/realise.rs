@@ -171,8 +171,8 @@ pub struct RequestLimits {
 }
 
 impl RequestLimits {
-    /// The shorter of two optional limits, `None` meaning none.
-    fn tighter(daemon: Option<Duration>, request: Option<Duration>) -> Option<Duration> {
+    /// The smaller of two optional limits, `None` meaning none.
+    fn tighter<T: Ord>(daemon: Option<T>, request: Option<T>) -> Option<T> {
         match (daemon, request) {
             (Some(d), Some(r)) => Some(d.min(r)),
             (d, r) => d.or(r),
@@ -292,10 +292,7 @@ impl Builder {
         RunLimits {
             timeout: RequestLimits::tighter(self.settings.timeout, options.limits.timeout),
             max_silent: RequestLimits::tighter(self.settings.max_silent, options.limits.max_silent),
-            max_log_size: match (self.settings.max_log_size, options.limits.max_log_size) {
-                (Some(d), Some(r)) => Some(d.min(r)),
-                (d, r) => d.or(r),
-            },
+            max_log_size: RequestLimits::tighter(self.settings.max_log_size, options.limits.max_log_size),
         }
     }
 

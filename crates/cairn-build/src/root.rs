@@ -112,11 +112,12 @@ pub fn create(
                 if !linked {
                     // Another file system than the store's: a copy made once in the shared
                     // directory and linked into each root that needs it, where there is one.
-                    let (key, file) = SharedFile::input(from, source_name, &st);
                     // Only what no one may write or run as another: every root shares the copy.
                     let shareable = st.st_mode & 0o7222 == 0;
-                    let shared_link = shareable
-                        && shared.as_ref().is_some_and(|d| link_shared(d.as_fd(), &key, to, name, &file).is_ok());
+                    let shared_link = shared.as_ref().filter(|_| shareable).is_some_and(|d| {
+                        let (key, file) = SharedFile::input(from, source_name, &st);
+                        link_shared(d.as_fd(), &key, to, name, &file).is_ok()
+                    });
                     if !shared_link {
                         copy_input(from, source_name, &st, to, name)?;
                     }

@@ -44,11 +44,11 @@ pub async fn handler(
     let dir = st.store_dir.clone();
     let paths = store_paths(&dir, &req.paths)?;
     // Nothing missing needs no cache (a valid path's closure is valid).
-    let all_valid = {
+    let all_valid = || {
         let (store, paths) = (st.store.clone(), paths.clone());
-        tokio::task::spawn_blocking(move || paths.iter().all(|p| store.is_valid(p).unwrap_or(false))).await?
+        tokio::task::spawn_blocking(move || paths.iter().all(|p| store.is_valid(p).unwrap_or(false)))
     };
-    if caches.is_empty() && !all_valid {
+    if caches.is_empty() && !all_valid().await? {
         return Err(ApiError::bad_request(
             "no binary cache to substitute from: set substituters in the daemon's config, or name one (--from URL)",
         ));
@@ -97,24 +97,13 @@ pub async fn verify_and_repair(
     caches: Option<(Vec<Arc<cairn_cache::Substituter>>, cairn_cache::Policy)>,
     forget_vanished: bool,
 ) -> ApiResult<cairn_api::VerifyResult> {
-    if !peer.trusted {
-        return Err(ApiError::forbidden(format!(
-            "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
-            peer.user
-        )));
-    }
+    may_repair(&peer)?;
     let store = st.store.clone();
     let mut report = tokio::task::spawn_blocking(move || {
         store.verify(cairn_store::VerifyOptions { check_contents, forget_vanished, drop_modified_links: true })
     })
     .await??;
-    let broken: Vec<cairn_nix::StorePath> = report
-        .problems
-        .iter()
-        .filter(|p| matches!(p.kind, "missing" | "modified"))
-        .filter_map(|p| p.path.clone())
-        .collect();
-    let (repaired, why) = repair(&st, &peer, caches, &broken).await;
+    let (repaired, why) = repair(&st, &peer, caches, &repairable(&report.problems)).await;
     for p in &mut report.problems {
         let Some(path) = &p.path else { continue };
         if repaired.contains(path) {
@@ -126,6 +115,23 @@ pub async fn verify_and_repair(
     report.repaired += repaired.len() as u64;
     tracing::info!(repaired = report.repaired, problems = report.problems.len(), "verify --repair");
     Ok(convert::verify_result(&st.store_dir, report))
+}
+
+/// Only a trusted user may have paths replaced.
+fn may_repair(peer: &Peer) -> ApiResult<()> {
+    if peer.trusted {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
+        peer.user
+    )))
+}
+
+/// The paths whose contents are missing or modified: what fetching or building them again
+/// mends (a false content address is not mended by the same bytes again: left to `verify`).
+fn repairable(problems: &[cairn_store::Problem]) -> Vec<cairn_nix::StorePath> {
+    problems.iter().filter(|p| matches!(p.kind, "missing" | "modified")).filter_map(|p| p.path.clone()).collect()
 }
 
 /// Repairs `broken` (valid paths found missing or modified): substituted again and swapped
@@ -179,17 +185,10 @@ pub async fn repair_paths(
     paths: Vec<cairn_nix::StorePath>,
     caches: Option<(Vec<Arc<cairn_cache::Substituter>>, cairn_cache::Policy)>,
 ) -> ApiResult<Vec<(cairn_nix::StorePath, String)>> {
-    if !peer.trusted {
-        return Err(ApiError::forbidden(format!(
-            "user '{}' is not trusted to repair paths (add it to trusted-users in the daemon's config)",
-            peer.user
-        )));
-    }
+    may_repair(&peer)?;
     let store = st.store.clone();
     let problems = tokio::task::spawn_blocking(move || store.verify_paths(&paths)).await??;
-    // A false content address is not repaired by the same bytes again: left to `verify`.
-    let broken: Vec<cairn_nix::StorePath> =
-        problems.into_iter().filter(|p| matches!(p.kind, "missing" | "modified")).filter_map(|p| p.path).collect();
+    let broken = repairable(&problems);
     for p in &broken {
         tracing::warn!(path = %st.store_dir.display(p), "found broken; repairing");
     }

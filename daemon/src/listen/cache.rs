@@ -6,7 +6,8 @@
 //! the fly for `.zst`). Requests name paths only by hash part and NAR hash, both checked
 //! character by character before the database is asked, so nothing but valid store paths can be
 //! reached. `/log/<drv>` is the build log of a valid derivation, as text (what Nix's
-//! `nix log --store URL` and a substituter's `getBuildLog` fetch). Uncompressed NARs honour single `Range: bytes=…` requests (resumed downloads).
+//! `nix log --store URL` and a substituter's `getBuildLog` fetch). Uncompressed NARs honour
+//! single `Range: bytes=…` requests (resumed downloads).
 
 use std::io;
 use std::sync::Arc;
