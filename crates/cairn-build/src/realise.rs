@@ -500,6 +500,12 @@ impl Builder {
             };
             results.push((g.drv.clone(), r));
         }
+        // Builds registered their outputs without waiting for the disk (their contents were
+        // durable first): one flush for all of them before the client hears the outcome.
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush_registrations())
+            .await
+            .map_err(|e| BuildError::Internal(e.to_string()))??;
         Ok(Outcome { results, built })
     }
 
@@ -1288,7 +1294,9 @@ impl Builder {
             }
         }
         cairn_fault::point("build-register-mid");
-        let committed = batch.commit().map_err(|e| format!("cannot register the outputs of '{shown}': {e}"))?;
+        // Flushed once for the whole request, at its end (see `realise`).
+        let committed =
+            batch.commit_unflushed().map_err(|e| format!("cannot register the outputs of '{shown}': {e}"))?;
         if let Some((p, missing)) = committed.incomplete.first() {
             return Err(format!(
                 "cannot register '{}': its reference '{}' is not valid",

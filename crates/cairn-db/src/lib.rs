@@ -19,7 +19,7 @@ mod graph;
 mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cairn_nix::{ContentAddress, Hash, StorePath};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -105,6 +105,8 @@ pub enum DbError {
     ReferenceCycle { path: String, reference: String },
     #[error("cannot invalidate '{0}': a valid path still references it")]
     StillReferenced(String),
+    #[error("cannot flush the database's log '{}': {source}", path.display())]
+    Flush { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Per-path facts the garbage collector reads once, keyed by graph id.
@@ -121,6 +123,10 @@ pub type Result<T> = std::result::Result<T, DbError>;
 /// A connection to the reference graph.
 pub struct Db {
     conn: Connection,
+    /// The write-ahead log's file, for [`flush`](Db::flush); `None` in memory.
+    wal: Option<PathBuf>,
+    /// Whether a commit since the last flush was made without syncing the log.
+    unflushed: bool,
 }
 
 /// Refuses a batch whose paths refer to each other in a cycle (a path may refer to itself).
@@ -192,7 +198,9 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "cache_size", -(PAGE_CACHE_LIMIT as i64 / 1024))?;
-        Db::setup(conn)
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(Db { wal: Some(wal.into()), ..Db::setup(conn)? })
     }
 
     /// A private in-memory database, for tests.
@@ -208,7 +216,7 @@ impl Db {
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         conn.busy_timeout(std::time::Duration::from_secs(60))?;
         schema::migrate(&mut conn)?;
-        Ok(Db { conn })
+        Ok(Db { conn, wal: None, unflushed: false })
     }
 
     /// The schema version this database is at.
@@ -319,6 +327,47 @@ impl Db {
         cairn_fault::point("in-transaction");
         tx.commit()?;
         Ok(ids)
+    }
+
+    /// [`register_with_outputs`](Self::register_with_outputs) without waiting for the disk:
+    /// the paths are valid at once, but the registration reaches the disk only with the next
+    /// synchronous commit or [`flush`](Self::flush). The log is written in order, so a later
+    /// registration never survives a crash that loses this one — which is what lets a chain of
+    /// builds pay one flush a build (their contents') instead of two. The caller flushes before
+    /// telling anyone the paths are registered.
+    pub fn register_with_outputs_unflushed(
+        &mut self,
+        infos: &[PathInfo],
+        drv_outputs: &[(StorePath, BTreeMap<String, StorePath>)],
+    ) -> Result<Vec<i64>> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let registered = self.register_with_outputs(infos, drv_outputs);
+        let restored = self.conn.pragma_update(None, "synchronous", "FULL");
+        let ids = registered?;
+        self.unflushed = true;
+        restored?;
+        Ok(ids)
+    }
+
+    /// Puts every commit made so far on disk: after it, nothing
+    /// [`register_with_outputs_unflushed`](Self::register_with_outputs_unflushed) registered
+    /// can be lost.
+    pub fn flush(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.unflushed) {
+            return Ok(());
+        }
+        let Some(wal) = &self.wal else { return Ok(()) };
+        // A checkpoint since then synced the log before copying it and the database after;
+        // what is in the log now is synced here. No log at all: everything was checkpointed.
+        let synced = match std::fs::File::open(wal) {
+            Ok(f) => f.sync_data(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        synced.map_err(|source| {
+            self.unflushed = true;
+            DbError::Flush { path: wal.clone(), source }
+        })
     }
 
     fn record_outputs(tx: &Connection, drv: &StorePath, outputs: &BTreeMap<String, StorePath>) -> Result<()> {

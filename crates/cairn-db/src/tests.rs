@@ -75,6 +75,29 @@ fn reopen_keeps_data_and_refuses_newer_schema() {
 }
 
 #[test]
+fn an_unflushed_registration_is_valid_at_once_and_later_commits_are_synchronous_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db.sqlite");
+    let mut db = Db::open(&file).unwrap();
+    let synchronous = |db: &Db| db.conn.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0)).unwrap();
+    assert_eq!(synchronous(&db), 2, "opened with synchronous = FULL");
+    db.register_with_outputs_unflushed(&[info("a", &[])], &[]).unwrap();
+    assert!(db.is_valid(&path("a")).unwrap());
+    assert!(db.unflushed);
+    assert_eq!(synchronous(&db), 2, "only that commit was made without waiting for the disk");
+    // A refused batch leaves the connection synchronous too.
+    assert!(db.register_with_outputs_unflushed(&[info("b", &["missing"])], &[]).is_err());
+    assert_eq!(synchronous(&db), 2);
+    db.flush().unwrap();
+    assert!(!db.unflushed);
+    db.register(&[info("c", &["a"])]).unwrap();
+    drop(db);
+    let db = Db::open(&file).unwrap();
+    assert!(db.is_valid(&path("a")).unwrap() && db.is_valid(&path("c")).unwrap());
+    assert!(!db.is_valid(&path("b")).unwrap());
+}
+
+#[test]
 fn graph_closure_is_topological() {
     let mut db = Db::open_in_memory().unwrap();
     db.register(&[

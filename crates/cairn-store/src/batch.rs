@@ -160,6 +160,19 @@ impl Batch {
     /// Places and registers every accepted path whose closure is complete (see the module
     /// documentation).
     pub fn commit(self) -> Result<Committed> {
+        self.commit_as(crate::Flush::Now)
+    }
+
+    /// [`commit`](Self::commit), but the registration reaches the disk with the next
+    /// synchronous commit or [`LocalStore::flush_registrations`], which the caller makes before
+    /// telling anyone of these paths. The contents are durable before the registration is
+    /// written, as always; what a crash may lose is the registration, never the order (the
+    /// database's log keeps it). A chain of builds then waits for one flush a build, not two.
+    pub fn commit_unflushed(self) -> Result<Committed> {
+        self.commit_as(crate::Flush::Later)
+    }
+
+    fn commit_as(self, flush: crate::Flush) -> Result<Committed> {
         let mut state = self.state.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         let store = &*self.store;
         let mut out = Committed::default();
@@ -214,7 +227,7 @@ impl Batch {
             let synced = started.elapsed();
             cairn_fault::point("after-syncfs");
             let infos: Vec<PathInfo> = order.iter().map(|p| pending[p].0.clone()).collect();
-            store.register(&infos)?;
+            store.register_as(&infos, flush)?;
             tracing::debug!(
                 paths = infos.len(),
                 checked = ?checked,

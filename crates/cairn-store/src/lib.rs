@@ -69,6 +69,14 @@ pub use optimise::OptimiseReport;
 pub use roots::{ClientId, ClientScope, Root, RootSource, TempRootGuard};
 pub use verify::{Problem, VerifyOptions, VerifyReport};
 
+/// When a registration reaches the disk: with its commit, or with the next synchronous commit
+/// or [`LocalStore::flush_registrations`] (its contents are durable before it either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flush {
+    Now,
+    Later,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -454,6 +462,11 @@ impl LocalStore {
     /// distinct paths (`cairn-db`) — so a bad batch is an error for its caller, never a row in
     /// the database. Nothing after the commit can panic.
     fn register(&self, infos: &[PathInfo]) -> Result<()> {
+        self.register_as(infos, Flush::Now)
+    }
+
+    /// [`register`](Self::register), on disk now or with the next flush (see [`Flush`]).
+    fn register_as(&self, infos: &[PathInfo], flush: Flush) -> Result<()> {
         for info in infos {
             ca::check_claim(self.store_dir(), info)?;
         }
@@ -463,7 +476,10 @@ impl LocalStore {
                 outputs.push(o);
             }
         }
-        let ids = self.db().register_with_outputs(infos, &outputs)?;
+        let ids = match flush {
+            Flush::Now => self.db().register_with_outputs(infos, &outputs)?,
+            Flush::Later => self.db().register_with_outputs_unflushed(infos, &outputs)?,
+        };
         cairn_fault::point("after-commit");
         let mut g = self.graph_write();
         if let Some(graph) = g.as_mut() {
@@ -485,6 +501,12 @@ impl LocalStore {
             }
         }
         Ok(())
+    }
+
+    /// Puts on disk every registration made with [`Flush::Later`]: call it before telling
+    /// anyone those paths are registered.
+    pub fn flush_registrations(&self) -> Result<()> {
+        Ok(self.db().flush()?)
     }
 
     /// The in-memory graph, write-locked. A panic while it was held (a bug) leaves the lock
