@@ -21,8 +21,9 @@
 //!    ([`crate::sys::isolate`]). Steps 1–4 do not depend on the build, so the daemon starts a
 //!    helper ahead of the build that will use it ([`crate::runner`]): the kernel's namespace
 //!    work, the largest fixed cost of a build, is done while the previous build still runs;
-//! 6. forks the sandbox's PID 1, says `pid N`, waits for it, says `exit STATUS` and exits with
-//!    it (128 + signal if killed). PID 1 starts a session of its own, mounts `/proc`, enters the root,
+//! 6. forks the sandbox's PID 1, says `pid N`, waits for it, says `exit STATUS`, closes both
+//!    pipes (the daemon sees the build's end without waiting for this process's own exit) and
+//!    exits with it (128 + signal if killed). PID 1 starts a session of its own, mounts `/proc`, enters the root,
 //!    sets the process limit, drops to the build user, sets `no_new_privs` and a parent-death
 //!    signal, and executes the builder with stdin on `/dev/null`, stdout and stderr on the
 //!    helper's stderr, which is the build log, and no other descriptor. When PID 1 ends, the kernel kills whatever
@@ -32,6 +33,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, Write};
+use std::os::fd::FromRawFd;
 use std::os::unix::process::CommandExt;
 
 use crate::sandbox::SandboxSpec;
@@ -122,6 +124,16 @@ pub(crate) fn main() -> i32 {
             let code = wait(child);
             // The daemon cannot wait for a helper it did not start: the status goes this way.
             say(&format!("exit {code}"));
+            // Every process of the sandbox is gone (PID 1 reaped them before it was reaped),
+            // so this process holds the last writing ends of both pipes: closed now, the daemon
+            // sees the end of the build at once instead of after this process's own exit,
+            // which tears down an address space as large as the daemon's first.
+            for fd in [1, 2] {
+                // SAFETY: descriptors 1 and 2 are this process's, and nothing writes to them
+                // after this (the exit status goes by the exit code).
+                #[allow(unsafe_code)]
+                drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            }
             code
         }
     }

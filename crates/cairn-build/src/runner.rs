@@ -1,7 +1,8 @@
 //! The daemon's side of one sandboxed build: has the zygote start a helper (see
 //! [`crate::zygote`], [`crate::helper`]), maps its user namespace, streams its log line by line
-//! and enforces the timeouts. The run ends when both of the helper's pipes end: the helper has
-//! exited, and every process of the sandbox before it; its status came on the control pipe.
+//! and enforces the timeouts. The run ends when both of the helper's pipes end: every process
+//! of the sandbox has ended and the helper has closed its ends (before its own exit, which
+//! takes a while); the builder's status came on the control pipe.
 //!
 //! Helpers are started one build ahead. Everything a helper does before it reads its spec —
 //! the fork, the user namespace and its id maps, the other namespaces — depends only on the
@@ -151,8 +152,8 @@ pub async fn run(
                     }
                 }
             },
-            // Both pipes end when the helper has exited (its descriptors close before its
-            // namespaces are torn down) and every process of the sandbox with it.
+            // Both pipes end when every process of the sandbox has ended and the helper has
+            // closed its ends (or exited, or been killed).
             _ = std::future::ready(()), if !output_open && !control_open => {
                 helper.0 = None;
                 if let Some(e) = setup_error.take() {
