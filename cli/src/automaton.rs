@@ -1,8 +1,9 @@
 //! `cairn automaton`: containers whose closure is bind-mounted from the store.
 //!
 //! cairnd writes the bundle and keeps the roots; running it is this process's job: the runtime
-//! (runc by default) starts on the bundle with the caller's own privileges and terminal, and
-//! its exit status is the command's.
+//! (runc by default) starts on the bundle with the caller's own privileges and terminal: this
+//! process becomes it (signals reach it, its exit status is the command's). `rm` clears the
+//! runtimes' record of the container and refuses one that still runs.
 
 use std::path::PathBuf;
 
@@ -93,11 +94,15 @@ pub enum AutomatonCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Remove an automaton; its closure and image become collectable.
+    /// Remove an automaton; its closure and image become collectable. One that runs (in runc
+    /// or crun) is refused unless --force, which kills it.
     Rm {
         /// Names of the automata to remove.
         #[arg(required = true)]
         names: Vec<String>,
+        /// Kill the automaton's container first if it runs.
+        #[arg(long, short)]
+        force: bool,
     },
 }
 
@@ -149,12 +154,12 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
                     crun_sees_unified_cgroups(&mut c);
                 }
             }
-            c.args(["run", "--bundle", &a.bundle, &format!("cairn-{}", a.name)]);
-            let status = c.status().with_context(|| format!("cannot start {}", runtime.display()))?;
-            if !status.success() {
-                // The program's own status (runc passes it on), not a failure of cairn's.
-                std::process::exit(status.code().unwrap_or(1));
-            }
+            c.args(["run", "--bundle", &a.bundle, &container_id(&a.name)]);
+            // This process becomes the runtime: signals sent to it (a service manager's
+            // SIGTERM, a terminal's SIGINT) reach the runtime, which passes them on to the
+            // program and ends with its status — nothing is left running without a parent.
+            let e = std::os::unix::process::CommandExt::exec(&mut c);
+            return Err(anyhow::Error::new(e).context(format!("cannot start {}", runtime.display())));
         }
         AutomatonCommand::Ls { json } => {
             let all = automata(ctx, query::AutomatonList {}).await?;
@@ -236,11 +241,62 @@ pub async fn run(ctx: &Ctx, cmd: AutomatonCommand) -> anyhow::Result<()> {
             let made = automata(ctx, req).await?;
             println!("{}", made.first().context("cairnd created nothing")?.bundle);
         }
-        AutomatonCommand::Rm { names } => {
+        AutomatonCommand::Rm { names, force } => {
             for name in names {
+                // The runtimes' own record of it first: a running container would be left
+                // with its bundle and roots gone.
+                for runtime in RUNTIMES {
+                    forget_container(runtime, &name, force)?;
+                }
                 automata(ctx, query::AutomatonRemove { name }).await?;
             }
         }
+    }
+    Ok(())
+}
+
+/// The runtimes `run` knows, whose records `rm` clears.
+const RUNTIMES: [&str; 2] = ["runc", "crun"];
+
+/// The runtime's container id of automaton `name`.
+fn container_id(name: &str) -> String {
+    format!("cairn-{name}")
+}
+
+/// Clears `runtime`'s record of automaton `name`'s container, as `runtime delete` does: a
+/// stopped one is deleted; one that runs is refused unless `force` (then killed and deleted).
+/// Nothing to do when the runtime is not installed or has no such container.
+fn forget_container(runtime: &str, name: &str, force: bool) -> anyhow::Result<()> {
+    let id = container_id(name);
+    let Ok(state) =
+        std::process::Command::new(runtime).args(["state", &id]).stderr(std::process::Stdio::null()).output()
+    else {
+        return Ok(()); // not installed
+    };
+    if !state.status.success() {
+        return Ok(()); // no such container
+    }
+    let status = serde_json::from_slice::<serde_json::Value>(&state.stdout)
+        .ok()
+        .and_then(|v| v["status"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    if status != "stopped" && !force {
+        anyhow::bail!(
+            "automaton '{name}' is {} in {runtime} (container '{id}'); stop it first, or remove it with --force, which kills it",
+            if status.is_empty() { "known" } else { &status }
+        );
+    }
+    let mut delete = std::process::Command::new(runtime);
+    delete.arg("delete");
+    if force {
+        delete.arg("--force");
+    }
+    let out = delete.arg(&id).output().with_context(|| format!("cannot run {runtime} delete"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{runtime} delete {id} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("no message")
+        );
     }
     Ok(())
 }

@@ -614,10 +614,18 @@ fn unpack_summary(u: &UnpackedInfo) -> String {
     if u.dropped_special_bits > 0 {
         dropped.push(plural(u.dropped_special_bits, "setuid/setgid/sticky bit", "setuid/setgid/sticky bits"));
     }
-    match dropped.is_empty() {
+    let mut line = match dropped.is_empty() {
         true => format!("unpacked {layers}"),
         false => format!("unpacked {layers}; dropped {}", dropped.join(", ")),
+    };
+    if u.made_readable > 0 {
+        // Store paths are every local user's to read: what the image hid is not hidden here.
+        line.push_str(&format!(
+            "; {} the image keeps from other users readable by every local user, as every store file is",
+            plural(u.made_readable, "entry", "entries")
+        ));
     }
+    line
 }
 
 /// What an import prints: the digest (or the image as JSON), and its tag on stderr.
@@ -1024,6 +1032,7 @@ mod tests {
             layers,
             dropped_devices,
             dropped_special_bits,
+            made_readable: 0,
             cached,
         };
         assert_eq!(super::unpack_summary(&u(1, 0, 0, false)), "unpacked 1 layer");
@@ -1033,5 +1042,11 @@ mod tests {
         );
         assert_eq!(super::unpack_summary(&u(2, 0, 1, false)), "unpacked 2 layers; dropped 1 setuid/setgid/sticky bit");
         assert_eq!(super::unpack_summary(&u(3, 0, 0, true)), "cached: 3 layers unpacked before");
+        let hidden = UnpackedInfo { made_readable: 2, ..u(1, 0, 0, false) };
+        assert_eq!(
+            super::unpack_summary(&hidden),
+            "unpacked 1 layer; 2 entries the image keeps from other users readable by every local user, as every \
+             store file is"
+        );
     }
 }

@@ -88,6 +88,10 @@ pub struct UnpackedInfo {
     pub dropped_devices: u64,
     /// Files and directories whose setuid, setgid or sticky bits were dropped; 0 when `cached`.
     pub dropped_special_bits: u64,
+    /// Files and directories the image kept from other users (no read bit for others), now
+    /// readable by every local user as every store file is; 0 when `cached`.
+    #[serde(default)]
+    pub made_readable: u64,
     /// The image had been unpacked before and its rootfs was still in the store.
     pub cached: bool,
 }

@@ -30,6 +30,7 @@ use oci_spec::runtime::{Mount, MountBuilder, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::images::{Image, TempRootGuardSet};
+use crate::process::{merge_env, resolve_user, ImageProcess};
 
 use crate::{ImageError, Images, Result};
 
@@ -154,10 +155,15 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
         }
         None => None,
     };
+    // What the image says of its process: command, environment, user, working directory.
+    let process = match &spec.image {
+        Some(img) => image_process(images, img)?,
+        None => ImageProcess::default(),
+    };
     // Without a command, the image's own: its Entrypoint followed by its Cmd, as podman runs it.
     let args = match &spec.image {
-        Some(img) if spec.args.is_empty() => {
-            let args = image_command(images, img)?;
+        Some(_) if spec.args.is_empty() => {
+            let args = [process.entrypoint.clone(), process.cmd.clone()].concat();
             if args.is_empty() {
                 return Err(ImageError::BadAutomaton(
                     "no command to run: the image sets neither Entrypoint nor Cmd (cairn automaton create NAME … -- CMD …)"
@@ -174,7 +180,16 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
         mounted: (!spec.whole_store).then(|| closure.iter().map(|p| p.base_name()).collect()),
         rootfs: rootfs.as_ref().map(|r| store.real_path(r)),
     };
-    view.check_command(&args[0], &spec.env, || {
+    // The defaults, then the image's, then the caller's: a later value of a name wins.
+    let defaults = [format!("PATH={DEFAULT_PATH}"), "TERM=xterm".to_owned()];
+    let env = merge_env([&defaults[..], &process.env[..], &spec.env[..]]);
+    // An image that names a user runs as that user, resolved in its own /etc/passwd.
+    let ids = resolve_user(&process.user, rootfs.as_ref().map(|r| store.real_path(r)).as_deref())?;
+    let cwd = if process.working_dir.is_empty() { "/".to_owned() } else { process.working_dir.clone() };
+    if !cwd.starts_with('/') {
+        return Err(ImageError::BadAutomaton(format!("the image's working directory '{cwd}' is not absolute")));
+    }
+    view.check_command(&args[0], &env, || {
         let mut what = Vec::new();
         if spec.whole_store {
             what.push("the whole store".to_owned());
@@ -267,10 +282,13 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
         }
         if let Some(p) = s.process_mut() {
             p.set_args(Some(spec.args.clone()));
-            let mut env = vec![format!("PATH={DEFAULT_PATH}"), "TERM=xterm".to_owned()];
-            env.extend(spec.env.iter().cloned());
-            p.set_env(Some(env));
+            p.set_env(Some(env.clone()));
             p.set_terminal(Some(false));
+            p.set_cwd(PathBuf::from(&cwd));
+            let user = p.user_mut();
+            user.set_uid(ids.uid);
+            user.set_gid(ids.gid);
+            user.set_additional_gids((!ids.additional_gids.is_empty()).then(|| ids.additional_gids.clone()));
         }
         let config = tmp.join("config.json");
         let text = serde_json::to_vec_pretty(&s).map_err(|e| ImageError::BadAutomaton(format!("config.json: {e}")))?;
@@ -311,19 +329,16 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
     made
 }
 
-/// The command an image runs by default: its config's `Entrypoint` followed by its `Cmd`, for
-/// the manifest `unpack` picks (the host's platform).
-fn image_command(images: &Images, img: &Image) -> Result<Vec<String>> {
+/// What an image's configuration says of its process, for the manifest `unpack` picks (the
+/// host's platform).
+fn image_process(images: &Images, img: &Image) -> Result<ImageProcess> {
     let Some((_, m)) = crate::unpack::pick_manifest(images.image_manifests(img)?, &cairn_oci::Platform::host()) else {
-        return Ok(Vec::new());
+        return Ok(ImageProcess::default());
     };
-    let Some(config) = m.children.first() else { return Ok(Vec::new()) };
+    let Some(config) = m.children.first() else { return Ok(ImageProcess::default()) };
     let config: serde_json::Value = serde_json::from_slice(&images.read_manifest(config, "the image")?)
         .map_err(|e| cairn_oci::OciError::ManifestJson(format!("the image's config: {e}")))?;
-    let strings = |key: &str| -> Vec<String> {
-        config["config"][key].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect()
-    };
-    Ok([strings("Entrypoint"), strings("Cmd")].concat())
+    Ok(ImageProcess::from_config(&config))
 }
 
 /// The file system an automaton's program sees, as far as it comes from the store: the image's
@@ -361,9 +376,9 @@ impl View<'_> {
         Some(inside.iter().fold(root.clone(), |p, c| p.join(c)))
     }
 
-    /// Whether `path` (absolute, inside the automaton) names a file that is not a directory,
-    /// following symlinks as the automaton would see them.
-    fn is_file(&self, path: &str) -> bool {
+    /// What `path` (absolute, inside the automaton) is on the host, following symlinks as the
+    /// automaton would see them; `None` if it is not there.
+    fn lookup(&self, path: &str) -> Option<(PathBuf, fs::Metadata)> {
         let mut todo: std::collections::VecDeque<String> =
             path.split('/').filter(|c| !c.is_empty()).map(str::to_owned).collect();
         let mut at: Vec<String> = Vec::new();
@@ -377,13 +392,13 @@ impl View<'_> {
                 }
                 _ => at.push(c),
             }
-            let Some(host) = self.host_path(&at) else { return false };
-            let Ok(meta) = fs::symlink_metadata(&host) else { return false };
+            let host = self.host_path(&at)?;
+            let meta = fs::symlink_metadata(&host).ok()?;
             if meta.file_type().is_symlink() {
                 links += 1;
-                let Ok(target) = fs::read_link(&host) else { return false };
+                let target = fs::read_link(&host).ok()?;
                 if links > 40 {
-                    return false;
+                    return None;
                 }
                 at.pop();
                 let target = target.to_string_lossy().into_owned();
@@ -395,23 +410,71 @@ impl View<'_> {
                 }
             }
         }
-        self.host_path(&at).and_then(|h| fs::metadata(h).ok()).is_some_and(|m| !m.is_dir())
+        let host = self.host_path(&at)?;
+        let meta = fs::metadata(&host).ok()?;
+        Some((host, meta))
     }
 
-    /// Fails with one line naming the command unless it exists in the automaton: an absolute
-    /// path as it is, a bare name on the `PATH` it will run with (`env`'s, or the default one).
+    /// A file the automaton could execute at `path`: not a directory, with an execute bit.
+    fn executable(&self, path: &str) -> Option<(PathBuf, fs::Metadata)> {
+        use std::os::unix::fs::PermissionsExt;
+        self.lookup(path).filter(|(_, m)| !m.is_dir() && m.permissions().mode() & 0o111 != 0)
+    }
+
+    /// Fails with one line naming the problem unless the command can run in the automaton: an
+    /// absolute path that is there, not a directory, executable, and if it is a script, with its
+    /// interpreter there too; a bare name found so on the `PATH` it will run with (`env`'s).
     fn check_command(&self, command: &str, env: &[String], what: impl FnOnce() -> String) -> Result<()> {
-        let found = if command.contains('/') {
-            command.starts_with('/') && self.is_file(command)
+        let bad = |m: String| Err(ImageError::BadAutomaton(m));
+        let host = if command.contains('/') {
+            if !command.starts_with('/') {
+                return bad(format!("command '{command}' must be an absolute path or a bare name on PATH"));
+            }
+            match self.lookup(command) {
+                None => None,
+                Some((_, m)) if m.is_dir() => return bad(format!("command '{command}' is a directory")),
+                Some((h, m)) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    if m.permissions().mode() & 0o111 == 0 {
+                        return bad(format!(
+                            "command '{command}' is not executable (mode {:o})",
+                            m.permissions().mode() & 0o7777
+                        ));
+                    }
+                    Some(h)
+                }
+            }
         } else {
             let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
-            path.split(':').filter(|d| d.starts_with('/')).any(|d| self.is_file(&format!("{d}/{command}")))
+            path.split(':')
+                .filter(|d| d.starts_with('/'))
+                .find_map(|d| self.executable(&format!("{d}/{command}")))
+                .map(|(h, _)| h)
         };
-        if found {
-            return Ok(());
+        let Some(host) = host else {
+            return bad(format!("command '{command}' is not in what the automaton mounts ({}", what()));
+        };
+        // A script runs only if its interpreter (`#!` and an absolute path) is there too.
+        if let Some(interpreter) = interpreter(&host) {
+            if self.executable(&interpreter).is_none() {
+                return bad(format!(
+                    "command '{command}' is a script for '{interpreter}', which is not in what the automaton mounts ({}",
+                    what()
+                ));
+            }
         }
-        Err(ImageError::BadAutomaton(format!("command '{command}' is not in what the automaton mounts ({}", what())))
+        Ok(())
     }
+}
+
+/// The interpreter a script at `host` names on its `#!` line, if it names an absolute one.
+fn interpreter(host: &Path) -> Option<String> {
+    let mut head = [0u8; 256];
+    let n = std::io::Read::read(&mut fs::File::open(host).ok()?, &mut head).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n').unwrap_or(line.len())];
+    let text = std::str::from_utf8(line).ok()?;
+    text.split_whitespace().next().filter(|i| i.starts_with('/')).map(str::to_owned)
 }
 
 /// The `PATH` an automaton's program gets unless `env` sets one.

@@ -21,6 +21,7 @@ pub mod fuzzing;
 pub mod images;
 pub mod layered;
 pub mod memo;
+pub mod process;
 pub mod pull;
 pub mod push;
 pub mod registry;

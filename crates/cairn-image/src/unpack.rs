@@ -48,6 +48,9 @@ pub struct UnpackReport {
     pub dropped_devices: u64,
     /// Files and directories whose setuid, setgid or sticky bits were dropped (0 when `cached`).
     pub dropped_special_bits: u64,
+    /// Files and directories the image kept from other users, which the store (whose files
+    /// every local user may read) makes readable to all (0 when `cached`).
+    pub made_readable: u64,
     /// Whether the rootfs was already unpacked and still in the store.
     pub cached: bool,
 }
@@ -157,6 +160,7 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
             layers: layers.len(),
             dropped_devices: 0,
             dropped_special_bits: 0,
+            made_readable: 0,
             cached: true,
         });
     }
@@ -206,13 +210,15 @@ pub fn unpack(images: &Images, what: &str) -> Result<UnpackReport> {
     }
     tracing::info!(
         image = %desc.digest, path = %store.store_dir().display(&info.path), layers = layers.len(),
-        dropped_devices = tree.dropped_devices, dropped_special_bits = tree.dropped_special_bits, "unpacked"
+        dropped_devices = tree.dropped_devices, dropped_special_bits = tree.dropped_special_bits,
+        made_readable = tree.made_readable, "unpacked"
     );
     Ok(UnpackReport {
         path: info.path,
         layers: layers.len(),
         dropped_devices: tree.dropped_devices,
         dropped_special_bits: tree.dropped_special_bits,
+        made_readable: tree.made_readable,
         cached: false,
     })
 }

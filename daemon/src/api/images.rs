@@ -182,6 +182,7 @@ pub(crate) fn unpack(st: &AppState, peer: &Peer, q: query::ImageUnpack) -> ApiRe
         layers: r.layers as u64,
         dropped_devices: r.dropped_devices,
         dropped_special_bits: r.dropped_special_bits,
+        made_readable: r.made_readable,
         cached: r.cached,
     })
 }

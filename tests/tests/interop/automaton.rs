@@ -304,9 +304,20 @@ fn the_image_s_command_is_the_default_and_commands_must_exist() {
     let path = format!("PATH={tools}/bin");
     store.ok(&["automaton", "create", "on-path", "--env", &path, "--closure", &s, "--", "sh", &s]);
     store.ok(&["automaton", "create", "whole", "--whole-store", "--", &other]);
-    store.ok(&["automaton", "create", "in-image", "--image", "entry/point:1", "--", "/etc/passwd"]);
+    store.ok(&["automaton", "create", "in-image", "--image", "entry/point:1", "--closure", &s, "--", &sh]);
     let e = store.fail(&["automaton", "create", "no-dir", "--image", "entry/point:1", "--", "/etc"], b"");
-    assert!(e.contains("command '/etc' is not in"), "a directory is no command: {e}");
+    assert_eq!(e.trim_end(), "cairn: command '/etc' is a directory");
+    let e = store.fail(&["automaton", "create", "no-exec", "--image", "entry/point:1", "--", "/etc/passwd"], b"");
+    assert_eq!(e.trim_end(), "cairn: command '/etc/passwd' is not executable (mode 444)");
+    // A script whose interpreter is not mounted cannot run.
+    let e = store.fail(&["automaton", "create", "no-interp", "--closure", &s, "--whole-store", "--", &s], b"");
+    assert!(e.contains(&format!("command '{s}' is not executable")), "{e}");
+    let script = tmp.path().join("script");
+    std::fs::write(&script, "#!/no/such/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let exe = store.ok(&["add", script.to_str().unwrap()]).trim().to_owned();
+    let e = store.fail(&["automaton", "create", "no-interp", "--closure", &exe, "--", &exe], b"");
+    assert!(e.contains(&format!("command '{exe}' is a script for '/no/such/sh', which is not in")), "{e}");
     // An image without a command, and none given.
     store.ok(&["image", "build", "--closure", &s, "--tag", "no/cmd:1"]);
     let e = store.fail(&["automaton", "create", "nothing", "--image", "no/cmd:1"], b"");
@@ -314,4 +325,161 @@ fn the_image_s_command_is_the_default_and_commands_must_exist() {
     // Without an image a command is still needed (a usage error).
     let out = store.cairn().args(["automaton", "create", "bare", "--closure", &s]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// An image that says which user, directory and environment its program runs with: the
+/// automaton runs it so, as umoci's bundle of the same image runs under runc — in particular,
+/// not as root when the image names another user.
+#[test]
+fn an_image_s_user_working_directory_and_environment_apply_as_under_umoci_and_runc() {
+    if !runc_ready() || !require_peer("umoci") {
+        return;
+    }
+    use cairn_tests::oci::{run_tool, runc_run};
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let image = format!("{}:v1", layout.display());
+    run_tool(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+    run_tool(Command::new("umoci").args(["new", "--image", &image]));
+    let b = tmp.path().join("b");
+    run_tool(Command::new("umoci").args(["unpack", "--image", &image]).arg(&b));
+    let root = b.join("rootfs");
+    for d in ["bin", "etc", "home/u"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::fs::set_permissions(root.join("bin/busybox"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000:u:/home/u:/bin/sh\n")
+        .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nu:x:1000:\nextra:x:2000:u\n").unwrap();
+    std::fs::write(root.join("home/u/f"), "mine\n").unwrap();
+    std::os::unix::fs::chown(root.join("home/u"), Some(1000), Some(1000)).unwrap();
+    std::os::unix::fs::chown(root.join("home/u/f"), Some(1000), Some(1000)).unwrap();
+    run_tool(Command::new("umoci").args(["repack", "--image", &image]).arg(&b));
+    run_tool(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.user",
+        "u",
+        "--config.workingdir",
+        "/home/u",
+        "--config.env",
+        "B=2",
+        "--config.env",
+        "PATH=/bin",
+    ]));
+    let script = "id -u; id -g; id -G; pwd; echo B=$B PATH=$PATH; cat f";
+
+    // The reference: umoci's bundle of the image under runc, running the same command.
+    let reference = tmp.path().join("reference");
+    run_tool(Command::new("umoci").args(["unpack", "--image", &image]).arg(&reference));
+    let config_path = reference.join("config.json");
+    let mut config = json(&std::fs::read_to_string(&config_path).unwrap());
+    config["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+    config["process"]["terminal"] = serde_json::json!(false);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let expected = runc_run(&reference);
+    assert!(expected.starts_with("1000\n1000\n"), "the reference runs as the image's user: {expected}");
+
+    let store = TestStore::start();
+    store.ok(&["image", "pull", "--tag", "users/u:1", &format!("oci:{image}")]);
+    // A bare name is found on the image's PATH.
+    store.ok(&["automaton", "create", "as-user", "--image", "users/u:1", "--", "sh", "-c", script]);
+    let (ok, out, err) = run(&store, "as-user");
+    assert!(ok, "{err}");
+    assert_eq!(out, expected);
+    // The caller's environment comes after the image's: its value of a name wins.
+    store.ok(&["automaton", "create", "env", "--image", "users/u:1", "--env", "B=3", "--", "sh", "-c", "echo $B"]);
+    assert_eq!(run(&store, "env").1, "3\n");
+    let a = json(&store.ok(&["automaton", "show", "--json", "env"]));
+    let config = json(&std::fs::read_to_string(Path::new(a["bundle"].as_str().unwrap()).join("config.json")).unwrap());
+    let env: Vec<&str> = config["process"]["env"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+    assert_eq!(env.iter().filter(|e| e.starts_with("B=")).count(), 1, "{env:?}");
+    for name in ["as-user", "env"] {
+        let _ = Command::new("runc").args(["delete", "--force", &format!("cairn-{name}")]).output();
+    }
+}
+
+/// `cairn automaton run` is the runtime for the program's lifetime: a SIGTERM sent to it reaches
+/// the program (which may handle it), and nothing runs on once it has ended.
+#[test]
+fn a_signal_to_automaton_run_reaches_the_program_and_nothing_is_left_running() {
+    if !runc_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::start();
+    let script =
+        "trap 'echo got-term; exit 42' TERM\necho > /flag/started\nwhile true; do TOOLS/bin/busybox sleep 0.1; done\n";
+    let (tools, s) = closure(&store, tmp.path(), "trap.sh", script);
+    store.ok(&["automaton", "create", "trapper", "--closure", &s, "--", &format!("{tools}/bin/sh"), &s]);
+    bind_flag_dir(&store, "trapper", tmp.path());
+    let child = store
+        .cairn()
+        .args(["automaton", "run", "trapper"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&tmp.path().join("started"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got-term\n");
+    assert_eq!(out.status.code(), Some(42), "the program's own status");
+    let state = Command::new("runc").args(["state", "cairn-trapper"]).output().unwrap();
+    assert!(!state.status.success(), "the container is gone: {}", String::from_utf8_lossy(&state.stdout));
+}
+
+/// Removing an automaton whose container runs is refused (as `runc delete` refuses), and
+/// `--force` kills it first; its roots go only then.
+#[test]
+fn removing_a_running_automaton_is_refused_unless_forced() {
+    if !runc_ready() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = TestStore::start();
+    let script = "echo > /flag/started\nTOOLS/bin/busybox sleep 300\n";
+    let (tools, s) = closure(&store, tmp.path(), "sleep.sh", script);
+    store.ok(&["automaton", "create", "sleeper", "--closure", &s, "--", &format!("{tools}/bin/sh"), &s]);
+    bind_flag_dir(&store, "sleeper", tmp.path());
+    let mut child = store.cairn().args(["automaton", "run", "sleeper"]).stdin(Stdio::null()).spawn().unwrap();
+    wait_for(&tmp.path().join("started"));
+    let e = store.fail(&["automaton", "rm", "sleeper"], b"");
+    assert_eq!(
+        e.trim_end(),
+        "cairn: automaton 'sleeper' is running in runc (container 'cairn-sleeper'); stop it first, or remove it with \
+         --force, which kills it"
+    );
+    assert!(store.run(&["automaton", "show", "sleeper"], b"").status.success(), "still there");
+    store.ok(&["automaton", "rm", "--force", "sleeper"]);
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed");
+    assert!(!Command::new("runc").args(["state", "cairn-sleeper"]).output().unwrap().status.success());
+    store.ok(&["gc"]);
+    assert!(!store.run(&["path-info", &s], b"").status.success(), "its closure became collectable");
+}
+
+/// Binds host directory `dir` at `/flag` in automaton `name` (its bundle is ours to edit), for
+/// the program to signal through.
+fn bind_flag_dir(store: &TestStore, name: &str, dir: &Path) {
+    let show = json(&store.ok(&["automaton", "show", "--json", name]));
+    let config_path = Path::new(show["bundle"].as_str().unwrap()).join("config.json");
+    let mut config = json(&std::fs::read_to_string(&config_path).unwrap());
+    config["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+        "destination": "/flag", "type": "bind", "source": dir, "options": ["rbind", "rw"],
+    }));
+    config["root"]["readonly"] = serde_json::json!(false);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+}
+
+fn wait_for(flag: &Path) {
+    let t = std::time::Instant::now();
+    while !flag.exists() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(20), "the automaton did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -53,12 +53,15 @@ pub(super) struct Tree {
     pub(super) dropped_devices: u64,
     /// Files and directories whose setuid, setgid or sticky bits were ignored.
     pub(super) dropped_special_bits: u64,
+    /// Files and directories the image kept from other users (no read bit for others), which
+    /// the store makes readable to everyone.
+    pub(super) made_readable: u64,
 }
 
 impl Tree {
     /// A tree rooted at `root`, an existing empty directory.
     pub(super) fn new(root: PathBuf) -> Tree {
-        Tree { root, dropped_devices: 0, dropped_special_bits: 0 }
+        Tree { root, dropped_devices: 0, dropped_special_bits: 0, made_readable: 0 }
     }
 
     /// Applies one uncompressed layer (named `label` in errors), reading `input` to its end.
@@ -213,6 +216,9 @@ impl Layer<'_> {
     fn count_special_bits(&mut self, mode: u32) {
         if mode & SPECIAL_BITS != 0 {
             self.tree.dropped_special_bits += 1;
+        }
+        if mode & 0o004 == 0 {
+            self.tree.made_readable += 1;
         }
     }
 
@@ -687,6 +693,19 @@ pub(super) mod tests {
         assert_eq!(f.tree.dropped_special_bits, 3);
         assert_eq!(fs::metadata(f.root.join("bin/su")).unwrap().mode() & 0o7777, 0o755);
         assert_eq!(fs::metadata(f.root.join("var/tmp")).unwrap().mode() & 0o7000, 0);
+    }
+
+    #[test]
+    fn entries_the_image_keeps_from_other_users_are_counted() {
+        let mut f = fixture();
+        f.apply(&[
+            E::File("etc/shadow", b"x", 0o640),
+            E::File("etc/passwd", b"x", 0o644),
+            E::File("home/u/key", b"x", 0o600),
+            E::File("bin/tool", b"x", 0o755),
+        ])
+        .unwrap();
+        assert_eq!(f.tree.made_readable, 2, "etc/shadow and home/u/key");
     }
 
     #[test]
