@@ -661,6 +661,55 @@ fn nix_build_makes_result_links_through_cairnd() {
     assert_eq!(targets[0], targets[1]);
 }
 
+/// Several outputs of one derivation, and several derivations, asked for on one command line:
+/// nix-daemon answers one result per derivation, in its goals' order (by name), so `nix build`
+/// prints one JSON entry each and makes one set of links; cairnd answers the same.
+#[test]
+fn outputs_of_one_derivation_asked_together_are_one_result_as_with_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let file = p.write(
+        "multi.nix",
+        br#"let mk = name: outputs: derivation {
+  inherit name outputs; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "for o in $outputs; do eval \"echo $o > \\$$o\"; done" ];
+}; in { multi = mk "multi" [ "out" "dev" "lib" ]; b = mk "b" [ "out" ]; d = mk "d" [ "out" ]; }"#,
+    );
+    let json_of = |side: Side, attrs: &[&str]| {
+        let mut args = vec!["build", "--json", "--no-link", "-f", &file];
+        args.extend(attrs);
+        let v: serde_json::Value = serde_json::from_str(&p.ok(side, "nix", &args)).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["drvPath"].as_str().unwrap().to_owned(), e["outputs"].clone()))
+            .collect::<Vec<_>>()
+    };
+    for attrs in [&["multi.dev", "multi.lib"][..], &["d", "multi.dev", "b", "multi"], &["multi.lib", "multi.out"]] {
+        let (c, n) = (json_of(Side::Cairn, attrs), json_of(Side::Nix, attrs));
+        assert_eq!(c, n, "nix build --json {attrs:?}");
+        assert_eq!(c.iter().filter(|(d, _)| d.ends_with("-multi.drv")).count(), 1, "{c:?}");
+    }
+    let links = |side: Side| {
+        let dir = p.work.path().join(format!("links-{side:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = p
+            .cmd(side, "nix")
+            .args(["build", "-f", &file, "multi.lib", "multi.dev", "multi.out"])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(links(Side::Cairn), links(Side::Nix));
+}
+
 /// `nix-env -i` through cairnd: the user environment (`builtin:buildenv`) is the one
 /// `nix-daemon` makes — same path, same NAR, same references — with two packages' directories
 /// merged, a priority deciding a collision, and a propagated package.

@@ -479,7 +479,10 @@ impl<R: Read, W: Write> Session<R, W> {
         result
     }
 
-    /// `BuildPathsWithResults`: one result per path; failures are results, not errors.
+    /// `BuildPathsWithResults`: one result per goal, as Nix's worker has them — requests for
+    /// the same derivation (other outputs) or the same path are one goal, named by the first
+    /// request, and the results come in the goals' order (paths to substitute, then
+    /// derivations, each by name, then path); failures are results, not errors.
     pub(super) fn build_with_results(
         &mut self,
         paths: &[DerivedPath],
@@ -488,8 +491,16 @@ impl<R: Read, W: Write> Session<R, W> {
         self.check_mode(mode)?;
         let (goals, _) = self.split(paths);
         let realised = if goals.is_empty() { None } else { Some(self.realise(goals, mode, BTreeMap::new())?) };
-        let mut out = Vec::new();
+        let mut by_goal: BTreeMap<String, &DerivedPath> = BTreeMap::new();
         for p in paths {
+            let key = match p {
+                DerivedPath::Opaque(path) => format!("a${}${}", path.name(), self.show(path)),
+                DerivedPath::Built { drv_path, .. } => format!("b${}${}", drv_path.name(), self.show(drv_path)),
+            };
+            by_goal.entry(key).or_insert(p);
+        }
+        let mut out = Vec::new();
+        for p in by_goal.into_values() {
             let result = match p {
                 DerivedPath::Opaque(path) => {
                     let one = std::slice::from_ref(path);
