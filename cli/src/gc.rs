@@ -204,7 +204,11 @@ fn print_gc(r: &GcResult, json: bool, dry_run: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     writeln!(out, "{} deleted, {} freed", count(r.deleted.len(), "store path"), mib(r.bytes_freed))?;
-    Ok(out.flush()?)
+    out.flush()?;
+    if r.limit_reached {
+        eprintln!("stopped once more than --max-freed was freed");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -62,6 +62,7 @@ pub fn gc_result(dir: &StoreDir, r: cairn_store::GcReport) -> cairn_api::GcResul
         deleted: r.deleted.iter().map(|p| dir.display(p)).collect(),
         bytes_freed: r.bytes_freed,
         unregistered: r.unregistered as u64,
+        limit_reached: r.limit_reached,
     }
 }
 

@@ -474,6 +474,9 @@ pub struct GcResult {
     /// Unregistered leftovers removed from the store directory.
     #[serde(default)]
     pub unregistered: u64,
+    /// The collection stopped once more than its `max_freed` was freed.
+    #[serde(default)]
+    pub limit_reached: bool,
 }
 
 /// A garbage-collector root.

@@ -52,7 +52,9 @@ impl Default for GcSettings {
 pub struct GcOptions {
     /// Only report what would be deleted.
     pub dry_run: bool,
-    /// Stop once about this many bytes (of NAR size) are freed.
+    /// Stop once more than this many bytes are freed, counted as Nix counts them: the sizes of
+    /// the deleted paths' files that have at most two names (a second one being, likely,
+    /// `optimise`'s link). In a dry run, NAR sizes.
     pub max_freed: Option<u64>,
 }
 
@@ -66,6 +68,9 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unregistered entries (left by crashes) removed from the store directory.
     pub unregistered: usize,
+    /// The collection stopped because more than `max_freed` bytes were freed (Nix's "deleted
+    /// more than N bytes; stopping").
+    pub limit_reached: bool,
 }
 
 /// The live set of one mark phase.
@@ -269,7 +274,8 @@ impl LocalStore {
         if opts.dry_run {
             let mut report = GcReport::default();
             for (p, size) in order.into_iter().zip(sizes) {
-                if opts.max_freed.is_some_and(|m| report.bytes_freed >= m) {
+                if opts.max_freed.is_some_and(|m| report.bytes_freed > m) {
+                    report.limit_reached = true;
                     break;
                 }
                 report.bytes_freed += size;
@@ -277,8 +283,8 @@ impl LocalStore {
             }
             return Ok(report);
         }
-        let (mut report, mut moved) = self.sweep(order, &sizes, opts.max_freed)?;
-        if opts.max_freed.is_none_or(|m| report.bytes_freed < m) {
+        let (mut report, mut moved) = self.sweep(order, opts.max_freed)?;
+        if !report.limit_reached {
             report.unregistered = self.remove_unregistered(&mut moved)?;
             report.bytes_freed = moved.bytes;
             report.bytes_freed += self.remove_unused_links(&moved)?;
@@ -297,7 +303,7 @@ impl LocalStore {
         }
         let roots = self.read_roots()?;
         let dir = self.store_dir().clone();
-        let (order, sizes) = self.with_graph(|g| -> Result<_> {
+        let order = self.with_graph(|g| -> Result<_> {
             let m = self.mark(g, &roots)?;
             let wanted: BTreeSet<u32> = paths.iter().filter_map(|p| g.id(p)).collect();
             for &id in &wanted {
@@ -327,10 +333,9 @@ impl LocalStore {
             let mut order = g.walk(&ids, Direction::References);
             order.retain(|i| ids.contains(i));
             order.reverse();
-            let sizes = order.iter().map(|i| m.meta.nar_size.get(i).copied().unwrap_or(0)).collect::<Vec<_>>();
-            Ok((order.into_iter().filter_map(|i| g.path(i).cloned()).collect::<Vec<_>>(), sizes))
+            Ok(order.into_iter().filter_map(|i| g.path(i).cloned()).collect::<Vec<_>>())
         })??;
-        let (report, _) = self.sweep(order, &sizes, None)?;
+        let (report, _) = self.sweep(order, None)?;
         if let Some(p) = paths.iter().find(|p| !report.deleted.contains(p)) {
             return Err(alive(&dir, p, "a running operation is using it or a new path references it".into()));
         }
@@ -340,9 +345,11 @@ impl LocalStore {
     /// Invalidates and removes `order` (referrers first) in batches, skipping paths that became
     /// rooted or referenced since they were found dead. Removal from disk runs on a second
     /// thread while the next batch is invalidated.
-    fn sweep(&self, order: Vec<StorePath>, sizes: &[u64], max_freed: Option<u64>) -> Result<(GcReport, Moved)> {
+    fn sweep(&self, order: Vec<StorePath>, max_freed: Option<u64>) -> Result<(GcReport, Moved)> {
         let mut report = GcReport::default();
-        let mut estimate = 0u64;
+        // What the paths taken so far free, as Nix counts it (only with a limit to check).
+        let mut freed = 0u64;
+        let mut limit_reached = false;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<StorePath>>(4);
         let moved = std::thread::scope(|scope| -> Result<Moved> {
             let remover = scope.spawn(move || {
@@ -374,17 +381,28 @@ impl LocalStore {
             });
             let mut i = 0;
             let result = (|| -> Result<()> {
-                while i < order.len() && max_freed.is_none_or(|m| estimate < m) {
+                while i < order.len() && !limit_reached {
                     let end = (i + BATCH).min(order.len());
                     let mut batch = Vec::with_capacity(end - i);
+                    // Measured before the deletion lock is taken; a path that is not taken
+                    // after all was measured for nothing.
+                    let sizes: Vec<u64> = match max_freed {
+                        Some(_) => order[i..end].iter().map(|p| freed_by_deleting(&self.real_path(p))).collect(),
+                        None => Vec::new(),
+                    };
                     self.invalidate_batch(&order[i..end], false, |j, p| {
-                        if max_freed.is_some_and(|m| estimate >= m) {
-                            return false;
+                        // As Nix: a path is deleted, then the count checked.
+                        if let Some(m) = max_freed {
+                            if freed > m {
+                                limit_reached = true;
+                                return false;
+                            }
+                            freed += sizes[j];
                         }
-                        estimate += sizes[i + j];
                         batch.push(p.clone());
                         true
                     })?;
+                    limit_reached |= max_freed.is_some_and(|m| freed > m);
                     i = end;
                     report.deleted.extend(batch.iter().cloned());
                     if tx.send(batch).is_err() {
@@ -398,6 +416,7 @@ impl LocalStore {
             result.map(|_| moved)
         })?;
         report.bytes_freed = moved.bytes;
+        report.limit_reached = limit_reached;
         Ok((report, moved))
     }
 
@@ -585,6 +604,18 @@ impl LocalStore {
         tracing::info!(avail, min_free, max_free, "free space below min-free: collecting garbage");
         self.collect_locked(&GcOptions { dry_run: false, max_freed: Some(max_free - avail) }).map(Some)
     }
+}
+
+/// What deleting the tree at `path` frees, as Nix 2.8's `deletePath` counts it: the size of
+/// every file (not directory) with one or two names — two because `optimise` links files, and
+/// the other name is then likely the link in `.links` that goes too.
+fn freed_by_deleting(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return if meta.nlink() <= 2 { meta.size() } else { 0 };
+    }
+    let Ok(list) = fs::read_dir(path) else { return 0 };
+    list.flatten().map(|e| freed_by_deleting(&e.path())).sum()
 }
 
 /// What a collection moved to the trash.

@@ -169,10 +169,17 @@ fn max_freed_stops_the_sweep() {
     }
     let one = s.dead_paths().unwrap().len();
     assert_eq!(one, 10);
-    // Each of these text paths has a 120-byte NAR: 300 bytes take three paths.
-    let report = s.collect_garbage(&GcOptions { dry_run: false, max_freed: Some(300) }).unwrap();
-    assert_eq!(report.deleted.len(), 3);
+    // Each of these text paths is one file of 5 bytes ("junkN"), counted as Nix counts it:
+    // paths are deleted until more than the limit is freed, 12 bytes taking three paths.
+    let report = s.collect_garbage(&GcOptions { dry_run: false, max_freed: Some(12) }).unwrap();
+    assert_eq!((report.deleted.len(), report.limit_reached), (3, true));
     assert_eq!(s.count().unwrap(), 7);
+    // Exactly at the limit is not more than it: 15 bytes take four paths.
+    let report = s.collect_garbage(&GcOptions { dry_run: false, max_freed: Some(15) }).unwrap();
+    assert_eq!((report.deleted.len(), report.limit_reached), (4, true));
+    // A limit never reached deletes every dead path and says nothing of it.
+    let report = s.collect_garbage(&GcOptions { dry_run: false, max_freed: Some(1 << 20) }).unwrap();
+    assert_eq!((report.deleted.len(), report.limit_reached), (3, false));
 }
 
 /// Registers an output path `out` built by derivation `drv` via an export stream (the only

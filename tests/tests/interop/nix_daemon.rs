@@ -437,6 +437,36 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     p.same("nix-store", &["--check-validity", &keep_path]);
 }
 
+/// `--max-freed` counts what Nix counts (the files' sizes), and deletes paths until more than it
+/// is freed: the same dead paths go, and the same words say why it stopped.
+#[test]
+fn a_collection_with_max_freed_deletes_what_nix_daemon_deletes() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let mut paths = Vec::new();
+    for i in 0..10 {
+        let f = p.write(&format!("f{i}"), &vec![b'a' + i as u8; 300]);
+        paths.push(p.same("nix-store", &["--add", &f]).trim().to_owned());
+    }
+    for (max, deleted) in [("1000", 4), ("600", 3)] {
+        let (c, n) = p.alike("nix-store", &["--gc", "--max-freed", max]);
+        both_say(&c, &n, &[&format!("deleted more than {max} bytes; stopping")]);
+        let count = |o: &Output| String::from_utf8_lossy(&o.stderr).matches("deleting '/nix/store/").count();
+        assert_eq!((count(&c), count(&n)), (deleted, deleted), "--max-freed {max}");
+        let valid = |side: Side| {
+            paths.iter().filter(|q| p.run(side, "nix-store", &["--check-validity", q]).status.success()).count()
+        };
+        assert_eq!(valid(Side::Cairn), valid(Side::Nix));
+    }
+    // A limit the dead paths never reach: everything goes, and no word of a limit.
+    let (c, n) = p.alike("nix-store", &["--gc", "--max-freed", "1000000"]);
+    for o in [&c, &n] {
+        assert!(!String::from_utf8_lossy(&o.stderr).contains("stopping"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
 /// Links in Nix's own `gcroots` and `profiles` directories (NixOS's `current-system`, profiles,
 /// links an administrator made) root their paths on cairnd as on nix-daemon: a store that Nix
 /// kept before loses nothing to cairnd's collector. cairnd reads them and changes nothing.

@@ -448,8 +448,7 @@ impl<R: Read, W: Write> Session<R, W> {
             GcAction::DeleteDead => {
                 let max_freed = (o.max_freed != u64::MAX).then_some(o.max_freed);
                 let r = store.collect_garbage(&cairn_store::GcOptions { dry_run: false, max_freed })?;
-                // (cairn's collector stops once the limit is reached.)
-                stopped_at = max_freed.filter(|m| r.bytes_freed >= *m);
+                stopped_at = max_freed.filter(|_| r.limit_reached);
                 GcResults { paths: shown(r.deleted), bytes_freed: r.bytes_freed }
             }
             GcAction::DeleteSpecific => {
