@@ -150,7 +150,10 @@ impl Batch {
             };
             to.hashed(wanted, b3, outboard);
         }
-        let info = PathInfo { registration_time: now(), ultimate: self.built, ..info };
+        // A registration time given with the path (a copy from another store) is kept, as Nix
+        // keeps it; none (0) is now.
+        let registration_time = if info.registration_time > 0 { info.registration_time } else { now() };
+        let info = PathInfo { registration_time, ultimate: self.built, ..info };
         if let Some((_, old)) = self.state().accepted.insert(info.path.clone(), (info, copy)) {
             let _ = remove_tree(&old); // the same path twice: the later copy wins
         }

@@ -549,8 +549,16 @@ fn exports_imports_and_copies_move_closures_between_cairnd_and_nix_daemon() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };
+    // (A second later than the build: a copy keeps the source's registration time, as a copy
+    // into nix-daemon does, and does not take its own.)
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     copy(&p);
     assert_eq!(other.metadata(Side::Cairn, &[&top]), p.metadata(Side::Nix, &[&top]));
+    let registered = |p: &Pair, side: Side| {
+        let v: serde_json::Value = serde_json::from_str(&p.ok(side, "nix", &["path-info", "--json", &top])).unwrap();
+        v[0]["registrationTime"].as_u64().unwrap()
+    };
+    assert_eq!(registered(&other, Side::Cairn), registered(&p, Side::Nix), "registrationTime kept by the copy");
     let added = |s: &TestStore| s.log().matches("added with metadata (nix protocol)").count();
     let first = added(&other.cairn);
     assert_eq!(first, lines(&closure).len(), "each path of the closure travelled once");
