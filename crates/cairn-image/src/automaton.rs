@@ -181,8 +181,8 @@ pub fn create(images: &Images, spec: &AutomatonSpec) -> Result<Automaton> {
         rootfs: rootfs.as_ref().map(|r| store.real_path(r)),
     };
     // The defaults, then the image's, then the caller's: a later value of a name wins.
-    let defaults = [format!("PATH={DEFAULT_PATH}"), "TERM=xterm".to_owned()];
-    let env = merge_env([&defaults[..], &process.env[..], &spec.env[..]]);
+    let mut env = vec![format!("PATH={DEFAULT_PATH}"), "TERM=xterm".to_owned()];
+    merge_env(&mut env, process.env.iter().chain(&spec.env).cloned());
     // An image that names a user runs as that user, resolved in its own /etc/passwd.
     let ids = resolve_user(&process.user, rootfs.as_ref().map(|r| store.real_path(r)).as_deref())?;
     let cwd = if process.working_dir.is_empty() { "/".to_owned() } else { process.working_dir.clone() };

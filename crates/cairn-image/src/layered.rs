@@ -732,13 +732,33 @@ pub fn build_layout(
         cfg["Cmd"] = serde_json::json!(opts.cmd);
     }
     if !opts.env.is_empty() {
-        let mut env: Vec<serde_json::Value> = cfg["Env"].as_array().cloned().unwrap_or_default();
-        env.extend(opts.env.iter().map(|e| serde_json::Value::from(e.as_str())));
-        cfg["Env"] = env.into();
+        // A value for a name the base sets replaces it, as a Dockerfile's ENV does.
+        let mut env: Vec<String> =
+            cfg["Env"].as_array().into_iter().flatten().filter_map(|e| e.as_str().map(str::to_owned)).collect();
+        crate::process::merge_env(&mut env, opts.env.iter().cloned());
+        cfg["Env"] = serde_json::json!(env);
     }
     config["config"] = cfg;
+    let added = diff_ids.len() - base_layers;
     config["rootfs"] = serde_json::json!({ "type": "layers", "diff_ids": diff_ids });
-    if let Some(o) = config.as_object_mut() {
+    if base.is_some() {
+        // The base's history and creation time stay (the image is as reproducible as its base),
+        // and each layer added gets an entry, so that history still has one per layer.
+        let created = config.get("created").cloned();
+        let mut history = config["history"].as_array().cloned().unwrap_or_default();
+        for i in 0..added {
+            let mut entry = serde_json::json!({
+                "created_by": "cairn image build",
+                "comment": format!("layer {} of {added} added to the base", i + 1),
+            });
+            if let Some(c) = &created {
+                entry["created"] = c.clone();
+            }
+            history.push(entry);
+        }
+        config["history"] = serde_json::Value::Array(history);
+    } else if let Some(o) = config.as_object_mut() {
+        // Nothing says when: the same closure makes the same image.
         o.remove("history");
         o.remove("created");
     }

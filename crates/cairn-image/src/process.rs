@@ -41,19 +41,18 @@ impl ImageProcess {
     }
 }
 
-/// `NAME=VALUE` entries merged in order: a later entry for a name replaces the earlier one in
-/// its place (as `podman run --env` overrides an image's `Env`), and an entry without `=` is
-/// kept as it is.
-pub fn merge_env<'a>(lists: impl IntoIterator<Item = &'a [String]>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for e in lists.into_iter().flatten() {
-        let name = e.split_once('=').map_or(e.as_str(), |(n, _)| n);
-        match out.iter_mut().find(|o| o.split_once('=').map_or(o.as_str(), |(n, _)| n) == name) {
-            Some(o) => o.clone_from(e),
-            None => out.push(e.clone()),
+/// Adds `NAME=VALUE` entries to `into` in order: an entry for a name `into` has replaces it in
+/// its place (as `podman run --env` overrides an image's `Env`, and a derived image's `ENV` its
+/// base's); an entry without `=` is a name of its own.
+pub fn merge_env(into: &mut Vec<String>, more: impl IntoIterator<Item = String>) {
+    let name = |e: &str| e.split_once('=').map_or(e, |(n, _)| n).to_owned();
+    for e in more {
+        let n = name(&e);
+        match into.iter_mut().find(|o| name(o) == n) {
+            Some(o) => *o = e,
+            None => into.push(e),
         }
     }
-    out
 }
 
 /// The ids a process runs with.
@@ -205,9 +204,9 @@ mod tests {
 
     #[test]
     fn later_environment_entries_replace_earlier_ones_in_place() {
-        let image = ["PATH=/img/bin".to_owned(), "A=1".to_owned()];
-        let given = ["A=2".to_owned(), "B=3".to_owned(), "A=4".to_owned()];
-        assert_eq!(merge_env([&image[..], &given[..]]), ["PATH=/img/bin", "A=4", "B=3"]);
+        let mut env = vec!["PATH=/img/bin".to_owned(), "A=1".to_owned()];
+        merge_env(&mut env, ["A=2", "B=3", "A=4"].map(str::to_owned));
+        assert_eq!(env, ["PATH=/img/bin", "A=4", "B=3"]);
     }
 
     #[test]

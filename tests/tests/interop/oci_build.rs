@@ -249,3 +249,50 @@ fn an_image_built_from_a_closure_runs_under_runc() {
     run_tool(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:1", layout.display())).arg(&bundle));
     assert_eq!(cairn_tests::oci::runc_run(&bundle), "hello from the closure\n");
 }
+
+/// On a base image (made by umoci, which writes history and a creation time), `--env` replaces
+/// a value the base sets in its place, as a Dockerfile's ENV does, and the base's history and
+/// creation time stay, with one entry per added layer; oci-image-tool finds the result valid.
+#[test]
+fn a_build_on_a_base_keeps_its_history_and_replaces_its_environment_values() {
+    if !require_peer("umoci") || !require_peer("oci-image-tool") || !require_peer("/bin/busybox") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("base");
+    let image = format!("{}:1", layout.display());
+    cairn_tests::oci::umoci_image(&layout, "1", &[vec![("etc/base".to_owned(), b"base\n".to_vec())]]);
+    run_tool(Command::new("umoci").args(["config", "--image", &image, "--config.env", "A=1", "--config.env", "B=1"]));
+    let store = TestStore::start();
+    store.ok(&["image", "pull", "--tag", "base/env:1", &format!("oci:{image}")]);
+    let (_, script) = closure(&store, tmp.path(), "on a base");
+    let args = ["--closure", &script, "--from", "base/env:1", "--env", "B=2", "--env", "C=3", "--tag", "derived/env:1"];
+    store.ok(&[&["image", "build"][..], &args[..]].concat());
+    let out = tmp.path().join("out");
+    store.ok(&["image", "push", "derived/env:1", &format!("oci:{}:1", out.display())]);
+    run_tool(Command::new("oci-image-tool").args(["validate", "--type", "image", "--ref", "name=1"]).arg(&out));
+
+    let config_of = |dir: &Path| {
+        let index = json(&std::fs::read_to_string(dir.join("index.json")).unwrap());
+        let digest = index["manifests"][0]["digest"].as_str().unwrap().replace(':', "/");
+        let manifest = json(&std::fs::read_to_string(dir.join("blobs").join(digest)).unwrap());
+        let digest = manifest["config"]["digest"].as_str().unwrap().replace(':', "/");
+        (json(&std::fs::read_to_string(dir.join("blobs").join(digest)).unwrap()), manifest)
+    };
+    let (base, base_manifest) = config_of(&layout);
+    let (derived, manifest) = config_of(&out);
+    let env = |c: &serde_json::Value| -> Vec<String> {
+        c["config"]["Env"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_owned()).collect()
+    };
+    let mut want = env(&base);
+    let b = want.iter().position(|e| e == "B=1").expect("umoci set B=1");
+    want[b] = "B=2".to_owned();
+    want.push("C=3".to_owned());
+    assert_eq!(env(&derived), want, "B replaced in its place, C added");
+    assert_eq!(derived["created"], base["created"], "the base's creation time");
+    let (history, base_history) = (derived["history"].as_array().unwrap(), base["history"].as_array().unwrap());
+    assert_eq!(&history[..base_history.len()], &base_history[..], "the base's history first");
+    let with_layers = |h: &[serde_json::Value]| h.iter().filter(|e| e["empty_layer"] != true).count();
+    assert_eq!(with_layers(history), manifest["layers"].as_array().unwrap().len(), "one entry per layer");
+    assert!(with_layers(base_history) == base_manifest["layers"].as_array().unwrap().len());
+}

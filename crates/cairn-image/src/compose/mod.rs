@@ -218,15 +218,6 @@ fn with_platform(mut d: Descriptor, from: &Descriptor) -> Descriptor {
 
 /// `NAME=VALUE` entries merged by name: a later value replaces the earlier in place, a new
 /// name is appended.
-fn merge_env(into: &mut Vec<String>, more: impl IntoIterator<Item = String>) {
-    for e in more {
-        let name = e.split('=').next().unwrap_or("").to_owned();
-        match into.iter_mut().find(|x| x.split('=').next() == Some(name.as_str())) {
-            Some(x) => *x = e,
-            None => into.push(e),
-        }
-    }
-}
 
 fn strings(v: &Value) -> Vec<String> {
     v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
@@ -240,7 +231,7 @@ pub(crate) fn merge_configs(configs: &[Value], overrides: &Overrides) -> Value {
         let Some(cfg) = c.get("config").and_then(Value::as_object) else { continue };
         for (k, v) in cfg {
             match k.as_str() {
-                "Env" => merge_env(&mut env, strings(v)),
+                "Env" => crate::process::merge_env(&mut env, strings(v)),
                 "Labels" | "ExposedPorts" | "Volumes" => {
                     let slot = out.entry(k.clone()).or_insert_with(|| Value::Object(Default::default()));
                     if let (Some(into), Some(more)) = (slot.as_object_mut(), v.as_object()) {
@@ -256,7 +247,7 @@ pub(crate) fn merge_configs(configs: &[Value], overrides: &Overrides) -> Value {
             }
         }
     }
-    merge_env(&mut env, overrides.env.iter().cloned());
+    crate::process::merge_env(&mut env, overrides.env.iter().cloned());
     if !env.is_empty() {
         out.insert("Env".into(), serde_json::json!(env));
     }
