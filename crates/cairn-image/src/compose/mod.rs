@@ -216,9 +216,6 @@ fn with_platform(mut d: Descriptor, from: &Descriptor) -> Descriptor {
     d
 }
 
-/// `NAME=VALUE` entries merged by name: a later value replaces the earlier in place, a new
-/// name is appended.
-
 fn strings(v: &Value) -> Vec<String> {
     v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
 }
