@@ -1083,7 +1083,8 @@ async fn append(file: &std::path::Path, body: Body) -> RResult<u64> {
     Ok(len)
 }
 
-/// Hands an upload's scratch file to the store under `digest`; the file is removed either way.
+/// Hands an upload's scratch file to the store under `digest`; the file stays (its `Scratch`
+/// owner removes it), so that an upload whose bytes are not `digest` can go on.
 async fn commit_upload(s: &Arc<RegistryServer>, repo: &str, file: PathBuf, digest: Digest) -> RResult<()> {
     let (images, repo) = (s.images.clone(), repo.to_owned());
     blocking(move || {
@@ -1109,7 +1110,6 @@ async fn commit_upload(s: &Arc<RegistryServer>, repo: &str, file: PathBuf, diges
             }
             link_blob(&images, &repo, &digest)
         })();
-        let _ = std::fs::remove_file(&file);
         result.map_err(|e: RegError| {
             if e.1 == "MANIFEST_INVALID" {
                 reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.2)
@@ -1255,10 +1255,19 @@ async fn finish_upload(
         return Err(reg_err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "the final PUT needs ?digest="));
     };
     let d = digest_ok(d)?;
-    let up = take_upload(s, name, id).await?;
-    append(&up.file.0, body).await?;
-    commit_upload(s, name, up.file.0.clone(), d.clone()).await?;
-    Ok(blob_created(name, &d))
+    let mut up = take_upload(s, name, id).await?;
+    up.size = append(&up.file.0, body).await?;
+    match commit_upload(s, name, up.file.0.clone(), d.clone()).await {
+        Ok(()) => Ok(blob_created(name, &d)),
+        Err(e) if e.1 == "DIGEST_INVALID" => {
+            // As distribution: the session stays, with what it holds, for a PUT with the
+            // right digest (or more chunks); only a completed upload ends it.
+            up.touched = Instant::now();
+            s.uploads.lock().await.insert(id.to_owned(), up);
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 async fn upload_status(s: &Arc<RegistryServer>, name: &str, id: &str) -> RResult<Response> {

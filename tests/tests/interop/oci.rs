@@ -580,3 +580,47 @@ fn a_docker_image_written_to_an_oci_layout_is_read_by_skopeo_and_umoci() {
     // And cairn reads back what it wrote.
     store.ok(&["image", "pull", "--tag", "docker/again:v1", &format!("oci:{}:v1", out.display())]);
 }
+
+/// A session upload whose final PUT names the wrong digest is refused, and — as distribution
+/// keeps it — the session goes on with the bytes it holds: its status says so, and a PUT with
+/// the right digest completes it without sending them again.
+#[test]
+fn a_final_put_with_the_wrong_digest_leaves_the_upload_to_finish_as_with_distribution() {
+    if !require_peer("docker-registry") {
+        return;
+    }
+    let reg = DockerRegistry::start();
+    let port = cairn_tests::free_port();
+    let _store = TestStore::builder().config(&format!("listen = \"127.0.0.1:{port}\"\naccept-pushes = true\n")).start();
+    cairn_tests::wait_listening(port);
+    let wrong = format!("sha256:{}", "1".repeat(64));
+    let right = digest_of(b"AAAAABBBBBCCCCC");
+    let steps = |port: u16| -> Vec<(u16, Option<String>)> {
+        let mut seen = Vec::new();
+        let start = cairn_tests::oci::http(port, "POST", "/v2/t/chunks/blobs/uploads/", &[], b"");
+        let mut loc = start.header("location").unwrap().to_owned();
+        for (range, chunk) in [("0-4", b"AAAAA"), ("5-9", b"BBBBB")] {
+            let a = cairn_tests::oci::http(port, "PATCH", &loc, &[("Content-Range", range)], chunk);
+            loc = a.header("location").unwrap().to_owned();
+            seen.push((a.status, a.header("range").map(str::to_owned)));
+        }
+        let a = cairn_tests::oci::http(port, "PATCH", &loc, &[], b"CCCCC");
+        loc = a.header("location").unwrap().to_owned();
+        seen.push((a.status, a.header("range").map(str::to_owned)));
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let bad = cairn_tests::oci::http(port, "PUT", &format!("{loc}{sep}digest={wrong}"), &[], b"");
+        seen.push((bad.status, Some(bad.error_code())));
+        let status = cairn_tests::oci::http(port, "GET", &loc, &[], b"");
+        seen.push((status.status, status.header("range").map(str::to_owned)));
+        let good = cairn_tests::oci::http(port, "PUT", &format!("{loc}{sep}digest={right}"), &[], b"");
+        seen.push((good.status, None));
+        let blob = cairn_tests::oci::http(port, "GET", &format!("/v2/t/chunks/blobs/{right}"), &[], b"");
+        seen.push((blob.status, Some(String::from_utf8_lossy(&blob.body).into_owned())));
+        seen
+    };
+    let (theirs, ours) = (steps(reg.port), steps(port));
+    assert_eq!(ours, theirs);
+    assert_eq!(ours[3], (400, Some("DIGEST_INVALID".to_owned())));
+    assert_eq!(ours[4], (204, Some("0-14".to_owned())));
+    assert_eq!(ours[6], (200, Some("AAAAABBBBBCCCCC".to_owned())));
+}
