@@ -205,6 +205,7 @@ pub async fn serve_with_config(settings: Settings, config_file: Option<std::path
             tracing::debug!("p2p connections still draining at exit");
         }
     }
+    crate::state::sweep_ssh_dirs(true);
     tracing::info!("stopped");
     Ok(())
 }
@@ -241,6 +242,10 @@ pub(crate) async fn open_state(
     let swept = tokio::task::spawn_blocking(move || cairn_build::root::sweep_orphans(&build_dir)).await.unwrap_or(0);
     if swept > 0 {
         tracing::info!(removed = swept, dir = %settings.build_dir.display(), "removed build directories left by stopped daemons");
+    }
+    let swept = tokio::task::spawn_blocking(|| crate::state::sweep_ssh_dirs(false)).await.unwrap_or(0);
+    if swept > 0 {
+        tracing::info!(removed = swept, "removed SSH directories left by stopped daemons");
     }
     let tag_owners = Arc::new(crate::tag_owners::TagOwners::new(&state_dir(&settings.root)));
     let mut substitution = crate::state::Substitution::from_settings(settings, &store_dir)?;

@@ -172,6 +172,32 @@ pub fn ssh_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("cairn-ssh-{}-{}", nix::unistd::geteuid(), std::process::id()))
 }
 
+/// Removes the SSH directories (see [`ssh_dir`]) of this user's cairnds that are gone — each
+/// daemon makes one, named by its pid, and a daemon that did not stop cleanly left it — and,
+/// with `own`, this process's (at exit). Returns how many went.
+pub fn sweep_ssh_dirs(own: bool) -> usize {
+    let me = nix::unistd::geteuid();
+    let prefix = format!("cairn-ssh-{me}-");
+    let pid = std::process::id();
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(Ok(other)) = name.to_str().and_then(|n| n.strip_prefix(&prefix)).map(str::parse::<u32>) else {
+            continue;
+        };
+        // At start, one with this pid is an earlier process's.
+        let gone = if other == pid { own } else { !std::path::Path::new(&format!("/proc/{other}")).exists() };
+        // Only a real directory of this user's (the temporary directory is everyone's).
+        let ours = std::fs::symlink_metadata(e.path())
+            .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == me.as_raw());
+        if gone && ours && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// The substituter `url` names: a binary cache, or a store that answers Nix's protocols
 /// (`ssh://`, `ssh-ng://`, `unix://`), reached from this daemon as its remote builders are.
 pub(crate) fn open_substituter(url: &str, net: &NetOptions, store_dir: &StoreDir) -> anyhow::Result<Substituter> {
