@@ -324,7 +324,7 @@ pub fn write_docker_archive(
     // As skopeo: an existing archive is not added to, nor silently replaced.
     if std::fs::metadata(file).is_ok_and(|m| m.len() > 0) {
         bail!(
-            "'{}' exists: a docker-archive is written whole, and this one would lose what it holds              (remove it first, or write another file)",
+            "'{}' exists: a docker-archive is written whole, and this one would lose what it holds (remove it first, or write another file)",
             file.display()
         );
     }

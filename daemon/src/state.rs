@@ -282,7 +282,12 @@ impl cairn_build::Builtin for ImageBuiltin {
         }
         let built = cairn_image::layered::build_output(&self.images, drv_path, drv, out, &mut |l| log(l.as_bytes()))
             .map_err(|e| e.to_string())?;
-        log(format!("{} store layers hashed, the others remembered", built.layers_written).as_bytes());
+        let remembered = built.store_layers.saturating_sub(built.layers_written);
+        log(match remembered {
+            0 => format!("{} store layers hashed", built.layers_written),
+            n => format!("{} store layers hashed, {n} remembered", built.layers_written),
+        }
+        .as_bytes());
         self.written
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -91,6 +91,8 @@ pub fn check_copy_dest(dest: &str) -> Result<()> {
 pub struct Built {
     /// Layers hashed by this build (the others were remembered).
     pub layers_written: usize,
+    /// The image's layers of store paths, hashed or remembered.
+    pub store_layers: usize,
 }
 
 /// Paths in popularity order (most popular first, ties by name), given each path's references.
@@ -774,7 +776,7 @@ pub fn build_layout(
     let manifest_desc = store_json(images, OCI_MANIFEST, &manifest, roots)?;
     // With `materialise`, the blob paths exist now and are linked in place of the descriptions.
     let layout = images.layout_of(vec![manifest_desc], &hints, roots)?;
-    Ok((layout, Built { layers_written: written }))
+    Ok((layout, Built { layers_written: written, store_layers: layers.len() }))
 }
 
 #[cfg(test)]
