@@ -18,7 +18,7 @@ use cairn_api::image::{
 use cairn_api::query;
 use cairn_client::Client;
 use cairn_oci::layout::{self, blob_path, REF_NAME};
-use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest, DOCKER_LIST, OCI_INDEX};
+use cairn_oci::manifest::{is_manifest_type, Descriptor, Manifest, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
 use cairn_oci::reference::Transport;
 use cairn_oci::{Digest, TagName};
 use clap::{Args, Subcommand};
@@ -980,6 +980,8 @@ fn as_oci(
 async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<&str>) -> anyhow::Result<u64> {
     let d = inspect(client, image).await?;
     let mut written = 0;
+    // Blobs this export adds to the layout (the others were there).
+    let mut fresh: std::collections::HashSet<String> = std::collections::HashSet::new();
     for c in &d.contents {
         let digest = Digest::parse(&c.digest)?;
         let file = blob_file(dir, &digest);
@@ -996,6 +998,7 @@ async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<
         }
         std::fs::rename(&tmp, &file).with_context(|| format!("cannot write '{}'", file.display()))?;
         written += 1;
+        fresh.insert(c.digest.clone());
     }
     std::fs::write(dir.join("oci-layout"), layout::OCI_LAYOUT)
         .with_context(|| format!("cannot write into '{}'", dir.display()))?;
@@ -1007,6 +1010,14 @@ async fn export_oci(client: &Client, image: &str, dir: &Path, reference: Option<
     let top = &d.contents[0];
     let (media_type, digest, size) =
         as_oci(dir, &top.media_type, &Digest::parse(&top.digest)?, top.size, &mut written)?;
+    // Docker's manifests were written in OCI's form: their own bytes, which nothing in the
+    // layout names, go (as skopeo writes no such blob) unless the layout had them before.
+    for c in d.contents.iter().filter(|c| c.media_type == DOCKER_LIST || c.media_type == DOCKER_MANIFEST) {
+        if fresh.contains(&c.digest) && c.digest != digest.to_string() {
+            let _ = std::fs::remove_file(blob_file(dir, &Digest::parse(&c.digest)?));
+            written -= 1;
+        }
+    }
     let mut desc = Descriptor { media_type, digest, size, platform: None, annotations: Default::default() };
     if let Some(r) = reference {
         manifests.retain(|m| m.annotations.get(REF_NAME).map(String::as_str) != Some(r));

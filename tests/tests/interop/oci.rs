@@ -577,6 +577,13 @@ fn a_docker_image_written_to_an_oci_layout_is_read_by_skopeo_and_umoci() {
             .arg(&bundle),
     );
     assert_eq!(std::fs::read(bundle.join("rootfs/app/one")).unwrap(), b"first app\n");
+    // Only what the layout names, as skopeo writes it: no Docker manifest that nothing names.
+    let index = json(&std::fs::read_to_string(out.join("index.json")).unwrap());
+    let mut named = vec![index["manifests"][0]["digest"].as_str().unwrap().to_owned()];
+    named.push(written["config"]["digest"].as_str().unwrap().to_owned());
+    named.extend(digests(&written).iter().map(|d| d.as_str().unwrap().to_owned()));
+    named.sort();
+    assert_eq!(layout_blobs(&out), named);
     // And cairn reads back what it wrote.
     store.ok(&["image", "pull", "--tag", "docker/again:v1", &format!("oci:{}:v1", out.display())]);
 }
