@@ -557,10 +557,9 @@ pub(crate) fn paginate(
         None => all,
     };
     let n = match q.get("n") {
-        Some(n) => Some(
-            n.parse::<usize>()
-                .map_err(|_| reg_err(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "n is not a number"))?,
-        ),
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            reg_err(StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID", "n must be a whole number, 0 or more")
+        })?),
         None => None,
     };
     match n {
@@ -623,8 +622,8 @@ fn find_manifest(images: &Images, name: &str, reference: &str) -> RResult<(Diges
             annotations: Default::default(),
         }
     } else {
-        cairn_oci::tag::validate_tag(reference)
-            .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", e.to_string()))?;
+        // A name no tag can have names no manifest here (distribution answers so too).
+        cairn_oci::tag::validate_tag(reference).map_err(|_| unknown())?;
         let (_, img) = imgs.iter().find(|(t, _)| t.as_deref() == Some(reference)).ok_or_else(unknown)?;
         img.manifests[0].clone()
     };

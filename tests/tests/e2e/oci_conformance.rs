@@ -199,6 +199,9 @@ fn push_refusals() {
     // Garbage, oversized manifests, bad names and tags.
     let a = r.req("PUT", "/v2/conf/bad/manifests/v3", &[("Content-Type", MT)], b"{\"schemaVersion\":2,");
     assert_eq!((a.status, a.error_code().as_str()), (400, "MANIFEST_INVALID"));
+    // A tag no tag can be (129 characters) names no manifest, as distribution answers.
+    let a = r.req("GET", &format!("/v2/conf/bad/manifests/{}", "t".repeat(129)), &[], b"");
+    assert_eq!((a.status, a.error_code().as_str()), (404, "MANIFEST_UNKNOWN"));
     let huge = vec![b' '; 5 << 20];
     let a = r.req("PUT", "/v2/conf/bad/manifests/v4", &[("Content-Type", MT)], &huge);
     assert_eq!((a.status, a.error_code().as_str()), (413, "SIZE_INVALID"));
