@@ -514,8 +514,9 @@ pub async fn realise(
         }
         let (etx, erx) = mpsc::unbounded_channel::<Event>();
         let work = builder.realise(goals, options, etx);
-        // The builds never wait for the client (see `outbox`); a client that went away stops
-        // nothing: the builds finish and register.
+        // The builds never wait for the client (see `outbox`), one too slow to read included;
+        // a client that went away (a Ctrl-C) stops them, as nix-daemon stops a gone client's
+        // builds — seen when the next line for it cannot be written.
         let convert = |e: Event| {
             let ev = match e {
                 Event::Plan { drvs } => RealiseEvent::Plan { drvs: drvs.iter().map(|d| dir.display(d)).collect() },
@@ -543,7 +544,15 @@ pub async fn realise(
             Some(Line::Event(line(&ev)))
         };
         let note = |drv, n| line(&RealiseEvent::Log { drv, line: dropped_text(n) });
-        let work_done = forward(work, erx, &tx, convert, note).await;
+        let work_done = tokio::select! {
+            done = forward(work, erx, &tx, convert, note) => done,
+            // Dropping the work stops its builds (their sandboxes are killed); what already
+            // registered stays.
+            () = tx.closed() => {
+                tracing::info!(user = %peer.user, "the client went away: its builds were stopped");
+                return;
+            }
+        };
         let event = match work_done {
             Err(e) => {
                 let e = ApiError::from(e);

@@ -173,3 +173,44 @@ fn an_upload_that_stops_sending_part_way_is_cut_at_the_body_read_timeout_and_hol
     std::fs::write(&f, b"after\n").unwrap();
     st.ok(&["add", f.to_str().unwrap()]);
 }
+
+/// A client that goes away (a Ctrl-C of `cairn realise`) stops its builds, as a Nix client's
+/// do on nix-daemon: the chain does not go on past the build that was running.
+#[test]
+fn a_client_that_goes_away_stops_its_builds() {
+    if !require_peer("/bin/busybox") {
+        return;
+    }
+    let st =
+        TestStore::builder().store_dir("/nix/store").config("sandbox-paths = [\"/bin/sh=/bin/busybox\"]\n").start();
+    let step = "echo started; sleep 1; echo done > $out";
+    let (a, a_out) = add_drv(&st, "a.json", &drv_json("first", step, &[], None));
+    let (b, b_out) =
+        add_drv(&st, "b.json", &drv_json("second", &format!("cat $in0 >/dev/null; {step}"), &[(&a, &a_out)], None));
+    let (c, c_out) =
+        add_drv(&st, "c.json", &drv_json("third", &format!("cat $in0 >/dev/null; {step}"), &[(&b, &b_out)], None));
+    let mut client = st
+        .cairn()
+        .args(["realise", &c])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Gone while the first build runs.
+    let start = Instant::now();
+    while !st.log().contains("building") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the first build did not start\n{}", st.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let start = Instant::now();
+    while !st.log().contains("the client went away: its builds were stopped") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the builds went on\n{}", st.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!is_valid(&st, &c_out), "the last build of the chain did not run");
+    // The daemon serves the next request.
+    assert!(st.ok(&["realise", &a]).contains(&a_out));
+}
