@@ -982,6 +982,76 @@ fn an_untrusted_clients_unsigned_add_to_store_nar_is_refused() {
     assert_daemon_serves(&s, &known);
 }
 
+/// Run as another user by [`an_untrusted_clients_build_log_is_refused_without_being_kept`]:
+/// sends `AddBuildLog` with a 192 MiB log, then `IsValidPath`; prints what happened.
+#[test]
+fn helper_untrusted_build_log_process() {
+    let Some(socket) = std::env::var_os(HELPER_LOG_ENV) else { return };
+    let path = std::env::var("CAIRN_NIX_HOSTILE_HELPER_PATH").unwrap();
+    let mut c = connect_path(std::path::Path::new(&socket));
+    handshake(&mut c);
+    let mut req = Vec::new();
+    put_u64(&mut req, 45); // AddBuildLog, of a path by its base name (as Nix sends it)
+    put_bytes(&mut req, path.rsplit('/').next().unwrap().as_bytes());
+    c.write_all(&req).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..192 {
+        let mut frame = Vec::with_capacity(chunk.len() + 8);
+        put_u64(&mut frame, chunk.len() as u64);
+        frame.extend_from_slice(&chunk);
+        c.write_all(&frame).unwrap();
+    }
+    c.write_all(&0u64.to_le_bytes()).unwrap();
+    match read_reply(&mut c) {
+        Reply::Error(m) => println!("HELPER error {}", m.replace('\n', " ")),
+        other => println!("HELPER {other:?}"),
+    }
+    println!("HELPER valid-after {}", is_valid(&mut c, &path));
+}
+
+/// The environment variable that turns [`helper_untrusted_build_log_process`] into the client.
+const HELPER_LOG_ENV: &str = "CAIRN_NIX_HOSTILE_LOG_HELPER";
+
+/// An untrusted client may not add build logs (Nix's rule), and what it sends is read past, not
+/// kept: a refused log costs the daemon nothing like its size in memory.
+#[test]
+fn an_untrusted_clients_build_log_is_refused_without_being_kept() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: needs root to connect as another user with setpriv");
+        return;
+    }
+    let (s, known) = daemon_with_known_path();
+    let peak = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    let before = peak();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            &cairn_tests::test_name(module_path!(), "helper_untrusted_build_log_process"),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_LOG_ENV, nix_socket(&s))
+        .env("CAIRN_NIX_HOSTILE_HELPER_PATH", &known)
+        .env("CAIRN_BIN_DIR", bin_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "helper failed:\n{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), s.log());
+    let said: Vec<&str> = stdout.lines().filter_map(|l| l.find("HELPER ").map(|i| &l[i + 7..])).collect();
+    assert_eq!(said.len(), 2, "helper output:\n{stdout}");
+    assert!(said[0].starts_with("error ") && said[0].contains("not privileged to add logs"), "{}", said[0]);
+    assert_eq!(said[1], "valid-after true", "the connection stays in step");
+    let grew = peak().saturating_sub(before);
+    assert!(grew < 64 << 20, "the daemon's peak memory grew by {} MiB for a refused 192 MiB log", grew >> 20);
+    assert_daemon_serves(&s, &known);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Random bytes
 

@@ -348,12 +348,17 @@ impl<R: Read, W: Write> Session<R, W> {
                 Response::One
             }
             Q::AddBuildLog(drv) => {
+                if !self.peer.trusted {
+                    // Read past (the connection stays in step) but never kept: an untrusted
+                    // client's refused log must not cost the daemon its size in memory.
+                    cairn_worker::FramedReader::new(&mut self.r).drain()?;
+                }
+                self.require_trust("add logs")?;
                 let mut framed = cairn_worker::FramedReader::new(&mut self.r);
                 let mut log = Vec::new();
                 let read = (&mut framed).take(self.proto.limits.max_blob as u64 + 1).read_to_end(&mut log);
                 framed.drain()?;
                 read?;
-                self.require_trust("add logs")?;
                 if log.len() > self.proto.limits.max_blob {
                     return Err(Failure::Report("the build log is too large".into()));
                 }
