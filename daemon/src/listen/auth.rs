@@ -229,11 +229,17 @@ fn refuse(status: StatusCode, registry: bool, message: &str) -> Response {
     resp
 }
 
+/// Whether `path` is the registry's (`/v2`, `/v2/…`), not the binary cache's: a narinfo whose
+/// hash starts with "v2" (`/v2….narinfo`) is the cache's.
+fn is_registry_path(path: &str) -> bool {
+    path == "/v2" || path.starts_with("/v2/")
+}
+
 /// Checks a request against the users before its handler runs.
 pub async fn check(State(auth): State<Arc<ListenAuth>>, mut req: Request<Body>, next: Next) -> Response {
     let scope = if req.method() == Method::GET || req.method() == Method::HEAD { Scope::Read } else { Scope::Push };
     let path = req.uri().path().to_owned();
-    let registry = path.starts_with("/v2");
+    let registry = is_registry_path(&path);
     let repo = repository(&path);
     let repo = repo.as_deref();
     let target = match repo {
@@ -314,7 +320,7 @@ mod tests {
             let repo = repository(p);
             let target = match repo.as_deref() {
                 Some(r) => Target::Repository(r),
-                None if p.starts_with("/v2") => Target::Registry,
+                None if is_registry_path(p) => Target::Registry,
                 None => Target::Other,
             };
             allows(u, scope, target)
@@ -324,6 +330,8 @@ mod tests {
         assert!(!may(alice, Scope::Push, "/v2/teams/app/manifests/1"), "a prefix is a whole name");
         assert!(!may(alice, Scope::Read, "/v2/other/manifests/1"));
         assert!(may(alice, Scope::Read, "/v2/") && may(alice, Scope::Read, "/v2/_catalog"));
+        // A narinfo whose hash starts with "v2" is the cache's, as every other narinfo.
+        assert!(!may(alice, Scope::Read, "/v2m7imk2aaaaaaaaaaaaaaaaaaaaaaaaaaa.narinfo"));
         // The cache serves every store path, image blobs included, by name: not for a user
         // limited to some repositories.
         assert!(!may(alice, Scope::Read, "/nix-cache-info"), "cache routes belong to no repository");
