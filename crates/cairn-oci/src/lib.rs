@@ -46,6 +46,9 @@ pub enum OciError {
     BadTag(String),
     #[error("invalid repository name '{0}': components of [a-z0-9] joined by '.', '_', '__' or '-', separated by '/'")]
     BadName(String),
+    /// A name (with its tag or digest) whose root link would be longer than a file name may be.
+    #[error("'{0}' is too long: with its tag or digest it must fit a file name (255 bytes, '/' and ':' counting 3)")]
+    NameTooLong(String),
     #[error("manifest is {size} bytes, more than the {MAX_MANIFEST_SIZE} allowed")]
     ManifestTooLarge { size: u64 },
     #[error("manifest is not valid JSON: {0}")]

@@ -35,7 +35,11 @@ impl TagName {
     pub fn new(name: &str, tag: &str) -> Result<TagName> {
         validate_repository(name)?;
         validate_tag(tag)?;
-        Ok(TagName { name: name.to_owned(), tag: tag.to_owned() })
+        let t = TagName { name: name.to_owned(), tag: tag.to_owned() };
+        if t.file_name().len() > MAX_LINK_NAME {
+            return Err(OciError::NameTooLong(t.to_string()));
+        }
+        Ok(t)
     }
 
     pub fn name(&self) -> &str {
@@ -62,6 +66,19 @@ impl fmt::Display for TagName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.name, self.tag)
     }
+}
+
+/// The longest file name a root link may have (Linux's `NAME_MAX`).
+pub const MAX_LINK_NAME: usize = 255;
+
+/// Whether repository `name`'s links to blobs by digest ([`digest_root_file_name`], the longest
+/// digest's) fit a file name.
+pub fn fits_digest_links(name: &str) -> Result<()> {
+    // "@sha512-" and 128 hex digits.
+    if encode_name(name).len() + 8 + 128 > MAX_LINK_NAME {
+        return Err(OciError::NameTooLong(name.to_owned()));
+    }
+    Ok(())
 }
 
 /// A repository name with `%`, `/` and `:` percent-encoded: one file name.

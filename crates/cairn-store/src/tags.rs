@@ -20,7 +20,13 @@ impl LocalStore {
     /// A root link `gcroots/<group>/<name>`; both must be single, visible path components.
     fn root_link(&self, group: &str, name: &str) -> Result<PathBuf> {
         for part in [group, name] {
-            if part.is_empty() || part.starts_with('.') || part.contains('/') || part.contains('\0') || part == "auto" {
+            if part.is_empty()
+                || part.len() > 255
+                || part.starts_with('.')
+                || part.contains('/')
+                || part.contains('\0')
+                || part == "auto"
+            {
                 return Err(StoreError::BadTagName(part.to_owned()));
             }
         }
@@ -46,7 +52,11 @@ impl LocalStore {
             path: tmp.clone(),
             source,
         })?;
-        fs::rename(&tmp, &link).map_err(|source| StoreError::Io { op: "rename", path: link.clone(), source })?;
+        if let Err(source) = fs::rename(&tmp, &link) {
+            // Left, it would be a root of `path` that nothing ever removes.
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::Io { op: "rename", path: link, source });
+        }
         crate::fsops::sync_dir(&dir)
     }
 

@@ -402,6 +402,7 @@ async fn dispatch(
 /// A repository name a route may carry: distribution's path grammar (no host part).
 pub(crate) fn name_ok(name: &str) -> RResult<()> {
     cairn_oci::tag::validate_registry_path(name)
+        .and_then(|()| cairn_oci::tag::fits_digest_links(name))
         .map_err(|e| reg_err(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string()))
 }
 
