@@ -1813,6 +1813,40 @@ fn nix_uses_cairnd_as_its_remote_builder_over_ssh_ng() {
     nix_builds_a_chain_on(&p, &builders);
 }
 
+/// A trusted Nix client's `--builders` through the daemon: nix-daemon builds on them, and so
+/// does cairnd (instead of its own, here none) — the outputs come back and are valid.
+#[test]
+fn a_trusted_client_s_builders_are_used_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    // The builder: a nix-daemon on a store of its own, configured as the tests' Nix is (run by
+    // whichever daemon reaches it, in that daemon's environment).
+    let program = p.write(
+        "remote-nix-daemon",
+        b"#!/bin/sh\nexport NIX_CONFIG='build-users-group =\nsandbox-paths = /bin/sh=/bin/busybox\nsubstituters ='\nexec nix-daemon \"$@\"\n",
+    );
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for side in [Side::Cairn, Side::Nix] {
+        let remote = p.work.path().join(format!("remote-{side:?}"));
+        let builders = format!(
+            "ssh-ng://localhost?remote-program={program}&remote-store=local%3Froot%3D{} x86_64-linux",
+            remote.display()
+        );
+        let args = ["--no-out-link", &expr("chain.nix"), "--arg", "n", "2", "--max-jobs", "0", "--builders", &builders];
+        let out = p.ok(side, "nix-build", &args);
+        let top = out.trim();
+        p.ok(side, "nix-store", &["--check-validity", top]);
+        let built_there = std::fs::read_dir(remote.join("nix/store"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with("-chain-1"));
+        assert!(built_there, "{side:?}: the chain was built on the client's builder");
+        let _ = Command::new("chmod").args(["-R", "u+w"]).arg(&remote).status();
+    }
+}
+
 /// A Nix machine with a local store (no daemon) builds a chain of three with `--max-jobs 0` and
 /// `builders`, which lead to this pair's cairnd: the build shows, its output is the one
 /// nix-daemon makes, and cairnd's log names it.

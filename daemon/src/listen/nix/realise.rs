@@ -119,6 +119,18 @@ impl<R: Read, W: Write> Session<R, W> {
         Some(Arc::new(paths))
     }
 
+    /// The client's `builders` (`--builders`), as nix-daemon takes them: a trusted client's
+    /// replace the daemon's; an untrusted one may only turn them off (an empty value).
+    fn client_builders(&self) -> OpResult<Option<Arc<Vec<Arc<cairn_build::remote::Remote>>>>> {
+        let Some(spec) = self.client_setting("builders") else { return Ok(None) };
+        if !self.peer.trusted && !spec.trim().is_empty() {
+            return Ok(None);
+        }
+        let machines = crate::api::realise::machines(spec, &self.st.control.settings)
+            .map_err(|e| Failure::Report(format!("builders: {e}")))?;
+        Ok(Some(Arc::new(self.st.builder.remotes().resolve(machines))))
+    }
+
     /// Realises `goals` with the client's options, streaming the builds' activities and logs.
     fn realise(
         &mut self,
@@ -136,7 +148,7 @@ impl<R: Read, W: Write> Session<R, W> {
             mode,
             limits: self.build_limits(),
             given: Arc::new(given),
-            builders: None,
+            builders: self.client_builders()?,
             // A trusted client's hook runs as the daemon, as nix-daemon runs it; an empty
             // value turns the daemon's off.
             post_build_hook: self
