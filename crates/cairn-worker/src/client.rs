@@ -30,8 +30,9 @@ use crate::types::{BasicDerivation, BuildResult, ClientOptions, DerivedPath, Pat
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The daemon answered with an error; the connection is still usable.
-    #[error("{}", .0.message)]
+    /// The daemon answered with an error; the connection is still usable. (Shown without the
+    /// terminal escapes Nix colours its messages with.)
+    #[error("{}", crate::logger::plain_text(&.0.message))]
     Remote(RemoteError),
     /// The bytes or the connection failed; drop the connection.
     #[error("{0}")]

@@ -44,7 +44,7 @@ pub use framing::{FramedReader, FramedWriter};
 pub use handshake::{
     client_handshake, server_handshake, ClientHello, ClientSession, Duplex, ServerHello, ServerSession,
 };
-pub use logger::{read_until_last, Field, RemoteError, StderrMessage};
+pub use logger::{plain_text, read_until_last, Field, RemoteError, StderrMessage};
 pub use request::{Payload, RegisterDrvOutput, Request};
 pub use response::{Realisations, Response};
 pub use types::{

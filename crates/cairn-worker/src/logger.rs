@@ -56,6 +56,41 @@ impl RemoteError {
     }
 }
 
+/// `text` without terminal escape sequences (Nix colours its messages: `ESC [ … m`) or other
+/// control characters but newlines and tabs, as Nix's `filterANSIEscapes` shows another
+/// daemon's words: what a remote machine says is shown, never obeyed by the terminal.
+pub fn plain_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                // CSI: parameters and intermediates, up to a final byte in '@'..='~'.
+                Some('[') => {
+                    for d in chars.by_ref() {
+                        if ('@'..='~').contains(&d) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ST (`ESC \`).
+                Some(']') => {
+                    while let Some(d) = chars.next() {
+                        if d == '\x07' || (d == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// One message on the logger channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StderrMessage {
@@ -255,5 +290,20 @@ pub fn read_until_last(
             StderrMessage::Error(e) => return Ok(Err(e)),
             other => on_message(other)?,
         }
+    }
+}
+
+#[cfg(test)]
+mod plain_text_tests {
+    use super::plain_text;
+
+    #[test]
+    fn a_remote_message_is_shown_without_its_terminal_escapes() {
+        let nix = "\x1b[31;1merror:\x1b[0m builder for '\x1b[35;1m/nix/store/x-fail.drv\x1b[0m' failed\n       > out";
+        assert_eq!(plain_text(nix), "error: builder for '/nix/store/x-fail.drv' failed\n       > out");
+        // A title set through OSC, a bell, a carriage return and a lone escape: all dropped.
+        assert_eq!(plain_text("a\x1b]0;owned\x07b\x1b]2;x\x1b\\c\x07\rd\x1bQe"), "abcde");
+        assert_eq!(plain_text("tab\tand\nnewline stay"), "tab\tand\nnewline stay");
+        assert_eq!(plain_text("unterminated \x1b[31"), "unterminated ");
     }
 }

@@ -186,10 +186,16 @@ const LAST_WORDS: std::time::Duration = std::time::Duration::from_secs(2);
 /// its standard error, so what it said last is the reason (a refusal); without it, the bytes.
 fn serve_error(stderr: &Stderr, e: cairn_worker::Error) -> ClientError {
     let said = stderr.last_words(LAST_WORDS);
-    if said.is_empty() {
-        ClientError::Protocol(e)
-    } else {
+    // A refusal is said as an error; other last words (a build's own output, when the program
+    // died mid-build) are no reason, and the broken session is.
+    let refusal = said.iter().any(|l| {
+        let l = cairn_worker::plain_text(l);
+        l.starts_with("error:") || l.starts_with("cairnd:") || l.contains("error: ")
+    });
+    if refusal {
         ClientError::Remote(cairn_worker::RemoteError::new(said.join(" ")))
+    } else {
+        ClientError::Protocol(e)
     }
 }
 

@@ -410,7 +410,7 @@ pub fn build(
             // request (this client not trusted there, an input it lacks …): not the
             // build's fault, and another machine may take it.
             cairn_worker::ClientError::Remote(e) => {
-                RemoteFailure::Machine(format!("it refused the build: {}", e.message))
+                RemoteFailure::Machine(format!("it refused the build: {}", cairn_worker::plain_text(&e.message)))
             }
             e => RemoteFailure::Machine(format!("the session broke during the build: {e}")),
         }
@@ -418,7 +418,7 @@ pub fn build(
     if result.status.success() {
         Ok(())
     } else {
-        Err(RemoteFailure::Build { status: result.status, message: result.error_msg })
+        Err(RemoteFailure::Build { status: result.status, message: cairn_worker::plain_text(&result.error_msg) })
     }
 }
 

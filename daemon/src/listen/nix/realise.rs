@@ -388,7 +388,8 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// A builder's failure with its log's tail ends, as Nix's, by saying where the whole log is.
     fn with_log_hint(&self, drv: &StorePath, message: &str) -> String {
-        if message.contains(" log lines:\n") {
+        // (A remote builder's failure may have said it already.)
+        if message.contains(" log lines:\n") && !message.contains("For full logs, run ") {
             format!("{message}\nFor full logs, run '\x1b[1mnix log {}\x1b[0m'.", self.show(drv))
         } else {
             message.to_owned()
