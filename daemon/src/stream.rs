@@ -186,16 +186,54 @@ impl Write for ChannelWriter {
 }
 
 /// Streams what `produce` writes; checks done before it are reported with a status code.
+///
+/// A producer holds a thread of the blocking pool (512 in all) for as long as its client takes
+/// to read, so producers are counted: at most [`SOCKET_STREAMS`] for the API socket's answers
+/// and [`LISTENER_STREAMS`] for the network listener's (see [`stream_response_for_listener`]),
+/// together well under the pool, so that clients that open many downloads and read none of
+/// them (until `send-timeout` ends them) make other answers wait, but never starve the threads
+/// every other request needs. An answer past the count starts when one ends.
 pub(crate) fn stream_response(
     produce: impl FnOnce(&mut ChannelWriter) -> Result<(), cairn_store::StoreError> + Send + 'static,
 ) -> HttpResponse {
+    stream_within(&SOCKET_PRODUCERS, produce)
+}
+
+/// [`stream_response`] for the network listener's answers (binary cache, registry), counted
+/// apart from the API socket's: what anyone on the network does leaves the local users' room.
+pub(crate) fn stream_response_for_listener(
+    produce: impl FnOnce(&mut ChannelWriter) -> Result<(), cairn_store::StoreError> + Send + 'static,
+) -> HttpResponse {
+    stream_within(&LISTENER_PRODUCERS, produce)
+}
+
+/// Streamed answers of the API socket producing at once.
+pub(crate) const SOCKET_STREAMS: usize = 192;
+/// Streamed answers of the network listener producing at once.
+pub(crate) const LISTENER_STREAMS: usize = 64;
+
+static SOCKET_PRODUCERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SOCKET_STREAMS);
+static LISTENER_PRODUCERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LISTENER_STREAMS);
+
+fn stream_within(
+    producers: &'static tokio::sync::Semaphore,
+    produce: impl FnOnce(&mut ChannelWriter) -> Result<(), cairn_store::StoreError> + Send + 'static,
+) -> HttpResponse {
     let (mut w, body) = ChannelWriter::new();
-    tokio::task::spawn_blocking(move || match produce(&mut w).and_then(|_| w.flush().map_err(|e| e.into_store())) {
-        Ok(()) => {}
-        Err(e) => {
-            tracing::warn!("streamed answer failed: {e}");
-            w.fail(e.to_string());
-        }
+    tokio::spawn(async move {
+        // (The semaphores are never closed.)
+        let Ok(permit) = producers.acquire().await else { return };
+        let _ = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            match produce(&mut w).and_then(|_| w.flush().map_err(|e| e.into_store())) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!("streamed answer failed: {e}");
+                    w.fail(e.to_string());
+                }
+            }
+        })
+        .await;
     });
     HttpResponse::new(body)
 }
@@ -266,6 +304,42 @@ impl Write for Window<'_> {
 #[cfg(test)]
 mod tests {
     use super::parse_range;
+
+    /// Downloads nobody reads hold at most [`super::LISTENER_STREAMS`] threads of the blocking
+    /// pool; the others wait for a place, and all run once places free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unread_downloads_hold_at_most_their_share_of_the_blocking_threads() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let (running, most, done) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Arc::new(std::sync::Mutex::new(wait));
+        let mut bodies = Vec::new();
+        for _ in 0..super::LISTENER_STREAMS + 36 {
+            let (running, most, done, wait) = (running.clone(), most.clone(), done.clone(), wait.clone());
+            bodies.push(super::stream_response_for_listener(move |_| {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                // Blocked as on a client that reads nothing, until released.
+                let _ = wait.lock().unwrap().recv();
+                running.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let at_once = most.load(Ordering::SeqCst);
+        assert!(at_once <= super::LISTENER_STREAMS && at_once > 0, "{at_once} producers at once");
+        drop(release);
+        let start = std::time::Instant::now();
+        while done.load(Ordering::SeqCst) < super::LISTENER_STREAMS + 36 {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "the waiting answers did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(most.load(Ordering::SeqCst) <= super::LISTENER_STREAMS);
+        drop(bodies);
+    }
 
     #[test]
     fn ranges() {

@@ -25,7 +25,7 @@ use cairn_nix::store_path::is_hash_part;
 use cairn_nix::{StoreDir, StorePath};
 use cairn_store::LocalStore;
 
-use crate::stream::{parse_range, stream_response, IntoStoreError, Window};
+use crate::stream::{parse_range, stream_response_for_listener, IntoStoreError, Window};
 
 /// What the cache server needs.
 pub struct CacheServer {
@@ -211,7 +211,7 @@ async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -
     }
     let store = s.store.clone();
     if compressed {
-        let mut resp = stream_response(move |w| {
+        let mut resp = stream_response_for_listener(move |w| {
             let mut enc = zstd::stream::write::Encoder::new(w, 3).map_err(IntoStoreError::into_store)?;
             store.dump_path(&path, &mut enc)?;
             enc.finish().map_err(IntoStoreError::into_store)?;
@@ -230,7 +230,7 @@ async fn nar(State(s): St, UrlPath(file): UrlPath<String>, headers: HeaderMap) -
                 .into_response()
         }
     };
-    let resp = stream_response(move |w| {
+    let resp = stream_response_for_listener(move |w| {
         let mut window = Window { inner: w, skip: start, take: end - start };
         match store.dump_path(&path, &mut window) {
             Ok(()) => Ok(()),

@@ -732,7 +732,7 @@ async fn get_blob(
     // body (no task per chunk); the blob stays rooted until it is sent. A streamed layer's range
     // is found by making and dropping the bytes before it.
     let images = s.images.clone();
-    let mut resp = crate::stream::stream_response(move |w| {
+    let mut resp = crate::stream::stream_response_for_listener(move |w| {
         let shown = images.store.store_dir().display(&blob.path);
         let io = |op, source| cairn_store::StoreError::Io { op, path: shown.clone().into(), source };
         let r: Box<dyn std::io::Read + Send> = match &blob.source {
