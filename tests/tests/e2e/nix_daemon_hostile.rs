@@ -1009,6 +1009,79 @@ fn helper_untrusted_build_log_process() {
     println!("HELPER valid-after {}", is_valid(&mut c, &path));
 }
 
+/// Run as another user by [`an_untrusted_client_learns_nothing_of_files_it_may_not_read`]:
+/// asks for each path of `CAIRN_NIX_HOSTILE_HELPER_LINKS` (`:`-separated) to be an indirect
+/// root, printing the daemon's answer.
+#[test]
+fn helper_untrusted_indirect_root_process() {
+    let Some(socket) = std::env::var_os(HELPER_ROOT_ENV) else { return };
+    let links = std::env::var("CAIRN_NIX_HOSTILE_HELPER_LINKS").unwrap();
+    let mut c = connect_path(std::path::Path::new(&socket));
+    handshake(&mut c);
+    for link in links.split(':') {
+        let mut req = Vec::new();
+        put_u64(&mut req, 12); // AddIndirectRoot
+        put_bytes(&mut req, link.as_bytes());
+        c.write_all(&req).unwrap();
+        match read_reply(&mut c) {
+            Reply::Error(m) => println!("HELPER error {}", m.replace('\n', " ")),
+            other => println!("HELPER {other:?}"),
+        }
+    }
+}
+
+const HELPER_ROOT_ENV: &str = "CAIRN_NIX_HOSTILE_ROOT_HELPER";
+
+/// `AddIndirectRoot` of links in a directory an untrusted client may not read — one into the
+/// store, one elsewhere, one missing, one not a link — is refused in the same words for each,
+/// naming no target: the daemon's rights do not become the client's eyes.
+#[test]
+fn an_untrusted_client_learns_nothing_of_files_it_may_not_read() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: needs root to connect as another user with setpriv");
+        return;
+    }
+    let (s, known) = daemon_with_known_path();
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(secret.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let into_store = secret.path().join("into-store");
+    std::os::unix::fs::symlink(&known, &into_store).unwrap();
+    let elsewhere = secret.path().join("elsewhere");
+    std::os::unix::fs::symlink("/SECRET-TARGET", &elsewhere).unwrap();
+    let plain = secret.path().join("plain");
+    std::fs::write(&plain, "x").unwrap();
+    let missing = secret.path().join("missing");
+    let links: Vec<String> =
+        [&into_store, &elsewhere, &plain, &missing].iter().map(|p| p.display().to_string()).collect();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            &cairn_tests::test_name(module_path!(), "helper_untrusted_indirect_root_process"),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ROOT_ENV, nix_socket(&s))
+        .env("CAIRN_NIX_HOSTILE_HELPER_LINKS", links.join(":"))
+        .env("CAIRN_BIN_DIR", bin_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "helper failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let said: Vec<&str> = stdout.lines().filter_map(|l| l.find("HELPER ").map(|i| &l[i + 7..])).collect();
+    assert_eq!(said.len(), 4, "helper output:\n{stdout}");
+    for (link, answer) in links.iter().zip(&said) {
+        assert_eq!(
+            *answer,
+            format!("error root '{link}' is not a symbolic link of yours into the store"),
+            "the same words whatever is there"
+        );
+    }
+    assert!(!stdout.contains("SECRET-TARGET"));
+    assert_daemon_serves(&s, &known);
+}
+
 /// The environment variable that turns [`helper_untrusted_build_log_process`] into the client.
 const HELPER_LOG_ENV: &str = "CAIRN_NIX_HOSTILE_LOG_HELPER";
 

@@ -411,16 +411,36 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// `AddIndirectRoot`: the client made `link` point at a store path (Nix's `addPermRoot`
     /// does so on the client's side) and asks for it to be a root.
+    ///
+    /// The daemon reads what the client names with its own rights, so an untrusted client's
+    /// link must be its own, and every refusal is the same words: what is behind a directory
+    /// the client may not read (whether a file is there, where a link leads) is not told.
     fn add_indirect_root(&mut self, link: &Path) -> OpResult<()> {
         if !link.is_absolute() {
             return Err(Failure::Report(format!("root '{}' is not an absolute path", link.display())));
         }
-        let target = std::fs::read_link(link)
-            .map_err(|e| Failure::Report(format!("cannot read root '{}': {e}", link.display())))?;
+        let trusted = self.peer.trusted;
+        let refused = |why: String| {
+            Failure::Report(if trusted {
+                why
+            } else {
+                format!("root '{}' is not a symbolic link of yours into the store", link.display())
+            })
+        };
+        if !trusted {
+            let owner = std::fs::symlink_metadata(link).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+            if owner.ok() != Some(self.peer.uid) {
+                return Err(refused(String::new()));
+            }
+        }
+        let target =
+            std::fs::read_link(link).map_err(|e| refused(format!("cannot read root '{}': {e}", link.display())))?;
         let target = target.to_string_lossy();
-        let path = self.st.store_dir.parse(&target).map_err(|_| {
-            Failure::Report(format!("root '{}' does not point into the store ({target})", link.display()))
-        })?;
+        let path = self
+            .st
+            .store_dir
+            .parse(&target)
+            .map_err(|_| refused(format!("root '{}' does not point into the store ({target})", link.display())))?;
         self.st.store.add_indirect_root(link, &path)?;
         Ok(())
     }
