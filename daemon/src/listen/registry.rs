@@ -51,6 +51,11 @@ use crate::stream::blocking;
 /// Upload sessions untouched for this long are dropped.
 const UPLOAD_IDLE: Duration = Duration::from_secs(3600);
 
+/// Upload sessions open at once (each a scratch file, kept for [`UPLOAD_IDLE`]): far above what
+/// pushes need (a client opens one per blob it sends, a few at a time), and a bound on what
+/// clients that open sessions and never finish them can hold.
+const MAX_UPLOADS: usize = 4096;
+
 /// The root-link group of blobs uploaded or mounted into a repository
 /// (`<repository>@<algorithm>-<hex>`, as a digest root's name).
 pub const UPLOAD_GROUP: &str = "oci-uploads";
@@ -1190,6 +1195,13 @@ async fn start_upload(
     let mut ups = s.uploads.lock().await;
     // Expired sessions are dropped, and their files with them.
     ups.retain(|_, u| u.touched.elapsed() < UPLOAD_IDLE);
+    if ups.len() >= MAX_UPLOADS {
+        return Err(reg_err(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOOMANYREQUESTS",
+            format!("{MAX_UPLOADS} uploads are open; finish or cancel one, or wait for idle ones to expire"),
+        ));
+    }
     std::fs::File::create(&file.0)
         .map_err(|e| reg_err(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", format!("cannot start the upload: {e}")))?;
     ups.insert(id.clone(), Upload { repo: name.to_owned(), file, size: 0, touched: Instant::now() });

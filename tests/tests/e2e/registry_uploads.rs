@@ -132,3 +132,25 @@ fn a_held_blob_is_not_claimed_by_its_digest_over_other_bytes() {
     assert_eq!(right.status, 201, "{}", String::from_utf8_lossy(&right.body));
     assert_eq!(blob_in("team/x"), 200);
 }
+
+/// Upload sessions are bounded: past 4096 open ones, a new one is refused (429, saying why)
+/// until one ends; a finished upload frees its place.
+#[test]
+fn open_upload_sessions_are_bounded() {
+    let (st, port) = registry();
+    let mut last = String::new();
+    for _ in 0..4096 {
+        let a = http(port, "POST", "/v2/team/app/blobs/uploads/", &[], b"");
+        assert_eq!(a.status, 202);
+        last = a.header("location").unwrap().to_owned();
+    }
+    let refused = http(port, "POST", "/v2/team/app/blobs/uploads/", &[], b"");
+    assert_eq!(refused.status, 429, "{}", String::from_utf8_lossy(&refused.body));
+    assert!(String::from_utf8_lossy(&refused.body).contains("uploads are open"));
+    assert_eq!(files(&uploads(&st)).len(), 4096, "no file for the refused session");
+    // One finished: a place is free again.
+    let sep = if last.contains('?') { '&' } else { '?' };
+    let done = http(port, "PUT", &format!("{last}{sep}digest={}", digest_of(b"")), &[], b"");
+    assert_eq!(done.status, 201, "{}", String::from_utf8_lossy(&done.body));
+    assert_eq!(http(port, "POST", "/v2/team/app/blobs/uploads/", &[], b"").status, 202);
+}
