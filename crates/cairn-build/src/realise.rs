@@ -922,6 +922,7 @@ impl Builder {
         // Nix counts a failed fixed-output builder as a transient failure (exit code 1).
         let builder_failed =
             if node.drv.fixed_output().ok().flatten().is_some() { FailureKind::Other } else { FailureKind::Permanent };
+        let in_memory = options.given.contains_key(drv_path);
         let failure = match ended {
             Err(stop) => Some(stop),
             Ok(Err(e)) => Some(format!("cannot run the builder of '{shown}': {e}").into()),
@@ -938,21 +939,28 @@ impl Builder {
             Ok(Ok(RunEnd::TimedOut(t))) => Some(
                 Failure::new(
                     FailureKind::TimedOut,
-                    format!("{} timed out after {} seconds", goal_name(&shown, node), t.as_secs()),
+                    format!("{} timed out after {} seconds", goal_name(&shown, node, in_memory), t.as_secs()),
                 )
                 .into(),
             ),
             Ok(Ok(RunEnd::Silent(t))) => Some(
                 Failure::new(
                     FailureKind::TimedOut,
-                    format!("{} timed out after {} seconds of silence", goal_name(&shown, node), t.as_secs()),
+                    format!(
+                        "{} timed out after {} seconds of silence",
+                        goal_name(&shown, node, in_memory),
+                        t.as_secs()
+                    ),
                 )
                 .into(),
             ),
             Ok(Ok(RunEnd::LogLimit(n))) => Some(
                 Failure::new(
                     FailureKind::LogLimit,
-                    format!("{} killed after writing more than {n} bytes of log output", goal_name(&shown, node)),
+                    format!(
+                        "{} killed after writing more than {n} bytes of log output",
+                        goal_name(&shown, node, in_memory)
+                    ),
                 )
                 .into(),
             ),
@@ -1452,12 +1460,15 @@ fn same_file_system(top: &Path, store: &Path) -> bool {
     dev(parent).is_some() && dev(parent) == dev(store)
 }
 
-fn goal_name(shown: &str, node: &Node) -> String {
+/// The goal as Nix names it in its messages: a derivation the client sent (`BuildDerivation`,
+/// a remote build) is built "from in-memory derivation", with all its outputs.
+fn goal_name(shown: &str, node: &Node, in_memory: bool) -> String {
     let outputs: Vec<&str> = match &node.wanted {
-        Some(w) => w.iter().map(String::as_str).collect(),
-        None => node.outputs.keys().map(String::as_str).collect(),
+        Some(w) if !in_memory => w.iter().map(String::as_str).collect(),
+        _ => node.outputs.keys().map(String::as_str).collect(),
     };
-    format!("building of '{shown}!{}' from .drv file", outputs.join(","))
+    let from = if in_memory { "in-memory derivation" } else { ".drv file" };
+    format!("building of '{shown}!{}' from {from}", outputs.join(","))
 }
 
 /// A line as Nix shows a builder's output: a carriage return goes back to the line's start and

@@ -2052,6 +2052,38 @@ fn nix_uses_cairnd_as_its_remote_builder_over_legacy_ssh() {
     nix_builds_a_chain_on(&p, &format!("{} x86_64-linux", p.ssh_url(Side::Cairn)));
 }
 
+/// A build handed over the legacy protocol that runs past `--max-silent-time` fails in Nix's
+/// words for a goal built from a derivation it was sent, "from in-memory derivation" (Nix 2.8's
+/// `DerivationGoal` names it so; the nix-store --serve here hands its builds to nix-daemon,
+/// which does not take the client's limit, so only cairnd's words are checked).
+#[test]
+fn a_remote_build_timing_out_is_named_as_nix_store_serve_names_it() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let quiet = p.write(
+        "quiet.nix",
+        br#"derivation { name = "serve-quiet"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "sleep 5; echo > $out" ]; }"#,
+    );
+    let side = Side::Cairn;
+    let out = p
+        .cmd(side, "nix-build")
+        .env("NIX_REMOTE", "")
+        .args(["--store", &format!("local?root={}", p.work.path().join(format!("quiet-{side:?}")).display())])
+        .args(["--no-out-link", &quiet, "--max-jobs", "0", "--max-silent-time", "1", "--builders"])
+        .arg(format!("{} x86_64-linux", p.ssh_url(side)))
+        .args(["--option", "sandbox-paths", "/bin/sh=/bin/busybox"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{side:?}:\n{err}");
+    assert!(
+        err.contains("-serve-quiet.drv!out' from in-memory derivation timed out after 1 seconds of silence"),
+        "{side:?}:\n{err}"
+    );
+}
+
 /// `nix copy` to and from an `ssh://` store served by `cairnd --serve`, `nix path-info -r` and
 /// `nix store dump-path` on it, answer as they do when `nix-store --serve` serves nix-daemon's
 /// store.
