@@ -52,7 +52,7 @@ pub fn receive(
         let path = dir.display(&info.store_path);
         check_narinfo(&dir, &info.store_path, &info, &policy).map_err(|check| CacheError::Refused {
             path: path.clone(),
-            cache: "the push".into(),
+            cache: "the copy".into(),
             check,
         })?;
         if info.compression != "none" {
@@ -61,7 +61,7 @@ pub fn receive(
         let mut nar = input.nar(info.nar_size);
         let refuse = |e: cairn_store::StoreError| CacheError::Refused {
             path: path.clone(),
-            cache: "the push".into(),
+            cache: "the copy".into(),
             check: e.to_string(),
         };
         batch.add_nar_with_info(path_info_of(&info), &mut nar, |_| Ok(())).map_err(refuse)?;
