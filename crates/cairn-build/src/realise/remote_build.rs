@@ -86,7 +86,10 @@ impl Builder {
             Ok(Err(e)) => Some(Err(Failure::from(e.to_string()).into())),
             Ok(Ok(Err(RemoteFailure::Machine(why)))) => {
                 tracing::warn!("builder '{}' failed building '{shown}': {why}", remote.uri());
-                let line = format!("cairn: builder '{}' failed: {why}; another machine (or this one) takes the build if it can", remote.uri());
+                let line = format!(
+                    "cairn: builder '{}' failed: {why}; another machine (or this one) takes the build if it can",
+                    remote.uri()
+                );
                 let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
                 remote.mark_down(&why);
                 remote.record(false);
