@@ -477,7 +477,7 @@ mod tests {
             (IsValid::respond(vec![true, false]), r#"{"kind":"valid","value":[true,false]}"#),
             (
                 GcCollect::respond(GcResult { deleted: v(), bytes_freed: 3, unregistered: 1, limit_reached: true }),
-                r#"{"kind":"gc","value":{"deleted":["/s/x","/s/y"],"bytesFreed":3,"unregistered":1}}"#,
+                r#"{"kind":"gc","value":{"deleted":["/s/x","/s/y"],"bytesFreed":3,"unregistered":1,"limitReached":true}}"#,
             ),
             (
                 GcRoots::respond(vec![RootInfo { origin: "o".into(), path: s() }]),

@@ -923,6 +923,32 @@ fn a_nar_with_a_dangerous_entry_name_is_refused_and_nothing_is_registered() {
 // ---------------------------------------------------------------------------------------------
 // An untrusted client
 
+/// Runs this binary's test `helper` as `nobody` (through `setpriv`) with `env`, asserting it
+/// ran; returns what it printed on lines starting with `HELPER `.
+fn as_nobody(helper: &str, env: &[(&str, &std::ffi::OsStr)]) -> Vec<String> {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", &cairn_tests::test_name(module_path!(), helper), "--nocapture", "--test-threads=1"])
+        .env("CAIRN_BIN_DIR", bin_dir());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "helper failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout.lines().filter_map(|l| l.find("HELPER ").map(|i| l[i + 7..].to_owned())).collect()
+}
+
+/// Whether this run may connect as another user (root, for `setpriv`).
+fn can_be_nobody() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("skipping: needs root to connect as another user with setpriv");
+    }
+    root
+}
+
 /// Run as another user by [`an_untrusted_clients_unsigned_add_to_store_nar_is_refused`] (the
 /// test binary re-executed through `setpriv`); does nothing in a normal run. It connects,
 /// sends an unsigned `AddToStoreNar` asking not to check signatures, then `IsValidPath` on the
@@ -947,32 +973,18 @@ fn helper_untrusted_client_process() {
 
 #[test]
 fn an_untrusted_clients_unsigned_add_to_store_nar_is_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to connect as another user with setpriv");
+    if !can_be_nobody() {
         return;
     }
     let (s, known) = daemon_with_known_path();
     let before = s.store_entries();
     let path = random_path(&mut Rng::new(41), "untrusted");
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&exe)
-        .args([
-            "--exact",
-            &cairn_tests::test_name(module_path!(), "helper_untrusted_client_process"),
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, nix_socket(&s))
-        .env("CAIRN_NIX_HOSTILE_HELPER_PATH", &path)
-        .env("CAIRN_BIN_DIR", bin_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "helper failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let said: Vec<&str> = stdout.lines().filter_map(|l| l.find("HELPER ").map(|i| &l[i + 7..])).collect();
-    assert_eq!(said.len(), 3, "helper output:\n{stdout}");
+    let socket = nix_socket(&s);
+    let said = as_nobody(
+        "helper_untrusted_client_process",
+        &[(HELPER_ENV, socket.as_os_str()), ("CAIRN_NIX_HOSTILE_HELPER_PATH", path.as_ref())],
+    );
+    assert_eq!(said.len(), 3, "helper output: {said:?}");
     assert_eq!(said[0], "trust 2", "the daemon tells nobody it is not trusted");
     assert!(said[1].starts_with("error "), "an untrusted unsigned add: {}", said[1]);
     assert!(said[1].contains("signature"), "{}", said[1]);
@@ -1037,8 +1049,7 @@ const HELPER_ROOT_ENV: &str = "CAIRN_NIX_HOSTILE_ROOT_HELPER";
 /// naming no target: the daemon's rights do not become the client's eyes.
 #[test]
 fn an_untrusted_client_learns_nothing_of_files_it_may_not_read() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to connect as another user with setpriv");
+    if !can_be_nobody() {
         return;
     }
     let (s, known) = daemon_with_known_path();
@@ -1053,24 +1064,12 @@ fn an_untrusted_client_learns_nothing_of_files_it_may_not_read() {
     let missing = secret.path().join("missing");
     let links: Vec<String> =
         [&into_store, &elsewhere, &plain, &missing].iter().map(|p| p.display().to_string()).collect();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            &cairn_tests::test_name(module_path!(), "helper_untrusted_indirect_root_process"),
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ROOT_ENV, nix_socket(&s))
-        .env("CAIRN_NIX_HOSTILE_HELPER_LINKS", links.join(":"))
-        .env("CAIRN_BIN_DIR", bin_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "helper failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let said: Vec<&str> = stdout.lines().filter_map(|l| l.find("HELPER ").map(|i| &l[i + 7..])).collect();
-    assert_eq!(said.len(), 4, "helper output:\n{stdout}");
+    let (socket, joined) = (nix_socket(&s), links.join(":"));
+    let said = as_nobody(
+        "helper_untrusted_indirect_root_process",
+        &[(HELPER_ROOT_ENV, socket.as_os_str()), ("CAIRN_NIX_HOSTILE_HELPER_LINKS", joined.as_ref())],
+    );
+    assert_eq!(said.len(), 4, "helper output: {said:?}");
     for (link, answer) in links.iter().zip(&said) {
         assert_eq!(
             *answer,
@@ -1078,7 +1077,7 @@ fn an_untrusted_client_learns_nothing_of_files_it_may_not_read() {
             "the same words whatever is there"
         );
     }
-    assert!(!stdout.contains("SECRET-TARGET"));
+    assert!(!said.iter().any(|l| l.contains("SECRET-TARGET")));
     assert_daemon_serves(&s, &known);
 }
 
@@ -1089,8 +1088,7 @@ const HELPER_LOG_ENV: &str = "CAIRN_NIX_HOSTILE_LOG_HELPER";
 /// kept: a refused log costs the daemon nothing like its size in memory.
 #[test]
 fn an_untrusted_clients_build_log_is_refused_without_being_kept() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to connect as another user with setpriv");
+    if !can_be_nobody() {
         return;
     }
     let (s, known) = daemon_with_known_path();
@@ -1100,24 +1098,12 @@ fn an_untrusted_clients_build_log_is_refused_without_being_kept() {
         line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
     };
     let before = peak();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            &cairn_tests::test_name(module_path!(), "helper_untrusted_build_log_process"),
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_LOG_ENV, nix_socket(&s))
-        .env("CAIRN_NIX_HOSTILE_HELPER_PATH", &known)
-        .env("CAIRN_BIN_DIR", bin_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "helper failed:\n{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), s.log());
-    let said: Vec<&str> = stdout.lines().filter_map(|l| l.find("HELPER ").map(|i| &l[i + 7..])).collect();
-    assert_eq!(said.len(), 2, "helper output:\n{stdout}");
+    let socket = nix_socket(&s);
+    let said = as_nobody(
+        "helper_untrusted_build_log_process",
+        &[(HELPER_LOG_ENV, socket.as_os_str()), ("CAIRN_NIX_HOSTILE_HELPER_PATH", known.as_ref())],
+    );
+    assert_eq!(said.len(), 2, "helper output: {said:?}");
     assert!(said[0].starts_with("error ") && said[0].contains("not privileged to add logs"), "{}", said[0]);
     assert_eq!(said[1], "valid-after true", "the connection stays in step");
     let grew = peak().saturating_sub(before);

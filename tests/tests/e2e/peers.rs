@@ -29,7 +29,10 @@ impl Upstream {
         let dir = tempfile::tempdir().unwrap();
         let seed = TestStore::start();
         write(&dir.path().join("tree/data"), &Rng::new(size as u64).bytes(size));
-        write(&dir.path().join("tree/bin/run"), b"#!/bin/sh\necho run\n");
+        // A command an automaton may name (executable; it is moved, never run here).
+        write(&dir.path().join("tree/bin/run"), b"echo run\n");
+        std::fs::set_permissions(dir.path().join("tree/bin/run"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let tree = line(&seed.ok(&["add", s(&dir.path().join("tree"))]));
         write(&dir.path().join("note.txt"), format!("the tree is {tree}\n").as_bytes());
         let note = line(&seed.ok(&["add-text", "note", s(&dir.path().join("note.txt")), "--ref", &tree]));
