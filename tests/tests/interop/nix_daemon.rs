@@ -437,6 +437,29 @@ fn roots_and_garbage_collection_through_cairnd_behave_as_with_nix_daemon() {
     p.same("nix-store", &["--check-validity", &keep_path]);
 }
 
+/// `--keep-failed`: the kept build directory is said on a line of its own before the error,
+/// as nix-daemon says it, and the error itself does not repeat it.
+#[test]
+fn a_kept_build_directory_is_said_before_the_error_as_by_nix_daemon() {
+    if !peers() {
+        return;
+    }
+    let p = Pair::start();
+    let file = p.write(
+        "kept.nix",
+        br#"derivation { name = "kept"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo partial > leftover; exit 1" ]; }"#,
+    );
+    let (c, n) = p.alike("nix-build", &["--no-out-link", "-K", &file]);
+    for (side, out) in [("cairnd", &c), ("nix-daemon", &n)] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        let note = lines.iter().position(|l| l.starts_with("note: keeping build directory '"));
+        let error = lines.iter().position(|l| l.starts_with("error: builder for '"));
+        assert!(matches!((note, error), (Some(a), Some(b)) if a < b), "{side}:\n{err}");
+        assert_eq!(err.matches("keeping build directory").count(), 1, "{side}:\n{err}");
+    }
+}
+
 /// `--max-freed` counts what Nix counts (the files' sizes), and deletes paths until more than it
 /// is freed: the same dead paths go, and the same words say why it stopped.
 #[test]

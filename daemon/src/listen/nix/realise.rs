@@ -376,6 +376,10 @@ impl<R: Read, W: Write> Session<R, W> {
                 if let Some(id) = activities.remove(&drv) {
                     self.stop_activity(id);
                 }
+                // As Nix: a kept build directory is said on a line of its own, before the error.
+                if let (_, Some(note)) = split_kept_note(&message) {
+                    self.log_line(note);
+                }
                 failures.insert(drv.clone(), kind);
                 // A requested derivation's failure is the request's error; others are logged.
                 if !top.contains(&drv) {
@@ -388,6 +392,8 @@ impl<R: Read, W: Write> Session<R, W> {
 
     /// A builder's failure with its log's tail ends, as Nix's, by saying where the whole log is.
     fn with_log_hint(&self, drv: &StorePath, message: &str) -> String {
+        // The kept build directory's note was said on its own line when the build failed.
+        let (message, _) = split_kept_note(message);
         // (A remote builder's failure may have said it already.)
         if message.contains(" log lines:\n") && !message.contains("For full logs, run ") {
             format!("{message}\nFor full logs, run '\x1b[1mnix log {}\x1b[0m'.", self.show(drv))
@@ -705,4 +711,13 @@ fn with_broken_substitute(
         }
     }
     None
+}
+
+/// A failure's message without the note the builder adds when it keeps the build directory
+/// (`--keep-failed`), and that note.
+fn split_kept_note(message: &str) -> (&str, Option<&str>) {
+    match message.rfind("\nnote: keeping build directory '") {
+        Some(i) => (&message[..i], Some(&message[i + 1..])),
+        None => (message, None),
+    }
 }
