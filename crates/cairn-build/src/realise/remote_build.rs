@@ -86,13 +86,7 @@ impl Builder {
             Ok(Err(e)) => Some(Err(Failure::from(e.to_string()).into())),
             Ok(Ok(Err(RemoteFailure::Machine(why)))) => {
                 tracing::warn!("builder '{}' failed building '{shown}': {why}", remote.uri());
-                let line = format!(
-                    "cairn: builder '{}' failed: {why}; another machine (or this one) takes the build if it can",
-                    remote.uri()
-                );
-                let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
-                remote.mark_down(&why);
-                remote.record(false);
+                set_aside(&remote, events, drv_path, "failed", &why);
                 None
             }
             Ok(Ok(Err(RemoteFailure::Build { status, message }))) => {
@@ -134,10 +128,7 @@ impl Builder {
                     // The outputs are not what the builder said they are.
                     Ok(Err(Ok(why))) => {
                         tracing::warn!("builder '{}' returned untrustworthy outputs of '{shown}': {why}", remote.uri());
-                        let line = format!("cairn: builder '{}' refused: {why}; another machine (or this one) takes the build if it can", remote.uri());
-                        let _ = events.send(Event::Log { drv: drv_path.clone(), line: line.into_bytes() });
-                        remote.mark_down(&why);
-                        remote.record(false);
+                        set_aside(&remote, events, drv_path, "refused", &why);
                         None
                     }
                     // The outputs are wrong in the way a local build's can be (a hash mismatch,
@@ -202,4 +193,16 @@ impl Builder {
         remote.give_back(conn);
         Ok((claims, closure))
     }
+}
+
+/// A builder that failed, or whose outputs cannot be trusted: said in the build's log, marked
+/// down for a while, the build left to another machine (or this one) if one can take it.
+fn set_aside(remote: &remote::Remote, events: &mpsc::UnboundedSender<Event>, drv: &StorePath, what: &str, why: &str) {
+    let line = format!(
+        "cairn: builder '{}' {what}: {why}; another machine (or this one) takes the build if it can",
+        remote.uri()
+    );
+    let _ = events.send(Event::Log { drv: drv.clone(), line: line.into_bytes() });
+    remote.mark_down(why);
+    remote.record(false);
 }

@@ -190,7 +190,7 @@ fn serve_error(stderr: &Stderr, e: cairn_worker::Error) -> ClientError {
     // died mid-build) are no reason, and the broken session is.
     let refusal = said.iter().any(|l| {
         let l = cairn_worker::plain_text(l);
-        l.starts_with("error:") || l.starts_with("cairnd:") || l.contains("error: ")
+        l.contains("error:") || l.starts_with("cairnd:")
     });
     if refusal {
         ClientError::Remote(cairn_worker::RemoteError::new(said.join(" ")))

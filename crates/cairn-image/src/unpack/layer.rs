@@ -174,11 +174,11 @@ impl Layer<'_> {
         let mode = e.header().mode().map_err(|source| UnpackError::BadTar { layer: self.label.to_owned(), source })?;
         match kind {
             EntryType::Directory => {
-                self.count_special_bits(mode);
+                self.count_mode(mode);
                 self.make_dir(&dest)?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.count_special_bits(mode);
+                self.count_mode(mode);
                 self.write_file(e, &dest, mode & 0o111 != 0)?;
             }
             EntryType::Symlink => {
@@ -213,7 +213,9 @@ impl Layer<'_> {
         Ok(())
     }
 
-    fn count_special_bits(&mut self, mode: u32) {
+    /// Counts what an entry's `mode` loses in the store: special bits, and privacy from other
+    /// users.
+    fn count_mode(&mut self, mode: u32) {
         if mode & SPECIAL_BITS != 0 {
             self.tree.dropped_special_bits += 1;
         }
