@@ -359,6 +359,21 @@ impl TestStore {
         }
     }
 
+    /// What the daemon's unfinished work holds in the store's temporary area (`.cairn-tmp`):
+    /// the entries of its directories, and anything else there. The empty directories the
+    /// daemon keeps there for reuse are not work.
+    pub fn temp_work(&self) -> Vec<PathBuf> {
+        let Ok(top) = std::fs::read_dir(self.real_store_dir().join(".cairn-tmp")) else { return Vec::new() };
+        let mut work = Vec::new();
+        for e in top.flatten() {
+            match std::fs::read_dir(e.path()) {
+                Ok(inner) => work.extend(inner.flatten().map(|i| i.path())),
+                Err(_) => work.push(e.path()),
+            }
+        }
+        work
+    }
+
     /// The entries of the store directory, asserting that no temporary work (in `.cairn-tmp`)
     /// is left behind and that garbage on its way out (in `.cairn-trash`) goes.
     ///
@@ -367,19 +382,16 @@ impl TestStore {
     /// is still there then counts as left behind.
     pub fn store_entries(&self) -> Vec<String> {
         self.wait_trash_empty();
-        let tmp = self.real_store_dir().join(".cairn-tmp");
         let started = Instant::now();
-        while std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some())
-            && started.elapsed() < Duration::from_secs(30)
-        {
+        while !self.temp_work().is_empty() && started.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        for area in [".cairn-tmp", ".cairn-trash"] {
-            let dir = self.real_store_dir().join(area);
-            let left: Vec<_> =
-                std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-            assert!(left.is_empty(), "files left in {area}: {left:?}");
-        }
+        let left = self.temp_work();
+        assert!(left.is_empty(), "files left in .cairn-tmp: {left:?}");
+        let trash = self.real_store_dir().join(".cairn-trash");
+        let left: Vec<_> =
+            std::fs::read_dir(&trash).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "files left in .cairn-trash: {left:?}");
         let mut v: Vec<String> = std::fs::read_dir(self.real_store_dir())
             .unwrap()
             .flatten()

@@ -113,24 +113,34 @@ impl LogWriter {
     }
 
     pub fn finish(mut self) -> io::Result<()> {
-        match (self.enc.take(), self.out.take()) {
-            (Some(enc), _) => {
-                enc.finish()?;
-            }
-            (None, Some(mut out)) if self.pending.is_empty() => out.write_all(&EMPTY_BZ2)?,
+        let written = match (self.enc.take(), self.out.take()) {
+            (Some(enc), _) => enc.finish().map(drop),
+            (None, Some(mut out)) if self.pending.is_empty() => out.write_all(&EMPTY_BZ2),
             (None, Some(out)) => {
                 let mut enc = bzip2::write::BzEncoder::new(out, bzip2::Compression::fast());
-                enc.write_all(&self.pending)?;
-                enc.finish()?;
+                enc.write_all(&self.pending).and_then(|()| enc.finish().map(drop))
             }
-            (None, None) => {}
+            (None, None) => Ok(()),
+        };
+        let kept = written.and_then(|()| fs::rename(&self.tmp, &self.file));
+        if kept.is_err() {
+            let _ = fs::remove_file(&self.tmp);
         }
-        fs::rename(&self.tmp, &self.file)
+        kept
     }
 
     /// Where the log will be.
     pub fn path(&self) -> &Path {
         &self.file
+    }
+}
+
+impl Drop for LogWriter {
+    /// A log never finished (its build never ran) leaves no temporary file behind.
+    fn drop(&mut self) {
+        if self.out.is_some() || self.enc.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 

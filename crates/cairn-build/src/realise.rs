@@ -875,15 +875,21 @@ impl Builder {
         let t0 = std::time::Instant::now();
         let cores = options.limits.cores.unwrap_or(self.settings.cores);
         let paths = options.sandbox_paths.clone();
+        // The log's file is opened while the root is made, on another thread: both make files
+        // on disk, and a chain of builds waits for each.
+        let log = {
+            let (logs, drv_path) = (self.settings.logs.clone(), drv_path.clone());
+            tokio::task::spawn_blocking(move || logs.writer(&drv_path))
+        };
         let prepared = {
             let top = top.clone();
             tokio::task::spawn_blocking(move || {
                 let paths = paths.as_deref().map_or(&this.settings.sandbox_paths[..], |p| &p[..]);
                 this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure, cores, paths)
             })
-            .await
-            .map_err(|e| e.to_string())?
         };
+        let (prepared, log) = tokio::join!(prepared, log);
+        let prepared = prepared.map_err(|e| e.to_string())?;
         let (spec, closure, roots, placed) = match prepared {
             Ok(v) => v,
             Err(e) => {
@@ -892,8 +898,15 @@ impl Builder {
             }
         };
 
+        let log = log.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
+        let mut log = match log {
+            Ok(log) => log,
+            Err(e) => {
+                let _ = crate::root::remove(&top);
+                return Err(format!("cannot open the build log: {e}").into());
+            }
+        };
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
-        let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
         let mut tail: VecDeque<String> = VecDeque::new();
         let limits = self.run_limits(options);
         let (uid, gid) = host_ids.unwrap_or_else(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()));
@@ -915,9 +928,8 @@ impl Builder {
             }),
         )
         .await;
-        if let Err(e) = log.finish() {
-            tracing::warn!("cannot keep the log of {shown}: {e}");
-        }
+        // Put in place while the outputs are registered, and before the build's end is told.
+        let log_kept = tokio::task::spawn_blocking(move || log.finish());
         drop(uid_slot);
         // Nix counts a failed fixed-output builder as a transient failure (exit code 1).
         let builder_failed =
@@ -984,6 +996,11 @@ impl Builder {
                 .map_err(Stop::Failed)
             }
         };
+        match log_kept.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot keep the log of {shown}: {e}"),
+            Err(e) => tracing::warn!("cannot keep the log of {shown}: {e}"),
+        }
         tracing::debug!(drv = %shown, prepare = ?t1, run = ?(t2 - t1), register = ?(t0.elapsed() - t2), "build phases");
         // The build directory goes in the background: nothing waits for it (on a slow file
         // system, removing a sandbox root costs as much as the build).

@@ -381,7 +381,7 @@ mod tests {
         assert!(st.is_valid(&a.path).unwrap() && st.is_valid(&b.path).unwrap());
         assert!(!st.is_valid(&d.path).unwrap());
         assert_eq!(entries(&st).len(), 2, "only the committed paths are in the store");
-        assert_eq!(std::fs::read_dir(st.layout.tmp_root()).unwrap().count(), 0);
+        assert_eq!(st.temp_leftovers(), 0);
     }
 
     #[test]
@@ -404,7 +404,7 @@ mod tests {
         let done = batch.commit().unwrap();
         assert!(done.added.is_empty());
         assert!(entries(&st).is_empty());
-        assert_eq!(std::fs::read_dir(st.layout.tmp_root()).unwrap().count(), 0);
+        assert_eq!(st.temp_leftovers(), 0);
     }
 
     #[test]
@@ -417,6 +417,6 @@ mod tests {
         drop(batch);
         assert!(!st.is_valid(&a.path).unwrap());
         assert!(entries(&st).is_empty());
-        assert_eq!(std::fs::read_dir(st.layout.tmp_root()).unwrap().count(), 0);
+        assert_eq!(st.temp_leftovers(), 0);
     }
 }

@@ -282,6 +282,6 @@ mod tests {
             let err = store.add_flat("x", &data[..], claimed, false).unwrap_err();
             assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
         }
-        assert_eq!(std::fs::read_dir(store.layout.tmp_root()).unwrap().count(), 0, "the copies are gone");
+        assert_eq!(store.temp_leftovers(), 0, "the copies are gone");
     }
 }

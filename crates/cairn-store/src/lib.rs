@@ -45,7 +45,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use cairn_db::{Db, DbError, Graph};
 use cairn_nar_fs::WritebackWriter;
@@ -185,14 +185,48 @@ impl StoreLayout {
     }
 }
 
-/// A private directory for work in progress, removed when dropped.
-struct TempDir(PathBuf);
+/// A private directory for work in progress (in the store's temporary area): left empty when
+/// dropped, kept for the next one ([`SpareDirs`]) or removed.
+struct TempDir(PathBuf, Arc<SpareDirs>);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // What was committed was renamed out: an empty directory is kept for the next one.
+        let empty = fs::read_dir(&self.0).is_ok_and(|mut d| d.next().is_none());
+        if empty && self.1.keep(&self.0) {
+            return;
+        }
         if let Err(e) = remove_tree(&self.0) {
             tracing::warn!("cannot remove temporary directory: {e}");
         }
+    }
+}
+
+/// Empty temporary directories kept for reuse. Every build's outputs and every substituted
+/// batch pass through one; on a file system without a journal, allocating a directory's
+/// inode skips over those freed in the last seconds, and making and removing a directory for
+/// each build cost more than anything else in registering its outputs (measured with
+/// `perf`). Only empty directories are kept, a few: the temporary area is emptied when the
+/// store is opened, so none outlives its daemon.
+#[derive(Default)]
+struct SpareDirs(Mutex<Vec<PathBuf>>);
+
+impl SpareDirs {
+    /// At most this many are kept: as many as batches usually run at once.
+    const MAX: usize = 8;
+
+    fn take(&self) -> Option<PathBuf> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop()
+    }
+
+    /// Keeps `dir` (empty) unless enough are kept already.
+    fn keep(&self, dir: &Path) -> bool {
+        let mut spare = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spare.len() >= Self::MAX {
+            return false;
+        }
+        spare.push(dir.to_owned());
+        true
     }
 }
 
@@ -228,6 +262,7 @@ pub struct LocalStore {
     /// Empties `.cairn-trash`; declared before the store lock so it stops before the lock goes.
     reclaimer: reclaim::Reclaimer,
     tmp_counter: AtomicU64,
+    spare_dirs: Arc<SpareDirs>,
     /// Told the BLAKE3 hashes made while adding (for peers), if a p2p node serves this store.
     offered: std::sync::OnceLock<std::sync::Arc<dyn peers::Offered>>,
     /// Derivations' modulo hashes, for checking new derivations' output paths.
@@ -279,6 +314,7 @@ impl LocalStore {
             gc_settings: GcSettings::default(),
             reclaimer,
             tmp_counter: AtomicU64::new(0),
+            spare_dirs: Default::default(),
             offered: std::sync::OnceLock::new(),
             drv_hashes: Default::default(),
             auto_optimise: Default::default(),
@@ -323,11 +359,30 @@ impl LocalStore {
         self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// What the temporary area holds besides empty directories kept for reuse: what a
+    /// finished operation left behind.
+    #[cfg(test)]
+    fn temp_leftovers(&self) -> usize {
+        fs::read_dir(self.layout.tmp_root())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| match fs::read_dir(e.path()) {
+                        Ok(inner) => inner.count(),
+                        Err(_) => 1,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     fn temp_dir(&self) -> Result<TempDir> {
+        if let Some(p) = self.spare_dirs.take() {
+            return Ok(TempDir(p, self.spare_dirs.clone()));
+        }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let p = self.layout.tmp_root().join(format!("{}-{n}", std::process::id()));
         fs::create_dir(&p).map_err(|source| StoreError::Io { op: "create", path: p.clone(), source })?;
-        Ok(TempDir(p))
+        Ok(TempDir(p, self.spare_dirs.clone()))
     }
 
     /// What the store's caches hold in memory now, for `cairn daemon status`: a long-running

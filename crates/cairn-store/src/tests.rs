@@ -18,7 +18,7 @@ fn store_entries(store: &LocalStore) -> Vec<String> {
         .filter(|n| !n.starts_with(".cairn-"))
         .collect();
     v.sort();
-    let tmp_left = fs::read_dir(store.layout.tmp_root()).unwrap().count();
+    let tmp_left = store.temp_leftovers();
     assert_eq!(tmp_left, 0, "temporary area not empty");
     v
 }

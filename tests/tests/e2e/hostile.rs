@@ -237,7 +237,7 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn tmp_is_empty(st: &TestStore) -> bool {
-    fs::read_dir(st.real_store_dir().join(".cairn-tmp")).map(|mut d| d.next().is_none()).unwrap_or(true)
+    st.temp_work().is_empty()
 }
 
 // ---------------------------------------------------------------------------------------------

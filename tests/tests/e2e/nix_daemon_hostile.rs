@@ -647,16 +647,15 @@ fn truncated_requests_end_the_session_without_harm() {
 // ---------------------------------------------------------------------------------------------
 // AddToStoreNar
 
-/// Sends `req` on a fresh session, waits until the daemon has a temporary directory in the
-/// store for it (up to `wait`), then vanishes; returns whether one was seen.
+/// Sends `req` on a fresh session, waits until the daemon has temporary work in the store
+/// for it (up to `wait`), then vanishes; returns whether some was seen.
 fn send_and_vanish(s: &TestStore, req: &[u8], wait: Duration) -> bool {
-    let tmp = s.real_store_dir().join(".cairn-tmp");
     let mut c = session(s);
     c.write_all(req).unwrap();
     let started = std::time::Instant::now();
     let mut seen = false;
     while started.elapsed() < wait {
-        if std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some()) {
+        if !s.temp_work().is_empty() {
             seen = true;
             break;
         }
