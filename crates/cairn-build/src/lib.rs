@@ -41,6 +41,7 @@ pub mod seccomp;
 pub mod structured;
 pub mod sys;
 pub mod unpack_channel;
+pub mod views;
 pub mod zygote;
 
 pub use logs::LogStore;

@@ -26,13 +26,14 @@ impl LogStore {
     }
 
     /// A writer for the log of a build of `drv`, replacing an earlier one when finished.
-    pub fn writer(&self, drv: &StorePath) -> io::Result<LogWriter> {
+    ///
+    /// Nothing is made on disk until the log has grown past [`SMALL_LOG`] or is finished: a
+    /// new file (and often a new directory) costs a build on a slow file system as much as
+    /// its sandbox, and most builds print little.
+    pub fn writer(&self, drv: &StorePath) -> LogWriter {
         let file = self.file(drv, "bz2");
-        fs::create_dir_all(file.parent().expect("log files have a parent"))?;
         let tmp = file.with_extension("bz2.tmp");
-        let out = fs::File::create(&tmp)?;
-        let _ = fs::remove_file(self.file(drv, "zst"));
-        Ok(LogWriter { out: Some(out), pending: Vec::new(), enc: None, tmp, file })
+        LogWriter { made: false, pending: Vec::new(), enc: None, tmp, file, old: self.file(drv, "zst") }
     }
 
     /// Whether a log of `drv` is kept.
@@ -74,17 +75,20 @@ const EMPTY_BZ2: [u8; 14] = [b'B', b'Z', b'h', b'6', 0x17, 0x72, 0x45, 0x38, 0x5
 /// the tables. Past it, the default encoder takes over and the log streams to its file.
 const SMALL_LOG: usize = 96 << 10;
 
-/// An open log; [`LogWriter::finish`] puts it in place.
+/// A log being written; [`LogWriter::finish`] puts it in place.
 ///
 /// The encoder's tables are megabytes, set up and touched when it is made, which for a build
-/// that prints little would cost more than the build's own sandbox: so no encoder is made
-/// until the log has grown past [`SMALL_LOG`], or until the end.
+/// that prints little would cost more than the build's own sandbox: so no encoder (nor file) is
+/// made until the log has grown past [`SMALL_LOG`], or until the end.
 pub struct LogWriter {
-    out: Option<fs::File>,
+    /// Whether the temporary file was made.
+    made: bool,
     pending: Vec<u8>,
     enc: Option<bzip2::write::BzEncoder<fs::File>>,
     tmp: PathBuf,
     file: PathBuf,
+    /// A log of an earlier cairn (zstd), replaced by this one.
+    old: PathBuf,
 }
 
 impl LogWriter {
@@ -104,7 +108,7 @@ impl LogWriter {
         self.pending.extend_from_slice(bytes);
         self.pending.extend_from_slice(nl);
         if self.pending.len() > SMALL_LOG {
-            let out = self.out.take().ok_or_else(|| io::Error::other("the build log is already finished"))?;
+            let out = self.create()?;
             let mut enc = bzip2::write::BzEncoder::new(out, bzip2::Compression::default());
             enc.write_all(&std::mem::take(&mut self.pending))?;
             self.enc = Some(enc);
@@ -112,20 +116,33 @@ impl LogWriter {
         Ok(())
     }
 
+    /// Makes the temporary file (and its directory).
+    fn create(&mut self) -> io::Result<fs::File> {
+        if let Some(parent) = self.tmp.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let out = fs::File::create(&self.tmp)?;
+        self.made = true;
+        Ok(out)
+    }
+
     pub fn finish(mut self) -> io::Result<()> {
-        let written = match (self.enc.take(), self.out.take()) {
-            (Some(enc), _) => enc.finish().map(drop),
-            (None, Some(mut out)) if self.pending.is_empty() => out.write_all(&EMPTY_BZ2),
-            (None, Some(out)) => {
+        let written = match self.enc.take() {
+            Some(enc) => enc.finish().map(drop),
+            None => self.create().and_then(|mut out| {
+                if self.pending.is_empty() {
+                    return out.write_all(&EMPTY_BZ2);
+                }
                 let mut enc = bzip2::write::BzEncoder::new(out, bzip2::Compression::fast());
                 enc.write_all(&self.pending).and_then(|()| enc.finish().map(drop))
-            }
-            (None, None) => Ok(()),
+            }),
         };
         let kept = written.and_then(|()| fs::rename(&self.tmp, &self.file));
         if kept.is_err() {
             let _ = fs::remove_file(&self.tmp);
         }
+        self.made = false;
+        let _ = fs::remove_file(&self.old);
         kept
     }
 
@@ -136,9 +153,9 @@ impl LogWriter {
 }
 
 impl Drop for LogWriter {
-    /// A log never finished (its build never ran) leaves no temporary file behind.
+    /// A log never finished leaves no temporary file behind.
     fn drop(&mut self) {
-        if self.out.is_some() || self.enc.is_some() {
+        if self.made {
             let _ = fs::remove_file(&self.tmp);
         }
     }
@@ -154,7 +171,7 @@ mod tests {
         let logs = LogStore::new(t.path());
         let drv = StorePath::from_base_name("00000000000000000000000000000000-x.drv").unwrap();
         assert_eq!(logs.read(&drv).unwrap(), None);
-        let mut w = logs.writer(&drv).unwrap();
+        let mut w = logs.writer(&drv);
         w.line(b"one").unwrap();
         w.line(b"two").unwrap();
         assert_eq!(logs.read(&drv).unwrap(), None, "not visible before it is finished");
@@ -171,7 +188,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let logs = LogStore::new(t.path());
         let drv = StorePath::from_base_name("00000000000000000000000000000000-x.drv").unwrap();
-        logs.writer(&drv).unwrap().finish().unwrap();
+        logs.writer(&drv).finish().unwrap();
         assert_eq!(logs.read(&drv).unwrap().unwrap(), b"");
         let file = t.path().join("00/000000000000000000000000000000-x.drv.bz2");
         assert_eq!(std::fs::read(file).unwrap(), EMPTY_BZ2);
@@ -183,7 +200,7 @@ mod tests {
         let logs = LogStore::new(t.path());
         let drv = StorePath::from_base_name("00000000000000000000000000000000-x.drv").unwrap();
         for lines in [1usize, 1000, 5000, 40_000] {
-            let mut w = logs.writer(&drv).unwrap();
+            let mut w = logs.writer(&drv);
             let mut expect = Vec::new();
             for i in 0..lines {
                 let line = format!("line {i} of a build that talks");
@@ -201,7 +218,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let logs = LogStore::new(t.path());
         let drv = StorePath::from_base_name("00000000000000000000000000000000-x.drv").unwrap();
-        let mut w = logs.writer(&drv).unwrap();
+        let mut w = logs.writer(&drv);
         w.part(b"abc", false).unwrap();
         w.part(b"def", true).unwrap();
         w.part(b"\xff\rno newline", false).unwrap();

@@ -266,6 +266,8 @@ pub struct Builder {
     remotes: Arc<Remotes>,
     /// Raised whenever a local or remote slot is given back.
     freed: Arc<Notify>,
+    /// Store directories of finished builds' roots, for the next roots to take.
+    views: crate::views::Views,
 }
 
 mod builtins_build;
@@ -313,10 +315,12 @@ impl Builder {
                 uids.len()
             );
         }
+        let views = crate::views::Views::new(&settings.build_dir);
         Builder {
             builtins: Mutex::new(HashMap::new()),
             store,
             settings,
+            views,
             jobs: Arc::new(Semaphore::new(jobs)),
             uids: Mutex::new(uids),
             building: Mutex::new(HashMap::new()),
@@ -875,21 +879,15 @@ impl Builder {
         let t0 = std::time::Instant::now();
         let cores = options.limits.cores.unwrap_or(self.settings.cores);
         let paths = options.sandbox_paths.clone();
-        // The log's file is opened while the root is made, on another thread: both make files
-        // on disk, and a chain of builds waits for each.
-        let log = {
-            let (logs, drv_path) = (self.settings.logs.clone(), drv_path.clone());
-            tokio::task::spawn_blocking(move || logs.writer(&drv_path))
-        };
         let prepared = {
             let top = top.clone();
             tokio::task::spawn_blocking(move || {
                 let paths = paths.as_deref().map_or(&this.settings.sandbox_paths[..], |p| &p[..]);
                 this.prepare(&drv, &inputs, &outputs, &top, host_ids, &impure, cores, paths)
             })
+            .await
+            .map_err(|e| e.to_string())?
         };
-        let (prepared, log) = tokio::join!(prepared, log);
-        let prepared = prepared.map_err(|e| e.to_string())?;
         let (spec, closure, roots, placed) = match prepared {
             Ok(v) => v,
             Err(e) => {
@@ -897,16 +895,8 @@ impl Builder {
                 return Err(format!("cannot build '{shown}': {e}").into());
             }
         };
-
-        let log = log.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
-        let mut log = match log {
-            Ok(log) => log,
-            Err(e) => {
-                let _ = crate::root::remove(&top);
-                return Err(format!("cannot open the build log: {e}").into());
-            }
-        };
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
+        let mut log = self.settings.logs.writer(drv_path);
         let mut tail: VecDeque<String> = VecDeque::new();
         let limits = self.run_limits(options);
         let (uid, gid) = host_ids.unwrap_or_else(|| (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()));
@@ -978,6 +968,7 @@ impl Builder {
             ),
         };
         let t2 = t0.elapsed();
+        let mut unkept_view = None;
         let result: Result<_, Stop> = match failure {
             Some(stop) => Err(stop),
             None => {
@@ -987,13 +978,32 @@ impl Builder {
                 let outputs = node.outputs.clone();
                 let top2 = top.clone();
                 let (mode, keep_failed) = (node.mode.clone(), options.keep_failed);
-                tokio::task::spawn_blocking(move || {
-                    this.register(&drv_path, &node_drv, &outputs, &closure, &top2, &mode, keep_failed)
+                // A view only where the builder was a build user (see `views`).
+                let view = host_ids.map(|(_, gid)| (gid, placed.inputs.clone()));
+                let registered = tokio::task::spawn_blocking(move || {
+                    let r = this.register(&drv_path, &node_drv, &outputs, &closure, &top2, &mode, keep_failed);
+                    let unkept = match (&r, view) {
+                        (Ok(_), Some((gid, inputs))) => {
+                            let store = this.store.store_dir().as_str();
+                            let removals = this.store.removals();
+                            this.views.keep(&top2.join("root"), store, inputs, removals, gid).unwrap_or_else(|e| {
+                                tracing::debug!("not keeping the store directory of '{}': {e}", top2.display());
+                                None
+                            })
+                        }
+                        _ => None,
+                    };
+                    (r, unkept)
                 })
                 .await
-                .map_err(|e| Failure::from(e.to_string()))
-                .and_then(|r| r)
-                .map_err(Stop::Failed)
+                .map_err(|e| Failure::from(e.to_string()));
+                match registered {
+                    Ok((r, unkept)) => {
+                        unkept_view = unkept;
+                        r.map_err(Stop::Failed)
+                    }
+                    Err(e) => Err(Stop::Failed(e)),
+                }
             }
         };
         match log_kept.await {
@@ -1014,8 +1024,10 @@ impl Builder {
             let linked = store.temp_root(node.inputs.iter().cloned());
             drop(roots);
             tokio::task::spawn_blocking(move || {
-                if let Err(e) = crate::root::remove(&top2) {
-                    tracing::warn!("cannot remove build directory '{}': {e}", top2.display());
+                for dir in std::iter::once(&top2).chain(unkept_view.as_ref()) {
+                    if let Err(e) = crate::root::remove(dir) {
+                        tracing::warn!("cannot remove build directory '{}': {e}", dir.display());
+                    }
                 }
                 drop(linked);
             });
@@ -1046,7 +1058,7 @@ impl Builder {
             return Err(format!("cannot build '{shown}': this cairnd has no builder '{}'", node.drv.builder));
         };
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
-        let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
+        let mut log = self.settings.logs.writer(drv_path);
         let (this, drv_path2, drv, outputs, events2) =
             (self.clone(), drv_path.clone(), node.drv.clone(), node.outputs.clone(), events.clone());
         let ended = tokio::task::spawn_blocking(move || {
@@ -1100,6 +1112,12 @@ impl Builder {
             &mut crate::refgraph::StoreMeta::new(&self.store),
         )?;
         let root = top.join("root");
+        // The store directory of an earlier root, where one holds much of this closure.
+        let view = host_ids.and_then(|(_, gid)| {
+            let names: Vec<String> = closure.iter().map(StorePath::base_name).collect();
+            let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+            self.views.take(&wanted, self.store.removals(), gid)
+        });
         let (skeleton, spec) = plan(&BuildInput {
             store_dir: self.store.store_dir(),
             real_store_dir: &self.store.layout().real_store_dir,
@@ -1119,7 +1137,8 @@ impl Builder {
         std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
         // Files shared between roots only where the builder cannot write to the daemon's files.
         let shared = host_ids.map(|_| crate::root::shared_dir(top.parent().unwrap_or(top)));
-        let placed = crate::root::create(&root, &skeleton, host_ids, shared.as_deref()).map_err(io)?;
+        let view = view.map(|v| (self.store.store_dir().as_str(), v));
+        let placed = crate::root::create_from(&root, &skeleton, host_ids, shared.as_deref(), view).map_err(io)?;
         let mut spec = spec;
         spec.bind_only(&placed.bound);
         // The stage the bound inputs come from, only if some are (a chain's inputs are files).
@@ -1378,6 +1397,7 @@ impl Drop for Builder {
     /// is killed; a later build of another builder here makes them again).
     fn drop(&mut self) {
         let _ = crate::root::remove(&crate::root::shared_dir(&self.settings.build_dir));
+        self.views.clear();
     }
 }
 

@@ -13,6 +13,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
 
 use crate::sandbox::{under, Node, Owner, Skeleton, COPY_MAX};
+use crate::views::View;
 
 /// What [`create`] placed.
 #[derive(Debug, Default)]
@@ -23,6 +24,9 @@ pub struct Placed {
     /// Entries of the root that are hard links to files outside the build (inputs, `shared`
     /// files): what a root kept for its user must lose ([`forget`]).
     pub linked: Vec<PathBuf>,
+    /// Every input's base name, and whether it was given a mount point: what the store
+    /// directory holds, as a view ([`crate::views`]) keeps it.
+    pub inputs: std::collections::HashMap<String, bool>,
 }
 
 /// Creates `skeleton` under `root` (which must not exist; its parent must). Entries owned by
@@ -40,7 +44,24 @@ pub fn create(
     builder: Option<(u32, u32)>,
     shared: Option<&Path>,
 ) -> io::Result<Placed> {
+    create_from(root, skeleton, builder, shared, None)
+}
+
+/// [`create`], the store directory (`store`, the skeleton's directory of that path) taken
+/// from `view` when given: the view's entries that are inputs stay, the others go, and only
+/// the inputs it lacks are placed.
+pub fn create_from(
+    root: &Path,
+    skeleton: &Skeleton,
+    builder: Option<(u32, u32)>,
+    shared: Option<&Path>,
+    view: Option<(&str, View)>,
+) -> io::Result<Placed> {
     fs::DirBuilder::new().mode(0o755).create(root)?;
+    let (store, mut view) = match view {
+        Some((store, v)) => (Some(store), Some(v)),
+        None => (None, None),
+    };
     let give = |path: &Path, owner: Owner| -> io::Result<()> {
         match (owner, builder) {
             (Owner::Builder, Some((uid, gid))) => std::os::unix::fs::lchown(path, Some(uid), Some(gid))?,
@@ -51,7 +72,7 @@ pub fn create(
     };
     let (mut targets, mut sources) = (Dirs::default(), Dirs::default());
     let mut placed = Placed::default();
-    let shared = shared.and_then(open_shared);
+    let shared = shared.and_then(open_private);
     for node in skeleton {
         if let (Some(shared), Some((key, file))) = (&shared, SharedFile::of(node)) {
             let p = under(root, node_path(node));
@@ -62,6 +83,16 @@ pub fn create(
             }
         }
         match node {
+            Node::Dir { path, .. } if Some(path.as_str()) == store && view.is_some() && builder.is_some() => {
+                let (Some(v), Some((_, gid))) = (&view, builder) else {
+                    return Err(io::Error::other("a view without a build user"));
+                };
+                let p = under(root, path);
+                fs::rename(&v.dir, &p)?;
+                if v.group != gid {
+                    std::os::unix::fs::lchown(&p, None, Some(gid))?;
+                }
+            }
             Node::Dir { path, mode, owner } => {
                 let p = under(root, path);
                 fs::DirBuilder::new().create(&p)?;
@@ -88,6 +119,16 @@ pub fn create(
             }
             Node::Input { path, source, link } => {
                 let target = under(root, path);
+                if let Some(bound) = view.as_mut().and_then(|v| v.entries.remove(input_name(&target))) {
+                    let name = input_name(&target).to_owned();
+                    if bound {
+                        placed.bound.insert(name.clone());
+                    } else {
+                        placed.linked.push(target);
+                    }
+                    placed.inputs.insert(name, bound);
+                    continue;
+                }
                 let (to, name) = targets.split(&target)?;
                 let (from, source_name) = sources.split(source)?;
                 let st = fstatat(from, source_name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| {
@@ -107,6 +148,7 @@ pub fn create(
                 if !linked && (kind == SFlag::S_IFDIR || st.st_size as u64 > COPY_MAX) {
                     mount_point(to, name, kind == SFlag::S_IFDIR)?;
                     placed.bound.insert(name.to_string_lossy().into_owned());
+                    placed.inputs.insert(name.to_string_lossy().into_owned(), true);
                     continue;
                 }
                 if !linked {
@@ -122,11 +164,25 @@ pub fn create(
                         copy_input(from, source_name, &st, to, name)?;
                     }
                 }
+                placed.inputs.insert(name.to_string_lossy().into_owned(), false);
                 placed.linked.push(target);
             }
         }
     }
+    // What the view held that this build does not need (only the daemon's entries: a view
+    // holds nothing else).
+    if let (Some(store), Some(v)) = (store, view) {
+        let dir = under(root, store);
+        for name in v.entries.keys() {
+            cairn_store::remove_tree(&dir.join(name)).map_err(|e| io::Error::other(e.to_string()))?;
+        }
+    }
     Ok(placed)
+}
+
+/// The base name of an input's place in the root.
+fn input_name(target: &Path) -> &str {
+    target.file_name().and_then(|n| n.to_str()).unwrap_or("")
 }
 
 /// An empty directory or file `name` in `at`, for a bind mount to cover.
@@ -254,10 +310,11 @@ fn prune_inputs(dir: BorrowedFd<'_>) {
     }
 }
 
-/// Opens this daemon's shared directory at `path`, making it (0700) if it is not there: only a
-/// real directory (not a symlink) that is the daemon's and no one else's may be used, since the
-/// build directory (`/tmp` by default) is anyone's to write in, and anyone may guess its name.
-fn open_shared(path: &Path) -> Option<OwnedFd> {
+/// Opens a directory of this daemon's at `path` (the shared files', the views'), making it
+/// (0700) if it is not there: only a real directory (not a symlink) that is the daemon's and no
+/// one else's may be used, since the build directory (`/tmp` by default) is anyone's to write
+/// in, and anyone may guess its name.
+pub(crate) fn open_private(path: &Path) -> Option<OwnedFd> {
     match fs::DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -268,10 +325,7 @@ fn open_shared(path: &Path) -> Option<OwnedFd> {
     let st = nix::sys::stat::fstat(&fd).ok()?;
     let ours = st.st_uid == nix::unistd::geteuid().as_raw() && st.st_mode & 0o077 == 0;
     if !ours {
-        tracing::warn!(
-            "not sharing the sandbox roots' files through '{}': it is not the daemon's alone",
-            path.display()
-        );
+        tracing::warn!("not using '{}' for the sandbox roots: it is not the daemon's alone", path.display());
     }
     ours.then_some(fd)
 }

@@ -269,6 +269,7 @@ fn swap_in(store: &LocalStore, accepted: BTreeMap<StorePath, (PathInfo, PathBuf)
             }
             let real = store.real_path(&p);
             if std::fs::symlink_metadata(&real).is_ok() {
+                store.count_removal();
                 let n = store.tmp_counter.fetch_add(1, Ordering::Relaxed);
                 let aside = trash.join(format!("repair-{}-{n}", std::process::id()));
                 fsops::rename_tree(&real, &aside).map_err(|source| StoreError::Io {

@@ -495,6 +495,7 @@ impl LocalStore {
                 source,
             })?;
         }
+        self.count_removal();
         // Unique in the trash: the same path may be collected again before the last copy is gone.
         let n = self.tmp_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let trash = self.layout.trash_dir().join(format!("{name}.{n}"));

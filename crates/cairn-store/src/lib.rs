@@ -263,6 +263,8 @@ pub struct LocalStore {
     reclaimer: reclaim::Reclaimer,
     tmp_counter: AtomicU64,
     spare_dirs: Arc<SpareDirs>,
+    /// How many times contents have left the store directory (see [`LocalStore::removals`]).
+    removals: AtomicU64,
     /// Told the BLAKE3 hashes made while adding (for peers), if a p2p node serves this store.
     offered: std::sync::OnceLock<std::sync::Arc<dyn peers::Offered>>,
     /// Derivations' modulo hashes, for checking new derivations' output paths.
@@ -315,6 +317,7 @@ impl LocalStore {
             reclaimer,
             tmp_counter: AtomicU64::new(0),
             spare_dirs: Default::default(),
+            removals: AtomicU64::new(0),
             offered: std::sync::OnceLock::new(),
             drv_hashes: Default::default(),
             auto_optimise: Default::default(),
@@ -357,6 +360,19 @@ impl LocalStore {
         // A panic while the connection was held rolled its transaction back when it unwound;
         // the connection itself is sound, so a poisoned lock is not everyone's failure.
         self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many times contents have left the store directory (a path deleted or collected, the
+    /// leftovers of an invalid one removed, a repaired path's old contents set aside), counted
+    /// before they go. Whoever keeps links to store files outside the store (the build roots'
+    /// views) compares it to know that every path it saw valid still has the contents it saw.
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::SeqCst)
+    }
+
+    /// Counts a removal, before it happens (see [`LocalStore::removals`]).
+    fn count_removal(&self) {
+        self.removals.fetch_add(1, Ordering::SeqCst);
     }
 
     /// What the temporary area holds besides empty directories kept for reuse: what a

@@ -90,7 +90,7 @@ impl Builder {
         let dest = under(&top.join("root"), &logical);
         let _roots = self.store.temp_root(node.inputs.iter().chain(node.outputs.values()).cloned());
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
-        let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
+        let mut log = self.settings.logs.writer(drv_path);
 
         let made = {
             let (this, top, dest, inputs) = (self.clone(), top.clone(), dest.clone(), node.inputs.clone());

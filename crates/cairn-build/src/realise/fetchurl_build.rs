@@ -57,7 +57,7 @@ impl Builder {
         }
 
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: None });
-        let mut log = self.settings.logs.writer(drv_path).map_err(|e| format!("cannot open the build log: {e}"))?;
+        let mut log = self.settings.logs.writer(drv_path);
         let env: BTreeMap<String, String> = impure_env.iter().cloned().collect();
         let fetched = {
             let mut line = |l: &[u8]| {

@@ -40,10 +40,7 @@ impl Builder {
         let name = drv_path.name().trim_end_matches(".drv").to_owned();
         let top = self.settings.build_dir.join(format!("cairn-remote-{name}-{}-{n}", std::process::id()));
         let _ = events.send(Event::Started { drv: drv_path.clone(), machine: Some(remote.uri().to_owned()) });
-        let log = match self.settings.logs.writer(drv_path) {
-            Ok(l) => l,
-            Err(e) => return Some(Err(Failure::from(format!("cannot open the build log: {e}")).into())),
-        };
+        let log = self.settings.logs.writer(drv_path);
 
         let stopper: Arc<Mutex<Option<Stopper>>> = Arc::default();
         let session = {
