@@ -504,8 +504,8 @@ impl Builder {
             };
             results.push((g.drv.clone(), r));
         }
-        // Builds registered their outputs without waiting for the disk (their contents were
-        // durable first): one flush for all of them before the client hears the outcome.
+        // Builds registered their outputs without waiting for the disk: one flush for all of
+        // them (their contents, then their registrations) before the client hears the outcome.
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.flush_registrations())
             .await
@@ -1338,9 +1338,11 @@ impl Builder {
             }
         }
         cairn_fault::point("build-register-mid");
-        // Flushed once for the whole request, at its end (see `realise`).
+        // Flushed once for the whole request, at its end (see `realise`), and once a second on
+        // the way.
         let committed =
             batch.commit_unflushed().map_err(|e| format!("cannot register the outputs of '{shown}': {e}"))?;
+        self.store.flush_registrations_if_due().map_err(|e| format!("cannot flush the registrations: {e}"))?;
         if let Some((p, missing)) = committed.incomplete.first() {
             return Err(format!(
                 "cannot register '{}': its reference '{}' is not valid",

@@ -329,19 +329,38 @@ impl Db {
         Ok(ids)
     }
 
-    /// [`register_with_outputs`](Self::register_with_outputs) without waiting for the disk:
-    /// the paths are valid at once, but the registration reaches the disk only with the next
-    /// synchronous commit or [`flush`](Self::flush). The log is written in order, so a later
-    /// registration never survives a crash that loses this one — which is what lets a chain of
-    /// builds pay one flush a build (their contents') instead of two. The caller flushes before
-    /// telling anyone the paths are registered.
-    pub fn register_with_outputs_unflushed(
+    /// [`register_with_outputs`](Self::register_with_outputs) of paths whose contents may not
+    /// be on disk yet, without waiting for the disk: the paths are valid at once, and the
+    /// registration reaches the disk with the next synchronous commit or
+    /// [`flush`](Self::flush). Each path is marked, in the same transaction, as
+    /// registered before its contents were synced. The marks go with
+    /// [`clear_unsynced`](Self::clear_unsynced) once the file system is synced; a mark found
+    /// when the store opens means a crash may have lost the contents, which are then checked
+    /// ([`unsynced`](Self::unsynced), [`forget_with_referrers`](Self::forget_with_referrers)).
+    /// A registration can reach the disk before its contents (a checkpoint, a later
+    /// synchronous commit, the kernel's writeback of the log), but never without its mark.
+    pub fn register_unsynced(
         &mut self,
         infos: &[PathInfo],
         drv_outputs: &[(StorePath, BTreeMap<String, StorePath>)],
     ) -> Result<Vec<i64>> {
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let registered = self.register_with_outputs(infos, drv_outputs);
+        let registered = (|| {
+            let tx = self.conn.transaction()?;
+            let ids = Db::register_in(&tx, infos)?;
+            for (drv, outputs) in drv_outputs {
+                Db::record_outputs(&tx, drv, outputs)?;
+            }
+            {
+                let mut mark = tx.prepare_cached("INSERT OR IGNORE INTO Unsynced (id) VALUES (?1)")?;
+                for id in &ids {
+                    mark.execute([id])?;
+                }
+            }
+            cairn_fault::point("in-transaction");
+            tx.commit()?;
+            Ok(ids)
+        })();
         let restored = self.conn.pragma_update(None, "synchronous", "FULL");
         let ids = registered?;
         self.unflushed = true;
@@ -349,9 +368,66 @@ impl Db {
         Ok(ids)
     }
 
+    /// The newest mark of [`register_unsynced`](Self::register_unsynced), if any: what a sync
+    /// of the file system started now covers.
+    pub fn unsynced_bound(&self) -> Result<Option<i64>> {
+        Ok(self.conn.query_row("SELECT max(id) FROM Unsynced", [], |r| r.get(0))?)
+    }
+
+    /// Removes the marks up to `bound` (the file system was synced after they were made), in a
+    /// synchronous commit, which puts every earlier commit on disk too.
+    pub fn clear_unsynced(&mut self, bound: i64) -> Result<()> {
+        self.conn.execute("DELETE FROM Unsynced WHERE id <= ?1", [bound])?;
+        self.unflushed = false;
+        Ok(())
+    }
+
+    /// The paths still marked by [`register_unsynced`](Self::register_unsynced).
+    pub fn unsynced(&self) -> Result<Vec<StorePath>> {
+        self.conn
+            .prepare("SELECT v.path FROM Unsynced u JOIN ValidPaths v ON u.id = v.id ORDER BY u.id")?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .map(|s| parse_path(&s?))
+            .collect()
+    }
+
+    /// Invalidates `paths` and every valid path that refers to them, directly or not, in one
+    /// transaction; returns them all. What a crash left half-written goes with everything
+    /// built on it.
+    pub fn forget_with_referrers(&mut self, paths: &[StorePath]) -> Result<Vec<StorePath>> {
+        let tx = self.conn.transaction()?;
+        let mut doomed: BTreeMap<i64, String> = BTreeMap::new();
+        {
+            let mut closure = tx.prepare_cached(
+                "WITH RECURSIVE doomed(id) AS (
+                     SELECT id FROM ValidPaths WHERE path = ?1
+                     UNION SELECT r.referrer FROM Refs r JOIN doomed d ON r.reference = d.id
+                 ) SELECT v.id, v.path FROM doomed d JOIN ValidPaths v ON v.id = d.id",
+            )?;
+            for p in paths {
+                for row in closure.query_map([p.to_string()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))? {
+                    let (id, path) = row?;
+                    doomed.insert(id, path);
+                }
+            }
+            // Their own references first: every referrer of one of them is one of them.
+            let mut refs = tx.prepare_cached("DELETE FROM Refs WHERE referrer = ?1")?;
+            for id in doomed.keys() {
+                refs.execute([id])?;
+            }
+            let mut outs = tx.prepare_cached("DELETE FROM DerivationOutputs WHERE drv = ?1")?;
+            let mut row = tx.prepare_cached("DELETE FROM ValidPaths WHERE id = ?1")?;
+            for id in doomed.keys() {
+                outs.execute([id])?;
+                row.execute([id])?;
+            }
+        }
+        tx.commit()?;
+        doomed.values().map(|p| parse_path(p)).collect()
+    }
+
     /// Puts every commit made so far on disk: after it, nothing
-    /// [`register_with_outputs_unflushed`](Self::register_with_outputs_unflushed) registered
-    /// can be lost.
+    /// [`register_unsynced`](Self::register_unsynced) registered can be lost.
     pub fn flush(&mut self) -> Result<()> {
         if !std::mem::take(&mut self.unflushed) {
             return Ok(());

@@ -34,6 +34,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (drv, id)
     );
     CREATE INDEX IndexDerivationOutputs ON DerivationOutputs(path);",
+    // 2: paths registered before their contents were synced (see `Db::register_unsynced`).
+    "CREATE TABLE Unsynced (
+        id INTEGER PRIMARY KEY NOT NULL REFERENCES ValidPaths(id) ON DELETE CASCADE
+    );",
 ];
 
 /// The schema version this build writes.

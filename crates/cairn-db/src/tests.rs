@@ -75,26 +75,56 @@ fn reopen_keeps_data_and_refuses_newer_schema() {
 }
 
 #[test]
-fn an_unflushed_registration_is_valid_at_once_and_later_commits_are_synchronous_again() {
+fn an_unsynced_registration_is_valid_at_once_marked_and_later_commits_are_synchronous_again() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("db.sqlite");
     let mut db = Db::open(&file).unwrap();
     let synchronous = |db: &Db| db.conn.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0)).unwrap();
     assert_eq!(synchronous(&db), 2, "opened with synchronous = FULL");
-    db.register_with_outputs_unflushed(&[info("a", &[])], &[]).unwrap();
+    db.register_unsynced(&[info("a", &[])], &[]).unwrap();
     assert!(db.is_valid(&path("a")).unwrap());
     assert!(db.unflushed);
+    assert_eq!(db.unsynced().unwrap(), [path("a")]);
     assert_eq!(synchronous(&db), 2, "only that commit was made without waiting for the disk");
-    // A refused batch leaves the connection synchronous too.
-    assert!(db.register_with_outputs_unflushed(&[info("b", &["missing"])], &[]).is_err());
+    // A refused batch leaves the connection synchronous too, and marks nothing.
+    assert!(db.register_unsynced(&[info("b", &["missing"])], &[]).is_err());
     assert_eq!(synchronous(&db), 2);
-    db.flush().unwrap();
-    assert!(!db.unflushed);
-    db.register(&[info("c", &["a"])]).unwrap();
+    let bound = db.unsynced_bound().unwrap().unwrap();
+    db.register_unsynced(&[info("c", &["a"])], &[]).unwrap();
+    db.clear_unsynced(bound).unwrap();
+    assert!(!db.unflushed, "the clearing commit was synchronous");
+    assert_eq!(db.unsynced().unwrap(), [path("c")], "only marks made before the bound go");
+    db.register(&[info("d", &["a"])]).unwrap();
     drop(db);
     let db = Db::open(&file).unwrap();
     assert!(db.is_valid(&path("a")).unwrap() && db.is_valid(&path("c")).unwrap());
     assert!(!db.is_valid(&path("b")).unwrap());
+    assert_eq!(db.unsynced().unwrap(), [path("c")], "a mark outlives the process");
+}
+
+#[test]
+fn forgetting_a_path_forgets_everything_that_refers_to_it_and_nothing_else() {
+    let mut db = Db::open_in_memory().unwrap();
+    db.register(&[
+        info("libc", &[]),
+        info("lib", &["libc", "lib"]),
+        info("app", &["lib"]),
+        info("tool", &["app", "libc"]),
+        info("other", &["libc"]),
+    ])
+    .unwrap();
+    db.register_unsynced(&[info("late", &["app"])], &[]).unwrap();
+    let mut gone = db.forget_with_referrers(&[path("lib")]).unwrap();
+    gone.sort();
+    let mut want = vec![path("app"), path("late"), path("lib"), path("tool")];
+    want.sort();
+    assert_eq!(gone, want);
+    for p in ["app", "late", "lib", "tool"] {
+        assert!(!db.is_valid(&path(p)).unwrap(), "{p}");
+    }
+    assert!(db.is_valid(&path("libc")).unwrap() && db.is_valid(&path("other")).unwrap());
+    assert!(db.unsynced().unwrap().is_empty(), "the mark went with its path");
+    assert_eq!(db.referrers(&path("libc")).unwrap().into_iter().collect::<Vec<_>>(), [path("other")]);
 }
 
 #[test]

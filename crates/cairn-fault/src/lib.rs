@@ -27,6 +27,7 @@ pub const STEPS: &[&str] = &[
     "pull-mid",
     "push-receive-mid",
     "build-register-mid",
+    "flush-after-syncfs",
 ];
 
 /// The environment variable naming the step to crash at, as `STEP:N` (N from 1).

@@ -166,11 +166,14 @@ impl Batch {
         self.commit_as(crate::Flush::Now)
     }
 
-    /// [`commit`](Self::commit), but the registration reaches the disk with the next
-    /// synchronous commit or [`LocalStore::flush_registrations`], which the caller makes before
-    /// telling anyone of these paths. The contents are durable before the registration is
-    /// written, as always; what a crash may lose is the registration, never the order (the
-    /// database's log keeps it). A chain of builds then waits for one flush a build, not two.
+    /// [`commit`](Self::commit), without waiting for the disk: neither the contents nor the
+    /// registration are synced; the paths are marked as registered before their contents were
+    /// (see `cairn_db::Db::register_unsynced`) until [`LocalStore::flush_registrations`],
+    /// which the caller makes before telling anyone of these paths. A crash before it may lose
+    /// them — a store opened after one checks every marked path and forgets those it lost, with
+    /// whatever refers to them — but never leaves a valid path without its contents. A chain
+    /// of builds then waits for no flush a build, only for one at its end (and one a
+    /// [`crate::FLUSH_EVERY`] on the way).
     pub fn commit_unflushed(self) -> Result<Committed> {
         self.commit_as(crate::Flush::Later)
     }
@@ -226,7 +229,9 @@ impl Batch {
             }
             let renamed = started.elapsed();
             cairn_fault::point("after-rename");
-            fsops::sync_filesystem(&store.layout.real_store_dir)?;
+            if flush == crate::Flush::Now {
+                fsops::sync_filesystem(&store.layout.real_store_dir)?;
+            }
             let synced = started.elapsed();
             cairn_fault::point("after-syncfs");
             let infos: Vec<PathInfo> = order.iter().map(|p| pending[p].0.clone()).collect();
@@ -383,6 +388,66 @@ mod tests {
         assert!(!st.is_valid(&d.path).unwrap());
         assert_eq!(entries(&st).len(), 2, "only the committed paths are in the store");
         assert_eq!(st.temp_leftovers(), 0);
+    }
+
+    /// Adds `items` in one batch committed without waiting for the disk.
+    fn add_unflushed(st: &Arc<LocalStore>, items: &[&(PathInfo, Vec<u8>)]) {
+        let batch = st.build_batch().unwrap();
+        for (info, nar) in items {
+            assert!(batch.add_nar_with_info(info.clone(), &nar[..], ok).unwrap());
+        }
+        assert_eq!(batch.commit_unflushed().unwrap().added.len(), items.len());
+    }
+
+    #[test]
+    fn paths_registered_before_a_crash_that_lost_their_contents_are_forgotten_with_their_referrers() {
+        let root = tempfile::tempdir().unwrap();
+        let st = store(root.path());
+        let a = item("a", &[]);
+        let b = item("b", &[&a.0.path]);
+        let c = item("c", &[&b.0.path]);
+        let d = item("d", &[]);
+        add_unflushed(&st, &[&a]);
+        add_unflushed(&st, &[&b]);
+        add_unflushed(&st, &[&c]);
+        add_unflushed(&st, &[&d]);
+        assert!([&a, &b, &c, &d].iter().all(|p| st.is_valid(&p.0.path).unwrap()), "valid at once");
+        // The crash: b's contents never reached the disk (the others did).
+        let real_b = st.real_path(&b.0.path);
+        std::fs::set_permissions(&real_b, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        std::fs::write(&real_b, "half").unwrap();
+        drop(st);
+        let st = store(root.path());
+        assert!(st.is_valid(&a.0.path).unwrap() && st.is_valid(&d.0.path).unwrap(), "intact: kept");
+        assert!(!st.is_valid(&b.0.path).unwrap(), "lost contents: forgotten");
+        assert!(!st.is_valid(&c.0.path).unwrap(), "and what refers to it");
+        assert!(!real_b.exists() && !st.real_path(&c.0.path).exists(), "their contents removed");
+        assert!(st.verify(Default::default()).unwrap().problems.is_empty());
+        // Checked once: the marks are gone.
+        drop(st);
+        let st = store(root.path());
+        assert!(st.is_valid(&a.0.path).unwrap() && st.db().unsynced().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_flush_syncs_and_unmarks_what_was_registered_before_it() {
+        let root = tempfile::tempdir().unwrap();
+        let st = store(root.path());
+        let (a, b) = (item("a", &[]), item("b", &[]));
+        add_unflushed(&st, &[&a]);
+        assert_eq!(st.db().unsynced().unwrap(), [a.0.path.clone()]);
+        st.flush_registrations().unwrap();
+        assert!(st.db().unsynced().unwrap().is_empty());
+        add_unflushed(&st, &[&b]);
+        // Within FLUSH_EVERY of the last flush: nothing to do yet.
+        st.flush_registrations_if_due().unwrap();
+        assert_eq!(st.db().unsynced().unwrap(), [b.0.path.clone()]);
+        // A committed, synchronous add is never marked.
+        let (e, nar_e) = item("e", &[]);
+        let batch = st.batch().unwrap();
+        batch.add_nar_with_info(e.clone(), &nar_e[..], ok).unwrap();
+        batch.commit().unwrap();
+        assert_eq!(st.db().unsynced().unwrap(), [b.0.path.clone()]);
     }
 
     #[test]

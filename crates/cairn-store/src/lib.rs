@@ -69,13 +69,21 @@ pub use optimise::OptimiseReport;
 pub use roots::{ClientId, ClientScope, Root, RootSource, TempRootGuard};
 pub use verify::{Problem, VerifyOptions, VerifyReport};
 
-/// When a registration reaches the disk: with its commit, or with the next synchronous commit
-/// or [`LocalStore::flush_registrations`] (its contents are durable before it either way).
+/// When a registration and its contents reach the disk: the contents synced, then the
+/// registration committed synchronously (`Now`); or neither waited for (`Later`), the paths
+/// marked as registered before their contents were synced until
+/// [`LocalStore::flush_registrations`] syncs both, and checked when the store opens if a crash
+/// came first ([`LocalStore::open`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Flush {
     Now,
     Later,
 }
+
+/// A realisation flushes its registrations ([`LocalStore::flush_registrations`]) at least this
+/// often, however long it runs: what a crash can make the store rebuild is bounded by it, and
+/// so is what the store checks when it opens after one.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a store operation failed.
 #[derive(Debug, Error)]
@@ -265,6 +273,8 @@ pub struct LocalStore {
     spare_dirs: Arc<SpareDirs>,
     /// How many times contents have left the store directory (see [`LocalStore::removals`]).
     removals: AtomicU64,
+    /// When registrations were last flushed.
+    flushed: Mutex<std::time::Instant>,
     /// Told the BLAKE3 hashes made while adding (for peers), if a p2p node serves this store.
     offered: std::sync::OnceLock<std::sync::Arc<dyn peers::Offered>>,
     /// Derivations' modulo hashes, for checking new derivations' output paths.
@@ -303,7 +313,7 @@ impl LocalStore {
         mkdir(&layout.trash_dir())?;
         let reclaimer = reclaim::Reclaimer::start(layout.trash_dir());
         let db = Db::open(&layout.db_path())?;
-        Ok(LocalStore {
+        let store = LocalStore {
             layout,
             db: Mutex::new(db),
             graph: RwLock::new(None),
@@ -318,11 +328,14 @@ impl LocalStore {
             tmp_counter: AtomicU64::new(0),
             spare_dirs: Default::default(),
             removals: AtomicU64::new(0),
+            flushed: Mutex::new(std::time::Instant::now()),
             offered: std::sync::OnceLock::new(),
             drv_hashes: Default::default(),
             auto_optimise: Default::default(),
             _lock: lock,
-        })
+        };
+        store.recover_unsynced()?;
+        Ok(store)
     }
 
     /// Hashes what it adds with BLAKE3 too (in the same pass) where peers ask by a hash known
@@ -549,7 +562,7 @@ impl LocalStore {
         }
         let ids = match flush {
             Flush::Now => self.db().register_with_outputs(infos, &outputs)?,
-            Flush::Later => self.db().register_with_outputs_unflushed(infos, &outputs)?,
+            Flush::Later => self.db().register_unsynced(infos, &outputs)?,
         };
         cairn_fault::point("after-commit");
         let mut g = self.graph_write();
@@ -574,10 +587,62 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Puts on disk every registration made with [`Flush::Later`]: call it before telling
-    /// anyone those paths are registered.
+    /// Puts on disk every registration made with [`Flush::Later`] and the contents of its
+    /// paths: the file system synced, then the marks of those registered before the sync
+    /// cleared in a synchronous commit. Call it before telling anyone those paths are
+    /// registered.
     pub fn flush_registrations(&self) -> Result<()> {
+        let bound = self.db().unsynced_bound()?;
+        if let Some(bound) = bound {
+            fsops::sync_filesystem(&self.layout.real_store_dir)?;
+            cairn_fault::point("flush-after-syncfs");
+            self.db().clear_unsynced(bound)?;
+        }
+        *self.flushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
         Ok(self.db().flush()?)
+    }
+
+    /// [`flush_registrations`](Self::flush_registrations), if the last was longer ago than
+    /// [`FLUSH_EVERY`].
+    pub fn flush_registrations_if_due(&self) -> Result<()> {
+        let last = *self.flushed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.elapsed() < FLUSH_EVERY {
+            return Ok(());
+        }
+        self.flush_registrations()
+    }
+
+    /// After a crash: the paths registered before their contents were synced (the marks
+    /// [`Flush::Later`] left) are checked against their NAR hashes, once whatever the page
+    /// cache still holds is synced; those whose contents did not all reach the disk are
+    /// forgotten with every path that refers to them, and their contents removed, to be built
+    /// or fetched again. Returns how many went.
+    fn recover_unsynced(&self) -> Result<usize> {
+        let marked = self.db().unsynced()?;
+        if marked.is_empty() {
+            return Ok(0);
+        }
+        fsops::sync_filesystem(&self.layout.real_store_dir)?;
+        let broken: Vec<StorePath> =
+            self.verify_paths(&marked)?.into_iter().filter_map(|problem| problem.path).collect();
+        let forgotten = if broken.is_empty() { Vec::new() } else { self.db().forget_with_referrers(&broken)? };
+        for p in &forgotten {
+            self.count_removal();
+            if let Err(e) = remove_tree(&self.real_path(p)) {
+                tracing::warn!("cannot remove '{}': {e}", self.store_dir().display(p));
+            }
+        }
+        if let Some(bound) = self.db().unsynced_bound()? {
+            self.db().clear_unsynced(bound)?;
+        }
+        if !forgotten.is_empty() {
+            tracing::warn!(
+                checked = marked.len(),
+                forgotten = forgotten.len(),
+                "paths registered just before a crash had lost contents; they (and what refers to them) are no longer valid"
+            );
+        }
+        Ok(forgotten.len())
     }
 
     /// The in-memory graph, write-locked. A panic while it was held (a bug) leaves the lock
