@@ -345,7 +345,7 @@ impl Db {
         drv_outputs: &[(StorePath, BTreeMap<String, StorePath>)],
     ) -> Result<Vec<i64>> {
         self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let registered = (|| {
+        let registered = (|| -> Result<Vec<i64>> {
             let tx = self.conn.transaction()?;
             let ids = Db::register_in(&tx, infos)?;
             for (drv, outputs) in drv_outputs {

@@ -632,7 +632,8 @@ impl LocalStore {
                 tracing::warn!("cannot remove '{}': {e}", self.store_dir().display(p));
             }
         }
-        if let Some(bound) = self.db().unsynced_bound()? {
+        let bound = self.db().unsynced_bound()?;
+        if let Some(bound) = bound {
             self.db().clear_unsynced(bound)?;
         }
         if !forgotten.is_empty() {
