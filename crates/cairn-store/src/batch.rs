@@ -435,19 +435,19 @@ mod tests {
         let st = store(root.path());
         let (a, b) = (item("a", &[]), item("b", &[]));
         add_unflushed(&st, &[&a]);
-        assert_eq!(st.db().unsynced().unwrap(), [a.0.path.clone()]);
+        assert_eq!(st.db().unsynced().unwrap(), std::slice::from_ref(&a.0.path));
         st.flush_registrations().unwrap();
         assert!(st.db().unsynced().unwrap().is_empty());
         add_unflushed(&st, &[&b]);
         // Within FLUSH_EVERY of the last flush: nothing to do yet.
         st.flush_registrations_if_due().unwrap();
-        assert_eq!(st.db().unsynced().unwrap(), [b.0.path.clone()]);
+        assert_eq!(st.db().unsynced().unwrap(), std::slice::from_ref(&b.0.path));
         // A committed, synchronous add is never marked.
         let (e, nar_e) = item("e", &[]);
         let batch = st.batch().unwrap();
         batch.add_nar_with_info(e.clone(), &nar_e[..], ok).unwrap();
         batch.commit().unwrap();
-        assert_eq!(st.db().unsynced().unwrap(), [b.0.path.clone()]);
+        assert_eq!(st.db().unsynced().unwrap(), std::slice::from_ref(&b.0.path));
     }
 
     #[test]
