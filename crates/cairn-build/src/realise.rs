@@ -1137,7 +1137,7 @@ impl Builder {
         std::fs::set_permissions(top, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
         // Files shared between roots only where the builder cannot write to the daemon's files.
         let shared = host_ids.map(|_| crate::root::shared_dir(top.parent().unwrap_or(top)));
-        let view = view.map(|v| (self.store.store_dir().as_str(), v));
+        let view = view.map(|v| v.into_kept(self.store.store_dir().as_str()));
         let placed = crate::root::create_from(&root, &skeleton, host_ids, shared.as_deref(), view).map_err(io)?;
         let mut spec = spec;
         spec.bind_only(&placed.bound);

@@ -13,7 +13,6 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstatat, FileStat, Mode, SFlag};
 
 use crate::sandbox::{under, Node, Owner, Skeleton, COPY_MAX};
-use crate::views::View;
 
 /// What [`create`] placed.
 #[derive(Debug, Default)]
@@ -47,19 +46,31 @@ pub fn create(
     create_from(root, skeleton, builder, shared, None)
 }
 
-/// [`create`], the store directory (`store`, the skeleton's directory of that path) taken
-/// from `view` when given: the view's entries that are inputs stay, the others go, and only
-/// the inputs it lacks are placed.
+/// A store directory kept from an earlier root (a view, see [`crate::views`]), for
+/// [`create_from`] to take.
+pub struct KeptStore<'a> {
+    /// The skeleton's path of the store directory (`/nix/store`).
+    pub store: &'a str,
+    /// Where it is kept.
+    pub dir: PathBuf,
+    /// Its entries: inputs' base names, and whether each is a mount point.
+    pub entries: std::collections::HashMap<String, bool>,
+    /// The group it belongs to.
+    pub group: u32,
+}
+
+/// [`create`], the store directory taken from `kept` when given: its entries that are inputs
+/// stay, the others go, and only the inputs it lacks are placed.
 pub fn create_from(
     root: &Path,
     skeleton: &Skeleton,
     builder: Option<(u32, u32)>,
     shared: Option<&Path>,
-    view: Option<(&str, View)>,
+    kept: Option<KeptStore<'_>>,
 ) -> io::Result<Placed> {
     fs::DirBuilder::new().mode(0o755).create(root)?;
-    let (store, mut view) = match view {
-        Some((store, v)) => (Some(store), Some(v)),
+    let (store, mut view) = match kept {
+        Some(k) => (Some(k.store), Some(k)),
         None => (None, None),
     };
     let give = |path: &Path, owner: Owner| -> io::Result<()> {

@@ -36,13 +36,20 @@ const KEPT: usize = 2;
 #[derive(Debug)]
 pub struct View {
     /// Where it is kept (in [`Views`]'s directory), or, once taken, where it was.
-    pub(crate) dir: PathBuf,
+    dir: PathBuf,
     /// Its entries: input store paths' base names, and whether each is a mount point.
-    pub(crate) entries: HashMap<String, bool>,
+    entries: HashMap<String, bool>,
     /// The store's removals when it was kept.
     removals: u64,
     /// The group it belongs to (the builds' group).
-    pub(crate) group: u32,
+    group: u32,
+}
+
+impl View {
+    /// The view, taken, as the store directory `store` of a new root.
+    pub fn into_kept(self, store: &str) -> crate::root::KeptStore<'_> {
+        crate::root::KeptStore { store, dir: self.dir, entries: self.entries, group: self.group }
+    }
 }
 
 /// The views of one daemon's roots in one build directory.
@@ -200,9 +207,14 @@ mod tests {
         let view = views.take(&wanted(&["b", "c", "tree"]), 0, GID).expect("a view that saves work");
         let kept_at = view.dir.clone();
         let two = t.path().join("two");
-        let placed =
-            create_from(&two, &skeleton(&store, &["b", "c", "tree"]), BUILDER, None, Some(("/nix/store", view)))
-                .unwrap();
+        let placed = create_from(
+            &two,
+            &skeleton(&store, &["b", "c", "tree"]),
+            BUILDER,
+            None,
+            Some(view.into_kept("/nix/store")),
+        )
+        .unwrap();
         let at = two.join("nix/store");
         assert_eq!(entries(&at), ["b", "c", "tree"], "exactly the inputs: the builder's entries and 'a' are gone");
         assert!(!kept_at.exists());
