@@ -1006,10 +1006,8 @@ impl Builder {
                 }
             }
         };
-        match log_kept.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("cannot keep the log of {shown}: {e}"),
-            Err(e) => tracing::warn!("cannot keep the log of {shown}: {e}"),
+        if let Err(e) = log_kept.await.map_err(std::io::Error::other).and_then(|kept| kept) {
+            tracing::warn!("cannot keep the log of {shown}: {e}");
         }
         tracing::debug!(drv = %shown, prepare = ?t1, run = ?(t2 - t1), register = ?(t0.elapsed() - t2), "build phases");
         // The build directory goes in the background: nothing waits for it (on a slow file

@@ -69,10 +69,8 @@ pub fn create_from(
     kept: Option<KeptStore<'_>>,
 ) -> io::Result<Placed> {
     fs::DirBuilder::new().mode(0o755).create(root)?;
-    let (store, mut view) = match kept {
-        Some(k) => (Some(k.store), Some(k)),
-        None => (None, None),
-    };
+    let store = kept.as_ref().map(|k| k.store);
+    let mut view = kept;
     let give = |path: &Path, owner: Owner| -> io::Result<()> {
         match (owner, builder) {
             (Owner::Builder, Some((uid, gid))) => std::os::unix::fs::lchown(path, Some(uid), Some(gid))?,
@@ -94,9 +92,9 @@ pub fn create_from(
             }
         }
         match node {
-            Node::Dir { path, .. } if Some(path.as_str()) == store && view.is_some() && builder.is_some() => {
+            Node::Dir { path, .. } if Some(path.as_str()) == store => {
                 let (Some(v), Some((_, gid))) = (&view, builder) else {
-                    return Err(io::Error::other("a view without a build user"));
+                    return Err(io::Error::other("a kept store directory without a build user"));
                 };
                 let p = under(root, path);
                 fs::rename(&v.dir, &p)?;
